@@ -1,0 +1,269 @@
+"""Load and save SAM3 detector weights in every format users have on disk.
+
+Formats (detected automatically; loading is always strict):
+
+* ``tiny``          -- random-init preset (tests, demo), reproducible by seed.
+* ``hf_folder``     -- transformers folder (``config.json`` + safetensors), e.g. facebook/sam3
+                       (``model_type: sam3_video``, ``detector_model.*`` keys) or one saved by us.
+* ``sam3_original`` -- Meta's ``sam3.pt``: ``{"model": {"detector.*": ..., "tracker.*": ...}}``.
+* ``medical_sam3``  -- the Medical-SAM3 release: original image-model keys without prefix, maybe under ``model``.
+* ``medsam3_monai`` -- our own ``.pt``: ``{"format": "medsam3-monai", "config": ..., "state_dict": ...}``,
+                       or a bare transformers-layout state dict (bundle ``models/model.pt``).
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import shutil
+import tempfile
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any, Mapping
+
+import torch
+from transformers import PreTrainedTokenizerBase, Sam3Config, Sam3Model
+
+from .presets import TINY_IMAGE_SIZE, full_sam3_config, tiny_sam3_config
+from .tokenizer import load_tokenizer
+
+OUR_FORMAT = "medsam3-monai"
+OUR_FORMAT_VERSION = 1
+_WRAPPER_KEYS = ("state_dict", "model", "network", "module")
+_HF_PREFIXES = ("module.", "sam3.", "detector_model.")
+_ORIGINAL_MARKERS = ("backbone.vision_backbone.", "backbone.language_backbone.", "transformer.decoder.")
+_HF_MARKERS = ("vision_encoder.", "text_encoder.", "detr_decoder.")
+
+
+class CheckpointError(RuntimeError):
+    """A checkpoint that is missing, unreadable, of another model, or does not match the architecture."""
+
+
+@dataclass
+class LoadedSam3:
+    model: Sam3Model
+    tokenizer: PreTrainedTokenizerBase
+    source_format: str
+
+
+# ---------------------------------------------------------------------------------------- reading
+def _read_torch_file(path: Path) -> Any:
+    try:
+        return torch.load(path, map_location="cpu", weights_only=True)
+    except Exception as err:  # truncated zip, bad pickle, not a torch file
+        raise CheckpointError(
+            f"cannot read checkpoint {path}: {type(err).__name__}: {str(err)[:200]}. The file is corrupt, "
+            "truncated or not a PyTorch checkpoint; copy it again or point to the right file."
+        ) from err
+
+
+def _unwrap(obj: Any, path: Path) -> Mapping[str, torch.Tensor]:
+    """The innermost name -> tensor mapping of a checkpoint dict."""
+    for _ in range(3):
+        if not isinstance(obj, Mapping):
+            break
+        if obj and all(isinstance(v, torch.Tensor) for v in obj.values()):
+            return obj
+        inner = next((obj[k] for k in _WRAPPER_KEYS if isinstance(obj.get(k), Mapping)), None)
+        if inner is None:
+            break
+        obj = inner
+    raise CheckpointError(
+        f"{path} holds no state dict of tensors (top-level keys: {list(obj)[:8] if isinstance(obj, Mapping) else type(obj).__name__}); "
+        "expected sam3.pt, a Medical-SAM3 release, an HF folder or a medsam3-monai checkpoint."
+    )
+
+
+def _strip_prefixes(state_dict: Mapping[str, torch.Tensor]) -> dict[str, torch.Tensor]:
+    out = dict(state_dict)
+    changed = True
+    while changed:
+        changed = False
+        for prefix in _HF_PREFIXES:
+            if out and all(k.startswith(prefix) for k in out):
+                out = {k[len(prefix) :]: v for k, v in out.items()}
+                changed = True
+    return out
+
+
+def read_checkpoint_file(path: str | Path) -> tuple[dict[str, torch.Tensor], Sam3Config | None, str]:
+    """Read a ``.pt``/``.pth``/``.safetensors`` file: (transformers-layout state dict, embedded config, format)."""
+    path = Path(path)
+    if path.suffix == ".safetensors":
+        from safetensors.torch import load_file
+
+        try:
+            obj: Any = load_file(str(path))
+        except Exception as err:
+            raise CheckpointError(f"cannot read safetensors file {path}: {err}") from err
+    else:
+        obj = _read_torch_file(path)
+    config = None
+    if isinstance(obj, Mapping) and obj.get("format") == OUR_FORMAT:
+        config = Sam3Config.from_dict(obj["config"])
+    from .key_mapping import convert_original_to_hf, split_sam3_checkpoint
+
+    state_dict = _unwrap(obj, path)
+    keys = list(state_dict)
+    if any(k.startswith(("detector.", "tracker.")) for k in keys):
+        detector, _tracker = split_sam3_checkpoint(state_dict)
+        return convert_original_to_hf(detector), config, "sam3_original"
+    if any(k.startswith(_ORIGINAL_MARKERS) for k in keys):
+        return convert_original_to_hf(state_dict), config, "medical_sam3"
+    stripped = _strip_prefixes(state_dict)
+    if any(k.startswith(_HF_MARKERS) for k in stripped):
+        return stripped, config, "medsam3_monai"
+    raise CheckpointError(
+        f"{path} is not a SAM3 checkpoint: none of its {len(keys)} keys look like SAM3 "
+        f"(first keys: {keys[:5]}). Expected original keys (backbone.vision_backbone.*, detector.*) "
+        "or transformers keys (vision_encoder.*, detector_model.*)."
+    )
+
+
+# ---------------------------------------------------------------------------------------- strict load
+def key_report(model_keys: Mapping[str, tuple], ckpt_keys: Mapping[str, tuple], limit: int = 12) -> str:
+    """Human-readable difference between two key -> shape maps ('' when they match)."""
+    missing = sorted(set(model_keys) - set(ckpt_keys))
+    unexpected = sorted(set(ckpt_keys) - set(model_keys))
+    mismatched = sorted(k for k in set(model_keys) & set(ckpt_keys) if tuple(model_keys[k]) != tuple(ckpt_keys[k]))
+    lines = []
+
+    def block(title: str, items: list[str]) -> None:
+        if items:
+            lines.append(f"  {title}: {len(items)}")
+            lines.extend(f"    {item}" for item in items[:limit])
+            if len(items) > limit:
+                lines.append(f"    ... and {len(items) - limit} more")
+
+    block("missing from the checkpoint (the model needs them)", missing)
+    block("unexpected in the checkpoint (the model has no such parameter)", unexpected)
+    block(
+        "shape mismatch (checkpoint vs model)",
+        [f"{k}: {tuple(ckpt_keys[k])} vs {tuple(model_keys[k])}" for k in mismatched],
+    )
+    return "\n".join(lines)
+
+
+def load_state_dict_strict(model: torch.nn.Module, state_dict: Mapping[str, torch.Tensor], source: str) -> None:
+    """Load every tensor or nothing: any missing, unexpected or mis-shaped key raises CheckpointError."""
+    model_shapes = {k: tuple(v.shape) for k, v in model.state_dict().items()}
+    ckpt_shapes = {k: tuple(v.shape) for k, v in state_dict.items()}
+    report = key_report(model_shapes, ckpt_shapes)
+    if report:
+        raise CheckpointError(
+            f"checkpoint {source} does not match the SAM3 architecture; nothing was loaded.\n{report}\n"
+            "Check that it is a SAM3 image model and that the configuration (full vs tiny, image size) matches."
+        )
+    model.load_state_dict(state_dict, strict=True)
+
+
+# ---------------------------------------------------------------------------------------- build
+def _tiny_model(config: Sam3Config | None, image_size: int | None, seed: int) -> Sam3Model:
+    config = config or tiny_sam3_config(image_size or TINY_IMAGE_SIZE)
+    with torch.random.fork_rng(devices=[]):
+        torch.manual_seed(seed)
+        model = Sam3Model(config)
+    return model
+
+
+def _load_hf_folder(folder: Path) -> Sam3Model:
+    config_file = folder / "config.json"
+    if not config_file.is_file():
+        raise CheckpointError(f"{folder} has no config.json: not a transformers checkpoint folder")
+    try:
+        model_type = json.loads(config_file.read_text()).get("model_type")
+    except json.JSONDecodeError as err:
+        raise CheckpointError(f"{config_file} is not valid JSON: {err}") from err
+    if model_type not in ("sam3", "sam3_video"):
+        raise CheckpointError(
+            f"{folder} holds a '{model_type}' model, not SAM3 (config model_type must be sam3 or sam3_video)"
+        )
+    if not any(folder.glob("*.safetensors")) and not any(folder.glob("*.bin")):
+        raise CheckpointError(f"{folder} has config.json but no weights (*.safetensors)")
+    try:
+        model, info = Sam3Model.from_pretrained(str(folder), local_files_only=True, output_loading_info=True)
+    except Exception as err:
+        raise CheckpointError(f"cannot load {folder}: {type(err).__name__}: {str(err)[:300]}") from err
+    problems = {
+        "missing from the checkpoint": info.get("missing_keys") or [],
+        "unexpected in the checkpoint": info.get("unexpected_keys") or [],
+        "shape mismatch": [str(m) for m in info.get("mismatched_keys") or []],
+    }
+    if any(problems.values()):
+        lines = [f"  {title}: {len(keys)}: {sorted(keys)[:12]}" for title, keys in problems.items() if keys]
+        raise CheckpointError(f"checkpoint folder {folder} does not match the SAM3 detector:\n" + "\n".join(lines))
+    return model
+
+
+def load_sam3(
+    source: str | Path,
+    config: Sam3Config | None = None,
+    image_size: int | None = None,
+    seed: int = 0,
+) -> LoadedSam3:
+    """Build transformers' ``Sam3Model`` from ``source`` (see module docstring) plus its tokenizer."""
+    if str(source) == "tiny":
+        return LoadedSam3(_tiny_model(config, image_size, seed), load_tokenizer(None), "tiny")
+    path = Path(source).expanduser()
+    if not path.exists():
+        raise CheckpointError(
+            f"checkpoint {path} does not exist. Give 'tiny', an HF folder (facebook/sam3 layout), "
+            "sam3.pt, a Medical-SAM3 checkpoint or a medsam3-monai checkpoint."
+        )
+    if path.is_dir():
+        return LoadedSam3(_load_hf_folder(path), load_tokenizer(path), "hf_folder")
+    state_dict, embedded_config, source_format = read_checkpoint_file(path)
+    model_config = config or embedded_config or full_sam3_config()
+    model = Sam3Model(model_config)
+    load_state_dict_strict(model, state_dict, str(path))
+    return LoadedSam3(model, load_tokenizer(None), source_format)
+
+
+# ---------------------------------------------------------------------------------------- save
+def _atomic_dir(directory: Path, write) -> Path:
+    """Write into a temporary sibling, then rename: no partial output folder on failure."""
+    directory = directory.expanduser()
+    if directory.exists() and any(directory.iterdir()):
+        raise FileExistsError(f"output folder {directory} exists and is not empty; choose a new path")
+    directory.parent.mkdir(parents=True, exist_ok=True)
+    tmp = Path(tempfile.mkdtemp(prefix=f".{directory.name}.", dir=directory.parent))
+    try:
+        write(tmp)
+        if directory.exists():
+            directory.rmdir()
+        os.replace(tmp, directory)
+    except BaseException:
+        shutil.rmtree(tmp, ignore_errors=True)
+        raise
+    return directory
+
+
+def save_hf_folder(model: Sam3Model, tokenizer: PreTrainedTokenizerBase | None, directory: str | Path) -> Path:
+    """Save ``model`` (and tokenizer) as an HF folder that ``Sam3Model.from_pretrained`` loads."""
+
+    def write(tmp: Path) -> None:
+        model.save_pretrained(str(tmp), safe_serialization=True)
+        if tokenizer is not None:
+            tokenizer.save_pretrained(str(tmp))
+
+    return _atomic_dir(Path(directory), write)
+
+
+def save_checkpoint_file(model: Sam3Model, path: str | Path, extra: Mapping[str, Any] | None = None) -> Path:
+    """Save our single-file format (config + transformers-layout state dict), atomically."""
+    path = Path(path).expanduser()
+    path.parent.mkdir(parents=True, exist_ok=True)
+    payload = {
+        "format": OUR_FORMAT,
+        "format_version": OUR_FORMAT_VERSION,
+        "config": model.config.to_dict(),
+        "state_dict": {k: v.detach().cpu() for k, v in model.state_dict().items()},
+        **dict(extra or {}),
+    }
+    tmp = path.with_name(f".{path.name}.tmp")
+    try:
+        torch.save(payload, tmp)
+        os.replace(tmp, path)
+    finally:
+        tmp.unlink(missing_ok=True)
+    return path

@@ -1,0 +1,273 @@
+"""MedSAM3Net: transformers' SAM3 detector with every decoder layer exposed for set-prediction training."""
+
+from __future__ import annotations
+
+from pathlib import Path
+from typing import Sequence
+
+import torch
+from torch import nn
+from transformers import Sam3Config, Sam3Model
+from transformers.models.sam3.modeling_sam3 import box_cxcywh_to_xyxy, inverse_sigmoid
+
+from .checkpoints import load_sam3, save_hf_folder
+from .outputs import MedSAM3Output
+from .text_cache import TextFeatureCache
+from .tokenizer import tokenize_prompts
+
+BOX_PADDING_LABEL = -10  # transformers' label for padded box slots
+
+
+def normalize_pixels(images: torch.Tensor) -> torch.Tensor:
+    """SAM3 pixel normalisation (mean = std = 0.5) of (B, 3, S, S) images.
+
+    uint8 input is scaled exactly as SAM3 does, ``uint8 * (1/255)``; float input must lie in [0, 1].
+    """
+    if images.dtype == torch.uint8:
+        images = images.float() * (1.0 / 255.0)
+    return (images - 0.5) / 0.5
+
+
+class MedSAM3Net(nn.Module):
+    """Text(+box)-prompted SAM3 detector for medical images.
+
+    Args:
+        source: ``"tiny"`` (random-init preset), an HF folder (facebook/sam3 layout or one we saved),
+            an original ``sam3.pt``, a Medical-SAM3 release file, or a checkpoint we trained. The format
+            is detected; loading is strict and a mismatch raises ``CheckpointError`` with a key report.
+        config: architecture to build when the checkpoint carries none (original layouts); default full SAM3.
+        image_size: slice-space side S for the ``tiny`` preset (default 112).
+        seed: initialisation seed of the ``tiny`` preset.
+        gradient_checkpointing: recompute ViT and CLIP layers in backward to save memory.
+        text_cache_size: prompts kept in the text-feature cache (0 disables it).
+    """
+
+    def __init__(
+        self,
+        source: str | Path = "tiny",
+        *,
+        config: Sam3Config | None = None,
+        image_size: int | None = None,
+        seed: int = 0,
+        gradient_checkpointing: bool = False,
+        text_cache_size: int = 1024,
+    ) -> None:
+        super().__init__()
+        loaded = load_sam3(source, config=config, image_size=image_size, seed=seed)
+        self.sam3: Sam3Model = loaded.model
+        self.tokenizer = loaded.tokenizer
+        self.source = str(source)
+        self.source_format = loaded.source_format
+        self.text_cache = TextFeatureCache([self.sam3.text_encoder, self.sam3.text_projection], text_cache_size)
+        self.set_gradient_checkpointing(gradient_checkpointing)
+
+    # ------------------------------------------------------------------ properties
+    @property
+    def config(self) -> Sam3Config:
+        return self.sam3.config
+
+    @property
+    def image_size(self) -> int:
+        """Side S of the square slice space the network takes."""
+        return int(self.sam3.config.vision_config.backbone_config.image_size)
+
+    @property
+    def num_queries(self) -> int:
+        return int(self.sam3.config.detr_decoder_config.num_queries)
+
+    @property
+    def num_decoder_layers(self) -> int:
+        return int(self.sam3.config.detr_decoder_config.num_layers)
+
+    @property
+    def mask_size(self) -> int:
+        """Side of the mask logits: 4x the ViT grid (288 at 1008 px)."""
+        return int(self.sam3.config.vision_config.backbone_feature_sizes[0][0])
+
+    # ------------------------------------------------------------------ switches
+    def set_gradient_checkpointing(self, enabled: bool) -> None:
+        """Recompute ViT and CLIP text layers in backward (upstream marks SAM3 unsupported; it works for both)."""
+        if enabled:
+            self.sam3.supports_gradient_checkpointing = True
+            self.sam3.activation_checkpointing_enable(activation_checkpointing_kwargs={"use_reentrant": False})
+        elif self.sam3.is_activation_checkpointing:
+            self.sam3.activation_checkpointing_disable()
+
+    @property
+    def gradient_checkpointing(self) -> bool:
+        return bool(self.sam3.is_activation_checkpointing)
+
+    # ------------------------------------------------------------------ text
+    def tokenize(self, prompts: Sequence[str]) -> tuple[torch.Tensor, torch.Tensor]:
+        """(P, 32) token ids and attention mask, padded with ``<|endoftext|>``."""
+        return tokenize_prompts(self.tokenizer, prompts)
+
+    def _encode_text_uncached(self, prompts: list[str]) -> tuple[torch.Tensor, torch.Tensor]:
+        device = self.sam3.text_projection.weight.device
+        input_ids, attention_mask = (t.to(device) for t in self.tokenize(prompts))
+        features = self.sam3.get_text_features(
+            input_ids=input_ids, attention_mask=attention_mask, return_dict=True
+        ).pooler_output
+        return features, attention_mask.bool()
+
+    def encode_text(self, prompts: Sequence[str]) -> tuple[torch.Tensor, torch.Tensor]:
+        """Projected text features (P, 32, C) and validity mask (P, 32) bool; cached when no grad is needed."""
+        prompts = [prompts] if isinstance(prompts, str) else list(prompts)
+        if self.text_cache.usable():
+            return self.text_cache.lookup(prompts, self._encode_text_uncached)
+        return self._encode_text_uncached(prompts)
+
+    # ------------------------------------------------------------------ forward
+    def _check_images(self, images: torch.Tensor) -> None:
+        size = self.image_size
+        if images.ndim != 4 or images.shape[1] != 3:
+            raise ValueError(f"images must be (B, 3, {size}, {size}); got shape {tuple(images.shape)}")
+        if tuple(images.shape[-2:]) != (size, size):
+            raise ValueError(
+                f"images are {images.shape[-2]}x{images.shape[-1]} but this model takes {size}x{size}: "
+                f"resize slices to the model's image_size first (medsam3_monai.transforms)."
+            )
+
+    def _query_image_ids(self, num_images: int, num_queries: int, image_ids: torch.Tensor | None) -> torch.Tensor | None:
+        """Index (B,) of the image each find-query looks at, or None when it is the identity."""
+        if image_ids is None:
+            if num_queries == num_images:
+                return None
+            if num_images == 1:
+                return torch.zeros(num_queries, dtype=torch.long)
+            raise ValueError(
+                f"{num_queries} prompts for {num_images} images: pass image_ids (one image index per prompt)"
+            )
+        image_ids = torch.as_tensor(image_ids, dtype=torch.long).flatten()
+        if image_ids.numel() != num_queries:
+            raise ValueError(f"image_ids has {image_ids.numel()} entries for {num_queries} prompts")
+        if image_ids.numel() and (image_ids.min() < 0 or image_ids.max() >= num_images):
+            raise ValueError(f"image_ids must index the {num_images} images; got {image_ids.tolist()}")
+        return image_ids
+
+    def forward(
+        self,
+        images: torch.Tensor,
+        prompts: Sequence[str],
+        *,
+        image_ids: torch.Tensor | Sequence[int] | None = None,
+        boxes: torch.Tensor | None = None,
+        box_labels: torch.Tensor | None = None,
+        pixels_normalized: bool = False,
+    ) -> MedSAM3Output:
+        """Run the detector for B find-queries.
+
+        Args:
+            images: (N, 3, S, S) slices, float in [0, 1] or uint8 (normalised here with mean = std = 0.5);
+                pass ``pixels_normalized=True`` when they are already SAM3-normalised.
+            prompts: B text prompts, one per find-query.
+            image_ids: (B,) image index of each prompt; optional when B == N (pairwise) or N == 1.
+                The vision encoder runs once per image, however many prompts share it.
+            boxes: optional (B, K, 4) box prompts, normalised cx, cy, w, h in [0, 1].
+            box_labels: (B, K) 1 positive, 0 negative, -10 padding (default: all positive).
+
+        Returns:
+            MedSAM3Output with per-layer logits/boxes/presence and last-layer masks and semantic seg.
+        """
+        self._check_images(images)
+        prompts = [prompts] if isinstance(prompts, str) else list(prompts)
+        num_prompts = len(prompts)
+        index = self._query_image_ids(images.shape[0], num_prompts, image_ids)
+        pixel_values = images if pixels_normalized else normalize_pixels(images)
+        patch_weight = self.sam3.vision_encoder.backbone.embeddings.patch_embeddings.projection.weight
+        pixel_values = pixel_values.to(device=patch_weight.device, dtype=patch_weight.dtype)
+
+        vision = self.sam3.vision_encoder(pixel_values)
+        fpn_features = list(vision.fpn_hidden_states[:-1])
+        fpn_positions = list(vision.fpn_position_encoding[:-1])
+        if index is not None:
+            index = index.to(pixel_values.device)
+            fpn_features = [f.index_select(0, index) for f in fpn_features]
+            fpn_positions = [p.index_select(0, index) for p in fpn_positions]
+
+        text_features, text_mask = self.encode_text(prompts)
+        prompt_features, prompt_mask = text_features, text_mask
+        if boxes is not None and boxes.numel() > 0:
+            prompt_features, prompt_mask = self._add_box_prompts(
+                text_features, text_mask, boxes, box_labels, fpn_features, fpn_positions
+            )
+        return self._detect(fpn_features, fpn_positions, prompt_features, prompt_mask)
+
+    def _add_box_prompts(
+        self,
+        text_features: torch.Tensor,
+        text_mask: torch.Tensor,
+        boxes: torch.Tensor,
+        box_labels: torch.Tensor | None,
+        fpn_features: list[torch.Tensor],
+        fpn_positions: list[torch.Tensor],
+    ) -> tuple[torch.Tensor, torch.Tensor]:
+        """Append geometry-encoder box tokens to the text tokens: (B, T + K, C) features and (B, T + K) mask."""
+        if boxes.ndim != 3 or boxes.shape[-1] != 4 or boxes.shape[0] != text_features.shape[0]:
+            raise ValueError(f"boxes must be (B={text_features.shape[0]}, K, 4) cxcywh; got {tuple(boxes.shape)}")
+        boxes = boxes.to(device=text_features.device, dtype=fpn_features[0].dtype)
+        if box_labels is None:
+            box_labels = torch.ones(boxes.shape[:2], dtype=torch.long, device=boxes.device)
+        box_labels = box_labels.to(device=boxes.device, dtype=torch.long)
+        box_mask = box_labels != BOX_PADDING_LABEL
+        box_labels = torch.where(box_labels == BOX_PADDING_LABEL, 0, box_labels)
+        geometry = self.sam3.geometry_encoder(
+            box_embeddings=boxes,
+            box_mask=box_mask,
+            box_labels=box_labels,
+            img_feats=fpn_features,
+            img_pos_embeds=fpn_positions,
+        )
+        features = torch.cat([text_features, geometry.last_hidden_state], dim=1)
+        mask = torch.cat([text_mask, geometry.attention_mask], dim=1)
+        return features, mask
+
+    def _detect(
+        self,
+        fpn_features: list[torch.Tensor],
+        fpn_positions: list[torch.Tensor],
+        prompt_features: torch.Tensor,
+        prompt_mask: torch.Tensor,
+    ) -> MedSAM3Output:
+        """DETR encoder + decoder + scoring + mask head over prompt tokens, keeping every decoder layer."""
+        sam3 = self.sam3
+        encoder = sam3.detr_encoder(
+            vision_features=[fpn_features[-1]],
+            text_features=prompt_features,
+            vision_pos_embeds=[fpn_positions[-1]],
+            text_mask=prompt_mask,
+        )
+        decoder = sam3.detr_decoder(
+            vision_features=encoder.last_hidden_state,
+            text_features=encoder.text_features,
+            vision_pos_encoding=encoder.pos_embeds_flattened,
+            text_mask=prompt_mask,
+            spatial_shapes=encoder.spatial_shapes,
+        )
+        hidden = decoder.intermediate_hidden_states  # (L, B, Q, C)
+        offsets = sam3.detr_decoder.box_head(hidden)
+        boxes_cxcywh = (inverse_sigmoid(decoder.reference_boxes) + offsets).sigmoid()
+        logits = sam3.dot_product_scoring(
+            decoder_hidden_states=hidden, text_features=encoder.text_features, text_mask=prompt_mask
+        ).squeeze(-1)
+        masks = sam3.mask_decoder(
+            decoder_queries=hidden[-1],
+            backbone_features=list(fpn_features),
+            encoder_hidden_states=encoder.last_hidden_state,
+            prompt_features=prompt_features,
+            prompt_mask=prompt_mask,
+        )
+        return MedSAM3Output(
+            all_pred_logits=logits,
+            all_pred_boxes=box_cxcywh_to_xyxy(boxes_cxcywh),
+            all_pred_boxes_cxcywh=boxes_cxcywh,
+            all_presence_logits=decoder.presence_logits,
+            pred_masks=masks.pred_masks,
+            semantic_seg=masks.semantic_seg,
+            query_hidden_states=hidden[-1],
+        )
+
+    # ------------------------------------------------------------------ persistence
+    def save_pretrained(self, directory: str | Path) -> Path:
+        """Write an HF folder (config.json, model.safetensors, tokenizer) that ``Sam3Model.from_pretrained`` reads."""
+        return save_hf_folder(self.sam3, self.tokenizer, directory)

@@ -1,0 +1,54 @@
+"""Typed outputs of :class:`MedSAM3Net`."""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+import torch
+
+
+@dataclass
+class MedSAM3Output:
+    """Detector outputs for B find-queries (one (image, prompt) pair each), Q object queries, L decoder layers.
+
+    Attributes:
+        all_pred_logits: (L, B, Q) class logits of every decoder layer (last = ``pred_logits``).
+        all_pred_boxes: (L, B, Q, 4) boxes xyxy in [0, 1] of every decoder layer.
+        all_pred_boxes_cxcywh: (L, B, Q, 4) the same boxes as normalised cx, cy, w, h.
+        all_presence_logits: (L, B, 1) presence-token logits of every decoder layer.
+        pred_masks: (B, Q, H, W) last-layer instance mask logits; H = W = S / 14 * 4 (288 at 1008 px).
+        semantic_seg: (B, 1, H, W) semantic-head logits (union of the prompt's instances).
+        query_hidden_states: (B, Q, C) last-layer normalised query features.
+    """
+
+    all_pred_logits: torch.Tensor
+    all_pred_boxes: torch.Tensor
+    all_pred_boxes_cxcywh: torch.Tensor
+    all_presence_logits: torch.Tensor
+    pred_masks: torch.Tensor
+    semantic_seg: torch.Tensor
+    query_hidden_states: torch.Tensor
+
+    @property
+    def pred_logits(self) -> torch.Tensor:
+        """(B, Q) last-layer class logits."""
+        return self.all_pred_logits[-1]
+
+    @property
+    def pred_boxes(self) -> torch.Tensor:
+        """(B, Q, 4) last-layer boxes, xyxy in [0, 1]."""
+        return self.all_pred_boxes[-1]
+
+    @property
+    def presence_logits(self) -> torch.Tensor:
+        """(B, 1) last-layer presence logit."""
+        return self.all_presence_logits[-1]
+
+    @property
+    def scores(self) -> torch.Tensor:
+        """(B, Q) query scores sigmoid(logit) * sigmoid(presence), the detector's confidence."""
+        return self.pred_logits.sigmoid() * self.presence_logits.sigmoid()
+
+    @property
+    def num_layers(self) -> int:
+        return self.all_pred_logits.shape[0]

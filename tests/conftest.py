@@ -1,0 +1,43 @@
+"""Shared fixtures: the tiny SAM3 preset and the real samples in ../shared/data."""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+import pytest
+import torch
+
+REPO_ROOT = Path(__file__).resolve().parents[1]
+SHARED_DATA = REPO_ROOT.parent / "shared" / "data"
+SHARED_REFERENCE = REPO_ROOT.parent / "shared" / "reference"
+
+
+@pytest.fixture(scope="session")
+def shared_data() -> Path:
+    """../shared/data (real medical samples); tests using it skip when it is absent."""
+    if not SHARED_DATA.is_dir():
+        pytest.skip(f"real samples not found at {SHARED_DATA} (clone with ../shared beside the repo)")
+    return SHARED_DATA
+
+
+@pytest.fixture(scope="session")
+def shared_reference() -> Path:
+    if not SHARED_REFERENCE.is_dir():
+        pytest.skip(f"checkpoint key references not found at {SHARED_REFERENCE}")
+    return SHARED_REFERENCE
+
+
+@pytest.fixture(scope="session")
+def tiny_net():
+    """A tiny random-init MedSAM3Net in eval mode (seed 0, 112 px). Do not mutate its weights."""
+    from medsam3_monai.networks import MedSAM3Net
+
+    return MedSAM3Net("tiny").eval()
+
+
+@pytest.fixture()
+def tiny_images(tiny_net) -> torch.Tensor:
+    """(2, 3, S, S) random images in [0, 1]."""
+    generator = torch.Generator().manual_seed(1)
+    size = tiny_net.image_size
+    return torch.rand(2, 3, size, size, generator=generator)

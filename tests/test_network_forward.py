@@ -1,0 +1,135 @@
+"""MedSAM3Net's own forward: equal to transformers' Sam3Model.forward, plus every decoder layer."""
+
+from __future__ import annotations
+
+import pytest
+import torch
+
+from medsam3_monai.networks import MedSAM3Net, PromptError, normalize_pixels
+
+LAST_LAYER_FIELDS = ("pred_logits", "pred_boxes", "presence_logits", "pred_masks", "semantic_seg")
+PROMPTS = ["polyp", "left kidney"]
+
+
+def _reference(net, images, prompts, **box_kwargs):
+    input_ids, attention_mask = net.tokenize(prompts)
+    return net.sam3(
+        pixel_values=normalize_pixels(images), input_ids=input_ids, attention_mask=attention_mask, **box_kwargs
+    )
+
+
+def test_last_layer_equals_sam3model_forward_text_only(tiny_net, tiny_images):
+    with torch.no_grad():
+        ours = tiny_net(tiny_images, PROMPTS)
+        ref = _reference(tiny_net, tiny_images, PROMPTS)
+    for field in LAST_LAYER_FIELDS:
+        assert torch.equal(getattr(ours, field), getattr(ref, field)), field
+
+
+def test_last_layer_equals_sam3model_forward_text_and_box(tiny_net, tiny_images):
+    boxes = torch.tensor([[[0.5, 0.5, 0.2, 0.3], [0.2, 0.2, 0.1, 0.1]], [[0.3, 0.4, 0.1, 0.1], [0, 0, 0, 0]]])
+    labels = torch.tensor([[1, 0], [1, -10]])  # positive, negative; positive, padding
+    with torch.no_grad():
+        ours = tiny_net(tiny_images, PROMPTS, boxes=boxes, box_labels=labels)
+        ref = _reference(tiny_net, tiny_images, PROMPTS, input_boxes=boxes, input_boxes_labels=labels)
+        text_only = tiny_net(tiny_images, PROMPTS)
+    for field in LAST_LAYER_FIELDS:
+        assert torch.equal(getattr(ours, field), getattr(ref, field)), field
+    assert not torch.equal(ours.pred_logits, text_only.pred_logits), "the box prompt must change the result"
+
+
+def test_every_decoder_layer_is_returned(tiny_net, tiny_images):
+    layers, queries, mask = tiny_net.num_decoder_layers, tiny_net.num_queries, tiny_net.mask_size
+    with torch.no_grad():
+        out = tiny_net(tiny_images, PROMPTS)
+        ref = _reference(tiny_net, tiny_images, PROMPTS)
+    assert out.all_pred_logits.shape == (layers, 2, queries)
+    assert out.all_pred_boxes.shape == (layers, 2, queries, 4)
+    assert out.all_presence_logits.shape == (layers, 2, 1)
+    assert out.pred_masks.shape == (2, queries, mask, mask)
+    assert out.semantic_seg.shape == (2, 1, mask, mask)
+    # layer l's refined boxes are the reference boxes that layer l + 1 starts from
+    assert torch.allclose(out.all_pred_boxes_cxcywh[:-1], ref.decoder_reference_boxes[1:], atol=1e-6)
+    assert not torch.allclose(out.all_pred_logits[0], out.all_pred_logits[-1])
+    xyxy = out.all_pred_boxes
+    assert (xyxy[..., 2] >= xyxy[..., 0]).all() and (xyxy >= 0).all() and (xyxy <= 1).all()
+    expected = out.pred_logits.sigmoid() * out.presence_logits.sigmoid()
+    assert torch.equal(out.scores, expected)
+
+
+def test_prompts_share_one_image_through_image_ids(tiny_net, tiny_images):
+    with torch.no_grad():
+        shared = tiny_net(tiny_images[:1], PROMPTS)  # one image, two prompts
+        separate = [tiny_net(tiny_images[:1], [p]) for p in PROMPTS]
+        indexed = tiny_net(tiny_images, PROMPTS, image_ids=[1, 0])
+        swapped = tiny_net(tiny_images.flip(0), PROMPTS)
+    for i in range(2):
+        assert torch.allclose(shared.pred_logits[i], separate[i].pred_logits[0], atol=1e-5)
+        assert torch.allclose(shared.pred_masks[i], separate[i].pred_masks[0], atol=1e-4)
+    assert torch.allclose(indexed.pred_masks, swapped.pred_masks, atol=1e-4)
+
+
+def test_uint8_pixels_use_sam3_scaling(tiny_net):
+    raw = torch.randint(0, 256, (1, 3, 4, 4), dtype=torch.uint8)
+    expected = (raw.float() * (1.0 / 255.0) - 0.5) / 0.5
+    assert torch.equal(normalize_pixels(raw), expected)
+    assert torch.equal(normalize_pixels(raw.float() / 255.0).round(decimals=5), expected.round(decimals=5))
+
+
+def test_text_cache_serves_repeats_and_invalidates_on_weight_change():
+    net = MedSAM3Net("tiny").eval()
+    with torch.no_grad():
+        first, _ = net.encode_text(["liver", "spleen"])
+        misses = net.text_cache.misses
+        again, _ = net.encode_text(["spleen", "liver"])
+    assert net.text_cache.misses == misses and net.text_cache.hits >= 2
+    assert torch.equal(again[0], first[1])
+    with torch.no_grad():
+        net.sam3.text_projection.weight.mul_(2.0)  # like an optimiser step
+        changed, _ = net.encode_text(["liver"])
+    assert not torch.allclose(changed[0], first[0])
+    net.train()
+    features, _ = net.encode_text(["liver"])
+    assert features.requires_grad, "training must bypass the cache so gradients reach the text encoder"
+
+
+def test_gradient_checkpointing_gives_same_gradients(tiny_images):
+    grads = []
+    for enabled in (False, True):
+        net = MedSAM3Net("tiny", gradient_checkpointing=enabled).eval()  # eval: no dropout
+        assert net.gradient_checkpointing is enabled
+        out = net(tiny_images, PROMPTS)
+        (out.pred_masks.square().mean() + out.all_pred_logits.mean()).backward()
+        grads.append({n: p.grad.clone() for n, p in net.named_parameters() if p.grad is not None})
+    assert grads[0].keys() == grads[1].keys()
+    vit = [n for n in grads[0] if ".backbone.layers." in n]
+    text = [n for n in grads[0] if "text_model.encoder.layers" in n]
+    assert vit and text
+    for name in grads[0]:
+        assert torch.allclose(grads[0][name], grads[1][name], atol=1e-6), name
+
+
+def test_tiny_preset_initialises_every_parameter_reproducibly():
+    a = MedSAM3Net("tiny", seed=3).sam3.state_dict()
+    b = MedSAM3Net("tiny", seed=3).sam3.state_dict()
+    c = MedSAM3Net("tiny", seed=4).sam3.state_dict()
+    assert 1_800_000 < sum(v.numel() for v in a.values()) < 1_900_000
+    for key, value in a.items():
+        assert torch.isfinite(value).all(), key
+        assert torch.equal(value, b[key]), key
+    text_pos = "text_encoder.text_model.embeddings.position_embedding.weight"
+    assert not torch.equal(a[text_pos], c[text_pos])
+    assert a[text_pos].abs().sum() > 0 and a["text_projection.weight"].abs().sum() > 0
+
+
+def test_bad_inputs_raise_clear_errors(tiny_net, tiny_images):
+    with pytest.raises(ValueError, match="takes 112x112"):
+        tiny_net(torch.rand(1, 3, 96, 96), ["liver"])
+    with pytest.raises(PromptError, match="empty"):
+        tiny_net(tiny_images, ["liver", "  "])
+    with pytest.raises(PromptError, match="at most 32"):
+        tiny_net(tiny_images[:1], [" ".join(["tumor"] * 40)])
+    with pytest.raises(ValueError, match="image_ids"):
+        tiny_net(tiny_images, ["a", "b", "c"])
+    with pytest.raises(ValueError, match="boxes must be"):
+        tiny_net(tiny_images, PROMPTS, boxes=torch.rand(2, 4))
