@@ -1,10 +1,65 @@
-"""The `medsam3` command line."""
+"""The `medsam3` command line: one sub-command per job, clear errors and non-zero exits on bad input."""
+
+from __future__ import annotations
+
+import argparse
+import importlib
 import sys
+from typing import Sequence
+
+from .. import __version__
+
+# sub-command modules, each exposing add_parser(subparsers); imported lazily per call
+_COMMANDS = ("medsam3_monai.deploy.convert", "medsam3_monai.data.cli")
 
 
-def main(argv=None) -> int:
-    print("medsam3: under construction")
-    return 0
+def build_parser() -> argparse.ArgumentParser:
+    parser = argparse.ArgumentParser(
+        prog="medsam3",
+        description="Medical SAM3 / MedSAM3: text-prompted medical image segmentation with SAM3, the MONAI way.",
+    )
+    parser.add_argument("--version", action="version", version=f"medsam3-monai {__version__}")
+    subparsers = parser.add_subparsers(dest="command", metavar="COMMAND")
+    for module_name in _COMMANDS:
+        try:
+            module = importlib.import_module(module_name)
+        except ModuleNotFoundError as err:
+            if err.name == module_name:
+                continue  # that capability is not installed in this version
+            raise
+        module.add_parser(subparsers)
+    return parser
+
+
+def _user_errors() -> tuple[type[BaseException], ...]:
+    """Exceptions that mean bad input (reported in one line), not a bug (full traceback)."""
+    from ..networks.checkpoints import CheckpointError
+    from ..networks.tokenizer import PromptError
+
+    errors: list[type[BaseException]] = [CheckpointError, PromptError, FileNotFoundError, FileExistsError, ValueError]
+    try:
+        from ..transforms.errors import DataError
+
+        errors.append(DataError)
+    except ImportError:
+        pass
+    return tuple(errors)
+
+
+def main(argv: Sequence[str] | None = None) -> int:
+    parser = build_parser()
+    args = parser.parse_args(argv)
+    if not getattr(args, "func", None):
+        parser.print_help()
+        return 0
+    try:
+        return int(args.func(args) or 0)
+    except _user_errors() as err:
+        print(f"medsam3 {args.command}: error: {err}", file=sys.stderr)
+        return 2
+    except KeyboardInterrupt:
+        print("medsam3: interrupted", file=sys.stderr)
+        return 130
 
 
 if __name__ == "__main__":

@@ -1,0 +1,56 @@
+"""`medsam3 convert-checkpoint SRC DST`: any supported SAM3 checkpoint -> transformers folder."""
+
+from __future__ import annotations
+
+import argparse
+from pathlib import Path
+
+from transformers import Sam3Config
+
+from ..networks.checkpoints import CheckpointError, load_sam3, save_hf_folder
+from ..networks.presets import full_sam3_config, tiny_sam3_config
+
+
+def resolve_config(spec: str | None, image_size: int | None) -> Sam3Config | None:
+    """``full``, ``tiny`` or a config.json path -> Sam3Config; None keeps the checkpoint's own or the default."""
+    if spec is None:
+        return None
+    if spec == "full":
+        return full_sam3_config(image_size or 1008)
+    if spec == "tiny":
+        return tiny_sam3_config(image_size or 112)
+    path = Path(spec)
+    if not path.is_file():
+        raise CheckpointError(f"--config {spec!r} is neither 'full', 'tiny' nor an existing config.json")
+    config = Sam3Config.from_json_file(str(path))
+    return config
+
+
+def add_parser(subparsers: argparse._SubParsersAction) -> None:
+    parser = subparsers.add_parser(
+        "convert-checkpoint",
+        help="convert sam3.pt / Medical-SAM3 / medsam3-monai checkpoints into a transformers Sam3Model folder",
+        description=(
+            "Read SRC (Meta's sam3.pt, the Medical-SAM3 release, a medsam3-monai .pt or an HF folder), map the "
+            "original keys onto transformers' Sam3Model, load strictly, and write DST: config.json, "
+            "model.safetensors and the tokenizer. `transformers.Sam3Model.from_pretrained(DST)` loads it."
+        ),
+    )
+    parser.add_argument("src", help="checkpoint file or folder")
+    parser.add_argument("dst", help="output folder (must not exist or be empty)")
+    parser.add_argument(
+        "--config", default=None, help="architecture for checkpoints without one: 'full' (default), 'tiny' or config.json"
+    )
+    parser.add_argument("--image-size", type=int, default=None, help="slice-space side S (multiple of 14)")
+    parser.set_defaults(func=run)
+
+
+def run(args: argparse.Namespace) -> int:
+    dst = Path(args.dst)
+    if dst.exists() and (not dst.is_dir() or any(dst.iterdir())):
+        raise FileExistsError(f"output {dst} exists and is not an empty folder; choose a new path")
+    loaded = load_sam3(args.src, config=resolve_config(args.config, args.image_size))
+    save_hf_folder(loaded.model, loaded.tokenizer, dst)
+    params = sum(p.numel() for p in loaded.model.parameters())
+    print(f"converted {args.src} ({loaded.source_format}, {params:,} parameters) -> {dst}")
+    return 0
