@@ -1,14 +1,14 @@
-# The two quick-start commands: `make demo` and `make test`. Both build the environment when missing.
+# The two quick-start commands: `make run` and `make test`. Both build the environment when missing.
 VENV ?= $(or $(MEDSAM3_VENV),$(HOME)/.cache/medsam3-monai/venv)
 PY := $(VENV)/bin/python
 
-.PHONY: env demo test bench
+.PHONY: env run test bench
 
 env:
 	@bash scripts/setup_env.sh $(VENV)
 
-demo: env
-	$(VENV)/bin/medsam3 demo
+run: env
+	$(VENV)/bin/medsam3 --help
 
 test: env
 	$(PY) -m pytest -q tests

@@ -69,3 +69,22 @@ def test_frozen_parameters_are_left_out(tiny_net):
             p.requires_grad_(True)
     biases = [g for g in sam3_param_groups(tiny_net) if g["name"].endswith("no_decay")]
     assert biases and all(g["weight_decay"] == 0.0 for g in biases)
+
+
+def test_weight_decay_spares_biases_and_layernorms_only(full_model_on_meta):
+    decay_of = {}
+    for group in sam3_param_groups(full_model_on_meta, weight_decay=0.1):
+        for param in group["params"]:
+            decay_of[id(param)] = group["weight_decay"]
+    named = dict(full_model_on_meta.named_parameters())
+    assert decay_of[id(named["vision_encoder.backbone.layers.0.layer_norm1.weight"])] == 0.0
+    assert decay_of[id(named["detr_decoder.layers.0.self_attn.q_proj.bias"])] == 0.0
+    assert decay_of[id(named["detr_decoder.layers.0.self_attn.q_proj.weight"])] == 0.1
+    assert decay_of[id(named["vision_encoder.backbone.embeddings.position_embeddings"])] == 0.1
+
+
+def test_optional_position_embedding_override(full_model_on_meta):
+    groups = sam3_param_groups(full_model_on_meta, LearningRates(position_embedding_scale=1.0))
+    pos = next(g for g in groups if any(p is dict(full_model_on_meta.named_parameters())[
+        "vision_encoder.backbone.embeddings.position_embeddings"] for p in g["params"]))
+    assert pos["lr"] == pytest.approx(5e-5) and len(pos["params"]) == 1

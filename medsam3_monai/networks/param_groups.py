@@ -3,7 +3,8 @@
 Learning rates: DETR encoder/decoder, segmentation head and dot-product scoring 3e-4; vision backbone
 5e-5 x 0.85^(L + 1 - layer_id) with L ViT layers (32 in the full model), layer_id 0 for the patch/position
 embeddings and the pre-norm, i + 1 for ViT layer i, L + 1 for the FPN neck; language backbone (CLIP text
-encoder and its projection to the detector width) 5e-5; geometry encoder 1e-4.
+encoder and its projection to the detector width) 5e-5; geometry encoder 1e-4. Meta's ViTDet code
+gives the same ids (ln_pre / pos_embed / patch_embed 0, block i -> i + 1, everything else L + 1).
 """
 
 from __future__ import annotations
@@ -14,6 +15,7 @@ from torch import nn
 from transformers import Sam3Model
 
 _VIT_LAYER = re.compile(r"^vision_encoder\.backbone\.layers\.(\d+)\.")
+_VIT_POSITION_EMBEDDING = "vision_encoder.backbone.embeddings.position_embeddings"
 _VIT_STEM = ("vision_encoder.backbone.embeddings.", "vision_encoder.backbone.layer_norm.")
 _DETECTOR_HEADS = ("detr_encoder.", "detr_decoder.", "mask_decoder.", "dot_product_scoring.")
 _LANGUAGE = ("text_encoder.", "text_projection.")
@@ -28,6 +30,7 @@ class LearningRates:
     language: float = 5e-5
     geometry: float = 1e-4
     layer_decay: float = 0.85
+    position_embedding_scale: float | None = None  # Meta's fine-tuning configs override pos_embed to 1.0
 
     def as_dict(self) -> dict[str, float]:
         return asdict(self)
@@ -60,9 +63,13 @@ def component_of(name: str) -> str:
     raise KeyError(f"parameter {name!r} belongs to no known SAM3 component; update param_groups.component_of")
 
 
-def _no_weight_decay(name: str, param: nn.Parameter) -> bool:
-    """Biases, norms, 1-d tensors and learned embeddings/tokens are not decayed."""
-    return param.ndim <= 1 or "norm" in name or name.endswith(("position_embeddings", "position_embedding.weight"))
+def _no_weight_decay_names(model: nn.Module) -> set[str]:
+    """Parameters SAM3's training configs exempt from weight decay: every bias and every LayerNorm parameter."""
+    names = {name for name, _ in model.named_parameters() if name.endswith("bias")}
+    for module_name, module in model.named_modules():
+        if isinstance(module, nn.LayerNorm):
+            names.update(f"{module_name}.{p}" if module_name else p for p, _ in module.named_parameters(recurse=False))
+    return names
 
 
 def sam3_param_groups(
@@ -73,7 +80,8 @@ def sam3_param_groups(
 ) -> list[dict]:
     """AdamW parameter groups: one per (component, ViT layer id, decay / no decay).
 
-    Each group carries ``lr`` (already scaled), ``name``, ``component``, ``lr_scale`` and ``weight_decay``,
+    Weight decay follows SAM3's training configs: ``weight_decay`` everywhere except biases and LayerNorm
+    parameters (0). Each group carries ``lr`` (already scaled), ``name``, ``component``, ``lr_scale`` and ``weight_decay``,
     so a scheduler that multiplies ``initial_lr`` keeps the ratios. Frozen parameters are skipped when
     ``trainable_only`` (MedSAM3 mode).
     """
@@ -82,6 +90,7 @@ def sam3_param_groups(
     num_layers = sam3.config.vision_config.backbone_config.num_hidden_layers
     base = {"vision": rates.vision, "language": rates.language, "geometry": rates.geometry, "detector": rates.detector}
     groups: dict[tuple, dict] = {}
+    no_decay = _no_weight_decay_names(sam3)
     for name, param in sam3.named_parameters():
         if trainable_only and not param.requires_grad:
             continue
@@ -91,7 +100,9 @@ def sam3_param_groups(
         if component == "vision":
             layer_id = vit_layer_id(name, num_layers)
             scale = rates.layer_decay ** (num_layers + 1 - layer_id)
-        decay = 0.0 if _no_weight_decay(name, param) else weight_decay
+            if rates.position_embedding_scale is not None and name.endswith(_VIT_POSITION_EMBEDDING):
+                layer_id, scale = "pos_embed", rates.position_embedding_scale
+        decay = 0.0 if name in no_decay else weight_decay
         key = (component, layer_id, decay)
         if key not in groups:
             suffix = f".layer{layer_id}" if layer_id is not None else ""

@@ -1,0 +1,125 @@
+"""Every checkpoint format loads strictly into MedSAM3Net; bad checkpoints fail loudly with a key report."""
+
+from __future__ import annotations
+
+import json
+
+import pytest
+import torch
+from safetensors.torch import save_file
+from transformers import Sam3Model, Sam3VideoConfig
+
+from medsam3_monai.deploy.cli import main as cli_main
+from medsam3_monai.networks import CheckpointError, MedSAM3Net, save_checkpoint_file, tiny_sam3_config
+from medsam3_monai.networks.key_mapping import convert_hf_to_original
+
+
+@pytest.fixture(scope="module")
+def trained_like():
+    """A tiny net with seed 7 weights (different from the default seed), standing in for real weights."""
+    return MedSAM3Net("tiny", seed=7).eval()
+
+
+def _same_weights(a: torch.nn.Module, b: torch.nn.Module) -> bool:
+    sa, sb = a.state_dict(), b.state_dict()
+    return sa.keys() == sb.keys() and all(torch.equal(sa[k], sb[k]) for k in sa)
+
+
+def _original_detector(net) -> dict[str, torch.Tensor]:
+    return convert_hf_to_original(net.sam3.state_dict())
+
+
+def test_facebook_hf_folder_layout(tmp_path, trained_like):
+    Sam3VideoConfig(detector_config=tiny_sam3_config().to_dict()).save_pretrained(tmp_path)
+    assert json.loads((tmp_path / "config.json").read_text())["model_type"] == "sam3_video"
+    tensors = {f"detector_model.{k}": v.contiguous() for k, v in trained_like.sam3.state_dict().items()}
+    tensors["tracker_model.memory_encoder.projection.weight"] = torch.zeros(4, 4)
+    tensors["tracker_neck.fpn_layers.0.proj1.weight"] = torch.zeros(2)
+    save_file(tensors, tmp_path / "model.safetensors")
+    net = MedSAM3Net(tmp_path)
+    assert net.source_format == "hf_folder"
+    assert _same_weights(net.sam3, trained_like.sam3)
+
+
+def test_original_sam3_pt(tmp_path, trained_like):
+    detector = _original_detector(trained_like)
+    payload = {"model": {**{f"detector.{k}": v for k, v in detector.items()}, "tracker.maskmem_tpos_enc": torch.zeros(7, 1, 1, 64)}}
+    torch.save(payload, tmp_path / "sam3.pt")
+    net = MedSAM3Net(tmp_path / "sam3.pt", config=tiny_sam3_config())
+    assert net.source_format == "sam3_original"
+    assert _same_weights(net.sam3, trained_like.sam3)
+
+
+@pytest.mark.parametrize("wrapped", [True, False])
+def test_medical_sam3_release(tmp_path, trained_like, wrapped):
+    detector = _original_detector(trained_like)
+    torch.save({"model": detector} if wrapped else detector, tmp_path / "medical_sam3.pt")
+    net = MedSAM3Net(tmp_path / "medical_sam3.pt", config=tiny_sam3_config())
+    assert net.source_format == "medical_sam3"
+    assert _same_weights(net.sam3, trained_like.sam3)
+
+
+def test_our_checkpoint_and_saved_folder_round_trip(tmp_path, trained_like, tiny_images):
+    save_checkpoint_file(trained_like.sam3, tmp_path / "model.pt")
+    from_file = MedSAM3Net(tmp_path / "model.pt")  # the config travels inside
+    assert from_file.source_format == "medsam3_monai" and _same_weights(from_file.sam3, trained_like.sam3)
+
+    torch.save({"network": trained_like.state_dict()}, tmp_path / "ignite.pt")  # "sam3." prefixed keys
+    assert _same_weights(MedSAM3Net(tmp_path / "ignite.pt", config=tiny_sam3_config()).sam3, trained_like.sam3)
+
+    trained_like.save_pretrained(tmp_path / "folder")
+    plain = Sam3Model.from_pretrained(tmp_path / "folder")  # plain transformers reads it
+    assert _same_weights(plain, trained_like.sam3)
+    reloaded = MedSAM3Net(tmp_path / "folder").eval()
+    with torch.no_grad():
+        assert torch.equal(reloaded(tiny_images, ["liver", "kidney"]).pred_masks,
+                           trained_like(tiny_images, ["liver", "kidney"]).pred_masks)
+
+
+def test_missing_truncated_and_foreign_checkpoints_fail_loudly(tmp_path, trained_like):
+    with pytest.raises(CheckpointError, match="does not exist"):
+        MedSAM3Net(tmp_path / "nope.pt")
+    save_checkpoint_file(trained_like.sam3, tmp_path / "model.pt")
+    data = (tmp_path / "model.pt").read_bytes()
+    (tmp_path / "truncated.pt").write_bytes(data[: len(data) // 2])
+    with pytest.raises(CheckpointError, match="corrupt, truncated"):
+        MedSAM3Net(tmp_path / "truncated.pt")
+    torch.save(torch.nn.Linear(3, 4).state_dict(), tmp_path / "linear.pt")
+    with pytest.raises(CheckpointError, match="not a SAM3 checkpoint"):
+        MedSAM3Net(tmp_path / "linear.pt")
+    (tmp_path / "other").mkdir()
+    (tmp_path / "other" / "config.json").write_text(json.dumps({"model_type": "sam2"}))
+    with pytest.raises(CheckpointError, match="not SAM3"):
+        MedSAM3Net(tmp_path / "other")
+
+
+def test_architecture_mismatch_reports_keys(tmp_path, trained_like):
+    detector = _original_detector(trained_like)
+    del detector[next(k for k in detector if "transformer.decoder" in k)]
+    detector["segmentation_head.extra.weight"] = torch.zeros(1)
+    torch.save({"model": detector}, tmp_path / "broken.pt")
+    with pytest.raises(CheckpointError) as info:
+        MedSAM3Net(tmp_path / "broken.pt", config=tiny_sam3_config())
+    assert "nothing was loaded" in str(info.value) or "not covered" in str(info.value) or "unexpected" in str(info.value)
+
+    save_checkpoint_file(trained_like.sam3, tmp_path / "tiny.pt")
+    wider = tiny_sam3_config(hidden_size=48)
+    with pytest.raises(CheckpointError) as info:
+        MedSAM3Net(tmp_path / "tiny.pt", config=wider)
+    message = str(info.value)
+    assert "shape mismatch" in message and "vision_encoder" in message and "nothing was loaded" in message
+
+
+def test_convert_checkpoint_cli(tmp_path, trained_like, capsys):
+    detector = _original_detector(trained_like)
+    torch.save({"model": {f"detector.{k}": v for k, v in detector.items()}}, tmp_path / "sam3.pt")
+    dst = tmp_path / "hf"
+    assert cli_main(["convert-checkpoint", str(tmp_path / "sam3.pt"), str(dst), "--config", "tiny"]) == 0
+    assert _same_weights(Sam3Model.from_pretrained(dst), trained_like.sam3)
+    assert (dst / "tokenizer_config.json").is_file() or (dst / "tokenizer.json").is_file()
+
+    (tmp_path / "bad.pt").write_bytes(b"not a checkpoint")
+    assert cli_main(["convert-checkpoint", str(tmp_path / "bad.pt"), str(tmp_path / "out"), "--config", "tiny"]) == 2
+    assert not (tmp_path / "out").exists(), "no partial output folder"
+    assert "corrupt" in capsys.readouterr().err
+    assert cli_main(["convert-checkpoint", str(tmp_path / "sam3.pt"), str(dst), "--config", "tiny"]) == 2
