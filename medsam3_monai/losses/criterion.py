@@ -1,0 +1,265 @@
+"""The Medical SAM3 set-prediction objective (§3.4, Table 2) with the semantics of Meta's SAM3 training code.
+
+Total = sum over decoder layers of [L_find(one-to-one) + w_o2m * L_find(one-to-many)] + mask and semantic terms
+on the last layer, times sqrt(B) (B find-queries). Box and mask terms are normalised by N, the number of target
+instances in the batch (averaged over ranks, at least 1). See ``SetCriterion`` for each term.
+"""
+
+from __future__ import annotations
+
+from dataclasses import asdict, dataclass
+
+import torch
+import torch.distributed as dist
+import torch.nn.functional as F
+from torch import nn
+
+from ..networks.outputs import MedSAM3Output
+from .box_ops import elementwise_giou, elementwise_iou
+from .functional import dice_loss_per_row, resize_logits, sigmoid_focal_loss
+from .matchers import HungarianMatcher, Matches, OneToManyMatcher
+from .targets import FindTargets
+
+
+@dataclass
+class LossWeights:
+    """Weights of every term (SAM3 / Medical SAM3 defaults)."""
+
+    bbox: float = 5.0
+    giou: float = 2.0
+    ce: float = 20.0
+    presence: float = 20.0
+    mask: float = 200.0
+    dice: float = 10.0
+    semantic_seg: float = 20.0
+    semantic_dice: float = 30.0
+    semantic_presence: float = 1.0
+    o2m: float = 2.0
+
+
+@dataclass
+class CriterionSettings:
+    """Switches and shape parameters of the terms."""
+
+    pos_weight: float = 10.0  # positive weight of the soft-target classification BCE
+    soft_target_alpha: float = 0.25  # t = p^alpha * IoU^(1 - alpha)
+    negative_gamma: float = 2.0  # unmatched queries: BCE(logit, 0) * p^gamma
+    pad_num_queries: int = 200  # classification normalised by max(Q, 200) * B
+    presence_alpha: float = 0.5
+    presence_gamma: float = 0.0
+    mask_focal_alpha: float = 0.25
+    mask_focal_gamma: float = 2.0
+    semantic_focal_alpha: float = 0.6
+    semantic_focal_gamma: float = 2.0
+    instance_masks: bool = True  # last-layer instance mask focal + dice
+    semantic: bool = True  # L_seg on the semantic head
+    one_to_many: bool = True
+    # the o2m branch on auxiliary layers: "hungarian" (SAM3's default), "one_to_many", or "none"
+    o2m_aux_matcher: str = "hungarian"
+    o2m_masks: bool = True  # SAM3 predicts masks for o2m queries too
+    scale_by_find_batch_size: bool = True  # multiply the total by sqrt(B)
+    normalization: str = "global"  # "global" (average N over ranks), "local", or "none" (N = 1)
+
+
+class SetCriterion(nn.Module):
+    """Set-prediction loss over every decoder layer of a :class:`MedSAM3Output`.
+
+    Terms (per layer l; suffix ``_aux{l}`` for auxiliary layers, ``_o2m`` for the one-to-many branch):
+      * ``loss_ce``: matched queries BCE(logit, t) * pos_weight with soft target t = max(p^0.25 IoU^0.75, 0.01)
+        (detached); unmatched BCE(logit, 0) * p^2; rows of find-queries without targets are zeroed; divided by
+        max(Q, 200) * B.
+      * ``presence_loss``: focal (alpha 0.5, gamma 0) on the presence logit vs "prompt has a target", mean over B.
+      * ``loss_bbox`` (L1 on cxcywh) and ``loss_giou`` (1 - GIoU on xyxy), summed over matches / N.
+      * last layer: ``loss_mask`` (focal 0.25 / 2, per-mask pixel mean) and ``loss_dice`` on matched instance
+        masks with valid masks, logits upsampled bilinearly to the target size, summed / N.
+      * ``loss_semantic_seg`` (focal 0.6 / 2) and ``loss_semantic_dice`` on the semantic head vs the union of
+        the prompt's instance masks, averaged over find-queries whose union is non-empty;
+        ``loss_semantic_presence`` is inert: the released segmentation head has no presence logit (weight kept).
+
+    The one-to-many branch re-uses the same object queries (transformers' SAM3 has no second query set): the
+    last layer is matched one-to-many, auxiliary layers by ``o2m_aux_matcher``; it has no presence term and
+    every one of its terms is multiplied by ``weights.o2m``.
+    """
+
+    def __init__(
+        self,
+        weights: LossWeights | dict | None = None,
+        settings: CriterionSettings | dict | None = None,
+        matcher: HungarianMatcher | None = None,
+        o2m_matcher: OneToManyMatcher | None = None,
+    ) -> None:
+        super().__init__()
+        self.weights = weights if isinstance(weights, LossWeights) else LossWeights(**(weights or {}))
+        self.settings = settings if isinstance(settings, CriterionSettings) else CriterionSettings(**(settings or {}))
+        if self.settings.o2m_aux_matcher not in ("hungarian", "one_to_many", "none"):
+            raise ValueError(f"o2m_aux_matcher must be hungarian, one_to_many or none; got {self.settings.o2m_aux_matcher!r}")
+        if self.settings.normalization not in ("global", "local", "none"):
+            raise ValueError(f"normalization must be global, local or none; got {self.settings.normalization!r}")
+        self.matcher = matcher or HungarianMatcher()
+        self.o2m_matcher = o2m_matcher or OneToManyMatcher()
+
+    # ------------------------------------------------------------------ normalisation
+    def num_instances(self, targets: FindTargets) -> torch.Tensor:
+        """N: target instances in the batch, averaged over ranks for "global", at least 1."""
+        if self.settings.normalization == "none":
+            return torch.tensor(1.0, device=targets.boxes.device)
+        num = targets.num_boxes.sum().float().to(targets.boxes.device)
+        if self.settings.normalization == "global" and dist.is_available() and dist.is_initialized():
+            dist.all_reduce(num)
+            num = num / dist.get_world_size()
+        return num.clamp(min=1)
+
+    # ------------------------------------------------------------------ terms
+    def classification_terms(
+        self,
+        logits: torch.Tensor,
+        boxes_xyxy: torch.Tensor,
+        presence_logits: torch.Tensor | None,
+        targets: FindTargets,
+        matches: Matches,
+    ) -> dict[str, torch.Tensor]:
+        """``loss_ce`` and (when presence logits are given) ``presence_loss`` for logits (B, Q)."""
+        s = self.settings
+        prob = logits.sigmoid()
+        b, q, t = matches.batch_idx, matches.query_idx, matches.target_idx
+        with torch.no_grad():
+            is_matched = torch.zeros_like(logits)
+            is_matched[b, q] = 1.0
+            iou, _ = elementwise_iou(boxes_xyxy[b, q].float(), targets.boxes_xyxy[t].float())
+            soft = (prob[b, q] ** s.soft_target_alpha * iou ** (1 - s.soft_target_alpha)).clamp(min=0.01)
+            soft_targets = is_matched.clone()
+            flat = b * logits.shape[1] + q
+            last = _last_occurrence(flat)  # a query matched twice keeps its last pair's target
+            soft_targets.view(-1)[flat[last]] = soft[last].to(soft_targets.dtype)
+        positive = F.binary_cross_entropy_with_logits(logits, soft_targets, reduction="none") * is_matched * s.pos_weight
+        negative = F.binary_cross_entropy_with_logits(logits, is_matched, reduction="none") * (1 - is_matched)
+        loss = positive + negative * prob**s.negative_gamma
+        has_target = targets.has_target().to(loss.dtype)
+        loss = loss * has_target[:, None]
+        batch, num_queries = loss.shape
+        if num_queries < s.pad_num_queries:
+            loss_ce = loss.sum() / (s.pad_num_queries * batch)
+        else:
+            loss_ce = loss.mean()
+        terms = {"loss_ce": loss_ce}
+        if presence_logits is not None:
+            focal = sigmoid_focal_loss(presence_logits.reshape(-1).float(), has_target.float(), s.presence_alpha, s.presence_gamma)
+            terms["presence_loss"] = focal.sum() / batch
+        return terms
+
+    @staticmethod
+    def box_terms(boxes_cxcywh: torch.Tensor, boxes_xyxy: torch.Tensor, targets: FindTargets, matches: Matches,
+                  num: torch.Tensor) -> dict[str, torch.Tensor]:
+        """``loss_bbox`` (L1 cxcywh) and ``loss_giou`` over matched pairs, each summed / N."""
+        b, q, t = matches.batch_idx, matches.query_idx, matches.target_idx
+        l1 = F.l1_loss(boxes_cxcywh[b, q].float(), targets.boxes[t].float(), reduction="none")
+        giou = 1 - elementwise_giou(boxes_xyxy[b, q].float(), targets.boxes_xyxy[t].float())
+        return {"loss_bbox": l1.sum() / num, "loss_giou": giou.sum() / num}
+
+    def mask_terms(self, pred_masks: torch.Tensor, targets: FindTargets, matches: Matches,
+                   num: torch.Tensor) -> dict[str, torch.Tensor]:
+        """``loss_mask`` (focal) and ``loss_dice`` on matched instances with valid masks, each summed / N."""
+        keep = targets.is_valid_mask[matches.target_idx]
+        src = pred_masks[matches.batch_idx[keep], matches.query_idx[keep]]
+        tgt = targets.masks[matches.target_idx[keep]]
+        src = resize_logits(src, tuple(tgt.shape[-2:])).flatten(1)
+        tgt = tgt.flatten(1).to(src.dtype)
+        s = self.settings
+        focal = sigmoid_focal_loss(src, tgt, s.mask_focal_alpha, s.mask_focal_gamma).mean(1)
+        return {"loss_mask": focal.sum() / num, "loss_dice": dice_loss_per_row(src, tgt).sum() / num}
+
+    def semantic_terms(self, semantic_seg: torch.Tensor, targets: FindTargets) -> dict[str, torch.Tensor]:
+        """L_seg: focal + dice of the semantic head vs the per-query union of instance masks."""
+        union = targets.semantic_masks()
+        logits = resize_logits(semantic_seg[:, 0], tuple(union.shape[-2:])).flatten(1)
+        union = union.flatten(1).to(logits.dtype)
+        s = self.settings
+        focal = sigmoid_focal_loss(logits, union, s.semantic_focal_alpha, s.semantic_focal_gamma).mean(1)
+        dice = dice_loss_per_row(logits, union)
+        present = union.any(-1).to(logits.dtype)
+        denominator = present.sum() + 1e-6
+        return {
+            "loss_semantic_seg": (focal * present).sum() / denominator,
+            "loss_semantic_dice": (dice * present).sum() / denominator,
+            # the released head has no presence logit: the term exists (weight 1) but is identically zero
+            "loss_semantic_presence": logits.new_zeros(()),
+        }
+
+    # ------------------------------------------------------------------ forward
+    def _weighted(self, terms: dict[str, torch.Tensor], scale: float = 1.0) -> torch.Tensor:
+        w = self.weights
+        weight_of = {
+            "loss_ce": w.ce, "presence_loss": w.presence, "loss_bbox": w.bbox, "loss_giou": w.giou,
+            "loss_mask": w.mask, "loss_dice": w.dice, "loss_semantic_seg": w.semantic_seg,
+            "loss_semantic_dice": w.semantic_dice, "loss_semantic_presence": w.semantic_presence,
+        }
+        return sum(weight_of[k] * v for k, v in terms.items()) * scale
+
+    def forward(self, outputs: MedSAM3Output, targets: FindTargets) -> dict[str, torch.Tensor]:
+        """All terms (unweighted, per layer and branch) plus ``loss``, the weighted total to back-propagate."""
+        s = self.settings
+        targets = targets.to(outputs.all_pred_logits.device)
+        if targets.batch_size != outputs.all_pred_logits.shape[1]:
+            raise ValueError(f"{targets.batch_size} targets for {outputs.all_pred_logits.shape[1]} find-queries")
+        num = self.num_instances(targets)
+        num_layers = outputs.num_layers
+        terms: dict[str, torch.Tensor] = {}
+        total = outputs.all_pred_logits.new_zeros((), dtype=torch.float32)
+        with_masks = targets.masks is not None
+        for layer in range(num_layers):
+            last = layer == num_layers - 1
+            suffix = "" if last else f"_aux{layer}"
+            logits = outputs.all_pred_logits[layer]
+            cxcywh = outputs.all_pred_boxes_cxcywh[layer]
+            xyxy = outputs.all_pred_boxes[layer]
+            o2o = self.matcher(logits, cxcywh, targets)
+            layer_terms = self.classification_terms(logits, xyxy, outputs.all_presence_logits[layer], targets, o2o)
+            layer_terms |= self.box_terms(cxcywh, xyxy, targets, o2o, num)
+            if last and s.instance_masks and with_masks:
+                layer_terms |= self.mask_terms(outputs.pred_masks, targets, o2o, num)
+            total = total + self._weighted(layer_terms)
+            terms |= {f"{k}{suffix}": v.detach() for k, v in layer_terms.items()}
+
+            o2m = self._o2m_matches(last, logits, cxcywh, targets, o2o)
+            if o2m is not None:
+                o2m_terms = self.classification_terms(logits, xyxy, None, targets, o2m)
+                o2m_terms |= self.box_terms(cxcywh, xyxy, targets, o2m, num)
+                if last and s.instance_masks and s.o2m_masks and with_masks:
+                    o2m_terms |= self.mask_terms(outputs.pred_masks, targets, o2m, num)
+                total = total + self._weighted(o2m_terms, self.weights.o2m)
+                terms |= {f"{k}{suffix}_o2m": v.detach() for k, v in o2m_terms.items()}
+        if s.semantic and with_masks:
+            semantic = self.semantic_terms(outputs.semantic_seg, targets)
+            total = total + self._weighted(semantic)
+            terms |= {k: v.detach() for k, v in semantic.items()}
+        if s.scale_by_find_batch_size:
+            total = total * targets.batch_size**0.5
+        terms["num_instances"] = num.detach()
+        terms["loss"] = total
+        return terms
+
+    def _o2m_matches(self, last: bool, logits, boxes, targets: FindTargets, o2o: Matches) -> Matches | None:
+        s = self.settings
+        if not s.one_to_many:
+            return None
+        if last or s.o2m_aux_matcher == "one_to_many":
+            return self.o2m_matcher(logits, boxes, targets)
+        if s.o2m_aux_matcher == "hungarian":
+            return o2o  # same queries, same matcher: identical to the one-to-one matches
+        return None
+
+    def config(self) -> dict:
+        """Every weight and switch, for logging as run parameters."""
+        return {**{f"weight_{k}": v for k, v in asdict(self.weights).items()}, **asdict(self.settings)}
+
+
+def _last_occurrence(values: torch.Tensor) -> torch.Tensor:
+    """Positions of the last occurrence of each distinct value in a 1-D tensor."""
+    if values.numel() == 0:
+        return values
+    positions = torch.arange(values.numel(), device=values.device)
+    order = torch.argsort(values * values.numel() + positions)  # sort by value, then position
+    sorted_values = values[order]
+    is_last = torch.ones_like(sorted_values, dtype=torch.bool)
+    is_last[:-1] = sorted_values[1:] != sorted_values[:-1]
+    return order[is_last]

@@ -1,0 +1,233 @@
+"""Matchers and every criterion term on small hand-computed cases (known answers)."""
+
+from __future__ import annotations
+
+import math
+
+import pytest
+import torch
+
+from medsam3_monai.losses import CriterionSettings, FindTargets, HungarianMatcher, Matches, OneToManyMatcher, SetCriterion
+from medsam3_monai.losses.box_ops import cxcywh_to_xyxy
+from medsam3_monai.losses.criterion import _last_occurrence
+from medsam3_monai.networks.outputs import MedSAM3Output
+
+
+def sig(x: float) -> float:
+    return 1 / (1 + math.exp(-x))
+
+
+def bce(x: float, t: float) -> float:
+    return -(t * math.log(sig(x)) + (1 - t) * math.log(1 - sig(x)))
+
+
+def iou_xyxy(a, b) -> float:
+    iw = max(0.0, min(a[2], b[2]) - max(a[0], b[0]))
+    ih = max(0.0, min(a[3], b[3]) - max(a[1], b[1]))
+    inter = iw * ih
+    union = (a[2] - a[0]) * (a[3] - a[1]) + (b[2] - b[0]) * (b[3] - b[1]) - inter
+    return inter / union
+
+
+def giou_xyxy(a, b) -> float:
+    iw = max(0.0, min(a[2], b[2]) - max(a[0], b[0]))
+    ih = max(0.0, min(a[3], b[3]) - max(a[1], b[1]))
+    inter = iw * ih
+    union = (a[2] - a[0]) * (a[3] - a[1]) + (b[2] - b[0]) * (b[3] - b[1]) - inter
+    hull = (max(a[2], b[2]) - min(a[0], b[0])) * (max(a[3], b[3]) - min(a[1], b[1]))
+    return inter / union - (hull - union) / hull
+
+
+def to_xyxy(b):
+    return [b[0] - b[2] / 2, b[1] - b[3] / 2, b[0] + b[2] / 2, b[1] + b[3] / 2]
+
+
+def test_hungarian_cost_is_the_papers_formula():
+    logit, box, target = 0.7, [0.5, 0.5, 0.4, 0.2], [0.45, 0.55, 0.3, 0.3]
+    p = sig(logit)
+    focal = 0.25 * (1 - p) ** 2 * -math.log(p) - 0.75 * p**2 * -math.log(1 - p)
+    l1 = sum(abs(x - y) for x, y in zip(box, target))
+    expected = 5 * l1 + 2 * focal - 2 * giou_xyxy(to_xyxy(box), to_xyxy(target))
+    cost = HungarianMatcher().cost_matrix(torch.tensor([[logit]]), torch.tensor([[box]]), torch.tensor([[target]]))
+    assert cost.shape == (1, 1, 1)
+    assert cost.item() == pytest.approx(expected, rel=1e-5)
+
+
+def test_hungarian_is_optimal_not_greedy_and_skips_images_without_targets():
+    # query 0 is closest to both targets; greedy would give it target 0 and leave query 1 a poor match
+    boxes = torch.tensor([[[0.30, 0.3, 0.2, 0.2], [0.9, 0.9, 0.1, 0.1], [0.52, 0.5, 0.2, 0.2]]])
+    targets_b = torch.tensor([[0.32, 0.3, 0.2, 0.2], [0.5, 0.5, 0.2, 0.2]])
+    logits = torch.zeros(1, 3)
+    empty = torch.zeros(0, 4)
+    targets = FindTargets.from_instances([empty, targets_b])  # find-query 0 has no target
+    both = torch.cat([boxes, boxes])
+    matches = HungarianMatcher()(torch.zeros(2, 3), both, targets)
+    assert matches.batch_idx.tolist() == [1, 1]
+    pairs = sorted(zip(matches.query_idx.tolist(), matches.target_idx.tolist()))
+    assert pairs == [(0, 0), (2, 1)], "target indices are packed: find-query 1's targets are 0 and 1"
+    assert len(HungarianMatcher()(logits, boxes, FindTargets.from_instances([empty]))) == 0
+
+
+def test_one_to_many_rule():
+    # Q = 8 queries against one target; score = 0.3 p + 0.7 IoU; match above the (1 - 4/8) quantile and 0.4
+    target = [0.5, 0.5, 0.4, 0.4]
+    widths = [0.4, 0.38, 0.36, 0.3, 0.2, 0.1, 0.05, 0.4]
+    boxes = torch.tensor([[[0.5, 0.5, w, w] for w in widths]])
+    boxes[0, 7] = torch.tensor([0.1, 0.1, 0.1, 0.1])  # far away: IoU 0
+    logits = torch.tensor([[0.0, 0.0, 0.0, 0.0, 0.0, 0.0, 0.0, 5.0]])
+    scores = [0.3 * sig(l) + 0.7 * iou_xyxy(to_xyxy(b), to_xyxy(target)) for l, b in zip(logits[0].tolist(), boxes[0].tolist())]
+    quantile = torch.quantile(torch.tensor(scores), 0.5).item()
+    expected = [q for q, s in enumerate(scores) if s > quantile and s > 0.4]
+    assert expected == [0, 1, 2, 3]
+    matches = OneToManyMatcher()(logits, boxes, FindTargets.from_instances([torch.tensor([target])]))
+    assert matches.query_idx.tolist() == expected and matches.target_idx.tolist() == [0] * 4
+    # a query may match several targets
+    two = FindTargets.from_instances([torch.tensor([target, target])])
+    assert len(OneToManyMatcher()(logits, boxes, two)) == 8
+
+
+def _criterion(**settings) -> SetCriterion:
+    return SetCriterion(settings=CriterionSettings(normalization="local", **settings))
+
+
+def test_classification_term_known_answer():
+    logits = torch.tensor([[1.2, -0.4, 0.3], [0.5, 0.1, -2.0]])
+    boxes = torch.tensor([[[0.5, 0.5, 0.2, 0.2], [0.2, 0.2, 0.1, 0.1], [0.8, 0.8, 0.1, 0.1]]] * 2)
+    target = [0.52, 0.5, 0.2, 0.2]
+    targets = FindTargets.from_instances([torch.tensor([target]), torch.zeros(0, 4)])  # 2nd prompt is negative
+    matches = Matches(torch.tensor([0]), torch.tensor([0]), torch.tensor([0]))
+    terms = _criterion().classification_terms(logits, cxcywh_to_xyxy(boxes), torch.tensor([[0.3], [-1.0]]), targets, matches)
+    p0 = sig(1.2)
+    iou = iou_xyxy(to_xyxy(boxes[0, 0].tolist()), to_xyxy(target))
+    soft = max(p0**0.25 * iou**0.75, 0.01)
+    row0 = 10 * bce(1.2, soft) + bce(-0.4, 0) * sig(-0.4) ** 2 + bce(0.3, 0) * sig(0.3) ** 2
+    expected_ce = row0 / (200 * 2)  # row 1 (no target) is zeroed; normalised by 200 * B since Q < 200
+    assert terms["loss_ce"].item() == pytest.approx(expected_ce, rel=1e-5)
+    expected_presence = (0.5 * bce(0.3, 1) + 0.5 * bce(-1.0, 0)) / 2
+    assert terms["presence_loss"].item() == pytest.approx(expected_presence, rel=1e-5)
+
+
+def test_duplicate_matches_keep_the_last_pair():
+    assert sorted(_last_occurrence(torch.tensor([5, 3, 5, 7, 3])).tolist()) == [2, 3, 4]
+    logits = torch.tensor([[0.8, -1.0]])
+    boxes = cxcywh_to_xyxy(torch.tensor([[[0.5, 0.5, 0.2, 0.2], [0.1, 0.1, 0.1, 0.1]]]))
+    t0, t1 = [0.5, 0.5, 0.2, 0.2], [0.55, 0.5, 0.3, 0.2]
+    targets = FindTargets.from_instances([torch.tensor([t0, t1])])
+    matches = Matches(torch.tensor([0, 0]), torch.tensor([0, 0]), torch.tensor([0, 1]))
+    loss = _criterion().classification_terms(logits, boxes, None, targets, matches)["loss_ce"].item()
+    soft = sig(0.8) ** 0.25 * iou_xyxy([0.4, 0.4, 0.6, 0.6], to_xyxy(t1)) ** 0.75
+    expected = (10 * bce(0.8, soft) + bce(-1.0, 0) * sig(-1.0) ** 2) / 200
+    assert loss == pytest.approx(expected, rel=1e-5)
+
+
+def test_box_terms_normalised_by_all_targets():
+    pred = torch.tensor([[[0.5, 0.5, 0.2, 0.2], [0.3, 0.3, 0.2, 0.4]]])
+    tgt = [[0.55, 0.5, 0.2, 0.3], [0.3, 0.35, 0.1, 0.4], [0.9, 0.9, 0.1, 0.1]]
+    targets = FindTargets.from_instances([torch.tensor(tgt)])
+    matches = Matches(torch.tensor([0, 0]), torch.tensor([0, 1]), torch.tensor([0, 1]))
+    num = torch.tensor(3.0)
+    terms = SetCriterion.box_terms(pred, cxcywh_to_xyxy(pred), targets, matches, num)
+    l1 = sum(abs(a - b) for i in range(2) for a, b in zip(pred[0, i].tolist(), tgt[i]))
+    giou = sum(1 - giou_xyxy(to_xyxy(pred[0, i].tolist()), to_xyxy(tgt[i])) for i in range(2))
+    assert terms["loss_bbox"].item() == pytest.approx(l1 / 3, rel=1e-5)
+    assert terms["loss_giou"].item() == pytest.approx(giou / 3, rel=1e-5)
+
+
+def _focal(x: float, t: float, alpha: float, gamma: float) -> float:
+    p = sig(x)
+    p_t = p * t + (1 - p) * (1 - t)
+    return (alpha * t + (1 - alpha) * (1 - t)) * bce(x, t) * (1 - p_t) ** gamma
+
+
+def test_mask_terms_skip_invalid_masks_but_count_them():
+    pred = torch.tensor([[[[2.0, -1.0], [0.5, -3.0]], [[0.0, 0.0], [0.0, 0.0]]]])  # (B=1, Q=2, 2, 2)
+    masks = torch.tensor([[[1, 0], [1, 1]], [[1, 1], [0, 0]]], dtype=torch.bool)
+    targets = FindTargets(torch.tensor([[0.5, 0.5, 0.5, 0.5]] * 2), torch.tensor([2]), masks, torch.tensor([True, False]))
+    matches = Matches(torch.tensor([0, 0]), torch.tensor([0, 1]), torch.tensor([0, 1]))
+    terms = _criterion().mask_terms(pred, targets, matches, torch.tensor(2.0))
+    x, t = [2.0, -1.0, 0.5, -3.0], [1, 0, 1, 1]
+    focal = sum(_focal(a, b, 0.25, 2) for a, b in zip(x, t)) / 4
+    probs = [sig(a) for a in x]
+    dice = 1 - (2 * sum(p * b for p, b in zip(probs, t)) + 1) / (sum(probs) + sum(t) + 1)
+    assert terms["loss_mask"].item() == pytest.approx(focal / 2, rel=1e-5)
+    assert terms["loss_dice"].item() == pytest.approx(dice / 2, rel=1e-5)
+
+
+def test_mask_logits_are_upsampled_bilinearly_to_the_target():
+    pred = torch.randn(1, 1, 2, 2)
+    masks = torch.zeros(1, 4, 4, dtype=torch.bool)
+    masks[0, :2, :2] = True
+    targets = FindTargets(torch.tensor([[0.25, 0.25, 0.5, 0.5]]), torch.tensor([1]), masks)
+    matches = Matches(torch.tensor([0]), torch.tensor([0]), torch.tensor([0]))
+    up = torch.nn.functional.interpolate(pred, size=(4, 4), mode="bilinear", align_corners=False)[0, 0].flatten()
+    expected = sum(_focal(a, b, 0.25, 2) for a, b in zip(up.tolist(), masks.flatten().float().tolist())) / 16
+    assert _criterion().mask_terms(pred, targets, matches, torch.tensor(1.0))["loss_mask"].item() == pytest.approx(expected, rel=1e-5)
+
+
+def test_semantic_terms_average_over_non_empty_unions():
+    seg = torch.tensor([[[[1.0, -1.0], [0.0, 2.0]]], [[[0.5, 0.5], [0.5, 0.5]]]])  # (B=2, 1, 2, 2)
+    masks = torch.tensor([[[1, 0], [0, 0]], [[0, 0], [0, 1]]], dtype=torch.bool)  # two instances of query 0
+    targets = FindTargets(torch.tensor([[0.25, 0.25, 0.5, 0.5], [0.75, 0.75, 0.5, 0.5]]), torch.tensor([2, 0]), masks)
+    terms = _criterion().semantic_terms(seg, targets)
+    x, t = [1.0, -1.0, 0.0, 2.0], [1, 0, 0, 1]  # union of query 0; query 1 is empty and excluded
+    focal = sum(_focal(a, b, 0.6, 2) for a, b in zip(x, t)) / 4
+    probs = [sig(a) for a in x]
+    dice = 1 - (2 * sum(p * b for p, b in zip(probs, t)) + 1) / (sum(probs) + 2 + 1)
+    assert terms["loss_semantic_seg"].item() == pytest.approx(focal / (1 + 1e-6), rel=1e-5)
+    assert terms["loss_semantic_dice"].item() == pytest.approx(dice / (1 + 1e-6), rel=1e-5)
+    assert terms["loss_semantic_presence"].item() == 0.0
+
+
+def _single_layer_output(q: int = 3, b: int = 2, size: int = 4) -> MedSAM3Output:
+    generator = torch.Generator().manual_seed(0)
+    cxcywh = torch.rand(1, b, q, 4, generator=generator) * 0.4 + 0.3
+    return MedSAM3Output(
+        all_pred_logits=torch.randn(1, b, q, generator=generator),
+        all_pred_boxes=cxcywh_to_xyxy(cxcywh),
+        all_pred_boxes_cxcywh=cxcywh,
+        all_presence_logits=torch.randn(1, b, 1, generator=generator),
+        pred_masks=torch.randn(b, q, size // 2, size // 2, generator=generator),
+        semantic_seg=torch.randn(b, 1, size // 2, size // 2, generator=generator),
+        query_hidden_states=torch.zeros(b, q, 8),
+    )
+
+
+def test_total_is_weighted_sum_times_sqrt_batch():
+    out = _single_layer_output()
+    masks = torch.zeros(2, 4, 4, dtype=torch.bool)
+    masks[0, :2, :2] = True
+    masks[1, 2:, 1:] = True
+    targets = FindTargets(torch.tensor([[0.25, 0.25, 0.5, 0.5], [0.6, 0.75, 0.75, 0.5]]), torch.tensor([2, 0]), masks)
+    criterion = _criterion()
+    terms = criterion(out, targets)
+    w = criterion.weights
+    o2o = (w.ce * terms["loss_ce"] + w.presence * terms["presence_loss"] + w.bbox * terms["loss_bbox"]
+           + w.giou * terms["loss_giou"] + w.mask * terms["loss_mask"] + w.dice * terms["loss_dice"])
+    o2m = sum(weight * terms.get(f"{name}_o2m", torch.tensor(0.0)) for name, weight in
+              [("loss_ce", w.ce), ("loss_bbox", w.bbox), ("loss_giou", w.giou), ("loss_mask", w.mask), ("loss_dice", w.dice)])
+    semantic = w.semantic_seg * terms["loss_semantic_seg"] + w.semantic_dice * terms["loss_semantic_dice"]
+    expected = (o2o + w.o2m * o2m + semantic) * math.sqrt(2)
+    assert "presence_loss_o2m" not in terms, "the one-to-many branch has no presence term"
+    assert terms["loss"].item() == pytest.approx(expected.item(), rel=1e-5)
+    assert terms["num_instances"].item() == 2
+
+
+def test_negative_prompt_only_trains_presence():
+    out = _single_layer_output(b=1)
+    targets = FindTargets(torch.zeros(0, 4), torch.tensor([0]), torch.zeros(0, 4, 4, dtype=torch.bool))
+    terms = _criterion()(out, targets)
+    presence = 0.5 * bce(out.all_presence_logits[0, 0, 0].item(), 0)
+    assert terms["loss_ce"].item() == 0 and terms["loss_bbox"].item() == 0
+    assert terms["loss"].item() == pytest.approx(20 * presence, rel=1e-5)
+
+
+def test_aux_layers_get_box_and_class_terms(tiny_net, tiny_images):
+    targets = FindTargets.from_instances(
+        [torch.tensor([[0.5, 0.5, 0.3, 0.3]]), torch.tensor([[0.3, 0.3, 0.2, 0.2]])],
+        [torch.ones(1, 112, 112, dtype=torch.bool), torch.zeros(1, 112, 112, dtype=torch.bool)],
+    )
+    with torch.no_grad():
+        terms = SetCriterion()(tiny_net(tiny_images, ["a", "b"]), targets)
+    for name in ("loss_ce_aux0", "presence_loss_aux0", "loss_bbox_aux0", "loss_giou_aux0", "loss_bbox_aux0_o2m"):
+        assert name in terms
+    assert "loss_mask_aux0" not in terms, "instance masks are supervised on the last layer only"
