@@ -100,14 +100,18 @@ def test_architecture_mismatch_reports_keys(tmp_path, trained_like):
     torch.save({"model": detector}, tmp_path / "broken.pt")
     with pytest.raises(CheckpointError) as info:
         MedSAM3Net(tmp_path / "broken.pt", config=tiny_sam3_config())
-    assert "nothing was loaded" in str(info.value) or "not covered" in str(info.value) or "unexpected" in str(info.value)
+    assert "nothing was loaded" in str(info.value) and "segmentation_head.extra.weight" in str(info.value)
+    del detector["segmentation_head.extra.weight"]
+    torch.save({"model": detector}, tmp_path / "missing.pt")
+    with pytest.raises(CheckpointError, match="missing from the checkpoint"):
+        MedSAM3Net(tmp_path / "missing.pt", config=tiny_sam3_config())
 
     save_checkpoint_file(trained_like.sam3, tmp_path / "tiny.pt")
     wider = tiny_sam3_config(hidden_size=48)
     with pytest.raises(CheckpointError) as info:
         MedSAM3Net(tmp_path / "tiny.pt", config=wider)
     message = str(info.value)
-    assert "shape mismatch" in message and "vision_encoder" in message and "nothing was loaded" in message
+    assert "shape mismatch" in message and "(32,) vs (48,)" in message and "nothing was loaded" in message
 
 
 def test_convert_checkpoint_cli(tmp_path, trained_like, capsys):

@@ -24,6 +24,7 @@ from typing import Any, Mapping
 import torch
 from transformers import PreTrainedTokenizerBase, Sam3Config, Sam3Model
 
+from .key_mapping import KeyMappingError, convert_original_to_hf, split_sam3_checkpoint
 from .presets import TINY_IMAGE_SIZE, full_sam3_config, tiny_sam3_config
 from .tokenizer import load_tokenizer
 
@@ -86,6 +87,15 @@ def _strip_prefixes(state_dict: Mapping[str, torch.Tensor]) -> dict[str, torch.T
     return out
 
 
+def _convert_original(state_dict: Mapping[str, torch.Tensor], path: Path) -> dict[str, torch.Tensor]:
+    try:
+        return convert_original_to_hf(state_dict)
+    except KeyMappingError as err:
+        raise CheckpointError(
+            f"{path} looks like an original SAM3 image model but does not convert; nothing was loaded.\n{err}"
+        ) from err
+
+
 def read_checkpoint_file(path: str | Path) -> tuple[dict[str, torch.Tensor], Sam3Config | None, str]:
     """Read a ``.pt``/``.pth``/``.safetensors`` file: (transformers-layout state dict, embedded config, format)."""
     path = Path(path)
@@ -101,15 +111,13 @@ def read_checkpoint_file(path: str | Path) -> tuple[dict[str, torch.Tensor], Sam
     config = None
     if isinstance(obj, Mapping) and obj.get("format") == OUR_FORMAT:
         config = Sam3Config.from_dict(obj["config"])
-    from .key_mapping import convert_original_to_hf, split_sam3_checkpoint
-
     state_dict = _unwrap(obj, path)
     keys = list(state_dict)
     if any(k.startswith(("detector.", "tracker.")) for k in keys):
         detector, _tracker = split_sam3_checkpoint(state_dict)
-        return convert_original_to_hf(detector), config, "sam3_original"
+        return _convert_original(detector, path), config, "sam3_original"
     if any(k.startswith(_ORIGINAL_MARKERS) for k in keys):
-        return convert_original_to_hf(state_dict), config, "medical_sam3"
+        return _convert_original(state_dict, path), config, "medical_sam3"
     stripped = _strip_prefixes(state_dict)
     if any(k.startswith(_HF_MARKERS) for k in stripped):
         return stripped, config, "medsam3_monai"
