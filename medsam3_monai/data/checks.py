@@ -1,0 +1,49 @@
+"""Cheap checks on image/mask files: spatial size from headers, label values of label maps."""
+
+from __future__ import annotations
+
+from collections.abc import Iterable
+from pathlib import Path
+
+import numpy as np
+
+__all__ = ["is_nifti", "label_values", "spatial_shape", "unknown_label_values"]
+
+
+def is_nifti(path: Path) -> bool:
+    return path.name.lower().endswith((".nii", ".nii.gz"))
+
+
+def spatial_shape(path: Path) -> tuple[int, ...]:
+    """(H, W) of a 2D image or the first three axes of a NIfTI volume, read from the header only."""
+    if is_nifti(path):
+        import nibabel as nib
+
+        return tuple(int(n) for n in nib.load(str(path)).header.get_data_shape()[:3])
+    from PIL import Image
+
+    with Image.open(path) as image:
+        return (image.height, image.width)
+
+
+def label_values(path: Path) -> set[int]:
+    """Distinct values of a label map (reads the whole file); non-integer values raise ``ValueError``."""
+    if is_nifti(path):
+        import nibabel as nib
+
+        data = np.asanyarray(nib.load(str(path)).dataobj)
+    else:
+        from PIL import Image
+
+        with Image.open(path) as image:
+            data = np.asarray(image)
+    values = np.unique(data)
+    if values.dtype.kind == "f" and not np.all(np.mod(values, 1) == 0):
+        raise ValueError(f"non-integer label values, e.g. {values[np.mod(values, 1) != 0][:3].tolist()}")
+    return {int(v) for v in values}
+
+
+def unknown_label_values(path: Path, known: Iterable[str]) -> list[int]:
+    """Values in the label map ``path`` that are neither background (0) nor one of ``known``."""
+    allowed = {0} | {int(v) for v in known}
+    return sorted(label_values(path) - allowed)

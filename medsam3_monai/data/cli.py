@@ -1,0 +1,102 @@
+"""``medsam3 datalist NAME ROOT --out FILE``: a dataset folder in its official layout -> datalist JSON.
+
+The main CLI (``medsam3_monai.deploy.cli``) calls :func:`add_parser`; :func:`datalist_command` runs the
+sub-command on its own (``python -m medsam3_monai.data.cli NAME ROOT --out FILE``).
+"""
+
+from __future__ import annotations
+
+import argparse
+import sys
+from collections.abc import Sequence
+
+__all__ = ["add_datalist_parser", "add_parser", "datalist_command", "run_datalist"]
+
+_EPILOG = """\
+NAME is a converter (BUSI, DRIVE, MSD, ...) or a catalogued dataset name or alias
+(Kvasir-SEG_sample, MSD_Task04_Hippocampus_cropped, ...); --list shows them all.
+Paths are absolute unless --relative-to BASE is given (then read it back with
+medsam3_monai.data.load_datalist(FILE, split, base_dir=BASE)). Bad input (image without mask,
+mask size mismatch, label value not in the catalogue) is an error naming each file,
+unless --skip-bad: then those files are left out and listed on stderr.
+"""
+
+
+def add_datalist_parser(subparsers: argparse._SubParsersAction) -> argparse.ArgumentParser:
+    """Register the ``datalist`` sub-command on ``subparsers``; its ``func`` is :func:`run_datalist`."""
+    parser = subparsers.add_parser(
+        "datalist",
+        help="dataset folder -> datalist JSON (85/15 split, official test kept)",
+        description="Turn a dataset folder in its official layout into a MONAI datalist JSON.",
+        epilog=_EPILOG,
+        formatter_class=argparse.RawDescriptionHelpFormatter,
+    )
+    parser.add_argument("name", nargs="?", metavar="NAME", help="converter or dataset name")
+    parser.add_argument("root", nargs="?", metavar="ROOT", help="the dataset folder")
+    parser.add_argument("--out", metavar="FILE", help="datalist JSON to write")
+    parser.add_argument("--relative-to", metavar="BASE", help="write paths relative to BASE instead of absolute")
+    parser.add_argument("--val-fraction", type=float, default=0.15, help="validation share of the pool (0.15)")
+    parser.add_argument("--seed", type=int, default=42, help="split seed (42)")
+    parser.add_argument("--skip-bad", action="store_true", help="leave bad pairs out (listed) instead of failing")
+    parser.add_argument("--no-value-check", action="store_true", help="do not read label maps to check their values")
+    parser.add_argument("--overwrite", action="store_true", help="replace FILE if it exists")
+    parser.add_argument("--list", action="store_true", help="list converters and the datasets they read, then exit")
+    parser.set_defaults(func=run_datalist)
+    return parser
+
+
+add_parser = add_datalist_parser
+
+
+def _listing() -> str:
+    from .catalogue import load_catalogue
+    from .converters import CONVERTERS
+
+    catalogue = load_catalogue()
+    lines = []
+    for name, converter in sorted(CONVERTERS.items()):
+        datasets = [e.name for e in catalogue.datasets.values() if e.converter == name]
+        lines.append(f"{name:32s} {', '.join(datasets)}\n{'':32s} layout: {converter.summary}")
+    return "\n".join(lines)
+
+
+def run_datalist(args: argparse.Namespace) -> int:
+    """Build and write the datalist; print a summary (and everything left out) to stderr."""
+    from .datalist import build_datalist, write_datalist
+
+    if args.list:
+        print(_listing())
+        return 0
+    if not (args.name and args.root and args.out):
+        raise ValueError("NAME, ROOT and --out FILE are required (or --list)")
+    result = build_datalist(
+        args.name,
+        args.root,
+        val_fraction=args.val_fraction,
+        seed=args.seed,
+        skip_bad=args.skip_bad,
+        check_values=not args.no_value_check,
+        relative_to=args.relative_to,
+    )
+    out = write_datalist(result.datalist, args.out, overwrite=args.overwrite)
+    print(f"medsam3 datalist: wrote {out} ({result.converter}): {result.summary()}", file=sys.stderr)
+    return 0
+
+
+def datalist_command(argv: Sequence[str] | None = None) -> int:
+    """Run ``datalist`` stand-alone: errors print one line to stderr and return 2."""
+    from .catalogue import CatalogueError
+    from .pairs import DatalistError
+
+    parser = argparse.ArgumentParser(prog="medsam3")
+    add_datalist_parser(parser.add_subparsers(dest="command"))
+    args = parser.parse_args(["datalist", *(sys.argv[1:] if argv is None else argv)])
+    try:
+        return run_datalist(args)
+    except (DatalistError, CatalogueError, FileNotFoundError, FileExistsError, ValueError) as err:
+        print(f"medsam3 datalist: error: {err}", file=sys.stderr)
+        return 2
+
+
+if __name__ == "__main__":
+    sys.exit(datalist_command())

@@ -1,0 +1,113 @@
+"""3D NIfTI datasets: Medical Segmentation Decathlon tasks and the TotalSegmentator example fixtures.
+
+MSD (any task; ROOT is the task folder, e.g. ``Task04_Hippocampus``)::
+
+    dataset.json  {"name", "labels": {"0": "background", "1": ...}, "training": [{"image", "label"}], "test": [...]}
+    imagesTr/<case>.nii.gz   labelsTr/<case>.nii.gz   imagesTs/<case>.nii.gz
+
+Pairs come from ``dataset.json["training"]`` (85/15); ``"test"`` images have no labels and are counted as
+unlabelled. The task is matched to its catalogue entry (``MSD_TaskNN_Name``) and dataset.json's label ids must
+equal the catalogue's. Without dataset.json (the cropped hippocampus sample: ``images/<case>.nii.gz`` +
+``masks/<case>.nii.gz``) the dataset must be named, e.g. ``medsam3 datalist MSD_Task04_Hippocampus_cropped ROOT``.
+
+TotalSegmentator example (``tests/reference_files`` of the TotalSegmentator repository, or the shared sample's
+``images/`` + ``masks/``): ``example_ct_sm.nii.gz`` with ``example_seg.nii.gz`` (CT, task ``total``) and
+``example_mr_sm.nii.gz`` with ``example_seg_mr.nii.gz`` (MR, task ``total_mr``). The masks are model outputs.
+"""
+
+from __future__ import annotations
+
+import json
+from pathlib import Path
+
+from ..catalogue import CatalogueError
+from ..pairs import Conversion, DatalistError, Pair, Problem
+from ._common import Converter, child, listing, pair_by_name, stem
+
+MSD_LAYOUT = "TaskNN_Name/dataset.json + imagesTr/ + labelsTr/ (or images/ + masks/ with a named MSD dataset)"
+TOTALSEG_LAYOUT = "images/example_{ct,mr}_sm.nii.gz + masks/example_seg{,_mr}.nii.gz (or one flat folder)"
+_TOTALSEG_PAIRS = (
+    ("example_ct_sm.nii.gz", "example_seg.nii.gz", "TotalSegmentator"),
+    ("example_mr_sm.nii.gz", "example_seg_mr.nii.gz", "TotalSegmentator_MRI"),
+)
+
+
+def _msd_entry(root: Path, meta: dict, entry, catalogue):
+    if entry is not None:
+        return entry
+    for name in (f"MSD_{root.name}", root.name, f"MSD_{meta.get('name', '')}"):
+        if name in catalogue:
+            return catalogue.get(name)
+    raise DatalistError(
+        f"{root / 'dataset.json'}: MSD task {root.name!r} (name {meta.get('name')!r}) is not in the catalogue; "
+        "add datasets_meta/datasets/MSD_<TaskNN_Name>.json or name the dataset explicitly"
+    )
+
+
+def _check_msd_labels(path: Path, meta: dict, entry) -> None:
+    declared = {k for k in meta.get("labels", {}) if str(k) != "0"}
+    if declared != set(entry.labels):
+        raise DatalistError(
+            f"{path}: label ids {sorted(declared)} differ from the catalogue entry {entry.name} "
+            f"({sorted(entry.labels)}); update datasets_meta/datasets/{entry.name}.json"
+        )
+
+
+def convert_msd(root: Path, entry, catalogue) -> Conversion:
+    meta_path = root / "dataset.json"
+    if not meta_path.is_file():
+        images, masks = child(root, "images"), child(root, "masks")
+        if images is None or masks is None or entry is None:
+            raise DatalistError(f"{root}: no dataset.json. Expected {MSD_LAYOUT}")
+        suffixes = (".nii.gz", ".nii")
+        return pair_by_name(images, masks, entry.name, image_suffixes=suffixes, mask_suffixes=suffixes)
+    try:
+        meta = json.loads(meta_path.read_text(encoding="utf-8"))
+    except json.JSONDecodeError as err:
+        raise DatalistError(f"{meta_path}: invalid JSON ({err})") from None
+    try:
+        entry = _msd_entry(root, meta, entry, catalogue)
+    except CatalogueError as err:
+        raise DatalistError(str(err)) from None
+    _check_msd_labels(meta_path, meta, entry)
+    result = Conversion()
+    for record in meta.get("training", []):
+        image, label = root / record["image"], root / record["label"]
+        if not image.is_file():
+            result.problems.append(Problem(image, "listed in dataset.json 'training' but missing"))
+        elif not label.is_file():
+            result.problems.append(Problem(image, f"label {record['label']} listed in dataset.json is missing"))
+        else:
+            result.pairs.append(Pair(image, label, stem(image), entry.name))
+    for record in meta.get("test", []):
+        path = root / (record["image"] if isinstance(record, dict) else record)
+        result.unlabelled.append(Problem(path, "MSD test images have no public labels"))
+    return result
+
+
+def convert_totalseg(root: Path, entry, catalogue) -> Conversion:
+    images, masks = child(root, "images") or root, child(root, "masks") or root
+    result = Conversion()
+    for image_name, mask_name, dataset in _TOTALSEG_PAIRS:
+        image, mask = child(images, image_name), child(masks, mask_name)
+        if image is None:
+            result.problems.append(Problem(images / image_name, "missing TotalSegmentator example image"))
+        elif mask is None:
+            result.problems.append(Problem(image, f"no mask {mask_name} in {masks}"))
+        else:
+            result.pairs.append(Pair(image, mask, stem(image), dataset))
+    if not result.pairs:
+        raise DatalistError(f"{root}: no TotalSegmentator example pair found. Expected {TOTALSEG_LAYOUT}")
+    known = {name for pair in _TOTALSEG_PAIRS for name in pair[:2]}
+    for folder in {images, masks}:
+        result.problems.extend(
+            Problem(p, "unrecognised file (this converter reads only the example fixtures)")
+            for p in listing(folder, (".nii.gz", ".nii")) if p.name not in known
+        )
+    return result
+
+
+CONVERTERS = (
+    Converter("MSD", convert_msd, MSD_LAYOUT),
+    Converter("TotalSegmentator_example_CT_MR", convert_totalseg, TOTALSEG_LAYOUT),
+)

@@ -1,0 +1,238 @@
+"""Turn a dataset folder into a MONAI decathlon-style datalist with the 85/15 split.
+
+Item schema (``datasets_meta/schema/datalist.schema.json``)::
+
+    {"image": path, "label": path | [path, ...], "dataset": name, "modality": m,
+     "prompts": {"<label value>": "<concept>"}, "instance_rule": rule | {"<label value>": rule},
+     "mask_encoding": "binary" | "label_map" | "instance_map" | "outline", "case": id}
+
+Paths are absolute by default; with ``relative_to`` they are POSIX paths relative to that folder; read them
+back with :func:`load_datalist` (``base_dir`` = that folder). ``monai.data.load_decathlon_datalist`` also
+works but prefixes *any* string value that names an existing file or folder under ``base_dir`` (e.g.
+``"dataset": "BUSI"`` when ``base_dir/BUSI`` exists), so prefer :func:`load_datalist`. A list of labels means
+several masks of one image, merged by union. Splits: pairs of an official test split, and every pair of an external
+dataset, go to ``test``; the rest is split 85/15 per dataset by :func:`~medsam3_monai.data.splits.split_items`.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+from collections.abc import Iterable
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+from .catalogue import Catalogue, DatasetEntry, load_catalogue, load_schema
+from .checks import spatial_shape, unknown_label_values
+from .converters import resolve
+from .pairs import Conversion, DatalistError, Pair, Problem
+from .schema_check import validate
+from .splits import split_items
+
+__all__ = ["DatalistResult", "build_datalist", "load_datalist", "write_datalist"]
+
+SPLITS = ("training", "validation", "test")
+_MAX_LISTED = 20
+
+
+@dataclass
+class DatalistResult:
+    """The datalist plus what was left out: ``skipped`` (bad input, only with ``skip_bad``) and
+    ``unlabelled`` (published without labels); both are reported by the CLI."""
+
+    datalist: dict[str, list[dict[str, Any]]]
+    converter: str
+    skipped: list[Problem] = field(default_factory=list)
+    unlabelled: list[Problem] = field(default_factory=list)
+
+    def counts(self) -> dict[str, int]:
+        return {split: len(self.datalist[split]) for split in SPLITS}
+
+    def summary(self) -> str:
+        counts = self.counts()
+        text = ", ".join(f"{split} {n}" for split, n in counts.items())
+        lines = [f"{sum(counts.values())} items ({text})"]
+        parts = (("unlabelled (left out by design)", self.unlabelled), ("skipped (bad input)", self.skipped))
+        for what, problems in parts:
+            if problems:
+                lines.append(f"{len(problems)} {what}:")
+                lines.extend(f"  {p}" for p in problems[:_MAX_LISTED])
+                if len(problems) > _MAX_LISTED:
+                    lines.append(f"  ... and {len(problems) - _MAX_LISTED} more")
+        return "\n".join(lines)
+
+
+def _pair_problems(pair: Pair, entry: DatasetEntry, check_values: bool) -> list[Problem]:
+    """Header size check of image vs every mask; label values of label maps against the catalogue."""
+    try:
+        shape = spatial_shape(pair.image)
+    except Exception as err:  # noqa: BLE001 - any reader failure is reported with the file name
+        return [Problem(pair.image, f"cannot read image header ({err})")]
+    problems = []
+    for label in pair.labels:
+        try:
+            label_shape = spatial_shape(label)
+        except Exception as err:  # noqa: BLE001
+            problems.append(Problem(label, f"cannot read mask header ({err})"))
+            continue
+        if label_shape != shape:
+            problems.append(Problem(label, f"mask size {label_shape} differs from image {pair.image.name} {shape}"))
+        elif check_values and entry.mask_encoding == "label_map":
+            try:
+                unknown = unknown_label_values(label, entry.labels)
+            except ValueError as err:
+                problems.append(Problem(label, str(err)))
+                continue
+            if unknown:
+                problems.append(Problem(
+                    label, f"label value(s) {unknown} are not in the catalogue entry {entry.name} "
+                    f"(known: {', '.join(sorted(entry.labels, key=int))})"
+                ))
+    return problems
+
+
+def _format(path: Path, relative_to: Path | None) -> str:
+    absolute = os.path.abspath(path)
+    return Path(os.path.relpath(absolute, relative_to)).as_posix() if relative_to else absolute
+
+
+def _item(pair: Pair, entry: DatasetEntry, relative_to: Path | None) -> dict[str, Any]:
+    labels = [_format(p, relative_to) for p in pair.labels]
+    return {
+        "image": _format(pair.image, relative_to),
+        "label": labels[0] if len(labels) == 1 else labels,
+        "dataset": entry.name,
+        "modality": entry.modality,
+        "prompts": dict(entry.labels),
+        "instance_rule": entry.item_instance_rule(),
+        "mask_encoding": entry.mask_encoding,
+        "case": pair.case,
+    }
+
+
+def _entries(pairs: Iterable[Pair], catalogue: Catalogue) -> dict[str, DatasetEntry]:
+    entries = {}
+    for pair in pairs:
+        if pair.dataset not in entries:
+            entry = catalogue.get(pair.dataset)
+            if not entry.labels or entry.mask_encoding is None:
+                raise DatalistError(f"catalogue entry {entry.name} has no verified labels/mask encoding")
+            entries[pair.dataset] = entry
+    return entries
+
+
+def _check_root(root: Path, layout: str) -> None:
+    if not root.exists():
+        raise DatalistError(f"{root}: dataset folder not found")
+    if not root.is_dir():
+        raise DatalistError(f"{root}: not a folder (ROOT is the dataset folder)")
+    if not any(p for p in root.iterdir() if not p.name.startswith(".")):
+        raise DatalistError(f"{root}: dataset folder is empty. Expected {layout}")
+
+
+def build_datalist(
+    name: str,
+    root: Path | str,
+    *,
+    catalogue: Catalogue | None = None,
+    val_fraction: float = 0.15,
+    seed: int = 42,
+    skip_bad: bool = False,
+    check_values: bool = True,
+    relative_to: Path | str | None = None,
+) -> DatalistResult:
+    """Read ``root`` with the converter named (or implied) by ``name`` and build the datalist.
+
+    Bad input (image without mask, mask without image, mask size different from the image, label value not in
+    the catalogue) raises :class:`DatalistError` listing every problem, unless ``skip_bad``: then the pairs are
+    left out and listed in ``result.skipped``. ``check_values`` reads every label map to compare its values
+    with the catalogue (turn off for very large 3D datasets).
+    """
+    catalogue = catalogue or load_catalogue()
+    root = Path(root)
+    converter, entry = resolve(name, catalogue)
+    _check_root(root, converter.summary)
+    conversion: Conversion = converter.convert(root, entry, catalogue)
+    entries = _entries(conversion.pairs, catalogue)
+    problems = list(conversion.problems)
+    good: list[Pair] = []
+    for pair in conversion.pairs:
+        found = _pair_problems(pair, entries[pair.dataset], check_values)
+        problems.extend(found)
+        if not found:
+            good.append(pair)
+    if problems and not skip_bad:
+        listed = "\n  ".join(str(p) for p in problems[:_MAX_LISTED])
+        more = f"\n  ... and {len(problems) - _MAX_LISTED} more" if len(problems) > _MAX_LISTED else ""
+        raise DatalistError(
+            f"{root}: {len(problems)} problem(s) in the {converter.name} layout (use --skip-bad to leave "
+            f"these files out):\n  {listed}{more}"
+        )
+    if not good:
+        raise DatalistError(f"{root}: no usable image/mask pairs found. Expected {converter.summary}")
+    relative = Path(os.path.abspath(relative_to)) if relative_to else None
+    datalist: dict[str, list[dict[str, Any]]] = {split: [] for split in SPLITS}
+    for dataset, entry in sorted(entries.items()):
+        parts = _split([p for p in good if p.dataset == dataset], entry, val_fraction, seed, root)
+        for split, chosen in zip(SPLITS, parts):
+            datalist[split].extend(_item(p, entry, relative) for p in chosen)
+    validate(datalist, load_schema("datalist", catalogue.root), "datalist")
+    return DatalistResult(datalist, converter.name, problems if skip_bad else [], list(conversion.unlabelled))
+
+
+def _split(
+    pairs: list[Pair], entry: DatasetEntry, val_fraction: float, seed: int, root: Path
+) -> tuple[list[Pair], list[Pair], list[Pair]]:
+    """(training, validation, test) of one dataset: official test and external pairs -> test, rest 85/15."""
+    cases = [p.case for p in pairs]
+    if len(set(cases)) != len(cases):
+        duplicate = next(c for c in cases if cases.count(c) > 1)
+        raise DatalistError(f"{root}: case {duplicate!r} occurs twice in {entry.name}")
+    is_test = [entry.role == "external" or p.split == "test" for p in pairs]
+    pool = [p for p, held_out in zip(pairs, is_test) if not held_out]
+    test = sorted((p for p, held_out in zip(pairs, is_test) if held_out), key=lambda p: p.case)
+    training, validation = split_items(pool, val_fraction, seed, key=lambda p: p.case, stratify=lambda p: p.group)
+    return training, validation, test
+
+
+def write_datalist(datalist: dict[str, Any], out: Path | str, overwrite: bool = False) -> Path:
+    """Write ``datalist`` as JSON atomically (a temporary file renamed into place: never a partial file)."""
+    out = Path(out)
+    if out.exists() and not overwrite:
+        raise FileExistsError(f"{out} exists; pass --overwrite to replace it")
+    out.parent.mkdir(parents=True, exist_ok=True)
+    tmp = out.with_name(f".{out.name}.{os.getpid()}.tmp")
+    try:
+        with tmp.open("w", encoding="utf-8") as stream:
+            json.dump(datalist, stream, indent=2, ensure_ascii=False)
+            stream.write("\n")
+        os.replace(tmp, out)
+    except BaseException:
+        tmp.unlink(missing_ok=True)
+        raise
+    return out
+
+
+def load_datalist(
+    path: Path | str, split: str = "training", base_dir: Path | str | None = None
+) -> list[dict[str, Any]]:
+    """Items of one split with relative ``image``/``label`` paths joined to ``base_dir`` (default: the
+    datalist's folder); every other field is returned unchanged."""
+    path = Path(path)
+    datalist = json.loads(path.read_text(encoding="utf-8"))
+    if split not in datalist:
+        raise DatalistError(f"{path}: no {split!r} list (has {', '.join(datalist)})")
+    base = Path(base_dir) if base_dir is not None else path.parent
+
+    def join(value: str) -> str:
+        return value if os.path.isabs(value) else os.path.normpath(base / value)
+
+    items = []
+    for item in datalist[split]:
+        item = dict(item)
+        item["image"] = join(item["image"])
+        label = item["label"]
+        item["label"] = [join(p) for p in label] if isinstance(label, list) else join(label)
+        items.append(item)
+    return items

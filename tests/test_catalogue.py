@@ -1,0 +1,154 @@
+"""The dataset catalogue (datasets_meta): schema, cross-references, lookups, synonyms, prompts."""
+
+from __future__ import annotations
+
+import json
+
+import pytest
+
+from medsam3_monai.data import catalogue as cat
+from medsam3_monai.data.converters import CONVERTERS
+from medsam3_monai.data.schema_check import SchemaError, schema_errors
+
+META = cat.meta_dir()
+
+
+def _json(path):
+    return json.loads(path.read_text(encoding="utf-8"))
+
+
+def _documents():
+    yield "synonyms", META / "synonyms.json"
+    yield "papers", META / "papers.json"
+    for path in sorted((META / "datasets").glob("*.json")):
+        yield "dataset", path
+
+
+@pytest.fixture(scope="module")
+def catalogue() -> cat.Catalogue:
+    return cat.load_catalogue()
+
+
+def test_every_catalogue_file_matches_its_schema():
+    failures = {}
+    for schema_name, path in _documents():
+        errors = schema_errors(_json(path), cat.load_schema(schema_name))
+        if errors:
+            failures[path.name] = errors
+    assert not failures
+
+
+def test_schemas_agree_with_jsonschema_when_installed():
+    jsonschema = pytest.importorskip("jsonschema", reason="jsonschema not installed; the built-in checker is used")
+    for schema_name, path in _documents():
+        jsonschema.validate(_json(path), cat.load_schema(schema_name))
+
+
+def test_schema_checker_rejects_bad_entries():
+    schema = cat.load_schema("dataset")
+    good = _json(META / "datasets" / "BUSI.json")
+    assert schema_errors(good, schema) == []
+    bad = dict(good, modality="sonar", instance_rule="blobs", labels={"one": "Breast Tumor"}, extra=1)
+    del bad["licence"]
+    errors = "\n".join(schema_errors(bad, schema))
+    for expected in ("'sonar'", "'blobs'", "'one'", "'Breast Tumor'", "unexpected key 'extra'", "'licence'"):
+        assert expected in errors
+
+
+def test_schema_checker_refuses_unknown_keywords():
+    with pytest.raises(SchemaError, match="unsupported schema keyword"):
+        schema_errors({}, {"type": "object", "dependentRequired": {}})
+
+
+def test_catalogue_holds_the_papers_dataset_lists(catalogue):
+    medical = catalogue.papers["medical_sam3"]
+    assert len(medical["training_datasets"]) == 33
+    assert len(medical["internal_eval"]) == 10
+    assert set(medical["external_eval"]) == {"TN3K", "HC18", "CVC-ClinicDB", "ETIS-Larib", "PH2", "CHASE_DB1", "STARE"}
+    for name in medical["training_datasets"]:
+        entry = catalogue.get(name)
+        assert "train" in entry.papers["medical_sam3"]["uses"] and entry.role == "internal"
+        assert entry.raw["published"]["source"].startswith("Medical SAM3")
+    for row in medical["internal_eval"]:
+        assert "internal_eval" in catalogue.get(row["dataset"]).papers["medical_sam3"]["uses"]
+    for name in medical["external_eval"]:
+        entry = catalogue.get(name)
+        assert entry.role == "external" and entry.papers["medical_sam3"]["uses"] == ["external_eval"]
+    for name, prompt in medical["eval_prompts"].items():
+        assert catalogue.eval_prompt(name, "medical_sam3") == prompt
+    for name, phrase in catalogue.papers["medsam3"]["phrases"].items():
+        assert catalogue.eval_prompt(name, "medsam3") == phrase
+    assert len(catalogue.papers["medsam3"]["phrases"]) == 14
+
+
+def test_unknown_table1_numbers_are_null_and_flagged(catalogue):
+    for entry in catalogue.datasets.values():
+        published = entry.raw["published"]
+        if published and None in (published["images"], published["annotations"], published["median_area"]):
+            assert "published" in entry.raw["unverified"], entry.name
+        if not entry.labels:
+            assert "labels" in entry.raw["unverified"], entry.name
+
+
+def test_entries_are_consistent(catalogue):
+    referenced = set()
+    for entry in catalogue.datasets.values():
+        assert set(entry.labels.values()) <= set(entry.concepts), entry.name
+        assert set(entry.instance_rule_by_label) <= set(entry.labels), entry.name
+        if entry.converter is not None:
+            assert entry.converter in CONVERTERS, entry.name
+            assert entry.labels and entry.mask_encoding and entry.raw["layout"], entry.name
+            referenced.add(entry.converter)
+    assert referenced == set(CONVERTERS), "every converter reads at least one catalogued dataset"
+
+
+def test_known_lookups(catalogue):
+    assert cat.concept_for("MSD_Task04_Hippocampus", 1) == "anterior hippocampus"
+    assert cat.concept_for("MSD_Task04_Hippocampus_cropped", "2") == "posterior hippocampus"
+    assert cat.concept_for("TotalSegmentator", 5) == "liver"
+    assert cat.concept_for("TotalSegmentator", 2) == "right kidney"
+    assert cat.concept_for("TotalSegmentator_MRI", 10) == "left lung"
+    assert cat.concept_for("GBM40_HE_nuclei", 1) == "cell nucleus"
+    assert catalogue.get("Kvasir‑SEG").name == "Kvasir-SEG"  # non-breaking hyphen as in the release log
+    assert catalogue.get("isic_2018").name == "ISIC2018"
+    assert catalogue.get("DSB18") is catalogue.get("DSB 2018")
+    assert cat.eval_prompt("STARE") == "Retinal Blood Vessel"
+    assert cat.eval_prompt("HC18") == "fetal head"
+    assert cat.eval_prompt("MoNuSeg") == "cell nucleus"
+    assert cat.eval_prompt("MoNuSeg", "medsam3") == "nuclei"
+    assert cat.eval_prompt("GOALS") == "RNFL & GCIPL & choroid"
+    assert cat.eval_prompt("MSD_Task04_Hippocampus") == "anterior hippocampus & posterior hippocampus"
+    assert {"DRIVE", "CHASE_DB1", "STARE", "PAPILA"} <= set(cat.datasets_of_modality("fundus"))
+    assert {"LiTS", "TotalSegmentator", "MSD_Task09_Spleen"} <= set(cat.datasets_of_modality("ct"))
+    assert cat.get_dataset("TN3K").role == "external"
+    entry = catalogue.get("MSD_Task03_Liver")
+    assert entry.item_instance_rule() == {"1": "semantic", "2": "components"}
+    assert catalogue.get("BUSI").item_instance_rule() == "components"
+
+
+def test_unknown_names_are_clear_errors(catalogue):
+    with pytest.raises(cat.CatalogueError, match="unknown dataset 'NoSuchSet'; known: .*BUSI"):
+        catalogue.get("NoSuchSet")
+    with pytest.raises(cat.CatalogueError, match="has no label value 7 .known: 1=anterior hippocampus"):
+        cat.concept_for("MSD_Task04_Hippocampus", 7)
+    with pytest.raises(cat.CatalogueError, match="unknown modality"):
+        cat.datasets_of_modality("sonar")
+    with pytest.raises(cat.CatalogueError, match="medsam3 gives no prompt for STARE"):
+        cat.eval_prompt("STARE", "medsam3")
+
+
+def test_synonyms(catalogue):
+    assert cat.synonyms("nuclei")[0] == "cell nucleus"
+    assert {"nucleus", "cell nucleus", "nuclei"} <= set(cat.synonyms("Nucleus"))
+    assert {"tumor", "tumour", "mass", "lesion"} <= set(cat.synonyms("tumour"))
+    assert cat.canonical_concept(" Breast Ultrasound Lesion ") == "breast tumor"
+    assert cat.canonical_concept("Retinal Blood Vessel") == "retinal blood vessel"
+    assert cat.canonical_concept("RNFL") == "retinal nerve fiber layer"
+    assert cat.synonyms("spleen") == ["spleen"]
+
+
+def test_synonym_groups_lead_with_catalogued_concepts(catalogue):
+    concepts = {c for e in catalogue.datasets.values() for c in e.concepts}
+    for group in catalogue.synonym_groups:
+        for text in group[1:]:
+            assert text.casefold() not in concepts, f"{text!r} is a dataset concept but not its group's canonical"

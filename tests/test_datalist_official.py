@@ -1,0 +1,312 @@
+"""Converters on small synthetic folders in each dataset's official layout, and bad-input errors."""
+
+from __future__ import annotations
+
+import json
+from pathlib import Path
+
+import nibabel as nib
+import numpy as np
+import pytest
+from PIL import Image
+
+from medsam3_monai.data.catalogue import load_schema
+from medsam3_monai.data.cli import datalist_command
+from medsam3_monai.data.datalist import build_datalist
+from medsam3_monai.data.pairs import DatalistError
+from medsam3_monai.data.schema_check import schema_errors
+
+
+def img(path: Path, size: tuple[int, int] = (8, 6), mode: str = "L", fmt: str | None = None) -> Path:
+    """A tiny image file (``size`` is PIL's (width, height))."""
+    path.parent.mkdir(parents=True, exist_ok=True)
+    Image.new(mode, size, 0).save(path, format=fmt)
+    return path
+
+
+def vol(path: Path, values: tuple[int, ...] = (0, 1, 2), shape: tuple[int, int, int] = (4, 5, 3)) -> Path:
+    path.parent.mkdir(parents=True, exist_ok=True)
+    data = np.zeros(shape, dtype=np.uint8)
+    data.flat[: len(values)] = values
+    nib.Nifti1Image(data, np.eye(4)).to_filename(str(path))
+    return path
+
+
+def build(name: str, root: Path, **kwargs):
+    result = build_datalist(name, root, **kwargs)
+    assert schema_errors(result.datalist, load_schema("datalist")) == []
+    return result
+
+
+def cases(datalist, split: str) -> list[str]:
+    return [item["case"] for item in datalist[split]]
+
+
+# ------------------------------------------------------------------ internal datasets (85/15 + official test)
+
+
+def test_busi_official_class_folders(tmp_path: Path):
+    base = tmp_path / "Dataset_BUSI_with_GT"
+    for cls in ("benign", "malignant", "normal"):
+        for n in (1, 2, 3):
+            img(base / cls / f"{cls} ({n}).png", mode="RGB")
+            img(base / cls / f"{cls} ({n})_mask.png", mode="1")
+    img(base / "benign" / "benign (1)_mask_1.png")
+    datalist = build("BUSI", tmp_path).datalist
+    items = {i["case"]: i for split in ("training", "validation") for i in datalist[split]}
+    assert len(items) == 9 and not datalist["test"]
+    assert [Path(p).name for p in items["benign (1)"]["label"]] == ["benign (1)_mask.png", "benign (1)_mask_1.png"]
+    assert len(datalist["validation"]) == 3  # one per class (stratified)
+
+
+def test_drive_official_training_and_test(tmp_path: Path):
+    for n in (21, 22, 23, 24):
+        img(tmp_path / "DRIVE/training/images" / f"{n}_training.tif", mode="RGB")
+        img(tmp_path / "DRIVE/training/1st_manual" / f"{n}_manual1.gif", fmt="GIF")
+        img(tmp_path / "DRIVE/training/mask" / f"{n}_training_mask.gif", fmt="GIF")
+    for n in ("01", "02"):
+        img(tmp_path / "DRIVE/test/images" / f"{n}_test.tif", mode="RGB")
+        img(tmp_path / "DRIVE/test/1st_manual" / f"{n}_manual1.gif", fmt="GIF")
+        img(tmp_path / "DRIVE/test/2nd_manual" / f"{n}_manual2.gif", fmt="GIF")
+    datalist = build("DRIVE", tmp_path).datalist
+    assert cases(datalist, "test") == ["01_test", "02_test"]
+    assert len(datalist["training"]) + len(datalist["validation"]) == 4 and len(datalist["validation"]) == 1
+
+
+def test_drive_release_without_test_labels_counts_them_unlabelled(tmp_path: Path):
+    img(tmp_path / "training/images/21_training.tif", mode="RGB")
+    img(tmp_path / "training/1st_manual/21_manual1.gif", fmt="GIF")
+    img(tmp_path / "test/images/01_test.tif", mode="RGB")
+    result = build("DRIVE", tmp_path)
+    assert result.counts() == {"training": 1, "validation": 0, "test": 0}
+    assert [p.path.name for p in result.unlabelled] == ["01_test.tif"]
+    assert "1 unlabelled" in result.summary()
+
+
+def test_kvasir_official(tmp_path: Path):
+    for name in ("cju0a", "cju0b", "cju0c"):
+        img(tmp_path / "Kvasir-SEG/images" / f"{name}.jpg", mode="RGB")
+        img(tmp_path / "Kvasir-SEG/masks" / f"{name}.jpg", mode="RGB")
+    (tmp_path / "Kvasir-SEG/kavsir_bboxes.json").write_text("{}")
+    result = build("Kvasir-SEG", tmp_path)
+    assert result.counts() == {"training": 2, "validation": 1, "test": 0}
+
+
+def test_isic2018_pools_training_and_validation_and_keeps_test(tmp_path: Path):
+    parts = {
+        "Training": ["0000000", "0000001", "0000002", "0000003"],
+        "Validation": ["0000010", "0000011"],
+        "Test": ["0000020", "0000021"],
+    }
+    for part, ids in parts.items():
+        for i in ids:
+            img(tmp_path / f"ISIC2018_Task1-2_{part}_Input" / f"ISIC_{i}.jpg", mode="RGB")
+            img(tmp_path / f"ISIC2018_Task1_{part}_GroundTruth" / f"ISIC_{i}_segmentation.png")
+        (tmp_path / f"ISIC2018_Task1-2_{part}_Input" / "LICENSE.txt").write_text("terms")
+    datalist = build("ISIC 2018", tmp_path).datalist
+    assert cases(datalist, "test") == ["ISIC_0000020", "ISIC_0000021"]
+    assert len(datalist["training"]) + len(datalist["validation"]) == 6
+    assert datalist["test"][0]["prompts"] == {"1": "skin lesion"}
+
+
+def test_msd_dataset_json_layout(tmp_path: Path):
+    task = tmp_path / "Task04_Hippocampus"
+    training = []
+    for n in range(1, 8):
+        vol(task / "imagesTr" / f"hippocampus_{n:03d}.nii.gz")
+        vol(task / "labelsTr" / f"hippocampus_{n:03d}.nii.gz")
+        name = f"hippocampus_{n:03d}.nii.gz"
+        training.append({"image": f"./imagesTr/{name}", "label": f"./labelsTr/{name}"})
+    vol(task / "imagesTs" / "hippocampus_100.nii.gz")
+    meta = {"name": "Hippocampus", "labels": {"0": "background", "1": "Anterior", "2": "Posterior"},
+            "training": training, "test": ["./imagesTs/hippocampus_100.nii.gz"]}
+    (task / "dataset.json").write_text(json.dumps(meta))
+    result = build("MSD", task)
+    assert result.counts() == {"training": 6, "validation": 1, "test": 0}
+    assert result.datalist["training"][0]["dataset"] == "MSD_Task04_Hippocampus"
+    assert len(result.unlabelled) == 1
+    meta["labels"] = {"0": "background", "1": "hippocampus"}
+    (task / "dataset.json").write_text(json.dumps(meta))
+    expected = r"dataset.json: label ids \['1'\] differ from the catalogue entry MSD_Task04_Hippocampus"
+    with pytest.raises(DatalistError, match=expected):
+        build_datalist("MSD", task)
+
+
+def test_msd_task_missing_from_the_catalogue_is_an_error(tmp_path: Path):
+    task = tmp_path / "Task11_Unknown"
+    task.mkdir()
+    (task / "dataset.json").write_text(json.dumps({"name": "Unknown", "labels": {"0": "bg"}, "training": []}))
+    with pytest.raises(DatalistError, match="MSD task 'Task11_Unknown'.*not in the catalogue"):
+        build_datalist("MSD", task)
+
+
+# ------------------------------------------------------------------ external sets: everything goes to test
+
+
+def test_ph2_official(tmp_path: Path):
+    base = tmp_path / "PH2Dataset" / "PH2 Dataset images"
+    for case in ("IMD002", "IMD003"):
+        img(base / case / f"{case}_Dermoscopic_Image" / f"{case}.bmp", mode="RGB")
+        img(base / case / f"{case}_lesion" / f"{case}_lesion.bmp")
+        (base / case / f"{case}_roi").mkdir()
+    result = build("PH2", tmp_path)
+    assert result.counts() == {"training": 0, "validation": 0, "test": 2}
+    assert result.datalist["test"][0]["label"].endswith("IMD002_lesion.bmp")
+
+
+def test_hc18_training_set_and_unlabelled_test_set(tmp_path: Path):
+    for name in ("001_HC", "002_2HC"):
+        img(tmp_path / "training_set" / f"{name}.png")
+        img(tmp_path / "training_set" / f"{name}_Annotation.png")
+    (tmp_path / "training_set_pixel_size_and_HC.csv").write_text("filename,pixel size(mm),head circumference (mm)\n")
+    img(tmp_path / "test_set" / "003_HC.png")
+    result = build("HC18", tmp_path)
+    assert cases(result.datalist, "test") == ["001_HC", "002_2HC"]
+    assert result.datalist["test"][0]["mask_encoding"] == "outline"
+    assert [p.path.name for p in result.unlabelled] == ["003_HC.png"]
+
+
+def test_cvc_clinicdb_prefers_png(tmp_path: Path):
+    for folder, ext in (("PNG", "png"), ("TIF", "tif")):
+        for n in (1, 2):
+            img(tmp_path / "CVC-ClinicDB" / folder / "Original" / f"{n}.{ext}", mode="RGB")
+            img(tmp_path / "CVC-ClinicDB" / folder / "Ground Truth" / f"{n}.{ext}")
+    result = build("CVC-ClinicDB", tmp_path)
+    assert cases(result.datalist, "test") == ["1", "2"]
+    assert all("/PNG/" in item["image"] for item in result.datalist["test"])
+
+
+def test_etis_larib_official(tmp_path: Path):
+    for n in (1, 2):
+        img(tmp_path / "ETIS-LaribPolypDB" / f"{n}.tif", mode="RGB")
+        img(tmp_path / "GroundTruth" / f"p{n}.tif")
+    result = build("ETIS-Larib", tmp_path)
+    assert cases(result.datalist, "test") == ["1", "2"]
+    assert result.datalist["test"][0]["label"].endswith("GroundTruth/p1.tif")
+
+
+def test_tn3k_subsets_with_repeated_names(tmp_path: Path):
+    for subset in ("trainval", "test"):
+        img(tmp_path / f"{subset}-image" / "0000.jpg")
+        img(tmp_path / f"{subset}-mask" / "0000.jpg")
+    result = build("TN3K", tmp_path)
+    assert cases(result.datalist, "test") == ["test/0000", "trainval/0000"]
+    assert result.datalist["test"][0]["prompts"] == {"1": "thyroid nodule"}
+
+
+def test_ddti_preprocessed_release(tmp_path: Path):
+    for n in (1, 2):
+        img(tmp_path / "image" / f"{n}.PNG", fmt="PNG")
+        img(tmp_path / "mask" / f"{n}.PNG", fmt="PNG")
+    assert build("DDTI", tmp_path).counts() == {"training": 0, "validation": 0, "test": 2}
+
+
+def test_chase_db1_first_observer(tmp_path: Path):
+    for case in ("Image_01L", "Image_01R"):
+        img(tmp_path / f"{case}.jpg", mode="RGB")
+        img(tmp_path / f"{case}_1stHO.png")
+        img(tmp_path / f"{case}_2ndHO.png")
+    result = build("CHASE_DB1", tmp_path)
+    assert [Path(i["label"]).name for i in result.datalist["test"]] == ["Image_01L_1stHO.png", "Image_01R_1stHO.png"]
+
+
+def test_stare_labels_ah_and_counts_unlabelled_images(tmp_path: Path):
+    for n in (1, 2, 3):
+        img(tmp_path / "stare-images" / f"im000{n}.ppm", mode="RGB", fmt="PPM")
+    for n in (1, 2):
+        img(tmp_path / "labels-ah" / f"im000{n}.ah.ppm", fmt="PPM")
+    img(tmp_path / "labels-vk" / "im0001.vk.ppm", fmt="PPM")
+    result = build("STARE", tmp_path)
+    assert cases(result.datalist, "test") == ["im0001", "im0002"]
+    assert result.datalist["test"][0]["label"].endswith("im0001.ah.ppm")
+    assert [p.path.name for p in result.unlabelled] == ["im0003.ppm"]
+
+
+def test_stare_gzip_files_must_be_decompressed(tmp_path: Path):
+    (tmp_path / "im0001.ppm.gz").write_bytes(b"\x1f\x8b")
+    with pytest.raises(DatalistError, match="gzip-compressed; run 'gunzip -r"):
+        build_datalist("STARE", tmp_path)
+
+
+# ------------------------------------------------------------------ bad input
+
+
+def test_unknown_name_lists_known_converters(tmp_path: Path):
+    expected = r"unknown dataset or converter 'NoSuch'; known converters: BUSI, CHASE_DB1, .*TN3K"
+    with pytest.raises(DatalistError, match=expected):
+        build_datalist("NoSuch", tmp_path)
+    with pytest.raises(DatalistError, match="dataset GOALS is catalogued but no converter reads its layout"):
+        build_datalist("GOALS", tmp_path)
+
+
+def test_empty_or_missing_folder(tmp_path: Path):
+    with pytest.raises(DatalistError, match="dataset folder is empty. Expected Kvasir-SEG/images"):
+        build_datalist("Kvasir-SEG", tmp_path)
+    with pytest.raises(DatalistError, match="dataset folder not found"):
+        build_datalist("Kvasir-SEG", tmp_path / "absent")
+
+
+def test_wrong_layout_names_the_expected_one(tmp_path: Path):
+    img(tmp_path / "random.png")
+    with pytest.raises(DatalistError, match=r"not the expected layout. Expected Dataset_BUSI_with_GT"):
+        build_datalist("BUSI", tmp_path)
+
+
+def _kvasir(tmp_path: Path, names=("a", "b", "c")) -> Path:
+    for name in names:
+        img(tmp_path / "images" / f"{name}.jpg", mode="RGB")
+        img(tmp_path / "masks" / f"{name}.jpg")
+    return tmp_path
+
+
+def test_image_without_mask_is_an_error_or_a_counted_skip(tmp_path: Path):
+    _kvasir(tmp_path)
+    img(tmp_path / "images" / "lonely.jpg", mode="RGB")
+    img(tmp_path / "masks" / "orphan.jpg")
+    expected = r"(?s)2 problem\(s\).*lonely.jpg: no mask found.*orphan.jpg: mask without a matching image"
+    with pytest.raises(DatalistError, match=expected):
+        build_datalist("Kvasir-SEG", tmp_path)
+    result = build("Kvasir-SEG", tmp_path, skip_bad=True)
+    assert sum(result.counts().values()) == 3
+    assert {p.path.name for p in result.skipped} == {"lonely.jpg", "orphan.jpg"}
+    assert "2 skipped (bad input)" in result.summary()
+
+
+def test_mask_size_mismatch_is_caught_from_headers(tmp_path: Path):
+    _kvasir(tmp_path)
+    img(tmp_path / "masks" / "b.jpg", size=(9, 6))
+    with pytest.raises(DatalistError, match=r"masks/b.jpg: mask size \(6, 9\) differs from image b.jpg \(6, 8\)"):
+        build_datalist("Kvasir-SEG", tmp_path)
+
+
+def test_label_value_missing_from_the_catalogue(tmp_path: Path):
+    vol(tmp_path / "images" / "hippocampus_001.nii.gz", values=(5,))
+    vol(tmp_path / "masks" / "hippocampus_001.nii.gz", values=(1, 2, 7))
+    vol(tmp_path / "images" / "hippocampus_002.nii.gz")
+    vol(tmp_path / "masks" / "hippocampus_002.nii.gz")
+    expected = r"hippocampus_001.nii.gz: label value\(s\) \[7\] are not in the catalogue entry MSD_Task04_Hippocampus"
+    with pytest.raises(DatalistError, match=expected):
+        build_datalist("MSD_Task04_Hippocampus_cropped", tmp_path)
+    assert build("MSD_Task04_Hippocampus_cropped", tmp_path, check_values=False).counts()["training"] == 1
+
+
+def test_cli_reports_errors_without_writing(tmp_path: Path, capsys):
+    out = tmp_path / "out.json"
+    assert datalist_command(["NoSuch", str(tmp_path), "--out", str(out)]) == 2
+    assert "unknown dataset or converter 'NoSuch'" in capsys.readouterr().err
+    _kvasir(tmp_path / "kvasir")
+    img(tmp_path / "kvasir" / "images" / "lonely.jpg", mode="RGB")
+    assert datalist_command(["Kvasir-SEG", str(tmp_path / "kvasir"), "--out", str(out)]) == 2
+    assert not out.exists()
+    argv = ["Kvasir-SEG", str(tmp_path / "kvasir"), "--out", str(out), "--skip-bad", "--relative-to", str(tmp_path)]
+    assert datalist_command(argv) == 0
+    assert "1 skipped (bad input):" in capsys.readouterr().err
+    written = json.loads(out.read_text())
+    assert written["training"][0]["image"].startswith("kvasir/images/")
+
+
+def test_cli_list_names_every_converter(capsys):
+    assert datalist_command(["--list"]) == 0
+    listing = capsys.readouterr().out
+    for name in ("BUSI", "MSD", "MSD_Task04_Hippocampus", "TotalSegmentator_example_CT_MR", "STARE"):
+        assert name in listing

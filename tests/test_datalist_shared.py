@@ -1,0 +1,124 @@
+"""Every real sample folder in ../shared/data converts to a valid datalist with the expected counts."""
+
+from __future__ import annotations
+
+import json
+from pathlib import Path
+
+import pytest
+
+from medsam3_monai.data.catalogue import load_schema
+from medsam3_monai.data.cli import datalist_command
+from medsam3_monai.data.datalist import build_datalist, load_datalist, write_datalist
+from medsam3_monai.data.schema_check import schema_errors
+
+# folder -> (training + validation, test)
+EXPECTED = {
+    "BUSI": (149, 0),
+    "DRIVE": (20, 20),
+    "GBM40_HE_nuclei": (40, 0),
+    "ISBI2012_EM_membrane": (30, 0),
+    "Kvasir-SEG_sample": (5, 0),
+    "ChestXray_lung_sample": (4, 0),
+    "MSD_Task04_Hippocampus_cropped": (260, 0),
+    "TotalSegmentator_example_CT_MR": (2, 0),
+}
+
+
+@pytest.fixture(scope="module")
+def built(shared_data: Path):
+    """Datalist of a shared folder, built once per module (the hippocampus value check reads 260 volumes)."""
+    cache: dict[str, object] = {}
+
+    def get(folder: str):
+        if folder not in cache:
+            cache[folder] = build_datalist(folder, shared_data / folder)
+        return cache[folder]
+
+    return get
+
+
+def _items(datalist):
+    return [item for split in ("training", "validation", "test") for item in datalist[split]]
+
+
+@pytest.mark.parametrize("folder", sorted(EXPECTED))
+def test_shared_folder_converts(built, folder: str):
+    result = built(folder)
+    datalist = result.datalist
+    assert schema_errors(datalist, load_schema("datalist")) == []
+    pool, test = EXPECTED[folder]
+    assert len(datalist["training"]) + len(datalist["validation"]) == pool
+    assert len(datalist["test"]) == test
+    assert not result.skipped and not result.unlabelled
+    for item in _items(datalist):
+        labels = item["label"] if isinstance(item["label"], list) else [item["label"]]
+        assert Path(item["image"]).is_absolute() and Path(item["image"]).is_file()
+        assert all(Path(label).is_file() for label in labels)
+    if pool >= 4:
+        assert datalist["validation"], "a 15% validation split exists"
+
+
+def test_busi_keeps_normals_and_merges_the_second_mask(built):
+    datalist = built("BUSI").datalist
+    items = {item["case"]: item for item in _items(datalist)}
+    assert sum(case.startswith("normal") for case in items) == 50
+    for split in ("training", "validation"):
+        assert {item["case"].split(" ")[0] for item in datalist[split]} == {"benign", "malignant", "normal"}
+    merged = items["benign (25)"]["label"]
+    assert [Path(p).name for p in merged] == ["benign (25)_mask.png", "benign (25)_mask_1.png"]
+    assert items["normal (1)"]["prompts"] == {"1": "breast tumor"}
+    assert items["normal (1)"]["mask_encoding"] == "binary"
+
+
+def test_drive_keeps_the_official_test_half(built):
+    datalist = built("DRIVE").datalist
+    assert all(item["case"].endswith("_test") for item in datalist["test"])
+    assert all(item["case"].endswith("_training") for item in datalist["training"] + datalist["validation"])
+    assert all(item["label"].endswith("_manual1.gif") for item in _items(datalist))
+    assert [item["case"] for item in datalist["validation"]] == ["25_training", "37_training", "38_training"]
+
+
+def test_item_fields_for_instances_and_label_maps(built):
+    gbm = _items(built("GBM40_HE_nuclei").datalist)[0]
+    assert gbm["label"].endswith("_instances.png")
+    assert (gbm["instance_rule"], gbm["mask_encoding"]) == ("instance_ids", "instance_map")
+    assert gbm["prompts"] == {"1": "cell nucleus"}
+    hippo = _items(built("MSD_Task04_Hippocampus_cropped").datalist)
+    assert hippo[0]["prompts"] == {"1": "anterior hippocampus", "2": "posterior hippocampus"}
+    assert (hippo[0]["dataset"], hippo[0]["modality"]) == ("MSD_Task04_Hippocampus", "MRI")
+    assert hippo[0]["mask_encoding"] == "label_map"
+    total = {item["dataset"]: item for item in _items(built("TotalSegmentator_example_CT_MR").datalist)}
+    assert total["TotalSegmentator"]["modality"] == "CT" and total["TotalSegmentator"]["prompts"]["5"] == "liver"
+    mri = total["TotalSegmentator_MRI"]
+    assert mri["modality"] == "MRI" and mri["prompts"]["11"] == "right lung"
+
+
+def test_same_output_twice_and_relative_paths(built, shared_data: Path):
+    first = built("Kvasir-SEG_sample").datalist
+    assert build_datalist("Kvasir-SEG", shared_data / "Kvasir-SEG_sample").datalist == first
+    assert build_datalist("BUSI", shared_data / "BUSI").datalist == built("BUSI").datalist
+    relative = build_datalist("Kvasir-SEG", shared_data / "Kvasir-SEG_sample", relative_to=shared_data).datalist
+    item = relative["training"][0]
+    assert item["image"].startswith("Kvasir-SEG_sample/images/") and (shared_data / item["label"]).is_file()
+
+
+def test_cli_writes_the_datalist(shared_data: Path, tmp_path: Path, capsys):
+    out = tmp_path / "lists" / "chest.json"
+    argv = ["ChestXray_lung_sample", str(shared_data / "ChestXray_lung_sample"), "--out", str(out)]
+    assert datalist_command(argv) == 0
+    written = json.loads(out.read_text())
+    assert set(written) == {"training", "validation", "test"}
+    assert "4 items (training 3, validation 1, test 0)" in capsys.readouterr().err
+    assert datalist_command(argv) == 2
+    assert "exists; pass --overwrite" in capsys.readouterr().err
+
+
+def test_load_datalist_joins_only_image_and_label(built, shared_data: Path, tmp_path: Path):
+    relative = build_datalist("BUSI", shared_data / "BUSI", relative_to=shared_data).datalist
+    path = write_datalist(relative, tmp_path / "busi.json")
+    items = {item["case"]: item for item in load_datalist(path, "training", base_dir=shared_data)}
+    absolute = {item["case"]: item for item in built("BUSI").datalist["training"]}
+    assert items == absolute  # 'dataset': 'BUSI' stays a name although shared_data/BUSI exists
+    with pytest.raises(ValueError, match="no 'train' list"):
+        load_datalist(path, "train")
