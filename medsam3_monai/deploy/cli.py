@@ -32,18 +32,14 @@ def build_parser() -> argparse.ArgumentParser:
 
 
 def _user_errors() -> tuple[type[BaseException], ...]:
-    """Exceptions that mean bad input (reported in one line), not a bug (full traceback)."""
+    """Exceptions that mean bad input (reported in one line), not a bug (full traceback).
+
+    Every input error of the package (PromptError, DataError, DatalistError, CatalogueError, KeyMappingError)
+    is a ValueError; CheckpointError is a RuntimeError of its own.
+    """
     from ..networks.checkpoints import CheckpointError
-    from ..networks.tokenizer import PromptError
 
-    errors: list[type[BaseException]] = [CheckpointError, PromptError, FileNotFoundError, FileExistsError, ValueError]
-    try:
-        from ..transforms.errors import DataError
-
-        errors.append(DataError)
-    except ImportError:
-        pass
-    return tuple(errors)
+    return (CheckpointError, FileNotFoundError, FileExistsError, ValueError)
 
 
 def main(argv: Sequence[str] | None = None) -> int:

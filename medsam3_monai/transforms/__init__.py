@@ -1,1 +1,88 @@
+"""MONAI dictionary transforms of the unified input formulation (image, mask, text) -> SAM3 slice space.
 
+Every class takes keyword arguments only and is importable as ``medsam3_monai.transforms.<Name>`` so that
+bundle JSON can build it (``{"_target_": "medsam3_monai.transforms.LoadMedicalImaged", ...}``).
+
+Chain: :class:`LoadMedicalImaged` -> :class:`DecodeLabeld` -> :class:`ScaleIntensityByModalityd` ->
+(:class:`RandAxialSliced` | :class:`AxialSlicesd` for volumes) -> :class:`LabelToInstancesd` ->
+:class:`GreyToRGBd` -> :class:`ResizeToSliced` -> :class:`Sam3Normalized` -> :class:`BuildTargetsd` ->
+:class:`RandNegativePromptsd`; predictions go back with MONAI ``Invertd`` and :class:`RestackSlicesd`.
+"""
+
+from .errors import DataError
+from .instances import LabelToInstancesd, instance_masks
+from .intensity import (
+    CT_WINDOWS,
+    MODALITY_HANDLERS,
+    GreyToRGBd,
+    Sam3Normalized,
+    ScaleIntensityByModalityd,
+    ct_window,
+    min_max,
+    percentile_min_max,
+    rgb_scale,
+    sam3_normalize,
+    to_grey,
+)
+from .io import Image2DReader, LoadMedicalImaged, load_medical_image
+from .labels import INSTANCE_RULES, MASK_ENCODINGS, DecodeLabeld, parse_prompts, rule_for_label
+from .pipelines import slice_space_transforms
+from .slices import (
+    AxialSlicesd,
+    RandAxialSliced,
+    RestackSlicesd,
+    axial_axis,
+    extract_slice,
+    foreground_slices,
+    restack_slices,
+    sample_slice_indices,
+)
+from .spatial import ResizeToSliced
+from .targets import (
+    BuildTargetsd,
+    PromptTarget,
+    RandNegativePromptsd,
+    empty_target,
+    masks_to_boxes_cxcywh,
+    resize_masks,
+)
+
+__all__ = [
+    "CT_WINDOWS",
+    "INSTANCE_RULES",
+    "MASK_ENCODINGS",
+    "MODALITY_HANDLERS",
+    "AxialSlicesd",
+    "BuildTargetsd",
+    "DataError",
+    "DecodeLabeld",
+    "GreyToRGBd",
+    "Image2DReader",
+    "LabelToInstancesd",
+    "LoadMedicalImaged",
+    "PromptTarget",
+    "RandAxialSliced",
+    "RandNegativePromptsd",
+    "ResizeToSliced",
+    "RestackSlicesd",
+    "Sam3Normalized",
+    "ScaleIntensityByModalityd",
+    "axial_axis",
+    "ct_window",
+    "empty_target",
+    "extract_slice",
+    "foreground_slices",
+    "instance_masks",
+    "load_medical_image",
+    "masks_to_boxes_cxcywh",
+    "min_max",
+    "parse_prompts",
+    "percentile_min_max",
+    "resize_masks",
+    "restack_slices",
+    "rgb_scale",
+    "rule_for_label",
+    "sam3_normalize",
+    "slice_space_transforms",
+    "to_grey",
+]
