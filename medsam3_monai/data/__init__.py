@@ -12,7 +12,7 @@ from .catalogue import (
     load_catalogue,
     synonyms,
 )
-from .datalist import DatalistResult, build_datalist, load_datalist, write_datalist
+from .datalist import DatalistResult, build_datalist, concept_pool, load_datalist, load_datalists, write_datalist
 from .pairs import DatalistError
 from .splits import split_items
 
@@ -29,7 +29,9 @@ __all__ = [
     "eval_prompt",
     "get_dataset",
     "load_catalogue",
+    "concept_pool",
     "load_datalist",
+    "load_datalists",
     "split_items",
     "synonyms",
     "write_datalist",

@@ -18,7 +18,7 @@ from __future__ import annotations
 
 import json
 import os
-from collections.abc import Iterable
+from collections.abc import Iterable, Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
@@ -236,3 +236,17 @@ def load_datalist(
         item["label"] = [join(p) for p in label] if isinstance(label, list) else join(label)
         items.append(item)
     return items
+
+
+def load_datalists(paths: str | Path | Sequence[str | Path], split: str = "training") -> list[dict[str, Any]]:
+    """Items of ``split`` from one or several datalist files (a multi-dataset mix), in the given order."""
+    paths = [paths] if isinstance(paths, (str, Path)) else list(paths)
+    items: list[dict[str, Any]] = []
+    for path in paths:
+        items.extend(load_datalist(path, split))
+    return items
+
+
+def concept_pool(items: Sequence[dict[str, Any]]) -> list[str]:
+    """Sorted distinct prompt texts of ``items``: the pool negative prompts are sampled from."""
+    return sorted({text for item in items for text in item.get("prompts", {}).values()})

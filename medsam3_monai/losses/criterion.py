@@ -120,6 +120,7 @@ class SetCriterion(nn.Module):
     ) -> dict[str, torch.Tensor]:
         """``loss_ce`` and (when presence logits are given) ``presence_loss`` for logits (B, Q)."""
         s = self.settings
+        logits, boxes_xyxy = logits.float(), boxes_xyxy.float()
         prob = logits.sigmoid()
         b, q, t = matches.batch_idx, matches.query_idx, matches.target_idx
         with torch.no_grad():

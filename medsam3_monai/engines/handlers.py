@@ -1,0 +1,118 @@
+"""Ignite handlers of the training bundle: per-epoch seeding (exact resume), MLflow parameters and artifacts."""
+
+from __future__ import annotations
+
+import logging
+from pathlib import Path
+from typing import Any, Mapping, Sequence
+
+import torch
+from ignite.engine import Engine, Events
+
+logger = logging.getLogger(__name__)
+
+
+class EpochSeedHandler:
+    """Re-seed every source of randomness at each epoch start from (seed, epoch).
+
+    Shuffling (``sampler.set_epoch`` or a seeded generator), random transforms (``set_random_state``) and torch's
+    global RNG (dropout) then depend only on the epoch, so a run resumed from an epoch-boundary checkpoint draws
+    exactly what the uninterrupted run drew.
+    """
+
+    def __init__(self, seed: int = 42, sampler: Any = None, transform: Any = None) -> None:
+        self.seed, self.sampler, self.transform = seed, sampler, transform
+
+    def attach(self, engine: Engine) -> None:
+        engine.add_event_handler(Events.EPOCH_STARTED, self)
+
+    def __call__(self, engine: Engine) -> None:
+        epoch_seed = self.seed + 1000 * engine.state.epoch
+        torch.manual_seed(epoch_seed)
+        if self.sampler is not None:
+            if hasattr(self.sampler, "set_epoch"):
+                self.sampler.set_epoch(engine.state.epoch)
+            elif getattr(self.sampler, "generator", None) is not None:
+                self.sampler.generator.manual_seed(epoch_seed)
+        if self.transform is not None and hasattr(self.transform, "set_random_state"):
+            self.transform.set_random_state(seed=epoch_seed % (2**32))
+
+
+def mlflow_run_of(engine: Engine) -> tuple[Any, str] | None:
+    """(MlflowClient, run id) of the MONAI MLFlowHandler attached to ``engine`` (e.g. by ``--tracking mlflow``)."""
+    from monai.handlers import MLFlowHandler
+
+    for handlers in engine._event_handlers.values():
+        for handler, _, _ in handlers:
+            owner = getattr(handler, "__self__", None)
+            if isinstance(owner, MLFlowHandler) and owner.cur_run is not None:
+                return owner.client, owner.cur_run.info.run_id
+    return None
+
+
+class MLflowRunInfoHandler:
+    """Log every hyper-parameter and the final artifacts into the run of MONAI's MLFlowHandler.
+
+    ``--tracking mlflow`` attaches MONAI's MLFlowHandler, which logs losses, learning rates and metrics; this
+    handler adds the run parameters (after the first iteration, when the run exists) and ``artifacts`` such
+    as the final checkpoint (on COMPLETED, before that handler closes the run: attach this one first, as the
+    bundle does). Without an MLflow handler it does nothing.
+    """
+
+    def __init__(self, params: Mapping[str, Any] | None = None, artifacts: Sequence[str] = ()) -> None:
+        self.params = dict(params or {})
+        self.artifacts = list(artifacts)
+
+    def attach(self, engine: Engine) -> None:
+        engine.add_event_handler(Events.ITERATION_COMPLETED(once=1), self.log_params)
+        engine.add_event_handler(Events.COMPLETED, self.log_artifacts)
+
+    @staticmethod
+    def flatten(value: Any, prefix: str = "") -> dict[str, str]:
+        """Nested mapping -> {"a.b": "value"} (MLflow parameters are flat strings of at most 500 characters)."""
+        if not isinstance(value, Mapping):
+            return {prefix: str(value)[:500]}
+        flat: dict[str, str] = {}
+        for key, inner in value.items():
+            flat.update(MLflowRunInfoHandler.flatten(inner, f"{prefix}.{key}" if prefix else str(key)))
+        return flat
+
+    def log_params(self, engine: Engine) -> None:
+        found = mlflow_run_of(engine)
+        if found is None:
+            return
+        client, run_id = found
+        logged = client.get_run(run_id).data.params
+        for key, value in self.flatten(self.params).items():
+            if key not in logged:
+                client.log_param(run_id, key, value)
+
+    def log_artifacts(self, engine: Engine) -> None:
+        found = mlflow_run_of(engine)
+        if found is None:
+            return
+        client, run_id = found
+        for path in self.artifacts:
+            if Path(path).exists():
+                client.log_artifact(run_id, str(path))
+            else:
+                logger.warning("MLflow artifact %s does not exist; not logged", path)
+
+
+class FinalCheckpoint:
+    """Save the network as the bundle's ``models/model.pt`` (config + state dict, our checkpoint format) on COMPLETED."""
+
+    def __init__(self, network: torch.nn.Module, path: str) -> None:
+        self.network, self.path = network, path
+
+    def attach(self, engine: Engine) -> None:
+        engine.add_event_handler(Events.COMPLETED, self)
+
+    def __call__(self, engine: Engine) -> None:
+        if torch.distributed.is_available() and torch.distributed.is_initialized() and torch.distributed.get_rank() > 0:
+            return
+        from ..networks.checkpoints import save_checkpoint_file
+
+        network = getattr(self.network, "module", self.network)  # DDP
+        save_checkpoint_file(network.sam3, self.path, extra={"iteration": engine.state.iteration})
+        logger.info("saved final model to %s", self.path)

@@ -1,0 +1,39 @@
+"""AdamW over Medical SAM3's parameter groups, and the MedSAM3 freezing mode."""
+
+from __future__ import annotations
+
+from torch import nn
+from torch.optim import AdamW
+
+from ..networks.param_groups import LearningRates, sam3_param_groups
+
+
+def freeze_encoders(network: nn.Module, vision: bool = True, text: bool = True) -> int:
+    """MedSAM3 mode: freeze the vision and/or text encoder (CLIP + its projection); returns frozen parameter count."""
+    sam3 = network.sam3 if hasattr(network, "sam3") else network
+    modules = ([sam3.vision_encoder] if vision else []) + ([sam3.text_encoder, sam3.text_projection] if text else [])
+    frozen = 0
+    for module in modules:
+        for param in module.parameters():
+            param.requires_grad_(False)
+            frozen += param.numel()
+    return frozen
+
+
+def build_optimizer(
+    network: nn.Module,
+    detector_lr: float = 3e-4,
+    vision_lr: float = 5e-5,
+    language_lr: float = 5e-5,
+    geometry_lr: float = 1e-4,
+    layer_decay: float = 0.85,
+    weight_decay: float = 0.1,
+    betas: tuple[float, float] = (0.9, 0.999),
+    position_embedding_scale: float | None = None,
+) -> AdamW:
+    """AdamW with β = (0.9, 0.999) over :func:`sam3_param_groups` (frozen parameters left out)."""
+    rates = LearningRates(detector_lr, vision_lr, language_lr, geometry_lr, layer_decay, position_embedding_scale)
+    groups = sam3_param_groups(network, rates, weight_decay=weight_decay)
+    if not groups:
+        raise ValueError("no trainable parameters: every parameter is frozen")
+    return AdamW(groups, betas=tuple(betas))
