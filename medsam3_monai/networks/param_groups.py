@@ -37,6 +37,7 @@ class LearningRates:
 
 
 def _sam3_of(model: nn.Module) -> Sam3Model:
+    model = getattr(model, "module", model)  # DistributedDataParallel
     return model if isinstance(model, Sam3Model) else model.sam3  # MedSAM3Net
 
 

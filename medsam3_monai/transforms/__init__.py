@@ -44,6 +44,7 @@ from .targets import (
     RandNegativePromptsd,
     empty_target,
     masks_to_boxes_cxcywh,
+    resize_instances,
     resize_masks,
 )
 
@@ -78,11 +79,13 @@ __all__ = [
     "min_max",
     "parse_prompts",
     "percentile_min_max",
+    "resize_instances",
     "resize_masks",
     "restack_slices",
     "rgb_scale",
     "rule_for_label",
     "sam3_normalize",
+    "sample_slice_indices",
     "slice_space_transforms",
     "to_grey",
 ]

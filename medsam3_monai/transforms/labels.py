@@ -1,0 +1,191 @@
+"""Decode a raw mask into a class map whose values are the prompts' label values (plus instance ids).
+
+Mask encodings (``mask_encoding`` of the catalogue / datalist item):
+
+* ``binary``: foreground = value > threshold (0, or 127 for JPEG files whose compression adds noise) -> class 1
+* ``label_map``: pixel value = class id (= a key of ``prompts``)
+* ``instance_map``: nonzero value = instance id of class 1 (the ids go to ``instance_key``)
+* ``outline``: a binary contour, filled (per 2D slice) -> class 1
+* ``None``/``"auto"``: ``instance_map`` when the rule is ``instance_ids``; ``label_map`` when every value is
+  a prompt key; ``binary`` when there is one prompt; otherwise an error.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Hashable, Mapping
+from typing import Any
+
+import numpy as np
+import torch
+from monai.config import KeysCollection
+from monai.data import MetaTensor
+from monai.transforms import MapTransform
+from scipy import ndimage
+
+from .errors import DataError, source_name
+
+__all__ = ["MASK_ENCODINGS", "INSTANCE_RULES", "DecodeLabeld", "parse_prompts", "rule_for_label"]
+
+MASK_ENCODINGS = ("binary", "label_map", "instance_map", "outline")
+INSTANCE_RULES = ("instance_ids", "components", "semantic")
+
+
+def parse_prompts(prompts: Mapping[Any, str] | None, path: str | None = None) -> dict[int, str]:
+    """``{"1": "liver"}`` -> ``{1: "liver"}``; keys must be positive integers (0 is background)."""
+    if not prompts:
+        raise DataError(path, "item has no 'prompts' (label value -> text)",
+                        "give the dataset's label -> concept mapping from the catalogue (datasets_meta)")
+    out: dict[int, str] = {}
+    for key, text in prompts.items():
+        try:
+            value = int(key)
+        except (TypeError, ValueError):
+            raise DataError(path, f"prompt key {key!r} is not an integer label value",
+                            "prompts map label values ('1', '2', ...) to texts") from None
+        if value <= 0:
+            raise DataError(path, f"prompt key {key!r}: label 0 is background and cannot be prompted",
+                            "remove it from 'prompts'")
+        if not isinstance(text, str) or not text.strip():
+            raise DataError(path, f"prompt text for label {key!r} is empty", "give a concept text")
+        out[value] = text
+    return dict(sorted(out.items()))
+
+
+def rule_for_label(rule: str | Mapping[Any, str] | None, label: int, default: str = "components") -> str:
+    """The instance rule of one label value: a single rule, or a per-label mapping (missing -> ``default``)."""
+    if rule is None:
+        found = default
+    elif isinstance(rule, str):
+        found = rule
+    else:
+        found = {int(k): v for k, v in rule.items()}.get(int(label), default)
+    if found not in INSTANCE_RULES:
+        raise ValueError(f"unknown instance rule {found!r}; choose from {INSTANCE_RULES}")
+    return found
+
+
+def _fill_outline(mask: np.ndarray) -> np.ndarray:
+    """Fill closed contours, slice by slice along the last axis for volumes. ``mask``: (1, *spatial) bool."""
+    if mask.ndim == 3:
+        return ndimage.binary_fill_holes(mask[0])[None]
+    return np.stack([ndimage.binary_fill_holes(mask[0, ..., k]) for k in range(mask.shape[-1])], -1)[None]
+
+
+class DecodeLabeld(MapTransform):
+    """Raw mask -> class map (values = prompt label values), checked against the prompts mapping.
+
+    Args:
+        keys: mask keys (``(1, *spatial)`` integer, as :class:`LoadMedicalImaged` gives them).
+        prompts_key: item key with ``{label value: text}``.
+        mask_encoding: fixed encoding; None reads ``encoding_key`` from the item, then falls back to auto.
+        encoding_key: item key with the encoding.
+        instance_rule: fixed rule (or per-label mapping); None reads ``rule_key`` from the item.
+        rule_key: item key with the rule.
+        instance_key: where ``instance_map`` ids go (same shape as the mask, int32).
+        threshold: binary/outline foreground threshold; None: 127 for JPEG files, else 0.
+        unknown_labels: ``"error"`` (default) raises on a label value that no prompt names;
+            ``"background"`` sets such values to 0.
+
+    Raises:
+        DataError: a label value missing from the prompts (the catalogue), a binary mask without a class-1
+            prompt, an encoding that cannot be told apart automatically.
+    """
+
+    def __init__(
+        self,
+        keys: KeysCollection = ("label",),
+        prompts_key: str = "prompts",
+        mask_encoding: str | None = None,
+        encoding_key: str = "mask_encoding",
+        instance_rule: str | Mapping[str, str] | None = None,
+        rule_key: str = "instance_rule",
+        instance_key: str = "instance_ids",
+        threshold: float | None = None,
+        unknown_labels: str = "error",
+        allow_missing_keys: bool = False,
+    ) -> None:
+        super().__init__(keys, allow_missing_keys)
+        if mask_encoding not in (None, "auto", *MASK_ENCODINGS):
+            raise ValueError(f"unknown mask_encoding {mask_encoding!r}; choose from {MASK_ENCODINGS}")
+        if unknown_labels not in ("error", "background"):
+            raise ValueError("unknown_labels must be 'error' or 'background'")
+        self.prompts_key = prompts_key
+        self.mask_encoding = mask_encoding
+        self.encoding_key = encoding_key
+        self.instance_rule = instance_rule
+        self.rule_key = rule_key
+        self.instance_key = instance_key
+        self.threshold = threshold
+        self.unknown_labels = unknown_labels
+
+    def __call__(self, data: Mapping[Hashable, Any]) -> dict[Hashable, Any]:
+        d = dict(data)
+        for key in self.key_iterator(d):
+            raw = d[key]
+            path = source_name(raw, d, key)
+            prompts = parse_prompts(d.get(self.prompts_key), path)
+            rule = self.instance_rule if self.instance_rule is not None else d.get(self.rule_key)
+            encoding = self.mask_encoding if self.mask_encoding is not None else d.get(self.encoding_key)
+            array = (raw.as_tensor() if isinstance(raw, MetaTensor) else torch.as_tensor(raw)).numpy()
+            values = np.unique(array)
+            nonzero = {int(v) for v in values if v != 0}
+            if encoding in (None, "auto"):
+                encoding = self._auto_encoding(prompts, rule, nonzero, path)
+            is_jpeg = bool(raw.meta.get("is_jpeg", False)) if isinstance(raw, MetaTensor) else False
+            threshold = self.threshold if self.threshold is not None else (127 if is_jpeg else 0)
+            if encoding == "label_map":
+                classes = self._check_label_map(array, prompts, nonzero, path)
+            else:
+                class_id = self._binary_class(prompts, encoding, path)
+                foreground = array > threshold if encoding != "instance_map" else array > 0
+                if encoding == "outline":
+                    foreground = _fill_outline(foreground)
+                classes = foreground.astype(np.uint8 if class_id <= 255 else np.int32) * class_id
+                if encoding == "instance_map":
+                    ids = torch.from_numpy(array.astype(np.int32))
+                    d[self.instance_key] = _with_meta(ids, raw)
+            out = _with_meta(torch.from_numpy(np.ascontiguousarray(classes)), raw)
+            if isinstance(out, MetaTensor):
+                out.meta["mask_encoding"] = encoding
+            d[key] = out
+        return d
+
+    @staticmethod
+    def _auto_encoding(prompts: Mapping[int, str], rule: Any, nonzero: set[int], path: str | None) -> str:
+        if rule == "instance_ids" or (isinstance(rule, Mapping) and set(rule.values()) == {"instance_ids"}):
+            return "instance_map"
+        if nonzero <= set(prompts):
+            return "label_map"
+        if len(prompts) == 1:
+            return "binary"
+        raise DataError(path, f"mask values {sorted(nonzero)[:20]} do not match the prompt labels {sorted(prompts)}",
+                        "set 'mask_encoding' (binary, label_map, instance_map, outline) for this dataset")
+
+    def _check_label_map(self, array: np.ndarray, prompts: Mapping[int, str], nonzero: set[int],
+                         path: str | None) -> np.ndarray:
+        unknown = sorted(nonzero - set(prompts))
+        if not unknown:
+            return array
+        if self.unknown_labels == "background":
+            return np.where(np.isin(array, unknown), 0, array).astype(array.dtype)
+        raise DataError(path, f"label value(s) {unknown[:20]} are not in the prompts/catalogue "
+                              f"(known: {sorted(prompts)})",
+                        "add them to the dataset's labels in datasets_meta, or use "
+                        "DecodeLabeld(unknown_labels='background') to ignore them")
+
+    @staticmethod
+    def _binary_class(prompts: Mapping[int, str], encoding: str, path: str | None) -> int:
+        if encoding not in MASK_ENCODINGS:
+            raise DataError(path, f"unknown mask_encoding {encoding!r}", f"choose from {MASK_ENCODINGS}")
+        if 1 in prompts:
+            return 1
+        if len(prompts) == 1:
+            return next(iter(prompts))
+        raise DataError(path, f"a {encoding} mask has one class (1) but the prompts name labels {sorted(prompts)}",
+                        "map label '1' to the concept text")
+
+
+def _with_meta(out: torch.Tensor, ref: Any) -> torch.Tensor:
+    if isinstance(ref, MetaTensor):
+        return MetaTensor(out, meta=dict(ref.meta), applied_operations=list(ref.applied_operations))
+    return out

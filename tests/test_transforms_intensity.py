@@ -1,0 +1,144 @@
+"""Intensity by modality, grey -> 3 channels, SAM3 normalisation."""
+
+from __future__ import annotations
+
+import json
+from pathlib import Path
+
+import numpy as np
+import pytest
+import torch
+from monai.data import MetaTensor
+
+from _transforms_helpers import SHARED_DATA, item, requires_data
+from medsam3_monai.transforms import (
+    CT_WINDOWS,
+    DataError,
+    GreyToRGBd,
+    LoadMedicalImaged,
+    Sam3Normalized,
+    ScaleIntensityByModalityd,
+    sam3_normalize,
+)
+from medsam3_monai.transforms.intensity import handler_for_modality
+
+
+def scale(image: torch.Tensor, modality: str, source_dtype: str = "float32", **kwargs) -> torch.Tensor:
+    img = MetaTensor(image, meta={"source_dtype": source_dtype, "filename_or_obj": "/data/x"})
+    return ScaleIntensityByModalityd(**kwargs)({"image": img, "modality": modality})["image"]
+
+
+@pytest.mark.parametrize("name, width, level", [("abdomen", 400, 40), ("lung", 1500, -600), ("bone", 1800, 400),
+                                                ("brain", 80, 40), ("soft_tissue", 350, 50)])
+def test_ct_window_presets(name, width, level):
+    assert CT_WINDOWS[name] == (width, level)
+    hu = torch.tensor([[[-3000.0, level - width / 2, level, level + width / 4, level + width / 2, 3000.0]]])
+    out = scale(hu, "CT", ct_window=name)
+    torch.testing.assert_close(out, torch.tensor([[[0.0, 0.0, 0.5, 0.75, 1.0, 1.0]]]))
+
+
+def test_ct_window_by_tuple_and_item_override():
+    hu = torch.tensor([[[-100.0, 0.0, 100.0]]])
+    torch.testing.assert_close(scale(hu, "CT", ct_window=(200, 0)), torch.tensor([[[0.0, 0.5, 1.0]]]))
+    img = MetaTensor(hu, meta={"source_dtype": "int16"})
+    out = ScaleIntensityByModalityd()({"image": img, "modality": "CT", "ct_window": "lung"})["image"]
+    torch.testing.assert_close(out, (hu.clamp(-1350, 150) + 1350) / 1500)
+    with pytest.raises(ValueError, match="unknown CT window"):
+        ScaleIntensityByModalityd(ct_window="liverish")
+
+
+def test_mri_percentile_clip_then_min_max():
+    rng = np.random.default_rng(0)
+    volume = torch.from_numpy(rng.normal(100, 10, size=(1, 20, 20, 20)).astype(np.float32))
+    volume[0, 0, 0, 0] = 1e6  # outlier
+    out = scale(volume, "MRI")
+    lo, hi = np.percentile(volume.numpy(), [0.5, 99.5])
+    assert float(out.min()) == 0.0 and float(out.max()) == 1.0
+    assert float(out[0, 0, 0, 0]) == 1.0
+    inside = (volume > lo) & (volume < hi)
+    torch.testing.assert_close(out[inside], ((volume[inside] - lo) / (hi - lo)).float(), rtol=1e-5, atol=1e-6)
+    assert float((out == 1.0).float().mean()) == pytest.approx(0.005, abs=0.002)
+
+
+def test_grey_modalities_min_max_and_collapse_identical_rgb_channels():
+    grey = torch.tensor([[[10.0, 20.0], [30.0, 50.0]]])
+    as_rgb = grey.repeat(3, 1, 1)  # an X-ray saved as RGB (BUSI, some JPEGs)
+    for modality in ("X-ray", "xray", "ultrasound", "OCT", "EM"):
+        out = scale(as_rgb, modality, "uint8")
+        assert out.shape == (1, 2, 2)
+        torch.testing.assert_close(out, (grey - 10) / 40)
+
+
+def test_optical_rgb_divides_by_255_and_keeps_colour():
+    rgb = torch.randint(0, 256, (3, 5, 7)).float()
+    for modality in ("endoscopy", "dermoscopy", "fundus", "pathology", "microscopy"):
+        out = scale(rgb, modality, "uint8")
+        torch.testing.assert_close(out, rgb / 255)
+    torch.testing.assert_close(scale(rgb * 257, "fundus", "uint16"), rgb * 257 / 65535)
+    rgba = torch.cat([rgb, torch.full((1, 5, 7), 255.0)])
+    assert scale(rgba, "dermoscopy", "uint8").shape == (3, 5, 7)
+
+
+def test_unknown_modality_and_nan_are_data_errors():
+    with pytest.raises(DataError, match="/data/x: unknown modality 'sonar'"):
+        scale(torch.zeros(1, 2, 2), "sonar")
+    with pytest.raises(DataError, match="NaN/Inf"):
+        scale(torch.tensor([[[0.0, float("nan")]]]), "X-ray")
+
+
+def test_catalogue_modalities_all_have_a_handler():
+    schema = Path(__file__).resolve().parents[1] / "datasets_meta" / "schema" / "dataset.schema.json"
+    if not schema.is_file():
+        pytest.skip(f"catalogue schema not found at {schema}")
+    modalities = json.loads(schema.read_text())["$defs"]["modality"]["enum"]
+    for modality in modalities:
+        assert handler_for_modality(modality) in ("ct_window", "percentile", "minmax", "rgb", "auto")
+
+
+def test_grey_to_rgb_repeats_and_keeps_meta():
+    img = MetaTensor(torch.rand(1, 4, 6), affine=torch.diag(torch.tensor([2.0, 3.0, 1.0, 1.0])))
+    out = GreyToRGBd(keys="image")({"image": img})["image"]
+    assert out.shape == (3, 4, 6) and isinstance(out, MetaTensor)
+    assert torch.equal(out[0], out[2]) and torch.equal(out[1], img[0])
+    torch.testing.assert_close(out.affine, img.affine)
+    with pytest.raises(DataError, match="has 2 channels"):
+        GreyToRGBd(keys="image")({"image": torch.zeros(2, 4, 4)})
+
+
+def test_sam3_normalisation_multiplies_by_one_over_255():
+    u8 = torch.arange(256, dtype=torch.uint8).view(1, 16, 16)
+    expected = (u8.float() * (1.0 / 255.0) - 0.5) / 0.5
+    assert torch.equal(sam3_normalize(u8), expected)
+    divided = (u8.float() / 255.0 - 0.5) / 0.5
+    assert not torch.equal(expected, divided)  # the documented one-bit difference exists
+    assert float((expected - divided).abs().max()) < 1e-6
+    # float [0, 1] input is quantised to the same 8-bit values first
+    assert torch.equal(sam3_normalize(u8.float() / 255.0), expected)
+    out = Sam3Normalized(keys="image")({"image": MetaTensor(u8.float() / 255.0)})["image"]
+    assert isinstance(out, MetaTensor) and out.dtype == torch.float32
+    assert float(out.min()) == -1.0 and float(out.max()) == 1.0
+
+
+@requires_data
+def test_totalsegmentator_ct_window_on_real_hu():
+    d = LoadMedicalImaged()(item("TotalSegmentator_example_CT_MR", "images/example_ct_sm.nii.gz",
+                                 "masks/example_seg.nii.gz"))
+    hu = d["image"].clone()
+    assert float(hu.min()) < -900 and float(hu.max()) > 1000  # Hounsfield units
+    abdomen = ScaleIntensityByModalityd()(d)["image"]
+    lung = ScaleIntensityByModalityd(ct_window="lung")(d)["image"]
+    torch.testing.assert_close(abdomen.as_tensor(), ((hu.clamp(-160, 240) + 160) / 400).as_tensor())
+    assert abdomen.meta["intensity"] == "ct_window(W=400, L=40)"
+    assert float(abdomen.min()) == 0.0 and float(abdomen.max()) == 1.0
+    assert not torch.allclose(abdomen, lung)
+    torch.testing.assert_close(abdomen.affine, d["image"].affine)
+
+
+@requires_data
+def test_totalsegmentator_mr_percentiles_on_real_data():
+    root = SHARED_DATA / "TotalSegmentator_example_CT_MR"
+    d = LoadMedicalImaged(keys="image", label_keys=())({"image": str(root / "images/example_mr_sm.nii.gz")})
+    out = ScaleIntensityByModalityd(modality="MRI")(d)["image"]
+    assert out.shape == d["image"].shape
+    assert float(out.min()) == 0.0 and float(out.max()) == 1.0
+    assert 0.001 < float((out == 1.0).float().mean()) < 0.02  # the top 0.5 % saturate

@@ -1,0 +1,306 @@
+"""Loading: every format of the real data, rows-first orientation, DICOM series, and bad input errors."""
+
+from __future__ import annotations
+
+import gzip
+from pathlib import Path
+
+import nibabel as nib
+import numpy as np
+import pytest
+import torch
+from PIL import Image
+
+from _transforms_helpers import SHARED_DATA, requires_data
+from medsam3_monai.transforms import (
+    DataError,
+    DecodeLabeld,
+    LoadMedicalImaged,
+    ResizeToSliced,
+    ScaleIntensityByModalityd,
+)
+
+
+def load(image, label=None, **kwargs):
+    keys = ("image", "label") if label is not None else ("image",)
+    data = {"image": str(image)} | ({"label": label if isinstance(label, list) else str(label)} if label else {})
+    return LoadMedicalImaged(keys=keys, **kwargs)(data)
+
+
+# ---------------------------------------------------------------- real formats
+
+
+@requires_data
+@pytest.mark.parametrize(
+    "image, label, mode",
+    [
+        ("BUSI/images/benign (1).png", "BUSI/masks/benign (1)_mask.png", "RGB"),
+        ("BUSI/images/benign (15).png", "BUSI/masks/benign (15)_mask.png", "1"),
+        ("DRIVE/images/01_test.tif", "DRIVE/masks/01_manual1.gif", "L"),
+        ("GBM40_HE_nuclei/images/01.tif", "GBM40_HE_nuclei/masks/01_instances.png", "I;16"),
+        ("Kvasir-SEG_sample/images/cju0qkwl35piu0993l0dewei2.jpg",
+         "Kvasir-SEG_sample/masks/cju0qkwl35piu0993l0dewei2.jpg", "RGB"),
+        ("ChestXray_lung_sample/images/1.jpg", "ChestXray_lung_sample/masks/1-mask.png", "L"),
+        ("ISBI2012_EM_membrane/images/0.png", "ISBI2012_EM_membrane/masks/0.png", "L"),
+    ],
+)
+def test_2d_files_load_rows_first_and_match_pil(image, label, mode):
+    """Image and mask arrays equal PIL's own (H, W[, C]) arrays, channel first: the overlay lines up."""
+    image_path, label_path = SHARED_DATA / image, SHARED_DATA / label
+    assert Image.open(label_path).mode == mode  # the sample covers the mask mode it claims to
+    d = load(image_path, label_path)
+    reference = np.asarray(Image.open(image_path))
+    reference = reference[None] if reference.ndim == 2 else reference.transpose(2, 0, 1)
+    assert tuple(d["image"].shape) == reference.shape
+    assert torch.equal(d["image"], torch.from_numpy(reference.astype(np.float32)))
+    assert d["image"].dtype == torch.float32 and d["image"].meta["source_dtype"] == "uint8"
+    mask = np.asarray(Image.open(label_path).convert("L" if mode in ("1", "RGB") else Image.open(label_path).mode))
+    assert d["label"].shape == (1, *reference.shape[1:])
+    assert torch.equal(d["label"][0] > 0, torch.from_numpy(mask > 0))
+    assert not d["label"].is_floating_point()
+    assert d["image"].meta["filename_or_obj"] == str(image_path)
+    assert not d["image"].meta["is_volume"]
+
+
+@requires_data
+def test_nifti_volume_keeps_affine_and_voxel_order():
+    path = SHARED_DATA / "TotalSegmentator_example_CT_MR/images/example_mr_sm.nii.gz"
+    d = load(path, SHARED_DATA / "TotalSegmentator_example_CT_MR/masks/example_seg_mr.nii.gz")
+    reference = nib.load(str(path))
+    assert tuple(d["image"].shape) == (1, *reference.shape)
+    np.testing.assert_allclose(d["image"].affine.numpy(), reference.affine, atol=1e-4)  # LPS file, RAS affine
+    np.testing.assert_array_equal(d["image"][0].numpy(), np.asanyarray(reference.dataobj).astype(np.float32))
+    assert d["image"].meta["source_dtype"] == "int16" and d["image"].meta["is_volume"]
+    assert d["label"].dtype == torch.uint8 and d["label"].shape == d["image"].shape
+
+
+@requires_data
+def test_busi_second_mask_is_merged_by_union():
+    root = SHARED_DATA / "BUSI/masks"
+    d = load(SHARED_DATA / "BUSI/images/benign (25).png",
+             [str(root / "benign (25)_mask.png"), str(root / "benign (25)_mask_1.png")])
+    first = np.asarray(Image.open(root / "benign (25)_mask.png").convert("L")) > 0
+    second = np.asarray(Image.open(root / "benign (25)_mask_1.png").convert("L")) > 0
+    assert first.sum() and second.sum() and (first & ~second).sum()
+    assert torch.equal(d["label"][0] > 0, torch.from_numpy(first | second))
+
+
+# ---------------------------------------------------------------- synthetic mask modes
+
+
+def _save(tmp_path: Path, name: str, img: Image.Image) -> Path:
+    path = tmp_path / name
+    img.save(path)
+    return path
+
+
+def _blob(height=24, width=40) -> np.ndarray:
+    mask = np.zeros((height, width), dtype=bool)
+    mask[3:9, 20:35] = True  # top right: a transposed read would move it
+    return mask
+
+
+def test_palette_mask_reads_the_index_not_the_colour(tmp_path):
+    mask = _blob()
+    img = Image.fromarray(mask.astype(np.uint8)).convert("P")
+    img.putpalette([255, 255, 255, 0, 0, 0] + [0] * 762)  # index 0 white, index 1 black
+    path = _save(tmp_path, "palette.png", img)
+    assert Image.open(path).mode == "P"
+    label = load(_save(tmp_path, "img.png", Image.new("L", (40, 24))), path)["label"]
+    assert torch.equal(label[0], torch.from_numpy(mask.astype(np.uint8)))
+
+
+@pytest.mark.parametrize("mode", ["RGB", "RGBA", "1", "LA"])
+def test_colour_alpha_and_1bit_masks_become_one_channel(tmp_path, mode):
+    mask = _blob()
+    if mode == "RGB":
+        rgb = np.zeros((*mask.shape, 3), np.uint8)
+        rgb[mask, 0] = 200  # a red mask: any channel counts
+        img = Image.fromarray(rgb)
+    elif mode == "RGBA":
+        rgba = np.zeros((*mask.shape, 4), np.uint8)
+        rgba[..., 3][mask] = 255  # drawn in alpha only
+        img = Image.fromarray(rgba)
+    elif mode == "1":
+        img = Image.fromarray(mask)
+    else:
+        img = Image.fromarray(mask.astype(np.uint8) * 255).convert("LA")
+    assert img.mode == mode
+    path = _save(tmp_path, f"mask_{mode}.png", img)
+    label = load(_save(tmp_path, "img.png", Image.new("RGB", (40, 24))), path)["label"]
+    assert label.shape == (1, 24, 40)
+    assert torch.equal(label[0] > 0, torch.from_numpy(mask))
+
+
+@pytest.mark.parametrize("suffix", [".bmp", ".gif", ".tif", ".jpg", ".png"])
+def test_every_2d_suffix_loads_rows_first(tmp_path, suffix):
+    rng = np.random.default_rng(0)
+    picture = rng.integers(0, 255, size=(24, 40, 3), dtype=np.uint8)
+    img = Image.fromarray(picture)
+    if suffix == ".gif":
+        img = img.convert("L")
+    path = _save(tmp_path, f"img{suffix}", img)
+    loaded = load(path)["image"]
+    expected = np.asarray(Image.open(path).convert(img.mode))
+    expected = expected[None] if expected.ndim == 2 else expected.transpose(2, 0, 1)
+    assert torch.equal(loaded, torch.from_numpy(expected.astype(np.float32)))
+
+
+def test_16bit_picture_keeps_its_range(tmp_path):
+    array = (np.arange(24 * 40, dtype=np.uint16).reshape(24, 40) * 60).astype(np.uint16)
+    path = _save(tmp_path, "xray16.png", Image.fromarray(array))
+    d = load(path)
+    assert d["image"].meta["source_dtype"] in ("uint16", "int32")
+    assert float(d["image"].max()) == float(array.max())
+
+
+def test_jpeg_mask_threshold_is_127(tmp_path):
+    mask = np.zeros((24, 40), np.uint8)
+    mask[5:15, 5:30] = 255
+    mask[0, 0:5] = 100  # compression-like noise below the threshold
+    path = tmp_path / "mask.jpg"
+    Image.fromarray(mask).save(path, quality=95)
+    d = load(_save(tmp_path, "img.png", Image.new("L", (40, 24))), path)
+    d.update(prompts={"1": "polyp"}, mask_encoding="binary")
+    decoded = DecodeLabeld()(d)["label"]
+    assert set(decoded.unique().tolist()) == {0, 1}
+    assert int(decoded[0, 0, 0:5].sum()) == 0  # noise gone
+    assert int(decoded.sum()) == pytest.approx(10 * 25, abs=12)
+
+
+# ---------------------------------------------------------------- DICOM series (ITK)
+
+
+def _write_dicom_series(folder: Path, volume: np.ndarray, spacing=(0.8, 0.7), thickness=2.5) -> None:
+    pydicom = pytest.importorskip("pydicom")
+    from pydicom.dataset import Dataset, FileMetaDataset
+    from pydicom.uid import CTImageStorage, ExplicitVRLittleEndian, generate_uid
+
+    folder.mkdir()
+    study, series, frame = generate_uid(), generate_uid(), generate_uid()
+    for k, plane in enumerate(volume):  # volume (Z, rows, cols)
+        meta = FileMetaDataset()
+        meta.MediaStorageSOPClassUID = CTImageStorage
+        meta.MediaStorageSOPInstanceUID = generate_uid()
+        meta.TransferSyntaxUID = ExplicitVRLittleEndian
+        ds = Dataset()
+        ds.file_meta = meta
+        ds.SOPClassUID, ds.SOPInstanceUID = CTImageStorage, meta.MediaStorageSOPInstanceUID
+        ds.StudyInstanceUID, ds.SeriesInstanceUID, ds.FrameOfReferenceUID = study, series, frame
+        ds.Modality, ds.PatientID, ds.InstanceNumber = "CT", "anonymous", k + 1
+        ds.ImagePositionPatient = [-5.0, -6.0, thickness * k]
+        ds.ImageOrientationPatient = [1, 0, 0, 0, 1, 0]
+        ds.PixelSpacing, ds.SliceThickness = list(spacing), thickness
+        ds.Rows, ds.Columns = plane.shape
+        ds.SamplesPerPixel, ds.PhotometricInterpretation = 1, "MONOCHROME2"
+        ds.BitsAllocated, ds.BitsStored, ds.HighBit, ds.PixelRepresentation = 16, 16, 15, 1
+        ds.RescaleIntercept, ds.RescaleSlope = -1024, 1
+        ds.PixelData = plane.astype(np.int16).tobytes()
+        ds.save_as(folder / f"slice_{k:03d}.dcm", enforce_file_format=True)
+    assert pydicom
+
+
+def test_dicom_series_folder_loads_as_hu_volume_with_geometry(tmp_path):
+    volume = np.arange(4 * 12 * 10, dtype=np.int16).reshape(4, 12, 10) + 1000  # Z, rows, cols; HU = value - 1024
+    _write_dicom_series(tmp_path / "series", volume)
+    d = load(tmp_path / "series")
+    img = d["image"]
+    assert tuple(img.shape) == (1, 10, 12, 4)  # (C, X=cols, Y=rows, Z)
+    np.testing.assert_array_equal(img[0].numpy(), volume.transpose(2, 1, 0).astype(np.float32) - 1024)
+    np.testing.assert_allclose(np.diag(img.affine.numpy())[:3], [-0.7, -0.8, 2.5], atol=1e-5)  # RAS
+    out = ScaleIntensityByModalityd(modality="CT")(d)["image"]
+    hu = volume.transpose(2, 1, 0).astype(np.float32) - 1024
+    np.testing.assert_allclose(out[0].numpy(), np.clip((hu + 160) / 400, 0, 1), atol=1e-6)  # abdomen W400/L40
+
+
+# ---------------------------------------------------------------- bad input: errors name the file
+
+
+def _noise_png(path: Path, size=(40, 24)) -> Path:
+    Image.fromarray(np.random.default_rng(0).integers(0, 255, (size[1], size[0], 3), np.uint8)).save(path)
+    return path
+
+
+def test_truncated_png_is_a_data_error_naming_the_file(tmp_path):
+    path = _noise_png(tmp_path / "cut.png", size=(200, 200))
+    data = path.read_bytes()
+    path.write_bytes(data[: len(data) // 2])
+    with pytest.raises(DataError, match="cut.png.*corrupt, truncated"):
+        load(path)
+
+
+def test_truncated_nifti_is_a_data_error(tmp_path):
+    path = tmp_path / "cut.nii.gz"
+    nib.save(nib.Nifti1Image(np.random.default_rng(0).random((20, 20, 20), dtype=np.float32), np.eye(4)), path)
+    raw = gzip.decompress(path.read_bytes())
+    path.write_bytes(gzip.compress(raw[: len(raw) // 2]))
+    with pytest.raises(DataError, match="cut.nii.gz"):
+        load(path)
+
+
+def test_missing_file_is_a_data_error(tmp_path):
+    with pytest.raises(DataError, match="nope.png: file not found"):
+        load(tmp_path / "nope.png")
+
+
+def test_mask_size_mismatch_names_both_files(tmp_path):
+    image = _noise_png(tmp_path / "img.png", size=(40, 24))
+    mask = _save(tmp_path, "mask.png", Image.new("L", (39, 24)))
+    with pytest.raises(DataError, match=r"mask.png: mask size \(24, 39\) does not match the image size \(24, 40\)"
+                                        r" of .*img.png"):
+        load(image, mask)
+
+
+def test_4d_volume_is_an_error_unless_a_channel_is_picked(tmp_path):
+    path = tmp_path / "four_d.nii.gz"
+    array = np.random.default_rng(0).random((8, 9, 10, 3), dtype=np.float32)
+    nib.save(nib.Nifti1Image(array, np.eye(4)), path)
+    with pytest.raises(DataError, match="four_d.nii.gz: is a 4D volume with 3 channels"):
+        load(path)
+    picked = load(path, channel=1)["image"]
+    np.testing.assert_array_equal(picked[0].numpy(), array[..., 1])
+
+
+def test_nan_or_inf_intensities_are_an_error(tmp_path):
+    array = np.ones((8, 9, 10), dtype=np.float32)
+    array[2, 3, 4] = np.nan
+    array[1, 1, 1] = np.inf
+    path = tmp_path / "nan.nii.gz"
+    nib.save(nib.Nifti1Image(array, np.eye(4)), path)
+    with pytest.raises(DataError, match="nan.nii.gz: holds 2 NaN/Inf intensities"):
+        load(path)
+
+
+def test_non_integer_mask_is_an_error(tmp_path):
+    image, mask = tmp_path / "img.nii.gz", tmp_path / "mask.nii.gz"
+    nib.save(nib.Nifti1Image(np.zeros((4, 4, 4), np.float32), np.eye(4)), image)
+    nib.save(nib.Nifti1Image(np.full((4, 4, 4), 0.5, np.float32), np.eye(4)), mask)
+    with pytest.raises(DataError, match="mask.nii.gz: mask holds non-integer values"):
+        load(image, mask)
+
+
+def test_label_value_missing_from_the_prompts_names_the_mask(tmp_path):
+    image, mask = tmp_path / "img.nii.gz", tmp_path / "mask.nii.gz"
+    labels = np.zeros((6, 6, 6), np.uint8)
+    labels[1, 1, 1], labels[2, 2, 2], labels[3, 3, 3] = 1, 2, 7
+    nib.save(nib.Nifti1Image(np.zeros((6, 6, 6), np.float32), np.eye(4)), image)
+    nib.save(nib.Nifti1Image(labels, np.eye(4)), mask)
+    d = load(image, mask) | {"prompts": {"1": "liver", "2": "spleen"}, "mask_encoding": "label_map"}
+    with pytest.raises(DataError, match=r"mask.nii.gz: label value\(s\) \[7\] are not in the prompts"):
+        DecodeLabeld()(d)
+    ignored = DecodeLabeld(unknown_labels="background")(d)["label"]
+    assert sorted(ignored.unique().tolist()) == [0, 1, 2]
+
+
+def test_volume_in_slice_space_resize_is_an_error(tmp_path):
+    path = tmp_path / "vol.nii.gz"
+    nib.save(nib.Nifti1Image(np.zeros((4, 5, 6), np.float32), np.eye(4)), path)
+    with pytest.raises(DataError, match="vol.nii.gz.*slice volumes first"):
+        ResizeToSliced(spatial_size=28)(load(path))
+
+
+def test_data_error_is_a_value_error_with_parts():
+    err = DataError("/x/y.png", "is broken", "fix it")
+    assert isinstance(err, ValueError)
+    assert str(err) == "/x/y.png: is broken. fix it"
+    assert (err.path, err.problem, err.hint) == ("/x/y.png", "is broken", "fix it")
