@@ -35,4 +35,18 @@ __all__ = [
     "split_items",
     "synonyms",
     "write_datalist",
+    "CACHE_MODES",
+    "build_dataloader",
+    "build_dataset",
 ]
+
+_CACHING_NAMES = ("CACHE_MODES", "build_dataloader", "build_dataset")  # from .caching, imported on first use
+
+
+def __getattr__(name: str):
+    """Import :mod:`.caching` (and so MONAI, slow to import) only when its names are used."""
+    if name in _CACHING_NAMES:
+        from . import caching
+
+        return getattr(caching, name)
+    raise AttributeError(f"module {__name__!r} has no attribute {name!r}")

@@ -1,0 +1,140 @@
+"""Datasets and loaders for the bundles: cache the deterministic head of a transform chain, rerun the rest.
+
+MONAI's cached datasets run the transforms up to the first random one (for the training chain: load, decode
+mask, intensity by modality) once and keep the result; everything from the first random transform on
+(``RandAxialSliced`` and after: instances, resize, normalisation, targets, negatives) runs again on every
+access, so each epoch still draws new slices and negatives.
+
+* ``"memory"``: :class:`monai.data.CacheDataset`, filled when built (``cache_rate`` of the items; the rest
+  is transformed on the fly). Fastest; costs RAM (a 2D RGB image ~ 3 x H x W float32, a volume its voxels).
+* ``"disk"``: :class:`monai.data.PersistentDataset` in ``cache_dir`` (one ``.pt`` per item, written on first
+  access, reused by later runs). The file name hashes the item and the deterministic transforms, so changing
+  those makes new files (old ones are not removed). MetaTensors keep their metadata (affine, applied
+  operations) so ``Invertd`` and the slice axis still work on cache hits.
+* ``"none"``: :class:`monai.data.Dataset`, everything every time.
+
+Example (bundle JSON)::
+
+    "dataset": {"_target_": "medsam3_monai.data.build_dataset", "data": "@train#data",
+                "transform": "@train#preprocessing", "cache": "memory", "num_workers": "@num_workers"}
+"""
+
+from __future__ import annotations
+
+from collections.abc import Callable, Sequence
+from pathlib import Path
+from typing import Any
+
+from monai.data import CacheDataset, DataLoader, Dataset, PersistentDataset, ThreadDataLoader
+from monai.data.utils import pickle_hashing
+from monai.transforms import Compose, Randomizable
+
+__all__ = ["CACHE_MODES", "build_dataloader", "build_dataset"]
+
+CACHE_MODES = ("memory", "disk", "none")
+
+
+def build_dataset(
+    data: Sequence[Any],
+    transform: Callable | Sequence[Callable],
+    cache: str | None = "memory",
+    cache_dir: str | Path | None = None,
+    cache_rate: float = 1.0,
+    num_workers: int = 0,
+    progress: bool = True,
+) -> Dataset:
+    """A MONAI dataset of ``data`` (datalist items) through ``transform``, cached as ``cache`` says.
+
+    Args:
+        data: datalist items (e.g. ``load_datalists(paths, "training")``).
+        transform: a ``Compose`` (or a list of transforms, composed here).
+        cache: ``"memory"`` (CacheDataset), ``"disk"`` (PersistentDataset in ``cache_dir``) or ``"none"``
+            (``None`` means ``"none"``).
+        cache_dir: folder of the disk cache (created if missing); required for ``"disk"``, unused otherwise.
+        cache_rate: fraction of the items cached in memory (``"memory"`` only), in ``(0, 1]``.
+        num_workers: threads filling the memory cache (0 and 1 both mean one).
+        progress: show a progress bar while filling the memory cache.
+
+    Raises:
+        ValueError: unknown ``cache`` mode, ``"disk"`` without ``cache_dir``, ``cache_rate`` out of range.
+    """
+    mode = "none" if cache is None else str(cache).lower()
+    if mode not in CACHE_MODES:
+        raise ValueError(f"unknown cache mode {cache!r}: use one of {', '.join(map(repr, CACHE_MODES))}")
+    if not 0.0 < float(cache_rate) <= 1.0:
+        raise ValueError(f"cache_rate must be in (0, 1], got {cache_rate}")
+    if mode == "disk" and not cache_dir:
+        raise ValueError("cache='disk' needs cache_dir (a folder for the cached items), e.g. cache_dir='runs/cache'")
+    if not isinstance(transform, Compose):
+        transform = Compose(transform)
+    if mode == "memory":
+        return CacheDataset(data=data, transform=transform, cache_rate=cache_rate,
+                            num_workers=max(int(num_workers), 1), progress=progress)
+    if mode == "disk":
+        # track_meta keeps MetaTensors (affine, applied operations) in the files; weights_only=False reads them
+        # back (metadata holds numpy arrays and strings): point cache_dir only at a folder this package wrote.
+        # MONAI hashes the deterministic head via ``transform.flatten()``, whose new Compose reseeds the random
+        # transforms (from ``get_seed()``): keep their generators so a seeded chain stays seeded.
+        generators = _generators(transform)
+        dataset = PersistentDataset(data=data, transform=transform, cache_dir=cache_dir,
+                                    hash_transform=_hash_transforms, track_meta=True, weights_only=False)
+        for randomizable, generator in generators:
+            randomizable.R = generator
+        return dataset
+    return Dataset(data=data, transform=transform)
+
+
+def _hash_transforms(transforms: Sequence[Any]) -> bytes:
+    """Hash of the deterministic head (objects and settings); by class names when an object cannot be pickled."""
+    try:
+        return pickle_hashing(transforms)
+    except Exception:  # noqa: BLE001 - e.g. a lambda inside a Lambdad
+        return pickle_hashing([f"{type(t).__module__}.{type(t).__qualname__}" for t in transforms])
+
+
+def _generators(transform: Any) -> list[tuple[Randomizable, Any]]:
+    """``(transform, its RandomState)`` for every randomizable transform in a (nested) Compose."""
+    found, stack = [], [transform]
+    while stack:
+        current = stack.pop()
+        if isinstance(current, Randomizable):
+            found.append((current, current.R))
+        if isinstance(current, Compose):
+            stack.extend(current.transforms)
+    return found
+
+
+def build_dataloader(
+    dataset: Dataset,
+    batch_size: int = 1,
+    shuffle: bool = False,
+    sampler: Any = None,
+    num_workers: int = 0,
+    collate_fn: Callable | None = None,
+    thread: bool = False,
+    **kwargs: Any,
+) -> DataLoader:
+    """A MONAI ``DataLoader`` (or ``ThreadDataLoader`` with ``thread=True``) over ``dataset``.
+
+    ``thread=True`` helps when the data are cached (``cache="memory"``) and what remains per item is cheap
+    (the random tail: slice pick, resize, targets): a background thread prepares the next batch while the
+    step runs, with ``num_workers=0`` and no worker processes, so the cache is neither copied nor pickled
+    across processes. With slow per-item work (uncached decoding of large files) worker processes
+    (``num_workers > 0``, either class) scale better. ``kwargs`` go to the loader (``pin_memory``,
+    ``generator``, ``buffer_size``/``repeats`` of ``ThreadDataLoader``, ...). MONAI's loader reseeds the
+    dataset's random transforms from torch's generator (``generator`` if given) when it is built.
+
+    Raises:
+        ValueError: both ``shuffle`` and ``sampler`` given, or ``batch_size`` < 1.
+    """
+    if shuffle and sampler is not None:
+        raise ValueError("give shuffle=True or a sampler, not both (a sampler decides the order itself)")
+    if int(batch_size) < 1:
+        raise ValueError(f"batch_size must be >= 1, got {batch_size}")
+    loader_kwargs: dict[str, Any] = dict(batch_size=int(batch_size), shuffle=bool(shuffle), sampler=sampler,
+                                         num_workers=int(num_workers), **kwargs)
+    if collate_fn is not None:
+        loader_kwargs["collate_fn"] = collate_fn
+    if thread:
+        return ThreadDataLoader(dataset, **loader_kwargs)
+    return DataLoader(dataset, **loader_kwargs)

@@ -1,0 +1,144 @@
+"""Data pipeline throughput per CPU core: images per second through load + the training transforms.
+
+Three sets of ../shared/data, each through the training chain of ``bundles/medsam3/configs/train.json``
+(``slice_space_transforms(train=True)``: load, decode, intensity, random slice, instances, grey->RGB, resize to
+S x S, SAM3 normalisation, targets, one sampled negative):
+
+* ``rgb``: 2D RGB (GBM40 H&E nuclei, up to 100 instance masks per image; or the Kvasir-SEG sample)
+* ``grey``: 2D grey (BUSI ultrasound)
+* ``3d``: MSD hippocampus volumes, one random axial slice per volume (``RandAxialSliced``), counted per slice
+
+``cold``: no cache, the whole chain per item. ``cached``: a warmed ``CacheDataset`` (load, decode, intensity
+cached), then only the part from the first random transform on, for ``--epochs`` passes. One thread
+(``torch.set_num_threads(1)``), one process: ``img_per_s`` is images per CPU-second of this process (per core,
+robust to other load on the machine); ``img_per_s_wall`` uses elapsed time. ``cores_for_60_img_per_s`` =
+ceil(60 / per-core rate) of the slowest set. Collation and worker IPC are not included.
+
+    python scripts/bench_data.py [--image-size 1008] [--items 16] [--epochs 2] [--data-root ../shared/data]
+
+Prints one JSON object on stdout (progress on stderr).
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import math
+import os
+import sys
+import time
+import warnings
+from pathlib import Path
+from typing import Any
+
+import torch
+
+REPO_ROOT = Path(__file__).resolve().parents[1]
+
+# set -> choice -> folder in the data root
+SETS = {
+    "rgb": {"gbm40": "GBM40_HE_nuclei", "kvasir": "Kvasir-SEG_sample"},
+    "grey": {"busi": "BUSI"},
+    "3d": {"hippocampus": "MSD_Task04_Hippocampus_cropped"},
+}
+
+
+def _log(message: str) -> None:
+    print(message, file=sys.stderr, flush=True)
+
+
+def _count(out: Any) -> int:
+    """Images (slices) in one dataset item: the chain returns a list of slice items."""
+    return len(out) if isinstance(out, list) else 1
+
+
+def _timed(fn) -> tuple[int, float, float]:
+    wall, cpu = time.perf_counter(), time.process_time()
+    images = fn()
+    return images, time.perf_counter() - wall, time.process_time() - cpu
+
+
+def _rates(images: int, wall: float, cpu: float) -> dict[str, float]:
+    return {"images": images, "img_per_s": round(images / cpu, 2), "img_per_s_wall": round(images / wall, 2),
+            "cpu_s": round(cpu, 3), "wall_s": round(wall, 3)}
+
+
+def bench_set(name: str, folder: Path, args: argparse.Namespace, concepts: list[str]) -> dict[str, Any]:
+    from medsam3_monai.data import build_datalist, build_dataset
+    from medsam3_monai.transforms import slice_space_transforms
+
+    if not folder.is_dir():
+        raise SystemExit(f"{folder}: not found (give --data-root, the folder holding {folder.name})")
+    datalist = build_datalist(folder.name, folder, check_values=False).datalist
+    items = (datalist["training"] + datalist["validation"])[: args.items]
+
+    def chain():
+        transform = slice_space_transforms(args.image_size, train=True, negative_concepts=concepts,
+                                           slices_per_volume=args.slices_per_volume)
+        return transform.set_random_state(seed=0)
+
+    # cold: every item loaded and transformed in full (one warm-up item first: lazy imports, reader set-up)
+    dataset = build_dataset(items, chain(), cache="none")
+    dataset[0]
+    _log(f"{name}: cold, {len(items)} items of {folder.name} at {args.image_size} px")
+    cold = _rates(*_timed(lambda: sum(_count(dataset[i]) for i in range(len(dataset)))))
+
+    # cached: fill the memory cache (timed apart), then passes over the random tail only
+    _log(f"{name}: cached, {args.epochs} passes")
+    fill_wall = time.perf_counter()
+    cached_set = build_dataset(items, chain(), cache="memory", num_workers=1, progress=False)
+    fill_wall = time.perf_counter() - fill_wall
+    cached_set[0]
+    cached = _rates(*_timed(lambda: sum(_count(cached_set[i]) for _ in range(args.epochs)
+                                        for i in range(len(cached_set)))))
+    cached["cache_fill_s"] = round(fill_wall, 3)
+    return {"dataset": folder.name, "items": len(items), "cold": cold, "cached": cached}
+
+
+def main(argv: list[str] | None = None) -> dict[str, Any]:
+    parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
+    parser.add_argument("--image-size", type=int, default=1008, help="slice size S (default 1008, real weights)")
+    parser.add_argument("--items", type=int, default=16, help="items (images or volumes) per set (default 16)")
+    parser.add_argument("--epochs", type=int, default=2, help="passes over the warmed cache (default 2)")
+    parser.add_argument("--slices-per-volume", type=int, default=1, help="RandAxialSliced num_samples (default 1)")
+    parser.add_argument("--rgb", choices=sorted(SETS["rgb"]), default="gbm40", help="the 2D RGB set (default gbm40)")
+    parser.add_argument("--data-root", default="../shared/data",
+                        help="folder of the shared samples; relative paths are relative to the repo root")
+    args = parser.parse_args(argv)
+    if args.items < 1 or args.epochs < 1 or args.image_size < 1:
+        parser.error("--items, --epochs and --image-size must be >= 1")
+    root = Path(args.data_root)
+    root = root if root.is_absolute() else (REPO_ROOT / root).resolve()
+
+    torch.set_num_threads(1)
+    warnings.filterwarnings("ignore", category=DeprecationWarning)
+    folders = {"rgb": SETS["rgb"][args.rgb], "grey": "BUSI", "3d": "MSD_Task04_Hippocampus_cropped"}
+    # negatives from the concepts of all three sets, as the bundle's concept_pool of a mixed datalist would give
+    concepts = ["cell nucleus", "polyp", "breast tumor", "anterior hippocampus", "posterior hippocampus"]
+
+    started = time.perf_counter()
+    sets = {name: bench_set(name, root / folder, args, concepts) for name, folder in folders.items()}
+    report: dict[str, Any] = {
+        "image_size": args.image_size,
+        "items_per_set": args.items,
+        "cached_epochs": args.epochs,
+        "slices_per_volume": args.slices_per_volume,
+        "torch_threads": torch.get_num_threads(),
+        "rate_unit": "img_per_s = images per CPU-second of one single-threaded process (per core); "
+                     "img_per_s_wall = images per elapsed second",
+        "sets": sets,
+    }
+    for kind in ("cold", "cached"):
+        worst = min(sets, key=lambda name: sets[name][kind]["img_per_s"])
+        rate, wall_rate = sets[worst][kind]["img_per_s"], sets[worst][kind]["img_per_s_wall"]
+        report.setdefault("worst", {})[kind] = {"set": worst, "img_per_s": rate, "img_per_s_wall": wall_rate}
+        report.setdefault("cores_for_60_img_per_s", {})[kind] = math.ceil(60 / rate)
+        report.setdefault("cores_for_60_img_per_s_wall", {})[kind] = math.ceil(60 / wall_rate)
+    report["machine"] = {"cpu_count": os.cpu_count(), "loadavg_1min": round(os.getloadavg()[0], 2),
+                         "bench_wall_s": round(time.perf_counter() - started, 1)}
+    print(json.dumps(report, indent=2))
+    return report
+
+
+if __name__ == "__main__":
+    main()
