@@ -1,5 +1,6 @@
 """Ignite engines of Medical SAM3 training and validation, schedules, optimiser and handlers."""
 
+from . import distributed
 from .checkpointing import TrainingCheckpoint, latest_checkpoint
 from .batch import PrepareFindBatch, collate_find_queries, largest_component_box
 from .evaluator import MedSAM3Evaluator, TopQueryDice, pred_and_label
@@ -9,7 +10,7 @@ from .schedulers import WarmupInverseSqrtLR, inverse_sqrt_factor
 from .trainer import MedSAM3Trainer, autocast_for
 
 __all__ = [
-    "EpochSeedHandler", "TrainingCheckpoint", "latest_checkpoint", "FinalCheckpoint", "MLflowRunInfoHandler", "MedSAM3Evaluator", "MedSAM3Trainer",
+    "distributed", "EpochSeedHandler", "TrainingCheckpoint", "latest_checkpoint", "FinalCheckpoint", "MLflowRunInfoHandler", "MedSAM3Evaluator", "MedSAM3Trainer",
     "PrepareFindBatch", "TopQueryDice", "WarmupInverseSqrtLR", "autocast_for", "build_optimizer",
     "collate_find_queries", "freeze_encoders", "inverse_sqrt_factor", "largest_component_box", "pred_and_label",
 ]

@@ -11,6 +11,8 @@ from typing import Any, Mapping
 import torch
 from ignite.engine import Engine, Events
 
+from .distributed import barrier, broadcast_object
+
 logger = logging.getLogger(__name__)
 _NAME = re.compile(r"^checkpoint_iter(\d+)\.pt$")
 
@@ -39,6 +41,9 @@ class TrainingCheckpoint:
         n_saved: checkpoints kept (oldest deleted).
         resume: ``True`` resumes from the latest checkpoint in ``save_dir`` when one exists, a path resumes from
             that file, ``False`` starts fresh.
+
+    Under DistributedDataParallel attach it on every rank: rank 0 alone saves, and every rank loads the
+    checkpoint rank 0 picks (``save_dir`` must be visible to every rank, e.g. a shared file system).
     """
 
     def __init__(self, save_dir: str, objects: Mapping[str, Any], save_interval: int = 100, n_saved: int = 2,
@@ -81,6 +86,7 @@ class TrainingCheckpoint:
         if self.resume is False:
             return
         path = latest_checkpoint(self.save_dir) if self.resume is True else Path(self.resume)
+        path = broadcast_object(path)  # DDP: every rank resumes from rank 0's choice (only rank 0 saves)
         if path is None:
             return
         if not path.is_file():
@@ -95,4 +101,5 @@ class TrainingCheckpoint:
         engine.load_state_dict(payload["trainer"])
         engine.state.max_epochs = max_epochs
         self.resumed_from = path
+        barrier()  # DDP: no rank trains (nor rank 0 saves) before every rank has loaded
         logger.info("resumed from %s at iteration %d (epoch %d)", path, engine.state.iteration, engine.state.epoch)

@@ -9,6 +9,8 @@ from typing import Any, Mapping, Sequence
 import torch
 from ignite.engine import Engine, Events
 
+from .distributed import get_rank
+
 logger = logging.getLogger(__name__)
 
 
@@ -18,6 +20,9 @@ class EpochSeedHandler:
     Shuffling (``sampler.set_epoch`` or a seeded generator), random transforms (``set_random_state``) and torch's
     global RNG (dropout) then depend only on the epoch, so a run resumed from an epoch-boundary checkpoint draws
     exactly what the uninterrupted run drew.
+
+    Under DDP the sampler shuffles alike on every rank (``set_epoch``: one permutation, split into shards),
+    while random transforms and the global RNG get ``+ rank`` so that ranks do not draw the same augmentations.
     """
 
     def __init__(self, seed: int = 42, sampler: Any = None, transform: Any = None) -> None:
@@ -28,14 +33,15 @@ class EpochSeedHandler:
 
     def __call__(self, engine: Engine) -> None:
         epoch_seed = self.seed + 1000 * engine.state.epoch
-        torch.manual_seed(epoch_seed)
+        rank_seed = epoch_seed + get_rank()
+        torch.manual_seed(rank_seed)
         if self.sampler is not None:
             if hasattr(self.sampler, "set_epoch"):
                 self.sampler.set_epoch(engine.state.epoch)
             elif getattr(self.sampler, "generator", None) is not None:
                 self.sampler.generator.manual_seed(epoch_seed)
         if self.transform is not None and hasattr(self.transform, "set_random_state"):
-            self.transform.set_random_state(seed=epoch_seed % (2**32))
+            self.transform.set_random_state(seed=rank_seed % (2**32))
 
 
 def mlflow_run_of(engine: Engine) -> tuple[Any, str] | None:

@@ -1,0 +1,137 @@
+"""Multi-GPU bundle (multi_gpu_train.json over train.json) under torchrun: 2 CPU ranks on gloo stay in step.
+
+The slow test trains the tiny network for one epoch on real samples with two ranks that see different shards,
+then compares every tensor of both ranks' state dicts: DDP must have averaged the gradients so the replicas are
+bit-identical. It also pins that only rank 0 logs and writes checkpoints and the final model.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+import pytest
+import torch
+
+from medsam3_monai.engines import distributed
+from medsam3_monai.engines.handlers import EpochSeedHandler, FinalCheckpoint
+
+REPO_ROOT = Path(__file__).resolve().parents[1]
+CONFIGS = REPO_ROOT / "bundles" / "medsam3" / "configs"
+
+
+class _Named:
+    """Stand-in handler whose class name is chosen per instance (the filter matches class names)."""
+
+
+def _handler(name: str):
+    return type(name, (_Named,), {})()
+
+
+def test_handlers_for_rank_keeps_everything_on_rank0():
+    handlers = [_handler("StatsHandler"), _handler("TrainingCheckpoint"), _handler("MLFlowHandler")]
+    assert distributed.handlers_for_rank(handlers) == handlers
+    assert distributed.handlers_for_rank(None) == []
+
+
+def test_handlers_for_rank_drops_logging_and_writers_on_other_ranks(monkeypatch):
+    monkeypatch.setattr(distributed, "get_rank", lambda: 1)
+    seed = EpochSeedHandler()
+    kept = [seed, _handler("LrScheduleHandler"), _handler("ValidationHandler"), _handler("TrainingCheckpoint")]
+    dropped = [_handler("StatsHandler"), FinalCheckpoint(torch.nn.Linear(1, 1), "unused.pt"),
+               _handler("MLflowRunInfoHandler"), _handler("MLFlowHandler"), _handler("CheckpointSaver")]
+    assert distributed.handlers_for_rank(kept[:2] + dropped + kept[2:]) == kept
+
+
+@pytest.mark.parametrize(("size", "expected"), [(3, [[0, 2], [1]]), (1, [[0], [0]]), (0, [[], []])])
+def test_validation_sampler_shards_without_empty_ranks(monkeypatch, size, expected):
+    """Each item on one rank (uneven shards); fewer items than ranks: repeat rather than leave a rank idle."""
+    monkeypatch.setattr(distributed, "get_world_size", lambda: 2)
+    shards = []
+    for rank in (0, 1):
+        monkeypatch.setattr(distributed, "get_rank", lambda rank=rank: rank)
+        shards.append(list(distributed.validation_sampler(list(range(size)))))
+    assert shards == expected
+
+
+def _datalist(shared: Path, out: Path) -> list[str]:
+    """Kvasir (4 training, 1 validation) + chest X-ray (2 + 2): 6 training items, 3 per rank, 3 validation."""
+    from medsam3_monai.data import build_datalist, write_datalist
+
+    paths = []
+    for folder, val_fraction in (("Kvasir-SEG_sample", 0.15), ("ChestXray_lung_sample", 0.5)):
+        datalist = build_datalist(folder, shared / folder, val_fraction=val_fraction).datalist
+        paths.append(str(write_datalist(datalist, out / f"{folder}.json")))
+    return paths
+
+
+def _rank_log(log_dir: Path, rank: int) -> str:
+    found = sorted(log_dir.glob(f"*/attempt_0/{rank}/stdout.log"))
+    assert len(found) == 1, f"torchrun log of rank {rank} not found under {log_dir}"
+    return found[0].read_text(encoding="utf-8", errors="replace")
+
+
+@pytest.mark.slow
+def test_two_gloo_ranks_train_identical_parameters(shared_data: Path, tmp_path: Path):
+    datalists = _datalist(shared_data, tmp_path / "datalists")
+    bundle_root, log_dir = tmp_path / "bundle", tmp_path / "torchrun_logs"
+    # a third overlay, for this test only: dump every rank's parameters before and after training
+    dump = "medsam3_monai.engines.distributed.save_rank_state"
+    probe = tmp_path / "probe.json"
+    probe.write_text(json.dumps({"run": [
+        f"${dump}(@network, @bundle_root + '/rank_states/init')",
+        "$@train#trainer.run()",
+        f"${dump}(@network, @bundle_root + '/rank_states/final', indices=list(@train#sampler))",
+    ]}))
+    configs = [str(CONFIGS / "train.json"), str(CONFIGS / "multi_gpu_train.json"), str(probe)]
+    command = [
+        sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc_per_node", "2",
+        "--log-dir", str(log_dir), "--redirects", "3",
+        "-m", "monai.bundle", "run",
+        "--config_file", repr(configs),
+        "--meta_file", str(CONFIGS / "metadata.json"),
+        "--logging_file", str(CONFIGS / "logging.conf"),
+        "--bundle_root", str(bundle_root),
+        "--datalists", repr(datalists),
+        "--max_epochs", "1", "--batch_size", "1",
+        "--val_interval", "3", "--save_interval", "2",
+    ]
+    env = {**os.environ, "OMP_NUM_THREADS": "1", "MKL_NUM_THREADS": "1"}
+    start = time.monotonic()
+    done = subprocess.run(command, cwd=REPO_ROOT, env=env, capture_output=True, text=True, timeout=300)
+    logs = {rank: _rank_log(log_dir, rank) if log_dir.is_dir() else "" for rank in (0, 1)}
+    assert done.returncode == 0, (
+        f"torchrun failed ({done.returncode}) after {time.monotonic() - start:.0f}s\n{done.stderr[-4000:]}\n"
+        f"rank 0:\n{logs[0][-3000:]}\nrank 1:\n{logs[1][-3000:]}"
+    )
+
+    states = {
+        (stage, rank): torch.load(bundle_root / "rank_states" / stage / f"rank{rank}.pt", weights_only=False)
+        for stage in ("init", "final") for rank in (0, 1)
+    }
+    # the ranks trained on different, complementary shards of the 6 training items ...
+    shards = [states["final", rank]["indices"] for rank in (0, 1)]
+    assert len(shards[0]) == len(shards[1]) == 3
+    assert sorted(shards[0] + shards[1]) == list(range(6))
+    # ... for 3 optimiser steps that moved the weights ...
+    init = states["init", 0]["state_dict"]
+    final0, final1 = states["final", 0]["state_dict"], states["final", 1]["state_dict"]
+    assert final0.keys() == final1.keys() == init.keys()
+    assert any(not torch.equal(init[k], final0[k]) for k in init), "training did not change any parameter"
+    # ... and still hold bit-identical parameters and buffers
+    different = [k for k in final0 if not torch.equal(final0[k], final1[k])]
+    assert not different, f"{len(different)} tensors differ between ranks, e.g. {different[:5]}"
+
+    # the final model is rank 0's network; checkpoints and logs come from rank 0 alone
+    model = torch.load(bundle_root / "models" / "model.pt", map_location="cpu", weights_only=False)
+    assert all(torch.equal(value, final0[f"sam3.{key}"]) for key, value in model["state_dict"].items())
+    checkpoints = sorted(p.name for p in (bundle_root / "runs" / "checkpoints").iterdir())
+    assert checkpoints == ["checkpoint_iter2.pt", "checkpoint_iter3.pt", "model_best_val_dice.pt"]
+    for line in ("saved training checkpoint", "saved final model", "Epoch: 1/1, Iter: 3/3", "val_dice",
+                 "MedSAM3Trainer - INFO"):
+        assert line in logs[0], f"rank 0 did not log {line!r}"
+        assert line not in logs[1], f"rank 1 logged {line!r}: only rank 0 should"
