@@ -1,0 +1,187 @@
+"""Per-case segmentation metrics on binary masks: Dice, IoU, NSD (surface Dice) and HD95.
+
+Every function takes one case: a predicted and a ground-truth mask of the same shape, ``(H, W)`` for a 2D
+image or ``(D, H, W)`` (any axis order) for a volume, as torch tensors or numpy arrays of bool, integer or
+float dtype. Non-zero means foreground; float masks must already be binary ({0, 1}) — threshold
+probabilities first, a map with other values is an error rather than a silent guess.
+
+Values are fractions in [0, 1] (HD95 in mm); reports turn them into %.
+
+Empty masks (the evaluation protocol of DESIGN.md):
+
+==============================  ======  ======  ======  ======
+prediction / truth              Dice    IoU     NSD     HD95
+==============================  ======  ======  ======  ======
+both empty                      1.0     1.0     1.0     NaN
+truth empty, prediction not     0.0     0.0     0.0     NaN
+prediction empty, truth not     0.0     0.0     0.0     NaN
+==============================  ======  ======  ======  ======
+
+HD95 has no finite value when a surface is missing; it is NaN and the aggregation (``aggregate.py``)
+averages it with ``nanmean`` and reports how many cases had a finite value.
+
+Surface metrics use MONAI (``compute_surface_dice``, ``compute_hausdorff_distance``): surfaces are the edge
+voxels of each mask (the mask minus its erosion); distances are Euclidean in mm given ``spacing``, one value
+per axis **in the array's axis order** (a single number means isotropic; ``None`` means 1 per voxel, so
+tolerances and distances are then in voxels). HD95 follows MONAI: the larger of the two directed 95th
+percentiles of edge-to-edge distances.
+
+NSD tolerance: :data:`DEFAULT_NSD_TOLERANCE_MM` = 2 mm, the tolerance of MedSAM's evaluation
+(``compute_multi_class_nsd(..., tolerance=2.0)`` in bowang-lab/MedSAM ``evaluation/compute_metrics.py``, also
+used by the CVPR 2024 MedSAM-on-laptop challenge). Medical SAM3 reports Dice and IoU only, so it sets no
+convention. NSD counts edge voxels (MONAI's default, ``use_subvoxels=False``); DeepMind's surface-area
+weighting, which MedSAM's copy of ``surface-distance`` uses, is available with ``use_subvoxels=True``.
+"""
+
+from __future__ import annotations
+
+import math
+import warnings
+from collections.abc import Sequence
+
+import numpy as np
+import torch
+
+__all__ = [
+    "DEFAULT_NSD_TOLERANCE_MM",
+    "as_binary_mask",
+    "case_metrics",
+    "dice",
+    "hd95",
+    "iou",
+    "surface_dice",
+]
+
+DEFAULT_NSD_TOLERANCE_MM = 2.0
+
+Spacing = float | Sequence[float] | None
+
+
+def as_binary_mask(mask: torch.Tensor | np.ndarray, name: str = "mask") -> torch.Tensor:
+    """A CPU bool tensor of a 2D or 3D binary mask (non-zero = foreground).
+
+    Raises ValueError for other dimensionalities and for float masks whose values are not 0 or 1.
+    """
+    if isinstance(mask, torch.Tensor):
+        t = mask.detach().cpu()
+    else:
+        t = torch.from_numpy(np.ascontiguousarray(mask))
+    if t.ndim not in (2, 3):
+        raise ValueError(f"{name} must be (H, W) or (D, H, W), got shape {tuple(t.shape)}")
+    if t.dtype == torch.bool:
+        return t
+    if t.is_floating_point() and not bool(((t == 0) | (t == 1)).all()):
+        raise ValueError(
+            f"{name} is a float map with values other than 0 and 1; threshold probabilities or logits "
+            "into a binary mask before computing metrics"
+        )
+    return t != 0
+
+
+def _pair(pred, truth) -> tuple[torch.Tensor, torch.Tensor]:
+    p, t = as_binary_mask(pred, "pred"), as_binary_mask(truth, "truth")
+    if p.shape != t.shape:
+        raise ValueError(f"pred and truth must have the same shape, got {tuple(p.shape)} and {tuple(t.shape)}")
+    return p, t
+
+
+def _counts(pred, truth) -> tuple[int, int, int]:
+    p, t = _pair(pred, truth)
+    return int((p & t).sum()), int(p.sum()), int(t.sum())
+
+
+def dice(pred, truth) -> float:
+    """Dice = 2|P∩T| / (|P| + |T|); 1.0 when both masks are empty, 0.0 when only one is."""
+    inter, n_p, n_t = _counts(pred, truth)
+    return 1.0 if n_p + n_t == 0 else 2.0 * inter / (n_p + n_t)
+
+
+def iou(pred, truth) -> float:
+    """IoU (Jaccard) = |P∩T| / |P∪T|; 1.0 when both masks are empty, 0.0 when only one is."""
+    inter, n_p, n_t = _counts(pred, truth)
+    union = n_p + n_t - inter
+    return 1.0 if union == 0 else inter / union
+
+
+def _spacing_arg(spacing: Spacing, ndim: int) -> float | list[float] | None:
+    if spacing is None or isinstance(spacing, (int, float)):
+        return spacing
+    values = [float(s) for s in np.asarray(spacing, dtype=float).ravel()]
+    if len(values) != ndim:
+        raise ValueError(f"spacing needs one value per mask axis ({ndim}), got {len(values)}: {values}")
+    return values
+
+
+def surface_dice(
+    pred,
+    truth,
+    spacing: Spacing = None,
+    tolerance_mm: float = DEFAULT_NSD_TOLERANCE_MM,
+    use_subvoxels: bool = False,
+) -> float:
+    """Normalised surface Dice (NSD) at ``tolerance_mm``: the fraction of both masks' surfaces lying within
+    the tolerance of the other's surface. 1.0 when both masks are empty, 0.0 when exactly one is.
+
+    ``spacing``: voxel size per axis in the array's axis order (None = 1, tolerance then in voxels).
+    """
+    p, t = _pair(pred, truth)
+    has_p, has_t = bool(p.any()), bool(t.any())
+    if not has_p and not has_t:
+        return 1.0
+    if not (has_p and has_t):
+        return 0.0
+    from monai.metrics import compute_surface_dice  # lazy: importing MONAI costs seconds
+
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore")  # MONAI's deprecation chatter inside get_mask_edges
+        value = compute_surface_dice(
+            p[None, None].float(),
+            t[None, None].float(),
+            class_thresholds=[float(tolerance_mm)],
+            include_background=True,
+            spacing=_spacing_arg(spacing, p.ndim),
+            use_subvoxels=use_subvoxels,
+        )
+    return float(value.reshape(-1)[0])
+
+
+def hd95(pred, truth, spacing: Spacing = None) -> float:
+    """95th-percentile symmetric Hausdorff distance in mm (voxels when ``spacing`` is None).
+
+    NaN when either mask is empty (no surface to measure from); aggregate with nanmean.
+    """
+    p, t = _pair(pred, truth)
+    if not (bool(p.any()) and bool(t.any())):
+        return math.nan
+    from monai.metrics import compute_hausdorff_distance
+
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore")
+        value = compute_hausdorff_distance(
+            p[None, None].float(),
+            t[None, None].float(),
+            include_background=True,
+            percentile=95,
+            spacing=_spacing_arg(spacing, p.ndim),
+        )
+    return float(value.reshape(-1)[0])
+
+
+def case_metrics(
+    pred,
+    truth,
+    spacing: Spacing = None,
+    nsd_tolerance_mm: float = DEFAULT_NSD_TOLERANCE_MM,
+    use_subvoxels: bool = False,
+) -> dict[str, float]:
+    """All metrics of one case: ``{"dice", "iou"}``, plus ``"nsd"`` and ``"hd95"`` when ``spacing`` is given.
+
+    Without spacing (e.g. photographs, most 2D sets) surface metrics in mm are meaningless, so they are left
+    out rather than computed in pixels; pass ``spacing=1.0`` to get them per pixel anyway.
+    """
+    p, t = _pair(pred, truth)
+    out = {"dice": dice(p, t), "iou": iou(p, t)}
+    if spacing is not None:
+        out["nsd"] = surface_dice(p, t, spacing, nsd_tolerance_mm, use_subvoxels)
+        out["hd95"] = hd95(p, t, spacing)
+    return out

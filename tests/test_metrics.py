@@ -1,0 +1,302 @@
+"""Metrics layer: per-case Dice/IoU/NSD/HD95, the class-merge rule, dataset/group tables and reports."""
+
+from __future__ import annotations
+
+import csv
+import math
+
+import numpy as np
+import pytest
+import torch
+from monai.metrics import DiceMetric, MeanIoU
+
+from medsam3_monai.metrics import (
+    DEFAULT_NSD_TOLERANCE_MM,
+    aggregate,
+    case_metrics,
+    compare,
+    dice,
+    hd95,
+    iou,
+    merge_classes,
+    read_cases_csv,
+    surface_dice,
+    write_cases_csv,
+)
+
+
+def _square(shape, rows, cols):
+    m = np.zeros(shape, dtype=bool)
+    m[rows[0] : rows[1], cols[0] : cols[1]] = True
+    return m
+
+
+# ---------------------------------------------------------------- Dice / IoU
+
+
+def test_dice_and_iou_known_answer_on_4x4_masks():
+    pred = np.zeros((4, 4), dtype=np.uint8)
+    pred[0, :] = 1  # 4 pixels
+    truth = np.zeros((4, 4), dtype=np.uint8)
+    truth[0, :3] = 1
+    truth[1, :2] = 1  # 5 pixels, 3 shared with pred
+    assert dice(pred, truth) == pytest.approx(2 * 3 / (4 + 5), abs=1e-12)
+    assert iou(pred, truth) == pytest.approx(3 / 6, abs=1e-12)
+    # torch input, bool and float {0, 1} dtypes give the same numbers
+    assert dice(torch.from_numpy(pred).bool(), torch.from_numpy(truth).float()) == pytest.approx(2 / 3, abs=1e-12)
+
+
+def test_empty_prediction_and_empty_truth_score_one():
+    empty = np.zeros((5, 6), dtype=bool)
+    assert dice(empty, empty) == 1.0
+    assert iou(empty, empty) == 1.0
+    assert surface_dice(empty, empty, spacing=1.0) == 1.0
+    assert math.isnan(hd95(empty, empty, spacing=1.0))
+
+
+def test_empty_truth_with_a_prediction_scores_zero_and_the_reverse_too():
+    empty = np.zeros((8, 8), dtype=bool)
+    blob = _square((8, 8), (2, 5), (2, 5))
+    for pred, truth in ((blob, empty), (empty, blob)):
+        assert dice(pred, truth) == 0.0
+        assert iou(pred, truth) == 0.0
+        assert surface_dice(pred, truth, spacing=1.0) == 0.0
+        assert math.isnan(hd95(pred, truth, spacing=1.0))
+
+
+@pytest.mark.parametrize("shape", [(48, 40), (6, 20, 24)])
+def test_dice_and_iou_equal_monai_metrics_on_random_masks(shape):
+    gen = torch.Generator().manual_seed(0)
+    dice_metric = DiceMetric(include_background=True, reduction="mean")
+    iou_metric = MeanIoU(include_background=True, reduction="mean")
+    for _ in range(5):
+        pred = torch.rand(shape, generator=gen) > 0.6
+        truth = torch.rand(shape, generator=gen) > 0.5
+        assert truth.any()
+        expected_dice = dice_metric(pred[None, None].float(), truth[None, None].float()).item()
+        expected_iou = iou_metric(pred[None, None].float(), truth[None, None].float()).item()
+        assert dice(pred, truth) == pytest.approx(expected_dice, abs=1e-6)
+        assert iou(pred, truth) == pytest.approx(expected_iou, abs=1e-6)
+
+
+def test_probability_maps_and_wrong_shapes_are_rejected():
+    truth = np.zeros((4, 4))
+    with pytest.raises(ValueError, match="threshold"):
+        dice(np.full((4, 4), 0.7), truth)
+    with pytest.raises(ValueError, match="same shape"):
+        dice(np.zeros((4, 5)), truth)
+    with pytest.raises(ValueError, match=r"\(H, W\)"):
+        dice(np.zeros((1, 1, 4, 4)), np.zeros((1, 1, 4, 4)))
+    with pytest.raises(ValueError, match="one value per mask axis"):
+        hd95(np.ones((4, 4)), np.ones((4, 4)), spacing=(1.0, 1.0, 1.0))
+
+
+# ---------------------------------------------------------------- HD95
+
+
+def test_hd95_of_squares_offset_by_k_voxels_is_k_times_spacing():
+    # 20x20 squares shifted 3 voxels along axis 1; spacing 0.5 mm (axis 0) x 2 mm (axis 1): every edge voxel
+    # lies within 3 x 2 mm of the other edge and about half lie exactly there, so HD95 = 6 mm.
+    pred = _square((40, 40), (5, 25), (5, 25))
+    truth = _square((40, 40), (5, 25), (8, 28))
+    assert hd95(pred, truth, spacing=(0.5, 2.0)) == pytest.approx(6.0)
+    assert hd95(pred, truth) == pytest.approx(3.0)  # no spacing: voxels
+    # the spacing is read in array-axis order: swapping it changes the answer
+    assert hd95(pred, truth, spacing=(2.0, 0.5)) == pytest.approx(1.5)
+
+
+def test_hd95_in_3d_with_anisotropic_slices():
+    pred = np.zeros((20, 16, 16), dtype=bool)
+    pred[2:14, 2:14, 2:14] = True
+    truth = np.roll(pred, 2, axis=0)  # 2 slices of 3 mm
+    assert hd95(pred, truth, spacing=(3.0, 1.0, 1.0)) == pytest.approx(6.0)
+    assert hd95(pred, pred, spacing=(3.0, 1.0, 1.0)) == 0.0
+
+
+# ---------------------------------------------------------------- NSD
+
+
+def test_nsd_known_answer_for_a_one_voxel_shift():
+    # 6x6 squares shifted one column: of the 20 edge voxels of each, 10 lie on the other's edge (top and
+    # bottom rows) and 10 lie one column away from it.
+    pred = _square((10, 10), (2, 8), (2, 8))
+    truth = _square((10, 10), (2, 8), (3, 9))
+    assert surface_dice(pred, truth, spacing=2.0, tolerance_mm=1.5) == pytest.approx(0.5)
+    assert surface_dice(pred, truth, spacing=2.0, tolerance_mm=2.0) == pytest.approx(1.0)
+    # anisotropic: columns 2 mm apart, rows 1 mm apart -> the two side voxels next to a corner of the other
+    # square (rows 3 and 6) come within 1 mm of its top/bottom edge: (10 + 2) / 20 per direction.
+    assert surface_dice(pred, truth, spacing=(1.0, 2.0), tolerance_mm=1.5) == pytest.approx(0.6)
+    assert surface_dice(pred, pred, spacing=(1.0, 2.0), tolerance_mm=0.0) == 1.0
+
+
+def test_case_metrics_adds_surface_metrics_only_with_spacing():
+    pred = _square((10, 10), (2, 8), (2, 8))
+    truth = _square((10, 10), (2, 8), (3, 9))
+    plain = case_metrics(pred, truth)
+    assert set(plain) == {"dice", "iou"}
+    full = case_metrics(pred, truth, spacing=(1.0, 1.0))
+    assert set(full) == {"dice", "iou", "nsd", "hd95"}
+    assert full["dice"] == pytest.approx(2 * 30 / 72)
+    assert full["iou"] == pytest.approx(30 / 42)
+    assert full["nsd"] == 1.0  # one-voxel shift at 1 mm is inside the default 2 mm tolerance
+    assert full["hd95"] == pytest.approx(1.0)
+    assert DEFAULT_NSD_TOLERANCE_MM == 2.0
+    assert case_metrics(pred, truth, spacing=2.0, nsd_tolerance_mm=1.0)["nsd"] == pytest.approx(0.5)
+
+
+# ---------------------------------------------------------------- class merge
+
+
+def test_overlapping_classes_go_to_the_most_confident_claimant():
+    conf = torch.tensor(
+        [
+            [[0.9, 0.6, 0.2, 0.1], [0.7, 0.1, 0.95, 0.5]],  # class 1
+            [[0.8, 0.7, 0.9, 0.1], [0.7, 0.1, 0.9, 0.5]],  # class 2
+        ]
+    )
+    masks = torch.tensor(
+        [
+            [[1, 1, 0, 0], [1, 0, 0, 0]],
+            [[1, 1, 1, 0], [1, 0, 1, 0]],
+        ]
+    )
+    labels = merge_classes(conf, masks)
+    expected = torch.tensor(
+        [
+            [1, 2, 2, 0],  # both claim: max wins (0.9 vs 0.8, 0.6 vs 0.7); only class 2 claims; nobody claims
+            [1, 0, 2, 0],  # tie -> earlier prompt; unclaimed; class 1 more confident but does not claim
+        ],
+        dtype=torch.uint8,
+    )
+    assert torch.equal(labels, expected)
+
+
+def test_merge_keeps_numpy_3d_and_thresholds_without_masks():
+    conf = np.zeros((3, 2, 4, 4), dtype=np.float32)
+    conf[0, :, :2] = 0.8
+    conf[1, :, 1:3] = 0.9
+    conf[2, 1, :, 3] = 0.4  # below the 0.5 threshold: never claims
+    labels = merge_classes(conf)
+    assert isinstance(labels, np.ndarray) and labels.shape == (2, 4, 4)
+    assert (labels[:, 0] == 1).all()
+    assert (labels[:, 1:3] == 2).all()
+    assert (labels[:, 3] == 0).all()
+    with pytest.raises(ValueError, match="differs"):
+        merge_classes(conf, np.ones((3, 2, 4, 5)))
+
+
+# ---------------------------------------------------------------- aggregation and reports
+
+
+def _records(shift=0.0):
+    def rec(ds, group, case, dice_value, iou_value, **more):
+        return {
+            "dataset": ds,
+            "group": group,
+            "case": case,
+            "prompt": "p",
+            "metrics": {"dice": dice_value + shift, "iou": iou_value + shift, **more},
+        }
+
+    return [
+        rec("A", "internal", "a1", 0.8, 0.7),
+        rec("C", "external", "c1", 0.5, 0.4, nsd=0.6, hd95=2.0),
+        rec("A", "internal", "a2", 0.6, 0.5),
+        rec("B", "internal", "b1", 0.9, 0.8),
+        rec("C", "external", "c2", 0.7, 0.6, nsd=0.8, hd95=math.nan),
+        rec("C", "external", "c3", 0.9, 0.8, nsd=1.0, hd95=4.0),
+    ]
+
+
+def test_dataset_means_and_group_mean_of_dataset_means():
+    table = aggregate(_records())
+    assert table.metrics == ("dice", "iou", "nsd", "hd95")
+    assert [(r["kind"], r["name"]) for r in table.rows] == [
+        ("dataset", "A"),
+        ("dataset", "B"),
+        ("group", "internal"),
+        ("dataset", "C"),
+        ("group", "external"),
+        ("overall", "overall"),
+    ]
+    a = table.row("A")
+    assert a["n"] == 2
+    assert (a["dice"], a["dice_std"], a["iou"]) == (pytest.approx(0.7), pytest.approx(0.1), pytest.approx(0.6))
+    assert math.isnan(a["nsd"]) and a["nsd_n"] == 0
+    c = table.row("C")
+    assert c["dice"] == pytest.approx(0.7)
+    assert c["dice_std"] == pytest.approx(math.sqrt(0.08 / 3))
+    assert (c["hd95"], c["hd95_n"]) == (pytest.approx(3.0), 2)  # NaN skipped
+    internal = table.row("internal", kind="group")
+    # mean of dataset means (0.7, 0.9), not of the three cases (0.7667)
+    assert internal["dice"] == pytest.approx(0.8)
+    assert (internal["n"], internal["n_datasets"]) == (3, 2)
+    overall = table.row("overall")
+    assert overall["dice"] == pytest.approx((0.7 + 0.9 + 0.7) / 3)
+    assert overall["nsd"] == pytest.approx(0.8)  # only C has NSD
+
+
+def test_markdown_shows_percent_with_two_decimals_and_hd95_in_mm():
+    md = aggregate(_records()).to_markdown()
+    assert "| Dataset | Group | n | Dice (%) | IoU (%) | NSD (%) | HD95 (mm) |" in md
+    assert "| A | internal | 2 | 70.00 | 60.00 | – | – |" in md
+    assert "| C | external | 3 | 70.00 | 60.00 | 80.00 | 3.00 |" in md
+    assert "| **internal (mean of 2 datasets)** | internal | 3 | 80.00 | 70.00 |" in md
+    assert "70.00 ± 10.00" in aggregate(_records()).to_markdown(std=True)
+
+
+def test_compare_gives_b_minus_a_columns():
+    table_a = aggregate(_records())
+    table_b = aggregate(_records(shift=0.05))
+    cmp = compare(table_a, table_b, labels=("SAM3", "Medical SAM3"))
+    assert cmp.metrics == ("dice", "iou", "nsd", "hd95")
+    row = cmp.row("B")
+    assert row["dice_a"] == pytest.approx(0.9)
+    assert row["dice_b"] == pytest.approx(0.95)
+    assert row["dice_delta"] == pytest.approx(0.05)
+    assert cmp.row("external", kind="group")["iou_delta"] == pytest.approx(0.05)
+    assert cmp.row("C")["hd95_delta"] == pytest.approx(0.0)
+    md = cmp.to_markdown()
+    assert "Dice (%) SAM3 | Dice (%) Medical SAM3 | Δ Dice" in md
+    assert "| B | internal | 90.00 | 95.00 | +5.00 |" in md
+
+
+def test_compare_keeps_rows_missing_from_one_table_as_nan():
+    table_a = aggregate([r for r in _records() if r["dataset"] != "B"])
+    cmp = compare(table_a, aggregate(_records()))
+    b = cmp.row("B")
+    assert math.isnan(b["dice_a"]) and b["dice_b"] == pytest.approx(0.9) and math.isnan(b["dice_delta"])
+
+
+def test_csv_reports_round_trip(tmp_path):
+    records = _records()
+    path = write_cases_csv(records, tmp_path / "cases.csv")
+    back = read_cases_csv(path)
+    assert [r["case"] for r in back] == [r["case"] for r in records]
+    again = aggregate(back)
+    for name in ("A", "C", "internal", "overall"):
+        for m in ("dice", "hd95"):
+            x, y = aggregate(records).row(name)[m], again.row(name)[m]
+            assert (math.isnan(x) and math.isnan(y)) or x == pytest.approx(y)
+    table_path = aggregate(records).to_csv(tmp_path / "sub" / "table.csv")
+    rows = list(csv.DictReader(table_path.open()))
+    assert rows[0]["name"] == "A" and float(rows[0]["dice"]) == pytest.approx(0.7)
+    assert rows[0]["nsd"] == ""  # NaN written blank
+    cmp_path = compare(aggregate(records), aggregate(_records(0.05))).to_csv(tmp_path / "cmp.csv")
+    assert "dice_delta" in cmp_path.read_text().splitlines()[0]
+
+
+def test_aggregate_refuses_mixed_protocols_and_split_datasets():
+    records = _records()
+    records[0]["protocol"] = "top-query"
+    records[1]["protocol"] = "union"
+    with pytest.raises(ValueError, match="protocols"):
+        aggregate(records)
+    records = _records()
+    records[0]["group"] = "external"
+    with pytest.raises(ValueError, match="groups"):
+        aggregate(records)
+    one = [dict(r, protocol="top-query") for r in _records()]
+    table = aggregate(one)
+    assert table.protocol == "top-query"
+    assert "protocol: top-query" in table.to_markdown()
