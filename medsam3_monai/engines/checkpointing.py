@@ -36,11 +36,14 @@ class TrainingCheckpoint:
     Args:
         save_dir: folder of ``checkpoint_iterN.pt`` files.
         objects: name -> object with ``state_dict``/``load_state_dict`` (network, optimizer, lr_scheduler).
-        save_interval: iterations between checkpoints (choose a multiple of the epoch length for an exact resume:
-            the per-epoch seeding then replays the same data).
+        save_interval: iterations between checkpoints.
         n_saved: checkpoints kept (oldest deleted).
         resume: ``True`` resumes from the latest checkpoint in ``save_dir`` when one exists, a path resumes from
             that file, ``False`` starts fresh.
+
+    Resume is exact at any iteration: with per-epoch seeding (``EpochSeedHandler``) the resumed epoch draws the
+    same data order and random transforms; the batches the killed run had already trained on are drawn again and
+    skipped, and torch's global RNG (dropout) is restored as it was when the checkpoint was written.
 
     Under DistributedDataParallel attach it on every rank: rank 0 alone saves, and every rank loads the
     checkpoint rank 0 picks (``save_dir`` must be visible to every rank, e.g. a shared file system).
@@ -54,11 +57,14 @@ class TrainingCheckpoint:
         self.objects = dict(objects)
         self.save_interval, self.n_saved, self.resume = save_interval, n_saved, resume
         self.resumed_from: Path | None = None
+        self._skip_batches = 0
+        self._rng_state: torch.Tensor | None = None
 
     def attach(self, engine: Engine) -> None:
         engine.add_event_handler(Events.STARTED, self.load)
         engine.add_event_handler(Events.ITERATION_COMPLETED(every=self.save_interval), self.save)
         engine.add_event_handler(Events.COMPLETED, self.save)
+        engine.add_event_handler(Events.GET_BATCH_STARTED, self._resume_mid_epoch)
 
     @staticmethod
     def _unwrap(obj: Any) -> Any:
@@ -73,6 +79,7 @@ class TrainingCheckpoint:
             return path
         payload = {name: self._unwrap(obj).state_dict() for name, obj in self.objects.items()}
         payload["trainer"] = engine.state_dict()
+        payload["torch_rng_state"] = torch.get_rng_state()
         tmp = path.with_suffix(".tmp")
         torch.save(payload, tmp)
         os.replace(tmp, path)
@@ -81,6 +88,17 @@ class TrainingCheckpoint:
             old.unlink(missing_ok=True)
         logger.info("saved training checkpoint %s", path)
         return path
+
+    def _resume_mid_epoch(self, engine: Engine) -> None:
+        """First batch after a mid-epoch resume: draw and drop the batches already trained on, restore the RNG."""
+        if not self._skip_batches:
+            return
+        skip, self._skip_batches = self._skip_batches, 0
+        for _ in range(skip):  # the epoch's seeding was replayed at EPOCH_STARTED: same order, same random draws
+            next(engine._dataloader_iter)
+        if self._rng_state is not None:
+            torch.set_rng_state(self._rng_state)
+        logger.info("skipped the %d batches of this epoch trained on before the checkpoint", skip)
 
     def load(self, engine: Engine) -> None:
         if self.resume is False:
@@ -101,5 +119,8 @@ class TrainingCheckpoint:
         engine.load_state_dict(payload["trainer"])
         engine.state.max_epochs = max_epochs
         self.resumed_from = path
+        epoch_length = engine.state.epoch_length
+        self._skip_batches = engine.state.iteration % epoch_length if epoch_length else 0
+        self._rng_state = payload.get("torch_rng_state")
         barrier()  # DDP: no rank trains (nor rank 0 saves) before every rank has loaded
         logger.info("resumed from %s at iteration %d (epoch %d)", path, engine.state.iteration, engine.state.epoch)

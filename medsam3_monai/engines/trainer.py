@@ -66,7 +66,7 @@ class MedSAM3Trainer(SupervisedTrainer):
         engine.fire_event(IterationEvents.FORWARD_COMPLETED)
         terms = engine.loss_function(outputs, targets)
         loss = terms["loss"]
-        output[Keys.LOSS] = {name: float(value) for name, value in terms.items()}
+        output[Keys.LOSS] = {name: float(value.detach()) for name, value in terms.items()}
         engine.fire_event(IterationEvents.LOSS_COMPLETED)
         (loss / engine.accumulation_steps).backward()
         engine.fire_event(IterationEvents.BACKWARD_COMPLETED)

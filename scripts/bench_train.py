@@ -1,0 +1,135 @@
+#!/usr/bin/env python
+"""Benchmark training: iterations/s, images/s and peak memory of MedSAM3Trainer (the bundle's engine).
+
+Prints one JSON object. Synthetic find-query batches (random images, one prompt per image with random box
+targets and masks) go through the real iteration: MedSAM3Net forward, SetCriterion (all terms, one-to-many
+included), backward, gradient clipping, AdamW with SAM3's parameter groups.
+
+    python scripts/bench_train.py                                   # tiny preset on CPU
+    python scripts/bench_train.py --full --device cuda --batch 4    # full SAM3 at 1008 px, bf16 autocast
+    python scripts/bench_train.py --full --device cuda --checkpointing
+
+On CUDA it also reports model FLOPs utilisation: FLOPs of one training step counted by
+``torch.utils.flop_counter`` divided by step time and the GPU's dense bf16 peak (``--peak-tflops``,
+989 for an H100 SXM).
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import platform
+import resource
+import time
+
+import torch
+from ignite.engine import Events
+
+from medsam3_monai.engines import MedSAM3Trainer, build_optimizer
+from medsam3_monai.engines import autocast_for as trainer_autocast
+from medsam3_monai.losses import SetCriterion
+from medsam3_monai.losses.targets import FindTargets
+from medsam3_monai.networks import MedSAM3Net, full_sam3_config
+
+
+def synthetic_batch(batch: int, size: int, instances: int, seed: int = 0) -> dict:
+    """``batch`` images (3, S, S) with one prompt each and ``instances`` square targets (cxcywh + masks)."""
+    generator = torch.Generator().manual_seed(seed)
+    boxes, masks = [], []
+    for _ in range(batch):
+        centre = torch.rand(instances, 2, generator=generator) * 0.6 + 0.2
+        side = torch.rand(instances, 1, generator=generator) * 0.2 + 0.1
+        box = torch.cat([centre, side, side], dim=1)
+        mask = torch.zeros(instances, size, size, dtype=torch.bool)
+        for k, (cx, cy, w, h) in enumerate((box * size).round().long().tolist()):
+            mask[k, max(cy - h // 2, 0): cy + h // 2, max(cx - w // 2, 0): cx + w // 2] = True
+        boxes.append(box)
+        masks.append(mask)
+    prompts = ["polyp", "liver tumor", "cell nucleus", "retinal blood vessel"] * (batch // 4 + 1)
+    return {
+        "images": torch.randn(batch, 3, size, size, generator=generator),
+        "prompts": prompts[:batch],
+        "image_ids": torch.arange(batch),
+        "targets": FindTargets.from_instances(boxes, masks),
+    }
+
+
+def _sync(device: torch.device) -> None:
+    if device.type == "cuda":
+        torch.cuda.synchronize(device)
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser.add_argument("--full", action="store_true", help="full SAM3 config (random init) at 1008 px")
+    parser.add_argument("--image-size", type=int, default=None)
+    parser.add_argument("--batch", type=int, default=4)
+    parser.add_argument("--instances", type=int, default=4, help="target instances per prompt")
+    parser.add_argument("--iterations", type=int, default=20)
+    parser.add_argument("--warmup", type=int, default=3)
+    parser.add_argument("--device", default="cpu")
+    parser.add_argument("--checkpointing", action="store_true", help="gradient checkpointing")
+    parser.add_argument("--no-bf16", action="store_true", help="disable bf16 autocast on CUDA")
+    parser.add_argument("--peak-tflops", type=float, default=989.0, help="GPU dense bf16 peak for MFU")
+    parser.add_argument("--threads", type=int, default=None)
+    args = parser.parse_args()
+    if args.threads:
+        torch.set_num_threads(args.threads)
+    device = torch.device(args.device)
+    torch.manual_seed(0)
+    config = full_sam3_config(args.image_size or 1008) if args.full else None
+    network = MedSAM3Net("tiny", config=config, image_size=args.image_size,
+                         gradient_checkpointing=args.checkpointing).to(device)
+    size = network.image_size
+    optimizer = build_optimizer(network)
+    batch = synthetic_batch(args.batch, size, args.instances)
+    rss_before_mb = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024
+    if device.type == "cuda":
+        torch.cuda.reset_peak_memory_stats(device)
+
+    trainer = MedSAM3Trainer(device=device, max_epochs=1, train_data_loader=[batch] * (args.warmup + args.iterations),
+                             network=network, optimizer=optimizer, loss_function=SetCriterion(),
+                             bf16=not args.no_bf16, amp=False)
+    times: list[float] = []
+    trainer.add_event_handler(Events.ITERATION_STARTED, lambda e: (_sync(device), times.append(time.perf_counter())))
+    trainer.add_event_handler(Events.ITERATION_COMPLETED, lambda e: (_sync(device), times.append(time.perf_counter())))
+    trainer.run()
+    times = times[2 * args.warmup:]
+    steps = sorted(end - start for start, end in zip(times[::2], times[1::2]))
+    median = steps[len(steps) // 2]
+    result = {
+        "config": "full" if args.full else "tiny",
+        "image_size": size,
+        "batch": args.batch,
+        "device": str(device),
+        "bf16": device.type == "cuda" and not args.no_bf16,
+        "gradient_checkpointing": args.checkpointing,
+        "parameters": sum(p.numel() for p in network.parameters()),
+        "step_s_median": round(median, 4),
+        "iterations_per_s": round(1 / median, 3),
+        "images_per_s": round(args.batch / median, 3),
+        "loss_last": trainer.state.output[0]["loss"]["loss"],
+        "torch": torch.__version__,
+        "machine": platform.machine(),
+        "threads": torch.get_num_threads(),
+    }
+    if device.type == "cuda":
+        result["peak_gpu_memory_gb"] = round(torch.cuda.max_memory_allocated(device) / 2**30, 3)
+        from torch.utils.flop_counter import FlopCounterMode
+
+        with FlopCounterMode(display=False) as counter:
+            with trainer_autocast(device, not args.no_bf16):
+                terms = SetCriterion()(network(batch["images"].to(device), prompts=batch["prompts"],
+                                               image_ids=batch["image_ids"].to(device), pixels_normalized=True),
+                                       batch["targets"].to(device))
+            terms["loss"].backward()
+        flops = counter.get_total_flops()
+        result["train_step_tflop"] = round(flops / 1e12, 3)
+        result["mfu"] = round(flops / median / (args.peak_tflops * 1e12), 4)
+    result["peak_rss_mb"] = round(resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024, 1)
+    result["peak_rss_increase_mb"] = round(result["peak_rss_mb"] - rss_before_mb, 1)
+    print(json.dumps(result, indent=1))
+
+
+if __name__ == "__main__":
+    main()
