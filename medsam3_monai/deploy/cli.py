@@ -10,7 +10,7 @@ from typing import Sequence
 from .. import __version__
 
 # sub-command modules, each exposing add_parser(subparsers); imported lazily per call
-_COMMANDS = ("medsam3_monai.deploy.convert", "medsam3_monai.data.cli")
+_COMMANDS = ("medsam3_monai.deploy.convert", "medsam3_monai.data.cli", "medsam3_monai.deploy.evaluate_cli")
 
 
 def build_parser() -> argparse.ArgumentParser:

@@ -3,7 +3,7 @@
 from . import distributed
 from .checkpointing import TrainingCheckpoint, latest_checkpoint
 from .batch import PrepareFindBatch, collate_find_queries, largest_component_box
-from .evaluator import MedSAM3Evaluator, TopQueryDice, pred_and_label
+from .evaluator import MedSAM3Evaluator, PromptDice, TopQueryDice, pred_and_label
 from .handlers import EpochSeedHandler, FinalCheckpoint, MLflowRunInfoHandler
 from .optim import build_optimizer, freeze_encoders
 from .schedulers import WarmupInverseSqrtLR, inverse_sqrt_factor
@@ -11,6 +11,7 @@ from .trainer import MedSAM3Trainer, autocast_for
 
 __all__ = [
     "distributed", "EpochSeedHandler", "TrainingCheckpoint", "latest_checkpoint", "FinalCheckpoint", "MLflowRunInfoHandler", "MedSAM3Evaluator", "MedSAM3Trainer",
-    "PrepareFindBatch", "TopQueryDice", "WarmupInverseSqrtLR", "autocast_for", "build_optimizer",
+    "PrepareFindBatch", "PromptDice",
+    "TopQueryDice", "WarmupInverseSqrtLR", "autocast_for", "build_optimizer",
     "collate_find_queries", "freeze_encoders", "inverse_sqrt_factor", "largest_component_box", "pred_and_label",
 ]

@@ -10,19 +10,27 @@ from ignite.metrics.metric import reinit__is_reduced, sync_all_reduce
 from monai.engines import SupervisedEvaluator
 from monai.utils.enums import CommonKeys as Keys
 
-from ..inferers.protocols import dice_per_prompt, top_query_logits
+from ..inferers.protocols import dice_per_prompt, top_query_logits, upsample_logits
 from .batch import PrepareFindBatch
 from .trainer import autocast_for
 
 
-class TopQueryDice(Metric):
-    """Mean Dice over prompts with a target, between the top query's mask (logit > 0) and the prompt's union mask.
+class PromptDice(Metric):
+    """Mean Dice over prompts with a target, between a predicted mask and the prompt's union mask.
 
-    Negative prompts are left out of this number (their quality is the presence score, evaluated in issue #5's
-    reports); it is the model-selection metric of the training bundle.
+    ``protocol``: ``"top_query"`` (the papers' protocol: the highest-scoring query's mask, logit > 0) or
+    ``"semantic"`` (the semantic head, logit > 0). Negative prompts are left out of this number (their quality is
+    the presence score, evaluated by the evaluation reports); it is the model-selection metric of the training
+    bundle (``val_protocol``).
     """
 
-    def __init__(self, output_transform=lambda output: output, device: str | torch.device = "cpu") -> None:
+    PROTOCOLS = ("top_query", "semantic")
+
+    def __init__(self, protocol: str = "top_query", output_transform=lambda output: output,
+                 device: str | torch.device = "cpu") -> None:
+        if protocol not in self.PROTOCOLS:
+            raise ValueError(f"protocol must be one of {self.PROTOCOLS}, got {protocol!r}")
+        self.protocol = protocol
         super().__init__(output_transform=output_transform, device=device)
 
     @reinit__is_reduced
@@ -34,7 +42,11 @@ class TopQueryDice(Metric):
     def update(self, output: tuple[Any, Any]) -> None:
         outputs, targets = output
         truth = targets.semantic_masks()
-        logits, _ = top_query_logits(outputs, tuple(truth.shape[-2:]))
+        size = tuple(truth.shape[-2:])
+        if self.protocol == "top_query":
+            logits, _ = top_query_logits(outputs, size)
+        else:
+            logits = upsample_logits(outputs.semantic_seg, size)[:, 0]
         dice = dice_per_prompt(logits > 0, truth)
         positive = truth.flatten(1).any(1)
         self._sum += dice[positive].double().sum().to(self._device)
@@ -45,6 +57,13 @@ class TopQueryDice(Metric):
         return float(self._sum / self._count.clamp(min=1))
 
 
+class TopQueryDice(PromptDice):
+    """:class:`PromptDice` with the papers' protocol (highest-scoring query per prompt)."""
+
+    def __init__(self, output_transform=lambda output: output, device: str | torch.device = "cpu") -> None:
+        super().__init__("top_query", output_transform=output_transform, device=device)
+
+
 class MedSAM3Evaluator(SupervisedEvaluator):
     """SupervisedEvaluator over find-query batches; ``output`` = [{pred: MedSAM3Output, label: FindTargets}]."""
 
@@ -53,6 +72,10 @@ class MedSAM3Evaluator(SupervisedEvaluator):
         kwargs.setdefault("decollate", False)
         super().__init__(*args, **kwargs)
         self.bf16 = bf16
+
+    def run(self, global_epoch: int = 1) -> None:  # type: ignore[override]
+        """One validation pass; ``global_epoch`` 0 (validation before training starts) also runs exactly one."""
+        super().run(max(int(global_epoch), 1))
 
     def _iteration(self, engine: "MedSAM3Evaluator", batchdata: dict) -> dict:
         if batchdata is None:

@@ -87,20 +87,31 @@ def _pair(pred, truth) -> tuple[torch.Tensor, torch.Tensor]:
 
 def _counts(pred, truth) -> tuple[int, int, int]:
     p, t = _pair(pred, truth)
-    return int((p & t).sum()), int(p.sum()), int(t.sum())
+    return _bool_counts(p, t)
+
+
+def _bool_counts(p: torch.Tensor, t: torch.Tensor) -> tuple[int, int, int]:
+    """|P∩T|, |P|, |T| of bool tensors (count_nonzero: about twice as fast as a bool sum)."""
+    return int(torch.count_nonzero(p & t)), int(torch.count_nonzero(p)), int(torch.count_nonzero(t))
+
+
+def _dice_of(inter: int, n_p: int, n_t: int) -> float:
+    return 1.0 if n_p + n_t == 0 else 2.0 * inter / (n_p + n_t)
+
+
+def _iou_of(inter: int, n_p: int, n_t: int) -> float:
+    union = n_p + n_t - inter
+    return 1.0 if union == 0 else inter / union
 
 
 def dice(pred, truth) -> float:
     """Dice = 2|P∩T| / (|P| + |T|); 1.0 when both masks are empty, 0.0 when only one is."""
-    inter, n_p, n_t = _counts(pred, truth)
-    return 1.0 if n_p + n_t == 0 else 2.0 * inter / (n_p + n_t)
+    return _dice_of(*_counts(pred, truth))
 
 
 def iou(pred, truth) -> float:
     """IoU (Jaccard) = |P∩T| / |P∪T|; 1.0 when both masks are empty, 0.0 when only one is."""
-    inter, n_p, n_t = _counts(pred, truth)
-    union = n_p + n_t - inter
-    return 1.0 if union == 0 else inter / union
+    return _iou_of(*_counts(pred, truth))
 
 
 def _spacing_arg(spacing: Spacing, ndim: int) -> float | list[float] | None:
@@ -180,7 +191,8 @@ def case_metrics(
     out rather than computed in pixels; pass ``spacing=1.0`` to get them per pixel anyway.
     """
     p, t = _pair(pred, truth)
-    out = {"dice": dice(p, t), "iou": iou(p, t)}
+    counts = _bool_counts(p, t)  # once for both overlap metrics
+    out = {"dice": _dice_of(*counts), "iou": _iou_of(*counts)}
     if spacing is not None:
         out["nsd"] = surface_dice(p, t, spacing, nsd_tolerance_mm, use_subvoxels)
         out["hd95"] = hd95(p, t, spacing)

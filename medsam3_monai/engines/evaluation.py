@@ -1,0 +1,555 @@
+"""Evaluation over a datalist: per case and prompt metrics in the input's own geometry, as an Ignite engine.
+
+Pipeline (the bundle's ``evaluate.json`` spells out the same pieces):
+
+1. :func:`evaluation_items`: the cases of each datalist's evaluation split (default ``auto``: ``test`` when
+   the datalist has test cases, else ``validation``; several shared folders have no test split), each tagged
+   with its ``group`` (``internal`` / ``external``, from the catalogue).
+2. :func:`evaluation_transforms`: load -> decode label -> intensity by modality -> axial slices (the image
+   only: the label stays the whole native mask) -> grey to RGB -> resize to S x S -> SAM3 normalisation.
+3. :class:`CaseInferer` (a MONAI ``Inferer``): a 2D case goes through
+   :func:`~medsam3_monai.inferers.image.segment_image` (one network call for all its class prompts), a volume
+   through :func:`medsam3_monai.inferers.volume.segment_volume` (detector on every slice, tracker propagation);
+   the slice-space maps go back to the input's geometry with ``Invertd`` and the classes are merged by
+   pixel-wise maximum confidence.
+4. :class:`MedSAM3CaseEvaluator` (a ``SupervisedEvaluator``): one iteration per case; its output holds the
+   :class:`CasePrediction` and one metric record per prompt (Dice, IoU; NSD and HD95 when the spacing is
+   known: volumes, and 2D items that carry ``"spacing"`` in mm as ``[rows, cols]``).
+5. Handlers (:mod:`.reports`): overlays for a sample of cases, then ``cases.csv``, ``table.md``/``.csv``,
+   ``radar.png`` and an MLflow run.
+"""
+
+from __future__ import annotations
+
+import json
+import logging
+from collections.abc import Sequence
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+import torch
+from monai.engines import SupervisedEvaluator
+from monai.inferers import Inferer
+
+from ..inferers.image import (
+    check_protocol,
+    confidence_of,
+    ground_truth_boxes,
+    invert_to_input,
+    segment_image,
+)
+from ..metrics.merge import merge_classes
+from ..metrics.segmentation import DEFAULT_NSD_TOLERANCE_MM, case_metrics
+
+__all__ = [
+    "SPLIT_CHOICES",
+    "CaseInferer",
+    "CasePrediction",
+    "MedSAM3CaseEvaluator",
+    "case_records",
+    "collate_cases",
+    "evaluation_items",
+    "evaluation_tracker",
+    "evaluation_transforms",
+    "protocol_label",
+    "report_notes",
+    "run_evaluation",
+]
+
+logger = logging.getLogger(__name__)
+
+SPLIT_CHOICES = ("auto", "test", "validation", "training", "all")
+_SPLITS = ("training", "validation", "test")
+
+
+# ------------------------------------------------------------------------------------------------ data
+def _group_of(item: dict[str, Any]) -> str:
+    if item.get("group"):
+        return str(item["group"])
+    from ..data.catalogue import CatalogueError, get_dataset
+
+    try:
+        return get_dataset(str(item.get("dataset"))).role
+    except (CatalogueError, FileNotFoundError):
+        return "other"
+
+
+def evaluation_items(
+    datalists: str | Path | Sequence[str | Path],
+    split: str = "auto",
+    max_cases: int | None = None,
+    check_files: bool = True,
+) -> list[dict[str, Any]]:
+    """The cases to evaluate, datalist by datalist, in file order.
+
+    Args:
+        datalists: one or several datalist JSON files (``medsam3 datalist``).
+        split: ``auto`` (``test`` when that list is non-empty, else ``validation``, decided per datalist),
+            ``test``, ``validation``, ``training`` or ``all`` (every split, in training/validation/test order).
+        max_cases: keep at most this many cases **per datalist** (the first ones).
+        check_files: fail early, naming them, when images or labels are missing.
+
+    Every item gains ``group`` (its own, else the catalogue role of its dataset, else ``other``), ``split``
+    and ``datalist``.
+
+    Raises:
+        FileNotFoundError: a datalist (or, with ``check_files``, an image/label) does not exist.
+        ValueError: not a datalist, unknown split, or a selected split that is empty.
+    """
+    from ..data.datalist import load_datalist
+
+    if split not in SPLIT_CHOICES:
+        raise ValueError(f"unknown split {split!r}; choose from {', '.join(SPLIT_CHOICES)}")
+    if max_cases is not None and int(max_cases) < 1:
+        raise ValueError(f"max_cases must be at least 1, got {max_cases}")
+    paths = [datalists] if isinstance(datalists, (str, Path)) else list(datalists)
+    if not paths:
+        raise ValueError("no datalist given")
+    items: list[dict[str, Any]] = []
+    for path in map(Path, paths):
+        if not path.is_file():
+            raise FileNotFoundError(f"datalist {path} not found (make one with `medsam3 datalist NAME ROOT --out FILE`)")
+        try:
+            raw = json.loads(path.read_text(encoding="utf-8"))
+        except (json.JSONDecodeError, UnicodeDecodeError) as err:
+            raise ValueError(f"datalist {path} is not valid JSON: {err}") from None
+        if not isinstance(raw, dict) or not any(isinstance(raw.get(s), list) for s in _SPLITS):
+            raise ValueError(f"{path} is not a datalist: expected lists under 'training', 'validation', 'test'")
+        counts = {s: len(raw.get(s) or []) for s in _SPLITS}
+        if split == "auto":
+            chosen = ["test"] if counts["test"] else ["validation"]
+        elif split == "all":
+            chosen = [s for s in _SPLITS if counts[s]]
+        else:
+            chosen = [split]
+        found = []
+        for name in chosen:
+            if counts.get(name):
+                found += [dict(item, split=name, datalist=str(path)) for item in load_datalist(path, name)]
+        if not found:
+            wanted = "test or validation" if split == "auto" else split
+            have = ", ".join(f"{s} {n}" for s, n in counts.items())
+            raise ValueError(f"datalist {path} has no {wanted} cases ({have}); choose another --split")
+        items += found[: int(max_cases)] if max_cases else found
+    for item in items:
+        item["group"] = _group_of(item)
+    if check_files:
+        _check_files(items)
+    return items
+
+
+def _check_files(items: Sequence[dict[str, Any]]) -> None:
+    missing = []
+    for item in items:
+        labels = item.get("label")
+        for path in [item.get("image")] + (labels if isinstance(labels, list) else [labels]):
+            if path is None or not Path(path).exists():
+                missing.append(str(path) if path is not None else f"(no image/label in case {item.get('case')})")
+    if missing:
+        listed = "\n  ".join(missing[:10])
+        more = f"\n  ... and {len(missing) - 10} more" if len(missing) > 10 else ""
+        raise FileNotFoundError(f"{len(missing)} image/label file(s) of the datalist(s) not found:\n  {listed}{more}")
+
+
+def evaluation_transforms(image_size: int = 1008, ct_window: str | Sequence[float] = "abdomen"):
+    """The evaluation preprocessing (a ``Compose``): a datalist item -> the list of its slice-space items.
+
+    Each output item: ``image`` (3, S, S) SAM3-normalised with the resize recorded for ``Invertd``; ``label``
+    the whole native class map ((1, H, W), or (1, X, Y, Z) shared by every slice item of a volume).
+    """
+    from monai.transforms import Compose
+
+    from ..transforms import (
+        AxialSlicesd,
+        DecodeLabeld,
+        GreyToRGBd,
+        LoadMedicalImaged,
+        ResizeToSliced,
+        Sam3Normalized,
+        ScaleIntensityByModalityd,
+    )
+
+    return Compose([
+        LoadMedicalImaged(keys=("image", "label"), label_keys=("label",)),
+        DecodeLabeld(keys="label"),
+        ScaleIntensityByModalityd(keys="image", ct_window=ct_window),
+        AxialSlicesd(keys="image"),
+        GreyToRGBd(keys="image"),
+        ResizeToSliced(keys="image", spatial_size=image_size),
+        Sam3Normalized(keys="image"),
+    ])
+
+
+def collate_cases(batch: Sequence[Any]) -> list[list[dict[str, Any]]]:
+    """DataLoader ``collate_fn``: a list of cases, each the list of its slice items (one for a 2D image)."""
+    return [case if isinstance(case, list) else [case] for case in batch]
+
+
+def protocol_label(protocol: str, box_prompts: bool = False) -> str:
+    """The name a number is reported under: the protocol, ``+box`` for the T+I (text + box) variant."""
+    return check_protocol(protocol) + ("+box" if box_prompts else "")
+
+
+def is_volume_item(item: dict[str, Any]) -> bool:
+    """Whether a datalist item's image is a volume (NIfTI, DICOM folder, MetaImage, ...) by its path."""
+    from ..transforms.io import IMAGE_2D_SUFFIXES
+
+    path = str(item["image"])
+    name = path.lower()
+    return Path(path).is_dir() or not name.endswith(IMAGE_2D_SUFFIXES)
+
+
+def _has_tracker_weights(source: str) -> bool:
+    config = Path(source) / "config.json"
+    if not config.is_file():
+        return False
+    try:
+        return json.loads(config.read_text()).get("model_type") in ("sam3_video", "sam3_tracker_video")
+    except (OSError, json.JSONDecodeError):
+        return False
+
+
+def evaluation_tracker(spec: str | None, checkpoint: str, network: torch.nn.Module, described: bool = False):
+    """The tracker of the volume path: ``none``/None (detector only), ``tiny`` (random init, sharing the
+    detector's ViT), an HF folder, or ``auto``: tiny for the tiny checkpoint, the checkpoint's own tracker
+    for a facebook/sam3 folder (``sam3_video``), else none. ``described=True`` returns (tracker, description).
+    """
+    from ..inferers.volume import build_tracker
+
+    tracker, text = None, "none"
+    if spec == "auto":
+        if str(checkpoint) == "tiny":
+            spec = "tiny"
+        elif _has_tracker_weights(str(checkpoint)):
+            spec = str(checkpoint)
+        else:
+            spec, text = "none", "none (the checkpoint has no tracker weights)"
+    if spec == "tiny":
+        tracker, text = build_tracker("tiny", detector=network), "tiny (random init, ViT shared with the detector)"
+    elif spec not in (None, "none"):
+        tracker, text = build_tracker(spec, image_size=int(network.image_size)), str(spec)
+    return (tracker, text) if described else tracker
+
+
+def report_notes(checkpoint: str, protocol: str, score_threshold: float, box_prompts: bool,
+                 items: Sequence[dict[str, Any]], tracker: str = "none") -> list[str]:
+    """How the numbers were produced: the lines under the report's Markdown table."""
+    splits = sorted({f"{Path(str(i.get('datalist', '?'))).name}: {i.get('split', '?')}" for i in items})
+    described = {
+        "top_query": "the highest-scoring query's mask per prompt (the papers' protocol)",
+        "threshold": f"the union of the queries with score >= {score_threshold}",
+        "semantic": "the semantic head's mask (logit > 0)",
+    }[check_protocol(protocol)]
+    notes = [
+        f"Checkpoint `{checkpoint}`; protocol `{protocol_label(protocol, box_prompts)}`: {described}"
+        + ("; text + box prompt (largest ground-truth component)." if box_prompts else "; text prompts."),
+        f"Cases: {len(items)} ({'; '.join(splits)}); split `auto` = test if present, else validation.",
+        "Each class is prompted separately; overlaps go to the class with the higher confidence "
+        "score × sigmoid(mask logit) at the pixel. Metrics in each input's own geometry; Dice = IoU = 100 "
+        "when prediction and truth are both empty. NSD (2 mm) and HD95 only where the spacing is known.",
+    ]
+    volumes = sum(is_volume_item(i) for i in items)
+    if volumes:
+        notes.append(f"Volumes ({volumes}): detector on every slice (top query, score >= {score_threshold}) merged "
+                     f"with tracker propagation from the most confident slice (tracker: {tracker})"
+                     + ("; box prompts are not used for volumes." if box_prompts else "."))
+    return notes
+
+
+# ------------------------------------------------------------------------------------------------ inference
+@dataclass
+class CasePrediction:
+    """One case's prediction in the input's own geometry.
+
+    Attributes:
+        items: the slice-space items of the case (one for a 2D image, D for a volume).
+        values, prompts: the class label values and their prompt texts, in prompt order.
+        masks: (P, H, W) or (P, X, Y, Z) bool, each prompt's mask after the class merge (disjoint).
+        truth: the native class map (H, W) or (X, Y, Z), or None for an unlabelled item.
+        scores: (P,) per prompt: the protocol's score (2D) or the best slice score (volume).
+        spacing: per-axis spacing in mm (array axis order) or None when unknown.
+        seed_slices: for volumes, the slice each prompt's tracking started from.
+    """
+
+    items: list[dict[str, Any]]
+    values: list[int]
+    prompts: list[str]
+    masks: torch.Tensor
+    truth: torch.Tensor | None
+    scores: torch.Tensor
+    spacing: tuple[float, ...] | None
+    is_volume: bool = False
+    seed_slices: torch.Tensor | None = None
+
+    @property
+    def pred(self) -> torch.Tensor:
+        """Label map of the prediction (int32 label values, 0 background), the shape of ``truth``."""
+        out = torch.zeros(self.masks.shape[1:], dtype=torch.int32)
+        for value, mask in zip(self.values, self.masks):
+            out[mask] = int(value)
+        return out
+
+    @property
+    def dataset(self) -> str:
+        return str(self.items[0].get("dataset", ""))
+
+    @property
+    def case(self) -> str:
+        item = self.items[0]
+        if item.get("case") is not None:
+            return str(item["case"])
+        return Path(str(item.get("image", "case"))).name
+
+
+def _spacing(item: dict[str, Any], truth: Any, is_volume: bool) -> tuple[float, ...] | None:
+    if not is_volume:
+        spacing = item.get("spacing")
+        if spacing is None:
+            return None
+        values = tuple(float(s) for s in np.asarray(spacing, dtype=float).ravel())
+        if len(values) != 2 or min(values) <= 0:
+            raise ValueError(f"case {item.get('case')}: 'spacing' must be two positive mm values (rows, cols)")
+        return values
+    affine = getattr(truth, "affine", None)
+    if affine is None:
+        return None
+    linear = torch.as_tensor(affine, dtype=torch.float64)[:3, :3]
+    return tuple(float(v) for v in linear.norm(dim=0))
+
+
+class CaseInferer(Inferer):
+    """A case's slice items + the network -> :class:`CasePrediction` in the input's geometry.
+
+    Args:
+        transform: the preprocessing that made the items (its ``ResizeToSliced`` record is inverted).
+        protocol: 2D protocol (``top_query``, ``threshold``, ``semantic``; see ``inferers.image``).
+        score_threshold: the ``threshold`` protocol's query score threshold, and the detection threshold of
+            the volume path.
+        box_prompts: add the ground truth's largest-component box to each prompt (T+I protocol, 2D only).
+        tracker: the SAM3 tracker for volumes (``inferers.volume.build_tracker``); None = detector only.
+        volume_batch_size: slices per detector call in the volume path.
+    """
+
+    def __init__(
+        self,
+        transform: Any,
+        protocol: str = "top_query",
+        score_threshold: float = 0.5,
+        box_prompts: bool = False,
+        tracker: Any = None,
+        volume_batch_size: int = 8,
+        image_key: str = "image",
+        label_key: str = "label",
+    ) -> None:
+        super().__init__()
+        self.transform = transform
+        self.protocol = check_protocol(protocol)
+        self.score_threshold = float(score_threshold)
+        self.box_prompts = bool(box_prompts)
+        self.tracker = tracker
+        self.volume_batch_size = int(volume_batch_size)
+        self.image_key, self.label_key = image_key, label_key
+        self._warned_boxes = False
+
+    @property
+    def label(self) -> str:
+        return protocol_label(self.protocol, self.box_prompts)
+
+    def __call__(self, inputs: Sequence[dict[str, Any]], network: torch.nn.Module, *args: Any, **kwargs: Any
+                 ) -> CasePrediction:
+        from ..transforms.labels import parse_prompts
+
+        items = [inputs] if isinstance(inputs, dict) else list(inputs)
+        first = items[0]
+        image = first[self.image_key]
+        source = getattr(image, "meta", {}).get("filename_or_obj") or first.get("case")
+        prompt_map = parse_prompts(first.get("prompts"), None if source is None else str(source))
+        values, prompts = list(prompt_map), list(prompt_map.values())
+        truth = first.get(self.label_key)
+        is_volume = "volume_shape" in getattr(image, "meta", {})
+        device = next(network.parameters()).device
+        if is_volume:
+            native, scores, seeds = self._volume(items, prompts, network, device)
+            masks = native > 0.5
+            best = scores.flatten(1).amax(dim=1)
+            if len(values) > 1:  # per-slice score broadcast along the slice axis
+                masks = self._merge(native * scores, masks)
+        else:
+            native, best = self._image(first, prompts, values, truth, network, device)
+            masks, seeds = native > 0, None
+            if len(values) > 1:
+                masks = self._merge(confidence_of(native, best), masks)
+        truth_map = None
+        if truth is not None:
+            truth_map = (truth.as_tensor() if hasattr(truth, "as_tensor") else torch.as_tensor(truth))[0]
+            if tuple(truth_map.shape) != tuple(masks.shape[1:]):
+                raise RuntimeError(f"prediction {tuple(masks.shape[1:])} and label {tuple(truth_map.shape)} differ in "
+                                   f"shape for case {first.get('case')}: the inversion did not restore the geometry")
+        return CasePrediction(items, values, prompts, masks, truth_map, best.cpu(),
+                              _spacing(first, truth, is_volume), is_volume, seeds)
+
+    @staticmethod
+    def _merge(confidence: torch.Tensor, masks: torch.Tensor) -> torch.Tensor:
+        """Overlaps resolved by pixel-wise maximum confidence (``metrics.merge_classes``) -> disjoint masks.
+        (A single prompt has nothing to resolve: its mask is kept as is.)"""
+        merged = merge_classes(confidence, masks)
+        return torch.stack([merged == c + 1 for c in range(masks.shape[0])])
+
+    def _image(self, item, prompts, values, truth, network, device):
+        image = item[self.image_key]
+        image = image.as_tensor() if hasattr(image, "as_tensor") else torch.as_tensor(image)
+        boxes = box_labels = None
+        if self.box_prompts:
+            if truth is None:
+                raise ValueError(f"case {item.get('case')}: box prompts need the ground-truth label")
+            boxes, box_labels = ground_truth_boxes(truth, values)
+            boxes, box_labels = boxes.to(device), box_labels.to(device)
+        seg = segment_image(network, image.to(device), prompts, protocol=self.protocol,
+                            score_threshold=self.score_threshold, boxes=boxes, box_labels=box_labels)
+        native = invert_to_input(seg.logits, item, self.transform, self.image_key).as_tensor()
+        return native, seg.scores
+
+    def _volume(self, items, prompts, network, device):
+        from ..inferers.volume import segment_volume
+
+        if self.box_prompts and not self._warned_boxes:
+            logger.warning("box prompts apply to 2D images only; volumes are evaluated with text prompts")
+            self._warned_boxes = True
+        slices = torch.stack([
+            (it[self.image_key].as_tensor() if hasattr(it[self.image_key], "as_tensor") else it[self.image_key])
+            for it in items
+        ])
+        result = segment_volume(network, slices.to(device), prompts, self.tracker,
+                                score_threshold=self.score_threshold, batch_size=self.volume_batch_size)
+        masks = result.masks.float().cpu()  # (P, D, S, S)
+        native = invert_to_input(masks, items, self.transform, self.image_key).as_tensor()  # (P, X, Y, Z)
+        meta = items[0][self.image_key].meta
+        axis = int(meta["slice_axis"])
+        order = torch.as_tensor([int(it[self.image_key].meta["slice_index"]) for it in items])
+        per_slice = torch.zeros(len(prompts), native.shape[axis + 1])
+        per_slice[:, order] = result.scores.float().cpu()
+        shape = [len(prompts), 1, 1, 1]
+        shape[axis + 1] = per_slice.shape[1]
+        seeds = torch.as_tensor(result.seed_slices) if getattr(result, "seed_slices", None) is not None else None
+        return native, per_slice.reshape(shape), seeds
+
+
+# ------------------------------------------------------------------------------------------------ metrics
+def case_records(prediction: CasePrediction, protocol: str, nsd_tolerance_mm: float = DEFAULT_NSD_TOLERANCE_MM
+                 ) -> list[dict[str, Any]]:
+    """One metric record per prompt of the case (the format of ``metrics.aggregate``), scored on the merged
+    label map in the input's geometry; empty truth and empty prediction count as Dice 1."""
+    if prediction.truth is None:
+        return []
+    item = prediction.items[0]
+    records = []
+    for value, text, score, mask in zip(prediction.values, prediction.prompts, prediction.scores.tolist(),
+                                        prediction.masks):
+        metrics = case_metrics(mask, prediction.truth == value, prediction.spacing, nsd_tolerance_mm=nsd_tolerance_mm)
+        records.append({
+            "dataset": prediction.dataset, "group": str(item.get("group", "other")), "case": prediction.case,
+            "prompt": text, "protocol": protocol, "label": int(value), "score": float(score), "metrics": metrics,
+        })
+    return records
+
+
+# ------------------------------------------------------------------------------------------------ engine
+class MedSAM3CaseEvaluator(SupervisedEvaluator):
+    """One iteration per case: ``inferer`` (a :class:`CaseInferer`) then metrics.
+
+    ``engine.state.output`` is a list (one entry per case of the batch) of
+    ``{"prediction": CasePrediction, "records": [metric record per prompt]}``; report handlers read it.
+
+    Args:
+        device, val_data_loader, network, val_handlers: as MONAI's ``SupervisedEvaluator`` (the loader yields
+            lists of cases: use :func:`collate_cases`).
+        inferer: the :class:`CaseInferer`.
+        nsd_tolerance_mm: NSD tolerance (2 mm, MedSAM's).
+    """
+
+    def __init__(
+        self,
+        device: torch.device | str,
+        val_data_loader: Any,
+        network: torch.nn.Module,
+        inferer: CaseInferer,
+        val_handlers: Sequence[Any] | None = None,
+        nsd_tolerance_mm: float = DEFAULT_NSD_TOLERANCE_MM,
+        epoch_length: int | None = None,
+        **kwargs: Any,
+    ) -> None:
+        kwargs.setdefault("decollate", False)
+        super().__init__(device=torch.device(device), val_data_loader=val_data_loader, network=network,
+                         inferer=inferer, val_handlers=val_handlers, epoch_length=epoch_length, **kwargs)
+        self.nsd_tolerance_mm = float(nsd_tolerance_mm)
+
+    def _iteration(self, engine: MedSAM3CaseEvaluator, batchdata: list[list[dict[str, Any]]]) -> list[dict]:
+        if batchdata is None:
+            raise ValueError("Must provide batch data for current iteration.")
+        engine.network.eval()
+        outputs = []
+        with torch.no_grad():
+            for case in batchdata:
+                prediction = engine.inferer(case, engine.network)
+                outputs.append({
+                    "prediction": prediction,
+                    "records": case_records(prediction, engine.inferer.label, self.nsd_tolerance_mm),
+                })
+        engine.state.output = outputs
+        return outputs
+
+
+# ------------------------------------------------------------------------------------------------ assembly
+def run_evaluation(
+    network: torch.nn.Module,
+    items: Sequence[dict[str, Any]],
+    out_dir: str | Path,
+    *,
+    protocol: str = "top_query",
+    score_threshold: float = 0.5,
+    box_prompts: bool = False,
+    tracker: Any = None,
+    device: torch.device | str | None = None,
+    max_overlays: int = 8,
+    progress: bool = True,
+    num_workers: int = 0,
+    params: dict[str, Any] | None = None,
+    notes: Sequence[str] = (),
+    mlflow: bool = True,
+    tracking_uri: str | None = None,
+    experiment: str | None = None,
+    run_name: str | None = None,
+    parent_run_id: str | None = None,
+    ct_window: str | Sequence[float] = "abdomen",
+):
+    """Evaluate ``network`` on ``items`` (from :func:`evaluation_items`) and write the report into ``out_dir``.
+
+    The Python form of ``bundles/medsam3/configs/evaluate.json`` (same classes, same order of handlers).
+    Returns the :class:`~medsam3_monai.engines.reports.EvaluationReport` (``table``, ``records``, ``files``,
+    ``run_id``).
+    """
+    from monai.data import DataLoader, Dataset
+
+    from .reports import DEFAULT_EXPERIMENT, EvaluationReport, OverlayWriter
+
+    device = torch.device(device) if device is not None else next(network.parameters()).device
+    network = network.to(device).eval()
+    transform = evaluation_transforms(int(network.image_size), ct_window)
+    loader = DataLoader(Dataset(list(items), transform), batch_size=1, shuffle=False, num_workers=num_workers,
+                        collate_fn=collate_cases)
+    inferer = CaseInferer(transform, protocol=protocol, score_threshold=score_threshold, box_prompts=box_prompts,
+                          tracker=tracker)
+    report = EvaluationReport(out_dir, params=params, notes=notes, mlflow=mlflow, tracking_uri=tracking_uri,
+                              experiment=experiment or DEFAULT_EXPERIMENT, run_name=run_name,
+                              parent_run_id=parent_run_id)
+    handlers: list[Any] = []
+    if progress:
+        from ignite.handlers import ProgressBar
+
+        handlers.append(ProgressBar(desc=f"evaluate {run_name or ''}".strip(), persist=True))
+    handlers += [OverlayWriter(out_dir, transform, data=items, max_overlays=max_overlays), report]
+    evaluator = MedSAM3CaseEvaluator(device, loader, network, inferer, val_handlers=handlers)
+    evaluator.run()
+    return report

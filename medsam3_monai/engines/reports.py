@@ -1,0 +1,256 @@
+"""Report handlers of the evaluation engine: overlays for a sample of cases, the per-case CSV, the per-dataset
+table (Medical SAM3 Table 3 layout), the radar chart, and an MLflow run with parameters, metrics and files.
+
+Output folder of one evaluation::
+
+    cases.csv           one line per (case, prompt): dataset, group, case, prompt, protocol, dice, iou[, nsd, hd95]
+    table.csv/.md       per dataset, per group (mean of its datasets) and overall; Dice/IoU/NSD in % in the .md
+    radar.png           per-dataset Dice and IoU (Fig. 3)
+    overlays/*.png      image | ground truth | prediction with the truth's contour, for a sample of cases (Fig. 4)
+
+MLflow: the default store is ``sqlite:///<out>/mlruns.db`` with artifacts in ``<out>/mlartifacts`` (MLflow 3
+refuses the old ``./mlruns`` file store); any tracking URI can be given instead.
+"""
+
+from __future__ import annotations
+
+import logging
+import re
+import time
+from collections.abc import Mapping, Sequence
+from pathlib import Path
+from typing import Any
+
+import torch
+from ignite.engine import Engine, Events
+
+from ..inferers.image import invert_slice
+from ..metrics.aggregate import MetricTable, aggregate, write_cases_csv
+from ..metrics.plots import overlay_figure, radar_chart
+
+__all__ = ["DEFAULT_EXPERIMENT", "EvaluationReport", "OverlayWriter", "default_tracking_uri", "open_experiment"]
+
+logger = logging.getLogger(__name__)
+
+DEFAULT_EXPERIMENT = "medsam3-evaluate"
+REPORT_FILES = ("cases.csv", "table.csv", "table.md", "radar.png")
+
+
+def _safe(text: str) -> str:
+    return re.sub(r"[^0-9A-Za-z._-]+", "_", str(text)).strip("_") or "case"
+
+
+def _metric_key(*parts: str) -> str:
+    """MLflow metric names allow letters, digits, ``_ - . / :`` and spaces."""
+    return "/".join(re.sub(r"[^0-9A-Za-z_\-. :]+", "_", str(p)) for p in parts)
+
+
+def default_tracking_uri(folder: str | Path) -> str:
+    """``sqlite:///<folder>/mlruns.db`` (absolute)."""
+    return f"sqlite:///{Path(folder).resolve() / 'mlruns.db'}"
+
+
+def open_experiment(tracking_uri: str, experiment: str = DEFAULT_EXPERIMENT, artifact_location: str | Path | None = None):
+    """(MlflowClient, experiment id), creating the experiment (with ``artifact_location``) when missing."""
+    from mlflow import MlflowClient
+
+    client = MlflowClient(tracking_uri=tracking_uri)
+    found = client.get_experiment_by_name(experiment)
+    if found is not None:
+        return client, found.experiment_id
+    location = Path(artifact_location).resolve().as_uri() if artifact_location is not None else None
+    return client, client.create_experiment(experiment, artifact_location=location)
+
+
+class OverlayWriter:
+    """Write ``overlays/NNN_<dataset>_<case>.png`` for a sample of cases while the evaluator runs.
+
+    The sample: round-robin over datasets (first case of each dataset, then the second, ...) up to
+    ``max_overlays``, so every dataset is shown. A volume is shown at the slice (along the slicing axis) where
+    the ground truth is largest. The image is the slice-space image mapped back with ``Invertd``.
+
+    Args:
+        out_dir: the report folder (overlays go to ``out_dir/overlays``).
+        transform: the preprocessing (for the inverse of the resize).
+        data: the evaluated items (to pick the sample); None takes the first ``max_overlays`` cases.
+        max_overlays: 0 disables overlays.
+    """
+
+    def __init__(self, out_dir: str | Path, transform: Any, data: Sequence[Mapping[str, Any]] | None = None,
+                 max_overlays: int = 8, folder: str = "overlays") -> None:
+        self.folder = Path(out_dir) / folder
+        self.transform = transform
+        self.max_overlays = int(max_overlays)
+        self.selected: set[tuple[str, str]] | None = None if data is None else self.sample(data, self.max_overlays)
+        self.written: list[Path] = []
+
+    @staticmethod
+    def sample(data: Sequence[Mapping[str, Any]], count: int) -> set[tuple[str, str]]:
+        per_dataset: dict[str, list[str]] = {}
+        for item in data:
+            per_dataset.setdefault(str(item.get("dataset", "")), []).append(str(item.get("case")))
+        chosen: list[tuple[str, str]] = []
+        rank = 0
+        while len(chosen) < count and any(rank < len(c) for c in per_dataset.values()):
+            for dataset, cases in per_dataset.items():
+                if rank < len(cases) and len(chosen) < count:
+                    chosen.append((dataset, cases[rank]))
+            rank += 1
+        return set(chosen)
+
+    def attach(self, engine: Engine) -> None:
+        engine.add_event_handler(Events.ITERATION_COMPLETED, self)
+
+    def __call__(self, engine: Engine) -> None:
+        for output in engine.state.output or []:
+            prediction = output["prediction"]
+            key = (prediction.dataset, prediction.case)
+            if self.max_overlays <= len(self.written) or prediction.truth is None:
+                continue
+            if self.selected is not None and key not in self.selected:
+                continue
+            self.written.append(self.write(prediction, output.get("records", []), len(self.written)))
+
+    def write(self, prediction: Any, records: Sequence[Mapping[str, Any]], index: int) -> Path:
+        from ..transforms.slices import extract_slice
+
+        truth, pred, items = prediction.truth, prediction.pred, prediction.items
+        where = ""
+        if prediction.is_volume:
+            meta = items[0]["image"].meta
+            axis, transposed = int(meta["slice_axis"]), bool(meta["slice_transposed"])
+            dims = [d for d in range(3) if d != axis]
+            area = (truth != 0).sum(dim=dims) if truth.any() else (pred != 0).sum(dim=dims)
+            depth = int(torch.argmax(area))
+            item = next(it for it in items if int(it["image"].meta["slice_index"]) == depth)
+            truth = extract_slice(truth[None], depth, axis, transposed)[0]
+            pred = extract_slice(pred[None], depth, axis, transposed)[0]
+            where = f", slice {depth}"
+        else:
+            item = items[0]
+        image = invert_slice(item["image"].as_tensor(), item, self.transform)
+        image = (image.as_tensor() + 1.0) / 2.0  # SAM3 normalisation undone: [-1, 1] -> [0, 1]
+        scores = ", ".join(f"{r['prompt']}: Dice {100 * r['metrics']['dice']:.1f}" for r in records)
+        title = f"{prediction.dataset} / {prediction.case}{where} ({records[0]['protocol'] if records else ''})"
+        if scores:
+            title += f"\n{scores}"
+        path = self.folder / f"{index:03d}_{_safe(prediction.dataset)}_{_safe(prediction.case)}.png"
+        return overlay_figure(image, truth, pred, path, prediction.values, prediction.prompts, title)
+
+
+class EvaluationReport:
+    """Collect the evaluator's metric records; on COMPLETED write the report files and log the MLflow run.
+
+    Args:
+        out_dir: the report folder.
+        params: run parameters (checkpoint, protocol, datalists, image size, ...), logged to MLflow.
+        notes: lines added under the Markdown table (how the numbers were produced).
+        mlflow: log an MLflow run (parameters, per-dataset and group metrics, every report file).
+        tracking_uri: None = ``sqlite:///<out_dir>/mlruns.db`` (artifacts in ``out_dir/mlartifacts``).
+        experiment, run_name: MLflow experiment and run names.
+        parent_run_id: make the run a child of this run (comparisons: one child per checkpoint).
+        title: heading of the Markdown table.
+
+    After the run: ``records``, ``table`` (:class:`MetricTable`), ``files`` and ``run_id``.
+    """
+
+    def __init__(
+        self,
+        out_dir: str | Path,
+        params: Mapping[str, Any] | None = None,
+        notes: Sequence[str] = (),
+        mlflow: bool = True,
+        tracking_uri: str | None = None,
+        experiment: str = DEFAULT_EXPERIMENT,
+        run_name: str | None = None,
+        parent_run_id: str | None = None,
+        title: str | None = None,
+        artifact_dirs: Sequence[str] = ("overlays",),
+    ) -> None:
+        self.out_dir = Path(out_dir)
+        self.params = dict(params or {})
+        self.notes = list(notes)
+        self.mlflow = bool(mlflow)
+        self.tracking_uri = tracking_uri
+        self.experiment = experiment
+        self.run_name = run_name
+        self.parent_run_id = parent_run_id
+        self.title = title
+        self.artifact_dirs = list(artifact_dirs)
+        self.records: list[dict[str, Any]] = []
+        self.table: MetricTable | None = None
+        self.files: list[Path] = []
+        self.run_id: str | None = None
+
+    def attach(self, engine: Engine) -> None:
+        engine.add_event_handler(Events.STARTED, lambda _: self.records.clear())
+        engine.add_event_handler(Events.ITERATION_COMPLETED, self.collect)
+        engine.add_event_handler(Events.COMPLETED, self.complete)
+
+    def collect(self, engine: Engine) -> None:
+        for output in engine.state.output or []:
+            self.records.extend(output.get("records", []))
+
+    def complete(self, engine: Engine | None = None) -> None:
+        self.write()
+        if self.mlflow:
+            self.log_mlflow()
+
+    # -------------------------------------------------------------------------------------------- files
+    def write(self) -> list[Path]:
+        if not self.records:
+            raise ValueError("no metric records to report: were any labelled cases evaluated?")
+        self.out_dir.mkdir(parents=True, exist_ok=True)
+        self.table = aggregate(self.records)
+        out = self.out_dir
+        files = [write_cases_csv(self.records, out / "cases.csv"), self.table.to_csv(out / "table.csv")]
+        title = self.title or f"Per-dataset results (protocol: {self.table.protocol})"
+        text = self.table.to_markdown(title=title)
+        if self.notes:
+            text += "\n" + "\n".join(f"- {n}" for n in self.notes) + "\n"
+        (out / "table.md").write_text(text, encoding="utf-8")
+        files.append(out / "table.md")
+        files.append(radar_chart(self.table, out / "radar.png"))
+        self.files = files
+        logger.info("evaluation report written to %s (%d records)", out, len(self.records))
+        return files
+
+    # -------------------------------------------------------------------------------------------- MLflow
+    def metrics(self) -> dict[str, float]:
+        """``<dataset>/<metric>``, ``group/<group>/<metric>``, ``overall/<metric>`` (fractions; HD95 in mm)."""
+        out: dict[str, float] = {}
+        for row in self.table.rows if self.table else []:
+            prefix = {"dataset": (row["name"],), "group": ("group", row["name"]), "overall": ("overall",)}[row["kind"]]
+            for metric in self.table.metrics:
+                value = row[metric]
+                if value == value:  # not NaN
+                    out[_metric_key(*prefix, metric)] = float(value)
+        return out
+
+    def log_mlflow(self) -> str:
+        tracking_uri = self.tracking_uri or default_tracking_uri(self.out_dir)
+        artifact_root = self.out_dir / "mlartifacts" if self.tracking_uri is None else None
+        client, experiment_id = open_experiment(tracking_uri, self.experiment, artifact_root)
+        tags = {"mlflow.parentRunId": self.parent_run_id} if self.parent_run_id else None
+        run = client.create_run(experiment_id, run_name=self.run_name, tags=tags)
+        run_id = run.info.run_id
+        try:
+            from mlflow.entities import Metric, Param
+
+            params = [Param(k, str(v)[:500]) for k, v in self.params.items()]
+            params.append(Param("num_records", str(len(self.records))))
+            now = int(time.time() * 1000)
+            metrics = [Metric(k, v, now, 0) for k, v in self.metrics().items()]
+            client.log_batch(run_id, metrics=metrics, params=params)
+            for path in self.files:
+                client.log_artifact(run_id, str(path))
+            for folder in self.artifact_dirs:
+                if (self.out_dir / folder).is_dir():
+                    client.log_artifacts(run_id, str(self.out_dir / folder), folder)
+            client.set_terminated(run_id)
+        except BaseException:
+            client.set_terminated(run_id, status="FAILED")
+            raise
+        self.run_id = run_id
+        logger.info("MLflow run %s in %s", run_id, tracking_uri)
+        return run_id

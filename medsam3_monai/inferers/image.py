@@ -1,0 +1,255 @@
+"""2D inference: one image (or slice), many text prompts -> one mask per prompt, a merged label map, and the
+way back to the input's own geometry.
+
+Protocols (DESIGN.md, Evaluation protocol; the name is recorded with every number it produces):
+
+* ``top_query`` -- the papers' protocol: the mask of each prompt's highest-scoring query (score =
+  sigmoid(class logit) x sigmoid(presence logit)), whatever its score.
+* ``threshold`` -- the union of every query whose score is >= ``score_threshold`` (multi-instance targets:
+  nuclei, vessels); no query above the threshold gives an empty mask.
+* ``semantic`` -- the semantic segmentation head (mask = its logit > 0).
+
+Each protocol gives, per prompt, a map of mask logits ``L`` (mask = ``L > 0``) and one score ``s``; the pixel
+confidence used to resolve multi-class overlaps is ``s * sigmoid(L)``:
+
+============  ==========================================  ==========================================
+protocol      logits ``L`` (slice space)                  score ``s``
+============  ==========================================  ==========================================
+top_query     the top query's mask logits                 that query's score
+threshold     pixel-wise max over the kept queries' logits the highest kept score (``EMPTY_LOGIT``
+              (``L > 0`` is exactly the union)            everywhere and the best score when none is kept)
+semantic      the semantic head's logits                  sigmoid(presence logit)
+============  ==========================================  ==========================================
+
+Multi-class images: every class is queried with its own prompt (one network call; the vision encoder runs
+once) and overlaps go to the class with the highest confidence at that pixel (``metrics.merge_classes``).
+
+Logit maps are upsampled bilinearly from the mask head's resolution (S / 14 * 4) to the slice space S x S,
+and mapped back to the input geometry with MONAI ``Invertd`` on the ``ResizeToSliced`` record of the image
+(bilinear, then thresholded: logits stay logits, so the mask is ``> 0`` at every resolution).
+"""
+
+from __future__ import annotations
+
+from collections.abc import Mapping, Sequence
+from dataclasses import dataclass
+from typing import Any
+
+import torch
+
+from ..metrics.merge import merge_classes
+from ..networks.outputs import MedSAM3Output
+from .protocols import top_query_logits, upsample_logits
+
+__all__ = [
+    "BOX_PADDING_LABEL",
+    "EMPTY_LOGIT",
+    "PROTOCOLS",
+    "ImageSegmentation",
+    "ground_truth_boxes",
+    "invert_slice",
+    "invert_to_input",
+    "protocol_logits",
+    "segment_image",
+]
+
+PROTOCOLS = ("top_query", "threshold", "semantic")
+#: logit of "no mask here": finite, so that bilinear inversion never mixes infinities into NaN
+EMPTY_LOGIT = -1.0e4
+BOX_PADDING_LABEL = -10
+
+
+def check_protocol(protocol: str) -> str:
+    if protocol not in PROTOCOLS:
+        raise ValueError(f"unknown protocol {protocol!r}; choose from {', '.join(PROTOCOLS)}")
+    return protocol
+
+
+def protocol_logits(
+    outputs: MedSAM3Output,
+    size: int | tuple[int, int],
+    protocol: str = "top_query",
+    score_threshold: float = 0.5,
+    chunk: int = 16,
+) -> tuple[torch.Tensor, torch.Tensor]:
+    """Per find-query mask logits ``(B, H, W)`` (float32, ``size``) and score ``(B,)`` under ``protocol``.
+
+    See the module docstring for the definition of each protocol. ``threshold`` upsamples only the kept
+    queries, ``chunk`` at a time (at 1008 px a query's map is 4 MB).
+    """
+    check_protocol(protocol)
+    if protocol == "top_query":
+        return top_query_logits(outputs, size)
+    if protocol == "semantic":
+        return upsample_logits(outputs.semantic_seg, size)[:, 0], outputs.presence_logits[:, 0].float().sigmoid()
+    scores = outputs.scores.float()
+    size = (size, size) if isinstance(size, int) else tuple(size)
+    logits = torch.full((scores.shape[0], *size), EMPTY_LOGIT, dtype=torch.float32, device=scores.device)
+    chosen = scores.max(dim=1).values
+    for b in range(scores.shape[0]):
+        keep = torch.nonzero(scores[b] >= score_threshold).flatten()
+        if keep.numel() == 0:
+            continue
+        chosen[b] = scores[b, keep].max()
+        for start in range(0, keep.numel(), chunk):
+            part = upsample_logits(outputs.pred_masks[b, keep[start:start + chunk]][None], size)[0]
+            logits[b] = torch.maximum(logits[b], part.amax(dim=0))
+    return logits, chosen
+
+
+@dataclass
+class ImageSegmentation:
+    """Result of :func:`segment_image` for P prompts on one image, in slice space (S x S).
+
+    Attributes:
+        prompts: the P prompt texts, in order (class ``c`` of :meth:`label_map` is ``prompts[c - 1]``).
+        logits: (P, S, S) float32 mask logits of the protocol (mask = logits > 0).
+        scores: (P,) the protocol's score per prompt (detector confidence that the concept is there).
+        protocol: which protocol produced them.
+    """
+
+    prompts: list[str]
+    logits: torch.Tensor
+    scores: torch.Tensor
+    protocol: str
+
+    @property
+    def masks(self) -> torch.Tensor:
+        """(P, S, S) bool masks, one per prompt, overlaps not resolved."""
+        return self.logits > 0
+
+    @property
+    def confidence(self) -> torch.Tensor:
+        """(P, S, S) pixel confidence score * sigmoid(logit), the quantity overlaps are resolved by."""
+        return confidence_of(self.logits, self.scores)
+
+    def label_map(self) -> torch.Tensor:
+        """(S, S) uint8 label map: 0 background, c + 1 = prompt c; overlaps go to the most confident prompt."""
+        return merge_classes(self.confidence, self.masks)
+
+
+def confidence_of(logits: torch.Tensor, scores: torch.Tensor) -> torch.Tensor:
+    """score * sigmoid(logit) with ``scores`` (P,) broadcast over the trailing dimensions of ``logits``."""
+    shape = (-1,) + (1,) * (logits.ndim - 1)
+    return scores.to(logits.device, torch.float32).reshape(shape) * logits.float().sigmoid()
+
+
+@torch.no_grad()
+def segment_image(
+    network: torch.nn.Module,
+    image: torch.Tensor,
+    prompts: Sequence[str],
+    *,
+    protocol: str = "top_query",
+    score_threshold: float = 0.5,
+    boxes: torch.Tensor | None = None,
+    box_labels: torch.Tensor | None = None,
+    pixels_normalized: bool = True,
+) -> ImageSegmentation:
+    """Segment one slice-space image with P text prompts (one network call: the vision encoder runs once).
+
+    Args:
+        network: a :class:`~medsam3_monai.networks.MedSAM3Net` (or anything with its forward signature).
+        image: (3, S, S) or (1, 3, S, S), SAM3-normalised (``Sam3Normalized``) unless ``pixels_normalized``
+            is False (then [0, 1] floats or uint8).
+        prompts: P concept texts.
+        protocol: ``top_query`` (default, the papers'), ``threshold`` or ``semantic``.
+        score_threshold: for ``threshold``.
+        boxes: optional box prompts (the T+I protocol): (P, 4) or (P, K, 4) cx, cy, w, h in [0, 1], e.g. from
+            :func:`ground_truth_boxes`; ``box_labels`` (P, K): 1 positive, 0 negative, -10 padding.
+
+    Returns:
+        :class:`ImageSegmentation` with (P, S, S) logits and (P,) scores in slice space.
+    """
+    check_protocol(protocol)
+    prompts = [prompts] if isinstance(prompts, str) else list(prompts)
+    if not prompts:
+        raise ValueError("segment_image needs at least one prompt")
+    images = image[None] if image.ndim == 3 else image
+    if images.shape[0] != 1:
+        raise ValueError(f"segment_image takes one image, got a batch of {images.shape[0]}")
+    kwargs: dict[str, Any] = {"pixels_normalized": pixels_normalized}
+    if boxes is not None:
+        boxes = boxes[:, None] if boxes.ndim == 2 else boxes
+        kwargs["boxes"] = boxes
+        kwargs["box_labels"] = box_labels if box_labels is not None else torch.ones(boxes.shape[:2], dtype=torch.long)
+    outputs = network(images, prompts, **kwargs)
+    size = tuple(images.shape[-2:])
+    logits, scores = protocol_logits(outputs, size, protocol, score_threshold)
+    return ImageSegmentation(prompts, logits.cpu(), scores.float().cpu(), protocol)
+
+
+def ground_truth_boxes(label: torch.Tensor, values: Sequence[int]) -> tuple[torch.Tensor, torch.Tensor]:
+    """The T+I box prompt of each class: the box of the largest connected component of ``label == value``.
+
+    Args:
+        label: (H, W) or (1, H, W) class map (any resolution: boxes are normalised, so the native label
+            gives the box of the resized image too).
+        values: the P label values, in prompt order.
+
+    Returns:
+        boxes (P, 1, 4) cx, cy, w, h in [0, 1] and box_labels (P, 1): 1, or -10 (padding) for a class absent
+        from the image (that prompt stays text-only).
+    """
+    from ..engines.batch import largest_component_box  # engines imports this package: import late
+
+    label = label[0] if label.ndim == 3 else label
+    label = label.as_tensor() if hasattr(label, "as_tensor") else torch.as_tensor(label)
+    boxes = torch.zeros(len(values), 1, 4)
+    box_labels = torch.full((len(values), 1), BOX_PADDING_LABEL, dtype=torch.long)
+    for i, value in enumerate(values):
+        box = largest_component_box(label == int(value))
+        if box is not None:
+            boxes[i, 0], box_labels[i, 0] = box, 1
+    return boxes, box_labels
+
+
+def invert_slice(maps: torch.Tensor, item: Mapping[str, Any], transform: Any, key: str = "image"):
+    """(C, S, S) slice-space maps of one 2D item or one volume slice item -> MetaTensor (C, H, W) in that
+    image's (or slice's) own size, with MONAI ``Invertd`` (bilinear)."""
+    from monai.data import MetaTensor
+    from monai.transforms import Invertd
+
+    inverter = Invertd(keys="pred", transform=transform, orig_keys=key, nearest_interp=False)
+    return inverter({"pred": MetaTensor(maps.float()), key: item[key]})["pred"]
+
+
+def invert_to_input(
+    maps: torch.Tensor,
+    items: Mapping[str, Any] | Sequence[Mapping[str, Any]],
+    transform: Any,
+    key: str = "image",
+    chunk: int = 64,
+):
+    """Slice-space maps -> the input's own geometry, with MONAI ``Invertd`` on the ``ResizeToSliced`` record.
+
+    Args:
+        maps: float maps (logits, probabilities or {0, 1} masks): (P, S, S) for a 2D item, (P, D, S, S) for
+            the D slice items of a volume (in slice order).
+        items: the preprocessed item (2D) or its list of slice items (volume, from ``AxialSlicesd``); their
+            ``key`` MetaTensor carries the resize record.
+        transform: the preprocessing (``Compose``) or the ``ResizeToSliced`` instance that made the items.
+        chunk: slices inverted per ``Invertd`` call (they share one resize record; bounds memory).
+
+    Returns:
+        MetaTensor (P, H, W) in the image's size, or (P, X, Y, Z) with the volume's affine (slices restacked
+        by :func:`~medsam3_monai.transforms.restack_slices`). Bilinear: threshold logits at 0, masks at 0.5.
+    """
+    from ..transforms.slices import restack_slices
+
+    slice_items = [items] if isinstance(items, Mapping) else list(items)
+    if maps.ndim == 3 and len(slice_items) == 1 and "volume_shape" not in slice_items[0][key].meta:
+        return invert_slice(maps, slice_items[0], transform, key)
+    if maps.ndim == 3:
+        maps = maps[:, None]
+    num_prompts, depth = maps.shape[:2]
+    if depth != len(slice_items):
+        raise ValueError(f"maps have {depth} slices but {len(slice_items)} slice items were given")
+    planes: list[torch.Tensor] = []
+    for start in range(0, depth, chunk):
+        part = maps[:, start:start + chunk]
+        n = part.shape[1]
+        flat = part.transpose(0, 1).reshape(n * num_prompts, *part.shape[-2:])
+        inverted = invert_slice(flat, slice_items[start], transform, key).as_tensor()
+        planes += list(inverted.reshape(n, num_prompts, *inverted.shape[-2:]).unbind(0))
+    return restack_slices(planes, [item[key].meta for item in slice_items])

@@ -1,0 +1,511 @@
+"""3D inference: every slice of a volume through the detector, then SAM3's tracker propagates the most
+confident slice's mask through the volume with its memory, both ways; detected and propagated masks merge
+per slice.
+
+Per prompt ``p`` and slice ``z`` (all in slice space, S x S):
+
+* detector: ``det[p, z]`` = the highest-scoring query's mask (upsampled logits > 0), ``score[p, z]`` its
+  score ``sigmoid(logit) * sigmoid(presence)`` (the paper's top-query protocol, :func:`top_query_logits`);
+* seed: ``seed[p]`` = the slice with the highest score among those with ``score >= score_threshold`` **and**
+  a non-empty ``det`` mask (an empty mask is no prompt for the tracker); ties go to the lowest index;
+  ``-1`` when there is none;
+* tracker (only when a tracker is given and ``seed[p] >= 0``): prompted with ``det[p, seed]`` as a mask on
+  the seed slice, it propagates to the last slice (forward) and then to slice 0 (backward) in one session,
+  as Meta's SAM3 video predictor does (the backward pass can see the forward pass's memories next to the
+  seed); ``trk[p, z]`` = its mask (upsampled logits > 0, empty where its object score says "absent");
+* merge: ``mask[p, z] = (det[p, z] if score[p, z] >= score_threshold) OR trk[p, z]`` — the detection where
+  the detector is confident, united with the propagated mask everywhere; empty where neither. With no seed
+  the prompt's masks are all empty (no slice is confident, so the detector contributes nothing either).
+
+Vision features. transformers' ``Sam3TrackerVideoModel`` carries its own vision encoder (ViT + the tracker's
+FPN neck); in SAM3's video model the tracker instead reads the detector's ViT output through its own neck
+(``tracker_neck``), and ``Sam3TrackerVideoModel.from_pretrained(<facebook/sam3 folder>)`` copies the
+detector's ViT into the tracker. We therefore *share* the ViT pass when the tracker's ViT weights are the
+detector's (the same module, as :func:`build_tracker` ties it with ``detector=``, or equal tensors, as when
+both come from one facebook/sam3 folder): the detector's ViT output of each slice goes through the tracker's
+neck, and the tracker never runs its ViT. This is exact, only faster. When the weights differ (e.g. a
+fine-tuned Medical-SAM3 detector with the original tracker) the tracker runs its own ViT, so it sees the
+features it was trained on; ``share_vision=True`` forces sharing (SAM3-video semantics with a swapped-in
+detector), ``False`` forbids it. Either way the tracker's features of all slices are computed once, in
+batches, and every prompt's session reads them from its cache: about 21 MB per slice at 1008 px (levels
+0-2 after the SAM decoder projections; position encodings are shared by all slices).
+"""
+
+from __future__ import annotations
+
+import json
+from contextlib import contextmanager
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any, Iterator, Sequence
+
+import torch
+from torch import nn
+from tqdm import tqdm
+from transformers import Sam3TrackerVideoConfig, Sam3TrackerVideoModel
+from transformers.models.sam3_tracker_video.modeling_sam3_tracker_video import Sam3TrackerVideoInferenceSession
+
+from ..networks.checkpoints import CheckpointError
+from ..networks.presets import TINY_IMAGE_SIZE, check_image_size, tiny_sam3_config
+from .protocols import top_query_logits, upsample_logits
+
+__all__ = [
+    "VolumeSegmentation",
+    "build_tracker",
+    "detect_slices",
+    "merge_masks",
+    "segment_volume",
+    "select_seeds",
+    "tiny_tracker_config",
+    "track_from_seed",
+]
+
+TRACKER_MODEL_TYPES = ("sam3_video", "sam3_tracker_video")
+# transformers' memory attention hard-codes 64 key/value channels (kv_in_dim=64), and its object-pointer
+# code only works when the tracker width is a multiple of 64 larger than 64: 128 is the smallest that runs.
+TINY_TRACKER_HIDDEN_SIZE = 128
+MEMORY_CHANNELS = 64
+
+
+@dataclass
+class VolumeSegmentation:
+    """Per-prompt masks of one volume in slice space.
+
+    Attributes:
+        masks: (P, D, S, S) bool, one mask per prompt and slice (the merge rule in the module docstring).
+        scores: (P, D) float32, the detector's score of the chosen (top) query on each slice.
+        seed_slices: (P,) long, the most confident slice the tracker started from; -1 when no slice is
+            confident (then the prompt's masks are empty). Set the same way without a tracker.
+    """
+
+    masks: torch.Tensor
+    scores: torch.Tensor
+    seed_slices: torch.Tensor
+
+
+# ---------------------------------------------------------------------------------------- tracker builder
+def tiny_tracker_config(
+    image_size: int = TINY_IMAGE_SIZE,
+    vision_config: Any = None,
+    hidden_size: int = TINY_TRACKER_HIDDEN_SIZE,
+    memory_layers: int = 1,
+    num_maskmem: int = 7,
+) -> Sam3TrackerVideoConfig:
+    """A small random-init SAM3 tracker for tests and the demo (about 1.8 M parameters).
+
+    Args:
+        image_size: slice-space side S (multiple of 14), the detector's.
+        vision_config: the detector's ``Sam3VisionConfig`` (or dict) whose ViT the tracker uses; default the
+            tiny detector preset's. Only its FPN width changes, to ``hidden_size`` (the tracker's neck).
+        hidden_size: tracker width (FPN, prompt encoder, mask decoder, memory attention); a multiple of 64
+            above 64 (transformers' memory attention takes 64-channel memories and splits wider pointers).
+        memory_layers: memory-attention layers (4 in SAM3).
+        num_maskmem: memory slots (7 in SAM3).
+    """
+    check_image_size(image_size)
+    if hidden_size % MEMORY_CHANNELS or hidden_size <= MEMORY_CHANNELS:
+        raise ValueError(f"hidden_size must be a multiple of {MEMORY_CHANNELS} above it (128, 256); got {hidden_size}")
+    if vision_config is None:
+        vision_config = tiny_sam3_config(image_size).vision_config
+    vision = vision_config.to_dict() if hasattr(vision_config, "to_dict") else dict(vision_config)
+    vision["fpn_hidden_size"] = hidden_size
+    h = hidden_size
+    return Sam3TrackerVideoConfig(
+        vision_config=vision,
+        prompt_encoder_config=dict(hidden_size=h, mask_input_channels=4),
+        mask_decoder_config=dict(hidden_size=h, mlp_dim=2 * h, num_attention_heads=2, iou_head_hidden_dim=h),
+        image_size=image_size,
+        num_maskmem=num_maskmem,
+        memory_attention_hidden_size=h,
+        memory_attention_num_layers=memory_layers,
+        memory_attention_feed_forward_hidden_size=2 * h,
+        memory_encoder_hidden_size=h,
+        memory_encoder_output_channels=MEMORY_CHANNELS,
+        mask_downsampler_embed_dim=h,
+        memory_fuser_embed_dim=h,
+        memory_fuser_intermediate_dim=2 * h,
+        memory_fuser_num_layers=1,
+    )
+
+
+def _detector_backbone(detector: nn.Module) -> nn.Module:
+    sam3 = getattr(detector, "sam3", detector)
+    return sam3.vision_encoder.backbone
+
+
+def _backbone_signature(config: Any) -> dict[str, Any]:
+    backbone = config.backbone_config
+    keys = ("hidden_size", "num_hidden_layers", "num_attention_heads", "intermediate_size", "image_size",
+            "patch_size", "window_size", "global_attn_indexes", "pretrain_image_size")
+    return {k: getattr(backbone, k, None) for k in keys}
+
+
+def tie_backbone(tracker: Sam3TrackerVideoModel, detector: nn.Module) -> Sam3TrackerVideoModel:
+    """Make the tracker's ViT *the* detector's ViT module (one trunk, two necks, as SAM3's video model)."""
+    detector_config = getattr(detector, "config", None) or detector.sam3.config
+    theirs, ours = _backbone_signature(detector_config.vision_config), _backbone_signature(tracker.config.vision_config)
+    if theirs != ours:
+        diff = {k: (theirs[k], ours[k]) for k in theirs if theirs[k] != ours[k]}
+        raise ValueError(f"the tracker's ViT differs from the detector's (detector vs tracker): {diff}")
+    tracker.vision_encoder.backbone = _detector_backbone(detector)
+    return tracker
+
+
+def _load_tracker_folder(folder: Path) -> Sam3TrackerVideoModel:
+    config_file = folder / "config.json"
+    if not config_file.is_file():
+        raise CheckpointError(f"{folder} has no config.json: not a transformers checkpoint folder")
+    try:
+        model_type = json.loads(config_file.read_text()).get("model_type")
+    except json.JSONDecodeError as err:
+        raise CheckpointError(f"{config_file} is not valid JSON: {err}") from err
+    if model_type not in TRACKER_MODEL_TYPES:
+        raise CheckpointError(
+            f"{folder} holds a '{model_type}' model with no tracker: give a facebook/sam3 folder "
+            f"(model_type sam3_video) or a saved Sam3TrackerVideoModel (sam3_tracker_video)"
+        )
+    if not any(folder.glob("*.safetensors")) and not any(folder.glob("*.bin")):
+        raise CheckpointError(f"{folder} has config.json but no weights (*.safetensors)")
+    try:
+        model, info = Sam3TrackerVideoModel.from_pretrained(
+            str(folder), local_files_only=True, output_loading_info=True
+        )
+    except Exception as err:
+        raise CheckpointError(f"cannot load the tracker from {folder}: {type(err).__name__}: {str(err)[:300]}") from err
+    # detector_model.* (other than the ViT, which the tracker copies) is skipped by design
+    problems = {
+        "missing from the checkpoint": info.get("missing_keys") or [],
+        "unexpected in the checkpoint": info.get("unexpected_keys") or [],
+        "shape mismatch": [str(m) for m in info.get("mismatched_keys") or []],
+    }
+    if any(problems.values()):
+        lines = [f"  {title}: {len(keys)}: {sorted(keys)[:12]}" for title, keys in problems.items() if keys]
+        raise CheckpointError(f"checkpoint folder {folder} does not match the SAM3 tracker:\n" + "\n".join(lines))
+    return model
+
+
+def build_tracker(
+    source: str | Path = "tiny",
+    image_size: int | None = None,
+    seed: int = 0,
+    *,
+    detector: nn.Module | None = None,
+) -> Sam3TrackerVideoModel:
+    """SAM3's video tracker (transformers ``Sam3TrackerVideoModel``) in eval mode.
+
+    Args:
+        source: ``"tiny"`` (random init, reproducible by ``seed``; see :func:`tiny_tracker_config`), or a local
+            HF folder: facebook/sam3 (``sam3_video``: the tracker, its neck and a copy of the detector's ViT
+            are loaded) or a saved ``Sam3TrackerVideoModel``. Loading is strict and never downloads; Meta's
+            original ``sam3.pt`` tracker keys are not converted (use the HF folder).
+        image_size: slice side S. Tiny: default the detector's, else 112. A loaded tracker keeps its own
+            size; a different ``image_size`` is an error.
+        seed: initialisation seed of the tiny tracker.
+        detector: a :class:`~medsam3_monai.networks.MedSAM3Net` (or ``Sam3Model``) whose ViT becomes the
+            tracker's (the same module: SAM3's video model has one trunk). The tiny tracker then takes the
+            detector's ViT configuration. :func:`segment_volume` shares the ViT pass of such a pair.
+    """
+    if str(source) == "tiny":
+        if detector is not None:
+            detector_config = getattr(detector, "config", None) or detector.sam3.config
+            vision_config = detector_config.vision_config
+            size = int(vision_config.backbone_config.image_size)
+            if image_size is not None and image_size != size:
+                raise ValueError(f"image_size {image_size} differs from the detector's {size}")
+            image_size = size
+        else:
+            image_size = image_size or TINY_IMAGE_SIZE
+            vision_config = tiny_sam3_config(image_size).vision_config
+        config = tiny_tracker_config(image_size, vision_config)
+        with torch.random.fork_rng(devices=[]):
+            torch.manual_seed(seed)
+            tracker = Sam3TrackerVideoModel(config)
+    else:
+        path = Path(source).expanduser()
+        if not path.exists():
+            raise CheckpointError(
+                f"tracker checkpoint {path} does not exist. Give 'tiny' or a local HF folder "
+                "(facebook/sam3 layout, or a saved Sam3TrackerVideoModel); nothing is downloaded."
+            )
+        if not path.is_dir():
+            raise CheckpointError(
+                f"{path} is a file; the tracker loads from an HF folder (facebook/sam3 layout or a saved "
+                "Sam3TrackerVideoModel). Meta's sam3.pt tracker weights are not converted."
+            )
+        tracker = _load_tracker_folder(path)
+        if image_size is not None and image_size != tracker.config.image_size:
+            raise ValueError(f"the tracker in {path} works at {tracker.config.image_size} px, not {image_size}")
+    if detector is not None:
+        tie_backbone(tracker, detector)
+    return tracker.eval()
+
+
+# ---------------------------------------------------------------------------------------- helpers
+@contextmanager
+def _eval_mode(*modules: nn.Module | None) -> Iterator[None]:
+    """Eval mode for the duration (dropout off, tracker inference outputs), previous modes restored after."""
+    states = [(m, m.training) for m in modules if m is not None]
+    for module, _ in states:
+        module.eval()
+    try:
+        yield
+    finally:
+        for module, training in states:
+            module.train(training)
+
+
+def _check_inputs(detector: nn.Module, slices: torch.Tensor, prompts: Sequence[str], score_threshold: float,
+                  batch_size: int) -> tuple[torch.Tensor, list[str]]:
+    if not isinstance(slices, torch.Tensor):
+        raise TypeError(f"slices must be a (D, 3, S, S) tensor, got {type(slices).__name__}")
+    if type(slices) is not torch.Tensor:  # MetaTensor from the transforms: plain tensor math from here on
+        slices = slices.as_subclass(torch.Tensor)
+    if isinstance(prompts, str):
+        prompts = [prompts]
+    prompts = list(prompts)
+    if not prompts or not all(isinstance(p, str) and p.strip() for p in prompts):
+        raise ValueError(f"give at least one non-empty text prompt; got {prompts!r}")
+    size = int(detector.image_size)
+    if slices.ndim != 4 or slices.shape[1] != 3 or tuple(slices.shape[-2:]) != (size, size) or slices.shape[0] == 0:
+        raise ValueError(
+            f"slices must be (D, 3, {size}, {size}) SAM3-normalised slices of one volume (D >= 1); got "
+            f"{tuple(slices.shape)}: slice with AxialSlicesd, resize with ResizeToSliced({size}), Sam3Normalized"
+        )
+    if not 0.0 <= float(score_threshold) <= 1.0:
+        raise ValueError(f"score_threshold must be in [0, 1], got {score_threshold}")
+    if int(batch_size) < 1:
+        raise ValueError(f"batch_size must be >= 1, got {batch_size}")
+    return slices, prompts
+
+
+def _batches(total: int, size: int, progress: bool, desc: str) -> Iterator[tuple[int, int]]:
+    starts = range(0, total, size)
+    for start in tqdm(starts, desc=desc, disable=not progress, unit="batch"):
+        yield start, min(start + size, total)
+
+
+# ---------------------------------------------------------------------------------------- detector pass
+def detect_slices(
+    detector: nn.Module,
+    slices: torch.Tensor,
+    prompts: Sequence[str],
+    *,
+    batch_size: int = 8,
+    progress: bool = False,
+    vision_hook: Any = None,
+) -> tuple[torch.Tensor, torch.Tensor]:
+    """Every slice x every prompt through the detector: top-query masks (P, D, S, S) bool and scores (P, D).
+
+    ``batch_size`` slices go in per forward, each with all P prompts (the ViT runs once per slice; text
+    features come from the network's cache). ``vision_hook(last_hidden_state, start, stop)`` is called with
+    the ViT output of slices ``start:stop`` (for sharing it with the tracker).
+    """
+    num_slices, size, num_prompts = slices.shape[0], slices.shape[-1], len(prompts)
+    device = next(detector.parameters()).device
+    masks = torch.zeros(num_prompts, num_slices, size, size, dtype=torch.bool)
+    scores = torch.zeros(num_prompts, num_slices, dtype=torch.float32)
+    handle = None
+    span: list[int] = [0, 0]
+    if vision_hook is not None:
+        vision_encoder = getattr(detector, "sam3", detector).vision_encoder
+        handle = vision_encoder.register_forward_hook(
+            lambda _m, _i, out: vision_hook(out.last_hidden_state, span[0], span[1])
+        )
+    try:
+        with torch.no_grad():
+            for start, stop in _batches(num_slices, batch_size, progress, "detector"):
+                span[:] = [start, stop]
+                count = stop - start
+                image_ids = torch.arange(count).repeat_interleave(num_prompts)
+                queries = [prompt for _ in range(count) for prompt in prompts]  # slice-major
+                outputs = detector(slices[start:stop].to(device), queries, image_ids=image_ids,
+                                   pixels_normalized=True)
+                logits, best = top_query_logits(outputs, size)  # (count * P, S, S), (count * P,)
+                masks[:, start:stop] = (logits > 0).view(count, num_prompts, size, size).transpose(0, 1).cpu()
+                scores[:, start:stop] = best.float().view(count, num_prompts).T.cpu()
+    finally:
+        if handle is not None:
+            handle.remove()
+    return masks, scores
+
+
+def select_seeds(masks: torch.Tensor, scores: torch.Tensor, score_threshold: float) -> torch.Tensor:
+    """(P,) most confident slice with score >= threshold and a non-empty mask; -1 where there is none."""
+    eligible = (scores >= score_threshold) & masks.flatten(2).any(-1)
+    ranked = torch.where(eligible, scores, torch.full_like(scores, -1.0))
+    seeds = ranked.argmax(dim=1)  # first maximum: ties go to the lowest slice
+    return torch.where(eligible.any(dim=1), seeds, torch.full_like(seeds, -1))
+
+
+def merge_masks(detected: torch.Tensor, scores: torch.Tensor, tracked: torch.Tensor | None,
+                score_threshold: float) -> torch.Tensor:
+    """``(detected where score >= threshold) | tracked``, all (P, D, S, S) bool (scores (P, D))."""
+    merged = detected & (scores >= score_threshold)[..., None, None]
+    return merged | tracked if tracked is not None else merged
+
+
+# ---------------------------------------------------------------------------------------- tracker pass
+def _tracker_level_features(tracker: Sam3TrackerVideoModel, fpn_hidden_states: Sequence[torch.Tensor],
+                            fpn_positions: Sequence[torch.Tensor]) -> tuple[list[torch.Tensor], list[torch.Tensor]]:
+    """FPN levels 0-2 -> what the tracker caches per frame: SAM-decoder projections of levels 0 and 1,
+    flattened to (HW, B, C) (as ``Sam3TrackerVideoModel.get_image_features``)."""
+    levels = list(fpn_hidden_states[:-1])
+    levels[0] = tracker.mask_decoder.conv_s0(levels[0])
+    levels[1] = tracker.mask_decoder.conv_s1(levels[1])
+    feats = [level.flatten(2).permute(2, 0, 1) for level in levels]
+    positions = [pos.flatten(2).permute(2, 0, 1) for pos in fpn_positions[:-1]]
+    return feats, positions
+
+
+class _TrackerFeatures:
+    """The tracker's vision features of every slice, computed once, served to every prompt's session."""
+
+    def __init__(self, tracker: Sam3TrackerVideoModel) -> None:
+        self.tracker = tracker
+        self.frames: dict[int, list[torch.Tensor]] = {}
+        self.positions: list[torch.Tensor] | None = None
+
+    def _store(self, feats: list[torch.Tensor], positions: list[torch.Tensor], start: int) -> None:
+        for i in range(feats[0].shape[1]):
+            self.frames[start + i] = [f[:, i : i + 1].contiguous() for f in feats]
+        if self.positions is None:  # sine encodings depend on the grid only: one copy for all slices
+            self.positions = [p[:, :1].contiguous() for p in positions]
+
+    @torch.no_grad()
+    def from_vit_output(self, last_hidden_state: torch.Tensor, start: int, _stop: int) -> None:
+        """Shared ViT: the detector's (B, HW, C) ViT output through the tracker's own neck."""
+        batch, tokens, channels = last_hidden_state.shape
+        side = int(round(tokens**0.5))
+        spatial = last_hidden_state.view(batch, side, side, channels).permute(0, 3, 1, 2)
+        fpn, positions = self.tracker.vision_encoder.neck(spatial)
+        self._store(*_tracker_level_features(self.tracker, fpn, positions), start)
+
+    @torch.no_grad()
+    def from_pixels(self, slices: torch.Tensor, batch_size: int, progress: bool) -> None:
+        """The tracker's own ViT and neck, in batches."""
+        param = next(self.tracker.parameters())
+        for start, stop in _batches(slices.shape[0], batch_size, progress, "tracker features"):
+            vision = self.tracker.vision_encoder(slices[start:stop].to(param.device, param.dtype))
+            self._store(*_tracker_level_features(self.tracker, vision.fpn_hidden_states,
+                                                 vision.fpn_position_encoding), start)
+
+    def session(self, slices: torch.Tensor) -> Sam3TrackerVideoInferenceSession:
+        """A fresh inference session over the volume with every slice's features already cached."""
+        param = next(self.tracker.parameters())
+        num_frames = slices.shape[0]
+        session = Sam3TrackerVideoInferenceSession(
+            video=slices, video_height=slices.shape[-2], video_width=slices.shape[-1],
+            inference_device=param.device, inference_state_device=param.device,
+            video_storage_device=slices.device, dtype=param.dtype, max_vision_features_cache_size=num_frames,
+        )
+        for index in range(num_frames):
+            session.cache.cache_vision_features(
+                index, {"vision_feats": self.frames[index], "vision_pos_embeds": self.positions}
+            )
+        return session
+
+
+def _add_mask_prompt(session: Sam3TrackerVideoInferenceSession, obj_id: int, frame_idx: int,
+                     mask: torch.Tensor) -> None:
+    """A binary (S, S) mask as the object's prompt on ``frame_idx`` (the processor's
+    ``add_inputs_to_inference_session(input_masks=...)`` without its image pre-processing)."""
+    obj_idx = session.obj_id_to_idx(obj_id)
+    session.add_mask_inputs(obj_idx, frame_idx, mask.float()[None, None])
+    session.remove_point_inputs(obj_idx, frame_idx)
+    session.obj_with_new_inputs = [obj_id]
+
+
+def track_from_seed(tracker: Sam3TrackerVideoModel, session: Sam3TrackerVideoInferenceSession, seed: int,
+                    seed_mask: torch.Tensor, size: int, progress: bool = False) -> torch.Tensor:
+    """Propagate ``seed_mask`` (S, S) from slice ``seed`` to the last slice, then back to slice 0.
+
+    Returns (D, S, S) bool: the tracker's mask on every slice (the seed's is its own prompt, resampled).
+    """
+    num_frames = session.num_frames
+    _add_mask_prompt(session, obj_id=1, frame_idx=seed, mask=seed_mask)
+    low_res: dict[int, torch.Tensor] = {}
+    with tqdm(total=num_frames + 1, desc="tracker", disable=not progress, unit="slice") as bar:
+        for reverse in (False, True):
+            for out in tracker.propagate_in_video_iterator(session, start_frame_idx=seed, reverse=reverse):
+                low_res[int(out.frame_idx)] = out.pred_masks[0, 0].float()
+                bar.update()
+    if sorted(low_res) != list(range(num_frames)):
+        raise RuntimeError(f"the tracker visited slices {sorted(low_res)} of {num_frames}")
+    stacked = torch.stack([low_res[i] for i in range(num_frames)])[:, None]
+    return (upsample_logits(stacked, size)[:, 0] > 0).cpu()
+
+
+def _same_backbone(detector: nn.Module, tracker: Sam3TrackerVideoModel) -> bool:
+    ours, theirs = tracker.vision_encoder.backbone, _detector_backbone(detector)
+    if ours is theirs:
+        return True
+    a, b = ours.state_dict(), theirs.state_dict()
+    if a.keys() != b.keys() or any(a[k].shape != b[k].shape or a[k].dtype != b[k].dtype for k in a):
+        return False
+    return all(a[k].data_ptr() == b[k].data_ptr() or torch.equal(a[k], b[k].to(a[k].device)) for k in a)
+
+
+def _check_tracker(detector: nn.Module, tracker: Sam3TrackerVideoModel, share_vision: bool | None) -> bool:
+    """Validate the pair and decide whether the ViT pass is shared (module docstring)."""
+    size = int(detector.image_size)
+    if int(tracker.config.image_size) != size:
+        raise ValueError(f"the tracker works at {tracker.config.image_size} px but the slices are {size} px: "
+                         "build both at the same image_size")
+    if tracker.vision_encoder is None:
+        raise ValueError("the tracker has no vision encoder (remove_vision_encoder=True): load it with its neck")
+    if share_vision is False:
+        return False
+    compatible = (_backbone_signature(tracker.config.vision_config)
+                  == _backbone_signature((getattr(detector, "config", None) or detector.sam3.config).vision_config))
+    if share_vision and not compatible:
+        raise ValueError("share_vision=True but the tracker's ViT configuration differs from the detector's")
+    return bool(share_vision) or (compatible and _same_backbone(detector, tracker))
+
+
+# ---------------------------------------------------------------------------------------- entry point
+def segment_volume(
+    detector: nn.Module,
+    slices: torch.Tensor,
+    prompts: Sequence[str],
+    tracker: Sam3TrackerVideoModel | None = None,
+    *,
+    score_threshold: float = 0.5,
+    batch_size: int = 8,
+    progress: bool = False,
+    share_vision: bool | None = None,
+) -> VolumeSegmentation:
+    """Segment one volume per text prompt: detector on every slice, tracker both ways from the best slice.
+
+    Args:
+        detector: a :class:`~medsam3_monai.networks.MedSAM3Net` (run in eval mode here, mode restored after).
+        slices: (D, 3, S, S) SAM3-normalised slices in order (AxialSlicesd -> ResizeToSliced -> Sam3Normalized).
+        prompts: P text prompts, each segmented independently.
+        tracker: a ``Sam3TrackerVideoModel`` at the same S (:func:`build_tracker`); None = detector only.
+        score_threshold: detector score from which a slice's detection counts (and may seed the tracker).
+        batch_size: slices per detector forward (each with all P prompts) and per tracker-feature batch.
+        progress: tqdm bars for the detector batches and each prompt's propagation.
+        share_vision: None = share the ViT pass when the tracker's ViT weights are the detector's; True /
+            False force it on / off (module docstring).
+
+    Returns:
+        :class:`VolumeSegmentation` on the CPU; the merge rule is in the module docstring.
+    """
+    slices, prompts = _check_inputs(detector, slices, prompts, score_threshold, batch_size)
+    size = int(detector.image_size)
+    shared = _check_tracker(detector, tracker, share_vision) if tracker is not None else False
+    with _eval_mode(detector, tracker):
+        features = _TrackerFeatures(tracker) if tracker is not None else None
+        hook = features.from_vit_output if shared else None
+        detected, scores = detect_slices(detector, slices, prompts, batch_size=batch_size, progress=progress,
+                                         vision_hook=hook)
+        seeds = select_seeds(detected, scores, score_threshold)
+        seed_masks = {p: detected[p, seed].clone() for p, seed in enumerate(seeds.tolist()) if seed >= 0}
+        masks = merge_masks(detected, scores, None, score_threshold)  # in place of the detections: one copy
+        del detected
+        if tracker is not None and seed_masks:
+            if not shared:
+                features.from_pixels(slices, batch_size, progress)
+            for p, seed_mask in seed_masks.items():
+                session = features.session(slices)
+                masks[p] |= track_from_seed(tracker, session, int(seeds[p]), seed_mask, size, progress)
+    return VolumeSegmentation(masks=masks, scores=scores, seed_slices=seeds.long())

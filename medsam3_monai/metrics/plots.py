@@ -1,0 +1,144 @@
+"""Report figures: the per-dataset radar chart (Medical SAM3 Fig. 3) and case overlays (Fig. 4).
+
+Figures are drawn with matplotlib's object API on an Agg canvas (``matplotlib.figure.Figure``), so nothing
+here touches pyplot's global state or needs a display.
+"""
+
+from __future__ import annotations
+
+import math
+from collections.abc import Sequence
+from pathlib import Path
+
+import numpy as np
+import torch
+
+from .aggregate import MetricTable
+
+__all__ = ["CLASS_COLOURS", "overlay_figure", "radar_chart"]
+
+#: fill colour of label value c (cycled): a colour-blind-friendly qualitative set (Okabe-Ito)
+CLASS_COLOURS = ("#E69F00", "#56B4E9", "#009E73", "#F0E442", "#0072B2", "#D55E00", "#CC79A7")
+TRUTH_COLOUR = "#00FF00"
+_LABELS = {"dice": "Dice (%)", "iou": "IoU (%)", "nsd": "NSD (%)"}
+
+
+def _figure(width: float, height: float):
+    from matplotlib.backends.backend_agg import FigureCanvasAgg
+    from matplotlib.figure import Figure
+
+    figure = Figure(figsize=(width, height), dpi=100)
+    FigureCanvasAgg(figure)
+    return figure
+
+
+def radar_chart(
+    table: MetricTable,
+    path: str | Path,
+    metrics: Sequence[str] = ("dice", "iou"),
+    title: str | None = None,
+) -> Path:
+    """Per-dataset ``metrics`` (in %) on a polar chart, one axis per dataset, one closed line per metric.
+
+    With fewer than three datasets the polygon degenerates (a line or a point) but the values still read.
+    """
+    rows = table.dataset_rows()
+    names = [r["name"] for r in rows]
+    if not names:
+        raise ValueError("radar_chart needs at least one dataset row")
+    metrics = [m for m in metrics if m in table.metrics]
+    angles = [2 * math.pi * i / len(names) for i in range(len(names))]
+    figure = _figure(6.5, 6.5)
+    ax = figure.add_subplot(111, projection="polar")
+    for colour, metric in zip(("#0072B2", "#D55E00", "#009E73"), metrics):
+        values = [100.0 * r[metric] if not math.isnan(r[metric]) else 0.0 for r in rows]
+        ax.plot(angles + angles[:1], values + values[:1], color=colour, linewidth=2, marker="o",
+                label=_LABELS.get(metric, metric))
+        ax.fill(angles + angles[:1], values + values[:1], color=colour, alpha=0.12)
+    ax.set_xticks(angles)
+    ax.set_xticklabels(names, fontsize=8)
+    ax.set_ylim(0, 100)
+    ax.set_yticks([20, 40, 60, 80, 100])
+    ax.tick_params(axis="y", labelsize=7)
+    ax.legend(loc="upper right", bbox_to_anchor=(1.25, 1.12), fontsize=8)
+    heading = title or "Per-dataset Dice and IoU"
+    if table.protocol:
+        heading += f" ({table.protocol})"
+    ax.set_title(heading, fontsize=10, pad=24)
+    figure.tight_layout()
+    path = Path(path)
+    path.parent.mkdir(parents=True, exist_ok=True)
+    figure.savefig(path)
+    return path
+
+
+def _as_display_image(image: torch.Tensor | np.ndarray) -> np.ndarray:
+    """(3, H, W) / (1, H, W) / (H, W) in [0, 1] -> (H, W, 3) float for imshow."""
+    array = image.detach().cpu().float().numpy() if isinstance(image, torch.Tensor) else np.asarray(image, float)
+    if array.ndim == 3 and array.shape[0] in (1, 3):
+        array = np.moveaxis(array, 0, -1)
+    if array.ndim == 2:
+        array = array[..., None]
+    if array.shape[-1] == 1:
+        array = np.repeat(array, 3, axis=-1)
+    return np.clip(array, 0.0, 1.0)
+
+
+def _fill(labels: np.ndarray, values: Sequence[int]) -> np.ndarray:
+    """RGBA overlay of a label map: each value in its colour at alpha 0.45, background transparent."""
+    from matplotlib.colors import to_rgba
+
+    rgba = np.zeros((*labels.shape, 4), dtype=float)
+    for i, value in enumerate(values):
+        colour = to_rgba(CLASS_COLOURS[i % len(CLASS_COLOURS)], alpha=0.45)
+        rgba[labels == value] = colour
+    return rgba
+
+
+def overlay_figure(
+    image: torch.Tensor | np.ndarray,
+    truth: torch.Tensor | np.ndarray,
+    pred: torch.Tensor | np.ndarray,
+    path: str | Path,
+    values: Sequence[int] = (1,),
+    names: Sequence[str] | None = None,
+    title: str | None = None,
+) -> Path:
+    """Three panels: the image; the ground truth filled; the prediction filled with the truth's contour.
+
+    Args:
+        image: the image in its own geometry, values in [0, 1] ((3, H, W), (1, H, W) or (H, W)).
+        truth, pred: (H, W) label maps (prompt label values, 0 background).
+        values: the label values to draw, in prompt order (colours follow this order); ``names`` their texts.
+    """
+    shown = _as_display_image(image)
+    truth = np.asarray(truth.cpu() if isinstance(truth, torch.Tensor) else truth)
+    pred = np.asarray(pred.cpu() if isinstance(pred, torch.Tensor) else pred)
+    figure = _figure(10.5, 3.8)
+    panels = figure.subplots(1, 3)
+    for ax, heading in zip(panels, ("image", "ground truth", "prediction (truth contour)")):
+        ax.imshow(shown, interpolation="nearest")
+        ax.set_title(heading, fontsize=9)
+        ax.set_axis_off()
+    panels[1].imshow(_fill(truth, values), interpolation="nearest")
+    panels[2].imshow(_fill(pred, values), interpolation="nearest")
+    for value in values:
+        if (truth == value).any() and min(truth.shape) > 1:
+            panels[2].contour((truth == value).astype(float), levels=[0.5], colors=TRUTH_COLOUR, linewidths=0.8)
+    if names:
+        handles = _legend_handles(values, names)
+        panels[2].legend(handles=handles, loc="lower right", fontsize=7, framealpha=0.7)
+    if title:
+        figure.suptitle(title, fontsize=10)
+    figure.tight_layout()
+    path = Path(path)
+    path.parent.mkdir(parents=True, exist_ok=True)
+    figure.savefig(path)
+    return path
+
+
+def _legend_handles(values: Sequence[int], names: Sequence[str]):
+    from matplotlib.patches import Patch
+
+    return [Patch(color=CLASS_COLOURS[i % len(CLASS_COLOURS)], alpha=0.6, label=str(name))
+            for i, (_, name) in enumerate(zip(values, names))]

@@ -1,0 +1,184 @@
+#!/usr/bin/env python
+"""Benchmark evaluation: the 2D per-image pipeline against the bare network forward, and 3D slices/s.
+
+Prints one JSON object. 2D, on real samples from ../shared/data (Kvasir-SEG JPEG 529-622 px RGB, chest X-ray
+512 px grey; synthetic images of the same sizes when the folder is absent), tiny network, CPU:
+
+* ``forward_ms``: ``MedSAM3Net(image, prompts)`` alone on the preprocessed slice-space tensor (text cached).
+* ``segment_image_ms``: the 2D inference (forward + the protocol + upsampling to S x S).
+* ``case_ms``: one evaluator iteration on a preprocessed case: inference, ``Invertd`` back to the image's own
+  size, class merge and the per-prompt metrics. **Headline ratio** ``case_over_forward`` = case_ms /
+  forward_ms (target <= 1.10): what evaluation adds to the network, loading and report writing excluded.
+* ``loading_ms`` (read + decode + intensity + resize + normalise) and ``with_loading_over_forward`` for the
+  whole per-image cost; ``report_s`` the one-off report writing (cases.csv, tables, radar; no MLflow).
+
+Each number is the median over ``--repeats`` runs after a warm-up, per image, averaged over the images.
+3D (when ``medsam3_monai.inferers.volume`` exists): slices per second of the volume path (detector on every
+slice + tracker propagation + inversion + merge + metrics) for a real hippocampus volume and the same volume
+repeated along the slice axis (2x, 4x slices): near-constant slices/s means linear scaling.
+
+    python scripts/bench_eval.py                 # 1 thread (default: stable timings on shared cores)
+    python scripts/bench_eval.py --threads 2 --repeats 20
+"""
+
+from __future__ import annotations
+
+import argparse
+import importlib.util
+import json
+import platform
+import statistics
+import tempfile
+import time
+from pathlib import Path
+
+import numpy as np
+import torch
+
+REPO = Path(__file__).resolve().parents[1]
+SHARED = REPO.parent / "shared" / "data"
+
+
+def median_ms(fn, repeats: int, warmup: int = 2) -> float:
+    for _ in range(warmup):
+        fn()
+    times = []
+    for _ in range(repeats):
+        start = time.perf_counter()
+        fn()
+        times.append(time.perf_counter() - start)
+    return 1000.0 * statistics.median(times)
+
+
+def datalists(folder: Path) -> tuple[list[Path], str]:
+    """Datalists of the 2D samples (real when ../shared/data exists, else synthetic PNGs of the same sizes)."""
+    from medsam3_monai.data import build_datalist, write_datalist
+
+    if SHARED.is_dir():
+        paths = []
+        for name in ("Kvasir-SEG_sample", "ChestXray_lung_sample"):
+            result = build_datalist(name, SHARED / name)
+            paths.append(write_datalist(result.datalist, folder / f"{name}.json"))
+        return paths, "shared samples"
+    from PIL import Image
+
+    rng = np.random.default_rng(0)
+    items = []
+    for i, (h, w, mode) in enumerate(((529, 622, "RGB"), (512, 512, "L"), (576, 720, "RGB"))):
+        shape = (h, w, 3) if mode == "RGB" else (h, w)
+        Image.fromarray(rng.integers(0, 255, shape, dtype=np.uint8), mode).save(folder / f"img{i}.png")
+        mask = np.zeros((h, w), np.uint8)
+        mask[h // 4: h // 2, w // 4: w // 2] = 255
+        Image.fromarray(mask).save(folder / f"mask{i}.png")
+        items.append({"image": str(folder / f"img{i}.png"), "label": str(folder / f"mask{i}.png"),
+                      "dataset": "Kvasir-SEG", "modality": "endoscopy", "prompts": {"1": "polyp"},
+                      "mask_encoding": "binary", "case": str(i)})
+    path = folder / "synthetic.json"
+    path.write_text(json.dumps({"training": [], "validation": items, "test": []}))
+    return [path], "synthetic"
+
+
+def bench_2d(network, repeats: int, folder: Path) -> dict:
+    from medsam3_monai.engines.evaluation import CaseInferer, case_records, evaluation_items, evaluation_transforms
+    from medsam3_monai.engines.evaluation import run_evaluation
+    from medsam3_monai.inferers.image import segment_image
+    from medsam3_monai.transforms.labels import parse_prompts
+
+    paths, source = datalists(folder)
+    items = evaluation_items(paths, "all")
+    transform = evaluation_transforms(network.image_size)
+    inferer = CaseInferer(transform)
+    per_image = {"forward_ms": [], "segment_image_ms": [], "case_ms": [], "loading_ms": []}
+    sizes = []
+    for item in items:
+        case = transform(item)
+        image = case[0]["image"].as_tensor()[None]
+        prompts = list(parse_prompts(item["prompts"]).values())
+        sizes.append(list(case[0]["label"].shape[1:]))
+        with torch.no_grad():
+            per_image["forward_ms"].append(median_ms(lambda: network(image, prompts, pixels_normalized=True), repeats))
+            per_image["segment_image_ms"].append(median_ms(lambda: segment_image(network, image[0], prompts), repeats))
+            per_image["case_ms"].append(median_ms(lambda: case_records(inferer(case, network), inferer.label), repeats))
+        per_image["loading_ms"].append(median_ms(lambda: transform(item), max(3, repeats // 3), warmup=1))
+    mean = {k: statistics.fmean(v) for k, v in per_image.items()}
+    start = time.perf_counter()
+    report = run_evaluation(network, items, folder / "report", mlflow=False, progress=False, max_overlays=0)
+    total_s = time.perf_counter() - start
+    start = time.perf_counter()
+    report.write()
+    report_s = time.perf_counter() - start
+    return {
+        "source": source,
+        "images": len(items),
+        "native_sizes": sizes,
+        **{k: round(v, 3) for k, v in mean.items()},
+        "segment_image_over_forward": round(mean["segment_image_ms"] / mean["forward_ms"], 4),
+        "case_over_forward": round(mean["case_ms"] / mean["forward_ms"], 4),
+        "with_loading_over_forward": round((mean["case_ms"] + mean["loading_ms"]) / mean["forward_ms"], 4),
+        "engine_run_s_per_image": round(total_s / len(items), 4),
+        "report_s": round(report_s, 4),
+    }
+
+
+def bench_3d(network, repeats: int) -> dict | None:
+    if importlib.util.find_spec("medsam3_monai.inferers.volume") is None:
+        return None
+    from medsam3_monai.engines.evaluation import CaseInferer, case_records, evaluation_transforms
+    from medsam3_monai.inferers.volume import build_tracker
+    from medsam3_monai.transforms.slices import extract_slice
+    import nibabel as nib
+
+    tracker = build_tracker("tiny", detector=network)
+    folder = SHARED / "MSD_Task04_Hippocampus_cropped"
+    work = Path(tempfile.mkdtemp(prefix="bench_eval_3d_"))
+    if folder.is_dir():
+        image_nii = nib.load(str(folder / "images" / "hippocampus_001.nii.gz"))
+        label_nii = nib.load(str(folder / "masks" / "hippocampus_001.nii.gz"))
+        image, label, affine = np.asarray(image_nii.dataobj), np.asarray(label_nii.dataobj), image_nii.affine
+    else:
+        rng = np.random.default_rng(0)
+        image, label, affine = rng.random((35, 50, 35)).astype(np.float32), np.zeros((35, 50, 35), np.uint8), np.eye(4)
+        label[10:20, 20:30, 10:25] = 1
+    transform = evaluation_transforms(network.image_size)
+    inferer = CaseInferer(transform, tracker=tracker, score_threshold=0.2)  # tiny scores ~0.25: the tracker runs
+    results = []
+    for factor in (1, 2, 4):
+        stem = work / f"x{factor}"
+        nib.save(nib.Nifti1Image(np.concatenate([image] * factor, axis=2), affine), f"{stem}_img.nii.gz")
+        nib.save(nib.Nifti1Image(np.concatenate([label] * factor, axis=2).astype(np.uint8), affine), f"{stem}_lab.nii.gz")
+        item = {"image": f"{stem}_img.nii.gz", "label": f"{stem}_lab.nii.gz", "dataset": "MSD_Task04_Hippocampus",
+                "modality": "MRI", "prompts": {"1": "anterior hippocampus", "2": "posterior hippocampus"},
+                "mask_encoding": "label_map", "case": f"x{factor}"}
+        case = transform(item)
+        with torch.no_grad():
+            ms = median_ms(lambda: case_records(inferer(case, network), inferer.label), max(3, repeats // 4), 1)
+        results.append({"slices": len(case), "prompts": 2, "case_ms": round(ms, 1),
+                        "slices_per_s": round(1000.0 * len(case) / ms, 2)})
+    base = results[0]["slices_per_s"]
+    return {"volumes": results, "slices_per_s_ratio_largest_to_smallest": round(results[-1]["slices_per_s"] / base, 3)}
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser.add_argument("--repeats", type=int, default=15)
+    parser.add_argument("--threads", type=int, default=1)
+    parser.add_argument("--image-size", type=int, default=112)
+    parser.add_argument("--no-3d", action="store_true")
+    args = parser.parse_args()
+    torch.set_num_threads(args.threads)
+    from medsam3_monai.networks import MedSAM3Net
+
+    network = MedSAM3Net("tiny", image_size=args.image_size).eval()
+    with tempfile.TemporaryDirectory(prefix="bench_eval_") as tmp:
+        two_d = bench_2d(network, args.repeats, Path(tmp))
+    result = {
+        "network": "tiny", "image_size": network.image_size, "device": "cpu", "threads": torch.get_num_threads(),
+        "protocol": "top_query", "2d": two_d,
+        "3d": None if args.no_3d else bench_3d(network, args.repeats),
+        "torch": torch.__version__, "machine": platform.machine(),
+    }
+    print(json.dumps(result, indent=1))
+
+
+if __name__ == "__main__":
+    main()

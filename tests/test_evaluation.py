@@ -1,0 +1,285 @@
+"""Evaluation: 2D protocols and the class merge at inference, the way back to the input geometry, and
+`medsam3 evaluate` end to end on real samples (report files, MLflow run, two-checkpoint comparison, bad input)."""
+
+from __future__ import annotations
+
+import csv
+import json
+from pathlib import Path
+
+import pytest
+import torch
+
+from medsam3_monai.inferers.image import EMPTY_LOGIT, invert_to_input, protocol_logits, segment_image
+from medsam3_monai.networks.outputs import MedSAM3Output
+
+REPO_ROOT = Path(__file__).resolve().parents[1]
+CONFIGS = REPO_ROOT / "bundles" / "medsam3" / "configs"
+S = 112
+
+
+@pytest.fixture(autouse=True, scope="module")
+def one_thread():
+    """The tiny models are latency-bound; on shared cores extra intra-op threads only wait for each other."""
+    threads = torch.get_num_threads()
+    torch.set_num_threads(1)
+    yield
+    torch.set_num_threads(threads)
+
+
+# ------------------------------------------------------------------------------------------------ constructed
+def constructed_outputs(mask_logits: torch.Tensor, class_logits: torch.Tensor, presence: torch.Tensor,
+                        semantic: torch.Tensor | None = None) -> MedSAM3Output:
+    """Detector outputs with given last-layer masks (B, Q, h, w), class logits (B, Q) and presence (B,)."""
+    batch, queries = class_logits.shape
+    boxes = torch.zeros(1, batch, queries, 4)
+    return MedSAM3Output(
+        all_pred_logits=class_logits[None], all_pred_boxes=boxes, all_pred_boxes_cxcywh=boxes,
+        all_presence_logits=presence.reshape(1, batch, 1), pred_masks=mask_logits,
+        semantic_seg=semantic if semantic is not None else torch.zeros(batch, 1, *mask_logits.shape[-2:]),
+        query_hidden_states=torch.zeros(batch, queries, 8),
+    )
+
+
+class StubNetwork(torch.nn.Module):
+    """Returns fixed outputs and records the call (stands in for MedSAM3Net)."""
+
+    def __init__(self, outputs: MedSAM3Output) -> None:
+        super().__init__()
+        self.outputs, self.calls = outputs, []
+        self.weight = torch.nn.Parameter(torch.zeros(1))
+
+    def forward(self, images, prompts, **kwargs):
+        self.calls.append((tuple(images.shape), list(prompts), kwargs))
+        return self.outputs
+
+
+def logit(p: float) -> float:
+    return float(torch.logit(torch.tensor(p)))
+
+
+def test_overlapping_classes_go_to_the_prompt_with_the_higher_score_times_mask_probability():
+    # 1 x 3 "image" of mask logits per prompt (2 queries each; query 0 is the top one of both prompts)
+    # pixel 0: only A claims it; pixel 1: both, A more confident; pixel 2: both, B more confident although
+    # A's detector score is higher: the merge is pixel-wise, not by prompt score
+    a_top = torch.tensor([[3.0, 2.0, 0.1]])
+    b_top = torch.tensor([[-5.0, 4.0, 10.0]])
+    masks = torch.stack([torch.stack([a_top, -a_top]), torch.stack([b_top, -b_top])])  # (2, 2, 1, 3)
+    presence = torch.tensor([logit(0.9999), logit(0.9999)])
+    class_logits = torch.tensor([[logit(0.9), logit(0.1)], [logit(0.5), logit(0.2)]])
+    network = StubNetwork(constructed_outputs(masks, class_logits, presence))
+
+    seg = segment_image(network, torch.zeros(3, 1, 3), ["A", "B"])
+
+    assert len(network.calls) == 1 and network.calls[0][1] == ["A", "B"]  # one forward for both prompts
+    assert torch.allclose(seg.scores, torch.tensor([0.9, 0.5]), atol=1e-3)
+    conf_a = 0.9 * torch.sigmoid(a_top)
+    conf_b = 0.5 * torch.sigmoid(b_top)
+    assert conf_a[0, 1] > conf_b[0, 1] and conf_b[0, 2] > conf_a[0, 2]  # the construction does what it says
+    assert seg.label_map().tolist() == [[1, 1, 2]]
+    assert seg.masks.tolist() == [[[True, True, True]], [[False, True, True]]]
+
+
+def test_threshold_protocol_unites_every_query_above_the_score_and_semantic_reads_the_head():
+    masks = torch.full((1, 3, 1, 4), -1.0)
+    masks[0, 0, 0, 0] = masks[0, 1, 0, 1] = masks[0, 2, 0, 2] = 5.0
+    class_logits = torch.tensor([[logit(0.8), logit(0.6), logit(0.3)]])
+    semantic = torch.tensor([[[[1.0, -1.0, -1.0, 2.0]]]])
+    outputs = constructed_outputs(masks, class_logits, torch.tensor([logit(0.99999)]), semantic)
+
+    union, score = protocol_logits(outputs, (1, 4), "threshold", score_threshold=0.5)
+    assert (union > 0).tolist() == [[[True, True, False, False]]] and score.item() == pytest.approx(0.8, abs=1e-3)
+    top, _ = protocol_logits(outputs, (1, 4), "top_query")
+    assert (top > 0).tolist() == [[[True, False, False, False]]]
+    none_kept, _ = protocol_logits(outputs, (1, 4), "threshold", score_threshold=0.95)
+    assert (none_kept == EMPTY_LOGIT).all()
+    head, _ = protocol_logits(outputs, (1, 4), "semantic")
+    assert (head > 0).tolist() == [[[True, False, False, True]]]
+    with pytest.raises(ValueError, match="unknown protocol"):
+        protocol_logits(outputs, (1, 4), "best")
+
+
+def test_slice_space_maps_go_back_to_the_image_size_with_invertd():
+    from monai.data import MetaTensor
+
+    from medsam3_monai.transforms import ResizeToSliced
+
+    truth = torch.zeros(1, 45, 70)
+    truth[0, 10:30, 20:60] = 1
+    resize = ResizeToSliced(keys=("image", "label"), spatial_size=S, mode=("bilinear", "bilinear"),
+                            anti_aliasing=False)
+    item = resize({"image": MetaTensor(truth.repeat(3, 1, 1)), "label": MetaTensor(truth.clone())})
+    logits = item["label"].as_tensor() * 20 - 10  # slice-space "logits" of the truth
+
+    back = invert_to_input(logits, item, resize)
+
+    assert tuple(back.shape) == (1, 45, 70)
+    agreement = ((back.as_tensor() > 0) == truth.bool()).float().mean()
+    assert agreement > 0.99
+
+
+# ------------------------------------------------------------------------------------------------ end to end
+@pytest.fixture(scope="module")
+def datalists(shared_data, tmp_path_factory) -> dict[str, Path]:
+    """Datalists of three real samples: Kvasir-SEG (RGB JPEG), chest X-ray (grey), hippocampus (3D NIfTI)."""
+    from medsam3_monai.data import build_datalist, write_datalist
+
+    folder = tmp_path_factory.mktemp("datalists")
+    out = {}
+    for key, name in (("kvasir", "Kvasir-SEG_sample"), ("chest", "ChestXray_lung_sample"),
+                      ("hippocampus", "MSD_Task04_Hippocampus_cropped")):
+        result = build_datalist(name, shared_data / name, check_values=key != "hippocampus")
+        out[key] = write_datalist(result.datalist, folder / f"{key}.json")
+    return out
+
+
+def evaluate(*argv: str) -> int:
+    from medsam3_monai.deploy.cli import main
+
+    return main(["evaluate", *argv, "--no-progress"])
+
+
+def read_csv(path: Path) -> list[dict[str, str]]:
+    with path.open(newline="") as f:
+        return list(csv.DictReader(f))
+
+
+@pytest.mark.slow
+def test_medsam3_evaluate_writes_every_report_and_an_mlflow_run(datalists, tmp_path, capsys):
+    from mlflow import MlflowClient
+
+    out = tmp_path / "report"
+    rc = evaluate("--datalist", str(datalists["kvasir"]), "--datalist", str(datalists["chest"]),
+                  "--datalist", str(datalists["hippocampus"]), "--checkpoint", "tiny", "--out", str(out),
+                  "--max-cases", "1", "--image-size", str(S), "--score-threshold", "0.2", "--overlays", "3")
+    assert rc == 0, capsys.readouterr().err
+
+    cases = read_csv(out / "cases.csv")
+    assert [(c["dataset"], c["prompt"]) for c in cases] == [
+        ("Kvasir-SEG", "polyp"), ("ChestXray_lung_sample", "lung"),
+        ("MSD_Task04_Hippocampus", "anterior hippocampus"), ("MSD_Task04_Hippocampus", "posterior hippocampus"),
+    ]
+    assert {c["protocol"] for c in cases} == {"top_query"} and all(c["group"] == "internal" for c in cases)
+    assert all(0.0 <= float(c["dice"]) <= 1.0 and 0.0 <= float(c["iou"]) <= float(c["dice"]) for c in cases)
+    assert all(c["nsd"] == "" for c in cases[:2]) and all(c["nsd"] != "" for c in cases[2:])  # spacing: 3D only
+
+    table = {row["name"]: row for row in read_csv(out / "table.csv")}
+    assert set(table) == {"Kvasir-SEG", "ChestXray_lung_sample", "MSD_Task04_Hippocampus", "internal", "overall"}
+    hippocampus = [float(c["dice"]) for c in cases[2:]]
+    assert float(table["MSD_Task04_Hippocampus"]["dice"]) == pytest.approx(sum(hippocampus) / 2)
+    markdown = (out / "table.md").read_text()
+    assert "| Dataset | Group | n | Dice (%) | IoU (%) | NSD (%) | HD95 (mm) |" in markdown
+    assert "protocol: top_query" in markdown and "Volumes (1)" in markdown
+    assert (out / "radar.png").read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"
+    overlays = sorted(p.name for p in (out / "overlays").glob("*.png"))
+    assert len(overlays) == 3 and any("Hippocampus" in name for name in overlays)
+
+    client = MlflowClient(tracking_uri=f"sqlite:///{out / 'mlruns.db'}")
+    (run,) = client.search_runs([client.get_experiment_by_name("medsam3-evaluate").experiment_id])
+    assert run.info.status == "FINISHED"
+    params = run.data.params
+    assert params["checkpoint"] == "tiny" and params["protocol"] == "top_query" and params["image_size"] == str(S)
+    assert json.loads(params["datalists"]) == [str(Path(p).resolve()) for p in datalists.values()]
+    metrics = run.data.metrics
+    assert metrics["Kvasir-SEG/dice"] == pytest.approx(float(table["Kvasir-SEG"]["dice"]))
+    assert metrics["group/internal/iou"] == pytest.approx(float(table["internal"]["iou"]))
+    assert "MSD_Task04_Hippocampus/hd95" in metrics or float(table["MSD_Task04_Hippocampus"]["hd95_n"] or 0) == 0
+    artifacts = {a.path for a in client.list_artifacts(run.info.run_id)}
+    assert {"cases.csv", "table.csv", "table.md", "radar.png", "overlays"} <= artifacts
+
+
+@pytest.mark.slow
+def test_two_checkpoints_give_side_by_side_tables_with_deltas(datalists, tmp_path, capsys):
+    from medsam3_monai.networks import MedSAM3Net, save_checkpoint_file
+
+    other = save_checkpoint_file(MedSAM3Net("tiny", seed=1).sam3, tmp_path / "tiny_seed1.pt")
+    out = tmp_path / "compare"
+    rc = evaluate("--datalist", str(datalists["kvasir"]), "--datalist", str(datalists["chest"]),
+                  "--checkpoint", "tiny", "--checkpoint", str(other), "--out", str(out), "--split", "all",
+                  "--max-cases", "2", "--overlays", "0", "--no-mlflow")
+    assert rc == 0, capsys.readouterr().err
+
+    rows = {row["name"]: row for row in read_csv(out / "comparison.csv")}
+    assert set(rows) == {"Kvasir-SEG", "ChestXray_lung_sample", "internal", "overall"}
+    for label, column in (("tiny", "dice_a"), ("tiny_seed1", "dice_b")):
+        own = {row["name"]: row for row in read_csv(out / label / "table.csv")}
+        assert all(float(rows[name][column]) == pytest.approx(float(own[name]["dice"])) for name in rows)
+    for row in rows.values():
+        for metric in ("dice", "iou"):
+            a, b, delta = (float(row[f"{metric}_{k}"]) for k in ("a", "b", "delta"))
+            assert delta == pytest.approx(b - a)
+    assert any(abs(float(r["dice_delta"])) > 1e-6 for r in rows.values())  # two different networks
+    markdown = (out / "comparison.md").read_text()
+    assert "Dice (%) tiny" in markdown and "Dice (%) tiny_seed1" in markdown and "Δ Dice" in markdown
+
+
+def test_bad_input_exits_non_zero_with_a_clear_message_and_no_output(datalists, tmp_path, capsys):
+    out = tmp_path / "never"
+    kvasir = str(datalists["kvasir"])
+    garbage = tmp_path / "broken.pt"
+    garbage.write_bytes(b"not a checkpoint")
+    cases = [
+        (["--datalist", str(tmp_path / "missing.json"), "--checkpoint", "tiny"], "missing.json not found"),
+        (["--datalist", kvasir, "--checkpoint", str(garbage)], "cannot read checkpoint"),
+        (["--datalist", kvasir, "--checkpoint", "tiny", "--split", "test"], "has no test cases"),
+        (["--datalist", kvasir, "--checkpoint", "tiny", "--image-size", "100"], "multiple of 14"),
+    ]
+    for argv, message in cases:
+        assert evaluate(*argv, "--out", str(out)) == 2
+        err = capsys.readouterr().err
+        assert "medsam3 evaluate: error:" in err and message in err, err
+        assert not out.exists()
+    occupied = tmp_path / "occupied"
+    occupied.mkdir()
+    (occupied / "keep.txt").write_text("mine")
+    assert evaluate("--datalist", kvasir, "--checkpoint", "tiny", "--out", str(occupied)) == 2
+    assert "not an empty folder" in capsys.readouterr().err and sorted(occupied.iterdir()) == [occupied / "keep.txt"]
+
+
+def test_auto_split_takes_test_when_present_else_validation(tmp_path):
+    from medsam3_monai.engines.evaluation import evaluation_items
+
+    def datalist(name: str, test: int) -> Path:
+        item = {"image": "x.png", "label": "y.png", "dataset": "Kvasir-SEG", "prompts": {"1": "polyp"}}
+        path = tmp_path / name
+        path.write_text(json.dumps({"training": [dict(item, case="t")], "validation": [dict(item, case="v")],
+                                    "test": [dict(item, case=f"x{i}") for i in range(test)]}))
+        return path
+
+    with_test, without = datalist("a.json", 3), datalist("b.json", 0)
+    items = evaluation_items([with_test, without], check_files=False)
+    assert [(i["case"], i["split"]) for i in items] == [("x0", "test"), ("x1", "test"), ("x2", "test"),
+                                                        ("v", "validation")]
+    assert [i["case"] for i in evaluation_items([with_test], "all", max_cases=2, check_files=False)] == ["t", "v"]
+    assert {i["group"] for i in items} == {"internal"}  # from the catalogue
+    with pytest.raises(ValueError, match="has no test cases"):
+        evaluation_items([without], "test", check_files=False)
+
+
+def test_cli_choices_are_the_engine_choices():
+    from medsam3_monai.deploy import evaluate_cli
+    from medsam3_monai.engines.evaluation import SPLIT_CHOICES
+    from medsam3_monai.inferers.image import PROTOCOLS
+
+    assert evaluate_cli.SPLIT_CHOICES == SPLIT_CHOICES and evaluate_cli.PROTOCOLS == PROTOCOLS
+
+
+@pytest.mark.slow
+def test_evaluate_bundle_runs_with_monai_bundle(datalists, tmp_path):
+    from monai.bundle import ConfigWorkflow
+
+    workflow = ConfigWorkflow(
+        config_file=str(CONFIGS / "evaluate.json"), meta_file=str(CONFIGS / "metadata.json"),
+        logging_file=str(CONFIGS / "logging.conf"), workflow_type="infer", bundle_root=str(tmp_path / "bundle"),
+        datalists=[str(datalists["kvasir"])], checkpoint="tiny", max_cases=1, max_overlays=1, mlflow=False,
+        protocol="threshold", box_prompts=True,
+    )
+    workflow.initialize()
+    workflow.run()
+    workflow.finalize()
+
+    report = tmp_path / "bundle" / "eval"
+    cases = read_csv(report / "cases.csv")
+    assert len(cases) == 1 and cases[0]["protocol"] == "threshold+box"
+    assert {"table.md", "table.csv", "radar.png"} <= {p.name for p in report.iterdir()}
+    assert len(list((report / "overlays").glob("*.png"))) == 1

@@ -1,0 +1,303 @@
+"""3D inference: detector on every slice, SAM3's tracker both ways from the most confident slice, merge,
+and a real hippocampus volume through slice space and back to its own geometry."""
+
+from __future__ import annotations
+
+import json
+import math
+
+import pytest
+import torch
+from monai.data import MetaTensor
+from monai.transforms import Invertd
+from safetensors.torch import load_file, save_file
+
+from _transforms_helpers import SAMPLES, item, requires_data
+from medsam3_monai.inferers import (
+    VolumeSegmentation,
+    build_tracker,
+    detect_slices,
+    segment_volume,
+    select_seeds,
+)
+from medsam3_monai.inferers import volume as volume_module
+from medsam3_monai.inferers.protocols import top_query_logits
+from medsam3_monai.networks import CheckpointError, MedSAM3Net, tiny_sam3_config
+from medsam3_monai.transforms import RestackSlicesd, slice_space_transforms
+
+S = 112
+PROMPTS = ["anterior hippocampus", "posterior hippocampus"]
+
+
+@pytest.fixture(autouse=True, scope="module")
+def one_thread():
+    """The tiny models are latency-bound; on shared cores extra intra-op threads only wait for each other."""
+    threads = torch.get_num_threads()
+    torch.set_num_threads(1)
+    yield
+    torch.set_num_threads(threads)
+
+
+@pytest.fixture(scope="module")
+def detector() -> MedSAM3Net:
+    return MedSAM3Net("tiny").eval()
+
+
+def present_tracker(**kwargs):
+    """A tiny tracker whose object score always says "present", so its random masks are visible."""
+    tracker = build_tracker("tiny", **kwargs)
+    with torch.no_grad():
+        tracker.mask_decoder.pred_obj_score_head.proj_out.bias.fill_(10.0)
+    return tracker
+
+
+@pytest.fixture(scope="module")
+def tracker():
+    return present_tracker()
+
+
+def random_slices(depth: int, seed: int = 0) -> torch.Tensor:
+    generator = torch.Generator().manual_seed(seed)
+    return torch.rand(depth, 3, S, S, generator=generator) * 2 - 1
+
+
+class PropagationSpy:
+    """Records every propagation the tracker runs: (start slice, reverse, slices visited in order)."""
+
+    def __init__(self, tracker, monkeypatch):
+        self.runs: list[tuple[int, bool, list[int]]] = []
+        original = tracker.propagate_in_video_iterator
+
+        def spy(session, start_frame_idx=None, reverse=False, **kwargs):
+            visited: list[int] = []
+            self.runs.append((start_frame_idx, reverse, visited))
+            for out in original(session, start_frame_idx=start_frame_idx, reverse=reverse, **kwargs):
+                visited.append(int(out.frame_idx))
+                yield out
+
+        monkeypatch.setattr(tracker, "propagate_in_video_iterator", spy)
+
+
+def hand_set_detections(monkeypatch, depth: int, confident: dict[int, int]):
+    """Replace the detector pass: a square on every slice of every prompt, score 0.9 on ``confident``
+    {prompt: slice} and 0.1 elsewhere."""
+    square = torch.zeros(S, S, dtype=torch.bool)
+    square[40:72, 36:80] = True
+
+    def fake(detector, slices, prompts, **kwargs):
+        masks = square.expand(len(prompts), depth, S, S).clone()
+        scores = torch.full((len(prompts), depth), 0.1)
+        for prompt, index in confident.items():
+            scores[prompt, index] = 0.9
+        return masks, scores
+
+    monkeypatch.setattr(volume_module, "detect_slices", fake)
+    return square
+
+
+# ---------------------------------------------------------------------------------------- builder
+def test_tiny_tracker_is_reproducible_by_seed_and_fully_initialised():
+    a, b, c = build_tracker("tiny", seed=0), build_tracker("tiny", seed=0), build_tracker("tiny", seed=1)
+    assert not a.training and a.config.image_size == S
+    sa, sb, sc = a.state_dict(), b.state_dict(), c.state_dict()
+    assert all(torch.equal(sa[k], sb[k]) for k in sa)
+    assert any(not torch.equal(sa[k], sc[k]) for k in sa if sa[k].is_floating_point() and sa[k].std() > 0)
+    assert all(torch.isfinite(v).all() for v in sa.values() if v.is_floating_point())
+    assert build_tracker("tiny", image_size=224).config.image_size == 224
+
+
+def test_tracker_built_with_a_detector_uses_its_vit_module(detector):
+    tied = build_tracker("tiny", detector=detector)
+    assert tied.vision_encoder.backbone is detector.sam3.vision_encoder.backbone
+    with pytest.raises(ValueError, match="differs from the detector"):
+        build_tracker("tiny", image_size=224, detector=detector)
+
+
+def _tiny_sam3_video_folder(tmp_path):
+    """A facebook/sam3-layout folder (model_type sam3_video) of a tiny random SAM3 video model."""
+    from transformers import Sam3VideoConfig, Sam3VideoModel
+
+    detector_config = tiny_sam3_config(S, hidden_size=128)  # SAM3: the tracker neck is the detector's FPN shape
+    tracker_config = volume_module.tiny_tracker_config(S, detector_config.vision_config)
+    with torch.random.fork_rng(devices=[]):
+        torch.manual_seed(3)
+        model = Sam3VideoModel(Sam3VideoConfig(detector_config=detector_config.to_dict(),
+                                               tracker_config=tracker_config.to_dict()))
+    # written by hand as facebook/sam3 ships it (detector_model.*, tracker_model.*, tracker_neck.*):
+    # Sam3VideoModel.save_pretrained writes tracker_model.tracker_model.* instead
+    folder = tmp_path / "sam3"
+    model.config.save_pretrained(folder)
+    save_file({k: v.contiguous() for k, v in model.state_dict().items()}, folder / "model.safetensors",
+              metadata={"format": "pt"})
+    return model, folder
+
+
+def test_build_tracker_loads_the_facebook_sam3_layout_strictly(tmp_path):
+    model, folder = _tiny_sam3_video_folder(tmp_path)
+    assert json.loads((folder / "config.json").read_text())["model_type"] == "sam3_video"
+    tracker = build_tracker(folder)
+    assert not tracker.training and tracker.config.image_size == S
+    source = model.state_dict()
+    for key, value in tracker.state_dict().items():  # tracker, its neck, and the detector's ViT
+        if key.startswith("vision_encoder.backbone."):
+            origin = "detector_model." + key
+        elif key.startswith("vision_encoder.neck."):
+            origin = "tracker_neck." + key[len("vision_encoder.neck."):]
+        else:
+            origin = "tracker_model." + key
+        assert torch.equal(source[origin], value), key
+    with pytest.raises(ValueError, match="works at 112 px"):
+        build_tracker(folder, image_size=224)
+    # a tracker weight missing from the file: an error naming it, not a silent random init
+    (weights,) = folder.glob("*.safetensors")
+    tensors = load_file(weights)
+    dropped = next(k for k in tensors if k.startswith("tracker_model.memory_encoder."))
+    del tensors[dropped]
+    save_file(tensors, weights, metadata={"format": "pt"})
+    with pytest.raises(CheckpointError, match="missing from the checkpoint"):
+        build_tracker(folder)
+
+
+def test_build_tracker_rejects_bad_sources_with_a_reason(tmp_path, detector):
+    with pytest.raises(CheckpointError, match="does not exist"):
+        build_tracker(tmp_path / "nowhere")
+    (tmp_path / "sam3.pt").write_bytes(b"not a checkpoint")
+    with pytest.raises(CheckpointError, match="HF folder"):
+        build_tracker(tmp_path / "sam3.pt")
+    detector.save_pretrained(tmp_path / "detector_only")  # model_type sam3: no tracker in it
+    with pytest.raises(CheckpointError, match="no tracker"):
+        build_tracker(tmp_path / "detector_only")
+
+
+# ---------------------------------------------------------------------------------------- inference
+def test_segment_volume_shapes_dtypes_and_per_slice_detections(detector, tracker):
+    slices = random_slices(5)
+    result = segment_volume(detector, slices, PROMPTS, tracker, score_threshold=0.0, batch_size=2)
+    assert isinstance(result, VolumeSegmentation)
+    assert result.masks.shape == (2, 5, S, S) and result.masks.dtype == torch.bool
+    assert result.scores.shape == (2, 5) and result.scores.dtype == torch.float32
+    assert result.seed_slices.shape == (2,) and result.seed_slices.dtype == torch.long
+    assert ((result.scores >= 0) & (result.scores <= 1)).all()
+    # batching (2 slices x 2 prompts per forward) keeps every (prompt, slice) pair in its place
+    for z in (0, 3, 4):
+        with torch.no_grad():
+            logits, scores = top_query_logits(detector(slices[z : z + 1], PROMPTS, pixels_normalized=True), S)
+        torch.testing.assert_close(result.scores[:, z], scores)
+        detected, _ = detect_slices(detector, slices[z : z + 1], PROMPTS)
+        assert torch.equal(detected[:, 0], logits > 0)
+        assert (result.masks[:, z] >= detected[:, 0]).all()  # threshold 0: every detection is kept
+    assert torch.equal(result.seed_slices, select_seeds(*detect_slices(detector, slices, PROMPTS), 0.0))
+
+
+def test_tracker_propagates_both_ways_from_the_most_confident_slice(monkeypatch, detector, tracker):
+    depth, seed = 9, 4
+    square = hand_set_detections(monkeypatch, depth, confident={0: seed})  # prompt 1: never confident
+    spy = PropagationSpy(tracker, monkeypatch)
+    result = segment_volume(detector, random_slices(depth), PROMPTS, tracker)
+    assert result.seed_slices.tolist() == [seed, -1]
+    # one session for prompt 0: forward from the seed to the last slice, then backward to slice 0
+    assert [(start, reverse) for start, reverse, _ in spy.runs] == [(seed, False), (seed, True)]
+    assert spy.runs[0][2] == list(range(seed, depth)) and spy.runs[1][2] == list(range(seed, -1, -1))
+    masks = result.masks[0]
+    assert (masks[seed] >= square).all()  # the confident detection is kept on its slice
+    area = masks.flatten(1).sum(1)
+    assert (area[:seed] > 0).all() and (area[seed + 1 :] > 0).all()  # tracked masks on both sides
+    # unconfident detections are left out: the (random) tracked masks do not cover the square
+    assert all(not (masks[z] >= square).all() for z in range(depth) if z != seed)
+    assert not result.masks[1].any()
+    # without the tracker only the confident slice has a mask
+    alone = segment_volume(detector, random_slices(depth), PROMPTS)
+    assert alone.masks[0].flatten(1).any(1).tolist() == [z == seed for z in range(depth)]
+    assert alone.seed_slices.tolist() == [seed, -1]
+
+
+def test_seed_at_the_first_slice_tracks_forward_only(monkeypatch, detector, tracker):
+    hand_set_detections(monkeypatch, 4, confident={0: 0, 1: 3})
+    spy = PropagationSpy(tracker, monkeypatch)
+    result = segment_volume(detector, random_slices(4), PROMPTS, tracker)
+    assert result.seed_slices.tolist() == [0, 3]
+    assert [visited for _, _, visited in spy.runs] == [[0, 1, 2, 3], [], [3], [3, 2, 1, 0]]
+    assert result.masks.flatten(2).any(-1).all()
+
+
+def test_no_confident_slice_gives_empty_masks_and_seed_minus_one(monkeypatch, detector, tracker):
+    spy = PropagationSpy(tracker, monkeypatch)
+    slices = random_slices(4)
+    result = segment_volume(detector, slices, PROMPTS, tracker, score_threshold=0.9)
+    assert float(result.scores.max()) < 0.9  # the random tiny detector is never that sure
+    assert not result.masks.any() and result.seed_slices.tolist() == [-1, -1]
+    assert spy.runs == []  # the tracker never starts
+
+
+def test_segment_volume_is_deterministic_and_restores_modes(detector, tracker):
+    slices = random_slices(6, seed=2)
+    detector.train()
+    try:
+        first = segment_volume(detector, slices, PROMPTS, tracker, score_threshold=0.0, batch_size=4)
+        assert detector.training and not tracker.training  # modes as they were
+    finally:
+        detector.eval()
+    second = segment_volume(detector, slices, PROMPTS, tracker, score_threshold=0.0, batch_size=4)
+    assert torch.equal(first.masks, second.masks) and torch.equal(first.scores, second.scores)
+    assert torch.equal(first.seed_slices, second.seed_slices)
+
+
+def test_shared_vit_pass_gives_the_tracker_the_same_features(detector):
+    tied = present_tracker(detector=detector)
+    slices, batch = random_slices(6, seed=4), 4
+    calls = []
+    handle = detector.sam3.vision_encoder.backbone.register_forward_hook(lambda *a: calls.append(1))
+    try:
+        shared = segment_volume(detector, slices, PROMPTS, tied, score_threshold=0.0, batch_size=batch)
+        shared_calls = len(calls)
+        calls.clear()
+        own = segment_volume(detector, slices, PROMPTS, tied, score_threshold=0.0, batch_size=batch,
+                             share_vision=False)
+    finally:
+        handle.remove()
+    batches = math.ceil(len(slices) / batch)
+    assert shared_calls == batches and len(calls) == 2 * batches  # the ViT ran once per slice batch, not twice
+    assert torch.equal(shared.masks, own.masks) and torch.equal(shared.seed_slices, own.seed_slices)
+    # the features themselves: detector ViT output through the tracker's neck == the tracker's own encoder
+    from_detector, from_tracker = volume_module._TrackerFeatures(tied), volume_module._TrackerFeatures(tied)
+    detect_slices(detector, slices, PROMPTS, batch_size=batch, vision_hook=from_detector.from_vit_output)
+    from_tracker.from_pixels(slices, batch_size=len(slices), progress=False)
+    assert sorted(from_detector.frames) == sorted(from_tracker.frames) == list(range(len(slices)))
+    for index, levels in from_detector.frames.items():
+        for ours, theirs in zip(levels, from_tracker.frames[index]):
+            torch.testing.assert_close(ours, theirs, rtol=1e-5, atol=1e-5)
+    for ours, theirs in zip(from_detector.positions, from_tracker.positions):
+        assert torch.equal(ours, theirs)
+
+
+def test_inputs_are_checked(detector, tracker):
+    with pytest.raises(ValueError, match=r"\(D, 3, 112, 112\)"):
+        segment_volume(detector, torch.zeros(3, 3, 224, 224), PROMPTS)
+    with pytest.raises(ValueError, match="prompt"):
+        segment_volume(detector, random_slices(2), [])
+    with pytest.raises(ValueError, match="224 px"):
+        segment_volume(detector, random_slices(2), PROMPTS, build_tracker("tiny", image_size=224))
+
+
+# ---------------------------------------------------------------------------------------- real volume
+@requires_data
+def test_hippocampus_volume_through_slice_space_and_back(detector, tracker):
+    image, label = SAMPLES["MSD_Task04_Hippocampus_cropped"][0]
+    entry = item("MSD_Task04_Hippocampus_cropped", image, label)
+    del entry["label"]  # inference: the image only
+    transform = slice_space_transforms(S, max_instances=None, with_label=False)
+    items = transform(entry)
+    volume = transform.transforms[0](entry)["image"]  # the loaded volume, for its geometry
+    _, x, y, z = volume.shape
+    slices = torch.stack([s["image"] for s in items])  # a MetaTensor, as a pipeline would hand it over
+    assert slices.shape == (z, 3, S, S)
+    result = segment_volume(detector, slices, PROMPTS, tracker, score_threshold=0.0)
+    assert result.masks.shape == (2, z, S, S) and (result.seed_slices >= 0).all()
+    for index, s in enumerate(items):  # per slice: back to the slice's own size, then restack
+        pred = MetaTensor(result.masks[:, index].float())
+        s["pred"] = Invertd(keys="pred", transform=transform, orig_keys="image", nearest_interp=True)(
+            dict(s) | {"pred": pred})["pred"] > 0.5
+    restacked = RestackSlicesd(keys="pred")(items)["pred"]
+    assert restacked.shape == (2, x, y, z)
+    torch.testing.assert_close(restacked.affine, volume.affine)
+    assert restacked[:, :, :, int(result.seed_slices[0])].any()
