@@ -7,7 +7,8 @@ Prints one JSON object. 2D, on real samples from ../shared/data (Kvasir-SEG JPEG
 * ``forward_ms``: ``MedSAM3Net(image, prompts)`` alone on the preprocessed slice-space tensor (text cached).
 * ``segment_image_ms``: the 2D inference (forward + the protocol + upsampling to S x S).
 * ``case_ms``: one evaluator iteration on a preprocessed case: inference, ``Invertd`` back to the image's own
-  size, class merge and the per-prompt metrics. **Headline ratio** ``case_over_forward`` = case_ms /
+  size, class merge and the per-prompt metrics (``post_ms`` = case_ms - segment_image_ms: the part that works
+  at the native resolution, so it grows with the image's pixel count, not with the network). **Headline ratio** ``case_over_forward`` = case_ms /
   forward_ms (target <= 1.10): what evaluation adds to the network, loading and report writing excluded.
 * ``loading_ms`` (read + decode + intensity + resize + normalise) and ``with_loading_over_forward`` for the
   whole per-image cost; ``report_s`` the one-off report writing (cases.csv, tables, radar; no MLflow).
@@ -79,8 +80,13 @@ def datalists(folder: Path) -> tuple[list[Path], str]:
 
 
 def bench_2d(network, repeats: int, folder: Path) -> dict:
-    from medsam3_monai.engines.evaluation import CaseInferer, case_records, evaluation_items, evaluation_transforms
-    from medsam3_monai.engines.evaluation import run_evaluation
+    from medsam3_monai.engines.evaluation import (
+        CaseInferer,
+        case_records,
+        evaluation_items,
+        evaluation_transforms,
+        run_evaluation,
+    )
     from medsam3_monai.inferers.image import segment_image
     from medsam3_monai.transforms.labels import parse_prompts
 
@@ -112,6 +118,8 @@ def bench_2d(network, repeats: int, folder: Path) -> dict:
         "images": len(items),
         "native_sizes": sizes,
         **{k: round(v, 3) for k, v in mean.items()},
+        "native_megapixels_mean": round(statistics.fmean(h * w for h, w in sizes) / 1e6, 3),
+        "post_ms": round(mean["case_ms"] - mean["segment_image_ms"], 3),
         "segment_image_over_forward": round(mean["segment_image_ms"] / mean["forward_ms"], 4),
         "case_over_forward": round(mean["case_ms"] / mean["forward_ms"], 4),
         "with_loading_over_forward": round((mean["case_ms"] + mean["loading_ms"]) / mean["forward_ms"], 4),
@@ -123,14 +131,19 @@ def bench_2d(network, repeats: int, folder: Path) -> dict:
 def bench_3d(network, repeats: int) -> dict | None:
     if importlib.util.find_spec("medsam3_monai.inferers.volume") is None:
         return None
-    from medsam3_monai.engines.evaluation import CaseInferer, case_records, evaluation_transforms
     from medsam3_monai.inferers.volume import build_tracker
-    from medsam3_monai.transforms.slices import extract_slice
-    import nibabel as nib
 
     tracker = build_tracker("tiny", detector=network)
     folder = SHARED / "MSD_Task04_Hippocampus_cropped"
-    work = Path(tempfile.mkdtemp(prefix="bench_eval_3d_"))
+    with tempfile.TemporaryDirectory(prefix="bench_eval_3d_") as tmp:
+        return _bench_3d(network, tracker, folder, Path(tmp), repeats)
+
+
+def _bench_3d(network, tracker, folder: Path, work: Path, repeats: int) -> dict:
+    import nibabel as nib
+
+    from medsam3_monai.engines.evaluation import CaseInferer, case_records, evaluation_transforms
+
     if folder.is_dir():
         image_nii = nib.load(str(folder / "images" / "hippocampus_001.nii.gz"))
         label_nii = nib.load(str(folder / "masks" / "hippocampus_001.nii.gz"))

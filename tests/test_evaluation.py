@@ -80,6 +80,32 @@ def test_overlapping_classes_go_to_the_prompt_with_the_higher_score_times_mask_p
     assert seg.masks.tolist() == [[[True, True, True]], [[False, True, True]]]
 
 
+def test_evaluator_merges_classes_in_the_input_geometry_and_scores_each_label_value():
+    from monai.data import MetaTensor
+
+    from medsam3_monai.engines.evaluation import CaseInferer, case_records
+    from medsam3_monai.transforms import ResizeToSliced
+
+    # native image 3 x 6, slice space 6 x 6; every row of a prompt's logits is the same, so inversion keeps them
+    a_row = torch.tensor([3.0, 3.0, 2.0, 0.1, -5.0, -5.0])  # score 0.9: wins column 2 (0.9 σ(2) > 0.5 σ(4))
+    b_row = torch.tensor([-5.0, -5.0, 4.0, 10.0, 3.0, 3.0])  # score 0.5: wins column 3 (0.5 σ(10) > 0.9 σ(0.1))
+    masks = torch.stack([torch.stack([r.expand(6, 6), -r.expand(6, 6)]) for r in (a_row, b_row)])
+    class_logits = torch.tensor([[logit(0.9), logit(0.1)], [logit(0.5), logit(0.2)]])
+    network = StubNetwork(constructed_outputs(masks, class_logits, torch.tensor([logit(0.9999)] * 2)))
+    resize = ResizeToSliced(keys="image", spatial_size=6)
+    truth = torch.tensor([[3, 3, 0, 7, 7, 0]], dtype=torch.uint8).expand(3, 6)[None]
+    item = resize({"image": MetaTensor(torch.zeros(3, 3, 6)), "label": MetaTensor(truth.clone()),
+                   "prompts": {"3": "A", "7": "B"}, "dataset": "X", "group": "internal", "case": "c"})
+
+    prediction = CaseInferer(resize)([item], network)
+
+    assert prediction.pred.tolist() == [[3, 3, 3, 7, 7, 7]] * 3  # label values, in the native 3 x 6 geometry
+    records = case_records(prediction, "top_query")
+    assert [(r["prompt"], r["label"]) for r in records] == [("A", 3), ("B", 7)]
+    assert [r["metrics"]["dice"] for r in records] == pytest.approx([0.8, 0.8])  # 2·2 / (3 + 2) per row
+    assert [r["metrics"]["iou"] for r in records] == pytest.approx([2 / 3, 2 / 3])
+
+
 def test_threshold_protocol_unites_every_query_above_the_score_and_semantic_reads_the_head():
     masks = torch.full((1, 3, 1, 4), -1.0)
     masks[0, 0, 0, 0] = masks[0, 1, 0, 1] = masks[0, 2, 0, 2] = 5.0
@@ -237,7 +263,7 @@ def test_bad_input_exits_non_zero_with_a_clear_message_and_no_output(datalists, 
 
 
 def test_auto_split_takes_test_when_present_else_validation(tmp_path):
-    from medsam3_monai.engines.evaluation import evaluation_items
+    from medsam3_monai.data.selection import evaluation_items
 
     def datalist(name: str, test: int) -> Path:
         item = {"image": "x.png", "label": "y.png", "dataset": "Kvasir-SEG", "prompts": {"1": "polyp"}}
@@ -258,7 +284,7 @@ def test_auto_split_takes_test_when_present_else_validation(tmp_path):
 
 def test_cli_choices_are_the_engine_choices():
     from medsam3_monai.deploy import evaluate_cli
-    from medsam3_monai.engines.evaluation import SPLIT_CHOICES
+    from medsam3_monai.data.selection import SPLIT_CHOICES
     from medsam3_monai.inferers.image import PROTOCOLS
 
     assert evaluate_cli.SPLIT_CHOICES == SPLIT_CHOICES and evaluate_cli.PROTOCOLS == PROTOCOLS

@@ -10,7 +10,8 @@ from typing import Sequence
 from .. import __version__
 
 # sub-command modules, each exposing add_parser(subparsers); imported lazily per call
-_COMMANDS = ("medsam3_monai.deploy.convert", "medsam3_monai.data.cli", "medsam3_monai.deploy.evaluate_cli")
+_COMMANDS = ("medsam3_monai.deploy.convert", "medsam3_monai.data.cli", "medsam3_monai.deploy.evaluate_cli",
+             "medsam3_monai.deploy.demo", "medsam3_monai.deploy.segment_cli")
 
 
 def build_parser() -> argparse.ArgumentParser:

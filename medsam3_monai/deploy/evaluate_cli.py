@@ -31,7 +31,7 @@ Metrics are computed in each input's own geometry; NSD (2 mm) and HD95 where the
 
 
 # kept here so that building the parser imports nothing heavy; tests pin them to the engine's own lists
-SPLIT_CHOICES = ("auto", "test", "validation", "training", "all")  # engines.evaluation.SPLIT_CHOICES
+SPLIT_CHOICES = ("auto", "test", "validation", "training", "all")  # data.selection.SPLIT_CHOICES
 PROTOCOLS = ("top_query", "threshold", "semantic")  # inferers.image.PROTOCOLS
 
 
@@ -157,6 +157,8 @@ def run(args: argparse.Namespace) -> int:
                 tracking_uri=tracking_uri, experiment=args.experiment, run_name=label, parent_run_id=parent,
             )
             network.to("cpu")
+            if tracker is not None:
+                tracker.to("cpu")
             reports.append(report)
             print(f"== {label} ({source})\n{(report.out_dir / 'table.md').read_text()}")
         if len(reports) == 2:

@@ -2,7 +2,7 @@
 
 Pipeline (the bundle's ``evaluate.json`` spells out the same pieces):
 
-1. :func:`evaluation_items`: the cases of each datalist's evaluation split (default ``auto``: ``test`` when
+1. :func:`~medsam3_monai.data.selection.evaluation_items`: the cases of each datalist's evaluation split (default ``auto``: ``test`` when
    the datalist has test cases, else ``validation``; several shared folders have no test split), each tagged
    with its ``group`` (``internal`` / ``external``, from the catalogue).
 2. :func:`evaluation_transforms`: load -> decode label -> intensity by modality -> axial slices (the image
@@ -33,6 +33,7 @@ import torch
 from monai.engines import SupervisedEvaluator
 from monai.inferers import Inferer
 
+from ..data.selection import SPLIT_CHOICES, evaluation_items, is_volume_item
 from ..inferers.image import (
     check_protocol,
     confidence_of,
@@ -53,6 +54,7 @@ __all__ = [
     "evaluation_items",
     "evaluation_tracker",
     "evaluation_transforms",
+    "is_volume_item",
     "protocol_label",
     "report_notes",
     "run_evaluation",
@@ -60,99 +62,8 @@ __all__ = [
 
 logger = logging.getLogger(__name__)
 
-SPLIT_CHOICES = ("auto", "test", "validation", "training", "all")
-_SPLITS = ("training", "validation", "test")
-
 
 # ------------------------------------------------------------------------------------------------ data
-def _group_of(item: dict[str, Any]) -> str:
-    if item.get("group"):
-        return str(item["group"])
-    from ..data.catalogue import CatalogueError, get_dataset
-
-    try:
-        return get_dataset(str(item.get("dataset"))).role
-    except (CatalogueError, FileNotFoundError):
-        return "other"
-
-
-def evaluation_items(
-    datalists: str | Path | Sequence[str | Path],
-    split: str = "auto",
-    max_cases: int | None = None,
-    check_files: bool = True,
-) -> list[dict[str, Any]]:
-    """The cases to evaluate, datalist by datalist, in file order.
-
-    Args:
-        datalists: one or several datalist JSON files (``medsam3 datalist``).
-        split: ``auto`` (``test`` when that list is non-empty, else ``validation``, decided per datalist),
-            ``test``, ``validation``, ``training`` or ``all`` (every split, in training/validation/test order).
-        max_cases: keep at most this many cases **per datalist** (the first ones).
-        check_files: fail early, naming them, when images or labels are missing.
-
-    Every item gains ``group`` (its own, else the catalogue role of its dataset, else ``other``), ``split``
-    and ``datalist``.
-
-    Raises:
-        FileNotFoundError: a datalist (or, with ``check_files``, an image/label) does not exist.
-        ValueError: not a datalist, unknown split, or a selected split that is empty.
-    """
-    from ..data.datalist import load_datalist
-
-    if split not in SPLIT_CHOICES:
-        raise ValueError(f"unknown split {split!r}; choose from {', '.join(SPLIT_CHOICES)}")
-    if max_cases is not None and int(max_cases) < 1:
-        raise ValueError(f"max_cases must be at least 1, got {max_cases}")
-    paths = [datalists] if isinstance(datalists, (str, Path)) else list(datalists)
-    if not paths:
-        raise ValueError("no datalist given")
-    items: list[dict[str, Any]] = []
-    for path in map(Path, paths):
-        if not path.is_file():
-            raise FileNotFoundError(f"datalist {path} not found (make one with `medsam3 datalist NAME ROOT --out FILE`)")
-        try:
-            raw = json.loads(path.read_text(encoding="utf-8"))
-        except (json.JSONDecodeError, UnicodeDecodeError) as err:
-            raise ValueError(f"datalist {path} is not valid JSON: {err}") from None
-        if not isinstance(raw, dict) or not any(isinstance(raw.get(s), list) for s in _SPLITS):
-            raise ValueError(f"{path} is not a datalist: expected lists under 'training', 'validation', 'test'")
-        counts = {s: len(raw.get(s) or []) for s in _SPLITS}
-        if split == "auto":
-            chosen = ["test"] if counts["test"] else ["validation"]
-        elif split == "all":
-            chosen = [s for s in _SPLITS if counts[s]]
-        else:
-            chosen = [split]
-        found = []
-        for name in chosen:
-            if counts.get(name):
-                found += [dict(item, split=name, datalist=str(path)) for item in load_datalist(path, name)]
-        if not found:
-            wanted = "test or validation" if split == "auto" else split
-            have = ", ".join(f"{s} {n}" for s, n in counts.items())
-            raise ValueError(f"datalist {path} has no {wanted} cases ({have}); choose another --split")
-        items += found[: int(max_cases)] if max_cases else found
-    for item in items:
-        item["group"] = _group_of(item)
-    if check_files:
-        _check_files(items)
-    return items
-
-
-def _check_files(items: Sequence[dict[str, Any]]) -> None:
-    missing = []
-    for item in items:
-        labels = item.get("label")
-        for path in [item.get("image")] + (labels if isinstance(labels, list) else [labels]):
-            if path is None or not Path(path).exists():
-                missing.append(str(path) if path is not None else f"(no image/label in case {item.get('case')})")
-    if missing:
-        listed = "\n  ".join(missing[:10])
-        more = f"\n  ... and {len(missing) - 10} more" if len(missing) > 10 else ""
-        raise FileNotFoundError(f"{len(missing)} image/label file(s) of the datalist(s) not found:\n  {listed}{more}")
-
-
 def evaluation_transforms(image_size: int = 1008, ct_window: str | Sequence[float] = "abdomen"):
     """The evaluation preprocessing (a ``Compose``): a datalist item -> the list of its slice-space items.
 
@@ -192,15 +103,6 @@ def protocol_label(protocol: str, box_prompts: bool = False) -> str:
     return check_protocol(protocol) + ("+box" if box_prompts else "")
 
 
-def is_volume_item(item: dict[str, Any]) -> bool:
-    """Whether a datalist item's image is a volume (NIfTI, DICOM folder, MetaImage, ...) by its path."""
-    from ..transforms.io import IMAGE_2D_SUFFIXES
-
-    path = str(item["image"])
-    name = path.lower()
-    return Path(path).is_dir() or not name.endswith(IMAGE_2D_SUFFIXES)
-
-
 def _has_tracker_weights(source: str) -> bool:
     config = Path(source) / "config.json"
     if not config.is_file():
@@ -230,6 +132,8 @@ def evaluation_tracker(spec: str | None, checkpoint: str, network: torch.nn.Modu
         tracker, text = build_tracker("tiny", detector=network), "tiny (random init, ViT shared with the detector)"
     elif spec not in (None, "none"):
         tracker, text = build_tracker(spec, image_size=int(network.image_size)), str(spec)
+    if tracker is not None:
+        tracker = tracker.to(next(network.parameters()).device)
     return (tracker, text) if described else tracker
 
 
@@ -536,6 +440,8 @@ def run_evaluation(
 
     device = torch.device(device) if device is not None else next(network.parameters()).device
     network = network.to(device).eval()
+    if tracker is not None:
+        tracker = tracker.to(device)
     transform = evaluation_transforms(int(network.image_size), ct_window)
     loader = DataLoader(Dataset(list(items), transform), batch_size=1, shuffle=False, num_workers=num_workers,
                         collate_fn=collate_cases)

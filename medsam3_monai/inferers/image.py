@@ -12,14 +12,17 @@ Protocols (DESIGN.md, Evaluation protocol; the name is recorded with every numbe
 Each protocol gives, per prompt, a map of mask logits ``L`` (mask = ``L > 0``) and one score ``s``; the pixel
 confidence used to resolve multi-class overlaps is ``s * sigmoid(L)``:
 
-============  ==========================================  ==========================================
-protocol      logits ``L`` (slice space)                  score ``s``
-============  ==========================================  ==========================================
-top_query     the top query's mask logits                 that query's score
-threshold     pixel-wise max over the kept queries' logits the highest kept score (``EMPTY_LOGIT``
-              (``L > 0`` is exactly the union)            everywhere and the best score when none is kept)
-semantic      the semantic head's logits                  sigmoid(presence logit)
-============  ==========================================  ==========================================
+============  ===============================================  ==============================================
+protocol      logits ``L`` (slice space)                       score ``s``
+============  ===============================================  ==============================================
+top_query     the top query's mask logits                      that query's score
+threshold     pixel-wise max of the kept queries' logits       the highest kept score; with no query kept,
+              (so ``L > 0`` is exactly their union)            ``L = EMPTY_LOGIT`` and the best query's score
+semantic      the semantic head's logits                       sigmoid(presence logit)
+============  ===============================================  ==============================================
+
+Volumes (``inferers.volume``) keep the detector's top query per slice, so their confidence is the slice's score
+times the (inverted) mask.
 
 Multi-class images: every class is queried with its own prompt (one network call; the vision encoder runs
 once) and overlaps go to the class with the highest confidence at that pixel (``metrics.merge_classes``).

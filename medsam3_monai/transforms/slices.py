@@ -237,7 +237,7 @@ class RestackSlicesd(Transform):
     item whose ``keys`` are ``(C, X, Y, Z)`` volumes with the input volume's affine.
 
     The slice geometry is read from each ``key``'s own meta when it has it, else from ``ref_key``'s.
-    Other entries are taken from the first slice.
+    Other entries are taken from the first slice. A 2D item, alone or as a one-item list, passes through.
     """
 
     def __init__(self, keys: KeysCollection = ("pred",), ref_key: str = "image", fill: float = 0) -> None:
@@ -249,6 +249,8 @@ class RestackSlicesd(Transform):
         if isinstance(items, Mapping):
             return dict(items)  # a 2D item: nothing to restack
         items = list(items)
+        if len(items) == 1 and "slice_index" not in getattr(items[0].get(self.ref_key), "meta", {}):
+            return dict(items[0])  # a 2D item as a one-item case ([item], as AxialSlicesd returns it)
         out = dict(items[0])
         for key in self.keys:
             metas = []

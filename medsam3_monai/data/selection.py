@@ -1,0 +1,115 @@
+"""The cases an evaluation scores: each datalist's evaluation split, tagged with its group.
+
+The default split is ``auto``: a datalist's ``test`` list when it has cases, else its ``validation`` list. Several
+shared folders and most internal datasets have no official test split (external datasets are all ``test``),
+so "test if present, else validation" is decided per datalist. ``all`` evaluates every split.
+"""
+
+from __future__ import annotations
+
+import json
+from collections.abc import Sequence
+from pathlib import Path
+from typing import Any
+
+__all__ = ["SPLIT_CHOICES", "evaluation_items", "is_volume_item"]
+
+SPLIT_CHOICES = ("auto", "test", "validation", "training", "all")
+_SPLITS = ("training", "validation", "test")
+
+
+def _group_of(item: dict[str, Any]) -> str:
+    if item.get("group"):
+        return str(item["group"])
+    from .catalogue import CatalogueError, get_dataset
+
+    try:
+        return get_dataset(str(item.get("dataset"))).role
+    except (CatalogueError, FileNotFoundError):
+        return "other"
+
+
+def evaluation_items(
+    datalists: str | Path | Sequence[str | Path],
+    split: str = "auto",
+    max_cases: int | None = None,
+    check_files: bool = True,
+) -> list[dict[str, Any]]:
+    """The cases to evaluate, datalist by datalist, in file order.
+
+    Args:
+        datalists: one or several datalist JSON files (``medsam3 datalist``).
+        split: ``auto`` (``test`` when that list is non-empty, else ``validation``, decided per datalist),
+            ``test``, ``validation``, ``training`` or ``all`` (every split, in training/validation/test order).
+        max_cases: keep at most this many cases **per datalist** (the first ones).
+        check_files: fail early, naming them, when images or labels are missing.
+
+    Every item gains ``group`` (its own, else the catalogue role of its dataset, else ``other``), ``split``
+    and ``datalist``.
+
+    Raises:
+        FileNotFoundError: a datalist (or, with ``check_files``, an image/label) does not exist.
+        ValueError: not a datalist, unknown split, or a selected split that is empty.
+    """
+    from .datalist import load_datalist
+
+    if split not in SPLIT_CHOICES:
+        raise ValueError(f"unknown split {split!r}; choose from {', '.join(SPLIT_CHOICES)}")
+    if max_cases is not None and int(max_cases) < 1:
+        raise ValueError(f"max_cases must be at least 1, got {max_cases}")
+    paths = [datalists] if isinstance(datalists, (str, Path)) else list(datalists)
+    if not paths:
+        raise ValueError("no datalist given")
+    items: list[dict[str, Any]] = []
+    for path in map(Path, paths):
+        if not path.is_file():
+            raise FileNotFoundError(f"datalist {path} not found (make one with `medsam3 datalist NAME ROOT --out FILE`)")
+        try:
+            raw = json.loads(path.read_text(encoding="utf-8"))
+        except (json.JSONDecodeError, UnicodeDecodeError) as err:
+            raise ValueError(f"datalist {path} is not valid JSON: {err}") from None
+        if not isinstance(raw, dict) or not any(isinstance(raw.get(s), list) for s in _SPLITS):
+            raise ValueError(f"{path} is not a datalist: expected lists under 'training', 'validation', 'test'")
+        counts = {s: len(raw.get(s) or []) for s in _SPLITS}
+        if split == "auto":
+            chosen = ["test"] if counts["test"] else ["validation"]
+        elif split == "all":
+            chosen = [s for s in _SPLITS if counts[s]]
+        else:
+            chosen = [split]
+        found = []
+        for name in chosen:
+            if counts.get(name):
+                found += [dict(item, split=name, datalist=str(path)) for item in load_datalist(path, name)]
+        if not found:
+            wanted = "test or validation" if split == "auto" else split
+            have = ", ".join(f"{s} {n}" for s, n in counts.items())
+            raise ValueError(f"datalist {path} has no {wanted} cases ({have}); choose another --split")
+        items += found[: int(max_cases)] if max_cases else found
+    for item in items:
+        item["group"] = _group_of(item)
+    if check_files:
+        _check_files(items)
+    return items
+
+
+def _check_files(items: Sequence[dict[str, Any]]) -> None:
+    missing = []
+    for item in items:
+        labels = item.get("label")
+        for path in [item.get("image")] + (labels if isinstance(labels, list) else [labels]):
+            if path is None or not Path(path).exists():
+                missing.append(str(path) if path is not None else f"(no image/label in case {item.get('case')})")
+    if missing:
+        listed = "\n  ".join(missing[:10])
+        more = f"\n  ... and {len(missing) - 10} more" if len(missing) > 10 else ""
+        raise FileNotFoundError(f"{len(missing)} image/label file(s) of the datalist(s) not found:\n  {listed}{more}")
+
+
+def is_volume_item(item: dict[str, Any]) -> bool:
+    """Whether a datalist item's image is a volume (NIfTI, DICOM folder, MetaImage, ...) by its path."""
+    from ..transforms.io import IMAGE_2D_SUFFIXES
+
+    path = str(item["image"])
+    name = path.lower()
+    return Path(path).is_dir() or not name.endswith(IMAGE_2D_SUFFIXES)

@@ -1,0 +1,119 @@
+"""Overlay pictures of a :class:`~medsam3_monai.inferers.predict.Prediction`: the input with each prompt's
+pixels filled in its colour and outlined, box prompts dashed, and a legend ``prompt (score)``.
+
+2D images: one panel at the image's own size. Volumes: a small montage of axial slices (the slicing of
+``AxialSlicesd``: last axis, rows = Y): the slice where the prediction is largest and the slices at 1/4 and 3/4
+of the predicted extent; with an empty prediction, the slices at 1/4, 1/2 and 3/4 of the depth. Drawn with
+matplotlib's object API (no pyplot state, no display needed).
+"""
+
+from __future__ import annotations
+
+import textwrap
+from pathlib import Path
+from typing import Any, Sequence
+
+import numpy as np
+import torch
+
+from ..metrics.plots import CLASS_COLOURS
+
+__all__ = ["montage_slices", "save_overlay"]
+
+
+def _display(image: torch.Tensor) -> np.ndarray:
+    """(C, H, W) in [0, 1] -> (H, W, 3) float."""
+    array = image.detach().cpu().float().numpy()
+    array = np.moveaxis(array[:3], 0, -1)
+    if array.shape[-1] == 1:
+        array = np.repeat(array, 3, axis=-1)
+    return np.clip(array, 0.0, 1.0)
+
+
+def _fill(labels: np.ndarray, values: Sequence[int], alpha: float = 0.45) -> np.ndarray:
+    from matplotlib.colors import to_rgba
+
+    rgba = np.zeros((*labels.shape, 4), dtype=float)
+    for i, value in enumerate(values):
+        rgba[labels == value] = to_rgba(CLASS_COLOURS[i % len(CLASS_COLOURS)], alpha=alpha)
+    return rgba
+
+
+def montage_slices(labels: torch.Tensor, axis: int = 2, count: int = 3) -> list[int]:
+    """Slice indices along ``axis`` of an (X, Y, Z) label map to show (see the module docstring)."""
+    depth = int(labels.shape[axis])
+    dims = [d for d in range(labels.ndim) if d != axis]
+    area = (labels != 0).sum(dim=dims)
+    if count <= 1 or depth <= 1:
+        return [int(area.argmax()) if area.any() else depth // 2]
+    if not area.any():
+        picks = [depth * (i + 1) // (count + 1) for i in range(count)]
+    else:
+        best = int(area.argmax())
+        present = torch.nonzero(area).flatten()
+        low, high = int(present.min()), int(present.max())
+        picks = [low + (high - low) // 4, best, low + 3 * (high - low) // 4]
+    return sorted(set(picks))
+
+
+def save_overlay(prediction: Any, path: str | Path, image: torch.Tensor | None = None, title: str | None = None,
+                 max_slices: int = 3, image_format: str = "png") -> Path:
+    """Draw ``prediction`` over its input and save the figure to ``path`` (``image_format``, default PNG).
+
+    Args:
+        prediction: a :class:`~medsam3_monai.inferers.predict.Prediction`.
+        image: the input in [0, 1] at its own size ((C, H, W) or (1, X, Y, Z)); default: re-read from
+            ``prediction.source`` with the prediction's intensity settings.
+        max_slices: panels of a volume's montage.
+    """
+    from matplotlib.backends.backend_agg import FigureCanvasAgg
+    from matplotlib.figure import Figure
+    from matplotlib.patches import Patch, Rectangle
+
+    from ..inferers.predict import native_image
+    from ..transforms.slices import extract_slice
+
+    if image is None:
+        settings = prediction.settings
+        image = native_image(prediction.source, settings.get("modality"), settings.get("ct_window", "abdomen"))
+    labels = prediction.label_map.as_tensor() if hasattr(prediction.label_map, "as_tensor") else prediction.label_map
+    labels = torch.as_tensor(labels).cpu()
+    if prediction.is_volume:
+        panels = [(extract_slice(image, z, 2, True), extract_slice(labels[None], z, 2, True)[0], f"slice {z} (z)")
+                  for z in montage_slices(labels, 2, max_slices)]
+    else:
+        panels = [(image, labels, None)]
+    height, width = panels[0][1].shape
+    side = 4.0
+    figure = Figure(figsize=(side * len(panels) * max(width / height, 0.5), side + 0.9), dpi=100)
+    FigureCanvasAgg(figure)
+    axes = figure.subplots(1, len(panels), squeeze=False)[0]
+    values = list(prediction.label_values)
+    for ax, (plane, plane_labels, heading) in zip(axes, panels):
+        array = plane_labels.numpy()
+        ax.imshow(_display(plane), interpolation="nearest")
+        ax.imshow(_fill(array, values), interpolation="nearest")
+        for i, value in enumerate(values):
+            if (array == value).any() and min(array.shape) > 1:
+                ax.contour((array == value).astype(float), levels=[0.5], linewidths=0.8,
+                           colors=[CLASS_COLOURS[i % len(CLASS_COLOURS)]])
+        if not prediction.is_volume:
+            for i, box in enumerate(prediction.settings.get("box") or []):
+                if box is not None:
+                    x1, y1, x2, y2 = box
+                    colour = CLASS_COLOURS[i % len(CLASS_COLOURS)] if len(prediction.settings["box"]) > 1 else "white"
+                    # pixel-edge coordinates -> imshow's pixel-centre axes
+                    ax.add_patch(Rectangle((x1 - 0.5, y1 - 0.5), x2 - x1, y2 - y1, fill=False, linestyle="--",
+                                           linewidth=1.0, edgecolor=colour))
+        if heading:
+            ax.set_title(heading, fontsize=9)
+        ax.set_axis_off()
+    handles = [Patch(color=CLASS_COLOURS[i % len(CLASS_COLOURS)], alpha=0.7, label=f"{text} ({score:.2f})")
+               for i, (text, score) in enumerate(zip(prediction.prompts, prediction.scores))]
+    figure.legend(handles=handles, loc="lower center", ncol=min(len(handles), 4), fontsize=8, frameon=False)
+    heading = title or f"{Path(prediction.source).name}: {prediction.protocol}"
+    figure.suptitle("\n".join(textwrap.wrap(heading, 70 * len(panels))), fontsize=9)
+    figure.tight_layout(rect=(0, 0.08, 1, 0.95))
+    path = Path(path)
+    figure.savefig(path, format=image_format)
+    return path

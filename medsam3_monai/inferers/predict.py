@@ -1,0 +1,603 @@
+"""Prediction on files: an image or a volume + text prompts (+ boxes) -> one label map in the input's own
+geometry. Shared by ``medsam3 segment``, the inference bundle (``configs/inference.json``) and a server.
+
+Pipeline (the bundle spells out the same pieces in JSON):
+
+1. :func:`inference_items`: datalist items ``{"image": path, "prompts": ..., "box": ..., "modality": ...}``.
+2. :func:`inference_transforms`: load -> intensity by modality -> axial slices (volumes) -> grey to RGB ->
+   resize to S x S -> SAM3 normalisation; a case becomes a list of slice items (one for a 2D image).
+3. :class:`PromptInferer` (a MONAI ``Inferer``): 2D -> :func:`~.image.segment_image` (protocol
+   ``top_query``, ``threshold`` or ``semantic``; optional box prompts); volume -> :func:`~.volume.segment_volume`
+   (detector on every slice, tracker propagation from the most confident slice). Every slice item gets
+   ``pred`` (P, S, S) mask logits and ``confidence`` (P, S, S) = score x sigmoid(logit).
+4. :func:`~.postprocess.postprocessing_transforms`: ``Invertd`` per slice, restack, merge by maximum
+   confidence -> a (1, *spatial) label map (0 background, the prompts' label values).
+5. :class:`Predictor` wraps 2-4 for one file and returns a :class:`Prediction`; :func:`predict_file` is the
+   one-call form.
+
+Label values: prompt ``c`` (0-based) is label ``c + 1``, or the datalist's own value when ``prompts`` maps
+values to texts (``{"1": "anterior hippocampus", "2": "posterior hippocampus"}``). Volumes: a slice's
+detection counts when its score >= ``score_threshold``; with a tracker its masks are propagated from the
+most confident slice (see :mod:`.volume`); ``protocol`` applies to 2D images only.
+"""
+
+from __future__ import annotations
+
+import json
+import logging
+from collections.abc import Mapping, Sequence
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+import torch
+from monai.data import MetaTensor
+from monai.inferers import Inferer
+
+from ..transforms.errors import DataError, source_name
+from .image import EMPTY_LOGIT, check_protocol, segment_image
+
+logger = logging.getLogger(__name__)
+
+__all__ = [
+    "MASK_LOGIT",
+    "Prediction",
+    "Predictor",
+    "PromptInferer",
+    "box_prompts",
+    "inference_items",
+    "inference_transforms",
+    "input_kind",
+    "load_network",
+    "predict_file",
+    "resolve_tracker",
+    "user_error",
+]
+
+#: logit written for a voxel of a (binary) volume mask: finite, the mirror of EMPTY_LOGIT
+MASK_LOGIT = 1.0e4
+IMAGE_SUFFIXES = (".png", ".jpg", ".jpeg", ".bmp", ".tif", ".tiff", ".gif")
+VOLUME_SUFFIXES = (".nii", ".nii.gz", ".dcm", ".mha", ".mhd", ".nrrd", ".nhdr")
+
+
+# ------------------------------------------------------------------------------------------------ inputs
+def _suffix(path: str | Path) -> str:
+    name = str(path).lower()
+    return ".nii.gz" if name.endswith(".nii.gz") else Path(name).suffix
+
+
+def input_kind(path: str | Path) -> str:
+    """``"image"`` (PNG/JPEG/BMP/TIFF/GIF) or ``"volume"`` (NIfTI, DICOM series folder, single DICOM, MetaImage,
+    NRRD) by the path; raises FileNotFoundError / ValueError (unsupported format) with what to do."""
+    path = Path(path)
+    if not path.exists():
+        raise FileNotFoundError(f"input {path} not found: give an existing image file, volume or DICOM folder")
+    if path.is_dir():
+        if not any(p.is_file() for p in path.iterdir()):
+            raise ValueError(f"input folder {path} is empty: a folder input must hold one DICOM series")
+        return "volume"
+    suffix = _suffix(path)
+    if suffix in IMAGE_SUFFIXES:
+        return "image"
+    if suffix in VOLUME_SUFFIXES:
+        return "volume"
+    raise ValueError(
+        f"{path}: unsupported format '{suffix or '(no extension)'}'. Give a 2D image "
+        f"({', '.join(IMAGE_SUFFIXES)}), a volume ({', '.join(VOLUME_SUFFIXES)}) or a DICOM series folder"
+    )
+
+
+def user_error(err: BaseException) -> BaseException | None:
+    """The input error (ValueError, FileNotFoundError) inside MONAI's ``RuntimeError("applying transform ...")``
+    wrappers, or None when ``err`` is something else (a bug)."""
+    seen = err
+    while isinstance(seen, RuntimeError) and seen.__cause__ is not None:
+        seen = seen.__cause__
+    return seen if isinstance(seen, (ValueError, FileNotFoundError)) else None
+
+
+def inference_items(
+    datalist: str | Path | Sequence[Any] | Mapping[str, Any],
+    prompts: Sequence[str] | Mapping[Any, str] | str | None = None,
+    split: str = "test",
+    base_dir: str | Path | None = None,
+) -> list[dict[str, Any]]:
+    """Datalist -> inference items ``{"image": absolute path, "prompts": {value: text}, ...}``.
+
+    Args:
+        datalist: a datalist JSON file (a list, or a decathlon-style dict: the ``split`` list is taken), a
+            single image/volume path, or a list of items (dicts with ``image``) or of image paths.
+        prompts: texts (list: label values 1..P) or ``{value: text}`` for every item, overriding the items' own
+            ``prompts``; None keeps each item's ``prompts`` (an item without any is an error).
+        split: the list of a decathlon-style datalist to predict.
+        base_dir: folder of relative image paths (default: the datalist file's folder, else the working dir).
+    """
+    if isinstance(datalist, (str, Path)) and _suffix(datalist) != ".json":
+        entries: Any = [str(datalist)]
+        base = Path(base_dir) if base_dir is not None else Path.cwd()
+    elif isinstance(datalist, (str, Path)):
+        path = Path(datalist)
+        if not path.is_file():
+            raise FileNotFoundError(f"datalist {path} not found")
+        try:
+            entries = json.loads(path.read_text(encoding="utf-8"))
+        except json.JSONDecodeError as err:
+            raise ValueError(f"datalist {path} is not valid JSON: {err}") from err
+        base = Path(base_dir) if base_dir is not None else path.parent
+    else:
+        entries = datalist
+        base = Path(base_dir) if base_dir is not None else Path.cwd()
+    if isinstance(entries, Mapping):
+        if split not in entries:
+            raise ValueError(f"the datalist has no '{split}' list (it has {sorted(entries)}); choose --split")
+        entries = entries[split]
+    items = []
+    for entry in entries:
+        item = {"image": entry} if isinstance(entry, (str, Path)) else dict(entry)
+        if "image" not in item:
+            raise ValueError(f"datalist entry {entry!r} has no 'image'")
+        image = Path(str(item["image"])).expanduser()
+        item["image"] = str(image if image.is_absolute() else base / image)
+        if prompts is not None:
+            item["prompts"] = _prompt_mapping(prompts)
+        elif not item.get("prompts"):
+            raise ValueError(f"{item['image']}: no prompts; give --prompts \"['polyp']\" or 'prompts' in the item")
+        items.append(item)
+    if not items:
+        raise ValueError("the datalist holds no items to predict")
+    return items
+
+
+def _prompt_mapping(prompts: Sequence[str] | Mapping[Any, str] | str) -> dict[str, str]:
+    if isinstance(prompts, str):
+        prompts = [prompts]
+    if isinstance(prompts, Mapping):
+        return {str(k): v for k, v in prompts.items()}
+    return {str(i + 1): text for i, text in enumerate(prompts)}
+
+
+def item_prompts(item: Mapping[str, Any], path: str | None = None) -> tuple[list[int], list[str]]:
+    """(label values, texts) of an item's ``prompts``: ``{value: text}`` or a list (values 1..P)."""
+    from ..networks.tokenizer import PromptError
+    from ..transforms.labels import parse_prompts
+
+    spec = item.get("prompts")
+    if isinstance(spec, str):
+        spec = [spec]
+    if not spec:
+        raise PromptError(f"{path or 'item'}: no text prompt given; give at least one, e.g. 'polyp'")
+    if not isinstance(spec, Mapping):
+        spec = _prompt_mapping(spec)
+    parsed = parse_prompts(spec, path)
+    return list(parsed), list(parsed.values())
+
+
+def box_prompts(box: Any, num_prompts: int, size: Sequence[int]) -> tuple[torch.Tensor, torch.Tensor] | None:
+    """Pixel boxes -> SAM3 box prompts (P, 1, 4) normalised cx, cy, w, h and labels (P, 1).
+
+    Args:
+        box: None, one box ``[x1, y1, x2, y2]`` for every prompt, or one per prompt (None entries: that prompt
+            is text-only). Pixel coordinates of the input image, x along columns, y along rows, the image
+            spanning ``[0, W] x [0, H]`` (pixel edges).
+        size: the image's (H, W).
+
+    Raises ValueError for a malformed box, an empty one, or one reaching outside the image. The slice space is
+    the image resized to S x S without keeping the aspect ratio, so normalised coordinates carry over.
+    """
+    from .image import BOX_PADDING_LABEL
+
+    if box is None:
+        return None
+    boxes = list(box)
+    if len(boxes) == 4 and all(isinstance(v, (int, float)) for v in boxes):
+        boxes = [boxes] * num_prompts
+    if len(boxes) == 1 and num_prompts > 1:
+        boxes = boxes * num_prompts
+    if len(boxes) != num_prompts:
+        raise ValueError(f"{len(boxes)} boxes for {num_prompts} prompts: give one box for all prompts or one per prompt")
+    height, width = (int(s) for s in size)
+    out = torch.zeros(num_prompts, 1, 4)
+    labels = torch.full((num_prompts, 1), BOX_PADDING_LABEL, dtype=torch.long)
+    for i, one in enumerate(boxes):
+        if one is None:
+            continue
+        values = [float(v) for v in one]
+        if len(values) != 4 or not all(v == v and abs(v) != float("inf") for v in values):
+            raise ValueError(f"box {one!r} must be four finite numbers x1 y1 x2 y2 (pixels)")
+        x1, y1, x2, y2 = values
+        if not (0 <= x1 < x2 <= width and 0 <= y1 < y2 <= height):
+            raise ValueError(
+                f"box {x1:g} {y1:g} {x2:g} {y2:g} is empty or outside the image ({width} wide, {height} high): "
+                f"give x1 y1 x2 y2 in pixels with 0 <= x1 < x2 <= {width} and 0 <= y1 < y2 <= {height}"
+            )
+        out[i, 0] = torch.tensor([(x1 + x2) / 2 / width, (y1 + y2) / 2 / height, (x2 - x1) / width,
+                                  (y2 - y1) / height])
+        labels[i, 0] = 1
+    return out, labels
+
+
+# ------------------------------------------------------------------------------------------------ pieces
+def inference_transforms(image_size: int = 1008, ct_window: str | Sequence[float] = "abdomen"):
+    """The inference preprocessing (a ``Compose``): an item -> the list of its slice-space items, each ``image``
+    (3, S, S) SAM3-normalised with the resize recorded for ``Invertd``. Intensity by the item's ``modality``
+    (none: RGB pictures /255, grey images min-max)."""
+    from monai.transforms import Compose
+
+    from ..transforms import (
+        AxialSlicesd,
+        GreyToRGBd,
+        LoadMedicalImaged,
+        ResizeToSliced,
+        Sam3Normalized,
+        ScaleIntensityByModalityd,
+    )
+
+    return Compose([
+        LoadMedicalImaged(keys="image", label_keys=()),
+        ScaleIntensityByModalityd(keys="image", ct_window=ct_window),
+        AxialSlicesd(keys="image"),
+        GreyToRGBd(keys="image"),
+        ResizeToSliced(keys="image", spatial_size=image_size),
+        Sam3Normalized(keys="image"),
+    ])
+
+
+def load_network(source: str = "tiny", image_size: int | None = None, device: str | torch.device | None = None):
+    """``MedSAM3Net`` in eval mode: ``tiny`` at ``image_size`` (default 112), or a checkpoint (whose own size
+    must equal ``image_size`` when given). Raises CheckpointError / ValueError with what to do."""
+    from ..networks import MedSAM3Net
+
+    if image_size is not None and (image_size <= 0 or image_size % 14):
+        raise ValueError(f"image size must be a positive multiple of 14 (112, 224, 1008), got {image_size}")
+    if str(source) == "tiny":
+        network = MedSAM3Net("tiny", image_size=image_size or 112)
+    else:
+        network = MedSAM3Net(str(source))
+        if image_size is not None and image_size != network.image_size:
+            raise ValueError(f"checkpoint {source} works at {network.image_size} px, not {image_size}: "
+                             "drop the image size or give the checkpoint's")
+    network.eval()
+    return network.to(device) if device is not None else network
+
+
+def _has_tracker_weights(source: str) -> bool:
+    config = Path(source) / "config.json"
+    try:
+        return config.is_file() and json.loads(config.read_text()).get("model_type") in ("sam3_video",
+                                                                                         "sam3_tracker_video")
+    except (OSError, json.JSONDecodeError):
+        return False
+
+
+def resolve_tracker(spec: str | None, checkpoint: str, network: torch.nn.Module,
+                    items: Sequence[Mapping[str, Any]] | None = None, described: bool = False):
+    """The volume path's tracker: ``none``/None (detector only), ``tiny`` (random init, sharing the detector's
+    ViT), an HF folder, or ``auto``: tiny for the tiny checkpoint, the checkpoint's own tracker for a
+    facebook/sam3 folder (``sam3_video``), else none. With ``items``, no tracker is built when none of them
+    is a volume. ``described=True`` returns (tracker, description)."""
+    from .volume import build_tracker
+
+    tracker, text = None, "none"
+    if items is not None and not any(_is_volume_path(i["image"]) for i in items):
+        spec = "none"
+    if spec == "auto":
+        if str(checkpoint) == "tiny":
+            spec = "tiny"
+        elif _has_tracker_weights(str(checkpoint)):
+            spec = str(checkpoint)
+        else:
+            spec, text = "none", "none (the checkpoint has no tracker weights)"
+    if spec == "tiny":
+        tracker, text = build_tracker("tiny", detector=network), "tiny (random init, ViT shared with the detector)"
+    elif spec not in (None, "none"):
+        tracker, text = build_tracker(spec, image_size=int(network.image_size)), str(spec)
+    if tracker is not None:
+        tracker = tracker.to(next(network.parameters()).device)
+    return (tracker, text) if described else tracker
+
+
+def _is_volume_path(path: str | Path) -> bool:
+    return Path(path).is_dir() or _suffix(path) not in IMAGE_SUFFIXES
+
+
+def _plain(x: Any) -> torch.Tensor:
+    return x.as_tensor() if isinstance(x, MetaTensor) else torch.as_tensor(x)
+
+
+# ------------------------------------------------------------------------------------------------ inferer
+class PromptInferer(Inferer):
+    """A case (its slice-space items) + the network -> the same items with per-prompt slice-space maps.
+
+    Every output item gets ``pred`` (P, S, S) mask logits (mask = logit > 0), ``confidence`` (P, S, S) =
+    score x sigmoid(logit) (the quantity multi-prompt overlaps are resolved by), and the case's
+    ``prompt_values``, ``prompt_texts``, ``prompt_scores`` (P,) and ``protocol``; volume items also
+    ``slice_scores`` (P, D) and ``seed_slices`` (P,).
+
+    Args:
+        protocol: 2D protocol (``top_query``, ``threshold``, ``semantic``; see :mod:`.image`).
+        score_threshold: the ``threshold`` protocol's query score, and the volume path's detection score.
+        tracker: SAM3 tracker for volumes (:func:`resolve_tracker`); None = detector only.
+        tracker_name: how the tracker is described in the outputs.
+        volume_batch_size: slices per detector call.
+        progress: progress bars for volumes.
+
+    An item's ``box`` (pixels, see :func:`box_prompts`) adds box prompts on 2D images; on a volume it is an
+    error (the volume path takes text prompts only).
+    """
+
+    def __init__(self, protocol: str = "top_query", score_threshold: float = 0.5, tracker: Any = None,
+                 tracker_name: str | None = None, volume_batch_size: int = 8, progress: bool = False,
+                 image_key: str = "image") -> None:
+        super().__init__()
+        self.protocol = check_protocol(protocol)
+        if not 0.0 <= float(score_threshold) <= 1.0:
+            raise ValueError(f"score threshold must be in [0, 1], got {score_threshold}")
+        self.score_threshold = float(score_threshold)
+        self.tracker = tracker
+        self.tracker_name = tracker_name or ("none" if tracker is None else type(tracker).__name__)
+        self.volume_batch_size = int(volume_batch_size)
+        self.progress = progress
+        self.image_key = image_key
+
+    def __call__(self, inputs: Any, network: torch.nn.Module, *args: Any, **kwargs: Any) -> list[dict[str, Any]]:
+        items = [dict(inputs)] if isinstance(inputs, Mapping) else [dict(item) for item in inputs]
+        if not items:
+            raise ValueError("PromptInferer got a case without slice items")
+        first = items[0]
+        image = first[self.image_key]
+        path = source_name(image, first, self.image_key)
+        values, prompts = item_prompts(first, path)
+        device = next(network.parameters()).device
+        if "volume_shape" in getattr(image, "meta", {}):
+            case = self._volume(items, prompts, network, device, path)
+        else:
+            case = self._image(first, prompts, network, device)
+        case.update(prompt_values=values, prompt_texts=prompts)
+        for item in items:
+            item.update(case)
+        return items
+
+    def _image(self, item: dict[str, Any], prompts: list[str], network: torch.nn.Module,
+               device: torch.device) -> dict[str, Any]:
+        image = item[self.image_key]
+        boxes = box_prompts(item.get("box"), len(prompts), image.meta["spatial_shape"])
+        seg = segment_image(network, _plain(image).to(device), prompts, protocol=self.protocol,
+                            score_threshold=self.score_threshold, boxes=None if boxes is None else boxes[0],
+                            box_labels=None if boxes is None else boxes[1])
+        item["pred"] = MetaTensor(seg.logits.float())
+        item["confidence"] = MetaTensor(seg.confidence)
+        return {"prompt_scores": seg.scores.float(), "protocol": self.protocol + ("+box" if boxes is not None else "")}
+
+    def _volume(self, items: list[dict[str, Any]], prompts: list[str], network: torch.nn.Module,
+                device: torch.device, path: str | None) -> dict[str, Any]:
+        from .volume import segment_volume
+
+        if any(item.get("box") is not None for item in items[:1]):
+            raise DataError(path, "box prompts are for 2D images", "segment volumes with text prompts only")
+        slices = torch.stack([_plain(item[self.image_key]) for item in items])
+        result = segment_volume(network, slices.to(device), prompts, self.tracker,
+                                score_threshold=self.score_threshold, batch_size=self.volume_batch_size,
+                                progress=self.progress)
+        for z, item in enumerate(items):
+            masks = result.masks[:, z]
+            item["pred"] = MetaTensor(torch.where(masks, MASK_LOGIT, EMPTY_LOGIT).float())
+            item["confidence"] = MetaTensor(masks.float() * result.scores[:, z, None, None].float())
+        protocol = f"volume: top_query per slice (score >= {self.score_threshold:g}), tracker {self.tracker_name}"
+        return {"prompt_scores": result.scores.amax(dim=1).float(), "slice_scores": result.scores.float(),
+                "seed_slices": result.seed_slices.long(), "protocol": protocol}
+
+
+# ------------------------------------------------------------------------------------------------ result
+@dataclass
+class Prediction:
+    """One input's prediction in its own geometry.
+
+    Attributes:
+        label_map: MetaTensor (H, W) for a 2D image or (X, Y, Z) for a volume (the input's shape and affine),
+            uint8: 0 background, ``label_values[c]`` where prompt ``c`` won (overlaps: highest confidence).
+        prompts, label_values: the prompt texts and their label values, in prompt order.
+        scores: per prompt, the protocol's score (2D) or the best slice score (volumes).
+        protocol: how the masks were made (``top_query``, ``threshold+box``, ``volume: ...``).
+        is_volume: volume (NIfTI/DICOM) or 2D image.
+        affine: 4 x 4 voxel -> world (RAS) matrix; the identity (pixel units) for 2D images.
+        source: the input path.
+        seed_slices, slice_scores: volumes only, the tracker's seed slice per prompt (-1: none confident)
+            and the detector score of every slice (P, D).
+        settings: checkpoint, image size, tracker, thresholds and boxes that produced it.
+    """
+
+    label_map: torch.Tensor
+    prompts: list[str]
+    label_values: list[int]
+    scores: list[float]
+    protocol: str
+    is_volume: bool
+    affine: torch.Tensor
+    source: str
+    seed_slices: list[int] | None = None
+    slice_scores: torch.Tensor | None = None
+    settings: dict[str, Any] = field(default_factory=dict)
+
+    @property
+    def shape(self) -> tuple[int, ...]:
+        return tuple(self.label_map.shape)
+
+    @property
+    def spacing(self) -> tuple[float, ...] | None:
+        """Voxel size in mm per array axis (volumes), None for 2D pictures."""
+        if not self.is_volume:
+            return None
+        return tuple(float(v) for v in torch.as_tensor(self.affine, dtype=torch.float64)[:3, :3].norm(dim=0))
+
+    def masks(self) -> torch.Tensor:
+        """(P, *spatial) bool, each prompt's pixels after the overlap resolution (disjoint)."""
+        labels = _plain(self.label_map)
+        return torch.stack([labels == int(v) for v in self.label_values])
+
+    def summary(self, label_values: Sequence[int] | None = None) -> dict[str, Any]:
+        """JSON-able description: label value -> prompt, score and pixel count; protocol, settings, geometry.
+
+        ``label_values`` renames the values as written (e.g. 255 for a single-prompt PNG mask)."""
+        written = list(label_values) if label_values is not None else self.label_values
+        counts = self.masks().flatten(1).sum(dim=1).tolist()
+        labels = {
+            str(int(w)): {"prompt": text, "score": round(float(score), 6), ("voxels" if self.is_volume else "pixels"): int(n)}
+            for w, text, score, n in zip(written, self.prompts, self.scores, counts)
+        }
+        out: dict[str, Any] = {
+            "input": self.source,
+            "kind": "volume" if self.is_volume else "image",
+            "shape": list(self.shape),
+            "background": 0,
+            "labels": labels,
+            "protocol": self.protocol,
+            "overlaps": "pixel-wise maximum of score x sigmoid(mask logit)" if len(self.prompts) > 1 else None,
+            **self.settings,
+        }
+        if self.is_volume:
+            out["affine"] = [[round(float(v), 6) for v in row] for row in torch.as_tensor(self.affine).tolist()]
+            out["spacing"] = [round(v, 6) for v in self.spacing]
+            out["seed_slices"] = {str(int(w)): int(s) for w, s in zip(written, self.seed_slices or [])}
+        return out
+
+
+class Predictor:
+    """A loaded network (+ tracker) ready to segment files: ``Predictor(...)(path, prompts, box=...)``.
+
+    Args:
+        network: a ``MedSAM3Net`` (eval mode; any device).
+        tracker: ``auto`` (see :func:`resolve_tracker`; built on the first volume), ``none``, ``tiny``, an HF
+            folder, or a tracker module.
+        checkpoint: the network's source (for ``tracker="auto"`` and the outputs' description).
+        protocol, score_threshold: as :class:`PromptInferer`.
+        ct_window: CT window preset or (width, level) for ``modality="CT"``.
+        progress: progress bars for volumes.
+    """
+
+    def __init__(self, network: torch.nn.Module, *, tracker: Any = "auto", checkpoint: str = "tiny",
+                 protocol: str = "top_query", score_threshold: float = 0.5,
+                 ct_window: str | Sequence[float] = "abdomen", progress: bool = False) -> None:
+        from .postprocess import postprocessing_transforms
+
+        self.network = network.eval()
+        self.checkpoint = str(checkpoint)
+        self._tracker_spec = tracker
+        self._tracker: tuple[Any, str] | None = None
+        self.ct_window = ct_window
+        self.transform = inference_transforms(int(network.image_size), ct_window)
+        self.inferer = PromptInferer(protocol, score_threshold, progress=progress)
+        self.postprocessing = postprocessing_transforms(self.transform)
+
+    @classmethod
+    def from_checkpoint(cls, checkpoint: str = "tiny", image_size: int | None = None,
+                        device: str | torch.device | None = None, **kwargs: Any) -> Predictor:
+        return cls(load_network(checkpoint, image_size, device), checkpoint=checkpoint, **kwargs)
+
+    def tracker(self) -> tuple[Any, str]:
+        """(tracker, description), built once on first use."""
+        if self._tracker is None:
+            spec = self._tracker_spec
+            if spec is None or isinstance(spec, str):
+                self._tracker = resolve_tracker(spec, self.checkpoint, self.network, described=True)
+            else:
+                self._tracker = (spec, type(spec).__name__)
+        return self._tracker
+
+    def check_prompts(self, prompts: Sequence[str] | str) -> list[str]:
+        """Texts the model can take (non-empty, at most 32 tokens); raises PromptError otherwise."""
+        prompts = [prompts] if isinstance(prompts, str) else list(prompts)
+        self.network.tokenize(prompts)
+        return prompts
+
+    def __call__(self, path: str | Path, prompts: Sequence[str] | str, box: Any = None,
+                 modality: str | None = None) -> Prediction:
+        """Segment one file. Input errors raise ValueError / FileNotFoundError (DataError, PromptError) with
+        what to do; nothing is written."""
+        from ..transforms.intensity import handler_for_modality
+
+        kind = input_kind(path)
+        prompts = self.check_prompts(prompts)
+        if box is not None and kind == "volume":
+            raise ValueError(f"{path}: box prompts are for 2D images; segment volumes with text prompts only")
+        if modality is not None:
+            try:
+                handler_for_modality(modality)
+            except KeyError:
+                raise ValueError(f"unknown modality {modality!r}; e.g. CT, MRI, X-ray, ultrasound, endoscopy") from None
+        item = {"image": str(path), "prompts": _prompt_mapping(prompts), "box": box, "modality": modality}
+        try:
+            slices = self.transform(item)
+            slices = slices if isinstance(slices, list) else [slices]
+            is_volume = "volume_shape" in slices[0]["image"].meta
+            if is_volume and box is not None:
+                raise ValueError(f"{path} is a volume: box prompts are for 2D images; use text prompts only")
+            self.inferer.tracker, self.inferer.tracker_name = self.tracker() if is_volume else (None, "none")
+            case = self.postprocessing(self.inferer(slices, self.network))
+        except RuntimeError as err:
+            cause = user_error(err)
+            if cause is None:
+                raise
+            raise cause from None
+        labels = case["pred"]
+        label_map = MetaTensor(labels.as_tensor()[0], meta=dict(labels.meta))
+        seeds = case.get("seed_slices")
+        settings = {"checkpoint": self.checkpoint, "image_size": int(self.network.image_size),
+                    "score_threshold": self.inferer.score_threshold, "modality": modality,
+                    "box": None if box is None else _box_list(box, len(prompts))}
+        if is_volume:
+            settings["tracker"] = self.inferer.tracker_name
+            if (modality or "").lower() == "ct":
+                settings["ct_window"] = self.ct_window
+        return Prediction(
+            label_map=label_map, prompts=list(case["prompt_texts"]), label_values=list(case["prompt_values"]),
+            scores=[float(s) for s in case["prompt_scores"]], protocol=str(case["protocol"]), is_volume=is_volume,
+            affine=torch.as_tensor(labels.affine, dtype=torch.float64).clone(), source=str(path),
+            seed_slices=None if seeds is None else [int(s) for s in seeds],
+            slice_scores=case.get("slice_scores"), settings=settings,
+        )
+
+
+def _box_list(box: Any, num_prompts: int) -> list[list[float] | None]:
+    boxes = list(box)
+    if len(boxes) == 4 and all(isinstance(v, (int, float)) for v in boxes):
+        boxes = [boxes]
+    return [None if b is None else [float(v) for v in b] for b in boxes]
+
+
+def predict_file(
+    path: str | Path,
+    prompts: Sequence[str] | str,
+    box: Any = None,
+    network: torch.nn.Module | None = None,
+    *,
+    checkpoint: str = "tiny",
+    image_size: int | None = None,
+    protocol: str = "top_query",
+    score_threshold: float = 0.5,
+    tracker: Any = "auto",
+    modality: str | None = None,
+    ct_window: str | Sequence[float] = "abdomen",
+    device: str | torch.device | None = None,
+    progress: bool = False,
+) -> Prediction:
+    """Segment one image or volume file with text prompts (and, for 2D images, boxes in pixels).
+
+    ``network`` (a loaded ``MedSAM3Net``) is used when given, else ``checkpoint`` is loaded (``image_size``
+    sizes the tiny preset). Keep a :class:`Predictor` to segment many files with one loaded network.
+    """
+    if network is None:
+        network = load_network(checkpoint, image_size, device)
+    elif device is not None:
+        network = network.to(device)
+    predictor = Predictor(network, tracker=tracker, checkpoint=checkpoint, protocol=protocol,
+                          score_threshold=score_threshold, ct_window=ct_window, progress=progress)
+    return predictor(path, prompts, box=box, modality=modality)
+
+
+def native_image(path: str | Path, modality: str | None = None, ct_window: Any = "abdomen") -> torch.Tensor:
+    """The input at its own size with intensities in [0, 1] (the model's intensity rule): (C, H, W) or
+    (1, X, Y, Z). For overlays."""
+    from ..transforms import LoadMedicalImaged, ScaleIntensityByModalityd
+
+    item = LoadMedicalImaged(keys="image", label_keys=())({"image": str(path), "modality": modality})
+    return _plain(ScaleIntensityByModalityd(keys="image", ct_window=ct_window)(item)["image"])
