@@ -8,7 +8,7 @@ env:
 	@bash scripts/setup_env.sh $(VENV)
 
 run: env
-	$(VENV)/bin/medsam3 --help
+	$(VENV)/bin/medsam3 demo
 
 test: env
 	$(PY) -m pytest -q tests

@@ -30,8 +30,8 @@ def add_parser(subparsers: argparse._SubParsersAction) -> argparse.ArgumentParse
         "demo", help="build a small labelled dataset, fine-tune, evaluate, report (no weights or downloads needed)",
         description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter,
     )
-    parser.add_argument("--out", default="medsam3-demo", metavar="DIR",
-                        help="output folder (default ./medsam3-demo; must not exist or be empty)")
+    parser.add_argument("--out", default=None, metavar="DIR",
+                        help="output folder (default ./runs/demo-<date>-<time>; must not exist or be empty)")
     parser.add_argument("--data", action="append", metavar="DATALIST",
                         help="train and evaluate on these datalists instead of the phantoms (repeatable)")
     parser.add_argument("--checkpoint", default="tiny", metavar="SRC",
@@ -92,7 +92,7 @@ def run(args: argparse.Namespace) -> int:
     from ..data.phantoms import make_phantom_datalist
     from . import evaluate_cli
 
-    out = Path(args.out)
+    out = Path(args.out) if args.out else Path("runs") / time.strftime("demo-%Y%m%d-%H%M%S")
     if out.exists() and (not out.is_dir() or any(out.iterdir())):
         raise FileExistsError(f"output {out} exists and is not an empty folder; choose a new --out")
     if args.data:

@@ -75,7 +75,8 @@ def save_overlay(prediction: Any, path: str | Path, image: torch.Tensor | None =
 
     if image is None:
         settings = prediction.settings
-        image = native_image(prediction.source, settings.get("modality"), settings.get("ct_window", "abdomen"))
+        image = native_image(prediction.source, settings.get("modality"), settings.get("ct_window", "abdomen"),
+                             settings.get("channel"))
     labels = prediction.label_map.as_tensor() if hasattr(prediction.label_map, "as_tensor") else prediction.label_map
     labels = torch.as_tensor(labels).cpu()
     if prediction.is_volume:

@@ -76,6 +76,8 @@ def add_parser(subparsers: argparse._SubParsersAction) -> argparse.ArgumentParse
                         help="intensity rule: CT, MRI, X-ray, ultrasound, endoscopy, ... (default: by channels)")
     parser.add_argument("--ct-window", default="abdomen", metavar="NAME|W,L",
                         help="CT window preset (abdomen, lung, bone, brain, ...) or width,level (with --modality CT)")
+    parser.add_argument("--channel", type=int, default=None, metavar="N",
+                        help="for a 4D volume (several channels / time points): segment channel N (0-based)")
     parser.add_argument("--out", required=True, metavar="PATH",
                         help="mask / label map to write: .png (2D) or .nii.gz (volumes); <PATH>.json beside it")
     parser.add_argument("--overlay", default=None, metavar="PNG", help="also write an overlay picture")
@@ -248,6 +250,7 @@ def run(args: argparse.Namespace) -> int:
     import torch
 
     from ..inferers.predict import Predictor
+    from ..transforms.errors import DataError
 
     device = ("cuda" if torch.cuda.is_available() else "cpu") if args.device == "auto" else args.device
     predictor = Predictor.from_checkpoint(
@@ -255,7 +258,13 @@ def run(args: argparse.Namespace) -> int:
         protocol=args.protocol or "top_query", score_threshold=args.score_threshold,
         ct_window=_ct_window(args.ct_window), progress=not args.no_progress,
     )
-    prediction = predictor(args.input, args.prompt, box=args.box, modality=args.modality)
+    try:
+        prediction = predictor(args.input, args.prompt, box=args.box, modality=args.modality, channel=args.channel)
+    except DataError as err:
+        if "4D volume" in err.problem:
+            raise ValueError(f"{err.path}: {err.problem}: segment a 3D volume, or pick one channel / time point "
+                             "with --channel N") from None
+        raise
 
     labels = prediction.label_map.as_tensor().cpu().numpy()
     values = list(prediction.label_values)

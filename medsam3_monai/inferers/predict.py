@@ -217,10 +217,11 @@ def box_prompts(box: Any, num_prompts: int, size: Sequence[int]) -> tuple[torch.
 
 
 # ------------------------------------------------------------------------------------------------ pieces
-def inference_transforms(image_size: int = 1008, ct_window: str | Sequence[float] = "abdomen"):
+def inference_transforms(image_size: int = 1008, ct_window: str | Sequence[float] = "abdomen",
+                         channel: int | None = None):
     """The inference preprocessing (a ``Compose``): an item -> the list of its slice-space items, each ``image``
     (3, S, S) SAM3-normalised with the resize recorded for ``Invertd``. Intensity by the item's ``modality``
-    (none: RGB pictures /255, grey images min-max)."""
+    (none: RGB pictures /255, grey images min-max); ``channel`` picks one channel of a 4D volume (else an error)."""
     from monai.transforms import Compose
 
     from ..transforms import (
@@ -233,7 +234,7 @@ def inference_transforms(image_size: int = 1008, ct_window: str | Sequence[float
     )
 
     return Compose([
-        LoadMedicalImaged(keys="image", label_keys=()),
+        LoadMedicalImaged(keys="image", label_keys=(), channel=channel),
         ScaleIntensityByModalityd(keys="image", ct_window=ct_window),
         AxialSlicesd(keys="image"),
         GreyToRGBd(keys="image"),
@@ -477,16 +478,23 @@ class Predictor:
     def __init__(self, network: torch.nn.Module, *, tracker: Any = "auto", checkpoint: str = "tiny",
                  protocol: str = "top_query", score_threshold: float = 0.5,
                  ct_window: str | Sequence[float] = "abdomen", progress: bool = False) -> None:
-        from .postprocess import postprocessing_transforms
-
         self.network = network.eval()
         self.checkpoint = str(checkpoint)
         self._tracker_spec = tracker
         self._tracker: tuple[Any, str] | None = None
         self.ct_window = ct_window
-        self.transform = inference_transforms(int(network.image_size), ct_window)
         self.inferer = PromptInferer(protocol, score_threshold, progress=progress)
-        self.postprocessing = postprocessing_transforms(self.transform)
+        self._pipelines: dict[int | None, tuple[Any, Any]] = {}
+
+    def pipeline(self, channel: int | None = None) -> tuple[Any, Any]:
+        """(preprocessing, postprocessing) for inputs read with ``channel`` (the inverse needs the very
+        transform objects that made the items, so each pair is built once and kept)."""
+        from .postprocess import postprocessing_transforms
+
+        if channel not in self._pipelines:
+            transform = inference_transforms(int(self.network.image_size), self.ct_window, channel)
+            self._pipelines[channel] = (transform, postprocessing_transforms(transform))
+        return self._pipelines[channel]
 
     @classmethod
     def from_checkpoint(cls, checkpoint: str = "tiny", image_size: int | None = None,
@@ -510,9 +518,9 @@ class Predictor:
         return prompts
 
     def __call__(self, path: str | Path, prompts: Sequence[str] | str, box: Any = None,
-                 modality: str | None = None) -> Prediction:
-        """Segment one file. Input errors raise ValueError / FileNotFoundError (DataError, PromptError) with
-        what to do; nothing is written."""
+                 modality: str | None = None, channel: int | None = None) -> Prediction:
+        """Segment one file (``box``: see :func:`box_prompts`; ``channel``: the channel / time point of a 4D
+        volume). Input errors raise ValueError / FileNotFoundError (DataError, PromptError) with what to do."""
         from ..transforms.intensity import handler_for_modality
 
         kind = input_kind(path)
@@ -525,14 +533,15 @@ class Predictor:
             except KeyError:
                 raise ValueError(f"unknown modality {modality!r}; e.g. CT, MRI, X-ray, ultrasound, endoscopy") from None
         item = {"image": str(path), "prompts": _prompt_mapping(prompts), "box": box, "modality": modality}
+        transform, postprocessing = self.pipeline(channel)
         try:
-            slices = self.transform(item)
+            slices = transform(item)
             slices = slices if isinstance(slices, list) else [slices]
             is_volume = "volume_shape" in slices[0]["image"].meta
             if is_volume and box is not None:
                 raise ValueError(f"{path} is a volume: box prompts are for 2D images; use text prompts only")
             self.inferer.tracker, self.inferer.tracker_name = self.tracker() if is_volume else (None, "none")
-            case = self.postprocessing(self.inferer(slices, self.network))
+            case = postprocessing(self.inferer(slices, self.network))
         except RuntimeError as err:
             cause = user_error(err)
             if cause is None:
@@ -544,6 +553,8 @@ class Predictor:
         settings = {"checkpoint": self.checkpoint, "image_size": int(self.network.image_size),
                     "score_threshold": self.inferer.score_threshold, "modality": modality,
                     "box": None if box is None else _box_list(box, len(prompts))}
+        if channel is not None:
+            settings["channel"] = int(channel)
         if is_volume:
             settings["tracker"] = self.inferer.tracker_name
             if (modality or "").lower() == "ct":
@@ -579,6 +590,7 @@ def predict_file(
     ct_window: str | Sequence[float] = "abdomen",
     device: str | torch.device | None = None,
     progress: bool = False,
+    channel: int | None = None,
 ) -> Prediction:
     """Segment one image or volume file with text prompts (and, for 2D images, boxes in pixels).
 
@@ -591,13 +603,14 @@ def predict_file(
         network = network.to(device)
     predictor = Predictor(network, tracker=tracker, checkpoint=checkpoint, protocol=protocol,
                           score_threshold=score_threshold, ct_window=ct_window, progress=progress)
-    return predictor(path, prompts, box=box, modality=modality)
+    return predictor(path, prompts, box=box, modality=modality, channel=channel)
 
 
-def native_image(path: str | Path, modality: str | None = None, ct_window: Any = "abdomen") -> torch.Tensor:
+def native_image(path: str | Path, modality: str | None = None, ct_window: Any = "abdomen",
+                 channel: int | None = None) -> torch.Tensor:
     """The input at its own size with intensities in [0, 1] (the model's intensity rule): (C, H, W) or
     (1, X, Y, Z). For overlays."""
     from ..transforms import LoadMedicalImaged, ScaleIntensityByModalityd
 
-    item = LoadMedicalImaged(keys="image", label_keys=())({"image": str(path), "modality": modality})
+    item = LoadMedicalImaged(keys="image", label_keys=(), channel=channel)({"image": str(path), "modality": modality})
     return _plain(ScaleIntensityByModalityd(keys="image", ct_window=ct_window)(item)["image"])

@@ -1,0 +1,294 @@
+"""`medsam3 segment` and the inference bundle: masks and label maps in the input's own geometry (2D size, 3D
+shape and affine), the JSON sidecar, overlays, box prompts, every kind of bad input (non-zero exit, a message
+saying what to do, no output file), and the bundle's metadata against MONAI's required metadata fields."""
+
+from __future__ import annotations
+
+import json
+import math
+from pathlib import Path
+
+import nibabel as nib
+import numpy as np
+import pytest
+import torch
+from PIL import Image
+
+from medsam3_monai.deploy.cli import main
+from medsam3_monai.inferers.predict import box_prompts
+
+REPO_ROOT = Path(__file__).resolve().parents[1]
+CONFIGS = REPO_ROOT / "bundles" / "medsam3" / "configs"
+
+
+@pytest.fixture(autouse=True, scope="module")
+def one_thread():
+    """The tiny models are latency-bound; on shared cores extra intra-op threads only wait for each other."""
+    threads = torch.get_num_threads()
+    torch.set_num_threads(1)
+    yield
+    torch.set_num_threads(threads)
+
+
+@pytest.fixture(scope="module")
+def kvasir(shared_data: Path) -> Path:
+    return sorted((shared_data / "Kvasir-SEG_sample" / "images").glob("*.jpg"))[0]
+
+
+@pytest.fixture(scope="module")
+def hippocampus(shared_data: Path) -> Path:
+    return sorted((shared_data / "MSD_Task04_Hippocampus_cropped" / "images").glob("*.nii.gz"))[0]
+
+
+def segment(*args: str) -> int:
+    return main(["segment", *args, "--no-progress"])
+
+
+def png(path: Path) -> np.ndarray:
+    return np.asarray(Image.open(path))
+
+
+@pytest.fixture(scope="module")
+def two_prompt_run(kvasir: Path, tmp_path_factory) -> Path:
+    """`medsam3 segment` on a real colonoscopy JPEG with two prompts (label map + sidecar)."""
+    out = tmp_path_factory.mktemp("two") / "labels.png"
+    assert segment(str(kvasir), "--prompt", "polyp", "--prompt", "mucosa", "--out", str(out)) == 0
+    return out
+
+
+# ------------------------------------------------------------------------------------------------ 2D
+def test_one_prompt_writes_a_0_255_mask_of_the_input_size_with_sidecar_and_overlay(kvasir, tmp_path, capsys):
+    out, overlay = tmp_path / "sub" / "mask.png", tmp_path / "overlay.png"
+    width, height = Image.open(kvasir).size
+    box = ["40", "30", str(width - 50), str(height - 20)]
+    assert segment(str(kvasir), "--prompt", "polyp", "--box", *box, "--out", str(out), "--overlay", str(overlay)) == 0
+    mask = png(out)
+    assert mask.shape == (height, width) and mask.dtype == np.uint8
+    assert set(np.unique(mask)) <= {0, 255}
+    sidecar = json.loads(Path(f"{out}.json").read_text())
+    assert list(sidecar["labels"]) == ["255"] and sidecar["labels"]["255"]["prompt"] == "polyp"
+    assert sidecar["labels"]["255"]["pixels"] == int((mask == 255).sum())
+    assert 0.0 <= sidecar["labels"]["255"]["score"] <= 1.0
+    assert sidecar["protocol"] == "top_query+box" and sidecar["checkpoint"] == "tiny" and sidecar["image_size"] == 112
+    assert sidecar["box"] == [[float(v) for v in box]] and sidecar["shape"] == [height, width]
+    assert png(overlay).ndim == 3 and png(overlay).shape[-1] in (3, 4)
+    assert str(out) in capsys.readouterr().out
+    assert sorted(p.name for p in tmp_path.rglob("*")) == ["mask.png", "mask.png.json", "overlay.png", "sub"]
+
+
+def test_two_prompts_write_a_label_map_and_a_sidecar_naming_each_value(two_prompt_run, kvasir):
+    labels = png(two_prompt_run)
+    width, height = Image.open(kvasir).size
+    assert labels.shape == (height, width)
+    assert set(np.unique(labels)) <= {0, 1, 2}
+    sidecar = json.loads(Path(f"{two_prompt_run}.json").read_text())
+    assert {k: v["prompt"] for k, v in sidecar["labels"].items()} == {"1": "polyp", "2": "mucosa"}
+    assert all(sidecar["labels"][str(v)]["pixels"] == int((labels == v).sum()) for v in (1, 2))
+    assert sidecar["protocol"] == "top_query" and sidecar["background"] == 0 and sidecar["kind"] == "image"
+    assert "maximum" in sidecar["overlaps"]
+
+
+def test_pixel_boxes_become_normalised_cxcywh_and_bad_boxes_are_refused():
+    boxes, labels = box_prompts([10, 20, 110, 60], 2, (100, 200))  # H = 100, W = 200
+    assert torch.allclose(boxes[:, 0], torch.tensor([[0.3, 0.4, 0.5, 0.4]] * 2)) and labels.tolist() == [[1], [1]]
+    boxes, labels = box_prompts([[0, 0, 200, 100], None], 2, (100, 200))
+    assert boxes[0, 0].tolist() == [0.5, 0.5, 1.0, 1.0] and labels.tolist() == [[1], [-10]]
+    for bad in ([0, 0, 201, 100], [-1, 0, 10, 10], [50, 10, 40, 20], [0, 0, 10, math.nan]):
+        with pytest.raises(ValueError, match="x1 y1 x2 y2"):
+            box_prompts(bad, 1, (100, 200))
+
+
+# ------------------------------------------------------------------------------------------------ 3D
+def test_volume_label_map_has_the_input_shape_and_affine(hippocampus, tmp_path):
+    out = tmp_path / "seg.nii.gz"
+    assert segment(str(hippocampus), "--prompt", "hippocampus", "--modality", "MRI", "--tracker", "none",
+                   "--out", str(out)) == 0
+    written, source = nib.load(out), nib.load(hippocampus)
+    assert written.shape == source.shape
+    assert np.allclose(written.affine, source.affine) and written.header.get_zooms() == source.header.get_zooms()
+    assert written.get_data_dtype() == np.uint8 and set(np.unique(written.get_fdata())) <= {0, 1}
+    sidecar = json.loads(Path(f"{out}.json").read_text())
+    assert sidecar["kind"] == "volume" and sidecar["tracker"] == "none" and sidecar["shape"] == list(source.shape)
+    assert np.allclose(sidecar["affine"], source.affine, atol=1e-5)
+
+
+def test_tracker_propagation_on_a_few_slices_keeps_an_oblique_anisotropic_geometry(hippocampus, tmp_path):
+    """Six real slices with a rotated, anisotropic affine; score threshold 0 so the tracker has a seed."""
+    source = nib.load(hippocampus)
+    data = np.asarray(source.dataobj)[..., 12:18]
+    angle = math.radians(30)
+    affine = np.array([[0.8 * math.cos(angle), -0.7 * math.sin(angle), 0, -20.0],
+                       [0.8 * math.sin(angle), 0.7 * math.cos(angle), 0, 15.0],
+                       [0, 0, 2.5, 40.0], [0, 0, 0, 1]])
+    volume = tmp_path / "few.nii.gz"
+    nib.save(nib.Nifti1Image(data, affine), volume)
+    out, overlay = tmp_path / "out" / "few_seg.nii.gz", tmp_path / "few.png"
+    assert segment(str(volume), "--prompt", "anterior hippocampus", "--prompt", "posterior hippocampus",
+                   "--tracker", "tiny", "--score-threshold", "0", "--out", str(out), "--overlay", str(overlay)) == 0
+    written = nib.load(out)
+    assert written.shape == data.shape and np.allclose(written.affine, affine, atol=1e-5)
+    assert set(np.unique(written.get_fdata())) <= {0, 1, 2}
+    sidecar = json.loads(Path(f"{out}.json").read_text())
+    assert sidecar["tracker"].startswith("tiny") and all(0 <= s < 6 for s in sidecar["seed_slices"].values())
+    assert np.allclose(sidecar["spacing"], [0.8, 0.7, 2.5], atol=1e-5)
+    assert png(overlay).ndim == 3
+
+
+def test_channel_picks_one_time_point_of_a_4d_volume(tmp_path):
+    data = np.random.default_rng(0).random((9, 7, 3, 2)).astype(np.float32)
+    affine = np.diag([1.5, 1.5, 3.0, 1.0])
+    volume = tmp_path / "fourd.nii.gz"
+    nib.save(nib.Nifti1Image(data, affine), volume)
+    out = tmp_path / "seg.nii.gz"
+    assert segment(str(volume), "--prompt", "lesion", "--channel", "1", "--tracker", "none", "--out", str(out)) == 0
+    written = nib.load(out)
+    assert written.shape == (9, 7, 3) and np.allclose(written.affine, affine)
+    assert json.loads(Path(f"{out}.json").read_text())["channel"] == 1
+
+
+# ------------------------------------------------------------------------------------------------ bad input
+def _truncated(kvasir: Path, folder: Path) -> Path:
+    path = folder / "truncated.jpg"
+    path.write_bytes(kvasir.read_bytes()[:4000])
+    return path
+
+
+def _four_d(folder: Path) -> Path:
+    path = folder / "fourd.nii.gz"
+    nib.save(nib.Nifti1Image(np.zeros((8, 8, 4, 3), dtype=np.float32), np.eye(4)), path)
+    return path
+
+
+def _named(folder: Path, name: str, content: bytes) -> Path:
+    path = folder / name
+    path.write_bytes(content)
+    return path
+
+
+BAD_INPUTS = {
+    # name: (maker (kvasir, hippocampus, folder) -> (input, extra arguments), words the message must contain)
+    "missing file": (lambda k, h, d: (d / "nope.png", []), "not found"),
+    "not an image": (lambda k, h, d: (_named(d, "fake.png", b"this is text, not a PNG"), []), "cannot be read"),
+    "truncated file": (lambda k, h, d: (_truncated(k, d), []), "truncated"),
+    "unsupported format": (lambda k, h, d: (_named(d, "notes.txt", b"hello"), []), "unsupported format"),
+    "4D volume": (lambda k, h, d: (_four_d(d), []), "--channel N"),
+    "channel out of range": (lambda k, h, d: (_four_d(d), ["--channel", "3"]), "has 3"),
+    "empty prompt": (lambda k, h, d: (k, ["--prompt", " "]), "empty"),
+    "overlong prompt": (lambda k, h, d: (k, ["--prompt", "polyp " * 40]), "at most 32"),
+    "box outside the image": (lambda k, h, d: (k, ["--box", "0", "0", "5000", "10"]), "outside the image"),
+    "box on a volume": (lambda k, h, d: (h, ["--box", "0", "0", "5", "5"]), "2D images only"),
+    "missing checkpoint": (lambda k, h, d: (k, ["--checkpoint", "/no/such/sam3.pt"]), "does not exist"),
+    "not a checkpoint": (lambda k, h, d: (k, ["--checkpoint", str(_named(d, "w.pt", b"\x00garbage" * 8))]), "w.pt"),
+    "bad image size": (lambda k, h, d: (k, ["--image-size", "100"]), "multiple of 14"),
+}
+
+
+@pytest.mark.parametrize("case", list(BAD_INPUTS))
+def test_bad_input_exits_non_zero_with_a_message_and_writes_nothing(case, kvasir, hippocampus, tmp_path, capsys):
+    make, words = BAD_INPUTS[case]
+    inputs = tmp_path / "inputs"
+    inputs.mkdir()
+    source, extra = make(kvasir, hippocampus, inputs)
+    prompts = [] if "--prompt" in extra else ["--prompt", "polyp"]
+    outputs = tmp_path / "outputs"
+    suffix = ".nii.gz" if str(source).endswith(".nii.gz") else ".png"
+    code = segment(str(source), *prompts, *extra, "--out", str(outputs / f"mask{suffix}"),
+                   "--overlay", str(outputs / "overlay.png"))
+    message = capsys.readouterr().err
+    assert code != 0
+    assert "medsam3 segment: error:" in message and words.lower() in message.lower(), message
+    assert not outputs.exists()
+    assert not [p for p in tmp_path.rglob(".medsam3-segment-*")]
+
+
+def test_missing_prompt_is_a_usage_error(kvasir, tmp_path, capsys):
+    with pytest.raises(SystemExit) as exit_info:
+        segment(str(kvasir), "--out", str(tmp_path / "m.png"))
+    assert exit_info.value.code == 2 and "--prompt" in capsys.readouterr().err
+    assert not list(tmp_path.iterdir())
+
+
+def test_a_failure_while_writing_leaves_no_partial_output(kvasir, tmp_path, monkeypatch, capsys):
+    import medsam3_monai.deploy.overlay as overlay_module
+
+    def broken(*args, **kwargs):
+        raise ValueError("overlay failed on purpose")
+
+    monkeypatch.setattr(overlay_module, "save_overlay", broken)
+    code = segment(str(kvasir), "--prompt", "polyp", "--out", str(tmp_path / "mask.png"),
+                   "--overlay", str(tmp_path / "overlay.png"))
+    assert code != 0 and "overlay failed on purpose" in capsys.readouterr().err
+    assert list(tmp_path.iterdir()) == []
+
+
+def test_an_existing_output_is_kept_unless_overwrite_is_given(kvasir, tmp_path, capsys):
+    out = tmp_path / "mask.png"
+    out.write_bytes(b"keep me")
+    assert segment(str(kvasir), "--prompt", "polyp", "--out", str(out)) != 0
+    assert "--overwrite" in capsys.readouterr().err and out.read_bytes() == b"keep me"
+    assert segment(str(kvasir), "--prompt", "polyp", "--out", str(out), "--overwrite") == 0
+    assert png(out).shape[:2] == Image.open(kvasir).size[::-1]
+
+
+# ------------------------------------------------------------------------------------------------ bundle
+def test_inference_bundle_writes_the_cli_label_map_in_the_input_size(kvasir, two_prompt_run, tmp_path):
+    from monai.bundle import run
+
+    out_dir = tmp_path / "predictions"
+    run(config_file=str(CONFIGS / "inference.json"), meta_file=str(CONFIGS / "metadata.json"),
+        bundle_root=str(tmp_path), datalist=[{"image": str(kvasir)}], prompts=["polyp", "mucosa"],
+        checkpoint="tiny", output_dir=str(out_dir))
+    written = out_dir / f"{kvasir.stem}_seg.png"
+    labels = png(written)
+    assert labels.shape == Image.open(kvasir).size[::-1]
+    assert np.array_equal(labels, png(two_prompt_run))  # the CLI and the bundle share one pipeline
+
+
+def _required_metadata_schema() -> dict:
+    """MONAI's bundle metadata requirements (the fields `verify_metadata` checks with the official
+    meta_schema_20240725.json, which cannot be downloaded here), written out as a JSON schema."""
+    tensor = {
+        "type": "object",
+        "properties": {
+            "type": {"type": "string"}, "format": {"type": "string"}, "num_channels": {"type": "integer"},
+            "spatial_shape": {"type": "array", "items": {"type": ["string", "integer"]}},
+            "dtype": {"type": "string"}, "value_range": {"type": "array", "items": {"type": "number"}},
+            "is_patch_data": {"type": "boolean"}, "channel_def": {"type": "object"},
+        },
+        "required": ["type", "format", "num_channels", "spatial_shape", "dtype", "value_range"],
+    }
+    io = {"type": "object", "patternProperties": {"^.+$": {"anyOf": [{"type": ["number", "string", "boolean"]}, tensor]}}}
+    strings = ("schema", "version", "monai_version", "pytorch_version", "numpy_version", "task", "description",
+               "authors", "copyright", "data_source", "data_type", "image_classes", "label_classes", "pred_classes",
+               "intended_use")
+    return {
+        "$schema": "https://json-schema.org/draft/2019-09/schema",
+        "type": "object",
+        "properties": {
+            **{name: {"type": "string"} for name in strings},
+            "changelog": {"type": "object"}, "required_packages_version": {"type": "object"},
+            "eval_metrics": {"type": "object"}, "supported_apps": {"type": "object"},
+            "references": {"type": "array", "items": {"type": "string"}},
+            "network_data_format": {"type": "object", "properties": {"inputs": io, "outputs": io,
+                                                                     "post_processed_outputs": io},
+                                    "required": ["inputs", "outputs"]},
+        },
+        "required": ["schema", "version", "monai_version", "pytorch_version", "numpy_version",
+                     "required_packages_version", "task", "description", "authors", "copyright",
+                     "network_data_format"],
+    }
+
+
+def test_bundle_metadata_passes_monai_verify_metadata(tmp_path):
+    from monai.bundle import verify_metadata
+
+    schema = tmp_path / "schema.json"
+    schema.write_text(json.dumps(_required_metadata_schema()))
+    verify_metadata(meta_file=str(CONFIGS / "metadata.json"), filepath=str(schema))  # raises when invalid
+    metadata = json.loads((CONFIGS / "metadata.json").read_text())
+    assert metadata["version"] in metadata["changelog"]
+    del metadata["task"]
+    broken = tmp_path / "broken.json"
+    broken.write_text(json.dumps(metadata))
+    with pytest.raises(ValueError, match="task"):
+        verify_metadata(meta_file=str(broken), filepath=str(schema))
