@@ -257,7 +257,8 @@ def _required_metadata_schema() -> dict:
         },
         "required": ["type", "format", "num_channels", "spatial_shape", "dtype", "value_range"],
     }
-    io = {"type": "object", "patternProperties": {"^.+$": {"anyOf": [{"type": ["number", "string", "boolean"]}, tensor]}}}
+    argument = {"anyOf": [{"type": ["number", "string", "boolean"]}, tensor]}
+    io = {"type": "object", "patternProperties": {"^.+$": argument}}
     strings = ("schema", "version", "monai_version", "pytorch_version", "numpy_version", "task", "description",
                "authors", "copyright", "data_source", "data_type", "image_classes", "label_classes", "pred_classes",
                "intended_use")

@@ -42,9 +42,8 @@ def add_parser(subparsers: argparse._SubParsersAction) -> argparse.ArgumentParse
     parser.add_argument("--batch-size", type=int, default=4)
     parser.add_argument("--lr", type=float, default=5e-4,
                         help="one learning rate for every parameter group (tiny from scratch); 0: the papers' rates")
-    parser.add_argument("--protocol", choices=("auto", "top_query", "threshold", "semantic"), default="auto",
-                        help="evaluation protocol; auto: semantic for the tiny network trained from scratch (its "
-                             "semantic head learns first), the papers' top_query otherwise")
+    parser.add_argument("--protocol", choices=("top_query", "threshold", "semantic"), default="top_query",
+                        help="evaluation protocol (default: the papers' top_query)")
     parser.add_argument("--quick", action="store_true", help="a reduced run (fewer images and epochs) for CI")
     parser.add_argument("--device", default="auto", help="auto (cuda when available), cpu, cuda, ...")
     parser.set_defaults(func=run)
@@ -113,7 +112,7 @@ def run(args: argparse.Namespace) -> int:
             print(f"data: {sum(counts)} phantom images with 'bright disc' and 'dark bar' in {out / 'data'}",
                   file=sys.stderr)
         model = _train(datalists, out / "train", args, epochs)
-        protocol = args.protocol if args.protocol != "auto" else ("semantic" if args.checkpoint == "tiny" else "top_query")
+        protocol = args.protocol
         evaluation = [
             "--out", str(out / "evaluation"), "--checkpoint", args.checkpoint, "--checkpoint", str(model),
             "--overlays", "4" if args.quick else "8", "--device", args.device, "--protocol", protocol,

@@ -9,3 +9,5 @@ from .volume import (
     tiny_tracker_config,
     track_from_seed,
 )
+from .postprocess import ImageOrVolumed, MergePromptsd, RowsFirstPILWriter, postprocessing_transforms
+from .predict import Prediction, Predictor, PromptInferer, inference_items, predict_file, resolve_tracker

@@ -24,7 +24,6 @@ most confident slice (see :mod:`.volume`); ``protocol`` applies to 2D images onl
 from __future__ import annotations
 
 import json
-import logging
 from collections.abc import Mapping, Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -37,8 +36,6 @@ from monai.inferers import Inferer
 from ..transforms.errors import DataError, source_name
 from .image import EMPTY_LOGIT, check_protocol, segment_image
 
-logger = logging.getLogger(__name__)
-
 __all__ = [
     "MASK_LOGIT",
     "Prediction",
@@ -49,6 +46,7 @@ __all__ = [
     "inference_transforms",
     "input_kind",
     "load_network",
+    "native_image",
     "predict_file",
     "resolve_tracker",
     "user_error",
@@ -194,7 +192,8 @@ def box_prompts(box: Any, num_prompts: int, size: Sequence[int]) -> tuple[torch.
     if len(boxes) == 1 and num_prompts > 1:
         boxes = boxes * num_prompts
     if len(boxes) != num_prompts:
-        raise ValueError(f"{len(boxes)} boxes for {num_prompts} prompts: give one box for all prompts or one per prompt")
+        raise ValueError(f"{len(boxes)} boxes for {num_prompts} prompts: give one box for all prompts or one per "
+                         "prompt")
     height, width = (int(s) for s in size)
     out = torch.zeros(num_prompts, 1, 4)
     labels = torch.full((num_prompts, 1), BOX_PADDING_LABEL, dtype=torch.long)
@@ -373,7 +372,7 @@ class PromptInferer(Inferer):
                 device: torch.device, path: str | None) -> dict[str, Any]:
         from .volume import segment_volume
 
-        if any(item.get("box") is not None for item in items[:1]):
+        if items[0].get("box") is not None:
             raise DataError(path, "box prompts are for 2D images", "segment volumes with text prompts only")
         slices = torch.stack([_plain(item[self.image_key]) for item in items])
         result = segment_volume(network, slices.to(device), prompts, self.tracker,
@@ -441,8 +440,9 @@ class Prediction:
         ``label_values`` renames the values as written (e.g. 255 for a single-prompt PNG mask)."""
         written = list(label_values) if label_values is not None else self.label_values
         counts = self.masks().flatten(1).sum(dim=1).tolist()
+        unit = "voxels" if self.is_volume else "pixels"
         labels = {
-            str(int(w)): {"prompt": text, "score": round(float(score), 6), ("voxels" if self.is_volume else "pixels"): int(n)}
+            str(int(w)): {"prompt": text, "score": round(float(score), 6), unit: int(n)}
             for w, text, score, n in zip(written, self.prompts, self.scores, counts)
         }
         out: dict[str, Any] = {
