@@ -1,0 +1,251 @@
+"""``medsam3 serve``: a real uvicorn server on loopback (in a thread, tiny checkpoint), real HTTP requests."""
+
+from __future__ import annotations
+
+import base64
+import http.client
+import io
+import json
+import socket
+import threading
+import time
+import uuid
+from concurrent.futures import ThreadPoolExecutor
+from pathlib import Path
+
+import numpy as np
+import pytest
+
+pytest.importorskip("fastapi")
+pytest.importorskip("uvicorn")
+pytest.importorskip("multipart")
+
+from PIL import Image  # noqa: E402
+
+TOKEN = "s3cret-token"
+MAX_MB = 1
+MAX_PIXELS = 2_000_000
+MAX_CHARS = 50
+
+
+def _free_port() -> int:
+    with socket.socket() as sock:
+        sock.bind(("127.0.0.1", 0))
+        return sock.getsockname()[1]
+
+
+@pytest.fixture(scope="module")
+def server():
+    """(host, port) of `medsam3 serve` started from the CLI's own parser, in a background thread."""
+    from medsam3_monai.deploy.cli import build_parser
+    from medsam3_monai.deploy.serve import build_server
+
+    port = _free_port()
+    args = build_parser().parse_args([
+        "serve", "--checkpoint", "tiny", "--port", str(port), "--token", TOKEN, "--max-request-mb", str(MAX_MB),
+        "--max-image-pixels", str(MAX_PIXELS), "--max-prompt-chars", str(MAX_CHARS), "--max-prompts", "4",
+        "--device", "cpu", "--log-level", "warning",
+    ])
+    srv = build_server(args)
+    thread = threading.Thread(target=srv.run, daemon=True)
+    thread.start()
+    deadline = time.monotonic() + 30
+    while not srv.started:
+        if time.monotonic() > deadline or not thread.is_alive():
+            pytest.fail("the server did not start")
+        time.sleep(0.05)
+    yield "127.0.0.1", port
+    srv.should_exit = True
+    thread.join(timeout=10)
+
+
+def _request(server, method, path, body=b"", headers=None, token=TOKEN, timeout=60):
+    conn = http.client.HTTPConnection(*server, timeout=timeout)
+    try:
+        all_headers = dict(headers or {})
+        if token is not None:
+            all_headers["Authorization"] = f"Bearer {token}"
+        conn.request(method, path, body=body or None, headers=all_headers)
+        response = conn.getresponse()
+        return response.status, {k.lower(): v for k, v in response.getheaders()}, response.read()
+    finally:
+        conn.close()
+
+
+def _multipart(fields: dict[str, tuple[str | None, bytes]]) -> tuple[bytes, str]:
+    boundary = uuid.uuid4().hex
+    parts = []
+    for name, (filename, data) in fields.items():
+        disposition = f'form-data; name="{name}"' + (f'; filename="{filename}"' if filename is not None else "")
+        parts.append(f"--{boundary}\r\nContent-Disposition: {disposition}\r\n\r\n".encode() + data + b"\r\n")
+    return b"".join(parts) + f"--{boundary}--\r\n".encode(), f"multipart/form-data; boundary={boundary}"
+
+
+def _infer(server, data: bytes, filename: str, params, model="medsam3", query="", token=TOKEN):
+    text = params if isinstance(params, str) else json.dumps(params)
+    body, content_type = _multipart({"file": (filename, data), "params": (None, text.encode())})
+    return _request(server, "POST", f"/infer/{model}{query}", body, {"Content-Type": content_type}, token=token)
+
+
+def _png(width: int, height: int, seed: int = 0) -> bytes:
+    array = np.random.default_rng(seed).integers(0, 255, (height, width, 3), dtype=np.uint8)
+    buffer = io.BytesIO()
+    Image.fromarray(array).save(buffer, format="PNG")
+    return buffer.getvalue()
+
+
+@pytest.fixture(scope="module")
+def kvasir_jpeg(shared_data) -> Path:
+    images = sorted((shared_data / "Kvasir-SEG_sample" / "images").glob("*.jpg"))
+    if not images:
+        pytest.skip("Kvasir-SEG sample JPEGs not found in ../shared/data")
+    return images[0]
+
+
+def _alive(server) -> None:
+    status, _, body = _request(server, "GET", "/info")
+    assert status == 200, body
+
+
+def test_info(server):
+    status, headers, body = _request(server, "GET", "/info")
+    assert status == 200 and headers["content-type"] == "application/json"
+    info = json.loads(body)
+    model = info["models"]["medsam3"]
+    assert model["type"] == "segmentation" and model["dimension"] == [2, 3]
+    assert "prompts" in model and "description" in model and info["version"]
+    assert info["limits"]["max_image_pixels"] == MAX_PIXELS
+
+
+def test_infer_real_image(server, kvasir_jpeg):
+    data = kvasir_jpeg.read_bytes()
+    width, height = Image.open(kvasir_jpeg).size
+    status, headers, body = _infer(server, data, "case 1.JPG", {"prompts": ["polyp"]})
+    assert status == 200, body
+    assert headers["content-type"] == "image/png"
+    mask = np.asarray(Image.open(io.BytesIO(body)))
+    assert mask.shape == (height, width) and set(np.unique(mask)) <= {0, 255}
+    result = json.loads(headers["x-medsam3-result"])
+    assert result["labels"]["255"]["prompt"] == "polyp" and 0 <= result["labels"]["255"]["score"] <= 1
+    assert result["shape"] == [height, width] and result["input"] == "upload.jpg"
+
+    # JSON output, two prompts and a box -> label map 0..2, base64 mask of the same size
+    params = {"prompts": ["polyp", "mucosa"], "box": [10, 10, width - 10, height - 10], "protocol": "threshold"}
+    status, headers, body = _infer(server, data, "x.jpeg", params, query="?output=json")
+    assert status == 200, body
+    answer = json.loads(body)
+    mask = np.asarray(Image.open(io.BytesIO(base64.b64decode(answer["mask"]))))
+    assert mask.shape == (height, width) and set(np.unique(mask)) <= {0, 1, 2}
+    assert answer["mask_format"] == "png" and set(answer["result"]["labels"]) == {"1", "2"}
+    assert answer["result"]["protocol"] == "threshold+box"
+
+
+def test_infer_volume(server, tmp_path):
+    import nibabel as nib
+
+    affine = np.diag([0.8, 0.8, 2.5, 1.0])
+    volume = np.random.default_rng(0).normal(size=(20, 24, 5)).astype(np.float32)
+    path = tmp_path / "v.nii.gz"
+    nib.save(nib.Nifti1Image(volume, affine), str(path))
+    status, headers, body = _infer(server, path.read_bytes(), "v.nii.gz", {"prompts": ["liver"]})
+    assert status == 200, body
+    out = tmp_path / "mask.nii.gz"
+    out.write_bytes(body)
+    mask = nib.load(str(out))
+    assert mask.shape == (20, 24, 5) and np.allclose(mask.affine, affine)
+
+
+@pytest.mark.parametrize("case", [
+    "no_token", "bad_token", "oversized", "too_many_pixels", "empty_prompt", "long_prompt", "too_many_prompts",
+    "box_outside", "unsupported_format", "traversal_filename", "truncated", "garbage", "traversal_model",
+    "traversal_model_encoded", "bad_json", "unknown_route",
+])
+def test_bad_requests(server, case, kvasir_jpeg, tmp_path):
+    small = _png(32, 24)
+    params = {"prompts": ["polyp"]}
+    if case in ("no_token", "bad_token"):
+        status, _, body = _infer(server, small, "a.png", params, token=None if case == "no_token" else "wrong")
+        expected = 401
+    elif case == "oversized":  # the declared length is refused before the body is read
+        conn = http.client.HTTPConnection(*server, timeout=30)
+        conn.putrequest("POST", "/infer/medsam3")
+        conn.putheader("Authorization", f"Bearer {TOKEN}")
+        conn.putheader("Content-Type", "multipart/form-data; boundary=x")
+        conn.putheader("Content-Length", str(MAX_MB * 2**20 + 1))
+        conn.endheaders(b"--x\r\n" + b"0" * 1000)
+        response = conn.getresponse()
+        status, body = response.status, response.read()
+        conn.close()
+        expected = 413
+    elif case == "too_many_pixels":  # a 2000 x 1200 blank PNG: tiny upload, too many pixels
+        buffer = io.BytesIO()
+        Image.new("L", (2000, 1200)).save(buffer, format="PNG")
+        status, _, body = _infer(server, buffer.getvalue(), "big.png", params)
+        expected = 413
+    elif case == "empty_prompt":
+        status, _, body = _infer(server, small, "a.png", {"prompts": ["  "]})
+        expected = 422
+    elif case == "long_prompt":
+        status, _, body = _infer(server, small, "a.png", {"prompts": ["polyp " * 20]})
+        expected = 422
+    elif case == "too_many_prompts":
+        status, _, body = _infer(server, small, "a.png", {"prompts": ["a", "b", "c", "d", "e"]})
+        expected = 422
+    elif case == "box_outside":
+        status, _, body = _infer(server, small, "a.png", {"prompts": ["polyp"], "box": [0, 0, 40, 20]})
+        expected = 422
+    elif case == "unsupported_format":
+        status, _, body = _infer(server, b"GIF89a....", "a.gif", params)
+        expected = 415
+    elif case == "traversal_filename":  # only a whitelisted extension of the name is used; none here
+        status, _, body = _infer(server, small, "../../etc/passwd", params)
+        expected = 415
+    elif case == "truncated":
+        data = kvasir_jpeg.read_bytes()
+        status, _, body = _infer(server, data[: len(data) // 3], "t.jpg", params)
+        expected = 422
+    elif case == "garbage":
+        status, _, body = _infer(server, b"\x00not an image at all" * 10, "g.png", params)
+        expected = 422
+    elif case == "traversal_model":
+        status, _, body = _infer(server, small, "a.png", params, model="../../etc/passwd")
+        expected = 404
+    elif case == "traversal_model_encoded":
+        status, _, body = _infer(server, small, "a.png", params, model="..%2F..%2Fetc%2Fpasswd")
+        expected = 404
+    elif case == "bad_json":
+        status, _, body = _infer(server, small, "a.png", "{prompts: polyp")
+        expected = 422
+    else:
+        status, _, body = _request(server, "GET", "/../../etc/passwd")
+        expected = 404
+    assert status == expected, (status, body)
+    error = json.loads(body)["error"]
+    assert "medsam3-serve-" not in error  # no server paths in messages
+    _alive(server)
+
+
+def _rss_mb() -> float:
+    for line in Path("/proc/self/status").read_text().splitlines():
+        if line.startswith("VmRSS:"):
+            return int(line.split()[1]) / 1024
+    pytest.skip("no /proc/self/status")
+
+
+def test_concurrent_requests_bounded_memory(server):
+    data = _png(48, 40, seed=3)
+
+    def one(i: int) -> tuple[int, tuple[int, ...]]:
+        status, _, body = _infer(server, data, f"c{i}.png", {"prompts": ["polyp" if i % 2 else "nucleus"]})
+        return status, np.asarray(Image.open(io.BytesIO(body))).shape if status == 200 else ()
+
+    for i in range(3):  # warm-up (allocator pools, thread pool)
+        assert one(i)[0] == 200
+    before = _rss_mb()
+    with ThreadPoolExecutor(max_workers=50) as pool:
+        results = list(pool.map(one, range(50)))
+    after = _rss_mb()
+    assert [r[0] for r in results] == [200] * 50
+    assert all(r[1] == (40, 48) for r in results)
+    assert after - before < 300, f"RSS grew {after - before:.0f} MB over 50 requests"
+    _alive(server)
