@@ -41,3 +41,13 @@ def tiny_images(tiny_net) -> torch.Tensor:
     generator = torch.Generator().manual_seed(1)
     size = tiny_net.image_size
     return torch.rand(2, 3, size, size, generator=generator)
+
+
+@pytest.fixture(scope="module")
+def one_thread():
+    """One intra-op thread for a module (``pytestmark = pytest.mark.usefixtures("one_thread")``): the tiny
+    models are latency-bound, and on shared cores extra threads only wait for each other."""
+    threads = torch.get_num_threads()
+    torch.set_num_threads(1)
+    yield
+    torch.set_num_threads(threads)

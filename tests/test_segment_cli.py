@@ -21,13 +21,7 @@ REPO_ROOT = Path(__file__).resolve().parents[1]
 CONFIGS = REPO_ROOT / "bundles" / "medsam3" / "configs"
 
 
-@pytest.fixture(autouse=True, scope="module")
-def one_thread():
-    """The tiny models are latency-bound; on shared cores extra intra-op threads only wait for each other."""
-    threads = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(threads)
+pytestmark = pytest.mark.usefixtures("one_thread")
 
 
 @pytest.fixture(scope="module")

@@ -52,7 +52,6 @@ def add_parser(subparsers: argparse._SubParsersAction) -> argparse.ArgumentParse
 
 def _train(datalists: list[str], out: Path, args: argparse.Namespace, epochs: int) -> Path:
     """Run the training bundle; returns the final model path."""
-    import torch
     from ignite.engine import Events
     from ignite.handlers import ProgressBar
     from monai.bundle import ConfigWorkflow
@@ -83,7 +82,6 @@ def _train(datalists: list[str], out: Path, args: argparse.Namespace, epochs: in
     first, last = losses[:per_epoch], losses[-per_epoch:]
     print(f"training: {len(losses)} iterations, mean loss first epoch {sum(first) / len(first):.1f} -> "
           f"last epoch {sum(last) / len(last):.1f}", file=sys.stderr)
-    del torch
     return out / "models" / "model.pt"
 
 

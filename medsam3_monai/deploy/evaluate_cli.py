@@ -17,7 +17,7 @@ import sys
 from pathlib import Path
 from typing import Any
 
-__all__ = ["add_parser", "checkpoint_labels", "load_network", "run"]
+__all__ = ["add_parser", "checkpoint_labels", "run"]
 
 _EPILOG = """\
 split: 'auto' (default) takes each datalist's test list when it has one, else its validation list
@@ -76,20 +76,6 @@ def add_parser(subparsers: argparse._SubParsersAction) -> argparse.ArgumentParse
 
 
 # ------------------------------------------------------------------------------------------------ pieces
-def load_network(source: str, image_size: int | None = None):
-    """MedSAM3Net in eval mode; ``image_size`` sizes the tiny preset and must match a real checkpoint."""
-    from ..networks import MedSAM3Net
-
-    if image_size is not None and (image_size <= 0 or image_size % 14):
-        raise ValueError(f"--image-size must be a positive multiple of 14 (112, 224, 1008), got {image_size}")
-    if source == "tiny":
-        return MedSAM3Net("tiny", image_size=image_size or 112).eval()
-    network = MedSAM3Net(source).eval()
-    if image_size is not None and image_size != network.image_size:
-        raise ValueError(f"checkpoint {source} works at {network.image_size} px, not --image-size {image_size}")
-    return network
-
-
 def checkpoint_labels(sources: list[str]) -> list[str]:
     """Short distinct names for report folders and table headers ('tiny', a file's stem, a folder's name)."""
     names = []
@@ -107,13 +93,13 @@ def run(args: argparse.Namespace) -> int:
 
     from ..engines.evaluation import (
         evaluation_items,
-        evaluation_tracker,
         is_volume_item,
         protocol_label,
         report_notes,
         run_evaluation,
     )
     from ..engines.reports import default_tracking_uri, open_experiment
+    from ..inferers.predict import load_network, resolve_tracker
 
     sources = list(args.checkpoint)
     if len(sources) > 2:
@@ -124,7 +110,7 @@ def run(args: argparse.Namespace) -> int:
         raise FileExistsError(f"output {out} exists and is not an empty folder; choose a new --out")
     networks = [load_network(source, args.image_size) for source in sources]
     volumes = sum(is_volume_item(item) for item in items)
-    trackers = [evaluation_tracker(args.tracker, s, n, described=True) if volumes else (None, "none")
+    trackers = [resolve_tracker(args.tracker, s, n, described=True) if volumes else (None, "none")
                 for s, n in zip(sources, networks)]
     device = torch.device(("cuda" if torch.cuda.is_available() else "cpu") if args.device == "auto" else args.device)
     labels = checkpoint_labels(sources)

@@ -159,6 +159,20 @@ class StagedFiles:
             self._folder = None
 
 
+def output_labels(prediction: Any) -> tuple[Any, dict[str, Any]]:
+    """The array written out for a ``Prediction`` and its JSON summary: one prompt on a 2D image gives a 0/255
+    mask, anything else the label map (0 background, one value per prompt)."""
+    labels = prediction.label_map.as_tensor().cpu().numpy()
+    values = list(prediction.label_values)
+    binary = not prediction.is_volume and len(values) == 1
+    if binary:
+        labels = (labels == values[0]).astype("uint8") * BINARY_VALUE
+        values = [BINARY_VALUE]
+    summary = prediction.summary(values)
+    summary["values"] = "0/255 binary mask" if binary else "label map: 0 background, one value per prompt"
+    return labels, summary
+
+
 def write_mask_image(array: Any, path: str | Path, image_format: str = "PNG") -> None:
     """(H, W) uint8 array -> a greyscale picture of that size (rows first)."""
     import numpy as np
@@ -266,15 +280,8 @@ def run(args: argparse.Namespace) -> int:
                              "with --channel N") from None
         raise
 
-    labels = prediction.label_map.as_tensor().cpu().numpy()
-    values = list(prediction.label_values)
-    if not prediction.is_volume and len(values) == 1:
-        labels = (labels == values[0]).astype("uint8") * BINARY_VALUE
-        values = [BINARY_VALUE]
-    summary = prediction.summary(values)
-    summary.update(output=str(out), overlay=None if overlay is None else str(overlay),
-                   values=("0/255 binary mask" if values == [BINARY_VALUE] and not prediction.is_volume
-                           else "label map: 0 background, one value per prompt"))
+    labels, summary = output_labels(prediction)
+    summary.update(output=str(out), overlay=None if overlay is None else str(overlay))
     with StagedFiles() as staged:
         if prediction.is_volume:
             write_label_volume(labels, prediction.affine.numpy(), staged.path(out), reference=args.input)

@@ -248,7 +248,7 @@ def create_app(predictor: Any, *, token: str | None = None, limits: ServerLimits
     from .. import __version__
     from ..inferers.image import PROTOCOLS, check_protocol
     from ..inferers.predict import box_prompts, user_error
-    from .segment_cli import BINARY_VALUE, write_label_volume, write_mask_image
+    from .segment_cli import output_labels, write_label_volume, write_mask_image
 
     limits = limits or ServerLimits()
     version = version or __version__
@@ -333,15 +333,8 @@ def create_app(predictor: Any, *, token: str | None = None, limits: ServerLimits
                 except ValueError as err:
                     raise RequestError(422, str(err)) from None
             prediction = _predict(upload, request)
-            labels = prediction.label_map.as_tensor().cpu().numpy()
-            values = list(prediction.label_values)
-            if not prediction.is_volume and len(values) == 1:
-                labels = (labels == values[0]).astype("uint8") * BINARY_VALUE
-                values = [BINARY_VALUE]
-            summary = prediction.summary(values)
-            summary.update(input=f"upload{suffix}", model=model_name,
-                           values=("0/255 binary mask" if values == [BINARY_VALUE] and not prediction.is_volume
-                                   else "label map: 0 background, one value per prompt"))
+            labels, summary = output_labels(prediction)
+            summary.update(input=f"upload{suffix}", model=model_name)
             if prediction.is_volume:
                 mask_path, media_type, mask_format = folder / "mask.nii.gz", "application/gzip", "nii.gz"
                 write_label_volume(labels, prediction.affine.numpy(), mask_path, reference=upload)

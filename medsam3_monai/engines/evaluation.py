@@ -21,7 +21,6 @@ Pipeline (the bundle's ``evaluate.json`` spells out the same pieces):
 
 from __future__ import annotations
 
-import json
 import logging
 from collections.abc import Sequence
 from dataclasses import dataclass
@@ -52,7 +51,6 @@ __all__ = [
     "case_records",
     "collate_cases",
     "evaluation_items",
-    "evaluation_tracker",
     "evaluation_transforms",
     "is_volume_item",
     "protocol_label",
@@ -101,40 +99,6 @@ def collate_cases(batch: Sequence[Any]) -> list[list[dict[str, Any]]]:
 def protocol_label(protocol: str, box_prompts: bool = False) -> str:
     """The name a number is reported under: the protocol, ``+box`` for the T+I (text + box) variant."""
     return check_protocol(protocol) + ("+box" if box_prompts else "")
-
-
-def _has_tracker_weights(source: str) -> bool:
-    config = Path(source) / "config.json"
-    if not config.is_file():
-        return False
-    try:
-        return json.loads(config.read_text()).get("model_type") in ("sam3_video", "sam3_tracker_video")
-    except (OSError, json.JSONDecodeError):
-        return False
-
-
-def evaluation_tracker(spec: str | None, checkpoint: str, network: torch.nn.Module, described: bool = False):
-    """The tracker of the volume path: ``none``/None (detector only), ``tiny`` (random init, sharing the
-    detector's ViT), an HF folder, or ``auto``: tiny for the tiny checkpoint, the checkpoint's own tracker
-    for a facebook/sam3 folder (``sam3_video``), else none. ``described=True`` returns (tracker, description).
-    """
-    from ..inferers.volume import build_tracker
-
-    tracker, text = None, "none"
-    if spec == "auto":
-        if str(checkpoint) == "tiny":
-            spec = "tiny"
-        elif _has_tracker_weights(str(checkpoint)):
-            spec = str(checkpoint)
-        else:
-            spec, text = "none", "none (the checkpoint has no tracker weights)"
-    if spec == "tiny":
-        tracker, text = build_tracker("tiny", detector=network), "tiny (random init, ViT shared with the detector)"
-    elif spec not in (None, "none"):
-        tracker, text = build_tracker(spec, image_size=int(network.image_size)), str(spec)
-    if tracker is not None:
-        tracker = tracker.to(next(network.parameters()).device)
-    return (tracker, text) if described else tracker
 
 
 def report_notes(checkpoint: str, protocol: str, score_threshold: float, box_prompts: bool,

@@ -261,10 +261,12 @@ def load_network(source: str = "tiny", image_size: int | None = None, device: st
 
 
 def _has_tracker_weights(source: str) -> bool:
+    """Whether ``source`` is a transformers folder holding SAM3 tracker weights (facebook/sam3, a saved tracker)."""
+    from .volume import TRACKER_MODEL_TYPES
+
     config = Path(source) / "config.json"
     try:
-        return config.is_file() and json.loads(config.read_text()).get("model_type") in ("sam3_video",
-                                                                                         "sam3_tracker_video")
+        return config.is_file() and json.loads(config.read_text()).get("model_type") in TRACKER_MODEL_TYPES
     except (OSError, json.JSONDecodeError):
         return False
 

@@ -33,7 +33,6 @@ batches, and every prompt's session reads them from its cache: about 21 MB per s
 
 from __future__ import annotations
 
-import json
 from contextlib import contextmanager
 from dataclasses import dataclass
 from pathlib import Path
@@ -45,7 +44,7 @@ from tqdm import tqdm
 from transformers import Sam3TrackerVideoConfig, Sam3TrackerVideoModel
 from transformers.models.sam3_tracker_video.modeling_sam3_tracker_video import Sam3TrackerVideoInferenceSession
 
-from ..networks.checkpoints import CheckpointError
+from ..networks.checkpoints import CheckpointError, load_pretrained_folder
 from ..networks.presets import TINY_IMAGE_SIZE, check_image_size, tiny_sam3_config
 from .protocols import top_query_logits, upsample_logits
 
@@ -152,36 +151,12 @@ def tie_backbone(tracker: Sam3TrackerVideoModel, detector: nn.Module) -> Sam3Tra
 
 
 def _load_tracker_folder(folder: Path) -> Sam3TrackerVideoModel:
-    config_file = folder / "config.json"
-    if not config_file.is_file():
-        raise CheckpointError(f"{folder} has no config.json: not a transformers checkpoint folder")
-    try:
-        model_type = json.loads(config_file.read_text()).get("model_type")
-    except json.JSONDecodeError as err:
-        raise CheckpointError(f"{config_file} is not valid JSON: {err}") from err
-    if model_type not in TRACKER_MODEL_TYPES:
-        raise CheckpointError(
-            f"{folder} holds a '{model_type}' model with no tracker: give a facebook/sam3 folder "
-            f"(model_type sam3_video) or a saved Sam3TrackerVideoModel (sam3_tracker_video)"
-        )
-    if not any(folder.glob("*.safetensors")) and not any(folder.glob("*.bin")):
-        raise CheckpointError(f"{folder} has config.json but no weights (*.safetensors)")
-    try:
-        model, info = Sam3TrackerVideoModel.from_pretrained(
-            str(folder), local_files_only=True, output_loading_info=True
-        )
-    except Exception as err:
-        raise CheckpointError(f"cannot load the tracker from {folder}: {type(err).__name__}: {str(err)[:300]}") from err
-    # detector_model.* (other than the ViT, which the tracker copies) is skipped by design
-    problems = {
-        "missing from the checkpoint": info.get("missing_keys") or [],
-        "unexpected in the checkpoint": info.get("unexpected_keys") or [],
-        "shape mismatch": [str(m) for m in info.get("mismatched_keys") or []],
-    }
-    if any(problems.values()):
-        lines = [f"  {title}: {len(keys)}: {sorted(keys)[:12]}" for title, keys in problems.items() if keys]
-        raise CheckpointError(f"checkpoint folder {folder} does not match the SAM3 tracker:\n" + "\n".join(lines))
-    return model
+    # detector_model.* (other than the ViT, which the tracker copies) is skipped by transformers by design
+    return load_pretrained_folder(
+        folder, Sam3TrackerVideoModel, TRACKER_MODEL_TYPES, "SAM3 tracker",
+        "{folder} holds a '{model_type}' model with no tracker: give a facebook/sam3 folder "
+        "(model_type sam3_video) or a saved Sam3TrackerVideoModel (sam3_tracker_video)",
+    )
 
 
 def build_tracker(

@@ -174,7 +174,14 @@ def _tiny_model(config: Sam3Config | None, image_size: int | None, seed: int) ->
     return model
 
 
-def _load_hf_folder(folder: Path) -> Sam3Model:
+def load_pretrained_folder(folder: Path, model_class: type, model_types: tuple[str, ...], what: str,
+                           wrong_type: str) -> torch.nn.Module:
+    """Strictly load ``model_class.from_pretrained(folder)`` from local files, never downloading.
+
+    ``model_types``: accepted ``config.json`` model types (else ``wrong_type``, formatted with ``folder`` and
+    ``model_type``, is raised); ``what`` names the model in the errors. Missing, unexpected or mis-shaped keys
+    raise :class:`CheckpointError` with a key report.
+    """
     config_file = folder / "config.json"
     if not config_file.is_file():
         raise CheckpointError(f"{folder} has no config.json: not a transformers checkpoint folder")
@@ -182,16 +189,14 @@ def _load_hf_folder(folder: Path) -> Sam3Model:
         model_type = json.loads(config_file.read_text()).get("model_type")
     except json.JSONDecodeError as err:
         raise CheckpointError(f"{config_file} is not valid JSON: {err}") from err
-    if model_type not in ("sam3", "sam3_video"):
-        raise CheckpointError(
-            f"{folder} holds a '{model_type}' model, not SAM3 (config model_type must be sam3 or sam3_video)"
-        )
+    if model_type not in model_types:
+        raise CheckpointError(wrong_type.format(folder=folder, model_type=model_type))
     if not any(folder.glob("*.safetensors")) and not any(folder.glob("*.bin")):
         raise CheckpointError(f"{folder} has config.json but no weights (*.safetensors)")
     try:
-        model, info = Sam3Model.from_pretrained(str(folder), local_files_only=True, output_loading_info=True)
+        model, info = model_class.from_pretrained(str(folder), local_files_only=True, output_loading_info=True)
     except Exception as err:
-        raise CheckpointError(f"cannot load {folder}: {type(err).__name__}: {str(err)[:300]}") from err
+        raise CheckpointError(f"cannot load the {what} from {folder}: {type(err).__name__}: {str(err)[:300]}") from err
     problems = {
         "missing from the checkpoint": info.get("missing_keys") or [],
         "unexpected in the checkpoint": info.get("unexpected_keys") or [],
@@ -199,8 +204,15 @@ def _load_hf_folder(folder: Path) -> Sam3Model:
     }
     if any(problems.values()):
         lines = [f"  {title}: {len(keys)}: {sorted(keys)[:12]}" for title, keys in problems.items() if keys]
-        raise CheckpointError(f"checkpoint folder {folder} does not match the SAM3 detector:\n" + "\n".join(lines))
+        raise CheckpointError(f"checkpoint folder {folder} does not match the {what}:\n" + "\n".join(lines))
     return model
+
+
+def _load_hf_folder(folder: Path) -> Sam3Model:
+    return load_pretrained_folder(
+        folder, Sam3Model, ("sam3", "sam3_video"), "SAM3 detector",
+        "{folder} holds a '{model_type}' model, not SAM3 (config model_type must be sam3 or sam3_video)",
+    )
 
 
 def load_sam3(

@@ -123,6 +123,14 @@ class _SliceBase(MapTransform):
         self.axis = axis
         self.transpose = transpose
 
+    def _volume_axis(self, d: Mapping[Hashable, Any]) -> int | None:
+        """The axis to slice the reference volume along, or None for a 2D item (it passes as ``[item]``)."""
+        ref = d[self.ref_key]
+        if ref.ndim == 3:
+            return None
+        _check_volume(ref, d, self.ref_key)
+        return _resolve_axis(self.axis, ref)
+
     def _slices(self, d: Mapping[Hashable, Any], indices: Sequence[int], axis: int) -> list[dict[Hashable, Any]]:
         out = []
         for index in indices:
@@ -150,12 +158,10 @@ class AxialSlicesd(_SliceBase):
 
     def __call__(self, data: Mapping[Hashable, Any]) -> list[dict[Hashable, Any]]:
         d = dict(data)
-        ref = d[self.ref_key]
-        if ref.ndim == 3:
+        axis = self._volume_axis(d)
+        if axis is None:
             return [d]
-        _check_volume(ref, d, self.ref_key)
-        axis = _resolve_axis(self.axis, ref)
-        return self._slices(d, range(ref.shape[axis + 1]), axis)
+        return self._slices(d, range(d[self.ref_key].shape[axis + 1]), axis)
 
 
 class RandAxialSliced(Randomizable, _SliceBase):
@@ -191,14 +197,12 @@ class RandAxialSliced(Randomizable, _SliceBase):
 
     def __call__(self, data: Mapping[Hashable, Any]) -> list[dict[Hashable, Any]]:
         d = dict(data)
-        ref = d[self.ref_key]
-        if ref.ndim == 3:
+        axis = self._volume_axis(d)
+        if axis is None:
             return [d]
-        _check_volume(ref, d, self.ref_key)
-        axis = _resolve_axis(self.axis, ref)
         label = d.get(self.label_key)
         foreground = foreground_slices(label, axis) if label is not None else []
-        self.randomize(ref.shape[axis + 1], foreground)
+        self.randomize(d[self.ref_key].shape[axis + 1], foreground)
         return self._slices(d, self._indices, axis)
 
 
