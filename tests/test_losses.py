@@ -10,7 +10,7 @@ import torch
 from medsam3_monai.losses import CriterionSettings, FindTargets, HungarianMatcher, Matches, OneToManyMatcher, SetCriterion
 from medsam3_monai.losses.box_ops import cxcywh_to_xyxy
 from medsam3_monai.losses.criterion import _last_occurrence
-from medsam3_monai.networks.outputs import MedSAM3Output
+from medsam3_monai.networks.outputs import MedSAM3Output, OneToManyOutput
 
 
 def sig(x: float) -> float:
@@ -178,17 +178,33 @@ def test_semantic_terms_average_over_non_empty_unions():
     assert terms["loss_semantic_presence"].item() == 0.0
 
 
-def _single_layer_output(q: int = 3, b: int = 2, size: int = 4) -> MedSAM3Output:
+def _layer_outputs(q: int = 3, b: int = 2, size: int = 4, layers: int = 1, seed: int = 0):
+    """Random per-layer logits, boxes (cxcywh, xyxy) and last-layer masks of one query set."""
+    generator = torch.Generator().manual_seed(seed)
+    cxcywh = torch.rand(layers, b, q, 4, generator=generator) * 0.4 + 0.3
+    logits = torch.randn(layers, b, q, generator=generator)
+    masks = torch.randn(b, q, size // 2, size // 2, generator=generator)
+    return logits, cxcywh, cxcywh_to_xyxy(cxcywh), masks
+
+
+def _single_layer_output(q: int = 3, b: int = 2, size: int = 4, layers: int = 1,
+                         one_to_many: bool = True) -> MedSAM3Output:
+    """Outputs of a training forward (with the one-to-many query set) or an eval forward (without)."""
     generator = torch.Generator().manual_seed(0)
-    cxcywh = torch.rand(1, b, q, 4, generator=generator) * 0.4 + 0.3
+    logits, cxcywh, xyxy, masks = _layer_outputs(q, b, size, layers, seed=1)
+    o2m = None
+    if one_to_many:
+        o2m_logits, o2m_cxcywh, o2m_xyxy, o2m_masks = _layer_outputs(q, b, size, layers, seed=2)
+        o2m = OneToManyOutput(o2m_logits, o2m_xyxy, o2m_cxcywh, o2m_masks)
     return MedSAM3Output(
-        all_pred_logits=torch.randn(1, b, q, generator=generator),
-        all_pred_boxes=cxcywh_to_xyxy(cxcywh),
+        all_pred_logits=logits,
+        all_pred_boxes=xyxy,
         all_pred_boxes_cxcywh=cxcywh,
-        all_presence_logits=torch.randn(1, b, 1, generator=generator),
-        pred_masks=torch.randn(b, q, size // 2, size // 2, generator=generator),
+        all_presence_logits=torch.randn(layers, b, 1, generator=generator),
+        pred_masks=masks,
         semantic_seg=torch.randn(b, 1, size // 2, size // 2, generator=generator),
         query_hidden_states=torch.zeros(b, q, 8),
+        one_to_many=o2m,
     )
 
 
@@ -207,6 +223,7 @@ def test_total_is_weighted_sum_times_sqrt_batch():
               [("loss_ce", w.ce), ("loss_bbox", w.bbox), ("loss_giou", w.giou), ("loss_mask", w.mask), ("loss_dice", w.dice)])
     semantic = w.semantic_seg * terms["loss_semantic_seg"] + w.semantic_dice * terms["loss_semantic_dice"]
     expected = (o2o + w.o2m * o2m + semantic) * math.sqrt(2)
+    assert "loss_bbox_o2m" in terms and "loss_mask_o2m" in terms
     assert "presence_loss_o2m" not in terms, "the one-to-many branch has no presence term"
     assert terms["loss"].item() == pytest.approx(expected.item(), rel=1e-5)
     assert terms["num_instances"].item() == 2
@@ -221,13 +238,57 @@ def test_negative_prompt_only_trains_presence():
     assert terms["loss"].item() == pytest.approx(20 * presence, rel=1e-5)
 
 
-def test_aux_layers_get_box_and_class_terms(tiny_net, tiny_images):
+def _two_targets() -> FindTargets:
+    masks = torch.zeros(2, 4, 4, dtype=torch.bool)
+    masks[0, :2, :2] = True
+    masks[1, 2:, 1:] = True
+    return FindTargets(torch.tensor([[0.45, 0.5, 0.3, 0.3], [0.55, 0.45, 0.2, 0.3]]), torch.tensor([2, 0]), masks)
+
+
+def test_one_to_many_terms_score_the_second_query_set_like_sam3():
+    """Sam3LossWrapper(use_o2m_matcher_on_o2m_aux=False): o2m rule on the last layer's second query set,
+    Hungarian on the auxiliary layers' second set, masks from pred_masks_o2m, every o2m term times 2."""
+    out = _single_layer_output(q=6, layers=2)
+    targets = _two_targets()
+    criterion = _criterion()
+    terms = criterion(out, targets)
+    o2m, num = out.one_to_many, torch.tensor(2.0)
+    last = criterion.o2m_matcher(o2m.all_pred_logits[1], o2m.all_pred_boxes_cxcywh[1], targets)
+    aux = criterion.matcher(o2m.all_pred_logits[0], o2m.all_pred_boxes_cxcywh[0], targets)
+    expected_last = criterion.box_terms(o2m.all_pred_boxes_cxcywh[1], o2m.all_pred_boxes[1], targets, last, num)
+    expected_last |= criterion.mask_terms(o2m.pred_masks, targets, last, num)
+    expected_aux = criterion.box_terms(o2m.all_pred_boxes_cxcywh[0], o2m.all_pred_boxes[0], targets, aux, num)
+    for name in ("loss_bbox", "loss_giou", "loss_mask", "loss_dice"):
+        assert terms[f"{name}_o2m"].item() == pytest.approx(expected_last[name].item(), rel=1e-6), name
+    for name in ("loss_bbox", "loss_giou"):
+        assert terms[f"{name}_aux0_o2m"].item() == pytest.approx(expected_aux[name].item(), rel=1e-6), name
+        # the one-to-one queries are scored on their own: the branches are not the same numbers
+        assert terms[f"{name}_aux0_o2m"].item() != pytest.approx(terms[f"{name}_aux0"].item(), rel=1e-3), name
+    assert "loss_mask_aux0_o2m" not in terms, "o2m masks exist for the last layer only"
+    without = _criterion(one_to_many=False)(out, targets)
+    extra = sum(getattr(criterion.weights, w) * terms[f"{t}{sfx}_o2m"] for sfx in ("", "_aux0") for t, w in
+                [("loss_ce", "ce"), ("loss_bbox", "bbox"), ("loss_giou", "giou")])
+    extra = extra + criterion.weights.mask * terms["loss_mask_o2m"] + criterion.weights.dice * terms["loss_dice_o2m"]
+    assert terms["loss"].item() == pytest.approx((without["loss"] + 2 * extra * math.sqrt(2)).item(), rel=1e-5)
+
+
+def test_eval_outputs_have_no_one_to_many_terms():
+    terms = _criterion()(_single_layer_output(q=6, layers=2, one_to_many=False), _two_targets())
+    assert not [name for name in terms if name.endswith("_o2m")]
+
+
+def test_aux_layers_get_box_and_class_terms(tiny_images):
+    from medsam3_monai.networks import MedSAM3Net
+
     targets = FindTargets.from_instances(
         [torch.tensor([[0.5, 0.5, 0.3, 0.3]]), torch.tensor([[0.3, 0.3, 0.2, 0.2]])],
         [torch.ones(1, 112, 112, dtype=torch.bool), torch.zeros(1, 112, 112, dtype=torch.bool)],
     )
-    with torch.no_grad():
-        terms = SetCriterion()(tiny_net(tiny_images, ["a", "b"]), targets)
-    for name in ("loss_ce_aux0", "presence_loss_aux0", "loss_bbox_aux0", "loss_giou_aux0", "loss_bbox_aux0_o2m"):
+    net = MedSAM3Net("tiny").train()  # training forward: the one-to-many query set exists
+    terms = SetCriterion()(net(tiny_images, ["a", "b"]), targets)
+    for name in ("loss_ce_aux0", "presence_loss_aux0", "loss_bbox_aux0", "loss_giou_aux0", "loss_bbox_aux0_o2m",
+                 "loss_mask_o2m"):
         assert name in terms
     assert "loss_mask_aux0" not in terms, "instance masks are supervised on the last layer only"
+    terms["loss"].backward()
+    assert net.sam3.detr_decoder.query_embed.weight.grad.abs().sum() > 0

@@ -1,9 +1,16 @@
-"""MedSAM3Net's own forward: equal to transformers' Sam3Model.forward, plus every decoder layer."""
+"""MedSAM3Net's own forward: SAM3's official semantics on transformers' modules, plus every decoder layer.
+
+transformers' ``Sam3Model.forward`` is the reference for everything but one step: for a text-only prompt the
+official model also runs the geometry encoder on the empty box set and appends its CLS token to the prompt
+(``Sam3Image._encode_prompt``), which ``Sam3Model`` skips. The reference below feeds ``Sam3Model.forward`` that
+official prompt (text tokens + geometry token) as its text embedding.
+"""
 
 from __future__ import annotations
 
 import pytest
 import torch
+from transformers.modeling_outputs import BaseModelOutputWithPooling
 
 from medsam3_monai.networks import MedSAM3Net, PromptError, normalize_pixels
 
@@ -18,12 +25,43 @@ def _reference(net, images, prompts, **box_kwargs):
     )
 
 
-def test_last_layer_equals_sam3model_forward_text_only(tiny_net, tiny_images):
+def _official_text_only_reference(net, images, prompts):
+    """Sam3Model.forward on the official text-only prompt: 32 text tokens + the geometry encoder's CLS token."""
+    pixels = normalize_pixels(images)
+    input_ids, attention_mask = net.tokenize(prompts)
+    text = net.sam3.get_text_features(input_ids=input_ids, attention_mask=attention_mask, return_dict=True)
+    vision = net.sam3.vision_encoder(pixels)
+    num = len(prompts)
+    geometry = net.sam3.geometry_encoder(
+        box_embeddings=torch.zeros(num, 0, 4), box_mask=torch.zeros(num, 0, dtype=torch.bool),
+        box_labels=torch.zeros(num, 0, dtype=torch.long), img_feats=vision.fpn_hidden_states[:-1],
+        img_pos_embeds=vision.fpn_position_encoding[:-1],
+    )
+    assert geometry.last_hidden_state.shape[1] == 1, "an empty box set still gives the CLS token"
+    prompt = torch.cat([text.pooler_output, geometry.last_hidden_state], dim=1)
+    mask = torch.cat([attention_mask, geometry.attention_mask.long()], dim=1)
+    return net.sam3(pixel_values=pixels, text_embeds=BaseModelOutputWithPooling(pooler_output=prompt),
+                    attention_mask=mask)
+
+
+def test_text_only_forward_has_the_official_geometry_token(tiny_net, tiny_images):
     with torch.no_grad():
         ours = tiny_net(tiny_images, PROMPTS)
-        ref = _reference(tiny_net, tiny_images, PROMPTS)
+        ref = _official_text_only_reference(tiny_net, tiny_images, PROMPTS)
+        upstream = _reference(tiny_net, tiny_images, PROMPTS)  # transformers: text tokens only
     for field in LAST_LAYER_FIELDS:
         assert torch.equal(getattr(ours, field), getattr(ref, field)), field
+    assert not torch.allclose(ours.pred_logits, upstream.pred_logits, atol=1e-6), "the geometry token must count"
+
+
+def test_box_only_prompt_uses_sam3s_visual_text(tiny_net, tiny_images):
+    boxes = torch.tensor([[[0.5, 0.5, 0.2, 0.3]], [[0.3, 0.4, 0.1, 0.1]]])
+    with torch.no_grad():
+        box_only = tiny_net(tiny_images, None, boxes=boxes)
+        visual = tiny_net(tiny_images, ["visual", "visual"], boxes=boxes)
+    assert torch.equal(box_only.pred_masks, visual.pred_masks)
+    with pytest.raises(ValueError, match="needs boxes"):
+        tiny_net(tiny_images, None)
 
 
 def test_last_layer_equals_sam3model_forward_text_and_box(tiny_net, tiny_images):
@@ -38,18 +76,23 @@ def test_last_layer_equals_sam3model_forward_text_and_box(tiny_net, tiny_images)
     assert not torch.equal(ours.pred_logits, text_only.pred_logits), "the box prompt must change the result"
 
 
+def out_reference_boxes(net, images):
+    """Each decoder layer's starting reference boxes, from transformers' forward on the official prompt."""
+    with torch.no_grad():
+        return _official_text_only_reference(net, images, PROMPTS).decoder_reference_boxes
+
+
 def test_every_decoder_layer_is_returned(tiny_net, tiny_images):
     layers, queries, mask = tiny_net.num_decoder_layers, tiny_net.num_queries, tiny_net.mask_size
     with torch.no_grad():
         out = tiny_net(tiny_images, PROMPTS)
-        ref = _reference(tiny_net, tiny_images, PROMPTS)
     assert out.all_pred_logits.shape == (layers, 2, queries)
     assert out.all_pred_boxes.shape == (layers, 2, queries, 4)
     assert out.all_presence_logits.shape == (layers, 2, 1)
     assert out.pred_masks.shape == (2, queries, mask, mask)
     assert out.semantic_seg.shape == (2, 1, mask, mask)
     # layer l's refined boxes are the reference boxes that layer l + 1 starts from
-    assert torch.allclose(out.all_pred_boxes_cxcywh[:-1], ref.decoder_reference_boxes[1:], atol=1e-6)
+    assert torch.allclose(out.all_pred_boxes_cxcywh[:-1], out_reference_boxes(tiny_net, tiny_images)[1:], atol=1e-6)
     assert not torch.allclose(out.all_pred_logits[0], out.all_pred_logits[-1])
     xyxy = out.all_pred_boxes
     assert (xyxy[..., 2] >= xyxy[..., 0]).all() and (xyxy >= 0).all() and (xyxy <= 1).all()

@@ -22,3 +22,47 @@ def test_folder_tokenizer_is_preferred(tmp_path):
     ids, _ = tokenize_prompts(tokenizer, ["Retinal Blood Vessel"])
     expected, _ = tokenize_prompts(build_clip_tokenizer(), ["Retinal Blood Vessel"])
     assert torch.equal(ids, expected)
+
+
+# SAM3's own tokenizer (sam3.model.tokenizer_ve) is open_clip's SimpleTokenizer: the reference for the ids.
+EDGE_CASES = [
+    "polyp", "Retinal Blood Vessel", "left  kidney\n", "HEPATIC parenchyma", "nuclei, cell's", "12.5mm lesion",
+    "tumour – mass", "ÄÖÜ naïve", "optic cup & optic disc", "RNFL & GCIPL & choroid",
+    "A &amp; B",  # HTML entity: unescaped before BPE
+    "&amp;lt;b&amp;gt;",  # unescaped twice
+    "cafÃ©",  # mojibake: repaired by ftfy
+    "liver <end_of_text> tumor",  # SAM3's end token written in the prompt
+    "x <|endoftext|> y",  # transformers' end marker is plain text for SAM3
+    "<START_OF_TEXT> spleen",
+]
+
+
+def test_ids_equal_sam3s_own_tokenizer_on_edge_cases():
+    from open_clip.tokenizer import SimpleTokenizer
+
+    reference = SimpleTokenizer(context_length=32)
+    for tokenizer in (build_clip_tokenizer(),):
+        ids, mask = tokenize_prompts(tokenizer, EDGE_CASES)
+        expected = reference(EDGE_CASES)  # padded with 0
+        for row, prompt in enumerate(EDGE_CASES):
+            n = int(mask[row].sum())
+            assert ids[row, :n].tolist() == expected[row, :n].tolist(), prompt
+            assert (expected[row, n:] == 0).all() and (ids[row, n:] == 49407).all(), prompt
+
+
+def test_folder_tokenizer_keeps_sam3_semantics(tmp_path):
+    build_clip_tokenizer().save_pretrained(tmp_path)
+    ids, _ = tokenize_prompts(load_tokenizer(tmp_path), EDGE_CASES)
+    expected, _ = tokenize_prompts(build_clip_tokenizer(), EDGE_CASES)
+    assert torch.equal(ids, expected)
+
+
+def test_prompt_over_the_context_is_refused_not_truncated():
+    import pytest
+
+    from medsam3_monai.networks import PromptError
+
+    with pytest.raises(PromptError, match="at most 32"):
+        tokenize_prompts(build_clip_tokenizer(), ["tumor " * 31])
+    ids, mask = tokenize_prompts(build_clip_tokenizer(), ["tumor " * 30])  # exactly 32 with start/end
+    assert int(mask.sum()) == 32 and ids[0, -1] == 49407

@@ -18,6 +18,7 @@ def freeze_encoders(network: nn.Module, vision: bool = True, text: bool = True) 
         for param in module.parameters():
             param.requires_grad_(False)
             frozen += param.numel()
+    network.train(network.training)  # MedSAM3Net keeps frozen encoders in eval mode (no stochastic depth)
     return frozen
 
 

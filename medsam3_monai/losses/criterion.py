@@ -1,7 +1,8 @@
 """The Medical SAM3 set-prediction objective (§3.4, Table 2) with the semantics of Meta's SAM3 training code.
 
-Total = sum over decoder layers of [L_find(one-to-one) + w_o2m * L_find(one-to-many)] + mask and semantic terms
-on the last layer, times sqrt(B) (B find-queries). Box and mask terms are normalised by N, the number of target
+Total = sum over decoder layers of [L_find(one-to-one queries) + w_o2m * L_find(one-to-many queries)] + mask and
+semantic terms on the last layer, times sqrt(B) (B find-queries). The one-to-many queries are the second (DAC)
+query set of the training forward (``MedSAM3Output.one_to_many``), as in ``Sam3LossWrapper``. Box and mask terms are normalised by N, the number of target
 instances in the batch (averaged over ranks, at least 1). See ``SetCriterion`` for each term.
 """
 
@@ -53,10 +54,11 @@ class CriterionSettings:
     semantic_focal_gamma: float = 2.0
     instance_masks: bool = True  # last-layer instance mask focal + dice
     semantic: bool = True  # L_seg on the semantic head
-    one_to_many: bool = True
-    # the o2m branch on auxiliary layers: "hungarian" (SAM3's default), "one_to_many", or "none"
+    one_to_many: bool = True  # score the one-to-many query set when the outputs carry it (training forwards)
+    # the o2m queries on auxiliary layers: "hungarian" (SAM3: use_o2m_matcher_on_o2m_aux=False), "one_to_many",
+    # or "none"
     o2m_aux_matcher: str = "hungarian"
-    o2m_masks: bool = True  # SAM3 predicts masks for o2m queries too
+    o2m_masks: bool = True  # SAM3 predicts masks for o2m queries too (pred_masks_o2m, last layer)
     scale_by_find_batch_size: bool = True  # multiply the total by sqrt(B)
     normalization: str = "global"  # "global" (average N over ranks), "local", or "none" (N = 1)
 
@@ -76,9 +78,10 @@ class SetCriterion(nn.Module):
         the prompt's instance masks, averaged over find-queries whose union is non-empty;
         ``loss_semantic_presence`` is inert: the released segmentation head has no presence logit (weight kept).
 
-    The one-to-many branch re-uses the same object queries (transformers' SAM3 has no second query set): the
-    last layer is matched one-to-many, auxiliary layers by ``o2m_aux_matcher``; it has no presence term and
-    every one of its terms is multiplied by ``weights.o2m``.
+    The one-to-many branch scores the second (DAC) query set of a training forward, ``outputs.one_to_many``: its
+    last layer is matched one-to-many, auxiliary layers by ``o2m_aux_matcher`` (Hungarian, as in SAM3); it has
+    no presence term and every one of its terms is multiplied by ``weights.o2m``. Outputs without that set
+    (eval forwards, ``dac=False``) get no one-to-many terms, as in SAM3.
     """
 
     def __init__(
@@ -186,6 +189,16 @@ class SetCriterion(nn.Module):
             "loss_semantic_presence": logits.new_zeros(()),
         }
 
+    def _find_terms(self, logits: torch.Tensor, boxes_cxcywh: torch.Tensor, boxes_xyxy: torch.Tensor,
+                    presence_logits: torch.Tensor | None, pred_masks: torch.Tensor | None, targets: FindTargets,
+                    matches: Matches, num: torch.Tensor) -> dict[str, torch.Tensor]:
+        """Classification (+ presence), box and (when ``pred_masks`` is given) mask terms of one query set."""
+        terms = self.classification_terms(logits, boxes_xyxy, presence_logits, targets, matches)
+        terms |= self.box_terms(boxes_cxcywh, boxes_xyxy, targets, matches, num)
+        if pred_masks is not None:
+            terms |= self.mask_terms(pred_masks, targets, matches, num)
+        return terms
+
     # ------------------------------------------------------------------ forward
     def _weighted(self, terms: dict[str, torch.Tensor], scale: float = 1.0) -> torch.Tensor:
         w = self.weights
@@ -210,23 +223,23 @@ class SetCriterion(nn.Module):
         for layer in range(num_layers):
             last = layer == num_layers - 1
             suffix = "" if last else f"_aux{layer}"
-            logits = outputs.all_pred_logits[layer]
-            cxcywh = outputs.all_pred_boxes_cxcywh[layer]
-            xyxy = outputs.all_pred_boxes[layer]
+            with_instance_masks = last and s.instance_masks and with_masks
+            logits, cxcywh = outputs.all_pred_logits[layer], outputs.all_pred_boxes_cxcywh[layer]
             o2o = self.matcher(logits, cxcywh, targets)
-            layer_terms = self.classification_terms(logits, xyxy, outputs.all_presence_logits[layer], targets, o2o)
-            layer_terms |= self.box_terms(cxcywh, xyxy, targets, o2o, num)
-            if last and s.instance_masks and with_masks:
-                layer_terms |= self.mask_terms(outputs.pred_masks, targets, o2o, num)
+            layer_terms = self._find_terms(
+                logits, cxcywh, outputs.all_pred_boxes[layer], outputs.all_presence_logits[layer],
+                outputs.pred_masks if with_instance_masks else None, targets, o2o, num,
+            )
             total = total + self._weighted(layer_terms)
             terms |= {f"{k}{suffix}": v.detach() for k, v in layer_terms.items()}
 
-            o2m = self._o2m_matches(last, logits, cxcywh, targets, o2o)
-            if o2m is not None:
-                o2m_terms = self.classification_terms(logits, xyxy, None, targets, o2m)
-                o2m_terms |= self.box_terms(cxcywh, xyxy, targets, o2m, num)
-                if last and s.instance_masks and s.o2m_masks and with_masks:
-                    o2m_terms |= self.mask_terms(outputs.pred_masks, targets, o2m, num)
+            o2m_matches = self._o2m_matches(last, outputs, layer, targets)
+            if o2m_matches is not None:
+                o2m = outputs.one_to_many
+                o2m_terms = self._find_terms(
+                    o2m.all_pred_logits[layer], o2m.all_pred_boxes_cxcywh[layer], o2m.all_pred_boxes[layer], None,
+                    o2m.pred_masks if with_instance_masks and s.o2m_masks else None, targets, o2m_matches, num,
+                )
                 total = total + self._weighted(o2m_terms, self.weights.o2m)
                 terms |= {f"{k}{suffix}_o2m": v.detach() for k, v in o2m_terms.items()}
         if s.semantic and with_masks:
@@ -239,15 +252,16 @@ class SetCriterion(nn.Module):
         terms["loss"] = total
         return terms
 
-    def _o2m_matches(self, last: bool, logits, boxes, targets: FindTargets, o2o: Matches) -> Matches | None:
+    def _o2m_matches(self, last: bool, outputs: MedSAM3Output, layer: int, targets: FindTargets) -> Matches | None:
+        """Matches of the one-to-many queries on ``layer``, or None when that branch is not scored."""
         s = self.settings
-        if not s.one_to_many:
+        o2m = outputs.one_to_many
+        if not s.one_to_many or o2m is None or (not last and s.o2m_aux_matcher == "none"):
             return None
+        logits, boxes = o2m.all_pred_logits[layer], o2m.all_pred_boxes_cxcywh[layer]
         if last or s.o2m_aux_matcher == "one_to_many":
             return self.o2m_matcher(logits, boxes, targets)
-        if s.o2m_aux_matcher == "hungarian":
-            return o2o  # same queries, same matcher: identical to the one-to-one matches
-        return None
+        return self.matcher(logits, boxes, targets)
 
     def config(self) -> dict:
         """Every weight and switch, for logging as run parameters."""

@@ -25,6 +25,7 @@ import torch
 from transformers import PreTrainedTokenizerBase, Sam3Config, Sam3Model
 
 from .key_mapping import KeyMappingError, convert_original_to_hf, split_sam3_checkpoint
+from .official_numerics import match_official_numerics
 from .presets import TINY_IMAGE_SIZE, full_sam3_config, tiny_sam3_config
 from .tokenizer import load_tokenizer
 
@@ -221,7 +222,17 @@ def load_sam3(
     image_size: int | None = None,
     seed: int = 0,
 ) -> LoadedSam3:
-    """Build transformers' ``Sam3Model`` from ``source`` (see module docstring) plus its tokenizer."""
+    """Build transformers' ``Sam3Model`` from ``source`` (see module docstring) plus its tokenizer.
+
+    Every model is set to the official SAM3 numerics (:func:`match_official_numerics`, which warns when the
+    source's configuration says otherwise).
+    """
+    loaded = _load_sam3(source, config, image_size, seed)
+    match_official_numerics(loaded.model, str(source))
+    return loaded
+
+
+def _load_sam3(source: str | Path, config: Sam3Config | None, image_size: int | None, seed: int) -> LoadedSam3:
     if str(source) == "tiny":
         return LoadedSam3(_tiny_model(config, image_size, seed), load_tokenizer(None), "tiny")
     path = Path(source).expanduser()

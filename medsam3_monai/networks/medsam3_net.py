@@ -11,11 +11,14 @@ from transformers import Sam3Config, Sam3Model
 from transformers.models.sam3.modeling_sam3 import box_cxcywh_to_xyxy, inverse_sigmoid
 
 from .checkpoints import load_sam3, save_hf_folder
-from .outputs import MedSAM3Output
+from .dac import dac_decoder
+from .outputs import MedSAM3Output, OneToManyOutput
+from .regularization import TrainingDropout, apply_training_dropout
 from .text_cache import TextFeatureCache
 from .tokenizer import tokenize_prompts
 
 BOX_PADDING_LABEL = -10  # transformers' label for padded box slots
+BOX_ONLY_PROMPT = "visual"  # SAM3's text for a prompt made of boxes alone (Sam3Processor.add_geometric_prompt)
 
 
 def normalize_pixels(images: torch.Tensor) -> torch.Tensor:
@@ -40,6 +43,14 @@ class MedSAM3Net(nn.Module):
         seed: initialisation seed of the ``tiny`` preset.
         gradient_checkpointing: recompute ViT and CLIP layers in backward to save memory.
         text_cache_size: prompts kept in the text-feature cache (0 disables it).
+        training_dropout: SAM3's training regularisation (:class:`TrainingDropout`: dropout 0.1, ViT stochastic
+            depth 0.1); ``{"dropout": 0, "drop_path": 0}`` turns it off. Eval mode never drops.
+        dac: in training mode, also run SAM3's one-to-many query set (``outputs.one_to_many``) as the official
+            model does; eval forwards are the same either way.
+
+    The network computes what Meta's official SAM3 computes (see :mod:`.official_numerics`): a text-only prompt
+    goes through the geometry encoder too (its CLS token joins the prompt), the ViT LayerNorm eps is 1e-5 and
+    presence logits are not clamped.
     """
 
     def __init__(
@@ -51,6 +62,8 @@ class MedSAM3Net(nn.Module):
         seed: int = 0,
         gradient_checkpointing: bool = False,
         text_cache_size: int = 1024,
+        training_dropout: TrainingDropout | dict | None = None,
+        dac: bool = True,
     ) -> None:
         super().__init__()
         loaded = load_sam3(source, config=config, image_size=image_size, seed=seed)
@@ -58,6 +71,9 @@ class MedSAM3Net(nn.Module):
         self.tokenizer = loaded.tokenizer
         self.source = str(source)
         self.source_format = loaded.source_format
+        self.training_dropout = TrainingDropout.of(training_dropout)
+        self._regularization_hooks = apply_training_dropout(self.sam3, self.training_dropout)
+        self.dac = bool(dac)
         self.text_cache = TextFeatureCache([self.sam3.text_encoder, self.sam3.text_projection], text_cache_size)
         self.set_gradient_checkpointing(gradient_checkpointing)
 
@@ -85,6 +101,16 @@ class MedSAM3Net(nn.Module):
         return int(self.sam3.config.vision_config.backbone_feature_sizes[0][0])
 
     # ------------------------------------------------------------------ switches
+    def train(self, mode: bool = True) -> "MedSAM3Net":
+        """Set training mode; an encoder whose parameters are all frozen (MedSAM3 mode) stays in eval mode, so
+        it extracts features without stochastic depth."""
+        super().train(mode)
+        for encoder in (self.sam3.vision_encoder, self.sam3.text_encoder):
+            parameters = list(encoder.parameters())
+            if parameters and not any(p.requires_grad for p in parameters):
+                encoder.eval()
+        return self
+
     def set_gradient_checkpointing(self, enabled: bool) -> None:
         """Recompute ViT and CLIP text layers in backward (upstream marks SAM3 unsupported; it works for both)."""
         if enabled:
@@ -148,7 +174,7 @@ class MedSAM3Net(nn.Module):
     def forward(
         self,
         images: torch.Tensor,
-        prompts: Sequence[str],
+        prompts: Sequence[str] | None,
         *,
         image_ids: torch.Tensor | Sequence[int] | None = None,
         boxes: torch.Tensor | None = None,
@@ -160,16 +186,22 @@ class MedSAM3Net(nn.Module):
         Args:
             images: (N, 3, S, S) slices, float in [0, 1] or uint8 (normalised here with mean = std = 0.5);
                 pass ``pixels_normalized=True`` when they are already SAM3-normalised.
-            prompts: B text prompts, one per find-query.
+            prompts: B text prompts, one per find-query; ``None`` with ``boxes`` for box-only prompts (SAM3's
+                text for those, ``"visual"``).
             image_ids: (B,) image index of each prompt; optional when B == N (pairwise) or N == 1.
                 The vision encoder runs once per image, however many prompts share it.
             boxes: optional (B, K, 4) box prompts, normalised cx, cy, w, h in [0, 1].
             box_labels: (B, K) 1 positive, 0 negative, -10 padding (default: all positive).
 
         Returns:
-            MedSAM3Output with per-layer logits/boxes/presence and last-layer masks and semantic seg.
+            MedSAM3Output with per-layer logits/boxes/presence and last-layer masks and semantic seg; in training
+            mode (with ``dac``) also the one-to-many query set.
         """
         self._check_images(images)
+        if prompts is None:
+            if boxes is None:
+                raise ValueError("give text prompts, boxes, or both (prompts=None needs boxes)")
+            prompts = [BOX_ONLY_PROMPT] * boxes.shape[0]
         prompts = [prompts] if isinstance(prompts, str) else list(prompts)
         num_prompts = len(prompts)
         index = self._query_image_ids(images.shape[0], num_prompts, image_ids)
@@ -186,14 +218,14 @@ class MedSAM3Net(nn.Module):
             fpn_positions = [p.index_select(0, index) for p in fpn_positions]
 
         text_features, text_mask = self.encode_text(prompts)
-        prompt_features, prompt_mask = text_features, text_mask
-        if boxes is not None and boxes.numel() > 0:
-            prompt_features, prompt_mask = self._add_box_prompts(
-                text_features, text_mask, boxes, box_labels, fpn_features, fpn_positions
-            )
+        if boxes is None:  # text only: the geometry encoder still runs on an empty box set (its CLS token)
+            boxes = text_features.new_zeros((num_prompts, 0, 4))
+        prompt_features, prompt_mask = self._add_geometry_prompt(
+            text_features, text_mask, boxes, box_labels, fpn_features, fpn_positions
+        )
         return self._detect(fpn_features, fpn_positions, prompt_features, prompt_mask)
 
-    def _add_box_prompts(
+    def _add_geometry_prompt(
         self,
         text_features: torch.Tensor,
         text_mask: torch.Tensor,
@@ -202,7 +234,11 @@ class MedSAM3Net(nn.Module):
         fpn_features: list[torch.Tensor],
         fpn_positions: list[torch.Tensor],
     ) -> tuple[torch.Tensor, torch.Tensor]:
-        """Append geometry-encoder box tokens to the text tokens: (B, T + K, C) features and (B, T + K) mask."""
+        """Append the geometry encoder's tokens (K boxes + its CLS token) to the text tokens.
+
+        Returns (B, T + K + 1, C) features and the (B, T + K + 1) validity mask; K may be 0, as for text-only
+        prompts in SAM3 (``Sam3Image._encode_prompt`` always encodes the geometric prompt).
+        """
         if boxes.ndim != 3 or boxes.shape[-1] != 4 or boxes.shape[0] != text_features.shape[0]:
             raise ValueError(f"boxes must be (B={text_features.shape[0]}, K, 4) cxcywh; got {tuple(boxes.shape)}")
         boxes = boxes.to(device=text_features.device, dtype=fpn_features[0].dtype)
@@ -229,7 +265,11 @@ class MedSAM3Net(nn.Module):
         prompt_features: torch.Tensor,
         prompt_mask: torch.Tensor,
     ) -> MedSAM3Output:
-        """DETR encoder + decoder + scoring + mask head over prompt tokens, keeping every decoder layer."""
+        """DETR encoder + decoder + scoring + mask head over prompt tokens, keeping every decoder layer.
+
+        In training mode with ``dac`` the decoder runs SAM3's 2Q queries (:func:`.dac.dac_decoder`); the first Q
+        are the outputs, the last Q go to ``one_to_many``.
+        """
         sam3 = self.sam3
         encoder = sam3.detr_encoder(
             vision_features=[fpn_features[-1]],
@@ -237,16 +277,23 @@ class MedSAM3Net(nn.Module):
             vision_pos_embeds=[fpn_positions[-1]],
             text_mask=prompt_mask,
         )
-        decoder = sam3.detr_decoder(
+        decoder_inputs = dict(
             vision_features=encoder.last_hidden_state,
             text_features=encoder.text_features,
             vision_pos_encoding=encoder.pos_embeds_flattened,
             text_mask=prompt_mask,
             spatial_shapes=encoder.spatial_shapes,
         )
-        hidden = decoder.intermediate_hidden_states  # (L, B, Q, C)
+        if self.training and self.dac:
+            with dac_decoder(sam3.detr_decoder) as num_queries:
+                decoder = sam3.detr_decoder(**decoder_inputs)
+        else:
+            num_queries = self.num_queries
+            decoder = sam3.detr_decoder(**decoder_inputs)
+        hidden = decoder.intermediate_hidden_states  # (L, B, Q or 2Q, C)
         offsets = sam3.detr_decoder.box_head(hidden)
         boxes_cxcywh = (inverse_sigmoid(decoder.reference_boxes) + offsets).sigmoid()
+        boxes_xyxy = box_cxcywh_to_xyxy(boxes_cxcywh)
         logits = sam3.dot_product_scoring(
             decoder_hidden_states=hidden, text_features=encoder.text_features, text_mask=prompt_mask
         ).squeeze(-1)
@@ -257,14 +304,24 @@ class MedSAM3Net(nn.Module):
             prompt_features=prompt_features,
             prompt_mask=prompt_mask,
         )
+        one_to_one, one_to_many = slice(0, num_queries), slice(num_queries, None)
+        o2m = None
+        if hidden.shape[2] > num_queries:
+            o2m = OneToManyOutput(
+                all_pred_logits=logits[:, :, one_to_many],
+                all_pred_boxes=boxes_xyxy[:, :, one_to_many],
+                all_pred_boxes_cxcywh=boxes_cxcywh[:, :, one_to_many],
+                pred_masks=masks.pred_masks[:, one_to_many],
+            )
         return MedSAM3Output(
-            all_pred_logits=logits,
-            all_pred_boxes=box_cxcywh_to_xyxy(boxes_cxcywh),
-            all_pred_boxes_cxcywh=boxes_cxcywh,
+            all_pred_logits=logits[:, :, one_to_one],
+            all_pred_boxes=boxes_xyxy[:, :, one_to_one],
+            all_pred_boxes_cxcywh=boxes_cxcywh[:, :, one_to_one],
             all_presence_logits=decoder.presence_logits,
-            pred_masks=masks.pred_masks,
+            pred_masks=masks.pred_masks[:, one_to_one],
             semantic_seg=masks.semantic_seg,
-            query_hidden_states=hidden[-1],
+            query_hidden_states=hidden[-1, :, one_to_one],
+            one_to_many=o2m,
         )
 
     # ------------------------------------------------------------------ persistence

@@ -8,6 +8,23 @@ import torch
 
 
 @dataclass
+class OneToManyOutput:
+    """The one-to-many (DAC) query set of a training forward: Q more queries through the same heads.
+
+    Attributes:
+        all_pred_logits: (L, B, Q) class logits of every decoder layer.
+        all_pred_boxes: (L, B, Q, 4) boxes xyxy in [0, 1].
+        all_pred_boxes_cxcywh: (L, B, Q, 4) the same boxes as normalised cx, cy, w, h.
+        pred_masks: (B, Q, H, W) last-layer instance mask logits.
+    """
+
+    all_pred_logits: torch.Tensor
+    all_pred_boxes: torch.Tensor
+    all_pred_boxes_cxcywh: torch.Tensor
+    pred_masks: torch.Tensor
+
+
+@dataclass
 class MedSAM3Output:
     """Detector outputs for B find-queries (one (image, prompt) pair each), Q object queries, L decoder layers.
 
@@ -19,6 +36,8 @@ class MedSAM3Output:
         pred_masks: (B, Q, H, W) last-layer instance mask logits; H = W = S / 14 * 4 (288 at 1008 px).
         semantic_seg: (B, 1, H, W) semantic-head logits (union of the prompt's instances).
         query_hidden_states: (B, Q, C) last-layer normalised query features.
+        one_to_many: the one-to-many query set, present in training forwards only (SAM3's DAC); no presence
+            output of its own.
     """
 
     all_pred_logits: torch.Tensor
@@ -28,6 +47,7 @@ class MedSAM3Output:
     pred_masks: torch.Tensor
     semantic_seg: torch.Tensor
     query_hidden_states: torch.Tensor
+    one_to_many: OneToManyOutput | None = None
 
     @property
     def pred_logits(self) -> torch.Tensor:

@@ -10,6 +10,8 @@ from __future__ import annotations
 
 from transformers import Sam3Config
 
+from .official_numerics import OFFICIAL_VIT_LAYER_NORM_EPS, set_official_config
+
 PATCH_SIZE = 14
 FULL_IMAGE_SIZE = 1008
 TINY_IMAGE_SIZE = 112
@@ -32,8 +34,11 @@ def _feature_sizes(image_size: int, scale_factors: list[float]) -> list[list[int
 
 
 def full_sam3_config(image_size: int = FULL_IMAGE_SIZE) -> Sam3Config:
-    """The released SAM3 detector configuration (840,376,374 parameters); 1008 px for real weights."""
-    config = Sam3Config()
+    """The released SAM3 detector configuration (840,376,374 parameters); 1008 px for real weights.
+
+    transformers' defaults with the official ViT LayerNorm eps (1e-5, see :mod:`.official_numerics`).
+    """
+    config = set_official_config(Sam3Config())
     if image_size != FULL_IMAGE_SIZE:
         check_image_size(image_size)
         config.image_size = image_size
@@ -72,6 +77,7 @@ def tiny_sam3_config(
         vision_config=dict(
             backbone_config=dict(
                 model_type="sam3_vit_model",
+                layer_norm_eps=OFFICIAL_VIT_LAYER_NORM_EPS,
                 hidden_size=hidden_size,
                 intermediate_size=2 * hidden_size,
                 num_hidden_layers=vit_layers,

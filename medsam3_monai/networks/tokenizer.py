@@ -4,16 +4,25 @@ SAM3's text encoder is CLIP-like with a context of 32 tokens: ``<|startoftext|> 
 with ``<|endoftext|>`` (id 49407). The tokenizer comes from the checkpoint folder when it ships one;
 otherwise it is built from ``bpe_simple_vocab_16e6.txt.gz``, the BPE merge list that the
 ``open_clip_torch`` wheel carries, so nothing is ever downloaded.
+
+Prompts are tokenised with the semantics of SAM3's own tokenizer (``sam3.model.tokenizer_ve``, the open_clip
+``SimpleTokenizer``): the text is cleaned first (``ftfy.fix_text``, HTML entities unescaped twice, whitespace
+collapsed, lower case), ``<start_of_text>`` / ``<end_of_text>`` written in a prompt are SAM3's special tokens
+(ids 49406 / 49407), and transformers' own markers (``<|endoftext|>``) are plain text. The ids differ from the
+official ones only in the padding (49407 here, 0 there), which the attention mask makes irrelevant.
 """
 
 from __future__ import annotations
 
 import functools
 import gzip
+import html
 import importlib.resources
+import re
 from pathlib import Path
 from typing import Sequence
 
+import ftfy
 import torch
 from transformers import CLIPTokenizer, PreTrainedTokenizerBase
 
@@ -22,6 +31,11 @@ VOCAB_SIZE = 49408
 _NUM_MERGES = VOCAB_SIZE - 2 * 256 - 2  # 48894 merges: vocab = 256 bytes + 256 word-ends + merges + 2
 BPE_FILE_NAME = "bpe_simple_vocab_16e6.txt.gz"
 _TOKENIZER_FILES = ("tokenizer.json", "vocab.json", "tokenizer_config.json")
+START_OF_TEXT_ID = VOCAB_SIZE - 2  # 49406
+END_OF_TEXT_ID = VOCAB_SIZE - 1  # 49407
+# SAM3's special tokens as written in text (its vocabulary names them so; transformers' are <|...|>)
+_SAM3_SPECIAL = {"<start_of_text>": START_OF_TEXT_ID, "<end_of_text>": END_OF_TEXT_ID}
+_SAM3_SPECIAL_PATTERN = re.compile("(" + "|".join(map(re.escape, _SAM3_SPECIAL)) + ")", re.IGNORECASE)
 
 
 class PromptError(ValueError):
@@ -89,12 +103,31 @@ def load_tokenizer(checkpoint_dir: str | Path | None = None) -> PreTrainedTokeni
     return build_clip_tokenizer()
 
 
+def clean_prompt(text: str) -> str:
+    """SAM3's text cleaning: fix mojibake (ftfy), unescape HTML twice, collapse whitespace, lower case."""
+    text = html.unescape(html.unescape(ftfy.fix_text(text))).strip()
+    return re.sub(r"\s+", " ", text).strip().lower()
+
+
+def _encode(tokenizer: PreTrainedTokenizerBase, prompt: str) -> list[int]:
+    """``[<start>] + BPE ids + [<end>]`` of one prompt, untruncated, with SAM3's cleaning and special tokens."""
+    ids = [START_OF_TEXT_ID]
+    for piece in _SAM3_SPECIAL_PATTERN.split(clean_prompt(prompt)):
+        special = _SAM3_SPECIAL.get(piece.lower())
+        if special is not None:
+            ids.append(special)
+        elif piece.strip():
+            ids += tokenizer(piece, add_special_tokens=False, split_special_tokens=True, verbose=False)["input_ids"]
+    return ids + [END_OF_TEXT_ID]
+
+
 def tokenize_prompts(
     tokenizer: PreTrainedTokenizerBase, prompts: Sequence[str], context_length: int = CONTEXT_LENGTH
 ) -> tuple[torch.Tensor, torch.Tensor]:
     """Token ids and attention mask, both (P, context_length) int64, padded with ``<|endoftext|>``.
 
-    Raises PromptError for an empty prompt or one longer than the context (no silent truncation).
+    Ids follow SAM3's tokenizer (cleaning and special tokens, see the module docstring). Raises PromptError for
+    an empty prompt or one longer than the context: SAM3 would truncate it silently, we refuse instead.
     """
     if isinstance(prompts, str):
         prompts = [prompts]
@@ -103,14 +136,16 @@ def tokenize_prompts(
     for prompt in prompts:
         if not isinstance(prompt, str) or not prompt.strip():
             raise PromptError(f"empty or non-text prompt {prompt!r}: give a concept such as 'polyp'")
-    encoded = tokenizer(list(prompts), padding="max_length", truncation=False, max_length=context_length)
-    for prompt, ids in zip(prompts, encoded["input_ids"]):
+    rows = [_encode(tokenizer, prompt) for prompt in prompts]
+    for prompt, ids in zip(prompts, rows):
         if len(ids) > context_length:
             raise PromptError(
                 f"prompt {prompt[:60]!r} is {len(ids)} tokens; SAM3 reads at most {context_length} "
                 f"(including start/end). Shorten it to a concept phrase."
             )
-    return (
-        torch.tensor(encoded["input_ids"], dtype=torch.long),
-        torch.tensor(encoded["attention_mask"], dtype=torch.long),
-    )
+    input_ids = torch.full((len(rows), context_length), END_OF_TEXT_ID, dtype=torch.long)
+    attention_mask = torch.zeros((len(rows), context_length), dtype=torch.long)
+    for row, ids in enumerate(rows):
+        input_ids[row, : len(ids)] = torch.tensor(ids, dtype=torch.long)
+        attention_mask[row, : len(ids)] = 1
+    return input_ids, attention_mask
