@@ -10,9 +10,8 @@ from __future__ import annotations
 
 import pytest
 import torch
-from transformers.modeling_outputs import BaseModelOutputWithPooling
-
 from medsam3_monai.networks import MedSAM3Net, PromptError, normalize_pixels
+from medsam3_monai.networks.official_numerics import sam3model_text_only_forward
 
 LAST_LAYER_FIELDS = ("pred_logits", "pred_boxes", "presence_logits", "pred_masks", "semantic_seg")
 PROMPTS = ["polyp", "left kidney"]
@@ -27,24 +26,19 @@ def _reference(net, images, prompts, **box_kwargs):
 
 def _official_text_only_reference(net, images, prompts):
     """Sam3Model.forward on the official text-only prompt: 32 text tokens + the geometry encoder's CLS token."""
-    pixels = normalize_pixels(images)
     input_ids, attention_mask = net.tokenize(prompts)
-    text = net.sam3.get_text_features(input_ids=input_ids, attention_mask=attention_mask, return_dict=True)
-    vision = net.sam3.vision_encoder(pixels)
-    num = len(prompts)
-    geometry = net.sam3.geometry_encoder(
-        box_embeddings=torch.zeros(num, 0, 4), box_mask=torch.zeros(num, 0, dtype=torch.bool),
-        box_labels=torch.zeros(num, 0, dtype=torch.long), img_feats=vision.fpn_hidden_states[:-1],
-        img_pos_embeds=vision.fpn_position_encoding[:-1],
-    )
-    assert geometry.last_hidden_state.shape[1] == 1, "an empty box set still gives the CLS token"
-    prompt = torch.cat([text.pooler_output, geometry.last_hidden_state], dim=1)
-    mask = torch.cat([attention_mask, geometry.attention_mask.long()], dim=1)
-    return net.sam3(pixel_values=pixels, text_embeds=BaseModelOutputWithPooling(pooler_output=prompt),
-                    attention_mask=mask)
+    return sam3model_text_only_forward(net.sam3, normalize_pixels(images), input_ids, attention_mask)
 
 
 def test_text_only_forward_has_the_official_geometry_token(tiny_net, tiny_images):
+    with torch.no_grad():
+        vision = tiny_net.sam3.vision_encoder(normalize_pixels(tiny_images))
+        empty = tiny_net.sam3.geometry_encoder(
+            box_embeddings=torch.zeros(2, 0, 4), box_mask=torch.zeros(2, 0, dtype=torch.bool),
+            box_labels=torch.zeros(2, 0, dtype=torch.long), img_feats=vision.fpn_hidden_states[:-1],
+            img_pos_embeds=vision.fpn_position_encoding[:-1],
+        )
+    assert empty.last_hidden_state.shape[1] == 1, "an empty box set still gives the geometry CLS token"
     with torch.no_grad():
         ours = tiny_net(tiny_images, PROMPTS)
         ref = _official_text_only_reference(tiny_net, tiny_images, PROMPTS)

@@ -20,8 +20,10 @@ from __future__ import annotations
 import math
 import warnings
 
+import torch
 from torch import nn
 from transformers import Sam3Config, Sam3Model
+from transformers.modeling_outputs import BaseModelOutputWithPooling
 
 OFFICIAL_VIT_LAYER_NORM_EPS = 1e-5
 
@@ -61,3 +63,28 @@ def match_official_numerics(model: Sam3Model, source: str = "model") -> Sam3Mode
     # the official decoder's clamp of the presence logits is a no-op (its result is discarded)
     model.detr_decoder.clamp_presence_logit_max_val = math.inf
     return model
+
+
+def sam3model_text_only_forward(model: Sam3Model, pixel_values: torch.Tensor, input_ids: torch.Tensor,
+                                attention_mask: torch.Tensor):
+    """transformers' ``Sam3Model.forward`` on SAM3's official text-only prompt: text tokens + geometry CLS token.
+
+    ``Sam3Model.forward`` drops the geometry token when there are no boxes; here the geometry encoder runs on the
+    empty box set and its token is appended to the text embedding that ``Sam3Model.forward`` is given. A
+    reference for tests and benchmarks: (B, 3, S, S) normalised pixels, (B, T) ids and mask, one prompt per image.
+    """
+    num = input_ids.shape[0]
+    device = pixel_values.device
+    text = model.get_text_features(input_ids=input_ids, attention_mask=attention_mask, return_dict=True)
+    vision = model.vision_encoder(pixel_values)
+    geometry = model.geometry_encoder(
+        box_embeddings=torch.zeros(num, 0, 4, device=device, dtype=pixel_values.dtype),
+        box_mask=torch.zeros(num, 0, dtype=torch.bool, device=device),
+        box_labels=torch.zeros(num, 0, dtype=torch.long, device=device),
+        img_feats=vision.fpn_hidden_states[:-1],
+        img_pos_embeds=vision.fpn_position_encoding[:-1],
+    )
+    prompt = torch.cat([text.pooler_output, geometry.last_hidden_state], dim=1)
+    mask = torch.cat([attention_mask, geometry.attention_mask.to(attention_mask.dtype)], dim=1)
+    return model(vision_embeds=vision, text_embeds=BaseModelOutputWithPooling(pooler_output=prompt),
+                 attention_mask=mask)

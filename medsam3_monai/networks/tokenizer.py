@@ -109,8 +109,9 @@ def clean_prompt(text: str) -> str:
     return re.sub(r"\s+", " ", text).strip().lower()
 
 
-def _encode(tokenizer: PreTrainedTokenizerBase, prompt: str) -> list[int]:
-    """``[<start>] + BPE ids + [<end>]`` of one prompt, untruncated, with SAM3's cleaning and special tokens."""
+@functools.lru_cache(maxsize=4096)  # prompts repeat (a dataset's concepts): clean and encode each once
+def _encode(tokenizer: PreTrainedTokenizerBase, prompt: str) -> tuple[int, ...]:
+    """``(<start>, BPE ids..., <end>)`` of one prompt, untruncated, with SAM3's cleaning and special tokens."""
     ids = [START_OF_TEXT_ID]
     for piece in _SAM3_SPECIAL_PATTERN.split(clean_prompt(prompt)):
         special = _SAM3_SPECIAL.get(piece.lower())
@@ -118,7 +119,7 @@ def _encode(tokenizer: PreTrainedTokenizerBase, prompt: str) -> list[int]:
             ids.append(special)
         elif piece.strip():
             ids += tokenizer(piece, add_special_tokens=False, split_special_tokens=True, verbose=False)["input_ids"]
-    return ids + [END_OF_TEXT_ID]
+    return (*ids, END_OF_TEXT_ID)
 
 
 def tokenize_prompts(
