@@ -8,7 +8,7 @@ import pytest
 import torch
 
 from medsam3_monai.losses import CriterionSettings, FindTargets, HungarianMatcher, Matches, OneToManyMatcher, SetCriterion
-from medsam3_monai.losses.box_ops import cxcywh_to_xyxy
+from medsam3_monai.boxes import cxcywh_to_xyxy
 from medsam3_monai.losses.criterion import _last_occurrence
 from medsam3_monai.networks.outputs import MedSAM3Output, OneToManyOutput
 

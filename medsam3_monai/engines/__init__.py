@@ -2,7 +2,7 @@
 
 from . import distributed
 from .checkpointing import TrainingCheckpoint, latest_checkpoint
-from .batch import PrepareFindBatch, collate_find_queries, largest_component_box
+from .batch import PrepareFindBatch, collate_find_queries
 from .evaluator import MedSAM3Evaluator, PromptDice, TopQueryDice, pred_and_label
 from .handlers import EpochSeedHandler, FinalCheckpoint, MLflowRunInfoHandler
 from .optim import build_optimizer, freeze_encoders
@@ -13,5 +13,5 @@ __all__ = [
     "distributed", "EpochSeedHandler", "TrainingCheckpoint", "latest_checkpoint", "FinalCheckpoint", "MLflowRunInfoHandler", "MedSAM3Evaluator", "MedSAM3Trainer",
     "PrepareFindBatch", "PromptDice",
     "TopQueryDice", "WarmupInverseSqrtLR", "autocast_for", "build_optimizer",
-    "collate_find_queries", "freeze_encoders", "inverse_sqrt_factor", "largest_component_box", "pred_and_label",
+    "collate_find_queries", "freeze_encoders", "inverse_sqrt_factor", "pred_and_label",
 ]

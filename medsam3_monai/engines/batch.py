@@ -9,30 +9,10 @@ from __future__ import annotations
 
 from typing import Any, Sequence
 
-import numpy as np
 import torch
-from scipy import ndimage
 
-from ..losses.box_ops import xyxy_to_cxcywh
+from ..boxes import largest_component_box_prompts
 from ..losses.targets import FindTargets
-
-BOX_PADDING_LABEL = -10
-
-
-def largest_component_box(mask: torch.Tensor) -> torch.Tensor | None:
-    """cx, cy, w, h in [0, 1] of the largest 8-connected component of a (H, W) mask, or None when empty.
-
-    This is MedSAM3's text + box prompt (the T+I protocol of both papers).
-    """
-    array = mask.detach().cpu().numpy().astype(bool)
-    if not array.any():
-        return None
-    labels, count = ndimage.label(array, structure=np.ones((3, 3), dtype=bool))
-    sizes = ndimage.sum_labels(array, labels, index=np.arange(1, count + 1))
-    rows, cols = np.nonzero(labels == int(np.argmax(sizes)) + 1)
-    height, width = array.shape
-    xyxy = torch.tensor([cols.min() / width, rows.min() / height, (cols.max() + 1) / width, (rows.max() + 1) / height])
-    return xyxy_to_cxcywh(xyxy.float())
 
 
 def collate_find_queries(items: Sequence[dict], box_prompts: bool = False) -> dict[str, Any]:
@@ -67,18 +47,8 @@ def collate_find_queries(items: Sequence[dict], box_prompts: bool = False) -> di
         "meta": meta,
     }
     if box_prompts:
-        batch["boxes"], batch["box_labels"] = _box_prompts(masks)
+        batch["boxes"], batch["box_labels"] = largest_component_box_prompts([m.any(0) for m in masks])
     return batch
-
-
-def _box_prompts(masks: Sequence[torch.Tensor]) -> tuple[torch.Tensor, torch.Tensor]:
-    boxes = torch.zeros(len(masks), 1, 4)
-    labels = torch.full((len(masks), 1), BOX_PADDING_LABEL, dtype=torch.long)
-    for i, instance_masks in enumerate(masks):
-        box = largest_component_box(instance_masks.any(0)) if instance_masks.shape[0] else None
-        if box is not None:
-            boxes[i, 0], labels[i, 0] = box, 1
-    return boxes, labels
 
 
 class PrepareFindBatch:

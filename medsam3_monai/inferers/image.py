@@ -40,12 +40,12 @@ from typing import Any
 
 import torch
 
+from ..boxes import largest_component_box_prompts
 from ..metrics.merge import merge_classes
 from ..networks.outputs import MedSAM3Output
 from .protocols import top_query_logits, upsample_logits
 
 __all__ = [
-    "BOX_PADDING_LABEL",
     "EMPTY_LOGIT",
     "PROTOCOLS",
     "ImageSegmentation",
@@ -59,7 +59,6 @@ __all__ = [
 PROTOCOLS = ("top_query", "threshold", "semantic")
 #: logit of "no mask here": finite, so that bilinear inversion never mixes infinities into NaN
 EMPTY_LOGIT = -1.0e4
-BOX_PADDING_LABEL = -10
 
 
 def check_protocol(protocol: str) -> str:
@@ -194,17 +193,9 @@ def ground_truth_boxes(label: torch.Tensor, values: Sequence[int]) -> tuple[torc
         boxes (P, 1, 4) cx, cy, w, h in [0, 1] and box_labels (P, 1): 1, or -10 (padding) for a class absent
         from the image (that prompt stays text-only).
     """
-    from ..engines.batch import largest_component_box  # engines imports this package: import late
-
     label = label[0] if label.ndim == 3 else label
     label = label.as_tensor() if hasattr(label, "as_tensor") else torch.as_tensor(label)
-    boxes = torch.zeros(len(values), 1, 4)
-    box_labels = torch.full((len(values), 1), BOX_PADDING_LABEL, dtype=torch.long)
-    for i, value in enumerate(values):
-        box = largest_component_box(label == int(value))
-        if box is not None:
-            boxes[i, 0], box_labels[i, 0] = box, 1
-    return boxes, box_labels
+    return largest_component_box_prompts([label == int(value) for value in values])
 
 
 def invert_slice(maps: torch.Tensor, item: Mapping[str, Any], transform: Any, key: str = "image"):

@@ -182,7 +182,7 @@ def box_prompts(box: Any, num_prompts: int, size: Sequence[int]) -> tuple[torch.
     Raises ValueError for a malformed box, an empty one, or one reaching outside the image. The slice space is
     the image resized to S x S without keeping the aspect ratio, so normalised coordinates carry over.
     """
-    from .image import BOX_PADDING_LABEL
+    from ..boxes import BOX_PADDING_LABEL
 
     if box is None:
         return None

@@ -16,7 +16,7 @@ import torch.nn.functional as F
 from torch import nn
 
 from ..networks.outputs import MedSAM3Output
-from .box_ops import elementwise_giou, elementwise_iou
+from ..boxes import elementwise_giou, elementwise_iou
 from .functional import dice_loss_per_row, resize_logits, sigmoid_focal_loss
 from .matchers import HungarianMatcher, Matches, OneToManyMatcher
 from .targets import FindTargets

@@ -12,7 +12,7 @@ import torch
 import torch.nn.functional as F
 from scipy.optimize import linear_sum_assignment
 
-from .box_ops import cxcywh_to_xyxy, pairwise_giou, pairwise_iou
+from ..boxes import cxcywh_to_xyxy, pairwise_giou, pairwise_iou
 from .targets import FindTargets
 
 

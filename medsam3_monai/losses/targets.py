@@ -7,7 +7,7 @@ from typing import Sequence
 
 import torch
 
-from .box_ops import cxcywh_to_xyxy
+from ..boxes import cxcywh_to_xyxy
 
 
 @dataclass

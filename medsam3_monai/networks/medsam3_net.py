@@ -10,6 +10,7 @@ from torch import nn
 from transformers import Sam3Config, Sam3Model
 from transformers.models.sam3.modeling_sam3 import box_cxcywh_to_xyxy, inverse_sigmoid
 
+from ..boxes import BOX_PADDING_LABEL
 from .checkpoints import load_sam3, save_hf_folder
 from .dac import dac_decoder
 from .outputs import MedSAM3Output, OneToManyOutput
@@ -17,7 +18,6 @@ from .regularization import TrainingDropout, apply_training_dropout
 from .text_cache import TextFeatureCache
 from .tokenizer import tokenize_prompts
 
-BOX_PADDING_LABEL = -10  # transformers' label for padded box slots
 BOX_ONLY_PROMPT = "visual"  # SAM3's text for a prompt made of boxes alone (Sam3Processor.add_geometric_prompt)
 
 
