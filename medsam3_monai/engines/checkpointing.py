@@ -11,6 +11,7 @@ from typing import Any, Mapping
 import torch
 from ignite.engine import Engine, Events
 
+from ..compat import skip_batches
 from .distributed import barrier, broadcast_object
 
 logger = logging.getLogger(__name__)
@@ -94,8 +95,7 @@ class TrainingCheckpoint:
         if not self._skip_batches:
             return
         skip, self._skip_batches = self._skip_batches, 0
-        for _ in range(skip):  # the epoch's seeding was replayed at EPOCH_STARTED: same order, same random draws
-            next(engine._dataloader_iter)
+        skip_batches(engine, skip)  # the epoch's seeding was replayed at EPOCH_STARTED: same order and draws
         if self._rng_state is not None:
             torch.set_rng_state(self._rng_state)
         logger.info("skipped the %d batches of this epoch trained on before the checkpoint", skip)

@@ -9,6 +9,7 @@ from typing import Any, Mapping, Sequence
 import torch
 from ignite.engine import Engine, Events
 
+from ..compat import attached_handlers
 from .distributed import get_rank
 
 logger = logging.getLogger(__name__)
@@ -48,11 +49,10 @@ def mlflow_run_of(engine: Engine) -> tuple[Any, str] | None:
     """(MlflowClient, run id) of the MONAI MLFlowHandler attached to ``engine`` (e.g. by ``--tracking mlflow``)."""
     from monai.handlers import MLFlowHandler
 
-    for handlers in engine._event_handlers.values():
-        for handler, _, _ in handlers:
-            owner = getattr(handler, "__self__", None)
-            if isinstance(owner, MLFlowHandler) and owner.cur_run is not None:
-                return owner.client, owner.cur_run.info.run_id
+    for handler in attached_handlers(engine):
+        owner = getattr(handler, "__self__", None)
+        if isinstance(owner, MLFlowHandler) and owner.cur_run is not None:
+            return owner.client, owner.cur_run.info.run_id
     return None
 
 

@@ -42,8 +42,8 @@ import torch
 from torch import nn
 from tqdm import tqdm
 from transformers import Sam3TrackerVideoConfig, Sam3TrackerVideoModel
-from transformers.models.sam3_tracker_video.modeling_sam3_tracker_video import Sam3TrackerVideoInferenceSession
 
+from ..compat import add_mask_prompt, tracker_session
 from ..networks.checkpoints import CheckpointError, load_pretrained_folder
 from ..networks.presets import TINY_IMAGE_SIZE, check_image_size, tiny_sam3_config
 from .protocols import top_query_logits, upsample_logits
@@ -364,40 +364,20 @@ class _TrackerFeatures:
             self._store(*_tracker_level_features(self.tracker, vision.fpn_hidden_states,
                                                  vision.fpn_position_encoding), start)
 
-    def session(self, slices: torch.Tensor) -> Sam3TrackerVideoInferenceSession:
-        """A fresh inference session over the volume with every slice's features already cached."""
+    def session(self, slices: torch.Tensor) -> Any:
+        """A fresh tracker inference session over the volume with every slice's features already cached."""
         param = next(self.tracker.parameters())
-        num_frames = slices.shape[0]
-        session = Sam3TrackerVideoInferenceSession(
-            video=slices, video_height=slices.shape[-2], video_width=slices.shape[-1],
-            inference_device=param.device, inference_state_device=param.device,
-            video_storage_device=slices.device, dtype=param.dtype, max_vision_features_cache_size=num_frames,
-        )
-        for index in range(num_frames):
-            session.cache.cache_vision_features(
-                index, {"vision_feats": self.frames[index], "vision_pos_embeds": self.positions}
-            )
-        return session
+        return tracker_session(slices, param.device, param.dtype, self.frames, self.positions)
 
 
-def _add_mask_prompt(session: Sam3TrackerVideoInferenceSession, obj_id: int, frame_idx: int,
-                     mask: torch.Tensor) -> None:
-    """A binary (S, S) mask as the object's prompt on ``frame_idx`` (the processor's
-    ``add_inputs_to_inference_session(input_masks=...)`` without its image pre-processing)."""
-    obj_idx = session.obj_id_to_idx(obj_id)
-    session.add_mask_inputs(obj_idx, frame_idx, mask.float()[None, None])
-    session.remove_point_inputs(obj_idx, frame_idx)
-    session.obj_with_new_inputs = [obj_id]
-
-
-def track_from_seed(tracker: Sam3TrackerVideoModel, session: Sam3TrackerVideoInferenceSession, seed: int,
+def track_from_seed(tracker: Sam3TrackerVideoModel, session: Any, seed: int,
                     seed_mask: torch.Tensor, size: int, progress: bool = False) -> torch.Tensor:
     """Propagate ``seed_mask`` (S, S) from slice ``seed`` to the last slice, then back to slice 0.
 
     Returns (D, S, S) bool: the tracker's mask on every slice (the seed's is its own prompt, resampled).
     """
     num_frames = session.num_frames
-    _add_mask_prompt(session, obj_id=1, frame_idx=seed, mask=seed_mask)
+    add_mask_prompt(session, obj_id=1, frame_idx=seed, mask=seed_mask)
     low_res: dict[int, torch.Tensor] = {}
     with tqdm(total=num_frames + 1, desc="tracker", disable=not progress, unit="slice") as bar:
         for reverse in (False, True):
