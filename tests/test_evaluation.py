@@ -277,11 +277,20 @@ def test_auto_split_takes_test_when_present_else_validation(tmp_path):
 
 
 def test_cli_choices_are_the_engine_choices():
-    from medsam3_monai.deploy import evaluate_cli
     from medsam3_monai.data.selection import SPLIT_CHOICES
-    from medsam3_monai.inferers.image import PROTOCOLS
+    from medsam3_monai.deploy import evaluate_cli
+    from medsam3_monai.deploy.cli import build_parser
+    from medsam3_monai.engines import PromptDice
+    from medsam3_monai.protocol_registry import PROTOCOLS
 
-    assert evaluate_cli.SPLIT_CHOICES == SPLIT_CHOICES and evaluate_cli.PROTOCOLS == PROTOCOLS
+    assert evaluate_cli.SPLIT_CHOICES == SPLIT_CHOICES
+    subcommands = build_parser()._subparsers._group_actions[0].choices
+    for command in ("evaluate", "segment", "demo"):
+        protocol = next(a for a in subcommands[command]._actions if a.dest == "protocol")
+        assert list(protocol.choices) == list(PROTOCOLS), command
+    assert PromptDice("semantic").protocol is PROTOCOLS["semantic"]
+    with pytest.raises(ValueError, match="choose from top_query, semantic"):
+        PromptDice("threshold")  # not a validation metric
 
 
 @pytest.mark.slow

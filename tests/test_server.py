@@ -138,6 +138,9 @@ def test_infer_real_image(server, kvasir_jpeg):
     assert mask.shape == (height, width) and set(np.unique(mask)) <= {0, 1, 2}
     assert answer["mask_format"] == "png" and set(answer["result"]["labels"]) == {"1", "2"}
     assert answer["result"]["protocol"] == "threshold+box"
+    # the protocol belongs to that request only: the next one gets the server's default again
+    status, headers, body = _infer(server, data, "x.jpeg", {"prompts": ["polyp"]}, query="?output=json")
+    assert status == 200 and json.loads(body)["result"]["protocol"] == "top_query"
 
 
 def test_infer_volume(server, tmp_path):

@@ -2,7 +2,7 @@
 
 Every image holds bright discs ("bright disc", label 1) and/or dark elongated bars ("dark bar", label 2) on a
 smoothly varying noisy background; some images hold only one of the two, so the other prompt is a negative.
-Images are 8-bit PNGs, masks label maps (0 background, 1, 2); the datalist follows DESIGN.md's schema with
+Images are 8-bit PNGs, masks label maps (0 background, 1, 2); the datalist follows the datalist schema (``bundles/medsam3/docs/conventions.md``) with
 ``instance_rule = components`` (each disc or bar is one instance).
 """
 

@@ -22,6 +22,8 @@ import sys
 import time
 from pathlib import Path
 
+from ..protocol_registry import DEFAULT_PROTOCOL, PROTOCOLS
+
 BUNDLE_CONFIGS = Path(__file__).resolve().parents[2] / "bundles" / "medsam3" / "configs"
 
 
@@ -42,7 +44,7 @@ def add_parser(subparsers: argparse._SubParsersAction) -> argparse.ArgumentParse
     parser.add_argument("--batch-size", type=int, default=4)
     parser.add_argument("--lr", type=float, default=5e-4,
                         help="one learning rate for every parameter group (tiny from scratch); 0: the papers' rates")
-    parser.add_argument("--protocol", choices=("top_query", "threshold", "semantic"), default="top_query",
+    parser.add_argument("--protocol", choices=list(PROTOCOLS), default=DEFAULT_PROTOCOL,
                         help="evaluation protocol (default: the papers' top_query)")
     parser.add_argument("--quick", action="store_true", help="a reduced run (fewer images and epochs) for CI")
     parser.add_argument("--device", default="auto", help="auto (cuda when available), cpu, cuda, ...")

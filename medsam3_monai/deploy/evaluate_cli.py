@@ -17,14 +17,15 @@ import sys
 from pathlib import Path
 from typing import Any
 
+from ..protocol_registry import DEFAULT_PROTOCOL, PROTOCOLS
+
 __all__ = ["add_parser", "checkpoint_labels", "run"]
 
 _EPILOG = """\
 split: 'auto' (default) takes each datalist's test list when it has one, else its validation list
 (several datasets have no official test split); --max-cases N keeps the first N cases of each datalist.
-Protocols (2D): top_query = the highest-scoring query's mask (the papers'), threshold = union of queries
-with score >= --score-threshold, semantic = the semantic head. --box-prompts adds the box of the ground
-truth's largest connected component (T+I). Volumes: detector on every slice (top query, score >=
+Protocols (2D): """ + "; ".join(f"{p.name} = {p.describe('--score-threshold')}" for p in PROTOCOLS.values()) + """.
+--box-prompts adds the box of the ground truth's largest connected component (T+I). Volumes: detector on every slice (top query, score >=
 --score-threshold) merged with SAM3 tracker propagation from the most confident slice (--tracker).
 Metrics are computed in each input's own geometry; NSD (2 mm) and HD95 where the spacing is known.
 """
@@ -32,7 +33,6 @@ Metrics are computed in each input's own geometry; NSD (2 mm) and HD95 where the
 
 # kept here so that building the parser imports nothing heavy; tests pin them to the engine's own lists
 SPLIT_CHOICES = ("auto", "test", "validation", "training", "all")  # data.selection.SPLIT_CHOICES
-PROTOCOLS = ("top_query", "threshold", "semantic")  # inferers.image.PROTOCOLS
 
 
 def add_parser(subparsers: argparse._SubParsersAction) -> argparse.ArgumentParser:
@@ -52,7 +52,8 @@ def add_parser(subparsers: argparse._SubParsersAction) -> argparse.ArgumentParse
     parser.add_argument("--out", required=True, metavar="DIR", help="report folder (must not exist or be empty)")
     parser.add_argument("--split", choices=SPLIT_CHOICES, default="auto",
                         help="cases to evaluate (default auto: test if present, else validation)")
-    parser.add_argument("--protocol", choices=PROTOCOLS, default="top_query", help="2D protocol (top_query)")
+    parser.add_argument("--protocol", choices=list(PROTOCOLS), default=DEFAULT_PROTOCOL,
+                        help=f"2D protocol ({DEFAULT_PROTOCOL})")
     parser.add_argument("--score-threshold", type=float, default=0.5,
                         help="query score threshold of the threshold protocol and of volume detections (0.5)")
     parser.add_argument("--box-prompts", action="store_true",

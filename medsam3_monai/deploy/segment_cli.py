@@ -26,9 +26,10 @@ import tempfile
 from pathlib import Path
 from typing import Any
 
+from ..protocol_registry import PROTOCOLS
+
 __all__ = ["StagedFiles", "add_parser", "run", "write_label_volume", "write_mask_image"]
 
-PROTOCOLS = ("top_query", "threshold", "semantic")  # inferers.image.PROTOCOLS (kept here: a light parser)
 IMAGE_OUTPUTS = {".png": "PNG", ".bmp": "BMP", ".tif": "TIFF", ".tiff": "TIFF"}
 VOLUME_OUTPUTS = (".nii", ".nii.gz")
 BINARY_VALUE = 255  # a single prompt's 2D mask
@@ -67,7 +68,7 @@ def add_parser(subparsers: argparse._SubParsersAction) -> argparse.ArgumentParse
                              "checkpoint")
     parser.add_argument("--image-size", type=int, default=None, metavar="N",
                         help="slice-space size of the tiny network (default 112); must match a real checkpoint")
-    parser.add_argument("--protocol", choices=PROTOCOLS, default=None, help="2D protocol (default top_query)")
+    parser.add_argument("--protocol", choices=list(PROTOCOLS), default=None, help="2D protocol (default top_query)")
     parser.add_argument("--score-threshold", type=float, default=0.5, metavar="F",
                         help="query score of the threshold protocol and of volume detections (0.5)")
     parser.add_argument("--tracker", default="auto", metavar="SRC|none",

@@ -153,7 +153,7 @@ def upload_suffix(filename: str | None) -> str:
 
 def parse_params(text: str | None, limits: ServerLimits) -> dict[str, Any]:
     """The ``params`` form field -> {"prompts": [...], "box", "protocol", "modality"}; 422 on anything wrong."""
-    from ..inferers.image import PROTOCOLS
+    from ..protocol_registry import PROTOCOLS
 
     if text is None or not text.strip():
         raise RequestError(422, "missing 'params': give a JSON string such as {\"prompts\": [\"polyp\"]}")
@@ -246,8 +246,8 @@ def create_app(predictor: Any, *, token: str | None = None, limits: ServerLimits
     from starlette.exceptions import HTTPException as StarletteHTTPException
 
     from .. import __version__
-    from ..inferers.image import PROTOCOLS, check_protocol
     from ..inferers.predict import box_prompts, user_error
+    from ..protocol_registry import PROTOCOLS
     from .segment_cli import output_labels, write_label_volume, write_mask_image
 
     limits = limits or ServerLimits()
@@ -353,12 +353,10 @@ def create_app(predictor: Any, *, token: str | None = None, limits: ServerLimits
             "Content-Disposition": f'attachment; filename="mask.{mask_format}"'})
 
     def _predict(upload: Path, request: dict[str, Any]) -> Any:
-        with lock:
-            inferer = predictor.inferer
-            previous = inferer.protocol
+        with lock:  # one model, one request at a time; the protocol travels with the request
             try:
-                inferer.protocol = check_protocol(request["protocol"] or "top_query")
-                return predictor(upload, request["prompts"], box=request["box"], modality=request["modality"])
+                return predictor(upload, request["prompts"], box=request["box"], modality=request["modality"],
+                                 protocol=request["protocol"])
             except (ValueError, FileNotFoundError) as err:
                 raise RequestError(422, str(err).replace(str(upload), f"upload{upload_suffix(upload.name)}")) from None
             except RuntimeError as err:
@@ -368,7 +366,5 @@ def create_app(predictor: Any, *, token: str | None = None, limits: ServerLimits
                 raise RequestError(422, str(cause).replace(str(upload), "upload")) from None
             except OSError as err:  # decoders: truncated or corrupt data
                 raise RequestError(422, f"cannot read the uploaded file: {err}".replace(str(upload), "upload")) from None
-            finally:
-                inferer.protocol = previous
 
     return _GuardMiddleware(app, token, limits.max_request_bytes)

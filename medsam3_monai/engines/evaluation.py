@@ -34,13 +34,13 @@ from monai.inferers import Inferer
 
 from ..data.selection import SPLIT_CHOICES, evaluation_items, is_volume_item
 from ..inferers.image import (
-    check_protocol,
     confidence_of,
     ground_truth_boxes,
     invert_to_input,
     segment_image,
 )
 from ..metrics.merge import merge_classes
+from ..protocol_registry import get_protocol
 from ..metrics.segmentation import DEFAULT_NSD_TOLERANCE_MM, case_metrics
 
 __all__ = [
@@ -98,18 +98,14 @@ def collate_cases(batch: Sequence[Any]) -> list[list[dict[str, Any]]]:
 
 def protocol_label(protocol: str, box_prompts: bool = False) -> str:
     """The name a number is reported under: the protocol, ``+box`` for the T+I (text + box) variant."""
-    return check_protocol(protocol) + ("+box" if box_prompts else "")
+    return get_protocol(protocol).name + ("+box" if box_prompts else "")
 
 
 def report_notes(checkpoint: str, protocol: str, score_threshold: float, box_prompts: bool,
                  items: Sequence[dict[str, Any]], tracker: str = "none") -> list[str]:
     """How the numbers were produced: the lines under the report's Markdown table."""
     splits = sorted({f"{Path(str(i.get('datalist', '?'))).name}: {i.get('split', '?')}" for i in items})
-    described = {
-        "top_query": "the highest-scoring query's mask per prompt (the papers' protocol)",
-        "threshold": f"the union of the queries with score >= {score_threshold}",
-        "semantic": "the semantic head's mask (logit > 0)",
-    }[check_protocol(protocol)]
+    described = get_protocol(protocol).describe(score_threshold)
     notes = [
         f"Checkpoint `{checkpoint}`; protocol `{protocol_label(protocol, box_prompts)}`: {described}"
         + ("; text + box prompt (largest ground-truth component)." if box_prompts else "; text prompts."),
@@ -213,7 +209,7 @@ class CaseInferer(Inferer):
     ) -> None:
         super().__init__()
         self.transform = transform
-        self.protocol = check_protocol(protocol)
+        self.protocol = get_protocol(protocol).name
         self.score_threshold = float(score_threshold)
         self.box_prompts = bool(box_prompts)
         self.tracker = tracker

@@ -10,7 +10,8 @@ from ignite.metrics.metric import reinit__is_reduced, sync_all_reduce
 from monai.engines import SupervisedEvaluator
 from monai.utils.enums import CommonKeys as Keys
 
-from ..inferers.protocols import dice_per_prompt, top_query_logits, upsample_logits
+from ..inferers.protocols import dice_per_prompt
+from ..protocol_registry import get_protocol
 from .batch import PrepareFindBatch
 from .trainer import autocast_for
 
@@ -18,19 +19,15 @@ from .trainer import autocast_for
 class PromptDice(Metric):
     """Mean Dice over prompts with a target, between a predicted mask and the prompt's union mask.
 
-    ``protocol``: ``"top_query"`` (the papers' protocol: the highest-scoring query's mask, logit > 0) or
-    ``"semantic"`` (the semantic head, logit > 0). Negative prompts are left out of this number (their quality is
-    the presence score, evaluated by the evaluation reports); it is the model-selection metric of the training
-    bundle (``val_protocol``).
+    ``protocol``: a registered protocol usable for validation (``protocol_registry``): ``"top_query"`` (the
+    papers' protocol: the highest-scoring query's mask, logit > 0) or ``"semantic"`` (the semantic head).
+    Negative prompts are left out of this number (their quality is the presence score, evaluated by the
+    evaluation reports); it is the model-selection metric of the training bundle (``val_protocol``).
     """
-
-    PROTOCOLS = ("top_query", "semantic")
 
     def __init__(self, protocol: str = "top_query", output_transform=lambda output: output,
                  device: str | torch.device = "cpu") -> None:
-        if protocol not in self.PROTOCOLS:
-            raise ValueError(f"protocol must be one of {self.PROTOCOLS}, got {protocol!r}")
-        self.protocol = protocol
+        self.protocol = get_protocol(protocol, validation=True)
         super().__init__(output_transform=output_transform, device=device)
 
     @reinit__is_reduced
@@ -43,10 +40,7 @@ class PromptDice(Metric):
         outputs, targets = output
         truth = targets.semantic_masks()
         size = tuple(truth.shape[-2:])
-        if self.protocol == "top_query":
-            logits, _ = top_query_logits(outputs, size)
-        else:
-            logits = upsample_logits(outputs.semantic_seg, size)[:, 0]
+        logits, _ = self.protocol.logits(outputs, size)
         dice = dice_per_prompt(logits > 0, truth)
         positive = truth.flatten(1).any(1)
         self._sum += dice[positive].double().sum().to(self._device)

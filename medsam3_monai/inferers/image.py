@@ -1,7 +1,8 @@
 """2D inference: one image (or slice), many text prompts -> one mask per prompt, a merged label map, and the
 way back to the input's own geometry.
 
-Protocols (DESIGN.md, Evaluation protocol; the name is recorded with every number it produces):
+Protocols (``medsam3_monai.protocol_registry``, ``bundles/medsam3/docs/conventions.md``; the name is recorded with every number
+it produces):
 
 * ``top_query`` -- the papers' protocol: the mask of each prompt's highest-scoring query (score =
   sigmoid(class logit) x sigmoid(presence logit)), whatever its score.
@@ -43,11 +44,11 @@ import torch
 from ..boxes import largest_component_box_prompts
 from ..metrics.merge import merge_classes
 from ..networks.outputs import MedSAM3Output
-from .protocols import top_query_logits, upsample_logits
+from ..protocol_registry import get_protocol
+from .protocols import EMPTY_LOGIT
 
 __all__ = [
     "EMPTY_LOGIT",
-    "PROTOCOLS",
     "ImageSegmentation",
     "ground_truth_boxes",
     "invert_slice",
@@ -56,47 +57,15 @@ __all__ = [
     "segment_image",
 ]
 
-PROTOCOLS = ("top_query", "threshold", "semantic")
-#: logit of "no mask here": finite, so that bilinear inversion never mixes infinities into NaN
-EMPTY_LOGIT = -1.0e4
-
-
-def check_protocol(protocol: str) -> str:
-    if protocol not in PROTOCOLS:
-        raise ValueError(f"unknown protocol {protocol!r}; choose from {', '.join(PROTOCOLS)}")
-    return protocol
-
-
 def protocol_logits(
     outputs: MedSAM3Output,
     size: int | tuple[int, int],
     protocol: str = "top_query",
     score_threshold: float = 0.5,
-    chunk: int = 16,
 ) -> tuple[torch.Tensor, torch.Tensor]:
-    """Per find-query mask logits ``(B, H, W)`` (float32, ``size``) and score ``(B,)`` under ``protocol``.
-
-    See the module docstring for the definition of each protocol. ``threshold`` upsamples only the kept
-    queries, ``chunk`` at a time (at 1008 px a query's map is 4 MB).
-    """
-    check_protocol(protocol)
-    if protocol == "top_query":
-        return top_query_logits(outputs, size)
-    if protocol == "semantic":
-        return upsample_logits(outputs.semantic_seg, size)[:, 0], outputs.presence_logits[:, 0].float().sigmoid()
-    scores = outputs.scores.float()
-    size = (size, size) if isinstance(size, int) else tuple(size)
-    logits = torch.full((scores.shape[0], *size), EMPTY_LOGIT, dtype=torch.float32, device=scores.device)
-    chosen = scores.max(dim=1).values
-    for b in range(scores.shape[0]):
-        keep = torch.nonzero(scores[b] >= score_threshold).flatten()
-        if keep.numel() == 0:
-            continue
-        chosen[b] = scores[b, keep].max()
-        for start in range(0, keep.numel(), chunk):
-            part = upsample_logits(outputs.pred_masks[b, keep[start:start + chunk]][None], size)[0]
-            logits[b] = torch.maximum(logits[b], part.amax(dim=0))
-    return logits, chosen
+    """Per find-query mask logits ``(B, H, W)`` (float32, ``size``) and score ``(B,)`` under ``protocol``
+    (see the module docstring for the definition of each)."""
+    return get_protocol(protocol).logits(outputs, size, score_threshold)
 
 
 @dataclass
@@ -163,7 +132,7 @@ def segment_image(
     Returns:
         :class:`ImageSegmentation` with (P, S, S) logits and (P,) scores in slice space.
     """
-    check_protocol(protocol)
+    get_protocol(protocol)
     prompts = [prompts] if isinstance(prompts, str) else list(prompts)
     if not prompts:
         raise ValueError("segment_image needs at least one prompt")

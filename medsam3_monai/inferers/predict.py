@@ -34,7 +34,9 @@ from monai.data import MetaTensor
 from monai.inferers import Inferer
 
 from ..transforms.errors import DataError, source_name
-from .image import EMPTY_LOGIT, check_protocol, segment_image
+from ..protocol_registry import get_protocol
+from .image import segment_image
+from .protocols import EMPTY_LOGIT
 
 __all__ = [
     "MASK_LOGIT",
@@ -331,7 +333,7 @@ class PromptInferer(Inferer):
                  tracker_name: str | None = None, volume_batch_size: int = 8, progress: bool = False,
                  image_key: str = "image") -> None:
         super().__init__()
-        self.protocol = check_protocol(protocol)
+        self.protocol = get_protocol(protocol).name
         if not 0.0 <= float(score_threshold) <= 1.0:
             raise ValueError(f"score threshold must be in [0, 1], got {score_threshold}")
         self.score_threshold = float(score_threshold)
@@ -362,13 +364,14 @@ class PromptInferer(Inferer):
     def _image(self, item: dict[str, Any], prompts: list[str], network: torch.nn.Module,
                device: torch.device) -> dict[str, Any]:
         image = item[self.image_key]
+        protocol = get_protocol(item.get("protocol") or self.protocol).name  # a request may choose its own
         boxes = box_prompts(item.get("box"), len(prompts), image.meta["spatial_shape"])
-        seg = segment_image(network, _plain(image).to(device), prompts, protocol=self.protocol,
+        seg = segment_image(network, _plain(image).to(device), prompts, protocol=protocol,
                             score_threshold=self.score_threshold, boxes=None if boxes is None else boxes[0],
                             box_labels=None if boxes is None else boxes[1])
         item["pred"] = MetaTensor(seg.logits.float())
         item["confidence"] = MetaTensor(seg.confidence)
-        return {"prompt_scores": seg.scores.float(), "protocol": self.protocol + ("+box" if boxes is not None else "")}
+        return {"prompt_scores": seg.scores.float(), "protocol": protocol + ("+box" if boxes is not None else "")}
 
     def _volume(self, items: list[dict[str, Any]], prompts: list[str], network: torch.nn.Module,
                 device: torch.device, path: str | None) -> dict[str, Any]:
@@ -520,9 +523,10 @@ class Predictor:
         return prompts
 
     def __call__(self, path: str | Path, prompts: Sequence[str] | str, box: Any = None,
-                 modality: str | None = None, channel: int | None = None) -> Prediction:
+                 modality: str | None = None, channel: int | None = None, protocol: str | None = None) -> Prediction:
         """Segment one file (``box``: see :func:`box_prompts`; ``channel``: the channel / time point of a 4D
-        volume). Input errors raise ValueError / FileNotFoundError (DataError, PromptError) with what to do."""
+        volume; ``protocol``: this call's 2D protocol, default the predictor's). Input errors raise ValueError /
+        FileNotFoundError (DataError, PromptError) with what to do."""
         from ..transforms.intensity import handler_for_modality
 
         kind = input_kind(path)
@@ -534,7 +538,10 @@ class Predictor:
                 handler_for_modality(modality)
             except KeyError:
                 raise ValueError(f"unknown modality {modality!r}; e.g. CT, MRI, X-ray, ultrasound, endoscopy") from None
-        item = {"image": str(path), "prompts": _prompt_mapping(prompts), "box": box, "modality": modality}
+        if protocol is not None:
+            get_protocol(protocol)
+        item = {"image": str(path), "prompts": _prompt_mapping(prompts), "box": box, "modality": modality,
+                "protocol": protocol}
         transform, postprocessing = self.pipeline(channel)
         try:
             slices = transform(item)

@@ -1,4 +1,8 @@
-"""Turning detector outputs into one mask per prompt: the papers' protocols."""
+"""Turning detector outputs into one mask per prompt: the functions of the protocols registered in
+:mod:`medsam3_monai.protocol_registry` (definitions in ``bundles/medsam3/docs/conventions.md``), and logit upsampling.
+
+Each protocol function is ``(outputs, size, score_threshold) -> (logits (B, H, W) float32, scores (B,))``.
+"""
 
 from __future__ import annotations
 
@@ -6,6 +10,9 @@ import torch
 import torch.nn.functional as F
 
 from ..networks.outputs import MedSAM3Output
+
+#: logit of "no mask here": finite, so that bilinear inversion never mixes infinities into NaN
+EMPTY_LOGIT = -1.0e4
 
 
 def upsample_logits(logits: torch.Tensor, size: int | tuple[int, int]) -> torch.Tensor:
@@ -16,13 +23,41 @@ def upsample_logits(logits: torch.Tensor, size: int | tuple[int, int]) -> torch.
     return F.interpolate(logits.float(), size=size, mode="bilinear", align_corners=False)
 
 
-def top_query_logits(outputs: MedSAM3Output, size: int | tuple[int, int]) -> tuple[torch.Tensor, torch.Tensor]:
-    """The paper's protocol: mask logits (B, H, W) of each prompt's highest-scoring query, and its score (B,)."""
+def top_query_logits(outputs: MedSAM3Output, size: int | tuple[int, int],
+                     score_threshold: float = 0.5) -> tuple[torch.Tensor, torch.Tensor]:
+    """The papers' protocol: mask logits (B, H, W) of each prompt's highest-scoring query (whatever its score;
+    ``score_threshold`` is not used), and that score (B,)."""
     scores = outputs.scores
     best = scores.argmax(dim=1)
     rows = torch.arange(scores.shape[0], device=scores.device)
     logits = outputs.pred_masks[rows, best][:, None]
     return upsample_logits(logits, size)[:, 0], scores[rows, best]
+
+
+def threshold_logits(outputs: MedSAM3Output, size: int | tuple[int, int], score_threshold: float = 0.5,
+                     chunk: int = 16) -> tuple[torch.Tensor, torch.Tensor]:
+    """Union of the queries with score >= ``score_threshold``: the pixel-wise max of their logits (so ``> 0`` is
+    exactly the union) and the highest kept score; with none kept, ``EMPTY_LOGIT`` and the best query's score.
+    Only kept queries are upsampled, ``chunk`` at a time (at 1008 px a query's map is 4 MB)."""
+    scores = outputs.scores.float()
+    size = (size, size) if isinstance(size, int) else tuple(size)
+    logits = torch.full((scores.shape[0], *size), EMPTY_LOGIT, dtype=torch.float32, device=scores.device)
+    chosen = scores.max(dim=1).values
+    for b in range(scores.shape[0]):
+        keep = torch.nonzero(scores[b] >= score_threshold).flatten()
+        if keep.numel() == 0:
+            continue
+        chosen[b] = scores[b, keep].max()
+        for start in range(0, keep.numel(), chunk):
+            part = upsample_logits(outputs.pred_masks[b, keep[start:start + chunk]][None], size)[0]
+            logits[b] = torch.maximum(logits[b], part.amax(dim=0))
+    return logits, chosen
+
+
+def semantic_logits(outputs: MedSAM3Output, size: int | tuple[int, int],
+                    score_threshold: float = 0.5) -> tuple[torch.Tensor, torch.Tensor]:
+    """The semantic head's logits (B, H, W) and sigmoid(presence logit) (B,) as the score."""
+    return upsample_logits(outputs.semantic_seg, size)[:, 0], outputs.presence_logits[:, 0].float().sigmoid()
 
 
 def dice_per_prompt(pred: torch.Tensor, truth: torch.Tensor) -> torch.Tensor:

@@ -1,7 +1,7 @@
 """Multi-class merge: independent per-class predictions → one label map.
 
 The evaluation protocol queries each class of a multi-class dataset with its own prompt, so two classes can
-claim the same pixel. The rule (DESIGN.md, Evaluation protocol): a pixel claimed by several classes goes to
+claim the same pixel. The rule (``bundles/medsam3/docs/conventions.md``, Multi-class images): a pixel claimed by several classes goes to
 the class with the highest confidence there (pixel-wise maximum); a pixel no class claims is background 0.
 Labels are 1..C in prompt order (channel ``c`` → label ``c + 1``); exact ties go to the earlier prompt.
 """

@@ -7,7 +7,7 @@ probabilities first, a map with other values is an error rather than a silent gu
 
 Values are fractions in [0, 1] (HD95 in mm); reports turn them into %.
 
-Empty masks (the evaluation protocol of DESIGN.md):
+Empty masks (``bundles/medsam3/docs/conventions.md``, Metrics):
 
 ==============================  ======  ======  ======  ======
 prediction / truth              Dice    IoU     NSD     HD95

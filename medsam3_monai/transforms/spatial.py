@@ -1,4 +1,5 @@
-"""Slice space: every 2D image or slice resized to S x S (aspect ratio not kept, as SAM3 does), invertibly.
+"""Slice space: every 2D image or slice resized to S x S (aspect ratio not kept, as SAM3 does), invertibly
+(``bundles/medsam3/docs/conventions.md``, Slice space).
 
 Inversion is MONAI's: ``Invertd(keys="pred", transform=<the Compose holding ResizeToSliced>,
 orig_keys="image", nearest_interp=False)`` maps ``(N, S, S)`` predictions back to the image's own size,

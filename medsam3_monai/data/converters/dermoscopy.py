@@ -6,7 +6,7 @@ ISIC 2018 (ROOT holds the unpacked challenge archives)::
     ISIC2018_Task1_Training_GroundTruth/ISIC_NNNNNNN_segmentation.png
     ISIC2018_Task1-2_{Validation,Test}_Input/...   ISIC2018_Task1_{Validation,Test}_GroundTruth/...
 
-Training and Validation are pooled and split 85/15 (DESIGN: 85/15 per dataset, official *test* splits kept);
+Training and Validation are pooled and split 85/15 (85/15 per dataset, official *test* splits kept: ``bundles/medsam3/docs/conventions.md``);
 Test is ``test``; a Test_Input without its GroundTruth folder is counted as unlabelled. LICENSE/ATTRIBUTION
 files inside the archives are ignored.
 

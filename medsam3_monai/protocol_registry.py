@@ -1,0 +1,58 @@
+"""The 2D evaluation protocols: one registry, name -> description + mask-logits function.
+
+Every command line choice, request validation, validation metric and report note reads this table, and
+``medsam3_monai.inferers.protocols`` holds the functions (definitions: ``bundles/medsam3/docs/conventions.md``). The module is
+light (no torch import) so that command-line parsers can offer the names.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+from typing import Any
+
+
+@dataclass(frozen=True)
+class Protocol:
+    """A way to turn detector outputs into one mask-logit map and one score per prompt.
+
+    Attributes:
+        name: as written on the command line and beside every number it produced.
+        description: for report notes; ``{score_threshold}`` is filled in.
+        function: name of its function in :mod:`medsam3_monai.inferers.protocols`,
+            ``(outputs, size, score_threshold) -> (logits (B, H, W), scores (B,))``.
+        validation: usable as the training bundle's validation metric (``val_protocol``).
+    """
+
+    name: str
+    description: str
+    function: str
+    validation: bool = False
+
+    def logits(self, outputs: Any, size: int | tuple[int, int], score_threshold: float = 0.5):
+        """Mask logits (B, H, W) float32 at ``size`` and scores (B,) of ``outputs`` (a ``MedSAM3Output``)."""
+        from .inferers import protocols
+
+        return getattr(protocols, self.function)(outputs, size, score_threshold)
+
+    def describe(self, score_threshold: float = 0.5) -> str:
+        return self.description.format(score_threshold=score_threshold)
+
+
+PROTOCOLS: dict[str, Protocol] = {
+    p.name: p
+    for p in (
+        Protocol("top_query", "the highest-scoring query's mask per prompt (the papers' protocol)",
+                 "top_query_logits", validation=True),
+        Protocol("threshold", "the union of the queries with score >= {score_threshold}", "threshold_logits"),
+        Protocol("semantic", "the semantic head's mask (logit > 0)", "semantic_logits", validation=True),
+    )
+}
+DEFAULT_PROTOCOL = "top_query"
+
+
+def get_protocol(name: str, validation: bool = False) -> Protocol:
+    """The registered protocol ``name`` (``validation``: one usable as the training validation metric)."""
+    choices = [p.name for p in PROTOCOLS.values() if p.validation or not validation]
+    if name not in choices:
+        raise ValueError(f"unknown protocol {name!r}; choose from {', '.join(choices)}")
+    return PROTOCOLS[name]
