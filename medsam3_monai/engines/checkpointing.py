@@ -12,6 +12,7 @@ import torch
 from ignite.engine import Engine, Events
 
 from ..compat import skip_batches
+from ..networks.outputs import unwrap
 from .distributed import barrier, broadcast_object
 
 logger = logging.getLogger(__name__)
@@ -69,7 +70,7 @@ class TrainingCheckpoint:
 
     @staticmethod
     def _unwrap(obj: Any) -> Any:
-        return getattr(obj, "module", obj) if isinstance(obj, torch.nn.Module) else obj
+        return unwrap(obj) if isinstance(obj, torch.nn.Module) else obj
 
     def save(self, engine: Engine) -> Path | None:
         if not _is_rank0():

@@ -17,6 +17,8 @@ from typing import Any
 import torch
 import torch.distributed as dist
 
+from ..networks.outputs import unwrap
+
 logger = logging.getLogger(__name__)
 
 #: Handlers attached on rank 0 only (matched by class name along the MRO): console/tracking logs and files
@@ -142,7 +144,7 @@ def save_rank_state(network: torch.nn.Module, folder: str | Path, **extra: Any) 
     """
     folder = Path(folder)
     folder.mkdir(parents=True, exist_ok=True)
-    module = getattr(network, "module", network)
+    module = unwrap(network)
     path = folder / f"rank{get_rank()}.pt"
     payload = {"state_dict": {k: v.detach().cpu() for k, v in module.state_dict().items()}, **extra}
     torch.save(payload, path)

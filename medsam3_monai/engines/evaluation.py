@@ -40,6 +40,7 @@ from ..inferers.image import (
     segment_image,
 )
 from ..metrics.merge import merge_classes
+from .inference import collate_cases
 from ..protocol_registry import get_protocol
 from ..metrics.segmentation import DEFAULT_NSD_TOLERANCE_MM, case_metrics
 
@@ -89,11 +90,6 @@ def evaluation_transforms(image_size: int = 1008, ct_window: str | Sequence[floa
         ResizeToSliced(keys="image", spatial_size=image_size),
         Sam3Normalized(keys="image"),
     ])
-
-
-def collate_cases(batch: Sequence[Any]) -> list[list[dict[str, Any]]]:
-    """DataLoader ``collate_fn``: a list of cases, each the list of its slice items (one for a 2D image)."""
-    return [case if isinstance(case, list) else [case] for case in batch]
 
 
 def protocol_label(protocol: str, box_prompts: bool = False) -> str:

@@ -10,6 +10,7 @@ import torch
 from ignite.engine import Engine, Events
 
 from ..compat import attached_handlers
+from ..networks.outputs import unwrap
 from .distributed import get_rank
 
 logger = logging.getLogger(__name__)
@@ -119,6 +120,6 @@ class FinalCheckpoint:
             return
         from ..networks.checkpoints import save_checkpoint_file
 
-        network = getattr(self.network, "module", self.network)  # DDP
+        network = unwrap(self.network)
         save_checkpoint_file(network.sam3, self.path, extra={"iteration": engine.state.iteration})
         logger.info("saved final model to %s", self.path)

@@ -6,11 +6,12 @@ from torch import nn
 from torch.optim import AdamW
 
 from ..networks.param_groups import LearningRates, sam3_param_groups
+from ..networks.outputs import unwrap
 
 
 def freeze_encoders(network: nn.Module, vision: bool = True, text: bool = True) -> int:
     """MedSAM3 mode: freeze the vision and/or text encoder (CLIP + its projection); returns frozen parameter count."""
-    network = getattr(network, "module", network)  # DistributedDataParallel
+    network = unwrap(network)
     sam3 = network.sam3 if hasattr(network, "sam3") else network
     modules = ([sam3.vision_encoder] if vision else []) + ([sam3.text_encoder, sam3.text_projection] if text else [])
     frozen = 0

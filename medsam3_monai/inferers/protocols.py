@@ -7,20 +7,11 @@ Each protocol function is ``(outputs, size, score_threshold) -> (logits (B, H, W
 from __future__ import annotations
 
 import torch
-import torch.nn.functional as F
 
-from ..networks.outputs import MedSAM3Output
+from ..networks.outputs import MedSAM3Output, upsample_logits
 
 #: logit of "no mask here": finite, so that bilinear inversion never mixes infinities into NaN
 EMPTY_LOGIT = -1.0e4
-
-
-def upsample_logits(logits: torch.Tensor, size: int | tuple[int, int]) -> torch.Tensor:
-    """Bilinear (align_corners=False) resize of (B, K, h, w) mask logits to ``size``, in float32."""
-    size = (size, size) if isinstance(size, int) else tuple(size)
-    if tuple(logits.shape[-2:]) == size:
-        return logits.float()
-    return F.interpolate(logits.float(), size=size, mode="bilinear", align_corners=False)
 
 
 def top_query_logits(outputs: MedSAM3Output, size: int | tuple[int, int],

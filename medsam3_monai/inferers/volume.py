@@ -46,7 +46,8 @@ from transformers import Sam3TrackerVideoConfig, Sam3TrackerVideoModel
 from ..compat import add_mask_prompt, tracker_session
 from ..networks.checkpoints import CheckpointError, load_pretrained_folder
 from ..networks.presets import TINY_IMAGE_SIZE, check_image_size, tiny_sam3_config
-from .protocols import top_query_logits, upsample_logits
+from ..networks.outputs import upsample_logits
+from .protocols import top_query_logits
 
 __all__ = [
     "VolumeSegmentation",

@@ -15,9 +15,9 @@ import torch.distributed as dist
 import torch.nn.functional as F
 from torch import nn
 
-from ..networks.outputs import MedSAM3Output
 from ..boxes import elementwise_giou, elementwise_iou
-from .functional import dice_loss_per_row, resize_logits, sigmoid_focal_loss
+from ..networks.outputs import MedSAM3Output, upsample_logits
+from .functional import dice_loss_per_row, sigmoid_focal_loss
 from .matchers import HungarianMatcher, Matches, OneToManyMatcher
 from .targets import FindTargets
 
@@ -166,7 +166,7 @@ class SetCriterion(nn.Module):
         keep = targets.is_valid_mask[matches.target_idx]
         src = pred_masks[matches.batch_idx[keep], matches.query_idx[keep]]
         tgt = targets.masks[matches.target_idx[keep]]
-        src = resize_logits(src, tuple(tgt.shape[-2:])).flatten(1)
+        src = upsample_logits(src[:, None], tuple(tgt.shape[-2:]))[:, 0].flatten(1)
         tgt = tgt.flatten(1).to(src.dtype)
         s = self.settings
         focal = sigmoid_focal_loss(src, tgt, s.mask_focal_alpha, s.mask_focal_gamma).mean(1)
@@ -175,7 +175,7 @@ class SetCriterion(nn.Module):
     def semantic_terms(self, semantic_seg: torch.Tensor, targets: FindTargets) -> dict[str, torch.Tensor]:
         """L_seg: focal + dice of the semantic head vs the per-query union of instance masks."""
         union = targets.semantic_masks()
-        logits = resize_logits(semantic_seg[:, 0], tuple(union.shape[-2:])).flatten(1)
+        logits = upsample_logits(semantic_seg, tuple(union.shape[-2:]))[:, 0].flatten(1)
         union = union.flatten(1).to(logits.dtype)
         s = self.settings
         focal = sigmoid_focal_loss(logits, union, s.semantic_focal_alpha, s.semantic_focal_gamma).mean(1)

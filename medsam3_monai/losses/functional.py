@@ -25,8 +25,3 @@ def dice_loss_per_row(logits: torch.Tensor, targets: torch.Tensor) -> torch.Tens
     return 1 - (numerator + 1) / (denominator + 1)
 
 
-def resize_logits(logits: torch.Tensor, size: tuple[int, int]) -> torch.Tensor:
-    """Bilinear (align_corners=False) resize of (K, h, w) logits to (K, H, W), in float32."""
-    if tuple(logits.shape[-2:]) == tuple(size):
-        return logits.float()
-    return F.interpolate(logits.float()[:, None], size=size, mode="bilinear", align_corners=False)[:, 0]

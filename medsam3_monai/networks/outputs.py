@@ -1,10 +1,26 @@
-"""Typed outputs of :class:`MedSAM3Net`."""
+"""Typed outputs of :class:`MedSAM3Net`, the resize of its mask logits, and unwrapping a distributed network."""
 
 from __future__ import annotations
 
 from dataclasses import dataclass
 
 import torch
+import torch.nn.functional as F
+from torch import nn
+
+
+def upsample_logits(logits: torch.Tensor, size: int | tuple[int, int]) -> torch.Tensor:
+    """Bilinear (align_corners=False) resize of (B, K, h, w) mask logits to ``size``, in float32 (SAM3's
+    convention for comparing mask logits with targets, and ours for every prediction)."""
+    size = (size, size) if isinstance(size, int) else tuple(size)
+    if tuple(logits.shape[-2:]) == size:
+        return logits.float()
+    return F.interpolate(logits.float(), size=size, mode="bilinear", align_corners=False)
+
+
+def unwrap(network: nn.Module) -> nn.Module:
+    """The network inside ``DistributedDataParallel`` (or the network itself)."""
+    return getattr(network, "module", network)
 
 
 @dataclass

@@ -14,6 +14,8 @@ from dataclasses import asdict, dataclass
 from torch import nn
 from transformers import Sam3Model
 
+from .outputs import unwrap
+
 _VIT_LAYER = re.compile(r"^vision_encoder\.backbone\.layers\.(\d+)\.")
 _VIT_POSITION_EMBEDDING = "vision_encoder.backbone.embeddings.position_embeddings"
 _VIT_STEM = ("vision_encoder.backbone.embeddings.", "vision_encoder.backbone.layer_norm.")
@@ -37,7 +39,7 @@ class LearningRates:
 
 
 def _sam3_of(model: nn.Module) -> Sam3Model:
-    model = getattr(model, "module", model)  # DistributedDataParallel
+    model = unwrap(model)
     return model if isinstance(model, Sam3Model) else model.sam3  # MedSAM3Net
 
 
