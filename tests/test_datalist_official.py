@@ -14,7 +14,7 @@ from medsam3_monai.data.catalogue import load_schema
 from medsam3_monai.data.cli import datalist_command
 from medsam3_monai.data.datalist import build_datalist
 from medsam3_monai.data.pairs import DatalistError
-from medsam3_monai.data.schema_check import schema_errors
+from medsam3_monai.data.schemas import schema_errors
 
 
 def img(path: Path, size: tuple[int, int] = (8, 6), mode: str = "L", fmt: str | None = None) -> Path:

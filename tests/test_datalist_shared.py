@@ -10,7 +10,7 @@ import pytest
 from medsam3_monai.data.catalogue import load_schema
 from medsam3_monai.data.cli import datalist_command
 from medsam3_monai.data.datalist import build_datalist, load_datalist, write_datalist
-from medsam3_monai.data.schema_check import schema_errors
+from medsam3_monai.data.schemas import schema_errors
 
 # folder -> (training + validation, test)
 EXPECTED = {

@@ -27,7 +27,7 @@ from .catalogue import Catalogue, DatasetEntry, load_catalogue, load_schema
 from .checks import spatial_shape, unknown_label_values
 from .converters import resolve
 from .pairs import Conversion, DatalistError, Pair, Problem
-from .schema_check import validate
+from .schemas import validate
 from .splits import split_items
 
 __all__ = ["DatalistResult", "build_datalist", "load_datalist", "write_datalist"]
