@@ -131,7 +131,7 @@ def bench_2d(network, repeats: int, folder: Path) -> dict:
 def bench_3d(network, repeats: int) -> dict | None:
     if importlib.util.find_spec("medsam3_monai.inferers.volume") is None:
         return None
-    from medsam3_monai.inferers.volume import build_tracker
+    from medsam3_monai.networks.tracker import build_tracker
 
     tracker = build_tracker("tiny", detector=network)
     folder = SHARED / "MSD_Task04_Hippocampus_cropped"

@@ -15,7 +15,6 @@ from safetensors.torch import load_file, save_file
 from _transforms_helpers import SAMPLES, item, requires_data
 from medsam3_monai.inferers import (
     VolumeSegmentation,
-    build_tracker,
     detect_slices,
     segment_volume,
     select_seeds,
@@ -23,6 +22,7 @@ from medsam3_monai.inferers import (
 from medsam3_monai.inferers import volume as volume_module
 from medsam3_monai.inferers.protocols import top_query_logits
 from medsam3_monai.networks import CheckpointError, MedSAM3Net, tiny_sam3_config
+from medsam3_monai.networks.tracker import build_tracker, tiny_tracker_config
 from medsam3_monai.transforms import RestackSlicesd, slice_space_transforms
 
 S = 112
@@ -112,7 +112,7 @@ def _tiny_sam3_video_folder(tmp_path):
     from transformers import Sam3VideoConfig, Sam3VideoModel
 
     detector_config = tiny_sam3_config(S, hidden_size=128)  # SAM3: the tracker neck is the detector's FPN shape
-    tracker_config = volume_module.tiny_tracker_config(S, detector_config.vision_config)
+    tracker_config = tiny_tracker_config(S, detector_config.vision_config)
     with torch.random.fork_rng(devices=[]):
         torch.manual_seed(3)
         model = Sam3VideoModel(Sam3VideoConfig(detector_config=detector_config.to_dict(),

@@ -100,7 +100,8 @@ def run(args: argparse.Namespace) -> int:
         run_evaluation,
     )
     from ..engines.reports import default_tracking_uri, open_experiment
-    from ..inferers.predict import load_network, resolve_tracker
+    from ..networks import load_network
+    from ..networks.tracker import resolve_tracker
 
     sources = list(args.checkpoint)
     if len(sources) > 2:

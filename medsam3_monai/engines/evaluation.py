@@ -188,7 +188,7 @@ class CaseInferer(Inferer):
         score_threshold: the ``threshold`` protocol's query score threshold, and the detection threshold of
             the volume path.
         box_prompts: add the ground truth's largest-component box to each prompt (T+I protocol, 2D only).
-        tracker: the SAM3 tracker for volumes (``inferers.volume.build_tracker``); None = detector only.
+        tracker: the SAM3 tracker for volumes (``networks.tracker.build_tracker``); None = detector only.
         volume_batch_size: slices per detector call in the volume path.
     """
 

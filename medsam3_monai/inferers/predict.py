@@ -33,8 +33,10 @@ import torch
 from monai.data import MetaTensor
 from monai.inferers import Inferer
 
-from ..transforms.errors import DataError, source_name
+from ..networks import load_network
+from ..networks.tracker import resolve_tracker
 from ..protocol_registry import get_protocol
+from ..transforms.errors import DataError, source_name
 from .image import segment_image
 from .protocols import EMPTY_LOGIT
 
@@ -47,10 +49,8 @@ __all__ = [
     "inference_items",
     "inference_transforms",
     "input_kind",
-    "load_network",
     "native_image",
     "predict_file",
-    "resolve_tracker",
     "user_error",
 ]
 
@@ -244,63 +244,8 @@ def inference_transforms(image_size: int = 1008, ct_window: str | Sequence[float
     ])
 
 
-def load_network(source: str = "tiny", image_size: int | None = None, device: str | torch.device | None = None):
-    """``MedSAM3Net`` in eval mode: ``tiny`` at ``image_size`` (default 112), or a checkpoint (whose own size
-    must equal ``image_size`` when given). Raises CheckpointError / ValueError with what to do."""
-    from ..networks import MedSAM3Net
-
-    if image_size is not None and (image_size <= 0 or image_size % 14):
-        raise ValueError(f"image size must be a positive multiple of 14 (112, 224, 1008), got {image_size}")
-    if str(source) == "tiny":
-        network = MedSAM3Net("tiny", image_size=image_size or 112)
-    else:
-        network = MedSAM3Net(str(source))
-        if image_size is not None and image_size != network.image_size:
-            raise ValueError(f"checkpoint {source} works at {network.image_size} px, not {image_size}: "
-                             "drop the image size or give the checkpoint's")
-    network.eval()
-    return network.to(device) if device is not None else network
-
-
-def _has_tracker_weights(source: str) -> bool:
-    """Whether ``source`` is a transformers folder holding SAM3 tracker weights (facebook/sam3, a saved tracker)."""
-    from .volume import TRACKER_MODEL_TYPES
-
-    config = Path(source) / "config.json"
-    try:
-        return config.is_file() and json.loads(config.read_text()).get("model_type") in TRACKER_MODEL_TYPES
-    except (OSError, json.JSONDecodeError):
-        return False
-
-
-def resolve_tracker(spec: str | None, checkpoint: str, network: torch.nn.Module,
-                    items: Sequence[Mapping[str, Any]] | None = None, described: bool = False):
-    """The volume path's tracker: ``none``/None (detector only), ``tiny`` (random init, sharing the detector's
-    ViT), an HF folder, or ``auto``: tiny for the tiny checkpoint, the checkpoint's own tracker for a
-    facebook/sam3 folder (``sam3_video``), else none. With ``items``, no tracker is built when none of them
-    is a volume. ``described=True`` returns (tracker, description)."""
-    from .volume import build_tracker
-
-    tracker, text = None, "none"
-    if items is not None and not any(_is_volume_path(i["image"]) for i in items):
-        spec = "none"
-    if spec == "auto":
-        if str(checkpoint) == "tiny":
-            spec = "tiny"
-        elif _has_tracker_weights(str(checkpoint)):
-            spec = str(checkpoint)
-        else:
-            spec, text = "none", "none (the checkpoint has no tracker weights)"
-    if spec == "tiny":
-        tracker, text = build_tracker("tiny", detector=network), "tiny (random init, ViT shared with the detector)"
-    elif spec not in (None, "none"):
-        tracker, text = build_tracker(spec, image_size=int(network.image_size)), str(spec)
-    if tracker is not None:
-        tracker = tracker.to(next(network.parameters()).device)
-    return (tracker, text) if described else tracker
-
-
-def _is_volume_path(path: str | Path) -> bool:
+def is_volume_path(path: str | Path) -> bool:
+    """A DICOM folder or any file that is not a 2D picture (NIfTI, DICOM, MHA, NRRD, ...)."""
     return Path(path).is_dir() or _suffix(path) not in IMAGE_SUFFIXES
 
 
@@ -320,7 +265,7 @@ class PromptInferer(Inferer):
     Args:
         protocol: 2D protocol (``top_query``, ``threshold``, ``semantic``; see :mod:`.image`).
         score_threshold: the ``threshold`` protocol's query score, and the volume path's detection score.
-        tracker: SAM3 tracker for volumes (:func:`resolve_tracker`); None = detector only.
+        tracker: SAM3 tracker for volumes (``networks.tracker.resolve_tracker``); None = detector only.
         tracker_name: how the tracker is described in the outputs.
         volume_batch_size: slices per detector call.
         progress: progress bars for volumes.
@@ -472,8 +417,8 @@ class Predictor:
 
     Args:
         network: a ``MedSAM3Net`` (eval mode; any device).
-        tracker: ``auto`` (see :func:`resolve_tracker`; built on the first volume), ``none``, ``tiny``, an HF
-            folder, or a tracker module.
+        tracker: ``auto`` (see ``networks.tracker.resolve_tracker``; built on the first volume), ``none``,
+            ``tiny``, an HF folder, or a tracker module.
         checkpoint: the network's source (for ``tracker="auto"`` and the outputs' description).
         protocol, score_threshold: as :class:`PromptInferer`.
         ct_window: CT window preset or (width, level) for ``modality="CT"``.

@@ -35,36 +35,26 @@ from __future__ import annotations
 
 from contextlib import contextmanager
 from dataclasses import dataclass
-from pathlib import Path
 from typing import Any, Iterator, Sequence
 
 import torch
 from torch import nn
 from tqdm import tqdm
-from transformers import Sam3TrackerVideoConfig, Sam3TrackerVideoModel
+from transformers import Sam3TrackerVideoModel
 
 from ..compat import add_mask_prompt, tracker_session
-from ..networks.checkpoints import CheckpointError, load_pretrained_folder
-from ..networks.presets import TINY_IMAGE_SIZE, check_image_size, tiny_sam3_config
 from ..networks.outputs import upsample_logits
+from ..networks.tracker import backbone_signature, detector_backbone
 from .protocols import top_query_logits
 
 __all__ = [
     "VolumeSegmentation",
-    "build_tracker",
     "detect_slices",
     "merge_masks",
     "segment_volume",
     "select_seeds",
-    "tiny_tracker_config",
     "track_from_seed",
 ]
-
-TRACKER_MODEL_TYPES = ("sam3_video", "sam3_tracker_video")
-# transformers' memory attention hard-codes 64 key/value channels (kv_in_dim=64), and its object-pointer
-# code only works when the tracker width is a multiple of 64 larger than 64: 128 is the smallest that runs.
-TINY_TRACKER_HIDDEN_SIZE = 128
-MEMORY_CHANNELS = 64
 
 
 @dataclass
@@ -81,139 +71,6 @@ class VolumeSegmentation:
     masks: torch.Tensor
     scores: torch.Tensor
     seed_slices: torch.Tensor
-
-
-# ---------------------------------------------------------------------------------------- tracker builder
-def tiny_tracker_config(
-    image_size: int = TINY_IMAGE_SIZE,
-    vision_config: Any = None,
-    hidden_size: int = TINY_TRACKER_HIDDEN_SIZE,
-    memory_layers: int = 1,
-    num_maskmem: int = 7,
-) -> Sam3TrackerVideoConfig:
-    """A small random-init SAM3 tracker for tests and the demo (about 1.8 M parameters).
-
-    Args:
-        image_size: slice-space side S (multiple of 14), the detector's.
-        vision_config: the detector's ``Sam3VisionConfig`` (or dict) whose ViT the tracker uses; default the
-            tiny detector preset's. Only its FPN width changes, to ``hidden_size`` (the tracker's neck).
-        hidden_size: tracker width (FPN, prompt encoder, mask decoder, memory attention); a multiple of 64
-            above 64 (transformers' memory attention takes 64-channel memories and splits wider pointers).
-        memory_layers: memory-attention layers (4 in SAM3).
-        num_maskmem: memory slots (7 in SAM3).
-    """
-    check_image_size(image_size)
-    if hidden_size % MEMORY_CHANNELS or hidden_size <= MEMORY_CHANNELS:
-        raise ValueError(f"hidden_size must be a multiple of {MEMORY_CHANNELS} above it (128, 256); got {hidden_size}")
-    if vision_config is None:
-        vision_config = tiny_sam3_config(image_size).vision_config
-    vision = vision_config.to_dict() if hasattr(vision_config, "to_dict") else dict(vision_config)
-    vision["fpn_hidden_size"] = hidden_size
-    h = hidden_size
-    return Sam3TrackerVideoConfig(
-        vision_config=vision,
-        prompt_encoder_config=dict(hidden_size=h, mask_input_channels=4),
-        mask_decoder_config=dict(hidden_size=h, mlp_dim=2 * h, num_attention_heads=2, iou_head_hidden_dim=h),
-        image_size=image_size,
-        num_maskmem=num_maskmem,
-        memory_attention_hidden_size=h,
-        memory_attention_num_layers=memory_layers,
-        memory_attention_feed_forward_hidden_size=2 * h,
-        memory_encoder_hidden_size=h,
-        memory_encoder_output_channels=MEMORY_CHANNELS,
-        mask_downsampler_embed_dim=h,
-        memory_fuser_embed_dim=h,
-        memory_fuser_intermediate_dim=2 * h,
-        memory_fuser_num_layers=1,
-    )
-
-
-def _detector_backbone(detector: nn.Module) -> nn.Module:
-    sam3 = getattr(detector, "sam3", detector)
-    return sam3.vision_encoder.backbone
-
-
-def _backbone_signature(config: Any) -> dict[str, Any]:
-    backbone = config.backbone_config
-    keys = ("hidden_size", "num_hidden_layers", "num_attention_heads", "intermediate_size", "image_size",
-            "patch_size", "window_size", "global_attn_indexes", "pretrain_image_size")
-    return {k: getattr(backbone, k, None) for k in keys}
-
-
-def tie_backbone(tracker: Sam3TrackerVideoModel, detector: nn.Module) -> Sam3TrackerVideoModel:
-    """Make the tracker's ViT *the* detector's ViT module (one trunk, two necks, as SAM3's video model)."""
-    detector_config = getattr(detector, "config", None) or detector.sam3.config
-    theirs, ours = _backbone_signature(detector_config.vision_config), _backbone_signature(tracker.config.vision_config)
-    if theirs != ours:
-        diff = {k: (theirs[k], ours[k]) for k in theirs if theirs[k] != ours[k]}
-        raise ValueError(f"the tracker's ViT differs from the detector's (detector vs tracker): {diff}")
-    tracker.vision_encoder.backbone = _detector_backbone(detector)
-    return tracker
-
-
-def _load_tracker_folder(folder: Path) -> Sam3TrackerVideoModel:
-    # detector_model.* (other than the ViT, which the tracker copies) is skipped by transformers by design
-    return load_pretrained_folder(
-        folder, Sam3TrackerVideoModel, TRACKER_MODEL_TYPES, "SAM3 tracker",
-        "{folder} holds a '{model_type}' model with no tracker: give a facebook/sam3 folder "
-        "(model_type sam3_video) or a saved Sam3TrackerVideoModel (sam3_tracker_video)",
-    )
-
-
-def build_tracker(
-    source: str | Path = "tiny",
-    image_size: int | None = None,
-    seed: int = 0,
-    *,
-    detector: nn.Module | None = None,
-) -> Sam3TrackerVideoModel:
-    """SAM3's video tracker (transformers ``Sam3TrackerVideoModel``) in eval mode.
-
-    Args:
-        source: ``"tiny"`` (random init, reproducible by ``seed``; see :func:`tiny_tracker_config`), or a local
-            HF folder: facebook/sam3 (``sam3_video``: the tracker, its neck and a copy of the detector's ViT
-            are loaded) or a saved ``Sam3TrackerVideoModel``. Loading is strict and never downloads; Meta's
-            original ``sam3.pt`` tracker keys are not converted (use the HF folder).
-        image_size: slice side S. Tiny: default the detector's, else 112. A loaded tracker keeps its own
-            size; a different ``image_size`` is an error.
-        seed: initialisation seed of the tiny tracker.
-        detector: a :class:`~medsam3_monai.networks.MedSAM3Net` (or ``Sam3Model``) whose ViT becomes the
-            tracker's (the same module: SAM3's video model has one trunk). The tiny tracker then takes the
-            detector's ViT configuration. :func:`segment_volume` shares the ViT pass of such a pair.
-    """
-    if str(source) == "tiny":
-        if detector is not None:
-            detector_config = getattr(detector, "config", None) or detector.sam3.config
-            vision_config = detector_config.vision_config
-            size = int(vision_config.backbone_config.image_size)
-            if image_size is not None and image_size != size:
-                raise ValueError(f"image_size {image_size} differs from the detector's {size}")
-            image_size = size
-        else:
-            image_size = image_size or TINY_IMAGE_SIZE
-            vision_config = tiny_sam3_config(image_size).vision_config
-        config = tiny_tracker_config(image_size, vision_config)
-        with torch.random.fork_rng(devices=[]):
-            torch.manual_seed(seed)
-            tracker = Sam3TrackerVideoModel(config)
-    else:
-        path = Path(source).expanduser()
-        if not path.exists():
-            raise CheckpointError(
-                f"tracker checkpoint {path} does not exist. Give 'tiny' or a local HF folder "
-                "(facebook/sam3 layout, or a saved Sam3TrackerVideoModel); nothing is downloaded."
-            )
-        if not path.is_dir():
-            raise CheckpointError(
-                f"{path} is a file; the tracker loads from an HF folder (facebook/sam3 layout or a saved "
-                "Sam3TrackerVideoModel). Meta's sam3.pt tracker weights are not converted."
-            )
-        tracker = _load_tracker_folder(path)
-        if image_size is not None and image_size != tracker.config.image_size:
-            raise ValueError(f"the tracker in {path} works at {tracker.config.image_size} px, not {image_size}")
-    if detector is not None:
-        tie_backbone(tracker, detector)
-    return tracker.eval()
 
 
 # ---------------------------------------------------------------------------------------- helpers
@@ -392,7 +249,7 @@ def track_from_seed(tracker: Sam3TrackerVideoModel, session: Any, seed: int,
 
 
 def _same_backbone(detector: nn.Module, tracker: Sam3TrackerVideoModel) -> bool:
-    ours, theirs = tracker.vision_encoder.backbone, _detector_backbone(detector)
+    ours, theirs = tracker.vision_encoder.backbone, detector_backbone(detector)
     if ours is theirs:
         return True
     a, b = ours.state_dict(), theirs.state_dict()
@@ -411,8 +268,8 @@ def _check_tracker(detector: nn.Module, tracker: Sam3TrackerVideoModel, share_vi
         raise ValueError("the tracker has no vision encoder (remove_vision_encoder=True): load it with its neck")
     if share_vision is False:
         return False
-    compatible = (_backbone_signature(tracker.config.vision_config)
-                  == _backbone_signature((getattr(detector, "config", None) or detector.sam3.config).vision_config))
+    compatible = (backbone_signature(tracker.config.vision_config)
+                  == backbone_signature((getattr(detector, "config", None) or detector.sam3.config).vision_config))
     if share_vision and not compatible:
         raise ValueError("share_vision=True but the tracker's ViT configuration differs from the detector's")
     return bool(share_vision) or (compatible and _same_backbone(detector, tracker))
@@ -436,7 +293,7 @@ def segment_volume(
         detector: a :class:`~medsam3_monai.networks.MedSAM3Net` (run in eval mode here, mode restored after).
         slices: (D, 3, S, S) SAM3-normalised slices in order (AxialSlicesd -> ResizeToSliced -> Sam3Normalized).
         prompts: P text prompts, each segmented independently.
-        tracker: a ``Sam3TrackerVideoModel`` at the same S (:func:`build_tracker`); None = detector only.
+        tracker: a ``Sam3TrackerVideoModel`` at the same S (:func:`~medsam3_monai.networks.tracker.build_tracker`); None = detector only.
         score_threshold: detector score from which a slice's detection counts (and may seed the tracker).
         batch_size: slices per detector forward (each with all P prompts) and per tracker-feature batch.
         progress: tqdm bars for the detector batches and each prompt's propagation.

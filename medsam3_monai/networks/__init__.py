@@ -1,7 +1,8 @@
-"""SAM3 network wrapper, checkpoint formats, tokenizer and optimiser parameter groups."""
+"""SAM3 network wrapper and its loading, checkpoint formats, tokenizer, optimiser parameter groups; the tracker is
+``networks.tracker``."""
 
 from .checkpoints import CheckpointError, load_sam3, read_checkpoint_file, save_checkpoint_file, save_hf_folder
-from .medsam3_net import MedSAM3Net, normalize_pixels
+from .medsam3_net import MedSAM3Net, load_network, normalize_pixels
 from .outputs import MedSAM3Output
 from .param_groups import LearningRates, sam3_param_groups, vit_layer_id
 from .presets import full_sam3_config, tiny_sam3_config
@@ -15,6 +16,7 @@ __all__ = [
     "PromptError",
     "build_clip_tokenizer",
     "full_sam3_config",
+    "load_network",
     "load_sam3",
     "load_tokenizer",
     "normalize_pixels",

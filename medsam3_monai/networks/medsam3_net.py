@@ -328,3 +328,20 @@ class MedSAM3Net(nn.Module):
     def save_pretrained(self, directory: str | Path) -> Path:
         """Write an HF folder (config.json, model.safetensors, tokenizer) that ``Sam3Model.from_pretrained`` reads."""
         return save_hf_folder(self.sam3, self.tokenizer, directory)
+
+
+def load_network(source: str = "tiny", image_size: int | None = None,
+                 device: str | torch.device | None = None) -> MedSAM3Net:
+    """``MedSAM3Net`` in eval mode: ``tiny`` at ``image_size`` (default 112), or a checkpoint (whose own size
+    must equal ``image_size`` when given). Raises CheckpointError / ValueError with what to do."""
+    if image_size is not None and (image_size <= 0 or image_size % 14):
+        raise ValueError(f"image size must be a positive multiple of 14 (112, 224, 1008), got {image_size}")
+    if str(source) == "tiny":
+        network = MedSAM3Net("tiny", image_size=image_size or 112)
+    else:
+        network = MedSAM3Net(str(source))
+        if image_size is not None and image_size != network.image_size:
+            raise ValueError(f"checkpoint {source} works at {network.image_size} px, not {image_size}: "
+                             "drop the image size or give the checkpoint's")
+    network.eval()
+    return network.to(device) if device is not None else network

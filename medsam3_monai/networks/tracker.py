@@ -1,0 +1,192 @@
+"""SAM3's video tracker for 3D propagation: transformers' ``Sam3TrackerVideoModel``, built tiny or loaded from a
+folder, with the detector's ViT tied in (one trunk, two necks, as in SAM3's video model). The propagation itself
+is ``medsam3_monai.inferers.volume``.
+"""
+
+from __future__ import annotations
+
+import json
+from pathlib import Path
+from typing import Any
+
+import torch
+from torch import nn
+from transformers import Sam3TrackerVideoConfig, Sam3TrackerVideoModel
+
+from .checkpoints import CheckpointError, load_pretrained_folder
+from .presets import TINY_IMAGE_SIZE, check_image_size, tiny_sam3_config
+
+__all__ = ["TRACKER_MODEL_TYPES", "backbone_signature", "build_tracker", "detector_backbone", "resolve_tracker",
+           "tie_backbone", "tiny_tracker_config"]
+
+TRACKER_MODEL_TYPES = ("sam3_video", "sam3_tracker_video")
+# transformers' memory attention hard-codes 64 key/value channels (kv_in_dim=64), and its object-pointer
+# code only works when the tracker width is a multiple of 64 larger than 64: 128 is the smallest that runs.
+TINY_TRACKER_HIDDEN_SIZE = 128
+MEMORY_CHANNELS = 64
+
+
+def tiny_tracker_config(
+    image_size: int = TINY_IMAGE_SIZE,
+    vision_config: Any = None,
+    hidden_size: int = TINY_TRACKER_HIDDEN_SIZE,
+    memory_layers: int = 1,
+    num_maskmem: int = 7,
+) -> Sam3TrackerVideoConfig:
+    """A small random-init SAM3 tracker for tests and the demo (about 1.8 M parameters).
+
+    Args:
+        image_size: slice-space side S (multiple of 14), the detector's.
+        vision_config: the detector's ``Sam3VisionConfig`` (or dict) whose ViT the tracker uses; default the
+            tiny detector preset's. Only its FPN width changes, to ``hidden_size`` (the tracker's neck).
+        hidden_size: tracker width (FPN, prompt encoder, mask decoder, memory attention); a multiple of 64
+            above 64 (transformers' memory attention takes 64-channel memories and splits wider pointers).
+        memory_layers: memory-attention layers (4 in SAM3).
+        num_maskmem: memory slots (7 in SAM3).
+    """
+    check_image_size(image_size)
+    if hidden_size % MEMORY_CHANNELS or hidden_size <= MEMORY_CHANNELS:
+        raise ValueError(f"hidden_size must be a multiple of {MEMORY_CHANNELS} above it (128, 256); got {hidden_size}")
+    if vision_config is None:
+        vision_config = tiny_sam3_config(image_size).vision_config
+    vision = vision_config.to_dict() if hasattr(vision_config, "to_dict") else dict(vision_config)
+    vision["fpn_hidden_size"] = hidden_size
+    h = hidden_size
+    return Sam3TrackerVideoConfig(
+        vision_config=vision,
+        prompt_encoder_config=dict(hidden_size=h, mask_input_channels=4),
+        mask_decoder_config=dict(hidden_size=h, mlp_dim=2 * h, num_attention_heads=2, iou_head_hidden_dim=h),
+        image_size=image_size,
+        num_maskmem=num_maskmem,
+        memory_attention_hidden_size=h,
+        memory_attention_num_layers=memory_layers,
+        memory_attention_feed_forward_hidden_size=2 * h,
+        memory_encoder_hidden_size=h,
+        memory_encoder_output_channels=MEMORY_CHANNELS,
+        mask_downsampler_embed_dim=h,
+        memory_fuser_embed_dim=h,
+        memory_fuser_intermediate_dim=2 * h,
+        memory_fuser_num_layers=1,
+    )
+
+
+def detector_backbone(detector: nn.Module) -> nn.Module:
+    sam3 = getattr(detector, "sam3", detector)
+    return sam3.vision_encoder.backbone
+
+
+def backbone_signature(config: Any) -> dict[str, Any]:
+    backbone = config.backbone_config
+    keys = ("hidden_size", "num_hidden_layers", "num_attention_heads", "intermediate_size", "image_size",
+            "patch_size", "window_size", "global_attn_indexes", "pretrain_image_size")
+    return {k: getattr(backbone, k, None) for k in keys}
+
+
+def tie_backbone(tracker: Sam3TrackerVideoModel, detector: nn.Module) -> Sam3TrackerVideoModel:
+    """Make the tracker's ViT *the* detector's ViT module (one trunk, two necks, as SAM3's video model)."""
+    detector_config = getattr(detector, "config", None) or detector.sam3.config
+    theirs, ours = backbone_signature(detector_config.vision_config), backbone_signature(tracker.config.vision_config)
+    if theirs != ours:
+        diff = {k: (theirs[k], ours[k]) for k in theirs if theirs[k] != ours[k]}
+        raise ValueError(f"the tracker's ViT differs from the detector's (detector vs tracker): {diff}")
+    tracker.vision_encoder.backbone = detector_backbone(detector)
+    return tracker
+
+
+def _load_tracker_folder(folder: Path) -> Sam3TrackerVideoModel:
+    # detector_model.* (other than the ViT, which the tracker copies) is skipped by transformers by design
+    return load_pretrained_folder(
+        folder, Sam3TrackerVideoModel, TRACKER_MODEL_TYPES, "SAM3 tracker",
+        "{folder} holds a '{model_type}' model with no tracker: give a facebook/sam3 folder "
+        "(model_type sam3_video) or a saved Sam3TrackerVideoModel (sam3_tracker_video)",
+    )
+
+
+def build_tracker(
+    source: str | Path = "tiny",
+    image_size: int | None = None,
+    seed: int = 0,
+    *,
+    detector: nn.Module | None = None,
+) -> Sam3TrackerVideoModel:
+    """SAM3's video tracker (transformers ``Sam3TrackerVideoModel``) in eval mode.
+
+    Args:
+        source: ``"tiny"`` (random init, reproducible by ``seed``; see :func:`tiny_tracker_config`), or a local
+            HF folder: facebook/sam3 (``sam3_video``: the tracker, its neck and a copy of the detector's ViT
+            are loaded) or a saved ``Sam3TrackerVideoModel``. Loading is strict and never downloads; Meta's
+            original ``sam3.pt`` tracker keys are not converted (use the HF folder).
+        image_size: slice side S. Tiny: default the detector's, else 112. A loaded tracker keeps its own
+            size; a different ``image_size`` is an error.
+        seed: initialisation seed of the tiny tracker.
+        detector: a :class:`~medsam3_monai.networks.MedSAM3Net` (or ``Sam3Model``) whose ViT becomes the
+            tracker's (the same module: SAM3's video model has one trunk). The tiny tracker then takes the
+            detector's ViT configuration. :func:`segment_volume` shares the ViT pass of such a pair.
+    """
+    if str(source) == "tiny":
+        if detector is not None:
+            detector_config = getattr(detector, "config", None) or detector.sam3.config
+            vision_config = detector_config.vision_config
+            size = int(vision_config.backbone_config.image_size)
+            if image_size is not None and image_size != size:
+                raise ValueError(f"image_size {image_size} differs from the detector's {size}")
+            image_size = size
+        else:
+            image_size = image_size or TINY_IMAGE_SIZE
+            vision_config = tiny_sam3_config(image_size).vision_config
+        config = tiny_tracker_config(image_size, vision_config)
+        with torch.random.fork_rng(devices=[]):
+            torch.manual_seed(seed)
+            tracker = Sam3TrackerVideoModel(config)
+    else:
+        path = Path(source).expanduser()
+        if not path.exists():
+            raise CheckpointError(
+                f"tracker checkpoint {path} does not exist. Give 'tiny' or a local HF folder "
+                "(facebook/sam3 layout, or a saved Sam3TrackerVideoModel); nothing is downloaded."
+            )
+        if not path.is_dir():
+            raise CheckpointError(
+                f"{path} is a file; the tracker loads from an HF folder (facebook/sam3 layout or a saved "
+                "Sam3TrackerVideoModel). Meta's sam3.pt tracker weights are not converted."
+            )
+        tracker = _load_tracker_folder(path)
+        if image_size is not None and image_size != tracker.config.image_size:
+            raise ValueError(f"the tracker in {path} works at {tracker.config.image_size} px, not {image_size}")
+    if detector is not None:
+        tie_backbone(tracker, detector)
+    return tracker.eval()
+
+
+def _has_tracker_weights(source: str) -> bool:
+    """Whether ``source`` is a transformers folder holding SAM3 tracker weights (facebook/sam3, a saved tracker)."""
+    config = Path(source) / "config.json"
+    try:
+        return config.is_file() and json.loads(config.read_text()).get("model_type") in TRACKER_MODEL_TYPES
+    except (OSError, json.JSONDecodeError):
+        return False
+
+
+def resolve_tracker(spec: str | None, checkpoint: str, network: nn.Module, needed: bool = True,
+                    described: bool = False):
+    """The volume path's tracker: ``none``/None (detector only), ``tiny`` (random init, sharing the detector's
+    ViT), an HF folder, or ``auto``: tiny for the tiny checkpoint, the checkpoint's own tracker for a
+    facebook/sam3 folder (``sam3_video``), else none. ``needed=False`` (no volume to segment) builds none.
+    ``described=True`` returns (tracker, description)."""
+    tracker, text = None, "none"
+    if not needed:
+        spec = "none"
+    if spec == "auto":
+        if str(checkpoint) == "tiny":
+            spec = "tiny"
+        elif _has_tracker_weights(str(checkpoint)):
+            spec = str(checkpoint)
+        else:
+            spec, text = "none", "none (the checkpoint has no tracker weights)"
+    if spec == "tiny":
+        tracker, text = build_tracker("tiny", detector=network), "tiny (random init, ViT shared with the detector)"
+    elif spec not in (None, "none"):
+        tracker, text = build_tracker(spec, image_size=int(network.image_size)), str(spec)
+    if tracker is not None:
+        tracker = tracker.to(next(network.parameters()).device)
+    return (tracker, text) if described else tracker
