@@ -287,3 +287,21 @@ def test_bundle_metadata_passes_monai_verify_metadata(tmp_path):
     broken.write_text(json.dumps(metadata))
     with pytest.raises(ValueError, match="task"):
         verify_metadata(meta_file=str(broken), filepath=str(schema))
+
+
+def test_cli_pipelines_are_the_bundle_configs():
+    """`medsam3 segment` / `evaluate` build their chains from configs/inference.json and evaluate.json."""
+    from medsam3_monai.bundle import BUNDLE_CONFIGS
+    from medsam3_monai.engines.evaluation import evaluation_transforms
+    from medsam3_monai.inferers.predict import Predictor
+
+    def targets(config: str, key: str) -> list[str]:
+        spec = json.loads((BUNDLE_CONFIGS / config).read_text())[key]["transforms"]
+        return [step["_target_"].rsplit(".", 1)[-1] for step in spec]
+
+    pre, post = Predictor.from_checkpoint("tiny").pipeline()
+    assert [type(t).__name__ for t in pre.transforms] == targets("inference.json", "preprocessing")
+    assert [type(t).__name__ for t in post.transforms] == targets("inference.json", "postprocessing")
+    assert post.transforms[0].transforms[0].transform is pre, "Invertd inverts the very preprocessing"
+    evaluation = evaluation_transforms(112)
+    assert [type(t).__name__ for t in evaluation.transforms] == targets("evaluate.json", "preprocessing")

@@ -5,8 +5,9 @@ Pipeline (the bundle's ``evaluate.json`` spells out the same pieces):
 1. :func:`~medsam3_monai.data.selection.evaluation_items`: the cases of each datalist's evaluation split (default ``auto``: ``test`` when
    the datalist has test cases, else ``validation``; several shared folders have no test split), each tagged
    with its ``group`` (``internal`` / ``external``, from the catalogue).
-2. :func:`evaluation_transforms`: load -> decode label -> intensity by modality -> axial slices (the image
-   only: the label stays the whole native mask) -> grey to RGB -> resize to S x S -> SAM3 normalisation.
+2. :func:`evaluation_transforms`, the ``preprocessing`` of ``configs/evaluate.json``: load -> decode label ->
+   intensity by modality -> axial slices (the image only: the label stays the whole native mask) -> grey to
+   RGB -> resize to S x S -> SAM3 normalisation.
 3. :class:`CaseInferer` (a MONAI ``Inferer``): a 2D case goes through
    :func:`~medsam3_monai.inferers.image.segment_image` (one network call for all its class prompts), a volume
    through :func:`medsam3_monai.inferers.volume.segment_volume` (detector on every slice, tracker propagation);
@@ -64,32 +65,16 @@ logger = logging.getLogger(__name__)
 
 # ------------------------------------------------------------------------------------------------ data
 def evaluation_transforms(image_size: int = 1008, ct_window: str | Sequence[float] = "abdomen"):
-    """The evaluation preprocessing (a ``Compose``): a datalist item -> the list of its slice-space items.
+    """The evaluation preprocessing, the ``preprocessing`` of ``configs/evaluate.json``: a datalist item -> the
+    list of its slice-space items.
 
     Each output item: ``image`` (3, S, S) SAM3-normalised with the resize recorded for ``Invertd``; ``label``
     the whole native class map ((1, H, W), or (1, X, Y, Z) shared by every slice item of a volume).
     """
-    from monai.transforms import Compose
+    from ..bundle import config_parser
 
-    from ..transforms import (
-        AxialSlicesd,
-        DecodeLabeld,
-        GreyToRGBd,
-        LoadMedicalImaged,
-        ResizeToSliced,
-        Sam3Normalized,
-        ScaleIntensityByModalityd,
-    )
-
-    return Compose([
-        LoadMedicalImaged(keys=("image", "label"), label_keys=("label",)),
-        DecodeLabeld(keys="label"),
-        ScaleIntensityByModalityd(keys="image", ct_window=ct_window),
-        AxialSlicesd(keys="image"),
-        GreyToRGBd(keys="image"),
-        ResizeToSliced(keys="image", spatial_size=image_size),
-        Sam3Normalized(keys="image"),
-    ])
+    return config_parser("evaluate.json", image_size=image_size, ct_window=ct_window).get_parsed_content(
+        "preprocessing")
 
 
 def protocol_label(protocol: str, box_prompts: bool = False) -> str:

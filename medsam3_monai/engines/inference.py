@@ -35,7 +35,7 @@ class MedSAM3InferenceEvaluator(SupervisedEvaluator):
             loader yields lists of cases: use :func:`collate_cases`).
         inferer: a :class:`~medsam3_monai.inferers.predict.PromptInferer`.
         postprocessing: a transform of a whole case (a ``Compose`` built with ``map_items=False``), e.g.
-            :func:`~medsam3_monai.inferers.postprocess.postprocessing_transforms`.
+            the ``postprocessing`` of ``configs/inference.json``.
     """
 
     def __init__(

@@ -7,5 +7,5 @@ from .volume import (
     select_seeds,
     track_from_seed,
 )
-from .postprocess import ImageOrVolumed, MergePromptsd, RowsFirstPILWriter, postprocessing_transforms
+from .postprocess import ImageOrVolumed, MergePromptsd, RowsFirstPILWriter
 from .predict import Prediction, Predictor, PromptInferer, inference_items, predict_file

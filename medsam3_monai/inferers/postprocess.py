@@ -1,7 +1,6 @@
 """Post-processing of per-prompt predictions: back to the input's geometry, one label map, saved to disk.
 
-The chain (:func:`postprocessing_transforms`; ``configs/inference.json`` spells out the same list) works on a
-*case*: the list of slice items of one input (one item for a 2D image, D for a volume), each carrying
+The chain (``postprocessing`` and ``writer`` of ``configs/inference.json``) works on a *case*: the list of slice items of one input (one item for a 2D image, D for a volume), each carrying
 ``pred`` (P, S, S) mask logits and ``confidence`` (P, S, S) from
 :class:`~medsam3_monai.inferers.predict.PromptInferer`:
 
@@ -19,24 +18,22 @@ The outer ``Compose`` must be built with ``map_items=False`` so that steps 2-4 s
 
 from __future__ import annotations
 
-from collections.abc import Hashable, Mapping, Sequence
+from collections.abc import Hashable, Mapping
 from typing import Any, Callable
 
 import torch
 from monai.config import KeysCollection
 from monai.data import MetaTensor
 from monai.data.image_writer import PILWriter
-from monai.transforms import Compose, Invertd, MapTransform, Transform
+from monai.transforms import MapTransform, Transform
 
 from ..metrics.merge import merge_classes
-from ..transforms.slices import RestackSlicesd
 
 __all__ = [
     "PREDICTION_KEYS",
     "ImageOrVolumed",
     "MergePromptsd",
     "RowsFirstPILWriter",
-    "postprocessing_transforms",
 ]
 
 #: the per-slice keys PromptInferer writes and the post-processing inverts
@@ -131,33 +128,3 @@ class RowsFirstPILWriter(PILWriter):
     def write(self, filename: Any, verbose: bool = False, **kwargs: Any) -> None:
         kwargs.setdefault("reverse_indexing", False)
         super().write(filename, verbose=verbose, **kwargs)
-
-
-def postprocessing_transforms(
-    preprocessing: Any,
-    keys: Sequence[str] = PREDICTION_KEYS,
-    image_key: str = "image",
-    save: Callable | None = None,
-) -> Compose:
-    """The post-processing ``Compose`` of a case (a list of slice items with ``pred``/``confidence``).
-
-    Args:
-        preprocessing: the transform that made the slice items (its ``ResizeToSliced`` record is inverted).
-        keys: the per-slice prediction keys (logits first).
-        image_key: the key whose applied operations ``Invertd`` undoes.
-        save: an optional last step (``SaveImaged``, or :class:`ImageOrVolumed` of two).
-
-    Returns:
-        ``Compose(map_items=False)``: case -> one item whose ``keys[0]`` is the (1, *spatial) label map in the
-        input's own geometry (``confidence`` is dropped after the merge).
-    """
-    keys = list(keys)
-    steps: list[Any] = [
-        Compose([Invertd(keys=keys, transform=preprocessing, orig_keys=image_key, nearest_interp=False)]),
-        RestackSlicesd(keys=keys, ref_key=image_key),
-        MergePromptsd(keys=keys[0], confidence_key=keys[1] if len(keys) > 1 else None),
-    ]
-    if save is not None:
-        steps.append(save)
-    return Compose(steps, map_items=False)
-

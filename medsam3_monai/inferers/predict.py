@@ -4,14 +4,15 @@ geometry. Shared by ``medsam3 segment``, the inference bundle (``configs/inferen
 Pipeline (the bundle spells out the same pieces in JSON):
 
 1. :func:`inference_items`: datalist items ``{"image": path, "prompts": ..., "box": ..., "modality": ...}``.
-2. :func:`inference_transforms`: load -> intensity by modality -> axial slices (volumes) -> grey to RGB ->
-   resize to S x S -> SAM3 normalisation; a case becomes a list of slice items (one for a 2D image).
+2. the bundle's ``preprocessing`` (``configs/inference.json``, read by :meth:`Predictor.pipeline`): load ->
+   intensity by modality -> axial slices (volumes) -> grey to RGB -> resize to S x S -> SAM3 normalisation; a
+   case becomes a list of slice items (one for a 2D image).
 3. :class:`PromptInferer` (a MONAI ``Inferer``): 2D -> :func:`~.image.segment_image` (protocol
    ``top_query``, ``threshold`` or ``semantic``; optional box prompts); volume -> :func:`~.volume.segment_volume`
    (detector on every slice, tracker propagation from the most confident slice). Every slice item gets
    ``pred`` (P, S, S) mask logits and ``confidence`` (P, S, S) = score x sigmoid(logit).
-4. :func:`~.postprocess.postprocessing_transforms`: ``Invertd`` per slice, restack, merge by maximum
-   confidence -> a (1, *spatial) label map (0 background, the prompts' label values).
+4. the bundle's ``postprocessing``: ``Invertd`` per slice, restack, merge by maximum confidence -> a
+   (1, *spatial) label map (0 background, the prompts' label values).
 5. :class:`Predictor` wraps 2-4 for one file and returns a :class:`Prediction`; :func:`predict_file` is the
    one-call form.
 
@@ -47,7 +48,6 @@ __all__ = [
     "PromptInferer",
     "box_prompts",
     "inference_items",
-    "inference_transforms",
     "input_kind",
     "native_image",
     "predict_file",
@@ -218,32 +218,6 @@ def box_prompts(box: Any, num_prompts: int, size: Sequence[int]) -> tuple[torch.
 
 
 # ------------------------------------------------------------------------------------------------ pieces
-def inference_transforms(image_size: int = 1008, ct_window: str | Sequence[float] = "abdomen",
-                         channel: int | None = None):
-    """The inference preprocessing (a ``Compose``): an item -> the list of its slice-space items, each ``image``
-    (3, S, S) SAM3-normalised with the resize recorded for ``Invertd``. Intensity by the item's ``modality``
-    (none: RGB pictures /255, grey images min-max); ``channel`` picks one channel of a 4D volume (else an error)."""
-    from monai.transforms import Compose
-
-    from ..transforms import (
-        AxialSlicesd,
-        GreyToRGBd,
-        LoadMedicalImaged,
-        ResizeToSliced,
-        Sam3Normalized,
-        ScaleIntensityByModalityd,
-    )
-
-    return Compose([
-        LoadMedicalImaged(keys="image", label_keys=(), channel=channel),
-        ScaleIntensityByModalityd(keys="image", ct_window=ct_window),
-        AxialSlicesd(keys="image"),
-        GreyToRGBd(keys="image"),
-        ResizeToSliced(keys="image", spatial_size=image_size),
-        Sam3Normalized(keys="image"),
-    ])
-
-
 def is_volume_path(path: str | Path) -> bool:
     """A DICOM folder or any file that is not a 2D picture (NIfTI, DICOM, MHA, NRRD, ...)."""
     return Path(path).is_dir() or _suffix(path) not in IMAGE_SUFFIXES
@@ -437,13 +411,15 @@ class Predictor:
         self._pipelines: dict[int | None, tuple[Any, Any]] = {}
 
     def pipeline(self, channel: int | None = None) -> tuple[Any, Any]:
-        """(preprocessing, postprocessing) for inputs read with ``channel`` (the inverse needs the very
-        transform objects that made the items, so each pair is built once and kept)."""
-        from .postprocess import postprocessing_transforms
+        """(preprocessing, postprocessing) of ``configs/inference.json`` for inputs read with ``channel`` (the
+        inverse needs the very transform objects that made the items, so each pair is built once and kept)."""
+        from ..bundle import config_parser
 
         if channel not in self._pipelines:
-            transform = inference_transforms(int(self.network.image_size), self.ct_window, channel)
-            self._pipelines[channel] = (transform, postprocessing_transforms(transform))
+            parser = config_parser("inference.json", image_size=int(self.network.image_size),
+                                   ct_window=self.ct_window, channel=channel)
+            self._pipelines[channel] = (parser.get_parsed_content("preprocessing"),
+                                        parser.get_parsed_content("postprocessing"))
         return self._pipelines[channel]
 
     @classmethod

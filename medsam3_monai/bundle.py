@@ -1,0 +1,29 @@
+"""The bundle's configs as the one source of its pipelines: read a component of ``bundles/medsam3/configs``.
+
+``medsam3 segment``, ``medsam3 evaluate`` and the server build their transform chains from the same JSON that
+``python -m monai.bundle run`` executes, through MONAI's ``ConfigParser`` with the caller's overrides.
+"""
+
+from __future__ import annotations
+
+from pathlib import Path
+from typing import Any
+
+BUNDLE_CONFIGS = Path(__file__).resolve().parents[1] / "bundles" / "medsam3" / "configs"
+
+
+def config_parser(config: str, **overrides: Any):
+    """A MONAI ``ConfigParser`` of ``bundles/medsam3/configs/<config>`` with ``overrides`` (config ids) applied.
+
+    Components parsed from one parser share their references (``@preprocessing`` in the post-processing is
+    the very ``Compose`` parsed as ``preprocessing``), so parse a pipeline's pieces from the same parser.
+    """
+    from monai.bundle import ConfigParser
+
+    path = BUNDLE_CONFIGS / config
+    if not path.is_file():
+        raise FileNotFoundError(f"bundle config {path} not found: medsam3-monai runs from its repository checkout")
+    parser = ConfigParser()
+    parser.read_config(str(path))
+    parser.update(overrides)
+    return parser
