@@ -27,3 +27,11 @@ def config_parser(config: str, **overrides: Any):
     parser.read_config(str(path))
     parser.update(overrides)
     return parser
+
+
+def inference_postprocessing(preprocessing: Any):
+    """The ``postprocessing`` of ``configs/inference.json`` (``Invertd`` per slice, restack, merge by confidence)
+    for cases made by ``preprocessing``, whatever config that chain came from (evaluation uses its own)."""
+    parser = config_parser("inference.json")
+    parser["preprocessing"] = preprocessing
+    return parser.get_parsed_content("postprocessing")

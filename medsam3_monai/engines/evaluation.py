@@ -8,11 +8,11 @@ Pipeline (the bundle's ``evaluate.json`` spells out the same pieces):
 2. :func:`evaluation_transforms`, the ``preprocessing`` of ``configs/evaluate.json``: load -> decode label ->
    intensity by modality -> axial slices (the image only: the label stays the whole native mask) -> grey to
    RGB -> resize to S x S -> SAM3 normalisation.
-3. :class:`CaseInferer` (a MONAI ``Inferer``): a 2D case goes through
-   :func:`~medsam3_monai.inferers.image.segment_image` (one network call for all its class prompts), a volume
-   through :func:`medsam3_monai.inferers.volume.segment_volume` (detector on every slice, tracker propagation);
-   the slice-space maps go back to the input's geometry with ``Invertd`` and the classes are merged by
-   pixel-wise maximum confidence.
+3. :class:`CaseInferer` (a MONAI ``Inferer``): the case pipeline of ``medsam3 segment`` and
+   ``configs/inference.json`` -- :class:`~medsam3_monai.inferers.predict.PromptInferer` (2D:
+   ``segment_image``, one network call for all its class prompts; volumes: ``segment_volume``, detector on every
+   slice and tracker propagation) then that bundle's post-processing (``Invertd`` back to the input's geometry,
+   merge by pixel-wise maximum confidence) -- with the ground truth's boxes added for the T+I protocol.
 4. :class:`MedSAM3CaseEvaluator` (a ``SupervisedEvaluator``): one iteration per case; its output holds the
    :class:`CasePrediction` and one metric record per prompt (Dice, IoU; NSD and HD95 when the spacing is
    known: volumes, and 2D items that carry ``"spacing"`` in mm as ``[rows, cols]``).
@@ -34,13 +34,9 @@ from monai.engines import SupervisedEvaluator
 from monai.inferers import Inferer
 
 from ..data.selection import SPLIT_CHOICES, evaluation_items, is_volume_item
-from ..inferers.image import (
-    confidence_of,
-    ground_truth_boxes,
-    invert_to_input,
-    segment_image,
-)
-from ..metrics.merge import merge_classes
+from ..boxes import cxcywh_to_xyxy
+from ..inferers.image import ground_truth_boxes
+from ..inferers.predict import PromptInferer, item_prompts
 from .inference import collate_cases
 from ..protocol_registry import get_protocol
 from ..metrics.segmentation import DEFAULT_NSD_TOLERANCE_MM, case_metrics
@@ -167,9 +163,14 @@ def _spacing(item: dict[str, Any], truth: Any, is_volume: bool) -> tuple[float, 
 class CaseInferer(Inferer):
     """A case's slice items + the network -> :class:`CasePrediction` in the input's geometry.
 
+    The case goes through the same pipeline as ``medsam3 segment`` and ``configs/inference.json``:
+    :class:`~medsam3_monai.inferers.predict.PromptInferer` (2D protocol or the volume path), then the bundle's
+    post-processing (``Invertd`` per slice, restack, merge by maximum confidence); the merged label map is split
+    back into one (disjoint) mask per prompt for the metrics.
+
     Args:
         transform: the preprocessing that made the items (its ``ResizeToSliced`` record is inverted).
-        protocol: 2D protocol (``top_query``, ``threshold``, ``semantic``; see ``inferers.image``).
+        protocol: 2D protocol (``protocol_registry``).
         score_threshold: the ``threshold`` protocol's query score threshold, and the detection threshold of
             the volume path.
         box_prompts: add the ground truth's largest-component box to each prompt (T+I protocol, 2D only).
@@ -188,15 +189,20 @@ class CaseInferer(Inferer):
         image_key: str = "image",
         label_key: str = "label",
     ) -> None:
+        from ..bundle import inference_postprocessing
+
         super().__init__()
         self.transform = transform
-        self.protocol = get_protocol(protocol).name
-        self.score_threshold = float(score_threshold)
+        self.cases = PromptInferer(protocol, score_threshold, tracker=tracker, volume_batch_size=volume_batch_size,
+                                   image_key=image_key)
+        self.postprocessing = inference_postprocessing(transform)
         self.box_prompts = bool(box_prompts)
-        self.tracker = tracker
-        self.volume_batch_size = int(volume_batch_size)
         self.image_key, self.label_key = image_key, label_key
         self._warned_boxes = False
+
+    @property
+    def protocol(self) -> str:
+        return self.cases.protocol
 
     @property
     def label(self) -> str:
@@ -204,81 +210,47 @@ class CaseInferer(Inferer):
 
     def __call__(self, inputs: Sequence[dict[str, Any]], network: torch.nn.Module, *args: Any, **kwargs: Any
                  ) -> CasePrediction:
-        from ..transforms.labels import parse_prompts
-
         items = [inputs] if isinstance(inputs, dict) else list(inputs)
         first = items[0]
-        image = first[self.image_key]
-        source = getattr(image, "meta", {}).get("filename_or_obj") or first.get("case")
-        prompt_map = parse_prompts(first.get("prompts"), None if source is None else str(source))
-        values, prompts = list(prompt_map), list(prompt_map.values())
-        truth = first.get(self.label_key)
+        image, truth = first[self.image_key], first.get(self.label_key)
         is_volume = "volume_shape" in getattr(image, "meta", {})
-        device = next(network.parameters()).device
-        if is_volume:
-            native, scores, seeds = self._volume(items, prompts, network, device)
-            masks = native > 0.5
-            best = scores.flatten(1).amax(dim=1)
-            if len(values) > 1:  # per-slice score broadcast along the slice axis
-                masks = self._merge(native * scores, masks)
-        else:
-            native, best = self._image(first, prompts, values, truth, network, device)
-            masks, seeds = native > 0, None
-            if len(values) > 1:
-                masks = self._merge(confidence_of(native, best), masks)
+        case_items = [dict(item) for item in items]
+        if self.box_prompts:
+            self._add_ground_truth_boxes(case_items[0], truth, is_volume)
+        case = self.postprocessing(self.cases(case_items, network))
+        label_map = _plain(case["pred"])[0]
+        values = [int(v) for v in case["prompt_values"]]
+        masks = torch.stack([label_map == value for value in values])
         truth_map = None
         if truth is not None:
-            truth_map = (truth.as_tensor() if hasattr(truth, "as_tensor") else torch.as_tensor(truth))[0]
+            truth_map = _plain(truth)[0]
             if tuple(truth_map.shape) != tuple(masks.shape[1:]):
                 raise RuntimeError(f"prediction {tuple(masks.shape[1:])} and label {tuple(truth_map.shape)} differ in "
                                    f"shape for case {first.get('case')}: the inversion did not restore the geometry")
-        return CasePrediction(items, values, prompts, masks, truth_map, best.cpu(),
-                              _spacing(first, truth, is_volume), is_volume, seeds)
+        seeds = case.get("seed_slices")
+        return CasePrediction(items, values, list(case["prompt_texts"]), masks, truth_map,
+                              torch.as_tensor(case["prompt_scores"]).float().cpu(),
+                              _spacing(first, truth, is_volume), is_volume,
+                              None if seeds is None else torch.as_tensor(seeds))
 
-    @staticmethod
-    def _merge(confidence: torch.Tensor, masks: torch.Tensor) -> torch.Tensor:
-        """Overlaps resolved by pixel-wise maximum confidence (``metrics.merge_classes``) -> disjoint masks.
-        (A single prompt has nothing to resolve: its mask is kept as is.)"""
-        merged = merge_classes(confidence, masks)
-        return torch.stack([merged == c + 1 for c in range(masks.shape[0])])
+    def _add_ground_truth_boxes(self, item: dict[str, Any], truth: Any, is_volume: bool) -> None:
+        """T+I: the pixel box of the largest component of each prompt's class (2D; volumes stay text-only)."""
+        if is_volume:
+            if not self._warned_boxes:
+                logger.warning("box prompts apply to 2D images only; volumes are evaluated with text prompts")
+                self._warned_boxes = True
+            return
+        if truth is None:
+            raise ValueError(f"case {item.get('case')}: box prompts need the ground-truth label")
+        values, _ = item_prompts(item)
+        boxes, labels = ground_truth_boxes(truth, values)
+        height, width = _plain(truth).shape[-2:]
+        xyxy = cxcywh_to_xyxy(boxes[:, 0]) * torch.tensor([width, height, width, height])
+        item["box"] = [box.tolist() if label == 1 else None for box, label in zip(xyxy, labels[:, 0])]
 
-    def _image(self, item, prompts, values, truth, network, device):
-        image = item[self.image_key]
-        image = image.as_tensor() if hasattr(image, "as_tensor") else torch.as_tensor(image)
-        boxes = box_labels = None
-        if self.box_prompts:
-            if truth is None:
-                raise ValueError(f"case {item.get('case')}: box prompts need the ground-truth label")
-            boxes, box_labels = ground_truth_boxes(truth, values)
-            boxes, box_labels = boxes.to(device), box_labels.to(device)
-        seg = segment_image(network, image.to(device), prompts, protocol=self.protocol,
-                            score_threshold=self.score_threshold, boxes=boxes, box_labels=box_labels)
-        native = invert_to_input(seg.logits, item, self.transform, self.image_key).as_tensor()
-        return native, seg.scores
 
-    def _volume(self, items, prompts, network, device):
-        from ..inferers.volume import segment_volume
-
-        if self.box_prompts and not self._warned_boxes:
-            logger.warning("box prompts apply to 2D images only; volumes are evaluated with text prompts")
-            self._warned_boxes = True
-        slices = torch.stack([
-            (it[self.image_key].as_tensor() if hasattr(it[self.image_key], "as_tensor") else it[self.image_key])
-            for it in items
-        ])
-        result = segment_volume(network, slices.to(device), prompts, self.tracker,
-                                score_threshold=self.score_threshold, batch_size=self.volume_batch_size)
-        masks = result.masks.float().cpu()  # (P, D, S, S)
-        native = invert_to_input(masks, items, self.transform, self.image_key).as_tensor()  # (P, X, Y, Z)
-        meta = items[0][self.image_key].meta
-        axis = int(meta["slice_axis"])
-        order = torch.as_tensor([int(it[self.image_key].meta["slice_index"]) for it in items])
-        per_slice = torch.zeros(len(prompts), native.shape[axis + 1])
-        per_slice[:, order] = result.scores.float().cpu()
-        shape = [len(prompts), 1, 1, 1]
-        shape[axis + 1] = per_slice.shape[1]
-        seeds = torch.as_tensor(result.seed_slices) if getattr(result, "seed_slices", None) is not None else None
-        return native, per_slice.reshape(shape), seeds
+def _plain(x: Any) -> torch.Tensor:
+    return x.as_tensor() if hasattr(x, "as_tensor") else torch.as_tensor(x)
 
 
 # ------------------------------------------------------------------------------------------------ metrics

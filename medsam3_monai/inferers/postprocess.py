@@ -49,9 +49,12 @@ class MergePromptsd(MapTransform):
 
     Args:
         keys: the logit maps (mask = logit > ``threshold``).
-        confidence_key: per-prompt confidence maps of the same shape (``score * sigmoid(logit)``); when the item
-            has none, ``sigmoid(logit)`` is used.
+        confidence_key: per-prompt confidence maps of the same shape (volumes: the mask times each slice's score);
+            when the item has none, ``score * sigmoid(logit)`` with the prompt's score from ``scores_key`` (2D:
+            the confidence of ``bundles/medsam3/docs/conventions.md``, computed in the input's geometry), or
+            ``sigmoid(logit)`` without scores.
         values_key: item entry with the label value of each prompt (``prompt_values``; default 1..P).
+        scores_key: item entry with each prompt's score (``prompt_scores``).
         threshold: logit threshold (0: probability 0.5).
         drop_confidence: remove ``confidence_key`` from the item once merged (it is as large as the logits).
 
@@ -64,6 +67,7 @@ class MergePromptsd(MapTransform):
         keys: KeysCollection = ("pred",),
         confidence_key: str | None = "confidence",
         values_key: str | None = "prompt_values",
+        scores_key: str | None = "prompt_scores",
         threshold: float = 0.0,
         drop_confidence: bool = True,
         allow_missing_keys: bool = False,
@@ -71,6 +75,7 @@ class MergePromptsd(MapTransform):
         super().__init__(keys, allow_missing_keys)
         self.confidence_key = confidence_key
         self.values_key = values_key
+        self.scores_key = scores_key
         self.threshold = float(threshold)
         self.drop_confidence = drop_confidence
 
@@ -88,16 +93,27 @@ class MergePromptsd(MapTransform):
             if num_prompts == 1:
                 index = masks[0].to(torch.uint8)
             else:
-                confidence = d.get(self.confidence_key) if self.confidence_key else None
-                confidence = _plain(confidence).float() if confidence is not None else logits.sigmoid()
-                index = merge_classes(confidence, masks)
+                index = merge_classes(self._confidence(d, logits), masks)
             dtype = torch.uint8 if max(values) <= 255 else torch.int32
-            lut = torch.tensor([0, *[int(v) for v in values]], dtype=dtype)
-            labels = lut[index.long()][None]
+            if values == list(range(1, num_prompts + 1)):  # the index is the label map already
+                labels = index.to(dtype)[None]
+            else:
+                lut = torch.tensor([0, *values], dtype=dtype)
+                labels = lut[index.long()][None]
             d[key] = MetaTensor(labels, meta=dict(pred.meta)) if isinstance(pred, MetaTensor) else MetaTensor(labels)
             if self.drop_confidence and self.confidence_key:
                 d.pop(self.confidence_key, None)
         return d
+
+    def _confidence(self, d: Mapping[Hashable, Any], logits: torch.Tensor) -> torch.Tensor:
+        confidence = d.get(self.confidence_key) if self.confidence_key else None
+        if confidence is not None:
+            return _plain(confidence).float()
+        scores = d.get(self.scores_key) if self.scores_key else None
+        if scores is None:
+            return logits.sigmoid()
+        scores = torch.as_tensor(scores, dtype=torch.float32).reshape(-1, *([1] * (logits.ndim - 1)))
+        return scores * logits.sigmoid()
 
 
 class ImageOrVolumed(Transform):

@@ -10,7 +10,7 @@ Pipeline (the bundle spells out the same pieces in JSON):
 3. :class:`PromptInferer` (a MONAI ``Inferer``): 2D -> :func:`~.image.segment_image` (protocol
    ``top_query``, ``threshold`` or ``semantic``; optional box prompts); volume -> :func:`~.volume.segment_volume`
    (detector on every slice, tracker propagation from the most confident slice). Every slice item gets
-   ``pred`` (P, S, S) mask logits and ``confidence`` (P, S, S) = score x sigmoid(logit).
+   ``pred`` (P, S, S) mask logits (and, for volumes, ``confidence`` = mask x slice score).
 4. the bundle's ``postprocessing``: ``Invertd`` per slice, restack, merge by maximum confidence -> a
    (1, *spatial) label map (0 background, the prompts' label values).
 5. :class:`Predictor` wraps 2-4 for one file and returns a :class:`Prediction`; :func:`predict_file` is the
@@ -231,10 +231,10 @@ def _plain(x: Any) -> torch.Tensor:
 class PromptInferer(Inferer):
     """A case (its slice-space items) + the network -> the same items with per-prompt slice-space maps.
 
-    Every output item gets ``pred`` (P, S, S) mask logits (mask = logit > 0), ``confidence`` (P, S, S) =
-    score x sigmoid(logit) (the quantity multi-prompt overlaps are resolved by), and the case's
-    ``prompt_values``, ``prompt_texts``, ``prompt_scores`` (P,) and ``protocol``; volume items also
-    ``slice_scores`` (P, D) and ``seed_slices`` (P,).
+    Every output item gets ``pred`` (P, S, S) mask logits (mask = logit > 0) and the case's ``prompt_values``,
+    ``prompt_texts``, ``prompt_scores`` (P,) and ``protocol``; volume items also ``confidence`` (P, S, S), the
+    mask times the slice's score (2D confidence, score x sigmoid(logit), is computed after the inversion by
+    ``MergePromptsd``), ``slice_scores`` (P, D) and ``seed_slices`` (P,).
 
     Args:
         protocol: 2D protocol (``top_query``, ``threshold``, ``semantic``; see :mod:`.image`).
@@ -284,12 +284,12 @@ class PromptInferer(Inferer):
                device: torch.device) -> dict[str, Any]:
         image = item[self.image_key]
         protocol = get_protocol(item.get("protocol") or self.protocol).name  # a request may choose its own
-        boxes = box_prompts(item.get("box"), len(prompts), image.meta["spatial_shape"])
+        box = item.get("box")
+        boxes = None if box is None else box_prompts(box, len(prompts), image.meta["spatial_shape"])
         seg = segment_image(network, _plain(image).to(device), prompts, protocol=protocol,
                             score_threshold=self.score_threshold, boxes=None if boxes is None else boxes[0],
                             box_labels=None if boxes is None else boxes[1])
-        item["pred"] = MetaTensor(seg.logits.float())
-        item["confidence"] = MetaTensor(seg.confidence)
+        item["pred"] = MetaTensor(seg.logits.float())  # confidence: score x sigmoid(logit), after the inversion
         return {"prompt_scores": seg.scores.float(), "protocol": protocol + ("+box" if boxes is not None else "")}
 
     def _volume(self, items: list[dict[str, Any]], prompts: list[str], network: torch.nn.Module,
@@ -413,13 +413,13 @@ class Predictor:
     def pipeline(self, channel: int | None = None) -> tuple[Any, Any]:
         """(preprocessing, postprocessing) of ``configs/inference.json`` for inputs read with ``channel`` (the
         inverse needs the very transform objects that made the items, so each pair is built once and kept)."""
-        from ..bundle import config_parser
+        from ..bundle import config_parser, inference_postprocessing
 
         if channel not in self._pipelines:
             parser = config_parser("inference.json", image_size=int(self.network.image_size),
                                    ct_window=self.ct_window, channel=channel)
-            self._pipelines[channel] = (parser.get_parsed_content("preprocessing"),
-                                        parser.get_parsed_content("postprocessing"))
+            preprocessing = parser.get_parsed_content("preprocessing")
+            self._pipelines[channel] = (preprocessing, inference_postprocessing(preprocessing))
         return self._pipelines[channel]
 
     @classmethod
