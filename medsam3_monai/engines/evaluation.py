@@ -13,8 +13,9 @@ Pipeline (the bundle's ``evaluate.json`` spells out the same pieces):
    ``segment_image``, one network call for all its class prompts; volumes: ``segment_volume``, detector on every
    slice and tracker propagation) then that bundle's post-processing (``Invertd`` back to the input's geometry,
    merge by pixel-wise maximum confidence) -- with the ground truth's boxes added for the T+I protocol.
-4. :class:`MedSAM3CaseEvaluator` (a ``SupervisedEvaluator``): one iteration per case; its output holds the
-   :class:`CasePrediction` and one metric record per prompt (Dice, IoU; NSD and HD95 when the spacing is
+4. :class:`~.inference.MedSAM3CaseEvaluator` (a ``SupervisedEvaluator``, the inference bundle's engine too):
+   one iteration per case; :class:`CaseMetrics` turns each into the :class:`CasePrediction` and one metric
+   record per prompt (Dice, IoU; NSD and HD95 when the spacing is
    known: volumes, and 2D items that carry ``"spacing"`` in mm as ``[rows, cols]``).
 5. Handlers (:mod:`.reports`): overlays for a sample of cases, then ``cases.csv``, ``table.md``/``.csv``,
    ``radar.png`` and an MLflow run.
@@ -30,14 +31,13 @@ from typing import Any
 
 import numpy as np
 import torch
-from monai.engines import SupervisedEvaluator
 from monai.inferers import Inferer
 
 from ..data.selection import SPLIT_CHOICES, evaluation_items, is_volume_item
 from ..boxes import cxcywh_to_xyxy
 from ..inferers.image import ground_truth_boxes
 from ..inferers.predict import PromptInferer, item_prompts
-from .inference import collate_cases
+from .inference import MedSAM3CaseEvaluator, collate_cases
 from ..protocol_registry import get_protocol
 from ..metrics.segmentation import DEFAULT_NSD_TOLERANCE_MM, case_metrics
 
@@ -45,6 +45,7 @@ __all__ = [
     "SPLIT_CHOICES",
     "CaseInferer",
     "CasePrediction",
+    "CaseMetrics",
     "MedSAM3CaseEvaluator",
     "case_records",
     "collate_cases",
@@ -272,50 +273,21 @@ def case_records(prediction: CasePrediction, protocol: str, nsd_tolerance_mm: fl
     return records
 
 
-# ------------------------------------------------------------------------------------------------ engine
-class MedSAM3CaseEvaluator(SupervisedEvaluator):
-    """One iteration per case: ``inferer`` (a :class:`CaseInferer`) then metrics.
-
-    ``engine.state.output`` is a list (one entry per case of the batch) of
-    ``{"prediction": CasePrediction, "records": [metric record per prompt]}``; report handlers read it.
+class CaseMetrics:
+    """The evaluation's post-processing of a case: :class:`CasePrediction` -> ``{"prediction", "records"}`` (one
+    metric record per prompt, :func:`case_records`), what the report handlers read.
 
     Args:
-        device, val_data_loader, network, val_handlers: as MONAI's ``SupervisedEvaluator`` (the loader yields
-            lists of cases: use :func:`collate_cases`).
-        inferer: the :class:`CaseInferer`.
+        protocol: the name the numbers are reported under (``CaseInferer.label``, e.g. ``top_query+box``).
         nsd_tolerance_mm: NSD tolerance (2 mm, MedSAM's).
     """
 
-    def __init__(
-        self,
-        device: torch.device | str,
-        val_data_loader: Any,
-        network: torch.nn.Module,
-        inferer: CaseInferer,
-        val_handlers: Sequence[Any] | None = None,
-        nsd_tolerance_mm: float = DEFAULT_NSD_TOLERANCE_MM,
-        epoch_length: int | None = None,
-        **kwargs: Any,
-    ) -> None:
-        kwargs.setdefault("decollate", False)
-        super().__init__(device=torch.device(device), val_data_loader=val_data_loader, network=network,
-                         inferer=inferer, val_handlers=val_handlers, epoch_length=epoch_length, **kwargs)
+    def __init__(self, protocol: str, nsd_tolerance_mm: float = DEFAULT_NSD_TOLERANCE_MM) -> None:
+        self.protocol = str(protocol)
         self.nsd_tolerance_mm = float(nsd_tolerance_mm)
 
-    def _iteration(self, engine: MedSAM3CaseEvaluator, batchdata: list[list[dict[str, Any]]]) -> list[dict]:
-        if batchdata is None:
-            raise ValueError("Must provide batch data for current iteration.")
-        engine.network.eval()
-        outputs = []
-        with torch.no_grad():
-            for case in batchdata:
-                prediction = engine.inferer(case, engine.network)
-                outputs.append({
-                    "prediction": prediction,
-                    "records": case_records(prediction, engine.inferer.label, self.nsd_tolerance_mm),
-                })
-        engine.state.output = outputs
-        return outputs
+    def __call__(self, prediction: CasePrediction) -> dict[str, Any]:
+        return {"prediction": prediction, "records": case_records(prediction, self.protocol, self.nsd_tolerance_mm)}
 
 
 # ------------------------------------------------------------------------------------------------ assembly
@@ -369,6 +341,7 @@ def run_evaluation(
 
         handlers.append(ProgressBar(desc=f"evaluate {run_name or ''}".strip(), persist=True))
     handlers += [OverlayWriter(out_dir, transform, data=items, max_overlays=max_overlays), report]
-    evaluator = MedSAM3CaseEvaluator(device, loader, network, inferer, val_handlers=handlers)
+    evaluator = MedSAM3CaseEvaluator(device, loader, network, inferer, postprocessing=CaseMetrics(inferer.label),
+                                     val_handlers=handlers)
     evaluator.run()
     return report

@@ -1,9 +1,12 @@
-"""The inference bundle's engine: a MONAI ``SupervisedEvaluator`` over cases (lists of slice items).
+"""The engine of the inference and evaluation bundles: a MONAI ``SupervisedEvaluator`` over cases (lists of
+slice items), one iteration per batch of cases.
 
-``configs/inference.json`` wires it: ``inferers.predict.inference_items`` -> the preprocessing ``Compose``
-(a case becomes the list of its slice items) -> :func:`collate_cases` -> :class:`MedSAM3InferenceEvaluator`
-with ``inferers.predict.PromptInferer`` and the post-processing ``Compose(map_items=False)`` (``Invertd`` per
-slice, ``RestackSlicesd``, ``MergePromptsd``, ``SaveImaged``), run on each case as a whole.
+``configs/inference.json``: ``inferers.predict.inference_items`` -> the preprocessing ``Compose`` (a case becomes
+the list of its slice items) -> :func:`collate_cases` -> :class:`MedSAM3CaseEvaluator` with
+``inferers.predict.PromptInferer`` and the post-processing ``Compose(map_items=False)`` (``Invertd`` per slice,
+``RestackSlicesd``, ``MergePromptsd``, ``SaveImaged``), run on each case as a whole.
+``configs/evaluate.json``: the same engine with ``engines.evaluation.CaseInferer`` (that pipeline, back to a
+prediction per prompt) and ``engines.evaluation.CaseMetrics`` as the post-processing.
 """
 
 from __future__ import annotations
@@ -16,7 +19,7 @@ from monai.engines import SupervisedEvaluator
 from monai.engines.utils import IterationEvents
 from monai.transforms import apply_transform
 
-__all__ = ["MedSAM3InferenceEvaluator", "collate_cases"]
+__all__ = ["MedSAM3CaseEvaluator", "collate_cases"]
 
 
 def collate_cases(batch: Sequence[Any]) -> list[list[dict[str, Any]]]:
@@ -24,18 +27,20 @@ def collate_cases(batch: Sequence[Any]) -> list[list[dict[str, Any]]]:
     return [case if isinstance(case, list) else [case] for case in batch]
 
 
-class MedSAM3InferenceEvaluator(SupervisedEvaluator):
+class MedSAM3CaseEvaluator(SupervisedEvaluator):
     """One iteration per batch of cases: ``inferer`` on each case, then ``postprocessing`` on each case.
 
-    ``engine.state.output`` is the list of post-processed cases (one dict each: ``pred`` the label map in the
-    input's geometry, ``prompt_texts``, ``prompt_scores``, ...).
+    ``engine.state.output`` is the list of post-processed cases: for inference one dict each (``pred`` the label
+    map in the input's geometry, ``prompt_texts``, ``prompt_scores``, ...), for evaluation
+    ``{"prediction": CasePrediction, "records": [metric record per prompt]}`` (``CaseMetrics``).
 
     Args:
         device, val_data_loader, network, val_handlers, epoch_length: as MONAI's ``SupervisedEvaluator`` (the
             loader yields lists of cases: use :func:`collate_cases`).
-        inferer: a :class:`~medsam3_monai.inferers.predict.PromptInferer`.
-        postprocessing: a transform of a whole case (a ``Compose`` built with ``map_items=False``), e.g.
-            the ``postprocessing`` of ``configs/inference.json``.
+        inferer: a :class:`~medsam3_monai.inferers.predict.PromptInferer` (inference) or an
+            :class:`~medsam3_monai.engines.evaluation.CaseInferer` (evaluation).
+        postprocessing: a transform of a whole case (a ``Compose`` built with ``map_items=False``), e.g. the
+            ``postprocessing`` of ``configs/inference.json``, or ``CaseMetrics``.
     """
 
     def __init__(
@@ -58,10 +63,10 @@ class MedSAM3InferenceEvaluator(SupervisedEvaluator):
         """Post-process each case as a whole (MONAI's default would map the transform over its slices)."""
 
         @self.on(IterationEvents.MODEL_COMPLETED)
-        def _run_postprocessing(engine: MedSAM3InferenceEvaluator) -> None:
+        def _run_postprocessing(engine: MedSAM3CaseEvaluator) -> None:
             engine.state.output = [apply_transform(posttrans, case, map_items=False) for case in engine.state.output]
 
-    def _iteration(self, engine: MedSAM3InferenceEvaluator, batchdata: list[list[dict[str, Any]]]) -> list[Any]:
+    def _iteration(self, engine: MedSAM3CaseEvaluator, batchdata: list[list[dict[str, Any]]]) -> list[Any]:
         if batchdata is None:
             raise ValueError("Must provide batch data for current iteration.")
         engine.network.eval()
