@@ -1,4 +1,5 @@
-"""The standard chain, for scripts and tests; bundles spell the same list out in JSON.
+"""The bundle's transform chains from Python, for scripts and tests: ``configs/train.json`` (training and
+validation) and ``configs/inference.json`` (no label) are the one place each chain is written.
 
 load -> decode mask -> intensity by modality -> (3D: slices) -> instances -> grey to RGB -> resize to S x S
 -> SAM3 normalisation -> targets per prompt (-> sampled negative prompts when training).
@@ -9,14 +10,6 @@ from __future__ import annotations
 from collections.abc import Sequence
 
 from monai.transforms import Compose
-
-from .instances import LabelToInstancesd
-from .intensity import GreyToRGBd, Sam3Normalized, ScaleIntensityByModalityd
-from .io import LoadMedicalImaged
-from .labels import DecodeLabeld
-from .slices import AxialSlicesd, RandAxialSliced
-from .spatial import ResizeToSliced
-from .targets import BuildTargetsd, RandNegativePromptsd
 
 __all__ = ["slice_space_transforms"]
 
@@ -35,28 +28,22 @@ def slice_space_transforms(
 ) -> Compose:
     """A Compose from a datalist item to slice-space items (a list: one per 2D image or volume slice).
 
+    ``train#preprocessing`` (``train=True``) or ``validate#preprocessing`` of ``configs/train.json`` with these
+    settings; ``with_label=False`` gives the ``preprocessing`` of ``configs/inference.json`` (items without a
+    mask: no label, instances or targets).
+
     Each output item: ``image`` ``(3, S, S)`` float32 normalised for SAM3 (invertible with
     ``Invertd(orig_keys="image")``), ``label`` the native-resolution class map of the slice, ``targets`` one
-    :class:`~medsam3_monai.transforms.targets.PromptTarget` per prompt. ``with_label=False`` builds the
-    inference chain for items without a mask (no label, instances or targets).
+    :class:`~medsam3_monai.transforms.targets.PromptTarget` per prompt.
     """
-    keys = ("image", "label") if with_label else ("image",)
-    chain = [LoadMedicalImaged(keys=keys, label_keys=("label",), allow_missing_keys=not with_label)]
-    if with_label:
-        chain.append(DecodeLabeld(keys="label"))
-    chain.append(ScaleIntensityByModalityd(keys="image", ct_window=ct_window))
-    slice_keys = ("image", "label", "instance_ids")
-    if train:
-        chain.append(RandAxialSliced(keys=slice_keys, num_samples=slices_per_volume, pos_fraction=pos_fraction,
-                                     seed=seed))
-    else:
-        chain.append(AxialSlicesd(keys=slice_keys))
-    if with_label:
-        chain.append(LabelToInstancesd(keys="label", max_instances=max_instances))
-    chain += [GreyToRGBd(keys="image"), ResizeToSliced(keys="image", spatial_size=spatial_size),
-              Sam3Normalized(keys="image")]
-    if with_label:
-        chain.append(BuildTargetsd())
-        if train and negative_concepts:
-            chain.append(RandNegativePromptsd(concepts=negative_concepts, num_negatives=num_negatives, seed=seed))
-    return Compose(chain)
+    from ..bundle import config_parser
+
+    if not with_label:
+        parser = config_parser("inference.json", image_size=spatial_size, ct_window=ct_window)
+        return parser.get_parsed_content("preprocessing")
+    parser = config_parser(
+        "train.json", image_size=spatial_size, max_instances=max_instances, num_negatives=num_negatives,
+        slices_per_volume=slices_per_volume, pos_fraction=pos_fraction, ct_window=ct_window, seed=seed,
+    )
+    parser["train#concepts"] = list(negative_concepts)
+    return parser.get_parsed_content("train#preprocessing" if train else "validate#preprocessing")
