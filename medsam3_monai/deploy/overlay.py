@@ -11,32 +11,13 @@ from __future__ import annotations
 
 import textwrap
 from pathlib import Path
-from typing import Any, Sequence
+from typing import Any
 
-import numpy as np
 import torch
 
-from ..metrics.plots import CLASS_COLOURS
+from ..metrics.plots import CLASS_COLOURS, display_image, label_fill
 
 __all__ = ["montage_slices", "save_overlay"]
-
-
-def _display(image: torch.Tensor) -> np.ndarray:
-    """(C, H, W) in [0, 1] -> (H, W, 3) float."""
-    array = image.detach().cpu().float().numpy()
-    array = np.moveaxis(array[:3], 0, -1)
-    if array.shape[-1] == 1:
-        array = np.repeat(array, 3, axis=-1)
-    return np.clip(array, 0.0, 1.0)
-
-
-def _fill(labels: np.ndarray, values: Sequence[int], alpha: float = 0.45) -> np.ndarray:
-    from matplotlib.colors import to_rgba
-
-    rgba = np.zeros((*labels.shape, 4), dtype=float)
-    for i, value in enumerate(values):
-        rgba[labels == value] = to_rgba(CLASS_COLOURS[i % len(CLASS_COLOURS)], alpha=alpha)
-    return rgba
 
 
 def montage_slices(labels: torch.Tensor, axis: int = 2, count: int = 3) -> list[int]:
@@ -92,8 +73,8 @@ def save_overlay(prediction: Any, path: str | Path, image: torch.Tensor | None =
     values = list(prediction.label_values)
     for ax, (plane, plane_labels, heading) in zip(axes, panels):
         array = plane_labels.numpy()
-        ax.imshow(_display(plane), interpolation="nearest")
-        ax.imshow(_fill(array, values), interpolation="nearest")
+        ax.imshow(display_image(plane), interpolation="nearest")
+        ax.imshow(label_fill(array, values), interpolation="nearest")
         for i, value in enumerate(values):
             if (array == value).any() and min(array.shape) > 1:
                 ax.contour((array == value).astype(float), levels=[0.5], linewidths=0.8,

@@ -72,11 +72,11 @@ def radar_chart(
     return path
 
 
-def _as_display_image(image: torch.Tensor | np.ndarray) -> np.ndarray:
-    """(3, H, W) / (1, H, W) / (H, W) in [0, 1] -> (H, W, 3) float for imshow."""
+def display_image(image: torch.Tensor | np.ndarray) -> np.ndarray:
+    """(C, H, W) with C <= 4 (the first three channels shown) or (H, W), values in [0, 1] -> (H, W, 3) float."""
     array = image.detach().cpu().float().numpy() if isinstance(image, torch.Tensor) else np.asarray(image, float)
-    if array.ndim == 3 and array.shape[0] in (1, 3):
-        array = np.moveaxis(array, 0, -1)
+    if array.ndim == 3 and array.shape[0] <= 4:
+        array = np.moveaxis(array[:3], 0, -1)
     if array.ndim == 2:
         array = array[..., None]
     if array.shape[-1] == 1:
@@ -84,14 +84,14 @@ def _as_display_image(image: torch.Tensor | np.ndarray) -> np.ndarray:
     return np.clip(array, 0.0, 1.0)
 
 
-def _fill(labels: np.ndarray, values: Sequence[int]) -> np.ndarray:
-    """RGBA overlay of a label map: each value in its colour at alpha 0.45, background transparent."""
+def label_fill(labels: np.ndarray, values: Sequence[int], alpha: float = 0.45) -> np.ndarray:
+    """RGBA overlay of a label map: each value in its class colour (prompt order) at ``alpha``, background
+    transparent."""
     from matplotlib.colors import to_rgba
 
     rgba = np.zeros((*labels.shape, 4), dtype=float)
     for i, value in enumerate(values):
-        colour = to_rgba(CLASS_COLOURS[i % len(CLASS_COLOURS)], alpha=0.45)
-        rgba[labels == value] = colour
+        rgba[labels == value] = to_rgba(CLASS_COLOURS[i % len(CLASS_COLOURS)], alpha=alpha)
     return rgba
 
 
@@ -111,7 +111,7 @@ def overlay_figure(
         truth, pred: (H, W) label maps (prompt label values, 0 background).
         values: the label values to draw, in prompt order (colours follow this order); ``names`` their texts.
     """
-    shown = _as_display_image(image)
+    shown = display_image(image)
     truth = np.asarray(truth.cpu() if isinstance(truth, torch.Tensor) else truth)
     pred = np.asarray(pred.cpu() if isinstance(pred, torch.Tensor) else pred)
     figure = _figure(10.5, 3.8)
@@ -120,8 +120,8 @@ def overlay_figure(
         ax.imshow(shown, interpolation="nearest")
         ax.set_title(heading, fontsize=9)
         ax.set_axis_off()
-    panels[1].imshow(_fill(truth, values), interpolation="nearest")
-    panels[2].imshow(_fill(pred, values), interpolation="nearest")
+    panels[1].imshow(label_fill(truth, values), interpolation="nearest")
+    panels[2].imshow(label_fill(pred, values), interpolation="nearest")
     for value in values:
         if (truth == value).any() and min(truth.shape) > 1:
             panels[2].contour((truth == value).astype(float), levels=[0.5], colors=TRUTH_COLOUR, linewidths=0.8)
