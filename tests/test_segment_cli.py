@@ -15,7 +15,7 @@ import torch
 from PIL import Image
 
 from medsam3_monai.deploy.cli import main
-from medsam3_monai.inferers.predict import box_prompts
+from medsam3_monai.inferers.inputs import box_prompts
 
 REPO_ROOT = Path(__file__).resolve().parents[1]
 CONFIGS = REPO_ROOT / "bundles" / "medsam3" / "configs"

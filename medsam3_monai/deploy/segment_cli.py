@@ -244,7 +244,7 @@ def _ct_window(value: str) -> Any:
 
 # ------------------------------------------------------------------------------------------------ command
 def run(args: argparse.Namespace) -> int:
-    from ..inferers.predict import input_kind
+    from ..inferers.inputs import input_kind
 
     kind = input_kind(args.input)  # missing input, unsupported format: before anything is loaded
     out, sidecar_path, overlay = _plan_outputs(args, kind)

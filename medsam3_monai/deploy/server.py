@@ -246,7 +246,7 @@ def create_app(predictor: Any, *, token: str | None = None, limits: ServerLimits
     from starlette.exceptions import HTTPException as StarletteHTTPException
 
     from .. import __version__
-    from ..inferers.predict import box_prompts, user_error
+    from ..inferers.inputs import box_prompts, user_error
     from ..protocol_registry import PROTOCOLS
     from .segment_cli import output_labels, write_label_volume, write_mask_image
 

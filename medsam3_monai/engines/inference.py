@@ -1,7 +1,7 @@
 """The engine of the inference and evaluation bundles: a MONAI ``SupervisedEvaluator`` over cases (lists of
 slice items), one iteration per batch of cases.
 
-``configs/inference.json``: ``inferers.predict.inference_items`` -> the preprocessing ``Compose`` (a case becomes
+``configs/inference.json``: ``inferers.inputs.inference_items`` -> the preprocessing ``Compose`` (a case becomes
 the list of its slice items) -> :func:`collate_cases` -> :class:`MedSAM3CaseEvaluator` with
 ``inferers.predict.PromptInferer`` and the post-processing ``Compose(map_items=False)`` (``Invertd`` per slice,
 ``RestackSlicesd``, ``MergePromptsd``, ``SaveImaged``), run on each case as a whole.

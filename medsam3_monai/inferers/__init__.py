@@ -8,4 +8,5 @@ from .volume import (
     track_from_seed,
 )
 from .postprocess import ImageOrVolumed, MergePromptsd, RowsFirstPILWriter
-from .predict import Prediction, Predictor, PromptInferer, inference_items, predict_file
+from .inputs import inference_items
+from .predict import Prediction, Predictor, PromptInferer, predict_file
