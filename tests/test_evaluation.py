@@ -298,7 +298,8 @@ def test_evaluate_bundle_runs_with_monai_bundle(datalists, tmp_path):
     from monai.bundle import ConfigWorkflow
 
     workflow = ConfigWorkflow(
-        config_file=str(CONFIGS / "evaluate.json"), meta_file=str(CONFIGS / "metadata.json"),
+        config_file=[str(CONFIGS / "inference.json"), str(CONFIGS / "evaluate.json")],
+        meta_file=str(CONFIGS / "metadata.json"),
         logging_file=str(CONFIGS / "logging.conf"), workflow_type="infer", bundle_root=str(tmp_path / "bundle"),
         datalists=[str(datalists["kvasir"])], checkpoint="tiny", max_cases=1, max_overlays=1, mlflow=False,
         protocol="threshold", box_prompts=True,

@@ -290,7 +290,7 @@ def test_bundle_metadata_passes_monai_verify_metadata(tmp_path):
 
 
 def test_cli_pipelines_are_the_bundle_configs():
-    """`medsam3 segment` / `evaluate` build their chains from configs/inference.json and evaluate.json."""
+    """`medsam3 segment` / `evaluate` build their chains from configs/inference.json (evaluate.json overlays it)."""
     from medsam3_monai.bundle import BUNDLE_CONFIGS
     from medsam3_monai.engines.evaluation import evaluation_transforms
     from medsam3_monai.inferers.predict import Predictor
@@ -304,4 +304,6 @@ def test_cli_pipelines_are_the_bundle_configs():
     assert [type(t).__name__ for t in post.transforms] == targets("inference.json", "postprocessing")
     assert post.transforms[0].transforms[0].transform is pre, "Invertd inverts the very preprocessing"
     evaluation = evaluation_transforms(112)
-    assert [type(t).__name__ for t in evaluation.transforms] == targets("evaluate.json", "preprocessing")
+    assert [type(t).__name__ for t in evaluation.transforms] == targets("inference.json", "preprocessing")
+    overlay = json.loads((BUNDLE_CONFIGS / "evaluate.json").read_text())
+    assert "preprocessing" not in overlay, "evaluate.json reuses inference.json's chain (an overlay)"

@@ -1,11 +1,11 @@
 """Evaluation over a datalist: per case and prompt metrics in the input's own geometry, as an Ignite engine.
 
-Pipeline (the bundle's ``evaluate.json`` spells out the same pieces):
+Pipeline (the bundle's ``evaluate.json``, an overlay of ``inference.json``, spells out the same pieces):
 
 1. :func:`~medsam3_monai.data.selection.evaluation_items`: the cases of each datalist's evaluation split (default ``auto``: ``test`` when
    the datalist has test cases, else ``validation``; several shared folders have no test split), each tagged
    with its ``group`` (``internal`` / ``external``, from the catalogue).
-2. :func:`evaluation_transforms`, the ``preprocessing`` of ``configs/evaluate.json``: load -> decode label ->
+2. :func:`evaluation_transforms`, the ``preprocessing`` of ``configs/inference.json``: load -> decode label ->
    intensity by modality -> axial slices (the image only: the label stays the whole native mask) -> grey to
    RGB -> resize to S x S -> SAM3 normalisation.
 3. :class:`CaseInferer` (a MONAI ``Inferer``): the case pipeline of ``medsam3 segment`` and
@@ -63,15 +63,16 @@ logger = logging.getLogger(__name__)
 
 # ------------------------------------------------------------------------------------------------ data
 def evaluation_transforms(image_size: int = 1008, ct_window: str | Sequence[float] = "abdomen"):
-    """The evaluation preprocessing, the ``preprocessing`` of ``configs/evaluate.json``: a datalist item -> the
-    list of its slice-space items.
+    """The evaluation preprocessing, the ``preprocessing`` of ``configs/inference.json`` (``evaluate.json`` is an
+    overlay of it; the label, when the item has one, is loaded and decoded): a datalist item -> the list of its
+    slice-space items.
 
     Each output item: ``image`` (3, S, S) SAM3-normalised with the resize recorded for ``Invertd``; ``label``
     the whole native class map ((1, H, W), or (1, X, Y, Z) shared by every slice item of a volume).
     """
     from ..bundle import config_parser
 
-    return config_parser("evaluate.json", image_size=image_size, ct_window=ct_window).get_parsed_content(
+    return config_parser("inference.json", image_size=image_size, ct_window=ct_window).get_parsed_content(
         "preprocessing")
 
 
@@ -316,7 +317,8 @@ def run_evaluation(
 ):
     """Evaluate ``network`` on ``items`` (from :func:`evaluation_items`) and write the report into ``out_dir``.
 
-    The Python form of ``bundles/medsam3/configs/evaluate.json`` (same classes, same order of handlers).
+    The Python form of ``configs/evaluate.json`` over ``configs/inference.json`` (same classes, same order of
+    handlers).
     Returns the :class:`~medsam3_monai.engines.reports.EvaluationReport` (``table``, ``records``, ``files``,
     ``run_id``).
     """

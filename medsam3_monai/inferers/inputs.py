@@ -92,6 +92,7 @@ def inference_items(
         item = {"image": entry} if isinstance(entry, (str, Path)) else dict(entry)
         if "image" not in item:
             raise ValueError(f"datalist entry {entry!r} has no 'image'")
+        item.pop("label", None)  # prediction needs no ground truth (evaluation items come from data.selection)
         image = Path(str(item["image"])).expanduser()
         item["image"] = str(image if image.is_absolute() else base / image)
         if prompts is not None:
