@@ -52,7 +52,9 @@ def tracker_session(slices: torch.Tensor, device: torch.device, dtype: torch.dty
                     positions: Any) -> Any:
     """A ``Sam3TrackerVideoInferenceSession`` over (D, 3, S, S) ``slices`` with every slice's vision features
     (``frames[i]``, shared ``positions``) already in its cache, so the tracker never runs its ViT."""
-    from transformers.models.sam3_tracker_video.modeling_sam3_tracker_video import Sam3TrackerVideoInferenceSession
+    from transformers.models.sam3_tracker_video.modeling_sam3_tracker_video import (
+        Sam3TrackerVideoInferenceSession,
+    )
 
     num_frames = slices.shape[0]
     session = Sam3TrackerVideoInferenceSession(

@@ -33,14 +33,14 @@ import numpy as np
 import torch
 from monai.inferers import Inferer
 
-from ..data.selection import SPLIT_CHOICES, evaluation_items, is_volume_item
 from ..boxes import cxcywh_to_xyxy
+from ..data.selection import SPLIT_CHOICES, evaluation_items, is_volume_item
 from ..inferers.image import ground_truth_boxes
 from ..inferers.inputs import item_prompts
 from ..inferers.predict import PromptInferer
-from .inference import MedSAM3CaseEvaluator, collate_cases
-from ..protocol_registry import get_protocol
 from ..metrics.segmentation import DEFAULT_NSD_TOLERANCE_MM, case_metrics
+from ..protocol_registry import get_protocol
+from .inference import MedSAM3CaseEvaluator, collate_cases
 
 __all__ = [
     "SPLIT_CHOICES",
