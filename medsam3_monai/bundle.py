@@ -31,7 +31,7 @@ def config_parser(config: str, **overrides: Any):
 
 def inference_postprocessing(preprocessing: Any):
     """The ``postprocessing`` of ``configs/inference.json`` (``Invertd`` per slice, restack, merge by confidence)
-    for cases made by ``preprocessing``, whatever config that chain came from (evaluation uses its own)."""
+    for cases made by ``preprocessing``, an already built chain (``CaseInferer`` is given one)."""
     parser = config_parser("inference.json")
     parser["preprocessing"] = preprocessing
     return parser.get_parsed_content("postprocessing")

@@ -32,6 +32,7 @@ from typing import Any
 import numpy as np
 import torch
 from monai.inferers import Inferer
+from monai.utils import convert_to_tensor
 
 from ..boxes import cxcywh_to_xyxy
 from ..data.selection import SPLIT_CHOICES, evaluation_items, is_volume_item
@@ -195,7 +196,6 @@ class CaseInferer(Inferer):
         from ..bundle import inference_postprocessing
 
         super().__init__()
-        self.transform = transform
         self.cases = PromptInferer(protocol, score_threshold, tracker=tracker, volume_batch_size=volume_batch_size,
                                    image_key=image_key)
         self.postprocessing = inference_postprocessing(transform)
@@ -221,12 +221,12 @@ class CaseInferer(Inferer):
         if self.box_prompts:
             self._add_ground_truth_boxes(case_items[0], truth, is_volume)
         case = self.postprocessing(self.cases(case_items, network))
-        label_map = _plain(case["pred"])[0]
+        label_map = convert_to_tensor(case["pred"], track_meta=False)[0]
         values = [int(v) for v in case["prompt_values"]]
         masks = torch.stack([label_map == value for value in values])
         truth_map = None
         if truth is not None:
-            truth_map = _plain(truth)[0]
+            truth_map = convert_to_tensor(truth, track_meta=False)[0]
             if tuple(truth_map.shape) != tuple(masks.shape[1:]):
                 raise RuntimeError(f"prediction {tuple(masks.shape[1:])} and label {tuple(truth_map.shape)} differ in "
                                    f"shape for case {first.get('case')}: the inversion did not restore the geometry")
@@ -247,13 +247,9 @@ class CaseInferer(Inferer):
             raise ValueError(f"case {item.get('case')}: box prompts need the ground-truth label")
         values, _ = item_prompts(item)
         boxes, labels = ground_truth_boxes(truth, values)
-        height, width = _plain(truth).shape[-2:]
+        height, width = truth.shape[-2:]
         xyxy = cxcywh_to_xyxy(boxes[:, 0]) * torch.tensor([width, height, width, height])
         item["box"] = [box.tolist() if label == 1 else None for box, label in zip(xyxy, labels[:, 0])]
-
-
-def _plain(x: Any) -> torch.Tensor:
-    return x.as_tensor() if hasattr(x, "as_tensor") else torch.as_tensor(x)
 
 
 # ------------------------------------------------------------------------------------------------ metrics

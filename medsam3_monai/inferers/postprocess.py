@@ -1,8 +1,8 @@
 """Post-processing of per-prompt predictions: back to the input's geometry, one label map, saved to disk.
 
-The chain (``postprocessing`` and ``writer`` of ``configs/inference.json``) works on a *case*: the list of slice items of one input (one item for a 2D image, D for a volume), each carrying
-``pred`` (P, S, S) mask logits and ``confidence`` (P, S, S) from
-:class:`~medsam3_monai.inferers.predict.PromptInferer`:
+The chain (``postprocessing`` and ``writer`` of ``configs/inference.json``) works on a *case*: the list of slice
+items of one input (one item for a 2D image, D for a volume), each carrying ``pred`` (P, S, S) mask logits (and,
+for volumes, ``confidence``) from :class:`~medsam3_monai.inferers.predict.PromptInferer`:
 
 1. MONAI ``Invertd`` on every slice item (a ``Compose`` that maps over the list): the slice-space maps go
    back to the image's (or slice's) own size, bilinearly -- logits stay logits;
@@ -30,15 +30,10 @@ from monai.transforms import MapTransform, Transform
 from ..metrics.merge import merge_classes
 
 __all__ = [
-    "PREDICTION_KEYS",
     "ImageOrVolumed",
     "MergePromptsd",
     "RowsFirstPILWriter",
 ]
-
-#: the per-slice keys PromptInferer writes and the post-processing inverts
-PREDICTION_KEYS = ("pred", "confidence")
-
 
 def _plain(x: Any) -> torch.Tensor:
     return x.as_tensor() if isinstance(x, MetaTensor) else torch.as_tensor(x)

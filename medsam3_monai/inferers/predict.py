@@ -244,13 +244,14 @@ class Predictor:
     def pipeline(self, channel: int | None = None) -> tuple[Any, Any]:
         """(preprocessing, postprocessing) of ``configs/inference.json`` for inputs read with ``channel`` (the
         inverse needs the very transform objects that made the items, so each pair is built once and kept)."""
-        from ..bundle import config_parser, inference_postprocessing
+        from ..bundle import config_parser
 
         if channel not in self._pipelines:
             parser = config_parser("inference.json", image_size=int(self.network.image_size),
                                    ct_window=self.ct_window, channel=channel)
-            preprocessing = parser.get_parsed_content("preprocessing")
-            self._pipelines[channel] = (preprocessing, inference_postprocessing(preprocessing))
+            # one parser: the post-processing's Invertd holds the very preprocessing parsed here
+            self._pipelines[channel] = (parser.get_parsed_content("preprocessing"),
+                                        parser.get_parsed_content("postprocessing"))
         return self._pipelines[channel]
 
     @classmethod
