@@ -7,24 +7,29 @@
 from __future__ import annotations
 
 from pathlib import Path
-from typing import Any
+from typing import Any, Sequence
 
 BUNDLE_CONFIGS = Path(__file__).resolve().parents[1] / "bundles" / "medsam3" / "configs"
 
 
-def config_parser(config: str, **overrides: Any):
+def config_parser(config: str | Sequence[str], **overrides: Any):
     """A MONAI ``ConfigParser`` of ``bundles/medsam3/configs/<config>`` with ``overrides`` (config ids) applied.
+
+    ``config`` may be a list of names, merged in order as ``monai.bundle run --config_file "[a, b]"`` merges
+    them (``["inference.json", "evaluate.json"]`` is the evaluation bundle). Override values may be Python
+    objects (a built network), which the parser passes through unchanged.
 
     Components parsed from one parser share their references (``@preprocessing`` in the post-processing is
     the very ``Compose`` parsed as ``preprocessing``), so parse a pipeline's pieces from the same parser.
     """
     from monai.bundle import ConfigParser
 
-    path = BUNDLE_CONFIGS / config
-    if not path.is_file():
-        raise FileNotFoundError(f"bundle config {path} not found: medsam3-monai runs from its repository checkout")
+    paths = [BUNDLE_CONFIGS / name for name in ([config] if isinstance(config, str) else config)]
+    for path in paths:
+        if not path.is_file():
+            raise FileNotFoundError(f"bundle config {path} not found: medsam3-monai runs from its repository checkout")
     parser = ConfigParser()
-    parser.read_config(str(path))
+    parser.read_config([str(path) for path in paths])
     parser.update(overrides)
     return parser
 

@@ -71,6 +71,8 @@ def test_run_killed_mid_epoch_resumes_to_the_uninterrupted_parameters(shared_dat
     checkpoint = resumed.parser.get_parsed_content("train#handlers")[4]
     assert checkpoint.resumed_from is not None and checkpoint.resumed_from.name == f"checkpoint_iter{epoch_length + 2}.pt"
     assert resumed.parser.get_parsed_content("train#trainer").state.iteration == 2 * epoch_length
+    kept = sorted(p.name for p in (tmp_path / "resumed" / "runs" / "checkpoints").glob("*.pt"))
+    assert kept == [f"checkpoint_iter{2 * epoch_length - 1}.pt", f"checkpoint_iter{2 * epoch_length}.pt"], kept
 
     expected, got = _final_state(tmp_path / "whole"), _final_state(tmp_path / "resumed")
     assert expected.keys() == got.keys()

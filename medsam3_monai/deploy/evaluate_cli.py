@@ -10,7 +10,6 @@ are reported before anything is written; a failure later removes what was writte
 from __future__ import annotations
 
 import argparse
-import json
 import re
 import shutil
 import sys
@@ -92,13 +91,7 @@ def checkpoint_labels(sources: list[str]) -> list[str]:
 def run(args: argparse.Namespace) -> int:
     import torch
 
-    from ..engines.evaluation import (
-        evaluation_items,
-        is_volume_item,
-        protocol_label,
-        report_notes,
-        run_evaluation,
-    )
+    from ..engines.evaluation import evaluation_items, is_volume_item, run_evaluation
     from ..engines.reports import default_tracking_uri, open_experiment
     from ..networks import load_network
     from ..networks.tracker import resolve_tracker
@@ -128,20 +121,12 @@ def run(args: argparse.Namespace) -> int:
             parent = client.create_run(experiment_id, run_name=f"{labels[0]} vs {labels[1]}").info.run_id
         reports = []
         for source, label, network, (tracker, tracker_name) in zip(sources, labels, networks, trackers):
-            params = {
-                "checkpoint": source, "protocol": protocol_label(args.protocol, args.box_prompts),
-                "datalists": json.dumps([str(Path(p).resolve()) for p in args.datalist]),
-                "image_size": int(network.image_size), "split": args.split, "max_cases": args.max_cases,
-                "score_threshold": args.score_threshold, "box_prompts": args.box_prompts,
-                "tracker": tracker_name, "num_cases": len(items), "device": str(device),
-            }
             report = run_evaluation(
-                network, items, out if len(sources) == 1 else out / label, protocol=args.protocol,
-                score_threshold=args.score_threshold, box_prompts=args.box_prompts, tracker=tracker,
-                device=device, max_overlays=args.overlays, progress=not args.no_progress,
-                num_workers=args.num_workers, params=params,
-                notes=report_notes(source, args.protocol, args.score_threshold, args.box_prompts, items, tracker_name),
-                mlflow=not args.no_mlflow,
+                network, items, out if len(sources) == 1 else out / label, checkpoint=source,
+                datalists=[Path(p).resolve() for p in args.datalist], split=args.split, max_cases=args.max_cases,
+                protocol=args.protocol, score_threshold=args.score_threshold, box_prompts=args.box_prompts,
+                tracker=tracker, tracker_name=tracker_name, device=device, max_overlays=args.overlays,
+                progress=not args.no_progress, num_workers=args.num_workers, mlflow=not args.no_mlflow,
                 tracking_uri=tracking_uri, experiment=args.experiment, run_name=label, parent_run_id=parent,
             )
             network.to("cpu")

@@ -1,26 +1,24 @@
-"""Training checkpoints with exact resume: network, optimiser, scheduler and the Ignite engine's counters."""
+"""Training checkpoints with exact resume, on Ignite's ``Checkpoint`` + ``DiskSaver`` and MONAI's
+``CheckpointLoader``: network, optimiser, scheduler, the engine's counters and torch's RNG."""
 
 from __future__ import annotations
 
 import logging
-import os
 import re
 from pathlib import Path
 from typing import Any, Mapping
 
 import torch
 from ignite.engine import Engine, Events
+from ignite.handlers import Checkpoint, DiskSaver
 
 from ..compat import skip_batches
 from ..networks.outputs import unwrap
-from .distributed import barrier, broadcast_object
+from .distributed import barrier, broadcast_object, get_rank
 
 logger = logging.getLogger(__name__)
 _NAME = re.compile(r"^checkpoint_iter(\d+)\.pt$")
-
-
-def _is_rank0() -> bool:
-    return not (torch.distributed.is_available() and torch.distributed.is_initialized()) or torch.distributed.get_rank() == 0
+FILENAME_PATTERN = "checkpoint_iter{global_step}.{ext}"
 
 
 def latest_checkpoint(save_dir: str | Path) -> Path | None:
@@ -32,8 +30,22 @@ def latest_checkpoint(save_dir: str | Path) -> Path | None:
     return max(found)[1] if found else None
 
 
+class TorchRNGState:
+    """torch's global CPU RNG as a checkpointable object (dropout draws after a resume match the first run)."""
+
+    def state_dict(self) -> dict[str, torch.Tensor]:
+        return {"cpu": torch.get_rng_state()}
+
+    def load_state_dict(self, state: Mapping[str, torch.Tensor]) -> None:
+        torch.set_rng_state(state["cpu"])
+
+
 class TrainingCheckpoint:
     """Save every ``save_interval`` iterations and at the end; resume from the latest checkpoint at start.
+
+    Saving and rotation are Ignite's ``Checkpoint`` with a ``DiskSaver`` (atomic writes, rank 0 only, the
+    checkpointer's own list of files included so that rotation continues across a resume); loading is MONAI's
+    ``CheckpointLoader`` (which keeps the engine's ``max_epochs``).
 
     Args:
         save_dir: folder of ``checkpoint_iterN.pt`` files.
@@ -56,39 +68,38 @@ class TrainingCheckpoint:
         if save_interval < 1:
             raise ValueError(f"save_interval must be >= 1, got {save_interval}")
         self.save_dir = Path(save_dir)
-        self.objects = dict(objects)
-        self.save_interval, self.n_saved, self.resume = save_interval, n_saved, resume
+        self.objects = {name: unwrap(obj) if isinstance(obj, torch.nn.Module) else obj
+                        for name, obj in objects.items()}
+        self.save_interval, self.resume = save_interval, resume
         self.resumed_from: Path | None = None
         self._skip_batches = 0
-        self._rng_state: torch.Tensor | None = None
+        self._rng = TorchRNGState()
+        self._rng_state = torch.get_rng_state()
+        self._checkpointer: Checkpoint | None = None
+        self._n_saved = n_saved
+
+    def _to_save(self, engine: Engine) -> dict[str, Any]:
+        return {**self.objects, "trainer": engine, "torch_rng": self._rng}
 
     def attach(self, engine: Engine) -> None:
+        self._checkpointer = Checkpoint(
+            self._to_save(engine), DiskSaver(self.save_dir, require_empty=False),
+            filename_pattern=FILENAME_PATTERN, n_saved=self._n_saved, include_self=True,
+            global_step_transform=lambda engine, _event: engine.state.iteration,
+        )
         engine.add_event_handler(Events.STARTED, self.load)
         engine.add_event_handler(Events.ITERATION_COMPLETED(every=self.save_interval), self.save)
         engine.add_event_handler(Events.COMPLETED, self.save)
         engine.add_event_handler(Events.GET_BATCH_STARTED, self._resume_mid_epoch)
 
-    @staticmethod
-    def _unwrap(obj: Any) -> Any:
-        return unwrap(obj) if isinstance(obj, torch.nn.Module) else obj
-
     def save(self, engine: Engine) -> Path | None:
-        if not _is_rank0():
-            return None
-        self.save_dir.mkdir(parents=True, exist_ok=True)
-        path = self.save_dir / f"checkpoint_iter{engine.state.iteration}.pt"
-        if path.exists():
-            return path
-        payload = {name: self._unwrap(obj).state_dict() for name, obj in self.objects.items()}
-        payload["trainer"] = engine.state_dict()
-        payload["torch_rng_state"] = torch.get_rng_state()
-        tmp = path.with_suffix(".tmp")
-        torch.save(payload, tmp)
-        os.replace(tmp, path)
-        kept = sorted((int(m.group(1)), p) for p in self.save_dir.iterdir() if (m := _NAME.match(p.name)))
-        for _, old in kept[: -self.n_saved]:
-            old.unlink(missing_ok=True)
-        logger.info("saved training checkpoint %s", path)
+        """Write ``checkpoint_iter<iteration>.pt`` (once per iteration) and drop the oldest beyond ``n_saved``."""
+        assert self._checkpointer is not None, "attach the handler to the trainer first"
+        path = self.save_dir / FILENAME_PATTERN.format(global_step=engine.state.iteration, ext="pt")
+        if self._checkpointer.last_checkpoint is None or Path(self._checkpointer.last_checkpoint) != path:
+            self._checkpointer(engine)  # its DiskSaver writes on rank 0 only
+            if get_rank() == 0:
+                logger.info("saved training checkpoint %s", path)
         return path
 
     def _resume_mid_epoch(self, engine: Engine) -> None:
@@ -97,11 +108,12 @@ class TrainingCheckpoint:
             return
         skip, self._skip_batches = self._skip_batches, 0
         skip_batches(engine, skip)  # the epoch's seeding was replayed at EPOCH_STARTED: same order and draws
-        if self._rng_state is not None:
-            torch.set_rng_state(self._rng_state)
+        torch.set_rng_state(self._rng_state)  # as it was when the checkpoint was written
         logger.info("skipped the %d batches of this epoch trained on before the checkpoint", skip)
 
     def load(self, engine: Engine) -> None:
+        from monai.handlers import CheckpointLoader
+
         if self.resume is False:
             return
         path = latest_checkpoint(self.save_dir) if self.resume is True else Path(self.resume)
@@ -110,18 +122,16 @@ class TrainingCheckpoint:
             return
         if not path.is_file():
             raise FileNotFoundError(f"resume checkpoint {path} does not exist")
-        payload = torch.load(path, map_location="cpu", weights_only=False)
-        missing = [name for name in self.objects if name not in payload]
+        to_load = {**self._to_save(engine), "checkpointer": self._checkpointer}
+        stored = torch.load(path, map_location="cpu", weights_only=True)
+        missing = [name for name in to_load if name not in stored]
         if missing:
-            raise KeyError(f"checkpoint {path} lacks {missing}; it was not written by this training bundle")
-        for name, obj in self.objects.items():
-            self._unwrap(obj).load_state_dict(payload[name])
-        max_epochs = engine.state.max_epochs
-        engine.load_state_dict(payload["trainer"])
-        engine.state.max_epochs = max_epochs
+            raise KeyError(f"checkpoint {path} lacks {missing}; it was not written by this training bundle "
+                           "(start fresh with resume=false or another ckpt_dir)")
+        CheckpointLoader(str(path), to_load, map_location="cpu")(engine)
+        self._rng_state = torch.get_rng_state()  # the checkpoint's; EPOCH_STARTED re-seeds before the first batch
         self.resumed_from = path
         epoch_length = engine.state.epoch_length
         self._skip_batches = engine.state.iteration % epoch_length if epoch_length else 0
-        self._rng_state = payload.get("torch_rng_state")
         barrier()  # DDP: no rank trains (nor rank 0 saves) before every rank has loaded
         logger.info("resumed from %s at iteration %d (epoch %d)", path, engine.state.iteration, engine.state.epoch)

@@ -1,6 +1,7 @@
 """Evaluation over a datalist: per case and prompt metrics in the input's own geometry, as an Ignite engine.
 
-Pipeline (the bundle's ``evaluate.json``, an overlay of ``inference.json``, spells out the same pieces):
+Pipeline: the bundle's ``evaluate.json``, an overlay of ``inference.json``; :func:`run_evaluation` (and so
+``medsam3 evaluate`` and the demo) parses and runs those two configs with overrides. Its pieces:
 
 1. :func:`~medsam3_monai.data.selection.evaluation_items`: the cases of each datalist's evaluation split (default ``auto``: ``test`` when
    the datalist has test cases, else ``validation``; several shared folders have no test split), each tagged
@@ -294,16 +295,19 @@ def run_evaluation(
     items: Sequence[dict[str, Any]],
     out_dir: str | Path,
     *,
+    checkpoint: str = "tiny",
+    datalists: Sequence[str | Path] = (),
+    split: str = "auto",
+    max_cases: int | None = None,
     protocol: str = "top_query",
     score_threshold: float = 0.5,
     box_prompts: bool = False,
     tracker: Any = None,
+    tracker_name: str = "none",
     device: torch.device | str | None = None,
     max_overlays: int = 8,
     progress: bool = True,
     num_workers: int = 0,
-    params: dict[str, Any] | None = None,
-    notes: Sequence[str] = (),
     mlflow: bool = True,
     tracking_uri: str | None = None,
     experiment: str | None = None,
@@ -311,36 +315,36 @@ def run_evaluation(
     parent_run_id: str | None = None,
     ct_window: str | Sequence[float] = "abdomen",
 ):
-    """Evaluate ``network`` on ``items`` (from :func:`evaluation_items`) and write the report into ``out_dir``.
+    """Run the evaluation bundle (``configs/inference.json`` + ``configs/evaluate.json``) on ``items`` (from
+    :func:`evaluation_items`) with an already built ``network`` (and ``tracker``) and write the report into
+    ``out_dir``.
 
-    The Python form of ``configs/evaluate.json`` over ``configs/inference.json`` (same classes, same order of
-    handlers).
+    Every argument is an override of a config id (``checkpoint``, ``datalists``, ``split`` and ``max_cases``
+    only describe the run in the report and MLflow parameters; ``tracker_name`` is the tracker's description),
+    so ``medsam3 evaluate`` runs exactly what ``python -m monai.bundle run --config_file
+    "['configs/inference.json','configs/evaluate.json']"`` runs.
     Returns the :class:`~medsam3_monai.engines.reports.EvaluationReport` (``table``, ``records``, ``files``,
     ``run_id``).
     """
-    from monai.data import DataLoader, Dataset
-
-    from .reports import DEFAULT_EXPERIMENT, EvaluationReport, OverlayWriter
+    from ..bundle import config_parser
 
     device = torch.device(device) if device is not None else next(network.parameters()).device
     network = network.to(device).eval()
     if tracker is not None:
         tracker = tracker.to(device)
-    transform = evaluation_transforms(int(network.image_size), ct_window)
-    loader = DataLoader(Dataset(list(items), transform), batch_size=1, shuffle=False, num_workers=num_workers,
-                        collate_fn=collate_cases)
-    inferer = CaseInferer(transform, protocol=protocol, score_threshold=score_threshold, box_prompts=box_prompts,
-                          tracker=tracker)
-    report = EvaluationReport(out_dir, params=params, notes=notes, mlflow=mlflow, tracking_uri=tracking_uri,
-                              experiment=experiment or DEFAULT_EXPERIMENT, run_name=run_name,
-                              parent_run_id=parent_run_id)
-    handlers: list[Any] = []
-    if progress:
-        from ignite.handlers import ProgressBar
-
-        handlers.append(ProgressBar(desc=f"evaluate {run_name or ''}".strip(), persist=True))
-    handlers += [OverlayWriter(out_dir, transform, data=items, max_overlays=max_overlays), report]
-    evaluator = MedSAM3CaseEvaluator(device, loader, network, inferer, postprocessing=CaseMetrics(inferer.label),
-                                     val_handlers=handlers)
-    evaluator.run()
-    return report
+    overrides: dict[str, Any] = {
+        "network": network, "tracker": tracker, "tracker_source": tracker_name, "device": device,
+        "checkpoint": checkpoint, "image_size": int(network.image_size), "data": list(items),
+        "datalists": [str(path) for path in datalists], "split": split, "max_cases": max_cases,
+        "output_dir": str(out_dir), "protocol": protocol, "score_threshold": score_threshold,
+        "box_prompts": box_prompts, "max_overlays": max_overlays, "progress": progress,
+        "num_workers": num_workers, "mlflow": mlflow, "tracking_uri": tracking_uri,
+        "ct_window": ct_window, "parent_run_id": parent_run_id,
+    }
+    if experiment is not None:
+        overrides["experiment"] = experiment
+    if run_name is not None:
+        overrides["run_name"] = run_name
+    parser = config_parser(["inference.json", "evaluate.json"], **overrides)
+    parser.get_parsed_content("evaluator").run()
+    return parser.get_parsed_content("handlers#2")
