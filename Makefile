@@ -15,3 +15,12 @@ test: env
 
 bench: env
 	$(PY) scripts/bench_network.py
+
+# `make monailabel`: the MONAI Label environment (monailabel 0.8.5 + this package), apart from VENV because
+# monailabel's pins clash with ours; see apps/monailabel_medsam3/README.md.
+MONAILABEL_VENV ?= $(or $(MEDSAM3_MONAILABEL_VENV),$(HOME)/.cache/medsam3-monai/monailabel-venv)
+
+.PHONY: monailabel
+
+monailabel:
+	@bash scripts/setup_monailabel_env.sh $(MONAILABEL_VENV)

@@ -35,8 +35,76 @@ def config_parser(config: str | Sequence[str], **overrides: Any):
 
 
 def inference_postprocessing(preprocessing: Any):
-    """The ``postprocessing`` of ``configs/inference.json`` (``Invertd`` per slice, restack, merge by confidence)
+    """The ``to_input_space`` of ``configs/inference.json`` (``Invertd`` per slice, restack, merge by confidence)
     for cases made by ``preprocessing``, an already built chain (``CaseInferer`` is given one)."""
     parser = config_parser("inference.json")
     parser["preprocessing"] = preprocessing
-    return parser.get_parsed_content("postprocessing")
+    return parser.get_parsed_content("to_input_space")
+
+
+def report_input_errors(prog: str = "medsam3 bundle") -> None:
+    """Make an input error end a ``python -m monai.bundle run`` as ``medsam3`` ends: one line on stderr, exit 2.
+
+    The bundles call this first in ``initialize``. It installs a ``sys.excepthook`` that finds our input error
+    (a ValueError such as ``DataError``, a FileNotFoundError, a ``CheckpointError``) inside MONAI's and Ignite's
+    ``RuntimeError`` wrappers, prints ``<prog>: error: <message>`` and exits with status 2; anything else (a bug)
+    keeps Python's full traceback. Runs inside Python (tests, notebooks) are unaffected: they see the exception.
+    """
+    import os
+    import sys
+
+    previous = sys.excepthook
+
+    def hook(kind: type[BaseException], error: BaseException, traceback: Any) -> None:
+        from .inferers.inputs import user_error
+        from .networks.checkpoints import CheckpointError
+
+        seen: BaseException | None = error
+        while seen is not None and not isinstance(seen, CheckpointError):
+            seen = seen.__cause__
+        cause = seen or user_error(error) or (error if isinstance(error, (ValueError, FileNotFoundError)) else None)
+        if cause is None:
+            previous(kind, error, traceback)
+            return
+        print(f"{prog}: error: {cause}", file=sys.stderr)
+        sys.stderr.flush()
+        sys.stdout.flush()
+        os._exit(2)  # excepthook cannot choose the exit status; nothing is left to clean up after an input error
+
+    sys.excepthook = hook
+
+
+def bundle_weights(bundle_root: str | Path) -> str:
+    """The weights a bundle's ``inference.json`` / ``evaluate.json`` run with when ``checkpoint`` is not given:
+    ``bundle_root/models/model.pt`` (what ``train.json`` writes there). Raises ValueError when it is missing: the
+    random-init ``tiny`` network is used only when asked for by name (``--checkpoint tiny``)."""
+    import logging
+
+    path = Path(bundle_root).expanduser() / "models" / "model.pt"
+    if not path.is_file():
+        raise ValueError(
+            f"no weights: {path} does not exist. Pass --checkpoint SRC (an HF folder, sam3.pt, a Medical-SAM3 or "
+            "medsam3-monai checkpoint), or --checkpoint tiny for the random-init network"
+        )
+    logging.getLogger("medsam3_monai.bundle").info("using the bundle's weights %s", path)
+    return str(path)
+
+
+def log_weights(checkpoint: str, network: Any) -> None:
+    """Say which weights a bundle runs with (the ``initialize`` step of ``inference.json``)."""
+    import logging
+
+    what = "the random-init tiny network" if str(checkpoint) == "tiny" else str(checkpoint)
+    logging.getLogger("medsam3_monai.bundle").info("weights: %s (%d px slice space)", what,
+                                                   int(getattr(network, "image_size", 0)))
+
+
+def find_datalists(dataset_dir: str | Path) -> list[str]:
+    """The datalist JSON files in ``dataset_dir`` (the training bundle's default ``datalists``: put the files
+    ``medsam3 datalist`` writes into ``bundle_root/datalists``, or pass ``--datalists "['a.json', ...]"``)."""
+    folder = Path(dataset_dir).expanduser()
+    found = sorted(str(p) for p in folder.glob("*.json")) if folder.is_dir() else []
+    if not found:
+        raise ValueError(f"no datalists: {folder} holds no *.json datalist; pass --datalists \"['a.json', ...]\" or "
+                         f"write datalists there with `medsam3 datalist NAME ROOT --out {folder}/NAME.json`")
+    return found

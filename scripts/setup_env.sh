@@ -30,4 +30,9 @@ PY
 then
   "$venv/bin/pip" install --quiet --no-deps --no-build-isolation -e "$here"
 fi
-echo "[setup_env] ready: $venv"
+# The MONAI Label client, for tests only (tests/test_monailabel_client.py drives `medsam3 serve` with it).
+# --no-deps: monailabel's own pins would downgrade numpy and jsonschema; the client needs only requests.
+if ! "$venv/bin/python" -c "import monailabel" >/dev/null 2>&1; then
+  "$venv/bin/pip" install --quiet --no-deps monailabel==0.8.5
+fi
+echo "[setup_env] ready: $venv (to call medsam3 yourself: source $venv/bin/activate)"

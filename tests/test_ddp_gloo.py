@@ -98,7 +98,7 @@ def test_two_gloo_ranks_train_identical_parameters(shared_data: Path, tmp_path: 
         "--bundle_root", str(bundle_root),
         "--datalists", repr(datalists),
         "--max_epochs", "1", "--batch_size", "1",
-        "--val_interval", "3", "--save_interval", "2",
+        "--val_interval", "3", "--save_interval", "2", "--log_interval", "1",
     ]
     env = {**os.environ, "OMP_NUM_THREADS": "1", "MKL_NUM_THREADS": "1"}
     start = time.monotonic()
@@ -128,7 +128,8 @@ def test_two_gloo_ranks_train_identical_parameters(shared_data: Path, tmp_path: 
 
     # the final model is rank 0's network; checkpoints and logs come from rank 0 alone
     model = torch.load(bundle_root / "models" / "model.pt", map_location="cpu", weights_only=False)
-    assert all(torch.equal(value, final0[f"sam3.{key}"]) for key, value in model["state_dict"].items())
+    assert model["model"].keys() == final0.keys()
+    assert all(torch.equal(value, final0[key]) for key, value in model["model"].items())
     checkpoints = sorted(p.name for p in (bundle_root / "runs" / "checkpoints").iterdir())
     assert checkpoints == ["checkpoint_iter2.pt", "checkpoint_iter3.pt", "model_best_val_dice.pt"]
     for line in ("saved training checkpoint", "saved final model", "Epoch: 1/1, Iter: 3/3", "val_dice",

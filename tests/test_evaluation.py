@@ -270,7 +270,12 @@ def test_auto_split_takes_test_when_present_else_validation(tmp_path):
     items = evaluation_items([with_test, without], check_files=False)
     assert [(i["case"], i["split"]) for i in items] == [("x0", "test"), ("x1", "test"), ("x2", "test"),
                                                         ("v", "validation")]
-    assert [i["case"] for i in evaluation_items([with_test], "all", max_cases=2, check_files=False)] == ["t", "v"]
+    every = ["t", "v", "x0", "x1", "x2"]
+    sampled = [[i["case"] for i in evaluation_items([with_test], "all", max_cases=2, check_files=False, seed=seed)]
+               for seed in range(6)]
+    assert all(len(s) == 2 and s == sorted(s, key=every.index) for s in sampled)  # kept in file order
+    assert sampled[0] == [i["case"] for i in evaluation_items([with_test], "all", 2, check_files=False, seed=0)]
+    assert len({tuple(s) for s in sampled}) > 1  # a seeded sample, not the first N
     assert {i["group"] for i in items} == {"internal"}  # from the catalogue
     with pytest.raises(ValueError, match="has no test cases"):
         evaluation_items([without], "test", check_files=False)

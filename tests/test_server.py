@@ -1,8 +1,12 @@
-"""``medsam3 serve``: a real uvicorn server on loopback (in a thread, tiny checkpoint), real HTTP requests."""
+"""``medsam3 serve``: a real uvicorn server on loopback (in a thread, tiny checkpoint), real HTTP requests.
+
+The MONAI Label client itself drives the server in test_monailabel_client.py; these tests speak HTTP directly:
+answers (multipart by default, ``output=image``, ``output=json``), limits and every kind of bad request."""
 
 from __future__ import annotations
 
-import base64
+import email.parser
+import email.policy
 import http.client
 import io
 import json
@@ -87,6 +91,16 @@ def _infer(server, data: bytes, filename: str, params, model="medsam3", query=""
     return _request(server, "POST", f"/infer/{model}{query}", body, {"Content-Type": content_type}, token=token)
 
 
+def _parts(headers: dict[str, str], body: bytes) -> dict[str, tuple[str | None, str, bytes]]:
+    """A multipart answer -> {field name: (file name, content type, bytes)}."""
+    assert headers["content-type"].startswith("multipart/form-data; boundary=")
+    message = email.parser.BytesParser(policy=email.policy.HTTP).parsebytes(
+        f"Content-Type: {headers['content-type']}\r\n\r\n".encode() + body)
+    return {part.get_param("name", header="content-disposition"):
+            (part.get_filename(), part.get_content_type(), part.get_payload(decode=True))
+            for part in message.iter_parts()}
+
+
 def _png(width: int, height: int, seed: int = 0) -> bytes:
     array = np.random.default_rng(seed).integers(0, 255, (height, width, 3), dtype=np.uint8)
     buffer = io.BytesIO()
@@ -108,39 +122,56 @@ def _alive(server) -> None:
 
 
 def test_info(server):
-    status, headers, body = _request(server, "GET", "/info")
+    status, headers, body = _request(server, "GET", "/info/")
     assert status == 200 and headers["content-type"] == "application/json"
     info = json.loads(body)
     model = info["models"]["medsam3"]
-    assert model["type"] == "segmentation" and model["dimension"] == [2, 3]
+    assert model["type"] == "segmentation" and model["dimension"] == 3 and model["dimensions"] == [2, 3]
+    assert isinstance(model["labels"], dict) and isinstance(info["labels"], dict)  # MONAI Label: name -> value
+    assert set(model["config"]) == {"prompts", "protocol", "modality"} and "config" not in info
     assert "prompts" in model and "description" in model and info["version"]
     assert info["limits"]["max_image_pixels"] == MAX_PIXELS
+    assert info["datastore"].keys() >= {"total", "completed"} and info["trainers"] == {}
+    assert _request(server, "GET", "/info")[0] == 200  # without the slash too
 
 
 def test_infer_real_image(server, kvasir_jpeg):
     data = kvasir_jpeg.read_bytes()
     width, height = Image.open(kvasir_jpeg).size
-    status, headers, body = _infer(server, data, "case 1.JPG", {"prompts": ["polyp"]})
+    # MONAI Label's default answer: multipart params (result JSON) + image (the mask file, name with extension)
+    status, headers, body = _infer(server, data, "case 1.JPG", {"prompts": ["polyp"], "client_id": None})
     assert status == 200, body
-    assert headers["content-type"] == "image/png"
-    mask = np.asarray(Image.open(io.BytesIO(body)))
+    parts = _parts(headers, body)
+    assert set(parts) == {"params", "image"}
+    result = json.loads(parts["params"][2])
+    filename, content_type, mask_bytes = parts["image"]
+    assert filename.endswith(".png") and content_type == "image/png"
+    mask = np.asarray(Image.open(io.BytesIO(mask_bytes)))
     assert mask.shape == (height, width) and set(np.unique(mask)) <= {0, 255}
-    result = json.loads(headers["x-medsam3-result"])
     assert result["labels"]["255"]["prompt"] == "polyp" and 0 <= result["labels"]["255"]["score"] <= 1
+    assert result["label_names"] == {"polyp": 255}
     assert result["shape"] == [height, width] and result["input"] == "upload.jpg"
 
-    # JSON output, two prompts and a box -> label map 0..2, base64 mask of the same size
+    # output=image: the mask file alone, the result JSON in a header (output=file: the older name)
+    for output in ("image", "file"):
+        status, headers, body = _infer(server, data, "x.jpg", {"prompts": ["polyp"]}, query=f"?output={output}")
+        assert status == 200 and headers["content-type"] == "image/png"
+        assert np.array_equal(np.asarray(Image.open(io.BytesIO(body))), mask)
+        assert json.loads(headers["x-medsam3-result"])["labels"] == result["labels"]
+
+    # output=json: the result JSON; two prompts and a box -> label map 0..2
     params = {"prompts": ["polyp", "mucosa"], "box": [10, 10, width - 10, height - 10], "protocol": "threshold"}
     status, headers, body = _infer(server, data, "x.jpeg", params, query="?output=json")
-    assert status == 200, body
+    assert status == 200 and headers["content-type"] == "application/json", body
     answer = json.loads(body)
-    mask = np.asarray(Image.open(io.BytesIO(base64.b64decode(answer["mask"]))))
+    assert answer["mask_format"] == "png" and set(answer["labels"]) == {"1", "2"}
+    assert answer["label_names"] == {"polyp": 1, "mucosa": 2} and answer["protocol"] == "threshold+box"
+    status, headers, body = _infer(server, data, "x.jpeg", params, query="?output=all")
+    mask = np.asarray(Image.open(io.BytesIO(_parts(headers, body)["image"][2])))
     assert mask.shape == (height, width) and set(np.unique(mask)) <= {0, 1, 2}
-    assert answer["mask_format"] == "png" and set(answer["result"]["labels"]) == {"1", "2"}
-    assert answer["result"]["protocol"] == "threshold+box"
     # the protocol belongs to that request only: the next one gets the server's default again
     status, headers, body = _infer(server, data, "x.jpeg", {"prompts": ["polyp"]}, query="?output=json")
-    assert status == 200 and json.loads(body)["result"]["protocol"] == "top_query"
+    assert status == 200 and json.loads(body)["protocol"] == "top_query"
 
 
 def test_infer_volume(server, tmp_path):
@@ -152,16 +183,33 @@ def test_infer_volume(server, tmp_path):
     nib.save(nib.Nifti1Image(volume, affine), str(path))
     status, headers, body = _infer(server, path.read_bytes(), "v.nii.gz", {"prompts": ["liver"]})
     assert status == 200, body
+    filename, _, data = _parts(headers, body)["image"]
+    assert filename.endswith(".nii.gz")
     out = tmp_path / "mask.nii.gz"
-    out.write_bytes(body)
+    out.write_bytes(data)
     mask = nib.load(str(out))
     assert mask.shape == (20, 24, 5) and np.allclose(mask.affine, affine)
+
+    # MONAI Label's result params: another format and data type (OHIF reads NRRD), the same labels
+    params = {"prompts": ["liver"], "result_extension": ".nrrd", "result_dtype": "uint16", "result_compress": True,
+              "restore_label_idx": False}
+    status, headers, body = _infer(server, path.read_bytes(), "v.nii.gz", params, query="?output=image")
+    assert status == 200 and headers["content-disposition"] == 'attachment; filename="mask.nrrd"', body
+    header = body.split(b"\n\n", 1)[0].decode()
+    assert "type: unsigned short" in header and "encoding: gzip" in header and "sizes: 20 24 5" in header
+    import itk
+
+    nrrd = tmp_path / "mask.nrrd"
+    nrrd.write_bytes(body)
+    assert np.array_equal(itk.array_from_image(itk.imread(str(nrrd))).transpose(), np.asarray(mask.dataobj))
 
 
 @pytest.mark.parametrize("case", [
     "no_token", "bad_token", "oversized", "too_many_pixels", "empty_prompt", "long_prompt", "too_many_prompts",
     "box_outside", "unsupported_format", "traversal_filename", "truncated", "garbage", "traversal_model",
-    "traversal_model_encoded", "bad_json", "unknown_route",
+    "traversal_model_encoded", "bad_json", "unknown_route", "unknown_param", "bad_box", "no_image",
+    "unknown_image_id", "unknown_session", "bad_output", "dicom_seg", "bad_result_extension", "png_of_volume",
+    "bad_result_dtype", "wrong_password",
 ])
 def test_bad_requests(server, case, kvasir_jpeg, tmp_path):
     small = _png(32, 24)
@@ -219,12 +267,51 @@ def test_bad_requests(server, case, kvasir_jpeg, tmp_path):
     elif case == "bad_json":
         status, _, body = _infer(server, small, "a.png", "{prompts: polyp")
         expected = 422
+    elif case == "unknown_param":  # a typo is refused, not ignored
+        status, _, body = _infer(server, small, "a.png", {"prompts": ["polyp"], "promtp": "x"})
+        expected = 422
+    elif case == "bad_box":
+        status, _, body = _infer(server, small, "a.png", {"prompts": ["polyp"], "box": ["1", 2, 3, 4]})
+        expected = 422
+    elif case == "no_image":  # neither a file nor an image id nor a session
+        body, content_type = _multipart({"params": (None, json.dumps(params).encode())})
+        status, _, body = _request(server, "POST", "/infer/medsam3", body, {"Content-Type": content_type})
+        expected = 422
+    elif case in ("unknown_image_id", "unknown_session"):
+        body, content_type = _multipart({"params": (None, json.dumps(params).encode())})
+        query = "?image=..%2Fetc%2Fpasswd" if case == "unknown_image_id" else "?session_id=nope"
+        status, _, body = _request(server, "POST", f"/infer/medsam3{query}", body, {"Content-Type": content_type})
+        expected = 404
+    elif case == "bad_output":
+        status, _, body = _infer(server, small, "a.png", params, query="?output=zip")
+        expected = 422
+    elif case == "dicom_seg":  # needs a DICOMweb datastore
+        status, _, body = _infer(server, small, "a.png", params, query="?output=dicom_seg")
+        expected = 422
+    elif case == "bad_result_extension":
+        status, _, body = _infer(server, small, "a.png", {"prompts": ["polyp"], "result_extension": ".exe"})
+        expected = 422
+    elif case == "png_of_volume":
+        import nibabel as nib
+
+        path = tmp_path / "v.nii.gz"
+        nib.save(nib.Nifti1Image(np.zeros((8, 8, 3), np.float32), np.eye(4)), str(path))
+        status, _, body = _infer(server, path.read_bytes(), "v.nii.gz", {"prompts": ["x"], "result_extension": ".png"})
+        expected = 422
+    elif case == "bad_result_dtype":
+        status, _, body = _infer(server, small, "a.png", {"prompts": ["polyp"], "result_dtype": "uint16"})
+        expected = 422  # a PNG mask is uint8 (other types: .nrrd or .nii.gz)
+    elif case == "wrong_password":
+        form = b"grant_type=password&username=u&password=wrong"
+        status, _, body = _request(server, "POST", "/auth/token", form,
+                                   {"Content-Type": "application/x-www-form-urlencoded"}, token=None)
+        expected = 401
     else:
         status, _, body = _request(server, "GET", "/../../etc/passwd")
         expected = 404
     assert status == expected, (status, body)
     error = json.loads(body)["error"]
-    assert "medsam3-serve-" not in error  # no server paths in messages
+    assert "medsam3-serve-" not in error and "medsam3-store-" not in error  # no server paths in messages
     _alive(server)
 
 
@@ -239,7 +326,8 @@ def test_concurrent_requests_bounded_memory(server):
     data = _png(48, 40, seed=3)
 
     def one(i: int) -> tuple[int, tuple[int, ...]]:
-        status, _, body = _infer(server, data, f"c{i}.png", {"prompts": ["polyp" if i % 2 else "nucleus"]})
+        status, _, body = _infer(server, data, f"c{i}.png", {"prompts": ["polyp" if i % 2 else "nucleus"]},
+                                 query="?output=image")
         return status, np.asarray(Image.open(io.BytesIO(body))).shape if status == 200 else ()
 
     for i in range(3):  # warm-up (allocator pools, thread pool)
@@ -252,3 +340,41 @@ def test_concurrent_requests_bounded_memory(server):
     assert all(r[1] == (40, 48) for r in results)
     assert after - before < 300, f"RSS grew {after - before:.0f} MB over 50 requests"
     _alive(server)
+
+
+def test_datastore_limits_and_cleanup(tmp_path, monkeypatch):
+    """The temporary datastore: server-chosen file names, replacement, 507 when full, session expiry, removal."""
+    from medsam3_monai.deploy.datastore import Datastore, StoreError
+
+    def upload(name: str, size: int) -> Path:
+        path = tmp_path / name
+        path.write_bytes(b"x" * size)
+        return path
+
+    store = Datastore(max_files=3, max_bytes=1000, session_expiry=60)
+    store.add_image("../../etc/passwd", upload("a.png", 100), ".png", {})
+    folder = store._folder
+    assert [len(p.name) for p in folder.iterdir()] == [len(uuid.uuid4().hex) + len(".png")]  # a server-chosen name
+    store.add_image("../../etc/passwd", upload("b.png", 200), ".png", {})  # replaced, not added
+    assert store.status()["total"] == 1 and len(list(folder.iterdir())) == 1
+    store.save_label("../../etc/passwd", upload("l.nii.gz", 100), ".nii.gz", "final", {"label_info": []})
+    assert store.status() == {"total": 1, "completed": 1, "label_tags": {"final": 1}}
+    with pytest.raises(StoreError) as raised:  # 300 + 800 bytes > 1000
+        store.add_image("big", upload("c.png", 800), ".png", {})
+    assert raised.value.status == 507
+    session_id, info = store.add_session(upload("s.nii.gz", 100), ".nii.gz", expiry=10_000)
+    assert info["expiry"] == 60 and info["path"] == ""  # capped; no server path
+    with pytest.raises(StoreError) as raised:  # 3 files at most
+        store.add_image("other", upload("d.png", 10), ".png", {})
+    assert raised.value.status == 507
+    now = time.time()
+    monkeypatch.setattr(time, "time", lambda: now + 61)
+    with pytest.raises(StoreError) as raised:
+        store.session_info(session_id)
+    assert raised.value.status == 404  # expired, and its file is gone
+    store.add_image("other", upload("d.png", 10), ".png", {})
+    with pytest.raises(StoreError) as raised:
+        store.link_image("missing", tmp_path)
+    assert raised.value.status == 404
+    store.close()
+    assert not folder.exists()

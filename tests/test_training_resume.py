@@ -9,6 +9,8 @@ import pytest
 import torch
 from ignite.engine import Events
 
+from medsam3_monai.engines import TrainingCheckpoint
+
 REPO_ROOT = Path(__file__).resolve().parents[1]
 CONFIGS = REPO_ROOT / "bundles" / "medsam3" / "configs"
 
@@ -40,7 +42,7 @@ def _workflow(bundle_root: Path, datalists: list[str], **overrides):
 
 
 def _final_state(bundle_root: Path) -> dict[str, torch.Tensor]:
-    return torch.load(bundle_root / "models" / "model.pt", map_location="cpu", weights_only=False)["state_dict"]
+    return torch.load(bundle_root / "models" / "model.pt", map_location="cpu", weights_only=False)["model"]
 
 
 @pytest.mark.slow
@@ -68,7 +70,7 @@ def test_run_killed_mid_epoch_resumes_to_the_uninterrupted_parameters(shared_dat
     resumed = _workflow(tmp_path / "resumed", datalists)
     resumed.run()
     resumed.finalize()
-    checkpoint = resumed.parser.get_parsed_content("train#handlers")[4]
+    checkpoint = next(h for h in resumed.parser.get_parsed_content("train#handlers") if isinstance(h, TrainingCheckpoint))
     assert checkpoint.resumed_from is not None and checkpoint.resumed_from.name == f"checkpoint_iter{epoch_length + 2}.pt"
     assert resumed.parser.get_parsed_content("train#trainer").state.iteration == 2 * epoch_length
     kept = sorted(p.name for p in (tmp_path / "resumed" / "runs" / "checkpoints").glob("*.pt"))

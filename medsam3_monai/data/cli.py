@@ -10,7 +10,7 @@ import argparse
 import sys
 from collections.abc import Sequence
 
-__all__ = ["add_datalist_parser", "add_parser", "datalist_command", "run_datalist"]
+__all__ = ["add_datalist_parser", "add_parser", "datalist_command", "decode_check", "run_datalist"]
 
 _EPILOG = """\
 NAME is a converter (BUSI, DRIVE, MSD, ...) or a catalogued dataset name or alias
@@ -18,7 +18,9 @@ NAME is a converter (BUSI, DRIVE, MSD, ...) or a catalogued dataset name or alia
 Paths are absolute unless --relative-to BASE is given (then read it back with
 medsam3_monai.data.load_datalist(FILE, split, base_dir=BASE)). Bad input (image without mask,
 mask size mismatch, label value not in the catalogue) is an error naming each file,
-unless --skip-bad: then those files are left out and listed on stderr.
+unless --skip-bad: then those files are left out and listed on stderr. Only headers are read
+unless --check: then every image and mask is decoded as training will decode it (load, decode
+the mask encoding, intensity), which finds truncated or corrupt files before a long run does.
 """
 
 
@@ -39,6 +41,9 @@ def add_datalist_parser(subparsers: argparse._SubParsersAction) -> argparse.Argu
     parser.add_argument("--seed", type=int, default=42, help="split seed (42)")
     parser.add_argument("--skip-bad", action="store_true", help="leave bad pairs out (listed) instead of failing")
     parser.add_argument("--no-value-check", action="store_true", help="do not read label maps to check their values")
+    parser.add_argument("--check", action="store_true",
+                        help="decode every image and mask (finds truncated or corrupt files; slower)")
+    parser.add_argument("--no-progress", action="store_true", help="no progress bar for --check")
     parser.add_argument("--overwrite", action="store_true", help="replace FILE if it exists")
     parser.add_argument("--list", action="store_true", help="list converters and the datasets they read, then exit")
     parser.set_defaults(func=run_datalist)
@@ -78,9 +83,58 @@ def run_datalist(args: argparse.Namespace) -> int:
         check_values=not args.no_value_check,
         relative_to=args.relative_to,
     )
+    if args.check:
+        decode_check(result, skip_bad=args.skip_bad, progress=not args.no_progress, base_dir=args.relative_to)
     out = write_datalist(result.datalist, args.out, overwrite=args.overwrite)
     print(f"medsam3 datalist: wrote {out} ({result.converter}): {result.summary()}", file=sys.stderr)
     return 0
+
+
+def decode_check(result, skip_bad: bool = False, progress: bool = True, base_dir: str | None = None) -> None:
+    """Decode every item of ``result.datalist`` with the training bundle's ``loading`` chain (load -> decode the
+    mask encoding -> intensity). Unreadable items raise :class:`DatalistError` listing each, or with
+    ``skip_bad`` are removed from the datalist and added to ``result.skipped``."""
+    import os
+    from pathlib import Path
+
+    from monai.transforms import Compose
+    from tqdm import tqdm
+
+    from ..bundle import config_parser
+    from ..inferers.inputs import user_error
+    from .datalist import SPLITS
+    from .pairs import DatalistError, Problem
+
+    loading = Compose(config_parser("train.json").get_parsed_content("loading"))
+
+    def absolute(value: str) -> str:
+        return value if base_dir is None or os.path.isabs(value) else os.path.join(base_dir, value)
+
+    entries = [(split, item) for split in SPLITS for item in result.datalist[split]]
+    bad: list[tuple[str, dict, Problem]] = []
+    for split, item in tqdm(entries, desc="decoding", unit="item", disable=not progress, file=sys.stderr):
+        label = item["label"]
+        resolved = {**item, "image": absolute(item["image"]),
+                    "label": [absolute(p) for p in label] if isinstance(label, list) else absolute(label)}
+        try:
+            loading(resolved)
+        except (RuntimeError, ValueError, FileNotFoundError) as err:
+            cause = user_error(err) if isinstance(err, RuntimeError) else err
+            if cause is None:
+                raise
+            where, _, why = str(cause).partition(": ")  # our DataError names the file first
+            problem = Problem(Path(where), why) if why and os.path.exists(where) else Problem(
+                Path(resolved["image"]), str(cause))
+            bad.append((split, item, problem))
+    if bad and not skip_bad:
+        if len(bad) == 1:
+            raise DatalistError(f"{bad[0][2]} (use --skip-bad to leave unreadable items out)")
+        listed = "\n  ".join(str(problem) for _, _, problem in bad[:20])
+        more = f"\n  ... and {len(bad) - 20} more" if len(bad) > 20 else ""
+        raise DatalistError(f"{len(bad)} items cannot be decoded (use --skip-bad to leave them out):\n  {listed}{more}")
+    for split, item, problem in bad:
+        result.datalist[split].remove(item)
+        result.skipped.append(problem)
 
 
 def datalist_command(argv: Sequence[str] | None = None) -> int:

@@ -8,6 +8,7 @@ so "test if present, else validation" is decided per datalist. ``all`` evaluates
 from __future__ import annotations
 
 import json
+import random
 from collections.abc import Sequence
 from pathlib import Path
 from typing import Any
@@ -34,6 +35,7 @@ def evaluation_items(
     split: str = "auto",
     max_cases: int | None = None,
     check_files: bool = True,
+    seed: int = 42,
 ) -> list[dict[str, Any]]:
     """The cases to evaluate, datalist by datalist, in file order.
 
@@ -41,8 +43,10 @@ def evaluation_items(
         datalists: one or several datalist JSON files (``medsam3 datalist``).
         split: ``auto`` (``test`` when that list is non-empty, else ``validation``, decided per datalist),
             ``test``, ``validation``, ``training`` or ``all`` (every split, in training/validation/test order).
-        max_cases: keep at most this many cases **per datalist** (the first ones).
+        max_cases: keep at most this many cases **per datalist**: a sample drawn with ``seed`` (the same cases
+            on every run; kept in file order), not the first ones, which are often one patient or one class.
         check_files: fail early, naming them, when images or labels are missing.
+        seed: seed of the ``max_cases`` sample.
 
     Every item gains ``group`` (its own, else the catalogue role of its dataset, else ``other``), ``split``
     and ``datalist``.
@@ -85,7 +89,10 @@ def evaluation_items(
             wanted = "test or validation" if split == "auto" else split
             have = ", ".join(f"{s} {n}" for s, n in counts.items())
             raise ValueError(f"datalist {path} has no {wanted} cases ({have}); choose another --split")
-        items += found[: int(max_cases)] if max_cases else found
+        if max_cases and len(found) > int(max_cases):
+            chosen_rows = sorted(random.Random(seed).sample(range(len(found)), int(max_cases)))
+            found = [found[row] for row in chosen_rows]
+        items += found
     for item in items:
         item["group"] = _group_of(item)
     if check_files:

@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import argparse
 import importlib
+import logging
 import sys
 from typing import Sequence
 
@@ -12,7 +13,7 @@ from .. import __version__
 # sub-command modules, each exposing add_parser(subparsers); imported lazily per call
 _COMMANDS = ("medsam3_monai.deploy.convert", "medsam3_monai.data.cli", "medsam3_monai.deploy.evaluate_cli",
              "medsam3_monai.deploy.demo", "medsam3_monai.deploy.segment_cli",
-             "medsam3_monai.deploy.serve")
+             "medsam3_monai.deploy.serve", "medsam3_monai.deploy.agent_cli")
 
 
 def build_parser() -> argparse.ArgumentParser:
@@ -37,11 +38,15 @@ def _user_errors() -> tuple[type[BaseException], ...]:
     """Exceptions that mean bad input (reported in one line), not a bug (full traceback).
 
     Every input error of the package (PromptError, DataError, DatalistError, CatalogueError, KeyMappingError)
-    is a ValueError; CheckpointError is a RuntimeError of its own.
+    is a ValueError; CheckpointError is a RuntimeError of its own. Its module imports torch, so it is looked up
+    only when already loaded (if it is not, no CheckpointError can have been raised): an error of a light
+    sub-command (``medsam3 datalist``) is reported without importing torch.
     """
-    from ..networks.checkpoints import CheckpointError
-
-    return (CheckpointError, FileNotFoundError, FileExistsError, ValueError)
+    errors: tuple[type[BaseException], ...] = (FileNotFoundError, FileExistsError, ValueError)
+    checkpoints = sys.modules.get("medsam3_monai.networks.checkpoints")
+    if checkpoints is not None:
+        errors = (checkpoints.CheckpointError, *errors)
+    return errors
 
 
 def main(argv: Sequence[str] | None = None) -> int:
@@ -50,10 +55,21 @@ def main(argv: Sequence[str] | None = None) -> int:
     if not getattr(args, "func", None):
         parser.print_help()
         return 0
+    # an input error is reported below in one line (a bug by its traceback): Ignite's engines would log an extra
+    # "run is terminating due to exception" line for either
+    logging.getLogger("ignite.engine.engine").setLevel(logging.CRITICAL)
     try:
         return int(args.func(args) or 0)
     except _user_errors() as err:
         print(f"medsam3 {args.command}: error: {err}", file=sys.stderr)
+        return 2
+    except RuntimeError as err:  # MONAI/Ignite wrap an input error raised inside a transform or an engine
+        from ..inferers.inputs import user_error
+
+        cause = user_error(err)
+        if cause is None:
+            raise
+        print(f"medsam3 {args.command}: error: {cause}", file=sys.stderr)
         return 2
     except KeyboardInterrupt:
         print("medsam3: interrupted", file=sys.stderr)

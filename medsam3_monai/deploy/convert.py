@@ -4,17 +4,21 @@ from __future__ import annotations
 
 import argparse
 from pathlib import Path
+from typing import TYPE_CHECKING
 
-from transformers import Sam3Config
-
-from ..networks.checkpoints import CheckpointError, load_sam3, save_hf_folder
-from ..networks.presets import full_sam3_config, tiny_sam3_config
+if TYPE_CHECKING:  # transformers and the networks import torch: only the run needs them (fast `--help`)
+    from transformers import Sam3Config
 
 
 def resolve_config(spec: str | None, image_size: int | None) -> Sam3Config | None:
     """``full``, ``tiny`` or a config.json path -> Sam3Config; None keeps the checkpoint's own or the default."""
     if spec is None:
         return None
+    from transformers import Sam3Config
+
+    from ..networks.checkpoints import CheckpointError
+    from ..networks.presets import full_sam3_config, tiny_sam3_config
+
     if spec == "full":
         return full_sam3_config(image_size or 1008)
     if spec == "tiny":
@@ -46,6 +50,8 @@ def add_parser(subparsers: argparse._SubParsersAction) -> None:
 
 
 def run(args: argparse.Namespace) -> int:
+    from ..networks.checkpoints import load_sam3, save_hf_folder
+
     dst = Path(args.dst)
     if dst.exists() and (not dst.is_dir() or any(dst.iterdir())):
         raise FileExistsError(f"output {dst} exists and is not an empty folder; choose a new path")

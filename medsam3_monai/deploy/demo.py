@@ -55,12 +55,12 @@ def add_parser(subparsers: argparse._SubParsersAction) -> argparse.ArgumentParse
 def _train(datalists: list[str], out: Path, args: argparse.Namespace, epochs: int) -> Path:
     """Run the training bundle; returns the final model path."""
     from ignite.engine import Events
-    from ignite.handlers import ProgressBar
     from monai.bundle import ConfigWorkflow
 
     overrides: dict = {
         "bundle_root": str(out), "datalists": datalists, "checkpoint": args.checkpoint, "max_epochs": epochs,
         "batch_size": args.batch_size, "save_interval": 10**6, "val_interval": 10**6, "resume": False,
+        "log_interval": 5,  # short runs: loss terms and learning rates reach MLflow every 5 iterations
     }
     if args.image_size:
         overrides["image_size"] = args.image_size
@@ -71,11 +71,10 @@ def _train(datalists: list[str], out: Path, args: argparse.Namespace, epochs: in
                       "lr#layer_decay": 1.0, "lr#weight_decay": 0.0, "scheduler#timescale": 1000}
     workflow = ConfigWorkflow(
         config_file=str(BUNDLE_CONFIGS / "train.json"), meta_file=str(BUNDLE_CONFIGS / "metadata.json"),
-        logging_file=str(BUNDLE_CONFIGS / "logging.conf"), workflow_type="train", tracking="mlflow", **overrides,
+        logging_file=str(BUNDLE_CONFIGS / "logging.conf"), workflow_type="train", tracking=str(BUNDLE_CONFIGS / "mlflow.json"), **overrides,
     )
     workflow.initialize()
     trainer = workflow.parser.get_parsed_content("train#trainer")
-    ProgressBar(desc="train", persist=True).attach(trainer, output_transform=lambda out: {"loss": out[0]["loss"]["loss"]})
     losses: list[float] = []
     trainer.add_event_handler(Events.ITERATION_COMPLETED, lambda e: losses.append(e.state.output[0]["loss"]["loss"]))
     workflow.run()

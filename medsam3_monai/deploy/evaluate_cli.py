@@ -16,6 +16,7 @@ import sys
 from pathlib import Path
 from typing import Any
 
+from ..data.selection import SPLIT_CHOICES  # light (the data package imports its submodules on first use)
 from ..protocol_registry import DEFAULT_PROTOCOL, PROTOCOLS
 
 __all__ = ["add_parser", "checkpoint_labels", "run"]
@@ -28,10 +29,6 @@ Protocols (2D): """ + "; ".join(f"{p.name} = {p.describe('--score-threshold')}" 
 --score-threshold) merged with SAM3 tracker propagation from the most confident slice (--tracker).
 Metrics are computed in each input's own geometry; NSD (2 mm) and HD95 where the spacing is known.
 """
-
-
-# kept here so that building the parser imports nothing heavy; tests pin them to the engine's own lists
-SPLIT_CHOICES = ("auto", "test", "validation", "training", "all")  # data.selection.SPLIT_CHOICES
 
 
 def add_parser(subparsers: argparse._SubParsersAction) -> argparse.ArgumentParser:
@@ -59,7 +56,9 @@ def add_parser(subparsers: argparse._SubParsersAction) -> argparse.ArgumentParse
                         help="text + box prompts: the ground truth's largest component box (2D images)")
     parser.add_argument("--image-size", type=int, default=None, metavar="N",
                         help="slice-space size of the tiny network (default 112); must match a real checkpoint")
-    parser.add_argument("--max-cases", type=int, default=None, metavar="N", help="at most N cases per datalist")
+    parser.add_argument("--max-cases", type=int, default=None, metavar="N",
+                        help="at most N cases per datalist: a seeded sample (--seed), kept in file order")
+    parser.add_argument("--seed", type=int, default=42, help="seed of the --max-cases sample (42)")
     parser.add_argument("--tracker", default="auto", metavar="SRC",
                         help="3D tracker: auto (tiny for tiny, the checkpoint's for a facebook/sam3 folder, "
                              "else none), none, tiny or an HF folder")
@@ -69,6 +68,9 @@ def add_parser(subparsers: argparse._SubParsersAction) -> argparse.ArgumentParse
                         help="MLflow tracking URI (default sqlite:///OUT/mlruns.db, artifacts in OUT/mlartifacts)")
     parser.add_argument("--experiment", default=None, help="MLflow experiment name (medsam3-evaluate)")
     parser.add_argument("--no-mlflow", action="store_true", help="do not log an MLflow run")
+    parser.add_argument("--skip-unreadable", action="store_true",
+                        help="skip cases whose image or mask cannot be read (listed in OUT/skipped.csv and counted "
+                             "at the end) instead of stopping at the first one")
     parser.add_argument("--no-progress", action="store_true", help="no progress bar")
     parser.add_argument("--num-workers", type=int, default=0, help="data loader workers (0)")
     parser.set_defaults(func=run)
@@ -77,10 +79,17 @@ def add_parser(subparsers: argparse._SubParsersAction) -> argparse.ArgumentParse
 
 # ------------------------------------------------------------------------------------------------ pieces
 def checkpoint_labels(sources: list[str]) -> list[str]:
-    """Short distinct names for report folders and table headers ('tiny', a file's stem, a folder's name)."""
+    """Short distinct names for report folders, table headers and MLflow run names ('tiny', a file's stem, a
+    folder's name; a bundle's ``models/model.pt`` is named after the bundle folder)."""
     names = []
     for source in sources:
-        name = source if source == "tiny" else (Path(source).stem if Path(source).is_file() else Path(source).name)
+        path = Path(source)
+        if source == "tiny":
+            name = source
+        elif path.name == "model.pt" and path.parent.name == "models":  # a bundle's weights: the bundle's name
+            name = path.parent.parent.resolve().name
+        else:
+            name = path.stem if path.is_file() else path.name
         names.append(re.sub(r"[^0-9A-Za-z._-]+", "_", name) or "checkpoint")
     if len(set(names)) < len(names):
         names = [f"{n}-{i + 1}" for i, n in enumerate(names)]
@@ -99,7 +108,7 @@ def run(args: argparse.Namespace) -> int:
     sources = list(args.checkpoint)
     if len(sources) > 2:
         raise ValueError(f"--checkpoint given {len(sources)} times; evaluate one checkpoint or compare two")
-    items = evaluation_items(args.datalist, args.split, args.max_cases)
+    items = evaluation_items(args.datalist, args.split, args.max_cases, seed=args.seed)
     out = Path(args.out)
     if out.exists() and (not out.is_dir() or any(out.iterdir())):
         raise FileExistsError(f"output {out} exists and is not an empty folder; choose a new --out")
@@ -128,11 +137,15 @@ def run(args: argparse.Namespace) -> int:
                 tracker=tracker, tracker_name=tracker_name, device=device, max_overlays=args.overlays,
                 progress=not args.no_progress, num_workers=args.num_workers, mlflow=not args.no_mlflow,
                 tracking_uri=tracking_uri, experiment=args.experiment, run_name=label, parent_run_id=parent,
+                skip_unreadable=args.skip_unreadable,
             )
             network.to("cpu")
             if tracker is not None:
                 tracker.to("cpu")
             reports.append(report)
+            if report.unreadable:
+                print(f"medsam3 evaluate: skipped {len(report.unreadable)} unreadable case(s) of {len(items)}; "
+                      f"listed in {report.out_dir / 'skipped.csv'}", file=sys.stderr)
             print(f"== {label} ({source})\n{(report.out_dir / 'table.md').read_text()}")
         if len(reports) == 2:
             _write_comparison(reports, labels, out, client, parent)

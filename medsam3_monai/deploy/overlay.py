@@ -2,22 +2,27 @@
 pixels filled in its colour and outlined, box prompts dashed, and a legend ``prompt (score)``.
 
 2D images: one panel at the image's own size. Volumes: a small montage of axial slices (the slicing of
-``AxialSlicesd``: last axis, rows = Y): the slice where the prediction is largest and the slices at 1/4 and 3/4
+``AxialSlicesd``: last axis) in the radiological convention (anterior up, the patient's right on the left): the slice where the prediction is largest and the slices at 1/4 and 3/4
 of the predicted extent; with an empty prediction, the slices at 1/4, 1/2 and 3/4 of the depth. Drawn with
 matplotlib's object API (no pyplot state, no display needed).
 """
 
 from __future__ import annotations
 
+import math
 import textwrap
 from pathlib import Path
 from typing import Any
 
 import torch
 
-from ..metrics.plots import CLASS_COLOURS, display_image, label_fill
+from ..metrics.plots import CLASS_COLOURS, display_image, label_fill, radiological_view
 
-__all__ = ["montage_slices", "save_overlay"]
+__all__ = ["DISPLAY_PIXELS", "montage_slices", "save_overlay"]
+
+#: 2D pictures larger than this are drawn from a subsampled copy (the picture's own size in the figure is
+#: unchanged: about 4 inches at 100 dpi, 400 pixels)
+DISPLAY_PIXELS = 1_000_000
 
 
 def montage_slices(labels: torch.Tensor, axis: int = 2, count: int = 3) -> list[int]:
@@ -54,15 +59,25 @@ def save_overlay(prediction: Any, path: str | Path, image: torch.Tensor | None =
     from ..inferers.predict import native_image
     from ..transforms.slices import extract_slice
 
+    labels = prediction.label_map.as_tensor() if hasattr(prediction.label_map, "as_tensor") else prediction.label_map
+    labels = torch.as_tensor(labels).cpu()
+    # a 2D picture is drawn from a display-sized copy (every stride-th pixel): the figure is a few inches at 100
+    # dpi, and a full-size float copy of a large picture would cost ~150 bytes per pixel in matplotlib
+    stride = 1 if prediction.is_volume else max(1, math.ceil(math.sqrt(labels.numel() / DISPLAY_PIXELS)))
     if image is None:
         settings = prediction.settings
         image = native_image(prediction.source, settings.get("modality"), settings.get("ct_window", "abdomen"),
-                             settings.get("channel"))
-    labels = prediction.label_map.as_tensor() if hasattr(prediction.label_map, "as_tensor") else prediction.label_map
-    labels = torch.as_tensor(labels).cpu()
-    if prediction.is_volume:
-        panels = [(extract_slice(image, z, 2, True), extract_slice(labels[None], z, 2, True)[0], f"slice {z} (z)")
-                  for z in montage_slices(labels, 2, max_slices)]
+                             settings.get("channel"), stride=stride)
+    elif stride > 1:
+        image = image[..., ::stride, ::stride]
+    if stride > 1:
+        labels = labels[::stride, ::stride]
+    if prediction.is_volume:  # extract_slice(..., 2, True): rows along Y (axis 1), columns along X (axis 0)
+        def view(plane: torch.Tensor) -> torch.Tensor:
+            return radiological_view(plane, prediction.affine, row_axis=1, col_axis=0)
+
+        panels = [(view(extract_slice(image, z, 2, True)), view(extract_slice(labels[None], z, 2, True)[0]),
+                   f"slice {z} (z)") for z in montage_slices(labels, 2, max_slices)]
     else:
         panels = [(image, labels, None)]
     height, width = panels[0][1].shape
@@ -82,7 +97,7 @@ def save_overlay(prediction: Any, path: str | Path, image: torch.Tensor | None =
         if not prediction.is_volume:
             for i, box in enumerate(prediction.settings.get("box") or []):
                 if box is not None:
-                    x1, y1, x2, y2 = box
+                    x1, y1, x2, y2 = (c / stride for c in box)
                     colour = CLASS_COLOURS[i % len(CLASS_COLOURS)] if len(prediction.settings["box"]) > 1 else "white"
                     # pixel-edge coordinates -> imshow's pixel-centre axes
                     ax.add_patch(Rectangle((x1 - 0.5, y1 - 0.5), x2 - x1, y2 - y1, fill=False, linestyle="--",
@@ -90,8 +105,10 @@ def save_overlay(prediction: Any, path: str | Path, image: torch.Tensor | None =
         if heading:
             ax.set_title(heading, fontsize=9)
         ax.set_axis_off()
-    handles = [Patch(color=CLASS_COLOURS[i % len(CLASS_COLOURS)], alpha=0.7, label=f"{text} ({score:.2f})")
-               for i, (text, score) in enumerate(zip(prediction.prompts, prediction.scores))]
+    counts = [int((labels == value).sum()) for value in values]
+    handles = [Patch(color=CLASS_COLOURS[i % len(CLASS_COLOURS)], alpha=0.7,
+                     label=f"{text} ({score:.2f})" + ("" if count else ", empty: nothing segmented"))
+               for i, (text, score, count) in enumerate(zip(prediction.prompts, prediction.scores, counts))]
     figure.legend(handles=handles, loc="lower center", ncol=min(len(handles), 4), fontsize=8, frameon=False)
     heading = title or f"{Path(prediction.source).name}: {prediction.protocol}"
     figure.suptitle("\n".join(textwrap.wrap(heading, 70 * len(panels))), fontsize=9)

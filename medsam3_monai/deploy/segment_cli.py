@@ -31,6 +31,9 @@ from ..protocol_registry import PROTOCOLS
 __all__ = ["StagedFiles", "add_parser", "run", "write_label_volume", "write_mask_image"]
 
 IMAGE_OUTPUTS = {".png": "PNG", ".bmp": "BMP", ".tif": "TIFF", ".tiff": "TIFF"}
+#: what ``--overlay`` adds to a 2D picture's peak memory, bytes per input pixel (it decodes the picture again as
+#: uint8 and draws a display-sized copy: deploy.overlay.DISPLAY_PIXELS)
+OVERLAY_BYTES_PER_PIXEL = 4
 VOLUME_OUTPUTS = (".nii", ".nii.gz")
 BINARY_VALUE = 255  # a single prompt's 2D mask
 
@@ -85,6 +88,10 @@ def add_parser(subparsers: argparse._SubParsersAction) -> argparse.ArgumentParse
     parser.add_argument("--overwrite", action="store_true", help="replace existing output files")
     parser.add_argument("--device", default="auto", help="auto (cuda when available), cpu, cuda, cuda:1, ...")
     parser.add_argument("--no-progress", action="store_true", help="no progress bars")
+    parser.add_argument("--max-pixels", type=_pixels, default=None, metavar="N",
+                        help="accept 2D pictures up to N pixels, also above PIL's decompression-bomb limit "
+                             "(default: PIL's limit and what fits in 80%% of the available memory; "
+                             "env MEDSAM3_MAX_PIXELS)")
     parser.set_defaults(func=run)
     return parser
 
@@ -167,7 +174,8 @@ def output_labels(prediction: Any) -> tuple[Any, dict[str, Any]]:
     values = list(prediction.label_values)
     binary = not prediction.is_volume and len(values) == 1
     if binary:
-        labels = (labels == values[0]).astype("uint8") * BINARY_VALUE
+        labels = (labels == values[0]).view("uint8")  # one byte per pixel, scaled in place
+        labels *= BINARY_VALUE
         values = [BINARY_VALUE]
     summary = prediction.summary(values)
     summary["values"] = "0/255 binary mask" if binary else "label map: 0 background, one value per prompt"
@@ -185,7 +193,8 @@ def write_mask_image(array: Any, path: str | Path, image_format: str = "PNG") ->
 def write_label_volume(array: Any, affine: Any, path: str | Path, reference: str | Path | None = None) -> None:
     """(X, Y, Z) label map -> NIfTI with ``affine`` (RAS, as MONAI reads it), uint8 (int32 above 255).
 
-    With a NIfTI ``reference`` its qform/sform codes and units are kept, so viewers place both alike."""
+    With a NIfTI ``reference`` its qform/sform codes (0 included) and units are kept, so viewers place both
+    alike."""
     import nibabel as nib
     import numpy as np
 
@@ -196,8 +205,8 @@ def write_label_volume(array: Any, affine: Any, path: str | Path, reference: str
     qform_code = sform_code = 1
     if reference is not None and _suffix(reference) in VOLUME_OUTPUTS and Path(reference).is_file():
         header = nib.load(str(reference)).header
-        qform_code = int(header["qform_code"]) or 1
-        sform_code = int(header["sform_code"]) or 1
+        qform_code = int(header["qform_code"])  # kept as they are, 0 (unknown) included
+        sform_code = int(header["sform_code"])
         image.header.set_xyzt_units(*header.get_xyzt_units())
     else:
         image.header.set_xyzt_units("mm")
@@ -232,6 +241,25 @@ def _plan_outputs(args: argparse.Namespace, kind: str) -> tuple[Path, Path, Path
     return out, sidecar, overlay
 
 
+def _is_2d_nifti(path: str | Path) -> bool:
+    """A NIfTI file whose header has two dimensions (the loader reads it as a one-slice volume)."""
+    if _suffix(path) not in VOLUME_OUTPUTS or not Path(path).is_file():
+        return False
+    import nibabel as nib
+
+    return len(nib.load(str(path)).header.get_data_shape()) == 2
+
+
+def _pixels(value: str) -> int:
+    try:
+        pixels = int(float(value))
+    except ValueError:
+        raise argparse.ArgumentTypeError(f"{value!r} is not a number of pixels (e.g. 200000000 or 2e8)") from None
+    if pixels <= 0:
+        raise argparse.ArgumentTypeError(f"{value!r}: give a positive number of pixels")
+    return pixels
+
+
 def _ct_window(value: str) -> Any:
     if "," not in value:
         return value
@@ -261,6 +289,19 @@ def run(args: argparse.Namespace) -> int:
         raise ValueError(f"{len(args.prompt)} prompts: at most 255 fit an 8-bit label map")
     if not 0.0 <= args.score_threshold <= 1.0:
         raise ValueError(f"--score-threshold must be in [0, 1], got {args.score_threshold}")
+    max_pixels = getattr(args, "max_pixels", None) or "auto"
+    if kind == "image":  # a picture too large for the limit or the memory: refused from its header, up front
+        from ..transforms.io import check_picture_size, picture_size
+
+        try:
+            size = picture_size(args.input)
+        except Exception:  # not readable: the loader says why, below
+            size = None
+        if size is not None:
+            from ..transforms.io import SEGMENT_BYTES_PER_PIXEL
+
+            check_picture_size(args.input, size, max_pixels, SEGMENT_BYTES_PER_PIXEL
+                               + (OVERLAY_BYTES_PER_PIXEL if args.overlay else 0))
 
     import torch
 
@@ -271,7 +312,7 @@ def run(args: argparse.Namespace) -> int:
     predictor = Predictor.from_checkpoint(
         args.checkpoint, args.image_size, torch.device(device), tracker=args.tracker,
         protocol=args.protocol or "top_query", score_threshold=args.score_threshold,
-        ct_window=_ct_window(args.ct_window), progress=not args.no_progress,
+        ct_window=_ct_window(args.ct_window), progress=not args.no_progress, max_pixels=max_pixels,
     )
     try:
         prediction = predictor(args.input, args.prompt, box=args.box, modality=args.modality, channel=args.channel)
@@ -282,7 +323,9 @@ def run(args: argparse.Namespace) -> int:
         raise
 
     labels, summary = output_labels(prediction)
-    summary.update(output=str(out), overlay=None if overlay is None else str(overlay))
+    if prediction.is_volume and labels.ndim == 3 and labels.shape[-1] == 1 and _is_2d_nifti(args.input):
+        labels = labels[..., 0]  # a 2D NIfTI in, a 2D NIfTI out
+    summary.update(shape=list(labels.shape), output=str(out), overlay=None if overlay is None else str(overlay))
     with StagedFiles() as staged:
         if prediction.is_volume:
             write_label_volume(labels, prediction.affine.numpy(), staged.path(out), reference=args.input)
@@ -290,9 +333,19 @@ def run(args: argparse.Namespace) -> int:
             write_mask_image(labels, staged.path(out), IMAGE_OUTPUTS[_suffix(out)])
         staged.path(sidecar_path).write_text(json.dumps(summary, indent=2) + "\n", encoding="utf-8")
         if overlay is not None:
+            from ..transforms.io import MAX_PIXELS_ENV
             from .overlay import save_overlay
 
-            save_overlay(prediction, staged.path(overlay))
+            previous = os.environ.get(MAX_PIXELS_ENV)
+            if getattr(args, "max_pixels", None):  # the overlay re-reads the picture: the same size limit
+                os.environ[MAX_PIXELS_ENV] = str(args.max_pixels)
+            try:
+                save_overlay(prediction, staged.path(overlay))
+            finally:
+                if previous is None:
+                    os.environ.pop(MAX_PIXELS_ENV, None)
+                else:
+                    os.environ[MAX_PIXELS_ENV] = previous
         staged.commit()
 
     total = max(int(labels.size), 1)
@@ -303,7 +356,23 @@ def run(args: argparse.Namespace) -> int:
     )
     extra = f" + {overlay}" if overlay is not None else ""
     print(f"wrote {out} {'x'.join(str(s) for s in labels.shape)} [{described}] + {sidecar_path}{extra}")
-    if prediction.is_volume and any(s < 0 for s in prediction.seed_slices or []):
-        print(f"note: no slice scored >= {args.score_threshold} for some prompts (their masks are empty); "
-              "lower --score-threshold to see weaker detections", file=sys.stderr)
+    if prediction.is_volume:
+        for line in empty_volume_notes(prediction, args.score_threshold):
+            print(f"note: {line}", file=sys.stderr)
     return 0
+
+
+def empty_volume_notes(prediction, score_threshold: float) -> list[str]:
+    """Why a volume prompt's mask is empty: no slice scored >= the threshold, or the slices that did had empty
+    masks (the score alone does not make a mask)."""
+    notes = []
+    for prompt, score, seed in zip(prediction.prompts, prediction.scores, prediction.seed_slices or []):
+        if seed >= 0:
+            continue
+        if score >= score_threshold:
+            notes.append(f"{prompt!r}: slices scored up to {score:.3f} (>= {score_threshold}) but their masks were "
+                         "empty at the mask threshold, so no mask seeded the tracker; the mask is empty")
+        else:
+            notes.append(f"{prompt!r}: no slice scored >= {score_threshold} (best {score:.3f}); the mask is empty: "
+                         "lower --score-threshold to see weaker detections")
+    return notes

@@ -1,30 +1,40 @@
-"""``medsam3 serve --checkpoint SRC [--host 127.0.0.1] [--port 8000] [--token TOKEN] ...``: a MONAI-Label-shaped
-inference server (``GET /info``, ``POST /infer/{model}``); see :mod:`medsam3_monai.deploy.server`."""
+"""``medsam3 serve --checkpoint SRC [--host 127.0.0.1] [--port 8000] [--token TOKEN] [--cors-origin URL] ...``: an
+inference server speaking MONAI Label's REST protocol (``/info/``, ``/infer/{model}``, ``/datastore/``,
+``/session/``, ``/auth/``), for the MONAI Label client, 3D Slicer and OHIF; see :mod:`medsam3_monai.deploy.server`."""
 
 from __future__ import annotations
 
 import argparse
 import os
+import re
 from typing import Any
 
 __all__ = ["add_parser", "build_server", "run"]
 
 _EPILOG = """\
-Routes: GET /info (app, version, models, limits); POST /infer/medsam3 with multipart 'file' (PNG, JPEG, BMP,
-TIFF, NIfTI .nii/.nii.gz) and 'params' = JSON {"prompts": ["polyp"], "box": [x1, y1, x2, y2], "protocol": ...}.
-Default answer: the mask file (PNG for 2D, NIfTI for volumes, in the input's geometry) with the result JSON in
-the X-MedSAM3-Result header; ?output=json: JSON with the result and the base64 mask.
+Routes (MONAI Label's protocol): GET /info/; POST /infer/medsam3 with multipart 'params' = JSON
+{"prompts": ["polyp"], "box": [x1, y1, x2, y2], "protocol": ..., "modality": ...} and the image as 'file' (PNG,
+JPEG, BMP, TIFF, NIfTI .nii/.nii.gz), or ?image=ID of an image uploaded with PUT /datastore/?image=ID, or
+?session_id= from PUT /session/. Answer (?output=all, the default): multipart 'params' (result JSON) + 'image'
+(the mask: PNG for 2D, NIfTI for volumes, in the input's geometry, as medsam3 segment writes it);
+?output=image: the mask file alone (result JSON in the X-MedSAM3-Result header); ?output=json: the result JSON.
 Example:
-  curl -F file=@image.jpg -F 'params={"prompts": ["polyp"]}' -o mask.png http://127.0.0.1:8000/infer/medsam3
+  curl -F file=@image.jpg -F 'params={"prompts": ["polyp"]}' -o mask.png \\
+       'http://127.0.0.1:8000/infer/medsam3?output=image'
 Errors are JSON {"error": ...} with a 4xx status. --token (or MEDSAM3_SERVE_TOKEN) requires
-'Authorization: Bearer TOKEN' on every request. Listens on 127.0.0.1 unless --host says otherwise.
+'Authorization: Bearer TOKEN' on every request but GET /auth/ and POST /auth/token (the OAuth2 password form
+with the token as password, for MONAI Label clients). Uploads kept by /datastore/ and /session/ live in a
+temporary folder until the server stops. Listens on 127.0.0.1 unless --host says otherwise.
+Guide: bundles/medsam3/docs/monailabel.md
 """
+
+_ORIGIN = re.compile(r"^https?://[A-Za-z0-9.\-\[\]:]+$")
 
 
 def add_parser(subparsers: argparse._SubParsersAction) -> argparse.ArgumentParser:
     parser = subparsers.add_parser(
         "serve",
-        help="serve the model over HTTP (MONAI-Label-shaped: GET /info, POST /infer/{model})",
+        help="serve the model over HTTP with MONAI Label's protocol (MONAI Label client, 3D Slicer, OHIF)",
         description="HTTP inference server: text-prompted segmentation of uploaded images and NIfTI volumes.",
         epilog=_EPILOG,
         formatter_class=argparse.RawDescriptionHelpFormatter,
@@ -46,6 +56,16 @@ def add_parser(subparsers: argparse._SubParsersAction) -> argparse.ArgumentParse
                         help="longest prompt text in characters (default 200; longer -> 422)")
     parser.add_argument("--max-prompts", type=int, default=16, metavar="N",
                         help="most prompts per request (default 16; more -> 422)")
+    parser.add_argument("--cors-origin", action="append", default=None, metavar="URL",
+                        help="let browser apps on this origin call the server, e.g. http://localhost:3000 for OHIF "
+                             "(repeat for several; '*' for any)")
+    parser.add_argument("--datastore-max-mb", type=float, default=2048.0, metavar="N",
+                        help="most MiB kept for uploaded images, labels and sessions (default 2048; more -> 507)")
+    parser.add_argument("--datastore-max-files", type=int, default=1000, metavar="N",
+                        help="most files kept for uploaded images, labels and sessions (default 1000)")
+    parser.add_argument("--session-expiry", type=int, default=3600, metavar="S",
+                        help="seconds a session lives after its last use (default 3600; also the longest a client "
+                             "may ask for)")
     parser.add_argument("--score-threshold", type=float, default=0.5, metavar="F",
                         help="query score of the threshold protocol and of volume detections (0.5)")
     parser.add_argument("--tracker", default="auto", metavar="SRC|none",
@@ -71,15 +91,23 @@ def build_server(args: argparse.Namespace) -> Any:
         raise ValueError(f"--max-request-mb must be positive, got {args.max_request_mb}")
     if not 0.0 <= args.score_threshold <= 1.0:
         raise ValueError(f"--score-threshold must be in [0, 1], got {args.score_threshold}")
+    if args.datastore_max_mb <= 0:
+        raise ValueError(f"--datastore-max-mb must be positive, got {args.datastore_max_mb}")
     limits = ServerLimits(int(args.max_request_mb * 2**20), args.max_image_pixels, args.max_prompt_chars,
-                          args.max_prompts)
+                          args.max_prompts, max_stored_files=args.datastore_max_files,
+                          max_stored_bytes=int(args.datastore_max_mb * 2**20), session_expiry=args.session_expiry)
+    origins = [origin.rstrip("/") for origin in args.cors_origin or []]
+    for origin in origins:
+        if origin != "*" and not _ORIGIN.match(origin):
+            raise ValueError(f"--cors-origin {origin!r}: give an origin such as http://localhost:3000 (scheme, host "
+                             "and port, no path) or '*'")
     token = args.token if args.token is not None else os.environ.get("MEDSAM3_SERVE_TOKEN") or None
     if token is not None and not token.strip():
         raise ValueError("--token is empty: give a secret, or leave it out for an open server")
     device = ("cuda" if torch.cuda.is_available() else "cpu") if args.device == "auto" else args.device
     predictor = Predictor.from_checkpoint(args.checkpoint, args.image_size, torch.device(device),
                                           tracker=args.tracker, score_threshold=args.score_threshold)
-    app = create_app(predictor, token=token, limits=limits)
+    app = create_app(predictor, token=token, limits=limits, cors_origins=origins)
     config = uvicorn.Config(app, host=args.host, port=args.port, log_level=args.log_level, access_log=True,
                             limit_concurrency=256, timeout_keep_alive=5)
     return uvicorn.Server(config)
@@ -87,7 +115,10 @@ def build_server(args: argparse.Namespace) -> Any:
 
 def run(args: argparse.Namespace) -> int:
     server = build_server(args)
+    app = server.config.app
+    extras = [" with token" if app.state.auth.enabled else "",
+              f", CORS for {', '.join(app.state.cors_origins)}" if app.state.cors_origins else ""]
     print(f"medsam3 serve: checkpoint {args.checkpoint}, http://{args.host}:{args.port} "
-          f"(GET /info, POST /infer/medsam3){' with token' if server.config.app.token else ''}")
+          f"(MONAI Label protocol: GET /info/, POST /infer/medsam3){''.join(extras)}")
     server.run()
     return 0

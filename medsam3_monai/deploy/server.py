@@ -1,42 +1,55 @@
-"""A small HTTP server shaped like MONAI Label's REST API (``GET /info``, ``POST /infer/{model}``).
+"""``medsam3 serve``: an HTTP server speaking MONAI Label's REST protocol for what a client does with a model.
 
-It is *MONAI-Label-shaped*, not a MONAI Label app: ``pip install monailabel==0.8.5`` would downgrade numpy
-(2.x -> 1.26.4), jsonschema (4.x -> 3.2.0, below our test pin) and pandas, and build ``sam2`` from source,
-so the two routes a MONAI Label client uses for inference are served by FastAPI + uvicorn instead. See
-:func:`create_app`.
+The unmodified MONAI Label client (``monailabel.client.MONAILabelClient``), 3D Slicer's MONAI Label module and
+OHIF's MONAI Label plugin work against it. It is not a MONAI Label app: ``pip install monailabel==0.8.5`` would
+downgrade numpy (2.x -> 1.26.4), jsonschema (4.x -> 3.2.0) and pandas and build ``sam2`` from source, so the
+routes are served by FastAPI + uvicorn here, written from MONAI Label's endpoints (nothing imports monailabel).
+Protocol details: :mod:`medsam3_monai.deploy.monailabel_protocol`; stored uploads:
+:mod:`medsam3_monai.deploy.datastore`; the guide: ``bundles/medsam3/docs/monailabel.md``.
 
-Routes:
+Routes (``{model}`` is ``medsam3``):
 
-* ``GET /info`` -> ``{"name", "version", "description", "labels", "models": {name: {"type", "labels",
-  "dimension", "description", ...}}, "limits": {...}}``.
-* ``POST /infer/{model}`` (multipart): ``file`` = the image (PNG, JPEG, BMP, TIFF; NIfTI ``.nii``/``.nii.gz``
-  volume), ``params`` = a JSON string ``{"prompts": ["polyp", ...], "box": [x1, y1, x2, y2] (optional, 2D,
-  one for all prompts or one per prompt), "protocol": "top_query"|"threshold"|"semantic" (optional, 2D),
-  "modality": "CT"|... (optional)}``. Query ``output``:
+* ``GET /info/``: name, version, ``labels`` (a mapping), ``models: {medsam3: {type, labels (a mapping, empty:
+  the labels are each request's prompts, named in the answer's ``label_names``), dimension, description,
+  config}}``,
+  ``strategies``, ``trainers`` (none), ``datastore`` stats and this server's ``limits``.
+* ``POST /infer/{model}``: multipart ``params`` = JSON ``{"prompts": [...], "box", "protocol", "modality"}`` (plus
+  what MONAI Label clients add: ``client_id``, ``result_extension``, ``result_dtype``, ``result_compress``,
+  ``restore_label_idx``) and the image as ``file`` (PNG, JPEG, BMP, TIFF, NIfTI), or ``?image=ID`` of an uploaded
+  image, or ``?session_id=``. ``?output=all`` (default): multipart ``params`` (result JSON) + ``image`` (the label
+  file); ``image`` (or ``file``): the label file, result JSON in the ``X-MedSAM3-Result`` header; ``json``: the
+  result JSON. The label file is what ``medsam3 segment`` writes (2D: PNG of the input's size, one prompt 0/255,
+  several 1..P; volumes: NIfTI labels 1..P with the input's affine), or ``result_extension``/``result_dtype``.
+* ``/datastore/``: ``GET`` (stats, ``?output=all|train``), ``PUT /datastore/?image=ID`` (or ``/datastore/image``)
+  upload, ``GET /datastore/image?image=ID``, ``GET /datastore/image/info?image=ID``, ``DELETE /datastore/?id=ID``,
+  ``PUT|GET|DELETE /datastore/label``. ``POST /activelearning/{first|random}``: the next image without a label.
+* ``/session/``: ``PUT`` (one file) -> ``{"session_id", "session_info"}``, ``GET|DELETE /session/{id}``.
+* ``GET /auth/`` -> ``{"enabled": ...}``; ``POST /auth/token`` (OAuth2 password form: any username, the server's
+  token as password) -> ``{"access_token", "token_type": "bearer"}``; ``GET /auth/token/valid``.
+* ``GET /train/`` -> 404 (no training tasks: this server does not train).
 
-  - ``file`` (default) or ``image``: the mask file (PNG of the input's size for 2D: one prompt 0/255, several
-    prompts labels 1..P; ``.nii.gz`` with the input's affine for volumes), the result JSON (labels -> prompt,
-    score, pixel count; protocol; shape) in the ``X-MedSAM3-Result`` header;
-  - ``json``: ``{"result": {...}, "mask": base64 of the file, "mask_format": "png"|"nii.gz",
-    "media_type": ...}``.
-
-Every error is a JSON body ``{"error": "..."}`` with a 4xx status (500 only for a bug); the server keeps
-serving. Uploads are saved under a fresh temporary folder with a server-chosen name (only the extension of
-the client's file name is kept, from a whitelist) and removed after the request. Inference runs under one
-lock (one model), so concurrent requests queue.
+With a token every route but ``/auth/`` and ``/auth/token`` needs ``Authorization: Bearer TOKEN`` (401). With
+CORS origins, browsers on those origins may call the server (preflight answered). Every error is a JSON body
+``{"error": "..."}`` with a 4xx status (507 when the datastore is full; 500 only for a bug); the server keeps
+serving. Uploads are saved under fresh temporary names (only a whitelisted extension of the client's file name
+is kept). Inference runs under one lock (one model), so concurrent requests queue.
 """
 
 # no `from __future__ import annotations`: FastAPI resolves the endpoints' annotations at runtime
 
-import base64
+import hmac
 import json
 import os
 import shutil
 import tempfile
 import threading
+import time
 from collections.abc import Sequence
+from contextlib import asynccontextmanager
 from pathlib import Path
 from typing import Any
+
+from .datastore import FINAL_TAG, STRATEGIES, Datastore, StoreError, check_id
 
 __all__ = ["MODEL_NAME", "ServerLimits", "UPLOAD_SUFFIXES", "create_app"]
 
@@ -45,72 +58,113 @@ RESULT_HEADER = "X-MedSAM3-Result"
 #: accepted upload extensions -> kind (the only part of a client's file name that is used)
 UPLOAD_SUFFIXES = {".png": "image", ".jpg": "image", ".jpeg": "image", ".bmp": "image", ".tif": "image",
                    ".tiff": "image", ".nii": "volume", ".nii.gz": "volume"}
-OUTPUTS = ("file", "image", "json")
+#: labels submitted to the datastore are kept as sent (never read): these extensions
+LABEL_SUFFIXES = (*UPLOAD_SUFFIXES, ".nrrd", ".seg.nrrd")
+#: routes answered without a token (MONAI Label clients ask them before they have one)
+PUBLIC_PATHS = frozenset({"/auth", "/auth/", "/auth/token"})
+MAX_INFO_CHARS = 64 * 1024
 
 
 class ServerLimits:
-    """What one request may hold (checked before inference)."""
+    """What one request may hold (checked before inference) and what the datastore may keep."""
 
     def __init__(self, max_request_bytes: int = 64 * 2**20, max_image_pixels: int = 50_000_000,
-                 max_prompt_chars: int = 200, max_prompts: int = 16) -> None:
+                 max_prompt_chars: int = 200, max_prompts: int = 16, max_stored_files: int = 1000,
+                 max_stored_bytes: int = 2 * 2**30, session_expiry: int = 3600) -> None:
         for name, value in (("max_request_bytes", max_request_bytes), ("max_image_pixels", max_image_pixels),
-                            ("max_prompt_chars", max_prompt_chars), ("max_prompts", max_prompts)):
+                            ("max_prompt_chars", max_prompt_chars), ("max_prompts", max_prompts),
+                            ("max_stored_files", max_stored_files), ("max_stored_bytes", max_stored_bytes),
+                            ("session_expiry", session_expiry)):
             if int(value) <= 0:
                 raise ValueError(f"{name} must be positive, got {value}")
         self.max_request_bytes = int(max_request_bytes)
         self.max_image_pixels = int(max_image_pixels)
         self.max_prompt_chars = int(max_prompt_chars)
         self.max_prompts = min(int(max_prompts), 255)
+        self.max_stored_files = int(max_stored_files)
+        self.max_stored_bytes = int(max_stored_bytes)
+        self.session_expiry = int(session_expiry)
 
     def as_dict(self) -> dict[str, int]:
-        return {"max_request_bytes": self.max_request_bytes, "max_image_pixels": self.max_image_pixels,
-                "max_prompt_chars": self.max_prompt_chars, "max_prompts": self.max_prompts}
+        return dict(vars(self))
 
 
 class RequestError(Exception):
-    """A client error: status (4xx) and message."""
+    """A client error: status (4xx), message and extra headers."""
 
-    def __init__(self, status: int, message: str) -> None:
+    def __init__(self, status: int, message: str, headers: dict[str, str] | None = None) -> None:
         super().__init__(message)
         self.status = status
         self.message = message
+        self.headers = headers or {}
 
 
-# ------------------------------------------------------------------------------------------------ middleware
-class _GuardMiddleware:
-    """Pure ASGI: bearer token and request size, checked before the body is read.
+# ------------------------------------------------------------------------------------------------ auth
+class TokenAuth:
+    """Bearer-token authentication on FastAPI's ``OAuth2PasswordBearer`` (token URL ``/auth/token``, as MONAI
+    Label's): :meth:`check` rejects a missing or wrong token with 401; with no token configured everything is
+    open. The routes declare it as a dependency on :attr:`scheme` (see ``create_app``)."""
 
-    POST bodies must declare ``Content-Length`` (411 otherwise) no larger than the limit (413); a body longer
-    than declared is cut off (the request then fails as a disconnect)."""
+    def __init__(self, token: str | None) -> None:
+        from fastapi.security import OAuth2PasswordBearer
 
-    def __init__(self, app: Any, token: str | None, max_bytes: int) -> None:
-        self.app = app
         self.token = token
+        self.scheme = OAuth2PasswordBearer(tokenUrl="auth/token", auto_error=False)
+
+    @property
+    def enabled(self) -> bool:
+        return self.token is not None
+
+    def check(self, given: str | None) -> None:
+        if self.token is None:
+            return
+        if given is None or not hmac.compare_digest(given.strip().encode(), self.token.encode()):
+            raise RequestError(401, "missing or wrong token: send 'Authorization: Bearer TOKEN' (POST /auth/token "
+                                    "with the token as password gives it to MONAI Label clients)",
+                               {"WWW-Authenticate": "Bearer"})
+
+    def password_ok(self, password: str) -> bool:
+        return self.token is not None and hmac.compare_digest(password.encode(), self.token.encode())
+
+
+class _GuardMiddleware:
+    """Pure ASGI, before any body is read: the token (the same :class:`TokenAuth` check the routes declare, run
+    here too so that an unauthenticated upload is refused unread) and the request size.
+
+    It has to stay an ASGI middleware: FastAPI reads (and spools) a multipart body before it runs a route's
+    dependencies, and only here can ``Content-Length`` be checked first. POST/PUT/PATCH bodies must declare
+    ``Content-Length`` (411 otherwise) no larger than the limit (413); a body longer than declared is cut off
+    (the request then fails as a disconnect). CORS preflights never get here (the CORS middleware answers)."""
+
+    def __init__(self, app: Any, auth: TokenAuth, max_bytes: int) -> None:
+        from starlette.requests import HTTPConnection
+
+        self.app = app
+        self.auth = auth
         self.max_bytes = max_bytes
+        self.connection = HTTPConnection
 
     async def __call__(self, scope: dict, receive: Any, send: Any) -> None:
         if scope["type"] != "http":
             await self.app(scope, receive, send)
             return
-        headers = {k.decode("latin-1").lower(): v.decode("latin-1") for k, v in scope.get("headers", [])}
-        if self.token is not None:
-            import hmac
-
-            given = headers.get("authorization", "")
-            scheme, _, value = given.partition(" ")
-            if scheme.lower() != "bearer" or not hmac.compare_digest(value.strip().encode(), self.token.encode()):
-                await _send_json(send, 401, {"error": "missing or wrong token: send 'Authorization: Bearer TOKEN'"},
-                                 extra=[(b"www-authenticate", b"Bearer")])
+        connection = self.connection(scope)
+        if self.auth.enabled and scope.get("path") not in PUBLIC_PATHS:
+            try:
+                self.auth.check(await self.auth.scheme(connection))
+            except RequestError as err:
+                await _send_json(send, err.status, {"error": err.message},
+                                 extra=[(k.lower().encode(), v.encode()) for k, v in err.headers.items()])
                 return
         if scope.get("method") in ("POST", "PUT", "PATCH"):
-            length = headers.get("content-length")
+            length = connection.headers.get("content-length")
             if length is None:
                 await _send_json(send, 411, {"error": "send the body with a Content-Length (no chunked uploads)"})
                 return
             try:
                 declared = int(length)
             except ValueError:
-                await _send_json(send, 400, {"error": f"bad Content-Length {length!r}"})
+                await _send_json(send, 400, {"error": f"bad Content-Length {length[:32]!r}"})
                 return
             if declared > self.max_bytes:
                 await _send_json(send, 413, {"error": f"request of {declared} bytes exceeds the server's limit of "
@@ -141,64 +195,15 @@ async def _send_json(send: Any, status: int, body: dict, extra: Sequence[tuple[b
 
 
 # ------------------------------------------------------------------------------------------------ helpers
-def upload_suffix(filename: str | None) -> str:
+def upload_suffix(filename: str | None, allowed: Sequence[str] = tuple(UPLOAD_SUFFIXES)) -> str:
     """The whitelisted extension of a client's file name (nothing else of the name is used)."""
     name = (filename or "").strip().lower()
-    suffix = ".nii.gz" if name.endswith(".nii.gz") else os.path.splitext(name)[1]
-    if suffix not in UPLOAD_SUFFIXES:
-        raise RequestError(415, f"unsupported file type {suffix or '(no extension)'!r}: upload "
-                                f"{', '.join(UPLOAD_SUFFIXES)}")
+    suffix = next((s for s in sorted(allowed, key=len, reverse=True) if "." in s[1:] and name.endswith(s)), None)
+    suffix = suffix or os.path.splitext(name)[1]
+    if suffix not in allowed:
+        raise RequestError(415, f"unsupported file type {suffix[:16] or '(no extension)'!r}: upload "
+                                f"{', '.join(allowed)}")
     return suffix
-
-
-def parse_params(text: str | None, limits: ServerLimits) -> dict[str, Any]:
-    """The ``params`` form field -> {"prompts": [...], "box", "protocol", "modality"}; 422 on anything wrong."""
-    from ..protocol_registry import PROTOCOLS
-
-    if text is None or not text.strip():
-        raise RequestError(422, "missing 'params': give a JSON string such as {\"prompts\": [\"polyp\"]}")
-    if len(text) > 64 * 1024:
-        raise RequestError(422, "'params' is too long (64 KiB at most)")
-    try:
-        params = json.loads(text)
-    except json.JSONDecodeError as err:
-        raise RequestError(422, f"'params' is not valid JSON: {err}") from None
-    if not isinstance(params, dict):
-        raise RequestError(422, "'params' must be a JSON object like {\"prompts\": [\"polyp\"]}")
-    unknown = sorted(set(params) - {"prompts", "prompt", "box", "protocol", "modality"})
-    if unknown:
-        raise RequestError(422, f"unknown params {unknown}: use prompts, box, protocol, modality")
-    prompts = params.get("prompts", params.get("prompt"))
-    if isinstance(prompts, str):
-        prompts = [prompts]
-    if not isinstance(prompts, list) or not prompts:
-        raise RequestError(422, "'prompts' must be a non-empty list of texts, e.g. [\"polyp\"]")
-    if len(prompts) > limits.max_prompts:
-        raise RequestError(422, f"{len(prompts)} prompts: at most {limits.max_prompts} per request")
-    for text_prompt in prompts:
-        if not isinstance(text_prompt, str) or not text_prompt.strip():
-            raise RequestError(422, "every prompt must be a non-empty text")
-        if len(text_prompt) > limits.max_prompt_chars:
-            raise RequestError(422, f"a prompt of {len(text_prompt)} characters: at most "
-                                    f"{limits.max_prompt_chars} (--max-prompt-chars)")
-    protocol = params.get("protocol")
-    if protocol is not None and protocol not in PROTOCOLS:
-        raise RequestError(422, f"protocol {protocol!r}: choose one of {', '.join(PROTOCOLS)}")
-    modality = params.get("modality")
-    if modality is not None and (not isinstance(modality, str) or len(modality) > 64):
-        raise RequestError(422, "'modality' must be a short text such as CT, MRI, endoscopy")
-    box = params.get("box")
-    if box is not None:
-        flat = isinstance(box, list) and len(box) == 4 and all(_is_number(v) for v in box)
-        nested = isinstance(box, list) and box and all(
-            b is None or (isinstance(b, list) and len(b) == 4 and all(_is_number(v) for v in b)) for b in box)
-        if not (flat or nested):
-            raise RequestError(422, "'box' must be [x1, y1, x2, y2] in pixels, or one such box per prompt")
-    return {"prompts": [p.strip() for p in prompts], "box": box, "protocol": protocol, "modality": modality}
-
-
-def _is_number(value: Any) -> bool:
-    return isinstance(value, (int, float)) and not isinstance(value, bool)
 
 
 def image_size(path: Path, kind: str) -> tuple[int, ...]:
@@ -219,6 +224,44 @@ def image_size(path: Path, kind: str) -> tuple[int, ...]:
         raise RequestError(422, f"cannot read the uploaded file: {type(err).__name__}: {message}") from None
 
 
+def check_image(path: Path, limits: ServerLimits) -> tuple[str, tuple[int, ...]]:
+    """(kind, shape) of a saved upload within the limits: not empty, readable header, pixel count, one frame."""
+    kind = UPLOAD_SUFFIXES[upload_suffix(path.name)]
+    if path.stat().st_size == 0:
+        raise RequestError(422, "the uploaded file is empty")
+    shape = image_size(path, kind)
+    pixels = 1
+    for s in shape[:3]:
+        pixels *= int(s)
+    if pixels > limits.max_image_pixels:
+        raise RequestError(413, f"image of {'x'.join(map(str, shape))} = {pixels} pixels exceeds the server's "
+                                f"limit of {limits.max_image_pixels} (--max-image-pixels)")
+    if kind == "image" and len(shape) != 2:
+        raise RequestError(422, "multi-frame images are not supported: upload one 2D picture")
+    return kind, shape
+
+
+def _save_upload(upload: Any, target: Path) -> Path:
+    with open(target, "wb") as out:
+        shutil.copyfileobj(upload.file, out, 1 << 20)
+    return target
+
+
+def _json_object(text: str | None, what: str) -> dict[str, Any]:
+    """A small JSON object form field (image / label info); ``{}`` when empty."""
+    if text is None or not text.strip():
+        return {}
+    if len(text) > MAX_INFO_CHARS:
+        raise RequestError(422, f"'{what}' is too long (64 KiB at most)")
+    try:
+        value = json.loads(text)
+    except json.JSONDecodeError as err:
+        raise RequestError(422, f"'{what}' is not valid JSON: {err}") from None
+    if not isinstance(value, dict):
+        raise RequestError(422, f"'{what}' must be a JSON object")
+    return value
+
+
 def _os_error(err: BaseException) -> BaseException | None:
     """A decoder's OSError (truncated / corrupt file) inside MONAI's transform wrappers, else None."""
     seen: BaseException | None = err
@@ -229,40 +272,76 @@ def _os_error(err: BaseException) -> BaseException | None:
     return None
 
 
+def _media_type(suffix: str) -> str:
+    from .monailabel_protocol import MEDIA_TYPES
+
+    return MEDIA_TYPES.get(suffix, "image/jpeg" if suffix in (".jpg", ".jpeg") else "application/octet-stream")
+
+
 # ------------------------------------------------------------------------------------------------ app
 def create_app(predictor: Any, *, token: str | None = None, limits: ServerLimits | None = None,
-               model_name: str = MODEL_NAME, version: str | None = None):
+               model_name: str = MODEL_NAME, version: str | None = None,
+               cors_origins: Sequence[str] | None = None):
     """The FastAPI app serving ``predictor`` (a :class:`~medsam3_monai.inferers.predict.Predictor`).
 
     Args:
         predictor: the loaded model; calls are serialised by a lock.
-        token: when given, every request needs ``Authorization: Bearer <token>`` (401 otherwise).
-        limits: request size, pixel count and prompt limits.
+        token: when given, every request but ``/auth/`` and ``/auth/token`` needs ``Authorization: Bearer
+            <token>`` (401 otherwise); ``POST /auth/token`` with the token as password hands it to MONAI Label
+            clients.
+        limits: request size, pixel count, prompt and datastore limits.
         model_name: the name under ``/infer/{model}``.
+        cors_origins: browser origins (``https://ohif.example.org``, or ``*``) allowed to call the server.
     """
-    from fastapi import FastAPI, File, Form, Query, Request, UploadFile
+    from fastapi import Body, Depends, FastAPI, File, Form, Query, Request, Security, UploadFile
     from fastapi.exceptions import RequestValidationError
     from fastapi.responses import JSONResponse, Response
+    from fastapi.security import OAuth2PasswordRequestForm
+    from starlette.background import BackgroundTask
     from starlette.exceptions import HTTPException as StarletteHTTPException
 
     from .. import __version__
     from ..inferers.inputs import box_prompts, user_error
     from ..protocol_registry import PROTOCOLS
-    from .segment_cli import output_labels, write_label_volume, write_mask_image
+    from .monailabel_protocol import (ParamsError, ResultType, label_names, multipart_answer, parse_infer_params,
+                                      result_format, write_result)
+    from .segment_cli import output_labels
 
     limits = limits or ServerLimits()
     version = version or __version__
     lock = threading.Lock()
+    auth = TokenAuth(token)
+    store = Datastore(limits.max_stored_files, limits.max_stored_bytes, limits.session_expiry)
+
+    @asynccontextmanager
+    async def lifespan(app: Any):
+        yield
+        store.close()
+
     app = FastAPI(title="medsam3-monai", version=version, docs_url=None, redoc_url=None, openapi_url=None,
-                  description="MONAI-Label-shaped inference server for Medical SAM3 (not a MONAI Label app)")
+                  lifespan=lifespan,
+                  description="MONAI Label protocol server for Medical SAM3 text-prompted segmentation")
+    app.state.auth = auth
+    app.state.datastore = store
+    app.state.cors_origins = list(cors_origins or [])
+
+    async def require_token(given: str | None = Security(auth.scheme)) -> None:
+        auth.check(given)
+
+    protected = [Depends(require_token)]
 
     @app.exception_handler(RequestError)
     async def _request_error(request: Request, err: RequestError) -> JSONResponse:
+        return JSONResponse({"error": err.message}, status_code=err.status, headers=err.headers)
+
+    @app.exception_handler(StoreError)
+    async def _store_error(request: Request, err: StoreError) -> JSONResponse:
         return JSONResponse({"error": err.message}, status_code=err.status)
 
     @app.exception_handler(StarletteHTTPException)
     async def _http_error(request: Request, err: StarletteHTTPException) -> JSONResponse:
-        message = "not found: the routes are GET /info and POST /infer/{model}" if err.status_code == 404 else str(
+        message = ("not found: the routes are /info/, /infer/{model}, /datastore/, /session/, "
+                   "/activelearning/{strategy} and /auth/ (see GET /info/)") if err.status_code == 404 else str(
             err.detail)
         return JSONResponse({"error": message}, status_code=err.status_code)
 
@@ -277,86 +356,103 @@ def create_app(predictor: Any, *, token: str | None = None, limits: ServerLimits
 
     model_info = {
         "type": "segmentation",
-        "labels": "free text: each prompt of 'params.prompts' becomes label value 1..P (one prompt: 0/255 PNG)",
+        # MONAI Label: label name -> value. The labels are this request's prompts (value i for prompt i, one
+        # prompt on a 2D image 255), named in each answer's params.label_names, so none are fixed here.
+        "labels": {},
+        "dimension": 3,
+        "description": "Medical SAM3 text-prompted segmentation: give the concepts as params.prompts; 2D images "
+                       "-> PNG mask, NIfTI volumes -> NIfTI label map, both in the input's geometry",
+        # 3D Slicer shows these as editable options and sends them back as params
+        "config": {"prompts": "", "protocol": list(PROTOCOLS), "modality": ""},
         "prompts": "params = {\"prompts\": [text, ...], \"box\": [x1, y1, x2, y2] (2D, optional), "
                    "\"protocol\": " + "|".join(PROTOCOLS) + " (2D, optional), \"modality\": optional}",
-        "dimension": [2, 3],
-        "description": "Medical SAM3 text-prompted segmentation: 2D images -> PNG mask, NIfTI volumes -> NIfTI "
-                       "label map, both in the input's geometry",
+        "dimensions": [2, 3],
         "checkpoint": str(getattr(predictor, "checkpoint", "")),
         "image_size": int(getattr(getattr(predictor, "network", None), "image_size", 0) or 0),
         "inputs": sorted(UPLOAD_SUFFIXES),
-        "outputs": {"file": "mask file, result JSON in the " + RESULT_HEADER + " header",
-                    "json": "JSON with the result and the base64 mask file"},
+        "outputs": {"all": "multipart params (result JSON) + image (label file); the default",
+                    "image": "the label file, result JSON in the " + RESULT_HEADER + " header",
+                    "json": "the result JSON"},
     }
 
-    @app.get("/info")
-    @app.get("/info/")
+    # ------------------------------------------------------------------------------------------ info
+    @app.get("/info", dependencies=protected)
+    @app.get("/info/", dependencies=protected)
     def info() -> dict[str, Any]:
         return {"name": "MedSAM3 (medsam3-monai)", "version": version,
-                "description": "MONAI-Label-shaped REST API (GET /info, POST /infer/{model}); not a MONAI Label app",
-                "labels": [], "models": {model_name: model_info}, "limits": limits.as_dict()}
+                "description": "MONAI Label REST protocol for Medical SAM3 text-prompted segmentation",
+                # MONAI Label merges its models' labels here (a list, or the app's mapping); a mapping, empty like
+                # the model's (OHIF appends the model's label names to it: nothing to append)
+                "labels": {}, "models": {model_name: model_info}, "trainers": {},
+                "strategies": {name: {"description": text} for name, text in STRATEGIES.items()},
+                "scoring": {}, "train_stats": {}, "datastore": store.status(), "limits": limits.as_dict()}
 
-    @app.post("/infer/{model}")
-    def infer(model: str, file: UploadFile | None = File(None), params: str | None = Form(None),
-              output: str = Query("file")) -> Response:
+    # ------------------------------------------------------------------------------------------ infer
+    @app.post("/infer/{model}", dependencies=protected)
+    def infer(model: str, image: str = Query(""), session_id: str = Query(""),
+              output: ResultType | None = Query(None), params: str | None = Form(None),
+              file: UploadFile | None = File(None), label: UploadFile | None = File(None)) -> Response:
+        started = time.perf_counter()
         if model != model_name:  # compared only, never used as a path
-            raise RequestError(404, f"unknown model {model[:64]!r}: this server has {model_name!r} (see GET /info)")
-        if output not in OUTPUTS:
-            raise RequestError(422, f"output {output[:32]!r}: choose file, image or json")
-        if file is None:
-            raise RequestError(422, "missing multipart field 'file' (the image or volume to segment)")
-        suffix = upload_suffix(file.filename)
-        kind = UPLOAD_SUFFIXES[suffix]
-        request = parse_params(params, limits)
-        if kind == "volume" and (request["box"] is not None or request["protocol"] not in (None, "top_query")):
-            raise RequestError(422, "box prompts and protocols are for 2D images; send volumes with prompts only")
+            raise RequestError(404, f"unknown model {model[:64]!r}: this server has {model_name!r} (see GET /info/)")
+        if output is ResultType.dicom_seg:
+            raise RequestError(422, "output=dicom_seg needs a DICOMweb datastore, which this server does not have: "
+                                    "ask for output=image, json or all")
+        if label is not None:
+            raise RequestError(422, "a 'label' input (scribbles, clicks) is not used by this text-prompted model: "
+                                    "send params and the image")
         folder = Path(tempfile.mkdtemp(prefix="medsam3-serve-"))
         try:
-            upload = folder / f"input{suffix}"
-            with open(upload, "wb") as out:
-                shutil.copyfileobj(file.file, out, 1 << 20)
-            if upload.stat().st_size == 0:
-                raise RequestError(422, "the uploaded file is empty")
-            shape = image_size(upload, kind)
-            pixels = 1
-            for s in shape[:3]:
-                pixels *= int(s)
-            if pixels > limits.max_image_pixels:
-                raise RequestError(413, f"image of {'x'.join(map(str, shape))} = {pixels} pixels exceeds the "
-                                        f"server's limit of {limits.max_image_pixels} (--max-image-pixels)")
-            if kind == "image" and len(shape) != 2:
-                raise RequestError(422, "multi-frame images are not supported: upload one 2D picture")
-            if request["box"] is not None:
+            if file is not None:
+                suffix = upload_suffix(file.filename)
+                upload, source = _save_upload(file, folder / f"input{suffix}"), f"upload{suffix}"
+            elif session_id:
+                upload, source = store.link_session(session_id, folder), "session"
+            elif image:
+                upload, source = store.link_image(image, folder), "datastore image"
+            else:
+                raise RequestError(422, "no image: send it as the multipart field 'file', or name an uploaded one "
+                                        "with ?image=ID (PUT /datastore/) or ?session_id= (PUT /session/)")
+            try:
+                request = parse_infer_params(params, limits.max_prompts, limits.max_prompt_chars)
+            except ParamsError as err:
+                raise RequestError(422, str(err)) from None
+            kind, shape = check_image(upload, limits)
+            if kind == "volume" and (request.box is not None or request.protocol not in (None, "top_query")):
+                raise RequestError(422, "box prompts and protocols are for 2D images; send volumes with prompts only")
+            if request.box is not None:
                 try:
-                    box_prompts(request["box"], len(request["prompts"]), shape)
+                    box_prompts(request.box, len(request.prompts), shape)
                 except ValueError as err:
                     raise RequestError(422, str(err)) from None
+            try:
+                extension, _ = result_format(request, kind == "volume")
+            except ParamsError as err:
+                raise RequestError(422, str(err)) from None
             prediction = _predict(upload, request)
             labels, summary = output_labels(prediction)
-            summary.update(input=f"upload{suffix}", model=model_name)
-            if prediction.is_volume:
-                mask_path, media_type, mask_format = folder / "mask.nii.gz", "application/gzip", "nii.gz"
-                write_label_volume(labels, prediction.affine.numpy(), mask_path, reference=upload)
-            else:
-                mask_path, media_type, mask_format = folder / "mask.png", "image/png", "png"
-                write_mask_image(labels, mask_path, "PNG")
+            mask_path = folder / f"mask{extension}"
+            media_type = write_result(labels, prediction, request, mask_path, upload)
             data = mask_path.read_bytes()
         finally:
             shutil.rmtree(folder, ignore_errors=True)
-        summary["mask_format"] = mask_format
-        if output == "json":
-            return JSONResponse({"result": summary, "mask": base64.b64encode(data).decode("ascii"),
-                                 "mask_format": mask_format, "media_type": media_type})
-        return Response(content=data, media_type=media_type, headers={
-            RESULT_HEADER: json.dumps(summary, separators=(",", ":"), ensure_ascii=True),
-            "Content-Disposition": f'attachment; filename="mask.{mask_format}"'})
+        summary.update(input=source, model=model_name, mask_format=extension.lstrip("."),
+                       label_names=label_names(summary),
+                       latencies={"total": round(time.perf_counter() - started, 3)})
+        if output is ResultType.json:
+            return JSONResponse(summary)
+        if output in (ResultType.image, ResultType.file):
+            return Response(content=data, media_type=media_type, headers={
+                RESULT_HEADER: json.dumps(summary, separators=(",", ":"), ensure_ascii=True),
+                "Content-Disposition": f'attachment; filename="mask{extension}"'})
+        body, content_type = multipart_answer(summary, data, extension, media_type)
+        return Response(content=body, media_type=content_type)
 
-    def _predict(upload: Path, request: dict[str, Any]) -> Any:
+    def _predict(upload: Path, request: Any) -> Any:
         with lock:  # one model, one request at a time; the protocol travels with the request
             try:
-                return predictor(upload, request["prompts"], box=request["box"], modality=request["modality"],
-                                 protocol=request["protocol"])
+                return predictor(upload, request.prompts, box=request.box, modality=request.modality,
+                                 protocol=request.protocol)
             except (ValueError, FileNotFoundError) as err:
                 raise RequestError(422, str(err).replace(str(upload), f"upload{upload_suffix(upload.name)}")) from None
             except RuntimeError as err:
@@ -365,6 +461,159 @@ def create_app(predictor: Any, *, token: str | None = None, limits: ServerLimits
                     raise
                 raise RequestError(422, str(cause).replace(str(upload), "upload")) from None
             except OSError as err:  # decoders: truncated or corrupt data
-                raise RequestError(422, f"cannot read the uploaded file: {err}".replace(str(upload), "upload")) from None
+                message = f"cannot read the uploaded file: {err}".replace(str(upload), "upload")
+                raise RequestError(422, message) from None
 
-    return _GuardMiddleware(app, token, limits.max_request_bytes)
+    # ------------------------------------------------------------------------------------------ datastore
+    def _stored_file_response(link: Any, name: str) -> Response:
+        """A stored file, read through a private link that is removed after the answer."""
+        from fastapi.responses import FileResponse
+
+        folder = Path(tempfile.mkdtemp(prefix="medsam3-serve-"))
+        try:
+            path = link(folder)
+        except BaseException:
+            shutil.rmtree(folder, ignore_errors=True)
+            raise
+        suffix = upload_suffix(path.name, LABEL_SUFFIXES)
+        return FileResponse(path, media_type=_media_type(suffix), filename=f"{name}{suffix}",
+                            background=BackgroundTask(shutil.rmtree, folder, True))
+
+    @app.get("/datastore/", dependencies=protected)
+    def datastore(output: str = Query("stats")) -> Any:
+        if output == "all":
+            return store.describe()
+        if output == "train":
+            return store.datalist()
+        if output == "stats":
+            return store.status()
+        raise RequestError(422, f"output {output[:16]!r}: choose stats, all or train")
+
+    @app.put("/datastore/", dependencies=protected)
+    @app.put("/datastore/image", dependencies=protected)
+    def add_image(image: str | None = Query(None), params: str = Form("{}"),
+                  file: UploadFile = File(...)) -> dict[str, str]:
+        suffix = upload_suffix(file.filename)
+        image_id = check_id(image) if image else check_id(
+            Path(file.filename or "image").name[: -len(suffix)] or "image")
+        info = _json_object(params, "params")
+        folder = Path(tempfile.mkdtemp(prefix="medsam3-serve-"))
+        try:
+            upload = _save_upload(file, folder / f"upload{suffix}")
+            check_image(upload, limits)
+            store.add_image(image_id, upload, suffix, info)
+        finally:
+            shutil.rmtree(folder, ignore_errors=True)
+        return {"image": image_id}
+
+    @app.get("/datastore/image", dependencies=protected)
+    def download_image(image: str = Query(...)) -> Response:
+        return _stored_file_response(lambda folder: store.link_image(image, folder, "image"), "image")
+
+    @app.get("/datastore/image/info", dependencies=protected)
+    def get_image_info(image: str = Query(...)) -> dict[str, Any]:
+        return store.image_info(image)
+
+    @app.delete("/datastore/", dependencies=protected)
+    @app.delete("/datastore/image", dependencies=protected)
+    def remove_image(id: str = Query(...)) -> dict[str, Any]:
+        store.remove_image(id)
+        return {}
+
+    @app.put("/datastore/label", dependencies=protected)
+    def save_label(image: str = Query(...), tag: str = Query(FINAL_TAG), params: str = Form("{}"),
+                   label: UploadFile = File(...)) -> dict[str, Any]:
+        suffix = upload_suffix(label.filename, LABEL_SUFFIXES)
+        info = _json_object(params, "params")
+        folder = Path(tempfile.mkdtemp(prefix="medsam3-serve-"))
+        try:
+            upload = _save_upload(label, folder / f"label{suffix}")
+            if upload.stat().st_size == 0:
+                raise RequestError(422, "the uploaded label is empty")
+            label_id = store.save_label(image, upload, suffix, tag or FINAL_TAG, info)
+        finally:
+            shutil.rmtree(folder, ignore_errors=True)
+        return {"image": image, "label": label_id}
+
+    @app.get("/datastore/label", dependencies=protected)
+    def download_label(label: str = Query(...), tag: str = Query(FINAL_TAG)) -> Response:
+        return _stored_file_response(lambda folder: store.link_label(label, tag, folder), "label")
+
+    @app.get("/datastore/label/info", dependencies=protected)
+    def get_label_info(label: str = Query(...), tag: str = Query(FINAL_TAG)) -> dict[str, Any]:
+        return store.label_info(label, tag)
+
+    @app.delete("/datastore/label", dependencies=protected)
+    def remove_label(id: str = Query(...), tag: str = Query(FINAL_TAG)) -> dict[str, Any]:
+        store.remove_label(id, tag)
+        return {}
+
+    @app.post("/activelearning/{strategy}", dependencies=protected)
+    def next_sample(strategy: str, params: dict[str, Any] | None = Body(None)) -> dict[str, Any]:
+        return store.next_sample(strategy)
+
+    # ------------------------------------------------------------------------------------------ sessions
+    @app.put("/session/", dependencies=protected)
+    def create_session(uncompress: bool = Query(False), expiry: int = Query(0),
+                       files: list[UploadFile] = File(...)) -> dict[str, Any]:
+        if uncompress:
+            raise RequestError(422, "uncompress=true is not supported: send one image file (PNG, JPEG, BMP, TIFF, "
+                                    "NIfTI)")
+        if len(files) != 1:
+            raise RequestError(422, f"{len(files)} files: a session holds one image file (PNG, JPEG, BMP, TIFF, "
+                                    "NIfTI; not a DICOM series)")
+        suffix = upload_suffix(files[0].filename)
+        folder = Path(tempfile.mkdtemp(prefix="medsam3-serve-"))
+        try:
+            upload = _save_upload(files[0], folder / f"upload{suffix}")
+            check_image(upload, limits)
+            session_id, session_info = store.add_session(upload, suffix, expiry)
+        finally:
+            shutil.rmtree(folder, ignore_errors=True)
+        return {"session_id": session_id, "session_info": session_info}
+
+    @app.get("/session/{session_id}", dependencies=protected)
+    def get_session(session_id: str, update_ts: bool = Query(False), image: bool = Query(False)) -> Any:
+        if image:
+            return _stored_file_response(lambda folder: store.link_session(session_id, folder, "image"), "image")
+        return store.session_info(session_id, touch=update_ts)
+
+    @app.delete("/session/{session_id}", dependencies=protected)
+    def remove_session(session_id: str) -> dict[str, Any]:
+        return store.remove_session(session_id)
+
+    # ------------------------------------------------------------------------------------------ train, auth
+    @app.api_route("/train/", methods=["GET", "POST", "DELETE"], dependencies=protected)
+    @app.api_route("/train/{model}", methods=["POST"], dependencies=protected)
+    def train() -> None:
+        raise RequestError(404, "No Train Tasks Found: medsam3 serve does not train (train with the medsam3 "
+                                "bundle, bundles/medsam3/configs/train.json)")
+
+    @app.get("/auth/")
+    @app.get("/auth")
+    def auth_enabled() -> dict[str, Any]:
+        return {"enabled": auth.enabled, "client_id": None, "realm": None}
+
+    @app.post("/auth/token")
+    def access_token(form: OAuth2PasswordRequestForm = Depends()) -> dict[str, Any]:
+        if not auth.enabled:
+            raise RequestError(404, "authentication is not enabled on this server (it was started without --token)")
+        if not auth.password_ok(form.password):
+            raise RequestError(401, "wrong password: give the server's token (--token) as the password",
+                               {"WWW-Authenticate": "Bearer"})
+        return {"access_token": auth.token, "token_type": "bearer"}
+
+    @app.get("/auth/token/valid", dependencies=protected)
+    def valid_token() -> dict[str, Any]:
+        return {"username": "medsam3", "email": None, "name": None, "roles": ["user"]}
+
+    # last added = outermost: CORS (answers preflights itself, adds headers to every answer, errors included),
+    # then the guard (token and size before any body is read), then FastAPI's routing
+    app.add_middleware(_GuardMiddleware, auth=auth, max_bytes=limits.max_request_bytes)
+    if cors_origins:
+        from fastapi.middleware.cors import CORSMiddleware
+
+        app.add_middleware(CORSMiddleware, allow_origins=list(cors_origins), allow_credentials=False,
+                           allow_methods=["GET", "POST", "PUT", "DELETE", "HEAD", "OPTIONS"], allow_headers=["*"],
+                           expose_headers=[RESULT_HEADER, "Content-Disposition"], max_age=600)
+    return app

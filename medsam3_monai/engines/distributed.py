@@ -34,6 +34,7 @@ RANK0_ONLY = (
     "CheckpointSaver",
     "FinalCheckpoint",
     "MLflowRunInfoHandler",
+    "LossProgressBar",
 )
 
 

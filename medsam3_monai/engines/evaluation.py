@@ -84,14 +84,15 @@ def protocol_label(protocol: str, box_prompts: bool = False) -> str:
 
 
 def report_notes(checkpoint: str, protocol: str, score_threshold: float, box_prompts: bool,
-                 items: Sequence[dict[str, Any]], tracker: str = "none") -> list[str]:
+                 items: Sequence[dict[str, Any]], tracker: str = "none", split: str = "auto") -> list[str]:
     """How the numbers were produced: the lines under the report's Markdown table."""
     splits = sorted({f"{Path(str(i.get('datalist', '?'))).name}: {i.get('split', '?')}" for i in items})
     described = get_protocol(protocol).describe(score_threshold)
     notes = [
         f"Checkpoint `{checkpoint}`; protocol `{protocol_label(protocol, box_prompts)}`: {described}"
         + ("; text + box prompt (largest ground-truth component)." if box_prompts else "; text prompts."),
-        f"Cases: {len(items)} ({'; '.join(splits)}); split `auto` = test if present, else validation.",
+        f"Cases: {len(items)} ({'; '.join(splits)}); split `{split}`"
+        + (" = test if present, else validation." if split == "auto" else "."),
         "Each class is prompted separately; overlaps go to the class with the higher confidence "
         "score × sigmoid(mask logit) at the pixel. Metrics in each input's own geometry; Dice = IoU = 100 "
         "when prediction and truth are both empty. NSD (2 mm) and HD95 only where the spacing is known.",
@@ -268,6 +269,7 @@ def case_records(prediction: CasePrediction, protocol: str, nsd_tolerance_mm: fl
         records.append({
             "dataset": prediction.dataset, "group": str(item.get("group", "other")), "case": prediction.case,
             "prompt": text, "protocol": protocol, "label": int(value), "score": float(score), "metrics": metrics,
+            "empty_prediction": not bool(mask.any()),
         })
     return records
 
@@ -314,6 +316,7 @@ def run_evaluation(
     run_name: str | None = None,
     parent_run_id: str | None = None,
     ct_window: str | Sequence[float] = "abdomen",
+    skip_unreadable: bool = False,
 ):
     """Run the evaluation bundle (``configs/inference.json`` + ``configs/evaluate.json``) on ``items`` (from
     :func:`evaluation_items`) with an already built ``network`` (and ``tracker``) and write the report into
@@ -338,8 +341,8 @@ def run_evaluation(
         "datalists": [str(path) for path in datalists], "split": split, "max_cases": max_cases,
         "output_dir": str(out_dir), "protocol": protocol, "score_threshold": score_threshold,
         "box_prompts": box_prompts, "max_overlays": max_overlays, "progress": progress,
-        "num_workers": num_workers, "mlflow": mlflow, "tracking_uri": tracking_uri,
-        "ct_window": ct_window, "parent_run_id": parent_run_id,
+        "num_workers": num_workers, "mlflow": mlflow, "report_tracking_uri": tracking_uri,
+        "ct_window": ct_window, "parent_run_id": parent_run_id, "skip_unreadable": skip_unreadable,
     }
     if experiment is not None:
         overrides["experiment"] = experiment

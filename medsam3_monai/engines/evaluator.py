@@ -79,7 +79,7 @@ class MedSAM3Evaluator(SupervisedEvaluator):
         )
         engine.network.eval()
         with torch.no_grad(), autocast_for(engine.state.device, self.bf16):
-            outputs = engine.network(images, **network_kwargs)
+            outputs = engine.inferer(images, engine.network, **network_kwargs)
         engine.state.output = [{Keys.IMAGE: images, Keys.LABEL: targets, Keys.PRED: outputs}]
         return engine.state.output
 

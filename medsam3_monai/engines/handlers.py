@@ -58,21 +58,47 @@ def mlflow_run_of(engine: Engine) -> tuple[Any, str] | None:
 
 
 class MLflowRunInfoHandler:
-    """Log every hyper-parameter and the final artifacts into the run of MONAI's MLFlowHandler.
+    """Log every hyper-parameter, the named learning rates and the final artifacts into the run of MONAI's
+    MLFlowHandler.
 
-    ``--tracking mlflow`` attaches MONAI's MLFlowHandler, which logs losses, learning rates and metrics; this
-    handler adds the run parameters (after the first iteration, when the run exists) and ``artifacts`` such
-    as the final checkpoint (on COMPLETED, before that handler closes the run: attach this one first, as the
-    bundle does). Without an MLflow handler it does nothing.
+    ``--tracking bundles/medsam3/configs/mlflow.json`` (or ``--tracking mlflow``) attaches MONAI's MLFlowHandler,
+    which logs losses and metrics; this handler adds the run parameters (after the first iteration, when the run
+    exists), each optimiser group's learning rate by its name (``lr/detector``, ``lr/vision.layer_3``, ...) every
+    ``lr_interval`` iterations on the iteration axis, and on COMPLETED the ``artifacts`` (files that exist: final
+    and best checkpoints) and ``documents`` (name -> JSON-able content, e.g. the bundle's metadata) -- before that
+    handler closes the run: attach this one first, as the bundle does. Without an MLflow handler it does nothing.
     """
 
-    def __init__(self, params: Mapping[str, Any] | None = None, artifacts: Sequence[str] = ()) -> None:
+    def __init__(self, params: Mapping[str, Any] | None = None, artifacts: Sequence[str] = (),
+                 documents: Mapping[str, Any] | None = None, optimizer: Any = None, lr_interval: int = 10) -> None:
         self.params = dict(params or {})
         self.artifacts = list(artifacts)
+        self.documents = dict(documents or {})
+        self.optimizer = optimizer
+        self.lr_interval = max(int(lr_interval), 1)
 
     def attach(self, engine: Engine) -> None:
         engine.add_event_handler(Events.ITERATION_COMPLETED(once=1), self.log_params)
+        if self.optimizer is not None:
+            engine.add_event_handler(Events.ITERATION_COMPLETED(every=self.lr_interval), self.log_learning_rates)
         engine.add_event_handler(Events.COMPLETED, self.log_artifacts)
+
+    def log_learning_rates(self, engine: Engine) -> None:
+        """``lr/<group name>`` at step = iteration (groups without a name: ``lr/group_<i>``)."""
+        found = mlflow_run_of(engine)
+        if found is None:
+            return
+        import time
+
+        from mlflow.entities import Metric
+
+        client, run_id = found
+        now, step = int(time.time() * 1000), int(engine.state.iteration)
+        rates: dict[str, float] = {}
+        for i, group in enumerate(self.optimizer.param_groups):
+            name = str(group.get("name", f"group_{i}")).removesuffix(".no_decay")
+            rates.setdefault(f"lr/{name}", float(group["lr"]))
+        client.log_batch(run_id, metrics=[Metric(k, v, now, step) for k, v in rates.items()])
 
     @staticmethod
     def flatten(value: Any, prefix: str = "") -> dict[str, str]:
@@ -104,6 +130,40 @@ class MLflowRunInfoHandler:
                 client.log_artifact(run_id, str(path))
             else:
                 logger.warning("MLflow artifact %s does not exist; not logged", path)
+        for name, content in self.documents.items():
+            client.log_dict(run_id, content, name)
+
+
+class TrainerIteration:
+    """The trainer's iteration, for logging validation metrics on the iteration axis without a reference from the
+    validator back to the trainer (a cycle in the bundle config): attach it to the trainer, then pass it as
+    ``global_epoch_transform`` of the validator's ``MLFlowHandler`` (it ignores the epoch it is given)."""
+
+    def __init__(self) -> None:
+        self.iteration = 0
+
+    def attach(self, engine: Engine) -> None:
+        engine.add_event_handler(Events.ITERATION_STARTED, self.record)  # before any handler of COMPLETED
+
+    def record(self, engine: Engine) -> None:
+        self.iteration = int(engine.state.iteration)
+
+    def __call__(self, _epoch: int) -> int:
+        return self.iteration
+
+
+class LossProgressBar:
+    """Ignite's ``ProgressBar`` over the trainer with the running total loss (``output[0]["loss"]["loss"]``); the
+    full term list goes to the log every ``log_interval`` iterations (``StatsHandler``)."""
+
+    def __init__(self, persist: bool = True, desc: str = "train") -> None:
+        self.persist, self.desc = persist, desc
+
+    def attach(self, engine: Engine) -> None:
+        from ignite.handlers import ProgressBar
+
+        ProgressBar(persist=self.persist, desc=self.desc).attach(
+            engine, output_transform=lambda output: {"loss": float(output[0]["loss"]["loss"])})
 
 
 class FinalCheckpoint:

@@ -11,20 +11,56 @@ prediction per prompt) and ``engines.evaluation.CaseMetrics`` as the post-proces
 
 from __future__ import annotations
 
+import logging
 from collections.abc import Sequence
+from dataclasses import dataclass
 from typing import Any, Callable
 
 import torch
+from monai.data import Dataset
 from monai.engines import SupervisedEvaluator
 from monai.engines.utils import IterationEvents
 from monai.transforms import apply_transform
 
-__all__ = ["MedSAM3CaseEvaluator", "collate_cases"]
+from ..inferers.inputs import user_error
+
+__all__ = ["CaseDataset", "MedSAM3CaseEvaluator", "UnreadableCase", "collate_cases"]
+
+logger = logging.getLogger(__name__)
 
 
-def collate_cases(batch: Sequence[Any]) -> list[list[dict[str, Any]]]:
-    """DataLoader ``collate_fn``: a list of cases, each the list of its slice items (one for a 2D image)."""
-    return [case if isinstance(case, list) else [case] for case in batch]
+@dataclass(frozen=True)
+class UnreadableCase:
+    """A datalist item whose files could not be read (``CaseDataset(skip_unreadable=True)``), and why."""
+
+    item: dict[str, Any]
+    error: str
+
+
+class CaseDataset(Dataset):
+    """MONAI ``Dataset`` of cases that, with ``skip_unreadable``, turns an input error of one item (a truncated
+    or unreadable image or mask: our ``DataError`` inside MONAI's transform wrappers) into an
+    :class:`UnreadableCase` that the evaluator skips and the report lists, instead of stopping the run.
+    Without it the input error propagates (``medsam3`` prints its one line and exits 2)."""
+
+    def __init__(self, data: Sequence[Any], transform: Callable | None = None, skip_unreadable: bool = False) -> None:
+        super().__init__(data=data, transform=transform)
+        self.skip_unreadable = bool(skip_unreadable)
+
+    def _transform(self, index: int) -> Any:
+        try:
+            return super()._transform(index)
+        except (RuntimeError, ValueError, FileNotFoundError) as err:
+            cause = user_error(err) if isinstance(err, RuntimeError) else err
+            if not self.skip_unreadable or cause is None:
+                raise
+            return UnreadableCase(dict(self.data[index]), str(cause))
+
+
+def collate_cases(batch: Sequence[Any]) -> list[list[dict[str, Any]] | UnreadableCase]:
+    """DataLoader ``collate_fn``: a list of cases, each the list of its slice items (one for a 2D image);
+    :class:`UnreadableCase` markers pass through."""
+    return [case if isinstance(case, (list, UnreadableCase)) else [case] for case in batch]
 
 
 class MedSAM3CaseEvaluator(SupervisedEvaluator):
@@ -33,6 +69,8 @@ class MedSAM3CaseEvaluator(SupervisedEvaluator):
     ``engine.state.output`` is the list of post-processed cases: for inference one dict each (``pred`` the label
     map in the input's geometry, ``prompt_texts``, ``prompt_scores``, ...), for evaluation
     ``{"prediction": CasePrediction, "records": [metric record per prompt]}`` (``CaseMetrics``).
+    Cases the dataset could not read (:class:`UnreadableCase`) are skipped and collected in
+    ``engine.state.unreadable``.
 
     Args:
         device, val_data_loader, network, val_handlers, epoch_length: as MONAI's ``SupervisedEvaluator`` (the
@@ -69,9 +107,18 @@ class MedSAM3CaseEvaluator(SupervisedEvaluator):
     def _iteration(self, engine: MedSAM3CaseEvaluator, batchdata: list[list[dict[str, Any]]]) -> list[Any]:
         if batchdata is None:
             raise ValueError("Must provide batch data for current iteration.")
+        if not hasattr(engine.state, "unreadable") or engine.state.iteration == 1:
+            engine.state.unreadable = []
+        cases = []
+        for case in batchdata:
+            if isinstance(case, UnreadableCase):
+                logger.warning("skipped an unreadable case: %s", case.error)
+                engine.state.unreadable.append(case)
+            else:
+                cases.append(case)
         engine.network.eval()
         with torch.no_grad():
-            engine.state.output = [engine.inferer(case, engine.network) for case in batchdata]
+            engine.state.output = [engine.inferer(case, engine.network) for case in cases]
         engine.fire_event(IterationEvents.FORWARD_COMPLETED)
         engine.fire_event(IterationEvents.MODEL_COMPLETED)
         return engine.state.output

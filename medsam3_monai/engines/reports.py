@@ -25,8 +25,8 @@ import torch
 from ignite.engine import Engine, Events
 
 from ..inferers.image import invert_slice
-from ..metrics.aggregate import MetricTable, aggregate, write_cases_csv
-from ..metrics.plots import overlay_figure, radar_chart
+from ..metrics.aggregate import MetricTable, aggregate, write_cases_csv, write_csv
+from ..metrics.plots import overlay_figure, radar_chart, radiological_view
 
 __all__ = ["DEFAULT_EXPERIMENT", "EvaluationReport", "OverlayWriter", "default_tracking_uri", "open_experiment"]
 
@@ -112,7 +112,7 @@ class OverlayWriter:
             self.written.append(self.write(prediction, output.get("records", []), len(self.written)))
 
     def write(self, prediction: Any, records: Sequence[Mapping[str, Any]], index: int) -> Path:
-        from ..transforms.slices import extract_slice
+        from ..transforms.slices import extract_slice, plane_axes
 
         truth, pred, items = prediction.truth, prediction.pred, prediction.items
         where = ""
@@ -130,6 +130,10 @@ class OverlayWriter:
             item = items[0]
         image = invert_slice(item["image"].as_tensor(), item, self.transform)
         image = (image.as_tensor() + 1.0) / 2.0  # SAM3 normalisation undone: [-1, 1] -> [0, 1]
+        if prediction.is_volume:  # radiological convention: anterior up, the patient's right on the left
+            row_axis, col_axis = plane_axes(axis, transposed)
+            affine = meta["volume_affine"]
+            image, truth, pred = (radiological_view(x, affine, row_axis, col_axis) for x in (image, truth, pred))
         scores = ", ".join(f"{r['prompt']}: Dice {100 * r['metrics']['dice']:.1f}" for r in records)
         title = f"{prediction.dataset} / {prediction.case}{where} ({records[0]['protocol'] if records else ''})"
         if scores:
@@ -181,6 +185,7 @@ class EvaluationReport:
         self.table: MetricTable | None = None
         self.files: list[Path] = []
         self.run_id: str | None = None
+        self.unreadable: list[Any] = []  # UnreadableCase items the evaluator skipped
 
     def attach(self, engine: Engine) -> None:
         engine.add_event_handler(Events.STARTED, lambda _: self.records.clear())
@@ -192,6 +197,7 @@ class EvaluationReport:
             self.records.extend(output.get("records", []))
 
     def complete(self, engine: Engine | None = None) -> None:
+        self.unreadable = list(getattr(engine.state, "unreadable", []) if engine is not None else [])
         self.write()
         if self.mlflow:
             self.log_mlflow()
@@ -206,8 +212,22 @@ class EvaluationReport:
         files = [write_cases_csv(self.records, out / "cases.csv"), self.table.to_csv(out / "table.csv")]
         title = self.title or f"Per-dataset results (protocol: {self.table.protocol})"
         text = self.table.to_markdown(title=title)
-        if self.notes:
-            text += "\n" + "\n".join(f"- {n}" for n in self.notes) + "\n"
+        notes = list(self.notes)
+        if all(record.get("empty_prediction", False) for record in self.records):
+            warning = (f"every prediction of this run is empty ({len(self.records)} prompts), so every foreground "
+                       f"case scores 0: with protocol {self.table.protocol} the model found nothing above its "
+                       "threshold; a model trained with the semantic head alone (e.g. the tiny recipe) is "
+                       "evaluated with --protocol semantic")
+            logger.warning(warning)
+            notes.insert(0, f"WARNING: {warning}.")
+        if self.unreadable:
+            files.append(write_csv(out / "skipped.csv", ["image", "label", "error"],
+                                     [{"image": case.item.get("image", ""), "label": case.item.get("label", ""),
+                                       "error": case.error} for case in self.unreadable]))
+            notes.append(f"{len(self.unreadable)} unreadable case(s) skipped (--skip-unreadable) and not in the "
+                         "table: see skipped.csv.")
+        if notes:
+            text += "\n" + "\n".join(f"- {n}" for n in notes) + "\n"
         (out / "table.md").write_text(text, encoding="utf-8")
         files.append(out / "table.md")
         files.append(radar_chart(self.table, out / "radar.png"))

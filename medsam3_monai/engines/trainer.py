@@ -61,7 +61,7 @@ class MedSAM3Trainer(SupervisedTrainer):
         output: dict[str, Any] = {Keys.IMAGE: images, Keys.LABEL: targets}
         engine.state.output = [output]
         with autocast_for(engine.state.device, self.bf16):
-            outputs = engine.network(images, **network_kwargs)
+            outputs = engine.inferer(images, engine.network, **network_kwargs)
         output[Keys.PRED] = outputs
         engine.fire_event(IterationEvents.FORWARD_COMPLETED)
         terms = engine.loss_function(outputs, targets)

@@ -4,12 +4,15 @@ The chain (``postprocessing`` and ``writer`` of ``configs/inference.json``) work
 items of one input (one item for a 2D image, D for a volume), each carrying ``pred`` (P, S, S) mask logits (and,
 for volumes, ``confidence``) from :class:`~medsam3_monai.inferers.predict.PromptInferer`:
 
-1. MONAI ``Invertd`` on every slice item (a ``Compose`` that maps over the list): the slice-space maps go
-   back to the image's (or slice's) own size, bilinearly -- logits stay logits;
+1. :class:`InvertToInputd` (MONAI ``Invertd``) on every slice item (a ``Compose`` that maps over the list): the
+   slice-space maps go back to the image's (or slice's) own size, bilinearly -- logits stay logits. A 2D
+   picture of more than ``EAGER_MAX_PIXELS`` keeps its (P, S, S) maps with the inverse recorded
+   (``meta["pending_inverse"]``): step 3 applies it one row tile at a time;
 2. :class:`~medsam3_monai.transforms.RestackSlicesd`: the slices of a volume become (P, X, Y, Z) with the
    volume's affine (a 2D case passes through);
 3. :class:`MergePromptsd`: mask = logit > 0 per prompt; overlaps go to the prompt with the highest
-   confidence at the pixel (:func:`~medsam3_monai.metrics.merge.merge_classes`) -> a (1, *spatial) label map;
+   confidence at the pixel (:func:`~medsam3_monai.metrics.merge.merge_classes`) -> a (1, *spatial) label map
+   (for a pending inverse: tile by tile, so the native-size memory is the uint8 label map alone);
 4. (bundle) :class:`ImageOrVolumed` dispatching to a MONAI ``SaveImaged`` for PNG (2D, with
    :class:`RowsFirstPILWriter`) or NIfTI (volumes).
 
@@ -19,24 +22,156 @@ The outer ``Compose`` must be built with ``map_items=False`` so that steps 2-4 s
 from __future__ import annotations
 
 from collections.abc import Hashable, Mapping
+from copy import deepcopy
+from pathlib import Path
 from typing import Any, Callable
 
 import torch
 from monai.config import KeysCollection
 from monai.data import MetaTensor
 from monai.data.image_writer import PILWriter
-from monai.transforms import MapTransform, Transform
+from monai.transforms import (
+    Compose,
+    InvertibleTransform,
+    Invertd,
+    MapTransform,
+    Resize,
+    Resized,
+    TraceableTransform,
+    Transform,
+)
+from monai.transforms.utils import allow_missing_keys_mode, scale_affine
+from monai.utils import TraceKeys
 
 from ..metrics.merge import merge_classes
+from ..transforms.intensity import row_tiles
+from ..transforms.slices import EAGER_MAX_PIXELS, PROGRESS_MIN_PIXELS, bilinear_weights, tile_progress, upsample_rows
 
 __all__ = [
+    "PENDING_INVERSE",
     "ImageOrVolumed",
+    "InvertToInputd",
     "MergePromptsd",
     "RowsFirstPILWriter",
+    "materialize_inverse",
+    "pending_inverse",
 ]
+
+#: meta key of slice-space maps whose bilinear inverse to the picture's size is still to be applied
+PENDING_INVERSE = "pending_inverse"
+
 
 def _plain(x: Any) -> torch.Tensor:
     return x.as_tensor() if isinstance(x, MetaTensor) else torch.as_tensor(x)
+
+
+def pending_inverse(maps: Any) -> tuple[int, int] | None:
+    """The (H, W) that slice-space ``maps`` still have to be resized to (:class:`InvertToInputd`), or None."""
+    meta = getattr(maps, "meta", None)
+    spec = meta.get(PENDING_INVERSE) if isinstance(meta, Mapping) else None
+    return None if spec is None else (int(spec["spatial_size"][0]), int(spec["spatial_size"][1]))
+
+
+def _inverse_tiles(maps: torch.Tensor, size: tuple[int, int], channels: int, desc: str, show: bool):
+    """``(start, stop, tile)``: rows ``start:stop`` of ``maps`` resized to ``size``, one row tile at a time."""
+    columns = bilinear_weights(maps.shape[-1], size[1])
+    with tile_progress(size[0], desc, show) as bar:
+        for start, stop in row_tiles(size[0], size[1], channels):
+            yield start, stop, upsample_rows(maps, size, start, stop, columns)
+            bar.update(stop - start)
+
+
+def materialize_inverse(maps: Any) -> Any:
+    """Maps with a pending inverse -> the (P, H, W) float32 maps ``Invertd`` gives (up to float rounding);
+    anything else is returned as is. Native-size memory: P x 4 bytes per pixel."""
+    size = pending_inverse(maps)
+    if size is None:
+        return maps
+    plain = _plain(maps).float()
+    out = torch.empty((plain.shape[0], *size), dtype=torch.float32)
+    for start, stop, tile in _inverse_tiles(plain, size, plain.shape[0], "", False):
+        out[:, start:stop] = tile
+    out = MetaTensor(out, meta=dict(maps.meta), applied_operations=list(maps.applied_operations))
+    out.meta.pop(PENDING_INVERSE, None)
+    return out
+
+
+class InvertToInputd(Invertd):
+    """MONAI ``Invertd`` that leaves the bilinear inverse of large 2D pictures to :class:`MergePromptsd`.
+
+    A 2D item (not a volume slice) whose picture has more than ``EAGER_MAX_PIXELS`` pixels, when the
+    preprocessing's only invertible step is its slice-space resize (``ResizeToSliced``, bilinear): ``keys`` keep
+    their (P, S, S) slice-space values and get the metadata ``Invertd`` would give them (the picture's affine
+    and meta, the resize popped), plus ``meta["pending_inverse"] = {"spatial_size": [H, W]}``.
+    :class:`MergePromptsd` resizes them tile by tile (:func:`materialize_inverse` makes the full maps).
+    Everything else -- volume slices, small pictures, other preprocessing -- is ``Invertd``'s, unchanged.
+
+    Args:
+        defer_2d: defer the 2D inverse as above (False: plain ``Invertd``).
+        (others: ``Invertd``'s.)
+    """
+
+    def __init__(self, *args: Any, defer_2d: bool = True, **kwargs: Any) -> None:
+        super().__init__(*args, **kwargs)
+        self.defer_2d = bool(defer_2d)
+
+    def __call__(self, data: Mapping[Hashable, Any]) -> dict[Hashable, Any]:
+        d = dict(data)
+        deferred = {key: out for key in self.key_iterator(d) if (out := self._deferred(d, key)) is not None}
+        if not deferred:
+            return super().__call__(d)
+        if any(key not in deferred for key in self.key_iterator(d)):
+            with allow_missing_keys_mode(self):
+                d = super().__call__({k: v for k, v in d.items() if k not in deferred})
+        d.update(deferred)
+        return d
+
+    def _resize_record(self, image: Any) -> Mapping[str, Any] | None:
+        """The slice-space resize record of ``image`` when it is the only operation to invert, else None."""
+        if not isinstance(image, MetaTensor) or len(image.applied_operations) != 1 or image.ndim != 3:
+            return None
+        steps = self.transform.flatten().transforms if isinstance(self.transform, Compose) else [self.transform]
+        invertible = [t for t in steps if isinstance(t, InvertibleTransform)]
+        if len(invertible) != 1 or not isinstance(invertible[0], Resized):
+            return None
+        record = image.applied_operations[0]
+        extra = record.get(TraceKeys.EXTRA_INFO, {})
+        if record.get(TraceKeys.ID) != id(invertible[0].resizer) or extra.get("mode") != "bilinear" \
+                or extra.get("align_corners") not in (False, TraceKeys.NONE) or extra.get("new_dim", 0):
+            return None
+        return record
+
+    def _deferred(self, d: Mapping[Hashable, Any], key: Hashable) -> MetaTensor | None:
+        """``d[key]`` with its inverse deferred (see the class docstring), or None when ``Invertd`` should run."""
+        index = list(self.keys).index(key)
+        orig_key, nearest = self.orig_keys[index], self.nearest_interp[index]
+        image, maps = d.get(orig_key), d.get(key)
+        meta = getattr(image, "meta", {})
+        if not self.defer_2d or nearest or maps is None or "slice_index" in meta or "volume_shape" in meta:
+            return None
+        record = self._resize_record(image)
+        if record is None:
+            return None
+        orig_size = tuple(int(v) for v in record[TraceKeys.ORIG_SIZE])
+        if orig_size[0] * orig_size[1] <= EAGER_MAX_PIXELS:
+            return None
+        # what Invertd + Resize.inverse do to the metadata (monai.transforms.spatial.functional.resize)
+        holder = MetaTensor(torch.zeros(1, *image.shape[1:]))
+        holder.applied_operations = deepcopy(image.applied_operations[:-1])
+        holder.meta = deepcopy(image.meta)
+        extra = record[TraceKeys.EXTRA_INFO]
+        align_corners = None if extra["align_corners"] == TraceKeys.NONE else extra["align_corners"]
+        inverse = Resize(spatial_size=orig_size, mode="bilinear", align_corners=align_corners, dtype=extra["dtype"])
+        with inverse.trace_transform(False):
+            meta_info = TraceableTransform.track_transform_meta(
+                holder, sp_size=orig_size, affine=scale_affine(tuple(image.shape[1:]), orig_size, align_corners=False),
+                extra_info={"mode": "bilinear", "align_corners": extra["align_corners"], "dtype": extra["dtype"],
+                            "new_dim": 0},
+                orig_size=tuple(image.shape[1:]), transform_info=inverse.get_transform_info(), lazy=False,
+            )
+        out = MetaTensor(_plain(maps).detach().float()).copy_meta_from(meta_info)
+        out.meta[PENDING_INVERSE] = {"spatial_size": list(orig_size)}
+        return out
 
 
 class MergePromptsd(MapTransform):
@@ -52,9 +187,13 @@ class MergePromptsd(MapTransform):
         scores_key: item entry with each prompt's score (``prompt_scores``).
         threshold: logit threshold (0: probability 0.5).
         drop_confidence: remove ``confidence_key`` from the item once merged (it is as large as the logits).
+        progress: a progress bar (stderr) over the row tiles of a pending inverse of at least
+            ``PROGRESS_MIN_PIXELS`` pixels.
 
     Output: MetaTensor (1, *spatial), uint8 (int32 when a label value exceeds 255), 0 = background, keeping
-    the input's meta and affine. A single prompt's mask is kept as is (nothing to resolve).
+    the input's meta and affine. A single prompt's mask is kept as is (nothing to resolve). Maps whose inverse
+    is pending (:class:`InvertToInputd`) are resized, thresholded and merged one row tile at a time: the
+    same rule, with the native-size memory of the label map alone.
     """
 
     def __init__(
@@ -65,6 +204,7 @@ class MergePromptsd(MapTransform):
         scores_key: str | None = "prompt_scores",
         threshold: float = 0.0,
         drop_confidence: bool = True,
+        progress: bool = True,
         allow_missing_keys: bool = False,
     ) -> None:
         super().__init__(keys, allow_missing_keys)
@@ -73,18 +213,21 @@ class MergePromptsd(MapTransform):
         self.scores_key = scores_key
         self.threshold = float(threshold)
         self.drop_confidence = drop_confidence
+        self.progress = progress
 
     def __call__(self, data: Mapping[Hashable, Any]) -> dict[Hashable, Any]:
         d = dict(data)
         for key in self.key_iterator(d):
             pred = d[key]
+            if pending_inverse(pred) is not None:
+                d[key] = self._merge_tiles(d, pred)
+                if self.drop_confidence and self.confidence_key:
+                    d.pop(self.confidence_key, None)
+                continue
             logits = _plain(pred).float()
             masks = logits > self.threshold
             num_prompts = logits.shape[0]
-            values = d.get(self.values_key) if self.values_key else None
-            values = [int(v) for v in values] if values is not None else list(range(1, num_prompts + 1))
-            if len(values) != num_prompts:
-                raise ValueError(f"{len(values)} label values for {num_prompts} prompt maps in '{key}'")
+            values = self._values(d, num_prompts, key)
             if num_prompts == 1:
                 index = masks[0].to(torch.uint8)
             else:
@@ -99,6 +242,44 @@ class MergePromptsd(MapTransform):
             if self.drop_confidence and self.confidence_key:
                 d.pop(self.confidence_key, None)
         return d
+
+    def _values(self, d: Mapping[Hashable, Any], num_prompts: int, key: str = "pred") -> list[int]:
+        values = d.get(self.values_key) if self.values_key else None
+        values = [int(v) for v in values] if values is not None else list(range(1, num_prompts + 1))
+        if len(values) != num_prompts:
+            raise ValueError(f"{len(values)} label values for {num_prompts} prompt maps in '{key}'")
+        return values
+
+    def _merge_tiles(self, d: Mapping[Hashable, Any], pred: MetaTensor) -> MetaTensor:
+        """The label map of maps with a pending inverse, one row tile at a time (same rule as ``__call__``)."""
+        size = pending_inverse(pred)
+        maps = _plain(pred).float()
+        num_prompts = maps.shape[0]
+        values = self._values(d, num_prompts)
+        dtype = torch.uint8 if max(values) <= 255 else torch.int32
+        lut = None if values == list(range(1, num_prompts + 1)) else torch.tensor([0, *values], dtype=dtype)
+        given = d.get(self.confidence_key) if self.confidence_key else None
+        confidence = None if given is None else _plain(given).float()
+        columns = None if given is None else bilinear_weights(confidence.shape[-1], size[1])
+        labels = torch.zeros((1, *size), dtype=dtype)
+        show = self.progress and size[0] * size[1] >= PROGRESS_MIN_PIXELS
+        desc = f"{Path(str(pred.meta.get('filename_or_obj', 'image'))).name}: masks at {size[0]}x{size[1]}"
+        for start, stop, logits in _inverse_tiles(maps, size, num_prompts, desc, show):
+            masks = logits > self.threshold
+            if num_prompts == 1:
+                index = masks[0].to(torch.uint8)
+            else:
+                if confidence is None:
+                    tile_confidence = self._confidence(d, logits)
+                elif pending_inverse(given) is not None:
+                    tile_confidence = upsample_rows(confidence, size, start, stop, columns)
+                else:
+                    tile_confidence = confidence[:, start:stop]
+                index = merge_classes(tile_confidence, masks)
+            labels[0, start:stop] = index.to(dtype) if lut is None else lut[index.long()]
+        out = MetaTensor(labels, meta=dict(pred.meta))
+        out.meta.pop(PENDING_INVERSE, None)
+        return out
 
     def _confidence(self, d: Mapping[Hashable, Any], logits: torch.Tensor) -> torch.Tensor:
         confidence = d.get(self.confidence_key) if self.confidence_key else None

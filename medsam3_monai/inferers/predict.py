@@ -13,6 +13,11 @@ Pipeline (the bundle spells out the same pieces in JSON):
    ``pred`` (P, S, S) mask logits (and, for volumes, ``confidence`` = mask x slice score).
 4. the bundle's ``postprocessing``: ``Invertd`` per slice, restack, merge by maximum confidence -> a
    (1, *spatial) label map (0 background, the prompts' label values).
+
+Large 2D pictures: the picture stays uint8 at its own size; intensity, resize, inverse and merge run one row
+tile at a time (``transforms.TiledResizeToSliced``, ``postprocess.InvertToInputd`` + ``MergePromptsd``), so the
+peak memory is about 7-9 bytes per input pixel whatever the size (``scripts/bench_memory.py``); a picture that
+would not fit (or is over PIL's decompression-bomb limit) is refused from its header (``max_pixels``).
 5. :class:`Predictor` wraps 2-4 for one file and returns a :class:`Prediction`; :func:`predict_file` is the
    one-call form.
 
@@ -194,7 +199,8 @@ class Prediction:
 
         ``label_values`` renames the values as written (e.g. 255 for a single-prompt PNG mask)."""
         written = list(label_values) if label_values is not None else self.label_values
-        counts = self.masks().flatten(1).sum(dim=1).tolist()
+        labels = _plain(self.label_map)
+        counts = [int(torch.count_nonzero(labels == int(v))) for v in self.label_values]  # no int64 copy
         unit = "voxels" if self.is_volume else "pixels"
         labels = {
             str(int(w)): {"prompt": text, "score": round(float(score), 6), unit: int(n)}
@@ -227,17 +233,23 @@ class Predictor:
         checkpoint: the network's source (for ``tracker="auto"`` and the outputs' description).
         protocol, score_threshold: as :class:`PromptInferer`.
         ct_window: CT window preset or (width, level) for ``modality="CT"``.
-        progress: progress bars for volumes.
+        progress: progress bars (stderr) for volumes and for the tiled passes over large 2D pictures.
+        max_pixels: the largest 2D picture to accept, in pixels (it also lifts PIL's decompression-bomb limit);
+            ``"auto"``: PIL's limit and what fits in the available memory (``transforms.io.check_picture_size``;
+            the ``MEDSAM3_MAX_PIXELS`` environment variable replaces ``"auto"``).
     """
 
     def __init__(self, network: torch.nn.Module, *, tracker: Any = "auto", checkpoint: str = "tiny",
                  protocol: str = "top_query", score_threshold: float = 0.5,
-                 ct_window: str | Sequence[float] = "abdomen", progress: bool = False) -> None:
+                 ct_window: str | Sequence[float] = "abdomen", progress: bool = False,
+                 max_pixels: int | str | None = "auto") -> None:
         self.network = network.eval()
         self.checkpoint = str(checkpoint)
         self._tracker_spec = tracker
         self._tracker: tuple[Any, str] | None = None
         self.ct_window = ct_window
+        self.progress = bool(progress)
+        self.max_pixels = max_pixels
         self.inferer = PromptInferer(protocol, score_threshold, progress=progress)
         self._pipelines: dict[int | None, tuple[Any, Any]] = {}
 
@@ -248,10 +260,14 @@ class Predictor:
 
         if channel not in self._pipelines:
             parser = config_parser("inference.json", image_size=int(self.network.image_size),
-                                   ct_window=self.ct_window, channel=channel)
+                                   ct_window=self.ct_window, channel=channel, max_pixels=self.max_pixels)
             # one parser: the post-processing's Invertd holds the very preprocessing parsed here
-            self._pipelines[channel] = (parser.get_parsed_content("preprocessing"),
-                                        parser.get_parsed_content("postprocessing"))
+            pipelines = (parser.get_parsed_content("preprocessing"), parser.get_parsed_content("to_input_space"))
+            for chain in pipelines:  # the tiled 2D steps' progress bars follow the predictor's
+                for step in chain.flatten().transforms:
+                    if hasattr(step, "progress"):
+                        step.progress = self.progress
+            self._pipelines[channel] = pipelines
         return self._pipelines[channel]
 
     @classmethod
@@ -353,6 +369,7 @@ def predict_file(
     device: str | torch.device | None = None,
     progress: bool = False,
     channel: int | None = None,
+    max_pixels: int | str | None = "auto",
 ) -> Prediction:
     """Segment one image or volume file with text prompts (and, for 2D images, boxes in pixels).
 
@@ -364,15 +381,23 @@ def predict_file(
     elif device is not None:
         network = network.to(device)
     predictor = Predictor(network, tracker=tracker, checkpoint=checkpoint, protocol=protocol,
-                          score_threshold=score_threshold, ct_window=ct_window, progress=progress)
+                          score_threshold=score_threshold, ct_window=ct_window, progress=progress,
+                          max_pixels=max_pixels)
     return predictor(path, prompts, box=box, modality=modality, channel=channel)
 
 
 def native_image(path: str | Path, modality: str | None = None, ct_window: Any = "abdomen",
-                 channel: int | None = None) -> torch.Tensor:
+                 channel: int | None = None, stride: int = 1) -> torch.Tensor:
     """The input at its own size with intensities in [0, 1] (the model's intensity rule): (C, H, W) or
-    (1, X, Y, Z). For overlays."""
+    (1, X, Y, Z). For overlays. A 2D picture is read as uint8 and mapped to float32 once (no second float copy);
+    its size limit is ``MEDSAM3_MAX_PIXELS`` or PIL's. ``stride`` > 1 keeps every stride-th row and column of a
+    2D picture before the float mapping (a display-sized copy of a large picture)."""
     from ..transforms import LoadMedicalImaged, ScaleIntensityByModalityd
+    from ..transforms.intensity import materialize_intensity
 
-    item = LoadMedicalImaged(keys="image", label_keys=(), channel=channel)({"image": str(path), "modality": modality})
-    return _plain(ScaleIntensityByModalityd(keys="image", ct_window=ct_window)(item)["image"])
+    item = LoadMedicalImaged(keys="image", label_keys=(), channel=channel, keep_uint8=True)(
+        {"image": str(path), "modality": modality})
+    if stride > 1 and item["image"].ndim == 3:
+        item["image"] = item["image"][:, ::stride, ::stride].clone()
+    scaled = ScaleIntensityByModalityd(keys="image", ct_window=ct_window, defer_2d=True)(item)["image"]
+    return _plain(materialize_intensity(scaled))

@@ -89,7 +89,7 @@ def _markdown(header: list[str], rows: list[list[str]], title: str | None) -> st
     return "\n".join(lines) + "\n"
 
 
-def _write_csv(path: str | Path, fieldnames: list[str], rows: list[dict]) -> Path:
+def write_csv(path: str | Path, fieldnames: list[str], rows: list[dict]) -> Path:
     path = Path(path)
     path.parent.mkdir(parents=True, exist_ok=True)
     with path.open("w", newline="") as f:
@@ -129,7 +129,7 @@ class MetricTable:
         for m in self.metrics:
             fields += [m, f"{m}_std", f"{m}_n"]
         rows = [dict(r, protocol=self.protocol or "") for r in self.rows]
-        return _write_csv(path, fields + ["protocol"], rows)
+        return write_csv(path, fields + ["protocol"], rows)
 
     def to_markdown(self, std: bool = False, title: str | None = None) -> str:
         """One table row per dataset, group and overall; Dice/IoU/NSD in % (2 decimals), HD95 in mm."""
@@ -224,7 +224,7 @@ class ComparisonTable:
         fields = ["kind", "name", "group"]
         for m in self.metrics:
             fields += [f"{m}_a", f"{m}_b", f"{m}_delta"]
-        return _write_csv(path, fields, self.rows)
+        return write_csv(path, fields, self.rows)
 
     def to_markdown(self, title: str | None = None) -> str:
         a, b = self.labels
@@ -284,7 +284,7 @@ def write_cases_csv(records: Iterable[dict], path: str | Path, metrics: Sequence
     flat = [{**{k: r.get(k, "") for k in _ID_KEYS}, **_metrics_of(r)} for r in records]
     if metrics is None:
         metrics = _metric_order(k for r in records for k in _metrics_of(r))
-    return _write_csv(path, list(_ID_KEYS) + list(metrics), flat)
+    return write_csv(path, list(_ID_KEYS) + list(metrics), flat)
 
 
 def read_cases_csv(path: str | Path) -> list[dict]:

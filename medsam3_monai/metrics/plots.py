@@ -9,13 +9,14 @@ from __future__ import annotations
 import math
 from collections.abc import Sequence
 from pathlib import Path
+from typing import Any
 
 import numpy as np
 import torch
 
 from .aggregate import MetricTable
 
-__all__ = ["CLASS_COLOURS", "overlay_figure", "radar_chart"]
+__all__ = ["CLASS_COLOURS", "overlay_figure", "radar_chart", "radiological_view"]
 
 #: fill colour of label value c (cycled): a colour-blind-friendly qualitative set (Okabe-Ito)
 CLASS_COLOURS = ("#E69F00", "#56B4E9", "#009E73", "#F0E442", "#0072B2", "#D55E00", "#CC79A7")
@@ -70,6 +71,25 @@ def radar_chart(
     path.parent.mkdir(parents=True, exist_ok=True)
     figure.savefig(path)
     return path
+
+
+def radiological_view(plane: torch.Tensor, affine: Any, row_axis: int, col_axis: int) -> torch.Tensor:
+    """An axial slice ``(..., rows, cols)`` of a volume turned to the radiological convention: anterior at the top,
+    the patient's right on the left of the picture.
+
+    Args:
+        plane: the slice, rows along volume axis ``row_axis`` and columns along ``col_axis``.
+        affine: the volume's (4, 4) voxel-to-world affine in RAS (MONAI's convention: +x right, +y anterior).
+    """
+    a = torch.as_tensor(np.asarray(affine, dtype=np.float64))[:3]
+    rows, cols = a[:, row_axis], a[:, col_axis]
+    if abs(rows[0]) > abs(rows[1]) and abs(cols[1]) > abs(cols[0]):  # rows run left-right: swap
+        plane, rows, cols = plane.transpose(-1, -2), cols, rows
+    if rows[1] > 0:  # going down the picture must go posterior (-y)
+        plane = plane.flip(-2)
+    if cols[0] > 0:  # going right in the picture must go to the patient's left (-x)
+        plane = plane.flip(-1)
+    return plane
 
 
 def display_image(image: torch.Tensor | np.ndarray) -> np.ndarray:

@@ -7,8 +7,9 @@ Formats (detected automatically; loading is always strict):
                        (``model_type: sam3_video``, ``detector_model.*`` keys) or one saved by us.
 * ``sam3_original`` -- Meta's ``sam3.pt``: ``{"model": {"detector.*": ..., "tracker.*": ...}}``.
 * ``medical_sam3``  -- the Medical-SAM3 release: original image-model keys without prefix, maybe under ``model``.
-* ``medsam3_monai`` -- our own ``.pt``: ``{"format": "medsam3-monai", "config": ..., "state_dict": ...}``,
-                       or a bare transformers-layout state dict (bundle ``models/model.pt``).
+* ``medsam3_monai`` -- our own ``.pt`` (a bundle's ``models/model.pt``): ``{"format": "medsam3-monai", "config":
+  ..., "model": MedSAM3Net state dict}`` (version 1: ``"state_dict"`` of ``Sam3Model`` keys), or a bare
+  transformers-layout state dict.
 """
 
 from __future__ import annotations
@@ -30,7 +31,7 @@ from .presets import TINY_IMAGE_SIZE, full_sam3_config, tiny_sam3_config
 from .tokenizer import load_tokenizer
 
 OUR_FORMAT = "medsam3-monai"
-OUR_FORMAT_VERSION = 1
+OUR_FORMAT_VERSION = 2
 _WRAPPER_KEYS = ("state_dict", "model", "network", "module")
 _HF_PREFIXES = ("module.", "sam3.", "detector_model.")
 _ORIGINAL_MARKERS = ("backbone.vision_backbone.", "backbone.language_backbone.", "transformer.decoder.")
@@ -53,10 +54,18 @@ def _read_torch_file(path: Path) -> Any:
     try:
         return torch.load(path, map_location="cpu", weights_only=True)
     except Exception as err:  # truncated zip, bad pickle, not a torch file
+        import zipfile
+
+        if zipfile.is_zipfile(path) and "weights only load failed" in str(err).lower():
+            raise CheckpointError(
+                f"cannot read checkpoint {path}: it holds Python objects besides tensors and plain containers, "
+                "which are not unpickled (arbitrary code). Save the weights alone, e.g. "
+                "torch.save(model.state_dict(), 'weights.pt'), and load that file."
+            ) from None
         raise CheckpointError(
-            f"cannot read checkpoint {path}: {type(err).__name__}: {str(err)[:200]}. The file is corrupt, "
-            "truncated or not a PyTorch checkpoint; copy it again or point to the right file."
-        ) from err
+            f"cannot read checkpoint {path}: not a readable PyTorch checkpoint ({type(err).__name__}). The file is "
+            "corrupt, truncated or another kind of file; copy it again or point to the right file."
+        ) from None
 
 
 def _unwrap(obj: Any, path: Path) -> Mapping[str, torch.Tensor]:
@@ -281,14 +290,20 @@ def save_hf_folder(model: Sam3Model, tokenizer: PreTrainedTokenizerBase | None, 
 
 
 def save_checkpoint_file(model: Sam3Model, path: str | Path, extra: Mapping[str, Any] | None = None) -> Path:
-    """Save our single-file format (config + transformers-layout state dict), atomically."""
+    """Save our single-file format, atomically: ``{"format", "format_version", "config", "model"}``.
+
+    ``model`` holds ``MedSAM3Net``'s state dict (transformers keys under ``sam3.``), the layout MONAI's
+    ``CheckpointLoader(load_dict={"model": net})`` and ``ckpt_export --key_in_ckpt model`` read; ``config`` (the
+    ``Sam3Config`` as a dict) lets ``MedSAM3Net(path)`` rebuild the architecture. Version 1 files (a
+    ``state_dict`` of ``Sam3Model`` keys) still load.
+    """
     path = Path(path).expanduser()
     path.parent.mkdir(parents=True, exist_ok=True)
     payload = {
         "format": OUR_FORMAT,
         "format_version": OUR_FORMAT_VERSION,
         "config": model.config.to_dict(),
-        "state_dict": {k: v.detach().cpu() for k, v in model.state_dict().items()},
+        "model": {f"sam3.{k}": v.detach().cpu() for k, v in model.state_dict().items()},
         **dict(extra or {}),
     }
     tmp = path.with_name(f".{path.name}.tmp")

@@ -203,23 +203,40 @@ class MedSAM3Net(nn.Module):
                 raise ValueError("give text prompts, boxes, or both (prompts=None needs boxes)")
             prompts = [BOX_ONLY_PROMPT] * boxes.shape[0]
         prompts = [prompts] if isinstance(prompts, str) else list(prompts)
-        num_prompts = len(prompts)
-        index = self._query_image_ids(images.shape[0], num_prompts, image_ids)
+        index = self._query_image_ids(images.shape[0], len(prompts), image_ids)
         pixel_values = images if pixels_normalized else normalize_pixels(images)
+        text_features, text_mask = self.encode_text(prompts)
+        return self.forward_features(pixel_values, text_features, text_mask, boxes, box_labels, index)
+
+    def forward_features(
+        self,
+        pixel_values: torch.Tensor,
+        text_features: torch.Tensor,
+        text_mask: torch.Tensor,
+        boxes: torch.Tensor | None = None,
+        box_labels: torch.Tensor | None = None,
+        image_index: torch.Tensor | None = None,
+    ) -> MedSAM3Output:
+        """The detector on encoded prompts: the part of :meth:`forward` after tokenising and encoding text
+        (what :mod:`.export` exports; text features come from :meth:`encode_text`).
+
+        Args:
+            pixel_values: (N, 3, S, S) SAM3-normalised slices.
+            text_features, text_mask: (B, 32, C) and (B, 32) from :meth:`encode_text`.
+            boxes, box_labels: optional (B, K, 4) cxcywh box prompts and (B, K) labels.
+            image_index: (B,) image of each prompt, or None when B == N.
+        """
         patch_weight = self.sam3.vision_encoder.backbone.embeddings.patch_embeddings.projection.weight
         pixel_values = pixel_values.to(device=patch_weight.device, dtype=patch_weight.dtype)
-
         vision = self.sam3.vision_encoder(pixel_values)
         fpn_features = list(vision.fpn_hidden_states[:-1])
         fpn_positions = list(vision.fpn_position_encoding[:-1])
-        if index is not None:
-            index = index.to(pixel_values.device)
-            fpn_features = [f.index_select(0, index) for f in fpn_features]
-            fpn_positions = [p.index_select(0, index) for p in fpn_positions]
-
-        text_features, text_mask = self.encode_text(prompts)
+        if image_index is not None:
+            image_index = image_index.to(pixel_values.device)
+            fpn_features = [f.index_select(0, image_index) for f in fpn_features]
+            fpn_positions = [p.index_select(0, image_index) for p in fpn_positions]
         if boxes is None:  # text only: the geometry encoder still runs on an empty box set (its CLS token)
-            boxes = text_features.new_zeros((num_prompts, 0, 4))
+            boxes = text_features.new_zeros((text_features.shape[0], 0, 4))
         prompt_features, prompt_mask = self._add_geometry_prompt(
             text_features, text_mask, boxes, box_labels, fpn_features, fpn_positions
         )

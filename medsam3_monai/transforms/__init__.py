@@ -7,6 +7,9 @@ Chain: :class:`LoadMedicalImaged` -> :class:`DecodeLabeld` -> :class:`ScaleInten
 (:class:`RandAxialSliced` | :class:`AxialSlicesd` for volumes) -> :class:`LabelToInstancesd` ->
 :class:`GreyToRGBd` -> :class:`ResizeToSliced` -> :class:`Sam3Normalized` -> :class:`BuildTargetsd` ->
 :class:`RandNegativePromptsd`; predictions go back with MONAI ``Invertd`` and :class:`RestackSlicesd`.
+The inference bundle keeps 2D pictures ``uint8`` at their own size and resizes them tile by tile
+(``LoadMedicalImaged(keep_uint8=True)``, ``ScaleIntensityByModalityd(defer_2d=True)``,
+:class:`TiledResizeToSliced`; memory independent of the picture's size).
 """
 
 from .errors import DataError
@@ -25,12 +28,13 @@ from .intensity import (
     to_grey,
 )
 from .io import Image2DReader, LoadMedicalImaged, load_medical_image
-from .labels import INSTANCE_RULES, MASK_ENCODINGS, DecodeLabeld, parse_prompts, rule_for_label
+from .labels import INSTANCE_RULES, MASK_ENCODINGS, DecodeLabeld, OutlineFillWarning, parse_prompts, rule_for_label
 from .pipelines import slice_space_transforms
 from .slices import (
     AxialSlicesd,
     RandAxialSliced,
     RestackSlicesd,
+    TiledResizeToSliced,
     axial_axis,
     extract_slice,
     foreground_slices,
@@ -57,6 +61,7 @@ __all__ = [
     "BuildTargetsd",
     "DataError",
     "DecodeLabeld",
+    "OutlineFillWarning",
     "GreyToRGBd",
     "Image2DReader",
     "LabelToInstancesd",
@@ -68,6 +73,7 @@ __all__ = [
     "RestackSlicesd",
     "Sam3Normalized",
     "ScaleIntensityByModalityd",
+    "TiledResizeToSliced",
     "axial_axis",
     "ct_window",
     "empty_target",

@@ -3,6 +3,13 @@ and SAM3's pixel normalisation.
 
 Every function here maps a float image to ``[0, 1]`` and keeps MetaTensor metadata; shapes are unchanged
 (``(C, *spatial)``) except where a docstring says otherwise.
+
+Large 2D pictures (the inference bundle, ``ScaleIntensityByModalityd(defer_2d=True)``): the native-size float
+image is never built. The intensity step computes only what needs the whole image (min, max, percentiles,
+whether the channels are equal) and records the per-pixel mapping in ``meta["pending_intensity"]``
+(:func:`pending_intensity`); :class:`GreyToRGBd` records its repeat there too, and the slice-space resize
+(:class:`~medsam3_monai.transforms.slices.TiledResizeToSliced`) applies it tile by tile with
+:func:`apply_intensity` -- the same float32 operations, element by element, as the eager functions below.
 """
 
 from __future__ import annotations
@@ -22,10 +29,15 @@ from .errors import DataError, source_name
 __all__ = [
     "CT_WINDOWS",
     "MODALITY_HANDLERS",
+    "PENDING_INTENSITY",
     "GreyToRGBd",
     "ScaleIntensityByModalityd",
     "Sam3Normalized",
+    "apply_intensity",
     "ct_window",
+    "materialize_intensity",
+    "pending_intensity",
+    "row_tiles",
     "handler_for_modality",
     "min_max",
     "percentile_min_max",
@@ -64,6 +76,12 @@ MODALITY_HANDLERS: dict[str, str] = {
     "microscopy": "auto",  # RGB stains or grey fluorescence: decided by the channel count
 }
 _HANDLERS = ("ct_window", "percentile", "minmax", "rgb", "auto")
+#: meta key of a 2D picture whose intensity mapping is still to be applied (see the module docstring)
+PENDING_INTENSITY = "pending_intensity"
+#: elements per tile of the tile-by-tile passes over a native-size picture: at least this many ...
+TILE_ELEMENTS = 1 << 18
+#: ... and up to a sixteenth of the picture, at most this many (larger tiles: fewer, faster matrix products)
+MAX_TILE_ELEMENTS = 1 << 21
 
 
 def _like(out: torch.Tensor, ref: torch.Tensor) -> torch.Tensor:
@@ -145,6 +163,152 @@ def to_grey(x: torch.Tensor) -> torch.Tensor:
     return (rgb * weights).sum(0, keepdim=True)
 
 
+_LUMA = (0.299, 0.587, 0.114)
+
+
+def row_tiles(height: int, width: int, channels: int = 1, elements: int | None = None) -> list[tuple[int, int]]:
+    """``[(start, stop), ...]`` row ranges of a ``(channels, height, width)`` array, about ``elements`` each
+    (default: ``TILE_ELEMENTS``, or a sixteenth of the array up to ``MAX_TILE_ELEMENTS``: a tile's float
+    temporaries stay a small share of the picture's own memory)."""
+    total = int(height) * int(width) * int(channels)
+    if elements is None:
+        elements = max(TILE_ELEMENTS, min(MAX_TILE_ELEMENTS, total // 16))
+    rows = max(1, int(elements) // max(1, int(width) * int(channels)))
+    return [(start, min(start + rows, int(height))) for start in range(0, int(height), rows)]
+
+
+def pending_intensity(img: Any) -> dict[str, Any] | None:
+    """The intensity mapping still to be applied to a 2D picture (``ScaleIntensityByModalityd(defer_2d=True)``),
+    or None when ``img`` holds intensities already."""
+    meta = getattr(img, "meta", None)
+    spec = meta.get(PENDING_INTENSITY) if isinstance(meta, Mapping) else None
+    return dict(spec) if isinstance(spec, Mapping) else None
+
+
+def _grey_of(x: torch.Tensor, grey: str) -> torch.Tensor:
+    """:func:`to_grey`'s arithmetic with its whole-image decision (``first`` channel or ``luma``) made already."""
+    if grey == "first":
+        return x if x.shape[0] == 1 else x[:1].float()
+    if grey == "luma":
+        rgb = x[:3].float()
+        weights = torch.tensor(_LUMA, dtype=torch.float32).view(3, *([1] * (x.ndim - 1)))
+        return (rgb * weights).sum(0, keepdim=True)
+    return x
+
+
+def apply_intensity(tile: torch.Tensor, spec: Mapping[str, Any], repeat: bool = True) -> torch.Tensor:
+    """A tile ``(C, rows, cols)`` of the source picture -> its ``[0, 1]`` float32 intensities, exactly (element by
+    element) what ``ScaleIntensityByModalityd`` (and :class:`GreyToRGBd` when ``repeat``) give for those pixels."""
+    x = _grey_of(_plain(tile)[: int(spec["channels"])], spec["grey"])
+    op = spec["op"]
+    if op == "div":
+        out = x.float() / float(spec["value"])
+    elif op == "keep":
+        out = x.float()
+    elif op == "zeros":
+        out = torch.zeros(x.shape, dtype=torch.float32)
+    elif op == "minmax":
+        lo, hi = torch.tensor(spec["lo"], dtype=torch.float32), torch.tensor(spec["hi"], dtype=torch.float32)
+        out = (x.float() - lo) / (hi - lo)
+    elif op == "clip":
+        lo, hi = float(spec["lo"]), float(spec["hi"])
+        out = (x.float().clamp(lo, hi) - lo) / float(spec["den"])
+    else:
+        raise ValueError(f"unknown pending intensity operation {op!r}")
+    out = out.to(torch.float32)
+    if repeat and int(spec.get("repeat", 1)) > 1:
+        out = out.repeat(int(spec["repeat"]), *([1] * (out.ndim - 1)))
+    return out
+
+
+def output_channels(spec: Mapping[str, Any]) -> int:
+    """Channels of :func:`apply_intensity`'s output (after the recorded repeat)."""
+    return (1 if spec["grey"] != "none" else int(spec["channels"])) * int(spec.get("repeat", 1))
+
+
+def materialize_intensity(img: torch.Tensor) -> torch.Tensor:
+    """A picture with a pending intensity -> the float32 ``[0, 1]`` image the eager transforms would have made
+    (native size: for code that needs the whole image; the slice-space resize does not)."""
+    spec = pending_intensity(img)
+    if spec is None:
+        return img
+    source = _plain(img)
+    out = torch.empty((output_channels(spec), *source.shape[1:]), dtype=torch.float32)
+    for start, stop in row_tiles(source.shape[1], source.shape[2], source.shape[0]):
+        out[:, start:stop] = apply_intensity(source[:, start:stop], spec)
+    out = _like(out, img)
+    if isinstance(out, MetaTensor):
+        out.meta.pop(PENDING_INTENSITY, None)
+    return out
+
+
+def _tile_values(x: torch.Tensor, grey: str):
+    """The grey (or all-channel) float values of ``x``, one row tile at a time."""
+    for start, stop in row_tiles(x.shape[1], x.shape[2], x.shape[0]):
+        yield _grey_of(x[:, start:stop], grey).float()
+
+
+def _min_max_of(x: torch.Tensor, grey: str) -> tuple[float, float]:
+    if grey == "first" or (grey == "none" and not x.is_floating_point()):
+        part = x[:1] if grey == "first" else x
+        return float(part.min()), float(part.max())
+    lo, hi = float("inf"), float("-inf")
+    for values in _tile_values(x, grey):
+        lo, hi = min(lo, float(values.min())), max(hi, float(values.max()))
+    return lo, hi
+
+
+def _minmax_spec(x: torch.Tensor, grey: str) -> dict[str, Any]:
+    lo, hi = _min_max_of(x, grey)
+    return {"op": "zeros"} if hi <= lo else {"op": "minmax", "lo": lo, "hi": hi}
+
+
+def _deferred_spec(x: torch.Tensor, handler: str, source_dtype: str | None, window: tuple[float, float],
+                   percentiles: tuple[float, float]) -> dict[str, Any]:
+    """What a 2D picture ``x`` (``(C, H, W)``, alpha dropped) needs from the whole image, for ``handler``."""
+    grey = "none"
+    if handler in ("ct_window", "percentile", "minmax"):
+        same = x.shape[0] >= 3 and torch.equal(x[0], x[1]) and torch.equal(x[0], x[2])
+        grey = "luma" if x.shape[0] >= 3 and not same else "first"
+    spec: dict[str, Any] = {"channels": int(x.shape[0]), "grey": grey, "repeat": 1}
+    if handler == "ct_window":
+        width, level = window
+        lo, hi = level - width / 2.0, level + width / 2.0
+        spec.update(op="clip", lo=lo, hi=hi, den=hi - lo)
+    elif handler == "minmax":
+        spec.update(_minmax_spec(x, grey))
+    elif handler == "percentile":
+        values = np.empty(x.shape[1] * x.shape[2], dtype=np.float32)
+        offset = 0
+        for tile in _tile_values(x, grey):
+            values[offset:offset + tile.numel()] = tile.numpy().ravel()
+            offset += tile.numel()
+        lo, hi = np.percentile(values, list(percentiles), overwrite_input=True)
+        del values
+        if hi <= lo:
+            spec.update(_minmax_spec(x, grey))
+        else:
+            spec.update(op="clip", lo=float(lo), hi=float(hi), den=float(hi - lo))
+    elif source_dtype in ("uint8", "uint16"):
+        spec.update(op="div", value=float(np.iinfo(source_dtype).max))
+    else:  # rgb_scale's rules for float or signed data
+        lo, hi = _min_max_of(x, "none")
+        if lo >= 0 and hi <= 1:
+            spec.update(op="keep")
+        elif lo >= 0 and hi <= 255 and all(torch.equal(v, torch.round(v)) for v in _tile_values(x, "none")):
+            spec.update(op="div", value=255.0)
+        else:
+            spec.update(_minmax_spec(x, "none"))
+    return spec
+
+
+def _all_finite(x: torch.Tensor) -> bool:
+    if not x.is_floating_point():
+        return True
+    return all(bool(torch.isfinite(x[:, start:stop]).all())
+               for start, stop in row_tiles(x.shape[1], x.shape[-1], x.shape[0]))
+
+
 class ScaleIntensityByModalityd(MapTransform):
     """Map intensities to ``[0, 1]`` by the item's modality.
 
@@ -163,8 +327,13 @@ class ScaleIntensityByModalityd(MapTransform):
         mri_percentiles: ``(lower, upper)`` percentiles for MRI.
         handlers: extra modality -> handler entries (handlers: ``ct_window``, ``percentile``, ``minmax``,
             ``rgb``, ``auto``).
+        defer_2d: for 2D pictures (not volumes), compute only the whole-image statistics and record the
+            per-pixel mapping in ``meta["pending_intensity"]``, leaving the pixels (uint8) as they are; the
+            slice-space resize (``TiledResizeToSliced``) applies it tile by tile, so no native-size float image
+            is made (the inference bundle; see the module docstring).
 
-    Shapes: ``(C, *spatial)`` -> ``(C', *spatial)`` with C' = 1 for grey handlers, C (<= 3) for RGB.
+    Shapes: ``(C, *spatial)`` -> ``(C', *spatial)`` with C' = 1 for grey handlers, C (<= 3) for RGB (deferred:
+    unchanged, C' is recorded).
     """
 
     def __init__(
@@ -176,9 +345,11 @@ class ScaleIntensityByModalityd(MapTransform):
         window_key: str = "ct_window",
         mri_percentiles: Sequence[float] = (0.5, 99.5),
         handlers: Mapping[str, str] | None = None,
+        defer_2d: bool = False,
         allow_missing_keys: bool = False,
     ) -> None:
         super().__init__(keys, allow_missing_keys)
+        self.defer_2d = bool(defer_2d)
         self.modality_key = modality_key
         self.modality = modality
         self.ct_window = ct_window
@@ -202,8 +373,12 @@ class ScaleIntensityByModalityd(MapTransform):
                 raise DataError(path, f"unknown modality {modality!r}",
                                 f"use one of {sorted(set(MODALITY_HANDLERS))} or pass handlers={{...}}") from None
             x = _plain(img)
+            picture = x.ndim == 3 and not (isinstance(img, MetaTensor) and img.meta.get("is_volume"))
+            if self.defer_2d and picture:
+                d[key] = self._defer(img, x, handler, d, path)
+                continue
             if not torch.isfinite(x).all():
-                raise DataError(path, "holds NaN/Inf intensities", "repair the file before training")
+                raise DataError(path, "holds NaN/Inf intensities", "repair the file (e.g. replace NaN with the background value) before using it")
             if x.shape[0] == 4:
                 x = x[:3]  # alpha
             if handler == "auto":
@@ -223,6 +398,28 @@ class ScaleIntensityByModalityd(MapTransform):
                 out.meta["intensity"] = note
             d[key] = out
         return d
+
+
+    def _defer(self, img: Any, x: torch.Tensor, handler: str, d: Mapping[Hashable, Any], path: str | None) -> Any:
+        """The deferred form of :meth:`__call__` for one 2D picture: same checks, same notes, no float image."""
+        if not _all_finite(x):
+            raise DataError(path, "holds NaN/Inf intensities",
+                            "repair the file (e.g. replace NaN with the background value) before using it")
+        if x.shape[0] == 4:
+            x = x[:3]  # alpha
+        if handler == "auto":
+            handler = "rgb" if x.shape[0] == 3 else "minmax"
+        source_dtype = img.meta.get("source_dtype") if isinstance(img, MetaTensor) else None
+        window = _window(d.get(self.window_key) or self.ct_window) if handler == "ct_window" else (1.0, 0.0)
+        spec = _deferred_spec(x, handler, source_dtype, window, self.mri_percentiles)
+        note = {"ct_window": f"ct_window(W={window[0]:g}, L={window[1]:g})",
+                "percentile": f"percentile{self.mri_percentiles}", "minmax": "minmax"}.get(handler, "rgb")
+        out = _like(_plain(img), img)
+        if not isinstance(out, MetaTensor):
+            out = MetaTensor(out)
+        out.meta[PENDING_INTENSITY] = spec
+        out.meta["intensity"] = note
+        return out
 
 
 def _window(window: str | Sequence[float]) -> tuple[float, float]:
@@ -247,6 +444,17 @@ class GreyToRGBd(MapTransform):
         d = dict(data)
         for key in self.key_iterator(d):
             img = d[key]
+            spec = pending_intensity(img)
+            if spec is not None:  # a deferred 2D picture: record the repeat, the resize applies it
+                channels = output_channels(spec)
+                if channels == 1:
+                    out = _like(_plain(img), img)
+                    out.meta[PENDING_INTENSITY] = {**spec, "repeat": 3 * int(spec.get("repeat", 1))}
+                    d[key] = out
+                elif channels != 3:
+                    raise DataError(source_name(img, d, key), f"has {channels} channels",
+                                    "expected a grey (1), RGB (3) or RGBA (4) picture")
+                continue
             channels = img.shape[0]
             if channels == 3:
                 continue

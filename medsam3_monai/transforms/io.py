@@ -7,8 +7,15 @@ Conventions (the whole ``transforms`` package relies on them):
   Their affine is the identity (pixel units).
 * Volumes come out as ``(1, X, Y, Z)`` in the file's voxel order with the file's affine (RAS, as MONAI's
   NIfTI/ITK readers give it); a 2D NIfTI becomes a one-slice volume ``(1, X, Y, 1)``.
-* Images are ``float32`` (the file's dtype is kept in ``meta['source_dtype']`` for the intensity step);
-  labels are integers (``uint8`` when every value fits, else ``int32``), one channel.
+* Images are ``float32`` (the file's dtype is kept in ``meta['source_dtype']`` for the intensity step), or,
+  with ``keep_uint8`` (the inference bundle), 8-bit pictures stay ``uint8`` (a quarter of the memory; the
+  intensity step maps them to ``[0, 1]`` tile by tile); labels are integers (``uint8`` when every value fits,
+  else ``int32``), one channel.
+* Picture size limit: the header is read before decoding; a picture larger than PIL's decompression-bomb limit
+  (twice ``PIL.Image.MAX_IMAGE_PIXELS``, 179 Mpx) or than ``max_pixels`` is refused with a :class:`DataError`
+  that says how to allow it (``max_pixels``: the ``--max-pixels`` option of ``medsam3 segment``, the
+  ``MEDSAM3_MAX_PIXELS`` environment variable); ``max_pixels="auto"`` also refuses what would not fit in the
+  available memory at :data:`SEGMENT_BYTES_PER_PIXEL` (the 2D segment path's peak, ``scripts/bench_memory.py``).
 * Masks are decoded to one integer per pixel: 1-bit -> 0/255, palette -> the palette *index*, RGB/RGBA ->
   the largest colour channel (the alpha channel when the colours are all zero), 16-bit kept as is. The
   meaning of the values (binary, label map, instance ids, JPEG threshold) is :class:`DecodeLabeld`'s job.
@@ -16,7 +23,10 @@ Conventions (the whole ``transforms`` package relies on them):
 
 from __future__ import annotations
 
+import os
+import threading
 from collections.abc import Hashable, Mapping, Sequence
+from contextlib import contextmanager, nullcontext
 from pathlib import Path
 from typing import Any
 
@@ -30,16 +40,147 @@ from PIL import Image
 
 from .errors import DataError
 
-__all__ = ["IMAGE_2D_SUFFIXES", "VOLUME_SUFFIXES", "Image2DReader", "LoadMedicalImaged", "load_medical_image"]
+__all__ = [
+    "IMAGE_2D_SUFFIXES",
+    "MAX_PIXELS_ENV",
+    "SEGMENT_BYTES_PER_PIXEL",
+    "VOLUME_SUFFIXES",
+    "Image2DReader",
+    "LoadMedicalImaged",
+    "available_memory",
+    "check_picture_size",
+    "load_medical_image",
+    "picture_size",
+    "pil_pixel_limit",
+]
 
 IMAGE_2D_SUFFIXES = (".png", ".jpg", ".jpeg", ".bmp", ".tif", ".tiff", ".gif")
 VOLUME_SUFFIXES = (".nii", ".nii.gz", ".dcm", ".mha", ".mhd", ".nrrd", ".nhdr")
 JPEG_SUFFIXES = (".jpg", ".jpeg")
 
+#: environment variable with the largest 2D picture (in pixels) to accept; it also lifts PIL's limit
+MAX_PIXELS_ENV = "MEDSAM3_MAX_PIXELS"
+#: estimated peak memory of ``medsam3 segment`` on a 2D picture, bytes per input pixel: measured ~7 for an RGB
+#: picture with one prompt (decoding: PIL's 4 bytes/pixel copy and the uint8 array), ~9 with five prompts
+#: (``scripts/bench_memory.py``); with a margin
+SEGMENT_BYTES_PER_PIXEL = 12
+#: share of the available memory ``max_pixels="auto"`` lets one picture take
+MEMORY_SHARE = 0.8
+_PIL_LIMIT_LOCK = threading.Lock()
+
 
 def _suffix(path: str | Path) -> str:
     name = str(path).lower()
     return ".nii.gz" if name.endswith(".nii.gz") else Path(name).suffix
+
+
+def available_memory() -> int | None:
+    """Bytes of memory this process can still take: ``MemAvailable`` of ``/proc/meminfo``, capped by the cgroup
+    (v2) limit when there is one; None when unknown (no memory check then)."""
+    available = None
+    try:
+        for line in Path("/proc/meminfo").read_text().splitlines():
+            if line.startswith("MemAvailable:"):
+                available = int(line.split()[1]) * 1024
+                break
+    except (OSError, ValueError):
+        pass
+    if available is None:
+        try:
+            available = os.sysconf("SC_AVPHYS_PAGES") * os.sysconf("SC_PAGE_SIZE")
+        except (ValueError, OSError, AttributeError):
+            return None
+    try:
+        limit = Path("/sys/fs/cgroup/memory.max").read_text().strip()
+        used = int(Path("/sys/fs/cgroup/memory.current").read_text().strip())
+        if limit != "max":
+            available = min(available, max(int(limit) - used, 0))
+    except (OSError, ValueError):
+        pass
+    return available
+
+
+@contextmanager
+def _pil_size_check_off():
+    """PIL's own decompression-bomb check off while opening (the header is checked by :func:`check_picture_size`
+    instead, with a message that says how to allow a large picture)."""
+    with _PIL_LIMIT_LOCK:
+        saved = Image.MAX_IMAGE_PIXELS
+        Image.MAX_IMAGE_PIXELS = None
+        try:
+            yield
+        finally:
+            Image.MAX_IMAGE_PIXELS = saved
+
+
+def pil_pixel_limit() -> int | None:
+    """The largest picture PIL opens: twice ``PIL.Image.MAX_IMAGE_PIXELS`` (above that it raises
+    ``DecompressionBombError``; between the two it only warns); None when the check is off."""
+    limit = Image.MAX_IMAGE_PIXELS
+    return None if limit is None else 2 * int(limit)
+
+
+def picture_size(path: str | Path) -> tuple[int, int]:
+    """(width, height) of a 2D picture from its header, without decoding it."""
+    with _pil_size_check_off(), Image.open(path) as img:
+        return img.size
+
+
+def _gb(n_bytes: float) -> str:
+    return f"{n_bytes / 1e9:.1f} GB"
+
+
+def _env_max_pixels() -> int | None:
+    value = os.environ.get(MAX_PIXELS_ENV, "").strip()
+    if not value:
+        return None
+    try:
+        pixels = int(float(value))
+    except ValueError:
+        raise ValueError(f"{MAX_PIXELS_ENV}={value!r}: give a number of pixels, e.g. 200000000") from None
+    if pixels <= 0:
+        raise ValueError(f"{MAX_PIXELS_ENV}={value!r}: give a positive number of pixels")
+    return pixels
+
+
+def check_picture_size(path: str | Path, size: tuple[int, int], max_pixels: int | str | None = None,
+                       bytes_per_pixel: float = SEGMENT_BYTES_PER_PIXEL) -> None:
+    """Refuse a 2D picture of ``size`` = (width, height) that is too large, before it is decoded.
+
+    Args:
+        max_pixels: an int: accept up to that many pixels (PIL's decompression-bomb limit does not apply);
+            ``"auto"``: PIL's limit (:func:`pil_pixel_limit`, 179 Mpx by default), and what fits in
+            ``MEMORY_SHARE`` of the available memory at ``bytes_per_pixel``; None: PIL's limit only. The
+            ``MEDSAM3_MAX_PIXELS`` environment variable, when set, takes the place of ``"auto"`` and None.
+
+    Raises:
+        DataError: one line with the size, the estimated memory, the limit and how to raise it.
+    """
+    width, height = (int(v) for v in size)
+    pixels = width * height
+    described = f"{width}x{height} picture ({pixels / 1e6:.1f} Mpx, about {_gb(pixels * bytes_per_pixel)} to segment)"
+    raise_it = (f"raise the limit with --max-pixels {pixels} (medsam3 segment), {MAX_PIXELS_ENV}={pixels} or "
+                f"max_pixels={pixels}")
+    if max_pixels in (None, "auto"):
+        max_pixels = _env_max_pixels() or max_pixels
+    if isinstance(max_pixels, str) and max_pixels != "auto":
+        raise ValueError(f"max_pixels must be a number of pixels, 'auto' or None, got {max_pixels!r}")
+    if max_pixels is not None and not isinstance(max_pixels, str):
+        if pixels > int(max_pixels):
+            raise DataError(path, f"{described} exceeds the limit of {int(max_pixels)} pixels", raise_it)
+        return
+    pil_limit = pil_pixel_limit()
+    if pil_limit is not None and pixels > pil_limit:
+        raise DataError(path, f"{described} is larger than PIL's decompression-bomb limit of {pil_limit} "
+                              "pixels (the file is not corrupt)", f"if you trust the file, {raise_it}")
+    if max_pixels == "auto":
+        available = available_memory()
+        if available is not None and pixels * bytes_per_pixel > MEMORY_SHARE * available:
+            allowed = int(MEMORY_SHARE * available / bytes_per_pixel)
+            raise DataError(path, f"{described} does not fit in {_gb(MEMORY_SHARE * available)} "
+                                  f"({MEMORY_SHARE:.0%} of the {_gb(available)} of memory available; limit "
+                                  f"{allowed} pixels at {bytes_per_pixel:g} bytes/pixel)",
+                            f"free memory, or {raise_it} at your own risk")
 
 
 def _as_image(img: Image.Image) -> Image.Image:
@@ -134,11 +275,54 @@ def _integer_label(array: torch.Tensor, path: str) -> torch.Tensor:
 def _read(path: str, reader: ImageReader) -> MetaTensor:
     """What ``monai.transforms.LoadImage(image_only=True, dtype=None, ensure_channel_first=True)`` does with a
     given reader (without instantiating every registered reader on construction)."""
+    if isinstance(reader, Image2DReader):
+        return _read_picture(path, reader)
     array, meta = reader.get_data(reader.read(path))
     meta = switch_endianness(meta, "<")
     meta["filename_or_obj"] = path
     img = MetaTensor.ensure_torch_and_prune_meta(array, meta)
     return EnsureChannelFirst()(img, meta_dict=meta)
+
+
+def _read_picture(path: str, reader: Image2DReader) -> MetaTensor:
+    """The same result as :func:`_read` for a 2D picture -- ``(C, H, W)`` rows first, the reader's metadata --
+    with at most two copies of the pixels alive at once (PIL's decoded picture and the numpy array, filled strip
+    by strip). :func:`check_picture_size` ran on the header before: a picture over PIL's limit here was allowed
+    (``max_pixels``), so PIL's own check is off while it is opened and decoded."""
+    width, height = picture_size(path)
+    limit = Image.MAX_IMAGE_PIXELS  # PIL warns above it and refuses above twice it
+    allowed_over_pil = limit is not None and width * height > limit  # allowed by max_pixels: PIL's check off
+    with _pil_size_check_off() if allowed_over_pil else nullcontext():
+        img = Image.open(path, **reader.kwargs)
+        if callable(reader.converter):
+            img = reader.converter(img)  # decodes (some plugins check the size again while decoding)
+    header = reader._get_meta_dict(img)
+    header["spatial_shape"] = reader._get_spatial_shape(img)
+    meta = {key: "none" if value is None else value for key, value in header.items()}  # as PILReader.get_data
+    width, height = img.size
+    array = None
+    rows = max(1, (1 << 20) // max(width, 1))
+    for top in range(0, height, rows):  # strip by strip: np.asarray(img) would hold two more whole copies
+        strip = np.asarray(img.crop((0, top, width, min(top + rows, height))))
+        if array is None:
+            channels = strip.shape[2] if strip.ndim == 3 else 1
+            meta["original_channel_dim"] = -1 if strip.ndim == 3 else float("nan")
+            array = np.empty((channels, height, width), dtype=strip.dtype)
+        array[:, top:top + strip.shape[0]] = np.moveaxis(strip, -1, 0) if strip.ndim == 3 else strip[None]
+    if array is None:  # an empty picture
+        pixels = np.asarray(img)
+        meta["original_channel_dim"] = -1 if pixels.ndim == 3 else float("nan")
+        array = np.moveaxis(pixels, -1, 0).copy() if pixels.ndim == 3 else np.array(pixels)[None]
+    del img
+    meta = switch_endianness(meta, "<")
+    meta["filename_or_obj"] = path
+    return MetaTensor.ensure_torch_and_prune_meta(array, meta)
+
+
+def _unreadable(path: str, mask: bool, err: BaseException) -> DataError:
+    detail = str(err).strip().splitlines()[0] if str(err).strip() else ""
+    return DataError(path, f"cannot be read as {'a mask' if mask else 'an image'} ({type(err).__name__}: {detail})",
+                     "the file is corrupt, truncated or not an image: re-download or re-export it")
 
 
 def load_medical_image(
@@ -147,15 +331,22 @@ def load_medical_image(
     channel: int | None = None,
     check_finite: bool = True,
     readers: Mapping[str, ImageReader] | None = None,
+    keep_uint8: bool = False,
+    max_pixels: int | str | None = None,
 ) -> MetaTensor:
     """Load one image or mask file (or DICOM series folder) with the package's conventions.
+
+    Args:
+        keep_uint8: an 8-bit 2D picture stays ``uint8`` instead of becoming ``float32`` (images only).
+        max_pixels: size limit of 2D pictures, checked on the header before decoding (see
+            :func:`check_picture_size`: a number of pixels, ``"auto"`` or None = PIL's limit).
 
     Returns:
         ``(C, H, W)`` for 2D pictures (C = 1 or 3), ``(1, X, Y, Z)`` for volumes; masks have C = 1.
 
     Raises:
-        DataError: missing, corrupt or truncated file; a 4D volume (more than one channel) unless ``channel``
-            picks one; NaN/Inf intensities; a mask with non-integer values.
+        DataError: missing, corrupt or truncated file; a picture over the size limit; a 4D volume (more than
+            one channel) unless ``channel`` picks one; NaN/Inf intensities; a mask with non-integer values.
     """
     path = str(path)
     if readers is None:
@@ -163,12 +354,16 @@ def load_medical_image(
     if not Path(path).exists():
         raise DataError(path, "file not found", "check the datalist paths (relative paths need base_dir)")
     reader = _pick_reader(path, readers)
+    if isinstance(reader, Image2DReader):
+        try:
+            size = picture_size(path)
+        except Exception as err:  # not a picture PIL knows
+            raise _unreadable(path, mask, err) from err
+        check_picture_size(path, size, max_pixels)
     try:
         img = _read(path, reader)
     except Exception as err:  # any reader failure: corrupt, truncated, not an image
-        raise DataError(path, f"cannot be read as {'a mask' if mask else 'an image'} "
-                              f"({type(err).__name__}: {str(err).strip().splitlines()[0] if str(err).strip() else ''})",
-                        "the file is corrupt, truncated or not an image: re-download or re-export it") from err
+        raise _unreadable(path, mask, err) from err
     if not isinstance(img, MetaTensor):
         img = MetaTensor(img)
     source_dtype = str(img.dtype).replace("torch.", "")
@@ -194,12 +389,14 @@ def load_medical_image(
         img = img.amax(dim=0, keepdim=True)
     if mask:
         img = _integer_label(img, path)
+    elif keep_uint8 and not is_volume and img.dtype == torch.uint8:
+        pass  # finite by construction
     else:
         img = img.float()
         if check_finite and not torch.isfinite(img).all():
             n_bad = int((~torch.isfinite(img)).sum())
             raise DataError(path, f"holds {n_bad} NaN/Inf intensities",
-                            "repair the file (e.g. replace NaN with the background value) before training")
+                            "repair the file (e.g. replace NaN with the background value) before using it")
     img.meta["spatial_shape"] = np.asarray(spatial)
     img.meta["source_dtype"] = source_dtype
     img.meta["is_volume"] = is_volume
@@ -220,9 +417,15 @@ class LoadMedicalImaged(MapTransform):
         image_key: the key the masks must match in size.
         channel: for a multi-channel (4D) image volume, the channel to keep; None makes a 4D volume an error.
         check_finite: raise on NaN/Inf intensities.
+        keep_uint8: 8-bit 2D pictures stay ``uint8`` (the inference bundle: the intensity step and the slice-space
+            resize then work tile by tile, see ``ScaleIntensityByModalityd(defer_2d=True)``).
+        max_pixels: size limit of 2D pictures, checked on the file header before decoding: a number of pixels
+            (it also lifts PIL's decompression-bomb limit), ``"auto"`` (PIL's limit and the available memory)
+            or None (PIL's limit); the ``MEDSAM3_MAX_PIXELS`` environment variable replaces ``"auto"``/None.
 
-    Output: ``d[image_key]`` float32 ``(C, H, W)`` or ``(1, X, Y, Z)``; ``d[label]`` integer ``(1, ...)`` of
-    the same spatial shape. ``meta['filename_or_obj']`` names the file, ``meta['affine']`` its geometry.
+    Output: ``d[image_key]`` float32 (or, with ``keep_uint8``, uint8 for 8-bit pictures) ``(C, H, W)`` or
+    ``(1, X, Y, Z)``; ``d[label]`` integer ``(1, ...)`` of the same spatial shape. ``meta['filename_or_obj']``
+    names the file, ``meta['affine']`` its geometry.
     """
 
     def __init__(
@@ -232,6 +435,8 @@ class LoadMedicalImaged(MapTransform):
         image_key: str = "image",
         channel: int | None = None,
         check_finite: bool = True,
+        keep_uint8: bool = False,
+        max_pixels: int | str | None = None,
         allow_missing_keys: bool = False,
     ) -> None:
         super().__init__(keys, allow_missing_keys)
@@ -239,6 +444,8 @@ class LoadMedicalImaged(MapTransform):
         self.image_key = image_key
         self.channel = channel
         self.check_finite = check_finite
+        self.keep_uint8 = bool(keep_uint8)
+        self.max_pixels = max_pixels
         self._readers = {
             False: {"2d": Image2DReader(mask=False), "nifti": NibabelReader(), "itk": ITKReader()},
             True: {"2d": Image2DReader(mask=True), "nifti": NibabelReader(), "itk": ITKReader()},
@@ -246,7 +453,8 @@ class LoadMedicalImaged(MapTransform):
 
     def _load(self, path: str | Path, mask: bool) -> MetaTensor:
         return load_medical_image(path, mask=mask, channel=self.channel, check_finite=self.check_finite,
-                                  readers=self._readers[mask])
+                                  readers=self._readers[mask], keep_uint8=self.keep_uint8 and not mask,
+                                  max_pixels=self.max_pixels)
 
     def __call__(self, data: Mapping[Hashable, Any]) -> dict[Hashable, Any]:
         d = dict(data)

@@ -5,13 +5,17 @@ Mask encodings (``mask_encoding`` of the catalogue / datalist item):
 * ``binary``: foreground = value > threshold (0, or 127 for JPEG files whose compression adds noise) -> class 1
 * ``label_map``: pixel value = class id (= a key of ``prompts``)
 * ``instance_map``: nonzero value = instance id of class 1 (the ids go to ``instance_key``)
-* ``outline``: a binary contour, filled (per 2D slice) -> class 1
+* ``outline``: a binary contour, filled (per 2D slice) -> class 1. A contour clipped by the image edge is open:
+  it is closed against the image border, keeping the background regions on its concave side (mostly inside
+  the convex hull of the open contour). A slice whose filled area stays implausibly small for its contour
+  (open or degenerate contour) raises :class:`OutlineFillWarning`.
 * ``None``/``"auto"``: ``instance_map`` when the rule is ``instance_ids``; ``label_map`` when every value is
   a prompt key; ``binary`` when there is one prompt; otherwise an error.
 """
 
 from __future__ import annotations
 
+import warnings
 from collections.abc import Hashable, Mapping
 from typing import Any
 
@@ -21,10 +25,12 @@ from monai.config import KeysCollection
 from monai.data import MetaTensor
 from monai.transforms import MapTransform
 from scipy import ndimage
+from skimage.morphology import convex_hull_image
 
 from .errors import DataError, source_name
 
-__all__ = ["MASK_ENCODINGS", "INSTANCE_RULES", "DecodeLabeld", "parse_prompts", "rule_for_label"]
+__all__ = ["MASK_ENCODINGS", "INSTANCE_RULES", "DecodeLabeld", "OutlineFillWarning", "parse_prompts",
+           "rule_for_label"]
 
 MASK_ENCODINGS = ("binary", "label_map", "instance_map", "outline")
 INSTANCE_RULES = ("instance_ids", "components", "semantic")
@@ -64,11 +70,71 @@ def rule_for_label(rule: str | Mapping[Any, str] | None, label: int, default: st
     return found
 
 
-def _fill_outline(mask: np.ndarray) -> np.ndarray:
-    """Fill closed contours, slice by slice along the last axis for volumes. ``mask``: (1, *spatial) bool."""
+class OutlineFillWarning(UserWarning):
+    """An ``outline`` mask whose filled area is implausibly small for its contour (open or degenerate contour)."""
+
+
+_MIN_FILL_RATIO = 1.5  # filled area / contour pixels below this: the fill enclosed (almost) nothing
+_MIN_HULL_SHARE = 0.1  # a border region must lie at least this much inside the contour's convex hull to be filled
+
+
+def _implausible(filled: np.ndarray, contour: np.ndarray) -> bool:
+    return int(filled.sum()) < _MIN_FILL_RATIO * int(contour.sum())
+
+
+def _border_ids(labels: np.ndarray) -> np.ndarray:
+    """Ids (> 0) of the labelled components that touch the image border."""
+    edge = np.concatenate([labels[0], labels[-1], labels[:, 0], labels[:, -1]])
+    return np.unique(edge[edge > 0])
+
+
+def _close_against_border(outline: np.ndarray, open_contour: np.ndarray) -> np.ndarray:
+    """The background regions that ``open_contour`` (clipped by the image edge) encloses with the image border.
+
+    The contour and the border split the background into regions that touch the border; the enclosed ones lie on
+    the contour's concave side, i.e. mostly inside its convex hull, while the outside lies beyond it. A region is
+    kept when its share inside the hull is at least half the best region's (and >= ``_MIN_HULL_SHARE``); never all
+    of them (the outside must remain). 2D ``outline`` (every contour pixel) and ``open_contour`` (the open ones).
+    """
+    labels, _ = ndimage.label(~outline)
+    ids = _border_ids(labels)
+    if ids.size < 2:  # the contour does not cut the image in two: it encloses nothing
+        return np.zeros_like(outline)
+    hull = convex_hull_image(open_contour)
+    share = np.bincount(labels.ravel(), weights=hull.ravel())[ids] / np.bincount(labels.ravel())[ids]
+    keep = (share >= _MIN_HULL_SHARE) & (share >= 0.5 * share.max())
+    return np.isin(labels, ids[keep]) if not keep.all() else np.zeros_like(outline)
+
+
+def _fill_slice(outline: np.ndarray, where: str) -> np.ndarray:
+    """Fill one 2D slice: holes first; contours that touch the border and enclose nothing are closed against it."""
+    filled = ndimage.binary_fill_holes(outline)
+    if not outline.any():
+        return filled
+    parts, _ = ndimage.label(outline, np.ones((3, 3), bool))
+    on_border = _border_ids(parts)
+    open_ids = [k for k in on_border if _implausible(ndimage.binary_fill_holes(parts == k), parts == k)]
+    if open_ids:
+        filled |= _close_against_border(outline, np.isin(parts, open_ids))
+    if _implausible(filled, outline):
+        warnings.warn(
+            f"{where}: outline mask filled to only {filled.mean():.2%} of the image ({int(filled.sum())} px for a "
+            f"{int(outline.sum())} px contour): the contour is open or degenerate. Check that the annotation is a "
+            "closed outline (or an outline clipped by the image edge), or use mask_encoding 'binary' if the mask is "
+            "already filled", OutlineFillWarning, stacklevel=4)
+    return filled
+
+
+def _fill_outline(mask: np.ndarray, path: str | None = None) -> np.ndarray:
+    """Fill contours, slice by slice along the last axis for volumes. ``mask``: (1, *spatial) bool.
+
+    Closed contours are hole-filled; contours clipped by the image border are closed against it
+    (:func:`_close_against_border`); :class:`OutlineFillWarning` when a slice's fill is implausibly small.
+    """
+    name = path or "<in-memory mask>"
     if mask.ndim == 3:
-        return ndimage.binary_fill_holes(mask[0])[None]
-    return np.stack([ndimage.binary_fill_holes(mask[0, ..., k]) for k in range(mask.shape[-1])], -1)[None]
+        return _fill_slice(mask[0], name)[None]
+    return np.stack([_fill_slice(mask[0, ..., k], f"{name} (slice {k})") for k in range(mask.shape[-1])], -1)[None]
 
 
 class DecodeLabeld(MapTransform):
@@ -139,7 +205,7 @@ class DecodeLabeld(MapTransform):
                 class_id = self._binary_class(prompts, encoding, path)
                 foreground = array > threshold if encoding != "instance_map" else array > 0
                 if encoding == "outline":
-                    foreground = _fill_outline(foreground)
+                    foreground = _fill_outline(foreground, path)
                 classes = foreground.astype(np.uint8 if class_id <= 255 else np.int32) * class_id
                 if encoding == "instance_map":
                     ids = torch.from_numpy(array.astype(np.int32))

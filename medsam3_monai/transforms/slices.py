@@ -8,26 +8,44 @@ SimpleITK array slice), or ``(C, X, Y)`` with ``transpose=False``. Its meta carr
 ``slice_axis``, ``slice_transposed``, ``volume_shape`` and ``volume_affine``, and a 4x4 ``affine`` that maps
 its ``(row, col, 0)`` to world coordinates. A slice starts with no applied operations of its own: invert
 slice-space transforms per slice, restack, then invert volume-level transforms (if any) on the volume.
+
+2D pictures reach slice space through :class:`TiledResizeToSliced` (the inference bundle): a picture whose
+intensity mapping is still pending (``ScaleIntensityByModalityd(defer_2d=True)``) is read one row tile at a
+time -- its ``uint8`` pixels, the intensity mapping and the resize (MONAI ``Resize``'s Gaussian anti-aliasing
+and bilinear interpolation, written as two banded matrices) applied per tile -- so no native-size float image
+is made, and the resize is recorded for ``Invertd`` exactly as ``ResizeToSliced`` records it.
 """
 
 from __future__ import annotations
 
+import sys
 from collections.abc import Hashable, Mapping, Sequence
+from pathlib import Path
 from typing import Any
 
 import numpy as np
 import torch
 from monai.config import KeysCollection
 from monai.data import MetaTensor
-from monai.transforms import MapTransform, Randomizable, Transform
+from monai.transforms import MapTransform, Randomizable, TraceableTransform, Transform
+from monai.transforms.utils import scale_affine
+from monai.utils import TraceKeys, get_equivalent_dtype
 
 from .errors import DataError, source_name
+from .intensity import PENDING_INTENSITY, apply_intensity, materialize_intensity, pending_intensity, row_tiles
+from .spatial import ResizeToSliced
 
 __all__ = [
+    "EAGER_MAX_PIXELS",
+    "PROGRESS_MIN_PIXELS",
     "AxialSlicesd",
     "RandAxialSliced",
     "RestackSlicesd",
+    "TiledResizeToSliced",
     "axial_axis",
+    "bilinear_weights",
+    "resize_operator",
+    "upsample_rows",
     "extract_slice",
     "foreground_slices",
     "restack_slices",
@@ -35,6 +53,11 @@ __all__ = [
 ]
 
 SLICE_META_KEYS = ("slice_index", "slice_axis", "slice_transposed", "volume_shape", "volume_affine")
+#: 2D pictures from this many pixels show a progress bar (stderr) over their tiled passes
+PROGRESS_MIN_PIXELS = 16_000_000
+#: 2D pictures up to this many pixels take MONAI's own resize and ``Invertd`` (their results bit for bit, a few
+#: MB); larger ones the tiled passes (equal up to float rounding, memory independent of the picture's size)
+EAGER_MAX_PIXELS = 1 << 18
 
 
 def axial_axis(affine: torch.Tensor | np.ndarray) -> int:
@@ -53,7 +76,7 @@ def _resolve_axis(axis: int | str, volume: torch.Tensor) -> int:
     return axis
 
 
-def _plane_axes(axis: int, transpose: bool) -> tuple[int, int]:
+def plane_axes(axis: int, transpose: bool) -> tuple[int, int]:
     """(row axis, column axis) of a slice, as spatial axes of the volume."""
     p, q = [i for i in range(3) if i != axis]
     return (q, p) if transpose else (p, q)
@@ -68,7 +91,7 @@ def extract_slice(volume: torch.Tensor, index: int, axis: int = 2, transpose: bo
     if not isinstance(volume, MetaTensor):
         return plane
     affine = volume.affine.to(torch.float64)
-    row_axis, col_axis = _plane_axes(axis, transpose)
+    row_axis, col_axis = plane_axes(axis, transpose)
     slice_affine = torch.eye(4, dtype=torch.float64)
     slice_affine[:, 0] = affine[:, row_axis]
     slice_affine[:, 1] = affine[:, col_axis]
@@ -262,4 +285,187 @@ class RestackSlicesd(Transform):
                 meta = getattr(item[key], "meta", {})
                 metas.append(meta if "slice_index" in meta else item[self.ref_key].meta)
             out[key] = restack_slices([item[key] for item in items], metas, self.fill)
+        return out
+
+
+# ------------------------------------------------------------------------------------------------ 2D, in tiles
+def bilinear_weights(in_size: int, out_size: int, start: int = 0, stop: int | None = None
+                     ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor]:
+    """Bilinear interpolation (``align_corners=False``) along one axis, output indices ``start:stop``: the two
+    source indices and their float32 weights, computed as ``torch.nn.functional.interpolate`` computes them
+    (``out[o] = w0[o] * x[i0[o]] + w1[o] * x[i1[o]]``; the identity when the sizes are equal)."""
+    out = torch.arange(start, out_size if stop is None else stop, dtype=torch.float32)
+    if in_size == out_size:
+        first = out.long()
+        return first, first, torch.ones(out.shape), torch.zeros(out.shape)
+    scale = torch.tensor(float(in_size), dtype=torch.float32) / torch.tensor(float(out_size), dtype=torch.float32)
+    # scale * (o + 0.5) - 0.5 rounded once (a fused multiply-add), as the CPU kernel computes it
+    source = (scale.double() * (out.double() + 0.5) - 0.5).float().clamp_min(0.0)
+    first = source.floor().long().clamp_max(in_size - 1)
+    second_weight = (source - first.float()).clamp(0.0, 1.0)
+    second = torch.where(first < in_size - 1, first + 1, first)
+    return first, second, 1.0 - second_weight, second_weight
+
+
+def upsample_rows(maps: torch.Tensor, size: Sequence[int], start: int, stop: int,
+                  columns: tuple[torch.Tensor, ...] | None = None) -> torch.Tensor:
+    """Rows ``start:stop`` of ``maps`` ``(C, h, w)`` resized bilinearly to ``size`` = (H, W) (``align_corners=False``):
+    ``(C, stop - start, W)`` float32, what ``interpolate(maps[None], size, mode="bilinear")[0, :, start:stop]``
+    gives (equal up to float rounding), with memory for those rows only. ``columns``: ``bilinear_weights(w, W)``,
+    to reuse across tiles."""
+    maps = maps.float()
+    first, second, first_weight, second_weight = bilinear_weights(maps.shape[-2], int(size[0]), start, stop)
+    c_first, c_second, c_first_weight, c_second_weight = columns or bilinear_weights(maps.shape[-1], int(size[1]))
+    low = int(first.min())
+    band = maps[:, low:int(second.max()) + 1]
+    # w0 * x0 + (w1 * x1), the first product fused with the sum, as the CPU interpolation kernel computes it
+    along_columns = torch.addcmul(band[:, :, c_second] * c_second_weight, band[:, :, c_first], c_first_weight)
+    return torch.addcmul(along_columns[:, second - low] * second_weight[:, None], along_columns[:, first - low],
+                         first_weight[:, None])
+
+
+def resize_operator(in_size: int, out_size: int, sigma: float | None = None) -> torch.Tensor:
+    """The 1D linear map of MONAI ``Resize`` along one axis as an ``(out_size, in_size)`` float64 matrix: a
+    Gaussian of ``sigma`` (MONAI ``GaussianSmooth``'s kernel: ``erf``, truncated at 4 sigma, zero padding; None:
+    no smoothing), then bilinear interpolation with ``align_corners=False`` (``torch.nn.functional.interpolate``).
+
+    Each row has at most ``len(kernel) + 1`` non-zero entries (a band), so ``A_h @ X @ A_w.T`` resizes a picture
+    ``X`` one row tile at a time. Equal to MONAI's result up to float rounding (MONAI computes in float32).
+    """
+    from monai.networks.layers.convutils import gaussian_1d
+
+    first, second, first_weight, second_weight = bilinear_weights(in_size, out_size)
+    if sigma is None:
+        kernel, radius = torch.ones(1, dtype=torch.float64), 0
+    else:
+        kernel = gaussian_1d(torch.tensor(float(sigma), dtype=torch.float32), truncated=4.0, approx="erf").double()
+        radius = (kernel.numel() - 1) // 2
+    matrix = torch.zeros(out_size, in_size, dtype=torch.float64)
+    rows = torch.arange(out_size)
+    for tap, weight in enumerate(kernel.tolist()):
+        for centre, share in ((first, first_weight.double()), (second, second_weight.double())):
+            column = centre + tap - radius
+            valid = (column >= 0) & (column < in_size)  # zero padding: taps outside the picture add nothing
+            matrix.index_put_((rows[valid], column[valid]), share[valid] * weight, accumulate=True)
+    return matrix
+
+
+def _band(matrix: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+    """Per row of ``matrix``: the first and one past the last column holding a non-zero entry."""
+    nonzero = matrix != 0
+    columns = torch.arange(matrix.shape[1])
+    first = torch.where(nonzero, columns, matrix.shape[1]).amin(dim=1)
+    last = torch.where(nonzero, columns + 1, 0).amax(dim=1)
+    return first, last
+
+
+def _column_blocks(matrix: torch.Tensor, block: int = 16) -> list[tuple[int, int, int, int, torch.Tensor]]:
+    """``matrix`` (out, in) as ``(out_start, out_stop, in_start, in_stop, block.T)`` pieces of ``block`` output
+    columns each, keeping only the input columns their band touches (``x @ matrix.T`` piece by piece)."""
+    first, last = _band(matrix)
+    pieces = []
+    for out_start in range(0, matrix.shape[0], block):
+        out_stop = min(out_start + block, matrix.shape[0])
+        in_start, in_stop = int(first[out_start:out_stop].min()), int(last[out_start:out_stop].max())
+        if in_stop <= in_start:
+            in_start, in_stop = 0, 1
+        pieces.append((out_start, out_stop, in_start, in_stop,
+                       matrix[out_start:out_stop, in_start:in_stop].T.contiguous()))
+    return pieces
+
+
+def tile_progress(total: int, desc: str, show: bool):
+    """A tqdm bar (stderr, cleared when done) over ``total`` rows of tiled passes; inert unless ``show``."""
+    from tqdm import tqdm
+
+    return tqdm(total=total, desc=desc, unit="row", file=sys.stderr, leave=False, disable=not show,
+                dynamic_ncols=True)
+
+
+class TiledResizeToSliced(ResizeToSliced):
+    """:class:`~medsam3_monai.transforms.ResizeToSliced` that also takes 2D pictures whose intensity is pending.
+
+    Such a picture (``ScaleIntensityByModalityd(defer_2d=True)``, then ``GreyToRGBd``) is still its file's pixels
+    (``uint8`` ``(C, H, W)``); it is resized one row tile at a time: intensity mapping of the tile
+    (:func:`~medsam3_monai.transforms.intensity.apply_intensity`), then the banded resize matrices of
+    :func:`resize_operator` (MONAI ``Resize``'s anti-aliasing and bilinear interpolation). Memory: the picture
+    plus one tile, whatever the picture's size; output and recorded operation as ``ResizeToSliced``'s (so
+    ``Invertd`` inverts it), values equal up to float rounding. Everything else (volume slices, images with
+    intensities, other modes, pictures of at most ``EAGER_MAX_PIXELS``: their intensities applied first) goes to
+    ``ResizeToSliced`` unchanged.
+
+    Args:
+        progress: a progress bar (stderr) over the tiles of pictures of at least ``PROGRESS_MIN_PIXELS``.
+        (others: as ``ResizeToSliced``.)
+    """
+
+    def __init__(self, *args: Any, progress: bool = True, **kwargs: Any) -> None:
+        super().__init__(*args, **kwargs)
+        self.progress = progress
+
+    def __call__(self, data: Mapping[Hashable, Any], lazy: bool | None = None) -> dict[Hashable, Any]:
+        d = dict(data)
+        if not any(pending_intensity(d[key]) is not None for key in self.key_iterator(d)) or any(
+                getattr(d[key], "ndim", 0) != 3 for key in self.key_iterator(d)):
+            return super().__call__(d, lazy=lazy)  # (a volume: ResizeToSliced's error)
+        lazy_ = self.lazy if lazy is None else lazy
+        for key, mode, align_corners, anti_aliasing, sigma, dtype in self.key_iterator(
+            d, self.mode, self.align_corners, self.anti_aliasing, self.anti_aliasing_sigma, self.dtype
+        ):
+            img = d[key]
+            kwargs = {"mode": mode, "align_corners": align_corners, "anti_aliasing": anti_aliasing,
+                      "anti_aliasing_sigma": sigma, "dtype": dtype, "lazy": lazy_}
+            small = img.shape[1] * img.shape[2] <= EAGER_MAX_PIXELS
+            if pending_intensity(img) is None:
+                d[key] = self.resizer(img, **kwargs)
+            elif mode == "bilinear" and not align_corners and sigma is None and not lazy_ and not small:
+                d[key] = self._tiled(img, bool(anti_aliasing), align_corners, dtype, source_name(img, d, key))
+            else:
+                d[key] = self.resizer(materialize_intensity(img), **kwargs)
+        return d
+
+    def _tiled(self, img: MetaTensor, anti_aliasing: bool, align_corners: bool | None, dtype: Any,
+               path: str | None) -> MetaTensor:
+        spec = pending_intensity(img)
+        source = img.as_tensor() if isinstance(img, MetaTensor) else torch.as_tensor(img)
+        height, width = (int(v) for v in source.shape[1:])
+        size = (self.spatial_size, self.spatial_size)
+        sigmas: list[float | None] = [None, None]
+        if anti_aliasing and any(out < orig for out, orig in zip(size, (height, width))):
+            factors = torch.div(torch.Tensor([height, width]), torch.Tensor(list(size)))  # MONAI's float32 sigma
+            sigmas = torch.maximum(torch.zeros(factors.shape), (factors - 1) / 2).tolist()
+        rows_op = resize_operator(height, size[0], sigmas[0])
+        first, last = _band(rows_op)
+        columns = _column_blocks(resize_operator(width, size[1], sigmas[1]))
+        channels = int(spec["channels"]) if spec["grey"] == "none" else 1
+        acc = torch.zeros(channels, *size, dtype=torch.float64)
+        show = self.progress and height * width >= PROGRESS_MIN_PIXELS
+        desc = f"{Path(path).name if path else 'image'}: {height}x{width} -> {size[0]}x{size[1]}"
+        with tile_progress(height, desc, show) as bar:
+            for start, stop in row_tiles(height, width, source.shape[0]):
+                values = apply_intensity(source[:, start:stop], spec, repeat=False).double()
+                values = values.reshape(-1, width)
+                tile = torch.empty(values.shape[0], size[1], dtype=torch.float64)
+                for out_start, out_stop, in_start, in_stop, block in columns:  # the column pass, band by band
+                    tile[:, out_start:out_stop] = values[:, in_start:in_stop] @ block
+                tile = tile.reshape(channels, stop - start, size[1])
+                out_rows = torch.nonzero((last > start) & (first < stop)).flatten()
+                if out_rows.numel():
+                    lo, hi = int(out_rows[0]), int(out_rows[-1]) + 1
+                    acc[:, lo:hi] += rows_op[lo:hi, start:stop] @ tile
+                bar.update(stop - start)
+        out = acc.float()
+        if int(spec.get("repeat", 1)) > 1:
+            out = out.repeat(int(spec["repeat"]), 1, 1)
+        # the record MONAI's Resize would make (functional.resize), so that Invertd inverts it
+        orig_size = img.peek_pending_shape() if isinstance(img, MetaTensor) else (height, width)
+        torch_dtype = get_equivalent_dtype(dtype or self.resizer.dtype or torch.float32, torch.Tensor)
+        extra_info = {"mode": "bilinear", "align_corners": TraceKeys.NONE if align_corners is None else align_corners,
+                      "dtype": str(torch_dtype)[6:], "new_dim": 0}
+        meta_info = TraceableTransform.track_transform_meta(
+            img, sp_size=size, affine=scale_affine(orig_size, size, align_corners=False), extra_info=extra_info,
+            orig_size=orig_size, transform_info=self.resizer.get_transform_info(), lazy=False,
+        )
+        out = MetaTensor(out).copy_meta_from(meta_info)
+        out.meta.pop(PENDING_INTENSITY, None)
         return out

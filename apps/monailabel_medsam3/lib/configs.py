@@ -1,0 +1,131 @@
+"""The app's ``--conf`` options (``monailabel start_server ... --conf KEY VALUE``) -> one :class:`AppConfig`.
+
+Every value arrives as a string. Keys (all optional):
+
+* ``labels``: the concepts, as JSON ``{"polyp": 1, "instrument": 2}`` (label name -> label value), a JSON
+  list ``["polyp", "instrument"]`` or a comma-separated ``polyp,instrument`` (values 1..P in that order).
+  Default ``{"polyp": 1}``. Each label is one text prompt; the label name is the prompt text unless
+  ``prompts`` says otherwise.
+* ``prompts``: JSON ``{"label name": "text prompt"}`` for labels whose prompt differs from their name, e.g.
+  ``{"polyp": "colon polyp"}``.
+* ``checkpoint`` (``tiny``: random init, runs without weights), ``image_size``, ``tracker`` (``auto``),
+  ``protocol`` (``top_query``), ``score_threshold`` (0.5), ``modality`` (none: by channels), ``ct_window``
+  (``abdomen``): as ``medsam3 segment``'s options of the same names.
+* ``model``: the model's name in MONAI Label (``medsam3``); ``preload``: load the network at start (``false``:
+  on the first request).
+"""
+
+from __future__ import annotations
+
+import json
+from dataclasses import dataclass, field
+from typing import Any
+
+DEFAULT_LABELS = {"polyp": 1}
+MODEL_NAME = "medsam3"
+KNOWN_KEYS = ("labels", "prompts", "checkpoint", "image_size", "tracker", "protocol", "score_threshold",
+              "modality", "ct_window", "model", "preload")
+
+
+class ConfError(ValueError):
+    """A ``--conf`` value the app cannot use (the message names the key and what to give)."""
+
+
+@dataclass
+class AppConfig:
+    labels: dict[str, int] = field(default_factory=lambda: dict(DEFAULT_LABELS))
+    prompts: dict[str, str] = field(default_factory=dict)  # label name -> text prompt (every label)
+    checkpoint: str = "tiny"
+    image_size: int | None = None
+    tracker: str = "auto"
+    protocol: str = "top_query"
+    score_threshold: float = 0.5
+    modality: str | None = None
+    ct_window: Any = "abdomen"
+    model: str = MODEL_NAME
+    preload: bool = False
+
+    def __post_init__(self) -> None:
+        self.prompts = {name: self.prompts.get(name, name) for name in self.labels}
+
+
+def _json_or_text(key: str, value: str) -> Any:
+    text = value.strip()
+    if text[:1] in "[{":
+        try:
+            return json.loads(text)
+        except json.JSONDecodeError as err:
+            raise ConfError(f"--conf {key} {value!r}: not valid JSON ({err})") from None
+    return text
+
+
+def parse_labels(value: Any) -> dict[str, int]:
+    """``{"polyp": 1}`` / ``["polyp", "instrument"]`` / ``"polyp,instrument"`` -> {name: value}."""
+    spec = _json_or_text("labels", value) if isinstance(value, str) else value
+    if isinstance(spec, str):
+        spec = [part.strip() for part in spec.split(",") if part.strip()]
+    if isinstance(spec, list):
+        spec = {str(name): i + 1 for i, name in enumerate(spec)}
+    if not isinstance(spec, dict) or not spec:
+        raise ConfError(f"--conf labels {value!r}: give JSON {{\"polyp\": 1}}, a JSON list or comma-separated names")
+    labels: dict[str, int] = {}
+    for name, number in spec.items():
+        name = str(name).strip()
+        try:
+            number = int(number)
+        except (TypeError, ValueError):
+            raise ConfError(f"--conf labels: the value of {name!r} must be an integer 1..255, got {number!r}") from None
+        if not name:
+            raise ConfError("--conf labels: a label name is empty")
+        if not 1 <= number <= 255:
+            raise ConfError(f"--conf labels: {name!r} = {number}: label values are 1..255 (0 is the background)")
+        labels[name] = number
+    if len(set(labels.values())) < len(labels):
+        raise ConfError(f"--conf labels {value!r}: two labels share a value")
+    return labels
+
+
+def parse_conf(conf: dict[str, str] | None) -> AppConfig:
+    """The app's settings from MONAI Label's ``conf`` dict (unknown keys are left to MONAI Label itself)."""
+    conf = dict(conf or {})
+    labels = parse_labels(conf["labels"]) if conf.get("labels") else dict(DEFAULT_LABELS)
+    prompts: dict[str, str] = {}
+    if conf.get("prompts"):
+        spec = _json_or_text("prompts", conf["prompts"])
+        if not isinstance(spec, dict):
+            raise ConfError(f"--conf prompts {conf['prompts']!r}: give JSON {{\"label name\": \"text prompt\"}}")
+        unknown = sorted(set(map(str, spec)) - set(labels))
+        if unknown:
+            raise ConfError(f"--conf prompts names {unknown}, which are not labels ({sorted(labels)})")
+        prompts = {str(k): str(v).strip() for k, v in spec.items()}
+        empty = [k for k, v in prompts.items() if not v]
+        if empty:
+            raise ConfError(f"--conf prompts: empty prompt for {empty}")
+    image_size = conf.get("image_size")
+    try:
+        score = float(conf.get("score_threshold", 0.5))
+    except ValueError:
+        raise ConfError(f"--conf score_threshold {conf['score_threshold']!r}: give a number in [0, 1]") from None
+    if not 0.0 <= score <= 1.0:
+        raise ConfError(f"--conf score_threshold {score}: give a number in [0, 1]")
+    ct = conf.get("ct_window", "abdomen")
+    if "," in ct:
+        try:
+            width, level = (float(v) for v in ct.split(","))
+        except ValueError:
+            raise ConfError(f"--conf ct_window {ct!r}: give a preset name or width,level (e.g. 400,40)") from None
+        ct = (width, level)
+    modality = conf.get("modality") or None
+    return AppConfig(
+        labels=labels,
+        prompts=prompts,
+        checkpoint=conf.get("checkpoint") or "tiny",
+        image_size=int(image_size) if image_size not in (None, "", "none", "None") else None,
+        tracker=conf.get("tracker") or "auto",
+        protocol=conf.get("protocol") or "top_query",
+        score_threshold=score,
+        modality=None if modality in (None, "auto", "none") else modality,
+        ct_window=ct,
+        model=conf.get("model") or MODEL_NAME,
+        preload=str(conf.get("preload", "false")).strip().lower() in ("1", "true", "yes", "on"),
+    )

@@ -1,0 +1,3 @@
+from .medsam3 import MedSAM3Infer
+
+__all__ = ["MedSAM3Infer"]

@@ -1,0 +1,166 @@
+"""The offline planner's reading of a request: which catalogue concept it names, and the phrasings to try.
+
+``"segment the lesion in the upper left quadrant"`` -> concept ``tumor`` (``lesion`` is in its synonym group) ->
+phrasings ``tumor, tumour, mass, lesion, neoplasm``. The vocabulary is the catalogue (``datasets_meta``): every
+synonym group (``synonyms.json``), every dataset's label concepts, MedSAM3's phrase table and Medical SAM3's
+evaluation prompts (``papers`` of each dataset). The longest catalogue text found in the request (whole words,
+case-insensitive, a trailing plural ``s`` forgiven) names the concept; its canonical form comes first, then the
+text the request used, the MedSAM3 phrase-table and Medical SAM3 prompts of the datasets of that concept, then the
+rest of its synonym group. A request naming nothing the catalogue knows is used as it stands, stripped of
+instructions (``segment``, ``please``, ``the``) and location words (``upper left quadrant``): MedSAM3 takes any
+short noun phrase.
+
+Location words are reported (``ConceptPlan.location``), not applied: the offline planner segments the concept
+wherever it is.
+"""
+
+from __future__ import annotations
+
+import re
+import unicodedata
+from dataclasses import dataclass, field
+from functools import lru_cache
+
+__all__ = ["ConceptPlan", "LOCATION_WORDS", "phrase_key", "resolve_request"]
+
+#: words of a request that ask for a place in the image; the offline planner reports them (it does not filter)
+LOCATION_WORDS = frozenset(
+    "upper lower left right top bottom middle centre center central quadrant quadrants side half corner "
+    "anterior posterior superior inferior medial lateral proximal distal".split()
+)
+#: words of a request that are instructions, not part of a concept
+FILLER_WORDS = frozenset(
+    "segment segmentation segments outline delineate find show mark highlight detect locate identify select "
+    "extract draw give me please the a an all any every each of in on at into within from to this that these "
+    "those image images picture photo scan slice slices volume mask masks region regions area areas visible "
+    "and or with for is are there here can you could would kindly".split()
+)
+_WORD = re.compile(r"[0-9a-z]+(?:[-'][0-9a-z]+)*")
+
+
+def phrase_key(text: str) -> str:
+    """Comparison key of a phrase: NFKC, case-folded, words only, single spaces (``'Polyp.'`` == ``'polyp'``)."""
+    return " ".join(_WORD.findall(unicodedata.normalize("NFKC", text).casefold()))
+
+
+@dataclass(frozen=True)
+class ConceptPlan:
+    """What the offline planner segments for a request.
+
+    Attributes:
+        request: the request as given.
+        concept: the canonical concept (first of its synonym group), or the request's own phrase.
+        matched: the request's words that named it.
+        phrasings: the texts to run, canonical first, without duplicates.
+        sources: phrasing -> where it came from.
+        location: location words of the request (reported, not applied).
+        in_catalogue: whether the concept came from the catalogue.
+    """
+
+    request: str
+    concept: str
+    matched: str
+    phrasings: list[str]
+    sources: dict[str, str] = field(default_factory=dict)
+    location: list[str] = field(default_factory=list)
+    in_catalogue: bool = True
+
+    def as_json(self) -> dict:
+        return {"request": self.request, "concept": self.concept, "matched": self.matched,
+                "in_catalogue": self.in_catalogue, "phrasings": list(self.phrasings),
+                "sources": dict(self.sources), "location_words_not_applied": list(self.location)}
+
+
+@lru_cache(maxsize=2)
+def _vocabulary(root: str | None) -> tuple[dict[str, str], dict[str, list[tuple[str, str]]]]:
+    """(text key -> canonical concept, canonical concept -> [(paper phrasing, source)])."""
+    from ..data.catalogue import load_catalogue
+
+    catalogue = load_catalogue(root)
+    index: dict[str, str] = {}
+    papers: dict[str, list[tuple[str, str]]] = {}
+
+    def add(text: str) -> str:
+        canonical = catalogue.canonical_concept(text)
+        index.setdefault(phrase_key(text), canonical)
+        return canonical
+
+    for group in catalogue.synonym_groups:
+        for text in group:
+            add(text)
+    for entry in catalogue.datasets.values():
+        concepts = {add(text) for text in (*entry.labels.values(), *entry.concepts)}
+        phrase = (entry.papers.get("medsam3") or {}).get("phrase")
+        for part in (phrase or "").split("&"):
+            if part.strip():
+                canonical = add(part.strip())
+                papers.setdefault(canonical, []).append((part.strip(), f"MedSAM3 phrase table ({entry.name})"))
+        prompt = (entry.papers.get("medical_sam3") or {}).get("prompt")
+        if prompt and len(concepts) == 1:  # a dataset of one concept: its prompt names that concept
+            (canonical,) = concepts
+            index.setdefault(phrase_key(prompt), canonical)
+            papers.setdefault(canonical, []).append((prompt, f"Medical SAM3 prompt ({entry.name})"))
+    return index, papers
+
+
+def _find(words: list[str], index: dict[str, str]) -> tuple[int, int, str] | None:
+    """(start, stop, canonical) of the longest catalogue text in ``words`` (earliest on ties)."""
+    best: tuple[int, int, str] | None = None
+    for start in range(len(words)):
+        for stop in range(len(words), start, -1):
+            if best is not None and stop - start <= best[1] - best[0]:
+                break
+            span = words[start:stop]
+            candidates = [" ".join(span)]
+            if span[-1].endswith("s") and len(span[-1]) > 3:  # 'polyps' -> 'polyp', 'lesions' -> 'lesion'
+                candidates.append(" ".join([*span[:-1], span[-1][:-1]]))
+            for text in candidates:
+                if text in index:
+                    best = (start, stop, index[text])
+                    break
+            if best is not None and best[:2] == (start, stop):
+                break
+    return best
+
+
+def resolve_request(request: str, max_phrasings: int = 6, catalogue_root: str | None = None) -> ConceptPlan:
+    """The concept a request names and the phrasings the offline planner runs (see the module docstring).
+
+    Raises :class:`~.errors.AgentError` when the request names nothing at all.
+    """
+    from .errors import AgentError
+
+    if max_phrasings < 1:
+        raise AgentError(f"max_phrasings must be >= 1, got {max_phrasings}")
+    words = phrase_key(request).split()
+    location = [w for w in words if w in LOCATION_WORDS]
+    index, papers = _vocabulary(catalogue_root)
+    found = _find(words, index)
+    if found is None:
+        kept = [w for w in words if w not in FILLER_WORDS and w not in LOCATION_WORDS]
+        if not kept:
+            raise AgentError(f"the request {request!r} names nothing to segment; name the structure, e.g. "
+                             "--request 'polyp' or 'segment the liver tumor'")
+        phrase = " ".join(kept)
+        return ConceptPlan(request, phrase, phrase, [phrase], {phrase: "the request (not in the catalogue)"},
+                           location, in_catalogue=False)
+    start, stop, canonical = found
+    matched = " ".join(words[start:stop])
+    from ..data.catalogue import load_catalogue
+
+    candidates: list[tuple[str, str]] = [(canonical, "canonical concept (datasets_meta)"),
+                                         (matched, "the request")]
+    candidates += papers.get(canonical, [])
+    candidates += [(text, "synonyms.json") for text in load_catalogue(catalogue_root).synonyms(canonical)]
+    phrasings: list[str] = []
+    sources: dict[str, str] = {}
+    seen: set[str] = set()
+    for text, source in candidates:
+        key = phrase_key(text)
+        if key and key not in seen:
+            seen.add(key)
+            phrasings.append(text)
+            sources[text] = source
+    phrasings = phrasings[:max_phrasings]
+    return ConceptPlan(request, canonical, matched, phrasings, {p: sources[p] for p in phrasings},
+                       [w for w in location if w not in matched.split()])

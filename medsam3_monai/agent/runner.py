@@ -1,0 +1,194 @@
+"""One agent run, end to end: check the outputs, load MedSAM3, pick the planner (an OpenAI-compatible MLLM, or
+the offline planner), let it decide, write the files.
+
+Planner choice (:func:`choose_planner`): ``llm="none"`` is the offline planner; ``llm="openai"`` needs an endpoint;
+``llm="auto"`` (the default) is the MLLM planner when an endpoint is configured (``llm_url``), else the offline
+planner. When the endpoint cannot be reached at all (connection refused, unknown host: no reply ever received),
+the run falls back to the offline planner and says so loudly (stderr and the trace), unless ``fallback=False``.
+Every other planner failure (time-outs, HTTP errors, a planner that never finishes) ends the run with one clear
+line and nothing written.
+"""
+
+from __future__ import annotations
+
+import os
+import sys
+import time
+from dataclasses import asdict, dataclass, field
+from typing import Any, Callable
+
+from .decision import Decision
+from .errors import AgentError, EndpointUnreachable
+from .loop import LoopSettings
+from .segmenter import SegmenterSettings
+
+__all__ = ["AgentSettings", "choose_planner", "run_agent"]
+
+
+@dataclass
+class AgentSettings:
+    """Everything a run needs besides the input, the request and the output paths.
+
+    Attributes:
+        llm: ``auto``, ``openai`` or ``none``.
+        llm_url, llm_model: the endpoint's base URL and model name (no default: nothing is built in).
+        api_key_env: the name of the environment variable holding the key (None: no key).
+        timeout, retries: per HTTP attempt; further attempts after a retryable failure.
+        max_reply_tokens, temperature: per request.
+        view_size: the longest side of the pictures sent.
+        fallback: fall back to the offline planner when the endpoint is unreachable.
+        max_phrasings, keep_ratio, min_score: the offline planner (:mod:`.offline`).
+        loop: the MLLM loop's limits (:class:`~.loop.LoopSettings`).
+        segmenter: the predictor's options (:class:`~.segmenter.SegmenterSettings`).
+    """
+
+    llm: str = "auto"
+    llm_url: str | None = None
+    llm_model: str | None = None
+    api_key_env: str | None = None
+    timeout: float = 120.0
+    retries: int = 2
+    max_reply_tokens: int = 2048
+    temperature: float | None = None
+    view_size: int = 768
+    fallback: bool = True
+    max_phrasings: int = 6
+    keep_ratio: float = 0.5
+    min_score: float = 0.0
+    loop: LoopSettings = field(default_factory=LoopSettings)
+    segmenter: SegmenterSettings = field(default_factory=SegmenterSettings)
+
+
+def choose_planner(settings: AgentSettings) -> str:
+    """``"llm"`` or ``"offline"`` (see the module docstring); raises AgentError for an incomplete endpoint."""
+    if settings.llm not in ("auto", "openai", "none"):
+        raise AgentError(f"--llm {settings.llm!r}: auto, openai or none")
+    if settings.llm == "none":
+        return "offline"
+    if not settings.llm_url:
+        if settings.llm == "openai":
+            raise AgentError("--llm openai needs --llm-url (an OpenAI-compatible base URL, e.g. "
+                             "http://localhost:8000/v1) and --llm-model")
+        return "offline"
+    if not settings.llm_model:
+        raise AgentError(f"--llm-url {settings.llm_url} needs --llm-model (the model the server serves; it lists "
+                         f"them at {settings.llm_url.rstrip('/')}/models)")
+    return "llm"
+
+
+def _api_key(settings: AgentSettings) -> str | None:
+    if not settings.api_key_env:
+        return None
+    value = os.environ.get(settings.api_key_env, "").strip()
+    if not value:
+        raise AgentError(f"--api-key-env {settings.api_key_env}: that environment variable is not set or empty")
+    return value
+
+
+def _stderr(line: str) -> None:
+    print(line, file=sys.stderr, flush=True)
+
+
+def run_agent(input_path: str, request: str, out: str, settings: AgentSettings | None = None, *,
+              overlay: str | None = None, trace_path: str | None = None, overwrite: bool = False,
+              log: Callable[[str], None] = _stderr, segmenter: Any = None) -> str:
+    """Run the agent on one image or volume; returns the summary line. Raises ValueError subclasses
+    (:class:`~.errors.AgentError`, ``PromptError``, ...) and ``FileExistsError`` / ``FileNotFoundError`` on bad
+    input or failure, having written nothing (but the trace, when ``trace_path`` is given).
+
+    ``segmenter``: an already loaded :class:`~.segmenter.PhraseSegmenter` for ``input_path`` (default: loaded from
+    ``settings.segmenter``).
+    """
+    from ..inferers.inputs import input_kind
+    from .output import plan_outputs, write_failed_trace, write_outputs
+    from .trace import Trace
+
+    settings = settings or AgentSettings()
+    if not request or not request.strip():
+        raise AgentError("--request is empty: say what to segment, e.g. 'segment the polyp'")
+    kind = input_kind(input_path)  # a missing input or unsupported format: before anything is loaded
+    _check_settings(settings, kind)
+    plan = plan_outputs(input_path, kind, out, overlay, trace_path, overwrite)
+    planner = choose_planner(settings)
+    api_key = _api_key(settings) if planner == "llm" else None
+    if planner == "offline" and settings.llm == "auto":
+        log("note: no planner endpoint configured (--llm-url); using the offline planner (--llm none)")
+    trace = Trace(request=request, input=str(input_path), kind=kind, settings=asdict(settings))  # key: its name only
+    trace.data["planner"] = {"kind": planner, "url": settings.llm_url if planner == "llm" else None,
+                             "model": settings.llm_model if planner == "llm" else None, "fallback": None}
+    try:
+        start = time.perf_counter()
+        if segmenter is None:
+            from .segmenter import PhraseSegmenter
+
+            segmenter = PhraseSegmenter.load(input_path, settings.segmenter)
+        trace.time("load_model", time.perf_counter() - start)
+        view = _view(input_path, settings, kind)
+        decision = _decide(planner, request, settings, segmenter, view, api_key, trace, log)
+        return write_outputs(plan, decision, view, segmenter, request, trace)
+    except BaseException as err:
+        write_failed_trace(plan, trace, f"{type(err).__name__}: {err}")
+        raise
+
+
+def _check_settings(settings: AgentSettings, kind: str) -> None:
+    """Bad option values, before the model is loaded."""
+    s = settings.segmenter
+    if kind == "volume" and s.protocol != "top_query":
+        raise AgentError(f"--protocol {s.protocol} applies to 2D images; volumes use the top query per slice with "
+                         "tracker propagation")
+    if not 0.0 <= s.score_threshold <= 1.0:
+        raise AgentError(f"--score-threshold must be in [0, 1], got {s.score_threshold}")
+    for name, value in (("--keep-ratio", settings.keep_ratio), ("--min-score", settings.min_score)):
+        if not 0.0 <= value <= 1.0:
+            raise AgentError(f"{name} must be in [0, 1], got {value}")
+    if settings.max_phrasings < 1:
+        raise AgentError(f"--max-phrasings must be >= 1, got {settings.max_phrasings}")
+    if settings.view_size < 64:
+        raise AgentError(f"--view-size must be >= 64 px, got {settings.view_size}")
+    if settings.timeout <= 0 or settings.retries < 0 or settings.max_reply_tokens < 1:
+        raise AgentError("--llm-timeout and --max-reply-tokens must be > 0 and --llm-retries >= 0")
+
+
+def _view(input_path: str, settings: AgentSettings, kind: str) -> Any:
+    """The input as the planner sees it (:class:`~.render.View`), read with the predictor's intensity rule."""
+    from .render import View
+
+    s = settings.segmenter
+    return View.load(input_path, s.modality, s.ct_window, s.channel, kind == "volume", settings.view_size)
+
+
+def _decide(planner: str, request: str, settings: AgentSettings, segmenter: Any, view: Any, api_key: str | None,
+            trace: Any, log: Callable[[str], None]) -> Decision:
+    from .offline import plan_offline
+
+    def offline() -> Decision:
+        start = time.perf_counter()
+        try:
+            return plan_offline(request, segmenter, max_phrasings=settings.max_phrasings,
+                                keep_ratio=settings.keep_ratio, min_score=settings.min_score, log=log)
+        finally:
+            trace.time("offline_planner", time.perf_counter() - start)
+
+    if planner == "offline":
+        return offline()
+    from .llm import ChatClient
+    from .loop import PlannerLoop
+
+    client = ChatClient(settings.llm_url, settings.llm_model, api_key, timeout=settings.timeout,
+                        retries=settings.retries, max_reply_tokens=settings.max_reply_tokens,
+                        temperature=settings.temperature)
+    loop = PlannerLoop(client, segmenter, view, request, settings.loop, trace, log)
+    try:
+        return loop.run()
+    except EndpointUnreachable as err:
+        if not settings.fallback:
+            raise
+        banner = "!" * 78
+        log(f"{banner}\nWARNING: {err}.\nWARNING: FALLING BACK TO THE OFFLINE PLANNER (--llm none): no MLLM looks at "
+            f"the image; the request's concept is resolved through the catalogue.\n"
+            f"WARNING: pass --no-fallback to fail instead.\n{banner}")
+        trace.data["planner"]["fallback"] = str(err)
+        trace.data["planner"]["kind"] = "offline (fallback)"
+        trace.note(f"fallback to the offline planner: {err}")
+        return offline()

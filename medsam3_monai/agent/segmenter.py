@@ -1,0 +1,100 @@
+"""MedSAM3 behind the agent: phrases -> masks in the input's geometry, through the same predictor as
+``medsam3 segment`` (``inferers.predict.Predictor``), so a phrase's mark is exactly what
+``medsam3 segment INPUT --prompt PHRASE`` writes with the same checkpoint and settings.
+
+Several phrases go through one predictor call (``segment_many``): on a 2D picture all of them share one network
+call, so the vision encoder runs once; on a volume the detector sees every slice once for all of them (and the
+tracker's features are computed once). Their masks come back merged by confidence (each pixel to the phrase with
+the highest score x sigmoid(mask logit)), which is what the offline planner fuses.
+"""
+
+from __future__ import annotations
+
+import time
+from dataclasses import dataclass, field
+from typing import Any, Sequence
+
+__all__ = ["PhraseSegmenter", "SegmenterSettings"]
+
+
+@dataclass
+class SegmenterSettings:
+    """The predictor options of ``medsam3 segment`` that the agent passes on."""
+
+    checkpoint: str = "tiny"
+    image_size: int | None = None
+    device: str = "auto"
+    tracker: str = "auto"
+    protocol: str = "top_query"
+    score_threshold: float = 0.5
+    ct_window: Any = "abdomen"
+    modality: str | None = None
+    channel: int | None = None
+    progress: bool = False
+    max_pixels: Any = "auto"
+
+
+@dataclass
+class PhraseSegmenter:
+    """A loaded predictor bound to one input file.
+
+    Attributes:
+        predictor: a :class:`~medsam3_monai.inferers.predict.Predictor`.
+        path: the input.
+        settings: the options it was built with (modality, channel are applied per call).
+        seconds: time spent segmenting, per call (for the trace).
+    """
+
+    predictor: Any
+    path: str
+    settings: SegmenterSettings
+    seconds: list[float] = field(default_factory=list)
+    last_prediction: Any = None
+
+    @classmethod
+    def load(cls, path: str, settings: SegmenterSettings) -> PhraseSegmenter:
+        import torch
+
+        from ..inferers.predict import Predictor
+
+        device = settings.device
+        if device == "auto":
+            device = "cuda" if torch.cuda.is_available() else "cpu"
+        predictor = Predictor.from_checkpoint(
+            settings.checkpoint, settings.image_size, torch.device(device), tracker=settings.tracker,
+            protocol=settings.protocol, score_threshold=settings.score_threshold, ct_window=settings.ct_window,
+            progress=settings.progress, max_pixels=settings.max_pixels,
+        )
+        return cls(predictor, str(path), settings)
+
+    @property
+    def network(self) -> Any:
+        return self.predictor.network
+
+    def check_phrase(self, phrase: str) -> str:
+        """The phrase if the model can take it (non-empty, at most 32 tokens); raises PromptError (ValueError)."""
+        phrase = " ".join(str(phrase).split())
+        if not phrase:
+            raise ValueError("the phrase is empty")
+        self.predictor.check_prompts([phrase])
+        return phrase
+
+    def segment_many(self, phrases: Sequence[str]) -> Any:
+        """One predictor call with all ``phrases``: a ``Prediction`` (label map merged by confidence)."""
+        start = time.perf_counter()
+        try:
+            self.last_prediction = self.predictor(self.path, list(phrases), modality=self.settings.modality,
+                                                  channel=self.settings.channel)
+            return self.last_prediction
+        finally:
+            self.seconds.append(time.perf_counter() - start)
+
+    def segment(self, phrase: str) -> tuple[Any, float, Any]:
+        """(bool mask in the input's geometry, score, Prediction) of one phrase, as ``medsam3 segment`` makes it."""
+        import numpy as np
+
+        prediction = self.segment_many([phrase])
+        labels = prediction.label_map
+        labels = labels.as_tensor() if hasattr(labels, "as_tensor") else labels
+        mask = np.asarray(labels.cpu().numpy() == int(prediction.label_values[0]))
+        return mask, float(prediction.scores[0]), prediction

@@ -1,0 +1,304 @@
+"""The MONAI Label wire protocol as ``medsam3 serve`` speaks it: request parameters, result formats and answers.
+
+Written from MONAI Label 0.8.5's client (``monailabel/client/client.py``) and server endpoints; nothing here
+imports monailabel. What a MONAI Label client sends and expects:
+
+* ``POST /infer/{model}?image=ID[&session_id=S][&output=image|json|all]``, multipart ``params`` (a JSON object;
+  the Python client always adds ``client_id``, OHIF adds ``result_extension``, ``result_dtype``,
+  ``result_compress`` and ``restore_label_idx``, 3D Slicer sends back the model's ``config`` values) and
+  optionally ``file`` (the image itself, used instead of ``image``).
+* The answer for ``output=all`` (and no ``output``): ``multipart/form-data`` with a ``params`` part (the result
+  JSON) and an ``image`` part whose *filename* the client keeps (so it carries the extension);
+  ``output=image``: the label file alone; ``output=json``: the result JSON alone.
+
+Text prompts travel as params (:class:`InferParams`); the result JSON names each label value by its prompt
+(``label_names``, as MONAI Label's infer tasks do), which is how Slicer and OHIF name segments.
+"""
+
+# no `from __future__ import annotations`: pydantic resolves the field annotations at runtime
+
+import enum
+import json
+import uuid
+from collections.abc import Mapping
+from pathlib import Path
+from typing import Annotated, Any
+
+from pydantic import (BaseModel, ConfigDict, Field, StrictBool, StrictFloat, StrictInt, StrictStr, ValidationError,
+                      ValidationInfo, field_validator, model_validator)
+
+__all__ = ["InferParams", "ParamsError", "ResultType", "label_names", "multipart_answer", "parse_infer_params",
+           "result_format", "write_result"]
+
+#: the params a MONAI Label client adds on its own (accepted; only the result_* ones change the answer)
+CLIENT_PARAMS = ("client_id", "result_extension", "result_dtype", "result_compress", "restore_label_idx")
+MAX_PARAMS_CHARS = 64 * 1024
+
+#: result extension -> writer, per input kind (the first one is the default, as ``medsam3 segment`` writes it)
+IMAGE_RESULTS = {".png": "picture", ".bmp": "picture", ".tif": "picture", ".tiff": "picture", ".nrrd": "itk",
+                 ".nii.gz": "itk", ".nii": "itk"}
+VOLUME_RESULTS = {".nii.gz": "nifti", ".nii": "nifti", ".nrrd": "itk"}
+RESULT_DTYPES = ("uint8", "uint16", "int16", "int32", "uint32", "float32")
+MEDIA_TYPES = {".png": "image/png", ".bmp": "image/bmp", ".tif": "image/tiff", ".tiff": "image/tiff",
+               ".nii.gz": "application/gzip", ".nii": "application/octet-stream",
+               ".nrrd": "application/octet-stream"}
+
+
+class ResultType(str, enum.Enum):
+    """``?output=``: MONAI Label's result types (``file`` is this server's older name for ``image``)."""
+
+    image = "image"
+    json = "json"
+    all = "all"
+    dicom_seg = "dicom_seg"
+    file = "file"
+
+
+class ParamsError(ValueError):
+    """Bad ``params``: the message says what to send instead."""
+
+
+_Coord = StrictInt | Annotated[StrictFloat, Field(allow_inf_nan=False)]
+_Box = Annotated[list[_Coord], Field(min_length=4, max_length=4)]
+
+#: what to say when a field has the wrong type (pydantic's own words name union members, not the fix)
+_FIELD_HINTS = {
+    "prompts": "'prompts' must be a non-empty list of texts, e.g. [\"polyp\"]",
+    "box": "'box' must be [x1, y1, x2, y2] in pixels, or one such box per prompt",
+    "modality": "'modality' must be a short text such as CT, MRI, endoscopy",
+    "protocol": "'protocol' must be a text",
+    "client_id": "'client_id' must be a text",
+    "result_extension": "'result_extension' must be a text such as .nii.gz or .nrrd",
+    "result_dtype": f"'result_dtype' must be one of {', '.join(RESULT_DTYPES)}",
+    "result_compress": "'result_compress' must be true or false",
+    "restore_label_idx": "'restore_label_idx' must be true or false",
+}
+
+
+class InferParams(BaseModel):
+    """The ``params`` of ``POST /infer/{model}`` (unknown keys are refused, so a typo is not silently ignored).
+
+    Prompts and their limits (``context={"max_prompts": P, "max_prompt_chars": C}``) are checked here; a box's
+    fit to the image and a protocol's fit to the input kind are checked once the image is known.
+    """
+
+    model_config = ConfigDict(extra="forbid", populate_by_name=True)
+
+    prompts: Annotated[list[StrictStr], Field(min_length=1)] = Field(
+        description="text prompts; label value i (1..P) belongs to prompt i (one prompt on a 2D image: 0/255)")
+    box: _Box | Annotated[list[_Box | None], Field(min_length=1)] | None = Field(
+        None, description="2D only: [x1, y1, x2, y2] in pixels for every prompt, or one per prompt (null: none)")
+    protocol: StrictStr | None = Field(None, description="2D: top_query (default), threshold or semantic")
+    modality: Annotated[StrictStr, Field(max_length=64)] | None = Field(
+        None, description="intensity rule: CT, MRI, X-ray, ultrasound, endoscopy, ...")
+    # what MONAI Label clients add on their own
+    client_id: StrictStr | None = Field(None, max_length=256, description="the client's id (logged, not used)")
+    result_extension: StrictStr | None = Field(None, description="label file format: .nii.gz, .nii, .nrrd; 2D: .png")
+    result_dtype: StrictStr | None = Field(None, description="label file data type, e.g. uint8 (default), uint16")
+    result_compress: StrictBool = Field(False, description="gzip the NRRD data")
+    restore_label_idx: StrictBool = Field(False, description="accepted; label values always follow prompt order")
+
+    @model_validator(mode="before")
+    @classmethod
+    def _aliases(cls, data: Any) -> Any:
+        """``prompt`` is accepted for ``prompts``; one text is one prompt; 3D Slicer sends empty texts for
+        options left blank, which mean "not given"."""
+        if not isinstance(data, dict):
+            return data
+        data = dict(data)
+        if "prompt" in data:
+            if "prompts" in data:
+                raise ValueError("give 'prompts' or 'prompt', not both")
+            data["prompts"] = data.pop("prompt")
+        if isinstance(data.get("prompts"), str):
+            data["prompts"] = [data["prompts"]] if data["prompts"].strip() else []
+        for key in ("protocol", "modality", "result_extension", "result_dtype"):
+            if isinstance(data.get(key), str) and not data[key].strip():
+                data[key] = None
+        return data
+
+    @field_validator("prompts")
+    @classmethod
+    def _check_prompts(cls, prompts: list[str], info: ValidationInfo) -> list[str]:
+        context = info.context or {}
+        max_prompts = int(context.get("max_prompts", 255))
+        max_chars = int(context.get("max_prompt_chars", 200))
+        if len(prompts) > max_prompts:
+            raise ValueError(f"{len(prompts)} prompts: at most {max_prompts} per request")
+        for text in prompts:
+            if not text.strip():
+                raise ValueError("every prompt must be a non-empty text")
+            if len(text) > max_chars:
+                raise ValueError(f"a prompt of {len(text)} characters: at most {max_chars} (--max-prompt-chars)")
+        return [text.strip() for text in prompts]
+
+    @field_validator("protocol")
+    @classmethod
+    def _check_protocol(cls, protocol: str | None) -> str | None:
+        from ..protocol_registry import PROTOCOLS
+
+        if protocol is not None and protocol not in PROTOCOLS:
+            raise ValueError(f"protocol {protocol[:64]!r}: choose one of {', '.join(PROTOCOLS)}")
+        return protocol
+
+    @field_validator("result_extension")
+    @classmethod
+    def _check_extension(cls, extension: str | None) -> str | None:
+        if extension is None:
+            return None
+        extension = extension.strip().lower()
+        extension = extension if extension.startswith(".") else f".{extension}"
+        if extension not in IMAGE_RESULTS and extension not in VOLUME_RESULTS:
+            raise ValueError(f"result_extension {extension[:32]!r}: choose one of "
+                             f"{', '.join(dict.fromkeys([*VOLUME_RESULTS, *IMAGE_RESULTS]))}")
+        return extension
+
+    @field_validator("result_dtype")
+    @classmethod
+    def _check_dtype(cls, dtype: str | None) -> str | None:
+        if dtype is not None and dtype.strip().lower() not in RESULT_DTYPES:
+            raise ValueError(f"result_dtype {dtype[:32]!r}: choose one of {', '.join(RESULT_DTYPES)}")
+        return None if dtype is None else dtype.strip().lower()
+
+
+def parse_infer_params(text: str | None, max_prompts: int, max_prompt_chars: int) -> InferParams:
+    """The ``params`` form field (a JSON object) -> :class:`InferParams`; :class:`ParamsError` when wrong."""
+    if text is None or not text.strip():
+        raise ParamsError("missing 'params': give a JSON string such as {\"prompts\": [\"polyp\"]}")
+    if len(text) > MAX_PARAMS_CHARS:
+        raise ParamsError("'params' is too long (64 KiB at most)")
+    try:
+        data = json.loads(text)
+    except json.JSONDecodeError as err:
+        raise ParamsError(f"'params' is not valid JSON: {err}") from None
+    if not isinstance(data, dict):
+        raise ParamsError("'params' must be a JSON object like {\"prompts\": [\"polyp\"]}")
+    try:
+        return InferParams.model_validate(data, context={"max_prompts": max_prompts,
+                                                         "max_prompt_chars": max_prompt_chars})
+    except ValidationError as err:
+        raise ParamsError(_describe(err)) from None
+
+
+def _describe(err: ValidationError) -> str:
+    """One line naming every problem: unknown keys together, then each field's problem once."""
+    unknown = sorted(str(e["loc"][0]) for e in err.errors() if e["type"] == "extra_forbidden" and e["loc"])
+    problems: list[str] = []
+    if unknown:
+        known = [name for name in InferParams.model_fields if name not in CLIENT_PARAMS]
+        problems.append(f"unknown params {[u[:64] for u in unknown]}: use {', '.join(known)} "
+                        f"(MONAI Label clients may add {', '.join(CLIENT_PARAMS)})")
+    seen: set[str] = set()
+    for error in err.errors():
+        if error["type"] == "extra_forbidden":
+            continue
+        field = str(error["loc"][0]) if error["loc"] else ""
+        if field in seen:
+            continue
+        seen.add(field)
+        if error["type"] == "value_error":
+            problems.append(str(error["msg"]).removeprefix("Value error, "))
+        elif error["type"] == "missing" and field == "prompts":
+            problems.append("missing 'prompts': give a non-empty list of texts, e.g. {\"prompts\": [\"polyp\"]}")
+        else:
+            problems.append(_FIELD_HINTS.get(field, f"{field or 'params'}: {error['msg']}"))
+    return "; ".join(problems)
+
+
+# ------------------------------------------------------------------------------------------------ results
+def result_format(params: InferParams, is_volume: bool) -> tuple[str, str]:
+    """(extension, writer) of the label file for this request; ParamsError for a combination that cannot be
+    written (e.g. a NRRD for a 2D picture is fine, a PNG of a volume is not)."""
+    table = VOLUME_RESULTS if is_volume else IMAGE_RESULTS
+    extension = params.result_extension or next(iter(table))
+    if extension not in table:
+        kind = "a volume's" if is_volume else "a 2D image's"
+        raise ParamsError(f"result_extension {extension!r}: {kind} labels are written as {', '.join(table)}")
+    writer = table[extension]
+    if writer == "picture" and params.result_dtype not in (None, "uint8"):
+        raise ParamsError(f"result_dtype {params.result_dtype!r}: {extension} masks are uint8; ask for "
+                          "result_extension .nrrd or .nii.gz for other data types")
+    return extension, writer
+
+
+def write_result(labels: Any, prediction: Any, params: InferParams, path: Path, reference: Path) -> str:
+    """Write the label array as ``medsam3 segment`` does (same values, the input's geometry) in the requested
+    format and data type; returns the media type. ``path`` must end with the extension of :func:`result_format`.
+
+    2D pictures: PNG/BMP/TIFF of the input's size. NIfTI volumes: the input's affine and qform/sform codes.
+    NRRD (and 2D NIfTI): ITK's writer, the affine converted from RAS to ITK's LPS as MONAI does."""
+    import numpy as np
+
+    from .segment_cli import IMAGE_OUTPUTS, write_label_volume, write_mask_image
+
+    extension, writer = result_format(params, prediction.is_volume)
+    if not str(path).lower().endswith(extension):
+        raise ValueError(f"{path.name}: expected a name ending in {extension}")
+    dtype = params.result_dtype
+    array = np.asarray(labels)
+    if writer == "picture":
+        write_mask_image(array, path, IMAGE_OUTPUTS[extension])
+    elif writer == "nifti":
+        write_label_volume(array, prediction.affine.numpy(), path, reference=reference)
+        written = "uint8" if array.size == 0 or array.max() <= 255 else "int32"  # write_label_volume's choice
+        if dtype is not None and dtype != written:
+            _recast_nifti(path, dtype)
+    else:
+        _write_itk(array, prediction, path, dtype or "uint8", params.result_compress)
+    return MEDIA_TYPES[extension]
+
+
+def _recast_nifti(path: Path, dtype: str) -> None:
+    """Rewrite a NIfTI file with another data type, keeping its header (geometry codes, units)."""
+    import nibabel as nib
+    import numpy as np
+
+    image = nib.load(str(path))
+    data = np.asarray(image.dataobj).astype(dtype)
+    header = image.header.copy()
+    header.set_data_dtype(dtype)
+    nib.save(nib.Nifti1Image(data, image.affine, header), str(path))
+
+
+def _write_itk(array: Any, prediction: Any, path: Path, dtype: str, compress: bool) -> None:
+    import numpy as np
+
+    if prediction.is_volume:
+        from monai.data import ITKWriter
+
+        # (X, Y, Z) label map with MONAI's RAS affine -> ITK image in LPS (what MONAI Label writes for OHIF)
+        writer = ITKWriter(output_dtype=np.dtype(dtype), affine_lps_to_ras=True)
+        writer.set_data_array(array, channel_dim=None)
+        affine = prediction.affine.numpy()
+        writer.set_metadata({"affine": affine, "original_affine": affine}, resample=False)
+        writer.write(str(path), compression=bool(compress))
+        return
+    import itk
+
+    # a 2D mask (H, W), rows first: ITK's array view is (rows, columns) too
+    image = itk.image_from_array(np.ascontiguousarray(array.astype(dtype)))
+    itk.imwrite(image, str(path), compression=bool(compress))
+
+
+def label_names(summary: Mapping[str, Any]) -> dict[str, int]:
+    """prompt -> label value, MONAI Label's ``label_names`` (3D Slicer and OHIF name the segments with it)."""
+    return {entry["prompt"]: int(value) for value, entry in summary.get("labels", {}).items()}
+
+
+def multipart_answer(params: Mapping[str, Any], data: bytes, extension: str,
+                     media_type: str) -> tuple[bytes, str]:
+    """MONAI Label's ``output=all`` answer: a ``params`` part (JSON) and an ``image`` part (the label file).
+
+    The client saves the image part under its file name, so the name is unique and carries the extension."""
+    boundary = uuid.uuid4().hex
+    filename = f"{uuid.uuid4().hex}{extension}"
+    body = b"".join([
+        f"--{boundary}\r\nContent-Disposition: form-data; name=\"params\"\r\n"
+        f"Content-Type: application/json\r\n\r\n".encode(),
+        json.dumps(params, separators=(",", ":")).encode(),
+        f"\r\n--{boundary}\r\nContent-Disposition: form-data; name=\"image\"; filename=\"{filename}\"\r\n"
+        f"Content-Type: {media_type}\r\n\r\n".encode(),
+        data,
+        f"\r\n--{boundary}--\r\n".encode(),
+    ])
+    return body, f"multipart/form-data; boundary={boundary}"

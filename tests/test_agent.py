@@ -1,0 +1,529 @@
+"""`medsam3 agent`: the MedSAM3 agent against a real HTTP server on loopback that speaks OpenAI's chat-completions
+protocol with scripted replies, reached through the real ``openai`` client; and the offline planner (``--llm
+none``) on the shared data.
+
+The scripted server records every request body, so the tests check what the agent sent (pictures present, tools
+offered, phrases not repeated, corrections) as well as what it wrote (the mask equals what ``medsam3 segment``
+writes for the chosen phrase with the same checkpoint). No test measures time: the time-out case uses a client
+time-out (0.5 s) shorter than the scripted server's delay (3 s), a protocol behaviour.
+"""
+
+from __future__ import annotations
+
+import json
+import socket
+import threading
+from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
+from pathlib import Path
+from typing import Any, Callable
+
+import nibabel as nib
+import numpy as np
+import pytest
+from PIL import Image
+
+from medsam3_monai.deploy.cli import main
+
+pytestmark = pytest.mark.usefixtures("one_thread")
+
+TOOLS = {"segment_phrase", "examine_each_mask", "select_masks_and_return", "report_no_mask"}
+MODEL = "scripted-vlm"
+
+
+# ------------------------------------------------------------------------------------------------ the server
+def completion(message: dict[str, Any], finish_reason: str, tokens: int = 110) -> dict[str, Any]:
+    return {"id": "chatcmpl-scripted", "object": "chat.completion", "created": 0, "model": MODEL,
+            "choices": [{"index": 0, "message": {"role": "assistant", **message}, "finish_reason": finish_reason}],
+            "usage": {"prompt_tokens": tokens - 10, "completion_tokens": 10, "total_tokens": tokens}}
+
+
+def call(name: str, arguments: Any, call_id: str = "call_1") -> dict[str, Any]:
+    """A reply calling one tool (``arguments``: a dict, or a string sent as it is, e.g. broken JSON)."""
+    text = arguments if isinstance(arguments, str) else json.dumps(arguments)
+    return {"body": completion({"content": None, "tool_calls": [
+        {"id": call_id, "type": "function", "function": {"name": name, "arguments": text}}]}, "tool_calls")}
+
+
+def text(content: str) -> dict[str, Any]:
+    return {"body": completion({"content": content}, "stop")}
+
+
+def error(status: int, message: str) -> dict[str, Any]:
+    return {"status": status, "body": {"error": {"message": message, "type": "server_error", "code": status}}}
+
+
+class ScriptedServer:
+    """POST /v1/chat/completions answered from a script; every request body (and its headers) recorded.
+
+    ``script``: replies in order, each ``{"body": ..., "status": 200, "delay": seconds}``; ``refuse_tools``: answer
+    a request that offers tools with HTTP 400 (a server without function calling), without using the script.
+    """
+
+    def __init__(self, script: list[dict[str, Any]], refuse_tools: bool = False) -> None:
+        self.script = list(script)
+        self.refuse_tools = refuse_tools
+        self.requests: list[dict[str, Any]] = []
+        self.headers: list[dict[str, str]] = []
+        self.lock = threading.Lock()
+        server = self
+
+        class Handler(BaseHTTPRequestHandler):
+            def log_message(self, *args: Any) -> None:  # quiet
+                pass
+
+            def do_POST(self) -> None:  # noqa: N802
+                body = json.loads(self.rfile.read(int(self.headers.get("Content-Length", 0))) or b"{}")
+                with server.lock:
+                    server.requests.append(body)
+                    server.headers.append({k.lower(): v for k, v in self.headers.items()})
+                    if not self.path.endswith("/chat/completions"):
+                        reply = error(404, f"no route {self.path}")
+                    elif server.refuse_tools and body.get("tools"):
+                        reply = error(400, "this model does not support tools")
+                    elif server.script:
+                        reply = server.script.pop(0)
+                    else:
+                        reply = error(500, "the test script is exhausted")
+                if reply.get("delay"):
+                    threading.Event().wait(reply["delay"])
+                payload = json.dumps(reply["body"]).encode()
+                try:
+                    self.send_response(reply.get("status", 200))
+                    self.send_header("Content-Type", "application/json")
+                    self.send_header("Content-Length", str(len(payload)))
+                    self.end_headers()
+                    self.wfile.write(payload)
+                except (BrokenPipeError, ConnectionResetError):  # the client gave up (time-out test)
+                    pass
+
+        self.httpd = ThreadingHTTPServer(("127.0.0.1", 0), Handler)
+        self.httpd.daemon_threads = True
+        self.url = f"http://127.0.0.1:{self.httpd.server_address[1]}/v1"
+        self.thread = threading.Thread(target=self.httpd.serve_forever, daemon=True)
+
+    def __enter__(self) -> ScriptedServer:
+        self.thread.start()
+        return self
+
+    def __exit__(self, *exc: Any) -> None:
+        self.httpd.shutdown()
+        self.httpd.server_close()
+
+    # what the agent sent
+    @staticmethod
+    def pictures(body: dict[str, Any]) -> list[str]:
+        return [part["image_url"]["url"] for message in body["messages"] if isinstance(message.get("content"), list)
+                for part in message["content"] if part.get("type") == "image_url"]
+
+    def tool_results(self, index: int) -> list[str]:
+        """The tool messages (and text-mode result messages) added since request ``index - 1``."""
+        before = len(self.requests[index - 1]["messages"]) + 1 if index else 0
+        return [m["content"] if isinstance(m["content"], str) else " ".join(p.get("text", "") for p in m["content"])
+                for m in self.requests[index]["messages"][before:] if m["role"] in ("tool", "user")]
+
+
+# ------------------------------------------------------------------------------------------------ fixtures
+@pytest.fixture(scope="module")
+def kvasir(shared_data: Path) -> Path:
+    return sorted((shared_data / "Kvasir-SEG_sample" / "images").glob("*.jpg"))[0]
+
+
+@pytest.fixture(scope="module")
+def hippocampus(shared_data: Path) -> Path:
+    return sorted((shared_data / "MSD_Task04_Hippocampus_cropped" / "images").glob("*.nii.gz"))[0]
+
+
+@pytest.fixture(autouse=True)
+def no_configured_endpoint(monkeypatch):
+    """No planner endpoint from the environment, and loopback never through a proxy."""
+    for name in ("MEDSAM3_LLM_URL", "MEDSAM3_LLM_MODEL"):
+        monkeypatch.delenv(name, raising=False)
+    monkeypatch.setenv("NO_PROXY", "127.0.0.1,localhost")
+    monkeypatch.setenv("no_proxy", "127.0.0.1,localhost")
+
+
+def png(path: Path) -> np.ndarray:
+    return np.asarray(Image.open(path))
+
+
+@pytest.fixture(scope="module")
+def segment_reference(tmp_path_factory) -> Callable[..., np.ndarray]:
+    """What `medsam3 segment INPUT --prompt P ... [extra]` writes (cached per call)."""
+    cache: dict[tuple, np.ndarray] = {}
+
+    def run(path: Path, *prompts: str, extra: tuple[str, ...] = ()) -> np.ndarray:
+        key = (str(path), prompts, extra)
+        if key not in cache:
+            suffix = ".nii.gz" if str(path).endswith(".nii.gz") else ".png"
+            out = tmp_path_factory.mktemp("reference") / f"ref{suffix}"
+            args = ["segment", str(path), *[a for p in prompts for a in ("--prompt", p)], "--out", str(out),
+                    "--no-progress", *extra]
+            assert main(args) == 0
+            cache[key] = np.asarray(nib.load(str(out)).dataobj) if suffix == ".nii.gz" else png(out)
+        return cache[key]
+
+    return run
+
+
+def agent(image: Path, out: Path, server: ScriptedServer | None, *extra: str,
+          request: str = "segment the polyp") -> int:
+    llm = ["--llm-url", server.url, "--llm-model", MODEL] if server is not None else []
+    return main(["agent", str(image), "--request", request, "--out", str(out), *llm, "--no-progress",
+                 "--llm-retries", "1", *extra])
+
+
+def trace_of(out: Path) -> dict[str, Any]:
+    path = Path(f"{out}.trace.json")
+    text_ = path.read_text()
+    assert "base64," not in text_ and "data:image" not in text_  # no image payloads in the trace
+    return json.loads(text_)
+
+
+# ------------------------------------------------------------------------------------------------ MLLM planner
+def test_happy_path_writes_what_segment_writes_for_the_chosen_phrase(kvasir, tmp_path, monkeypatch, capsys,
+                                                                      segment_reference):
+    monkeypatch.setenv("MEDSAM3_TEST_PLANNER_KEY", "sk-test-123")
+    out, overlay = tmp_path / "mask.png", tmp_path / "overlay.png"
+    script = [call("segment_phrase", {"text_prompt": "polyp"}), call("select_masks_and_return",
+                                                                      {"final_answer_masks": [1]}, "call_2")]
+    with ScriptedServer(script) as server:
+        code = agent(kvasir, out, server, "--overlay", str(overlay), "--api-key-env", "MEDSAM3_TEST_PLANNER_KEY",
+                     request="segment the polyp in the upper left quadrant")
+    assert code == 0
+    assert np.array_equal(png(out), segment_reference(kvasir, "polyp"))
+    assert png(overlay).ndim == 3
+    # what the server received
+    first, second = server.requests
+    assert first["model"] == MODEL and second["model"] == MODEL
+    assert {t["function"]["name"] for t in first["tools"]} == TOOLS
+    assert all(t["type"] == "function" and t["function"]["parameters"]["type"] == "object" for t in first["tools"])
+    assert first["messages"][0]["role"] == "system" and "segment_phrase" in first["messages"][0]["content"]
+    assert "upper left quadrant" in json.dumps(first["messages"][1])
+    assert len(ScriptedServer.pictures(first)) == 1  # the input
+    assert all(url.startswith(("data:image/png;base64,", "data:image/jpeg;base64,"))
+               for url in ScriptedServer.pictures(second))
+    assert len(ScriptedServer.pictures(second)) == 2  # the input and the marks of round 1
+    tool_message = next(m for m in second["messages"] if m["role"] == "tool")
+    assert tool_message["tool_call_id"] == "call_1" and "mark 1: 'polyp'" in tool_message["content"]
+    assert second["messages"][-1]["role"] == "user" and "score" in json.dumps(second["messages"][-1])
+    assert all(h.get("authorization") == "Bearer sk-test-123" for h in server.headers)
+    # trace and sidecar
+    trace = trace_of(out)
+    assert trace["status"] == "selected" and trace["planner"]["kind"] == "llm"
+    assert trace["planner"]["model"] == MODEL and trace["planner"]["tool_mode"] == "tools"
+    assert [r["phrase"] for r in trace["rounds"]] == ["polyp"] and trace["rounds"][0]["mark"]["mark"] == 1
+    assert [c["name"] for c in trace["tool_calls"]] == ["segment_phrase", "select_masks_and_return"]
+    assert len(trace["llm_calls"]) == 2 and trace["tokens"]["total"] == 220
+    assert any("<image: image/" in json.dumps(m) for m in trace["messages"])
+    assert "sk-test-123" not in json.dumps(trace)
+    assert {"load_model", "planner", "segmentation", "total"} <= set(trace["timings"])
+    sidecar = json.loads(Path(f"{out}.json").read_text())
+    assert sidecar["labels"]["255"]["prompt"] == "polyp" and sidecar["agent"]["status"] == "selected"
+    assert sidecar["labels"]["255"]["pixels"] == int((png(out) == 255).sum())
+    assert str(out) in capsys.readouterr().out
+
+
+def test_malformed_and_unknown_calls_get_corrections_then_the_run_recovers(kvasir, tmp_path, segment_reference):
+    out = tmp_path / "mask.png"
+    script = [call("segment_phrase", '{"text_prompt": "polyp"'),  # broken JSON
+              call("draw_box", {"x": 1}, "call_2"),  # no such tool
+              call("segment_phrase", {"prompt": "polyp"}, "call_3"),  # wrong argument name
+              call("segment_phrase", {"text_prompt": "polyp"}, "call_4"),
+              call("select_masks_and_return", {"final_answer_masks": [7]}, "call_5"),  # no mark 7
+              call("select_masks_and_return", {"final_answer_masks": ["1"]}, "call_6")]
+    with ScriptedServer(script) as server:
+        assert agent(kvasir, out, server, "--max-corrections", "4") == 0
+    assert len(server.requests) == 6
+    results = [server.tool_results(i) for i in range(1, 6)]
+    assert "not valid JSON" in results[0][0] and results[0][0].startswith("error:")
+    assert "unknown tool 'draw_box'" in results[1][0] and "segment_phrase" in results[1][0]
+    assert "text_prompt" in results[2][0]
+    assert "no mark 7" in results[4][0] and "1 = 'polyp'" in results[4][0]
+    assert np.array_equal(png(out), segment_reference(kvasir, "polyp"))
+    trace = trace_of(out)
+    assert [c["ok"] for c in trace["tool_calls"]] == [False, False, False, True, False, True]
+    assert trace["decision"]["details"]["corrections"] == 4
+
+
+def test_too_many_bad_calls_fail_with_nothing_written(kvasir, tmp_path, capsys):
+    out = tmp_path / "mask.png"
+    with ScriptedServer([call("nonsense", {}, f"c{i}") for i in range(3)]) as server:
+        assert agent(kvasir, out, server, "--max-corrections", "2") == 2
+    assert len(server.requests) == 3
+    err = capsys.readouterr().err.strip().splitlines()[-1]
+    assert err.startswith("medsam3 agent: error: the planner made 3 unusable calls")
+    assert list(tmp_path.iterdir()) == []
+
+
+def test_a_repeated_phrase_is_refused_with_the_phrases_tried(kvasir, tmp_path, segment_reference):
+    out = tmp_path / "mask.png"
+    script = [call("segment_phrase", {"text_prompt": "polyp"}),
+              call("examine_each_mask", {"masks": [1]}, "call_2"),
+              call("segment_phrase", {"text_prompt": " Polyp "}, "call_3"),
+              call("segment_phrase", {"text_prompt": "colon polyp"}, "call_4"),
+              call("select_masks_and_return", {"final_answer_masks": [1, 2]}, "call_5")]
+    with ScriptedServer(script) as server:
+        assert agent(kvasir, out, server) == 0
+    examined = server.requests[2]
+    assert len(ScriptedServer.pictures(examined)) == 2  # the input + mark 1 zoomed
+    refusal = server.tool_results(3)[0]
+    assert "'Polyp' was already tried" in refusal and "phrases tried: 'polyp'" in refusal
+    trace = trace_of(out)
+    phrases = [r["phrase"] for r in trace["rounds"]]
+    assert phrases == ["polyp", "colon polyp"]  # MedSAM3 never ran a phrase twice
+    expected = (segment_reference(kvasir, "polyp") > 0) | (segment_reference(kvasir, "colon polyp") > 0)
+    assert np.array_equal(png(out), expected.astype(np.uint8) * 255)
+    sidecar = json.loads(Path(f"{out}.json").read_text())
+    assert sidecar["agent"]["phrases"] == ["polyp", "colon polyp"]
+    assert sidecar["labels"]["255"]["prompt"] == "polyp + colon polyp"
+
+
+def test_rounds_are_capped(kvasir, tmp_path):
+    out = tmp_path / "mask.png"
+    script = [call("segment_phrase", {"text_prompt": "polyp"}),
+              call("segment_phrase", {"text_prompt": "lesion"}, "call_2"),
+              call("select_masks_and_return", {"final_answer_masks": [1]}, "call_3")]
+    with ScriptedServer(script) as server:
+        assert agent(kvasir, out, server, "--max-rounds", "1") == 0
+    assert "last segment_phrase call" in json.dumps(server.requests[1]["messages"][-1])
+    assert "no segment_phrase calls left" in server.tool_results(2)[0]
+    assert [r["phrase"] for r in trace_of(out)["rounds"]] == ["polyp"]
+
+
+def test_the_token_budget_is_a_hard_cap(kvasir, tmp_path, capsys):
+    out = tmp_path / "mask.png"
+    script = [call("segment_phrase", {"text_prompt": "polyp"}), call("segment_phrase", {"text_prompt": "mass"}),
+              call("select_masks_and_return", {"final_answer_masks": [1]}, "call_3")]
+    with ScriptedServer(script) as server:
+        assert agent(kvasir, out, server, "--max-tokens", "150") == 2
+    assert len(server.requests) == 2 and server.requests[1]["max_tokens"] == 40  # what was left of the budget
+    assert "token budget is spent (220 of --max-tokens 150)" in capsys.readouterr().err
+    assert list(tmp_path.iterdir()) == []
+
+
+def test_http_500_is_retried(kvasir, tmp_path, segment_reference):
+    out = tmp_path / "mask.png"
+    script = [error(500, "model is loading"), call("segment_phrase", {"text_prompt": "polyp"}),
+              call("select_masks_and_return", {"final_answer_masks": [1]}, "call_2")]
+    with ScriptedServer(script) as server:
+        assert agent(kvasir, out, server) == 0
+    assert len(server.requests) == 3 and server.requests[0] == server.requests[1]  # the same request again
+    assert np.array_equal(png(out), segment_reference(kvasir, "polyp"))
+    first_call = trace_of(out)["llm_calls"][0]
+    assert first_call["attempts"] == 2 and "HTTP 500: model is loading" in first_call["retried_errors"][0]
+
+
+def test_a_timeout_fails_with_one_line_and_nothing_written(kvasir, tmp_path, capsys):
+    out = tmp_path / "mask.png"
+    late = call("segment_phrase", {"text_prompt": "polyp"})
+    with ScriptedServer([dict(late, delay=3.0), dict(late, delay=3.0)]) as server:
+        code = agent(kvasir, out, server, "--llm-timeout", "0.5", "--overlay", str(tmp_path / "o.png"))
+    assert code == 2
+    assert len(server.requests) == 2  # the first attempt and one retry
+    err = capsys.readouterr().err.strip().splitlines()
+    assert err[-1] == (f"medsam3 agent: error: no answer from the planner at {server.url} within 0.5 s (2 attempts); "
+                       "raise --llm-timeout or check the server")
+    assert list(tmp_path.iterdir()) == []
+
+
+def test_a_failed_run_writes_its_trace_only_where_asked(kvasir, tmp_path):
+    out, trace = tmp_path / "mask.png", tmp_path / "debug" / "trace.json"
+    with ScriptedServer([error(401, "invalid api key")]) as server:
+        assert agent(kvasir, out, server, "--trace", str(trace)) == 2
+    assert len(server.requests) == 1  # 401 is not retried
+    assert sorted(p.name for p in tmp_path.rglob("*")) == ["debug", "trace.json"]
+    failed = json.loads(trace.read_text())
+    assert failed["status"] == "failed" and "HTTP 401: invalid api key" in failed["error"]
+
+
+def test_report_no_mask_writes_an_empty_mask(kvasir, tmp_path, capsys):
+    out = tmp_path / "mask.png"
+    script = [call("segment_phrase", {"text_prompt": "polyp"}),
+              call("report_no_mask", {"reason": "no polyp is visible"}, "call_2")]
+    with ScriptedServer(script) as server:
+        assert agent(kvasir, out, server) == 0
+    mask = png(out)
+    assert mask.shape == png(kvasir).shape[:2] and not mask.any()
+    sidecar = json.loads(Path(f"{out}.json").read_text())
+    assert sidecar["agent"]["status"] == "no_mask" and sidecar["agent"]["reason"] == "no polyp is visible"
+    assert sidecar["labels"]["255"]["pixels"] == 0
+    assert trace_of(out)["status"] == "no_mask"
+    assert "no match: no polyp is visible" in capsys.readouterr().out
+
+
+def test_report_no_mask_before_any_phrase(kvasir, tmp_path):
+    out = tmp_path / "mask.png"
+    with ScriptedServer([call("report_no_mask", {})]) as server:
+        assert agent(kvasir, out, server) == 0
+    assert not png(out).any() and png(out).shape == png(kvasir).shape[:2]
+    assert json.loads(Path(f"{out}.json").read_text())["agent"]["status"] == "no_mask"
+
+
+def test_a_server_without_tool_support_gets_the_text_protocol(kvasir, tmp_path, capsys, segment_reference):
+    out = tmp_path / "mask.png"
+    fenced = '```json\n{"tool": "segment_phrase", "arguments": {"text_prompt": "polyp"}}\n```'
+    script = [text(f"I will segment it.\n{fenced}"),
+              text('<tool_call>{"name": "select_masks_and_return", "arguments": {"final_answer_masks": [1]}}'
+                   '</tool_call>')]
+    with ScriptedServer(script, refuse_tools=True) as server:
+        assert agent(kvasir, out, server) == 0
+    assert "tools" in server.requests[0]
+    assert len(server.requests) == 3 and not any("tools" in body for body in server.requests[1:])
+    assert "exactly one JSON object" in server.requests[1]["messages"][0]["content"]
+    result = server.requests[2]["messages"][-1]
+    assert result["role"] == "user" and "Result of segment_phrase" in json.dumps(result)
+    assert len(ScriptedServer.pictures(server.requests[2])) == 2
+    assert np.array_equal(png(out), segment_reference(kvasir, "polyp"))
+    assert trace_of(out)["planner"]["tool_mode"] == "text"
+    assert "continuing without native tool calls" in capsys.readouterr().err
+
+
+def test_an_unreachable_endpoint_falls_back_to_the_offline_planner_loudly(kvasir, tmp_path, capsys):
+    with socket.socket() as probe:  # a port nothing listens on
+        probe.bind(("127.0.0.1", 0))
+        port = probe.getsockname()[1]
+    out = tmp_path / "mask.png"
+    code = main(["agent", str(kvasir), "--request", "polyp", "--out", str(out), "--llm-url",
+                 f"http://127.0.0.1:{port}/v1", "--llm-model", MODEL, "--llm-retries", "0", "--no-progress"])
+    assert code == 0 and png(out).shape == png(kvasir).shape[:2]
+    assert "FALLING BACK TO THE OFFLINE PLANNER" in capsys.readouterr().err
+    trace = trace_of(out)
+    assert trace["planner"]["kind"] == "offline (fallback)" and "cannot reach" in trace["planner"]["fallback"]
+    out2 = tmp_path / "strict.png"
+    assert main(["agent", str(kvasir), "--request", "polyp", "--out", str(out2), "--llm-url",
+                 f"http://127.0.0.1:{port}/v1", "--llm-model", MODEL, "--llm-retries", "0", "--no-fallback"]) == 2
+    assert "cannot reach the planner" in capsys.readouterr().err and not out2.exists()
+
+
+def test_volume_with_the_mllm_planner(hippocampus, tmp_path, segment_reference):
+    out = tmp_path / "mask.nii.gz"
+    script = [call("segment_phrase", {"text_prompt": "anterior hippocampus"}),
+              call("select_masks_and_return", {"final_answer_masks": [1]}, "call_2")]
+    with ScriptedServer(script) as server:
+        assert agent(hippocampus, out, server, "--score-threshold", "0.25",
+                     request="segment the anterior hippocampus") == 0
+    assert "axial slices" in server.requests[0]["messages"][0]["content"]
+    assert len(ScriptedServer.pictures(server.requests[1])) == 2
+    written = nib.load(str(out))
+    reference = segment_reference(hippocampus, "anterior hippocampus", extra=("--score-threshold", "0.25"))
+    assert np.array_equal(np.asarray(written.dataobj), reference)
+    assert np.allclose(written.affine, nib.load(str(hippocampus)).affine)
+    assert trace_of(out)["rounds"][0]["mark"]["slices"]
+
+
+def test_missing_key_variable_and_missing_model_are_one_line_errors(kvasir, tmp_path, monkeypatch, capsys):
+    monkeypatch.delenv("MEDSAM3_TEST_NO_SUCH_KEY", raising=False)
+    out = tmp_path / "mask.png"
+    base = ["agent", str(kvasir), "--request", "polyp", "--out", str(out), "--llm-url", "http://127.0.0.1:9/v1"]
+    assert main([*base, "--llm-model", MODEL, "--api-key-env", "MEDSAM3_TEST_NO_SUCH_KEY"]) == 2
+    assert "MEDSAM3_TEST_NO_SUCH_KEY: that environment variable is not set" in capsys.readouterr().err
+    assert main(base) == 2
+    assert "needs --llm-model" in capsys.readouterr().err
+    assert list(tmp_path.iterdir()) == []
+
+
+# ------------------------------------------------------------------------------------------------ offline planner
+@pytest.fixture(scope="module")
+def predictor():
+    from medsam3_monai.inferers.predict import Predictor
+
+    return Predictor.from_checkpoint("tiny", score_threshold=0.25)
+
+
+def _vision_calls(predictor) -> tuple[list[int], Any]:
+    calls: list[int] = []
+    handle = predictor.network.sam3.vision_encoder.register_forward_hook(lambda *_: calls.append(1))
+    return calls, handle
+
+
+def test_offline_planner_runs_the_catalogue_phrasings_in_one_batch(kvasir, tmp_path, predictor, segment_reference):
+    from medsam3_monai.agent import AgentSettings, SegmenterSettings, run_agent
+    from medsam3_monai.agent.segmenter import PhraseSegmenter
+
+    out = tmp_path / "mask.png"
+    segmenter = PhraseSegmenter(predictor, str(kvasir), SegmenterSettings(score_threshold=0.25))
+    calls, handle = _vision_calls(predictor)
+    try:
+        line = run_agent(str(kvasir), "segment the polyps", str(out), AgentSettings(llm="none"),
+                         segmenter=segmenter, log=lambda _: None)
+    finally:
+        handle.remove()
+    assert len(calls) == 1  # every phrasing in one network call: the vision encoder ran once
+    trace = trace_of(out)
+    details = trace["decision"]["details"]
+    phrasings = details["concept"]["phrasings"]
+    assert phrasings[0] == "polyp" and {"polyps", "colon polyp"} <= set(phrasings)  # catalogue + synonyms.json
+    assert [row["phrase"] for row in details["fusion"]] == phrasings
+    assert trace["planner"]["kind"] == "offline" and trace["llm_calls"] == []
+    labels = segment_reference(kvasir, *phrasings)  # the same phrasings through `medsam3 segment`, merged
+    kept = [i + 1 for i, row in enumerate(details["fusion"]) if row["kept"]]
+    assert np.array_equal(png(out), np.isin(labels, kept).astype(np.uint8) * 255)
+    assert str(out) in line
+
+
+def test_offline_planner_is_the_default_without_an_endpoint(kvasir, tmp_path, capsys):
+    out = tmp_path / "mask.png"
+    assert main(["agent", str(kvasir), "--request", "segment the lesion in the upper left quadrant", "--out",
+                 str(out), "--no-progress"]) == 0
+    err = capsys.readouterr().err
+    assert "using the offline planner" in err and "does not apply location words (upper left quadrant)" in err
+    concept = trace_of(out)["decision"]["details"]["concept"]
+    assert concept["concept"] == "tumor" and "lesion" in concept["phrasings"]
+
+
+def test_offline_planner_on_a_volume(hippocampus, tmp_path, predictor):
+    from medsam3_monai.agent import AgentSettings, SegmenterSettings, run_agent
+    from medsam3_monai.agent.segmenter import PhraseSegmenter
+
+    segmenter = PhraseSegmenter(predictor, str(hippocampus), SegmenterSettings(score_threshold=0.25))
+    calls, handle = _vision_calls(predictor)
+    try:
+        segmenter.segment("anterior hippocampus")
+        one_phrase = len(calls)
+        calls.clear()
+        out = tmp_path / "mask.nii.gz"
+        run_agent(str(hippocampus), "segment the anterior hippocampus", str(out), AgentSettings(llm="none"),
+                  segmenter=segmenter, log=lambda _: None)
+    finally:
+        handle.remove()
+    details = trace_of(out)["decision"]["details"]
+    assert len(details["concept"]["phrasings"]) >= 2
+    assert len(calls) == one_phrase  # all phrasings share each slice's vision pass
+    written, source = nib.load(str(out)), nib.load(str(hippocampus))
+    assert written.shape == source.shape and np.allclose(written.affine, source.affine)
+    assert set(np.unique(np.asarray(written.dataobj))) <= {0, 1}
+    sidecar = json.loads(Path(f"{out}.json").read_text())
+    assert sidecar["kind"] == "volume" and sidecar["agent"]["planner"] == "offline"
+    assert "tracker" in sidecar
+
+
+# ------------------------------------------------------------------------------------------------ units
+def test_text_calls_are_parsed_in_the_usual_shapes():
+    from medsam3_monai.agent.tools import ToolCallError, parse_call, parse_text_call
+
+    assert parse_text_call('{"tool": "segment_phrase", "arguments": {"text_prompt": "liver"}}') == (
+        "segment_phrase", {"text_prompt": "liver"})
+    assert parse_text_call('ok <tool_call>{"name": "report_no_mask", "arguments": {}}</tool_call>') == (
+        "report_no_mask", {})
+    assert parse_text_call('{"function": {"name": "examine_each_mask", "arguments": "{}"}}')[0] == "examine_each_mask"
+    assert parse_text_call('{"select_masks_and_return": {"final_answer_masks": [2]}}')[0] == "select_masks_and_return"
+    assert parse_text_call("I think the polyp is mark 1.") is None
+    assert parse_call("select_masks_and_return", '{"final_answer_masks": 2}').arguments == {"final_answer_masks": [2]}
+    with pytest.raises(ToolCallError, match="not valid JSON"):
+        parse_call("segment_phrase", '{"text_prompt": ')
+    with pytest.raises(ToolCallError, match="at least one mark"):
+        parse_call("select_masks_and_return", '{"final_answer_masks": []}')
+
+
+def test_requests_resolve_to_catalogue_concepts():
+    from medsam3_monai.agent.concepts import resolve_request
+
+    plan = resolve_request("find the breast lesion")
+    assert plan.concept == "breast tumor" and plan.phrasings[:2] == ["breast tumor", "breast lesion"]
+    assert any("MedSAM3 phrase table" in s or "Medical SAM3" in s for s in plan.sources.values())
+    plan = resolve_request("Segment all polyps, please")
+    assert plan.concept == "polyp" and plan.in_catalogue
+    plan = resolve_request("segment the weird blob on the left")
+    assert not plan.in_catalogue and plan.phrasings == ["weird blob"] and plan.location == ["left"]
+    with pytest.raises(ValueError, match="names nothing"):
+        resolve_request("segment the upper left")

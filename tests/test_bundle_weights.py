@@ -1,0 +1,58 @@
+"""Bundles load their own weights: ``inference.json`` / ``evaluate.json`` use ``bundle_root/models/model.pt``, which
+MONAI's ``CheckpointLoader`` reads too; the random ``tiny`` network only when asked for by name."""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+import pytest
+import torch
+
+from medsam3_monai.bundle import BUNDLE_CONFIGS
+
+pytestmark = pytest.mark.usefixtures("one_thread")
+
+
+@pytest.fixture()
+def bundle_with_weights(tmp_path: Path) -> tuple[Path, dict[str, torch.Tensor]]:
+    from medsam3_monai.networks import MedSAM3Net
+    from medsam3_monai.networks.checkpoints import save_checkpoint_file
+
+    trained = MedSAM3Net("tiny", seed=7)  # not the weights `tiny` builds (seed 0)
+    save_checkpoint_file(trained.sam3, tmp_path / "bundle" / "models" / "model.pt")
+    return tmp_path / "bundle", trained.state_dict()
+
+
+def test_inference_bundle_uses_bundle_root_models_model_pt(bundle_with_weights):
+    from monai.bundle import ConfigWorkflow
+
+    bundle_root, expected = bundle_with_weights
+    workflow = ConfigWorkflow(config_file=str(BUNDLE_CONFIGS / "inference.json"),
+                              meta_file=str(BUNDLE_CONFIGS / "metadata.json"), workflow_type="infer",
+                              bundle_root=str(bundle_root))
+    workflow.initialize()
+    assert workflow.parser.get_parsed_content("checkpoint") == str(bundle_root / "models" / "model.pt")
+    network = workflow.parser.get_parsed_content("network")
+    state = network.state_dict()
+    assert state.keys() == expected.keys() and all(torch.equal(state[k], expected[k]) for k in expected)
+    assert workflow.parser.get_parsed_content("image_size") == network.image_size == 112
+
+
+def test_monai_checkpoint_loader_reads_model_pt(bundle_with_weights):
+    from ignite.engine import Engine
+    from monai.handlers import CheckpointLoader
+
+    from medsam3_monai.networks import MedSAM3Net
+
+    bundle_root, expected = bundle_with_weights
+    network = MedSAM3Net("tiny")
+    assert not all(torch.equal(network.state_dict()[k], v) for k, v in expected.items())
+    CheckpointLoader(str(bundle_root / "models" / "model.pt"), {"model": network}, map_location="cpu")(Engine(lambda e, b: None))
+    assert all(torch.equal(network.state_dict()[k], v) for k, v in expected.items())
+
+
+def test_without_weights_the_bundle_asks_for_a_checkpoint(tmp_path):
+    from medsam3_monai.bundle import bundle_weights
+
+    with pytest.raises(ValueError, match="no weights: .*models/model.pt does not exist.*--checkpoint tiny"):
+        bundle_weights(tmp_path)

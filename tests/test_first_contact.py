@@ -1,0 +1,184 @@
+"""What a new user meets on unseen data: unreadable files in a datalist, bundles run from the shell, notes that
+say why a mask is empty, radiological overlays, log intervals. Every bad input: one line on stderr, exit 2, no
+traceback, nothing left behind."""
+
+from __future__ import annotations
+
+import json
+import subprocess
+import sys
+from pathlib import Path
+from types import SimpleNamespace
+
+import pytest
+import torch
+
+from medsam3_monai.bundle import BUNDLE_CONFIGS
+
+pytestmark = pytest.mark.usefixtures("one_thread")
+
+
+def cli(*argv: str) -> int:
+    from medsam3_monai.deploy.cli import main
+
+    return main(list(argv))
+
+
+def error_line(err: str, command: str) -> str:
+    """The one non-progress line of stderr, which must be our error."""
+    lines = [line for line in err.splitlines() if line.strip()]
+    assert len(lines) == 1 and lines[0].startswith(f"medsam3 {command}: error: "), err
+    assert "Traceback" not in err
+    return lines[0]
+
+
+@pytest.fixture()
+def kvasir_with_a_truncated_mask(shared_data: Path, tmp_path: Path) -> tuple[Path, Path]:
+    """A copy of the Kvasir sample with one mask cut to 2000 bytes, and its datalist."""
+    from medsam3_monai.data.datalist import build_datalist, write_datalist
+
+    root = tmp_path / "kvasir"
+    for folder in ("images", "masks"):
+        (root / folder).mkdir(parents=True)
+        for path in sorted((shared_data / "Kvasir-SEG_sample" / folder).iterdir()):
+            (root / folder / path.name).write_bytes(path.read_bytes())
+    cut = sorted((root / "masks").iterdir())[0]
+    cut.write_bytes(cut.read_bytes()[:2000])
+    datalist = write_datalist(build_datalist("Kvasir-SEG", root).datalist, tmp_path / "kvasir.json")
+    return datalist, cut
+
+
+def test_evaluate_names_the_unreadable_file_or_skips_it(kvasir_with_a_truncated_mask, tmp_path, capsys):
+    datalist, cut = kvasir_with_a_truncated_mask
+    out = tmp_path / "report"
+    common = ["evaluate", "--datalist", str(datalist), "--checkpoint", "tiny", "--split", "all", "--no-mlflow",
+              "--no-progress", "--overlays", "0", "--out", str(out)]
+    assert cli(*common) == 2
+    line = error_line(capsys.readouterr().err, "evaluate")
+    assert str(cut) in line and "truncated" in line
+    assert not out.exists()
+
+    assert cli(*common, "--skip-unreadable") == 0
+    err = capsys.readouterr().err
+    assert "skipped 1 unreadable case(s) of 5" in err
+    skipped = (out / "skipped.csv").read_text()
+    assert str(cut) in skipped and "truncated" in skipped
+    assert "1 unreadable case(s) skipped" in (out / "table.md").read_text()
+    assert sum(1 for _ in (out / "cases.csv").open()) == 1 + 4  # header + the four readable cases
+
+
+def test_datalist_check_decodes_every_file(kvasir_with_a_truncated_mask, tmp_path, capsys):
+    _, cut = kvasir_with_a_truncated_mask
+    root, out = cut.parent.parent, tmp_path / "checked.json"
+    assert cli("datalist", "Kvasir-SEG", str(root), "--out", str(out)) == 0  # headers only: passes
+    capsys.readouterr()
+    out.unlink()
+    assert cli("datalist", "Kvasir-SEG", str(root), "--out", str(out), "--check", "--no-progress") == 2
+    assert str(cut) in error_line(capsys.readouterr().err, "datalist") and not out.exists()
+    assert cli("datalist", "Kvasir-SEG", str(root), "--out", str(out), "--check", "--skip-bad", "--no-progress") == 0
+    assert "1 skipped (bad input)" in capsys.readouterr().err
+    assert sum(len(v) for v in json.loads(out.read_text()).values()) == 4
+
+
+def run_bundle(configs: list[str], *overrides: str) -> subprocess.CompletedProcess:
+    files = [str(BUNDLE_CONFIGS / name) for name in configs]
+    argv = [sys.executable, "-m", "monai.bundle", "run", "--config_file", str(files),
+            "--meta_file", str(BUNDLE_CONFIGS / "metadata.json"), *overrides]
+    return subprocess.run(argv, capture_output=True, text=True)
+
+
+@pytest.mark.slow
+def test_bundles_end_an_input_error_with_one_line_and_exit_2(kvasir_with_a_truncated_mask, tmp_path):
+    datalist, cut = kvasir_with_a_truncated_mask
+    evaluation = run_bundle(["inference.json", "evaluate.json"], "--bundle_root", str(tmp_path / "eval"),
+                            "--datalists", str([str(datalist)]), "--split", "all", "--mlflow", "false",
+                            "--checkpoint", "tiny")
+    no_weights = run_bundle(["inference.json", "evaluate.json"], "--bundle_root", str(tmp_path / "eval"),
+                            "--datalists", str([str(datalist)]))
+    training = run_bundle(["train.json"], "--bundle_root", str(tmp_path / "train"),
+                          "--datalists", str([str(tmp_path / "missing.json")]))
+    for result, expected in ((evaluation, str(cut)), (no_weights, "no weights"), (training, "missing.json")):
+        output = result.stdout + result.stderr
+        assert result.returncode == 2, output[-3000:]
+        assert "Traceback" not in output
+        last = result.stderr.strip().splitlines()[-1]
+        assert last.startswith("medsam3 bundle: error: ") and expected in last, last
+    assert not (tmp_path / "eval").exists() and not (tmp_path / "train").exists()
+
+
+def test_garbage_checkpoints_get_our_words_not_pytorchs(tmp_path, capsys, shared_data):
+    image = next((shared_data / "Kvasir-SEG_sample" / "images").iterdir())
+    for name, payload in (("random.pt", bytes(range(256)) * 8), ("text.pt", b"hello")):
+        garbage = tmp_path / name
+        garbage.write_bytes(payload)
+        out = tmp_path / "mask.png"
+        assert cli("segment", str(image), "--prompt", "polyp", "--checkpoint", str(garbage), "--out", str(out)) == 2
+        line = error_line(capsys.readouterr().err, "segment")
+        assert "not a readable PyTorch checkpoint" in line and "Re-running" not in line and not out.exists()
+
+
+def test_nan_volumes_are_refused_without_talking_of_training(tmp_path, capsys):
+    import nibabel as nib
+    import numpy as np
+
+    volume = np.random.default_rng(0).random((16, 16, 4)).astype(np.float32)
+    volume[3, 3, 1] = np.nan
+    path = tmp_path / "nan.nii.gz"
+    nib.save(nib.Nifti1Image(volume, np.eye(4)), path)
+    out = tmp_path / "seg.nii.gz"
+    assert cli("segment", str(path), "--prompt", "liver", "--out", str(out), "--no-progress") == 2
+    line = error_line(capsys.readouterr().err, "segment")
+    assert "NaN" in line and "training" not in line and not out.exists()
+
+
+def test_every_prediction_empty_is_said_under_the_table(tmp_path):
+    from medsam3_monai.engines.reports import EvaluationReport
+
+    record = {"dataset": "D", "group": "internal", "case": "c", "prompt": "polyp", "protocol": "top_query",
+              "label": 1, "score": 0.1, "metrics": {"dice": 0.0, "iou": 0.0}, "empty_prediction": True}
+    report = EvaluationReport(tmp_path / "r", mlflow=False)
+    report.records = [record, dict(record, case="d")]
+    report.write()
+    text = (tmp_path / "r" / "table.md").read_text()
+    assert "WARNING: every prediction of this run is empty" in text and "--protocol semantic" in text
+    report.records[1] = dict(record, case="d", empty_prediction=False)
+    report.write()
+    assert "WARNING" not in (tmp_path / "r" / "table.md").read_text()
+
+
+def test_volume_notes_tell_low_scores_from_empty_masks():
+    from medsam3_monai.deploy.segment_cli import empty_volume_notes
+
+    prediction = SimpleNamespace(prompts=["liver", "spleen", "kidney"], scores=[0.088, 0.03, 0.9],
+                                 seed_slices=[-1, -1, 4])
+    low_score_but_empty, low, = empty_volume_notes(prediction, 0.05)
+    assert "'liver'" in low_score_but_empty and "0.088" in low_score_but_empty and "masks were empty" in low_score_but_empty
+    assert "'spleen'" in low and "no slice scored >= 0.05 (best 0.030)" in low
+
+
+@pytest.mark.parametrize("diagonal, flips", [
+    ((3.0, 3.0, 3.0), (True, True)),      # RAS-stored (nibabel's default): both axes run the wrong way on screen
+    ((-1.0, -1.0, 1.0), (False, False)),  # LPS-stored (DICOM order): already radiological
+    ((-1.0, 1.0, 1.0), (True, False)),    # LAS-stored
+])
+def test_volume_slices_are_shown_in_the_radiological_convention(diagonal, flips):
+    from medsam3_monai.metrics.plots import radiological_view
+
+    plane = torch.arange(12.0).reshape(3, 4)  # rows along volume axis 1 (Y), columns along axis 0 (X)
+    shown = radiological_view(plane, torch.diag(torch.tensor([*diagonal, 1.0])), row_axis=1, col_axis=0)
+    expected = plane.flip(-2) if flips[0] else plane
+    expected = expected.flip(-1) if flips[1] else expected
+    assert torch.equal(shown, expected)
+    swapped = torch.tensor([[0.0, 1, 0, 0], [1, 0, 0, 0], [0, 0, 1, 0], [0, 0, 0, 1]])  # axis 0 is y, axis 1 is x
+    assert radiological_view(plane, swapped, row_axis=1, col_axis=0).shape == (4, 3)  # rows become anterior-posterior
+
+
+def test_training_logs_every_log_interval_iterations_not_every_one():
+    from medsam3_monai.bundle import config_parser
+
+    parser = config_parser("train.json", log_interval=10)
+    handler = next(h for h in parser.get("train#handlers") if isinstance(h, dict) and h.get("_target_") == "StatsHandler")
+    parser["train#handlers"] = [handler]
+    (stats,) = parser.get_parsed_content("train#handlers")
+    assert callable(stats.iteration_log)
+    assert [i for i in range(1, 31) if stats.iteration_log(None, i)] == [10, 20, 30]

@@ -1,0 +1,323 @@
+"""Large 2D inputs: refusal before decoding (size limit, PIL's decompression-bomb limit, available memory), the
+tiled slice-space resize and inverse against MONAI's eager ones, progress bars, and the NIfTI writer keeping a
+2D input's shape and its qform/sform codes. Small pictures stand in for large ones (the tiled paths are forced
+by lowering ``EAGER_MAX_PIXELS``); the memory itself is measured by ``scripts/bench_memory.py``."""
+
+from __future__ import annotations
+
+import json
+from pathlib import Path
+
+import nibabel as nib
+import numpy as np
+import pytest
+import torch
+import torch.nn.functional as F
+from monai.data import MetaTensor
+from monai.transforms import Compose, Invertd
+from PIL import Image
+
+import medsam3_monai.inferers.postprocess as postprocess
+import medsam3_monai.transforms.slices as slices
+from medsam3_monai.deploy.cli import main
+from medsam3_monai.inferers.postprocess import InvertToInputd, MergePromptsd, materialize_inverse, pending_inverse
+from medsam3_monai.transforms import (
+    AxialSlicesd,
+    DataError,
+    GreyToRGBd,
+    LoadMedicalImaged,
+    ResizeToSliced,
+    Sam3Normalized,
+    ScaleIntensityByModalityd,
+    TiledResizeToSliced,
+    load_medical_image,
+)
+from medsam3_monai.transforms.intensity import materialize_intensity, pending_intensity, row_tiles
+from medsam3_monai.transforms.slices import bilinear_weights, upsample_rows
+
+pytestmark = pytest.mark.usefixtures("one_thread")
+
+S = 112
+
+
+def picture(path: Path, height: int = 200, width: int = 300, mode: str = "RGB", seed: int = 0) -> Path:
+    """A smooth picture with a bright disc and some noise (PNG, rows first)."""
+    rng = np.random.default_rng(seed)
+    rows, cols = np.mgrid[0:height, 0:width].astype(np.float32)
+    base = 80 + 60 * np.sin(rows / height * 5) * np.cos(cols / width * 3)
+    disc = (rows - 0.4 * height) ** 2 + (cols - 0.6 * width) ** 2 < (0.25 * min(height, width)) ** 2
+    rgb = np.stack([base, base * 0.8 + 30, 200 - base * 0.5], -1) + rng.normal(0, 6, (height, width, 3))
+    rgb[disc] = 235
+    Image.fromarray(rgb.clip(0, 255).astype(np.uint8)).convert(mode).save(path)
+    return path
+
+
+def segment(*args: str) -> int:
+    return main(["segment", *args])
+
+
+@pytest.fixture()
+def tiled(monkeypatch):
+    """Every 2D picture takes the tiled passes (as a picture of more than EAGER_MAX_PIXELS would)."""
+    monkeypatch.setattr(slices, "EAGER_MAX_PIXELS", 0)
+    monkeypatch.setattr(postprocess, "EAGER_MAX_PIXELS", 0)
+
+
+# ------------------------------------------------------------------------------------------------ refusal
+def test_a_picture_over_the_limit_is_refused_in_one_line_with_exit_2_and_no_output(tmp_path, capsys):
+    source = picture(tmp_path / "big.png")
+    out = tmp_path / "out" / "mask.png"
+    code = segment(str(source), "--prompt", "disc", "--out", str(out), "--max-pixels", "1000", "--no-progress")
+    err = capsys.readouterr().err
+    assert code == 2
+    assert err.strip().count("\n") == 0, err
+    assert "300x200 picture (0.1 Mpx" in err and "exceeds the limit of 1000 pixels" in err
+    assert "--max-pixels 60000" in err and "MEDSAM3_MAX_PIXELS" in err
+    assert not (tmp_path / "out").exists() and not list(tmp_path.rglob(".medsam3-segment-*"))
+
+
+def test_the_environment_variable_sets_the_limit_too(tmp_path, capsys, monkeypatch):
+    source = picture(tmp_path / "big.png")
+    monkeypatch.setenv("MEDSAM3_MAX_PIXELS", "1000")
+    assert segment(str(source), "--prompt", "disc", "--out", str(tmp_path / "m.png"), "--no-progress") == 2
+    assert "exceeds the limit of 1000 pixels" in capsys.readouterr().err
+    with pytest.raises(DataError, match="exceeds the limit of 1000 pixels"):
+        load_medical_image(source, max_pixels="auto")
+    assert not (tmp_path / "m.png").exists()
+
+
+def test_a_picture_that_would_not_fit_in_memory_is_refused_with_the_estimate(tmp_path, capsys, monkeypatch):
+    import medsam3_monai.transforms.io as io
+
+    source = picture(tmp_path / "big.png")
+    monkeypatch.setattr(io, "available_memory", lambda: 100_000)  # 100 kB free
+    assert segment(str(source), "--prompt", "disc", "--out", str(tmp_path / "m.png"), "--no-progress") == 2
+    err = capsys.readouterr().err
+    assert err.strip().count("\n") == 0, err
+    assert "does not fit in" in err and "of memory available" in err and "bytes/pixel" in err
+    assert "--max-pixels 60000" in err
+    assert not (tmp_path / "m.png").exists()
+    # an explicit limit is the user's call: no memory check then
+    assert segment(str(source), "--prompt", "disc", "--out", str(tmp_path / "m.png"), "--max-pixels", "60000",
+                   "--no-progress") == 0
+
+
+def test_a_picture_over_pils_limit_is_not_called_corrupt_and_the_option_allows_it(tmp_path, capsys, monkeypatch):
+    source = picture(tmp_path / "big.png")  # 60 000 pixels, more than twice the limit below: PIL itself refuses it
+    monkeypatch.setattr(Image, "MAX_IMAGE_PIXELS", 10_000)
+    with pytest.raises(DataError) as caught:
+        load_medical_image(source)
+    message = str(caught.value)
+    assert "larger than PIL's decompression-bomb limit of 20000 pixels" in message and "not corrupt" in message
+    assert "--max-pixels 60000" in message and "re-download" not in message and "corrupt, truncated" not in message
+
+    out = tmp_path / "mask.png"
+    assert segment(str(source), "--prompt", "disc", "--out", str(out), "--no-progress") == 2
+    err = capsys.readouterr().err
+    assert "decompression-bomb limit" in err and "re-download" not in err and not out.exists()
+
+    assert segment(str(source), "--prompt", "disc", "--out", str(out), "--max-pixels", "60000", "--no-progress") == 0
+    assert Image.MAX_IMAGE_PIXELS == 10_000, "PIL's limit is lifted for the one file only"
+    loaded = load_medical_image(source, max_pixels=60_000)
+    assert tuple(loaded.shape) == (3, 200, 300)
+    assert tuple(load_medical_image(out, mask=True, max_pixels=60_000).shape) == (1, 200, 300)
+
+
+def test_a_corrupt_picture_is_still_called_corrupt(tmp_path):
+    path = picture(tmp_path / "cut.png")
+    path.write_bytes(path.read_bytes()[:300])
+    with pytest.raises(DataError, match="corrupt, truncated"):
+        load_medical_image(path, max_pixels="auto")
+
+
+# ------------------------------------------------------------------------------------------------ the 2D path
+def inference_chain(size: int = S) -> Compose:
+    """The preprocessing of configs/inference.json (2D part)."""
+    return Compose([
+        LoadMedicalImaged(keys="image", label_keys=(), keep_uint8=True, max_pixels="auto"),
+        ScaleIntensityByModalityd(keys="image", defer_2d=True),
+        AxialSlicesd(keys="image"),
+        GreyToRGBd(keys="image"),
+        TiledResizeToSliced(keys="image", spatial_size=size),
+        Sam3Normalized(keys="image"),
+    ])
+
+
+def eager_chain(size: int = S) -> Compose:
+    """The same steps, each on the whole float image (the training chain; the inference bundle before)."""
+    return Compose([
+        LoadMedicalImaged(keys="image", label_keys=()),
+        ScaleIntensityByModalityd(keys="image"),
+        AxialSlicesd(keys="image"),
+        GreyToRGBd(keys="image"),
+        ResizeToSliced(keys="image", spatial_size=size),
+        Sam3Normalized(keys="image"),
+    ])
+
+
+def _ops(image: MetaTensor) -> list[dict]:
+    return [{k: v for k, v in op.items() if k != "id"} for op in image.applied_operations]
+
+
+@pytest.mark.parametrize("mode", ["RGB", "L"])
+@pytest.mark.parametrize("modality", [None, "CT", "MRI", "X-ray"])
+def test_the_native_picture_stays_uint8_and_the_slice_space_image_is_monais(tmp_path, mode, modality, monkeypatch):
+    source = picture(tmp_path / "p.png", mode=mode)
+    item = {"image": str(source), "modality": modality}
+    loaded = LoadMedicalImaged(keys="image", label_keys=(), keep_uint8=True)(item)["image"]
+    assert loaded.dtype == torch.uint8
+    deferred = ScaleIntensityByModalityd(keys="image", defer_2d=True)({**item, "image": loaded})["image"]
+    assert deferred.dtype == torch.uint8 and pending_intensity(deferred) is not None
+    eager_scaled = ScaleIntensityByModalityd(keys="image")({**item, "image": loaded.float()})["image"]
+    assert torch.equal(materialize_intensity(deferred).as_tensor(), eager_scaled.as_tensor())  # bit for bit
+
+    eager = eager_chain()(item)[0]["image"]
+    small = inference_chain()(item)[0]["image"]  # 60 000 pixels: MONAI's own resize
+    assert torch.equal(small.as_tensor(), eager.as_tensor()) and _ops(small) == _ops(eager)
+    monkeypatch.setattr(slices, "EAGER_MAX_PIXELS", 0)
+    chain = inference_chain()
+    tiled = chain(item)[0]["image"]
+    assert tuple(tiled.shape) == (3, S, S) and tiled.dtype == torch.float32
+    assert torch.allclose(tiled.as_tensor(), eager.as_tensor(), atol=2 * (1 / 255) / 0.5)  # at most one grey level
+    assert (tiled.as_tensor() != eager.as_tensor()).float().mean() < 0.002
+    assert _ops(tiled) == _ops(eager) and torch.equal(tiled.affine, eager.affine)
+    assert pending_intensity(tiled) is None and tiled.meta["intensity"] == eager.meta["intensity"]
+    back = Invertd(keys="pred", transform=chain, orig_keys="image", nearest_interp=False)(
+        {"pred": MetaTensor(torch.zeros(1, S, S)), "image": tiled})["pred"]
+    assert tuple(back.shape) == (1, 200, 300) and torch.allclose(back.affine, torch.eye(4, dtype=back.affine.dtype))
+
+
+def test_the_tiled_resize_equals_monais_before_quantisation(monkeypatch):
+    monkeypatch.setattr(slices, "EAGER_MAX_PIXELS", 0)
+    rng = np.random.default_rng(3)
+    for height, width in [(300, 200), (90, 300), (1000, 999), (80, 60), (60, 1500)]:
+        image = MetaTensor(torch.as_tensor(rng.integers(0, 256, (3, height, width), dtype=np.uint8)),
+                           meta={"source_dtype": "uint8", "is_volume": False})
+        eager = Compose([ScaleIntensityByModalityd(), ResizeToSliced(spatial_size=S)])({"image": image})["image"]
+        tiled = Compose([ScaleIntensityByModalityd(defer_2d=True), TiledResizeToSliced(spatial_size=S)])(
+            {"image": image})["image"]
+        assert torch.allclose(tiled.as_tensor(), eager.as_tensor(), atol=1e-6), (height, width)
+
+
+def test_the_tiled_inverse_equals_the_untiled_one_and_interpolate():
+    generator = torch.Generator().manual_seed(0)
+    logits = torch.randn(3, S, S, generator=generator) * 10
+    for height, width in [(700, 900), (S, 500), (2000, 150)]:
+        whole = upsample_rows(logits, (height, width), 0, height)
+        columns = bilinear_weights(S, width)
+        tiles = [upsample_rows(logits, (height, width), start, stop, columns)
+                 for start, stop in row_tiles(height, width, 3, elements=20_000)]
+        assert len(tiles) > 3 and torch.equal(torch.cat(tiles, dim=1), whole)
+        reference = F.interpolate(logits[None], size=(height, width), mode="bilinear", align_corners=False)[0]
+        assert torch.allclose(whole, reference, atol=1e-4, rtol=0)
+        assert torch.equal(whole > 0, reference > 0)
+
+
+def _case(image_path: Path, chain: Compose, prompts: int, seed: int = 0) -> list[dict]:
+    """The slice items of a picture with seeded slice-space logits and scores, as PromptInferer leaves them."""
+    items = chain({"image": str(image_path)})
+    generator = torch.Generator().manual_seed(seed)
+    logits = torch.randn(prompts, 14, 14, generator=generator) * 6
+    logits = F.interpolate(logits[None], size=(S, S), mode="bilinear", align_corners=False)[0]
+    for item in items:
+        item.update(pred=MetaTensor(logits.clone()), prompt_scores=torch.rand(prompts, generator=generator),
+                    prompt_values=[3, 7, 250][:prompts])
+    return items
+
+
+def _old_post(chain: Compose) -> Compose:
+    return Compose([Compose([Invertd(keys=["pred", "confidence"], transform=chain, orig_keys="image",
+                                     nearest_interp=False, allow_missing_keys=True)]),
+                    slices.RestackSlicesd(keys=["pred", "confidence"], ref_key="image"),
+                    MergePromptsd(keys="pred", confidence_key="confidence")], map_items=False)
+
+
+def _new_post(chain: Compose) -> Compose:
+    return Compose([Compose([InvertToInputd(keys=["pred", "confidence"], transform=chain, orig_keys="image",
+                                            nearest_interp=False, allow_missing_keys=True)]),
+                    slices.RestackSlicesd(keys=["pred", "confidence"], ref_key="image"),
+                    MergePromptsd(keys="pred", confidence_key="confidence")], map_items=False)
+
+
+@pytest.mark.parametrize("prompts", [1, 3])
+def test_the_tiled_inverse_and_merge_give_the_label_map_of_invertd(tmp_path, tiled, prompts):
+    source = picture(tmp_path / "p.png")
+    chain = inference_chain()
+    items = _case(source, chain, prompts)
+    deferred = InvertToInputd(keys="pred", transform=chain, orig_keys="image", nearest_interp=False)(items[0])
+    assert pending_inverse(deferred["pred"]) == (200, 300) and tuple(deferred["pred"].shape) == (prompts, S, S)
+    old = _old_post(chain)([dict(i) for i in items])["pred"]
+    new = _new_post(chain)([dict(i) for i in items])["pred"]
+    assert new.dtype == old.dtype and tuple(new.shape) == (1, 200, 300)
+    assert torch.equal(new.as_tensor(), old.as_tensor())
+    assert torch.equal(new.affine, old.affine) and set(new.meta) == set(old.meta)
+    assert len(torch.unique(new)) > 1, "the case exercises masks (and, with 3 prompts, overlaps)"
+    full = materialize_inverse(deferred["pred"])
+    inverted = Invertd(keys="pred", transform=chain, orig_keys="image", nearest_interp=False)(dict(items[0]))["pred"]
+    assert torch.allclose(full.as_tensor(), inverted.as_tensor(), atol=1e-5) and torch.equal(full.affine,
+                                                                                                inverted.affine)
+
+
+def test_small_pictures_and_volume_slices_take_invertd_unchanged(tmp_path):
+    source = picture(tmp_path / "p.png")
+    chain = inference_chain()
+    items = _case(source, chain, 2)
+    assert torch.equal(_new_post(chain)([dict(i) for i in items])["pred"].as_tensor(),
+                       _old_post(chain)([dict(i) for i in items])["pred"].as_tensor())
+    affine = torch.diag(torch.tensor([0.8, 0.7, 2.5, 1.0], dtype=torch.float64))
+    volume = torch.rand(1, 40, 30, 4, generator=torch.Generator().manual_seed(2)) * 400 - 100
+    path = tmp_path / "v.nii.gz"
+    nib.save(nib.Nifti1Image(volume[0].numpy(), affine.numpy()), path)
+    slice_items = chain({"image": str(path), "modality": "CT"})
+    assert len(slice_items) == 4 and "slice_index" in slice_items[0]["image"].meta
+    generator = torch.Generator().manual_seed(5)
+    for item in slice_items:
+        masks = torch.rand(2, S, S, generator=generator) > 0.5
+        item.update(pred=MetaTensor(torch.where(masks, 1e4, -1e4)), confidence=MetaTensor(masks.float() * 0.7),
+                    prompt_values=[1, 2], prompt_scores=torch.tensor([0.7, 0.6]))
+    old = _old_post(chain)([dict(i) for i in slice_items])["pred"]
+    new = _new_post(chain)([dict(i) for i in slice_items])["pred"]
+    assert tuple(new.shape) == (1, 40, 30, 4) and torch.equal(new.as_tensor(), old.as_tensor())
+    assert torch.equal(new.affine, old.affine)
+
+
+def test_segment_cli_is_unchanged_for_small_pictures_and_shows_progress_only_for_large_ones(tmp_path, capsys,
+                                                                                           monkeypatch):
+    source = picture(tmp_path / "p.png")
+    small = tmp_path / "small.png"
+    assert segment(str(source), "--prompt", "disc", "--prompt", "background", "--out", str(small)) == 0
+    assert "masks at" not in capsys.readouterr().err
+    monkeypatch.setattr(slices, "EAGER_MAX_PIXELS", 0)
+    monkeypatch.setattr(postprocess, "EAGER_MAX_PIXELS", 0)
+    monkeypatch.setattr(slices, "PROGRESS_MIN_PIXELS", 1000)
+    monkeypatch.setattr(postprocess, "PROGRESS_MIN_PIXELS", 1000)
+    large = tmp_path / "large.png"
+    assert segment(str(source), "--prompt", "disc", "--prompt", "background", "--out", str(large)) == 0
+    err = capsys.readouterr().err
+    assert "p.png: 200x300 -> 112x112" in err and "p.png: masks at 200x300" in err
+    assert segment(str(source), "--prompt", "disc", "--prompt", "background", "--out", str(large), "--overwrite",
+                   "--no-progress") == 0
+    assert "masks at" not in capsys.readouterr().err
+    labels_small, labels_large = np.asarray(Image.open(small)), np.asarray(Image.open(large))
+    assert labels_large.shape == labels_small.shape == (200, 300)
+    assert (labels_large != labels_small).mean() < 0.01  # the same up to float rounding of the network input
+
+
+# ------------------------------------------------------------------------------------------------ NIfTI writer
+@pytest.mark.parametrize("codes", [(0, 2), (1, 0), (0, 0)])
+def test_a_2d_nifti_comes_back_2d_with_its_qform_and_sform_codes(tmp_path, codes):
+    qform_code, sform_code = codes
+    affine = np.array([[0.5, 0, 0, -10], [0, 0.6, 0, 4], [0, 0, 1.0, 0], [0, 0, 0, 1]])
+    image = nib.Nifti1Image((np.random.default_rng(0).random((64, 64)) * 100).astype(np.float32), affine)
+    image.set_qform(affine, code=qform_code)
+    image.set_sform(affine, code=sform_code)
+    source = tmp_path / "flat.nii.gz"
+    nib.save(image, source)
+    out = tmp_path / "labels.nii.gz"
+    assert segment(str(source), "--prompt", "bright", "--out", str(out), "--no-progress") == 0
+    written = nib.load(str(out))
+    assert written.shape == (64, 64)
+    assert int(written.header["qform_code"]) == qform_code and int(written.header["sform_code"]) == sform_code
+    source_image = nib.load(str(source))
+    assert np.allclose(written.affine, source_image.affine)
+    assert json.loads(Path(f"{out}.json").read_text())["shape"] == [64, 64]

@@ -1,0 +1,45 @@
+"""MLflow runs worth reviewing: the training bundle with ``--tracking configs/mlflow.json`` logs on the iteration
+axis, names the learning-rate groups and keeps the best and final checkpoints and the metadata."""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+import pytest
+
+from medsam3_monai.bundle import BUNDLE_CONFIGS
+
+pytestmark = pytest.mark.usefixtures("one_thread")
+
+
+@pytest.mark.slow
+def test_training_run_is_reviewable_in_mlflow(shared_data: Path, tmp_path: Path):
+    from mlflow import MlflowClient
+    from monai.bundle import ConfigWorkflow
+
+    from medsam3_monai.data import build_datalist, write_datalist
+
+    datalist = write_datalist(build_datalist("Kvasir-SEG_sample", shared_data / "Kvasir-SEG_sample").datalist,
+                              tmp_path / "kvasir.json")
+    bundle_root = tmp_path / "kvasir-tiny"
+    workflow = ConfigWorkflow(
+        config_file=str(BUNDLE_CONFIGS / "train.json"), meta_file=str(BUNDLE_CONFIGS / "metadata.json"),
+        logging_file=str(BUNDLE_CONFIGS / "logging.conf"), workflow_type="train",
+        tracking=str(BUNDLE_CONFIGS / "mlflow.json"), bundle_root=str(bundle_root), datalists=[str(datalist)],
+        max_epochs=2, batch_size=1, val_interval=2, log_interval=2, save_interval=100,
+    )
+    workflow.initialize()
+    workflow.run()
+    workflow.finalize()
+
+    client = MlflowClient(tracking_uri=f"sqlite:///{bundle_root / 'runs' / 'mlruns.db'}")
+    (run,) = client.search_runs([client.get_experiment_by_name("medsam3").experiment_id])
+    assert run.info.run_name == "kvasir-tiny" and run.info.status == "FINISHED"
+    val = client.get_metric_history(run.info.run_id, "val_dice")
+    assert [m.step for m in val] == [2, 4, 6, 8]  # 4 iterations per epoch, validation every 2: iteration steps
+    assert {m.step for m in client.get_metric_history(run.info.run_id, "loss")} == {2, 4, 6, 8}
+    metrics = set(run.data.metrics)
+    assert {"lr/detector", "lr/language", "lr/geometry"} <= metrics and not any("lr_group" in m for m in metrics)
+    assert any(m.startswith("lr/vision") for m in metrics)
+    artifacts = {a.path for a in client.list_artifacts(run.info.run_id)}
+    assert {"model.pt", "model_best_val_dice.pt", "metadata.json"} <= artifacts, artifacts

@@ -1,0 +1,297 @@
+"""The MONAI Label app (apps/monailabel_medsam3) in the real MONAI Label server, driven by MONAI Label's client.
+
+`monailabel start_server` runs from the MONAI Label environment (``make monailabel``; skipped when it is not
+built) with a studies folder holding one Kvasir JPEG and one MSD hippocampus NIfTI; MONAI Label's own client
+(``apps/monailabel_medsam3/client.py``, run by that environment's python) asks for ``/info/``, infers both by
+image id from the studies folder and both by upload, and every returned mask must equal what ``medsam3 segment``
+(this environment) writes for the same input and prompts. The app folder is copied to a temporary folder first:
+``start_server`` creates model/, lib/, logs/ and bin/ folders and writes logs/app.log inside the app folder.
+"""
+
+from __future__ import annotations
+
+import http.client
+import json
+import os
+import re
+import shutil
+import signal
+import socket
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+import numpy as np
+import pytest
+
+REPO_ROOT = Path(__file__).resolve().parents[1]
+APP = REPO_ROOT / "apps" / "monailabel_medsam3"
+MONAILABEL_VENV = Path(os.environ.get("MEDSAM3_MONAILABEL_VENV")
+                       or Path.home() / ".cache" / "medsam3-monai" / "monailabel-venv")
+IMAGE = "cju0qkwl35piu0993l0dewei2.jpg"  # Kvasir-SEG_sample/images
+VOLUME = "hippocampus_001.nii.gz"  # MSD_Task04_Hippocampus_cropped/images
+LABELS = {"polyp": 1, "hippocampus": 2}
+SCORE_THRESHOLD = "0.2"  # the tiny random network's volume detections score ~0.25: keeps the volume masks non-empty
+DEADLINE_S = 600  # generous: the server's start and every request together
+
+
+
+def _free_port() -> int:
+    with socket.socket() as sock:
+        sock.bind(("127.0.0.1", 0))
+        return sock.getsockname()[1]
+
+
+def _tail(path: Path, lines: int = 60) -> str:
+    try:
+        return "\n".join(path.read_text(errors="replace").splitlines()[-lines:])
+    except OSError:
+        return "(no log)"
+
+
+def _info_ready(port: int) -> bool:
+    conn = http.client.HTTPConnection("127.0.0.1", port, timeout=5)
+    try:
+        conn.request("GET", "/info/")
+        return conn.getresponse().status == 200
+    except OSError:
+        return False
+    finally:
+        conn.close()
+
+
+def _medsam3() -> list[str]:
+    """This environment's ``medsam3`` command."""
+    script = Path(sys.executable).parent / "medsam3"
+    return [str(script)] if script.exists() else [sys.executable, "-m", "medsam3_monai.deploy.cli"]
+
+
+@pytest.fixture(scope="module")
+def server(tmp_path_factory, shared_data):
+    """URL of `monailabel start_server --app <copy of apps/monailabel_medsam3> --studies <2 files>`."""
+    for tool in ("monailabel", "python"):
+        if not (MONAILABEL_VENV / "bin" / tool).exists():
+            pytest.skip(f"the MONAI Label environment is not built at {MONAILABEL_VENV} (no bin/{tool}): run "
+                        "`make monailabel` (scripts/setup_monailabel_env.sh) to run this test")
+    root = tmp_path_factory.mktemp("monailabel")
+    studies = root / "studies"
+    studies.mkdir()
+    shutil.copy(shared_data / "Kvasir-SEG_sample" / "images" / IMAGE, studies / IMAGE)
+    shutil.copy(shared_data / "MSD_Task04_Hippocampus_cropped" / "images" / VOLUME, studies / VOLUME)
+    app = root / "app"
+    shutil.copytree(APP, app, ignore=shutil.ignore_patterns("__pycache__", "logs", "model", "bin"))
+
+    port = _free_port()
+    env = {k: v for k, v in os.environ.items() if k not in ("PYTHONPATH", "PYTHONHOME", "VIRTUAL_ENV")}
+    env.update(PATH=f"{MONAILABEL_VENV / 'bin'}{os.pathsep}{env.get('PATH', '')}", VIRTUAL_ENV=str(MONAILABEL_VENV),
+               MONAILABEL_PYEXE=str(MONAILABEL_VENV / "bin" / "python"),
+               MONAI_LABEL_SESSION_PATH=str(root / "sessions"))
+    log_path = root / "server.log"
+    # `monailabel` is a bash wrapper that word-splits its arguments: JSON with spaces would break, so the
+    # labels go in the comma form (values 1..P)
+    command = [str(MONAILABEL_VENV / "bin" / "monailabel"), "start_server", "--app", str(app), "--studies",
+               str(studies), "--host", "127.0.0.1", "--port", str(port),
+               "--conf", "labels", ",".join(LABELS), "--conf", "score_threshold", SCORE_THRESHOLD]
+    with open(log_path, "wb") as log:
+        proc = subprocess.Popen(command, stdout=log, stderr=subprocess.STDOUT, env=env, cwd=root,
+                                start_new_session=True)
+    deadline = time.monotonic() + DEADLINE_S
+    try:
+        while not _info_ready(port):
+            if proc.poll() is not None:
+                pytest.fail(f"monailabel start_server exited with {proc.returncode}:\n{_tail(log_path)}")
+            if time.monotonic() > deadline:
+                pytest.fail(f"monailabel start_server did not answer /info/ in {DEADLINE_S} s:\n{_tail(log_path)}")
+            time.sleep(1)
+        yield {"url": f"http://127.0.0.1:{port}", "root": root, "log": log_path, "deadline": deadline,
+               "studies": studies}
+    finally:
+        if proc.poll() is None:
+            os.killpg(proc.pid, signal.SIGTERM)  # the wrapper execs python: the group is the server
+            try:
+                proc.wait(timeout=30)
+            except subprocess.TimeoutExpired:
+                os.killpg(proc.pid, signal.SIGKILL)
+                proc.wait(timeout=30)
+
+
+def _client(server, *args: str, check: bool = True) -> subprocess.CompletedProcess:
+    """apps/monailabel_medsam3/client.py (MONAI Label's client) with the MONAI Label environment's python."""
+    left = max(server["deadline"] - time.monotonic(), 1)
+    done = subprocess.run([str(MONAILABEL_VENV / "bin" / "python"), str(APP / "client.py"), "--server", server["url"],
+                           *args], capture_output=True, text=True, timeout=left, cwd=server["root"])
+    if check and done.returncode != 0:
+        pytest.fail(f"client {' '.join(args)} failed ({done.returncode}):\n{done.stderr[-3000:]}\n"
+                    f"server log:\n{_tail(server['log'])}")
+    return done
+
+
+def _infer(server, out: Path, image: str | None = None, file: Path | None = None, **params) -> dict:
+    params.setdefault("device", "cpu")  # the reference below runs on the CPU
+    where = ["--image", image] if image is not None else ["--file", str(file)]
+    done = _client(server, "infer", *where, "--params", json.dumps(params), "--out", str(out))
+    return json.loads(done.stdout)
+
+
+def _segment(source: Path, out: Path, prompts: list[str], *extra: str) -> dict:
+    command = [*_medsam3(), "segment", str(source), "--out", str(out), "--device", "cpu", "--no-progress", *extra]
+    for prompt in prompts:
+        command += ["--prompt", prompt]
+    done = subprocess.run(command, capture_output=True, text=True, timeout=600)
+    assert done.returncode == 0, done.stderr[-3000:]
+    return json.loads(Path(f"{out}.json").read_text())
+
+
+def _png(path: Path) -> np.ndarray:
+    from PIL import Image
+
+    with Image.open(path) as picture:
+        assert picture.mode == "L"
+        return np.asarray(picture)
+
+
+def _same_png(served: Path, reference: Path) -> np.ndarray:
+    got, want = _png(served), _png(reference)
+    assert got.shape == want.shape
+    np.testing.assert_array_equal(got, want)
+    return got
+
+
+def _same_nifti(served: Path, reference: Path) -> np.ndarray:
+    import nibabel as nib
+
+    got, want = nib.load(str(served)), nib.load(str(reference))
+    assert got.get_data_dtype() == want.get_data_dtype()
+    assert got.shape == want.shape
+    np.testing.assert_allclose(got.affine, want.affine, atol=1e-6)
+    assert int(got.header["qform_code"]) == int(want.header["qform_code"])
+    assert int(got.header["sform_code"]) == int(want.header["sform_code"])
+    data = np.asarray(got.dataobj)
+    np.testing.assert_array_equal(data, np.asarray(want.dataobj))
+    return data
+
+
+def _same_image(served: Path, reference: Path) -> None:
+    """Both files read by ITK: the same voxels at the same origin, spacing and direction (world geometry)."""
+    import itk
+
+    got, want = itk.imread(str(served)), itk.imread(str(reference))
+    np.testing.assert_array_equal(itk.array_view_from_image(got), itk.array_view_from_image(want))
+    np.testing.assert_allclose(np.asarray(got.GetOrigin()), np.asarray(want.GetOrigin()), atol=1e-4)
+    np.testing.assert_allclose(np.asarray(got.GetSpacing()), np.asarray(want.GetSpacing()), atol=1e-5)
+    np.testing.assert_allclose(itk.array_from_matrix(got.GetDirection()), itk.array_from_matrix(want.GetDirection()),
+                               atol=1e-5)
+
+
+def _same_summary(result: dict, sidecar: dict) -> None:
+    """The result JSON is `medsam3 segment`'s sidecar (less the file names)."""
+    for key in ("kind", "shape", "protocol", "checkpoint", "values"):
+        assert result[key] == sidecar[key], key
+    assert result["labels"].keys() == sidecar["labels"].keys()
+    for value, entry in sidecar["labels"].items():
+        got = result["labels"][value]
+        assert got["prompt"] == entry["prompt"]
+        assert got.get("pixels", got.get("voxels")) == entry.get("pixels", entry.get("voxels"))
+        assert got["score"] == pytest.approx(entry["score"], abs=1e-4)
+
+
+@pytest.mark.slow
+@pytest.mark.timeout(1200)
+def test_monailabel_server_serves_the_pipeline(server, shared_data, tmp_path):
+    image = shared_data / "Kvasir-SEG_sample" / "images" / IMAGE
+    volume = shared_data / "MSD_Task04_Hippocampus_cropped" / "images" / VOLUME
+
+    # GET /info/: the model, its labels (the concepts) and its config
+    info = json.loads(_client(server, "info").stdout)
+    model = info["models"]["medsam3"]
+    assert info["labels"] == LABELS and model["labels"] == LABELS
+    assert model["type"] == "segmentation"
+    assert model["config"]["concepts"] == {"polyp": "polyp", "hippocampus": "hippocampus"}
+    assert model["config"]["checkpoint"] == "tiny"
+    assert model["config"]["score_threshold"] == float(SCORE_THRESHOLD)
+    assert model["config"]["protocol"][0] == "top_query"
+    assert info["datastore"]["total"] == 2
+
+    # references: `medsam3 segment` with the same prompts (label values 1..P in the labels' order)
+    prompts = list(LABELS)
+    ref_image = _segment(image, tmp_path / "ref_image.png", prompts)
+    ref_polyp = _segment(image, tmp_path / "ref_polyp.png", ["polyp"])
+    ref_volume = _segment(volume, tmp_path / "ref_volume.nii.gz", prompts, "--score-threshold", SCORE_THRESHOLD)
+
+    # 2D image by id from the studies folder: every label
+    result = _infer(server, tmp_path / "id_image.png", image=Path(IMAGE).stem)
+    labels = _same_png(tmp_path / "id_image.png", tmp_path / "ref_image.png")
+    assert set(np.unique(labels)) == {0, 1, 2}  # both concepts present: the comparison is not vacuous
+    _same_summary(result, ref_image)
+    assert result["label_names"] == LABELS
+
+    # volume by id from the studies folder
+    result = _infer(server, tmp_path / "id_volume.nii.gz", image=VOLUME.removesuffix(".nii.gz"))
+    labels = _same_nifti(tmp_path / "id_volume.nii.gz", tmp_path / "ref_volume.nii.gz")
+    assert {1, 2} <= set(np.unique(labels).tolist())
+    _same_summary(result, ref_volume)
+
+    # 2D image by upload, one label: the 0/255 mask `medsam3 segment --prompt polyp` writes
+    result = _infer(server, tmp_path / "up_polyp.png", file=image, labels=["polyp"])
+    mask = _same_png(tmp_path / "up_polyp.png", tmp_path / "ref_polyp.png")
+    assert set(np.unique(mask)) == {0, 255}
+    _same_summary(result, ref_polyp)
+    assert result["label_names"] == {"polyp": 255}
+
+    # volume by upload
+    result = _infer(server, tmp_path / "up_volume.nii.gz", file=volume)
+    _same_nifti(tmp_path / "up_volume.nii.gz", tmp_path / "ref_volume.nii.gz")
+    _same_summary(result, ref_volume)
+    assert result["label_names"] == LABELS
+
+    # what 3D Slicer's MONAI Label module sends (the config's values, result_extension .nrrd, uint8): MONAI
+    # Label's own writer, the same labels in the same world geometry as the NIfTI / PNG above
+    slicer = {"protocol": "top_query", "score_threshold": float(SCORE_THRESHOLD), "modality": "auto",
+              "result_extension": ".nrrd", "result_dtype": "uint8"}
+    result = _infer(server, tmp_path / "slicer_volume.nrrd", image=VOLUME.removesuffix(".nii.gz"), **slicer)
+    _same_image(tmp_path / "slicer_volume.nrrd", tmp_path / "ref_volume.nii.gz")
+    assert result["label_names"] == LABELS
+    result = _infer(server, tmp_path / "slicer_image.nrrd", image=Path(IMAGE).stem, **slicer)
+    _same_image(tmp_path / "slicer_image.nrrd", tmp_path / "ref_image.png")
+
+    # an unknown label is the client's error (HTTP 400 with the reason), and the server keeps serving
+    done = _client(server, "infer", "--image", Path(IMAGE).stem, "--params", json.dumps({"labels": ["liver"]}),
+                   "--out", str(tmp_path / "none.png"), check=False)
+    assert done.returncode != 0 and "400" in done.stderr and "liver" in done.stderr
+    assert json.loads(_client(server, "info").stdout)["models"]["medsam3"]["labels"] == LABELS
+
+
+def _configs():
+    """apps/monailabel_medsam3/lib/configs.py (plain Python: no MONAI Label needed)."""
+    import importlib.util
+
+    spec = importlib.util.spec_from_file_location("medsam3_app_configs", APP / "lib" / "configs.py")
+    module = importlib.util.module_from_spec(spec)
+    sys.modules[spec.name] = module  # dataclasses look the module up
+    spec.loader.exec_module(module)
+    return module
+
+
+def test_app_conf_parsing():
+    configs = _configs()
+    default = configs.parse_conf({})
+    assert default.labels == {"polyp": 1} and default.prompts == {"polyp": "polyp"}
+    assert default.checkpoint == "tiny" and default.model == "medsam3" and default.score_threshold == 0.5
+
+    conf = configs.parse_conf({"labels": '{"polyp":3,"instrument":7}', "prompts": '{"polyp": "colon polyp"}',
+                               "score_threshold": "0.2", "modality": "auto", "ct_window": "400,40",
+                               "image_size": "224", "preload": "true"})
+    assert conf.labels == {"polyp": 3, "instrument": 7}
+    assert conf.prompts == {"polyp": "colon polyp", "instrument": "instrument"}
+    assert (conf.score_threshold, conf.modality, conf.ct_window, conf.image_size, conf.preload) == (
+        0.2, None, (400.0, 40.0), 224, True)
+    assert configs.parse_conf({"labels": "liver, spleen"}).labels == {"liver": 1, "spleen": 2}
+    assert configs.parse_conf({"labels": '["liver","spleen"]'}).labels == {"liver": 1, "spleen": 2}
+
+    for bad, says in [({"labels": '{"polyp": 0}'}, "1..255"), ({"labels": '{"a": 1, "b": 1}'}, "share"),
+                      ({"labels": '{"polyp": 1'}, "JSON"), ({"prompts": '{"liver": "x"}'}, "not labels"),
+                      ({"score_threshold": "2"}, "[0, 1]"), ({"ct_window": "4,x"}, "width,level")]:
+        with pytest.raises(configs.ConfError, match=re.escape(says)):
+            configs.parse_conf(bad)
+
