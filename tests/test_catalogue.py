@@ -148,3 +148,60 @@ def test_synonym_groups_lead_with_catalogued_concepts(catalogue):
     for group in catalogue.synonym_groups:
         for text in group[1:]:
             assert text.casefold() not in concepts, f"{text!r} is a dataset concept but not its group's canonical"
+
+
+def test_published_numbers_carry_their_source(catalogue):
+    """Every published number of the papers' tables names its document, table and page (or says they are unknown)
+    and where it was actually taken from; `medsam3 reproduce` prints these lines under its table."""
+    medical = catalogue.papers["medical_sam3"]
+    table3 = medical["table3"]
+    covered = {source["numbers"] for source in table3["sources"]}
+    assert {"internal_eval", "averages", "external_eval"} <= covered
+    for source in table3["sources"] + [catalogue.papers["medsam3"]["results"]["source"]]:
+        assert {"document", "table", "page", "via", "checked_against_paper"} <= set(source)
+        if source["page"] is None or source["table"] is None:  # not located in the paper: cannot have been checked
+            assert source["checked_against_paper"] is False
+    for row in medical["internal_eval"]:
+        assert set(table3["methods"]) <= set(row)
+    for group, keys in table3["averages_keys"].items():
+        assert set(keys) == set(table3["methods"]) and set(keys.values()) <= set(medical["averages"]), group
+    assert any("table3" in note for note in medical["unverified"])
+
+
+def test_published_group_means_agree_with_the_published_datasets(catalogue):
+    """The internal averages (54.0 / 77.0) are the means of the ten published per-dataset Dice, up to the rounding
+    of those values to one decimal (53.96 and 77.05 before rounding)."""
+    medical = catalogue.papers["medical_sam3"]
+    for method, key in medical["table3"]["averages_keys"]["internal"].items():
+        values = [row[method] for row in medical["internal_eval"]]
+        assert abs(sum(values) / len(values) - medical["averages"][key]) <= 0.05 + 1e-9, method
+
+
+def test_medsam3_results_name_catalogued_datasets_and_columns(catalogue):
+    results = catalogue.papers["medsam3"]["results"]
+    keys = [column["key"] for column in results["columns"]]
+    assert len(keys) == len(set(keys))
+    assert {column["protocol"] for column in results["columns"]} <= set(results["protocols"]) | {None}
+    for name in results["datasets"]:
+        assert catalogue.eval_prompt(name, "medsam3")  # a MedSAM3 dataset with its phrase
+    assert set(results["dice"]) == set(results["datasets"])
+    for name, values in results["dice"].items():
+        assert set(values) <= set(keys), name
+    unknown = [v for values in results["dice"].values() for v in values.values() if v is None]
+    if unknown:
+        assert any(note.startswith("results") for note in catalogue.papers["medsam3"]["unverified"])
+
+
+def test_papers_schema_rejects_numbers_without_sources():
+    schema = cat.load_schema("papers")
+    good = _json(META / "papers.json")
+    assert schema_errors(good, schema) == []
+    bad = json.loads(json.dumps(good))
+    bad["medical_sam3"]["internal_eval"][0]["sam3_dice"] = 165.7
+    bad["medical_sam3"]["averages"]["internal_dice_sam3"] = "54"
+    del bad["medical_sam3"]["table3"]["sources"][0]["page"]
+    bad["medsam3"]["results"]["source"]["table"] = "tab. 2"
+    bad["medsam3"]["results"]["columns"][0]["protocol"] = "box"
+    errors = "\n".join(schema_errors(bad, schema))
+    for expected in ("165.7", "'54'", "'page' is a required property", "'tab. 2'", "'box'"):
+        assert expected in errors, (expected, errors)

@@ -41,7 +41,7 @@ def check_2d_round_trip(entry: dict, nearest: bool = False) -> int:
     assert out["image"].shape == (3, S_2D, S_2D) and out["image"].dtype == torch.float32
     assert -1.0 <= float(out["image"].min()) and float(out["image"].max()) <= 1.0
     native = LabelToInstancesd(max_instances=None)(out)["instances"]
-    masks = torch.cat([t["masks"] for t in out["targets"]])
+    masks = torch.cat([t["masks"].to_dense() for t in out["targets"]])
     assert masks.shape[0] == native.shape[0]  # upsampling: no instance vanishes
     share = native.flatten(1).float().mean(1)
     big = torch.nonzero(share > 0.01).flatten()[:8]  # largest first per prompt; 8 keep the test quick
@@ -84,7 +84,7 @@ def test_hippocampus_keeps_affine_through_slice_and_restack(index):
     assert len(slices) == z and [s["image"].meta["slice_index"] for s in slices] == list(range(z))
     assert all(s["image"].shape == (3, S_3D, S_3D) for s in slices)
     for s in slices:  # per slice: one (S, S) prediction per prompt, from the targets
-        planes = [t["masks"].any(0) if t["masks"].shape[0] else torch.zeros(S_3D, S_3D, dtype=torch.bool)
+        planes = [t["masks"].union() if t["masks"].shape[0] else torch.zeros(S_3D, S_3D, dtype=torch.bool)
                   for t in s["targets"]]
         s["pred"] = invert(s, transform, torch.stack(planes).float()) > 0.5
     restacked = RestackSlicesd(keys="pred")(slices)["pred"]
@@ -183,7 +183,7 @@ def test_bundle_json_pipeline_on_totalsegmentator_ct():
         texts = [t["text"] for t in s["targets"]]
         assert texts[:2] == ["spleen", "liver"] and texts[2] in ("kidney", "lung")  # liver is present: not sampled
         assert s["targets"][2]["is_negative"]
-        planes = [t["masks"].any(0) if t["masks"].shape[0] else torch.zeros(224, 224, dtype=torch.bool)
+        planes = [t["masks"].union() if t["masks"].shape[0] else torch.zeros(224, 224, dtype=torch.bool)
                   for t in s["targets"][:2]]
         s["pred"] = inverse(dict(s) | {"pred": MetaTensor(torch.stack(planes).float())})["pred"] > 0.5
     restacked = restack(slices)["pred"]

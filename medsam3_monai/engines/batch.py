@@ -1,7 +1,7 @@
 """Batches of find-queries: collate slice-space items into images + (prompt, targets) pairs, and move them.
 
 An item (from ``medsam3_monai.transforms``) has ``image`` (3, S, S) SAM3-normalised and ``targets``: a list of
-``{"text", "boxes" (n, 4) cxcywh, "masks" (n, S, S), "is_negative"}``. Every (item, target) pair is a
+``{"text", "boxes" (n, 4) cxcywh, "masks" (n, S, S) InstanceMasks crops, "is_negative"}``. Every (item, target) pair is a
 find-query; the images are stacked once and each query points at its image through ``image_ids``.
 """
 
@@ -12,6 +12,7 @@ from typing import Any, Sequence
 import torch
 
 from ..boxes import largest_component_box_prompts
+from ..instance_masks import InstanceMasks
 from ..losses.targets import FindTargets
 
 
@@ -35,7 +36,8 @@ def collate_find_queries(items: Sequence[dict], box_prompts: bool = False) -> di
             prompts.append(target["text"])
             image_ids.append(index)
             boxes.append(torch.as_tensor(target["boxes"]).float().reshape(-1, 4))
-            masks.append(torch.as_tensor(target["masks"]).bool())
+            found = target["masks"]
+            masks.append(found if isinstance(found, InstanceMasks) else torch.as_tensor(found).bool())
             meta.append({"dataset": item.get("dataset"), "case": item.get("case"), "label": target.get("label")})
     if not prompts:
         raise ValueError("batch has no prompts: every item needs at least one target (positive or negative)")
@@ -47,7 +49,8 @@ def collate_find_queries(items: Sequence[dict], box_prompts: bool = False) -> di
         "meta": meta,
     }
     if box_prompts:
-        batch["boxes"], batch["box_labels"] = largest_component_box_prompts([m.any(0) for m in masks])
+        batch["boxes"], batch["box_labels"] = largest_component_box_prompts(
+            [m.union() if isinstance(m, InstanceMasks) else m.any(0) for m in masks])
     return batch
 
 

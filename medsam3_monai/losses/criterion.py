@@ -165,7 +165,7 @@ class SetCriterion(nn.Module):
         """``loss_mask`` (focal) and ``loss_dice`` on matched instances with valid masks, each summed / N."""
         keep = targets.is_valid_mask[matches.target_idx]
         src = pred_masks[matches.batch_idx[keep], matches.query_idx[keep]]
-        tgt = targets.masks[matches.target_idx[keep]]
+        tgt = targets.dense_masks()[matches.target_idx[keep]]
         src = upsample_logits(src[:, None], tuple(tgt.shape[-2:]))[:, 0].flatten(1)
         tgt = tgt.flatten(1).to(src.dtype)
         s = self.settings

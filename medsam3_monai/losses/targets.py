@@ -8,6 +8,7 @@ from typing import Sequence
 import torch
 
 from ..boxes import cxcywh_to_xyxy
+from ..instance_masks import InstanceMasks
 
 
 @dataclass
@@ -17,13 +18,15 @@ class FindTargets:
     Attributes:
         boxes: (N, 4) normalised cx, cy, w, h, packed image-major (query 0's instances first).
         num_boxes: (B,) instances per find-query; 0 marks a negative prompt (concept absent).
-        masks: (N, H, W) bool instance masks in slice space, or None when the data has no masks.
+        masks: (N, H, W) bool instance masks in slice space -- a tensor, or
+            :class:`~medsam3_monai.instance_masks.InstanceMasks` crops (what training batches carry) made dense on
+            the targets' device by :meth:`dense_masks` -- or None when the data has no masks.
         is_valid_mask: (N,) bool; invalid masks are skipped by the mask loss but still count in N.
     """
 
     boxes: torch.Tensor
     num_boxes: torch.Tensor
-    masks: torch.Tensor | None = None
+    masks: torch.Tensor | InstanceMasks | None = None
     is_valid_mask: torch.Tensor | None = None
 
     def __post_init__(self) -> None:
@@ -35,6 +38,7 @@ class FindTargets:
             raise ValueError(f"{self.masks.shape[0]} masks for {self.boxes.shape[0]} boxes")
         if self.is_valid_mask is None:
             self.is_valid_mask = torch.ones(self.boxes.shape[0], dtype=torch.bool, device=self.boxes.device)
+        self._dense: torch.Tensor | None = None
 
     @classmethod
     def from_instances(
@@ -47,7 +51,12 @@ class FindTargets:
         device = boxes[0].device if len(boxes) else torch.device("cpu")
         packed = torch.cat([b.reshape(-1, 4).float() for b in boxes]) if len(boxes) else torch.zeros(0, 4)
         num = torch.tensor([b.reshape(-1, 4).shape[0] for b in boxes], dtype=torch.long, device=device)
-        packed_masks = torch.cat([m.bool() for m in masks]) if masks is not None else None
+        if masks is None:
+            packed_masks = None
+        elif all(isinstance(m, InstanceMasks) for m in masks):
+            packed_masks = InstanceMasks.cat(list(masks))
+        else:
+            packed_masks = torch.cat([m.to_dense() if isinstance(m, InstanceMasks) else m.bool() for m in masks])
         valid = torch.cat([v.bool() for v in is_valid_mask]) if is_valid_mask is not None else None
         return cls(packed.to(device), num, packed_masks, valid)
 
@@ -86,16 +95,27 @@ class FindTargets:
         counts.index_add_(0, self.image_index, visible.long())
         return counts > 0
 
-    def semantic_masks(self) -> torch.Tensor:
-        """(B, H, W) bool union of each query's instance masks (invalid ones included)."""
+    def dense_masks(self) -> torch.Tensor:
+        """(N, H, W) bool masks on the targets' device (crops are placed there once and the tensor kept)."""
         if self.masks is None:
             raise ValueError("these targets carry no masks")
-        height, width = self.masks.shape[-2:]
-        counts = torch.zeros(self.batch_size, height * width, device=self.masks.device)
-        counts.index_add_(0, self.image_index, self.masks.flatten(1).float())
+        if isinstance(self.masks, InstanceMasks):
+            if self._dense is None or self._dense.device != self.boxes.device:
+                self._dense = self.masks.to_dense(self.boxes.device)
+            return self._dense
+        return self.masks
+
+    def semantic_masks(self) -> torch.Tensor:
+        """(B, H, W) bool union of each query's instance masks (invalid ones included)."""
+        masks = self.dense_masks()
+        height, width = masks.shape[-2:]
+        counts = torch.zeros(self.batch_size, height * width, device=masks.device)
+        counts.index_add_(0, self.image_index, masks.flatten(1).float())
         return counts.view(self.batch_size, height, width) > 0
 
     def to(self, device: torch.device | str) -> "FindTargets":
+        """On ``device`` (crops stay on the host; :meth:`dense_masks` places them on the device)."""
         move = lambda t: None if t is None else t.to(device)  # noqa: E731
+        masks = self.masks if isinstance(self.masks, InstanceMasks) else move(self.masks)
         return replace(self, boxes=move(self.boxes), num_boxes=move(self.num_boxes),
-                       masks=move(self.masks), is_valid_mask=move(self.is_valid_mask))
+                       masks=masks, is_valid_mask=move(self.is_valid_mask))

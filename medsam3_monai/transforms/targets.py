@@ -5,7 +5,8 @@ A target is a plain dict (collate- and pickle-friendly)::
     {"label": int,            # label value of the prompt (-1 for a concept sampled from a pool)
      "text": str,             # the prompt text
      "boxes": Tensor (n, 4),  # float32 cx, cy, w, h normalised to [0, 1] in slice space
-     "masks": Tensor (n, S, S) bool instance masks in slice space (the image's spatial size)
+     "masks": InstanceMasks (n, S, S) bool instance masks in slice space, stored as crops (dense on the
+                              training device only: ``InstanceMasks.to_dense``)
      "is_negative": bool}     # n == 0: the concept is absent (trains presence -> 0)
 
 ``d["targets"]`` holds one per prompt of the item (label order), then sampled negatives.
@@ -22,6 +23,7 @@ import torch.nn.functional as F
 from monai.data import MetaTensor
 from monai.transforms import Randomizable, Transform
 
+from ..instance_masks import InstanceMasks
 from .errors import source_name
 from .labels import parse_prompts
 
@@ -34,14 +36,14 @@ class PromptTarget(TypedDict):
     label: int
     text: str
     boxes: torch.Tensor
-    masks: torch.Tensor
+    masks: InstanceMasks
     is_negative: bool
 
 
 def empty_target(text: str, size: Sequence[int], label: int = -1) -> PromptTarget:
     """A negative prompt: no boxes, no masks."""
-    masks = torch.zeros(0, *size, dtype=torch.bool)
-    return {"label": int(label), "text": text, "boxes": torch.zeros(0, 4), "masks": masks, "is_negative": True}
+    return {"label": int(label), "text": text, "boxes": torch.zeros(0, 4), "masks": InstanceMasks(size),
+            "is_negative": True}
 
 
 def interpolation_weights(source: int, target: int) -> torch.Tensor:
@@ -59,42 +61,53 @@ def resize_masks(masks: torch.Tensor, size: Sequence[int], threshold: float = 0.
     (``W_y[:, box] @ mask[box] @ W_x[:, box].T``), which equals full-image interpolation and keeps a hundred
     small nuclei at 1008 px cheap.
     """
-    return resize_instances(masks, size, threshold)[0]
+    return resize_instances(masks, size, threshold)[0].to_dense()
 
 
 def resize_instances(masks: torch.Tensor, size: Sequence[int], threshold: float = 0.5
-                     ) -> tuple[torch.Tensor, torch.Tensor]:
-    """:func:`resize_masks` plus the boxes of the resized masks: ``(N, *size)`` bool, ``(N, 4)`` cxcywh in
-    ``[0, 1]`` (zeros for a mask that vanished)."""
+                     ) -> tuple[InstanceMasks, torch.Tensor]:
+    """:func:`resize_masks` as :class:`~medsam3_monai.instance_masks.InstanceMasks` (each resized mask cropped to
+    its bounding box: no dense ``(N, *size)`` tensor is made) plus the boxes of the resized masks, ``(N, 4)``
+    cxcywh in ``[0, 1]`` (zeros, and an empty crop, for a mask that vanished)."""
     size = (int(size[0]), int(size[1]))
     n, height, width = masks.shape
-    boxes = np.zeros((n, 4), dtype=np.float32)
     if (height, width) == size:
-        return masks.bool(), masks_to_boxes_cxcywh(masks.bool())
-    out = torch.zeros((n, *size), dtype=torch.bool)
+        masks = masks.bool()
+        return InstanceMasks.from_dense(masks), masks_to_boxes_cxcywh(masks)
+    boxes = np.zeros((n, 4), dtype=np.float32)
+    offsets = np.zeros((n, 2), dtype=np.int64)
+    crops: list[torch.Tensor] = []
     if n == 0:
-        return out, torch.from_numpy(boxes)
+        return InstanceMasks(size), torch.from_numpy(boxes)
     # numpy for the small products: torch's CPU matmul has a large fixed cost per call
     w_rows = interpolation_weights(height, size[0]).numpy()
     w_cols = interpolation_weights(width, size[1]).numpy()
-    rows_any, cols_any = masks.any(dim=2).numpy(), masks.any(dim=1).numpy()
+    masks = masks.bool()
+    as_bytes = masks.view(torch.uint8)  # a uint8 max reduces ~8x faster than a bool any on CPU
+    rows_any, cols_any = as_bytes.amax(dim=2).numpy() > 0, as_bytes.amax(dim=1).numpy() > 0
+    array = masks.numpy()
     row_reach, col_reach = w_rows > 0, w_cols > 0
-    array, result = masks.numpy(), out.numpy()
+    empty = torch.zeros(0, 0, dtype=torch.bool)
     for k in range(n):
         rows, cols = np.flatnonzero(rows_any[k]), np.flatnonzero(cols_any[k])
         if rows.size == 0:
+            crops.append(empty)
             continue
         r1, r2, c1, c2 = rows[0], rows[-1] + 1, cols[0], cols[-1] + 1
         out_rows = np.flatnonzero(row_reach[:, r1:r2].any(axis=1))
         out_cols = np.flatnonzero(col_reach[:, c1:c2].any(axis=1))
         i1, i2, j1, j2 = out_rows[0], out_rows[-1] + 1, out_cols[0], out_cols[-1] + 1
         block = (w_rows[i1:i2, r1:r2] @ array[k, r1:r2, c1:c2].astype(np.float32) @ w_cols[j1:j2, c1:c2].T) >= threshold
-        result[k, i1:i2, j1:j2] = block
         on_rows, on_cols = np.flatnonzero(block.any(axis=1)), np.flatnonzero(block.any(axis=0))
-        if on_rows.size:
-            y1, y2, x1, x2 = i1 + on_rows[0], i1 + on_rows[-1] + 1, j1 + on_cols[0], j1 + on_cols[-1] + 1
-            boxes[k] = ((x1 + x2) / 2 / size[1], (y1 + y2) / 2 / size[0], (x2 - x1) / size[1], (y2 - y1) / size[0])
-    return out, torch.from_numpy(boxes)
+        if on_rows.size == 0:
+            crops.append(empty)
+            continue
+        a1, a2, b1, b2 = on_rows[0], on_rows[-1] + 1, on_cols[0], on_cols[-1] + 1
+        crops.append(torch.from_numpy(np.ascontiguousarray(block[a1:a2, b1:b2])))
+        y1, y2, x1, x2 = i1 + a1, i1 + a2, j1 + b1, j1 + b2
+        offsets[k] = (y1, x1)
+        boxes[k] = ((x1 + x2) / 2 / size[1], (y1 + y2) / 2 / size[0], (x2 - x1) / size[1], (y2 - y1) / size[0])
+    return InstanceMasks(size, crops, torch.from_numpy(offsets)), torch.from_numpy(boxes)
 
 
 def masks_to_boxes_cxcywh(masks: torch.Tensor) -> torch.Tensor:

@@ -1,0 +1,282 @@
+"""One reproduction end to end: find the datasets, build their datalists, evaluate every checkpoint of the paper's
+table with its prompts and protocol, write the table beside the published numbers, charts, manifest, MLflow run.
+
+Output folder (``--out``)::
+
+    table.md, table.csv         the reproduction: ours, published and Δ per dataset and column, labelled means
+    datasets.md                 every dataset of the table: found (folder, splits, prompt, Table 1 count) or not
+                                (the folder and layout that were expected)
+    timing.md                   measured seconds per case and the full-run estimate per dataset
+    radar.png, radar_*.png      the paper's figure with our numbers; ours vs published per checkpoint
+    datalists/<dataset>.json    the datalists evaluated (paper prompts, 85/15 seed 42, official test kept)
+    <column>/cases.csv, table.md, table.csv   all datasets of one checkpoint (and protocol)
+    <column>/<dataset>/...      the evaluation report of one dataset (``medsam3 evaluate``'s files, overlays)
+    manifest.json               command, settings, datasets, checkpoints with SHA-256, timings, versions, commit
+    mlruns.db, mlartifacts/     the single MLflow run holding all of the above
+
+Nothing is written before the inputs are checked (data root, datasets, checkpoints); a failure later removes the
+folder (as ``medsam3 evaluate`` does).
+"""
+
+from __future__ import annotations
+
+import shutil
+import sys
+import time
+from collections.abc import Callable, Sequence
+from dataclasses import asdict, dataclass, field
+from pathlib import Path
+from typing import Any
+
+from .discovery import DatasetStatus, discover
+from .manifest import checkpoint_files
+from .published import PaperTable, paper_table
+from .report import Timing, datasets_markdown, table_notes, timing_markdown
+from .table import ReproductionTable, build_table
+
+__all__ = ["ReproduceSettings", "Reproduction", "reproduce"]
+
+AGENT_NOTE = ("MedSAM-3 Agent row: not run by this command (yet), and its published values are not in the catalogue. "
+              "The agent (`medsam3 agent`) can be scored on the same datalists (datalists/*.json here) by the "
+              "evaluation's agent mode (bundles/medsam3/docs/agent.md).")
+
+
+@dataclass
+class ReproduceSettings:
+    """The command's options (``medsam3 reproduce PAPER --help``)."""
+
+    paper: str
+    data_root: str
+    checkpoint: str
+    out: str
+    baseline: str | None = None
+    image_size: int | None = None
+    max_cases: int | None = None
+    seed: int = 42
+    protocols: tuple[str, ...] | None = None
+    device: str = "auto"
+    tracker: str = "auto"
+    overlays: int = 2
+    tracking_uri: str | None = None
+    experiment: str | None = None
+    mlflow: bool = True
+    skip_unreadable: bool = False
+    progress: bool = True
+    num_workers: int = 0
+    dry_run: bool = False
+    command: list[str] = field(default_factory=lambda: list(sys.argv))
+
+
+@dataclass
+class Reproduction:
+    """What :func:`reproduce` did: the datasets, the table, timings and where everything is."""
+
+    out_dir: Path | None
+    paper: PaperTable
+    statuses: list[DatasetStatus]
+    table: ReproductionTable | None = None
+    timings: list[Timing] = field(default_factory=list)
+    run_id: str | None = None
+    tracking_uri: str | None = None
+
+
+def _say(text: str) -> None:
+    print(text, file=sys.stderr, flush=True)
+
+
+def _columns(paper: PaperTable, settings: ReproduceSettings) -> list[tuple[Any, str]]:
+    """(column, checkpoint source) of every column this run evaluates."""
+    protocols = set(settings.protocols or paper.protocols)
+    unknown = protocols - set(paper.protocols)
+    if unknown:
+        raise ValueError(f"unknown protocol(s) {sorted(unknown)} for {paper.paper}; choose from "
+                         f"{', '.join(paper.protocols)}")
+    sources = {"checkpoint": settings.checkpoint, "baseline": settings.baseline}
+    return [(c, sources[c.runs]) for c in paper.columns
+            if c.runs and sources[c.runs] and (c.protocol or "T") in protocols]
+
+
+def _check_out(out: Path) -> None:
+    if out.exists() and (not out.is_dir() or any(out.iterdir())):
+        raise FileExistsError(f"output {out} exists and is not an empty folder; choose a new --out")
+
+
+def reproduce(settings: ReproduceSettings, say: Callable[[str], None] = _say) -> Reproduction:
+    """Run the reproduction described by ``settings`` (see the module doc for the output)."""
+    paper = paper_table(settings.paper)
+    out = Path(settings.out) if settings.out else None
+    if out is not None and not settings.dry_run:
+        _check_out(out)
+    runs = _columns(paper, settings)
+    statuses = discover(settings.data_root, paper, seed=settings.seed)
+    found = [s for s in statuses if s.found]
+    say(f"{paper.title}: {len(found)} of {len(statuses)} evaluation sets found under {settings.data_root}")
+    for status in statuses:
+        say("  " + status.line())
+    result = Reproduction(out, paper, statuses)
+    if not found:
+        raise FileNotFoundError(f"none of the {len(statuses)} evaluation sets of {paper.title} was found under "
+                                f"{settings.data_root}: one folder per dataset, named like it, in its layout "
+                                "(listed above)")
+    if settings.dry_run:
+        return result
+
+    from ..networks import load_network
+
+    sources = {source for _, source in runs}
+    networks = {source: load_network(source, settings.image_size) for source in sorted(sources)}
+    if sources - {"tiny"}:
+        say("SHA-256 of the checkpoint files ...")
+    checkpoints = {source: checkpoint_files(source) for source in sorted(sources)}
+    created = not out.exists()
+    out.mkdir(parents=True, exist_ok=True)
+    run = None
+    try:
+        if settings.mlflow:
+            from .tracking import ReproductionRun
+
+            run = ReproductionRun(out, settings.tracking_uri, settings.experiment, run_name=paper.paper)
+            result.run_id, result.tracking_uri = run.run_id, run.tracking_uri
+        _write_outputs(settings, paper, statuses, runs, networks, checkpoints, result, run, say)
+    except BaseException:
+        if run is not None:
+            run.fail()
+        if created:
+            shutil.rmtree(out, ignore_errors=True)
+        else:
+            for child in out.iterdir():
+                shutil.rmtree(child, ignore_errors=True) if child.is_dir() else child.unlink(missing_ok=True)
+        raise
+    return result
+
+
+def _device(name: str) -> Any:
+    import torch
+
+    return torch.device(("cuda" if torch.cuda.is_available() else "cpu") if name == "auto" else name)
+
+
+def _evaluate(settings: ReproduceSettings, paper: PaperTable, statuses: Sequence[DatasetStatus], runs: Sequence,
+              networks: dict, datalists: dict[str, Path], out: Path, say: Callable[[str], None]):
+    """Every (column, dataset): ``run_evaluation``; returns ours (column -> dataset -> Dice %), cases, timings."""
+    from ..data.selection import evaluation_items, is_volume_item
+    from ..engines.evaluation import run_evaluation
+    from ..metrics.aggregate import aggregate, write_cases_csv
+    from ..networks.tracker import resolve_tracker
+
+    device = _device(settings.device)
+    found = [s for s in statuses if s.found]
+    items = {s.dataset: evaluation_items([datalists[s.dataset]], "auto", settings.max_cases, seed=settings.seed)
+             for s in found}
+    for status in found:
+        for item in items[status.dataset]:
+            item["group"] = status.group
+    volumes = any(is_volume_item(item) for batch in items.values() for item in batch)
+    ours: dict[str, dict[str, float]] = {}
+    cases: dict[str, int] = {}
+    timings: list[Timing] = []
+    for column, source in runs:
+        network = networks[source]
+        tracker, tracker_name = resolve_tracker(settings.tracker, source, network, needed=volumes, described=True)
+        records = []
+        ours[column.key] = {}
+        for status in found:
+            start = time.perf_counter()
+            report = run_evaluation(
+                network, items[status.dataset], out / column.key / status.dataset, checkpoint=source,
+                datalists=[datalists[status.dataset]], split="auto", max_cases=settings.max_cases,
+                protocol="top_query", box_prompts=column.box_prompts, tracker=tracker, tracker_name=tracker_name,
+                device=device, max_overlays=settings.overlays, progress=settings.progress,
+                num_workers=settings.num_workers, mlflow=False, skip_unreadable=settings.skip_unreadable,
+            )
+            seconds = time.perf_counter() - start
+            dice = 100.0 * report.table.row(status.dataset, "dataset")["dice"]
+            evaluated = len(items[status.dataset]) - len(report.unreadable)
+            ours[column.key][status.dataset] = dice
+            cases[status.dataset] = evaluated
+            records += report.records
+            timings.append(Timing(column.key, status.dataset, evaluated, seconds, status.evaluation_cases()))
+            published = column.published.get(status.dataset)
+            say(f"  {column.key:<14} {status.dataset}: Dice {dice:.1f} (published "
+                f"{'unknown' if published is None else f'{published:.1f}'}), {evaluated} case(s) in {seconds:.1f} s")
+        network.to("cpu")
+        if tracker is not None:
+            tracker.to("cpu")
+        table = aggregate(records)
+        folder = out / column.key
+        write_cases_csv(records, folder / "cases.csv")
+        table.to_csv(folder / "table.csv")
+        (folder / "table.md").write_text(table.to_markdown(title=f"{column.method} ({column.protocol}), `{source}`"),
+                                         encoding="utf-8")
+    return ours, cases, timings, str(device)
+
+
+def _write_outputs(settings: ReproduceSettings, paper: PaperTable, statuses: list[DatasetStatus], runs: Sequence,
+                   networks: dict, checkpoints: dict, result: Reproduction, run: Any,
+                   say: Callable[[str], None]) -> None:
+    from ..data.datalist import write_datalist
+    from .charts import reproduction_charts
+    from .manifest import write_manifest
+    from .tracking import table_metrics
+
+    out = result.out_dir
+    datalists = {s.dataset: write_datalist(s.datalist, out / "datalists" / f"{s.dataset}.json")
+                 for s in statuses if s.found}
+    ours, cases, timings, device = _evaluate(settings, paper, statuses, runs, networks, datalists, out, say)
+    result.timings = timings
+    ran = {column.key: True for column, _ in runs}
+    sources = {column.key: source for column, source in runs}
+    notes = table_notes(paper, statuses, settings, ran, sources)
+    if paper.paper == "medsam3":
+        notes.append(AGENT_NOTE)
+    shown = {s.dataset: s.status.replace("_", " ").replace("missing", "not found") for s in statuses}
+    table = build_table(paper, ours, shown, cases, ran, notes)
+    result.table = table
+    table.to_csv(out / "table.csv")
+    protocols = [p for p in paper.protocols if p in (settings.protocols or paper.protocols)]
+    if len(paper.protocols) > 1:
+        sections = [table.to_markdown([c for c in table.columns if c.protocol in (None, p)],
+                                      title=f"{paper.title}, protocol {p} (Dice %)", notes=False)
+                    for p in protocols]
+        text = "\n".join(sections) + "".join(f"\n- {n}" for n in table.notes) + "\n"
+    else:
+        text = table.to_markdown(title=f"{paper.title} (Dice %)")
+    (out / "table.md").write_text(text, encoding="utf-8")
+    charts = []
+    for protocol in protocols:
+        chosen = {c.key: ours[c.key] for c, _ in runs if (c.protocol or "T") == protocol}
+        suffix = "" if len(paper.protocols) == 1 else "_" + protocol.replace("+", "")
+        charts += reproduction_charts(paper, chosen, out, protocol=f"top_query, {protocol}", suffix=suffix)
+    (out / "datasets.md").write_text(datasets_markdown(paper.title, statuses, Path(settings.data_root)),
+                                     encoding="utf-8")
+    (out / "timing.md").write_text(timing_markdown(timings, device), encoding="utf-8")
+    manifest = {
+        "paper": paper.paper, "title": paper.title, "status": "complete", "command": settings.command,
+        "settings": {k: v for k, v in asdict(settings).items() if k != "command"},
+        "mlflow": {"tracking_uri": result.tracking_uri, "run_id": result.run_id},
+        "checkpoints": [{"role": role, "source": source, "files": checkpoints[source]}
+                        for role, source in (("checkpoint", settings.checkpoint), ("baseline", settings.baseline))
+                        if source in checkpoints],
+        "device": device,
+        "datasets": [{"dataset": s.dataset, "group": s.group, "status": s.status, "folder": str(s.folder or ""),
+                      "message": s.message, "counts": s.counts, "images_found": s.images_found,
+                      "table1_images": s.published_images, "prompts": s.prompts} for s in statuses],
+        "timings": [t.as_dict() for t in timings],
+        "published_sources": list(paper.sources),
+        "files": sorted(str(p.relative_to(out)) for p in out.rglob("*") if p.is_file()
+                        and not p.relative_to(out).parts[0].startswith(("mlruns", "mlartifacts"))) + ["manifest.json"],
+        "charts": [p.name for p in charts],
+    }
+    write_manifest(out / "manifest.json", manifest)
+    if run is not None:
+        params = {"paper": paper.paper, "data_root": settings.data_root, "checkpoint": settings.checkpoint,
+                  "baseline": settings.baseline or "", "image_size": settings.image_size or "checkpoint's",
+                  "max_cases": settings.max_cases or "all", "seed": settings.seed, "device": device,
+                  "found": ", ".join(s.dataset for s in statuses if s.found),
+                  "not_found": ", ".join(s.dataset for s in statuses if not s.found)}
+        for entry in manifest["checkpoints"]:
+            for file in entry["files"]:
+                source = Path(entry["source"]).resolve()
+                name = Path(file["path"]).relative_to(source) if source.is_dir() else Path(file["path"]).name
+                params[f"sha256/{entry['role']}/{name}"] = file["sha256"]
+        run.finish(params, table_metrics(table))

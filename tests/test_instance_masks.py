@@ -1,0 +1,69 @@
+"""Targets as crops (InstanceMasks): the same masks as dense tensors, and the same loss on a real batch."""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+import pytest
+import torch
+
+from medsam3_monai.instance_masks import InstanceMasks
+
+pytestmark = pytest.mark.usefixtures("one_thread")
+
+
+def test_crops_round_trip_and_select():
+    dense = torch.zeros(3, 20, 30, dtype=torch.bool)
+    dense[0, 2:5, 3:9] = True
+    dense[1, 10, 29] = True  # a single pixel at the border
+    masks = InstanceMasks.from_dense(dense)  # instance 2 is empty
+    assert masks.shape == (3, 20, 30) and len(masks) == 3
+    assert torch.equal(masks.to_dense(), dense) and torch.equal(masks[1], dense[1])
+    assert torch.equal(masks.union(), dense.any(0))
+    subset = masks[torch.tensor([True, False, True])]
+    assert torch.equal(subset.to_dense(), dense[[0, 2]])
+    assert torch.equal(InstanceMasks.cat([masks, subset]).to_dense(), torch.cat([dense, dense[[0, 2]]]))
+    assert sum(c.numel() for c in masks.crops) == 3 * 6 + 1  # crops of the bounding boxes only
+
+
+def test_resized_crops_equal_full_image_interpolation():
+    import torch.nn.functional as F
+
+    from medsam3_monai.transforms.targets import resize_instances
+
+    generator = torch.Generator().manual_seed(0)
+    native = torch.zeros(6, 97, 131, dtype=torch.bool)
+    for k in range(6):
+        top, left = torch.randint(0, 80, (1,), generator=generator), torch.randint(0, 110, (1,), generator=generator)
+        native[k, top:top + 3 + 2 * k, left:left + 4 + k] = True
+    for size in ((224, 224), (56, 56)):  # up- and down-sampling (antialiased)
+        crops, boxes = resize_instances(native, size)
+        reference = F.interpolate(native[None].float(), size=size, mode="bilinear", align_corners=False,
+                                  antialias=size[0] < 97)[0] >= 0.5
+        assert torch.equal(crops.to_dense(), reference), size
+        assert boxes.shape == (6, 4)
+
+
+@pytest.mark.slow
+def test_the_loss_of_a_real_batch_is_the_same_with_crops(shared_data: Path):
+    from medsam3_monai.data import build_datalist
+    from medsam3_monai.engines.batch import collate_find_queries
+    from medsam3_monai.losses import SetCriterion
+    from medsam3_monai.losses.targets import FindTargets
+    from medsam3_monai.networks import MedSAM3Net
+    from medsam3_monai.transforms.pipelines import slice_space_transforms
+
+    items = build_datalist("GBM40_HE_nuclei", shared_data / "GBM40_HE_nuclei").datalist["training"][:2]
+    chain = slice_space_transforms(112, train=True, negative_concepts=["polyp"], seed=0)
+    batch = collate_find_queries([chain(item) for item in items])
+    assert isinstance(batch["targets"].masks, InstanceMasks) and len(batch["targets"].masks) > 10
+    dense = FindTargets(batch["targets"].boxes, batch["targets"].num_boxes, batch["targets"].masks.to_dense())
+    net = MedSAM3Net("tiny").train()
+    criterion = SetCriterion()
+    torch.manual_seed(0)
+    outputs = net(batch["images"], batch["prompts"], image_ids=batch["image_ids"], pixels_normalized=True)
+    with_crops = criterion(outputs, batch["targets"])
+    with_dense = criterion(outputs, dense)
+    assert with_crops.keys() == with_dense.keys() and "loss_mask" in with_crops
+    for name, value in with_dense.items():
+        assert torch.equal(torch.as_tensor(with_crops[name]), torch.as_tensor(value)), name

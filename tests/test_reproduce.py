@@ -1,0 +1,284 @@
+"""`medsam3 reproduce`: the published tables from the catalogue, the table beside them, dataset discovery, and the
+command end to end on the shared samples with the tiny network (found / not found, Δ, labelled means, radar chart,
+one MLflow run, the manifest)."""
+
+from __future__ import annotations
+
+import csv
+import hashlib
+import json
+import math
+import os
+
+import pytest
+
+from medsam3_monai.data import catalogue as cat
+from medsam3_monai.reproduce.discovery import discover, paper_prompts, table1_comparison
+from medsam3_monai.reproduce.published import medical_sam3_table, medsam3_table
+from medsam3_monai.reproduce.table import build_table, fmt_delta
+
+PAPERS = json.loads((cat.meta_dir() / "papers.json").read_text(encoding="utf-8"))
+
+
+def _cells(markdown: str, name: str) -> list[str]:
+    """The cells of the Markdown row whose first cell is ``name`` (bold or not)."""
+    for line in markdown.splitlines():
+        cells = [c.strip() for c in line.strip().strip("|").split("|")]
+        if cells and cells[0].strip("*") == name:
+            return cells
+    raise AssertionError(f"no row {name!r} in\n{markdown}")
+
+
+# ------------------------------------------------------------------------------------------------ published
+def test_medical_sam3_table_is_the_catalogues_table3():
+    table = medical_sam3_table()
+    medical = PAPERS["medical_sam3"]
+    internal = [row["dataset"] for row in medical["internal_eval"]]
+    assert [n for n, g in table.datasets if g == "internal"] == internal
+    assert [n for n, g in table.datasets if g == "external"] == medical["external_eval"]
+    sam3, ours = table.column("sam3"), table.column("medical_sam3")
+    assert (sam3.runs, ours.runs) == ("baseline", "checkpoint")
+    for row in medical["internal_eval"]:
+        assert sam3.published[row["dataset"]] == row["sam3_dice"]
+        assert ours.published[row["dataset"]] == row["medical_sam3_dice"]
+    assert all(sam3.published[name] is None for name in medical["external_eval"])  # not catalogued: unknown
+    assert (sam3.averages["internal"], sam3.averages["external"]) == (54.0, 11.9)
+    assert (ours.averages["internal"], ours.averages["external"]) == (77.0, 73.9)
+    assert table.prompts["CHASE_DB1"] == "Retinal Blood Vessel" and table.prompts["DRIVE"] == "Retinal Blood Vessel"
+    assert all(table.prompts[name] == cat.eval_prompt(name, "medical_sam3") for name, _ in table.datasets)
+    assert any("Table 3" in line and "RADAR_DATA_INTERNAL" in line for line in table.sources)
+
+
+def test_medsam3_table_holds_its_four_datasets_and_unknown_values_as_none():
+    table = medsam3_table()
+    assert [n for n, _ in table.datasets] == ["BUSI", "RIM-ONE", "ISIC2018", "Kvasir-SEG"]
+    assert table.protocols == ("T", "T+I")
+    assert {c.method for c in table.columns if c.runs is None} == {"U-Net", "MedSAM"}
+    assert [(c.runs, c.box_prompts) for c in table.columns if c.method == "MedSAM-3"] == [("checkpoint", False),
+                                                                                           ("checkpoint", True)]
+    assert table.prompts == {"BUSI": "breast tumor", "RIM-ONE": "optic cup & optic disc", "ISIC2018": "skin lesion",
+                             "Kvasir-SEG": "polyp"}
+    # the MedSAM3 paper was not available offline: nothing is invented
+    assert all(v is None for c in table.columns for v in c.published.values())
+
+
+# ------------------------------------------------------------------------------------------------ the table
+def test_table_reproduces_the_published_numbers_exactly_when_fed_them():
+    table = medical_sam3_table()
+    internal = table.members("internal")
+    external = table.members("external")
+    ours = {}
+    for column in table.columns:
+        values = {name: column.published[name] for name in internal}
+        # external per-dataset values are not published (only their mean): feed values whose mean is the published one
+        values.update({name: column.averages["external"] for name in external})
+        ours[column.key] = values
+    names = internal + external
+    result = build_table(table, ours, {n: True for n in names}, {n: 10 for n in names}, {"sam3": True,
+                                                                                          "medical_sam3": True})
+    text = result.to_markdown()
+    for row in PAPERS["medical_sam3"]["internal_eval"]:
+        cells = _cells(text, row["dataset"])
+        assert cells[4:10] == [f"{row['sam3_dice']:.1f}", f"{row['sam3_dice']:.1f}", "0.0",
+                               f"{row['medical_sam3_dice']:.1f}", f"{row['medical_sam3_dice']:.1f}", "0.0"]
+    averages = PAPERS["medical_sam3"]["averages"]
+    internal_row = _cells(text, "internal: mean of all 10 datasets (as published)")
+    assert internal_row[4:10] == [f"{averages['internal_dice_sam3']:.1f}"] * 2 + ["0.0"] + \
+        [f"{averages['internal_dice_medical_sam3']:.1f}"] * 2 + ["0.0"]
+    external_row = _cells(text, "external: mean of all 7 datasets (as published)")
+    assert external_row[4:10] == [f"{averages['external_dice_sam3']:.1f}"] * 2 + ["0.0"] + \
+        [f"{averages['external_dice_medical_sam3']:.1f}"] * 2 + ["0.0"]
+    assert "found dataset" not in text  # everything found: no 'found only' rows
+    # the CSV keeps full precision: per-dataset Δ exactly 0 where the paper gives the value, unknown elsewhere
+    deltas = {row["name"]: row["medical_sam3_delta"] for row in result.rows if row["kind"] == "dataset"}
+    assert all(deltas[name] == 0.0 for name in internal) and all(deltas[name] is None for name in external)
+
+
+def test_missing_datasets_stay_in_the_table_and_found_only_means_are_labelled(tmp_path):
+    table = medical_sam3_table()
+    ours = {"medical_sam3": {"DRIVE": 50.0, "GlaS": 90.0}}
+    found = {name: name in ("DRIVE", "GlaS") for name, _ in table.datasets}
+    result = build_table(table, ours, found, {"DRIVE": 20, "GlaS": 5}, {"medical_sam3": True})
+    text = result.to_markdown()
+    assert _cells(text, "PAPILA")[2] == "no" and _cells(text, "PAPILA")[7:10] == ["–", "99.4", "–"]
+    assert _cells(text, "SegThy")[4] == "not run"  # SAM3 column: no --baseline
+    paper_mean = _cells(text, "internal: mean of all 10 datasets (as published)")
+    assert paper_mean[2] == "2/10" and paper_mean[7:10] == ["–", "77.0", "–"]  # ours only over all 10
+    subset = _cells(text, "internal: mean of the 2 found datasets only")
+    assert subset[3] == "25"
+    assert subset[7:10] == ["70.0", f"{(55.8 + 88.2) / 2:.1f}", fmt_delta(70.0, (55.8 + 88.2) / 2)]
+    assert not any("external: mean of the" in line for line in text.splitlines())  # nothing external found
+    path = result.to_csv(tmp_path / "table.csv")
+    rows = list(csv.DictReader(path.open()))
+    assert len([r for r in rows if r["kind"] == "dataset"]) == 17
+    assert math.isclose(float(next(r for r in rows if r["kind"] == "found_mean")["medical_sam3_ours"]), 70.0)
+
+
+# ------------------------------------------------------------------------------------------------ discovery
+def test_paper_phrases_map_onto_label_values():
+    catalogue = cat.load_catalogue()
+    hippocampus = catalogue.get("MSD_Task04_Hippocampus")
+    prompts, note = paper_prompts(hippocampus, "posterior hippocampus & anterior hippocampus", catalogue)
+    assert prompts == {"1": "anterior hippocampus", "2": "posterior hippocampus"} and note == ""
+    prompts, note = paper_prompts(hippocampus, "hippocampus", catalogue)
+    assert prompts == dict(hippocampus.labels) and "catalogue concepts used" in note
+    drive = paper_prompts(catalogue.get("DRIVE"), "Retinal Blood Vessel", catalogue)
+    assert drive == ({"1": "Retinal Blood Vessel"}, "")
+
+
+@pytest.fixture()
+def data_root(shared_data, tmp_path):
+    """Dataset folders named as the catalogue expects, linking the shared samples: DRIVE (a Table 3 internal set),
+    Kvasir-SEG and BUSI (MedSAM3 sets, not in Table 3), an empty ETIS-Larib folder (not in the layout)."""
+    root = tmp_path / "data"
+    root.mkdir()
+    os.symlink(shared_data / "DRIVE", root / "DRIVE")
+    os.symlink(shared_data / "Kvasir-SEG_sample", root / "kvasir_seg")  # an alias spelling
+    os.symlink(shared_data / "BUSI", root / "BUSI")
+    (root / "ETIS-Larib").mkdir()
+    return root
+
+
+def test_discovery_reports_found_missing_unreadable_and_unconverted(data_root):
+    statuses = {s.dataset: s for s in discover(data_root, medical_sam3_table())}
+    assert len(statuses) == 17
+    drive = statuses["DRIVE"]
+    assert drive.found and drive.folder == data_root / "DRIVE"
+    assert drive.counts == {"training": 17, "validation": 3, "test": 20} and drive.evaluation_cases() == 20
+    assert {item["prompts"]["1"] for split in drive.datalist.values() for item in split} == {"Retinal Blood Vessel"}
+    assert drive.images_found == 40 and "Table 1 count not in the catalogue" in table1_comparison(drive)
+    assert statuses["ETIS-Larib"].status == "unreadable" and "empty" in statuses["ETIS-Larib"].message
+    assert statuses["TN3K"].status == "missing"
+    assert str(data_root / "TN3K") in statuses["TN3K"].message and "trainval-image" in statuses["TN3K"].message
+    assert statuses["PAPILA"].status == "no_converter" and "no converter" in statuses["PAPILA"].message
+    medsam3 = {s.dataset: s for s in discover(data_root, medsam3_table())}
+    assert medsam3["Kvasir-SEG"].found and medsam3["Kvasir-SEG"].folder.name == "kvasir_seg"
+    assert medsam3["BUSI"].found and medsam3["BUSI"].prompts == {"1": "breast tumor"}
+    assert medsam3["ISIC2018"].status == "missing" and medsam3["RIM-ONE"].status == "no_converter"
+
+
+def test_table1_comparison_says_when_a_copy_differs(data_root):
+    drive = next(s for s in discover(data_root, medical_sam3_table()) if s.dataset == "DRIVE")
+    drive.published_images = 40
+    assert table1_comparison(drive).endswith("matches Table 1")
+    drive.published_images = 45
+    assert "DIFFERS from Table 1 (45)" in table1_comparison(drive)
+
+
+# ------------------------------------------------------------------------------------------------ end to end
+def _run(argv):
+    from medsam3_monai.deploy.cli import main
+
+    return main(argv)
+
+
+@pytest.mark.slow
+def test_reproduce_medical_sam3_end_to_end_with_the_tiny_network(data_root, tmp_path, capsys):
+    import torch
+
+    from medsam3_monai.networks import MedSAM3Net
+    from medsam3_monai.networks.checkpoints import save_checkpoint_file
+
+    baseline = save_checkpoint_file(MedSAM3Net("tiny").sam3, tmp_path / "sam3_tiny.pt")
+    out = tmp_path / "repro"
+    torch.manual_seed(0)
+    code = _run(["reproduce", "medical-sam3", "--data-root", str(data_root), "--checkpoint", "tiny",
+                 "--baseline", str(baseline), "--image-size", "112", "--max-cases", "1", "--out", str(out),
+                 "--no-progress", "--overlays", "1"])
+    captured = capsys.readouterr()
+    assert code == 0, captured.err
+    # found / not found, with what was expected
+    assert "1 of 17 evaluation sets found" in captured.err
+    assert "found     DRIVE (internal)" in captured.err
+    assert f"not found TN3K (external): expected {data_root / 'TN3K'}/" in captured.err
+    assert "unreadable ETIS-Larib" in captured.err and "no reader PAPILA" in captured.err
+    # the table: ours, published, Δ per checkpoint; every dataset listed; means labelled
+    text = (out / "table.md").read_text()
+    assert text == captured.out.strip() + "\n"
+    assert "| SAM3 ours | SAM3 paper | Δ | Medical SAM3 ours | Medical SAM3 paper | Δ |" in text
+    drive = _cells(text, "DRIVE")
+    assert drive[2:4] == ["yes", "1"] and drive[5] == "24.8" and drive[8] == "55.8"
+    assert float(drive[6]) == pytest.approx(float(drive[4]) - 24.8, abs=0.051)
+    assert _cells(text, "TN3K")[2] == "not found" and _cells(text, "PAPILA")[2] == "no converter"
+    assert _cells(text, "internal: mean of all 10 datasets (as published)")[4:6] == ["–", "54.0"]
+    assert _cells(text, "internal: mean of the 1 found dataset only")[5] == "24.8"
+    assert _cells(text, "external: mean of all 7 datasets (as published)")[7:9] == ["–", "73.9"]
+    assert "WARNING: at most 1 cases per dataset" in text and "tiny random-init" in text
+    # everything in one folder
+    for name in ("table.csv", "datasets.md", "timing.md", "radar.png", "radar_medical_sam3_vs_paper.png",
+                 "datalists/DRIVE.json", "medical_sam3/cases.csv", "medical_sam3/DRIVE/cases.csv", "sam3/table.md"):
+        assert (out / name).is_file(), name
+    datalist = json.loads((out / "datalists" / "DRIVE.json").read_text())
+    assert datalist["test"][0]["prompts"] == {"1": "Retinal Blood Vessel"}
+    with (out / "medical_sam3" / "cases.csv").open() as stream:
+        rows = list(csv.DictReader(stream))
+    assert len(rows) == 1 and rows[0]["prompt"] == "Retinal Blood Vessel" and rows[0]["protocol"] == "top_query"
+    # the manifest: versions, commit, checkpoint hashes ('tiny' has no file), timings
+    manifest = json.loads((out / "manifest.json").read_text())
+    assert manifest["status"] == "complete" and manifest["paper"] == "medical-sam3"
+    assert manifest["environment"]["packages"]["torch"] and manifest["environment"]["packages"]["transformers"]
+    checkpoints = {c["role"]: c for c in manifest["checkpoints"]}
+    assert checkpoints["checkpoint"]["files"] == []
+    digest = hashlib.sha256(baseline.read_bytes()).hexdigest()
+    assert checkpoints["baseline"]["files"] == [{"path": str(baseline.resolve()), "bytes": baseline.stat().st_size,
+                                                 "sha256": digest}]
+    assert [t["dataset"] for t in manifest["timings"]] == ["DRIVE", "DRIVE"]
+    assert manifest["timings"][0]["full_split_cases"] == 20 and manifest["timings"][0]["seconds_per_case"] > 0
+    assert {d["dataset"]: d["status"] for d in manifest["datasets"]}["TN3K"] == "missing"
+    # one MLflow run with the numbers and every file
+    from mlflow import MlflowClient
+
+    client = MlflowClient(tracking_uri=f"sqlite:///{out / 'mlruns.db'}")
+    runs = client.search_runs([client.get_experiment_by_name("medsam3-reproduce").experiment_id])
+    assert len(runs) == 1 and runs[0].info.run_id == manifest["mlflow"]["run_id"]
+    run = runs[0]
+    assert run.info.status == "FINISHED" and run.data.params["found"] == "DRIVE"
+    assert run.data.params[f"sha256/baseline/{baseline.name}"] == digest
+    assert run.data.metrics["medical_sam3/DRIVE/published_dice"] == 55.8
+    assert run.data.metrics["medical_sam3/paper_mean/internal/published_dice"] == 77.0
+    logged = {a.path for a in client.list_artifacts(run.info.run_id)}
+    assert {"table.md", "manifest.json", "radar.png", "datalists", "medical_sam3", "sam3"} <= logged
+
+
+@pytest.mark.slow
+def test_reproduce_medsam3_text_and_box_protocol(data_root, tmp_path, capsys):
+    out = tmp_path / "medsam3"
+    code = _run(["reproduce", "medsam3", "--data-root", str(data_root), "--checkpoint", "tiny", "--protocol", "T+I",
+                 "--image-size", "112", "--max-cases", "1", "--out", str(out), "--no-progress", "--overlays", "0"])
+    captured = capsys.readouterr()
+    assert code == 0, captured.err
+    assert "2 of 4 evaluation sets found" in captured.err
+    text = (out / "table.md").read_text()
+    assert "protocol T+I" in text and "protocol T (" not in text
+    assert ("| U-Net paper | MedSAM paper | SAM 3 ours | SAM 3 paper | Δ | MedSAM-3 ours | MedSAM-3 paper | Δ |"
+            in text)
+    kvasir = _cells(text, "Kvasir-SEG")
+    assert kvasir[2] == "yes" and kvasir[6] == "not run"  # SAM 3: no --baseline
+    assert 0.0 <= float(kvasir[9]) <= 100.0 and kvasir[10:12] == ["–", "–"]  # MedSAM-3 ours; paper value unknown
+    assert _cells(text, "ISIC2018")[2] == "not found" and _cells(text, "RIM-ONE")[2] == "no converter"
+    assert "mean of the 2 found datasets only" in text and "Agent row: not run" in text
+    rows = list(csv.DictReader((out / "medsam3_ti" / "cases.csv").open()))
+    assert {r["protocol"] for r in rows} == {"top_query+box"}
+    assert {r["prompt"] for r in rows} == {"breast tumor", "polyp"}
+    assert (out / "radar_TI.png").is_file()
+
+
+def test_bad_input_exits_2_and_writes_nothing(data_root, tmp_path, capsys):
+    empty = tmp_path / "empty"
+    empty.mkdir()
+    out = tmp_path / "never"
+    assert _run(["reproduce", "medical-sam3", "--data-root", str(empty), "--checkpoint", "tiny",
+                 "--out", str(out)]) == 2
+    assert "none of the 17 evaluation sets" in capsys.readouterr().err and not out.exists()
+    assert _run(["reproduce", "medical-sam3", "--data-root", str(tmp_path / "nowhere"), "--checkpoint", "tiny",
+                 "--out", str(out)]) == 2
+    assert "is not a folder" in capsys.readouterr().err and not out.exists()
+    taken = tmp_path / "taken"
+    taken.mkdir()
+    (taken / "x").write_text("x")
+    assert _run(["reproduce", "medsam3", "--data-root", str(data_root), "--checkpoint", "tiny",
+                 "--out", str(taken)]) == 2
+    assert "not an empty folder" in capsys.readouterr().err and os.listdir(taken) == ["x"]
+    assert _run(["reproduce", "medical-sam3", "--data-root", str(data_root), "--checkpoint", "tiny", "--out", str(out),
+                 "--dry-run"]) == 0
+    assert "found     DRIVE" in capsys.readouterr().err and not out.exists()
