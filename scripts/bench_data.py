@@ -8,8 +8,9 @@ S x S, SAM3 normalisation, targets, one sampled negative):
 * ``grey``: 2D grey (BUSI ultrasound)
 * ``3d``: MSD hippocampus volumes, one random axial slice per volume (``RandAxialSliced``), counted per slice
 
-``cold``: no cache, the whole chain per item. ``cached``: a warmed ``CacheDataset`` (load, decode, intensity
-cached), then only the part from the first random transform on, for ``--epochs`` passes. One thread
+``cold``: no cache, the whole chain per item. ``cached``: the training bundle's warmed cache
+(``data.caching.build_training_dataset``: a 2D picture cached in slice space with its targets, a volume's load,
+decode and intensity), then only the part from the first random transform on, for ``--epochs`` passes. One thread
 (``torch.set_num_threads(1)``), one process: ``img_per_s`` is images per CPU-second of this process (per core,
 robust to other load on the machine); ``img_per_s_wall`` uses elapsed time. ``cores_for_60_img_per_s`` =
 ceil(60 / per-core rate) of the slowest set. Collation and worker IPC are not included.
@@ -64,7 +65,8 @@ def _rates(images: int, wall: float, cpu: float) -> dict[str, float]:
 
 
 def bench_set(name: str, folder: Path, args: argparse.Namespace, concepts: list[str]) -> dict[str, Any]:
-    from medsam3_monai.data import build_datalist, build_dataset
+    from medsam3_monai.data import build_datalist
+    from medsam3_monai.data.caching import build_training_dataset
     from medsam3_monai.transforms import slice_space_transforms
 
     if not folder.is_dir():
@@ -72,13 +74,17 @@ def bench_set(name: str, folder: Path, args: argparse.Namespace, concepts: list[
     datalist = build_datalist(folder.name, folder, check_values=False).datalist
     items = (datalist["training"] + datalist["validation"])[: args.items]
 
-    def chain():
+    def chain(pictures_only: bool = False):
         transform = slice_space_transforms(args.image_size, train=True, negative_concepts=concepts,
-                                           slices_per_volume=args.slices_per_volume)
+                                           slices_per_volume=args.slices_per_volume, pictures_only=pictures_only)
         return transform.set_random_state(seed=0)
 
+    def dataset_of(cache: str):  # the training bundle's dataset: pictures and volumes through their own chains
+        return build_training_dataset(items, chain(pictures_only=True), chain(), cache=cache, num_workers=1,
+                                      progress=False)
+
     # cold: every item loaded and transformed in full (one warm-up item first: lazy imports, reader set-up)
-    dataset = build_dataset(items, chain(), cache="none")
+    dataset = dataset_of("none")
     dataset[0]
     _log(f"{name}: cold, {len(items)} items of {folder.name} at {args.image_size} px")
     cold = _rates(*_timed(lambda: sum(_count(dataset[i]) for i in range(len(dataset)))))
@@ -86,7 +92,7 @@ def bench_set(name: str, folder: Path, args: argparse.Namespace, concepts: list[
     # cached: fill the memory cache (timed apart), then passes over the random tail only
     _log(f"{name}: cached, {args.epochs} passes")
     fill_wall = time.perf_counter()
-    cached_set = build_dataset(items, chain(), cache="memory", num_workers=1, progress=False)
+    cached_set = dataset_of("memory")
     fill_wall = time.perf_counter() - fill_wall
     cached_set[0]
     cached = _rates(*_timed(lambda: sum(_count(cached_set[i]) for _ in range(args.epochs)

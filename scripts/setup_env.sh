@@ -22,7 +22,7 @@ if [ "$(cat "$stamp" 2>/dev/null)" != "$want" ]; then
   echo "$want" > "$stamp"
 fi
 # The editable install points at this clone; refresh it cheaply when the clone moved.
-if ! "$venv/bin/python" - "$here" <<'PY' >/dev/null 2>&1
+if ! (cd / && "$venv/bin/python" - "$here") <<'PY' >/dev/null 2>&1  # from / : the cwd must not shadow the install
 import pathlib, sys
 import medsam3_monai
 sys.exit(0 if pathlib.Path(medsam3_monai.__file__).resolve().parent.parent == pathlib.Path(sys.argv[1]).resolve() else 1)

@@ -67,3 +67,35 @@ def test_the_loss_of_a_real_batch_is_the_same_with_crops(shared_data: Path):
     assert with_crops.keys() == with_dense.keys() and "loss_mask" in with_crops
     for name, value in with_dense.items():
         assert torch.equal(torch.as_tensor(with_crops[name]), torch.as_tensor(value)), name
+
+
+def test_pictures_are_cached_in_slice_space_and_give_the_generic_chains_items(shared_data: Path):
+    from monai.data import CacheDataset
+
+    from medsam3_monai.data import build_datalist
+    from medsam3_monai.data.caching import build_training_dataset
+    from medsam3_monai.transforms.pipelines import slice_space_transforms
+
+    pictures = build_datalist("Kvasir-SEG_sample", shared_data / "Kvasir-SEG_sample").datalist["training"][:2]
+    volumes = build_datalist("MSD_Task04_Hippocampus_cropped", shared_data / "MSD_Task04_Hippocampus_cropped",
+                             check_values=False).datalist["training"][:1]
+
+    def chain(pictures_only: bool):
+        return slice_space_transforms(112, train=True, negative_concepts=["liver", "lung"], seed=3,
+                                      pictures_only=pictures_only).set_random_state(seed=5)
+
+    dataset = build_training_dataset(pictures + volumes, chain(True), chain(False), cache="memory", progress=False)
+    assert [len(d) for d in dataset.datasets] == [2, 1]
+    cached_pictures = dataset.datasets[0]
+    assert isinstance(cached_pictures, CacheDataset)
+    first_random = cached_pictures.transform.get_index_of_first(lambda t: type(t).__name__ == "RandNegativePromptsd")
+    assert cached_pictures.transform.get_index_of_first(lambda t: type(t).__name__ == "BuildTargetsd") < first_random
+    generic = chain(False)
+    for index, item in enumerate(pictures):
+        got, expected = dataset[index], generic(item)
+        got, expected = (x[0] if isinstance(x, list) else x for x in (got, expected))
+        assert torch.equal(got["image"].as_tensor(), expected["image"].as_tensor())
+        positives = [[t for t in x["targets"] if t["label"] != -1] for x in (got, expected)]  # negatives: sampled
+        assert [t["text"] for t in positives[0]] == [t["text"] for t in positives[1]] == ["polyp"]
+        for a, b in zip(*positives):
+            assert a["masks"] == b["masks"] and torch.equal(a["boxes"], b["boxes"])

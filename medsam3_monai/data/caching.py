@@ -29,7 +29,7 @@ from monai.data import CacheDataset, DataLoader, Dataset, PersistentDataset, Thr
 from monai.data.utils import pickle_hashing
 from monai.transforms import Compose, Randomizable
 
-__all__ = ["CACHE_MODES", "build_dataloader", "build_dataset"]
+__all__ = ["CACHE_MODES", "build_dataloader", "build_dataset", "build_training_dataset", "is_picture_item"]
 
 CACHE_MODES = ("memory", "disk", "none")
 
@@ -102,6 +102,47 @@ def _generators(transform: Any) -> list[tuple[Randomizable, Any]]:
         if isinstance(current, Compose):
             stack.extend(current.transforms)
     return found
+
+
+def is_picture_item(item: dict[str, Any]) -> bool:
+    """A 2D picture (PNG, JPEG, TIFF, ...) rather than a volume (NIfTI, DICOM, a series folder), by its path."""
+    from ..transforms.io import IMAGE_2D_SUFFIXES
+
+    path = Path(str(item["image"]))
+    name = path.name.lower()
+    return not path.is_dir() and any(name.endswith(suffix) for suffix in IMAGE_2D_SUFFIXES)
+
+
+def build_training_dataset(
+    data: Sequence[dict[str, Any]],
+    picture_transform: Any,
+    volume_transform: Any,
+    cache: str | None = "memory",
+    cache_dir: str | Path | None = None,
+    num_workers: int = 0,
+    progress: bool = True,
+):
+    """The training set as two cached datasets: 2D pictures through ``picture_transform`` and volumes through
+    ``volume_transform`` (a ``ConcatDataset``: pictures first, then volumes, each in datalist order).
+
+    A picture has one slice, so its chain (``train#picture_preprocessing``) is deterministic up to the sampled
+    negative prompts and the cache holds it in slice space with its targets (load, decode, intensity, instances,
+    resize, normalisation); a volume's chain draws its slice first (``RandAxialSliced``), so only its
+    deterministic head (load, decode, intensity) is cached. Both produce what the single training chain would.
+    """
+    from torch.utils.data import ConcatDataset
+
+    pictures = [item for item in data if is_picture_item(item)]
+    volumes = [item for item in data if not is_picture_item(item)]
+    parts = []
+    for items, transform, folder in ((pictures, picture_transform, "pictures"), (volumes, volume_transform, "volumes")):
+        if items:
+            sub_dir = None if cache_dir is None else Path(cache_dir) / folder
+            parts.append(build_dataset(items, transform, cache=cache, cache_dir=sub_dir, num_workers=num_workers,
+                                       progress=progress))
+    if not parts:
+        raise ValueError("no training items: the datalists' training lists are empty")
+    return ConcatDataset(parts)
 
 
 def build_dataloader(

@@ -13,6 +13,11 @@ Outputs (all in the input's own geometry; nothing is written unless everything s
 
 Every file is first written under a temporary name and moved into place at the end: a failure (bad input,
 bad checkpoint, interrupted run) leaves no partial output.
+
+Many inputs (``medsam3 segment INPUT... --out-dir DIR``: files, folders, quoted patterns, or ``--datalist FILE``):
+one mask per input, ``DIR/<name>_seg.png`` (2D) or ``DIR/<name>_seg.nii.gz`` (volumes) with its ``.json`` sidecar,
+written by the same functions; up to ``--batch-size`` 2D images per network forward, the preprocessing in
+``--num-workers`` DataLoader processes (``inferers.batch``).
 """
 
 from __future__ import annotations
@@ -28,7 +33,8 @@ from typing import Any
 
 from ..protocol_registry import PROTOCOLS
 
-__all__ = ["StagedFiles", "add_parser", "run", "write_label_volume", "write_mask_image"]
+__all__ = ["StagedFiles", "add_parser", "run", "run_many", "write_label_volume", "write_mask_image",
+           "write_prediction"]
 
 IMAGE_OUTPUTS = {".png": "PNG", ".bmp": "BMP", ".tif": "TIFF", ".tiff": "TIFF"}
 #: what ``--overlay`` adds to a 2D picture's peak memory, bytes per input pixel (it decodes the picture again as
@@ -36,6 +42,8 @@ IMAGE_OUTPUTS = {".png": "PNG", ".bmp": "BMP", ".tif": "TIFF", ".tiff": "TIFF"}
 OVERLAY_BYTES_PER_PIXEL = 4
 VOLUME_OUTPUTS = (".nii", ".nii.gz")
 BINARY_VALUE = 255  # a single prompt's 2D mask
+DEFAULT_BATCH_SIZE = 8
+OUTPUT_POSTFIX = "seg"  # <name>_seg.png, as the inference bundle names its outputs
 
 _EPILOG = """\
 Output values: 2D, one prompt -> 0/255 mask; 2D, several prompts -> labels 1..P (prompt order);
@@ -49,6 +57,12 @@ confident slice. --tracker auto = tiny for the tiny checkpoint, the checkpoint's
 facebook/sam3 folder, else none (detector only).
 Intensity: --modality CT uses the --ct-window preset; MRI a 0.5-99.5 percentile clip; without --modality
 RGB pictures are divided by 255 and grey images min-max scaled.
+Many inputs: medsam3 segment images/ 'scans/*.nii.gz' --prompt polyp --out-dir masks/ [--batch-size 8]
+  or medsam3 segment --datalist kvasir.json [--split test] --out-dir masks/ (the items' own prompts unless
+  --prompt is given). One mask per input, DIR/<name>_seg.png (2D) or DIR/<name>_seg.nii.gz (volumes) + .json
+  sidecar (inputs sharing a name keep their sub-folder). DIR must be empty or new (else --overwrite). Inputs are
+  checked before anything is written; an input that turns out unreadable stops the run with one line (the masks
+  written so far stay), or with --skip-unreadable is listed in DIR/skipped.csv and the run goes on.
 """
 
 
@@ -60,10 +74,12 @@ def add_parser(subparsers: argparse._SubParsersAction) -> argparse.ArgumentParse
         epilog=_EPILOG,
         formatter_class=argparse.RawDescriptionHelpFormatter,
     )
-    parser.add_argument("input", metavar="INPUT",
-                        help="2D image (png, jpg, bmp, tif, gif), volume (.nii, .nii.gz, .mha, .nrrd) or DICOM folder")
-    parser.add_argument("--prompt", action="append", required=True, metavar="TEXT",
-                        help="concept to segment, e.g. 'polyp' (repeat for several: label values 1..P)")
+    parser.add_argument("input", metavar="INPUT", nargs="*",
+                        help="2D image (png, jpg, bmp, tif, gif), volume (.nii, .nii.gz, .mha, .nrrd) or DICOM folder; "
+                             "with --out-dir also several, folders of them and quoted patterns ('cases/*.png')")
+    parser.add_argument("--prompt", action="append", metavar="TEXT",
+                        help="concept to segment, e.g. 'polyp' (repeat for several: label values 1..P); required "
+                             "unless every --datalist item has its own prompts")
     parser.add_argument("--box", action="append", nargs=4, type=float, metavar=("X1", "Y1", "X2", "Y2"),
                         help="box prompt in input pixels (2D only); once for all prompts or once per prompt")
     parser.add_argument("--checkpoint", default="tiny", metavar="SRC",
@@ -82,9 +98,24 @@ def add_parser(subparsers: argparse._SubParsersAction) -> argparse.ArgumentParse
                         help="CT window preset (abdomen, lung, bone, brain, ...) or width,level (with --modality CT)")
     parser.add_argument("--channel", type=int, default=None, metavar="N",
                         help="for a 4D volume (several channels / time points): segment channel N (0-based)")
-    parser.add_argument("--out", required=True, metavar="PATH",
+    parser.add_argument("--out", metavar="PATH",
                         help="mask / label map to write: .png (2D) or .nii.gz (volumes); <PATH>.json beside it")
-    parser.add_argument("--overlay", default=None, metavar="PNG", help="also write an overlay picture")
+    parser.add_argument("--overlay", default=None, metavar="PNG", help="also write an overlay picture (one input)")
+    many = parser.add_argument_group("many inputs (--out-dir)")
+    many.add_argument("--out-dir", metavar="DIR",
+                      help="write one mask per input into DIR (<name>_seg.png / <name>_seg.nii.gz + .json)")
+    many.add_argument("--datalist", metavar="FILE",
+                      help="datalist JSON (a list of items or paths, or decathlon-style lists) of the inputs")
+    many.add_argument("--split", default="test", metavar="NAME",
+                      help="the list of a decathlon-style --datalist to segment (default test)")
+    many.add_argument("--batch-size", type=_positive, default=DEFAULT_BATCH_SIZE, metavar="N",
+                      help=f"2D images per network forward (default {DEFAULT_BATCH_SIZE}); volumes go one at a time")
+    many.add_argument("--num-workers", type=_non_negative, default=0, metavar="N",
+                      help="DataLoader processes reading and preprocessing inputs (default 0: in the main process)")
+    many.add_argument("--skip-unreadable", action="store_true",
+                      help="go on past inputs that cannot be read; they are listed in DIR/skipped.csv")
+    parser.add_argument("--autocast", choices=["none", "bf16"], default="none",
+                        help="bf16 autocast for the network (CUDA or CPU; default none: float32)")
     parser.add_argument("--overwrite", action="store_true", help="replace existing output files")
     parser.add_argument("--device", default="auto", help="auto (cuda when available), cpu, cuda, cuda:1, ...")
     parser.add_argument("--no-progress", action="store_true", help="no progress bars")
@@ -92,7 +123,7 @@ def add_parser(subparsers: argparse._SubParsersAction) -> argparse.ArgumentParse
                         help="accept 2D pictures up to N pixels, also above PIL's decompression-bomb limit "
                              "(default: PIL's limit and what fits in 80%% of the available memory; "
                              "env MEDSAM3_MAX_PIXELS)")
-    parser.set_defaults(func=run)
+    parser.set_defaults(func=run, parser=parser)
     return parser
 
 
@@ -260,6 +291,26 @@ def _pixels(value: str) -> int:
     return pixels
 
 
+def _positive(value: str) -> int:
+    try:
+        number = int(value)
+    except ValueError:
+        raise argparse.ArgumentTypeError(f"{value!r} is not a whole number") from None
+    if number < 1:
+        raise argparse.ArgumentTypeError(f"{value!r}: give a number >= 1")
+    return number
+
+
+def _non_negative(value: str) -> int:
+    try:
+        number = int(value)
+    except ValueError:
+        raise argparse.ArgumentTypeError(f"{value!r} is not a whole number") from None
+    if number < 0:
+        raise argparse.ArgumentTypeError(f"{value!r}: give a number >= 0")
+    return number
+
+
 def _ct_window(value: str) -> Any:
     if "," not in value:
         return value
@@ -271,9 +322,42 @@ def _ct_window(value: str) -> Any:
 
 
 # ------------------------------------------------------------------------------------------------ command
-def run(args: argparse.Namespace) -> int:
-    from ..inferers.inputs import input_kind
+def _usage(args: argparse.Namespace, message: str) -> None:
+    parser = getattr(args, "parser", None)
+    if parser is None:
+        raise ValueError(message)
+    parser.error(message)  # usage line + message on stderr, exit status 2
 
+
+def _check_arguments(args: argparse.Namespace) -> bool:
+    """Usage errors (argparse style, exit 2) before anything is imported; True for the many-inputs mode."""
+    inputs = [args.input] if isinstance(args.input, (str, Path)) else list(args.input or [])
+    args.input = inputs
+    datalist = getattr(args, "datalist", None)
+    out_dir = getattr(args, "out_dir", None)
+    missing = [name for name, given in (("INPUT", inputs or datalist), ("--prompt", args.prompt or datalist),
+                                        ("--out", args.out or out_dir)) if not given]
+    if missing:
+        _usage(args, f"the following arguments are required: {', '.join(missing)}")
+    if args.out and out_dir:
+        _usage(args, "give --out PATH (one input) or --out-dir DIR (one mask per input), not both")
+    if out_dir is None:
+        if datalist:
+            _usage(args, "--datalist segments many inputs: give --out-dir DIR (one mask per input)")
+        if len(inputs) > 1:
+            _usage(args, f"{len(inputs)} inputs: give --out-dir DIR (one mask per input) instead of --out")
+    return out_dir is not None
+
+
+def run(args: argparse.Namespace) -> int:
+    if _check_arguments(args):
+        return run_many(args)
+    from ..inferers.inputs import GLOB_CHARACTERS, input_kind
+
+    args.input = str(args.input[0])
+    if not Path(args.input).exists() and any(c in args.input for c in GLOB_CHARACTERS):
+        raise ValueError(f"{args.input!r} is a pattern: segment the files it matches with --out-dir DIR (one mask "
+                         "per input) instead of --out")
     kind = input_kind(args.input)  # missing input, unsupported format: before anything is loaded
     out, sidecar_path, overlay = _plan_outputs(args, kind)
     if kind == "volume" and args.box:
@@ -303,32 +387,61 @@ def run(args: argparse.Namespace) -> int:
             check_picture_size(args.input, size, max_pixels, SEGMENT_BYTES_PER_PIXEL
                                + (OVERLAY_BYTES_PER_PIXEL if args.overlay else 0))
 
-    import torch
-
-    from ..inferers.predict import Predictor
     from ..transforms.errors import DataError
 
-    device = ("cuda" if torch.cuda.is_available() else "cpu") if args.device == "auto" else args.device
-    predictor = Predictor.from_checkpoint(
-        args.checkpoint, args.image_size, torch.device(device), tracker=args.tracker,
-        protocol=args.protocol or "top_query", score_threshold=args.score_threshold,
-        ct_window=_ct_window(args.ct_window), progress=not args.no_progress, max_pixels=max_pixels,
-    )
+    predictor = _predictor(args, max_pixels, progress=not args.no_progress)
     try:
-        prediction = predictor(args.input, args.prompt, box=args.box, modality=args.modality, channel=args.channel)
+        with _network_context(args, predictor):
+            prediction = predictor(args.input, args.prompt, box=args.box, modality=args.modality,
+                                   channel=args.channel)
     except DataError as err:
         if "4D volume" in err.problem:
             raise ValueError(f"{err.path}: {err.problem}: segment a 3D volume, or pick one channel / time point "
                              "with --channel N") from None
         raise
 
+    print(write_prediction(prediction, args.input, out, sidecar_path, overlay, getattr(args, "max_pixels", None)))
+    if prediction.is_volume:
+        for line in empty_volume_notes(prediction, args.score_threshold):
+            print(f"note: {line}", file=sys.stderr)
+    return 0
+
+
+def _predictor(args: argparse.Namespace, max_pixels: Any, progress: bool) -> Any:
+    import torch
+
+    from ..inferers.predict import Predictor
+
+    device = ("cuda" if torch.cuda.is_available() else "cpu") if args.device == "auto" else args.device
+    return Predictor.from_checkpoint(
+        args.checkpoint, args.image_size, torch.device(device), tracker=args.tracker,
+        protocol=args.protocol or "top_query", score_threshold=args.score_threshold,
+        ct_window=_ct_window(args.ct_window), progress=progress, max_pixels=max_pixels,
+    )
+
+
+def _network_context(args: argparse.Namespace, predictor: Any) -> Any:
+    """bf16 autocast around the network calls with ``--autocast bf16``; nothing otherwise."""
+    import contextlib
+
+    if getattr(args, "autocast", "none") in (None, "none"):
+        return contextlib.nullcontext()
+    from ..inferers.batch import inference_context
+
+    return inference_context(next(predictor.network.parameters()).device, args.autocast)
+
+
+def write_prediction(prediction: Any, source: str | Path, out: Path, sidecar_path: Path, overlay: Path | None = None,
+                     max_pixels: int | None = None) -> str:
+    """Write one prediction's mask / label map, its JSON sidecar and (optionally) the overlay, all or nothing
+    (``StagedFiles``); returns the line ``medsam3 segment`` prints about it."""
     labels, summary = output_labels(prediction)
-    if prediction.is_volume and labels.ndim == 3 and labels.shape[-1] == 1 and _is_2d_nifti(args.input):
+    if prediction.is_volume and labels.ndim == 3 and labels.shape[-1] == 1 and _is_2d_nifti(source):
         labels = labels[..., 0]  # a 2D NIfTI in, a 2D NIfTI out
     summary.update(shape=list(labels.shape), output=str(out), overlay=None if overlay is None else str(overlay))
     with StagedFiles() as staged:
         if prediction.is_volume:
-            write_label_volume(labels, prediction.affine.numpy(), staged.path(out), reference=args.input)
+            write_label_volume(labels, prediction.affine.numpy(), staged.path(out), reference=source)
         else:
             write_mask_image(labels, staged.path(out), IMAGE_OUTPUTS[_suffix(out)])
         staged.path(sidecar_path).write_text(json.dumps(summary, indent=2) + "\n", encoding="utf-8")
@@ -337,8 +450,8 @@ def run(args: argparse.Namespace) -> int:
             from .overlay import save_overlay
 
             previous = os.environ.get(MAX_PIXELS_ENV)
-            if getattr(args, "max_pixels", None):  # the overlay re-reads the picture: the same size limit
-                os.environ[MAX_PIXELS_ENV] = str(args.max_pixels)
+            if max_pixels:  # the overlay re-reads the picture: the same size limit
+                os.environ[MAX_PIXELS_ENV] = str(max_pixels)
             try:
                 save_overlay(prediction, staged.path(overlay))
             finally:
@@ -355,10 +468,173 @@ def run(args: argparse.Namespace) -> int:
         for value, entry in summary["labels"].items()
     )
     extra = f" + {overlay}" if overlay is not None else ""
-    print(f"wrote {out} {'x'.join(str(s) for s in labels.shape)} [{described}] + {sidecar_path}{extra}")
-    if prediction.is_volume:
-        for line in empty_volume_notes(prediction, args.score_threshold):
-            print(f"note: {line}", file=sys.stderr)
+    return f"wrote {out} {'x'.join(str(s) for s in labels.shape)} [{described}] + {sidecar_path}{extra}"
+
+
+# ------------------------------------------------------------------------------------------------ many inputs
+def _many_items(args: argparse.Namespace) -> list[dict[str, Any]]:
+    """The datalist items of every input (``--datalist`` first, then INPUTs), before anything is read."""
+    from ..inferers.inputs import _prompt_mapping, expand_inputs, inference_items
+
+    items: list[dict[str, Any]] = []
+    if args.datalist:
+        items += inference_items(args.datalist, args.prompt, split=args.split)
+    if args.input:
+        if not args.prompt:
+            raise ValueError("INPUT files need --prompt TEXT (only --datalist items can bring their own prompts)")
+        items += [{"image": path, "prompts": _prompt_mapping(args.prompt)} for path in expand_inputs(args.input)]
+    for item in items:
+        if args.modality is not None:  # --modality applies to every input, the datalist's included
+            item["modality"] = args.modality
+        item.setdefault("box", None)
+        item.setdefault("modality", None)
+        item.setdefault("protocol", None)
+    return items
+
+
+def _check_many(args: argparse.Namespace, items: list[dict[str, Any]], max_pixels: Any
+                ) -> tuple[list[dict[str, Any]], list[tuple[str, str]]]:
+    """Every check that can be made before the network runs; returns the items to segment and the inputs
+    skipped up front (missing / unsupported, with --skip-unreadable; without it they are errors)."""
+    from ..inferers.inputs import box_prompts, input_kind
+
+    runnable, skipped = [], []
+    for item in items:
+        try:
+            item["kind"] = input_kind(item["image"])
+        except (FileNotFoundError, ValueError) as err:
+            if not args.skip_unreadable:
+                raise
+            skipped.append((item["image"], str(err)))
+            continue
+        runnable.append(item)
+    if args.box and len(items) > 1:
+        raise ValueError(f"--box is in one picture's pixels but {len(items)} inputs were given: segment one input with "
+                         "--box, or give each its own box as 'box' in a --datalist")
+    if not runnable:
+        raise ValueError(f"none of the {len(items)} input(s) can be read: {skipped[0][1]}")
+    if args.box:
+        runnable[0]["box"] = args.box if len(args.box) > 1 else args.box[0]
+    volumes = [item["image"] for item in runnable if item["kind"] == "volume"]
+    if volumes and args.protocol not in (None, "top_query"):
+        raise ValueError(f"--protocol {args.protocol} applies to 2D images but {len(volumes)} input(s) are volumes "
+                         f"(e.g. {volumes[0]}): volumes use the top query per slice; segment them in a run of "
+                         "their own")
+    if not 0.0 <= args.score_threshold <= 1.0:
+        raise ValueError(f"--score-threshold must be in [0, 1], got {args.score_threshold}")
+    from ..transforms.intensity import handler_for_modality
+    from ..transforms.io import SEGMENT_BYTES_PER_PIXEL, check_picture_size, picture_size
+
+    for modality in sorted({item["modality"] for item in runnable} - {None}):
+        try:
+            handler_for_modality(modality)
+        except KeyError:
+            raise ValueError(f"unknown modality {modality!r}; e.g. CT, MRI, X-ray, ultrasound, endoscopy") from None
+
+    for item in runnable:
+        if len(item["prompts"]) > 255:
+            raise ValueError(f"{item['image']}: {len(item['prompts'])} prompts: at most 255 fit an 8-bit label map")
+        if item["kind"] == "volume":
+            if item["box"] is not None:
+                raise ValueError(f"{item['image']} is a volume: box prompts apply to 2D images only")
+            continue
+        try:
+            size = picture_size(item["image"])
+        except Exception:  # not readable: the loader says why, in its turn
+            continue
+        check_picture_size(item["image"], size, max_pixels, SEGMENT_BYTES_PER_PIXEL)
+        if item["box"] is not None:
+            try:
+                box_prompts(item["box"], len(item["prompts"]), size[::-1])  # (width, height) -> (H, W)
+            except ValueError as err:
+                raise ValueError(f"{item['image']}: {err}") from None
+    return runnable, skipped
+
+
+def _plan_many(args: argparse.Namespace, items: list[dict[str, Any]]) -> tuple[Path, list[Path]]:
+    """The output folder (empty or new unless --overwrite) and each item's mask path in it."""
+    from ..inferers.inputs import output_names
+
+    out_dir = Path(args.out_dir)
+    if out_dir.exists() and not out_dir.is_dir():
+        raise ValueError(f"--out-dir {out_dir} is a file; give a folder (new or empty)")
+    if out_dir.is_dir() and any(out_dir.iterdir()) and not args.overwrite:
+        raise FileExistsError(f"--out-dir {out_dir} is not empty; choose a new or empty folder or pass --overwrite "
+                              "(files of the same names are replaced)")
+    names = output_names([item["image"] for item in items], [item["kind"] for item in items], OUTPUT_POSTFIX)
+    targets = [out_dir / name for name in names]
+    if len(set(targets)) < len(targets):
+        twice = sorted({str(item["image"]) for item, t in zip(items, targets) if targets.count(t) > 1})
+        raise ValueError(f"{twice[0]} is listed more than once; give each input once")
+    inputs = {Path(item["image"]).resolve() for item in items}
+    clash = [str(t) for t in targets if t.resolve() in inputs or Path(f"{t}.json").resolve() in inputs]
+    if clash:
+        raise ValueError(f"{clash[0]} would overwrite an input; choose another --out-dir")
+    return out_dir, targets
+
+
+def run_many(args: argparse.Namespace) -> int:
+    """``medsam3 segment INPUT... --out-dir DIR`` / ``--datalist FILE --out-dir DIR``: one mask per input."""
+    import time
+
+    if args.overlay:
+        raise ValueError("--overlay draws one input: segment that input with --out PATH --overlay PNG")
+    max_pixels = getattr(args, "max_pixels", None) or "auto"
+    items = _many_items(args)
+    runnable, skipped = _check_many(args, items, max_pixels)
+    out_dir, targets = _plan_many(args, runnable)
+
+    from tqdm import tqdm
+
+    from ..engines.inference import UnreadableCase
+
+    predictor = _predictor(args, max_pixels, progress=False)
+    predictor.check_prompts(sorted({text for item in runnable for text in item["prompts"].values()}))
+    target_of = {id(item): target for item, target in zip(runnable, targets)}
+    for item in runnable:
+        item.pop("kind")
+    written = 0
+    started = time.perf_counter()
+    bar = tqdm(total=len(items), unit="img", desc="segment", disable=args.no_progress, file=sys.stderr,
+               dynamic_ncols=True)
+    bar.update(len(skipped))
+    try:
+        with _network_context(args, predictor):
+            results = predictor.predict_many(runnable, batch_size=args.batch_size, num_workers=args.num_workers,
+                                             channel=args.channel)
+            for item, result in results:
+                if isinstance(result, UnreadableCase):
+                    error = result.error
+                    if "4D volume" in error and "--channel" not in error:
+                        error += " (pick one channel / time point with --channel N)"
+                    if not args.skip_unreadable:
+                        raise ValueError(f"{error}; stopped after {written} of {len(items)} masks (in {out_dir}); "
+                                         "--skip-unreadable goes on past unreadable inputs")
+                    skipped.append((item["image"], error))
+                    tqdm.write(f"skipped {item['image']}: {error}", file=sys.stderr)
+                else:
+                    target = target_of[id(item)]
+                    tqdm.write(write_prediction(result, item["image"], target, Path(f"{target}.json")))
+                    if result.is_volume:
+                        for line in empty_volume_notes(result, args.score_threshold):
+                            tqdm.write(f"note: {line}", file=sys.stderr)
+                    written += 1
+                bar.update()
+    finally:
+        bar.close()
+    seconds = time.perf_counter() - started
+    if skipped:
+        import csv
+
+        out_dir.mkdir(parents=True, exist_ok=True)
+        with open(out_dir / "skipped.csv", "w", newline="", encoding="utf-8") as handle:
+            writer = csv.writer(handle)
+            writer.writerow(["image", "error"])
+            writer.writerows(skipped)
+        print(f"medsam3 segment: skipped {len(skipped)} unreadable input(s) of {len(items)}; listed in "
+              f"{out_dir / 'skipped.csv'}", file=sys.stderr)
+    print(f"segmented {written} of {len(items)} input(s) into {out_dir} in {seconds:.1f} s "
+          f"({written / max(seconds, 1e-9):.2f} img/s, batch size {args.batch_size})")
     return 0
 
 

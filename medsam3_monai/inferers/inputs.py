@@ -14,7 +14,11 @@ import torch
 from ..transforms.io import IMAGE_2D_SUFFIXES as IMAGE_SUFFIXES
 from ..transforms.io import VOLUME_SUFFIXES
 
-__all__ = ["box_prompts", "inference_items", "input_kind", "is_volume_path", "item_prompts", "user_error"]
+__all__ = ["box_prompts", "expand_inputs", "inference_items", "input_kind", "is_dicom_series", "is_volume_path",
+           "item_prompts", "output_names", "user_error"]
+
+GLOB_CHARACTERS = "*?["
+DICOM_SUFFIXES = ("", ".dcm", ".ima")
 
 
 def _suffix(path: str | Path) -> str:
@@ -177,3 +181,99 @@ def box_prompts(box: Any, num_prompts: int, size: Sequence[int]) -> tuple[torch.
 def is_volume_path(path: str | Path) -> bool:
     """A DICOM folder or any file that is not a 2D picture (NIfTI, DICOM, MHA, NRRD, ...)."""
     return Path(path).is_dir() or _suffix(path) not in IMAGE_SUFFIXES
+
+
+def is_dicom_series(folder: str | Path) -> bool:
+    """A folder of DICOM files (one series: ``.dcm``/``.ima`` or no extension) and nothing else readable."""
+    folder = Path(folder)
+    if not folder.is_dir():
+        return False
+    files = [p for p in folder.iterdir() if p.is_file() and not p.name.startswith(".")]
+    return bool(files) and all(p.suffix.lower() in DICOM_SUFFIXES or p.name.upper() == "DICOMDIR" for p in files)
+
+
+def _folder_inputs(folder: Path) -> list[Path]:
+    """The images and volumes directly inside ``folder`` (sorted), its DICOM-series sub-folders included."""
+    found = []
+    for path in sorted(folder.iterdir()):
+        if path.name.startswith("."):
+            continue
+        if path.is_file() and _suffix(path) in IMAGE_SUFFIXES + VOLUME_SUFFIXES:
+            found.append(path)
+        elif path.is_dir() and is_dicom_series(path):
+            found.append(path)
+    return found
+
+
+def expand_inputs(inputs: Sequence[str | Path]) -> list[str]:
+    """Command-line inputs -> input paths, in order, each once.
+
+    * a file: itself (its format is checked by :func:`input_kind`);
+    * a folder: one DICOM series (:func:`is_dicom_series`) is itself, one volume; any other folder gives the images
+      and volumes directly inside it (sorted by name; DICOM-series sub-folders count as volumes; not recursive);
+    * a pattern with ``*``, ``?`` or ``[`` (quote it so the shell leaves it alone; ``**`` recurses): the matching
+      images, volumes and DICOM-series folders, sorted.
+
+    Raises ValueError for a folder holding no input or a pattern matching none, FileNotFoundError for a path that
+    does not exist.
+    """
+    import glob
+
+    found: list[Path] = []
+    for raw in inputs:
+        text = str(raw)
+        path = Path(text).expanduser()
+        if not path.exists() and any(c in text for c in GLOB_CHARACTERS):
+            matches = [Path(m) for m in sorted(glob.glob(str(path), recursive=True))]
+            chosen = [m for m in matches if (m.is_file() and _suffix(m) in IMAGE_SUFFIXES + VOLUME_SUFFIXES)
+                      or is_dicom_series(m)]
+            if not chosen:
+                raise ValueError(f"no image or volume matches {text!r} ({len(matches)} other path(s) do): give a "
+                                 f"pattern matching {', '.join(IMAGE_SUFFIXES + VOLUME_SUFFIXES)} files")
+            found += chosen
+        elif path.is_dir() and not is_dicom_series(path):
+            inside = _folder_inputs(path)
+            if not inside:
+                kinds = ", ".join(IMAGE_SUFFIXES + VOLUME_SUFFIXES)
+                raise ValueError(f"folder {path} holds no image or volume ({kinds} files or DICOM series folders)")
+            found += inside
+        elif not path.exists():
+            raise FileNotFoundError(f"input {path} not found: give existing images, volumes, folders or a quoted "
+                                    "pattern such as 'images/*.png'")
+        else:
+            found.append(path)
+    unique = dict.fromkeys(str(p.absolute()) for p in found)
+    return list(unique)
+
+
+def _stem(path: Path) -> str:
+    name = path.name
+    suffix = _suffix(name)
+    return name[: len(name) - len(suffix)] if suffix and len(name) > len(suffix) else name
+
+
+def output_names(paths: Sequence[str | Path], kinds: Sequence[str], postfix: str = "seg",
+                 image_ext: str = ".png", volume_ext: str = ".nii.gz") -> list[str]:
+    """Output file names (relative to the output folder) of the inputs: ``<name>_<postfix>.png`` for 2D images,
+    ``<name>_<postfix>.nii.gz`` for volumes, ``<name>`` the file name without its extension (a DICOM folder's
+    name). When two inputs share a name, every output keeps its input's folder below the inputs' common folder
+    (``a/1_seg.png``, ``b/1_seg.png``); inputs that still collide (``1.png`` and ``1.jpg``) keep their extension
+    in the name (``1_png_seg.png``)."""
+    paths = [Path(p).absolute() for p in paths]
+
+    def name(path: Path, kind: str, keep_suffix: bool) -> str:
+        stem = _stem(path)
+        if keep_suffix and _suffix(path):
+            stem += "_" + _suffix(path).lstrip(".").replace(".", "_")
+        return f"{stem}_{postfix}{image_ext if kind == 'image' else volume_ext}"
+
+    flat = [name(p, k, False) for p, k in zip(paths, kinds)]
+    if len(set(flat)) == len(flat):
+        return flat
+    import os
+
+    common = Path(os.path.commonpath([str(p.parent) for p in paths]))
+    nested = [str(p.parent.relative_to(common) / name(p, k, False)) for p, k in zip(paths, kinds)]
+    clashes = {n for n in nested if nested.count(n) > 1}
+    return [str(p.parent.relative_to(common) / name(p, k, True)) if n in clashes else n
+            for p, k, n in zip(paths, kinds, nested)]

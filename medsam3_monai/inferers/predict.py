@@ -29,7 +29,8 @@ most confident slice (see :mod:`.volume`); ``protocol`` applies to 2D images onl
 
 from __future__ import annotations
 
-from collections.abc import Mapping, Sequence
+from collections.abc import Iterator, Mapping, Sequence
+from contextlib import contextmanager
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
@@ -51,6 +52,7 @@ __all__ = [
     "Prediction",
     "Predictor",
     "PromptInferer",
+    "is_volume_case",
     "native_image",
     "predict_file",
 ]
@@ -61,6 +63,12 @@ MASK_LOGIT = 1.0e4
 
 def _plain(x: Any) -> torch.Tensor:
     return x.as_tensor() if isinstance(x, MetaTensor) else torch.as_tensor(x)
+
+
+def is_volume_case(case: Any, image_key: str = "image") -> bool:
+    """Whether a preprocessed case (an item or the list of its slice items) is a volume's slices."""
+    first = case if isinstance(case, Mapping) else case[0]
+    return "volume_shape" in getattr(first[image_key], "meta", {})
 
 
 # ------------------------------------------------------------------------------------------------ inferer
@@ -99,22 +107,71 @@ class PromptInferer(Inferer):
         self.image_key = image_key
 
     def __call__(self, inputs: Any, network: torch.nn.Module, *args: Any, **kwargs: Any) -> list[dict[str, Any]]:
-        items = [dict(inputs)] if isinstance(inputs, Mapping) else [dict(item) for item in inputs]
-        if not items:
-            raise ValueError("PromptInferer got a case without slice items")
-        first = items[0]
-        image = first[self.image_key]
-        path = source_name(image, first, self.image_key)
-        values, prompts = item_prompts(first, path)
+        items, path, values, prompts = self._case(inputs)
         device = next(network.parameters()).device
-        if "volume_shape" in getattr(image, "meta", {}):
+        if is_volume_case(items, self.image_key):
             case = self._volume(items, prompts, network, device, path)
         else:
-            case = self._image(first, prompts, network, device)
+            case = self._image(items[0], prompts, network, device)
         case.update(prompt_values=values, prompt_texts=prompts)
         for item in items:
             item.update(case)
         return items
+
+    def _case(self, inputs: Any) -> tuple[list[dict[str, Any]], str | None, list[int], list[str]]:
+        items = [dict(inputs)] if isinstance(inputs, Mapping) else [dict(item) for item in inputs]
+        if not items:
+            raise ValueError("PromptInferer got a case without slice items")
+        first = items[0]
+        path = source_name(first[self.image_key], first, self.image_key)
+        values, prompts = item_prompts(first, path)
+        return items, path, values, prompts
+
+    def infer_cases(self, cases: Sequence[Any], network: torch.nn.Module,
+                    images: torch.Tensor | None = None) -> list[list[dict[str, Any]]]:
+        """Several cases at once (what an engine iteration over a batch of cases calls): the 2D cases go through
+        the network together, several images per forward (:func:`~.batch.segment_image_batch`: each image with
+        its own prompts, text features from the network's per-prompt cache), volumes one at a time as
+        :meth:`__call__` does. Returns the cases in order, each as :meth:`__call__` returns it; the 2D masks
+        are those of one-by-one calls (the same forward per image, batched).
+
+        ``images``: the 2D cases' slice-space images already stacked (N2D, 3, S, S) in case order, e.g. by
+        :func:`~.batch.collate_case_batch` in a DataLoader worker (pinned for an asynchronous copy); stacked
+        here when None.
+        """
+        from .batch import segment_image_batch
+
+        outputs: list[list[dict[str, Any]] | None] = [None] * len(cases)
+        flat: list[tuple[int, list[dict[str, Any]], list[int], list[str]]] = []
+        for index, case in enumerate(cases):
+            if is_volume_case(case, self.image_key):
+                outputs[index] = self(case, network)
+            else:
+                items, _path, values, prompts = self._case(case)
+                flat.append((index, items, values, prompts))
+        if flat:
+            device = next(network.parameters()).device
+            if images is None:
+                images = torch.stack([_plain(items[0][self.image_key]) for _, items, _, _ in flat])
+            if images.shape[0] != len(flat):
+                raise ValueError(f"{images.shape[0]} stacked images for {len(flat)} 2D cases")
+            protocols, boxes = [], []
+            for _, items, _, prompts in flat:
+                first = items[0]
+                protocols.append(get_protocol(first.get("protocol") or self.protocol).name)
+                box = first.get("box")
+                boxes.append(None if box is None else
+                             box_prompts(box, len(prompts), first[self.image_key].meta["spatial_shape"]))
+            segs = segment_image_batch(network, images.to(device, non_blocking=True), [f[3] for f in flat],
+                                       protocols=protocols, score_threshold=self.score_threshold, boxes=boxes)
+            for (index, items, values, prompts), seg, protocol, box in zip(flat, segs, protocols, boxes):
+                items[0]["pred"] = MetaTensor(seg.logits.float())
+                case = {"prompt_scores": seg.scores.float(), "protocol": protocol + ("+box" if box is not None else ""),
+                        "prompt_values": values, "prompt_texts": prompts}
+                for item in items:
+                    item.update(case)
+                outputs[index] = items
+        return outputs  # type: ignore[return-value]
 
     def _image(self, item: dict[str, Any], prompts: list[str], network: torch.nn.Module,
                device: torch.device) -> dict[str, Any]:
@@ -291,15 +348,16 @@ class Predictor:
         self.network.tokenize(prompts)
         return prompts
 
-    def __call__(self, path: str | Path, prompts: Sequence[str] | str, box: Any = None,
-                 modality: str | None = None, channel: int | None = None, protocol: str | None = None) -> Prediction:
-        """Segment one file (``box``: see :func:`box_prompts`; ``channel``: the channel / time point of a 4D
-        volume; ``protocol``: this call's 2D protocol, default the predictor's). Input errors raise ValueError /
-        FileNotFoundError (DataError, PromptError) with what to do."""
+    def item(self, path: str | Path, prompts: Sequence[str] | Mapping[Any, str] | str, box: Any = None,
+             modality: str | None = None, protocol: str | None = None) -> dict[str, Any]:
+        """The datalist item of one input, checked before anything is read: the input exists and has a supported
+        format, the prompts fit the model (a list: label values 1..P; or ``{value: text}``), no box on a volume,
+        a known modality and protocol. Raises ValueError / FileNotFoundError (PromptError) with what to do."""
         from ..transforms.intensity import handler_for_modality
 
         kind = input_kind(path)
-        prompts = self.check_prompts(prompts)
+        mapping = _prompt_mapping(prompts)
+        self.check_prompts(list(mapping.values()))
         if box is not None and kind == "volume":
             raise ValueError(f"{path}: box prompts are for 2D images; segment volumes with text prompts only")
         if modality is not None:
@@ -309,28 +367,55 @@ class Predictor:
                 raise ValueError(f"unknown modality {modality!r}; e.g. CT, MRI, X-ray, ultrasound, endoscopy") from None
         if protocol is not None:
             get_protocol(protocol)
-        item = {"image": str(path), "prompts": _prompt_mapping(prompts), "box": box, "modality": modality,
-                "protocol": protocol}
+        return {"image": str(path), "prompts": mapping, "box": box, "modality": modality, "protocol": protocol}
+
+    def __call__(self, path: str | Path, prompts: Sequence[str] | str, box: Any = None,
+                 modality: str | None = None, channel: int | None = None, protocol: str | None = None) -> Prediction:
+        """Segment one file (``box``: see :func:`box_prompts`; ``channel``: the channel / time point of a 4D
+        volume; ``protocol``: this call's 2D protocol, default the predictor's). Input errors raise ValueError /
+        FileNotFoundError (DataError, PromptError) with what to do."""
+        item = self.item(path, prompts, box=box, modality=modality, protocol=protocol)
         transform, postprocessing = self.pipeline(channel)
-        try:
+        with _input_errors():
             slices = transform(item)
             slices = slices if isinstance(slices, list) else [slices]
-            is_volume = "volume_shape" in slices[0]["image"].meta
-            if is_volume and box is not None:
-                raise ValueError(f"{path} is a volume: box prompts are for 2D images; use text prompts only")
-            self.inferer.tracker, self.inferer.tracker_name = self.tracker() if is_volume else (None, "none")
+            self._set_tracker([slices], [item])
             case = postprocessing(self.inferer(slices, self.network))
-        except RuntimeError as err:
-            cause = user_error(err)
-            if cause is None:
-                raise
-            raise cause from None
+        return self.prediction(case, item, channel)
+
+    def _set_tracker(self, cases: Sequence[list[dict[str, Any]]], items: Sequence[Mapping[str, Any]]) -> None:
+        """Volumes get the tracker (built on the first one); a box on a volume is an error."""
+        volumes = [is_volume_case(case) for case in cases]
+        for volume, item in zip(volumes, items):
+            if volume and item.get("box") is not None:
+                raise ValueError(f"{item['image']} is a volume: box prompts are for 2D images; use text prompts only")
+        self.inferer.tracker, self.inferer.tracker_name = self.tracker() if any(volumes) else (None, "none")
+
+    def infer_cases(self, cases: Sequence[list[dict[str, Any]]], items: Sequence[Mapping[str, Any]],
+                    images: torch.Tensor | None = None) -> list[dict[str, Any]]:
+        """Preprocessed cases (with their datalist ``items``) -> post-processed cases in the inputs' geometry:
+        the 2D ones through the network together (:meth:`PromptInferer.infer_cases`), volumes one at a time."""
+        _, postprocessing = self.pipeline(self._channel_of(items))
+        with _input_errors():
+            self._set_tracker(cases, items)
+            return [postprocessing(case) for case in self.inferer.infer_cases(cases, self.network, images)]
+
+    def _channel_of(self, items: Sequence[Mapping[str, Any]]) -> int | None:
+        channels = {item.get("channel") for item in items}
+        if len(channels) != 1:
+            raise ValueError("the cases of one batch must be read with the same channel")
+        return channels.pop()
+
+    def prediction(self, case: Mapping[str, Any], item: Mapping[str, Any], channel: int | None = None) -> Prediction:
+        """A post-processed case (and its datalist item) -> :class:`Prediction`."""
         labels = case["pred"]
+        is_volume = labels.ndim == 4
         label_map = MetaTensor(labels.as_tensor()[0], meta=dict(labels.meta))
         seeds = case.get("seed_slices")
+        box, modality = item.get("box"), item.get("modality")
         settings = {"checkpoint": self.checkpoint, "image_size": int(self.network.image_size),
                     "score_threshold": self.inferer.score_threshold, "modality": modality,
-                    "box": None if box is None else _box_list(box, len(prompts))}
+                    "box": None if box is None else _box_list(box, len(case["prompt_texts"]))}
         if channel is not None:
             settings["channel"] = int(channel)
         if is_volume:
@@ -340,10 +425,37 @@ class Predictor:
         return Prediction(
             label_map=label_map, prompts=list(case["prompt_texts"]), label_values=list(case["prompt_values"]),
             scores=[float(s) for s in case["prompt_scores"]], protocol=str(case["protocol"]), is_volume=is_volume,
-            affine=torch.as_tensor(labels.affine, dtype=torch.float64).clone(), source=str(path),
+            affine=torch.as_tensor(labels.affine, dtype=torch.float64).clone(), source=str(item["image"]),
             seed_slices=None if seeds is None else [int(s) for s in seeds],
             slice_scores=case.get("slice_scores"), settings=settings,
         )
+
+    def predict_many(self, items: Sequence[Mapping[str, Any]], *, batch_size: int = 8, num_workers: int = 0,
+                     channel: int | None = None, pin_memory: bool | None = None
+                     ) -> Iterator[tuple[dict[str, Any], Any]]:
+        """Segment many inputs: ``(item, Prediction)`` per datalist item (from :meth:`item`), in order, or
+        ``(item, UnreadableCase)`` for an input that could not be read (the caller stops or goes on).
+
+        A torch ``DataLoader`` runs ``configs/inference.json``'s preprocessing in ``num_workers`` processes and
+        stacks each batch's 2D slice-space images (pinned when the network is on CUDA); up to ``batch_size`` 2D
+        images share one network forward; volumes go one at a time through the volume path. See
+        :mod:`.batch`."""
+        from .batch import predict_items
+
+        yield from predict_items(self, items, batch_size=batch_size, num_workers=num_workers, channel=channel,
+                                 pin_memory=pin_memory)
+
+
+@contextmanager
+def _input_errors() -> Iterator[None]:
+    """An input error inside MONAI's ``RuntimeError("applying transform ...")`` wrappers re-raised as itself."""
+    try:
+        yield
+    except RuntimeError as err:
+        cause = user_error(err)
+        if cause is None:
+            raise
+        raise cause from None
 
 
 def _box_list(box: Any, num_prompts: int) -> list[list[float] | None]:

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import contextlib
 from pathlib import Path
 from typing import Sequence
 
@@ -19,6 +20,14 @@ from .text_cache import TextFeatureCache
 from .tokenizer import tokenize_prompts
 
 BOX_ONLY_PROMPT = "visual"  # SAM3's text for a prompt made of boxes alone (Sam3Processor.add_geometric_prompt)
+
+
+def _autocast_off(device: torch.device | str) -> contextlib.AbstractContextManager:
+    """No autocast on ``device``'s type for the duration (nothing to do when none is on)."""
+    device_type = torch.device(device).type
+    if torch.is_autocast_enabled(device_type):
+        return torch.autocast(device_type, enabled=False)
+    return contextlib.nullcontext()
 
 
 def normalize_pixels(images: torch.Tensor) -> torch.Tensor:
@@ -137,11 +146,18 @@ class MedSAM3Net(nn.Module):
         return features, attention_mask.bool()
 
     def encode_text(self, prompts: Sequence[str]) -> tuple[torch.Tensor, torch.Tensor]:
-        """Projected text features (P, 32, C) and validity mask (P, 32) bool; cached when no grad is needed."""
+        """Projected text features (P, 32, C) and validity mask (P, 32) bool; cached when no grad is needed.
+
+        Cached features are computed outside any autocast (in the weights' dtype), so a cache entry is the same
+        whichever precision the call that made it ran in (text is encoded once per prompt: no speed lost)."""
         prompts = [prompts] if isinstance(prompts, str) else list(prompts)
         if self.text_cache.usable():
-            return self.text_cache.lookup(prompts, self._encode_text_uncached)
+            return self.text_cache.lookup(prompts, self._encode_text_full_precision)
         return self._encode_text_uncached(prompts)
+
+    def _encode_text_full_precision(self, prompts: list[str]) -> tuple[torch.Tensor, torch.Tensor]:
+        with _autocast_off(self.sam3.text_projection.weight.device):
+            return self._encode_text_uncached(prompts)
 
     # ------------------------------------------------------------------ forward
     def _check_images(self, images: torch.Tensor) -> None:
@@ -232,7 +248,7 @@ class MedSAM3Net(nn.Module):
         fpn_features = list(vision.fpn_hidden_states[:-1])
         fpn_positions = list(vision.fpn_position_encoding[:-1])
         if image_index is not None:
-            image_index = image_index.to(pixel_values.device)
+            image_index = image_index.to(pixel_values.device, non_blocking=True)  # no host sync
             fpn_features = [f.index_select(0, image_index) for f in fpn_features]
             fpn_positions = [p.index_select(0, image_index) for p in fpn_positions]
         if boxes is None:  # text only: the geometry encoder still runs on an empty box set (its CLS token)
@@ -258,19 +274,29 @@ class MedSAM3Net(nn.Module):
         """
         if boxes.ndim != 3 or boxes.shape[-1] != 4 or boxes.shape[0] != text_features.shape[0]:
             raise ValueError(f"boxes must be (B={text_features.shape[0]}, K, 4) cxcywh; got {tuple(boxes.shape)}")
+        if torch.is_autocast_enabled(text_features.device.type):
+            # the small geometry encoder runs in the weights' dtype: under bf16 autocast transformers would hand
+            # torchvision's roi_align float16 boxes, which autocast's concatenation of several images rejects
+            dtype = self.sam3.geometry_encoder.boxes_direct_project.weight.dtype
+            fpn_features = [f.to(dtype) for f in fpn_features]
+            fpn_positions = [p.to(dtype) for p in fpn_positions]
+            autocast = _autocast_off(text_features.device)
+        else:
+            autocast = contextlib.nullcontext()
         boxes = boxes.to(device=text_features.device, dtype=fpn_features[0].dtype)
         if box_labels is None:
             box_labels = torch.ones(boxes.shape[:2], dtype=torch.long, device=boxes.device)
         box_labels = box_labels.to(device=boxes.device, dtype=torch.long)
         box_mask = box_labels != BOX_PADDING_LABEL
         box_labels = torch.where(box_labels == BOX_PADDING_LABEL, 0, box_labels)
-        geometry = self.sam3.geometry_encoder(
-            box_embeddings=boxes,
-            box_mask=box_mask,
-            box_labels=box_labels,
-            img_feats=fpn_features,
-            img_pos_embeds=fpn_positions,
-        )
+        with autocast:
+            geometry = self.sam3.geometry_encoder(
+                box_embeddings=boxes,
+                box_mask=box_mask,
+                box_labels=box_labels,
+                img_feats=fpn_features,
+                img_pos_embeds=fpn_positions,
+            )
         features = torch.cat([text_features, geometry.last_hidden_state], dim=1)
         mask = torch.cat([text_mask, geometry.attention_mask], dim=1)
         return features, mask

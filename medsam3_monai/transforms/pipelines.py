@@ -25,6 +25,7 @@ def slice_space_transforms(
     ct_window: str | Sequence[float] = "abdomen",
     with_label: bool = True,
     seed: int | None = None,
+    pictures_only: bool = False,
 ) -> Compose:
     """A Compose from a datalist item to slice-space items (a list: one per 2D image or volume slice).
 
@@ -46,4 +47,6 @@ def slice_space_transforms(
         slices_per_volume=slices_per_volume, pos_fraction=pos_fraction, ct_window=ct_window, seed=seed,
     )
     parser["train#concepts"] = list(negative_concepts)
+    if train and pictures_only:  # 2D pictures: deterministic up to the sampled negatives (what the cache holds)
+        return parser.get_parsed_content("train#picture_preprocessing")
     return parser.get_parsed_content("train#preprocessing" if train else "validate#preprocessing")

@@ -1,0 +1,210 @@
+"""Batched inference: many inputs through one loaded network, several 2D images per forward.
+
+``medsam3 segment INPUT... --out-dir DIR`` (a folder, a glob, a datalist) and :meth:`.predict.Predictor.predict_many`
+run this path; every step is the one-file path's (``configs/inference.json``'s preprocessing and
+``to_input_space``, :class:`~.predict.PromptInferer`, the same writers), only grouped:
+
+* a torch ``DataLoader`` runs the preprocessing in ``num_workers`` processes (``CaseDataset``: an unreadable input
+  becomes an ``UnreadableCase`` marker instead of an exception), and its ``collate_fn``
+  (:func:`collate_case_batch`) stacks the batch's 2D slice-space images into one tensor, pinned by the loader's
+  pin-memory thread when the network is on CUDA and copied with ``non_blocking``;
+* :func:`segment_image_batch` puts up to ``batch_size`` 2D images, each with its own prompts, through **one**
+  network forward (``MedSAM3Net.forward`` with ``image_ids``: the ViT runs once per image; the text encoder runs
+  once per distinct prompt, its features cached by the network); text-only and box-prompted images go in
+  separate forwards, so each image's masks are those of a one-by-one call (same forward, batched: logits agree
+  to float rounding);
+* volumes go one at a time through :func:`~.volume.segment_volume` (detector in slice batches + the tracker).
+
+The evaluation engine (``engines.inference.MedSAM3CaseEvaluator``) can take the same path by calling
+:meth:`.predict.PromptInferer.infer_cases` on the cases of a loader batch instead of the inferer on each case.
+
+GPU-ready knobs (:func:`inference_context`, :func:`compile_network`): bf16 autocast, ``torch.compile`` of the
+vision encoder, channels-last weights; transformers' SDPA attention is SAM3's default already.
+"""
+
+from __future__ import annotations
+
+import contextlib
+from collections.abc import Iterator, Mapping, Sequence
+from dataclasses import dataclass, field
+from typing import Any
+
+import torch
+
+from ..protocol_registry import get_protocol
+from .image import ImageSegmentation, protocol_logits
+
+__all__ = [
+    "AUTOCAST_DTYPES",
+    "CaseBatch",
+    "collate_case_batch",
+    "compile_network",
+    "inference_context",
+    "predict_items",
+    "segment_image_batch",
+]
+
+#: ``--autocast`` choices -> autocast dtype (None: full precision)
+AUTOCAST_DTYPES = {"none": None, "bf16": torch.bfloat16}
+
+
+# ------------------------------------------------------------------------------------------------ forward
+@torch.no_grad()
+def segment_image_batch(
+    network: torch.nn.Module,
+    images: torch.Tensor,
+    prompts: Sequence[Sequence[str]],
+    *,
+    protocols: str | Sequence[str] = "top_query",
+    score_threshold: float = 0.5,
+    boxes: Sequence[tuple[torch.Tensor, torch.Tensor] | None] | None = None,
+    pixels_normalized: bool = True,
+) -> list[ImageSegmentation]:
+    """N slice-space images, each with its own prompts, through the network together: one
+    :class:`~.image.ImageSegmentation` per image, as :func:`~.image.segment_image` gives for each alone.
+
+    Args:
+        network: a ``MedSAM3Net`` (or anything with its forward signature: ``images, prompts, image_ids=``).
+        images: (N, 3, S, S) SAM3-normalised (``pixels_normalized``) slice-space images.
+        prompts: N lists of prompt texts (P_i each, at least one).
+        protocols: one 2D protocol for all images or one per image.
+        score_threshold: for the ``threshold`` protocol.
+        boxes: None, or per image None / ``(boxes (P_i, K, 4) cxcywh, labels (P_i, K))`` (``inputs.box_prompts``).
+
+    Images with box prompts go through a forward of their own (grouped by K); all text-only images share one.
+    Logits and scores come back on the CPU, one device-to-host copy per forward.
+    """
+    if images.ndim != 4:
+        raise ValueError(f"images must be (N, 3, S, S); got {tuple(images.shape)}")
+    count = images.shape[0]
+    prompts = [[p] if isinstance(p, str) else list(p) for p in prompts]
+    if len(prompts) != count or not all(prompts):
+        raise ValueError(f"give a non-empty prompt list for each of the {count} images")
+    protocols = [protocols] * count if isinstance(protocols, str) else list(protocols)
+    boxes = [None] * count if boxes is None else list(boxes)
+    if len(protocols) != count or len(boxes) != count:
+        raise ValueError(f"give one protocol and one box entry per image ({count})")
+    for name in set(protocols):
+        get_protocol(name)
+    groups: dict[int, list[int]] = {}  # K boxes per prompt (0: text only) -> images
+    for index, box in enumerate(boxes):
+        groups.setdefault(0 if box is None else int(box[0].shape[1]), []).append(index)
+    size = tuple(images.shape[-2:])
+    results: list[ImageSegmentation | None] = [None] * count
+    for members in groups.values():
+        group_images = images if len(members) == count else images[members]
+        queries = [text for index in members for text in prompts[index]]
+        image_ids = torch.repeat_interleave(torch.arange(len(members)),
+                                            torch.tensor([len(prompts[index]) for index in members]))
+        kwargs: dict[str, Any] = {"image_ids": image_ids, "pixels_normalized": pixels_normalized}
+        if boxes[members[0]] is not None:
+            kwargs["boxes"] = torch.cat([boxes[index][0] for index in members])
+            kwargs["box_labels"] = torch.cat([boxes[index][1] for index in members])
+        outputs = network(group_images, queries, **kwargs)
+        starts = torch.cumsum(torch.tensor([0] + [len(prompts[index]) for index in members]), 0).tolist()
+        for name in dict.fromkeys(protocols[index] for index in members):
+            logits, scores = protocol_logits(outputs, size, name, score_threshold)
+            logits, scores = logits.cpu(), scores.float().cpu()  # one copy per forward (and protocol)
+            for position, index in enumerate(members):
+                if protocols[index] == name:
+                    rows = slice(starts[position], starts[position + 1])
+                    results[index] = ImageSegmentation(prompts[index], logits[rows], scores[rows], name)
+    return results  # type: ignore[return-value]
+
+
+# ------------------------------------------------------------------------------------------------ loading
+@dataclass
+class CaseBatch:
+    """A loader batch: the preprocessed cases (lists of slice items, or ``UnreadableCase`` markers) and the
+    2D cases' slice-space images stacked (N2D, 3, S, S) in case order (None when there is no 2D case)."""
+
+    cases: list[Any]
+    images: torch.Tensor | None = None
+    indices: list[int] = field(default_factory=list)  # positions of the 2D cases in ``cases``
+
+    def pin_memory(self) -> CaseBatch:
+        """What the DataLoader's pin-memory thread calls: the stacked images in page-locked memory."""
+        if self.images is not None:
+            self.images = self.images.pin_memory()
+        return self
+
+
+def collate_case_batch(batch: Sequence[Any]) -> CaseBatch:
+    """DataLoader ``collate_fn``: the cases as ``engines.inference.collate_cases`` gives them, plus the 2D
+    cases' images stacked (in the worker, off the main process)."""
+    from ..engines.inference import UnreadableCase
+    from .predict import _plain, is_volume_case
+
+    cases = [case if isinstance(case, (list, UnreadableCase)) else [case] for case in batch]
+    indices = [i for i, case in enumerate(cases) if isinstance(case, list) and not is_volume_case(case)]
+    images = torch.stack([_plain(cases[i][0]["image"]) for i in indices]) if indices else None
+    return CaseBatch(cases, images, indices)
+
+
+def predict_items(predictor: Any, items: Sequence[Mapping[str, Any]], *, batch_size: int = 8,
+                  num_workers: int = 0, channel: int | None = None,
+                  pin_memory: bool | None = None) -> Iterator[tuple[dict[str, Any], Any]]:
+    """:meth:`.predict.Predictor.predict_many`: ``(item, Prediction | UnreadableCase)`` per item, in order."""
+    from torch.utils.data import DataLoader
+
+    from ..engines.inference import CaseDataset, UnreadableCase
+
+    if int(batch_size) < 1:
+        raise ValueError(f"batch size must be >= 1, got {batch_size}")
+    if int(num_workers) < 0:
+        raise ValueError(f"number of workers must be >= 0, got {num_workers}")
+    originals = list(items)  # yielded as given; the loader reads copies that record the channel
+    items = [dict(item, channel=channel) for item in originals]
+    preprocessing, _ = predictor.pipeline(channel)
+    device = next(predictor.network.parameters()).device
+    loader = DataLoader(
+        CaseDataset(items, transform=preprocessing, skip_unreadable=True), batch_size=int(batch_size),
+        shuffle=False, num_workers=int(num_workers), collate_fn=collate_case_batch,
+        pin_memory=device.type == "cuda" if pin_memory is None else bool(pin_memory),
+        persistent_workers=False,
+    )
+    position = 0
+    for batch in loader:
+        batch_items = items[position:position + len(batch.cases)]
+        position += len(batch.cases)
+        readable = [i for i, case in enumerate(batch.cases) if not isinstance(case, UnreadableCase)]
+        cases = [batch.cases[i] for i in readable]
+        images = batch.images
+        if images is not None and len(readable) < len(batch.cases):  # drop the unreadable ones' rows (none: 2D)
+            keep = set(readable)
+            images = images[[row for row, i in enumerate(batch.indices) if i in keep]]
+        done = predictor.infer_cases(cases, [batch_items[i] for i in readable], images) if cases else []
+        results = dict(zip(readable, done))
+        for i, item in enumerate(batch_items):
+            case = batch.cases[i]
+            yield (originals[position - len(batch.cases) + i],
+                   case if isinstance(case, UnreadableCase) else predictor.prediction(results[i], item, channel))
+
+
+# ------------------------------------------------------------------------------------------------ GPU knobs
+def inference_context(device: torch.device | str, autocast: str | None = "none") -> contextlib.AbstractContextManager:
+    """``torch.no_grad`` plus, for ``autocast="bf16"``, bf16 autocast on ``device`` (CPU or CUDA): matrix products
+    and convolutions in bf16, mask logits upsampled and compared in float32 as always."""
+    if autocast not in (None, *AUTOCAST_DTYPES):
+        raise ValueError(f"unknown autocast {autocast!r}; choose from {', '.join(AUTOCAST_DTYPES)}")
+    dtype = AUTOCAST_DTYPES.get(autocast or "none")
+    stack = contextlib.ExitStack()
+    stack.enter_context(torch.no_grad())
+    if dtype is not None:
+        stack.enter_context(torch.autocast(torch.device(device).type, dtype=dtype))
+    return stack
+
+
+def compile_network(network: torch.nn.Module, *, compile: bool = False, channels_last: bool = False,
+                    mode: str | None = None) -> torch.nn.Module:
+    """GPU-ready options, in place: ``compile`` compiles the vision encoder's forward (``nn.Module.compile``: the
+    ViT + FPN neck, the bulk of the FLOPs, whose only input is (N, 3, S, S); the module, its weights and hooks stay
+    as they are; a second batch size recompiles once, as dynamic); ``channels_last`` stores the 4D conv weights
+    channels-last (patch embedding, FPN neck, pixel decoder; cuDNN's bf16 kernels prefer NHWC). Returns the
+    network."""
+    sam3 = getattr(network, "sam3", network)
+    if channels_last:
+        network.to(memory_format=torch.channels_last)
+    if compile:
+        sam3.vision_encoder.compile(mode=mode)
+    return network

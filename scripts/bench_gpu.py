@@ -1,0 +1,267 @@
+#!/usr/bin/env python
+"""GPU parts of ``scripts/bench_gpu.sh`` (which runs them and ``scripts/bench_train.py``, and prints one JSON):
+
+* ``forward``: the full SAM3 detector (random init, 1008 px) in inference as ``medsam3 segment`` runs it
+  (``inferers.batch.segment_image_batch``: one text prompt per image, the top-query protocol, masks copied to the
+  host) at each ``--batch``: images/s, the network forward alone, FLOPs per image (``torch.utils.flop_counter``),
+  achieved TFLOP/s and MFU against ``--peak-tflops``, peak memory, and the host synchronisations of one forward
+  (``torch.cuda.set_sync_debug_mode``). Options: ``--autocast none|bf16`` (default bf16), ``--compile``
+  (``torch.compile`` of the vision encoder), ``--channels-last``.
+* ``volume``: a synthetic 512 x 512 x 300 CT-like volume (``--size``, ``--depth``) through
+  ``inferers.volume.segment_volume`` with the full detector and the full SAM3 tracker (transformers'
+  ``Sam3TrackerVideoModel`` default configuration, random init, ViT shared with the detector): seconds for the
+  detector pass and the tracker, slices/s, peak memory. With random weights no slice would reach a real score
+  threshold, so ``--score-threshold 0`` (default) lets the most confident slice seed the tracker as real weights
+  would.
+
+``--tiny`` runs the same code with the tiny network and tracker (a CPU check of the script itself:
+``python scripts/bench_gpu.py forward --tiny --device cpu --batch 1 2``).
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import platform
+import statistics
+import sys
+import time
+import warnings
+from pathlib import Path
+
+import torch
+
+REPO = Path(__file__).resolve().parents[1]
+sys.path.insert(0, str(REPO))  # this checkout's package, whichever one the environment installed
+
+
+def _sync(device: torch.device) -> None:
+    if device.type == "cuda":
+        torch.cuda.synchronize(device)
+
+
+def _peak_gib(device: torch.device) -> float | None:
+    return round(torch.cuda.max_memory_allocated(device) / 2**30, 3) if device.type == "cuda" else None
+
+
+def _reset_peak(device: torch.device) -> None:
+    if device.type == "cuda":
+        torch.cuda.empty_cache()
+        torch.cuda.reset_peak_memory_stats(device)
+
+
+def _network(args: argparse.Namespace, device: torch.device):
+    from medsam3_monai.inferers.batch import compile_network
+    from medsam3_monai.networks import MedSAM3Net, full_sam3_config
+
+    torch.manual_seed(0)
+    config = None if args.tiny else full_sam3_config()
+    network = MedSAM3Net("tiny", config=config).eval().to(device)
+    return compile_network(network, compile=args.compile, channels_last=args.channels_last)
+
+
+def _count_syncs(fn, device: torch.device) -> int | None:
+    """Host synchronisations ``fn`` makes (CUDA only): warnings of ``torch.cuda.set_sync_debug_mode``."""
+    if device.type != "cuda":
+        return None
+    with warnings.catch_warnings(record=True) as caught:
+        warnings.simplefilter("always")
+        torch.cuda.set_sync_debug_mode("warn")
+        try:
+            fn()
+        finally:
+            torch.cuda.set_sync_debug_mode("default")
+    return sum("synchroniz" in str(w.message).lower() for w in caught)
+
+
+def forward(args: argparse.Namespace) -> dict:
+    from torch.utils.flop_counter import FlopCounterMode
+
+    from medsam3_monai.inferers.batch import inference_context, segment_image_batch
+
+    device = torch.device(args.device)
+    network = _network(args, device)
+    size = network.image_size
+    results = {}
+    for batch in args.batch:
+        images = torch.rand(batch, 3, size, size, device=device) * 2 - 1  # SAM3-normalised range
+        prompts = [["polyp"]] * batch
+        ids = torch.arange(batch)
+        queries = ["polyp"] * batch
+
+        def bare() -> None:
+            network(images, queries, image_ids=ids, pixels_normalized=True)
+
+        def segment() -> None:
+            segment_image_batch(network, images, prompts)
+
+        entry: dict[str, object] = {}
+        try:
+            _reset_peak(device)
+            with inference_context(device, args.autocast):
+                for _ in range(args.warmup):
+                    segment()
+                _sync(device)
+                times, bare_times = [], []
+                for _ in range(args.repeats):
+                    start = time.perf_counter()
+                    segment()  # ends with the masks on the host: synchronised
+                    times.append(time.perf_counter() - start)
+                    _sync(device)
+                    start = time.perf_counter()
+                    bare()
+                    _sync(device)
+                    bare_times.append(time.perf_counter() - start)
+                with FlopCounterMode(display=False) as counter:
+                    bare()
+                flops = counter.get_total_flops()
+                syncs_forward = _count_syncs(bare, device)
+                syncs_segment = _count_syncs(segment, device)
+            seconds, bare_seconds = statistics.median(times), statistics.median(bare_times)
+            entry = {
+                "images_per_s": round(batch / seconds, 3),
+                "forward_images_per_s": round(batch / bare_seconds, 3),
+                "segment_ms": round(seconds * 1e3, 2),
+                "forward_ms": round(bare_seconds * 1e3, 2),
+                "gflop_per_image": round(flops / batch / 1e9, 1),
+                "achieved_tflops": round(flops / bare_seconds / 1e12, 2),
+                "peak_memory_gib": _peak_gib(device),
+                "host_syncs_per_forward": syncs_forward,
+                "host_syncs_per_segment_call": syncs_segment,
+            }
+            if device.type == "cuda":
+                entry["mfu"] = round(flops / bare_seconds / (args.peak_tflops * 1e12), 4)
+        except torch.cuda.OutOfMemoryError as err:  # type: ignore[attr-defined]
+            entry = {"error": f"out of memory: {str(err).splitlines()[0]}"}
+        results[f"batch_{batch}"] = entry
+        del images
+    return {
+        "part": "forward",
+        "config": "tiny" if args.tiny else "full",
+        "image_size": size,
+        "parameters": sum(p.numel() for p in network.parameters()),
+        "autocast": args.autocast,
+        "compile": args.compile,
+        "channels_last": args.channels_last,
+        "attention": network.config._attn_implementation,
+        "results": results,
+    }
+
+
+def _full_tracker(network, device: torch.device):
+    from transformers import Sam3TrackerVideoConfig, Sam3TrackerVideoModel
+
+    from medsam3_monai.networks.tracker import build_tracker, tie_backbone
+
+    if network.image_size != 1008 or network.config.vision_config.backbone_config.hidden_size != 1024:
+        return build_tracker("tiny", detector=network).to(device), "tiny"
+    vision = network.config.vision_config.to_dict()
+    vision["fpn_hidden_size"] = Sam3TrackerVideoConfig().vision_config.fpn_hidden_size
+    torch.manual_seed(0)
+    tracker = Sam3TrackerVideoModel(Sam3TrackerVideoConfig(vision_config=vision))
+    tie_backbone(tracker, network)  # one trunk, two necks (SAM3's video model)
+    return tracker.eval().to(device), "full (Sam3TrackerVideoConfig defaults, random init)"
+
+
+def synthetic_ct(size: int, depth: int, image_size: int) -> torch.Tensor:
+    """(D, 3, S, S) SAM3-normalised slices of a CT-like volume: soft-tissue noise and a bright ellipsoid, windowed
+    (abdomen) and resized as the preprocessing does."""
+    generator = torch.Generator().manual_seed(0)
+    z, y, x = torch.meshgrid(torch.linspace(-1, 1, depth), torch.linspace(-1, 1, size), torch.linspace(-1, 1, size),
+                             indexing="ij")
+    organ = (x / 0.5) ** 2 + (y / 0.35) ** 2 + (z / 0.6) ** 2 < 1
+    hu = 40 + 20 * torch.randn(depth, size, size, generator=generator)
+    hu = torch.where(organ, hu + 80, hu)
+    windowed = ((hu - (40 - 200)) / 400).clamp(0, 1)  # abdomen window W 400, L 40
+    slices = torch.nn.functional.interpolate(windowed[:, None], size=(image_size, image_size), mode="bilinear",
+                                             align_corners=False)
+    return (slices.expand(-1, 3, -1, -1) - 0.5) / 0.5
+
+
+def volume(args: argparse.Namespace) -> dict:
+    from medsam3_monai.inferers import volume as volume_module
+    from medsam3_monai.inferers.batch import inference_context
+
+    device = torch.device(args.device)
+    network = _network(args, device)
+    tracker, tracker_name = _full_tracker(network, device)
+    start = time.perf_counter()
+    slices = synthetic_ct(args.size, args.depth, network.image_size).contiguous()
+    prepare_s = time.perf_counter() - start
+
+    spans: dict[str, float] = {}
+    detect = volume_module.detect_slices
+
+    def timed_detect(*a, **k):
+        _sync(device)
+        begin = time.perf_counter()
+        out = detect(*a, **k)
+        _sync(device)
+        spans["detector_s"] = time.perf_counter() - begin
+        return out
+
+    volume_module.detect_slices = timed_detect
+    _reset_peak(device)
+    try:
+        with inference_context(device, args.autocast):
+            _sync(device)
+            begin = time.perf_counter()
+            result = volume_module.segment_volume(network, slices, args.prompts, tracker,
+                                                  score_threshold=args.score_threshold,
+                                                  batch_size=args.slice_batch, progress=False)
+            _sync(device)
+            total = time.perf_counter() - begin
+    finally:
+        volume_module.detect_slices = detect
+    return {
+        "part": "volume",
+        "config": "tiny" if args.tiny else "full",
+        "tracker": tracker_name,
+        "volume_shape": [args.size, args.size, args.depth],
+        "slice_space": network.image_size,
+        "prompts": args.prompts,
+        "autocast": args.autocast,
+        "slice_batch": args.slice_batch,
+        "score_threshold": args.score_threshold,
+        "synthetic_slices_s": round(prepare_s, 2),
+        "segment_volume_s": round(total, 2),
+        "detector_s": round(spans.get("detector_s", float("nan")), 2),
+        "tracker_s": round(total - spans.get("detector_s", 0.0), 2),
+        "slices_per_s": round(args.depth / total, 3),
+        "seed_slices": result.seed_slices.tolist(),
+        "voxels_segmented": int(result.masks.sum()),
+        "peak_memory_gib": _peak_gib(device),
+    }
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser.add_argument("part", choices=["forward", "volume"])
+    parser.add_argument("--device", default="cuda")
+    parser.add_argument("--tiny", action="store_true", help="tiny network and tracker (a check of the script)")
+    parser.add_argument("--autocast", choices=["none", "bf16"], default="bf16")
+    parser.add_argument("--compile", action="store_true", help="torch.compile the vision encoder")
+    parser.add_argument("--channels-last", action="store_true")
+    parser.add_argument("--batch", type=int, nargs="+", default=[1, 8, 32], help="forward: images per forward")
+    parser.add_argument("--repeats", type=int, default=10)
+    parser.add_argument("--warmup", type=int, default=3)
+    parser.add_argument("--peak-tflops", type=float, default=989.0,
+                        help="dense bf16 peak of the GPU for MFU (989: H100/H200 SXM)")
+    parser.add_argument("--size", type=int, default=512, help="volume: in-plane size")
+    parser.add_argument("--depth", type=int, default=300, help="volume: slices")
+    parser.add_argument("--prompts", nargs="+", default=["liver"], help="volume: text prompts")
+    parser.add_argument("--slice-batch", type=int, default=8, help="volume: slices per detector forward")
+    parser.add_argument("--score-threshold", type=float, default=0.0)
+    args = parser.parse_args()
+    device = torch.device(args.device)
+    if device.type == "cuda" and not torch.cuda.is_available():
+        sys.exit("bench_gpu.py: no CUDA device (torch.cuda.is_available() is False); run it on a GPU machine, or "
+                 "check the script on the CPU with --tiny --device cpu")
+    result = forward(args) if args.part == "forward" else volume(args)
+    result.update(device=torch.cuda.get_device_name(device) if device.type == "cuda" else platform.processor()
+                  or platform.machine(), torch=torch.__version__)
+    print(json.dumps(result, indent=1))
+
+
+if __name__ == "__main__":
+    main()

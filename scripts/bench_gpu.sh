@@ -1,0 +1,76 @@
+#!/usr/bin/env bash
+# One command on a CUDA machine: the full-size SAM3 numbers, printed as one JSON object on stdout.
+#
+#   bash scripts/bench_gpu.sh                  # about 15-30 min on one H100/H200 (random init: no weights needed)
+#   PEAK_TFLOPS=989 TRAIN_BATCH=4 bash scripts/bench_gpu.sh > gpu.json
+#
+# Parts (each in its own process; a part that fails, e.g. out of memory, is recorded as {"error": ...} and the
+# others still run; its stderr goes to $LOG_DIR):
+#   forward            full detector at 1008 px, bf16 autocast, SDPA: images/s at batch 1 / 8 / 32 (the
+#                      `medsam3 segment` forward + top-query masks, and the network forward alone), FLOPs, MFU,
+#                      peak memory, host syncs per forward                              (scripts/bench_gpu.py)
+#   forward_compiled   the same at batch 8 with torch.compile of the vision encoder
+#   forward_channels_last  the same at batch 8 with channels-last conv weights
+#   train              one training step (MedSAM3Trainer: forward, set-prediction loss, backward, AdamW), bf16:
+#   train_checkpointing    images/s, peak memory and MFU, without and with gradient checkpointing
+#                                                                                         (scripts/bench_train.py)
+#   volume             a synthetic 512 x 512 x 300 CT volume through inferers.volume.segment_volume: full detector
+#                      + full SAM3 tracker (random init), seconds and slices/s         (scripts/bench_gpu.py)
+# MFU uses model FLOPs: with gradient checkpointing the recomputed forward is not counted (the step's FLOPs are
+# the run without checkpointing), so the two MFU figures compare.
+set -uo pipefail
+
+cd "$(dirname "$0")/.."
+VENV="${MEDSAM3_VENV:-$HOME/.cache/medsam3-monai/venv}"
+PY="${PYTHON:-$([ -x "$VENV/bin/python" ] && echo "$VENV/bin/python" || echo python)}"
+PEAK_TFLOPS="${PEAK_TFLOPS:-989}"
+TRAIN_BATCH="${TRAIN_BATCH:-4}"
+LOG_DIR="${LOG_DIR:-$(mktemp -d -t bench-gpu-XXXXXX)}"
+export PYTHONPATH="$PWD${PYTHONPATH:+:$PYTHONPATH}"  # this checkout's package
+
+if ! "$PY" -c 'import sys, torch; sys.exit(0 if torch.cuda.is_available() else 1)' 2>/dev/null; then
+    echo "bench_gpu.sh: no CUDA device: torch.cuda.is_available() is False with $PY. Run it on a machine with an" \
+         "NVIDIA GPU (the CPU checks are scripts/bench_full_cpu.py and scripts/bench_segment.py)." >&2
+    exit 3
+fi
+
+run_part() {  # run_part NAME COMMAND...: the command's last JSON object, or {"error": ...}
+    local name="$1"; shift
+    local out="$LOG_DIR/$name.json" err="$LOG_DIR/$name.log"
+    echo "bench_gpu.sh: $name ..." >&2
+    if "$@" >"$out" 2>"$err"; then
+        return 0
+    fi
+    "$PY" -c 'import json, sys; print(json.dumps({"error": (open(sys.argv[1]).read().strip().splitlines() or ["failed"])[-1], "log": sys.argv[1]}))' \
+        "$err" >"$out"
+}
+
+run_part forward "$PY" scripts/bench_gpu.py forward --batch 1 8 32 --peak-tflops "$PEAK_TFLOPS"
+run_part forward_compiled "$PY" scripts/bench_gpu.py forward --batch 8 --compile --peak-tflops "$PEAK_TFLOPS"
+run_part forward_channels_last "$PY" scripts/bench_gpu.py forward --batch 8 --channels-last --peak-tflops "$PEAK_TFLOPS"
+run_part train "$PY" scripts/bench_train.py --full --device cuda --batch "$TRAIN_BATCH" --peak-tflops "$PEAK_TFLOPS"
+run_part train_checkpointing "$PY" scripts/bench_train.py --full --device cuda --batch "$TRAIN_BATCH" --checkpointing \
+    --peak-tflops "$PEAK_TFLOPS"
+run_part volume "$PY" scripts/bench_gpu.py volume --size 512 --depth 300
+
+"$PY" - "$LOG_DIR" "$PEAK_TFLOPS" <<'EOF'
+import json
+import sys
+from pathlib import Path
+
+log_dir, peak = Path(sys.argv[1]), float(sys.argv[2])
+parts = {}
+for name in ("forward", "forward_compiled", "forward_channels_last", "train", "train_checkpointing", "volume"):
+    text = (log_dir / f"{name}.json").read_text()
+    try:
+        parts[name] = json.loads(text)
+    except json.JSONDecodeError:
+        parts[name] = {"error": "no JSON output", "log": str(log_dir / f"{name}.log")}
+train, ckpt = parts["train"], parts["train_checkpointing"]
+if "train_step_tflop" in train and "step_s_median" in ckpt:
+    # model FLOPs of the step (no recomputation) over the checkpointed step's time
+    ckpt["mfu_model_flops"] = round(train["train_step_tflop"] * 1e12 / ckpt["step_s_median"] / (peak * 1e12), 4)
+    ckpt["note"] = "mfu counts the recomputed forward (hardware FLOPs); mfu_model_flops uses the step's model FLOPs"
+result = {"benchmark": "bench_gpu.sh", "peak_tflops": peak, "logs": str(log_dir), **parts}
+print(json.dumps(result, indent=1))
+EOF

@@ -1,0 +1,290 @@
+"""Batched `medsam3 segment` over many inputs (a folder, a glob, a datalist) with --out-dir: the same masks and
+sidecars as one `medsam3 segment` per file whatever the batch size and loader workers, volumes in the same run,
+bad inputs refused before anything is written, an unreadable input in the middle stopping the run or skipped,
+and the batched inference API the evaluation engine can call (``PromptInferer.infer_cases``). No timings here:
+``scripts/bench_segment.py`` measures images/s."""
+
+from __future__ import annotations
+
+import json
+import shutil
+from pathlib import Path
+
+import nibabel as nib
+import numpy as np
+import pytest
+import torch
+from PIL import Image
+
+from medsam3_monai.deploy.cli import main
+
+pytestmark = pytest.mark.usefixtures("one_thread")
+
+KVASIR = ("cju0qkwl35piu0993l0dewei2.jpg", "cju0qoxqj9q6s0835b43399p4.jpg", "cju0qx73cjw570799j4n5cjze.jpg")
+CHEST = ("1.jpg", "2.jpg")
+
+
+def segment(*args: str) -> int:
+    return main(["segment", *args, "--no-progress"])
+
+
+def png(path: Path) -> np.ndarray:
+    return np.asarray(Image.open(path))
+
+
+def sidecar_core(path: Path) -> dict:
+    """What must agree between a batched and a one-by-one sidecar (not the paths it names)."""
+    data = json.loads(Path(f"{path}.json").read_text())
+    return {k: v for k, v in data.items() if k not in ("input", "output", "overlay")}
+
+
+@pytest.fixture(scope="module")
+def samples(shared_data: Path, tmp_path_factory) -> Path:
+    """Five real 2D samples of four sizes (622x529, 1348x1070, 619x529 RGB; 512x512 grey)."""
+    folder = tmp_path_factory.mktemp("samples") / "inputs"
+    folder.mkdir()
+    for name in KVASIR:
+        shutil.copy(shared_data / "Kvasir-SEG_sample" / "images" / name, folder / name)
+    for name in CHEST:
+        shutil.copy(shared_data / "ChestXray_lung_sample" / "images" / name, folder / f"chest{name}")
+    return folder
+
+
+@pytest.fixture(scope="module")
+def one_by_one(samples: Path, tmp_path_factory) -> Path:
+    """`medsam3 segment FILE --prompt polyp --out ref/<name>_seg.png` for each sample, one call per file."""
+    out = tmp_path_factory.mktemp("one_by_one")
+    for path in sorted(samples.iterdir()):
+        assert segment(str(path), "--prompt", "polyp", "--out", str(out / f"{path.stem}_seg.png")) == 0
+    return out
+
+
+def assert_same_outputs(batched: Path, reference: Path, names: list[str]) -> None:
+    assert sorted(p.name for p in batched.iterdir()) == sorted(n + s for n in names for s in ("", ".json"))
+    for name in names:
+        ours, theirs = png(batched / name), png(reference / name)
+        assert ours.shape == theirs.shape and ours.dtype == theirs.dtype == np.uint8
+        assert np.array_equal(ours, theirs), f"{name}: {(ours != theirs).sum()} pixels differ"
+        assert sidecar_core(batched / name) == sidecar_core(reference / name)
+
+
+# ------------------------------------------------------------------------------------------------ same masks
+@pytest.mark.parametrize("batch_size, workers", [(1, 0), (4, 0), (4, 2)])
+def test_a_folder_gives_the_masks_of_one_by_one_calls(samples, one_by_one, tmp_path, capsys, batch_size, workers):
+    out = tmp_path / "masks"
+    assert segment(str(samples), "--prompt", "polyp", "--out-dir", str(out), "--batch-size", str(batch_size),
+                   "--num-workers", str(workers)) == 0
+    names = sorted(f"{p.stem}_seg.png" for p in samples.iterdir())
+    assert_same_outputs(out, one_by_one, names)
+    printed = capsys.readouterr().out
+    assert f"segmented 5 of 5 input(s) into {out}" in printed and "img/s" in printed
+    assert printed.count("wrote ") == 5
+
+
+def test_a_quoted_glob_selects_its_matches(samples, one_by_one, tmp_path):
+    out = tmp_path / "glob"
+    assert segment(str(samples / "cju0*.jpg"), "--prompt", "polyp", "--out-dir", str(out), "--batch-size", "8") == 0
+    assert_same_outputs(out, one_by_one, sorted(f"{Path(n).stem}_seg.png" for n in KVASIR))
+
+
+def test_a_datalist_with_its_own_prompts_and_a_volume(samples, one_by_one, shared_data, tmp_path):
+    """Decathlon-style datalist, relative paths, per-item prompts (one item with two, with its own label values),
+    and a volume among the 2D images (the volume path, one at a time)."""
+    volume = sorted((shared_data / "MSD_Task04_Hippocampus_cropped" / "images").glob("*.nii.gz"))[0]
+    datalist = samples.parent / "list.json"
+    datalist.write_text(json.dumps({
+        "training": [{"image": "inputs/chest1.jpg", "prompts": {"1": "lung"}}],
+        "test": [
+            {"image": f"inputs/{KVASIR[0]}", "prompts": {"1": "polyp"}, "label": "ignored.png"},
+            {"image": "inputs/chest2.jpg", "prompts": {"3": "left lung", "5": "right lung"}, "modality": "X-ray"},
+            {"image": str(volume), "prompts": {"1": "hippocampus"}, "modality": "MRI"},
+            {"image": f"inputs/{KVASIR[1]}", "prompts": {"1": "polyp"}},
+        ],
+    }))
+    out = tmp_path / "from_list"
+    assert segment("--datalist", str(datalist), "--out-dir", str(out), "--batch-size", "4", "--tracker", "none") == 0
+    stem = volume.name[: -len(".nii.gz")]
+    assert sorted(p.name for p in out.iterdir() if p.suffix != ".json") == sorted(
+        [f"{Path(KVASIR[0]).stem}_seg.png", f"{Path(KVASIR[1]).stem}_seg.png", "chest2_seg.png", f"{stem}_seg.nii.gz"])
+    for name in (KVASIR[0], KVASIR[1]):
+        name = f"{Path(name).stem}_seg.png"
+        assert np.array_equal(png(out / name), png(one_by_one / name))
+    labels = png(out / "chest2_seg.png")
+    assert labels.shape == (512, 512) and set(np.unique(labels)) <= {0, 3, 5}
+    sidecar = json.loads((out / "chest2_seg.png.json").read_text())
+    assert {k: v["prompt"] for k, v in sidecar["labels"].items()} == {"3": "left lung", "5": "right lung"}
+    assert sidecar["modality"] == "X-ray"
+    reference = tmp_path / "chest2_ref.png"
+    assert segment(str(samples / "chest2.jpg"), "--prompt", "left lung", "--prompt", "right lung", "--modality",
+                   "X-ray", "--out", str(reference)) == 0
+    ref = png(reference)
+    assert np.array_equal(np.select([ref == 1, ref == 2], [3, 5], 0), labels)
+    written, source = nib.load(out / f"{stem}_seg.nii.gz"), nib.load(volume)
+    assert written.shape == source.shape and np.allclose(written.affine, source.affine)
+    assert json.loads((out / f"{stem}_seg.nii.gz.json").read_text())["kind"] == "volume"
+
+
+def test_inputs_sharing_a_name_keep_their_folder(samples, tmp_path):
+    for sub in ("a", "b"):
+        (tmp_path / "in" / sub).mkdir(parents=True)
+        shutil.copy(samples / "chest1.jpg", tmp_path / "in" / sub / "x.jpg")
+    out = tmp_path / "out"
+    assert segment(str(tmp_path / "in" / "*" / "x.jpg"), "--prompt", "lung", "--out-dir", str(out)) == 0
+    assert sorted(str(p.relative_to(out)) for p in out.rglob("*.png")) == ["a/x_seg.png", "b/x_seg.png"]
+
+
+def test_bf16_autocast_runs_on_the_cpu(samples, tmp_path):
+    out = tmp_path / "bf16"
+    assert segment(str(samples / "chest*.jpg"), "--prompt", "lung", "--out-dir", str(out), "--autocast", "bf16") == 0
+    masks = [png(p) for p in sorted(out.glob("*.png"))]
+    assert [m.shape for m in masks] == [(512, 512)] * 2 and all(set(np.unique(m)) <= {0, 255} for m in masks)
+
+
+# ------------------------------------------------------------------------------------------------ bad inputs
+def _bad_empty_folder(samples: Path, folder: Path) -> list[str]:
+    (folder / "empty").mkdir()
+    return [str(folder / "empty"), "--prompt", "polyp"]
+
+
+def _bad_missing_datalist(samples: Path, folder: Path) -> list[str]:
+    return ["--datalist", str(folder / "nope.json")]
+
+
+def _bad_non_empty_out_dir(samples: Path, folder: Path) -> list[str]:
+    return [str(samples), "--prompt", "polyp"]
+
+
+def _bad_glob_matching_nothing(samples: Path, folder: Path) -> list[str]:
+    return [str(samples / "*.nothing"), "--prompt", "polyp"]
+
+
+def _bad_missing_file(samples: Path, folder: Path) -> list[str]:
+    return [str(samples / KVASIR[0]), str(folder / "missing.png"), "--prompt", "polyp"]
+
+
+def _bad_prompt(samples: Path, folder: Path) -> list[str]:
+    return [str(samples), "--prompt", "polyp " * 40]
+
+
+BAD = {
+    "empty folder": (_bad_empty_folder, "holds no image"),
+    "missing datalist": (_bad_missing_datalist, "not found"),
+    "non-empty out-dir": (_bad_non_empty_out_dir, "not empty"),
+    "glob matching nothing": (_bad_glob_matching_nothing, "no image or volume matches"),
+    "missing file among inputs": (_bad_missing_file, "not found"),
+    "overlong prompt": (_bad_prompt, "at most 32"),
+}
+
+
+@pytest.mark.parametrize("case", list(BAD))
+def test_bad_inputs_exit_2_with_one_line_and_write_nothing(case, samples, tmp_path, capsys):
+    make, words = BAD[case]
+    args = make(samples, tmp_path)
+    out = tmp_path / "out"
+    if case == "non-empty out-dir":
+        out.mkdir()
+        (out / "keep.txt").write_text("keep me")
+    before = sorted(p.relative_to(tmp_path) for p in tmp_path.rglob("*"))
+    assert segment(*args, "--out-dir", str(out)) == 2
+    err = capsys.readouterr().err.strip().splitlines()
+    assert len(err) == 1 and err[0].startswith("medsam3 segment: error:") and words in err[0], err
+    assert sorted(p.relative_to(tmp_path) for p in tmp_path.rglob("*")) == before  # nothing written
+    if case == "non-empty out-dir":
+        assert segment(*args, "--out-dir", str(out), "--overwrite", "--batch-size", "5") == 0
+        assert (out / "keep.txt").read_text() == "keep me" and len(list(out.glob("*_seg.png"))) == 5
+
+
+@pytest.mark.parametrize("argv, words", [
+    (["a.png", "b.png", "--prompt", "x", "--out", "m.png"], "give --out-dir"),
+    (["a.png", "--prompt", "x", "--out", "m.png", "--out-dir", "d"], "not both"),
+    (["--datalist", "l.json", "--out", "m.png"], "give --out-dir"),
+    (["--out-dir", "d"], "required: INPUT, --prompt"),
+    (["a.png", "--prompt", "x", "--out-dir", "d", "--batch-size", "0"], "--batch-size"),
+])
+def test_usage_errors(argv, words, tmp_path, capsys, monkeypatch):
+    monkeypatch.chdir(tmp_path)
+    with pytest.raises(SystemExit) as stop:
+        segment(*argv)
+    assert stop.value.code == 2 and words in capsys.readouterr().err
+    assert list(tmp_path.iterdir()) == []
+
+
+def test_an_unreadable_input_in_the_middle_stops_or_is_skipped(samples, tmp_path, capsys):
+    folder = tmp_path / "inputs"
+    shutil.copytree(samples, folder)
+    (folder / "ci_broken.png").write_bytes(b"not a picture at all")  # third of six by name
+    out = tmp_path / "stop"
+    assert segment(str(folder), "--prompt", "polyp", "--out-dir", str(out), "--batch-size", "2") == 2
+    err = capsys.readouterr().err.strip().splitlines()
+    assert len(err) == 1 and "ci_broken.png" in err[0] and "--skip-unreadable" in err[0], err
+    assert "stopped after 2 of 6" in err[0]
+    assert sorted(p.name for p in out.glob("*.png")) == ["chest1_seg.png", "chest2_seg.png"]
+    assert not list(tmp_path.rglob(".medsam3-segment-*"))
+
+    out = tmp_path / "skip"
+    assert segment(str(folder), "--prompt", "polyp", "--out-dir", str(out), "--batch-size", "2",
+                   "--skip-unreadable") == 0
+    assert len(list(out.glob("*_seg.png"))) == 5
+    skipped = (out / "skipped.csv").read_text().splitlines()
+    assert skipped[0] == "image,error" and len(skipped) == 2 and "ci_broken.png" in skipped[1]
+    assert "skipped 1 unreadable input(s) of 6" in capsys.readouterr().err
+
+
+# ------------------------------------------------------------------------------------------------ API
+def test_prompt_inferer_infer_cases_equals_one_call_per_case(samples, tiny_net):
+    """The batched entry point an engine iteration can call: 2D cases (one with a box, different prompt counts
+    and protocols) through shared forwards, the same logits as the inferer on each case."""
+    from medsam3_monai.bundle import config_parser
+    from medsam3_monai.inferers.batch import collate_case_batch
+    from medsam3_monai.inferers.predict import PromptInferer
+
+    preprocessing = config_parser("inference.json", image_size=tiny_net.image_size).get_parsed_content("preprocessing")
+    items = [
+        {"image": str(samples / KVASIR[0]), "prompts": {"1": "polyp"}},
+        {"image": str(samples / "chest1.jpg"), "prompts": {"1": "left lung", "2": "right lung"},
+         "protocol": "threshold"},
+        {"image": str(samples / KVASIR[2]), "prompts": {"1": "polyp"}, "box": [40, 30, 300, 200]},
+        {"image": str(samples / "chest2.jpg"), "prompts": {"1": "lung"}, "protocol": "semantic"},
+    ]
+    batch = collate_case_batch([preprocessing(dict(item)) for item in items])
+    assert batch.images.shape == (4, 3, tiny_net.image_size, tiny_net.image_size) and batch.indices == [0, 1, 2, 3]
+    inferer = PromptInferer(score_threshold=0.2)
+    together = inferer.infer_cases(batch.cases, tiny_net, batch.images)
+    for case, batched in zip(batch.cases, together):
+        alone = inferer(case, tiny_net)[0]
+        ours = batched[0]
+        assert ours["protocol"] == alone["protocol"] and ours["prompt_values"] == alone["prompt_values"]
+        assert torch.allclose(ours["pred"], alone["pred"], atol=1e-5)
+        assert torch.equal(ours["pred"] > 0, alone["pred"] > 0)
+        assert torch.allclose(ours["prompt_scores"], alone["prompt_scores"], atol=1e-6)
+    assert [c[0]["protocol"] for c in together] == ["top_query", "threshold", "top_query+box", "semantic"]
+
+
+def test_inputs_expand_folders_globs_and_dicom_series(tmp_path):
+    from medsam3_monai.inferers.inputs import expand_inputs, output_names
+
+    series = tmp_path / "series"
+    series.mkdir()
+    for i in range(3):
+        (series / f"IM{i}.dcm").write_bytes(b"")
+    mixed = tmp_path / "mixed"
+    mixed.mkdir()
+    for name in ("b.png", "a.nii.gz", "notes.txt", ".hidden.png", "c.JPG"):
+        (mixed / name).write_bytes(b"")
+    (mixed / "ct").mkdir()
+    (mixed / "ct" / "1.dcm").write_bytes(b"")
+    (mixed / "masks").mkdir()
+    (mixed / "masks" / "m.png").write_bytes(b"")
+    assert expand_inputs([series]) == [str(series)]  # a DICOM series is one volume
+    assert expand_inputs([mixed]) == [str(mixed / n) for n in ("a.nii.gz", "b.png", "c.JPG", "ct")]
+    assert expand_inputs([str(mixed / "*.png"), str(mixed / "b.png")]) == [str(mixed / "b.png")]
+    assert expand_inputs([str(tmp_path / "**" / "*.png")]) == [str(mixed / "b.png"), str(mixed / "masks" / "m.png")]
+    (tmp_path / "empty").mkdir()
+    with pytest.raises(ValueError, match="holds no image"):
+        expand_inputs([tmp_path / "empty"])
+    with pytest.raises(FileNotFoundError, match="not found"):
+        expand_inputs([tmp_path / "nope.png"])
+    paths = [tmp_path / "a" / "1.png", tmp_path / "b" / "1.png", tmp_path / "b" / "1.jpg", tmp_path / "v.nii.gz"]
+    assert output_names(paths[-1:], ["volume"]) == ["v_seg.nii.gz"]
+    assert output_names(paths, ["image"] * 3 + ["volume"]) == ["a/1_seg.png", "b/1_png_seg.png", "b/1_jpg_seg.png",
+                                                               "v_seg.nii.gz"]
