@@ -288,3 +288,20 @@ def test_inputs_expand_folders_globs_and_dicom_series(tmp_path):
     assert output_names(paths[-1:], ["volume"]) == ["v_seg.nii.gz"]
     assert output_names(paths, ["image"] * 3 + ["volume"]) == ["a/1_seg.png", "b/1_png_seg.png", "b/1_jpg_seg.png",
                                                                "v_seg.nii.gz"]
+
+
+def test_the_inference_bundle_batches_cases_with_the_same_masks(samples, tmp_path):
+    from monai.bundle import run
+
+    from medsam3_monai.bundle import BUNDLE_CONFIGS
+
+    pictures = sorted(p for p in samples.iterdir() if p.suffix.lower() in (".jpg", ".jpeg", ".png"))[:3]
+    written = {}
+    for batch_size in (1, 3):
+        out_dir = tmp_path / f"batch{batch_size}"
+        run(config_file=str(BUNDLE_CONFIGS / "inference.json"), meta_file=str(BUNDLE_CONFIGS / "metadata.json"),
+            bundle_root=str(tmp_path), datalist=[{"image": str(p)} for p in pictures], prompts=["polyp"],
+            checkpoint="tiny", output_dir=str(out_dir), batch_size=batch_size)
+        written[batch_size] = {p.name: png(p) for p in sorted(out_dir.glob("*.png"))}
+    assert len(written[1]) == len(pictures) and written[1].keys() == written[3].keys()
+    assert all(np.array_equal(written[1][name], written[3][name]) for name in written[1])

@@ -118,7 +118,10 @@ class MedSAM3CaseEvaluator(SupervisedEvaluator):
                 cases.append(case)
         engine.network.eval()
         with torch.no_grad():
-            engine.state.output = [engine.inferer(case, engine.network) for case in cases]
+            if hasattr(engine.inferer, "infer_cases") and cases:  # 2D cases batched: several images per forward
+                engine.state.output = engine.inferer.infer_cases(cases, engine.network)
+            else:
+                engine.state.output = [engine.inferer(case, engine.network) for case in cases]
         engine.fire_event(IterationEvents.FORWARD_COMPLETED)
         engine.fire_event(IterationEvents.MODEL_COMPLETED)
         return engine.state.output
