@@ -37,3 +37,8 @@ class Decision:
     @property
     def phrases(self) -> list[str]:
         return [m.phrase for m in self.marks]
+
+    def as_json(self) -> dict[str, Any]:
+        """The trace's ``decision`` entry."""
+        return {"status": self.status, "planner": self.planner, "marks": [m.facts() for m in self.marks],
+                "reason": self.reason, "details": self.details}

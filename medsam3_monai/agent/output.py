@@ -17,7 +17,7 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
-__all__ = ["OutputPlan", "plan_outputs", "write_failed_trace", "write_outputs"]
+__all__ = ["OutputPlan", "answer_prediction", "plan_outputs", "write_failed_trace", "write_outputs"]
 
 
 def _suffix(path: str | Path) -> str:
@@ -104,6 +104,32 @@ def _answer_prediction(decision: Any, reference: Any, view: Any, input_path: str
                                seed_slices=seeds, slice_scores=None)
 
 
+def answer_prediction(decision: Any, segmenter: Any, view: Any = None) -> Any:
+    """The answer as a one-label ``Prediction`` in the input's geometry (value 1: the union of the selected marks;
+    all 0 for ``no_mask``), what ``--out`` holds; the server's agent model answers with it. ``view`` (the input as
+    the planner saw it) is loaded only when no phrase was segmented at all."""
+    import numpy as np
+    from monai.data import MetaTensor
+
+    from .marks import union_of
+
+    if decision.status == "selected":
+        mask, reference = union_of(decision.marks), decision.marks[0].prediction
+    else:
+        reference = segmenter.last_prediction
+        if reference is None and view is None:
+            from ..inferers.inputs import input_kind
+            from .render import View
+
+            s = segmenter.settings
+            view = View.load(segmenter.path, s.modality, s.ct_window, s.channel, input_kind(segmenter.path) == "volume")
+        shape = tuple(reference.label_map.shape) if reference is not None else view.shape
+        mask = np.zeros(shape, dtype=bool)
+    prediction = _answer_prediction(decision, reference, view, segmenter.path, mask, segmenter.settings)
+    meta = dict(getattr(reference.label_map, "meta", {})) if reference is not None else {}
+    return dataclasses.replace(prediction, label_map=MetaTensor(prediction.label_map, meta=meta))
+
+
 def write_outputs(plan: OutputPlan, decision: Any, view: Any, segmenter: Any, request: str, trace: Any) -> str:
     """Write mask, sidecar, overlay and trace together; returns the line to print."""
     import numpy as np
@@ -136,9 +162,7 @@ def write_outputs(plan: OutputPlan, decision: Any, view: Any, segmenter: Any, re
         "marks": [m.facts() for m in decision.marks], "phrases": decision.phrases, "reason": decision.reason,
         "trace": str(plan.trace),
     }
-    trace.data["decision"] = {"status": decision.status, "planner": decision.planner,
-                              "marks": [m.facts() for m in decision.marks], "reason": decision.reason,
-                              "details": decision.details}
+    trace.data["decision"] = decision.as_json()
     trace.data["outputs"] = {"mask": str(plan.out), "sidecar": str(plan.sidecar), "trace": str(plan.trace),
                              "overlay": None if plan.overlay is None else str(plan.overlay)}
     with StagedFiles() as staged:

@@ -22,7 +22,7 @@ from .errors import AgentError, EndpointUnreachable
 from .loop import LoopSettings
 from .segmenter import SegmenterSettings
 
-__all__ = ["AgentSettings", "choose_planner", "run_agent"]
+__all__ = ["AgentSettings", "choose_planner", "decide", "run_agent"]
 
 
 @dataclass
@@ -104,18 +104,13 @@ def run_agent(input_path: str, request: str, out: str, settings: AgentSettings |
     from .trace import Trace
 
     settings = settings or AgentSettings()
-    if not request or not request.strip():
-        raise AgentError("--request is empty: say what to segment, e.g. 'segment the polyp'")
+    _check_request(request)
     kind = input_kind(input_path)  # a missing input or unsupported format: before anything is loaded
     _check_settings(settings, kind)
     plan = plan_outputs(input_path, kind, out, overlay, trace_path, overwrite)
     planner = choose_planner(settings)
     api_key = _api_key(settings) if planner == "llm" else None
-    if planner == "offline" and settings.llm == "auto":
-        log("note: no planner endpoint configured (--llm-url); using the offline planner (--llm none)")
-    trace = Trace(request=request, input=str(input_path), kind=kind, settings=asdict(settings))  # key: its name only
-    trace.data["planner"] = {"kind": planner, "url": settings.llm_url if planner == "llm" else None,
-                             "model": settings.llm_model if planner == "llm" else None, "fallback": None}
+    trace = _start_trace(Trace(), request, input_path, kind, settings, planner, log)
     try:
         start = time.perf_counter()
         if segmenter is None:
@@ -129,6 +124,55 @@ def run_agent(input_path: str, request: str, out: str, settings: AgentSettings |
     except BaseException as err:
         write_failed_trace(plan, trace, f"{type(err).__name__}: {err}")
         raise
+
+
+def decide(input_path: str, request: str, settings: AgentSettings, segmenter: Any, *,
+           log: Callable[[str], None] = _stderr, trace: Any = None) -> Decision:
+    """The planner's decision on one request, with an already loaded segmenter and no files written (``medsam3
+    evaluate --agent`` and the server's agent model call this for each request).
+
+    ``trace`` (a :class:`~.trace.Trace`, e.g. a fresh ``Trace()``) receives the run: header, planner, calls, the
+    decision and the final status; a failed run leaves it with ``"status": "failed"`` and the error before the
+    exception propagates.
+    """
+    from ..inferers.inputs import input_kind
+    from .trace import Trace
+
+    trace = trace if trace is not None else Trace()
+    _check_request(request)
+    kind = input_kind(input_path)
+    _check_settings(settings, kind)
+    planner = choose_planner(settings)
+    api_key = _api_key(settings) if planner == "llm" else None
+    _start_trace(trace, request, input_path, kind, settings, planner, log)
+    try:
+        view = _view(input_path, settings, kind)
+        decision = _decide(planner, request, settings, segmenter, view, api_key, trace, log)
+    except BaseException as err:
+        trace.finish("failed", f"{type(err).__name__}: {err}")
+        raise
+    trace.data["decision"] = decision.as_json()
+    trace.finish(decision.status)
+    return decision
+
+
+def _check_request(request: str) -> None:
+    if not request or not request.strip():
+        raise AgentError("--request is empty: say what to segment, e.g. 'segment the polyp'")
+
+
+def _start_trace(trace: Any, request: str, input_path: str, kind: str, settings: AgentSettings, planner: str,
+                 log: Callable[[str], None]) -> Any:
+    """Fill the trace's header (the key's environment variable by name only) and announce the offline default."""
+    if planner == "offline" and settings.llm == "auto":
+        log("note: no planner endpoint configured (--llm-url); using the offline planner (--llm none)")
+    header = {"request": request, "input": str(input_path), "kind": kind, "settings": asdict(settings)}
+    first = ("format", "status")
+    trace.data = {**{k: trace.data[k] for k in first}, **header,
+                  **{k: v for k, v in trace.data.items() if k not in first and k not in header}}
+    trace.data["planner"] = {"kind": planner, "url": settings.llm_url if planner == "llm" else None,
+                             "model": settings.llm_model if planner == "llm" else None, "fallback": None}
+    return trace
 
 
 def _check_settings(settings: AgentSettings, kind: str) -> None:

@@ -84,7 +84,7 @@ class PhraseSegmenter:
         start = time.perf_counter()
         try:
             self.last_prediction = self.predictor(self.path, list(phrases), modality=self.settings.modality,
-                                                  channel=self.settings.channel)
+                                                  channel=self.settings.channel, protocol=self.settings.protocol)
             return self.last_prediction
         finally:
             self.seconds.append(time.perf_counter() - start)

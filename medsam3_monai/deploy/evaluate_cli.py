@@ -5,11 +5,19 @@ One checkpoint -> ``OUT/{cases.csv, table.md, table.csv, radar.png, overlays/}``
 ``OUT/comparison.{md,csv}`` (Δ = second − first), with an MLflow parent run holding the comparison and one
 child run per checkpoint. Input errors (missing datalist, empty split, unreadable checkpoint, OUT not empty)
 are reported before anything is written; a failure later removes what was written (no partial OUT).
+
+``--prompt-variants synonyms``: one report per phrasing run (``OUT/canonical``, ``OUT/phrasing-K``,
+``OUT/ensemble``) and the robustness table ``OUT/robustness.{md,csv,png}`` (+ ``robustness_summary.csv``,
+``phrasings.json``); see ``metrics.robustness`` and ``bundles/medsam3/docs/robustness.md``.
+``--agent``: the plain evaluation (``OUT/plain``) and the MedSAM3 agent's (``OUT/agent``, with ``traces/`` and
+``agent_cases.csv``) side by side in ``OUT/comparison.{md,csv}`` (Δ = agent − plain).
+In both, the runs are child MLflow runs of one parent that holds the combined table.
 """
 
 from __future__ import annotations
 
 import argparse
+import os
 import re
 import shutil
 import sys
@@ -28,6 +36,14 @@ Protocols (2D): """ + "; ".join(f"{p.name} = {p.describe('--score-threshold')}" 
 --box-prompts adds the box of the ground truth's largest connected component (T+I). Volumes: detector on every slice (top query, score >=
 --score-threshold) merged with SAM3 tracker propagation from the most confident slice (--tracker).
 Metrics are computed in each input's own geometry; NSD (2 mm) and HD95 where the spacing is known.
+--prompt-variants synonyms: every dataset with its datalist prompt, each catalogue phrasing of its concepts
+(synonyms.json, the papers' prompts) and their ensemble (the offline agent planner's confidence fusion, one
+batch) -> OUT/robustness.md/.csv/.png (Dice per phrasing, worst case, spread). Guide:
+bundles/medsam3/docs/robustness.md
+--agent: the MedSAM3 agent answers "Segment the <concept> in this <image>." per class (--llm-url/--llm-model: an
+OpenAI-compatible MLLM; --llm none or no endpoint: the offline planner) -> plain vs agent Dice side by side
+(OUT/comparison.md, Δ = agent − plain) and every trace (OUT/agent/traces, MLflow artifacts). Keys come only from
+the environment (--api-key-env VAR). Guide: bundles/medsam3/docs/agent.md
 """
 
 
@@ -73,6 +89,44 @@ def add_parser(subparsers: argparse._SubParsersAction) -> argparse.ArgumentParse
                              "at the end) instead of stopping at the first one")
     parser.add_argument("--no-progress", action="store_true", help="no progress bar")
     parser.add_argument("--num-workers", type=int, default=0, help="data loader workers (0)")
+
+    variants = parser.add_argument_group("prompt robustness")
+    variants.add_argument("--prompt-variants", choices=("synonyms",), default=None,
+                          help="synonyms: score the datalist prompt, each catalogue phrasing of every concept and "
+                               "their ensemble; writes OUT/robustness.{md,csv,png}")
+    variants.add_argument("--max-phrasings", type=int, default=None, metavar="N",
+                          help="phrasings per concept (default: all the catalogue has; the agent's offline "
+                               "planner: 6)")
+    variants.add_argument("--keep-ratio", type=float, default=0.5, metavar="F",
+                          help="ensemble / offline planner: phrasings scoring >= F x the best one add their pixels "
+                               "(0.5)")
+
+    agent = parser.add_argument_group("agent evaluation (--agent)")
+    agent.add_argument("--agent", action="store_true",
+                       help="also evaluate the MedSAM3 agent on the same cases: plain vs agent side by side")
+    agent.add_argument("--agent-request", default=None, metavar="TEMPLATE",
+                       help="the request per class, with {concept}, {image}, {modality}, {dataset} (default "
+                            "'Segment the {concept} in this {image}.')")
+    agent.add_argument("--llm", choices=("auto", "openai", "none"), default="auto",
+                       help="auto (default): the MLLM when --llm-url is set, else the offline planner; none: the "
+                            "offline planner")
+    agent.add_argument("--llm-url", default=os.environ.get("MEDSAM3_LLM_URL") or None, metavar="URL",
+                       help="OpenAI-compatible base URL, e.g. http://localhost:8000/v1 (env MEDSAM3_LLM_URL)")
+    agent.add_argument("--llm-model", default=os.environ.get("MEDSAM3_LLM_MODEL") or None, metavar="NAME",
+                       help="the model name the server serves (env MEDSAM3_LLM_MODEL)")
+    agent.add_argument("--api-key-env", default=None, metavar="VAR",
+                       help="name of the environment variable holding the API key (default: no key sent)")
+    agent.add_argument("--max-rounds", type=int, default=3, metavar="N", help="segment_phrase calls per request (3)")
+    agent.add_argument("--max-tokens", type=int, default=200_000, metavar="N", help="token budget per request")
+    agent.add_argument("--llm-timeout", type=float, default=120.0, metavar="S", help="seconds per HTTP attempt")
+    agent.add_argument("--llm-retries", type=int, default=2, metavar="N", help="retries after time-outs, 429, 5xx")
+    agent.add_argument("--tool-mode", choices=("auto", "tools", "text"), default="auto",
+                       help="native function calling, or JSON in the reply text (auto: when tools are refused)")
+    agent.add_argument("--no-fallback", action="store_true",
+                       help="fail instead of falling back to the offline planner when the endpoint is unreachable")
+    agent.add_argument("--agent-on-error", choices=("fail", "empty"), default="fail",
+                       help="a failed agent run (time-out, HTTP error, budget): stop (fail, default) or score that "
+                            "class with an empty mask (empty; listed in agent_cases.csv)")
     parser.set_defaults(func=run)
     return parser
 
@@ -97,58 +151,124 @@ def checkpoint_labels(sources: list[str]) -> list[str]:
 
 
 # ------------------------------------------------------------------------------------------------ command
+def _check_studies(args: argparse.Namespace, sources: list[str]) -> None:
+    """Option combinations that cannot run, before anything is read."""
+    if len(sources) > 2:
+        raise ValueError(f"--checkpoint given {len(sources)} times; evaluate one checkpoint or compare two")
+    if args.prompt_variants and args.agent:
+        raise ValueError("--prompt-variants and --agent are two studies: run them one at a time")
+    study = "--prompt-variants" if args.prompt_variants else "--agent" if args.agent else None
+    if study and len(sources) > 1:
+        raise ValueError(f"{study} evaluates one checkpoint: give --checkpoint once")
+    if args.agent and args.box_prompts:
+        raise ValueError("--agent answers text requests: leave out --box-prompts")
+    if args.max_phrasings is not None and args.max_phrasings < 1:
+        raise ValueError(f"--max-phrasings must be at least 1, got {args.max_phrasings}")
+    if not 0.0 <= args.keep_ratio <= 1.0:
+        raise ValueError(f"--keep-ratio must be in [0, 1], got {args.keep_ratio}")
+
+
+def agent_settings(args: argparse.Namespace) -> Any:
+    """The agent's planner settings from the command line (endpoint, model and key variable checked here, before
+    anything is loaded: nothing is built in, keys come only from the environment)."""
+    from ..agent.loop import LoopSettings
+    from ..agent.runner import AgentSettings, choose_planner
+
+    settings = AgentSettings(
+        llm=args.llm, llm_url=args.llm_url, llm_model=args.llm_model, api_key_env=args.api_key_env,
+        timeout=args.llm_timeout, retries=args.llm_retries, fallback=not args.no_fallback,
+        max_phrasings=args.max_phrasings or 6, keep_ratio=args.keep_ratio,
+        loop=LoopSettings(max_rounds=args.max_rounds, max_tokens=args.max_tokens, tool_mode=args.tool_mode),
+    )
+    if settings.timeout <= 0 or settings.retries < 0:
+        raise ValueError("--llm-timeout must be > 0 and --llm-retries >= 0")
+    choose_planner(settings)
+    if args.api_key_env and not os.environ.get(args.api_key_env, "").strip():
+        raise ValueError(f"--api-key-env {args.api_key_env}: that environment variable is not set or empty")
+    return settings
+
+
 def run(args: argparse.Namespace) -> int:
     import torch
 
-    from ..engines.evaluation import evaluation_items, is_volume_item, run_evaluation
+    from ..engines.evaluation import DEFAULT_AGENT_REQUEST, evaluation_items, is_volume_item, run_evaluation
     from ..engines.reports import default_tracking_uri, open_experiment
     from ..networks import load_network
     from ..networks.tracker import resolve_tracker
 
     sources = list(args.checkpoint)
-    if len(sources) > 2:
-        raise ValueError(f"--checkpoint given {len(sources)} times; evaluate one checkpoint or compare two")
+    _check_studies(args, sources)
+    template = args.agent_request or DEFAULT_AGENT_REQUEST
+    settings = agent_settings(args) if args.agent else None
+    if args.agent:
+        from ..engines.evaluation import agent_request
+
+        agent_request("x", template=template)
     items = evaluation_items(args.datalist, args.split, args.max_cases, seed=args.seed)
     out = Path(args.out)
     if out.exists() and (not out.is_dir() or any(out.iterdir())):
         raise FileExistsError(f"output {out} exists and is not an empty folder; choose a new --out")
+    plan = None
+    if args.prompt_variants:
+        from ..metrics.robustness import plan_phrasings
+
+        plan = plan_phrasings(items, args.max_phrasings)
     networks = [load_network(source, args.image_size) for source in sources]
     volumes = sum(is_volume_item(item) for item in items)
     trackers = [resolve_tracker(args.tracker, s, n, described=True) if volumes else (None, "none")
                 for s, n in zip(sources, networks)]
     device = torch.device(("cuda" if torch.cuda.is_available() else "cpu") if args.device == "auto" else args.device)
     labels = checkpoint_labels(sources)
+    runs = _runs(args, items, labels, plan, settings, template, out)
 
     created = not out.exists()
     out.mkdir(parents=True, exist_ok=True)
     try:
         tracking_uri, client, parent = args.tracking_uri, None, None
-        if len(sources) == 2 and not args.no_mlflow:
+        if len(runs) > 1 and not args.no_mlflow:
             tracking_uri = tracking_uri or default_tracking_uri(out)
             client, experiment_id = open_experiment(tracking_uri, args.experiment or "medsam3-evaluate",
                                                     out / "mlartifacts" if args.tracking_uri is None else None)
-            parent = client.create_run(experiment_id, run_name=f"{labels[0]} vs {labels[1]}").info.run_id
-        reports = []
-        for source, label, network, (tracker, tracker_name) in zip(sources, labels, networks, trackers):
+            name = (f"{labels[0]} vs {labels[1]}" if len(sources) == 2 else
+                    f"{labels[0]}: prompt robustness" if plan is not None else f"{labels[0]}: plain vs agent")
+            parent = client.create_run(experiment_id, run_name=name).info.run_id
+            if plan is not None or args.agent:
+                _log_params(client, parent, args, sources[0])
+        reports = {}
+        for spec in runs:
+            index = spec.get("network", 0)
+            network, (tracker, tracker_name) = networks[index], trackers[index]
             report = run_evaluation(
-                network, items, out if len(sources) == 1 else out / label, checkpoint=source,
+                network, spec["items"], out if len(runs) == 1 else out / spec["label"], checkpoint=sources[index],
                 datalists=[Path(p).resolve() for p in args.datalist], split=args.split, max_cases=args.max_cases,
                 protocol=args.protocol, score_threshold=args.score_threshold, box_prompts=args.box_prompts,
-                tracker=tracker, tracker_name=tracker_name, device=device, max_overlays=args.overlays,
-                progress=not args.no_progress, num_workers=args.num_workers, mlflow=not args.no_mlflow,
-                tracking_uri=tracking_uri, experiment=args.experiment, run_name=label, parent_run_id=parent,
-                skip_unreadable=args.skip_unreadable,
+                tracker=tracker, tracker_name=tracker_name, device=device,
+                max_overlays=spec.get("overlays", args.overlays), progress=not args.no_progress,
+                num_workers=args.num_workers, mlflow=not args.no_mlflow, tracking_uri=tracking_uri,
+                experiment=args.experiment, run_name=spec["label"], parent_run_id=parent,
+                skip_unreadable=args.skip_unreadable, **spec.get("evaluation", {}),
             )
-            network.to("cpu")
-            if tracker is not None:
-                tracker.to("cpu")
-            reports.append(report)
+            if len(sources) == 2:
+                network.to("cpu")
+                if tracker is not None:
+                    tracker.to("cpu")
+            reports[spec["label"]] = report
             if report.unreadable:
-                print(f"medsam3 evaluate: skipped {len(report.unreadable)} unreadable case(s) of {len(items)}; "
-                      f"listed in {report.out_dir / 'skipped.csv'}", file=sys.stderr)
-            print(f"== {label} ({source})\n{(report.out_dir / 'table.md').read_text()}")
-        if len(reports) == 2:
-            _write_comparison(reports, labels, out, client, parent)
+                print(f"medsam3 evaluate: skipped {len(report.unreadable)} unreadable case(s) of "
+                      f"{len(spec['items'])}; listed in {report.out_dir / 'skipped.csv'}", file=sys.stderr)
+            if plan is None:
+                print(f"== {spec['label']} ({sources[index]})\n{(report.out_dir / 'table.md').read_text()}")
+        if len(sources) == 2:
+            _write_comparison(list(reports.values()), labels, out, client, parent)
+        elif args.agent:
+            recorder = runs[1]["evaluation"]["inferer"]["recorder"]
+            table = recorder.write_csv(out / "agent" / "agent_cases.csv", reports["agent"].records)
+            if client is not None and reports["agent"].run_id:
+                client.log_artifact(reports["agent"].run_id, str(table))
+            _write_comparison([reports["plain"], reports["agent"]], ["plain", "agent"], out, client, parent,
+                              note=_agent_note(settings, template, recorder))
+        elif plan is not None:
+            _write_robustness(plan, reports, out, client, parent, sources[0], args)
     except BaseException:
         if parent is not None:  # an external tracking store keeps the run: mark it failed
             try:
@@ -166,10 +286,129 @@ def run(args: argparse.Namespace) -> int:
     return 0
 
 
-def _write_comparison(reports: list[Any], labels: list[str], out: Path, client: Any, parent: str | None) -> None:
+def _runs(args: argparse.Namespace, items: list[dict[str, Any]], labels: list[str], plan: Any, settings: Any,
+          template: str, out: Path) -> list[dict[str, Any]]:
+    """The evaluation runs of this command: label, items, network index, overlays and ``run_evaluation``
+    extras (the case inferer, notes, parameters, artifact folders)."""
+    if plan is not None:
+        from ..metrics.robustness import ENSEMBLE
+
+        runs = []
+        for variant in plan.variants():
+            variant_items = plan.items_for(items, variant)
+            if not variant_items:
+                continue
+            evaluation: dict[str, Any] = {"params": {"prompt_variant": variant}}
+            if variant == ENSEMBLE:
+                evaluation["inferer"] = {"_target_": "medsam3_monai.engines.evaluation.EnsembleCaseInferer",
+                                         "keep_ratio": args.keep_ratio}
+                evaluation["notes"] = [f"Prompt variant `ensemble`: every phrasing of each class in one batch, fused "
+                                       f"by confidence (kept: score >= {args.keep_ratio:g} x the class's best); the "
+                                       "table names each class by its canonical prompt."]
+            else:
+                evaluation["notes"] = [f"Prompt variant `{variant}`: each class prompted with its phrasing "
+                                       f"{plan.index(variant)} (see ../phrasings.json); a class with fewer phrasings "
+                                       "keeps its datalist prompt and is left out of the robustness table for this "
+                                       "run."] if variant != "canonical" else []
+            runs.append({"label": variant, "items": variant_items, "evaluation": evaluation,
+                         "overlays": args.overlays if variant in ("canonical", ENSEMBLE) else 0})
+        return runs
+    if args.agent:
+        from ..engines.evaluation import AgentRecorder
+
+        recorder = AgentRecorder(out / "agent" / "traces", on_error=args.agent_on_error)
+        agent_items = [dict(item, source_image=item["image"]) for item in items]
+        inferer = {"_target_": "medsam3_monai.engines.evaluation.AgentCaseInferer", "agent": settings,
+                   "recorder": recorder, "checkpoint": "@checkpoint", "ct_window": "@ct_window",
+                   "request_template": template}
+        notes = [f"Agent: planner {_planner_name(settings)}; request per class {template!r}; the union of the marks "
+                 "the planner selects (report_no_mask: an empty mask); overlaps to the higher-scoring answer. "
+                 "Traces in traces/, one row per request in agent_cases.csv."]
+        return [{"label": "plain", "items": items},
+                {"label": "agent", "items": agent_items, "evaluation": {
+                    "inferer": inferer, "notes": notes, "artifact_dirs": ("overlays", "traces"),
+                    "params": {"planner": _planner_name(settings), "request_template": template}}}]
+    return [{"label": label, "items": items, "network": i} for i, label in enumerate(labels)]
+
+
+def _planner_name(settings: Any) -> str:
+    from ..agent.runner import choose_planner
+
+    if choose_planner(settings) == "offline":
+        return "offline (catalogue phrasings, confidence fusion)"
+    return f"{settings.llm_model} at {settings.llm_url}"
+
+
+def _agent_note(settings: Any, template: str, recorder: Any) -> str:
+    statuses: dict[str, int] = {}
+    for row in recorder.rows:
+        statuses[row["status"]] = statuses.get(row["status"], 0) + 1
+    counted = ", ".join(f"{n} {status}" for status, n in sorted(statuses.items()))
+    planners = sorted({str(row.get("planner")) for row in recorder.rows})
+    return (f"Agent: planner {_planner_name(settings)} (ran as: {', '.join(planners)}); request {template!r}; "
+            f"{len(recorder.rows)} requests ({counted}); traces in agent/traces, per request agent/agent_cases.csv.")
+
+
+def _log_params(client: Any, run_id: str, args: argparse.Namespace, checkpoint: str) -> None:
+    from mlflow.entities import Param
+
+    values = {"checkpoint": checkpoint, "protocol": args.protocol, "split": args.split,
+              "max_cases": args.max_cases, "datalists": ",".join(str(Path(p).resolve()) for p in args.datalist)}
+    if args.prompt_variants:
+        values.update(prompt_variants=args.prompt_variants, max_phrasings=args.max_phrasings,
+                      keep_ratio=args.keep_ratio)
+    if args.agent:
+        values.update(llm=args.llm, llm_url=args.llm_url, llm_model=args.llm_model, api_key_env=args.api_key_env,
+                      max_rounds=args.max_rounds, agent_request=args.agent_request or "default")
+    client.log_batch(run_id, params=[Param(k, str(v)[:500]) for k, v in values.items()])
+
+
+def _write_robustness(plan: Any, reports: dict[str, Any], out: Path, client: Any, parent: str | None,
+                      checkpoint: str, args: argparse.Namespace) -> None:
+    import json
+
+    from ..metrics.robustness import robustness_plot, robustness_table
+
+    table = robustness_table({variant: report.records for variant, report in reports.items()}, plan)
+    files = [table.to_csv(out / "robustness.csv"), table.summary_to_csv(out / "robustness_summary.csv")]
+    (out / "phrasings.json").write_text(json.dumps(plan.as_json(), indent=2) + "\n", encoding="utf-8")
+    files.append(out / "phrasings.json")
+    title = f"Prompt robustness: Dice per phrasing (checkpoint `{checkpoint}`, protocol {table.protocol})"
+    notes = [
+        "Runs: `canonical` = each class's datalist prompt (a plain `medsam3 evaluate`); `phrasing-K` = every class "
+        "prompted with its K-th catalogue phrasing (phrasings.json: the canonical concept, the dataset's paper "
+        "prompts, synonyms.json); `ensemble` = all phrasings of a class in one batch, fused by confidence as the "
+        f"offline agent planner fuses them (kept: score >= {args.keep_ratio:g} x the best).",
+        "Worst / best / spread (best − worst, percentage points) / mean are over the single phrasings; Δ and "
+        "'Ensemble − canonical' against the datalist prompt. Each run's own report is in OUT/<run>/.",
+        f"Cases: {sum(1 for _ in reports.get('canonical', next(iter(reports.values()))).records)} class prompts "
+        f"per run; split `{args.split}`" + (f", --max-cases {args.max_cases} per datalist" if args.max_cases else "")
+        + ".",
+    ]
+    (out / "robustness.md").write_text(table.to_markdown(title, notes), encoding="utf-8")
+    files.append(out / "robustness.md")
+    files.append(robustness_plot(table, out / "robustness.png"))
+    print(f"== prompt robustness\n{(out / 'robustness.md').read_text()}")
+    if client is None:
+        return
+    import time
+
+    from mlflow.entities import Metric
+
+    now = int(time.time() * 1000)
+    client.log_batch(parent, metrics=[Metric(k, v, now, 0) for k, v in table.metrics().items()])
+    for path in files:
+        client.log_artifact(parent, str(path))
+    client.set_terminated(parent)
+
+
+def _write_comparison(reports: list[Any], labels: list[str], out: Path, client: Any, parent: str | None,
+                      note: str | None = None) -> None:
     from ..metrics.aggregate import compare
 
     comparison = compare(reports[0].table, reports[1].table, labels=(labels[0], labels[1]))
+    if note:
+        comparison.notes.append(note)
     comparison.to_csv(out / "comparison.csv")
     title = f"{labels[1]} vs {labels[0]} (Δ = {labels[1]} − {labels[0]}; protocol {reports[0].table.protocol})"
     (out / "comparison.md").write_text(comparison.to_markdown(title=title), encoding="utf-8")

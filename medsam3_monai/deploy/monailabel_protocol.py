@@ -12,7 +12,8 @@ imports monailabel. What a MONAI Label client sends and expects:
   ``output=image``: the label file alone; ``output=json``: the result JSON alone.
 
 Text prompts travel as params (:class:`InferParams`); the result JSON names each label value by its prompt
-(``label_names``, as MONAI Label's infer tasks do), which is how Slicer and OHIF name segments.
+(``label_names``, as MONAI Label's infer tasks do), which is how Slicer and OHIF name segments. The agent model
+(``POST /infer/medsam3_agent``) takes a free-text request instead (:class:`AgentParams`).
 """
 
 # no `from __future__ import annotations`: pydantic resolves the field annotations at runtime
@@ -27,8 +28,8 @@ from typing import Annotated, Any
 from pydantic import (BaseModel, ConfigDict, Field, StrictBool, StrictFloat, StrictInt, StrictStr, ValidationError,
                       ValidationInfo, field_validator, model_validator)
 
-__all__ = ["InferParams", "ParamsError", "ResultType", "label_names", "multipart_answer", "parse_infer_params",
-           "result_format", "write_result"]
+__all__ = ["AgentParams", "InferParams", "ParamsError", "ResultType", "label_names", "multipart_answer",
+           "parse_agent_params", "parse_infer_params", "result_format", "write_result"]
 
 #: the params a MONAI Label client adds on its own (accepted; only the result_* ones change the answer)
 CLIENT_PARAMS = ("client_id", "result_extension", "result_dtype", "result_compress", "restore_label_idx")
@@ -72,6 +73,8 @@ _FIELD_HINTS = {
     "result_dtype": f"'result_dtype' must be one of {', '.join(RESULT_DTYPES)}",
     "result_compress": "'result_compress' must be true or false",
     "restore_label_idx": "'restore_label_idx' must be true or false",
+    "request": "'request' must be a text, e.g. \"segment the polyp\"",
+    "trace": "'trace' must be true or false",
 }
 
 
@@ -135,44 +138,118 @@ class InferParams(BaseModel):
     @field_validator("protocol")
     @classmethod
     def _check_protocol(cls, protocol: str | None) -> str | None:
-        from ..protocol_registry import PROTOCOLS
-
-        if protocol is not None and protocol not in PROTOCOLS:
-            raise ValueError(f"protocol {protocol[:64]!r}: choose one of {', '.join(PROTOCOLS)}")
-        return protocol
+        return _valid_protocol(protocol)
 
     @field_validator("result_extension")
     @classmethod
     def _check_extension(cls, extension: str | None) -> str | None:
-        if extension is None:
-            return None
-        extension = extension.strip().lower()
-        extension = extension if extension.startswith(".") else f".{extension}"
-        if extension not in IMAGE_RESULTS and extension not in VOLUME_RESULTS:
-            raise ValueError(f"result_extension {extension[:32]!r}: choose one of "
-                             f"{', '.join(dict.fromkeys([*VOLUME_RESULTS, *IMAGE_RESULTS]))}")
-        return extension
+        return _valid_extension(extension)
 
     @field_validator("result_dtype")
     @classmethod
     def _check_dtype(cls, dtype: str | None) -> str | None:
-        if dtype is not None and dtype.strip().lower() not in RESULT_DTYPES:
-            raise ValueError(f"result_dtype {dtype[:32]!r}: choose one of {', '.join(RESULT_DTYPES)}")
-        return None if dtype is None else dtype.strip().lower()
+        return _valid_dtype(dtype)
+
+
+def _valid_protocol(protocol: str | None) -> str | None:
+    from ..protocol_registry import PROTOCOLS
+
+    if protocol is not None and protocol not in PROTOCOLS:
+        raise ValueError(f"protocol {protocol[:64]!r}: choose one of {', '.join(PROTOCOLS)}")
+    return protocol
+
+
+def _valid_extension(extension: str | None) -> str | None:
+    if extension is None:
+        return None
+    extension = extension.strip().lower()
+    extension = extension if extension.startswith(".") else f".{extension}"
+    if extension not in IMAGE_RESULTS and extension not in VOLUME_RESULTS:
+        raise ValueError(f"result_extension {extension[:32]!r}: choose one of "
+                         f"{', '.join(dict.fromkeys([*VOLUME_RESULTS, *IMAGE_RESULTS]))}")
+    return extension
+
+
+def _valid_dtype(dtype: str | None) -> str | None:
+    if dtype is not None and dtype.strip().lower() not in RESULT_DTYPES:
+        raise ValueError(f"result_dtype {dtype[:32]!r}: choose one of {', '.join(RESULT_DTYPES)}")
+    return None if dtype is None else dtype.strip().lower()
+
+
+class AgentParams(BaseModel):
+    """The ``params`` of ``POST /infer/medsam3_agent``: the MedSAM3 agent answers a free-text request (unknown keys
+    are refused). The planner (an OpenAI-compatible MLLM, or the offline planner) is the server's, set on its
+    command line; a request cannot name an endpoint or a key.
+
+    The request's length limit comes with ``context={"max_request_chars": C}``.
+    """
+
+    model_config = ConfigDict(extra="forbid", populate_by_name=True)
+
+    request: StrictStr = Field(description="what to segment, in words, e.g. 'segment the lesion in the upper left "
+                                           "quadrant'")
+    modality: Annotated[StrictStr, Field(max_length=64)] | None = Field(
+        None, description="intensity rule: CT, MRI, X-ray, ultrasound, endoscopy, ...")
+    protocol: StrictStr | None = Field(None, description="2D: the protocol of MedSAM3's masks (top_query default)")
+    trace: StrictBool = Field(False, description="add the agent's trace (messages without images, tool calls, "
+                                                 "marks, timings) to the result JSON")
+    # what MONAI Label clients add on their own
+    client_id: StrictStr | None = Field(None, max_length=256, description="the client's id (logged, not used)")
+    result_extension: StrictStr | None = Field(None, description="label file format: .nii.gz, .nii, .nrrd; 2D: .png")
+    result_dtype: StrictStr | None = Field(None, description="label file data type, e.g. uint8 (default), uint16")
+    result_compress: StrictBool = Field(False, description="gzip the NRRD data")
+    restore_label_idx: StrictBool = Field(False, description="accepted; the answer is one label")
+
+    @model_validator(mode="before")
+    @classmethod
+    def _aliases(cls, data: Any) -> Any:
+        """``prompt`` / ``text`` are accepted for ``request``; blank options (3D Slicer) mean "not given"."""
+        if not isinstance(data, dict):
+            return data
+        data = dict(data)
+        if "prompts" in data and "request" not in data:
+            raise ValueError("the agent model takes a free-text 'request' (e.g. {\"request\": \"segment the polyp\"}), "
+                             "not 'prompts' (those are for the medsam3 model)")
+        for alias in ("prompt", "text"):
+            if alias in data:
+                if "request" in data:
+                    raise ValueError(f"give 'request' or '{alias}', not both")
+                data["request"] = data.pop(alias)
+        for key in ("protocol", "modality", "result_extension", "result_dtype"):
+            if isinstance(data.get(key), str) and not data[key].strip():
+                data[key] = None
+        return data
+
+    @field_validator("request")
+    @classmethod
+    def _check_request(cls, request: str, info: ValidationInfo) -> str:
+        max_chars = int((info.context or {}).get("max_request_chars", 1000))
+        request = " ".join(request.split())
+        if not request:
+            raise ValueError("'request' is empty: say what to segment, e.g. \"segment the polyp\"")
+        if len(request) > max_chars:
+            raise ValueError(f"a request of {len(request)} characters: at most {max_chars}")
+        return request
+
+    @field_validator("protocol")
+    @classmethod
+    def _check_protocol(cls, protocol: str | None) -> str | None:
+        return _valid_protocol(protocol)
+
+    @field_validator("result_extension")
+    @classmethod
+    def _check_extension(cls, extension: str | None) -> str | None:
+        return _valid_extension(extension)
+
+    @field_validator("result_dtype")
+    @classmethod
+    def _check_dtype(cls, dtype: str | None) -> str | None:
+        return _valid_dtype(dtype)
 
 
 def parse_infer_params(text: str | None, max_prompts: int, max_prompt_chars: int) -> InferParams:
     """The ``params`` form field (a JSON object) -> :class:`InferParams`; :class:`ParamsError` when wrong."""
-    if text is None or not text.strip():
-        raise ParamsError("missing 'params': give a JSON string such as {\"prompts\": [\"polyp\"]}")
-    if len(text) > MAX_PARAMS_CHARS:
-        raise ParamsError("'params' is too long (64 KiB at most)")
-    try:
-        data = json.loads(text)
-    except json.JSONDecodeError as err:
-        raise ParamsError(f"'params' is not valid JSON: {err}") from None
-    if not isinstance(data, dict):
-        raise ParamsError("'params' must be a JSON object like {\"prompts\": [\"polyp\"]}")
+    data = _params_object(text, '{"prompts": ["polyp"]}')
     try:
         return InferParams.model_validate(data, context={"max_prompts": max_prompts,
                                                          "max_prompt_chars": max_prompt_chars})
@@ -180,12 +257,35 @@ def parse_infer_params(text: str | None, max_prompts: int, max_prompt_chars: int
         raise ParamsError(_describe(err)) from None
 
 
-def _describe(err: ValidationError) -> str:
+def parse_agent_params(text: str | None, max_request_chars: int = 1000) -> AgentParams:
+    """The agent model's ``params`` form field -> :class:`AgentParams`; :class:`ParamsError` when wrong."""
+    data = _params_object(text, '{"request": "segment the polyp"}')
+    try:
+        return AgentParams.model_validate(data, context={"max_request_chars": max_request_chars})
+    except ValidationError as err:
+        raise ParamsError(_describe(err, AgentParams)) from None
+
+
+def _params_object(text: str | None, example: str) -> dict[str, Any]:
+    if text is None or not text.strip():
+        raise ParamsError(f"missing 'params': give a JSON string such as {example}")
+    if len(text) > MAX_PARAMS_CHARS:
+        raise ParamsError("'params' is too long (64 KiB at most)")
+    try:
+        data = json.loads(text)
+    except json.JSONDecodeError as err:
+        raise ParamsError(f"'params' is not valid JSON: {err}") from None
+    if not isinstance(data, dict):
+        raise ParamsError(f"'params' must be a JSON object like {example}")
+    return data
+
+
+def _describe(err: ValidationError, model: type[BaseModel] = InferParams) -> str:
     """One line naming every problem: unknown keys together, then each field's problem once."""
     unknown = sorted(str(e["loc"][0]) for e in err.errors() if e["type"] == "extra_forbidden" and e["loc"])
     problems: list[str] = []
     if unknown:
-        known = [name for name in InferParams.model_fields if name not in CLIENT_PARAMS]
+        known = [name for name in model.model_fields if name not in CLIENT_PARAMS]
         problems.append(f"unknown params {[u[:64] for u in unknown]}: use {', '.join(known)} "
                         f"(MONAI Label clients may add {', '.join(CLIENT_PARAMS)})")
     seen: set[str] = set()
@@ -200,6 +300,8 @@ def _describe(err: ValidationError) -> str:
             problems.append(str(error["msg"]).removeprefix("Value error, "))
         elif error["type"] == "missing" and field == "prompts":
             problems.append("missing 'prompts': give a non-empty list of texts, e.g. {\"prompts\": [\"polyp\"]}")
+        elif error["type"] == "missing" and field == "request":
+            problems.append("missing 'request': say what to segment, e.g. {\"request\": \"segment the polyp\"}")
         else:
             problems.append(_FIELD_HINTS.get(field, f"{field or 'params'}: {error['msg']}"))
     return "; ".join(problems)

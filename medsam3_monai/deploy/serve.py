@@ -21,9 +21,12 @@ JPEG, BMP, TIFF, NIfTI .nii/.nii.gz), or ?image=ID of an image uploaded with PUT
 Example:
   curl -F file=@image.jpg -F 'params={"prompts": ["polyp"]}' -o mask.png \\
        'http://127.0.0.1:8000/infer/medsam3?output=image'
-Errors are JSON {"error": ...} with a 4xx status. --token (or MEDSAM3_SERVE_TOKEN) requires
-'Authorization: Bearer TOKEN' on every request but GET /auth/ and POST /auth/token (the OAuth2 password form
-with the token as password, for MONAI Label clients). Uploads kept by /datastore/ and /session/ live in a
+The MedSAM3 agent is the second model: POST /infer/medsam3_agent with params {"request": "segment the lesion in
+the upper left quadrant"}; its planner is --llm-url URL --llm-model NAME (any OpenAI-compatible server: vLLM,
+Ollama, ...; key from the environment variable --api-key-env names), else the offline planner.
+Errors are JSON {"error": ...} with a 4xx status (502: the agent's planner failed). --token (or
+MEDSAM3_SERVE_TOKEN) requires 'Authorization: Bearer TOKEN' on every request but GET /auth/ and POST
+/auth/token (the OAuth2 password form with the token as password, for MONAI Label clients). Uploads kept by /datastore/ and /session/ live in a
 temporary folder until the server stops. Listens on 127.0.0.1 unless --host says otherwise.
 Guide: bundles/medsam3/docs/monailabel.md
 """
@@ -73,6 +76,16 @@ def add_parser(subparsers: argparse._SubParsersAction) -> argparse.ArgumentParse
     parser.add_argument("--device", default="auto", help="auto (cuda when available), cpu, cuda, cuda:1, ...")
     parser.add_argument("--log-level", default="info", choices=("critical", "error", "warning", "info", "debug"),
                         help="uvicorn log level (default info)")
+    agent = parser.add_argument_group("the agent model (/infer/medsam3_agent)")
+    agent.add_argument("--llm-url", default=os.environ.get("MEDSAM3_LLM_URL") or None, metavar="URL",
+                       help="the agent's planner: an OpenAI-compatible base URL, e.g. http://localhost:8000/v1 (env "
+                            "MEDSAM3_LLM_URL; default: the offline planner)")
+    agent.add_argument("--llm-model", default=os.environ.get("MEDSAM3_LLM_MODEL") or None, metavar="NAME",
+                       help="the model name the planner server serves (env MEDSAM3_LLM_MODEL)")
+    agent.add_argument("--api-key-env", default=None, metavar="VAR",
+                       help="name of the environment variable holding the planner's API key (default: none sent)")
+    agent.add_argument("--max-rounds", type=int, default=3, metavar="N", help="segment_phrase calls per request (3)")
+    agent.add_argument("--llm-timeout", type=float, default=120.0, metavar="S", help="seconds per planner request")
     parser.set_defaults(func=run)
     return parser
 
@@ -104,13 +117,29 @@ def build_server(args: argparse.Namespace) -> Any:
     token = args.token if args.token is not None else os.environ.get("MEDSAM3_SERVE_TOKEN") or None
     if token is not None and not token.strip():
         raise ValueError("--token is empty: give a secret, or leave it out for an open server")
+    agent = agent_settings(args)
     device = ("cuda" if torch.cuda.is_available() else "cpu") if args.device == "auto" else args.device
     predictor = Predictor.from_checkpoint(args.checkpoint, args.image_size, torch.device(device),
                                           tracker=args.tracker, score_threshold=args.score_threshold)
-    app = create_app(predictor, token=token, limits=limits, cors_origins=origins)
+    app = create_app(predictor, token=token, limits=limits, cors_origins=origins, agent=agent)
     config = uvicorn.Config(app, host=args.host, port=args.port, log_level=args.log_level, access_log=True,
                             limit_concurrency=256, timeout_keep_alive=5)
     return uvicorn.Server(config)
+
+
+def agent_settings(args: argparse.Namespace) -> Any:
+    """The agent model's planner from the command line (nothing built in; the key variable must be set)."""
+    from ..agent.loop import LoopSettings
+    from ..agent.runner import AgentSettings, choose_planner
+
+    if args.llm_timeout <= 0:
+        raise ValueError(f"--llm-timeout must be positive, got {args.llm_timeout}")
+    settings = AgentSettings(llm="auto", llm_url=args.llm_url, llm_model=args.llm_model, api_key_env=args.api_key_env,
+                             timeout=args.llm_timeout, loop=LoopSettings(max_rounds=args.max_rounds))
+    choose_planner(settings)
+    if args.api_key_env and not os.environ.get(args.api_key_env, "").strip():
+        raise ValueError(f"--api-key-env {args.api_key_env}: that environment variable is not set or empty")
+    return settings
 
 
 def run(args: argparse.Namespace) -> int:
@@ -118,7 +147,9 @@ def run(args: argparse.Namespace) -> int:
     app = server.config.app
     extras = [" with token" if app.state.auth.enabled else "",
               f", CORS for {', '.join(app.state.cors_origins)}" if app.state.cors_origins else ""]
+    planner = f"{args.llm_model} at {args.llm_url}" if args.llm_url else "the offline planner"
     print(f"medsam3 serve: checkpoint {args.checkpoint}, http://{args.host}:{args.port} "
-          f"(MONAI Label protocol: GET /info/, POST /infer/medsam3){''.join(extras)}")
+          f"(MONAI Label protocol: GET /info/, POST /infer/medsam3, POST /infer/medsam3_agent with {planner})"
+          f"{''.join(extras)}")
     server.run()
     return 0

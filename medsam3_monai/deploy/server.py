@@ -7,7 +7,10 @@ routes are served by FastAPI + uvicorn here, written from MONAI Label's endpoint
 Protocol details: :mod:`medsam3_monai.deploy.monailabel_protocol`; stored uploads:
 :mod:`medsam3_monai.deploy.datastore`; the guide: ``bundles/medsam3/docs/monailabel.md``.
 
-Routes (``{model}`` is ``medsam3``):
+Routes (``{model}`` is ``medsam3``, or ``medsam3_agent`` for the MedSAM3 agent: params ``{"request": "segment the
+lesion in the upper left quadrant", "modality", "protocol", "trace"}``, answered with one label, the union of
+the marks the planner selects; the planner is the server's, ``medsam3 serve --llm-url/--llm-model/--api-key-env``,
+default the offline planner):
 
 * ``GET /info/``: name, version, ``labels`` (a mapping), ``models: {medsam3: {type, labels (a mapping, empty:
   the labels are each request's prompts, named in the answer's ``label_names``), dimension, description,
@@ -30,9 +33,9 @@ Routes (``{model}`` is ``medsam3``):
 
 With a token every route but ``/auth/`` and ``/auth/token`` needs ``Authorization: Bearer TOKEN`` (401). With
 CORS origins, browsers on those origins may call the server (preflight answered). Every error is a JSON body
-``{"error": "..."}`` with a 4xx status (507 when the datastore is full; 500 only for a bug); the server keeps
-serving. Uploads are saved under fresh temporary names (only a whitelisted extension of the client's file name
-is kept). Inference runs under one lock (one model), so concurrent requests queue.
+``{"error": "..."}`` with a 4xx status (507 when the datastore is full; 502 when the agent's planner endpoint
+fails; 500 only for a bug); the server keeps serving. Uploads are saved under fresh temporary names (only a
+whitelisted extension of the client's file name is kept). Inference runs under one lock (one model), so concurrent requests queue.
 """
 
 # no `from __future__ import annotations`: FastAPI resolves the endpoints' annotations at runtime
@@ -51,9 +54,10 @@ from typing import Any
 
 from .datastore import FINAL_TAG, STRATEGIES, Datastore, StoreError, check_id
 
-__all__ = ["MODEL_NAME", "ServerLimits", "UPLOAD_SUFFIXES", "create_app"]
+__all__ = ["AGENT_MODEL_NAME", "MODEL_NAME", "ServerLimits", "UPLOAD_SUFFIXES", "create_app"]
 
 MODEL_NAME = "medsam3"
+AGENT_MODEL_NAME = "medsam3_agent"
 RESULT_HEADER = "X-MedSAM3-Result"
 #: accepted upload extensions -> kind (the only part of a client's file name that is used)
 UPLOAD_SUFFIXES = {".png": "image", ".jpg": "image", ".jpeg": "image", ".bmp": "image", ".tif": "image",
@@ -70,11 +74,11 @@ class ServerLimits:
 
     def __init__(self, max_request_bytes: int = 64 * 2**20, max_image_pixels: int = 50_000_000,
                  max_prompt_chars: int = 200, max_prompts: int = 16, max_stored_files: int = 1000,
-                 max_stored_bytes: int = 2 * 2**30, session_expiry: int = 3600) -> None:
+                 max_stored_bytes: int = 2 * 2**30, session_expiry: int = 3600, max_request_chars: int = 1000) -> None:
         for name, value in (("max_request_bytes", max_request_bytes), ("max_image_pixels", max_image_pixels),
                             ("max_prompt_chars", max_prompt_chars), ("max_prompts", max_prompts),
                             ("max_stored_files", max_stored_files), ("max_stored_bytes", max_stored_bytes),
-                            ("session_expiry", session_expiry)):
+                            ("session_expiry", session_expiry), ("max_request_chars", max_request_chars)):
             if int(value) <= 0:
                 raise ValueError(f"{name} must be positive, got {value}")
         self.max_request_bytes = int(max_request_bytes)
@@ -84,6 +88,7 @@ class ServerLimits:
         self.max_stored_files = int(max_stored_files)
         self.max_stored_bytes = int(max_stored_bytes)
         self.session_expiry = int(session_expiry)
+        self.max_request_chars = int(max_request_chars)
 
     def as_dict(self) -> dict[str, int]:
         return dict(vars(self))
@@ -279,9 +284,25 @@ def _media_type(suffix: str) -> str:
 
 
 # ------------------------------------------------------------------------------------------------ app
+class _LockedPredictor:
+    """The predictor behind the lock, for the agent: only MedSAM3's calls hold it, not the planner's HTTP calls."""
+
+    def __init__(self, predictor: Any, lock: Any) -> None:
+        self._predictor = predictor
+        self._lock = lock
+
+    def __getattr__(self, name: str) -> Any:
+        return getattr(self._predictor, name)
+
+    def __call__(self, *args: Any, **kwargs: Any) -> Any:
+        with self._lock:
+            return self._predictor(*args, **kwargs)
+
+
 def create_app(predictor: Any, *, token: str | None = None, limits: ServerLimits | None = None,
                model_name: str = MODEL_NAME, version: str | None = None,
-               cors_origins: Sequence[str] | None = None):
+               cors_origins: Sequence[str] | None = None, agent: Any = None,
+               agent_model_name: str = AGENT_MODEL_NAME):
     """The FastAPI app serving ``predictor`` (a :class:`~medsam3_monai.inferers.predict.Predictor`).
 
     Args:
@@ -292,6 +313,9 @@ def create_app(predictor: Any, *, token: str | None = None, limits: ServerLimits
         limits: request size, pixel count, prompt and datastore limits.
         model_name: the name under ``/infer/{model}``.
         cors_origins: browser origins (``https://ohif.example.org``, or ``*``) allowed to call the server.
+        agent: the planner of the second model, the MedSAM3 agent (``agent_model_name``): an
+            :class:`~medsam3_monai.agent.runner.AgentSettings` (endpoint, model, key variable, limits); None = the
+            offline planner. Its MedSAM3 calls use ``predictor``.
     """
     from fastapi import Body, Depends, FastAPI, File, Form, Query, Request, Security, UploadFile
     from fastapi.exceptions import RequestValidationError
@@ -303,11 +327,14 @@ def create_app(predictor: Any, *, token: str | None = None, limits: ServerLimits
     from .. import __version__
     from ..inferers.inputs import box_prompts, user_error
     from ..protocol_registry import PROTOCOLS
-    from .monailabel_protocol import (ParamsError, ResultType, label_names, multipart_answer, parse_infer_params,
-                                      result_format, write_result)
+    from ..agent.runner import AgentSettings, choose_planner
+    from .monailabel_protocol import (ParamsError, ResultType, label_names, multipart_answer, parse_agent_params,
+                                      parse_infer_params, result_format, write_result)
     from .segment_cli import output_labels
 
     limits = limits or ServerLimits()
+    agent = agent if agent is not None else AgentSettings(llm="none")
+    planner = choose_planner(agent)  # an incomplete endpoint fails here, at start
     version = version or __version__
     lock = threading.Lock()
     auth = TokenAuth(token)
@@ -375,6 +402,25 @@ def create_app(predictor: Any, *, token: str | None = None, limits: ServerLimits
                     "json": "the result JSON"},
     }
 
+    agent_info = {
+        "type": "segmentation",
+        "labels": {},
+        "dimension": 3,
+        "description": "The MedSAM3 agent: give a free-text request as params.request; a planner calls MedSAM3 with "
+                       "short noun phrases and answers with the union of the masks it selects (one label; no match: "
+                       "an empty mask)",
+        "config": {"request": "", "modality": ""},
+        "prompts": "params = {\"request\": text, \"modality\": optional, \"protocol\": " + "|".join(PROTOCOLS)
+                   + " (2D, optional), \"trace\": true|false}",
+        "planner": {"kind": planner, "model": agent.llm_model if planner == "llm" else None,
+                    "max_rounds": agent.loop.max_rounds},
+        "dimensions": [2, 3],
+        "checkpoint": model_info["checkpoint"],
+        "image_size": model_info["image_size"],
+        "inputs": model_info["inputs"],
+        "outputs": model_info["outputs"],
+    }
+
     # ------------------------------------------------------------------------------------------ info
     @app.get("/info", dependencies=protected)
     @app.get("/info/", dependencies=protected)
@@ -383,7 +429,7 @@ def create_app(predictor: Any, *, token: str | None = None, limits: ServerLimits
                 "description": "MONAI Label REST protocol for Medical SAM3 text-prompted segmentation",
                 # MONAI Label merges its models' labels here (a list, or the app's mapping); a mapping, empty like
                 # the model's (OHIF appends the model's label names to it: nothing to append)
-                "labels": {}, "models": {model_name: model_info}, "trainers": {},
+                "labels": {}, "models": {model_name: model_info, agent_model_name: agent_info}, "trainers": {},
                 "strategies": {name: {"description": text} for name, text in STRATEGIES.items()},
                 "scoring": {}, "train_stats": {}, "datastore": store.status(), "limits": limits.as_dict()}
 
@@ -393,8 +439,10 @@ def create_app(predictor: Any, *, token: str | None = None, limits: ServerLimits
               output: ResultType | None = Query(None), params: str | None = Form(None),
               file: UploadFile | None = File(None), label: UploadFile | None = File(None)) -> Response:
         started = time.perf_counter()
-        if model != model_name:  # compared only, never used as a path
-            raise RequestError(404, f"unknown model {model[:64]!r}: this server has {model_name!r} (see GET /info/)")
+        if model not in (model_name, agent_model_name):  # compared only, never used as a path
+            raise RequestError(404, f"unknown model {model[:64]!r}: this server has {model_name!r} and "
+                                    f"{agent_model_name!r} (see GET /info/)")
+        is_agent = model == agent_model_name
         if output is ResultType.dicom_seg:
             raise RequestError(422, "output=dicom_seg needs a DICOMweb datastore, which this server does not have: "
                                     "ask for output=image, json or all")
@@ -414,13 +462,15 @@ def create_app(predictor: Any, *, token: str | None = None, limits: ServerLimits
                 raise RequestError(422, "no image: send it as the multipart field 'file', or name an uploaded one "
                                         "with ?image=ID (PUT /datastore/) or ?session_id= (PUT /session/)")
             try:
-                request = parse_infer_params(params, limits.max_prompts, limits.max_prompt_chars)
+                request = (parse_agent_params(params, limits.max_request_chars) if is_agent else
+                           parse_infer_params(params, limits.max_prompts, limits.max_prompt_chars))
             except ParamsError as err:
                 raise RequestError(422, str(err)) from None
             kind, shape = check_image(upload, limits)
-            if kind == "volume" and (request.box is not None or request.protocol not in (None, "top_query")):
+            if kind == "volume" and (getattr(request, "box", None) is not None
+                                     or request.protocol not in (None, "top_query")):
                 raise RequestError(422, "box prompts and protocols are for 2D images; send volumes with prompts only")
-            if request.box is not None:
+            if not is_agent and request.box is not None:
                 try:
                     box_prompts(request.box, len(request.prompts), shape)
                 except ValueError as err:
@@ -429,14 +479,16 @@ def create_app(predictor: Any, *, token: str | None = None, limits: ServerLimits
                 extension, _ = result_format(request, kind == "volume")
             except ParamsError as err:
                 raise RequestError(422, str(err)) from None
-            prediction = _predict(upload, request)
+            prediction, agent_summary = _agent(upload, request, kind) if is_agent else (_predict(upload, request), None)
             labels, summary = output_labels(prediction)
+            if agent_summary is not None:
+                summary["agent"] = agent_summary
             mask_path = folder / f"mask{extension}"
             media_type = write_result(labels, prediction, request, mask_path, upload)
             data = mask_path.read_bytes()
         finally:
             shutil.rmtree(folder, ignore_errors=True)
-        summary.update(input=source, model=model_name, mask_format=extension.lstrip("."),
+        summary.update(input=source, model=model, mask_format=extension.lstrip("."),
                        label_names=label_names(summary),
                        latencies={"total": round(time.perf_counter() - started, 3)})
         if output is ResultType.json:
@@ -463,6 +515,48 @@ def create_app(predictor: Any, *, token: str | None = None, limits: ServerLimits
             except OSError as err:  # decoders: truncated or corrupt data
                 message = f"cannot read the uploaded file: {err}".replace(str(upload), "upload")
                 raise RequestError(422, message) from None
+
+    def _agent(upload: Path, request: Any, kind: str) -> tuple[Any, dict[str, Any]]:
+        """The agent's answer to ``request.request`` on the upload: (one-label Prediction, the result's ``agent``
+        entry). MedSAM3's calls hold the lock; the planner's do not."""
+        import dataclasses
+
+        from ..agent.errors import PlannerError
+        from ..agent.output import answer_prediction
+        from ..agent.runner import decide
+        from ..agent.segmenter import PhraseSegmenter, SegmenterSettings
+        from ..agent.trace import Trace
+
+        segmenter_settings = SegmenterSettings(
+            checkpoint=str(getattr(predictor, "checkpoint", "")),
+            protocol="top_query" if kind == "volume" else (request.protocol or predictor.inferer.protocol),
+            score_threshold=predictor.inferer.score_threshold, ct_window=predictor.ct_window,
+            modality=request.modality)
+        settings = dataclasses.replace(agent, segmenter=segmenter_settings)
+        segmenter = PhraseSegmenter(_LockedPredictor(predictor, lock), str(upload), segmenter_settings)
+        notes: list[str] = []
+        trace = Trace()
+        hide = str(upload), f"upload{upload_suffix(upload.name)}"
+        try:
+            decision = decide(str(upload), request.request, settings, segmenter, log=notes.append, trace=trace)
+            prediction = answer_prediction(decision, segmenter)
+        except PlannerError as err:  # the planner endpoint failed: not the client's fault
+            raise RequestError(502, f"the agent's planner failed: {err}".replace(*hide)) from None
+        except (ValueError, FileNotFoundError) as err:
+            raise RequestError(422, str(err).replace(*hide)) from None
+        except RuntimeError as err:
+            cause = user_error(err) or _os_error(err)
+            if cause is None:
+                raise
+            raise RequestError(422, str(cause).replace(*hide)) from None
+        entry = {"request": request.request, "planner": trace.data["planner"].get("kind"), "status": decision.status,
+                 "phrases": decision.phrases, "marks": [m.facts() for m in decision.marks], "reason": decision.reason,
+                 "rounds": len(trace.data["rounds"]), "tokens": trace.data["tokens"],
+                 "notes": [n.replace(*hide) for n in notes]}
+        if request.trace:
+            document = json.loads(json.dumps(trace.as_json(), default=str).replace(json.dumps(hide[0])[1:-1], hide[1]))
+            entry["trace"] = document
+        return prediction, entry
 
     # ------------------------------------------------------------------------------------------ datastore
     def _stored_file_response(link: Any, name: str) -> Response:

@@ -20,6 +20,11 @@ Pipeline: the bundle's ``evaluate.json``, an overlay of ``inference.json``; :fun
    known: volumes, and 2D items that carry ``"spacing"`` in mm as ``[rows, cols]``).
 5. Handlers (:mod:`.reports`): overlays for a sample of cases, then ``cases.csv``, ``table.md``/``.csv``,
    ``radar.png`` and an MLflow run.
+
+Two other case inferers replace :class:`CaseInferer` in the same bundle (``run_evaluation(inferer=...)``):
+:class:`EnsembleCaseInferer` (every phrasing of each class in one batch, fused by confidence as the offline agent
+planner fuses them: ``medsam3 evaluate --prompt-variants synonyms``) and :class:`AgentCaseInferer` (the MedSAM3
+agent answers a request per class: ``medsam3 evaluate --agent``).
 """
 
 from __future__ import annotations
@@ -46,7 +51,10 @@ from .inference import MedSAM3CaseEvaluator, collate_cases
 
 __all__ = [
     "SPLIT_CHOICES",
+    "AgentCaseInferer",
+    "AgentRecorder",
     "CaseInferer",
+    "EnsembleCaseInferer",
     "CasePrediction",
     "CaseMetrics",
     "MedSAM3CaseEvaluator",
@@ -55,6 +63,7 @@ __all__ = [
     "evaluation_items",
     "evaluation_transforms",
     "is_volume_item",
+    "agent_request",
     "protocol_label",
     "report_notes",
     "run_evaluation",
@@ -226,17 +235,26 @@ class CaseInferer(Inferer):
         label_map = convert_to_tensor(case["pred"], track_meta=False)[0]
         values = [int(v) for v in case["prompt_values"]]
         masks = torch.stack([label_map == value for value in values])
+        seeds = case.get("seed_slices")
+        return self._prediction(items, values, list(case["prompt_texts"]), masks,
+                                torch.as_tensor(case["prompt_scores"]).float().cpu(),
+                                None if seeds is None else torch.as_tensor(seeds))
+
+    def _prediction(self, items: list[dict[str, Any]], values: list[int], prompts: list[str], masks: torch.Tensor,
+                    scores: torch.Tensor, seeds: torch.Tensor | None = None) -> CasePrediction:
+        """The :class:`CasePrediction` of a case's per-prompt masks (in the input's geometry), the truth checked
+        against their shape."""
+        first = items[0]
+        image, truth = first[self.image_key], first.get(self.label_key)
+        is_volume = "volume_shape" in getattr(image, "meta", {})
         truth_map = None
         if truth is not None:
             truth_map = convert_to_tensor(truth, track_meta=False)[0]
             if tuple(truth_map.shape) != tuple(masks.shape[1:]):
                 raise RuntimeError(f"prediction {tuple(masks.shape[1:])} and label {tuple(truth_map.shape)} differ in "
                                    f"shape for case {first.get('case')}: the inversion did not restore the geometry")
-        seeds = case.get("seed_slices")
-        return CasePrediction(items, values, list(case["prompt_texts"]), masks, truth_map,
-                              torch.as_tensor(case["prompt_scores"]).float().cpu(),
-                              _spacing(first, truth, is_volume), is_volume,
-                              None if seeds is None else torch.as_tensor(seeds))
+        return CasePrediction(items, values, prompts, masks, truth_map, scores, _spacing(first, truth, is_volume),
+                              is_volume, seeds)
 
     def _add_ground_truth_boxes(self, item: dict[str, Any], truth: Any, is_volume: bool) -> None:
         """T+I: the pixel box of the largest component of each prompt's class (2D; volumes stay text-only)."""
@@ -252,6 +270,292 @@ class CaseInferer(Inferer):
         height, width = truth.shape[-2:]
         xyxy = cxcywh_to_xyxy(boxes[:, 0]) * torch.tensor([width, height, width, height])
         item["box"] = [box.tolist() if label == 1 else None for box, label in zip(xyxy, labels[:, 0])]
+
+
+class EnsembleCaseInferer(CaseInferer):
+    """:class:`CaseInferer` with every phrasing of each class at once, fused by confidence: the offline agent
+    planner's fusion (:func:`medsam3_monai.agent.fusion.fuse_by_confidence`) inside the evaluation pipeline.
+
+    An item's ``prompt_variants`` (``{"<label value>": [phrasing, ...]}``; a class without an entry keeps its own
+    prompt) lists each class's phrasings. All phrasings of all classes go through the case pipeline together (one
+    ``PromptInferer`` call: on a 2D image one network call, so the vision encoder runs once; on a volume the detector
+    sees each slice once for all of them) and are merged by confidence, score x sigmoid(mask logit), as several
+    prompts always are. A class's mask is then the pixels won by its *kept* phrasings, those scoring at least
+    ``keep_ratio`` x the best score of the class's phrasings (and at least ``min_score``); its score is its best kept
+    phrasing's. The records keep the class's own prompt (the canonical phrasing).
+
+    Args:
+        keep_ratio, min_score: the fusion's (``medsam3 agent --keep-ratio / --min-score``; 0.5 and 0).
+        variants_key: the item key holding the phrasings.
+        The other arguments are :class:`CaseInferer`'s.
+    """
+
+    def __init__(self, transform: Any, protocol: str = "top_query", score_threshold: float = 0.5,
+                 box_prompts: bool = False, tracker: Any = None, keep_ratio: float = 0.5, min_score: float = 0.0,
+                 variants_key: str = "prompt_variants", **kwargs: Any) -> None:
+        super().__init__(transform, protocol, score_threshold, box_prompts, tracker, **kwargs)
+        for name, value in (("keep_ratio", keep_ratio), ("min_score", min_score)):
+            if not 0.0 <= float(value) <= 1.0:
+                raise ValueError(f"{name} must be in [0, 1], got {value}")
+        self.keep_ratio, self.min_score = float(keep_ratio), float(min_score)
+        self.variants_key = variants_key
+
+    def infer_cases(self, cases: Sequence[Any], network: torch.nn.Module) -> list[CasePrediction]:
+        """The engine's batched entry: one case at a time (a case's phrasings already share one network call)."""
+        return [self(case, network) for case in cases]
+
+    def __call__(self, inputs: Sequence[dict[str, Any]], network: torch.nn.Module, *args: Any, **kwargs: Any
+                 ) -> CasePrediction:
+        from types import SimpleNamespace
+
+        from ..agent.fusion import fuse_by_confidence
+
+        items = [inputs] if isinstance(inputs, dict) else list(inputs)
+        first = items[0]
+        image, truth = first[self.image_key], first.get(self.label_key)
+        is_volume = "volume_shape" in getattr(image, "meta", {})
+        values, texts = item_prompts(first)
+        variants = first.get(self.variants_key) or {}
+        phrasings = [[str(p) for p in (variants.get(str(v)) or [t])] for v, t in zip(values, texts)]
+        owners = [c for c, group in enumerate(phrasings) for _ in group]
+        flat = [text for group in phrasings for text in group]
+        case_items = [dict(item) for item in items]
+        if self.box_prompts:
+            self._add_ground_truth_boxes(case_items[0], truth, is_volume)
+            if case_items[0].get("box") is not None:
+                case_items[0]["box"] = [case_items[0]["box"][c] for c in owners]
+        for item in case_items:
+            item["prompts"] = {str(k + 1): text for k, text in enumerate(flat)}
+            item.pop(self.variants_key, None)
+        case = self.postprocessing(self.cases(case_items, network))
+        label_map = convert_to_tensor(case["pred"], track_meta=False)[0]
+        scores = [float(s) for s in torch.as_tensor(case["prompt_scores"]).float().cpu()]
+        seeds = case.get("seed_slices")
+        masks, class_scores, class_seeds = [], [], []
+        for c in range(len(values)):
+            ks = [k for k, owner in enumerate(owners) if owner == c]
+            fusion = fuse_by_confidence(SimpleNamespace(label_map=label_map, scores=[scores[k] for k in ks],
+                                                        prompts=[flat[k] for k in ks],
+                                                        label_values=[k + 1 for k in ks]),
+                                        self.keep_ratio, self.min_score)
+            masks.append(torch.as_tensor(fusion.mask))
+            class_scores.append(fusion.score)
+            if seeds is not None:
+                lead = flat.index(fusion.kept[0], ks[0]) if fusion.kept else ks[0]
+                class_seeds.append(int(seeds[lead]))
+        return self._prediction(items, [int(v) for v in values], list(texts), torch.stack(masks),
+                                torch.tensor(class_scores, dtype=torch.float32),
+                                torch.tensor(class_seeds) if seeds is not None else None)
+
+
+#: the clinical sentence an agent evaluation asks for each class ({concept}, {image}, {modality}, {dataset})
+DEFAULT_AGENT_REQUEST = "Segment the {concept} in this {image}."
+#: how a request names the picture of each modality (``{image}``)
+MODALITY_IMAGES = {"ct": "CT scan", "mri": "MRI scan", "x-ray": "X-ray", "ultrasound": "ultrasound image",
+                   "endoscopy": "endoscopy image", "fundus": "fundus photograph", "oct": "OCT scan",
+                   "dermoscopy": "dermoscopy image", "pathology": "histopathology image",
+                   "microscopy": "microscopy image", "em": "electron microscopy image"}
+
+
+def agent_request(concept: str, modality: str | None = None, dataset: str | None = None,
+                  template: str = DEFAULT_AGENT_REQUEST) -> str:
+    """The request an agent evaluation sends for a class: ``template`` with ``{concept}`` (the class prompt),
+    ``{image}`` (e.g. "ultrasound image", from the modality), ``{modality}`` and ``{dataset}`` filled in."""
+    if "{concept}" not in template:
+        raise ValueError(f"--agent-request {template!r} must contain {{concept}} (and may use {{image}}, {{modality}}, "
+                         "{dataset})")
+    image = MODALITY_IMAGES.get(str(modality or "").strip().lower(), "image")
+    try:
+        text = template.format(concept=concept, image=image, modality=modality or "", dataset=dataset or "")
+    except (KeyError, IndexError, ValueError) as err:
+        raise ValueError(f"--agent-request {template!r}: {err!r}; the placeholders are {{concept}}, {{image}}, "
+                         "{modality} and {dataset}") from None
+    return " ".join(text.split())
+
+
+class AgentRecorder:
+    """What :class:`AgentCaseInferer` keeps of each agent run: its trace (``<trace_dir>/NNN_<dataset>_<case>_<label>
+    .trace.json``) and one row per (case, class) for ``agent_cases.csv``; planner notes are printed once.
+
+    Args:
+        trace_dir: the traces' folder (created on the first trace).
+        on_error: ``fail`` (a failed agent run stops the evaluation, its trace kept) or ``empty`` (the class is
+            scored with an empty mask, status ``failed``).
+        log: where planner notes go (default stderr).
+    """
+
+    ROW_FIELDS = ("dataset", "case", "label", "concept", "request", "planner", "status", "phrases", "score",
+                  "pixels", "reason", "tokens", "seconds", "dice", "trace")
+
+    def __init__(self, trace_dir: str | Path, on_error: str = "fail", log: Any = None) -> None:
+        if on_error not in ("fail", "empty"):
+            raise ValueError(f"on_error must be 'fail' or 'empty', got {on_error!r}")
+        self.trace_dir = Path(trace_dir)
+        self.on_error = on_error
+        self.rows: list[dict[str, Any]] = []
+        self._log = log
+        self._seen: set[str] = set()
+
+    def log(self, line: str) -> None:
+        if line in self._seen:
+            return
+        self._seen.add(line)
+        if self._log is not None:
+            self._log(line)
+        else:
+            import sys
+
+            print(line, file=sys.stderr, flush=True)
+
+    def save_trace(self, trace: Any, dataset: str, case: str, label: int, context: dict[str, Any]) -> Path:
+        import json
+        import re
+
+        def safe(text: str) -> str:
+            return re.sub(r"[^0-9A-Za-z._-]+", "_", str(text)).strip("_") or "case"
+
+        trace.data["evaluation"] = context
+        path = self.trace_dir / f"{len(self.rows) + 1:03d}_{safe(dataset)}_{safe(case)}_{int(label)}.trace.json"
+        path.parent.mkdir(parents=True, exist_ok=True)
+        path.write_text(json.dumps(trace.as_json(), indent=2) + "\n", encoding="utf-8")
+        return path
+
+    def write_csv(self, path: str | Path, records: Sequence[dict[str, Any]] = ()) -> Path:
+        """``agent_cases.csv``: the rows, with each (case, class)'s Dice from the evaluation's ``records``."""
+        from ..metrics.aggregate import write_csv
+
+        dice = {(str(r["dataset"]), str(r["case"]), int(r["label"])): r["metrics"].get("dice") for r in records}
+        rows = [dict(row, dice=dice.get((row["dataset"], row["case"], int(row["label"])), "")) for row in self.rows]
+        return write_csv(path, list(self.ROW_FIELDS), rows)
+
+
+class AgentCaseInferer(CaseInferer):
+    """The MedSAM3 agent (``medsam3 agent``) as the evaluation's case inferer: each class of a case becomes a request
+    (:func:`agent_request`, e.g. "Segment the breast tumor in this ultrasound image."), the agent answers it on the
+    case's file with the evaluated network (the predictor of ``medsam3 segment``, so each mark is what ``medsam3
+    segment --prompt PHRASE`` gives), and the selected marks' union is the class's mask; ``report_no_mask`` gives an
+    empty mask. Classes are requested one at a time; where two answers overlap the pixel goes to the class whose
+    answer scored higher (ties: the earlier class). Every run's trace is kept by the :class:`AgentRecorder`.
+
+    Args:
+        agent: the planner settings (:class:`~medsam3_monai.agent.runner.AgentSettings`; default the offline planner).
+            Its segmenter settings are replaced by the evaluation's (checkpoint, protocol, threshold, CT window and
+            each item's modality).
+        recorder: keeps traces and rows (default: traces under ``./agent-traces``).
+        checkpoint, ct_window: as the evaluation's.
+        request_template: see :func:`agent_request`.
+        The other arguments are :class:`CaseInferer`'s (box prompts are refused: the agent answers text requests).
+    """
+
+    def __init__(self, transform: Any, protocol: str = "top_query", score_threshold: float = 0.5,
+                 box_prompts: bool = False, tracker: Any = None, *, agent: Any = None,
+                 recorder: AgentRecorder | None = None, checkpoint: str = "tiny",
+                 ct_window: str | Sequence[float] = "abdomen", request_template: str = DEFAULT_AGENT_REQUEST,
+                 **kwargs: Any) -> None:
+        if box_prompts:
+            raise ValueError("the agent answers text requests: evaluate it without --box-prompts")
+        super().__init__(transform, protocol, score_threshold, False, tracker, **kwargs)
+        if agent is None:
+            from ..agent.runner import AgentSettings
+
+            agent = AgentSettings(llm="none")
+        agent_request("x", template=request_template)  # a bad template fails here, before any case
+        self.agent = agent
+        self.recorder = recorder or AgentRecorder("agent-traces")
+        self.checkpoint = str(checkpoint)
+        self.ct_window = ct_window
+        self.request_template = request_template
+        self.tracker = tracker
+        self._predictor: Any = None
+
+    @property
+    def label(self) -> str:
+        return f"agent/{super().label}"
+
+    def infer_cases(self, cases: Sequence[Any], network: torch.nn.Module) -> list[CasePrediction]:
+        """The engine's batched entry: one case at a time (the agent plans each request on its own)."""
+        return [self(case, network) for case in cases]
+
+    def predictor(self, network: torch.nn.Module) -> Any:
+        """``medsam3 segment``'s predictor around the evaluated network (built once)."""
+        if self._predictor is None or self._predictor.network is not network:
+            from ..inferers.predict import Predictor
+
+            self._predictor = Predictor(network, tracker=self.tracker if self.tracker is not None else "none",
+                                        checkpoint=self.checkpoint, protocol=self.protocol,
+                                        score_threshold=self.cases.score_threshold, ct_window=self.ct_window)
+        return self._predictor
+
+    def __call__(self, inputs: Sequence[dict[str, Any]], network: torch.nn.Module, *args: Any, **kwargs: Any
+                 ) -> CasePrediction:
+        import dataclasses
+        import time
+
+        from ..agent.marks import union_of
+        from ..agent.runner import decide
+        from ..agent.segmenter import PhraseSegmenter
+        from ..agent.trace import Trace
+        from ..transforms.errors import source_name
+
+        items = [inputs] if isinstance(inputs, dict) else list(inputs)
+        first = items[0]
+        image, truth = first[self.image_key], first.get(self.label_key)
+        if truth is None:
+            raise ValueError(f"case {first.get('case')}: the agent evaluation needs the ground-truth label")
+        is_volume = "volume_shape" in getattr(image, "meta", {})
+        path = str(first.get("source_image") or source_name(image, first, self.image_key))
+        shape = tuple(convert_to_tensor(truth, track_meta=False)[0].shape)
+        values, texts = item_prompts(first, path)
+        dataset, case = str(first.get("dataset", "")), str(first.get("case") or Path(path).name)
+        segmenter_settings = dataclasses.replace(
+            self.agent.segmenter, checkpoint=self.checkpoint, protocol="top_query" if is_volume else self.protocol,
+            score_threshold=self.cases.score_threshold, ct_window=self.ct_window, modality=first.get("modality"),
+            channel=first.get("channel"), progress=False)
+        settings = dataclasses.replace(self.agent, segmenter=segmenter_settings)
+        segmenter = PhraseSegmenter(self.predictor(network), path, segmenter_settings)
+        masks, scores = [], []
+        for value, text in zip(values, texts):
+            request = agent_request(text, first.get("modality"), dataset, self.request_template)
+            trace = Trace()
+            start = time.perf_counter()
+            context = {"dataset": dataset, "case": case, "label": int(value), "concept": text}
+            row = {"dataset": dataset, "case": case, "label": int(value), "concept": text, "request": request}
+            try:
+                decision = decide(path, request, settings, segmenter, log=self.recorder.log, trace=trace)
+            except Exception as err:  # noqa: BLE001 - kept in the trace; re-raised unless on_error="empty"
+                saved = self.recorder.save_trace(trace, dataset, case, value, context)
+                if self.recorder.on_error != "empty" or not isinstance(err, (ValueError, RuntimeError, OSError)):
+                    if isinstance(err, ValueError):
+                        raise ValueError(f"the agent failed on {dataset} case {case} ({request!r}): {err} "
+                                         f"(trace: {saved}; --agent-on-error empty scores such a case with an "
+                                         "empty mask instead)") from err
+                    raise
+                mask, score = torch.zeros(shape, dtype=torch.bool), 0.0
+                row.update(planner=trace.data.get("planner", {}).get("kind"), status="failed", phrases="",
+                           reason=f"{type(err).__name__}: {err}")
+            else:
+                selected = decision.status == "selected"
+                mask = torch.as_tensor(union_of(decision.marks)) if selected else torch.zeros(shape, dtype=torch.bool)
+                score = max(m.score for m in decision.marks) if selected else 0.0
+                saved = self.recorder.save_trace(trace, dataset, case, value, context)
+                row.update(planner=trace.data["planner"].get("kind"), status=decision.status,
+                           phrases=" | ".join(decision.phrases), reason=decision.reason or "")
+            if tuple(mask.shape) != shape:
+                raise RuntimeError(f"the agent's mask {tuple(mask.shape)} and the label {shape} of case {case} differ "
+                                   "in shape")
+            row.update(score=round(float(score), 6), pixels=int(mask.sum()),
+                       tokens=trace.data.get("tokens", {}).get("total", 0),
+                       seconds=round(time.perf_counter() - start, 3),
+                       trace=str(saved.relative_to(self.recorder.trace_dir.parent)))
+            self.recorder.rows.append(row)
+            masks.append(mask.bool())
+            scores.append(float(score))
+        taken = torch.zeros(shape, dtype=torch.bool)
+        for c in sorted(range(len(masks)), key=lambda i: -scores[i]):  # overlaps to the higher-scoring answer
+            masks[c] = masks[c] & ~taken
+            taken |= masks[c]
+        return self._prediction(items, [int(v) for v in values], list(texts), torch.stack(masks),
+                                torch.tensor(scores, dtype=torch.float32))
 
 
 # ------------------------------------------------------------------------------------------------ metrics
@@ -317,6 +621,10 @@ def run_evaluation(
     parent_run_id: str | None = None,
     ct_window: str | Sequence[float] = "abdomen",
     skip_unreadable: bool = False,
+    inferer: dict[str, Any] | None = None,
+    notes: Sequence[str] = (),
+    params: dict[str, Any] | None = None,
+    artifact_dirs: Sequence[str] = ("overlays",),
 ):
     """Run the evaluation bundle (``configs/inference.json`` + ``configs/evaluate.json``) on ``items`` (from
     :func:`evaluation_items`) with an already built ``network`` (and ``tracker``) and write the report into
@@ -326,6 +634,9 @@ def run_evaluation(
     only describe the run in the report and MLflow parameters; ``tracker_name`` is the tracker's description),
     so ``medsam3 evaluate`` runs exactly what ``python -m monai.bundle run --config_file
     "['configs/inference.json','configs/evaluate.json']"`` runs.
+    ``inferer`` overrides entries of the ``inferer`` config (``{"_target_": "...EnsembleCaseInferer",
+    "keep_ratio": 0.5}`` swaps the case inferer); ``notes`` are added under the report's table, ``params`` to its
+    MLflow parameters, and ``artifact_dirs`` (report sub-folders) are logged with the report files.
     Returns the :class:`~medsam3_monai.engines.reports.EvaluationReport` (``table``, ``records``, ``files``,
     ``run_id``).
     """
@@ -348,6 +659,15 @@ def run_evaluation(
         overrides["experiment"] = experiment
     if run_name is not None:
         overrides["run_name"] = run_name
+    for key, value in (inferer or {}).items():
+        overrides[f"inferer#{key}"] = value
+    for key, value in (params or {}).items():
+        overrides[f"handlers#2#params#{key}"] = value
+    if notes:
+        overrides["handlers#2#notes"] = [*report_notes(checkpoint, protocol, score_threshold, box_prompts, items,
+                                                       tracker_name, split), *notes]
+    if tuple(artifact_dirs) != ("overlays",):
+        overrides["handlers#2#artifact_dirs"] = list(artifact_dirs)
     parser = config_parser(["inference.json", "evaluate.json"], **overrides)
     parser.get_parsed_content("evaluator").run()
     return parser.get_parsed_content("handlers#2")
