@@ -134,7 +134,7 @@ def forward(args: argparse.Namespace) -> dict:
         except torch.cuda.OutOfMemoryError as err:  # type: ignore[attr-defined]
             entry = {"error": f"out of memory: {str(err).splitlines()[0]}"}
         results[f"batch_{batch}"] = entry
-        del images
+        images = None  # free this batch before the next size
     return {
         "part": "forward",
         "config": "tiny" if args.tiny else "full",
