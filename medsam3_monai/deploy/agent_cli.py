@@ -12,7 +12,7 @@ from __future__ import annotations
 import argparse
 import os
 
-__all__ = ["add_parser", "run"]
+__all__ = ["add_parser", "add_planner_options", "run"]
 
 _EPILOG = """\
 Planners:
@@ -33,6 +33,20 @@ Examples:
   medsam3 agent us.png --request "segment the lesion in the upper left quadrant" --out mask.png \\
       --llm-url http://localhost:8000/v1 --llm-model Qwen/Qwen2.5-VL-7B-Instruct --overlay overlay.png
 """
+
+
+def add_planner_options(group: argparse._ActionsContainer) -> None:
+    """``--llm``, ``--llm-url``, ``--llm-model`` and ``--api-key-env`` (the agent's planner), on ``group`` (a parser
+    or argument group); shared by ``medsam3 agent``, ``medsam3 evaluate --agent`` and ``medsam3 reproduce --agent``."""
+    group.add_argument("--llm", choices=("auto", "openai", "none"), default="auto",
+                       help="auto (default): the MLLM when --llm-url is set, else the offline planner; openai: an "
+                            "OpenAI-compatible endpoint; none: the offline planner")
+    group.add_argument("--llm-url", default=os.environ.get("MEDSAM3_LLM_URL") or None, metavar="URL",
+                       help="OpenAI-compatible base URL, e.g. http://localhost:8000/v1 (env MEDSAM3_LLM_URL)")
+    group.add_argument("--llm-model", default=os.environ.get("MEDSAM3_LLM_MODEL") or None, metavar="NAME",
+                       help="the model name the server serves (env MEDSAM3_LLM_MODEL)")
+    group.add_argument("--api-key-env", default=None, metavar="VAR",
+                       help="name of the environment variable holding the API key (default: no key sent)")
 
 
 def _pixels(value: str) -> int:
@@ -76,15 +90,7 @@ def add_parser(subparsers: argparse._SubParsersAction) -> argparse.ArgumentParse
     parser.add_argument("--overwrite", action="store_true", help="replace existing output files")
 
     planner = parser.add_argument_group("planner")
-    planner.add_argument("--llm", choices=("auto", "openai", "none"), default="auto",
-                         help="auto (default): the MLLM when --llm-url is set, else the offline planner; openai: an "
-                              "OpenAI-compatible endpoint; none: the offline planner")
-    planner.add_argument("--llm-url", default=os.environ.get("MEDSAM3_LLM_URL") or None, metavar="URL",
-                         help="OpenAI-compatible base URL, e.g. http://localhost:8000/v1 (env MEDSAM3_LLM_URL)")
-    planner.add_argument("--llm-model", default=os.environ.get("MEDSAM3_LLM_MODEL") or None, metavar="NAME",
-                         help="the model name the server serves (env MEDSAM3_LLM_MODEL)")
-    planner.add_argument("--api-key-env", default=None, metavar="VAR",
-                         help="name of the environment variable holding the API key (default: no key sent)")
+    add_planner_options(planner)
     planner.add_argument("--max-rounds", type=int, default=3, metavar="N",
                          help="segment_phrase calls the planner may make (3, as in the paper)")
     planner.add_argument("--max-tokens", type=int, default=200_000, metavar="N",

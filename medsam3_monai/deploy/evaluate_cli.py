@@ -26,6 +26,7 @@ from typing import Any
 
 from ..data.selection import SPLIT_CHOICES  # light (the data package imports its submodules on first use)
 from ..protocol_registry import DEFAULT_PROTOCOL, PROTOCOLS
+from .agent_cli import add_planner_options
 
 __all__ = ["add_parser", "checkpoint_labels", "run"]
 
@@ -107,15 +108,7 @@ def add_parser(subparsers: argparse._SubParsersAction) -> argparse.ArgumentParse
     agent.add_argument("--agent-request", default=None, metavar="TEMPLATE",
                        help="the request per class, with {concept}, {image}, {modality}, {dataset} (default "
                             "'Segment the {concept} in this {image}.')")
-    agent.add_argument("--llm", choices=("auto", "openai", "none"), default="auto",
-                       help="auto (default): the MLLM when --llm-url is set, else the offline planner; none: the "
-                            "offline planner")
-    agent.add_argument("--llm-url", default=os.environ.get("MEDSAM3_LLM_URL") or None, metavar="URL",
-                       help="OpenAI-compatible base URL, e.g. http://localhost:8000/v1 (env MEDSAM3_LLM_URL)")
-    agent.add_argument("--llm-model", default=os.environ.get("MEDSAM3_LLM_MODEL") or None, metavar="NAME",
-                       help="the model name the server serves (env MEDSAM3_LLM_MODEL)")
-    agent.add_argument("--api-key-env", default=None, metavar="VAR",
-                       help="name of the environment variable holding the API key (default: no key sent)")
+    add_planner_options(agent)
     agent.add_argument("--max-rounds", type=int, default=3, metavar="N", help="segment_phrase calls per request (3)")
     agent.add_argument("--max-tokens", type=int, default=200_000, metavar="N", help="token budget per request")
     agent.add_argument("--llm-timeout", type=float, default=120.0, metavar="S", help="seconds per HTTP attempt")

@@ -12,6 +12,8 @@ import argparse
 import sys
 from pathlib import Path
 
+from .agent_cli import add_planner_options  # stdlib only
+
 __all__ = ["add_parser", "run"]
 
 _PAPERS = {
@@ -44,6 +46,11 @@ def _add_paper(subparsers: argparse._SubParsersAction, paper: str) -> None:
     if paper == "medsam3":
         parser.add_argument("--protocol", action="append", choices=("T", "T+I"), default=None, dest="protocols",
                             help="T (text) and/or T+I (text + box of the truth's largest component); default both")
+        agent = parser.add_argument_group("MedSAM-3 agent row (--agent)")
+        agent.add_argument("--agent", action="store_true",
+                           help="also evaluate the MedSAM3 agent (the --checkpoint, text requests) on each found "
+                                "dataset: the 'MedSAM-3 agent' column, traces in OUT/medsam3_agent/<dataset>/traces")
+        add_planner_options(agent)
     parser.add_argument("--image-size", type=int, default=None, metavar="N",
                         help="slice-space size of the tiny network (default 112); must match a real checkpoint")
     parser.add_argument("--max-cases", type=int, default=None, metavar="N",
@@ -88,7 +95,9 @@ def run(args: argparse.Namespace) -> int:
         protocols=tuple(getattr(args, "protocols", None) or ()) or None, device=args.device, tracker=args.tracker,
         overlays=args.overlays, tracking_uri=args.tracking_uri, experiment=args.experiment,
         skip_unreadable=args.skip_unreadable, progress=not args.no_progress, num_workers=args.num_workers,
-        dry_run=args.dry_run,
+        dry_run=args.dry_run, agent=bool(getattr(args, "agent", False)), llm=getattr(args, "llm", "auto"),
+        llm_url=getattr(args, "llm_url", None), llm_model=getattr(args, "llm_model", None),
+        api_key_env=getattr(args, "api_key_env", None),
         command=["medsam3", *sys.argv[1:]] if Path(sys.argv[0]).name == "medsam3" else [],
     )
     result = reproduce(settings)

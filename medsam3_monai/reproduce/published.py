@@ -16,9 +16,12 @@ from collections.abc import Mapping
 from dataclasses import dataclass, field
 from typing import Any
 
-__all__ = ["PAPERS", "Column", "PaperTable", "format_source", "medical_sam3_table", "medsam3_table", "paper_table"]
+__all__ = ["AGENT_KEY", "PAPERS", "Column", "PaperTable", "format_source", "medical_sam3_table", "medsam3_agent_column",
+           "medsam3_table", "paper_table"]
 
 PAPERS = ("medical-sam3", "medsam3")
+#: the column (and report sub-folder) of the MedSAM-3 agent (``medsam3 reproduce medsam3 --agent``)
+AGENT_KEY = "medsam3_agent"
 
 
 @dataclass(frozen=True)
@@ -136,6 +139,16 @@ def medsam3_table(catalogue: Any = None) -> PaperTable:
         protocol=f"{protocol}; per prompt the highest-scoring query's mask (top_query); Dice per dataset",
         sources=(format_source(results["source"]),), protocols=tuple(results["protocols"]),
     )
+
+
+def medsam3_agent_column(catalogue: Any = None) -> Column:
+    """The MedSAM-3 agent (``--checkpoint`` driven by the agent, text requests): published Dice from the catalogue's
+    ``results.dice[<dataset>]["medsam3_agent"]`` where it has one, else None (unknown)."""
+    catalogue = _catalogue(catalogue)
+    results = catalogue.papers["medsam3"]["results"]
+    names = [catalogue.get(name).name for name in results["datasets"]]
+    published = {name: (results["dice"].get(name) or {}).get(AGENT_KEY) for name in names}
+    return Column(AGENT_KEY, "MedSAM-3 agent", "T", "checkpoint", published, {"all": None})
 
 
 def paper_table(paper: str, catalogue: Any = None) -> PaperTable:

@@ -479,12 +479,12 @@ def sam3_normalize(x: torch.Tensor, quantize: bool = True) -> torch.Tensor:
     """
     x = _plain(x)
     if x.dtype == torch.uint8:
-        u8 = x
-    elif quantize:
-        u8 = torch.round(x.float().clamp(0.0, 1.0) * 255.0).to(torch.uint8)
+        levels = x.to(torch.float32)
+    elif quantize:  # the 8-bit levels as exact float integers: one buffer, in place (a 1008-px RGB slice is 12 MB)
+        levels = x.to(torch.float32, copy=True).clamp_(0.0, 1.0).mul_(255.0).round_()
     else:
         return ((x.float() - 0.5) / 0.5).to(torch.float32)
-    return (u8.to(torch.float32) * (1.0 / 255.0) - 0.5) / 0.5
+    return levels.mul_(1.0 / 255.0).sub_(0.5).div_(0.5)
 
 
 class Sam3Normalized(MapTransform):

@@ -14,6 +14,7 @@ A target is a plain dict (collate- and pickle-friendly)::
 
 from __future__ import annotations
 
+import functools
 from collections.abc import Hashable, Mapping, Sequence
 from typing import Any, TypedDict
 
@@ -46,6 +47,7 @@ def empty_target(text: str, size: Sequence[int], label: int = -1) -> PromptTarge
             "is_negative": True}
 
 
+@functools.lru_cache(maxsize=64)
 def interpolation_weights(source: int, target: int) -> torch.Tensor:
     """``(target, source)`` weights of torch's linear interpolation (``align_corners=False``, antialiased
     when shrinking): row ``i`` says how output pixel ``i`` mixes the input pixels."""
