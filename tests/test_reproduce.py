@@ -256,11 +256,33 @@ def test_reproduce_medsam3_text_and_box_protocol(data_root, tmp_path, capsys):
     assert kvasir[2] == "yes" and kvasir[6] == "not run"  # SAM 3: no --baseline
     assert 0.0 <= float(kvasir[9]) <= 100.0 and kvasir[10:12] == ["–", "–"]  # MedSAM-3 ours; paper value unknown
     assert _cells(text, "ISIC2018")[2] == "not found" and _cells(text, "RIM-ONE")[2] == "no converter"
-    assert "mean of the 2 found datasets only" in text and "Agent row: not run" in text
+    assert "mean of the 2 found datasets only" in text and "MedSAM-3 agent: not run" in text
     rows = list(csv.DictReader((out / "medsam3_ti" / "cases.csv").open()))
     assert {r["protocol"] for r in rows} == {"top_query+box"}
     assert {r["prompt"] for r in rows} == {"breast tumor", "polyp"}
     assert (out / "radar_TI.png").is_file()
+
+
+@pytest.mark.slow
+def test_reproduce_medsam3_agent_row_with_the_offline_planner(data_root, tmp_path, capsys):
+    out = tmp_path / "agent"
+    code = _run(["reproduce", "medsam3", "--data-root", str(data_root), "--checkpoint", "tiny", "--protocol", "T",
+                 "--agent", "--llm", "none", "--image-size", "112", "--max-cases", "1", "--out", str(out),
+                 "--no-progress", "--overlays", "0"])
+    captured = capsys.readouterr()
+    assert code == 0, captured.err
+    text = (out / "table.md").read_text()
+    assert "| MedSAM-3 ours | MedSAM-3 paper | Δ | MedSAM-3 agent ours | MedSAM-3 agent paper | Δ |" in text
+    kvasir = _cells(text, "Kvasir-SEG")
+    assert 0.0 <= float(kvasir[-3]) <= 100.0 and kvasir[-2:] == ["–", "–"]  # agent ours; published value unknown
+    assert "MedSAM-3 agent: the --checkpoint driven by the agent, planner offline" in text
+    assert "not run" not in text.split("MedSAM-3 agent:")[1]
+    rows = list(csv.DictReader((out / "medsam3_agent" / "Kvasir-SEG" / "agent_cases.csv").open()))
+    assert len(rows) == 1 and rows[0]["planner"] and rows[0]["request"].startswith("Segment the polyp")
+    assert list((out / "medsam3_agent" / "Kvasir-SEG" / "traces").glob("*.trace.json"))
+    manifest = json.loads((out / "manifest.json").read_text())
+    assert manifest["settings"]["agent"] is True and manifest["settings"]["llm"] == "none"
+    assert any(f.startswith("medsam3_agent/Kvasir-SEG/traces/") for f in manifest["files"])
 
 
 def test_bad_input_exits_2_and_writes_nothing(data_root, tmp_path, capsys):

@@ -11,6 +11,7 @@ Output folder (``--out``)::
     datalists/<dataset>.json    the datalists evaluated (paper prompts, 85/15 seed 42, official test kept)
     <column>/cases.csv, table.md, table.csv   all datasets of one checkpoint (and protocol)
     <column>/<dataset>/...      the evaluation report of one dataset (``medsam3 evaluate``'s files, overlays)
+    medsam3_agent/<dataset>/traces/, agent_cases.csv   with ``--agent``: the agent's traces, one row per request
     manifest.json               command, settings, datasets, checkpoints with SHA-256, timings, versions, commit
     mlruns.db, mlartifacts/     the single MLflow run holding all of the above
 
@@ -24,21 +25,20 @@ import shutil
 import sys
 import time
 from collections.abc import Callable, Sequence
-from dataclasses import asdict, dataclass, field
+from dataclasses import asdict, dataclass, field, replace
 from pathlib import Path
 from typing import Any
 
 from .discovery import DatasetStatus, discover
 from .manifest import checkpoint_files
-from .published import PaperTable, paper_table
+from .published import AGENT_KEY, PaperTable, medsam3_agent_column, paper_table
 from .report import Timing, datasets_markdown, table_notes, timing_markdown
 from .table import ReproductionTable, build_table
 
 __all__ = ["ReproduceSettings", "Reproduction", "reproduce"]
 
-AGENT_NOTE = ("MedSAM-3 Agent row: not run by this command (yet), and its published values are not in the catalogue. "
-              "The agent (`medsam3 agent`) can be scored on the same datalists (datalists/*.json here) by the "
-              "evaluation's agent mode (bundles/medsam3/docs/agent.md).")
+AGENT_NOTE = ("MedSAM-3 agent: not run (add --agent, with --llm none|openai|auto and --llm-url/--llm-model for an "
+              "MLLM planner, to score it beside the published value; bundles/medsam3/docs/agent.md).")
 
 
 @dataclass
@@ -64,6 +64,11 @@ class ReproduceSettings:
     progress: bool = True
     num_workers: int = 0
     dry_run: bool = False
+    agent: bool = False
+    llm: str = "auto"
+    llm_url: str | None = None
+    llm_model: str | None = None
+    api_key_env: str | None = None
     command: list[str] = field(default_factory=lambda: list(sys.argv))
 
 
@@ -96,6 +101,28 @@ def _columns(paper: PaperTable, settings: ReproduceSettings) -> list[tuple[Any, 
             if c.runs and sources[c.runs] and (c.protocol or "T") in protocols]
 
 
+def _agent_settings(settings: ReproduceSettings) -> Any:
+    """The agent's planner settings (``--agent``), checked before anything is loaded or written."""
+    import os
+
+    from ..agent.runner import AgentSettings, choose_planner
+
+    agent = AgentSettings(llm=settings.llm, llm_url=settings.llm_url, llm_model=settings.llm_model,
+                          api_key_env=settings.api_key_env)
+    choose_planner(agent)
+    if settings.api_key_env and not os.environ.get(settings.api_key_env, "").strip():
+        raise ValueError(f"--api-key-env {settings.api_key_env}: that environment variable is not set or empty")
+    return agent
+
+
+def _planner_name(agent: Any) -> str:
+    from ..agent.runner import choose_planner
+
+    if choose_planner(agent) == "offline":
+        return "offline (catalogue phrasings, confidence fusion)"
+    return f"{agent.llm_model} at {agent.llm_url}"
+
+
 def _check_out(out: Path) -> None:
     if out.exists() and (not out.is_dir() or any(out.iterdir())):
         raise FileExistsError(f"output {out} exists and is not an empty folder; choose a new --out")
@@ -107,6 +134,14 @@ def reproduce(settings: ReproduceSettings, say: Callable[[str], None] = _say) ->
     out = Path(settings.out) if settings.out else None
     if out is not None and not settings.dry_run:
         _check_out(out)
+    agent = None
+    if settings.agent:
+        if paper.paper != "medsam3":
+            raise ValueError(f"--agent is MedSAM3's agent row: `medsam3 reproduce medsam3`, not {paper.paper}")
+        if "T" not in (settings.protocols or paper.protocols):
+            raise ValueError("--agent answers text requests (protocol T): include --protocol T")
+        agent = _agent_settings(settings)
+        paper = replace(paper, columns=paper.columns + (medsam3_agent_column(),))
     runs = _columns(paper, settings)
     statuses = discover(settings.data_root, paper, seed=settings.seed)
     found = [s for s in statuses if s.found]
@@ -137,7 +172,7 @@ def reproduce(settings: ReproduceSettings, say: Callable[[str], None] = _say) ->
 
             run = ReproductionRun(out, settings.tracking_uri, settings.experiment, run_name=paper.paper)
             result.run_id, result.tracking_uri = run.run_id, run.tracking_uri
-        _write_outputs(settings, paper, statuses, runs, networks, checkpoints, result, run, say)
+        _write_outputs(settings, paper, statuses, runs, networks, checkpoints, result, run, say, agent)
     except BaseException:
         if run is not None:
             run.fail()
@@ -157,10 +192,12 @@ def _device(name: str) -> Any:
 
 
 def _evaluate(settings: ReproduceSettings, paper: PaperTable, statuses: Sequence[DatasetStatus], runs: Sequence,
-              networks: dict, datalists: dict[str, Path], out: Path, say: Callable[[str], None]):
-    """Every (column, dataset): ``run_evaluation``; returns ours (column -> dataset -> Dice %), cases, timings."""
+              networks: dict, datalists: dict[str, Path], out: Path, say: Callable[[str], None], agent: Any = None):
+    """Every (column, dataset): ``run_evaluation`` (the agent column through the agent's case inferer, its traces
+    and ``agent_cases.csv`` per dataset); returns ours (column -> dataset -> Dice %), cases, timings, device and
+    the agent's request rows."""
     from ..data.selection import evaluation_items, is_volume_item
-    from ..engines.evaluation import run_evaluation
+    from ..engines.evaluation import DEFAULT_AGENT_REQUEST, AgentRecorder, run_evaluation
     from ..metrics.aggregate import aggregate, write_cases_csv
     from ..networks.tracker import resolve_tracker
 
@@ -175,6 +212,7 @@ def _evaluate(settings: ReproduceSettings, paper: PaperTable, statuses: Sequence
     ours: dict[str, dict[str, float]] = {}
     cases: dict[str, int] = {}
     timings: list[Timing] = []
+    agent_rows: list[dict[str, Any]] = []
     for column, source in runs:
         network = networks[source]
         tracker, tracker_name = resolve_tracker(settings.tracker, source, network, needed=volumes, described=True)
@@ -182,13 +220,27 @@ def _evaluate(settings: ReproduceSettings, paper: PaperTable, statuses: Sequence
         ours[column.key] = {}
         for status in found:
             start = time.perf_counter()
+            extra: dict[str, Any] = {}
+            batch = items[status.dataset]
+            if column.key == AGENT_KEY:
+                recorder = AgentRecorder(out / column.key / status.dataset / "traces", on_error="fail")
+                batch = [dict(item, source_image=item["image"]) for item in batch]
+                extra = {"inferer": {"_target_": "medsam3_monai.engines.evaluation.AgentCaseInferer", "agent": agent,
+                                     "recorder": recorder, "checkpoint": "@checkpoint", "ct_window": "@ct_window",
+                                     "request_template": DEFAULT_AGENT_REQUEST},
+                         "notes": [f"Agent: planner {_planner_name(agent)}; request per class "
+                                   f"{DEFAULT_AGENT_REQUEST!r}. Traces in traces/, one row per request in "
+                                   "agent_cases.csv."]}
             report = run_evaluation(
-                network, items[status.dataset], out / column.key / status.dataset, checkpoint=source,
+                network, batch, out / column.key / status.dataset, checkpoint=source,
                 datalists=[datalists[status.dataset]], split="auto", max_cases=settings.max_cases,
                 protocol="top_query", box_prompts=column.box_prompts, tracker=tracker, tracker_name=tracker_name,
                 device=device, max_overlays=settings.overlays, progress=settings.progress,
-                num_workers=settings.num_workers, mlflow=False, skip_unreadable=settings.skip_unreadable,
+                num_workers=settings.num_workers, mlflow=False, skip_unreadable=settings.skip_unreadable, **extra,
             )
+            if column.key == AGENT_KEY:
+                recorder.write_csv(out / column.key / status.dataset / "agent_cases.csv", report.records)
+                agent_rows += recorder.rows
             seconds = time.perf_counter() - start
             dice = 100.0 * report.table.row(status.dataset, "dataset")["dice"]
             evaluated = len(items[status.dataset]) - len(report.unreadable)
@@ -208,12 +260,12 @@ def _evaluate(settings: ReproduceSettings, paper: PaperTable, statuses: Sequence
         table.to_csv(folder / "table.csv")
         (folder / "table.md").write_text(table.to_markdown(title=f"{column.method} ({column.protocol}), `{source}`"),
                                          encoding="utf-8")
-    return ours, cases, timings, str(device)
+    return ours, cases, timings, str(device), agent_rows
 
 
 def _write_outputs(settings: ReproduceSettings, paper: PaperTable, statuses: list[DatasetStatus], runs: Sequence,
                    networks: dict, checkpoints: dict, result: Reproduction, run: Any,
-                   say: Callable[[str], None]) -> None:
+                   say: Callable[[str], None], agent: Any = None) -> None:
     from ..data.datalist import write_datalist
     from .charts import reproduction_charts
     from .manifest import write_manifest
@@ -222,13 +274,14 @@ def _write_outputs(settings: ReproduceSettings, paper: PaperTable, statuses: lis
     out = result.out_dir
     datalists = {s.dataset: write_datalist(s.datalist, out / "datalists" / f"{s.dataset}.json")
                  for s in statuses if s.found}
-    ours, cases, timings, device = _evaluate(settings, paper, statuses, runs, networks, datalists, out, say)
+    ours, cases, timings, device, agent_rows = _evaluate(settings, paper, statuses, runs, networks, datalists, out,
+                                                         say, agent)
     result.timings = timings
     ran = {column.key: True for column, _ in runs}
     sources = {column.key: source for column, source in runs}
     notes = table_notes(paper, statuses, settings, ran, sources)
     if paper.paper == "medsam3":
-        notes.append(AGENT_NOTE)
+        notes.append(_agent_note(paper, agent, agent_rows) if agent is not None else AGENT_NOTE)
     shown = {s.dataset: s.status.replace("_", " ").replace("missing", "not found") for s in statuses}
     table = build_table(paper, ours, shown, cases, ran, notes)
     result.table = table
@@ -274,9 +327,27 @@ def _write_outputs(settings: ReproduceSettings, paper: PaperTable, statuses: lis
                   "max_cases": settings.max_cases or "all", "seed": settings.seed, "device": device,
                   "found": ", ".join(s.dataset for s in statuses if s.found),
                   "not_found": ", ".join(s.dataset for s in statuses if not s.found)}
+        if agent is not None:
+            params.update(agent_planner=_planner_name(agent), llm=settings.llm, llm_url=settings.llm_url or "",
+                          llm_model=settings.llm_model or "", api_key_env=settings.api_key_env or "",
+                          agent_requests=len(agent_rows))
         for entry in manifest["checkpoints"]:
             for file in entry["files"]:
                 source = Path(entry["source"]).resolve()
                 name = Path(file["path"]).relative_to(source) if source.is_dir() else Path(file["path"]).name
                 params[f"sha256/{entry['role']}/{name}"] = file["sha256"]
         run.finish(params, table_metrics(table))
+
+
+def _agent_note(paper: PaperTable, agent: Any, rows: Sequence[dict[str, Any]]) -> str:
+    """The table's line on the agent column: planner, requests by status, where the traces are, published or not."""
+    statuses: dict[str, int] = {}
+    for row in rows:
+        statuses[row["status"]] = statuses.get(row["status"], 0) + 1
+    counted = ", ".join(f"{n} {status}" for status, n in sorted(statuses.items())) or "none"
+    published = paper.column(AGENT_KEY).published
+    known = ("published values from the catalogue" if any(v is not None for v in published.values())
+             else "its published values are not in the catalogue (unknown)")
+    return (f"MedSAM-3 agent: the --checkpoint driven by the agent, planner {_planner_name(agent)}, text requests "
+            f"(protocol T); {len(rows)} requests ({counted}); traces in {AGENT_KEY}/<dataset>/traces, one row per "
+            f"request in {AGENT_KEY}/<dataset>/agent_cases.csv (all in the MLflow run); {known}.")
