@@ -78,23 +78,13 @@ _FIELD_HINTS = {
 }
 
 
-class InferParams(BaseModel):
-    """The ``params`` of ``POST /infer/{model}`` (unknown keys are refused, so a typo is not silently ignored).
-
-    Prompts and their limits (``context={"max_prompts": P, "max_prompt_chars": C}``) are checked here; a box's
-    fit to the image and a protocol's fit to the input kind are checked once the image is known.
-    """
+class _ClientParams(BaseModel):
+    """What every model's ``params`` share: unknown keys refused, the options MONAI Label clients add on their own
+    (``CLIENT_PARAMS``), blank options (3D Slicer sends empty texts for options left blank) meaning "not given",
+    and the checks of ``protocol`` (declared by each model) and of the result format."""
 
     model_config = ConfigDict(extra="forbid", populate_by_name=True)
 
-    prompts: Annotated[list[StrictStr], Field(min_length=1)] = Field(
-        description="text prompts; label value i (1..P) belongs to prompt i (one prompt on a 2D image: 0/255)")
-    box: _Box | Annotated[list[_Box | None], Field(min_length=1)] | None = Field(
-        None, description="2D only: [x1, y1, x2, y2] in pixels for every prompt, or one per prompt (null: none)")
-    protocol: StrictStr | None = Field(None, description="2D: top_query (default), threshold or semantic")
-    modality: Annotated[StrictStr, Field(max_length=64)] | None = Field(
-        None, description="intensity rule: CT, MRI, X-ray, ultrasound, endoscopy, ...")
-    # what MONAI Label clients add on their own
     client_id: StrictStr | None = Field(None, max_length=256, description="the client's id (logged, not used)")
     result_extension: StrictStr | None = Field(None, description="label file format: .nii.gz, .nii, .nrrd; 2D: .png")
     result_dtype: StrictStr | None = Field(None, description="label file data type, e.g. uint8 (default), uint16")
@@ -103,9 +93,50 @@ class InferParams(BaseModel):
 
     @model_validator(mode="before")
     @classmethod
+    def _blank_options(cls, data: Any) -> Any:
+        if not isinstance(data, dict):
+            return data
+        return {key: None if key in _BLANK_MEANS_NONE and isinstance(value, str) and not value.strip() else value
+                for key, value in data.items()}
+
+    @field_validator("protocol", check_fields=False)
+    @classmethod
+    def _check_protocol(cls, protocol: str | None) -> str | None:
+        return _valid_protocol(protocol)
+
+    @field_validator("result_extension")
+    @classmethod
+    def _check_extension(cls, extension: str | None) -> str | None:
+        return _valid_extension(extension)
+
+    @field_validator("result_dtype")
+    @classmethod
+    def _check_dtype(cls, dtype: str | None) -> str | None:
+        return _valid_dtype(dtype)
+
+
+_BLANK_MEANS_NONE = ("protocol", "modality", "result_extension", "result_dtype")
+
+
+class InferParams(_ClientParams):
+    """The ``params`` of ``POST /infer/{model}`` (unknown keys are refused, so a typo is not silently ignored).
+
+    Prompts and their limits (``context={"max_prompts": P, "max_prompt_chars": C}``) are checked here; a box's
+    fit to the image and a protocol's fit to the input kind are checked once the image is known.
+    """
+
+    prompts: Annotated[list[StrictStr], Field(min_length=1)] = Field(
+        description="text prompts; label value i (1..P) belongs to prompt i (one prompt on a 2D image: 0/255)")
+    box: _Box | Annotated[list[_Box | None], Field(min_length=1)] | None = Field(
+        None, description="2D only: [x1, y1, x2, y2] in pixels for every prompt, or one per prompt (null: none)")
+    protocol: StrictStr | None = Field(None, description="2D: top_query (default), threshold or semantic")
+    modality: Annotated[StrictStr, Field(max_length=64)] | None = Field(
+        None, description="intensity rule: CT, MRI, X-ray, ultrasound, endoscopy, ...")
+
+    @model_validator(mode="before")
+    @classmethod
     def _aliases(cls, data: Any) -> Any:
-        """``prompt`` is accepted for ``prompts``; one text is one prompt; 3D Slicer sends empty texts for
-        options left blank, which mean "not given"."""
+        """``prompt`` is accepted for ``prompts``; one text is one prompt."""
         if not isinstance(data, dict):
             return data
         data = dict(data)
@@ -115,9 +146,6 @@ class InferParams(BaseModel):
             data["prompts"] = data.pop("prompt")
         if isinstance(data.get("prompts"), str):
             data["prompts"] = [data["prompts"]] if data["prompts"].strip() else []
-        for key in ("protocol", "modality", "result_extension", "result_dtype"):
-            if isinstance(data.get(key), str) and not data[key].strip():
-                data[key] = None
         return data
 
     @field_validator("prompts")
@@ -134,21 +162,6 @@ class InferParams(BaseModel):
             if len(text) > max_chars:
                 raise ValueError(f"a prompt of {len(text)} characters: at most {max_chars} (--max-prompt-chars)")
         return [text.strip() for text in prompts]
-
-    @field_validator("protocol")
-    @classmethod
-    def _check_protocol(cls, protocol: str | None) -> str | None:
-        return _valid_protocol(protocol)
-
-    @field_validator("result_extension")
-    @classmethod
-    def _check_extension(cls, extension: str | None) -> str | None:
-        return _valid_extension(extension)
-
-    @field_validator("result_dtype")
-    @classmethod
-    def _check_dtype(cls, dtype: str | None) -> str | None:
-        return _valid_dtype(dtype)
 
 
 def _valid_protocol(protocol: str | None) -> str | None:
@@ -176,15 +189,13 @@ def _valid_dtype(dtype: str | None) -> str | None:
     return None if dtype is None else dtype.strip().lower()
 
 
-class AgentParams(BaseModel):
+class AgentParams(_ClientParams):
     """The ``params`` of ``POST /infer/medsam3_agent``: the MedSAM3 agent answers a free-text request (unknown keys
     are refused). The planner (an OpenAI-compatible MLLM, or the offline planner) is the server's, set on its
     command line; a request cannot name an endpoint or a key.
 
     The request's length limit comes with ``context={"max_request_chars": C}``.
     """
-
-    model_config = ConfigDict(extra="forbid", populate_by_name=True)
 
     request: StrictStr = Field(description="what to segment, in words, e.g. 'segment the lesion in the upper left "
                                            "quadrant'")
@@ -193,17 +204,11 @@ class AgentParams(BaseModel):
     protocol: StrictStr | None = Field(None, description="2D: the protocol of MedSAM3's masks (top_query default)")
     trace: StrictBool = Field(False, description="add the agent's trace (messages without images, tool calls, "
                                                  "marks, timings) to the result JSON")
-    # what MONAI Label clients add on their own
-    client_id: StrictStr | None = Field(None, max_length=256, description="the client's id (logged, not used)")
-    result_extension: StrictStr | None = Field(None, description="label file format: .nii.gz, .nii, .nrrd; 2D: .png")
-    result_dtype: StrictStr | None = Field(None, description="label file data type, e.g. uint8 (default), uint16")
-    result_compress: StrictBool = Field(False, description="gzip the NRRD data")
-    restore_label_idx: StrictBool = Field(False, description="accepted; the answer is one label")
 
     @model_validator(mode="before")
     @classmethod
     def _aliases(cls, data: Any) -> Any:
-        """``prompt`` / ``text`` are accepted for ``request``; blank options (3D Slicer) mean "not given"."""
+        """``prompt`` / ``text`` are accepted for ``request``."""
         if not isinstance(data, dict):
             return data
         data = dict(data)
@@ -215,9 +220,6 @@ class AgentParams(BaseModel):
                 if "request" in data:
                     raise ValueError(f"give 'request' or '{alias}', not both")
                 data["request"] = data.pop(alias)
-        for key in ("protocol", "modality", "result_extension", "result_dtype"):
-            if isinstance(data.get(key), str) and not data[key].strip():
-                data[key] = None
         return data
 
     @field_validator("request")
@@ -230,21 +232,6 @@ class AgentParams(BaseModel):
         if len(request) > max_chars:
             raise ValueError(f"a request of {len(request)} characters: at most {max_chars}")
         return request
-
-    @field_validator("protocol")
-    @classmethod
-    def _check_protocol(cls, protocol: str | None) -> str | None:
-        return _valid_protocol(protocol)
-
-    @field_validator("result_extension")
-    @classmethod
-    def _check_extension(cls, extension: str | None) -> str | None:
-        return _valid_extension(extension)
-
-    @field_validator("result_dtype")
-    @classmethod
-    def _check_dtype(cls, dtype: str | None) -> str | None:
-        return _valid_dtype(dtype)
 
 
 def parse_infer_params(text: str | None, max_prompts: int, max_prompt_chars: int) -> InferParams:
