@@ -12,6 +12,8 @@ from __future__ import annotations
 import argparse
 import os
 
+from .arguments import ct_window, pixels
+
 __all__ = ["add_parser", "add_planner_options", "run"]
 
 _EPILOG = """\
@@ -49,24 +51,6 @@ def add_planner_options(group: argparse._ActionsContainer) -> None:
                        help="name of the environment variable holding the API key (default: no key sent)")
 
 
-def _pixels(value: str) -> int:
-    try:
-        pixels = int(float(value))
-    except ValueError:
-        raise argparse.ArgumentTypeError(f"{value!r} is not a number of pixels (e.g. 200000000 or 2e8)") from None
-    if pixels <= 0:
-        raise argparse.ArgumentTypeError(f"{value!r}: give a positive number of pixels")
-    return pixels
-
-
-def _ct_window(value: str):
-    if "," not in value:
-        return value
-    try:
-        width, level = (float(v) for v in value.split(","))
-    except ValueError:
-        raise ValueError(f"--ct-window {value!r}: give a preset name or width,level (e.g. 400,40)") from None
-    return (width, level)
 
 
 def add_parser(subparsers: argparse._SubParsersAction) -> argparse.ArgumentParser:
@@ -133,7 +117,7 @@ def add_parser(subparsers: argparse._SubParsersAction) -> argparse.ArgumentParse
     model.add_argument("--channel", type=int, default=None, metavar="N", help="4D volumes: the channel to segment")
     model.add_argument("--device", default="auto", help="auto (cuda when available), cpu, cuda, cuda:1, ...")
     model.add_argument("--no-progress", action="store_true", help="no progress bars")
-    model.add_argument("--max-pixels", type=_pixels, default=None, metavar="N",
+    model.add_argument("--max-pixels", type=pixels, default=None, metavar="N",
                        help="accept 2D pictures up to N pixels (default: PIL's limit and the available memory)")
     parser.set_defaults(func=run)
     return parser
@@ -159,7 +143,7 @@ def run(args: argparse.Namespace) -> int:
         segmenter=SegmenterSettings(
             checkpoint=args.checkpoint, image_size=args.image_size, device=args.device, tracker=args.tracker,
             protocol=args.protocol or "top_query", score_threshold=args.score_threshold,
-            ct_window=_ct_window(args.ct_window), modality=args.modality, channel=args.channel,
+            ct_window=ct_window(args.ct_window), modality=args.modality, channel=args.channel,
             progress=not args.no_progress, max_pixels=args.max_pixels or "auto",
         ),
     )

@@ -32,6 +32,7 @@ from pathlib import Path
 from typing import Any
 
 from ..protocol_registry import PROTOCOLS
+from .arguments import at_least, ct_window, pixels
 
 __all__ = ["StagedFiles", "add_parser", "run", "run_many", "write_label_volume", "write_mask_image",
            "write_prediction"]
@@ -108,9 +109,9 @@ def add_parser(subparsers: argparse._SubParsersAction) -> argparse.ArgumentParse
                       help="datalist JSON (a list of items or paths, or decathlon-style lists) of the inputs")
     many.add_argument("--split", default="test", metavar="NAME",
                       help="the list of a decathlon-style --datalist to segment (default test)")
-    many.add_argument("--batch-size", type=_positive, default=DEFAULT_BATCH_SIZE, metavar="N",
+    many.add_argument("--batch-size", type=at_least(1), default=DEFAULT_BATCH_SIZE, metavar="N",
                       help=f"2D images per network forward (default {DEFAULT_BATCH_SIZE}); volumes go one at a time")
-    many.add_argument("--num-workers", type=_non_negative, default=0, metavar="N",
+    many.add_argument("--num-workers", type=at_least(0), default=0, metavar="N",
                       help="DataLoader processes reading and preprocessing inputs (default 0: in the main process)")
     many.add_argument("--skip-unreadable", action="store_true",
                       help="go on past inputs that cannot be read; they are listed in DIR/skipped.csv")
@@ -119,7 +120,7 @@ def add_parser(subparsers: argparse._SubParsersAction) -> argparse.ArgumentParse
     parser.add_argument("--overwrite", action="store_true", help="replace existing output files")
     parser.add_argument("--device", default="auto", help="auto (cuda when available), cpu, cuda, cuda:1, ...")
     parser.add_argument("--no-progress", action="store_true", help="no progress bars")
-    parser.add_argument("--max-pixels", type=_pixels, default=None, metavar="N",
+    parser.add_argument("--max-pixels", type=pixels, default=None, metavar="N",
                         help="accept 2D pictures up to N pixels, also above PIL's decompression-bomb limit "
                              "(default: PIL's limit and what fits in 80%% of the available memory; "
                              "env MEDSAM3_MAX_PIXELS)")
@@ -281,44 +282,8 @@ def _is_2d_nifti(path: str | Path) -> bool:
     return len(nib.load(str(path)).header.get_data_shape()) == 2
 
 
-def _pixels(value: str) -> int:
-    try:
-        pixels = int(float(value))
-    except ValueError:
-        raise argparse.ArgumentTypeError(f"{value!r} is not a number of pixels (e.g. 200000000 or 2e8)") from None
-    if pixels <= 0:
-        raise argparse.ArgumentTypeError(f"{value!r}: give a positive number of pixels")
-    return pixels
 
 
-def _positive(value: str) -> int:
-    try:
-        number = int(value)
-    except ValueError:
-        raise argparse.ArgumentTypeError(f"{value!r} is not a whole number") from None
-    if number < 1:
-        raise argparse.ArgumentTypeError(f"{value!r}: give a number >= 1")
-    return number
-
-
-def _non_negative(value: str) -> int:
-    try:
-        number = int(value)
-    except ValueError:
-        raise argparse.ArgumentTypeError(f"{value!r} is not a whole number") from None
-    if number < 0:
-        raise argparse.ArgumentTypeError(f"{value!r}: give a number >= 0")
-    return number
-
-
-def _ct_window(value: str) -> Any:
-    if "," not in value:
-        return value
-    try:
-        width, level = (float(v) for v in value.split(","))
-    except ValueError:
-        raise ValueError(f"--ct-window {value!r}: give a preset name or width,level (e.g. 400,40)") from None
-    return (width, level)
 
 
 # ------------------------------------------------------------------------------------------------ command
@@ -416,7 +381,7 @@ def _predictor(args: argparse.Namespace, max_pixels: Any, progress: bool) -> Any
     return Predictor.from_checkpoint(
         args.checkpoint, args.image_size, torch.device(device), tracker=args.tracker,
         protocol=args.protocol or "top_query", score_threshold=args.score_threshold,
-        ct_window=_ct_window(args.ct_window), progress=progress, max_pixels=max_pixels,
+        ct_window=ct_window(args.ct_window), progress=progress, max_pixels=max_pixels,
     )
 
 

@@ -1,0 +1,45 @@
+"""Argument types shared by the ``medsam3`` sub-commands (standard library only: building the parser stays fast)."""
+
+from __future__ import annotations
+
+import argparse
+from typing import Any, Callable
+
+__all__ = ["at_least", "ct_window", "pixels"]
+
+
+def pixels(value: str) -> int:
+    """``--max-pixels N``: a positive number of pixels (``200000000`` or ``2e8``)."""
+    try:
+        count = int(float(value))
+    except ValueError:
+        raise argparse.ArgumentTypeError(f"{value!r} is not a number of pixels (e.g. 200000000 or 2e8)") from None
+    if count <= 0:
+        raise argparse.ArgumentTypeError(f"{value!r}: give a positive number of pixels")
+    return count
+
+
+def at_least(minimum: int) -> Callable[[str], int]:
+    """An argument type for whole numbers ``>= minimum``."""
+
+    def parse(value: str) -> int:
+        try:
+            number = int(value)
+        except ValueError:
+            raise argparse.ArgumentTypeError(f"{value!r} is not a whole number") from None
+        if number < minimum:
+            raise argparse.ArgumentTypeError(f"{value!r}: give a number >= {minimum}")
+        return number
+
+    return parse
+
+
+def ct_window(value: str) -> Any:
+    """``--ct-window``: a preset name, or ``width,level`` -> ``(width, level)``."""
+    if "," not in value:
+        return value
+    try:
+        width, level = (float(v) for v in value.split(","))
+    except ValueError:
+        raise ValueError(f"--ct-window {value!r}: give a preset name or width,level (e.g. 400,40)") from None
+    return (width, level)
