@@ -23,8 +23,7 @@ what they need when used.
 
 from __future__ import annotations
 
-import importlib
-from typing import Any
+from ..lazy import lazy_exports
 
 __all__ = ["AgentError", "AgentSettings", "LoopSettings", "PlannerError", "SegmenterSettings", "resolve_request",
            "run_agent"]
@@ -32,12 +31,4 @@ __all__ = ["AgentError", "AgentSettings", "LoopSettings", "PlannerError", "Segme
 _WHERE = {"AgentError": "errors", "PlannerError": "errors", "AgentSettings": "runner", "run_agent": "runner",
           "LoopSettings": "loop", "SegmenterSettings": "segmenter", "resolve_request": "concepts"}
 
-
-def __getattr__(name: str) -> Any:
-    if name in _WHERE:
-        return getattr(importlib.import_module(f".{_WHERE[name]}", __name__), name)
-    raise AttributeError(f"module {__name__!r} has no attribute {name!r}")
-
-
-def __dir__() -> list[str]:
-    return sorted(set(globals()) | set(__all__))
+__getattr__, __dir__ = lazy_exports(__name__, _WHERE)

@@ -8,8 +8,9 @@ configs work as before.
 
 from __future__ import annotations
 
-import importlib
-from typing import TYPE_CHECKING, Any
+from typing import TYPE_CHECKING
+
+from ..lazy import lazy_exports
 
 # public name -> submodule defining it
 _LAZY_NAMES = {
@@ -56,16 +57,4 @@ if TYPE_CHECKING:  # static analysers and IDEs see the names; at run time __geta
     from .pairs import DatalistError
     from .splits import split_items
 
-
-def __getattr__(name: str) -> Any:
-    """Import the submodule defining ``name`` on first use, then keep the name in this module."""
-    submodule = _LAZY_NAMES.get(name)
-    if submodule is None:
-        raise AttributeError(f"module {__name__!r} has no attribute {name!r}")
-    value = getattr(importlib.import_module(f"{__name__}.{submodule}"), name)
-    globals()[name] = value
-    return value
-
-
-def __dir__() -> list[str]:
-    return sorted(set(globals()) | set(_LAZY_NAMES))
+__getattr__, __dir__ = lazy_exports(__name__, _LAZY_NAMES)

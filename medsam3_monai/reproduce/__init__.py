@@ -16,20 +16,11 @@ Documentation: ``bundles/medsam3/docs/reproduce.md``. Importing this package is 
 
 from __future__ import annotations
 
-import importlib
-from typing import Any
+from ..lazy import lazy_exports
 
 __all__ = ["PaperTable", "ReproduceSettings", "Reproduction", "build_table", "discover", "paper_table", "reproduce"]
 
 _WHERE = {"PaperTable": "published", "paper_table": "published", "discover": "discovery", "build_table": "table",
           "ReproduceSettings": "runner", "Reproduction": "runner", "reproduce": "runner"}
 
-
-def __getattr__(name: str) -> Any:
-    if name in _WHERE:
-        return getattr(importlib.import_module(f".{_WHERE[name]}", __name__), name)
-    raise AttributeError(f"module {__name__!r} has no attribute {name!r}")
-
-
-def __dir__() -> list[str]:
-    return sorted(set(globals()) | set(__all__))
+__getattr__, __dir__ = lazy_exports(__name__, _WHERE)
