@@ -83,3 +83,18 @@ def test_run_killed_mid_epoch_resumes_to_the_uninterrupted_parameters(shared_dat
     initial = _workflow(tmp_path / "untrained", datalists).parser.get_parsed_content("network").state_dict()
     trained = whole.parser.get_parsed_content("network").state_dict()
     assert sum(not torch.equal(initial[k], trained[k]) for k in initial) > 100  # training did move the weights
+
+
+def test_a_checkpoint_of_another_kind_is_refused_by_name(tmp_path: Path):
+    from ignite.engine import Engine
+
+    from medsam3_monai.networks import MedSAM3Net
+
+    network = MedSAM3Net("tiny")
+    optimizer = torch.optim.SGD(network.parameters(), lr=0.1)
+    torch.save({"network": network.state_dict()}, tmp_path / "checkpoint_iter3.pt")  # no optimiser, no trainer
+    handler = TrainingCheckpoint(str(tmp_path), {"network": network, "optimizer": optimizer})
+    engine = Engine(lambda e, b: None)
+    handler.attach(engine)
+    with pytest.raises(KeyError, match="lacks .*not written by this training bundle"):
+        handler.load(engine)

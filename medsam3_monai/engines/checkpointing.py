@@ -123,8 +123,11 @@ class TrainingCheckpoint:
         if not path.is_file():
             raise FileNotFoundError(f"resume checkpoint {path} does not exist")
         to_load = {**self._to_save(engine), "checkpointer": self._checkpointer}
-        stored = torch.load(path, map_location="cpu", weights_only=True)
+        # the keys only: memory-mapped, the tensors are not read (MONAI's loader reads the file once, below; a
+        # full-size checkpoint with its optimiser is gigabytes)
+        stored = torch.load(path, map_location="cpu", weights_only=True, mmap=True)
         missing = [name for name in to_load if name not in stored]
+        del stored
         if missing:
             raise KeyError(f"checkpoint {path} lacks {missing}; it was not written by this training bundle "
                            "(start fresh with resume=false or another ckpt_dir)")
