@@ -81,10 +81,9 @@ def evaluation_transforms(image_size: int = 1008, ct_window: str | Sequence[floa
     Each output item: ``image`` (3, S, S) SAM3-normalised with the resize recorded for ``Invertd``; ``label``
     the whole native class map ((1, H, W), or (1, X, Y, Z) shared by every slice item of a volume).
     """
-    from ..bundle import config_parser
+    from ..transforms.pipelines import slice_space_transforms
 
-    return config_parser("inference.json", image_size=image_size, ct_window=ct_window).get_parsed_content(
-        "preprocessing")
+    return slice_space_transforms(image_size, ct_window=ct_window, with_label=False)
 
 
 def protocol_label(protocol: str, box_prompts: bool = False) -> str:
