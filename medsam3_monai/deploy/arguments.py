@@ -1,11 +1,14 @@
-"""Argument types shared by the ``medsam3`` sub-commands (standard library only: building the parser stays fast)."""
+"""Argument types and output-folder rules shared by the ``medsam3`` sub-commands (standard library only: building
+the parser stays fast)."""
 
 from __future__ import annotations
 
 import argparse
+import shutil
+from pathlib import Path
 from typing import Any, Callable
 
-__all__ = ["at_least", "ct_window", "pixels"]
+__all__ = ["at_least", "ct_window", "pixels", "remove_output"]
 
 
 def pixels(value: str) -> int:
@@ -43,3 +46,12 @@ def ct_window(value: str) -> Any:
     except ValueError:
         raise ValueError(f"--ct-window {value!r}: give a preset name or width,level (e.g. 400,40)") from None
     return (width, level)
+
+
+def remove_output(out: Path, created: bool) -> None:
+    """After a failure: remove ``out`` when the command created it, else empty it (it was empty at the start)."""
+    if created:
+        shutil.rmtree(out, ignore_errors=True)
+        return
+    for child in out.iterdir():
+        shutil.rmtree(child, ignore_errors=True) if child.is_dir() else child.unlink(missing_ok=True)

@@ -19,14 +19,16 @@ from __future__ import annotations
 import argparse
 import os
 import re
-import shutil
 import sys
 from pathlib import Path
 from typing import Any
 
-from ..data.selection import SPLIT_CHOICES  # light (the data package imports its submodules on first use)
+from ..data.selection import (
+    SPLIT_CHOICES,  # light (the data package imports its submodules on first use)
+)
 from ..protocol_registry import DEFAULT_PROTOCOL, PROTOCOLS
 from .agent_cli import add_planner_options
+from .arguments import remove_output
 
 __all__ = ["add_parser", "checkpoint_labels", "run"]
 
@@ -184,7 +186,12 @@ def agent_settings(args: argparse.Namespace) -> Any:
 def run(args: argparse.Namespace) -> int:
     import torch
 
-    from ..engines.evaluation import DEFAULT_AGENT_REQUEST, evaluation_items, is_volume_item, run_evaluation
+    from ..engines.evaluation import (
+        DEFAULT_AGENT_REQUEST,
+        evaluation_items,
+        is_volume_item,
+        run_evaluation,
+    )
     from ..engines.reports import default_tracking_uri, open_experiment
     from ..networks import load_network
     from ..networks.tracker import resolve_tracker
@@ -268,11 +275,7 @@ def run(args: argparse.Namespace) -> int:
                 client.set_terminated(parent, status="FAILED")
             except Exception:  # noqa: BLE001 - the original error matters more
                 pass
-        if created:
-            shutil.rmtree(out, ignore_errors=True)
-        else:
-            for child in out.iterdir():
-                shutil.rmtree(child, ignore_errors=True) if child.is_dir() else child.unlink(missing_ok=True)
+        remove_output(out, created)
         raise
     where = f"; MLflow: {tracking_uri or default_tracking_uri(out)}" if not args.no_mlflow else ""
     print(f"medsam3 evaluate: reports in {out}{where}", file=sys.stderr)

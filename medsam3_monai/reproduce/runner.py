@@ -21,7 +21,6 @@ folder (as ``medsam3 evaluate`` does).
 
 from __future__ import annotations
 
-import shutil
 import sys
 import time
 from collections.abc import Callable, Sequence
@@ -29,6 +28,7 @@ from dataclasses import asdict, dataclass, field, replace
 from pathlib import Path
 from typing import Any
 
+from ..deploy.arguments import remove_output
 from .discovery import DatasetStatus, discover
 from .manifest import checkpoint_files
 from .published import AGENT_KEY, PaperTable, medsam3_agent_column, paper_table
@@ -176,11 +176,7 @@ def reproduce(settings: ReproduceSettings, say: Callable[[str], None] = _say) ->
     except BaseException:
         if run is not None:
             run.fail()
-        if created:
-            shutil.rmtree(out, ignore_errors=True)
-        else:
-            for child in out.iterdir():
-                shutil.rmtree(child, ignore_errors=True) if child.is_dir() else child.unlink(missing_ok=True)
+        remove_output(out, created)
         raise
     return result
 
@@ -197,7 +193,11 @@ def _evaluate(settings: ReproduceSettings, paper: PaperTable, statuses: Sequence
     and ``agent_cases.csv`` per dataset); returns ours (column -> dataset -> Dice %), cases, timings, device and
     the agent's request rows."""
     from ..data.selection import evaluation_items, is_volume_item
-    from ..engines.evaluation import DEFAULT_AGENT_REQUEST, AgentRecorder, run_evaluation
+    from ..engines.evaluation import (
+        DEFAULT_AGENT_REQUEST,
+        AgentRecorder,
+        run_evaluation,
+    )
     from ..metrics.aggregate import aggregate, write_cases_csv
     from ..networks.tracker import resolve_tracker
 
