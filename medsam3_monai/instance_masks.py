@@ -35,9 +35,11 @@ class InstanceMasks:
     def from_dense(cls, masks: torch.Tensor) -> InstanceMasks:
         """``(N, H, W)`` bool -> crops of each mask's bounding box (an empty mask: a 0 x 0 crop)."""
         masks = torch.as_tensor(masks).bool()
+        as_bytes = masks.view(torch.uint8)  # a uint8 max reduces ~8x faster than a bool any on CPU
+        rows_any, cols_any = as_bytes.amax(dim=2) > 0, as_bytes.amax(dim=1) > 0
         crops, offsets = [], []
-        for mask in masks:
-            rows, cols = torch.nonzero(mask.any(1)).flatten(), torch.nonzero(mask.any(0)).flatten()
+        for mask, rows, cols in zip(masks, rows_any, cols_any):
+            rows, cols = torch.nonzero(rows).flatten(), torch.nonzero(cols).flatten()
             if rows.numel() == 0:
                 crops.append(mask[:0, :0])
                 offsets.append((0, 0))
@@ -46,6 +48,17 @@ class InstanceMasks:
             crops.append(mask[r1:r2, c1:c2].clone())
             offsets.append((r1, c1))
         return cls(masks.shape[-2:], crops, torch.tensor(offsets, dtype=torch.long).reshape(-1, 2))
+
+    def boxes_cxcywh(self) -> torch.Tensor:
+        """``(N, 4)`` float32 cx, cy, w, h in ``[0, 1]`` of each crop's extent (zeros for an empty crop): the masks'
+        boxes when the crops are tight (every border row and column set), as :meth:`from_dense` and
+        ``LabelToInstancesd`` make them."""
+        height, width = self.size
+        extent = torch.tensor([tuple(c.shape) for c in self.crops], dtype=torch.long).reshape(-1, 2)
+        y1, x1 = self.offsets[:, 0].float(), self.offsets[:, 1].float()
+        y2, x2 = y1 + extent[:, 0].float(), x1 + extent[:, 1].float()
+        boxes = torch.stack([(x1 + x2) / 2 / width, (y1 + y2) / 2 / height, (x2 - x1) / width, (y2 - y1) / height], 1)
+        return torch.where((extent.prod(1) > 0)[:, None], boxes, torch.zeros(()))
 
     @classmethod
     def cat(cls, parts: Sequence[InstanceMasks]) -> InstanceMasks:

@@ -99,3 +99,44 @@ def test_pictures_are_cached_in_slice_space_and_give_the_generic_chains_items(sh
         assert [t["text"] for t in positives[0]] == [t["text"] for t in positives[1]] == ["polyp"]
         for a, b in zip(*positives):
             assert a["masks"] == b["masks"] and torch.equal(a["boxes"], b["boxes"])
+
+
+def test_label_to_instances_gives_tight_crops_equal_to_dense_masks():
+    import numpy as np
+    from monai.data import MetaTensor
+
+    from medsam3_monai.transforms import DataError, LabelToInstancesd, instance_masks
+
+    generator = np.random.default_rng(0)
+    classes = (generator.random((64, 80)) > 0.7).astype(np.uint8)  # many small components
+    classes[40:60, 5:30] = 2
+    d = {"label": MetaTensor(torch.from_numpy(classes)[None]), "prompts": {"1": "speck", "2": "block"},
+         "instance_rule": "components"}
+    out = LabelToInstancesd(max_instances=None)(d)
+    masks = out["instances"]
+    assert isinstance(masks, InstanceMasks) and masks.size == (64, 80)
+    dense = torch.from_numpy(np.stack(instance_masks(classes, 1, "components") + instance_masks(classes, 2, "components")))
+    assert torch.equal(masks.to_dense(), dense)
+    assert out["instance_labels"].tolist() == [1] * (len(masks) - 1) + [2]
+    for crop in masks.crops:  # tight: every border row and column holds the instance
+        assert crop[0].any() and crop[-1].any() and crop[:, 0].any() and crop[:, -1].any()
+    assert torch.equal(masks.boxes_cxcywh(), InstanceMasks.from_dense(dense).boxes_cxcywh())
+    volume = {"label": MetaTensor(torch.zeros(1, 4, 4, 4, dtype=torch.uint8)), "prompts": {"1": "x"}}
+    with pytest.raises(DataError, match="slice volumes first"):
+        LabelToInstancesd()(volume)
+
+
+def test_blas_runs_on_one_thread_inside_the_data_path_block_and_freed_buffers_are_kept():
+    import sys
+
+    from threadpoolctl import threadpool_info
+
+    from medsam3_monai.allocator import keep_freed_buffers
+    from medsam3_monai.threads import one_blas_thread
+
+    with one_blas_thread():
+        assert all(lib["num_threads"] == 1 for lib in threadpool_info() if lib["user_api"] == "blas")
+    if sys.platform.startswith("linux"):
+        import platform
+
+        assert keep_freed_buffers() is (platform.libc_ver()[0] == "glibc")

@@ -40,7 +40,7 @@ def check_2d_round_trip(entry: dict, nearest: bool = False) -> int:
     (out,) = transform(entry)
     assert out["image"].shape == (3, S_2D, S_2D) and out["image"].dtype == torch.float32
     assert -1.0 <= float(out["image"].min()) and float(out["image"].max()) <= 1.0
-    native = LabelToInstancesd(max_instances=None)(out)["instances"]
+    native = LabelToInstancesd(max_instances=None)(out)["instances"].to_dense()
     masks = torch.cat([t["masks"].to_dense() for t in out["targets"]])
     assert masks.shape[0] == native.shape[0]  # upsampling: no instance vanishes
     share = native.flatten(1).float().mean(1)

@@ -13,7 +13,7 @@ The inference bundle keeps 2D pictures ``uint8`` at their own size and resizes t
 """
 
 from .errors import DataError
-from .instances import LabelToInstancesd, instance_masks
+from .instances import LabelToInstancesd, instance_masks, instance_regions
 from .intensity import (
     CT_WINDOWS,
     MODALITY_HANDLERS,
@@ -80,6 +80,7 @@ __all__ = [
     "extract_slice",
     "foreground_slices",
     "instance_masks",
+    "instance_regions",
     "load_medical_image",
     "masks_to_boxes_cxcywh",
     "min_max",

@@ -8,7 +8,9 @@ Rules (per label value ``v`` of ``prompts``):
 * ``instance_ids``: each distinct nonzero id of the instance-id map inside ``label == v`` is one instance
   (GBM40 ``NN_instances.png``); an id split in pieces stays one instance, as annotated.
 
-Instances are sorted largest first and capped at ``max_instances`` per prompt (the largest are kept).
+Instances are sorted largest first and capped at ``max_instances`` per prompt (the largest are kept). They are
+kept as bounding-box crops (:class:`~medsam3_monai.instance_masks.InstanceMasks`), found in one labelling pass
+and one bounding-box pass over the class map: no full-size mask is made per instance.
 """
 
 from __future__ import annotations
@@ -22,21 +24,25 @@ from monai.data import MetaTensor
 from monai.transforms import MapTransform
 from scipy import ndimage
 
+from ..instance_masks import InstanceMasks
 from .errors import DataError, source_name
 from .labels import parse_prompts, rule_for_label
 
-__all__ = ["LabelToInstancesd", "instance_masks"]
+__all__ = ["LabelToInstancesd", "instance_masks", "instance_regions"]
 
 
-def instance_masks(
+def instance_regions(
     classes: np.ndarray,
     label: int,
     rule: str,
     instance_ids: np.ndarray | None = None,
     max_instances: int | None = None,
     min_area: int = 0,
-) -> list[np.ndarray]:
-    """Instance masks of one label value, largest first.
+) -> list[tuple[tuple[slice, ...], np.ndarray]]:
+    """Instance masks of one label value as bounding-box crops, largest first.
+
+    One labelling pass and one bounding-box pass (``ndimage.find_objects``) over the class map; no
+    full-size mask is made per instance.
 
     Args:
         classes: ``(*spatial)`` integer class map.
@@ -47,7 +53,8 @@ def instance_masks(
         min_area: drop instances with fewer pixels.
 
     Returns:
-        list of ``(*spatial)`` bool arrays.
+        ``[(box, crop), ...]``: ``box`` the instance's bounding box (a tuple of slices of ``classes``), ``crop``
+        the bool mask ``classes[box]``-shaped (tight: every border row and column holds the instance).
     """
     binary = classes == label
     if not binary.any():
@@ -68,28 +75,48 @@ def instance_masks(
     if id_values.size == 0:
         return []
     # compact relabelling 1..K (instance ids may be large and sparse), then areas by bincount
-    lookup = np.zeros(int(ids.max()) + 1, dtype=np.int64)
-    lookup[id_values] = np.arange(1, id_values.size + 1)
+    lookup = np.zeros(int(ids.max()) + 1, dtype=np.int32)
+    lookup[id_values] = np.arange(1, id_values.size + 1, dtype=np.int32)
     compact = lookup[ids]
     areas = np.bincount(compact.ravel(), minlength=id_values.size + 1)[1:]
     order = np.argsort(-areas, kind="stable")
     order = order[areas[order] >= max(min_area, 1)]
     if max_instances is not None:
         order = order[:max_instances]
-    return [compact == (i + 1) for i in order]
+    boxes = ndimage.find_objects(compact, max_label=id_values.size)
+    return [(boxes[i], compact[boxes[i]] == (i + 1)) for i in order]
+
+
+def instance_masks(
+    classes: np.ndarray,
+    label: int,
+    rule: str,
+    instance_ids: np.ndarray | None = None,
+    max_instances: int | None = None,
+    min_area: int = 0,
+) -> list[np.ndarray]:
+    """:func:`instance_regions` as full-size ``(*spatial)`` bool arrays, largest first."""
+    masks = []
+    for box, crop in instance_regions(classes, label, rule, instance_ids, max_instances, min_area):
+        mask = np.zeros(classes.shape, dtype=bool)
+        mask[box] = crop
+        masks.append(mask)
+    return masks
 
 
 class LabelToInstancesd(MapTransform):
-    """Class map (+ instance ids) -> a stack of instance masks and the label value of each.
+    """Class map (+ instance ids) of a 2D image or slice -> its instance masks and the label value of each.
 
     Args:
-        keys: the class-map key (``(1, *spatial)``, from :class:`DecodeLabeld`).
+        keys: the class-map key (``(1, H, W)``, from :class:`DecodeLabeld`; volumes are sliced first).
         prompts_key: item key with ``{label value: text}``; only these labels give instances.
         instance_rule: fixed rule or per-label mapping; None reads ``rule_key`` from the item, and a missing
             rule means ``components``.
         rule_key: item key with the rule.
         instance_key: item key with the instance-id map (``instance_map`` datasets).
-        output_key: where the masks go: bool MetaTensor ``(N, *spatial)`` with the class map's metadata.
+        output_key: where the masks go: ``(N, H, W)`` bool
+            :class:`~medsam3_monai.instance_masks.InstanceMasks` (bounding-box crops; ``.to_dense()`` for the
+            tensor).
         labels_key: where the label values go: int64 tensor ``(N,)``.
         max_instances: cap per prompt (largest kept); None or 0 disables the cap.
         min_area: instances with fewer pixels are dropped (e.g. JPEG speckle); 0 keeps every pixel.
@@ -126,24 +153,24 @@ class LabelToInstancesd(MapTransform):
             prompts = parse_prompts(d.get(self.prompts_key), path)
             rule = self.instance_rule if self.instance_rule is not None else d.get(self.rule_key)
             classes = _numpy(label)[0]
+            if classes.ndim != 2:
+                raise DataError(path, f"instances are made per 2D slice, got a class map of shape {tuple(label.shape)}",
+                                "slice volumes first (AxialSlicesd / RandAxialSliced)")
             ids = d.get(self.instance_key)
             ids = _numpy(ids)[0] if ids is not None else None
-            masks: list[np.ndarray] = []
+            crops: list[torch.Tensor] = []
+            offsets: list[tuple[int, int]] = []
             values: list[int] = []
             for value in prompts:
                 value_rule = rule_for_label(rule, value)
                 if value_rule == "instance_ids" and ids is None:
                     raise DataError(path, f"instance rule 'instance_ids' for label {value} but the mask is not an "
                                           "instance-id map", "set mask_encoding 'instance_map' or use 'components'")
-                found = instance_masks(classes, value, value_rule, ids, self.max_instances, self.min_area)
-                masks.extend(found)
+                found = instance_regions(classes, value, value_rule, ids, self.max_instances, self.min_area)
+                crops.extend(torch.from_numpy(crop) for _, crop in found)
+                offsets.extend((box[0].start, box[1].start) for box, _ in found)
                 values.extend([value] * len(found))
-            spatial = classes.shape
-            stack = np.stack(masks) if masks else np.zeros((0, *spatial), dtype=bool)
-            out = torch.from_numpy(stack)
-            if isinstance(label, MetaTensor):
-                out = MetaTensor(out, meta=dict(label.meta), applied_operations=list(label.applied_operations))
-            d[self.output_key] = out
+            d[self.output_key] = InstanceMasks(classes.shape, crops, torch.tensor(offsets, dtype=torch.long))
             d[self.labels_key] = torch.tensor(values, dtype=torch.long)
         return d
 

@@ -48,5 +48,9 @@ def slice_space_transforms(
     )
     parser["train#concepts"] = list(negative_concepts)
     if train and pictures_only:  # 2D pictures: deterministic up to the sampled negatives (what the cache holds)
-        return parser.get_parsed_content("train#picture_preprocessing")
-    return parser.get_parsed_content("train#preprocessing" if train else "validate#preprocessing")
+        chain = parser.get_parsed_content("train#picture_preprocessing")
+    else:
+        chain = parser.get_parsed_content("train#preprocessing" if train else "validate#preprocessing")
+    # MONAI's Compose reseeds its random transforms from the global seed (set_determinism) when it is built, which
+    # replaces the transforms' own seed: a given seed is applied again to the chain itself
+    return chain.set_random_state(seed=seed) if seed is not None else chain

@@ -25,6 +25,7 @@ from monai.data import MetaTensor
 from monai.transforms import Randomizable, Transform
 
 from ..instance_masks import InstanceMasks
+from ..threads import one_blas_thread
 from .errors import source_name
 from .labels import parse_prompts
 
@@ -56,6 +57,18 @@ def interpolation_weights(source: int, target: int) -> torch.Tensor:
     return weights[0, :, 0, :].T.contiguous()
 
 
+@functools.lru_cache(maxsize=64)
+def _interpolation_reach(source: int, target: int) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
+    """:func:`interpolation_weights` as numpy, with the first and last output pixel each input pixel reaches
+    (``(source,)`` each; an input pixel no output uses has first = target, last = -1)."""
+    weights = interpolation_weights(source, target).numpy()
+    reach = weights > 0
+    used = reach.any(axis=0)
+    first = np.where(used, reach.argmax(axis=0), target)
+    last = np.where(used, target - 1 - reach[::-1].argmax(axis=0), -1)
+    return weights, first, last
+
+
 def resize_masks(masks: torch.Tensor, size: Sequence[int], threshold: float = 0.5) -> torch.Tensor:
     """``(N, H, W)`` bool -> ``(N, *size)`` bool: bilinear (antialiased when shrinking), then ``>= threshold``.
 
@@ -66,49 +79,48 @@ def resize_masks(masks: torch.Tensor, size: Sequence[int], threshold: float = 0.
     return resize_instances(masks, size, threshold)[0].to_dense()
 
 
-def resize_instances(masks: torch.Tensor, size: Sequence[int], threshold: float = 0.5
+def resize_instances(masks: torch.Tensor | InstanceMasks, size: Sequence[int], threshold: float = 0.5
                      ) -> tuple[InstanceMasks, torch.Tensor]:
     """:func:`resize_masks` as :class:`~medsam3_monai.instance_masks.InstanceMasks` (each resized mask cropped to
     its bounding box: no dense ``(N, *size)`` tensor is made) plus the boxes of the resized masks, ``(N, 4)``
-    cxcywh in ``[0, 1]`` (zeros, and an empty crop, for a mask that vanished)."""
+    cxcywh in ``[0, 1]`` (zeros, and an empty crop, for a mask that vanished).
+
+    ``masks``: ``(N, H, W)`` bool, dense or as tight bounding-box crops (``LabelToInstancesd``'s output); each
+    crop is resized on its own, which equals full-image interpolation."""
     size = (int(size[0]), int(size[1]))
-    n, height, width = masks.shape
+    instances = masks if isinstance(masks, InstanceMasks) else InstanceMasks.from_dense(masks)
+    n = len(instances)
+    height, width = instances.size
     if (height, width) == size:
-        masks = masks.bool()
-        return InstanceMasks.from_dense(masks), masks_to_boxes_cxcywh(masks)
+        return instances, instances.boxes_cxcywh()
     boxes = np.zeros((n, 4), dtype=np.float32)
     offsets = np.zeros((n, 2), dtype=np.int64)
     crops: list[torch.Tensor] = []
     if n == 0:
         return InstanceMasks(size), torch.from_numpy(boxes)
-    # numpy for the small products: torch's CPU matmul has a large fixed cost per call
-    w_rows = interpolation_weights(height, size[0]).numpy()
-    w_cols = interpolation_weights(width, size[1]).numpy()
-    masks = masks.bool()
-    as_bytes = masks.view(torch.uint8)  # a uint8 max reduces ~8x faster than a bool any on CPU
-    rows_any, cols_any = as_bytes.amax(dim=2).numpy() > 0, as_bytes.amax(dim=1).numpy() > 0
-    array = masks.numpy()
-    row_reach, col_reach = w_rows > 0, w_cols > 0
+    # numpy for the small products (torch's CPU matmul has a large fixed cost per call), on one BLAS thread: the
+    # products are tiny, and idle BLAS threads spinning after each would cost more CPU than the products
+    w_rows, first_row, last_row = _interpolation_reach(height, size[0])
+    w_cols, first_col, last_col = _interpolation_reach(width, size[1])
     empty = torch.zeros(0, 0, dtype=torch.bool)
-    for k in range(n):
-        rows, cols = np.flatnonzero(rows_any[k]), np.flatnonzero(cols_any[k])
-        if rows.size == 0:
-            crops.append(empty)
-            continue
-        r1, r2, c1, c2 = rows[0], rows[-1] + 1, cols[0], cols[-1] + 1
-        out_rows = np.flatnonzero(row_reach[:, r1:r2].any(axis=1))
-        out_cols = np.flatnonzero(col_reach[:, c1:c2].any(axis=1))
-        i1, i2, j1, j2 = out_rows[0], out_rows[-1] + 1, out_cols[0], out_cols[-1] + 1
-        block = (w_rows[i1:i2, r1:r2] @ array[k, r1:r2, c1:c2].astype(np.float32) @ w_cols[j1:j2, c1:c2].T) >= threshold
-        on_rows, on_cols = np.flatnonzero(block.any(axis=1)), np.flatnonzero(block.any(axis=0))
-        if on_rows.size == 0:
-            crops.append(empty)
-            continue
-        a1, a2, b1, b2 = on_rows[0], on_rows[-1] + 1, on_cols[0], on_cols[-1] + 1
-        crops.append(torch.from_numpy(np.ascontiguousarray(block[a1:a2, b1:b2])))
-        y1, y2, x1, x2 = i1 + a1, i1 + a2, j1 + b1, j1 + b2
-        offsets[k] = (y1, x1)
-        boxes[k] = ((x1 + x2) / 2 / size[1], (y1 + y2) / 2 / size[0], (x2 - x1) / size[1], (y2 - y1) / size[0])
+    with one_blas_thread():
+        for k, (crop, (r1, c1)) in enumerate(zip(instances.crops, instances.offsets.tolist())):
+            if crop.numel() == 0:
+                crops.append(empty)
+                continue
+            r2, c2 = r1 + crop.shape[0], c1 + crop.shape[1]
+            i1, i2 = first_row[r1:r2].min(), last_row[r1:r2].max() + 1  # the output rows and columns it reaches
+            j1, j2 = first_col[c1:c2].min(), last_col[c1:c2].max() + 1
+            block = (w_rows[i1:i2, r1:r2] @ crop.numpy().astype(np.float32) @ w_cols[j1:j2, c1:c2].T) >= threshold
+            on_rows, on_cols = np.flatnonzero(block.any(axis=1)), np.flatnonzero(block.any(axis=0))
+            if on_rows.size == 0:
+                crops.append(empty)
+                continue
+            a1, a2, b1, b2 = on_rows[0], on_rows[-1] + 1, on_cols[0], on_cols[-1] + 1
+            crops.append(torch.from_numpy(np.ascontiguousarray(block[a1:a2, b1:b2])))
+            y1, y2, x1, x2 = i1 + a1, i1 + a2, j1 + b1, j1 + b2
+            offsets[k] = (y1, x1)
+            boxes[k] = ((x1 + x2) / 2 / size[1], (y1 + y2) / 2 / size[0], (x2 - x1) / size[1], (y2 - y1) / size[0])
     return InstanceMasks(size, crops, torch.from_numpy(offsets)), torch.from_numpy(boxes)
 
 
@@ -172,13 +184,16 @@ class BuildTargetsd(Transform):
     def __call__(self, data: Mapping[Hashable, Any]) -> dict[Hashable, Any]:
         d = dict(data)
         instances = d[self.instances_key]
-        prompts = parse_prompts(d.get(self.prompts_key), source_name(instances, d, "label"))
-        masks = instances.as_tensor() if isinstance(instances, MetaTensor) else torch.as_tensor(instances)
-        if masks.ndim != 3:
-            raise ValueError(f"'{self.instances_key}' must be (N, H, W) 2D instance masks, got {tuple(masks.shape)}")
+        prompts = parse_prompts(d.get(self.prompts_key), source_name(instances, d, "label")
+                                or source_name(d.get("label")))
+        if not isinstance(instances, InstanceMasks):
+            instances = instances.as_tensor() if isinstance(instances, MetaTensor) else torch.as_tensor(instances)
+            if instances.ndim != 3:
+                raise ValueError(f"'{self.instances_key}' must be (N, H, W) 2D instance masks, "
+                                 f"got {tuple(instances.shape)}")
         labels = torch.as_tensor(d[self.labels_key]).long()
         size = self._size(d)
-        resized, boxes = resize_instances(masks.bool(), size, self.threshold)
+        resized, boxes = resize_instances(instances, size, self.threshold)
         kept = boxes[:, 2] > 0  # an instance that vanished when shrunk has no box
         targets: list[PromptTarget] = []
         for value, text in prompts.items():
