@@ -95,10 +95,41 @@ class InstanceMasks:
         return (self[k] for k in range(len(self)))
 
     def to_dense(self, device: torch.device | str | None = None) -> torch.Tensor:
-        """The ``(N, H, W)`` bool tensor, allocated on ``device``."""
+        """The ``(N, H, W)`` bool tensor, allocated on ``device``.
+
+        On the host the crops are copied in place one by one; on an accelerator all crops travel in one packed
+        copy and are scattered by one indexed write (:meth:`_scatter_packed`), not one transfer per crop.
+        """
+        device = torch.device(device) if device is not None else torch.device("cpu")
+        if device.type != "cpu" and len(self):
+            return self._scatter_packed(device)
         out = torch.zeros((len(self), *self.size), dtype=torch.bool, device=device)
         for k in range(len(self)):
             self._place(out[k], k)
+        return out
+
+    def _scatter_packed(self, device: torch.device) -> torch.Tensor:
+        """:meth:`to_dense` with the crops flattened into one buffer (one host-to-device copy; pinned on CUDA) and
+        their pixels' flat indices in the output computed on ``device`` (``repeat_interleave``, no host sync)."""
+        height, width = self.size
+        extent = torch.tensor([tuple(c.shape) for c in self.crops], dtype=torch.long).reshape(-1, 2)
+        sizes = extent.prod(1)
+        total = int(sizes.sum())
+        out = torch.zeros((len(self), height, width), dtype=torch.bool, device=device)
+        if total == 0:
+            return out
+        packed = torch.cat([c.reshape(-1) for c in self.crops])
+        # per crop: its flat start in the output, its width, its start in the packed buffer
+        params = torch.stack([torch.arange(len(self)) * (height * width) + self.offsets[:, 0] * width
+                              + self.offsets[:, 1], extent[:, 1].clamp(min=1), sizes.cumsum(0) - sizes, sizes], 1)
+        if device.type == "cuda":
+            packed, params = packed.pin_memory(), params.pin_memory()
+        packed = packed.to(device, non_blocking=True)
+        base, crop_width, start, count = params.to(device, non_blocking=True).unbind(1)
+        pixel = torch.arange(total, device=device) - start.repeat_interleave(count, output_size=total)
+        crop_width = crop_width.repeat_interleave(count, output_size=total)
+        index = base.repeat_interleave(count, output_size=total) + (pixel // crop_width) * width + pixel % crop_width
+        out.view(-1)[index] = packed
         return out
 
     def union(self) -> torch.Tensor:

@@ -140,3 +140,16 @@ def test_blas_runs_on_one_thread_inside_the_data_path_block_and_freed_buffers_ar
         import platform
 
         assert keep_freed_buffers() is (platform.libc_ver()[0] == "glibc")
+
+
+def test_the_packed_scatter_for_accelerators_equals_the_crop_by_crop_copy():
+    generator = torch.Generator().manual_seed(1)
+    dense = torch.rand(7, 40, 50, generator=generator) > 0.8
+    dense[3] = False  # an empty mask: a 0 x 0 crop
+    dense[5, 0, 49] = True
+    masks = InstanceMasks.from_dense(dense)
+    assert torch.equal(masks._scatter_packed(torch.device("cpu")), dense)
+    assert torch.equal(masks.to_dense(), dense)
+    assert InstanceMasks((4, 5))._scatter_packed(torch.device("cpu")).shape == (0, 4, 5)
+    empty_only = InstanceMasks.from_dense(torch.zeros(2, 4, 5, dtype=torch.bool))
+    assert torch.equal(empty_only._scatter_packed(torch.device("cpu")), torch.zeros(2, 4, 5, dtype=torch.bool))
