@@ -4,7 +4,7 @@ Nothing here is typed in by hand: every dataset, prompt, published Dice and sour
 and a value the catalogue does not hold (``null``) stays ``None`` and is shown as unknown. Light (stdlib only).
 
 * Medical SAM3 Table 3 (:func:`medical_sam3_table`): the 10 internal and 7 external evaluation sets, SAM3 and
-  Medical SAM3 Dice (internal per dataset; external only as the group mean), the release's evaluation prompts,
+  Medical SAM3 Dice per dataset and the group means, the release's evaluation prompts,
   text prompts only, the top query.
 * MedSAM3's comparison (:func:`medsam3_table`): BUSI, RIM-ONE, ISIC 2018, Kvasir-SEG; U-Net, MedSAM (published
   only), SAM 3 and MedSAM-3 under the T (text) and T+I (text + box) protocols, with MedSAM3's phrases.
@@ -99,13 +99,11 @@ def medical_sam3_table(catalogue: Any = None) -> PaperTable:
     catalogue = _catalogue(catalogue)
     paper = catalogue.papers["medical_sam3"]
     table3 = paper["table3"]
-    internal = [row["dataset"] for row in paper["internal_eval"]]
-    external = list(paper["external_eval"])
-    datasets = tuple([(name, "internal") for name in internal] + [(name, "external") for name in external])
+    rows = [(row, "internal") for row in paper["internal_eval"]] + [(row, "external") for row in paper["external_eval"]]
+    datasets = tuple((row["dataset"], group) for row, group in rows)
     columns = []
     for value_key, method in table3["methods"].items():
-        published = {row["dataset"]: row.get(value_key) for row in paper["internal_eval"]}
-        published.update({name: None for name in external})
+        published = {row["dataset"]: row.get(value_key) for row, _ in rows}
         averages = {group: paper["averages"].get(keys[value_key]) for group, keys in table3["averages_keys"].items()
                     if value_key in keys}
         key = value_key.removesuffix("_dice")
