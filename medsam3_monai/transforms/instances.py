@@ -87,17 +87,10 @@ def instance_regions(
     return [(boxes[i], compact[boxes[i]] == (i + 1)) for i in order]
 
 
-def instance_masks(
-    classes: np.ndarray,
-    label: int,
-    rule: str,
-    instance_ids: np.ndarray | None = None,
-    max_instances: int | None = None,
-    min_area: int = 0,
-) -> list[np.ndarray]:
-    """:func:`instance_regions` as full-size ``(*spatial)`` bool arrays, largest first."""
+def instance_masks(classes: np.ndarray, *args: Any, **kwargs: Any) -> list[np.ndarray]:
+    """:func:`instance_regions` (same arguments) as full-size ``(*spatial)`` bool arrays, largest first."""
     masks = []
-    for box, crop in instance_regions(classes, label, rule, instance_ids, max_instances, min_area):
+    for box, crop in instance_regions(classes, *args, **kwargs):
         mask = np.zeros(classes.shape, dtype=bool)
         mask[box] = crop
         masks.append(mask)
