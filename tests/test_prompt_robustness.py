@@ -31,7 +31,7 @@ def evaluation_sets(catalogue) -> list[str]:
     """Medical SAM3's internal and external evaluation sets and evaluation prompts, MedSAM3's datasets, and the
     shared samples the docs evaluate."""
     medical, medsam3 = catalogue.papers["medical_sam3"], catalogue.papers["medsam3"]
-    names = [row["dataset"] for row in medical["internal_eval"]] + list(medical["external_eval"])
+    names = [row["dataset"] for row in medical["internal_eval"] + medical["external_eval"]]
     names += list(medical["eval_prompts"]) + list(medsam3["phrases"]) + list(SHARED_EVALUATION_SETS)
     return list(dict.fromkeys(catalogue.get(name).name for name in names))
 
