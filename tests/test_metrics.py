@@ -300,3 +300,32 @@ def test_aggregate_refuses_mixed_protocols_and_split_datasets():
     table = aggregate(one)
     assert table.protocol == "top-query"
     assert "protocol: top-query" in table.to_markdown()
+
+
+@pytest.mark.parametrize("spacing", [None, (1.0, 0.5, 2.0)])
+def test_label_map_metrics_equal_per_value_case_metrics(spacing):
+    from medsam3_monai.metrics import case_metrics, label_map_metrics, label_overlaps
+
+    generator = torch.Generator().manual_seed(3)
+    shape = (6, 20, 24) if spacing else (40, 50)
+    pred = torch.randint(0, 5, shape, generator=generator, dtype=torch.int32)
+    truth = torch.randint(0, 5, shape, generator=generator).to(torch.uint8)
+    pred[pred == 4] = 0  # value 4: predicted nowhere
+    truth[truth == 3] = 7  # value 3: absent from the truth; 7 is not asked for
+    values = [1, 2, 3, 4, 9]  # 9: in neither map (both empty: Dice 1)
+    got = label_map_metrics(pred, truth, values, spacing)
+    for value, (metrics, predicted) in zip(values, got):
+        expected = case_metrics(pred == value, truth == value, spacing)
+        assert metrics.keys() == expected.keys()
+        for name, number in expected.items():
+            assert metrics[name] == pytest.approx(number, nan_ok=True), (value, name)
+        assert predicted == int((pred == value).sum())
+    assert got[4][0]["dice"] == 1.0 and got[3][0]["dice"] == 0.0
+    one_by_one = [(int(((pred == v) & (truth == v)).sum()), int((pred == v).sum()), int((truth == v).sum()))
+                  for v in values]
+    assert label_overlaps(pred, truth, values) == one_by_one  # the joint histogram (5 values)
+    assert [label_overlaps(pred, truth, [v])[0] for v in values] == one_by_one  # value by value
+    with pytest.raises(ValueError, match="positive"):
+        label_overlaps(pred, truth, [0])
+    with pytest.raises(ValueError, match="same shape"):
+        label_map_metrics(pred, truth[..., :-1], values)

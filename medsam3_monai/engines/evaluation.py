@@ -45,7 +45,7 @@ from ..data.selection import SPLIT_CHOICES, evaluation_items, is_volume_item
 from ..inferers.image import ground_truth_boxes
 from ..inferers.inputs import item_prompts
 from ..inferers.predict import PromptInferer
-from ..metrics.segmentation import DEFAULT_NSD_TOLERANCE_MM, case_metrics
+from ..metrics.segmentation import DEFAULT_NSD_TOLERANCE_MM, label_map_metrics
 from ..protocol_registry import get_protocol
 from .inference import MedSAM3CaseEvaluator, collate_cases
 
@@ -114,6 +114,16 @@ def report_notes(checkpoint: str, protocol: str, score_threshold: float, box_pro
 
 
 # ------------------------------------------------------------------------------------------------ inference
+def label_map_of(masks: Sequence[torch.Tensor], values: Sequence[int], order: Sequence[int] | None = None
+                 ) -> torch.Tensor:
+    """Per-prompt bool masks (each ``(*spatial)``) -> one int32 label map: mask ``c`` written as ``values[c]``, in
+    ``order`` (default: prompt order); where masks overlap, the one written last wins."""
+    label_map = torch.zeros(masks[0].shape, dtype=torch.int32)
+    for c in range(len(masks)) if order is None else order:
+        label_map[torch.as_tensor(masks[c]).bool()] = int(values[c])
+    return label_map
+
+
 @dataclass
 class CasePrediction:
     """One case's prediction in the input's own geometry.
@@ -121,7 +131,8 @@ class CasePrediction:
     Attributes:
         items: the slice-space items of the case (one for a 2D image, D for a volume).
         values, prompts: the class label values and their prompt texts, in prompt order.
-        masks: (P, H, W) or (P, X, Y, Z) bool, each prompt's mask after the class merge (disjoint).
+        pred: the merged prediction as a label map, (H, W) or (X, Y, Z) int32 (label values, 0 background):
+            one array whatever the number of prompts.
         truth: the native class map (H, W) or (X, Y, Z), or None for an unlabelled item.
         scores: (P,) per prompt: the protocol's score (2D) or the best slice score (volume).
         spacing: per-axis spacing in mm (array axis order) or None when unknown.
@@ -131,7 +142,7 @@ class CasePrediction:
     items: list[dict[str, Any]]
     values: list[int]
     prompts: list[str]
-    masks: torch.Tensor
+    pred: torch.Tensor
     truth: torch.Tensor | None
     scores: torch.Tensor
     spacing: tuple[float, ...] | None
@@ -139,12 +150,11 @@ class CasePrediction:
     seed_slices: torch.Tensor | None = None
 
     @property
-    def pred(self) -> torch.Tensor:
-        """Label map of the prediction (int32 label values, 0 background), the shape of ``truth``."""
-        out = torch.zeros(self.masks.shape[1:], dtype=torch.int32)
-        for value, mask in zip(self.values, self.masks):
-            out[mask] = int(value)
-        return out
+    def masks(self) -> torch.Tensor:
+        """(P, *spatial) bool, each prompt's mask (disjoint): P times the label map's size, for small cases and
+        tests (the metrics read the label map)."""
+        values = torch.tensor(self.values, dtype=self.pred.dtype).reshape(-1, *([1] * self.pred.ndim))
+        return self.pred[None] == values
 
     @property
     def dataset(self) -> str:
@@ -232,28 +242,27 @@ class CaseInferer(Inferer):
             self._add_ground_truth_boxes(case_items[0], truth, is_volume)
         case = self.postprocessing(self.cases(case_items, network))
         label_map = convert_to_tensor(case["pred"], track_meta=False)[0]
-        values = [int(v) for v in case["prompt_values"]]
-        masks = torch.stack([label_map == value for value in values])
         seeds = case.get("seed_slices")
-        return self._prediction(items, values, list(case["prompt_texts"]), masks,
-                                torch.as_tensor(case["prompt_scores"]).float().cpu(),
+        return self._prediction(items, [int(v) for v in case["prompt_values"]], list(case["prompt_texts"]),
+                                label_map, torch.as_tensor(case["prompt_scores"]).float().cpu(),
                                 None if seeds is None else torch.as_tensor(seeds))
 
-    def _prediction(self, items: list[dict[str, Any]], values: list[int], prompts: list[str], masks: torch.Tensor,
-                    scores: torch.Tensor, seeds: torch.Tensor | None = None) -> CasePrediction:
-        """The :class:`CasePrediction` of a case's per-prompt masks (in the input's geometry), the truth checked
-        against their shape."""
+    def _prediction(self, items: list[dict[str, Any]], values: list[int], prompts: list[str],
+                    label_map: torch.Tensor, scores: torch.Tensor, seeds: torch.Tensor | None = None
+                    ) -> CasePrediction:
+        """The :class:`CasePrediction` of a case's merged label map (in the input's geometry), the truth checked
+        against its shape."""
         first = items[0]
         image, truth = first[self.image_key], first.get(self.label_key)
         is_volume = "volume_shape" in getattr(image, "meta", {})
         truth_map = None
         if truth is not None:
             truth_map = convert_to_tensor(truth, track_meta=False)[0]
-            if tuple(truth_map.shape) != tuple(masks.shape[1:]):
-                raise RuntimeError(f"prediction {tuple(masks.shape[1:])} and label {tuple(truth_map.shape)} differ in "
+            if tuple(truth_map.shape) != tuple(label_map.shape):
+                raise RuntimeError(f"prediction {tuple(label_map.shape)} and label {tuple(truth_map.shape)} differ in "
                                    f"shape for case {first.get('case')}: the inversion did not restore the geometry")
-        return CasePrediction(items, values, prompts, masks, truth_map, scores, _spacing(first, truth, is_volume),
-                              is_volume, seeds)
+        return CasePrediction(items, values, prompts, label_map.to(torch.int32), truth_map, scores,
+                              _spacing(first, truth, is_volume), is_volume, seeds)
 
     def _add_ground_truth_boxes(self, item: dict[str, Any], truth: Any, is_volume: bool) -> None:
         """T+I: the pixel box of the largest component of each prompt's class (2D; volumes stay text-only)."""
@@ -342,7 +351,7 @@ class EnsembleCaseInferer(CaseInferer):
             if seeds is not None:
                 lead = flat.index(fusion.kept[0], ks[0]) if fusion.kept else ks[0]
                 class_seeds.append(int(seeds[lead]))
-        return self._prediction(items, [int(v) for v in values], list(texts), torch.stack(masks),
+        return self._prediction(items, [int(v) for v in values], list(texts), label_map_of(masks, values),
                                 torch.tensor(class_scores, dtype=torch.float32),
                                 torch.tensor(class_seeds) if seeds is not None else None)
 
@@ -549,11 +558,9 @@ class AgentCaseInferer(CaseInferer):
             self.recorder.rows.append(row)
             masks.append(mask.bool())
             scores.append(float(score))
-        taken = torch.zeros(shape, dtype=torch.bool)
-        for c in sorted(range(len(masks)), key=lambda i: -scores[i]):  # overlaps to the higher-scoring answer
-            masks[c] = masks[c] & ~taken
-            taken |= masks[c]
-        return self._prediction(items, [int(v) for v in values], list(texts), torch.stack(masks),
+        # overlaps go to the higher-scoring answer (the earlier one on a tie): it is written last
+        order = sorted(range(len(masks)), key=lambda i: (scores[i], -i))
+        return self._prediction(items, [int(v) for v in values], list(texts), label_map_of(masks, values, order),
                                 torch.tensor(scores, dtype=torch.float32))
 
 
@@ -565,14 +572,15 @@ def case_records(prediction: CasePrediction, protocol: str, nsd_tolerance_mm: fl
     if prediction.truth is None:
         return []
     item = prediction.items[0]
+    per_value = label_map_metrics(prediction.pred, prediction.truth, prediction.values, prediction.spacing,
+                                  nsd_tolerance_mm=nsd_tolerance_mm)
     records = []
-    for value, text, score, mask in zip(prediction.values, prediction.prompts, prediction.scores.tolist(),
-                                        prediction.masks):
-        metrics = case_metrics(mask, prediction.truth == value, prediction.spacing, nsd_tolerance_mm=nsd_tolerance_mm)
+    for value, text, score, (metrics, predicted) in zip(prediction.values, prediction.prompts,
+                                                        prediction.scores.tolist(), per_value):
         records.append({
             "dataset": prediction.dataset, "group": str(item.get("group", "other")), "case": prediction.case,
             "prompt": text, "protocol": protocol, "label": int(value), "score": float(score), "metrics": metrics,
-            "empty_prediction": not bool(mask.any()),
+            "empty_prediction": predicted == 0,
         })
     return records
 

@@ -10,7 +10,18 @@ from .aggregate import (
     write_cases_csv,
 )
 from .merge import merge_classes
-from .segmentation import DEFAULT_NSD_TOLERANCE_MM, as_binary_mask, case_metrics, dice, hd95, iou, surface_dice
+from .segmentation import (
+    DEFAULT_NSD_TOLERANCE_MM,
+    as_binary_mask,
+    as_label_map,
+    case_metrics,
+    dice,
+    hd95,
+    iou,
+    label_map_metrics,
+    label_overlaps,
+    surface_dice,
+)
 
 __all__ = [
     "DEFAULT_NSD_TOLERANCE_MM",
@@ -19,7 +30,10 @@ __all__ = [
     "MetricTable",
     "aggregate",
     "as_binary_mask",
+    "as_label_map",
     "case_metrics",
+    "label_map_metrics",
+    "label_overlaps",
     "compare",
     "dice",
     "hd95",

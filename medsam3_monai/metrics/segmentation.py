@@ -38,6 +38,7 @@ from __future__ import annotations
 import math
 import warnings
 from collections.abc import Sequence
+from typing import Any
 
 import numpy as np
 import torch
@@ -45,10 +46,13 @@ import torch
 __all__ = [
     "DEFAULT_NSD_TOLERANCE_MM",
     "as_binary_mask",
+    "as_label_map",
     "case_metrics",
     "dice",
     "hd95",
     "iou",
+    "label_map_metrics",
+    "label_overlaps",
     "surface_dice",
 ]
 
@@ -191,9 +195,83 @@ def case_metrics(
     out rather than computed in pixels; pass ``spacing=1.0`` to get them per pixel anyway.
     """
     p, t = _pair(pred, truth)
-    counts = _bool_counts(p, t)  # once for both overlap metrics
+    return _metrics_of(_bool_counts(p, t), p, t, spacing, nsd_tolerance_mm, use_subvoxels)
+
+
+def _metrics_of(counts: tuple[int, int, int], p: Any, t: Any, spacing: Spacing, nsd_tolerance_mm: float,
+                use_subvoxels: bool) -> dict[str, float]:
+    """:func:`case_metrics` from the overlap counts; ``p``/``t`` (masks, or callables making them) are read only for
+    the surface metrics."""
     out = {"dice": _dice_of(*counts), "iou": _iou_of(*counts)}
     if spacing is not None:
+        p, t = (x() if callable(x) else x for x in (p, t))
         out["nsd"] = surface_dice(p, t, spacing, nsd_tolerance_mm, use_subvoxels)
         out["hd95"] = hd95(p, t, spacing)
     return out
+
+
+#: largest joint histogram :func:`label_overlaps` makes (bins); beyond it, label values are counted one by one
+MAX_JOINT_BINS = 1 << 22
+#: up to this many label values, counting each value's masks is cheaper than the joint histogram (CPU, one thread)
+FEW_VALUES = 3
+
+
+def label_overlaps(pred: torch.Tensor, truth: torch.Tensor, values: Sequence[int]) -> list[tuple[int, int, int]]:
+    """``(|P∩T|, |P|, |T|)`` of every label value, from two label maps of one shape (integer, 0 = background).
+
+    More than ``FEW_VALUES`` values: one joint histogram of the (pred, truth) label pairs, whatever their number
+    (a 117-class CT costs what one class does). Fewer, or label values so large that the histogram would exceed
+    ``MAX_JOINT_BINS``: each value's masks counted (cheaper for one or two). The counts are the same either way."""
+    pred, truth = torch.as_tensor(pred).reshape(-1), torch.as_tensor(truth).reshape(-1)
+    if pred.shape != truth.shape:
+        raise ValueError(f"pred and truth must have the same number of elements, got {pred.numel()} and "
+                         f"{truth.numel()}")
+    values = [int(v) for v in values]
+    if any(v <= 0 for v in values):
+        raise ValueError(f"label values must be positive (0 is the background), got {values}")
+    if pred.numel() == 0:
+        return [(0, 0, 0) for _ in values]
+    if int(pred.min()) < 0 or int(truth.min()) < 0:
+        raise ValueError("label maps must hold non-negative label values")
+    length = max([*values, int(pred.max()), int(truth.max())]) + 1
+    if len(values) <= FEW_VALUES or length * length > MAX_JOINT_BINS:
+        return [_bool_counts(pred == v, truth == v) for v in values]
+    pairs = pred.to(torch.int32) * length + truth.to(torch.int32)  # int32: length**2 is far below 2**31
+    joint = torch.bincount(pairs, minlength=length * length).reshape(length, length)  # [pred value, truth value]
+    n_pred, n_truth = joint.sum(1), joint.sum(0)
+    return [(int(joint[v, v]), int(n_pred[v]), int(n_truth[v])) for v in values]
+
+
+def label_map_metrics(
+    pred: torch.Tensor,
+    truth: torch.Tensor,
+    values: Sequence[int],
+    spacing: Spacing = None,
+    nsd_tolerance_mm: float = DEFAULT_NSD_TOLERANCE_MM,
+    use_subvoxels: bool = False,
+) -> list[tuple[dict[str, float], int]]:
+    """:func:`case_metrics` of ``pred == v`` against ``truth == v`` for every ``v`` of ``values``, from the two label
+    maps: the overlaps of all values in three passes (:func:`label_overlaps`); a value's masks are made only for
+    the surface metrics (when ``spacing`` is given). Returns ``(metrics, |P|)`` per value, in order."""
+    pred, truth = as_label_map(pred, "pred"), as_label_map(truth, "truth")
+    if pred.shape != truth.shape:
+        raise ValueError(f"pred and truth must have the same shape, got {tuple(pred.shape)} and {tuple(truth.shape)}")
+    out = []
+    for value, counts in zip(values, label_overlaps(pred, truth, values)):
+        masks = (lambda v=int(value): pred == v), (lambda v=int(value): truth == v)
+        out.append((_metrics_of(counts, *masks, spacing, nsd_tolerance_mm, use_subvoxels), counts[1]))
+    return out
+
+
+def as_label_map(labels: torch.Tensor | np.ndarray, name: str = "labels") -> torch.Tensor:
+    """A CPU integer tensor of a 2D or 3D label map (bool becomes 0/1); float maps must hold whole numbers."""
+    t = labels.detach().cpu() if isinstance(labels, torch.Tensor) else torch.from_numpy(np.ascontiguousarray(labels))
+    if t.ndim not in (2, 3):
+        raise ValueError(f"{name} must be (H, W) or (D, H, W), got shape {tuple(t.shape)}")
+    if t.dtype == torch.bool:
+        return t.to(torch.uint8)
+    if t.is_floating_point():
+        if not bool((t == t.round()).all()):
+            raise ValueError(f"{name} is a float map with non-integer values; a label map holds label values")
+        return t.to(torch.int64)
+    return t
