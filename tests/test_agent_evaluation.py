@@ -7,14 +7,12 @@ from __future__ import annotations
 import csv
 import io
 import json
-import socket
-import threading
-import time
 import uuid
 from pathlib import Path
 
 import numpy as np
 import pytest
+from _server_helpers import running_server
 from PIL import Image
 
 from medsam3_monai.deploy.cli import main
@@ -159,33 +157,12 @@ def test_agent_evaluation_input_errors_write_nothing(kvasir_datalist, tmp_path, 
 
 
 # ------------------------------------------------------------------------------------------------ the server
-def _free_port() -> int:
-    with socket.socket() as sock:
-        sock.bind(("127.0.0.1", 0))
-        return sock.getsockname()[1]
-
-
 @pytest.fixture(scope="module")
 def server():
     pytest.importorskip("fastapi")
     pytest.importorskip("uvicorn")
-    from medsam3_monai.deploy.cli import build_parser
-    from medsam3_monai.deploy.serve import build_server
-
-    port = _free_port()
-    args = build_parser().parse_args(["serve", "--checkpoint", "tiny", "--port", str(port), "--device", "cpu",
-                                      "--log-level", "warning"])
-    srv = build_server(args)
-    thread = threading.Thread(target=srv.run, daemon=True)
-    thread.start()
-    deadline = time.monotonic() + 60
-    while not srv.started:
-        if time.monotonic() > deadline or not thread.is_alive():
-            pytest.fail("the server did not start")
-        time.sleep(0.05)
-    yield "127.0.0.1", port
-    srv.should_exit = True
-    thread.join(timeout=10)
+    with running_server() as port:
+        yield "127.0.0.1", port
 
 
 def _infer(server, data: bytes, filename: str, params: dict, model: str = "medsam3_agent", query: str = ""):

@@ -16,7 +16,6 @@ import os
 import re
 import shutil
 import signal
-import socket
 import subprocess
 import sys
 import time
@@ -24,6 +23,7 @@ from pathlib import Path
 
 import numpy as np
 import pytest
+from _server_helpers import free_port
 
 REPO_ROOT = Path(__file__).resolve().parents[1]
 APP = REPO_ROOT / "apps" / "monailabel_medsam3"
@@ -35,12 +35,6 @@ LABELS = {"polyp": 1, "hippocampus": 2}
 SCORE_THRESHOLD = "0.2"  # the tiny random network's volume detections score ~0.25: keeps the volume masks non-empty
 DEADLINE_S = 600  # generous: the server's start and every request together
 
-
-
-def _free_port() -> int:
-    with socket.socket() as sock:
-        sock.bind(("127.0.0.1", 0))
-        return sock.getsockname()[1]
 
 
 def _tail(path: Path, lines: int = 60) -> str:
@@ -82,7 +76,7 @@ def server(tmp_path_factory, shared_data):
     app = root / "app"
     shutil.copytree(APP, app, ignore=shutil.ignore_patterns("__pycache__", "logs", "model", "bin"))
 
-    port = _free_port()
+    port = free_port()
     env = {k: v for k, v in os.environ.items() if k not in ("PYTHONPATH", "PYTHONHOME", "VIRTUAL_ENV")}
     env.update(PATH=f"{MONAILABEL_VENV / 'bin'}{os.pathsep}{env.get('PATH', '')}", VIRTUAL_ENV=str(MONAILABEL_VENV),
                MONAILABEL_PYEXE=str(MONAILABEL_VENV / "bin" / "python"),

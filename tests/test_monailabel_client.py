@@ -11,9 +11,6 @@ from __future__ import annotations
 
 import http.client
 import json
-import socket
-import threading
-import time
 import uuid
 import warnings
 from pathlib import Path
@@ -30,6 +27,7 @@ with warnings.catch_warnings():  # the 0.8.5 client imports the cgi module (depr
         reason="the MONAI Label client (monailabel 0.8.5) is not importable: scripts/setup_env.sh installs it "
                "(pip install --no-deps monailabel==0.8.5)")
 
+from _server_helpers import running_server  # noqa: E402
 from PIL import Image  # noqa: E402
 
 MONAILabelClient = client_module.MONAILabelClient
@@ -40,50 +38,21 @@ TOKEN = "t0ken-for-tests"
 ORIGIN = "http://localhost:3000"  # where OHIF's dev server runs
 # volumes: the tiny random network's detections score about 0.25, so the default 0.5 would give empty masks
 SCORE_THRESHOLD = "0.1"
-
-
-def _free_port() -> int:
-    with socket.socket() as sock:
-        sock.bind(("127.0.0.1", 0))
-        return sock.getsockname()[1]
-
-
-def _serve(*extra: str):
-    """`medsam3 serve` from the CLI's own parser on a free loopback port, in a thread: (server, thread, url)."""
-    from medsam3_monai.deploy.cli import build_parser
-    from medsam3_monai.deploy.serve import build_server
-
-    port = _free_port()
-    args = build_parser().parse_args(["serve", "--checkpoint", "tiny", "--port", str(port), "--device", "cpu",
-                                      "--log-level", "warning", "--cors-origin", ORIGIN,
-                                      "--score-threshold", SCORE_THRESHOLD, *extra])
-    server = build_server(args)
-    thread = threading.Thread(target=server.run, daemon=True)
-    thread.start()
-    deadline = time.monotonic() + 60
-    while not server.started:
-        if time.monotonic() > deadline or not thread.is_alive():
-            pytest.fail("the server did not start")
-        time.sleep(0.05)
-    return server, thread, f"http://127.0.0.1:{port}"
+SERVE_OPTIONS = ("--cors-origin", ORIGIN, "--score-threshold", SCORE_THRESHOLD)
 
 
 @pytest.fixture(scope="module")
 def url():
     """An open server (no token), CORS for OHIF's origin."""
-    server, thread, address = _serve()
-    yield address
-    server.should_exit = True
-    thread.join(timeout=30)
+    with running_server(*SERVE_OPTIONS, join_timeout_s=30) as port:
+        yield f"http://127.0.0.1:{port}"
 
 
 @pytest.fixture(scope="module")
 def token_url():
     """A server started with --token."""
-    server, thread, address = _serve("--token", TOKEN)
-    yield address
-    server.should_exit = True
-    thread.join(timeout=30)
+    with running_server(*SERVE_OPTIONS, "--token", TOKEN, join_timeout_s=30) as port:
+        yield f"http://127.0.0.1:{port}"
 
 
 @pytest.fixture(scope="module")

@@ -10,8 +10,6 @@ import email.policy
 import http.client
 import io
 import json
-import socket
-import threading
 import time
 import uuid
 from concurrent.futures import ThreadPoolExecutor
@@ -24,6 +22,7 @@ pytest.importorskip("fastapi")
 pytest.importorskip("uvicorn")
 pytest.importorskip("multipart")
 
+from _server_helpers import running_server  # noqa: E402
 from PIL import Image  # noqa: E402
 
 TOKEN = "s3cret-token"
@@ -32,35 +31,12 @@ MAX_PIXELS = 2_000_000
 MAX_CHARS = 50
 
 
-def _free_port() -> int:
-    with socket.socket() as sock:
-        sock.bind(("127.0.0.1", 0))
-        return sock.getsockname()[1]
-
-
 @pytest.fixture(scope="module")
 def server():
     """(host, port) of `medsam3 serve` started from the CLI's own parser, in a background thread."""
-    from medsam3_monai.deploy.cli import build_parser
-    from medsam3_monai.deploy.serve import build_server
-
-    port = _free_port()
-    args = build_parser().parse_args([
-        "serve", "--checkpoint", "tiny", "--port", str(port), "--token", TOKEN, "--max-request-mb", str(MAX_MB),
-        "--max-image-pixels", str(MAX_PIXELS), "--max-prompt-chars", str(MAX_CHARS), "--max-prompts", "4",
-        "--device", "cpu", "--log-level", "warning",
-    ])
-    srv = build_server(args)
-    thread = threading.Thread(target=srv.run, daemon=True)
-    thread.start()
-    deadline = time.monotonic() + 30
-    while not srv.started:
-        if time.monotonic() > deadline or not thread.is_alive():
-            pytest.fail("the server did not start")
-        time.sleep(0.05)
-    yield "127.0.0.1", port
-    srv.should_exit = True
-    thread.join(timeout=10)
+    with running_server("--token", TOKEN, "--max-request-mb", str(MAX_MB), "--max-image-pixels", str(MAX_PIXELS),
+                        "--max-prompt-chars", str(MAX_CHARS), "--max-prompts", "4", start_timeout_s=30) as port:
+        yield "127.0.0.1", port
 
 
 def _request(server, method, path, body=b"", headers=None, token=TOKEN, timeout=60):
