@@ -51,3 +51,25 @@ def one_thread():
     torch.set_num_threads(1)
     yield
     torch.set_num_threads(threads)
+
+
+@pytest.fixture(scope="session")
+def kvasir(shared_data: Path) -> Path:
+    """The first Kvasir-SEG sample picture (JPEG)."""
+    return sorted((shared_data / "Kvasir-SEG_sample" / "images").glob("*.jpg"))[0]
+
+
+@pytest.fixture(scope="session")
+def hippocampus(shared_data: Path) -> Path:
+    """The first MSD hippocampus sample volume (NIfTI)."""
+    return sorted((shared_data / "MSD_Task04_Hippocampus_cropped" / "images").glob("*.nii.gz"))[0]
+
+
+@pytest.fixture()
+def no_configured_endpoint(monkeypatch):
+    """No agent planner endpoint from the environment, and loopback never through a proxy
+    (``pytestmark = pytest.mark.usefixtures("no_configured_endpoint")``)."""
+    for name in ("MEDSAM3_LLM_URL", "MEDSAM3_LLM_MODEL"):
+        monkeypatch.delenv(name, raising=False)
+    monkeypatch.setenv("NO_PROXY", "127.0.0.1,localhost")
+    monkeypatch.setenv("no_proxy", "127.0.0.1,localhost")

@@ -24,7 +24,7 @@ from PIL import Image
 
 from medsam3_monai.deploy.cli import main
 
-pytestmark = pytest.mark.usefixtures("one_thread")
+pytestmark = pytest.mark.usefixtures("one_thread", "no_configured_endpoint")
 
 TOOLS = {"segment_phrase", "examine_each_mask", "select_masks_and_return", "report_no_mask"}
 MODEL = "scripted-vlm"
@@ -122,26 +122,7 @@ class ScriptedServer:
                 for m in self.requests[index]["messages"][before:] if m["role"] in ("tool", "user")]
 
 
-# ------------------------------------------------------------------------------------------------ fixtures
-@pytest.fixture(scope="module")
-def kvasir(shared_data: Path) -> Path:
-    return sorted((shared_data / "Kvasir-SEG_sample" / "images").glob("*.jpg"))[0]
-
-
-@pytest.fixture(scope="module")
-def hippocampus(shared_data: Path) -> Path:
-    return sorted((shared_data / "MSD_Task04_Hippocampus_cropped" / "images").glob("*.nii.gz"))[0]
-
-
-@pytest.fixture(autouse=True)
-def no_configured_endpoint(monkeypatch):
-    """No planner endpoint from the environment, and loopback never through a proxy."""
-    for name in ("MEDSAM3_LLM_URL", "MEDSAM3_LLM_MODEL"):
-        monkeypatch.delenv(name, raising=False)
-    monkeypatch.setenv("NO_PROXY", "127.0.0.1,localhost")
-    monkeypatch.setenv("no_proxy", "127.0.0.1,localhost")
-
-
+# ------------------------------------------------------------------------------------------------ helpers
 def png(path: Path) -> np.ndarray:
     return np.asarray(Image.open(path))
 

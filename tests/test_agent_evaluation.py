@@ -17,20 +17,12 @@ from PIL import Image
 
 from medsam3_monai.deploy.cli import main
 
-pytestmark = pytest.mark.usefixtures("one_thread")
+pytestmark = pytest.mark.usefixtures("one_thread", "no_configured_endpoint")
 
 
 def read_csv(path: Path) -> list[dict[str, str]]:
     with path.open(newline="") as f:
         return list(csv.DictReader(f))
-
-
-@pytest.fixture(autouse=True)
-def no_configured_endpoint(monkeypatch):
-    for name in ("MEDSAM3_LLM_URL", "MEDSAM3_LLM_MODEL"):
-        monkeypatch.delenv(name, raising=False)
-    monkeypatch.setenv("NO_PROXY", "127.0.0.1,localhost")
-    monkeypatch.setenv("no_proxy", "127.0.0.1,localhost")
 
 
 @pytest.fixture(scope="module")

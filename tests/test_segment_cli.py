@@ -24,16 +24,6 @@ CONFIGS = REPO_ROOT / "bundles" / "medsam3" / "configs"
 pytestmark = pytest.mark.usefixtures("one_thread")
 
 
-@pytest.fixture(scope="module")
-def kvasir(shared_data: Path) -> Path:
-    return sorted((shared_data / "Kvasir-SEG_sample" / "images").glob("*.jpg"))[0]
-
-
-@pytest.fixture(scope="module")
-def hippocampus(shared_data: Path) -> Path:
-    return sorted((shared_data / "MSD_Task04_Hippocampus_cropped" / "images").glob("*.nii.gz"))[0]
-
-
 def segment(*args: str) -> int:
     return main(["segment", *args, "--no-progress"])
 
