@@ -12,7 +12,7 @@ from __future__ import annotations
 import argparse
 import os
 
-from .arguments import ct_window, pixels
+from .arguments import add_model_options, ct_window, pixels
 
 __all__ = ["add_parser", "add_planner_options", "run"]
 
@@ -102,11 +102,7 @@ def add_parser(subparsers: argparse._SubParsersAction) -> argparse.ArgumentParse
                          help="below this best score the answer is 'no match' (0: as medsam3 segment)")
 
     model = parser.add_argument_group("MedSAM3 (as medsam3 segment)")
-    model.add_argument("--checkpoint", default="tiny", metavar="SRC",
-                       help="'tiny' (random init, default), an HF folder, sam3.pt, a Medical-SAM3 or medsam3-monai "
-                            "checkpoint")
-    model.add_argument("--image-size", type=int, default=None, metavar="N",
-                       help="slice-space size of the tiny network (default 112)")
+    add_model_options(model)
     model.add_argument("--protocol", default=None, help="2D protocol: top_query (default), threshold, semantic")
     model.add_argument("--score-threshold", type=float, default=0.5, metavar="F",
                        help="query score of the threshold protocol and of volume detections (0.5)")

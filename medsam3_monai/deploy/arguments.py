@@ -8,7 +8,17 @@ import shutil
 from pathlib import Path
 from typing import Any, Callable
 
-__all__ = ["at_least", "ct_window", "pixels", "remove_output"]
+__all__ = ["add_model_options", "at_least", "ct_window", "pixels", "remove_output"]
+
+
+def add_model_options(parser: Any) -> None:
+    """``--checkpoint`` (default tiny) and ``--image-size`` of the sub-commands that run one model (``segment``,
+    ``serve``, ``agent``) on ``parser`` (a parser or an argument group)."""
+    parser.add_argument("--checkpoint", default="tiny", metavar="SRC",
+                        help="'tiny' (random init, default), an HF folder, sam3.pt, a Medical-SAM3 or medsam3-monai "
+                             "checkpoint")
+    parser.add_argument("--image-size", type=int, default=None, metavar="N",
+                        help="slice-space size of the tiny network (default 112); must match a real checkpoint")
 
 
 def pixels(value: str) -> int:

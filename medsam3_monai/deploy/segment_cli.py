@@ -32,7 +32,7 @@ from pathlib import Path
 from typing import Any
 
 from ..protocol_registry import PROTOCOLS
-from .arguments import at_least, ct_window, pixels
+from .arguments import add_model_options, at_least, ct_window, pixels
 
 __all__ = ["StagedFiles", "add_parser", "run", "run_many", "write_label_volume", "write_mask_image",
            "write_prediction"]
@@ -83,11 +83,7 @@ def add_parser(subparsers: argparse._SubParsersAction) -> argparse.ArgumentParse
                              "unless every --datalist item has its own prompts")
     parser.add_argument("--box", action="append", nargs=4, type=float, metavar=("X1", "Y1", "X2", "Y2"),
                         help="box prompt in input pixels (2D only); once for all prompts or once per prompt")
-    parser.add_argument("--checkpoint", default="tiny", metavar="SRC",
-                        help="'tiny' (random init, default), an HF folder, sam3.pt, a Medical-SAM3 or medsam3-monai "
-                             "checkpoint")
-    parser.add_argument("--image-size", type=int, default=None, metavar="N",
-                        help="slice-space size of the tiny network (default 112); must match a real checkpoint")
+    add_model_options(parser)
     parser.add_argument("--protocol", choices=list(PROTOCOLS), default=None, help="2D protocol (default top_query)")
     parser.add_argument("--score-threshold", type=float, default=0.5, metavar="F",
                         help="query score of the threshold protocol and of volume detections (0.5)")

@@ -9,6 +9,8 @@ import os
 import re
 from typing import Any
 
+from .arguments import add_model_options
+
 __all__ = ["add_parser", "build_server", "run"]
 
 _EPILOG = """\
@@ -42,11 +44,7 @@ def add_parser(subparsers: argparse._SubParsersAction) -> argparse.ArgumentParse
         epilog=_EPILOG,
         formatter_class=argparse.RawDescriptionHelpFormatter,
     )
-    parser.add_argument("--checkpoint", default="tiny", metavar="SRC",
-                        help="'tiny' (random init, default), an HF folder, sam3.pt, a Medical-SAM3 or medsam3-monai "
-                             "checkpoint")
-    parser.add_argument("--image-size", type=int, default=None, metavar="N",
-                        help="slice-space size of the tiny network (default 112); must match a real checkpoint")
+    add_model_options(parser)
     parser.add_argument("--host", default="127.0.0.1", help="address to listen on (default 127.0.0.1)")
     parser.add_argument("--port", type=int, default=8000, help="port (default 8000; 0 = any free port)")
     parser.add_argument("--token", default=None,
