@@ -81,7 +81,7 @@ _FIELD_HINTS = {
 class _ClientParams(BaseModel):
     """What every model's ``params`` share: unknown keys refused, the options MONAI Label clients add on their own
     (``CLIENT_PARAMS``), blank options (3D Slicer sends empty texts for options left blank) meaning "not given",
-    and the checks of ``protocol`` (declared by each model) and of the result format."""
+    the input's ``modality``, and the checks of ``protocol`` (declared by each model) and of the result format."""
 
     model_config = ConfigDict(extra="forbid", populate_by_name=True)
 
@@ -90,6 +90,8 @@ class _ClientParams(BaseModel):
     result_dtype: StrictStr | None = Field(None, description="label file data type, e.g. uint8 (default), uint16")
     result_compress: StrictBool = Field(False, description="gzip the NRRD data")
     restore_label_idx: StrictBool = Field(False, description="accepted; label values always follow prompt order")
+    modality: Annotated[StrictStr, Field(max_length=64)] | None = Field(
+        None, description="intensity rule: CT, MRI, X-ray, ultrasound, endoscopy, ...")
 
     @model_validator(mode="before")
     @classmethod
@@ -130,8 +132,6 @@ class InferParams(_ClientParams):
     box: _Box | Annotated[list[_Box | None], Field(min_length=1)] | None = Field(
         None, description="2D only: [x1, y1, x2, y2] in pixels for every prompt, or one per prompt (null: none)")
     protocol: StrictStr | None = Field(None, description="2D: top_query (default), threshold or semantic")
-    modality: Annotated[StrictStr, Field(max_length=64)] | None = Field(
-        None, description="intensity rule: CT, MRI, X-ray, ultrasound, endoscopy, ...")
 
     @model_validator(mode="before")
     @classmethod
@@ -199,8 +199,6 @@ class AgentParams(_ClientParams):
 
     request: StrictStr = Field(description="what to segment, in words, e.g. 'segment the lesion in the upper left "
                                            "quadrant'")
-    modality: Annotated[StrictStr, Field(max_length=64)] | None = Field(
-        None, description="intensity rule: CT, MRI, X-ray, ultrasound, endoscopy, ...")
     protocol: StrictStr | None = Field(None, description="2D: the protocol of MedSAM3's masks (top_query default)")
     trace: StrictBool = Field(False, description="add the agent's trace (messages without images, tool calls, "
                                                  "marks, timings) to the result JSON")
@@ -272,7 +270,8 @@ def _describe(err: ValidationError, model: type[BaseModel] = InferParams) -> str
     unknown = sorted(str(e["loc"][0]) for e in err.errors() if e["type"] == "extra_forbidden" and e["loc"])
     problems: list[str] = []
     if unknown:
-        known = [name for name in model.model_fields if name not in CLIENT_PARAMS]
+        known = sorted((name for name in model.model_fields if name not in CLIENT_PARAMS),
+                       key=lambda name: name in _ClientParams.model_fields)  # the model's own params first
         problems.append(f"unknown params {[u[:64] for u in unknown]}: use {', '.join(known)} "
                         f"(MONAI Label clients may add {', '.join(CLIENT_PARAMS)})")
     seen: set[str] = set()
