@@ -231,15 +231,21 @@ class CaseInferer(Inferer):
     def label(self) -> str:
         return protocol_label(self.protocol, self.box_prompts)
 
-    def __call__(self, inputs: Sequence[dict[str, Any]], network: torch.nn.Module, *args: Any, **kwargs: Any
-                 ) -> CasePrediction:
+    def _case_items(self, inputs: Sequence[dict[str, Any]] | dict[str, Any]
+                    ) -> tuple[list[dict[str, Any]], list[dict[str, Any]]]:
+        """``(items, case_items)``: the case's slice items, and copies of them for the inferer (with the ground-truth
+        boxes when ``box_prompts``)."""
         items = [inputs] if isinstance(inputs, dict) else list(inputs)
-        first = items[0]
-        image, truth = first[self.image_key], first.get(self.label_key)
-        is_volume = "volume_shape" in getattr(image, "meta", {})
         case_items = [dict(item) for item in items]
         if self.box_prompts:
-            self._add_ground_truth_boxes(case_items[0], truth, is_volume)
+            first = items[0]
+            image, truth = first[self.image_key], first.get(self.label_key)
+            self._add_ground_truth_boxes(case_items[0], truth, "volume_shape" in getattr(image, "meta", {}))
+        return items, case_items
+
+    def __call__(self, inputs: Sequence[dict[str, Any]], network: torch.nn.Module, *args: Any, **kwargs: Any
+                 ) -> CasePrediction:
+        items, case_items = self._case_items(inputs)
         case = self.postprocessing(self.cases(case_items, network))
         label_map = convert_to_tensor(case["pred"], track_meta=False)[0]
         seeds = case.get("seed_slices")
@@ -318,20 +324,14 @@ class EnsembleCaseInferer(CaseInferer):
 
         from ..agent.fusion import fuse_by_confidence
 
-        items = [inputs] if isinstance(inputs, dict) else list(inputs)
-        first = items[0]
-        image, truth = first[self.image_key], first.get(self.label_key)
-        is_volume = "volume_shape" in getattr(image, "meta", {})
-        values, texts = item_prompts(first)
-        variants = first.get(self.variants_key) or {}
+        items, case_items = self._case_items(inputs)
+        values, texts = item_prompts(items[0])
+        variants = items[0].get(self.variants_key) or {}
         phrasings = [[str(p) for p in (variants.get(str(v)) or [t])] for v, t in zip(values, texts)]
         owners = [c for c, group in enumerate(phrasings) for _ in group]
         flat = [text for group in phrasings for text in group]
-        case_items = [dict(item) for item in items]
-        if self.box_prompts:
-            self._add_ground_truth_boxes(case_items[0], truth, is_volume)
-            if case_items[0].get("box") is not None:
-                case_items[0]["box"] = [case_items[0]["box"][c] for c in owners]
+        if self.box_prompts and case_items[0].get("box") is not None:  # a class's box for each of its phrasings
+            case_items[0]["box"] = [case_items[0]["box"][c] for c in owners]
         for item in case_items:
             item["prompts"] = {str(k + 1): text for k, text in enumerate(flat)}
             item.pop(self.variants_key, None)
