@@ -16,7 +16,7 @@ import torch
 
 from .aggregate import MetricTable
 
-__all__ = ["CLASS_COLOURS", "overlay_figure", "radar_chart", "radiological_view"]
+__all__ = ["CLASS_COLOURS", "overlay_figure", "radar_chart", "radiological_view", "save_figure"]
 
 #: fill colour of label value c (cycled): a colour-blind-friendly qualitative set (Okabe-Ito)
 CLASS_COLOURS = ("#E69F00", "#56B4E9", "#009E73", "#F0E442", "#0072B2", "#D55E00", "#CC79A7")
@@ -31,6 +31,15 @@ def _figure(width: float, height: float):
     figure = Figure(figsize=(width, height), dpi=100)
     FigureCanvasAgg(figure)
     return figure
+
+
+def save_figure(figure: Any, path: str | Path) -> Path:
+    """Lay ``figure`` out and write it to ``path`` (its folder made when missing); returns the path."""
+    figure.tight_layout()
+    path = Path(path)
+    path.parent.mkdir(parents=True, exist_ok=True)
+    figure.savefig(path)
+    return path
 
 
 def radar_chart(
@@ -66,11 +75,7 @@ def radar_chart(
     if table.protocol:
         heading += f" ({table.protocol})"
     ax.set_title(heading, fontsize=10, pad=24)
-    figure.tight_layout()
-    path = Path(path)
-    path.parent.mkdir(parents=True, exist_ok=True)
-    figure.savefig(path)
-    return path
+    return save_figure(figure, path)
 
 
 def radiological_view(plane: torch.Tensor, affine: Any, row_axis: int, col_axis: int) -> torch.Tensor:
@@ -150,11 +155,7 @@ def overlay_figure(
         panels[2].legend(handles=handles, loc="lower right", fontsize=7, framealpha=0.7)
     if title:
         figure.suptitle(title, fontsize=10)
-    figure.tight_layout()
-    path = Path(path)
-    path.parent.mkdir(parents=True, exist_ok=True)
-    figure.savefig(path)
-    return path
+    return save_figure(figure, path)
 
 
 def _legend_handles(values: Sequence[int], names: Sequence[str]):

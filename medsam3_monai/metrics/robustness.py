@@ -333,7 +333,7 @@ def robustness_table(records: Mapping[str, Iterable[Mapping[str, Any]]], plan: P
 def robustness_plot(table: RobustnessTable, path: str | Path, title: str | None = None) -> Path:
     """Dice (%) per dataset and concept: every single phrasing (grey dots) with the worst-to-best range, the
     canonical phrasing, the worst one and the ensemble. Matplotlib's object API on an Agg canvas."""
-    from .plots import _figure
+    from .plots import _figure, save_figure
 
     entries = [s for s in table.summary if s["dataset"] != "overall"]
     if not entries:
@@ -375,8 +375,4 @@ def robustness_plot(table: RobustnessTable, path: str | Path, title: str | None 
     if table.protocol:
         heading += f" ({table.protocol})"
     ax.set_title(heading, fontsize=10)
-    figure.tight_layout()
-    path = Path(path)
-    path.parent.mkdir(parents=True, exist_ok=True)
-    figure.savefig(path)
-    return path
+    return save_figure(figure, path)
