@@ -49,12 +49,16 @@ class InstanceMasks:
             offsets.append((r1, c1))
         return cls(masks.shape[-2:], crops, torch.tensor(offsets, dtype=torch.long).reshape(-1, 2))
 
+    def _extents(self) -> torch.Tensor:
+        """``(N, 2)`` long: each crop's (rows, columns)."""
+        return torch.tensor([tuple(c.shape) for c in self.crops], dtype=torch.long).reshape(-1, 2)
+
     def boxes_cxcywh(self) -> torch.Tensor:
         """``(N, 4)`` float32 cx, cy, w, h in ``[0, 1]`` of each crop's extent (zeros for an empty crop): the masks'
         boxes when the crops are tight (every border row and column set), as :meth:`from_dense` and
         ``LabelToInstancesd`` make them."""
         height, width = self.size
-        extent = torch.tensor([tuple(c.shape) for c in self.crops], dtype=torch.long).reshape(-1, 2)
+        extent = self._extents()
         y1, x1 = self.offsets[:, 0].float(), self.offsets[:, 1].float()
         y2, x2 = y1 + extent[:, 0].float(), x1 + extent[:, 1].float()
         boxes = torch.stack([(x1 + x2) / 2 / width, (y1 + y2) / 2 / height, (x2 - x1) / width, (y2 - y1) / height], 1)
@@ -112,7 +116,7 @@ class InstanceMasks:
         """:meth:`to_dense` with the crops flattened into one buffer (one host-to-device copy; pinned on CUDA) and
         their pixels' flat indices in the output computed on ``device`` (``repeat_interleave``, no host sync)."""
         height, width = self.size
-        extent = torch.tensor([tuple(c.shape) for c in self.crops], dtype=torch.long).reshape(-1, 2)
+        extent = self._extents()
         sizes = extent.prod(1)
         total = int(sizes.sum())
         out = torch.zeros((len(self), height, width), dtype=torch.bool, device=device)
