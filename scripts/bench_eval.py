@@ -14,6 +14,9 @@ Prints one JSON object. 2D, on real samples from ../shared/data (Kvasir-SEG JPEG
   whole per-image cost; ``report_s`` the one-off report writing (cases.csv, tables, radar; no MLflow).
 
 Each number is the median over ``--repeats`` runs after a warm-up, per image, averaged over the images.
+``multi_class_metrics``: the metrics of a synthetic 20-class label map of 100 x 256 x 256 voxels (no spacing) as
+the evaluation computes them (``metrics.label_map_metrics``: one joint histogram for all classes) against class by
+class (each class's masks and ``case_metrics``), seconds and their ratio (the counts are checked equal).
 3D (when ``medsam3_monai.inferers.volume`` exists): slices per second of the volume path (detector on every
 slice + tracker propagation + inversion + merge + metrics) for a real hippocampus volume and the same volume
 repeated along the slice axis (2x, 4x slices): near-constant slices/s means linear scaling.
@@ -128,6 +131,25 @@ def bench_2d(network, repeats: int, folder: Path) -> dict:
     }
 
 
+def bench_multi_class_metrics(classes: int = 20, shape: tuple[int, int, int] = (100, 256, 256)) -> dict:
+    from medsam3_monai.metrics import case_metrics, label_map_metrics
+
+    generator = torch.Generator().manual_seed(0)
+    pred = torch.randint(0, classes + 1, shape, generator=generator, dtype=torch.int32)
+    truth = torch.randint(0, classes + 1, shape, generator=generator).to(torch.uint8)
+    values = list(range(1, classes + 1))
+    start = time.perf_counter()
+    one_by_one = [case_metrics(pred == v, truth == v) for v in values]
+    one_by_one_s = time.perf_counter() - start
+    start = time.perf_counter()
+    together = [metrics for metrics, _ in label_map_metrics(pred, truth, values)]
+    together_s = time.perf_counter() - start
+    if together != one_by_one:
+        raise RuntimeError("label_map_metrics and case_metrics disagree")
+    return {"classes": classes, "voxels": pred.numel(), "class_by_class_s": round(one_by_one_s, 4),
+            "label_map_s": round(together_s, 4), "class_by_class_over_label_map": round(one_by_one_s / together_s, 2)}
+
+
 def bench_3d(network, repeats: int) -> dict | None:
     if importlib.util.find_spec("medsam3_monai.inferers.volume") is None:
         return None
@@ -186,7 +208,7 @@ def main() -> None:
         two_d = bench_2d(network, args.repeats, Path(tmp))
     result = {
         "network": "tiny", "image_size": network.image_size, "device": "cpu", "threads": torch.get_num_threads(),
-        "protocol": "top_query", "2d": two_d,
+        "protocol": "top_query", "2d": two_d, "multi_class_metrics": bench_multi_class_metrics(),
         "3d": None if args.no_3d else bench_3d(network, args.repeats),
         "torch": torch.__version__, "machine": platform.machine(),
     }
