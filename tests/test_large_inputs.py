@@ -60,7 +60,6 @@ def segment(*args: str) -> int:
 def tiled(monkeypatch):
     """Every 2D picture takes the tiled passes (as a picture of more than EAGER_MAX_PIXELS would)."""
     monkeypatch.setattr(slices, "EAGER_MAX_PIXELS", 0)
-    monkeypatch.setattr(postprocess, "EAGER_MAX_PIXELS", 0)
 
 
 # ------------------------------------------------------------------------------------------------ refusal
@@ -258,7 +257,7 @@ def test_the_tiled_inverse_and_merge_give_the_label_map_of_invertd(tmp_path, til
                                                                                                 inverted.affine)
 
 
-def test_small_pictures_and_volume_slices_take_invertd_unchanged(tmp_path):
+def test_small_pictures_give_invertds_label_map_and_volume_slices_take_invertd_unchanged(tmp_path):
     source = picture(tmp_path / "p.png")
     chain = inference_chain()
     items = _case(source, chain, 2)
@@ -288,7 +287,6 @@ def test_segment_cli_is_unchanged_for_small_pictures_and_shows_progress_only_for
     assert segment(str(source), "--prompt", "disc", "--prompt", "background", "--out", str(small)) == 0
     assert "masks at" not in capsys.readouterr().err
     monkeypatch.setattr(slices, "EAGER_MAX_PIXELS", 0)
-    monkeypatch.setattr(postprocess, "EAGER_MAX_PIXELS", 0)
     monkeypatch.setattr(slices, "PROGRESS_MIN_PIXELS", 1000)
     monkeypatch.setattr(postprocess, "PROGRESS_MIN_PIXELS", 1000)
     large = tmp_path / "large.png"

@@ -131,8 +131,8 @@ class CasePrediction:
     Attributes:
         items: the slice-space items of the case (one for a 2D image, D for a volume).
         values, prompts: the class label values and their prompt texts, in prompt order.
-        pred: the merged prediction as a label map, (H, W) or (X, Y, Z) int32 (label values, 0 background):
-            one array whatever the number of prompts.
+        pred: the merged prediction as a label map, (H, W) or (X, Y, Z) of an integer dtype (uint8 when every
+            label value fits, else int32; label values, 0 background): one array whatever the number of prompts.
         truth: the native class map (H, W) or (X, Y, Z), or None for an unlabelled item.
         scores: (P,) per prompt: the protocol's score (2D) or the best slice score (volume).
         spacing: per-axis spacing in mm (array axis order) or None when unknown.
@@ -267,7 +267,9 @@ class CaseInferer(Inferer):
             if tuple(truth_map.shape) != tuple(label_map.shape):
                 raise RuntimeError(f"prediction {tuple(label_map.shape)} and label {tuple(truth_map.shape)} differ in "
                                    f"shape for case {first.get('case')}: the inversion did not restore the geometry")
-        return CasePrediction(items, values, prompts, label_map.to(torch.int32), truth_map, scores,
+        if label_map.is_floating_point() or label_map.dtype == torch.bool:
+            label_map = label_map.to(torch.int32)
+        return CasePrediction(items, values, prompts, label_map, truth_map, scores,
                               _spacing(first, truth, is_volume), is_volume, seeds)
 
     def _add_ground_truth_boxes(self, item: dict[str, Any], truth: Any, is_volume: bool) -> None:

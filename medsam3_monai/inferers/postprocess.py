@@ -5,14 +5,14 @@ items of one input (one item for a 2D image, D for a volume), each carrying ``pr
 for volumes, ``confidence``) from :class:`~medsam3_monai.inferers.predict.PromptInferer`:
 
 1. :class:`InvertToInputd` (MONAI ``Invertd``) on every slice item (a ``Compose`` that maps over the list): the
-   slice-space maps go back to the image's (or slice's) own size, bilinearly -- logits stay logits. A 2D
-   picture of more than ``EAGER_MAX_PIXELS`` keeps its (P, S, S) maps with the inverse recorded
-   (``meta["pending_inverse"]``): step 3 applies it one row tile at a time;
+   slice-space maps go back to the slice's own size, bilinearly -- logits stay logits. A 2D picture keeps its
+   (P, S, S) maps with the inverse recorded (``meta["pending_inverse"]``): step 3 applies it;
 2. :class:`~medsam3_monai.transforms.RestackSlicesd`: the slices of a volume become (P, X, Y, Z) with the
    volume's affine (a 2D case passes through);
 3. :class:`MergePromptsd`: mask = logit > 0 per prompt; overlaps go to the prompt with the highest
    confidence at the pixel (:func:`~medsam3_monai.metrics.merge.merge_classes`) -> a (1, *spatial) label map
-   (for a pending inverse: tile by tile, so the native-size memory is the uint8 label map alone);
+   (for a pending inverse: the bilinear values are computed only near the masks' boundaries, exactly --
+   :mod:`~medsam3_monai.inferers.boundary_merge` -- so the native-size work and memory are the label map's);
 4. (bundle) :class:`ImageOrVolumed` dispatching to a MONAI ``SaveImaged`` for PNG (2D, with
    :class:`RowsFirstPILWriter`) or NIfTI (volumes).
 
@@ -22,6 +22,7 @@ The outer ``Compose`` must be built with ``map_items=False`` so that steps 2-4 s
 from __future__ import annotations
 
 from collections.abc import Hashable, Mapping
+from contextlib import nullcontext
 from copy import deepcopy
 from pathlib import Path
 from typing import Any, Callable
@@ -30,22 +31,14 @@ import torch
 from monai.config import KeysCollection
 from monai.data import MetaTensor
 from monai.data.image_writer import PILWriter
-from monai.transforms import (
-    Compose,
-    InvertibleTransform,
-    Invertd,
-    MapTransform,
-    Resize,
-    Resized,
-    TraceableTransform,
-    Transform,
-)
-from monai.transforms.utils import allow_missing_keys_mode, scale_affine
+from monai.transforms import Compose, InvertibleTransform, Invertd, MapTransform, Resized, Transform
+from monai.transforms.utils import allow_missing_keys_mode
 from monai.utils import TraceKeys
 
 from ..metrics.merge import merge_classes
 from ..transforms.intensity import row_tiles
-from ..transforms.slices import EAGER_MAX_PIXELS, PROGRESS_MIN_PIXELS, bilinear_weights, tile_progress, upsample_rows
+from ..transforms.slices import PROGRESS_MIN_PIXELS, bilinear_weights, tile_progress, upsample_rows
+from .boundary_merge import boundary_label_index
 
 __all__ = [
     "PENDING_INVERSE",
@@ -96,15 +89,28 @@ def materialize_inverse(maps: Any) -> Any:
     return out
 
 
-class InvertToInputd(Invertd):
-    """MONAI ``Invertd`` that leaves the bilinear inverse of large 2D pictures to :class:`MergePromptsd`.
+def _inverse_scaling(current: tuple[int, ...], original: tuple[int, ...], rank: int) -> torch.Tensor:
+    """(rank, rank) float64: MONAI's ``scale_affine(current, original)`` (centred, ``align_corners=False``, the same
+    arithmetic) placed in an affine of ``rank`` (``to_affine_nd``), built without numpy's error-state set-up."""
+    scaling = torch.eye(rank, dtype=torch.float64)
+    if current == original:
+        return scaling
+    for axis, (now, before) in enumerate(zip(current, original)):
+        factor = float(now) / float(max(before, 1))
+        scaling[axis, axis] = factor
+        scaling[axis, -1] = (factor - 1) / 2.0
+    return scaling
 
-    A 2D item (not a volume slice) whose picture has more than ``EAGER_MAX_PIXELS`` pixels, when the
-    preprocessing's only invertible step is its slice-space resize (``ResizeToSliced``, bilinear): ``keys`` keep
-    their (P, S, S) slice-space values and get the metadata ``Invertd`` would give them (the picture's affine
-    and meta, the resize popped), plus ``meta["pending_inverse"] = {"spatial_size": [H, W]}``.
-    :class:`MergePromptsd` resizes them tile by tile (:func:`materialize_inverse` makes the full maps).
-    Everything else -- volume slices, small pictures, other preprocessing -- is ``Invertd``'s, unchanged.
+
+class InvertToInputd(Invertd):
+    """MONAI ``Invertd`` that leaves the bilinear inverse of 2D pictures to :class:`MergePromptsd`.
+
+    A 2D item (not a volume slice), when the preprocessing's only invertible step is its slice-space resize
+    (``ResizeToSliced``, bilinear): ``keys`` keep their (P, S, S) slice-space values and get the metadata
+    ``Invertd`` would give them (the picture's affine and meta, the resize popped), plus
+    ``meta["pending_inverse"] = {"spatial_size": [H, W]}``. :class:`MergePromptsd` thresholds and merges them at
+    the picture's size without resizing every pixel (:func:`materialize_inverse` makes the full maps).
+    Everything else -- volume slices, other preprocessing -- is ``Invertd``'s, unchanged.
 
     Args:
         defer_2d: defer the 2D inverse as above (False: plain ``Invertd``).
@@ -126,17 +132,24 @@ class InvertToInputd(Invertd):
         d.update(deferred)
         return d
 
+    def _slice_resizer(self) -> Any:
+        """The preprocessing's slice-space resizer when its only invertible step is a ``Resized``, else None (looked up
+        once per preprocessing)."""
+        if getattr(self, "_resizer_of", (None,))[0] is not self.transform:
+            steps = self.transform.flatten().transforms if isinstance(self.transform, Compose) else [self.transform]
+            invertible = [t for t in steps if isinstance(t, InvertibleTransform)]
+            resizer = invertible[0].resizer if len(invertible) == 1 and isinstance(invertible[0], Resized) else None
+            self._resizer_of = (self.transform, resizer)
+        return self._resizer_of[1]
+
     def _resize_record(self, image: Any) -> Mapping[str, Any] | None:
         """The slice-space resize record of ``image`` when it is the only operation to invert, else None."""
         if not isinstance(image, MetaTensor) or len(image.applied_operations) != 1 or image.ndim != 3:
             return None
-        steps = self.transform.flatten().transforms if isinstance(self.transform, Compose) else [self.transform]
-        invertible = [t for t in steps if isinstance(t, InvertibleTransform)]
-        if len(invertible) != 1 or not isinstance(invertible[0], Resized):
-            return None
+        resizer = self._slice_resizer()
         record = image.applied_operations[0]
         extra = record.get(TraceKeys.EXTRA_INFO, {})
-        if record.get(TraceKeys.ID) != id(invertible[0].resizer) or extra.get("mode") != "bilinear" \
+        if resizer is None or record.get(TraceKeys.ID) != id(resizer) or extra.get("mode") != "bilinear" \
                 or extra.get("align_corners") not in (False, TraceKeys.NONE) or extra.get("new_dim", 0):
             return None
         return record
@@ -153,23 +166,13 @@ class InvertToInputd(Invertd):
         if record is None:
             return None
         orig_size = tuple(int(v) for v in record[TraceKeys.ORIG_SIZE])
-        if orig_size[0] * orig_size[1] <= EAGER_MAX_PIXELS:
-            return None
-        # what Invertd + Resize.inverse do to the metadata (monai.transforms.spatial.functional.resize)
-        holder = MetaTensor(torch.zeros(1, *image.shape[1:]))
-        holder.applied_operations = deepcopy(image.applied_operations[:-1])
-        holder.meta = deepcopy(image.meta)
-        extra = record[TraceKeys.EXTRA_INFO]
-        align_corners = None if extra["align_corners"] == TraceKeys.NONE else extra["align_corners"]
-        inverse = Resize(spatial_size=orig_size, mode="bilinear", align_corners=align_corners, dtype=extra["dtype"])
-        with inverse.trace_transform(False):
-            meta_info = TraceableTransform.track_transform_meta(
-                holder, sp_size=orig_size, affine=scale_affine(tuple(image.shape[1:]), orig_size, align_corners=False),
-                extra_info={"mode": "bilinear", "align_corners": extra["align_corners"], "dtype": extra["dtype"],
-                            "new_dim": 0},
-                orig_size=tuple(image.shape[1:]), transform_info=inverse.get_transform_info(), lazy=False,
-            )
-        out = MetaTensor(_plain(maps).detach().float()).copy_meta_from(meta_info)
+        # what Invertd + Resize.inverse do to the metadata (monai.transforms.inverse.track_transform_meta with
+        # lazy=False, trace off): the picture's meta with its affine composed with the inverse resize's scaling,
+        # and its operations without the resize
+        affine = image.affine.to(torch.float64)
+        meta = {**image.meta, "affine": affine @ _inverse_scaling(tuple(image.shape[1:]), orig_size, affine.shape[-1])}
+        out = MetaTensor(_plain(maps).detach().float(), meta=meta,
+                         applied_operations=deepcopy(image.applied_operations[:-1]))
         out.meta[PENDING_INVERSE] = {"spatial_size": list(orig_size)}
         return out
 
@@ -220,7 +223,7 @@ class MergePromptsd(MapTransform):
         for key in self.key_iterator(d):
             pred = d[key]
             if pending_inverse(pred) is not None:
-                d[key] = self._merge_tiles(d, pred)
+                d[key] = self._merge_pending(d, pred)
                 if self.drop_confidence and self.confidence_key:
                     d.pop(self.confidence_key, None)
                 continue
@@ -250,34 +253,27 @@ class MergePromptsd(MapTransform):
             raise ValueError(f"{len(values)} label values for {num_prompts} prompt maps in '{key}'")
         return values
 
-    def _merge_tiles(self, d: Mapping[Hashable, Any], pred: MetaTensor) -> MetaTensor:
-        """The label map of maps with a pending inverse, one row tile at a time (same rule as ``__call__``)."""
+    def _merge_pending(self, d: Mapping[Hashable, Any], pred: MetaTensor) -> MetaTensor:
+        """The label map of maps with a pending inverse (same rule as ``__call__``), resized only where the masks'
+        boundaries are (:func:`~medsam3_monai.inferers.boundary_merge.boundary_label_index`)."""
         size = pending_inverse(pred)
-        maps = _plain(pred).float()
+        maps = _plain(pred)
         num_prompts = maps.shape[0]
         values = self._values(d, num_prompts)
         dtype = torch.uint8 if max(values) <= 255 else torch.int32
-        lut = None if values == list(range(1, num_prompts + 1)) else torch.tensor([0, *values], dtype=dtype)
         given = d.get(self.confidence_key) if self.confidence_key else None
-        confidence = None if given is None else _plain(given).float()
-        columns = None if given is None else bilinear_weights(confidence.shape[-1], size[1])
-        labels = torch.zeros((1, *size), dtype=dtype)
+        scores = d.get(self.scores_key) if self.scores_key and given is None else None
         show = self.progress and size[0] * size[1] >= PROGRESS_MIN_PIXELS
         desc = f"{Path(str(pred.meta.get('filename_or_obj', 'image'))).name}: masks at {size[0]}x{size[1]}"
-        for start, stop, logits in _inverse_tiles(maps, size, num_prompts, desc, show):
-            masks = logits > self.threshold
-            if num_prompts == 1:
-                index = masks[0].to(torch.uint8)
-            else:
-                if confidence is None:
-                    tile_confidence = self._confidence(d, logits)
-                elif pending_inverse(given) is not None:
-                    tile_confidence = upsample_rows(confidence, size, start, stop, columns)
-                else:
-                    tile_confidence = confidence[:, start:stop]
-                index = merge_classes(tile_confidence, masks)
-            labels[0, start:stop] = index.to(dtype) if lut is None else lut[index.long()]
-        out = MetaTensor(labels, meta=dict(pred.meta))
+        with tile_progress(size[0], desc, show) if show else nullcontext() as bar:
+            index = torch.from_numpy(boundary_label_index(
+                maps, size, self.threshold, scores=scores, confidence=None if given is None else _plain(given),
+                progress=bar.update if show else None))
+        if values == list(range(1, num_prompts + 1)):
+            labels = index.to(dtype)
+        else:
+            labels = torch.tensor([0, *values], dtype=dtype)[index.long()]
+        out = MetaTensor(labels[None], meta=dict(pred.meta))
         out.meta.pop(PENDING_INVERSE, None)
         return out
 

@@ -231,15 +231,33 @@ def label_overlaps(pred: torch.Tensor, truth: torch.Tensor, values: Sequence[int
         raise ValueError(f"label values must be positive (0 is the background), got {values}")
     if pred.numel() == 0:
         return [(0, 0, 0) for _ in values]
-    if int(pred.min()) < 0 or int(truth.min()) < 0:
+    if _has_negative(pred) or _has_negative(truth):
         raise ValueError("label maps must hold non-negative label values")
+    if len(values) <= FEW_VALUES:
+        return _value_counts(pred, truth, values)
     length = max([*values, int(pred.max()), int(truth.max())]) + 1
-    if len(values) <= FEW_VALUES or length * length > MAX_JOINT_BINS:
-        return [_bool_counts(pred == v, truth == v) for v in values]
+    if length * length > MAX_JOINT_BINS:
+        return _value_counts(pred, truth, values)
     pairs = pred.to(torch.int32) * length + truth.to(torch.int32)  # int32: length**2 is far below 2**31
     joint = torch.bincount(pairs, minlength=length * length).reshape(length, length)  # [pred value, truth value]
     n_pred, n_truth = joint.sum(1), joint.sum(0)
     return [(int(joint[v, v]), int(n_pred[v]), int(n_truth[v])) for v in values]
+
+
+def _has_negative(labels: torch.Tensor) -> bool:
+    return labels.dtype not in (torch.uint8, torch.bool) and int(labels.min()) < 0
+
+
+def _value_counts(pred: torch.Tensor, truth: torch.Tensor, values: Sequence[int]) -> list[tuple[int, int, int]]:
+    """``(|P∩T|, |P|, |T|)`` of each value, its masks compared one value at a time (numpy: on a CPU its elementwise
+    compares and counts of bytes are several times torch's)."""
+    p, t = pred.cpu().numpy(), truth.cpu().numpy()
+    out = []
+    for value in values:
+        in_pred, in_truth = p == value, t == value
+        out.append((int(np.count_nonzero(in_pred & in_truth)), int(np.count_nonzero(in_pred)),
+                    int(np.count_nonzero(in_truth))))
+    return out
 
 
 def label_map_metrics(

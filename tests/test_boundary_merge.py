@@ -1,0 +1,110 @@
+"""The native-size label map computed only near the masks' boundaries (``inferers.boundary_merge``) against the
+dense resize it replaces: every pixel of the bilinear resize, thresholded, merged by confidence."""
+
+from __future__ import annotations
+
+import numpy as np
+import pytest
+import torch
+import torch.nn.functional as F
+
+from medsam3_monai.inferers import boundary_merge
+from medsam3_monai.inferers.boundary_merge import boundary_label_index
+from medsam3_monai.metrics.merge import merge_classes
+from medsam3_monai.transforms.slices import upsample_rows
+
+
+def dense_label_index(maps: torch.Tensor, size: tuple[int, int], threshold: float = 0.0,
+                      scores: torch.Tensor | None = None, confidence: torch.Tensor | None = None) -> np.ndarray:
+    """The reference: resize every pixel (``upsample_rows``), threshold, merge by ``scores * sigmoid`` (or maps)."""
+    logits = upsample_rows(maps, size, 0, size[0])
+    masks = logits > threshold
+    if maps.shape[0] == 1:
+        return masks[0].numpy().astype(np.uint8)
+    if confidence is None:
+        confidence = logits.sigmoid() if scores is None else scores[:, None, None] * logits.sigmoid()
+    elif tuple(confidence.shape[-2:]) != tuple(size):
+        confidence = upsample_rows(confidence, size, 0, size[0])
+    return merge_classes(confidence, masks).numpy()
+
+
+def smooth_maps(generator: torch.Generator, prompts: int, h: int, w: int, offset: float = 0.0) -> torch.Tensor:
+    """Logit maps with blob-like masks (coarse noise resized up), as a mask head gives them."""
+    coarse = torch.randn(prompts, 1, max(2, h // 5), max(2, w // 5), generator=generator)
+    return F.interpolate(coarse, (h, w), mode="bilinear")[:, 0] * 6 + offset
+
+
+def test_equals_the_dense_resize_for_random_maps_sizes_and_prompt_counts():
+    generator = torch.Generator().manual_seed(0)
+    for trial in range(120):
+        prompts = 1 + trial % 3
+        h, w = (int(v) for v in torch.randint(3, 40, (2,), generator=generator))
+        size = tuple(int(v) for v in torch.randint(1, 150, (2,), generator=generator))  # up- and downsampling
+        maps = smooth_maps(generator, prompts, h, w, offset=3.0 if trial % 4 == 0 else 0.0)  # wide overlaps too
+        if trial % 5 == 0:
+            maps = torch.randn(prompts, h, w, generator=generator)  # noise: boundaries everywhere
+        if trial % 7 == 0:
+            maps[:, : h // 2] = 0.0  # logits exactly at the threshold
+        scores = torch.rand(prompts, generator=generator)
+        ours = boundary_label_index(maps, size, scores=scores)
+        assert ours.shape == size and ours.dtype == np.uint8
+        np.testing.assert_array_equal(ours, dense_label_index(maps, size, scores=scores), err_msg=f"trial {trial}")
+
+
+def test_a_single_prompt_gives_the_mask_of_torch_interpolate():
+    generator = torch.Generator().manual_seed(1)
+    for size in ((529, 622), (1070, 1348), (50, 40)):
+        maps = smooth_maps(generator, 1, 112, 112)
+        expected = (F.interpolate(maps[None], size, mode="bilinear", align_corners=False)[0, 0] > 0).numpy()
+        np.testing.assert_array_equal(boundary_label_index(maps, size), expected.astype(np.uint8))
+
+
+def test_both_ways_of_resolving_open_pixels_are_used_and_agree(monkeypatch):
+    """Few open pixels are interpolated one by one; a tile where most are open is resized densely."""
+    generator = torch.Generator().manual_seed(2)
+    rows, columns = torch.meshgrid(torch.arange(60.0), torch.arange(60.0), indexing="ij")
+    sparse = torch.stack([15 - ((rows - 20) ** 2 + (columns - 25) ** 2).sqrt(),  # two discs, overlapping a little
+                          12 - ((rows - 40) ** 2 + (columns - 38) ** 2).sqrt()])
+    overlapping = smooth_maps(generator, 2, 60, 60, offset=20.0)  # both prompts claim everything: all open
+    calls = {"dense": 0, "pixels": 0}
+    dense, pixels = boundary_merge.upsample_rows, boundary_merge._open_values
+
+    def count(name, function):
+        def counted(*args, **kwargs):
+            calls[name] += 1
+            return function(*args, **kwargs)
+        return counted
+
+    monkeypatch.setattr(boundary_merge, "upsample_rows", count("dense", dense))
+    monkeypatch.setattr(boundary_merge, "_open_values", count("pixels", pixels))
+    for maps in (sparse, overlapping):
+        scores = torch.tensor([0.6, 0.4])
+        np.testing.assert_array_equal(boundary_label_index(maps, (300, 250), scores=scores),
+                                      dense_label_index(maps, (300, 250), scores=scores))
+    assert calls["dense"] > 0 and calls["pixels"] > 0
+
+
+def test_confidence_maps_a_threshold_and_non_finite_logits():
+    generator = torch.Generator().manual_seed(3)
+    maps = smooth_maps(generator, 3, 30, 30, offset=2.0)
+    size = (97, 83)
+    slice_confidence = torch.rand(3, 30, 30, generator=generator)
+    native_confidence = torch.rand(3, *size, generator=generator)
+    for confidence in (slice_confidence, native_confidence):
+        np.testing.assert_array_equal(boundary_label_index(maps, size, confidence=confidence),
+                                      dense_label_index(maps, size, confidence=confidence))
+    np.testing.assert_array_equal(boundary_label_index(maps, size, threshold=1.5),
+                                  dense_label_index(maps, size, threshold=1.5))
+    broken = maps.clone()
+    broken[0, 3, 4], broken[1, 10, 10], broken[2, 20, 5] = float("nan"), float("inf"), -float("inf")
+    np.testing.assert_array_equal(boundary_label_index(broken, size), dense_label_index(broken, size))
+    with pytest.raises(ValueError, match="confidence maps"):
+        boundary_label_index(maps, size, confidence=torch.rand(3, 7, 7))
+
+
+def test_more_than_254_prompts_give_an_int32_index():
+    generator = torch.Generator().manual_seed(4)
+    maps = torch.randn(300, 4, 5, generator=generator)
+    ours = boundary_label_index(maps, (9, 7))
+    assert ours.dtype == np.int32
+    np.testing.assert_array_equal(ours, dense_label_index(maps, (9, 7)))
