@@ -2,21 +2,32 @@
 
 Going back to a picture's own size is a bilinear resize of each prompt's (h, w) mask logits to (H, W), then
 ``mask = logit > threshold`` and, where several prompts claim a pixel, the most confident one
-(:func:`~medsam3_monai.metrics.merge.merge_classes`). A bilinear value is a convex combination of its 2 x 2
-source taps, so wherever all four taps of every prompt lie clearly on one side of the threshold, the
-thresholded value is known without interpolating:
+(:func:`~medsam3_monai.metrics.merge.merge_classes`). A bilinear value is a convex combination of its source
+taps, so wherever every prompt's taps lie clearly on one side of the threshold, the thresholded value is known
+without interpolating:
 
-* every prompt's taps below the threshold -> background;
-* one prompt's taps all above it, every other prompt's all below -> that prompt;
-* otherwise (a boundary, or two prompts overlapping) the pixel is *open*: its logits are interpolated with
-  the arithmetic of :func:`~medsam3_monai.transforms.slices.upsample_rows` and merged by the usual rule.
+* every prompt below the threshold -> background;
+* one prompt above it, every other one below -> that prompt;
+* otherwise (a boundary, or two prompts overlapping) the pixel stays *open*.
 
-"Clearly" means beyond a margin of ``MARGIN x`` the largest |logit| (the float rounding of a two-tap
-interpolation is below ``1e-6 x``), so a decided pixel is what the dense resize gives, and an open one is
-computed as the dense resize computes it: the label map equals the dense one's
-(``tests/test_boundary_merge.py``). The work at native size is one gather of the (h, w) block labels and a pass
-over the open pixels, a few per cent of a typical picture. A row tile where open pixels are many (noisy
-logits, prompts that overlap widely) is resized densely instead, which is then cheaper.
+This is decided in three steps, each on fewer pixels than the last:
+
+1. per *block* (the 2 x 2 taps shared by the outputs between two source rows and two source columns);
+2. in open blocks, per *column segment* (one output column between two source rows): the interpolation along
+   the columns -- ``upsample_rows``'s first pass -- gives the two values the segment's outputs are convex
+   combinations of;
+3. the remaining pixels: the second pass, then threshold and merge as the dense resize does.
+
+Blocks and segments are written at (h, W) and expanded to (H, W) by copying rows. "Clearly" means beyond a margin
+of ``MARGIN x`` the largest |logit| (the float rounding of a two-tap interpolation is below ``1e-6 x``), so a
+decided pixel is what the dense resize gives, and an open one is computed with
+:func:`~medsam3_monai.transforms.slices.upsample_rows`'s arithmetic. A row tile where open segments are many (noisy
+logits, prompts that overlap widely), or an output with fewer than ``BLOCK_MIN_UPSCALE`` times the slice space's
+pixels (a block per output pixel: SAM3's 1008 px slice space and a smaller picture), is resized densely instead,
+which is then cheaper: with ``torch.nn.functional.interpolate`` (MONAI ``Invertd``'s resize) when it is the whole
+picture, else ``upsample_rows``. The label map is the one of MONAI's dense inverse up to float rounding: only a pixel
+whose bilinear logit lies within rounding (about ``1e-6 x`` the largest |logit|) of the threshold, or whose two
+best confidences are that close, can differ (``tests/test_boundary_merge.py``).
 """
 
 from __future__ import annotations
@@ -26,18 +37,22 @@ from functools import lru_cache
 
 import numpy as np
 import torch
+import torch.nn.functional as F
 
 from ..metrics.merge import merge_classes
-from ..transforms.intensity import row_tiles
+from ..transforms.intensity import MAX_TILE_ELEMENTS, row_tiles
 from ..transforms.slices import bilinear_weights, upsample_rows
 
 __all__ = ["MARGIN", "boundary_label_index"]
 
 #: decided taps lie beyond this fraction of the largest |logit| (or |threshold|) from the threshold
 MARGIN = 1e-5
-#: an open pixel costs about this many pixels of a dense resize: a row tile with more open pixels than its
-#: pixels / DENSE_BREAK_EVEN is resized densely
+#: an open segment's pixel costs about this many pixels of a dense resize: a row tile with more open-segment
+#: pixels than its pixels / DENSE_BREAK_EVEN is resized densely
 DENSE_BREAK_EVEN = 6
+#: the block method needs the output to have at least this many times the slice space's pixels (each block
+#: standing for a few outputs); a smaller output is resized densely
+BLOCK_MIN_UPSCALE = 2
 
 
 class _Axis:
@@ -57,6 +72,16 @@ def _axis(in_size: int, out_size: int) -> _Axis:
     return _Axis(in_size, out_size)
 
 
+def _labels(above: np.ndarray, not_below: np.ndarray, open_mark: int) -> np.ndarray:
+    """Per-prompt (P, ...) "clearly above" and "not clearly below" -> (...) labels: 0 background, c + 1 when prompt c
+    alone claims and is clearly above, ``open_mark`` otherwise."""
+    if above.shape[0] == 1:
+        return np.where(above[0], 1, np.where(not_below[0], open_mark, 0))
+    claims = not_below.sum(0)
+    index = np.where(claims == 0, 0, not_below.argmax(0) + 1)
+    return np.where((claims == 0) | ((claims == 1) & above.any(0)), index, open_mark)
+
+
 def _block_all(x: np.ndarray) -> np.ndarray:
     """(P, h, w) bool -> (P, h, w): True where the 2 x 2 taps of block (i, j) -- rows i, i + 1 and columns j, j + 1,
     the last row and column repeated at the border -- are all True."""
@@ -66,44 +91,39 @@ def _block_all(x: np.ndarray) -> np.ndarray:
     return x
 
 
-def _block_index(maps: np.ndarray, threshold: float, open_mark: int, dtype: type) -> np.ndarray:
-    """(P, h, w) logits -> (h, w) block labels: 0 background, c + 1 prompt c, ``open_mark`` undecided."""
-    finite = np.abs(maps[np.isfinite(maps)]) if maps.size else maps
-    margin = MARGIN * max(float(finite.max()) if finite.size else 0.0, abs(threshold)) + 1e-30
-    above = _block_all(maps > threshold + margin)
-    not_below = ~_block_all(maps <= threshold - margin)
-    if maps.shape[0] == 1:
-        return np.where(above[0], 1, np.where(not_below[0], open_mark, 0)).astype(dtype)
-    claims = not_below.sum(0)
-    index = np.where(claims == 0, 0, not_below.argmax(0) + 1)
-    decided = (claims == 0) | ((claims == 1) & above.any(0))
-    return np.where(decided, index, open_mark).astype(dtype)
+class _Segments:
+    """Open column segments: K (source row, output column) pairs, each standing for the outputs of that column whose
+    first row tap is that source row; their interpolation along the columns (``upsample_rows``'s first pass)."""
 
+    def __init__(self, rows: _Axis, columns: _Axis, source_rows: np.ndarray, output_columns: np.ndarray) -> None:
+        self.rows, self.source_rows, self.output_columns = rows, source_rows, output_columns
+        self.left, self.right = np.take(columns.first, output_columns), np.take(columns.second, output_columns)
+        self.left_weight = torch.from_numpy(np.take(columns.first_weight, output_columns))
+        self.right_weight = torch.from_numpy(np.take(columns.second_weight, output_columns))
+        self.lower_rows = np.take(rows.second, np.take(rows.start, source_rows))
 
-def _along_columns(maps: torch.Tensor, slice_rows: np.ndarray, columns: _Axis, q: np.ndarray) -> torch.Tensor:
-    """(P, h, w) maps interpolated along the columns only, at slice rows ``slice_rows`` and output columns ``q``
-    (both (K,)) -> (P, K), as ``upsample_rows`` computes its first pass."""
-    flat, width = maps.reshape(maps.shape[0], -1).numpy(), maps.shape[-1]
-    at = slice_rows * width
-    first = torch.from_numpy(np.take(flat, at + columns.first[q], axis=1))
-    second = torch.from_numpy(np.take(flat, at + columns.second[q], axis=1))
-    return torch.addcmul(second * torch.from_numpy(columns.second_weight[q]), first,
-                         torch.from_numpy(columns.first_weight[q]))
+    def along_columns(self, maps: np.ndarray) -> tuple[torch.Tensor, torch.Tensor]:
+        """(P, h, w) maps -> their (P, K) column-interpolated values on the segments' upper and lower source rows."""
+        flat, width = maps.reshape(maps.shape[0], -1), maps.shape[-1]
 
+        def at(source_rows: np.ndarray) -> torch.Tensor:
+            base = source_rows * width
+            return torch.addcmul(torch.from_numpy(np.take(flat, base + self.right, axis=1)) * self.right_weight,
+                                 torch.from_numpy(np.take(flat, base + self.left, axis=1)), self.left_weight)
 
-def _open_values(maps: torch.Tensor, rows: _Axis, columns: _Axis, pair_rows: np.ndarray, pair_columns: np.ndarray
-                 ) -> tuple[torch.Tensor, np.ndarray, np.ndarray]:
-    """The bilinear values of the open pixels of K (slice row, output column) pairs: each pair stands for the output
-    rows whose first tap is that slice row. Returns (P, N) values and their output rows and columns (N,), computed
-    as ``upsample_rows`` computes them (columns first, once per pair; then rows)."""
-    top = _along_columns(maps, pair_rows, columns, pair_columns)
-    bottom = _along_columns(maps, rows.second[rows.start[pair_rows]], columns, pair_columns)
-    repeats = rows.count[pair_rows]
-    pair = np.repeat(np.arange(pair_rows.size), repeats)
-    o = rows.start[pair_rows][pair] + (np.arange(pair.size) - (np.cumsum(repeats) - repeats)[pair])
-    top, bottom = (torch.from_numpy(np.take(x.numpy(), pair, axis=1)) for x in (top, bottom))
-    values = torch.addcmul(bottom * torch.from_numpy(rows.second_weight[o]), top, torch.from_numpy(rows.first_weight[o]))
-    return values, o, pair_columns[pair]
+        return at(self.source_rows), at(self.lower_rows)
+
+    def pixels(self, upper: torch.Tensor, lower: torch.Tensor, chosen: np.ndarray
+               ) -> tuple[torch.Tensor, np.ndarray, np.ndarray]:
+        """The second pass over the outputs of segments ``chosen``: (P, N) values and their output rows and columns."""
+        repeats = self.rows.count[self.source_rows[chosen]]
+        # segment k's outputs are rows start + j, j < repeats[k], numbered consecutively across segments
+        rows = np.repeat(self.rows.start[self.source_rows[chosen]] - (np.cumsum(repeats) - repeats), repeats)
+        rows += np.arange(rows.size)
+        upper, lower = (torch.from_numpy(np.repeat(x[:, chosen].numpy(), repeats, axis=1)) for x in (upper, lower))
+        values = torch.addcmul(lower * torch.from_numpy(np.take(self.rows.second_weight, rows)), upper,
+                               torch.from_numpy(np.take(self.rows.first_weight, rows)))
+        return values, rows, np.repeat(self.output_columns[chosen], repeats)
 
 
 class _Confidence:
@@ -133,15 +153,15 @@ class _Confidence:
             return self.maps[:, start:stop]
         return upsample_rows(self.maps, self.size, start, stop, columns)
 
-    def pixels(self, logits: torch.Tensor, o: np.ndarray, q: np.ndarray,
-               values: Callable[[torch.Tensor], torch.Tensor]) -> torch.Tensor:
-        """(P, N) at output pixels (``o``, ``q``); ``values`` resizes slice-space maps to them."""
+    def pixels(self, logits: torch.Tensor, segments: _Segments, chosen: np.ndarray, rows: np.ndarray,
+               columns: np.ndarray) -> torch.Tensor:
+        """(P, N) at the outputs of segments ``chosen`` (rows ``rows``, columns ``columns``)."""
         if self.maps is None:
             return self.of_logits(logits)
         if self.native:
-            return torch.from_numpy(np.take(self.maps.reshape(self.maps.shape[0], -1).numpy(), o * self.size[1] + q,
-                                            axis=1))
-        return values(self.maps)
+            return torch.from_numpy(np.take(self.maps.reshape(self.maps.shape[0], -1).numpy(),
+                                            rows * self.size[1] + columns, axis=1))
+        return segments.pixels(*segments.along_columns(self.maps.numpy()), chosen)[0]
 
 
 def _merged(logits: torch.Tensor, confidence: Callable[[], torch.Tensor], threshold: float) -> np.ndarray:
@@ -154,9 +174,19 @@ def _merged(logits: torch.Tensor, confidence: Callable[[], torch.Tensor], thresh
     return merge_classes(confidence(), masks).numpy()
 
 
+def _resized_rows(maps: torch.Tensor, size: tuple[int, int], start: int, stop: int, columns: _Axis) -> torch.Tensor:
+    """Output rows ``start:stop`` of the dense bilinear resize, (P, stop - start, W): all rows at once with
+    ``torch.nn.functional.interpolate`` (MONAI ``Invertd``'s arithmetic, and several times faster), a row tile of
+    a large picture with ``upsample_rows`` (equal up to float rounding)."""
+    if start == 0 and stop == size[0]:
+        return F.interpolate(maps[None], size=size, mode="bilinear", align_corners=False)[0]
+    return upsample_rows(maps, size, start, stop, columns.weights)
+
+
 def _tiles(rows: _Axis, height: int, width: int, channels: int) -> list[tuple[int, int]]:
-    """Output row tiles (:func:`row_tiles`) moved to whole block rows: (first, one past the last) slice row."""
-    starts = sorted({int(rows.first[start]) for start, _ in row_tiles(height, width, channels)})
+    """Row tiles (:func:`row_tiles` of up to ``MAX_TILE_ELEMENTS``: a picture of up to that many pixels is one) moved to whole source rows: (first, one past the
+    last) source row, each with at least one output row."""
+    starts = sorted({int(rows.first[start]) for start, _ in row_tiles(height, width, channels, MAX_TILE_ELEMENTS)})
     return list(zip(starts, starts[1:] + [int(rows.first[-1]) + 1]))
 
 
@@ -181,32 +211,51 @@ def boundary_label_index(
         (H, W) numpy uint8 (int32 beyond 254 prompts): 0 background, c + 1 = prompt c.
     """
     maps = maps.detach().float().cpu().contiguous()
+    values = maps.numpy()
     num_prompts, h, w = maps.shape
     height, width = int(size[0]), int(size[1])
     open_mark = num_prompts + 1
+    dtype = np.uint8 if open_mark <= 255 else np.int32
     rows, columns = _axis(h, height), _axis(w, width)
-    blocks = _block_index(maps.numpy(), float(threshold), open_mark, np.uint8 if open_mark <= 255 else np.int32)
-    open_columns = (blocks == open_mark).take(columns.first, axis=1)  # (h, W): block row i, output column
-    index = blocks.take(columns.first, axis=1).take(rows.first, axis=0)
-    if not open_columns.any():
-        return index
-    flat = index.reshape(-1)
     weights = _Confidence(scores, confidence, (height, width), tuple(maps.shape))
-    pair_rows, pair_columns = np.divmod(np.flatnonzero(open_columns), width)
-    for low, high in _tiles(rows, height, width, num_prompts):
-        start, stop = int(rows.start[low]), int(rows.start[high - 1] + rows.count[high - 1])
-        first, last = np.searchsorted(pair_rows, [low, high])
-        tile_rows, tile_columns = pair_rows[first:last], pair_columns[first:last]
-        opened = int(rows.count[tile_rows].sum())
-        if opened == 0:
-            pass
-        elif opened * DENSE_BREAK_EVEN >= (stop - start) * width:
-            logits = upsample_rows(maps, (height, width), start, stop, columns.weights)
+    if height * width < BLOCK_MIN_UPSCALE * h * w:  # blocks of about one pixel: nothing to save, resize densely
+        index = np.empty((height, width), dtype)
+        for start, stop in row_tiles(height, width, num_prompts, MAX_TILE_ELEMENTS):
+            logits = _resized_rows(maps, (height, width), start, stop, columns)
             index[start:stop] = _merged(logits, lambda: weights.tile(logits, start, stop, columns.weights), threshold)
+            if progress is not None:
+                progress(stop - start)
+        return index
+    largest = float(np.abs(values).max()) if values.size else 0.0  # NaN / inf: every pixel open (the dense result)
+    high, low = threshold + MARGIN * max(largest, abs(threshold)) + 1e-30, threshold - MARGIN * max(
+        largest, abs(threshold)) - 1e-30
+    blocks = _labels(_block_all(values > high), ~_block_all(values <= low), open_mark).astype(dtype)
+    strip = blocks.take(columns.first, axis=1)  # (h, W): source row i, output column
+    index = np.empty((height, width), dtype)
+    flat = index.reshape(-1)
+    for first, last in _tiles(rows, height, width, num_prompts):
+        start, stop = int(rows.start[first]), int(rows.start[last - 1] + rows.count[last - 1])
+        part = strip[first:last]
+        opened = np.flatnonzero(part == open_mark)
+        source_rows, output_columns = np.divmod(opened, width)
+        source_rows += first
+        if int(np.take(rows.count, source_rows).sum()) * DENSE_BREAK_EVEN >= (stop - start) * width:
+            logits = _resized_rows(maps, (height, width), start, stop, columns)
+            index[start:stop] = _merged(logits, lambda: weights.tile(logits, start, stop, columns.weights), threshold)
+        elif opened.size == 0:
+            index[start:stop] = part.take(rows.first[start:stop] - first, axis=0)
         else:
-            logits, o, q = _open_values(maps, rows, columns, tile_rows, tile_columns)
-            flat[o * width + q] = _merged(logits, lambda: weights.pixels(
-                logits, o, q, lambda m: _open_values(m, rows, columns, tile_rows, tile_columns)[0]), threshold)
+            segments = _Segments(rows, columns, source_rows, output_columns)
+            upper, lower = segments.along_columns(values)
+            above, below = (upper > high) & (lower > high), (upper <= low) & (lower <= low)
+            decided = _labels(above.numpy(), ~below.numpy(), open_mark)
+            part.reshape(-1)[opened] = decided
+            index[start:stop] = part.take(rows.first[start:stop] - first, axis=0)
+            chosen = np.flatnonzero(decided == open_mark)
+            if chosen.size:
+                logits, o, q = segments.pixels(upper, lower, chosen)
+                flat[o * width + q] = _merged(logits, lambda: weights.pixels(logits, segments, chosen, o, q),
+                                              threshold)
         if progress is not None:
             progress(stop - start)
     return index
