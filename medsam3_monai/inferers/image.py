@@ -30,9 +30,9 @@ once) and overlaps go to the class with the highest confidence at that pixel (``
 
 Logit maps are upsampled bilinearly from the mask head's resolution (S / 14 * 4) to the slice space S x S,
 and mapped back to the input geometry with MONAI ``Invertd`` on the ``ResizeToSliced`` record of the image
-(bilinear, then thresholded: logits stay logits, so the mask is ``> 0`` at every resolution). For 2D pictures
-of more than ``transforms.slices.EAGER_MAX_PIXELS`` the bundle does the same bilinear inverse one row tile at a
-time (``inferers.postprocess.InvertToInputd`` and ``MergePromptsd``).
+(bilinear, then thresholded: logits stay logits, so the mask is ``> 0`` at every resolution). For 2D pictures the
+bundle applies the same bilinear inverse only where it decides something, near the masks' boundaries
+(``inferers.postprocess.InvertToInputd``, ``MergePromptsd`` and ``inferers.boundary_merge``).
 """
 
 from __future__ import annotations

@@ -195,8 +195,9 @@ class MergePromptsd(MapTransform):
 
     Output: MetaTensor (1, *spatial), uint8 (int32 when a label value exceeds 255), 0 = background, keeping
     the input's meta and affine. A single prompt's mask is kept as is (nothing to resolve). Maps whose inverse
-    is pending (:class:`InvertToInputd`) are resized, thresholded and merged one row tile at a time: the
-    same rule, with the native-size memory of the label map alone.
+    is pending (:class:`InvertToInputd`) are thresholded and merged at the picture's size by
+    :func:`~medsam3_monai.inferers.boundary_merge.boundary_label_index` (the same rule; only pixels near a boundary
+    are interpolated), with the native-size memory of the label map alone.
     """
 
     def __init__(
