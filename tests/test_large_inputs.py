@@ -1,7 +1,8 @@
 """Large 2D inputs: refusal before decoding (size limit, PIL's decompression-bomb limit, available memory), the
 tiled slice-space resize and inverse against MONAI's eager ones, progress bars, and the NIfTI writer keeping a
-2D input's shape and its qform/sform codes. Small pictures stand in for large ones (the tiled paths are forced
-by lowering ``EAGER_MAX_PIXELS``); the memory itself is measured by ``scripts/bench_memory.py``."""
+2D input's shape and its qform/sform codes. Small pictures stand in for large ones (the tiled preprocessing is
+forced by lowering ``EAGER_MAX_PIXELS``; every 2D picture's inverse is deferred to the merge, whatever its size);
+the memory itself is measured by ``scripts/bench_memory.py``."""
 
 from __future__ import annotations
 
@@ -58,7 +59,7 @@ def segment(*args: str) -> int:
 
 @pytest.fixture()
 def tiled(monkeypatch):
-    """Every 2D picture takes the tiled passes (as a picture of more than EAGER_MAX_PIXELS would)."""
+    """Every 2D picture takes the tiled preprocessing (as a picture of more than EAGER_MAX_PIXELS would)."""
     monkeypatch.setattr(slices, "EAGER_MAX_PIXELS", 0)
 
 
@@ -239,7 +240,7 @@ def _new_post(chain: Compose) -> Compose:
 
 
 @pytest.mark.parametrize("prompts", [1, 3])
-def test_the_tiled_inverse_and_merge_give_the_label_map_of_invertd(tmp_path, tiled, prompts):
+def test_the_deferred_inverse_and_merge_give_the_label_map_of_invertd(tmp_path, tiled, prompts):
     source = picture(tmp_path / "p.png")
     chain = inference_chain()
     items = _case(source, chain, prompts)
