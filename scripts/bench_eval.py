@@ -10,6 +10,9 @@ Prints one JSON object. 2D, on real samples from ../shared/data (Kvasir-SEG JPEG
   size, class merge and the per-prompt metrics (``post_ms`` = case_ms - segment_image_ms: the part that works
   at the native resolution, so it grows with the image's pixel count, not with the network). **Headline ratio** ``case_over_forward`` = case_ms /
   forward_ms (target <= 1.10): what evaluation adds to the network, loading and report writing excluded.
+* ``bare_case_ms``: the same work with no pipeline around it -- ``segment_image``, the native-size label map
+  (``inferers.boundary_merge.boundary_label_index``) and the overlap counts (``metrics.label_overlaps``) -- and
+  ``bare_case_over_forward``: what the pipeline's algorithms cost without MONAI's transforms and the records.
 * ``loading_ms`` (read + decode + intensity + resize + normalise) and ``with_loading_over_forward`` for the
   whole per-image cost; ``report_s`` the one-off report writing (cases.csv, tables, radar; no MLflow).
 
@@ -90,24 +93,34 @@ def bench_2d(network, repeats: int, folder: Path) -> dict:
         evaluation_transforms,
         run_evaluation,
     )
+    from medsam3_monai.inferers.boundary_merge import boundary_label_index
     from medsam3_monai.inferers.image import segment_image
+    from medsam3_monai.metrics import label_overlaps
     from medsam3_monai.transforms.labels import parse_prompts
 
     paths, source = datalists(folder)
     items = evaluation_items(paths, "all")
     transform = evaluation_transforms(network.image_size)
     inferer = CaseInferer(transform)
-    per_image = {"forward_ms": [], "segment_image_ms": [], "case_ms": [], "loading_ms": []}
+    per_image = {"forward_ms": [], "segment_image_ms": [], "case_ms": [], "bare_case_ms": [], "loading_ms": []}
     sizes = []
     for item in items:
         case = transform(item)
         image = case[0]["image"].as_tensor()[None]
-        prompts = list(parse_prompts(item["prompts"]).values())
-        sizes.append(list(case[0]["label"].shape[1:]))
+        values, prompts = (list(x) for x in zip(*parse_prompts(item["prompts"]).items()))
+        truth = case[0]["label"].as_tensor()[0]
+        sizes.append(list(truth.shape))
+
+        def bare_case():  # the label map and the overlap counts alone, no pipeline around them
+            seg = segment_image(network, image[0], prompts)
+            labels = boundary_label_index(seg.logits, tuple(truth.shape), scores=seg.scores)
+            label_overlaps(torch.from_numpy(labels), truth, [int(v) for v in values])
+
         with torch.no_grad():
             per_image["forward_ms"].append(median_ms(lambda: network(image, prompts, pixels_normalized=True), repeats))
             per_image["segment_image_ms"].append(median_ms(lambda: segment_image(network, image[0], prompts), repeats))
             per_image["case_ms"].append(median_ms(lambda: case_records(inferer(case, network), inferer.label), repeats))
+            per_image["bare_case_ms"].append(median_ms(bare_case, repeats))
         per_image["loading_ms"].append(median_ms(lambda: transform(item), max(3, repeats // 3), warmup=1))
     mean = {k: statistics.fmean(v) for k, v in per_image.items()}
     start = time.perf_counter()
@@ -125,6 +138,7 @@ def bench_2d(network, repeats: int, folder: Path) -> dict:
         "post_ms": round(mean["case_ms"] - mean["segment_image_ms"], 3),
         "segment_image_over_forward": round(mean["segment_image_ms"] / mean["forward_ms"], 4),
         "case_over_forward": round(mean["case_ms"] / mean["forward_ms"], 4),
+        "bare_case_over_forward": round(mean["bare_case_ms"] / mean["forward_ms"], 4),
         "with_loading_over_forward": round((mean["case_ms"] + mean["loading_ms"]) / mean["forward_ms"], 4),
         "engine_run_s_per_image": round(total_s / len(items), 4),
         "report_s": round(report_s, 4),
