@@ -55,8 +55,9 @@ __all__ = [
 SLICE_META_KEYS = ("slice_index", "slice_axis", "slice_transposed", "volume_shape", "volume_affine")
 #: 2D pictures from this many pixels show a progress bar (stderr) over their tiled passes
 PROGRESS_MIN_PIXELS = 16_000_000
-#: 2D pictures up to this many pixels take MONAI's own resize and ``Invertd`` (their results bit for bit, a few
-#: MB); larger ones the tiled passes (equal up to float rounding, memory independent of the picture's size)
+#: 2D pictures up to this many pixels take MONAI's own resize to the slice space (its result bit for bit, a few
+#: MB); larger ones the tiled passes (equal up to float rounding, memory independent of the picture's size). The
+#: way back, whatever the size, is ``inferers.boundary_merge``'s.
 EAGER_MAX_PIXELS = 1 << 18
 
 
