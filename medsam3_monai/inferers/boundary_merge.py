@@ -42,6 +42,7 @@ import torch.nn.functional as F
 from ..metrics.merge import merge_classes
 from ..transforms.intensity import MAX_TILE_ELEMENTS, row_tiles
 from ..transforms.slices import bilinear_weights, upsample_rows
+from .image import confidence_of
 
 __all__ = ["MARGIN", "boundary_label_index"]
 
@@ -141,9 +142,7 @@ class _Confidence:
                              f"nor the output {(slice_shape[0], *size)}")
 
     def of_logits(self, logits: torch.Tensor) -> torch.Tensor:
-        if self.scores is None:
-            return logits.sigmoid()
-        return self.scores.reshape(-1, *([1] * (logits.ndim - 1))) * logits.sigmoid()
+        return logits.sigmoid() if self.scores is None else confidence_of(logits, self.scores)
 
     def tile(self, logits: torch.Tensor, start: int, stop: int, columns: tuple[torch.Tensor, ...]) -> torch.Tensor:
         """(P, stop - start, W) for output rows ``start:stop``."""
@@ -181,6 +180,13 @@ def _resized_rows(maps: torch.Tensor, size: tuple[int, int], start: int, stop: i
     if start == 0 and stop == size[0]:
         return F.interpolate(maps[None], size=size, mode="bilinear", align_corners=False)[0]
     return upsample_rows(maps, size, start, stop, columns.weights)
+
+
+def _dense_labels(maps: torch.Tensor, size: tuple[int, int], start: int, stop: int, columns: _Axis,
+                  weights: _Confidence, threshold: float) -> np.ndarray:
+    """The label index of output rows ``start:stop`` from the dense resize of every pixel (``_resized_rows``)."""
+    logits = _resized_rows(maps, size, start, stop, columns)
+    return _merged(logits, lambda: weights.tile(logits, start, stop, columns.weights), threshold)
 
 
 def _tiles(rows: _Axis, height: int, width: int, channels: int) -> list[tuple[int, int]]:
@@ -221,14 +227,13 @@ def boundary_label_index(
     if height * width < BLOCK_MIN_UPSCALE * h * w:  # blocks of about one pixel: nothing to save, resize densely
         index = np.empty((height, width), dtype)
         for start, stop in row_tiles(height, width, num_prompts, MAX_TILE_ELEMENTS):
-            logits = _resized_rows(maps, (height, width), start, stop, columns)
-            index[start:stop] = _merged(logits, lambda: weights.tile(logits, start, stop, columns.weights), threshold)
+            index[start:stop] = _dense_labels(maps, (height, width), start, stop, columns, weights, threshold)
             if progress is not None:
                 progress(stop - start)
         return index
     largest = float(np.abs(values).max()) if values.size else 0.0  # NaN / inf: every pixel open (the dense result)
-    high, low = threshold + MARGIN * max(largest, abs(threshold)) + 1e-30, threshold - MARGIN * max(
-        largest, abs(threshold)) - 1e-30
+    margin = MARGIN * max(largest, abs(threshold)) + 1e-30
+    high, low = threshold + margin, threshold - margin
     blocks = _labels(_block_all(values > high), ~_block_all(values <= low), open_mark).astype(dtype)
     strip = blocks.take(columns.first, axis=1)  # (h, W): source row i, output column
     index = np.empty((height, width), dtype)
@@ -240,8 +245,7 @@ def boundary_label_index(
         source_rows, output_columns = np.divmod(opened, width)
         source_rows += first
         if int(np.take(rows.count, source_rows).sum()) * DENSE_BREAK_EVEN >= (stop - start) * width:
-            logits = _resized_rows(maps, (height, width), start, stop, columns)
-            index[start:stop] = _merged(logits, lambda: weights.tile(logits, start, stop, columns.weights), threshold)
+            index[start:stop] = _dense_labels(maps, (height, width), start, stop, columns, weights, threshold)
         elif opened.size == 0:
             index[start:stop] = part.take(rows.first[start:stop] - first, axis=0)
         else:

@@ -39,6 +39,7 @@ from ..metrics.merge import merge_classes
 from ..transforms.intensity import row_tiles
 from ..transforms.slices import PROGRESS_MIN_PIXELS, bilinear_weights, tile_progress, upsample_rows
 from .boundary_merge import boundary_label_index
+from .image import confidence_of
 
 __all__ = [
     "PENDING_INVERSE",
@@ -87,6 +88,15 @@ def materialize_inverse(maps: Any) -> Any:
     out = MetaTensor(out, meta=dict(maps.meta), applied_operations=list(maps.applied_operations))
     out.meta.pop(PENDING_INVERSE, None)
     return out
+
+
+def _label_values(index: torch.Tensor, values: list[int]) -> torch.Tensor:
+    """A merge's index (0 background, c + 1 = prompt c) -> the label map of the prompts' label ``values``: uint8, or
+    int32 when a value exceeds 255."""
+    dtype = torch.uint8 if max(values) <= 255 else torch.int32
+    if values == list(range(1, len(values) + 1)):  # the index is the label map already
+        return index.to(dtype)
+    return torch.tensor([0, *values], dtype=dtype)[index.long()]
 
 
 def _inverse_scaling(current: tuple[int, ...], original: tuple[int, ...], rank: int) -> torch.Tensor:
@@ -236,12 +246,7 @@ class MergePromptsd(MapTransform):
                 index = masks[0].to(torch.uint8)
             else:
                 index = merge_classes(self._confidence(d, logits), masks)
-            dtype = torch.uint8 if max(values) <= 255 else torch.int32
-            if values == list(range(1, num_prompts + 1)):  # the index is the label map already
-                labels = index.to(dtype)[None]
-            else:
-                lut = torch.tensor([0, *values], dtype=dtype)
-                labels = lut[index.long()][None]
+            labels = _label_values(index, values)[None]
             d[key] = MetaTensor(labels, meta=dict(pred.meta)) if isinstance(pred, MetaTensor) else MetaTensor(labels)
             if self.drop_confidence and self.confidence_key:
                 d.pop(self.confidence_key, None)
@@ -261,7 +266,6 @@ class MergePromptsd(MapTransform):
         maps = _plain(pred)
         num_prompts = maps.shape[0]
         values = self._values(d, num_prompts)
-        dtype = torch.uint8 if max(values) <= 255 else torch.int32
         given = d.get(self.confidence_key) if self.confidence_key else None
         scores = d.get(self.scores_key) if self.scores_key and given is None else None
         show = self.progress and size[0] * size[1] >= PROGRESS_MIN_PIXELS
@@ -270,11 +274,7 @@ class MergePromptsd(MapTransform):
             index = torch.from_numpy(boundary_label_index(
                 maps, size, self.threshold, scores=scores, confidence=None if given is None else _plain(given),
                 progress=bar.update if show else None))
-        if values == list(range(1, num_prompts + 1)):
-            labels = index.to(dtype)
-        else:
-            labels = torch.tensor([0, *values], dtype=dtype)[index.long()]
-        out = MetaTensor(labels[None], meta=dict(pred.meta))
+        out = MetaTensor(_label_values(index, values)[None], meta=dict(pred.meta))
         out.meta.pop(PENDING_INVERSE, None)
         return out
 
@@ -283,10 +283,7 @@ class MergePromptsd(MapTransform):
         if confidence is not None:
             return _plain(confidence).float()
         scores = d.get(self.scores_key) if self.scores_key else None
-        if scores is None:
-            return logits.sigmoid()
-        scores = torch.as_tensor(scores, dtype=torch.float32).reshape(-1, *([1] * (logits.ndim - 1)))
-        return scores * logits.sigmoid()
+        return logits.sigmoid() if scores is None else confidence_of(logits, torch.as_tensor(scores))
 
 
 class ImageOrVolumed(Transform):
