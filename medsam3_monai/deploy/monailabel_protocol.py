@@ -21,7 +21,7 @@ Text prompts travel as params (:class:`InferParams`); the result JSON names each
 import enum
 import json
 import uuid
-from collections.abc import Mapping
+from collections.abc import Mapping, Sequence
 from pathlib import Path
 from typing import Annotated, Any
 
@@ -76,6 +76,17 @@ _FIELD_HINTS = {
     "request": "'request' must be a text, e.g. \"segment the polyp\"",
     "trace": "'trace' must be true or false",
 }
+
+
+def _renamed(data: dict[str, Any], name: str, aliases: Sequence[str]) -> dict[str, Any]:
+    """A copy of the params ``data`` with each alias of ``name`` renamed to it; giving both is an error."""
+    data = dict(data)
+    for alias in aliases:
+        if alias in data:
+            if name in data:
+                raise ValueError(f"give '{name}' or '{alias}', not both")
+            data[name] = data.pop(alias)
+    return data
 
 
 class _ClientParams(BaseModel):
@@ -139,11 +150,7 @@ class InferParams(_ClientParams):
         """``prompt`` is accepted for ``prompts``; one text is one prompt."""
         if not isinstance(data, dict):
             return data
-        data = dict(data)
-        if "prompt" in data:
-            if "prompts" in data:
-                raise ValueError("give 'prompts' or 'prompt', not both")
-            data["prompts"] = data.pop("prompt")
+        data = _renamed(data, "prompts", ("prompt",))
         if isinstance(data.get("prompts"), str):
             data["prompts"] = [data["prompts"]] if data["prompts"].strip() else []
         return data
@@ -209,16 +216,10 @@ class AgentParams(_ClientParams):
         """``prompt`` / ``text`` are accepted for ``request``."""
         if not isinstance(data, dict):
             return data
-        data = dict(data)
         if "prompts" in data and "request" not in data:
             raise ValueError("the agent model takes a free-text 'request' (e.g. {\"request\": \"segment the polyp\"}), "
                              "not 'prompts' (those are for the medsam3 model)")
-        for alias in ("prompt", "text"):
-            if alias in data:
-                if "request" in data:
-                    raise ValueError(f"give 'request' or '{alias}', not both")
-                data["request"] = data.pop(alias)
-        return data
+        return _renamed(data, "request", ("prompt", "text"))
 
     @field_validator("request")
     @classmethod
