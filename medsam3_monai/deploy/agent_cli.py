@@ -51,8 +51,6 @@ def add_planner_options(group: argparse._ActionsContainer) -> None:
                        help="name of the environment variable holding the API key (default: no key sent)")
 
 
-
-
 def add_parser(subparsers: argparse._SubParsersAction) -> argparse.ArgumentParser:
     parser = subparsers.add_parser(
         "agent",
