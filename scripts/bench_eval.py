@@ -46,13 +46,20 @@ REPO = Path(__file__).resolve().parents[1]
 SHARED = REPO.parent / "shared" / "data"
 
 
-def median_ms(fn, repeats: int, warmup: int = 2) -> float:
-    for _ in range(warmup):
+def median_ms(fn, repeats: int, warmup: int = 2, device: torch.device | None = None) -> float:
+    """Median milliseconds of ``fn()``; on a CUDA ``device`` each run ends with a synchronisation (the queued
+    kernels count)."""
+    def run() -> None:
         fn()
+        if device is not None and device.type == "cuda":
+            torch.cuda.synchronize(device)
+
+    for _ in range(warmup):
+        run()
     times = []
     for _ in range(repeats):
         start = time.perf_counter()
-        fn()
+        run()
         times.append(time.perf_counter() - start)
     return 1000.0 * statistics.median(times)
 
@@ -85,7 +92,9 @@ def datalists(folder: Path) -> tuple[list[Path], str]:
     return [path], "synthetic"
 
 
-def bench_2d(network, repeats: int, folder: Path) -> dict:
+def bench_2d(network, repeats: int, folder: Path, report: bool = True) -> dict:
+    """The 2D entries (module docstring) on the network's device (``scripts/bench_gpu.py evaluate`` runs them on a
+    GPU, in its bf16 autocast); ``report``: also time a whole ``run_evaluation`` and its report writing."""
     from medsam3_monai.engines.evaluation import (
         CaseInferer,
         case_records,
@@ -102,33 +111,39 @@ def bench_2d(network, repeats: int, folder: Path) -> dict:
     items = evaluation_items(paths, "all")
     transform = evaluation_transforms(network.image_size)
     inferer = CaseInferer(transform)
+    device = next(network.parameters()).device
     per_image = {"forward_ms": [], "segment_image_ms": [], "case_ms": [], "bare_case_ms": [], "loading_ms": []}
     sizes = []
     for item in items:
         case = transform(item)
-        image = case[0]["image"].as_tensor()[None]
+        image = case[0]["image"].as_tensor()[None].to(device)
         values, prompts = (list(x) for x in zip(*parse_prompts(item["prompts"]).items()))
         truth = case[0]["label"].as_tensor()[0]
         sizes.append(list(truth.shape))
 
         def bare_case():  # the label map and the overlap counts alone, no pipeline around them
-            seg = segment_image(network, image[0], prompts)
+            seg = segment_image(network, image[0], prompts, logits_on_device=True)
             labels = boundary_label_index(seg.logits, tuple(truth.shape), scores=seg.scores)
             label_overlaps(torch.from_numpy(labels), truth, [int(v) for v in values])
 
         with torch.no_grad():
-            per_image["forward_ms"].append(median_ms(lambda: network(image, prompts, pixels_normalized=True), repeats))
-            per_image["segment_image_ms"].append(median_ms(lambda: segment_image(network, image[0], prompts), repeats))
-            per_image["case_ms"].append(median_ms(lambda: case_records(inferer(case, network), inferer.label), repeats))
-            per_image["bare_case_ms"].append(median_ms(bare_case, repeats))
+            per_image["forward_ms"].append(median_ms(lambda: network(image, prompts, pixels_normalized=True), repeats,
+                                                     device=device))
+            per_image["segment_image_ms"].append(median_ms(lambda: segment_image(network, image[0], prompts), repeats,
+                                                           device=device))
+            per_image["case_ms"].append(median_ms(lambda: case_records(inferer(case, network), inferer.label), repeats,
+                                                  device=device))
+            per_image["bare_case_ms"].append(median_ms(bare_case, repeats, device=device))
         per_image["loading_ms"].append(median_ms(lambda: transform(item), max(3, repeats // 3), warmup=1))
     mean = {k: statistics.fmean(v) for k, v in per_image.items()}
-    start = time.perf_counter()
-    report = run_evaluation(network, items, folder / "report", mlflow=False, progress=False, max_overlays=0)
-    total_s = time.perf_counter() - start
-    start = time.perf_counter()
-    report.write()
-    report_s = time.perf_counter() - start
+    whole_run = {}
+    if report:
+        start = time.perf_counter()
+        result = run_evaluation(network, items, folder / "report", mlflow=False, progress=False, max_overlays=0)
+        whole_run["engine_run_s_per_image"] = round((time.perf_counter() - start) / len(items), 4)
+        start = time.perf_counter()
+        result.write()
+        whole_run["report_s"] = round(time.perf_counter() - start, 4)
     return {
         "source": source,
         "images": len(items),
@@ -140,8 +155,7 @@ def bench_2d(network, repeats: int, folder: Path) -> dict:
         "case_over_forward": round(mean["case_ms"] / mean["forward_ms"], 4),
         "bare_case_over_forward": round(mean["bare_case_ms"] / mean["forward_ms"], 4),
         "with_loading_over_forward": round((mean["case_ms"] + mean["loading_ms"]) / mean["forward_ms"], 4),
-        "engine_run_s_per_image": round(total_s / len(items), 4),
-        "report_s": round(report_s, 4),
+        **whole_run,
     }
 
 

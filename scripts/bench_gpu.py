@@ -7,6 +7,10 @@
   achieved TFLOP/s and MFU against ``--peak-tflops``, peak memory, and the host synchronisations of one forward
   (``torch.cuda.set_sync_debug_mode``). Options: ``--autocast none|bf16`` (default bf16), ``--compile``
   (``torch.compile`` of the vision encoder), ``--channels-last``.
+* ``evaluate``: ``scripts/bench_eval.py``'s 2D entries with the full detector at 1008 px on this device: a whole
+  evaluation case (``CaseInferer``: inference, the way back to each picture's size -- on the device, see
+  ``inferers.boundary_merge`` -- merge and metrics) against the bare forward, ``case_over_forward`` (goal <= 1.10),
+  on the shared 2D samples when ``../shared/data`` is beside the checkout, else synthetic pictures of their sizes.
 * ``volume``: a synthetic 512 x 512 x 300 CT-like volume (``--size``, ``--depth``) through
   ``inferers.volume.segment_volume`` with the full detector and the full SAM3 tracker (transformers'
   ``Sam3TrackerVideoModel`` default configuration, random init, ViT shared with the detector): seconds for the
@@ -25,6 +29,7 @@ import json
 import platform
 import statistics
 import sys
+import tempfile
 import time
 import warnings
 from pathlib import Path
@@ -234,9 +239,24 @@ def volume(args: argparse.Namespace) -> dict:
     }
 
 
+def evaluate(args: argparse.Namespace) -> dict:
+    sys.path.insert(0, str(REPO / "scripts"))
+    from bench_eval import bench_2d
+
+    from medsam3_monai.inferers.batch import inference_context
+
+    device = torch.device(args.device)
+    network = _network(args, device)
+    _reset_peak(device)
+    with tempfile.TemporaryDirectory(prefix="bench_gpu_evaluate_") as folder, inference_context(device, args.autocast):
+        two_d = bench_2d(network, args.repeats, Path(folder), report=False)
+    return {"part": "evaluate", "config": "tiny" if args.tiny else "full", "image_size": network.image_size,
+            "autocast": args.autocast, "2d": two_d, "peak_memory_gib": _peak_gib(device)}
+
+
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    parser.add_argument("part", choices=["forward", "volume"])
+    parser.add_argument("part", choices=["forward", "evaluate", "volume"])
     parser.add_argument("--device", default="cuda")
     parser.add_argument("--tiny", action="store_true", help="tiny network and tracker (a check of the script)")
     parser.add_argument("--autocast", choices=["none", "bf16"], default="bf16")
@@ -257,7 +277,7 @@ def main() -> None:
     if device.type == "cuda" and not torch.cuda.is_available():
         sys.exit("bench_gpu.py: no CUDA device (torch.cuda.is_available() is False); run it on a GPU machine, or "
                  "check the script on the CPU with --tiny --device cpu")
-    result = forward(args) if args.part == "forward" else volume(args)
+    result = {"forward": forward, "evaluate": evaluate, "volume": volume}[args.part](args)
     result.update(device=torch.cuda.get_device_name(device) if device.type == "cuda" else platform.processor()
                   or platform.machine(), torch=torch.__version__)
     print(json.dumps(result, indent=1))

@@ -11,6 +11,8 @@
 #                      peak memory, host syncs per forward                              (scripts/bench_gpu.py)
 #   forward_compiled   the same at batch 8 with torch.compile of the vision encoder
 #   forward_channels_last  the same at batch 8 with channels-last conv weights
+#   evaluate           a whole 2D evaluation case (inference, back to each picture's size on the GPU, merge,
+#                      metrics) against the bare 1008-px forward: case_over_forward (scripts/bench_gpu.py)
 #   train              one training step (MedSAM3Trainer: forward, set-prediction loss, backward, AdamW), bf16:
 #   train_checkpointing    images/s, peak memory and MFU, without and with gradient checkpointing
 #                                                                                         (scripts/bench_train.py)
@@ -48,6 +50,7 @@ run_part() {  # run_part NAME COMMAND...: the command's last JSON object, or {"e
 run_part forward "$PY" scripts/bench_gpu.py forward --batch 1 8 32 --peak-tflops "$PEAK_TFLOPS"
 run_part forward_compiled "$PY" scripts/bench_gpu.py forward --batch 8 --compile --peak-tflops "$PEAK_TFLOPS"
 run_part forward_channels_last "$PY" scripts/bench_gpu.py forward --batch 8 --channels-last --peak-tflops "$PEAK_TFLOPS"
+run_part evaluate "$PY" scripts/bench_gpu.py evaluate --repeats 10
 run_part train "$PY" scripts/bench_train.py --full --device cuda --batch "$TRAIN_BATCH" --peak-tflops "$PEAK_TFLOPS"
 run_part train_checkpointing "$PY" scripts/bench_train.py --full --device cuda --batch "$TRAIN_BATCH" --checkpointing \
     --peak-tflops "$PEAK_TFLOPS"
@@ -60,7 +63,8 @@ from pathlib import Path
 
 log_dir, peak = Path(sys.argv[1]), float(sys.argv[2])
 parts = {}
-for name in ("forward", "forward_compiled", "forward_channels_last", "train", "train_checkpointing", "volume"):
+for name in ("forward", "forward_compiled", "forward_channels_last", "evaluate", "train", "train_checkpointing",
+             "volume"):
     text = (log_dir / f"{name}.json").read_text()
     try:
         parts[name] = json.loads(text)

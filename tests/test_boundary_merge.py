@@ -130,3 +130,35 @@ def test_more_than_254_prompts_give_an_int32_index():
     ours = boundary_label_index(maps, (9, 7))
     assert ours.dtype == np.int32
     assert_same_labels(ours, dense_label_index(maps, (9, 7)))
+
+
+def test_the_accelerator_path_resizes_every_pixel_where_the_maps_are():
+    """Maps on an accelerator take ``_dense_index`` (run here on the CPU): the dense resize in row tiles, whole
+    pictures with ``F.interpolate``, a tiled one with ``upsample_rows`` -- the reference labels either way."""
+    generator = torch.Generator().manual_seed(5)
+    size = (210, 170)
+    for prompts in (1, 3):
+        maps = smooth_maps(generator, prompts, 40, 40)
+        scores = torch.rand(prompts, generator=generator)
+        reference = dense_label_index(maps, size, scores=scores)
+        for tile_elements in (boundary_merge.DEVICE_TILE_ELEMENTS, 1000):  # one tile; many row tiles
+            confidence = boundary_merge._Confidence(scores, None, size, tuple(maps.shape), maps.device)
+            rows = []
+            ours = boundary_merge._dense_index(maps, size, 0.0, confidence, rows.append, tile_elements)
+            assert ours.dtype == torch.uint8 and ours.device == maps.device
+            assert_same_labels(ours.numpy(), reference, f"{prompts} prompts, tiles of {tile_elements}")
+            assert sum(rows) == size[0] and (len(rows) > 1) == (tile_elements == 1000)
+    slice_confidence = torch.rand(3, 40, 40, generator=generator)
+    confidence = boundary_merge._Confidence(None, slice_confidence, size, (3, 40, 40), maps.device)
+    assert_same_labels(boundary_merge._dense_index(maps, size, 0.0, confidence, None, 1000).numpy(),
+                       dense_label_index(maps, size, confidence=slice_confidence))
+
+
+@pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a CUDA device")
+def test_maps_on_a_gpu_give_the_host_labels():
+    generator = torch.Generator().manual_seed(6)
+    maps, scores = smooth_maps(generator, 3, 112, 112), torch.rand(3, generator=generator)
+    for size in ((529, 622), (1070, 1348), (50, 40)):
+        ours = boundary_label_index(maps.cuda(), size, scores=scores)
+        assert isinstance(ours, np.ndarray) and ours.dtype == np.uint8
+        assert_same_labels(ours, dense_label_index(maps, size, scores=scores), f"{size}")

@@ -247,7 +247,7 @@ class CaseInferer(Inferer):
                  ) -> CasePrediction:
         items, case_items = self._case_items(inputs)
         case = self.postprocessing(self.cases(case_items, network))
-        label_map = convert_to_tensor(case["pred"], track_meta=False)[0]
+        label_map = convert_to_tensor(case["pred"], track_meta=False)[0].cpu()  # metrics are counted on the host
         seeds = case.get("seed_slices")
         return self._prediction(items, [int(v) for v in case["prompt_values"]], list(case["prompt_texts"]),
                                 label_map, torch.as_tensor(case["prompt_scores"]).float().cpu(),
@@ -338,7 +338,7 @@ class EnsembleCaseInferer(CaseInferer):
             item["prompts"] = {str(k + 1): text for k, text in enumerate(flat)}
             item.pop(self.variants_key, None)
         case = self.postprocessing(self.cases(case_items, network))
-        label_map = convert_to_tensor(case["pred"], track_meta=False)[0]
+        label_map = convert_to_tensor(case["pred"], track_meta=False)[0].cpu()  # metrics are counted on the host
         scores = [float(s) for s in torch.as_tensor(case["prompt_scores"]).float().cpu()]
         seeds = case.get("seed_slices")
         masks, class_scores, class_seeds = [], [], []

@@ -59,6 +59,7 @@ def segment_image_batch(
     score_threshold: float = 0.5,
     boxes: Sequence[tuple[torch.Tensor, torch.Tensor] | None] | None = None,
     pixels_normalized: bool = True,
+    logits_on_device: bool = False,
 ) -> list[ImageSegmentation]:
     """N slice-space images, each with its own prompts, through the network together: one
     :class:`~.image.ImageSegmentation` per image, as :func:`~.image.segment_image` gives for each alone.
@@ -72,7 +73,8 @@ def segment_image_batch(
         boxes: None, or per image None / ``(boxes (P_i, K, 4) cxcywh, labels (P_i, K))`` (``inputs.box_prompts``).
 
     Images with box prompts go through a forward of their own (grouped by K); all text-only images share one.
-    Logits and scores come back on the CPU, one device-to-host copy per forward.
+    Logits and scores come back on the CPU, one device-to-host copy per forward (``logits_on_device``: the logits
+    stay on the network's device, see :func:`~.image.segment_image`).
     """
     if images.ndim != 4:
         raise ValueError(f"images must be (N, 3, S, S); got {tuple(images.shape)}")
@@ -104,7 +106,7 @@ def segment_image_batch(
         starts = torch.cumsum(torch.tensor([0] + [len(prompts[index]) for index in members]), 0).tolist()
         for name in dict.fromkeys(protocols[index] for index in members):
             logits, scores = protocol_logits(outputs, size, name, score_threshold)
-            logits, scores = logits.cpu(), scores.float().cpu()  # one copy per forward (and protocol)
+            logits, scores = logits if logits_on_device else logits.cpu(), scores.float().cpu()  # one copy per forward
             for position, index in enumerate(members):
                 if protocols[index] == name:
                     rows = slice(starts[position], starts[position + 1])

@@ -28,6 +28,9 @@ which is then cheaper: with ``torch.nn.functional.interpolate`` (MONAI ``Invertd
 picture, else ``upsample_rows``. The label map is the one of MONAI's dense inverse up to float rounding: only a pixel
 whose bilinear logit lies within rounding (about ``1e-6 x`` the largest |logit|) of the threshold, or whose two
 best confidences are that close, can differ (``tests/test_boundary_merge.py``).
+
+All of this is for the host. Maps on an accelerator are resized densely where they are, and only the (H, W) label
+index is copied back: there the resize of every pixel is cheaper than copying the logits to the host.
 """
 
 from __future__ import annotations
@@ -54,6 +57,8 @@ DENSE_BREAK_EVEN = 6
 #: the block method needs the output to have at least this many times the slice space's pixels (each block
 #: standing for a few outputs); a smaller output is resized densely
 BLOCK_MIN_UPSCALE = 2
+#: maps on an accelerator are resized densely there, in row tiles of about this many floats (all prompts together)
+DEVICE_TILE_ELEMENTS = 1 << 25
 
 
 class _Axis:
@@ -132,9 +137,9 @@ class _Confidence:
     given maps: (P, H, W) at the output size, or (P, h, w) in slice space, resized bilinearly like the logits."""
 
     def __init__(self, scores: torch.Tensor | None, maps: torch.Tensor | None, size: tuple[int, int],
-                 slice_shape: tuple[int, ...]) -> None:
+                 slice_shape: tuple[int, ...], device: torch.device = torch.device("cpu")) -> None:
         self.scores = None if scores is None else torch.as_tensor(scores, dtype=torch.float32).reshape(-1)
-        self.maps = None if maps is None else maps.detach().float().cpu().contiguous()
+        self.maps = None if maps is None else maps.detach().float().to(device).contiguous()
         self.size = size
         self.native = self.maps is not None and tuple(self.maps.shape) == (slice_shape[0], *size)
         if self.maps is not None and not self.native and tuple(self.maps.shape) != tuple(slice_shape):
@@ -163,14 +168,15 @@ class _Confidence:
         return segments.pixels(*segments.along_columns(self.maps.numpy()), chosen)[0]
 
 
-def _merged(logits: torch.Tensor, confidence: Callable[[], torch.Tensor], threshold: float) -> np.ndarray:
-    """(P, ...) logits -> label index (...): the mask of a single prompt, else the most confident claimant."""
+def _merged(logits: torch.Tensor, confidence: Callable[[], torch.Tensor], threshold: float) -> torch.Tensor:
+    """(P, ...) logits -> label index (...) on their device: the mask of a single prompt, else the most confident
+    claimant."""
     masks = logits > threshold
     if logits.shape[0] == 1:
-        return masks[0].numpy().view(np.uint8)
+        return masks[0].view(torch.uint8)
     if logits.ndim == 2:  # merge_classes takes (C, H, W)
-        return merge_classes(confidence()[:, None], masks[:, None])[0].numpy()
-    return merge_classes(confidence(), masks).numpy()
+        return merge_classes(confidence()[:, None], masks[:, None])[0]
+    return merge_classes(confidence(), masks)
 
 
 def _resized_rows(maps: torch.Tensor, size: tuple[int, int], start: int, stop: int, columns: _Axis) -> torch.Tensor:
@@ -183,10 +189,26 @@ def _resized_rows(maps: torch.Tensor, size: tuple[int, int], start: int, stop: i
 
 
 def _dense_labels(maps: torch.Tensor, size: tuple[int, int], start: int, stop: int, columns: _Axis,
-                  weights: _Confidence, threshold: float) -> np.ndarray:
-    """The label index of output rows ``start:stop`` from the dense resize of every pixel (``_resized_rows``)."""
+                  weights: _Confidence, threshold: float) -> torch.Tensor:
+    """The label index of output rows ``start:stop`` from the dense resize of every pixel (``_resized_rows``), on
+    the maps' device."""
     logits = _resized_rows(maps, size, start, stop, columns)
     return _merged(logits, lambda: weights.tile(logits, start, stop, columns.weights), threshold)
+
+
+def _dense_index(maps: torch.Tensor, size: tuple[int, int], threshold: float, weights: _Confidence,
+                 progress: Callable[[int], object] | None, tile_elements: int) -> torch.Tensor:
+    """(H, W) label index of the dense resize on the maps' device, in row tiles of about ``tile_elements`` floats
+    (all prompts together): uint8, int32 beyond 254 prompts."""
+    num_prompts = maps.shape[0]
+    columns = _axis(maps.shape[-1], size[1])
+    dtype = torch.uint8 if num_prompts + 1 <= 255 else torch.int32
+    index = torch.empty(size, dtype=dtype, device=maps.device)
+    for start, stop in row_tiles(size[0], size[1], num_prompts, tile_elements):
+        index[start:stop] = _dense_labels(maps, size, start, stop, columns, weights, threshold)
+        if progress is not None:
+            progress(stop - start)
+    return index
 
 
 def _tiles(rows: _Axis, height: int, width: int, channels: int) -> list[tuple[int, int]]:
@@ -215,22 +237,25 @@ def boundary_label_index(
 
     Returns:
         (H, W) numpy uint8 (int32 beyond 254 prompts): 0 background, c + 1 = prompt c.
+
+    Maps on an accelerator (``PromptInferer`` leaves them on the network's device) are resized densely there, in
+    row tiles of ``DEVICE_TILE_ELEMENTS``, and only the label index comes back to the host: on a GPU that costs a
+    small share of the forward, where the host's boundary method would cost more than the copy of the logits.
     """
-    maps = maps.detach().float().cpu().contiguous()
-    values = maps.numpy()
     num_prompts, h, w = maps.shape
     height, width = int(size[0]), int(size[1])
+    if maps.device.type != "cpu":
+        maps = maps.detach().float().contiguous()
+        weights = _Confidence(scores, confidence, (height, width), tuple(maps.shape), maps.device)
+        return _dense_index(maps, (height, width), threshold, weights, progress, DEVICE_TILE_ELEMENTS).cpu().numpy()
+    maps = maps.detach().float().contiguous()
+    values = maps.numpy()
     open_mark = num_prompts + 1
     dtype = np.uint8 if open_mark <= 255 else np.int32
     rows, columns = _axis(h, height), _axis(w, width)
     weights = _Confidence(scores, confidence, (height, width), tuple(maps.shape))
     if height * width < BLOCK_MIN_UPSCALE * h * w:  # blocks of about one pixel: nothing to save, resize densely
-        index = np.empty((height, width), dtype)
-        for start, stop in row_tiles(height, width, num_prompts, MAX_TILE_ELEMENTS):
-            index[start:stop] = _dense_labels(maps, (height, width), start, stop, columns, weights, threshold)
-            if progress is not None:
-                progress(stop - start)
-        return index
+        return _dense_index(maps, (height, width), threshold, weights, progress, MAX_TILE_ELEMENTS).numpy()
     largest = float(np.abs(values).max()) if values.size else 0.0  # NaN / inf: every pixel open (the dense result)
     margin = MARGIN * max(largest, abs(threshold)) + 1e-30
     high, low = threshold + margin, threshold - margin
@@ -245,7 +270,7 @@ def boundary_label_index(
         source_rows, output_columns = np.divmod(opened, width)
         source_rows += first
         if int(np.take(rows.count, source_rows).sum()) * DENSE_BREAK_EVEN >= (stop - start) * width:
-            index[start:stop] = _dense_labels(maps, (height, width), start, stop, columns, weights, threshold)
+            index[start:stop] = _dense_labels(maps, (height, width), start, stop, columns, weights, threshold).numpy()
         elif opened.size == 0:
             index[start:stop] = part.take(rows.first[start:stop] - first, axis=0)
         else:
@@ -259,7 +284,7 @@ def boundary_label_index(
             if chosen.size:
                 logits, o, q = segments.pixels(upper, lower, chosen)
                 flat[o * width + q] = _merged(logits, lambda: weights.pixels(logits, segments, chosen, o, q),
-                                              threshold)
+                                              threshold).numpy()
         if progress is not None:
             progress(stop - start)
     return index

@@ -118,6 +118,7 @@ def segment_image(
     boxes: torch.Tensor | None = None,
     box_labels: torch.Tensor | None = None,
     pixels_normalized: bool = True,
+    logits_on_device: bool = False,
 ) -> ImageSegmentation:
     """Segment one slice-space image with P text prompts (one network call: the vision encoder runs once).
 
@@ -130,6 +131,8 @@ def segment_image(
         score_threshold: for ``threshold``.
         boxes: optional box prompts (the T+I protocol): (P, 4) or (P, K, 4) cx, cy, w, h in [0, 1], e.g. from
             :func:`ground_truth_boxes`; ``box_labels`` (P, K): 1 positive, 0 negative, -10 padding.
+        logits_on_device: leave the logits on the network's device (what ``PromptInferer`` does, so that the
+            way back to the picture's size runs there); default: copied to the host. Scores are on the host.
 
     Returns:
         :class:`ImageSegmentation` with (P, S, S) logits and (P,) scores in slice space.
@@ -149,7 +152,7 @@ def segment_image(
     outputs = network(images, prompts, **kwargs)
     size = tuple(images.shape[-2:])
     logits, scores = protocol_logits(outputs, size, protocol, score_threshold)
-    return ImageSegmentation(prompts, logits.cpu(), scores.float().cpu(), protocol)
+    return ImageSegmentation(prompts, logits if logits_on_device else logits.cpu(), scores.float().cpu(), protocol)
 
 
 def ground_truth_boxes(label: torch.Tensor, values: Sequence[int]) -> tuple[torch.Tensor, torch.Tensor]:

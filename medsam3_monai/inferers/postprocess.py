@@ -82,7 +82,7 @@ def materialize_inverse(maps: Any) -> Any:
     if size is None:
         return maps
     plain = _plain(maps).float()
-    out = torch.empty((plain.shape[0], *size), dtype=torch.float32)
+    out = torch.empty((plain.shape[0], *size), dtype=torch.float32, device=plain.device)
     for start, stop, tile in _inverse_tiles(plain, size, plain.shape[0], "", False):
         out[:, start:stop] = tile
     out = MetaTensor(out, meta=dict(maps.meta), applied_operations=list(maps.applied_operations))
@@ -96,7 +96,7 @@ def _label_values(index: torch.Tensor, values: list[int]) -> torch.Tensor:
     dtype = torch.uint8 if max(values) <= 255 else torch.int32
     if values == list(range(1, len(values) + 1)):  # the index is the label map already
         return index.to(dtype)
-    return torch.tensor([0, *values], dtype=dtype)[index.long()]
+    return torch.tensor([0, *values], dtype=dtype, device=index.device)[index.long()]
 
 
 def _inverse_scaling(current: tuple[int, ...], original: tuple[int, ...], rank: int) -> torch.Tensor:
@@ -269,7 +269,8 @@ class MergePromptsd(MapTransform):
         given = d.get(self.confidence_key) if self.confidence_key else None
         scores = d.get(self.scores_key) if self.scores_key and given is None else None
         show = self.progress and size[0] * size[1] >= PROGRESS_MIN_PIXELS
-        desc = f"{Path(str(pred.meta.get('filename_or_obj', 'image'))).name}: masks at {size[0]}x{size[1]}"
+        name = Path(str(pred.meta.get("filename_or_obj", "image"))).name if show else ""
+        desc = f"{name}: masks at {size[0]}x{size[1]}"
         with tile_progress(size[0], desc, show) if show else nullcontext() as bar:
             index = torch.from_numpy(boundary_label_index(
                 maps, size, self.threshold, scores=scores, confidence=None if given is None else _plain(given),

@@ -75,7 +75,8 @@ def is_volume_case(case: Any, image_key: str = "image") -> bool:
 class PromptInferer(Inferer):
     """A case (its slice-space items) + the network -> the same items with per-prompt slice-space maps.
 
-    Every output item gets ``pred`` (P, S, S) mask logits (mask = logit > 0) and the case's ``prompt_values``,
+    Every output item gets ``pred`` (P, S, S) mask logits (mask = logit > 0; a 2D image's stay on the network's
+    device: its way back to the picture's size, ``MergePromptsd``, runs there) and the case's ``prompt_values``,
     ``prompt_texts``, ``prompt_scores`` (P,) and ``protocol``; volume items also ``confidence`` (P, S, S), the
     mask times the slice's score (2D confidence, score x sigmoid(logit), is computed after the inversion by
     ``MergePromptsd``), ``slice_scores`` (P, D) and ``seed_slices`` (P,).
@@ -163,7 +164,8 @@ class PromptInferer(Inferer):
                 boxes.append(None if box is None else
                              box_prompts(box, len(prompts), first[self.image_key].meta["spatial_shape"]))
             segs = segment_image_batch(network, images.to(device, non_blocking=True), [f[3] for f in flat],
-                                       protocols=protocols, score_threshold=self.score_threshold, boxes=boxes)
+                                       protocols=protocols, score_threshold=self.score_threshold, boxes=boxes,
+                                       logits_on_device=True)
             for (index, items, values, prompts), seg, protocol, box in zip(flat, segs, protocols, boxes):
                 items[0]["pred"] = MetaTensor(seg.logits.float())
                 case = {"prompt_scores": seg.scores.float(), "protocol": protocol + ("+box" if box is not None else ""),
@@ -181,7 +183,7 @@ class PromptInferer(Inferer):
         boxes = None if box is None else box_prompts(box, len(prompts), image.meta["spatial_shape"])
         seg = segment_image(network, _plain(image).to(device), prompts, protocol=protocol,
                             score_threshold=self.score_threshold, boxes=None if boxes is None else boxes[0],
-                            box_labels=None if boxes is None else boxes[1])
+                            box_labels=None if boxes is None else boxes[1], logits_on_device=True)
         item["pred"] = MetaTensor(seg.logits.float())  # confidence: score x sigmoid(logit), after the inversion
         return {"prompt_scores": seg.scores.float(), "protocol": protocol + ("+box" if boxes is not None else "")}
 

@@ -312,13 +312,15 @@ def upsample_rows(maps: torch.Tensor, size: Sequence[int], start: int, stop: int
                   columns: tuple[torch.Tensor, ...] | None = None) -> torch.Tensor:
     """Rows ``start:stop`` of ``maps`` ``(C, h, w)`` resized bilinearly to ``size`` = (H, W) (``align_corners=False``):
     ``(C, stop - start, W)`` float32, what ``interpolate(maps[None], size, mode="bilinear")[0, :, start:stop]``
-    gives (equal up to float rounding), with memory for those rows only. ``columns``: ``bilinear_weights(w, W)``,
-    to reuse across tiles."""
+    gives (equal up to float rounding), with memory for those rows only, on ``maps``' device. ``columns``:
+    ``bilinear_weights(w, W)``, to reuse across tiles."""
     maps = maps.float()
-    first, second, first_weight, second_weight = bilinear_weights(maps.shape[-2], int(size[0]), start, stop)
-    c_first, c_second, c_first_weight, c_second_weight = columns or bilinear_weights(maps.shape[-1], int(size[1]))
-    low = int(first.min())
-    band = maps[:, low:int(second.max()) + 1]
+    rows = bilinear_weights(maps.shape[-2], int(size[0]), start, stop)
+    low, high = int(rows[0].min()), int(rows[1].max())
+    first, second, first_weight, second_weight = (t.to(maps.device) for t in rows)
+    c_first, c_second, c_first_weight, c_second_weight = (
+        t.to(maps.device) for t in (columns or bilinear_weights(maps.shape[-1], int(size[1]))))
+    band = maps[:, low:high + 1]
     # w0 * x0 + (w1 * x1), the first product fused with the sum, as the CPU interpolation kernel computes it
     along_columns = torch.addcmul(band[:, :, c_second] * c_second_weight, band[:, :, c_first], c_first_weight)
     return torch.addcmul(along_columns[:, second - low] * second_weight[:, None], along_columns[:, first - low],
