@@ -13,6 +13,9 @@ Prints one JSON object. 2D, on real samples from ../shared/data (Kvasir-SEG JPEG
 * ``bare_case_ms``: the same work with no pipeline around it -- ``segment_image``, the native-size label map
   (``inferers.boundary_merge.boundary_label_index``) and the overlap counts (``metrics.label_overlaps``) -- and
   ``bare_case_over_forward``: what the pipeline's algorithms cost without MONAI's transforms and the records.
+* ``batched_case_over_forward``: the first ``BATCH`` (8) cases as ``medsam3 evaluate --batch-size 8`` runs them
+  (``CaseInferer.infer_cases``: one forward for their images, then each case's way back and records) over that
+  batch's bare forward, with both per image.
 * ``loading_ms`` (read + decode + intensity + resize + normalise) and ``with_loading_over_forward`` for the
   whole per-image cost; ``report_s`` the one-off report writing (cases.csv, tables, radar; no MLflow).
 
@@ -44,6 +47,7 @@ import torch
 
 REPO = Path(__file__).resolve().parents[1]
 SHARED = REPO.parent / "shared" / "data"
+BATCH = 8  # cases per loader batch in the batched entries
 
 
 def median_ms(fn, repeats: int, warmup: int = 2, device: torch.device | None = None) -> float:
@@ -136,6 +140,7 @@ def bench_2d(network, repeats: int, folder: Path, report: bool = True) -> dict:
             per_image["bare_case_ms"].append(median_ms(bare_case, repeats, device=device))
         per_image["loading_ms"].append(median_ms(lambda: transform(item), max(3, repeats // 3), warmup=1))
     mean = {k: statistics.fmean(v) for k, v in per_image.items()}
+    batched = _bench_batched(network, inferer, [transform(item) for item in items[:BATCH]], repeats, device)
     whole_run = {}
     if report:
         start = time.perf_counter()
@@ -155,8 +160,29 @@ def bench_2d(network, repeats: int, folder: Path, report: bool = True) -> dict:
         "case_over_forward": round(mean["case_ms"] / mean["forward_ms"], 4),
         "bare_case_over_forward": round(mean["bare_case_ms"] / mean["forward_ms"], 4),
         "with_loading_over_forward": round((mean["case_ms"] + mean["loading_ms"]) / mean["forward_ms"], 4),
+        **batched,
         **whole_run,
     }
+
+
+def _bench_batched(network, inferer, cases: list, repeats: int, device: torch.device) -> dict:
+    """A loader batch of cases as ``medsam3 evaluate --batch-size`` runs it (``CaseInferer.infer_cases``: one forward
+    for the batch's images, then each case's way back, merge and records) against that batch's bare forward."""
+    from medsam3_monai.engines.evaluation import case_records
+    from medsam3_monai.transforms.labels import parse_prompts
+
+    images = torch.stack([case[0]["image"].as_tensor() for case in cases]).to(device)
+    prompts = [list(parse_prompts(case[0]["prompts"]).values()) for case in cases]
+    queries = [text for texts in prompts for text in texts]
+    ids = torch.repeat_interleave(torch.arange(len(cases)), torch.tensor([len(texts) for texts in prompts]))
+    with torch.no_grad():
+        forward_ms = median_ms(lambda: network(images, queries, image_ids=ids, pixels_normalized=True), repeats,
+                               device=device)
+        case_ms = median_ms(lambda: [case_records(p, inferer.label) for p in inferer.infer_cases(cases, network)],
+                            repeats, device=device)
+    return {"batch": len(cases), "batched_forward_ms_per_image": round(forward_ms / len(cases), 3),
+            "batched_case_ms_per_image": round(case_ms / len(cases), 3),
+            "batched_case_over_forward": round(case_ms / forward_ms, 4)}
 
 
 def bench_multi_class_metrics(classes: int = 20, shape: tuple[int, int, int] = (100, 256, 256)) -> dict:

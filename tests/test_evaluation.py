@@ -318,3 +318,36 @@ def test_evaluate_bundle_runs_with_monai_bundle(datalists, tmp_path):
     assert len(cases) == 1 and cases[0]["protocol"] == "threshold+box"
     assert {"table.md", "table.csv", "radar.png"} <= {p.name for p in report.iterdir()}
     assert len(list((report / "overlays").glob("*.png"))) == 1
+
+
+def test_a_batch_of_cases_scores_as_one_case_at_a_time(datalists, tiny_net):
+    """``CaseInferer.infer_cases`` (the engine's batched entry, ``medsam3 evaluate --batch-size``): the 2D cases go
+    through shared forwards, a volume alone; each case's label map and records are those of one-by-one calls."""
+    from medsam3_monai.engines.evaluation import CaseInferer, case_records, evaluation_items, evaluation_transforms
+    from medsam3_monai.networks.tracker import build_tracker
+
+    items = evaluation_items([datalists["kvasir"], datalists["chest"], datalists["hippocampus"]], "all")
+    items = [items[0], items[1], *[i for i in items if "Hippocampus" in i["dataset"]][:1], items[2]]
+    transform = evaluation_transforms(tiny_net.image_size)
+    cases = [transform(item) for item in items]
+    tracker = build_tracker("tiny", detector=tiny_net)
+    for box_prompts in (False, True):
+        inferer = CaseInferer(transform, score_threshold=0.2, box_prompts=box_prompts, tracker=tracker)
+        batches = []
+        hook = tiny_net.register_forward_hook(lambda module, args, output: batches.append(args[0].shape[0]))
+        try:
+            with torch.no_grad():
+                together = inferer.infer_cases(cases, tiny_net)
+        finally:
+            hook.remove()
+        assert batches[-1] == 3, batches  # the three 2D images in one forward, after the volume
+        with torch.no_grad():
+            alone = [inferer(case, tiny_net) for case in cases]
+        assert [p.pred.ndim for p in together] == [2, 2, 3, 2]
+        for ours, reference in zip(together, alone):
+            assert ours.pred.shape == reference.pred.shape and ours.values == reference.values
+            assert (ours.pred != reference.pred).float().mean() < 1e-4  # a pixel at the threshold may flip
+            assert torch.allclose(ours.scores, reference.scores, atol=1e-5)
+            dice = [r["metrics"]["dice"] for r in case_records(ours, inferer.label)]
+            assert dice == pytest.approx([r["metrics"]["dice"] for r in case_records(reference, inferer.label)],
+                                         abs=1e-3)

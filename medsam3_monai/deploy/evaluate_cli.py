@@ -28,7 +28,7 @@ from ..data.selection import (
 )
 from ..protocol_registry import DEFAULT_PROTOCOL, PROTOCOLS
 from .agent_cli import add_planner_options
-from .arguments import remove_output
+from .arguments import at_least, remove_output
 
 __all__ = ["add_parser", "checkpoint_labels", "run"]
 
@@ -92,6 +92,10 @@ def add_parser(subparsers: argparse._SubParsersAction) -> argparse.ArgumentParse
                              "at the end) instead of stopping at the first one")
     parser.add_argument("--no-progress", action="store_true", help="no progress bar")
     parser.add_argument("--num-workers", type=int, default=0, help="data loader workers (0)")
+    parser.add_argument("--batch-size", type=at_least(1), default=1, metavar="N",
+                        help="cases per loader batch: their 2D images go through the network together, several per "
+                             "forward, as `medsam3 segment` does (1; 8 or more keeps a GPU busy). A batched forward "
+                             "rounds differently: a pixel whose logit is within rounding of 0 may flip")
 
     variants = parser.add_argument_group("prompt robustness")
     variants.add_argument("--prompt-variants", choices=("synonyms",), default=None,
@@ -244,7 +248,8 @@ def run(args: argparse.Namespace) -> int:
                 protocol=args.protocol, score_threshold=args.score_threshold, box_prompts=args.box_prompts,
                 tracker=tracker, tracker_name=tracker_name, device=device,
                 max_overlays=spec.get("overlays", args.overlays), progress=not args.no_progress,
-                num_workers=args.num_workers, mlflow=not args.no_mlflow, tracking_uri=tracking_uri,
+                num_workers=args.num_workers, batch_size=args.batch_size, mlflow=not args.no_mlflow,
+                tracking_uri=tracking_uri,
                 experiment=args.experiment, run_name=spec["label"], parent_run_id=parent,
                 skip_unreadable=args.skip_unreadable, **spec.get("evaluation", {}),
             )

@@ -30,7 +30,7 @@ agent answers a request per class: ``medsam3 evaluate --agent``).
 from __future__ import annotations
 
 import logging
-from collections.abc import Sequence
+from collections.abc import Mapping, Sequence
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
@@ -246,7 +246,19 @@ class CaseInferer(Inferer):
     def __call__(self, inputs: Sequence[dict[str, Any]], network: torch.nn.Module, *args: Any, **kwargs: Any
                  ) -> CasePrediction:
         items, case_items = self._case_items(inputs)
-        case = self.postprocessing(self.cases(case_items, network))
+        return self._case_prediction(items, self.postprocessing(self.cases(case_items, network)))
+
+    def infer_cases(self, cases: Sequence[Any], network: torch.nn.Module) -> list[CasePrediction]:
+        """The engine's batched entry, a loader batch of cases: the 2D ones through the network together, several
+        images per forward (:meth:`~medsam3_monai.inferers.predict.PromptInferer.infer_cases`, what ``medsam3
+        segment`` runs), volumes one at a time; each then post-processed and scored as :meth:`__call__` does."""
+        prepared = [self._case_items(case) for case in cases]
+        outputs = self.cases.infer_cases([case_items for _, case_items in prepared], network)
+        return [self._case_prediction(items, self.postprocessing(output))
+                for (items, _), output in zip(prepared, outputs)]
+
+    def _case_prediction(self, items: list[dict[str, Any]], case: Mapping[str, Any]) -> CasePrediction:
+        """A post-processed case (its label map in the input's geometry) -> :class:`CasePrediction`."""
         label_map = convert_to_tensor(case["pred"], track_meta=False)[0].cpu()  # metrics are counted on the host
         seeds = case.get("seed_slices")
         return self._prediction(items, [int(v) for v in case["prompt_values"]], list(case["prompt_texts"]),
@@ -623,6 +635,7 @@ def run_evaluation(
     max_overlays: int = 8,
     progress: bool = True,
     num_workers: int = 0,
+    batch_size: int = 1,
     mlflow: bool = True,
     tracking_uri: str | None = None,
     experiment: str | None = None,
@@ -661,7 +674,7 @@ def run_evaluation(
         "datalists": [str(path) for path in datalists], "split": split, "max_cases": max_cases,
         "output_dir": str(out_dir), "protocol": protocol, "score_threshold": score_threshold,
         "box_prompts": box_prompts, "max_overlays": max_overlays, "progress": progress,
-        "num_workers": num_workers, "mlflow": mlflow, "report_tracking_uri": tracking_uri,
+        "num_workers": num_workers, "batch_size": int(batch_size), "mlflow": mlflow, "report_tracking_uri": tracking_uri,
         "ct_window": ct_window, "parent_run_id": parent_run_id, "skip_unreadable": skip_unreadable,
     }
     if experiment is not None:
