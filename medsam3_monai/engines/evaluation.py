@@ -674,8 +674,9 @@ def run_evaluation(
         "datalists": [str(path) for path in datalists], "split": split, "max_cases": max_cases,
         "output_dir": str(out_dir), "protocol": protocol, "score_threshold": score_threshold,
         "box_prompts": box_prompts, "max_overlays": max_overlays, "progress": progress,
-        "num_workers": num_workers, "batch_size": int(batch_size), "mlflow": mlflow, "report_tracking_uri": tracking_uri,
-        "ct_window": ct_window, "parent_run_id": parent_run_id, "skip_unreadable": skip_unreadable,
+        "num_workers": num_workers, "batch_size": int(batch_size), "mlflow": mlflow,
+        "report_tracking_uri": tracking_uri, "ct_window": ct_window, "parent_run_id": parent_run_id,
+        "skip_unreadable": skip_unreadable,
     }
     if experiment is not None:
         overrides["experiment"] = experiment

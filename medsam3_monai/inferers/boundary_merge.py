@@ -29,8 +29,8 @@ picture, else ``upsample_rows``. The label map is the one of MONAI's dense inver
 whose bilinear logit lies within rounding (about ``1e-6 x`` the largest |logit|) of the threshold, or whose two
 best confidences are that close, can differ (``tests/test_boundary_merge.py``).
 
-All of this is for the host. Maps on an accelerator are resized densely where they are, and only the (H, W) label
-index is copied back: there the resize of every pixel is cheaper than copying the logits to the host.
+All of this is for the host. Maps on an accelerator are resized densely where they are (a few kernels per row
+tile), and only the (H, W) uint8 label index is copied to the host instead of P float maps.
 """
 
 from __future__ import annotations
@@ -239,8 +239,7 @@ def boundary_label_index(
         (H, W) numpy uint8 (int32 beyond 254 prompts): 0 background, c + 1 = prompt c.
 
     Maps on an accelerator (``PromptInferer`` leaves them on the network's device) are resized densely there, in
-    row tiles of ``DEVICE_TILE_ELEMENTS``, and only the label index comes back to the host: on a GPU that costs a
-    small share of the forward, where the host's boundary method would cost more than the copy of the logits.
+    row tiles of ``DEVICE_TILE_ELEMENTS``; only the label index is copied to the host.
     """
     num_prompts, h, w = maps.shape
     height, width = int(size[0]), int(size[1])
