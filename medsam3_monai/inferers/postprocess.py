@@ -203,8 +203,8 @@ class MergePromptsd(MapTransform):
         progress: a progress bar (stderr) over the row tiles of a pending inverse of at least
             ``PROGRESS_MIN_PIXELS`` pixels.
 
-    Output: MetaTensor (1, *spatial), uint8 (int32 when a label value exceeds 255), 0 = background, keeping
-    the input's meta and affine. A single prompt's mask is kept as is (nothing to resolve). Maps whose inverse
+    Output: MetaTensor (1, *spatial) on the host, uint8 (int32 when a label value exceeds 255), 0 = background,
+    keeping the input's meta and affine. A single prompt's mask is kept as is (nothing to resolve). Maps whose inverse
     is pending (:class:`InvertToInputd`) are thresholded and merged at the picture's size by
     :func:`~medsam3_monai.inferers.boundary_merge.boundary_label_index` (the same rule; only pixels near a boundary
     are interpolated), with the native-size memory of the label map alone.
@@ -246,7 +246,7 @@ class MergePromptsd(MapTransform):
                 index = masks[0].to(torch.uint8)
             else:
                 index = merge_classes(self._confidence(d, logits), masks)
-            labels = _label_values(index, values)[None]
+            labels = _label_values(index, values)[None].cpu()  # on the host, as a pending inverse's
             d[key] = MetaTensor(labels, meta=dict(pred.meta)) if isinstance(pred, MetaTensor) else MetaTensor(labels)
             if self.drop_confidence and self.confidence_key:
                 d.pop(self.confidence_key, None)
