@@ -22,7 +22,7 @@ from .errors import AgentError, EndpointUnreachable
 from .loop import LoopSettings
 from .segmenter import SegmenterSettings
 
-__all__ = ["AgentSettings", "choose_planner", "decide", "run_agent"]
+__all__ = ["AgentSettings", "check_planner", "choose_planner", "decide", "planner_name", "run_agent"]
 
 
 @dataclass
@@ -74,6 +74,21 @@ def choose_planner(settings: AgentSettings) -> str:
         raise AgentError(f"--llm-url {settings.llm_url} needs --llm-model (the model the server serves; it lists "
                          f"them at {settings.llm_url.rstrip('/')}/models)")
     return "llm"
+
+
+def check_planner(settings: AgentSettings) -> str:
+    """:func:`choose_planner`, and the key's environment variable set when ``api_key_env`` names one (whichever
+    planner runs): what a command checks before anything is loaded. Raises AgentError."""
+    planner = choose_planner(settings)
+    _api_key(settings)
+    return planner
+
+
+def planner_name(settings: AgentSettings) -> str:
+    """The planner in words, for reports: the MLLM (model at URL) or the offline planner."""
+    if choose_planner(settings) == "offline":
+        return "offline (catalogue phrasings, confidence fusion)"
+    return f"{settings.llm_model} at {settings.llm_url}"
 
 
 def _api_key(settings: AgentSettings) -> str | None:

@@ -17,7 +17,6 @@ In both, the runs are child MLflow runs of one parent that holds the combined ta
 from __future__ import annotations
 
 import argparse
-import os
 import re
 import sys
 from pathlib import Path
@@ -171,7 +170,7 @@ def agent_settings(args: argparse.Namespace) -> Any:
     """The agent's planner settings from the command line (endpoint, model and key variable checked here, before
     anything is loaded: nothing is built in, keys come only from the environment)."""
     from ..agent.loop import LoopSettings
-    from ..agent.runner import AgentSettings, choose_planner
+    from ..agent.runner import AgentSettings, check_planner
 
     settings = AgentSettings(
         llm=args.llm, llm_url=args.llm_url, llm_model=args.llm_model, api_key_env=args.api_key_env,
@@ -181,9 +180,7 @@ def agent_settings(args: argparse.Namespace) -> Any:
     )
     if settings.timeout <= 0 or settings.retries < 0:
         raise ValueError("--llm-timeout must be > 0 and --llm-retries >= 0")
-    choose_planner(settings)
-    if args.api_key_env and not os.environ.get(args.api_key_env, "").strip():
-        raise ValueError(f"--api-key-env {args.api_key_env}: that environment variable is not set or empty")
+    check_planner(settings)
     return settings
 
 
@@ -315,6 +312,7 @@ def _runs(args: argparse.Namespace, items: list[dict[str, Any]], labels: list[st
                          "overlays": args.overlays if variant in ("canonical", ENSEMBLE) else 0})
         return runs
     if args.agent:
+        from ..agent.runner import planner_name
         from ..engines.evaluation import AgentRecorder
 
         recorder = AgentRecorder(out / "agent" / "traces", on_error=args.agent_on_error)
@@ -322,31 +320,25 @@ def _runs(args: argparse.Namespace, items: list[dict[str, Any]], labels: list[st
         inferer = {"_target_": "medsam3_monai.engines.evaluation.AgentCaseInferer", "agent": settings,
                    "recorder": recorder, "checkpoint": "@checkpoint", "ct_window": "@ct_window",
                    "request_template": template}
-        notes = [f"Agent: planner {_planner_name(settings)}; request per class {template!r}; the union of the marks "
+        notes = [f"Agent: planner {planner_name(settings)}; request per class {template!r}; the union of the marks "
                  "the planner selects (report_no_mask: an empty mask); overlaps to the higher-scoring answer. "
                  "Traces in traces/, one row per request in agent_cases.csv."]
         return [{"label": "plain", "items": items},
                 {"label": "agent", "items": agent_items, "evaluation": {
                     "inferer": inferer, "notes": notes, "artifact_dirs": ("overlays", "traces"),
-                    "params": {"planner": _planner_name(settings), "request_template": template}}}]
+                    "params": {"planner": planner_name(settings), "request_template": template}}}]
     return [{"label": label, "items": items, "network": i} for i, label in enumerate(labels)]
 
 
-def _planner_name(settings: Any) -> str:
-    from ..agent.runner import choose_planner
-
-    if choose_planner(settings) == "offline":
-        return "offline (catalogue phrasings, confidence fusion)"
-    return f"{settings.llm_model} at {settings.llm_url}"
-
-
 def _agent_note(settings: Any, template: str, recorder: Any) -> str:
+    from ..agent.runner import planner_name
+
     statuses: dict[str, int] = {}
     for row in recorder.rows:
         statuses[row["status"]] = statuses.get(row["status"], 0) + 1
     counted = ", ".join(f"{n} {status}" for status, n in sorted(statuses.items()))
     planners = sorted({str(row.get("planner")) for row in recorder.rows})
-    return (f"Agent: planner {_planner_name(settings)} (ran as: {', '.join(planners)}); request {template!r}; "
+    return (f"Agent: planner {planner_name(settings)} (ran as: {', '.join(planners)}); request {template!r}; "
             f"{len(recorder.rows)} requests ({counted}); traces in agent/traces, per request agent/agent_cases.csv.")
 
 

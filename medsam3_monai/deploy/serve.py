@@ -128,15 +128,13 @@ def build_server(args: argparse.Namespace) -> Any:
 def agent_settings(args: argparse.Namespace) -> Any:
     """The agent model's planner from the command line (nothing built in; the key variable must be set)."""
     from ..agent.loop import LoopSettings
-    from ..agent.runner import AgentSettings, choose_planner
+    from ..agent.runner import AgentSettings, check_planner
 
     if args.llm_timeout <= 0:
         raise ValueError(f"--llm-timeout must be positive, got {args.llm_timeout}")
     settings = AgentSettings(llm="auto", llm_url=args.llm_url, llm_model=args.llm_model, api_key_env=args.api_key_env,
                              timeout=args.llm_timeout, loop=LoopSettings(max_rounds=args.max_rounds))
-    choose_planner(settings)
-    if args.api_key_env and not os.environ.get(args.api_key_env, "").strip():
-        raise ValueError(f"--api-key-env {args.api_key_env}: that environment variable is not set or empty")
+    check_planner(settings)
     return settings
 
 

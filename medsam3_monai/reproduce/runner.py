@@ -28,6 +28,7 @@ from dataclasses import asdict, dataclass, field, replace
 from pathlib import Path
 from typing import Any
 
+from ..agent.runner import AgentSettings, check_planner, planner_name
 from ..deploy.arguments import remove_output
 from .discovery import DatasetStatus, discover
 from .manifest import checkpoint_files
@@ -103,24 +104,10 @@ def _columns(paper: PaperTable, settings: ReproduceSettings) -> list[tuple[Any, 
 
 def _agent_settings(settings: ReproduceSettings) -> Any:
     """The agent's planner settings (``--agent``), checked before anything is loaded or written."""
-    import os
-
-    from ..agent.runner import AgentSettings, choose_planner
-
     agent = AgentSettings(llm=settings.llm, llm_url=settings.llm_url, llm_model=settings.llm_model,
                           api_key_env=settings.api_key_env)
-    choose_planner(agent)
-    if settings.api_key_env and not os.environ.get(settings.api_key_env, "").strip():
-        raise ValueError(f"--api-key-env {settings.api_key_env}: that environment variable is not set or empty")
+    check_planner(agent)
     return agent
-
-
-def _planner_name(agent: Any) -> str:
-    from ..agent.runner import choose_planner
-
-    if choose_planner(agent) == "offline":
-        return "offline (catalogue phrasings, confidence fusion)"
-    return f"{agent.llm_model} at {agent.llm_url}"
 
 
 def _check_out(out: Path) -> None:
@@ -228,7 +215,7 @@ def _evaluate(settings: ReproduceSettings, paper: PaperTable, statuses: Sequence
                 extra = {"inferer": {"_target_": "medsam3_monai.engines.evaluation.AgentCaseInferer", "agent": agent,
                                      "recorder": recorder, "checkpoint": "@checkpoint", "ct_window": "@ct_window",
                                      "request_template": DEFAULT_AGENT_REQUEST},
-                         "notes": [f"Agent: planner {_planner_name(agent)}; request per class "
+                         "notes": [f"Agent: planner {planner_name(agent)}; request per class "
                                    f"{DEFAULT_AGENT_REQUEST!r}. Traces in traces/, one row per request in "
                                    "agent_cases.csv."]}
             report = run_evaluation(
@@ -328,7 +315,7 @@ def _write_outputs(settings: ReproduceSettings, paper: PaperTable, statuses: lis
                   "found": ", ".join(s.dataset for s in statuses if s.found),
                   "not_found": ", ".join(s.dataset for s in statuses if not s.found)}
         if agent is not None:
-            params.update(agent_planner=_planner_name(agent), llm=settings.llm, llm_url=settings.llm_url or "",
+            params.update(agent_planner=planner_name(agent), llm=settings.llm, llm_url=settings.llm_url or "",
                           llm_model=settings.llm_model or "", api_key_env=settings.api_key_env or "",
                           agent_requests=len(agent_rows))
         for entry in manifest["checkpoints"]:
@@ -348,6 +335,6 @@ def _agent_note(paper: PaperTable, agent: Any, rows: Sequence[dict[str, Any]]) -
     published = paper.column(AGENT_KEY).published
     known = ("published values from the catalogue" if any(v is not None for v in published.values())
              else "its published values are not in the catalogue (unknown)")
-    return (f"MedSAM-3 agent: the --checkpoint driven by the agent, planner {_planner_name(agent)}, text requests "
+    return (f"MedSAM-3 agent: the --checkpoint driven by the agent, planner {planner_name(agent)}, text requests "
             f"(protocol T); {len(rows)} requests ({counted}); traces in {AGENT_KEY}/<dataset>/traces, one row per "
             f"request in {AGENT_KEY}/<dataset>/agent_cases.csv (all in the MLflow run); {known}.")
