@@ -124,6 +124,14 @@ def label_map_of(masks: Sequence[torch.Tensor], values: Sequence[int], order: Se
     return label_map
 
 
+def _merged_case(case: Mapping[str, Any]) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor | None]:
+    """A post-processed case -> its label map (on the host, where the metrics are counted), the prompts' scores
+    (P,) float32 and the volume path's seed slices (None in 2D)."""
+    seeds = case.get("seed_slices")
+    return (convert_to_tensor(case["pred"], track_meta=False)[0].cpu(),
+            torch.as_tensor(case["prompt_scores"]).float().cpu(), None if seeds is None else torch.as_tensor(seeds))
+
+
 @dataclass
 class CasePrediction:
     """One case's prediction in the input's own geometry.
@@ -202,6 +210,9 @@ class CaseInferer(Inferer):
         volume_batch_size: slices per detector call in the volume path.
     """
 
+    #: whether :meth:`infer_cases` puts a batch's 2D images in one forward (False: one case at a time)
+    batches_cases = True
+
     def __init__(
         self,
         transform: Any,
@@ -252,6 +263,8 @@ class CaseInferer(Inferer):
         """The engine's batched entry, a loader batch of cases: the 2D ones through the network together, several
         images per forward (:meth:`~medsam3_monai.inferers.predict.PromptInferer.infer_cases`, what ``medsam3
         segment`` runs), volumes one at a time; each then post-processed and scored as :meth:`__call__` does."""
+        if not self.batches_cases:
+            return [self(case, network) for case in cases]
         prepared = [self._case_items(case) for case in cases]
         outputs = self.cases.infer_cases([case_items for _, case_items in prepared], network)
         return [self._case_prediction(items, self.postprocessing(output))
@@ -259,11 +272,9 @@ class CaseInferer(Inferer):
 
     def _case_prediction(self, items: list[dict[str, Any]], case: Mapping[str, Any]) -> CasePrediction:
         """A post-processed case (its label map in the input's geometry) -> :class:`CasePrediction`."""
-        label_map = convert_to_tensor(case["pred"], track_meta=False)[0].cpu()  # metrics are counted on the host
-        seeds = case.get("seed_slices")
+        label_map, scores, seeds = _merged_case(case)
         return self._prediction(items, [int(v) for v in case["prompt_values"]], list(case["prompt_texts"]),
-                                label_map, torch.as_tensor(case["prompt_scores"]).float().cpu(),
-                                None if seeds is None else torch.as_tensor(seeds))
+                                label_map, scores, seeds)
 
     def _prediction(self, items: list[dict[str, Any]], values: list[int], prompts: list[str],
                     label_map: torch.Tensor, scores: torch.Tensor, seeds: torch.Tensor | None = None
@@ -318,6 +329,8 @@ class EnsembleCaseInferer(CaseInferer):
         The other arguments are :class:`CaseInferer`'s.
     """
 
+    batches_cases = False  # a case's phrasings already share one network call
+
     def __init__(self, transform: Any, protocol: str = "top_query", score_threshold: float = 0.5,
                  box_prompts: bool = False, tracker: Any = None, keep_ratio: float = 0.5, min_score: float = 0.0,
                  variants_key: str = "prompt_variants", **kwargs: Any) -> None:
@@ -327,10 +340,6 @@ class EnsembleCaseInferer(CaseInferer):
                 raise ValueError(f"{name} must be in [0, 1], got {value}")
         self.keep_ratio, self.min_score = float(keep_ratio), float(min_score)
         self.variants_key = variants_key
-
-    def infer_cases(self, cases: Sequence[Any], network: torch.nn.Module) -> list[CasePrediction]:
-        """The engine's batched entry: one case at a time (a case's phrasings already share one network call)."""
-        return [self(case, network) for case in cases]
 
     def __call__(self, inputs: Sequence[dict[str, Any]], network: torch.nn.Module, *args: Any, **kwargs: Any
                  ) -> CasePrediction:
@@ -349,10 +358,8 @@ class EnsembleCaseInferer(CaseInferer):
         for item in case_items:
             item["prompts"] = {str(k + 1): text for k, text in enumerate(flat)}
             item.pop(self.variants_key, None)
-        case = self.postprocessing(self.cases(case_items, network))
-        label_map = convert_to_tensor(case["pred"], track_meta=False)[0].cpu()  # metrics are counted on the host
-        scores = [float(s) for s in torch.as_tensor(case["prompt_scores"]).float().cpu()]
-        seeds = case.get("seed_slices")
+        label_map, scores, seeds = _merged_case(self.postprocessing(self.cases(case_items, network)))
+        scores = scores.tolist()
         masks, class_scores, class_seeds = [], [], []
         for c in range(len(values)):
             ks = [k for k, owner in enumerate(owners) if owner == c]
@@ -469,6 +476,8 @@ class AgentCaseInferer(CaseInferer):
         The other arguments are :class:`CaseInferer`'s (box prompts are refused: the agent answers text requests).
     """
 
+    batches_cases = False  # the agent plans each request on its own
+
     def __init__(self, transform: Any, protocol: str = "top_query", score_threshold: float = 0.5,
                  box_prompts: bool = False, tracker: Any = None, *, agent: Any = None,
                  recorder: AgentRecorder | None = None, checkpoint: str = "tiny",
@@ -493,10 +502,6 @@ class AgentCaseInferer(CaseInferer):
     @property
     def label(self) -> str:
         return f"agent/{super().label}"
-
-    def infer_cases(self, cases: Sequence[Any], network: torch.nn.Module) -> list[CasePrediction]:
-        """The engine's batched entry: one case at a time (the agent plans each request on its own)."""
-        return [self(case, network) for case in cases]
 
     def predictor(self, network: torch.nn.Module) -> Any:
         """``medsam3 segment``'s predictor around the evaluated network (built once)."""
