@@ -47,7 +47,7 @@ from ..transforms.intensity import MAX_TILE_ELEMENTS, row_tiles
 from ..transforms.slices import bilinear_weights, upsample_rows
 from .image import confidence_of
 
-__all__ = ["MARGIN", "boundary_label_index"]
+__all__ = ["MARGIN", "boundary_label_index", "merged_index"]
 
 #: decided taps lie beyond this fraction of the largest |logit| (or |threshold|) from the threshold
 MARGIN = 1e-5
@@ -168,9 +168,9 @@ class _Confidence:
         return segments.pixels(*segments.along_columns(self.maps.numpy()), chosen)[0]
 
 
-def _merged(logits: torch.Tensor, confidence: Callable[[], torch.Tensor], threshold: float) -> torch.Tensor:
-    """(P, ...) logits -> label index (...) on their device: the mask of a single prompt, else the most confident
-    claimant."""
+def merged_index(logits: torch.Tensor, confidence: Callable[[], torch.Tensor], threshold: float) -> torch.Tensor:
+    """(P, ...) logits -> label index (...) on their device (mask = logit > ``threshold``): the mask of a single
+    prompt, else the most confident claimant by ``confidence()``, (P, ...), made only when needed."""
     masks = logits > threshold
     if logits.shape[0] == 1:
         return masks[0].view(torch.uint8)
@@ -193,7 +193,7 @@ def _dense_labels(maps: torch.Tensor, size: tuple[int, int], start: int, stop: i
     """The label index of output rows ``start:stop`` from the dense resize of every pixel (``_resized_rows``), on
     the maps' device."""
     logits = _resized_rows(maps, size, start, stop, columns)
-    return _merged(logits, lambda: weights.tile(logits, start, stop, columns.weights), threshold)
+    return merged_index(logits, lambda: weights.tile(logits, start, stop, columns.weights), threshold)
 
 
 def _dense_index(maps: torch.Tensor, size: tuple[int, int], threshold: float, weights: _Confidence,
@@ -212,8 +212,8 @@ def _dense_index(maps: torch.Tensor, size: tuple[int, int], threshold: float, we
 
 
 def _tiles(rows: _Axis, height: int, width: int, channels: int) -> list[tuple[int, int]]:
-    """Row tiles (:func:`row_tiles` of up to ``MAX_TILE_ELEMENTS``: a picture of up to that many pixels is one) moved to whole source rows: (first, one past the
-    last) source row, each with at least one output row."""
+    """Row tiles (:func:`row_tiles` of up to ``MAX_TILE_ELEMENTS``: a picture of up to that many pixels is one)
+    moved to whole source rows: (first, one past the last) source row, each with at least one output row."""
     starts = sorted({int(rows.first[start]) for start, _ in row_tiles(height, width, channels, MAX_TILE_ELEMENTS)})
     return list(zip(starts, starts[1:] + [int(rows.first[-1]) + 1]))
 
@@ -282,8 +282,8 @@ def boundary_label_index(
             chosen = np.flatnonzero(decided == open_mark)
             if chosen.size:
                 logits, o, q = segments.pixels(upper, lower, chosen)
-                flat[o * width + q] = _merged(logits, lambda: weights.pixels(logits, segments, chosen, o, q),
-                                              threshold).numpy()
+                flat[o * width + q] = merged_index(logits, lambda: weights.pixels(logits, segments, chosen, o, q),
+                                                   threshold).numpy()
         if progress is not None:
             progress(stop - start)
     return index

@@ -35,10 +35,9 @@ from monai.transforms import Compose, InvertibleTransform, Invertd, MapTransform
 from monai.transforms.utils import allow_missing_keys_mode
 from monai.utils import TraceKeys
 
-from ..metrics.merge import merge_classes
 from ..transforms.intensity import row_tiles
 from ..transforms.slices import PROGRESS_MIN_PIXELS, bilinear_weights, tile_progress, upsample_rows
-from .boundary_merge import boundary_label_index
+from .boundary_merge import boundary_label_index, merged_index
 from .image import confidence_of
 
 __all__ = [
@@ -235,19 +234,12 @@ class MergePromptsd(MapTransform):
             pred = d[key]
             if pending_inverse(pred) is not None:
                 d[key] = self._merge_pending(d, pred)
-                if self.drop_confidence and self.confidence_key:
-                    d.pop(self.confidence_key, None)
-                continue
-            logits = _plain(pred).float()
-            masks = logits > self.threshold
-            num_prompts = logits.shape[0]
-            values = self._values(d, num_prompts, key)
-            if num_prompts == 1:
-                index = masks[0].to(torch.uint8)
             else:
-                index = merge_classes(self._confidence(d, logits), masks)
-            labels = _label_values(index, values)[None].cpu()  # on the host, as a pending inverse's
-            d[key] = MetaTensor(labels, meta=dict(pred.meta)) if isinstance(pred, MetaTensor) else MetaTensor(labels)
+                logits = _plain(pred).float()
+                values = self._values(d, logits.shape[0], key)
+                index = merged_index(logits, lambda: self._confidence(d, logits), self.threshold)
+                labels = _label_values(index, values)[None].cpu()  # on the host, as a pending inverse's
+                d[key] = MetaTensor(labels, meta=dict(pred.meta) if isinstance(pred, MetaTensor) else None)
             if self.drop_confidence and self.confidence_key:
                 d.pop(self.confidence_key, None)
         return d
