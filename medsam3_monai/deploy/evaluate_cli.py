@@ -313,13 +313,10 @@ def _runs(args: argparse.Namespace, items: list[dict[str, Any]], labels: list[st
         return runs
     if args.agent:
         from ..agent.runner import planner_name
-        from ..engines.evaluation import AgentRecorder
+        from ..engines.evaluation import AgentRecorder, agent_evaluation
 
         recorder = AgentRecorder(out / "agent" / "traces", on_error=args.agent_on_error)
-        agent_items = [dict(item, source_image=item["image"]) for item in items]
-        inferer = {"_target_": "medsam3_monai.engines.evaluation.AgentCaseInferer", "agent": settings,
-                   "recorder": recorder, "checkpoint": "@checkpoint", "ct_window": "@ct_window",
-                   "request_template": template}
+        agent_items, inferer = agent_evaluation(items, settings, recorder, template)
         notes = [f"Agent: planner {planner_name(settings)}; request per class {template!r}; the union of the marks "
                  "the planner selects (report_no_mask: an empty mask); overlaps to the higher-scoring answer. "
                  "Traces in traces/, one row per request in agent_cases.csv."]

@@ -63,6 +63,7 @@ __all__ = [
     "evaluation_items",
     "evaluation_transforms",
     "is_volume_item",
+    "agent_evaluation",
     "agent_request",
     "protocol_label",
     "report_notes",
@@ -400,6 +401,16 @@ def agent_request(concept: str, modality: str | None = None, dataset: str | None
         raise ValueError(f"--agent-request {template!r}: {err!r}; the placeholders are {{concept}}, {{image}}, "
                          "{modality} and {dataset}") from None
     return " ".join(text.split())
+
+
+def agent_evaluation(items: Sequence[dict[str, Any]], agent: Any, recorder: AgentRecorder,
+                     request_template: str = DEFAULT_AGENT_REQUEST) -> tuple[list[dict[str, Any]], dict[str, Any]]:
+    """What ``run_evaluation`` needs to evaluate the agent: the ``items`` with their file kept as ``source_image``
+    (the agent reads the file; ``image`` becomes the loaded picture) and the ``inferer`` override that puts
+    :class:`AgentCaseInferer` in the bundle (the evaluation's checkpoint and CT window)."""
+    inferer = {"_target_": "medsam3_monai.engines.evaluation.AgentCaseInferer", "agent": agent, "recorder": recorder,
+               "checkpoint": "@checkpoint", "ct_window": "@ct_window", "request_template": request_template}
+    return [dict(item, source_image=item["image"]) for item in items], inferer
 
 
 class AgentRecorder:

@@ -180,11 +180,7 @@ def _evaluate(settings: ReproduceSettings, paper: PaperTable, statuses: Sequence
     and ``agent_cases.csv`` per dataset); returns ours (column -> dataset -> Dice %), cases, timings, device and
     the agent's request rows."""
     from ..data.selection import evaluation_items, is_volume_item
-    from ..engines.evaluation import (
-        DEFAULT_AGENT_REQUEST,
-        AgentRecorder,
-        run_evaluation,
-    )
+    from ..engines.evaluation import DEFAULT_AGENT_REQUEST, AgentRecorder, agent_evaluation, run_evaluation
     from ..metrics.aggregate import aggregate, write_cases_csv
     from ..networks.tracker import resolve_tracker
 
@@ -211,10 +207,8 @@ def _evaluate(settings: ReproduceSettings, paper: PaperTable, statuses: Sequence
             batch = items[status.dataset]
             if column.key == AGENT_KEY:
                 recorder = AgentRecorder(out / column.key / status.dataset / "traces", on_error="fail")
-                batch = [dict(item, source_image=item["image"]) for item in batch]
-                extra = {"inferer": {"_target_": "medsam3_monai.engines.evaluation.AgentCaseInferer", "agent": agent,
-                                     "recorder": recorder, "checkpoint": "@checkpoint", "ct_window": "@ct_window",
-                                     "request_template": DEFAULT_AGENT_REQUEST},
+                batch, inferer = agent_evaluation(batch, agent, recorder, DEFAULT_AGENT_REQUEST)
+                extra = {"inferer": inferer,
                          "notes": [f"Agent: planner {planner_name(agent)}; request per class "
                                    f"{DEFAULT_AGENT_REQUEST!r}. Traces in traces/, one row per request in "
                                    "agent_cases.csv."]}
