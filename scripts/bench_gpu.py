@@ -148,6 +148,7 @@ def forward(args: argparse.Namespace) -> dict:
         "autocast": args.autocast,
         "compile": args.compile,
         "channels_last": args.channels_last,
+        "detector_chunk": network.detector_chunk,
         "attention": network.config._attn_implementation,
         "results": results,
     }

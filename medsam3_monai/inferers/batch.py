@@ -9,10 +9,10 @@ run this path; every step is the one-file path's (``configs/inference.json``'s p
   (:func:`collate_case_batch`) stacks the batch's 2D slice-space images into one tensor, pinned by the loader's
   pin-memory thread when the network is on CUDA and copied with ``non_blocking``;
 * :func:`segment_image_batch` puts up to ``batch_size`` 2D images, each with its own prompts, through **one**
-  network forward (``MedSAM3Net.forward`` with ``image_ids``: the ViT runs once per image; the text encoder runs
-  once per distinct prompt, its features cached by the network); text-only and box-prompted images go in
-  separate forwards, so each image's masks are those of a one-by-one call (same forward, batched: logits agree
-  to float rounding);
+  ViT pass (``MedSAM3Net.forward_chunks`` with ``image_ids``: the ViT runs once per image, the detector on the
+  find-queries ``detector_chunk`` at a time; the text encoder runs once per distinct prompt, its features cached
+  by the network); text-only and box-prompted images go in separate passes, so each image's masks are those of a
+  one-by-one call (same forward, batched: logits agree to float rounding);
 * volumes go one at a time through :func:`~.volume.segment_volume` (detector in slice batches + the tracker).
 
 The evaluation engine (``engines.inference.MedSAM3CaseEvaluator``) can take the same path by calling
@@ -32,7 +32,8 @@ from typing import Any
 import torch
 
 from ..protocol_registry import get_protocol
-from .image import ImageSegmentation, protocol_logits
+from .image import ImageSegmentation
+from .protocols import prompt_logits
 
 __all__ = [
     "AUTOCAST_DTYPES",
@@ -102,10 +103,10 @@ def segment_image_batch(
         if boxes[members[0]] is not None:
             kwargs["boxes"] = torch.cat([boxes[index][0] for index in members])
             kwargs["box_labels"] = torch.cat([boxes[index][1] for index in members])
-        outputs = network(group_images, queries, **kwargs)
+        names = [protocols[index] for index in members]
+        per_protocol = prompt_logits(network, group_images, queries, names, size, score_threshold, **kwargs)
         starts = torch.cumsum(torch.tensor([0] + [len(prompts[index]) for index in members]), 0).tolist()
-        for name in dict.fromkeys(protocols[index] for index in members):
-            logits, scores = protocol_logits(outputs, size, name, score_threshold)
+        for name, (logits, scores) in per_protocol.items():
             logits, scores = logits if logits_on_device else logits.cpu(), scores.float().cpu()  # one copy per forward
             for position, index in enumerate(members):
                 if protocols[index] == name:

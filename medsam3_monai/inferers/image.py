@@ -47,7 +47,7 @@ from ..boxes import largest_component_box_prompts
 from ..metrics.merge import merge_classes
 from ..networks.outputs import MedSAM3Output
 from ..protocol_registry import get_protocol
-from .protocols import EMPTY_LOGIT
+from .protocols import EMPTY_LOGIT, prompt_logits
 
 __all__ = [
     "EMPTY_LOGIT",
@@ -120,7 +120,8 @@ def segment_image(
     pixels_normalized: bool = True,
     logits_on_device: bool = False,
 ) -> ImageSegmentation:
-    """Segment one slice-space image with P text prompts (one network call: the vision encoder runs once).
+    """Segment one slice-space image with P text prompts (the vision encoder runs once; the detector takes the
+    prompts ``network.detector_chunk`` at a time, :func:`~.protocols.prompt_logits`).
 
     Args:
         network: a :class:`~medsam3_monai.networks.MedSAM3Net` (or anything with its forward signature).
@@ -149,9 +150,8 @@ def segment_image(
         boxes = boxes[:, None] if boxes.ndim == 2 else boxes
         kwargs["boxes"] = boxes
         kwargs["box_labels"] = box_labels if box_labels is not None else torch.ones(boxes.shape[:2], dtype=torch.long)
-    outputs = network(images, prompts, **kwargs)
     size = tuple(images.shape[-2:])
-    logits, scores = protocol_logits(outputs, size, protocol, score_threshold)
+    logits, scores = prompt_logits(network, images, prompts, [protocol], size, score_threshold, **kwargs)[protocol]
     return ImageSegmentation(prompts, logits if logits_on_device else logits.cpu(), scores.float().cpu(), protocol)
 
 

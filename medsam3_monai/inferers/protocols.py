@@ -2,9 +2,13 @@
 :mod:`medsam3_monai.protocol_registry` (definitions in ``bundles/medsam3/docs/conventions.md``), and logit upsampling.
 
 Each protocol function is ``(outputs, size, score_threshold) -> (logits (B, H, W) float32, scores (B,))``.
+:func:`prompt_logits` runs the detector and keeps only that, chunk by chunk of find-queries.
 """
 
 from __future__ import annotations
+
+from collections.abc import Iterator, Sequence
+from typing import Any
 
 import torch
 
@@ -12,6 +16,8 @@ from ..networks.outputs import MedSAM3Output, upsample_logits
 
 #: logit of "no mask here": finite, so that bilinear inversion never mixes infinities into NaN
 EMPTY_LOGIT = -1.0e4
+#: logit written for a pixel of a binary mask (the volume path's slices): finite, the mirror of EMPTY_LOGIT
+MASK_LOGIT = 1.0e4
 
 
 def top_query_logits(outputs: MedSAM3Output, size: int | tuple[int, int],
@@ -49,6 +55,38 @@ def semantic_logits(outputs: MedSAM3Output, size: int | tuple[int, int],
                     score_threshold: float = 0.5) -> tuple[torch.Tensor, torch.Tensor]:
     """The semantic head's logits (B, H, W) and sigmoid(presence logit) (B,) as the score."""
     return upsample_logits(outputs.semantic_seg, size)[:, 0], outputs.presence_logits[:, 0].float().sigmoid()
+
+
+def detector_chunks(network: torch.nn.Module, images: torch.Tensor, prompts: Sequence[str] | None,
+                    **kwargs: Any) -> Iterator[tuple[int, int, MedSAM3Output]]:
+    """``(start, stop, outputs)`` of the detector's find-queries ``start:stop``: ``network.forward_chunks`` (a
+    ``MedSAM3Net``: the ViT once, the detector on at most ``network.detector_chunk`` queries at a time), or one
+    forward of all of them for a network without it. ``kwargs``: the forward's (``image_ids``, ``boxes``, ...)."""
+    chunks = getattr(network, "forward_chunks", None)
+    if chunks is not None:
+        yield from chunks(images, prompts, **kwargs)
+        return
+    count = len(prompts) if prompts is not None else int(kwargs["boxes"].shape[0])
+    yield 0, count, network(images, prompts, **kwargs)
+
+
+def prompt_logits(network: torch.nn.Module, images: torch.Tensor, prompts: Sequence[str] | None,
+                  protocols: Sequence[str], size: int | tuple[int, int], score_threshold: float = 0.5,
+                  **kwargs: Any) -> dict[str, tuple[torch.Tensor, torch.Tensor]]:
+    """The detector on B find-queries -> per protocol name, the (B, H, W) mask logits at ``size`` and (B,) scores.
+
+    The queries go through :func:`detector_chunks`; of each chunk's outputs only the protocols' logits and scores
+    are kept, so the detector's memory is that of one chunk whatever B is. ``kwargs``: the forward's."""
+    from ..protocol_registry import get_protocol
+
+    names = list(dict.fromkeys(protocols))
+    parts: dict[str, list[tuple[torch.Tensor, torch.Tensor]]] = {name: [] for name in names}
+    for _, _, outputs in detector_chunks(network, images, prompts, **kwargs):
+        for name in names:
+            parts[name].append(get_protocol(name).logits(outputs, size, score_threshold))
+        del outputs
+    return {name: (torch.cat([p[0] for p in found]), torch.cat([p[1] for p in found])) if len(found) > 1
+            else found[0] for name, found in parts.items()}
 
 
 def dice_per_prompt(pred: torch.Tensor, truth: torch.Tensor) -> torch.Tensor:

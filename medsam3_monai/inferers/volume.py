@@ -45,7 +45,7 @@ from transformers import Sam3TrackerVideoModel
 from ..compat import add_mask_prompt, tracker_session
 from ..networks.outputs import upsample_logits
 from ..networks.tracker import backbone_signature, detector_backbone
-from .protocols import top_query_logits
+from .protocols import detector_chunks, top_query_logits
 
 __all__ = [
     "VolumeSegmentation",
@@ -130,7 +130,8 @@ def detect_slices(
     """Every slice x every prompt through the detector: top-query masks (P, D, S, S) bool and scores (P, D).
 
     ``batch_size`` slices go in per forward, each with all P prompts (the ViT runs once per slice; text
-    features come from the network's cache). ``vision_hook(last_hidden_state, start, stop)`` is called with
+    features come from the network's cache; the detector takes the batch's ``batch_size`` x P find-queries
+    ``detector_chunk`` at a time, :func:`~.protocols.detector_chunks`, keeping only each one's top-query mask). ``vision_hook(last_hidden_state, start, stop)`` is called with
     the ViT output of slices ``start:stop`` (for sharing it with the tracker).
     """
     num_slices, size, num_prompts = slices.shape[0], slices.shape[-1], len(prompts)
@@ -151,11 +152,14 @@ def detect_slices(
                 count = stop - start
                 image_ids = torch.arange(count).repeat_interleave(num_prompts)
                 queries = [prompt for _ in range(count) for prompt in prompts]  # slice-major
-                outputs = detector(slices[start:stop].to(device), queries, image_ids=image_ids,
-                                   pixels_normalized=True)
-                logits, best = top_query_logits(outputs, size)  # (count * P, S, S), (count * P,)
-                masks[:, start:stop] = (logits > 0).view(count, num_prompts, size, size).transpose(0, 1).cpu()
-                scores[:, start:stop] = best.float().view(count, num_prompts).T.cpu()
+                found = torch.empty(count * num_prompts, size, size, dtype=torch.bool)
+                best = torch.empty(count * num_prompts, dtype=torch.float32)
+                for first, last, outputs in detector_chunks(detector, slices[start:stop].to(device), queries,
+                                                            image_ids=image_ids, pixels_normalized=True):
+                    logits, top = top_query_logits(outputs, size)  # (last - first, S, S), (last - first,)
+                    found[first:last], best[first:last] = (logits > 0).cpu(), top.float().cpu()
+                masks[:, start:stop] = found.view(count, num_prompts, size, size).transpose(0, 1)
+                scores[:, start:stop] = best.view(count, num_prompts).T
     finally:
         if handle is not None:
             handle.remove()
@@ -171,10 +175,12 @@ def select_seeds(masks: torch.Tensor, scores: torch.Tensor, score_threshold: flo
 
 
 def merge_masks(detected: torch.Tensor, scores: torch.Tensor, tracked: torch.Tensor | None,
-                score_threshold: float) -> torch.Tensor:
-    """``(detected where score >= threshold) | tracked``, all (P, D, S, S) bool (scores (P, D))."""
-    merged = detected & (scores >= score_threshold)[..., None, None]
-    return merged | tracked if tracked is not None else merged
+                score_threshold: float, in_place: bool = False) -> torch.Tensor:
+    """``(detected where score >= threshold) | tracked``, all (P, D, S, S) bool (scores (P, D)); ``in_place``:
+    written into ``detected`` (no second volume of masks)."""
+    confident = (scores >= score_threshold)[..., None, None]
+    merged = detected.logical_and_(confident) if in_place else detected & confident
+    return merged.logical_or_(tracked) if tracked is not None else merged
 
 
 # ---------------------------------------------------------------------------------------- tracker pass
@@ -313,7 +319,7 @@ def segment_volume(
                                          vision_hook=hook)
         seeds = select_seeds(detected, scores, score_threshold)
         seed_masks = {p: detected[p, seed].clone() for p, seed in enumerate(seeds.tolist()) if seed >= 0}
-        masks = merge_masks(detected, scores, None, score_threshold)  # in place of the detections: one copy
+        masks = merge_masks(detected, scores, None, score_threshold, in_place=True)  # the detections' memory
         del detected
         if tracker is not None and seed_masks:
             if not shared:

@@ -4,7 +4,7 @@ from __future__ import annotations
 
 import contextlib
 from pathlib import Path
-from typing import Sequence
+from typing import Iterator, Sequence
 
 import torch
 from torch import nn
@@ -19,6 +19,8 @@ from .regularization import TrainingDropout, apply_training_dropout
 from .text_cache import TextFeatureCache
 from .tokenizer import tokenize_prompts
 
+#: find-queries (image, prompt pairs) per detector pass in :meth:`MedSAM3Net.forward_chunks`
+DETECTOR_CHUNK = 16
 BOX_ONLY_PROMPT = "visual"  # SAM3's text for a prompt made of boxes alone (Sam3Processor.add_geometric_prompt)
 
 
@@ -56,6 +58,8 @@ class MedSAM3Net(nn.Module):
             depth 0.1); ``{"dropout": 0, "drop_path": 0}`` turns it off. Eval mode never drops.
         dac: in training mode, also run SAM3's one-to-many query set (``outputs.one_to_many``) as the official
             model does; eval forwards are the same either way.
+        detector_chunk: the most find-queries (image, prompt pairs) the inferers put through the detector at once
+            (:meth:`forward_chunks`); an attribute, so it can be changed on a loaded network.
 
     The network computes what Meta's official SAM3 computes (see :mod:`.official_numerics`): a text-only prompt
     goes through the geometry encoder too (its CLS token joins the prompt), the ViT LayerNorm eps is 1e-5 and
@@ -73,6 +77,7 @@ class MedSAM3Net(nn.Module):
         text_cache_size: int = 1024,
         training_dropout: TrainingDropout | dict | None = None,
         dac: bool = True,
+        detector_chunk: int = DETECTOR_CHUNK,
     ) -> None:
         super().__init__()
         loaded = load_sam3(source, config=config, image_size=image_size, seed=seed)
@@ -83,6 +88,7 @@ class MedSAM3Net(nn.Module):
         self.training_dropout = TrainingDropout.of(training_dropout)
         self._regularization_hooks = apply_training_dropout(self.sam3, self.training_dropout)
         self.dac = bool(dac)
+        self.detector_chunk = int(detector_chunk)
         self.text_cache = TextFeatureCache([self.sam3.text_encoder, self.sam3.text_projection], text_cache_size)
         self.set_gradient_checkpointing(gradient_checkpointing)
 
@@ -187,6 +193,19 @@ class MedSAM3Net(nn.Module):
             raise ValueError(f"image_ids must index the {num_images} images; got {image_ids.tolist()}")
         return image_ids
 
+    def _find_queries(self, images: torch.Tensor, prompts: Sequence[str] | str | None,
+                      image_ids: torch.Tensor | Sequence[int] | None, boxes: torch.Tensor | None,
+                      pixels_normalized: bool) -> tuple[torch.Tensor, list[str], torch.Tensor | None]:
+        """:meth:`forward`'s inputs checked: SAM3-normalised pixels, the B prompt texts and the image index."""
+        self._check_images(images)
+        if prompts is None:
+            if boxes is None:
+                raise ValueError("give text prompts, boxes, or both (prompts=None needs boxes)")
+            prompts = [BOX_ONLY_PROMPT] * boxes.shape[0]
+        prompts = [prompts] if isinstance(prompts, str) else list(prompts)
+        index = self._query_image_ids(images.shape[0], len(prompts), image_ids)
+        return (images if pixels_normalized else normalize_pixels(images)), prompts, index
+
     def forward(
         self,
         images: torch.Tensor,
@@ -213,16 +232,59 @@ class MedSAM3Net(nn.Module):
             MedSAM3Output with per-layer logits/boxes/presence and last-layer masks and semantic seg; in training
             mode (with ``dac``) also the one-to-many query set.
         """
-        self._check_images(images)
-        if prompts is None:
-            if boxes is None:
-                raise ValueError("give text prompts, boxes, or both (prompts=None needs boxes)")
-            prompts = [BOX_ONLY_PROMPT] * boxes.shape[0]
-        prompts = [prompts] if isinstance(prompts, str) else list(prompts)
-        index = self._query_image_ids(images.shape[0], len(prompts), image_ids)
-        pixel_values = images if pixels_normalized else normalize_pixels(images)
+        pixel_values, prompts, index = self._find_queries(images, prompts, image_ids, boxes, pixels_normalized)
         text_features, text_mask = self.encode_text(prompts)
         return self.forward_features(pixel_values, text_features, text_mask, boxes, box_labels, index)
+
+    def forward_chunks(
+        self,
+        images: torch.Tensor,
+        prompts: Sequence[str] | None,
+        *,
+        image_ids: torch.Tensor | Sequence[int] | None = None,
+        boxes: torch.Tensor | None = None,
+        box_labels: torch.Tensor | None = None,
+        pixels_normalized: bool = False,
+        chunk: int | None = None,
+    ) -> Iterator[tuple[int, int, MedSAM3Output]]:
+        """:meth:`forward` for inference with many find-queries: ``(start, stop, outputs)`` for queries
+        ``start:stop``, at most ``chunk`` (default :attr:`detector_chunk`) at a time.
+
+        The vision encoder runs once for all N images; the detector (DETR encoder and decoder, mask head) then
+        takes the queries chunk by chunk. Its memory grows with the queries it holds (at 1008 px each carries
+        its image's FPN levels and Q mask logits at 288 x 288, a few hundred MB in float32), so a caller that
+        keeps only what it needs of each chunk (a protocol's mask per query) holds at most ``chunk`` of them:
+        a 117-class CT is segmented in the memory of 16 classes. The arguments are :meth:`forward`'s; each
+        chunk's outputs are those of :meth:`forward` on its queries alone.
+        """
+        chunk = int(self.detector_chunk if chunk is None else chunk)
+        if chunk < 1:
+            raise ValueError(f"detector chunk must be >= 1, got {chunk}")
+        pixel_values, prompts, index = self._find_queries(images, prompts, image_ids, boxes, pixels_normalized)
+        count = len(prompts)
+        if count <= chunk:  # one forward, through __call__ as before (its hooks run)
+            yield 0, count, self(pixel_values, prompts, image_ids=index, boxes=boxes, box_labels=box_labels,
+                                 pixels_normalized=True)
+            return
+        if index is None:  # pairwise: query b looks at image b
+            index = torch.arange(count)
+        text_features, text_mask = self.encode_text(prompts)
+        features, positions = self.encode_images(pixel_values)
+        for start in range(0, count, chunk):
+            stop = min(start + chunk, count)
+            part = slice(start, stop)
+            yield start, stop, self.detect(
+                features, positions, text_features[part], text_mask[part],
+                None if boxes is None else boxes[part], None if box_labels is None else box_labels[part],
+                index[part])
+
+    def encode_images(self, pixel_values: torch.Tensor) -> tuple[list[torch.Tensor], list[torch.Tensor]]:
+        """The vision encoder (ViT + FPN neck) on (N, 3, S, S) SAM3-normalised slices: the FPN levels the detector
+        reads and their position encodings, each (N, C, h, w), finest first."""
+        patch_weight = self.sam3.vision_encoder.backbone.embeddings.patch_embeddings.projection.weight
+        pixel_values = pixel_values.to(device=patch_weight.device, dtype=patch_weight.dtype)
+        vision = self.sam3.vision_encoder(pixel_values)
+        return list(vision.fpn_hidden_states[:-1]), list(vision.fpn_position_encoding[:-1])
 
     def forward_features(
         self,
@@ -242,13 +304,24 @@ class MedSAM3Net(nn.Module):
             boxes, box_labels: optional (B, K, 4) cxcywh box prompts and (B, K) labels.
             image_index: (B,) image of each prompt, or None when B == N.
         """
-        patch_weight = self.sam3.vision_encoder.backbone.embeddings.patch_embeddings.projection.weight
-        pixel_values = pixel_values.to(device=patch_weight.device, dtype=patch_weight.dtype)
-        vision = self.sam3.vision_encoder(pixel_values)
-        fpn_features = list(vision.fpn_hidden_states[:-1])
-        fpn_positions = list(vision.fpn_position_encoding[:-1])
+        return self.detect(*self.encode_images(pixel_values), text_features, text_mask, boxes, box_labels,
+                           image_index)
+
+    def detect(
+        self,
+        features: Sequence[torch.Tensor],
+        positions: Sequence[torch.Tensor],
+        text_features: torch.Tensor,
+        text_mask: torch.Tensor,
+        boxes: torch.Tensor | None = None,
+        box_labels: torch.Tensor | None = None,
+        image_index: torch.Tensor | None = None,
+    ) -> MedSAM3Output:
+        """The detector for B find-queries on images already encoded (:meth:`encode_images`): the geometry encoder,
+        DETR encoder and decoder, scoring and mask head. Arguments as :meth:`forward_features`."""
+        fpn_features, fpn_positions = list(features), list(positions)
         if image_index is not None:
-            image_index = image_index.to(pixel_values.device, non_blocking=True)  # no host sync
+            image_index = image_index.to(fpn_features[0].device, non_blocking=True)  # no host sync
             fpn_features = [f.index_select(0, image_index) for f in fpn_features]
             fpn_positions = [p.index_select(0, image_index) for p in fpn_positions]
         if boxes is None:  # text only: the geometry encoder still runs on an empty box set (its CLS token)

@@ -1,0 +1,87 @@
+"""Many prompts at bounded memory: ``MedSAM3Net.forward_chunks`` runs the ViT once and the detector on at most
+``detector_chunk`` find-queries at a time, and the inferers keep only each chunk's protocol masks."""
+
+from __future__ import annotations
+
+import pytest
+import torch
+
+from medsam3_monai.inferers.batch import segment_image_batch
+from medsam3_monai.inferers.image import segment_image
+from medsam3_monai.inferers.volume import detect_slices
+from medsam3_monai.networks import MedSAM3Net
+
+PROMPTS = ["liver", "spleen", "left kidney", "right kidney", "aorta"]
+
+
+@pytest.fixture(scope="module")
+def network() -> MedSAM3Net:
+    return MedSAM3Net("tiny").eval()
+
+
+class Passes:
+    """Counts the ViT's passes and the find-queries of each detector (DETR decoder) pass."""
+
+    def __init__(self, network: MedSAM3Net) -> None:
+        self.vit, self.queries = 0, []
+        self.handles = [
+            network.sam3.vision_encoder.register_forward_hook(lambda *_: setattr(self, "vit", self.vit + 1)),
+            network.sam3.detr_decoder.register_forward_hook(
+                lambda _m, _i, out: self.queries.append(out.intermediate_hidden_states.shape[1])),
+        ]
+
+    def __enter__(self) -> Passes:
+        return self
+
+    def __exit__(self, *_) -> None:
+        for handle in self.handles:
+            handle.remove()
+
+
+def test_chunks_give_the_forward_of_their_queries_with_one_vit_pass(network):
+    torch.manual_seed(0)
+    images = torch.randn(2, 3, 112, 112)
+    image_ids = torch.tensor([0, 0, 1, 1, 1])
+    with torch.no_grad():
+        whole = network(images, PROMPTS, image_ids=image_ids, pixels_normalized=True)
+        with Passes(network) as passes:
+            chunks = list(network.forward_chunks(images, PROMPTS, image_ids=image_ids, pixels_normalized=True,
+                                                 chunk=2))
+    assert passes.vit == 1 and passes.queries == [2, 2, 1]
+    assert [(start, stop) for start, stop, _ in chunks] == [(0, 2), (2, 4), (4, 5)]
+    for name in ("pred_masks", "pred_logits", "pred_boxes", "presence_logits", "semantic_seg"):
+        joined = torch.cat([getattr(outputs, name) for _, _, outputs in chunks])
+        assert torch.allclose(joined, getattr(whole, name), atol=1e-5), name  # batch size changes rounding only
+    with torch.no_grad(), Passes(network) as passes:  # few queries: one forward, as before
+        [(start, stop, outputs)] = list(network.forward_chunks(images, PROMPTS[:2], pixels_normalized=True))
+    assert (start, stop, passes.vit, passes.queries) == (0, 2, 1, [2])
+    with pytest.raises(ValueError, match="detector chunk must be >= 1"):
+        next(network.forward_chunks(images, PROMPTS[:2], chunk=0))
+
+
+def test_masks_do_not_depend_on_the_detector_chunk(network):
+    torch.manual_seed(1)
+    image, images, slices = torch.randn(3, 112, 112), torch.randn(3, 3, 112, 112), torch.randn(5, 3, 112, 112)
+    per_image = [PROMPTS[:2], PROMPTS[2:], PROMPTS[:1]]
+    protocols = ["top_query", "semantic", "threshold"]
+
+    def run(chunk: int):
+        network.detector_chunk = chunk
+        try:
+            with Passes(network) as passes:
+                one = segment_image(network, image, PROMPTS, protocol="threshold", score_threshold=0.2)
+                batch = segment_image_batch(network, images, per_image, protocols=protocols, score_threshold=0.2)
+                volume = detect_slices(network, slices, PROMPTS[:3], batch_size=4)
+            return one, batch, volume, passes
+        finally:
+            network.detector_chunk = 16
+
+    one, batch, (masks, scores), _ = run(64)
+    chunked_one, chunked_batch, (chunked_masks, chunked_scores), passes = run(2)
+    assert max(passes.queries) == 2 and passes.vit == 1 + 1 + 2  # image, batch, two slice batches
+    for a, b in zip([chunked_one, *chunked_batch], [one, *batch]):
+        assert a.protocol == b.protocol and a.prompts == b.prompts
+        assert torch.allclose(a.logits, b.logits, atol=1e-5) and torch.allclose(a.scores, b.scores, atol=1e-6)
+        clear = b.logits.abs() > 1e-6  # a logit within rounding of 0 may fall either side
+        assert torch.equal(a.masks[clear], b.masks[clear])
+    assert (chunked_masks != masks).float().mean() < 1e-4 and torch.allclose(chunked_scores, scores, atol=1e-6)
