@@ -13,6 +13,9 @@ Prints one JSON object. 2D, on real samples from ../shared/data (Kvasir-SEG JPEG
 * ``bare_case_ms``: the same work with no pipeline around it -- ``segment_image``, the native-size label map
   (``inferers.boundary_merge.boundary_label_index``) and the overlap counts (``metrics.label_overlaps``) -- and
   ``bare_case_over_forward``: what the pipeline's algorithms cost without MONAI's transforms and the records.
+* ``floor_case_over_forward``: a lower bound, not a pipeline -- the forward, the cheapest native-size label map
+  there is (the slice-space masks copied to the picture's size by row and column, no interpolation: wrong near
+  boundaries) and the three overlap counts, over the forward: what any evaluation in this process costs at least.
 * ``batched_case_over_forward``: the first ``BATCH`` (8) cases as ``medsam3 evaluate --batch-size 8`` runs them
   (``CaseInferer.infer_cases``: one forward for their images, then each case's way back and records) over that
   batch's bare forward, with both per image.
@@ -110,13 +113,15 @@ def bench_2d(network, repeats: int, folder: Path, report: bool = True) -> dict:
     from medsam3_monai.inferers.image import segment_image
     from medsam3_monai.metrics import label_overlaps
     from medsam3_monai.transforms.labels import parse_prompts
+    from medsam3_monai.transforms.slices import bilinear_weights
 
     paths, source = datalists(folder)
     items = evaluation_items(paths, "all")
     transform = evaluation_transforms(network.image_size)
     inferer = CaseInferer(transform)
     device = next(network.parameters()).device
-    per_image = {"forward_ms": [], "segment_image_ms": [], "case_ms": [], "bare_case_ms": [], "loading_ms": []}
+    per_image = {"forward_ms": [], "segment_image_ms": [], "case_ms": [], "bare_case_ms": [], "floor_case_ms": [],
+                 "loading_ms": []}
     sizes = []
     for item in items:
         case = transform(item)
@@ -130,6 +135,15 @@ def bench_2d(network, repeats: int, folder: Path, report: bool = True) -> dict:
             labels = boundary_label_index(seg.logits, tuple(truth.shape), scores=seg.scores)
             label_overlaps(torch.from_numpy(labels), truth, [int(v) for v in values])
 
+        rows, columns = (bilinear_weights(network.image_size, n)[0].numpy() for n in truth.shape)
+        truth_array = truth.numpy()
+
+        def floor_case():  # the lower bound: nearest-tap label map (no interpolation, no merge), three counts
+            seg = segment_image(network, image[0], prompts, logits_on_device=True)
+            labels = (seg.logits[0] > 0).cpu().numpy().view(np.uint8)[:, columns].take(rows, axis=0)
+            mask, wanted = labels == 1, truth_array == int(values[0])
+            return np.count_nonzero(mask & wanted), np.count_nonzero(mask), np.count_nonzero(wanted)
+
         with torch.no_grad():
             per_image["forward_ms"].append(median_ms(lambda: network(image, prompts, pixels_normalized=True), repeats,
                                                      device=device))
@@ -138,6 +152,7 @@ def bench_2d(network, repeats: int, folder: Path, report: bool = True) -> dict:
             per_image["case_ms"].append(median_ms(lambda: case_records(inferer(case, network), inferer.label), repeats,
                                                   device=device))
             per_image["bare_case_ms"].append(median_ms(bare_case, repeats, device=device))
+            per_image["floor_case_ms"].append(median_ms(floor_case, repeats, device=device))
         per_image["loading_ms"].append(median_ms(lambda: transform(item), max(3, repeats // 3), warmup=1))
     mean = {k: statistics.fmean(v) for k, v in per_image.items()}
     batched = _bench_batched(network, inferer, [transform(item) for item in items[:BATCH]], repeats, device)
@@ -159,6 +174,7 @@ def bench_2d(network, repeats: int, folder: Path, report: bool = True) -> dict:
         "segment_image_over_forward": round(mean["segment_image_ms"] / mean["forward_ms"], 4),
         "case_over_forward": round(mean["case_ms"] / mean["forward_ms"], 4),
         "bare_case_over_forward": round(mean["bare_case_ms"] / mean["forward_ms"], 4),
+        "floor_case_over_forward": round(mean["floor_case_ms"] / mean["forward_ms"], 4),
         "with_loading_over_forward": round((mean["case_ms"] + mean["loading_ms"]) / mean["forward_ms"], 4),
         **batched,
         **whole_run,

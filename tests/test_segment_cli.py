@@ -292,7 +292,10 @@ def test_cli_pipelines_are_the_bundle_configs():
     pre, post = Predictor.from_checkpoint("tiny").pipeline()
     assert [type(t).__name__ for t in pre.transforms] == targets("inference.json", "preprocessing")
     assert [type(t).__name__ for t in post.transforms] == targets("inference.json", "to_input_space")
-    assert post.transforms[0].transforms[0].transform is pre, "Invertd inverts the very preprocessing"
+    from medsam3_monai.inferers.postprocess import InvertToInputd, transforms_of
+
+    [invert] = [step for step in transforms_of(post) if isinstance(step, InvertToInputd)]
+    assert invert.transform is pre, "Invertd inverts the very preprocessing"
     evaluation = evaluation_transforms(112)
     assert [type(t).__name__ for t in evaluation.transforms] == targets("inference.json", "preprocessing")
     overlay = json.loads((BUNDLE_CONFIGS / "evaluate.json").read_text())

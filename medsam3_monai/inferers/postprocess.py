@@ -1,22 +1,27 @@
 """Post-processing of per-prompt predictions: back to the input's geometry, one label map, saved to disk.
 
 The chain (``postprocessing`` and ``writer`` of ``configs/inference.json``) works on a *case*: the list of slice
-items of one input (one item for a 2D image, D for a volume), each carrying ``pred`` (P, S, S) mask logits (and,
-for volumes, ``confidence``) from :class:`~medsam3_monai.inferers.predict.PromptInferer`:
+items of one input (one item for a 2D image, D for a volume), each carrying ``pred`` (P, S, S) from
+:class:`~medsam3_monai.inferers.predict.PromptInferer`: a 2D image's mask logits, a volume slice's bool masks
+(with ``mask_scores``). Steps 1-3 run on one slice item at a time (:class:`EachItem`), so only one slice's float
+maps exist at any time:
 
-1. :class:`InvertToInputd` (MONAI ``Invertd``) on every slice item (a ``Compose`` that maps over the list): the
-   slice-space maps go back to the slice's own size, bilinearly -- logits stay logits. A 2D picture keeps its
-   (P, S, S) maps with the inverse recorded (``meta["pending_inverse"]``): step 3 applies it;
-2. :class:`~medsam3_monai.transforms.RestackSlicesd`: the slices of a volume become (P, X, Y, Z) with the
-   volume's affine (a 2D case passes through);
+1. :class:`MaskLogitsd`: a volume slice's bool masks -> mask logits and ``confidence`` (mask x the slice's score);
+2. :class:`InvertToInputd` (MONAI ``Invertd``): the slice-space maps go back to the slice's own size,
+   bilinearly -- logits stay logits. A 2D picture keeps its (P, S, S) maps with the inverse recorded
+   (``meta["pending_inverse"]``): step 3 applies it;
 3. :class:`MergePromptsd`: mask = logit > 0 per prompt; overlaps go to the prompt with the highest
-   confidence at the pixel (:func:`~medsam3_monai.metrics.merge.merge_classes`) -> a (1, *spatial) label map
+   confidence at the pixel (:func:`~medsam3_monai.metrics.merge.merge_classes`) -> a (1, H, W) label map
    (for a pending inverse: the bilinear values are computed only near the masks' boundaries, exactly --
-   :mod:`~medsam3_monai.inferers.boundary_merge` -- so the native-size work and memory are the label map's);
-4. (bundle) :class:`ImageOrVolumed` dispatching to a MONAI ``SaveImaged`` for PNG (2D, with
+   :mod:`~medsam3_monai.inferers.boundary_merge` -- so the native-size work and memory are the label map's).
+   The merge is pixel-wise, so merging each slice and then restacking gives what restacking the maps and
+   merging the volume gives;
+4. :class:`~medsam3_monai.transforms.RestackSlicesd`: a volume's label slices become (1, X, Y, Z) with the
+   volume's affine (a 2D case passes through);
+5. (bundle) :class:`ImageOrVolumed` dispatching to a MONAI ``SaveImaged`` for PNG (2D, with
    :class:`RowsFirstPILWriter`) or NIfTI (volumes).
 
-The outer ``Compose`` must be built with ``map_items=False`` so that steps 2-4 see the whole case.
+The outer ``Compose`` must be built with ``map_items=False`` so that steps 4-5 see the whole case.
 """
 
 from __future__ import annotations
@@ -39,15 +44,19 @@ from ..transforms.intensity import row_tiles
 from ..transforms.slices import PROGRESS_MIN_PIXELS, bilinear_weights, tile_progress, upsample_rows
 from .boundary_merge import boundary_label_index, merged_index
 from .image import confidence_of
+from .protocols import EMPTY_LOGIT, MASK_LOGIT
 
 __all__ = [
     "PENDING_INVERSE",
+    "EachItem",
     "ImageOrVolumed",
     "InvertToInputd",
+    "MaskLogitsd",
     "MergePromptsd",
     "RowsFirstPILWriter",
     "materialize_inverse",
     "pending_inverse",
+    "transforms_of",
 ]
 
 #: meta key of slice-space maps whose bilinear inverse to the picture's size is still to be applied
@@ -109,6 +118,63 @@ def _inverse_scaling(current: tuple[int, ...], original: tuple[int, ...], rank: 
         scaling[axis, axis] = factor
         scaling[axis, -1] = (factor - 1) / 2.0
     return scaling
+
+
+class EachItem(Transform):
+    """Run ``transform`` (a chain) on every item of a case, one item at a time: the first item through the whole
+    chain, then the next. A ``Compose`` given a list maps it transform by transform (MONAI's ``map_items``), so
+    every slice's intermediate maps would exist together; here only one slice's do. A single item (a dict) goes
+    through ``transform`` as is."""
+
+    def __init__(self, transform: Callable) -> None:
+        self.transform = transform
+
+    def __call__(self, data: Any) -> Any:
+        if isinstance(data, Mapping):
+            return self.transform(data)
+        return [self.transform(item) for item in data]
+
+
+def transforms_of(chain: Any) -> list[Any]:
+    """The transforms of a chain, nested ``Compose`` and :class:`EachItem` opened (MONAI's ``Compose.flatten`` keeps
+    a nested ``Compose`` whose ``map_items`` differs)."""
+    inner = chain.transforms if isinstance(chain, Compose) else [chain.transform] if isinstance(chain, EachItem) \
+        else None
+    return [chain] if inner is None else [step for part in inner for step in transforms_of(part)]
+
+
+class MaskLogitsd(MapTransform):
+    """A volume slice's per-prompt bool masks -> the float maps the way back reads, made one slice at a time.
+
+    ``keys`` (P, S, S) bool become ``MASK_LOGIT`` where the mask is set and ``EMPTY_LOGIT`` elsewhere (float32
+    logits: after bilinear inversion, mask = logit > 0), and ``confidence_key`` gets mask x the slice's score per
+    prompt, ``scores_key`` (P,) (what :class:`MergePromptsd` resolves overlaps by; bool masks without it are an
+    error). Float maps (a 2D image's logits, maps given by hand) pass through.
+
+    :class:`~medsam3_monai.inferers.predict.PromptInferer` hands over a volume's slices as bool masks (1 byte a
+    pixel) so that, with the chain run slice by slice, the 8 bytes a pixel of these two maps exist for one slice
+    at a time instead of for every prompt and slice of the volume.
+    """
+
+    def __init__(self, keys: KeysCollection = ("pred",), scores_key: str = "mask_scores",
+                 confidence_key: str = "confidence", allow_missing_keys: bool = True) -> None:
+        super().__init__(keys, allow_missing_keys)
+        self.scores_key = scores_key
+        self.confidence_key = confidence_key
+
+    def __call__(self, data: Mapping[Hashable, Any]) -> dict[Hashable, Any]:
+        d = dict(data)
+        for key in self.key_iterator(d):
+            masks = _plain(d[key])
+            if masks.dtype != torch.bool:
+                continue
+            if d.get(self.scores_key) is None:
+                raise ValueError(f"'{key}' holds bool masks but the item has no '{self.scores_key}': give each "
+                                 "prompt's score on this slice (P,), or float mask logits")
+            scores = torch.as_tensor(d.pop(self.scores_key), dtype=torch.float32, device=masks.device)
+            d[key] = MetaTensor(torch.where(masks, MASK_LOGIT, EMPTY_LOGIT).float())
+            d[self.confidence_key] = MetaTensor(masks.float() * scores.reshape(-1, 1, 1))
+        return d
 
 
 class InvertToInputd(Invertd):

@@ -10,8 +10,10 @@ Pipeline (the bundle spells out the same pieces in JSON):
 3. :class:`PromptInferer` (a MONAI ``Inferer``): 2D -> :func:`~.image.segment_image` (protocol
    ``top_query``, ``threshold`` or ``semantic``; optional box prompts); volume -> :func:`~.volume.segment_volume`
    (detector on every slice, tracker propagation from the most confident slice). Every slice item gets
-   ``pred`` (P, S, S) mask logits (and, for volumes, ``confidence`` = mask x slice score).
-4. the bundle's ``postprocessing``: ``Invertd`` per slice, restack, merge by maximum confidence -> a
+   ``pred`` (P, S, S): a 2D image's mask logits, a volume slice's bool masks (with ``mask_scores``, the slice's
+   score per prompt).
+4. the bundle's ``postprocessing``, one slice item at a time (``postprocess.MaskLogitsd`` makes a volume slice's
+   logits and confidence, ``Invertd``, merge by maximum confidence), then the slices restacked -> a
    (1, *spatial) label map (0 background, the prompts' label values).
 
 Large 2D pictures: the picture stays uint8 at its own size; intensity, resize, inverse and merge run one row
@@ -45,7 +47,8 @@ from ..protocol_registry import get_protocol
 from ..transforms.errors import DataError, source_name
 from .image import segment_image
 from .inputs import _prompt_mapping, box_prompts, input_kind, item_prompts, user_error
-from .protocols import EMPTY_LOGIT
+from .postprocess import transforms_of
+from .protocols import MASK_LOGIT
 
 __all__ = [
     "MASK_LOGIT",
@@ -57,8 +60,6 @@ __all__ = [
     "predict_file",
 ]
 
-#: logit written for a voxel of a (binary) volume mask: finite, the mirror of EMPTY_LOGIT
-MASK_LOGIT = 1.0e4
 
 
 def _plain(x: Any) -> torch.Tensor:
@@ -77,9 +78,12 @@ class PromptInferer(Inferer):
 
     Every output item gets ``pred`` (P, S, S) mask logits (mask = logit > 0; a 2D image's stay on the network's
     device: its way back to the picture's size, ``MergePromptsd``, runs there) and the case's ``prompt_values``,
-    ``prompt_texts``, ``prompt_scores`` (P,) and ``protocol``; volume items also ``confidence`` (P, S, S), the
-    mask times the slice's score (2D confidence, score x sigmoid(logit), is computed after the inversion by
-    ``MergePromptsd``), ``slice_scores`` (P, D) and ``seed_slices`` (P,).
+    ``prompt_texts``, ``prompt_scores`` (P,) and ``protocol``. A volume slice's ``pred`` is its (P, S, S) bool
+    masks instead (1 byte a pixel; a volume's float maps would take 8 bytes a pixel for every prompt and slice),
+    with ``mask_scores`` (P,) the slice's score per prompt: ``postprocess.MaskLogitsd`` turns them into mask
+    logits and ``confidence``, the mask times that score, one slice at a time (2D confidence, score x
+    sigmoid(logit), is computed after the inversion by ``MergePromptsd``). Volume items also carry
+    ``slice_scores`` (P, D) and ``seed_slices`` (P,).
 
     Args:
         protocol: 2D protocol (``top_query``, ``threshold``, ``semantic``; see :mod:`.image`).
@@ -197,10 +201,8 @@ class PromptInferer(Inferer):
         result = segment_volume(network, slices.to(device), prompts, self.tracker,
                                 score_threshold=self.score_threshold, batch_size=self.volume_batch_size,
                                 progress=self.progress)
-        for z, item in enumerate(items):
-            masks = result.masks[:, z]
-            item["pred"] = MetaTensor(torch.where(masks, MASK_LOGIT, EMPTY_LOGIT).float())
-            item["confidence"] = MetaTensor(masks.float() * result.scores[:, z, None, None].float())
+        for z, item in enumerate(items):  # bool masks, 1 byte a pixel: MaskLogitsd makes a slice's float maps
+            item["pred"], item["mask_scores"] = result.masks[:, z], result.scores[:, z].float()
         protocol = f"volume: top_query per slice (score >= {self.score_threshold:g}), tracker {self.tracker_name}"
         return {"prompt_scores": result.scores.amax(dim=1).float(), "slice_scores": result.scores.float(),
                 "seed_slices": result.seed_slices.long(), "protocol": protocol}
@@ -323,7 +325,7 @@ class Predictor:
             # one parser: the post-processing's Invertd holds the very preprocessing parsed here
             pipelines = (parser.get_parsed_content("preprocessing"), parser.get_parsed_content("to_input_space"))
             for chain in pipelines:  # the tiled 2D steps' progress bars follow the predictor's
-                for step in chain.flatten().transforms:
+                for step in transforms_of(chain):
                     if hasattr(step, "progress"):
                         step.progress = self.progress
             self._pipelines[channel] = pipelines

@@ -261,8 +261,9 @@ def restack_slices(slices: Sequence[torch.Tensor], metas: Sequence[Mapping[str, 
 
 
 class RestackSlicesd(Transform):
-    """A list of slice items (from :class:`AxialSlicesd`, after per-slice inference and ``Invertd``) -> one
-    item whose ``keys`` are ``(C, X, Y, Z)`` volumes with the input volume's affine.
+    """A list of slice items (from :class:`AxialSlicesd`, after per-slice inference and ``Invertd``; in the
+    inference bundle after each slice's merge, so ``keys`` are its label slices) -> one item whose ``keys`` are
+    ``(C, X, Y, Z)`` volumes with the input volume's affine.
 
     The slice geometry is read from each ``key``'s own meta when it has it, else from ``ref_key``'s.
     Other entries are taken from the first slice. A 2D item, alone or as a one-item list, passes through.
