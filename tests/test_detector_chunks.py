@@ -65,21 +65,25 @@ def test_masks_do_not_depend_on_the_detector_chunk(network):
     per_image = [PROMPTS[:2], PROMPTS[2:], PROMPTS[:1]]
     protocols = ["top_query", "semantic", "threshold"]
 
+    boxes = torch.tensor([[0.5, 0.5, 0.4, 0.3]]).repeat(len(PROMPTS), 1)  # (P, 4) cxcywh: the T+I prompt
+    labels = torch.tensor([[1], [1], [-10], [1], [0]])  # positive, padding, negative boxes across the chunks
+
     def run(chunk: int):
         network.detector_chunk = chunk
         try:
             with Passes(network) as passes:
                 one = segment_image(network, image, PROMPTS, protocol="threshold", score_threshold=0.2)
+                boxed = segment_image(network, image, PROMPTS, boxes=boxes, box_labels=labels)
                 batch = segment_image_batch(network, images, per_image, protocols=protocols, score_threshold=0.2)
                 volume = detect_slices(network, slices, PROMPTS[:3], batch_size=4)
-            return one, batch, volume, passes
+            return one, boxed, batch, volume, passes
         finally:
             network.detector_chunk = 16
 
-    one, batch, (masks, scores), _ = run(64)
-    chunked_one, chunked_batch, (chunked_masks, chunked_scores), passes = run(2)
-    assert max(passes.queries) == 2 and passes.vit == 1 + 1 + 2  # image, batch, two slice batches
-    for a, b in zip([chunked_one, *chunked_batch], [one, *batch]):
+    one, boxed, batch, (masks, scores), _ = run(64)
+    chunked_one, chunked_boxed, chunked_batch, (chunked_masks, chunked_scores), passes = run(2)
+    assert max(passes.queries) == 2 and passes.vit == 1 + 1 + 1 + 2  # image, boxed image, batch, 2 slice batches
+    for a, b in zip([chunked_one, chunked_boxed, *chunked_batch], [one, boxed, *batch]):
         assert a.protocol == b.protocol and a.prompts == b.prompts
         assert torch.allclose(a.logits, b.logits, atol=1e-5) and torch.allclose(a.scores, b.scores, atol=1e-6)
         clear = b.logits.abs() > 1e-6  # a logit within rounding of 0 may fall either side

@@ -61,7 +61,6 @@ __all__ = [
 ]
 
 
-
 def _plain(x: Any) -> torch.Tensor:
     return x.as_tensor() if isinstance(x, MetaTensor) else torch.as_tensor(x)
 

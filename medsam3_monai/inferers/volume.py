@@ -131,8 +131,9 @@ def detect_slices(
 
     ``batch_size`` slices go in per forward, each with all P prompts (the ViT runs once per slice; text
     features come from the network's cache; the detector takes the batch's ``batch_size`` x P find-queries
-    ``detector_chunk`` at a time, :func:`~.protocols.detector_chunks`, keeping only each one's top-query mask). ``vision_hook(last_hidden_state, start, stop)`` is called with
-    the ViT output of slices ``start:stop`` (for sharing it with the tracker).
+    ``detector_chunk`` at a time, :func:`~.protocols.detector_chunks`, keeping only each one's top-query mask).
+    ``vision_hook(last_hidden_state, start, stop)`` is called with the ViT output of slices ``start:stop`` (for
+    sharing it with the tracker).
     """
     num_slices, size, num_prompts = slices.shape[0], slices.shape[-1], len(prompts)
     device = next(detector.parameters()).device
