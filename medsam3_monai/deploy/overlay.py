@@ -16,7 +16,14 @@ from typing import Any
 
 import torch
 
-from ..metrics.plots import CLASS_COLOURS, display_image, label_fill, radiological_view
+from ..metrics.plots import (
+    CLASS_COLOURS,
+    display_image,
+    label_fill,
+    legend_classes,
+    more_classes,
+    radiological_view,
+)
 
 __all__ = ["DISPLAY_PIXELS", "montage_slices", "save_overlay"]
 
@@ -106,13 +113,17 @@ def save_overlay(prediction: Any, path: str | Path, image: torch.Tensor | None =
             ax.set_title(heading, fontsize=9)
         ax.set_axis_off()
     counts = [int((labels == value).sum()) for value in values]
+    listed = legend_classes(counts)  # many prompts: the largest masks, then how many more
     handles = [Patch(color=CLASS_COLOURS[i % len(CLASS_COLOURS)], alpha=0.7,
-                     label=f"{text} ({score:.2f})" + ("" if count else ", empty: nothing segmented"))
-               for i, (text, score, count) in enumerate(zip(prediction.prompts, prediction.scores, counts))]
-    figure.legend(handles=handles, loc="lower center", ncol=min(len(handles), 4), fontsize=8, frameon=False)
+                     label=f"{prediction.prompts[i]} ({prediction.scores[i]:.2f})"
+                     + ("" if counts[i] else ", empty: nothing segmented")) for i in listed]
+    more = more_classes(len(listed), len(values))
+    handles += [more] if more else []
+    columns = min(len(handles), 4)
+    figure.legend(handles=handles, loc="lower center", ncol=columns, fontsize=8, frameon=False)
     heading = title or f"{Path(prediction.source).name}: {prediction.protocol}"
     figure.suptitle("\n".join(textwrap.wrap(heading, 70 * len(panels))), fontsize=9)
-    figure.tight_layout(rect=(0, 0.08, 1, 0.95))
+    figure.tight_layout(rect=(0, 0.04 + 0.04 * math.ceil(len(handles) / columns), 1, 0.95))  # room for the legend
     path = Path(path)
     figure.savefig(path, format=image_format)
     return path

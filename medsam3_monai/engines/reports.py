@@ -134,12 +134,24 @@ class OverlayWriter:
             row_axis, col_axis = plane_axes(axis, transposed)
             affine = meta["volume_affine"]
             image, truth, pred = (radiological_view(x, affine, row_axis, col_axis) for x in (image, truth, pred))
-        scores = ", ".join(f"{r['prompt']}: Dice {100 * r['metrics']['dice']:.1f}" for r in records)
         title = f"{prediction.dataset} / {prediction.case}{where} ({records[0]['protocol'] if records else ''})"
-        if scores:
-            title += f"\n{scores}"
+        if records:
+            title += f"\n{_score_line(records)}"
         path = self.folder / f"{index:03d}_{_safe(prediction.dataset)}_{_safe(prediction.case)}.png"
         return overlay_figure(image, truth, pred, path, prediction.values, prediction.prompts, title)
+
+
+#: an overlay's title names each class's Dice up to this many classes; beyond, their mean and the lowest ones
+TITLE_CLASSES = 4
+
+
+def _score_line(records: Sequence[Mapping[str, Any]]) -> str:
+    """The Dice line under an overlay's title: per class, or for many classes the mean and the three lowest."""
+    dice = [(str(r["prompt"]), 100 * float(r["metrics"]["dice"])) for r in records]
+    if len(dice) <= TITLE_CLASSES:
+        return ", ".join(f"{name}: Dice {value:.1f}" for name, value in dice)
+    lowest = ", ".join(f"{name} {value:.1f}" for name, value in sorted(dice, key=lambda d: d[1])[:3])
+    return f"{len(dice)} classes: mean Dice {sum(v for _, v in dice) / len(dice):.1f}; lowest: {lowest}"
 
 
 class EvaluationReport:

@@ -16,11 +16,15 @@ import torch
 
 from .aggregate import MetricTable
 
-__all__ = ["CLASS_COLOURS", "overlay_figure", "radar_chart", "radiological_view", "save_figure"]
+__all__ = ["CLASS_COLOURS", "legend_classes", "overlay_figure", "radar_chart", "radiological_view", "save_figure"]
 
 #: fill colour of label value c (cycled): a colour-blind-friendly qualitative set (Okabe-Ito)
 CLASS_COLOURS = ("#E69F00", "#56B4E9", "#009E73", "#F0E442", "#0072B2", "#D55E00", "#CC79A7")
 TRUTH_COLOUR = "#00FF00"
+#: an overlay's legend sits in its prediction panel up to this many classes, in a panel of its own beyond
+LEGEND_INSIDE = 4
+#: ... where it lists at most this many: the classes covering most of the picture, then "+ K more"
+LEGEND_MAX = 12
 _LABELS = {"dice": "Dice (%)", "iou": "IoU (%)", "nsd": "NSD (%)"}
 
 
@@ -129,7 +133,9 @@ def overlay_figure(
     names: Sequence[str] | None = None,
     title: str | None = None,
 ) -> Path:
-    """Three panels: the image; the ground truth filled; the prediction filled with the truth's contour.
+    """Three panels: the image; the ground truth filled; the prediction filled with the truth's contour. The class
+    legend sits in the prediction panel for up to ``LEGEND_INSIDE`` classes, else in a fourth panel beside it, which
+    lists at most ``LEGEND_MAX`` (those covering most of truth and prediction here, and how many more there are).
 
     Args:
         image: the image in its own geometry, values in [0, 1] ((3, H, W), (1, H, W) or (H, W)).
@@ -139,8 +145,9 @@ def overlay_figure(
     shown = display_image(image)
     truth = np.asarray(truth.cpu() if isinstance(truth, torch.Tensor) else truth)
     pred = np.asarray(pred.cpu() if isinstance(pred, torch.Tensor) else pred)
-    figure = _figure(10.5, 3.8)
-    panels = figure.subplots(1, 3)
+    many = names is not None and len(values) > LEGEND_INSIDE
+    figure = _figure(12.5 if many else 10.5, 3.8)
+    panels = figure.subplots(1, 4, width_ratios=[1, 1, 1, 0.6]) if many else figure.subplots(1, 3)
     for ax, heading in zip(panels, ("image", "ground truth", "prediction (truth contour)")):
         ax.imshow(shown, interpolation="nearest")
         ax.set_title(heading, fontsize=9)
@@ -150,16 +157,44 @@ def overlay_figure(
     for value in values:
         if (truth == value).any() and min(truth.shape) > 1:
             panels[2].contour((truth == value).astype(float), levels=[0.5], colors=TRUTH_COLOUR, linewidths=0.8)
-    if names:
-        handles = _legend_handles(values, names)
-        panels[2].legend(handles=handles, loc="lower right", fontsize=7, framealpha=0.7)
+    if many:  # a legend panel of its own (for many classes, those largest on this picture)
+        panels[3].set_axis_off()
+        largest = (truth, pred) if len(values) > LEGEND_MAX else (None, None)
+        panels[3].legend(handles=_legend_handles(values, names, *largest), loc="center left", fontsize=7,
+                         frameon=False)
+    elif names:
+        panels[2].legend(handles=_legend_handles(values, names), loc="lower right", fontsize=7, framealpha=0.7)
     if title:
         figure.suptitle(title, fontsize=10)
     return save_figure(figure, path)
 
 
-def _legend_handles(values: Sequence[int], names: Sequence[str]):
+def legend_classes(areas: Sequence[int], limit: int = LEGEND_MAX) -> list[int]:
+    """The classes a legend lists, by index in prompt order: all up to ``limit``, else the ``limit`` largest
+    (``areas``: each class's pixels on the picture; absent classes are left out)."""
+    if len(areas) <= limit:
+        return list(range(len(areas)))
+    return sorted(sorted((i for i, area in enumerate(areas) if area), key=lambda i: -areas[i])[:limit])
+
+
+def more_classes(listed: int, total: int):
+    """The legend entry counting the classes left out (None when none is)."""
     from matplotlib.patches import Patch
 
-    return [Patch(color=CLASS_COLOURS[i % len(CLASS_COLOURS)], alpha=0.6, label=str(name))
-            for i, (_, name) in enumerate(zip(values, names))]
+    rest = total - listed
+    return Patch(color="none", label=f"+ {rest} more class{'es' if rest > 1 else ''} ({total} in all)") if rest \
+        else None
+
+
+def _legend_handles(values: Sequence[int], names: Sequence[str], truth: np.ndarray | None = None,
+                    pred: np.ndarray | None = None):
+    """A legend entry per class; with ``truth`` and ``pred``, only the classes :func:`legend_classes` picks from
+    their areas on the two pictures, and an entry counting the rest."""
+    from matplotlib.patches import Patch
+
+    chosen = list(range(len(values)))
+    if truth is not None and pred is not None:
+        chosen = legend_classes([int((truth == value).sum() + (pred == value).sum()) for value in values])
+    handles = [Patch(color=CLASS_COLOURS[i % len(CLASS_COLOURS)], alpha=0.6, label=str(names[i])) for i in chosen]
+    more = more_classes(len(chosen), len(values))
+    return handles + ([more] if more else [])
