@@ -3,6 +3,7 @@
 
 from __future__ import annotations
 
+import numpy as np
 import pytest
 import torch
 
@@ -89,3 +90,30 @@ def test_masks_do_not_depend_on_the_detector_chunk(network):
         clear = b.logits.abs() > 1e-6  # a logit within rounding of 0 may fall either side
         assert torch.equal(a.masks[clear], b.masks[clear])
     assert (chunked_masks != masks).float().mean() < 1e-4 and torch.allclose(chunked_scores, scores, atol=1e-6)
+
+
+def test_detector_chunk_is_a_segment_evaluate_serve_and_bundle_option(hippocampus, tmp_path, capsys):
+    import nibabel as nib
+
+    from medsam3_monai.bundle import config_parser
+    from medsam3_monai.deploy.cli import main
+    from medsam3_monai.networks.medsam3_net import DETECTOR_CHUNK
+
+    prompts = ["--prompt", "anterior hippocampus", "--prompt", "posterior hippocampus", "--prompt", "ventricle"]
+    common = [str(hippocampus), *prompts, "--score-threshold", "0.2", "--no-progress"]
+    assert main(["segment", *common, "--out", str(tmp_path / "default.nii.gz")]) == 0
+    assert main(["segment", *common, "--out", str(tmp_path / "one.nii.gz"), "--detector-chunk", "1"]) == 0
+    default, one = (np.asarray(nib.load(tmp_path / name).dataobj) for name in ("default.nii.gz", "one.nii.gz"))
+    assert len(np.unique(default)) > 1 and np.array_equal(one, default)  # 3 prompts x 8 slices, 1 per pass
+    with pytest.raises(SystemExit) as exit_info:
+        main(["segment", *common, "--out", str(tmp_path / "zero.nii.gz"), "--detector-chunk", "0"])
+    assert exit_info.value.code == 2 and "give a number >= 1" in capsys.readouterr().err
+    assert not (tmp_path / "zero.nii.gz").exists()
+    for command in ("evaluate", "serve"):
+        with pytest.raises(SystemExit):
+            main([command, "--help"])
+        assert f"(default {DETECTOR_CHUNK})" in " ".join(capsys.readouterr().out.split())
+    parser = config_parser("inference.json", checkpoint="tiny", detector_chunk=3)
+    assert parser.get_parsed_content("network_def").detector_chunk == 3
+    assert config_parser("inference.json", checkpoint="tiny").get_parsed_content("network_def").detector_chunk == \
+        DETECTOR_CHUNK

@@ -8,7 +8,7 @@ import shutil
 from pathlib import Path
 from typing import Any, Callable
 
-__all__ = ["add_model_options", "at_least", "ct_window", "pixels", "remove_output"]
+__all__ = ["add_detector_chunk_option", "add_model_options", "at_least", "ct_window", "pixels", "remove_output"]
 
 
 def add_model_options(parser: Any) -> None:
@@ -19,6 +19,14 @@ def add_model_options(parser: Any) -> None:
                              "checkpoint")
     parser.add_argument("--image-size", type=int, default=None, metavar="N",
                         help="slice-space size of the tiny network (default 112); must match a real checkpoint")
+
+
+def add_detector_chunk_option(parser: Any) -> None:
+    """``--detector-chunk N`` of the sub-commands that segment with many prompts (``segment``, ``evaluate``,
+    ``serve``): ``MedSAM3Net.detector_chunk``, the find-queries per detector pass (None: the network's, 16)."""
+    parser.add_argument("--detector-chunk", type=at_least(1), default=None, metavar="N",
+                        help="image-prompt pairs per detector pass (default 16): the detector's memory grows with "
+                             "them; lower it if many prompts run out of memory, raise it on a large GPU")
 
 
 def pixels(value: str) -> int:

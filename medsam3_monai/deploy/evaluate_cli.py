@@ -27,7 +27,7 @@ from ..data.selection import (
 )
 from ..protocol_registry import DEFAULT_PROTOCOL, PROTOCOLS
 from .agent_cli import add_planner_options
-from .arguments import at_least, remove_output
+from .arguments import add_detector_chunk_option, at_least, remove_output
 
 __all__ = ["add_parser", "checkpoint_labels", "run"]
 
@@ -95,6 +95,7 @@ def add_parser(subparsers: argparse._SubParsersAction) -> argparse.ArgumentParse
                         help="cases per loader batch: their 2D images go through the network together, several per "
                              "forward, as `medsam3 segment` does (1; 8 or more keeps a GPU busy). A batched forward "
                              "rounds differently: a pixel whose logit is within rounding of 0 may flip")
+    add_detector_chunk_option(parser)
 
     variants = parser.add_argument_group("prompt robustness")
     variants.add_argument("--prompt-variants", choices=("synonyms",), default=None,
@@ -214,7 +215,7 @@ def run(args: argparse.Namespace) -> int:
         from ..metrics.robustness import plan_phrasings
 
         plan = plan_phrasings(items, args.max_phrasings)
-    networks = [load_network(source, args.image_size) for source in sources]
+    networks = [load_network(source, args.image_size, detector_chunk=args.detector_chunk) for source in sources]
     volumes = sum(is_volume_item(item) for item in items)
     trackers = [resolve_tracker(args.tracker, s, n, described=True) if volumes else (None, "none")
                 for s, n in zip(sources, networks)]

@@ -32,7 +32,7 @@ from pathlib import Path
 from typing import Any
 
 from ..protocol_registry import PROTOCOLS
-from .arguments import add_model_options, at_least, ct_window, pixels
+from .arguments import add_detector_chunk_option, add_model_options, at_least, ct_window, pixels
 
 __all__ = ["StagedFiles", "add_parser", "run", "run_many", "write_label_volume", "write_mask_image",
            "write_prediction"]
@@ -113,6 +113,7 @@ def add_parser(subparsers: argparse._SubParsersAction) -> argparse.ArgumentParse
                       help="go on past inputs that cannot be read; they are listed in DIR/skipped.csv")
     parser.add_argument("--autocast", choices=["none", "bf16"], default="none",
                         help="bf16 autocast for the network (CUDA or CPU; default none: float32)")
+    add_detector_chunk_option(parser)
     parser.add_argument("--overwrite", action="store_true", help="replace existing output files")
     parser.add_argument("--device", default="auto", help="auto (cuda when available), cpu, cuda, cuda:1, ...")
     parser.add_argument("--no-progress", action="store_true", help="no progress bars")
@@ -378,6 +379,7 @@ def _predictor(args: argparse.Namespace, max_pixels: Any, progress: bool) -> Any
         args.checkpoint, args.image_size, torch.device(device), tracker=args.tracker,
         protocol=args.protocol or "top_query", score_threshold=args.score_threshold,
         ct_window=ct_window(args.ct_window), progress=progress, max_pixels=max_pixels,
+        detector_chunk=args.detector_chunk,
     )
 
 

@@ -332,8 +332,9 @@ class Predictor:
 
     @classmethod
     def from_checkpoint(cls, checkpoint: str = "tiny", image_size: int | None = None,
-                        device: str | torch.device | None = None, **kwargs: Any) -> Predictor:
-        return cls(load_network(checkpoint, image_size, device), checkpoint=checkpoint, **kwargs)
+                        device: str | torch.device | None = None, detector_chunk: int | None = None,
+                        **kwargs: Any) -> Predictor:
+        return cls(load_network(checkpoint, image_size, device, detector_chunk), checkpoint=checkpoint, **kwargs)
 
     def tracker(self) -> tuple[Any, str]:
         """(tracker, description), built once on first use."""

@@ -447,11 +447,14 @@ class MedSAM3Net(nn.Module):
 
 
 def load_network(source: str = "tiny", image_size: int | None = None,
-                 device: str | torch.device | None = None) -> MedSAM3Net:
+                 device: str | torch.device | None = None, detector_chunk: int | None = None) -> MedSAM3Net:
     """``MedSAM3Net`` in eval mode: ``tiny`` at ``image_size`` (default 112), or a checkpoint (whose own size
-    must equal ``image_size`` when given). Raises CheckpointError / ValueError with what to do."""
+    must equal ``image_size`` when given); ``detector_chunk``: find-queries per detector pass (None: the default,
+    ``DETECTOR_CHUNK``). Raises CheckpointError / ValueError with what to do."""
     if image_size is not None and (image_size <= 0 or image_size % 14):
         raise ValueError(f"image size must be a positive multiple of 14 (112, 224, 1008), got {image_size}")
+    if detector_chunk is not None and int(detector_chunk) < 1:
+        raise ValueError(f"detector chunk must be >= 1, got {detector_chunk}")
     if str(source) == "tiny":
         network = MedSAM3Net("tiny", image_size=image_size or 112)
     else:
@@ -459,5 +462,7 @@ def load_network(source: str = "tiny", image_size: int | None = None,
         if image_size is not None and image_size != network.image_size:
             raise ValueError(f"checkpoint {source} works at {network.image_size} px, not {image_size}: "
                              "drop the image size or give the checkpoint's")
+    if detector_chunk is not None:
+        network.detector_chunk = int(detector_chunk)
     network.eval()
     return network.to(device) if device is not None else network
