@@ -11,7 +11,7 @@ Pipeline: the bundle's ``evaluate.json``, an overlay of ``inference.json``; :fun
    RGB -> resize to S x S -> SAM3 normalisation.
 3. :class:`CaseInferer` (a MONAI ``Inferer``): the case pipeline of ``medsam3 segment`` and
    ``configs/inference.json`` -- :class:`~medsam3_monai.inferers.predict.PromptInferer` (2D:
-   ``segment_image``, one network call for all its class prompts; volumes: ``segment_volume``, detector on every
+   ``segment_image``, one ViT pass for all its class prompts; volumes: ``segment_volume``, detector on every
    slice and tracker propagation) then that bundle's post-processing (``Invertd`` back to the input's geometry,
    merge by pixel-wise maximum confidence) -- with the ground truth's boxes added for the T+I protocol.
 4. :class:`~.inference.MedSAM3CaseEvaluator` (a ``SupervisedEvaluator``, the inference bundle's engine too):
@@ -318,7 +318,7 @@ class EnsembleCaseInferer(CaseInferer):
 
     An item's ``prompt_variants`` (``{"<label value>": [phrasing, ...]}``; a class without an entry keeps its own
     prompt) lists each class's phrasings. All phrasings of all classes go through the case pipeline together (one
-    ``PromptInferer`` call: on a 2D image one network call, so the vision encoder runs once; on a volume the detector
+    ``PromptInferer`` call: on a 2D image one ViT pass, the vision encoder running once; on a volume the detector
     sees each slice once for all of them) and are merged by confidence, score x sigmoid(mask logit), as several
     prompts always are. A class's mask is then the pixels won by its *kept* phrasings, those scoring at least
     ``keep_ratio`` x the best score of the class's phrasings (and at least ``min_score``); its score is its best kept

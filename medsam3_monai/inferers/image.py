@@ -25,8 +25,8 @@ semantic      the semantic head's logits                       sigmoid(presence 
 Volumes (``inferers.volume``) keep the detector's top query per slice, so their confidence is the slice's score
 times the (inverted) mask.
 
-Multi-class images: every class is queried with its own prompt (one network call; the vision encoder runs
-once) and overlaps go to the class with the highest confidence at that pixel (``metrics.merge_classes``).
+Multi-class images: every class is queried with its own prompt (one ViT pass; the detector takes the prompts
+``detector_chunk`` at a time) and overlaps go to the class with the highest confidence at that pixel (``metrics.merge_classes``).
 
 Logit maps are upsampled bilinearly from the mask head's resolution (S / 14 * 4) to the slice space S x S,
 and mapped back to the input geometry with MONAI ``Invertd`` on the ``ResizeToSliced`` record of the image
