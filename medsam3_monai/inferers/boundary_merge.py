@@ -243,16 +243,14 @@ def boundary_label_index(
     """
     num_prompts, h, w = maps.shape
     height, width = int(size[0]), int(size[1])
-    if maps.device.type != "cpu":
-        maps = maps.detach().float().contiguous()
-        weights = _Confidence(scores, confidence, (height, width), tuple(maps.shape), maps.device)
-        return _dense_index(maps, (height, width), threshold, weights, progress, DEVICE_TILE_ELEMENTS).cpu().numpy()
     maps = maps.detach().float().contiguous()
+    weights = _Confidence(scores, confidence, (height, width), tuple(maps.shape), maps.device)
+    if maps.device.type != "cpu":
+        return _dense_index(maps, (height, width), threshold, weights, progress, DEVICE_TILE_ELEMENTS).cpu().numpy()
     values = maps.numpy()
     open_mark = num_prompts + 1
     dtype = np.uint8 if open_mark <= 255 else np.int32
     rows, columns = _axis(h, height), _axis(w, width)
-    weights = _Confidence(scores, confidence, (height, width), tuple(maps.shape))
     if height * width < BLOCK_MIN_UPSCALE * h * w:  # blocks of about one pixel: nothing to save, resize densely
         return _dense_index(maps, (height, width), threshold, weights, progress, MAX_TILE_ELEMENTS).numpy()
     largest = float(np.abs(values).max()) if values.size else 0.0  # NaN / inf: every pixel open (the dense result)

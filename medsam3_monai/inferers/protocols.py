@@ -13,6 +13,7 @@ from typing import Any
 import torch
 
 from ..networks.outputs import MedSAM3Output, upsample_logits
+from ..protocol_registry import get_protocol
 
 #: logit of "no mask here": finite, so that bilinear inversion never mixes infinities into NaN
 EMPTY_LOGIT = -1.0e4
@@ -77,8 +78,6 @@ def prompt_logits(network: torch.nn.Module, images: torch.Tensor, prompts: Seque
 
     The queries go through :func:`detector_chunks`; of each chunk's outputs only the protocols' logits and scores
     are kept, so the detector's memory is that of one chunk whatever B is. ``kwargs``: the forward's."""
-    from ..protocol_registry import get_protocol
-
     names = list(dict.fromkeys(protocols))
     parts: dict[str, list[tuple[torch.Tensor, torch.Tensor]]] = {name: [] for name in names}
     for _, _, outputs in detector_chunks(network, images, prompts, **kwargs):
