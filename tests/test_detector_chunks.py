@@ -92,7 +92,7 @@ def test_masks_do_not_depend_on_the_detector_chunk(network):
     assert (chunked_masks != masks).float().mean() < 1e-4 and torch.allclose(chunked_scores, scores, atol=1e-6)
 
 
-def test_detector_chunk_is_a_segment_evaluate_serve_and_bundle_option(hippocampus, tmp_path, capsys):
+def test_detector_chunk_is_a_segment_evaluate_serve_agent_and_bundle_option(hippocampus, tmp_path, capsys):
     import nibabel as nib
 
     from medsam3_monai.bundle import config_parser
@@ -109,10 +109,14 @@ def test_detector_chunk_is_a_segment_evaluate_serve_and_bundle_option(hippocampu
         main(["segment", *common, "--out", str(tmp_path / "zero.nii.gz"), "--detector-chunk", "0"])
     assert exit_info.value.code == 2 and "give a number >= 1" in capsys.readouterr().err
     assert not (tmp_path / "zero.nii.gz").exists()
-    for command in ("evaluate", "serve"):
+    for command in ("evaluate", "serve", "agent"):
         with pytest.raises(SystemExit):
             main([command, "--help"])
         assert f"(default {DETECTOR_CHUNK})" in " ".join(capsys.readouterr().out.split())
+    from medsam3_monai.agent.segmenter import PhraseSegmenter, SegmenterSettings
+
+    segmenter = PhraseSegmenter.load(str(hippocampus), SegmenterSettings(device="cpu", detector_chunk=3))
+    assert segmenter.network.detector_chunk == 3  # what `medsam3 agent --detector-chunk 3` builds
     parser = config_parser("inference.json", checkpoint="tiny", detector_chunk=3)
     assert parser.get_parsed_content("network_def").detector_chunk == 3
     assert config_parser("inference.json", checkpoint="tiny").get_parsed_content("network_def").detector_chunk == \

@@ -254,6 +254,9 @@ def test_bad_input_exits_non_zero_with_a_clear_message_and_no_output(datalists, 
     (occupied / "keep.txt").write_text("mine")
     assert evaluate("--datalist", kvasir, "--checkpoint", "tiny", "--out", str(occupied)) == 2
     assert "not an empty folder" in capsys.readouterr().err and sorted(occupied.iterdir()) == [occupied / "keep.txt"]
+    with pytest.raises(SystemExit) as stop:  # an argument's type: argparse's usage error, before anything loads
+        evaluate("--datalist", kvasir, "--checkpoint", "tiny", "--out", str(out), "--num-workers", "-1")
+    assert stop.value.code == 2 and "--num-workers" in capsys.readouterr().err and not out.exists()
 
 
 def test_auto_split_takes_test_when_present_else_validation(tmp_path):

@@ -32,6 +32,7 @@ class SegmenterSettings:
     channel: int | None = None
     progress: bool = False
     max_pixels: Any = "auto"
+    detector_chunk: int | None = None
 
 
 @dataclass
@@ -63,7 +64,7 @@ class PhraseSegmenter:
         predictor = Predictor.from_checkpoint(
             settings.checkpoint, settings.image_size, torch.device(device), tracker=settings.tracker,
             protocol=settings.protocol, score_threshold=settings.score_threshold, ct_window=settings.ct_window,
-            progress=settings.progress, max_pixels=settings.max_pixels,
+            progress=settings.progress, max_pixels=settings.max_pixels, detector_chunk=settings.detector_chunk,
         )
         return cls(predictor, str(path), settings)
 

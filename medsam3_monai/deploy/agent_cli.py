@@ -12,7 +12,7 @@ from __future__ import annotations
 import argparse
 import os
 
-from .arguments import add_model_options, ct_window, pixels
+from .arguments import add_detector_chunk_option, add_model_options, ct_window, pixels
 
 __all__ = ["add_parser", "add_planner_options", "run"]
 
@@ -113,6 +113,7 @@ def add_parser(subparsers: argparse._SubParsersAction) -> argparse.ArgumentParse
     model.add_argument("--no-progress", action="store_true", help="no progress bars")
     model.add_argument("--max-pixels", type=pixels, default=None, metavar="N",
                        help="accept 2D pictures up to N pixels (default: PIL's limit and the available memory)")
+    add_detector_chunk_option(model)
     parser.set_defaults(func=run)
     return parser
 
@@ -139,6 +140,7 @@ def run(args: argparse.Namespace) -> int:
             protocol=args.protocol or "top_query", score_threshold=args.score_threshold,
             ct_window=ct_window(args.ct_window), modality=args.modality, channel=args.channel,
             progress=not args.no_progress, max_pixels=args.max_pixels or "auto",
+            detector_chunk=args.detector_chunk,
         ),
     )
     line = run_agent(args.input, args.request, args.out, settings, overlay=args.overlay, trace_path=args.trace,

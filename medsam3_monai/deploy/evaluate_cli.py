@@ -90,7 +90,7 @@ def add_parser(subparsers: argparse._SubParsersAction) -> argparse.ArgumentParse
                         help="skip cases whose image or mask cannot be read (listed in OUT/skipped.csv and counted "
                              "at the end) instead of stopping at the first one")
     parser.add_argument("--no-progress", action="store_true", help="no progress bar")
-    parser.add_argument("--num-workers", type=int, default=0, help="data loader workers (0)")
+    parser.add_argument("--num-workers", type=at_least(0), default=0, metavar="N", help="data loader workers (0)")
     parser.add_argument("--batch-size", type=at_least(1), default=1, metavar="N",
                         help="cases per loader batch: their 2D images go through the network together, several per "
                              "forward, as `medsam3 segment` does (1; 8 or more keeps a GPU busy). A batched forward "

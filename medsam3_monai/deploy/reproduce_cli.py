@@ -13,6 +13,7 @@ import sys
 from pathlib import Path
 
 from .agent_cli import add_planner_options  # stdlib only
+from .arguments import at_least
 
 __all__ = ["add_parser", "run"]
 
@@ -69,7 +70,7 @@ def _add_paper(subparsers: argparse._SubParsersAction, paper: str) -> None:
                         help="only find the datasets and build their datalists in memory: print what was found and "
                              "what was expected; load and write nothing")
     parser.add_argument("--no-progress", action="store_true", help="no progress bars")
-    parser.add_argument("--num-workers", type=int, default=0, help="data loader workers (0)")
+    parser.add_argument("--num-workers", type=at_least(0), default=0, metavar="N", help="data loader workers (0)")
     parser.set_defaults(func=run, paper=paper)
 
 
