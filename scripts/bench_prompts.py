@@ -11,8 +11,8 @@ tracker and the preprocessed case are in memory; the peak-RSS mark is then reset
 **peak_mb** = ``VmHWM`` - baseline after the case is scored; **seconds** is its wall time.
 
 * ``prompts``: the first 1, 16 and all 117 classes, with the network's default ``detector_chunk`` (16
-  find-queries per detector pass): the peak should grow with the prompts by about the prompts' masks (1 byte a
-  slice-space pixel), not by the detector's working memory.
+  find-queries per detector pass): the peak should grow with the prompts by about the prompts' masks (1 bit a
+  slice-space pixel, ``inferers.BitMasks``), not by the detector's working memory.
 * ``one_pass``: all classes with ``detector_chunk`` = slices per batch x prompts (every find-query of a slice
   batch in one detector pass, what inference did before chunking); ``one_pass_over_chunked`` gives its peak
   and time over the chunked run's.

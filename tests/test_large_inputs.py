@@ -21,6 +21,7 @@ from PIL import Image
 import medsam3_monai.inferers.postprocess as postprocess
 import medsam3_monai.transforms.slices as slices
 from medsam3_monai.deploy.cli import main
+from medsam3_monai.inferers.bitmasks import BitMasks
 from medsam3_monai.inferers.postprocess import InvertToInputd, MergePromptsd, materialize_inverse, pending_inverse
 from medsam3_monai.transforms import (
     AxialSlicesd,
@@ -281,10 +282,11 @@ def test_small_pictures_give_invertds_label_map_and_volume_slices_take_invertd_u
     assert torch.equal(new.affine, old.affine)
 
 
-def test_a_volume_given_as_bool_masks_goes_back_slice_by_slice_to_the_label_map_of_its_float_maps(tmp_path,
-                                                                                                 monkeypatch):
-    # PromptInferer hands a volume's slices over as bool masks + the slice's scores; the bundle's chain makes each
-    # slice's logits and confidence, inverts and merges it before touching the next slice, then restacks labels
+def test_a_volume_given_as_bit_masks_goes_back_slice_by_slice_to_the_label_map_of_its_float_maps(tmp_path,
+                                                                                                monkeypatch):
+    # PromptInferer hands a volume's slices over as views of its bit-packed masks + the slice's scores; the bundle's
+    # chain makes each slice's logits and confidence, inverts and merges it before touching the next slice, then
+    # restacks labels
     affine = torch.diag(torch.tensor([0.8, 0.7, 2.5, 1.0], dtype=torch.float64))
     volume = torch.rand(1, 40, 30, 5, generator=torch.Generator().manual_seed(3)) * 400 - 100
     path = tmp_path / "v.nii.gz"
@@ -292,27 +294,32 @@ def test_a_volume_given_as_bool_masks_goes_back_slice_by_slice_to_the_label_map_
     chain = inference_chain()
     slice_items = chain({"image": str(path), "modality": "CT"})
     generator = torch.Generator().manual_seed(6)
-    floats, masks_only = [], []
-    for item in slice_items:
-        masks, scores = torch.rand(3, S, S, generator=generator) > 0.6, torch.rand(3, generator=generator)
-        case = dict(prompt_values=[1, 2, 5], prompt_scores=torch.tensor([0.7, 0.6, 0.5]))
-        floats.append(dict(item, pred=MetaTensor(torch.where(masks, 1e4, -1e4)),
-                           confidence=MetaTensor(masks.float() * scores[:, None, None]), **case))
-        masks_only.append(dict(item, pred=masks, mask_scores=scores, **case))
+    masks = torch.rand(3, len(slice_items), S, S, generator=generator) > 0.6  # (P, D, S, S)
+    scores = torch.rand(3, len(slice_items), generator=generator)
+    packed = BitMasks.pack(masks)
+    assert packed.nbytes * 8 == masks.numel()  # S = 112: no padding bits
+    case = dict(prompt_values=[1, 2, 5], prompt_scores=torch.tensor([0.7, 0.6, 0.5]))
+    floats = [dict(item, pred=MetaTensor(torch.where(masks[:, z], 1e4, -1e4)),
+                   confidence=MetaTensor(masks[:, z].float() * scores[:, z, None, None]), **case)
+              for z, item in enumerate(slice_items)]
+    packed_items = [dict(item, pred=packed[:, z], mask_scores=scores[:, z], **case) for z, item in enumerate(slice_items)]
     old = _old_post(chain)(floats)["pred"]
     calls = []
     for name in ("MaskLogitsd", "MergePromptsd"):
         cls = getattr(postprocess, name)
         monkeypatch.setattr(cls, "__call__", lambda self, d, _f=cls.__call__, _n=name: calls.append(
-            (_n, [str(i["pred"].dtype) for i in masks_only])) or _f(self, d))
-    new = _new_post(chain)([dict(i) for i in masks_only])["pred"]
+            (_n, [type(i["pred"]).__name__ for i in packed_items])) or _f(self, d))
+    new = _new_post(chain)([dict(i) for i in packed_items])["pred"]
     assert tuple(new.shape) == (1, 40, 30, 5) and new.dtype == torch.uint8
     assert torch.equal(new.as_tensor(), old.as_tensor()) and torch.equal(new.affine, old.affine)
     assert len(torch.unique(new)) == 4, "background, three prompts and their overlaps exercised"
     assert [name for name, _ in calls] == ["MaskLogitsd", "MergePromptsd"] * len(slice_items)  # slice by slice
-    assert all(dtypes == ["torch.bool"] * len(slice_items) for _, dtypes in calls)  # the case's inputs stay bool
-    with pytest.raises(ValueError, match="mask_scores"):  # bool masks need their slice's scores
-        postprocess.MaskLogitsd(keys="pred")({k: v for k, v in masks_only[0].items() if k != "mask_scores"})
+    assert all(kinds == ["BitMasks"] * len(slice_items) for _, kinds in calls)  # the case's inputs stay packed
+    as_bool = postprocess.MaskLogitsd(keys="pred")(dict(packed_items[0], pred=masks[:, 0]))  # bool masks: the same
+    as_bits = postprocess.MaskLogitsd(keys="pred")(dict(packed_items[0]))
+    assert torch.equal(as_bool["pred"], as_bits["pred"]) and torch.equal(as_bool["confidence"], as_bits["confidence"])
+    with pytest.raises(ValueError, match="mask_scores"):  # masks need their slice's scores
+        postprocess.MaskLogitsd(keys="pred")({k: v for k, v in packed_items[0].items() if k != "mask_scores"})
 
 
 def test_segment_cli_is_unchanged_for_small_pictures_and_shows_progress_only_for_large_ones(tmp_path, capsys,

@@ -14,6 +14,7 @@ from safetensors.torch import load_file, save_file
 
 from _transforms_helpers import SAMPLES, item, requires_data
 from medsam3_monai.inferers import (
+    BitMasks,
     VolumeSegmentation,
     detect_slices,
     segment_volume,
@@ -83,7 +84,7 @@ def hand_set_detections(monkeypatch, depth: int, confident: dict[int, int]):
         scores = torch.full((len(prompts), depth), 0.1)
         for prompt, index in confident.items():
             scores[prompt, index] = 0.9
-        return masks, scores
+        return BitMasks.pack(masks), scores
 
     monkeypatch.setattr(volume_module, "detect_slices", fake)
     return square
@@ -178,8 +179,9 @@ def test_segment_volume_shapes_dtypes_and_per_slice_detections(detector, tracker
             logits, scores = top_query_logits(detector(slices[z : z + 1], PROMPTS, pixels_normalized=True), S)
         torch.testing.assert_close(result.scores[:, z], scores)
         detected, _ = detect_slices(detector, slices[z : z + 1], PROMPTS)
-        assert torch.equal(detected[:, 0], logits > 0)
-        assert (result.masks[:, z] >= detected[:, 0]).all()  # threshold 0: every detection is kept
+        assert torch.equal(detected[:, 0].unpack(), logits > 0) and torch.equal(result.bits[:, z].unpack(),
+                                                                                result.masks[:, z])
+        assert (result.masks[:, z] >= detected[:, 0].unpack()).all()  # threshold 0: every detection is kept
     assert torch.equal(result.seed_slices, select_seeds(*detect_slices(detector, slices, PROMPTS), 0.0))
 
 

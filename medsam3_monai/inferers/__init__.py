@@ -1,4 +1,5 @@
 
+from .bitmasks import BitMasks
 from .volume import (
     VolumeSegmentation,
     detect_slices,

@@ -2,11 +2,11 @@
 
 The chain (``postprocessing`` and ``writer`` of ``configs/inference.json``) works on a *case*: the list of slice
 items of one input (one item for a 2D image, D for a volume), each carrying ``pred`` (P, S, S) from
-:class:`~medsam3_monai.inferers.predict.PromptInferer`: a 2D image's mask logits, a volume slice's bool masks
-(with ``mask_scores``). Steps 1-3 run on one slice item at a time (:class:`EachItem`), so only one slice's float
+:class:`~medsam3_monai.inferers.predict.PromptInferer`: a 2D image's mask logits, a volume slice's masks (bit-packed
+:class:`~medsam3_monai.inferers.bitmasks.BitMasks` or bool, with ``mask_scores``). Steps 1-3 run on one slice item at a time (:class:`EachItem`), so only one slice's float
 maps exist at any time:
 
-1. :class:`MaskLogitsd`: a volume slice's bool masks -> mask logits and ``confidence`` (mask x the slice's score);
+1. :class:`MaskLogitsd`: a volume slice's masks -> mask logits and ``confidence`` (mask x the slice's score);
 2. :class:`InvertToInputd` (MONAI ``Invertd``): the slice-space maps go back to the slice's own size,
    bilinearly -- logits stay logits. A 2D picture keeps its (P, S, S) maps with the inverse recorded
    (``meta["pending_inverse"]``): step 3 applies it;
@@ -42,6 +42,7 @@ from monai.utils import TraceKeys
 
 from ..transforms.intensity import row_tiles
 from ..transforms.slices import PROGRESS_MIN_PIXELS, bilinear_weights, tile_progress, upsample_rows
+from .bitmasks import BitMasks
 from .boundary_merge import boundary_label_index, merged_index
 from .image import confidence_of
 from .protocols import EMPTY_LOGIT, MASK_LOGIT
@@ -144,16 +145,16 @@ def transforms_of(chain: Any) -> list[Any]:
 
 
 class MaskLogitsd(MapTransform):
-    """A volume slice's per-prompt bool masks -> the float maps the way back reads, made one slice at a time.
+    """A volume slice's per-prompt masks -> the float maps the way back reads, made one slice at a time.
 
-    ``keys`` (P, S, S) bool become ``MASK_LOGIT`` where the mask is set and ``EMPTY_LOGIT`` elsewhere (float32
+    ``keys`` (P, S, S) masks (bool, or bit-packed :class:`~.bitmasks.BitMasks`) become ``MASK_LOGIT`` where the mask is set and ``EMPTY_LOGIT`` elsewhere (float32
     logits: after bilinear inversion, mask = logit > 0), and ``confidence_key`` gets mask x the slice's score per
     prompt, ``scores_key`` (P,) (what :class:`MergePromptsd` resolves overlaps by; bool masks without it are an
     error). Float maps (a 2D image's logits, maps given by hand) pass through.
 
-    :class:`~medsam3_monai.inferers.predict.PromptInferer` hands over a volume's slices as bool masks (1 byte a
-    pixel) so that, with the chain run slice by slice, the 8 bytes a pixel of these two maps exist for one slice
-    at a time instead of for every prompt and slice of the volume.
+    :class:`~medsam3_monai.inferers.predict.PromptInferer` hands over a volume's slices as views of its bit-packed
+    masks (1 bit a pixel) so that, with the chain run slice by slice, the 8 bytes a pixel of these two maps (and
+    the byte of the bool masks) exist for one slice at a time instead of for every prompt and slice of the volume.
     """
 
     def __init__(self, keys: KeysCollection = ("pred",), scores_key: str = "mask_scores",
@@ -165,7 +166,7 @@ class MaskLogitsd(MapTransform):
     def __call__(self, data: Mapping[Hashable, Any]) -> dict[Hashable, Any]:
         d = dict(data)
         for key in self.key_iterator(d):
-            masks = _plain(d[key])
+            masks = d[key].unpack() if isinstance(d[key], BitMasks) else _plain(d[key])
             if masks.dtype != torch.bool:
                 continue
             if d.get(self.scores_key) is None:

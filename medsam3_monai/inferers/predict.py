@@ -10,8 +10,8 @@ Pipeline (the bundle spells out the same pieces in JSON):
 3. :class:`PromptInferer` (a MONAI ``Inferer``): 2D -> :func:`~.image.segment_image` (protocol
    ``top_query``, ``threshold`` or ``semantic``; optional box prompts); volume -> :func:`~.volume.segment_volume`
    (detector on every slice, tracker propagation from the most confident slice). Every slice item gets
-   ``pred`` (P, S, S): a 2D image's mask logits, a volume slice's bool masks (with ``mask_scores``, the slice's
-   score per prompt).
+   ``pred`` (P, S, S): a 2D image's mask logits, a volume slice's bit-packed masks (``bitmasks.BitMasks``, with
+   ``mask_scores``, the slice's score per prompt).
 4. the bundle's ``postprocessing``, one slice item at a time (``postprocess.MaskLogitsd`` makes a volume slice's
    logits and confidence, ``Invertd``, merge by maximum confidence), then the slices restacked -> a
    (1, *spatial) label map (0 background, the prompts' label values).
@@ -77,9 +77,9 @@ class PromptInferer(Inferer):
 
     Every output item gets ``pred`` (P, S, S) mask logits (mask = logit > 0; a 2D image's stay on the network's
     device: its way back to the picture's size, ``MergePromptsd``, runs there) and the case's ``prompt_values``,
-    ``prompt_texts``, ``prompt_scores`` (P,) and ``protocol``. A volume slice's ``pred`` is its (P, S, S) bool
-    masks instead (1 byte a pixel; a volume's float maps would take 8 bytes a pixel for every prompt and slice),
-    with ``mask_scores`` (P,) the slice's score per prompt: ``postprocess.MaskLogitsd`` turns them into mask
+    ``prompt_texts``, ``prompt_scores`` (P,) and ``protocol``. A volume slice's ``pred`` is its (P, S, S) masks
+    instead, a view of the volume's :class:`~.bitmasks.BitMasks` (1 bit a pixel; a volume's float maps would take
+    8 bytes a pixel for every prompt and slice), with ``mask_scores`` (P,) the slice's score per prompt: ``postprocess.MaskLogitsd`` turns them into mask
     logits and ``confidence``, the mask times that score, one slice at a time (2D confidence, score x
     sigmoid(logit), is computed after the inversion by ``MergePromptsd``). Volume items also carry
     ``slice_scores`` (P, D) and ``seed_slices`` (P,).
@@ -200,8 +200,8 @@ class PromptInferer(Inferer):
         result = segment_volume(network, slices.to(device), prompts, self.tracker,
                                 score_threshold=self.score_threshold, batch_size=self.volume_batch_size,
                                 progress=self.progress)
-        for z, item in enumerate(items):  # bool masks, 1 byte a pixel: MaskLogitsd makes a slice's float maps
-            item["pred"], item["mask_scores"] = result.masks[:, z], result.scores[:, z].float()
+        for z, item in enumerate(items):  # bit-packed masks (views): MaskLogitsd makes a slice's float maps
+            item["pred"], item["mask_scores"] = result.bits[:, z], result.scores[:, z].float()
         protocol = f"volume: top_query per slice (score >= {self.score_threshold:g}), tracker {self.tracker_name}"
         return {"prompt_scores": result.scores.amax(dim=1).float(), "slice_scores": result.scores.float(),
                 "seed_slices": result.seed_slices.long(), "protocol": protocol}

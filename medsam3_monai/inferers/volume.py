@@ -45,6 +45,7 @@ from transformers import Sam3TrackerVideoModel
 from ..compat import add_mask_prompt, tracker_session
 from ..networks.outputs import upsample_logits
 from ..networks.tracker import backbone_signature, detector_backbone
+from .bitmasks import BitMasks
 from .protocols import detector_chunks, top_query_logits
 
 __all__ = [
@@ -62,15 +63,21 @@ class VolumeSegmentation:
     """Per-prompt masks of one volume in slice space.
 
     Attributes:
-        masks: (P, D, S, S) bool, one mask per prompt and slice (the merge rule in the module docstring).
+        bits: (P, D, S, S) masks, one per prompt and slice (the merge rule in the module docstring), as
+            :class:`~.bitmasks.BitMasks`: one bit a pixel on the host; ``bits[:, z].unpack()`` is slice ``z``'s.
         scores: (P, D) float32, the detector's score of the chosen (top) query on each slice.
         seed_slices: (P,) long, the most confident slice the tracker started from; -1 when no slice is
             confident (then the prompt's masks are empty). Set the same way without a tracker.
     """
 
-    masks: torch.Tensor
+    bits: BitMasks
     scores: torch.Tensor
     seed_slices: torch.Tensor
+
+    @property
+    def masks(self) -> torch.Tensor:
+        """(P, D, S, S) bool, all of them unpacked: P x D x S x S bytes (prefer ``bits`` slice by slice)."""
+        return self.bits.unpack()
 
 
 # ---------------------------------------------------------------------------------------- helpers
@@ -126,8 +133,9 @@ def detect_slices(
     batch_size: int = 8,
     progress: bool = False,
     vision_hook: Any = None,
-) -> tuple[torch.Tensor, torch.Tensor]:
-    """Every slice x every prompt through the detector: top-query masks (P, D, S, S) bool and scores (P, D).
+) -> tuple[BitMasks, torch.Tensor]:
+    """Every slice x every prompt through the detector: top-query masks (P, D, S, S) (:class:`~.bitmasks.BitMasks`,
+    packed as each detector chunk's come) and scores (P, D).
 
     ``batch_size`` slices go in per forward, each with all P prompts (the ViT runs once per slice; text
     features come from the network's cache; the detector takes the batch's ``batch_size`` x P find-queries
@@ -137,7 +145,7 @@ def detect_slices(
     """
     num_slices, size, num_prompts = slices.shape[0], slices.shape[-1], len(prompts)
     device = next(detector.parameters()).device
-    masks = torch.zeros(num_prompts, num_slices, size, size, dtype=torch.bool)
+    masks = BitMasks.zeros(num_prompts, num_slices, size, size)
     scores = torch.zeros(num_prompts, num_slices, dtype=torch.float32)
     handle = None
     span: list[int] = [0, 0]
@@ -153,13 +161,14 @@ def detect_slices(
                 count = stop - start
                 image_ids = torch.arange(count).repeat_interleave(num_prompts)
                 queries = [prompt for _ in range(count) for prompt in prompts]  # slice-major
-                found = torch.empty(count * num_prompts, size, size, dtype=torch.bool)
+                found = BitMasks.zeros(count * num_prompts, size, size)
                 best = torch.empty(count * num_prompts, dtype=torch.float32)
                 for first, last, outputs in detector_chunks(detector, slices[start:stop].to(device), queries,
                                                             image_ids=image_ids, pixels_normalized=True):
                     logits, top = top_query_logits(outputs, size)  # (last - first, S, S), (last - first,)
-                    found[first:last], best[first:last] = (logits > 0).cpu(), top.float().cpu()
-                masks[:, start:stop] = found.view(count, num_prompts, size, size).transpose(0, 1)
+                    found[first:last], best[first:last] = logits > 0, top.float().cpu()
+                by_slice = found.bits.view(count, num_prompts, *found.bits.shape[1:])  # slice-major queries
+                masks.bits[:, start:stop] = by_slice.transpose(0, 1)
                 scores[:, start:stop] = best.view(count, num_prompts).T
     finally:
         if handle is not None:
@@ -167,21 +176,21 @@ def detect_slices(
     return masks, scores
 
 
-def select_seeds(masks: torch.Tensor, scores: torch.Tensor, score_threshold: float) -> torch.Tensor:
-    """(P,) most confident slice with score >= threshold and a non-empty mask; -1 where there is none."""
-    eligible = (scores >= score_threshold) & masks.flatten(2).any(-1)
+def select_seeds(masks: BitMasks, scores: torch.Tensor, score_threshold: float) -> torch.Tensor:
+    """(P,) most confident slice with score >= threshold and a non-empty mask (``masks`` (P, D, S, S)); -1 where
+    there is none."""
+    eligible = (scores >= score_threshold) & masks.any_pixel()
     ranked = torch.where(eligible, scores, torch.full_like(scores, -1.0))
     seeds = ranked.argmax(dim=1)  # first maximum: ties go to the lowest slice
     return torch.where(eligible.any(dim=1), seeds, torch.full_like(seeds, -1))
 
 
-def merge_masks(detected: torch.Tensor, scores: torch.Tensor, tracked: torch.Tensor | None,
-                score_threshold: float, in_place: bool = False) -> torch.Tensor:
-    """``(detected where score >= threshold) | tracked``, all (P, D, S, S) bool (scores (P, D)); ``in_place``:
-    written into ``detected`` (no second volume of masks)."""
-    confident = (scores >= score_threshold)[..., None, None]
-    merged = detected.logical_and_(confident) if in_place else detected & confident
-    return merged.logical_or_(tracked) if tracked is not None else merged
+def merge_masks(detected: BitMasks, scores: torch.Tensor, tracked: BitMasks | None,
+                score_threshold: float) -> BitMasks:
+    """``(detected where score >= threshold) | tracked``, (P, D, S, S) (scores (P, D)), written into ``detected``
+    (no second volume of masks)."""
+    merged = detected.keep_where(scores >= score_threshold)
+    return merged.or_(slice(None), tracked) if tracked is not None else merged
 
 
 # ---------------------------------------------------------------------------------------- tracker pass
@@ -319,13 +328,14 @@ def segment_volume(
         detected, scores = detect_slices(detector, slices, prompts, batch_size=batch_size, progress=progress,
                                          vision_hook=hook)
         seeds = select_seeds(detected, scores, score_threshold)
-        seed_masks = {p: detected[p, seed].clone() for p, seed in enumerate(seeds.tolist()) if seed >= 0}
-        masks = merge_masks(detected, scores, None, score_threshold, in_place=True)  # the detections' memory
+        masks = merge_masks(detected, scores, None, score_threshold)  # in the detections' memory
         del detected
-        if tracker is not None and seed_masks:
+        tracked = [(p, seed) for p, seed in enumerate(seeds.tolist()) if seed >= 0]
+        if tracker is not None and tracked:
             if not shared:
                 features.from_pixels(slices, batch_size, progress)
-            for p, seed_mask in seed_masks.items():
+            for p, seed in tracked:  # a seed slice is confident, so its detection is still in masks[p, seed]
                 session = features.session(slices)
-                masks[p] |= track_from_seed(tracker, session, int(seeds[p]), seed_mask, size, progress)
-    return VolumeSegmentation(masks=masks, scores=scores, seed_slices=seeds.long())
+                seed_mask = masks[p, seed].unpack()
+                masks.or_(p, track_from_seed(tracker, session, seed, seed_mask, size, progress))
+    return VolumeSegmentation(bits=masks, scores=scores, seed_slices=seeds.long())
