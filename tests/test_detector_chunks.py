@@ -89,7 +89,8 @@ def test_masks_do_not_depend_on_the_detector_chunk(network):
         assert torch.allclose(a.logits, b.logits, atol=1e-5) and torch.allclose(a.scores, b.scores, atol=1e-6)
         clear = b.logits.abs() > 1e-6  # a logit within rounding of 0 may fall either side
         assert torch.equal(a.masks[clear], b.masks[clear])
-    assert (chunked_masks.unpack() != masks.unpack()).float().mean() < 1e-4 and torch.allclose(chunked_scores, scores, atol=1e-6)
+    assert (chunked_masks.unpack() != masks.unpack()).float().mean() < 1e-4
+    assert torch.allclose(chunked_scores, scores, atol=1e-6)
 
 
 def test_detector_chunk_is_a_segment_evaluate_serve_agent_and_bundle_option(hippocampus, tmp_path, capsys):

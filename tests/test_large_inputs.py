@@ -302,7 +302,8 @@ def test_a_volume_given_as_bit_masks_goes_back_slice_by_slice_to_the_label_map_o
     floats = [dict(item, pred=MetaTensor(torch.where(masks[:, z], 1e4, -1e4)),
                    confidence=MetaTensor(masks[:, z].float() * scores[:, z, None, None]), **case)
               for z, item in enumerate(slice_items)]
-    packed_items = [dict(item, pred=packed[:, z], mask_scores=scores[:, z], **case) for z, item in enumerate(slice_items)]
+    packed_items = [dict(item, pred=packed[:, z], mask_scores=scores[:, z], **case)
+                    for z, item in enumerate(slice_items)]
     old = _old_post(chain)(floats)["pred"]
     calls = []
     for name in ("MaskLogitsd", "MergePromptsd"):

@@ -23,7 +23,8 @@ def add_model_options(parser: Any) -> None:
 
 def add_detector_chunk_option(parser: Any) -> None:
     """``--detector-chunk N`` of the sub-commands that segment with many prompts (``segment``, ``evaluate``,
-    ``serve``, ``agent``): ``MedSAM3Net.detector_chunk``, the find-queries per detector pass (None: the network's, 16)."""
+    ``serve``, ``agent``): ``MedSAM3Net.detector_chunk``, the find-queries per detector pass (None: the network's,
+    16)."""
     parser.add_argument("--detector-chunk", type=at_least(1), default=None, metavar="N",
                         help="image-prompt pairs per detector pass (default 16): the detector's memory grows with "
                              "them; lower it if many prompts run out of memory, raise it on a large GPU")

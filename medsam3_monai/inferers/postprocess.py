@@ -3,8 +3,8 @@
 The chain (``postprocessing`` and ``writer`` of ``configs/inference.json``) works on a *case*: the list of slice
 items of one input (one item for a 2D image, D for a volume), each carrying ``pred`` (P, S, S) from
 :class:`~medsam3_monai.inferers.predict.PromptInferer`: a 2D image's mask logits, a volume slice's masks (bit-packed
-:class:`~medsam3_monai.inferers.bitmasks.BitMasks` or bool, with ``mask_scores``). Steps 1-3 run on one slice item at a time (:class:`EachItem`), so only one slice's float
-maps exist at any time:
+:class:`~medsam3_monai.inferers.bitmasks.BitMasks` or bool, with ``mask_scores``). Steps 1-3 run on one slice
+item at a time (:class:`EachItem`), so only one slice's float maps exist at any time:
 
 1. :class:`MaskLogitsd`: a volume slice's masks -> mask logits and ``confidence`` (mask x the slice's score);
 2. :class:`InvertToInputd` (MONAI ``Invertd``): the slice-space maps go back to the slice's own size,
@@ -147,10 +147,11 @@ def transforms_of(chain: Any) -> list[Any]:
 class MaskLogitsd(MapTransform):
     """A volume slice's per-prompt masks -> the float maps the way back reads, made one slice at a time.
 
-    ``keys`` (P, S, S) masks (bool, or bit-packed :class:`~.bitmasks.BitMasks`) become ``MASK_LOGIT`` where the mask is set and ``EMPTY_LOGIT`` elsewhere (float32
-    logits: after bilinear inversion, mask = logit > 0), and ``confidence_key`` gets mask x the slice's score per
-    prompt, ``scores_key`` (P,) (what :class:`MergePromptsd` resolves overlaps by; bool masks without it are an
-    error). Float maps (a 2D image's logits, maps given by hand) pass through.
+    ``keys`` (P, S, S) masks (bool, or bit-packed :class:`~.bitmasks.BitMasks`) become ``MASK_LOGIT`` where the
+    mask is set and ``EMPTY_LOGIT`` elsewhere (float32 logits: after bilinear inversion, mask = logit > 0), and
+    ``confidence_key`` gets mask x the slice's score per prompt, ``scores_key`` (P,) (what :class:`MergePromptsd`
+    resolves overlaps by; masks without it are an error). Float maps (a 2D image's logits, maps given by hand) pass
+    through.
 
     :class:`~medsam3_monai.inferers.predict.PromptInferer` hands over a volume's slices as views of its bit-packed
     masks (1 bit a pixel) so that, with the chain run slice by slice, the 8 bytes a pixel of these two maps (and
@@ -170,7 +171,7 @@ class MaskLogitsd(MapTransform):
             if masks.dtype != torch.bool:
                 continue
             if d.get(self.scores_key) is None:
-                raise ValueError(f"'{key}' holds bool masks but the item has no '{self.scores_key}': give each "
+                raise ValueError(f"'{key}' holds masks but the item has no '{self.scores_key}': give each "
                                  "prompt's score on this slice (P,), or float mask logits")
             scores = torch.as_tensor(d.pop(self.scores_key), dtype=torch.float32, device=masks.device)
             d[key] = MetaTensor(torch.where(masks, MASK_LOGIT, EMPTY_LOGIT).float())

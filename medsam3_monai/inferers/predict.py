@@ -79,10 +79,10 @@ class PromptInferer(Inferer):
     device: its way back to the picture's size, ``MergePromptsd``, runs there) and the case's ``prompt_values``,
     ``prompt_texts``, ``prompt_scores`` (P,) and ``protocol``. A volume slice's ``pred`` is its (P, S, S) masks
     instead, a view of the volume's :class:`~.bitmasks.BitMasks` (1 bit a pixel; a volume's float maps would take
-    8 bytes a pixel for every prompt and slice), with ``mask_scores`` (P,) the slice's score per prompt: ``postprocess.MaskLogitsd`` turns them into mask
-    logits and ``confidence``, the mask times that score, one slice at a time (2D confidence, score x
-    sigmoid(logit), is computed after the inversion by ``MergePromptsd``). Volume items also carry
-    ``slice_scores`` (P, D) and ``seed_slices`` (P,).
+    8 bytes a pixel for every prompt and slice), with ``mask_scores`` (P,) the slice's score per prompt:
+    ``postprocess.MaskLogitsd`` turns them into mask logits and ``confidence``, the mask times that score, one
+    slice at a time (2D confidence, score x sigmoid(logit), is computed after the inversion by ``MergePromptsd``).
+    Volume items also carry ``slice_scores`` (P, D) and ``seed_slices`` (P,).
 
     Args:
         protocol: 2D protocol (``top_query``, ``threshold``, ``semantic``; see :mod:`.image`).
