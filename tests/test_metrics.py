@@ -335,18 +335,18 @@ def test_an_overlay_of_many_classes_lists_those_largest_on_the_picture_beside_it
     from PIL import Image
 
     from medsam3_monai.engines.reports import _score_line
-    from medsam3_monai.metrics.plots import LEGEND_MAX, _legend_handles, overlay_figure
+    from medsam3_monai.metrics.plots import LEGEND_MAX, class_areas, class_legend, overlay_figure
 
     values, names = list(range(1, 31)), [f"organ {v}" for v in range(1, 31)]
     truth, pred = np.zeros((60, 80), np.uint8), np.zeros((60, 80), np.uint8)
     for v in range(1, 16):  # organs 1-15 on the picture, organ v covering v columns of truth; 16-30 absent
         truth[: v + 2, 5 * (v - 1): 5 * (v - 1) + 5] = v
     pred[40:, :] = 30  # and a large false positive of organ 30
-    handles = _legend_handles(values, names, truth, pred)
+    handles = class_legend(names, class_areas(values, truth, pred))
     labels = [h.get_label() for h in handles]
     assert len(labels) == LEGEND_MAX + 1 and labels[-1] == "+ 18 more classes (30 in all)"
     assert labels[:-1] == [f"organ {v}" for v in (5, 6, 7, 8, 9, 10, 11, 12, 13, 14, 15, 30)]  # largest, in order
-    assert [h.get_label() for h in _legend_handles(values[:3], names[:3])] == names[:3]  # few classes: all
+    assert [h.get_label() for h in class_legend(names[:3])] == names[:3]  # few classes: all
     image = np.random.default_rng(0).random((60, 80))
     many = Image.open(overlay_figure(image, truth, pred, tmp_path / "many.png", values, names, "t"))
     few = Image.open(overlay_figure(image, truth, pred, tmp_path / "few.png", values[:3], names[:3], "t"))

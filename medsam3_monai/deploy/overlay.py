@@ -16,14 +16,7 @@ from typing import Any
 
 import torch
 
-from ..metrics.plots import (
-    CLASS_COLOURS,
-    display_image,
-    label_fill,
-    legend_classes,
-    more_classes,
-    radiological_view,
-)
+from ..metrics.plots import CLASS_COLOURS, class_areas, class_legend, display_image, label_fill, radiological_view
 
 __all__ = ["DISPLAY_PIXELS", "montage_slices", "save_overlay"]
 
@@ -61,7 +54,7 @@ def save_overlay(prediction: Any, path: str | Path, image: torch.Tensor | None =
     """
     from matplotlib.backends.backend_agg import FigureCanvasAgg
     from matplotlib.figure import Figure
-    from matplotlib.patches import Patch, Rectangle
+    from matplotlib.patches import Rectangle
 
     from ..inferers.predict import native_image
     from ..transforms.slices import extract_slice
@@ -112,13 +105,10 @@ def save_overlay(prediction: Any, path: str | Path, image: torch.Tensor | None =
         if heading:
             ax.set_title(heading, fontsize=9)
         ax.set_axis_off()
-    counts = [int((labels == value).sum()) for value in values]
-    listed = legend_classes(counts)  # many prompts: the largest masks, then how many more
-    handles = [Patch(color=CLASS_COLOURS[i % len(CLASS_COLOURS)], alpha=0.7,
-                     label=f"{prediction.prompts[i]} ({prediction.scores[i]:.2f})"
-                     + ("" if counts[i] else ", empty: nothing segmented")) for i in listed]
-    more = more_classes(len(listed), len(values))
-    handles += [more] if more else []
+    counts = class_areas(values, labels)
+    names = [f"{text} ({score:.2f})" + ("" if count else ", empty: nothing segmented")
+             for text, score, count in zip(prediction.prompts, prediction.scores, counts)]
+    handles = class_legend(names, counts, alpha=0.7)  # many prompts: the largest masks, then how many more
     columns = min(len(handles), 4)
     figure.legend(handles=handles, loc="lower center", ncol=columns, fontsize=8, frameon=False)
     heading = title or f"{Path(prediction.source).name}: {prediction.protocol}"

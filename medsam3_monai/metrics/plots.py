@@ -16,7 +16,8 @@ import torch
 
 from .aggregate import MetricTable
 
-__all__ = ["CLASS_COLOURS", "legend_classes", "overlay_figure", "radar_chart", "radiological_view", "save_figure"]
+__all__ = ["CLASS_COLOURS", "class_areas", "class_legend", "legend_classes", "overlay_figure", "radar_chart",
+           "radiological_view", "save_figure"]
 
 #: fill colour of label value c (cycled): a colour-blind-friendly qualitative set (Okabe-Ito)
 CLASS_COLOURS = ("#E69F00", "#56B4E9", "#009E73", "#F0E442", "#0072B2", "#D55E00", "#CC79A7")
@@ -159,11 +160,10 @@ def overlay_figure(
             panels[2].contour((truth == value).astype(float), levels=[0.5], colors=TRUTH_COLOUR, linewidths=0.8)
     if many:  # a legend panel of its own (for many classes, those largest on this picture)
         panels[3].set_axis_off()
-        largest = (truth, pred) if len(values) > LEGEND_MAX else (None, None)
-        panels[3].legend(handles=_legend_handles(values, names, *largest), loc="center left", fontsize=7,
-                         frameon=False)
+        areas = class_areas(values, truth, pred) if len(values) > LEGEND_MAX else None
+        panels[3].legend(handles=class_legend(names, areas), loc="center left", fontsize=7, frameon=False)
     elif names:
-        panels[2].legend(handles=_legend_handles(values, names), loc="lower right", fontsize=7, framealpha=0.7)
+        panels[2].legend(handles=class_legend(names), loc="lower right", fontsize=7, framealpha=0.7)
     if title:
         figure.suptitle(title, fontsize=10)
     return save_figure(figure, path)
@@ -177,24 +177,21 @@ def legend_classes(areas: Sequence[int], limit: int = LEGEND_MAX) -> list[int]:
     return sorted(sorted((i for i, area in enumerate(areas) if area), key=lambda i: -areas[i])[:limit])
 
 
-def more_classes(listed: int, total: int):
-    """The legend entry counting the classes left out (None when none is)."""
+def class_areas(values: Sequence[int], *label_maps: Any) -> list[int]:
+    """Each label value's pixels, summed over ``label_maps`` (numpy arrays or tensors of label values)."""
+    return [int(sum((labels == value).sum() for labels in label_maps)) for value in values]
+
+
+def class_legend(labels: Sequence[str], areas: Sequence[int] | None = None, alpha: float = 0.6) -> list:
+    """A legend entry per class, class ``i`` in ``CLASS_COLOURS[i]``; with ``areas`` (each class's pixels on the
+    picture), only the classes :func:`legend_classes` picks from them, then an entry counting the rest."""
     from matplotlib.patches import Patch
 
-    rest = total - listed
-    return Patch(color="none", label=f"+ {rest} more class{'es' if rest > 1 else ''} ({total} in all)") if rest \
-        else None
-
-
-def _legend_handles(values: Sequence[int], names: Sequence[str], truth: np.ndarray | None = None,
-                    pred: np.ndarray | None = None):
-    """A legend entry per class; with ``truth`` and ``pred``, only the classes :func:`legend_classes` picks from
-    their areas on the two pictures, and an entry counting the rest."""
-    from matplotlib.patches import Patch
-
-    chosen = list(range(len(values)))
-    if truth is not None and pred is not None:
-        chosen = legend_classes([int((truth == value).sum() + (pred == value).sum()) for value in values])
-    handles = [Patch(color=CLASS_COLOURS[i % len(CLASS_COLOURS)], alpha=0.6, label=str(names[i])) for i in chosen]
-    more = more_classes(len(chosen), len(values))
-    return handles + ([more] if more else [])
+    chosen = list(range(len(labels))) if areas is None else legend_classes(areas)
+    handles = [Patch(color=CLASS_COLOURS[i % len(CLASS_COLOURS)], alpha=alpha, label=str(labels[i]))
+               for i in chosen]
+    rest = len(labels) - len(chosen)
+    if rest:
+        handles.append(Patch(color="none", label=f"+ {rest} more class{'es' if rest > 1 else ''} "
+                                                 f"({len(labels)} in all)"))
+    return handles
