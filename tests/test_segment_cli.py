@@ -300,3 +300,25 @@ def test_cli_pipelines_are_the_bundle_configs():
     assert [type(t).__name__ for t in evaluation.transforms] == targets("inference.json", "preprocessing")
     overlay = json.loads((BUNDLE_CONFIGS / "evaluate.json").read_text())
     assert "preprocessing" not in overlay, "evaluate.json reuses inference.json's chain (an overlay)"
+
+
+def test_an_overlay_legend_takes_the_columns_that_fit_under_the_picture():
+    from matplotlib.backends.backend_agg import FigureCanvasAgg
+    from matplotlib.figure import Figure
+
+    from medsam3_monai.deploy.overlay import LEGEND_COLUMNS, legend_below
+    from medsam3_monai.metrics.plots import class_legend
+
+    def legend_of(width_inches: float, labels: list[str]):
+        figure = Figure(figsize=(width_inches, 4.9), dpi=100)
+        FigureCanvasAgg(figure)
+        figure.subplots(1, 1)
+        columns = legend_below(figure, class_legend(labels, [1] * len(labels), alpha=0.7))
+        extent = figure.legends[0].get_window_extent(figure.canvas.get_renderer())
+        return columns, extent, figure.bbox
+
+    many = [f"organ{i} (0.25)" for i in range(1, 17)]  # a 529 x 622 picture with 16 prompts: 12 listed + '4 more'
+    columns, extent, box = legend_of(4.7, many)
+    assert 1 <= columns < LEGEND_COLUMNS and extent.x0 >= box.x0 and extent.x1 <= box.x1  # nothing cut off
+    assert legend_of(14.0, many)[0] == LEGEND_COLUMNS  # a wide montage keeps four
+    assert legend_of(4.7, ["polyp (0.91)"])[0] == 1

@@ -42,6 +42,22 @@ def montage_slices(labels: torch.Tensor, axis: int = 2, count: int = 3) -> list[
     return sorted(set(picks))
 
 
+#: most legend columns under a prediction overlay
+LEGEND_COLUMNS = 4
+
+
+def legend_below(figure: Any, handles: list, max_columns: int = LEGEND_COLUMNS) -> int:
+    """Put ``handles`` in a legend centred under ``figure``'s panels, in as many columns (up to ``max_columns``) as
+    fit its width, so that no entry is cut off at the edges; returns the columns used."""
+    renderer = figure.canvas.get_renderer()
+    for columns in range(min(len(handles), max_columns), 0, -1):
+        legend = figure.legend(handles=handles, loc="lower center", ncol=columns, fontsize=8, frameon=False)
+        if columns == 1 or legend.get_window_extent(renderer).width <= figure.bbox.width:
+            return columns
+        legend.remove()
+    return 1
+
+
 def save_overlay(prediction: Any, path: str | Path, image: torch.Tensor | None = None, title: str | None = None,
                  max_slices: int = 3, image_format: str = "png") -> Path:
     """Draw ``prediction`` over its input and save the figure to ``path`` (``image_format``, default PNG).
@@ -109,8 +125,7 @@ def save_overlay(prediction: Any, path: str | Path, image: torch.Tensor | None =
     names = [f"{text} ({score:.2f})" + ("" if count else ", empty: nothing segmented")
              for text, score, count in zip(prediction.prompts, prediction.scores, counts)]
     handles = class_legend(names, counts, alpha=0.7)  # many prompts: the largest masks, then how many more
-    columns = min(len(handles), 4)
-    figure.legend(handles=handles, loc="lower center", ncol=columns, fontsize=8, frameon=False)
+    columns = legend_below(figure, handles)
     heading = title or f"{Path(prediction.source).name}: {prediction.protocol}"
     figure.suptitle("\n".join(textwrap.wrap(heading, 70 * len(panels))), fontsize=9)
     figure.tight_layout(rect=(0, 0.04 + 0.04 * math.ceil(len(handles) / columns), 1, 0.95))  # room for the legend
