@@ -354,3 +354,55 @@ def test_an_overlay_of_many_classes_lists_those_largest_on_the_picture_beside_it
     records = [{"prompt": n, "metrics": {"dice": d}} for n, d in zip(names, [0.5, 0.1, 0.9, 0.0, 0.7])]
     assert _score_line(records[:2]) == "organ 1: Dice 50.0, organ 2: Dice 10.0"
     assert _score_line(records) == "5 classes: mean Dice 44.0; lowest: organ 4 0.0, organ 2 10.0, organ 1 50.0"
+
+
+def _boxes_at_random(rng, shape, count):
+    mask = np.zeros(shape, dtype=bool)
+    for _ in range(count):
+        low = [int(rng.integers(0, n - 1)) for n in shape]
+        high = [int(min(n, a + rng.integers(1, n))) for a, n in zip(low, shape)]
+        mask[tuple(slice(a, b) for a, b in zip(low, high))] = True
+    return mask
+
+
+def test_surface_metrics_read_a_crop_and_equal_monai_on_the_whole_masks():
+    # NSD and HD95 crop both masks to the box around their union (plus MONAI's 1-voxel margin) before MONAI sees
+    # them: the values must be MONAI's on the whole masks exactly -- masks on the borders, anisotropic spacing,
+    # 2D and 3D, edge voxels or subvoxel areas
+    from monai.metrics import compute_hausdorff_distance, compute_surface_dice
+
+    rng = np.random.default_rng(1)
+    for trial in range(16):
+        shape = (30, 40) if trial % 2 else (12, 30, 25)
+        pred, truth = _boxes_at_random(rng, shape, 1 + trial % 2), _boxes_at_random(rng, shape, 2)
+        spacing = [float(s) for s in rng.choice([0.5, 1.0, 3.0], len(shape))]
+        subvoxels = trial % 3 == 0
+        whole = torch.from_numpy(pred)[None, None].float(), torch.from_numpy(truth)[None, None].float()
+        expected_nsd = compute_surface_dice(*whole, class_thresholds=[2.0], include_background=True, spacing=spacing,
+                                            use_subvoxels=subvoxels).item()
+        expected_hd95 = compute_hausdorff_distance(*whole, include_background=True, percentile=95,
+                                                   spacing=spacing).item()
+        assert surface_dice(pred, truth, spacing, 2.0, subvoxels) == expected_nsd, trial
+        assert hd95(pred, truth, spacing) == expected_hd95, trial
+    corner = np.zeros((9, 9), dtype=bool)
+    corner[:3, :3] = True  # on two borders: the crop keeps no margin there, as MONAI pads none of its own
+    assert hd95(corner, np.roll(corner, 6, axis=1), 1.0) == pytest.approx(6.0)
+
+
+def test_counts_in_chunks_and_surface_boxes_of_large_label_values(monkeypatch):
+    import medsam3_monai.metrics.segmentation as segmentation
+    from medsam3_monai.metrics import label_map_metrics, label_overlaps
+
+    generator = torch.Generator().manual_seed(5)
+    pred = torch.randint(0, 6, (5, 17, 19), generator=generator, dtype=torch.int32)
+    truth = torch.randint(0, 6, (5, 17, 19), generator=generator).to(torch.uint8)
+    values = [1, 2, 3, 4, 5]
+    one_by_one = [(int(((pred == v) & (truth == v)).sum()), int((pred == v).sum()), int((truth == v).sum()))
+                  for v in values]
+    whole = label_map_metrics(pred, truth, values, (2.0, 1.0, 1.0))
+    monkeypatch.setattr(segmentation, "COUNT_CHUNK", 7)  # chunks that end inside rows, the last one short
+    assert label_overlaps(pred, truth, values) == one_by_one  # joint histogram, chunk by chunk
+    assert label_overlaps(pred, truth, values[:2]) == one_by_one[:2]  # value by value
+    assert dice(pred == 3, truth == 3) == pytest.approx(2 * one_by_one[2][0] / (one_by_one[2][1] + one_by_one[2][2]))
+    monkeypatch.setattr(segmentation, "MAX_BOX_LABEL", 2)  # boxes from each value's masks instead of find_objects
+    assert label_map_metrics(pred, truth, values, (2.0, 1.0, 1.0)) == whole

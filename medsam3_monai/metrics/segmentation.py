@@ -94,11 +94,29 @@ def _counts(pred, truth) -> tuple[int, int, int]:
     return _bool_counts(p, t)
 
 
+#: elements counted at a time (:func:`label_overlaps`, the masks' counts): the temporaries of a chunk stay in the
+#: CPU's cache, so a picture of a megapixel or more counts 1.7-2x faster, and a volume needs no volume-sized
+#: temporaries (a 117-class joint histogram of 300 x 512 x 512 voxels took 900 MB more and 19x the time at once)
+COUNT_CHUNK = 1 << 18
+
+
+def _chunks(size: int, step: int | None = None) -> list[slice]:
+    """Slices of ``step`` (default ``COUNT_CHUNK``) elements covering ``size``."""
+    step = step or COUNT_CHUNK
+    return [slice(start, start + step) for start in range(0, size, step)]
+
+
 def _bool_counts(p: torch.Tensor | np.ndarray, t: torch.Tensor | np.ndarray) -> tuple[int, int, int]:
-    """|P∩T|, |P|, |T| of two bool masks (CPU tensors or numpy arrays), counted in numpy: on a CPU its elementwise
-    ``&`` and counts of bytes are several times torch's."""
-    p, t = np.asarray(p), np.asarray(t)
-    return int(np.count_nonzero(p & t)), int(np.count_nonzero(p)), int(np.count_nonzero(t))
+    """|P∩T|, |P|, |T| of two bool masks (CPU tensors or numpy arrays), counted in numpy (on a CPU its elementwise
+    ``&`` and counts of bytes are several times torch's), ``COUNT_CHUNK`` elements at a time."""
+    p, t = np.asarray(p).reshape(-1), np.asarray(t).reshape(-1)
+    counts = [0, 0, 0]
+    for part in _chunks(p.size):
+        a, b = p[part], t[part]
+        counts[0] += int(np.count_nonzero(a & b))
+        counts[1] += int(np.count_nonzero(a))
+        counts[2] += int(np.count_nonzero(b))
+    return counts[0], counts[1], counts[2]
 
 
 def _dice_of(inter: int, n_p: int, n_t: int) -> float:
@@ -129,6 +147,41 @@ def _spacing_arg(spacing: Spacing, ndim: int) -> float | list[float] | None:
     return values
 
 
+#: voxels kept around the two masks' union when the surface metrics crop them: MONAI's own margin
+#: (``get_mask_edges`` crops to the union's foreground with ``margin=1``), so MONAI then crops the same voxels
+SURFACE_MARGIN = 1
+
+
+def _grown_box(starts: Sequence[int], stops: Sequence[int], shape: Sequence[int]) -> tuple[slice, ...]:
+    """The box ``starts:stops`` grown by ``SURFACE_MARGIN`` voxels on every side, within ``shape``."""
+    margin = SURFACE_MARGIN
+    return tuple(slice(max(a - margin, 0), min(b + margin, n)) for a, b, n in zip(starts, stops, shape))
+
+
+def _union_box(p: torch.Tensor, t: torch.Tensor) -> tuple[slice, ...]:
+    """The bounding box of ``p | t`` (bool, one shape) grown by ``SURFACE_MARGIN``; empty slices when both are
+    empty."""
+    union = np.asarray(p) | np.asarray(t)
+    spans = []
+    for axis in range(union.ndim):
+        hits = np.flatnonzero(union.any(axis=tuple(a for a in range(union.ndim) if a != axis)))
+        if hits.size == 0:
+            return tuple(slice(0, 0) for _ in union.shape)
+        spans.append((int(hits[0]), int(hits[-1]) + 1))
+    return _grown_box([a for a, _ in spans], [b for _, b in spans], union.shape)
+
+
+def _surface_pair(pred, truth) -> tuple[torch.Tensor, torch.Tensor]:
+    """The two masks (:func:`_pair`) cropped to the box around their union that MONAI's surface metrics read.
+
+    MONAI crops the masks to that box itself, but first compares, converts and copies them whole (a float copy of
+    each, several passes): for a CT those passes cost seconds per class. The crop gives MONAI the same voxels, so
+    the values are the same; surface distances do not depend on where the box lies."""
+    p, t = _pair(pred, truth)
+    box = _union_box(p, t)
+    return p[box], t[box]
+
+
 def surface_dice(
     pred,
     truth,
@@ -141,7 +194,7 @@ def surface_dice(
 
     ``spacing``: voxel size per axis in the array's axis order (None = 1, tolerance then in voxels).
     """
-    p, t = _pair(pred, truth)
+    p, t = _surface_pair(pred, truth)
     has_p, has_t = bool(p.any()), bool(t.any())
     if not has_p and not has_t:
         return 1.0
@@ -167,7 +220,7 @@ def hd95(pred, truth, spacing: Spacing = None) -> float:
 
     NaN when either mask is empty (no surface to measure from); aggregate with nanmean.
     """
-    p, t = _pair(pred, truth)
+    p, t = _surface_pair(pred, truth)
     if not (bool(p.any()) and bool(t.any())):
         return math.nan
     from monai.metrics import compute_hausdorff_distance
@@ -206,7 +259,7 @@ def _metrics_of(counts: tuple[int, int, int], p: Any, t: Any, spacing: Spacing, 
     the surface metrics."""
     out = {"dice": _dice_of(*counts), "iou": _iou_of(*counts)}
     if spacing is not None:
-        p, t = (x() if callable(x) else x for x in (p, t))
+        p, t = _surface_pair(*(x() if callable(x) else x for x in (p, t)))  # cropped once for both metrics
         out["nsd"] = surface_dice(p, t, spacing, nsd_tolerance_mm, use_subvoxels)
         out["hd95"] = hd95(p, t, spacing)
     return out
@@ -223,7 +276,8 @@ def label_overlaps(pred: torch.Tensor, truth: torch.Tensor, values: Sequence[int
 
     More than ``FEW_VALUES`` values: one joint histogram of the (pred, truth) label pairs, whatever their number
     (a 117-class CT costs what one class does). Fewer, or label values so large that the histogram would exceed
-    ``MAX_JOINT_BINS``: each value's masks counted (cheaper for one or two). The counts are the same either way."""
+    ``MAX_JOINT_BINS``: each value's masks counted (cheaper for one or two). The counts are the same either way;
+    both count ``COUNT_CHUNK`` elements at a time."""
     pred, truth = torch.as_tensor(pred).reshape(-1), torch.as_tensor(truth).reshape(-1)
     if pred.shape != truth.shape:
         raise ValueError(f"pred and truth must have the same number of elements, got {pred.numel()} and "
@@ -240,8 +294,12 @@ def label_overlaps(pred: torch.Tensor, truth: torch.Tensor, values: Sequence[int
     length = max([*values, int(pred.max()), int(truth.max())]) + 1
     if length * length > MAX_JOINT_BINS:
         return _value_counts(pred, truth, values)
-    pairs = pred.to(torch.int32) * length + truth.to(torch.int32)  # int32: length**2 is far below 2**31
-    joint = torch.bincount(pairs, minlength=length * length).reshape(length, length)  # [pred value, truth value]
+    bins = length * length
+    joint = torch.zeros(bins, dtype=torch.int64)
+    for part in _chunks(pred.numel(), max(COUNT_CHUNK, 4 * bins)):  # a chunk's histogram costs its bins
+        pairs = pred[part].to(torch.int32) * length + truth[part].to(torch.int32)  # int32: bins is far below 2**31
+        joint += torch.bincount(pairs, minlength=bins)
+    joint = joint.reshape(length, length)  # [pred value, truth value]
     n_pred, n_truth = joint.sum(1), joint.sum(0)
     return [(int(joint[v, v]), int(n_pred[v]), int(n_truth[v])) for v in values]
 
@@ -251,9 +309,15 @@ def _has_negative(labels: torch.Tensor) -> bool:
 
 
 def _value_counts(pred: torch.Tensor, truth: torch.Tensor, values: Sequence[int]) -> list[tuple[int, int, int]]:
-    """``(|P∩T|, |P|, |T|)`` of each value, its masks compared one value at a time (in numpy, as ``_bool_counts``)."""
+    """``(|P∩T|, |P|, |T|)`` of each value of two flat label maps, its masks compared one value and one
+    ``COUNT_CHUNK`` at a time (in numpy, as ``_bool_counts``)."""
     p, t = pred.cpu().numpy(), truth.cpu().numpy()
-    return [_bool_counts(p == value, t == value) for value in values]
+    counts = np.zeros((len(values), 3), dtype=np.int64)
+    for part in _chunks(p.size):
+        a, b = p[part], t[part]
+        for row, value in enumerate(values):
+            counts[row] += _bool_counts(a == value, b == value)
+    return [(int(x), int(y), int(z)) for x, y, z in counts]
 
 
 def label_map_metrics(
@@ -266,15 +330,42 @@ def label_map_metrics(
 ) -> list[tuple[dict[str, float], int]]:
     """:func:`case_metrics` of ``pred == v`` against ``truth == v`` for every ``v`` of ``values``, from the two label
     maps: the overlaps of all values in three passes (:func:`label_overlaps`); a value's masks are made only for
-    the surface metrics (when ``spacing`` is given). Returns ``(metrics, |P|)`` per value, in order."""
+    the surface metrics (when ``spacing`` is given), and only in the box around its voxels in either map (one
+    ``scipy.ndimage.find_objects`` pass per map). Returns ``(metrics, |P|)`` per value, in order."""
     pred, truth = as_label_map(pred, "pred"), as_label_map(truth, "truth")
     if pred.shape != truth.shape:
         raise ValueError(f"pred and truth must have the same shape, got {tuple(pred.shape)} and {tuple(truth.shape)}")
     out = []
-    for value, counts in zip(values, label_overlaps(pred, truth, values)):
-        masks = (lambda v=int(value): pred == v), (lambda v=int(value): truth == v)
+    overlaps = label_overlaps(pred, truth, values)
+    boxes = _value_boxes(pred, truth, values) if spacing is not None and len(values) else {}
+    for value, counts in zip(values, overlaps):
+        box = boxes.get(int(value), ())
+        masks = (lambda v=int(value), b=box: pred[b] == v), (lambda v=int(value), b=box: truth[b] == v)
         out.append((_metrics_of(counts, *masks, spacing, nsd_tolerance_mm, use_subvoxels), counts[1]))
     return out
+
+
+#: largest label value whose box :func:`_value_boxes` finds in one pass (``scipy.ndimage.find_objects`` lists
+#: every value up to it); beyond it, each value's box is found from its masks
+MAX_BOX_LABEL = 1 << 16
+
+
+def _value_boxes(pred: torch.Tensor, truth: torch.Tensor, values: Sequence[int]) -> dict[int, tuple[slice, ...]]:
+    """Per label value, the box around its voxels in either map that the surface metrics read (:func:`_union_box`):
+    one ``find_objects`` pass over each map for all values."""
+    from scipy.ndimage import find_objects
+
+    values = [int(v) for v in values]
+    if max(values) > MAX_BOX_LABEL:
+        return {v: _union_box(pred == v, truth == v) for v in values}
+    found = [find_objects(labels.numpy(), max_label=max(values)) for labels in (pred, truth)]
+    boxes = {}
+    for v in values:
+        spans = [box for box in (found[0][v - 1], found[1][v - 1]) if box is not None]
+        boxes[v] = tuple(slice(0, 0) for _ in pred.shape) if not spans else _grown_box(
+            [min(box[axis].start for box in spans) for axis in range(pred.ndim)],
+            [max(box[axis].stop for box in spans) for axis in range(pred.ndim)], pred.shape)
+    return boxes
 
 
 def as_label_map(labels: torch.Tensor | np.ndarray, name: str = "labels") -> torch.Tensor:
