@@ -367,8 +367,8 @@ def _boxes_at_random(rng, shape, count):
 
 def test_surface_metrics_read_a_crop_and_equal_monai_on_the_whole_masks():
     # NSD and HD95 crop both masks to the box around their union (plus MONAI's 1-voxel margin) before MONAI sees
-    # them: the values must be MONAI's on the whole masks exactly -- masks on the borders, anisotropic spacing,
-    # 2D and 3D, edge voxels or subvoxel areas
+    # them, and case_metrics computes the edge distances once for both: the values must be MONAI's on the whole
+    # masks exactly -- masks on the borders, anisotropic spacing, 2D and 3D, edge voxels or subvoxel areas
     from monai.metrics import compute_hausdorff_distance, compute_surface_dice
 
     rng = np.random.default_rng(1)
@@ -384,6 +384,8 @@ def test_surface_metrics_read_a_crop_and_equal_monai_on_the_whole_masks():
                                                    spacing=spacing).item()
         assert surface_dice(pred, truth, spacing, 2.0, subvoxels) == expected_nsd, trial
         assert hd95(pred, truth, spacing) == expected_hd95, trial
+        both = case_metrics(pred, truth, spacing, 2.0, subvoxels)  # NSD and HD95 from one set of edge distances
+        assert (both["nsd"], both["hd95"]) == (expected_nsd, expected_hd95), trial
     corner = np.zeros((9, 9), dtype=bool)
     corner[:3, :3] = True  # on two borders: the crop keeps no margin there, as MONAI pads none of its own
     assert hd95(corner, np.roll(corner, 6, axis=1), 1.0) == pytest.approx(6.0)
