@@ -30,6 +30,10 @@ class (each class's masks and ``case_metrics``), seconds and their ratio (the co
 122 x 101 x 30 at 3 mm; synthetic ellipsoids when absent) repeated to 366 x 303 x 300 voxels (1, 1, 0.3 mm), against
 itself shifted by 2 voxels along the first two axes: ``label_map_metrics`` with the spacing (Dice, IoU, NSD, HD95
 for every class), seconds in all and per class, and ``overlaps_s`` for the Dice/IoU counts alone.
+``volume_way_back``: that CT at 366 x 303 x 120 voxels (the example repeated 3 x 3 x 4) with the slice-space masks
+of every class made from its truth, the way a good network's would be: the way back (invert, merge, restack) with
+MONAI's ``Invertd`` on every slice (``invertd_s``) and with the inverse left to the merge (``deferred_s``, the
+default), the same label volume.
 3D (when ``medsam3_monai.inferers.volume`` exists): slices per second of the volume path (detector on every
 slice + tracker propagation + inversion + merge + metrics) for a real hippocampus volume and the same volume
 repeated along the slice axis (2x, 4x slices): near-constant slices/s means linear scaling.
@@ -224,9 +228,9 @@ def bench_multi_class_metrics(classes: int = 20, shape: tuple[int, int, int] = (
             "label_map_s": round(together_s, 4), "class_by_class_over_label_map": round(one_by_one_s / together_s, 2)}
 
 
-def bench_volume_metrics(factors: tuple[int, int, int] = (3, 3, 10)) -> dict:
-    from medsam3_monai.metrics import label_map_metrics, label_overlaps
-
+def ct_labels(factors: tuple[int, int, int]) -> tuple[torch.Tensor, str]:
+    """The TotalSegmentator example segmentation (122 x 101 x 30 at 3 mm; 20 synthetic ellipsoids when absent),
+    each voxel repeated ``factors`` times along its axes: a CT-sized label map, uint8."""
     path = SHARED / "TotalSegmentator_example_CT_MR" / "masks" / "example_seg.nii.gz"
     if path.is_file():
         import nibabel as nib
@@ -241,7 +245,13 @@ def bench_volume_metrics(factors: tuple[int, int, int] = (3, 3, 10)) -> dict:
             labels[((grid - centre) ** 2).sum(0) < 0.04] = value
     for axis, factor in enumerate(factors):
         labels = labels.repeat_interleave(factor, dim=axis)
-    truth = labels.contiguous()
+    return labels.contiguous(), source
+
+
+def bench_volume_metrics(factors: tuple[int, int, int] = (3, 3, 10)) -> dict:
+    from medsam3_monai.metrics import label_map_metrics, label_overlaps
+
+    truth, source = ct_labels(factors)
     pred = torch.roll(truth, shifts=(2, 2), dims=(0, 1)).contiguous()
     values = [int(v) for v in torch.unique(truth) if v > 0]
     spacing = tuple(3.0 / f for f in factors)
@@ -257,6 +267,54 @@ def bench_volume_metrics(factors: tuple[int, int, int] = (3, 3, 10)) -> dict:
     return {"source": source, "shape": list(truth.shape), "voxels": truth.numel(), "classes": len(values),
             "spacing_mm": list(spacing), "seconds": round(seconds, 3),
             "seconds_per_class": round(seconds / len(values), 4), "overlaps_s": round(overlaps_s, 4)}
+
+
+def bench_volume_way_back(image_size: int, factors: tuple[int, int, int] = (3, 3, 4)) -> dict:
+    """The volume way back (``to_input_space`` of ``configs/inference.json``) of a CT with realistic masks: every
+    class's slice-space masks made from the truth (nearest resize), as the network's would be, then inverted,
+    merged and restacked with MONAI's ``Invertd`` on every slice (``InvertToInputd(defer=False)``) and with the
+    bilinear inverse left to the merge (the default); both label volumes are checked equal."""
+    import nibabel as nib
+    import torch.nn.functional as F
+
+    from medsam3_monai.bundle import inference_postprocessing
+    from medsam3_monai.engines.evaluation import evaluation_transforms
+    from medsam3_monai.inferers import BitMasks
+    from medsam3_monai.inferers.postprocess import InvertToInputd, transforms_of
+
+    truth, source = ct_labels(factors)
+    values = [int(v) for v in torch.unique(truth) if v > 0]
+    transform = evaluation_transforms(image_size)
+    with tempfile.TemporaryDirectory(prefix="bench_eval_way_back_") as work:
+        affine = np.diag([3.0 / f for f in factors] + [1.0])
+        nib.save(nib.Nifti1Image(truth.numpy().astype(np.float32) * 10 - 500, affine), f"{work}/ct.nii")
+        nib.save(nib.Nifti1Image(truth.numpy(), affine), f"{work}/labels.nii")
+        case = transform({"image": f"{work}/ct.nii", "label": f"{work}/labels.nii", "modality": "CT",
+                          "mask_encoding": "label_map", "prompts": {str(v): f"class {v}" for v in values}})
+    bits = BitMasks.zeros(len(values), len(case), image_size, image_size)
+    wanted = torch.tensor(values, dtype=torch.uint8)[:, None, None]
+    for z, item in enumerate(case):
+        meta = item["image"].meta
+        plane = truth.select(int(meta["slice_axis"]), int(meta["slice_index"]))
+        plane = plane.T if bool(meta.get("slice_transposed", False)) else plane
+        masks = F.interpolate((plane[None] == wanted).float()[None], size=(image_size,) * 2, mode="nearest")[0]
+        bits[:, z] = masks > 0.5
+    scores = 0.5 + 0.4 * torch.rand(len(values), len(case), generator=torch.Generator().manual_seed(0))
+    chain = inference_postprocessing(transform)
+    inverse = next(step for step in transforms_of(chain) if isinstance(step, InvertToInputd))
+    result = {}
+    for defer in (False, True):
+        inverse.defer = defer
+        items = [dict(item, pred=bits[:, z], mask_scores=scores[:, z], prompt_values=values)
+                 for z, item in enumerate(case)]
+        start = time.perf_counter()
+        result[defer] = (chain(items)["pred"].as_tensor(), time.perf_counter() - start)
+    if not torch.equal(result[False][0], result[True][0]):
+        raise RuntimeError("the deferred way back and Invertd's give different label volumes")
+    return {"source": source, "slices": len(case), "slice_shape": list(plane.shape),
+            "classes": len(values), "image_size": image_size, "invertd_s": round(result[False][1], 3),
+            "deferred_s": round(result[True][1], 3),
+            "invertd_over_deferred": round(result[False][1] / result[True][1], 2)}
 
 
 def bench_3d(network, repeats: int) -> dict | None:
@@ -319,6 +377,7 @@ def main() -> None:
         "network": "tiny", "image_size": network.image_size, "device": "cpu", "threads": torch.get_num_threads(),
         "protocol": "top_query", "2d": two_d, "multi_class_metrics": bench_multi_class_metrics(),
         "volume_metrics": bench_volume_metrics(),
+        "volume_way_back": bench_volume_way_back(network.image_size),
         "3d": None if args.no_3d else bench_3d(network, args.repeats),
         "torch": torch.__version__, "machine": platform.machine(),
     }

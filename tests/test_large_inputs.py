@@ -1,7 +1,8 @@
 """Large 2D inputs: refusal before decoding (size limit, PIL's decompression-bomb limit, available memory), the
 tiled slice-space resize and inverse against MONAI's eager ones, progress bars, and the NIfTI writer keeping a
 2D input's shape and its qform/sform codes. Small pictures stand in for large ones (the tiled preprocessing is
-forced by lowering ``EAGER_MAX_PIXELS``; every 2D picture's inverse is deferred to the merge, whatever its size);
+forced by lowering ``EAGER_MAX_PIXELS``; every 2D picture's and volume slice's inverse is deferred to the merge,
+whatever its size);
 the memory itself is measured by ``scripts/bench_memory.py``."""
 
 from __future__ import annotations
@@ -259,27 +260,43 @@ def test_the_deferred_inverse_and_merge_give_the_label_map_of_invertd(tmp_path, 
                                                                                                 inverted.affine)
 
 
-def test_small_pictures_give_invertds_label_map_and_volume_slices_take_invertd_unchanged(tmp_path):
+def _blobs(generator: torch.Generator, count: int) -> torch.Tensor:
+    """(count, S, S) bool: a disc per mask at random places (prompts' masks that overlap here and there)."""
+    rows, cols = torch.meshgrid(torch.arange(S, dtype=torch.float32), torch.arange(S, dtype=torch.float32),
+                                indexing="ij")
+    centre, radius = torch.rand(count, 2, generator=generator) * S, 8 + torch.rand(count, generator=generator) * 25
+    return (rows - centre[:, 0, None, None]) ** 2 + (cols - centre[:, 1, None, None]) ** 2 < radius[:, None, None] ** 2
+
+
+@pytest.mark.parametrize("slice_shape", [(40, 30), (300, 260)])  # resized densely / by the block method
+def test_small_pictures_and_volume_slices_give_invertds_label_maps(tmp_path, slice_shape):
     source = picture(tmp_path / "p.png")
     chain = inference_chain()
     items = _case(source, chain, 2)
     assert torch.equal(_new_post(chain)([dict(i) for i in items])["pred"].as_tensor(),
                        _old_post(chain)([dict(i) for i in items])["pred"].as_tensor())
     affine = torch.diag(torch.tensor([0.8, 0.7, 2.5, 1.0], dtype=torch.float64))
-    volume = torch.rand(1, 40, 30, 4, generator=torch.Generator().manual_seed(2)) * 400 - 100
+    volume = torch.rand(1, *slice_shape, 4, generator=torch.Generator().manual_seed(2)) * 400 - 100
     path = tmp_path / "v.nii.gz"
     nib.save(nib.Nifti1Image(volume[0].numpy(), affine.numpy()), path)
     slice_items = chain({"image": str(path), "modality": "CT"})
     assert len(slice_items) == 4 and "slice_index" in slice_items[0]["image"].meta
     generator = torch.Generator().manual_seed(5)
-    for item in slice_items:
-        masks = torch.rand(2, S, S, generator=generator) > 0.5
-        item.update(pred=MetaTensor(torch.where(masks, 1e4, -1e4)), confidence=MetaTensor(masks.float() * 0.7),
-                    prompt_values=[1, 2], prompt_scores=torch.tensor([0.7, 0.6]))
+    for z, item in enumerate(slice_items):  # noise with tied scores, then discs with scores of their own
+        masks = torch.rand(2, S, S, generator=generator) > 0.5 if z < 2 else _blobs(generator, 2)
+        scores = torch.tensor([0.7, 0.7] if z < 2 else [0.7, 0.6])
+        item.update(pred=MetaTensor(torch.where(masks, 1e4, -1e4)),
+                    confidence=MetaTensor(masks.float() * scores[:, None, None]),
+                    prompt_values=[1, 2], prompt_scores=scores)
+    inverted = InvertToInputd(keys=["pred", "confidence"], transform=chain, orig_keys="image",
+                              nearest_interp=False)(dict(slice_items[0]))
+    assert pending_inverse(inverted["pred"]) == slice_shape[::-1]  # a slice is (Y, X)
+    assert inverted["pred"].meta["slice_index"] == 0
     old = _old_post(chain)([dict(i) for i in slice_items])["pred"]
     new = _new_post(chain)([dict(i) for i in slice_items])["pred"]
-    assert tuple(new.shape) == (1, 40, 30, 4) and torch.equal(new.as_tensor(), old.as_tensor())
+    assert tuple(new.shape) == (1, *slice_shape, 4) and torch.equal(new.as_tensor(), old.as_tensor())
     assert torch.equal(new.affine, old.affine)
+    assert len(torch.unique(new[..., 2:])) == 3, "background and both prompts on the slices of discs"
 
 
 def test_a_volume_given_as_bit_masks_goes_back_slice_by_slice_to_the_label_map_of_its_float_maps(tmp_path,

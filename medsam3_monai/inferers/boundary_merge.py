@@ -149,13 +149,14 @@ class _Confidence:
     def of_logits(self, logits: torch.Tensor) -> torch.Tensor:
         return logits.sigmoid() if self.scores is None else confidence_of(logits, self.scores)
 
-    def tile(self, logits: torch.Tensor, start: int, stop: int, columns: tuple[torch.Tensor, ...]) -> torch.Tensor:
-        """(P, stop - start, W) for output rows ``start:stop``."""
+    def tile(self, logits: torch.Tensor, start: int, stop: int, columns: _Axis) -> torch.Tensor:
+        """(P, stop - start, W) for output rows ``start:stop``, slice-space maps resized as the logits are
+        (:func:`_resized_rows`: a tie between prompts is then broken as MONAI's dense inverse breaks it)."""
         if self.maps is None:
             return self.of_logits(logits)
         if self.native:
             return self.maps[:, start:stop]
-        return upsample_rows(self.maps, self.size, start, stop, columns)
+        return _resized_rows(self.maps, self.size, start, stop, columns)
 
     def pixels(self, logits: torch.Tensor, segments: _Segments, chosen: np.ndarray, rows: np.ndarray,
                columns: np.ndarray) -> torch.Tensor:
@@ -193,7 +194,7 @@ def _dense_labels(maps: torch.Tensor, size: tuple[int, int], start: int, stop: i
     """The label index of output rows ``start:stop`` from the dense resize of every pixel (``_resized_rows``), on
     the maps' device."""
     logits = _resized_rows(maps, size, start, stop, columns)
-    return merged_index(logits, lambda: weights.tile(logits, start, stop, columns.weights), threshold)
+    return merged_index(logits, lambda: weights.tile(logits, start, stop, columns), threshold)
 
 
 def _dense_index(maps: torch.Tensor, size: tuple[int, int], threshold: float, weights: _Confidence,

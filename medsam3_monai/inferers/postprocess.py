@@ -8,8 +8,8 @@ item at a time (:class:`EachItem`), so only one slice's float maps exist at any 
 
 1. :class:`MaskLogitsd`: a volume slice's masks -> mask logits and ``confidence`` (mask x the slice's score);
 2. :class:`InvertToInputd` (MONAI ``Invertd``): the slice-space maps go back to the slice's own size,
-   bilinearly -- logits stay logits. A 2D picture keeps its (P, S, S) maps with the inverse recorded
-   (``meta["pending_inverse"]``): step 3 applies it;
+   bilinearly -- logits stay logits. A 2D picture or volume slice whose only invertible step is the slice-space
+   resize keeps its (P, S, S) maps with the inverse recorded (``meta["pending_inverse"]``): step 3 applies it;
 3. :class:`MergePromptsd`: mask = logit > 0 per prompt; overlaps go to the prompt with the highest
    confidence at the pixel (:func:`~medsam3_monai.metrics.merge.merge_classes`) -> a (1, H, W) label map
    (for a pending inverse: the bilinear values are computed only near the masks' boundaries, exactly --
@@ -180,23 +180,26 @@ class MaskLogitsd(MapTransform):
 
 
 class InvertToInputd(Invertd):
-    """MONAI ``Invertd`` that leaves the bilinear inverse of 2D pictures to :class:`MergePromptsd`.
+    """MONAI ``Invertd`` that leaves the bilinear inverse of each slice item to :class:`MergePromptsd`.
 
-    A 2D item (not a volume slice), when the preprocessing's only invertible step is its slice-space resize
+    A 2D picture or a volume slice, when the preprocessing's only invertible step on it is its slice-space resize
     (``ResizeToSliced``, bilinear): ``keys`` keep their (P, S, S) slice-space values and get the metadata
-    ``Invertd`` would give them (the picture's affine and meta, the resize popped), plus
-    ``meta["pending_inverse"] = {"spatial_size": [H, W]}``. :class:`MergePromptsd` thresholds and merges them at
-    the picture's size without resizing every pixel (:func:`materialize_inverse` makes the full maps).
-    Everything else -- volume slices, other preprocessing -- is ``Invertd``'s, unchanged.
+    ``Invertd`` would give them (the item's affine and meta -- a volume slice's ``slice_index`` and volume geometry
+    for ``RestackSlicesd`` -- with the resize popped), plus ``meta["pending_inverse"] = {"spatial_size": [H, W]}``.
+    :class:`MergePromptsd` thresholds and merges them at the slice's size without resizing every pixel
+    (:func:`materialize_inverse` makes the full maps). A volume's binary masks (``MaskLogitsd``) leave almost
+    every block decided, so its way back costs about a label map per slice instead of 2 x P float maps
+    (``scripts/bench_eval.py``, ``volume_way_back``: 41 classes, 5.5x faster, the same label volume). Other
+    preprocessing is ``Invertd``'s, unchanged.
 
     Args:
-        defer_2d: defer the 2D inverse as above (False: plain ``Invertd``).
+        defer: defer the inverse as above (False: plain ``Invertd`` for every item).
         (others: ``Invertd``'s.)
     """
 
-    def __init__(self, *args: Any, defer_2d: bool = True, **kwargs: Any) -> None:
+    def __init__(self, *args: Any, defer: bool = True, **kwargs: Any) -> None:
         super().__init__(*args, **kwargs)
-        self.defer_2d = bool(defer_2d)
+        self.defer = bool(defer)
 
     def __call__(self, data: Mapping[Hashable, Any]) -> dict[Hashable, Any]:
         d = dict(data)
@@ -236,15 +239,14 @@ class InvertToInputd(Invertd):
         index = list(self.keys).index(key)
         orig_key, nearest = self.orig_keys[index], self.nearest_interp[index]
         image, maps = d.get(orig_key), d.get(key)
-        meta = getattr(image, "meta", {})
-        if not self.defer_2d or nearest or maps is None or "slice_index" in meta or "volume_shape" in meta:
+        if not self.defer or nearest or maps is None:
             return None
         record = self._resize_record(image)
         if record is None:
             return None
         orig_size = tuple(int(v) for v in record[TraceKeys.ORIG_SIZE])
         # what Invertd + Resize.inverse do to the metadata (monai.transforms.inverse.track_transform_meta with
-        # lazy=False, trace off): the picture's meta with its affine composed with the inverse resize's scaling,
+        # lazy=False, trace off): the item's meta with its affine composed with the inverse resize's scaling,
         # and its operations without the resize
         affine = image.affine.to(torch.float64)
         meta = {**image.meta, "affine": affine @ _inverse_scaling(tuple(image.shape[1:]), orig_size, affine.shape[-1])}
@@ -272,7 +274,7 @@ class MergePromptsd(MapTransform):
 
     Output: MetaTensor (1, *spatial) on the host, uint8 (int32 when a label value exceeds 255), 0 = background,
     keeping the input's meta and affine. A single prompt's mask is kept as is (nothing to resolve). Maps whose inverse
-    is pending (:class:`InvertToInputd`) are thresholded and merged at the picture's size by
+    is pending (:class:`InvertToInputd`) are thresholded and merged at the slice's own size by
     :func:`~medsam3_monai.inferers.boundary_merge.boundary_label_index` (the same rule; only pixels near a boundary
     are interpolated), with the native-size memory of the label map alone.
     """

@@ -253,11 +253,12 @@ def track_from_seed(tracker: Sam3TrackerVideoModel, session: Any, seed: int,
     num_frames = session.num_frames
     add_mask_prompt(session, obj_id=1, frame_idx=seed, mask=seed_mask)
     low_res: dict[int, torch.Tensor] = {}
-    with tqdm(total=num_frames + 1, desc="tracker", disable=not progress, unit="slice") as bar:
+    with tqdm(total=num_frames, desc="tracker", disable=not progress, unit="slice") as bar:
         for reverse in (False, True):
             for out in tracker.propagate_in_video_iterator(session, start_frame_idx=seed, reverse=reverse):
-                low_res[int(out.frame_idx)] = out.pred_masks[0, 0].float()
-                bar.update()
+                frame = int(out.frame_idx)
+                bar.update(frame not in low_res)  # the seed may come in both directions: count each slice once
+                low_res[frame] = out.pred_masks[0, 0].float()
     if sorted(low_res) != list(range(num_frames)):
         raise RuntimeError(f"the tracker visited slices {sorted(low_res)} of {num_frames}")
     stacked = torch.stack([low_res[i] for i in range(num_frames)])[:, None]
