@@ -162,3 +162,15 @@ def test_maps_on_a_gpu_give_the_host_labels():
         ours = boundary_label_index(maps.cuda(), size, scores=scores)
         assert isinstance(ours, np.ndarray) and ours.dtype == np.uint8
         assert_same_labels(ours, dense_label_index(maps, size, scores=scores), f"{size}")
+
+
+def test_a_picture_resized_densely_breaks_confidence_ties_as_the_dense_inverse():
+    # binary masks with one score each (a volume slice's maps): confidences tie exactly wherever both prompts claim
+    # a pixel; resized densely (an output below BLOCK_MIN_UPSCALE x the slice space), the confidence maps are
+    # resized as the logits are, so every tie goes where MONAI's dense inverse sends it
+    for seed in (0, 15):  # seeds where row-by-row arithmetic (upsample_rows) would break a tie the other way
+        masks = torch.rand(2, 56, 56, generator=torch.Generator().manual_seed(seed)) > 0.5
+        maps, confidence = torch.where(masks, 1e4, -1e4), masks.float() * 0.7
+        for size in ((33, 47), (70, 61)):
+            expected, _ = dense_label_index(maps, size, confidence=confidence)
+            np.testing.assert_array_equal(boundary_label_index(maps, size, confidence=confidence), expected)

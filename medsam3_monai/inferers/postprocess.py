@@ -8,8 +8,9 @@ item at a time (:class:`EachItem`), so only one slice's float maps exist at any 
 
 1. :class:`MaskLogitsd`: a volume slice's masks -> mask logits and ``confidence`` (mask x the slice's score);
 2. :class:`InvertToInputd` (MONAI ``Invertd``): the slice-space maps go back to the slice's own size,
-   bilinearly -- logits stay logits. A 2D picture or volume slice whose only invertible step is the slice-space
-   resize keeps its (P, S, S) maps with the inverse recorded (``meta["pending_inverse"]``): step 3 applies it;
+   bilinearly -- logits stay logits. A 2D picture (or a volume slice larger than the slice space) whose only
+   invertible step is the slice-space resize keeps its (P, S, S) maps with the inverse recorded
+   (``meta["pending_inverse"]``): step 3 applies it;
 3. :class:`MergePromptsd`: mask = logit > 0 per prompt; overlaps go to the prompt with the highest
    confidence at the pixel (:func:`~medsam3_monai.metrics.merge.merge_classes`) -> a (1, H, W) label map
    (for a pending inverse: the bilinear values are computed only near the masks' boundaries, exactly --
@@ -43,7 +44,7 @@ from monai.utils import TraceKeys
 from ..transforms.intensity import row_tiles
 from ..transforms.slices import PROGRESS_MIN_PIXELS, bilinear_weights, tile_progress, upsample_rows
 from .bitmasks import BitMasks
-from .boundary_merge import boundary_label_index, merged_index
+from .boundary_merge import BLOCK_MIN_UPSCALE, boundary_label_index, merged_index
 from .image import confidence_of
 from .protocols import EMPTY_LOGIT, MASK_LOGIT
 
@@ -182,8 +183,10 @@ class MaskLogitsd(MapTransform):
 class InvertToInputd(Invertd):
     """MONAI ``Invertd`` that leaves the bilinear inverse of each slice item to :class:`MergePromptsd`.
 
-    A 2D picture or a volume slice, when the preprocessing's only invertible step on it is its slice-space resize
-    (``ResizeToSliced``, bilinear): ``keys`` keep their (P, S, S) slice-space values and get the metadata
+    A 2D picture, or a volume slice of at least ``BLOCK_MIN_UPSCALE`` times the slice space's pixels (smaller ones
+    gain nothing: the merge would resize them densely, as ``Invertd`` does, while keeping the slice-space maps), when
+    the preprocessing's only invertible step on it is its slice-space resize (``ResizeToSliced``, bilinear):
+    ``keys`` keep their (P, S, S) slice-space values and get the metadata
     ``Invertd`` would give them (the item's affine and meta -- a volume slice's ``slice_index`` and volume geometry
     for ``RestackSlicesd`` -- with the resize popped), plus ``meta["pending_inverse"] = {"spatial_size": [H, W]}``.
     :class:`MergePromptsd` thresholds and merges them at the slice's size without resizing every pixel
@@ -245,6 +248,9 @@ class InvertToInputd(Invertd):
         if record is None:
             return None
         orig_size = tuple(int(v) for v in record[TraceKeys.ORIG_SIZE])
+        upscale = orig_size[0] * orig_size[1] / (image.shape[1] * image.shape[2])
+        if "slice_index" in image.meta and upscale < BLOCK_MIN_UPSCALE:
+            return None  # a volume slice the block method cannot speed up: Invertd's, freeing each slice-space map
         # what Invertd + Resize.inverse do to the metadata (monai.transforms.inverse.track_transform_meta with
         # lazy=False, trace off): the item's meta with its affine composed with the inverse resize's scaling,
         # and its operations without the resize
