@@ -33,7 +33,7 @@ for every class), seconds in all and per class, and ``overlaps_s`` for the Dice/
 ``volume_way_back``: that CT at 366 x 303 x 120 voxels (the example repeated 3 x 3 x 4) with the slice-space masks
 of every class made from its truth, the way a good network's would be: the way back (invert, merge, restack) with
 MONAI's ``Invertd`` on every slice (``invertd_s``) and with the inverse left to the merge (``deferred_s``, the
-default), the same label volume.
+default), the same label volume; both make maps only for the ``classes_per_slice`` present on a slice.
 3D (when ``medsam3_monai.inferers.volume`` exists): slices per second of the volume path (detector on every
 slice + tracker propagation + inversion + merge + metrics) for a real hippocampus volume and the same volume
 repeated along the slice axis (2x, 4x slices): near-constant slices/s means linear scaling.
@@ -311,8 +311,9 @@ def bench_volume_way_back(image_size: int, factors: tuple[int, int, int] = (3, 3
         result[defer] = (chain(items)["pred"].as_tensor(), time.perf_counter() - start)
     if not torch.equal(result[False][0], result[True][0]):
         raise RuntimeError("the deferred way back and Invertd's give different label volumes")
+    present = bits.any_pixel().float().sum(0)  # prompts with a mask on each slice (the others get no maps)
     return {"source": source, "slices": len(case), "slice_shape": list(plane.shape),
-            "classes": len(values), "image_size": image_size, "invertd_s": round(result[False][1], 3),
+            "classes": len(values), "classes_per_slice": round(float(present.mean()), 1), "image_size": image_size, "invertd_s": round(result[False][1], 3),
             "deferred_s": round(result[True][1], 3),
             "invertd_over_deferred": round(result[False][1] / result[True][1], 2)}
 

@@ -315,6 +315,8 @@ def test_a_volume_given_as_bit_masks_goes_back_slice_by_slice_to_the_label_map_o
     slice_items = chain({"image": str(path), "modality": "CT"})
     generator = torch.Generator().manual_seed(6)
     masks = torch.rand(3, len(slice_items), S, S, generator=generator) > 0.6  # (P, D, S, S)
+    masks[1, :2] = False  # prompt 1 absent from slices 0 and 1: those slices carry the maps of prompts 0 and 2
+    masks[:, 3] = False  # no prompt on slice 3: one empty map
     scores = torch.rand(3, len(slice_items), generator=generator)
     packed = BitMasks.pack(masks)
     assert packed.nbytes * 8 == masks.numel()  # S = 112: no padding bits
@@ -330,7 +332,9 @@ def test_a_volume_given_as_bit_masks_goes_back_slice_by_slice_to_the_label_map_o
         cls = getattr(postprocess, name)
         monkeypatch.setattr(cls, "__call__", lambda self, d, _f=cls.__call__, _n=name: calls.append(
             (_n, [type(i["pred"]).__name__ for i in packed_items])) or _f(self, d))
-    new = _new_post(chain)([dict(i) for i in packed_items])["pred"]
+    restacked = _new_post(chain)([dict(i) for i in packed_items])
+    new = restacked["pred"]
+    assert postprocess.KEPT_PROMPTS not in restacked  # read by the merge, then dropped
     assert tuple(new.shape) == (1, 40, 30, 5) and new.dtype == torch.uint8
     assert torch.equal(new.as_tensor(), old.as_tensor()) and torch.equal(new.affine, old.affine)
     assert len(torch.unique(new)) == 4, "background, three prompts and their overlaps exercised"
@@ -339,6 +343,10 @@ def test_a_volume_given_as_bit_masks_goes_back_slice_by_slice_to_the_label_map_o
     as_bool = postprocess.MaskLogitsd(keys="pred")(dict(packed_items[0], pred=masks[:, 0]))  # bool masks: the same
     as_bits = postprocess.MaskLogitsd(keys="pred")(dict(packed_items[0]))
     assert torch.equal(as_bool["pred"], as_bits["pred"]) and torch.equal(as_bool["confidence"], as_bits["confidence"])
+    assert as_bits[postprocess.KEPT_PROMPTS] == [0, 2] and tuple(as_bits["pred"].shape) == (2, S, S)
+    assert torch.equal(as_bits["confidence"][1], masks[2, 0].float() * scores[2, 0])  # prompt 2's score
+    empty = postprocess.MaskLogitsd(keys="pred")(dict(packed_items[3]))
+    assert empty[postprocess.KEPT_PROMPTS] == [0] and bool((empty["pred"] < 0).all())
     with pytest.raises(ValueError, match="mask_scores"):  # masks need their slice's scores
         postprocess.MaskLogitsd(keys="pred")({k: v for k, v in packed_items[0].items() if k != "mask_scores"})
 
