@@ -190,7 +190,7 @@ class MaskLogitsd(MapTransform):
             masks = masks[kept].unpack() if isinstance(masks, BitMasks) else _plain(masks)[kept.to(masks.device)]
             scores = torch.as_tensor(d.pop(self.scores_key), dtype=torch.float32).reshape(-1)[kept]
             d[key] = MetaTensor(torch.where(masks, MASK_LOGIT, EMPTY_LOGIT).float())
-            d[self.confidence_key] = MetaTensor(masks.float() * scores.to(masks.device).reshape(-1, 1, 1))
+            d[self.confidence_key] = MetaTensor(torch.where(masks, scores.to(masks.device).reshape(-1, 1, 1), 0.0))
             d[self.kept_key] = kept.tolist()
         return d
 
