@@ -313,8 +313,8 @@ def bench_volume_way_back(image_size: int, factors: tuple[int, int, int] = (3, 3
         raise RuntimeError("the deferred way back and Invertd's give different label volumes")
     present = bits.any_pixel().float().sum(0)  # prompts with a mask on each slice (the others get no maps)
     return {"source": source, "slices": len(case), "slice_shape": list(plane.shape),
-            "classes": len(values), "classes_per_slice": round(float(present.mean()), 1), "image_size": image_size, "invertd_s": round(result[False][1], 3),
-            "deferred_s": round(result[True][1], 3),
+            "classes": len(values), "classes_per_slice": round(float(present.mean()), 1), "image_size": image_size,
+            "invertd_s": round(result[False][1], 3), "deferred_s": round(result[True][1], 3),
             "invertd_over_deferred": round(result[False][1] / result[True][1], 2)}
 
 

@@ -201,14 +201,13 @@ class InvertToInputd(Invertd):
     A 2D picture, or a volume slice of at least ``BLOCK_MIN_UPSCALE`` times the slice space's pixels (smaller ones
     gain nothing: the merge would resize them densely, as ``Invertd`` does, while keeping the slice-space maps), when
     the preprocessing's only invertible step on it is its slice-space resize (``ResizeToSliced``, bilinear):
-    ``keys`` keep their (P, S, S) slice-space values and get the metadata
-    ``Invertd`` would give them (the item's affine and meta -- a volume slice's ``slice_index`` and volume geometry
-    for ``RestackSlicesd`` -- with the resize popped), plus ``meta["pending_inverse"] = {"spatial_size": [H, W]}``.
-    :class:`MergePromptsd` thresholds and merges them at the slice's size without resizing every pixel
-    (:func:`materialize_inverse` makes the full maps). A volume's binary masks (``MaskLogitsd``) leave almost
-    every block decided, so its way back costs about a label map per slice instead of 2 x P float maps
-    (``scripts/bench_eval.py``, ``volume_way_back``: 41 classes, 4x faster, the same label volume). Other
-    preprocessing is ``Invertd``'s, unchanged.
+    ``keys`` keep their (P, S, S) slice-space values and get the metadata ``Invertd`` would give them (the item's
+    affine and meta -- a volume slice's ``slice_index`` and volume geometry for ``RestackSlicesd`` -- with the
+    resize popped), plus ``meta["pending_inverse"] = {"spatial_size": [H, W]}``. :class:`MergePromptsd` thresholds
+    and merges them at the slice's size without resizing every pixel (:func:`materialize_inverse` makes the full
+    maps). A volume's binary masks (``MaskLogitsd``) leave almost every block decided, so its way back costs about a
+    label map per slice instead of 2 x P float maps (``scripts/bench_eval.py``, ``volume_way_back``: 41 classes,
+    4x faster, the same label volume). Other preprocessing is ``Invertd``'s, unchanged.
 
     Args:
         defer: defer the inverse as above (False: plain ``Invertd`` for every item).
