@@ -405,6 +405,11 @@ def test_counts_in_chunks_and_surface_boxes_of_large_label_values(monkeypatch):
     monkeypatch.setattr(segmentation, "COUNT_CHUNK", 7)  # chunks that end inside rows, the last one short
     assert label_overlaps(pred, truth, values) == one_by_one  # joint histogram, chunk by chunk
     assert label_overlaps(pred, truth, values[:2]) == one_by_one[:2]  # value by value
+    areas = [n for _, n, _ in one_by_one]
+    assert segmentation.label_areas(pred, [*values, 0, 9]) == [*areas, int((pred == 0).sum()), 0]  # one histogram
+    with monkeypatch.context() as patch:
+        patch.setattr(segmentation, "MAX_JOINT_BINS", 3)  # values beyond a histogram: counted one by one
+        assert segmentation.label_areas(pred, values) == areas
     assert dice(pred == 3, truth == 3) == pytest.approx(2 * one_by_one[2][0] / (one_by_one[2][1] + one_by_one[2][2]))
     monkeypatch.setattr(segmentation, "MAX_BOX_LABEL", 2)  # boxes from each value's masks instead of find_objects
     assert label_map_metrics(pred, truth, values, (2.0, 1.0, 1.0)) == whole

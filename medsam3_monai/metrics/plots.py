@@ -178,8 +178,11 @@ def legend_classes(areas: Sequence[int], limit: int = LEGEND_MAX) -> list[int]:
 
 
 def class_areas(values: Sequence[int], *label_maps: Any) -> list[int]:
-    """Each label value's pixels, summed over ``label_maps`` (numpy arrays or tensors of label values)."""
-    return [int(sum((labels == value).sum() for labels in label_maps)) for value in values]
+    """Each label value's pixels, summed over ``label_maps`` (numpy arrays or tensors of label values), one pass
+    over each map whatever the number of values (:func:`~.segmentation.label_areas`)."""
+    from .segmentation import label_areas
+
+    return [sum(counts) for counts in zip(*(label_areas(labels, values) for labels in label_maps))]
 
 
 def class_legend(labels: Sequence[str], areas: Sequence[int] | None = None, alpha: float = 0.6) -> list:

@@ -51,6 +51,7 @@ __all__ = [
     "dice",
     "hd95",
     "iou",
+    "label_areas",
     "label_map_metrics",
     "label_overlaps",
     "surface_dice",
@@ -322,6 +323,24 @@ def label_overlaps(pred: torch.Tensor, truth: torch.Tensor, values: Sequence[int
     joint = joint.reshape(length, length)  # [pred value, truth value]
     n_pred, n_truth = joint.sum(1), joint.sum(0)
     return [(int(joint[v, v]), int(n_pred[v]), int(n_truth[v])) for v in values]
+
+
+def label_areas(labels: torch.Tensor | np.ndarray, values: Sequence[int]) -> list[int]:
+    """The pixels (voxels) of each label value in a label map (integer, 0 = background): one histogram of the map,
+    ``COUNT_CHUNK`` elements at a time, whatever the number of values (a value absent from the map counts 0)."""
+    flat = torch.as_tensor(labels).reshape(-1)
+    values = [int(v) for v in values]
+    if flat.numel() == 0:
+        return [0 for _ in values]
+    if _has_negative(flat):
+        raise ValueError("label maps must hold non-negative label values")
+    length = int(flat.max()) + 1
+    if length > MAX_JOINT_BINS:  # label values too large for a histogram: each value's pixels counted
+        return [n for _, n, _ in _value_counts(flat, flat, values)]
+    counts = torch.zeros(length, dtype=torch.int64)
+    for part in _chunks(flat.numel(), max(COUNT_CHUNK, 4 * length)):  # a chunk's histogram costs its bins
+        counts += torch.bincount(flat[part].long(), minlength=length)
+    return [int(counts[v]) if 0 <= v < length else 0 for v in values]
 
 
 def _has_negative(labels: torch.Tensor) -> bool:
