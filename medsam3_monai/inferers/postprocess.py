@@ -233,8 +233,7 @@ class InvertToInputd(Invertd):
         """The preprocessing's slice-space resizer when its only invertible step is a ``Resized``, else None (looked up
         once per preprocessing)."""
         if getattr(self, "_resizer_of", (None,))[0] is not self.transform:
-            steps = self.transform.flatten().transforms if isinstance(self.transform, Compose) else [self.transform]
-            invertible = [t for t in steps if isinstance(t, InvertibleTransform)]
+            invertible = [t for t in transforms_of(self.transform) if isinstance(t, InvertibleTransform)]
             resizer = invertible[0].resizer if len(invertible) == 1 and isinstance(invertible[0], Resized) else None
             self._resizer_of = (self.transform, resizer)
         return self._resizer_of[1]
