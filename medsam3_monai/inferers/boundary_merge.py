@@ -81,20 +81,27 @@ def _axis(in_size: int, out_size: int) -> _Axis:
 def _labels(above: np.ndarray, not_below: np.ndarray, open_mark: int) -> np.ndarray:
     """Per-prompt (P, ...) "clearly above" and "not clearly below" -> (...) labels: 0 background, c + 1 when prompt c
     alone claims and is clearly above, ``open_mark`` otherwise."""
-    if above.shape[0] == 1:
-        return np.where(above[0], 1, np.where(not_below[0], open_mark, 0))
+    if above.shape[0] == 1:  # open_mark is 2: 2 x not_below - above (above implies not below)
+        return np.ascontiguousarray(not_below[0]).view(np.uint8) * np.uint8(2) \
+            - np.ascontiguousarray(above[0]).view(np.uint8)
     claims = not_below.sum(0)
     index = np.where(claims == 0, 0, not_below.argmax(0) + 1)
     return np.where((claims == 0) | ((claims == 1) & above.any(0)), index, open_mark)
 
 
 def _block_all(x: np.ndarray) -> np.ndarray:
-    """(P, h, w) bool -> (P, h, w): True where the 2 x 2 taps of block (i, j) -- rows i, i + 1 and columns j, j + 1,
-    the last row and column repeated at the border -- are all True."""
-    x = x.copy()
+    """(P, h, w) bool -> the same array, in place: True where the 2 x 2 taps of block (i, j) -- rows i, i + 1 and
+    columns j, j + 1, the last row and column repeated at the border -- are all True."""
     x[:, :-1] &= x[:, 1:]
     x[:, :, :-1] &= x[:, :, 1:]
     return x
+
+
+def _ranges(starts: np.ndarray, counts: np.ndarray) -> np.ndarray:
+    """The concatenated ranges ``starts[k]:starts[k] + counts[k]`` (int64)."""
+    out = np.repeat(starts - (np.cumsum(counts) - counts), counts)
+    out += np.arange(out.size)
+    return out
 
 
 class _Segments:
@@ -108,26 +115,22 @@ class _Segments:
         self.right_weight = torch.from_numpy(np.take(columns.second_weight, output_columns))
         self.lower_rows = np.take(rows.second, np.take(rows.start, source_rows))
 
-    def along_columns(self, maps: np.ndarray) -> tuple[torch.Tensor, torch.Tensor]:
-        """(P, h, w) maps -> their (P, K) column-interpolated values on the segments' upper and lower source rows."""
-        flat, width = maps.reshape(maps.shape[0], -1), maps.shape[-1]
+    def along_columns(self, maps: np.ndarray) -> torch.Tensor:
+        """(P, h, w) maps -> (P, 2, K): their column-interpolated values on each segment's upper and lower source
+        rows."""
+        flat = maps.reshape(maps.shape[0], -1)
+        base = np.stack([self.source_rows, self.lower_rows]) * maps.shape[-1]  # (2, K)
+        return torch.addcmul(torch.from_numpy(np.take(flat, base + self.right, axis=1)) * self.right_weight,
+                             torch.from_numpy(np.take(flat, base + self.left, axis=1)), self.left_weight)
 
-        def at(source_rows: np.ndarray) -> torch.Tensor:
-            base = source_rows * width
-            return torch.addcmul(torch.from_numpy(np.take(flat, base + self.right, axis=1)) * self.right_weight,
-                                 torch.from_numpy(np.take(flat, base + self.left, axis=1)), self.left_weight)
-
-        return at(self.source_rows), at(self.lower_rows)
-
-    def pixels(self, upper: torch.Tensor, lower: torch.Tensor, chosen: np.ndarray
-               ) -> tuple[torch.Tensor, np.ndarray, np.ndarray]:
-        """The second pass over the outputs of segments ``chosen``: (P, N) values and their output rows and columns."""
-        repeats = self.rows.count[self.source_rows[chosen]]
-        # segment k's outputs are rows start + j, j < repeats[k], numbered consecutively across segments
-        rows = np.repeat(self.rows.start[self.source_rows[chosen]] - (np.cumsum(repeats) - repeats), repeats)
-        rows += np.arange(rows.size)
-        upper, lower = (torch.from_numpy(np.repeat(x[:, chosen].numpy(), repeats, axis=1)) for x in (upper, lower))
-        values = torch.addcmul(lower * torch.from_numpy(np.take(self.rows.second_weight, rows)), upper,
+    def pixels(self, pairs: torch.Tensor, chosen: np.ndarray) -> tuple[torch.Tensor, np.ndarray, np.ndarray]:
+        """The second pass over the outputs of segments ``chosen`` (``pairs``: :meth:`along_columns`): (P, N) values
+        and their output rows and columns."""
+        source_rows = self.source_rows[chosen]
+        repeats = self.rows.count[source_rows]
+        rows = _ranges(self.rows.start[source_rows], repeats)  # segment k's outputs: its rows, consecutively
+        pairs = torch.from_numpy(np.repeat(pairs.numpy()[:, :, chosen], repeats, axis=2))
+        values = torch.addcmul(pairs[:, 1] * torch.from_numpy(np.take(self.rows.second_weight, rows)), pairs[:, 0],
                                torch.from_numpy(np.take(self.rows.first_weight, rows)))
         return values, rows, np.repeat(self.output_columns[chosen], repeats)
 
@@ -166,7 +169,7 @@ class _Confidence:
         if self.native:
             return torch.from_numpy(np.take(self.maps.reshape(self.maps.shape[0], -1).numpy(),
                                             rows * self.size[1] + columns, axis=1))
-        return segments.pixels(*segments.along_columns(self.maps.numpy()), chosen)[0]
+        return segments.pixels(segments.along_columns(self.maps.numpy()), chosen)[0]
 
 
 def merged_index(logits: torch.Tensor, confidence: Callable[[], torch.Tensor], threshold: float) -> torch.Tensor:
@@ -257,32 +260,40 @@ def boundary_label_index(
     largest = float(np.abs(values).max()) if values.size else 0.0  # NaN / inf: every pixel open (the dense result)
     margin = MARGIN * max(largest, abs(threshold)) + 1e-30
     high, low = threshold + margin, threshold - margin
-    blocks = _labels(_block_all(values > high), ~_block_all(values <= low), open_mark).astype(dtype)
-    strip = blocks.take(columns.first, axis=1)  # (h, W): source row i, output column
-    index = np.empty((height, width), dtype)
-    flat = index.reshape(-1)
-    for first, last in _tiles(rows, height, width, num_prompts):
+    blocks = _labels(_block_all(values > high), ~_block_all(values <= low), open_mark).astype(dtype, copy=False)
+    # the open segments: per open block (i, j), source row i and the output columns whose first tap is j
+    open_rows, open_columns = np.divmod(np.flatnonzero(blocks == open_mark), w)
+    per_block = columns.count[open_columns]
+    source_rows, output_columns = np.repeat(open_rows, per_block), _ranges(columns.start[open_columns], per_block)
+    strip = np.repeat(blocks, columns.count, axis=1)  # (h, W): source row i, output column
+    tiles = _tiles(rows, height, width, num_prompts)
+    edges = np.searchsorted(source_rows, [first for first, _ in tiles] + [tiles[-1][1]])
+    index = None if len(tiles) == 1 else np.empty((height, width), dtype)
+    for (first, last), lo, hi in zip(tiles, edges[:-1], edges[1:]):
         start, stop = int(rows.start[first]), int(rows.start[last - 1] + rows.count[last - 1])
-        part = strip[first:last]
-        opened = np.flatnonzero(part == open_mark)
-        source_rows, output_columns = np.divmod(opened, width)
-        source_rows += first
-        if int(np.take(rows.count, source_rows).sum()) * DENSE_BREAK_EVEN >= (stop - start) * width:
-            index[start:stop] = _dense_labels(maps, (height, width), start, stop, columns, weights, threshold).numpy()
-        elif opened.size == 0:
-            index[start:stop] = part.take(rows.first[start:stop] - first, axis=0)
+        if int(rows.count[source_rows[lo:hi]].sum()) * DENSE_BREAK_EVEN >= (stop - start) * width:
+            labels = _dense_labels(maps, (height, width), start, stop, columns, weights, threshold).numpy()
         else:
-            segments = _Segments(rows, columns, source_rows, output_columns)
-            upper, lower = segments.along_columns(values)
-            above, below = (upper > high) & (lower > high), (upper <= low) & (lower <= low)
-            decided = _labels(above.numpy(), ~below.numpy(), open_mark)
-            part.reshape(-1)[opened] = decided
-            index[start:stop] = part.take(rows.first[start:stop] - first, axis=0)
-            chosen = np.flatnonzero(decided == open_mark)
-            if chosen.size:
-                logits, o, q = segments.pixels(upper, lower, chosen)
-                flat[o * width + q] = merged_index(logits, lambda: weights.pixels(logits, segments, chosen, o, q),
-                                                   threshold).numpy()
+            part = strip[first:last]
+            pixels = None
+            if hi > lo:
+                segments = _Segments(rows, columns, source_rows[lo:hi], output_columns[lo:hi])
+                pairs = segments.along_columns(values)
+                both = pairs.numpy()
+                decided = _labels((both > high).all(1), ~(both <= low).all(1), open_mark)
+                part.reshape(-1)[(segments.source_rows - first) * width + segments.output_columns] = decided
+                chosen = np.flatnonzero(decided == open_mark)
+                if chosen.size:
+                    logits, o, q = segments.pixels(pairs, chosen)
+                    pixels = ((o - start) * width + q, merged_index(
+                        logits, lambda: weights.pixels(logits, segments, chosen, o, q), threshold).numpy())
+            labels = np.repeat(part, rows.count[first:last], axis=0)
+            if pixels is not None:
+                labels.reshape(-1)[pixels[0]] = pixels[1]
+        if index is None:
+            index = labels.astype(dtype, copy=False)
+        else:
+            index[start:stop] = labels
         if progress is not None:
             progress(stop - start)
     return index
