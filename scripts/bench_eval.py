@@ -32,8 +32,11 @@ itself shifted by 2 voxels along the first two axes: ``label_map_metrics`` with 
 for every class), seconds in all and per class, and ``overlaps_s`` for the Dice/IoU counts alone.
 ``volume_way_back``: that CT at 366 x 303 x 120 voxels (the example repeated 3 x 3 x 4) with the slice-space masks
 of every class made from its truth, the way a good network's would be: the way back (invert, merge, restack) with
-MONAI's ``Invertd`` on every slice (``invertd_s``) and with the inverse left to the merge (``deferred_s``, the
-default), the same label volume; both make maps only for the ``classes_per_slice`` present on a slice.
+MONAI's ``Invertd`` on every slice (``invertd_s``: ``MaskLogitsd`` and ``InvertToInputd`` with ``defer=False``,
+float maps for the ``classes_per_slice`` present on a slice) and the default (``deferred_s``: the masks stay
+packed and each class is resized inside its box, ``inferers.mask_merge``), the same label volume (checked);
+``volume_way_back_1008``: the same at SAM3's 1008-px slice space, 30 slices (the example repeated 3 x 3 x 1), where
+a slice is smaller than the slice space.
 3D (when ``medsam3_monai.inferers.volume`` exists): slices per second of the volume path (detector on every
 slice + tracker propagation + inversion + merge + metrics) for a real hippocampus volume and the same volume
 repeated along the slice axis (2x, 4x slices): near-constant slices/s means linear scaling.
@@ -272,15 +275,15 @@ def bench_volume_metrics(factors: tuple[int, int, int] = (3, 3, 10)) -> dict:
 def bench_volume_way_back(image_size: int, factors: tuple[int, int, int] = (3, 3, 4)) -> dict:
     """The volume way back (``to_input_space`` of ``configs/inference.json``) of a CT with realistic masks: every
     class's slice-space masks made from the truth (nearest resize), as the network's would be, then inverted,
-    merged and restacked with MONAI's ``Invertd`` on every slice (``InvertToInputd(defer=False)``) and with the
-    bilinear inverse left to the merge (the default); both label volumes are checked equal."""
+    merged and restacked with MONAI's ``Invertd`` on every slice (``defer=False``: float maps) and the default (the
+    masks kept packed, each class resized inside its box); both label volumes are checked equal."""
     import nibabel as nib
     import torch.nn.functional as F
 
     from medsam3_monai.bundle import inference_postprocessing
     from medsam3_monai.engines.evaluation import evaluation_transforms
     from medsam3_monai.inferers import BitMasks
-    from medsam3_monai.inferers.postprocess import InvertToInputd, transforms_of
+    from medsam3_monai.inferers.postprocess import InvertToInputd, MaskLogitsd, transforms_of
 
     truth, source = ct_labels(factors)
     values = [int(v) for v in torch.unique(truth) if v > 0]
@@ -301,10 +304,11 @@ def bench_volume_way_back(image_size: int, factors: tuple[int, int, int] = (3, 3
         bits[:, z] = masks > 0.5
     scores = 0.5 + 0.4 * torch.rand(len(values), len(case), generator=torch.Generator().manual_seed(0))
     chain = inference_postprocessing(transform)
-    inverse = next(step for step in transforms_of(chain) if isinstance(step, InvertToInputd))
+    deferring = [step for step in transforms_of(chain) if isinstance(step, (MaskLogitsd, InvertToInputd))]
     result = {}
     for defer in (False, True):
-        inverse.defer = defer
+        for step in deferring:
+            step.defer = defer
         items = [dict(item, pred=bits[:, z], mask_scores=scores[:, z], prompt_values=values)
                  for z, item in enumerate(case)]
         start = time.perf_counter()
@@ -379,6 +383,7 @@ def main() -> None:
         "protocol": "top_query", "2d": two_d, "multi_class_metrics": bench_multi_class_metrics(),
         "volume_metrics": bench_volume_metrics(),
         "volume_way_back": bench_volume_way_back(network.image_size),
+        "volume_way_back_1008": bench_volume_way_back(1008, (3, 3, 1)),
         "3d": None if args.no_3d else bench_3d(network, args.repeats),
         "torch": torch.__version__, "machine": platform.machine(),
     }

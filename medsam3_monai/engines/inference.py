@@ -4,7 +4,8 @@ slice items), one iteration per batch of cases.
 ``configs/inference.json``: ``inferers.inputs.inference_items`` -> the preprocessing ``Compose`` (a case becomes
 the list of its slice items) -> :func:`collate_cases` -> :class:`MedSAM3CaseEvaluator` with
 ``inferers.predict.PromptInferer`` and the post-processing ``Compose(map_items=False)`` (per slice item in turn:
-``MaskLogitsd``, ``Invertd``, ``MergePromptsd``; then ``RestackSlicesd``, ``SaveImaged``), run on each case as a whole.
+``MaskLogitsd``, ``InvertToInputd``, ``MergePromptsd``; then ``RestackSlicesd``, ``SaveImaged``), run on each case as
+a whole.
 ``configs/evaluate.json``: the same engine with ``engines.evaluation.CaseInferer`` (that pipeline, back to a
 prediction per prompt) and ``engines.evaluation.CaseMetrics`` as the post-processing.
 """

@@ -79,7 +79,9 @@ class BitMasks:
 
     def any_pixel(self) -> torch.Tensor:
         """(...) bool: whether each mask has a pixel set."""
-        return self.bits.flatten(-2).ne(0).any(-1)
+        if self.bits.numel() == 0:
+            return torch.zeros(self.bits.shape[:-2], dtype=torch.bool)
+        return self.bits.amax(dim=(-2, -1)) > 0  # on a strided view, several times faster than ne().any()
 
     def keep_where(self, keep: torch.Tensor) -> BitMasks:
         """Empty the masks where ``keep`` (the leading shape, bool) is False; in place, returns self."""

@@ -6,15 +6,18 @@ items of one input (one item for a 2D image, D for a volume), each carrying ``pr
 :class:`~medsam3_monai.inferers.bitmasks.BitMasks` or bool, with ``mask_scores``). Steps 1-3 run on one slice
 item at a time (:class:`EachItem`), so only one slice's float maps exist at any time:
 
-1. :class:`MaskLogitsd`: a volume slice's masks -> mask logits and ``confidence`` (mask x the slice's score);
+1. :class:`MaskLogitsd`: a volume slice's masks of the prompts present on it, which stand for mask logits and a
+   ``confidence`` (mask x the slice's score): kept bit-packed with the inverse pending (``meta["pending_inverse"]``)
+   when the slice-space resize is the only step to invert, else made into those float maps;
 2. :class:`InvertToInputd` (MONAI ``Invertd``): the slice-space maps go back to the slice's own size,
    bilinearly -- logits stay logits. A 2D picture (or a volume slice larger than the slice space) whose only
    invertible step is the slice-space resize keeps its (P, S, S) maps with the inverse recorded
-   (``meta["pending_inverse"]``): step 3 applies it;
+   (``meta["pending_inverse"]``), as do pending masks: step 3 applies it;
 3. :class:`MergePromptsd`: mask = logit > 0 per prompt; overlaps go to the prompt with the highest
    confidence at the pixel (:func:`~medsam3_monai.metrics.merge.merge_classes`) -> a (1, H, W) label map
    (for a pending inverse: the bilinear values are computed only near the masks' boundaries, exactly --
-   :mod:`~medsam3_monai.inferers.boundary_merge` -- so the native-size work and memory are the label map's).
+   :mod:`~medsam3_monai.inferers.boundary_merge` -- or, for masks, only in each mask's box --
+   :mod:`~medsam3_monai.inferers.mask_merge` -- so the native-size work and memory are the label map's).
    The merge is pixel-wise, so merging each slice and then restacking gives what restacking the maps and
    merging the volume gives;
 4. :class:`~medsam3_monai.transforms.RestackSlicesd`: a volume's label slices become (1, X, Y, Z) with the
@@ -45,6 +48,7 @@ from ..transforms.intensity import row_tiles
 from ..transforms.slices import PROGRESS_MIN_PIXELS, bilinear_weights, tile_progress, upsample_rows
 from .bitmasks import BitMasks
 from .boundary_merge import BLOCK_MIN_UPSCALE, boundary_label_index, merged_index
+from .mask_merge import mask_label_index
 from .image import confidence_of
 from .protocols import EMPTY_LOGIT, MASK_LOGIT
 
@@ -57,8 +61,10 @@ __all__ = [
     "MaskLogitsd",
     "MergePromptsd",
     "RowsFirstPILWriter",
+    "mask_maps",
     "materialize_inverse",
     "pending_inverse",
+    "pending_masks",
     "transforms_of",
 ]
 
@@ -79,6 +85,22 @@ def pending_inverse(maps: Any) -> tuple[int, int] | None:
     return None if spec is None else (int(spec["spatial_size"][0]), int(spec["spatial_size"][1]))
 
 
+def pending_masks(maps: Any) -> BitMasks | None:
+    """The binary masks of a volume slice whose inverse is still to be applied (:class:`MaskLogitsd` leaves them
+    bit-packed, ``meta["pending_inverse"]["mask_width"]`` their width), or None for anything else."""
+    meta = getattr(maps, "meta", None)
+    spec = meta.get(PENDING_INVERSE) if isinstance(meta, Mapping) else None
+    width = spec.get("mask_width") if isinstance(spec, Mapping) else None
+    return None if width is None else BitMasks(_plain(maps), int(width))
+
+
+def mask_maps(masks: torch.Tensor, scores: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+    """(P, h, w) bool masks and their (P,) scores -> the maps their way back resizes: mask logits (``MASK_LOGIT`` on
+    the mask, ``EMPTY_LOGIT`` elsewhere) and confidence (the mask times the score), float32."""
+    scores = torch.as_tensor(scores, dtype=torch.float32).to(masks.device).reshape(-1, 1, 1)
+    return torch.where(masks, MASK_LOGIT, EMPTY_LOGIT).float(), torch.where(masks, scores, 0.0)
+
+
 def _inverse_tiles(maps: torch.Tensor, size: tuple[int, int], channels: int, desc: str, show: bool):
     """``(start, stop, tile)``: rows ``start:stop`` of ``maps`` resized to ``size``, one row tile at a time."""
     columns = bilinear_weights(maps.shape[-1], size[1])
@@ -89,12 +111,13 @@ def _inverse_tiles(maps: torch.Tensor, size: tuple[int, int], channels: int, des
 
 
 def materialize_inverse(maps: Any) -> Any:
-    """Maps with a pending inverse -> the (P, H, W) float32 maps ``Invertd`` gives (up to float rounding);
-    anything else is returned as is. Native-size memory: P x 4 bytes per pixel."""
+    """Maps with a pending inverse -> the (P, H, W) float32 maps ``Invertd`` gives (up to float rounding; pending
+    masks: their mask logits); anything else is returned as is. Native-size memory: P x 4 bytes per pixel."""
     size = pending_inverse(maps)
     if size is None:
         return maps
-    plain = _plain(maps).float()
+    bits = pending_masks(maps)
+    plain = _plain(maps).float() if bits is None else torch.where(bits.unpack(), MASK_LOGIT, EMPTY_LOGIT)
     out = torch.empty((plain.shape[0], *size), dtype=torch.float32, device=plain.device)
     for start, stop, tile in _inverse_tiles(plain, size, plain.shape[0], "", False):
         out[:, start:stop] = tile
@@ -148,86 +171,12 @@ def transforms_of(chain: Any) -> list[Any]:
     return [chain] if inner is None else [step for part in inner for step in transforms_of(part)]
 
 
-class MaskLogitsd(MapTransform):
-    """A volume slice's per-prompt masks -> the float maps the way back reads, made one slice at a time.
+class _SliceSpaceInverse:
+    """What :class:`MaskLogitsd` and :class:`InvertToInputd` share: whether the only step of the preprocessing
+    ``transform`` to invert on an item is its slice-space resize, and the metadata ``Invertd`` would give maps whose
+    inverse is left pending instead."""
 
-    ``keys`` (P, S, S) masks (bool, or bit-packed :class:`~.bitmasks.BitMasks`) become ``MASK_LOGIT`` where the
-    mask is set and ``EMPTY_LOGIT`` elsewhere (float32 logits: after bilinear inversion, mask = logit > 0), and
-    ``confidence_key`` gets mask x the slice's score per prompt, ``scores_key`` (P,) (what :class:`MergePromptsd`
-    resolves overlaps by; masks without it are an error). Float maps (a 2D image's logits, maps given by hand) pass
-    through.
-
-    A prompt whose mask is empty on the slice can claim no pixel, so it gets no maps: the item keeps the maps of
-    the others (at least one) and ``kept_key`` lists their prompt indices, which :class:`MergePromptsd` reads to
-    give each map its label value. Most classes of a many-class CT are absent from most slices, so the inverse and
-    the merge work on the few present (the label map is the same).
-
-    :class:`~medsam3_monai.inferers.predict.PromptInferer` hands over a volume's slices as views of its bit-packed
-    masks (1 bit a pixel) so that, with the chain run slice by slice, the 8 bytes a pixel of these two maps (and
-    the byte of the bool masks) exist for one slice at a time instead of for every prompt and slice of the volume.
-    """
-
-    def __init__(self, keys: KeysCollection = ("pred",), scores_key: str = "mask_scores",
-                 confidence_key: str = "confidence", kept_key: str = KEPT_PROMPTS,
-                 allow_missing_keys: bool = True) -> None:
-        super().__init__(keys, allow_missing_keys)
-        self.scores_key = scores_key
-        self.confidence_key = confidence_key
-        self.kept_key = kept_key
-
-    def __call__(self, data: Mapping[Hashable, Any]) -> dict[Hashable, Any]:
-        d = dict(data)
-        for key in self.key_iterator(d):
-            masks = d[key]
-            if not isinstance(masks, BitMasks) and _plain(masks).dtype != torch.bool:
-                continue
-            if d.get(self.scores_key) is None:
-                raise ValueError(f"'{key}' holds masks but the item has no '{self.scores_key}': give each "
-                                 "prompt's score on this slice (P,), or float mask logits")
-            present = masks.any_pixel() if isinstance(masks, BitMasks) else _plain(masks).flatten(1).any(1)
-            kept = torch.nonzero(present.cpu()).flatten()
-            kept = kept if kept.numel() else torch.zeros(1, dtype=torch.long)  # nothing set: one empty map
-            masks = masks[kept].unpack() if isinstance(masks, BitMasks) else _plain(masks)[kept.to(masks.device)]
-            scores = torch.as_tensor(d.pop(self.scores_key), dtype=torch.float32).reshape(-1)[kept]
-            d[key] = MetaTensor(torch.where(masks, MASK_LOGIT, EMPTY_LOGIT).float())
-            d[self.confidence_key] = MetaTensor(torch.where(masks, scores.to(masks.device).reshape(-1, 1, 1), 0.0))
-            d[self.kept_key] = kept.tolist()
-        return d
-
-
-class InvertToInputd(Invertd):
-    """MONAI ``Invertd`` that leaves the bilinear inverse of each slice item to :class:`MergePromptsd`.
-
-    A 2D picture, or a volume slice of at least ``BLOCK_MIN_UPSCALE`` times the slice space's pixels (smaller ones
-    gain nothing: the merge would resize them densely, as ``Invertd`` does, while keeping the slice-space maps), when
-    the preprocessing's only invertible step on it is its slice-space resize (``ResizeToSliced``, bilinear):
-    ``keys`` keep their (P, S, S) slice-space values and get the metadata ``Invertd`` would give them (the item's
-    affine and meta -- a volume slice's ``slice_index`` and volume geometry for ``RestackSlicesd`` -- with the
-    resize popped), plus ``meta["pending_inverse"] = {"spatial_size": [H, W]}``. :class:`MergePromptsd` thresholds
-    and merges them at the slice's size without resizing every pixel (:func:`materialize_inverse` makes the full
-    maps). A volume's binary masks (``MaskLogitsd``) leave almost every block decided, so its way back costs about a
-    label map per slice instead of 2 x P float maps (``scripts/bench_eval.py``, ``volume_way_back``: 41 classes,
-    4x faster, the same label volume). Other preprocessing is ``Invertd``'s, unchanged.
-
-    Args:
-        defer: defer the inverse as above (False: plain ``Invertd`` for every item).
-        (others: ``Invertd``'s.)
-    """
-
-    def __init__(self, *args: Any, defer: bool = True, **kwargs: Any) -> None:
-        super().__init__(*args, **kwargs)
-        self.defer = bool(defer)
-
-    def __call__(self, data: Mapping[Hashable, Any]) -> dict[Hashable, Any]:
-        d = dict(data)
-        deferred = {key: out for key in self.key_iterator(d) if (out := self._deferred(d, key)) is not None}
-        if not deferred:
-            return super().__call__(d)
-        if any(key not in deferred for key in self.key_iterator(d)):
-            with allow_missing_keys_mode(self):
-                d = super().__call__({k: v for k, v in d.items() if k not in deferred})
-        d.update(deferred)
-        return d
+    transform: Any
 
     def _slice_resizer(self) -> Any:
         """The preprocessing's slice-space resizer when its only invertible step is a ``Resized``, else None (looked up
@@ -250,29 +199,136 @@ class InvertToInputd(Invertd):
             return None
         return record
 
+    @staticmethod
+    def _pending(image: MetaTensor, record: Mapping[str, Any], values: torch.Tensor, **spec: Any) -> MetaTensor:
+        """``values`` with the metadata ``Invertd`` would give them and ``meta["pending_inverse"]`` (the image's size
+        before the resize, and ``spec``)."""
+        orig_size = [int(v) for v in record[TraceKeys.ORIG_SIZE]]
+        # what Invertd + Resize.inverse do to the metadata (monai.transforms.inverse.track_transform_meta with
+        # lazy=False, trace off): the item's meta with its affine composed with the inverse resize's scaling,
+        # and its operations without the resize
+        affine = image.affine.to(torch.float64)
+        scaling = _inverse_scaling(tuple(image.shape[1:]), tuple(orig_size), affine.shape[-1])
+        out = MetaTensor(values, meta={**image.meta, "affine": affine @ scaling},
+                         applied_operations=deepcopy(image.applied_operations[:-1]))
+        out.meta[PENDING_INVERSE] = {"spatial_size": orig_size, **spec}
+        return out
+
+
+class MaskLogitsd(_SliceSpaceInverse, MapTransform):
+    """A volume slice's per-prompt masks -> what the way back reads, made one slice at a time.
+
+    ``keys`` hold (P, S, S) masks (bool, or bit-packed :class:`~.bitmasks.BitMasks`) with each prompt's score on the
+    slice in ``scores_key`` (P,) (masks without it are an error). They stand for mask logits, ``MASK_LOGIT`` where
+    the mask is set and ``EMPTY_LOGIT`` elsewhere (after bilinear inversion, mask = logit > 0), and for a
+    confidence, the mask times the score, which :class:`MergePromptsd` resolves overlaps by. Float maps (a 2D
+    image's logits, maps given by hand) pass through.
+
+    * With the preprocessing ``transform``, a slice whose only step to invert is its slice-space resize keeps its
+      masks bit-packed, with the metadata ``Invertd`` would give them and the inverse pending
+      (``meta["pending_inverse"]``, its ``mask_width`` the masks' width), and the scores stay in ``scores_key``:
+      :class:`InvertToInputd` passes them on and :class:`MergePromptsd` resizes each mask only inside its box
+      (:func:`~.mask_merge.mask_label_index`, the same label map). A slice's float maps never exist.
+    * Otherwise (no ``transform``, ``defer=False``, other steps to invert) ``keys`` become the float mask logits
+      and ``confidence_key`` the confidence maps, which MONAI ``Invertd`` resizes.
+
+    A prompt whose mask is empty on the slice can claim no pixel, so it is left out: the item keeps the masks of the
+    others (at least one) and ``kept_key`` lists their prompt indices, which :class:`MergePromptsd` reads to give
+    each its label value. Most classes of a many-class CT are absent from most slices.
+
+    :class:`~medsam3_monai.inferers.predict.PromptInferer` hands over a volume's slices as views of its bit-packed
+    masks (1 bit a pixel), and the chain runs slice by slice.
+    """
+
+    def __init__(self, keys: KeysCollection = ("pred",), scores_key: str = "mask_scores",
+                 confidence_key: str = "confidence", kept_key: str = KEPT_PROMPTS,
+                 allow_missing_keys: bool = True, transform: Any = None, image_key: str = "image",
+                 defer: bool = True) -> None:
+        super().__init__(keys, allow_missing_keys)
+        self.scores_key = scores_key
+        self.confidence_key = confidence_key
+        self.kept_key = kept_key
+        self.transform = transform
+        self.image_key = image_key
+        self.defer = bool(defer)
+
+    def __call__(self, data: Mapping[Hashable, Any]) -> dict[Hashable, Any]:
+        d = dict(data)
+        for key in self.key_iterator(d):
+            masks = d[key]
+            if not isinstance(masks, BitMasks) and _plain(masks).dtype != torch.bool:
+                continue
+            if d.get(self.scores_key) is None:
+                raise ValueError(f"'{key}' holds masks but the item has no '{self.scores_key}': give each "
+                                 "prompt's score on this slice (P,), or float mask logits")
+            present = masks.any_pixel() if isinstance(masks, BitMasks) else _plain(masks).flatten(1).any(1)
+            kept = torch.nonzero(present.cpu()).flatten()
+            kept = kept if kept.numel() else torch.zeros(1, dtype=torch.long)  # nothing set: one empty mask
+            scores = torch.as_tensor(d.pop(self.scores_key), dtype=torch.float32).reshape(-1)[kept]
+            d[self.kept_key] = kept.tolist()
+            image = d.get(self.image_key)
+            record = self._resize_record(image) if self.defer and self.transform is not None else None
+            if record is not None:
+                bits = masks[kept] if isinstance(masks, BitMasks) else BitMasks.pack(_plain(masks)[kept])
+                d[key] = self._pending(image, record, bits.bits, mask_width=bits.width)
+                d[self.scores_key] = scores
+                continue
+            masks = masks[kept].unpack() if isinstance(masks, BitMasks) else _plain(masks)[kept.to(masks.device)]
+            logits, confidence = mask_maps(masks, scores)
+            d[key], d[self.confidence_key] = MetaTensor(logits), MetaTensor(confidence)
+        return d
+
+
+class InvertToInputd(_SliceSpaceInverse, Invertd):
+    """MONAI ``Invertd`` that leaves the bilinear inverse of each slice item to :class:`MergePromptsd`.
+
+    A 2D picture, or a volume slice of at least ``BLOCK_MIN_UPSCALE`` times the slice space's pixels (smaller ones
+    gain nothing: the merge would resize them densely, as ``Invertd`` does, while keeping the slice-space maps), when
+    the preprocessing's only invertible step on it is its slice-space resize (``ResizeToSliced``, bilinear):
+    ``keys`` keep their (P, S, S) slice-space values and get the metadata ``Invertd`` would give them (the item's
+    affine and meta -- a volume slice's ``slice_index`` and volume geometry for ``RestackSlicesd`` -- with the
+    resize popped), plus ``meta["pending_inverse"] = {"spatial_size": [H, W]}``. :class:`MergePromptsd` thresholds
+    and merges them at the slice's size without resizing every pixel (:func:`materialize_inverse` makes the full
+    maps). Maps whose inverse is pending already (a volume slice's masks from :class:`MaskLogitsd`) pass as they
+    are. Other preprocessing is ``Invertd``'s, unchanged.
+
+    Args:
+        defer: defer the inverse as above (False: plain ``Invertd`` for every item whose inverse is not pending).
+        (others: ``Invertd``'s.)
+    """
+
+    def __init__(self, *args: Any, defer: bool = True, **kwargs: Any) -> None:
+        super().__init__(*args, **kwargs)
+        self.defer = bool(defer)
+
+    def __call__(self, data: Mapping[Hashable, Any]) -> dict[Hashable, Any]:
+        d = dict(data)
+        deferred = {key: out for key in self.key_iterator(d) if (out := self._deferred(d, key)) is not None}
+        if not deferred:
+            return super().__call__(d)
+        if any(key not in deferred for key in self.key_iterator(d)):
+            with allow_missing_keys_mode(self):
+                d = super().__call__({k: v for k, v in d.items() if k not in deferred})
+        d.update(deferred)
+        return d
+
     def _deferred(self, d: Mapping[Hashable, Any], key: Hashable) -> MetaTensor | None:
         """``d[key]`` with its inverse deferred (see the class docstring), or None when ``Invertd`` should run."""
         index = list(self.keys).index(key)
         orig_key, nearest = self.orig_keys[index], self.nearest_interp[index]
         image, maps = d.get(orig_key), d.get(key)
+        if pending_inverse(maps) is not None:
+            return maps
         if not self.defer or nearest or maps is None:
             return None
         record = self._resize_record(image)
         if record is None:
             return None
-        orig_size = tuple(int(v) for v in record[TraceKeys.ORIG_SIZE])
-        upscale = orig_size[0] * orig_size[1] / (image.shape[1] * image.shape[2])
+        orig_size = record[TraceKeys.ORIG_SIZE]
+        upscale = int(orig_size[0]) * int(orig_size[1]) / (image.shape[1] * image.shape[2])
         if "slice_index" in image.meta and upscale < BLOCK_MIN_UPSCALE:
             return None  # a volume slice the block method cannot speed up: Invertd's, freeing each slice-space map
-        # what Invertd + Resize.inverse do to the metadata (monai.transforms.inverse.track_transform_meta with
-        # lazy=False, trace off): the item's meta with its affine composed with the inverse resize's scaling,
-        # and its operations without the resize
-        affine = image.affine.to(torch.float64)
-        meta = {**image.meta, "affine": affine @ _inverse_scaling(tuple(image.shape[1:]), orig_size, affine.shape[-1])}
-        out = MetaTensor(_plain(maps).detach().float(), meta=meta,
-                         applied_operations=deepcopy(image.applied_operations[:-1]))
-        out.meta[PENDING_INVERSE] = {"spatial_size": list(orig_size)}
-        return out
+        return self._pending(image, record, _plain(maps).detach().float())
 
 
 class MergePromptsd(MapTransform):
@@ -291,6 +347,8 @@ class MergePromptsd(MapTransform):
         kept_key: item entry listing the prompts whose maps ``keys`` hold when not all of them
             (:class:`MaskLogitsd` drops a slice's empty masks): the maps get those prompts' label values; removed
             once merged.
+        mask_scores_key: item entry with the scores of a volume slice's pending masks (:class:`MaskLogitsd`, one
+            per mask: the confidence is the mask times it); removed once merged.
         progress: a progress bar (stderr) over the row tiles of a pending inverse of at least
             ``PROGRESS_MIN_PIXELS`` pixels.
 
@@ -298,7 +356,8 @@ class MergePromptsd(MapTransform):
     keeping the input's meta and affine. A single prompt's mask is kept as is (nothing to resolve). Maps whose inverse
     is pending (:class:`InvertToInputd`) are thresholded and merged at the slice's own size by
     :func:`~medsam3_monai.inferers.boundary_merge.boundary_label_index` (the same rule; only pixels near a boundary
-    are interpolated), with the native-size memory of the label map alone.
+    are interpolated), pending masks (:class:`MaskLogitsd`) by :func:`~.mask_merge.mask_label_index` (each inside its
+    box), with the native-size memory of the label map alone.
     """
 
     def __init__(
@@ -311,9 +370,11 @@ class MergePromptsd(MapTransform):
         drop_confidence: bool = True,
         progress: bool = True,
         kept_key: str | None = KEPT_PROMPTS,
+        mask_scores_key: str | None = "mask_scores",
         allow_missing_keys: bool = False,
     ) -> None:
         super().__init__(keys, allow_missing_keys)
+        self.mask_scores_key = mask_scores_key
         self.confidence_key = confidence_key
         self.values_key = values_key
         self.scores_key = scores_key
@@ -336,8 +397,9 @@ class MergePromptsd(MapTransform):
                 d[key] = MetaTensor(labels, meta=dict(pred.meta) if isinstance(pred, MetaTensor) else None)
             if self.drop_confidence and self.confidence_key:
                 d.pop(self.confidence_key, None)
-        if self.kept_key:
-            d.pop(self.kept_key, None)
+        for entry in (self.kept_key, self.mask_scores_key):
+            if entry:
+                d.pop(entry, None)
         return d
 
     def _values(self, d: Mapping[Hashable, Any], num_prompts: int, key: str = "pred") -> list[int]:
@@ -353,20 +415,29 @@ class MergePromptsd(MapTransform):
 
     def _merge_pending(self, d: Mapping[Hashable, Any], pred: MetaTensor) -> MetaTensor:
         """The label map of maps with a pending inverse (same rule as ``__call__``), resized only where the masks'
-        boundaries are (:func:`~medsam3_monai.inferers.boundary_merge.boundary_label_index`)."""
+        boundaries are (:func:`~medsam3_monai.inferers.boundary_merge.boundary_label_index`), or of pending masks
+        each inside its box (:func:`~.mask_merge.mask_label_index`)."""
         size = pending_inverse(pred)
+        masks = pending_masks(pred)
         maps = _plain(pred)
-        num_prompts = maps.shape[0]
-        values = self._values(d, num_prompts)
-        given = d.get(self.confidence_key) if self.confidence_key else None
-        scores = d.get(self.scores_key) if self.scores_key and given is None else None
+        values = self._values(d, maps.shape[0])
         show = self.progress and size[0] * size[1] >= PROGRESS_MIN_PIXELS
         name = Path(str(pred.meta.get("filename_or_obj", "image"))).name if show else ""
         desc = f"{name}: masks at {size[0]}x{size[1]}"
         with tile_progress(size[0], desc, show) if show else nullcontext() as bar:
-            index = torch.from_numpy(boundary_label_index(
-                maps, size, self.threshold, scores=scores, confidence=None if given is None else _plain(given),
-                progress=bar.update if show else None))
+            update = bar.update if show else None
+            if masks is not None:
+                scores = d.get(self.mask_scores_key) if self.mask_scores_key else None
+                if scores is None:
+                    raise ValueError(f"pending masks but the item has no '{self.mask_scores_key}' (MaskLogitsd "
+                                     "keeps each mask's score there)")
+                index = mask_label_index(masks, scores, size, self.threshold, progress=update)
+            else:
+                given = d.get(self.confidence_key) if self.confidence_key else None
+                scores = d.get(self.scores_key) if self.scores_key and given is None else None
+                index = boundary_label_index(maps, size, self.threshold, scores=scores,
+                                             confidence=None if given is None else _plain(given), progress=update)
+        index = torch.from_numpy(index)
         out = MetaTensor(_label_values(index, values)[None], meta=dict(pred.meta))
         out.meta.pop(PENDING_INVERSE, None)
         return out

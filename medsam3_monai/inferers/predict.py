@@ -12,9 +12,9 @@ Pipeline (the bundle spells out the same pieces in JSON):
    (detector on every slice, tracker propagation from the most confident slice). Every slice item gets
    ``pred`` (P, S, S): a 2D image's mask logits, a volume slice's bit-packed masks (``bitmasks.BitMasks``, with
    ``mask_scores``, the slice's score per prompt).
-4. the bundle's ``postprocessing``, one slice item at a time (``postprocess.MaskLogitsd`` makes a volume slice's
-   logits and confidence, ``Invertd``, merge by maximum confidence), then the slices restacked -> a
-   (1, *spatial) label map (0 background, the prompts' label values).
+4. the bundle's ``postprocessing``, one slice item at a time (``postprocess.MaskLogitsd`` keeps a volume slice's
+   present masks, ``Invertd`` or the inverse left to the merge, merge by maximum confidence), then the slices
+   restacked -> a (1, *spatial) label map (0 background, the prompts' label values).
 
 Large 2D pictures: the picture stays uint8 at its own size; intensity, resize, inverse and merge run one row
 tile at a time (``transforms.TiledResizeToSliced``, ``postprocess.InvertToInputd`` + ``MergePromptsd``), so the
@@ -80,8 +80,9 @@ class PromptInferer(Inferer):
     ``prompt_texts``, ``prompt_scores`` (P,) and ``protocol``. A volume slice's ``pred`` is its (P, S, S) masks
     instead, a view of the volume's :class:`~.bitmasks.BitMasks` (1 bit a pixel; a volume's float maps would take
     8 bytes a pixel for every prompt and slice), with ``mask_scores`` (P,) the slice's score per prompt:
-    ``postprocess.MaskLogitsd`` turns them into mask logits and ``confidence``, the mask times that score, one
-    slice at a time (2D confidence, score x sigmoid(logit), is computed after the inversion by ``MergePromptsd``).
+    they stand for mask logits and a ``confidence``, the mask times that score, which the way back resizes one
+    slice at a time (``postprocess.MaskLogitsd``, ``MergePromptsd``; 2D confidence, score x sigmoid(logit), is
+    computed after the inversion by ``MergePromptsd``).
     Volume items also carry ``slice_scores`` (P, D) and ``seed_slices`` (P,).
 
     Args:
@@ -200,7 +201,7 @@ class PromptInferer(Inferer):
         result = segment_volume(network, slices.to(device), prompts, self.tracker,
                                 score_threshold=self.score_threshold, batch_size=self.volume_batch_size,
                                 progress=self.progress)
-        for z, item in enumerate(items):  # bit-packed masks (views): MaskLogitsd makes a slice's float maps
+        for z, item in enumerate(items):  # bit-packed masks (views), one slice at a time in the way back
             item["pred"], item["mask_scores"] = result.bits[:, z], result.scores[:, z].float()
         protocol = f"volume: top_query per slice (score >= {self.score_threshold:g}), tracker {self.tracker_name}"
         return {"prompt_scores": result.scores.amax(dim=1).float(), "slice_scores": result.scores.float(),

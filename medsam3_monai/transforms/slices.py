@@ -43,6 +43,7 @@ __all__ = [
     "RestackSlicesd",
     "TiledResizeToSliced",
     "axial_axis",
+    "bilinear_two_pass",
     "bilinear_weights",
     "resize_operator",
     "upsample_rows",
@@ -321,10 +322,20 @@ def upsample_rows(maps: torch.Tensor, size: Sequence[int], start: int, stop: int
     first, second, first_weight, second_weight = (t.to(maps.device) for t in rows)
     c_first, c_second, c_first_weight, c_second_weight = (
         t.to(maps.device) for t in (columns or bilinear_weights(maps.shape[-1], int(size[1]))))
-    band = maps[:, low:high + 1]
-    # w0 * x0 + (w1 * x1), the first product fused with the sum, as the CPU interpolation kernel computes it
+    return bilinear_two_pass(maps[:, low:high + 1], (first - low, second - low, first_weight, second_weight),
+                             (c_first, c_second, c_first_weight, c_second_weight))
+
+
+def bilinear_two_pass(band: torch.Tensor, rows: Sequence[torch.Tensor], columns: Sequence[torch.Tensor]
+                      ) -> torch.Tensor:
+    """Bilinear values of ``band`` (C, h, w) at R output rows and Q output columns, (C, R, Q) float32, with the CPU
+    interpolation kernel's arithmetic: along the columns, then along the rows, each ``w0 * x0 + (w1 * x1)`` (the
+    first product fused with the sum). ``rows`` and ``columns``: (first tap, second tap, first weight, second
+    weight) per output, as :func:`bilinear_weights` gives them, the taps indexing ``band``'s last two dimensions."""
+    first, second, first_weight, second_weight = rows
+    c_first, c_second, c_first_weight, c_second_weight = columns
     along_columns = torch.addcmul(band[:, :, c_second] * c_second_weight, band[:, :, c_first], c_first_weight)
-    return torch.addcmul(along_columns[:, second - low] * second_weight[:, None], along_columns[:, first - low],
+    return torch.addcmul(along_columns[:, second] * second_weight[:, None], along_columns[:, first],
                          first_weight[:, None])
 
 
