@@ -305,11 +305,13 @@ def test_small_pictures_and_volume_slices_give_invertds_label_maps(tmp_path, sli
 def test_a_volume_given_as_bit_masks_goes_back_slice_by_slice_to_the_label_map_of_its_float_maps(tmp_path,
                                                                                                 monkeypatch):
     # PromptInferer hands a volume's slices over as views of its bit-packed masks + the slice's scores; the bundle's
-    # chain keeps each slice's present masks packed, merges them at the slice's size (each inside its box) before
-    # touching the next slice, then restacks labels: Invertd's label volume of the float maps, up to the ties that
-    # float rounding decides (these noisy masks have many)
+    # chain keeps each slice's present masks packed and merges them at the slice's size before touching the next
+    # slice (slices of 60 x 90: each mask resized inside its box, mask_merge), then restacks labels: the label volume
+    # of the same chain with MONAI's Invertd on each slice's float maps, and of all the float maps restacked and
+    # merged but for ties (a bilinear logit of 0 but for rounding, which ATen rounds differently for 3 channels on
+    # one thread than for 2: these noisy masks have many)
     affine = torch.diag(torch.tensor([0.8, 0.7, 2.5, 1.0], dtype=torch.float64))
-    volume = torch.rand(1, 40, 30, 5, generator=torch.Generator().manual_seed(3)) * 400 - 100
+    volume = torch.rand(1, 90, 60, 5, generator=torch.Generator().manual_seed(3)) * 400 - 100
     path = tmp_path / "v.nii.gz"
     nib.save(nib.Nifti1Image(volume[0].numpy(), affine.numpy()), path)
     chain = inference_chain()
@@ -328,6 +330,11 @@ def test_a_volume_given_as_bit_masks_goes_back_slice_by_slice_to_the_label_map_o
     packed_items = [dict(item, pred=packed[:, z], mask_scores=scores[:, z], **case)
                     for z, item in enumerate(slice_items)]
     old = _old_post(chain)(floats)["pred"]
+    invertd_chain = _new_post(chain)
+    for step in postprocess.transforms_of(invertd_chain):
+        if isinstance(step, (postprocess.MaskLogitsd, InvertToInputd)):
+            step.defer = False  # float maps of the present prompts, Invertd on every slice
+    with_invertd = invertd_chain([dict(i) for i in packed_items])["pred"]
     calls = []
     for name in ("MaskLogitsd", "MergePromptsd"):
         cls = getattr(postprocess, name)
@@ -336,15 +343,14 @@ def test_a_volume_given_as_bit_masks_goes_back_slice_by_slice_to_the_label_map_o
     restacked = _new_post(chain)([dict(i) for i in packed_items])
     new = restacked["pred"]
     assert postprocess.KEPT_PROMPTS not in restacked  # read by the merge, then dropped
-    assert tuple(new.shape) == (1, 40, 30, 5) and new.dtype == torch.uint8
-    inverted = Compose(_old_post(chain).transforms[:2], map_items=False)(floats)  # Invertd, restacked
+    assert tuple(new.shape) == (1, 90, 60, 5) and new.dtype == torch.uint8
+    assert torch.equal(new.as_tensor(), with_invertd.as_tensor()) and torch.equal(new.affine, old.affine)
+    inverted = Compose(_old_post(chain).transforms[:2], map_items=False)(floats)  # all float maps, restacked
     logits, confidence = inverted["pred"].as_tensor(), inverted["confidence"].as_tensor()
-    ties = (logits.abs() <= 0.1).any(0)  # bilinear logit 0 within rounding (1e-5 x 1e4)
+    ties = (logits.abs() <= 0.1).any(0)  # a bilinear logit within rounding (1e-5 x 1e4) of 0
     claims = torch.where(logits > 0, confidence, -torch.inf).topk(2, dim=0).values
     ties |= (claims[1] > -torch.inf) & (claims[0] - claims[1] <= 1e-6)
-    differ = new.as_tensor()[0] != old.as_tensor()[0]
-    assert not (differ & ~ties).any() and 0 < int(ties.sum()) < ties.numel() // 10
-    assert torch.equal(new.affine, old.affine)
+    assert not ((new.as_tensor()[0] != old.as_tensor()[0]) & ~ties).any()
     assert len(torch.unique(new)) == 4, "background, three prompts and their overlaps exercised"
     assert [name for name, _ in calls] == ["MaskLogitsd", "MergePromptsd"] * len(slice_items)  # slice by slice
     assert all(kinds == ["BitMasks"] * len(slice_items) for _, kinds in calls)  # the case's inputs stay packed
@@ -352,7 +358,7 @@ def test_a_volume_given_as_bit_masks_goes_back_slice_by_slice_to_the_label_map_o
     kept_bits = postprocess.pending_masks(pending["pred"])  # no float maps: the present masks, still packed
     assert torch.equal(kept_bits.unpack(), masks[[0, 2], 0]) and "confidence" not in pending
     assert torch.equal(pending["mask_scores"], scores[[0, 2], 0]) and pending[postprocess.KEPT_PROMPTS] == [0, 2]
-    assert pending_inverse(pending["pred"]) == (30, 40) and pending["pred"].meta["slice_index"] == 0
+    assert pending_inverse(pending["pred"]) == (60, 90) and pending["pred"].meta["slice_index"] == 0
     assert postprocess.InvertToInputd(keys="pred", transform=chain, orig_keys="image")(pending)["pred"] is \
         pending["pred"]  # already pending: passed on as is
     dense = Invertd(keys="pred", transform=chain, orig_keys="image", nearest_interp=False)(

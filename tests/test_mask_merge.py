@@ -1,6 +1,6 @@
 """A volume slice's binary masks resized back inside their boxes (``inferers.mask_merge``) against MONAI ``Invertd``'s
-dense inverse of their mask logits and confidences, merged by confidence: the same label map, up to the pixels whose
-bilinear logit is a tie (mathematically 0) that float rounding decides either way."""
+dense inverse of their mask logits and confidences, merged by confidence: the same label map, pixel for pixel, ties
+(bilinear logits that are 0 but for rounding) included."""
 
 from __future__ import annotations
 
@@ -14,8 +14,7 @@ from _merge_helpers import dense_label_index, smooth_maps
 from medsam3_monai.inferers import mask_merge
 from medsam3_monai.inferers.bitmasks import BitMasks
 from medsam3_monai.inferers.boundary_merge import merged_index
-from medsam3_monai.inferers.mask_merge import mask_label_index
-from medsam3_monai.inferers.postprocess import mask_maps
+from medsam3_monai.inferers.mask_merge import mask_label_index, mask_maps
 
 SHARED_SEGMENTATION = "TotalSegmentator_example_CT_MR/masks/example_seg.nii.gz"
 
@@ -26,15 +25,6 @@ def invertd_reference(masks: torch.Tensor, scores: torch.Tensor, size: tuple[int
     pixels float rounding may decide."""
     logits, confidence = mask_maps(masks, scores)
     return dense_label_index(logits, size, confidence=confidence)
-
-
-def assert_ties_only(ours: np.ndarray, reference: tuple[np.ndarray, np.ndarray], message: str = "") -> None:
-    """Equal to the reference but at its ties, which are few."""
-    labels, ties = reference
-    assert ours.shape == labels.shape and ours.dtype == labels.dtype, message
-    differ = ours != labels
-    assert not (differ & ~ties).any(), f"{message}: {int((differ & ~ties).sum())} pixels differ"
-    assert ties.mean() < 0.03, message
 
 
 def blob_masks(generator: torch.Generator, prompts: int, side: int) -> torch.Tensor:
@@ -52,22 +42,30 @@ def test_equals_invertd_for_blob_masks_at_any_scale(side, size, prompts):
     scores = torch.rand(prompts, generator=generator)
     ours = mask_label_index(BitMasks.pack(masks), scores, size)
     assert ours.dtype == np.uint8 and ours.shape == size
-    assert_ties_only(ours, invertd_reference(masks, scores, size), f"{side} -> {size}, {prompts} prompts")
+    assert np.array_equal(ours, invertd_reference(masks, scores, size)[0]), f"{side} -> {size}, {prompts} prompts"
     assert np.array_equal(ours, mask_label_index(masks, scores, size)), "bool masks: the same"
     if prompts > 1:
         assert len(np.unique(ours)) > 2, "several prompts win pixels"
 
 
-def test_equals_invertd_for_noisy_masks_where_ties_are_many():
-    # pixel noise: nearly every output reads taps on both sides of a mask; ties (logit exactly 0) are common at
-    # this scale and float rounding decides them (F.interpolate's own rounding depends on the output's shape)
+@pytest.mark.parametrize("threads", [1, 2])
+def test_ties_fall_as_in_invertd_for_noisy_masks(threads):
+    # pixel noise: nearly every output reads taps on both sides of a mask, and ties (logit 0 but for rounding) are
+    # common. ATen's CPU resize rounds them one way for small outputs (H + W <= 128) and for 3 channels on one
+    # thread, another way elsewhere: the box resize follows the second, the first is left to F.interpolate itself
     generator = torch.Generator().manual_seed(3)
     masks = torch.rand(3, 112, 112, generator=generator) > 0.6
     scores = torch.rand(3, generator=generator)
-    for size in ((40, 30), (200, 170), (112, 112)):
-        labels, near = invertd_reference(masks, scores, size)
-        differ = mask_label_index(BitMasks.pack(masks), scores, size) != labels
-        assert not (differ & ~near).any(), size
+    previous = torch.get_num_threads()
+    torch.set_num_threads(threads)
+    try:
+        for prompts in (3, 2):
+            for size in ((40, 30), (200, 170), (112, 112), (70, 59)):
+                labels, ties = invertd_reference(masks[:prompts], scores[:prompts], size)
+                ours = mask_label_index(BitMasks.pack(masks[:prompts]), scores[:prompts], size)
+                assert np.array_equal(ours, labels), (prompts, size, int((ours != labels).sum()), int(ties.sum()))
+    finally:
+        torch.set_num_threads(previous)
 
 
 def test_a_mask_outside_every_outputs_taps_claims_nothing_and_ties_go_to_the_earlier_prompt():
@@ -76,7 +74,7 @@ def test_a_mask_outside_every_outputs_taps_claims_nothing_and_ties_go_to_the_ear
     masks[1] = masks[0]  # the same mask and score as prompt 0: every pixel is a tie, prompt 0 keeps it
     masks[2, 4, 4] = True  # one slice-space pixel, read by no output of a 4x smaller picture
     scores = torch.tensor([0.5, 0.5, 0.9])
-    size = (28, 28)
+    size = (28, 300)  # H + W > 128: the boxes' resize (see below)
     rows = mask_merge._axis(112, 28)
     assert 4 not in set(rows.first.tolist()) | set(rows.second.tolist())
     ours = mask_label_index(masks, scores, size)

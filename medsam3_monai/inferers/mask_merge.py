@@ -8,9 +8,15 @@ bilinear taps all lie outside a prompt's mask gets ``EMPTY_LOGIT`` from it and i
 resizing only on the outputs whose taps reach its mask's box. :func:`mask_label_index` makes a prompt's two maps on
 the slice-space rows and columns those outputs read, resizes them with the dense resize's arithmetic
 (:func:`~medsam3_monai.transforms.slices.bilinear_two_pass`) and merges prompt by prompt: a pixel goes to the
-claimant of highest confidence, the earlier prompt on a tie, as ``merge_classes`` decides. The label map is
-``Invertd``'s (``tests/test_mask_merge.py``), and the work follows the masks' boxes at the slice's size instead of
-2 x P float maps of S x S (41 TotalSegmentator classes at 1008 px: ``scripts/bench_eval.py``, ``volume_way_back``).
+claimant of highest confidence, the earlier prompt on a tie, as ``merge_classes`` decides. The work follows the
+masks' boxes at the slice's size instead of 2 x P float maps of S x S (41 TotalSegmentator classes at 1008 px:
+``scripts/bench_eval.py``, ``volume_way_back_1008``).
+
+The label map is ``Invertd``'s (``tests/test_mask_merge.py``). Only a tie could differ -- a pixel whose bilinear
+logit is exactly 0 (say a mask edge half-way between two taps), which float rounding decides -- and ATen's CPU
+resize rounds in two ways, depending on the output's shape and the thread count (``CHANNELS_LAST_MAX_SIDES``).
+Where it takes the way ``bilinear_two_pass`` does not reproduce (small outputs; 3 prompts on one thread), the masks
+are resized densely by ``F.interpolate`` itself, as ``Invertd`` does.
 """
 
 from __future__ import annotations
@@ -22,10 +28,28 @@ import torch
 
 from ..transforms.slices import bilinear_two_pass
 from .bitmasks import BitMasks
-from .boundary_merge import _Axis, _axis
+from .boundary_merge import _Axis, _axis, _Confidence, _dense_index
 from .protocols import EMPTY_LOGIT, MASK_LOGIT
 
-__all__ = ["mask_label_index"]
+__all__ = ["CHANNELS_LAST_MAX_SIDES", "mask_label_index", "mask_maps"]
+
+#: ATen's CPU bilinear resize (``F.interpolate``, so MONAI ``Invertd``) takes its channels-last kernel, which rounds
+#: differently from the generic one that ``bilinear_two_pass`` reproduces, for outputs of H + W up to this many
+#: pixels (``_use_vectorized_kernel_cond_2d``) and for 3 channels on one thread (torch 2.x)
+CHANNELS_LAST_MAX_SIDES = 128
+
+
+def mask_maps(masks: torch.Tensor, scores: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+    """(P, h, w) bool masks and their (P,) scores -> the maps their way back resizes: mask logits (``MASK_LOGIT`` on
+    the mask, ``EMPTY_LOGIT`` elsewhere) and confidence (the mask times the score), float32."""
+    scores = torch.as_tensor(scores, dtype=torch.float32).to(masks.device).reshape(-1, 1, 1)
+    return torch.where(masks, MASK_LOGIT, EMPTY_LOGIT).float(), torch.where(masks, scores, 0.0)
+
+
+def _rounds_as_two_pass(channels: int, size: tuple[int, int]) -> bool:
+    """Whether ``F.interpolate`` resizes (1, channels, h, w) to ``size`` on the CPU with ``bilinear_two_pass``'s
+    arithmetic, so that a tie (a bilinear logit that is 0 but for rounding) falls the same way."""
+    return size[0] + size[1] > CHANNELS_LAST_MAX_SIDES and not (channels == 3 and torch.get_num_threads() == 1)
 
 
 def _reaching(axis: _Axis, low: int, high: int) -> slice | None:
@@ -88,6 +112,11 @@ def mask_label_index(
     if scores.numel() != num_prompts:
         raise ValueError(f"{scores.numel()} scores for {num_prompts} masks")
     height, width = int(size[0]), int(size[1])
+    if not _rounds_as_two_pass(num_prompts, (height, width)):  # small, or 3 prompts on 1 thread: Invertd's resize
+        logits, confidence = mask_maps(bits.unpack(), scores)
+        weights = _Confidence(None, confidence, (height, width), tuple(logits.shape))
+        whole = num_prompts * height * width  # one tile: F.interpolate of the whole slice, as Invertd
+        return _dense_index(logits, (height, width), threshold, weights, progress, whole).numpy()
     rows, columns = _axis(h, height), _axis(w, width)
     index = np.zeros((height, width), np.uint8 if num_prompts + 1 <= 255 else np.int32)
     best = np.full((height, width), -np.inf, np.float32)  # the confidence of each pixel's claimant so far

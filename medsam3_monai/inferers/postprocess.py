@@ -48,8 +48,8 @@ from ..transforms.intensity import row_tiles
 from ..transforms.slices import PROGRESS_MIN_PIXELS, bilinear_weights, tile_progress, upsample_rows
 from .bitmasks import BitMasks
 from .boundary_merge import BLOCK_MIN_UPSCALE, boundary_label_index, merged_index
-from .mask_merge import mask_label_index
 from .image import confidence_of
+from .mask_merge import mask_label_index, mask_maps
 from .protocols import EMPTY_LOGIT, MASK_LOGIT
 
 __all__ = [
@@ -61,7 +61,6 @@ __all__ = [
     "MaskLogitsd",
     "MergePromptsd",
     "RowsFirstPILWriter",
-    "mask_maps",
     "materialize_inverse",
     "pending_inverse",
     "pending_masks",
@@ -92,13 +91,6 @@ def pending_masks(maps: Any) -> BitMasks | None:
     spec = meta.get(PENDING_INVERSE) if isinstance(meta, Mapping) else None
     width = spec.get("mask_width") if isinstance(spec, Mapping) else None
     return None if width is None else BitMasks(_plain(maps), int(width))
-
-
-def mask_maps(masks: torch.Tensor, scores: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
-    """(P, h, w) bool masks and their (P,) scores -> the maps their way back resizes: mask logits (``MASK_LOGIT`` on
-    the mask, ``EMPTY_LOGIT`` elsewhere) and confidence (the mask times the score), float32."""
-    scores = torch.as_tensor(scores, dtype=torch.float32).to(masks.device).reshape(-1, 1, 1)
-    return torch.where(masks, MASK_LOGIT, EMPTY_LOGIT).float(), torch.where(masks, scores, 0.0)
 
 
 def _inverse_tiles(maps: torch.Tensor, size: tuple[int, int], channels: int, desc: str, show: bool):
