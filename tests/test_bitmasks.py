@@ -36,6 +36,8 @@ def test_indexing_and_assignment_address_the_masks_and_share_the_bits():
     packed[0, 4] = BitMasks.pack(torch.ones(6, 11, dtype=torch.bool))
     assert not packed[0, 2].unpack().any() and packed[0, 4].unpack().all()
     assert torch.equal(packed.any_pixel(), packed.unpack().flatten(2).any(-1))
+    assert torch.equal(view.any_pixel(), masks[:, 3].flatten(1).any(-1) | torch.tensor([False, bool(extra.any())]))
+    assert packed[:, :0].any_pixel().shape == (2, 0) and BitMasks.zeros(0, 6, 11).any_pixel().shape == (0,)
     keep = torch.tensor([[True, False, True, False, True], [False] * 5])
     expected = packed.unpack() & keep[..., None, None]
     assert torch.equal(packed.keep_where(keep).unpack(), expected)
