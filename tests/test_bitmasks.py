@@ -38,6 +38,8 @@ def test_indexing_and_assignment_address_the_masks_and_share_the_bits():
     assert torch.equal(packed.any_pixel(), packed.unpack().flatten(2).any(-1))
     assert torch.equal(view.any_pixel(), masks[:, 3].flatten(1).any(-1) | torch.tensor([False, bool(extra.any())]))
     assert packed[:, :0].any_pixel().shape == (2, 0) and BitMasks.zeros(0, 6, 11).any_pixel().shape == (0,)
+    picked = view[torch.tensor([1, 0, 1])]  # by number: a copy, in that order
+    assert torch.equal(picked.unpack(), view.unpack()[[1, 0, 1]]) and picked.bits.data_ptr() != view.bits.data_ptr()
     keep = torch.tensor([[True, False, True, False, True], [False] * 5])
     expected = packed.unpack() & keep[..., None, None]
     assert torch.equal(packed.keep_where(keep).unpack(), expected)

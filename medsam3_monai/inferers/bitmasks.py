@@ -89,7 +89,12 @@ class BitMasks:
         return self
 
     def __getitem__(self, index: Any) -> BitMasks:
-        return BitMasks(self.bits[_leading(index, self.bits.ndim - 2)], self.width)
+        index = _leading(index, self.bits.ndim - 2)
+        if isinstance(index, torch.Tensor) and index.ndim == 1 and index.dtype == torch.long:
+            # masks picked by number (a slice's present prompts): a copy, as advanced indexing gives it, but
+            # index_select copies from a strided view several times faster
+            return BitMasks(torch.index_select(self.bits, 0, index.to(self.bits.device)), self.width)
+        return BitMasks(self.bits[index], self.width)
 
     def __setitem__(self, index: Any, masks: torch.Tensor | BitMasks) -> None:
         self.bits[_leading(index, self.bits.ndim - 2)] = self._bits_of(masks)
