@@ -31,7 +31,7 @@ from .bitmasks import BitMasks
 from .boundary_merge import _Axis, _axis, _Confidence, _dense_index
 from .protocols import EMPTY_LOGIT, MASK_LOGIT
 
-__all__ = ["CHANNELS_LAST_MAX_SIDES", "mask_label_index", "mask_maps"]
+__all__ = ["CHANNELS_LAST_MAX_SIDES", "mask_label_index", "mask_logits", "mask_maps"]
 
 #: ATen's CPU bilinear resize (``F.interpolate``, so MONAI ``Invertd``) takes its channels-last kernel, which rounds
 #: differently from the generic one that ``bilinear_two_pass`` reproduces, for outputs of H + W up to this many
@@ -39,11 +39,16 @@ __all__ = ["CHANNELS_LAST_MAX_SIDES", "mask_label_index", "mask_maps"]
 CHANNELS_LAST_MAX_SIDES = 128
 
 
+def mask_logits(masks: torch.Tensor) -> torch.Tensor:
+    """Bool masks -> the mask logits they stand for, float32: ``MASK_LOGIT`` on the mask, ``EMPTY_LOGIT`` elsewhere."""
+    return torch.where(masks, MASK_LOGIT, EMPTY_LOGIT).float()
+
+
 def mask_maps(masks: torch.Tensor, scores: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
-    """(P, h, w) bool masks and their (P,) scores -> the maps their way back resizes: mask logits (``MASK_LOGIT`` on
-    the mask, ``EMPTY_LOGIT`` elsewhere) and confidence (the mask times the score), float32."""
+    """(P, h, w) bool masks and their (P,) scores -> the maps their way back resizes: mask logits
+    (:func:`mask_logits`) and confidence (the mask times the score), float32."""
     scores = torch.as_tensor(scores, dtype=torch.float32).to(masks.device).reshape(-1, 1, 1)
-    return torch.where(masks, MASK_LOGIT, EMPTY_LOGIT).float(), torch.where(masks, scores, 0.0)
+    return mask_logits(masks), torch.where(masks, scores, 0.0)
 
 
 def _rounds_as_two_pass(channels: int, size: tuple[int, int]) -> bool:
@@ -128,7 +133,7 @@ def mask_label_index(
         outputs, (source_rows, source_columns), row_taps, column_taps = window
         mask = torch.from_numpy(np.unpackbits(packed[prompt, source_rows], axis=-1, count=w)[:, source_columns]
                                 .view(np.bool_))
-        maps = torch.stack([torch.where(mask, MASK_LOGIT, EMPTY_LOGIT), torch.where(mask, scores[prompt], 0.0)])
+        maps = torch.cat(mask_maps(mask[None], scores[prompt:prompt + 1]))  # (2, h', w'): logits, confidence
         logits, confidence = bilinear_two_pass(maps, row_taps, column_taps).numpy()
         claimed, so_far = index[outputs], best[outputs]  # views
         wins = (logits > threshold) & (confidence > so_far)  # strict: the earlier prompt keeps a tie

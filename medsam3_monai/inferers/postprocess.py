@@ -49,8 +49,7 @@ from ..transforms.slices import PROGRESS_MIN_PIXELS, bilinear_weights, tile_prog
 from .bitmasks import BitMasks
 from .boundary_merge import BLOCK_MIN_UPSCALE, boundary_label_index, merged_index
 from .image import confidence_of
-from .mask_merge import mask_label_index, mask_maps
-from .protocols import EMPTY_LOGIT, MASK_LOGIT
+from .mask_merge import mask_label_index, mask_logits, mask_maps
 
 __all__ = [
     "KEPT_PROMPTS",
@@ -109,7 +108,7 @@ def materialize_inverse(maps: Any) -> Any:
     if size is None:
         return maps
     bits = pending_masks(maps)
-    plain = _plain(maps).float() if bits is None else torch.where(bits.unpack(), MASK_LOGIT, EMPTY_LOGIT)
+    plain = _plain(maps).float() if bits is None else mask_logits(bits.unpack())
     out = torch.empty((plain.shape[0], *size), dtype=torch.float32, device=plain.device)
     for start, stop, tile in _inverse_tiles(plain, size, plain.shape[0], "", False):
         out[:, start:stop] = tile

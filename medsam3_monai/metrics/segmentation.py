@@ -37,7 +37,7 @@ from __future__ import annotations
 
 import math
 import warnings
-from collections.abc import Sequence
+from collections.abc import Callable, Sequence
 from typing import Any
 
 import numpy as np
@@ -315,11 +315,8 @@ def label_overlaps(pred: torch.Tensor, truth: torch.Tensor, values: Sequence[int
     length = max([*values, int(pred.max()), int(truth.max())]) + 1
     if length * length > MAX_JOINT_BINS:
         return _value_counts(pred, truth, values)
-    bins = length * length
-    joint = torch.zeros(bins, dtype=torch.int64)
-    for part in _chunks(pred.numel(), max(COUNT_CHUNK, 4 * bins)):  # a chunk's histogram costs its bins
-        pairs = pred[part].to(torch.int32) * length + truth[part].to(torch.int32)  # int32: bins is far below 2**31
-        joint += torch.bincount(pairs, minlength=bins)
+    joint = _histogram(pred.numel(), length * length,  # int32 pairs: the bins are far below 2**31
+                       lambda part: pred[part].to(torch.int32) * length + truth[part].to(torch.int32))
     joint = joint.reshape(length, length)  # [pred value, truth value]
     n_pred, n_truth = joint.sum(1), joint.sum(0)
     return [(int(joint[v, v]), int(n_pred[v]), int(n_truth[v])) for v in values]
@@ -337,10 +334,17 @@ def label_areas(labels: torch.Tensor | np.ndarray, values: Sequence[int]) -> lis
     length = int(flat.max()) + 1
     if length > MAX_JOINT_BINS:  # label values too large for a histogram: each value's pixels counted
         return [n for _, n, _ in _value_counts(flat, flat, values)]
-    counts = torch.zeros(length, dtype=torch.int64)
-    for part in _chunks(flat.numel(), max(COUNT_CHUNK, 4 * length)):  # a chunk's histogram costs its bins
-        counts += torch.bincount(flat[part].long(), minlength=length)
+    counts = _histogram(flat.numel(), length, lambda part: flat[part].long())
     return [int(counts[v]) if 0 <= v < length else 0 for v in values]
+
+
+def _histogram(size: int, bins: int, keys: Callable[[slice], torch.Tensor]) -> torch.Tensor:
+    """(bins,) int64 counts of the bin numbers ``keys(part)`` gives for each chunk ``part`` of ``size`` elements;
+    a chunk's histogram costs its bins, so a chunk has at least 4 x bins elements."""
+    counts = torch.zeros(bins, dtype=torch.int64)
+    for part in _chunks(size, max(COUNT_CHUNK, 4 * bins)):
+        counts += torch.bincount(keys(part), minlength=bins)
+    return counts
 
 
 def _has_negative(labels: torch.Tensor) -> bool:
