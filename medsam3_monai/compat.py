@@ -6,13 +6,15 @@ Everything else in the project uses public APIs. What is here, and why:
   nor to skip batches of the running epoch (exact mid-epoch resume): ``Engine._event_handlers`` and
   ``Engine._dataloader_iter``.
 * transformers' SAM3 tracker is public only through its processor, which would pre-process every slice again;
-  we drive ``Sam3TrackerVideoInferenceSession`` directly (feature cache, mask prompts). That class changes between
+  we drive ``Sam3TrackerVideoInferenceSession`` directly (feature cache, mask prompts, frames made on
+  demand). That class changes between
   releases, so the supported transformers versions are pinned (``SUPPORTED_TRANSFORMERS``, also in
   ``pyproject.toml``) and ``tests/test_compat.py`` fails on a version whose session differs.
 """
 
 from __future__ import annotations
 
+from collections.abc import Mapping
 from typing import Any, Callable, Iterator
 
 import torch
@@ -48,20 +50,41 @@ def transformers_version_problem() -> str | None:
             f"transformers{','.join(SUPPORTED_TRANSFORMERS)}: `pip install 'transformers{','.join(SUPPORTED_TRANSFORMERS)}'`")
 
 
-def tracker_session(slices: torch.Tensor, device: torch.device, dtype: torch.dtype, frames: list[Any],
-                    positions: Any) -> Any:
-    """A ``Sam3TrackerVideoInferenceSession`` over (D, 3, S, S) ``slices`` with every slice's vision features
-    (``frames[i]``, shared ``positions``) already in its cache, so the tracker never runs its ViT."""
+class _FramesOnDemand(Mapping):
+    """A session's ``processed_frames`` whose frame ``i`` is made by ``frame(i)`` when asked: with every slice's
+    vision features cached the tracker never asks, so no copy of the whole volume in the session's dtype is made
+    (a 300-slice volume at 1008 px would be 3.7 GB in float32)."""
+
+    def __init__(self, count: int, frame: Callable[[int], torch.Tensor]) -> None:
+        self.count, self.frame = int(count), frame
+
+    def __getitem__(self, index: int) -> torch.Tensor:
+        if not 0 <= int(index) < self.count:
+            raise KeyError(index)
+        return self.frame(int(index))
+
+    def __len__(self) -> int:
+        return self.count
+
+    def __iter__(self) -> Iterator[int]:
+        return iter(range(self.count))
+
+
+def tracker_session(num_frames: int, size: int, device: torch.device, dtype: torch.dtype, frames: list[Any],
+                    positions: Any, frame: Callable[[int], torch.Tensor]) -> Any:
+    """A ``Sam3TrackerVideoInferenceSession`` over ``num_frames`` slices of ``size`` x ``size`` with every slice's
+    vision features (``frames[i]``, shared ``positions``) already in its cache, so the tracker never runs its ViT;
+    ``frame(i)``: slice ``i``'s (3, S, S) pixels in ``dtype`` on ``device``, made only if the tracker asks."""
     from transformers.models.sam3_tracker_video.modeling_sam3_tracker_video import (
         Sam3TrackerVideoInferenceSession,
     )
 
-    num_frames = slices.shape[0]
     session = Sam3TrackerVideoInferenceSession(
-        video=slices, video_height=slices.shape[-2], video_width=slices.shape[-1], inference_device=device,
-        inference_state_device=device, video_storage_device=slices.device, dtype=dtype,
+        video=None, video_height=size, video_width=size, inference_device=device,
+        inference_state_device=device, video_storage_device=device, dtype=dtype,
         max_vision_features_cache_size=num_frames,
     )
+    session.processed_frames = _FramesOnDemand(num_frames, frame)
     for index in range(num_frames):
         session.cache.cache_vision_features(index, {"vision_feats": frames[index], "vision_pos_embeds": positions})
     return session

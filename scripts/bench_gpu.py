@@ -11,12 +11,13 @@
   evaluation case (``CaseInferer``: inference, the way back to each picture's size -- on the device, see
   ``inferers.boundary_merge`` -- merge and metrics) against the bare forward, ``case_over_forward`` (goal <= 1.10),
   on the shared 2D samples when ``../shared/data`` is beside the checkout, else synthetic pictures of their sizes.
-* ``volume``: a synthetic 512 x 512 x 300 CT-like volume (``--size``, ``--depth``) through
-  ``inferers.volume.segment_volume`` with the full detector and the full SAM3 tracker (transformers'
-  ``Sam3TrackerVideoModel`` default configuration, random init, ViT shared with the detector): seconds for the
-  detector pass and the tracker, slices/s, peak memory. With random weights no slice would reach a real score
-  threshold, so ``--score-threshold 0`` (default) lets the most confident slice seed the tracker as real weights
-  would.
+* ``volume``: a synthetic 512 x 512 x 300 CT-like volume (``--size``, ``--depth``), a NIfTI file, as ``medsam3
+  segment`` runs it: the inference bundle's preprocessing (``way_in_s``), ``inferers.volume.segment_volume`` with
+  the full detector and the full SAM3 tracker (transformers' ``Sam3TrackerVideoModel`` default configuration,
+  random init, ViT shared with the detector; ``detector_s``, ``tracker_s``) and the way back to the volume's
+  geometry (``way_back_s``): seconds, ``case_s`` for all of it (goal <= 15 s), slices/s, peak GPU memory. With
+  random weights no slice would reach a real score threshold, so ``--score-threshold 0`` (default) lets the most
+  confident slice seed the tracker as real weights would.
 
 ``--tiny`` runs the same code with the tiny network and tracker (a CPU check of the script itself:
 ``python scripts/bench_gpu.py forward --tiny --device cpu --batch 1 2``).
@@ -169,31 +170,45 @@ def _full_tracker(network, device: torch.device):
     return tracker.eval().to(device), "full (Sam3TrackerVideoConfig defaults, random init)"
 
 
-def synthetic_ct(size: int, depth: int, image_size: int) -> torch.Tensor:
-    """(D, 3, S, S) SAM3-normalised slices of a CT-like volume: soft-tissue noise and a bright ellipsoid, windowed
-    (abdomen) and resized as the preprocessing does."""
+def write_synthetic_ct(path: Path, size: int, depth: int) -> None:
+    """A CT-like volume of ``size`` x ``size`` x ``depth`` voxels (1 x 1 x 1.5 mm) as NIfTI, int16 HU: soft-tissue
+    noise and a brighter ellipsoid organ."""
+    import nibabel as nib
+    import numpy as np
+
     generator = torch.Generator().manual_seed(0)
-    z, y, x = torch.meshgrid(torch.linspace(-1, 1, depth), torch.linspace(-1, 1, size), torch.linspace(-1, 1, size),
+    x, y, z = torch.meshgrid(torch.linspace(-1, 1, size), torch.linspace(-1, 1, size), torch.linspace(-1, 1, depth),
                              indexing="ij")
     organ = (x / 0.5) ** 2 + (y / 0.35) ** 2 + (z / 0.6) ** 2 < 1
-    hu = 40 + 20 * torch.randn(depth, size, size, generator=generator)
-    hu = torch.where(organ, hu + 80, hu)
-    windowed = ((hu - (40 - 200)) / 400).clamp(0, 1)  # abdomen window W 400, L 40
-    slices = torch.nn.functional.interpolate(windowed[:, None], size=(image_size, image_size), mode="bilinear",
-                                             align_corners=False)
-    return (slices.expand(-1, 3, -1, -1) - 0.5) / 0.5
+    hu = 40 + 20 * torch.randn(size, size, depth, generator=generator)
+    hu = torch.where(organ, hu + 80, hu).round().to(torch.int16)
+    nib.save(nib.Nifti1Image(hu.numpy(), np.diag([1.0, 1.0, 1.5, 1.0])), str(path))
 
 
 def volume(args: argparse.Namespace) -> dict:
+    """The whole case as ``medsam3 segment`` runs it: the inference bundle's preprocessing of the NIfTI file (the
+    way in: grey slices as uint8 levels), ``PromptInferer`` (``segment_volume``: detector batches + tracker) and
+    ``to_input_space`` (the way back to the volume's geometry: masks merged per slice, restacked)."""
+    from medsam3_monai.bundle import inference_postprocessing
+    from medsam3_monai.engines.evaluation import evaluation_transforms
     from medsam3_monai.inferers import volume as volume_module
     from medsam3_monai.inferers.batch import inference_context
+    from medsam3_monai.inferers.predict import PromptInferer
 
     device = torch.device(args.device)
     network = _network(args, device)
     tracker, tracker_name = _full_tracker(network, device)
-    start = time.perf_counter()
-    slices = synthetic_ct(args.size, args.depth, network.image_size).contiguous()
-    prepare_s = time.perf_counter() - start
+    preprocessing = evaluation_transforms(network.image_size)
+    inferer = PromptInferer(score_threshold=args.score_threshold, tracker=tracker, tracker_name=tracker_name,
+                            volume_batch_size=args.slice_batch)
+    to_input_space = inference_postprocessing(preprocessing)
+    with tempfile.TemporaryDirectory(prefix="bench_gpu_volume_") as work:
+        path = Path(work) / "ct.nii.gz"
+        write_synthetic_ct(path, args.size, args.depth)
+        start = time.perf_counter()
+        items = preprocessing({"image": str(path), "modality": "CT",
+                               "prompts": {str(i + 1): p for i, p in enumerate(args.prompts)}})
+        way_in = time.perf_counter() - start
 
     spans: dict[str, float] = {}
     detect = volume_module.detect_slices
@@ -212,13 +227,15 @@ def volume(args: argparse.Namespace) -> dict:
         with inference_context(device, args.autocast):
             _sync(device)
             begin = time.perf_counter()
-            result = volume_module.segment_volume(network, slices, args.prompts, tracker,
-                                                  score_threshold=args.score_threshold,
-                                                  batch_size=args.slice_batch, progress=False)
+            items = inferer(items, network)
             _sync(device)
             total = time.perf_counter() - begin
     finally:
         volume_module.detect_slices = detect
+    begin = time.perf_counter()
+    labels = to_input_space(items)["pred"]
+    way_back = time.perf_counter() - begin
+    first = items[0]
     return {
         "part": "volume",
         "config": "tiny" if args.tiny else "full",
@@ -229,13 +246,17 @@ def volume(args: argparse.Namespace) -> dict:
         "autocast": args.autocast,
         "slice_batch": args.slice_batch,
         "score_threshold": args.score_threshold,
-        "synthetic_slices_s": round(prepare_s, 2),
+        "way_in_s": round(way_in, 2),
         "segment_volume_s": round(total, 2),
         "detector_s": round(spans.get("detector_s", float("nan")), 2),
         "tracker_s": round(total - spans.get("detector_s", 0.0), 2),
+        "way_back_s": round(way_back, 2),
+        "case_s": round(way_in + total + way_back, 2),
         "slices_per_s": round(args.depth / total, 3),
-        "seed_slices": result.seed_slices.tolist(),
-        "voxels_segmented": int(result.masks.sum()),
+        "case_slices_per_s": round(args.depth / (way_in + total + way_back), 3),
+        "seed_slices": [int(s) for s in first["seed_slices"]],
+        "voxels_segmented": int((labels != 0).sum()),
+        "label_shape": list(labels.shape),
         "peak_memory_gib": _peak_gib(device),
     }
 

@@ -16,8 +16,9 @@
 #   train              one training step (MedSAM3Trainer: forward, set-prediction loss, backward, AdamW), bf16:
 #   train_checkpointing    images/s, peak memory and MFU, without and with gradient checkpointing
 #                                                                                         (scripts/bench_train.py)
-#   volume             a synthetic 512 x 512 x 300 CT volume through inferers.volume.segment_volume: full detector
-#                      + full SAM3 tracker (random init), seconds and slices/s         (scripts/bench_gpu.py)
+#   volume             a synthetic 512 x 512 x 300 CT (NIfTI) as `medsam3 segment` runs it: the bundle's way in,
+#                      segment_volume with the full detector + full SAM3 tracker (random init), the way back;
+#                      seconds per part, case_s (goal <= 15 s) and slices/s            (scripts/bench_gpu.py)
 # MFU uses model FLOPs: with gradient checkpointing the recomputed forward is not counted (the step's FLOPs are
 # the run without checkpointing), so the two MFU figures compare.
 set -uo pipefail

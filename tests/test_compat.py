@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import inspect
 
+import pytest
 import torch
 from ignite.engine import Engine, Events
 
@@ -30,9 +31,19 @@ def test_tracker_session_api_is_the_one_we_drive():
     for name in ("video", "video_height", "video_width", "inference_device", "inference_state_device",
                  "video_storage_device", "dtype", "max_vision_features_cache_size"):
         assert name in parameters, name
-    session = compat.tracker_session(torch.zeros(2, 3, 28, 28), torch.device("cpu"), torch.float32,
-                                     frames=[torch.zeros(1), torch.zeros(1)], positions=torch.zeros(1))
-    assert session.num_frames == 2
+    asked = []
+
+    def frame(index):
+        asked.append(index)
+        return torch.full((3, 28, 28), float(index))
+
+    session = compat.tracker_session(2, 28, torch.device("cpu"), torch.float32,
+                                     frames=[torch.zeros(1), torch.zeros(1)], positions=torch.zeros(1), frame=frame)
+    assert session.num_frames == 2 and asked == [], "no frame is made while every slice's features are cached"
+    assert session.cache.get_vision_features(1)["vision_feats"] is not None
+    assert torch.equal(session.get_frame(1), torch.full((3, 28, 28), 1.0)) and asked == [1], "made when asked"
+    with pytest.raises(KeyError):
+        session.processed_frames[2]
     for method in ("obj_id_to_idx", "add_mask_inputs", "remove_point_inputs"):
         assert callable(getattr(session, method)), method
     compat.add_mask_prompt(session, obj_id=1, frame_idx=0, mask=torch.ones(28, 28, dtype=torch.bool))

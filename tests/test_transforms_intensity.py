@@ -119,6 +119,36 @@ def test_sam3_normalisation_multiplies_by_one_over_255():
     assert float(out.min()) == -1.0 and float(out.max()) == 1.0
 
 
+def test_volume_slices_can_stay_grey_8bit_levels():
+    """The inference bundle's settings: a volume slice (its meta has ``volume_shape``) stays grey and becomes uint8
+    levels; a 2D picture is repeated and normalised as before; the network's normalisation of the levels is
+    ``sam3_normalize``'s."""
+    from medsam3_monai.networks.medsam3_net import normalize_pixels
+    from medsam3_monai.transforms import is_volume_slice, sam3_levels, unit_pixels
+
+    values = torch.rand(1, 5, 7)
+    volume_slice = MetaTensor(values.clone(), meta={"volume_shape": np.array([5, 7, 3]), "slice_index": 1})
+    picture = MetaTensor(values.clone())
+    assert is_volume_slice(volume_slice) and not is_volume_slice(picture) and not is_volume_slice(values)
+    grey, levels = GreyToRGBd(keys="image", repeat_volume_slices=False), Sam3Normalized(keys="image",
+                                                                                         volume_slice_levels=True)
+    kept = levels(grey({"image": volume_slice}))["image"]
+    assert kept.shape == (1, 5, 7) and kept.dtype == torch.uint8 and isinstance(kept, MetaTensor)
+    assert kept.meta["slice_index"] == 1
+    normalised = sam3_normalize(values.repeat(3, 1, 1))
+    assert torch.equal(normalize_pixels(kept.as_tensor()[None].expand(-1, 3, -1, -1))[0], normalised)
+    assert torch.equal(sam3_levels(values), kept.as_tensor()) and torch.equal(sam3_levels(kept), kept.as_tensor())
+    assert torch.equal(unit_pixels(kept), kept.as_tensor().float() * (1.0 / 255.0))
+    torch.testing.assert_close(unit_pixels(normalised), kept.as_tensor().float().repeat(3, 1, 1) / 255.0)
+    made = levels(grey({"image": picture}))["image"]  # 2D pictures: RGB, normalised float
+    assert made.shape == (3, 5, 7) and torch.equal(made.as_tensor(), normalised)
+    rgb_slice = MetaTensor(values.repeat(3, 1, 1), meta={"volume_shape": np.array([5, 7, 3])})
+    assert levels(grey({"image": rgb_slice}))["image"].shape == (3, 5, 7)
+    assert GreyToRGBd(keys="image")({"image": volume_slice})["image"].shape == (3, 5, 7)  # default: repeated
+    with pytest.raises(ValueError, match="quantize"):
+        Sam3Normalized(keys="image", quantize=False, volume_slice_levels=True)
+
+
 @requires_data
 def test_totalsegmentator_ct_window_on_real_hu():
     d = LoadMedicalImaged()(item("TotalSegmentator_example_CT_MR", "images/example_ct_sm.nii.gz",

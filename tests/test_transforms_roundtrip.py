@@ -212,3 +212,44 @@ def test_training_chain_caches_the_volume_and_samples_foreground_slices():
         assert texts[:2] == ["anterior hippocampus", "posterior hippocampus"]
         assert any(not t["is_negative"] for t in s["targets"][:2])  # foreground slices only
         assert texts[2] in ("liver", "polyp") and s["targets"][2]["is_negative"]  # sampled, absent concept
+
+
+@requires_data
+@pytest.mark.parametrize("threads", [1, 2])
+def test_inference_keeps_volume_slices_as_the_float_chains_8bit_levels(threads):
+    """The inference bundle's volume slices: grey, resized one slice at a time (``EachItem``) and kept as uint8
+    levels (1, S, S). The network's normalisation of them (``network_pixels``) is the float RGB chain's input
+    (``GreyToRGBd`` -> ``ResizeToSliced`` -> ``Sam3Normalized``), exactly on more than one thread. On one thread ATen's
+    CPU resize rounds a 3-channel picture differently in the last float bit (a grey one rounds the same on any
+    number of threads), which moves a few pixels per million by one 8-bit level."""
+    from monai.transforms import Compose
+
+    from medsam3_monai.inferers.volume import network_pixels
+    from medsam3_monai.transforms import GreyToRGBd, ResizeToSliced, Sam3Normalized
+
+    size = 1008
+    entry = item("TotalSegmentator_example_CT_MR", *SAMPLES["TotalSegmentator_example_CT_MR"][0])
+    del entry["label"]  # inference: the image only
+    chain = slice_space_transforms(size, with_label=False)
+    float_chain = Compose([*chain.transforms[:4], GreyToRGBd(keys="image"),
+                           ResizeToSliced(keys="image", spatial_size=size), Sam3Normalized(keys="image")])
+    previous = torch.get_num_threads()
+    torch.set_num_threads(threads)
+    try:
+        items, reference = chain(entry)[::8], float_chain(entry)[::8]
+    finally:
+        torch.set_num_threads(previous)
+    assert len(items) == len(reference) > 1
+    changed = 0
+    for ours, theirs in zip(items, reference):
+        assert ours["image"].dtype == torch.uint8 and ours["image"].shape == (1, size, size)
+        pixels = network_pixels(ours["image"].as_tensor()[None], "cpu")[0]
+        step = (pixels - theirs["image"].as_tensor()).abs()
+        if threads > 1:
+            assert torch.equal(pixels, theirs["image"].as_tensor())
+        assert float(step.max()) <= 2 / 255 + 1e-6  # at most one level
+        changed += int(step.count_nonzero())
+        # the resize record is MONAI's, so Invertd takes a slice's maps back to its own size through the chain
+        back = invert(ours, chain, torch.zeros(2, size, size))
+        assert back.shape == (2, *ours["image"].meta["spatial_shape"])
+    assert changed <= 1e-5 * len(items) * size * size

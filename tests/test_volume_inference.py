@@ -22,9 +22,10 @@ from medsam3_monai.inferers import (
 )
 from medsam3_monai.inferers import volume as volume_module
 from medsam3_monai.inferers.protocols import top_query_logits
+from medsam3_monai.inferers.volume import network_pixels
 from medsam3_monai.networks import CheckpointError, MedSAM3Net, tiny_sam3_config
 from medsam3_monai.networks.tracker import build_tracker, tiny_tracker_config
-from medsam3_monai.transforms import RestackSlicesd, slice_space_transforms
+from medsam3_monai.transforms import RestackSlicesd, sam3_normalize, slice_space_transforms
 
 S = 112
 PROMPTS = ["anterior hippocampus", "posterior hippocampus"]
@@ -266,9 +267,33 @@ def test_shared_vit_pass_gives_the_tracker_the_same_features(detector):
         assert torch.equal(ours, theirs)
 
 
+def test_uint8_levels_segment_as_their_normalised_slices(detector):
+    """Slices kept as 8-bit levels (``Sam3Normalized(volume_slice_levels=True)``; grey as one channel) are repeated
+    and normalised a batch at a time on the device: the same masks, scores and seeds as the normalised float
+    slices, through the shared ViT pass and the tracker's own."""
+    generator = torch.Generator().manual_seed(5)
+    grey = torch.randint(0, 256, (5, 1, S, S), dtype=torch.uint8, generator=generator)
+    normalised = sam3_normalize(grey.expand(-1, 3, -1, -1))
+    assert torch.equal(network_pixels(grey, "cpu"), normalised)
+    rgb = torch.randint(0, 256, (2, 3, S, S), dtype=torch.uint8, generator=generator)
+    assert torch.equal(network_pixels(rgb, "cpu"), sam3_normalize(rgb))
+    assert network_pixels(normalised, "cpu") is normalised  # float slices are the network's input already
+    tied = present_tracker(detector=detector)
+    for share in (None, False):
+        ours = segment_volume(detector, grey, PROMPTS, tied, score_threshold=0.0, batch_size=2, share_vision=share)
+        theirs = segment_volume(detector, normalised, PROMPTS, tied, score_threshold=0.0, batch_size=2,
+                                share_vision=share)
+        assert torch.equal(ours.masks, theirs.masks) and torch.equal(ours.scores, theirs.scores)
+        assert torch.equal(ours.seed_slices, theirs.seed_slices) and (ours.seed_slices >= 0).all()
+
+
 def test_inputs_are_checked(detector, tracker):
     with pytest.raises(ValueError, match=r"\(D, 3, 112, 112\)"):
         segment_volume(detector, torch.zeros(3, 3, 224, 224), PROMPTS)
+    with pytest.raises(ValueError, match="uint8 levels"):
+        segment_volume(detector, torch.zeros(3, 1, S, S), PROMPTS)  # one channel: levels only
+    with pytest.raises(ValueError, match="uint8 levels"):
+        segment_volume(detector, torch.zeros(3, 2, S, S, dtype=torch.uint8), PROMPTS)
     with pytest.raises(ValueError, match="prompt"):
         segment_volume(detector, random_slices(2), [])
     with pytest.raises(ValueError, match="224 px"):
@@ -286,7 +311,7 @@ def test_hippocampus_volume_through_slice_space_and_back(detector, tracker):
     volume = transform.transforms[0](entry)["image"]  # the loaded volume, for its geometry
     _, x, y, z = volume.shape
     slices = torch.stack([s["image"] for s in items])  # a MetaTensor, as a pipeline would hand it over
-    assert slices.shape == (z, 3, S, S)
+    assert slices.shape == (z, 1, S, S) and slices.dtype == torch.uint8  # grey 8-bit levels
     result = segment_volume(detector, slices, PROMPTS, tracker, score_threshold=0.0)
     assert result.masks.shape == (2, z, S, S) and (result.seed_slices >= 0).all()
     for index, s in enumerate(items):  # per slice: back to the slice's own size, then restack

@@ -47,6 +47,7 @@ from ..inferers.inputs import item_prompts
 from ..inferers.predict import PromptInferer
 from ..metrics.segmentation import DEFAULT_NSD_TOLERANCE_MM, label_map_metrics
 from ..protocol_registry import get_protocol
+from ..transforms.intensity import is_volume_slice
 from .inference import MedSAM3CaseEvaluator, collate_cases
 
 __all__ = [
@@ -79,7 +80,8 @@ def evaluation_transforms(image_size: int = 1008, ct_window: str | Sequence[floa
     overlay of it; the label, when the item has one, is loaded and decoded): a datalist item -> the list of its
     slice-space items.
 
-    Each output item: ``image`` (3, S, S) SAM3-normalised with the resize recorded for ``Invertd``; ``label``
+    Each output item: ``image`` (3, S, S) SAM3-normalised with the resize recorded for ``Invertd`` (a volume
+    slice: its uint8 levels, (1, S, S) when grey, see ``Sam3Normalized(volume_slice_levels=True)``); ``label``
     the whole native class map ((1, H, W), or (1, X, Y, Z) shared by every slice item of a volume).
     """
     from ..transforms.pipelines import slice_space_transforms
@@ -252,7 +254,7 @@ class CaseInferer(Inferer):
         if self.box_prompts:
             first = items[0]
             image, truth = first[self.image_key], first.get(self.label_key)
-            self._add_ground_truth_boxes(case_items[0], truth, "volume_shape" in getattr(image, "meta", {}))
+            self._add_ground_truth_boxes(case_items[0], truth, is_volume_slice(image))
         return items, case_items
 
     def __call__(self, inputs: Sequence[dict[str, Any]], network: torch.nn.Module, *args: Any, **kwargs: Any
@@ -284,7 +286,7 @@ class CaseInferer(Inferer):
         against its shape."""
         first = items[0]
         image, truth = first[self.image_key], first.get(self.label_key)
-        is_volume = "volume_shape" in getattr(image, "meta", {})
+        is_volume = is_volume_slice(image)
         truth_map = None
         if truth is not None:
             truth_map = convert_to_tensor(truth, track_meta=False)[0]
@@ -540,7 +542,7 @@ class AgentCaseInferer(CaseInferer):
         image, truth = first[self.image_key], first.get(self.label_key)
         if truth is None:
             raise ValueError(f"case {first.get('case')}: the agent evaluation needs the ground-truth label")
-        is_volume = "volume_shape" in getattr(image, "meta", {})
+        is_volume = is_volume_slice(image)
         path = str(first.get("source_image") or source_name(image, first, self.image_key))
         shape = tuple(convert_to_tensor(truth, track_meta=False)[0].shape)
         values, texts = item_prompts(first, path)

@@ -27,6 +27,7 @@ from ignite.engine import Engine, Events
 from ..inferers.image import invert_slice
 from ..metrics.aggregate import MetricTable, aggregate, write_cases_csv, write_csv
 from ..metrics.plots import overlay_figure, radar_chart, radiological_view
+from ..transforms.intensity import unit_pixels
 
 __all__ = ["DEFAULT_EXPERIMENT", "EvaluationReport", "OverlayWriter", "default_tracking_uri", "open_experiment"]
 
@@ -128,8 +129,7 @@ class OverlayWriter:
             where = f", slice {depth}"
         else:
             item = items[0]
-        image = invert_slice(item["image"].as_tensor(), item, self.transform)
-        image = (image.as_tensor() + 1.0) / 2.0  # SAM3 normalisation undone: [-1, 1] -> [0, 1]
+        image = invert_slice(unit_pixels(item["image"]), item, self.transform).as_tensor()  # [0, 1]
         if prediction.is_volume:  # radiological convention: anterior up, the patient's right on the left
             row_axis, col_axis = plane_axes(axis, transposed)
             affine = meta["volume_affine"]

@@ -203,10 +203,11 @@ def invert_to_input(
         MetaTensor (P, H, W) in the image's size, or (P, X, Y, Z) with the volume's affine (slices restacked
         by :func:`~medsam3_monai.transforms.restack_slices`). Bilinear: threshold logits at 0, masks at 0.5.
     """
+    from ..transforms.intensity import is_volume_slice
     from ..transforms.slices import restack_slices
 
     slice_items = [items] if isinstance(items, Mapping) else list(items)
-    if maps.ndim == 3 and len(slice_items) == 1 and "volume_shape" not in slice_items[0][key].meta:
+    if maps.ndim == 3 and len(slice_items) == 1 and not is_volume_slice(slice_items[0][key]):
         return invert_slice(maps, slice_items[0], transform, key)
     if maps.ndim == 3:
         maps = maps[:, None]

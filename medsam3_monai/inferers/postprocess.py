@@ -40,10 +40,11 @@ import torch
 from monai.config import KeysCollection
 from monai.data import MetaTensor
 from monai.data.image_writer import PILWriter
-from monai.transforms import Compose, InvertibleTransform, Invertd, MapTransform, Resized, Transform
+from monai.transforms import InvertibleTransform, Invertd, MapTransform, Resized, Transform
 from monai.transforms.utils import allow_missing_keys_mode
 from monai.utils import TraceKeys
 
+from ..transforms.each_item import EachItem, transforms_of
 from ..transforms.intensity import row_tiles
 from ..transforms.slices import PROGRESS_MIN_PIXELS, bilinear_weights, tile_progress, upsample_rows
 from .bitmasks import BitMasks
@@ -137,29 +138,6 @@ def _inverse_scaling(current: tuple[int, ...], original: tuple[int, ...], rank: 
         scaling[axis, axis] = factor
         scaling[axis, -1] = (factor - 1) / 2.0
     return scaling
-
-
-class EachItem(Transform):
-    """Run ``transform`` (a chain) on every item of a case, one item at a time: the first item through the whole
-    chain, then the next. A ``Compose`` given a list maps it transform by transform (MONAI's ``map_items``), so
-    every slice's intermediate maps would exist together; here only one slice's do. A single item (a dict) goes
-    through ``transform`` as is."""
-
-    def __init__(self, transform: Callable) -> None:
-        self.transform = transform
-
-    def __call__(self, data: Any) -> Any:
-        if isinstance(data, Mapping):
-            return self.transform(data)
-        return [self.transform(item) for item in data]
-
-
-def transforms_of(chain: Any) -> list[Any]:
-    """The transforms of a chain, nested ``Compose`` and :class:`EachItem` opened (MONAI's ``Compose.flatten`` keeps
-    a nested ``Compose`` whose ``map_items`` differs)."""
-    inner = chain.transforms if isinstance(chain, Compose) else [chain.transform] if isinstance(chain, EachItem) \
-        else None
-    return [chain] if inner is None else [step for part in inner for step in transforms_of(part)]
 
 
 class _SliceSpaceInverse:

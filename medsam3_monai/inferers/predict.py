@@ -45,6 +45,7 @@ from ..networks import load_network
 from ..networks.tracker import resolve_tracker
 from ..protocol_registry import get_protocol
 from ..transforms.errors import DataError, source_name
+from ..transforms.intensity import is_volume_slice
 from .image import segment_image
 from .inputs import _prompt_mapping, box_prompts, input_kind, item_prompts, user_error
 from .postprocess import transforms_of
@@ -68,7 +69,7 @@ def _plain(x: Any) -> torch.Tensor:
 def is_volume_case(case: Any, image_key: str = "image") -> bool:
     """Whether a preprocessed case (an item or the list of its slice items) is a volume's slices."""
     first = case if isinstance(case, Mapping) else case[0]
-    return "volume_shape" in getattr(first[image_key], "meta", {})
+    return is_volume_slice(first[image_key])
 
 
 # ------------------------------------------------------------------------------------------------ inferer
@@ -115,7 +116,7 @@ class PromptInferer(Inferer):
         items, path, values, prompts = self._case(inputs)
         device = next(network.parameters()).device
         if is_volume_case(items, self.image_key):
-            case = self._volume(items, prompts, network, device, path)
+            case = self._volume(items, prompts, network, path)
         else:
             case = self._image(items[0], prompts, network, device)
         case.update(prompt_values=values, prompt_texts=prompts)
@@ -192,13 +193,14 @@ class PromptInferer(Inferer):
         return {"prompt_scores": seg.scores.float(), "protocol": protocol + ("+box" if boxes is not None else "")}
 
     def _volume(self, items: list[dict[str, Any]], prompts: list[str], network: torch.nn.Module,
-                device: torch.device, path: str | None) -> dict[str, Any]:
+                path: str | None) -> dict[str, Any]:
         from .volume import segment_volume
 
         if items[0].get("box") is not None:
             raise DataError(path, "box prompts are for 2D images", "segment volumes with text prompts only")
+        # on the host: each detector batch crosses to the device as it goes (uint8 levels, normalised there)
         slices = torch.stack([_plain(item[self.image_key]) for item in items])
-        result = segment_volume(network, slices.to(device), prompts, self.tracker,
+        result = segment_volume(network, slices, prompts, self.tracker,
                                 score_threshold=self.score_threshold, batch_size=self.volume_batch_size,
                                 progress=self.progress)
         for z, item in enumerate(items):  # bit-packed masks (views), one slice at a time in the way back

@@ -43,6 +43,7 @@ from tqdm import tqdm
 from transformers import Sam3TrackerVideoModel
 
 from ..compat import add_mask_prompt, tracker_session
+from ..networks.medsam3_net import normalize_pixels
 from ..networks.outputs import upsample_logits
 from ..networks.tracker import backbone_signature, detector_backbone
 from .bitmasks import BitMasks
@@ -52,6 +53,7 @@ __all__ = [
     "VolumeSegmentation",
     "detect_slices",
     "merge_masks",
+    "network_pixels",
     "segment_volume",
     "select_seeds",
     "track_from_seed",
@@ -94,6 +96,20 @@ def _eval_mode(*modules: nn.Module | None) -> Iterator[None]:
             module.train(training)
 
 
+def network_pixels(slices: torch.Tensor, device: torch.device | str) -> torch.Tensor:
+    """Slices as the networks read them: (B, 3, S, S) SAM3-normalised float on ``device``.
+
+    ``slices``: (B, 3, S, S) SAM3-normalised float (``Sam3Normalized``), or (B, 1 or 3, S, S) uint8 levels
+    (``Sam3Normalized(volume_slice_levels=True)``, grey slices one channel): those cross to the device as bytes
+    (a twelfth of normalised RGB float32 for grey slices), are repeated to RGB there (a view) and normalised by
+    ``normalize_pixels``, the arithmetic of ``sam3_normalize``, so the network sees the same values.
+    """
+    pixels = slices.to(device, non_blocking=True)
+    if pixels.dtype != torch.uint8:
+        return pixels
+    return normalize_pixels(pixels.expand(-1, 3, -1, -1))
+
+
 def _check_inputs(detector: nn.Module, slices: torch.Tensor, prompts: Sequence[str], score_threshold: float,
                   batch_size: int) -> tuple[torch.Tensor, list[str]]:
     if not isinstance(slices, torch.Tensor):
@@ -106,10 +122,13 @@ def _check_inputs(detector: nn.Module, slices: torch.Tensor, prompts: Sequence[s
     if not prompts or not all(isinstance(p, str) and p.strip() for p in prompts):
         raise ValueError(f"give at least one non-empty text prompt; got {prompts!r}")
     size = int(detector.image_size)
-    if slices.ndim != 4 or slices.shape[1] != 3 or tuple(slices.shape[-2:]) != (size, size) or slices.shape[0] == 0:
+    channels = (1, 3) if slices.dtype == torch.uint8 else (3,)
+    if slices.ndim != 4 or slices.shape[1] not in channels or tuple(slices.shape[-2:]) != (size, size) \
+            or slices.shape[0] == 0:
         raise ValueError(
-            f"slices must be (D, 3, {size}, {size}) SAM3-normalised slices of one volume (D >= 1); got "
-            f"{tuple(slices.shape)}: slice with AxialSlicesd, resize with ResizeToSliced({size}), Sam3Normalized"
+            f"slices must be (D, 3, {size}, {size}) SAM3-normalised slices of one volume, or their uint8 levels "
+            f"(D, 1 or 3, {size}, {size}) (D >= 1); got {tuple(slices.shape)} {slices.dtype}: slice with "
+            f"AxialSlicesd, resize with ResizeToSliced({size}), Sam3Normalized"
         )
     if not 0.0 <= float(score_threshold) <= 1.0:
         raise ValueError(f"score_threshold must be in [0, 1], got {score_threshold}")
@@ -163,8 +182,9 @@ def detect_slices(
                 queries = [prompt for _ in range(count) for prompt in prompts]  # slice-major
                 found = BitMasks.zeros(count * num_prompts, size, size)
                 best = torch.empty(count * num_prompts, dtype=torch.float32)
-                for first, last, outputs in detector_chunks(detector, slices[start:stop].to(device), queries,
-                                                            image_ids=image_ids, pixels_normalized=True):
+                pixels = network_pixels(slices[start:stop], device)
+                for first, last, outputs in detector_chunks(detector, pixels, queries, image_ids=image_ids,
+                                                            pixels_normalized=True):
                     logits, top = top_query_logits(outputs, size)  # (last - first, S, S), (last - first,)
                     found[first:last], best[first:last] = logits > 0, top.float().cpu()
                 by_slice = found.bits.view(count, num_prompts, *found.bits.shape[1:])  # slice-major queries
@@ -234,14 +254,19 @@ class _TrackerFeatures:
         """The tracker's own ViT and neck, in batches."""
         param = next(self.tracker.parameters())
         for start, stop in _batches(slices.shape[0], batch_size, progress, "tracker features"):
-            vision = self.tracker.vision_encoder(slices[start:stop].to(param.device, param.dtype))
+            vision = self.tracker.vision_encoder(network_pixels(slices[start:stop], param.device).to(param.dtype))
             self._store(*_tracker_level_features(self.tracker, vision.fpn_hidden_states,
                                                  vision.fpn_position_encoding), start)
 
     def session(self, slices: torch.Tensor) -> Any:
         """A fresh tracker inference session over the volume with every slice's features already cached."""
         param = next(self.tracker.parameters())
-        return tracker_session(slices, param.device, param.dtype, self.frames, self.positions)
+
+        def frame(index: int) -> torch.Tensor:
+            return network_pixels(slices[index : index + 1], param.device)[0].to(param.dtype)
+
+        return tracker_session(slices.shape[0], slices.shape[-1], param.device, param.dtype, self.frames,
+                               self.positions, frame)
 
 
 def track_from_seed(tracker: Sam3TrackerVideoModel, session: Any, seed: int,
@@ -308,7 +333,9 @@ def segment_volume(
 
     Args:
         detector: a :class:`~medsam3_monai.networks.MedSAM3Net` (run in eval mode here, mode restored after).
-        slices: (D, 3, S, S) SAM3-normalised slices in order (AxialSlicesd -> ResizeToSliced -> Sam3Normalized).
+        slices: (D, 3, S, S) SAM3-normalised slices in order (AxialSlicesd -> ResizeToSliced -> Sam3Normalized),
+            or their uint8 levels (D, 1 or 3, S, S), normalised a batch at a time on the device
+            (:func:`network_pixels`).
         prompts: P text prompts, each segmented independently.
         tracker: a ``Sam3TrackerVideoModel`` at the same S (:func:`~medsam3_monai.networks.tracker.build_tracker`); None = detector only.
         score_threshold: detector score from which a slice's detection counts (and may seed the tracker).

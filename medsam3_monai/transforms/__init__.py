@@ -12,6 +12,7 @@ The inference bundle keeps 2D pictures ``uint8`` at their own size and resizes t
 :class:`TiledResizeToSliced`; memory independent of the picture's size).
 """
 
+from .each_item import EachItem, transforms_of
 from .errors import DataError
 from .instances import LabelToInstancesd, instance_masks, instance_regions
 from .intensity import (
@@ -21,11 +22,14 @@ from .intensity import (
     Sam3Normalized,
     ScaleIntensityByModalityd,
     ct_window,
+    is_volume_slice,
     min_max,
     percentile_min_max,
     rgb_scale,
+    sam3_levels,
     sam3_normalize,
     to_grey,
+    unit_pixels,
 )
 from .io import Image2DReader, LoadMedicalImaged, load_medical_image
 from .labels import INSTANCE_RULES, MASK_ENCODINGS, DecodeLabeld, OutlineFillWarning, parse_prompts, rule_for_label
@@ -60,6 +64,7 @@ __all__ = [
     "AxialSlicesd",
     "BuildTargetsd",
     "DataError",
+    "EachItem",
     "DecodeLabeld",
     "OutlineFillWarning",
     "GreyToRGBd",
@@ -81,6 +86,7 @@ __all__ = [
     "foreground_slices",
     "instance_masks",
     "instance_regions",
+    "is_volume_slice",
     "load_medical_image",
     "masks_to_boxes_cxcywh",
     "min_max",
@@ -91,8 +97,11 @@ __all__ = [
     "restack_slices",
     "rgb_scale",
     "rule_for_label",
+    "sam3_levels",
     "sam3_normalize",
     "sample_slice_indices",
     "slice_space_transforms",
     "to_grey",
+    "transforms_of",
+    "unit_pixels",
 ]

@@ -10,6 +10,13 @@ whether the channels are equal) and records the per-pixel mapping in ``meta["pen
 (:func:`pending_intensity`); :class:`GreyToRGBd` records its repeat there too, and the slice-space resize
 (:class:`~medsam3_monai.transforms.slices.TiledResizeToSliced`) applies it tile by tile with
 :func:`apply_intensity` -- the same float32 operations, element by element, as the eager functions below.
+
+A volume's slices (the inference bundle, ``GreyToRGBd(repeat_volume_slices=False)``,
+``Sam3Normalized(volume_slice_levels=True)``): a grey slice stays one channel through the resize and is kept as
+the 8-bit levels SAM3 sees, ``(1, S, S)`` uint8 (1 MB at 1008 px, against 12 MB as normalised RGB float32);
+the volume inferer repeats and normalises each detector batch on the network's device
+(:func:`~medsam3_monai.inferers.volume.network_pixels`: ``normalize_pixels``, the arithmetic of
+:func:`sam3_normalize`).
 """
 
 from __future__ import annotations
@@ -39,11 +46,14 @@ __all__ = [
     "pending_intensity",
     "row_tiles",
     "handler_for_modality",
+    "is_volume_slice",
     "min_max",
     "percentile_min_max",
     "rgb_scale",
+    "sam3_levels",
     "sam3_normalize",
     "to_grey",
+    "unit_pixels",
 ]
 
 #: CT window presets, name -> (width, level) in HU.
@@ -183,6 +193,12 @@ def pending_intensity(img: Any) -> dict[str, Any] | None:
     meta = getattr(img, "meta", None)
     spec = meta.get(PENDING_INTENSITY) if isinstance(meta, Mapping) else None
     return dict(spec) if isinstance(spec, Mapping) else None
+
+
+def is_volume_slice(img: Any) -> bool:
+    """Whether ``img`` is a slice of a volume (``AxialSlicesd`` / ``RandAxialSliced`` record ``volume_shape``)."""
+    meta = getattr(img, "meta", None)
+    return isinstance(meta, Mapping) and "volume_shape" in meta
 
 
 def _grey_of(x: torch.Tensor, grey: str) -> torch.Tensor:
@@ -435,10 +451,18 @@ def _window(window: str | Sequence[float]) -> tuple[float, float]:
 
 
 class GreyToRGBd(MapTransform):
-    """``(1, ...)`` -> ``(3, ...)`` by repetition; 3 channels pass; RGBA loses alpha; other counts are errors."""
+    """``(1, ...)`` -> ``(3, ...)`` by repetition; 3 channels pass; RGBA loses alpha; other counts are errors.
 
-    def __init__(self, keys: KeysCollection = ("image",), allow_missing_keys: bool = False) -> None:
+    Args:
+        repeat_volume_slices: False keeps a grey slice of a volume ``(1, H, W)``: its resize and 8-bit levels
+            then cost a third, and the volume inferer repeats each detector batch (a view; the resize is
+            per channel, so the values are those of the repeated slice). The inference bundle's choice.
+    """
+
+    def __init__(self, keys: KeysCollection = ("image",), repeat_volume_slices: bool = True,
+                 allow_missing_keys: bool = False) -> None:
         super().__init__(keys, allow_missing_keys)
+        self.repeat_volume_slices = repeat_volume_slices
 
     def __call__(self, data: Mapping[Hashable, Any]) -> dict[Hashable, Any]:
         d = dict(data)
@@ -456,7 +480,7 @@ class GreyToRGBd(MapTransform):
                                     "expected a grey (1), RGB (3) or RGBA (4) picture")
                 continue
             channels = img.shape[0]
-            if channels == 3:
+            if channels == 3 or (channels == 1 and not self.repeat_volume_slices and is_volume_slice(img)):
                 continue
             if channels == 1:
                 out = _plain(img).repeat(3, *([1] * (img.ndim - 1)))
@@ -469,6 +493,16 @@ class GreyToRGBd(MapTransform):
         return d
 
 
+def _exact_levels(x: torch.Tensor, quantize: bool) -> torch.Tensor | None:
+    """The 8-bit levels of ``x`` as exact float32 integers in a new buffer, or None for float input that is not
+    quantised (see :func:`sam3_normalize`)."""
+    if x.dtype == torch.uint8:
+        return x.to(torch.float32)
+    if quantize:  # one buffer, in place (a 1008-px RGB slice is 12 MB)
+        return x.to(torch.float32, copy=True).clamp_(0.0, 1.0).mul_(255.0).round_()
+    return None
+
+
 def sam3_normalize(x: torch.Tensor, quantize: bool = True) -> torch.Tensor:
     """SAM3's pixels: ``((uint8 * (1/255)) - 0.5) / 0.5``, float32.
 
@@ -478,13 +512,24 @@ def sam3_normalize(x: torch.Tensor, quantize: bool = True) -> torch.Tensor:
     the multiply.
     """
     x = _plain(x)
-    if x.dtype == torch.uint8:
-        levels = x.to(torch.float32)
-    elif quantize:  # the 8-bit levels as exact float integers: one buffer, in place (a 1008-px RGB slice is 12 MB)
-        levels = x.to(torch.float32, copy=True).clamp_(0.0, 1.0).mul_(255.0).round_()
-    else:
+    levels = _exact_levels(x, quantize)
+    if levels is None:
         return ((x.float() - 0.5) / 0.5).to(torch.float32)
     return levels.mul_(1.0 / 255.0).sub_(0.5).div_(0.5)
+
+
+def sam3_levels(x: torch.Tensor) -> torch.Tensor:
+    """The 8-bit picture SAM3 sees: float ``[0, 1]`` (or uint8) -> uint8 levels, :func:`sam3_normalize`'s
+    quantisation; ``normalize_pixels`` of the network turns them into :func:`sam3_normalize`'s values exactly."""
+    x = _plain(x)
+    return x if x.dtype == torch.uint8 else _exact_levels(x, True).to(torch.uint8)
+
+
+def unit_pixels(x: torch.Tensor) -> torch.Tensor:
+    """A slice-space image back in ``[0, 1]`` float32 for display: uint8 levels / 255, or SAM3-normalised float
+    ``(x + 1) / 2``."""
+    x = _plain(x)
+    return x.float() * (1.0 / 255.0) if x.dtype == torch.uint8 else (x.float() + 1.0) / 2.0
 
 
 class Sam3Normalized(MapTransform):
@@ -492,17 +537,25 @@ class Sam3Normalized(MapTransform):
 
     Args:
         quantize: round float input to 8 bits first, exactly as SAM3 sees 8-bit pictures (default).
+        volume_slice_levels: True keeps a slice of a volume as its uint8 levels (:func:`sam3_levels`), a quarter
+            of float32's memory for a volume's hundreds of slices; the volume inferer normalises each detector
+            batch on the network's device, with the same arithmetic. The inference bundle's choice.
 
-    Shape unchanged; output float32 in ``[-1, 1]``.
+    Shape unchanged; output float32 in ``[-1, 1]`` (uint8 levels for volume slices with ``volume_slice_levels``).
     """
 
     def __init__(self, keys: KeysCollection = ("image",), quantize: bool = True,
-                 allow_missing_keys: bool = False) -> None:
+                 volume_slice_levels: bool = False, allow_missing_keys: bool = False) -> None:
         super().__init__(keys, allow_missing_keys)
         self.quantize = quantize
+        self.volume_slice_levels = volume_slice_levels
+        if volume_slice_levels and not quantize:
+            raise ValueError("volume_slice_levels keeps 8-bit levels: it needs quantize=True")
 
     def __call__(self, data: Mapping[Hashable, Any]) -> dict[Hashable, Any]:
         d = dict(data)
         for key in self.key_iterator(d):
-            d[key] = _like(sam3_normalize(d[key], self.quantize), d[key])
+            img = d[key]
+            levels = self.volume_slice_levels and is_volume_slice(img)
+            d[key] = _like(sam3_levels(img) if levels else sam3_normalize(img, self.quantize), img)
         return d

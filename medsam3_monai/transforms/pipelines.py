@@ -35,7 +35,9 @@ def slice_space_transforms(
 
     Each output item: ``image`` ``(3, S, S)`` float32 normalised for SAM3 (invertible with
     ``Invertd(orig_keys="image")``), ``label`` the native-resolution class map of the slice, ``targets`` one
-    :class:`~medsam3_monai.transforms.targets.PromptTarget` per prompt.
+    :class:`~medsam3_monai.transforms.targets.PromptTarget` per prompt. With ``with_label=False`` a volume's
+    slices are their uint8 levels instead, ``(1, S, S)`` when grey (``Sam3Normalized(volume_slice_levels=True)``),
+    which the volume inferer normalises a detector batch at a time.
     """
     from ..bundle import config_parser
 
