@@ -10,8 +10,8 @@ SAM3's 1008) -> the host-side stack of all slices that ``PromptInferer`` hands t
 
 * ``levels`` (the inference bundle now, ``configs/inference.json``): each slice goes through the per-slice steps
   on its own (``EachItem``), stays grey (``GreyToRGBd(repeat_volume_slices=False)``) and is kept as its uint8 8-bit
-  levels (``Sam3Normalized(volume_slice_levels=True)``): (1, S, S) uint8; the detector batch is repeated to RGB and
-  normalised on the network's device (``inferers.volume.network_pixels``).
+  levels (``Sam3Normalized(levels="volume_slices")``): (1, S, S) uint8; the detector batch is repeated to RGB and
+  normalised on the network's device (``networks.network_pixels``).
 * ``float_rgb`` (before): the same steps as a flat ``Compose`` (every slice through one step, then the next),
   grey repeated to RGB before the resize, SAM3-normalised float32: (3, S, S) float32.
 
@@ -88,7 +88,7 @@ def child(variant: str, path: str, image_size: int, reference: str | None) -> No
     """Runs inside the measured process; prints one JSON line."""
     import torch
 
-    from medsam3_monai.inferers.volume import network_pixels
+    from medsam3_monai.networks import network_pixels
 
     chain = chain_of(variant, image_size)
     item = {"image": path, "modality": "CT", "prompts": {"1": "liver"}}

@@ -48,16 +48,21 @@ def fixed_batch(shared_data: Path, image_size: int) -> dict:
 
 
 def test_the_1008_px_batch_is_pinned(shared_data: Path):
+    from medsam3_monai.networks import network_pixels
+
     batch = fixed_batch(shared_data, 1008)
     targets = batch["targets"]
     assert batch["prompts"] == PROMPTS
     assert int(targets.num_boxes.sum()) == 202
     assert int(targets.masks.to_dense().sum()) == 425981
     assert float(targets.boxes.double().sum()) == pytest.approx(217.533233942464, rel=1e-9)
-    assert float(batch["images"].double().sum()) == pytest.approx(1396129.972476542, rel=1e-7)
+    images = batch["images"]
+    assert images.dtype == torch.uint8  # the 8-bit levels travel; the network input is made on the device
+    assert float(network_pixels(images, "cpu").double().sum()) == pytest.approx(1396129.972476542, rel=1e-7)
 
 
 def test_the_loss_of_the_fixed_batch_is_pinned(shared_data: Path):
+    from medsam3_monai.engines.batch import PrepareFindBatch
     from medsam3_monai.losses import SetCriterion
     from medsam3_monai.networks import MedSAM3Net
 
@@ -65,7 +70,9 @@ def test_the_loss_of_the_fixed_batch_is_pinned(shared_data: Path):
     assert batch["prompts"] == PROMPTS
     torch.manual_seed(0)
     net = MedSAM3Net("tiny").train()
-    outputs = net(batch["images"], batch["prompts"], image_ids=batch["image_ids"], pixels_normalized=True)
+    images, _, _, kwargs = PrepareFindBatch()(batch, "cpu")  # the trainer's own step: levels -> normalised pixels
+    assert images.dtype == torch.float32 and kwargs["pixels_normalized"]
+    outputs = net(images, batch["prompts"], image_ids=batch["image_ids"], pixels_normalized=True)
     losses = SetCriterion()(outputs, batch["targets"])
     for name, expected in LOSSES.items():
         assert float(losses[name]) == pytest.approx(expected, rel=1e-4), name

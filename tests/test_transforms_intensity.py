@@ -130,8 +130,8 @@ def test_volume_slices_can_stay_grey_8bit_levels():
     volume_slice = MetaTensor(values.clone(), meta={"volume_shape": np.array([5, 7, 3]), "slice_index": 1})
     picture = MetaTensor(values.clone())
     assert is_volume_slice(volume_slice) and not is_volume_slice(picture) and not is_volume_slice(values)
-    grey, levels = GreyToRGBd(keys="image", repeat_volume_slices=False), Sam3Normalized(keys="image",
-                                                                                         volume_slice_levels=True)
+    grey = GreyToRGBd(keys="image", repeat_volume_slices=False)
+    levels = Sam3Normalized(keys="image", levels="volume_slices")
     kept = levels(grey({"image": volume_slice}))["image"]
     assert kept.shape == (1, 5, 7) and kept.dtype == torch.uint8 and isinstance(kept, MetaTensor)
     assert kept.meta["slice_index"] == 1
@@ -145,8 +145,12 @@ def test_volume_slices_can_stay_grey_8bit_levels():
     rgb_slice = MetaTensor(values.repeat(3, 1, 1), meta={"volume_shape": np.array([5, 7, 3])})
     assert levels(grey({"image": rgb_slice}))["image"].shape == (3, 5, 7)
     assert GreyToRGBd(keys="image")({"image": volume_slice})["image"].shape == (3, 5, 7)  # default: repeated
+    everything = Sam3Normalized(keys="image", levels="all")({"image": picture.repeat(3, 1, 1)})["image"]
+    assert everything.dtype == torch.uint8 and torch.equal(everything.as_tensor(), kept.as_tensor().repeat(3, 1, 1))
     with pytest.raises(ValueError, match="quantize"):
-        Sam3Normalized(keys="image", quantize=False, volume_slice_levels=True)
+        Sam3Normalized(keys="image", quantize=False, levels="all")
+    with pytest.raises(ValueError, match="levels must be one of"):
+        Sam3Normalized(keys="image", levels="volumes")
 
 
 @requires_data

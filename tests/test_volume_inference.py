@@ -22,8 +22,7 @@ from medsam3_monai.inferers import (
 )
 from medsam3_monai.inferers import volume as volume_module
 from medsam3_monai.inferers.protocols import top_query_logits
-from medsam3_monai.inferers.volume import network_pixels
-from medsam3_monai.networks import CheckpointError, MedSAM3Net, tiny_sam3_config
+from medsam3_monai.networks import CheckpointError, MedSAM3Net, network_pixels, tiny_sam3_config
 from medsam3_monai.networks.tracker import build_tracker, tiny_tracker_config
 from medsam3_monai.transforms import RestackSlicesd, sam3_normalize, slice_space_transforms
 
@@ -268,7 +267,7 @@ def test_shared_vit_pass_gives_the_tracker_the_same_features(detector):
 
 
 def test_uint8_levels_segment_as_their_normalised_slices(detector):
-    """Slices kept as 8-bit levels (``Sam3Normalized(volume_slice_levels=True)``; grey as one channel) are repeated
+    """Slices kept as 8-bit levels (``Sam3Normalized(levels="volume_slices")``; grey as one channel) are repeated
     and normalised a batch at a time on the device: the same masks, scores and seeds as the normalised float
     slices, through the shared ViT pass and the tracker's own."""
     generator = torch.Generator().manual_seed(5)

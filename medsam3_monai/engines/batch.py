@@ -1,8 +1,9 @@
 """Batches of find-queries: collate slice-space items into images + (prompt, targets) pairs, and move them.
 
-An item (from ``medsam3_monai.transforms``) has ``image`` (3, S, S) SAM3-normalised and ``targets``: a list of
-``{"text", "boxes" (n, 4) cxcywh, "masks" (n, S, S) InstanceMasks crops, "is_negative"}``. Every (item, target) pair is a
-find-query; the images are stacked once and each query points at its image through ``image_ids``.
+An item (from ``medsam3_monai.transforms``) has ``image`` (3, S, S), uint8 8-bit levels (the training bundle's
+``Sam3Normalized(levels="all")``) or SAM3-normalised float, and ``targets``: a list of ``{"text", "boxes" (n, 4)
+cxcywh, "masks" (n, S, S) InstanceMasks crops, "is_negative"}``. Every (item, target) pair is a find-query; the
+images are stacked once and each query points at its image through ``image_ids``.
 """
 
 from __future__ import annotations
@@ -14,13 +15,25 @@ import torch
 from ..boxes import largest_component_box_prompts
 from ..instance_masks import InstanceMasks
 from ..losses.targets import FindTargets
+from ..networks.medsam3_net import network_pixels
+from ..transforms.intensity import sam3_normalize
+
+
+def _stacked_images(images: Sequence[torch.Tensor]) -> torch.Tensor:
+    """(N, 3, S, S): the items' uint8 levels as they are when all are levels, else every image SAM3-normalised float
+    (levels through ``sam3_normalize``: the values ``network_pixels`` would make of them)."""
+    if all(image.dtype == torch.uint8 for image in images):
+        return torch.stack(list(images))
+    return torch.stack([sam3_normalize(image) if image.dtype == torch.uint8 else image.float() for image in images])
 
 
 def collate_find_queries(items: Sequence[dict], box_prompts: bool = False) -> dict[str, Any]:
     """Collate items into a find-query batch.
 
     Returns:
-        ``images`` (N, 3, S, S); ``prompts`` list of B texts; ``image_ids`` (B,) long; ``targets`` FindTargets;
+        ``images`` (N, 3, S, S): uint8 levels when every item's are (normalised on the device by
+        :class:`PrepareFindBatch`), else SAM3-normalised float; ``prompts`` list of B texts; ``image_ids`` (B,)
+        long; ``targets`` FindTargets;
         with ``box_prompts``: ``boxes`` (B, 1, 4) cxcywh of the largest component and ``box_labels`` (B, 1)
         (1, or -10 padding for prompts without a target); ``meta``: per-query dataset / case / label.
     """
@@ -29,7 +42,7 @@ def collate_find_queries(items: Sequence[dict], box_prompts: bool = False) -> di
         flat.extend(item if isinstance(item, (list, tuple)) else [item])
     if not flat:
         raise ValueError("empty batch: no items to collate")
-    images = torch.stack([torch.as_tensor(item["image"]).float() for item in flat])
+    images = _stacked_images([torch.as_tensor(item["image"]) for item in flat])
     prompts, image_ids, boxes, masks, meta = [], [], [], [], []
     for index, item in enumerate(flat):
         for target in item["targets"]:
@@ -55,10 +68,12 @@ def collate_find_queries(items: Sequence[dict], box_prompts: bool = False) -> di
 
 
 class PrepareFindBatch:
-    """MONAI ``prepare_batch``: (images, targets, (), network kwargs) on ``device``."""
+    """MONAI ``prepare_batch``: (images, targets, (), network kwargs) on ``device``; uint8 images cross as bytes and
+    are SAM3-normalised there (``networks.network_pixels``)."""
 
     def __call__(self, batch: dict, device: torch.device | str | None = None, non_blocking: bool = False, **kwargs):
-        images = batch["images"].to(device=device, non_blocking=non_blocking)
+        images = network_pixels(batch["images"], device if device is not None else batch["images"].device,
+                                non_blocking=non_blocking)
         network_kwargs = {
             "prompts": batch["prompts"],
             "image_ids": batch["image_ids"].to(device=device, non_blocking=non_blocking),

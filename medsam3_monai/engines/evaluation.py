@@ -81,7 +81,7 @@ def evaluation_transforms(image_size: int = 1008, ct_window: str | Sequence[floa
     slice-space items.
 
     Each output item: ``image`` (3, S, S) SAM3-normalised with the resize recorded for ``Invertd`` (a volume
-    slice: its uint8 levels, (1, S, S) when grey, see ``Sam3Normalized(volume_slice_levels=True)``); ``label``
+    slice: its uint8 levels, (1, S, S) when grey, see ``Sam3Normalized(levels="volume_slices")``); ``label``
     the whole native class map ((1, H, W), or (1, X, Y, Z) shared by every slice item of a volume).
     """
     from ..transforms.pipelines import slice_space_transforms

@@ -43,7 +43,7 @@ from tqdm import tqdm
 from transformers import Sam3TrackerVideoModel
 
 from ..compat import add_mask_prompt, tracker_session
-from ..networks.medsam3_net import normalize_pixels
+from ..networks.medsam3_net import network_pixels
 from ..networks.outputs import upsample_logits
 from ..networks.tracker import backbone_signature, detector_backbone
 from .bitmasks import BitMasks
@@ -53,7 +53,6 @@ __all__ = [
     "VolumeSegmentation",
     "detect_slices",
     "merge_masks",
-    "network_pixels",
     "segment_volume",
     "select_seeds",
     "track_from_seed",
@@ -94,20 +93,6 @@ def _eval_mode(*modules: nn.Module | None) -> Iterator[None]:
     finally:
         for module, training in states:
             module.train(training)
-
-
-def network_pixels(slices: torch.Tensor, device: torch.device | str) -> torch.Tensor:
-    """Slices as the networks read them: (B, 3, S, S) SAM3-normalised float on ``device``.
-
-    ``slices``: (B, 3, S, S) SAM3-normalised float (``Sam3Normalized``), or (B, 1 or 3, S, S) uint8 levels
-    (``Sam3Normalized(volume_slice_levels=True)``, grey slices one channel): those cross to the device as bytes
-    (a twelfth of normalised RGB float32 for grey slices), are repeated to RGB there (a view) and normalised by
-    ``normalize_pixels``, the arithmetic of ``sam3_normalize``, so the network sees the same values.
-    """
-    pixels = slices.to(device, non_blocking=True)
-    if pixels.dtype != torch.uint8:
-        return pixels
-    return normalize_pixels(pixels.expand(-1, 3, -1, -1))
 
 
 def _check_inputs(detector: nn.Module, slices: torch.Tensor, prompts: Sequence[str], score_threshold: float,
@@ -335,7 +320,7 @@ def segment_volume(
         detector: a :class:`~medsam3_monai.networks.MedSAM3Net` (run in eval mode here, mode restored after).
         slices: (D, 3, S, S) SAM3-normalised slices in order (AxialSlicesd -> ResizeToSliced -> Sam3Normalized),
             or their uint8 levels (D, 1 or 3, S, S), normalised a batch at a time on the device
-            (:func:`network_pixels`).
+            (``networks.network_pixels``).
         prompts: P text prompts, each segmented independently.
         tracker: a ``Sam3TrackerVideoModel`` at the same S (:func:`~medsam3_monai.networks.tracker.build_tracker`); None = detector only.
         score_threshold: detector score from which a slice's detection counts (and may seed the tracker).

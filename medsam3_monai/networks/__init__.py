@@ -2,7 +2,7 @@
 ``networks.tracker``."""
 
 from .checkpoints import CheckpointError, load_sam3, read_checkpoint_file, save_checkpoint_file, save_hf_folder
-from .medsam3_net import MedSAM3Net, load_network, normalize_pixels
+from .medsam3_net import MedSAM3Net, load_network, network_pixels, normalize_pixels
 from .outputs import MedSAM3Output
 from .param_groups import LearningRates, sam3_param_groups, vit_layer_id
 from .presets import full_sam3_config, tiny_sam3_config
@@ -19,6 +19,7 @@ __all__ = [
     "load_network",
     "load_sam3",
     "load_tokenizer",
+    "network_pixels",
     "normalize_pixels",
     "read_checkpoint_file",
     "sam3_param_groups",

@@ -42,6 +42,20 @@ def normalize_pixels(images: torch.Tensor) -> torch.Tensor:
     return (images - 0.5) / 0.5
 
 
+def network_pixels(images: torch.Tensor, device: torch.device | str, non_blocking: bool = True) -> torch.Tensor:
+    """Slice-space images as the networks read them: (B, 3, S, S) SAM3-normalised float on ``device``.
+
+    ``images``: (B, 3, S, S) SAM3-normalised float (``Sam3Normalized``), returned as they are once on ``device``; or
+    (B, 1 or 3, S, S) uint8 8-bit levels (``Sam3Normalized(levels=...)``, a grey volume slice one channel): they
+    cross to the device as bytes (a quarter of float32, a twelfth for grey), are repeated to RGB there (a view) and
+    normalised by :func:`normalize_pixels`, the arithmetic of ``transforms.sam3_normalize``: the same values.
+    """
+    pixels = images.to(device, non_blocking=non_blocking)
+    if pixels.dtype != torch.uint8:
+        return pixels
+    return normalize_pixels(pixels.expand(-1, 3, -1, -1))
+
+
 class MedSAM3Net(nn.Module):
     """Text(+box)-prompted SAM3 detector for medical images.
 

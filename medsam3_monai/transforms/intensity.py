@@ -11,12 +11,12 @@ whether the channels are equal) and records the per-pixel mapping in ``meta["pen
 (:class:`~medsam3_monai.transforms.slices.TiledResizeToSliced`) applies it tile by tile with
 :func:`apply_intensity` -- the same float32 operations, element by element, as the eager functions below.
 
-A volume's slices (the inference bundle, ``GreyToRGBd(repeat_volume_slices=False)``,
-``Sam3Normalized(volume_slice_levels=True)``): a grey slice stays one channel through the resize and is kept as
-the 8-bit levels SAM3 sees, ``(1, S, S)`` uint8 (1 MB at 1008 px, against 12 MB as normalised RGB float32);
-the volume inferer repeats and normalises each detector batch on the network's device
-(:func:`~medsam3_monai.inferers.volume.network_pixels`: ``normalize_pixels``, the arithmetic of
-:func:`sam3_normalize`).
+Slice-space images may stay the 8-bit levels SAM3 sees, uint8, until the network's device
+(``Sam3Normalized(levels=...)``): the training bundle's images, ``(3, S, S)``, and the inference bundle's volume
+slices, where a grey slice also stays one channel through the resize (``GreyToRGBd(repeat_volume_slices=False)``),
+``(1, S, S)``: 1 MB at 1008 px, against 12 MB as normalised RGB float32. The network input is made from them a
+batch at a time on the device (:func:`~medsam3_monai.networks.network_pixels`: ``normalize_pixels``, the
+arithmetic of :func:`sam3_normalize`).
 """
 
 from __future__ import annotations
@@ -537,25 +537,31 @@ class Sam3Normalized(MapTransform):
 
     Args:
         quantize: round float input to 8 bits first, exactly as SAM3 sees 8-bit pictures (default).
-        volume_slice_levels: True keeps a slice of a volume as its uint8 levels (:func:`sam3_levels`), a quarter
-            of float32's memory for a volume's hundreds of slices; the volume inferer normalises each detector
-            batch on the network's device, with the same arithmetic. The inference bundle's choice.
+        levels: which images stay their uint8 8-bit levels (:func:`sam3_levels`) instead: ``"none"`` (default),
+            ``"volume_slices"`` (the inference bundle: a volume's hundreds of slices) or ``"all"`` (the training
+            bundle: cached items, loader batches and host-to-device copies a quarter of float32's size). The network
+            input made from them on the device (``networks.network_pixels``) is this normalisation's, value for
+            value.
 
-    Shape unchanged; output float32 in ``[-1, 1]`` (uint8 levels for volume slices with ``volume_slice_levels``).
+    Shape unchanged; output float32 in ``[-1, 1]``, or uint8 levels for the images ``levels`` names.
     """
 
-    def __init__(self, keys: KeysCollection = ("image",), quantize: bool = True,
-                 volume_slice_levels: bool = False, allow_missing_keys: bool = False) -> None:
+    LEVELS = ("none", "volume_slices", "all")
+
+    def __init__(self, keys: KeysCollection = ("image",), quantize: bool = True, levels: str = "none",
+                 allow_missing_keys: bool = False) -> None:
         super().__init__(keys, allow_missing_keys)
+        if levels not in self.LEVELS:
+            raise ValueError(f"levels must be one of {', '.join(self.LEVELS)}; got {levels!r}")
+        if levels != "none" and not quantize:
+            raise ValueError(f"levels={levels!r} keeps 8-bit levels: it needs quantize=True")
         self.quantize = quantize
-        self.volume_slice_levels = volume_slice_levels
-        if volume_slice_levels and not quantize:
-            raise ValueError("volume_slice_levels keeps 8-bit levels: it needs quantize=True")
+        self.levels = levels
 
     def __call__(self, data: Mapping[Hashable, Any]) -> dict[Hashable, Any]:
         d = dict(data)
         for key in self.key_iterator(d):
             img = d[key]
-            levels = self.volume_slice_levels and is_volume_slice(img)
+            levels = self.levels == "all" or (self.levels == "volume_slices" and is_volume_slice(img))
             d[key] = _like(sam3_levels(img) if levels else sam3_normalize(img, self.quantize), img)
         return d

@@ -33,11 +33,12 @@ def slice_space_transforms(
     settings; ``with_label=False`` gives the ``preprocessing`` of ``configs/inference.json`` (items without a
     mask: no label, instances or targets).
 
-    Each output item: ``image`` ``(3, S, S)`` float32 normalised for SAM3 (invertible with
+    Each output item: ``image`` ``(3, S, S)`` uint8, the 8-bit levels SAM3 sees (``Sam3Normalized(levels="all")``;
+    ``networks.network_pixels`` makes the network input of a batch on its device; invertible with
     ``Invertd(orig_keys="image")``), ``label`` the native-resolution class map of the slice, ``targets`` one
-    :class:`~medsam3_monai.transforms.targets.PromptTarget` per prompt. With ``with_label=False`` a volume's
-    slices are their uint8 levels instead, ``(1, S, S)`` when grey (``Sam3Normalized(volume_slice_levels=True)``),
-    which the volume inferer normalises a detector batch at a time.
+    :class:`~medsam3_monai.transforms.targets.PromptTarget` per prompt. With ``with_label=False``: 2D images
+    ``(3, S, S)`` float32 normalised for SAM3, and a volume's slices their uint8 levels, ``(1, S, S)`` when grey
+    (``Sam3Normalized(levels="volume_slices")``), which the volume inferer normalises a detector batch at a time.
     """
     from ..bundle import config_parser
 
