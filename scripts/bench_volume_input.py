@@ -10,7 +10,7 @@ SAM3's 1008) -> the host-side stack of all slices that ``PromptInferer`` hands t
 
 * ``levels`` (the inference bundle now, ``configs/inference.json``): each slice goes through the per-slice steps
   on its own (``EachItem``), stays grey (``GreyToRGBd(repeat_volume_slices=False)``) and is kept as its uint8 8-bit
-  levels (``Sam3Normalized(levels="volume_slices")``): (1, S, S) uint8; the detector batch is repeated to RGB and
+  levels (``Sam3Normalized(levels=True)``): (1, S, S) uint8; the detector batch is repeated to RGB and
   normalised on the network's device (``networks.network_pixels``).
 * ``float_rgb`` (before): the same steps as a flat ``Compose`` (every slice through one step, then the next),
   grey repeated to RGB before the resize, SAM3-normalised float32: (3, S, S) float32.

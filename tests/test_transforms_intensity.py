@@ -119,10 +119,9 @@ def test_sam3_normalisation_multiplies_by_one_over_255():
     assert float(out.min()) == -1.0 and float(out.max()) == 1.0
 
 
-def test_volume_slices_can_stay_grey_8bit_levels():
-    """The inference bundle's settings: a volume slice (its meta has ``volume_shape``) stays grey and becomes uint8
-    levels; a 2D picture is repeated and normalised as before; the network's normalisation of the levels is
-    ``sam3_normalize``'s."""
+def test_slices_can_stay_8bit_levels_and_grey_volume_slices_grey():
+    """The bundles' settings: images become uint8 levels; a grey volume slice (its meta has ``volume_shape``) stays
+    one channel while a 2D picture is repeated; the network's normalisation of the levels is ``sam3_normalize``'s."""
     from medsam3_monai.networks.medsam3_net import normalize_pixels
     from medsam3_monai.transforms import is_volume_slice, sam3_levels, unit_pixels
 
@@ -131,7 +130,7 @@ def test_volume_slices_can_stay_grey_8bit_levels():
     picture = MetaTensor(values.clone())
     assert is_volume_slice(volume_slice) and not is_volume_slice(picture) and not is_volume_slice(values)
     grey = GreyToRGBd(keys="image", repeat_volume_slices=False)
-    levels = Sam3Normalized(keys="image", levels="volume_slices")
+    levels = Sam3Normalized(keys="image", levels=True)
     kept = levels(grey({"image": volume_slice}))["image"]
     assert kept.shape == (1, 5, 7) and kept.dtype == torch.uint8 and isinstance(kept, MetaTensor)
     assert kept.meta["slice_index"] == 1
@@ -140,17 +139,12 @@ def test_volume_slices_can_stay_grey_8bit_levels():
     assert torch.equal(sam3_levels(values), kept.as_tensor()) and torch.equal(sam3_levels(kept), kept.as_tensor())
     assert torch.equal(unit_pixels(kept), kept.as_tensor().float() * (1.0 / 255.0))
     torch.testing.assert_close(unit_pixels(normalised), kept.as_tensor().float().repeat(3, 1, 1) / 255.0)
-    made = levels(grey({"image": picture}))["image"]  # 2D pictures: RGB, normalised float
-    assert made.shape == (3, 5, 7) and torch.equal(made.as_tensor(), normalised)
-    rgb_slice = MetaTensor(values.repeat(3, 1, 1), meta={"volume_shape": np.array([5, 7, 3])})
-    assert levels(grey({"image": rgb_slice}))["image"].shape == (3, 5, 7)
+    made = levels(grey({"image": picture}))["image"]  # a 2D picture: repeated to RGB
+    assert made.shape == (3, 5, 7) and made.dtype == torch.uint8
+    assert torch.equal(normalize_pixels(made.as_tensor()[None])[0], normalised)
     assert GreyToRGBd(keys="image")({"image": volume_slice})["image"].shape == (3, 5, 7)  # default: repeated
-    everything = Sam3Normalized(keys="image", levels="all")({"image": picture.repeat(3, 1, 1)})["image"]
-    assert everything.dtype == torch.uint8 and torch.equal(everything.as_tensor(), kept.as_tensor().repeat(3, 1, 1))
     with pytest.raises(ValueError, match="quantize"):
-        Sam3Normalized(keys="image", quantize=False, levels="all")
-    with pytest.raises(ValueError, match="levels must be one of"):
-        Sam3Normalized(keys="image", levels="volumes")
+        Sam3Normalized(keys="image", quantize=False, levels=True)
 
 
 @requires_data

@@ -267,7 +267,7 @@ def test_shared_vit_pass_gives_the_tracker_the_same_features(detector):
 
 
 def test_uint8_levels_segment_as_their_normalised_slices(detector):
-    """Slices kept as 8-bit levels (``Sam3Normalized(levels="volume_slices")``; grey as one channel) are repeated
+    """Slices kept as 8-bit levels (``Sam3Normalized(levels=True)``; grey as one channel) are repeated
     and normalised a batch at a time on the device: the same masks, scores and seeds as the normalised float
     slices, through the shared ViT pass and the tracker's own."""
     generator = torch.Generator().manual_seed(5)
@@ -277,6 +277,10 @@ def test_uint8_levels_segment_as_their_normalised_slices(detector):
     rgb = torch.randint(0, 256, (2, 3, S, S), dtype=torch.uint8, generator=generator)
     assert torch.equal(network_pixels(rgb, "cpu"), sam3_normalize(rgb))
     assert network_pixels(normalised, "cpu") is normalised  # float slices are the network's input already
+    with torch.no_grad():  # the network itself takes uint8 images as levels, whatever pixels_normalized says
+        ours = detector(rgb[:1], ["liver"], pixels_normalized=True)
+        theirs = detector(sam3_normalize(rgb[:1]), ["liver"], pixels_normalized=True)
+    assert torch.equal(ours.pred_masks, theirs.pred_masks) and torch.equal(ours.pred_logits, theirs.pred_logits)
     tied = present_tracker(detector=detector)
     for share in (None, False):
         ours = segment_volume(detector, grey, PROMPTS, tied, score_threshold=0.0, batch_size=2, share_vision=share)

@@ -1,7 +1,7 @@
 """Batches of find-queries: collate slice-space items into images + (prompt, targets) pairs, and move them.
 
 An item (from ``medsam3_monai.transforms``) has ``image`` (3, S, S), uint8 8-bit levels (the training bundle's
-``Sam3Normalized(levels="all")``) or SAM3-normalised float, and ``targets``: a list of ``{"text", "boxes" (n, 4)
+``Sam3Normalized(levels=True)``) or SAM3-normalised float, and ``targets``: a list of ``{"text", "boxes" (n, 4)
 cxcywh, "masks" (n, S, S) InstanceMasks crops, "is_negative"}``. Every (item, target) pair is a find-query; the
 images are stacked once and each query points at its image through ``image_ids``.
 """

@@ -80,8 +80,8 @@ def evaluation_transforms(image_size: int = 1008, ct_window: str | Sequence[floa
     overlay of it; the label, when the item has one, is loaded and decoded): a datalist item -> the list of its
     slice-space items.
 
-    Each output item: ``image`` (3, S, S) SAM3-normalised with the resize recorded for ``Invertd`` (a volume
-    slice: its uint8 levels, (1, S, S) when grey, see ``Sam3Normalized(levels="volume_slices")``); ``label``
+    Each output item: ``image`` (3, S, S) uint8 8-bit levels (``Sam3Normalized(levels=True)``; (1, S, S) for a
+    grey volume's slices) with the resize recorded for ``Invertd``; ``label``
     the whole native class map ((1, H, W), or (1, X, Y, Z) shared by every slice item of a volume).
     """
     from ..transforms.pipelines import slice_space_transforms

@@ -218,7 +218,8 @@ class MedSAM3Net(nn.Module):
             prompts = [BOX_ONLY_PROMPT] * boxes.shape[0]
         prompts = [prompts] if isinstance(prompts, str) else list(prompts)
         index = self._query_image_ids(images.shape[0], len(prompts), image_ids)
-        return (images if pixels_normalized else normalize_pixels(images)), prompts, index
+        normalized = pixels_normalized and images.dtype != torch.uint8  # uint8 images are 8-bit levels, always
+        return (images if normalized else normalize_pixels(images)), prompts, index
 
     def forward(
         self,
@@ -234,7 +235,8 @@ class MedSAM3Net(nn.Module):
 
         Args:
             images: (N, 3, S, S) slices, float in [0, 1] or uint8 (normalised here with mean = std = 0.5);
-                pass ``pixels_normalized=True`` when they are already SAM3-normalised.
+                pass ``pixels_normalized=True`` when float ones are already SAM3-normalised (uint8 images are
+                8-bit levels, normalised here either way).
             prompts: B text prompts, one per find-query; ``None`` with ``boxes`` for box-only prompts (SAM3's
                 text for those, ``"visual"``).
             image_ids: (B,) image index of each prompt; optional when B == N (pairwise) or N == 1.

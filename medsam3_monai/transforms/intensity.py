@@ -11,12 +11,12 @@ whether the channels are equal) and records the per-pixel mapping in ``meta["pen
 (:class:`~medsam3_monai.transforms.slices.TiledResizeToSliced`) applies it tile by tile with
 :func:`apply_intensity` -- the same float32 operations, element by element, as the eager functions below.
 
-Slice-space images may stay the 8-bit levels SAM3 sees, uint8, until the network's device
-(``Sam3Normalized(levels=...)``): the training bundle's images, ``(3, S, S)``, and the inference bundle's volume
-slices, where a grey slice also stays one channel through the resize (``GreyToRGBd(repeat_volume_slices=False)``),
-``(1, S, S)``: 1 MB at 1008 px, against 12 MB as normalised RGB float32. The network input is made from them a
-batch at a time on the device (:func:`~medsam3_monai.networks.network_pixels`: ``normalize_pixels``, the
-arithmetic of :func:`sam3_normalize`).
+Both bundles keep slice-space images as the 8-bit levels SAM3 sees, uint8, until the network's device
+(``Sam3Normalized(levels=True)``): ``(3, S, S)``, and for the inference bundle's volumes a grey slice also stays one
+channel through the resize (``GreyToRGBd(repeat_volume_slices=False)``), ``(1, S, S)``: 1 MB at 1008 px, against
+12 MB as normalised RGB float32. The network input is made from them a batch at a time on the device
+(``MedSAM3Net`` normalises uint8 images; :func:`~medsam3_monai.networks.network_pixels` also repeats grey slices:
+``normalize_pixels``, the arithmetic of :func:`sam3_normalize`).
 """
 
 from __future__ import annotations
@@ -537,24 +537,19 @@ class Sam3Normalized(MapTransform):
 
     Args:
         quantize: round float input to 8 bits first, exactly as SAM3 sees 8-bit pictures (default).
-        levels: which images stay their uint8 8-bit levels (:func:`sam3_levels`) instead: ``"none"`` (default),
-            ``"volume_slices"`` (the inference bundle: a volume's hundreds of slices) or ``"all"`` (the training
-            bundle: cached items, loader batches and host-to-device copies a quarter of float32's size). The network
-            input made from them on the device (``networks.network_pixels``) is this normalisation's, value for
-            value.
+        levels: keep those uint8 8-bit levels (:func:`sam3_levels`) instead, as both bundles do: a quarter of
+            float32's bytes in caches, loader workers, pinned memory and host-to-device copies. The network makes
+            its input from them on its device (``MedSAM3Net`` normalises uint8 images; ``networks.network_pixels``
+            also repeats grey volume slices to RGB), with this normalisation's arithmetic: the same values.
 
-    Shape unchanged; output float32 in ``[-1, 1]``, or uint8 levels for the images ``levels`` names.
+    Shape unchanged; output float32 in ``[-1, 1]``, or uint8 levels with ``levels``.
     """
 
-    LEVELS = ("none", "volume_slices", "all")
-
-    def __init__(self, keys: KeysCollection = ("image",), quantize: bool = True, levels: str = "none",
+    def __init__(self, keys: KeysCollection = ("image",), quantize: bool = True, levels: bool = False,
                  allow_missing_keys: bool = False) -> None:
         super().__init__(keys, allow_missing_keys)
-        if levels not in self.LEVELS:
-            raise ValueError(f"levels must be one of {', '.join(self.LEVELS)}; got {levels!r}")
-        if levels != "none" and not quantize:
-            raise ValueError(f"levels={levels!r} keeps 8-bit levels: it needs quantize=True")
+        if levels and not quantize:
+            raise ValueError("levels=True keeps 8-bit levels: it needs quantize=True")
         self.quantize = quantize
         self.levels = levels
 
@@ -562,6 +557,5 @@ class Sam3Normalized(MapTransform):
         d = dict(data)
         for key in self.key_iterator(d):
             img = d[key]
-            levels = self.levels == "all" or (self.levels == "volume_slices" and is_volume_slice(img))
-            d[key] = _like(sam3_levels(img) if levels else sam3_normalize(img, self.quantize), img)
+            d[key] = _like(sam3_levels(img) if self.levels else sam3_normalize(img, self.quantize), img)
         return d

@@ -33,12 +33,12 @@ def slice_space_transforms(
     settings; ``with_label=False`` gives the ``preprocessing`` of ``configs/inference.json`` (items without a
     mask: no label, instances or targets).
 
-    Each output item: ``image`` ``(3, S, S)`` uint8, the 8-bit levels SAM3 sees (``Sam3Normalized(levels="all")``;
-    ``networks.network_pixels`` makes the network input of a batch on its device; invertible with
+    Each output item: ``image`` ``(3, S, S)`` uint8, the 8-bit levels SAM3 sees (``Sam3Normalized(levels=True)``;
+    the network makes its normalised input from them on its device, ``networks.network_pixels``; invertible with
     ``Invertd(orig_keys="image")``), ``label`` the native-resolution class map of the slice, ``targets`` one
-    :class:`~medsam3_monai.transforms.targets.PromptTarget` per prompt. With ``with_label=False``: 2D images
-    ``(3, S, S)`` float32 normalised for SAM3, and a volume's slices their uint8 levels, ``(1, S, S)`` when grey
-    (``Sam3Normalized(levels="volume_slices")``), which the volume inferer normalises a detector batch at a time.
+    :class:`~medsam3_monai.transforms.targets.PromptTarget` per prompt. With ``with_label=False`` a grey volume's
+    slices stay one channel, ``(1, S, S)`` (``GreyToRGBd(repeat_volume_slices=False)``), repeated to RGB a detector
+    batch at a time on the device.
     """
     from ..bundle import config_parser
 
