@@ -46,7 +46,7 @@ def network_pixels(images: torch.Tensor, device: torch.device | str, non_blockin
     """Slice-space images as the networks read them: (B, 3, S, S) SAM3-normalised float on ``device``.
 
     ``images``: (B, 3, S, S) SAM3-normalised float (``Sam3Normalized``), returned as they are once on ``device``; or
-    (B, 1 or 3, S, S) uint8 8-bit levels (``Sam3Normalized(levels=...)``, a grey volume slice one channel): they
+    (B, 1 or 3, S, S) uint8 8-bit levels (``Sam3Normalized(levels=True)``, a grey volume slice one channel): they
     cross to the device as bytes (a quarter of float32, a twelfth for grey), are repeated to RGB there (a view) and
     normalised by :func:`normalize_pixels`, the arithmetic of ``transforms.sam3_normalize``: the same values.
     """
