@@ -455,8 +455,9 @@ class GreyToRGBd(MapTransform):
 
     Args:
         repeat_volume_slices: False keeps a grey slice of a volume ``(1, H, W)``: its resize and 8-bit levels
-            then cost a third, and the volume inferer repeats each detector batch (a view; the resize is
-            per channel, so the values are those of the repeated slice). The inference bundle's choice.
+            then cost a third, and the volume inferer repeats each detector batch (a view). The resize is per
+            channel, so the values are the repeated slice's (exactly on more than one thread; on one, ATen's CPU
+            resize rounds 3 channels differently in the last float bit). The inference bundle's choice.
     """
 
     def __init__(self, keys: KeysCollection = ("image",), repeat_volume_slices: bool = True,
