@@ -252,3 +252,49 @@ def test_inference_keeps_volume_slices_as_the_float_chains_8bit_levels(threads):
         back = invert(ours, chain, torch.zeros(2, size, size))
         assert back.shape == (2, *ours["image"].meta["spatial_shape"])
     assert changed <= 1e-5 * len(items) * size * size
+
+
+@requires_data
+@pytest.mark.parametrize("dataset", ["GBM40_HE_nuclei", "ChestXray_lung_sample"])
+def test_small_pictures_get_monais_interpolation_whatever_the_threads(dataset):
+    """A 2D picture of at most ``EAGER_MAX_PIXELS`` (GBM40 RGB and a chest X-ray, grey, 512 x 512) upsampled to
+    1008 px: the inference chain resizes it channel by channel, so its 8-bit levels are the same on one thread
+    (DataLoader workers) and on two, and equal MONAI's ``Resize`` chain on two threads, with MONAI's record. MONAI's
+    own 3-channel resize on one thread rounds differently in the last float bit (it moves some levels: asserted, so
+    this test notices when ATen stops doing so)."""
+    from monai.transforms import Compose
+
+    from medsam3_monai.transforms import (
+        GreyToRGBd,
+        LoadMedicalImaged,
+        ResizeToSliced,
+        Sam3Normalized,
+        ScaleIntensityByModalityd,
+    )
+    from medsam3_monai.transforms import slices as slices_module
+
+    size = 1008
+    entry = item(dataset, *SAMPLES[dataset][0])
+    del entry["label"]
+    chain = slice_space_transforms(size, with_label=False)
+    monai_chain = Compose([LoadMedicalImaged(keys="image", label_keys=()), ScaleIntensityByModalityd(keys="image"),
+                           GreyToRGBd(keys="image"), ResizeToSliced(keys="image", spatial_size=size),
+                           Sam3Normalized(keys="image", levels=True)])
+    previous, out = torch.get_num_threads(), {}
+    try:
+        for threads in (1, 2):
+            torch.set_num_threads(threads)
+            out[threads] = (chain(entry)[0]["image"], monai_chain(entry)["image"])
+    finally:
+        torch.set_num_threads(previous)
+    (ours_1, monai_1), (ours_2, monai_2) = out[1], out[2]
+    assert int(np.prod(ours_1.meta["spatial_shape"])) <= slices_module.EAGER_MAX_PIXELS  # resized whole
+    assert ours_1.dtype == torch.uint8 and ours_1.shape == (3, size, size)
+    assert torch.equal(ours_1.as_tensor(), ours_2.as_tensor())
+    assert torch.equal(ours_2.as_tensor(), monai_2.as_tensor())
+    assert not torch.equal(monai_1.as_tensor(), monai_2.as_tensor())
+    ops = [[{k: v for k, v in op.items() if k != "id"} for op in image.applied_operations]
+           for image in (ours_1, monai_1)]
+    assert ops[0] == ops[1]
+    back = invert({"image": ours_1}, chain, torch.zeros(1, size, size))
+    assert back.shape == (1, *ours_1.meta["spatial_shape"])

@@ -56,9 +56,10 @@ __all__ = [
 SLICE_META_KEYS = ("slice_index", "slice_axis", "slice_transposed", "volume_shape", "volume_affine")
 #: 2D pictures from this many pixels show a progress bar (stderr) over their tiled passes
 PROGRESS_MIN_PIXELS = 16_000_000
-#: 2D pictures up to this many pixels take MONAI's own resize to the slice space (its result bit for bit, a few
-#: MB); larger ones the tiled passes (equal up to float rounding, memory independent of the picture's size). The
-#: way back, whatever the size, is ``inferers.boundary_merge``'s.
+#: 2D pictures up to this many pixels are resized whole (MONAI's resize, or its interpolation channel by channel:
+#: its result bit for bit on more than one thread, a few MB); larger ones the tiled passes (equal up to float
+#: rounding, memory independent of the picture's size). The way back, whatever the size, is
+#: ``inferers.boundary_merge``'s.
 EAGER_MAX_PIXELS = 1 << 18
 
 
@@ -405,9 +406,11 @@ class TiledResizeToSliced(ResizeToSliced):
     (:func:`~medsam3_monai.transforms.intensity.apply_intensity`), then the banded resize matrices of
     :func:`resize_operator` (MONAI ``Resize``'s anti-aliasing and bilinear interpolation). Memory: the picture
     plus one tile, whatever the picture's size; output and recorded operation as ``ResizeToSliced``'s (so
-    ``Invertd`` inverts it), values equal up to float rounding. Everything else (volume slices, images with
-    intensities, other modes, pictures of at most ``EAGER_MAX_PIXELS``: their intensities applied first) goes to
-    ``ResizeToSliced`` unchanged.
+    ``Invertd`` inverts it), values equal up to float rounding. A picture of at most ``EAGER_MAX_PIXELS`` is resized
+    whole: where MONAI would only interpolate (no anti-aliasing shrink), channel by channel with ``F.interpolate``,
+    MONAI's values as ATen computes them on more than one thread, whatever the threads (:meth:`_by_channel`); else by
+    ``ResizeToSliced`` after its intensities. Everything else (volume slices, images with intensities, other modes)
+    goes to ``ResizeToSliced`` unchanged.
 
     Args:
         progress: a progress bar (stderr) over the tiles of pictures of at least ``PROGRESS_MIN_PIXELS``.
@@ -431,13 +434,57 @@ class TiledResizeToSliced(ResizeToSliced):
             kwargs = {"mode": mode, "align_corners": align_corners, "anti_aliasing": anti_aliasing,
                       "anti_aliasing_sigma": sigma, "dtype": dtype, "lazy": lazy_}
             small = img.shape[1] * img.shape[2] <= EAGER_MAX_PIXELS
+            plain_bilinear = mode == "bilinear" and not align_corners and sigma is None and not lazy_
             if pending_intensity(img) is None:
                 d[key] = self.resizer(img, **kwargs)
-            elif mode == "bilinear" and not align_corners and sigma is None and not lazy_ and not small:
+            elif plain_bilinear and not small:
                 d[key] = self._tiled(img, bool(anti_aliasing), align_corners, dtype, source_name(img, d, key))
+            elif plain_bilinear and not self._smooths(img, bool(anti_aliasing)):
+                d[key] = self._by_channel(img, align_corners, dtype)
             else:
                 d[key] = self.resizer(materialize_intensity(img), **kwargs)
         return d
+
+    def _smooths(self, img: Any, anti_aliasing: bool) -> bool:
+        """Whether MONAI's ``Resize`` does more than interpolate ``img``: smooth it first (anti-aliasing, when a side
+        shrinks) or keep it as it is (already S x S)."""
+        height, width = (int(v) for v in img.shape[1:])
+        if (height, width) == (self.spatial_size, self.spatial_size):
+            return True
+        return anti_aliasing and max(height, width) > self.spatial_size
+
+    def _by_channel(self, img: MetaTensor, align_corners: bool | None, dtype: Any) -> MetaTensor:
+        """A picture of at most ``EAGER_MAX_PIXELS`` whose resize is plain bilinear interpolation: its intensities,
+        then ``F.interpolate`` with the channels as the batch (a grey picture once, then repeated). These are MONAI
+        ``Resize``'s values as ATen computes them on more than one thread; on one thread (DataLoader workers) ATen
+        resizes 3 channels with a second kernel that rounds differently in the last float bit and takes 3-4x the
+        time, so this keeps a picture's input the same whatever the threads."""
+        spec = pending_intensity(img)
+        source = img.as_tensor() if isinstance(img, MetaTensor) else torch.as_tensor(img)
+        height, width = (int(v) for v in source.shape[1:])
+        values = apply_intensity(source, spec, repeat=False).float()
+        out = torch.nn.functional.interpolate(values[:, None], size=(self.spatial_size, self.spatial_size),
+                                              mode="bilinear", align_corners=False)[:, 0]
+        if int(spec.get("repeat", 1)) > 1:
+            out = out.repeat(int(spec["repeat"]), 1, 1)
+        return self._recorded(img, out, (height, width), align_corners, dtype)
+
+    def _recorded(self, img: Any, out: torch.Tensor, hw: tuple[int, int], align_corners: bool | None,
+                  dtype: Any) -> MetaTensor:
+        """``out`` with the record MONAI's ``Resize`` would make (``functional.resize``), so that ``Invertd`` inverts
+        it, and without the pending intensity."""
+        size = (self.spatial_size, self.spatial_size)
+        orig_size = img.peek_pending_shape() if isinstance(img, MetaTensor) else hw
+        torch_dtype = get_equivalent_dtype(dtype or self.resizer.dtype or torch.float32, torch.Tensor)
+        extra_info = {"mode": "bilinear", "align_corners": TraceKeys.NONE if align_corners is None else align_corners,
+                      "dtype": str(torch_dtype)[6:], "new_dim": 0}
+        meta_info = TraceableTransform.track_transform_meta(
+            img, sp_size=size, affine=scale_affine(orig_size, size, align_corners=False), extra_info=extra_info,
+            orig_size=orig_size, transform_info=self.resizer.get_transform_info(), lazy=False,
+        )
+        out = MetaTensor(out).copy_meta_from(meta_info)
+        out.meta.pop(PENDING_INTENSITY, None)
+        return out
 
     def _tiled(self, img: MetaTensor, anti_aliasing: bool, align_corners: bool | None, dtype: Any,
                path: str | None) -> MetaTensor:
@@ -472,15 +519,4 @@ class TiledResizeToSliced(ResizeToSliced):
         out = acc.float()
         if int(spec.get("repeat", 1)) > 1:
             out = out.repeat(int(spec["repeat"]), 1, 1)
-        # the record MONAI's Resize would make (functional.resize), so that Invertd inverts it
-        orig_size = img.peek_pending_shape() if isinstance(img, MetaTensor) else (height, width)
-        torch_dtype = get_equivalent_dtype(dtype or self.resizer.dtype or torch.float32, torch.Tensor)
-        extra_info = {"mode": "bilinear", "align_corners": TraceKeys.NONE if align_corners is None else align_corners,
-                      "dtype": str(torch_dtype)[6:], "new_dim": 0}
-        meta_info = TraceableTransform.track_transform_meta(
-            img, sp_size=size, affine=scale_affine(orig_size, size, align_corners=False), extra_info=extra_info,
-            orig_size=orig_size, transform_info=self.resizer.get_transform_info(), lazy=False,
-        )
-        out = MetaTensor(out).copy_meta_from(meta_info)
-        out.meta.pop(PENDING_INTENSITY, None)
-        return out
+        return self._recorded(img, out, (height, width), align_corners, dtype)
