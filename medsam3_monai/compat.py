@@ -6,10 +6,10 @@ Everything else in the project uses public APIs. What is here, and why:
   nor to skip batches of the running epoch (exact mid-epoch resume): ``Engine._event_handlers`` and
   ``Engine._dataloader_iter``.
 * transformers' SAM3 tracker is public only through its processor, which would pre-process every slice again;
-  we drive ``Sam3TrackerVideoInferenceSession`` directly (feature cache, mask prompts, frames made on
-  demand). That class changes between
-  releases, so the supported transformers versions are pinned (``SUPPORTED_TRANSFORMERS``, also in
-  ``pyproject.toml``) and ``tests/test_compat.py`` fails on a version whose session differs.
+  we drive ``Sam3TrackerVideoInferenceSession`` directly (feature cache, mask prompts, frames made on demand).
+  That class changes between releases, so the supported transformers versions are pinned
+  (``SUPPORTED_TRANSFORMERS``, also in ``pyproject.toml``) and ``tests/test_compat.py`` fails on a version whose
+  session differs.
 """
 
 from __future__ import annotations

@@ -465,14 +465,16 @@ class TiledResizeToSliced(ResizeToSliced):
         values = apply_intensity(source, spec, repeat=False).float()
         out = torch.nn.functional.interpolate(values[:, None], size=(self.spatial_size, self.spatial_size),
                                               mode="bilinear", align_corners=False)[:, 0]
-        if int(spec.get("repeat", 1)) > 1:
-            out = out.repeat(int(spec["repeat"]), 1, 1)
         return self._recorded(img, out, (height, width), align_corners, dtype)
 
     def _recorded(self, img: Any, out: torch.Tensor, hw: tuple[int, int], align_corners: bool | None,
                   dtype: Any) -> MetaTensor:
-        """``out`` with the record MONAI's ``Resize`` would make (``functional.resize``), so that ``Invertd`` inverts
-        it, and without the pending intensity."""
+        """The resized intensities ``out`` of ``img`` (its pending intensity's channels) repeated as that intensity
+        records (``GreyToRGBd``), with the record MONAI's ``Resize`` would make (``functional.resize``), so that
+        ``Invertd`` inverts it, and without the pending intensity."""
+        repeat = int(pending_intensity(img).get("repeat", 1))
+        if repeat > 1:
+            out = out.repeat(repeat, 1, 1)
         size = (self.spatial_size, self.spatial_size)
         orig_size = img.peek_pending_shape() if isinstance(img, MetaTensor) else hw
         torch_dtype = get_equivalent_dtype(dtype or self.resizer.dtype or torch.float32, torch.Tensor)
@@ -516,7 +518,4 @@ class TiledResizeToSliced(ResizeToSliced):
                     lo, hi = int(out_rows[0]), int(out_rows[-1]) + 1
                     acc[:, lo:hi] += rows_op[lo:hi, start:stop] @ tile
                 bar.update(stop - start)
-        out = acc.float()
-        if int(spec.get("repeat", 1)) > 1:
-            out = out.repeat(int(spec["repeat"]), 1, 1)
-        return self._recorded(img, out, (height, width), align_corners, dtype)
+        return self._recorded(img, acc.float(), (height, width), align_corners, dtype)
