@@ -393,6 +393,13 @@ def _column_blocks(matrix: torch.Tensor, block: int = 16) -> list[tuple[int, int
     return pieces
 
 
+def _intensities(tile: torch.Tensor, spec: Mapping[str, Any] | None) -> torch.Tensor:
+    """Rows of a picture ``(C, rows, W)`` -> the values to resize: its pending intensity ``spec`` applied without
+    the recorded repeat (:func:`~medsam3_monai.transforms.intensity.apply_intensity`), or the rows themselves when
+    none is pending (intensities applied already)."""
+    return tile if spec is None else apply_intensity(tile, spec, repeat=False)
+
+
 def tile_progress(total: int, desc: str, show: bool):
     """A tqdm bar (stderr, cleared when done) over ``total`` rows of tiled passes; inert unless ``show``."""
     from tqdm import tqdm
@@ -440,9 +447,9 @@ class TiledResizeToSliced(ResizeToSliced):
             kwargs = {"mode": mode, "align_corners": align_corners, "anti_aliasing": anti_aliasing,
                       "anti_aliasing_sigma": sigma, "dtype": dtype, "lazy": lazy_}
             pixels = img.shape[1] * img.shape[2]
-            plain_bilinear = mode == "bilinear" and not align_corners and sigma is None and not lazy_
-            # MONAI's own Resize for what is not a MetaTensor picture (nothing to record on) or that it only copies
-            plain_bilinear = plain_bilinear and isinstance(img, MetaTensor)
+            # MONAI's own Resize for anything else, and for what is not a MetaTensor (nothing to record on)
+            plain_bilinear = (mode == "bilinear" and not align_corners and sigma is None and not lazy_
+                              and isinstance(img, MetaTensor))
             interpolates = plain_bilinear and not self._smooths(img, bool(anti_aliasing))
             if interpolates and pixels <= INTERPOLATE_MAX_PIXELS:
                 d[key] = self._by_channel(img, align_corners, dtype)
@@ -470,7 +477,7 @@ class TiledResizeToSliced(ResizeToSliced):
         spec = pending_intensity(img)
         source = img.as_tensor() if isinstance(img, MetaTensor) else torch.as_tensor(img)
         height, width = (int(v) for v in source.shape[1:])
-        values = (source if spec is None else apply_intensity(source, spec, repeat=False)).float()
+        values = _intensities(source, spec).float()
         out = torch.nn.functional.interpolate(values[:, None], size=(self.spatial_size, self.spatial_size),
                                               mode="bilinear", align_corners=False)[:, 0]
         return self._recorded(img, out, (height, width), align_corners, dtype)
@@ -514,10 +521,7 @@ class TiledResizeToSliced(ResizeToSliced):
         desc = f"{Path(path).name if path else 'image'}: {height}x{width} -> {size[0]}x{size[1]}"
         with tile_progress(height, desc, show) as bar:
             for start, stop in row_tiles(height, width, source.shape[0]):
-                values = source[:, start:stop] if spec is None else apply_intensity(source[:, start:stop], spec,
-                                                                                      repeat=False)
-                values = values.double()
-                values = values.reshape(-1, width)
+                values = _intensities(source[:, start:stop], spec).double().reshape(-1, width)
                 tile = torch.empty(values.shape[0], size[1], dtype=torch.float64)
                 for out_start, out_stop, in_start, in_stop, block in columns:  # the column pass, band by band
                     tile[:, out_start:out_stop] = values[:, in_start:in_stop] @ block
