@@ -8,8 +8,9 @@ Prints one JSON object. 2D, on real samples from ../shared/data (Kvasir-SEG JPEG
 * ``segment_image_ms``: the 2D inference (forward + the protocol + upsampling to S x S).
 * ``case_ms``: one evaluator iteration on a preprocessed case: inference, ``Invertd`` back to the image's own
   size, class merge and the per-prompt metrics (``post_ms`` = case_ms - segment_image_ms: the part that works
-  at the native resolution, so it grows with the image's pixel count, not with the network). **Headline ratio** ``case_over_forward`` = case_ms /
-  forward_ms (target <= 1.10): what evaluation adds to the network, loading and report writing excluded.
+  at the native resolution, so it grows with the image's pixel count, not with the network). **Headline ratio**
+  ``case_over_forward`` = case_ms / forward_ms (target <= 1.10): what evaluation adds to the network, loading and
+  report writing excluded.
 * ``bare_case_ms``: the same work with no pipeline around it -- ``segment_image``, the native-size label map
   (``inferers.boundary_merge.boundary_label_index``) and the overlap counts (``metrics.label_overlaps``) -- and
   ``bare_case_over_forward``: what the pipeline's algorithms cost without MONAI's transforms and the records.
@@ -22,7 +23,9 @@ Prints one JSON object. 2D, on real samples from ../shared/data (Kvasir-SEG JPEG
 * ``loading_ms`` (read + decode + intensity + resize + normalise) and ``with_loading_over_forward`` for the
   whole per-image cost; ``report_s`` the one-off report writing (cases.csv, tables, radar; no MLflow).
 
-Each number is the median over ``--repeats`` runs after a warm-up, per image, averaged over the images.
+Each number is the median over ``--repeats`` runs after a warm-up, per image, averaged over the images; the forward
+and the entries set against it run in turn within each round (``interleaved_ms``), so that a shared machine's
+changing load weighs on both sides of a ratio alike.
 ``multi_class_metrics``: the metrics of a synthetic 20-class label map of 100 x 256 x 256 voxels (no spacing) as
 the evaluation computes them (``metrics.label_map_metrics``: one joint histogram for all classes) against class by
 class (each class's masks and ``case_metrics``), seconds and their ratio (the counts are checked equal).
@@ -80,6 +83,16 @@ def median_ms(fn, repeats: int, warmup: int = 2, device: torch.device | None = N
         run()
         times.append(time.perf_counter() - start)
     return 1000.0 * statistics.median(times)
+
+
+def interleaved_ms(fns: dict, repeats: int, warmup: int = 2, device: torch.device | None = None) -> dict:
+    """Median milliseconds of each of ``fns`` (name -> callable), run in turn within each round, so that the
+    machine's load on a shared host weighs on all of them alike (their ratios are what the benchmark reports)."""
+    times = {name: [] for name in fns}
+    for _ in range(warmup + repeats):
+        for name, fn in fns.items():
+            times[name].append(median_ms(fn, 1, warmup=0, device=device))
+    return {name: statistics.median(values[warmup:]) for name, values in times.items()}
 
 
 def datalists(folder: Path) -> tuple[list[Path], str]:
@@ -156,14 +169,15 @@ def bench_2d(network, repeats: int, folder: Path, report: bool = True) -> dict:
             return np.count_nonzero(mask & wanted), np.count_nonzero(mask), np.count_nonzero(wanted)
 
         with torch.no_grad():
-            per_image["forward_ms"].append(median_ms(lambda: network(image, prompts, pixels_normalized=True), repeats,
-                                                     device=device))
-            per_image["segment_image_ms"].append(median_ms(lambda: segment_image(network, image[0], prompts), repeats,
-                                                           device=device))
-            per_image["case_ms"].append(median_ms(lambda: case_records(inferer(case, network), inferer.label), repeats,
-                                                  device=device))
-            per_image["bare_case_ms"].append(median_ms(bare_case, repeats, device=device))
-            per_image["floor_case_ms"].append(median_ms(floor_case, repeats, device=device))
+            timed = interleaved_ms({
+                "forward_ms": lambda: network(image, prompts, pixels_normalized=True),
+                "segment_image_ms": lambda: segment_image(network, image[0], prompts),
+                "case_ms": lambda: case_records(inferer(case, network), inferer.label),
+                "bare_case_ms": bare_case,
+                "floor_case_ms": floor_case,
+            }, repeats, device=device)
+        for name, ms in timed.items():
+            per_image[name].append(ms)
         per_image["loading_ms"].append(median_ms(lambda: transform(item), max(3, repeats // 3), warmup=1))
     mean = {k: statistics.fmean(v) for k, v in per_image.items()}
     batched = _bench_batched(network, inferer, [transform(item) for item in items[:BATCH]], repeats, device)
@@ -203,10 +217,11 @@ def _bench_batched(network, inferer, cases: list, repeats: int, device: torch.de
     queries = [text for texts in prompts for text in texts]
     ids = torch.repeat_interleave(torch.arange(len(cases)), torch.tensor([len(texts) for texts in prompts]))
     with torch.no_grad():
-        forward_ms = median_ms(lambda: network(images, queries, image_ids=ids, pixels_normalized=True), repeats,
-                               device=device)
-        case_ms = median_ms(lambda: [case_records(p, inferer.label) for p in inferer.infer_cases(cases, network)],
-                            repeats, device=device)
+        timed = interleaved_ms({
+            "forward": lambda: network(images, queries, image_ids=ids, pixels_normalized=True),
+            "case": lambda: [case_records(p, inferer.label) for p in inferer.infer_cases(cases, network)],
+        }, repeats, device=device)
+    forward_ms, case_ms = timed["forward"], timed["case"]
     return {"batch": len(cases), "batched_forward_ms_per_image": round(forward_ms / len(cases), 3),
             "batched_case_ms_per_image": round(case_ms / len(cases), 3),
             "batched_case_over_forward": round(case_ms / forward_ms, 4)}
@@ -352,7 +367,8 @@ def _bench_3d(network, tracker, folder: Path, work: Path, repeats: int) -> dict:
     for factor in (1, 2, 4):
         stem = work / f"x{factor}"
         nib.save(nib.Nifti1Image(np.concatenate([image] * factor, axis=2), affine), f"{stem}_img.nii.gz")
-        nib.save(nib.Nifti1Image(np.concatenate([label] * factor, axis=2).astype(np.uint8), affine), f"{stem}_lab.nii.gz")
+        labels = np.concatenate([label] * factor, axis=2).astype(np.uint8)
+        nib.save(nib.Nifti1Image(labels, affine), f"{stem}_lab.nii.gz")
         item = {"image": f"{stem}_img.nii.gz", "label": f"{stem}_lab.nii.gz", "dataset": "MSD_Task04_Hippocampus",
                 "modality": "MRI", "prompts": {"1": "anterior hippocampus", "2": "posterior hippocampus"},
                 "mask_encoding": "label_map", "case": f"x{factor}"}
