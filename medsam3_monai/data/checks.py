@@ -7,6 +7,8 @@ from pathlib import Path
 
 import numpy as np
 
+from ..distinct import distinct_values
+
 __all__ = ["is_nifti", "label_values", "spatial_shape", "unknown_label_values"]
 
 
@@ -37,7 +39,7 @@ def label_values(path: Path) -> set[int]:
 
         with Image.open(path) as image:
             data = np.asarray(image)
-    values = np.unique(data)
+    values = distinct_values(data)
     if values.dtype.kind == "f" and not np.all(np.mod(values, 1) == 0):
         raise ValueError(f"non-integer label values, e.g. {values[np.mod(values, 1) != 0][:3].tolist()}")
     return {int(v) for v in values}

@@ -24,6 +24,7 @@ from monai.data import MetaTensor
 from monai.transforms import MapTransform
 from scipy import ndimage
 
+from ..distinct import distinct_values
 from ..instance_masks import InstanceMasks
 from .errors import DataError, source_name
 from .labels import parse_prompts, rule_for_label
@@ -68,7 +69,7 @@ def instance_regions(
         if instance_ids is None:
             raise ValueError("rule 'instance_ids' needs an instance-id map (mask_encoding 'instance_map')")
         ids = np.where(binary, instance_ids, 0)
-        id_values = np.unique(ids)
+        id_values = distinct_values(ids)
         id_values = id_values[id_values != 0]
     else:
         raise ValueError(f"unknown instance rule {rule!r}")

@@ -27,6 +27,7 @@ from monai.transforms import MapTransform
 from scipy import ndimage
 from skimage.morphology import convex_hull_image
 
+from ..distinct import distinct_values
 from .errors import DataError, source_name
 
 __all__ = ["MASK_ENCODINGS", "INSTANCE_RULES", "DecodeLabeld", "OutlineFillWarning", "parse_prompts",
@@ -193,7 +194,7 @@ class DecodeLabeld(MapTransform):
             rule = self.instance_rule if self.instance_rule is not None else d.get(self.rule_key)
             encoding = self.mask_encoding if self.mask_encoding is not None else d.get(self.encoding_key)
             array = (raw.as_tensor() if isinstance(raw, MetaTensor) else torch.as_tensor(raw)).numpy()
-            values = np.unique(array)
+            values = distinct_values(array)
             nonzero = {int(v) for v in values if v != 0}
             if encoding in (None, "auto"):
                 encoding = self._auto_encoding(prompts, rule, nonzero, path)
