@@ -85,7 +85,8 @@ def test_two_gloo_ranks_train_identical_parameters(shared_data: Path, tmp_path: 
     probe.write_text(json.dumps({"run": [
         f"${dump}(@network, @bundle_root + '/rank_states/init')",
         "$@train#trainer.run()",
-        f"${dump}(@network, @bundle_root + '/rank_states/final', indices=list(@train#sampler))",
+        f"${dump}(@network, @bundle_root + '/rank_states/final', indices=list(@train#sampler), "
+        "validation_indices=list(@validate#volume_loader.sampler))",
     ]}))
     configs = [str(CONFIGS / "train.json"), str(CONFIGS / "multi_gpu_train.json"), str(probe)]
     command = [
@@ -117,6 +118,9 @@ def test_two_gloo_ranks_train_identical_parameters(shared_data: Path, tmp_path: 
     shards = [states["final", rank]["indices"] for rank in (0, 1)]
     assert len(shards[0]) == len(shards[1]) == 3
     assert sorted(shards[0] + shards[1]) == list(range(6))
+    # ... validated complementary shards of the 3 validation items (uneven: each item on exactly one rank) ...
+    validation = [states["final", rank]["validation_indices"] for rank in (0, 1)]
+    assert sorted(validation[0] + validation[1]) == list(range(3)) and all(validation)
     # ... for 3 optimiser steps that moved the weights ...
     init = states["init", 0]["state_dict"]
     final0, final1 = states["final", 0]["state_dict"], states["final", 1]["state_dict"]

@@ -2,7 +2,7 @@
 
 from . import distributed
 from .checkpointing import TrainingCheckpoint, latest_checkpoint
-from .batch import PrepareFindBatch, collate_find_queries
+from .batch import ImageBudgetBatches, PrepareFindBatch, collate_find_queries, flatten_items
 from .evaluator import MedSAM3Evaluator, PromptDice, TopQueryDice, pred_and_label
 from .handlers import EpochSeedHandler, FinalCheckpoint, LossProgressBar, MLflowRunInfoHandler, TrainerIteration
 from .optim import build_optimizer, freeze_encoders
@@ -11,7 +11,7 @@ from .trainer import MedSAM3Trainer, autocast_for
 
 __all__ = [
     "distributed", "EpochSeedHandler", "TrainingCheckpoint", "latest_checkpoint", "FinalCheckpoint", "MLflowRunInfoHandler", "LossProgressBar", "TrainerIteration", "MedSAM3Evaluator", "MedSAM3Trainer",
-    "PrepareFindBatch", "PromptDice",
+    "ImageBudgetBatches", "PrepareFindBatch", "PromptDice",
     "TopQueryDice", "WarmupInverseSqrtLR", "autocast_for", "build_optimizer",
-    "collate_find_queries", "freeze_encoders", "inverse_sqrt_factor", "pred_and_label",
+    "collate_find_queries", "flatten_items", "freeze_encoders", "inverse_sqrt_factor", "pred_and_label",
 ]

@@ -8,7 +8,7 @@ images are stacked once and each query points at its image through ``image_ids``
 
 from __future__ import annotations
 
-from typing import Any, Sequence
+from typing import Any, Callable, Iterable, Iterator, Sequence
 
 import torch
 
@@ -27,6 +27,16 @@ def _stacked_images(images: Sequence[torch.Tensor]) -> torch.Tensor:
     return torch.stack([sam3_normalize(image) if image.dtype == torch.uint8 else image.float() for image in images])
 
 
+def flatten_items(items: Sequence[dict | Sequence[dict]]) -> list[dict]:
+    """The slice items of a loader batch: transforms may emit a list per datalist item (the slices of a volume).
+
+    Also the ``collate_fn`` of the volume loader under :class:`ImageBudgetBatches`."""
+    flat: list[dict] = []
+    for item in items:
+        flat.extend(item if isinstance(item, (list, tuple)) else [item])
+    return flat
+
+
 def collate_find_queries(items: Sequence[dict], box_prompts: bool = False) -> dict[str, Any]:
     """Collate items into a find-query batch.
 
@@ -37,9 +47,7 @@ def collate_find_queries(items: Sequence[dict], box_prompts: bool = False) -> di
         with ``box_prompts``: ``boxes`` (B, 1, 4) cxcywh of the largest component and ``box_labels`` (B, 1)
         (1, or -10 padding for prompts without a target); ``meta``: per-query dataset / case / label.
     """
-    flat: list[dict] = []
-    for item in items:  # transforms may emit a list per datalist item (slices of a volume)
-        flat.extend(item if isinstance(item, (list, tuple)) else [item])
+    flat = flatten_items(items)
     if not flat:
         raise ValueError("empty batch: no items to collate")
     images = _stacked_images([torch.as_tensor(item["image"]) for item in flat])
@@ -65,6 +73,44 @@ def collate_find_queries(items: Sequence[dict], box_prompts: bool = False) -> di
         batch["boxes"], batch["box_labels"] = largest_component_box_prompts(
             [m.union() if isinstance(m, InstanceMasks) else m.any(0) for m in masks])
     return batch
+
+
+class ImageBudgetBatches:
+    """Find-query batches of at most ``images_per_batch`` images from a loader of datalist items.
+
+    Validation slices every volume (``AxialSlicesd``): one loader batch of a few CT volumes is hundreds of slices,
+    and one forward over all of them (with 200 mask logits per query) does not fit a GPU. This iterable keeps the
+    slices of consecutive loader batches in a buffer and yields a collated batch whenever ``images_per_batch``
+    are there (the last one may be smaller); a volume may span two batches and a batch may hold the slices of
+    several volumes. Each batch is one Ignite iteration, so per-prompt metrics update batch by batch and memory
+    stays bounded by the budget, not by the volume size. The order of the slices is the loader's.
+
+    It has no length (slice counts are known only after loading); :class:`MedSAM3Evaluator` then ends each pass
+    when the loader is exhausted.
+
+    Args:
+        loader: iterable of lists of slice items, e.g. a ``DataLoader`` with ``collate_fn=flatten_items``.
+        images_per_batch: most images per yielded batch (per forward).
+        collate_fn: turns a list of slice items into a batch (default :func:`collate_find_queries`).
+    """
+
+    def __init__(self, loader: Iterable[Sequence[dict | Sequence[dict]]], images_per_batch: int = 8,
+                 collate_fn: Callable[[list[dict]], Any] = collate_find_queries) -> None:
+        if int(images_per_batch) < 1:
+            raise ValueError(f"images_per_batch must be a positive number of images, got {images_per_batch}")
+        self.loader = loader
+        self.images_per_batch = int(images_per_batch)
+        self.collate_fn = collate_fn
+
+    def __iter__(self) -> Iterator[Any]:
+        pending: list[dict] = []
+        for items in self.loader:
+            pending.extend(flatten_items(items))
+            while len(pending) >= self.images_per_batch:
+                yield self.collate_fn(pending[: self.images_per_batch])
+                pending = pending[self.images_per_batch:]
+        if pending:
+            yield self.collate_fn(pending)
 
 
 class PrepareFindBatch:

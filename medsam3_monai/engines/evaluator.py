@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+from collections.abc import Sized
 from typing import Any
 
 import torch
@@ -68,7 +69,12 @@ class MedSAM3Evaluator(SupervisedEvaluator):
         self.bf16 = bf16
 
     def run(self, global_epoch: int = 1) -> None:  # type: ignore[override]
-        """One validation pass; ``global_epoch`` 0 (validation before training starts) also runs exactly one."""
+        """One validation pass; ``global_epoch`` 0 (validation before training starts) also runs exactly one.
+
+        A loader without a length (``engines.ImageBudgetBatches``) is read to its end on every pass: Ignite
+        would otherwise keep the first pass's count of batches as the length of every later one."""
+        if not isinstance(self.data_loader, Sized):
+            self.state.epoch_length = None
         super().run(max(int(global_epoch), 1))
 
     def _iteration(self, engine: "MedSAM3Evaluator", batchdata: dict) -> dict:
