@@ -18,6 +18,7 @@ is made, and the resize is recorded for ``Invertd`` exactly as ``ResizeToSliced`
 
 from __future__ import annotations
 
+import functools
 import sys
 from collections.abc import Hashable, Mapping, Sequence
 from pathlib import Path
@@ -65,6 +66,9 @@ EAGER_MAX_PIXELS = 1 << 18
 #: of up to 1008 x 1008 does at SAM3's slice space) are interpolated whole, channel by channel, whatever
 #: ``EAGER_MAX_PIXELS`` says: a 1 Mpx RGB picture is 12 MB of floats
 INTERPOLATE_MAX_PIXELS = 1 << 20
+#: picture elements per row tile of the tiled resize (8 MB of float64 values): fewer, larger band products than
+#: the intensity tiles' size (a 1070 x 1348 picture resizes ~25% faster than in 2^18-element tiles)
+RESIZE_TILE_ELEMENTS = 1 << 20
 
 
 def axial_axis(affine: torch.Tensor | np.ndarray) -> int:
@@ -393,6 +397,15 @@ def _column_blocks(matrix: torch.Tensor, block: int = 16) -> list[tuple[int, int
     return pieces
 
 
+@functools.lru_cache(maxsize=32)
+def _resize_blocks(in_size: int, out_size: int,
+                   sigma: float | None) -> tuple[tuple[int, int, int, int, torch.Tensor], ...]:
+    """:func:`_column_blocks` of :func:`resize_operator` for one axis, kept for the next picture of that size (a
+    dataset's pictures mostly share a few sizes; building the operator is about a fifth of a 1.4-Mpx resize).
+    The blocks are read, never written."""
+    return tuple(_column_blocks(resize_operator(in_size, out_size, sigma)))
+
+
 def _intensities(tile: torch.Tensor, spec: Mapping[str, Any] | None) -> torch.Tensor:
     """Rows of a picture ``(C, rows, W)`` -> the values to resize: its pending intensity ``spec`` applied without
     the recorded repeat (:func:`~medsam3_monai.transforms.intensity.apply_intensity`), or the rows themselves when
@@ -513,14 +526,14 @@ class TiledResizeToSliced(ResizeToSliced):
         if anti_aliasing and any(out < orig for out, orig in zip(size, (height, width))):
             factors = torch.div(torch.Tensor([height, width]), torch.Tensor(list(size)))  # MONAI's float32 sigma
             sigmas = torch.maximum(torch.zeros(factors.shape), (factors - 1) / 2).tolist()
-        row_blocks = _column_blocks(resize_operator(height, size[0], sigmas[0]))
-        columns = _column_blocks(resize_operator(width, size[1], sigmas[1]))
+        row_blocks = _resize_blocks(height, size[0], sigmas[0])
+        columns = _resize_blocks(width, size[1], sigmas[1])
         channels = source.shape[0] if spec is None else int(spec["channels"]) if spec["grey"] == "none" else 1
         acc = torch.zeros(channels, *size, dtype=torch.float64)
         show = self.progress and height * width >= PROGRESS_MIN_PIXELS
         desc = f"{Path(path).name if path else 'image'}: {height}x{width} -> {size[0]}x{size[1]}"
         with tile_progress(height, desc, show) as bar:
-            for start, stop in row_tiles(height, width, source.shape[0]):
+            for start, stop in row_tiles(height, width, source.shape[0], RESIZE_TILE_ELEMENTS):
                 values = _intensities(source[:, start:stop], spec).double().reshape(-1, width)
                 tile = torch.empty(values.shape[0], size[1], dtype=torch.float64)
                 for out_start, out_stop, in_start, in_stop, block in columns:  # the column pass, band by band
