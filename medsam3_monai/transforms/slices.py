@@ -67,7 +67,7 @@ EAGER_MAX_PIXELS = 1 << 18
 #: ``EAGER_MAX_PIXELS`` says: a 1 Mpx RGB picture is 12 MB of floats
 INTERPOLATE_MAX_PIXELS = 1 << 20
 #: picture elements per row tile of the tiled resize (8 MB of float64 values): fewer, larger band products than
-#: the intensity tiles' size (a 1070 x 1348 picture resizes ~25% faster than in 2^18-element tiles)
+#: the intensity tiles' size (a 1070 x 1348 picture: ~30% less time than in the default tiles, 94 -> 67 ms)
 RESIZE_TILE_ELEMENTS = 1 << 20
 
 
