@@ -1,0 +1,82 @@
+"""Memory of one validation pass of the training bundle over sliced volumes, for a given ``val_images_per_batch``.
+
+The training bundle (``bundles/medsam3/configs/train.json``) validates every slice of each validation volume;
+``val_images_per_batch`` bounds the slices per forward. This builds the bundle's own ``validate#evaluator`` on the
+first ``--volumes`` validation volumes of the MSD hippocampus sample (tiny random-init network, no cache) and runs
+one pass. Each setting needs its own process (peak RSS is per process):
+
+    python scripts/bench_validation.py --images-per-batch 8
+    python scripts/bench_validation.py --images-per-batch 1000000   # every slice in one forward (the old way)
+
+Prints one JSON object: forwards (Ignite iterations), slices, the validation Dice, peak resident memory before and
+after the pass (GB), seconds.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import resource
+import sys
+import tempfile
+import time
+from pathlib import Path
+
+import torch
+
+REPO_ROOT = Path(__file__).resolve().parents[1]
+CONFIGS = REPO_ROOT / "bundles" / "medsam3" / "configs"
+HIPPOCAMPUS = "MSD_Task04_Hippocampus_cropped"
+
+
+def _peak_rss_gb() -> float:
+    return round(resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 2**20, 2)  # kB on Linux
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    parser.add_argument("--images-per-batch", type=int, default=8, help="val_images_per_batch (default 8)")
+    parser.add_argument("--volumes", type=int, default=4, help="validation volumes (default 4: one batch_size)")
+    parser.add_argument("--image-size", type=int, default=1008, help="slice size S (default 1008)")
+    parser.add_argument("--threads", type=int, default=2)
+    parser.add_argument("--data-root", default=str(REPO_ROOT.parent / "shared" / "data"))
+    args = parser.parse_args()
+    torch.set_num_threads(args.threads)
+    sys.path.insert(0, str(REPO_ROOT))
+
+    from ignite.engine import Events
+    from monai.bundle import ConfigWorkflow
+
+    from medsam3_monai.data import build_datalist, write_datalist
+
+    folder = Path(args.data_root) / HIPPOCAMPUS
+    if not folder.is_dir():
+        raise SystemExit(f"{folder}: not found (give --data-root, the folder holding {HIPPOCAMPUS})")
+    datalist = build_datalist(HIPPOCAMPUS, folder, check_values=False).datalist
+    datalist = {"training": datalist["training"][:1], "validation": datalist["validation"][: args.volumes]}
+    with tempfile.TemporaryDirectory() as work:
+        path = write_datalist(datalist, Path(work) / "hippocampus.json")
+        workflow = ConfigWorkflow(
+            config_file=str(CONFIGS / "train.json"), meta_file=str(CONFIGS / "metadata.json"),
+            logging_file=str(CONFIGS / "logging.conf"), workflow_type="train", bundle_root=str(Path(work) / "run"),
+            datalists=[str(path)], image_size=args.image_size, cache="none", val_protocol="semantic",
+            val_images_per_batch=args.images_per_batch,
+        )
+        workflow.initialize()
+        evaluator = workflow.parser.get_parsed_content("validate#evaluator")
+        slices: list[int] = []
+        evaluator.add_event_handler(Events.ITERATION_STARTED, lambda e: slices.append(len(e.state.batch["images"])))
+        before = _peak_rss_gb()
+        start = time.perf_counter()
+        evaluator.run()
+        seconds = time.perf_counter() - start
+    print(json.dumps({
+        "images_per_batch": args.images_per_batch, "volumes": args.volumes, "image_size": args.image_size,
+        "forwards": evaluator.state.iteration, "slices": sum(slices), "largest_forward": max(slices),
+        "val_dice": round(float(evaluator.state.metrics["val_dice"]), 6),
+        "peak_rss_gb_before": before, "peak_rss_gb": _peak_rss_gb(), "seconds": round(seconds, 1),
+    }, indent=1))
+
+
+if __name__ == "__main__":
+    main()
