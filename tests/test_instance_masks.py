@@ -153,3 +153,54 @@ def test_the_packed_scatter_for_accelerators_equals_the_crop_by_crop_copy():
     assert InstanceMasks((4, 5))._scatter_packed(torch.device("cpu")).shape == (0, 4, 5)
     empty_only = InstanceMasks.from_dense(torch.zeros(2, 4, 5, dtype=torch.bool))
     assert torch.equal(empty_only._scatter_packed(torch.device("cpu")), torch.zeros(2, 4, 5, dtype=torch.bool))
+
+
+def _labelled_regions(classes, label, rule):
+    """The general way of ``instance_regions`` (label or take the mask as id 1, count, box every id)."""
+    import numpy as np
+    from scipy import ndimage
+
+    binary = classes == label
+    if rule == "semantic":
+        ids, count = binary.astype(np.int32), 1
+    else:
+        ids, count = ndimage.label(binary, structure=np.ones((3,) * classes.ndim, dtype=bool))
+    areas = np.bincount(ids.ravel(), minlength=count + 1)[1:]
+    order = np.argsort(-areas, kind="stable")
+    boxes = ndimage.find_objects(ids, max_label=count)
+    return [(boxes[i], ids[boxes[i]] == i + 1) for i in order if areas[i] > 0]
+
+
+@pytest.mark.parametrize("rule", ["semantic", "components"])
+def test_a_mask_of_one_instance_gives_the_box_and_crop_of_labelling_it(rule):
+    """One polyp, one organ, a semantic class: box and crop come from the mask itself, without labelling it; they
+    are what labelling and ``find_objects`` give, in 2D and 3D, at the borders, and with ``min_area`` and caps."""
+    import numpy as np
+    from scipy import ndimage
+
+    from medsam3_monai.transforms import instance_regions
+
+    generator = np.random.default_rng(1)
+    checked = 0
+    for shape in [(1, 1), (7, 1), (40, 50), (9, 12, 11)]:
+        for _ in range(20):
+            blob = ndimage.binary_dilation(generator.random(shape) > 0.97, iterations=int(generator.integers(1, 6)))
+            classes = blob.astype(np.uint8) * 3
+            if rule == "components" and ndimage.label(blob, structure=np.ones((3,) * blob.ndim, bool))[1] != 1:
+                continue  # several components: the labelling path
+            found = instance_regions(classes, 3, rule)
+            expected = _labelled_regions(classes, 3, rule) if blob.any() else []
+            assert len(found) == len(expected) <= 1
+            for (box, crop), (box_expected, crop_expected) in zip(found, expected):
+                assert box == box_expected and crop.dtype == bool and np.array_equal(crop, crop_expected)
+                assert crop.flags.c_contiguous and not np.shares_memory(crop, classes)
+                area = int(crop.sum())
+                assert len(instance_regions(classes, 3, rule, min_area=area)) == 1
+                assert instance_regions(classes, 3, rule, min_area=area + 1) == []
+                assert instance_regions(classes, 3, rule, max_instances=0) == []
+                checked += 1
+    assert checked > 20
+    edge = np.zeros((6, 5), np.uint8)
+    edge[5, 4] = 1  # the last pixel
+    assert [(box, crop.tolist()) for box, crop in instance_regions(edge, 1, rule)] == [
+        ((slice(5, 6), slice(4, 5)), [[True]])]

@@ -414,3 +414,35 @@ def test_a_2d_nifti_comes_back_2d_with_its_qform_and_sform_codes(tmp_path, codes
     source_image = nib.load(str(source))
     assert np.allclose(written.affine, source_image.affine)
     assert json.loads(Path(f"{out}.json").read_text())["shape"] == [64, 64]
+
+
+@pytest.mark.parametrize("in_size, out_size, sigma", [(1348, 1008, 0.1687), (4000, 1008, 1.4841), (529, 1008, None),
+                                                      (5, 112, None), (300, 7, 3.0), (1, 9, None), (64, 64, 0.7)])
+def test_the_banded_resize_operator_is_the_matrix_summed_tap_by_tap(in_size, out_size, sigma):
+    """The resize operator is built as a band (no pass over the whole matrix): each entry is the float64 sum, tap by
+    tap, of the dense construction (Gaussian taps x bilinear shares, zero padding), and the cached column blocks
+    cover exactly the non-zero entries of their rows."""
+    from monai.networks.layers.convutils import gaussian_1d
+
+    first, second, first_weight, second_weight = slices.bilinear_weights(in_size, out_size)
+    kernel = (torch.ones(1, dtype=torch.float64) if sigma is None else
+              gaussian_1d(torch.tensor(float(sigma)), truncated=4.0, approx="erf").double())
+    radius = (kernel.numel() - 1) // 2
+    expected = torch.zeros(out_size, in_size, dtype=torch.float64)
+    for tap, weight in enumerate(kernel.tolist()):
+        for centre, share in ((first, first_weight.double()), (second, second_weight.double())):
+            for row, (column, part) in enumerate(zip((centre + tap - radius).tolist(), share.tolist())):
+                if 0 <= column < in_size:
+                    expected[row, column] += part * weight
+    matrix = slices.resize_operator(in_size, out_size, sigma)
+    assert matrix.dtype == torch.float64 and torch.equal(matrix, expected)
+    rebuilt = torch.zeros_like(matrix)
+    for out_start, out_stop, in_start, in_stop, block in slices._resize_blocks(in_size, out_size, sigma):
+        assert block.shape == (in_stop - in_start, out_stop - out_start) and block.is_contiguous()
+        outside = matrix[out_start:out_stop].clone()
+        outside[:, in_start:in_stop] = 0
+        assert not outside.any()  # every non-zero entry of these rows is inside the block
+        nonzero = matrix[out_start:out_stop].nonzero()[:, 1]
+        assert nonzero.numel() == 0 or (int(nonzero.min()), int(nonzero.max()) + 1) == (in_start, in_stop)
+        rebuilt[out_start:out_stop, in_start:in_stop] = block.T
+    assert torch.equal(rebuilt, matrix)

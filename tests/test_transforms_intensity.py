@@ -170,3 +170,24 @@ def test_totalsegmentator_mr_percentiles_on_real_data():
     assert out.shape == d["image"].shape
     assert float(out.min()) == 0.0 and float(out.max()) == 1.0
     assert 0.001 < float((out == 1.0).float().mean()) < 0.02  # the top 0.5 % saturate
+
+
+def test_levels_made_in_chunks_are_the_whole_picture_steps(monkeypatch):
+    """``sam3_levels`` quantises float pictures a chunk at a time: the same levels as clamp, scale and round over
+    the whole picture, for sizes around the chunk, any float dtype, strided views and values off [0, 1]."""
+    from medsam3_monai.transforms import intensity
+    from medsam3_monai.transforms.intensity import sam3_levels
+
+    monkeypatch.setattr(intensity, "LEVELS_CHUNK", 64)
+    generator = torch.Generator().manual_seed(0)
+    halves = torch.tensor([0.5, 1.5, 127.5, 254.5]) / 255.0  # rounding ties
+    for shape in [(1, 1, 1), (1, 8, 8), (1, 8, 9), (3, 13, 11), (2, 40, 7)]:
+        for dtype in (torch.float32, torch.float64, torch.float16):
+            x = (torch.rand(shape, generator=generator) * 1.4 - 0.2).to(dtype)
+            flat = x.view(-1)
+            flat[: halves.numel()] = halves[: flat.numel()].to(dtype)
+            for picture in (x, x.transpose(1, 2)):
+                whole = picture.to(torch.float32, copy=True).clamp_(0.0, 1.0).mul_(255.0).round_().to(torch.uint8)
+                levels = sam3_levels(picture)
+                assert levels.dtype == torch.uint8 and levels.shape == picture.shape
+                assert torch.equal(levels.contiguous(), whole), (shape, dtype)

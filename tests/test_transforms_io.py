@@ -18,6 +18,7 @@ from medsam3_monai.transforms import (
     LoadMedicalImaged,
     ResizeToSliced,
     ScaleIntensityByModalityd,
+    load_medical_image,
 )
 
 
@@ -304,3 +305,11 @@ def test_data_error_is_a_value_error_with_parts():
     assert isinstance(err, ValueError)
     assert str(err) == "/x/y.png: is broken. fix it"
     assert (err.path, err.problem, err.hint) == ("/x/y.png", "is broken", "fix it")
+
+
+def test_an_rgb_mask_reads_its_brightest_channel_per_pixel(tmp_path):
+    rgb = np.random.default_rng(0).integers(0, 256, (24, 40, 3), dtype=np.uint8)
+    path = _save(tmp_path, "mask_rgb.png", Image.fromarray(rgb))
+    label = load_medical_image(path, mask=True)
+    assert label.shape == (1, 24, 40) and label.dtype == torch.uint8
+    assert np.array_equal(label[0].numpy(), rgb.max(axis=-1))

@@ -57,35 +57,49 @@ def instance_regions(
         ``[(box, crop), ...]``: ``box`` the instance's bounding box (a tuple of slices of ``classes``), ``crop``
         the bool mask ``classes[box]``-shaped (tight: every border row and column holds the instance).
     """
+    if rule not in ("semantic", "components", "instance_ids"):
+        raise ValueError(f"unknown instance rule {rule!r}")
+    if rule == "instance_ids" and instance_ids is None:
+        raise ValueError("rule 'instance_ids' needs an instance-id map (mask_encoding 'instance_map')")
     binary = classes == label
     if not binary.any():
         return []
-    if rule == "semantic":
-        ids, id_values = binary.astype(np.int32), np.array([1])
-    elif rule == "components":
-        ids, count = ndimage.label(binary, structure=np.ones((3,) * binary.ndim, dtype=bool))
-        id_values = np.arange(1, count + 1)
-    elif rule == "instance_ids":
-        if instance_ids is None:
-            raise ValueError("rule 'instance_ids' needs an instance-id map (mask_encoding 'instance_map')")
+    if rule == "instance_ids":
         ids = np.where(binary, instance_ids, 0)
         id_values = distinct_values(ids)
         id_values = id_values[id_values != 0]
+        if id_values.size == 0:
+            return []
+        # compact relabelling 1..K (instance ids may be large and sparse)
+        lookup = np.zeros(int(ids.max()) + 1, dtype=np.int32)
+        lookup[id_values] = np.arange(1, id_values.size + 1, dtype=np.int32)
+        compact, count = lookup[ids], int(id_values.size)
+    elif rule == "components":  # ndimage.label numbers the components 1..K already
+        compact, count = ndimage.label(binary, structure=np.ones((3,) * binary.ndim, dtype=bool))
     else:
-        raise ValueError(f"unknown instance rule {rule!r}")
-    if id_values.size == 0:
-        return []
-    # compact relabelling 1..K (instance ids may be large and sparse), then areas by bincount
-    lookup = np.zeros(int(ids.max()) + 1, dtype=np.int32)
-    lookup[id_values] = np.arange(1, id_values.size + 1, dtype=np.int32)
-    compact = lookup[ids]
-    areas = np.bincount(compact.ravel(), minlength=id_values.size + 1)[1:]
+        compact, count = None, 1
+    if count == 1 and rule != "instance_ids":  # one instance (a semantic mask, one polyp): the mask itself
+        return _single_instance(binary, max_instances, min_area)
+    areas = np.bincount(compact.ravel(), minlength=count + 1)[1:]
     order = np.argsort(-areas, kind="stable")
     order = order[areas[order] >= max(min_area, 1)]
     if max_instances is not None:
         order = order[:max_instances]
-    boxes = ndimage.find_objects(compact, max_label=id_values.size)
+    boxes = ndimage.find_objects(compact, max_label=count)
     return [(boxes[i], compact[boxes[i]] == (i + 1)) for i in order]
+
+
+def _single_instance(binary: np.ndarray, max_instances: int | None,
+                     min_area: int) -> list[tuple[tuple[slice, ...], np.ndarray]]:
+    """:func:`instance_regions` of a mask ``binary`` (``(*spatial)`` bool, not empty) that is one instance: its
+    bounding box from one ``any`` per axis (what ``ndimage.find_objects`` gives) and the crop, without labelling."""
+    box = []
+    for axis in range(binary.ndim):
+        present = np.flatnonzero(binary.any(axis=tuple(a for a in range(binary.ndim) if a != axis)))
+        box.append(slice(int(present[0]), int(present[-1]) + 1))
+    crop = binary[tuple(box)].copy()
+    kept = max_instances is None or max_instances > 0
+    return [(tuple(box), crop)] if kept and np.count_nonzero(crop) >= max(min_area, 1) else []
 
 
 def instance_masks(classes: np.ndarray, *args: Any, **kwargs: Any) -> list[np.ndarray]:

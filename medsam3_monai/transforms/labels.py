@@ -194,20 +194,24 @@ class DecodeLabeld(MapTransform):
             rule = self.instance_rule if self.instance_rule is not None else d.get(self.rule_key)
             encoding = self.mask_encoding if self.mask_encoding is not None else d.get(self.encoding_key)
             array = (raw.as_tensor() if isinstance(raw, MetaTensor) else torch.as_tensor(raw)).numpy()
-            values = distinct_values(array)
-            nonzero = {int(v) for v in values if v != 0}
+            nonzero: set[int] | None = None  # the mask's values, read only where the encoding needs them
             if encoding in (None, "auto"):
+                nonzero = _nonzero_values(array)
                 encoding = self._auto_encoding(prompts, rule, nonzero, path)
             is_jpeg = bool(raw.meta.get("is_jpeg", False)) if isinstance(raw, MetaTensor) else False
             threshold = self.threshold if self.threshold is not None else (127 if is_jpeg else 0)
             if encoding == "label_map":
+                nonzero = _nonzero_values(array) if nonzero is None else nonzero
                 classes = self._check_label_map(array, prompts, nonzero, path)
             else:
                 class_id = self._binary_class(prompts, encoding, path)
                 foreground = array > threshold if encoding != "instance_map" else array > 0
                 if encoding == "outline":
                     foreground = _fill_outline(foreground, path)
-                classes = foreground.astype(np.uint8 if class_id <= 255 else np.int32) * class_id
+                if class_id == 1:  # bool is one byte of 0 or 1: the class map without a copy
+                    classes = foreground.view(np.uint8)
+                else:
+                    classes = foreground.astype(np.uint8 if class_id <= 255 else np.int32) * class_id
                 if encoding == "instance_map":
                     ids = torch.from_numpy(array.astype(np.int32))
                     d[self.instance_key] = _with_meta(ids, raw)
@@ -250,6 +254,11 @@ class DecodeLabeld(MapTransform):
             return next(iter(prompts))
         raise DataError(path, f"a {encoding} mask has one class (1) but the prompts name labels {sorted(prompts)}",
                         "map label '1' to the concept text")
+
+
+def _nonzero_values(array: np.ndarray) -> set[int]:
+    """The nonzero values of a mask (one counting pass, :func:`~medsam3_monai.distinct.distinct_values`)."""
+    return {int(v) for v in distinct_values(array) if v != 0}
 
 
 def _with_meta(out: torch.Tensor, ref: Any) -> torch.Tensor:

@@ -47,6 +47,7 @@ __all__ = [
     "axial_axis",
     "bilinear_two_pass",
     "bilinear_weights",
+    "resize_band",
     "resize_operator",
     "upsample_rows",
     "extract_slice",
@@ -353,9 +354,18 @@ def resize_operator(in_size: int, out_size: int, sigma: float | None = None) -> 
     Gaussian of ``sigma`` (MONAI ``GaussianSmooth``'s kernel: ``erf``, truncated at 4 sigma, zero padding; None:
     no smoothing), then bilinear interpolation with ``align_corners=False`` (``torch.nn.functional.interpolate``).
 
-    Each row has at most ``len(kernel) + 1`` non-zero entries (a band), so ``A_h @ X @ A_w.T`` resizes a picture
-    ``X`` one row tile at a time. Equal to MONAI's result up to float rounding (MONAI computes in float32).
+    Each row has at most ``len(kernel) + 1`` non-zero entries (a band: :func:`resize_band`), so
+    ``A_h @ X @ A_w.T`` resizes a picture ``X`` one row tile at a time. Equal to MONAI's result up to float rounding
+    (MONAI computes in float32).
     """
+    return _dense(*resize_band(in_size, out_size, sigma), in_size)[0]
+
+
+def resize_band(in_size: int, out_size: int, sigma: float | None = None) -> tuple[torch.Tensor, torch.Tensor]:
+    """:func:`resize_operator` without its zeros: ``band`` ``(out_size, width)`` float64 and ``low`` ``(out_size,)``
+    long, ``matrix[o, low[o] + k] = band[o, k]`` (``low`` may be negative; entries outside ``[0, in_size)`` are
+    zero). Each entry is summed tap by tap in the order of the dense construction (the same float64 values),
+    in ``O(out_size * width)`` instead of passes over the whole matrix."""
     from monai.networks.layers.convutils import gaussian_1d
 
     first, second, first_weight, second_weight = bilinear_weights(in_size, out_size)
@@ -364,28 +374,34 @@ def resize_operator(in_size: int, out_size: int, sigma: float | None = None) -> 
     else:
         kernel = gaussian_1d(torch.tensor(float(sigma), dtype=torch.float32), truncated=4.0, approx="erf").double()
         radius = (kernel.numel() - 1) // 2
-    matrix = torch.zeros(out_size, in_size, dtype=torch.float64)
+    low = first - radius
+    band = torch.zeros(out_size, int((second - first).max()) + 2 * radius + 1, dtype=torch.float64)
     rows = torch.arange(out_size)
     for tap, weight in enumerate(kernel.tolist()):
         for centre, share in ((first, first_weight.double()), (second, second_weight.double())):
             column = centre + tap - radius
             valid = (column >= 0) & (column < in_size)  # zero padding: taps outside the picture add nothing
-            matrix.index_put_((rows[valid], column[valid]), share[valid] * weight, accumulate=True)
-    return matrix
+            band.index_put_((rows[valid], (column - low)[valid]), share[valid] * weight, accumulate=True)
+    return band, low
 
 
-def _band(matrix: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
-    """Per row of ``matrix``: the first and one past the last column holding a non-zero entry."""
-    rows, columns = matrix.nonzero(as_tuple=True)  # a few per row: one pass over the matrix
-    first = torch.full((matrix.shape[0],), matrix.shape[1], dtype=torch.long)
-    last = torch.zeros(matrix.shape[0], dtype=torch.long)
-    return first.scatter_reduce_(0, rows, columns, "amin"), last.scatter_reduce_(0, rows, columns + 1, "amax")
+def _dense(band: torch.Tensor, low: torch.Tensor, in_size: int) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+    """:func:`resize_band` as its ``(out, in)`` matrix, with the first and one past the last column holding a
+    non-zero entry per row (``(out,)`` each; ``in``, 0 for a row of zeros)."""
+    rows, offsets = band.nonzero(as_tuple=True)
+    columns = low[rows] + offsets
+    matrix = torch.zeros(band.shape[0], in_size, dtype=torch.float64)
+    matrix[rows, columns] = band[rows, offsets]
+    first = torch.full((band.shape[0],), in_size, dtype=torch.long).scatter_reduce_(0, rows, columns, "amin")
+    last = torch.zeros(band.shape[0], dtype=torch.long).scatter_reduce_(0, rows, columns + 1, "amax")
+    return matrix, first, last
 
 
-def _column_blocks(matrix: torch.Tensor, block: int = 16) -> list[tuple[int, int, int, int, torch.Tensor]]:
+def _column_blocks(matrix: torch.Tensor, first: torch.Tensor, last: torch.Tensor, block: int = 16
+                   ) -> list[tuple[int, int, int, int, torch.Tensor]]:
     """``matrix`` (out, in) as ``(out_start, out_stop, in_start, in_stop, block.T)`` pieces of ``block`` output
-    columns each, keeping only the input columns their band touches (``x @ matrix.T`` piece by piece)."""
-    first, last = _band(matrix)
+    columns each, keeping only the input columns their band (``first:last`` per row, :func:`_dense`) touches
+    (``x @ matrix.T`` piece by piece)."""
     pieces = []
     for out_start in range(0, matrix.shape[0], block):
         out_stop = min(out_start + block, matrix.shape[0])
@@ -400,10 +416,9 @@ def _column_blocks(matrix: torch.Tensor, block: int = 16) -> list[tuple[int, int
 @functools.lru_cache(maxsize=32)
 def _resize_blocks(in_size: int, out_size: int,
                    sigma: float | None) -> tuple[tuple[int, int, int, int, torch.Tensor], ...]:
-    """:func:`_column_blocks` of :func:`resize_operator` for one axis, kept for the next picture of that size (a
-    dataset's pictures mostly share a few sizes; building the operator is about a fifth of a 1.4-Mpx resize).
-    The blocks are read, never written."""
-    return tuple(_column_blocks(resize_operator(in_size, out_size, sigma)))
+    """:func:`_column_blocks` of :func:`resize_band` for one axis, kept for the next picture of that size (a
+    dataset's pictures mostly share a few sizes). The blocks are read, never written."""
+    return tuple(_column_blocks(*_dense(*resize_band(in_size, out_size, sigma), in_size)))
 
 
 def _intensities(tile: torch.Tensor, spec: Mapping[str, Any] | None) -> torch.Tensor:
