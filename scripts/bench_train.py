@@ -1,9 +1,10 @@
 #!/usr/bin/env python
 """Benchmark training: iterations/s, images/s and peak memory of MedSAM3Trainer (the bundle's engine).
 
-Prints one JSON object. Synthetic find-query batches (random images, one prompt per image with random box
-targets and masks) go through the real iteration: MedSAM3Net forward, SetCriterion (all terms, one-to-many
-included), backward, gradient clipping, AdamW with SAM3's parameter groups.
+Prints one JSON object. Synthetic find-query batches, collated as the training bundle's loader collates slice-space
+items (random uint8 8-bit-level images as MONAI MetaTensors, one prompt per image with random box targets and masks),
+go through the real iteration: ``PrepareFindBatch`` (normalised on the device), MedSAM3Net forward, SetCriterion
+(all terms, one-to-many included), backward, gradient clipping, AdamW with SAM3's parameter groups.
 
     python scripts/bench_train.py                                   # tiny preset on CPU
     python scripts/bench_train.py --full --device cuda --batch 4    # full SAM3 at 1008 px, bf16 autocast
@@ -25,33 +26,37 @@ import time
 import torch
 from ignite.engine import Events
 
-from medsam3_monai.engines import MedSAM3Trainer, build_optimizer
+from medsam3_monai.engines import MedSAM3Trainer, PrepareFindBatch, build_optimizer
 from medsam3_monai.engines import autocast_for as trainer_autocast
 from medsam3_monai.losses import SetCriterion
-from medsam3_monai.losses.targets import FindTargets
+from medsam3_monai.engines.batch import collate_find_queries
 from medsam3_monai.networks import MedSAM3Net, full_sam3_config
 
 
 def synthetic_batch(batch: int, size: int, instances: int, seed: int = 0) -> dict:
-    """``batch`` images (3, S, S) with one prompt each and ``instances`` square targets (cxcywh + masks)."""
+    """A loader batch as the training bundle's gives it: ``batch`` slice-space items -- the image a MONAI
+    ``MetaTensor`` of uint8 8-bit levels (3, S, S), one prompt with ``instances`` square targets -- collated by
+    ``engines.collate_find_queries``."""
+    from monai.data import MetaTensor
+
+    from medsam3_monai.instance_masks import InstanceMasks
+
     generator = torch.Generator().manual_seed(seed)
-    boxes, masks = [], []
-    for _ in range(batch):
+    prompts = ["polyp", "liver tumor", "cell nucleus", "retinal blood vessel"] * (batch // 4 + 1)
+    items = []
+    for index in range(batch):
         centre = torch.rand(instances, 2, generator=generator) * 0.6 + 0.2
         side = torch.rand(instances, 1, generator=generator) * 0.2 + 0.1
         box = torch.cat([centre, side, side], dim=1)
         mask = torch.zeros(instances, size, size, dtype=torch.bool)
         for k, (cx, cy, w, h) in enumerate((box * size).round().long().tolist()):
             mask[k, max(cy - h // 2, 0): cy + h // 2, max(cx - w // 2, 0): cx + w // 2] = True
-        boxes.append(box)
-        masks.append(mask)
-    prompts = ["polyp", "liver tumor", "cell nucleus", "retinal blood vessel"] * (batch // 4 + 1)
-    return {
-        "images": torch.randn(batch, 3, size, size, generator=generator),
-        "prompts": prompts[:batch],
-        "image_ids": torch.arange(batch),
-        "targets": FindTargets.from_instances(boxes, masks),
-    }
+        image = MetaTensor(torch.randint(0, 256, (3, size, size), dtype=torch.uint8, generator=generator),
+                           meta={"filename_or_obj": f"synthetic_{index}.png"})
+        target = {"label": 1, "text": prompts[index], "boxes": box, "masks": InstanceMasks.from_dense(mask),
+                  "is_negative": False}
+        items.append({"image": image, "targets": [target]})
+    return collate_find_queries(items)
 
 
 def _sync(device: torch.device) -> None:
@@ -119,9 +124,8 @@ def main() -> None:
 
         with FlopCounterMode(display=False) as counter:
             with trainer_autocast(device, not args.no_bf16):
-                terms = SetCriterion()(network(batch["images"].to(device), prompts=batch["prompts"],
-                                               image_ids=batch["image_ids"].to(device), pixels_normalized=True),
-                                       batch["targets"].to(device))
+                images, targets, _, kwargs = PrepareFindBatch()(batch, device)
+                terms = SetCriterion()(network(images, **kwargs), targets)
             terms["loss"].backward()
         flops = counter.get_total_flops()
         result["train_step_tflop"] = round(flops / 1e12, 3)

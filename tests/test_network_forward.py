@@ -170,3 +170,38 @@ def test_bad_inputs_raise_clear_errors(tiny_net, tiny_images):
         tiny_net(tiny_images, ["a", "b", "c"])
     with pytest.raises(ValueError, match="boxes must be"):
         tiny_net(tiny_images, PROMPTS, boxes=torch.rand(2, 4))
+
+
+def test_metatensor_images_reach_the_network_as_plain_tensors(tiny_net):
+    """Slice-space images are MONAI MetaTensors (their metadata serves the way back); the network and the training
+    batch take them as plain tensors -- every operation of a MetaTensor goes through its ``__torch_function__`` --
+    with the same outputs."""
+    from monai.data import MetaTensor
+
+    from medsam3_monai.engines.batch import PrepareFindBatch, collate_find_queries
+    from medsam3_monai.networks import network_pixels
+    from medsam3_monai.transforms.targets import empty_target
+
+    levels = torch.randint(0, 256, (2, 3, tiny_net.image_size, tiny_net.image_size), dtype=torch.uint8,
+                           generator=torch.Generator().manual_seed(0))
+    wrapped = MetaTensor(levels.clone(), meta={"filename_or_obj": "a.png"})
+    types = set()
+    hooks = [m.register_forward_hook(lambda _m, _i, out: types.add(type(out[0] if isinstance(out, tuple) else out)))
+             for m in tiny_net.modules()]
+    try:
+        with torch.no_grad():
+            from_meta = tiny_net(wrapped, ["polyp", "liver"])
+            assert types and all(t is not MetaTensor for t in types)
+            plain = tiny_net(levels, ["polyp", "liver"])
+    finally:
+        for hook in hooks:
+            hook.remove()
+    for name in ("pred_logits", "pred_masks", "all_pred_boxes", "semantic_seg"):
+        value = getattr(from_meta, name)
+        assert type(value) is torch.Tensor and torch.equal(value, getattr(plain, name)), name
+    assert type(network_pixels(wrapped, "cpu")) is torch.Tensor
+    size = (tiny_net.image_size,) * 2
+    items = [{"image": MetaTensor(levels[i]), "targets": [empty_target("polyp", size)]} for i in range(2)]
+    batch = collate_find_queries(items)
+    assert type(batch["images"]) is torch.Tensor and torch.equal(batch["images"], levels)
+    assert type(PrepareFindBatch()(batch, "cpu")[0]) is torch.Tensor

@@ -15,7 +15,7 @@ import torch
 from ..boxes import largest_component_box_prompts
 from ..instance_masks import InstanceMasks
 from ..losses.targets import FindTargets
-from ..networks.medsam3_net import network_pixels
+from ..networks.medsam3_net import network_pixels, plain_tensor
 from ..transforms.intensity import sam3_normalize
 
 
@@ -50,7 +50,7 @@ def collate_find_queries(items: Sequence[dict], box_prompts: bool = False) -> di
     flat = flatten_items(items)
     if not flat:
         raise ValueError("empty batch: no items to collate")
-    images = _stacked_images([torch.as_tensor(item["image"]) for item in flat])
+    images = _stacked_images([plain_tensor(torch.as_tensor(item["image"])) for item in flat])  # no metadata
     prompts, image_ids, boxes, masks, meta = [], [], [], [], []
     for index, item in enumerate(flat):
         for target in item["targets"]:
