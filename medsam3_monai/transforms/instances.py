@@ -64,7 +64,13 @@ def instance_regions(
     binary = classes == label
     if not binary.any():
         return []
-    if rule == "instance_ids":
+    if rule == "semantic":  # the whole mask is the instance
+        return _single_instance(binary, max_instances, min_area)
+    if rule == "components":  # ndimage.label numbers the components 1..K already
+        compact, count = ndimage.label(binary, structure=np.ones((3,) * binary.ndim, dtype=bool))
+        if count == 1:  # one polyp, one organ: the mask itself
+            return _single_instance(binary, max_instances, min_area)
+    else:
         ids = np.where(binary, instance_ids, 0)
         id_values = distinct_values(ids)
         id_values = id_values[id_values != 0]
@@ -74,12 +80,6 @@ def instance_regions(
         lookup = np.zeros(int(ids.max()) + 1, dtype=np.int32)
         lookup[id_values] = np.arange(1, id_values.size + 1, dtype=np.int32)
         compact, count = lookup[ids], int(id_values.size)
-    elif rule == "components":  # ndimage.label numbers the components 1..K already
-        compact, count = ndimage.label(binary, structure=np.ones((3,) * binary.ndim, dtype=bool))
-    else:
-        compact, count = None, 1
-    if count == 1 and rule != "instance_ids":  # one instance (a semantic mask, one polyp): the mask itself
-        return _single_instance(binary, max_instances, min_area)
     areas = np.bincount(compact.ravel(), minlength=count + 1)[1:]
     order = np.argsort(-areas, kind="stable")
     order = order[areas[order] >= max(min_area, 1)]

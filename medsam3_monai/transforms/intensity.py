@@ -504,8 +504,13 @@ def _exact_levels(x: torch.Tensor, quantize: bool) -> torch.Tensor | None:
     if x.dtype == torch.uint8:
         return x.to(torch.float32)
     if quantize:  # one buffer, in place (a 1008-px RGB slice is 12 MB)
-        return x.to(torch.float32, copy=True).clamp_(0.0, 1.0).mul_(255.0).round_()
+        return _round_levels_(x.to(torch.float32, copy=True))
     return None
+
+
+def _round_levels_(values: torch.Tensor) -> torch.Tensor:
+    """float32 ``[0, 1]`` values -> their 8-bit levels as exact float32 integers, in place."""
+    return values.clamp_(0.0, 1.0).mul_(255.0).round_()
 
 
 def sam3_normalize(x: torch.Tensor, quantize: bool = True) -> torch.Tensor:
@@ -540,7 +545,7 @@ def sam3_levels(x: torch.Tensor) -> torch.Tensor:
     buffer = torch.empty(min(LEVELS_CHUNK, flat.numel()), dtype=torch.float32)
     for start in range(0, flat.numel(), LEVELS_CHUNK):
         chunk = buffer[: min(LEVELS_CHUNK, flat.numel() - start)]
-        chunk.copy_(flat[start:start + chunk.numel()]).clamp_(0.0, 1.0).mul_(255.0).round_()
+        _round_levels_(chunk.copy_(flat[start:start + chunk.numel()]))
         levels[start:start + chunk.numel()] = chunk
     return levels.view(x.shape)
 
