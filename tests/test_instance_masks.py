@@ -44,6 +44,28 @@ def test_resized_crops_equal_full_image_interpolation():
         assert boxes.shape == (6, 4)
 
 
+@pytest.mark.parametrize("block", [8, 64])
+def test_large_masks_resized_band_by_band_equal_full_image_interpolation(monkeypatch, block):
+    """Masks reaching more than ``2 * PRODUCT_BLOCK`` output rows or columns are resized block by block over the
+    weights' band only: the same masks as interpolating the whole image (up to a float tie at exactly 0.5)."""
+    import torch.nn.functional as F
+
+    from medsam3_monai.transforms import targets
+
+    monkeypatch.setattr(targets, "PRODUCT_BLOCK", block)
+    rows, columns = torch.meshgrid(torch.arange(301.0), torch.arange(403.0), indexing="ij")
+    native = torch.stack([((rows - 150) / 120) ** 2 + ((columns - 190) / 170) ** 2 < 1,  # a polyp-sized blob
+                          (rows + columns) % 37 < 18,  # stripes: edges everywhere
+                          torch.rand(301, 403, generator=torch.Generator().manual_seed(0)) > 0.5])
+    for size in ((1008, 1008), (450, 700), (150, 170)):  # up, mixed, down (antialiased)
+        crops, boxes = targets.resize_instances(native, size)
+        full = F.interpolate(native[None].float(), size=size, mode="bilinear", align_corners=False,
+                             antialias=size[0] < 301)[0] >= 0.5
+        if (size[0] < 301) == (size[1] < 403):  # torch antialiases both axes or neither
+            assert int((crops.to_dense() != full).sum()) <= 2, size
+        assert torch.equal(boxes, targets.masks_to_boxes_cxcywh(crops.to_dense()))
+
+
 @pytest.mark.slow
 def test_the_loss_of_a_real_batch_is_the_same_with_crops(shared_data: Path):
     from medsam3_monai.data import build_datalist

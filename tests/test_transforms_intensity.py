@@ -173,8 +173,9 @@ def test_totalsegmentator_mr_percentiles_on_real_data():
 
 
 def test_levels_made_in_chunks_are_the_whole_picture_steps(monkeypatch):
-    """``sam3_levels`` quantises float pictures a chunk at a time: the same levels as clamp, scale and round over
-    the whole picture, for sizes around the chunk, any float dtype, strided views and values off [0, 1]."""
+    """``sam3_levels`` quantises float pictures a chunk at a time with numpy: the same levels as torch's clamp, scale
+    and round over the whole picture, for sizes around the chunk, any float dtype (bfloat16 has no numpy twin),
+    strided views, values off [0, 1] and rounding ties."""
     from medsam3_monai.transforms import intensity
     from medsam3_monai.transforms.intensity import sam3_levels
 
@@ -182,7 +183,7 @@ def test_levels_made_in_chunks_are_the_whole_picture_steps(monkeypatch):
     generator = torch.Generator().manual_seed(0)
     halves = torch.tensor([0.5, 1.5, 127.5, 254.5]) / 255.0  # rounding ties
     for shape in [(1, 1, 1), (1, 8, 8), (1, 8, 9), (3, 13, 11), (2, 40, 7)]:
-        for dtype in (torch.float32, torch.float64, torch.float16):
+        for dtype in (torch.float32, torch.float64, torch.float16, torch.bfloat16):
             x = (torch.rand(shape, generator=generator) * 1.4 - 0.2).to(dtype)
             flat = x.view(-1)
             flat[: halves.numel()] = halves[: flat.numel()].to(dtype)

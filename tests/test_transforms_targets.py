@@ -121,6 +121,26 @@ def test_resize_masks_matches_full_bilinear_interpolation():
             assert int((ours != full).sum()) <= 2  # float rounding at exactly 0.5 only
 
 
+def test_interpolation_weights_from_combs_are_torchs_weights_of_the_identity():
+    """The weights come from a few interpolated combs instead of the whole identity: the same float32 values, up-
+    and down-sampling (antialiased), small inputs included; the band read from them is the dense matrix's."""
+    from medsam3_monai.transforms.targets import _axis_weights, interpolation_weights
+
+    for source, target in [(1, 5), (7, 3), (9, 9), (12, 40), (40, 12), (97, 1008), (529, 1008), (1348, 1008),
+                           (3001, 112), (112, 3001), (1008, 1007)]:
+        eye = torch.eye(source).view(1, source, 1, source)
+        reference = torch.nn.functional.interpolate(eye, size=(1, target), mode="bilinear", align_corners=False,
+                                                    antialias=target < source)[0, :, 0, :].T
+        assert torch.equal(interpolation_weights(source, target), reference), (source, target)
+        axis, reach = _axis_weights(source, target), reference.numpy() > 0
+        for o in (0, target // 2, target - 1):
+            inputs = np.flatnonzero(reach[o])
+            assert (axis.reads_from[o], axis.reads_to[o]) == (inputs[0], inputs[-1] + 1)
+        for i in (0, source // 2, source - 1):
+            outputs = np.flatnonzero(reach[:, i])
+            assert (axis.first[i], axis.last[i]) == ((outputs[0], outputs[-1]) if outputs.size else (target, -1))
+
+
 # ---------------------------------------------------------------- decoding and the catalogue
 
 

@@ -62,16 +62,19 @@ def instance_regions(
     if rule == "instance_ids" and instance_ids is None:
         raise ValueError("rule 'instance_ids' needs an instance-id map (mask_encoding 'instance_map')")
     binary = classes == label
-    if not binary.any():
+    box = _bounding_box(binary)
+    if box is None:
         return []
+    # every rule works inside the mask's bounding box: labelling and the id passes skip the empty margins
+    binary = binary[box]
     if rule == "semantic":  # the whole mask is the instance
-        return _single_instance(binary, max_instances, min_area)
+        return _single_instance(box, binary, max_instances, min_area)
     if rule == "components":  # ndimage.label numbers the components 1..K already
         compact, count = ndimage.label(binary, structure=np.ones((3,) * binary.ndim, dtype=bool))
         if count == 1:  # one polyp, one organ: the mask itself
-            return _single_instance(binary, max_instances, min_area)
+            return _single_instance(box, binary, max_instances, min_area)
     else:
-        ids = np.where(binary, instance_ids, 0)
+        ids = np.where(binary, instance_ids[box], 0)
         id_values = distinct_values(ids)
         id_values = id_values[id_values != 0]
         if id_values.size == 0:
@@ -86,20 +89,32 @@ def instance_regions(
     if max_instances is not None:
         order = order[:max_instances]
     boxes = ndimage.find_objects(compact, max_label=count)
-    return [(boxes[i], compact[boxes[i]] == (i + 1)) for i in order]
+    return [(_shifted(boxes[i], box), compact[boxes[i]] == (i + 1)) for i in order]
 
 
-def _single_instance(binary: np.ndarray, max_instances: int | None,
-                     min_area: int) -> list[tuple[tuple[slice, ...], np.ndarray]]:
-    """:func:`instance_regions` of a mask ``binary`` (``(*spatial)`` bool, not empty) that is one instance: its
-    bounding box from one ``any`` per axis (what ``ndimage.find_objects`` gives) and the crop, without labelling."""
+def _bounding_box(binary: np.ndarray) -> tuple[slice, ...] | None:
+    """The bounding box of a ``(*spatial)`` bool mask from one ``any`` per axis (what ``ndimage.find_objects``
+    gives for one label), or None when the mask is empty."""
     box = []
     for axis in range(binary.ndim):
         present = np.flatnonzero(binary.any(axis=tuple(a for a in range(binary.ndim) if a != axis)))
+        if present.size == 0:
+            return None
         box.append(slice(int(present[0]), int(present[-1]) + 1))
-    crop = binary[tuple(box)].copy()
+    return tuple(box)
+
+
+def _shifted(inner: tuple[slice, ...], outer: tuple[slice, ...]) -> tuple[slice, ...]:
+    """A box found inside the crop ``outer`` as a box of the whole map."""
+    return tuple(slice(o.start + i.start, o.start + i.stop) for i, o in zip(inner, outer))
+
+
+def _single_instance(box: tuple[slice, ...], crop: np.ndarray, max_instances: int | None,
+                     min_area: int) -> list[tuple[tuple[slice, ...], np.ndarray]]:
+    """:func:`instance_regions` of a mask that is one instance: its bounding ``box`` and the mask inside it
+    (``crop``, ``(*box)`` bool), without labelling."""
     kept = max_instances is None or max_instances > 0
-    return [(tuple(box), crop)] if kept and np.count_nonzero(crop) >= max(min_area, 1) else []
+    return [(box, crop.copy())] if kept and np.count_nonzero(crop) >= max(min_area, 1) else []
 
 
 def instance_masks(classes: np.ndarray, *args: Any, **kwargs: Any) -> list[np.ndarray]:

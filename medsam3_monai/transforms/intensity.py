@@ -503,14 +503,9 @@ def _exact_levels(x: torch.Tensor, quantize: bool) -> torch.Tensor | None:
     quantised (see :func:`sam3_normalize`)."""
     if x.dtype == torch.uint8:
         return x.to(torch.float32)
-    if quantize:  # one buffer, in place (a 1008-px RGB slice is 12 MB)
-        return _round_levels_(x.to(torch.float32, copy=True))
+    if quantize:  # one buffer, in place (a 1008-px RGB slice is 12 MB): clamp, scale, round half to even
+        return x.to(torch.float32, copy=True).clamp_(0.0, 1.0).mul_(255.0).round_()
     return None
-
-
-def _round_levels_(values: torch.Tensor) -> torch.Tensor:
-    """float32 ``[0, 1]`` values -> their 8-bit levels as exact float32 integers, in place."""
-    return values.clamp_(0.0, 1.0).mul_(255.0).round_()
 
 
 def sam3_normalize(x: torch.Tensor, quantize: bool = True) -> torch.Tensor:
@@ -532,22 +527,29 @@ def sam3_levels(x: torch.Tensor) -> torch.Tensor:
     """The 8-bit picture SAM3 sees: float ``[0, 1]`` (or uint8) -> uint8 levels, :func:`sam3_normalize`'s
     quantisation; ``normalize_pixels`` of the network turns them into :func:`sam3_normalize`'s values exactly.
 
-    Float input is quantised ``LEVELS_CHUNK`` elements at a time through one small float32 buffer (the steps of
-    :func:`_exact_levels`, element by element the same): the buffer stays in cache, where four passes over a
-    12 MB float picture would each go to memory."""
+    On the CPU, float input is quantised ``LEVELS_CHUNK`` elements at a time through one small float32 buffer
+    with numpy's ufuncs (the steps of :func:`_exact_levels`, element by element the same: clip, scale by 255, round
+    half to even): the buffer stays in cache, where four passes over a 12 MB float picture would each go to memory,
+    and numpy's calls cost less than torch's per chunk."""
     x = _plain(x)
     if x.dtype == torch.uint8:
         return x
     if x.device.type != "cpu":  # one kernel launch per step beats a loop of small ones
         return _exact_levels(x, True).to(torch.uint8)
-    flat = x.reshape(-1)
-    levels = torch.empty(flat.numel(), dtype=torch.uint8)
-    buffer = torch.empty(min(LEVELS_CHUNK, flat.numel()), dtype=torch.float32)
-    for start in range(0, flat.numel(), LEVELS_CHUNK):
-        chunk = buffer[: min(LEVELS_CHUNK, flat.numel() - start)]
-        _round_levels_(chunk.copy_(flat[start:start + chunk.numel()]))
-        levels[start:start + chunk.numel()] = chunk
-    return levels.view(x.shape)
+    flat = x.detach().reshape(-1)
+    if flat.dtype not in (torch.float16, torch.float32, torch.float64):  # (bfloat16: no numpy dtype)
+        flat = flat.float()
+    values = flat.numpy()
+    levels = np.empty(values.size, dtype=np.uint8)
+    buffer = np.empty(min(LEVELS_CHUNK, values.size), dtype=np.float32)
+    for start in range(0, values.size, LEVELS_CHUNK):
+        stop = min(start + LEVELS_CHUNK, values.size)
+        chunk = buffer[: stop - start]
+        np.clip(values[start:stop], 0.0, 1.0, out=chunk)  # clipped in the input's precision, then to float32:
+        np.multiply(chunk, np.float32(255.0), out=chunk)  # the same as converting first (0 and 1 are exact)
+        np.rint(chunk, out=chunk)
+        levels[start:stop] = chunk
+    return torch.from_numpy(levels).view(x.shape)
 
 
 def unit_pixels(x: torch.Tensor) -> torch.Tensor:

@@ -358,7 +358,7 @@ def resize_operator(in_size: int, out_size: int, sigma: float | None = None) -> 
     ``A_h @ X @ A_w.T`` resizes a picture ``X`` one row tile at a time. Equal to MONAI's result up to float rounding
     (MONAI computes in float32).
     """
-    return _dense(*resize_band(in_size, out_size, sigma), in_size)[0]
+    return _dense(*resize_band(in_size, out_size, sigma), in_size)
 
 
 def resize_band(in_size: int, out_size: int, sigma: float | None = None) -> tuple[torch.Tensor, torch.Tensor]:
@@ -385,31 +385,44 @@ def resize_band(in_size: int, out_size: int, sigma: float | None = None) -> tupl
     return band, low
 
 
-def _dense(band: torch.Tensor, low: torch.Tensor, in_size: int) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
-    """:func:`resize_band` as its ``(out, in)`` matrix, with the first and one past the last column holding a
-    non-zero entry per row (``(out,)`` each; ``in``, 0 for a row of zeros)."""
-    rows, offsets = band.nonzero(as_tuple=True)
-    columns = low[rows] + offsets
+def _dense(band: torch.Tensor, low: torch.Tensor, in_size: int) -> torch.Tensor:
+    """:func:`resize_band` as its ``(out, in)`` matrix."""
+    rows, columns, values = _entries(band, low)
     matrix = torch.zeros(band.shape[0], in_size, dtype=torch.float64)
-    matrix[rows, columns] = band[rows, offsets]
-    first = torch.full((band.shape[0],), in_size, dtype=torch.long).scatter_reduce_(0, rows, columns, "amin")
-    last = torch.zeros(band.shape[0], dtype=torch.long).scatter_reduce_(0, rows, columns + 1, "amax")
-    return matrix, first, last
+    matrix[rows, columns] = values
+    return matrix
 
 
-def _column_blocks(matrix: torch.Tensor, first: torch.Tensor, last: torch.Tensor, block: int = 16
+def _entries(band: torch.Tensor, low: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+    """The non-zero entries of :func:`resize_band`'s matrix: output row, input column, value (``(E,)`` each)."""
+    rows, offsets = band.nonzero(as_tuple=True)
+    return rows, low[rows] + offsets, band[rows, offsets]
+
+
+def _column_blocks(band: torch.Tensor, low: torch.Tensor, in_size: int, block: int = 16
                    ) -> list[tuple[int, int, int, int, torch.Tensor]]:
-    """``matrix`` (out, in) as ``(out_start, out_stop, in_start, in_stop, block.T)`` pieces of ``block`` output
-    columns each, keeping only the input columns their band (``first:last`` per row, :func:`_dense`) touches
-    (``x @ matrix.T`` piece by piece)."""
+    """:func:`resize_band`'s matrix (out, in) as ``(out_start, out_stop, in_start, in_stop, block.T)`` pieces of
+    ``block`` output columns each, keeping only the input columns their band touches (``x @ matrix.T`` piece by
+    piece), made from the band's entries without the dense matrix."""
+    rows, columns, values = _entries(band, low)
+    out_size = band.shape[0]
+    first = torch.full((out_size,), in_size, dtype=torch.long).scatter_reduce_(0, rows, columns, "amin")
+    last = torch.zeros(out_size, dtype=torch.long).scatter_reduce_(0, rows, columns + 1, "amax")
+    count = -(-out_size // block)
+    pad = count * block - out_size  # the last block's missing rows: no reach
+    in_starts = torch.cat([first, first.new_full((pad,), in_size)]).view(count, block).amin(1)
+    in_stops = torch.cat([last, last.new_zeros(pad)]).view(count, block).amax(1)
+    empty = in_stops <= in_starts  # blocks of zero rows: one input column of zeros
+    in_starts, in_stops = in_starts.masked_fill(empty, 0), in_stops.masked_fill(empty, 1)
+    # every piece in one zero buffer (block, widest band, block outputs), filled in one pass, then cut
+    buffer = torch.zeros(count, int((in_stops - in_starts).max()), block, dtype=torch.float64)
+    owner = rows // block
+    buffer[owner, columns - in_starts[owner], rows - owner * block] = values
     pieces = []
-    for out_start in range(0, matrix.shape[0], block):
-        out_stop = min(out_start + block, matrix.shape[0])
-        in_start, in_stop = int(first[out_start:out_stop].min()), int(last[out_start:out_stop].max())
-        if in_stop <= in_start:
-            in_start, in_stop = 0, 1
+    for index, (in_start, in_stop) in enumerate(zip(in_starts.tolist(), in_stops.tolist())):
+        out_start, out_stop = index * block, min(index * block + block, out_size)
         pieces.append((out_start, out_stop, in_start, in_stop,
-                       matrix[out_start:out_stop, in_start:in_stop].T.contiguous()))
+                       buffer[index, : in_stop - in_start, : out_stop - out_start].contiguous()))
     return pieces
 
 
@@ -418,7 +431,7 @@ def _resize_blocks(in_size: int, out_size: int,
                    sigma: float | None) -> tuple[tuple[int, int, int, int, torch.Tensor], ...]:
     """:func:`_column_blocks` of :func:`resize_band` for one axis, kept for the next picture of that size (a
     dataset's pictures mostly share a few sizes). The blocks are read, never written."""
-    return tuple(_column_blocks(*_dense(*resize_band(in_size, out_size, sigma), in_size)))
+    return tuple(_column_blocks(*resize_band(in_size, out_size, sigma), in_size))
 
 
 def _intensities(tile: torch.Tensor, spec: Mapping[str, Any] | None) -> torch.Tensor:

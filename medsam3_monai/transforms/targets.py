@@ -16,7 +16,7 @@ from __future__ import annotations
 
 import functools
 from collections.abc import Hashable, Mapping, Sequence
-from typing import Any, TypedDict
+from typing import Any, NamedTuple, TypedDict
 
 import numpy as np
 import torch
@@ -52,21 +52,98 @@ def empty_target(text: str, size: Sequence[int], label: int = -1) -> PromptTarge
 def interpolation_weights(source: int, target: int) -> torch.Tensor:
     """``(target, source)`` weights of torch's linear interpolation (``align_corners=False``, antialiased
     when shrinking): row ``i`` says how output pixel ``i`` mixes the input pixels."""
-    eye = torch.eye(source, dtype=torch.float32).view(1, source, 1, source)
-    weights = F.interpolate(eye, size=(1, target), mode="bilinear", align_corners=False, antialias=target < source)
-    return weights[0, :, 0, :].T.contiguous()
+    rows, columns, values = _weight_entries(source, target)
+    weights = torch.zeros(target, source, dtype=torch.float32)
+    weights[rows, columns] = values
+    return weights
 
 
 @functools.lru_cache(maxsize=64)
-def _interpolation_reach(source: int, target: int) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
-    """:func:`interpolation_weights` as numpy, with the first and last output pixel each input pixel reaches
-    (``(source,)`` each; an input pixel no output uses has first = target, last = -1)."""
+def _weight_entries(source: int, target: int) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+    """The non-zero entries of :func:`interpolation_weights`: output pixel, input pixel, weight (``(E,)`` each).
+
+    Interpolating an identity (one channel per input pixel) gives them, in ``O(source * target)``. Each output
+    mixes a window of fewer than ``period`` neighbouring inputs, so ``period`` combs (channel ``j``: the inputs ``i``
+    with ``i % period == j``) give the same weights -- every output sees at most one input of each comb, so its
+    value is that input's weight alone -- in ``O(period * target)``: the window then says which input it was."""
+    antialias = target < source
+    scale = source / target
+    radius = scale if antialias else 1.0  # the filter's reach in input pixels (the triangle widens when shrinking)
+    period = int(2 * radius) + 6  # > the widest window: [floor(centre - radius) - 1, ceil(centre + radius) + 1]
+    if period >= source:  # small inputs: the identity itself
+        basis = torch.eye(source, dtype=torch.float32)
+    else:
+        basis = (torch.arange(source) % period == torch.arange(period)[:, None]).float()
+    values = F.interpolate(basis.view(1, basis.shape[0], 1, source), size=(1, target), mode="bilinear",
+                           align_corners=False, antialias=antialias)[0, :, 0, :].T  # (target, channels)
+    outputs = torch.arange(target)[:, None]
+    if period >= source:
+        inputs = torch.arange(source)[None, :].expand(target, source)
+    else:
+        centre = (torch.arange(target, dtype=torch.float64) + 0.5) * scale - 0.5
+        low = torch.floor(centre - radius).long()[:, None] - 1
+        inputs = low + (torch.arange(period)[None, :] - low) % period  # the input of comb j in output o's window
+    kept = values != 0
+    return outputs.expand_as(values)[kept], inputs[kept], values[kept]
+
+
+#: output rows (columns) per matrix product of :func:`_banded_product` for masks that reach more than twice as many:
+#: each block reads only the input rows its weights touch, so a large mask costs its band, not the dense
+#: ``(output, input)`` weight matrix
+PRODUCT_BLOCK = 64
+
+
+class _AxisWeights(NamedTuple):
+    """:func:`interpolation_weights` ``(target, source)`` as numpy with its band: the first and one past the last
+    input pixel each output pixel mixes (``reads_from``, ``reads_to``: ``(target,)``), and the first and last output
+    pixel each input pixel reaches (``first``, ``last``: ``(source,)``; an input pixel no output uses has
+    first = target, last = -1)."""
+
+    weights: np.ndarray
+    reads_from: np.ndarray
+    reads_to: np.ndarray
+    first: np.ndarray
+    last: np.ndarray
+
+
+@functools.lru_cache(maxsize=64)
+def _axis_weights(source: int, target: int) -> _AxisWeights:
+    rows, columns, _ = _weight_entries(source, target)
     weights = interpolation_weights(source, target).numpy()
-    reach = weights > 0
-    used = reach.any(axis=0)
-    first = np.where(used, reach.argmax(axis=0), target)
-    last = np.where(used, target - 1 - reach[::-1].argmax(axis=0), -1)
-    return weights, first, last
+    reads_from = torch.full((target,), source).scatter_reduce_(0, rows, columns, "amin")
+    reads_to = torch.zeros(target, dtype=torch.long).scatter_reduce_(0, rows, columns + 1, "amax")
+    first = torch.full((source,), target).scatter_reduce_(0, columns, rows, "amin")
+    last = torch.full((source,), -1).scatter_reduce_(0, columns, rows, "amax")
+    return _AxisWeights(weights, *(t.numpy() for t in (reads_from, reads_to, first, last)))
+
+
+def _reached(axis: _AxisWeights, starts: np.ndarray, stops: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
+    """The output pixels that input ranges ``starts[k]:stops[k]`` reach, for all masks at once: (first, one past
+    the last), ``(N,)`` each (meaningless for an empty range)."""
+    bounds = np.stack([starts, stops], axis=1).ravel()  # reduceat over [start, stop) pairs; stop may be the size
+    first = np.minimum.reduceat(np.append(axis.first, 0), bounds)[::2]
+    last = np.maximum.reduceat(np.append(axis.last, 0), bounds)[::2]
+    return first, last + 1
+
+
+def _banded_product(axis: _AxisWeights, outputs: tuple[int, int], inputs: tuple[int, int],
+                    values: np.ndarray) -> np.ndarray:
+    """``axis.weights[o1:o2, k1:k2] @ values`` for ``outputs`` = (o1, o2), ``inputs`` = (k1, k2), ``values``
+    ``(k2 - k1, n)`` float32 -> ``(o2 - o1, n)`` float32, ``PRODUCT_BLOCK`` output rows at a time, each block's
+    product over the inputs its weights touch (the terms left out are products with zero weights)."""
+    (o1, o2), (k1, k2) = outputs, inputs
+    if o2 - o1 <= 2 * PRODUCT_BLOCK:  # a small mask: one product (the blocks' calls would cost more than the zeros)
+        return axis.weights[o1:o2, k1:k2] @ values
+    out = np.empty((o2 - o1, values.shape[1]), dtype=np.float32)
+    for start in range(o1, o2, PRODUCT_BLOCK):
+        stop = min(start + PRODUCT_BLOCK, o2)
+        lo = max(k1, int(axis.reads_from[start:stop].min()))
+        hi = min(k2, int(axis.reads_to[start:stop].max()))
+        if hi <= lo:
+            out[start - o1:stop - o1] = 0.0
+            continue
+        np.matmul(axis.weights[start:stop, lo:hi], values[lo - k1:hi - k1], out=out[start - o1:stop - o1])
+    return out
 
 
 def resize_masks(masks: torch.Tensor, size: Sequence[int], threshold: float = 0.5) -> torch.Tensor:
@@ -99,19 +176,23 @@ def resize_instances(masks: torch.Tensor | InstanceMasks, size: Sequence[int], t
     if n == 0:
         return InstanceMasks(size), torch.from_numpy(boxes)
     # numpy for the small products (torch's CPU matmul has a large fixed cost per call), on one BLAS thread: the
-    # products are tiny, and idle BLAS threads spinning after each would cost more CPU than the products
-    w_rows, first_row, last_row = _interpolation_reach(height, size[0])
-    w_cols, first_col, last_col = _interpolation_reach(width, size[1])
+    # products are small, and idle BLAS threads spinning after each would cost more CPU than the products
+    rows, columns = _axis_weights(height, size[0]), _axis_weights(width, size[1])
+    starts = instances.offsets.numpy()
+    stops = starts + np.array([crop.shape for crop in instances.crops], dtype=np.int64).reshape(n, 2)
+    reached_rows = _reached(rows, starts[:, 0], stops[:, 0])  # the output rows and columns each mask reaches
+    reached_columns = _reached(columns, starts[:, 1], stops[:, 1])
     empty = torch.zeros(0, 0, dtype=torch.bool)
     with one_blas_thread():
-        for k, (crop, (r1, c1)) in enumerate(zip(instances.crops, instances.offsets.tolist())):
+        for k, crop in enumerate(instances.crops):
             if crop.numel() == 0:
                 crops.append(empty)
                 continue
-            r2, c2 = r1 + crop.shape[0], c1 + crop.shape[1]
-            i1, i2 = first_row[r1:r2].min(), last_row[r1:r2].max() + 1  # the output rows and columns it reaches
-            j1, j2 = first_col[c1:c2].min(), last_col[c1:c2].max() + 1
-            block = (w_rows[i1:i2, r1:r2] @ crop.numpy().astype(np.float32) @ w_cols[j1:j2, c1:c2].T) >= threshold
+            (r1, c1), (r2, c2) = starts[k].tolist(), stops[k].tolist()
+            i1, i2, j1, j2 = reached_rows[0][k], reached_rows[1][k], reached_columns[0][k], reached_columns[1][k]
+            # W_rows[i1:i2, r1:r2] @ crop @ W_cols[j1:j2, c1:c2].T, the second product as (W_cols @ (...).T).T
+            along_rows = _banded_product(rows, (i1, i2), (r1, r2), crop.numpy().astype(np.float32))
+            block = _banded_product(columns, (j1, j2), (c1, c2), along_rows.T).T >= threshold
             on_rows, on_cols = np.flatnonzero(block.any(axis=1)), np.flatnonzero(block.any(axis=0))
             if on_rows.size == 0:
                 crops.append(empty)
