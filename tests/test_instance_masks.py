@@ -4,6 +4,7 @@ from __future__ import annotations
 
 from pathlib import Path
 
+import numpy as np
 import pytest
 import torch
 
@@ -42,6 +43,24 @@ def test_resized_crops_equal_full_image_interpolation():
                                   antialias=size[0] < 97)[0] >= 0.5
         assert torch.equal(crops.to_dense(), reference), size
         assert boxes.shape == (6, 4)
+
+
+def test_small_instance_ids_number_the_instances_as_relabelled_ids_do():
+    """An id map's small ids number its instances directly (no relabelling pass); large, sparse or uint64 ids are
+    relabelled first. Both give the same instances, largest first, ties in id order."""
+    from medsam3_monai.transforms.instances import DIRECT_ID_SPAN, instance_regions
+
+    rng = np.random.default_rng(0)
+    ids = rng.integers(0, 7, (40, 50)).astype(np.uint16)
+    ids[ids == 3] = 0  # a missing id
+    classes = (ids > 0).astype(np.uint8)
+    classes[:5] = 0  # ids outside the class are not its instances
+    direct = instance_regions(classes, 1, "instance_ids", ids, max_instances=4, min_area=3)
+    assert len(direct) == 4 and all(crop.any() for _, crop in direct)
+    for relabelled in (ids.astype(np.int64) * (DIRECT_ID_SPAN + 1), ids.astype(np.uint64)):
+        found = instance_regions(classes, 1, "instance_ids", relabelled, max_instances=4, min_area=3)
+        assert [box for box, _ in found] == [box for box, _ in direct]
+        assert all(np.array_equal(a, b) for (_, a), (_, b) in zip(found, direct))
 
 
 @pytest.mark.parametrize("block", [8, 64])

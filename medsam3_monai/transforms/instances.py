@@ -31,6 +31,10 @@ from .labels import parse_prompts, rule_for_label
 
 __all__ = ["LabelToInstancesd", "instance_masks", "instance_regions"]
 
+#: instance ids up to max(the crop's pixel count, this) number the instances as they are (find_objects keeps one
+#: entry per id value up to the largest); larger ids are relabelled 1..K first
+DIRECT_ID_SPAN = 1 << 16
+
 
 def instance_regions(
     classes: np.ndarray,
@@ -75,21 +79,37 @@ def instance_regions(
             return _single_instance(box, binary, max_instances, min_area)
     else:
         ids = np.where(binary, instance_ids[box], 0)
-        id_values = distinct_values(ids)
-        id_values = id_values[id_values != 0]
-        if id_values.size == 0:
-            return []
-        # compact relabelling 1..K (instance ids may be large and sparse)
-        lookup = np.zeros(int(ids.max()) + 1, dtype=np.int32)
-        lookup[id_values] = np.arange(1, id_values.size + 1, dtype=np.int32)
-        compact, count = lookup[ids], int(id_values.size)
-    areas = np.bincount(compact.ravel(), minlength=count + 1)[1:]
+        direct = ids.dtype.kind in "iu" and ids.dtype != np.uint64  # (bincount takes no uint64)
+        if not direct or int(ids.min()) < 0 or int(ids.max()) > max(ids.size, DIRECT_ID_SPAN):
+            # large, sparse or negative ids: relabelled 1..K first
+            id_values = distinct_values(ids)
+            id_values = id_values[id_values != 0]
+            if id_values.size == 0:
+                return []
+            lookup = np.zeros(int(ids.max()) + 1, dtype=np.int32)
+            lookup[id_values] = np.arange(1, id_values.size + 1, dtype=np.int32)
+            ids = lookup[ids]
+        # the ids themselves number the instances (an id map's ids are small): one count gives ids and areas
+        areas = np.bincount(ids.ravel())
+        labels = np.flatnonzero(areas[1:]) + 1
+        return _largest(box, ids, labels, areas[labels], max_instances, min_area)
+    labels = np.arange(1, count + 1)
+    return _largest(box, compact, labels, np.bincount(compact.ravel(), minlength=count + 1)[1:], max_instances,
+                    min_area)
+
+
+def _largest(box: tuple[slice, ...], numbered: np.ndarray, labels: np.ndarray, areas: np.ndarray,
+             max_instances: int | None, min_area: int) -> list[tuple[tuple[slice, ...], np.ndarray]]:
+    """The instances ``labels`` (ascending) of ``numbered`` (a map of the crop ``box``), ``areas`` pixels each,
+    largest first (ties in label order), without those under ``min_area``, at most ``max_instances``."""
+    if labels.size == 0:
+        return []
     order = np.argsort(-areas, kind="stable")
     order = order[areas[order] >= max(min_area, 1)]
     if max_instances is not None:
         order = order[:max_instances]
-    boxes = ndimage.find_objects(compact, max_label=count)
-    return [(_shifted(boxes[i], box), compact[boxes[i]] == (i + 1)) for i in order]
+    boxes = ndimage.find_objects(numbered, max_label=int(labels[-1]))
+    return [(_shifted(boxes[labels[i] - 1], box), numbered[boxes[labels[i] - 1]] == labels[i]) for i in order]
 
 
 def _bounding_box(binary: np.ndarray) -> tuple[slice, ...] | None:
