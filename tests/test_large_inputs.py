@@ -201,6 +201,19 @@ def test_the_tiled_resize_equals_monais_before_quantisation(monkeypatch):
         assert torch.allclose(tiled.as_tensor(), eager.as_tensor(), atol=1e-6), (height, width)
 
 
+def test_row_groups_cover_the_output_rows_in_order_within_the_tile():
+    """The tiled resize makes each output row block from its whole band: groups of consecutive blocks whose input
+    rows span at most the tile (a wider block alone), every block once, in order."""
+    for in_size, out_size, sigma, rows in [(1348, 1008, 0.1687, 259), (4000, 1008, 1.4841, 40), (300, 1008, None, 7),
+                                           (5000, 112, 21.8, 50)]:
+        blocks = slices._resize_blocks(in_size, out_size, sigma)
+        groups = slices._row_groups(blocks, rows)
+        assert [b for group in groups for b in group] == list(blocks)
+        for group in groups:
+            span = max(b[3] for b in group) - min(b[2] for b in group)
+            assert span <= rows or len(group) == 1
+
+
 def test_the_tiled_inverse_equals_the_untiled_one_and_interpolate():
     generator = torch.Generator().manual_seed(0)
     logits = torch.randn(3, S, S, generator=generator) * 10

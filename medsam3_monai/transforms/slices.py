@@ -33,7 +33,7 @@ from monai.transforms.utils import scale_affine
 from monai.utils import TraceKeys, get_equivalent_dtype
 
 from .errors import DataError, source_name
-from .intensity import PENDING_INTENSITY, apply_intensity, materialize_intensity, pending_intensity, row_tiles
+from .intensity import PENDING_INTENSITY, apply_intensity, materialize_intensity, pending_intensity
 from .spatial import ResizeToSliced
 
 __all__ = [
@@ -434,6 +434,23 @@ def _resize_blocks(in_size: int, out_size: int,
     return tuple(_column_blocks(*resize_band(in_size, out_size, sigma), in_size))
 
 
+def _row_groups(blocks: Sequence[tuple[int, int, int, int, torch.Tensor]], rows: int
+                ) -> list[list[tuple[int, int, int, int, torch.Tensor]]]:
+    """Consecutive output row blocks (:func:`_resize_blocks`) grouped so that the input rows a group reads span at
+    most ``rows`` (a block reading more is a group alone): one column pass per group, and every output row made
+    from its whole band at once (neighbouring groups share the few rows their bands overlap)."""
+    groups: list[list[tuple[int, int, int, int, torch.Tensor]]] = []
+    low = high = 0
+    for block in blocks:
+        if groups and max(high, block[3]) - min(low, block[2]) <= rows:
+            groups[-1].append(block)
+            low, high = min(low, block[2]), max(high, block[3])
+        else:
+            groups.append([block])
+            low, high = block[2], block[3]
+    return groups
+
+
 def _intensities(tile: torch.Tensor, spec: Mapping[str, Any] | None) -> torch.Tensor:
     """Rows of a picture ``(C, rows, W)`` -> the values to resize: its pending intensity ``spec`` applied without
     the recorded repeat (:func:`~medsam3_monai.transforms.intensity.apply_intensity`), or the rows themselves when
@@ -461,8 +478,9 @@ class TiledResizeToSliced(ResizeToSliced):
       channel with ``F.interpolate`` (:meth:`_by_channel`), MONAI's values as ATen computes them on more than one
       thread, whatever the threads (ATen's one-thread 3-channel kernel rounds differently in the last bit);
     * anything else bilinear on more than ``EAGER_MAX_PIXELS``: one row tile at a time through the banded resize
-      matrices of :func:`resize_operator` (MONAI ``Resize``'s anti-aliasing and bilinear interpolation), values
-      equal up to float rounding; memory the picture plus one tile, whatever its size;
+      matrices of :func:`resize_operator` (MONAI ``Resize``'s anti-aliasing and bilinear interpolation), in float64,
+      each group of output rows made from the tile that holds its whole band (:func:`_row_groups`), values equal up
+      to float rounding; memory the picture, one tile and the float32 output, whatever its size;
     * otherwise (small shrinks, S x S already, other modes, lazy): ``ResizeToSliced`` itself.
 
     Output and recorded operation are ``ResizeToSliced``'s (so ``Invertd`` inverts it).
@@ -557,20 +575,21 @@ class TiledResizeToSliced(ResizeToSliced):
         row_blocks = _resize_blocks(height, size[0], sigmas[0])
         columns = _resize_blocks(width, size[1], sigmas[1])
         channels = source.shape[0] if spec is None else int(spec["channels"]) if spec["grey"] == "none" else 1
-        acc = torch.zeros(channels, *size, dtype=torch.float64)
+        out = torch.empty(channels, *size, dtype=torch.float32)
         show = self.progress and height * width >= PROGRESS_MIN_PIXELS
         desc = f"{Path(path).name if path else 'image'}: {height}x{width} -> {size[0]}x{size[1]}"
+        tile_rows = max(1, RESIZE_TILE_ELEMENTS // (width * source.shape[0]))
         with tile_progress(height, desc, show) as bar:
-            for start, stop in row_tiles(height, width, source.shape[0], RESIZE_TILE_ELEMENTS):
+            done = 0
+            for group in _row_groups(row_blocks, tile_rows):  # output row blocks whose bands fit one tile
+                start, stop = min(b[2] for b in group), max(b[3] for b in group)
                 values = _intensities(source[:, start:stop], spec).double().reshape(-1, width)
                 tile = torch.empty(values.shape[0], size[1], dtype=torch.float64)
                 for out_start, out_stop, in_start, in_stop, block in columns:  # the column pass, band by band
                     tile[:, out_start:out_stop] = values[:, in_start:in_stop] @ block
                 tile = tile.reshape(channels, stop - start, size[1])
-                for out_start, out_stop, in_start, in_stop, block in row_blocks:  # the row pass, band by band
-                    lo, hi = max(in_start, start), min(in_stop, stop)
-                    if lo < hi:  # this block's band reads rows of this tile (block: (in, out), the matrix's .T)
-                        weights = block[lo - in_start:hi - in_start].T
-                        acc[:, out_start:out_stop] += weights @ tile[:, lo - start:hi - start]
-                bar.update(stop - start)
-        return self._recorded(img, acc.float(), (height, width), align_corners, dtype)
+                for out_start, out_stop, in_start, in_stop, block in group:  # the row pass: each block's whole band
+                    out[:, out_start:out_stop] = block.T @ tile[:, in_start - start:in_stop - start]
+                bar.update(max(0, stop - done))
+                done = max(done, stop)
+        return self._recorded(img, out, (height, width), align_corners, dtype)
