@@ -189,8 +189,11 @@ def test_the_native_picture_stays_uint8_and_the_slice_space_image_is_monais(tmp_
     assert tuple(back.shape) == (1, 200, 300) and torch.allclose(back.affine, torch.eye(4, dtype=back.affine.dtype))
 
 
-def test_the_tiled_resize_equals_monais_before_quantisation(monkeypatch):
+@pytest.mark.parametrize("tile_elements", [slices.RESIZE_TILE_ELEMENTS, 3000])
+def test_the_tiled_resize_equals_monais_before_quantisation(monkeypatch, tile_elements):
+    """(Small tiles: a row block's band taller than a tile is summed tile by tile.)"""
     monkeypatch.setattr(slices, "EAGER_MAX_PIXELS", 0)
+    monkeypatch.setattr(slices, "RESIZE_TILE_ELEMENTS", tile_elements)
     rng = np.random.default_rng(3)
     for height, width in [(300, 200), (90, 300), (1000, 999), (80, 60), (60, 1500)]:
         image = MetaTensor(torch.as_tensor(rng.integers(0, 256, (3, height, width), dtype=np.uint8)),

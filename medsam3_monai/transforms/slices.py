@@ -451,6 +451,18 @@ def _row_groups(blocks: Sequence[tuple[int, int, int, int, torch.Tensor]], rows:
     return groups
 
 
+def _along_columns(source: torch.Tensor, spec: Mapping[str, Any] | None, start: int, stop: int,
+                   columns: Sequence[tuple[int, int, int, int, torch.Tensor]], channels: int, width: int
+                   ) -> torch.Tensor:
+    """Rows ``start:stop`` of a picture ``(C, H, W)`` (its pending intensity applied) resized along the columns by
+    the band blocks ``columns`` (:func:`_resize_blocks`): ``(channels, stop - start, width)`` float64."""
+    values = _intensities(source[:, start:stop], spec).double().reshape(-1, source.shape[-1])
+    tile = torch.empty(values.shape[0], width, dtype=torch.float64)
+    for out_start, out_stop, in_start, in_stop, block in columns:
+        tile[:, out_start:out_stop] = values[:, in_start:in_stop] @ block
+    return tile.reshape(channels, stop - start, width)
+
+
 def _intensities(tile: torch.Tensor, spec: Mapping[str, Any] | None) -> torch.Tensor:
     """Rows of a picture ``(C, rows, W)`` -> the values to resize: its pending intensity ``spec`` applied without
     the recorded repeat (:func:`~medsam3_monai.transforms.intensity.apply_intensity`), or the rows themselves when
@@ -583,13 +595,18 @@ class TiledResizeToSliced(ResizeToSliced):
             done = 0
             for group in _row_groups(row_blocks, tile_rows):  # output row blocks whose bands fit one tile
                 start, stop = min(b[2] for b in group), max(b[3] for b in group)
-                values = _intensities(source[:, start:stop], spec).double().reshape(-1, width)
-                tile = torch.empty(values.shape[0], size[1], dtype=torch.float64)
-                for out_start, out_stop, in_start, in_stop, block in columns:  # the column pass, band by band
-                    tile[:, out_start:out_stop] = values[:, in_start:in_stop] @ block
-                tile = tile.reshape(channels, stop - start, size[1])
-                for out_start, out_stop, in_start, in_stop, block in group:  # the row pass: each block's whole band
-                    out[:, out_start:out_stop] = block.T @ tile[:, in_start - start:in_stop - start]
+                if stop - start <= tile_rows:
+                    tile = _along_columns(source, spec, start, stop, columns, channels, size[1])
+                    for out_start, out_stop, in_start, in_stop, block in group:  # each block's whole band at once
+                        out[:, out_start:out_stop] = block.T @ tile[:, in_start - start:in_stop - start]
+                else:  # one block whose band is taller than a tile (a strong shrink): summed tile by tile
+                    (out_start, out_stop, in_start, in_stop, block), = group
+                    acc = torch.zeros(channels, out_stop - out_start, size[1], dtype=torch.float64)
+                    for low in range(in_start, in_stop, tile_rows):
+                        high = min(low + tile_rows, in_stop)
+                        tile = _along_columns(source, spec, low, high, columns, channels, size[1])
+                        acc += block[low - in_start:high - in_start].T @ tile
+                    out[:, out_start:out_stop] = acc
                 bar.update(max(0, stop - done))
                 done = max(done, stop)
         return self._recorded(img, out, (height, width), align_corners, dtype)
