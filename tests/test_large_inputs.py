@@ -125,6 +125,21 @@ def test_a_picture_over_pils_limit_is_not_called_corrupt_and_the_option_allows_i
     assert tuple(load_medical_image(out, mask=True, max_pixels=60_000).shape) == (1, 200, 300)
 
 
+@pytest.mark.parametrize("mode", ["RGB", "L"])
+def test_a_picture_copied_strip_by_strip_is_the_picture(tmp_path, monkeypatch, mode):
+    """Pictures over ``STRIP_PIXELS`` leave PIL strip by strip (a ragged last strip too), smaller ones whole: the
+    same (C, H, W) pixels as numpy's copy of the decoded picture."""
+    import medsam3_monai.transforms.io as io
+
+    path = picture(tmp_path / "p.png", height=53, width=40, mode=mode)
+    expected = np.asarray(Image.open(path))
+    expected = np.moveaxis(expected, -1, 0) if expected.ndim == 3 else expected[None]
+    for strip_pixels in (io.STRIP_PIXELS, 40 * 10, 1):
+        monkeypatch.setattr(io, "STRIP_PIXELS", strip_pixels)
+        loaded = load_medical_image(path, keep_uint8=True)
+        assert loaded.dtype == torch.uint8 and np.array_equal(loaded.numpy(), expected), strip_pixels
+
+
 def test_a_corrupt_picture_is_still_called_corrupt(tmp_path):
     path = picture(tmp_path / "cut.png")
     path.write_bytes(path.read_bytes()[:300])

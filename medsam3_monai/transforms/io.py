@@ -290,10 +290,15 @@ def _read(path: str, reader: ImageReader, size: tuple[int, int] | None = None) -
     return EnsureChannelFirst()(img, meta_dict=meta)
 
 
+#: pixels per strip when a decoded picture is copied out of PIL (a picture of up to this many is copied whole):
+#: a strip's bytes are the extra memory of the copy
+STRIP_PIXELS = 1 << 22
+
+
 def _read_picture(path: str, reader: Image2DReader, size: tuple[int, int] | None = None) -> MetaTensor:
     """The same result as :func:`_read` for a 2D picture -- ``(C, H, W)`` rows first, the reader's metadata --
-    with at most two copies of the pixels alive at once (PIL's decoded picture and the numpy array, filled strip
-    by strip). :func:`check_picture_size` ran on the header before: a picture over PIL's limit here was allowed
+    with two copies of the pixels alive at once (PIL's decoded picture and the numpy array, filled strip by strip)
+    plus one strip of ``STRIP_PIXELS`` in transit. :func:`check_picture_size` ran on the header before: a picture over PIL's limit here was allowed
     (``max_pixels``), so PIL's own check is off while it is opened and decoded."""
     width, height = picture_size(path) if size is None else size
     limit = Image.MAX_IMAGE_PIXELS  # PIL warns above it and refuses above twice it
@@ -307,9 +312,10 @@ def _read_picture(path: str, reader: Image2DReader, size: tuple[int, int] | None
     meta = {key: "none" if value is None else value for key, value in header.items()}  # as PILReader.get_data
     width, height = img.size
     array = None
-    rows = max(1, (1 << 20) // max(width, 1))
+    rows = max(1, STRIP_PIXELS // max(width, 1))
     for top in range(0, height, rows):  # strip by strip: np.asarray(img) would hold two more whole copies
-        strip = np.asarray(img.crop((0, top, width, min(top + rows, height))))
+        whole = top == 0 and rows >= height  # one strip: the picture itself, without a cropped copy
+        strip = np.asarray(img if whole else img.crop((0, top, width, min(top + rows, height))))
         if array is None:
             channels = strip.shape[2] if strip.ndim == 3 else 1
             meta["original_channel_dim"] = -1 if strip.ndim == 3 else float("nan")
