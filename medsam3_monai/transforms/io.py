@@ -298,8 +298,8 @@ STRIP_PIXELS = 1 << 22
 def _read_picture(path: str, reader: Image2DReader, size: tuple[int, int] | None = None) -> MetaTensor:
     """The same result as :func:`_read` for a 2D picture -- ``(C, H, W)`` rows first, the reader's metadata --
     with two copies of the pixels alive at once (PIL's decoded picture and the numpy array, filled strip by strip)
-    plus one strip of ``STRIP_PIXELS`` in transit. :func:`check_picture_size` ran on the header before: a picture over PIL's limit here was allowed
-    (``max_pixels``), so PIL's own check is off while it is opened and decoded."""
+    plus one strip of ``STRIP_PIXELS`` in transit. :func:`check_picture_size` ran on the header before: a picture
+    over PIL's limit here was allowed (``max_pixels``), so PIL's own check is off while it is opened and decoded."""
     width, height = picture_size(path) if size is None else size
     limit = Image.MAX_IMAGE_PIXELS  # PIL warns above it and refuses above twice it
     allowed_over_pil = limit is not None and width * height > limit  # allowed by max_pixels: PIL's check off
