@@ -226,10 +226,10 @@ def test_row_groups_cover_the_output_rows_in_order_within_the_tile():
                                            (5000, 112, 21.8, 50)]:
         blocks = slices._resize_blocks(in_size, out_size, sigma)
         groups = slices._row_groups(blocks, rows)
-        assert [b for group in groups for b in group] == list(blocks)
-        for group in groups:
-            span = max(b[3] for b in group) - min(b[2] for b in group)
-            assert span <= rows or len(group) == 1
+        assert [b for _, _, group in groups for b in group] == list(blocks)
+        for start, stop, group in groups:
+            assert (start, stop) == (min(b[2] for b in group), max(b[3] for b in group))
+            assert stop - start <= rows or len(group) == 1
 
 
 def test_the_tiled_inverse_equals_the_untiled_one_and_interpolate():

@@ -314,8 +314,8 @@ def _read_picture(path: str, reader: Image2DReader, size: tuple[int, int] | None
     array = None
     rows = max(1, STRIP_PIXELS // max(width, 1))
     for top in range(0, height, rows):  # strip by strip: np.asarray(img) would hold two more whole copies
-        whole = top == 0 and rows >= height  # one strip: the picture itself, without a cropped copy
-        strip = np.asarray(img if whole else img.crop((0, top, width, min(top + rows, height))))
+        # one strip (rows >= height): the picture itself, without a cropped copy
+        strip = np.asarray(img if rows >= height else img.crop((0, top, width, min(top + rows, height))))
         if array is None:
             channels = strip.shape[2] if strip.ndim == 3 else 1
             meta["original_channel_dim"] = -1 if strip.ndim == 3 else float("nan")

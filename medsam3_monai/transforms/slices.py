@@ -399,6 +399,16 @@ def _entries(band: torch.Tensor, low: torch.Tensor) -> tuple[torch.Tensor, torch
     return rows, low[rows] + offsets, band[rows, offsets]
 
 
+def band_limits(rows: torch.Tensor, columns: torch.Tensor, num_rows: int, num_columns: int
+                ) -> tuple[torch.Tensor, torch.Tensor]:
+    """The first and one past the last column of each row's non-zero entries (``rows[k]``, ``columns[k]``):
+    ``(num_rows,)`` each; a row without entries gets ``num_columns`` and 0. (Swap the arguments for the rows each
+    column reaches.)"""
+    first = torch.full((num_rows,), num_columns, dtype=torch.long).scatter_reduce_(0, rows, columns, "amin")
+    stop = torch.zeros(num_rows, dtype=torch.long).scatter_reduce_(0, rows, columns + 1, "amax")
+    return first, stop
+
+
 def _column_blocks(band: torch.Tensor, low: torch.Tensor, in_size: int, block: int = 16
                    ) -> list[tuple[int, int, int, int, torch.Tensor]]:
     """:func:`resize_band`'s matrix (out, in) as ``(out_start, out_stop, in_start, in_stop, block.T)`` pieces of
@@ -406,8 +416,7 @@ def _column_blocks(band: torch.Tensor, low: torch.Tensor, in_size: int, block: i
     piece), made from the band's entries without the dense matrix."""
     rows, columns, values = _entries(band, low)
     out_size = band.shape[0]
-    first = torch.full((out_size,), in_size, dtype=torch.long).scatter_reduce_(0, rows, columns, "amin")
-    last = torch.zeros(out_size, dtype=torch.long).scatter_reduce_(0, rows, columns + 1, "amax")
+    first, last = band_limits(rows, columns, out_size, in_size)
     count = -(-out_size // block)
     pad = count * block - out_size  # the last block's missing rows: no reach
     in_starts = torch.cat([first, first.new_full((pad,), in_size)]).view(count, block).amin(1)
@@ -435,19 +444,19 @@ def _resize_blocks(in_size: int, out_size: int,
 
 
 def _row_groups(blocks: Sequence[tuple[int, int, int, int, torch.Tensor]], rows: int
-                ) -> list[list[tuple[int, int, int, int, torch.Tensor]]]:
+                ) -> list[tuple[int, int, list[tuple[int, int, int, int, torch.Tensor]]]]:
     """Consecutive output row blocks (:func:`_resize_blocks`) grouped so that the input rows a group reads span at
-    most ``rows`` (a block reading more is a group alone): one column pass per group, and every output row made
-    from its whole band at once (neighbouring groups share the few rows their bands overlap)."""
-    groups: list[list[tuple[int, int, int, int, torch.Tensor]]] = []
-    low = high = 0
+    most ``rows`` (a block reading more is a group alone): ``(first, one past the last input row, blocks)`` per
+    group; one column pass per group, and every output row made from its whole band at once (neighbouring groups
+    share the few rows their bands overlap)."""
+    groups: list[tuple[int, int, list[tuple[int, int, int, int, torch.Tensor]]]] = []
     for block in blocks:
-        if groups and max(high, block[3]) - min(low, block[2]) <= rows:
-            groups[-1].append(block)
-            low, high = min(low, block[2]), max(high, block[3])
+        if groups and max(groups[-1][1], block[3]) - min(groups[-1][0], block[2]) <= rows:
+            low, high, members = groups[-1]
+            members.append(block)
+            groups[-1] = (min(low, block[2]), max(high, block[3]), members)
         else:
-            groups.append([block])
-            low, high = block[2], block[3]
+            groups.append((block[2], block[3], [block]))
     return groups
 
 
@@ -593,8 +602,7 @@ class TiledResizeToSliced(ResizeToSliced):
         tile_rows = max(1, RESIZE_TILE_ELEMENTS // (width * source.shape[0]))
         with tile_progress(height, desc, show) as bar:
             done = 0
-            for group in _row_groups(row_blocks, tile_rows):  # output row blocks whose bands fit one tile
-                start, stop = min(b[2] for b in group), max(b[3] for b in group)
+            for start, stop, group in _row_groups(row_blocks, tile_rows):  # output row blocks whose bands fit a tile
                 if stop - start <= tile_rows:
                     tile = _along_columns(source, spec, start, stop, columns, channels, size[1])
                     for out_start, out_stop, in_start, in_stop, block in group:  # each block's whole band at once

@@ -28,6 +28,7 @@ from ..instance_masks import InstanceMasks
 from ..threads import one_blas_thread
 from .errors import source_name
 from .labels import parse_prompts
+from .slices import band_limits
 
 __all__ = ["BuildTargetsd", "PromptTarget", "RandNegativePromptsd", "empty_target", "interpolation_weights",
            "masks_to_boxes_cxcywh", "resize_instances",
@@ -109,12 +110,10 @@ class _AxisWeights(NamedTuple):
 @functools.lru_cache(maxsize=64)
 def _axis_weights(source: int, target: int) -> _AxisWeights:
     rows, columns, _ = _weight_entries(source, target)
-    weights = interpolation_weights(source, target).numpy()
-    reads_from = torch.full((target,), source).scatter_reduce_(0, rows, columns, "amin")
-    reads_to = torch.zeros(target, dtype=torch.long).scatter_reduce_(0, rows, columns + 1, "amax")
-    first = torch.full((source,), target).scatter_reduce_(0, columns, rows, "amin")
-    last = torch.full((source,), -1).scatter_reduce_(0, columns, rows, "amax")
-    return _AxisWeights(weights, *(t.numpy() for t in (reads_from, reads_to, first, last)))
+    reads_from, reads_to = band_limits(rows, columns, target, source)
+    first, stop = band_limits(columns, rows, source, target)
+    return _AxisWeights(interpolation_weights(source, target).numpy(), reads_from.numpy(), reads_to.numpy(),
+                        first.numpy(), stop.numpy() - 1)
 
 
 def _reached(axis: _AxisWeights, starts: np.ndarray, stops: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
