@@ -105,7 +105,8 @@ def main() -> None:
     args = parser.parse_args()
     torch.set_num_threads(args.threads)
 
-    from medsam3_monai.inferers.predict import Predictor, _plain
+    from medsam3_monai.inferers.predict import Predictor
+    from medsam3_monai.tensors import plain_tensor
 
     predictor = Predictor.from_checkpoint(args.checkpoint, device=torch.device(args.device), tracker="none")
     with tempfile.TemporaryDirectory(prefix="bench-segment-") as tmp:
@@ -134,7 +135,7 @@ def main() -> None:
         )
 
         preprocessing, _ = predictor.pipeline()
-        images = torch.stack([_plain(preprocessing(dict(item))[0]["image"]) for item in items])
+        images = torch.stack([plain_tensor(preprocessing(dict(item))[0]["image"]) for item in items])
         network_only = {f"batch_{b}": round(forward_only(predictor.network, images, b, args.repeats), 3)
                         for b in args.batch_sizes}
 

@@ -15,7 +15,8 @@ import torch
 from ..boxes import largest_component_box_prompts
 from ..instance_masks import InstanceMasks
 from ..losses.targets import FindTargets
-from ..networks.medsam3_net import network_pixels, plain_tensor
+from ..networks.medsam3_net import network_pixels
+from ..tensors import plain_tensor
 from ..transforms.intensity import sam3_normalize
 
 

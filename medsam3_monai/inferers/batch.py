@@ -136,11 +136,12 @@ def collate_case_batch(batch: Sequence[Any]) -> CaseBatch:
     """DataLoader ``collate_fn``: the cases as ``engines.inference.collate_cases`` gives them, plus the 2D
     cases' images stacked (in the worker, off the main process)."""
     from ..engines.inference import UnreadableCase
-    from .predict import _plain, is_volume_case
+    from ..tensors import plain_tensor
+    from .predict import is_volume_case
 
     cases = [case if isinstance(case, (list, UnreadableCase)) else [case] for case in batch]
     indices = [i for i, case in enumerate(cases) if isinstance(case, list) and not is_volume_case(case)]
-    images = torch.stack([_plain(cases[i][0]["image"]) for i in indices]) if indices else None
+    images = torch.stack([plain_tensor(cases[i][0]["image"]) for i in indices]) if indices else None
     return CaseBatch(cases, images, indices)
 
 

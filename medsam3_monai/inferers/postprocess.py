@@ -44,6 +44,7 @@ from monai.transforms import InvertibleTransform, Invertd, MapTransform, Resized
 from monai.transforms.utils import allow_missing_keys_mode
 from monai.utils import TraceKeys
 
+from ..tensors import plain_tensor
 from ..transforms.each_item import EachItem, transforms_of
 from ..transforms.intensity import row_tiles
 from ..transforms.slices import PROGRESS_MIN_PIXELS, bilinear_weights, tile_progress, upsample_rows
@@ -73,10 +74,6 @@ PENDING_INVERSE = "pending_inverse"
 KEPT_PROMPTS = "kept_prompts"
 
 
-def _plain(x: Any) -> torch.Tensor:
-    return x.as_tensor() if isinstance(x, MetaTensor) else torch.as_tensor(x)
-
-
 def pending_inverse(maps: Any) -> tuple[int, int] | None:
     """The (H, W) that slice-space ``maps`` still have to be resized to (:class:`InvertToInputd`), or None."""
     meta = getattr(maps, "meta", None)
@@ -90,7 +87,7 @@ def pending_masks(maps: Any) -> BitMasks | None:
     meta = getattr(maps, "meta", None)
     spec = meta.get(PENDING_INVERSE) if isinstance(meta, Mapping) else None
     width = spec.get("mask_width") if isinstance(spec, Mapping) else None
-    return None if width is None else BitMasks(_plain(maps), int(width))
+    return None if width is None else BitMasks(plain_tensor(maps), int(width))
 
 
 def _inverse_tiles(maps: torch.Tensor, size: tuple[int, int], channels: int, desc: str, show: bool):
@@ -109,7 +106,7 @@ def materialize_inverse(maps: Any) -> Any:
     if size is None:
         return maps
     bits = pending_masks(maps)
-    plain = _plain(maps).float() if bits is None else mask_logits(bits.unpack())
+    plain = plain_tensor(maps).float() if bits is None else mask_logits(bits.unpack())
     out = torch.empty((plain.shape[0], *size), dtype=torch.float32, device=plain.device)
     for start, stop, tile in _inverse_tiles(plain, size, plain.shape[0], "", False):
         out[:, start:stop] = tile
@@ -225,12 +222,12 @@ class MaskLogitsd(_SliceSpaceInverse, MapTransform):
         d = dict(data)
         for key in self.key_iterator(d):
             masks = d[key]
-            if not isinstance(masks, BitMasks) and _plain(masks).dtype != torch.bool:
+            if not isinstance(masks, BitMasks) and plain_tensor(masks).dtype != torch.bool:
                 continue
             if d.get(self.scores_key) is None:
                 raise ValueError(f"'{key}' holds masks but the item has no '{self.scores_key}': give each "
                                  "prompt's score on this slice (P,), or float mask logits")
-            present = masks.any_pixel() if isinstance(masks, BitMasks) else _plain(masks).flatten(1).any(1)
+            present = masks.any_pixel() if isinstance(masks, BitMasks) else plain_tensor(masks).flatten(1).any(1)
             kept = torch.nonzero(present.cpu()).flatten()
             kept = kept if kept.numel() else torch.zeros(1, dtype=torch.long)  # nothing set: one empty mask
             scores = torch.as_tensor(d.pop(self.scores_key), dtype=torch.float32).reshape(-1)[kept]
@@ -238,11 +235,11 @@ class MaskLogitsd(_SliceSpaceInverse, MapTransform):
             image = d.get(self.image_key)
             record = self._resize_record(image) if self.defer and self.transform is not None else None
             if record is not None:
-                bits = masks[kept] if isinstance(masks, BitMasks) else BitMasks.pack(_plain(masks)[kept])
+                bits = masks[kept] if isinstance(masks, BitMasks) else BitMasks.pack(plain_tensor(masks)[kept])
                 d[key] = self._pending(image, record, bits.bits, mask_width=bits.width)
                 d[self.scores_key] = scores
                 continue
-            masks = masks[kept].unpack() if isinstance(masks, BitMasks) else _plain(masks)[kept.to(masks.device)]
+            masks = masks[kept].unpack() if isinstance(masks, BitMasks) else plain_tensor(masks)[kept.to(masks.device)]
             logits, confidence = mask_maps(masks, scores)
             d[key], d[self.confidence_key] = MetaTensor(logits), MetaTensor(confidence)
         return d
@@ -297,7 +294,7 @@ class InvertToInputd(_SliceSpaceInverse, Invertd):
         upscale = int(orig_size[0]) * int(orig_size[1]) / (image.shape[1] * image.shape[2])
         if "slice_index" in image.meta and upscale < BLOCK_MIN_UPSCALE:
             return None  # a volume slice the block method cannot speed up: Invertd's, freeing each slice-space map
-        return self._pending(image, record, _plain(maps).detach().float())
+        return self._pending(image, record, plain_tensor(maps).detach().float())
 
 
 class MergePromptsd(MapTransform):
@@ -359,7 +356,7 @@ class MergePromptsd(MapTransform):
             if pending_inverse(pred) is not None:
                 d[key] = self._merge_pending(d, pred)
             else:
-                logits = _plain(pred).float()
+                logits = plain_tensor(pred).float()
                 values = self._values(d, logits.shape[0], key)
                 index = merged_index(logits, lambda: self._confidence(d, logits), self.threshold)
                 labels = _label_values(index, values)[None].cpu()  # on the host, as a pending inverse's
@@ -388,7 +385,7 @@ class MergePromptsd(MapTransform):
         each inside its box (:func:`~.mask_merge.mask_label_index`)."""
         size = pending_inverse(pred)
         masks = pending_masks(pred)
-        maps = _plain(pred)
+        maps = plain_tensor(pred)
         values = self._values(d, maps.shape[0])
         show = self.progress and size[0] * size[1] >= PROGRESS_MIN_PIXELS
         name = Path(str(pred.meta.get("filename_or_obj", "image"))).name if show else ""
@@ -405,7 +402,7 @@ class MergePromptsd(MapTransform):
                 given = d.get(self.confidence_key) if self.confidence_key else None
                 scores = d.get(self.scores_key) if self.scores_key and given is None else None
                 index = boundary_label_index(maps, size, self.threshold, scores=scores,
-                                             confidence=None if given is None else _plain(given), progress=update)
+                                             confidence=None if given is None else plain_tensor(given), progress=update)
         index = torch.from_numpy(index)
         out = MetaTensor(_label_values(index, values)[None], meta=dict(pred.meta))
         out.meta.pop(PENDING_INVERSE, None)
@@ -414,7 +411,7 @@ class MergePromptsd(MapTransform):
     def _confidence(self, d: Mapping[Hashable, Any], logits: torch.Tensor) -> torch.Tensor:
         confidence = d.get(self.confidence_key) if self.confidence_key else None
         if confidence is not None:
-            return _plain(confidence).float()
+            return plain_tensor(confidence).float()
         scores = d.get(self.scores_key) if self.scores_key else None
         return logits.sigmoid() if scores is None else confidence_of(logits, torch.as_tensor(scores))
 

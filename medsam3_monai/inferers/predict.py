@@ -44,6 +44,7 @@ from monai.inferers import Inferer
 from ..networks import load_network
 from ..networks.tracker import resolve_tracker
 from ..protocol_registry import get_protocol
+from ..tensors import plain_tensor
 from ..transforms.errors import DataError, source_name
 from ..transforms.intensity import is_volume_slice
 from .image import segment_image
@@ -60,10 +61,6 @@ __all__ = [
     "native_image",
     "predict_file",
 ]
-
-
-def _plain(x: Any) -> torch.Tensor:
-    return x.as_tensor() if isinstance(x, MetaTensor) else torch.as_tensor(x)
 
 
 def is_volume_case(case: Any, image_key: str = "image") -> bool:
@@ -158,7 +155,7 @@ class PromptInferer(Inferer):
         if flat:
             device = next(network.parameters()).device
             if images is None:
-                images = torch.stack([_plain(items[0][self.image_key]) for _, items, _, _ in flat])
+                images = torch.stack([plain_tensor(items[0][self.image_key]) for _, items, _, _ in flat])
             if images.shape[0] != len(flat):
                 raise ValueError(f"{images.shape[0]} stacked images for {len(flat)} 2D cases")
             protocols, boxes = [], []
@@ -186,7 +183,7 @@ class PromptInferer(Inferer):
         protocol = get_protocol(item.get("protocol") or self.protocol).name  # a request may choose its own
         box = item.get("box")
         boxes = None if box is None else box_prompts(box, len(prompts), image.meta["spatial_shape"])
-        seg = segment_image(network, _plain(image).to(device), prompts, protocol=protocol,
+        seg = segment_image(network, plain_tensor(image).to(device), prompts, protocol=protocol,
                             score_threshold=self.score_threshold, boxes=None if boxes is None else boxes[0],
                             box_labels=None if boxes is None else boxes[1], logits_on_device=True)
         item["pred"] = MetaTensor(seg.logits.float())  # confidence: score x sigmoid(logit), after the inversion
@@ -199,7 +196,7 @@ class PromptInferer(Inferer):
         if items[0].get("box") is not None:
             raise DataError(path, "box prompts are for 2D images", "segment volumes with text prompts only")
         # on the host: each detector batch crosses to the device as it goes (uint8 levels, normalised there)
-        slices = torch.stack([_plain(item[self.image_key]) for item in items])
+        slices = torch.stack([plain_tensor(item[self.image_key]) for item in items])
         result = segment_volume(network, slices, prompts, self.tracker,
                                 score_threshold=self.score_threshold, batch_size=self.volume_batch_size,
                                 progress=self.progress)
@@ -254,7 +251,7 @@ class Prediction:
 
     def masks(self) -> torch.Tensor:
         """(P, *spatial) bool, each prompt's pixels after the overlap resolution (disjoint)."""
-        labels = _plain(self.label_map)
+        labels = plain_tensor(self.label_map)
         return torch.stack([labels == int(v) for v in self.label_values])
 
     def summary(self, label_values: Sequence[int] | None = None) -> dict[str, Any]:
@@ -262,7 +259,7 @@ class Prediction:
 
         ``label_values`` renames the values as written (e.g. 255 for a single-prompt PNG mask)."""
         written = list(label_values) if label_values is not None else self.label_values
-        labels = _plain(self.label_map)
+        labels = plain_tensor(self.label_map)
         counts = [int(torch.count_nonzero(labels == int(v))) for v in self.label_values]  # no int64 copy
         unit = "voxels" if self.is_volume else "pixels"
         labels = {
@@ -519,4 +516,4 @@ def native_image(path: str | Path, modality: str | None = None, ct_window: Any =
     if stride > 1 and item["image"].ndim == 3:
         item["image"] = item["image"][:, ::stride, ::stride].clone()
     scaled = ScaleIntensityByModalityd(keys="image", ct_window=ct_window, defer_2d=True)(item)["image"]
-    return _plain(materialize_intensity(scaled))
+    return plain_tensor(materialize_intensity(scaled))

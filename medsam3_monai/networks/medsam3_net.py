@@ -12,6 +12,7 @@ from transformers import Sam3Config, Sam3Model
 from transformers.models.sam3.modeling_sam3 import box_cxcywh_to_xyxy, inverse_sigmoid
 
 from ..boxes import BOX_PADDING_LABEL
+from ..tensors import plain_tensor
 from .checkpoints import load_sam3, save_hf_folder
 from .dac import dac_decoder
 from .outputs import MedSAM3Output, OneToManyOutput
@@ -30,13 +31,6 @@ def _autocast_off(device: torch.device | str) -> contextlib.AbstractContextManag
     if torch.is_autocast_enabled(device_type):
         return torch.autocast(device_type, enabled=False)
     return contextlib.nullcontext()
-
-
-def plain_tensor(x: torch.Tensor) -> torch.Tensor:
-    """``x`` as a plain ``torch.Tensor`` (a view: same storage, same autograd history). A subclass such as MONAI's
-    ``MetaTensor`` runs every operation of the network through its ``__torch_function__``: a training step of the
-    tiny network takes 1.5x the time, its forward 2x, for metadata the network never reads."""
-    return x if type(x) is torch.Tensor else x.as_subclass(torch.Tensor)
 
 
 def normalize_pixels(images: torch.Tensor) -> torch.Tensor:

@@ -31,6 +31,7 @@ from monai.config import KeysCollection
 from monai.data import MetaTensor
 from monai.transforms import MapTransform
 
+from ..tensors import plain_tensor
 from .errors import DataError, source_name
 
 __all__ = [
@@ -103,10 +104,6 @@ def _like(out: torch.Tensor, ref: torch.Tensor) -> torch.Tensor:
     return out
 
 
-def _plain(x: torch.Tensor) -> torch.Tensor:
-    return x.as_tensor() if isinstance(x, MetaTensor) else torch.as_tensor(x)
-
-
 def handler_for_modality(modality: str | None, handlers: Mapping[str, str] | None = None) -> str:
     """The intensity handler for a modality name; spelling-insensitive ('X-ray', 'xray', 'XRay')."""
     table = {**MODALITY_HANDLERS, **{_norm(k): v for k, v in (handlers or {}).items()}}
@@ -125,12 +122,12 @@ def _norm(name: str) -> str:
 def ct_window(x: torch.Tensor, width: float, level: float) -> torch.Tensor:
     """Clip HU to ``[level - width/2, level + width/2]`` and scale to ``[0, 1]``."""
     lo, hi = level - width / 2.0, level + width / 2.0
-    return ((_plain(x).float().clamp(lo, hi) - lo) / (hi - lo)).to(torch.float32)
+    return ((plain_tensor(x).float().clamp(lo, hi) - lo) / (hi - lo)).to(torch.float32)
 
 
 def min_max(x: torch.Tensor) -> torch.Tensor:
     """Scale to ``[0, 1]`` by the image's own min and max (a constant image becomes zeros)."""
-    x = _plain(x).float()
+    x = plain_tensor(x).float()
     lo, hi = x.min(), x.max()
     if hi <= lo:
         return torch.zeros_like(x)
@@ -139,7 +136,7 @@ def min_max(x: torch.Tensor) -> torch.Tensor:
 
 def percentile_min_max(x: torch.Tensor, lower: float = 0.5, upper: float = 99.5) -> torch.Tensor:
     """Clip to the ``lower``/``upper`` percentiles (of all voxels) and scale to ``[0, 1]`` (MRI)."""
-    x = _plain(x).float()
+    x = plain_tensor(x).float()
     lo, hi = np.percentile(x.numpy().ravel(), [lower, upper])
     if hi <= lo:
         return min_max(x)
@@ -151,7 +148,7 @@ def rgb_scale(x: torch.Tensor, source_dtype: str | None = None) -> torch.Tensor:
 
     Float data already in ``[0, 1]`` is kept; other float or signed data falls back to :func:`min_max`.
     """
-    x = _plain(x)
+    x = plain_tensor(x)
     if source_dtype in ("uint8", "uint16"):  # one new float buffer, divided in place
         return x.to(torch.float32, copy=True).div_(float(np.iinfo(source_dtype).max))
     x = x.float()
@@ -164,7 +161,7 @@ def rgb_scale(x: torch.Tensor, source_dtype: str | None = None) -> torch.Tensor:
 
 def to_grey(x: torch.Tensor) -> torch.Tensor:
     """``(C, ...)`` -> ``(1, ...)``: identical channels are kept exactly, colour uses ITU-R 601 luma."""
-    x = _plain(x)
+    x = plain_tensor(x)
     if x.shape[0] == 1:
         return x
     rgb = x[:3].float()
@@ -218,7 +215,7 @@ def _grey_of(x: torch.Tensor, grey: str) -> torch.Tensor:
 def apply_intensity(tile: torch.Tensor, spec: Mapping[str, Any], repeat: bool = True) -> torch.Tensor:
     """A tile ``(C, rows, cols)`` of the source picture -> its ``[0, 1]`` float32 intensities, exactly (element by
     element) what ``ScaleIntensityByModalityd`` (and :class:`GreyToRGBd` when ``repeat``) give for those pixels."""
-    x = _grey_of(_plain(tile)[: int(spec["channels"])], spec["grey"])
+    x = _grey_of(plain_tensor(tile)[: int(spec["channels"])], spec["grey"])
     op = spec["op"]
     if op == "div":
         out = x.float() / float(spec["value"])
@@ -251,7 +248,7 @@ def materialize_intensity(img: torch.Tensor) -> torch.Tensor:
     spec = pending_intensity(img)
     if spec is None:
         return img
-    source = _plain(img)
+    source = plain_tensor(img)
     out = torch.empty((output_channels(spec), *source.shape[1:]), dtype=torch.float32)
     for start, stop in row_tiles(source.shape[1], source.shape[2], source.shape[0]):
         out[:, start:stop] = apply_intensity(source[:, start:stop], spec)
@@ -391,7 +388,7 @@ class ScaleIntensityByModalityd(MapTransform):
             except KeyError:
                 raise DataError(path, f"unknown modality {modality!r}",
                                 f"use one of {sorted(set(MODALITY_HANDLERS))} or pass handlers={{...}}") from None
-            x = _plain(img)
+            x = plain_tensor(img)
             picture = x.ndim == 3 and not (isinstance(img, MetaTensor) and img.meta.get("is_volume"))
             if self.defer_2d and picture:
                 d[key] = self._defer(img, x, handler, d, path)
@@ -434,7 +431,7 @@ class ScaleIntensityByModalityd(MapTransform):
         spec = _deferred_spec(x, handler, source_dtype, window, self.mri_percentiles)
         note = {"ct_window": f"ct_window(W={window[0]:g}, L={window[1]:g})",
                 "percentile": f"percentile{self.mri_percentiles}", "minmax": "minmax"}.get(handler, "rgb")
-        out = _like(_plain(img), img)
+        out = _like(plain_tensor(img), img)
         if not isinstance(out, MetaTensor):
             out = MetaTensor(out)
         out.meta[PENDING_INTENSITY] = spec
@@ -477,7 +474,7 @@ class GreyToRGBd(MapTransform):
             if spec is not None:  # a deferred 2D picture: record the repeat, the resize applies it
                 channels = output_channels(spec)
                 if channels == 1:
-                    out = _like(_plain(img), img)
+                    out = _like(plain_tensor(img), img)
                     out.meta[PENDING_INTENSITY] = {**spec, "repeat": 3 * int(spec.get("repeat", 1))}
                     d[key] = out
                 elif channels != 3:
@@ -488,9 +485,9 @@ class GreyToRGBd(MapTransform):
             if channels == 3 or (channels == 1 and not self.repeat_volume_slices and is_volume_slice(img)):
                 continue
             if channels == 1:
-                out = _plain(img).repeat(3, *([1] * (img.ndim - 1)))
+                out = plain_tensor(img).repeat(3, *([1] * (img.ndim - 1)))
             elif channels == 4:
-                out = _plain(img)[:3]
+                out = plain_tensor(img)[:3]
             else:
                 raise DataError(source_name(img, d, key), f"has {channels} channels",
                                 "expected a grey (1), RGB (3) or RGBA (4) picture")
@@ -516,7 +513,7 @@ def sam3_normalize(x: torch.Tensor, quantize: bool = True) -> torch.Tensor:
     transformers' ``rescale_factor``) and dividing by 255 differ in the last bit for some values; this is
     the multiply.
     """
-    x = _plain(x)
+    x = plain_tensor(x)
     levels = _exact_levels(x, quantize)
     if levels is None:
         return ((x.float() - 0.5) / 0.5).to(torch.float32)
@@ -531,7 +528,7 @@ def sam3_levels(x: torch.Tensor) -> torch.Tensor:
     with numpy's ufuncs (the steps of :func:`_exact_levels`, element by element the same: clip, scale by 255, round
     half to even): the buffer stays in cache, where four passes over a 12 MB float picture would each go to memory,
     and numpy's calls cost less than torch's per chunk."""
-    x = _plain(x)
+    x = plain_tensor(x)
     if x.dtype == torch.uint8:
         return x
     if x.device.type != "cpu":  # one kernel launch per step beats a loop of small ones
@@ -555,7 +552,7 @@ def sam3_levels(x: torch.Tensor) -> torch.Tensor:
 def unit_pixels(x: torch.Tensor) -> torch.Tensor:
     """A slice-space image back in ``[0, 1]`` float32 for display: uint8 levels / 255, or SAM3-normalised float
     ``(x + 1) / 2``."""
-    x = _plain(x)
+    x = plain_tensor(x)
     return x.float() * (1.0 / 255.0) if x.dtype == torch.uint8 else (x.float() + 1.0) / 2.0
 
 
