@@ -28,6 +28,7 @@ from scipy import ndimage
 from skimage.morphology import convex_hull_image
 
 from ..distinct import distinct_values
+from ..tensors import plain_tensor
 from .errors import DataError, source_name
 
 __all__ = ["MASK_ENCODINGS", "INSTANCE_RULES", "DecodeLabeld", "OutlineFillWarning", "parse_prompts",
@@ -193,7 +194,7 @@ class DecodeLabeld(MapTransform):
             prompts = parse_prompts(d.get(self.prompts_key), path)
             rule = self.instance_rule if self.instance_rule is not None else d.get(self.rule_key)
             encoding = self.mask_encoding if self.mask_encoding is not None else d.get(self.encoding_key)
-            array = (raw.as_tensor() if isinstance(raw, MetaTensor) else torch.as_tensor(raw)).numpy()
+            array = plain_tensor(raw).numpy()
             nonzero: set[int] | None = None  # the mask's values, read only where the encoding needs them
             if encoding in (None, "auto"):
                 nonzero = _nonzero_values(array)

@@ -32,6 +32,7 @@ from monai.transforms import MapTransform, Randomizable, TraceableTransform, Tra
 from monai.transforms.utils import scale_affine
 from monai.utils import TraceKeys, get_equivalent_dtype
 
+from ..tensors import plain_tensor
 from .errors import DataError, source_name
 from .intensity import PENDING_INTENSITY, apply_intensity, materialize_intensity, pending_intensity
 from .spatial import ResizeToSliced
@@ -99,7 +100,7 @@ def extract_slice(volume: torch.Tensor, index: int, axis: int = 2, transpose: bo
     plane = volume.select(axis + 1, int(index))
     if transpose:
         plane = plane.transpose(1, 2)
-    plane = (plane.as_tensor() if isinstance(plane, MetaTensor) else plane).contiguous().clone()
+    plane = plain_tensor(plane).contiguous().clone()
     if not isinstance(volume, MetaTensor):
         return plane
     affine = volume.affine.to(torch.float64)
@@ -124,7 +125,7 @@ def extract_slice(volume: torch.Tensor, index: int, axis: int = 2, transpose: bo
 
 def foreground_slices(label: torch.Tensor, axis: int = 2) -> list[int]:
     """Indices along spatial ``axis`` of the slices of ``(C, X, Y, Z)`` ``label`` that contain foreground."""
-    label = label.as_tensor() if isinstance(label, MetaTensor) else torch.as_tensor(label)
+    label = plain_tensor(label)
     dims = [d for d in range(label.ndim) if d != axis + 1]
     return torch.nonzero((label != 0).amax(dim=dims)).flatten().tolist()
 
@@ -255,10 +256,10 @@ def restack_slices(slices: Sequence[torch.Tensor], metas: Sequence[Mapping[str, 
     if missing:
         raise ValueError(f"slice meta lacks {missing}: restack needs slices made by AxialSlicesd/RandAxialSliced")
     shape = tuple(int(s) for s in np.asarray(metas[0]["volume_shape"]).tolist())
-    first = slices[0].as_tensor() if isinstance(slices[0], MetaTensor) else torch.as_tensor(slices[0])
+    first = plain_tensor(slices[0])
     volume = torch.full((first.shape[0], *shape), fill, dtype=first.dtype)
     for plane, meta in zip(slices, metas):
-        plane = plane.as_tensor() if isinstance(plane, MetaTensor) else torch.as_tensor(plane)
+        plane = plain_tensor(plane)
         if meta["slice_transposed"]:
             plane = plane.transpose(1, 2)
         target = volume.select(int(meta["slice_axis"]) + 1, int(meta["slice_index"]))
@@ -555,7 +556,7 @@ class TiledResizeToSliced(ResizeToSliced):
         resizes 3 channels with a second kernel that rounds differently in the last float bit and takes 3-4x the
         time, so this keeps a picture's input the same whatever the threads."""
         spec = pending_intensity(img)
-        source = img.as_tensor() if isinstance(img, MetaTensor) else torch.as_tensor(img)
+        source = plain_tensor(img)
         height, width = (int(v) for v in source.shape[1:])
         values = _intensities(source, spec).float()
         out = torch.nn.functional.interpolate(values[:, None], size=(self.spatial_size, self.spatial_size),
@@ -586,7 +587,7 @@ class TiledResizeToSliced(ResizeToSliced):
     def _tiled(self, img: MetaTensor, anti_aliasing: bool, align_corners: bool | None, dtype: Any,
                path: str | None) -> MetaTensor:
         spec = pending_intensity(img)
-        source = img.as_tensor() if isinstance(img, MetaTensor) else torch.as_tensor(img)
+        source = plain_tensor(img)
         height, width = (int(v) for v in source.shape[1:])
         size = (self.spatial_size, self.spatial_size)
         sigmas: list[float | None] = [None, None]

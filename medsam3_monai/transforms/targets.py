@@ -21,10 +21,10 @@ from typing import Any, NamedTuple, TypedDict
 import numpy as np
 import torch
 import torch.nn.functional as F
-from monai.data import MetaTensor
 from monai.transforms import Randomizable, Transform
 
 from ..instance_masks import InstanceMasks
+from ..tensors import plain_tensor
 from ..threads import one_blas_thread
 from .errors import source_name
 from .labels import parse_prompts
@@ -267,7 +267,7 @@ class BuildTargetsd(Transform):
         prompts = parse_prompts(d.get(self.prompts_key), source_name(instances, d, "label")
                                 or source_name(d.get("label")))
         if not isinstance(instances, InstanceMasks):
-            instances = instances.as_tensor() if isinstance(instances, MetaTensor) else torch.as_tensor(instances)
+            instances = plain_tensor(instances)
             if instances.ndim != 3:
                 raise ValueError(f"'{self.instances_key}' must be (N, H, W) 2D instance masks, "
                                  f"got {tuple(instances.shape)}")
