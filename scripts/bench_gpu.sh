@@ -3,6 +3,8 @@
 #
 #   bash scripts/bench_gpu.sh                  # about 15-30 min on one H100/H200 (random init: no weights needed)
 #   PEAK_TFLOPS=989 TRAIN_BATCH=4 bash scripts/bench_gpu.sh > gpu.json
+#   QUICK=1 bash scripts/bench_gpu.sh          # the issue's table in a few minutes: fewer repeats, no compiled or
+#                                              # channels-last forward (scripts/device_check.sh runs this)
 #
 # Parts (each in its own process; a part that fails, e.g. out of memory, is recorded as {"error": ...} and the
 # others still run; its stderr goes to $LOG_DIR):
@@ -29,6 +31,13 @@ PY="${PYTHON:-$([ -x "$VENV/bin/python" ] && echo "$VENV/bin/python" || echo pyt
 PEAK_TFLOPS="${PEAK_TFLOPS:-989}"
 TRAIN_BATCH="${TRAIN_BATCH:-4}"
 LOG_DIR="${LOG_DIR:-$(mktemp -d -t bench-gpu-XXXXXX)}"
+QUICK="${QUICK:-0}"
+if [ "$QUICK" = 1 ]; then  # repeats after warm-up: forward / evaluate / training steps
+    REPEATS=5 WARMUP=2 EVAL_REPEATS=3 TRAIN_ITERATIONS=8
+else
+    REPEATS=10 WARMUP=3 EVAL_REPEATS=10 TRAIN_ITERATIONS=20
+fi
+mkdir -p "$LOG_DIR"
 export PYTHONPATH="$PWD${PYTHONPATH:+:$PYTHONPATH}"  # this checkout's package
 
 if ! "$PY" -c 'import sys, torch; sys.exit(0 if torch.cuda.is_available() else 1)' 2>/dev/null; then
@@ -48,16 +57,27 @@ run_part() {  # run_part NAME COMMAND...: the command's last JSON object, or {"e
         "$err" >"$out"
 }
 
-run_part forward "$PY" scripts/bench_gpu.py forward --batch 1 8 32 --peak-tflops "$PEAK_TFLOPS"
-run_part forward_compiled "$PY" scripts/bench_gpu.py forward --batch 8 --compile --peak-tflops "$PEAK_TFLOPS"
-run_part forward_channels_last "$PY" scripts/bench_gpu.py forward --batch 8 --channels-last --peak-tflops "$PEAK_TFLOPS"
-run_part evaluate "$PY" scripts/bench_gpu.py evaluate --repeats 10
-run_part train "$PY" scripts/bench_train.py --full --device cuda --batch "$TRAIN_BATCH" --peak-tflops "$PEAK_TFLOPS"
-run_part train_checkpointing "$PY" scripts/bench_train.py --full --device cuda --batch "$TRAIN_BATCH" --checkpointing \
-    --peak-tflops "$PEAK_TFLOPS"
+skip_part() {  # skip_part NAME: recorded as skipped (QUICK=1)
+    echo '{"skipped": "QUICK=1 (run without it for this part)"}' >"$LOG_DIR/$1.json"
+}
+
+FORWARD=(--repeats "$REPEATS" --warmup "$WARMUP" --peak-tflops "$PEAK_TFLOPS")
+TRAIN=(--full --device cuda --batch "$TRAIN_BATCH" --iterations "$TRAIN_ITERATIONS" --warmup "$WARMUP"
+       --peak-tflops "$PEAK_TFLOPS")
+run_part forward "$PY" scripts/bench_gpu.py forward --batch 1 8 32 "${FORWARD[@]}"
+if [ "$QUICK" = 1 ]; then
+    skip_part forward_compiled
+    skip_part forward_channels_last
+else
+    run_part forward_compiled "$PY" scripts/bench_gpu.py forward --batch 8 --compile "${FORWARD[@]}"
+    run_part forward_channels_last "$PY" scripts/bench_gpu.py forward --batch 8 --channels-last "${FORWARD[@]}"
+fi
+run_part evaluate "$PY" scripts/bench_gpu.py evaluate --repeats "$EVAL_REPEATS"
+run_part train "$PY" scripts/bench_train.py "${TRAIN[@]}"
+run_part train_checkpointing "$PY" scripts/bench_train.py "${TRAIN[@]}" --checkpointing
 run_part volume "$PY" scripts/bench_gpu.py volume --size 512 --depth 300
 
-"$PY" - "$LOG_DIR" "$PEAK_TFLOPS" <<'EOF'
+"$PY" - "$LOG_DIR" "$PEAK_TFLOPS" "$QUICK" <<'EOF'
 import json
 import sys
 from pathlib import Path
@@ -76,6 +96,7 @@ if "train_step_tflop" in train and "step_s_median" in ckpt:
     # model FLOPs of the step (no recomputation) over the checkpointed step's time
     ckpt["mfu_model_flops"] = round(train["train_step_tflop"] * 1e12 / ckpt["step_s_median"] / (peak * 1e12), 4)
     ckpt["note"] = "mfu counts the recomputed forward (hardware FLOPs); mfu_model_flops uses the step's model FLOPs"
-result = {"benchmark": "bench_gpu.sh", "peak_tflops": peak, "logs": str(log_dir), **parts}
+result = {"benchmark": "bench_gpu.sh", "quick": sys.argv[3] == "1", "peak_tflops": peak, "logs": str(log_dir),
+          **parts}
 print(json.dumps(result, indent=1))
 EOF
