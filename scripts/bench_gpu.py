@@ -276,9 +276,9 @@ def evaluate(args: argparse.Namespace) -> dict:
             "autocast": args.autocast, "2d": two_d, "peak_memory_gib": _peak_gib(device)}
 
 
-def main() -> None:
+def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    parser.add_argument("part", choices=["forward", "evaluate", "volume"])
+    parser.add_argument("part", choices=["forward", "evaluate", "volume"])  # PARTS
     parser.add_argument("--device", default="cuda")
     parser.add_argument("--tiny", action="store_true", help="tiny network and tracker (a check of the script)")
     parser.add_argument("--autocast", choices=["none", "bf16"], default="bf16")
@@ -294,12 +294,20 @@ def main() -> None:
     parser.add_argument("--prompts", nargs="+", default=["liver"], help="volume: text prompts")
     parser.add_argument("--slice-batch", type=int, default=8, help="volume: slices per detector forward")
     parser.add_argument("--score-threshold", type=float, default=0.0)
-    args = parser.parse_args()
+    return parser.parse_args(argv)
+
+
+#: the parts, by name: each takes the parsed arguments and returns its JSON object
+PARTS = {"forward": forward, "evaluate": evaluate, "volume": volume}
+
+
+def main(argv: list[str] | None = None) -> None:
+    args = parse_args(argv)
     device = torch.device(args.device)
     if device.type == "cuda" and not torch.cuda.is_available():
         sys.exit("bench_gpu.py: no CUDA device (torch.cuda.is_available() is False); run it on a GPU machine, or "
                  "check the script on the CPU with --tiny --device cpu")
-    result = {"forward": forward, "evaluate": evaluate, "volume": volume}[args.part](args)
+    result = PARTS[args.part](args)
     result.update(device=torch.cuda.get_device_name(device) if device.type == "cuda" else platform.processor()
                   or platform.machine(), torch=torch.__version__)
     print(json.dumps(result, indent=1))

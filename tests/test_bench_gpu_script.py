@@ -1,0 +1,59 @@
+"""``scripts/bench_gpu.py``, the GPU benchmark's parts, run on the CPU with the tiny network and tracker
+(``--tiny --device cpu``): a GPU machine is lent rarely and briefly (``scripts/device_check.sh``), so the code it
+runs there is checked here, on every CI run, to give each part's JSON fields. Not a timing test: the values are
+only checked to exist and be in range."""
+
+from __future__ import annotations
+
+import importlib.util
+import sys
+from pathlib import Path
+
+import pytest
+
+pytestmark = pytest.mark.usefixtures("one_thread")
+
+SCRIPTS = Path(__file__).resolve().parents[1] / "scripts"
+
+
+@pytest.fixture(scope="module")
+def bench_gpu():
+    spec = importlib.util.spec_from_file_location("bench_gpu_under_test", SCRIPTS / "bench_gpu.py")
+    module = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(module)
+    yield module
+    sys.path[:] = [p for p in sys.path if p != str(SCRIPTS)]  # the evaluate part imports bench_eval from there
+
+
+def _run(bench_gpu, *argv: str) -> dict:
+    args = bench_gpu.parse_args([*argv, "--tiny", "--device", "cpu"])
+    return bench_gpu.PARTS[args.part](args)
+
+
+def test_the_forward_part_reports_each_batch(bench_gpu):
+    result = _run(bench_gpu, "forward", "--batch", "1", "2", "--repeats", "1", "--warmup", "0")
+    assert result["config"] == "tiny" and result["image_size"] == 112
+    assert set(result["results"]) == {"batch_1", "batch_2"}
+    for entry in result["results"].values():
+        assert entry["images_per_s"] > 0 and entry["forward_images_per_s"] > 0
+        assert entry["gflop_per_image"] >= 0 and entry["segment_ms"] > 0
+        assert entry["host_syncs_per_forward"] is None  # counted on CUDA only
+        assert "mfu" not in entry
+
+
+def test_the_volume_part_segments_the_synthetic_ct(bench_gpu):
+    result = _run(bench_gpu, "volume", "--size", "40", "--depth", "6")
+    assert result["volume_shape"] == [40, 40, 6] and result["label_shape"][-3:] == [40, 40, 6]
+    assert result["tracker"] == "tiny"
+    for key in ("way_in_s", "segment_volume_s", "detector_s", "way_back_s", "case_s", "slices_per_s"):
+        assert result[key] >= 0, key
+    assert result["case_s"] >= result["segment_volume_s"]
+    assert result["seed_slices"] and all(0 <= s < 6 for s in result["seed_slices"])
+
+
+def test_the_evaluate_part_sets_the_case_against_the_forward(bench_gpu):
+    result = _run(bench_gpu, "evaluate", "--repeats", "1")
+    two_d = result["2d"]
+    assert two_d["images"] >= 3
+    for key in ("forward_ms", "case_ms", "bare_case_ms", "case_over_forward", "batched_case_over_forward"):
+        assert two_d[key] > 0, key
