@@ -10,9 +10,9 @@ go through the real iteration: ``PrepareFindBatch`` (normalised on the device), 
     python scripts/bench_train.py --full --device cuda --batch 4    # full SAM3 at 1008 px, bf16 autocast
     python scripts/bench_train.py --full --device cuda --checkpointing
 
-On CUDA it also reports model FLOPs utilisation: FLOPs of one training step counted by
-``torch.utils.flop_counter`` divided by step time and the GPU's dense bf16 peak (``--peak-tflops``,
-989 for an H100 SXM).
+``train_step_tflop``: the FLOPs of one training step, counted by ``torch.utils.flop_counter``; on CUDA also the model
+FLOPs utilisation: those FLOPs divided by the step time and the GPU's dense bf16 peak (``--peak-tflops``, 989 for
+an H100 SXM).
 """
 
 from __future__ import annotations
@@ -28,8 +28,8 @@ from ignite.engine import Events
 
 from medsam3_monai.engines import MedSAM3Trainer, PrepareFindBatch, build_optimizer
 from medsam3_monai.engines import autocast_for as trainer_autocast
-from medsam3_monai.losses import SetCriterion
 from medsam3_monai.engines.batch import collate_find_queries
+from medsam3_monai.losses import SetCriterion
 from medsam3_monai.networks import MedSAM3Net, full_sam3_config
 
 
@@ -64,7 +64,7 @@ def _sync(device: torch.device) -> None:
         torch.cuda.synchronize(device)
 
 
-def main() -> None:
+def main(argv: list[str] | None = None) -> dict:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--full", action="store_true", help="full SAM3 config (random init) at 1008 px")
     parser.add_argument("--image-size", type=int, default=None)
@@ -77,7 +77,7 @@ def main() -> None:
     parser.add_argument("--no-bf16", action="store_true", help="disable bf16 autocast on CUDA")
     parser.add_argument("--peak-tflops", type=float, default=989.0, help="GPU dense bf16 peak for MFU")
     parser.add_argument("--threads", type=int, default=None)
-    args = parser.parse_args()
+    args = parser.parse_args(argv)
     if args.threads:
         torch.set_num_threads(args.threads)
     device = torch.device(args.device)
@@ -120,19 +120,28 @@ def main() -> None:
     }
     if device.type == "cuda":
         result["peak_gpu_memory_gb"] = round(torch.cuda.max_memory_allocated(device) / 2**30, 3)
-        from torch.utils.flop_counter import FlopCounterMode
-
-        with FlopCounterMode(display=False) as counter:
-            with trainer_autocast(device, not args.no_bf16):
-                images, targets, _, kwargs = PrepareFindBatch()(batch, device)
-                terms = SetCriterion()(network(images, **kwargs), targets)
-            terms["loss"].backward()
-        flops = counter.get_total_flops()
-        result["train_step_tflop"] = round(flops / 1e12, 3)
+    flops = step_flops(network, batch, device, not args.no_bf16)
+    result["train_step_tflop"] = round(flops / 1e12, 6)
+    if device.type == "cuda":
         result["mfu"] = round(flops / median / (args.peak_tflops * 1e12), 4)
     result["peak_rss_mb"] = round(resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024, 1)
     result["peak_rss_increase_mb"] = round(result["peak_rss_mb"] - rss_before_mb, 1)
     print(json.dumps(result, indent=1))
+    return result
+
+
+def step_flops(network: torch.nn.Module, batch: dict, device: torch.device, bf16: bool) -> int:
+    """Model FLOPs of one training step on ``batch`` (forward, set-prediction loss, backward), counted by
+    ``torch.utils.flop_counter`` (on any device; the MFU is reported on CUDA)."""
+    from torch.utils.flop_counter import FlopCounterMode
+
+    with FlopCounterMode(display=False) as counter:
+        with trainer_autocast(device, bf16):
+            images, targets, _, kwargs = PrepareFindBatch()(batch, device)
+            terms = SetCriterion()(network(images, **kwargs), targets)
+        terms["loss"].backward()
+    network.zero_grad(set_to_none=True)
+    return counter.get_total_flops()
 
 
 if __name__ == "__main__":

@@ -1,7 +1,7 @@
-"""``scripts/bench_gpu.py``, the GPU benchmark's parts, run on the CPU with the tiny network and tracker
-(``--tiny --device cpu``): a GPU machine is lent rarely and briefly (``scripts/device_check.sh``), so the code it
-runs there is checked here, on every CI run, to give each part's JSON fields. Not a timing test: the values are
-only checked to exist and be in range."""
+"""The GPU benchmark's parts (``scripts/bench_gpu.py``, ``scripts/bench_train.py``), run on the CPU with the tiny
+network and tracker: a GPU machine is lent rarely and briefly (``scripts/device_check.sh``), so the code it runs
+there is checked here, on every CI run, to give each part's JSON fields. Not a timing test: the values are only
+checked to exist and be in range."""
 
 from __future__ import annotations
 
@@ -16,12 +16,16 @@ pytestmark = pytest.mark.usefixtures("one_thread")
 SCRIPTS = Path(__file__).resolve().parents[1] / "scripts"
 
 
-@pytest.fixture(scope="module")
-def bench_gpu():
-    spec = importlib.util.spec_from_file_location("bench_gpu_under_test", SCRIPTS / "bench_gpu.py")
+def _script(name: str):
+    spec = importlib.util.spec_from_file_location(f"{name}_under_test", SCRIPTS / f"{name}.py")
     module = importlib.util.module_from_spec(spec)
     spec.loader.exec_module(module)
-    yield module
+    return module
+
+
+@pytest.fixture(scope="module")
+def bench_gpu():
+    yield _script("bench_gpu")
     sys.path[:] = [p for p in sys.path if p != str(SCRIPTS)]  # the evaluate part imports bench_eval from there
 
 
@@ -57,3 +61,13 @@ def test_the_evaluate_part_sets_the_case_against_the_forward(bench_gpu):
     assert two_d["images"] >= 3
     for key in ("forward_ms", "case_ms", "bare_case_ms", "case_over_forward", "batched_case_over_forward"):
         assert two_d[key] > 0, key
+
+
+@pytest.mark.parametrize("checkpointing", [False, True])
+def test_the_training_part_counts_the_step(checkpointing: bool):
+    argv = ["--batch", "2", "--iterations", "1", "--warmup", "0"] + (["--checkpointing"] if checkpointing else [])
+    result = _script("bench_train").main(argv)
+    assert result["config"] == "tiny" and result["gradient_checkpointing"] is checkpointing
+    assert result["step_s_median"] > 0 and result["images_per_s"] > 0
+    assert result["train_step_tflop"] > 0  # the FLOPs the GPU run turns into MFU (CUDA only: no "mfu" here)
+    assert "mfu" not in result
