@@ -5,6 +5,8 @@
 #   PEAK_TFLOPS=989 TRAIN_BATCH=4 bash scripts/bench_gpu.sh > gpu.json
 #   QUICK=1 bash scripts/bench_gpu.sh          # the issue's table in a few minutes: fewer repeats, no compiled or
 #                                              # channels-last forward (scripts/device_check.sh runs this)
+#   PART_TIMEOUT=240 PARTIAL_JSON=gpu.json bash scripts/bench_gpu.sh   # each part at most 240 s; the JSON so far
+#                                              # rewritten to gpu.json after each part (a run cut short keeps it)
 #
 # Parts (each in its own process; a part that fails, e.g. out of memory, is recorded as {"error": ...} and the
 # others still run; its stderr goes to $LOG_DIR):
@@ -31,6 +33,7 @@ PY="${PYTHON:-$([ -x "$VENV/bin/python" ] && echo "$VENV/bin/python" || echo pyt
 PEAK_TFLOPS="${PEAK_TFLOPS:-989}"
 TRAIN_BATCH="${TRAIN_BATCH:-4}"
 LOG_DIR="${LOG_DIR:-$(mktemp -d -t bench-gpu-XXXXXX)}"
+PART_TIMEOUT="${PART_TIMEOUT:-0}"  # seconds per part (0: none); a part stopped there is recorded as an error
 QUICK="${QUICK:-0}"
 if [ "$QUICK" = 1 ]; then  # repeats after warm-up: forward / evaluate / training steps
     REPEATS=5 WARMUP=2 EVAL_REPEATS=3 TRAIN_ITERATIONS=8
@@ -46,24 +49,68 @@ if ! "$PY" -c 'import sys, torch; sys.exit(0 if torch.cuda.is_available() else 1
     exit 3
 fi
 
+PARTS=(forward forward_compiled forward_channels_last evaluate train train_checkpointing volume)
+
+summarize() {  # summarize FILE: the parts' JSON objects as one (a part not run yet: {"pending": true}) into FILE
+    "$PY" - "$LOG_DIR" "$PEAK_TFLOPS" "$QUICK" "${PARTS[@]}" >"$1" <<'PYEOF'
+import json
+import sys
+from pathlib import Path
+
+log_dir, peak, quick, names = Path(sys.argv[1]), float(sys.argv[2]), sys.argv[3] == "1", sys.argv[4:]
+parts = {}
+for name in names:
+    path = log_dir / f"{name}.json"
+    if not path.exists():
+        parts[name] = {"pending": True}
+        continue
+    try:
+        parts[name] = json.loads(path.read_text())
+    except json.JSONDecodeError:
+        parts[name] = {"error": "no JSON output", "log": str(log_dir / f"{name}.log")}
+train, ckpt = parts["train"], parts["train_checkpointing"]
+if "train_step_tflop" in train and "step_s_median" in ckpt:
+    # model FLOPs of the step (no recomputation) over the checkpointed step's time
+    ckpt["mfu_model_flops"] = round(train["train_step_tflop"] * 1e12 / ckpt["step_s_median"] / (peak * 1e12), 4)
+    ckpt["note"] = "mfu counts the recomputed forward (hardware FLOPs); mfu_model_flops uses the step's model FLOPs"
+result = {"benchmark": "bench_gpu.sh", "quick": quick, "peak_tflops": peak, "logs": str(log_dir), **parts}
+print(json.dumps(result, indent=1))
+PYEOF
+}
+
+part_done() {  # after each part: the summary so far into PARTIAL_JSON, when set (a run cut short keeps its parts)
+    [ -n "${PARTIAL_JSON:-}" ] && summarize "$PARTIAL_JSON"
+    return 0
+}
+
 run_part() {  # run_part NAME COMMAND...: the command's last JSON object, or {"error": ...}
     local name="$1"; shift
-    local out="$LOG_DIR/$name.json" err="$LOG_DIR/$name.log"
+    local out="$LOG_DIR/$name.json" err="$LOG_DIR/$name.log" status=0
     echo "bench_gpu.sh: $name ..." >&2
-    if "$@" >"$out" 2>"$err"; then
-        return 0
+    if [ "$PART_TIMEOUT" -gt 0 ]; then
+        timeout "$PART_TIMEOUT" "$@" >"$out" 2>"$err" || status=$?
+    else
+        "$@" >"$out" 2>"$err" || status=$?
     fi
-    "$PY" -c 'import json, sys; print(json.dumps({"error": (open(sys.argv[1]).read().strip().splitlines() or ["failed"])[-1], "log": sys.argv[1]}))' \
-        "$err" >"$out"
+    if [ "$status" -eq 124 ] && [ "$PART_TIMEOUT" -gt 0 ]; then
+        echo "timed out after $PART_TIMEOUT s (PART_TIMEOUT)" >>"$err"
+    fi
+    if [ "$status" -ne 0 ]; then
+        "$PY" -c 'import json, sys; print(json.dumps({"error": (open(sys.argv[1]).read().strip().splitlines() or ["failed"])[-1], "log": sys.argv[1]}))' \
+            "$err" >"$out"
+    fi
+    part_done
 }
 
 skip_part() {  # skip_part NAME: recorded as skipped (QUICK=1)
     echo '{"skipped": "QUICK=1 (run without it for this part)"}' >"$LOG_DIR/$1.json"
+    part_done
 }
 
 FORWARD=(--repeats "$REPEATS" --warmup "$WARMUP" --peak-tflops "$PEAK_TFLOPS")
 TRAIN=(--full --device cuda --batch "$TRAIN_BATCH" --iterations "$TRAIN_ITERATIONS" --warmup "$WARMUP"
        --peak-tflops "$PEAK_TFLOPS")
+# the issue's table first (forward, training, the CT), the evaluation case last
 run_part forward "$PY" scripts/bench_gpu.py forward --batch 1 8 32 "${FORWARD[@]}"
 if [ "$QUICK" = 1 ]; then
     skip_part forward_compiled
@@ -72,31 +119,9 @@ else
     run_part forward_compiled "$PY" scripts/bench_gpu.py forward --batch 8 --compile "${FORWARD[@]}"
     run_part forward_channels_last "$PY" scripts/bench_gpu.py forward --batch 8 --channels-last "${FORWARD[@]}"
 fi
-run_part evaluate "$PY" scripts/bench_gpu.py evaluate --repeats "$EVAL_REPEATS"
 run_part train "$PY" scripts/bench_train.py "${TRAIN[@]}"
 run_part train_checkpointing "$PY" scripts/bench_train.py "${TRAIN[@]}" --checkpointing
 run_part volume "$PY" scripts/bench_gpu.py volume --size 512 --depth 300
+run_part evaluate "$PY" scripts/bench_gpu.py evaluate --repeats "$EVAL_REPEATS"
 
-"$PY" - "$LOG_DIR" "$PEAK_TFLOPS" "$QUICK" <<'EOF'
-import json
-import sys
-from pathlib import Path
-
-log_dir, peak = Path(sys.argv[1]), float(sys.argv[2])
-parts = {}
-for name in ("forward", "forward_compiled", "forward_channels_last", "evaluate", "train", "train_checkpointing",
-             "volume"):
-    text = (log_dir / f"{name}.json").read_text()
-    try:
-        parts[name] = json.loads(text)
-    except json.JSONDecodeError:
-        parts[name] = {"error": "no JSON output", "log": str(log_dir / f"{name}.log")}
-train, ckpt = parts["train"], parts["train_checkpointing"]
-if "train_step_tflop" in train and "step_s_median" in ckpt:
-    # model FLOPs of the step (no recomputation) over the checkpointed step's time
-    ckpt["mfu_model_flops"] = round(train["train_step_tflop"] * 1e12 / ckpt["step_s_median"] / (peak * 1e12), 4)
-    ckpt["note"] = "mfu counts the recomputed forward (hardware FLOPs); mfu_model_flops uses the step's model FLOPs"
-result = {"benchmark": "bench_gpu.sh", "quick": sys.argv[3] == "1", "peak_tflops": peak, "logs": str(log_dir),
-          **parts}
-print(json.dumps(result, indent=1))
-EOF
+summarize /dev/stdout

@@ -8,6 +8,7 @@
 #   bash scripts/device_wheels.sh                 # here, once: the wheels into .whl/
 #   bash scripts/device_check.sh                  # there (the device tool: carry [".whl"])
 #
+# Each part of the benchmark stops after PART_TIMEOUT seconds (default 240: an error entry, the next part runs).
 # Results go to $OUT (or RESULTS_DIR, default ./device_results): gpu.json (bench_gpu.sh's JSON), gpu_tests.log
 # (pytest), gpu_logs.txt (each part's log, the end of it) and nvidia_smi.txt. Exit status: 3 no CUDA device,
 # 4 the project cannot be imported, 6 a part of the benchmark failed (its error in gpu.json), else pytest's.
@@ -32,7 +33,9 @@ fi
 nvidia-smi >"$RESULTS/nvidia_smi.txt" 2>&1 || true
 
 LOGS="$(mktemp -d -t medsam3-device-XXXXXX)"
-QUICK="${QUICK:-1}" PYTHON="$PY" LOG_DIR="$LOGS" bash scripts/bench_gpu.sh >"$RESULTS/gpu.json"
+# gpu.json is rewritten after each part, so a run stopped early (the loan's time limit) still returns what it did
+QUICK="${QUICK:-1}" PART_TIMEOUT="${PART_TIMEOUT:-240}" PARTIAL_JSON="$RESULTS/gpu.json" PYTHON="$PY" \
+    LOG_DIR="$LOGS" bash scripts/bench_gpu.sh >/dev/null
 status=$?
 for log in "$LOGS"/*.log; do  # at most a few files come back from a lent machine: the parts' logs as one
     [ -e "$log" ] || continue
