@@ -17,7 +17,7 @@ DEVICE_PYTHON="${DEVICE_PYTHON:-3.12}"
 NAMES=(transformers monai pytorch-ignite nibabel open_clip_torch ftfy wcwidth regex)
 
 # NAME==VERSION of each, as installed here: the device runs what CI tests
-read -r -a PINS <<<"$("$PY" - "${NAMES[@]}" <<'PYEOF'
+PINS_LINE="$("$PY" - "${NAMES[@]}" <<'PYEOF'
 import importlib.metadata
 import sys
 
@@ -30,7 +30,8 @@ for name in sys.argv[1:]:
                  "run scripts/setup_env.sh first")
 print(" ".join(pins))
 PYEOF
-)"
+)"  # a plain assignment: a missing package stops the script here (set -e), with the message above
+read -r -a PINS <<<"$PINS_LINE"
 
 rm -rf .whl
 mkdir -p .whl
