@@ -20,7 +20,12 @@ process first calls ``medsam3_monai.allocator.keep_freed_buffers()`` (freed 12 M
 again). ``cores_for_60_img_per_s`` =
 ceil(60 / per-core rate) of the slowest set. Collation and worker IPC are not included.
 
+``--runs N``: N fresh processes, one after the other, each measuring everything once (so each pays its own first
+pass); every rate is then the median over them, with each run's value in ``runs``. A single run on a shared machine
+varies by +-20 %; the median of five is what to compare with a target.
+
     python scripts/bench_data.py [--image-size 1008] [--items 16] [--epochs 2] [--data-root ../shared/data]
+    python scripts/bench_data.py --rgb kvasir --runs 5
 
 Prints one JSON object on stdout (progress on stderr).
 """
@@ -31,6 +36,8 @@ import argparse
 import json
 import math
 import os
+import statistics
+import subprocess
 import sys
 import time
 import warnings
@@ -108,6 +115,58 @@ def bench_set(name: str, folder: Path, args: argparse.Namespace, concepts: list[
     return {"dataset": folder.name, "items": len(items), "cold": cold, "cold_again": cold_again, "cached": cached}
 
 
+KINDS = ("cold", "cold_again", "cached")
+
+
+def summarize(report: dict[str, Any]) -> dict[str, Any]:
+    """Add ``worst`` (the slowest set of each kind) and ``cores_for_60_img_per_s`` (and ``_wall``) to ``report``."""
+    sets = report["sets"]
+    for kind in KINDS:
+        worst = min(sets, key=lambda name: sets[name][kind]["img_per_s"])
+        rate, wall_rate = sets[worst][kind]["img_per_s"], sets[worst][kind]["img_per_s_wall"]
+        report.setdefault("worst", {})[kind] = {"set": worst, "img_per_s": rate, "img_per_s_wall": wall_rate}
+        report.setdefault("cores_for_60_img_per_s", {})[kind] = math.ceil(60 / rate)
+        report.setdefault("cores_for_60_img_per_s_wall", {})[kind] = math.ceil(60 / wall_rate)
+    return report
+
+
+def median_of_runs(runs: list[dict[str, Any]]) -> dict[str, Any]:
+    """Reports of fresh processes (:func:`main` with ``--runs 1``) -> one report: per set and kind the median of each
+    rate, each run's ``img_per_s`` in ``runs``; ``worst`` and the cores from those medians."""
+    first = runs[0]
+    sets: dict[str, Any] = {}
+    for name, measured in first["sets"].items():
+        sets[name] = {"dataset": measured["dataset"], "items": measured["items"]}
+        for kind in KINDS:
+            entries = [run["sets"][name][kind] for run in runs]
+            sets[name][kind] = {key: round(statistics.median(entry[key] for entry in entries), 3) for key in entries[0]}
+            sets[name][kind]["runs"] = [entry["img_per_s"] for entry in entries]
+    report = {key: value for key, value in first.items()
+              if key not in ("sets", "worst", "cores_for_60_img_per_s", "cores_for_60_img_per_s_wall", "machine")}
+    report.update(runs=len(runs), statistic="median over fresh processes", sets=sets)
+    summarize(report)
+    report["machine"] = {**first["machine"], "loadavg_1min": [run["machine"]["loadavg_1min"] for run in runs],
+                         "bench_wall_s": round(sum(run["machine"]["bench_wall_s"] for run in runs), 1)}
+    return report
+
+
+def _fresh_runs(args: argparse.Namespace, root: Path) -> dict[str, Any]:
+    """``args.runs`` fresh processes of this script, each with ``--runs 1``, combined by :func:`median_of_runs`."""
+    argv = [sys.executable, str(Path(__file__).resolve()), "--runs", "1", "--image-size", str(args.image_size),
+            "--items", str(args.items), "--epochs", str(args.epochs), "--slices-per-volume",
+            str(args.slices_per_volume), "--rgb", args.rgb, "--data-root", str(root)]
+    runs = []
+    for index in range(args.runs):
+        _log(f"run {index + 1}/{args.runs} (a fresh process)")
+        done = subprocess.run(argv, stdout=subprocess.PIPE, text=True)
+        if done.returncode != 0:
+            raise SystemExit(f"run {index + 1} failed with exit status {done.returncode} (its stderr is above)")
+        runs.append(json.loads(done.stdout))
+    report = median_of_runs(runs)
+    print(json.dumps(report, indent=2))
+    return report
+
+
 def main(argv: list[str] | None = None) -> dict[str, Any]:
     parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     parser.add_argument("--image-size", type=int, default=1008, help="slice size S (default 1008, real weights)")
@@ -117,11 +176,15 @@ def main(argv: list[str] | None = None) -> dict[str, Any]:
     parser.add_argument("--rgb", choices=sorted(SETS["rgb"]), default="gbm40", help="the 2D RGB set (default gbm40)")
     parser.add_argument("--data-root", default="../shared/data",
                         help="folder of the shared samples; relative paths are relative to the repo root")
+    parser.add_argument("--runs", type=int, default=1,
+                        help="fresh processes to measure in, one after the other; rates are their medians (default 1)")
     args = parser.parse_args(argv)
-    if args.items < 1 or args.epochs < 1 or args.image_size < 1:
-        parser.error("--items, --epochs and --image-size must be >= 1")
+    if min(args.items, args.epochs, args.image_size, args.runs) < 1:
+        parser.error("--items, --epochs, --image-size and --runs must be >= 1")
     root = Path(args.data_root)
     root = root if root.is_absolute() else (REPO_ROOT / root).resolve()
+    if args.runs > 1:
+        return _fresh_runs(args, root)
 
     torch.set_num_threads(1)
     from medsam3_monai.allocator import keep_freed_buffers
@@ -145,12 +208,7 @@ def main(argv: list[str] | None = None) -> dict[str, Any]:
                      "img_per_s_wall = images per elapsed second",
         "sets": sets,
     }
-    for kind in ("cold", "cold_again", "cached"):
-        worst = min(sets, key=lambda name: sets[name][kind]["img_per_s"])
-        rate, wall_rate = sets[worst][kind]["img_per_s"], sets[worst][kind]["img_per_s_wall"]
-        report.setdefault("worst", {})[kind] = {"set": worst, "img_per_s": rate, "img_per_s_wall": wall_rate}
-        report.setdefault("cores_for_60_img_per_s", {})[kind] = math.ceil(60 / rate)
-        report.setdefault("cores_for_60_img_per_s_wall", {})[kind] = math.ceil(60 / wall_rate)
+    summarize(report)
     report["machine"] = {"cpu_count": os.cpu_count(), "loadavg_1min": round(os.getloadavg()[0], 2),
                          "bench_wall_s": round(time.perf_counter() - started, 1)}
     print(json.dumps(report, indent=2))
