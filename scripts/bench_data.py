@@ -150,15 +150,14 @@ def median_of_runs(runs: list[dict[str, Any]]) -> dict[str, Any]:
     return report
 
 
-def _fresh_runs(args: argparse.Namespace, root: Path) -> dict[str, Any]:
-    """``args.runs`` fresh processes of this script, each with ``--runs 1``, combined by :func:`median_of_runs`."""
-    argv = [sys.executable, str(Path(__file__).resolve()), "--runs", "1", "--image-size", str(args.image_size),
-            "--items", str(args.items), "--epochs", str(args.epochs), "--slices-per-volume",
-            str(args.slices_per_volume), "--rgb", args.rgb, "--data-root", str(root)]
+def _fresh_runs(argv: list[str], runs_wanted: int) -> dict[str, Any]:
+    """``runs_wanted`` fresh processes of this script with the same arguments ``argv`` and ``--runs 1`` (the last
+    occurrence wins), combined by :func:`median_of_runs`."""
+    command = [sys.executable, str(Path(__file__).resolve()), *argv, "--runs", "1"]
     runs = []
-    for index in range(args.runs):
-        _log(f"run {index + 1}/{args.runs} (a fresh process)")
-        done = subprocess.run(argv, stdout=subprocess.PIPE, text=True)
+    for index in range(runs_wanted):
+        _log(f"run {index + 1}/{runs_wanted} (a fresh process)")
+        done = subprocess.run(command, stdout=subprocess.PIPE, text=True)
         if done.returncode != 0:
             raise SystemExit(f"run {index + 1} failed with exit status {done.returncode} (its stderr is above)")
         runs.append(json.loads(done.stdout))
@@ -178,13 +177,14 @@ def main(argv: list[str] | None = None) -> dict[str, Any]:
                         help="folder of the shared samples; relative paths are relative to the repo root")
     parser.add_argument("--runs", type=int, default=1,
                         help="fresh processes to measure in, one after the other; rates are their medians (default 1)")
+    argv = sys.argv[1:] if argv is None else list(argv)
     args = parser.parse_args(argv)
     if min(args.items, args.epochs, args.image_size, args.runs) < 1:
         parser.error("--items, --epochs, --image-size and --runs must be >= 1")
+    if args.runs > 1:
+        return _fresh_runs(argv, args.runs)
     root = Path(args.data_root)
     root = root if root.is_absolute() else (REPO_ROOT / root).resolve()
-    if args.runs > 1:
-        return _fresh_runs(args, root)
 
     torch.set_num_threads(1)
     from medsam3_monai.allocator import keep_freed_buffers

@@ -3,20 +3,13 @@ timing); the slowest set and the cores for 60 images/s come from those medians, 
 
 from __future__ import annotations
 
-import importlib.util
-from pathlib import Path
-
 import pytest
-
-SCRIPT = Path(__file__).resolve().parents[1] / "scripts" / "bench_data.py"
+from _script_helpers import load_script
 
 
 @pytest.fixture(scope="module")
 def bench_data():
-    spec = importlib.util.spec_from_file_location("bench_data_under_test", SCRIPT)
-    module = importlib.util.module_from_spec(spec)
-    spec.loader.exec_module(module)
-    return module
+    return load_script("bench_data")
 
 
 def _rates(rate: float) -> dict:

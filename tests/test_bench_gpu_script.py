@@ -5,27 +5,17 @@ checked to exist and be in range."""
 
 from __future__ import annotations
 
-import importlib.util
 import sys
-from pathlib import Path
 
 import pytest
+from _script_helpers import SCRIPTS, load_script
 
 pytestmark = pytest.mark.usefixtures("one_thread")
-
-SCRIPTS = Path(__file__).resolve().parents[1] / "scripts"
-
-
-def _script(name: str):
-    spec = importlib.util.spec_from_file_location(f"{name}_under_test", SCRIPTS / f"{name}.py")
-    module = importlib.util.module_from_spec(spec)
-    spec.loader.exec_module(module)
-    return module
 
 
 @pytest.fixture(scope="module")
 def bench_gpu():
-    yield _script("bench_gpu")
+    yield load_script("bench_gpu")
     sys.path[:] = [p for p in sys.path if p != str(SCRIPTS)]  # the evaluate part imports bench_eval from there
 
 
@@ -66,7 +56,7 @@ def test_the_evaluate_part_sets_the_case_against_the_forward(bench_gpu):
 @pytest.mark.parametrize("checkpointing", [False, True])
 def test_the_training_part_counts_the_step(checkpointing: bool):
     argv = ["--batch", "2", "--iterations", "1", "--warmup", "0"] + (["--checkpointing"] if checkpointing else [])
-    result = _script("bench_train").main(argv)
+    result = load_script("bench_train").main(argv)
     assert result["config"] == "tiny" and result["gradient_checkpointing"] is checkpointing
     assert result["step_s_median"] > 0 and result["images_per_s"] > 0
     assert result["train_step_tflop"] > 0  # the FLOPs the GPU run turns into MFU (CUDA only: no "mfu" here)

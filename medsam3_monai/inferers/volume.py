@@ -46,6 +46,7 @@ from ..compat import add_mask_prompt, tracker_session
 from ..networks.medsam3_net import network_pixels
 from ..networks.outputs import upsample_logits
 from ..networks.tracker import backbone_signature, detector_backbone
+from ..tensors import plain_tensor
 from .bitmasks import BitMasks
 from .protocols import detector_chunks, top_query_logits
 
@@ -99,8 +100,7 @@ def _check_inputs(detector: nn.Module, slices: torch.Tensor, prompts: Sequence[s
                   batch_size: int) -> tuple[torch.Tensor, list[str]]:
     if not isinstance(slices, torch.Tensor):
         raise TypeError(f"slices must be a (D, 3, S, S) tensor, got {type(slices).__name__}")
-    if type(slices) is not torch.Tensor:  # MetaTensor from the transforms: plain tensor math from here on
-        slices = slices.as_subclass(torch.Tensor)
+    slices = plain_tensor(slices)  # MetaTensor from the transforms: plain tensor math from here on
     if isinstance(prompts, str):
         prompts = [prompts]
     prompts = list(prompts)
