@@ -33,6 +33,8 @@ class (each class's masks and ``case_metrics``), seconds and their ratio (the co
 122 x 101 x 30 at 3 mm; synthetic ellipsoids when absent) repeated to 366 x 303 x 300 voxels (1, 1, 0.3 mm), against
 itself shifted by 2 voxels along the first two axes: ``label_map_metrics`` with the spacing (Dice, IoU, NSD, HD95
 for every class), seconds in all and per class, and ``overlaps_s`` for the Dice/IoU counts alone.
+``volume_loading``: that CT as an uncompressed NIfTI of float32 and of int16 HU, loaded and windowed by the
+package's transforms and by MONAI's ``LoadImage`` + ``ScaleIntensityRange``: CPU seconds and MONAI's over ours.
 ``volume_way_back``: that CT at 366 x 303 x 120 voxels (the example repeated 3 x 3 x 4) with the slice-space masks
 of every class made from its truth, the way a good network's would be: the way back (invert, merge, restack) with
 MONAI's ``Invertd`` on every slice (``invertd_s``: ``MaskLogitsd`` and ``InvertToInputd`` with ``defer=False``,
@@ -287,6 +289,47 @@ def bench_volume_metrics(factors: tuple[int, int, int] = (3, 3, 10)) -> dict:
             "seconds_per_class": round(seconds / len(values), 4), "overlaps_s": round(overlaps_s, 4)}
 
 
+def bench_volume_loading(factors: tuple[int, int, int] = (3, 3, 10)) -> dict:
+    """A CT volume's loading: the example CT (:func:`ct_labels`, 366 x 303 x 300 voxels) written as an uncompressed
+    NIfTI of float32 and of int16 HU, read and windowed by ``LoadMedicalImaged`` + ``ScaleIntensityByModalityd``
+    (abdomen window) and by MONAI's own ``LoadImage`` + ``ScaleIntensityRange`` (the same window, clipped): CPU
+    seconds of each (best of two) and MONAI's over ours; the values are checked equal (up to float rounding)."""
+    import nibabel as nib
+    from monai.transforms import LoadImage, ScaleIntensityRange
+
+    from medsam3_monai.transforms import LoadMedicalImaged, ScaleIntensityByModalityd
+
+    labels, source = ct_labels(factors)
+    hu = labels.numpy().astype(np.float32) * 20 - 500
+    ours_load, ours_window = LoadMedicalImaged(keys="image"), ScaleIntensityByModalityd(keys="image")
+    monai_load = LoadImage(image_only=True, ensure_channel_first=True)
+    monai_window = ScaleIntensityRange(a_min=-160.0, a_max=240.0, b_min=0.0, b_max=1.0, clip=True)
+
+    def best_cpu_s(fn) -> tuple[float, object]:
+        times, out = [], None
+        for _ in range(2):
+            out = None  # the last result freed first: both sides start from the same heap
+            start = time.process_time()
+            out = fn()
+            times.append(time.process_time() - start)
+        return min(times), out
+
+    result = {"source": source, "shape": list(hu.shape)}
+    with tempfile.TemporaryDirectory(prefix="bench_eval_loading_") as work:
+        for dtype in ("float32", "int16"):
+            path = f"{work}/ct_{dtype}.nii"
+            nib.save(nib.Nifti1Image(hu.astype(dtype), np.diag([1.0, 1.0, 0.3, 1.0])), path)
+            ours_s, ours = best_cpu_s(lambda: ours_window(ours_load({"image": path, "modality": "CT"}))["image"])
+            monai_s, reference = best_cpu_s(lambda: monai_window(monai_load(path)))
+            if not torch.allclose(ours.as_tensor(), reference.as_tensor(), atol=1e-6):
+                raise RuntimeError("LoadMedicalImaged + ScaleIntensityByModalityd and MONAI's LoadImage + "
+                                   "ScaleIntensityRange give different values")
+            del ours, reference
+            result[dtype] = {"ours_s": round(ours_s, 3), "monai_s": round(monai_s, 3),
+                             "monai_over_ours": round(monai_s / ours_s, 2)}
+    return result
+
+
 def bench_volume_way_back(image_size: int, factors: tuple[int, int, int] = (3, 3, 4)) -> dict:
     """The volume way back (``to_input_space`` of ``configs/inference.json``) of a CT with realistic masks: every
     class's slice-space masks made from the truth (nearest resize), as the network's would be, then inverted,
@@ -398,6 +441,7 @@ def main() -> None:
         "network": "tiny", "image_size": network.image_size, "device": "cpu", "threads": torch.get_num_threads(),
         "protocol": "top_query", "2d": two_d, "multi_class_metrics": bench_multi_class_metrics(),
         "volume_metrics": bench_volume_metrics(),
+        "volume_loading": bench_volume_loading(),
         "volume_way_back": bench_volume_way_back(network.image_size),
         "volume_way_back_1008": bench_volume_way_back(1008, (3, 3, 1)),
         "3d": None if args.no_3d else bench_3d(network, args.repeats),

@@ -20,7 +20,8 @@ from medsam3_monai.transforms import (
     ScaleIntensityByModalityd,
     sam3_normalize,
 )
-from medsam3_monai.transforms.intensity import handler_for_modality
+from medsam3_monai.tensors import CHECK_CHUNK, all_finite, all_near_integers
+from medsam3_monai.transforms.intensity import ct_window, handler_for_modality, min_max, percentile_min_max
 
 
 def scale(image: torch.Tensor, modality: str, source_dtype: str = "float32", **kwargs) -> torch.Tensor:
@@ -145,6 +146,46 @@ def test_slices_can_stay_8bit_levels_and_grey_volume_slices_grey():
     assert GreyToRGBd(keys="image")({"image": volume_slice})["image"].shape == (3, 5, 7)  # default: repeated
     with pytest.raises(ValueError, match="quantize"):
         Sam3Normalized(keys="image", quantize=False, levels=True)
+
+
+@pytest.mark.parametrize("dtype", [torch.float16, torch.bfloat16, torch.float32, torch.float64])
+def test_all_finite_agrees_with_torch_wherever_the_bad_value_is(dtype):
+    """``tensors.all_finite`` (numpy, chunk by chunk) against ``torch.isfinite(x).all()``: a NaN or an infinity in
+    the first, a middle or the last chunk, in a strided view; integer tensors are finite."""
+    size = 2 * CHECK_CHUNK + 7
+    for position in (0, CHECK_CHUNK, size - 1):
+        for bad in (float("nan"), float("inf"), float("-inf")):
+            x = torch.zeros(size, dtype=dtype)
+            assert all_finite(x)
+            x[position] = bad
+            assert not all_finite(x) and not bool(torch.isfinite(x).all())
+            assert all_finite(x.view(-1, 1).expand(-1, 2).t()[:, :position]) == bool(torch.isfinite(x[:position]).all())
+    assert all_finite(torch.full((3, 4), 7, dtype=torch.int16)) and all_finite(torch.ones(2, dtype=torch.bool))
+
+
+@pytest.mark.parametrize("dtype", [torch.float16, torch.bfloat16, torch.float32, torch.float64])
+def test_all_near_integers_is_torch_allclose_to_the_rounded_values(dtype):
+    """``tensors.all_near_integers`` (a float mask's check) against ``torch.allclose(torch.round(x), x, atol=1e-3)``,
+    with ``rtol`` of the value's size: off by 0.0005 or 0.002 from 2, by 0.005 from 1000, in the last chunk."""
+    for offset, value in ((0.0005, 2.0), (0.002, 2.0), (0.005, 1000.0), (0.02, 1000.0), (0.0, 7.0)):
+        x = torch.full((CHECK_CHUNK + 5,), 3.0, dtype=dtype)
+        x[-1] = torch.tensor(value + offset, dtype=torch.float64).to(dtype)
+        assert all_near_integers(x) == bool(torch.allclose(torch.round(x), x, atol=1e-3)), (offset, value)
+    assert all_near_integers(torch.tensor([2.0004, 5.0])) and not all_near_integers(torch.tensor([2.4, 5.0]))
+
+
+def test_intensity_maps_give_the_values_of_their_formulas():
+    """``ct_window``, ``min_max`` and ``percentile_min_max`` scale in place on their own new buffer: bit for bit the
+    values of the written-out formulas, and the input is untouched."""
+    hu = torch.from_numpy(np.random.default_rng(0).normal(0, 700, (1, 33, 47, 5)).astype(np.float32))
+    before = hu.clone()
+    assert torch.equal(ct_window(hu, 400, 40), (hu.clamp(-160.0, 240.0) - -160.0) / 400.0)
+    assert torch.equal(min_max(hu), (hu - hu.min()) / (hu.max() - hu.min()))
+    lo, hi = np.percentile(hu.numpy().ravel(), [0.5, 99.5])
+    assert torch.equal(percentile_min_max(hu), (hu.clamp(float(lo), float(hi)) - float(lo)) / float(hi - lo))
+    assert torch.equal(hu, before)
+    grey = torch.arange(12, dtype=torch.int16).view(1, 3, 4)
+    assert torch.equal(ct_window(grey, 10, 5), (grey.float().clamp(0.0, 10.0) - 0.0) / 10.0)
 
 
 @requires_data

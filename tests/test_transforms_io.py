@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import gzip
+import re
 from pathlib import Path
 
 import nibabel as nib
@@ -20,6 +21,7 @@ from medsam3_monai.transforms import (
     ScaleIntensityByModalityd,
     load_medical_image,
 )
+from medsam3_monai.transforms.io import C_ORDER_ROWS, c_order
 
 
 def load(image, label=None, **kwargs):
@@ -270,6 +272,61 @@ def test_nan_or_inf_intensities_are_an_error(tmp_path):
     nib.save(nib.Nifti1Image(array, np.eye(4)), path)
     with pytest.raises(DataError, match="nan.nii.gz: holds 2 NaN/Inf intensities"):
         load(path)
+
+
+@pytest.mark.parametrize("dtype", [np.int16, np.float32, np.float64])
+def test_a_fortran_ordered_volume_is_copied_to_c_order_unchanged(dtype):
+    """``c_order`` (NIfTI volumes come out of nibabel columns first): the array ``np.ascontiguousarray`` makes, the
+    sides not multiples of the rows copied at a time; anything else comes back as it is."""
+    array = np.asfortranarray(np.random.default_rng(0).normal(0, 100, (7, 2 * C_ORDER_ROWS + 3, 5)).astype(dtype))
+    out = c_order(array)
+    assert out.flags.c_contiguous and out.dtype == array.dtype
+    np.testing.assert_array_equal(out, np.ascontiguousarray(array))
+    rows_first, plane, four_d = np.ascontiguousarray(array), np.asfortranarray(array[:, :, 0]), np.asfortranarray(
+        np.zeros((2, 3, 4, 2), dtype))
+    for kept in (rows_first, plane, four_d, array[:, ::2]):  # C order, 2D, 4D, strided: MONAI's own path
+        assert c_order(kept) is kept
+
+
+def test_float_files_are_checked_after_their_float32_conversion_integer_files_are_not_read(tmp_path):
+    """NaN and inf, and a float64 value beyond float32's range (inf once converted), are errors; an integer file is
+    finite by construction."""
+    overflow, nan = np.ones((4, 5, 6)), np.ones((4, 5, 6))  # float64 files
+    overflow[1, 2, 3] = 1e300
+    nan[0, 0, 0], nan[3, 4, 5] = np.nan, -np.inf
+    for name, array, bad in (("overflow.nii.gz", overflow, 1), ("nan.nii.gz", nan, 2)):
+        nib.save(nib.Nifti1Image(array, np.eye(4)), tmp_path / name)
+        with pytest.raises(DataError, match=f"{name}: holds {bad} NaN/Inf intensities"):
+            load(tmp_path / name)
+    nib.save(nib.Nifti1Image(np.full((4, 5, 6), -1000, np.int16), np.eye(4)), tmp_path / "ct.nii.gz")
+    assert float(load(tmp_path / "ct.nii.gz")["image"].min()) == -1000.0
+
+
+@pytest.mark.parametrize("suffix", [".nii.gz", ".nrrd"])
+def test_int16_masks_load_with_their_label_values(tmp_path, suffix):
+    """int16 is a common label dtype (NIfTI, NRRD): its values come through (uint8 up to 255, else int32), and only a
+    negative value is out of range (the range check compares Python integers, not an int16 tensor with 2**31 - 1)."""
+    import itk
+
+    def save(array, name):
+        path = tmp_path / f"{name}{suffix}"
+        if suffix == ".nrrd":
+            itk.imwrite(itk.image_from_array(np.ascontiguousarray(array.transpose(2, 1, 0))), str(path))
+        else:
+            nib.save(nib.Nifti1Image(array, np.eye(4)), path)
+        return path
+
+    image = save(np.random.default_rng(0).random((6, 7, 8)).astype(np.float32), "image")
+    labels = np.zeros((6, 7, 8), np.int16)
+    labels[1:3, 2:5, 3:6], labels[4, 5, 6] = 2, 7
+    d = load(image, save(labels, "small"))
+    assert d["label"].dtype == torch.uint8
+    np.testing.assert_array_equal(d["label"][0].numpy(), labels)
+    labels[0, 0, 0] = 300
+    assert load(image, save(labels, "large"))["label"].dtype == torch.int32
+    labels[0, 0, 0] = -1
+    with pytest.raises(DataError, match=re.escape(f"negative{suffix}: mask values out of range [-1, 7]")):
+        load(image, save(labels, "negative"))
 
 
 def test_non_integer_mask_is_an_error(tmp_path):

@@ -31,7 +31,7 @@ from monai.config import KeysCollection
 from monai.data import MetaTensor
 from monai.transforms import MapTransform
 
-from ..tensors import plain_tensor
+from ..tensors import all_finite, plain_tensor
 from .errors import DataError, source_name
 
 __all__ = [
@@ -122,7 +122,7 @@ def _norm(name: str) -> str:
 def ct_window(x: torch.Tensor, width: float, level: float) -> torch.Tensor:
     """Clip HU to ``[level - width/2, level + width/2]`` and scale to ``[0, 1]``."""
     lo, hi = level - width / 2.0, level + width / 2.0
-    return ((plain_tensor(x).float().clamp(lo, hi) - lo) / (hi - lo)).to(torch.float32)
+    return plain_tensor(x).float().clamp(lo, hi).sub_(lo).div_(hi - lo)  # in place on clamp's new float32 buffer
 
 
 def min_max(x: torch.Tensor) -> torch.Tensor:
@@ -131,7 +131,7 @@ def min_max(x: torch.Tensor) -> torch.Tensor:
     lo, hi = x.min(), x.max()
     if hi <= lo:
         return torch.zeros_like(x)
-    return (x - lo) / (hi - lo)
+    return (x - lo).div_(hi - lo)
 
 
 def percentile_min_max(x: torch.Tensor, lower: float = 0.5, upper: float = 99.5) -> torch.Tensor:
@@ -140,7 +140,7 @@ def percentile_min_max(x: torch.Tensor, lower: float = 0.5, upper: float = 99.5)
     lo, hi = np.percentile(x.numpy().ravel(), [lower, upper])
     if hi <= lo:
         return min_max(x)
-    return ((x.clamp(float(lo), float(hi)) - float(lo)) / float(hi - lo)).to(torch.float32)
+    return x.clamp(float(lo), float(hi)).sub_(float(lo)).div_(float(hi - lo))
 
 
 def rgb_scale(x: torch.Tensor, source_dtype: str | None = None) -> torch.Tensor:
@@ -318,13 +318,6 @@ def _deferred_spec(x: torch.Tensor, handler: str, source_dtype: str | None, wind
     return spec
 
 
-def _all_finite(x: torch.Tensor) -> bool:
-    if not x.is_floating_point():
-        return True
-    return all(bool(torch.isfinite(x[:, start:stop]).all())
-               for start, stop in row_tiles(x.shape[1], x.shape[-1], x.shape[0]))
-
-
 class ScaleIntensityByModalityd(MapTransform):
     """Map intensities to ``[0, 1]`` by the item's modality.
 
@@ -393,7 +386,7 @@ class ScaleIntensityByModalityd(MapTransform):
             if self.defer_2d and picture:
                 d[key] = self._defer(img, x, handler, d, path)
                 continue
-            if not _all_finite(x):  # integer pixels are finite: nothing to read
+            if not all_finite(x):  # integer pixels are finite: nothing to read
                 raise DataError(path, "holds NaN/Inf intensities",
                                 "repair the file (e.g. replace NaN with the background value) before using it")
             if x.shape[0] == 4:
@@ -419,7 +412,7 @@ class ScaleIntensityByModalityd(MapTransform):
 
     def _defer(self, img: Any, x: torch.Tensor, handler: str, d: Mapping[Hashable, Any], path: str | None) -> Any:
         """The deferred form of :meth:`__call__` for one 2D picture: same checks, same notes, no float image."""
-        if not _all_finite(x):
+        if not all_finite(x):
             raise DataError(path, "holds NaN/Inf intensities",
                             "repair the file (e.g. replace NaN with the background value) before using it")
         if x.shape[0] == 4:

@@ -38,6 +38,7 @@ from monai.transforms.io.array import switch_endianness
 from monai.transforms import EnsureChannelFirst, MapTransform
 from PIL import Image, ImageChops
 
+from ..tensors import all_finite, all_near_integers, plain_tensor
 from .errors import DataError
 
 __all__ = [
@@ -262,19 +263,23 @@ def _integer_label(array: torch.Tensor, path: str) -> torch.Tensor:
     """Labels as uint8 when every value fits, else int32; non-integer values are an error."""
     if array.dtype == torch.uint8:  # an 8-bit mask: in range by construction
         return array
-    if array.is_floating_point():
-        if not torch.isfinite(array).all():
+    if array.dtype == torch.bool:
+        return array.to(torch.uint8)
+    if array.is_floating_point():  # (MONAI's NibabelReader gives every NIfTI mask as float32)
+        if not all_finite(array):
             raise DataError(path, "mask holds NaN or Inf values", "a mask must hold integer label values")
-        rounded = torch.round(array)
-        if not torch.allclose(rounded, array, atol=1e-3):
+        if not all_near_integers(array):
             raise DataError(path, "mask holds non-integer values (is it an image, not a mask?)",
                             "point 'label' at the segmentation file")
-        array = rounded
-    if array.numel() and (array.min() < 0 or array.max() > np.iinfo(np.int32).max):
-        raise DataError(path, f"mask values out of range [{int(array.min())}, {int(array.max())}]",
-                        "label values must be non-negative integers")
-    dtype = torch.uint8 if (array.numel() == 0 or array.max() <= 255) else torch.int32
-    return array.to(dtype)
+        array = torch.round(array)
+    # Python integers: a 0-dim int16 tensor compared with 2**31 - 1 casts the bound to int16 (-1)
+    values = plain_tensor(array)
+    if values.dtype in (torch.uint16, torch.uint32, torch.uint64):  # no CPU min / max in torch for these
+        values = values.to(torch.int64)
+    low, high = (int(values.min()), int(values.max())) if values.numel() else (0, 0)
+    if low < 0 or high > np.iinfo(np.int32).max:
+        raise DataError(path, f"mask values out of range [{low}, {high}]", "label values must be non-negative integers")
+    return array.to(torch.uint8 if high <= 255 else torch.int32)
 
 
 def _read(path: str, reader: ImageReader, size: tuple[int, int] | None = None) -> MetaTensor:
@@ -284,10 +289,32 @@ def _read(path: str, reader: ImageReader, size: tuple[int, int] | None = None) -
     if isinstance(reader, Image2DReader):
         return _read_picture(path, reader, size)
     array, meta = reader.get_data(reader.read(path))
+    array = c_order(array)
     meta = switch_endianness(meta, "<")
     meta["filename_or_obj"] = path
     img = MetaTensor.ensure_torch_and_prune_meta(array, meta)
     return EnsureChannelFirst()(img, meta_dict=meta)
+
+
+#: rows of the (Z, X) planes :func:`c_order` copies at a time
+C_ORDER_ROWS = 8
+
+
+def c_order(array: Any) -> Any:
+    """``array`` rows first (C order), as ``np.ascontiguousarray`` makes it, faster for a volume stored columns first.
+
+    NIfTI volumes come out of nibabel in Fortran order, and MONAI's ``convert_to_tensor`` copies them to C order
+    element by element along the output, reading the input with a stride of a whole slice: 2.2 s for 512 x 512 x
+    300 float32 voxels on one core. Copied here a few (Z, X) planes at a time (each read and written within the
+    CPU's caches), the same array in less than half the time. Anything but a 3D Fortran-ordered array is returned
+    as it is (MONAI then makes it contiguous when it must)."""
+    if not isinstance(array, np.ndarray) or array.ndim != 3 or array.flags.c_contiguous or not array.flags.f_contiguous:
+        return array
+    out = np.empty(array.shape, dtype=array.dtype)
+    columns_first = array.T  # (Z, Y, X), C-contiguous: out[x, y, z] = columns_first[z, y, x]
+    for start in range(0, array.shape[1], C_ORDER_ROWS):
+        out[:, start:start + C_ORDER_ROWS] = columns_first[:, start:start + C_ORDER_ROWS].transpose(2, 1, 0)
+    return out
 
 
 #: pixels per strip when a decoded picture is copied out of PIL (a picture of up to this many is copied whole):
@@ -405,8 +432,9 @@ def load_medical_image(
     elif keep_uint8 and not is_volume and img.dtype == torch.uint8:
         pass  # finite by construction
     else:
+        from_floats = img.is_floating_point()  # integer pixels stay finite in float32
         img = img.float()
-        if check_finite and not torch.isfinite(img).all():
+        if check_finite and from_floats and not all_finite(img):
             n_bad = int((~torch.isfinite(img)).sum())
             raise DataError(path, f"holds {n_bad} NaN/Inf intensities",
                             "repair the file (e.g. replace NaN with the background value) before using it")
