@@ -9,8 +9,8 @@ cannot hide the other's peak): load -> intensity -> axial slices -> slice space 
 SAM3's 1008) -> the host-side stack of all slices that ``PromptInferer`` hands to ``segment_volume``.
 
 * ``levels`` (the inference bundle now, ``configs/inference.json``): each slice goes through the per-slice steps
-  on its own (``EachItem``), stays grey (``GreyToRGBd(repeat_volume_slices=False)``) and is kept as its uint8 8-bit
-  levels (``Sam3Normalized(levels=True)``): (1, S, S) uint8; the detector batch is repeated to RGB and
+  on its own (``EachItem``), is kept as its uint8 8-bit levels (``Sam3Normalized(levels=True)``) and stays grey
+  (``GreyToRGBd(repeat_volume_slices=False)``): (1, S, S) uint8; the detector batch is repeated to RGB and
   normalised on the network's device (``networks.network_pixels``).
 * ``float_rgb`` (before): the same steps as a flat ``Compose`` (every slice through one step, then the next),
   grey repeated to RGB before the resize, SAM3-normalised float32: (3, S, S) float32.
@@ -71,7 +71,7 @@ def chain_of(variant: str, image_size: int):
     from monai.transforms import Compose
 
     from medsam3_monai.engines.evaluation import evaluation_transforms
-    from medsam3_monai.transforms import EachItem, GreyToRGBd, Sam3Normalized, transforms_of
+    from medsam3_monai.transforms import EachItem, GreyToRGBd, Sam3Normalized, TiledResizeToSliced, transforms_of
 
     chain = evaluation_transforms(image_size)  # the inference bundle's preprocessing
     if variant == "levels":
@@ -79,9 +79,8 @@ def chain_of(variant: str, image_size: int):
     head = list(chain.transforms[:-1])  # load, decode, intensity, axial slices
     each = chain.transforms[-1]
     assert isinstance(each, EachItem)
-    steps = [GreyToRGBd(keys="image") if isinstance(t, GreyToRGBd) else Sam3Normalized(keys="image")
-             if isinstance(t, Sam3Normalized) else t for t in transforms_of(each)]
-    return Compose(head + steps)
+    [resize] = [t for t in transforms_of(each) if isinstance(t, TiledResizeToSliced)]
+    return Compose(head + [GreyToRGBd(keys="image"), resize, Sam3Normalized(keys="image")])
 
 
 def child(variant: str, path: str, image_size: int, reference: str | None) -> None:

@@ -68,17 +68,20 @@ def test_the_1008_px_batch_is_pinned(shared_data: Path):
 
 def test_the_1008_px_images_are_monais_resize_on_two_threads(shared_data: Path):
     """The fixed batch's images on one thread (DataLoader workers) equal, level for level, those of the chain
-    before: the grey picture repeated to RGB, then MONAI's ``Resize`` (``ResizeToSliced``), on two threads."""
+    before: the grey picture repeated to RGB, then MONAI's ``Resize`` (``ResizeToSliced``) and the 8-bit levels, on
+    two threads."""
     from monai.transforms import Compose
 
-    from medsam3_monai.transforms import GreyToRGBd, ResizeToSliced, TiledResizeToSliced
+    from medsam3_monai.transforms import GreyToRGBd, ResizeToSliced, Sam3Normalized, TiledResizeToSliced
 
     def monai_order(chain: Compose) -> Compose:
         transforms = list(chain.transforms)
         resize = next(i for i, t in enumerate(transforms) if isinstance(t, TiledResizeToSliced))
+        levels = next(i for i, t in enumerate(transforms) if isinstance(t, Sam3Normalized))
         grey = next(i for i, t in enumerate(transforms) if isinstance(t, GreyToRGBd))
-        assert resize < grey  # the chain resizes a grey picture once, then repeats it
-        transforms[resize], transforms[grey] = transforms[grey], ResizeToSliced(keys="image", spatial_size=1008)
+        assert resize < levels < grey  # the chain resizes and quantises a grey picture once, then repeats it
+        repeat = transforms.pop(grey)
+        transforms[resize:resize + 1] = [repeat, ResizeToSliced(keys="image", spatial_size=1008)]
         chain.transforms = tuple(transforms)
         return chain
 

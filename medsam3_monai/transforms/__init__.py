@@ -5,7 +5,7 @@ bundle JSON can build it (``{"_target_": "medsam3_monai.transforms.LoadMedicalIm
 
 Chain: :class:`LoadMedicalImaged` -> :class:`DecodeLabeld` -> :class:`ScaleIntensityByModalityd` ->
 (:class:`RandAxialSliced` | :class:`AxialSlicesd` for volumes) -> :class:`LabelToInstancesd` ->
-:class:`GreyToRGBd` -> :class:`ResizeToSliced` -> :class:`Sam3Normalized` -> :class:`BuildTargetsd` ->
+:class:`ResizeToSliced` -> :class:`Sam3Normalized` -> :class:`GreyToRGBd` -> :class:`BuildTargetsd` ->
 :class:`RandNegativePromptsd`; predictions go back with MONAI ``Invertd`` and :class:`RestackSlicesd`.
 The inference bundle keeps 2D pictures ``uint8`` at their own size and resizes them tile by tile
 (``LoadMedicalImaged(keep_uint8=True)``, ``ScaleIntensityByModalityd(defer_2d=True)``,

@@ -447,11 +447,16 @@ def _window(window: str | Sequence[float]) -> tuple[float, float]:
 class GreyToRGBd(MapTransform):
     """``(1, ...)`` -> ``(3, ...)`` by repetition; 3 channels pass; RGBA loses alpha; other counts are errors.
 
+    Both bundles run it after the slice-space resize and ``Sam3Normalized(levels=True)``, on the uint8 levels: the
+    resize and the levels of a grey picture are then a single channel's, and the repeat copies bytes, not floats.
+    Every step before is per channel and per element, so the result is that of repeating first. Placed before the
+    resize, it repeats the float picture, or records the repeat for the resize to apply when the picture's
+    intensity is pending (``ScaleIntensityByModalityd(defer_2d=True)``).
+
     Args:
-        repeat_volume_slices: False keeps a grey slice of a volume ``(1, H, W)``: its resize and 8-bit levels
-            then cost a third, and the volume inferer repeats each detector batch (a view). The resize is per
-            channel, so the values are the repeated slice's (exactly on more than one thread; on one, ATen's CPU
-            resize rounds 3 channels differently in the last float bit). The inference bundle's choice.
+        repeat_volume_slices: False keeps a grey slice of a volume ``(1, H, W)``: the volume inferer repeats each
+            detector batch on the network's device (a view), so the stacked slices are a third. The inference
+            bundle's choice.
     """
 
     def __init__(self, keys: KeysCollection = ("image",), repeat_volume_slices: bool = True,
