@@ -33,7 +33,7 @@ def all_chunks(x: torch.Tensor, test: Callable[[np.ndarray], bool]) -> bool | No
 
     For whole-tensor checks in the data path: numpy's ufuncs on a chunk that stays in the CPU's cache, where
     torch's composite checks (``isfinite``, ``allclose``) make several full passes and tensor-sized temporaries,
-    about ten (``isfinite``) to fifteen (``allclose``) times the time on one thread (a data loader worker)."""
+    many times the time on one thread (a data loader worker; ``scripts/bench_eval.py``'s ``volume_loading``)."""
     x = plain_tensor(x).detach()
     if x.device.type != "cpu" or x.dtype not in _NUMPY_FLOATS:
         return None

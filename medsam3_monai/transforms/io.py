@@ -304,10 +304,10 @@ def c_order(array: Any) -> Any:
     """``array`` rows first (C order), as ``np.ascontiguousarray`` makes it, faster for a volume stored columns first.
 
     NIfTI volumes come out of nibabel in Fortran order, and MONAI's ``convert_to_tensor`` copies them to C order
-    element by element along the output, reading the input with a stride of a whole slice: 2.2 s for 512 x 512 x
-    300 float32 voxels on one core. Copied here a few (Z, X) planes at a time (each read and written within the
-    CPU's caches), the same array in less than half the time. Anything but a 3D Fortran-ordered array is returned
-    as it is (MONAI then makes it contiguous when it must)."""
+    element by element along the output, reading the input with a stride of a whole slice. Copied here a few
+    (Z, X) planes at a time (each read and written within the CPU's caches): the same array, sooner (the whole
+    loading is timed by ``scripts/bench_eval.py``'s ``volume_loading``). Anything but a 3D Fortran-ordered array
+    is returned as it is (MONAI then makes it contiguous when it must)."""
     if not isinstance(array, np.ndarray) or array.ndim != 3 or array.flags.c_contiguous or not array.flags.f_contiguous:
         return array
     out = np.empty(array.shape, dtype=array.dtype)
