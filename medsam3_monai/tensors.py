@@ -9,7 +9,7 @@ from typing import Any
 import numpy as np
 import torch
 
-__all__ = ["CHECK_CHUNK", "all_chunks", "all_finite", "all_near_integers", "plain_tensor"]
+__all__ = ["CHECK_CHUNK", "all_chunks", "all_finite", "all_near_integers", "plain_tensor", "resolve_device"]
 
 #: elements :func:`all_chunks` reads at a time: numpy's temporaries of a chunk stay in the CPU's cache
 CHECK_CHUNK = 1 << 16
@@ -55,3 +55,26 @@ def all_near_integers(x: torch.Tensor, atol: float = 1e-3, rtol: float = 1e-5) -
     ``atol + rtol * |value|`` of its nearest integer (:func:`all_chunks` in numpy; elsewhere torch itself)."""
     near = all_chunks(x, lambda chunk: (np.abs(np.rint(chunk) - chunk) <= atol + rtol * np.abs(chunk)).all())
     return bool(torch.allclose(torch.round(x), x, rtol=rtol, atol=atol)) if near is None else near
+
+
+def resolve_device(name: str | torch.device) -> torch.device:
+    """A ``--device`` value -> ``torch.device``: ``auto`` is CUDA when there is a GPU, else the CPU; ``cpu``,
+    ``cuda``, ``cuda:1``, ... are checked against this machine, so a missing GPU is a clear ValueError (what to
+    give instead) rather than a driver traceback at the first tensor moved."""
+    if isinstance(name, torch.device):
+        device = name
+    elif str(name).strip().lower() == "auto":
+        return torch.device("cuda" if torch.cuda.is_available() else "cpu")
+    else:
+        try:
+            device = torch.device(str(name).strip())
+        except RuntimeError:
+            raise ValueError(f"--device {name!r} is not a device: give auto, cpu, cuda or cuda:N") from None
+    if device.type == "cuda":
+        count = torch.cuda.device_count() if torch.cuda.is_available() else 0
+        if count == 0:
+            raise ValueError(f"--device {name}: this machine has no CUDA GPU that torch {torch.__version__} can use; "
+                             "give --device cpu (or auto)")
+        if device.index is not None and device.index >= count:
+            raise ValueError(f"--device {name}: there are {count} CUDA GPU(s), cuda:0 to cuda:{count - 1}")
+    return device

@@ -166,7 +166,29 @@ def _bad_prompt(samples: Path, folder: Path) -> list[str]:
     return [str(samples), "--prompt", "polyp " * 40]
 
 
+def _bad_label_value_over_255(samples: Path, folder: Path) -> list[str]:
+    datalist = folder / "values.json"
+    datalist.write_text(json.dumps([{"image": str(samples / "chest1.jpg"),
+                                     "prompts": {"1": "lung", "256": "heart"}}]))
+    return ["--datalist", str(datalist)]
+
+
+def _bad_colliding_names(samples: Path, folder: Path) -> list[str]:
+    for name in ("x.png", "x.jpg", "x_png.jpg"):  # x.png and x_png.jpg: both x_png_seg.png once extensions are kept
+        shutil.copy(samples / "chest1.jpg", folder / name)
+    return [str(folder / "x.png"), str(folder / "x.jpg"), str(folder / "x_png.jpg"), "--prompt", "lung"]
+
+
+def _bad_prompts_not_text(samples: Path, folder: Path) -> list[str]:
+    datalist = folder / "prompts.json"
+    datalist.write_text(json.dumps([{"image": str(samples / "chest1.jpg"), "prompts": {"1": 5}}]))
+    return ["--datalist", str(datalist)]
+
+
 BAD = {
+    "label value over 255 for a 2D mask": (_bad_label_value_over_255, "label value 256 does not fit"),
+    "two inputs, one output name": (_bad_colliding_names, "would both be written as"),
+    "a prompt that is not text": (_bad_prompts_not_text, "is 5, not a text"),
     "empty folder": (_bad_empty_folder, "holds no image"),
     "missing datalist": (_bad_missing_datalist, "not found"),
     "non-empty out-dir": (_bad_non_empty_out_dir, "not empty"),
@@ -228,6 +250,44 @@ def test_an_unreadable_input_in_the_middle_stops_or_is_skipped(samples, tmp_path
     skipped = (out / "skipped.csv").read_text().splitlines()
     assert skipped[0] == "image,error" and len(skipped) == 2 and "ci_broken.png" in skipped[1]
     assert "skipped 1 unreadable input(s) of 6" in capsys.readouterr().err
+
+
+def test_outputs_stay_inside_the_out_dir(samples, tmp_path, capsys):
+    """A datalist item reaching out of its folder (``../b/x.jpg``) is ``b/x.jpg``: its mask is written inside
+    --out-dir, and the file of the same name beside the input is left alone; prompts given as a list are values
+    1..P."""
+    for folder in ("study/a", "study/b", "b"):
+        (tmp_path / folder).mkdir(parents=True)
+    shutil.copy(samples / "chest1.jpg", tmp_path / "study" / "a" / "x.jpg")
+    shutil.copy(samples / "chest2.jpg", tmp_path / "study" / "b" / "x.jpg")
+    (tmp_path / "b" / "x_seg.png.json").write_text("precious")
+    datalist = tmp_path / "study" / "a" / "list.json"
+    datalist.write_text(json.dumps({"test": [{"image": "x.jpg", "prompts": ["left lung", "right lung"]},
+                                             {"image": "../b/x.jpg", "prompts": "lung"}]}))
+    out = tmp_path / "masks"
+    assert segment("--datalist", str(datalist), "--out-dir", str(out)) == 0
+    assert sorted(str(p.relative_to(out)) for p in out.rglob("*.png")) == ["a/x_seg.png", "b/x_seg.png"]
+    assert (tmp_path / "b" / "x_seg.png.json").read_text() == "precious"
+    first = json.loads((out / "a" / "x_seg.png.json").read_text())
+    assert {k: v["prompt"] for k, v in first["labels"].items()} == {"1": "left lung", "2": "right lung"}
+    assert json.loads((out / "b" / "x_seg.png.json").read_text())["input"] == str(tmp_path / "study" / "b" / "x.jpg")
+
+
+def test_a_run_that_segments_nothing_exits_2(tmp_path, capsys):
+    for name in ("a.png", "b.png"):
+        (tmp_path / name).write_bytes(b"not a picture")
+    out = tmp_path / "out"
+    assert segment(str(tmp_path / "a.png"), str(tmp_path / "b.png"), "--prompt", "x", "--out-dir", str(out),
+                   "--skip-unreadable") == 2
+    err = capsys.readouterr().err
+    assert "none of the 2 input(s) could be segmented" in err and (out / "skipped.csv").is_file()
+    assert not list(out.glob("*.png"))
+
+
+def test_a_folder_of_pictures_as_the_one_input_says_to_use_out_dir(samples, tmp_path, capsys):
+    assert segment(str(samples), "--prompt", "x", "--out", str(tmp_path / "m.nii.gz")) == 2
+    assert "not a DICOM series: segment them with --out-dir DIR" in capsys.readouterr().err
+    assert list(tmp_path.iterdir()) == []
 
 
 # ------------------------------------------------------------------------------------------------ API

@@ -122,3 +122,20 @@ def test_load_datalist_joins_only_image_and_label(built, shared_data: Path, tmp_
     assert items == absolute  # 'dataset': 'BUSI' stays a name although shared_data/BUSI exists
     with pytest.raises(ValueError, match="no 'train' list"):
         load_datalist(path, "train")
+
+
+@pytest.mark.parametrize("content, words", [
+    ("[1, 2]", "an object of lists"),
+    ('{"training": "a.png"}', "'training' must be a list"),
+    ('{"training": ["a.png"]}', "training item 1 is 'a.png', not an object"),
+    ('{"training": [{"label": "m.png"}]}', "training item 1: 'image' must be a file path"),
+    ('{"training": [{"image": "a.png", "label": null}]}', "'label' must be a file path"),
+    ('{"training": [{"image": "a.png", "label": ["m.png", 3]}]}', "'label' must be a file path"),
+    ('{"training": [', "not valid JSON"),
+])
+def test_load_datalist_names_a_malformed_item(content: str, words: str, tmp_path: Path):
+    path = tmp_path / "bad.json"
+    path.write_text(content)
+    with pytest.raises(ValueError, match=words) as error:
+        load_datalist(path, "training")
+    assert str(path) in str(error.value)

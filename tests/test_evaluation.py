@@ -259,14 +259,48 @@ def test_bad_input_exits_non_zero_with_a_clear_message_and_no_output(datalists, 
     assert stop.value.code == 2 and "--num-workers" in capsys.readouterr().err and not out.exists()
 
 
+def test_bad_cases_stop_with_one_line_also_from_loader_workers(datalists, tmp_path, capsys):
+    """An input error met in a DataLoader worker (--num-workers 1) ends the run as in the main process: one line,
+    exit 2; a malformed item is named before anything runs; an item without 'case' is named by its file."""
+    chest = json.loads(Path(datalists["chest"]).read_text())
+    first = (chest["validation"] or chest["training"])[0]
+    truncated = tmp_path / "truncated.jpg"
+    truncated.write_bytes(Path(first["image"]).read_bytes()[:2000])
+    variants = {
+        "truncated": (dict(first, image=str(truncated)), "cannot be read as an image"),
+        "prompts as a list": (dict(first, prompts=["lung"]), "'prompts' is a list"),
+        "no label": ({k: v for k, v in first.items() if k != "label"}, "'label' must be a file path"),
+    }
+    for name, (item, words) in variants.items():
+        path = tmp_path / f"{name}.json"
+        path.write_text(json.dumps({"training": [], "validation": [], "test": [first, item]}))
+        out = tmp_path / f"out {name}"
+        assert evaluate("--datalist", str(path), "--checkpoint", "tiny", "--out", str(out), "--no-mlflow",
+                        "--num-workers", "1") == 2, name
+        err = [line for line in capsys.readouterr().err.splitlines() if "error" in line]
+        assert len(err) == 1 and "medsam3 evaluate: error:" in err[0] and words in err[0], (name, err)
+        assert "Traceback" not in err[0] and not out.exists()
+    unnamed = tmp_path / "unnamed.json"
+    unnamed.write_text(json.dumps({"training": [], "validation": [],
+                                   "test": [{k: v for k, v in first.items() if k != "case"}]}))
+    out = tmp_path / "unnamed"
+    assert evaluate("--datalist", str(unnamed), "--checkpoint", "tiny", "--out", str(out), "--no-mlflow") == 0
+    rows = (out / "cases.csv").read_text().splitlines()
+    assert len(rows) == 2 and f",{Path(first['image']).name}," in rows[1], rows
+
+
 def test_auto_split_takes_test_when_present_else_validation(tmp_path):
     from medsam3_monai.data.selection import evaluation_items
 
     def datalist(name: str, test: int) -> Path:
-        item = {"image": "x.png", "label": "y.png", "dataset": "Kvasir-SEG", "prompts": {"1": "polyp"}}
+        item = {"label": "y.png", "dataset": "Kvasir-SEG", "prompts": {"1": "polyp"}}
         path = tmp_path / name
-        path.write_text(json.dumps({"training": [dict(item, case="t")], "validation": [dict(item, case="v")],
-                                    "test": [dict(item, case=f"x{i}") for i in range(test)]}))
+
+        def case(case: str) -> dict:
+            return dict(item, case=case, image=f"{name}-{case}.png")
+
+        path.write_text(json.dumps({"training": [case("t")], "validation": [case("v")],
+                                    "test": [case(f"x{i}") for i in range(test)]}))
         return path
 
     with_test, without = datalist("a.json", 3), datalist("b.json", 0)
@@ -282,6 +316,8 @@ def test_auto_split_takes_test_when_present_else_validation(tmp_path):
     assert {i["group"] for i in items} == {"internal"}  # from the catalogue
     with pytest.raises(ValueError, match="has no test cases"):
         evaluation_items([without], "test", check_files=False)
+    with pytest.warns(UserWarning, match="a.json-x0.png is evaluated twice"):
+        assert len(evaluation_items([with_test, with_test], check_files=False)) == 6
 
 
 def test_cli_choices_are_the_engine_choices():
@@ -354,3 +390,15 @@ def test_a_batch_of_cases_scores_as_one_case_at_a_time(datalists, tiny_net):
             dice = [r["metrics"]["dice"] for r in case_records(ours, inferer.label)]
             assert dice == pytest.approx([r["metrics"]["dice"] for r in case_records(reference, inferer.label)],
                                          abs=1e-3)
+
+
+def test_a_new_experiment_in_a_given_sqlite_store_keeps_artifacts_beside_it(tmp_path, monkeypatch):
+    """``--tracking-uri sqlite:///...``: artifacts go beside the database, not to ./mlruns of the working folder."""
+    from medsam3_monai.engines.reports import open_experiment
+
+    monkeypatch.chdir(tmp_path)
+    (tmp_path / "store").mkdir()
+    client, experiment_id = open_experiment(f"sqlite:///{tmp_path / 'store' / 'ml.db'}", "mine")
+    location = client.get_experiment(experiment_id).artifact_location
+    assert Path(location.removeprefix("file://")) == tmp_path / "store" / "mlartifacts"
+    assert not (tmp_path / "mlruns").exists()

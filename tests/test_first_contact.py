@@ -182,3 +182,22 @@ def test_training_logs_every_log_interval_iterations_not_every_one():
     (stats,) = parser.get_parsed_content("train#handlers")
     assert callable(stats.iteration_log)
     assert [i for i in range(1, 31) if stats.iteration_log(None, i)] == [10, 20, 30]
+
+
+@pytest.mark.skipif(torch.cuda.is_available(), reason="checks the answer on a machine without a GPU")
+def test_device_cuda_without_a_gpu_is_one_line(tmp_path, capsys):
+    """``--device cuda`` where torch sees no GPU: one line naming the fix, not the driver's traceback (every command
+    resolves --device with ``tensors.resolve_device``)."""
+    from medsam3_monai.tensors import resolve_device
+
+    assert resolve_device("auto") == torch.device("cpu") and resolve_device("cpu") == torch.device("cpu")
+    for name, words in (("cuda", "no CUDA GPU"), ("cuda:1", "no CUDA GPU"), ("gpu0", "not a device")):
+        with pytest.raises(ValueError, match=words):
+            resolve_device(name)
+    picture = tmp_path / "x.png"
+    from PIL import Image
+
+    Image.new("L", (32, 32)).save(picture)
+    assert cli("segment", str(picture), "--prompt", "x", "--out", str(tmp_path / "m.png"), "--device", "cuda") == 2
+    assert "--device cpu" in error_line(capsys.readouterr().err, "segment")
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["x.png"]

@@ -370,3 +370,28 @@ def test_an_rgb_mask_reads_its_brightest_channel_per_pixel(tmp_path):
     label = load_medical_image(path, mask=True)
     assert label.shape == (1, 24, 40) and label.dtype == torch.uint8
     assert np.array_equal(label[0].numpy(), rgb.max(axis=-1))
+
+
+@requires_data
+@pytest.mark.parametrize("change, words", [("spacing", "voxel spacing differs"), ("origin", "position differs"),
+                                           (None, None)])
+def test_a_volume_mask_of_another_geometry_is_warned_about(change, words, tmp_path):
+    """A mask with its image's size but another spacing or origin (its header says it belongs elsewhere): loaded as
+    stored, with a warning; the image's own mask loads silently."""
+    folder = SHARED_DATA / "MSD_Task04_Hippocampus_cropped"
+    image, mask = folder / "images" / "hippocampus_023.nii.gz", nib.load(folder / "masks" / "hippocampus_023.nii.gz")
+    affine = mask.affine.copy()
+    if change == "spacing":
+        affine[:3, :3] *= 2
+    elif change == "origin":
+        affine[:3, 3] += 50
+    path = tmp_path / "mask.nii.gz"
+    nib.save(nib.Nifti1Image(np.asarray(mask.dataobj), affine), path)
+    import warnings
+
+    with warnings.catch_warnings(record=True) as caught:
+        warnings.simplefilter("always")
+        out = LoadMedicalImaged()({"image": str(image), "label": str(path)})
+    found = [str(w.message) for w in caught if "differs from its image" in str(w.message)]
+    assert out["label"].shape == out["image"].shape
+    assert (len(found) == 1 and words in found[0]) if change else not found

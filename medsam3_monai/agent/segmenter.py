@@ -54,15 +54,11 @@ class PhraseSegmenter:
 
     @classmethod
     def load(cls, path: str, settings: SegmenterSettings) -> PhraseSegmenter:
-        import torch
-
         from ..inferers.predict import Predictor
+        from ..tensors import resolve_device
 
-        device = settings.device
-        if device == "auto":
-            device = "cuda" if torch.cuda.is_available() else "cpu"
         predictor = Predictor.from_checkpoint(
-            settings.checkpoint, settings.image_size, torch.device(device), tracker=settings.tracker,
+            settings.checkpoint, settings.image_size, resolve_device(settings.device), tracker=settings.tracker,
             protocol=settings.protocol, score_threshold=settings.score_threshold, ct_window=settings.ct_window,
             progress=settings.progress, max_pixels=settings.max_pixels, detector_chunk=settings.detector_chunk,
         )

@@ -9,6 +9,7 @@ from __future__ import annotations
 import argparse
 import sys
 from collections.abc import Sequence
+from pathlib import Path
 
 __all__ = ["add_datalist_parser", "add_parser", "datalist_command", "decode_check", "run_datalist"]
 
@@ -87,6 +88,11 @@ def run_datalist(args: argparse.Namespace) -> int:
         decode_check(result, skip_bad=args.skip_bad, progress=not args.no_progress, base_dir=args.relative_to)
     out = write_datalist(result.datalist, args.out, overwrite=args.overwrite)
     print(f"medsam3 datalist: wrote {out} ({result.converter}): {result.summary()}", file=sys.stderr)
+    if args.relative_to and Path(args.relative_to).resolve() != out.resolve().parent:
+        print(f"medsam3 datalist: note: its paths are relative to {args.relative_to}, but `medsam3 evaluate`, "
+              f"`medsam3 segment --datalist` and the bundles read them from the datalist's own folder "
+              f"({out.parent}): write it into {args.relative_to}, or load it with load_datalist(FILE, split, "
+              f"base_dir={args.relative_to!r})", file=sys.stderr)
     return 0
 
 
@@ -95,7 +101,6 @@ def decode_check(result, skip_bad: bool = False, progress: bool = True, base_dir
     mask encoding -> intensity). Unreadable items raise :class:`DatalistError` listing each, or with
     ``skip_bad`` are removed from the datalist and added to ``result.skipped``."""
     import os
-    from pathlib import Path
 
     from monai.transforms import Compose
     from tqdm import tqdm

@@ -220,17 +220,34 @@ def load_datalist(
     """Items of one split with relative ``image``/``label`` paths joined to ``base_dir`` (default: the
     datalist's folder); every other field is returned unchanged."""
     path = Path(path)
-    datalist = json.loads(path.read_text(encoding="utf-8"))
+    try:
+        datalist = json.loads(path.read_text(encoding="utf-8"))
+    except (json.JSONDecodeError, UnicodeDecodeError) as err:
+        raise DatalistError(f"{path}: not valid JSON ({err})") from None
+    if not isinstance(datalist, dict):
+        raise DatalistError(f"{path}: a datalist is an object of lists ('training', 'validation', 'test'), not a "
+                            f"{type(datalist).__name__}; make one with `medsam3 datalist`")
     if split not in datalist:
         raise DatalistError(f"{path}: no {split!r} list (has {', '.join(datalist)})")
+    if not isinstance(datalist[split], list):
+        raise DatalistError(f"{path}: {split!r} must be a list of items, not a {type(datalist[split]).__name__}")
     base = Path(base_dir) if base_dir is not None else path.parent
 
     def join(value: str) -> str:
         return value if os.path.isabs(value) else os.path.normpath(base / value)
 
     items = []
-    for item in datalist[split]:
+    for number, item in enumerate(datalist[split], start=1):
+        where = f"{path}: {split} item {number}"
+        if not isinstance(item, dict):
+            raise DatalistError(f"{where} is {item!r}, not an object with 'image' and 'label' paths")
         item = dict(item)
+        for key in ("image", "label"):
+            value = item.get(key)
+            paths = value if isinstance(value, list) else [value]
+            if not paths or not all(isinstance(p, str) and p for p in paths):
+                raise DatalistError(f"{where}: '{key}' must be a file path (or, for 'label', a list of them), got "
+                                    f"{value!r}")
         item["image"] = join(item["image"])
         label = item["label"]
         item["label"] = [join(p) for p in label] if isinstance(label, list) else join(label)

@@ -8,7 +8,9 @@ so "test if present, else validation" is decided per datalist. ``all`` evaluates
 from __future__ import annotations
 
 import json
+import os
 import random
+import warnings
 from collections.abc import Sequence
 from pathlib import Path
 from typing import Any
@@ -49,7 +51,7 @@ def evaluation_items(
         seed: seed of the ``max_cases`` sample.
 
     Every item gains ``group`` (its own, else the catalogue role of its dataset, else ``other``), ``split``
-    and ``datalist``.
+    and ``datalist``; one without ``case`` is named by its image's file name.
 
     Raises:
         FileNotFoundError: a datalist (or, with ``check_files``, an image/label) does not exist.
@@ -93,8 +95,15 @@ def evaluation_items(
             chosen_rows = sorted(random.Random(seed).sample(range(len(found)), int(max_cases)))
             found = [found[row] for row in chosen_rows]
         items += found
-    for item in items:
+    seen: dict[str, int] = {}
+    for number, item in enumerate(items):
         item["group"] = _group_of(item)
+        if item.get("case") is None:  # the report's row and overlay name: the image's file name
+            item["case"] = Path(item["image"]).name
+        first = seen.setdefault(os.path.abspath(item["image"]), number)
+        if first != number:
+            warnings.warn(f"{item['image']} is evaluated twice (in {items[first]['datalist']} and "
+                          f"{item['datalist']}): its case counts twice in its dataset's mean", stacklevel=2)
     if check_files:
         _check_files(items)
     return items
@@ -110,7 +119,8 @@ def _check_files(items: Sequence[dict[str, Any]]) -> None:
     if missing:
         listed = "\n  ".join(missing[:10])
         more = f"\n  ... and {len(missing) - 10} more" if len(missing) > 10 else ""
-        raise FileNotFoundError(f"{len(missing)} image/label file(s) of the datalist(s) not found:\n  {listed}{more}")
+        raise FileNotFoundError(f"{len(missing)} image/label file(s) of the datalist(s) not found:\n  {listed}{more}\n"
+                                "(relative paths are taken from the datalist's own folder)")
 
 
 def is_volume_item(item: dict[str, Any]) -> bool:

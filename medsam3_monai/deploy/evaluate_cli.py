@@ -33,7 +33,8 @@ __all__ = ["add_parser", "checkpoint_labels", "run"]
 
 _EPILOG = """\
 split: 'auto' (default) takes each datalist's test list when it has one, else its validation list
-(several datasets have no official test split); --max-cases N keeps the first N cases of each datalist.
+(several datasets have no official test split); --max-cases N keeps a seeded sample of N cases of each
+datalist (--seed).
 Protocols (2D): """ + "; ".join(f"{p.name} = {p.describe('--score-threshold')}" for p in PROTOCOLS.values()) + """.
 --box-prompts adds the box of the ground truth's largest connected component (T+I). Volumes: detector on every slice (top query, score >=
 --score-threshold) merged with SAM3 tracker propagation from the most confident slice (--tracker).
@@ -87,8 +88,8 @@ def add_parser(subparsers: argparse._SubParsersAction) -> argparse.ArgumentParse
     parser.add_argument("--experiment", default=None, help="MLflow experiment name (medsam3-evaluate)")
     parser.add_argument("--no-mlflow", action="store_true", help="do not log an MLflow run")
     parser.add_argument("--skip-unreadable", action="store_true",
-                        help="skip cases whose image or mask cannot be read (listed in OUT/skipped.csv and counted "
-                             "at the end) instead of stopping at the first one")
+                        help="skip cases whose image or mask is missing or cannot be read (listed in OUT/skipped.csv "
+                             "and counted at the end) instead of stopping at the first one")
     parser.add_argument("--no-progress", action="store_true", help="no progress bar")
     parser.add_argument("--num-workers", type=at_least(0), default=0, metavar="N", help="data loader workers (0)")
     parser.add_argument("--batch-size", type=at_least(1), default=1, metavar="N",
@@ -186,8 +187,6 @@ def agent_settings(args: argparse.Namespace) -> Any:
 
 
 def run(args: argparse.Namespace) -> int:
-    import torch
-
     from ..engines.evaluation import (
         DEFAULT_AGENT_REQUEST,
         evaluation_items,
@@ -197,6 +196,7 @@ def run(args: argparse.Namespace) -> int:
     from ..engines.reports import default_tracking_uri, open_experiment
     from ..networks import load_network
     from ..networks.tracker import resolve_tracker
+    from ..tensors import resolve_device
 
     sources = list(args.checkpoint)
     _check_studies(args, sources)
@@ -206,7 +206,9 @@ def run(args: argparse.Namespace) -> int:
         from ..engines.evaluation import agent_request
 
         agent_request("x", template=template)
-    items = evaluation_items(args.datalist, args.split, args.max_cases, seed=args.seed)
+    # with --skip-unreadable a missing file is one more unreadable case, listed in the report
+    items = evaluation_items(args.datalist, args.split, args.max_cases, seed=args.seed,
+                             check_files=not args.skip_unreadable)
     out = Path(args.out)
     if out.exists() and (not out.is_dir() or any(out.iterdir())):
         raise FileExistsError(f"output {out} exists and is not an empty folder; choose a new --out")
@@ -219,7 +221,7 @@ def run(args: argparse.Namespace) -> int:
     volumes = sum(is_volume_item(item) for item in items)
     trackers = [resolve_tracker(args.tracker, s, n, described=True) if volumes else (None, "none")
                 for s, n in zip(sources, networks)]
-    device = torch.device(("cuda" if torch.cuda.is_available() else "cpu") if args.device == "auto" else args.device)
+    device = resolve_device(args.device)
     labels = checkpoint_labels(sources)
     runs = _runs(args, items, labels, plan, settings, template, out)
 

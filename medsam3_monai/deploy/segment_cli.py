@@ -216,6 +216,10 @@ def write_mask_image(array: Any, path: str | Path, image_format: str = "PNG") ->
     import numpy as np
     from PIL import Image
 
+    array = np.asarray(array)
+    if array.size and (array.min() < 0 or array.max() > 255):
+        raise ValueError(f"{path}: label values {array.min()}..{array.max()} do not fit an 8-bit mask picture; give "
+                         "2D prompts label values from 1 to 255")
     Image.fromarray(np.ascontiguousarray(array, dtype=np.uint8), mode="L").save(path, format=image_format)
 
 
@@ -370,13 +374,11 @@ def run(args: argparse.Namespace) -> int:
 
 
 def _predictor(args: argparse.Namespace, max_pixels: Any, progress: bool) -> Any:
-    import torch
-
     from ..inferers.predict import Predictor
+    from ..tensors import resolve_device
 
-    device = ("cuda" if torch.cuda.is_available() else "cpu") if args.device == "auto" else args.device
     return Predictor.from_checkpoint(
-        args.checkpoint, args.image_size, torch.device(device), tracker=args.tracker,
+        args.checkpoint, args.image_size, resolve_device(args.device), tracker=args.tracker,
         protocol=args.protocol or "top_query", score_threshold=args.score_threshold,
         ct_window=ct_window(args.ct_window), progress=progress, max_pixels=max_pixels,
         detector_chunk=args.detector_chunk,
@@ -497,6 +499,10 @@ def _check_many(args: argparse.Namespace, items: list[dict[str, Any]], max_pixel
     for item in runnable:
         if len(item["prompts"]) > 255:
             raise ValueError(f"{item['image']}: {len(item['prompts'])} prompts: at most 255 fit an 8-bit label map")
+        largest = max(int(value) for value in item["prompts"])
+        if item["kind"] == "image" and largest > 255:
+            raise ValueError(f"{item['image']}: label value {largest} does not fit a 2D image's mask (an 8-bit PNG "
+                             "holds 0-255); give its prompts label values from 1 to 255")
         if item["kind"] == "volume":
             if item["box"] is not None:
                 raise ValueError(f"{item['image']} is a volume: box prompts apply to 2D images only")
@@ -526,9 +532,20 @@ def _plan_many(args: argparse.Namespace, items: list[dict[str, Any]]) -> tuple[P
                               "(files of the same names are replaced)")
     names = output_names([item["image"] for item in items], [item["kind"] for item in items], OUTPUT_POSTFIX)
     targets = [out_dir / name for name in names]
-    if len(set(targets)) < len(targets):
-        twice = sorted({str(item["image"]) for item, t in zip(items, targets) if targets.count(t) > 1})
-        raise ValueError(f"{twice[0]} is listed more than once; give each input once")
+    first_input: dict[Path, str] = {}
+    for item, target in zip(items, targets):
+        source = os.path.abspath(item["image"])
+        seen = first_input.setdefault(target, source)
+        if seen is source:
+            continue
+        if seen == source:
+            raise ValueError(f"{item['image']} is listed more than once; give each input once")
+        raise ValueError(f"{seen} and {source} would both be written as {target}; rename one of them or segment "
+                         "them in separate runs")
+    outside = [str(t) for t in targets if os.path.commonpath([os.path.abspath(t), os.path.abspath(out_dir)])
+               != os.path.abspath(out_dir)]
+    if outside:  # output_names normalises the inputs, so this is a guard, not a case users meet
+        raise ValueError(f"{outside[0]} is outside --out-dir {out_dir}")
     inputs = {Path(item["image"]).resolve() for item in items}
     clash = [str(t) for t in targets if t.resolve() in inputs or Path(f"{t}.json").resolve() in inputs]
     if clash:
@@ -574,7 +591,8 @@ def run_many(args: argparse.Namespace) -> int:
                         raise ValueError(f"{error}; stopped after {written} of {len(items)} masks (in {out_dir}); "
                                          "--skip-unreadable goes on past unreadable inputs")
                     skipped.append((item["image"], error))
-                    tqdm.write(f"skipped {item['image']}: {error}", file=sys.stderr)
+                    named = error if str(item["image"]) in error else f"{item['image']}: {error}"
+                    tqdm.write(f"skipped {named}", file=sys.stderr)
                 else:
                     target = target_of[id(item)]
                     tqdm.write(write_prediction(result, item["image"], target, Path(f"{target}.json")))
@@ -586,16 +604,21 @@ def run_many(args: argparse.Namespace) -> int:
     finally:
         bar.close()
     seconds = time.perf_counter() - started
+    skipped_csv = out_dir / "skipped.csv"
+    skipped_csv.unlink(missing_ok=True)  # an earlier run's list (--overwrite) does not describe this one
     if skipped:
         import csv
 
         out_dir.mkdir(parents=True, exist_ok=True)
-        with open(out_dir / "skipped.csv", "w", newline="", encoding="utf-8") as handle:
+        with open(skipped_csv, "w", newline="", encoding="utf-8") as handle:
             writer = csv.writer(handle)
             writer.writerow(["image", "error"])
             writer.writerows(skipped)
         print(f"medsam3 segment: skipped {len(skipped)} unreadable input(s) of {len(items)}; listed in "
-              f"{out_dir / 'skipped.csv'}", file=sys.stderr)
+              f"{skipped_csv}", file=sys.stderr)
+    if not written:
+        raise ValueError(f"none of the {len(items)} input(s) could be segmented (each is listed with its error in "
+                         f"{skipped_csv})")
     print(f"segmented {written} of {len(items)} input(s) into {out_dir} in {seconds:.1f} s "
           f"({written / max(seconds, 1e-9):.2f} img/s, batch size {args.batch_size})")
     return 0

@@ -91,7 +91,6 @@ def add_parser(subparsers: argparse._SubParsersAction) -> argparse.ArgumentParse
 
 def build_server(args: argparse.Namespace) -> Any:
     """The ``uvicorn.Server`` for the parsed arguments (model loaded); ``.run()`` serves until interrupted."""
-    import torch
     import uvicorn
 
     from ..inferers.predict import Predictor
@@ -117,8 +116,9 @@ def build_server(args: argparse.Namespace) -> Any:
     if token is not None and not token.strip():
         raise ValueError("--token is empty: give a secret, or leave it out for an open server")
     agent = agent_settings(args)
-    device = ("cuda" if torch.cuda.is_available() else "cpu") if args.device == "auto" else args.device
-    predictor = Predictor.from_checkpoint(args.checkpoint, args.image_size, torch.device(device),
+    from ..tensors import resolve_device
+
+    predictor = Predictor.from_checkpoint(args.checkpoint, args.image_size, resolve_device(args.device),
                                           detector_chunk=args.detector_chunk, tracker=args.tracker,
                                           score_threshold=args.score_threshold)
     app = create_app(predictor, token=token, limits=limits, cors_origins=origins, agent=agent)

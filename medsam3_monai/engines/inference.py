@@ -32,17 +32,21 @@ logger = logging.getLogger(__name__)
 
 @dataclass(frozen=True)
 class UnreadableCase:
-    """A datalist item whose files could not be read (``CaseDataset(skip_unreadable=True)``), and why."""
+    """A datalist item whose files could not be read, and why. ``stop``: the run ends with that input error
+    (``CaseDataset(skip_unreadable=False)``: the marker carries it out of a loader worker as one line, where the
+    worker's own exception would reach the main process as a traceback); else the case is skipped."""
 
     item: dict[str, Any]
     error: str
+    stop: bool = False
 
 
 class CaseDataset(Dataset):
     """MONAI ``Dataset`` of cases that, with ``skip_unreadable``, turns an input error of one item (a truncated
     or unreadable image or mask: our ``DataError`` inside MONAI's transform wrappers) into an
     :class:`UnreadableCase` that the evaluator skips and the report lists, instead of stopping the run.
-    Without it the input error propagates (``medsam3`` prints its one line and exits 2)."""
+    Without it the marker says ``stop`` and the evaluator raises the input error in the main process (``medsam3``
+    prints its one line and exits 2), with DataLoader workers or without."""
 
     def __init__(self, data: Sequence[Any], transform: Callable | None = None, skip_unreadable: bool = False) -> None:
         super().__init__(data=data, transform=transform)
@@ -53,9 +57,9 @@ class CaseDataset(Dataset):
             return super()._transform(index)
         except (RuntimeError, ValueError, FileNotFoundError) as err:
             cause = user_error(err) if isinstance(err, RuntimeError) else err
-            if not self.skip_unreadable or cause is None:
+            if cause is None:  # a bug, not an input error: its traceback
                 raise
-            return UnreadableCase(dict(self.data[index]), str(cause))
+            return UnreadableCase(dict(self.data[index]), str(cause), stop=not self.skip_unreadable)
 
 
 def collate_cases(batch: Sequence[Any]) -> list[list[dict[str, Any]] | UnreadableCase]:
@@ -112,6 +116,8 @@ class MedSAM3CaseEvaluator(SupervisedEvaluator):
             engine.state.unreadable = []
         cases = []
         for case in batchdata:
+            if isinstance(case, UnreadableCase) and case.stop:
+                raise ValueError(case.error)
             if isinstance(case, UnreadableCase):
                 logger.warning("skipped an unreadable case: %s", case.error)
                 engine.state.unreadable.append(case)

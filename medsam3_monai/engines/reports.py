@@ -52,13 +52,21 @@ def default_tracking_uri(folder: str | Path) -> str:
 
 
 def open_experiment(tracking_uri: str, experiment: str = DEFAULT_EXPERIMENT, artifact_location: str | Path | None = None):
-    """(MlflowClient, experiment id), creating the experiment (with ``artifact_location``) when missing."""
+    """(MlflowClient, experiment id), creating the experiment (with ``artifact_location``) when missing.
+
+    A new experiment in a SQLite store given without ``artifact_location`` keeps its artifacts in ``mlartifacts``
+    beside the database file (MLflow's own default is ``./mlruns`` of whatever folder the command runs in); other
+    stores (a tracking server, PostgreSQL, ...) keep their own artifact root."""
     from mlflow import MlflowClient
 
     client = MlflowClient(tracking_uri=tracking_uri)
     found = client.get_experiment_by_name(experiment)
     if found is not None:
         return client, found.experiment_id
+    if artifact_location is None and tracking_uri.startswith("sqlite:///"):
+        database = tracking_uri[len("sqlite:///"):]
+        if database and database != ":memory:":
+            artifact_location = Path(database).parent / "mlartifacts"
     location = Path(artifact_location).resolve().as_uri() if artifact_location is not None else None
     return client, client.create_experiment(experiment, artifact_location=location)
 

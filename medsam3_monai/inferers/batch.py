@@ -169,20 +169,23 @@ def predict_items(predictor: Any, items: Sequence[Mapping[str, Any]], *, batch_s
     )
     position = 0
     for batch in loader:
-        batch_items = items[position:position + len(batch.cases)]
-        position += len(batch.cases)
-        readable = [i for i, case in enumerate(batch.cases) if not isinstance(case, UnreadableCase)]
-        cases = [batch.cases[i] for i in readable]
-        images = batch.images
-        if images is not None and len(readable) < len(batch.cases):  # drop the unreadable ones' rows (none: 2D)
-            keep = set(readable)
-            images = images[[row for row, i in enumerate(batch.indices) if i in keep]]
-        done = predictor.infer_cases(cases, [batch_items[i] for i in readable], images) if cases else []
-        results = dict(zip(readable, done))
+        start, position = position, position + len(batch.cases)
+        batch_items = items[start:position]
+        pictures = [i for i in batch.indices if not isinstance(batch.cases[i], UnreadableCase)]
+        results: dict[int, Any] = {}
         for i, item in enumerate(batch_items):
             case = batch.cases[i]
-            yield (originals[position - len(batch.cases) + i],
-                   case if isinstance(case, UnreadableCase) else predictor.prediction(results[i], item, channel))
+            if isinstance(case, UnreadableCase):
+                yield originals[start + i], case
+                continue
+            if i not in results and i in pictures:  # the batch's 2D images: one forward, at the first of them
+                images = batch.images[[row for row, k in enumerate(batch.indices) if k in set(pictures)]]
+                done = predictor.infer_cases([batch.cases[k] for k in pictures], [batch_items[k] for k in pictures],
+                                             images)
+                results.update(zip(pictures, done))
+            elif i not in results:  # a volume: on its own, written before the next one starts
+                results[i] = predictor.infer_cases([case], [item])[0]
+            yield originals[start + i], predictor.prediction(results.pop(i), item, channel)
 
 
 # ------------------------------------------------------------------------------------------------ GPU knobs

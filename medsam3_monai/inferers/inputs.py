@@ -5,6 +5,7 @@ prompts in pixels, and the input error inside MONAI's transform wrappers.
 from __future__ import annotations
 
 import json
+import os
 from collections.abc import Mapping, Sequence
 from pathlib import Path
 from typing import Any
@@ -35,6 +36,12 @@ def input_kind(path: str | Path) -> str:
     if path.is_dir():
         if not any(p.is_file() for p in path.iterdir()):
             raise ValueError(f"input folder {path} is empty: a folder input must hold one DICOM series")
+        if not is_dicom_series(path) and not any(
+                p.is_file() and p.suffix.lower() in DICOM_SUFFIXES for p in path.iterdir()):
+            found = len(_folder_inputs(path))
+            if found:
+                raise ValueError(f"input folder {path} holds {found} image(s) or volume(s), not a DICOM series: "
+                                 "segment them with --out-dir DIR (one mask per input)")
         return "volume"
     suffix = _suffix(path)
     if suffix in IMAGE_SUFFIXES:
@@ -87,25 +94,38 @@ def inference_items(
     else:
         entries = datalist
         base = Path(base_dir) if base_dir is not None else Path.cwd()
+    lists = None
     if isinstance(entries, Mapping):
         if split not in entries:
             raise ValueError(f"the datalist has no '{split}' list (it has {sorted(entries)}); choose --split")
+        lists = {name: len(value) for name, value in entries.items() if isinstance(value, list)}
         entries = entries[split]
+    if not isinstance(entries, list):
+        raise ValueError(f"the datalist's items must be a list of objects with 'image' (or of paths), got "
+                         f"{type(entries).__name__}")
     items = []
     for entry in entries:
+        if not isinstance(entry, (str, Path, Mapping)):
+            raise ValueError(f"datalist entry {entry!r} is neither an object with 'image' nor an image path")
         item = {"image": entry} if isinstance(entry, (str, Path)) else dict(entry)
-        if "image" not in item:
-            raise ValueError(f"datalist entry {entry!r} has no 'image'")
+        if not isinstance(item.get("image"), (str, Path)) or not str(item["image"]):
+            raise ValueError(f"datalist entry {entry!r} has no 'image' path")
         item.pop("label", None)  # prediction needs no ground truth (evaluation items come from data.selection)
         image = Path(str(item["image"])).expanduser()
-        item["image"] = str(image if image.is_absolute() else base / image)
+        item["image"] = os.path.normpath(image if image.is_absolute() else base / image)
         if prompts is not None:
             item["prompts"] = _prompt_mapping(prompts)
         elif not item.get("prompts"):
-            raise ValueError(f"{item['image']}: no prompts; give --prompts \"['polyp']\" or 'prompts' in the item")
+            raise ValueError(f"{item['image']}: no prompts; give --prompt TEXT (repeat it for several) or 'prompts' "
+                             "in the item")
+        else:  # the item's own: {value: text}, a list (values 1..P) or one text, checked as the loader checks them
+            values, texts = item_prompts(item, item["image"])
+            item["prompts"] = {str(value): text for value, text in zip(values, texts)}
         items.append(item)
     if not items:
-        raise ValueError("the datalist holds no items to predict")
+        others = ", ".join(f"{name} {count}" for name, count in (lists or {}).items() if count and name != split)
+        raise ValueError(f"the datalist's '{split}' list is empty" + (f" ({others}): choose one with --split"
+                                                                      if others else ""))
     return items
 
 
@@ -242,7 +262,7 @@ def expand_inputs(inputs: Sequence[str | Path]) -> list[str]:
                                     "pattern such as 'images/*.png'")
         else:
             found.append(path)
-    unique = dict.fromkeys(str(p.absolute()) for p in found)
+    unique = dict.fromkeys(os.path.abspath(p) for p in found)  # "a/../b" and "b" are one input
     return list(unique)
 
 
@@ -258,8 +278,9 @@ def output_names(paths: Sequence[str | Path], kinds: Sequence[str], postfix: str
     ``<name>_<postfix>.nii.gz`` for volumes, ``<name>`` the file name without its extension (a DICOM folder's
     name). When two inputs share a name, every output keeps its input's folder below the inputs' common folder
     (``a/1_seg.png``, ``b/1_seg.png``); inputs that still collide (``1.png`` and ``1.jpg``) keep their extension
-    in the name (``1_png_seg.png``)."""
-    paths = [Path(p).absolute() for p in paths]
+    in the name (``1_png_seg.png``). Paths are normalised first (``a/../b/1.png`` is ``b/1.png``), so every name
+    stays inside the output folder."""
+    paths = [Path(os.path.abspath(p)) for p in paths]
 
     def name(path: Path, kind: str, keep_suffix: bool) -> str:
         stem = _stem(path)
@@ -270,8 +291,6 @@ def output_names(paths: Sequence[str | Path], kinds: Sequence[str], postfix: str
     flat = [name(p, k, False) for p, k in zip(paths, kinds)]
     if len(set(flat)) == len(flat):
         return flat
-    import os
-
     common = Path(os.path.commonpath([str(p.parent) for p in paths]))
     nested = [str(p.parent.relative_to(common) / name(p, k, False)) for p, k in zip(paths, kinds)]
     clashes = {n for n in nested if nested.count(n) > 1}

@@ -169,9 +169,9 @@ def reproduce(settings: ReproduceSettings, say: Callable[[str], None] = _say) ->
 
 
 def _device(name: str) -> Any:
-    import torch
+    from ..tensors import resolve_device
 
-    return torch.device(("cuda" if torch.cuda.is_available() else "cpu") if name == "auto" else name)
+    return resolve_device(name)
 
 
 def _evaluate(settings: ReproduceSettings, paper: PaperTable, statuses: Sequence[DatasetStatus], runs: Sequence,

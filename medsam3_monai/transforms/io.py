@@ -445,6 +445,24 @@ def load_medical_image(
     return img
 
 
+def _warn_if_geometry_differs(image: MetaTensor, label: MetaTensor) -> None:
+    """Warn when a volume's mask has the image's size but not its voxel spacing or position (a mask saved from
+    another volume, or with a broken header): the voxels are paired as they are, and the surface metrics (NSD,
+    HD95) use the spacing of the mask's header."""
+    import warnings
+
+    ours, theirs = image.affine.double()[:3], label.affine.double()[:3]
+    spacing, label_spacing = ours[:, :3].norm(dim=0), theirs[:, :3].norm(dim=0)
+    scaled = not torch.allclose(spacing, label_spacing, rtol=1e-3, atol=1e-6)
+    moved = bool(((ours[:, 3] - theirs[:, 3]).abs() > 0.5 * spacing.min()).any())
+    if scaled or moved:
+        what = "voxel spacing" if scaled else "position"
+        warnings.warn(f"{label.meta.get('filename_or_obj')}: its {what} differs from its image's "
+                      f"({image.meta.get('filename_or_obj')}: spacing {spacing.tolist()} vs {label_spacing.tolist()}, "
+                      f"origin {ours[:, 3].tolist()} vs {theirs[:, 3].tolist()}); voxels are paired as stored and "
+                      "NSD / HD95 use the mask's spacing: check that the mask belongs to this image", stacklevel=2)
+
+
 class LoadMedicalImaged(MapTransform):
     """Load images and masks of a datalist item as MetaTensors, with the checks a training run needs.
 
@@ -533,3 +551,5 @@ class LoadMedicalImaged(MapTransform):
                     f"of {image.meta.get('filename_or_obj') if isinstance(image, MetaTensor) else 'the image'}",
                     "pair each image with its own mask, or drop the pair",
                 )
+            if isinstance(label, MetaTensor) and isinstance(image, MetaTensor) and image.ndim == 4:
+                _warn_if_geometry_differs(image, label)

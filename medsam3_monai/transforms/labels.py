@@ -43,6 +43,9 @@ def parse_prompts(prompts: Mapping[Any, str] | None, path: str | None = None) ->
     if not prompts:
         raise DataError(path, "item has no 'prompts' (label value -> text)",
                         "give the dataset's label -> concept mapping from the catalogue (datasets_meta)")
+    if not isinstance(prompts, Mapping):
+        raise DataError(path, f"'prompts' is a {type(prompts).__name__}, not an object of label value -> text",
+                        'write it as {"1": "polyp"} (one entry per label value)')
     out: dict[int, str] = {}
     for key, text in prompts.items():
         try:
@@ -50,10 +53,16 @@ def parse_prompts(prompts: Mapping[Any, str] | None, path: str | None = None) ->
         except (TypeError, ValueError):
             raise DataError(path, f"prompt key {key!r} is not an integer label value",
                             "prompts map label values ('1', '2', ...) to texts") from None
-        if value <= 0:
+        if value == 0:
             raise DataError(path, f"prompt key {key!r}: label 0 is background and cannot be prompted",
                             "remove it from 'prompts'")
-        if not isinstance(text, str) or not text.strip():
+        if value < 0:
+            raise DataError(path, f"prompt key {key!r}: label values are positive integers",
+                            "use the mask's label values 1, 2, ...")
+        if not isinstance(text, str):
+            raise DataError(path, f"prompt for label {key!r} is {text!r}, not a text",
+                            'give a concept text, e.g. "polyp"')
+        if not text.strip():
             raise DataError(path, f"prompt text for label {key!r} is empty", "give a concept text")
         out[value] = text
     return dict(sorted(out.items()))
