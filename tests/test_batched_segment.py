@@ -288,6 +288,13 @@ def test_a_folder_of_pictures_as_the_one_input_says_to_use_out_dir(samples, tmp_
     assert segment(str(samples), "--prompt", "x", "--out", str(tmp_path / "m.nii.gz")) == 2
     assert "not a DICOM series: segment them with --out-dir DIR" in capsys.readouterr().err
     assert list(tmp_path.iterdir()) == []
+    notes = tmp_path / "notes"  # extension-less files, as DICOM files may be: read as a series, which fails
+    notes.mkdir()
+    for name in ("README", "LICENSE"):
+        (notes / name).write_text("text")
+    assert segment(str(notes), "--prompt", "x", "--out", str(tmp_path / "m.nii.gz")) == 2
+    assert "is a folder but not a readable DICOM series" in capsys.readouterr().err
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["notes"]
 
 
 # ------------------------------------------------------------------------------------------------ API

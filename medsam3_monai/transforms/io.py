@@ -360,6 +360,12 @@ def _read_picture(path: str, reader: Image2DReader, size: tuple[int, int] | None
 
 def _unreadable(path: str, mask: bool, err: BaseException) -> DataError:
     detail = str(err).strip().splitlines()[0] if str(err).strip() else ""
+    if Path(path).is_dir():  # a folder input is a DICOM series
+        names = sorted(p.name for p in Path(path).iterdir() if p.is_file())
+        shown = ", ".join(names[:3]) + (f", ... ({len(names)} files)" if len(names) > 3 else "")
+        return DataError(path, f"is a folder but not a readable DICOM series ({type(err).__name__}: {detail}; it "
+                               f"holds {shown or 'no files'})",
+                         "give a folder of one DICOM series' .dcm files, or the image files themselves")
     return DataError(path, f"cannot be read as {'a mask' if mask else 'an image'} ({type(err).__name__}: {detail})",
                      "the file is corrupt, truncated or not an image: re-download or re-export it")
 
