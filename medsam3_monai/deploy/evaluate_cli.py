@@ -233,7 +233,7 @@ def run(args: argparse.Namespace) -> int:
             tracking_uri = tracking_uri or default_tracking_uri(out)
             client, experiment_id = open_experiment(tracking_uri, args.experiment or "medsam3-evaluate",
                                                     out / "mlartifacts" if args.tracking_uri is None else None)
-            name = (f"{labels[0]} vs {labels[1]}" if len(sources) == 2 else
+            name = (f"{labels[1]} vs {labels[0]}" if len(sources) == 2 else
                     f"{labels[0]}: prompt robustness" if plan is not None else f"{labels[0]}: plain vs agent")
             parent = client.create_run(experiment_id, run_name=name).info.run_id
             if plan is not None or args.agent:
