@@ -18,7 +18,7 @@ from __future__ import annotations
 
 import json
 import os
-from collections.abc import Iterable, Sequence
+from collections.abc import Iterable, Mapping, Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
@@ -30,7 +30,8 @@ from .pairs import Conversion, DatalistError, Pair, Problem
 from .schemas import validate
 from .splits import split_items
 
-__all__ = ["DatalistResult", "build_datalist", "load_datalist", "write_datalist"]
+__all__ = ["DatalistResult", "build_datalist", "items_of_split", "load_datalist", "read_datalist_json",
+           "write_datalist"]
 
 SPLITS = ("training", "validation", "test")
 _MAX_LISTED = 20
@@ -214,19 +215,33 @@ def write_datalist(datalist: dict[str, Any], out: Path | str, overwrite: bool = 
     return out
 
 
+def read_datalist_json(path: Path | str) -> Any:
+    """The parsed content of a datalist file (what every reader of datalists starts from); DatalistError when it is
+    not JSON."""
+    try:
+        return json.loads(Path(path).read_text(encoding="utf-8"))
+    except (json.JSONDecodeError, UnicodeDecodeError) as err:
+        raise DatalistError(f"datalist {path} is not valid JSON: {err}") from None
+
+
 def load_datalist(
     path: Path | str, split: str = "training", base_dir: Path | str | None = None
 ) -> list[dict[str, Any]]:
     """Items of one split with relative ``image``/``label`` paths joined to ``base_dir`` (default: the
     datalist's folder); every other field is returned unchanged."""
-    path = Path(path)
-    try:
-        datalist = json.loads(path.read_text(encoding="utf-8"))
-    except (json.JSONDecodeError, UnicodeDecodeError) as err:
-        raise DatalistError(f"{path}: not valid JSON ({err})") from None
+    datalist = read_datalist_json(path)
     if not isinstance(datalist, dict):
         raise DatalistError(f"{path}: a datalist is an object of lists ('training', 'validation', 'test'), not a "
                             f"{type(datalist).__name__}; make one with `medsam3 datalist`")
+    return items_of_split(datalist, path, split, base_dir)
+
+
+def items_of_split(datalist: Mapping[str, Any], path: Path | str, split: str, base_dir: Path | str | None = None
+                   ) -> list[dict[str, Any]]:
+    """:func:`load_datalist` on the already parsed ``datalist`` of the file ``path``: each item of ``split`` checked
+    (an object with ``image`` and ``label`` paths), its relative paths joined to ``base_dir`` (default: ``path``'s
+    folder)."""
+    path = Path(path)
     if split not in datalist:
         raise DatalistError(f"{path}: no {split!r} list (has {', '.join(datalist)})")
     if not isinstance(datalist[split], list):

@@ -7,7 +7,6 @@ so "test if present, else validation" is decided per datalist. ``all`` evaluates
 
 from __future__ import annotations
 
-import json
 import os
 import random
 import warnings
@@ -57,7 +56,7 @@ def evaluation_items(
         FileNotFoundError: a datalist (or, with ``check_files``, an image/label) does not exist.
         ValueError: not a datalist, unknown split, or a selected split that is empty.
     """
-    from .datalist import load_datalist
+    from .datalist import items_of_split, read_datalist_json
 
     if split not in SPLIT_CHOICES:
         raise ValueError(f"unknown split {split!r}; choose from {', '.join(SPLIT_CHOICES)}")
@@ -70,10 +69,7 @@ def evaluation_items(
     for path in map(Path, paths):
         if not path.is_file():
             raise FileNotFoundError(f"datalist {path} not found (make one with `medsam3 datalist NAME ROOT --out FILE`)")
-        try:
-            raw = json.loads(path.read_text(encoding="utf-8"))
-        except (json.JSONDecodeError, UnicodeDecodeError) as err:
-            raise ValueError(f"datalist {path} is not valid JSON: {err}") from None
+        raw = read_datalist_json(path)
         if not isinstance(raw, dict) or not any(isinstance(raw.get(s), list) for s in _SPLITS):
             raise ValueError(f"{path} is not a datalist: expected lists under 'training', 'validation', 'test'")
         counts = {s: len(raw.get(s) or []) for s in _SPLITS}
@@ -86,7 +82,7 @@ def evaluation_items(
         found = []
         for name in chosen:
             if counts.get(name):
-                found += [dict(item, split=name, datalist=str(path)) for item in load_datalist(path, name)]
+                found += [dict(item, split=name, datalist=str(path)) for item in items_of_split(raw, path, name)]
         if not found:
             wanted = "test or validation" if split == "auto" else split
             have = ", ".join(f"{s} {n}" for s, n in counts.items())

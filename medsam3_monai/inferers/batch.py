@@ -135,11 +135,11 @@ class CaseBatch:
 def collate_case_batch(batch: Sequence[Any]) -> CaseBatch:
     """DataLoader ``collate_fn``: the cases as ``engines.inference.collate_cases`` gives them, plus the 2D
     cases' images stacked (in the worker, off the main process)."""
-    from ..engines.inference import UnreadableCase
+    from ..engines.inference import collate_cases
     from ..tensors import plain_tensor
     from .predict import is_volume_case
 
-    cases = [case if isinstance(case, (list, UnreadableCase)) else [case] for case in batch]
+    cases = collate_cases(batch)
     indices = [i for i, case in enumerate(cases) if isinstance(case, list) and not is_volume_case(case)]
     images = torch.stack([plain_tensor(cases[i][0]["image"]) for i in indices]) if indices else None
     return CaseBatch(cases, images, indices)
@@ -171,7 +171,7 @@ def predict_items(predictor: Any, items: Sequence[Mapping[str, Any]], *, batch_s
     for batch in loader:
         start, position = position, position + len(batch.cases)
         batch_items = items[start:position]
-        pictures = [i for i in batch.indices if not isinstance(batch.cases[i], UnreadableCase)]
+        pictures = batch.indices  # the readable 2D cases (unreadable ones are markers, not slice lists)
         results: dict[int, Any] = {}
         for i, item in enumerate(batch_items):
             case = batch.cases[i]
@@ -179,9 +179,8 @@ def predict_items(predictor: Any, items: Sequence[Mapping[str, Any]], *, batch_s
                 yield originals[start + i], case
                 continue
             if i not in results and i in pictures:  # the batch's 2D images: one forward, at the first of them
-                images = batch.images[[row for row, k in enumerate(batch.indices) if k in set(pictures)]]
                 done = predictor.infer_cases([batch.cases[k] for k in pictures], [batch_items[k] for k in pictures],
-                                             images)
+                                             batch.images)
                 results.update(zip(pictures, done))
             elif i not in results:  # a volume: on its own, written before the next one starts
                 results[i] = predictor.infer_cases([case], [item])[0]

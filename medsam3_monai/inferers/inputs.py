@@ -4,7 +4,6 @@ prompts in pixels, and the input error inside MONAI's transform wrappers.
 
 from __future__ import annotations
 
-import json
 import os
 from collections.abc import Mapping, Sequence
 from pathlib import Path
@@ -36,8 +35,7 @@ def input_kind(path: str | Path) -> str:
     if path.is_dir():
         if not any(p.is_file() for p in path.iterdir()):
             raise ValueError(f"input folder {path} is empty: a folder input must hold one DICOM series")
-        if not is_dicom_series(path) and not any(
-                p.is_file() and p.suffix.lower() in DICOM_SUFFIXES for p in path.iterdir()):
+        if not any(p.is_file() and p.suffix.lower() in DICOM_SUFFIXES for p in path.iterdir()):  # no DICOM file
             found = len(_folder_inputs(path))
             if found:
                 raise ValueError(f"input folder {path} holds {found} image(s) or volume(s), not a DICOM series: "
@@ -86,10 +84,9 @@ def inference_items(
         path = Path(datalist)
         if not path.is_file():
             raise FileNotFoundError(f"datalist {path} not found")
-        try:
-            entries = json.loads(path.read_text(encoding="utf-8"))
-        except json.JSONDecodeError as err:
-            raise ValueError(f"datalist {path} is not valid JSON: {err}") from err
+        from ..data.datalist import read_datalist_json
+
+        entries = read_datalist_json(path)
         base = Path(base_dir) if base_dir is not None else path.parent
     else:
         entries = datalist
