@@ -68,14 +68,23 @@ def test_the_1008_px_batch_is_pinned(shared_data: Path):
 
 def test_the_1008_px_images_are_monais_resize_on_two_threads(shared_data: Path):
     """The fixed batch's images on one thread (DataLoader workers) equal, level for level, those of the chain
-    before: the grey picture repeated to RGB, then MONAI's ``Resize`` (``ResizeToSliced``) and the 8-bit levels, on
-    two threads."""
+    before: the intensities mapped on the whole picture, the grey picture repeated to RGB, then MONAI's ``Resize``
+    (``ResizeToSliced``) and the 8-bit levels, on two threads."""
     from monai.transforms import Compose
 
-    from medsam3_monai.transforms import GreyToRGBd, ResizeToSliced, Sam3Normalized, TiledResizeToSliced
+    from medsam3_monai.transforms import (
+        GreyToRGBd,
+        ResizeToSliced,
+        Sam3Normalized,
+        ScaleIntensityByModalityd,
+        TiledResizeToSliced,
+    )
 
     def monai_order(chain: Compose) -> Compose:
         transforms = list(chain.transforms)
+        intensity = next(t for t in transforms if isinstance(t, ScaleIntensityByModalityd))
+        assert intensity.defer_2d  # the chain maps a picture's intensities tile by tile, within the resize
+        intensity.defer_2d = False
         resize = next(i for i, t in enumerate(transforms) if isinstance(t, TiledResizeToSliced))
         levels = next(i for i, t in enumerate(transforms) if isinstance(t, Sam3Normalized))
         grey = next(i for i, t in enumerate(transforms) if isinstance(t, GreyToRGBd))

@@ -7,7 +7,7 @@ Chain: :class:`LoadMedicalImaged` -> :class:`DecodeLabeld` -> :class:`ScaleInten
 (:class:`RandAxialSliced` | :class:`AxialSlicesd` for volumes) -> :class:`LabelToInstancesd` ->
 :class:`ResizeToSliced` -> :class:`Sam3Normalized` -> :class:`GreyToRGBd` -> :class:`BuildTargetsd` ->
 :class:`RandNegativePromptsd`; predictions go back with MONAI ``Invertd`` and :class:`RestackSlicesd`.
-The inference bundle keeps 2D pictures ``uint8`` at their own size and resizes them tile by tile
+Both bundles keep 2D pictures ``uint8`` at their own size and resize them tile by tile
 (``LoadMedicalImaged(keep_uint8=True)``, ``ScaleIntensityByModalityd(defer_2d=True)``,
 :class:`TiledResizeToSliced`; memory independent of the picture's size).
 """

@@ -4,8 +4,8 @@ and SAM3's pixel normalisation.
 Every function here maps a float image to ``[0, 1]`` and keeps MetaTensor metadata; shapes are unchanged
 (``(C, *spatial)``) except where a docstring says otherwise.
 
-Large 2D pictures (the inference bundle, ``ScaleIntensityByModalityd(defer_2d=True)``): the native-size float
-image is never built. The intensity step computes only what needs the whole image (min, max, percentiles,
+2D pictures in both bundles (``ScaleIntensityByModalityd(defer_2d=True)``): the native-size float image is never
+built. The intensity step computes only what needs the whole image (min, max, percentiles,
 whether the channels are equal) and records the per-pixel mapping in ``meta["pending_intensity"]``
 (:func:`pending_intensity`); :class:`GreyToRGBd` records its repeat there too, and the slice-space resize
 (:class:`~medsam3_monai.transforms.slices.TiledResizeToSliced`) applies it tile by tile with
@@ -339,7 +339,7 @@ class ScaleIntensityByModalityd(MapTransform):
         defer_2d: for 2D pictures (not volumes), compute only the whole-image statistics and record the
             per-pixel mapping in ``meta["pending_intensity"]``, leaving the pixels (uint8) as they are; the
             slice-space resize (``TiledResizeToSliced``) applies it tile by tile, so no native-size float image
-            is made (the inference bundle; see the module docstring).
+            is made (both bundles; see the module docstring).
 
     Shapes: ``(C, *spatial)`` -> ``(C', *spatial)`` with C' = 1 for grey handlers, C (<= 3) for RGB (deferred:
     unchanged, C' is recorded).

@@ -482,7 +482,7 @@ class LoadMedicalImaged(MapTransform):
         image_key: the key the masks must match in size.
         channel: for a multi-channel (4D) image volume, the channel to keep; None makes a 4D volume an error.
         check_finite: raise on NaN/Inf intensities.
-        keep_uint8: 8-bit 2D pictures stay ``uint8`` (the inference bundle: the intensity step and the slice-space
+        keep_uint8: 8-bit 2D pictures stay ``uint8`` (both bundles: the intensity step and the slice-space
             resize then work tile by tile, see ``ScaleIntensityByModalityd(defer_2d=True)``).
         max_pixels: size limit of 2D pictures, checked on the file header before decoding: a number of pixels
             (it also lifts PIL's decompression-bomb limit), ``"auto"`` (PIL's limit and the available memory)

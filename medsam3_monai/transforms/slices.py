@@ -68,9 +68,13 @@ EAGER_MAX_PIXELS = 1 << 18
 #: of up to 1008 x 1008 does at SAM3's slice space) are interpolated whole, channel by channel, whatever
 #: ``EAGER_MAX_PIXELS`` says: a 1 Mpx RGB picture is 12 MB of floats
 INTERPOLATE_MAX_PIXELS = 1 << 20
-#: picture elements per row tile of the tiled resize (8 MB of float64 values): fewer, larger band products than
+#: picture elements per row tile of the tiled resize (4 MB of float32 values): fewer, larger band products than
 #: the intensity tiles' size (a 1070 x 1348 picture: ~30% less time than in the default tiles, 94 -> 67 ms)
 RESIZE_TILE_ELEMENTS = 1 << 20
+#: the tiled resize's arithmetic: float32, as MONAI's ``GaussianSmooth`` and ``interpolate`` compute (the band
+#: weights are made in float64, then rounded once); float64 gives the same values up to float rounding, in more time
+#: and twice the tile memory
+RESIZE_DTYPE = torch.float32
 
 
 def axial_axis(affine: torch.Tensor | np.ndarray) -> int:
@@ -414,7 +418,7 @@ def _column_blocks(band: torch.Tensor, low: torch.Tensor, in_size: int, block: i
                    ) -> list[tuple[int, int, int, int, torch.Tensor]]:
     """:func:`resize_band`'s matrix (out, in) as ``(out_start, out_stop, in_start, in_stop, block.T)`` pieces of
     ``block`` output columns each, keeping only the input columns their band touches (``x @ matrix.T`` piece by
-    piece), made from the band's entries without the dense matrix."""
+    piece), made from the band's entries without the dense matrix; ``RESIZE_DTYPE``."""
     rows, columns, values = _entries(band, low)
     out_size = band.shape[0]
     first, last = band_limits(rows, columns, out_size, in_size)
@@ -425,9 +429,9 @@ def _column_blocks(band: torch.Tensor, low: torch.Tensor, in_size: int, block: i
     empty = in_stops <= in_starts  # blocks of zero rows: one input column of zeros
     in_starts, in_stops = in_starts.masked_fill(empty, 0), in_stops.masked_fill(empty, 1)
     # every piece in one zero buffer (block, widest band, block outputs), filled in one pass, then cut
-    buffer = torch.zeros(count, int((in_stops - in_starts).max()), block, dtype=torch.float64)
+    buffer = torch.zeros(count, int((in_stops - in_starts).max()), block, dtype=RESIZE_DTYPE)
     owner = rows // block
-    buffer[owner, columns - in_starts[owner], rows - owner * block] = values
+    buffer[owner, columns - in_starts[owner], rows - owner * block] = values.to(RESIZE_DTYPE)
     pieces = []
     for index, (in_start, in_stop) in enumerate(zip(in_starts.tolist(), in_stops.tolist())):
         out_start, out_stop = index * block, min(index * block + block, out_size)
@@ -465,9 +469,9 @@ def _along_columns(source: torch.Tensor, spec: Mapping[str, Any] | None, start: 
                    columns: Sequence[tuple[int, int, int, int, torch.Tensor]], channels: int, width: int
                    ) -> torch.Tensor:
     """Rows ``start:stop`` of a picture ``(C, H, W)`` (its pending intensity applied) resized along the columns by
-    the band blocks ``columns`` (:func:`_resize_blocks`): ``(channels, stop - start, width)`` float64."""
-    values = _intensities(source[:, start:stop], spec).double().reshape(-1, source.shape[-1])
-    tile = torch.empty(values.shape[0], width, dtype=torch.float64)
+    the band blocks ``columns`` (:func:`_resize_blocks`): ``(channels, stop - start, width)``, ``RESIZE_DTYPE``."""
+    values = _intensities(source[:, start:stop], spec).to(RESIZE_DTYPE).reshape(-1, source.shape[-1])
+    tile = torch.empty(values.shape[0], width, dtype=RESIZE_DTYPE)
     for out_start, out_stop, in_start, in_stop, block in columns:
         tile[:, out_start:out_stop] = values[:, in_start:in_stop] @ block
     return tile.reshape(channels, stop - start, width)
@@ -500,9 +504,10 @@ class TiledResizeToSliced(ResizeToSliced):
       channel with ``F.interpolate`` (:meth:`_by_channel`), MONAI's values as ATen computes them on more than one
       thread, whatever the threads (ATen's one-thread 3-channel kernel rounds differently in the last bit);
     * anything else bilinear on more than ``EAGER_MAX_PIXELS``: one row tile at a time through the banded resize
-      matrices of :func:`resize_operator` (MONAI ``Resize``'s anti-aliasing and bilinear interpolation), in float64,
-      each group of output rows made from the tile that holds its whole band (:func:`_row_groups`), values equal up
-      to float rounding; memory the picture, one tile and the float32 output, whatever its size;
+      matrices of :func:`resize_operator` (MONAI ``Resize``'s anti-aliasing and bilinear interpolation), in float32
+      (``RESIZE_DTYPE``), each group of output rows made from the tile that holds its whole band
+      (:func:`_row_groups`), values equal up to float rounding; memory the picture, one tile and the float32 output,
+      whatever its size;
     * otherwise (small shrinks, S x S already, other modes, lazy): ``ResizeToSliced`` itself.
 
     Output and recorded operation are ``ResizeToSliced``'s (so ``Invertd`` inverts it).
@@ -610,7 +615,7 @@ class TiledResizeToSliced(ResizeToSliced):
                         out[:, out_start:out_stop] = block.T @ tile[:, in_start - start:in_stop - start]
                 else:  # one block whose band is taller than a tile (a strong shrink): summed tile by tile
                     (out_start, out_stop, in_start, in_stop, block), = group
-                    acc = torch.zeros(channels, out_stop - out_start, size[1], dtype=torch.float64)
+                    acc = torch.zeros(channels, out_stop - out_start, size[1], dtype=RESIZE_DTYPE)
                     for low in range(in_start, in_stop, tile_rows):
                         high = min(low + tile_rows, in_stop)
                         tile = _along_columns(source, spec, low, high, columns, channels, size[1])
