@@ -8,7 +8,7 @@ Conventions (the whole ``transforms`` package relies on them):
 * Volumes come out as ``(1, X, Y, Z)`` in the file's voxel order with the file's affine (RAS, as MONAI's
   NIfTI/ITK readers give it); a 2D NIfTI becomes a one-slice volume ``(1, X, Y, 1)``.
 * Images are ``float32`` (the file's dtype is kept in ``meta['source_dtype']`` for the intensity step), or,
-  with ``keep_uint8`` (the inference bundle), 8-bit pictures stay ``uint8`` (a quarter of the memory; the
+  with ``keep_uint8`` (both bundles), 8-bit pictures stay ``uint8`` (a quarter of the memory; the
   intensity step maps them to ``[0, 1]`` tile by tile); labels are integers (``uint8`` when every value fits,
   else ``int32``), one channel.
 * Picture size limit: the header is read before decoding; a picture larger than PIL's decompression-bomb limit

@@ -9,7 +9,7 @@ SimpleITK array slice), or ``(C, X, Y)`` with ``transpose=False``. Its meta carr
 its ``(row, col, 0)`` to world coordinates. A slice starts with no applied operations of its own: invert
 slice-space transforms per slice, restack, then invert volume-level transforms (if any) on the volume.
 
-2D pictures reach slice space through :class:`TiledResizeToSliced` (the inference bundle): a picture whose
+2D pictures reach slice space through :class:`TiledResizeToSliced` (both bundles): a picture whose
 intensity mapping is still pending (``ScaleIntensityByModalityd(defer_2d=True)``) is read one row tile at a
 time -- its ``uint8`` pixels, the intensity mapping and the resize (MONAI ``Resize``'s Gaussian anti-aliasing
 and bilinear interpolation, written as two banded matrices) applied per tile -- so no native-size float image
