@@ -1,8 +1,9 @@
 """Data pipeline throughput per CPU core: images per second through load + the training transforms.
 
 Three sets of ../shared/data, each through the training chain of ``bundles/medsam3/configs/train.json``
-(``slice_space_transforms(train=True)``: load, decode, intensity, random slice, instances, grey->RGB, resize to
-S x S, 8-bit levels (SAM3-normalised later, on the training device), targets, one sampled negative):
+(``slice_space_transforms(train=True)``: load, decode, intensity (a 2D picture's mapping applied inside the resize),
+random slice, instances, resize to S x S, 8-bit levels (SAM3-normalised later, on the training device), grey->RGB,
+targets, one sampled negative):
 
 * ``rgb``: 2D RGB (GBM40 H&E nuclei, up to 100 instance masks per image; or the Kvasir-SEG sample)
 * ``grey``: 2D grey (BUSI ultrasound)
