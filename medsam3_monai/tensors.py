@@ -9,7 +9,8 @@ from typing import Any
 import numpy as np
 import torch
 
-__all__ = ["CHECK_CHUNK", "all_chunks", "all_finite", "all_near_integers", "plain_tensor", "resolve_device"]
+__all__ = ["CHECK_CHUNK", "all_chunks", "all_finite", "all_near_integers", "plain_tensor", "resolve_device",
+           "voxel_spacing"]
 
 #: elements :func:`all_chunks` reads at a time: numpy's temporaries of a chunk stay in the CPU's cache
 CHECK_CHUNK = 1 << 16
@@ -78,3 +79,9 @@ def resolve_device(name: str | torch.device) -> torch.device:
         if device.index is not None and device.index >= count:
             raise ValueError(f"--device {name}: there are {count} CUDA GPU(s), cuda:0 to cuda:{count - 1}")
     return device
+
+
+def voxel_spacing(affine: Any) -> torch.Tensor:
+    """A 4x4 (or 3x4) voxel-to-world ``affine`` -> the voxel size along each array axis, ``(3,)`` float64: the
+    lengths of its first three columns."""
+    return torch.as_tensor(affine, dtype=torch.float64)[:3, :3].norm(dim=0)

@@ -47,6 +47,7 @@ from ..inferers.inputs import item_prompts
 from ..inferers.predict import PromptInferer
 from ..metrics.segmentation import DEFAULT_NSD_TOLERANCE_MM, label_map_metrics
 from ..protocol_registry import get_protocol
+from ..tensors import voxel_spacing
 from ..transforms.intensity import is_volume_slice
 from .inference import MedSAM3CaseEvaluator, collate_cases
 
@@ -191,8 +192,7 @@ def _spacing(item: dict[str, Any], truth: Any, is_volume: bool) -> tuple[float, 
     affine = getattr(truth, "affine", None)
     if affine is None:
         return None
-    linear = torch.as_tensor(affine, dtype=torch.float64)[:3, :3]
-    return tuple(float(v) for v in linear.norm(dim=0))
+    return tuple(float(v) for v in voxel_spacing(affine))
 
 
 class CaseInferer(Inferer):

@@ -44,7 +44,7 @@ from monai.inferers import Inferer
 from ..networks import load_network
 from ..networks.tracker import resolve_tracker
 from ..protocol_registry import get_protocol
-from ..tensors import plain_tensor
+from ..tensors import plain_tensor, voxel_spacing
 from ..transforms.errors import DataError, source_name
 from ..transforms.intensity import is_volume_slice
 from .image import segment_image
@@ -247,7 +247,7 @@ class Prediction:
         """Voxel size in mm per array axis (volumes), None for 2D pictures."""
         if not self.is_volume:
             return None
-        return tuple(float(v) for v in torch.as_tensor(self.affine, dtype=torch.float64)[:3, :3].norm(dim=0))
+        return tuple(float(v) for v in voxel_spacing(self.affine))
 
     def masks(self) -> torch.Tensor:
         """(P, *spatial) bool, each prompt's pixels after the overlap resolution (disjoint)."""

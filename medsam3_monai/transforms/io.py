@@ -38,7 +38,7 @@ from monai.transforms.io.array import switch_endianness
 from monai.transforms import EnsureChannelFirst, MapTransform
 from PIL import Image, ImageChops
 
-from ..tensors import all_finite, all_near_integers, plain_tensor
+from ..tensors import all_finite, all_near_integers, plain_tensor, voxel_spacing
 from .errors import DataError
 
 __all__ = [
@@ -458,7 +458,7 @@ def _warn_if_geometry_differs(image: MetaTensor, label: MetaTensor) -> None:
     import warnings
 
     ours, theirs = image.affine.double()[:3], label.affine.double()[:3]
-    spacing, label_spacing = ours[:, :3].norm(dim=0), theirs[:, :3].norm(dim=0)
+    spacing, label_spacing = voxel_spacing(ours), voxel_spacing(theirs)
     scaled = not torch.allclose(spacing, label_spacing, rtol=1e-3, atol=1e-6)
     moved = bool(((ours[:, 3] - theirs[:, 3]).abs() > 0.5 * spacing.min()).any())
     if scaled or moved:
