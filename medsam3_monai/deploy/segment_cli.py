@@ -535,13 +535,13 @@ def _plan_many(args: argparse.Namespace, items: list[dict[str, Any]]) -> tuple[P
     first_input: dict[Path, str] = {}
     for item, target in zip(items, targets):
         source = os.path.abspath(item["image"])
-        seen = first_input.setdefault(target, source)
-        if seen is source:
-            continue
-        if seen == source:
+        if target not in first_input:
+            first_input[target] = source
+        elif first_input[target] == source:
             raise ValueError(f"{item['image']} is listed more than once; give each input once")
-        raise ValueError(f"{seen} and {source} would both be written as {target}; rename one of them or segment "
-                         "them in separate runs")
+        else:
+            raise ValueError(f"{first_input[target]} and {source} would both be written as {target}; rename one of "
+                             "them or segment them in separate runs")
     outside = [str(t) for t in targets if os.path.commonpath([os.path.abspath(t), os.path.abspath(out_dir)])
                != os.path.abspath(out_dir)]
     if outside:  # output_names normalises the inputs, so this is a guard, not a case users meet

@@ -168,12 +168,6 @@ def reproduce(settings: ReproduceSettings, say: Callable[[str], None] = _say) ->
     return result
 
 
-def _device(name: str) -> Any:
-    from ..tensors import resolve_device
-
-    return resolve_device(name)
-
-
 def _evaluate(settings: ReproduceSettings, paper: PaperTable, statuses: Sequence[DatasetStatus], runs: Sequence,
               networks: dict, datalists: dict[str, Path], out: Path, say: Callable[[str], None], agent: Any = None):
     """Every (column, dataset): ``run_evaluation`` (the agent column through the agent's case inferer, its traces
@@ -183,8 +177,9 @@ def _evaluate(settings: ReproduceSettings, paper: PaperTable, statuses: Sequence
     from ..engines.evaluation import DEFAULT_AGENT_REQUEST, AgentRecorder, agent_evaluation, run_evaluation
     from ..metrics.aggregate import aggregate, write_cases_csv
     from ..networks.tracker import resolve_tracker
+    from ..tensors import resolve_device
 
-    device = _device(settings.device)
+    device = resolve_device(settings.device)
     found = [s for s in statuses if s.found]
     items = {s.dataset: evaluation_items([datalists[s.dataset]], "auto", settings.max_cases, seed=settings.seed)
              for s in found}
