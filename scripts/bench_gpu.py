@@ -80,6 +80,20 @@ def _count_syncs(fn, device: torch.device) -> int | None:
     return sum("synchroniz" in str(w.message).lower() for w in caught)
 
 
+def write_profile(fn, device: torch.device, path: Path, title: str) -> None:
+    """The operators of one ``fn()`` call by their own device time (``torch.profiler``), a table into ``path``."""
+    from torch.profiler import ProfilerActivity, profile
+
+    activities = [ProfilerActivity.CPU] + ([ProfilerActivity.CUDA] if device.type == "cuda" else [])
+    with profile(activities=activities, record_shapes=True) as prof:
+        fn()
+        _sync(device)
+    sort_by = "self_cuda_time_total" if device.type == "cuda" else "self_cpu_time_total"
+    table = prof.key_averages(group_by_input_shape=True).table(sort_by=sort_by, row_limit=40, max_name_column_width=60,
+                                                               max_shapes_column_width=60)
+    path.write_text(f"{title}\n{table}\n")
+
+
 def forward(args: argparse.Namespace) -> dict:
     from torch.utils.flop_counter import FlopCounterMode
 
@@ -123,6 +137,8 @@ def forward(args: argparse.Namespace) -> dict:
                 flops = counter.get_total_flops()
                 syncs_forward = _count_syncs(bare, device)
                 syncs_segment = _count_syncs(segment, device)
+                if args.profile and batch == args.batch[-1]:
+                    write_profile(bare, device, Path(args.profile), f"forward, batch {batch}")
             seconds, bare_seconds = statistics.median(times), statistics.median(bare_times)
             entry = {
                 "images_per_s": round(batch / seconds, 3),
@@ -285,6 +301,8 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     parser.add_argument("--compile", action="store_true", help="torch.compile the vision encoder")
     parser.add_argument("--channels-last", action="store_true")
     parser.add_argument("--batch", type=int, nargs="+", default=[1, 8, 32], help="forward: images per forward")
+    parser.add_argument("--profile", default=None,
+                        help="forward: write the operators of one forward at the last batch, by device time, here")
     parser.add_argument("--repeats", type=int, default=10)
     parser.add_argument("--warmup", type=int, default=3)
     parser.add_argument("--peak-tflops", type=float, default=989.0,

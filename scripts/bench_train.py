@@ -22,6 +22,7 @@ import json
 import platform
 import resource
 import time
+from pathlib import Path
 
 import torch
 from ignite.engine import Events
@@ -77,6 +78,7 @@ def main(argv: list[str] | None = None) -> dict:
     parser.add_argument("--no-bf16", action="store_true", help="disable bf16 autocast on CUDA")
     parser.add_argument("--peak-tflops", type=float, default=989.0, help="GPU dense bf16 peak for MFU")
     parser.add_argument("--threads", type=int, default=None)
+    parser.add_argument("--profile", default=None, help="write the operators of one more step, by device time, here")
     args = parser.parse_args(argv)
     if args.threads:
         torch.set_num_threads(args.threads)
@@ -124,6 +126,11 @@ def main(argv: list[str] | None = None) -> dict:
     result["train_step_tflop"] = round(flops / 1e12, 6)
     if device.type == "cuda":
         result["mfu"] = round(flops / median / (args.peak_tflops * 1e12), 4)
+    if args.profile:  # one more step, its operators by device time
+        from bench_gpu import write_profile
+
+        write_profile(lambda: trainer._process_function(trainer, batch), device, Path(args.profile),  # one step
+                      f"training step, batch {args.batch}, checkpointing {args.checkpointing}")
     result["peak_rss_mb"] = round(resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024, 1)
     result["peak_rss_increase_mb"] = round(result["peak_rss_mb"] - rss_before_mb, 1)
     print(json.dumps(result, indent=1))

@@ -6,15 +6,17 @@
 #
 # The GPU image of the workplace's `device` tool (Python 3.12) has torch, torchvision, numpy, scipy, scikit-image,
 # pillow, tqdm, timm, huggingface-hub, tokenizers and safetensors, transformers 5.17 (this project needs
-# compat.SUPPORTED_TRANSFORMERS), and no MONAI, Ignite, nibabel or open_clip (the CLIP BPE vocabulary). Set
-# DEVICE_PYTHON to another X.Y for a machine with another Python.
+# compat.SUPPORTED_TRANSFORMERS), and no MONAI, Ignite, nibabel, open_clip (the CLIP BPE vocabulary) or jsonschema
+# (datalists are validated). ITK and MLflow stay behind (large; the benchmarks read pictures and NIfTI files and
+# track nothing). Set DEVICE_PYTHON to another X.Y for a machine with another Python.
 set -euo pipefail
 
 cd "$(dirname "$0")/.."
 VENV="${MEDSAM3_VENV:-$HOME/.cache/medsam3-monai/venv}"
 PY="${PYTHON:-$([ -x "$VENV/bin/python" ] && echo "$VENV/bin/python" || echo python3)}"
 DEVICE_PYTHON="${DEVICE_PYTHON:-3.12}"
-NAMES=(transformers monai pytorch-ignite nibabel open_clip_torch ftfy wcwidth regex)
+NAMES=(transformers monai pytorch-ignite nibabel open_clip_torch ftfy wcwidth regex jsonschema referencing
+       jsonschema-specifications rpds-py)
 
 # NAME==VERSION of each, as installed here: the device runs what CI tests
 PINS_LINE="$("$PY" - "${NAMES[@]}" <<'PYEOF'

@@ -24,8 +24,12 @@ def _run(bench_gpu, *argv: str) -> dict:
     return bench_gpu.PARTS[args.part](args)
 
 
-def test_the_forward_part_reports_each_batch(bench_gpu):
-    result = _run(bench_gpu, "forward", "--batch", "1", "2", "--repeats", "1", "--warmup", "0")
+def test_the_forward_part_reports_each_batch(bench_gpu, tmp_path):
+    profile = tmp_path / "forward_profile.txt"
+    result = _run(bench_gpu, "forward", "--batch", "1", "2", "--repeats", "1", "--warmup", "0",
+                  "--profile", str(profile))
+    assert profile.read_text().startswith("forward, batch 2\n")  # the last batch's operators, by time
+    assert "aten::" in profile.read_text()
     assert result["config"] == "tiny" and result["image_size"] == 112
     assert set(result["results"]) == {"batch_1", "batch_2"}
     for entry in result["results"].values():
@@ -54,9 +58,12 @@ def test_the_evaluate_part_sets_the_case_against_the_forward(bench_gpu):
 
 
 @pytest.mark.parametrize("checkpointing", [False, True])
-def test_the_training_part_counts_the_step(checkpointing: bool):
+def test_the_training_part_counts_the_step(checkpointing: bool, tmp_path):
     argv = ["--batch", "2", "--iterations", "1", "--warmup", "0"] + (["--checkpointing"] if checkpointing else [])
-    result = load_script("bench_train").main(argv)
+    profile = tmp_path / "step_profile.txt"
+    result = load_script("bench_train").main(argv + ["--profile", str(profile)])
+    assert profile.read_text().startswith(f"training step, batch 2, checkpointing {checkpointing}\n")
+    assert "Optimizer.step" in profile.read_text()  # one whole step: forward, loss, backward, AdamW
     assert result["config"] == "tiny" and result["gradient_checkpointing"] is checkpointing
     assert result["step_s_median"] > 0 and result["images_per_s"] > 0
     assert result["train_step_tflop"] > 0  # the FLOPs the GPU run turns into MFU (CUDA only: no "mfu" here)

@@ -224,6 +224,26 @@ def _noise_png(path: Path, size=(40, 24)) -> Path:
     return path
 
 
+def test_pictures_and_nifti_files_load_without_building_an_itk_reader(tmp_path, monkeypatch):
+    """ITK is built only for the inputs that need it: a machine without ITK (a bare GPU image) reads these."""
+    import medsam3_monai.transforms.io as io
+
+    def no_itk():
+        raise AssertionError("an ITKReader was built for a picture or a NIfTI file")
+
+    monkeypatch.setattr(io, "ITKReader", no_itk)
+    Image.fromarray(np.arange(48, dtype=np.uint8).reshape(6, 8)).save(tmp_path / "picture.png")
+    Image.fromarray((np.arange(48) % 2).astype(np.uint8).reshape(6, 8)).save(tmp_path / "mask.png")
+    nib.save(nib.Nifti1Image(np.zeros((4, 5, 3), np.float32), np.eye(4)), tmp_path / "volume.nii.gz")
+    loader = LoadMedicalImaged(keys=("image", "label"), allow_missing_keys=True)
+    picture = loader({"image": str(tmp_path / "picture.png"), "label": str(tmp_path / "mask.png")})
+    volume = loader({"image": str(tmp_path / "volume.nii.gz")})
+    assert picture["image"].shape == (1, 6, 8) and picture["label"].shape == (1, 6, 8)
+    assert volume["image"].shape == (1, 4, 5, 3)
+    with pytest.raises(AssertionError, match="ITKReader was built"):  # a DICOM folder does ask for one
+        loader({"image": str(tmp_path)})
+
+
 def test_truncated_png_is_a_data_error_naming_the_file(tmp_path):
     path = _noise_png(tmp_path / "cut.png", size=(200, 200))
     data = path.read_bytes()

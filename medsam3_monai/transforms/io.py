@@ -25,7 +25,7 @@ from __future__ import annotations
 
 import os
 import threading
-from collections.abc import Hashable, Mapping, Sequence
+from collections.abc import Hashable, Iterator, Mapping, Sequence
 from contextlib import contextmanager, nullcontext
 from pathlib import Path
 from typing import Any
@@ -248,6 +248,38 @@ class Image2DReader(PILReader):
         return np.array(data), meta  # a writable copy (PIL buffers are read-only)
 
 
+class ReaderSet(Mapping[str, ImageReader]):
+    """The readers of images or of masks by kind (``"2d"``, ``"nifti"``, ``"itk"``), each built at its first use.
+
+    ITK comes in only with an input that needs it (a DICOM series, MetaImage, NRRD): a run over pictures and
+    NIfTI files neither imports it nor needs it installed.
+    """
+
+    def __init__(self, mask: bool) -> None:
+        self.mask = mask
+        self._built: dict[str, ImageReader] = {}
+
+    def _build(self, kind: str) -> ImageReader:
+        if kind == "2d":
+            return Image2DReader(mask=self.mask)
+        if kind == "nifti":
+            return NibabelReader()
+        if kind == "itk":
+            return ITKReader()
+        raise KeyError(kind)
+
+    def __getitem__(self, kind: str) -> ImageReader:
+        if kind not in self._built:
+            self._built[kind] = self._build(kind)
+        return self._built[kind]
+
+    def __iter__(self) -> Iterator[str]:
+        return iter(("2d", "nifti", "itk"))
+
+    def __len__(self) -> int:
+        return 3
+
+
 def _pick_reader(path: str, readers: Mapping[str, ImageReader]) -> ImageReader:
     if Path(path).is_dir():
         return readers["itk"]  # DICOM series folder
@@ -382,6 +414,7 @@ def load_medical_image(
     """Load one image or mask file (or DICOM series folder) with the package's conventions.
 
     Args:
+        readers: the readers by kind (default a new :class:`ReaderSet`; a transform keeps its own across calls).
         keep_uint8: an 8-bit 2D picture stays ``uint8`` instead of becoming ``float32`` (images only).
         max_pixels: size limit of 2D pictures, checked on the header before decoding (see
             :func:`check_picture_size`: a number of pixels, ``"auto"`` or None = PIL's limit).
@@ -395,7 +428,7 @@ def load_medical_image(
     """
     path = str(path)
     if readers is None:
-        readers = {"2d": Image2DReader(mask=mask), "nifti": NibabelReader(), "itk": ITKReader()}
+        readers = ReaderSet(mask)
     if not Path(path).exists():
         raise DataError(path, "file not found", "check the datalist paths (relative paths need base_dir)")
     reader = _pick_reader(path, readers)
@@ -511,10 +544,7 @@ class LoadMedicalImaged(MapTransform):
         self.check_finite = check_finite
         self.keep_uint8 = bool(keep_uint8)
         self.max_pixels = max_pixels
-        self._readers = {
-            False: {"2d": Image2DReader(mask=False), "nifti": NibabelReader(), "itk": ITKReader()},
-            True: {"2d": Image2DReader(mask=True), "nifti": NibabelReader(), "itk": ITKReader()},
-        }
+        self._readers = {False: ReaderSet(mask=False), True: ReaderSet(mask=True)}
 
     def _load(self, path: str | Path, mask: bool) -> MetaTensor:
         return load_medical_image(path, mask=mask, channel=self.channel, check_finite=self.check_finite,
