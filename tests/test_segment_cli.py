@@ -96,6 +96,23 @@ def test_volume_label_map_has_the_input_shape_and_affine(hippocampus, tmp_path):
     assert np.allclose(sidecar["affine"], source.affine, atol=1e-5)
 
 
+def test_batch_size_sets_the_slices_per_detector_forward_of_a_volume(hippocampus, tmp_path, monkeypatch):
+    import medsam3_monai.inferers.volume as volume_module
+
+    calls = []
+    real = volume_module.segment_volume
+
+    def spy(*args, **kwargs):
+        calls.append(kwargs["batch_size"])
+        return real(*args, **kwargs)
+
+    monkeypatch.setattr(volume_module, "segment_volume", spy)
+    out = tmp_path / "seg.nii.gz"
+    assert segment(str(hippocampus), "--prompt", "hippocampus", "--tracker", "none", "--batch-size", "3",
+                   "--out", str(out)) == 0
+    assert calls == [3] and nib.load(out).shape == nib.load(hippocampus).shape
+
+
 def test_tracker_propagation_on_a_few_slices_keeps_an_oblique_anisotropic_geometry(hippocampus, tmp_path):
     """Six real slices with a rotated, anisotropic affine; score threshold 0 so the tracker has a seed."""
     source = nib.load(hippocampus)

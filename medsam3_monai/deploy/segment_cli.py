@@ -106,7 +106,8 @@ def add_parser(subparsers: argparse._SubParsersAction) -> argparse.ArgumentParse
     many.add_argument("--split", default="test", metavar="NAME",
                       help="the list of a decathlon-style --datalist to segment (default test)")
     many.add_argument("--batch-size", type=at_least(1), default=DEFAULT_BATCH_SIZE, metavar="N",
-                      help=f"2D images per network forward (default {DEFAULT_BATCH_SIZE}); volumes go one at a time")
+                      help=f"2D images per network forward (default {DEFAULT_BATCH_SIZE}); a volume's slices per "
+                           "detector forward (volumes go one at a time); raise it on a large GPU")
     many.add_argument("--num-workers", type=at_least(0), default=0, metavar="N",
                       help="DataLoader processes reading and preprocessing inputs (default 0: in the main process)")
     many.add_argument("--skip-unreadable", action="store_true",
@@ -385,7 +386,7 @@ def _predictor(args: argparse.Namespace, max_pixels: Any, progress: bool) -> Any
         args.checkpoint, args.image_size, resolve_device(args.device), tracker=args.tracker,
         protocol=args.protocol or "top_query", score_threshold=args.score_threshold,
         ct_window=ct_window(args.ct_window), progress=progress, max_pixels=max_pixels,
-        detector_chunk=args.detector_chunk,
+        detector_chunk=args.detector_chunk, volume_batch_size=args.batch_size,
     )
     compile_network(predictor.network, compile=args.compile)
     return predictor
