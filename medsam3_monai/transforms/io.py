@@ -25,7 +25,7 @@ from __future__ import annotations
 
 import os
 import threading
-from collections.abc import Hashable, Iterator, Mapping, Sequence
+from collections.abc import Callable, Hashable, Iterator, Mapping, Sequence
 from contextlib import contextmanager, nullcontext
 from pathlib import Path
 from typing import Any
@@ -255,29 +255,27 @@ class ReaderSet(Mapping[str, ImageReader]):
     NIfTI files neither imports it nor needs it installed.
     """
 
+    #: kind -> the reader for masks (True) or images (False)
+    FACTORIES: dict[str, Callable[[bool], ImageReader]] = {
+        "2d": lambda mask: Image2DReader(mask=mask),
+        "nifti": lambda mask: NibabelReader(),
+        "itk": lambda mask: ITKReader(),
+    }
+
     def __init__(self, mask: bool) -> None:
         self.mask = mask
         self._built: dict[str, ImageReader] = {}
 
-    def _build(self, kind: str) -> ImageReader:
-        if kind == "2d":
-            return Image2DReader(mask=self.mask)
-        if kind == "nifti":
-            return NibabelReader()
-        if kind == "itk":
-            return ITKReader()
-        raise KeyError(kind)
-
     def __getitem__(self, kind: str) -> ImageReader:
         if kind not in self._built:
-            self._built[kind] = self._build(kind)
+            self._built[kind] = self.FACTORIES[kind](self.mask)
         return self._built[kind]
 
     def __iter__(self) -> Iterator[str]:
-        return iter(("2d", "nifti", "itk"))
+        return iter(self.FACTORIES)
 
     def __len__(self) -> int:
-        return 3
+        return len(self.FACTORIES)
 
 
 def _pick_reader(path: str, readers: Mapping[str, ImageReader]) -> ImageReader:
