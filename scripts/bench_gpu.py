@@ -201,6 +201,20 @@ def write_synthetic_ct(path: Path, size: int, depth: int) -> None:
     nib.save(nib.Nifti1Image(hu.numpy(), np.diag([1.0, 1.0, 1.5, 1.0])), str(path))
 
 
+def _compile_slice_batches(network, args: argparse.Namespace, device: torch.device) -> float:
+    """With ``--compile``: the vision encoder compiled for the volume's slice batches (a full one and the last,
+    smaller one) before the clock starts; returns the seconds that took (a one-off per process and batch size)."""
+    from medsam3_monai.inferers.batch import inference_context
+
+    sizes = {min(args.slice_batch, args.depth), args.depth % args.slice_batch} - {0}
+    begin = time.perf_counter()
+    with inference_context(device, args.autocast):
+        for count in sorted(sizes, reverse=True):
+            network.sam3.vision_encoder(torch.zeros(count, 3, network.image_size, network.image_size, device=device))
+    _sync(device)
+    return round(time.perf_counter() - begin, 1)
+
+
 def volume(args: argparse.Namespace) -> dict:
     """The whole case as ``medsam3 segment`` runs it: the inference bundle's preprocessing of the NIfTI file (the
     way in: grey slices as uint8 levels), ``PromptInferer`` (``segment_volume``: detector batches + tracker) and
@@ -237,10 +251,14 @@ def volume(args: argparse.Namespace) -> dict:
         spans["detector_s"] = time.perf_counter() - begin
         return out
 
+    compile_s = _compile_slice_batches(network, args, device) if args.compile else None
     volume_module.detect_slices = timed_detect
     _reset_peak(device)
     try:
         with inference_context(device, args.autocast):
+            if args.profile:  # the whole segmentation's operators (use a short --depth)
+                write_profile(lambda: inferer([dict(item) for item in items], network), device, Path(args.profile),
+                              f"volume {args.size} x {args.size} x {args.depth}, slice batch {args.slice_batch}")
             _sync(device)
             begin = time.perf_counter()
             items = inferer(items, network)
@@ -261,6 +279,8 @@ def volume(args: argparse.Namespace) -> dict:
         "prompts": args.prompts,
         "autocast": args.autocast,
         "slice_batch": args.slice_batch,
+        "compile": args.compile,
+        "compile_s": compile_s,
         "score_threshold": args.score_threshold,
         "way_in_s": round(way_in, 2),
         "segment_volume_s": round(total, 2),
@@ -302,7 +322,8 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     parser.add_argument("--channels-last", action="store_true")
     parser.add_argument("--batch", type=int, nargs="+", default=[1, 8, 32], help="forward: images per forward")
     parser.add_argument("--profile", default=None,
-                        help="forward: write the operators of one forward at the last batch, by device time, here")
+                        help="forward: write the operators of one forward at the last batch, by device time, here; "
+                             "volume: those of one whole segmentation (before the timed one: use a short --depth)")
     parser.add_argument("--repeats", type=int, default=10)
     parser.add_argument("--warmup", type=int, default=3)
     parser.add_argument("--peak-tflops", type=float, default=989.0,

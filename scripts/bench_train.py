@@ -9,6 +9,7 @@ go through the real iteration: ``PrepareFindBatch`` (normalised on the device), 
     python scripts/bench_train.py                                   # tiny preset on CPU
     python scripts/bench_train.py --full --device cuda --batch 4    # full SAM3 at 1008 px, bf16 autocast
     python scripts/bench_train.py --full --device cuda --checkpointing
+    python scripts/bench_train.py --full --device cuda --compile    # the vision encoder under torch.compile
 
 ``train_step_tflop``: the FLOPs of one training step, counted by ``torch.utils.flop_counter``; on CUDA also the model
 FLOPs utilisation: those FLOPs divided by the step time and the GPU's dense bf16 peak (``--peak-tflops``, 989 for
@@ -75,6 +76,8 @@ def main(argv: list[str] | None = None) -> dict:
     parser.add_argument("--warmup", type=int, default=3)
     parser.add_argument("--device", default="cpu")
     parser.add_argument("--checkpointing", action="store_true", help="gradient checkpointing")
+    parser.add_argument("--compile", action="store_true",
+                        help="torch.compile the vision encoder's forward (inferers.batch.compile_network)")
     parser.add_argument("--no-bf16", action="store_true", help="disable bf16 autocast on CUDA")
     parser.add_argument("--peak-tflops", type=float, default=989.0, help="GPU dense bf16 peak for MFU")
     parser.add_argument("--threads", type=int, default=None)
@@ -90,6 +93,11 @@ def main(argv: list[str] | None = None) -> dict:
     size = network.image_size
     optimizer = build_optimizer(network)
     batch = synthetic_batch(args.batch, size, args.instances)
+    flops = step_flops(network, batch, device, not args.no_bf16)  # counted eagerly, before any compilation
+    if args.compile:
+        from medsam3_monai.inferers.batch import compile_network
+
+        compile_network(network, compile=True)
     rss_before_mb = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024
     if device.type == "cuda":
         torch.cuda.reset_peak_memory_stats(device)
@@ -111,6 +119,8 @@ def main(argv: list[str] | None = None) -> dict:
         "device": str(device),
         "bf16": device.type == "cuda" and not args.no_bf16,
         "gradient_checkpointing": args.checkpointing,
+        "compile": args.compile,
+        "optimizer": "fused AdamW" if optimizer.defaults.get("fused") else "AdamW",
         "parameters": sum(p.numel() for p in network.parameters()),
         "step_s_median": round(median, 4),
         "iterations_per_s": round(1 / median, 3),
@@ -122,7 +132,6 @@ def main(argv: list[str] | None = None) -> dict:
     }
     if device.type == "cuda":
         result["peak_gpu_memory_gb"] = round(torch.cuda.max_memory_allocated(device) / 2**30, 3)
-    flops = step_flops(network, batch, device, not args.no_bf16)
     result["train_step_tflop"] = round(flops / 1e12, 6)
     if device.type == "cuda":
         result["mfu"] = round(flops / median / (args.peak_tflops * 1e12), 4)

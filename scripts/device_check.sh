@@ -43,7 +43,8 @@ for log in "$LOGS"/*.log; do  # at most a few files come back from a lent machin
     tail -n 40 "$log"
 done >"$RESULTS/gpu_logs.txt"
 
-"$PY" -m pytest -q -p no:cacheprovider -rs tests/test_boundary_merge.py >"$RESULTS/gpu_tests.log" 2>&1
+"$PY" -m pytest -q -p no:cacheprovider -rs tests/test_boundary_merge.py tests/test_training_step.py \
+    >"$RESULTS/gpu_tests.log" 2>&1
 tests=$?
 if grep -q "needs a CUDA device" "$RESULTS/gpu_tests.log"; then
     echo "device_check.sh: the GPU test was skipped: pytest saw no CUDA device" >&2

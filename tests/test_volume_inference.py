@@ -266,6 +266,32 @@ def test_shared_vit_pass_gives_the_tracker_the_same_features(detector):
         assert torch.equal(ours, theirs)
 
 
+def test_a_compiled_vision_encoder_compiles_once_for_a_whole_volume():
+    """``medsam3 segment --compile`` on a volume: the tracker takes each slice batch's ViT output from a hook on
+    the vision encoder, a hook that differs from batch to batch; it is kept out of the compiled code, so one
+    compilation serves every batch (traced, it made every batch recompile: a minute or more each at full
+    size)."""
+    from torch._dynamo.utils import counters
+
+    from medsam3_monai.inferers.batch import compile_network
+
+    detector = MedSAM3Net("tiny").eval()  # its own: compiling changes the module in place
+    tied = present_tracker(detector=detector)
+    slices = random_slices(20, seed=5)
+    eager = segment_volume(detector, slices, PROMPTS, tied, score_threshold=0.0, batch_size=4)
+    torch._dynamo.reset()
+    counters.clear()
+    try:
+        compile_network(detector, compile=True)
+        compiled = segment_volume(detector, slices, PROMPTS, tied, score_threshold=0.0, batch_size=4)
+        assert counters["frames"]["ok"] == 1 and counters["stats"]["unique_graphs"] == 1  # five batches, one graph
+    finally:
+        torch._dynamo.reset()
+    assert torch.equal(compiled.seed_slices, eager.seed_slices)
+    flipped = (compiled.masks != eager.masks).float().mean()  # compiled float rounding may flip a pixel at 0
+    assert flipped < 1e-3
+
+
 def test_uint8_levels_segment_as_their_normalised_slices(detector):
     """Slices kept as 8-bit levels (``Sam3Normalized(levels=True)``; grey as one channel) are repeated
     and normalised a batch at a time on the device: the same masks, scores and seeds as the normalised float

@@ -34,9 +34,15 @@ def build_optimizer(
     betas: tuple[float, float] = (0.9, 0.999),
     position_embedding_scale: float | None = None,
 ) -> AdamW:
-    """AdamW with β = (0.9, 0.999) over :func:`sam3_param_groups` (frozen parameters left out)."""
+    """AdamW with β = (0.9, 0.999) over :func:`sam3_param_groups` (frozen parameters left out).
+
+    On CUDA (every parameter there when this is called: move the network first) the fused implementation runs:
+    layer decay gives each ViT layer its own groups, and the default multi-tensor update launches a dozen kernels
+    per group, the fused one two; the arithmetic is AdamW's either way. Elsewhere PyTorch's default."""
     rates = LearningRates(detector_lr, vision_lr, language_lr, geometry_lr, layer_decay, position_embedding_scale)
     groups = sam3_param_groups(network, rates, weight_decay=weight_decay)
     if not groups:
         raise ValueError("no trainable parameters: every parameter is frozen")
-    return AdamW(groups, betas=tuple(betas))
+    params = [p for group in groups for p in group["params"]]
+    fused = all(p.is_cuda and p.is_floating_point() for p in params) or None
+    return AdamW(groups, betas=tuple(betas), fused=fused)

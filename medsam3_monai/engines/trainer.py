@@ -29,7 +29,9 @@ class MedSAM3Trainer(SupervisedTrainer):
 
     ``engine.state.output`` is a one-element list (MONAI's decollated shape) of ``{image, label, pred, loss}``
     where ``loss`` maps ``"loss"`` (weighted total) and every criterion term (plus ``grad_norm``) to floats, so
-    MONAI's default ``from_engine(["loss"], first=True)`` hands StatsHandler and MLFlowHandler every term.
+    MONAI's default ``from_engine(["loss"], first=True)`` hands StatsHandler and MLFlowHandler every term. The
+    floats are read once per iteration, after the optimiser step is queued (during it the terms are detached
+    tensors on the device): the only host syncs of a step are the matcher's.
     """
 
     def __init__(self, *args: Any, bf16: bool = True, grad_clip_norm: float | None = 0.1, **kwargs: Any) -> None:
@@ -65,15 +67,25 @@ class MedSAM3Trainer(SupervisedTrainer):
         output[Keys.PRED] = outputs
         engine.fire_event(IterationEvents.FORWARD_COMPLETED)
         terms = engine.loss_function(outputs, targets)
-        loss = terms["loss"]
-        output[Keys.LOSS] = {name: float(value.detach()) for name, value in terms.items()}
+        values = {name: value.detach() for name, value in terms.items()}  # read once the step is queued
+        output[Keys.LOSS] = values
         engine.fire_event(IterationEvents.LOSS_COMPLETED)
-        (loss / engine.accumulation_steps).backward()
+        (terms["loss"] / engine.accumulation_steps).backward()
         engine.fire_event(IterationEvents.BACKWARD_COMPLETED)
         if step:
             if self.grad_clip_norm:
                 params = [p for g in engine.optimizer.param_groups for p in g["params"] if p.grad is not None]
-                output[Keys.LOSS]["grad_norm"] = float(torch.nn.utils.clip_grad_norm_(params, self.grad_clip_norm))
+                values["grad_norm"] = torch.nn.utils.clip_grad_norm_(params, self.grad_clip_norm)
             engine.optimizer.step()
             engine.fire_event(IterationEvents.MODEL_COMPLETED)
+        output[Keys.LOSS] = loss_floats(values)
         return engine.state.output
+
+
+def loss_floats(values: dict[str, torch.Tensor]) -> dict[str, float]:
+    """The loss terms (scalar tensors, possibly on the GPU) as floats with one device-to-host copy: read after
+    backward and the optimiser step are queued, so the GPU never waits for the host in between."""
+    if not values:
+        return {}
+    stacked = torch.stack([value.float().reshape(()) for value in values.values()]).tolist()
+    return dict(zip(values, stacked))

@@ -155,8 +155,10 @@ def detect_slices(
     span: list[int] = [0, 0]
     if vision_hook is not None:
         vision_encoder = getattr(detector, "sam3", detector).vision_encoder
+        # never traced: with the encoder compiled (``compile_network``) the hook, which differs from batch to
+        # batch, runs eagerly after the compiled forward instead of making every batch recompile it
         handle = vision_encoder.register_forward_hook(
-            lambda _m, _i, out: vision_hook(out.last_hidden_state, span[0], span[1])
+            torch.compiler.disable(lambda _m, _i, out: vision_hook(out.last_hidden_state, span[0], span[1]))
         )
     try:
         with torch.no_grad():
@@ -322,7 +324,8 @@ def segment_volume(
             or their uint8 levels (D, 1 or 3, S, S), normalised a batch at a time on the device
             (``networks.network_pixels``).
         prompts: P text prompts, each segmented independently.
-        tracker: a ``Sam3TrackerVideoModel`` at the same S (:func:`~medsam3_monai.networks.tracker.build_tracker`); None = detector only.
+        tracker: a ``Sam3TrackerVideoModel`` at the same S (:func:`~medsam3_monai.networks.tracker.build_tracker`);
+            None = detector only.
         score_threshold: detector score from which a slice's detection counts (and may seed the tracker).
         batch_size: slices per detector forward (each with all P prompts) and per tracker-feature batch.
         progress: tqdm bars for the detector batches and each prompt's propagation.

@@ -1,0 +1,111 @@
+"""One MedSAM3Trainer iteration: the loss terms it reports are the criterion's (read once, after the optimiser
+step is queued), grad_norm is the clipped gradients' norm before clipping, and AdamW is the fused one on CUDA
+(that test runs where a CUDA device is, as on the GPU machine's ``scripts/device_check.sh``)."""
+
+from __future__ import annotations
+
+import copy
+from pathlib import Path
+
+import pytest
+import torch
+from _script_helpers import load_script
+
+from medsam3_monai.engines import MedSAM3Trainer, PrepareFindBatch, build_optimizer
+from medsam3_monai.engines.trainer import loss_floats
+from medsam3_monai.losses import SetCriterion
+from medsam3_monai.networks import MedSAM3Net
+
+pytestmark = pytest.mark.usefixtures("one_thread")
+BUNDLE = Path(__file__).resolve().parents[1] / "bundles" / "medsam3"
+NO_DROPOUT = {"dropout": 0.0, "drop_path": 0.0}  # the step and its reference see the same network
+
+
+def _one_step(network: torch.nn.Module, batch: dict, device: torch.device) -> dict:
+    trainer = MedSAM3Trainer(device=device, max_epochs=1, train_data_loader=[batch], network=network,
+                             optimizer=build_optimizer(network), loss_function=SetCriterion(), amp=False)
+    trainer.run()
+    return trainer.state.output[0]["loss"]
+
+
+def test_loss_floats_reads_every_term_at_once():
+    values = {"loss": torch.tensor(2.5), "loss_ce": torch.tensor([0.25], dtype=torch.bfloat16),
+              "grad_norm": torch.tensor(3.0, dtype=torch.float64)}
+    floats = loss_floats(values)
+    assert floats == {"loss": 2.5, "loss_ce": 0.25, "grad_norm": 3.0}
+    assert all(type(v) is float for v in floats.values()) and list(floats) == list(values)
+    assert loss_floats({}) == {}
+
+
+def test_a_step_reports_the_criterions_terms_and_the_gradient_norm():
+    torch.manual_seed(0)
+    network = MedSAM3Net("tiny", training_dropout=NO_DROPOUT)
+    batch = load_script("bench_train").synthetic_batch(2, network.image_size, instances=3)
+    reference = copy.deepcopy(network).train()
+    images, targets, _, kwargs = PrepareFindBatch()(batch, torch.device("cpu"))
+    terms = SetCriterion()(reference(images, **kwargs), targets)  # the same weights, before the step
+    terms["loss"].backward()
+    norm = torch.linalg.vector_norm(torch.stack([p.grad.norm() for p in reference.parameters()
+                                                 if p.grad is not None]))
+    reported = _one_step(network, batch, torch.device("cpu"))
+    assert set(reported) == set(terms) | {"grad_norm"}
+    assert all(type(value) is float for value in reported.values())
+    for name, value in terms.items():
+        assert reported[name] == pytest.approx(float(value.detach()), rel=1e-5, abs=1e-6), name
+    assert reported["grad_norm"] == pytest.approx(float(norm), rel=1e-4)
+    assert any(not torch.equal(a, b) for a, b in zip(network.parameters(), reference.parameters()))  # it stepped
+
+
+def test_the_optimiser_is_pytorchs_default_off_cuda():
+    assert build_optimizer(MedSAM3Net("tiny")).defaults["fused"] is None
+
+
+@pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a CUDA device")
+def test_on_cuda_adamw_is_fused_and_steps_as_the_multi_tensor_one():
+    device = torch.device("cuda")
+    torch.manual_seed(0)
+    network = MedSAM3Net("tiny", training_dropout=NO_DROPOUT).to(device)
+    twin = copy.deepcopy(network)
+    fused, multi_tensor = build_optimizer(network), build_optimizer(twin)
+    assert fused.defaults["fused"] is True
+    for group in multi_tensor.param_groups:
+        group["fused"], group["foreach"] = False, True
+    batch = load_script("bench_train").synthetic_batch(2, network.image_size, instances=3)
+    images, targets, _, kwargs = PrepareFindBatch()(batch, device)
+    network.train()
+    SetCriterion()(network(images, **kwargs), targets)["loss"].backward()
+    for ours, theirs in zip(network.parameters(), twin.parameters()):  # the same gradients for both (a CUDA
+        theirs.grad = None if ours.grad is None else ours.grad.clone()  # backward need not be deterministic)
+    fused.step()
+    multi_tensor.step()
+    for ours, theirs in zip(network.parameters(), twin.parameters()):
+        torch.testing.assert_close(ours, theirs, rtol=1e-5, atol=1e-7)
+    reported = _one_step(network, batch, device)
+    assert all(type(value) is float for value in reported.values()) and "grad_norm" in reported
+
+
+def test_the_bundles_compile_switch_trains_with_a_compiled_vision_encoder():
+    """``--compile true`` (train.json's ``compile``): the network's vision encoder runs compiled in the training
+    step (forward and backward) and the step's loss terms are those of the eager network with the same weights."""
+    from monai.bundle import ConfigParser
+    from torch._dynamo.utils import counters
+
+    def bundle_network(compile: bool) -> torch.nn.Module:  # the tiny preset: the same weights each time
+        parser = ConfigParser()
+        parser.read_config(str(BUNDLE / "configs" / "train.json"))
+        parser.update({"compile": compile, "training_dropout": NO_DROPOUT, "device": "$torch.device('cpu')"})
+        return parser.get_parsed_content("network")
+
+    network, twin = bundle_network(True), bundle_network(False)
+    batch = load_script("bench_train").synthetic_batch(2, network.image_size, instances=3)
+    torch._dynamo.reset()
+    counters.clear()
+    try:
+        compiled_terms = _one_step(network, batch, torch.device("cpu"))
+        assert counters["frames"]["ok"] >= 1  # the encoder's forward ran compiled
+    finally:
+        torch._dynamo.reset()
+    eager_terms = _one_step(twin, batch, torch.device("cpu"))
+    assert compiled_terms.keys() == eager_terms.keys()
+    for name, value in eager_terms.items():
+        assert compiled_terms[name] == pytest.approx(value, rel=1e-3, abs=1e-4), name
