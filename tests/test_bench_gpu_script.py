@@ -39,8 +39,12 @@ def test_the_forward_part_reports_each_batch(bench_gpu, tmp_path):
         assert "mfu" not in entry
 
 
-def test_the_volume_part_segments_the_synthetic_ct(bench_gpu):
-    result = _run(bench_gpu, "volume", "--size", "40", "--depth", "6")
+def test_the_volume_part_segments_the_synthetic_ct(bench_gpu, tmp_path):
+    profile = tmp_path / "volume_profile.txt"
+    result = _run(bench_gpu, "volume", "--size", "40", "--depth", "6", "--profile", str(profile))
+    assert profile.read_text().startswith("volume 40 x 40 x 6, slice batch 8\n")  # one whole segmentation's operators
+    assert "aten::" in profile.read_text()
+    assert result["compile"] is False and result["compile_s"] is None
     assert result["volume_shape"] == [40, 40, 6] and result["label_shape"][-3:] == [40, 40, 6]
     assert result["tracker"] == "tiny"
     for key in ("way_in_s", "segment_volume_s", "detector_s", "way_back_s", "case_s", "slices_per_s"):
