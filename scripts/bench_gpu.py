@@ -202,15 +202,15 @@ def write_synthetic_ct(path: Path, size: int, depth: int) -> None:
 
 
 def _compile_slice_batches(network, args: argparse.Namespace, device: torch.device) -> float:
-    """With ``--compile``: the vision encoder compiled for the volume's slice batches (a full one and the last,
-    smaller one) before the clock starts; returns the seconds that took (a one-off per process and batch size)."""
+    """With ``--compile``: every slice batch padded to ``--slice-batch`` images (the network's ``vision_batch``, as
+    ``medsam3 segment --compile --batch-size N`` sets it), the vision encoder compiled for that shape before the
+    clock starts; returns the seconds that took (a one-off per process)."""
     from medsam3_monai.inferers.batch import inference_context
 
-    sizes = {min(args.slice_batch, args.depth), args.depth % args.slice_batch} - {0}
+    network.vision_batch = args.slice_batch
     begin = time.perf_counter()
     with inference_context(device, args.autocast):
-        for count in sorted(sizes, reverse=True):
-            network.sam3.vision_encoder(torch.zeros(count, 3, network.image_size, network.image_size, device=device))
+        network.encode_images(torch.zeros(1, 3, network.image_size, network.image_size, device=device))
     _sync(device)
     return round(time.perf_counter() - begin, 1)
 

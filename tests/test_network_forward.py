@@ -106,6 +106,24 @@ def test_prompts_share_one_image_through_image_ids(tiny_net, tiny_images):
     assert torch.allclose(indexed.pred_masks, swapped.pred_masks, atol=1e-4)
 
 
+def test_a_vision_batch_pads_the_encoders_input_and_keeps_each_images_features(tiny_images):
+    net = MedSAM3Net("tiny").eval()
+    calls = []
+    handle = net.sam3.vision_encoder.register_forward_hook(lambda _m, args, _o: calls.append(args[0].shape[0]))
+    try:
+        with torch.no_grad():
+            plain = net(tiny_images, PROMPTS)
+            net.vision_batch = 5  # as compile_network(..., batch_size=5) sets it
+            padded = net(tiny_images, PROMPTS)
+            features, positions = net.encode_images(normalize_pixels(tiny_images))
+    finally:
+        handle.remove()
+    assert calls == [2, 5, 5]  # the encoder saw 5 images, the detector the 2 real ones
+    assert all(level.shape[0] == 2 for level in features + positions)
+    for field in LAST_LAYER_FIELDS:
+        torch.testing.assert_close(getattr(padded, field), getattr(plain, field), rtol=1e-4, atol=1e-4)
+
+
 def test_uint8_pixels_use_sam3_scaling(tiny_net):
     raw = torch.randint(0, 256, (1, 3, 4, 4), dtype=torch.uint8)
     expected = (raw.float() * (1.0 / 255.0) - 0.5) / 0.5

@@ -267,24 +267,25 @@ def test_shared_vit_pass_gives_the_tracker_the_same_features(detector):
 
 
 def test_a_compiled_vision_encoder_compiles_once_for_a_whole_volume():
-    """``medsam3 segment --compile`` on a volume: the tracker takes each slice batch's ViT output from a hook on
-    the vision encoder, a hook that differs from batch to batch; it is kept out of the compiled code, so one
-    compilation serves every batch (traced, it made every batch recompile: a minute or more each at full
-    size)."""
+    """``medsam3 segment --compile --batch-size 4`` on a volume of 22 slices (five batches of 4 and one of 2): the
+    tracker takes each slice batch's ViT output from a hook on the vision encoder, a hook that differs from batch to
+    batch, kept out of the compiled code (traced, it made every batch recompile: a minute or more each at full
+    size); the last batch is padded to 4 images (the network's ``vision_batch``), so the encoder compiles once."""
     from torch._dynamo.utils import counters
 
     from medsam3_monai.inferers.batch import compile_network
 
     detector = MedSAM3Net("tiny").eval()  # its own: compiling changes the module in place
     tied = present_tracker(detector=detector)
-    slices = random_slices(20, seed=5)
+    slices = random_slices(22, seed=5)
     eager = segment_volume(detector, slices, PROMPTS, tied, score_threshold=0.0, batch_size=4)
     torch._dynamo.reset()
     counters.clear()
     try:
-        compile_network(detector, compile=True)
+        compile_network(detector, compile=True, batch_size=4)
+        assert detector.vision_batch == 4
         compiled = segment_volume(detector, slices, PROMPTS, tied, score_threshold=0.0, batch_size=4)
-        assert counters["frames"]["ok"] == 1 and counters["stats"]["unique_graphs"] == 1  # five batches, one graph
+        assert counters["frames"]["ok"] == 1 and counters["stats"]["unique_graphs"] == 1  # six batches, one graph
     finally:
         torch._dynamo.reset()
     assert torch.equal(compiled.seed_slices, eager.seed_slices)

@@ -228,8 +228,10 @@ class _TrackerFeatures:
             self.positions = [p[:, :1].contiguous() for p in positions]
 
     @torch.no_grad()
-    def from_vit_output(self, last_hidden_state: torch.Tensor, start: int, _stop: int) -> None:
-        """Shared ViT: the detector's (B, HW, C) ViT output through the tracker's own neck."""
+    def from_vit_output(self, last_hidden_state: torch.Tensor, start: int, stop: int) -> None:
+        """Shared ViT: the detector's (B, HW, C) ViT output of slices ``start:stop`` through the tracker's own neck
+        (a batch padded to the network's ``vision_batch`` has more rows than slices: only the slices' are kept)."""
+        last_hidden_state = last_hidden_state[: stop - start]
         batch, tokens, channels = last_hidden_state.shape
         side = int(round(tokens**0.5))
         spatial = last_hidden_state.view(batch, side, side, channels).permute(0, 3, 1, 2)
