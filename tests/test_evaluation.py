@@ -359,6 +359,39 @@ def test_evaluate_bundle_runs_with_monai_bundle(datalists, tmp_path):
     assert len(list((report / "overlays").glob("*.png"))) == 1
 
 
+def test_evaluate_runs_the_network_under_bf16_autocast_and_a_compiled_encoder(datalists, tmp_path, monkeypatch,
+                                                                               capsys):
+    """``medsam3 evaluate --autocast bf16 --compile --batch-size 2``: every forward runs under bf16 autocast, the
+    vision encoder compiled once (a smaller last batch is padded to 2 images), and the report is written."""
+    from torch._dynamo.utils import counters
+
+    from medsam3_monai.networks import MedSAM3Net
+
+    seen = []
+    encode = MedSAM3Net.encode_images
+
+    def recording(self, pixel_values):
+        seen.append((pixel_values.shape[0], torch.is_autocast_enabled("cpu")))
+        return encode(self, pixel_values)
+
+    monkeypatch.setattr(MedSAM3Net, "encode_images", recording)
+    torch._dynamo.reset()
+    counters.clear()
+    out = tmp_path / "report"
+    try:
+        rc = evaluate("--datalist", str(datalists["kvasir"]), "--datalist", str(datalists["chest"]),
+                      "--checkpoint", "tiny", "--out", str(out), "--image-size", str(S), "--no-mlflow",
+                      "--overlays", "0", "--batch-size", "2", "--autocast", "bf16", "--compile")
+        assert counters["stats"]["unique_graphs"] == 1 and counters["frames"]["ok"] >= 1
+    finally:
+        torch._dynamo.reset()
+    assert rc == 0, capsys.readouterr().err
+    cases = read_csv(out / "cases.csv")
+    assert sum(count for count, _ in seen) == len({c["case"] for c in cases})  # each picture through the network
+    assert max(count for count, _ in seen) == 2 and all(autocast for _, autocast in seen)  # batches of 2, bf16
+    assert all(0.0 <= float(c["dice"]) <= 1.0 for c in cases)
+
+
 def test_a_batch_of_cases_scores_as_one_case_at_a_time(datalists, tiny_net):
     """``CaseInferer.infer_cases`` (the engine's batched entry, ``medsam3 evaluate --batch-size``): the 2D cases go
     through shared forwards, a volume alone; each case's label map and records are those of one-by-one calls."""

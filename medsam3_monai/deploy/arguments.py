@@ -8,7 +8,8 @@ import shutil
 from pathlib import Path
 from typing import Any, Callable
 
-__all__ = ["add_detector_chunk_option", "add_model_options", "at_least", "ct_window", "pixels", "remove_output"]
+__all__ = ["add_detector_chunk_option", "add_gpu_options", "add_model_options", "at_least", "ct_window", "gpu_context",
+           "pixels", "remove_output"]
 
 
 def add_model_options(parser: Any) -> None:
@@ -28,6 +29,28 @@ def add_detector_chunk_option(parser: Any) -> None:
     parser.add_argument("--detector-chunk", type=at_least(1), default=None, metavar="N",
                         help="image-prompt pairs per detector pass (default 16): the detector's memory grows with "
                              "them; lower it if many prompts run out of memory, raise it on a large GPU")
+
+
+def add_gpu_options(parser: Any) -> None:
+    """``--autocast`` and ``--compile`` of the sub-commands that run the network over many inputs (``segment``,
+    ``evaluate``): :func:`gpu_context` and ``inferers.batch.compile_network`` apply them."""
+    parser.add_argument("--autocast", choices=["none", "bf16"], default="none",
+                        help="bf16 autocast for the network (CUDA or CPU; default none: float32)")
+    parser.add_argument("--compile", action="store_true",
+                        help="torch.compile the vision encoder: a minute or more at the first batch (smaller batches "
+                             "are padded to --batch-size), then a faster forward; pays over many inputs on a GPU")
+
+
+def gpu_context(args: argparse.Namespace, device: Any) -> Any:
+    """``torch.no_grad`` and bf16 autocast on ``device`` with ``--autocast bf16``
+    (``inferers.batch.inference_context``); nothing otherwise."""
+    import contextlib
+
+    if getattr(args, "autocast", "none") in (None, "none"):
+        return contextlib.nullcontext()
+    from ..inferers.batch import inference_context
+
+    return inference_context(device, args.autocast)
 
 
 def pixels(value: str) -> int:

@@ -27,7 +27,7 @@ from ..data.selection import (
 )
 from ..protocol_registry import DEFAULT_PROTOCOL, PROTOCOLS
 from .agent_cli import add_planner_options
-from .arguments import add_detector_chunk_option, at_least, remove_output
+from .arguments import add_detector_chunk_option, add_gpu_options, at_least, gpu_context, remove_output
 
 __all__ = ["add_parser", "checkpoint_labels", "run"]
 
@@ -97,6 +97,7 @@ def add_parser(subparsers: argparse._SubParsersAction) -> argparse.ArgumentParse
                              "forward, as `medsam3 segment` does (1; 8 or more keeps a GPU busy). A batched forward "
                              "rounds differently: a pixel whose logit is within rounding of 0 may flip")
     add_detector_chunk_option(parser)
+    add_gpu_options(parser)
 
     variants = parser.add_argument_group("prompt robustness")
     variants.add_argument("--prompt-variants", choices=("synonyms",), default=None,
@@ -218,6 +219,11 @@ def run(args: argparse.Namespace) -> int:
 
         plan = plan_phrasings(items, args.max_phrasings)
     networks = [load_network(source, args.image_size, detector_chunk=args.detector_chunk) for source in sources]
+    if args.compile:
+        from ..inferers.batch import compile_network
+
+        for network in networks:  # 2D batches padded to --batch-size; a volume's slice batches compile their own
+            compile_network(network, compile=True, batch_size=args.batch_size)
     volumes = sum(is_volume_item(item) for item in items)
     trackers = [resolve_tracker(args.tracker, s, n, described=True) if volumes else (None, "none")
                 for s, n in zip(sources, networks)]
@@ -242,17 +248,18 @@ def run(args: argparse.Namespace) -> int:
         for spec in runs:
             index = spec.get("network", 0)
             network, (tracker, tracker_name) = networks[index], trackers[index]
-            report = run_evaluation(
-                network, spec["items"], out if len(runs) == 1 else out / spec["label"], checkpoint=sources[index],
-                datalists=[Path(p).resolve() for p in args.datalist], split=args.split, max_cases=args.max_cases,
-                protocol=args.protocol, score_threshold=args.score_threshold, box_prompts=args.box_prompts,
-                tracker=tracker, tracker_name=tracker_name, device=device,
-                max_overlays=spec.get("overlays", args.overlays), progress=not args.no_progress,
-                num_workers=args.num_workers, batch_size=args.batch_size, mlflow=not args.no_mlflow,
-                tracking_uri=tracking_uri,
-                experiment=args.experiment, run_name=spec["label"], parent_run_id=parent,
-                skip_unreadable=args.skip_unreadable, **spec.get("evaluation", {}),
-            )
+            with gpu_context(args, device):
+                report = run_evaluation(
+                    network, spec["items"], out if len(runs) == 1 else out / spec["label"], checkpoint=sources[index],
+                    datalists=[Path(p).resolve() for p in args.datalist], split=args.split, max_cases=args.max_cases,
+                    protocol=args.protocol, score_threshold=args.score_threshold, box_prompts=args.box_prompts,
+                    tracker=tracker, tracker_name=tracker_name, device=device,
+                    max_overlays=spec.get("overlays", args.overlays), progress=not args.no_progress,
+                    num_workers=args.num_workers, batch_size=args.batch_size, mlflow=not args.no_mlflow,
+                    tracking_uri=tracking_uri,
+                    experiment=args.experiment, run_name=spec["label"], parent_run_id=parent,
+                    skip_unreadable=args.skip_unreadable, **spec.get("evaluation", {}),
+                )
             if len(sources) == 2:
                 network.to("cpu")
                 if tracker is not None:

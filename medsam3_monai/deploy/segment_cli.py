@@ -32,7 +32,8 @@ from pathlib import Path
 from typing import Any
 
 from ..protocol_registry import PROTOCOLS
-from .arguments import add_detector_chunk_option, add_model_options, at_least, ct_window, pixels
+from .arguments import (add_detector_chunk_option, add_gpu_options, add_model_options, at_least, ct_window, gpu_context,
+                        pixels)
 
 __all__ = ["StagedFiles", "add_parser", "run", "run_many", "write_label_volume", "write_mask_image",
            "write_prediction"]
@@ -112,11 +113,7 @@ def add_parser(subparsers: argparse._SubParsersAction) -> argparse.ArgumentParse
                       help="DataLoader processes reading and preprocessing inputs (default 0: in the main process)")
     many.add_argument("--skip-unreadable", action="store_true",
                       help="go on past inputs that cannot be read; they are listed in DIR/skipped.csv")
-    parser.add_argument("--autocast", choices=["none", "bf16"], default="none",
-                        help="bf16 autocast for the network (CUDA or CPU; default none: float32)")
-    parser.add_argument("--compile", action="store_true",
-                        help="torch.compile the vision encoder: a minute or more at the first batch (and once more "
-                             "for another batch size), then a faster forward; pays over many inputs on a GPU")
+    add_gpu_options(parser)
     add_detector_chunk_option(parser)
     parser.add_argument("--overwrite", action="store_true", help="replace existing output files")
     parser.add_argument("--device", default="auto", help="auto (cuda when available), cpu, cuda, cuda:1, ...")
@@ -394,13 +391,7 @@ def _predictor(args: argparse.Namespace, max_pixels: Any, progress: bool) -> Any
 
 def _network_context(args: argparse.Namespace, predictor: Any) -> Any:
     """bf16 autocast around the network calls with ``--autocast bf16``; nothing otherwise."""
-    import contextlib
-
-    if getattr(args, "autocast", "none") in (None, "none"):
-        return contextlib.nullcontext()
-    from ..inferers.batch import inference_context
-
-    return inference_context(next(predictor.network.parameters()).device, args.autocast)
+    return gpu_context(args, next(predictor.network.parameters()).device)
 
 
 def write_prediction(prediction: Any, source: str | Path, out: Path, sidecar_path: Path, overlay: Path | None = None,
