@@ -21,7 +21,8 @@
 #   train_checkpointing    images/s, peak memory and MFU, without and with gradient checkpointing
 #                                                                                         (scripts/bench_train.py)
 #   volume             a synthetic 512 x 512 x 300 CT (NIfTI) as `medsam3 segment` runs it: the bundle's way in,
-#                      segment_volume with the full detector + full SAM3 tracker (random init), the way back;
+#                      segment_volume with the full detector (32 slices per forward: `--batch-size 32`) + full
+#                      SAM3 tracker (random init), the way back;
 #                      seconds per part, case_s (goal <= 15 s) and slices/s            (scripts/bench_gpu.py)
 # MFU uses model FLOPs: with gradient checkpointing the recomputed forward is not counted (the step's FLOPs are
 # the run without checkpointing), so the two MFU figures compare.
@@ -121,7 +122,7 @@ else
 fi
 run_part train "$PY" scripts/bench_train.py "${TRAIN[@]}"
 run_part train_checkpointing "$PY" scripts/bench_train.py "${TRAIN[@]}" --checkpointing
-run_part volume "$PY" scripts/bench_gpu.py volume --size 512 --depth 300
+run_part volume "$PY" scripts/bench_gpu.py volume --size 512 --depth 300 --slice-batch 32
 run_part evaluate "$PY" scripts/bench_gpu.py evaluate --repeats "$EVAL_REPEATS"
 
 summarize /dev/stdout
