@@ -113,12 +113,16 @@ def test_a_vision_batch_pads_the_encoders_input_and_keeps_each_images_features(t
     try:
         with torch.no_grad():
             plain = net(tiny_images, PROMPTS)
-            net.vision_batch = 5  # as compile_network(..., batch_size=5) sets it
+            net.vision_batch = 5
             padded = net(tiny_images, PROMPTS)
             features, positions = net.encode_images(normalize_pixels(tiny_images))
+            net.vision_batch = "first"  # as compile_network(..., pad_batches=True) sets it: the first batch's size
+            net(tiny_images[:1], PROMPTS[:1])
+            first = net.vision_batch
+            net(tiny_images, PROMPTS)  # a larger batch is not cut
     finally:
         handle.remove()
-    assert calls == [2, 5, 5]  # the encoder saw 5 images, the detector the 2 real ones
+    assert calls == [2, 5, 5, 1, 2] and first == 1  # padded to 5 (the detector saw the 2 real ones); then 1, 2
     assert all(level.shape[0] == 2 for level in features + positions)
     for field in LAST_LAYER_FIELDS:
         torch.testing.assert_close(getattr(padded, field), getattr(plain, field), rtol=1e-4, atol=1e-4)

@@ -270,7 +270,8 @@ def test_a_compiled_vision_encoder_compiles_once_for_a_whole_volume():
     """``medsam3 segment --compile --batch-size 4`` on a volume of 22 slices (five batches of 4 and one of 2): the
     tracker takes each slice batch's ViT output from a hook on the vision encoder, a hook that differs from batch to
     batch, kept out of the compiled code (traced, it made every batch recompile: a minute or more each at full
-    size); the last batch is padded to 4 images (the network's ``vision_batch``), so the encoder compiles once."""
+    size); the last batch is padded to the first one's 4 images (the network's ``vision_batch``), so the encoder
+    compiles once."""
     from torch._dynamo.utils import counters
 
     from medsam3_monai.inferers.batch import compile_network
@@ -282,9 +283,9 @@ def test_a_compiled_vision_encoder_compiles_once_for_a_whole_volume():
     torch._dynamo.reset()
     counters.clear()
     try:
-        compile_network(detector, compile=True, batch_size=4)
-        assert detector.vision_batch == 4
+        compile_network(detector, compile=True, pad_batches=True)
         compiled = segment_volume(detector, slices, PROMPTS, tied, score_threshold=0.0, batch_size=4)
+        assert detector.vision_batch == 4
         assert counters["frames"]["ok"] == 1 and counters["stats"]["unique_graphs"] == 1  # six batches, one graph
     finally:
         torch._dynamo.reset()

@@ -37,8 +37,8 @@ def add_gpu_options(parser: Any) -> None:
     parser.add_argument("--autocast", choices=["none", "bf16"], default="none",
                         help="bf16 autocast for the network (CUDA or CPU; default none: float32)")
     parser.add_argument("--compile", action="store_true",
-                        help="torch.compile the vision encoder: a minute or more at the first batch (smaller batches "
-                             "are padded to --batch-size), then a faster forward; pays over many inputs on a GPU")
+                        help="torch.compile the vision encoder: a minute or more at the first batch (a smaller last "
+                             "batch is padded to its size), then a faster forward; pays over many inputs on a GPU")
 
 
 def gpu_context(args: argparse.Namespace, device: Any) -> Any:

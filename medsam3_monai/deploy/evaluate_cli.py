@@ -222,8 +222,8 @@ def run(args: argparse.Namespace) -> int:
     if args.compile:
         from ..inferers.batch import compile_network
 
-        for network in networks:  # 2D batches padded to --batch-size; a volume's slice batches compile their own
-            compile_network(network, compile=True, batch_size=args.batch_size)
+        for network in networks:  # batches padded to the first one's size; a volume's slice batches may differ
+            compile_network(network, compile=True, pad_batches=True)
     volumes = sum(is_volume_item(item) for item in items)
     trackers = [resolve_tracker(args.tracker, s, n, described=True) if volumes else (None, "none")
                 for s, n in zip(sources, networks)]

@@ -385,7 +385,7 @@ def _predictor(args: argparse.Namespace, max_pixels: Any, progress: bool) -> Any
         ct_window=ct_window(args.ct_window), progress=progress, max_pixels=max_pixels,
         detector_chunk=args.detector_chunk, volume_batch_size=args.batch_size,
     )
-    compile_network(predictor.network, compile=args.compile, batch_size=args.batch_size)
+    compile_network(predictor.network, compile=args.compile, pad_batches=True)
     return predictor
 
 

@@ -202,21 +202,19 @@ def inference_context(device: torch.device | str, autocast: str | None = "none")
 
 
 def compile_network(network: torch.nn.Module, *, compile: bool = False, channels_last: bool = False,
-                    mode: str | None = None, batch_size: int | None = None) -> torch.nn.Module:
+                    mode: str | None = None, pad_batches: bool = False) -> torch.nn.Module:
     """GPU-ready options, in place: ``compile`` compiles the vision encoder's forward (``nn.Module.compile``: the
     ViT + FPN neck, the bulk of the FLOPs, whose only input is (N, 3, S, S); the module, its weights and hooks stay
     as they are; a second batch size recompiles, as dynamic, which can take longer than the first compilation).
-    With ``batch_size`` N as well, a ``MedSAM3Net`` pads every smaller batch of images to N (its ``vision_batch``:
-    a folder's or a volume's last, partial batch), so the encoder compiles once. ``channels_last`` stores the 4D
-    conv weights channels-last (patch embedding, FPN neck, pixel decoder; cuDNN's bf16 kernels prefer NHWC).
-    Returns the network."""
+    With ``pad_batches`` as well, a ``MedSAM3Net`` pads a smaller batch of images to the size of its first batch
+    (its ``vision_batch``: a folder's or a volume's last, partial batch), so the encoder compiles once.
+    ``channels_last`` stores the 4D conv weights channels-last (patch embedding, FPN neck, pixel decoder; cuDNN's
+    bf16 kernels prefer NHWC). Returns the network."""
     sam3 = getattr(network, "sam3", network)
     if channels_last:
         network.to(memory_format=torch.channels_last)
     if compile:
         sam3.vision_encoder.compile(mode=mode)
-        if batch_size is not None:
-            if int(batch_size) < 1:
-                raise ValueError(f"batch size must be >= 1, got {batch_size}")
-            network.vision_batch = int(batch_size)
+        if pad_batches:
+            network.vision_batch = "first"
     return network

@@ -76,10 +76,11 @@ class MedSAM3Net(nn.Module):
         detector_chunk: the most find-queries (image, prompt pairs) the inferers put through the detector at once
             (:meth:`forward_chunks`); an attribute, so it can be changed on a loaded network.
 
-    Attribute ``vision_batch`` (default None): when set, :meth:`encode_images` pads a batch of fewer images to that
-    many with zero images and drops their features (a compiled vision encoder then sees one batch shape and
-    compiles once; ``inferers.batch.compile_network(..., batch_size=N)`` sets it). The images' own features are
-    the same (the encoder treats each image alone).
+    Attribute ``vision_batch`` (default None): when an int N, :meth:`encode_images` pads a batch of fewer images to
+    N with zero images and drops their features, so a compiled vision encoder sees one batch shape and compiles
+    once; ``"first"`` (what ``inferers.batch.compile_network(..., pad_batches=True)`` sets) becomes the size of the
+    first batch encoded: a folder's or a volume's last, partial batch is padded to the batches before it, and a
+    single picture is never padded. The images' own features are the same (the encoder treats each image alone).
 
     The network computes what Meta's official SAM3 computes (see :mod:`.official_numerics`): a text-only prompt
     goes through the geometry encoder too (its CLS token joins the prompt), the ViT LayerNorm eps is 1e-5 and
@@ -109,7 +110,7 @@ class MedSAM3Net(nn.Module):
         self._regularization_hooks = apply_training_dropout(self.sam3, self.training_dropout)
         self.dac = bool(dac)
         self.detector_chunk = int(detector_chunk)
-        self.vision_batch: int | None = None
+        self.vision_batch: int | str | None = None
         self.text_cache = TextFeatureCache([self.sam3.text_encoder, self.sam3.text_projection], text_cache_size)
         self.set_gradient_checkpointing(gradient_checkpointing)
 
@@ -308,6 +309,8 @@ class MedSAM3Net(nn.Module):
         patch_weight = self.sam3.vision_encoder.backbone.embeddings.patch_embeddings.projection.weight
         pixel_values = pixel_values.to(device=patch_weight.device, dtype=patch_weight.dtype)
         count = pixel_values.shape[0]
+        if self.vision_batch == "first":
+            self.vision_batch = count
         if self.vision_batch is not None and count < self.vision_batch:  # one batch shape (class docstring)
             padding = pixel_values.new_zeros(self.vision_batch - count, *pixel_values.shape[1:])
             pixel_values = torch.cat([pixel_values, padding])
