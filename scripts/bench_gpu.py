@@ -6,7 +6,8 @@
   host) at each ``--batch``: images/s, the network forward alone, FLOPs per image (``torch.utils.flop_counter``),
   achieved TFLOP/s and MFU against ``--peak-tflops``, peak memory, and the host synchronisations of one forward
   (``torch.cuda.set_sync_debug_mode``). Options: ``--autocast none|bf16`` (default bf16), ``--compile``
-  (``torch.compile`` of the vision encoder), ``--channels-last``.
+  (``torch.compile`` of the vision encoder), ``--channels-last``, ``--detector-chunk N`` (find-queries per detector
+  pass: at 16, a batch of 32 single-prompt images takes two).
 * ``evaluate``: ``scripts/bench_eval.py``'s 2D entries with the full detector at 1008 px on this device: a whole
   evaluation case (``CaseInferer``: inference, the way back to each picture's size -- on the device, see
   ``inferers.boundary_merge`` -- merge and metrics) against the bare forward, ``case_over_forward`` (goal <= 1.10),
@@ -63,6 +64,8 @@ def _network(args: argparse.Namespace, device: torch.device):
     torch.manual_seed(0)
     config = None if args.tiny else full_sam3_config()
     network = MedSAM3Net("tiny", config=config).eval().to(device)
+    if args.detector_chunk is not None:
+        network.detector_chunk = args.detector_chunk
     return compile_network(network, compile=args.compile, channels_last=args.channels_last)
 
 
@@ -320,6 +323,8 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     parser.add_argument("--autocast", choices=["none", "bf16"], default="bf16")
     parser.add_argument("--compile", action="store_true", help="torch.compile the vision encoder")
     parser.add_argument("--channels-last", action="store_true")
+    parser.add_argument("--detector-chunk", type=int, default=None,
+                        help="find-queries per detector pass (MedSAM3Net.detector_chunk; default the network's, 16)")
     parser.add_argument("--batch", type=int, nargs="+", default=[1, 8, 32], help="forward: images per forward")
     parser.add_argument("--profile", default=None,
                         help="forward: write the operators of one forward at the last batch, by device time, here; "

@@ -3,8 +3,9 @@
 #
 #   bash scripts/bench_gpu.sh                  # about 15-30 min on one H100/H200 (random init: no weights needed)
 #   PEAK_TFLOPS=989 TRAIN_BATCH=4 bash scripts/bench_gpu.sh > gpu.json
-#   QUICK=1 bash scripts/bench_gpu.sh          # the issue's table in a few minutes: fewer repeats, no compiled or
-#                                              # channels-last forward (scripts/device_check.sh runs this)
+#   QUICK=1 bash scripts/bench_gpu.sh          # the issue's table in a few minutes: fewer repeats, none of the
+#                                              # extra parts below (scripts/device_check.sh runs this)
+#   ONLY="forward_compiled train_compiled" bash scripts/bench_gpu.sh   # just these parts (the others: skipped)
 #   PART_TIMEOUT=240 PARTIAL_JSON=gpu.json bash scripts/bench_gpu.sh   # each part at most 240 s; the JSON so far
 #                                              # rewritten to gpu.json after each part (a run cut short keeps it)
 #
@@ -13,17 +14,21 @@
 #   forward            full detector at 1008 px, bf16 autocast, SDPA: images/s at batch 1 / 8 / 32 (the
 #                      `medsam3 segment` forward + top-query masks, and the network forward alone), FLOPs, MFU,
 #                      peak memory, host syncs per forward                              (scripts/bench_gpu.py)
-#   forward_compiled   the same at batch 8 with torch.compile of the vision encoder
-#   forward_channels_last  the same at batch 8 with channels-last conv weights
+#   forward_compiled   the same at batch 32 with torch.compile of the vision encoder                  (extra)
+#   forward_channels_last  the same at batch 8 with channels-last conv weights                      (extra)
+#   forward_chunk32    the eager forward at batch 32 with 32 find-queries per detector pass (one pass, not two) (extra)
 #   evaluate           a whole 2D evaluation case (inference, back to each picture's size on the GPU, merge,
 #                      metrics) against the bare 1008-px forward: case_over_forward (scripts/bench_gpu.py)
 #   train              one training step (MedSAM3Trainer: forward, set-prediction loss, backward, AdamW), bf16:
 #   train_checkpointing    images/s, peak memory and MFU, without and with gradient checkpointing
 #                                                                                         (scripts/bench_train.py)
+#   train_compiled     the same with the vision encoder compiled (train.json's `compile`)       (extra)
 #   volume             a synthetic 512 x 512 x 300 CT (NIfTI) as `medsam3 segment` runs it: the bundle's way in,
 #                      segment_volume with the full detector (32 slices per forward: `--batch-size 32`) + full
 #                      SAM3 tracker (random init), the way back;
 #                      seconds per part, case_s (goal <= 15 s) and slices/s            (scripts/bench_gpu.py)
+#   volume_profile     a 24-slice CT's operators by device time (detector + tracker)          (extra)
+# Operator profiles (the forward at its last batch, a training step, volume_profile) go to $LOG_DIR/*_profile.txt.
 # MFU uses model FLOPs: with gradient checkpointing the recomputed forward is not counted (the step's FLOPs are
 # the run without checkpointing), so the two MFU figures compare.
 set -uo pipefail
@@ -50,7 +55,10 @@ if ! "$PY" -c 'import sys, torch; sys.exit(0 if torch.cuda.is_available() else 1
     exit 3
 fi
 
-PARTS=(forward forward_compiled forward_channels_last evaluate train train_checkpointing volume)
+PARTS=(forward forward_compiled forward_channels_last forward_chunk32 evaluate train train_checkpointing train_compiled
+       volume volume_profile)
+EXTRA=" forward_compiled forward_channels_last forward_chunk32 train_compiled volume_profile "
+ONLY="${ONLY:-}"
 
 summarize() {  # summarize FILE: the parts' JSON objects as one (a part not run yet: {"pending": true}) into FILE
     "$PY" - "$LOG_DIR" "$PEAK_TFLOPS" "$QUICK" "${PARTS[@]}" >"$1" <<'PYEOF'
@@ -84,8 +92,16 @@ part_done() {  # after each part: the summary so far into PARTIAL_JSON, when set
     return 0
 }
 
-run_part() {  # run_part NAME COMMAND...: the command's last JSON object, or {"error": ...}
-    local name="$1"; shift
+run_part() {  # run_part NAME COMMAND...: the command's last JSON object, or {"error": ...}; skipped with ONLY
+    local name="$1"; shift           # when NAME is not in it, and with QUICK=1 when NAME is an extra part
+    if [ -n "$ONLY" ] && [[ " $ONLY " != *" $name "* ]]; then
+        skip_part "$name" "not in ONLY"
+        return 0
+    fi
+    if [ -z "$ONLY" ] && [ "$QUICK" = 1 ] && [[ "$EXTRA" == *" $name "* ]]; then
+        skip_part "$name" "QUICK=1 (run without it, or with ONLY, for this part)"
+        return 0
+    fi
     local out="$LOG_DIR/$name.json" err="$LOG_DIR/$name.log" status=0
     echo "bench_gpu.sh: $name ..." >&2
     if [ "$PART_TIMEOUT" -gt 0 ]; then
@@ -103,8 +119,8 @@ run_part() {  # run_part NAME COMMAND...: the command's last JSON object, or {"e
     part_done
 }
 
-skip_part() {  # skip_part NAME: recorded as skipped (QUICK=1)
-    echo '{"skipped": "QUICK=1 (run without it for this part)"}' >"$LOG_DIR/$1.json"
+skip_part() {  # skip_part NAME WHY: recorded as {"skipped": WHY}
+    "$PY" -c 'import json, sys; print(json.dumps({"skipped": sys.argv[1]}))' "$2" >"$LOG_DIR/$1.json"
     part_done
 }
 
@@ -112,17 +128,18 @@ FORWARD=(--repeats "$REPEATS" --warmup "$WARMUP" --peak-tflops "$PEAK_TFLOPS")
 TRAIN=(--full --device cuda --batch "$TRAIN_BATCH" --iterations "$TRAIN_ITERATIONS" --warmup "$WARMUP"
        --peak-tflops "$PEAK_TFLOPS")
 # the issue's table first (forward, training, the CT), the evaluation case last
-run_part forward "$PY" scripts/bench_gpu.py forward --batch 1 8 32 "${FORWARD[@]}"
-if [ "$QUICK" = 1 ]; then
-    skip_part forward_compiled
-    skip_part forward_channels_last
-else
-    run_part forward_compiled "$PY" scripts/bench_gpu.py forward --batch 8 --compile "${FORWARD[@]}"
-    run_part forward_channels_last "$PY" scripts/bench_gpu.py forward --batch 8 --channels-last "${FORWARD[@]}"
-fi
-run_part train "$PY" scripts/bench_train.py "${TRAIN[@]}"
+run_part forward "$PY" scripts/bench_gpu.py forward --batch 1 8 32 "${FORWARD[@]}" \
+    --profile "$LOG_DIR/forward_profile.txt"
+run_part train "$PY" scripts/bench_train.py "${TRAIN[@]}" --profile "$LOG_DIR/train_profile.txt"
 run_part train_checkpointing "$PY" scripts/bench_train.py "${TRAIN[@]}" --checkpointing
 run_part volume "$PY" scripts/bench_gpu.py volume --size 512 --depth 300 --slice-batch 32
 run_part evaluate "$PY" scripts/bench_gpu.py evaluate --repeats "$EVAL_REPEATS"
+# the extra parts (QUICK=1 skips them; ONLY picks any)
+run_part forward_compiled "$PY" scripts/bench_gpu.py forward --batch 32 --compile "${FORWARD[@]}"
+run_part forward_chunk32 "$PY" scripts/bench_gpu.py forward --batch 32 --detector-chunk 32 "${FORWARD[@]}"
+run_part train_compiled "$PY" scripts/bench_train.py "${TRAIN[@]}" --compile
+run_part volume_profile "$PY" scripts/bench_gpu.py volume --size 512 --depth 24 --slice-batch 8 \
+    --profile "$LOG_DIR/volume_profile.txt"
+run_part forward_channels_last "$PY" scripts/bench_gpu.py forward --batch 8 --channels-last "${FORWARD[@]}"
 
 summarize /dev/stdout

@@ -7,10 +7,12 @@
 #
 #   bash scripts/device_wheels.sh                 # here, once: the wheels into .whl/
 #   bash scripts/device_check.sh                  # there (the device tool: carry [".whl"])
+#   ONLY="forward_compiled train_compiled volume_profile" bash scripts/device_check.sh   # chosen parts only
 #
 # Each part of the benchmark stops after PART_TIMEOUT seconds (default 240: an error entry, the next part runs).
 # Results go to $OUT (or RESULTS_DIR, default ./device_results): gpu.json (bench_gpu.sh's JSON), gpu_tests.log
-# (pytest), gpu_logs.txt (each part's log, the end of it) and nvidia_smi.txt. Exit status: 3 no CUDA device,
+# (pytest), gpu_logs.txt (each part's log, the end of it), profiles.txt (the parts' operator profiles, one after
+# the other), nvidia_smi.txt and imports.log: six files, as the device tool returns at most eight. Exit status: 3 no CUDA device,
 # 4 the project cannot be imported, 6 a part of the benchmark failed (its error in gpu.json), else pytest's.
 set -uo pipefail
 
@@ -42,6 +44,11 @@ for log in "$LOGS"/*.log; do  # at most a few files come back from a lent machin
     echo "==> $(basename "$log")"
     tail -n 40 "$log"
 done >"$RESULTS/gpu_logs.txt"
+for profile in "$LOGS"/*_profile.txt; do
+    [ -e "$profile" ] || continue
+    echo "==> $(basename "$profile")"
+    cat "$profile"
+done >"$RESULTS/profiles.txt"
 
 "$PY" -m pytest -q -p no:cacheprovider -rs tests/test_boundary_merge.py tests/test_training_step.py \
     >"$RESULTS/gpu_tests.log" 2>&1

@@ -27,10 +27,10 @@ def _run(bench_gpu, *argv: str) -> dict:
 def test_the_forward_part_reports_each_batch(bench_gpu, tmp_path):
     profile = tmp_path / "forward_profile.txt"
     result = _run(bench_gpu, "forward", "--batch", "1", "2", "--repeats", "1", "--warmup", "0",
-                  "--profile", str(profile))
+                  "--profile", str(profile), "--detector-chunk", "1")
     assert profile.read_text().startswith("forward, batch 2\n")  # the last batch's operators, by time
     assert "aten::" in profile.read_text()
-    assert result["config"] == "tiny" and result["image_size"] == 112
+    assert result["config"] == "tiny" and result["image_size"] == 112 and result["detector_chunk"] == 1
     assert set(result["results"]) == {"batch_1", "batch_2"}
     for entry in result["results"].values():
         assert entry["images_per_s"] > 0 and entry["forward_images_per_s"] > 0
