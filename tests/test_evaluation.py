@@ -386,6 +386,7 @@ def test_evaluate_runs_the_network_under_bf16_autocast_and_a_compiled_encoder(da
     finally:
         torch._dynamo.reset()
     assert rc == 0, capsys.readouterr().err
+    assert "medsam3 evaluate: --compile: the vision encoder compiles at the first batch" in capsys.readouterr().err
     cases = read_csv(out / "cases.csv")
     assert sum(count for count, _ in seen) == len({c["case"] for c in cases})  # each picture through the network
     assert max(count for count, _ in seen) == 2 and all(autocast for _, autocast in seen)  # batches of 2, bf16

@@ -8,8 +8,8 @@ import shutil
 from pathlib import Path
 from typing import Any, Callable
 
-__all__ = ["add_detector_chunk_option", "add_gpu_options", "add_model_options", "at_least", "ct_window", "gpu_context",
-           "pixels", "remove_output"]
+__all__ = ["add_detector_chunk_option", "add_gpu_options", "add_model_options", "at_least", "compile_notice",
+           "ct_window", "gpu_context", "pixels", "remove_output"]
 
 
 def add_model_options(parser: Any) -> None:
@@ -39,6 +39,12 @@ def add_gpu_options(parser: Any) -> None:
     parser.add_argument("--compile", action="store_true",
                         help="torch.compile the vision encoder: a minute or more at the first batch (a smaller last "
                              "batch is padded to its size), then a faster forward; pays over many inputs on a GPU")
+
+
+def compile_notice(prog: str) -> str:
+    """The line ``--compile`` prints before the first batch, which then takes a while."""
+    return (f"{prog}: --compile: the vision encoder compiles at the first batch (a minute or more; a smaller last "
+            "batch is padded to the first one's size, so it compiles once)")
 
 
 def gpu_context(args: argparse.Namespace, device: Any) -> Any:

@@ -27,7 +27,7 @@ from ..data.selection import (
 )
 from ..protocol_registry import DEFAULT_PROTOCOL, PROTOCOLS
 from .agent_cli import add_planner_options
-from .arguments import add_detector_chunk_option, add_gpu_options, at_least, gpu_context, remove_output
+from .arguments import add_detector_chunk_option, add_gpu_options, at_least, compile_notice, gpu_context, remove_output
 
 __all__ = ["add_parser", "checkpoint_labels", "run"]
 
@@ -224,6 +224,7 @@ def run(args: argparse.Namespace) -> int:
 
         for network in networks:  # batches padded to the first one's size; a volume's slice batches may differ
             compile_network(network, compile=True, pad_batches=True)
+        print(compile_notice("medsam3 evaluate"), file=sys.stderr)
     volumes = sum(is_volume_item(item) for item in items)
     trackers = [resolve_tracker(args.tracker, s, n, described=True) if volumes else (None, "none")
                 for s, n in zip(sources, networks)]

@@ -32,8 +32,8 @@ from pathlib import Path
 from typing import Any
 
 from ..protocol_registry import PROTOCOLS
-from .arguments import (add_detector_chunk_option, add_gpu_options, add_model_options, at_least, ct_window, gpu_context,
-                        pixels)
+from .arguments import (add_detector_chunk_option, add_gpu_options, add_model_options, at_least, compile_notice,
+                        ct_window, gpu_context, pixels)
 
 __all__ = ["StagedFiles", "add_parser", "run", "run_many", "write_label_volume", "write_mask_image",
            "write_prediction"]
@@ -386,6 +386,8 @@ def _predictor(args: argparse.Namespace, max_pixels: Any, progress: bool) -> Any
         detector_chunk=args.detector_chunk, volume_batch_size=args.batch_size,
     )
     compile_network(predictor.network, compile=args.compile, pad_batches=True)
+    if args.compile:
+        print(compile_notice("medsam3 segment"), file=sys.stderr)
     return predictor
 
 
