@@ -205,15 +205,15 @@ def write_synthetic_ct(path: Path, size: int, depth: int) -> None:
 
 
 def _compile_slice_batches(network, args: argparse.Namespace, device: torch.device) -> float:
-    """With ``--compile``: every slice batch padded to ``--slice-batch`` images (the network's ``vision_batch``, as
-    ``medsam3 segment --compile --batch-size N`` sets it), the vision encoder compiled for that shape before the
-    clock starts; returns the seconds that took (a one-off per process)."""
+    """With ``--compile``: the vision encoder compiled for the volume's slice batches before the clock starts, as
+    ``medsam3 segment --compile`` pads them (``compile_network(..., pad_batches=True)``: a smaller last batch is
+    padded to the first one's size); returns the seconds that took (a one-off per process)."""
     from medsam3_monai.inferers.batch import inference_context
 
-    network.vision_batch = args.slice_batch
-    begin = time.perf_counter()
+    network.vision_batch = "first"
+    size, begin = network.image_size, time.perf_counter()
     with inference_context(device, args.autocast):
-        network.encode_images(torch.zeros(1, 3, network.image_size, network.image_size, device=device))
+        network.encode_images(torch.zeros(min(args.slice_batch, args.depth), 3, size, size, device=device))
     _sync(device)
     return round(time.perf_counter() - begin, 1)
 

@@ -12,8 +12,9 @@
 # Each part of the benchmark stops after PART_TIMEOUT seconds (default 240: an error entry, the next part runs).
 # Results go to $OUT (or RESULTS_DIR, default ./device_results): gpu.json (bench_gpu.sh's JSON), gpu_tests.log
 # (pytest), gpu_logs.txt (each part's log, the end of it), profiles.txt (the parts' operator profiles, one after
-# the other), nvidia_smi.txt and imports.log: six files, as the device tool returns at most eight. Exit status: 3 no CUDA device,
-# 4 the project cannot be imported, 6 a part of the benchmark failed (its error in gpu.json), else pytest's.
+# the other), nvidia_smi.txt and imports.log: six files, as the device tool returns at most eight. Exit status:
+# 3 no CUDA device, 4 the project cannot be imported, 6 a part of the benchmark failed (its error in gpu.json),
+# else pytest's.
 set -uo pipefail
 
 cd "$(dirname "$0")/.."

@@ -156,10 +156,11 @@ def detect_slices(
     if vision_hook is not None:
         vision_encoder = getattr(detector, "sam3", detector).vision_encoder
         # never traced: with the encoder compiled (``compile_network``) the hook, which differs from batch to
-        # batch, runs eagerly after the compiled forward instead of making every batch recompile it
-        handle = vision_encoder.register_forward_hook(
-            torch.compiler.disable(lambda _m, _i, out: vision_hook(out.last_hidden_state, span[0], span[1]))
-        )
+        # batch, runs eagerly after the compiled forward instead of making every batch recompile it; a batch padded
+        # to the network's ``vision_batch`` has more rows than slices: only the slices' are handed on
+        handle = vision_encoder.register_forward_hook(torch.compiler.disable(
+            lambda _m, _i, out: vision_hook(out.last_hidden_state[: span[1] - span[0]], span[0], span[1])
+        ))
     try:
         with torch.no_grad():
             for start, stop in _batches(num_slices, batch_size, progress, "detector"):
@@ -228,10 +229,8 @@ class _TrackerFeatures:
             self.positions = [p[:, :1].contiguous() for p in positions]
 
     @torch.no_grad()
-    def from_vit_output(self, last_hidden_state: torch.Tensor, start: int, stop: int) -> None:
-        """Shared ViT: the detector's (B, HW, C) ViT output of slices ``start:stop`` through the tracker's own neck
-        (a batch padded to the network's ``vision_batch`` has more rows than slices: only the slices' are kept)."""
-        last_hidden_state = last_hidden_state[: stop - start]
+    def from_vit_output(self, last_hidden_state: torch.Tensor, start: int, _stop: int) -> None:
+        """Shared ViT: the detector's (B, HW, C) ViT output of slices ``start:stop`` through the tracker's own neck."""
         batch, tokens, channels = last_hidden_state.shape
         side = int(round(tokens**0.5))
         spatial = last_hidden_state.view(batch, side, side, channels).permute(0, 3, 1, 2)
