@@ -6,8 +6,8 @@
   host) at each ``--batch``: images/s, the network forward alone, FLOPs per image (``torch.utils.flop_counter``),
   achieved TFLOP/s and MFU against ``--peak-tflops``, peak memory, and the host synchronisations of one forward
   (``torch.cuda.set_sync_debug_mode``). Options: ``--autocast none|bf16`` (default bf16), ``--compile``
-  (``torch.compile`` of the vision encoder), ``--channels-last``, ``--detector-chunk N`` (find-queries per detector
-  pass: at 16, a batch of 32 single-prompt images takes two).
+  (``torch.compile`` of the vision encoder; ``--compile-mode``), ``--channels-last``, ``--detector-chunk N``
+  (find-queries per detector pass: at 16, a batch of 32 single-prompt images takes two).
 * ``evaluate``: ``scripts/bench_eval.py``'s 2D entries with the full detector at 1008 px on this device: a whole
   evaluation case (``CaseInferer``: inference, the way back to each picture's size -- on the device, see
   ``inferers.boundary_merge`` -- merge and metrics) against the bare forward, ``case_over_forward`` (goal <= 1.10),
@@ -18,7 +18,9 @@
   random init, ViT shared with the detector; ``detector_s``, ``tracker_s``) and the way back to the volume's
   geometry (``way_back_s``): seconds, ``case_s`` for all of it (goal <= 15 s), slices/s, peak GPU memory. With
   random weights no slice would reach a real score threshold, so ``--score-threshold 0`` (default) lets the most
-  confident slice seed the tracker as real weights would.
+  confident slice seed the tracker as real weights would. With ``--compile`` the tracker's per-slice modules are
+  compiled too (``inferers.batch.compile_tracker``), and ``compile_s`` is a warm-up on the volume's first slices
+  before the clock starts.
 
 ``--tiny`` runs the same code with the tiny network and tracker (a CPU check of the script itself:
 ``python scripts/bench_gpu.py forward --tiny --device cpu --batch 1 2``).
@@ -66,7 +68,7 @@ def _network(args: argparse.Namespace, device: torch.device):
     network = MedSAM3Net("tiny", config=config).eval().to(device)
     if args.detector_chunk is not None:
         network.detector_chunk = args.detector_chunk
-    return compile_network(network, compile=args.compile, channels_last=args.channels_last)
+    return compile_network(network, compile=args.compile, channels_last=args.channels_last, mode=args.compile_mode)
 
 
 def _count_syncs(fn, device: torch.device) -> int | None:
@@ -204,16 +206,23 @@ def write_synthetic_ct(path: Path, size: int, depth: int) -> None:
     nib.save(nib.Nifti1Image(hu.numpy(), np.diag([1.0, 1.0, 1.5, 1.0])), str(path))
 
 
-def _compile_slice_batches(network, args: argparse.Namespace, device: torch.device) -> float:
-    """With ``--compile``: the vision encoder compiled for the volume's slice batches before the clock starts, as
-    ``medsam3 segment --compile`` pads them (``compile_network(..., pad_batches=True)``: a smaller last batch is
-    padded to the first one's size); returns the seconds that took (a one-off per process)."""
+#: with ``--compile``, the warm-up before the clock: the volume's first slices (at least one slice batch), enough for
+#: the tracker's memory bank to grow through its shapes (7 memories, 16 object pointers)
+WARM_UP_SLICES = 24
+
+
+def _compile_warm_up(inferer, items: list, network, args: argparse.Namespace, device: torch.device) -> float:
+    """With ``--compile``: the volume's first ``WARM_UP_SLICES`` slices (or one slice batch, if more) through the
+    whole path before the clock starts, so that the vision encoder compiles for the slice batches, padded as
+    ``medsam3 segment --compile`` pads them (``Predictor.compile``: a smaller last batch is padded to the first
+    one's size), and the tracker's per-slice modules for the growing memory bank; returns the seconds that took (a
+    one-off per process)."""
     from medsam3_monai.inferers.batch import inference_context
 
     network.vision_batch = "first"
-    size, begin = network.image_size, time.perf_counter()
+    begin = time.perf_counter()
     with inference_context(device, args.autocast):
-        network.encode_images(torch.zeros(min(args.slice_batch, args.depth), 3, size, size, device=device))
+        inferer([dict(item) for item in items[: max(WARM_UP_SLICES, args.slice_batch)]], network)
     _sync(device)
     return round(time.perf_counter() - begin, 1)
 
@@ -231,6 +240,10 @@ def volume(args: argparse.Namespace) -> dict:
     device = torch.device(args.device)
     network = _network(args, device)
     tracker, tracker_name = _full_tracker(network, device)
+    if args.compile:
+        from medsam3_monai.inferers.batch import compile_tracker
+
+        compile_tracker(tracker, args.compile_mode)
     preprocessing = evaluation_transforms(network.image_size)
     inferer = PromptInferer(score_threshold=args.score_threshold, tracker=tracker, tracker_name=tracker_name,
                             volume_batch_size=args.slice_batch)
@@ -254,7 +267,7 @@ def volume(args: argparse.Namespace) -> dict:
         spans["detector_s"] = time.perf_counter() - begin
         return out
 
-    compile_s = _compile_slice_batches(network, args, device) if args.compile else None
+    compile_s = _compile_warm_up(inferer, items, network, args, device) if args.compile else None
     volume_module.detect_slices = timed_detect
     _reset_peak(device)
     try:
@@ -321,7 +334,10 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     parser.add_argument("--device", default="cuda")
     parser.add_argument("--tiny", action="store_true", help="tiny network and tracker (a check of the script)")
     parser.add_argument("--autocast", choices=["none", "bf16"], default="bf16")
-    parser.add_argument("--compile", action="store_true", help="torch.compile the vision encoder")
+    parser.add_argument("--compile", action="store_true",
+                        help="torch.compile the vision encoder (volume: and the tracker's per-slice modules)")
+    parser.add_argument("--compile-mode", default=None,
+                        help="torch.compile mode with --compile (e.g. max-autotune-no-cudagraphs; default inductor's)")
     parser.add_argument("--channels-last", action="store_true")
     parser.add_argument("--detector-chunk", type=int, default=None,
                         help="find-queries per detector pass (MedSAM3Net.detector_chunk; default the network's, 16)")

@@ -294,6 +294,54 @@ def test_a_compiled_vision_encoder_compiles_once_for_a_whole_volume():
     assert flipped < 1e-3
 
 
+def test_a_compiled_tracker_gives_the_eager_masks_and_compiles_only_at_the_first_volume(detector):
+    """``compile_tracker`` (what ``medsam3 segment --compile`` does to a volume's tracker): its per-slice modules
+    compiled give the eager masks, with no graph break; their graphs are made during the first volume (the memory
+    bank's first shapes, then dynamic ones) and serve a second volume of another depth, with its two prompts'
+    propagations, without a new compilation."""
+    from torch._dynamo.utils import counters
+
+    from medsam3_monai.inferers.batch import TRACKER_FRAME_MODULES, compile_tracker
+
+    tracker = present_tracker(detector=detector)  # its own: compiling changes the modules in place
+    volumes = [random_slices(20, seed=6), random_slices(13, seed=7)]
+    eager = [segment_volume(detector, v, PROMPTS, tracker, score_threshold=0.0, batch_size=4) for v in volumes]
+    torch._dynamo.reset()
+    counters.clear()
+    try:
+        compile_tracker(tracker)
+        compiled = [segment_volume(detector, volumes[0], PROMPTS, tracker, score_threshold=0.0, batch_size=4)]
+        graphs = counters["stats"]["unique_graphs"]
+        compiled.append(segment_volume(detector, volumes[1], PROMPTS, tracker, score_threshold=0.0, batch_size=4))
+        assert counters["stats"]["unique_graphs"] == graphs  # the second volume compiled nothing
+        assert not counters["graph_break"]
+        # every module compiled, each at most its first shapes and a dynamic graph for the growing memory bank
+        assert len(TRACKER_FRAME_MODULES) <= graphs <= 2 * len(TRACKER_FRAME_MODULES)
+    finally:
+        torch._dynamo.reset()
+    for ours, theirs in zip(compiled, eager):
+        assert torch.equal(ours.seed_slices, theirs.seed_slices) and (ours.seed_slices >= 0).all()
+        flipped = (ours.masks != theirs.masks).float().mean()  # compiled float rounding may flip a pixel at 0
+        assert flipped < 1e-3
+    with pytest.raises(TypeError, match="compile_tracker takes a SAM3 tracker"):
+        compile_tracker(detector)
+
+
+def test_a_compiling_predictor_compiles_its_tracker_when_it_builds_it():
+    """``Predictor.compile`` (``medsam3 segment --compile``): the vision encoder at once, batches padded; the tracker,
+    built at the first volume, with its per-slice modules compiled."""
+    from medsam3_monai.inferers.batch import TRACKER_FRAME_MODULES
+    from medsam3_monai.inferers.predict import Predictor
+
+    predictor = Predictor(MedSAM3Net("tiny").eval(), tracker="tiny").compile()
+    assert predictor.network.vision_batch == "first"
+    assert predictor.network.sam3.vision_encoder._compiled_call_impl is not None
+    tracker, _ = predictor.tracker()
+    assert all(getattr(tracker, name)._compiled_call_impl is not None for name in TRACKER_FRAME_MODULES)
+    eager, _ = Predictor(MedSAM3Net("tiny").eval(), tracker="tiny").tracker()
+    assert all(getattr(eager, name)._compiled_call_impl is None for name in TRACKER_FRAME_MODULES)
+
+
 def test_uint8_levels_segment_as_their_normalised_slices(detector):
     """Slices kept as 8-bit levels (``Sam3Normalized(levels=True)``; grey as one channel) are repeated
     and normalised a batch at a time on the device: the same masks, scores and seeds as the normalised float

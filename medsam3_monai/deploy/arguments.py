@@ -37,14 +37,15 @@ def add_gpu_options(parser: Any) -> None:
     parser.add_argument("--autocast", choices=["none", "bf16"], default="none",
                         help="bf16 autocast for the network (CUDA or CPU; default none: float32)")
     parser.add_argument("--compile", action="store_true",
-                        help="torch.compile the vision encoder: a minute or more at the first batch (a smaller last "
-                             "batch is padded to its size), then a faster forward; pays over many inputs on a GPU")
+                        help="torch.compile the vision encoder (and a volume's tracker): a minute or more at the "
+                             "first batch (a smaller last batch is padded to its size) and at the first volume, then "
+                             "faster; pays over many inputs on a GPU")
 
 
 def compile_notice(prog: str) -> str:
     """The line ``--compile`` prints before the first batch, which then takes a while."""
     return (f"{prog}: --compile: the vision encoder compiles at the first batch (a minute or more; a smaller last "
-            "batch is padded to the first one's size, so it compiles once)")
+            "batch is padded to the first one's size, so it compiles once), the tracker at the first volume")
 
 
 def gpu_context(args: argparse.Namespace, device: Any) -> Any:

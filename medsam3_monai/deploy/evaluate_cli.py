@@ -219,15 +219,17 @@ def run(args: argparse.Namespace) -> int:
 
         plan = plan_phrasings(items, args.max_phrasings)
     networks = [load_network(source, args.image_size, detector_chunk=args.detector_chunk) for source in sources]
-    if args.compile:
-        from ..inferers.batch import compile_network
-
-        for network in networks:  # batches padded to the first one's size; a volume's slice batches may differ
-            compile_network(network, compile=True, pad_batches=True)
-        print(compile_notice("medsam3 evaluate"), file=sys.stderr)
     volumes = sum(is_volume_item(item) for item in items)
     trackers = [resolve_tracker(args.tracker, s, n, described=True) if volumes else (None, "none")
                 for s, n in zip(sources, networks)]
+    if args.compile:
+        from ..inferers.batch import compile_network
+
+        for network, (tracker, _) in zip(networks, trackers):
+            # batches padded to the first one's size (a volume's slice batches may differ); the tracker's per-slice
+            # modules too
+            compile_network(network, compile=True, pad_batches=True, tracker=tracker)
+        print(compile_notice("medsam3 evaluate"), file=sys.stderr)
     device = resolve_device(args.device)
     labels = checkpoint_labels(sources)
     runs = _runs(args, items, labels, plan, settings, template, out)

@@ -375,7 +375,6 @@ def run(args: argparse.Namespace) -> int:
 
 
 def _predictor(args: argparse.Namespace, max_pixels: Any, progress: bool) -> Any:
-    from ..inferers.batch import compile_network
     from ..inferers.predict import Predictor
     from ..tensors import resolve_device
 
@@ -385,8 +384,8 @@ def _predictor(args: argparse.Namespace, max_pixels: Any, progress: bool) -> Any
         ct_window=ct_window(args.ct_window), progress=progress, max_pixels=max_pixels,
         detector_chunk=args.detector_chunk, volume_batch_size=args.batch_size,
     )
-    compile_network(predictor.network, compile=args.compile, pad_batches=True)
     if args.compile:
+        predictor.compile()
         print(compile_notice("medsam3 segment"), file=sys.stderr)
     return predictor
 

@@ -18,8 +18,9 @@ run this path; every step is the one-file path's (``configs/inference.json``'s p
 The evaluation engine (``engines.inference.MedSAM3CaseEvaluator``) can take the same path by calling
 :meth:`.predict.PromptInferer.infer_cases` on the cases of a loader batch instead of the inferer on each case.
 
-GPU-ready knobs (:func:`inference_context`, :func:`compile_network`): bf16 autocast, ``torch.compile`` of the
-vision encoder, channels-last weights; transformers' SDPA attention is SAM3's default already.
+GPU-ready knobs (:func:`inference_context`, :func:`compile_network`, :func:`compile_tracker`): bf16 autocast,
+``torch.compile`` of the vision encoder and of the tracker's per-slice modules, channels-last weights;
+transformers' SDPA attention is SAM3's default already.
 """
 
 from __future__ import annotations
@@ -39,7 +40,9 @@ __all__ = [
     "AUTOCAST_DTYPES",
     "CaseBatch",
     "collate_case_batch",
+    "TRACKER_FRAME_MODULES",
     "compile_network",
+    "compile_tracker",
     "inference_context",
     "predict_items",
     "segment_image_batch",
@@ -201,15 +204,40 @@ def inference_context(device: torch.device | str, autocast: str | None = "none")
     return stack
 
 
+#: the SAM3 tracker's modules that run once for every slice it propagates to (and every object): the memory
+#: attention (4 layers of RoPE attention from the slice to its memory bank), the SAM mask decoder, the memory
+#: encoder and the prompt encoder
+TRACKER_FRAME_MODULES = ("memory_attention", "mask_decoder", "memory_encoder", "prompt_encoder")
+
+
+def compile_tracker(tracker: torch.nn.Module, mode: str | None = None) -> torch.nn.Module:
+    """``torch.compile`` of a ``Sam3TrackerVideoModel``'s per-slice modules (:data:`TRACKER_FRAME_MODULES`,
+    ``nn.Module.compile``: modules, weights and hooks stay as they are), in place. Eager, one slice's step is
+    several hundred small operators, each launched from Python; compiled, their element-wise work fuses.
+    transformers' session bookkeeping between the modules (gathering the memory bank, object pointers) stays eager.
+    The memory bank grows over the first slices of a propagation and the seed slice's step differs from the others
+    (a mask prompt), so the modules compile a few graphs at the first volume (the shapes first seen, then dynamic
+    ones); those then serve every slice, object and volume of the process. Returns the tracker."""
+    missing = [name for name in TRACKER_FRAME_MODULES if not isinstance(getattr(tracker, name, None), torch.nn.Module)]
+    if missing:
+        raise TypeError(f"{type(tracker).__name__} has no {', '.join(missing)}: compile_tracker takes a SAM3 tracker "
+                        "(transformers' Sam3TrackerVideoModel, networks.tracker.build_tracker)")
+    for name in TRACKER_FRAME_MODULES:
+        getattr(tracker, name).compile(mode=mode)
+    return tracker
+
+
 def compile_network(network: torch.nn.Module, *, compile: bool = False, channels_last: bool = False,
-                    mode: str | None = None, pad_batches: bool = False) -> torch.nn.Module:
+                    mode: str | None = None, pad_batches: bool = False,
+                    tracker: torch.nn.Module | None = None) -> torch.nn.Module:
     """GPU-ready options, in place: ``compile`` compiles the vision encoder's forward (``nn.Module.compile``: the
     ViT + FPN neck, the bulk of the FLOPs, whose only input is (N, 3, S, S); the module, its weights and hooks stay
     as they are; a second batch size recompiles, as dynamic, which can take longer than the first compilation).
     With ``pad_batches`` as well, a ``MedSAM3Net`` pads a smaller batch of images to the size of its first batch
     (its ``vision_batch``: a folder's or a volume's last, partial batch), so the encoder compiles once.
     ``channels_last`` stores the 4D conv weights channels-last (patch embedding, FPN neck, pixel decoder; cuDNN's
-    bf16 kernels prefer NHWC). Returns the network."""
+    bf16 kernels prefer NHWC). With ``compile``, a ``tracker`` given is compiled too (:func:`compile_tracker`).
+    Returns the network."""
     sam3 = getattr(network, "sam3", network)
     if channels_last:
         network.to(memory_format=torch.channels_last)
@@ -217,4 +245,6 @@ def compile_network(network: torch.nn.Module, *, compile: bool = False, channels
         sam3.vision_encoder.compile(mode=mode)
         if pad_batches:
             network.vision_batch = "first"
+        if tracker is not None:
+            compile_tracker(tracker, mode)
     return network

@@ -307,6 +307,7 @@ class Predictor:
         self.checkpoint = str(checkpoint)
         self._tracker_spec = tracker
         self._tracker: tuple[Any, str] | None = None
+        self._compile_mode: tuple[str | None] | None = None  # (mode,) once compile() was called
         self.ct_window = ct_window
         self.progress = bool(progress)
         self.max_pixels = max_pixels
@@ -336,14 +337,31 @@ class Predictor:
                         **kwargs: Any) -> Predictor:
         return cls(load_network(checkpoint, image_size, device, detector_chunk), checkpoint=checkpoint, **kwargs)
 
+    def compile(self, mode: str | None = None) -> Predictor:
+        """``torch.compile`` for a run over many inputs (``medsam3 segment --compile``), in place: the network's
+        vision encoder now, a smaller batch padded to the first one's size (``inferers.batch.compile_network``), and
+        the tracker's per-slice modules (``inferers.batch.compile_tracker``) once it is built, at the first volume.
+        Each compiles at its first use. Returns the predictor."""
+        from .batch import compile_network, compile_tracker
+
+        compile_network(self.network, compile=True, mode=mode, pad_batches=True)
+        self._compile_mode = (mode,)
+        if self._tracker is not None and self._tracker[0] is not None:
+            compile_tracker(self._tracker[0], mode)
+        return self
+
     def tracker(self) -> tuple[Any, str]:
-        """(tracker, description), built once on first use."""
+        """(tracker, description), built once on first use (and compiled after :meth:`compile`)."""
         if self._tracker is None:
             spec = self._tracker_spec
             if spec is None or isinstance(spec, str):
                 self._tracker = resolve_tracker(spec, self.checkpoint, self.network, described=True)
             else:
                 self._tracker = (spec, type(spec).__name__)
+            if self._compile_mode is not None and self._tracker[0] is not None:
+                from .batch import compile_tracker
+
+                compile_tracker(self._tracker[0], self._compile_mode[0])
         return self._tracker
 
     def check_prompts(self, prompts: Sequence[str] | str) -> list[str]:

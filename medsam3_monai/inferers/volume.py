@@ -224,7 +224,9 @@ class _TrackerFeatures:
 
     def _store(self, feats: list[torch.Tensor], positions: list[torch.Tensor], start: int) -> None:
         for i in range(feats[0].shape[1]):
-            self.frames[start + i] = [f[:, i : i + 1].contiguous() for f in feats]
+            # (HW, 1, C) with the same strides whatever the batch (a batch of one slice would keep its permuted
+            # strides, and a compiled tracker guards on them: it would recompile)
+            self.frames[start + i] = [f[:, i].contiguous().unsqueeze(1) for f in feats]
         if self.positions is None:  # sine encodings depend on the grid only: one copy for all slices
             self.positions = [p[:, :1].contiguous() for p in positions]
 
