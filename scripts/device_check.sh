@@ -7,7 +7,7 @@
 #
 #   bash scripts/device_wheels.sh                 # here, once: the wheels into .whl/
 #   bash scripts/device_check.sh                  # there (the device tool: carry [".whl"])
-#   ONLY="forward_compiled train_compiled volume_profile" bash scripts/device_check.sh   # chosen parts only
+#   ONLY="volume_compiled forward_compiled" PART_TIMEOUT=400 bash scripts/device_check.sh   # chosen parts only
 #
 # Each part of the benchmark stops after PART_TIMEOUT seconds (default 240: an error entry, the next part runs).
 # Results go to $OUT (or RESULTS_DIR, default ./device_results): gpu.json (bench_gpu.sh's JSON), gpu_tests.log
@@ -52,6 +52,7 @@ for profile in "$LOGS"/*_profile.txt; do
 done >"$RESULTS/profiles.txt"
 
 "$PY" -m pytest -q -p no:cacheprovider -rs tests/test_boundary_merge.py tests/test_training_step.py \
+    tests/test_network_forward.py::test_the_decoder_reads_the_grid_size_from_a_host_tensor \
     >"$RESULTS/gpu_tests.log" 2>&1
 tests=$?
 if grep -q "needs a CUDA device" "$RESULTS/gpu_tests.log"; then

@@ -70,6 +70,27 @@ def test_last_layer_equals_sam3model_forward_text_and_box(tiny_net, tiny_images)
     assert not torch.equal(ours.pred_logits, text_only.pred_logits), "the box prompt must change the result"
 
 
+@pytest.mark.parametrize("device", ["cpu", pytest.param("cuda", marks=pytest.mark.skipif(
+    not torch.cuda.is_available(), reason="needs a CUDA device"))])
+def test_the_decoder_reads_the_grid_size_from_a_host_tensor(device, tiny_images):
+    """The DETR decoder turns the feature grid's height and width into numbers (``.item()``, its box position bias):
+    it is given the grid's shape as a host tensor, the values of the encoder's own (which lives on the network's
+    device, where each read would synchronise the host with the device)."""
+    net = MedSAM3Net("tiny").eval().to(device)
+    seen = {}
+    hooks = [net.sam3.detr_decoder.register_forward_pre_hook(lambda m, a, kw: seen.update(decoder=kw["spatial_shapes"]),
+                                                             with_kwargs=True),
+             net.sam3.detr_encoder.register_forward_hook(lambda m, a, out: seen.update(encoder=out.spatial_shapes))]
+    try:
+        with torch.no_grad():
+            net(tiny_images.to(device), PROMPTS)
+    finally:
+        for hook in hooks:
+            hook.remove()
+    assert seen["decoder"].device.type == "cpu" and seen["encoder"].device.type == device
+    assert torch.equal(seen["decoder"], seen["encoder"].cpu())
+
+
 def out_reference_boxes(net, images):
     """Each decoder layer's starting reference boxes, from transformers' forward on the official prompt."""
     with torch.no_grad():

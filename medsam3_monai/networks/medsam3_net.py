@@ -430,7 +430,9 @@ class MedSAM3Net(nn.Module):
             text_features=encoder.text_features,
             vision_pos_encoding=encoder.pos_embeds_flattened,
             text_mask=prompt_mask,
-            spatial_shapes=encoder.spatial_shapes,
+            # the decoder reads the grid's height and width as numbers (its box position bias): read from a host
+            # tensor they cost no device synchronisation (the encoder's copy lives on the device)
+            spatial_shapes=torch.tensor([tuple(fpn_features[-1].shape[-2:])], dtype=torch.long),
         )
         if self.training and self.dac:
             with dac_decoder(sam3.detr_decoder) as num_queries:
