@@ -13,7 +13,8 @@ go through the real iteration: ``PrepareFindBatch`` (normalised on the device), 
 
 ``train_step_tflop``: the FLOPs of one training step, counted by ``torch.utils.flop_counter``; on CUDA also the model
 FLOPs utilisation: those FLOPs divided by the step time and the GPU's dense bf16 peak (``--peak-tflops``, 989 for
-an H100 SXM).
+an H100 SXM). ``operators_per_step``: the operators an eager step dispatches in its forward, criterion and backward
+(on a GPU, about its kernel launches: what bounds a step of small kernels).
 """
 
 from __future__ import annotations
@@ -94,6 +95,7 @@ def main(argv: list[str] | None = None) -> dict:
     optimizer = build_optimizer(network)
     batch = synthetic_batch(args.batch, size, args.instances)
     flops = step_flops(network, batch, device, not args.no_bf16)  # counted eagerly, before any compilation
+    operators = step_operators(network, batch, device, not args.no_bf16)
     if args.compile:
         from medsam3_monai.inferers.batch import compile_network
 
@@ -133,6 +135,7 @@ def main(argv: list[str] | None = None) -> dict:
     if device.type == "cuda":
         result["peak_gpu_memory_gb"] = round(torch.cuda.max_memory_allocated(device) / 2**30, 3)
     result["train_step_tflop"] = round(flops / 1e12, 6)
+    result["operators_per_step"] = operators  # eager, one step without the optimiser
     if device.type == "cuda":
         result["mfu"] = round(flops / median / (args.peak_tflops * 1e12), 4)
     if args.profile:  # one more step, its operators by device time
@@ -158,6 +161,34 @@ def step_flops(network: torch.nn.Module, batch: dict, device: torch.device, bf16
         terms["loss"].backward()
     network.zero_grad(set_to_none=True)
     return counter.get_total_flops()
+
+
+def step_operators(network: torch.nn.Module, batch: dict, device: torch.device, bf16: bool) -> dict[str, int]:
+    """The operators one eager training step on ``batch`` dispatches -- on a GPU, roughly its kernel launches, which
+    bound a step whose kernels are small (``bench_gpu.sh``'s profiles) -- in the forward, the set-prediction
+    criterion and the backward (the optimiser's step aside)."""
+    from torch.utils._python_dispatch import TorchDispatchMode
+
+    class Count(TorchDispatchMode):
+        def __init__(self) -> None:
+            super().__init__()
+            self.calls = 0
+
+        def __torch_dispatch__(self, func, types, args=(), kwargs=None):
+            self.calls += 1
+            return func(*args, **(kwargs or {}))
+
+    images, targets, _, kwargs = PrepareFindBatch()(batch, device)
+    with Count() as forward:
+        with trainer_autocast(device, bf16):
+            outputs = network(images, **kwargs)
+    with Count() as criterion:
+        terms = SetCriterion()(outputs, targets)
+    with Count() as backward:
+        terms["loss"].backward()
+    network.zero_grad(set_to_none=True)
+    counts = {"forward": forward.calls, "criterion": criterion.calls, "backward": backward.calls}
+    return counts | {"total": sum(counts.values())}
 
 
 if __name__ == "__main__":

@@ -98,4 +98,6 @@ def test_the_training_part_counts_the_step(checkpointing: bool, tmp_path):
     assert result["config"] == "tiny" and result["gradient_checkpointing"] is checkpointing
     assert result["step_s_median"] > 0 and result["images_per_s"] > 0
     assert result["train_step_tflop"] > 0  # the FLOPs the GPU run turns into MFU (CUDA only: no "mfu" here)
+    operators = result["operators_per_step"]  # an eager step's dispatched operators (kernel launches on a GPU)
+    assert min(operators.values()) > 0 and operators["total"] == sum(v for k, v in operators.items() if k != "total")
     assert "mfu" not in result

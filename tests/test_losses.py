@@ -292,3 +292,80 @@ def test_aux_layers_get_box_and_class_terms(tiny_images):
     assert "loss_mask_aux0" not in terms, "instance masks are supervised on the last layer only"
     terms["loss"].backward()
     assert net.sam3.detr_decoder.query_embed.weight.grad.abs().sum() > 0
+
+
+def test_the_matchers_match_several_layers_at_once_as_layer_by_layer():
+    """(L, B, Q) predictions: one call, find-query b of layer l on row l * B + b, the pairs of L separate calls;
+    the Hungarian pairs in row order, min(n, Q) per row."""
+    from medsam3_monai.losses.matchers import pairs_per_row
+
+    out = _single_layer_output(q=6, layers=3)
+    targets = FindTargets.from_instances([torch.tensor([[0.45, 0.5, 0.3, 0.3], [0.55, 0.45, 0.2, 0.3]]),
+                                          torch.zeros(0, 4), torch.tensor([[0.3, 0.3, 0.2, 0.2]])])
+    logits = torch.cat([out.all_pred_logits, out.all_pred_logits[:, :1]], 1)  # (3 layers, B = 3, Q = 6)
+    boxes = torch.cat([out.all_pred_boxes_cxcywh, out.all_pred_boxes_cxcywh[:, :1]], 1)
+    def pairs(matches: Matches) -> list:
+        return sorted(zip(matches.batch_idx.tolist(), matches.query_idx.tolist(), matches.target_idx.tolist()))
+
+    for matcher in (HungarianMatcher(), OneToManyMatcher(threshold=0.0)):
+        together = matcher(logits, boxes, targets)
+        apart = Matches.stacked([matcher(logits[layer], boxes[layer], targets) for layer in range(3)], [3, 3, 3])
+        assert len(together) > 3 and pairs(together) == pairs(apart)
+    hungarian = HungarianMatcher()(logits, boxes, targets)
+    assert hungarian.batch_idx.tolist() == sorted(hungarian.batch_idx.tolist())
+    assert pairs_per_row(targets, 6) == [2, 0, 1] and len(hungarian) == 3 * 3
+    last = hungarian.tail(3, first_row=6)
+    reference = HungarianMatcher()(logits[2], boxes[2], targets)
+    assert torch.equal(last.batch_idx, reference.batch_idx) and torch.equal(last.query_idx, reference.query_idx)
+    assert torch.equal(last.target_idx, reference.target_idx)
+
+
+def test_every_layer_scored_together_equals_layer_by_layer():
+    """The criterion scores all decoder layers of a query set at once: each term is the one of that layer alone --
+    its own matches (Hungarian; one-to-many on the last one-to-many layer), classification_terms, box_terms and
+    mask_terms -- as SAM3's loss computes it layer by layer."""
+    out = _single_layer_output(q=6, layers=3)
+    targets = _two_targets()
+    criterion = _criterion()
+    terms = criterion(out, targets)
+    num = torch.tensor(2.0)
+    o2m = out.one_to_many
+    for layer in range(3):
+        suffix = "" if layer == 2 else f"_aux{layer}"
+        for branch, logits, cxcywh, xyxy, presence in (
+                ("", out.all_pred_logits, out.all_pred_boxes_cxcywh, out.all_pred_boxes, out.all_presence_logits),
+                ("_o2m", o2m.all_pred_logits, o2m.all_pred_boxes_cxcywh, o2m.all_pred_boxes, None)):
+            matcher = criterion.o2m_matcher if branch and layer == 2 else criterion.matcher
+            matches = matcher(logits[layer], cxcywh[layer], targets)
+            expected = criterion.classification_terms(logits[layer], xyxy[layer],
+                                                      None if presence is None else presence[layer], targets, matches)
+            expected |= criterion.box_terms(cxcywh[layer], xyxy[layer], targets, matches, num)
+            if layer == 2:
+                masks = o2m.pred_masks if branch else out.pred_masks
+                expected |= criterion.mask_terms(masks, targets, matches, num)
+            for name, value in expected.items():
+                assert terms[f"{name}{suffix}{branch}"].item() == pytest.approx(value.item(), rel=1e-6, abs=1e-9), \
+                    f"{name}{suffix}{branch}"
+    assert len([name for name in terms if "_aux" in name]) == 2 * (4 + 3)  # two aux layers, both query sets
+
+
+def test_the_criterion_launches_as_many_operators_for_six_decoder_layers_as_for_two():
+    """Layers are scored together: SAM3's six decoder layers cost the criterion no more operators (kernel launches
+    on a GPU) than two; layer by layer, each layer added about 600."""
+    from torch.utils._python_dispatch import TorchDispatchMode
+
+    class Count(TorchDispatchMode):
+        calls = 0
+
+        def __torch_dispatch__(self, func, types, args=(), kwargs=None):
+            Count.calls += 1
+            return func(*args, **(kwargs or {}))
+
+    counts = []
+    for layers in (2, 6):
+        out, targets = _single_layer_output(q=6, layers=layers), _two_targets()
+        Count.calls = 0
+        with Count():
+            _criterion()(out, targets)
+        counts.append(Count.calls)
+    assert counts[1] - counts[0] <= 10, counts

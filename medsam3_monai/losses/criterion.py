@@ -18,7 +18,7 @@ from torch import nn
 from ..boxes import elementwise_giou, elementwise_iou
 from ..networks.outputs import MedSAM3Output, upsample_logits
 from .functional import dice_loss_per_row, sigmoid_focal_loss
-from .matchers import HungarianMatcher, Matches, OneToManyMatcher
+from .matchers import HungarianMatcher, Matches, OneToManyMatcher, pairs_per_row
 from .targets import FindTargets
 
 
@@ -113,15 +113,17 @@ class SetCriterion(nn.Module):
         return num.clamp(min=1)
 
     # ------------------------------------------------------------------ terms
-    def classification_terms(
+    def _classification_rows(
         self,
         logits: torch.Tensor,
         boxes_xyxy: torch.Tensor,
         presence_logits: torch.Tensor | None,
+        has_target: torch.Tensor,
         targets: FindTargets,
         matches: Matches,
-    ) -> dict[str, torch.Tensor]:
-        """``loss_ce`` and (when presence logits are given) ``presence_loss`` for logits (B, Q)."""
+    ) -> tuple[torch.Tensor, torch.Tensor | None]:
+        """Per find-query row of logits (R, Q), boxes (R, Q, 4) and presence logits (R,): the classification loss
+        summed over the queries (R,) and the presence focal loss (R,) (None without presence logits)."""
         s = self.settings
         logits, boxes_xyxy = logits.float(), boxes_xyxy.float()
         prob = logits.sigmoid()
@@ -137,28 +139,70 @@ class SetCriterion(nn.Module):
             soft_targets.view(-1)[flat[last]] = soft[last].to(soft_targets.dtype)
         positive = F.binary_cross_entropy_with_logits(logits, soft_targets, reduction="none") * is_matched * s.pos_weight
         negative = F.binary_cross_entropy_with_logits(logits, is_matched, reduction="none") * (1 - is_matched)
-        loss = positive + negative * prob**s.negative_gamma
-        has_target = targets.has_target().to(loss.dtype)
-        loss = loss * has_target[:, None]
-        batch, num_queries = loss.shape
-        if num_queries < s.pad_num_queries:
-            loss_ce = loss.sum() / (s.pad_num_queries * batch)
-        else:
-            loss_ce = loss.mean()
-        terms = {"loss_ce": loss_ce}
-        if presence_logits is not None:
-            focal = sigmoid_focal_loss(presence_logits.reshape(-1).float(), has_target.float(), s.presence_alpha, s.presence_gamma)
-            terms["presence_loss"] = focal.sum() / batch
+        loss = (positive + negative * prob**s.negative_gamma).sum(1) * has_target.to(logits.dtype)
+        if presence_logits is None:
+            return loss, None
+        presence = sigmoid_focal_loss(presence_logits.reshape(-1).float(), has_target.float(), s.presence_alpha,
+                                      s.presence_gamma)
+        return loss, presence
+
+    def classification_terms(
+        self,
+        logits: torch.Tensor,
+        boxes_xyxy: torch.Tensor,
+        presence_logits: torch.Tensor | None,
+        targets: FindTargets,
+        matches: Matches,
+    ) -> dict[str, torch.Tensor]:
+        """``loss_ce`` and (when presence logits are given) ``presence_loss`` for logits (B, Q)."""
+        rows, presence = self._classification_rows(logits, boxes_xyxy, presence_logits, targets.has_target(), targets,
+                                                   matches)
+        batch, num_queries = logits.shape
+        terms = {"loss_ce": rows.sum() / (max(num_queries, self.settings.pad_num_queries) * batch)}
+        if presence is not None:
+            terms["presence_loss"] = presence.sum() / batch
         return terms
+
+    @staticmethod
+    def _box_pairs(boxes_cxcywh: torch.Tensor, boxes_xyxy: torch.Tensor, targets: FindTargets, matches: Matches
+                   ) -> tuple[torch.Tensor, torch.Tensor]:
+        """Per matched pair of boxes (R, Q, 4): the L1 distance (cxcywh, summed over the four numbers) and
+        1 - GIoU (xyxy), each (K,)."""
+        b, q, t = matches.batch_idx, matches.query_idx, matches.target_idx
+        l1 = F.l1_loss(boxes_cxcywh[b, q].float(), targets.boxes[t].float(), reduction="none").sum(-1)
+        giou = 1 - elementwise_giou(boxes_xyxy[b, q].float(), targets.boxes_xyxy[t].float())
+        return l1, giou
 
     @staticmethod
     def box_terms(boxes_cxcywh: torch.Tensor, boxes_xyxy: torch.Tensor, targets: FindTargets, matches: Matches,
                   num: torch.Tensor) -> dict[str, torch.Tensor]:
         """``loss_bbox`` (L1 cxcywh) and ``loss_giou`` over matched pairs, each summed / N."""
-        b, q, t = matches.batch_idx, matches.query_idx, matches.target_idx
-        l1 = F.l1_loss(boxes_cxcywh[b, q].float(), targets.boxes[t].float(), reduction="none")
-        giou = 1 - elementwise_giou(boxes_xyxy[b, q].float(), targets.boxes_xyxy[t].float())
+        l1, giou = SetCriterion._box_pairs(boxes_cxcywh, boxes_xyxy, targets, matches)
         return {"loss_bbox": l1.sum() / num, "loss_giou": giou.sum() / num}
+
+    def layer_terms(self, logits: torch.Tensor, boxes_cxcywh: torch.Tensor, boxes_xyxy: torch.Tensor,
+                    presence_logits: torch.Tensor | None, has_target: torch.Tensor, targets: FindTargets,
+                    matches: Matches, num: torch.Tensor) -> dict[str, torch.Tensor]:
+        """:meth:`classification_terms` and :meth:`box_terms` of L decoder layers at once: logits (L, B, Q), boxes
+        (L, B, Q, 4), presence logits (L, B, 1) or None, ``has_target`` (B,), ``matches`` over rows ``l * B + b``;
+        each term as an (L,) tensor, one value per layer (the same numbers as layer by layer, in a few operations
+        for all layers: a training step launches fewer kernels)."""
+        layers, batch, num_queries = logits.shape
+        rows, presence = self._classification_rows(
+            logits.reshape(layers * batch, num_queries), boxes_xyxy.reshape(layers * batch, num_queries, 4),
+            None if presence_logits is None else presence_logits.reshape(-1), has_target.repeat(layers), targets,
+            matches)
+        padded_queries = max(num_queries, self.settings.pad_num_queries)
+        terms = {"loss_ce": rows.view(layers, batch).sum(1) / (padded_queries * batch)}
+        if presence is not None:
+            terms["presence_loss"] = presence.view(layers, batch).sum(1) / batch
+        l1, giou = self._box_pairs(boxes_cxcywh.reshape(layers * batch, num_queries, 4),
+                                   boxes_xyxy.reshape(layers * batch, num_queries, 4), targets, matches)
+        layer = torch.div(matches.batch_idx, batch, rounding_mode="floor")
+        pairs = torch.stack([l1, giou])  # (2, K)
+        sums = pairs.new_zeros(2, layers).index_add_(1, layer, pairs) / num
+        terms["loss_bbox"], terms["loss_giou"] = sums.unbind(0)
+        return terms
 
     def mask_terms(self, pred_masks: torch.Tensor, targets: FindTargets, matches: Matches,
                    num: torch.Tensor) -> dict[str, torch.Tensor]:
@@ -189,79 +233,80 @@ class SetCriterion(nn.Module):
             "loss_semantic_presence": logits.new_zeros(()),
         }
 
-    def _find_terms(self, logits: torch.Tensor, boxes_cxcywh: torch.Tensor, boxes_xyxy: torch.Tensor,
-                    presence_logits: torch.Tensor | None, pred_masks: torch.Tensor | None, targets: FindTargets,
-                    matches: Matches, num: torch.Tensor) -> dict[str, torch.Tensor]:
-        """Classification (+ presence), box and (when ``pred_masks`` is given) mask terms of one query set."""
-        terms = self.classification_terms(logits, boxes_xyxy, presence_logits, targets, matches)
-        terms |= self.box_terms(boxes_cxcywh, boxes_xyxy, targets, matches, num)
-        if pred_masks is not None:
-            terms |= self.mask_terms(pred_masks, targets, matches, num)
-        return terms
-
     # ------------------------------------------------------------------ forward
     def _weighted(self, terms: dict[str, torch.Tensor], scale: float = 1.0) -> torch.Tensor:
+        """The weighted sum of ``terms`` (each a number, or one per layer: summed), times ``scale``."""
         w = self.weights
         weight_of = {
             "loss_ce": w.ce, "presence_loss": w.presence, "loss_bbox": w.bbox, "loss_giou": w.giou,
             "loss_mask": w.mask, "loss_dice": w.dice, "loss_semantic_seg": w.semantic_seg,
             "loss_semantic_dice": w.semantic_dice, "loss_semantic_presence": w.semantic_presence,
         }
-        return sum(weight_of[k] * v for k, v in terms.items()) * scale
+        return sum(weight_of[k] * (v if v.ndim == 0 else v.sum()) for k, v in terms.items()) * scale
 
     def forward(self, outputs: MedSAM3Output, targets: FindTargets) -> dict[str, torch.Tensor]:
-        """All terms (unweighted, per layer and branch) plus ``loss``, the weighted total to back-propagate."""
+        """All terms (unweighted, per layer and branch) plus ``loss``, the weighted total to back-propagate.
+
+        Every layer's classification and box terms of a query set are computed together (:meth:`layer_terms`), and
+        the one-to-one queries of every layer are matched with one cost matrix (one copy to the host)."""
         s = self.settings
         targets = targets.to(outputs.all_pred_logits.device)
         if targets.batch_size != outputs.all_pred_logits.shape[1]:
             raise ValueError(f"{targets.batch_size} targets for {outputs.all_pred_logits.shape[1]} find-queries")
         num = self.num_instances(targets)
-        num_layers = outputs.num_layers
+        num_layers, batch = outputs.num_layers, targets.batch_size
+        has_target = targets.has_target()
+        with_instance_masks = s.instance_masks and targets.masks is not None
         terms: dict[str, torch.Tensor] = {}
-        total = outputs.all_pred_logits.new_zeros((), dtype=torch.float32)
-        with_masks = targets.masks is not None
-        for layer in range(num_layers):
-            last = layer == num_layers - 1
-            suffix = "" if last else f"_aux{layer}"
-            with_instance_masks = last and s.instance_masks and with_masks
-            logits, cxcywh = outputs.all_pred_logits[layer], outputs.all_pred_boxes_cxcywh[layer]
-            o2o = self.matcher(logits, cxcywh, targets)
-            layer_terms = self._find_terms(
-                logits, cxcywh, outputs.all_pred_boxes[layer], outputs.all_presence_logits[layer],
-                outputs.pred_masks if with_instance_masks else None, targets, o2o, num,
-            )
-            total = total + self._weighted(layer_terms)
-            terms |= {f"{k}{suffix}": v.detach() for k, v in layer_terms.items()}
-
-            o2m_matches = self._o2m_matches(last, outputs, layer, targets)
-            if o2m_matches is not None:
-                o2m = outputs.one_to_many
-                o2m_terms = self._find_terms(
-                    o2m.all_pred_logits[layer], o2m.all_pred_boxes_cxcywh[layer], o2m.all_pred_boxes[layer], None,
-                    o2m.pred_masks if with_instance_masks and s.o2m_masks else None, targets, o2m_matches, num,
-                )
-                total = total + self._weighted(o2m_terms, self.weights.o2m)
-                terms |= {f"{k}{suffix}_o2m": v.detach() for k, v in o2m_terms.items()}
-        if s.semantic and with_masks:
+        last = num_layers - 1
+        # one-to-one queries: Hungarian on every layer
+        logits, cxcywh = outputs.all_pred_logits, outputs.all_pred_boxes_cxcywh
+        matches = self.matcher(logits, cxcywh, targets)
+        last_matches = matches.tail(sum(pairs_per_row(targets, logits.shape[-1])), last * batch)
+        layered = self.layer_terms(logits, cxcywh, outputs.all_pred_boxes, outputs.all_presence_logits, has_target,
+                                   targets, matches, num)
+        masks = self.mask_terms(outputs.pred_masks, targets, last_matches, num) if with_instance_masks else {}
+        total = self._weighted(layered) + self._weighted(masks)
+        terms |= self._per_layer(layered, masks, range(num_layers), "")
+        # one-to-many queries (training forwards): the last layer matched one-to-many, the others by o2m_aux_matcher
+        o2m = outputs.one_to_many
+        if s.one_to_many and o2m is not None:
+            first = last if s.o2m_aux_matcher == "none" else 0
+            aux_matcher = self.o2m_matcher if s.o2m_aux_matcher == "one_to_many" else self.matcher
+            logits, cxcywh = o2m.all_pred_logits, o2m.all_pred_boxes_cxcywh
+            last_matches = self.o2m_matcher(logits[last], cxcywh[last], targets)
+            aux = slice(first, last)
+            matches = Matches.stacked([aux_matcher(logits[aux], cxcywh[aux], targets), last_matches],
+                                      [(last - first) * batch, batch]) if last > first else last_matches
+            layers = slice(first, num_layers)
+            layered = self.layer_terms(logits[layers], cxcywh[layers], o2m.all_pred_boxes[layers], None, has_target,
+                                       targets, matches, num)
+            masks = (self.mask_terms(o2m.pred_masks, targets, last_matches, num)
+                     if with_instance_masks and s.o2m_masks else {})
+            total = total + self._weighted(layered, self.weights.o2m) + self._weighted(masks, self.weights.o2m)
+            terms |= self._per_layer(layered, masks, range(first, num_layers), "_o2m")
+        if s.semantic and targets.masks is not None:
             semantic = self.semantic_terms(outputs.semantic_seg, targets)
             total = total + self._weighted(semantic)
             terms |= {k: v.detach() for k, v in semantic.items()}
         if s.scale_by_find_batch_size:
-            total = total * targets.batch_size**0.5
+            total = total * batch**0.5
         terms["num_instances"] = num.detach()
         terms["loss"] = total
         return terms
 
-    def _o2m_matches(self, last: bool, outputs: MedSAM3Output, layer: int, targets: FindTargets) -> Matches | None:
-        """Matches of the one-to-many queries on ``layer``, or None when that branch is not scored."""
-        s = self.settings
-        o2m = outputs.one_to_many
-        if not s.one_to_many or o2m is None or (not last and s.o2m_aux_matcher == "none"):
-            return None
-        logits, boxes = o2m.all_pred_logits[layer], o2m.all_pred_boxes_cxcywh[layer]
-        if last or s.o2m_aux_matcher == "one_to_many":
-            return self.o2m_matcher(logits, boxes, targets)
-        return self.matcher(logits, boxes, targets)
+    @staticmethod
+    def _per_layer(layered: dict[str, torch.Tensor], last_layer: dict[str, torch.Tensor], layers: range, branch: str
+                   ) -> dict[str, torch.Tensor]:
+        """Reported (detached) terms: ``name_aux{l}`` + ``branch`` for the auxiliary layers' values of ``layered``
+        ((len(layers),) each, ``layers`` ending with the last decoder layer), ``name`` + ``branch`` for the last
+        layer's and for ``last_layer``'s."""
+        last = layers.stop - 1
+        out = {}
+        for name, values in layered.items():
+            for layer, value in zip(layers, values.detach().unbind(0)):
+                out[f"{name}{'' if layer == last else f'_aux{layer}'}{branch}"] = value
+        return out | {f"{name}{branch}": value.detach() for name, value in last_layer.items()}
 
     def config(self) -> dict:
         """Every weight and switch, for logging as run parameters."""

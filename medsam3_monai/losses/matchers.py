@@ -1,6 +1,7 @@
 """Query-to-target matchers of SAM3 training: one-to-one Hungarian and one-to-many (DAC-DETR style).
 
-Matches are triples (find-query b, object query q, packed target t), the layout of SAM3's training code.
+Matches are triples (find-query b, object query q, packed target t), the layout of SAM3's training code; both
+matchers also take several decoder layers at once, find-query b of layer l then being row ``l * B + b``.
 """
 
 from __future__ import annotations
@@ -32,6 +33,20 @@ class Matches:
         none = torch.zeros(0, dtype=torch.long, device=device)
         return cls(none, none.clone(), none.clone())
 
+    @classmethod
+    def stacked(cls, parts: "list[Matches]", rows: list[int]) -> "Matches":
+        """The matches of row blocks one after the other: part k's ``batch_idx`` moved past the ``rows`` of the
+        parts before it (e.g. the auxiliary layers' matches, then the last layer's)."""
+        starts = [sum(rows[:k]) for k in range(len(parts))]
+        return cls(torch.cat([part.batch_idx + start for part, start in zip(parts, starts)]),
+                   torch.cat([part.query_idx for part in parts]), torch.cat([part.target_idx for part in parts]))
+
+    def tail(self, count: int, first_row: int) -> "Matches":
+        """The last ``count`` pairs, their rows counted from ``first_row`` (e.g. the last layer's Hungarian matches
+        of a several-layer call, whose pairs come in row order)."""
+        start = len(self) - count
+        return Matches(self.batch_idx[start:] - first_row, self.query_idx[start:], self.target_idx[start:])
+
 
 class HungarianMatcher:
     """One-to-one matching per find-query by scipy's ``linear_sum_assignment``.
@@ -62,24 +77,45 @@ class HungarianMatcher:
 
     @torch.no_grad()
     def __call__(self, logits: torch.Tensor, boxes: torch.Tensor, targets: FindTargets) -> Matches:
-        """Match logits (B, Q) and boxes (B, Q, 4) cxcywh to ``targets``."""
+        """Match logits (B, Q) and boxes (B, Q, 4) cxcywh to ``targets``; or several decoder layers' at once,
+        (L, B, Q) and (L, B, Q, 4): one cost matrix and one copy to the host for all of them, find-query b of
+        layer l being row ``l * B + b`` of the matches' ``batch_idx``. The pairs come in row order, min(n, Q) for
+        a row whose find-query has n targets (:func:`pairs_per_row`)."""
         device = logits.device
+        rows, row_boxes, repeats = _rows(logits, boxes, targets)
         if targets.boxes.shape[0] == 0:
             return Matches.empty(device)
         padded, _ = targets.padded()
-        cost = self.cost_matrix(logits, boxes, padded.to(device)).cpu().numpy()
-        counts = targets.num_boxes.tolist()
-        offsets = targets.offsets().tolist()
+        cost = self.cost_matrix(rows, row_boxes, padded.to(device).repeat(repeats, 1, 1)).cpu().numpy()
+        counts = targets.num_boxes.tolist() * repeats
+        offsets = targets.offsets().tolist() * repeats
         batch, queries, target = [], [], []
-        for b, n in enumerate(counts):
+        for row, n in enumerate(counts):
             if n == 0:
                 continue
-            rows, cols = linear_sum_assignment(cost[b, :, :n])
-            batch.append(np.full(len(rows), b))
-            queries.append(rows)
-            target.append(cols + offsets[b])
+            matched_queries, cols = linear_sum_assignment(cost[row, :, :n])
+            batch.append(np.full(len(matched_queries), row))
+            queries.append(matched_queries)
+            target.append(cols + offsets[row])
+        if not batch:
+            return Matches.empty(device)
         as_long = lambda parts: torch.as_tensor(np.concatenate(parts), dtype=torch.long, device=device)  # noqa: E731
         return Matches(as_long(batch), as_long(queries), as_long(target))
+
+
+def pairs_per_row(targets: FindTargets, num_queries: int) -> list[int]:
+    """The number of Hungarian pairs of each find-query: min(n, Q) for n targets and Q queries."""
+    return [min(n, num_queries) for n in targets.num_boxes.tolist()]
+
+
+def _rows(logits: torch.Tensor, boxes: torch.Tensor, targets: FindTargets) -> tuple[torch.Tensor, torch.Tensor, int]:
+    """(..., B, Q) logits and (..., B, Q, 4) boxes -> (R, Q) and (R, Q, 4) rows, R = repeats x B find-queries."""
+    num_queries, batch = logits.shape[-1], targets.batch_size
+    rows, row_boxes = logits.reshape(-1, num_queries), boxes.reshape(-1, num_queries, 4)
+    if logits.shape[-2] != batch or row_boxes.shape[0] != rows.shape[0]:
+        raise ValueError(f"predictions {tuple(logits.shape)} and boxes {tuple(boxes.shape)} do not fit "
+                         f"{batch} find-queries")
+    return rows, row_boxes, rows.shape[0] // batch
 
 
 class OneToManyMatcher:
@@ -91,17 +127,20 @@ class OneToManyMatcher:
 
     @torch.no_grad()
     def __call__(self, logits: torch.Tensor, boxes: torch.Tensor, targets: FindTargets) -> Matches:
+        """Match logits (B, Q) and boxes (B, Q, 4) cxcywh, or (L, B, Q) and (L, B, Q, 4) of several layers at once
+        (find-query b of layer l: row ``l * B + b``), to ``targets``."""
         device = logits.device
+        rows, row_boxes, repeats = _rows(logits, boxes, targets)
         padded, valid = targets.padded()
         if padded.shape[1] == 0:
             return Matches.empty(device)
-        padded, valid = padded.to(device), valid.to(device)
-        num_queries = logits.shape[1]
-        iou, _ = pairwise_iou(cxcywh_to_xyxy(boxes.float()), cxcywh_to_xyxy(padded.float()))
-        score = self.alpha * logits.float().sigmoid()[..., None] + (1 - self.alpha) * iou
+        padded, valid = padded.to(device).repeat(repeats, 1, 1), valid.to(device).repeat(repeats, 1)
+        num_queries = rows.shape[1]
+        iou, _ = pairwise_iou(cxcywh_to_xyxy(row_boxes.float()), cxcywh_to_xyxy(padded.float()))
+        score = self.alpha * rows.float().sigmoid()[..., None] + (1 - self.alpha) * iou
         score = torch.where(valid[:, None, :], score, torch.full_like(score, -1e9))
         level = max(0.0, 1 - self.topk / num_queries)  # fewer queries than topk: every query is a candidate
         quantile = torch.quantile(score, level, dim=1, keepdim=True)
         matched = (score > quantile) & (score > self.threshold) & valid[:, None, :]
         batch, query, slot = torch.nonzero(matched, as_tuple=True)
-        return Matches(batch, query, slot + targets.offsets().to(device)[batch])
+        return Matches(batch, query, slot + targets.offsets().to(device).repeat(repeats)[batch])

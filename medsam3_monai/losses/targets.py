@@ -39,6 +39,7 @@ class FindTargets:
         if self.is_valid_mask is None:
             self.is_valid_mask = torch.ones(self.boxes.shape[0], dtype=torch.bool, device=self.boxes.device)
         self._dense: torch.Tensor | None = None
+        self._padded: tuple[torch.Tensor, torch.Tensor] | None = None
 
     @classmethod
     def from_instances(
@@ -71,18 +72,23 @@ class FindTargets:
 
     @property
     def image_index(self) -> torch.Tensor:
-        """(N,) find-query of each packed instance."""
-        return torch.repeat_interleave(torch.arange(self.batch_size, device=self.boxes.device), self.num_boxes)
+        """(N,) find-query of each packed instance (its size given: no host-device synchronisation)."""
+        return torch.repeat_interleave(torch.arange(self.batch_size, device=self.boxes.device), self.num_boxes,
+                                       output_size=self.boxes.shape[0])
 
     def padded(self) -> tuple[torch.Tensor, torch.Tensor]:
-        """Boxes (B, M, 4) with zero rows and validity (B, M), M = max instances per query (>= 1 column kept 0)."""
-        max_boxes = int(self.num_boxes.max()) if self.batch_size else 0
-        padded = self.boxes.new_zeros(self.batch_size, max_boxes, 4)
-        valid = torch.zeros(self.batch_size, max_boxes, dtype=torch.bool, device=self.boxes.device)
-        slot = torch.arange(self.boxes.shape[0], device=self.boxes.device) - self.offsets()[self.image_index]
-        padded[self.image_index, slot] = self.boxes
-        valid[self.image_index, slot] = True
-        return padded, valid
+        """Boxes (B, M, 4) with zero rows and validity (B, M), M = max instances per query (>= 1 column kept 0);
+        made once (every matcher call of a criterion step uses them): do not modify them."""
+        if self._padded is None:
+            max_boxes = int(self.num_boxes.max()) if self.batch_size else 0
+            padded = self.boxes.new_zeros(self.batch_size, max_boxes, 4)
+            valid = torch.zeros(self.batch_size, max_boxes, dtype=torch.bool, device=self.boxes.device)
+            image_index = self.image_index
+            slot = torch.arange(self.boxes.shape[0], device=self.boxes.device) - self.offsets()[image_index]
+            padded[image_index, slot] = self.boxes
+            valid[image_index, slot] = True
+            self._padded = (padded, valid)
+        return self._padded
 
     def offsets(self) -> torch.Tensor:
         """(B,) index of each query's first instance in the packed tensors."""
