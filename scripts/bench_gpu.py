@@ -295,6 +295,7 @@ def volume(args: argparse.Namespace) -> dict:
         "prompts": args.prompts,
         "autocast": args.autocast,
         "slice_batch": args.slice_batch,
+        "detector_chunk": network.detector_chunk,
         "compile": args.compile,
         "compile_s": compile_s,
         "score_threshold": args.score_threshold,

@@ -27,8 +27,9 @@
 #                      segment_volume with the full detector (32 slices per forward: `--batch-size 32`) + full
 #                      SAM3 tracker (random init), the way back;
 #                      seconds per part, case_s (goal <= 15 s) and slices/s            (scripts/bench_gpu.py)
-#   volume_compiled    the same CT with the vision encoder and the tracker's per-slice modules compiled (their
-#                      compilation in a warm-up on the first slices, compile_s, before the clock)        (extra)
+#   volume_compiled    the same CT as fast as `medsam3 segment` can go: the vision encoder and the tracker's
+#                      per-slice modules compiled (in a warm-up on the first slices, compile_s, before the clock),
+#                      32 find-queries per detector pass (one pass per slice batch, not two)    (extra)
 #   volume_profile     a 24-slice CT's operators by device time (detector + tracker)          (extra)
 # Operator profiles (the forward at its last batch, a training step, volume_profile) go to $LOG_DIR/*_profile.txt.
 # MFU uses model FLOPs: with gradient checkpointing the recomputed forward is not counted (the step's FLOPs are
@@ -140,7 +141,8 @@ run_part evaluate "$PY" scripts/bench_gpu.py evaluate --repeats "$EVAL_REPEATS"
 run_part forward_compiled "$PY" scripts/bench_gpu.py forward --batch 32 --compile "${FORWARD[@]}"
 run_part forward_chunk32 "$PY" scripts/bench_gpu.py forward --batch 32 --detector-chunk 32 "${FORWARD[@]}"
 run_part train_compiled "$PY" scripts/bench_train.py "${TRAIN[@]}" --compile
-run_part volume_compiled "$PY" scripts/bench_gpu.py volume --size 512 --depth 300 --slice-batch 32 --compile
+run_part volume_compiled "$PY" scripts/bench_gpu.py volume --size 512 --depth 300 --slice-batch 32 --compile \
+    --detector-chunk 32
 run_part volume_profile "$PY" scripts/bench_gpu.py volume --size 512 --depth 24 --slice-batch 8 \
     --profile "$LOG_DIR/volume_profile.txt"
 run_part forward_channels_last "$PY" scripts/bench_gpu.py forward --batch 8 --channels-last "${FORWARD[@]}"

@@ -75,7 +75,7 @@ def test_the_compiled_volume_part_compiles_before_the_clock(bench_gpu, monkeypat
         graphs = counters["stats"]["unique_graphs"]
     finally:
         torch._dynamo.reset()
-    assert result["compile"] is True and result["compile_s"] > 0
+    assert result["compile"] is True and result["compile_s"] > 0 and result["detector_chunk"] == 16
     assert after_warm_up == [graphs] and graphs >= 5  # the encoder and the tracker's four modules, all before
     assert result["seed_slices"] and all(0 <= s < 30 for s in result["seed_slices"])
 
