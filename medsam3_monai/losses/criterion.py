@@ -113,7 +113,7 @@ class SetCriterion(nn.Module):
         return num.clamp(min=1)
 
     # ------------------------------------------------------------------ terms
-    def _classification_rows(
+    def layer_classification_terms(
         self,
         logits: torch.Tensor,
         boxes_xyxy: torch.Tensor,
@@ -121,11 +121,15 @@ class SetCriterion(nn.Module):
         has_target: torch.Tensor,
         targets: FindTargets,
         matches: Matches,
-    ) -> tuple[torch.Tensor, torch.Tensor | None]:
-        """Per find-query row of logits (R, Q), boxes (R, Q, 4) and presence logits (R,): the classification loss
-        summed over the queries (R,) and the presence focal loss (R,) (None without presence logits)."""
+    ) -> dict[str, torch.Tensor]:
+        """``loss_ce`` and (when presence logits are given) ``presence_loss`` of L decoder layers at once, each (L,):
+        logits (L, B, Q), boxes (L, B, Q, 4), presence logits (L, B, 1) or None, ``has_target`` (B,), ``matches``
+        over rows ``l * B + b``."""
         s = self.settings
-        logits, boxes_xyxy = logits.float(), boxes_xyxy.float()
+        layers, batch, num_queries = logits.shape
+        logits = logits.reshape(layers * batch, num_queries).float()
+        boxes_xyxy = boxes_xyxy.reshape(layers * batch, num_queries, 4).float()
+        has_target = has_target.repeat(layers)
         prob = logits.sigmoid()
         b, q, t = matches.batch_idx, matches.query_idx, matches.target_idx
         with torch.no_grad():
@@ -139,12 +143,13 @@ class SetCriterion(nn.Module):
             soft_targets.view(-1)[flat[last]] = soft[last].to(soft_targets.dtype)
         positive = F.binary_cross_entropy_with_logits(logits, soft_targets, reduction="none") * is_matched * s.pos_weight
         negative = F.binary_cross_entropy_with_logits(logits, is_matched, reduction="none") * (1 - is_matched)
-        loss = (positive + negative * prob**s.negative_gamma).sum(1) * has_target.to(logits.dtype)
-        if presence_logits is None:
-            return loss, None
-        presence = sigmoid_focal_loss(presence_logits.reshape(-1).float(), has_target.float(), s.presence_alpha,
-                                      s.presence_gamma)
-        return loss, presence
+        rows = (positive + negative * prob**s.negative_gamma).sum(1) * has_target.to(logits.dtype)  # (L * B,)
+        terms = {"loss_ce": rows.view(layers, batch).sum(1) / (max(num_queries, s.pad_num_queries) * batch)}
+        if presence_logits is not None:
+            presence = sigmoid_focal_loss(presence_logits.reshape(-1).float(), has_target.float(), s.presence_alpha,
+                                          s.presence_gamma)
+            terms["presence_loss"] = presence.view(layers, batch).sum(1) / batch
+        return terms
 
     def classification_terms(
         self,
@@ -154,55 +159,43 @@ class SetCriterion(nn.Module):
         targets: FindTargets,
         matches: Matches,
     ) -> dict[str, torch.Tensor]:
-        """``loss_ce`` and (when presence logits are given) ``presence_loss`` for logits (B, Q)."""
-        rows, presence = self._classification_rows(logits, boxes_xyxy, presence_logits, targets.has_target(), targets,
-                                                   matches)
-        batch, num_queries = logits.shape
-        terms = {"loss_ce": rows.sum() / (max(num_queries, self.settings.pad_num_queries) * batch)}
-        if presence is not None:
-            terms["presence_loss"] = presence.sum() / batch
-        return terms
+        """``loss_ce`` and (when presence logits are given) ``presence_loss`` for logits (B, Q) of one layer."""
+        terms = self.layer_classification_terms(logits[None], boxes_xyxy[None],
+                                                None if presence_logits is None else presence_logits[None],
+                                                targets.has_target(), targets, matches)
+        return {name: value[0] for name, value in terms.items()}
 
     @staticmethod
-    def _box_pairs(boxes_cxcywh: torch.Tensor, boxes_xyxy: torch.Tensor, targets: FindTargets, matches: Matches
-                   ) -> tuple[torch.Tensor, torch.Tensor]:
-        """Per matched pair of boxes (R, Q, 4): the L1 distance (cxcywh, summed over the four numbers) and
-        1 - GIoU (xyxy), each (K,)."""
+    def layer_box_terms(boxes_cxcywh: torch.Tensor, boxes_xyxy: torch.Tensor, targets: FindTargets, matches: Matches,
+                        num: torch.Tensor) -> dict[str, torch.Tensor]:
+        """``loss_bbox`` (L1 cxcywh) and ``loss_giou`` (1 - GIoU, xyxy) of L decoder layers at once, each (L,): the
+        matched pairs of boxes (L, B, Q, 4) (``matches`` over rows ``l * B + b``) summed per layer / N."""
+        layers, batch, num_queries = boxes_cxcywh.shape[:3]
         b, q, t = matches.batch_idx, matches.query_idx, matches.target_idx
-        l1 = F.l1_loss(boxes_cxcywh[b, q].float(), targets.boxes[t].float(), reduction="none").sum(-1)
-        giou = 1 - elementwise_giou(boxes_xyxy[b, q].float(), targets.boxes_xyxy[t].float())
-        return l1, giou
+        cxcywh = boxes_cxcywh.reshape(layers * batch, num_queries, 4)[b, q].float()
+        xyxy = boxes_xyxy.reshape(layers * batch, num_queries, 4)[b, q].float()
+        l1 = F.l1_loss(cxcywh, targets.boxes[t].float(), reduction="none").sum(-1)
+        giou = 1 - elementwise_giou(xyxy, targets.boxes_xyxy[t].float())
+        pairs = torch.stack([l1, giou])  # (2, K)
+        layer = torch.div(b, batch, rounding_mode="floor")
+        sums = pairs.new_zeros(2, layers).index_add_(1, layer, pairs) / num
+        return dict(zip(("loss_bbox", "loss_giou"), sums.unbind(0)))
 
     @staticmethod
     def box_terms(boxes_cxcywh: torch.Tensor, boxes_xyxy: torch.Tensor, targets: FindTargets, matches: Matches,
                   num: torch.Tensor) -> dict[str, torch.Tensor]:
-        """``loss_bbox`` (L1 cxcywh) and ``loss_giou`` over matched pairs, each summed / N."""
-        l1, giou = SetCriterion._box_pairs(boxes_cxcywh, boxes_xyxy, targets, matches)
-        return {"loss_bbox": l1.sum() / num, "loss_giou": giou.sum() / num}
+        """``loss_bbox`` (L1 cxcywh) and ``loss_giou`` over matched pairs of boxes (B, Q, 4) of one layer, each
+        summed / N."""
+        terms = SetCriterion.layer_box_terms(boxes_cxcywh[None], boxes_xyxy[None], targets, matches, num)
+        return {name: value[0] for name, value in terms.items()}
 
     def layer_terms(self, logits: torch.Tensor, boxes_cxcywh: torch.Tensor, boxes_xyxy: torch.Tensor,
                     presence_logits: torch.Tensor | None, has_target: torch.Tensor, targets: FindTargets,
                     matches: Matches, num: torch.Tensor) -> dict[str, torch.Tensor]:
-        """:meth:`classification_terms` and :meth:`box_terms` of L decoder layers at once: logits (L, B, Q), boxes
-        (L, B, Q, 4), presence logits (L, B, 1) or None, ``has_target`` (B,), ``matches`` over rows ``l * B + b``;
-        each term as an (L,) tensor, one value per layer (the same numbers as layer by layer, in a few operations
-        for all layers: a training step launches fewer kernels)."""
-        layers, batch, num_queries = logits.shape
-        rows, presence = self._classification_rows(
-            logits.reshape(layers * batch, num_queries), boxes_xyxy.reshape(layers * batch, num_queries, 4),
-            None if presence_logits is None else presence_logits.reshape(-1), has_target.repeat(layers), targets,
-            matches)
-        padded_queries = max(num_queries, self.settings.pad_num_queries)
-        terms = {"loss_ce": rows.view(layers, batch).sum(1) / (padded_queries * batch)}
-        if presence is not None:
-            terms["presence_loss"] = presence.view(layers, batch).sum(1) / batch
-        l1, giou = self._box_pairs(boxes_cxcywh.reshape(layers * batch, num_queries, 4),
-                                   boxes_xyxy.reshape(layers * batch, num_queries, 4), targets, matches)
-        layer = torch.div(matches.batch_idx, batch, rounding_mode="floor")
-        pairs = torch.stack([l1, giou])  # (2, K)
-        sums = pairs.new_zeros(2, layers).index_add_(1, layer, pairs) / num
-        terms["loss_bbox"], terms["loss_giou"] = sums.unbind(0)
-        return terms
+        """:meth:`layer_classification_terms` and :meth:`layer_box_terms`: every term of L decoder layers (the same
+        numbers as layer by layer, in a few operations for all layers: a training step launches fewer kernels)."""
+        return (self.layer_classification_terms(logits, boxes_xyxy, presence_logits, has_target, targets, matches)
+                | self.layer_box_terms(boxes_cxcywh, boxes_xyxy, targets, matches, num))
 
     def mask_terms(self, pred_masks: torch.Tensor, targets: FindTargets, matches: Matches,
                    num: torch.Tensor) -> dict[str, torch.Tensor]:
