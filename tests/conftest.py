@@ -43,6 +43,18 @@ def tiny_images(tiny_net) -> torch.Tensor:
     return torch.rand(2, 3, size, size, generator=generator)
 
 
+@pytest.fixture()
+def dynamo_counters():
+    """``torch.compile``'s counters (``torch._dynamo.utils.counters``) for one test, from a fresh compiler state;
+    reset again after the test, so that compiled code does not outlive the test's modules."""
+    from torch._dynamo.utils import counters
+
+    torch._dynamo.reset()
+    counters.clear()
+    yield counters
+    torch._dynamo.reset()
+
+
 @pytest.fixture(scope="module")
 def one_thread():
     """One intra-op thread for a module (``pytestmark = pytest.mark.usefixtures("one_thread")``): the tiny

@@ -177,17 +177,14 @@ def test_inputs_sharing_a_name_keep_their_folder(samples, tmp_path):
     assert sorted(str(p.relative_to(out)) for p in out.rglob("*.png")) == ["a/x_seg.png", "b/x_seg.png"]
 
 
-def test_a_compiled_vision_encoder_gives_the_masks_of_one_by_one_calls(samples, one_by_one, tmp_path, capsys):
-    from torch._dynamo.utils import counters
-
-    torch._dynamo.reset()
-    counters.clear()
+def test_a_compiled_vision_encoder_gives_the_masks_of_one_by_one_calls(samples, one_by_one, tmp_path, capsys,
+                                                                     dynamo_counters):
+    counters = dynamo_counters
     out = tmp_path / "compiled"  # one batch of five: one compilation (about a minute on a CPU)
     assert segment(str(samples), "--prompt", "polyp", "--out-dir", str(out), "--batch-size", "8", "--compile") == 0
     assert counters["frames"]["ok"] >= 1  # the vision encoder's forward was compiled and ran compiled
     assert "medsam3 segment: --compile: the vision encoder compiles at the first batch" in capsys.readouterr().err
     assert_same_outputs(out, one_by_one, sorted(f"{p.stem}_seg.png" for p in samples.iterdir()), samples)
-    torch._dynamo.reset()  # the compiled encoder's code goes with its network
 
 
 def test_bf16_autocast_runs_on_the_cpu(samples, tmp_path):

@@ -53,28 +53,20 @@ def test_the_volume_part_segments_the_synthetic_ct(bench_gpu, tmp_path):
     assert result["seed_slices"] and all(0 <= s < 6 for s in result["seed_slices"])
 
 
-def test_the_compiled_volume_part_compiles_before_the_clock(bench_gpu, monkeypatch):
+def test_the_compiled_volume_part_compiles_before_the_clock(bench_gpu, monkeypatch, dynamo_counters):
     """``volume --compile``: the vision encoder and the tracker's per-slice modules compile during the warm-up on the
     volume's first slices, so the timed segmentation of the whole volume (slice batches padded, the memory bank at
     every size) compiles nothing."""
-    import torch
-    from torch._dynamo.utils import counters
-
     warm_up, after_warm_up = bench_gpu._compile_warm_up, []
 
     def counted(*args, **kwargs):
         seconds = warm_up(*args, **kwargs)
-        after_warm_up.append(counters["stats"]["unique_graphs"])
+        after_warm_up.append(dynamo_counters["stats"]["unique_graphs"])
         return seconds
 
     monkeypatch.setattr(bench_gpu, "_compile_warm_up", counted)
-    torch._dynamo.reset()
-    counters.clear()
-    try:
-        result = _run(bench_gpu, "volume", "--size", "40", "--depth", "30", "--slice-batch", "4", "--compile")
-        graphs = counters["stats"]["unique_graphs"]
-    finally:
-        torch._dynamo.reset()
+    result = _run(bench_gpu, "volume", "--size", "40", "--depth", "30", "--slice-batch", "4", "--compile")
+    graphs = dynamo_counters["stats"]["unique_graphs"]
     assert result["compile"] is True and result["compile_s"] > 0 and result["detector_chunk"] == 16
     assert after_warm_up == [graphs] and graphs >= 5  # the encoder and the tracker's four modules, all before
     assert result["seed_slices"] and all(0 <= s < 30 for s in result["seed_slices"])

@@ -360,11 +360,9 @@ def test_evaluate_bundle_runs_with_monai_bundle(datalists, tmp_path):
 
 
 def test_evaluate_runs_the_network_under_bf16_autocast_and_a_compiled_encoder(datalists, tmp_path, monkeypatch,
-                                                                               capsys):
+                                                                               capsys, dynamo_counters):
     """``medsam3 evaluate --autocast bf16 --compile --batch-size 2``: every forward runs under bf16 autocast, the
     vision encoder compiled once (a smaller last batch is padded to 2 images), and the report is written."""
-    from torch._dynamo.utils import counters
-
     from medsam3_monai.networks import MedSAM3Net
 
     seen = []
@@ -375,16 +373,11 @@ def test_evaluate_runs_the_network_under_bf16_autocast_and_a_compiled_encoder(da
         return encode(self, pixel_values)
 
     monkeypatch.setattr(MedSAM3Net, "encode_images", recording)
-    torch._dynamo.reset()
-    counters.clear()
     out = tmp_path / "report"
-    try:
-        rc = evaluate("--datalist", str(datalists["kvasir"]), "--datalist", str(datalists["chest"]),
-                      "--checkpoint", "tiny", "--out", str(out), "--image-size", str(S), "--no-mlflow",
-                      "--overlays", "0", "--batch-size", "2", "--autocast", "bf16", "--compile")
-        assert counters["stats"]["unique_graphs"] == 1 and counters["frames"]["ok"] >= 1
-    finally:
-        torch._dynamo.reset()
+    rc = evaluate("--datalist", str(datalists["kvasir"]), "--datalist", str(datalists["chest"]),
+                  "--checkpoint", "tiny", "--out", str(out), "--image-size", str(S), "--no-mlflow",
+                  "--overlays", "0", "--batch-size", "2", "--autocast", "bf16", "--compile")
+    assert dynamo_counters["stats"]["unique_graphs"] == 1 and dynamo_counters["frames"]["ok"] >= 1
     assert rc == 0, capsys.readouterr().err
     assert "medsam3 evaluate: --compile: the vision encoder compiles at the first batch" in capsys.readouterr().err
     cases = read_csv(out / "cases.csv")

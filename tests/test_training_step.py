@@ -84,11 +84,10 @@ def test_on_cuda_adamw_is_fused_and_steps_as_the_multi_tensor_one():
     assert all(type(value) is float for value in reported.values()) and "grad_norm" in reported
 
 
-def test_the_bundles_compile_switch_trains_with_a_compiled_vision_encoder():
+def test_the_bundles_compile_switch_trains_with_a_compiled_vision_encoder(dynamo_counters):
     """``--compile true`` (train.json's ``compile``): the network's vision encoder runs compiled in the training
     step (forward and backward) and the step's loss terms are those of the eager network with the same weights."""
     from monai.bundle import ConfigParser
-    from torch._dynamo.utils import counters
 
     def bundle_network(compile: bool) -> torch.nn.Module:  # the tiny preset: the same weights each time
         parser = ConfigParser()
@@ -98,13 +97,8 @@ def test_the_bundles_compile_switch_trains_with_a_compiled_vision_encoder():
 
     network, twin = bundle_network(True), bundle_network(False)
     batch = load_script("bench_train").synthetic_batch(2, network.image_size, instances=3)
-    torch._dynamo.reset()
-    counters.clear()
-    try:
-        compiled_terms = _one_step(network, batch, torch.device("cpu"))
-        assert counters["frames"]["ok"] >= 1  # the encoder's forward ran compiled
-    finally:
-        torch._dynamo.reset()
+    compiled_terms = _one_step(network, batch, torch.device("cpu"))
+    assert dynamo_counters["frames"]["ok"] >= 1  # the encoder's forward ran compiled
     eager_terms = _one_step(twin, batch, torch.device("cpu"))
     assert compiled_terms.keys() == eager_terms.keys()
     for name, value in eager_terms.items():

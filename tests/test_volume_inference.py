@@ -266,59 +266,47 @@ def test_shared_vit_pass_gives_the_tracker_the_same_features(detector):
         assert torch.equal(ours, theirs)
 
 
-def test_a_compiled_vision_encoder_compiles_once_for_a_whole_volume():
+def test_a_compiled_vision_encoder_compiles_once_for_a_whole_volume(dynamo_counters):
     """``medsam3 segment --compile --batch-size 4`` on a volume of 22 slices (five batches of 4 and one of 2): the
     tracker takes each slice batch's ViT output from a hook on the vision encoder, a hook that differs from batch to
     batch, kept out of the compiled code (traced, it made every batch recompile: a minute or more each at full
     size); the last batch is padded to the first one's 4 images (the network's ``vision_batch``), so the encoder
     compiles once."""
-    from torch._dynamo.utils import counters
-
     from medsam3_monai.inferers.batch import compile_network
 
     detector = MedSAM3Net("tiny").eval()  # its own: compiling changes the module in place
     tied = present_tracker(detector=detector)
     slices = random_slices(22, seed=5)
     eager = segment_volume(detector, slices, PROMPTS, tied, score_threshold=0.0, batch_size=4)
-    torch._dynamo.reset()
-    counters.clear()
-    try:
-        compile_network(detector, compile=True, pad_batches=True)
-        compiled = segment_volume(detector, slices, PROMPTS, tied, score_threshold=0.0, batch_size=4)
-        assert detector.vision_batch == 4
-        assert counters["frames"]["ok"] == 1 and counters["stats"]["unique_graphs"] == 1  # six batches, one graph
-    finally:
-        torch._dynamo.reset()
+    compile_network(detector, compile=True, pad_batches=True)
+    compiled = segment_volume(detector, slices, PROMPTS, tied, score_threshold=0.0, batch_size=4)
+    assert detector.vision_batch == 4
+    assert dynamo_counters["frames"]["ok"] == 1  # six batches, one compiled frame
+    assert dynamo_counters["stats"]["unique_graphs"] == 1  # and one graph
     assert torch.equal(compiled.seed_slices, eager.seed_slices)
     flipped = (compiled.masks != eager.masks).float().mean()  # compiled float rounding may flip a pixel at 0
     assert flipped < 1e-3
 
 
-def test_a_compiled_tracker_gives_the_eager_masks_and_compiles_only_at_the_first_volume(detector):
+def test_a_compiled_tracker_gives_the_eager_masks_and_compiles_only_at_the_first_volume(detector, dynamo_counters):
     """``compile_tracker`` (what ``medsam3 segment --compile`` does to a volume's tracker): its per-slice modules
     compiled give the eager masks, with no graph break; their graphs are made during the first volume (the memory
     bank's first shapes, then dynamic ones) and serve a second volume of another depth, with its two prompts'
     propagations, without a new compilation."""
-    from torch._dynamo.utils import counters
-
     from medsam3_monai.inferers.batch import TRACKER_FRAME_MODULES, compile_tracker
 
     tracker = present_tracker(detector=detector)  # its own: compiling changes the modules in place
     volumes = [random_slices(20, seed=6), random_slices(13, seed=7)]
     eager = [segment_volume(detector, v, PROMPTS, tracker, score_threshold=0.0, batch_size=4) for v in volumes]
-    torch._dynamo.reset()
-    counters.clear()
-    try:
-        compile_tracker(tracker)
-        compiled = [segment_volume(detector, volumes[0], PROMPTS, tracker, score_threshold=0.0, batch_size=4)]
-        graphs = counters["stats"]["unique_graphs"]
-        compiled.append(segment_volume(detector, volumes[1], PROMPTS, tracker, score_threshold=0.0, batch_size=4))
-        assert counters["stats"]["unique_graphs"] == graphs  # the second volume compiled nothing
-        assert not counters["graph_break"]
-        # every module compiled, each at most its first shapes and a dynamic graph for the growing memory bank
-        assert len(TRACKER_FRAME_MODULES) <= graphs <= 2 * len(TRACKER_FRAME_MODULES)
-    finally:
-        torch._dynamo.reset()
+    counters = dynamo_counters
+    compile_tracker(tracker)
+    compiled = [segment_volume(detector, volumes[0], PROMPTS, tracker, score_threshold=0.0, batch_size=4)]
+    graphs = counters["stats"]["unique_graphs"]
+    compiled.append(segment_volume(detector, volumes[1], PROMPTS, tracker, score_threshold=0.0, batch_size=4))
+    assert counters["stats"]["unique_graphs"] == graphs  # the second volume compiled nothing
+    assert not counters["graph_break"]
+    # every module compiled, each at most its first shapes and a dynamic graph for the growing memory bank
+    assert len(TRACKER_FRAME_MODULES) <= graphs <= 2 * len(TRACKER_FRAME_MODULES)
     for ours, theirs in zip(compiled, eager):
         assert torch.equal(ours.seed_slices, theirs.seed_slices) and (ours.seed_slices >= 0).all()
         flipped = (ours.masks != theirs.masks).float().mean()  # compiled float rounding may flip a pixel at 0
