@@ -23,6 +23,9 @@
 #   train_checkpointing    images/s, peak memory and MFU, without and with gradient checkpointing
 #                                                                                         (scripts/bench_train.py)
 #   train_compiled     the same with the vision encoder compiled (train.json's `compile`)       (extra)
+#   train_batch8_compiled  a step of 8 images, vision encoder compiled: a batch 4 leaves an H200 mostly waiting
+#                      on kernel launches (the MFU goal is per GPU, not per batch size)                (extra)
+#   train_batch16_checkpointing  16 images with gradient checkpointing, compiled (about what fits in 80 GB)  (extra)
 #   volume             a synthetic 512 x 512 x 300 CT (NIfTI) as `medsam3 segment` runs it: the bundle's way in,
 #                      segment_volume with the full detector (32 slices per forward: `--batch-size 32`) + full
 #                      SAM3 tracker (random init), the way back;
@@ -32,8 +35,8 @@
 #                      32 find-queries per detector pass (one pass per slice batch, not two)    (extra)
 #   volume_profile     a 24-slice CT's operators by device time (detector + tracker)          (extra)
 # Operator profiles (the forward at its last batch, a training step, volume_profile) go to $LOG_DIR/*_profile.txt.
-# MFU uses model FLOPs: with gradient checkpointing the recomputed forward is not counted (the step's FLOPs are
-# the run without checkpointing), so the two MFU figures compare.
+# With gradient checkpointing, `mfu` counts the recomputed forward (hardware FLOPs) and `mfu_model_flops` does not
+# (the step's model FLOPs, comparable with the runs without checkpointing).
 set -uo pipefail
 
 cd "$(dirname "$0")/.."
@@ -59,8 +62,9 @@ if ! "$PY" -c 'import sys, torch; sys.exit(0 if torch.cuda.is_available() else 1
 fi
 
 PARTS=(forward forward_compiled forward_channels_last forward_chunk32 evaluate train train_checkpointing train_compiled
-       volume volume_compiled volume_profile)
-EXTRA=" forward_compiled forward_channels_last forward_chunk32 train_compiled volume_compiled volume_profile "
+       train_batch8_compiled train_batch16_checkpointing volume volume_compiled volume_profile)
+EXTRA=" forward_compiled forward_channels_last forward_chunk32 train_compiled train_batch8_compiled
+ train_batch16_checkpointing volume_compiled volume_profile "
 ONLY="${ONLY:-}"
 
 summarize() {  # summarize FILE: the parts' JSON objects as one (a part not run yet: {"pending": true}) into FILE
@@ -80,11 +84,6 @@ for name in names:
         parts[name] = json.loads(path.read_text())
     except json.JSONDecodeError:
         parts[name] = {"error": "no JSON output", "log": str(log_dir / f"{name}.log")}
-train, ckpt = parts["train"], parts["train_checkpointing"]
-if "train_step_tflop" in train and "step_s_median" in ckpt:
-    # model FLOPs of the step (no recomputation) over the checkpointed step's time
-    ckpt["mfu_model_flops"] = round(train["train_step_tflop"] * 1e12 / ckpt["step_s_median"] / (peak * 1e12), 4)
-    ckpt["note"] = "mfu counts the recomputed forward (hardware FLOPs); mfu_model_flops uses the step's model FLOPs"
 result = {"benchmark": "bench_gpu.sh", "quick": quick, "peak_tflops": peak, "logs": str(log_dir), **parts}
 print(json.dumps(result, indent=1))
 PYEOF
@@ -141,6 +140,8 @@ run_part evaluate "$PY" scripts/bench_gpu.py evaluate --repeats "$EVAL_REPEATS"
 run_part forward_compiled "$PY" scripts/bench_gpu.py forward --batch 32 --compile "${FORWARD[@]}"
 run_part forward_chunk32 "$PY" scripts/bench_gpu.py forward --batch 32 --detector-chunk 32 "${FORWARD[@]}"
 run_part train_compiled "$PY" scripts/bench_train.py "${TRAIN[@]}" --compile
+run_part train_batch8_compiled "$PY" scripts/bench_train.py "${TRAIN[@]}" --batch 8 --compile
+run_part train_batch16_checkpointing "$PY" scripts/bench_train.py "${TRAIN[@]}" --batch 16 --checkpointing --compile
 run_part volume_compiled "$PY" scripts/bench_gpu.py volume --size 512 --depth 300 --slice-batch 32 --compile \
     --detector-chunk 32
 run_part volume_profile "$PY" scripts/bench_gpu.py volume --size 512 --depth 24 --slice-batch 8 \

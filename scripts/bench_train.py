@@ -11,9 +11,10 @@ go through the real iteration: ``PrepareFindBatch`` (normalised on the device), 
     python scripts/bench_train.py --full --device cuda --checkpointing
     python scripts/bench_train.py --full --device cuda --compile    # the vision encoder under torch.compile
 
-``train_step_tflop``: the FLOPs of one training step, counted by ``torch.utils.flop_counter``; on CUDA also the model
-FLOPs utilisation: those FLOPs divided by the step time and the GPU's dense bf16 peak (``--peak-tflops``, 989 for
-an H100 SXM). ``operators_per_step``: the operators an eager step dispatches in its forward, criterion and backward
+``train_step_tflop``: the FLOPs of one training step, counted by ``torch.utils.flop_counter``; on CUDA also the
+FLOPs utilisation ``mfu``: those FLOPs divided by the step time and the GPU's dense bf16 peak (``--peak-tflops``, 989
+for an H100 SXM). With ``--checkpointing`` they include the forward recomputed in the backward (hardware FLOPs);
+``model_step_tflop`` and ``mfu_model_flops`` leave it out (the step's model FLOPs, as MFU is usually quoted). ``operators_per_step``: the operators an eager step dispatches in its forward, criterion and backward
 (on a GPU, about its kernel launches: what bounds a step of small kernels).
 """
 
@@ -23,6 +24,7 @@ import argparse
 import json
 import platform
 import resource
+import sys
 import time
 from pathlib import Path
 
@@ -95,6 +97,11 @@ def main(argv: list[str] | None = None) -> dict:
     optimizer = build_optimizer(network)
     batch = synthetic_batch(args.batch, size, args.instances)
     flops = step_flops(network, batch, device, not args.no_bf16)  # counted eagerly, before any compilation
+    model_flops = flops
+    if args.checkpointing:  # the step's model FLOPs: without the forward that checkpointing recomputes
+        network.set_gradient_checkpointing(False)
+        model_flops = step_flops(network, batch, device, not args.no_bf16)
+        network.set_gradient_checkpointing(True)
     operators = step_operators(network, batch, device, not args.no_bf16)
     if args.compile:
         from medsam3_monai.inferers.batch import compile_network
@@ -135,10 +142,15 @@ def main(argv: list[str] | None = None) -> dict:
     if device.type == "cuda":
         result["peak_gpu_memory_gb"] = round(torch.cuda.max_memory_allocated(device) / 2**30, 3)
     result["train_step_tflop"] = round(flops / 1e12, 6)
+    if args.checkpointing:
+        result["model_step_tflop"] = round(model_flops / 1e12, 6)
     result["operators_per_step"] = operators  # eager, one step without the optimiser
     if device.type == "cuda":
         result["mfu"] = round(flops / median / (args.peak_tflops * 1e12), 4)
+        if args.checkpointing:
+            result["mfu_model_flops"] = round(model_flops / median / (args.peak_tflops * 1e12), 4)
     if args.profile:  # one more step, its operators by device time
+        sys.path.insert(0, str(Path(__file__).resolve().parent))
         from bench_gpu import write_profile
 
         write_profile(lambda: trainer._process_function(trainer, batch), device, Path(args.profile),  # one step

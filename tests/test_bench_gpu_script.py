@@ -93,3 +93,7 @@ def test_the_training_part_counts_the_step(checkpointing: bool, tmp_path):
     operators = result["operators_per_step"]  # an eager step's dispatched operators (kernel launches on a GPU)
     assert min(operators.values()) > 0 and operators["total"] == sum(v for k, v in operators.items() if k != "total")
     assert "mfu" not in result
+    if checkpointing:  # the recomputed forward is hardware FLOPs, not the step's model FLOPs
+        assert 0 < result["model_step_tflop"] < result["train_step_tflop"]
+    else:
+        assert "model_step_tflop" not in result
