@@ -41,7 +41,8 @@ MONAI's ``Invertd`` on every slice (``invertd_s``: ``MaskLogitsd`` and ``InvertT
 float maps for the ``classes_per_slice`` present on a slice) and the default (``deferred_s``: the masks stay
 packed and each class is resized inside its box, ``inferers.mask_merge``), the same label volume (checked);
 ``volume_way_back_1008``: the same at SAM3's 1008-px slice space, 30 slices (the example repeated 3 x 3 x 1), where
-a slice is smaller than the slice space.
+a slice is smaller than the slice space; ``volume_way_back_full``: that, with one prompt whose mask fills every
+slice (a random-weight network's CT in ``scripts/bench_gpu.py volume``).
 3D (when ``medsam3_monai.inferers.volume`` exists): slices per second of the volume path (detector on every
 slice + tracker propagation + inversion + merge + metrics) for a real hippocampus volume and the same volume
 repeated along the slice axis (2x, 4x slices): near-constant slices/s means linear scaling.
@@ -330,11 +331,13 @@ def bench_volume_loading(factors: tuple[int, int, int] = (3, 3, 10)) -> dict:
     return result
 
 
-def bench_volume_way_back(image_size: int, factors: tuple[int, int, int] = (3, 3, 4)) -> dict:
+def bench_volume_way_back(image_size: int, factors: tuple[int, int, int] = (3, 3, 4), fill: bool = False) -> dict:
     """The volume way back (``to_input_space`` of ``configs/inference.json``) of a CT with realistic masks: every
     class's slice-space masks made from the truth (nearest resize), as the network's would be, then inverted,
     merged and restacked with MONAI's ``Invertd`` on every slice (``defer=False``: float maps) and the default (the
-    masks kept packed, each class resized inside its box); both label volumes are checked equal."""
+    masks kept packed, each class resized inside its box); both label volumes are checked equal. ``fill``: one
+    prompt instead, its mask the whole of every slice (what a random-weight network gives a CT in
+    ``scripts/bench_gpu.py volume``: every output inside the mask)."""
     import nibabel as nib
     import torch.nn.functional as F
 
@@ -360,6 +363,8 @@ def bench_volume_way_back(image_size: int, factors: tuple[int, int, int] = (3, 3
         plane = plane.T if bool(meta.get("slice_transposed", False)) else plane
         masks = F.interpolate((plane[None] == wanted).float()[None], size=(image_size,) * 2, mode="nearest")[0]
         bits[:, z] = masks > 0.5
+    if fill:
+        values, bits = values[:1], BitMasks.pack(torch.ones(1, len(case), image_size, image_size, dtype=torch.bool))
     scores = 0.5 + 0.4 * torch.rand(len(values), len(case), generator=torch.Generator().manual_seed(0))
     chain = inference_postprocessing(transform)
     deferring = [step for step in transforms_of(chain) if isinstance(step, (MaskLogitsd, InvertToInputd))]
@@ -444,6 +449,7 @@ def main() -> None:
         "volume_loading": bench_volume_loading(),
         "volume_way_back": bench_volume_way_back(network.image_size),
         "volume_way_back_1008": bench_volume_way_back(1008, (3, 3, 1)),
+        "volume_way_back_full": bench_volume_way_back(1008, (3, 3, 1), fill=True),
         "3d": None if args.no_3d else bench_3d(network, args.repeats),
         "torch": torch.__version__, "machine": platform.machine(),
     }

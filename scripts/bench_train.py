@@ -14,8 +14,9 @@ go through the real iteration: ``PrepareFindBatch`` (normalised on the device), 
 ``train_step_tflop``: the FLOPs of one training step, counted by ``torch.utils.flop_counter``; on CUDA also the
 FLOPs utilisation ``mfu``: those FLOPs divided by the step time and the GPU's dense bf16 peak (``--peak-tflops``, 989
 for an H100 SXM). With ``--checkpointing`` they include the forward recomputed in the backward (hardware FLOPs);
-``model_step_tflop`` and ``mfu_model_flops`` leave it out (the step's model FLOPs, as MFU is usually quoted). ``operators_per_step``: the operators an eager step dispatches in its forward, criterion and backward
-(on a GPU, about its kernel launches: what bounds a step of small kernels).
+``model_step_tflop`` and ``mfu_model_flops`` leave it out (the step's model FLOPs, as MFU is usually quoted).
+``operators_per_step``: the operators an eager step dispatches in its forward, criterion and backward (on a GPU, about
+its kernel launches: what bounds a step of small kernels).
 """
 
 from __future__ import annotations

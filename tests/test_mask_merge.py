@@ -68,6 +68,37 @@ def test_ties_fall_as_in_invertd_for_noisy_masks(threads):
         torch.set_num_threads(previous)
 
 
+@pytest.mark.parametrize("side, size", [(1008, (512, 512)), (400, (200, 200)), (112, (303, 366))])
+def test_masks_that_fill_the_slice_and_exact_halves_go_back_as_with_invertd(side, size):
+    # a mask over the whole slice (the random-weight CT of scripts/bench_gpu.py): every output's taps lie inside it,
+    # nothing is interpolated; a 2x smaller picture: every tap weight is 0.5, so outputs on a mask edge have a logit
+    # of exactly 0 and overlapping prompts' confidences tie
+    generator = torch.Generator().manual_seed(side)
+    full = torch.ones(1, side, side, dtype=torch.bool)
+    noisy = torch.rand(3, side, side, generator=generator) > 0.5
+    blobs = blob_masks(generator, 3, side)
+    for masks, scores in ((full, torch.tensor([0.7])), (noisy, torch.tensor([0.6, 0.6, 0.8])),
+                          (blobs, torch.tensor([0.5, 0.9, 0.5])), (torch.cat([full, blobs]), torch.full((4,), 0.5))):
+        labels, _ = invertd_reference(masks, scores, size)
+        ours = mask_label_index(BitMasks.pack(masks), scores, size)
+        assert np.array_equal(ours, labels), (side, size, masks.shape[0], int((ours != labels).sum()))
+
+
+@pytest.mark.parametrize("threshold", [5000.0, -9000.0, 1.0e4])
+def test_any_threshold_above_the_empty_logit_goes_back_as_with_invertd(threshold):
+    # between the two logits the outputs inside and outside a mask are decided without arithmetic; at MASK_LOGIT
+    # itself the ones inside are computed too (their logit is 1e4 but for rounding)
+    generator = torch.Generator().manual_seed(11)
+    masks = blob_masks(generator, 2, 112)
+    scores = torch.tensor([0.4, 0.7])
+    size = (303, 366)
+    logits, confidence = mask_maps(masks, scores)
+    labels, _ = dense_label_index(logits, size, threshold=threshold, confidence=confidence)
+    assert np.array_equal(mask_label_index(masks, scores, size, threshold=threshold), labels)
+    with pytest.raises(ValueError, match="must lie above EMPTY_LOGIT"):
+        mask_label_index(masks, scores, size, threshold=-1.0e4)
+
+
 def test_a_mask_outside_every_outputs_taps_claims_nothing_and_ties_go_to_the_earlier_prompt():
     masks = torch.zeros(3, 112, 112, dtype=torch.bool)
     masks[0, 40:70, 30:90] = True

@@ -104,7 +104,7 @@ def extract_slice(volume: torch.Tensor, index: int, axis: int = 2, transpose: bo
     plane = volume.select(axis + 1, int(index))
     if transpose:
         plane = plane.transpose(1, 2)
-    plane = plain_tensor(plane).contiguous().clone()
+    plane = plain_tensor(plane).clone(memory_format=torch.contiguous_format)  # one copy, rows first
     if not isinstance(volume, MetaTensor):
         return plane
     affine = volume.affine.to(torch.float64)
