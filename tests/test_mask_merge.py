@@ -95,8 +95,9 @@ def test_any_threshold_above_the_empty_logit_goes_back_as_with_invertd(threshold
     logits, confidence = mask_maps(masks, scores)
     labels, _ = dense_label_index(logits, size, threshold=threshold, confidence=confidence)
     assert np.array_equal(mask_label_index(masks, scores, size, threshold=threshold), labels)
-    with pytest.raises(ValueError, match="must lie above EMPTY_LOGIT"):
-        mask_label_index(masks, scores, size, threshold=-1.0e4)
+    for any_size in (size, (40, 30)):  # the boxes' way and F.interpolate's (a small picture) alike
+        with pytest.raises(ValueError, match="must lie above EMPTY_LOGIT"):
+            mask_label_index(masks, scores, any_size, threshold=-1.0e4)
 
 
 def test_a_mask_outside_every_outputs_taps_claims_nothing_and_ties_go_to_the_earlier_prompt():

@@ -163,6 +163,10 @@ def mask_label_index(
     if scores.numel() != num_prompts:
         raise ValueError(f"{scores.numel()} scores for {num_prompts} masks")
     height, width = int(size[0]), int(size[1])
+    margin = MARGIN * max(abs(MASK_LOGIT), abs(EMPTY_LOGIT), abs(threshold))
+    if not EMPTY_LOGIT + margin < threshold:
+        raise ValueError(f"threshold {threshold} must lie above EMPTY_LOGIT ({EMPTY_LOGIT}): every pixel outside the "
+                         "masks would be claimed")
     if not _rounds_as_two_pass(num_prompts, (height, width)):  # small, or 3 prompts on 1 thread: Invertd's resize
         logits, confidence = mask_maps(bits.unpack(), scores)
         weights = _Confidence(None, confidence, (height, width), tuple(logits.shape))
@@ -172,36 +176,33 @@ def mask_label_index(
     index = np.zeros((height, width), np.uint8 if num_prompts + 1 <= 255 else np.int32)
     packed = bits.bits.numpy()
     mask_logit, empty_logit = torch.tensor(MASK_LOGIT), torch.tensor(EMPTY_LOGIT)  # float32, as mask_logits makes
-    margin = MARGIN * max(abs(MASK_LOGIT), abs(EMPTY_LOGIT), abs(threshold))
-    if not EMPTY_LOGIT + margin < threshold:
-        raise ValueError(f"threshold {threshold} must lie above EMPTY_LOGIT ({EMPTY_LOGIT}): an output no mask "
-                         "reaches would be claimed")
     inside_claims = MASK_LOGIT - margin > threshold  # else the logits inside a mask are computed too
 
-    def confidence(prompt: int, ys: np.ndarray, xs: np.ndarray) -> torch.Tensor:
-        return _TapValues(rows, columns, ys, xs).of(packed[prompt], scores[prompt], torch.tensor(0.0))
+    def values(prompt: int, ys: np.ndarray, xs: np.ndarray, inside: torch.Tensor, outside: torch.Tensor
+               ) -> torch.Tensor:  # prompt's map at outputs (ys, xs) of the whole slice
+        return _TapValues(rows, columns, ys, xs).of(packed[prompt], inside, outside)
 
     for prompt in range(num_prompts):
         outputs = _window(packed[prompt], w, rows, columns)
         if outputs is None:
             continue
+        top, left = outputs[0].start, outputs[1].start  # window coordinates below, (ys + top, xs + left) the slice's
         every, some = _tap_extent(packed[prompt], w, rows, columns, outputs)
         claims = every if inside_claims else np.zeros_like(every)
         ys, xs = _nonzero(some & ~every if inside_claims else some)  # the outputs left to compute
-        ys, xs = ys + outputs[0].start, xs + outputs[1].start
-        logits = _TapValues(rows, columns, ys, xs).of(packed[prompt], mask_logit, empty_logit)
-        claims[ys - outputs[0].start, xs - outputs[1].start] = (logits > threshold).numpy()
+        claims[ys, xs] = (values(prompt, ys + top, xs + left, mask_logit, empty_logit) > threshold).numpy()
         claimed = index[outputs]  # a view
-        ys, xs = _nonzero(claims & (claimed != 0)) if claimed.any() else ((), ())
-        if len(ys):  # a second claimant: the more confident one keeps the pixel
+        ys, xs = _nonzero(claims & (claimed != 0)) if claimed.any() else (np.empty(0, np.int64),) * 2
+        if ys.size:  # a second claimant: the more confident one keeps the pixel
             owners = claimed[ys, xs].astype(np.int64) - 1
-            ys, xs = ys + outputs[0].start, xs + outputs[1].start
             held = torch.empty(ys.size)
             for owner in np.unique(owners):
                 here = owners == owner
-                held[torch.from_numpy(here)] = confidence(int(owner), ys[here], xs[here])
-            keep = ~(confidence(prompt, ys, xs) > held).numpy()  # strict: the earlier prompt keeps a tie
-            claims[ys[keep] - outputs[0].start, xs[keep] - outputs[1].start] = False
+                held[torch.from_numpy(here)] = values(int(owner), ys[here] + top, xs[here] + left, scores[owner],
+                                                      torch.tensor(0.0))
+            mine = values(prompt, ys + top, xs + left, scores[prompt], torch.tensor(0.0))
+            keep = ~(mine > held).numpy()  # strict: the earlier prompt keeps a tie
+            claims[ys[keep], xs[keep]] = False
         np.copyto(claimed, prompt + 1, where=claims)
     if progress is not None:
         progress(height)
