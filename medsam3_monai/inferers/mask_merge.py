@@ -10,7 +10,7 @@ combination of its (up to) four taps, so an output whose taps all lie in the mas
 one whose taps all lie outside it ``EMPTY_LOGIT``, up to rounding far from the threshold: :func:`mask_label_index`
 sorts a box's outputs by their taps with boolean gathers and computes the dense resize's arithmetic
 (:func:`~medsam3_monai.transforms.slices.bilinear_two_pass`, value by value) only for the outputs on the mask's
-boundary. It merges prompt by prompt: a pixel goes to the claimant of highest confidence, the earlier prompt on a
+boundary, every prompt's at once. It merges prompt by prompt: a pixel goes to the claimant of highest confidence, the earlier prompt on a
 tie, as ``merge_classes`` decides; the confidences are computed, the same way, only where a second prompt claims a
 pixel. The work follows the masks' boxes at the slice's size, and the float arithmetic their boundaries, instead of
 2 x P float maps of S x S (41 TotalSegmentator classes at 1008 px: ``scripts/bench_eval.py``,
@@ -112,29 +112,21 @@ def _nonzero(mask: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
     return np.divmod(np.flatnonzero(mask), mask.shape[1])
 
 
-class _TapValues:
-    """The dense resize's values at chosen outputs, computed one by one: a mask's logit or confidence map (``inside``
-    on the mask, ``outside`` elsewhere, float32) at outputs ``(ys, xs)``, with
+def _values_at(packed: np.ndarray, prompts: np.ndarray, ys: np.ndarray, xs: np.ndarray, rows: _Axis,
+               columns: _Axis, inside: torch.Tensor, outside: torch.Tensor) -> torch.Tensor:
+    """The dense resize's values at chosen outputs, computed one by one: at output ``(ys[k], xs[k])`` of the slice,
+    the map of packed mask ``packed[prompts[k]]`` ((P, S, ceil(S / 8)) bits) that is ``inside`` (a scalar or (K,))
+    on the mask and ``outside`` elsewhere, float32 -- with
     :func:`~medsam3_monai.transforms.slices.bilinear_two_pass`'s arithmetic (along the columns, then the rows,
-    ``w0 * x0 + (w1 * x1)``), so each value is the one the resize of the whole map gives."""
-
-    def __init__(self, rows: _Axis, columns: _Axis, ys: np.ndarray, xs: np.ndarray) -> None:
-        # both source rows of every output at once: (2K,), the first rows then the second ones
-        self.source_rows = np.concatenate([rows.first[ys], rows.second[ys]])
-        self.column_bits = [(np.tile(c >> 3, 2), np.tile(7 - (c & 7), 2).astype(np.uint8))
-                            for c in (columns.first[xs], columns.second[xs])]
-        self.column_weights = [torch.from_numpy(np.tile(w[xs], 2)) for w in (columns.first_weight,
-                                                                               columns.second_weight)]
-        self.row_weights = [torch.from_numpy(w[ys]) for w in (rows.first_weight, rows.second_weight)]
-
-    def of(self, bits: np.ndarray, inside: torch.Tensor, outside: torch.Tensor) -> torch.Tensor:
-        """(K,) float32 values of the map of packed mask ``bits`` (S, ceil(S / 8))."""
-        left, right = (torch.from_numpy((bits[self.source_rows, byte] >> shift) & 1).bool()
-                       for byte, shift in self.column_bits)
-        along_columns = torch.addcmul(torch.where(right, inside, outside) * self.column_weights[1],
-                                      torch.where(left, inside, outside), self.column_weights[0])
-        top, bottom = along_columns.chunk(2)
-        return torch.addcmul(bottom * self.row_weights[1], top, self.row_weights[0])
+    ``w0 * x0 + (w1 * x1)``), so each value is the one the resize of the whole map gives. (K,) float32."""
+    source_rows = np.stack([rows.first[ys], rows.second[ys]])[[0, 0, 1, 1]]  # the 4 taps: (r1, c1), (r1, c2),
+    source_columns = np.stack([columns.first[xs], columns.second[xs]])[[0, 1, 0, 1]]  # (r2, c1), (r2, c2)
+    bits = packed[prompts, source_rows, source_columns >> 3] >> (7 - (source_columns & 7)).astype(np.uint8)
+    taps = torch.where(torch.from_numpy((bits & 1).view(np.bool_)), inside, outside)  # (4, K)
+    first, second = (torch.from_numpy(weight[xs]) for weight in (columns.first_weight, columns.second_weight))
+    along_columns = torch.addcmul(taps[[1, 3]] * second, taps[[0, 2]], first)  # rows r1 and r2: (2, K)
+    first, second = (torch.from_numpy(weight[ys]) for weight in (rows.first_weight, rows.second_weight))
+    return torch.addcmul(along_columns[1] * second, along_columns[0], first)
 
 
 def mask_label_index(
@@ -177,30 +169,32 @@ def mask_label_index(
     packed = bits.bits.numpy()
     mask_logit, empty_logit = torch.tensor(MASK_LOGIT), torch.tensor(EMPTY_LOGIT)  # float32, as mask_logits makes
     inside_claims = MASK_LOGIT - margin > threshold  # else the logits inside a mask are computed too
-
-    def values(prompt: int, ys: np.ndarray, xs: np.ndarray, inside: torch.Tensor, outside: torch.Tensor
-               ) -> torch.Tensor:  # prompt's map at outputs (ys, xs) of the whole slice
-        return _TapValues(rows, columns, ys, xs).of(packed[prompt], inside, outside)
-
+    zero = torch.tensor(0.0)
+    # each prompt's box: its outputs decided by their taps, and the ones left to compute (window coordinates)
+    boxes = []
     for prompt in range(num_prompts):
         outputs = _window(packed[prompt], w, rows, columns)
-        if outputs is None:
-            continue
-        top, left = outputs[0].start, outputs[1].start  # window coordinates below, (ys + top, xs + left) the slice's
-        every, some = _tap_extent(packed[prompt], w, rows, columns, outputs)
+        if outputs is not None:
+            every, some = _tap_extent(packed[prompt], w, rows, columns, outputs)
+            boxes.append((prompt, outputs, every, *_nonzero(some & ~every if inside_claims else some)))
+    # the logits left to compute, of every prompt at once
+    counts = [ys.size for *_, ys, _ in boxes]
+    logits = _values_at(packed, np.repeat([box[0] for box in boxes], counts).astype(np.int64),
+                        np.concatenate([ys + outputs[0].start for _, outputs, _, ys, _ in boxes] or [np.empty(0, int)]),
+                        np.concatenate([xs + outputs[1].start for _, outputs, _, _, xs in boxes] or [np.empty(0, int)]),
+                        rows, columns, mask_logit, empty_logit)
+    above = np.split((logits > threshold).numpy(), np.cumsum(counts)[:-1])
+    for (prompt, outputs, every, ys, xs), claimed_there in zip(boxes, above):
         claims = every if inside_claims else np.zeros_like(every)
-        ys, xs = _nonzero(some & ~every if inside_claims else some)  # the outputs left to compute
-        claims[ys, xs] = (values(prompt, ys + top, xs + left, mask_logit, empty_logit) > threshold).numpy()
+        claims[ys, xs] = claimed_there
         claimed = index[outputs]  # a view
         ys, xs = _nonzero(claims & (claimed != 0)) if claimed.any() else (np.empty(0, np.int64),) * 2
         if ys.size:  # a second claimant: the more confident one keeps the pixel
             owners = claimed[ys, xs].astype(np.int64) - 1
-            held = torch.empty(ys.size)
-            for owner in np.unique(owners):
-                here = owners == owner
-                held[torch.from_numpy(here)] = values(int(owner), ys[here] + top, xs[here] + left, scores[owner],
-                                                      torch.tensor(0.0))
-            mine = values(prompt, ys + top, xs + left, scores[prompt], torch.tensor(0.0))
+            top, left = outputs[0].start, outputs[1].start  # (ys + top, xs + left): the slice's outputs
+            held = _values_at(packed, owners, ys + top, xs + left, rows, columns, scores[owners], zero)
+            mine = _values_at(packed, np.full(ys.size, prompt), ys + top, xs + left, rows, columns, scores[prompt],
+                              zero)
             keep = ~(mine > held).numpy()  # strict: the earlier prompt keeps a tie
             claims[ys[keep], xs[keep]] = False
         np.copyto(claimed, prompt + 1, where=claims)
