@@ -10,10 +10,10 @@ combination of its (up to) four taps, so an output whose taps all lie in the mas
 one whose taps all lie outside it ``EMPTY_LOGIT``, up to rounding far from the threshold: :func:`mask_label_index`
 sorts a box's outputs by their taps with boolean gathers and computes the dense resize's arithmetic
 (:func:`~medsam3_monai.transforms.slices.bilinear_two_pass`, value by value) only for the outputs on the mask's
-boundary, every prompt's at once. It merges prompt by prompt: a pixel goes to the claimant of highest confidence, the earlier prompt on a
-tie, as ``merge_classes`` decides; the confidences are computed, the same way, only where a second prompt claims a
-pixel. The work follows the masks' boxes at the slice's size, and the float arithmetic their boundaries, instead of
-2 x P float maps of S x S (41 TotalSegmentator classes at 1008 px: ``scripts/bench_eval.py``,
+boundary, every prompt's at once. It merges prompt by prompt: a pixel goes to the claimant of highest confidence,
+the earlier prompt on a tie, as ``merge_classes`` decides; the confidences are computed, the same way, only where a
+second prompt claims a pixel. The work follows the masks' boxes at the slice's size, and the float arithmetic their
+boundaries, instead of 2 x P float maps of S x S (41 TotalSegmentator classes at 1008 px: ``scripts/bench_eval.py``,
 ``volume_way_back_1008``; a slice-filling mask: ``volume_way_back_full``).
 
 The label map is ``Invertd``'s (``tests/test_mask_merge.py``). Only a tie could differ -- a pixel whose bilinear
@@ -177,13 +177,14 @@ def mask_label_index(
         if outputs is not None:
             every, some = _tap_extent(packed[prompt], w, rows, columns, outputs)
             boxes.append((prompt, outputs, every, *_nonzero(some & ~every if inside_claims else some)))
-    # the logits left to compute, of every prompt at once
-    counts = [ys.size for *_, ys, _ in boxes]
-    logits = _values_at(packed, np.repeat([box[0] for box in boxes], counts).astype(np.int64),
-                        np.concatenate([ys + outputs[0].start for _, outputs, _, ys, _ in boxes] or [np.empty(0, int)]),
-                        np.concatenate([xs + outputs[1].start for _, outputs, _, _, xs in boxes] or [np.empty(0, int)]),
-                        rows, columns, mask_logit, empty_logit)
-    above = np.split((logits > threshold).numpy(), np.cumsum(counts)[:-1])
+    above: list[np.ndarray] = []
+    if boxes:  # the logits left to compute, of every prompt at once
+        counts = [ys.size for *_, ys, _ in boxes]
+        logits = _values_at(packed, np.repeat([box[0] for box in boxes], counts),
+                            np.concatenate([ys + outputs[0].start for _, outputs, _, ys, _ in boxes]),
+                            np.concatenate([xs + outputs[1].start for _, outputs, _, _, xs in boxes]),
+                            rows, columns, mask_logit, empty_logit)
+        above = np.split((logits > threshold).numpy(), np.cumsum(counts)[:-1])
     for (prompt, outputs, every, ys, xs), claimed_there in zip(boxes, above):
         claims = every if inside_claims else np.zeros_like(every)
         claims[ys, xs] = claimed_there
