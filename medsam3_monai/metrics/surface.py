@@ -12,7 +12,8 @@ voxel coordinates, distances returned as float32). :func:`edge_distances` gives 
 * an edge voxel that is an edge voxel of the other mask too is at distance 0 (the nearest point is itself), so only
   the others are looked up in the tree; a prediction that follows the truth shares much of its surface with it;
 * the tree is built without the balancing pass (the nearest neighbour, hence the distance, is the same) and queried
-  with ``workers`` threads (default: ``torch.get_num_threads()``).
+  with ``workers`` threads (default: ``torch.get_num_threads()``; one for fewer than ``PARALLEL_MIN_POINTS``
+  lookups).
 """
 
 from __future__ import annotations
@@ -26,6 +27,8 @@ __all__ = ["edge_distances", "mask_edges"]
 
 #: points per leaf of the KD-tree (MONAI's choice for one batched query)
 LEAF_SIZE = 32
+#: fewer lookups than this run on one thread (starting threads costs more than they save)
+PARALLEL_MIN_POINTS = 1 << 12
 
 
 def mask_edges(mask: np.ndarray) -> np.ndarray:
@@ -68,7 +71,8 @@ def _nearest(points: np.ndarray, flat: np.ndarray, other_edges: np.ndarray, othe
     away = ~other_edges.reshape(-1)[flat]
     if away.any():
         tree = KDTree(other_points, leafsize=LEAF_SIZE, balanced_tree=False, compact_nodes=False)
-        distances[away] = tree.query(points[away], k=1, workers=workers)[0]
+        queries = points[away]
+        distances[away] = tree.query(queries, k=1, workers=workers if len(queries) >= PARALLEL_MIN_POINTS else 1)[0]
     return torch.from_numpy(distances.astype(np.float32))
 
 
