@@ -42,7 +42,8 @@ float maps for the ``classes_per_slice`` present on a slice) and the default (``
 packed and each class is resized inside its box, ``inferers.mask_merge``), the same label volume (checked);
 ``volume_way_back_1008``: the same at SAM3's 1008-px slice space, 30 slices (the example repeated 3 x 3 x 1), where
 a slice is smaller than the slice space; ``volume_way_back_full``: that, with one prompt whose mask fills every
-slice (a random-weight network's CT in ``scripts/bench_gpu.py volume``).
+slice (a random-weight network's CT in ``scripts/bench_gpu.py volume``); ``volume_way_back_overlapping``: that, with
+every class's mask the whole labelled body of its slice (an untrained network's classes, all claiming every pixel).
 3D (when ``medsam3_monai.inferers.volume`` exists): slices per second of the volume path (detector on every
 slice + tracker propagation + inversion + merge + metrics) for a real hippocampus volume and the same volume
 repeated along the slice axis (2x, 4x slices): near-constant slices/s means linear scaling.
@@ -331,13 +332,16 @@ def bench_volume_loading(factors: tuple[int, int, int] = (3, 3, 10)) -> dict:
     return result
 
 
-def bench_volume_way_back(image_size: int, factors: tuple[int, int, int] = (3, 3, 4), fill: bool = False) -> dict:
+def bench_volume_way_back(image_size: int, factors: tuple[int, int, int] = (3, 3, 4), fill: bool = False,
+                          overlap: bool = False) -> dict:
     """The volume way back (``to_input_space`` of ``configs/inference.json``) of a CT with realistic masks: every
     class's slice-space masks made from the truth (nearest resize), as the network's would be, then inverted,
     merged and restacked with MONAI's ``Invertd`` on every slice (``defer=False``: float maps) and the default (the
     masks kept packed, each class resized inside its box); both label volumes are checked equal. ``fill``: one
     prompt instead, its mask the whole of every slice (what a random-weight network gives a CT in
-    ``scripts/bench_gpu.py volume``: every output inside the mask)."""
+    ``scripts/bench_gpu.py volume``: every output inside the mask). ``overlap``: every class's mask is the whole
+    labelled body of the slice (an untrained network's classes, all claiming the same pixels: every pixel inside
+    the body is contested by every class)."""
     import nibabel as nib
     import torch.nn.functional as F
 
@@ -361,7 +365,8 @@ def bench_volume_way_back(image_size: int, factors: tuple[int, int, int] = (3, 3
         meta = item["image"].meta
         plane = truth.select(int(meta["slice_axis"]), int(meta["slice_index"]))
         plane = plane.T if bool(meta.get("slice_transposed", False)) else plane
-        masks = F.interpolate((plane[None] == wanted).float()[None], size=(image_size,) * 2, mode="nearest")[0]
+        claimed = (plane[None] > 0).expand(len(values), -1, -1) if overlap else plane[None] == wanted
+        masks = F.interpolate(claimed.float()[None], size=(image_size,) * 2, mode="nearest")[0]
         bits[:, z] = masks > 0.5
     if fill:
         values, bits = values[:1], BitMasks.pack(torch.ones(1, len(case), image_size, image_size, dtype=torch.bool))
@@ -450,6 +455,7 @@ def main() -> None:
         "volume_way_back": bench_volume_way_back(network.image_size),
         "volume_way_back_1008": bench_volume_way_back(1008, (3, 3, 1)),
         "volume_way_back_full": bench_volume_way_back(1008, (3, 3, 1), fill=True),
+        "volume_way_back_overlapping": bench_volume_way_back(1008, (3, 3, 1), overlap=True),
         "3d": None if args.no_3d else bench_3d(network, args.repeats),
         "torch": torch.__version__, "machine": platform.machine(),
     }

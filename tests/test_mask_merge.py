@@ -144,3 +144,29 @@ def test_the_totalsegmentator_example_goes_back_as_with_invertd(shared_data):
                                   for m in mask_maps(masks, scores))
             reference = merged_index(logits, lambda c=confidence: c, 0.0).numpy()
             assert np.array_equal(mask_label_index(masks, scores, tuple(plane.shape)), reference), (side, z)
+
+
+def test_overlaps_inside_both_masks_are_decided_by_the_scores_as_invertd_decides_them(monkeypatch):
+    # masks overlapping over most of the slice (a random-weight network's classes): inside both masks the two
+    # confidences are the scores interpolated alike, so the scores decide -- unless they are within rounding of
+    # each other: 0.03 and the next float32 tie on 366 outputs of 303 x 366, 0 and the smallest subnormal on every
+    # output (a tie stays with the earlier prompt); those are computed, as everywhere on the masks' boundaries
+    computed = []
+    values_at = mask_merge._values_at
+    monkeypatch.setattr(mask_merge, "_values_at", lambda *args: computed.append(args[2].size) or values_at(*args))
+    generator = torch.Generator().manual_seed(5)
+    base = torch.rand(1, 112, 112, generator=generator) > 0.02  # nearly full, with holes: boundaries everywhere
+    masks = torch.cat([base, base, torch.ones(1, 112, 112, dtype=torch.bool), blob_masks(generator, 1, 112) | base])
+    after = [float(np.nextafter(np.float32(x), np.float32(1))) for x in (0.03, 0.0)]
+    for scores, decided in (([0.03, after[0]], False), ([0.0, after[1]], False), ([0.2, 0.9, 0.7, 0.7], True),
+                            ([0.9, 0.5, 0.0, 0.95], True)):
+        scores, chosen = torch.tensor(scores), masks[:len(scores)]
+        for size in ((303, 366), (171, 259), (500, 420)):
+            computed.clear()
+            ours = mask_label_index(chosen, scores, size)
+            reference = invertd_reference(chosen, scores, size)[0]
+            assert np.array_equal(ours, reference), (scores.tolist(), size, int((ours != reference).sum()))
+            if decided:  # about every pixel is contested by each later prompt; the scores settle all but the edges
+                assert sum(computed) < size[0] * size[1] * (len(scores) - 1) / 4, (scores.tolist(), size)
+            else:  # a near tie: the earlier prompt keeps the pixels where the two values round alike
+                assert (ours == 1).any() and (ours == 2).any(), (scores.tolist(), size)

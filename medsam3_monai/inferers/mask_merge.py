@@ -12,9 +12,11 @@ sorts a box's outputs by their taps with boolean gathers and computes the dense 
 (:func:`~medsam3_monai.transforms.slices.bilinear_two_pass`, value by value) only for the outputs on the mask's
 boundary, every prompt's at once. It merges prompt by prompt: a pixel goes to the claimant of highest confidence,
 the earlier prompt on a tie, as ``merge_classes`` decides; the confidences are computed, the same way, only where a
-second prompt claims a pixel. The work follows the masks' boxes at the slice's size, and the float arithmetic their
-boundaries, instead of 2 x P float maps of S x S (41 TotalSegmentator classes at 1008 px: ``scripts/bench_eval.py``,
-``volume_way_back_1008``; a slice-filling mask: ``volume_way_back_full``).
+second prompt claims a pixel on either mask's boundary (inside both masks they are the two scores, interpolated
+alike: the scores decide, unless they are within rounding of each other). The work follows the masks' boxes at the
+slice's size, and the float arithmetic their boundaries, instead of 2 x P float maps of S x S (41 TotalSegmentator
+classes at 1008 px: ``scripts/bench_eval.py``, ``volume_way_back_1008``; a slice-filling mask:
+``volume_way_back_full``; every class claiming the whole body: ``volume_way_back_overlapping``).
 
 The label map is ``Invertd``'s (``tests/test_mask_merge.py``). Only a tie could differ -- a pixel whose bilinear
 logit is exactly 0 (say a mask edge half-way between two taps), which float rounding decides -- and ATen's CPU
@@ -129,6 +131,24 @@ def _values_at(packed: np.ndarray, prompts: np.ndarray, ys: np.ndarray, xs: np.n
     return torch.addcmul(along_columns[1] * second, along_columns[0], first)
 
 
+#: two scores further apart than this fraction of the larger keep their order through any bilinear weights
+#: (float32 rounding moves a value by a few units of 1e-7)
+SCORE_GAP = 1e-5
+
+
+def _contest_by_scores(mine: float, held: np.ndarray, both_inside: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
+    """Contested pixels settled without interpolating: ``(keep, open)``: whether the owner keeps each pixel, and
+    the indices of those still to compute.
+
+    Where both claimants have every tap in their masks (``both_inside``), each confidence is its score interpolated
+    with the same weights, and rounding never reverses an order: a score at most the owner's (``held``) never
+    wins (it is not strictly greater), one above it by more than ``SCORE_GAP`` always does. Scores closer than that,
+    and pixels on either mask's boundary, stay open."""
+    gap = mine - held
+    decided = both_inside & ((gap <= 0) | (gap > SCORE_GAP * np.maximum(abs(mine), np.abs(held)) + 1e-30))
+    return gap <= 0, np.flatnonzero(~decided)
+
+
 def mask_label_index(
     masks: BitMasks | torch.Tensor,
     scores: torch.Tensor | Sequence[float],
@@ -185,20 +205,27 @@ def mask_label_index(
                             np.concatenate([xs + outputs[1].start for _, outputs, _, _, xs in boxes]),
                             rows, columns, mask_logit, empty_logit)
         above = np.split((logits > threshold).numpy(), np.cumsum(counts)[:-1])
+    owner_inside = np.zeros((height, width), bool)  # whether a pixel's owner has all four of its taps in its mask
+    score_values = scores.numpy().astype(np.float64)
     for (prompt, outputs, every, ys, xs), claimed_there in zip(boxes, above):
-        claims = every if inside_claims else np.zeros_like(every)
+        claims = every.copy() if inside_claims else np.zeros_like(every)  # every stays: all taps in the mask
         claims[ys, xs] = claimed_there
         claimed = index[outputs]  # a view
         ys, xs = _nonzero(claims & (claimed != 0)) if claimed.any() else (np.empty(0, np.int64),) * 2
-        if ys.size:  # a second claimant: the more confident one keeps the pixel
+        if ys.size:  # a second claimant: the more confident one keeps the pixel (strict: the earlier on a tie)
             owners = claimed[ys, xs].astype(np.int64) - 1
-            top, left = outputs[0].start, outputs[1].start  # (ys + top, xs + left): the slice's outputs
-            held = _values_at(packed, owners, ys + top, xs + left, rows, columns, scores[owners], zero)
-            mine = _values_at(packed, np.full(ys.size, prompt), ys + top, xs + left, rows, columns, scores[prompt],
-                              zero)
-            keep = ~(mine > held).numpy()  # strict: the earlier prompt keeps a tie
+            keep, open_ = _contest_by_scores(score_values[prompt], score_values[owners],
+                                             owner_inside[outputs][ys, xs] & every[ys, xs])
+            if open_.size:
+                top, left = outputs[0].start, outputs[1].start  # (ys + top, xs + left): the slice's outputs
+                o_ys, o_xs, o_owners = ys[open_] + top, xs[open_] + left, owners[open_]
+                held = _values_at(packed, o_owners, o_ys, o_xs, rows, columns, scores[o_owners], zero)
+                mine = _values_at(packed, np.full(open_.size, prompt), o_ys, o_xs, rows, columns, scores[prompt],
+                                  zero)
+                keep[open_] = ~(mine > held).numpy()
             claims[ys[keep], xs[keep]] = False
         np.copyto(claimed, prompt + 1, where=claims)
+        np.copyto(owner_inside[outputs], every, where=claims)
     if progress is not None:
         progress(height)
     return index
