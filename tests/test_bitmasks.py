@@ -6,6 +6,7 @@ import pytest
 import torch
 
 from medsam3_monai.inferers import BitMasks
+from medsam3_monai.inferers.bitmasks import pack_bits
 
 
 @pytest.mark.parametrize("width", [1, 7, 8, 13, 112])
@@ -21,6 +22,16 @@ def test_packing_is_exact_and_takes_an_eighth_of_the_bytes(width):
     assert BitMasks.pack(first).bits[0, 0].item() == 128
     last_bits = width % 8 or 8
     assert BitMasks.pack(torch.ones(1, width, dtype=torch.bool)).bits[0, -1].item() == (0xFF << (8 - last_bits)) & 0xFF
+    # the packing of masks on an accelerator (torch operations on their device): numpy's bytes, here on the CPU
+    assert torch.equal(pack_bits(masks), packed.bits)
+    assert torch.equal(pack_bits(masks[:, :, :0]), packed.bits[:, :, :0])
+
+
+@pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a CUDA device")
+def test_masks_on_a_cuda_device_are_packed_there():
+    masks = torch.rand(5, 1008, 1008, generator=torch.Generator().manual_seed(0)) > 0.5
+    packed = BitMasks.pack(masks.cuda())
+    assert packed.bits.device.type == "cpu" and torch.equal(packed.bits, BitMasks.pack(masks).bits)
 
 
 def test_indexing_and_assignment_address_the_masks_and_share_the_bits():

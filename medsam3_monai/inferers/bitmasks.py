@@ -14,7 +14,7 @@ from typing import Any
 import numpy as np
 import torch
 
-__all__ = ["BitMasks"]
+__all__ = ["BitMasks", "pack_bits"]
 
 
 def _leading(index: Any, leading_dims: int) -> Any:
@@ -24,6 +24,20 @@ def _leading(index: Any, leading_dims: int) -> Any:
         raise ValueError(f"BitMasks index {index!r}: index only the {leading_dims} leading (mask) dimensions; "
                          "unpack() first to index pixels")
     return index
+
+
+#: the value of each of a byte's 8 pixels, first pixel in the highest bit (numpy's ``packbits`` order)
+_BIT_VALUES = (128, 64, 32, 16, 8, 4, 2, 1)
+
+
+def pack_bits(masks: torch.Tensor) -> torch.Tensor:
+    """(..., W) bool -> (..., ceil(W / 8)) uint8 on the masks' device, ``np.packbits(masks, axis=-1)``'s bytes (the
+    padding bits of a row 0): torch operations, for masks on an accelerator."""
+    bytes_ = masks.to(torch.uint8)
+    if masks.shape[-1] % 8:
+        bytes_ = torch.nn.functional.pad(bytes_, (0, 8 - masks.shape[-1] % 8))
+    values = torch.tensor(_BIT_VALUES, dtype=torch.uint8, device=masks.device)
+    return (bytes_.unflatten(-1, (-1, 8)) * values).sum(-1, dtype=torch.uint8)
 
 
 class BitMasks:
@@ -55,11 +69,14 @@ class BitMasks:
 
     @classmethod
     def pack(cls, masks: torch.Tensor) -> BitMasks:
-        """(..., H, W) bool (any device) -> BitMasks on the host."""
+        """(..., H, W) bool (any device) -> BitMasks on the host. Masks on an accelerator are packed there
+        (:func:`pack_bits`), so an eighth of their bytes crosses to the host and the host does no packing."""
         if masks.dtype != torch.bool:
             raise ValueError(f"BitMasks.pack takes bool masks, got {masks.dtype}")
-        dense = masks.detach().cpu().contiguous().numpy()
-        return cls(torch.from_numpy(np.packbits(dense, axis=-1)), masks.shape[-1])
+        masks = masks.detach()
+        if masks.device.type != "cpu":
+            return cls(pack_bits(masks).cpu(), masks.shape[-1])
+        return cls(torch.from_numpy(np.packbits(masks.contiguous().numpy(), axis=-1)), masks.shape[-1])
 
     @property
     def shape(self) -> tuple[int, ...]:

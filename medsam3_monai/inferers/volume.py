@@ -263,7 +263,8 @@ def track_from_seed(tracker: Sam3TrackerVideoModel, session: Any, seed: int,
                     seed_mask: torch.Tensor, size: int, progress: bool = False) -> torch.Tensor:
     """Propagate ``seed_mask`` (S, S) from slice ``seed`` to the last slice, then back to slice 0.
 
-    Returns (D, S, S) bool: the tracker's mask on every slice (the seed's is its own prompt, resampled).
+    Returns (D, S, S) bool on the tracker's device: the tracker's mask on every slice (the seed's is its own
+    prompt, resampled); ``BitMasks.pack`` packs it there.
     """
     num_frames = session.num_frames
     add_mask_prompt(session, obj_id=1, frame_idx=seed, mask=seed_mask)
@@ -277,7 +278,7 @@ def track_from_seed(tracker: Sam3TrackerVideoModel, session: Any, seed: int,
     if sorted(low_res) != list(range(num_frames)):
         raise RuntimeError(f"the tracker visited slices {sorted(low_res)} of {num_frames}")
     stacked = torch.stack([low_res[i] for i in range(num_frames)])[:, None]
-    return (upsample_logits(stacked, size)[:, 0] > 0).cpu()
+    return upsample_logits(stacked, size)[:, 0] > 0
 
 
 def _same_backbone(detector: nn.Module, tracker: Sam3TrackerVideoModel) -> bool:
