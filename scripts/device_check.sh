@@ -53,6 +53,7 @@ done >"$RESULTS/profiles.txt"
 
 "$PY" -m pytest -q -p no:cacheprovider -rs tests/test_boundary_merge.py tests/test_training_step.py \
     tests/test_network_forward.py::test_the_decoder_reads_the_grid_size_from_a_host_tensor \
+    tests/test_bitmasks.py::test_masks_on_a_cuda_device_are_packed_there \
     >"$RESULTS/gpu_tests.log" 2>&1
 tests=$?
 if grep -q "needs a CUDA device" "$RESULTS/gpu_tests.log"; then
