@@ -5,6 +5,7 @@ edges as MONAI's ``get_mask_edges`` (scipy's erosion), the same distances bit fo
 
 from __future__ import annotations
 
+import math
 import warnings
 
 import nibabel as nib
@@ -115,3 +116,25 @@ def test_surface_metrics_of_a_real_ct_segmentation_equal_monai(shared_data):
         p, t = pred == value, truth == value
         assert (surface_dice(p, t, spacing), hd95(p, t, spacing)) == (nsd.item(), hd.item())
         assert case_metrics(p, t, spacing)["hd95"] == hd.item()
+
+
+def test_label_map_metrics_on_several_threads_are_the_serial_ones(shared_data):
+    # the classes' surface metrics run on torch.get_num_threads() threads at once: the same numbers, in order
+    image = nib.load(str(shared_data / SEGMENTATION))
+    truth = torch.from_numpy(np.asarray(image.dataobj).astype(np.uint8))
+    pred = torch.roll(truth, shifts=(1, 2), dims=(0, 2))
+    values = [int(v) for v in torch.unique(truth) if v > 0][:12] + [250]  # one class in neither map
+    spacing = [float(s) for s in image.header.get_zooms()[:3]]
+    previous = torch.get_num_threads()
+    try:
+        results = []
+        for threads in (1, 3):
+            torch.set_num_threads(threads)
+            results.append(label_map_metrics(pred, truth, values, spacing))
+    finally:
+        torch.set_num_threads(previous)
+    assert results[0] == results[1]
+    absent, _ = results[0][-1]
+    assert (absent["dice"], absent["nsd"]) == (1.0, 1.0) and math.isnan(absent["hd95"])
+    assert len({found["nsd"] for found, _ in results[0][:-1]}) > 3  # the classes' own numbers, not one repeated
+    assert all(math.isfinite(found["hd95"]) for found, _ in results[0][:-1])

@@ -39,6 +39,7 @@ from __future__ import annotations
 import math
 import warnings
 from collections.abc import Callable, Sequence
+from concurrent.futures import ThreadPoolExecutor
 from typing import Any
 
 import numpy as np
@@ -249,9 +250,9 @@ def case_metrics(
 
 
 def _metrics_of(counts: tuple[int, int, int], p: Any, t: Any, spacing: Spacing, nsd_tolerance_mm: float,
-                use_subvoxels: bool) -> dict[str, float]:
+                use_subvoxels: bool, workers: int | None = None) -> dict[str, float]:
     """:func:`case_metrics` from the overlap counts; ``p``/``t`` (masks, or callables making them) are read only for
-    the surface metrics."""
+    the surface metrics (``workers``: threads of their edge-distance lookups, :func:`~.surface.edge_distances`)."""
     out = {"dice": _dice_of(*counts), "iou": _iou_of(*counts)}
     if spacing is not None:
         p, t = _surface_pair(*(x() if callable(x) else x for x in (p, t)))  # cropped once for both metrics
@@ -259,14 +260,15 @@ def _metrics_of(counts: tuple[int, int, int], p: Any, t: Any, spacing: Spacing, 
             out["nsd"] = surface_dice(p, t, spacing, nsd_tolerance_mm, use_subvoxels)
             out["hd95"] = hd95(p, t, spacing)
         else:
-            out["nsd"], out["hd95"] = _nsd_and_hd95(p, t, spacing, nsd_tolerance_mm)
+            out["nsd"], out["hd95"] = _nsd_and_hd95(p, t, spacing, nsd_tolerance_mm, workers)
     return out
 
 
-def _nsd_and_hd95(p: torch.Tensor, t: torch.Tensor, spacing: Spacing, tolerance_mm: float) -> tuple[float, float]:
+def _nsd_and_hd95(p: torch.Tensor, t: torch.Tensor, spacing: Spacing, tolerance_mm: float,
+                  workers: int | None = None) -> tuple[float, float]:
     """:func:`surface_dice` (edge voxels) and :func:`hd95` of two non-empty masks from one computation of their edge
     distances (most of their time)."""
-    distances = edge_distances(p, t, _spacing_arg(spacing, p.ndim))
+    distances = edge_distances(p, t, _spacing_arg(spacing, p.ndim), workers)
     return _nsd_of(*distances, tolerance_mm), _hd95_of(*distances)
 
 
@@ -371,18 +373,27 @@ def label_map_metrics(
     """:func:`case_metrics` of ``pred == v`` against ``truth == v`` for every ``v`` of ``values``, from the two label
     maps: the overlaps of all values in three passes (:func:`label_overlaps`); a value's masks are made only for
     the surface metrics (when ``spacing`` is given), and only in the box around its voxels in either map (one
-    ``scipy.ndimage.find_objects`` pass per map). Returns ``(metrics, |P|)`` per value, in order."""
+    ``scipy.ndimage.find_objects`` pass per map). Several values' surface metrics (edge voxels) run at once, on
+    ``torch.get_num_threads()`` threads (numpy and scipy's KD-tree release the GIL), each value's on one; the
+    values are the same either way. Returns ``(metrics, |P|)`` per value, in order."""
     pred, truth = as_label_map(pred, "pred"), as_label_map(truth, "truth")
     if pred.shape != truth.shape:
         raise ValueError(f"pred and truth must have the same shape, got {tuple(pred.shape)} and {tuple(truth.shape)}")
-    out = []
     overlaps = label_overlaps(pred, truth, values)
     boxes = _value_boxes(pred, truth, values) if spacing is not None and len(values) else {}
-    for value, counts in zip(values, overlaps):
+    # (the subvoxel NSD stays serial: MONAI's, under warnings.catch_warnings, which threads must not share)
+    threads = torch.get_num_threads() if spacing is not None and not use_subvoxels and len(values) > 1 else 1
+
+    def value_metrics(value: int, counts: tuple[int, int, int]) -> tuple[dict[str, float], int]:
         box = boxes.get(int(value), ())
         masks = (lambda v=int(value), b=box: pred[b] == v), (lambda v=int(value), b=box: truth[b] == v)
-        out.append((_metrics_of(counts, *masks, spacing, nsd_tolerance_mm, use_subvoxels), counts[1]))
-    return out
+        workers = 1 if threads > 1 else None  # the threads are the values'
+        return _metrics_of(counts, *masks, spacing, nsd_tolerance_mm, use_subvoxels, workers), counts[1]
+
+    if threads == 1:
+        return [value_metrics(value, counts) for value, counts in zip(values, overlaps)]
+    with ThreadPoolExecutor(min(threads, len(values))) as pool:
+        return list(pool.map(value_metrics, values, overlaps))
 
 
 #: largest label value whose box :func:`_value_boxes` finds in one pass (``scipy.ndimage.find_objects`` lists
