@@ -362,6 +362,11 @@ def _value_counts(pred: torch.Tensor, truth: torch.Tensor, values: Sequence[int]
     return [(int(x), int(y), int(z)) for x, y, z in counts]
 
 
+#: most classes whose surface metrics run at once (each holds its masks' crops, edges and coordinates: for a
+#: class spanning a whole-body CT, about a GB)
+MAX_METRIC_THREADS = 8
+
+
 def label_map_metrics(
     pred: torch.Tensor,
     truth: torch.Tensor,
@@ -374,8 +379,9 @@ def label_map_metrics(
     maps: the overlaps of all values in three passes (:func:`label_overlaps`); a value's masks are made only for
     the surface metrics (when ``spacing`` is given), and only in the box around its voxels in either map (one
     ``scipy.ndimage.find_objects`` pass per map). Several values' surface metrics (edge voxels) run at once, on
-    ``torch.get_num_threads()`` threads (numpy and scipy's KD-tree release the GIL), each value's on one; the
-    values are the same either way. Returns ``(metrics, |P|)`` per value, in order."""
+    ``torch.get_num_threads()`` threads (at most ``MAX_METRIC_THREADS``; numpy and scipy's KD-tree release the
+    GIL), each value's on one; the values are the same either way. Returns ``(metrics, |P|)`` per value, in
+    order."""
     pred, truth = as_label_map(pred, "pred"), as_label_map(truth, "truth")
     if pred.shape != truth.shape:
         raise ValueError(f"pred and truth must have the same shape, got {tuple(pred.shape)} and {tuple(truth.shape)}")
@@ -392,7 +398,7 @@ def label_map_metrics(
 
     if threads == 1:
         return [value_metrics(value, counts) for value, counts in zip(values, overlaps)]
-    with ThreadPoolExecutor(min(threads, len(values))) as pool:
+    with ThreadPoolExecutor(min(threads, len(values), MAX_METRIC_THREADS)) as pool:
         return list(pool.map(value_metrics, values, overlaps))
 
 
