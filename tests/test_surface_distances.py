@@ -78,6 +78,8 @@ def test_edge_distances_reject_empty_and_mismatched_masks():
         edge_distances(mask, np.zeros_like(mask))
     with pytest.raises(ValueError, match="same shape"):
         edge_distances(mask, mask[:3])
+    with pytest.raises(ValueError, match="one value per mask axis"):
+        edge_distances(mask, mask, spacing=(1.0, 2.0, 3.0))
 
 
 def test_surface_metrics_of_a_real_ct_segmentation_equal_monai(shared_data):

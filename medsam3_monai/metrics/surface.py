@@ -5,7 +5,7 @@ MONAI's ``compute_surface_dice`` and ``compute_hausdorff_distance`` (edge voxels
 by the face-connected cross (``scipy.ndimage.binary_erosion``, outside the array counting as background), and each
 edge voxel of one mask gets the distance in mm to the nearest edge voxel of the other (a KD-tree over the scaled
 voxel coordinates, distances returned as float32). :func:`edge_distances` gives the same values, bit for bit
-(``tests/test_metrics.py`` compares them with MONAI's), with less work:
+(``tests/test_surface_distances.py`` compares them with MONAI's), with less work:
 
 * the edges come from six shifted ``&`` of the mask instead of a generic erosion, and the voxel coordinates from
   one flat index pass;
@@ -91,12 +91,16 @@ def edge_distances(pred: torch.Tensor | np.ndarray, truth: torch.Tensor | np.nda
         voxel of ``truth``, and the reverse -- MONAI's ``get_edge_surface_distance(pred, truth, "euclidean", spacing,
         symmetric=True)[1]``.
     """
-    p, t = (np.ascontiguousarray(x.numpy() if isinstance(x, torch.Tensor) else x, dtype=bool) for x in (pred, truth))
+    p, t = (np.ascontiguousarray(x.detach().cpu().numpy() if isinstance(x, torch.Tensor) else x, dtype=bool)
+            for x in (pred, truth))
     if p.shape != t.shape:
         raise ValueError(f"pred and truth must have the same shape, got {p.shape} and {t.shape}")
     if not (p.any() and t.any()):
         raise ValueError("edge distances need two non-empty masks (a missing surface has no distance)")
-    scale = np.broadcast_to(np.asarray(1.0 if spacing is None else spacing, dtype=np.float64), (p.ndim,))
+    scale = np.asarray(1.0 if spacing is None else spacing, dtype=np.float64).reshape(-1)
+    if scale.size not in (1, p.ndim):
+        raise ValueError(f"spacing needs one value per mask axis ({p.ndim}) or one for all, got {scale.tolist()}")
+    scale = np.broadcast_to(scale, (p.ndim,))
     workers = int(workers if workers is not None else torch.get_num_threads())
     edges_p, edges_t = mask_edges(p), mask_edges(t)
     (flat_p, points_p), (flat_t, points_t) = _voxels(edges_p, scale), _voxels(edges_t, scale)
