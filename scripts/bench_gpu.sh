@@ -33,6 +33,8 @@
 #   volume_compiled    the same CT as fast as `medsam3 segment` can go: the vision encoder and the tracker's
 #                      per-slice modules compiled (in a warm-up on the first slices, compile_s, before the clock),
 #                      32 find-queries per detector pass (one pass per slice batch, not two)    (extra)
+#   volume_cudagraphs  volume_compiled with torch.compile's "reduce-overhead" mode (CUDA graphs): the tracker's
+#                      per-slice step is hundreds of small kernels launched from Python, far below its FLOPs  (extra)
 #   volume_profile     a 24-slice CT's operators by device time (detector + tracker)          (extra)
 # Operator profiles (the forward at its last batch, a training step, volume_profile) go to $LOG_DIR/*_profile.txt.
 # With gradient checkpointing, `mfu` counts the recomputed forward (hardware FLOPs) and `mfu_model_flops` does not
@@ -62,9 +64,9 @@ if ! "$PY" -c 'import sys, torch; sys.exit(0 if torch.cuda.is_available() else 1
 fi
 
 PARTS=(forward forward_compiled forward_channels_last forward_chunk32 evaluate train train_checkpointing train_compiled
-       train_batch8_compiled train_batch16_checkpointing volume volume_compiled volume_profile)
+       train_batch8_compiled train_batch16_checkpointing volume volume_compiled volume_cudagraphs volume_profile)
 EXTRA=" forward_compiled forward_channels_last forward_chunk32 train_compiled train_batch8_compiled
- train_batch16_checkpointing volume_compiled volume_profile "
+ train_batch16_checkpointing volume_compiled volume_cudagraphs volume_profile "
 ONLY="${ONLY:-}"
 
 summarize() {  # summarize FILE: the parts' JSON objects as one (a part not run yet: {"pending": true}) into FILE
@@ -144,6 +146,8 @@ run_part train_batch8_compiled "$PY" scripts/bench_train.py "${TRAIN[@]}" --batc
 run_part train_batch16_checkpointing "$PY" scripts/bench_train.py "${TRAIN[@]}" --batch 16 --checkpointing --compile
 run_part volume_compiled "$PY" scripts/bench_gpu.py volume --size 512 --depth 300 --slice-batch 32 --compile \
     --detector-chunk 32
+run_part volume_cudagraphs "$PY" scripts/bench_gpu.py volume --size 512 --depth 300 --slice-batch 32 --compile \
+    --compile-mode reduce-overhead --detector-chunk 32
 run_part volume_profile "$PY" scripts/bench_gpu.py volume --size 512 --depth 24 --slice-batch 8 \
     --profile "$LOG_DIR/volume_profile.txt"
 run_part forward_channels_last "$PY" scripts/bench_gpu.py forward --batch 8 --channels-last "${FORWARD[@]}"
