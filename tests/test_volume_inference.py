@@ -315,6 +315,33 @@ def test_a_compiled_tracker_gives_the_eager_masks_and_compiles_only_at_the_first
         compile_tracker(detector)
 
 
+def test_with_cuda_graphs_the_compiled_tracker_modules_hand_out_copies_of_their_outputs(detector):
+    """In torch.compile's CUDA-graph modes a graph's outputs are overwritten at its next replay, while the tracker
+    keeps a slice's memory features and object pointer for the slices after it: ``compile_tracker`` then has each
+    module's outputs copied, eagerly after its graph (a forward hook outside it; the default mode adds none)."""
+    from torch import nn
+
+    from medsam3_monai.inferers.batch import CUDA_GRAPH_MODES, TRACKER_FRAME_MODULES, _own_outputs, compile_tracker
+
+    plain, graphed = present_tracker(detector=detector), present_tracker(detector=detector)
+    compile_tracker(plain)  # compiled lazily, at the first call: neither tracker runs here
+    compile_tracker(graphed, "reduce-overhead")
+    for name in TRACKER_FRAME_MODULES:
+        assert _own_outputs not in getattr(plain, name)._forward_hooks.values()
+        assert _own_outputs in getattr(graphed, name)._forward_hooks.values()
+    outputs = (torch.ones(2), [torch.zeros(3), 4], None)
+    copied = _own_outputs(None, (), outputs)
+    assert torch.equal(copied[0], outputs[0]) and copied[0].data_ptr() != outputs[0].data_ptr()
+    assert copied[1][1] == 4 and copied[2] is None and copied[1][0].data_ptr() != outputs[1][0].data_ptr()
+    # the hook breaks the compiled graph and runs after it: a module compiled so gives its eager outputs
+    module = nn.Sequential(nn.Linear(4, 4), nn.ReLU(), nn.Linear(4, 2))
+    x = torch.randn(3, 4, generator=torch.Generator().manual_seed(0))
+    expected = module(x)
+    module.register_forward_hook(_own_outputs)
+    module.compile(mode=CUDA_GRAPH_MODES[0])
+    assert torch.allclose(module(x), expected)
+
+
 def test_a_compiling_predictor_compiles_its_tracker_when_it_builds_it():
     """``Predictor.compile`` (``medsam3 segment --compile``): the vision encoder at once, batches padded; the tracker,
     built at the first volume, with its per-slice modules compiled."""

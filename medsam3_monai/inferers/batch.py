@@ -40,6 +40,7 @@ __all__ = [
     "AUTOCAST_DTYPES",
     "CaseBatch",
     "collate_case_batch",
+    "CUDA_GRAPH_MODES",
     "TRACKER_FRAME_MODULES",
     "compile_network",
     "compile_tracker",
@@ -210,6 +211,19 @@ def inference_context(device: torch.device | str, autocast: str | None = "none")
 TRACKER_FRAME_MODULES = ("memory_attention", "mask_decoder", "memory_encoder", "prompt_encoder")
 
 
+#: ``torch.compile`` modes that replay CUDA graphs: a graph's outputs live in its memory pool until its next replay
+CUDA_GRAPH_MODES = ("reduce-overhead", "max-autotune")
+
+
+@torch.compiler.disable
+def _own_outputs(_module: torch.nn.Module, _inputs: Any, outputs: Any) -> Any:
+    """Forward hook: the module's tensor outputs copied, eagerly after its compiled graph, so that they outlive the
+    graph's next replay (the tracker keeps a slice's memory features and object pointer for the slices after it)."""
+    from torch.utils._pytree import tree_map_only
+
+    return tree_map_only(torch.Tensor, torch.clone, outputs)
+
+
 def compile_tracker(tracker: torch.nn.Module, mode: str | None = None) -> torch.nn.Module:
     """``torch.compile`` of a ``Sam3TrackerVideoModel``'s per-slice modules (:data:`TRACKER_FRAME_MODULES`,
     ``nn.Module.compile``: modules, weights and hooks stay as they are), in place. Eager, one slice's step is
@@ -217,13 +231,17 @@ def compile_tracker(tracker: torch.nn.Module, mode: str | None = None) -> torch.
     transformers' session bookkeeping between the modules (gathering the memory bank, object pointers) stays eager.
     The memory bank grows over the first slices of a propagation and the seed slice's step differs from the others
     (a mask prompt), so the modules compile a few graphs at the first volume (the shapes first seen, then dynamic
-    ones); those then serve every slice, object and volume of the process. Returns the tracker."""
+    ones); those then serve every slice, object and volume of the process. In a mode of :data:`CUDA_GRAPH_MODES`
+    each module's outputs are copied out of its graph's memory pool (:func:`_own_outputs`). Returns the tracker."""
     missing = [name for name in TRACKER_FRAME_MODULES if not isinstance(getattr(tracker, name, None), torch.nn.Module)]
     if missing:
         raise TypeError(f"{type(tracker).__name__} has no {', '.join(missing)}: compile_tracker takes a SAM3 tracker "
                         "(transformers' Sam3TrackerVideoModel, networks.tracker.build_tracker)")
     for name in TRACKER_FRAME_MODULES:
-        getattr(tracker, name).compile(mode=mode)
+        module = getattr(tracker, name)
+        if mode in CUDA_GRAPH_MODES:
+            module.register_forward_hook(_own_outputs)
+        module.compile(mode=mode)
     return tracker
 
 
