@@ -13,6 +13,7 @@ import numpy as np
 import pytest
 import torch
 
+from test_metrics import _boxes_at_random
 from medsam3_monai.metrics import case_metrics, hd95, label_map_metrics, surface_dice
 from medsam3_monai.metrics.surface import edge_distances, mask_edges
 
@@ -31,14 +32,8 @@ def _monai_distances(pred: np.ndarray, truth: np.ndarray, spacing) -> tuple[torc
 
 
 def _random_mask(rng: np.random.Generator, shape: tuple[int, ...]) -> np.ndarray:
-    """A few boxes (some touching the borders) with holes: edges inside and out."""
-    mask = np.zeros(shape, dtype=bool)
-    for _ in range(3):
-        low = [int(rng.integers(0, n - 1)) for n in shape]
-        high = [int(min(n, a + rng.integers(1, n))) for a, n in zip(low, shape)]
-        mask[tuple(slice(a, b) for a, b in zip(low, high))] = True
-    mask &= rng.random(shape) > 0.05
-    return mask
+    """Three boxes (some touching the borders) with holes: edges inside and out."""
+    return _boxes_at_random(rng, shape, 3) & (rng.random(shape) > 0.05)
 
 
 def test_mask_edges_are_scipy_erosion_edges_at_the_borders_too():

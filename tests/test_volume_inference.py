@@ -315,7 +315,7 @@ def test_a_compiled_tracker_gives_the_eager_masks_and_compiles_only_at_the_first
         compile_tracker(detector)
 
 
-def test_with_cuda_graphs_the_compiled_tracker_modules_hand_out_copies_of_their_outputs(detector):
+def test_with_cuda_graphs_the_compiled_tracker_modules_hand_out_copies_of_their_outputs(detector, dynamo_counters):
     """In torch.compile's CUDA-graph modes a graph's outputs are overwritten at its next replay, while the tracker
     keeps a slice's memory features and object pointer for the slices after it: ``compile_tracker`` then has each
     module's outputs copied, eagerly after its graph (a forward hook outside it; the default mode adds none)."""

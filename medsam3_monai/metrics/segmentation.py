@@ -45,7 +45,7 @@ from typing import Any
 import numpy as np
 import torch
 
-from .surface import edge_distances
+from .surface import _spacing_arg, edge_distances
 
 __all__ = [
     "DEFAULT_NSD_TOLERANCE_MM",
@@ -141,15 +141,6 @@ def dice(pred, truth) -> float:
 def iou(pred, truth) -> float:
     """IoU (Jaccard) = |P∩T| / |P∪T|; 1.0 when both masks are empty, 0.0 when only one is."""
     return _iou_of(*_counts(pred, truth))
-
-
-def _spacing_arg(spacing: Spacing, ndim: int) -> float | list[float] | None:
-    if spacing is None or isinstance(spacing, (int, float)):
-        return spacing
-    values = [float(s) for s in np.asarray(spacing, dtype=float).ravel()]
-    if len(values) != ndim:
-        raise ValueError(f"spacing needs one value per mask axis ({ndim}), got {len(values)}: {values}")
-    return values
 
 
 #: voxels kept around the two masks' union when the surface metrics crop them: MONAI's own margin
@@ -389,11 +380,11 @@ def label_map_metrics(
     boxes = _value_boxes(pred, truth, values) if spacing is not None and len(values) else {}
     # (the subvoxel NSD stays serial: MONAI's, under warnings.catch_warnings, which threads must not share)
     threads = torch.get_num_threads() if spacing is not None and not use_subvoxels and len(values) > 1 else 1
+    workers = 1 if threads > 1 else None  # the KD-tree lookups' threads: the values' own when they run at once
 
     def value_metrics(value: int, counts: tuple[int, int, int]) -> tuple[dict[str, float], int]:
         box = boxes.get(int(value), ())
         masks = (lambda v=int(value), b=box: pred[b] == v), (lambda v=int(value), b=box: truth[b] == v)
-        workers = 1 if threads > 1 else None  # the threads are the values'
         return _metrics_of(counts, *masks, spacing, nsd_tolerance_mm, use_subvoxels, workers), counts[1]
 
     if threads == 1:

@@ -31,6 +31,17 @@ LEAF_SIZE = 32
 PARALLEL_MIN_POINTS = 1 << 12
 
 
+def _spacing_arg(spacing: float | Sequence[float] | None, ndim: int) -> float | list[float] | None:
+    """``spacing`` as the surface metrics take it: None, one number (isotropic), or one value per mask axis
+    (checked)."""
+    if spacing is None or isinstance(spacing, (int, float)):
+        return spacing
+    values = [float(s) for s in np.asarray(spacing, dtype=float).ravel()]
+    if len(values) != ndim:
+        raise ValueError(f"spacing needs one value per mask axis ({ndim}), got {len(values)}: {values}")
+    return values
+
+
 def mask_edges(mask: np.ndarray) -> np.ndarray:
     """(...) bool -> (...) bool: the voxels of ``mask`` with at least one face neighbour outside it (or on the
     array's border), i.e. ``mask ^ binary_erosion(mask)`` with scipy's default cross and ``border_value=0``."""
@@ -97,10 +108,8 @@ def edge_distances(pred: torch.Tensor | np.ndarray, truth: torch.Tensor | np.nda
         raise ValueError(f"pred and truth must have the same shape, got {p.shape} and {t.shape}")
     if not (p.any() and t.any()):
         raise ValueError("edge distances need two non-empty masks (a missing surface has no distance)")
-    scale = np.asarray(1.0 if spacing is None else spacing, dtype=np.float64).reshape(-1)
-    if scale.size not in (1, p.ndim):
-        raise ValueError(f"spacing needs one value per mask axis ({p.ndim}) or one for all, got {scale.tolist()}")
-    scale = np.broadcast_to(scale, (p.ndim,))
+    spacing = _spacing_arg(spacing, p.ndim)
+    scale = np.broadcast_to(np.asarray(1.0 if spacing is None else spacing, dtype=np.float64), (p.ndim,))
     workers = int(workers if workers is not None else torch.get_num_threads())
     edges_p, edges_t = mask_edges(p), mask_edges(t)
     (flat_p, points_p), (flat_t, points_t) = _voxels(edges_p, scale), _voxels(edges_t, scale)
