@@ -31,6 +31,7 @@ from pathlib import Path
 
 import torch
 from ignite.engine import Events
+from torch.utils._python_dispatch import TorchDispatchMode
 
 from medsam3_monai.engines import MedSAM3Trainer, PrepareFindBatch, build_optimizer
 from medsam3_monai.engines import autocast_for as trainer_autocast
@@ -176,28 +177,30 @@ def step_flops(network: torch.nn.Module, batch: dict, device: torch.device, bf16
     return counter.get_total_flops()
 
 
+class OperatorCount(TorchDispatchMode):
+    """``with OperatorCount() as count: ...``: ``count.calls``, the operators dispatched inside (on a GPU, about the
+    kernel launches)."""
+
+    def __init__(self) -> None:
+        super().__init__()
+        self.calls = 0
+
+    def __torch_dispatch__(self, func, types, args=(), kwargs=None):
+        self.calls += 1
+        return func(*args, **(kwargs or {}))
+
+
 def step_operators(network: torch.nn.Module, batch: dict, device: torch.device, bf16: bool) -> dict[str, int]:
     """The operators one eager training step on ``batch`` dispatches -- on a GPU, roughly its kernel launches, which
     bound a step whose kernels are small (``bench_gpu.sh``'s profiles) -- in the forward, the set-prediction
     criterion and the backward (the optimiser's step aside)."""
-    from torch.utils._python_dispatch import TorchDispatchMode
-
-    class Count(TorchDispatchMode):
-        def __init__(self) -> None:
-            super().__init__()
-            self.calls = 0
-
-        def __torch_dispatch__(self, func, types, args=(), kwargs=None):
-            self.calls += 1
-            return func(*args, **(kwargs or {}))
-
     images, targets, _, kwargs = PrepareFindBatch()(batch, device)
-    with Count() as forward:
+    with OperatorCount() as forward:
         with trainer_autocast(device, bf16):
             outputs = network(images, **kwargs)
-    with Count() as criterion:
+    with OperatorCount() as criterion:
         terms = SetCriterion()(outputs, targets)
-    with Count() as backward:
+    with OperatorCount() as backward:
         terms["loss"].backward()
     network.zero_grad(set_to_none=True)
     counts = {"forward": forward.calls, "criterion": criterion.calls, "backward": backward.calls}

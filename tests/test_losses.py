@@ -352,20 +352,13 @@ def test_every_layer_scored_together_equals_layer_by_layer():
 def test_the_criterion_launches_as_many_operators_for_six_decoder_layers_as_for_two():
     """Layers are scored together: SAM3's six decoder layers cost the criterion no more operators (kernel launches
     on a GPU) than two; layer by layer, each layer added about 600."""
-    from torch.utils._python_dispatch import TorchDispatchMode
+    from _script_helpers import load_script
 
-    class Count(TorchDispatchMode):
-        calls = 0
-
-        def __torch_dispatch__(self, func, types, args=(), kwargs=None):
-            Count.calls += 1
-            return func(*args, **(kwargs or {}))
-
+    operator_count = load_script("bench_train").OperatorCount
     counts = []
     for layers in (2, 6):
         out, targets = _single_layer_output(q=6, layers=layers), _two_targets()
-        Count.calls = 0
-        with Count():
+        with operator_count() as count:
             _criterion()(out, targets)
-        counts.append(Count.calls)
+        counts.append(count.calls)
     assert counts[1] - counts[0] <= 10, counts
