@@ -6,7 +6,9 @@ Everything else in the project uses public APIs. What is here, and why:
   nor to skip batches of the running epoch (exact mid-epoch resume): ``Engine._event_handlers`` and
   ``Engine._dataloader_iter``.
 * transformers' SAM3 tracker is public only through its processor, which would pre-process every slice again;
-  we drive ``Sam3TrackerVideoInferenceSession`` directly (feature cache, mask prompts, frames made on demand).
+  we drive ``Sam3TrackerVideoInferenceSession`` directly (features given per slice, mask prompts, the memory bank),
+  and run a batch of prompts as one object through three of the tracker's private steps made batch-safe
+  (:func:`batched_objects`).
   That class changes between releases, so the supported transformers versions are pinned
   (``SUPPORTED_TRANSFORMERS``, also in ``pyproject.toml``) and ``tests/test_compat.py`` fails on a version whose
   session differs.
@@ -15,6 +17,8 @@ Everything else in the project uses public APIs. What is here, and why:
 from __future__ import annotations
 
 from collections.abc import Mapping
+from contextlib import contextmanager
+from functools import partial
 from typing import Any, Callable, Iterator
 
 import torch
@@ -51,17 +55,17 @@ def transformers_version_problem() -> str | None:
 
 
 class _FramesOnDemand(Mapping):
-    """A session's ``processed_frames`` whose frame ``i`` is made by ``frame(i)`` when asked: with every slice's
-    vision features cached the tracker never asks, so no copy of the whole volume in the session's dtype is made
-    (a 300-slice volume at 1008 px would be 3.7 GB in float32)."""
+    """A session's ``processed_frames`` of ``count`` slices that holds none: every slice's vision features come from
+    the session's feature cache (:class:`_FeaturesOnDemand`), so the tracker never asks for pixels (a 300-slice
+    volume at 1008 px would be 3.7 GB in float32); if it did, that is a bug, said as such."""
 
-    def __init__(self, count: int, frame: Callable[[int], torch.Tensor]) -> None:
-        self.count, self.frame = int(count), frame
+    def __init__(self, count: int) -> None:
+        self.count = int(count)
 
     def __getitem__(self, index: int) -> torch.Tensor:
         if not 0 <= int(index) < self.count:
             raise KeyError(index)
-        return self.frame(int(index))
+        raise RuntimeError(f"the tracker asked for the pixels of slice {index}, whose vision features it was given")
 
     def __len__(self) -> int:
         return self.count
@@ -70,11 +74,32 @@ class _FramesOnDemand(Mapping):
         return iter(range(self.count))
 
 
-def tracker_session(num_frames: int, size: int, device: torch.device, dtype: torch.dtype, frames: list[Any],
-                    positions: Any, frame: Callable[[int], torch.Tensor]) -> Any:
-    """A ``Sam3TrackerVideoInferenceSession`` over ``num_frames`` slices of ``size`` x ``size`` with every slice's
-    vision features (``frames[i]``, shared ``positions``) already in its cache, so the tracker never runs its ViT;
-    ``frame(i)``: slice ``i``'s (3, S, S) pixels in ``dtype`` on ``device``, made only if the tracker asks."""
+class _FeaturesOnDemand:
+    """A session's vision-feature cache whose frame ``i`` is ``features(i)`` (levels of (HW, B, C)): nothing is
+    stored per frame (in a batch of prompts each prompt reads its own slice), and the frame last asked for is kept,
+    since a step asks for it twice (the segmentation and the memory encoding)."""
+
+    def __init__(self, features: Callable[[int], list[torch.Tensor]], positions: list[torch.Tensor]) -> None:
+        self.features, self.positions = features, positions
+        self._last: tuple[int, list[torch.Tensor]] | None = None
+
+    def get_vision_features(self, frame_idx: int) -> dict[str, list[torch.Tensor]]:
+        if self._last is None or self._last[0] != frame_idx:
+            self._last = (frame_idx, self.features(frame_idx))
+        return {"vision_feats": self._last[1], "vision_pos_embeds": self.positions}
+
+    def cache_vision_features(self, frame_idx: int, features: Any) -> None:
+        raise RuntimeError(f"the tracker computed the vision features of slice {frame_idx}, which it was given")
+
+    def clear_all(self) -> None:
+        self._last = None
+
+
+def tracker_session(num_frames: int, size: int, device: torch.device, dtype: torch.dtype,
+                    features: Callable[[int], list[torch.Tensor]], positions: list[torch.Tensor]) -> Any:
+    """A ``Sam3TrackerVideoInferenceSession`` over ``num_frames`` slices of ``size`` x ``size`` whose vision features
+    of slice ``i`` are ``features(i)`` (FPN levels 0-2, each (HW, B, C): B prompts' slices, see
+    :func:`batched_objects`) with the shared position encodings ``positions``: the tracker never runs its ViT."""
     from transformers.models.sam3_tracker_video.modeling_sam3_tracker_video import (
         Sam3TrackerVideoInferenceSession,
     )
@@ -82,18 +107,172 @@ def tracker_session(num_frames: int, size: int, device: torch.device, dtype: tor
     session = Sam3TrackerVideoInferenceSession(
         video=None, video_height=size, video_width=size, inference_device=device,
         inference_state_device=device, video_storage_device=device, dtype=dtype,
-        max_vision_features_cache_size=num_frames,
     )
-    session.processed_frames = _FramesOnDemand(num_frames, frame)
-    for index in range(num_frames):
-        session.cache.cache_vision_features(index, {"vision_feats": frames[index], "vision_pos_embeds": positions})
+    session.processed_frames = _FramesOnDemand(num_frames)
+    session.cache = _FeaturesOnDemand(features, positions)
     return session
 
 
 def add_mask_prompt(session: Any, obj_id: int, frame_idx: int, mask: torch.Tensor) -> None:
-    """A binary (S, S) mask as object ``obj_id``'s prompt on ``frame_idx`` (the processor's
-    ``add_inputs_to_inference_session(input_masks=...)`` without its image pre-processing)."""
+    """A binary (S, S) mask, or (B, S, S) for a batch of prompts, as object ``obj_id``'s prompt on ``frame_idx``
+    (the processor's ``add_inputs_to_inference_session(input_masks=...)`` without its image pre-processing)."""
     obj_idx = session.obj_id_to_idx(obj_id)
-    session.add_mask_inputs(obj_idx, frame_idx, mask.float()[None, None])
+    masks = mask.float()[None] if mask.ndim == 2 else mask.float()
+    session.add_mask_inputs(obj_idx, frame_idx, masks[:, None])
     session.remove_point_inputs(obj_idx, frame_idx)
     session.obj_with_new_inputs = [obj_id]
+
+
+# ------------------------------------------------------------- transformers: a batch of prompts as one object
+# transformers' tracker runs the objects of a session one after the other, each with batch size 1, and three of its
+# steps assume that size: the mask selection after the mask decoder and the mask-prompt path index and scale with
+# shapes that broadcast across a larger batch, and the memory-conditioned features are reshaped from the memory
+# attention's (1, B, HW, C) output as if B were 1. Inside ``batched_objects`` those steps take any batch size; with
+# B = 1 they give transformers' own numbers (the same operations; ``tests/test_tracker_batching.py``).
+
+def _frame_forward(tracker: Any, input_points: Any = None, input_labels: Any = None, input_boxes: Any = None,
+                   input_masks: torch.Tensor | None = None, image_embeddings: list[torch.Tensor] | None = None,
+                   multimask_output: bool = True, pixel_values: Any = None, **kwargs: Any) -> Any:
+    """``Sam3TrackerVideoModel._single_frame_forward`` for B prompts at once, no point or box prompts: the mask
+    decoder on the (B, C, h, w) memory-conditioned features, then per prompt its best mask (multimask: highest
+    predicted IoU), high-resolution logits and object pointer."""
+    import torch.nn.functional as F
+    from transformers.models.sam3_tracker_video.modeling_sam3_tracker_video import (
+        NO_OBJ_SCORE,
+        Sam3TrackerVideoImageSegmentationOutput,
+    )
+
+    if input_points is not None or input_boxes is not None or pixel_values is not None or kwargs:
+        raise ValueError("a batch of prompts takes mask prompts and image embeddings only")
+    top = image_embeddings[-1]
+    batch = top.shape[0]
+    positions = tracker.get_image_wide_positional_embeddings().repeat(batch, 1, 1, 1)
+    no_points = torch.zeros(batch, 1, 1, 2, dtype=top.dtype, device=top.device)
+    no_labels = -torch.ones(batch, 1, 1, dtype=torch.int32, device=top.device)
+    if input_masks is not None and input_masks.shape[-2:] != tracker.prompt_encoder.mask_input_size:
+        input_masks = F.interpolate(input_masks.float(), size=tracker.prompt_encoder.mask_input_size,
+                                    align_corners=False, mode="bilinear", antialias=True).to(input_masks.dtype)
+    sparse, dense = tracker.prompt_encoder(input_points=no_points, input_labels=no_labels, input_boxes=None,
+                                           input_masks=input_masks)
+    low_res, iou_scores, tokens, object_scores = tracker.mask_decoder(
+        image_embeddings=top, image_positional_embeddings=positions, sparse_prompt_embeddings=sparse,
+        dense_prompt_embeddings=dense, multimask_output=multimask_output,
+        high_resolution_features=image_embeddings[:-1],
+    )  # (B, 1, K, h, w), (B, 1, K), (B, 1, K, C), (B, 1, 1)
+    appearing = object_scores > 0
+    low_res = torch.where(appearing[:, None, None], low_res, NO_OBJ_SCORE)
+    high_res = F.interpolate(low_res.squeeze(1).float(), size=(tracker.image_size, tracker.image_size),
+                             mode="bilinear", align_corners=False).unsqueeze(1).to(low_res.dtype)
+    token = tokens[:, :, 0]
+    if multimask_output:
+        best = torch.argmax(iou_scores, dim=-1)  # (B, 1)
+        rows = torch.arange(batch, device=best.device)[:, None]
+        first_object = torch.zeros(1, 1, dtype=torch.long, device=best.device)
+        low_masks, high_masks = low_res[rows, first_object, best], high_res[rows, first_object, best]
+        if tokens.size(2) > 1:
+            token = tokens[rows, first_object, best]
+    else:
+        low_masks, high_masks = low_res[:, :, 0], high_res[:, :, 0]
+    pointer = tracker.object_pointer_proj(token)  # (B, 1, C)
+    present = appearing.to(pointer.dtype)
+    pointer = present * pointer
+    pointer = pointer + (1 - present) * tracker.no_object_pointer
+    return Sam3TrackerVideoImageSegmentationOutput(
+        iou_scores=iou_scores, pred_masks=low_masks, high_res_masks=high_masks, object_pointer=pointer,
+        object_score_logits=object_scores, image_embeddings=image_embeddings,
+    )
+
+
+def _mask_as_output(tracker: Any, backbone_features: torch.Tensor, high_res_features: list[torch.Tensor],
+                    mask_inputs: torch.Tensor) -> Any:
+    """``Sam3TrackerVideoModel._use_mask_as_output`` for B prompts at once: each (B, 1, S, S) mask prompt is its
+    slice's output (logits -10 / +10), its object pointer from the mask decoder on the downsampled mask."""
+    import torch.nn.functional as F
+    from transformers.models.sam3_tracker_video.modeling_sam3_tracker_video import (
+        Sam3TrackerVideoImageSegmentationOutput,
+    )
+
+    scale, bias = 20.0, -10.0  # sigmoid(-10) = 4.5e-5: the mask as logits
+    dtype = backbone_features[0].dtype
+    masks = mask_inputs.to(dtype)
+    size = (tracker.image_size, tracker.image_size)
+    if masks.shape[-2:] != size:
+        masks = F.interpolate(masks.float(), size=size, align_corners=False, mode="bilinear",
+                              antialias=True).to(mask_inputs.dtype)
+    high_res = masks * scale + bias
+    low_res = F.interpolate(high_res.float(), size=tracker.prompt_encoder.mask_input_size, align_corners=False,
+                            mode="bilinear", antialias=True).to(dtype)
+    iou_scores = mask_inputs.new_ones(mask_inputs.size(0), 1).to(dtype)
+    embeddings = high_res_features + [backbone_features]
+    pointer = _frame_forward(tracker, input_masks=tracker.mask_downsample(masks.to(dtype)),
+                             image_embeddings=embeddings).object_pointer  # (B, 1, C)
+    present = torch.any(mask_inputs.flatten(1).float() > 0.0, dim=1)[..., None].to(dtype)  # (B, 1)
+    object_scores = scale * present + bias
+    present = present[..., None]  # (B, 1, 1): per prompt, not across the batch
+    pointer = present * pointer
+    pointer = pointer + (1 - present) * tracker.no_object_pointer
+    return Sam3TrackerVideoImageSegmentationOutput(
+        iou_scores=iou_scores, pred_masks=low_res, high_res_masks=high_res, object_pointer=pointer,
+        object_score_logits=object_scores.unsqueeze(-1), image_embeddings=embeddings,
+    )
+
+
+class _BatchFirstMemoryAttention(torch.nn.Module):
+    """The tracker's memory attention with its (1, B, HW, C) output as (B, 1, HW, C), which the memory-conditioned
+    features' reshape reads right for any B (for B = 1 both are the same tensor)."""
+
+    def __init__(self, attention: torch.nn.Module) -> None:
+        super().__init__()
+        self.attention = attention
+
+    def forward(self, *args: Any, **kwargs: Any) -> torch.Tensor:
+        return self.attention(*args, **kwargs).transpose(0, 1)
+
+
+@contextmanager
+def batched_objects(tracker: Any) -> Iterator[Any]:
+    """For the duration, ``tracker`` (a ``Sam3TrackerVideoModel``) segments an object whose tensors hold a batch of
+    B prompts (features (HW, B, C), a (B, S, S) mask prompt; :func:`tracker_session`, :func:`add_mask_prompt`) as B
+    objects of batch size 1 would be, each with its own memory bank, in one pass of its modules. The tracker's
+    modules are untouched (compiled ones stay compiled); three of its steps are swapped on the instance and
+    restored after. Run the memory encoding with :func:`encode_frame_memory` (``forward(run_mem_encoder=False)``:
+    transformers' own batched encoding assumes batch size 1)."""
+    attention = tracker._modules["memory_attention"]
+    tracker._single_frame_forward = partial(_frame_forward, tracker)
+    tracker._use_mask_as_output = partial(_mask_as_output, tracker)
+    tracker._modules["memory_attention"] = _BatchFirstMemoryAttention(attention)
+    try:
+        yield tracker
+    finally:
+        tracker._modules["memory_attention"] = attention
+        del tracker._single_frame_forward, tracker._use_mask_as_output
+
+
+def encode_frame_memory(tracker: Any, session: Any, frame_idx: int) -> None:
+    """The memory of slice ``frame_idx`` just segmented (what the tracker's forward does with ``run_mem_encoder``)
+    for a batched object; a slice whose memory exists (the seed, seen again) is left as it is. The high-resolution
+    logits it reads are dropped from the session after."""
+    outputs = session.output_dict_per_obj[0]
+    is_prompt = frame_idx in outputs["cond_frame_outputs"]  # the seed slice: its mask prompt
+    out = outputs["cond_frame_outputs" if is_prompt else "non_cond_frame_outputs"][frame_idx]
+    if "maskmem_features" in out:
+        return
+    features = session.cache.get_vision_features(frame_idx)["vision_feats"][-1]
+    out["maskmem_features"], out["maskmem_pos_enc"] = tracker._encode_new_memory(
+        current_vision_feats=features, pred_masks_high_res=out.pop("high_res_masks"),
+        object_score_logits=out["object_score_logits"], is_mask_from_pts=is_prompt,
+    )
+
+
+def forget_frame(session: Any, frame_idx: int) -> None:
+    """Drop the stored outputs of tracked (not prompted) slice ``frame_idx`` from the session's memory bank."""
+    session.output_dict_per_obj[0]["non_cond_frame_outputs"].pop(frame_idx, None)
+
+
+def frame_masks(session: Any, frame_idx: int) -> torch.Tensor:
+    """(B, 1, h, w) low-resolution mask logits of slice ``frame_idx``; a tracked slice's are dropped from the
+    session (only the prompted slice's are read again, when the backward pass starts there)."""
+    outputs = session.output_dict_per_obj[0]
+    if frame_idx in outputs["cond_frame_outputs"]:
+        return outputs["cond_frame_outputs"][frame_idx]["pred_masks"]
+    return outputs["non_cond_frame_outputs"][frame_idx].pop("pred_masks")

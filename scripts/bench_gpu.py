@@ -246,7 +246,7 @@ def volume(args: argparse.Namespace) -> dict:
         compile_tracker(tracker, args.compile_mode)
     preprocessing = evaluation_transforms(network.image_size)
     inferer = PromptInferer(score_threshold=args.score_threshold, tracker=tracker, tracker_name=tracker_name,
-                            volume_batch_size=args.slice_batch)
+                            volume_batch_size=args.slice_batch, tracker_batch=args.tracker_batch)
     to_input_space = inference_postprocessing(preprocessing)
     with tempfile.TemporaryDirectory(prefix="bench_gpu_volume_") as work:
         path = Path(work) / "ct.nii.gz"
@@ -295,6 +295,7 @@ def volume(args: argparse.Namespace) -> dict:
         "prompts": args.prompts,
         "autocast": args.autocast,
         "slice_batch": args.slice_batch,
+        "tracker_batch": args.tracker_batch,
         "detector_chunk": network.detector_chunk,
         "compile": args.compile,
         "compile_s": compile_s,
@@ -354,6 +355,8 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     parser.add_argument("--depth", type=int, default=300, help="volume: slices")
     parser.add_argument("--prompts", nargs="+", default=["liver"], help="volume: text prompts")
     parser.add_argument("--slice-batch", type=int, default=8, help="volume: slices per detector forward")
+    parser.add_argument("--tracker-batch", type=int, default=8,
+                        help="volume: prompts propagated together by the tracker (1: one at a time)")
     parser.add_argument("--score-threshold", type=float, default=0.0)
     return parser.parse_args(argv)
 

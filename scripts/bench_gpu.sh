@@ -36,6 +36,9 @@
 #   volume_cudagraphs  volume_compiled with torch.compile's "reduce-overhead" mode (CUDA graphs): the tracker's
 #                      per-slice step is hundreds of small kernels launched from Python, far below its FLOPs  (extra)
 #   volume_profile     a 24-slice CT's operators by device time (detector + tracker)          (extra)
+#   volume_8_prompts   a 100-slice CT with 8 organ prompts, the tracker propagating the 8 together (`segment_volume`'s
+#                      tracker_batch, default 8)                                                 (extra)
+#   volume_8_prompts_one_at_a_time  the same, one prompt at a time (tracker_batch 1)             (extra)
 # Operator profiles (the forward at its last batch, a training step, volume_profile) go to $LOG_DIR/*_profile.txt.
 # With gradient checkpointing, `mfu` counts the recomputed forward (hardware FLOPs) and `mfu_model_flops` does not
 # (the step's model FLOPs, comparable with the runs without checkpointing).
@@ -64,9 +67,11 @@ if ! "$PY" -c 'import sys, torch; sys.exit(0 if torch.cuda.is_available() else 1
 fi
 
 PARTS=(forward forward_compiled forward_channels_last forward_chunk32 evaluate train train_checkpointing train_compiled
-       train_batch8_compiled train_batch16_checkpointing volume volume_compiled volume_cudagraphs volume_profile)
+       train_batch8_compiled train_batch16_checkpointing volume volume_compiled volume_cudagraphs volume_profile
+       volume_8_prompts volume_8_prompts_one_at_a_time)
 EXTRA=" forward_compiled forward_channels_last forward_chunk32 train_compiled train_batch8_compiled
- train_batch16_checkpointing volume_compiled volume_cudagraphs volume_profile "
+ train_batch16_checkpointing volume_compiled volume_cudagraphs volume_profile volume_8_prompts
+ volume_8_prompts_one_at_a_time "
 ONLY="${ONLY:-}"
 
 summarize() {  # summarize FILE: the parts' JSON objects as one (a part not run yet: {"pending": true}) into FILE
@@ -150,6 +155,11 @@ run_part volume_cudagraphs "$PY" scripts/bench_gpu.py volume --size 512 --depth 
     --compile-mode reduce-overhead --detector-chunk 32
 run_part volume_profile "$PY" scripts/bench_gpu.py volume --size 512 --depth 24 --slice-batch 8 \
     --profile "$LOG_DIR/volume_profile.txt"
+ORGANS=(liver spleen "left kidney" "right kidney" stomach pancreas aorta gallbladder)
+run_part volume_8_prompts "$PY" scripts/bench_gpu.py volume --size 512 --depth 100 --slice-batch 32 \
+    --detector-chunk 32 --prompts "${ORGANS[@]}" --tracker-batch 8
+run_part volume_8_prompts_one_at_a_time "$PY" scripts/bench_gpu.py volume --size 512 --depth 100 --slice-batch 32 \
+    --detector-chunk 32 --prompts "${ORGANS[@]}" --tracker-batch 1
 run_part forward_channels_last "$PY" scripts/bench_gpu.py forward --batch 8 --channels-last "${FORWARD[@]}"
 
 summarize /dev/stdout

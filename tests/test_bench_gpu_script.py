@@ -41,7 +41,8 @@ def test_the_forward_part_reports_each_batch(bench_gpu, tmp_path):
 
 def test_the_volume_part_segments_the_synthetic_ct(bench_gpu, tmp_path):
     profile = tmp_path / "volume_profile.txt"
-    result = _run(bench_gpu, "volume", "--size", "40", "--depth", "6", "--profile", str(profile))
+    result = _run(bench_gpu, "volume", "--size", "40", "--depth", "6", "--profile", str(profile),
+                  "--prompts", "liver", "spleen", "--tracker-batch", "2")
     assert profile.read_text().startswith("volume 40 x 40 x 6, slice batch 8\n")  # one whole segmentation's operators
     assert "aten::" in profile.read_text()
     assert result["compile"] is False and result["compile_s"] is None
@@ -50,7 +51,8 @@ def test_the_volume_part_segments_the_synthetic_ct(bench_gpu, tmp_path):
     for key in ("way_in_s", "segment_volume_s", "detector_s", "way_back_s", "case_s", "slices_per_s"):
         assert result[key] >= 0, key
     assert result["case_s"] >= result["segment_volume_s"]
-    assert result["seed_slices"] and all(0 <= s < 6 for s in result["seed_slices"])
+    assert len(result["seed_slices"]) == 2 and all(0 <= s < 6 for s in result["seed_slices"])
+    assert result["prompts"] == ["liver", "spleen"] and result["tracker_batch"] == 2
 
 
 def test_the_compiled_volume_part_compiles_before_the_clock(bench_gpu, monkeypatch, dynamo_counters):

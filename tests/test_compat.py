@@ -33,21 +33,26 @@ def test_tracker_session_api_is_the_one_we_drive():
         assert name in parameters, name
     asked = []
 
-    def frame(index):
+    def features(index):
         asked.append(index)
-        return torch.full((3, 28, 28), float(index))
+        return [torch.full((4, 1, 8), float(index))]
 
-    session = compat.tracker_session(2, 28, torch.device("cpu"), torch.float32,
-                                     frames=[torch.zeros(1), torch.zeros(1)], positions=torch.zeros(1), frame=frame)
-    assert session.num_frames == 2 and asked == [], "no frame is made while every slice's features are cached"
-    assert session.cache.get_vision_features(1)["vision_feats"] is not None
-    assert torch.equal(session.get_frame(1), torch.full((3, 28, 28), 1.0)) and asked == [1], "made when asked"
+    session = compat.tracker_session(2, 28, torch.device("cpu"), torch.float32, features=features,
+                                     positions=[torch.zeros(4, 1, 8)])
+    assert session.num_frames == 2 and asked == [], "features are made when asked"
+    assert torch.equal(session.cache.get_vision_features(1)["vision_feats"][0], torch.full((4, 1, 8), 1.0))
+    session.cache.get_vision_features(1)
+    assert asked == [1], "the slice last asked for is kept (a step asks twice)"
+    with pytest.raises(RuntimeError, match="pixels of slice 1"):
+        session.get_frame(1)
     with pytest.raises(KeyError):
         session.processed_frames[2]
     for method in ("obj_id_to_idx", "add_mask_inputs", "remove_point_inputs"):
         assert callable(getattr(session, method)), method
     compat.add_mask_prompt(session, obj_id=1, frame_idx=0, mask=torch.ones(28, 28, dtype=torch.bool))
-    assert session.obj_with_new_inputs == [1]
+    assert session.obj_with_new_inputs == [1] and session.mask_inputs_per_obj[0][0].shape == (1, 1, 28, 28)
+    compat.add_mask_prompt(session, obj_id=1, frame_idx=1, mask=torch.ones(3, 28, 28, dtype=torch.bool))
+    assert session.mask_inputs_per_obj[0][1].shape == (3, 1, 28, 28), "a batch of prompts, one mask each"
 
 
 def test_ignite_handlers_and_batch_skipping():

@@ -57,20 +57,22 @@ def random_slices(depth: int, seed: int = 0) -> torch.Tensor:
 
 
 class PropagationSpy:
-    """Records every propagation the tracker runs: (start slice, reverse, slices visited in order)."""
+    """Records every propagation the tracker runs: (start slice, reverse, slices visited in order), one entry per
+    pass of each session (a batch of prompts with one seed shares its session)."""
 
     def __init__(self, tracker, monkeypatch):
         self.runs: list[tuple[int, bool, list[int]]] = []
-        original = tracker.propagate_in_video_iterator
+        original = tracker.forward
+        sessions: list[object] = []
 
-        def spy(session, start_frame_idx=None, reverse=False, **kwargs):
-            visited: list[int] = []
-            self.runs.append((start_frame_idx, reverse, visited))
-            for out in original(session, start_frame_idx=start_frame_idx, reverse=reverse, **kwargs):
-                visited.append(int(out.frame_idx))
-                yield out
+        def spy(session, frame_idx=None, reverse=False, **kwargs):
+            if not sessions or sessions[-1] is not session or self.runs[-1][1] != reverse:
+                sessions.append(session)
+                self.runs.append((frame_idx, reverse, []))
+            self.runs[-1][2].append(frame_idx)
+            return original(session, frame_idx=frame_idx, reverse=reverse, **kwargs)
 
-        monkeypatch.setattr(tracker, "propagate_in_video_iterator", spy)
+        monkeypatch.setattr(tracker, "forward", spy)
 
 
 def hand_set_detections(monkeypatch, depth: int, confident: dict[int, int]):
@@ -212,7 +214,8 @@ def test_seed_at_the_first_slice_tracks_forward_only(monkeypatch, detector, trac
     spy = PropagationSpy(tracker, monkeypatch)
     result = segment_volume(detector, random_slices(4), PROMPTS, tracker)
     assert result.seed_slices.tolist() == [0, 3]
-    assert [visited for _, _, visited in spy.runs] == [[0, 1, 2, 3], [], [3], [3, 2, 1, 0]]
+    # seed 0 has no backward pass; seed 3 (the last slice) no forward pass beyond its own slice
+    assert [visited for _, _, visited in spy.runs] == [[0, 1, 2, 3], [3], [3, 2, 1, 0]]
     assert result.masks.flatten(2).any(-1).all()
 
 
@@ -288,25 +291,38 @@ def test_a_compiled_vision_encoder_compiles_once_for_a_whole_volume(dynamo_count
     assert flipped < 1e-3
 
 
-def test_a_compiled_tracker_gives_the_eager_masks_and_compiles_only_at_the_first_volume(detector, dynamo_counters):
+def test_a_compiled_tracker_gives_the_eager_masks_and_compiles_only_at_the_first_volume(monkeypatch, detector,
+                                                                                        dynamo_counters):
     """``compile_tracker`` (what ``medsam3 segment --compile`` does to a volume's tracker): its per-slice modules
     compiled give the eager masks, with no graph break; their graphs are made during the first volume (the memory
-    bank's first shapes, then dynamic ones) and serve a second volume of another depth, with its two prompts'
-    propagations, without a new compilation."""
+    bank's first shapes, then dynamic ones; a prompt alone and a batch of two) and serve a second volume of another
+    depth and other seeds, with a prompt alone and a batch, without a new compilation."""
     from medsam3_monai.inferers.batch import TRACKER_FRAME_MODULES, compile_tracker
 
     tracker = present_tracker(detector=detector)  # its own: compiling changes the modules in place
-    volumes = [random_slices(20, seed=6), random_slices(13, seed=7)]
-    eager = [segment_volume(detector, v, PROMPTS, tracker, score_threshold=0.0, batch_size=4) for v in volumes]
-    counters = dynamo_counters
+    prompts = [*PROMPTS, "hippocampus"]
+    # (depth, seeds): two prompts batched on one seed, the third alone (its seed is near the last slice)
+    volumes = [(20, {0: 2, 1: 2, 2: 15}), (13, {0: 9, 1: 4, 2: 4})]
+
+    def run():
+        results = []
+        for index, (depth, seeds) in enumerate(volumes):
+            hand_set_detections(monkeypatch, depth, seeds)
+            results.append(segment_volume(detector, random_slices(depth, seed=6 + index), prompts, tracker,
+                                          batch_size=4))
+            if index == 0:
+                graphs.append(dynamo_counters["stats"]["unique_graphs"])
+        return results
+
+    graphs: list[int] = []
+    eager = run()
     compile_tracker(tracker)
-    compiled = [segment_volume(detector, volumes[0], PROMPTS, tracker, score_threshold=0.0, batch_size=4)]
-    graphs = counters["stats"]["unique_graphs"]
-    compiled.append(segment_volume(detector, volumes[1], PROMPTS, tracker, score_threshold=0.0, batch_size=4))
-    assert counters["stats"]["unique_graphs"] == graphs  # the second volume compiled nothing
-    assert not counters["graph_break"]
-    # every module compiled, each at most its first shapes and a dynamic graph for the growing memory bank
-    assert len(TRACKER_FRAME_MODULES) <= graphs <= 2 * len(TRACKER_FRAME_MODULES)
+    compiled = run()
+    assert dynamo_counters["stats"]["unique_graphs"] == graphs[-1]  # the second volume compiled nothing
+    assert not dynamo_counters["graph_break"]
+    # every module compiled: for a batch and for a prompt alone (torch.compile specialises a size of 1), each at
+    # its first shapes and then with a dynamic memory bank
+    assert len(TRACKER_FRAME_MODULES) <= graphs[-1] <= 4 * len(TRACKER_FRAME_MODULES)
     for ours, theirs in zip(compiled, eager):
         assert torch.equal(ours.seed_slices, theirs.seed_slices) and (ours.seed_slices >= 0).all()
         flipped = (ours.masks != theirs.masks).float().mean()  # compiled float rounding may flip a pixel at 0

@@ -6,8 +6,8 @@ from .volume import (
     merge_masks,
     segment_volume,
     select_seeds,
-    track_from_seed,
 )
+from .tracking import track_prompts
 from .postprocess import ImageOrVolumed, MergePromptsd, RowsFirstPILWriter
 from .inputs import inference_items
 from .predict import Prediction, Predictor, PromptInferer, predict_file

@@ -229,9 +229,10 @@ def compile_tracker(tracker: torch.nn.Module, mode: str | None = None) -> torch.
     ``nn.Module.compile``: modules, weights and hooks stay as they are), in place. Eager, one slice's step is
     several hundred small operators, each launched from Python; compiled, their element-wise work fuses.
     transformers' session bookkeeping between the modules (gathering the memory bank, object pointers) stays eager.
-    The memory bank grows over the first slices of a propagation and the seed slice's step differs from the others
-    (a mask prompt), so the modules compile a few graphs at the first volume (the shapes first seen, then dynamic
-    ones); those then serve every slice, object and volume of the process. In a mode of :data:`CUDA_GRAPH_MODES`
+    The memory bank grows over the first slices of a propagation, the seed slice's step differs from the others
+    (a mask prompt) and prompts propagate alone or in batches (:mod:`.tracking`), so the modules compile a few
+    graphs (the shapes first seen, then dynamic ones; a batch size of 1 is specialised apart); those then serve
+    every slice, prompt and volume of the process. In a mode of :data:`CUDA_GRAPH_MODES`
     each module's outputs are copied out of its graph's memory pool (:func:`_own_outputs`). Returns the tracker."""
     missing = [name for name in TRACKER_FRAME_MODULES if not isinstance(getattr(tracker, name, None), torch.nn.Module)]
     if missing:

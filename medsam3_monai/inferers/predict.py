@@ -50,6 +50,7 @@ from ..transforms.intensity import is_volume_slice
 from .image import segment_image
 from .inputs import _prompt_mapping, box_prompts, input_kind, item_prompts, user_error
 from .postprocess import transforms_of
+from .tracking import TRACKER_BATCH
 from .protocols import MASK_LOGIT
 
 __all__ = [
@@ -89,6 +90,7 @@ class PromptInferer(Inferer):
         tracker: SAM3 tracker for volumes (``networks.tracker.resolve_tracker``); None = detector only.
         tracker_name: how the tracker is described in the outputs.
         volume_batch_size: slices per detector call.
+        tracker_batch: prompts of a volume propagated together by the tracker (:mod:`.tracking`; 1: one at a time).
         progress: progress bars for volumes.
 
     An item's ``box`` (pixels, see :func:`box_prompts`) adds box prompts on 2D images; on a volume it is an
@@ -97,7 +99,7 @@ class PromptInferer(Inferer):
 
     def __init__(self, protocol: str = "top_query", score_threshold: float = 0.5, tracker: Any = None,
                  tracker_name: str | None = None, volume_batch_size: int = 8, progress: bool = False,
-                 image_key: str = "image") -> None:
+                 image_key: str = "image", tracker_batch: int = TRACKER_BATCH) -> None:
         super().__init__()
         self.protocol = get_protocol(protocol).name
         if not 0.0 <= float(score_threshold) <= 1.0:
@@ -106,6 +108,9 @@ class PromptInferer(Inferer):
         self.tracker = tracker
         self.tracker_name = tracker_name or ("none" if tracker is None else type(tracker).__name__)
         self.volume_batch_size = int(volume_batch_size)
+        if int(tracker_batch) < 1:
+            raise ValueError(f"tracker_batch must be >= 1, got {tracker_batch}")
+        self.tracker_batch = int(tracker_batch)
         self.progress = progress
         self.image_key = image_key
 
@@ -199,7 +204,7 @@ class PromptInferer(Inferer):
         slices = torch.stack([plain_tensor(item[self.image_key]) for item in items])
         result = segment_volume(network, slices, prompts, self.tracker,
                                 score_threshold=self.score_threshold, batch_size=self.volume_batch_size,
-                                progress=self.progress)
+                                progress=self.progress, tracker_batch=self.tracker_batch)
         for z, item in enumerate(items):  # bit-packed masks (views), one slice at a time in the way back
             item["pred"], item["mask_scores"] = result.bits[:, z], result.scores[:, z].float()
         protocol = f"volume: top_query per slice (score >= {self.score_threshold:g}), tracker {self.tracker_name}"

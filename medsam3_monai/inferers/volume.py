@@ -29,6 +29,9 @@ features it was trained on; ``share_vision=True`` forces sharing (SAM3-video sem
 detector), ``False`` forbids it. Either way the tracker's features of all slices are computed once, in
 batches, and every prompt's session reads them from its cache: about 21 MB per slice at 1008 px (levels
 0-2 after the SAM decoder projections; position encodings are shared by all slices).
+
+Prompts propagate ``tracker_batch`` at a time through the tracker's modules (:mod:`.tracking`): each with its own
+seed and memory bank, each with the masks it would get alone.
 """
 
 from __future__ import annotations
@@ -42,13 +45,12 @@ from torch import nn
 from tqdm import tqdm
 from transformers import Sam3TrackerVideoModel
 
-from ..compat import add_mask_prompt, tracker_session
 from ..networks.medsam3_net import network_pixels
-from ..networks.outputs import upsample_logits
 from ..networks.tracker import backbone_signature, detector_backbone
 from ..tensors import plain_tensor
 from .bitmasks import BitMasks
 from .protocols import detector_chunks, top_query_logits
+from .tracking import TRACKER_BATCH, track_prompts
 
 __all__ = [
     "VolumeSegmentation",
@@ -56,7 +58,6 @@ __all__ = [
     "merge_masks",
     "segment_volume",
     "select_seeds",
-    "track_from_seed",
 ]
 
 
@@ -248,38 +249,6 @@ class _TrackerFeatures:
             self._store(*_tracker_level_features(self.tracker, vision.fpn_hidden_states,
                                                  vision.fpn_position_encoding), start)
 
-    def session(self, slices: torch.Tensor) -> Any:
-        """A fresh tracker inference session over the volume with every slice's features already cached."""
-        param = next(self.tracker.parameters())
-
-        def frame(index: int) -> torch.Tensor:
-            return network_pixels(slices[index : index + 1], param.device)[0].to(param.dtype)
-
-        return tracker_session(slices.shape[0], slices.shape[-1], param.device, param.dtype, self.frames,
-                               self.positions, frame)
-
-
-def track_from_seed(tracker: Sam3TrackerVideoModel, session: Any, seed: int,
-                    seed_mask: torch.Tensor, size: int, progress: bool = False) -> torch.Tensor:
-    """Propagate ``seed_mask`` (S, S) from slice ``seed`` to the last slice, then back to slice 0.
-
-    Returns (D, S, S) bool on the tracker's device: the tracker's mask on every slice (the seed's is its own
-    prompt, resampled); ``BitMasks.pack`` packs it there.
-    """
-    num_frames = session.num_frames
-    add_mask_prompt(session, obj_id=1, frame_idx=seed, mask=seed_mask)
-    low_res: dict[int, torch.Tensor] = {}
-    with tqdm(total=num_frames, desc="tracker", disable=not progress, unit="slice") as bar:
-        for reverse in (False, True):
-            for out in tracker.propagate_in_video_iterator(session, start_frame_idx=seed, reverse=reverse):
-                frame = int(out.frame_idx)
-                bar.update(frame not in low_res)  # the seed may come in both directions: count each slice once
-                low_res[frame] = out.pred_masks[0, 0].float()
-    if sorted(low_res) != list(range(num_frames)):
-        raise RuntimeError(f"the tracker visited slices {sorted(low_res)} of {num_frames}")
-    stacked = torch.stack([low_res[i] for i in range(num_frames)])[:, None]
-    return upsample_logits(stacked, size)[:, 0] > 0
-
 
 def _same_backbone(detector: nn.Module, tracker: Sam3TrackerVideoModel) -> bool:
     ours, theirs = tracker.vision_encoder.backbone, detector_backbone(detector)
@@ -319,6 +288,7 @@ def segment_volume(
     batch_size: int = 8,
     progress: bool = False,
     share_vision: bool | None = None,
+    tracker_batch: int = TRACKER_BATCH,
 ) -> VolumeSegmentation:
     """Segment one volume per text prompt: detector on every slice, tracker both ways from the best slice.
 
@@ -335,6 +305,8 @@ def segment_volume(
         progress: tqdm bars for the detector batches and each prompt's propagation.
         share_vision: None = share the ViT pass when the tracker's ViT weights are the detector's; True /
             False force it on / off (module docstring).
+        tracker_batch: prompts propagated together (:func:`~.tracking.track_prompts`: each gets the masks it gets
+            alone; 1 = one at a time).
 
     Returns:
         :class:`VolumeSegmentation` on the CPU; the merge rule is in the module docstring.
@@ -352,10 +324,12 @@ def segment_volume(
         del detected
         tracked = [(p, seed) for p, seed in enumerate(seeds.tolist()) if seed >= 0]
         if tracker is not None and tracked:
-            if not shared:
+            if len(features.frames) < slices.shape[0]:  # not shared (or a detector pass that did not hand it on)
                 features.from_pixels(slices, batch_size, progress)
-            for p, seed in tracked:  # a seed slice is confident, so its detection is still in masks[p, seed]
-                session = features.session(slices)
-                seed_mask = masks[p, seed].unpack()
-                masks.or_(p, track_from_seed(tracker, session, seed, seed_mask, size, progress))
+            # a seed slice is confident, so its detection is still in masks[p, seed]
+            seed_masks = torch.stack([masks[p, seed].unpack() for p, seed in tracked])
+            for index, bits in track_prompts(tracker, features.frames, features.positions,
+                                             [seed for _, seed in tracked], seed_masks, size,
+                                             max_batch=tracker_batch, progress=progress):
+                masks.or_(tracked[index][0], BitMasks(bits.cpu(), size))
     return VolumeSegmentation(bits=masks, scores=scores, seed_slices=seeds.long())
