@@ -166,3 +166,48 @@ def test_plan_batches_seeds_by_window_and_keeps_seeds_near_the_end_apart():
     with pytest.raises(ValueError, match="max_batch"):
         plan_tracking_groups([1], depth, lookahead, max_batch=0)
     assert TrackingGroup((0,), (7,), 10).num_steps == 10
+
+
+def test_tracker_batch_is_a_segment_evaluate_serve_and_bundle_option(hippocampus, tmp_path, capsys, monkeypatch):
+    """``--tracker-batch N`` reaches the tracker from ``medsam3 segment`` and ``evaluate`` (``serve`` has it too),
+    ``tracker_batch`` from the bundles' configs; the masks do not depend on it; 0 is refused before any output."""
+    import nibabel as nib
+    import numpy as np
+
+    from medsam3_monai.bundle import config_parser
+    from medsam3_monai.data import build_datalist, write_datalist
+    from medsam3_monai.deploy.cli import main
+    from medsam3_monai.inferers import volume as volume_module
+
+    batches: list[int] = []
+
+    def recorded(*args, max_batch: int, **kwargs):
+        batches.append(max_batch)
+        return track_prompts(*args, max_batch=max_batch, **kwargs)
+
+    monkeypatch.setattr(volume_module, "track_prompts", recorded)
+    prompts = ["--prompt", "anterior hippocampus", "--prompt", "posterior hippocampus", "--prompt", "ventricle"]
+    common = [str(hippocampus), *prompts, "--tracker", "tiny", "--score-threshold", "0.2", "--no-progress"]
+    assert main(["segment", *common, "--out", str(tmp_path / "default.nii.gz")]) == 0
+    assert main(["segment", *common, "--out", str(tmp_path / "one.nii.gz"), "--tracker-batch", "1"]) == 0
+    assert batches == [tracking.TRACKER_BATCH, 1]
+    default, one = (np.asarray(nib.load(tmp_path / name).dataobj) for name in ("default.nii.gz", "one.nii.gz"))
+    assert len(np.unique(default)) > 1 and (one != default).mean() <= 1e-4  # batched products may round differently
+    with pytest.raises(SystemExit) as exit_info:
+        main(["segment", *common, "--out", str(tmp_path / "zero.nii.gz"), "--tracker-batch", "0"])
+    assert exit_info.value.code == 2 and "give a number >= 1" in capsys.readouterr().err
+    assert not (tmp_path / "zero.nii.gz").exists() and len(batches) == 2
+
+    folder = hippocampus.parents[1]
+    datalist = write_datalist(build_datalist("MSD_Task04_Hippocampus_cropped", folder).datalist, tmp_path / "hip.json")
+    assert main(["evaluate", "--datalist", str(datalist), "--checkpoint", "tiny", "--split", "all", "--max-cases", "1",
+                 "--tracker", "tiny", "--score-threshold", "0.2", "--tracker-batch", "2", "--no-mlflow",
+                 "--overlays", "0", "--no-progress", "--out", str(tmp_path / "eval")]) == 0
+    assert batches[2:] == [2] and (tmp_path / "eval" / "cases.csv").exists()
+
+    with pytest.raises(SystemExit):
+        main(["serve", "--help"])
+    assert f"(default {tracking.TRACKER_BATCH};" in " ".join(capsys.readouterr().out.split())
+    for overrides, expected in (({}, tracking.TRACKER_BATCH), ({"tracker_batch": 3}, 3)):
+        parser = config_parser("inference.json", checkpoint="tiny", tracker=None, **overrides)
+        assert parser.get_parsed_content("inferer").tracker_batch == expected

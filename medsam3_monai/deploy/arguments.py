@@ -8,8 +8,8 @@ import shutil
 from pathlib import Path
 from typing import Any, Callable
 
-__all__ = ["add_detector_chunk_option", "add_gpu_options", "add_model_options", "at_least", "compile_notice",
-           "ct_window", "gpu_context", "pixels", "remove_output"]
+__all__ = ["add_detector_chunk_option", "add_gpu_options", "add_model_options", "add_tracker_batch_option", "at_least",
+           "compile_notice", "ct_window", "gpu_context", "pixels", "remove_output"]
 
 
 def add_model_options(parser: Any) -> None:
@@ -29,6 +29,16 @@ def add_detector_chunk_option(parser: Any) -> None:
     parser.add_argument("--detector-chunk", type=at_least(1), default=None, metavar="N",
                         help="image-prompt pairs per detector pass (default 16): the detector's memory grows with "
                              "them; lower it if many prompts run out of memory, raise it on a large GPU")
+
+
+def add_tracker_batch_option(parser: Any) -> None:
+    """``--tracker-batch N`` of the sub-commands that segment volumes (``segment``, ``evaluate``, ``serve``): a
+    volume's prompts propagated together by the tracker (``inferers.tracking``; the default is its
+    ``TRACKER_BATCH``, written here so that building the parser imports no torch)."""
+    parser.add_argument("--tracker-batch", type=at_least(1), default=8, metavar="N",
+                        help="volumes: prompts the tracker propagates together, each with the masks it gets alone "
+                             "(default %(default)s; 1 = one at a time): raise it for many prompts on a large GPU, "
+                             "lower it if they run out of memory")
 
 
 def add_gpu_options(parser: Any) -> None:

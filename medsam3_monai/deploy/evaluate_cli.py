@@ -27,7 +27,8 @@ from ..data.selection import (
 )
 from ..protocol_registry import DEFAULT_PROTOCOL, PROTOCOLS
 from .agent_cli import add_planner_options
-from .arguments import add_detector_chunk_option, add_gpu_options, at_least, compile_notice, gpu_context, remove_output
+from .arguments import (add_detector_chunk_option, add_gpu_options, add_tracker_batch_option, at_least, compile_notice,
+                        gpu_context, remove_output)
 
 __all__ = ["add_parser", "checkpoint_labels", "run"]
 
@@ -97,6 +98,7 @@ def add_parser(subparsers: argparse._SubParsersAction) -> argparse.ArgumentParse
                              "forward, as `medsam3 segment` does (1; 8 or more keeps a GPU busy). A batched forward "
                              "rounds differently: a pixel whose logit is within rounding of 0 may flip")
     add_detector_chunk_option(parser)
+    add_tracker_batch_option(parser)
     add_gpu_options(parser)
 
     variants = parser.add_argument_group("prompt robustness")
@@ -261,7 +263,8 @@ def run(args: argparse.Namespace) -> int:
                     num_workers=args.num_workers, batch_size=args.batch_size, mlflow=not args.no_mlflow,
                     tracking_uri=tracking_uri,
                     experiment=args.experiment, run_name=spec["label"], parent_run_id=parent,
-                    skip_unreadable=args.skip_unreadable, **spec.get("evaluation", {}),
+                    skip_unreadable=args.skip_unreadable, tracker_batch=args.tracker_batch,
+                    **spec.get("evaluation", {}),
                 )
             if len(sources) == 2:
                 network.to("cpu")

@@ -32,8 +32,8 @@ from pathlib import Path
 from typing import Any
 
 from ..protocol_registry import PROTOCOLS
-from .arguments import (add_detector_chunk_option, add_gpu_options, add_model_options, at_least, compile_notice,
-                        ct_window, gpu_context, pixels)
+from .arguments import (add_detector_chunk_option, add_gpu_options, add_model_options, add_tracker_batch_option,
+                        at_least, compile_notice, ct_window, gpu_context, pixels)
 
 __all__ = ["StagedFiles", "add_parser", "run", "run_many", "write_label_volume", "write_mask_image",
            "write_prediction"]
@@ -115,6 +115,7 @@ def add_parser(subparsers: argparse._SubParsersAction) -> argparse.ArgumentParse
                       help="go on past inputs that cannot be read; they are listed in DIR/skipped.csv")
     add_gpu_options(parser)
     add_detector_chunk_option(parser)
+    add_tracker_batch_option(parser)
     parser.add_argument("--overwrite", action="store_true", help="replace existing output files")
     parser.add_argument("--device", default="auto", help="auto (cuda when available), cpu, cuda, cuda:1, ...")
     parser.add_argument("--no-progress", action="store_true", help="no progress bars")
@@ -382,7 +383,7 @@ def _predictor(args: argparse.Namespace, max_pixels: Any, progress: bool) -> Any
         args.checkpoint, args.image_size, resolve_device(args.device), tracker=args.tracker,
         protocol=args.protocol or "top_query", score_threshold=args.score_threshold,
         ct_window=ct_window(args.ct_window), progress=progress, max_pixels=max_pixels,
-        detector_chunk=args.detector_chunk, volume_batch_size=args.batch_size,
+        detector_chunk=args.detector_chunk, volume_batch_size=args.batch_size, tracker_batch=args.tracker_batch,
     )
     if args.compile:
         predictor.compile()

@@ -9,7 +9,7 @@ import os
 import re
 from typing import Any
 
-from .arguments import add_detector_chunk_option, add_model_options
+from .arguments import add_detector_chunk_option, add_model_options, add_tracker_batch_option
 
 __all__ = ["add_parser", "build_server", "run"]
 
@@ -46,6 +46,7 @@ def add_parser(subparsers: argparse._SubParsersAction) -> argparse.ArgumentParse
     )
     add_model_options(parser)
     add_detector_chunk_option(parser)
+    add_tracker_batch_option(parser)
     parser.add_argument("--host", default="127.0.0.1", help="address to listen on (default 127.0.0.1)")
     parser.add_argument("--port", type=int, default=8000, help="port (default 8000; 0 = any free port)")
     parser.add_argument("--token", default=None,
@@ -120,7 +121,7 @@ def build_server(args: argparse.Namespace) -> Any:
 
     predictor = Predictor.from_checkpoint(args.checkpoint, args.image_size, resolve_device(args.device),
                                           detector_chunk=args.detector_chunk, tracker=args.tracker,
-                                          score_threshold=args.score_threshold)
+                                          score_threshold=args.score_threshold, tracker_batch=args.tracker_batch)
     app = create_app(predictor, token=token, limits=limits, cors_origins=origins, agent=agent)
     config = uvicorn.Config(app, host=args.host, port=args.port, log_level=args.log_level, access_log=True,
                             limit_concurrency=256, timeout_keep_alive=5)

@@ -45,6 +45,7 @@ from ..data.selection import SPLIT_CHOICES, evaluation_items, is_volume_item
 from ..inferers.image import ground_truth_boxes
 from ..inferers.inputs import item_prompts
 from ..inferers.predict import PromptInferer
+from ..inferers.tracking import TRACKER_BATCH
 from ..metrics.segmentation import DEFAULT_NSD_TOLERANCE_MM, label_map_metrics
 from ..protocol_registry import get_protocol
 from ..tensors import voxel_spacing
@@ -211,6 +212,7 @@ class CaseInferer(Inferer):
         box_prompts: add the ground truth's largest-component box to each prompt (T+I protocol, 2D only).
         tracker: the SAM3 tracker for volumes (``networks.tracker.build_tracker``); None = detector only.
         volume_batch_size: slices per detector call in the volume path.
+        tracker_batch: a volume's prompts propagated together by the tracker (``inferers.tracking``).
     """
 
     #: whether :meth:`infer_cases` puts a batch's 2D images in one forward (False: one case at a time)
@@ -226,12 +228,13 @@ class CaseInferer(Inferer):
         volume_batch_size: int = 8,
         image_key: str = "image",
         label_key: str = "label",
+        tracker_batch: int = TRACKER_BATCH,
     ) -> None:
         from ..bundle import inference_postprocessing
 
         super().__init__()
         self.cases = PromptInferer(protocol, score_threshold, tracker=tracker, volume_batch_size=volume_batch_size,
-                                   image_key=image_key)
+                                   image_key=image_key, tracker_batch=tracker_batch)
         self.postprocessing = inference_postprocessing(transform)
         self.box_prompts = bool(box_prompts)
         self.image_key, self.label_key = image_key, label_key
@@ -523,7 +526,8 @@ class AgentCaseInferer(CaseInferer):
 
             self._predictor = Predictor(network, tracker=self.tracker if self.tracker is not None else "none",
                                         checkpoint=self.checkpoint, protocol=self.protocol,
-                                        score_threshold=self.cases.score_threshold, ct_window=self.ct_window)
+                                        score_threshold=self.cases.score_threshold, ct_window=self.ct_window,
+                                        tracker_batch=self.cases.tracker_batch)
         return self._predictor
 
     def __call__(self, inputs: Sequence[dict[str, Any]], network: torch.nn.Module, *args: Any, **kwargs: Any
@@ -661,6 +665,7 @@ def run_evaluation(
     parent_run_id: str | None = None,
     ct_window: str | Sequence[float] = "abdomen",
     skip_unreadable: bool = False,
+    tracker_batch: int = TRACKER_BATCH,
     inferer: dict[str, Any] | None = None,
     notes: Sequence[str] = (),
     params: dict[str, Any] | None = None,
@@ -694,7 +699,7 @@ def run_evaluation(
         "box_prompts": box_prompts, "max_overlays": max_overlays, "progress": progress,
         "num_workers": num_workers, "batch_size": int(batch_size), "mlflow": mlflow,
         "report_tracking_uri": tracking_uri, "ct_window": ct_window, "parent_run_id": parent_run_id,
-        "skip_unreadable": skip_unreadable,
+        "skip_unreadable": skip_unreadable, "tracker_batch": int(tracker_batch),
     }
     if experiment is not None:
         overrides["experiment"] = experiment

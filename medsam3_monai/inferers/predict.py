@@ -109,7 +109,8 @@ class PromptInferer(Inferer):
         self.tracker_name = tracker_name or ("none" if tracker is None else type(tracker).__name__)
         self.volume_batch_size = int(volume_batch_size)
         if int(tracker_batch) < 1:
-            raise ValueError(f"tracker_batch must be >= 1, got {tracker_batch}")
+            raise ValueError(f"tracker_batch (prompts the tracker propagates together) must be >= 1, got "
+                             f"{tracker_batch}: give 1 for one at a time, or more")
         self.tracker_batch = int(tracker_batch)
         self.progress = progress
         self.image_key = image_key
@@ -296,7 +297,7 @@ class Predictor:
         tracker: ``auto`` (see ``networks.tracker.resolve_tracker``; built on the first volume), ``none``,
             ``tiny``, an HF folder, or a tracker module.
         checkpoint: the network's source (for ``tracker="auto"`` and the outputs' description).
-        protocol, score_threshold, volume_batch_size: as :class:`PromptInferer`.
+        protocol, score_threshold, volume_batch_size, tracker_batch: as :class:`PromptInferer`.
         ct_window: CT window preset or (width, level) for ``modality="CT"``.
         progress: progress bars (stderr) for volumes and for the tiled passes over large 2D pictures.
         max_pixels: the largest 2D picture to accept, in pixels (it also lifts PIL's decompression-bomb limit);
@@ -307,7 +308,8 @@ class Predictor:
     def __init__(self, network: torch.nn.Module, *, tracker: Any = "auto", checkpoint: str = "tiny",
                  protocol: str = "top_query", score_threshold: float = 0.5,
                  ct_window: str | Sequence[float] = "abdomen", progress: bool = False,
-                 max_pixels: int | str | None = "auto", volume_batch_size: int = 8) -> None:
+                 max_pixels: int | str | None = "auto", volume_batch_size: int = 8,
+                 tracker_batch: int = TRACKER_BATCH) -> None:
         self.network = network.eval()
         self.checkpoint = str(checkpoint)
         self._tracker_spec = tracker
@@ -316,7 +318,8 @@ class Predictor:
         self.ct_window = ct_window
         self.progress = bool(progress)
         self.max_pixels = max_pixels
-        self.inferer = PromptInferer(protocol, score_threshold, volume_batch_size=volume_batch_size, progress=progress)
+        self.inferer = PromptInferer(protocol, score_threshold, volume_batch_size=volume_batch_size, progress=progress,
+                                     tracker_batch=tracker_batch)
         self._pipelines: dict[int | None, tuple[Any, Any]] = {}
 
     def pipeline(self, channel: int | None = None) -> tuple[Any, Any]:
