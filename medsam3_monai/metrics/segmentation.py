@@ -197,7 +197,7 @@ def surface_dice(
     if not (has_p and has_t):
         return 0.0
     if not use_subvoxels:
-        return _nsd_of(*edge_distances(p, t, _spacing_arg(spacing, p.ndim)), tolerance_mm)
+        return _nsd_of(*edge_distances(p, t, spacing), tolerance_mm)
     from monai.metrics import compute_surface_dice  # lazy: importing MONAI costs seconds
 
     with warnings.catch_warnings():
@@ -221,7 +221,7 @@ def hd95(pred, truth, spacing: Spacing = None) -> float:
     p, t = _surface_pair(pred, truth)
     if not (bool(p.any()) and bool(t.any())):
         return math.nan
-    return _hd95_of(*edge_distances(p, t, _spacing_arg(spacing, p.ndim)))
+    return _hd95_of(*edge_distances(p, t, spacing))
 
 
 def case_metrics(
@@ -259,7 +259,7 @@ def _nsd_and_hd95(p: torch.Tensor, t: torch.Tensor, spacing: Spacing, tolerance_
                   workers: int | None = None) -> tuple[float, float]:
     """:func:`surface_dice` (edge voxels) and :func:`hd95` of two non-empty masks from one computation of their edge
     distances (most of their time)."""
-    distances = edge_distances(p, t, _spacing_arg(spacing, p.ndim), workers)
+    distances = edge_distances(p, t, spacing, workers)
     return _nsd_of(*distances, tolerance_mm), _hd95_of(*distances)
 
 
