@@ -381,54 +381,54 @@ class ScaleIntensityByModalityd(MapTransform):
             except KeyError:
                 raise DataError(path, f"unknown modality {modality!r}",
                                 f"use one of {sorted(set(MODALITY_HANDLERS))} or pass handlers={{...}}") from None
-            x = plain_tensor(img)
+            x, handler, source_dtype = self._checked(img, plain_tensor(img), handler, path)
+            window = _window(d.get(self.window_key) or self.ct_window) if handler == "ct_window" else (1.0, 0.0)
             picture = x.ndim == 3 and not (isinstance(img, MetaTensor) and img.meta.get("is_volume"))
             if self.defer_2d and picture:
-                d[key] = self._defer(img, x, handler, d, path)
+                d[key] = self._defer(img, x, handler, source_dtype, window)
                 continue
-            if not all_finite(x):  # integer pixels are finite: nothing to read
-                raise DataError(path, "holds NaN/Inf intensities",
-                                "repair the file (e.g. replace NaN with the background value) before using it")
-            if x.shape[0] == 4:
-                x = x[:3]  # alpha
-            if handler == "auto":
-                handler = "rgb" if x.shape[0] == 3 else "minmax"
-            source_dtype = img.meta.get("source_dtype") if isinstance(img, MetaTensor) else None
             if handler == "ct_window":
-                width, level = _window(d.get(self.window_key) or self.ct_window)
-                out, note = ct_window(to_grey(x), width, level), f"ct_window(W={width:g}, L={level:g})"
+                out = ct_window(to_grey(x), *window)
             elif handler == "percentile":
-                out, note = percentile_min_max(to_grey(x), *self.mri_percentiles), f"percentile{self.mri_percentiles}"
+                out = percentile_min_max(to_grey(x), *self.mri_percentiles)
             elif handler == "minmax":
-                out, note = min_max(to_grey(x)), "minmax"
+                out = min_max(to_grey(x))
             else:
-                out, note = rgb_scale(x, source_dtype), "rgb"
+                out = rgb_scale(x, source_dtype)
             out = _like(out.to(torch.float32), img)
             if isinstance(out, MetaTensor):
-                out.meta["intensity"] = note
+                out.meta["intensity"] = self._note(handler, window)
             d[key] = out
         return d
 
-
-    def _defer(self, img: Any, x: torch.Tensor, handler: str, d: Mapping[Hashable, Any], path: str | None) -> Any:
-        """The deferred form of :meth:`__call__` for one 2D picture: same checks, same notes, no float image."""
-        if not all_finite(x):
+    @staticmethod
+    def _checked(img: Any, x: torch.Tensor, handler: str, path: str | None
+                 ) -> tuple[torch.Tensor, str, Any]:
+        """``(pixels, handler, source dtype)``: the pixels checked finite and without alpha, ``auto`` resolved (RGB
+        for three channels, else min-max)."""
+        if not all_finite(x):  # integer pixels are finite: nothing to read
             raise DataError(path, "holds NaN/Inf intensities",
                             "repair the file (e.g. replace NaN with the background value) before using it")
         if x.shape[0] == 4:
             x = x[:3]  # alpha
         if handler == "auto":
             handler = "rgb" if x.shape[0] == 3 else "minmax"
-        source_dtype = img.meta.get("source_dtype") if isinstance(img, MetaTensor) else None
-        window = _window(d.get(self.window_key) or self.ct_window) if handler == "ct_window" else (1.0, 0.0)
-        spec = _deferred_spec(x, handler, source_dtype, window, self.mri_percentiles)
-        note = {"ct_window": f"ct_window(W={window[0]:g}, L={window[1]:g})",
-                "percentile": f"percentile{self.mri_percentiles}", "minmax": "minmax"}.get(handler, "rgb")
+        return x, handler, img.meta.get("source_dtype") if isinstance(img, MetaTensor) else None
+
+    def _note(self, handler: str, window: tuple[float, float]) -> str:
+        """The ``meta["intensity"]`` note of ``handler`` (``window``: the CT window's width and level)."""
+        if handler == "ct_window":
+            return f"ct_window(W={window[0]:g}, L={window[1]:g})"
+        return {"percentile": f"percentile{self.mri_percentiles}", "minmax": "minmax"}.get(handler, "rgb")
+
+    def _defer(self, img: Any, x: torch.Tensor, handler: str, source_dtype: Any, window: tuple[float, float]) -> Any:
+        """The deferred form of :meth:`__call__` for one 2D picture (checked by :meth:`_checked`): the same note, no
+        float image."""
         out = _like(plain_tensor(img), img)
         if not isinstance(out, MetaTensor):
             out = MetaTensor(out)
-        out.meta[PENDING_INTENSITY] = spec
-        out.meta["intensity"] = note
+        out.meta[PENDING_INTENSITY] = _deferred_spec(x, handler, source_dtype, window, self.mri_percentiles)
+        out.meta["intensity"] = self._note(handler, window)
         return out
 
 
