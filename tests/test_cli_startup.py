@@ -112,7 +112,7 @@ def test_console_script_argument_error():
     done = subprocess.run([str(script), "segment"], capture_output=True, text=True, cwd=REPO_ROOT)
     assert done.returncode == 2
     assert "usage: medsam3 segment" in done.stderr
-    assert "the following arguments are required: INPUT, --prompt, --out" in done.stderr
+    assert "the following arguments are required: INPUT, --prompt, --out PATH (or --out-dir DIR)" in done.stderr
 
 
 def test_lazy_data_package_keeps_its_names():

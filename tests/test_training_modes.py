@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import logging
 from pathlib import Path
 
 import pytest
@@ -30,7 +31,15 @@ def test_medsam3_mode_trains_the_detector_with_box_prompts_and_leaves_encoders_u
     workflow.initialize()
     network = workflow.parser.get_parsed_content("network")
     before = {k: v.detach().clone() for k, v in network.state_dict().items()}
-    frozen = workflow.parser.get_parsed_content("frozen_parameters")
+    logged, log = [], logging.getLogger("medsam3_monai.engines.optim")  # the bundle's logging.conf owns the root
+    handler = logging.Handler()
+    handler.emit = lambda record: logged.append(record.getMessage())
+    log.addHandler(handler)
+    try:
+        frozen = workflow.parser.get_parsed_content("frozen_parameters")
+    finally:
+        log.removeHandler(handler)
+    assert f"MedSAM3 mode: vision and text encoder(s) frozen, {frozen} parameters out of the optimiser" in logged
     optimizer = workflow.parser.get_parsed_content("optimizer")
     trainer = workflow.parser.get_parsed_content("train#trainer")
 

@@ -304,7 +304,7 @@ def _check_arguments(args: argparse.Namespace) -> bool:
     datalist = getattr(args, "datalist", None)
     out_dir = getattr(args, "out_dir", None)
     missing = [name for name, given in (("INPUT", inputs or datalist), ("--prompt", args.prompt or datalist),
-                                        ("--out", args.out or out_dir)) if not given]
+                                        ("--out PATH (or --out-dir DIR)", args.out or out_dir)) if not given]
     if missing:
         _usage(args, f"the following arguments are required: {', '.join(missing)}")
     if args.out and out_dir:

@@ -2,12 +2,15 @@
 
 from __future__ import annotations
 
+import logging
+
 from torch import nn
 from torch.optim import AdamW
 
 from ..networks.param_groups import LearningRates, sam3_param_groups
 from ..networks.outputs import unwrap
 
+logger = logging.getLogger(__name__)
 
 def freeze_encoders(network: nn.Module, vision: bool = True, text: bool = True) -> int:
     """MedSAM3 mode: freeze the vision and/or text encoder (CLIP + its projection); returns frozen parameter count."""
@@ -20,6 +23,8 @@ def freeze_encoders(network: nn.Module, vision: bool = True, text: bool = True) 
             param.requires_grad_(False)
             frozen += param.numel()
     network.train(network.training)  # MedSAM3Net keeps frozen encoders in eval mode (no stochastic depth)
+    names = " and ".join(name for name, chosen in (("vision", vision), ("text", text)) if chosen) or "no"
+    logger.info("MedSAM3 mode: %s encoder(s) frozen, %d parameters out of the optimiser", names, frozen)
     return frozen
 
 
