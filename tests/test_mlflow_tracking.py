@@ -43,3 +43,20 @@ def test_training_run_is_reviewable_in_mlflow(shared_data: Path, tmp_path: Path)
     assert any(m.startswith("lr/vision") for m in metrics)
     artifacts = {a.path for a in client.list_artifacts(run.info.run_id)}
     assert {"model.pt", "model_best_val_dice.pt", "metadata.json"} <= artifacts, artifacts
+    assert {"checkpoint", "batch_size", "lr.detector", "loss.weight_mask"} <= set(run.data.params)
+
+    # one more epoch: training resumes at iteration 9 from the last checkpoint, in a new run (the first finished)
+    # that gets every hyper-parameter too
+    resumed = ConfigWorkflow(
+        config_file=str(BUNDLE_CONFIGS / "train.json"), meta_file=str(BUNDLE_CONFIGS / "metadata.json"),
+        logging_file=str(BUNDLE_CONFIGS / "logging.conf"), workflow_type="train",
+        tracking=str(BUNDLE_CONFIGS / "mlflow.json"), bundle_root=str(bundle_root), datalists=[str(datalist)],
+        max_epochs=3, batch_size=1, val_interval=2, log_interval=2, save_interval=100,
+    )
+    resumed.initialize()
+    resumed.run()
+    resumed.finalize()
+    second = [r for r in client.search_runs([run.info.experiment_id]) if r.info.run_id != run.info.run_id]
+    assert len(second) == 1 and second[0].info.run_name == "kvasir-tiny"
+    assert [m.step for m in client.get_metric_history(second[0].info.run_id, "val_dice")] == [10, 12]
+    assert set(run.data.params) - {"max_epochs"} <= set(second[0].data.params)

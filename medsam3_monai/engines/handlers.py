@@ -62,9 +62,10 @@ class MLflowRunInfoHandler:
     MLFlowHandler.
 
     ``--tracking bundles/medsam3/configs/mlflow.json`` (or ``--tracking mlflow``) attaches MONAI's MLFlowHandler,
-    which logs losses and metrics; this handler adds the run parameters (after the first iteration, when the run
-    exists), each optimiser group's learning rate by its name (``lr/detector``, ``lr/vision.layer_3``, ...) every
-    ``lr_interval`` iterations on the iteration axis, and on COMPLETED the ``artifacts`` (files that exist: final
+    which logs losses and metrics; this handler adds the run parameters (after this process's first iteration, when
+    the run exists: a resumed training's too, whose run is a new one when the previous one finished), each optimiser
+    group's learning rate by its name (``lr/detector``, ``lr/vision.layer_3``, ...) every ``lr_interval`` iterations
+    on the iteration axis, and on COMPLETED the ``artifacts`` (files that exist: final
     and best checkpoints) and ``documents`` (name -> JSON-able content, e.g. the bundle's metadata) -- before that
     handler closes the run: attach this one first, as the bundle does. Without an MLflow handler it does nothing.
     """
@@ -76,9 +77,12 @@ class MLflowRunInfoHandler:
         self.documents = dict(documents or {})
         self.optimizer = optimizer
         self.lr_interval = max(int(lr_interval), 1)
+        self._params_logged = False
 
     def attach(self, engine: Engine) -> None:
-        engine.add_event_handler(Events.ITERATION_COMPLETED(once=1), self.log_params)
+        # the first iteration this process runs, whatever its number (a resumed run starts past iteration 1)
+        first = Events.ITERATION_COMPLETED(event_filter=lambda _engine, _iteration: not self._params_logged)
+        engine.add_event_handler(first, self.log_params)
         if self.optimizer is not None:
             engine.add_event_handler(Events.ITERATION_COMPLETED(every=self.lr_interval), self.log_learning_rates)
         engine.add_event_handler(Events.COMPLETED, self.log_artifacts)
@@ -111,6 +115,7 @@ class MLflowRunInfoHandler:
         return flat
 
     def log_params(self, engine: Engine) -> None:
+        self._params_logged = True
         found = mlflow_run_of(engine)
         if found is None:
             return
