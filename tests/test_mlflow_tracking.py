@@ -22,15 +22,19 @@ def test_training_run_is_reviewable_in_mlflow(shared_data: Path, tmp_path: Path)
     datalist = write_datalist(build_datalist("Kvasir-SEG_sample", shared_data / "Kvasir-SEG_sample").datalist,
                               tmp_path / "kvasir.json")
     bundle_root = tmp_path / "kvasir-tiny"
-    workflow = ConfigWorkflow(
-        config_file=str(BUNDLE_CONFIGS / "train.json"), meta_file=str(BUNDLE_CONFIGS / "metadata.json"),
-        logging_file=str(BUNDLE_CONFIGS / "logging.conf"), workflow_type="train",
-        tracking=str(BUNDLE_CONFIGS / "mlflow.json"), bundle_root=str(bundle_root), datalists=[str(datalist)],
-        max_epochs=2, batch_size=1, val_interval=2, log_interval=2, save_interval=100,
-    )
-    workflow.initialize()
-    workflow.run()
-    workflow.finalize()
+
+    def train(max_epochs: int) -> None:
+        workflow = ConfigWorkflow(
+            config_file=str(BUNDLE_CONFIGS / "train.json"), meta_file=str(BUNDLE_CONFIGS / "metadata.json"),
+            logging_file=str(BUNDLE_CONFIGS / "logging.conf"), workflow_type="train",
+            tracking=str(BUNDLE_CONFIGS / "mlflow.json"), bundle_root=str(bundle_root), datalists=[str(datalist)],
+            max_epochs=max_epochs, batch_size=1, val_interval=2, log_interval=2, save_interval=100,
+        )
+        workflow.initialize()
+        workflow.run()
+        workflow.finalize()
+
+    train(max_epochs=2)
 
     client = MlflowClient(tracking_uri=f"sqlite:///{bundle_root / 'runs' / 'mlruns.db'}")
     (run,) = client.search_runs([client.get_experiment_by_name("medsam3").experiment_id])
@@ -47,15 +51,7 @@ def test_training_run_is_reviewable_in_mlflow(shared_data: Path, tmp_path: Path)
 
     # one more epoch: training resumes at iteration 9 from the last checkpoint, in a new run (the first finished)
     # that gets every hyper-parameter too
-    resumed = ConfigWorkflow(
-        config_file=str(BUNDLE_CONFIGS / "train.json"), meta_file=str(BUNDLE_CONFIGS / "metadata.json"),
-        logging_file=str(BUNDLE_CONFIGS / "logging.conf"), workflow_type="train",
-        tracking=str(BUNDLE_CONFIGS / "mlflow.json"), bundle_root=str(bundle_root), datalists=[str(datalist)],
-        max_epochs=3, batch_size=1, val_interval=2, log_interval=2, save_interval=100,
-    )
-    resumed.initialize()
-    resumed.run()
-    resumed.finalize()
+    train(max_epochs=3)
     second = [r for r in client.search_runs([run.info.experiment_id]) if r.info.run_id != run.info.run_id]
     assert len(second) == 1 and second[0].info.run_name == "kvasir-tiny"
     assert [m.step for m in client.get_metric_history(second[0].info.run_id, "val_dice")] == [10, 12]
