@@ -244,8 +244,8 @@ class EvaluationReport:
             files.append(write_csv(out / "skipped.csv", ["image", "label", "error"],
                                      [{"image": case.item.get("image", ""), "label": case.item.get("label", ""),
                                        "error": case.error} for case in self.unreadable]))
-            notes.append(f"{len(self.unreadable)} unreadable case(s) skipped (--skip-unreadable) and not in the "
-                         "table: see skipped.csv.")
+            notes.append(f"{len(self.unreadable)} unreadable case(s) skipped (--skip-unreadable): counted under "
+                         "Cases above but not in the table; see skipped.csv.")
         if notes:
             text += "\n" + "\n".join(f"- {n}" for n in notes) + "\n"
         (out / "table.md").write_text(text, encoding="utf-8")
