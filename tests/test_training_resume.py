@@ -98,3 +98,34 @@ def test_a_checkpoint_of_another_kind_is_refused_by_name(tmp_path: Path):
     handler.attach(engine)
     with pytest.raises(KeyError, match="lacks .*not written by this training bundle"):
         handler.load(engine)
+
+
+def test_running_a_finished_training_again_says_there_is_nothing_left(tmp_path: Path, caplog):
+    """The same command after the run completed resumes at its last epoch: no iteration runs, and the log says why
+    and what to do (raise max_epochs, or resume=false)."""
+    import logging
+
+    from ignite.engine import Engine
+
+    def run(max_epochs: int) -> Engine:
+        network = torch.nn.Linear(2, 1)
+        optimizer = torch.optim.SGD(network.parameters(), lr=0.1)
+
+        def step(engine: Engine, batch: torch.Tensor) -> None:
+            optimizer.zero_grad()
+            network(batch).sum().backward()
+            optimizer.step()
+
+        engine = Engine(step)
+        TrainingCheckpoint(str(tmp_path), {"network": network, "optimizer": optimizer}, save_interval=2).attach(engine)
+        engine.run([torch.ones(1, 2)] * 3, max_epochs=max_epochs)
+        return engine
+
+    assert run(max_epochs=1).state.iteration == 3
+    with caplog.at_level(logging.WARNING, logger="medsam3_monai.engines.checkpointing"):
+        assert run(max_epochs=1).state.iteration == 3
+    assert f"the training in {tmp_path} finished at epoch 1 of max_epochs 1: nothing left to train" in caplog.text
+    caplog.clear()
+    with caplog.at_level(logging.WARNING, logger="medsam3_monai.engines.checkpointing"):
+        assert run(max_epochs=2).state.iteration == 6
+    assert "nothing left to train" not in caplog.text

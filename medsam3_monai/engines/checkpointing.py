@@ -138,3 +138,7 @@ class TrainingCheckpoint:
         self._skip_batches = engine.state.iteration % epoch_length if epoch_length else 0
         barrier()  # DDP: no rank trains (nor rank 0 saves) before every rank has loaded
         logger.info("resumed from %s at iteration %d (epoch %d)", path, engine.state.iteration, engine.state.epoch)
+        if engine.state.max_epochs is not None and engine.state.epoch >= engine.state.max_epochs:
+            logger.warning("the training in %s finished at epoch %d of max_epochs %d: nothing left to train; raise "
+                           "--max_epochs to train on, or pass --resume false to start afresh", self.save_dir,
+                           engine.state.epoch, engine.state.max_epochs)
