@@ -134,7 +134,8 @@ class MLflowRunInfoHandler:
             if Path(path).exists():
                 client.log_artifact(run_id, str(path))
             else:
-                logger.warning("MLflow artifact %s does not exist; not logged", path)
+                logger.info("MLflow artifact %s was not written by this run (the best checkpoint needs a validation);"
+                            " not logged", path)
         for name, content in self.documents.items():
             client.log_dict(run_id, content, name)
 
