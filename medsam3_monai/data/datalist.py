@@ -263,7 +263,7 @@ def items_of_split(datalist: Mapping[str, Any], path: Path | str, split: str, ba
             if not paths or not all(isinstance(p, str) and p for p in paths):
                 raise DatalistError(f"{where}: '{key}' must be a file path (or, for 'label', a list of them), got "
                                     f"{value!r}")
-        if "prompts" in item and not isinstance(item["prompts"], dict):
+        if "prompts" in item and not isinstance(item["prompts"], Mapping):
             raise DatalistError(f"{where}: 'prompts' is a {type(item['prompts']).__name__}, not an object of label "
                                 'value -> text: write it as {"1": "polyp"} (one entry per label value)')
         item["image"] = join(item["image"])

@@ -12,6 +12,7 @@ from ..networks.outputs import unwrap
 
 logger = logging.getLogger(__name__)
 
+
 def freeze_encoders(network: nn.Module, vision: bool = True, text: bool = True) -> int:
     """MedSAM3 mode: freeze the vision and/or text encoder (CLIP + its projection); returns frozen parameter count."""
     network = unwrap(network)
