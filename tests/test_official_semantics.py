@@ -154,8 +154,9 @@ def test_attention_weights_are_dropped_in_training_only():
     attention = net.sam3.detr_decoder.layers[0].text_cross_attn
     seen = []
     attention.register_forward_hook(lambda m, i, out: seen.append(out[1].detach()))
-    images = torch.rand(1, 3, 112, 112)
-    with torch.no_grad():
+    with torch.random.fork_rng(), torch.no_grad():
+        torch.manual_seed(0)  # 90 weights: unseeded, their zero fraction fell outside (0.35, 0.65) in 1 run of 240
+        images = torch.rand(1, 3, 112, 112)
         net.train()(images, ["polyp"])
         net.eval()(images, ["polyp"])
     dropped, kept = seen
