@@ -129,10 +129,11 @@ def png(path: Path) -> np.ndarray:
 
 @pytest.fixture(scope="module")
 def segment_reference(tmp_path_factory) -> Callable[..., np.ndarray]:
-    """What `medsam3 segment INPUT --prompt P ... [extra]` writes (cached per call)."""
-    cache: dict[tuple, np.ndarray] = {}
+    """What `medsam3 segment INPUT --prompt P ... [extra]` writes (cached per call); ``run.sidecar(...)`` with the
+    same arguments gives its JSON sidecar."""
+    cache: dict[tuple, tuple[np.ndarray, dict[str, Any]]] = {}
 
-    def run(path: Path, *prompts: str, extra: tuple[str, ...] = ()) -> np.ndarray:
+    def written(path: Path, *prompts: str, extra: tuple[str, ...] = ()) -> tuple[np.ndarray, dict[str, Any]]:
         key = (str(path), prompts, extra)
         if key not in cache:
             suffix = ".nii.gz" if str(path).endswith(".nii.gz") else ".png"
@@ -140,10 +141,23 @@ def segment_reference(tmp_path_factory) -> Callable[..., np.ndarray]:
             args = ["segment", str(path), *[a for p in prompts for a in ("--prompt", p)], "--out", str(out),
                     "--no-progress", *extra]
             assert main(args) == 0
-            cache[key] = np.asarray(nib.load(str(out)).dataobj) if suffix == ".nii.gz" else png(out)
+            array = np.asarray(nib.load(str(out)).dataobj) if suffix == ".nii.gz" else png(out)
+            cache[key] = array, json.loads(Path(f"{out}.json").read_text())
         return cache[key]
 
+    def run(path: Path, *prompts: str, extra: tuple[str, ...] = ()) -> np.ndarray:
+        return written(path, *prompts, extra=extra)[0]
+
+    run.sidecar = lambda path, *prompts, extra=(): written(path, *prompts, extra=extra)[1]
     return run
+
+
+def kept_by_the_rule(sidecar: dict[str, Any], keep_ratio: float = 0.5) -> dict[int, str]:
+    """Label value -> phrasing of a reference sidecar's phrasings that the offline fusion keeps (agent/fusion.py:
+    score >= keep_ratio x the best score; min_score 0)."""
+    best = max(entry["score"] for entry in sidecar["labels"].values())
+    return {int(value): entry["prompt"] for value, entry in sidecar["labels"].items()
+            if entry["score"] >= keep_ratio * best}
 
 
 def agent(image: Path, out: Path, server: ScriptedServer | None, *extra: str,
@@ -437,8 +451,11 @@ def test_offline_planner_runs_the_catalogue_phrasings_in_one_batch(kvasir, tmp_p
     assert [row["phrase"] for row in details["fusion"]] == phrasings
     assert trace["planner"]["kind"] == "offline" and trace["llm_calls"] == []
     labels = segment_reference(kvasir, *phrasings)  # the same phrasings through `medsam3 segment`, merged
-    kept = [i + 1 for i, row in enumerate(details["fusion"]) if row["kept"]]
-    assert np.array_equal(png(out), np.isin(labels, kept).astype(np.uint8) * 255)
+    kept = kept_by_the_rule(segment_reference.sidecar(kvasir, *phrasings))  # from the reference's scores
+    assert sorted(kept.values()) == sorted(details["kept"])
+    assert sorted(kept.values()) == sorted(row["phrase"] for row in details["fusion"] if row["kept"])
+    expected = np.isin(labels, list(kept)).astype(np.uint8) * 255
+    assert expected.any() and np.array_equal(png(out), expected)
     assert str(out) in line
 
 
@@ -452,7 +469,7 @@ def test_offline_planner_is_the_default_without_an_endpoint(kvasir, tmp_path, ca
     assert concept["concept"] == "tumor" and "lesion" in concept["phrasings"]
 
 
-def test_offline_planner_on_a_volume(hippocampus, tmp_path, predictor):
+def test_offline_planner_on_a_volume(hippocampus, tmp_path, predictor, segment_reference):
     from medsam3_monai.agent import AgentSettings, SegmenterSettings, run_agent
     from medsam3_monai.agent.segmenter import PhraseSegmenter
 
@@ -473,6 +490,12 @@ def test_offline_planner_on_a_volume(hippocampus, tmp_path, predictor):
     written, source = nib.load(str(out)), nib.load(str(hippocampus))
     assert written.shape == source.shape and np.allclose(written.affine, source.affine)
     assert set(np.unique(np.asarray(written.dataobj))) <= {0, 1}
+    # the phrasings through `medsam3 segment` at the same threshold, merged; the kept ones' voxels are the mask
+    phrasings, extra = details["concept"]["phrasings"], ("--score-threshold", "0.25")
+    kept = kept_by_the_rule(segment_reference.sidecar(hippocampus, *phrasings, extra=extra))
+    assert sorted(kept.values()) == sorted(details["kept"])
+    expected = np.isin(segment_reference(hippocampus, *phrasings, extra=extra), list(kept)).astype(np.uint8)
+    assert expected.any() and np.array_equal(np.asarray(written.dataobj), expected)
     sidecar = json.loads(Path(f"{out}.json").read_text())
     assert sidecar["kind"] == "volume" and sidecar["agent"]["planner"] == "offline"
     assert "tracker" in sidecar

@@ -105,6 +105,22 @@ def source_of(name: str, folder: Path) -> Path:
     return next(p for p in folder.iterdir() if f"{p.stem}_seg.png" == name)
 
 
+@pytest.fixture()
+def encoded(monkeypatch) -> list[tuple[int, bool, torch.dtype]]:
+    """(images, CPU autocast on, its dtype) of every ``MedSAM3Net.encode_images`` call (vision pass) of the test."""
+    from medsam3_monai.networks import MedSAM3Net
+
+    seen: list[tuple[int, bool, torch.dtype]] = []
+    encode = MedSAM3Net.encode_images
+
+    def recording(self, pixel_values):
+        seen.append((pixel_values.shape[0], torch.is_autocast_enabled("cpu"), torch.get_autocast_dtype("cpu")))
+        return encode(self, pixel_values)
+
+    monkeypatch.setattr(MedSAM3Net, "encode_images", recording)
+    return seen
+
+
 def assert_same_outputs(batched: Path, reference: Path, names: list[str], inputs: Path) -> None:
     assert sorted(p.name for p in batched.iterdir()) == sorted(n + s for n in names for s in ("", ".json"))
     for name in names:
@@ -114,10 +130,13 @@ def assert_same_outputs(batched: Path, reference: Path, names: list[str], inputs
 
 # ------------------------------------------------------------------------------------------------ same masks
 @pytest.mark.parametrize("batch_size, workers", [(1, 0), (4, 0), (4, 2)])
-def test_a_folder_gives_the_masks_of_one_by_one_calls(samples, one_by_one, tmp_path, capsys, batch_size, workers):
+def test_a_folder_gives_the_masks_of_one_by_one_calls(samples, one_by_one, tmp_path, capsys, encoded, batch_size,
+                                                      workers):
     out = tmp_path / "masks"
     assert segment(str(samples), "--prompt", "polyp", "--out-dir", str(out), "--batch-size", str(batch_size),
                    "--num-workers", str(workers)) == 0
+    sizes = [images for images, _, _ in encoded]  # before the checks below run the network one picture at a time
+    assert max(sizes) == batch_size and sum(sizes) == 5  # the five pictures in batches of up to batch_size
     names = sorted(f"{p.stem}_seg.png" for p in samples.iterdir())
     assert_same_outputs(out, one_by_one, names, samples)
     printed = capsys.readouterr().out
@@ -145,12 +164,13 @@ def test_a_datalist_with_its_own_prompts_and_a_volume(samples, one_by_one, share
             {"image": f"inputs/{KVASIR[1]}", "prompts": {"1": "polyp"}},
         ],
     }))
-    out = tmp_path / "from_list"
-    assert segment("--datalist", str(datalist), "--out-dir", str(out), "--batch-size", "4", "--tracker", "none") == 0
+    out = tmp_path / "from_list"  # 0.2: the tiny network's volume scores (~0.25) pass it, so the volume is not empty
+    assert segment("--datalist", str(datalist), "--out-dir", str(out), "--batch-size", "4", "--tracker", "none",
+                   "--score-threshold", "0.2") == 0
     stem = volume.name[: -len(".nii.gz")]
     assert sorted(p.name for p in out.iterdir() if p.suffix != ".json") == sorted(
         [f"{Path(KVASIR[0]).stem}_seg.png", f"{Path(KVASIR[1]).stem}_seg.png", "chest2_seg.png", f"{stem}_seg.nii.gz"])
-    for name in (KVASIR[0], KVASIR[1]):
+    for name in (KVASIR[0], KVASIR[1]):  # top_query (the 2D default) does not use the score threshold
         name = f"{Path(name).stem}_seg.png"
         assert_same_masks(png(out / name), png(one_by_one / name), source_of(name, samples))
     labels = png(out / "chest2_seg.png")
@@ -160,12 +180,19 @@ def test_a_datalist_with_its_own_prompts_and_a_volume(samples, one_by_one, share
     assert sidecar["modality"] == "X-ray"
     reference = tmp_path / "chest2_ref.png"
     assert segment(str(samples / "chest2.jpg"), "--prompt", "left lung", "--prompt", "right lung", "--modality",
-                   "X-ray", "--out", str(reference)) == 0
+                   "X-ray", "--score-threshold", "0.2", "--out", str(reference)) == 0
     ref = png(reference)
     assert np.array_equal(np.select([ref == 1, ref == 2], [3, 5], 0), labels)
     written, source = nib.load(out / f"{stem}_seg.nii.gz"), nib.load(volume)
     assert written.shape == source.shape and np.allclose(written.affine, source.affine)
-    assert json.loads((out / f"{stem}_seg.nii.gz.json").read_text())["kind"] == "volume"
+    sidecar = json.loads((out / f"{stem}_seg.nii.gz.json").read_text())
+    assert sidecar["kind"] == "volume"
+    assert {k: v["prompt"] for k, v in sidecar["labels"].items()} == {"1": "hippocampus"}
+    reference = tmp_path / "volume_ref.nii.gz"  # the volume alone, with its prompt
+    assert segment(str(volume), "--prompt", "hippocampus", "--modality", "MRI", "--tracker", "none",
+                   "--score-threshold", "0.2", "--out", str(reference)) == 0
+    labels = np.asarray(written.dataobj)
+    assert labels.any() and np.array_equal(labels, np.asarray(nib.load(reference).dataobj))
 
 
 def test_inputs_sharing_a_name_keep_their_folder(samples, tmp_path):
@@ -187,9 +214,10 @@ def test_a_compiled_vision_encoder_gives_the_masks_of_one_by_one_calls(samples, 
     assert_same_outputs(out, one_by_one, sorted(f"{p.stem}_seg.png" for p in samples.iterdir()), samples)
 
 
-def test_bf16_autocast_runs_on_the_cpu(samples, tmp_path):
+def test_bf16_autocast_runs_on_the_cpu(samples, tmp_path, encoded):
     out = tmp_path / "bf16"
     assert segment(str(samples / "chest*.jpg"), "--prompt", "lung", "--out-dir", str(out), "--autocast", "bf16") == 0
+    assert encoded and all(on and dtype == torch.bfloat16 for _, on, dtype in encoded)  # every vision pass in bf16
     masks = [png(p) for p in sorted(out.glob("*.png"))]
     assert [m.shape for m in masks] == [(512, 512)] * 2 and all(set(np.unique(m)) <= {0, 255} for m in masks)
 
@@ -411,7 +439,7 @@ def test_inputs_expand_folders_globs_and_dicom_series(tmp_path):
                                                                "v_seg.nii.gz"]
 
 
-def test_the_inference_bundle_batches_cases_with_the_same_masks(samples, tmp_path):
+def test_the_inference_bundle_batches_cases_with_the_same_masks(samples, tmp_path, encoded):
     from monai.bundle import run
 
     from medsam3_monai.bundle import BUNDLE_CONFIGS
@@ -420,9 +448,11 @@ def test_the_inference_bundle_batches_cases_with_the_same_masks(samples, tmp_pat
     written = {}
     for batch_size in (1, 3):
         out_dir = tmp_path / f"batch{batch_size}"
+        encoded.clear()
         run(config_file=str(BUNDLE_CONFIGS / "inference.json"), meta_file=str(BUNDLE_CONFIGS / "metadata.json"),
             bundle_root=str(tmp_path), datalist=[{"image": str(p)} for p in pictures], prompts=["polyp"],
             checkpoint="tiny", output_dir=str(out_dir), batch_size=batch_size)
+        assert [images for images, _, _ in encoded] == [batch_size] * (3 // batch_size)  # the batches formed
         written[batch_size] = {p.name: png(p) for p in sorted(out_dir.glob("*.png"))}
     assert len(written[1]) == len(pictures) and written[1].keys() == written[3].keys()
     for name in written[1]:

@@ -153,8 +153,11 @@ def test_dataloader_kinds_and_batches():
     threaded = build_dataloader(dataset, batch_size=2, collate_fn=list, thread=True)
     assert isinstance(threaded, ThreadDataLoader)
     assert [[float(d["x"][0]) for d in b] for b in threaded] == [[0.0, 1.0], [2.0, 3.0], [4.0]]
-    order = [float(b["x"][0, 0]) for b in build_dataloader(dataset, shuffle=True, generator=torch.Generator().manual_seed(0))]
-    assert sorted(order) == [0.0, 1.0, 2.0, 3.0, 4.0]
+    with torch.random.fork_rng():  # seeded: the order is fixed (a permutation other than the stored order)
+        torch.manual_seed(0)
+        loader = build_dataloader(dataset, shuffle=True, generator=torch.Generator().manual_seed(0))
+        order = [float(b["x"][0, 0]) for b in loader]
+    assert sorted(order) == [0.0, 1.0, 2.0, 3.0, 4.0] and order != [0.0, 1.0, 2.0, 3.0, 4.0]
 
 
 def test_dataloader_rejects_shuffle_with_sampler():

@@ -93,19 +93,35 @@ def test_masks_do_not_depend_on_the_detector_chunk(network):
     assert torch.allclose(chunked_scores, scores, atol=1e-6)
 
 
-def test_detector_chunk_is_a_segment_evaluate_serve_agent_and_bundle_option(hippocampus, tmp_path, capsys):
+def test_detector_chunk_is_a_segment_evaluate_serve_agent_and_bundle_option(hippocampus, tmp_path, capsys,
+                                                                              monkeypatch):
     import nibabel as nib
 
     from medsam3_monai.bundle import config_parser
     from medsam3_monai.deploy.cli import main
+    from medsam3_monai.inferers import predict
     from medsam3_monai.networks.medsam3_net import DETECTOR_CHUNK
 
+    runs: list[Passes] = []  # the detector passes of each `segment` run's network
+    load_network = predict.load_network
+
+    def counted(*args, **kwargs) -> MedSAM3Net:
+        network = load_network(*args, **kwargs)
+        runs.append(Passes(network))
+        return network
+
+    monkeypatch.setattr(predict, "load_network", counted)
     prompts = ["--prompt", "anterior hippocampus", "--prompt", "posterior hippocampus", "--prompt", "ventricle"]
     common = [str(hippocampus), *prompts, "--score-threshold", "0.2", "--no-progress"]
-    assert main(["segment", *common, "--out", str(tmp_path / "default.nii.gz")]) == 0
-    assert main(["segment", *common, "--out", str(tmp_path / "one.nii.gz"), "--detector-chunk", "1"]) == 0
+    try:
+        assert main(["segment", *common, "--out", str(tmp_path / "default.nii.gz")]) == 0
+        assert main(["segment", *common, "--out", str(tmp_path / "one.nii.gz"), "--detector-chunk", "1"]) == 0
+    finally:
+        for passes in runs:
+            passes.__exit__()
     default, one = (np.asarray(nib.load(tmp_path / name).dataobj) for name in ("default.nii.gz", "one.nii.gz"))
     assert len(np.unique(default)) > 1 and np.array_equal(one, default)  # 3 prompts x 8 slices, 1 per pass
+    assert len(runs) == 2 and max(runs[0].queries) > 1 and max(runs[1].queries) == 1  # the chunk reached the detector
     with pytest.raises(SystemExit) as exit_info:
         main(["segment", *common, "--out", str(tmp_path / "zero.nii.gz"), "--detector-chunk", "0"])
     assert exit_info.value.code == 2 and "give a number >= 1" in capsys.readouterr().err

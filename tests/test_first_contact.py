@@ -170,7 +170,10 @@ def test_volume_slices_are_shown_in_the_radiological_convention(diagonal, flips)
     expected = expected.flip(-1) if flips[1] else expected
     assert torch.equal(shown, expected)
     swapped = torch.tensor([[0.0, 1, 0, 0], [1, 0, 0, 0], [0, 0, 1, 0], [0, 0, 0, 1]])  # axis 0 is y, axis 1 is x
-    assert radiological_view(plane, swapped, row_axis=1, col_axis=0).shape == (4, 3)  # rows become anterior-posterior
+    # plane[i, j] = 4i + j at x = i, y = j; shown[r, c] must have y = 3 - r (anterior on top), x = 2 - c (right on
+    # the left): plane[2 - c, 3 - r] = 11 - 4c - r
+    expected = torch.tensor([[11.0, 7, 3], [10, 6, 2], [9, 5, 1], [8, 4, 0]])
+    assert torch.equal(radiological_view(plane, swapped, row_axis=1, col_axis=0), expected)
 
 
 def test_training_logs_every_log_interval_iterations_not_every_one():

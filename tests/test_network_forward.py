@@ -89,6 +89,7 @@ def test_the_decoder_reads_the_grid_size_from_a_host_tensor(device, tiny_images)
             hook.remove()
     assert seen["decoder"].device.type == "cpu" and seen["encoder"].device.type == device
     assert torch.equal(seen["decoder"], seen["encoder"].cpu())
+    assert seen["decoder"].data_ptr() != seen["encoder"].data_ptr()  # its own, on a CPU network too
 
 
 def out_reference_boxes(net, images):

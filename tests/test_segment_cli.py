@@ -58,6 +58,9 @@ def test_one_prompt_writes_a_0_255_mask_of_the_input_size_with_sidecar_and_overl
     assert png(overlay).ndim == 3 and png(overlay).shape[-1] in (3, 4)
     assert str(out) in capsys.readouterr().out
     assert sorted(p.name for p in tmp_path.rglob("*")) == ["mask.png", "mask.png.json", "overlay.png", "sub"]
+    # the box reaches the network: without it, the top query's mask is another one
+    assert segment(str(kvasir), "--prompt", "polyp", "--out", str(tmp_path / "unboxed.png")) == 0
+    assert not np.array_equal(png(tmp_path / "unboxed.png"), mask)
 
 
 def test_two_prompts_write_a_label_map_and_a_sidecar_naming_each_value(two_prompt_run, kvasir):
@@ -113,8 +116,22 @@ def test_batch_size_sets_the_slices_per_detector_forward_of_a_volume(hippocampus
     assert calls == [3] and nib.load(out).shape == nib.load(hippocampus).shape
 
 
-def test_tracker_propagation_on_a_few_slices_keeps_an_oblique_anisotropic_geometry(hippocampus, tmp_path):
+def test_tracker_propagation_on_a_few_slices_keeps_an_oblique_anisotropic_geometry(hippocampus, tmp_path,
+                                                                                    monkeypatch):
     """Six real slices with a rotated, anisotropic affine; score threshold 0 so the tracker has a seed."""
+    import medsam3_monai.inferers.volume as volume_module
+
+    tracked: list[tuple[list[int], list[int]]] = []  # per call: its seeds, and the prompts it yielded masks for
+
+    def spy(*args, **kwargs):
+        seeds, yielded = list(args[3]), []
+        tracked.append((seeds, yielded))
+        for index, bits in real_track(*args, **kwargs):
+            yielded.append(index)
+            yield index, bits
+
+    real_track = volume_module.track_prompts
+    monkeypatch.setattr(volume_module, "track_prompts", spy)
     source = nib.load(hippocampus)
     data = np.asarray(source.dataobj)[..., 12:18]
     angle = math.radians(30)
@@ -131,6 +148,9 @@ def test_tracker_propagation_on_a_few_slices_keeps_an_oblique_anisotropic_geomet
     assert set(np.unique(written.get_fdata())) <= {0, 1, 2}
     sidecar = json.loads(Path(f"{out}.json").read_text())
     assert sidecar["tracker"].startswith("tiny") and all(0 <= s < 6 for s in sidecar["seed_slices"].values())
+    # the tracker ran from those seeds, each prompt's masks propagated
+    assert [(seeds, sorted(yielded)) for seeds, yielded in tracked] == [(list(sidecar["seed_slices"].values()),
+                                                                          [0, 1])]
     assert np.allclose(sidecar["spacing"], [0.8, 0.7, 2.5], atol=1e-5)
     assert png(overlay).ndim == 3
 
@@ -140,11 +160,20 @@ def test_channel_picks_one_time_point_of_a_4d_volume(tmp_path):
     affine = np.diag([1.5, 1.5, 3.0, 1.0])
     volume = tmp_path / "fourd.nii.gz"
     nib.save(nib.Nifti1Image(data, affine), volume)
+    common = ["--prompt", "lesion", "--tracker", "none", "--score-threshold", "0.2"]  # tiny network: scores ~0.25
     out = tmp_path / "seg.nii.gz"
-    assert segment(str(volume), "--prompt", "lesion", "--channel", "1", "--tracker", "none", "--out", str(out)) == 0
+    assert segment(str(volume), *common, "--channel", "1", "--out", str(out)) == 0
     written = nib.load(out)
     assert written.shape == (9, 7, 3) and np.allclose(written.affine, affine)
     assert json.loads(Path(f"{out}.json").read_text())["channel"] == 1
+    # the labels of time point 1 saved as a 3D volume of its own, not those of time point 0
+    time_points = []
+    for t in (0, 1):
+        nib.save(nib.Nifti1Image(data[..., t], affine), tmp_path / f"t{t}.nii.gz")
+        assert segment(str(tmp_path / f"t{t}.nii.gz"), *common, "--out", str(tmp_path / f"t{t}_seg.nii.gz")) == 0
+        time_points.append(np.asarray(nib.load(tmp_path / f"t{t}_seg.nii.gz").dataobj))
+    assert not np.array_equal(time_points[0], time_points[1])
+    assert np.array_equal(np.asarray(written.dataobj), time_points[1])
 
 
 # ------------------------------------------------------------------------------------------------ bad input

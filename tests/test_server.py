@@ -122,7 +122,7 @@ def test_infer_real_image(server, kvasir_jpeg):
     result = json.loads(parts["params"][2])
     filename, content_type, mask_bytes = parts["image"]
     assert filename.endswith(".png") and content_type == "image/png"
-    mask = np.asarray(Image.open(io.BytesIO(mask_bytes)))
+    mask = unboxed_mask = np.asarray(Image.open(io.BytesIO(mask_bytes)))
     assert mask.shape == (height, width) and set(np.unique(mask)) <= {0, 255}
     assert result["labels"]["255"]["prompt"] == "polyp" and 0 <= result["labels"]["255"]["score"] <= 1
     assert result["label_names"] == {"polyp": 255}
@@ -145,39 +145,57 @@ def test_infer_real_image(server, kvasir_jpeg):
     status, headers, body = _infer(server, data, "x.jpeg", params, query="?output=all")
     mask = np.asarray(Image.open(io.BytesIO(_parts(headers, body)["image"][2])))
     assert mask.shape == (height, width) and set(np.unique(mask)) <= {0, 1, 2}
+    # the box reaches the network: with it, the top query's mask of "polyp" is another one
+    boxed = {"prompts": ["polyp"], "box": params["box"]}
+    status, headers, body = _infer(server, data, "x.jpeg", boxed, query="?output=image")
+    assert status == 200 and json.loads(headers["x-medsam3-result"])["protocol"] == "top_query+box"
+    boxed_mask = np.asarray(Image.open(io.BytesIO(body)))
+    assert boxed_mask.shape == unboxed_mask.shape and not np.array_equal(boxed_mask, unboxed_mask)
     # the protocol belongs to that request only: the next one gets the server's default again
     status, headers, body = _infer(server, data, "x.jpeg", {"prompts": ["polyp"]}, query="?output=json")
     assert status == 200 and json.loads(body)["protocol"] == "top_query"
 
 
-def test_infer_volume(server, tmp_path):
+def test_infer_volume(tmp_path):
     import nibabel as nib
+
+    from medsam3_monai.deploy.cli import main
 
     affine = np.diag([0.8, 0.8, 2.5, 1.0])
     volume = np.random.default_rng(0).normal(size=(20, 24, 5)).astype(np.float32)
     path = tmp_path / "v.nii.gz"
     nib.save(nib.Nifti1Image(volume, affine), str(path))
-    status, headers, body = _infer(server, path.read_bytes(), "v.nii.gz", {"prompts": ["liver"]})
-    assert status == 200, body
-    filename, _, data = _parts(headers, body)["image"]
+    # the tiny network scores volumes about 0.25: below the default 0.5 every mask would be empty
+    with running_server("--token", TOKEN, "--score-threshold", "0.2") as port:
+        server = "127.0.0.1", port
+        status, headers, body = _infer(server, path.read_bytes(), "v.nii.gz", {"prompts": ["liver"]})
+        assert status == 200, body
+        filename, _, data = _parts(headers, body)["image"]
+        params = {"prompts": ["liver"], "result_extension": ".nrrd", "result_dtype": "uint16",
+                  "result_compress": True, "restore_label_idx": False}
+        status, headers, nrrd_body = _infer(server, path.read_bytes(), "v.nii.gz", params, query="?output=image")
     assert filename.endswith(".nii.gz")
     out = tmp_path / "mask.nii.gz"
     out.write_bytes(data)
     mask = nib.load(str(out))
     assert mask.shape == (20, 24, 5) and np.allclose(mask.affine, affine)
+    labels = np.asarray(mask.dataobj)
+    assert 0 < np.count_nonzero(labels) < labels.size, "a mask with both labels, so that a flip or a scale shows"
+    assert not np.array_equal(labels, labels[::-1]) and not np.array_equal(labels, labels[:, ::-1])
+    # the labels `medsam3 segment` writes for that volume and prompt
+    assert main(["segment", str(path), "--prompt", "liver", "--out", str(tmp_path / "segment.nii.gz"),
+                 "--checkpoint", "tiny", "--device", "cpu", "--score-threshold", "0.2", "--no-progress"]) == 0
+    assert np.array_equal(np.asarray(nib.load(str(tmp_path / "segment.nii.gz")).dataobj), labels)
 
     # MONAI Label's result params: another format and data type (OHIF reads NRRD), the same labels
-    params = {"prompts": ["liver"], "result_extension": ".nrrd", "result_dtype": "uint16", "result_compress": True,
-              "restore_label_idx": False}
-    status, headers, body = _infer(server, path.read_bytes(), "v.nii.gz", params, query="?output=image")
-    assert status == 200 and headers["content-disposition"] == 'attachment; filename="mask.nrrd"', body
-    header = body.split(b"\n\n", 1)[0].decode()
+    assert status == 200 and headers["content-disposition"] == 'attachment; filename="mask.nrrd"', nrrd_body
+    header = nrrd_body.split(b"\n\n", 1)[0].decode()
     assert "type: unsigned short" in header and "encoding: gzip" in header and "sizes: 20 24 5" in header
     import itk
 
     nrrd = tmp_path / "mask.nrrd"
-    nrrd.write_bytes(body)
-    assert np.array_equal(itk.array_from_image(itk.imread(str(nrrd))).transpose(), np.asarray(mask.dataobj))
+    nrrd.write_bytes(nrrd_body)
+    assert np.array_equal(itk.array_from_image(itk.imread(str(nrrd))).transpose(), labels)
 
 
 @pytest.mark.parametrize("case", [

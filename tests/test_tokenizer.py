@@ -16,12 +16,24 @@ def test_known_ids_and_padding():
     assert len(tokenizer) == 49408
 
 
+def _save_folder_tokenizer(folder) -> None:
+    """A checkpoint folder's tokenizer that tells itself apart from the built-in one: "zzqx" is one word of its own,
+    id 49408 (the built-in tokenizer splits it into two BPE pieces)."""
+    tokenizer = build_clip_tokenizer()
+    tokenizer.add_tokens(["zzqx"])
+    tokenizer.save_pretrained(folder)
+
+
 def test_folder_tokenizer_is_preferred(tmp_path):
-    build_clip_tokenizer().save_pretrained(tmp_path)
+    _save_folder_tokenizer(tmp_path)
     tokenizer = load_tokenizer(tmp_path)
-    ids, _ = tokenize_prompts(tokenizer, ["Retinal Blood Vessel"])
-    expected, _ = tokenize_prompts(build_clip_tokenizer(), ["Retinal Blood Vessel"])
-    assert torch.equal(ids, expected)
+    assert len(tokenizer) == 49409
+    prompt = "Retinal Blood Vessel zzqx"
+    ids, mask = tokenize_prompts(tokenizer, [prompt])
+    assert ids[0, :int(mask.sum())].tolist() == [49406, 31270, 566, 3590, 16387, 49408, 49407]
+    built_in, mask = tokenize_prompts(build_clip_tokenizer(), [prompt])
+    assert built_in[0, :int(mask.sum())].tolist() == [49406, 31270, 566, 3590, 16387, 1544, 45038, 49407]
+    assert len(load_tokenizer(tmp_path / "no_tokenizer_here")) == 49408  # a folder without one: the built-in
 
 
 # SAM3's own tokenizer (sam3.model.tokenizer_ve) is open_clip's SimpleTokenizer: the reference for the ids.
@@ -51,8 +63,10 @@ def test_ids_equal_sam3s_own_tokenizer_on_edge_cases():
 
 
 def test_folder_tokenizer_keeps_sam3_semantics(tmp_path):
-    build_clip_tokenizer().save_pretrained(tmp_path)
-    ids, _ = tokenize_prompts(load_tokenizer(tmp_path), EDGE_CASES)
+    _save_folder_tokenizer(tmp_path)
+    tokenizer = load_tokenizer(tmp_path)
+    assert len(tokenizer) == 49409  # the folder's, not the built-in one
+    ids, _ = tokenize_prompts(tokenizer, EDGE_CASES)
     expected, _ = tokenize_prompts(build_clip_tokenizer(), EDGE_CASES)
     assert torch.equal(ids, expected)
 

@@ -60,8 +60,13 @@ def test_semantic_rule_gives_one_target_per_label():
 
 
 def test_per_label_rule_mapping():
-    targets = targets_for(two_class_map(), {"1": "blob", "2": "other"}, {"1": "semantic", "2": "components"})
-    assert [t["masks"].shape[0] for t in targets] == [1, 1]
+    classes = two_class_map()
+    classes[36:39, 2:5] = 2  # class 2 in two blobs too: each rule gives each class another count
+    prompts = {"1": "blob", "2": "other"}
+    targets = targets_for(classes, prompts, {"1": "semantic", "2": "components"})
+    assert [t["masks"].shape[0] for t in targets] == [1, 2]
+    targets = targets_for(classes, prompts, {"1": "components", "2": "semantic"})
+    assert [t["masks"].shape[0] for t in targets] == [2, 1]
 
 
 def test_instance_ids_rule_keeps_split_ids_as_one_instance():
