@@ -42,6 +42,17 @@ def test_a_single_prompt_gives_the_mask_of_torch_interpolate():
         np.testing.assert_array_equal(boundary_label_index(maps, size), expected.astype(np.uint8))
 
 
+@pytest.mark.parametrize("threshold", [0.3, 0.5, 1.7])
+def test_taps_one_float_step_above_the_threshold_give_the_dense_mask(threshold):
+    """Taps within rounding of the threshold: deciding blocks by their taps' sign alone (no margin) would call the
+    interpolated pixels above it, which the dense resize's rounding puts at or below it on a few pixels."""
+    just_above = float(np.nextafter(np.float32(threshold), np.float32(np.inf)))
+    maps = torch.full((1, 7, 9), just_above)
+    maps[0, :, :2] = -5.0
+    dense = F.interpolate(maps[None], size=(23, 31), mode="bilinear", align_corners=False)[0, 0] > threshold
+    assert np.array_equal(boundary_label_index(maps, (23, 31), threshold), dense.numpy().view(np.uint8))
+
+
 def test_both_ways_of_resolving_open_pixels_are_used_and_agree(monkeypatch):
     """Open pixels are interpolated where few (the column segments that cross the threshold); a tile where most are
     open is resized densely."""

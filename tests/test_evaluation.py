@@ -111,12 +111,22 @@ def test_threshold_protocol_unites_every_query_above_the_score_and_semantic_read
     assert (union > 0).tolist() == [[[True, True, False, False]]] and score.item() == pytest.approx(0.8, abs=1e-3)
     top, _ = protocol_logits(outputs, (1, 4), "top_query")
     assert (top > 0).tolist() == [[[True, False, False, False]]]
-    none_kept, _ = protocol_logits(outputs, (1, 4), "threshold", score_threshold=0.95)
-    assert (none_kept == EMPTY_LOGIT).all()
-    head, _ = protocol_logits(outputs, (1, 4), "semantic")
+    none_kept, best = protocol_logits(outputs, (1, 4), "threshold", score_threshold=0.95)
+    assert (none_kept == EMPTY_LOGIT).all() and best.item() == pytest.approx(0.8 * 0.99999)  # the best query's
+    head, presence = protocol_logits(outputs, (1, 4), "semantic")
     assert (head > 0).tolist() == [[[True, False, False, True]]]
+    assert presence.item() == pytest.approx(0.99999, abs=1e-7)  # sigmoid(presence), not a query's score
     with pytest.raises(ValueError, match="unknown protocol"):
         protocol_logits(outputs, (1, 4), "best")
+
+
+def test_threshold_protocol_keeps_a_score_equal_to_the_threshold():
+    masks = torch.full((1, 2, 1, 4), -1.0)
+    masks[0, 0, 0, 1] = 5.0
+    outputs = constructed_outputs(masks, torch.tensor([[0.0, -3.0]]), torch.tensor([100.0]))
+    assert outputs.scores[0, 0].item() == 0.5  # sigmoid(0) x sigmoid(100): exactly 0.5 in float32
+    union, score = protocol_logits(outputs, (1, 4), "threshold", score_threshold=0.5)
+    assert (union > 0).tolist() == [[[False, True, False, False]]] and score.item() == 0.5  # score >= threshold
 
 
 def test_slice_space_maps_go_back_to_the_image_size_with_invertd():

@@ -86,6 +86,23 @@ def test_one_to_many_rule():
     assert len(OneToManyMatcher()(logits, boxes, two)) == 8
 
 
+def test_one_to_many_quantile_is_1_minus_topk_over_the_queries():
+    # Q = 10 (where 1 - 4/Q and 4/Q differ, unlike Q = 8 above): every score above 0.4, so the quantile alone decides
+    widths = [0.40 - 0.01 * i for i in range(10)]
+    boxes = torch.tensor([[[0.5, 0.5, w, w] for w in widths]])
+    scores = [0.3 * 0.5 + 0.7 * (w / 0.4) ** 2 for w in widths]  # IoU with the centred 0.4 box: (w / 0.4)^2
+    assert min(scores) > 0.4 and scores == sorted(scores, reverse=True)
+    matches = OneToManyMatcher(topk=4)(torch.zeros(1, 10), boxes,
+                                       FindTargets.from_instances([torch.tensor([[0.5, 0.5, 0.4, 0.4]])]))
+    assert matches.query_idx.tolist() == [0, 1, 2, 3]  # above the 0.6 quantile: the 4 best of 10
+
+
+def test_a_prompt_whose_boxes_have_no_width_or_height_has_no_target():
+    targets = FindTargets.from_instances([torch.tensor([[0.5, 0.5, 0.0, 0.2]]), torch.tensor([[0.5, 0.5, 0.2, 0.2]]),
+                                          torch.tensor([[0.5, 0.5, 0.2, 0.0]]), torch.zeros(0, 4)])
+    assert targets.has_target().tolist() == [False, True, False, False]
+
+
 def _criterion(**settings) -> SetCriterion:
     return SetCriterion(settings=CriterionSettings(normalization="local", **settings))
 

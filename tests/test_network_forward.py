@@ -174,6 +174,21 @@ def test_text_cache_serves_repeats_and_invalidates_on_weight_change():
     assert features.requires_grad, "training must bypass the cache so gradients reach the text encoder"
 
 
+def test_text_cache_invalidates_when_new_tensors_replace_the_weights():
+    """``load_state_dict(assign=True)`` puts new tensors in place, each at version 0 like the ones it replaces: the
+    cache must tell them apart by their storage."""
+    net = MedSAM3Net("tiny").eval()
+    with torch.no_grad():
+        net.load_state_dict({k: v.clone() for k, v in net.state_dict().items()}, assign=True)
+        first, _ = net.encode_text(["liver"])
+        state = {k: v.clone() for k, v in net.state_dict().items()}
+        state["sam3.text_projection.weight"] = state["sam3.text_projection.weight"] * 2  # a new tensor, version 0
+        net.load_state_dict(state, assign=True)
+        assert net.sam3.text_projection.weight._version == 0
+        changed, _ = net.encode_text(["liver"])
+    assert not torch.allclose(changed, first)
+
+
 def test_gradient_checkpointing_gives_same_gradients(tiny_images):
     grads = []
     for enabled in (False, True):

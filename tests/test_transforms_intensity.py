@@ -70,6 +70,15 @@ def test_grey_modalities_min_max_and_collapse_identical_rgb_channels():
         torch.testing.assert_close(out, (grey - 10) / 40)
 
 
+def test_colour_to_grey_is_itu_r_601_luma_in_both_paths():
+    from medsam3_monai.transforms.intensity import apply_intensity, to_grey
+
+    rgb = torch.eye(3).reshape(3, 1, 3)  # one row: a red, a green and a blue pixel
+    luma = torch.tensor([[[0.299, 0.587, 0.114]]])
+    torch.testing.assert_close(to_grey(rgb), luma)
+    torch.testing.assert_close(apply_intensity(rgb, {"channels": 3, "grey": "luma", "op": "keep"}, repeat=False), luma)
+
+
 def test_optical_rgb_divides_by_255_and_keeps_colour():
     rgb = torch.randint(0, 256, (3, 5, 7)).float()
     for modality in ("endoscopy", "dermoscopy", "fundus", "pathology", "microscopy"):
