@@ -230,8 +230,9 @@ def test_dataset_means_and_group_mean_of_dataset_means():
     internal = table.row("internal", kind="group")
     # mean of dataset means (0.7, 0.9), not of the three cases (0.7667)
     assert internal["dice"] == pytest.approx(0.8)
-    assert (internal["n"], internal["n_datasets"]) == (3, 2)
+    assert (internal["n"], internal["n_datasets"], internal["dice_n"]) == (3, 2, 3)  # its datasets' values: 2 + 1
     overall = table.row("overall")
+    assert overall["dice_n"] == 6 and overall["nsd_n"] == c["nsd_n"]
     assert overall["dice"] == pytest.approx((0.7 + 0.9 + 0.7) / 3)
     assert overall["nsd"] == pytest.approx(0.8)  # only C has NSD
 
@@ -271,6 +272,8 @@ def test_compare_keeps_rows_missing_from_one_table_as_nan():
 def test_csv_reports_round_trip(tmp_path):
     records = _records()
     path = write_cases_csv(records, tmp_path / "cases.csv")
+    header = path.read_text().splitlines()[0]
+    assert header == "dataset,group,case,prompt,protocol,dice,iou,nsd,hd95"  # the metrics in the tables' order
     back = read_cases_csv(path)
     assert [r["case"] for r in back] == [r["case"] for r in records]
     again = aggregate(back)
@@ -363,6 +366,17 @@ def _boxes_at_random(rng, shape, count):
         high = [int(min(n, a + rng.integers(1, n))) for a, n in zip(low, shape)]
         mask[tuple(slice(a, b) for a, b in zip(low, high))] = True
     return mask
+
+
+def test_label_fill_paints_value_i_in_the_colour_of_prompt_i():
+    from matplotlib.colors import to_rgba
+
+    from medsam3_monai.metrics.plots import CLASS_COLOURS, label_fill
+
+    rgba = label_fill(np.array([[0, 7], [3, 0]]), [7, 3], alpha=0.45)  # prompt order: 7 first, then 3
+    assert tuple(rgba[0, 1]) == pytest.approx(to_rgba(CLASS_COLOURS[0], alpha=0.45))
+    assert tuple(rgba[1, 0]) == pytest.approx(to_rgba(CLASS_COLOURS[1], alpha=0.45))
+    assert tuple(rgba[0, 0]) == (0.0, 0.0, 0.0, 0.0)
 
 
 def test_surface_metrics_read_a_crop_and_equal_monai_on_the_whole_masks():

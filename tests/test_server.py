@@ -372,3 +372,45 @@ def test_datastore_limits_and_cleanup(tmp_path, monkeypatch):
     assert raised.value.status == 404
     store.close()
     assert not folder.exists()
+
+
+# ------------------------------------------------------------------------------------------------ limits, results
+def test_the_limits_are_inclusive(tmp_path):
+    """An image of exactly ``--max-image-pixels`` and exactly ``--max-prompts`` prompts are served; one more is
+    refused ("larger than", "at most")."""
+    from medsam3_monai.deploy.monailabel_protocol import ParamsError, parse_infer_params
+    from medsam3_monai.deploy.server import RequestError, ServerLimits, check_image
+
+    path = tmp_path / "a.png"
+    Image.fromarray(np.zeros((10, 20), np.uint8)).save(path)  # 200 pixels
+    assert check_image(path, ServerLimits(max_image_pixels=200)) == ("image", (10, 20))
+    with pytest.raises(RequestError) as refused:
+        check_image(path, ServerLimits(max_image_pixels=199))
+    assert refused.value.status == 413
+    three = parse_infer_params('{"prompts": ["liver", "spleen", "kidney"]}', max_prompts=3, max_prompt_chars=200)
+    assert three.prompts == ["liver", "spleen", "kidney"]
+    with pytest.raises(ParamsError, match="at most 3"):
+        parse_infer_params('{"prompts": ["a", "b", "c", "d"]}', max_prompts=3, max_prompt_chars=200)
+
+
+@pytest.mark.parametrize("dtype", ["uint16", "int32", "float32"])
+def test_a_nifti_result_has_the_requested_dtype(tmp_path, dtype):
+    import types
+
+    import nibabel as nib
+    import torch
+
+    from medsam3_monai.deploy.monailabel_protocol import parse_infer_params, write_result
+
+    labels = np.zeros((4, 5, 3), np.uint8)
+    labels[1, 2, 0], labels[3, 4, 2] = 1, 2
+    affine = torch.diag(torch.tensor([2.0, 3.0, 4.0, 1.0], dtype=torch.float64))
+    params = parse_infer_params(json.dumps({"prompts": ["a", "b"], "result_extension": ".nii.gz",
+                                            "result_dtype": dtype}), max_prompts=16, max_prompt_chars=200)
+    out = tmp_path / "label.nii.gz"
+    prediction = types.SimpleNamespace(is_volume=True, affine=affine)
+    assert write_result(labels, prediction, params, out, reference=tmp_path / "missing.nii.gz") == "application/gzip"
+    written = nib.load(str(out))
+    assert written.get_data_dtype() == np.dtype(dtype)
+    np.testing.assert_array_equal(np.asarray(written.dataobj), labels)
+    np.testing.assert_allclose(written.affine, affine.numpy())

@@ -14,8 +14,9 @@ Conventions (Medical SAM3's tables):
   the same however many cases it has; its ``std`` is the spread between those dataset means.
 - The ``overall`` row is the mean over all datasets' means.
 - NaN (HD95 with an empty mask) and missing metrics (NSD / HD95 without spacing) are skipped: means are
-  nanmeans and ``<metric>_n`` counts the values that entered. A dataset without any value gives NaN and is
-  left out of its group's mean.
+  nanmeans and ``<metric>_n`` counts the values that entered: on a group or the ``overall`` row, the per-record
+  values under it (the sum of its datasets' counts; ``n_datasets`` counts the datasets). A dataset without any
+  value gives NaN and is left out of its group's mean.
 
 Values stay fractions in [0, 1] (HD95 in mm) in rows and CSV files; Markdown shows Dice / IoU / NSD in %
 with two decimals and HD95 in mm.
