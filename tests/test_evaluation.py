@@ -330,6 +330,46 @@ def test_auto_split_takes_test_when_present_else_validation(tmp_path):
         assert len(evaluation_items([with_test, with_test], check_files=False)) == 6
 
 
+def test_validation_dice_is_the_mean_over_prompts_with_a_target():
+    """The best-checkpoint metric: prompt 0 exact (Dice 1), prompt 1 half its target (2 x 2 / (2 + 4)), prompt 2
+    negative (no target; its mask is not counted): (1 + 2/3) / 2."""
+    from medsam3_monai.engines import PromptDice
+    from medsam3_monai.losses import FindTargets
+
+    truth = torch.zeros(3, 4, 4, dtype=torch.bool)
+    truth[0, 0, :2] = True
+    truth[1, 1, :] = True
+    predicted = torch.full((3, 1, 4, 4), -5.0)  # one query per prompt, logits > 0 where it claims
+    predicted[0, 0, 0, :2] = predicted[1, 0, 1, :2] = predicted[2, 0, 2:, :] = 5.0
+    outputs = constructed_outputs(predicted, torch.zeros(3, 1), torch.zeros(3))
+    box = torch.tensor([[0.5, 0.5, 0.5, 0.5]])
+    targets = FindTargets.from_instances([box, box, torch.zeros(0, 4)], [truth[:1], truth[1:2], truth[:0]])
+    metric = PromptDice()
+    metric.update((outputs, targets))
+    assert metric.compute() == pytest.approx((1 + 2 / 3) / 2)
+
+
+def test_case_records_keep_each_prompts_label_score_and_group():
+    from medsam3_monai.engines.evaluation import CasePrediction, case_records
+
+    pred = torch.tensor([[3, 3, 0, 7]], dtype=torch.uint8)
+    truth = torch.tensor([[3, 0, 0, 7]], dtype=torch.uint8)
+    prediction = CasePrediction([{"dataset": "X", "group": "external", "case": "c1"}], [3, 7], ["A", "B"], pred,
+                                truth, torch.tensor([0.9, 0.2]), None)
+    records = case_records(prediction, "top_query")
+    assert [(r["prompt"], r["label"], r["group"]) for r in records] == [("A", 3, "external"), ("B", 7, "external")]
+    assert [r["score"] for r in records] == pytest.approx([0.9, 0.2])
+    assert [r["metrics"]["dice"] for r in records] == pytest.approx([2 / 3, 1.0])  # A: 2 x 1 / (2 + 1)
+
+
+def test_label_map_of_writes_each_mask_as_its_label_value_in_order():
+    from medsam3_monai.engines.evaluation import label_map_of
+
+    a, b = torch.tensor([[True, True, False]]), torch.tensor([[False, True, True]])
+    assert label_map_of([a, b], [3, 7]).tolist() == [[3, 7, 7]]  # where they overlap, the one written last
+    assert label_map_of([a, b], [3, 7], order=[1, 0]).tolist() == [[3, 3, 7]]
+
+
 def test_cli_choices_are_the_engine_choices():
     from medsam3_monai.data.selection import SPLIT_CHOICES
     from medsam3_monai.deploy import evaluate_cli

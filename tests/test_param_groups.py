@@ -1,6 +1,9 @@
-"""Optimiser parameter groups of Medical SAM3 §4.2 on the full SAM3 configuration (meta device)."""
+"""Optimiser parameter groups of Medical SAM3 §4.2 on the full SAM3 configuration (meta device), the optimiser
+built from them, and the learning-rate schedule (Meta's inverse square root) by hand."""
 
 from __future__ import annotations
+
+import math
 
 import pytest
 import torch
@@ -88,3 +91,46 @@ def test_optional_position_embedding_override(full_model_on_meta):
     pos = next(g for g in groups if any(p is dict(full_model_on_meta.named_parameters())[
         "vision_encoder.backbone.embeddings.position_embeddings"] for p in g["params"]))
     assert pos["lr"] == pytest.approx(5e-5) and len(pos["params"]) == 1
+
+
+def test_build_optimizer_gives_each_component_its_rate_and_the_weight_decay():
+    from medsam3_monai.engines import build_optimizer
+    from medsam3_monai.networks import MedSAM3Net
+
+    rates = {"detector": 1.0, "vision": 2.0, "language": 3.0, "geometry": 4.0}  # all different
+    optimizer = build_optimizer(MedSAM3Net("tiny"), detector_lr=1.0, vision_lr=2.0, language_lr=3.0, geometry_lr=4.0,
+                                layer_decay=1.0, weight_decay=0.25)
+    for group in optimizer.param_groups:
+        assert group["lr"] == pytest.approx(rates[group["component"]]), group["name"]
+        assert group["weight_decay"] == (0.0 if group["name"].endswith(".no_decay") else 0.25), group["name"]
+    assert {group["component"] for group in optimizer.param_groups} == set(rates)
+
+
+@pytest.mark.parametrize("step, factor", [
+    (0, 0.0), (5, 0.25), (10, 0.5), (20, 1.0),  # linear warm-up over 20 steps
+    (40, 1 / math.sqrt(2)), (80, 0.5), (200, 1 / math.sqrt(10)),  # then 1 / sqrt((step + 20 - 20) / 20)
+])
+def test_inverse_sqrt_factor_by_hand(step, factor):
+    from medsam3_monai.engines.schedulers import inverse_sqrt_factor
+
+    assert inverse_sqrt_factor(step, warmup_steps=20, timescale=20) == pytest.approx(factor, abs=1e-12)
+
+
+def test_cool_down_and_the_scheduler_scale_every_group_by_the_factor():
+    from medsam3_monai.engines.schedulers import WarmupInverseSqrtLR, inverse_sqrt_factor
+
+    # the last 20 of 100 steps go linearly to 0: step 90 is half-way
+    assert inverse_sqrt_factor(90, 20, 20, cooldown_steps=20, total_steps=100) == pytest.approx(0.5 / math.sqrt(4.5))
+    assert inverse_sqrt_factor(100, 20, 20, cooldown_steps=20, total_steps=100) == 0.0
+    a, b = torch.nn.Parameter(torch.zeros(1)), torch.nn.Parameter(torch.zeros(1))
+    optimizer = torch.optim.SGD([{"params": [a], "lr": 1.0}, {"params": [b], "lr": 0.1}])
+    scheduler = WarmupInverseSqrtLR(optimizer, warmup_steps=4, timescale=4)
+    rates = []
+    for _ in range(9):
+        rates.append([group["lr"] for group in optimizer.param_groups])
+        optimizer.step()
+        scheduler.step()
+    expected = [0, 0.25, 0.5, 0.75, 1] + [1 / math.sqrt(1 + k / 4) for k in range(1, 5)]
+    assert [first for first, _ in rates] == pytest.approx(expected)
+    assert [second for _, second in rates] == pytest.approx([0.1 * x for x in expected])  # each group's own rate
+

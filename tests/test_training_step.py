@@ -103,3 +103,44 @@ def test_the_bundles_compile_switch_trains_with_a_compiled_vision_encoder(dynamo
     assert compiled_terms.keys() == eager_terms.keys()
     for name, value in eager_terms.items():
         assert compiled_terms[name] == pytest.approx(value, rel=1e-3, abs=1e-4), name
+
+
+def test_the_step_clips_the_gradients_to_grad_clip_norm():
+    torch.manual_seed(0)
+    network = MedSAM3Net("tiny", training_dropout=NO_DROPOUT)
+    batch = load_script("bench_train").synthetic_batch(2, network.image_size, instances=3)
+    trainer = MedSAM3Trainer(device=torch.device("cpu"), max_epochs=1, train_data_loader=[batch], network=network,
+                             optimizer=build_optimizer(network), loss_function=SetCriterion(), amp=False,
+                             grad_clip_norm=0.1)
+    trainer.run()
+    assert trainer.state.output[0]["loss"]["grad_norm"] > 0.1  # before clipping: this step needs it
+    stepped = torch.stack([p.grad.norm() for p in network.parameters() if p.grad is not None])
+    assert float(torch.linalg.vector_norm(stepped)) == pytest.approx(0.1, rel=1e-4)  # what the optimiser stepped with
+
+
+def _linear_trainer(batches: list, accumulation_steps: int) -> tuple[MedSAM3Trainer, torch.nn.Linear]:
+    """A trainer of w x (w = 0 at first), loss (w x - y)^2, SGD at learning rate 1."""
+    network = torch.nn.Linear(1, 1, bias=False)
+    with torch.no_grad():
+        network.weight.zero_()
+    trainer = MedSAM3Trainer(
+        device=torch.device("cpu"), max_epochs=1, train_data_loader=batches, network=network,
+        optimizer=torch.optim.SGD(network.parameters(), lr=1.0),
+        loss_function=lambda out, y: {"loss": ((out - y) ** 2).sum()},
+        prepare_batch=lambda batch, device, non_blocking=False, **kwargs: (batch[0], batch[1], None, {}),
+        amp=False, bf16=False, grad_clip_norm=None, accumulation_steps=accumulation_steps)
+    return trainer, network
+
+
+def test_accumulation_averages_the_gradients_and_steps_at_the_end_of_an_epoch():
+    """Accumulation 2 over (x, y) = (1, 1), (2, 2): gradients 2 (w x - y) x = -2 and -8, each loss divided by 2:
+    w = 0 - (-1 - 4) = 5. A third batch (1, 1), the last of the epoch, steps alone, its loss divided by 2 too:
+    gradient 2 (5 - 1) / 2 = 4, w = 1."""
+    one, two = (torch.ones(1, 1), torch.ones(1, 1)), (torch.full((1, 1), 2.0), torch.full((1, 1), 2.0))
+    trainer, network = _linear_trainer([one, two], accumulation_steps=2)
+    trainer.run()
+    assert network.weight.item() == pytest.approx(5.0)
+    trainer, network = _linear_trainer([one, two, one], accumulation_steps=2)
+    trainer.run()
+    assert network.weight.item() == pytest.approx(1.0)
+

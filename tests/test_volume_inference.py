@@ -187,6 +187,15 @@ def test_segment_volume_shapes_dtypes_and_per_slice_detections(detector, tracker
     assert torch.equal(result.seed_slices, select_seeds(*detect_slices(detector, slices, PROMPTS), 0.0))
 
 
+def test_the_seed_is_the_most_confident_slice_above_the_threshold_with_a_mask():
+    masks = torch.ones(3, 5, 8, 8, dtype=torch.bool)
+    masks[0, 2] = False  # prompt 0's most confident slice detected nothing
+    scores = torch.tensor([[0.6, 0.7, 0.95, 0.8, 0.1],  # -> 3 (2 has no mask)
+                           [0.2, 0.55, 0.3, 0.9, 0.9],  # -> 3 (a tie: the lower slice)
+                           [0.1, 0.2, 0.3, 0.4, 0.49]])  # -> -1 (none reaches 0.5)
+    assert select_seeds(BitMasks.pack(masks), scores, 0.5).tolist() == [3, 3, -1]
+
+
 def test_tracker_propagates_both_ways_from_the_most_confident_slice(monkeypatch, detector, tracker):
     depth, seed = 9, 4
     square = hand_set_detections(monkeypatch, depth, confident={0: seed})  # prompt 1: never confident
