@@ -114,6 +114,29 @@ def test_architecture_mismatch_reports_keys(tmp_path, trained_like):
     assert "shape mismatch" in message and "(32,) vs (48,)" in message and "nothing was loaded" in message
 
 
+def test_a_transformers_folder_with_a_tensor_too_many_or_too_few_is_refused(tmp_path, trained_like):
+    import shutil
+
+    from safetensors.torch import load_file
+
+    trained_like.save_pretrained(tmp_path / "saved")
+    for name, edit in (("extra", lambda t: t.update({"detr_decoder.extra_head.weight": torch.zeros(3)})),
+                       ("missing", lambda t: t.pop("detr_decoder.layers.0.self_attn.q_proj.weight"))):
+        folder = tmp_path / name
+        shutil.copytree(tmp_path / "saved", folder)
+        (weights,) = folder.glob("*.safetensors")
+        tensors = load_file(str(weights))
+        edit(tensors)
+        save_file(tensors, str(weights), metadata={"format": "pt"})
+        with pytest.raises(CheckpointError) as info:
+            MedSAM3Net(folder)
+        report = str(info.value)
+        if name == "extra":
+            assert "unexpected in the checkpoint" in report and "detr_decoder.extra_head.weight" in report
+        else:
+            assert "missing from the checkpoint" in report and "detr_decoder.layers.0.self_attn.q_proj" in report
+
+
 def test_convert_checkpoint_cli(tmp_path, trained_like, capsys):
     detector = _original_detector(trained_like)
     torch.save({"model": {f"detector.{k}": v for k, v in detector.items()}}, tmp_path / "sam3.pt")

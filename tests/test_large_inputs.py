@@ -76,6 +76,13 @@ def test_a_picture_over_the_limit_is_refused_in_one_line_with_exit_2_and_no_outp
     assert "300x200 picture (0.1 Mpx" in err and "exceeds the limit of 1000 pixels" in err
     assert "--max-pixels 60000" in err and "MEDSAM3_MAX_PIXELS" in err
     assert not (tmp_path / "out").exists() and not list(tmp_path.rglob(".medsam3-segment-*"))
+    # the limit is inclusive (the picture has exactly 6e4 pixels); 0, a negative count or under one pixel is refused
+    assert segment(str(source), "--prompt", "disc", "--out", str(out), "--max-pixels", "6e4", "--no-progress") == 0
+    for bad in ("0", "-5", "0.4"):
+        with pytest.raises(SystemExit) as exit_info:
+            segment(str(source), "--prompt", "disc", "--out", str(tmp_path / "bad.png"), "--max-pixels", bad)
+        assert exit_info.value.code == 2 and "give a positive number of pixels" in capsys.readouterr().err
+    assert not (tmp_path / "bad.png").exists()
 
 
 def test_the_environment_variable_sets_the_limit_too(tmp_path, capsys, monkeypatch):

@@ -189,6 +189,15 @@ def test_text_cache_invalidates_when_new_tensors_replace_the_weights():
     assert not torch.allclose(changed, first)
 
 
+def test_gradient_checkpointing_switches_on_and_off():
+    net = MedSAM3Net("tiny", gradient_checkpointing=True)
+    assert net.gradient_checkpointing is True
+    net.set_gradient_checkpointing(False)
+    assert net.gradient_checkpointing is False
+    net.set_gradient_checkpointing(True)
+    assert net.gradient_checkpointing is True
+
+
 def test_gradient_checkpointing_gives_same_gradients(tiny_images):
     grads = []
     for enabled in (False, True):

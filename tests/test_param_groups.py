@@ -134,3 +134,14 @@ def test_cool_down_and_the_scheduler_scale_every_group_by_the_factor():
     assert [first for first, _ in rates] == pytest.approx(expected)
     assert [second for _, second in rates] == pytest.approx([0.1 * x for x in expected])  # each group's own rate
 
+
+def test_the_full_preset_sizes_and_a_smaller_slice_space():
+    full = full_sam3_config()
+    backbone = full.vision_config.backbone_config
+    assert (backbone.image_size, backbone.patch_size) == (1008, 14)
+    assert full.vision_config.backbone_feature_sizes[0] == [288, 288]  # masks at 4 x 1008 / 14
+    assert full.text_config.max_position_embeddings == 32  # SAM3's context: 32 tokens
+    half = full_sam3_config(504)  # 504 / 14 = 36: FPN levels at 4x, 2x, 1x
+    assert half.vision_config.backbone_config.image_size == 504
+    assert half.vision_config.backbone_feature_sizes == [[144, 144], [72, 72], [36, 36]]
+

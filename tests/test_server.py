@@ -414,3 +414,14 @@ def test_a_nifti_result_has_the_requested_dtype(tmp_path, dtype):
     assert written.get_data_dtype() == np.dtype(dtype)
     np.testing.assert_array_equal(np.asarray(written.dataobj), labels)
     np.testing.assert_allclose(written.affine, affine.numpy())
+
+
+@pytest.mark.parametrize("value", ["1.5", "-0.1"])
+def test_serve_refuses_a_score_threshold_outside_0_1(value):
+    from medsam3_monai.deploy.cli import build_parser
+    from medsam3_monai.deploy.serve import build_server
+
+    args = build_parser().parse_args(["serve", "--checkpoint", "tiny", "--device", "cpu", "--score-threshold", value])
+    with pytest.raises(ValueError, match=r"--score-threshold must be in \[0, 1\]"):
+        build_server(args)
+

@@ -23,7 +23,7 @@ from medsam3_monai.inferers import (
 from medsam3_monai.inferers import volume as volume_module
 from medsam3_monai.inferers.protocols import top_query_logits
 from medsam3_monai.networks import CheckpointError, MedSAM3Net, network_pixels, tiny_sam3_config
-from medsam3_monai.networks.tracker import build_tracker, tiny_tracker_config
+from medsam3_monai.networks.tracker import build_tracker, resolve_tracker, tiny_tracker_config
 from medsam3_monai.transforms import RestackSlicesd, sam3_normalize, slice_space_transforms
 
 S = 112
@@ -129,7 +129,12 @@ def _tiny_sam3_video_folder(tmp_path):
     return model, folder
 
 
-def test_build_tracker_loads_the_facebook_sam3_layout_strictly(tmp_path):
+def _same_state(a: torch.nn.Module, b: torch.nn.Module) -> bool:
+    sa, sb = a.state_dict(), b.state_dict()
+    return sa.keys() == sb.keys() and all(torch.equal(sa[k], sb[k]) for k in sa)
+
+
+def test_build_tracker_loads_the_facebook_sam3_layout_strictly(tmp_path, detector):
     model, folder = _tiny_sam3_video_folder(tmp_path)
     assert json.loads((folder / "config.json").read_text())["model_type"] == "sam3_video"
     tracker = build_tracker(folder)
@@ -145,6 +150,9 @@ def test_build_tracker_loads_the_facebook_sam3_layout_strictly(tmp_path):
         assert torch.equal(source[origin], value), key
     with pytest.raises(ValueError, match="works at 112 px"):
         build_tracker(folder, image_size=224)
+    # --tracker auto with that folder as the checkpoint: its own tracker, the same weights
+    chosen, described = resolve_tracker("auto", str(folder), detector, described=True)
+    assert described == str(folder) and _same_state(chosen, tracker)
     # a tracker weight missing from the file: an error naming it, not a silent random init
     (weights,) = folder.glob("*.safetensors")
     tensors = load_file(weights)
@@ -164,6 +172,8 @@ def test_build_tracker_rejects_bad_sources_with_a_reason(tmp_path, detector):
     detector.save_pretrained(tmp_path / "detector_only")  # model_type sam3: no tracker in it
     with pytest.raises(CheckpointError, match="no tracker"):
         build_tracker(tmp_path / "detector_only")
+    assert resolve_tracker("auto", str(tmp_path / "detector_only"), detector, described=True) == (
+        None, "none (the checkpoint has no tracker weights)")  # auto: the detector alone
 
 
 # ---------------------------------------------------------------------------------------- inference
