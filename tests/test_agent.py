@@ -531,3 +531,107 @@ def test_requests_resolve_to_catalogue_concepts():
     assert not plan.in_catalogue and plan.phrasings == ["weird blob"] and plan.location == ["left"]
     with pytest.raises(ValueError, match="names nothing"):
         resolve_request("segment the upper left")
+
+
+# ---------------------------------------------------------------- units: fusion, tool calls, marks, the answer
+def _phrasings(scores, label_map):
+    """What ``fuse_by_confidence`` reads of a prediction of phrasings p0, p1, ... (label value i + 1)."""
+    from types import SimpleNamespace
+
+    import torch
+
+    n = len(scores)
+    return SimpleNamespace(label_map=torch.as_tensor(label_map), scores=list(scores),
+                           prompts=[f"p{i}" for i in range(n)], label_values=list(range(1, n + 1)))
+
+
+LABELS = np.array([[1, 1, 2, 2],
+                   [1, 1, 2, 2],
+                   [0, 0, 0, 3]])
+
+
+def test_fusion_keeps_a_phrasing_exactly_at_the_ratio_bar():
+    from medsam3_monai.agent.fusion import fuse_by_confidence
+
+    # best 0.8, keep_ratio 0.5 -> bar 0.4 (exact in binary): 0.4 >= 0.4 is kept ("at least keep_ratio x best")
+    fusion = fuse_by_confidence(_phrasings([0.8, 0.4, 0.3], LABELS), keep_ratio=0.5)
+    assert fusion.kept == ["p0", "p1"]
+    assert fusion.mask.tolist() == (np.isin(LABELS, [1, 2])).tolist()
+    assert [row["kept"] for row in fusion.table] == [True, True, False]
+
+
+def test_fusion_min_score_raises_the_bar_above_the_ratio():
+    from medsam3_monai.agent.fusion import fuse_by_confidence
+
+    # bar = max(0.5 * 0.3, 0.25) = 0.25: only p0 (0.3) passes; p1 (0.2) would pass the ratio bar alone (0.15)
+    fusion = fuse_by_confidence(_phrasings([0.3, 0.2], LABELS[:2, :]), keep_ratio=0.5, min_score=0.25)
+    assert fusion.kept == ["p0"]
+    assert fusion.mask.tolist() == (LABELS[:2, :] == 1).tolist()
+    # every score below min_score: nothing kept, empty mask, score = the best overall
+    none = fuse_by_confidence(_phrasings([0.3, 0.2], LABELS[:2, :]), keep_ratio=0.5, min_score=0.35)
+    assert none.kept == [] and not none.mask.any() and none.score == 0.3
+
+
+def test_fusion_score_is_the_best_kept_phrasing_and_kept_is_best_first():
+    from medsam3_monai.agent.fusion import fuse_by_confidence
+
+    # the best phrasing is not the first one given
+    fusion = fuse_by_confidence(_phrasings([0.6, 0.9, 0.1], LABELS), keep_ratio=0.5)
+    assert fusion.kept == ["p1", "p0"]
+    assert fusion.score == 0.9
+
+
+def test_text_calls_take_parameters_args_and_input_as_the_arguments_key():
+    from medsam3_monai.agent.tools import parse_text_call
+
+    for key in ("parameters", "args", "input"):
+        assert parse_text_call(f'{{"name": "segment_phrase", "{key}": {{"text_prompt": "liver"}}}}') == (
+            "segment_phrase", {"text_prompt": "liver"})
+
+
+def test_a_tagged_call_wins_over_other_json_in_the_reply():
+    from medsam3_monai.agent.tools import parse_text_call
+
+    content = ('The earlier call was {"tool": "segment_phrase", "arguments": {"text_prompt": "polyp"}}. Now: '
+               '<tool_call>{"name": "select_masks_and_return", "arguments": {"final_answer_masks": [1]}}</tool_call>')
+    assert parse_text_call(content) == ("select_masks_and_return", {"final_answer_masks": [1]})
+
+
+def test_integral_float_and_hash_string_mark_numbers_are_accepted():
+    from medsam3_monai.agent.tools import ToolCallError, parse_call
+
+    assert parse_call("select_masks_and_return", '{"final_answer_masks": [1.0, "#2"]}').arguments == {
+        "final_answer_masks": [1, 2]}
+    with pytest.raises(ToolCallError, match="mark numbers"):
+        parse_call("select_masks_and_return", '{"final_answer_masks": [1.5]}')
+
+
+def test_mark_zero_does_not_exist():
+    from medsam3_monai.agent.loop import LoopSettings, PlannerLoop
+    from medsam3_monai.agent.marks import Mark
+    from medsam3_monai.agent.tools import ToolCallError
+
+    loop = PlannerLoop(None, None, None, "the polyp", LoopSettings(), None)
+    loop.marks = [Mark(1, "polyp", 1, np.ones((2, 2), bool), 0.9), Mark(2, "lesion", 2, np.zeros((2, 2), bool), 0.2)]
+    with pytest.raises(ToolCallError, match="no mark 0"):
+        loop._numbers([0], "select_masks_and_return")
+    assert [m.number for m in loop._numbers([2, 1, 2], "select_masks_and_return")] == [2, 1]
+
+
+def test_the_answer_score_is_the_best_selected_marks_not_the_first_named():
+    from types import SimpleNamespace
+
+    from medsam3_monai.agent.decision import Decision
+    from medsam3_monai.agent.marks import Mark, union_of
+    from medsam3_monai.agent.output import _answer_prediction
+
+    a = np.zeros((4, 4), bool)
+    a[0, 0] = True
+    b = np.zeros((4, 4), bool)
+    b[3, 3] = True
+    decision = Decision("selected", [Mark(2, "lesion", 2, b, 0.3), Mark(1, "polyp", 1, a, 0.9)])
+    view = SimpleNamespace(affine=None, is_volume=False)
+    settings = SimpleNamespace(checkpoint="tiny", modality="endoscopy", score_threshold=0.5)
+    prediction = _answer_prediction(decision, None, view, "x.png", union_of(decision.marks), settings)
+    assert prediction.scores == [0.9] and prediction.prompts == ["lesion + polyp"]
+    assert int(prediction.label_map.sum()) == 2

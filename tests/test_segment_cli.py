@@ -80,6 +80,8 @@ def test_pixel_boxes_become_normalised_cxcywh_and_bad_boxes_are_refused():
     assert torch.allclose(boxes[:, 0], torch.tensor([[0.3, 0.4, 0.5, 0.4]] * 2)) and labels.tolist() == [[1], [1]]
     boxes, labels = box_prompts([[0, 0, 200, 100], None], 2, (100, 200))
     assert boxes[0, 0].tolist() == [0.5, 0.5, 1.0, 1.0] and labels.tolist() == [[1], [-10]]
+    boxes, labels = box_prompts([[10, 20, 110, 60]], 2, (100, 200))  # one box in a list: for every prompt
+    assert torch.allclose(boxes[:, 0], torch.tensor([[0.3, 0.4, 0.5, 0.4]] * 2)) and labels.tolist() == [[1], [1]]
     for bad in ([0, 0, 201, 100], [-1, 0, 10, 10], [50, 10, 40, 20], [0, 0, 10, math.nan]):
         with pytest.raises(ValueError, match="x1 y1 x2 y2"):
             box_prompts(bad, 1, (100, 200))
