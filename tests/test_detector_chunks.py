@@ -138,3 +138,23 @@ def test_detector_chunk_is_a_segment_evaluate_serve_agent_and_bundle_option(hipp
     assert parser.get_parsed_content("network_def").detector_chunk == 3
     assert config_parser("inference.json", checkpoint="tiny").get_parsed_content("network_def").detector_chunk == \
         DETECTOR_CHUNK
+
+
+def test_a_batch_mixing_box_and_text_prompts_gives_each_image_its_own_results(network):
+    """Images with boxes take a forward of their own: each image's rows still come back to it (the results of
+    segmenting it alone), whatever its position in its forward and in the batch."""
+    from medsam3_monai.inferers.inputs import box_prompts
+
+    torch.manual_seed(2)
+    images = torch.randn(4, 3, 112, 112)
+    per_image = [PROMPTS[:2], PROMPTS[2:3], PROMPTS[3:4], PROMPTS[3:]]
+    boxes = [None, box_prompts([10, 20, 80, 90], 1, (112, 112)), None,
+             box_prompts([[30, 30, 100, 70], [0, 0, 50, 50]], 2, (112, 112))]
+    batch = segment_image_batch(network, images, per_image, boxes=boxes)
+    for index, result in enumerate(batch):
+        box, labels = boxes[index] if boxes[index] is not None else (None, None)
+        alone = segment_image(network, images[index], per_image[index], boxes=box, box_labels=labels)
+        assert result.prompts == per_image[index] and result.protocol == alone.protocol, index
+        assert torch.allclose(result.logits, alone.logits, atol=1e-5), index
+        assert torch.allclose(result.scores, alone.scores, atol=1e-6), index
+
