@@ -370,6 +370,17 @@ def test_label_map_of_writes_each_mask_as_its_label_value_in_order():
     assert label_map_of([a, b], [3, 7], order=[1, 0]).tolist() == [[3, 3, 7]]
 
 
+def test_the_agents_answers_overlap_to_the_higher_score_and_the_earlier_prompt_on_a_tie():
+    from medsam3_monai.engines.evaluation import highest_score_last, label_map_of
+
+    scores = [0.5, 0.9, 0.5]
+    assert highest_score_last(scores) == [2, 0, 1]
+    claims = [torch.tensor([[True, True, False, True]]), torch.tensor([[False, True, False, False]]),
+              torch.tensor([[True, True, True, True]])]
+    labels = label_map_of(claims, [3, 7, 9], highest_score_last(scores))
+    assert labels.tolist() == [[3, 7, 9, 3]]  # 7 where it claims (0.9); 3 over 9 where both claim (0.5 each)
+
+
 def test_cli_choices_are_the_engine_choices():
     from medsam3_monai.data.selection import SPLIT_CHOICES
     from medsam3_monai.deploy import evaluate_cli

@@ -129,6 +129,12 @@ def label_map_of(masks: Sequence[torch.Tensor], values: Sequence[int], order: Se
     return label_map
 
 
+def highest_score_last(scores: Sequence[float]) -> list[int]:
+    """The order to write P overlapping masks in (:func:`label_map_of`) so that each pixel goes to its highest
+    score, the earlier prompt on a tie: ascending score, later prompts first among equals."""
+    return sorted(range(len(scores)), key=lambda i: (scores[i], -i))
+
+
 def _merged_case(case: Mapping[str, Any]) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor | None]:
     """A post-processed case -> its label map (on the host, where the metrics are counted), the prompts' scores
     (P,) float32 and the volume path's seed slices (None in 2D)."""
@@ -594,9 +600,8 @@ class AgentCaseInferer(CaseInferer):
             self.recorder.rows.append(row)
             masks.append(mask.bool())
             scores.append(float(score))
-        # overlaps go to the higher-scoring answer (the earlier one on a tie): it is written last
-        order = sorted(range(len(masks)), key=lambda i: (scores[i], -i))
-        return self._prediction(items, [int(v) for v in values], list(texts), label_map_of(masks, values, order),
+        return self._prediction(items, [int(v) for v in values], list(texts),
+                                label_map_of(masks, values, highest_score_last(scores)),
                                 torch.tensor(scores, dtype=torch.float32))
 
 
