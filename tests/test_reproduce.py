@@ -253,6 +253,27 @@ def test_reproduce_medical_sam3_end_to_end_with_the_tiny_network(data_root, tmp_
 
 
 @pytest.mark.slow
+def test_the_cases_column_leaves_out_the_cases_skipped_as_unreadable(data_root, tmp_path, monkeypatch):
+    """With ``--skip-unreadable``, DRIVE's cases column counts the cases evaluated: 2 asked, 1 reported unreadable
+    (injected into the evaluation report: a corrupt file that passes discovery's header checks is hard to make)."""
+    import medsam3_monai.engines.evaluation as evaluation
+
+    evaluate = evaluation.run_evaluation
+
+    def one_unreadable(*args, **kwargs):
+        report = evaluate(*args, **kwargs)
+        report.unreadable = [*report.unreadable, "injected unreadable case"]
+        return report
+
+    monkeypatch.setattr(evaluation, "run_evaluation", one_unreadable)
+    out = tmp_path / "repro"
+    assert _run(["reproduce", "medical-sam3", "--data-root", str(data_root), "--checkpoint", "tiny", "--baseline",
+                 "tiny", "--image-size", "112", "--max-cases", "2", "--out", str(out), "--no-progress",
+                 "--overlays", "0", "--skip-unreadable"]) == 0
+    assert _cells((out / "table.md").read_text(), "DRIVE")[2:4] == ["yes", "1"]
+
+
+@pytest.mark.slow
 def test_reproduce_medsam3_text_and_box_protocol(data_root, tmp_path, capsys):
     out = tmp_path / "medsam3"
     code = _run(["reproduce", "medsam3", "--data-root", str(data_root), "--checkpoint", "tiny", "--protocol", "T+I",

@@ -370,3 +370,17 @@ def test_an_overlay_legend_takes_the_columns_that_fit_under_the_picture():
     assert 1 <= columns < LEGEND_COLUMNS and extent.x0 >= box.x0 and extent.x1 <= box.x1  # nothing cut off
     assert legend_of(14.0, many)[0] == LEGEND_COLUMNS  # a wide montage keeps four
     assert legend_of(4.7, ["polyp (0.91)"])[0] == 1
+
+
+def test_montage_slices_span_the_predicted_extent():
+    """Montage of a volume: the largest slice and the slices at 1/4 and 3/4 of the predicted extent (not of the
+    whole depth, which would show empty slices); an empty prediction: 1/4, 1/2, 3/4 of the depth."""
+    from medsam3_monai.deploy.overlay import montage_slices
+
+    labels = torch.zeros(4, 4, 20, dtype=torch.uint8)
+    labels[1:3, 1:3, 10:15] = 1  # predicted on z = 10..14
+    labels[:, :, 12] = 2  # largest on z = 12
+    # low 10, high 14: 10 + 4 // 4 = 11, best 12, 10 + 3 * 4 // 4 = 13
+    assert montage_slices(labels, axis=2, count=3) == [11, 12, 13]
+    assert montage_slices(torch.zeros(4, 4, 20), axis=2, count=3) == [5, 10, 15]
+    assert montage_slices(labels, axis=2, count=1) == [12]

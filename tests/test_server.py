@@ -425,3 +425,67 @@ def test_serve_refuses_a_score_threshold_outside_0_1(value):
     with pytest.raises(ValueError, match=r"--score-threshold must be in \[0, 1\]"):
         build_server(args)
 
+
+def test_datastore_replacing_a_label_counts_only_the_net_bytes(tmp_path):
+    """Saving a label again under the same tag replaces the old file: the byte limit is checked against the
+    store without the replaced label (10 + 60 held, 60 replaced by 60 -> 70 of 100 bytes, admitted), while a
+    new label of 60 bytes would exceed it (10 + 60 + 60 = 130 > 100 -> 507)."""
+    from medsam3_monai.deploy.datastore import Datastore, StoreError
+
+    def upload(name: str, size: int):
+        path = tmp_path / name
+        path.write_bytes(b"x" * size)
+        return path
+
+    store = Datastore(max_files=10, max_bytes=100)
+    try:
+        store.add_image("img", upload("a.png", 10), ".png", {})
+        store.save_label("img", upload("l1.png", 60), ".png", "final", {})
+        store.save_label("img", upload("l2.png", 60), ".png", "final", {})   # replaces: admitted
+        assert store.label_info("img", "final")["size"] == 60
+        with pytest.raises(StoreError) as err:
+            store.save_label("img", upload("l3.png", 60), ".png", "other", {})  # a new tag: over the limit
+        assert err.value.status == 507
+        # re-uploading the image replaces it and its labels: 10 + 60 held, 80 new -> admitted
+        store.add_image("img", upload("b.png", 80), ".png", {})
+        assert store.status()["total"] == 1 and store.status()["completed"] == 0
+    finally:
+        store.close()
+
+
+def test_session_expires_after_its_last_use_not_its_creation(tmp_path):
+    """A session lives ``expiry`` seconds after its last use (MONAI Label's last_access_ts): created at 0, used
+    at 100, expiry 50 -> alive at 120 (though 120 > 0 + 50), expired after 150."""
+    from medsam3_monai.deploy.datastore import SessionRecord, StoredFile
+
+    record = SessionRecord(StoredFile(tmp_path / "s.nii.gz", ".nii.gz", 1), create_ts=0, last_access_ts=100,
+                           expiry=50)
+    assert not record.expired(120)
+    assert not record.expired(150)
+    assert record.expired(151)
+
+
+def test_datastore_completed_counts_only_final_labels(tmp_path):
+    """MONAI Label's stats: ``completed`` = images with a final label; a label under another tag (a draft, the
+    server's own ``original``) does not complete an image, nor does it enter the training list or stop
+    next_sample from offering the image."""
+    from medsam3_monai.deploy.datastore import FINAL_TAG, Datastore
+
+    def upload(name: str):
+        path = tmp_path / name
+        path.write_bytes(b"x")
+        return path
+
+    store = Datastore()
+    try:
+        store.add_image("a", upload("a.png"), ".png", {})
+        store.add_image("b", upload("b.png"), ".png", {})
+        store.save_label("a", upload("la.png"), ".png", "draft", {})
+        assert store.status() == {"total": 2, "completed": 0, "label_tags": {"draft": 1}}
+        assert store.datalist() == []
+        store.save_label("b", upload("lb.png"), ".png", FINAL_TAG, {})
+        assert store.status() == {"total": 2, "completed": 1, "label_tags": {"draft": 1, FINAL_TAG: 1}}
+        assert store.datalist() == [{"image": "b", "label": "b"}]
+        assert store.next_sample("first")["id"] == "a"
+    finally:
+        store.close()
