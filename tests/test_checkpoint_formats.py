@@ -6,6 +6,7 @@ import json
 
 import pytest
 import torch
+from _model_helpers import same_weights
 from safetensors.torch import save_file
 from transformers import Sam3Model, Sam3VideoConfig
 
@@ -18,11 +19,6 @@ from medsam3_monai.networks.key_mapping import convert_hf_to_original
 def trained_like():
     """A tiny net with seed 7 weights (different from the default seed), standing in for real weights."""
     return MedSAM3Net("tiny", seed=7).eval()
-
-
-def _same_weights(a: torch.nn.Module, b: torch.nn.Module) -> bool:
-    sa, sb = a.state_dict(), b.state_dict()
-    return sa.keys() == sb.keys() and all(torch.equal(sa[k], sb[k]) for k in sa)
 
 
 def _original_detector(net) -> dict[str, torch.Tensor]:
@@ -38,7 +34,7 @@ def test_facebook_hf_folder_layout(tmp_path, trained_like):
     save_file(tensors, tmp_path / "model.safetensors")
     net = MedSAM3Net(tmp_path)
     assert net.source_format == "hf_folder"
-    assert _same_weights(net.sam3, trained_like.sam3)
+    assert same_weights(net.sam3, trained_like.sam3)
 
 
 def test_original_sam3_pt(tmp_path, trained_like):
@@ -47,7 +43,7 @@ def test_original_sam3_pt(tmp_path, trained_like):
     torch.save(payload, tmp_path / "sam3.pt")
     net = MedSAM3Net(tmp_path / "sam3.pt", config=tiny_sam3_config())
     assert net.source_format == "sam3_original"
-    assert _same_weights(net.sam3, trained_like.sam3)
+    assert same_weights(net.sam3, trained_like.sam3)
 
 
 @pytest.mark.parametrize("wrapped", [True, False])
@@ -56,20 +52,20 @@ def test_medical_sam3_release(tmp_path, trained_like, wrapped):
     torch.save({"model": detector} if wrapped else detector, tmp_path / "medical_sam3.pt")
     net = MedSAM3Net(tmp_path / "medical_sam3.pt", config=tiny_sam3_config())
     assert net.source_format == "medical_sam3"
-    assert _same_weights(net.sam3, trained_like.sam3)
+    assert same_weights(net.sam3, trained_like.sam3)
 
 
 def test_our_checkpoint_and_saved_folder_round_trip(tmp_path, trained_like, tiny_images):
     save_checkpoint_file(trained_like.sam3, tmp_path / "model.pt")
     from_file = MedSAM3Net(tmp_path / "model.pt")  # the config travels inside
-    assert from_file.source_format == "medsam3_monai" and _same_weights(from_file.sam3, trained_like.sam3)
+    assert from_file.source_format == "medsam3_monai" and same_weights(from_file.sam3, trained_like.sam3)
 
     torch.save({"network": trained_like.state_dict()}, tmp_path / "ignite.pt")  # "sam3." prefixed keys
-    assert _same_weights(MedSAM3Net(tmp_path / "ignite.pt", config=tiny_sam3_config()).sam3, trained_like.sam3)
+    assert same_weights(MedSAM3Net(tmp_path / "ignite.pt", config=tiny_sam3_config()).sam3, trained_like.sam3)
 
     trained_like.save_pretrained(tmp_path / "folder")
     plain = Sam3Model.from_pretrained(tmp_path / "folder")  # plain transformers reads it
-    assert _same_weights(plain, trained_like.sam3)
+    assert same_weights(plain, trained_like.sam3)
     reloaded = MedSAM3Net(tmp_path / "folder").eval()
     with torch.no_grad():
         assert torch.equal(reloaded(tiny_images, ["liver", "kidney"]).pred_masks,
@@ -142,7 +138,7 @@ def test_convert_checkpoint_cli(tmp_path, trained_like, capsys):
     torch.save({"model": {f"detector.{k}": v for k, v in detector.items()}}, tmp_path / "sam3.pt")
     dst = tmp_path / "hf"
     assert cli_main(["convert-checkpoint", str(tmp_path / "sam3.pt"), str(dst), "--config", "tiny"]) == 0
-    assert _same_weights(Sam3Model.from_pretrained(dst), trained_like.sam3)
+    assert same_weights(Sam3Model.from_pretrained(dst), trained_like.sam3)
     assert (dst / "tokenizer_config.json").is_file() or (dst / "tokenizer.json").is_file()
 
     (tmp_path / "bad.pt").write_bytes(b"not a checkpoint")

@@ -336,14 +336,20 @@ def test_concurrent_requests_bounded_memory(server):
     _alive(server)
 
 
-def test_datastore_limits_and_cleanup(tmp_path, monkeypatch):
-    """The temporary datastore: server-chosen file names, replacement, 507 when full, session expiry, removal."""
-    from medsam3_monai.deploy.datastore import Datastore, StoreError
-
-    def upload(name: str, size: int) -> Path:
+@pytest.fixture()
+def upload(tmp_path):
+    """``upload(name, size)``: a file of ``size`` bytes, as a request's upload arrives in the datastore."""
+    def write(name: str, size: int = 1) -> Path:
         path = tmp_path / name
         path.write_bytes(b"x" * size)
         return path
+
+    return write
+
+
+def test_datastore_limits_and_cleanup(tmp_path, monkeypatch, upload):
+    """The temporary datastore: server-chosen file names, replacement, 507 when full, session expiry, removal."""
+    from medsam3_monai.deploy.datastore import Datastore, StoreError
 
     store = Datastore(max_files=3, max_bytes=1000, session_expiry=60)
     store.add_image("../../etc/passwd", upload("a.png", 100), ".png", {})
@@ -426,22 +432,17 @@ def test_serve_refuses_a_score_threshold_outside_0_1(value):
         build_server(args)
 
 
-def test_datastore_replacing_a_label_counts_only_the_net_bytes(tmp_path):
+def test_datastore_replacing_a_label_counts_only_the_net_bytes(upload):
     """Saving a label again under the same tag replaces the old file: the byte limit is checked against the
     store without the replaced label (10 + 60 held, 60 replaced by 60 -> 70 of 100 bytes, admitted), while a
     new label of 60 bytes would exceed it (10 + 60 + 60 = 130 > 100 -> 507)."""
     from medsam3_monai.deploy.datastore import Datastore, StoreError
 
-    def upload(name: str, size: int):
-        path = tmp_path / name
-        path.write_bytes(b"x" * size)
-        return path
-
     store = Datastore(max_files=10, max_bytes=100)
     try:
         store.add_image("img", upload("a.png", 10), ".png", {})
         store.save_label("img", upload("l1.png", 60), ".png", "final", {})
-        store.save_label("img", upload("l2.png", 60), ".png", "final", {})   # replaces: admitted
+        store.save_label("img", upload("l2.png", 60), ".png", "final", {})  # replaces: admitted
         assert store.label_info("img", "final")["size"] == 60
         with pytest.raises(StoreError) as err:
             store.save_label("img", upload("l3.png", 60), ".png", "other", {})  # a new tag: over the limit
@@ -465,16 +466,11 @@ def test_session_expires_after_its_last_use_not_its_creation(tmp_path):
     assert record.expired(151)
 
 
-def test_datastore_completed_counts_only_final_labels(tmp_path):
+def test_datastore_completed_counts_only_final_labels(upload):
     """MONAI Label's stats: ``completed`` = images with a final label; a label under another tag (a draft, the
     server's own ``original``) does not complete an image, nor does it enter the training list or stop
     next_sample from offering the image."""
     from medsam3_monai.deploy.datastore import FINAL_TAG, Datastore
-
-    def upload(name: str):
-        path = tmp_path / name
-        path.write_bytes(b"x")
-        return path
 
     store = Datastore()
     try:

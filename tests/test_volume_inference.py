@@ -12,6 +12,7 @@ from monai.data import MetaTensor
 from monai.transforms import Invertd
 from safetensors.torch import load_file, save_file
 
+from _model_helpers import same_weights
 from _transforms_helpers import SAMPLES, item, requires_data
 from medsam3_monai.inferers import (
     BitMasks,
@@ -129,11 +130,6 @@ def _tiny_sam3_video_folder(tmp_path):
     return model, folder
 
 
-def _same_state(a: torch.nn.Module, b: torch.nn.Module) -> bool:
-    sa, sb = a.state_dict(), b.state_dict()
-    return sa.keys() == sb.keys() and all(torch.equal(sa[k], sb[k]) for k in sa)
-
-
 def test_build_tracker_loads_the_facebook_sam3_layout_strictly(tmp_path, detector):
     model, folder = _tiny_sam3_video_folder(tmp_path)
     assert json.loads((folder / "config.json").read_text())["model_type"] == "sam3_video"
@@ -152,7 +148,7 @@ def test_build_tracker_loads_the_facebook_sam3_layout_strictly(tmp_path, detecto
         build_tracker(folder, image_size=224)
     # --tracker auto with that folder as the checkpoint: its own tracker, the same weights
     chosen, described = resolve_tracker("auto", str(folder), detector, described=True)
-    assert described == str(folder) and _same_state(chosen, tracker)
+    assert described == str(folder) and same_weights(chosen, tracker)
     # a tracker weight missing from the file: an error naming it, not a silent random init
     (weights,) = folder.glob("*.safetensors")
     tensors = load_file(weights)
