@@ -128,7 +128,10 @@ def add_mask_prompt(session: Any, obj_id: int, frame_idx: int, mask: torch.Tenso
 # steps assume that size: the mask selection after the mask decoder and the mask-prompt path index and scale with
 # shapes that broadcast across a larger batch, and the memory-conditioned features are reshaped from the memory
 # attention's (1, B, HW, C) output as if B were 1. Inside ``batched_objects`` those steps take any batch size; with
-# B = 1 they give transformers' own numbers (the same operations; ``tests/test_tracker_batching.py``).
+# B = 1 the mask decoder step gives transformers' own numbers (the same operations; ``tests/test_tracker_batching.py``).
+# Two steps also follow Meta's tracker where transformers' port differs from it: the prompted slice's output and
+# object pointer (:func:`_mask_as_output`) and the memory encoding (:func:`_official_memory`); with them the
+# propagation is sam3 0.1.4's within float rounding (``tests/test_official_tracker.py``).
 
 def _frame_forward(tracker: Any, input_points: Any = None, input_labels: Any = None, input_boxes: Any = None,
                    input_masks: torch.Tensor | None = None, image_embeddings: list[torch.Tensor] | None = None,
@@ -185,35 +188,46 @@ def _frame_forward(tracker: Any, input_points: Any = None, input_labels: Any = N
 
 def _mask_as_output(tracker: Any, backbone_features: torch.Tensor, high_res_features: list[torch.Tensor],
                     mask_inputs: torch.Tensor) -> Any:
-    """``Sam3TrackerVideoModel._use_mask_as_output`` for B prompts at once: each (B, 1, S, S) mask prompt is its
-    slice's output (logits -10 / +10), its object pointer from the mask decoder on the downsampled mask."""
+    """A prompted slice's output for B mask prompts at once, as Meta's tracker makes it (sam3 0.1.4 ``add_new_mask``,
+    ``_use_mask_as_output`` and the consolidation before propagation), not as transformers'
+    ``_use_mask_as_output``, which differs in two places:
+
+    * the object pointer: the mask decoder reads the mask prompt at the tracker's mask input size (16 x the feature
+      side: 1152 px at 1008, an antialiased resize, then ``mask_downsample`` to the 288 px mask input) and gives a
+      single mask, whose output token 0 is projected; transformers downsamples the 1008 px mask and picks the best
+      of three tokens;
+    * the slice's logits: the binary mask (> 0.5) as +-1024 logits, antialiased to the low-resolution mask size
+      (``pred_masks``) and read back at S x S (``high_res_masks``, what the memory of the prompted slice encodes);
+      transformers' are the mask x 20 - 10 at S.
+
+    ``mask_inputs`` (B, 1, S, S): the prompts (:func:`add_mask_prompt`)."""
     import torch.nn.functional as F
     from transformers.models.sam3_tracker_video.modeling_sam3_tracker_video import (
+        NO_OBJ_SCORE,
         Sam3TrackerVideoImageSegmentationOutput,
     )
 
-    scale, bias = 20.0, -10.0  # sigmoid(-10) = 4.5e-5: the mask as logits
-    dtype = backbone_features[0].dtype
-    masks = mask_inputs.to(dtype)
-    size = (tracker.image_size, tracker.image_size)
-    if masks.shape[-2:] != size:
-        masks = F.interpolate(masks.float(), size=size, align_corners=False, mode="bilinear",
-                              antialias=True).to(mask_inputs.dtype)
-    high_res = masks * scale + bias
-    low_res = F.interpolate(high_res.float(), size=tracker.prompt_encoder.mask_input_size, align_corners=False,
-                            mode="bilinear", antialias=True).to(dtype)
-    iou_scores = mask_inputs.new_ones(mask_inputs.size(0), 1).to(dtype)
+    dtype = backbone_features.dtype
+    masks = mask_inputs.float()
+    low_size = tuple(tracker.prompt_encoder.mask_input_size)
+    prompt_size = (4 * low_size[0], 4 * low_size[1])  # official input_mask_size
+    prompt = masks if masks.shape[-2:] == prompt_size else F.interpolate(
+        masks, size=prompt_size, mode="bilinear", align_corners=False, antialias=True)
     embeddings = high_res_features + [backbone_features]
-    pointer = _frame_forward(tracker, input_masks=tracker.mask_downsample(masks.to(dtype)),
-                             image_embeddings=embeddings).object_pointer  # (B, 1, C)
-    present = torch.any(mask_inputs.flatten(1).float() > 0.0, dim=1)[..., None].to(dtype)  # (B, 1)
-    object_scores = scale * present + bias
+    pointer = _frame_forward(tracker, input_masks=tracker.mask_downsample(prompt.to(dtype)),
+                             image_embeddings=embeddings, multimask_output=False).object_pointer  # (B, 1, C)
+    present = torch.any(prompt.flatten(1) > 0.0, dim=1)[..., None].to(dtype)  # (B, 1)
+    object_scores = 20.0 * present - 10.0
     present = present[..., None]  # (B, 1, 1): per prompt, not across the batch
-    pointer = present * pointer
-    pointer = pointer + (1 - present) * tracker.no_object_pointer
+    pointer = present * pointer + (1 - present) * tracker.no_object_pointer
+    logits = torch.where(masks > 0.5, -NO_OBJ_SCORE, NO_OBJ_SCORE)
+    low_res = F.interpolate(logits, size=low_size, mode="bilinear", align_corners=False, antialias=True)
+    high_res = F.interpolate(low_res, size=(tracker.image_size, tracker.image_size), mode="bilinear",
+                             align_corners=False)
     return Sam3TrackerVideoImageSegmentationOutput(
-        iou_scores=iou_scores, pred_masks=low_res, high_res_masks=high_res, object_pointer=pointer,
-        object_score_logits=object_scores.unsqueeze(-1), image_embeddings=embeddings,
+        iou_scores=mask_inputs.new_ones(mask_inputs.size(0), 1).to(dtype), pred_masks=low_res.to(dtype),
+        high_res_masks=high_res.to(dtype), object_pointer=pointer, object_score_logits=object_scores.unsqueeze(-1),
+        image_embeddings=embeddings,
     )
 
 
@@ -235,8 +249,9 @@ def batched_objects(tracker: Any) -> Iterator[Any]:
     B prompts (features (HW, B, C), a (B, S, S) mask prompt; :func:`tracker_session`, :func:`add_mask_prompt`) as B
     objects of batch size 1 would be, each with its own memory bank, in one pass of its modules. The tracker's
     modules are untouched (compiled ones stay compiled); three of its steps are swapped on the instance and
-    restored after. Run the memory encoding with :func:`encode_frame_memory` (``forward(run_mem_encoder=False)``:
-    transformers' own batched encoding assumes batch size 1)."""
+    restored after (the prompted slice's output is Meta's, :func:`_mask_as_output`). Run the memory encoding with
+    :func:`encode_frame_memory` (``forward(run_mem_encoder=False)``: transformers' own batched encoding assumes
+    batch size 1, and its order of resize and sigmoid is not Meta's)."""
     attention = tracker._modules["memory_attention"]
     tracker._single_frame_forward = partial(_frame_forward, tracker)
     tracker._use_mask_as_output = partial(_mask_as_output, tracker)
@@ -248,20 +263,46 @@ def batched_objects(tracker: Any) -> Iterator[Any]:
         del tracker._single_frame_forward, tracker._use_mask_as_output
 
 
+def _official_memory(tracker: Any, current_vision_feats: torch.Tensor, pred_masks_high_res: torch.Tensor,
+                     object_score_logits: torch.Tensor, is_mask_from_pts: bool) -> tuple[torch.Tensor, torch.Tensor]:
+    """``Sam3TrackerVideoModel._encode_new_memory`` (same arguments and outputs) as Meta's tracker computes it
+    (sam3 0.1.4 ``_encode_new_memory``): the (B, 1, S, S) logits become the mask (binary for a prompted slice, else
+    their sigmoid) x ``sigmoid_scale_for_mem_enc`` + ``sigmoid_bias_for_mem_enc`` first, and that map is then resized
+    (antialiased bilinear) to the memory encoder's input (1152 px at 1008). transformers resizes the logits and takes
+    the sigmoid after, which changes every slice's memory. Returns the memory (hw, B, C) in bfloat16, as both codes
+    keep it, and its position encoding (hw, B, C)."""
+    import torch.nn.functional as F
+
+    masks = (pred_masks_high_res > 0).float() if is_mask_from_pts else torch.sigmoid(pred_masks_high_res.float())
+    masks = masks * tracker.config.sigmoid_scale_for_mem_enc + tracker.config.sigmoid_bias_for_mem_enc
+    size = tuple(4 * side for side in tracker.prompt_encoder.mask_input_size)
+    if masks.shape[-2:] != size:
+        masks = F.interpolate(masks, size=size, mode="bilinear", align_corners=False, antialias=True)
+    height, width = tracker.backbone_feature_sizes[-1]
+    batch = current_vision_feats.size(1)
+    pixels = current_vision_feats.permute(1, 2, 0).reshape(batch, tracker.hidden_dim, height, width)
+    memory, positions = tracker.memory_encoder(pixels, masks.to(pixels.dtype))
+    occlusion = tracker.occlusion_spatial_embedding_parameter
+    if occlusion is not None:  # a slice where the object is absent: the no-object embedding
+        absent = 1 - (object_score_logits > 0).to(memory.dtype)
+        memory = memory + absent[..., None] * occlusion[..., None, None].expand(*memory.shape)
+    return (memory.to(torch.bfloat16).flatten(2).permute(2, 0, 1),
+            positions.to(pred_masks_high_res.dtype).flatten(2).permute(2, 0, 1))
+
+
 def encode_frame_memory(tracker: Any, session: Any, frame_idx: int) -> None:
-    """The memory of slice ``frame_idx`` just segmented (what the tracker's forward does with ``run_mem_encoder``)
-    for a batched object; a slice whose memory exists (the seed, seen again) is left as it is. The high-resolution
-    logits it reads are dropped from the session after."""
+    """The memory of slice ``frame_idx`` just segmented (what the tracker's forward does with ``run_mem_encoder``,
+    computed as Meta's tracker does: :func:`_official_memory`) for a batched object; a slice whose memory exists
+    (the seed, seen again) is left as it is. The high-resolution logits it reads are dropped from the session
+    after."""
     outputs = session.output_dict_per_obj[0]
     is_prompt = frame_idx in outputs["cond_frame_outputs"]  # the seed slice: its mask prompt
     out = outputs["cond_frame_outputs" if is_prompt else "non_cond_frame_outputs"][frame_idx]
     if "maskmem_features" in out:
         return
     features = session.cache.get_vision_features(frame_idx)["vision_feats"][-1]
-    out["maskmem_features"], out["maskmem_pos_enc"] = tracker._encode_new_memory(
-        current_vision_feats=features, pred_masks_high_res=out.pop("high_res_masks"),
-        object_score_logits=out["object_score_logits"], is_mask_from_pts=is_prompt,
-    )
+    out["maskmem_features"], out["maskmem_pos_enc"] = _official_memory(
+        tracker, features, out.pop("high_res_masks"), out["object_score_logits"], is_mask_from_pts=is_prompt)
 
 
 def forget_frame(session: Any, frame_idx: int) -> None:

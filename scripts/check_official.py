@@ -15,12 +15,14 @@ Our side (this project's Python) loads the same ``sam3.pt`` three ways: ``MedSAM
 geometry token of text-only prompts, so that column shows the difference we fix). It prints the max abs
 difference of every output and writes the table as Markdown and JSON.
 
-Build the official environment aside (it is never a dependency of the project)::
+Build the official environment aside with ``make official`` (``scripts/setup_official_env.sh``: sam3==0.1.4, psutil,
+scipy, torchmetrics and open_clip_torch for the CLIP BPE vocabulary; never a dependency of the project)::
 
-    python3 -m venv /opt/sam3-official
-    /opt/sam3-official/bin/pip install sam3==0.1.4 psutil scipy torchmetrics
-    /opt/sam3-official/bin/pip install --no-deps open_clip_torch     # the CLIP BPE vocabulary
-    python scripts/check_official.py --official-python /opt/sam3-official/bin/python --seeds 0 1
+    make official
+    python scripts/check_official.py --official-python ~/.cache/medsam3-monai/sam3-official-venv/bin/python --seeds 0 1
+
+The tracker is compared with sam3's in the test suite (``tests/test_official_tracker.py``,
+``scripts/official_tracker.py``).
 
 Full-size models on the CPU: about 3.4 GB of weights per model on disk and in memory, minutes per seed.
 """
@@ -28,7 +30,6 @@ Full-size models on the CPU: about 3.4 GB of weights per model on disk and in me
 from __future__ import annotations
 
 import argparse
-import contextlib
 import json
 import math
 import shutil
@@ -51,33 +52,6 @@ SHARED_IMAGE_GLOB = "Kvasir-SEG_sample/images/*.jpg"
 
 
 # ================================================================================== official side
-@contextlib.contextmanager
-def _official_code_on_cpu(torch):
-    """sam3 0.1.4 hard-codes CUDA in two cache constructors (device="cuda") and in box encoding (pin_memory):
-    run those on the CPU instead."""
-    names = ("zeros", "arange")
-    originals = {name: getattr(torch, name) for name in names}
-    pin_memory = torch.Tensor.pin_memory
-
-    def redirect(function):
-        def wrapped(*args, **kwargs):
-            if str(kwargs.get("device", "")).startswith("cuda"):
-                kwargs["device"] = "cpu"
-            return function(*args, **kwargs)
-
-        return wrapped
-
-    try:
-        for name in names:
-            setattr(torch, name, redirect(originals[name]))
-        torch.Tensor.pin_memory = lambda tensor, *args, **kwargs: tensor
-        yield
-    finally:
-        for name in names:
-            setattr(torch, name, originals[name])
-        torch.Tensor.pin_memory = pin_memory
-
-
 def _randomise(model, torch, seed: int) -> int:
     """Initialise the uninitialised text tensors and perturb every parameter that is constant at init."""
     generator = torch.Generator().manual_seed(10_000 + seed)
@@ -166,9 +140,9 @@ def _dropout_off(model, torch) -> None:
 
 
 def official_stage(seed: int, workdir: Path, shared: Path | None) -> None:
-    import torch
+    from official_tracker import official_code_on_cpu  # this folder (run as a script): sam3's CUDA calls on the CPU
 
-    with _official_code_on_cpu(torch):
+    with official_code_on_cpu():
         _official_stage(seed, workdir, shared)
 
 

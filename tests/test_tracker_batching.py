@@ -1,7 +1,11 @@
 """Several prompts through SAM3's tracker in one batch (inferers.tracking, compat.batched_objects): against
-transformers' own tracker, one object at a time."""
+transformers' own propagation loop, one object at a time, with the two steps where we follow Meta's tracker instead
+of transformers' port swapped in (the numbers of those steps are held to sam3 0.1.4 itself in
+test_official_tracker.py)."""
 
 from __future__ import annotations
+
+from functools import partial
 
 import pytest
 import torch
@@ -43,16 +47,22 @@ def seed_masks(count: int) -> torch.Tensor:
 
 
 def transformers_propagation(tracker, features, seed: int, mask: torch.Tensor) -> torch.Tensor:
-    """(D, S, S) bool: transformers' own propagation of one object (``propagate_in_video_iterator``, batch size 1,
-    every slice's outputs kept), forward from the seed, then backward, as the volume path always ran it."""
+    """(D, S, S) bool: transformers' own propagation loop for one object (``propagate_in_video_iterator``, batch
+    size 1, every slice's outputs kept), forward from the seed, then backward, as the volume path always ran it;
+    its prompted-slice output and memory encoding are Meta's (``compat._mask_as_output``, ``_official_memory``)."""
     frames = features.frames
     session = compat.tracker_session(len(frames), S, torch.device("cpu"), torch.float32, lambda i: frames[i],
                                      features.positions)
     compat.add_mask_prompt(session, obj_id=1, frame_idx=seed, mask=mask)
     low_res = {}
-    for reverse in (False, True):
-        for out in tracker.propagate_in_video_iterator(session, start_frame_idx=seed, reverse=reverse):
-            low_res[int(out.frame_idx)] = out.pred_masks[0, 0].float()
+    tracker._use_mask_as_output = partial(compat._mask_as_output, tracker)
+    tracker._encode_new_memory = partial(compat._official_memory, tracker)
+    try:
+        for reverse in (False, True):
+            for out in tracker.propagate_in_video_iterator(session, start_frame_idx=seed, reverse=reverse):
+                low_res[int(out.frame_idx)] = out.pred_masks[0, 0].float()
+    finally:
+        del tracker._use_mask_as_output, tracker._encode_new_memory
     assert sorted(low_res) == list(range(len(frames)))
     stacked = torch.stack([low_res[i] for i in range(len(frames))])[:, None]
     return upsample_logits(stacked, S)[:, 0] > 0
@@ -83,15 +93,13 @@ def test_batched_steps_are_transformers_steps_at_batch_one_and_per_prompt_at_mor
                 for key in ("pred_masks", "high_res_masks", "object_pointer", "object_score_logits", "iou_scores"):
                     assert torch.equal(getattr(alone, key), getattr(theirs, key)), (multimask, key)
                     torch.testing.assert_close(getattr(ours, key)[b : b + 1], getattr(theirs, key), msg=key)
+        # the prompted slice (Meta's steps, not transformers'): each prompt of a batch gets what it gets alone
         ours = compat._mask_as_output(tracker, embeddings[-1], embeddings[:-1], masks)
         for b in range(3):
-            theirs = tracker._use_mask_as_output(embeddings[-1][b : b + 1], [e[b : b + 1] for e in embeddings[:-1]],
-                                                 masks[b : b + 1])
             alone = compat._mask_as_output(tracker, embeddings[-1][b : b + 1],
                                            [e[b : b + 1] for e in embeddings[:-1]], masks[b : b + 1])
             for key in ("pred_masks", "high_res_masks", "object_pointer", "object_score_logits"):
-                assert torch.equal(getattr(alone, key), getattr(theirs, key)), key
-                torch.testing.assert_close(getattr(ours, key)[b : b + 1], getattr(theirs, key), msg=key)
+                torch.testing.assert_close(getattr(ours, key)[b : b + 1], getattr(alone, key), msg=key)
     # transformers' own steps are back after a batched run
     with compat.batched_objects(tracker):
         assert "_single_frame_forward" in vars(tracker) and type(tracker.memory_attention).__name__.startswith("_")
@@ -101,7 +109,7 @@ def test_batched_steps_are_transformers_steps_at_batch_one_and_per_prompt_at_mor
 
 # ---------------------------------------------------------------------------------------- propagation
 @pytest.mark.parametrize("seed", [0, 12, DEPTH - 3])
-def test_one_prompt_gets_transformers_own_propagation(volume, seed):
+def test_one_prompt_gets_the_propagation_of_transformers_loop(volume, seed):
     tracker, features = volume
     mask = seed_masks(1)
     with torch.no_grad():

@@ -1,0 +1,144 @@
+"""Meta's official SAM3 tracker (sam3 0.1.4) on random weights: the reference run of ``tests/test_official_tracker.py``.
+
+Run it with the Python of the official environment (``make official``; never a dependency of the project). It
+builds the tracker exactly as sam3's ``model_builder.build_tracker(apply_temporal_disambiguation=False)`` does (the
+interactive tracker: no memory selection), at a smaller slice size when asked, perturbs the parameters that are
+constant at init (so that LayerNorms, layer scales and zero biases take part), raises the object-score bias so that
+the objects are present on most slices, and draws random FPN features for every slice (the tracker never runs a
+ViT: its features are the detector trunk's, through its own neck and the mask decoder's ``conv_s0`` / ``conv_s1``).
+Then each object, in its own inference state, gets its seed mask on its seed slice (``add_new_mask``) and is
+propagated to the last slice and back to slice 0 (``propagate_in_video``), as ``medsam3_monai.inferers.tracking``
+propagates a prompt. Writes one ``torch.save`` file: the tracker's state dict (the ``tracker.*`` keys of a
+``sam3.pt``, prefix stripped), the inputs, and per object and slice the low-resolution mask logits and the object
+score logit of each pass.
+
+    /path/to/official/bin/python scripts/official_tracker.py OUT.pt [--image-size 112] [--slices 8]
+"""
+
+from __future__ import annotations
+
+import argparse
+import contextlib
+
+import torch
+
+#: (seed slice, centre x, centre y, half-width, half-height) of each object's elliptic seed mask, in slice fractions
+OBJECTS = ((3, 0.45, 0.50, 0.20, 0.15), (3, 0.62, 0.40, 0.12, 0.22), (5, 0.40, 0.58, 0.25, 0.12))
+#: added to the object-score head's bias: with random weights every slice would otherwise be "no object"
+OBJECT_SCORE_BIAS = 15.0
+
+
+@contextlib.contextmanager
+def official_code_on_cpu():
+    """sam3 0.1.4 hard-codes CUDA in a few places (``device="cuda"`` in cache constructors, ``.cuda()`` and
+    ``pin_memory`` in the tracker's state and box encoding): keep them on the CPU. ``check_official.py`` uses it
+    too."""
+    names = ("zeros", "arange")
+    originals = {name: getattr(torch, name) for name in names}
+    cuda, pin_memory = torch.Tensor.cuda, torch.Tensor.pin_memory
+
+    def on_cpu(function):
+        def wrapped(*args, **kwargs):
+            if str(kwargs.get("device", "")).startswith("cuda"):
+                kwargs["device"] = "cpu"
+            return function(*args, **kwargs)
+
+        return wrapped
+
+    try:
+        for name in names:
+            setattr(torch, name, on_cpu(originals[name]))
+        torch.Tensor.cuda = lambda tensor, *args, **kwargs: tensor
+        torch.Tensor.pin_memory = lambda tensor, *args, **kwargs: tensor
+        yield
+    finally:
+        for name in names:
+            setattr(torch, name, originals[name])
+        torch.Tensor.cuda, torch.Tensor.pin_memory = cuda, pin_memory
+
+
+def build_official_tracker(image_size: int):
+    """``build_tracker(apply_temporal_disambiguation=False)`` with its slice size (1008) replaced by ``image_size``,
+    and the mask downsampler's fixed 1152 px input by the matching ``input_mask_size``."""
+    from sam3 import model_builder
+
+    predictor = model_builder.Sam3TrackerPredictor
+
+    class AtSize(predictor):
+        def __init__(self, **kwargs):
+            super().__init__(**{**kwargs, "image_size": image_size})
+
+    model_builder.Sam3TrackerPredictor = AtSize
+    try:
+        tracker = model_builder.build_tracker(apply_temporal_disambiguation=False)
+    finally:
+        model_builder.Sam3TrackerPredictor = predictor
+    tracker.maskmem_backbone.mask_downsampler.interpol_size = [tracker.input_mask_size] * 2
+    return tracker.eval()
+
+
+def randomise(tracker, generator: torch.Generator) -> int:
+    """Perturb every parameter that is constant at init; raise the object-score bias. Returns how many."""
+    perturbed = 0
+    with torch.no_grad():
+        for parameter in tracker.parameters():
+            flat = parameter.flatten()
+            if flat.numel() and bool((flat == flat[0]).all()):
+                parameter.add_(torch.randn(parameter.shape, generator=generator) * 0.1 * max(abs(float(flat[0])), 0.1))
+                perturbed += 1
+        tracker.sam_mask_decoder.pred_obj_score_head.layers[-1].bias.add_(OBJECT_SCORE_BIAS)
+    return perturbed
+
+
+def seed_mask(size: int, cx: float, cy: float, rx: float, ry: float) -> torch.Tensor:
+    """(S, S) bool ellipse."""
+    yy, xx = torch.meshgrid(torch.arange(size), torch.arange(size), indexing="ij")
+    u, v = (xx + 0.5) / size, (yy + 0.5) / size
+    return ((u - cx) / rx) ** 2 + ((v - cy) / ry) ** 2 <= 1
+
+
+def main(argv: list[str] | None = None) -> None:
+    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    parser.add_argument("out")
+    parser.add_argument("--image-size", type=int, default=112)
+    parser.add_argument("--slices", type=int, default=8)
+    parser.add_argument("--seed", type=int, default=0)
+    args = parser.parse_args(argv)
+    torch.set_num_threads(1)
+    generator = torch.Generator().manual_seed(args.seed)
+    with official_code_on_cpu(), torch.inference_mode():
+        torch.manual_seed(args.seed)
+        tracker = build_official_tracker(args.image_size)
+        perturbed = randomise(tracker, generator)
+        side = args.image_size // tracker.backbone_stride
+        channels = (tracker.hidden_dim // 8, tracker.hidden_dim // 4, tracker.hidden_dim)  # 32, 64, 256
+        features = [[torch.randn(1, c, s, s, generator=generator) for c, s in zip(channels, (4 * side, 2 * side, side))]
+                    for _ in range(args.slices)]
+        positions = [torch.randn(1, tracker.hidden_dim, s, s, generator=generator) for s in (4 * side, 2 * side, side)]
+        cache = {z: (torch.zeros(3, args.image_size, args.image_size),
+                     {"tracker_backbone_out": {"backbone_fpn": list(features[z]), "vision_pos_enc": list(positions)}})
+                 for z in range(args.slices)}
+        objects = []
+        for seed_slice, *ellipse in OBJECTS:
+            mask = seed_mask(args.image_size, *ellipse)
+            state = tracker.init_state(video_height=args.image_size, video_width=args.image_size,
+                                       num_frames=args.slices, cached_features=cache, offload_state_to_cpu=True)
+            tracker.add_new_mask(state, frame_idx=seed_slice, obj_id=1, mask=mask)
+            tracker.propagate_in_video_preflight(state, run_mem_encoder=True)
+            passes = {}
+            for reverse in (False, True):
+                steps = tracker.propagate_in_video(state, start_frame_idx=seed_slice, reverse=reverse,
+                                                   max_frame_num_to_track=args.slices, tqdm_disable=True)
+                passes["backward" if reverse else "forward"] = {
+                    z: {"logits": low[0, 0].clone(), "score": float(score.reshape(-1)[0])}
+                    for z, _, low, _, score in steps}
+            objects.append({"seed": seed_slice, "mask": mask, **passes})
+    torch.save({"image_size": args.image_size, "slices": args.slices, "perturbed": perturbed,
+                "state_dict": {k: v.clone() for k, v in tracker.state_dict().items()},
+                "features": features, "positions": positions, "objects": objects,
+                "settings": {"use_memory_selection": tracker.use_memory_selection, "num_maskmem": tracker.num_maskmem,
+                             "input_mask_size": tracker.input_mask_size}}, args.out)
+
+
+if __name__ == "__main__":
+    main()
