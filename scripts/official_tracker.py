@@ -4,15 +4,18 @@ Run it with the Python of the official environment (``make official``; never a d
 builds the tracker exactly as sam3's ``model_builder.build_tracker(apply_temporal_disambiguation=False)`` does (the
 interactive tracker: no memory selection), at a smaller slice size when asked, perturbs the parameters that are
 constant at init (so that LayerNorms, layer scales and zero biases take part), raises the object-score bias so that
-the objects are present on most slices, and draws random FPN features for every slice (the tracker never runs a
-ViT: its features are the detector trunk's, through its own neck and the mask decoder's ``conv_s0`` / ``conv_s1``).
+the objects are present on most slices. Each slice's features are what sam3's video model gives its tracker: a
+random ViT trunk output (``--trunk-width`` channels; SAM3's ViT has 1024) through the tracker's own neck (sam3's
+``Sam3DualViTDetNeck`` with ``add_sam2_neck``: its ``sam2_convs``), the lowest level dropped, levels 0 and 1
+projected by the mask decoder's ``conv_s0`` / ``conv_s1``.
 Then each object, in its own inference state, gets its seed mask on its seed slice (``add_new_mask``) and is
 propagated to the last slice and back to slice 0 (``propagate_in_video``), as ``medsam3_monai.inferers.tracking``
 propagates a prompt. Writes one ``torch.save`` file: the tracker's state dict (the ``tracker.*`` keys of a
-``sam3.pt``, prefix stripped), the inputs, and per object and slice the low-resolution mask logits and the object
-score logit of each pass.
+``sam3.pt``, prefix stripped) and its neck's (``backbone.vision_backbone.sam2_convs.*``, as a ``sam3.pt`` keeps it
+among the ``detector.*`` keys), the trunk outputs and the features made of them, and per object and slice the
+low-resolution mask logits and the object score logit of each pass.
 
-    /path/to/official/bin/python scripts/official_tracker.py OUT.pt [--image-size 112] [--slices 8]
+    /path/to/official/bin/python scripts/official_tracker.py OUT.pt [--image-size 112] [--slices 8] [--trunk-width 32]
 """
 
 from __future__ import annotations
@@ -77,16 +80,47 @@ def build_official_tracker(image_size: int):
     return tracker.eval()
 
 
-def randomise(tracker, generator: torch.Generator) -> int:
-    """Perturb every parameter that is constant at init; raise the object-score bias. Returns how many."""
+class _TrunkOutput(torch.nn.Module):
+    """Stands for the ViT in sam3's neck: its output is set by hand (``channel_list`` is what the neck reads)."""
+
+    def __init__(self, width: int) -> None:
+        super().__init__()
+        self.channel_list = [width]
+        self.output = None
+
+    def forward(self, _images):
+        return [self.output]
+
+
+def build_official_neck(width: int, image_size: int):
+    """sam3's ``_create_vit_neck`` with the tracker's neck (``enable_inst_interactivity``) on a stand-in trunk."""
+    from sam3 import model_builder
+
+    neck = model_builder._create_vit_neck(model_builder._create_position_encoding(precompute_resolution=image_size),
+                                          _TrunkOutput(width), enable_inst_interactivity=True)
+    return neck.eval()
+
+
+def tracker_features(neck, tracker, trunk_output: torch.Tensor) -> tuple[list, list]:
+    """A (1, W, h, h) trunk output -> the tracker's FPN levels and position encodings (sam3's video model: the
+    ``sam2_convs`` levels but the last, ``conv_s0`` / ``conv_s1`` on levels 0 and 1)."""
+    neck.trunk.output = trunk_output
+    _, _, levels, positions = neck([None])
+    levels, positions = list(levels[:-1]), list(positions[:-1])
+    levels[0] = tracker.sam_mask_decoder.conv_s0(levels[0])
+    levels[1] = tracker.sam_mask_decoder.conv_s1(levels[1])
+    return levels, positions
+
+
+def perturb_constants(module: torch.nn.Module, generator: torch.Generator) -> int:
+    """Perturb every parameter that is constant at init (LayerNorms, layer scales, zero biases). Returns how many."""
     perturbed = 0
     with torch.no_grad():
-        for parameter in tracker.parameters():
+        for parameter in module.parameters():
             flat = parameter.flatten()
             if flat.numel() and bool((flat == flat[0]).all()):
                 parameter.add_(torch.randn(parameter.shape, generator=generator) * 0.1 * max(abs(float(flat[0])), 0.1))
                 perturbed += 1
-        tracker.sam_mask_decoder.pred_obj_score_head.layers[-1].bias.add_(OBJECT_SCORE_BIAS)
     return perturbed
 
 
@@ -103,18 +137,23 @@ def main(argv: list[str] | None = None) -> None:
     parser.add_argument("--image-size", type=int, default=112)
     parser.add_argument("--slices", type=int, default=8)
     parser.add_argument("--seed", type=int, default=0)
+    parser.add_argument("--trunk-width", type=int, default=32, help="channels of the ViT output (SAM3: 1024)")
     args = parser.parse_args(argv)
     torch.set_num_threads(1)
     generator = torch.Generator().manual_seed(args.seed)
     with official_code_on_cpu(), torch.inference_mode():
         torch.manual_seed(args.seed)
         tracker = build_official_tracker(args.image_size)
-        perturbed = randomise(tracker, generator)
+        neck = build_official_neck(args.trunk_width, args.image_size)
+        perturbed = perturb_constants(tracker, generator) + perturb_constants(neck, generator)
+        with torch.no_grad():
+            tracker.sam_mask_decoder.pred_obj_score_head.layers[-1].bias.add_(OBJECT_SCORE_BIAS)
         side = args.image_size // tracker.backbone_stride
-        channels = (tracker.hidden_dim // 8, tracker.hidden_dim // 4, tracker.hidden_dim)  # 32, 64, 256
-        features = [[torch.randn(1, c, s, s, generator=generator) for c, s in zip(channels, (4 * side, 2 * side, side))]
-                    for _ in range(args.slices)]
-        positions = [torch.randn(1, tracker.hidden_dim, s, s, generator=generator) for s in (4 * side, 2 * side, side)]
+        trunk = [torch.randn(1, args.trunk_width, side, side, generator=generator) for _ in range(args.slices)]
+        features = []
+        for output in trunk:
+            levels, positions = tracker_features(neck, tracker, output)
+            features.append(levels)
         cache = {z: (torch.zeros(3, args.image_size, args.image_size),
                      {"tracker_backbone_out": {"backbone_fpn": list(features[z]), "vision_pos_enc": list(positions)}})
                  for z in range(args.slices)}
@@ -133,9 +172,11 @@ def main(argv: list[str] | None = None) -> None:
                     z: {"logits": low[0, 0].clone(), "score": float(score.reshape(-1)[0])}
                     for z, _, low, _, score in steps}
             objects.append({"seed": seed_slice, "mask": mask, **passes})
+    neck_state = {f"backbone.vision_backbone.{k}": v.clone() for k, v in neck.state_dict().items()
+                  if k.startswith("sam2_convs.")}
     torch.save({"image_size": args.image_size, "slices": args.slices, "perturbed": perturbed,
-                "state_dict": {k: v.clone() for k, v in tracker.state_dict().items()},
-                "features": features, "positions": positions, "objects": objects,
+                "state_dict": {k: v.clone() for k, v in tracker.state_dict().items()}, "neck_state_dict": neck_state,
+                "trunk": trunk, "features": features, "positions": positions, "objects": objects,
                 "settings": {"use_memory_selection": tracker.use_memory_selection, "num_maskmem": tracker.num_maskmem,
                              "input_mask_size": tracker.input_mask_size}}, args.out)
 

@@ -37,9 +37,19 @@ def test_facebook_hf_folder_layout(tmp_path, trained_like):
     assert same_weights(net.sam3, trained_like.sam3)
 
 
+def _tracker_neck(detector: dict[str, torch.Tensor]) -> dict[str, torch.Tensor]:
+    """The tracker's neck as SAM3's video model stores it among the detector's keys (``sam2_convs``: 22 tensors,
+    the detector neck's shapes; Meta's ``sam3.pt`` holds 1156 detector tensors, the image model 1134)."""
+    return {k.replace(".convs.", ".sam2_convs."): torch.randn(v.shape) for k, v in detector.items()
+            if k.startswith("backbone.vision_backbone.convs.")}
+
+
 def test_original_sam3_pt(tmp_path, trained_like):
     detector = _original_detector(trained_like)
-    payload = {"model": {**{f"detector.{k}": v for k, v in detector.items()}, "tracker.maskmem_tpos_enc": torch.zeros(7, 1, 1, 64)}}
+    neck = _tracker_neck(detector)
+    assert len(neck) == 22
+    payload = {"model": {**{f"detector.{k}": v for k, v in {**detector, **neck}.items()},
+                         "tracker.maskmem_tpos_enc": torch.zeros(7, 1, 1, 64)}}
     torch.save(payload, tmp_path / "sam3.pt")
     net = MedSAM3Net(tmp_path / "sam3.pt", config=tiny_sam3_config())
     assert net.source_format == "sam3_original"
@@ -49,6 +59,8 @@ def test_original_sam3_pt(tmp_path, trained_like):
 @pytest.mark.parametrize("wrapped", [True, False])
 def test_medical_sam3_release(tmp_path, trained_like, wrapped):
     detector = _original_detector(trained_like)
+    if wrapped:  # saved from SAM3's video model: its tracker neck comes along, and stays out of the detector
+        detector = {**detector, **_tracker_neck(detector)}
     torch.save({"model": detector} if wrapped else detector, tmp_path / "medical_sam3.pt")
     net = MedSAM3Net(tmp_path / "medical_sam3.pt", config=tiny_sam3_config())
     assert net.source_format == "medical_sam3"

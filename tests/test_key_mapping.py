@@ -20,6 +20,7 @@ from medsam3_monai.networks.key_mapping import (
     dropped_original_keys,
     map_hf_shapes,
     map_original_shapes,
+    TRACKER_NECK_PREFIX,
     split_sam3_checkpoint,
 )
 
@@ -206,3 +207,9 @@ def test_split_sam3_checkpoint():
     assert detector == {"transformer.x": a, "dot_prod_scoring.y": c}
     assert tracker == {"maskmem_tpos_enc": b}
     assert split_sam3_checkpoint({"geometry_encoder.z": a}) == ({"geometry_encoder.z": a}, {})
+    # the tracker's neck, kept among the detector's keys by SAM3's video model, belongs to the tracker
+    neck = "backbone.vision_backbone.sam2_convs.0.conv_1x1.weight"
+    assert neck.startswith(TRACKER_NECK_PREFIX)
+    assert split_sam3_checkpoint({f"detector.{neck}": a, "detector.transformer.x": b}) == \
+        ({"transformer.x": b}, {neck: a})
+    assert split_sam3_checkpoint({neck: a, "transformer.x": b}) == ({"transformer.x": b}, {neck: a})

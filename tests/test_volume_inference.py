@@ -24,6 +24,7 @@ from medsam3_monai.inferers import (
 from medsam3_monai.inferers import volume as volume_module
 from medsam3_monai.inferers.protocols import top_query_logits
 from medsam3_monai.networks import CheckpointError, MedSAM3Net, network_pixels, tiny_sam3_config
+from medsam3_monai.networks.key_mapping import convert_hf_to_original
 from medsam3_monai.networks.tracker import build_tracker, resolve_tracker, tiny_tracker_config
 from medsam3_monai.transforms import RestackSlicesd, sam3_normalize, slice_space_transforms
 
@@ -163,8 +164,16 @@ def test_build_tracker_rejects_bad_sources_with_a_reason(tmp_path, detector):
     with pytest.raises(CheckpointError, match="does not exist"):
         build_tracker(tmp_path / "nowhere")
     (tmp_path / "sam3.pt").write_bytes(b"not a checkpoint")
-    with pytest.raises(CheckpointError, match="HF folder"):
+    with pytest.raises(CheckpointError, match="not a readable PyTorch checkpoint"):
         build_tracker(tmp_path / "sam3.pt")
+    assert resolve_tracker("auto", str(tmp_path / "sam3.pt"), detector, described=True) == (
+        None, "none (the checkpoint has no tracker weights)")
+    # an original-layout detector without tracker.* keys (a Medical-SAM3 release, an image model)
+    original = convert_hf_to_original(detector.sam3.state_dict(), detector.sam3.config)
+    torch.save({"model": {f"detector.{k}": v for k, v in original.items()}}, tmp_path / "detector.pt")
+    with pytest.raises(CheckpointError, match="holds no SAM3 tracker weights"):
+        build_tracker(tmp_path / "detector.pt")
+    assert resolve_tracker("auto", str(tmp_path / "detector.pt"), detector) is None
     detector.save_pretrained(tmp_path / "detector_only")  # model_type sam3: no tracker in it
     with pytest.raises(CheckpointError, match="no tracker"):
         build_tracker(tmp_path / "detector_only")

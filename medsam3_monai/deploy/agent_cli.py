@@ -105,7 +105,7 @@ def add_parser(subparsers: argparse._SubParsersAction) -> argparse.ArgumentParse
     model.add_argument("--score-threshold", type=float, default=0.5, metavar="F",
                        help="query score of the threshold protocol and of volume detections (0.5)")
     model.add_argument("--tracker", default="auto", metavar="SRC|none",
-                       help="volumes: auto (default), none (detector only), tiny or an HF folder")
+                       help="volumes: auto (default), none (detector only), tiny, an HF folder or a sam3.pt")
     model.add_argument("--modality", default=None, help="intensity rule: CT, MRI, X-ray, ultrasound, endoscopy, ...")
     model.add_argument("--ct-window", default="abdomen", metavar="NAME|W,L", help="CT window (with --modality CT)")
     model.add_argument("--channel", type=int, default=None, metavar="N", help="4D volumes: the channel to segment")

@@ -80,8 +80,8 @@ def add_parser(subparsers: argparse._SubParsersAction) -> argparse.ArgumentParse
                         help="at most N cases per datalist: a seeded sample (--seed), kept in file order")
     parser.add_argument("--seed", type=int, default=42, help="seed of the --max-cases sample (42)")
     parser.add_argument("--tracker", default="auto", metavar="SRC",
-                        help="3D tracker: auto (tiny for tiny, the checkpoint's for a facebook/sam3 folder, "
-                             "else none), none, tiny or an HF folder")
+                        help="3D tracker: auto (tiny for tiny, the checkpoint's for a facebook/sam3 folder or "
+                             "a sam3.pt, else none), none, tiny, an HF folder or a sam3.pt")
     parser.add_argument("--overlays", type=int, default=8, metavar="N", help="overlay images to draw (8; 0: none)")
     parser.add_argument("--device", default="auto", help="auto (cuda when available), cpu, cuda, cuda:1, ...")
     parser.add_argument("--tracking-uri", default=None,

@@ -56,7 +56,7 @@ Protocols (2D): top_query = each prompt's highest-scoring query (the papers'), t
 queries with score >= --score-threshold, semantic = the semantic head. Volumes: the detector on every slice
 (top query, kept where score >= --score-threshold), merged with SAM3 tracker propagation from the most
 confident slice. --tracker auto = tiny for the tiny checkpoint, the checkpoint's own tracker for a
-facebook/sam3 folder, else none (detector only).
+facebook/sam3 folder or Meta's sam3.pt, else none (detector only).
 Intensity: --modality CT uses the --ct-window preset; MRI a 0.5-99.5 percentile clip; without --modality
 RGB pictures are divided by 255 and grey images min-max scaled.
 Many inputs: medsam3 segment images/ 'scans/*.nii.gz' --prompt polyp --out-dir masks/ [--batch-size 8]
@@ -89,7 +89,7 @@ def add_parser(subparsers: argparse._SubParsersAction) -> argparse.ArgumentParse
     parser.add_argument("--score-threshold", type=float, default=0.5, metavar="F",
                         help="query score of the threshold protocol and of volume detections (0.5)")
     parser.add_argument("--tracker", default="auto", metavar="SRC|none",
-                        help="volumes: auto (default), none (detector only), tiny or an HF folder")
+                        help="volumes: auto (default), none (detector only), tiny, an HF folder or a sam3.pt")
     parser.add_argument("--modality", default=None,
                         help="intensity rule: CT, MRI, X-ray, ultrasound, endoscopy, ... (default: by channels)")
     parser.add_argument("--ct-window", default="abdomen", metavar="NAME|W,L",

@@ -72,7 +72,7 @@ def add_parser(subparsers: argparse._SubParsersAction) -> argparse.ArgumentParse
     parser.add_argument("--score-threshold", type=float, default=0.5, metavar="F",
                         help="query score of the threshold protocol and of volume detections (0.5)")
     parser.add_argument("--tracker", default="auto", metavar="SRC|none",
-                        help="volumes: auto (default), none (detector only), tiny or an HF folder")
+                        help="volumes: auto (default), none (detector only), tiny, an HF folder or a sam3.pt")
     parser.add_argument("--device", default="auto", help="auto (cuda when available), cpu, cuda, cuda:1, ...")
     parser.add_argument("--log-level", default="info", choices=("critical", "error", "warning", "info", "debug"),
                         help="uvicorn log level (default info)")

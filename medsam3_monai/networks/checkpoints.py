@@ -126,8 +126,9 @@ def read_checkpoint_file(path: str | Path) -> tuple[dict[str, torch.Tensor], Sam
     if any(k.startswith(("detector.", "tracker.")) for k in keys):
         detector, _tracker = split_sam3_checkpoint(state_dict)
         return _convert_original(detector, path), config, "sam3_original"
-    if any(k.startswith(_ORIGINAL_MARKERS) for k in keys):
-        return _convert_original(state_dict, path), config, "medical_sam3"
+    if any(k.startswith(_ORIGINAL_MARKERS) for k in keys):  # a tracker neck saved along stays out of the detector
+        detector, _tracker = split_sam3_checkpoint(state_dict)
+        return _convert_original(detector, path), config, "medical_sam3"
     stripped = _strip_prefixes(state_dict)
     if any(k.startswith(_HF_MARKERS) for k in stripped):
         return stripped, config, "medsam3_monai"
@@ -136,6 +137,28 @@ def read_checkpoint_file(path: str | Path) -> tuple[dict[str, torch.Tensor], Sam
         f"(first keys: {keys[:5]}). Expected original keys (backbone.vision_backbone.*, detector.*) "
         "or transformers keys (vision_encoder.*, detector_model.*)."
     )
+
+
+def read_sam3_tracker(path: str | Path) -> dict[str, torch.Tensor]:
+    """Meta's ``sam3.pt`` -> the ``Sam3TrackerVideoModel`` state dict of SAM3's tracker: its ``tracker.*`` tensors,
+    its neck (``detector.backbone.vision_backbone.sam2_convs.*``) and the detector's ViT, SAM3's one trunk
+    (:func:`~.tracker_keys.convert_original_tracker`). A checkpoint without tracker tensors (a Medical-SAM3 detector
+    release, an image model) raises :class:`CheckpointError`."""
+    from .tracker_keys import convert_original_tracker
+
+    path = Path(path)
+    detector, tracker = split_sam3_checkpoint(_unwrap(_read_torch_file(path), path))
+    if not tracker:
+        raise CheckpointError(
+            f"{path} holds no SAM3 tracker weights (no tracker.* keys): it is a detector (image model) checkpoint. "
+            "Give the tracker Meta's sam3.pt or a facebook/sam3 folder, or segment volumes without it (--tracker none)."
+        )
+    try:
+        converted = convert_original_tracker(tracker)
+    except KeyMappingError as err:
+        raise CheckpointError(f"the tracker in {path} does not convert; nothing was loaded.\n{err}") from err
+    vit = {k: v for k, v in _convert_original(detector, path).items() if k.startswith("vision_encoder.backbone.")}
+    return {**converted, **vit}
 
 
 # ---------------------------------------------------------------------------------------- strict load
@@ -162,7 +185,8 @@ def key_report(model_keys: Mapping[str, tuple], ckpt_keys: Mapping[str, tuple], 
     return "\n".join(lines)
 
 
-def load_state_dict_strict(model: torch.nn.Module, state_dict: Mapping[str, torch.Tensor], source: str) -> None:
+def load_state_dict_strict(model: torch.nn.Module, state_dict: Mapping[str, torch.Tensor], source: str,
+                           what: str = "SAM3 image model") -> None:
     """Load every tensor or nothing: any missing, unexpected or mis-shaped key raises CheckpointError."""
     model_shapes = {k: tuple(v.shape) for k, v in model.state_dict().items()}
     ckpt_shapes = {k: tuple(v.shape) for k, v in state_dict.items()}
@@ -170,7 +194,7 @@ def load_state_dict_strict(model: torch.nn.Module, state_dict: Mapping[str, torc
     if report:
         raise CheckpointError(
             f"checkpoint {source} does not match the SAM3 architecture; nothing was loaded.\n{report}\n"
-            "Check that it is a SAM3 image model and that the configuration (full vs tiny, image size) matches."
+            f"Check that it is a {what} and that the configuration (full vs tiny, image size) matches."
         )
     model.load_state_dict(state_dict, strict=True)
 

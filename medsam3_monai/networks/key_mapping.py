@@ -33,6 +33,7 @@ __all__ = [
     "KeyMappingError",
     "RULES",
     "Rule",
+    "TRACKER_NECK_PREFIX",
     "convert_hf_to_original",
     "convert_original_to_hf",
     "dropped_original_keys",
@@ -483,11 +484,17 @@ def dropped_original_keys(keys: Iterable[str]) -> dict[str, str]:
     return out
 
 
+#: the tracker's own FPN neck, which SAM3's video model keeps in its detector's vision backbone (``sam3.pt``:
+#: ``detector.backbone.vision_backbone.sam2_convs.*``, 22 tensors; the image model has none)
+TRACKER_NECK_PREFIX = "backbone.vision_backbone.sam2_convs."
+
+
 def split_sam3_checkpoint(state_dict: Mapping[str, Any]) -> tuple[dict[str, Any], dict[str, Any]]:
     """Split a ``sam3.pt`` state dict into (detector, tracker) parts with the prefixes stripped.
 
     A dict wrapped as ``{"model": state_dict}`` is unwrapped; keys with neither ``detector.`` nor
-    ``tracker.`` prefix are detector keys (the Medical-SAM3 release layout).
+    ``tracker.`` prefix are detector keys (the Medical-SAM3 release layout). The tracker's neck, stored among
+    the detector's keys (``TRACKER_NECK_PREFIX``), goes to the tracker part under its own name.
     """
     if isinstance(state_dict.get("model"), Mapping):
         state_dict = state_dict["model"]
@@ -496,6 +503,7 @@ def split_sam3_checkpoint(state_dict: Mapping[str, Any]) -> tuple[dict[str, Any]
     for key, value in state_dict.items():
         if key.startswith("tracker."):
             tracker[key[len("tracker.") :]] = value
-        else:
-            detector[key.removeprefix("detector.")] = value
+            continue
+        key = key.removeprefix("detector.")
+        (tracker if key.startswith(TRACKER_NECK_PREFIX) else detector)[key] = value
     return detector, tracker

@@ -13,11 +13,12 @@ import torch
 from torch import nn
 from transformers import Sam3TrackerVideoConfig, Sam3TrackerVideoModel
 
-from .checkpoints import CheckpointError, load_pretrained_folder
+from .checkpoints import CheckpointError, load_pretrained_folder, load_state_dict_strict, read_sam3_tracker
+from .official_numerics import OFFICIAL_VIT_LAYER_NORM_EPS
 from .presets import TINY_IMAGE_SIZE, check_image_size, tiny_sam3_config
 
 __all__ = ["TRACKER_MODEL_TYPES", "backbone_signature", "build_tracker", "detector_backbone", "resolve_tracker",
-           "tie_backbone", "tiny_tracker_config"]
+           "sam3_tracker_config", "tie_backbone", "tiny_tracker_config"]
 
 TRACKER_MODEL_TYPES = ("sam3_video", "sam3_tracker_video")
 # transformers' memory attention hard-codes 64 key/value channels (kv_in_dim=64), and its object-pointer
@@ -70,6 +71,14 @@ def tiny_tracker_config(
     )
 
 
+def sam3_tracker_config() -> Sam3TrackerVideoConfig:
+    """SAM3's tracker (1008 px; transformers' defaults, facebook/sam3's), its ViT's LayerNorm eps the official 1e-5
+    (:mod:`~.official_numerics`): the architecture of the tracker in Meta's ``sam3.pt``."""
+    config = Sam3TrackerVideoConfig()
+    config.vision_config.backbone_config.layer_norm_eps = OFFICIAL_VIT_LAYER_NORM_EPS
+    return config
+
+
 def detector_backbone(detector: nn.Module) -> nn.Module:
     sam3 = getattr(detector, "sam3", detector)
     return sam3.vision_encoder.backbone
@@ -108,17 +117,20 @@ def build_tracker(
     seed: int = 0,
     *,
     detector: nn.Module | None = None,
+    config: Sam3TrackerVideoConfig | None = None,
 ) -> Sam3TrackerVideoModel:
     """SAM3's video tracker (transformers ``Sam3TrackerVideoModel``) in eval mode.
 
     Args:
-        source: ``"tiny"`` (random init, reproducible by ``seed``; see :func:`tiny_tracker_config`), or a local
+        source: ``"tiny"`` (random init, reproducible by ``seed``; see :func:`tiny_tracker_config`), a local
             HF folder: facebook/sam3 (``sam3_video``: the tracker, its neck and a copy of the detector's ViT
-            are loaded) or a saved ``Sam3TrackerVideoModel``. Loading is strict and never downloads; Meta's
-            original ``sam3.pt`` tracker keys are not converted (use the HF folder).
+            are loaded) or a saved ``Sam3TrackerVideoModel``, or Meta's ``sam3.pt`` (its ``tracker.*`` tensors,
+            the tracker's neck and the detector's ViT: :func:`~.checkpoints.read_sam3_tracker`). Loading is
+            strict (a key report on any mismatch) and never downloads.
         image_size: slice side S. Tiny: default the detector's, else 112. A loaded tracker keeps its own
             size; a different ``image_size`` is an error.
         seed: initialisation seed of the tiny tracker.
+        config: the architecture a ``sam3.pt`` is loaded into (default :func:`sam3_tracker_config`, SAM3's).
         detector: a :class:`~medsam3_monai.networks.MedSAM3Net` (or ``Sam3Model``) whose ViT becomes the
             tracker's (the same module: SAM3's video model has one trunk). The tiny tracker then takes the
             detector's ViT configuration. :func:`segment_volume` shares the ViT pass of such a pair.
@@ -145,12 +157,12 @@ def build_tracker(
                 f"tracker checkpoint {path} does not exist. Give 'tiny' or a local HF folder "
                 "(facebook/sam3 layout, or a saved Sam3TrackerVideoModel); nothing is downloaded."
             )
-        if not path.is_dir():
-            raise CheckpointError(
-                f"{path} is a file; the tracker loads from an HF folder (facebook/sam3 layout or a saved "
-                "Sam3TrackerVideoModel). Meta's sam3.pt tracker weights are not converted."
-            )
-        tracker = _load_tracker_folder(path)
+        if path.is_dir():
+            tracker = _load_tracker_folder(path)
+        else:
+            state = read_sam3_tracker(path)
+            tracker = Sam3TrackerVideoModel(config or sam3_tracker_config())
+            load_state_dict_strict(tracker, state, str(path), "SAM3 tracker")
         if image_size is not None and image_size != tracker.config.image_size:
             raise ValueError(f"the tracker in {path} works at {tracker.config.image_size} px, not {image_size}")
     if detector is not None:
@@ -159,8 +171,17 @@ def build_tracker(
 
 
 def _has_tracker_weights(source: str) -> bool:
-    """Whether ``source`` is a transformers folder holding SAM3 tracker weights (facebook/sam3, a saved tracker)."""
-    config = Path(source) / "config.json"
+    """Whether ``source`` holds SAM3 tracker weights: a transformers folder (facebook/sam3, a saved tracker) or a
+    ``sam3.pt`` with ``tracker.*`` keys (read memory-mapped: only its keys)."""
+    path = Path(source)
+    if path.is_file():
+        try:
+            state = torch.load(path, map_location="cpu", weights_only=True, mmap=True)
+        except Exception:  # not a torch zip file: no tracker here (loading it reports what it is)
+            return False
+        state = state.get("model", state) if isinstance(state, dict) else {}
+        return isinstance(state, dict) and any(str(key).startswith("tracker.") for key in state)
+    config = path / "config.json"
     try:
         return config.is_file() and json.loads(config.read_text()).get("model_type") in TRACKER_MODEL_TYPES
     except (OSError, json.JSONDecodeError):

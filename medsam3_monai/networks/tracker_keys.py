@@ -3,10 +3,11 @@
 A ``sam3.pt`` holds the tracker under ``tracker.*`` (sam3's ``Sam3TrackerPredictor``: memory encoder, memory
 attention, SAM prompt encoder and mask decoder, object pointers); its neck lives with the detector
 (``detector.backbone.vision_backbone.sam2_convs.*``) and its ViT is the detector's. :func:`convert_original_tracker`
-renames the ``tracker.*`` part (prefix stripped, :func:`~.key_mapping.split_sam3_checkpoint`) to the keys of a
-``Sam3TrackerVideoModel`` built with ``remove_vision_encoder=True``: 309 tensors become 307 (the four point
-embeddings are one tensor; the prompt encoder's random Fourier matrix is also the model's shared image embedding).
-``tests/test_official_tracker.py`` loads the official tracker's own state dict through it, strictly.
+renames the tracker part of :func:`~.key_mapping.split_sam3_checkpoint` (``tracker.*`` prefix stripped, the neck
+under its own name) to the keys of a ``Sam3TrackerVideoModel``: the 309 tracker tensors become 307 (the four point
+embeddings are one tensor; the prompt encoder's random Fourier matrix is also the model's shared image embedding)
+and the neck's 22 are its ``vision_encoder.neck.*``, by the detector neck's rules (the same modules).
+``tests/test_official_tracker.py`` loads the official tracker and neck through it, strictly, and propagates.
 """
 
 from __future__ import annotations
@@ -15,6 +16,8 @@ import re
 from collections.abc import Mapping
 
 import torch
+
+from .key_mapping import TRACKER_NECK_PREFIX, convert_original_to_hf
 
 __all__ = ["convert_original_tracker"]
 
@@ -76,15 +79,20 @@ def _renamed(key: str, downsampler_entries: int) -> str:
 
 
 def convert_original_tracker(state_dict: Mapping[str, torch.Tensor]) -> dict[str, torch.Tensor]:
-    """The ``tracker.*`` tensors of a ``sam3.pt`` (prefix stripped) -> a ``Sam3TrackerVideoModel`` state dict
-    (vision encoder excluded). Load it with ``strict=True`` into a model built with ``remove_vision_encoder=True``
-    (or ``strict=False`` and check that only ``vision_encoder.*`` keys are missing)."""
+    """The tracker part of a ``sam3.pt`` (:func:`~.key_mapping.split_sam3_checkpoint`: the ``tracker.*`` tensors,
+    prefix stripped, and the neck's ``backbone.vision_backbone.sam2_convs.*``) -> a ``Sam3TrackerVideoModel``
+    state dict without the ViT (``vision_encoder.backbone.*``, the detector's). Raises
+    :class:`~.key_mapping.KeyMappingError` for a neck key no rule covers."""
+    neck_convs = {"backbone.vision_backbone.convs." + k[len(TRACKER_NECK_PREFIX):]: v
+                  for k, v in state_dict.items() if k.startswith(TRACKER_NECK_PREFIX)}
+    out: dict[str, torch.Tensor] = dict(convert_original_to_hf(neck_convs))  # vision_encoder.neck.fpn_layers.*
     entries = {int(m.group(1)) for k in state_dict
                if (m := re.match(r"^maskmem_backbone\.mask_downsampler\.encoder\.(\d+)\.", k))}
     downsampler_entries = max(entries) + 1 if entries else 0
-    out: dict[str, torch.Tensor] = {}
     points = {}
     for key, value in state_dict.items():
+        if key.startswith(TRACKER_NECK_PREFIX):
+            continue
         point = re.match(r"^sam_prompt_encoder\.point_embeddings\.(\d+)\.weight$", key)
         if point:
             points[int(point.group(1))] = value
