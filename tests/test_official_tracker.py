@@ -1,8 +1,8 @@
 """The volume path's tracker against Meta's official SAM3 tracker (sam3 0.1.4), on the same random weights.
 
 ``scripts/official_tracker.py`` runs in the official environment (``make official``; skipped when it is not built):
-sam3's own ``build_tracker`` at 112 px and the tracker's neck of its video model (on a 32-channel trunk, the tiny
-ViT's width), their constant parameters perturbed, random trunk outputs for 8 slices, three objects each given a
+sam3's own ``build_tracker`` at 112 px and the tracker's neck of its video model (on a trunk of the tiny detector's
+width), their constant parameters perturbed, random trunk outputs for 8 slices, three objects each given a
 seed mask and propagated forward and back (its own ``add_new_mask`` / ``propagate_in_video``). Here the tracker and
 its neck go into a ``sam3.pt`` laid out as Meta's (``tracker.*``, ``detector.backbone.vision_backbone.sam2_convs.*``,
 a detector), ``build_tracker`` loads it, ``inferers.volume``'s tracker features are made from the same trunk outputs
@@ -21,13 +21,15 @@ from unittest import mock
 
 import pytest
 import torch
-from transformers import Sam3TrackerVideoConfig, Sam3TrackerVideoModel
+from _model_helpers import same_weights
+from transformers import Sam3TrackerVideoModel, Sam3VideoModel
 
 from medsam3_monai.inferers import tracking
 from medsam3_monai.inferers.volume import _TrackerFeatures
 from medsam3_monai.networks import MedSAM3Net, tiny_sam3_config
 from medsam3_monai.networks.key_mapping import convert_hf_to_original
-from medsam3_monai.networks.tracker import _has_tracker_weights, build_tracker
+from medsam3_monai.deploy.cli import main as cli_main
+from medsam3_monai.networks.tracker import build_tracker, has_tracker_weights, resolve_tracker, tracker_config_for
 from medsam3_monai.networks.tracker_keys import convert_original_tracker
 
 REPO = Path(__file__).resolve().parents[1]
@@ -35,6 +37,8 @@ OFFICIAL_VENV = Path(os.environ.get("MEDSAM3_OFFICIAL_VENV")
                      or Path.home() / ".cache" / "medsam3-monai" / "sam3-official-venv")
 #: the slice size of the comparison; ``MEDSAM3_OFFICIAL_TRACKER_SIZE=1008`` runs it at SAM3's (about 10 min)
 IMAGE_SIZE = int(os.environ.get("MEDSAM3_OFFICIAL_TRACKER_SIZE", "112"))
+#: the tiny detector's width (ViT and FPN): SAM3's FPN and the tracker's neck have 256 channels
+WIDTH = 256
 #: float32 on the CPU: sam3 and we compute the same operations; measured 1.4e-6 at 112 px and 1.0e-6 at 1008 px
 #: (logits up to about 5)
 TOLERANCE = 1e-4
@@ -50,17 +54,23 @@ def official(tmp_path_factory) -> dict:
                     "(scripts/setup_official_env.sh) to run this test")
     out = tmp_path_factory.mktemp("official") / "tracker.pt"
     done = subprocess.run([str(python), str(REPO / "scripts" / "official_tracker.py"), str(out),
-                           "--image-size", str(IMAGE_SIZE)], capture_output=True, text=True)
+                           "--image-size", str(IMAGE_SIZE), "--trunk-width", str(WIDTH)],
+                          capture_output=True, text=True)
     assert done.returncode == 0, done.stderr[-3000:]
     return torch.load(out, weights_only=True)
 
 
 @pytest.fixture(scope="module")
-def sam3_pt(official, tmp_path_factory) -> Path:
-    """A ``sam3.pt`` laid out as Meta's: a (tiny) detector, the official tracker and, among the detector's keys,
-    the official tracker neck."""
-    detector = MedSAM3Net("tiny", image_size=official["image_size"]).sam3
-    original = convert_hf_to_original(detector.state_dict(), detector.config)
+def detector(official) -> MedSAM3Net:
+    """A tiny detector whose FPN has SAM3's 256 channels, the tracker neck's (one trunk, two necks of one shape)."""
+    return MedSAM3Net("tiny", config=tiny_sam3_config(official["image_size"], hidden_size=WIDTH)).eval()
+
+
+@pytest.fixture(scope="module")
+def sam3_pt(official, detector, tmp_path_factory) -> Path:
+    """A ``sam3.pt`` laid out as Meta's: the detector, the official tracker and, among the detector's keys, the
+    official tracker neck."""
+    original = convert_hf_to_original(detector.sam3.state_dict(), detector.sam3.config)
     model = {f"detector.{k}": v for k, v in {**original, **official["neck_state_dict"]}.items()}
     model.update({f"tracker.{k}": v for k, v in official["state_dict"].items()})
     path = tmp_path_factory.mktemp("weights") / "sam3.pt"
@@ -68,17 +78,14 @@ def sam3_pt(official, tmp_path_factory) -> Path:
     return path
 
 
-def tracker_config(image_size: int) -> Sam3TrackerVideoConfig:
-    """SAM3's tracker at ``image_size`` on the tiny detector's ViT (its neck SAM3's: 256 channels)."""
-    vision = tiny_sam3_config(image_size).vision_config.to_dict()
-    vision["fpn_hidden_size"] = 256
-    return Sam3TrackerVideoConfig(image_size=image_size, vision_config=vision)
-
-
 @pytest.fixture(scope="module")
-def tracker(official, sam3_pt) -> Sam3TrackerVideoModel:
-    """transformers' tracker holding the official weights, loaded from the ``sam3.pt`` by ``build_tracker``."""
-    return build_tracker(sam3_pt, config=tracker_config(official["image_size"]))
+def tracker(detector, sam3_pt) -> Sam3TrackerVideoModel:
+    """transformers' tracker holding the official weights, loaded from the ``sam3.pt`` as ``--tracker auto`` does
+    (the tracker around this detector)."""
+    assert has_tracker_weights(str(sam3_pt))
+    tracker, described = resolve_tracker("auto", str(sam3_pt), detector, described=True)
+    assert described == str(sam3_pt)
+    return tracker
 
 
 @pytest.fixture(scope="module")
@@ -104,10 +111,27 @@ def test_the_official_run_is_the_interactive_tracker_with_objects_present(offici
         assert all(step["score"] > 0 and 0.05 < (step["logits"] > 0).float().mean() < 0.95 for step in tracked)
 
 
-def test_a_sam3_pt_holds_a_tracker_and_a_detector(official, sam3_pt):
-    assert _has_tracker_weights(str(sam3_pt))  # --tracker auto: the checkpoint's own tracker
-    detector = MedSAM3Net(sam3_pt, config=tiny_sam3_config(official["image_size"]))  # the neck is set aside
-    assert detector.source_format == "sam3_original"
+def test_a_sam3_pt_holds_a_tracker_and_a_detector(sam3_pt, detector, tracker):
+    # the tracker neck among the detector keys is set aside: the detector loads strictly
+    assert same_weights(MedSAM3Net(sam3_pt, config=detector.sam3.config).sam3, detector.sam3)
+    assert tracker.config.image_size == detector.image_size and not tracker.training
+    assert same_weights(tracker.vision_encoder.backbone, detector.sam3.vision_encoder.backbone)  # the one trunk
+    built = build_tracker(sam3_pt, config=tracker_config_for(detector.sam3.config))
+    assert same_weights(built, tracker)
+
+
+def test_convert_checkpoint_writes_the_facebook_layout_with_the_tracker(tmp_path, sam3_pt, detector, tracker, capsys):
+    config = tmp_path / "config.json"
+    detector.sam3.config.to_json_file(str(config))
+    dst = tmp_path / "hf"
+    assert cli_main(["convert-checkpoint", str(sam3_pt), str(dst), "--config", str(config)]) == 0
+    assert "detector and tracker, facebook/sam3 layout" in capsys.readouterr().out
+    assert same_weights(MedSAM3Net(dst).sam3, detector.sam3)
+    assert same_weights(build_tracker(dst), tracker)
+    assert resolve_tracker("auto", str(dst), detector, described=True)[1] == str(dst)
+    video = Sam3VideoModel.from_pretrained(dst)  # plain transformers reads it: detector and tracker
+    assert same_weights(video.detector_model, detector.sam3)
+    assert torch.equal(video.tracker_model.memory_encoder.projection.weight, tracker.memory_encoder.projection.weight)
 
 
 def test_key_map_covers_the_official_tracker_and_neck(official, tracker):

@@ -37,7 +37,9 @@ def add_parser(subparsers: argparse._SubParsersAction) -> None:
         description=(
             "Read SRC (Meta's sam3.pt, the Medical-SAM3 release, a medsam3-monai .pt or an HF folder), map the "
             "original keys onto transformers' Sam3Model, load strictly, and write DST: config.json, "
-            "model.safetensors and the tokenizer. `transformers.Sam3Model.from_pretrained(DST)` loads it."
+            "model.safetensors and the tokenizer. `transformers.Sam3Model.from_pretrained(DST)` loads it. A "
+            "sam3.pt's tracker comes along: DST is then laid out as facebook/sam3 (model_type sam3_video; "
+            "detector_model.*, tracker_model.*, tracker_neck.*), the 3D tracker of --tracker DST."
         ),
     )
     parser.add_argument("src", help="checkpoint file or folder")
@@ -51,12 +53,21 @@ def add_parser(subparsers: argparse._SubParsersAction) -> None:
 
 def run(args: argparse.Namespace) -> int:
     from ..networks.checkpoints import load_sam3, save_hf_folder
+    from ..networks.tracker import has_tracker_weights, build_tracker, save_sam3_video_folder, tracker_config_for
 
     dst = Path(args.dst)
     if dst.exists() and (not dst.is_dir() or any(dst.iterdir())):
         raise FileExistsError(f"output {dst} exists and is not an empty folder; choose a new path")
     loaded = load_sam3(args.src, config=resolve_config(args.config, args.image_size))
-    save_hf_folder(loaded.model, loaded.tokenizer, dst)
     params = sum(p.numel() for p in loaded.model.parameters())
-    print(f"converted {args.src} ({loaded.source_format}, {params:,} parameters) -> {dst}")
+    if Path(args.src).is_file() and has_tracker_weights(args.src):  # Meta's sam3.pt: the tracker comes along
+        tracker = build_tracker(args.src, config=tracker_config_for(loaded.model.config))
+        save_sam3_video_folder(loaded.model, tracker, loaded.tokenizer, dst)
+        params += sum(p.numel() for name, p in tracker.named_parameters()
+                      if not name.startswith("vision_encoder.backbone."))
+        what = "detector and tracker, facebook/sam3 layout"
+    else:
+        save_hf_folder(loaded.model, loaded.tokenizer, dst)
+        what = "detector"
+    print(f"converted {args.src} ({loaded.source_format}, {what}, {params:,} parameters) -> {dst}")
     return 0

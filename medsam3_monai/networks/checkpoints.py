@@ -284,7 +284,7 @@ def _load_sam3(source: str | Path, config: Sam3Config | None, image_size: int | 
 
 
 # ---------------------------------------------------------------------------------------- save
-def _atomic_dir(directory: Path, write) -> Path:
+def atomic_dir(directory: Path, write) -> Path:
     """Write into a temporary sibling, then rename: no partial output folder on failure."""
     directory = directory.expanduser()
     if directory.exists() and any(directory.iterdir()):
@@ -310,7 +310,7 @@ def save_hf_folder(model: Sam3Model, tokenizer: PreTrainedTokenizerBase | None, 
         if tokenizer is not None:
             tokenizer.save_pretrained(str(tmp))
 
-    return _atomic_dir(Path(directory), write)
+    return atomic_dir(Path(directory), write)
 
 
 def save_checkpoint_file(model: Sam3Model, path: str | Path, extra: Mapping[str, Any] | None = None) -> Path:

@@ -13,12 +13,20 @@ import torch
 from torch import nn
 from transformers import Sam3TrackerVideoConfig, Sam3TrackerVideoModel
 
-from .checkpoints import CheckpointError, load_pretrained_folder, load_state_dict_strict, read_sam3_tracker
+from .checkpoints import (
+    CheckpointError,
+    atomic_dir,
+    load_pretrained_folder,
+    load_state_dict_strict,
+    read_sam3_tracker,
+)
 from .official_numerics import OFFICIAL_VIT_LAYER_NORM_EPS
-from .presets import TINY_IMAGE_SIZE, check_image_size, tiny_sam3_config
+from .presets import TINY_IMAGE_SIZE, check_image_size, full_sam3_config, tiny_sam3_config
 
-__all__ = ["TRACKER_MODEL_TYPES", "backbone_signature", "build_tracker", "detector_backbone", "resolve_tracker",
-           "sam3_tracker_config", "tie_backbone", "tiny_tracker_config"]
+__all__ = ["TRACKER_MODEL_TYPES", "backbone_signature", "build_tracker", "detector_backbone", "has_tracker_weights",
+           "resolve_tracker",
+           "sam3_tracker_config", "save_sam3_video_folder", "tie_backbone", "tiny_tracker_config",
+           "tracker_config_for"]
 
 TRACKER_MODEL_TYPES = ("sam3_video", "sam3_tracker_video")
 # transformers' memory attention hard-codes 64 key/value channels (kv_in_dim=64), and its object-pointer
@@ -71,11 +79,18 @@ def tiny_tracker_config(
     )
 
 
+def tracker_config_for(detector_config: Any) -> Sam3TrackerVideoConfig:
+    """The tracker of SAM3's video model around a detector of ``detector_config`` (a ``Sam3Config``): the same ViT
+    and slice size (one trunk), a neck of the detector's FPN shape, transformers' (facebook/sam3's) tracker."""
+    vision = detector_config.vision_config
+    return Sam3TrackerVideoConfig(image_size=int(vision.backbone_config.image_size), vision_config=vision.to_dict())
+
+
 def sam3_tracker_config() -> Sam3TrackerVideoConfig:
-    """SAM3's tracker (1008 px; transformers' defaults, facebook/sam3's), its ViT's LayerNorm eps the official 1e-5
-    (:mod:`~.official_numerics`): the architecture of the tracker in Meta's ``sam3.pt``."""
-    config = Sam3TrackerVideoConfig()
-    config.vision_config.backbone_config.layer_norm_eps = OFFICIAL_VIT_LAYER_NORM_EPS
+    """SAM3's tracker (1008 px), around SAM3's detector (:func:`~.presets.full_sam3_config`: its ViT's LayerNorm eps
+    the official 1e-5): the architecture of the tracker in Meta's ``sam3.pt``."""
+    config = tracker_config_for(full_sam3_config())
+    assert config.vision_config.backbone_config.layer_norm_eps == OFFICIAL_VIT_LAYER_NORM_EPS
     return config
 
 
@@ -91,9 +106,14 @@ def backbone_signature(config: Any) -> dict[str, Any]:
     return {k: getattr(backbone, k, None) for k in keys}
 
 
+def _detector_config(detector: nn.Module) -> Any:
+    """The ``Sam3Config`` of a :class:`~medsam3_monai.networks.MedSAM3Net` or ``Sam3Model``."""
+    return getattr(detector, "config", None) or detector.sam3.config
+
+
 def tie_backbone(tracker: Sam3TrackerVideoModel, detector: nn.Module) -> Sam3TrackerVideoModel:
     """Make the tracker's ViT *the* detector's ViT module (one trunk, two necks, as SAM3's video model)."""
-    detector_config = getattr(detector, "config", None) or detector.sam3.config
+    detector_config = _detector_config(detector)
     theirs, ours = backbone_signature(detector_config.vision_config), backbone_signature(tracker.config.vision_config)
     if theirs != ours:
         diff = {k: (theirs[k], ours[k]) for k in theirs if theirs[k] != ours[k]}
@@ -130,10 +150,11 @@ def build_tracker(
         image_size: slice side S. Tiny: default the detector's, else 112. A loaded tracker keeps its own
             size; a different ``image_size`` is an error.
         seed: initialisation seed of the tiny tracker.
-        config: the architecture a ``sam3.pt`` is loaded into (default :func:`sam3_tracker_config`, SAM3's).
         detector: a :class:`~medsam3_monai.networks.MedSAM3Net` (or ``Sam3Model``) whose ViT becomes the
             tracker's (the same module: SAM3's video model has one trunk). The tiny tracker then takes the
             detector's ViT configuration. :func:`segment_volume` shares the ViT pass of such a pair.
+        config: the architecture a ``sam3.pt`` is loaded into (default: :func:`tracker_config_for` the
+            ``detector``, else :func:`sam3_tracker_config`, SAM3's).
     """
     if str(source) == "tiny":
         if detector is not None:
@@ -154,14 +175,16 @@ def build_tracker(
         path = Path(source).expanduser()
         if not path.exists():
             raise CheckpointError(
-                f"tracker checkpoint {path} does not exist. Give 'tiny' or a local HF folder "
-                "(facebook/sam3 layout, or a saved Sam3TrackerVideoModel); nothing is downloaded."
+                f"tracker checkpoint {path} does not exist. Give 'tiny', a local HF folder (facebook/sam3 layout, "
+                "or a saved Sam3TrackerVideoModel) or Meta's sam3.pt; nothing is downloaded."
             )
         if path.is_dir():
             tracker = _load_tracker_folder(path)
         else:
             state = read_sam3_tracker(path)
-            tracker = Sam3TrackerVideoModel(config or sam3_tracker_config())
+            if config is None:
+                config = sam3_tracker_config() if detector is None else tracker_config_for(_detector_config(detector))
+            tracker = Sam3TrackerVideoModel(config)
             load_state_dict_strict(tracker, state, str(path), "SAM3 tracker")
         if image_size is not None and image_size != tracker.config.image_size:
             raise ValueError(f"the tracker in {path} works at {tracker.config.image_size} px, not {image_size}")
@@ -170,7 +193,7 @@ def build_tracker(
     return tracker.eval()
 
 
-def _has_tracker_weights(source: str) -> bool:
+def has_tracker_weights(source: str) -> bool:
     """Whether ``source`` holds SAM3 tracker weights: a transformers folder (facebook/sam3, a saved tracker) or a
     ``sam3.pt`` with ``tracker.*`` keys (read memory-mapped: only its keys)."""
     path = Path(source)
@@ -191,23 +214,53 @@ def _has_tracker_weights(source: str) -> bool:
 def resolve_tracker(spec: str | None, checkpoint: str, network: nn.Module, needed: bool = True,
                     described: bool = False):
     """The volume path's tracker: ``none``/None (detector only), ``tiny`` (random init, sharing the detector's
-    ViT), an HF folder, or ``auto``: tiny for the tiny checkpoint, the checkpoint's own tracker for a
-    facebook/sam3 folder (``sam3_video``), else none. ``needed=False`` (no volume to segment) builds none.
-    ``described=True`` returns (tracker, description)."""
+    ViT), an HF folder, Meta's ``sam3.pt``, or ``auto``: tiny for the tiny checkpoint, the checkpoint's own tracker
+    for a facebook/sam3 folder (``sam3_video``) or a ``sam3.pt``, else none. ``needed=False`` (no volume to
+    segment) builds none. ``described=True`` returns (tracker, description)."""
     tracker, text = None, "none"
     if not needed:
         spec = "none"
     if spec == "auto":
         if str(checkpoint) == "tiny":
             spec = "tiny"
-        elif _has_tracker_weights(str(checkpoint)):
+        elif has_tracker_weights(str(checkpoint)):
             spec = str(checkpoint)
         else:
             spec, text = "none", "none (the checkpoint has no tracker weights)"
     if spec == "tiny":
         tracker, text = build_tracker("tiny", detector=network), "tiny (random init, ViT shared with the detector)"
     elif spec not in (None, "none"):
-        tracker, text = build_tracker(spec, image_size=int(network.image_size)), str(spec)
+        # a sam3.pt carries no configuration: its tracker is the one around this detector (SAM3's for SAM3's)
+        config = tracker_config_for(_detector_config(network)) if Path(spec).is_file() else None
+        tracker, text = build_tracker(spec, image_size=int(network.image_size), config=config), str(spec)
     if tracker is not None:
         tracker = tracker.to(next(network.parameters()).device)
     return (tracker, text) if described else tracker
+
+
+def save_sam3_video_folder(detector: nn.Module, tracker: Sam3TrackerVideoModel, tokenizer: Any,
+                           directory: str | Path) -> Path:
+    """Write a detector and its tracker as facebook/sam3 ships them: ``config.json`` of a ``Sam3VideoConfig``
+    (``model_type`` ``sam3_video``), ``model.safetensors`` with ``detector_model.*``, ``tracker_model.*`` (the
+    tracker but its ViT, which is the detector's) and ``tracker_neck.*``, and the tokenizer; written atomically.
+    ``MedSAM3Net`` and :func:`build_tracker` load it back, as does transformers' ``Sam3VideoModel``."""
+    from safetensors.torch import save_file
+    from transformers import Sam3VideoConfig
+
+    sam3 = getattr(detector, "sam3", detector)
+    tensors = {f"detector_model.{k}": v for k, v in sam3.state_dict().items()}
+    for key, value in tracker.state_dict().items():
+        if key.startswith("vision_encoder.neck."):
+            tensors["tracker_neck." + key[len("vision_encoder.neck."):]] = value
+        elif not key.startswith("vision_encoder.backbone."):
+            tensors["tracker_model." + key] = value
+    config = Sam3VideoConfig(detector_config=sam3.config.to_dict(), tracker_config=tracker.config.to_dict())
+
+    def write(folder: Path) -> None:
+        config.save_pretrained(str(folder))
+        save_file({k: v.detach().cpu().contiguous() for k, v in tensors.items()}, str(folder / "model.safetensors"),
+                  metadata={"format": "pt"})
+        if tokenizer is not None:
+            tokenizer.save_pretrained(str(folder))
+
+    return atomic_dir(Path(directory), write)
