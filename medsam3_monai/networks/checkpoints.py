@@ -292,6 +292,9 @@ def atomic_dir(directory: Path, write) -> Path:
     directory.parent.mkdir(parents=True, exist_ok=True)
     tmp = Path(tempfile.mkdtemp(prefix=f".{directory.name}.", dir=directory.parent))
     try:
+        umask = os.umask(0)
+        os.umask(umask)
+        tmp.chmod(0o777 & ~umask)  # mkdtemp's folder is private (0700): the result gets what mkdir would give it
         write(tmp)
         if directory.exists():
             directory.rmdir()
