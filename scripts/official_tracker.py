@@ -6,7 +6,7 @@ interactive tracker: no memory selection), at a smaller slice size when asked, p
 constant at init (so that LayerNorms, layer scales and zero biases take part), raises the object-score bias so that
 the objects are present on most slices. Each slice's features are what sam3's video model gives its tracker: a
 random ViT trunk output (``--trunk-width`` channels; SAM3's ViT has 1024) through the tracker's own neck (sam3's
-``Sam3DualViTDetNeck`` with ``add_sam2_neck``: its ``sam2_convs``), the lowest level dropped, levels 0 and 1
+``Sam3DualViTDetNeck`` with ``add_sam2_neck``: its ``sam2_convs``), the coarsest (0.5x) level dropped, levels 0 and 1
 projected by the mask decoder's ``conv_s0`` / ``conv_s1``.
 Then each object, in its own inference state, gets its seed mask on its seed slice (``add_new_mask``) and is
 propagated to the last slice and back to slice 0 (``propagate_in_video``), as ``medsam3_monai.inferers.tracking``
