@@ -284,8 +284,8 @@ def _official_memory(tracker: Any, current_vision_feats: torch.Tensor, pred_mask
     memory, positions = tracker.memory_encoder(pixels, masks.to(pixels.dtype))
     occlusion = tracker.occlusion_spatial_embedding_parameter
     if occlusion is not None:  # a slice where the object is absent: the no-object embedding
-        absent = 1 - (object_score_logits > 0).to(memory.dtype)
-        memory = memory + absent[..., None] * occlusion[..., None, None].expand(*memory.shape)
+        absent = 1 - (object_score_logits > 0).to(memory.dtype).reshape(-1, 1, 1, 1)  # (B, 1, 1, 1)
+        memory = memory + absent * occlusion[..., None, None].expand(*memory.shape)
     return (memory.to(torch.bfloat16).flatten(2).permute(2, 0, 1),
             positions.to(pred_masks_high_res.dtype).flatten(2).permute(2, 0, 1))
 

@@ -152,8 +152,12 @@ def test_convert_checkpoint_cli(tmp_path, trained_like, capsys):
     dst = tmp_path / "hf"
     assert cli_main(["convert-checkpoint", str(tmp_path / "sam3.pt"), str(dst), "--config", "tiny"]) == 0
     assert same_weights(Sam3Model.from_pretrained(dst), trained_like.sam3)
-    (tmp_path / "made_by_mkdir").mkdir()  # the folder's permissions are the user's umask's, not a private 0700
+    # the folder and its files get what mkdir and open give under the user's umask, not private 0700 / 0600 modes
+    (tmp_path / "made_by_mkdir").mkdir()
+    (tmp_path / "made_by_open").write_bytes(b"")
     assert stat.S_IMODE(dst.stat().st_mode) == stat.S_IMODE((tmp_path / "made_by_mkdir").stat().st_mode)
+    for path in dst.iterdir():
+        assert stat.S_IMODE(path.stat().st_mode) == stat.S_IMODE((tmp_path / "made_by_open").stat().st_mode), path
     assert (dst / "tokenizer_config.json").is_file() or (dst / "tokenizer.json").is_file()
 
     (tmp_path / "bad.pt").write_bytes(b"not a checkpoint")

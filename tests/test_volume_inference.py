@@ -25,7 +25,7 @@ from medsam3_monai.inferers import volume as volume_module
 from medsam3_monai.inferers.protocols import top_query_logits
 from medsam3_monai.networks import CheckpointError, MedSAM3Net, network_pixels, tiny_sam3_config
 from medsam3_monai.networks.key_mapping import convert_hf_to_original
-from medsam3_monai.networks.tracker import build_tracker, resolve_tracker, tiny_tracker_config
+from medsam3_monai.networks.tracker import build_tracker, has_tracker_weights, resolve_tracker, tiny_tracker_config
 from medsam3_monai.transforms import RestackSlicesd, sam3_normalize, slice_space_transforms
 
 S = 112
@@ -168,17 +168,34 @@ def test_build_tracker_rejects_bad_sources_with_a_reason(tmp_path, detector):
         build_tracker(tmp_path / "sam3.pt")
     assert resolve_tracker("auto", str(tmp_path / "sam3.pt"), detector, described=True) == (
         None, "none (the checkpoint has no tracker weights)")
-    # an original-layout detector without tracker.* keys (a Medical-SAM3 release, an image model)
+    # an original-layout detector without tracker.* keys (a Medical-SAM3 release, an image model), with or without
+    # the tracker's neck among its keys (saved from SAM3's video model)
     original = convert_hf_to_original(detector.sam3.state_dict(), detector.sam3.config)
-    torch.save({"model": {f"detector.{k}": v for k, v in original.items()}}, tmp_path / "detector.pt")
-    with pytest.raises(CheckpointError, match="holds no SAM3 tracker weights"):
-        build_tracker(tmp_path / "detector.pt")
-    assert resolve_tracker("auto", str(tmp_path / "detector.pt"), detector) is None
+    neck = {k.replace(".convs.", ".sam2_convs."): v for k, v in original.items() if ".convs." in k}
+    for name, state in (("detector.pt", original), ("with_neck.pt", {**original, **neck})):
+        torch.save({"model": {f"detector.{k}": v for k, v in state.items()}}, tmp_path / name)
+        with pytest.raises(CheckpointError, match="holds no SAM3 tracker weights"):
+            build_tracker(tmp_path / name)
+        assert resolve_tracker("auto", str(tmp_path / name), detector) is None
     detector.save_pretrained(tmp_path / "detector_only")  # model_type sam3: no tracker in it
     with pytest.raises(CheckpointError, match="no tracker"):
         build_tracker(tmp_path / "detector_only")
     assert resolve_tracker("auto", str(tmp_path / "detector_only"), detector, described=True) == (
         None, "none (the checkpoint has no tracker weights)")  # auto: the detector alone
+
+
+def test_a_sam3_pt_is_recognised_in_every_layout_loading_reads(tmp_path):
+    """``--tracker auto`` finds a sam3.pt's tracker whatever wrapper or serialisation the loader accepts."""
+    state = {"detector.transformer.x": torch.zeros(1), "tracker.maskmem_tpos_enc": torch.zeros(7, 1, 1, 64)}
+    for name, payload, legacy in (("plain.pt", state, False), ("model.pt", {"model": state}, False),
+                                  ("state_dict.pt", {"state_dict": state}, False),
+                                  ("legacy.pt", {"model": state}, True)):
+        torch.save(payload, tmp_path / name, _use_new_zipfile_serialization=not legacy)
+        assert has_tracker_weights(str(tmp_path / name)), name
+    torch.save({"model": {"detector.transformer.x": torch.zeros(1)}}, tmp_path / "detector.pt")
+    (tmp_path / "text.pt").write_text("not a checkpoint")
+    assert not has_tracker_weights(str(tmp_path / "detector.pt"))
+    assert not has_tracker_weights(str(tmp_path / "text.pt"))
 
 
 # ---------------------------------------------------------------------------------------- inference

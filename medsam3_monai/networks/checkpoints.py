@@ -25,7 +25,7 @@ from typing import Any, Mapping
 import torch
 from transformers import PreTrainedTokenizerBase, Sam3Config, Sam3Model
 
-from .key_mapping import KeyMappingError, convert_original_to_hf, split_sam3_checkpoint
+from .key_mapping import TRACKER_NECK_PREFIX, KeyMappingError, convert_original_to_hf, split_sam3_checkpoint
 from .official_numerics import match_official_numerics
 from .presets import TINY_IMAGE_SIZE, full_sam3_config, tiny_sam3_config
 from .tokenizer import load_tokenizer
@@ -139,6 +139,23 @@ def read_checkpoint_file(path: str | Path) -> tuple[dict[str, torch.Tensor], Sam
     )
 
 
+def checkpoint_keys(path: str | Path) -> list[str] | None:
+    """The tensor names of a ``.pt`` checkpoint file, unwrapped as loading unwraps them, without reading its tensors
+    (memory-mapped; a legacy, non-zip file is read whole); None for anything that is not such a file."""
+    path = Path(path)
+    try:
+        obj = torch.load(path, map_location="cpu", weights_only=True, mmap=True)
+    except Exception:  # a legacy torch.save file cannot be memory-mapped
+        try:
+            obj = torch.load(path, map_location="cpu", weights_only=True)
+        except Exception:
+            return None
+    try:
+        return list(_unwrap(obj, path))
+    except CheckpointError:
+        return None
+
+
 def read_sam3_tracker(path: str | Path) -> dict[str, torch.Tensor]:
     """Meta's ``sam3.pt`` -> the ``Sam3TrackerVideoModel`` state dict of SAM3's tracker: its ``tracker.*`` tensors,
     its neck (``detector.backbone.vision_backbone.sam2_convs.*``) and the detector's ViT, SAM3's one trunk
@@ -148,7 +165,7 @@ def read_sam3_tracker(path: str | Path) -> dict[str, torch.Tensor]:
 
     path = Path(path)
     detector, tracker = split_sam3_checkpoint(_unwrap(_read_torch_file(path), path))
-    if not tracker:
+    if all(key.startswith(TRACKER_NECK_PREFIX) for key in tracker):  # none, or a neck alone (an image model's file)
         raise CheckpointError(
             f"{path} holds no SAM3 tracker weights (no tracker.* keys): it is a detector (image model) checkpoint. "
             "Give the tracker Meta's sam3.pt or a facebook/sam3 folder, or segment volumes without it (--tracker none)."
@@ -284,6 +301,27 @@ def _load_sam3(source: str | Path, config: Sam3Config | None, image_size: int | 
 
 
 # ---------------------------------------------------------------------------------------- save
+def _umask() -> int:
+    """The process's umask, read without changing it where the system tells it (Linux), else set and restored."""
+    try:
+        for line in Path("/proc/self/status").read_text().splitlines():
+            if line.startswith("Umask:"):
+                return int(line.split()[1], 8)
+    except (OSError, ValueError, IndexError):
+        pass
+    mask = os.umask(0o022)
+    os.umask(mask)
+    return mask
+
+
+def _public_modes(folder: Path) -> None:
+    """Give ``folder`` and what is in it the modes ``mkdir`` and ``open`` give under the umask: ``mkdtemp`` makes a
+    private (0700) folder and safetensors private (0600) files, which other users could not read."""
+    mask = _umask()
+    for path in [folder, *folder.rglob("*")]:
+        path.chmod((0o777 if path.is_dir() else 0o666) & ~mask)
+
+
 def atomic_dir(directory: Path, write) -> Path:
     """Write into a temporary sibling, then rename: no partial output folder on failure."""
     directory = directory.expanduser()
@@ -292,10 +330,8 @@ def atomic_dir(directory: Path, write) -> Path:
     directory.parent.mkdir(parents=True, exist_ok=True)
     tmp = Path(tempfile.mkdtemp(prefix=f".{directory.name}.", dir=directory.parent))
     try:
-        umask = os.umask(0)
-        os.umask(umask)
-        tmp.chmod(0o777 & ~umask)  # mkdtemp's folder is private (0700): the result gets what mkdir would give it
         write(tmp)
+        _public_modes(tmp)
         if directory.exists():
             directory.rmdir()
         os.replace(tmp, directory)

@@ -16,12 +16,13 @@ from transformers import Sam3TrackerVideoConfig, Sam3TrackerVideoModel
 from .checkpoints import (
     CheckpointError,
     atomic_dir,
+    checkpoint_keys,
     load_pretrained_folder,
     load_state_dict_strict,
     read_sam3_tracker,
 )
 from .official_numerics import OFFICIAL_VIT_LAYER_NORM_EPS
-from .presets import TINY_IMAGE_SIZE, check_image_size, full_sam3_config, tiny_sam3_config
+from .presets import FULL_IMAGE_SIZE, TINY_IMAGE_SIZE, check_image_size, full_sam3_config, tiny_sam3_config
 
 __all__ = ["TRACKER_MODEL_TYPES", "backbone_signature", "build_tracker", "detector_backbone", "has_tracker_weights",
            "resolve_tracker",
@@ -154,7 +155,7 @@ def build_tracker(
             tracker's (the same module: SAM3's video model has one trunk). The tiny tracker then takes the
             detector's ViT configuration. :func:`segment_volume` shares the ViT pass of such a pair.
         config: the architecture a ``sam3.pt`` is loaded into (default: :func:`tracker_config_for` the
-            ``detector``, else :func:`sam3_tracker_config`, SAM3's).
+            ``detector``, else SAM3's at ``image_size``, 1008 px by default: :func:`sam3_tracker_config`).
     """
     if str(source) == "tiny":
         if detector is not None:
@@ -182,8 +183,9 @@ def build_tracker(
             tracker = _load_tracker_folder(path)
         else:
             state = read_sam3_tracker(path)
-            if config is None:
-                config = sam3_tracker_config() if detector is None else tracker_config_for(_detector_config(detector))
+            if config is None:  # a sam3.pt carries none: SAM3's tracker (at image_size), or the one around detector
+                config = tracker_config_for(full_sam3_config(image_size or FULL_IMAGE_SIZE) if detector is None
+                                            else _detector_config(detector))
             tracker = Sam3TrackerVideoModel(config)
             load_state_dict_strict(tracker, state, str(path), "SAM3 tracker")
         if image_size is not None and image_size != tracker.config.image_size:
@@ -198,12 +200,8 @@ def has_tracker_weights(source: str) -> bool:
     ``sam3.pt`` with ``tracker.*`` keys (read memory-mapped: only its keys)."""
     path = Path(source)
     if path.is_file():
-        try:
-            state = torch.load(path, map_location="cpu", weights_only=True, mmap=True)
-        except Exception:  # not a torch zip file: no tracker here (loading it reports what it is)
-            return False
-        state = state.get("model", state) if isinstance(state, dict) else {}
-        return isinstance(state, dict) and any(str(key).startswith("tracker.") for key in state)
+        keys = checkpoint_keys(path)
+        return keys is not None and any(str(key).startswith("tracker.") for key in keys)
     config = path / "config.json"
     try:
         return config.is_file() and json.loads(config.read_text()).get("model_type") in TRACKER_MODEL_TYPES
