@@ -4,10 +4,11 @@ Run it with the Python of the official environment (``make official``; never a d
 builds the tracker exactly as sam3's ``model_builder.build_tracker(apply_temporal_disambiguation=False)`` does (the
 interactive tracker: no memory selection), at a smaller slice size when asked, perturbs the parameters that are
 constant at init (so that LayerNorms, layer scales and zero biases take part), raises the object-score bias so that
-the objects are present on most slices. Each slice's features are what sam3's video model gives its tracker: a
-random ViT trunk output (``--trunk-width`` channels; SAM3's ViT has 1024) through the tracker's own neck (sam3's
-``Sam3DualViTDetNeck`` with ``add_sam2_neck``: its ``sam2_convs``), the coarsest (0.5x) level dropped, levels 0 and 1
-projected by the mask decoder's ``conv_s0`` / ``conv_s1``.
+the objects are present on most slices (``--object-score-bias 0``: random weights' scores near 0, of either sign,
+so that some slices have the object and some do not). Each slice's features are what sam3's video model gives its
+tracker: a random ViT trunk output (``--trunk-width`` channels; SAM3's ViT has 1024) through the tracker's own neck
+(sam3's ``Sam3DualViTDetNeck`` with ``add_sam2_neck``: its ``sam2_convs``), the coarsest (0.5x) level dropped, levels
+0 and 1 projected by the mask decoder's ``conv_s0`` / ``conv_s1``.
 Then each object, in its own inference state, gets its seed mask on its seed slice (``add_new_mask``) and is
 propagated to the last slice and back to slice 0 (``propagate_in_video``), as ``medsam3_monai.inferers.tracking``
 propagates a prompt. Writes one ``torch.save`` file: the tracker's state dict (the ``tracker.*`` keys of a
@@ -16,6 +17,7 @@ among the ``detector.*`` keys), the trunk outputs and the features made of them,
 low-resolution mask logits and the object score logit of each pass.
 
     /path/to/official/bin/python scripts/official_tracker.py OUT.pt [--image-size 112] [--slices 8] [--trunk-width 32]
+                                                                [--object-score-bias 15]
 """
 
 from __future__ import annotations
@@ -138,6 +140,8 @@ def main(argv: list[str] | None = None) -> None:
     parser.add_argument("--slices", type=int, default=8)
     parser.add_argument("--seed", type=int, default=0)
     parser.add_argument("--trunk-width", type=int, default=32, help="channels of the ViT output (SAM3: 1024)")
+    parser.add_argument("--object-score-bias", type=float, default=OBJECT_SCORE_BIAS,
+                        help=f"added to the object-score head's bias ({OBJECT_SCORE_BIAS:g})")
     args = parser.parse_args(argv)
     torch.set_num_threads(1)
     generator = torch.Generator().manual_seed(args.seed)
@@ -147,7 +151,7 @@ def main(argv: list[str] | None = None) -> None:
         neck = build_official_neck(args.trunk_width, args.image_size)
         perturbed = perturb_constants(tracker, generator) + perturb_constants(neck, generator)
         with torch.no_grad():
-            tracker.sam_mask_decoder.pred_obj_score_head.layers[-1].bias.add_(OBJECT_SCORE_BIAS)
+            tracker.sam_mask_decoder.pred_obj_score_head.layers[-1].bias.add_(args.object_score_bias)
         side = args.image_size // tracker.backbone_stride
         trunk = [torch.randn(1, args.trunk_width, side, side, generator=generator) for _ in range(args.slices)]
         features = []
