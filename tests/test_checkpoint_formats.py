@@ -7,7 +7,7 @@ import stat
 
 import pytest
 import torch
-from _model_helpers import same_weights
+from _model_helpers import same_weights, tracker_neck
 from safetensors.torch import save_file
 from transformers import Sam3Model, Sam3VideoConfig
 
@@ -38,16 +38,9 @@ def test_facebook_hf_folder_layout(tmp_path, trained_like):
     assert same_weights(net.sam3, trained_like.sam3)
 
 
-def _tracker_neck(detector: dict[str, torch.Tensor]) -> dict[str, torch.Tensor]:
-    """The tracker's neck as SAM3's video model stores it among the detector's keys (``sam2_convs``: 22 tensors,
-    the detector neck's shapes; Meta's ``sam3.pt`` holds 1156 detector tensors, the image model 1134)."""
-    return {k.replace(".convs.", ".sam2_convs."): torch.randn(v.shape) for k, v in detector.items()
-            if k.startswith("backbone.vision_backbone.convs.")}
-
-
 def test_original_sam3_pt(tmp_path, trained_like):
     detector = _original_detector(trained_like)
-    neck = _tracker_neck(detector)
+    neck = tracker_neck(detector)
     assert len(neck) == 22
     payload = {"model": {**{f"detector.{k}": v for k, v in {**detector, **neck}.items()},
                          "tracker.maskmem_tpos_enc": torch.zeros(7, 1, 1, 64)}}
@@ -61,7 +54,7 @@ def test_original_sam3_pt(tmp_path, trained_like):
 def test_medical_sam3_release(tmp_path, trained_like, wrapped):
     detector = _original_detector(trained_like)
     if wrapped:  # saved from SAM3's video model: its tracker neck comes along, and stays out of the detector
-        detector = {**detector, **_tracker_neck(detector)}
+        detector = {**detector, **tracker_neck(detector)}
     torch.save({"model": detector} if wrapped else detector, tmp_path / "medical_sam3.pt")
     net = MedSAM3Net(tmp_path / "medical_sam3.pt", config=tiny_sam3_config())
     assert net.source_format == "medical_sam3"

@@ -25,6 +25,7 @@ from medsam3_monai.networks.official_numerics import (
     vit_layer_norms,
 )
 from medsam3_monai.networks.presets import full_sam3_config
+from medsam3_monai.networks.tracker import sam3_tracker_config
 from medsam3_monai.networks.regularization import _with_weight_dropout
 
 PROMPTS = ["polyp", "left kidney"]
@@ -37,6 +38,7 @@ def test_vit_layer_norms_use_the_official_eps(tiny_net):
     assert len(norms) == 2 * tiny_net.config.vision_config.backbone_config.num_hidden_layers + 1  # 65 in full SAM3
     assert all(norm.eps == 1e-5 for norm in norms)
     assert full_sam3_config().vision_config.backbone_config.layer_norm_eps == OFFICIAL_VIT_LAYER_NORM_EPS
+    assert sam3_tracker_config().vision_config.backbone_config.layer_norm_eps == OFFICIAL_VIT_LAYER_NORM_EPS
     assert tiny_net.config.vision_config.backbone_config.layer_norm_eps == OFFICIAL_VIT_LAYER_NORM_EPS
 
 

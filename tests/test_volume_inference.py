@@ -12,7 +12,7 @@ from monai.data import MetaTensor
 from monai.transforms import Invertd
 from safetensors.torch import load_file, save_file
 
-from _model_helpers import same_weights
+from _model_helpers import same_weights, tracker_neck
 from _transforms_helpers import SAMPLES, item, requires_data
 from medsam3_monai.inferers import (
     BitMasks,
@@ -171,8 +171,7 @@ def test_build_tracker_rejects_bad_sources_with_a_reason(tmp_path, detector):
     # an original-layout detector without tracker.* keys (a Medical-SAM3 release, an image model), with or without
     # the tracker's neck among its keys (saved from SAM3's video model)
     original = convert_hf_to_original(detector.sam3.state_dict(), detector.sam3.config)
-    neck = {k.replace(".convs.", ".sam2_convs."): v for k, v in original.items() if ".convs." in k}
-    for name, state in (("detector.pt", original), ("with_neck.pt", {**original, **neck})):
+    for name, state in (("detector.pt", original), ("with_neck.pt", {**original, **tracker_neck(original)})):
         torch.save({"model": {f"detector.{k}": v for k, v in state.items()}}, tmp_path / name)
         with pytest.raises(CheckpointError, match="holds no SAM3 tracker weights"):
             build_tracker(tmp_path / name)

@@ -46,7 +46,7 @@ from tqdm import tqdm
 from transformers import Sam3TrackerVideoModel
 
 from ..networks.medsam3_net import network_pixels
-from ..networks.tracker import backbone_signature, detector_backbone
+from ..networks.tracker import backbone_signature, detector_backbone, detector_config
 from ..tensors import plain_tensor
 from .bitmasks import BitMasks
 from .protocols import detector_chunks, top_query_logits
@@ -271,7 +271,7 @@ def _check_tracker(detector: nn.Module, tracker: Sam3TrackerVideoModel, share_vi
     if share_vision is False:
         return False
     compatible = (backbone_signature(tracker.config.vision_config)
-                  == backbone_signature((getattr(detector, "config", None) or detector.sam3.config).vision_config))
+                  == backbone_signature(detector_config(detector).vision_config))
     if share_vision and not compatible:
         raise ValueError("share_vision=True but the tracker's ViT configuration differs from the detector's")
     return bool(share_vision) or (compatible and _same_backbone(detector, tracker))

@@ -25,7 +25,13 @@ from typing import Any, Mapping
 import torch
 from transformers import PreTrainedTokenizerBase, Sam3Config, Sam3Model
 
-from .key_mapping import TRACKER_NECK_PREFIX, KeyMappingError, convert_original_to_hf, split_sam3_checkpoint
+from .key_mapping import (
+    TRACKER_NECK_PREFIX,
+    VIT_TRUNK_PREFIX,
+    KeyMappingError,
+    convert_original_to_hf,
+    split_sam3_checkpoint,
+)
 from .official_numerics import match_official_numerics
 from .presets import TINY_IMAGE_SIZE, full_sam3_config, tiny_sam3_config
 from .tokenizer import load_tokenizer
@@ -174,8 +180,9 @@ def read_sam3_tracker(path: str | Path) -> dict[str, torch.Tensor]:
         converted = convert_original_tracker(tracker)
     except KeyMappingError as err:
         raise CheckpointError(f"the tracker in {path} does not convert; nothing was loaded.\n{err}") from err
-    vit = {k: v for k, v in _convert_original(detector, path).items() if k.startswith("vision_encoder.backbone.")}
-    return {**converted, **vit}
+    # SAM3's one trunk is the tracker's ViT too; the rest of the detector is not converted
+    trunk = {k: v for k, v in detector.items() if k.startswith(VIT_TRUNK_PREFIX)}
+    return {**converted, **_convert_original(trunk, path)}
 
 
 # ---------------------------------------------------------------------------------------- strict load

@@ -34,6 +34,7 @@ __all__ = [
     "RULES",
     "Rule",
     "TRACKER_NECK_PREFIX",
+    "VIT_TRUNK_PREFIX",
     "convert_hf_to_original",
     "convert_original_to_hf",
     "dropped_original_keys",
@@ -278,7 +279,9 @@ def _zeros(*dims: int | str) -> Fill:
     return fill
 
 
-_VIT, _NECK, _TXT = "backbone.vision_backbone.trunk.", "backbone.vision_backbone.convs.", "backbone.language_backbone."
+#: the ViT trunk's keys in an original checkpoint (SAM3's one trunk: the detector's and the tracker's)
+VIT_TRUNK_PREFIX = "backbone.vision_backbone.trunk."
+_VIT, _NECK, _TXT = VIT_TRUNK_PREFIX, "backbone.vision_backbone.convs.", "backbone.language_backbone."
 _HVIT, _HNECK, _HTXT = "vision_encoder.backbone.", "vision_encoder.neck.fpn_layers.", "text_encoder.text_model."
 _DEC, _HDEC = "transformer.decoder.", "detr_decoder."
 _GEO = "geometry_encoder."

@@ -21,13 +21,11 @@ from .checkpoints import (
     load_state_dict_strict,
     read_sam3_tracker,
 )
-from .official_numerics import OFFICIAL_VIT_LAYER_NORM_EPS
 from .presets import FULL_IMAGE_SIZE, TINY_IMAGE_SIZE, check_image_size, full_sam3_config, tiny_sam3_config
 
-__all__ = ["TRACKER_MODEL_TYPES", "backbone_signature", "build_tracker", "detector_backbone", "has_tracker_weights",
-           "resolve_tracker",
-           "sam3_tracker_config", "save_sam3_video_folder", "tie_backbone", "tiny_tracker_config",
-           "tracker_config_for"]
+__all__ = ["TRACKER_MODEL_TYPES", "backbone_signature", "build_tracker", "detector_backbone", "detector_config",
+           "has_tracker_weights", "resolve_tracker", "sam3_tracker_config", "save_sam3_video_folder", "tie_backbone",
+           "tiny_tracker_config", "tracker_config_for"]
 
 TRACKER_MODEL_TYPES = ("sam3_video", "sam3_tracker_video")
 # transformers' memory attention hard-codes 64 key/value channels (kv_in_dim=64), and its object-pointer
@@ -87,12 +85,10 @@ def tracker_config_for(detector_config: Any) -> Sam3TrackerVideoConfig:
     return Sam3TrackerVideoConfig(image_size=int(vision.backbone_config.image_size), vision_config=vision.to_dict())
 
 
-def sam3_tracker_config() -> Sam3TrackerVideoConfig:
-    """SAM3's tracker (1008 px), around SAM3's detector (:func:`~.presets.full_sam3_config`: its ViT's LayerNorm eps
-    the official 1e-5): the architecture of the tracker in Meta's ``sam3.pt``."""
-    config = tracker_config_for(full_sam3_config())
-    assert config.vision_config.backbone_config.layer_norm_eps == OFFICIAL_VIT_LAYER_NORM_EPS
-    return config
+def sam3_tracker_config(image_size: int = FULL_IMAGE_SIZE) -> Sam3TrackerVideoConfig:
+    """SAM3's tracker (1008 px by default), around SAM3's detector (:func:`~.presets.full_sam3_config`: its ViT's
+    LayerNorm eps the official 1e-5): the architecture of the tracker in Meta's ``sam3.pt``."""
+    return tracker_config_for(full_sam3_config(image_size))
 
 
 def detector_backbone(detector: nn.Module) -> nn.Module:
@@ -107,15 +103,15 @@ def backbone_signature(config: Any) -> dict[str, Any]:
     return {k: getattr(backbone, k, None) for k in keys}
 
 
-def _detector_config(detector: nn.Module) -> Any:
+def detector_config(detector: nn.Module) -> Any:
     """The ``Sam3Config`` of a :class:`~medsam3_monai.networks.MedSAM3Net` or ``Sam3Model``."""
     return getattr(detector, "config", None) or detector.sam3.config
 
 
 def tie_backbone(tracker: Sam3TrackerVideoModel, detector: nn.Module) -> Sam3TrackerVideoModel:
     """Make the tracker's ViT *the* detector's ViT module (one trunk, two necks, as SAM3's video model)."""
-    detector_config = _detector_config(detector)
-    theirs, ours = backbone_signature(detector_config.vision_config), backbone_signature(tracker.config.vision_config)
+    theirs = backbone_signature(detector_config(detector).vision_config)
+    ours = backbone_signature(tracker.config.vision_config)
     if theirs != ours:
         diff = {k: (theirs[k], ours[k]) for k in theirs if theirs[k] != ours[k]}
         raise ValueError(f"the tracker's ViT differs from the detector's (detector vs tracker): {diff}")
@@ -159,8 +155,7 @@ def build_tracker(
     """
     if str(source) == "tiny":
         if detector is not None:
-            detector_config = getattr(detector, "config", None) or detector.sam3.config
-            vision_config = detector_config.vision_config
+            vision_config = detector_config(detector).vision_config
             size = int(vision_config.backbone_config.image_size)
             if image_size is not None and image_size != size:
                 raise ValueError(f"image_size {image_size} differs from the detector's {size}")
@@ -184,8 +179,8 @@ def build_tracker(
         else:
             state = read_sam3_tracker(path)
             if config is None:  # a sam3.pt carries none: SAM3's tracker (at image_size), or the one around detector
-                config = tracker_config_for(full_sam3_config(image_size or FULL_IMAGE_SIZE) if detector is None
-                                            else _detector_config(detector))
+                config = (sam3_tracker_config(image_size or FULL_IMAGE_SIZE) if detector is None
+                          else tracker_config_for(detector_config(detector)))
             tracker = Sam3TrackerVideoModel(config)
             load_state_dict_strict(tracker, state, str(path), "SAM3 tracker")
         if image_size is not None and image_size != tracker.config.image_size:
@@ -229,7 +224,7 @@ def resolve_tracker(spec: str | None, checkpoint: str, network: nn.Module, neede
         tracker, text = build_tracker("tiny", detector=network), "tiny (random init, ViT shared with the detector)"
     elif spec not in (None, "none"):
         # a sam3.pt carries no configuration: its tracker is the one around this detector (SAM3's for SAM3's)
-        config = tracker_config_for(_detector_config(network)) if Path(spec).is_file() else None
+        config = tracker_config_for(detector_config(network)) if Path(spec).is_file() else None
         tracker, text = build_tracker(spec, image_size=int(network.image_size), config=config), str(spec)
     if tracker is not None:
         tracker = tracker.to(next(network.parameters()).device)
