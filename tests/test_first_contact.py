@@ -204,3 +204,45 @@ def test_device_cuda_without_a_gpu_is_one_line(tmp_path, capsys):
     assert cli("segment", str(picture), "--prompt", "x", "--out", str(tmp_path / "m.png"), "--device", "cuda") == 2
     assert "--device cpu" in error_line(capsys.readouterr().err, "segment")
     assert sorted(p.name for p in tmp_path.iterdir()) == ["x.png"]
+
+
+def test_options_that_would_go_unused_are_refused_not_ignored(shared_data, tmp_path, capsys):
+    """A CT window with no CT input, a channel of a file that has one, a slice size the checkpoint does not work
+    at, an unreadable starting checkpoint: each said at once (exit 2, one line, nothing written), where they
+    used to be dropped silently (or, for the demo, found after the data was made)."""
+    ct = shared_data / "TotalSegmentator_example_CT_MR" / "images" / "example_ct_sm.nii.gz"
+    picture = sorted((shared_data / "Kvasir-SEG_sample" / "images").iterdir())[0]
+    out = tmp_path / "out"
+    volume = ["segment", str(ct), "--prompt", "liver", "--tracker", "none", "--no-progress"]
+    refused = [
+        (["segment", *volume[1:], "--ct-window", "lung", "--out", f"{out}.nii.gz"], "add --modality CT"),
+        (["segment", *volume[1:], "--channel", "1", "--out", f"{out}.nii.gz"], "has 1 (a 3D volume)"),
+        (["segment", str(picture), "--prompt", "polyp", "--channel", "2", "--out", f"{out}.png"], "is a 2D picture"),
+        (["convert-checkpoint", "tiny", str(out), "--image-size", "100"], "multiple of 14"),
+        (["demo", "--checkpoint", str(picture), "--out", str(out)], "not a PyTorch checkpoint"),
+    ]
+    for argv, expected in refused:
+        assert cli(*argv) == 2, argv
+        assert expected in error_line(capsys.readouterr().err, argv[0]), argv
+        assert not list(tmp_path.iterdir()), argv
+    converted = tmp_path / "tiny224"  # a checkpoint keeps its own size
+    assert cli("convert-checkpoint", "tiny", str(converted), "--image-size", "224") == 0
+    capsys.readouterr()
+    assert cli("convert-checkpoint", str(converted), str(out), "--image-size", "112") == 2
+    last = capsys.readouterr().err.strip().splitlines()[-1]  # after transformers' loading bar
+    assert last.startswith("medsam3 convert-checkpoint: error: ") and "works at 224 px" in last, last
+    assert not out.exists()
+    # the control: with a CT input the window and channel 0 of a 3D volume apply, and the sidecar says so
+    assert cli(*volume, "--modality", "CT", "--ct-window", "lung", "--channel", "0", "--out", f"{out}.nii.gz") == 0
+    sidecar = json.loads(Path(f"{out}.nii.gz.json").read_text())
+    assert (sidecar["ct_window"], sidecar["channel"]) == ("lung", 0)
+
+
+def test_a_short_box_and_a_missing_datalist_say_what_is_wrong(tmp_path):
+    from medsam3_monai.data.datalist import load_datalist
+    from medsam3_monai.inferers.inputs import box_prompts
+
+    with pytest.raises(ValueError, match=r"box \[1, 2, 3\] must be four finite numbers"):
+        box_prompts([1, 2, 3], 1, (10, 10))
+    with pytest.raises(FileNotFoundError, match="make one with `medsam3 datalist"):
+        load_datalist(tmp_path / "missing.json")

@@ -380,7 +380,7 @@ def test_volume_in_slice_space_resize_is_an_error(tmp_path):
 def test_data_error_is_a_value_error_with_parts():
     err = DataError("/x/y.png", "is broken", "fix it")
     assert isinstance(err, ValueError)
-    assert str(err) == "/x/y.png: is broken. fix it"
+    assert str(err) == "/x/y.png: is broken; fix it"
     assert (err.path, err.problem, err.hint) == ("/x/y.png", "is broken", "fix it")
 
 

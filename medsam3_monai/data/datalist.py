@@ -216,8 +216,10 @@ def write_datalist(datalist: dict[str, Any], out: Path | str, overwrite: bool = 
 
 
 def read_datalist_json(path: Path | str) -> Any:
-    """The parsed content of a datalist file (what every reader of datalists starts from); DatalistError when it is
-    not JSON."""
+    """The parsed content of a datalist file (what every reader of datalists starts from); FileNotFoundError when
+    it is missing, DatalistError when it is not JSON."""
+    if not Path(path).is_file():
+        raise FileNotFoundError(f"datalist {path} not found (make one with `medsam3 datalist NAME ROOT --out FILE`)")
     try:
         return json.loads(Path(path).read_text(encoding="utf-8"))
     except (json.JSONDecodeError, UnicodeDecodeError) as err:
@@ -260,6 +262,8 @@ def items_of_split(datalist: Mapping[str, Any], path: Path | str, split: str, ba
         for key in ("image", "label"):
             value = item.get(key)
             paths = value if isinstance(value, list) else [value]
+            if value is None:
+                raise DatalistError(f"{where} has no '{key}' path")
             if not paths or not all(isinstance(p, str) and p for p in paths):
                 raise DatalistError(f"{where}: '{key}' must be a file path (or, for 'label', a list of them), got "
                                     f"{value!r}")

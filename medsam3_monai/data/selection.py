@@ -67,8 +67,6 @@ def evaluation_items(
         raise ValueError("no datalist given")
     items: list[dict[str, Any]] = []
     for path in map(Path, paths):
-        if not path.is_file():
-            raise FileNotFoundError(f"datalist {path} not found (make one with `medsam3 datalist NAME ROOT --out FILE`)")
         raw = read_datalist_json(path)
         if not isinstance(raw, dict) or not any(isinstance(raw.get(s), list) for s in _SPLITS):
             raise ValueError(f"{path} is not a datalist: expected lists under 'training', 'validation', 'test'")

@@ -12,7 +12,7 @@ from __future__ import annotations
 import argparse
 import os
 
-from .arguments import add_detector_chunk_option, add_model_options, ct_window, pixels
+from .arguments import add_detector_chunk_option, add_model_options, ct_window_for, pixels
 
 __all__ = ["add_parser", "add_planner_options", "run"]
 
@@ -107,7 +107,8 @@ def add_parser(subparsers: argparse._SubParsersAction) -> argparse.ArgumentParse
     model.add_argument("--tracker", default="auto", metavar="SRC|none",
                        help="volumes: auto (default), none (detector only), tiny, an HF folder or a sam3.pt")
     model.add_argument("--modality", default=None, help="intensity rule: CT, MRI, X-ray, ultrasound, endoscopy, ...")
-    model.add_argument("--ct-window", default="abdomen", metavar="NAME|W,L", help="CT window (with --modality CT)")
+    model.add_argument("--ct-window", default=None, metavar="NAME|W,L",
+                       help="CT window preset or width,level (with --modality CT; default abdomen)")
     model.add_argument("--channel", type=int, default=None, metavar="N", help="4D volumes: the channel to segment")
     model.add_argument("--device", default="auto", help="auto (cuda when available), cpu, cuda, cuda:1, ...")
     model.add_argument("--no-progress", action="store_true", help="no progress bars")
@@ -138,7 +139,7 @@ def run(args: argparse.Namespace) -> int:
         segmenter=SegmenterSettings(
             checkpoint=args.checkpoint, image_size=args.image_size, device=args.device, tracker=args.tracker,
             protocol=args.protocol or "top_query", score_threshold=args.score_threshold,
-            ct_window=ct_window(args.ct_window), modality=args.modality, channel=args.channel,
+            ct_window=ct_window_for(args.ct_window, [args.modality]), modality=args.modality, channel=args.channel,
             progress=not args.no_progress, max_pixels=args.max_pixels or "auto",
             detector_chunk=args.detector_chunk,
         ),

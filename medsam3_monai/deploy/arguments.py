@@ -4,12 +4,13 @@ the parser stays fast)."""
 from __future__ import annotations
 
 import argparse
+import re
 import shutil
 from pathlib import Path
-from typing import Any, Callable
+from typing import Any, Callable, Iterable
 
 __all__ = ["add_detector_chunk_option", "add_gpu_options", "add_model_options", "add_tracker_batch_option", "at_least",
-           "compile_notice", "ct_window", "gpu_context", "pixels", "remove_output"]
+           "compile_notice", "ct_window", "ct_window_for", "gpu_context", "pixels", "remove_output"]
 
 
 def add_model_options(parser: Any) -> None:
@@ -105,6 +106,25 @@ def ct_window(value: str) -> Any:
     except ValueError:
         raise ValueError(f"--ct-window {value!r}: give a preset name or width,level (e.g. 400,40)") from None
     return (width, level)
+
+
+#: the CT window of CT inputs when --ct-window is not given
+DEFAULT_CT_WINDOW = "abdomen"
+
+
+def ct_window_for(value: str | None, modalities: Iterable[str | None]) -> Any:
+    """``--ct-window`` (None: :data:`DEFAULT_CT_WINDOW`) for inputs of ``modalities`` -> what the pipeline takes.
+
+    A window given where no input is CT would go unused (the others are scaled by their own rule): refused, with
+    the fix."""
+    if value is None:
+        return ct_window(DEFAULT_CT_WINDOW)
+    window = ct_window(value)
+    if not any(modality is not None and re.sub(r"[^a-z0-9]", "", str(modality).lower()) == "ct"
+               for modality in modalities):
+        raise ValueError(f"--ct-window {value} applies to CT inputs, but no input is marked CT: add --modality CT "
+                         "(or 'modality': 'CT' in the datalist items)")
+    return window
 
 
 def remove_output(out: Path, created: bool) -> None:

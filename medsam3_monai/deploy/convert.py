@@ -47,7 +47,9 @@ def add_parser(subparsers: argparse._SubParsersAction) -> None:
     parser.add_argument(
         "--config", default=None, help="architecture for checkpoints without one: 'full' (default), 'tiny' or config.json"
     )
-    parser.add_argument("--image-size", type=int, default=None, help="slice-space side S (multiple of 14)")
+    parser.add_argument("--image-size", type=int, default=None,
+                        help="slice-space side S (multiple of 14) of --config full / tiny, and of 'tiny'; a checkpoint "
+                             "must already work at S")
     parser.set_defaults(func=run)
 
 
@@ -58,7 +60,15 @@ def run(args: argparse.Namespace) -> int:
     dst = Path(args.dst)
     if dst.exists() and (not dst.is_dir() or any(dst.iterdir())):
         raise FileExistsError(f"output {dst} exists and is not an empty folder; choose a new path")
-    loaded = load_sam3(args.src, config=resolve_config(args.config, args.image_size))
+    size = args.image_size
+    if size is not None and (size <= 0 or size % 14):
+        raise ValueError(f"--image-size must be a positive multiple of 14 (112, 224, 1008), got {size}")
+    loaded = load_sam3(args.src, config=resolve_config(args.config, size), image_size=size)
+    built = int(loaded.model.config.vision_config.backbone_config.image_size)
+    if size is not None and built != size:  # a checkpoint's own architecture: its size is not ours to change
+        raise ValueError(f"{args.src} works at {built} px, not --image-size {size}: leave --image-size out (a "
+                         "checkpoint keeps its own size), or, for a file without a configuration (sam3.pt), give "
+                         f"--config full --image-size {size}")
     params = sum(p.numel() for p in loaded.model.parameters())
     if Path(args.src).is_file() and has_tracker_weights(args.src):  # Meta's sam3.pt: the tracker comes along
         tracker = build_tracker(args.src, config=tracker_config_for(loaded.model.config))

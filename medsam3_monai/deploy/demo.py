@@ -52,6 +52,26 @@ def add_parser(subparsers: argparse._SubParsersAction) -> argparse.ArgumentParse
     return parser
 
 
+def _check_model_arguments(args: argparse.Namespace) -> None:
+    """The slice size and the starting checkpoint, checked before any data is made (cheaply: a checkpoint file's
+    tensor names, a folder's config.json); the training bundle loads and checks the weights themselves."""
+    from ..networks.checkpoints import CheckpointError, checkpoint_keys, missing_checkpoint
+
+    if args.image_size is not None and (args.image_size <= 0 or args.image_size % 14):
+        raise ValueError(f"--image-size must be a positive multiple of 14 (112, 224, 1008), got {args.image_size}")
+    if args.checkpoint == "tiny":
+        return
+    path = Path(args.checkpoint).expanduser()
+    if not path.exists():
+        raise missing_checkpoint(path)
+    if path.is_dir() and not (path / "config.json").is_file():
+        raise CheckpointError(f"checkpoint folder {path} has no config.json: give an HF folder (facebook/sam3 layout, "
+                              "or one written by `medsam3 convert-checkpoint`)")
+    if path.is_file() and checkpoint_keys(path) is None:
+        raise CheckpointError(f"cannot read checkpoint {path}: not a PyTorch checkpoint of SAM3 weights; point "
+                              "--checkpoint to the right file")
+
+
 def _train(datalists: list[str], out: Path, args: argparse.Namespace, epochs: int) -> Path:
     """Run the training bundle; returns the final model path."""
     from ignite.engine import Events
@@ -97,6 +117,7 @@ def run(args: argparse.Namespace) -> int:
         missing = [p for p in args.data if not Path(p).is_file()]
         if missing:
             raise FileNotFoundError(f"datalist not found: {', '.join(missing)} (make one with `medsam3 datalist`)")
+    _check_model_arguments(args)
     start = time.perf_counter()
     created = not out.exists()
     out.mkdir(parents=True, exist_ok=True)

@@ -33,7 +33,7 @@ from typing import Any
 
 from ..protocol_registry import PROTOCOLS
 from .arguments import (add_detector_chunk_option, add_gpu_options, add_model_options, add_tracker_batch_option,
-                        at_least, compile_notice, ct_window, gpu_context, pixels)
+                        at_least, compile_notice, ct_window_for, gpu_context, pixels)
 
 __all__ = ["StagedFiles", "add_parser", "run", "run_many", "write_label_volume", "write_mask_image",
            "write_prediction"]
@@ -62,8 +62,8 @@ RGB pictures are divided by 255 and grey images min-max scaled.
 Many inputs: medsam3 segment images/ 'scans/*.nii.gz' --prompt polyp --out-dir masks/ [--batch-size 8]
   or medsam3 segment --datalist kvasir.json [--split test] --out-dir masks/ (the items' own prompts unless
   --prompt is given). One mask per input, DIR/<name>_seg.png (2D) or DIR/<name>_seg.nii.gz (volumes) + .json
-  sidecar (inputs sharing a name keep their sub-folder). DIR must be empty or new (else --overwrite). Inputs are
-  checked before anything is written; an input that turns out unreadable stops the run with one line (the masks
+  sidecar (when two inputs share a name, every output keeps its sub-folder). DIR must be empty or new (else
+  --overwrite). Inputs are checked before anything is written; an input that turns out unreadable stops the run with one line (the masks
   written so far stay), or with --skip-unreadable is listed in DIR/skipped.csv and the run goes on.
 """
 
@@ -92,8 +92,9 @@ def add_parser(subparsers: argparse._SubParsersAction) -> argparse.ArgumentParse
                         help="volumes: auto (default), none (detector only), tiny, an HF folder or a sam3.pt")
     parser.add_argument("--modality", default=None,
                         help="intensity rule: CT, MRI, X-ray, ultrasound, endoscopy, ... (default: by channels)")
-    parser.add_argument("--ct-window", default="abdomen", metavar="NAME|W,L",
-                        help="CT window preset (abdomen, lung, bone, brain, ...) or width,level (with --modality CT)")
+    parser.add_argument("--ct-window", default=None, metavar="NAME|W,L",
+                        help="CT window preset (abdomen, lung, bone, brain, ...) or width,level, for CT inputs "
+                             "(--modality CT, or the datalist's 'modality'); default abdomen")
     parser.add_argument("--channel", type=int, default=None, metavar="N",
                         help="for a 4D volume (several channels / time points): segment channel N (0-based)")
     parser.add_argument("--out", metavar="PATH",
@@ -357,13 +358,13 @@ def run(args: argparse.Namespace) -> int:
 
     from ..transforms.errors import DataError
 
-    predictor = _predictor(args, max_pixels, progress=not args.no_progress)
+    predictor = _predictor(args, max_pixels, progress=not args.no_progress, modalities=[args.modality])
     try:
         with _network_context(args, predictor):
             prediction = predictor(args.input, args.prompt, box=args.box, modality=args.modality,
                                    channel=args.channel)
     except DataError as err:
-        if "4D volume" in err.problem:
+        if err.problem.startswith("is a 4D volume"):
             raise ValueError(f"{err.path}: {err.problem}: segment a 3D volume, or pick one channel / time point "
                              "with --channel N") from None
         raise
@@ -375,14 +376,16 @@ def run(args: argparse.Namespace) -> int:
     return 0
 
 
-def _predictor(args: argparse.Namespace, max_pixels: Any, progress: bool) -> Any:
+def _predictor(args: argparse.Namespace, max_pixels: Any, progress: bool, modalities: list[str | None]) -> Any:
+    """The :class:`~medsam3_monai.inferers.predict.Predictor` of the arguments, for inputs of ``modalities``."""
     from ..inferers.predict import Predictor
     from ..tensors import resolve_device
 
+    window = ct_window_for(args.ct_window, modalities)  # before the network is built
     predictor = Predictor.from_checkpoint(
         args.checkpoint, args.image_size, resolve_device(args.device), tracker=args.tracker,
         protocol=args.protocol or "top_query", score_threshold=args.score_threshold,
-        ct_window=ct_window(args.ct_window), progress=progress, max_pixels=max_pixels,
+        ct_window=window, progress=progress, max_pixels=max_pixels,
         detector_chunk=args.detector_chunk, volume_batch_size=args.batch_size, tracker_batch=args.tracker_batch,
     )
     if args.compile:
@@ -433,7 +436,9 @@ def write_prediction(prediction: Any, source: str | Path, out: Path, sidecar_pat
         for value, entry in summary["labels"].items()
     )
     extra = f" + {overlay}" if overlay is not None else ""
-    return f"wrote {out} {'x'.join(str(s) for s in labels.shape)} [{described}] + {sidecar_path}{extra}"
+    # a picture's size as pictures are named (width x height); a volume's in array order (its NIfTI dimensions)
+    size = labels.shape if prediction.is_volume else tuple(reversed(labels.shape))
+    return f"wrote {out} {'x'.join(str(n) for n in size)} [{described}] + {sidecar_path}{extra}"
 
 
 # ------------------------------------------------------------------------------------------------ many inputs
@@ -494,7 +499,9 @@ def _check_many(args: argparse.Namespace, items: list[dict[str, Any]], max_pixel
         try:
             handler_for_modality(modality)
         except KeyError:
-            raise ValueError(f"unknown modality {modality!r}; e.g. CT, MRI, X-ray, ultrasound, endoscopy") from None
+            first = next(item["image"] for item in runnable if item["modality"] == modality)
+            raise ValueError(f"{first}: unknown modality {modality!r}; e.g. CT, MRI, X-ray, ultrasound, "
+                             "endoscopy") from None
 
     for item in runnable:
         if len(item["prompts"]) > 255:
@@ -568,7 +575,7 @@ def run_many(args: argparse.Namespace) -> int:
 
     from ..engines.inference import UnreadableCase
 
-    predictor = _predictor(args, max_pixels, progress=False)
+    predictor = _predictor(args, max_pixels, progress=False, modalities=[item["modality"] for item in runnable])
     predictor.check_prompts(sorted({text for item in runnable for text in item["prompts"].values()}))
     target_of = {id(item): target for item, target in zip(runnable, targets)}
     for item in runnable:
@@ -585,7 +592,7 @@ def run_many(args: argparse.Namespace) -> int:
             for item, result in results:
                 if isinstance(result, UnreadableCase):
                     error = result.error
-                    if "4D volume" in error and "--channel" not in error:
+                    if "is a 4D volume" in error and "--channel" not in error:
                         error += " (pick one channel / time point with --channel N)"
                     if not args.skip_unreadable:
                         raise ValueError(f"{error}; stopped after {written} of {len(items)} masks (in {out_dir}); "
@@ -598,7 +605,7 @@ def run_many(args: argparse.Namespace) -> int:
                     tqdm.write(write_prediction(result, item["image"], target, Path(f"{target}.json")))
                     if result.is_volume:
                         for line in empty_volume_notes(result, args.score_threshold):
-                            tqdm.write(f"note: {line}", file=sys.stderr)
+                            tqdm.write(f"note: {item['image']}: {line}", file=sys.stderr)
                     written += 1
                 bar.update()
     finally:

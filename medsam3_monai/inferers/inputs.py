@@ -82,8 +82,6 @@ def inference_items(
         base = Path(base_dir) if base_dir is not None else Path.cwd()
     elif isinstance(datalist, (str, Path)):
         path = Path(datalist)
-        if not path.is_file():
-            raise FileNotFoundError(f"datalist {path} not found")
         from ..data.datalist import read_datalist_json
 
         entries = read_datalist_json(path)
@@ -167,7 +165,9 @@ def box_prompts(box: Any, num_prompts: int, size: Sequence[int]) -> tuple[torch.
     if box is None:
         return None
     boxes = list(box)
-    if len(boxes) == 4 and all(isinstance(v, (int, float)) for v in boxes):
+    if boxes and all(isinstance(v, (int, float)) for v in boxes):  # one box, given flat
+        if len(boxes) != 4:
+            raise ValueError(f"box {boxes!r} must be four finite numbers x1 y1 x2 y2 (pixels)")
         boxes = [boxes] * num_prompts
     if len(boxes) == 1 and num_prompts > 1:
         boxes = boxes * num_prompts

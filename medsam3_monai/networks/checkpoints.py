@@ -273,6 +273,12 @@ def _load_hf_folder(folder: Path) -> Sam3Model:
     )
 
 
+def missing_checkpoint(path: Path) -> CheckpointError:
+    """The error for a checkpoint path that does not exist, with what can be given instead."""
+    return CheckpointError(f"checkpoint {path} does not exist. Give 'tiny', an HF folder (facebook/sam3 layout), "
+                           "sam3.pt, a Medical-SAM3 checkpoint or a medsam3-monai checkpoint.")
+
+
 def load_sam3(
     source: str | Path,
     config: Sam3Config | None = None,
@@ -294,10 +300,7 @@ def _load_sam3(source: str | Path, config: Sam3Config | None, image_size: int | 
         return LoadedSam3(_tiny_model(config, image_size, seed), load_tokenizer(None), "tiny")
     path = Path(source).expanduser()
     if not path.exists():
-        raise CheckpointError(
-            f"checkpoint {path} does not exist. Give 'tiny', an HF folder (facebook/sam3 layout), "
-            "sam3.pt, a Medical-SAM3 checkpoint or a medsam3-monai checkpoint."
-        )
+        raise missing_checkpoint(path)
     if path.is_dir():
         return LoadedSam3(_load_hf_folder(path), load_tokenizer(path), "hf_folder")
     state_dict, embedded_config, source_format = read_checkpoint_file(path)

@@ -172,7 +172,8 @@ def build_tracker(
         if not path.exists():
             raise CheckpointError(
                 f"tracker checkpoint {path} does not exist. Give 'tiny', a local HF folder (facebook/sam3 layout, "
-                "or a saved Sam3TrackerVideoModel) or Meta's sam3.pt; nothing is downloaded."
+                "or a saved Sam3TrackerVideoModel) or Meta's sam3.pt (medsam3 commands also take 'auto': the "
+                "checkpoint's own tracker, and 'none': detector only); nothing is downloaded."
             )
         if path.is_dir():
             tracker = _load_tracker_folder(path)

@@ -12,7 +12,7 @@ __all__ = ["DataError", "source_name"]
 class DataError(ValueError):
     """Bad input data (corrupt file, size mismatch, 4D volume, NaN/Inf, unknown label value, ...).
 
-    The message reads ``"<file>: <problem>. <what to do>"`` so a user can act on one line; the parts are also
+    The message reads ``"<file>: <problem>; <what to do>"`` so a user can act on one line; the parts are also
     kept as attributes for programs (``path``, ``problem``, ``hint``).
     """
 
@@ -22,7 +22,7 @@ class DataError(ValueError):
         self.hint = hint
         message = f"{self.path}: {problem}"
         if hint:
-            message += f". {hint}"
+            message += f"; {hint}"
         super().__init__(message)
 
 

@@ -462,6 +462,13 @@ def load_medical_image(
             raise DataError(path, f"channel {channel} requested but the volume has {img.shape[0]}",
                             "choose a channel index in range")
         img = img[channel : channel + 1]
+    elif channel is not None and not mask:  # a channel asked of a file that has one: said, not ignored
+        if not is_volume:
+            raise DataError(path, f"is a 2D picture: channel {channel} picks a channel / time point of a 4D volume",
+                            "leave the channel (--channel) out for 2D pictures")
+        if channel != 0:
+            raise DataError(path, f"channel {channel} requested but the volume has 1 (a 3D volume)",
+                            "leave the channel (--channel) out for 3D volumes")
     if mask and img.shape[0] > 1:
         img = img.amax(dim=0, keepdim=True)
     if mask:
