@@ -279,7 +279,7 @@ def test_bad_cases_stop_with_one_line_also_from_loader_workers(datalists, tmp_pa
     variants = {
         "truncated": (dict(first, image=str(truncated)), "cannot be read as an image"),
         "prompts as a list": (dict(first, prompts=["lung"]), "'prompts' is a list"),
-        "no label": ({k: v for k, v in first.items() if k != "label"}, "'label' must be a file path"),
+        "no label": ({k: v for k, v in first.items() if k != "label"}, "test item 2 has no 'label' path"),
     }
     for name, (item, words) in variants.items():
         path = tmp_path / f"{name}.json"
