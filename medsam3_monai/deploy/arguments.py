@@ -4,7 +4,6 @@ the parser stays fast)."""
 from __future__ import annotations
 
 import argparse
-import re
 import shutil
 from pathlib import Path
 from typing import Any, Callable, Iterable
@@ -115,13 +114,21 @@ DEFAULT_CT_WINDOW = "abdomen"
 def ct_window_for(value: str | None, modalities: Iterable[str | None]) -> Any:
     """``--ct-window`` (None: :data:`DEFAULT_CT_WINDOW`) for inputs of ``modalities`` -> what the pipeline takes.
 
-    A window given where no input is CT would go unused (the others are scaled by their own rule): refused, with
-    the fix."""
+    A window given where no input is CT (no input's intensity rule is the CT window) would go unused (the others
+    are scaled by their own rule): refused, with the fix. Unknown modality names count as not CT (their own
+    check names them)."""
     if value is None:
         return ct_window(DEFAULT_CT_WINDOW)
+    from ..transforms.intensity import handler_for_modality  # torch and MONAI: at run time, not when parsing
+
+    def windowed(modality: str | None) -> bool:
+        try:
+            return modality is not None and handler_for_modality(modality) == "ct_window"
+        except KeyError:
+            return False
+
     window = ct_window(value)
-    if not any(modality is not None and re.sub(r"[^a-z0-9]", "", str(modality).lower()) == "ct"
-               for modality in modalities):
+    if not any(windowed(modality) for modality in modalities):
         raise ValueError(f"--ct-window {value} applies to CT inputs, but no input is marked CT: add --modality CT "
                          "(or 'modality': 'CT' in the datalist items)")
     return window

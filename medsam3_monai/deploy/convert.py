@@ -55,14 +55,15 @@ def add_parser(subparsers: argparse._SubParsersAction) -> None:
 
 def run(args: argparse.Namespace) -> int:
     from ..networks.checkpoints import load_sam3, save_hf_folder
+    from ..networks.presets import check_image_size
     from ..networks.tracker import has_tracker_weights, build_tracker, save_sam3_video_folder, tracker_config_for
 
     dst = Path(args.dst)
     if dst.exists() and (not dst.is_dir() or any(dst.iterdir())):
         raise FileExistsError(f"output {dst} exists and is not an empty folder; choose a new path")
     size = args.image_size
-    if size is not None and (size <= 0 or size % 14):
-        raise ValueError(f"--image-size must be a positive multiple of 14 (112, 224, 1008), got {size}")
+    if size is not None:
+        check_image_size(size)
     loaded = load_sam3(args.src, config=resolve_config(args.config, size), image_size=size)
     built = int(loaded.model.config.vision_config.backbone_config.image_size)
     if size is not None and built != size:  # a checkpoint's own architecture: its size is not ours to change

@@ -56,9 +56,10 @@ def _check_model_arguments(args: argparse.Namespace) -> None:
     """The slice size and the starting checkpoint, checked before any data is made (cheaply: a checkpoint file's
     tensor names, a folder's config.json); the training bundle loads and checks the weights themselves."""
     from ..networks.checkpoints import CheckpointError, checkpoint_keys, missing_checkpoint
+    from ..networks.presets import check_image_size
 
-    if args.image_size is not None and (args.image_size <= 0 or args.image_size % 14):
-        raise ValueError(f"--image-size must be a positive multiple of 14 (112, 224, 1008), got {args.image_size}")
+    if args.image_size is not None:
+        check_image_size(args.image_size)
     if args.checkpoint == "tiny":
         return
     path = Path(args.checkpoint).expanduser()

@@ -63,8 +63,9 @@ Many inputs: medsam3 segment images/ 'scans/*.nii.gz' --prompt polyp --out-dir m
   or medsam3 segment --datalist kvasir.json [--split test] --out-dir masks/ (the items' own prompts unless
   --prompt is given). One mask per input, DIR/<name>_seg.png (2D) or DIR/<name>_seg.nii.gz (volumes) + .json
   sidecar (when two inputs share a name, every output keeps its sub-folder). DIR must be empty or new (else
-  --overwrite). Inputs are checked before anything is written; an input that turns out unreadable stops the run with one line (the masks
-  written so far stay), or with --skip-unreadable is listed in DIR/skipped.csv and the run goes on.
+  --overwrite). Inputs are checked before anything is written; an input that turns out unreadable stops the
+  run with one line (the masks written so far stay), or with --skip-unreadable is listed in DIR/skipped.csv and
+  the run goes on.
 """
 
 

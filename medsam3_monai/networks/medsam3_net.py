@@ -16,6 +16,7 @@ from ..tensors import plain_tensor
 from .checkpoints import load_sam3, save_hf_folder
 from .dac import dac_decoder
 from .outputs import MedSAM3Output, OneToManyOutput
+from .presets import check_image_size
 from .regularization import TrainingDropout, apply_training_dropout
 from .text_cache import TextFeatureCache
 from .tokenizer import tokenize_prompts
@@ -485,8 +486,8 @@ def load_network(source: str = "tiny", image_size: int | None = None,
     """``MedSAM3Net`` in eval mode: ``tiny`` at ``image_size`` (default 112), or a checkpoint (whose own size
     must equal ``image_size`` when given); ``detector_chunk``: find-queries per detector pass (None: the default,
     ``DETECTOR_CHUNK``). Raises CheckpointError / ValueError with what to do."""
-    if image_size is not None and (image_size <= 0 or image_size % 14):
-        raise ValueError(f"image size must be a positive multiple of 14 (112, 224, 1008), got {image_size}")
+    if image_size is not None:
+        check_image_size(image_size)
     if detector_chunk is not None and int(detector_chunk) < 1:
         raise ValueError(f"detector chunk must be >= 1, got {detector_chunk}")
     if str(source) == "tiny":

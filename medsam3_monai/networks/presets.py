@@ -20,10 +20,8 @@ TINY_IMAGE_SIZE = 112
 def check_image_size(image_size: int, patch_size: int = PATCH_SIZE) -> int:
     """Validate the slice-space side S: a positive multiple of the ViT patch size."""
     if not isinstance(image_size, int) or image_size <= 0 or image_size % patch_size:
-        raise ValueError(
-            f"image_size must be a positive multiple of the patch size {patch_size} "
-            f"(e.g. 112, 224, 1008); got {image_size!r}"
-        )
+        raise ValueError(f"image size must be a positive multiple of {patch_size} (the ViT's patch size; e.g. 112, "
+                         f"224, 1008), got {image_size!r}")
     return image_size
 
 
