@@ -74,6 +74,23 @@ def report_input_errors(prog: str = "medsam3 bundle") -> None:
     sys.excepthook = hook
 
 
+def require_positive(**settings: Any) -> None:
+    """Refuse a bundle setting that counts iterations or epochs and must be a whole number >= 1 (``val_interval=0``
+    would otherwise end in Ignite's "Argument every should be integer and greater than zero")."""
+    for name, value in settings.items():
+        if isinstance(value, bool) or not isinstance(value, int) or value < 1:
+            raise ValueError(f"--{name} must be a whole number >= 1, got {value!r}")
+
+
+def require_empty_output(output_dir: str | Path) -> None:
+    """Refuse an ``output_dir`` that holds files (an earlier run's report and overlays would mix with this run's,
+    and go into its MLflow run), as ``medsam3 evaluate`` refuses a non-empty ``--out``."""
+    folder = Path(output_dir).expanduser()
+    if folder.exists() and (not folder.is_dir() or any(folder.iterdir())):
+        raise ValueError(f"output {folder} exists and is not an empty folder (an earlier run's?): remove it, or pass "
+                         "another --output_dir (or --bundle_root)")
+
+
 def bundle_weights(bundle_root: str | Path) -> str:
     """The weights a bundle's ``inference.json`` / ``evaluate.json`` run with when ``checkpoint`` is not given:
     ``bundle_root/models/model.pt`` (what ``train.json`` writes there). Raises ValueError when it is missing: the

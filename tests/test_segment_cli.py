@@ -327,6 +327,27 @@ def test_bundle_metadata_passes_monai_verify_metadata(tmp_path):
         verify_metadata(meta_file=str(broken), filepath=str(schema))
 
 
+def test_bundle_metadata_pins_versions_the_package_accepts():
+    """``required_packages_version`` is what a bundle user installs: each pin must satisfy the package's own
+    requirements (pyproject.toml), e.g. transformers within ``compat.SUPPORTED_TRANSFORMERS``."""
+    import tomllib
+
+    from packaging.requirements import Requirement
+
+    metadata = json.loads((CONFIGS / "metadata.json").read_text())
+    pins = {"torch": metadata["pytorch_version"], "numpy": metadata["numpy_version"],
+            "monai": metadata["monai_version"], **metadata["required_packages_version"]}
+    project = tomllib.loads((CONFIGS.parents[2] / "pyproject.toml").read_text())["project"]
+    checked = []
+    for requirement in map(Requirement, project["dependencies"]):
+        name = requirement.name.lower().replace("_", "-")
+        pinned = next((v for k, v in pins.items() if k.lower().replace("_", "-") == name), None)
+        if pinned is not None:
+            assert requirement.specifier.contains(pinned, prereleases=True), (name, pinned, str(requirement))
+            checked.append(name)
+    assert {"transformers", "torch", "monai"} <= set(checked), checked
+
+
 def test_cli_pipelines_are_the_bundle_configs():
     """`medsam3 segment` / `evaluate` build their chains from configs/inference.json (evaluate.json overlays it)."""
     from medsam3_monai.bundle import BUNDLE_CONFIGS

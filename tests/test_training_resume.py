@@ -96,8 +96,29 @@ def test_a_checkpoint_of_another_kind_is_refused_by_name(tmp_path: Path):
     handler = TrainingCheckpoint(str(tmp_path), {"network": network, "optimizer": optimizer})
     engine = Engine(lambda e, b: None)
     handler.attach(engine)
-    with pytest.raises(KeyError, match="lacks .*not written by this training bundle"):
+    with pytest.raises(ValueError, match="lacks .*not a training checkpoint of this bundle.*pass it as --checkpoint"):
         handler.load(engine)
+
+
+def _linear_training(save_dir: Path, max_epochs: int, resume: bool | str = True):
+    """A linear model trained by an Ignite engine with the bundle's checkpoint handler (3 iterations an epoch,
+    a checkpoint every 2 and at the end, the newest two kept)."""
+    from ignite.engine import Engine
+
+    network = torch.nn.Linear(2, 1)
+    optimizer = torch.optim.SGD(network.parameters(), lr=0.1)
+
+    def step(engine: Engine, batch: torch.Tensor) -> None:
+        optimizer.zero_grad()
+        network(batch).sum().backward()
+        optimizer.step()
+
+    engine = Engine(step)
+    handler = TrainingCheckpoint(str(save_dir), {"network": network, "optimizer": optimizer}, save_interval=2,
+                                 resume=resume)
+    handler.attach(engine)
+    engine.run([torch.ones(1, 2)] * 3, max_epochs=max_epochs)
+    return engine, handler
 
 
 def test_running_a_finished_training_again_says_there_is_nothing_left(tmp_path: Path, caplog):
@@ -105,21 +126,8 @@ def test_running_a_finished_training_again_says_there_is_nothing_left(tmp_path: 
     and what to do (raise max_epochs, or resume=false)."""
     import logging
 
-    from ignite.engine import Engine
-
-    def run(max_epochs: int) -> Engine:
-        network = torch.nn.Linear(2, 1)
-        optimizer = torch.optim.SGD(network.parameters(), lr=0.1)
-
-        def step(engine: Engine, batch: torch.Tensor) -> None:
-            optimizer.zero_grad()
-            network(batch).sum().backward()
-            optimizer.step()
-
-        engine = Engine(step)
-        TrainingCheckpoint(str(tmp_path), {"network": network, "optimizer": optimizer}, save_interval=2).attach(engine)
-        engine.run([torch.ones(1, 2)] * 3, max_epochs=max_epochs)
-        return engine
+    def run(max_epochs: int):
+        return _linear_training(tmp_path, max_epochs)[0]
 
     assert run(max_epochs=1).state.iteration == 3
     with caplog.at_level(logging.WARNING, logger="medsam3_monai.engines.checkpointing"):
@@ -129,3 +137,83 @@ def test_running_a_finished_training_again_says_there_is_nothing_left(tmp_path: 
     with caplog.at_level(logging.WARNING, logger="medsam3_monai.engines.checkpointing"):
         assert run(max_epochs=2).state.iteration == 6
     assert "nothing left to train" not in caplog.text
+
+
+def _epoch_orders(sampler, max_epochs: int, resume_at_iteration: int = 0) -> dict[int, list[int]]:
+    """The item indices each epoch of an Ignite run draws from ``sampler`` (4 items, batches of 2: the dataset
+    divides into whole batches, so no batch of an epoch runs the sampler's iterator to its end), with the bundle's
+    per-epoch seeding; ``resume_at_iteration``: a fresh engine and loader that start there, as a resumed run does."""
+    from ignite.engine import Engine
+    from torch.utils.data import DataLoader
+
+    from medsam3_monai.engines import EpochSeedHandler
+
+    orders: dict[int, list[int]] = {}
+    engine = Engine(lambda e, batch: orders.setdefault(e.state.epoch, []).extend(batch.tolist()))
+    EpochSeedHandler(seed=42, sampler=sampler).attach(engine)
+    loader = DataLoader(list(range(4)), batch_size=2, sampler=sampler)
+    if resume_at_iteration:
+        engine.load_state_dict({"iteration": resume_at_iteration, "epoch_length": len(loader),
+                                "max_epochs": max_epochs})
+    engine.run(loader, max_epochs=max_epochs)
+    return orders
+
+
+def test_the_bundles_shuffle_after_a_resume_at_an_epoch_boundary_is_the_uninterrupted_one():
+    """A resumed run's first epoch draws the order the uninterrupted run drew. A generator-seeded RandomSampler
+    does not: when the items fill whole batches, the loader leaves its iterator suspended at the end of the epoch,
+    and the next epoch's first ``next`` resumes it, which spends one permutation of the freshly seeded generator
+    before the new epoch's iterator draws; a resumed run starts with a new iterator (1.4e-3 apart after 2 epochs)."""
+    from monai.bundle import ConfigParser
+
+    def bundle_sampler():
+        parser = ConfigParser()
+        parser.read_config(str(CONFIGS / "train.json"))
+        parser["train#dataset"] = list(range(4))
+        return parser.get_parsed_content("train#sampler")
+
+    whole = _epoch_orders(bundle_sampler(), max_epochs=3)
+    resumed = _epoch_orders(bundle_sampler(), max_epochs=3, resume_at_iteration=4)
+    assert sorted(resumed) == [3] and resumed[3] == whole[3]
+    assert len({tuple(order) for order in whole.values()}) > 1  # it does shuffle, differently each epoch
+
+
+def test_resuming_from_a_chosen_checkpoint_keeps_training_and_rotating(tmp_path: Path, caplog):
+    """``--resume FILE`` from another folder, or from the older of a folder's two kept checkpoints: the
+    checkpoint's list of saved files names files that are not there (any more); rotation must skip them (it
+    deleted them, and the run died at its next save with all the training since the resume lost)."""
+    import logging
+
+    first = tmp_path / "first"
+    _linear_training(first, max_epochs=2)  # iterations 1-6: checkpoint_iter4 and checkpoint_iter6 kept
+    assert sorted(p.name for p in first.glob("*.pt")) == ["checkpoint_iter4.pt", "checkpoint_iter6.pt"]
+
+    elsewhere = tmp_path / "elsewhere"
+    engine, handler = _linear_training(elsewhere, max_epochs=4, resume=str(first / "checkpoint_iter6.pt"))
+    assert handler.resumed_from == first / "checkpoint_iter6.pt" and engine.state.iteration == 12
+    assert sorted(p.name for p in elsewhere.glob("*.pt")) == ["checkpoint_iter10.pt", "checkpoint_iter12.pt"]
+
+    with caplog.at_level(logging.WARNING, logger="medsam3_monai.engines.checkpointing"):
+        engine, _ = _linear_training(first, max_epochs=3, resume=str(first / "checkpoint_iter4.pt"))
+    assert engine.state.iteration == 9
+    assert "holds checkpoints newer than checkpoint_iter4.pt (checkpoint_iter6.pt)" in caplog.text
+    # the new run writes its own checkpoint_iter6.pt over the abandoned one's and rotates as ever
+    assert sorted(p.name for p in first.glob("*.pt")) == ["checkpoint_iter8.pt", "checkpoint_iter9.pt"]
+
+
+def test_resuming_a_checkpoint_of_other_trainable_parameters_says_so(tmp_path: Path):
+    """A checkpoint of a ``--mode medsam3`` training (frozen encoders: other optimiser groups) resumed in full mode:
+    the error names the cause instead of torch's "different number of parameter groups"."""
+    from ignite.engine import Engine
+
+    network = torch.nn.Sequential(torch.nn.Linear(2, 2), torch.nn.Linear(2, 1))
+    frozen = torch.optim.SGD(network[1].parameters(), lr=0.1)
+    engine = Engine(lambda e, b: None)
+    writer = TrainingCheckpoint(str(tmp_path), {"network": network, "optimizer": frozen}, save_interval=1)
+    writer.attach(engine)
+    engine.run([0], max_epochs=1)
+    full = torch.optim.SGD([{"params": network[0].parameters()}, {"params": network[1].parameters()}], lr=0.1)
+    reader = TrainingCheckpoint(str(tmp_path), {"network": network, "optimizer": full})
+    reader.attach(Engine(lambda e, b: None))
+    with pytest.raises(ValueError, match="other trainable parameters .*the same --mode"):
+        reader.load(Engine(lambda e, b: None))

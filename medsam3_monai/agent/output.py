@@ -122,7 +122,8 @@ def answer_prediction(decision: Any, segmenter: Any, view: Any = None) -> Any:
             from .render import View
 
             s = segmenter.settings
-            view = View.load(segmenter.path, s.modality, s.ct_window, s.channel, input_kind(segmenter.path) == "volume")
+            view = View.load(segmenter.path, s.modality, s.ct_window, s.channel, input_kind(segmenter.path) == "volume",
+                             max_pixels=s.max_pixels)
         shape = tuple(reference.label_map.shape) if reference is not None else view.shape
         mask = np.zeros(shape, dtype=bool)
     prediction = _answer_prediction(decision, reference, view, segmenter.path, mask, segmenter.settings)
@@ -134,7 +135,7 @@ def write_outputs(plan: OutputPlan, decision: Any, view: Any, segmenter: Any, re
     """Write mask, sidecar, overlay and trace together; returns the line to print."""
     import numpy as np
 
-    from ..deploy.segment_cli import IMAGE_OUTPUTS, StagedFiles, write_label_volume, write_mask_image
+    from ..deploy.segment_cli import IMAGE_OUTPUTS, StagedFiles, size_text, write_label_volume, write_mask_image
     from .marks import union_of
 
     input_path = segmenter.path
@@ -187,7 +188,7 @@ def write_outputs(plan: OutputPlan, decision: Any, view: Any, segmenter: Any, re
     else:
         what = f"no match: {decision.reason}; the mask is empty"
     extra = f" + {plan.overlay}" if plan.overlay is not None else ""
-    return (f"wrote {plan.out} {'x'.join(str(s) for s in labels.shape)} [{what}] + {plan.sidecar} + "
+    return (f"wrote {plan.out} {size_text(labels.shape, view.is_volume)} [{what}] + {plan.sidecar} + "
             f"{plan.trace}{extra}")
 
 

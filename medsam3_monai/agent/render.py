@@ -85,14 +85,15 @@ class View:
 
     @classmethod
     def load(cls, path: str, modality: str | None = None, ct_window: Any = "abdomen", channel: int | None = None,
-             is_volume: bool = False, view_size: int = 768) -> View:
-        """Read the input with the model's intensity rule (as ``medsam3 segment``'s overlays do)."""
+             is_volume: bool = False, view_size: int = 768, max_pixels: Any = None) -> View:
+        """Read the input with the model's intensity rule (as ``medsam3 segment``'s overlays do); ``max_pixels``:
+        the 2D size limit, as the predictor's (``transforms.io.check_picture_size``)."""
         import torch
 
         from ..transforms import LoadMedicalImaged, ScaleIntensityByModalityd
 
-        item = LoadMedicalImaged(keys="image", label_keys=(), channel=channel)({"image": str(path),
-                                                                                 "modality": modality})
+        load = LoadMedicalImaged(keys="image", label_keys=(), channel=channel, max_pixels=max_pixels)
+        item = load({"image": str(path), "modality": modality})
         image = ScaleIntensityByModalityd(keys="image", ct_window=ct_window)(item)["image"]
         affine = getattr(image, "affine", None)
         plain = image.as_tensor() if hasattr(image, "as_tensor") else torch.as_tensor(image)

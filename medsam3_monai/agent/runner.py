@@ -22,7 +22,8 @@ from .errors import AgentError, EndpointUnreachable
 from .loop import LoopSettings
 from .segmenter import SegmenterSettings
 
-__all__ = ["AgentSettings", "check_planner", "choose_planner", "decide", "planner_name", "run_agent"]
+__all__ = ["AgentSettings", "check_planner", "check_url", "choose_planner", "decide", "planner_name", "run_agent",
+           "without_url"]
 
 
 @dataclass
@@ -70,10 +71,36 @@ def choose_planner(settings: AgentSettings) -> str:
             raise AgentError("--llm openai needs --llm-url (an OpenAI-compatible base URL, e.g. "
                              "http://localhost:8000/v1) and --llm-model")
         return "offline"
+    check_url(settings.llm_url)
     if not settings.llm_model:
         raise AgentError(f"--llm-url {settings.llm_url} needs --llm-model (the model the server serves; it lists "
                          f"them at {settings.llm_url.rstrip('/')}/models)")
     return "llm"
+
+
+def check_url(url: str) -> str:
+    """The planner's base URL if it is an http(s) URL with a host; else AgentError (a configuration error, not an
+    unreachable endpoint: no fallback to the offline planner)."""
+    from urllib.parse import urlsplit
+
+    try:
+        parts = urlsplit(str(url).strip())
+        valid = parts.scheme.lower() in ("http", "https") and bool(parts.hostname)
+        parts.port  # noqa: B018 - a bad port raises ValueError
+    except ValueError:
+        valid = False
+    if not valid:
+        raise AgentError(f"--llm-url must be an http:// or https:// URL, e.g. http://localhost:8000/v1 (got "
+                         f"{str(url)[:80]!r}, from --llm-url or MEDSAM3_LLM_URL)")
+    return url
+
+
+def without_url(text: str, settings: AgentSettings) -> str:
+    """``text`` without the planner's URL, for the server's clients (they are never shown the endpoint)."""
+    url = settings.llm_url
+    if not url:
+        return text
+    return text.replace(f" at {url}", "").replace(url, "(the planner endpoint)")
 
 
 def check_planner(settings: AgentSettings) -> str:
@@ -142,13 +169,15 @@ def run_agent(input_path: str, request: str, out: str, settings: AgentSettings |
 
 
 def decide(input_path: str, request: str, settings: AgentSettings, segmenter: Any, *,
-           log: Callable[[str], None] = _stderr, trace: Any = None) -> Decision:
+           log: Callable[[str], None] = _stderr, trace: Any = None, plain_notes: bool = False) -> Decision:
     """The planner's decision on one request, with an already loaded segmenter and no files written (``medsam3
     evaluate --agent`` and the server's agent model call this for each request).
 
     ``trace`` (a :class:`~.trace.Trace`, e.g. a fresh ``Trace()``) receives the run: header, planner, calls, the
     decision and the final status; a failed run leaves it with ``"status": "failed"`` and the error before the
-    exception propagates.
+    exception propagates. ``plain_notes``: ``log`` gets notes for a remote client (the server's answer): the
+    fallback to the offline planner is one plain line, without the stderr banner, the endpoint's URL or the
+    command-line advice.
     """
     from ..inferers.inputs import input_kind
     from .trace import Trace
@@ -162,7 +191,7 @@ def decide(input_path: str, request: str, settings: AgentSettings, segmenter: An
     _start_trace(trace, request, input_path, kind, settings, planner, log)
     try:
         view = _view(input_path, settings, kind)
-        decision = _decide(planner, request, settings, segmenter, view, api_key, trace, log)
+        decision = _decide(planner, request, settings, segmenter, view, api_key, trace, log, plain_notes)
     except BaseException as err:
         trace.finish("failed", f"{type(err).__name__}: {err}")
         raise
@@ -214,11 +243,12 @@ def _view(input_path: str, settings: AgentSettings, kind: str) -> Any:
     from .render import View
 
     s = settings.segmenter
-    return View.load(input_path, s.modality, s.ct_window, s.channel, kind == "volume", settings.view_size)
+    return View.load(input_path, s.modality, s.ct_window, s.channel, kind == "volume", settings.view_size,
+                     s.max_pixels)
 
 
 def _decide(planner: str, request: str, settings: AgentSettings, segmenter: Any, view: Any, api_key: str | None,
-            trace: Any, log: Callable[[str], None]) -> Decision:
+            trace: Any, log: Callable[[str], None], plain_notes: bool = False) -> Decision:
     from .offline import plan_offline
 
     def offline() -> Decision:
@@ -243,10 +273,14 @@ def _decide(planner: str, request: str, settings: AgentSettings, segmenter: Any,
     except EndpointUnreachable as err:
         if not settings.fallback:
             raise
-        banner = "!" * 78
-        log(f"{banner}\nWARNING: {err}.\nWARNING: FALLING BACK TO THE OFFLINE PLANNER (--llm none): no MLLM looks at "
-            f"the image; the request's concept is resolved through the catalogue.\n"
-            f"WARNING: pass --no-fallback to fail instead.\n{banner}")
+        if plain_notes:
+            log(f"{without_url(str(err), settings)}: the offline planner answered instead (no MLLM looked at the "
+                "image; the request's concept was resolved through the catalogue)")
+        else:
+            banner = "!" * 78
+            log(f"{banner}\nWARNING: {err}.\nWARNING: FALLING BACK TO THE OFFLINE PLANNER (--llm none): no MLLM "
+                "looks at the image; the request's concept is resolved through the catalogue.\n"
+                f"WARNING: pass --no-fallback to fail instead.\n{banner}")
         trace.data["planner"]["fallback"] = str(err)
         trace.data["planner"]["kind"] = "offline (fallback)"
         trace.note(f"fallback to the offline planner: {err}")

@@ -277,7 +277,8 @@ def run(args: argparse.Namespace) -> int:
             if plan is None:
                 print(f"== {spec['label']} ({sources[index]})\n{(report.out_dir / 'table.md').read_text()}")
         if len(sources) == 2:
-            _write_comparison(list(reports.values()), labels, out, client, parent)
+            _write_comparison(list(reports.values()), labels, out, client, parent,
+                              note=_tracker_note(labels, [name for _, name in trackers]))
         elif args.agent:
             recorder = runs[1]["evaluation"]["inferer"]["recorder"]
             table = recorder.write_csv(out / "agent" / "agent_cases.csv", reports["agent"].records)
@@ -406,6 +407,15 @@ def _write_robustness(plan: Any, reports: dict[str, Any], out: Path, client: Any
     for path in files:
         client.log_artifact(parent, str(path))
     client.set_terminated(parent)
+
+
+def _tracker_note(labels: list[str], trackers: list[str]) -> str | None:
+    """The comparison's note when the two checkpoints' volumes ran with different trackers (``--tracker auto``: the
+    tiny one for ``tiny``, none for a checkpoint without tracker weights), or None."""
+    if trackers[0] == trackers[1]:
+        return None
+    return (f"Volumes ran with different trackers ({labels[0]}: {trackers[0]}; {labels[1]}: {trackers[1]}), so a "
+            "volume dataset's Δ compares two pipelines, not only two checkpoints: give --tracker to use one for both")
 
 
 def _write_comparison(reports: list[Any], labels: list[str], out: Path, client: Any, parent: str | None,

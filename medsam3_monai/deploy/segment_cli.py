@@ -28,6 +28,7 @@ import os
 import shutil
 import sys
 import tempfile
+from collections.abc import Sequence
 from pathlib import Path
 from typing import Any
 
@@ -35,7 +36,7 @@ from ..protocol_registry import PROTOCOLS
 from .arguments import (add_detector_chunk_option, add_gpu_options, add_model_options, add_tracker_batch_option,
                         at_least, compile_notice, ct_window_for, gpu_context, pixels)
 
-__all__ = ["StagedFiles", "add_parser", "run", "run_many", "write_label_volume", "write_mask_image",
+__all__ = ["StagedFiles", "add_parser", "run", "run_many", "size_text", "write_label_volume", "write_mask_image",
            "write_prediction"]
 
 IMAGE_OUTPUTS = {".png": "PNG", ".bmp": "BMP", ".tif": "TIFF", ".tiff": "TIFF"}
@@ -322,7 +323,7 @@ def _check_arguments(args: argparse.Namespace) -> bool:
 def run(args: argparse.Namespace) -> int:
     if _check_arguments(args):
         return run_many(args)
-    from ..inferers.inputs import GLOB_CHARACTERS, input_kind
+    from ..inferers.inputs import GLOB_CHARACTERS, check_distinct_prompts, input_kind
 
     args.input = str(args.input[0])
     if not Path(args.input).exists() and any(c in args.input for c in GLOB_CHARACTERS):
@@ -341,14 +342,18 @@ def run(args: argparse.Namespace) -> int:
                          "or one per prompt, in prompt order")
     if len(args.prompt) > 255:
         raise ValueError(f"{len(args.prompt)} prompts: at most 255 fit an 8-bit label map")
+    check_distinct_prompts(args.prompt)  # before the model loads (the predictor checks it again)
     if not 0.0 <= args.score_threshold <= 1.0:
         raise ValueError(f"--score-threshold must be in [0, 1], got {args.score_threshold}")
     max_pixels = getattr(args, "max_pixels", None) or "auto"
-    if kind == "image":  # a picture too large for the limit or the memory: refused from its header, up front
+    if kind == "image":  # a picture too large for the limit or the memory (or multi-frame): refused up front
+        from ..transforms.errors import DataError
         from ..transforms.io import check_picture_size, picture_size
 
         try:
             size = picture_size(args.input)
+        except DataError:  # a multi-frame picture
+            raise
         except Exception:  # not readable: the loader says why, below
             size = None
         if size is not None:
@@ -357,18 +362,9 @@ def run(args: argparse.Namespace) -> int:
             check_picture_size(args.input, size, max_pixels, SEGMENT_BYTES_PER_PIXEL
                                + (OVERLAY_BYTES_PER_PIXEL if args.overlay else 0))
 
-    from ..transforms.errors import DataError
-
     predictor = _predictor(args, max_pixels, progress=not args.no_progress, modalities=[args.modality])
-    try:
-        with _network_context(args, predictor):
-            prediction = predictor(args.input, args.prompt, box=args.box, modality=args.modality,
-                                   channel=args.channel)
-    except DataError as err:
-        if err.problem.startswith("is a 4D volume"):
-            raise ValueError(f"{err.path}: {err.problem}: segment a 3D volume, or pick one channel / time point "
-                             "with --channel N") from None
-        raise
+    with _network_context(args, predictor):  # a 4D volume's error names --channel N (transforms.io.CHANNEL_HINT)
+        prediction = predictor(args.input, args.prompt, box=args.box, modality=args.modality, channel=args.channel)
 
     print(write_prediction(prediction, args.input, out, sidecar_path, overlay, getattr(args, "max_pixels", None)))
     if prediction.is_volume:
@@ -437,9 +433,14 @@ def write_prediction(prediction: Any, source: str | Path, out: Path, sidecar_pat
         for value, entry in summary["labels"].items()
     )
     extra = f" + {overlay}" if overlay is not None else ""
-    # a picture's size as pictures are named (width x height); a volume's in array order (its NIfTI dimensions)
-    size = labels.shape if prediction.is_volume else tuple(reversed(labels.shape))
-    return f"wrote {out} {'x'.join(str(n) for n in size)} [{described}] + {sidecar_path}{extra}"
+    return f"wrote {out} {size_text(labels.shape, prediction.is_volume)} [{described}] + {sidecar_path}{extra}"
+
+
+def size_text(shape: Sequence[int], is_volume: bool) -> str:
+    """A written mask's size in the summary line (``segment``, ``agent``): a picture's as pictures are named (width x
+    height, ``622x529``), a volume's in array order (its NIfTI dimensions)."""
+    size = tuple(shape) if is_volume else tuple(reversed(tuple(shape)))
+    return "x".join(str(int(n)) for n in size)
 
 
 # ------------------------------------------------------------------------------------------------ many inputs
@@ -449,7 +450,8 @@ def _many_items(args: argparse.Namespace) -> list[dict[str, Any]]:
 
     items: list[dict[str, Any]] = []
     if args.datalist:
-        items += inference_items(args.datalist, args.prompt, split=args.split)
+        items += inference_items(args.datalist, args.prompt, split=args.split,
+                                 prompt_option="--prompt TEXT (repeat it for several)")
     if args.input:
         if not args.prompt:
             raise ValueError("INPUT files need --prompt TEXT (only --datalist items can bring their own prompts)")
@@ -593,8 +595,6 @@ def run_many(args: argparse.Namespace) -> int:
             for item, result in results:
                 if isinstance(result, UnreadableCase):
                     error = result.error
-                    if "is a 4D volume" in error and "--channel" not in error:
-                        error += " (pick one channel / time point with --channel N)"
                     if not args.skip_unreadable:
                         raise ValueError(f"{error}; stopped after {written} of {len(items)} masks (in {out_dir}); "
                                          "--skip-unreadable goes on past unreadable inputs")

@@ -25,11 +25,13 @@ Example:
        'http://127.0.0.1:8000/infer/medsam3?output=image'
 The MedSAM3 agent is the second model: POST /infer/medsam3_agent with params {"request": "segment the lesion in
 the upper left quadrant"}; its planner is --llm-url URL --llm-model NAME (any OpenAI-compatible server: vLLM,
-Ollama, ...; key from the environment variable --api-key-env names), else the offline planner.
+Ollama, ...; key from the environment variable --api-key-env names), else the offline planner. An endpoint that
+cannot be reached falls back to the offline planner (said in the answer's agent.notes); --no-fallback: 502 instead.
 Errors are JSON {"error": ...} with a 4xx status (502: the agent's planner failed). --token (or
 MEDSAM3_SERVE_TOKEN) requires 'Authorization: Bearer TOKEN' on every request but GET /auth/ and POST
-/auth/token (the OAuth2 password form with the token as password, for MONAI Label clients). Uploads kept by /datastore/ and /session/ live in a
-temporary folder until the server stops. Listens on 127.0.0.1 unless --host says otherwise.
+/auth/token (the OAuth2 password form with the token as password, for MONAI Label clients). Uploads kept by
+/datastore/ and /session/ live in a temporary folder until the server stops. Listens on 127.0.0.1 unless --host
+says otherwise.
 Guide: bundles/medsam3/docs/monailabel.md
 """
 
@@ -86,6 +88,9 @@ def add_parser(subparsers: argparse._SubParsersAction) -> argparse.ArgumentParse
                        help="name of the environment variable holding the planner's API key (default: none sent)")
     agent.add_argument("--max-rounds", type=int, default=3, metavar="N", help="segment_phrase calls per request (3)")
     agent.add_argument("--llm-timeout", type=float, default=120.0, metavar="S", help="seconds per planner request")
+    agent.add_argument("--no-fallback", action="store_true",
+                       help="answer 502 instead of falling back to the offline planner when the planner endpoint "
+                            "cannot be reached (default: fall back, and say so in the answer's agent.notes)")
     parser.set_defaults(func=run)
     return parser
 
@@ -121,7 +126,8 @@ def build_server(args: argparse.Namespace) -> Any:
 
     predictor = Predictor.from_checkpoint(args.checkpoint, args.image_size, resolve_device(args.device),
                                           detector_chunk=args.detector_chunk, tracker=args.tracker,
-                                          score_threshold=args.score_threshold, tracker_batch=args.tracker_batch)
+                                          score_threshold=args.score_threshold, tracker_batch=args.tracker_batch,
+                                          max_pixels=args.max_image_pixels)  # the header check's limit, not PIL's
     app = create_app(predictor, token=token, limits=limits, cors_origins=origins, agent=agent)
     config = uvicorn.Config(app, host=args.host, port=args.port, log_level=args.log_level, access_log=True,
                             limit_concurrency=256, timeout_keep_alive=5)
@@ -136,7 +142,8 @@ def agent_settings(args: argparse.Namespace) -> Any:
     if args.llm_timeout <= 0:
         raise ValueError(f"--llm-timeout must be positive, got {args.llm_timeout}")
     settings = AgentSettings(llm="auto", llm_url=args.llm_url, llm_model=args.llm_model, api_key_env=args.api_key_env,
-                             timeout=args.llm_timeout, loop=LoopSettings(max_rounds=args.max_rounds))
+                             timeout=args.llm_timeout, fallback=not args.no_fallback,
+                             loop=LoopSettings(max_rounds=args.max_rounds))
     check_planner(settings)
     return settings
 

@@ -35,13 +35,15 @@ With a token every route but ``/auth/`` and ``/auth/token`` needs ``Authorizatio
 CORS origins, browsers on those origins may call the server (preflight answered). Every error is a JSON body
 ``{"error": "..."}`` with a 4xx status (507 when the datastore is full; 502 when the agent's planner endpoint
 fails; 500 only for a bug); the server keeps serving. Uploads are saved under fresh temporary names (only a
-whitelisted extension of the client's file name is kept). Inference runs under one lock (one model), so concurrent requests queue.
+whitelisted extension of the client's file name is kept). Inference runs under one lock (one model), so
+concurrent requests queue.
 """
 
 # no `from __future__ import annotations`: FastAPI resolves the endpoints' annotations at runtime
 
 import hmac
 import json
+import math
 import os
 import shutil
 import tempfile
@@ -212,25 +214,31 @@ def upload_suffix(filename: str | None, allowed: Sequence[str] = tuple(UPLOAD_SU
 
 
 def image_size(path: Path, kind: str) -> tuple[int, ...]:
-    """The upload's spatial shape from its header only (no pixel data read); 422 when unreadable."""
+    """The upload's spatial shape from its header only (no pixel data read; a picture's size whatever PIL's
+    decompression-bomb limit: the server's --max-image-pixels is the limit); 422 when unreadable or, as on every
+    path (``transforms.io.picture_size``), a multi-frame picture."""
+    from ..transforms.errors import DataError
+
+    hidden = f"upload{upload_suffix(path.name)}"
     try:
         if kind == "image":
-            from PIL import Image
+            from ..transforms.io import picture_size
 
-            with Image.open(path) as image:
-                width, height = image.size
-                frames = int(getattr(image, "n_frames", 1) or 1)
-            return (height, width) if frames == 1 else (frames, height, width)
+            width, height = picture_size(path)
+            return (height, width)
         import nibabel as nib
 
         return tuple(int(s) for s in nib.load(str(path)).shape)
+    except DataError as err:  # a multi-frame picture
+        raise RequestError(422, str(err).replace(str(path), hidden)) from None
     except Exception as err:  # noqa: BLE001 - any decoder failure is an unreadable upload
-        message = str(err).replace(str(path), f"upload{upload_suffix(path.name)}")
+        message = str(err).replace(str(path), hidden)
         raise RequestError(422, f"cannot read the uploaded file: {type(err).__name__}: {message}") from None
 
 
 def check_image(path: Path, limits: ServerLimits) -> tuple[str, tuple[int, ...]]:
-    """(kind, shape) of a saved upload within the limits: not empty, readable header, pixel count, one frame."""
+    """(kind, shape) of a saved upload within the limits: not empty, a readable header of one picture or volume,
+    the pixel count."""
     kind = UPLOAD_SUFFIXES[upload_suffix(path.name)]
     if path.stat().st_size == 0:
         raise RequestError(422, "the uploaded file is empty")
@@ -241,8 +249,9 @@ def check_image(path: Path, limits: ServerLimits) -> tuple[str, tuple[int, ...]]
     if pixels > limits.max_image_pixels:
         raise RequestError(413, f"image of {'x'.join(map(str, shape))} = {pixels} pixels exceeds the server's "
                                 f"limit of {limits.max_image_pixels} (--max-image-pixels)")
-    if kind == "image" and len(shape) != 2:
-        raise RequestError(422, "multi-frame images are not supported: upload one 2D picture")
+    if kind == "volume" and math.prod(shape[3:]) > 1:
+        raise RequestError(422, f"upload{upload_suffix(path.name)} is a 4D volume ({'x'.join(map(str, shape))}): "
+                                "this server segments 3D volumes; upload one channel / time point as its own volume")
     return kind, shape
 
 
@@ -275,6 +284,17 @@ def _os_error(err: BaseException) -> BaseException | None:
             return seen
         seen = seen.__cause__ or seen.__context__
     return None
+
+
+def _map_strings(value: Any, change: Any) -> Any:
+    """A JSON document with ``change`` applied to every string in it (keys included)."""
+    if isinstance(value, str):
+        return change(value)
+    if isinstance(value, list):
+        return [_map_strings(v, change) for v in value]
+    if isinstance(value, dict):
+        return {change(k): _map_strings(v, change) for k, v in value.items()}
+    return value
 
 
 def _media_type(suffix: str) -> str:
@@ -523,7 +543,7 @@ def create_app(predictor: Any, *, token: str | None = None, limits: ServerLimits
 
         from ..agent.errors import PlannerError
         from ..agent.output import answer_prediction
-        from ..agent.runner import decide
+        from ..agent.runner import decide, without_url
         from ..agent.segmenter import PhraseSegmenter, SegmenterSettings
         from ..agent.trace import Trace
 
@@ -531,31 +551,36 @@ def create_app(predictor: Any, *, token: str | None = None, limits: ServerLimits
             checkpoint=str(getattr(predictor, "checkpoint", "")),
             protocol="top_query" if kind == "volume" else (request.protocol or predictor.inferer.protocol),
             score_threshold=predictor.inferer.score_threshold, ct_window=predictor.ct_window,
-            modality=request.modality)
+            modality=request.modality, max_pixels=getattr(predictor, "max_pixels", "auto"))
         settings = dataclasses.replace(agent, segmenter=segmenter_settings)
         segmenter = PhraseSegmenter(_LockedPredictor(predictor, lock), str(upload), segmenter_settings)
         notes: list[str] = []
         trace = Trace()
         hide = str(upload), f"upload{upload_suffix(upload.name)}"
+
+        def private(text: str) -> str:
+            """What a client may read: no server path, no planner URL."""
+            return without_url(text.replace(*hide), settings)
+
         try:
-            decision = decide(str(upload), request.request, settings, segmenter, log=notes.append, trace=trace)
+            decision = decide(str(upload), request.request, settings, segmenter, log=notes.append, trace=trace,
+                              plain_notes=True)
             prediction = answer_prediction(decision, segmenter)
         except PlannerError as err:  # the planner endpoint failed: not the client's fault
-            raise RequestError(502, f"the agent's planner failed: {err}".replace(*hide)) from None
+            raise RequestError(502, private(f"the agent's planner failed: {err}")) from None
         except (ValueError, FileNotFoundError) as err:
-            raise RequestError(422, str(err).replace(*hide)) from None
+            raise RequestError(422, private(str(err))) from None
         except RuntimeError as err:
             cause = user_error(err) or _os_error(err)
             if cause is None:
                 raise
-            raise RequestError(422, str(cause).replace(*hide)) from None
+            raise RequestError(422, private(str(cause))) from None
         entry = {"request": request.request, "planner": trace.data["planner"].get("kind"), "status": decision.status,
                  "phrases": decision.phrases, "marks": [m.facts() for m in decision.marks], "reason": decision.reason,
                  "rounds": len(trace.data["rounds"]), "tokens": trace.data["tokens"],
-                 "notes": [n.replace(*hide) for n in notes]}
+                 "notes": [private(n) for n in notes]}
         if request.trace:
-            document = json.loads(json.dumps(trace.as_json(), default=str).replace(json.dumps(hide[0])[1:-1], hide[1]))
-            entry["trace"] = document
+            entry["trace"] = _map_strings(json.loads(json.dumps(trace.as_json(), default=str)), private)
         return prediction, entry
 
     # ------------------------------------------------------------------------------------------ datastore

@@ -5,7 +5,7 @@ from .checkpointing import TrainingCheckpoint, latest_checkpoint
 from .batch import ImageBudgetBatches, PrepareFindBatch, collate_find_queries, flatten_items
 from .evaluator import MedSAM3Evaluator, PromptDice, TopQueryDice, pred_and_label
 from .handlers import EpochSeedHandler, FinalCheckpoint, LossProgressBar, MLflowRunInfoHandler, TrainerIteration
-from .optim import build_optimizer, freeze_encoders
+from .optim import build_optimizer, freeze_encoders, freeze_for_mode
 from .schedulers import WarmupInverseSqrtLR, inverse_sqrt_factor
 from .trainer import MedSAM3Trainer, autocast_for
 
@@ -13,5 +13,6 @@ __all__ = [
     "distributed", "EpochSeedHandler", "TrainingCheckpoint", "latest_checkpoint", "FinalCheckpoint", "MLflowRunInfoHandler", "LossProgressBar", "TrainerIteration", "MedSAM3Evaluator", "MedSAM3Trainer",
     "ImageBudgetBatches", "PrepareFindBatch", "PromptDice",
     "TopQueryDice", "WarmupInverseSqrtLR", "autocast_for", "build_optimizer",
-    "collate_find_queries", "flatten_items", "freeze_encoders", "inverse_sqrt_factor", "pred_and_label",
+    "collate_find_queries", "flatten_items", "freeze_encoders", "freeze_for_mode", "inverse_sqrt_factor",
+    "pred_and_label",
 ]

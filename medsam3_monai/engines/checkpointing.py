@@ -111,6 +111,24 @@ class TrainingCheckpoint:
         torch.set_rng_state(self._rng_state)  # as it was when the checkpoint was written
         logger.info("skipped the %d batches of this epoch trained on before the checkpoint", skip)
 
+    def _forget_missing_files(self, resumed_from: Path) -> None:
+        """Drop from the restored rotation list the files that are not in ``save_dir`` (a checkpoint of another
+        folder, or older ones deleted or rotated away since it was written), so that rotation never deletes a file
+        that is not there; warn about newer checkpoints, which an automatic resume could pick over this run's."""
+        assert self._checkpointer is not None
+        state = self._checkpointer.state_dict()
+        state["_saved"] = [(priority, name) for priority, name in state["_saved"] if (self.save_dir / name).is_file()]
+        self._checkpointer.load_state_dict(state)
+        match = _NAME.match(resumed_from.name)
+        if match is None or get_rank() != 0:
+            return
+        newer = sorted((int(m.group(1)), p.name) for p in self.save_dir.glob("checkpoint_iter*.pt")
+                       if (m := _NAME.match(p.name)) and int(m.group(1)) > int(match.group(1)))
+        if newer:
+            logger.warning("%s holds checkpoints newer than %s (%s), of the run that went on from it: delete them, "
+                           "or a later automatic resume may pick one of them instead of this run's newest",
+                           self.save_dir, resumed_from.name, ", ".join(name for _, name in newer))
+
     def load(self, engine: Engine) -> None:
         from monai.handlers import CheckpointLoader
 
@@ -129,9 +147,18 @@ class TrainingCheckpoint:
         missing = [name for name in to_load if name not in stored]
         del stored
         if missing:
-            raise KeyError(f"checkpoint {path} lacks {missing}; it was not written by this training bundle "
-                           "(start fresh with resume=false or another ckpt_dir)")
-        CheckpointLoader(str(path), to_load, map_location="cpu")(engine)
+            raise ValueError(f"checkpoint {path} lacks {missing}: it is not a training checkpoint of this bundle "
+                             "(checkpoint_iterN.pt). To fine-tune from a model file, pass it as --checkpoint; to "
+                             "start afresh, --resume false or another bundle_root")
+        try:
+            CheckpointLoader(str(path), to_load, map_location="cpu")(engine)
+        except ValueError as error:
+            if "parameter group" not in str(error):
+                raise
+            raise ValueError(f"checkpoint {path} was written by a training with other trainable parameters ({error}):"
+                             " resume with the settings it was trained with (the same --mode, e.g. medsam3 or full, "
+                             "and the same frozen parts), or start afresh with --resume false") from error
+        self._forget_missing_files(path)
         self._rng_state = torch.get_rng_state()  # the checkpoint's; EPOCH_STARTED re-seeds before the first batch
         self.resumed_from = path
         epoch_length = engine.state.epoch_length

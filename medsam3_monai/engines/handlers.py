@@ -21,7 +21,10 @@ class EpochSeedHandler:
 
     Shuffling (``sampler.set_epoch`` or a seeded generator), random transforms (``set_random_state``) and torch's
     global RNG (dropout) then depend only on the epoch, so a run resumed from an epoch-boundary checkpoint draws
-    exactly what the uninterrupted run drew.
+    exactly what the uninterrupted run drew -- with a ``set_epoch`` sampler (the bundle's). A generator-seeded
+    ``RandomSampler`` is exact only when each epoch runs its iterator to the end: when the items fill whole batches
+    the loader leaves it suspended, and the next epoch's first batch resumes it, spending one permutation of the
+    freshly seeded generator.
 
     Under DDP the sampler shuffles alike on every rank (``set_epoch``: one permutation, split into shards),
     while random transforms and the global RNG get ``+ rank`` so that ranks do not draw the same augmentations.
@@ -64,7 +67,7 @@ class MLflowRunInfoHandler:
     ``--tracking bundles/medsam3/configs/mlflow.json`` (or ``--tracking mlflow``) attaches MONAI's MLFlowHandler,
     which logs losses and metrics; this handler adds the run parameters (after this process's first iteration, when
     the run exists: a resumed training's too, whose run is a new one when the previous one finished), each optimiser
-    group's learning rate by its name (``lr/detector``, ``lr/vision.layer_3``, ...) every ``lr_interval`` iterations
+    group's learning rate by its name (``lr/detector``, ``lr/vision.layer3``, ...) every ``lr_interval`` iterations
     on the iteration axis, and on COMPLETED the ``artifacts`` (files that exist: final
     and best checkpoints) and ``documents`` (name -> JSON-able content, e.g. the bundle's metadata) -- before that
     handler closes the run: attach this one first, as the bundle does. Without an MLflow handler it does nothing.

@@ -29,6 +29,20 @@ def freeze_encoders(network: nn.Module, vision: bool = True, text: bool = True) 
     return frozen
 
 
+#: the training bundle's ``mode``: what each trains
+TRAINING_MODES = {"full": "Medical SAM3, every part fine-tuned", "medsam3": "MedSAM3, the encoders frozen"}
+
+
+def freeze_for_mode(network: nn.Module, mode: str) -> int:
+    """The training bundle's ``mode`` applied to ``network``: ``full`` trains every parameter, ``medsam3`` freezes
+    the vision and text encoders (:func:`freeze_encoders`). Returns the frozen parameter count; another mode is a
+    ValueError (it would otherwise train in full mode without a word)."""
+    if mode not in TRAINING_MODES:
+        choices = "; ".join(f"{name} ({what})" for name, what in TRAINING_MODES.items())
+        raise ValueError(f"unknown training mode {mode!r}: choose {choices}")
+    return freeze_encoders(network) if mode == "medsam3" else 0
+
+
 def build_optimizer(
     network: nn.Module,
     detector_lr: float = 3e-4,
@@ -45,6 +59,12 @@ def build_optimizer(
     On CUDA (every parameter there when this is called: move the network first) the fused implementation runs:
     layer decay gives each ViT layer its own groups, and the default multi-tensor update launches a dozen kernels
     per group, the fused one two; the arithmetic is AdamW's either way. Elsewhere PyTorch's default."""
+    for name, value in (("detector", detector_lr), ("vision", vision_lr), ("language", language_lr),
+                        ("geometry", geometry_lr), ("weight_decay", weight_decay)):
+        if not value >= 0:  # NaN too
+            raise ValueError(f"lr#{name} must be >= 0, got {value}")
+    if not 0 < layer_decay <= 1:
+        raise ValueError(f"lr#layer_decay must be in (0, 1] (1: no decay), got {layer_decay}")
     rates = LearningRates(detector_lr, vision_lr, language_lr, geometry_lr, layer_decay, position_embedding_scale)
     groups = sam3_param_groups(network, rates, weight_decay=weight_decay)
     if not groups:

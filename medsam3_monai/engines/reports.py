@@ -235,9 +235,9 @@ class EvaluationReport:
         notes = list(self.notes)
         if all(record.get("empty_prediction", False) for record in self.records):
             warning = (f"every prediction of this run is empty ({len(self.records)} prompts), so every foreground "
-                       f"case scores 0: with protocol {self.table.protocol} the model found nothing above its "
-                       "threshold; a model trained with the semantic head alone (e.g. the tiny recipe) is "
-                       "evaluated with --protocol semantic")
+                       f"case scores 0: with protocol {self.table.protocol} no mask the model gave has a foreground "
+                       "pixel; a model trained with the semantic head alone (e.g. the tiny recipe) is evaluated "
+                       "with --protocol semantic")
             logger.warning(warning)
             notes.insert(0, f"WARNING: {warning}.")
         if self.unreadable:

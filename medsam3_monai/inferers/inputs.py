@@ -14,8 +14,8 @@ import torch
 from ..transforms.io import IMAGE_2D_SUFFIXES as IMAGE_SUFFIXES
 from ..transforms.io import VOLUME_SUFFIXES
 
-__all__ = ["box_prompts", "expand_inputs", "inference_items", "input_kind", "is_dicom_series", "is_volume_path",
-           "item_prompts", "output_names", "user_error"]
+__all__ = ["box_prompts", "check_distinct_prompts", "expand_inputs", "inference_items", "input_kind",
+           "is_dicom_series", "is_volume_path", "item_prompts", "output_names", "user_error"]
 
 GLOB_CHARACTERS = "*?["
 DICOM_SUFFIXES = ("", ".dcm", ".ima")
@@ -66,6 +66,7 @@ def inference_items(
     prompts: Sequence[str] | Mapping[Any, str] | str | None = None,
     split: str = "test",
     base_dir: str | Path | None = None,
+    prompt_option: str = "--prompts \"['TEXT', ...]\"",
 ) -> list[dict[str, Any]]:
     """Datalist -> inference items ``{"image": absolute path, "prompts": {value: text}, ...}``.
 
@@ -76,6 +77,8 @@ def inference_items(
             ``prompts``; None keeps each item's ``prompts`` (an item without any is an error).
         split: the list of a decathlon-style datalist to predict.
         base_dir: folder of relative image paths (default: the datalist file's folder, else the working dir).
+        prompt_option: how the caller's user gives ``prompts``, named when an item has none (default: the
+            inference bundle's ``--prompts`` override).
     """
     if isinstance(datalist, (str, Path)) and _suffix(datalist) != ".json":
         entries: Any = [str(datalist)]
@@ -98,6 +101,7 @@ def inference_items(
     if not isinstance(entries, list):
         raise ValueError(f"the datalist's items must be a list of objects with 'image' (or of paths), got "
                          f"{type(entries).__name__}")
+    override = None if prompts is None else _prompt_mapping(prompts)
     items = []
     for entry in entries:
         if not isinstance(entry, (str, Path, Mapping)):
@@ -108,13 +112,13 @@ def inference_items(
         item.pop("label", None)  # prediction needs no ground truth (evaluation items come from data.selection)
         image = Path(str(item["image"])).expanduser()
         item["image"] = os.path.normpath(image if image.is_absolute() else base / image)
-        if prompts is not None:
-            item["prompts"] = _prompt_mapping(prompts)
+        if override is not None:
+            item["prompts"] = dict(override)
         elif not item.get("prompts"):
-            raise ValueError(f"{item['image']}: no prompts; give --prompt TEXT (repeat it for several) or 'prompts' "
-                             "in the item")
+            raise ValueError(f"{item['image']}: no prompts; give {prompt_option} or 'prompts' in the item")
         else:  # the item's own: {value: text}, a list (values 1..P) or one text, checked as the loader checks them
             values, texts = item_prompts(item, item["image"])
+            check_distinct_prompts(texts, item["image"])
             item["prompts"] = {str(value): text for value, text in zip(values, texts)}
         items.append(item)
     if not items:
@@ -124,12 +128,42 @@ def inference_items(
     return items
 
 
-def _prompt_mapping(prompts: Sequence[str] | Mapping[Any, str] | str) -> dict[str, str]:
+def _prompt_mapping(prompts: Sequence[str] | Mapping[Any, str] | str, where: str | None = None) -> dict[str, str]:
+    """Texts (label values 1..P) or ``{value: text}`` -> ``{"value": text}``, each concept once
+    (:func:`check_distinct_prompts`; ``where``: the input or item named in its error)."""
+    mapping = _numbered(prompts)
+    check_distinct_prompts(list(mapping.values()), where)
+    return mapping
+
+
+def _numbered(prompts: Sequence[str] | Mapping[Any, str] | str) -> dict[str, str]:
     if isinstance(prompts, str):
         prompts = [prompts]
     if isinstance(prompts, Mapping):
         return {str(k): v for k, v in prompts.items()}
     return {str(i + 1): text for i, text in enumerate(prompts)}
+
+
+def check_distinct_prompts(texts: Sequence[Any], where: str | None = None) -> None:
+    """Refuse a prompt text given twice, compared as SAM3 reads them (``networks.tokenizer.clean_prompt``: case,
+    spaces, HTML entities): both would find the same pixels, which go to the first one's label, and the second
+    label would stay empty. Every inference path's prompts come through here (``medsam3 segment`` and its
+    ``--datalist``, ``medsam3 serve``, the MONAI Label app, the inference bundle: ``Predictor.item`` and
+    :func:`inference_items`); :func:`item_prompts` alone does not check (evaluation's prompt ensembles fuse
+    phrasings that may repeat). Non-texts are left to the tokenizer's check. Raises ``PromptError`` (a
+    ValueError) naming ``where`` (an input or datalist item)."""
+    from ..networks.tokenizer import PromptError, clean_prompt
+
+    seen: dict[str, Any] = {}
+    for text in texts:
+        if not isinstance(text, str):
+            continue
+        key = clean_prompt(text)
+        if key in seen:
+            same = "" if text == seen[key] else f" (as {seen[key]!r})"
+            raise PromptError(f"{where + ': ' if where else ''}prompt {text!r} is given twice{same}: each prompt "
+                              "makes its own label and the second one would stay empty; give each concept once")
+        seen[key] = text
 
 
 def item_prompts(item: Mapping[str, Any], path: str | None = None) -> tuple[list[int], list[str]]:
@@ -143,7 +177,7 @@ def item_prompts(item: Mapping[str, Any], path: str | None = None) -> tuple[list
     if not spec:
         raise PromptError(f"{path or 'item'}: no text prompt given; give at least one, e.g. 'polyp'")
     if not isinstance(spec, Mapping):
-        spec = _prompt_mapping(spec)
+        spec = _numbered(spec)
     parsed = parse_prompts(spec, path)
     return list(parsed), list(parsed.values())
 

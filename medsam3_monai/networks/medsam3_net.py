@@ -66,7 +66,8 @@ class MedSAM3Net(nn.Module):
             an original ``sam3.pt``, a Medical-SAM3 release file, or a checkpoint we trained. The format
             is detected; loading is strict and a mismatch raises ``CheckpointError`` with a key report.
         config: architecture to build when the checkpoint carries none (original layouts); default full SAM3.
-        image_size: slice-space side S for the ``tiny`` preset (default 112).
+        image_size: slice-space side S for the ``tiny`` preset (default 112); with a checkpoint, the size it must
+            work at (a ValueError says so when it does not; None takes the checkpoint's own).
         seed: initialisation seed of the ``tiny`` preset.
         gradient_checkpointing: recompute ViT and CLIP layers in backward to save memory.
         text_cache_size: prompts kept in the text-feature cache (0 disables it).
@@ -103,6 +104,10 @@ class MedSAM3Net(nn.Module):
     ) -> None:
         super().__init__()
         loaded = load_sam3(source, config=config, image_size=image_size, seed=seed)
+        built = int(loaded.model.config.vision_config.backbone_config.image_size)
+        if image_size is not None and built != image_size:  # a checkpoint keeps its own architecture
+            raise ValueError(f"checkpoint {source} works at {built} px, not {image_size}: give its size ({built}) as "
+                             "the image size, or leave the image size out")
         self.sam3: Sam3Model = loaded.model
         self.tokenizer = loaded.tokenizer
         self.source = str(source)
@@ -490,13 +495,7 @@ def load_network(source: str = "tiny", image_size: int | None = None,
         check_image_size(image_size)
     if detector_chunk is not None and int(detector_chunk) < 1:
         raise ValueError(f"detector chunk must be >= 1, got {detector_chunk}")
-    if str(source) == "tiny":
-        network = MedSAM3Net("tiny", image_size=image_size or 112)
-    else:
-        network = MedSAM3Net(str(source))
-        if image_size is not None and image_size != network.image_size:
-            raise ValueError(f"checkpoint {source} works at {network.image_size} px, not {image_size}: "
-                             "drop the image size or give the checkpoint's")
+    network = MedSAM3Net(str(source), image_size=(image_size or 112) if str(source) == "tiny" else image_size)
     if detector_chunk is not None:
         network.detector_chunk = int(detector_chunk)
     network.eval()

@@ -16,6 +16,8 @@ Conventions (the whole ``transforms`` package relies on them):
   that says how to allow it (``max_pixels``: the ``--max-pixels`` option of ``medsam3 segment``, the
   ``MEDSAM3_MAX_PIXELS`` environment variable); ``max_pixels="auto"`` also refuses what would not fit in the
   available memory at :data:`SEGMENT_BYTES_PER_PIXEL` (the 2D segment path's peak, ``scripts/bench_memory.py``).
+* One picture per file: a multi-frame picture (multi-page TIFF, animated GIF / PNG) is refused from its header
+  (:func:`picture_size`), on every path, instead of reading its first frame only.
 * Masks are decoded to one integer per pixel: 1-bit -> 0/255, palette -> the palette *index*, RGB/RGBA ->
   the largest colour channel (the alpha channel when the colours are all zero), 16-bit kept as is. The
   meaning of the values (binary, label map, instance ids, JPEG threshold) is :class:`DecodeLabeld`'s job.
@@ -45,6 +47,7 @@ __all__ = [
     "IMAGE_2D_SUFFIXES",
     "MAX_PIXELS_ENV",
     "SEGMENT_BYTES_PER_PIXEL",
+    "CHANNEL_HINT",
     "VOLUME_SUFFIXES",
     "Image2DReader",
     "LoadMedicalImaged",
@@ -68,6 +71,9 @@ SEGMENT_BYTES_PER_PIXEL = 12
 #: share of the available memory ``max_pixels="auto"`` lets one picture take
 MEMORY_SHARE = 0.8
 _PIL_LIMIT_LOCK = threading.Lock()
+#: what a 4D volume's error says to do: ``--channel N`` is the option of ``medsam3 segment`` and ``medsam3 agent``
+#: and the ``channel`` setting of the inference bundle (``--channel N`` there too)
+CHANNEL_HINT = "use a 3D volume, or pick one channel / time point with --channel N (in Python: channel=N)"
 
 
 def _suffix(path: str | Path) -> str:
@@ -122,9 +128,22 @@ def pil_pixel_limit() -> int | None:
 
 
 def picture_size(path: str | Path) -> tuple[int, int]:
-    """(width, height) of a 2D picture from its header, without decoding it."""
+    """(width, height) of a 2D picture from its header, without decoding it (PIL's decompression-bomb limit off:
+    :func:`check_picture_size` applies the limit).
+
+    Raises:
+        DataError: a multi-frame picture (multi-page TIFF, animated GIF / PNG): only its first frame would be
+            read, so it is refused on every path (``medsam3 segment`` / ``agent`` / ``serve``, the bundles). A
+            JPEG's extra MPO pictures (a camera's previews or second view) are not frames of a stack: frame 0 is
+            the picture.
+    """
     with _pil_size_check_off(), Image.open(path) as img:
-        return img.size
+        frames = 1 if img.format == "MPO" else int(getattr(img, "n_frames", 1) or 1)
+        size = img.size
+    if frames > 1:
+        raise DataError(path, f"is a multi-frame picture ({frames} frames / pages) but one 2D picture is segmented "
+                              "at a time", "save the frame / page you want as its own file (e.g. one PNG)")
+    return size
 
 
 def _gb(n_bytes: float) -> str:
@@ -421,8 +440,9 @@ def load_medical_image(
         ``(C, H, W)`` for 2D pictures (C = 1 or 3), ``(1, X, Y, Z)`` for volumes; masks have C = 1.
 
     Raises:
-        DataError: missing, corrupt or truncated file; a picture over the size limit; a 4D volume (more than
-            one channel) unless ``channel`` picks one; NaN/Inf intensities; a mask with non-integer values.
+        DataError: missing, corrupt or truncated file; a picture over the size limit; a multi-frame picture; a
+            4D volume (more than one channel) unless ``channel`` picks one; NaN/Inf intensities; a mask with
+            non-integer values.
     """
     path = str(path)
     if readers is None:
@@ -434,6 +454,8 @@ def load_medical_image(
     if isinstance(reader, Image2DReader):
         try:
             size = picture_size(path)
+        except DataError:  # a multi-frame picture
+            raise
         except Exception as err:  # not a picture PIL knows
             raise _unreadable(path, mask, err) from err
         check_picture_size(path, size, max_pixels)
@@ -457,7 +479,7 @@ def load_medical_image(
         if channel is None or mask:
             raise DataError(path, f"is a 4D volume with {img.shape[0]} channels/time points (shape "
                                   f"{tuple(img.shape[1:]) + (img.shape[0],)})",
-                            "use 3D volumes, or pick one channel with LoadMedicalImaged(channel=...)")
+                            CHANNEL_HINT)
         if not 0 <= channel < img.shape[0]:
             raise DataError(path, f"channel {channel} requested but the volume has {img.shape[0]}",
                             "choose a channel index in range")

@@ -116,7 +116,7 @@ def parse_conf(conf: dict[str, str] | None) -> AppConfig:
             raise ConfError(f"--conf ct_window {ct!r}: give a preset name or width,level (e.g. 400,40)") from None
         ct = (width, level)
     modality = conf.get("modality") or None
-    return AppConfig(
+    config = AppConfig(
         labels=labels,
         prompts=prompts,
         checkpoint=conf.get("checkpoint") or "tiny",
@@ -129,3 +129,10 @@ def parse_conf(conf: dict[str, str] | None) -> AppConfig:
         model=conf.get("model") or MODEL_NAME,
         preload=str(conf.get("preload", "false")).strip().lower() in ("1", "true", "yes", "on"),
     )
+    from medsam3_monai.inferers.inputs import check_distinct_prompts
+
+    try:  # two labels of one text: the second would always be empty (the request-time check, at start)
+        check_distinct_prompts(list(config.prompts.values()), "--conf labels / prompts")
+    except ValueError as err:
+        raise ConfError(str(err)) from None
+    return config
