@@ -21,13 +21,18 @@ _NAME = re.compile(r"^checkpoint_iter(\d+)\.pt$")
 FILENAME_PATTERN = "checkpoint_iter{global_step}.{ext}"
 
 
-def latest_checkpoint(save_dir: str | Path) -> Path | None:
-    """The ``checkpoint_iterN.pt`` with the largest N in ``save_dir``, or None."""
+def _checkpoints(save_dir: str | Path) -> list[tuple[int, Path]]:
+    """``(N, path)`` of every ``checkpoint_iterN.pt`` in ``save_dir`` (none when it does not exist), by N."""
     folder = Path(save_dir)
     if not folder.is_dir():
-        return None
-    found = [(int(m.group(1)), p) for p in folder.iterdir() if (m := _NAME.match(p.name))]
-    return max(found)[1] if found else None
+        return []
+    return sorted((int(m.group(1)), p) for p in folder.iterdir() if (m := _NAME.match(p.name)))
+
+
+def latest_checkpoint(save_dir: str | Path) -> Path | None:
+    """The ``checkpoint_iterN.pt`` with the largest N in ``save_dir``, or None."""
+    found = _checkpoints(save_dir)
+    return found[-1][1] if found else None
 
 
 class TorchRNGState:
@@ -122,12 +127,11 @@ class TrainingCheckpoint:
         match = _NAME.match(resumed_from.name)
         if match is None or get_rank() != 0:
             return
-        newer = sorted((int(m.group(1)), p.name) for p in self.save_dir.glob("checkpoint_iter*.pt")
-                       if (m := _NAME.match(p.name)) and int(m.group(1)) > int(match.group(1)))
+        newer = [path.name for n, path in _checkpoints(self.save_dir) if n > int(match.group(1))]
         if newer:
             logger.warning("%s holds checkpoints newer than %s (%s), of the run that went on from it: delete them, "
                            "or a later automatic resume may pick one of them instead of this run's newest",
-                           self.save_dir, resumed_from.name, ", ".join(name for _, name in newer))
+                           self.save_dir, resumed_from.name, ", ".join(newer))
 
     def load(self, engine: Engine) -> None:
         from monai.handlers import CheckpointLoader
