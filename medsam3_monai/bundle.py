@@ -82,6 +82,24 @@ def require_positive(**settings: Any) -> None:
             raise ValueError(f"--{name} must be a whole number >= 1, got {value!r}")
 
 
+def check_network_source(checkpoint: str | Path, image_size: int | None) -> None:
+    """Refuse an image size that is not a multiple of 14 and a checkpoint that is neither ``tiny``, a folder nor a
+    readable checkpoint file, before the training bundle caches its data (minutes at 1008 px); the network, built
+    later, reads the weights and checks the rest (architecture, the checkpoint's own size)."""
+    from .networks.checkpoints import checkpoint_keys, missing_checkpoint, read_checkpoint_file
+    from .networks.presets import check_image_size
+
+    if image_size is not None:
+        check_image_size(image_size)
+    if str(checkpoint) == "tiny":
+        return
+    path = Path(checkpoint).expanduser()
+    if not path.exists():
+        raise missing_checkpoint(path)
+    if path.is_file() and path.suffix != ".safetensors" and checkpoint_keys(path) is None:
+        read_checkpoint_file(path)  # not a state dict: read whole (what loading would do), to say what it is
+
+
 def require_empty_output(output_dir: str | Path) -> None:
     """Refuse an ``output_dir`` that holds files (an earlier run's report and overlays would mix with this run's,
     and go into its MLflow run), as ``medsam3 evaluate`` refuses a non-empty ``--out``."""

@@ -118,7 +118,7 @@ def forward(args: argparse.Namespace) -> dict:
             network(images, queries, image_ids=ids, pixels_normalized=True)
 
         def segment() -> None:
-            segment_image_batch(network, images, prompts)
+            segment_image_batch(network, images, prompts, pixels_normalized=True)
 
         entry: dict[str, object] = {}
         try:

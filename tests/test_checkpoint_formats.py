@@ -116,6 +116,16 @@ def test_architecture_mismatch_reports_keys(tmp_path, trained_like):
     assert "shape mismatch" in message and "(32,) vs (48,)" in message and "nothing was loaded" in message
 
 
+def test_weights_without_a_configuration_say_how_to_give_one(tmp_path, trained_like):
+    """A bare state dict (e.g. torch.save(net.state_dict())) of a tiny net: the full architecture is assumed, and
+    the error says so and names config=; with the configuration it loads."""
+    torch.save(trained_like.state_dict(), tmp_path / "bare.pt")
+    with pytest.raises(CheckpointError) as info:
+        MedSAM3Net(tmp_path / "bare.pt")
+    assert "without a configuration" in str(info.value) and "config=tiny_sam3_config" in str(info.value)
+    assert same_weights(MedSAM3Net(tmp_path / "bare.pt", config=tiny_sam3_config()), trained_like)
+
+
 def test_a_transformers_folder_with_a_tensor_too_many_or_too_few_is_refused(tmp_path, trained_like):
     import shutil
 

@@ -132,6 +132,51 @@ def test_msd_dataset_json_layout(tmp_path: Path):
         build_datalist("MSD", task)
 
 
+def test_msd_multichannel_task_names_its_channel_and_evaluates(shared_data: Path, tmp_path: Path, capsys):
+    """MSD Prostate / BrainTumour images are 4D (one channel per MR sequence, dataset.json 'modality'): the datalist
+    must say which channel is segmented (--channel N, written into each item), and then medsam3 evaluate runs it
+    (it has no --channel of its own: the items say)."""
+    from medsam3_monai.deploy.cli import main
+
+    source = shared_data / "MSD_Task04_Hippocampus_cropped"
+    task = tmp_path / "Task05_Prostate"
+    training = []
+    for image in sorted((source / "images").glob("*.nii.gz"))[:3]:
+        volume = nib.load(image)
+        sequences = np.stack([volume.get_fdata(), volume.get_fdata()[::-1]], axis=-1)  # (X, Y, Z, 2): T2, ADC
+        (task / "imagesTr").mkdir(parents=True, exist_ok=True)
+        nib.Nifti1Image(sequences.astype(np.float32), volume.affine).to_filename(task / "imagesTr" / image.name)
+        (task / "labelsTr").mkdir(exist_ok=True)
+        (task / "labelsTr" / image.name).write_bytes((source / "masks" / image.name).read_bytes())
+        training.append({"image": f"./imagesTr/{image.name}", "label": f"./labelsTr/{image.name}"})
+    meta = {"name": "Prostate", "modality": {"0": "T2", "1": "ADC"},
+            "labels": {"0": "background", "1": "PZ", "2": "TZ"}, "training": training, "test": []}
+    (task / "dataset.json").write_text(json.dumps(meta))
+    with pytest.raises(DatalistError, match=r"2 channels \(0 T2, 1 ADC\): choose the one to segment with --channel N"):
+        build_datalist("MSD", task)
+    with pytest.raises(DatalistError, match=r"channel 2 is not one of the images' channels \(0 T2, 1 ADC\)"):
+        build_datalist("MSD", task, channel=2)
+    datalist = tmp_path / "prostate.json"
+    assert datalist_command(["MSD", str(task), "--out", str(datalist), "--channel", "1", "--check",
+                             "--no-progress"]) == 0
+    items = [item for split in json.loads(datalist.read_text()).values() for item in split]
+    assert len(items) == 3 and {item["channel"] for item in items} == {1}
+    capsys.readouterr()
+    out = tmp_path / "eval"
+    assert main(["evaluate", "--datalist", str(datalist), "--checkpoint", "tiny", "--split", "all", "--out", str(out),
+                 "--no-progress", "--no-mlflow", "--overlays", "0"]) == 0
+    assert len((out / "cases.csv").read_text().strip().splitlines()) == 1 + 3 * 2  # 3 cases x 2 prompts
+    masks = tmp_path / "masks"
+    assert main(["segment", "--datalist", str(datalist), "--split", "training", "--out-dir", str(masks),
+                 "--tracker", "none", "--no-progress"]) == 0
+    written = sorted(masks.glob("*_seg.nii.gz"))
+    assert written and all(nib.load(path).shape == nib.load(source / "masks" / path.name.replace("_seg", "")).shape
+                           for path in written)
+    assert {json.loads(Path(f"{path}.json").read_text())["channel"] for path in written} == {1}
+    with pytest.raises(DatalistError, match="--channel 0 given, but the images have one channel"):
+        build_datalist("MSD_Task04_Hippocampus", source, channel=0)
+
+
 def test_msd_task_missing_from_the_catalogue_is_an_error(tmp_path: Path):
     task = tmp_path / "Task11_Unknown"
     task.mkdir()

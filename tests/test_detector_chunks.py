@@ -41,7 +41,7 @@ class Passes:
 
 def test_chunks_give_the_forward_of_their_queries_with_one_vit_pass(network):
     torch.manual_seed(0)
-    images = torch.randn(2, 3, 112, 112)
+    images = torch.rand(2, 3, 112, 112)
     image_ids = torch.tensor([0, 0, 1, 1, 1])
     with torch.no_grad():
         whole = network(images, PROMPTS, image_ids=image_ids, pixels_normalized=True)
@@ -62,7 +62,7 @@ def test_chunks_give_the_forward_of_their_queries_with_one_vit_pass(network):
 
 def test_masks_do_not_depend_on_the_detector_chunk(network):
     torch.manual_seed(1)
-    image, images, slices = torch.randn(3, 112, 112), torch.randn(3, 3, 112, 112), torch.randn(5, 3, 112, 112)
+    image, images, slices = torch.rand(3, 112, 112), torch.rand(3, 3, 112, 112), torch.rand(5, 3, 112, 112)
     per_image = [PROMPTS[:2], PROMPTS[2:], PROMPTS[:1]]
     protocols = ["top_query", "semantic", "threshold"]
 
@@ -146,7 +146,7 @@ def test_a_batch_mixing_box_and_text_prompts_gives_each_image_its_own_results(ne
     from medsam3_monai.inferers.inputs import box_prompts
 
     torch.manual_seed(2)
-    images = torch.randn(4, 3, 112, 112)
+    images = torch.rand(4, 3, 112, 112)
     per_image = [PROMPTS[:2], PROMPTS[2:3], PROMPTS[3:4], PROMPTS[3:]]
     boxes = [None, box_prompts([10, 20, 80, 90], 1, (112, 112)), None,
              box_prompts([[30, 30, 100, 70], [0, 0, 50, 50]], 2, (112, 112))]

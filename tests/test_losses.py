@@ -246,6 +246,25 @@ def test_total_is_weighted_sum_times_sqrt_batch():
     assert terms["num_instances"].item() == 2
 
 
+def test_masks_as_pil_gives_them_train_as_bool_masks_and_soft_or_wrong_targets_are_refused():
+    """0/255 uint8 (a PIL mask), 0/255 float, 0/1 integer masks and list boxes: the loss of bool masks; soft masks
+    and a dict of targets are refused by name."""
+    out = _single_layer_output()
+    masks = torch.zeros(2, 4, 4, dtype=torch.bool)
+    masks[0, :2, :2] = True
+    masks[1, 2:, 1:] = True
+    boxes = [[0.25, 0.25, 0.5, 0.5], [0.6, 0.75, 0.75, 0.5]]
+    expected = _criterion()(out, FindTargets(torch.tensor(boxes), torch.tensor([2, 0]), masks))["loss"]
+    for encoded in (masks.to(torch.uint8) * 255, masks.float() * 255, masks.long()):
+        targets = FindTargets(boxes, [2, 0], encoded)
+        assert targets.masks.dtype == torch.bool
+        assert _criterion()(out, targets)["loss"].item() == pytest.approx(expected.item(), rel=1e-6)
+    with pytest.raises(ValueError, match="soft masks"):
+        FindTargets(boxes, [2, 0], masks.float() * 0.7)
+    with pytest.raises(TypeError, match="must be a FindTargets"):
+        _criterion()(out, {"boxes": torch.tensor(boxes), "num_boxes": torch.tensor([2, 0])})
+
+
 def test_negative_prompt_only_trains_presence():
     out = _single_layer_output(b=1)
     targets = FindTargets(torch.zeros(0, 4), torch.tensor([0]), torch.zeros(0, 4, 4, dtype=torch.bool))

@@ -6,8 +6,10 @@ from __future__ import annotations
 from pathlib import Path
 
 import pytest
+import torch
 
 from medsam3_monai.bundle import BUNDLE_CONFIGS
+from medsam3_monai.networks import MedSAM3Net
 
 pytestmark = pytest.mark.usefixtures("one_thread")
 
@@ -48,6 +50,13 @@ def test_training_run_is_reviewable_in_mlflow(shared_data: Path, tmp_path: Path)
     artifacts = {a.path for a in client.list_artifacts(run.info.run_id)}
     assert {"model.pt", "model_best_val_dice.pt", "metadata.json"} <= artifacts, artifacts
     assert {"checkpoint", "batch_size", "lr.detector", "loss.weight_mask"} <= set(run.data.params)
+    # the best model is written like models/model.pt (its configuration inside): MedSAM3Net loads it as it is,
+    # with the validation Dice and the iteration it was reached at
+    best_file = bundle_root / "runs" / "checkpoints" / "model_best_val_dice.pt"
+    best = torch.load(best_file, map_location="cpu", weights_only=True)
+    first_best = max(val, key=lambda m: m.value)  # the first of equal values: only a better one rewrites the file
+    assert best["val_dice"] == pytest.approx(first_best.value) and best["iteration"] == first_best.step
+    assert MedSAM3Net(best_file).image_size == 112
 
     # one more epoch: training resumes at iteration 9 from the last checkpoint, in a new run (the first finished)
     # that gets every hyper-parameter too

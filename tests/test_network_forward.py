@@ -240,6 +240,35 @@ def test_bad_inputs_raise_clear_errors(tiny_net, tiny_images):
         tiny_net(tiny_images, PROMPTS, boxes=torch.rand(2, 4))
 
 
+def test_inputs_that_would_run_wrongly_are_refused_by_name(tiny_net, tiny_images):
+    """Images of another scale or dtype, pixel boxes and box labels without boxes would run and give wrong masks;
+    they are refused with what to do. Box prompts as nested lists are taken as tensors."""
+    levels = (tiny_images * 255).round()
+    with pytest.raises(ValueError, match=r"int64: give uint8 8-bit levels"):
+        tiny_net(levels.long(), PROMPTS)
+    with pytest.raises(ValueError, match="bool: give uint8"):
+        tiny_net(tiny_images > 0.5, PROMPTS)
+    with pytest.raises(ValueError, match=r"values in \[0, 255\], expected \[0, 1\]: divide 0..255 floats by 255"):
+        tiny_net(levels, PROMPTS)
+    with pytest.raises(ValueError, match=r"expected \[0, 1\]"):
+        tiny_net(torch.full_like(tiny_images, float("nan")), PROMPTS)
+    with pytest.raises(ValueError, match=r"expected \[-1, 1\]: SAM3-normalised"):
+        tiny_net(levels, PROMPTS, pixels_normalized=True)
+    with pytest.raises(ValueError, match="no prompts"):
+        tiny_net(tiny_images, [])
+    with pytest.raises(ValueError, match="positive multiple of 14.*got 0"):
+        MedSAM3Net("tiny", image_size=0)
+    with pytest.raises(ValueError, match="box_labels given without boxes"):
+        tiny_net(tiny_images, PROMPTS, box_labels=torch.ones(2, 1))
+    with pytest.raises(ValueError, match=r"normalised cx, cy, w, h in \[0, 1\]"):
+        tiny_net(tiny_images, PROMPTS, boxes=torch.tensor([[[10.0, 10.0, 50.0, 50.0]]] * 2))
+    boxes = [[[0.5, 0.5, 0.2, 0.2]], [[0.4, 0.6, 0.3, 0.2]]]
+    with torch.no_grad():
+        as_lists, as_tensor = tiny_net(tiny_images, PROMPTS, boxes=boxes), tiny_net(tiny_images, PROMPTS,
+                                                                                  boxes=torch.tensor(boxes))
+    assert torch.equal(as_lists.pred_masks, as_tensor.pred_masks)
+
+
 def test_metatensor_images_reach_the_network_as_plain_tensors(tiny_net):
     """Slice-space images are MONAI MetaTensors (their metadata serves the way back); the network and the training
     batch take them as plain tensors -- every operation of a MetaTensor goes through its ``__torch_function__`` --

@@ -90,7 +90,7 @@ def test_optional_position_embedding_override(full_model_on_meta):
     groups = sam3_param_groups(full_model_on_meta, LearningRates(position_embedding_scale=1.0))
     pos = next(g for g in groups if any(p is dict(full_model_on_meta.named_parameters())[
         "vision_encoder.backbone.embeddings.position_embeddings"] for p in g["params"]))
-    assert pos["lr"] == pytest.approx(5e-5) and len(pos["params"]) == 1
+    assert pos["lr"] == pytest.approx(5e-5) and len(pos["params"]) == 1 and pos["name"] == "vision.pos_embed"
 
 
 def test_build_optimizer_gives_each_component_its_rate_and_the_weight_decay():

@@ -64,14 +64,19 @@ def _refused(result, expected: str) -> None:
 
 @pytest.mark.slow
 def test_training_bundle_settings_are_refused_by_name(shared_data, tmp_path):
-    datalist = str([_kvasir_datalist(shared_data, tmp_path)])
+    kvasir = _kvasir_datalist(shared_data, tmp_path)
+    datalist = str([kvasir])
     for name, overrides, expected in (
         ("mode", ("--mode", "MedSAM3"), "unknown training mode 'MedSAM3': choose full"),
         ("interval", ("--val_interval", "0"), "--val_interval must be a whole number >= 1, got 0"),
+        ("size", ("--image_size", "100"), "image size must be a positive multiple of 14"),
+        ("checkpoint", ("--checkpoint", kvasir), "not a readable PyTorch checkpoint"),
     ):
         root = tmp_path / name
-        _refused(run_bundle(["train.json"], "--bundle_root", str(root), "--datalists", datalist, "--max_epochs", "1",
-                            *overrides), expected)
+        result = run_bundle(["train.json"], "--bundle_root", str(root), "--datalists", datalist, "--max_epochs", "1",
+                            *overrides)
+        _refused(result, expected)
+        assert "Loading dataset" not in result.stdout + result.stderr, "refused only after caching the data"
         assert not (root / "models").exists() and not any((root / "runs" / "checkpoints").glob("*.pt"))
 
 

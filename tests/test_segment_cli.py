@@ -75,6 +75,20 @@ def test_two_prompts_write_a_label_map_and_a_sidecar_naming_each_value(two_promp
     assert "maximum" in sidecar["overlaps"]
 
 
+def test_predict_file_in_python_gives_the_commands_label_map(two_prompt_run, kvasir):
+    """The README's Python call: ``predict_file`` (and a kept ``Predictor``) return the label map ``medsam3 segment``
+    wrote; an image size that contradicts the given network is refused rather than ignored."""
+    from medsam3_monai.inferers import Predictor, predict_file
+
+    prediction = predict_file(kvasir, ["polyp", "mucosa"], box=None, checkpoint="tiny")
+    assert prediction.label_values == [1, 2] and not prediction.is_volume
+    assert np.array_equal(prediction.label_map.numpy(), png(two_prompt_run))
+    predictor = Predictor.from_checkpoint("tiny")
+    assert np.array_equal(predictor(kvasir, ["polyp", "mucosa"]).label_map.numpy(), png(two_prompt_run))
+    with pytest.raises(ValueError, match="image_size=224 but the given network works at 112 px"):
+        predict_file(kvasir, ["polyp"], network=predictor.network, image_size=224)
+
+
 def test_pixel_boxes_become_normalised_cxcywh_and_bad_boxes_are_refused():
     boxes, labels = box_prompts([10, 20, 110, 60], 2, (100, 200))  # H = 100, W = 200
     assert torch.allclose(boxes[:, 0], torch.tensor([[0.3, 0.4, 0.5, 0.4]] * 2)) and labels.tolist() == [[1], [1]]

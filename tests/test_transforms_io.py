@@ -394,10 +394,13 @@ def test_an_rgb_mask_reads_its_brightest_channel_per_pixel(tmp_path):
 
 @requires_data
 @pytest.mark.parametrize("change, words", [("spacing", "voxel spacing differs"), ("origin", "position differs"),
-                                           (None, None)])
+                                           ("mirrored", "array axis 0 points the opposite way"),
+                                           ("flipped", "array axis 0 points the opposite way"),
+                                           ("swapped", "its axes point in other directions"), (None, None)])
 def test_a_volume_mask_of_another_geometry_is_warned_about(change, words, tmp_path):
-    """A mask with its image's size but another spacing or origin (its header says it belongs elsewhere): loaded as
-    stored, with a warning; the image's own mask loads silently."""
+    """A mask with its image's size but another spacing, origin or orientation (its header says it belongs elsewhere,
+    or that it is stored mirrored: the same world grid with axis 0 reversed, as other tools save it): loaded as
+    stored, with a warning naming what differs; the image's own mask loads silently."""
     folder = SHARED_DATA / "MSD_Task04_Hippocampus_cropped"
     image, mask = folder / "images" / "hippocampus_023.nii.gz", nib.load(folder / "masks" / "hippocampus_023.nii.gz")
     affine = mask.affine.copy()
@@ -405,8 +408,17 @@ def test_a_volume_mask_of_another_geometry_is_warned_about(change, words, tmp_pa
         affine[:3, :3] *= 2
     elif change == "origin":
         affine[:3, 3] += 50
+    data = np.asarray(mask.dataobj)
+    if change == "mirrored":  # same origin, axis 0 reversed: the voxels pair with the image's mirror image
+        affine[:3, 0] *= -1
+    elif change == "flipped":  # the same world grid stored with axis 0 reversed (origin at the other end)
+        affine[:3, 3] += affine[:3, 0] * (data.shape[0] - 1)
+        affine[:3, 0] *= -1
+        data = data[::-1].copy()
+    elif change == "swapped":
+        affine[:3, [0, 1]] = affine[:3, [1, 0]]
     path = tmp_path / "mask.nii.gz"
-    nib.save(nib.Nifti1Image(np.asarray(mask.dataobj), affine), path)
+    nib.save(nib.Nifti1Image(data, affine), path)
     import warnings
 
     with warnings.catch_warnings(record=True) as caught:

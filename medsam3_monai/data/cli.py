@@ -40,6 +40,9 @@ def add_datalist_parser(subparsers: argparse._SubParsersAction) -> argparse.Argu
     parser.add_argument("--relative-to", metavar="BASE", help="write paths relative to BASE instead of absolute")
     parser.add_argument("--val-fraction", type=float, default=0.15, help="validation share of the pool (0.15)")
     parser.add_argument("--seed", type=int, default=42, help="split seed (42)")
+    parser.add_argument("--channel", type=int, default=None, metavar="N",
+                        help="multi-channel (4D) images, e.g. MSD BrainTumour / Prostate: the channel every item "
+                             "segments (0-based; written into each item as 'channel')")
     parser.add_argument("--skip-bad", action="store_true", help="leave bad pairs out (listed) instead of failing")
     parser.add_argument("--no-value-check", action="store_true", help="do not read label maps to check their values")
     parser.add_argument("--check", action="store_true",
@@ -61,7 +64,8 @@ def _listing() -> str:
     catalogue = load_catalogue()
     lines = []
     for name, converter in sorted(CONVERTERS.items()):
-        datasets = [e.name for e in catalogue.datasets.values() if e.converter == name]
+        datasets = [e.name + (f" (also {', '.join(e.aliases)})" if e.aliases else "")
+                    for e in catalogue.datasets.values() if e.converter == name]
         lines.append(f"{name:32s} {', '.join(datasets)}\n{'':32s} layout: {converter.summary}")
     return "\n".join(lines)
 
@@ -83,6 +87,7 @@ def run_datalist(args: argparse.Namespace) -> int:
         skip_bad=args.skip_bad,
         check_values=not args.no_value_check,
         relative_to=args.relative_to,
+        channel=args.channel,
     )
     if args.check:
         decode_check(result, skip_bad=args.skip_bad, progress=not args.no_progress, base_dir=args.relative_to)

@@ -19,7 +19,7 @@ from __future__ import annotations
 import json
 import os
 from collections.abc import Iterable, Mapping, Sequence
-from dataclasses import dataclass, field
+from dataclasses import dataclass, field, replace
 from pathlib import Path
 from typing import Any
 
@@ -98,9 +98,9 @@ def _format(path: Path, relative_to: Path | None) -> str:
     return Path(os.path.relpath(absolute, relative_to)).as_posix() if relative_to else absolute
 
 
-def _item(pair: Pair, entry: DatasetEntry, relative_to: Path | None) -> dict[str, Any]:
+def _item(pair: Pair, entry: DatasetEntry, relative_to: Path | None, channel: int | None = None) -> dict[str, Any]:
     labels = [_format(p, relative_to) for p in pair.labels]
-    return {
+    item = {
         "image": _format(pair.image, relative_to),
         "label": labels[0] if len(labels) == 1 else labels,
         "dataset": entry.name,
@@ -110,6 +110,21 @@ def _item(pair: Pair, entry: DatasetEntry, relative_to: Path | None) -> dict[str
         "mask_encoding": entry.mask_encoding,
         "case": pair.case,
     }
+    if channel is not None:
+        item["channel"] = channel
+    return item
+
+
+def _check_channel(channels: Mapping[int, str], channel: int | None, root: Path) -> None:
+    """A channel is chosen exactly when the images have several (and it is one of them)."""
+    named = ", ".join(f"{index} {name}" for index, name in sorted(channels.items()))
+    if channels and channel is None:
+        raise DatalistError(f"{root}: the images have {len(channels)} channels ({named}): choose the one to segment "
+                            "with --channel N (in Python: channel=N); every item then says so ('channel')")
+    if channel is not None and not channels:
+        raise DatalistError(f"{root}: --channel {channel} given, but the images have one channel: leave it out")
+    if channel is not None and channel not in channels:
+        raise DatalistError(f"{root}: channel {channel} is not one of the images' channels ({named})")
 
 
 def _entries(pairs: Iterable[Pair], catalogue: Catalogue) -> dict[str, DatasetEntry]:
@@ -142,19 +157,23 @@ def build_datalist(
     skip_bad: bool = False,
     check_values: bool = True,
     relative_to: Path | str | None = None,
+    channel: int | None = None,
 ) -> DatalistResult:
     """Read ``root`` with the converter named (or implied) by ``name`` and build the datalist.
 
     Bad input (image without mask, mask without image, mask size different from the image, label value not in
     the catalogue) raises :class:`DatalistError` listing every problem, unless ``skip_bad``: then the pairs are
     left out and listed in ``result.skipped``. ``check_values`` reads every label map to compare its values
-    with the catalogue (turn off for very large 3D datasets).
+    with the catalogue (turn off for very large 3D datasets). ``channel`` picks the channel of multi-channel (4D)
+    images that every item segments (written as its ``channel``); such a dataset (MSD BrainTumour, Prostate)
+    needs one.
     """
     catalogue = catalogue or load_catalogue()
     root = Path(root)
     converter, entry = resolve(name, catalogue)
     _check_root(root, converter.summary)
-    conversion: Conversion = converter.convert(root, entry, catalogue)
+    conversion: Conversion = _as_entry(converter.convert(root, entry, catalogue), entry, converter.name)
+    _check_channel(conversion.channels, channel, root)
     entries = _entries(conversion.pairs, catalogue)
     problems = list(conversion.problems)
     good: list[Pair] = []
@@ -177,9 +196,24 @@ def build_datalist(
     for dataset, entry in sorted(entries.items()):
         parts = _split([p for p in good if p.dataset == dataset], entry, val_fraction, seed, root)
         for split, chosen in zip(SPLITS, parts):
-            datalist[split].extend(_item(p, entry, relative) for p in chosen)
+            datalist[split].extend(_item(p, entry, relative, channel) for p in chosen)
     validate(datalist, load_schema("datalist", catalogue.root), "datalist")
     return DatalistResult(datalist, converter.name, problems if skip_bad else [], list(conversion.unlabelled))
+
+
+def _as_entry(conversion: Conversion, entry: DatasetEntry | None, converter: str) -> Conversion:
+    """The pairs of the catalogue entry the user named: an entry of one's own that reuses another dataset's converter
+    (its labels, prompts and instance rule over the same folder layout) gets the pairs that converter names after
+    its own dataset. A converter that read several datasets, none of them the entry, is an error."""
+    produced = {pair.dataset for pair in conversion.pairs}
+    if entry is None or not produced or entry.name in produced:
+        return conversion
+    if len(produced) > 1:
+        raise DatalistError(f"{entry.name} reads its folder with the {converter} converter, which found the datasets "
+                            f"{sorted(produced)} there, not {entry.name}: name one of them, or give {entry.name} a "
+                            "converter of one dataset")
+    conversion.pairs = [replace(pair, dataset=entry.name) for pair in conversion.pairs]
+    return conversion
 
 
 def _split(

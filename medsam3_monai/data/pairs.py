@@ -50,12 +50,16 @@ class Conversion:
 
     ``problems`` are bad input (image without mask, mask without image, unreadable file): an error unless the
     caller asked to skip them. ``unlabelled`` are files the dataset publishes without labels (HC18 test_set,
-    MSD imagesTs): always left out, always counted and reported.
+    MSD imagesTs): always left out, always counted and reported. ``channels`` names the channels of
+    multi-channel (4D) images.
     """
 
     pairs: list[Pair] = field(default_factory=list)
     problems: list[Problem] = field(default_factory=list)
     unlabelled: list[Problem] = field(default_factory=list)
+    #: index -> name of the images' channels when they have several (MSD ``dataset.json`` ``modality``: BraTS's
+    #: FLAIR, T1w, t1gd, T2w): a datalist of them must say which one is segmented (its items' ``channel``)
+    channels: dict[int, str] = field(default_factory=dict)
 
     def extend(self, other: Conversion) -> None:
         self.pairs.extend(other.pairs)

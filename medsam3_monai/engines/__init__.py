@@ -4,15 +4,16 @@ from . import distributed
 from .checkpointing import TrainingCheckpoint, latest_checkpoint
 from .batch import ImageBudgetBatches, PrepareFindBatch, collate_find_queries, flatten_items
 from .evaluator import MedSAM3Evaluator, PromptDice, TopQueryDice, pred_and_label
-from .handlers import EpochSeedHandler, FinalCheckpoint, LossProgressBar, MLflowRunInfoHandler, TrainerIteration
-from .optim import build_optimizer, freeze_encoders, freeze_for_mode
+from .handlers import (BestModelCheckpoint, EpochSeedHandler, FinalCheckpoint, LossProgressBar, MLflowRunInfoHandler,
+                       TrainerIteration)
+from .optim import build_optimizer, check_training_mode, freeze_encoders, freeze_for_mode
 from .schedulers import WarmupInverseSqrtLR, inverse_sqrt_factor
 from .trainer import MedSAM3Trainer, autocast_for
 
 __all__ = [
-    "distributed", "EpochSeedHandler", "TrainingCheckpoint", "latest_checkpoint", "FinalCheckpoint", "MLflowRunInfoHandler", "LossProgressBar", "TrainerIteration", "MedSAM3Evaluator", "MedSAM3Trainer",
+    "distributed", "EpochSeedHandler", "TrainingCheckpoint", "latest_checkpoint", "FinalCheckpoint", "BestModelCheckpoint", "MLflowRunInfoHandler", "LossProgressBar", "TrainerIteration", "MedSAM3Evaluator", "MedSAM3Trainer",
     "ImageBudgetBatches", "PrepareFindBatch", "PromptDice",
     "TopQueryDice", "WarmupInverseSqrtLR", "autocast_for", "build_optimizer",
-    "collate_find_queries", "flatten_items", "freeze_encoders", "freeze_for_mode", "inverse_sqrt_factor",
+    "check_training_mode", "collate_find_queries", "flatten_items", "freeze_encoders", "freeze_for_mode", "inverse_sqrt_factor",
     "pred_and_label",
 ]

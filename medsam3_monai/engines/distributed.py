@@ -33,6 +33,7 @@ RANK0_ONLY = (
     "ClearMLImageHandler",
     "CheckpointSaver",
     "FinalCheckpoint",
+    "BestModelCheckpoint",
     "MLflowRunInfoHandler",
     "LossProgressBar",
 )

@@ -28,10 +28,16 @@ class EpochSeedHandler:
 
     Under DDP the sampler shuffles alike on every rank (``set_epoch``: one permutation, split into shards),
     while random transforms and the global RNG get ``+ rank`` so that ranks do not draw the same augmentations.
+
+    ``transform`` is one chain or a list of chains (the training bundle's 2D-picture and volume chains), each
+    re-seeded with the epoch's seed in list order; a random transform shared by two chains keeps the seed the last
+    chain gives it.
     """
 
     def __init__(self, seed: int = 42, sampler: Any = None, transform: Any = None) -> None:
-        self.seed, self.sampler, self.transform = seed, sampler, transform
+        self.seed, self.sampler = seed, sampler
+        chains = transform if isinstance(transform, (list, tuple)) else [transform]
+        self.transforms = [chain for chain in chains if chain is not None]
 
     def attach(self, engine: Engine) -> None:
         engine.add_event_handler(Events.EPOCH_STARTED, self)
@@ -45,8 +51,9 @@ class EpochSeedHandler:
                 self.sampler.set_epoch(engine.state.epoch)
             elif getattr(self.sampler, "generator", None) is not None:
                 self.sampler.generator.manual_seed(epoch_seed)
-        if self.transform is not None and hasattr(self.transform, "set_random_state"):
-            self.transform.set_random_state(seed=rank_seed % (2**32))
+        for chain in self.transforms:
+            if hasattr(chain, "set_random_state"):
+                chain.set_random_state(seed=rank_seed % (2**32))
 
 
 def mlflow_run_of(engine: Engine) -> tuple[Any, str] | None:
@@ -175,6 +182,16 @@ class LossProgressBar:
             engine, output_transform=lambda output: {"loss": float(output[0]["loss"]["loss"])})
 
 
+def save_model_file(network: torch.nn.Module, path: str | Path, **extra: Any) -> None:
+    """Write ``network`` (a ``MedSAM3Net``, DDP-wrapped or compiled alike) as our model file (config + state dict,
+    :func:`~medsam3_monai.networks.checkpoints.save_checkpoint_file`), on rank 0 only; ``extra`` is stored beside."""
+    if get_rank() > 0:
+        return
+    from ..networks.checkpoints import save_checkpoint_file
+
+    save_checkpoint_file(unwrap(network).sam3, path, extra=extra)
+
+
 class FinalCheckpoint:
     """Save the network as the bundle's ``models/model.pt`` (config + state dict, our checkpoint format) on COMPLETED."""
 
@@ -185,10 +202,43 @@ class FinalCheckpoint:
         engine.add_event_handler(Events.COMPLETED, self)
 
     def __call__(self, engine: Engine) -> None:
-        if torch.distributed.is_available() and torch.distributed.is_initialized() and torch.distributed.get_rank() > 0:
-            return
-        from ..networks.checkpoints import save_checkpoint_file
-
-        network = unwrap(self.network)
-        save_checkpoint_file(network.sam3, self.path, extra={"iteration": engine.state.iteration})
+        save_model_file(self.network, self.path, iteration=engine.state.iteration)
         logger.info("saved final model to %s", self.path)
+
+
+class BestModelCheckpoint:
+    """Save the network whenever a validation beats the best ``metric`` so far, in the format of ``models/model.pt``
+    (config + state dict), so that ``MedSAM3Net(path)``, ``--checkpoint`` and ``convert-checkpoint`` load it as they
+    load the final model. Attach it to the validator.
+
+    Args:
+        network: the trained ``MedSAM3Net``.
+        path: the file, rewritten atomically at each improvement.
+        metric: the validator's metric to maximise (stored in the file beside the weights).
+        iteration: the trainer's iteration (a :class:`TrainerIteration`), stored in the file; None leaves it out.
+
+    As with MONAI's ``CheckpointSaver``, the best is that of this process: the first validation after a resume
+    writes the file afresh.
+    """
+
+    def __init__(self, network: torch.nn.Module, path: str, metric: str = "val_dice",
+                 iteration: TrainerIteration | None = None) -> None:
+        self.network, self.path, self.metric, self.iteration = network, path, metric, iteration
+        self.best = float("-inf")
+
+    def attach(self, engine: Engine) -> None:
+        engine.add_event_handler(Events.EPOCH_COMPLETED, self)
+
+    def __call__(self, engine: Engine) -> None:
+        if self.metric not in engine.state.metrics:
+            raise KeyError(f"BestModelCheckpoint: the validator has no metric '{self.metric}' (it has "
+                           f"{sorted(engine.state.metrics)})")
+        value = float(engine.state.metrics[self.metric])
+        if not value > self.best:  # NaN never counts as better
+            return
+        self.best = value
+        extra: dict[str, Any] = {self.metric: value}
+        if self.iteration is not None:
+            extra["iteration"] = self.iteration(0)
+        save_model_file(self.network, self.path, **extra)
+        logger.info("saved best model (%s %.4f) to %s", self.metric, value, self.path)

@@ -37,10 +37,17 @@ def freeze_for_mode(network: nn.Module, mode: str) -> int:
     """The training bundle's ``mode`` applied to ``network``: ``full`` trains every parameter, ``medsam3`` freezes
     the vision and text encoders (:func:`freeze_encoders`). Returns the frozen parameter count; another mode is a
     ValueError (it would otherwise train in full mode without a word)."""
+    check_training_mode(mode)
+    return freeze_encoders(network) if mode == "medsam3" else 0
+
+
+def check_training_mode(mode: str) -> str:
+    """``mode`` when it is a training mode (``full``, ``medsam3``), else a ValueError naming the choices; the
+    training bundles check it first, before they cache their data."""
     if mode not in TRAINING_MODES:
         choices = "; ".join(f"{name} ({what})" for name, what in TRAINING_MODES.items())
         raise ValueError(f"unknown training mode {mode!r}: choose {choices}")
-    return freeze_encoders(network) if mode == "medsam3" else 0
+    return mode
 
 
 def build_optimizer(

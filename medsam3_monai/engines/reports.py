@@ -237,7 +237,8 @@ class EvaluationReport:
             warning = (f"every prediction of this run is empty ({len(self.records)} prompts), so every foreground "
                        f"case scores 0: with protocol {self.table.protocol} no mask the model gave has a foreground "
                        "pixel; a model trained with the semantic head alone (e.g. the tiny recipe) is evaluated "
-                       "with --protocol semantic")
+                       "with --protocol semantic on 2D cases (volumes always take the detector's top query and the "
+                       "tracker)")
             logger.warning(warning)
             notes.insert(0, f"WARNING: {warning}.")
         if self.unreadable:

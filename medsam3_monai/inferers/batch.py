@@ -63,7 +63,7 @@ def segment_image_batch(
     protocols: str | Sequence[str] = "top_query",
     score_threshold: float = 0.5,
     boxes: Sequence[tuple[torch.Tensor, torch.Tensor] | None] | None = None,
-    pixels_normalized: bool = True,
+    pixels_normalized: bool = False,
     logits_on_device: bool = False,
 ) -> list[ImageSegmentation]:
     """N slice-space images, each with its own prompts, through the network together: one
@@ -71,7 +71,8 @@ def segment_image_batch(
 
     Args:
         network: a ``MedSAM3Net`` (or anything with its forward signature: ``images, prompts, image_ids=``).
-        images: (N, 3, S, S) SAM3-normalised (``pixels_normalized``) slice-space images.
+        images: (N, 3, S, S) slice-space images: uint8 levels or [0, 1] floats (SAM3-normalised floats with
+            ``pixels_normalized=True``), as :func:`~.image.segment_image` takes them.
         prompts: N lists of prompt texts (P_i each, at least one).
         protocols: one 2D protocol for all images or one per image.
         score_threshold: for the ``threshold`` protocol.
@@ -162,8 +163,9 @@ def predict_items(predictor: Any, items: Sequence[Mapping[str, Any]], *, batch_s
     if int(num_workers) < 0:
         raise ValueError(f"number of workers must be >= 0, got {num_workers}")
     originals = list(items)  # yielded as given; the loader reads copies that record the channel
-    items = [dict(item, channel=channel) for item in originals]
-    preprocessing, _ = predictor.pipeline(channel)
+    # ``channel`` (--channel) for every item, else each item's own (a datalist written with --channel N)
+    items = [dict(item, channel=item.get("channel") if channel is None else channel) for item in originals]
+    preprocessing, _ = predictor.pipeline()
     device = next(predictor.network.parameters()).device
     loader = DataLoader(
         CaseDataset(items, transform=preprocessing, skip_unreadable=True), batch_size=int(batch_size),
@@ -188,7 +190,7 @@ def predict_items(predictor: Any, items: Sequence[Mapping[str, Any]], *, batch_s
                 results.update(zip(pictures, done))
             elif i not in results:  # a volume: on its own, written before the next one starts
                 results[i] = predictor.infer_cases([case], [item])[0]
-            yield originals[start + i], predictor.prediction(results.pop(i), item, channel)
+            yield originals[start + i], predictor.prediction(results.pop(i), item, item["channel"])
 
 
 # ------------------------------------------------------------------------------------------------ GPU knobs

@@ -117,7 +117,7 @@ def segment_image(
     score_threshold: float = 0.5,
     boxes: torch.Tensor | None = None,
     box_labels: torch.Tensor | None = None,
-    pixels_normalized: bool = True,
+    pixels_normalized: bool = False,
     logits_on_device: bool = False,
 ) -> ImageSegmentation:
     """Segment one slice-space image with P text prompts (the vision encoder runs once; the detector takes the
@@ -125,8 +125,9 @@ def segment_image(
 
     Args:
         network: a :class:`~medsam3_monai.networks.MedSAM3Net` (or anything with its forward signature).
-        image: (3, S, S) or (1, 3, S, S), SAM3-normalised (``Sam3Normalized``) unless ``pixels_normalized``
-            is False (then [0, 1] floats or uint8).
+        image: (3, S, S) or (1, 3, S, S) slice-space image as :meth:`MedSAM3Net.forward` takes it: uint8 8-bit
+            levels (what ``Sam3Normalized(levels=True)`` and the bundles give) or floats in [0, 1]; floats already
+            SAM3-normalised (``Sam3Normalized()``, in [-1, 1]) with ``pixels_normalized=True``.
         prompts: P concept texts.
         protocol: ``top_query`` (default, the papers'), ``threshold`` or ``semantic``.
         score_threshold: for ``threshold``.

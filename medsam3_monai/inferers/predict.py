@@ -105,6 +105,10 @@ class PromptInferer(Inferer):
         if not 0.0 <= float(score_threshold) <= 1.0:
             raise ValueError(f"score threshold must be in [0, 1], got {score_threshold}")
         self.score_threshold = float(score_threshold)
+        if tracker is not None and not isinstance(tracker, torch.nn.Module):
+            raise ValueError(f"tracker must be a loaded tracker model or None, not {tracker!r}: choose it by name with "
+                             "networks.tracker.resolve_tracker (the bundles' --tracker_source auto|none|tiny|FOLDER|"
+                             "sam3.pt; their --tracker replaces the loaded model)")
         self.tracker = tracker
         self.tracker_name = tracker_name or ("none" if tracker is None else type(tracker).__name__)
         self.volume_batch_size = int(volume_batch_size)
@@ -320,24 +324,25 @@ class Predictor:
         self.max_pixels = max_pixels
         self.inferer = PromptInferer(protocol, score_threshold, volume_batch_size=volume_batch_size, progress=progress,
                                      tracker_batch=tracker_batch)
-        self._pipelines: dict[int | None, tuple[Any, Any]] = {}
+        self._pipelines: tuple[Any, Any] | None = None
 
-    def pipeline(self, channel: int | None = None) -> tuple[Any, Any]:
-        """(preprocessing, postprocessing) of ``configs/inference.json`` for inputs read with ``channel`` (the
-        inverse needs the very transform objects that made the items, so each pair is built once and kept)."""
+    def pipeline(self) -> tuple[Any, Any]:
+        """(preprocessing, postprocessing) of ``configs/inference.json`` (the inverse needs the very transform
+        objects that made the items, so the pair is built once and kept). A 4D input's channel is its item's
+        ``channel`` (``LoadMedicalImaged`` reads it)."""
         from ..bundle import config_parser
 
-        if channel not in self._pipelines:
+        if self._pipelines is None:
             parser = config_parser("inference.json", image_size=int(self.network.image_size),
-                                   ct_window=self.ct_window, channel=channel, max_pixels=self.max_pixels)
+                                   ct_window=self.ct_window, max_pixels=self.max_pixels)
             # one parser: the post-processing's Invertd holds the very preprocessing parsed here
             pipelines = (parser.get_parsed_content("preprocessing"), parser.get_parsed_content("to_input_space"))
             for chain in pipelines:  # the tiled 2D steps' progress bars follow the predictor's
                 for step in transforms_of(chain):
                     if hasattr(step, "progress"):
                         step.progress = self.progress
-            self._pipelines[channel] = pipelines
-        return self._pipelines[channel]
+            self._pipelines = pipelines
+        return self._pipelines
 
     @classmethod
     def from_checkpoint(cls, checkpoint: str = "tiny", image_size: int | None = None,
@@ -405,7 +410,9 @@ class Predictor:
         volume; ``protocol``: this call's 2D protocol, default the predictor's). Input errors raise ValueError /
         FileNotFoundError (DataError, PromptError) with what to do."""
         item = self.item(path, prompts, box=box, modality=modality, protocol=protocol)
-        transform, postprocessing = self.pipeline(channel)
+        if channel is not None:
+            item["channel"] = channel
+        transform, postprocessing = self.pipeline()
         with _input_errors():
             slices = transform(item)
             slices = slices if isinstance(slices, list) else [slices]
@@ -425,16 +432,10 @@ class Predictor:
                     images: torch.Tensor | None = None) -> list[dict[str, Any]]:
         """Preprocessed cases (with their datalist ``items``) -> post-processed cases in the inputs' geometry:
         the 2D ones through the network together (:meth:`PromptInferer.infer_cases`), volumes one at a time."""
-        _, postprocessing = self.pipeline(self._channel_of(items))
+        _, postprocessing = self.pipeline()
         with _input_errors():
             self._set_tracker(cases, items)
             return [postprocessing(case) for case in self.inferer.infer_cases(cases, self.network, images)]
-
-    def _channel_of(self, items: Sequence[Mapping[str, Any]]) -> int | None:
-        channels = {item.get("channel") for item in items}
-        if len(channels) != 1:
-            raise ValueError("the cases of one batch must be read with the same channel")
-        return channels.pop()
 
     def prediction(self, case: Mapping[str, Any], item: Mapping[str, Any], channel: int | None = None) -> Prediction:
         """A post-processed case (and its datalist item) -> :class:`Prediction`."""
@@ -520,8 +521,13 @@ def predict_file(
     """
     if network is None:
         network = load_network(checkpoint, image_size, device)
-    elif device is not None:
-        network = network.to(device)
+    else:
+        built = int(getattr(network, "image_size", image_size or 0))
+        if image_size is not None and image_size != built:
+            raise ValueError(f"image_size={image_size} but the given network works at {built} px: leave image_size "
+                             "out when passing a network (it sizes the checkpoint loaded without one)")
+        if device is not None:
+            network = network.to(device)
     predictor = Predictor(network, tracker=tracker, checkpoint=checkpoint, protocol=protocol,
                           score_threshold=score_threshold, ct_window=ct_window, progress=progress,
                           max_pixels=max_pixels)

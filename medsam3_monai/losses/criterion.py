@@ -243,6 +243,9 @@ class SetCriterion(nn.Module):
         Every layer's classification and box terms of a query set are computed together (:meth:`layer_terms`), and
         the one-to-one queries of every layer are matched with one cost matrix (one copy to the host)."""
         s = self.settings
+        if not isinstance(targets, FindTargets):
+            raise TypeError(f"targets must be a FindTargets (boxes, num_boxes, masks), not {type(targets).__name__}: "
+                            "build it with FindTargets(...) or FindTargets.from_instances(...)")
         targets = targets.to(outputs.all_pred_logits.device)
         if targets.batch_size != outputs.all_pred_logits.shape[1]:
             raise ValueError(f"{targets.batch_size} targets for {outputs.all_pred_logits.shape[1]} find-queries")

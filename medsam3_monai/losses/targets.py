@@ -11,6 +11,14 @@ from ..boxes import cxcywh_to_xyxy
 from ..instance_masks import InstanceMasks
 
 
+def _binary_masks(masks: torch.Tensor) -> torch.Tensor:
+    """(N, H, W) 0/1 or 0/255 masks (what PIL gives) -> bool; soft masks refused rather than thresholded here."""
+    if masks.is_floating_point() and bool(((masks > 0) & (masks < 1)).any()):
+        raise ValueError("instance masks hold values between 0 and 1 (soft masks): the mask losses need binary "
+                         "targets; threshold them first (e.g. masks > 0.5)")
+    return masks > 0
+
+
 @dataclass
 class FindTargets:
     """Ground truth for B find-queries with N instances in all.
@@ -18,7 +26,8 @@ class FindTargets:
     Attributes:
         boxes: (N, 4) normalised cx, cy, w, h, packed image-major (query 0's instances first).
         num_boxes: (B,) instances per find-query; 0 marks a negative prompt (concept absent).
-        masks: (N, H, W) bool instance masks in slice space -- a tensor, or
+        masks: (N, H, W) bool instance masks in slice space (0/1 or 0/255 integer or float masks are made bool;
+            soft masks, with values between 0 and 1, are refused) -- a tensor, or
             :class:`~medsam3_monai.instance_masks.InstanceMasks` crops (what training batches carry) made dense on
             the targets' device by :meth:`dense_masks` -- or None when the data has no masks.
         is_valid_mask: (N,) bool; invalid masks are skipped by the mask loss but still count in N.
@@ -30,6 +39,9 @@ class FindTargets:
     is_valid_mask: torch.Tensor | None = None
 
     def __post_init__(self) -> None:
+        self.boxes, self.num_boxes = torch.as_tensor(self.boxes), torch.as_tensor(self.num_boxes)
+        if isinstance(self.masks, torch.Tensor) and self.masks.dtype != torch.bool:
+            self.masks = _binary_masks(self.masks)
         if self.boxes.ndim != 2 or self.boxes.shape[-1] != 4:
             raise ValueError(f"boxes must be (N, 4) cxcywh; got {tuple(self.boxes.shape)}")
         if int(self.num_boxes.sum()) != self.boxes.shape[0]:

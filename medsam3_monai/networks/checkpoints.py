@@ -225,7 +225,7 @@ def load_state_dict_strict(model: torch.nn.Module, state_dict: Mapping[str, torc
 
 # ---------------------------------------------------------------------------------------- build
 def _tiny_model(config: Sam3Config | None, image_size: int | None, seed: int) -> Sam3Model:
-    config = config or tiny_sam3_config(image_size or TINY_IMAGE_SIZE)
+    config = config or tiny_sam3_config(TINY_IMAGE_SIZE if image_size is None else image_size)
     with torch.random.fork_rng(devices=[]):
         torch.manual_seed(seed)
         model = Sam3Model(config)
@@ -306,7 +306,17 @@ def _load_sam3(source: str | Path, config: Sam3Config | None, image_size: int | 
     state_dict, embedded_config, source_format = read_checkpoint_file(path)
     model_config = config or embedded_config or full_sam3_config()
     model = Sam3Model(model_config)
-    load_state_dict_strict(model, state_dict, str(path))
+    try:
+        load_state_dict_strict(model, state_dict, str(path))
+    except CheckpointError as err:
+        if config is not None or embedded_config is not None:
+            raise
+        raise CheckpointError(
+            f"{err}\nThe file holds weights without a configuration, so the full SAM3 architecture was assumed. For a "
+            "network of another configuration (e.g. the tiny one) pass it: MedSAM3Net(path, "
+            "config=tiny_sam3_config(IMAGE_SIZE)); files written by save_checkpoint_file (the bundles' models/model.pt "
+            "and model_best_val_dice.pt) carry their configuration."
+        ) from None
     return LoadedSam3(model, load_tokenizer(None), source_format)
 
 

@@ -194,8 +194,11 @@ class MedSAM3Net(nn.Module):
             return self._encode_text_uncached(prompts)
 
     # ------------------------------------------------------------------ forward
-    def _check_images(self, images: torch.Tensor) -> None:
+    def _check_images(self, images: torch.Tensor, pixels_normalized: bool = False) -> None:
+        """Shape, dtype and (on the CPU, where it costs no device synchronisation) the value range of ``images``."""
         size = self.image_size
+        if not isinstance(images, torch.Tensor):
+            raise TypeError(f"images must be a torch.Tensor (B, 3, {size}, {size}), not {type(images).__name__}")
         if images.ndim != 4 or images.shape[1] != 3:
             raise ValueError(f"images must be (B, 3, {size}, {size}); got shape {tuple(images.shape)}")
         if tuple(images.shape[-2:]) != (size, size):
@@ -203,6 +206,38 @@ class MedSAM3Net(nn.Module):
                 f"images are {images.shape[-2]}x{images.shape[-1]} but this model takes {size}x{size}: "
                 f"resize slices to the model's image_size first (medsam3_monai.transforms)."
             )
+        if images.dtype != torch.uint8 and not images.is_floating_point():
+            raise ValueError(f"images are {str(images.dtype).replace('torch.', '')}: give uint8 8-bit levels or "
+                             "floats in [0, 1] (e.g. images.to(torch.uint8) for 0..255 integers)")
+        if images.is_floating_point() and images.device.type == "cpu" and images.numel():
+            low, high = (float(v) for v in torch.aminmax(images.float()))
+            expected = (-1.0, 1.0) if pixels_normalized and images.dtype != torch.uint8 else (0.0, 1.0)
+            slack = 0.1  # resampling overshoot
+            if not (expected[0] - slack <= low and high <= expected[1] + slack):  # NaN fails too
+                hint = ("SAM3-normalised images (mean = std = 0.5) lie in [-1, 1]" if pixels_normalized else
+                        "divide 0..255 floats by 255, or pass pixels_normalized=True for SAM3-normalised images")
+                raise ValueError(f"float images hold values in [{low:.4g}, {high:.4g}], expected "
+                                 f"[{expected[0]:g}, {expected[1]:g}]" + (": " + hint))
+
+    @staticmethod
+    def _check_boxes(boxes: torch.Tensor | None, box_labels: torch.Tensor | None,
+                     num_prompts: int | None) -> torch.Tensor | None:
+        """Box prompts as a (B, K, 4) tensor of normalised cx, cy, w, h (range checked on the CPU)."""
+        if boxes is None:
+            if box_labels is not None:
+                raise ValueError("box_labels given without boxes: pass boxes (B, K, 4) too, or leave box_labels out")
+            return None
+        boxes = torch.as_tensor(boxes)
+        if boxes.ndim != 3 or boxes.shape[-1] != 4 or (num_prompts is not None and boxes.shape[0] != num_prompts):
+            raise ValueError(f"boxes must be (B, K, 4), one row of K boxes per prompt (B = {num_prompts}); got "
+                             f"shape {tuple(boxes.shape)}")
+        if boxes.device.type == "cpu" and boxes.numel():
+            low, high = (float(v) for v in torch.aminmax(boxes.float()))
+            if not (-1e-3 <= low and high <= 1 + 1e-3):
+                raise ValueError(f"box prompts hold values in [{low:.4g}, {high:.4g}]: they are normalised cx, cy, "
+                                 "w, h in [0, 1] (pixel boxes: divide by the image size, e.g. with "
+                                 "medsam3_monai.boxes)")
+        return boxes
 
     def _query_image_ids(self, num_images: int, num_queries: int, image_ids: torch.Tensor | None) -> torch.Tensor | None:
         """Index (B,) of the image each find-query looks at, or None when it is the identity."""
@@ -223,18 +258,24 @@ class MedSAM3Net(nn.Module):
 
     def _find_queries(self, images: torch.Tensor, prompts: Sequence[str] | str | None,
                       image_ids: torch.Tensor | Sequence[int] | None, boxes: torch.Tensor | None,
-                      pixels_normalized: bool) -> tuple[torch.Tensor, list[str], torch.Tensor | None]:
-        """:meth:`forward`'s inputs checked: SAM3-normalised pixels, the B prompt texts and the image index."""
-        self._check_images(images)
+                      box_labels: torch.Tensor | None, pixels_normalized: bool,
+                      ) -> tuple[torch.Tensor, list[str], torch.Tensor | None, torch.Tensor | None]:
+        """:meth:`forward`'s inputs checked: SAM3-normalised pixels, the B prompt texts, the image index and the
+        (B, K, 4) box prompts (or None)."""
+        self._check_images(images, pixels_normalized)
         images = plain_tensor(images)
+        boxes = self._check_boxes(boxes, box_labels, None)
         if prompts is None:
             if boxes is None:
                 raise ValueError("give text prompts, boxes, or both (prompts=None needs boxes)")
             prompts = [BOX_ONLY_PROMPT] * boxes.shape[0]
         prompts = [prompts] if isinstance(prompts, str) else list(prompts)
+        if not prompts:
+            raise ValueError("no prompts: give at least one text prompt (or prompts=None with box prompts)")
+        self._check_boxes(boxes, box_labels, len(prompts))
         index = self._query_image_ids(images.shape[0], len(prompts), image_ids)
         normalized = pixels_normalized and images.dtype != torch.uint8  # uint8 images are 8-bit levels, always
-        return (images if normalized else normalize_pixels(images)), prompts, index
+        return (images if normalized else normalize_pixels(images)), prompts, index, boxes
 
     def forward(
         self,
@@ -263,7 +304,8 @@ class MedSAM3Net(nn.Module):
             MedSAM3Output with per-layer logits/boxes/presence and last-layer masks and semantic seg; in training
             mode (with ``dac``) also the one-to-many query set.
         """
-        pixel_values, prompts, index = self._find_queries(images, prompts, image_ids, boxes, pixels_normalized)
+        pixel_values, prompts, index, boxes = self._find_queries(images, prompts, image_ids, boxes, box_labels,
+                                                                 pixels_normalized)
         text_features, text_mask = self.encode_text(prompts)
         return self.forward_features(pixel_values, text_features, text_mask, boxes, box_labels, index)
 
@@ -291,7 +333,8 @@ class MedSAM3Net(nn.Module):
         chunk = int(self.detector_chunk if chunk is None else chunk)
         if chunk < 1:
             raise ValueError(f"detector chunk must be >= 1, got {chunk}")
-        pixel_values, prompts, index = self._find_queries(images, prompts, image_ids, boxes, pixels_normalized)
+        pixel_values, prompts, index, boxes = self._find_queries(images, prompts, image_ids, boxes, box_labels,
+                                                                 pixels_normalized)
         count = len(prompts)
         if count <= chunk:  # one forward, through __call__ as before (its hooks run)
             yield 0, count, self(pixel_values, prompts, image_ids=index, boxes=boxes, box_labels=box_labels,

@@ -108,7 +108,7 @@ def sam3_param_groups(
         decay = 0.0 if name in no_decay else weight_decay
         key = (component, layer_id, decay)
         if key not in groups:
-            suffix = f".layer{layer_id}" if layer_id is not None else ""
+            suffix = "" if layer_id is None else f".{layer_id}" if isinstance(layer_id, str) else f".layer{layer_id}"
             groups[key] = {
                 "params": [],
                 "name": f"{component}{suffix}{'' if decay else '.no_decay'}",

@@ -5,9 +5,9 @@ bundle JSON can build it (``{"_target_": "medsam3_monai.transforms.LoadMedicalIm
 
 Chain: :class:`LoadMedicalImaged` -> :class:`DecodeLabeld` -> :class:`ScaleIntensityByModalityd` ->
 (:class:`RandAxialSliced` | :class:`AxialSlicesd` for volumes) -> :class:`LabelToInstancesd` ->
-:class:`ResizeToSliced` -> :class:`Sam3Normalized` -> :class:`GreyToRGBd` -> :class:`BuildTargetsd` ->
-:class:`RandNegativePromptsd`; predictions go back with MONAI ``Invertd`` and :class:`RestackSlicesd`.
-Both bundles keep 2D pictures ``uint8`` at their own size and resize them tile by tile
+:class:`TiledResizeToSliced` (or :class:`ResizeToSliced`) -> :class:`Sam3Normalized` -> :class:`GreyToRGBd` ->
+:class:`BuildTargetsd` -> :class:`RandNegativePromptsd`; predictions go back with MONAI ``Invertd`` and
+:class:`RestackSlicesd`. Both bundles keep 2D pictures ``uint8`` at their own size and resize them tile by tile
 (``LoadMedicalImaged(keep_uint8=True)``, ``ScaleIntensityByModalityd(defer_2d=True)``,
 :class:`TiledResizeToSliced`; memory independent of the picture's size).
 """

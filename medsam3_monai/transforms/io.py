@@ -73,7 +73,11 @@ MEMORY_SHARE = 0.8
 _PIL_LIMIT_LOCK = threading.Lock()
 #: what a 4D volume's error says to do: ``--channel N`` is the option of ``medsam3 segment`` and ``medsam3 agent``
 #: and the ``channel`` setting of the inference bundle (``--channel N`` there too)
-CHANNEL_HINT = "use a 3D volume, or pick one channel / time point with --channel N (in Python: channel=N)"
+CHANNEL_HINT = ("use a 3D volume, or pick one channel / time point: --channel N (medsam3 segment and agent, the "
+                "inference bundle), a datalist item's 'channel' (medsam3 datalist ... --channel N writes it), "
+                "channel=N in Python")
+#: the datalist item key naming the channel of a 4D image to segment (``LoadMedicalImaged``)
+ITEM_CHANNEL_KEY = "channel"
 
 
 def _suffix(path: str | Path) -> str:
@@ -473,7 +477,8 @@ def load_medical_image(
         spatial = tuple(img.shape[1:])
     expected = 3 if is_volume else 2
     if len(spatial) != expected:
-        raise DataError(path, f"has {img.ndim} dimensions (shape {tuple(img.shape)}); expected a 2D image or a 3D "
+        stored = tuple(img.shape[1:]) + (img.shape[0],) if is_volume else tuple(img.shape)  # the file's axis order
+        raise DataError(path, f"has {img.ndim} dimensions (shape {stored}); expected a 2D image or a 3D "
                               "volume", "split the file into 2D images or 3D volumes")
     if is_volume and img.shape[0] > 1:
         if channel is None or mask:
@@ -512,13 +517,24 @@ def load_medical_image(
 
 
 def _warn_if_geometry_differs(image: MetaTensor, label: MetaTensor) -> None:
-    """Warn when a volume's mask has the image's size but not its voxel spacing or position (a mask saved from
-    another volume, or with a broken header): the voxels are paired as they are, and the surface metrics (NSD,
-    HD95) use the spacing of the mask's header."""
+    """Warn when a volume's mask has the image's size but not its orientation, voxel spacing or position (a mask
+    saved from another volume, in another orientation, or with a broken header): the voxels are paired as they are,
+    and the surface metrics (NSD, HD95) use the spacing of the mask's header."""
     import warnings
 
     ours, theirs = image.affine.double()[:3], label.affine.double()[:3]
     spacing, label_spacing = voxel_spacing(ours), voxel_spacing(theirs)
+    # per array axis, the cosine between the image's and the mask's world direction of that axis
+    cosines = ((ours[:, :3] / spacing.clamp_min(1e-12)) * (theirs[:, :3] / label_spacing.clamp_min(1e-12))).sum(0)
+    if bool((cosines < 0.99).any()):
+        flipped = [axis for axis, cosine in enumerate(cosines.tolist()) if cosine < -0.99]
+        how = (f"array axis {', '.join(map(str, flipped))} points the opposite way" if flipped and
+               len(flipped) == int((cosines < 0.99).sum()) else "its axes point in other directions")
+        warnings.warn(f"{label.meta.get('filename_or_obj')}: its orientation differs from its image's "
+                      f"({image.meta.get('filename_or_obj')}): {how}, so the mask, paired voxel by voxel as stored, "
+                      "is mirrored or rotated against the image: save it on the image's grid (e.g. with MONAI's "
+                      "ResampleToMatch) or check that it belongs to this image", stacklevel=2)
+        return
     scaled = not torch.allclose(spacing, label_spacing, rtol=1e-3, atol=1e-6)
     moved = bool(((ours[:, 3] - theirs[:, 3]).abs() > 0.5 * spacing.min()).any())
     if scaled or moved:
@@ -540,7 +556,9 @@ class LoadMedicalImaged(MapTransform):
         label_keys: which of ``keys`` are masks. A mask key may hold a list of paths: the masks of one
             image (BUSI ``_mask_1``) are merged by their pixel-wise maximum (the union for binary masks).
         image_key: the key the masks must match in size.
-        channel: for a multi-channel (4D) image volume, the channel to keep; None makes a 4D volume an error.
+        channel: for a multi-channel (4D) image volume, the channel to keep; None takes the item's own
+            ``channel`` (a datalist written with ``medsam3 datalist --channel N``), and a 4D volume without one is
+            an error.
         check_finite: raise on NaN/Inf intensities.
         keep_uint8: 8-bit 2D pictures stay ``uint8`` (both bundles: the intensity step and the slice-space
             resize then work tile by tile, see ``ScaleIntensityByModalityd(defer_2d=True)``).
@@ -573,13 +591,14 @@ class LoadMedicalImaged(MapTransform):
         self.max_pixels = max_pixels
         self._readers = {False: ReaderSet(mask=False), True: ReaderSet(mask=True)}
 
-    def _load(self, path: str | Path, mask: bool) -> MetaTensor:
-        return load_medical_image(path, mask=mask, channel=self.channel, check_finite=self.check_finite,
+    def _load(self, path: str | Path, mask: bool, channel: int | None = None) -> MetaTensor:
+        return load_medical_image(path, mask=mask, channel=channel, check_finite=self.check_finite,
                                   readers=self._readers[mask], keep_uint8=self.keep_uint8 and not mask,
                                   max_pixels=self.max_pixels)
 
     def __call__(self, data: Mapping[Hashable, Any]) -> dict[Hashable, Any]:
         d = dict(data)
+        channel = self.channel if self.channel is not None else d.get(ITEM_CHANNEL_KEY)
         for key in self.key_iterator(d):
             mask = key in self.label_keys
             value = d[key]
@@ -597,7 +616,7 @@ class LoadMedicalImaged(MapTransform):
                     merged = torch.maximum(merged.to(torch.int32), other.to(torch.int32))
                 d[key] = _integer_label(merged, str(value[0]))
             else:
-                d[key] = self._load(value, mask=mask)
+                d[key] = self._load(value, mask=mask, channel=None if mask else channel)
         self._check_sizes(d)
         return d
 

@@ -239,8 +239,12 @@ class DecodeLabeld(MapTransform):
             return "label_map"
         if len(prompts) == 1:
             return "binary"
-        raise DataError(path, f"mask values {sorted(nonzero)[:20]} do not match the prompt labels {sorted(prompts)}",
-                        "set 'mask_encoding' (binary, label_map, instance_map, outline) for this dataset")
+        unknown = sorted(nonzero - set(prompts))
+        raise DataError(path, f"mask values {sorted(nonzero)[:20]} do not match the prompt labels {sorted(prompts)} "
+                              f"(no prompt for {unknown[:20]})",
+                        "give a prompt for each label value in 'prompts' (or relabel the mask); if the mask is "
+                        "encoded otherwise (e.g. one foreground value such as 255 for label 1), set 'mask_encoding' "
+                        "(binary, label_map, instance_map, outline) for this dataset")
 
     def _check_label_map(self, array: np.ndarray, prompts: Mapping[int, str], nonzero: set[int],
                          path: str | None) -> np.ndarray:

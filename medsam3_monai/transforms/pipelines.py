@@ -1,8 +1,8 @@
 """The bundle's transform chains from Python, for scripts and tests: ``configs/train.json`` (training and
 validation) and ``configs/inference.json`` (no label) are the one place each chain is written.
 
-load -> decode mask -> intensity by modality -> (3D: slices) -> instances -> grey to RGB -> resize to S x S
--> SAM3 normalisation -> targets per prompt (-> sampled negative prompts when training).
+load -> decode mask -> intensity by modality -> (3D: slices) -> instances -> resize to S x S -> SAM3 8-bit levels
+-> grey to RGB -> targets per prompt (-> sampled negative prompts when training).
 """
 
 from __future__ import annotations

@@ -71,6 +71,9 @@ def convert_msd(root: Path, entry, catalogue) -> Conversion:
         raise DatalistError(str(err)) from None
     _check_msd_labels(meta_path, meta, entry)
     result = Conversion()
+    modalities = meta.get("modality") or {}
+    if isinstance(modalities, dict) and len(modalities) > 1:  # 4D images (BrainTumour, Prostate)
+        result.channels = {int(index): str(name) for index, name in modalities.items()}
     for record in meta.get("training", []):
         image, label = root / record["image"], root / record["label"]
         if not image.is_file():

@@ -1,0 +1,74 @@
+"""Volumes as a new user runs them: options that cannot act on volumes are refused (evaluate's 2D protocols when
+every case is a volume, the inference bundle's --tracker given a name instead of a model); a 5D file and a mask value
+without a prompt are named as they are."""
+
+from __future__ import annotations
+
+import json
+from pathlib import Path
+
+import pytest
+from test_first_contact import run_bundle
+
+from medsam3_monai.deploy.cli import main
+
+pytestmark = pytest.mark.usefixtures("one_thread")
+
+
+@pytest.fixture
+def hippocampus_datalist(shared_data: Path, tmp_path: Path) -> Path:
+    folder = shared_data / "MSD_Task04_Hippocampus_cropped"
+    image = sorted((folder / "images").glob("*.nii.gz"))[0]
+    item = {"image": str(image), "label": str(folder / "masks" / image.name), "dataset": "MSD_Task04_Hippocampus",
+            "modality": "MRI", "prompts": {"1": "anterior hippocampus", "2": "posterior hippocampus"},
+            "instance_rule": "semantic", "mask_encoding": "label_map", "case": image.name.split(".")[0]}
+    path = tmp_path / "hippocampus.json"
+    path.write_text(json.dumps({"training": [], "validation": [], "test": [item]}))
+    return path
+
+
+@pytest.mark.parametrize("option, named", [(("--protocol", "semantic"), "--protocol semantic"),
+                                           (("--box-prompts",), "--box-prompts")])
+def test_evaluate_refuses_2d_options_when_every_case_is_a_volume(hippocampus_datalist, tmp_path, capsys, option,
+                                                                 named):
+    """Volumes always take the detector's top query and the tracker: a 2D protocol or box prompts would change
+    nothing but the label the table carries."""
+    out = tmp_path / "eval"
+    assert main(["evaluate", "--datalist", str(hippocampus_datalist), "--checkpoint", "tiny", "--out", str(out),
+                 "--no-progress", "--no-mlflow", *option]) == 2
+    err = capsys.readouterr().err
+    assert f"{named} acts on 2D cases, and every case of this run is a volume" in err
+    assert not out.exists()
+
+
+@pytest.mark.slow
+def test_the_inference_bundle_names_tracker_source_when_given_a_tracker_name(hippocampus, tmp_path):
+    result = run_bundle(["inference.json"], "--bundle_root", str(tmp_path / "run"), "--datalist",
+                        str([str(hippocampus)]), "--prompts", "['hippocampus']", "--checkpoint", "tiny",
+                        "--tracker", "none")
+    output = result.stdout + result.stderr
+    assert result.returncode == 2 and "Traceback" not in output, output[-3000:]
+    assert "tracker must be a loaded tracker model or None, not 'none'" in output and "--tracker_source" in output
+    assert not any((tmp_path / "run").rglob("*.nii.gz"))
+
+
+def test_a_5d_volume_is_refused_with_the_files_own_shape(tmp_path):
+    import nibabel as nib
+    import numpy as np
+
+    from medsam3_monai.transforms.io import load_medical_image
+
+    path = tmp_path / "vector.nii.gz"
+    nib.Nifti1Image(np.zeros((4, 5, 3, 1, 2), dtype=np.float32), np.eye(4)).to_filename(path)
+    with pytest.raises(ValueError, match=r"has 5 dimensions \(shape \(4, 5, 3, 1, 2\)\)"):
+        load_medical_image(path)
+
+
+def test_a_mask_value_without_a_prompt_is_named_with_both_fixes():
+    import torch
+
+    from medsam3_monai.transforms import DecodeLabeld
+
+    label = torch.tensor([[[0, 1], [2, 3]]], dtype=torch.uint8)
+    with pytest.raises(ValueError, match=r"no prompt for \[3\]\).*give a prompt for each label value"):
+        DecodeLabeld(keys="label")({"label": label, "prompts": {"1": "a", "2": "b"}})
