@@ -328,6 +328,10 @@ def test_auto_split_takes_test_when_present_else_validation(tmp_path):
         evaluation_items([without], "test", check_files=False)
     with pytest.warns(UserWarning, match="a.json-x0.png is evaluated twice"):
         assert len(evaluation_items([with_test, with_test], check_files=False)) == 6
+    nameless = tmp_path / "my_cases.json"  # items without 'dataset': reported under the datalist's name
+    nameless.write_text(json.dumps({"training": [], "validation": [],
+                                    "test": [{"image": "z.png", "label": "y.png", "prompts": {"1": "polyp"}}]}))
+    assert [i["dataset"] for i in evaluation_items([nameless], check_files=False)] == ["my_cases"]
 
 
 def test_validation_dice_is_the_mean_over_prompts_with_a_target():

@@ -144,3 +144,21 @@ def test_accumulation_averages_the_gradients_and_steps_at_the_end_of_an_epoch():
     trainer.run()
     assert network.weight.item() == pytest.approx(1.0)
 
+
+
+def test_the_parameters_without_gradients_are_the_documented_ones(tiny_net):
+    """README ("Choices we made"): CLIP's own text_projection, FPN level 0.5x and the pixel decoder's third stage
+    get no gradient in a training step of text-only prompts (DDP needs find_unused_parameters=True); the geometry
+    encoder does get them (its CLS token joins every text-only prompt)."""
+    from medsam3_monai.losses import FindTargets
+
+    documented = ("sam3.text_encoder.text_projection.", "sam3.vision_encoder.neck.fpn_layers.3.",
+                  "sam3.mask_decoder.pixel_decoder.conv_layers.2.", "sam3.mask_decoder.pixel_decoder.norms.2.")
+    net = copy.deepcopy(tiny_net).train()
+    mask = torch.zeros(1, net.image_size, net.image_size, dtype=torch.bool)
+    mask[0, 20:60, 30:70] = True
+    targets = FindTargets(torch.tensor([[0.45, 0.36, 0.36, 0.36]]), torch.tensor([1]), mask)
+    SetCriterion()(net(torch.rand(1, 3, net.image_size, net.image_size), ["polyp"]), targets)["loss"].backward()
+    without = sorted(name for name, p in net.named_parameters() if p.requires_grad and p.grad is None)
+    assert all(name.startswith(documented) for name in without), without
+    assert all(any(name.startswith(prefix) for name in without) for prefix in documented), without

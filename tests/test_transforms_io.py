@@ -216,6 +216,27 @@ def test_dicom_series_folder_loads_as_hu_volume_with_geometry(tmp_path):
     np.testing.assert_allclose(out[0].numpy(), np.clip((hu + 160) / 400, 0, 1), atol=1e-6)  # abdomen W400/L40
 
 
+def test_a_dicom_series_is_scaled_by_the_modality_its_header_states(tmp_path, capsys):
+    """A CT series without --modality gets the CT window (its (0008,0060) says CT), and --ct-window applies to it;
+    files other than DICOM folders state none."""
+    import json
+
+    from medsam3_monai.deploy.cli import main
+    from medsam3_monai.transforms.io import dicom_modality
+
+    volume = np.arange(4 * 12 * 10, dtype=np.int16).reshape(4, 12, 10) + 1000
+    _write_dicom_series(tmp_path / "series", volume)
+    assert dicom_modality(tmp_path / "series") == "CT" and dicom_modality(tmp_path / "series" / "slice_000.dcm") is None
+    as_stated = ScaleIntensityByModalityd()(load(tmp_path / "series"))["image"]
+    as_ct = ScaleIntensityByModalityd(modality="CT")(load(tmp_path / "series"))["image"]
+    assert torch.equal(as_stated, as_ct)
+    out = tmp_path / "seg.nii.gz"
+    assert main(["segment", str(tmp_path / "series"), "--prompt", "liver", "--ct-window", "lung", "--tracker", "none",
+                 "--out", str(out), "--no-progress"]) == 0, capsys.readouterr().err
+    sidecar = json.loads(Path(f"{out}.json").read_text())
+    assert sidecar["modality"] == "CT" and sidecar["ct_window"] is not None
+
+
 # ---------------------------------------------------------------- bad input: errors name the file
 
 

@@ -50,7 +50,8 @@ def evaluation_items(
         seed: seed of the ``max_cases`` sample.
 
     Every item gains ``group`` (its own, else the catalogue role of its dataset, else ``other``), ``split``
-    and ``datalist``; one without ``case`` is named by its image's file name.
+    and ``datalist``; one without ``case`` is named by its image's file name, one without ``dataset`` by its
+    datalist's.
 
     Raises:
         FileNotFoundError: a datalist (or, with ``check_files``, an image/label) does not exist.
@@ -91,6 +92,8 @@ def evaluation_items(
         items += found
     seen: dict[str, int] = {}
     for number, item in enumerate(items):
+        if not item.get("dataset"):  # the report's dataset row: the datalist's file name
+            item["dataset"] = Path(item["datalist"]).name.removesuffix(".json")
         item["group"] = _group_of(item)
         if item.get("case") is None:  # the report's row and overlay name: the image's file name
             item["case"] = Path(item["image"]).name

@@ -127,6 +127,9 @@ def run(args: argparse.Namespace) -> int:
 
     if args.protocol is not None and args.protocol not in PROTOCOLS:
         raise ValueError(f"--protocol {args.protocol}: one of {', '.join(PROTOCOLS)}")
+    from ..transforms.io import input_modality
+
+    modality = input_modality(args.input, args.modality)  # a DICOM series' own when --modality is not given
     if not 0.0 <= args.score_threshold <= 1.0:
         raise ValueError(f"--score-threshold must be in [0, 1], got {args.score_threshold}")
     settings = AgentSettings(
@@ -139,7 +142,7 @@ def run(args: argparse.Namespace) -> int:
         segmenter=SegmenterSettings(
             checkpoint=args.checkpoint, image_size=args.image_size, device=args.device, tracker=args.tracker,
             protocol=args.protocol or "top_query", score_threshold=args.score_threshold,
-            ct_window=ct_window_for(args.ct_window, [args.modality]), modality=args.modality, channel=args.channel,
+            ct_window=ct_window_for(args.ct_window, [modality]), modality=modality, channel=args.channel,
             progress=not args.no_progress, max_pixels=args.max_pixels or "auto",
             detector_chunk=args.detector_chunk,
         ),

@@ -362,9 +362,12 @@ def run(args: argparse.Namespace) -> int:
             check_picture_size(args.input, size, max_pixels, SEGMENT_BYTES_PER_PIXEL
                                + (OVERLAY_BYTES_PER_PIXEL if args.overlay else 0))
 
-    predictor = _predictor(args, max_pixels, progress=not args.no_progress, modalities=[args.modality])
+    from ..transforms.io import input_modality
+
+    modality = input_modality(args.input, args.modality)  # a DICOM series' own when --modality is not given
+    predictor = _predictor(args, max_pixels, progress=not args.no_progress, modalities=[modality])
     with _network_context(args, predictor):  # a 4D volume's error names --channel N (transforms.io.CHANNEL_HINT)
-        prediction = predictor(args.input, args.prompt, box=args.box, modality=args.modality, channel=args.channel)
+        prediction = predictor(args.input, args.prompt, box=args.box, modality=modality, channel=args.channel)
 
     print(write_prediction(prediction, args.input, out, sidecar_path, overlay, getattr(args, "max_pixels", None)))
     if prediction.is_volume:
@@ -456,11 +459,13 @@ def _many_items(args: argparse.Namespace) -> list[dict[str, Any]]:
         if not args.prompt:
             raise ValueError("INPUT files need --prompt TEXT (only --datalist items can bring their own prompts)")
         items += [{"image": path, "prompts": _prompt_mapping(args.prompt)} for path in expand_inputs(args.input)]
+    from ..transforms.io import input_modality
+
     for item in items:
         if args.modality is not None:  # --modality applies to every input, the datalist's included
             item["modality"] = args.modality
+        item["modality"] = input_modality(item["image"], item.get("modality"))  # a DICOM series' own
         item.setdefault("box", None)
-        item.setdefault("modality", None)
         item.setdefault("protocol", None)
     return items
 

@@ -376,6 +376,10 @@ class ScaleIntensityByModalityd(MapTransform):
         for key in self.key_iterator(d):
             img = d[key]
             path = source_name(img, d, key)
+            if modality is None and path is not None:  # a DICOM series says its own modality
+                from .io import dicom_modality
+
+                modality = dicom_modality(path)
             try:
                 handler = handler_for_modality(modality, self.handlers)
             except KeyError:

@@ -516,6 +516,41 @@ def load_medical_image(
     return img
 
 
+#: DICOM Modality (0008,0060) -> our modality name (its intensity rule); other codes give no modality
+DICOM_MODALITIES = {"CT": "CT", "MR": "MRI", "US": "ultrasound", "CR": "X-ray", "DX": "X-ray", "XA": "X-ray",
+                    "RF": "X-ray", "MG": "X-ray", "ES": "endoscopy", "OP": "fundus", "OPT": "OCT"}
+
+
+def dicom_modality(path: str | Path) -> str | None:
+    """The modality a DICOM series folder's own header states (tag (0008,0060) of its first readable file, mapped by
+    :data:`DICOM_MODALITIES`: ``CT`` -> ``"CT"``, ``MR`` -> ``"MRI"``, ...), or None for anything else (a file, a
+    folder without DICOM files, another code). Reads one header, no pixels."""
+    folder = Path(path)
+    if not folder.is_dir():
+        return None
+    import itk
+
+    for candidate in sorted(folder.iterdir())[:32]:
+        if not candidate.is_file() or candidate.name.startswith("."):
+            continue
+        reader = itk.GDCMImageIO.New()
+        if not reader.CanReadFile(str(candidate)):
+            continue
+        reader.SetFileName(str(candidate))
+        try:
+            reader.ReadImageInformation()
+            found, code = reader.GetValueFromTag("0008|0060", "")
+        except RuntimeError:
+            continue
+        return DICOM_MODALITIES.get(str(code).strip().upper()) if found else None
+    return None
+
+
+def input_modality(path: str | Path, given: str | None) -> str | None:
+    """The modality an input is scaled by: ``given`` (``--modality``, the datalist's), else a DICOM series' own."""
+    return given if given is not None else dicom_modality(path)
+
+
 def _warn_if_geometry_differs(image: MetaTensor, label: MetaTensor) -> None:
     """Warn when a volume's mask has the image's size but not its orientation, voxel spacing or position (a mask
     saved from another volume, in another orientation, or with a broken header): the voxels are paired as they are,

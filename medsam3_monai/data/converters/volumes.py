@@ -55,10 +55,16 @@ def _check_msd_labels(path: Path, meta: dict, entry) -> None:
 
 def convert_msd(root: Path, entry, catalogue) -> Conversion:
     meta_path = root / "dataset.json"
+    tasks = [] if meta_path.is_file() else sorted(
+        folder for folder in root.iterdir() if folder.is_dir() and (folder / "dataset.json").is_file()
+        and folder.name.lower().startswith("task"))
+    if len(tasks) == 1:  # the folder the task was unpacked into: read the task inside
+        root, meta_path = tasks[0], tasks[0] / "dataset.json"
     if not meta_path.is_file():
         images, masks = child(root, "images"), child(root, "masks")
         if images is None or masks is None or entry is None:
-            raise DatalistError(f"{root}: no dataset.json. Expected {MSD_LAYOUT}")
+            inside = f" It holds several tasks ({', '.join(t.name for t in tasks)}): give one." if tasks else ""
+            raise DatalistError(f"{root}: no dataset.json. Expected {MSD_LAYOUT}.{inside}")
         suffixes = (".nii.gz", ".nii")
         return pair_by_name(images, masks, entry.name, image_suffixes=suffixes, mask_suffixes=suffixes)
     try:
