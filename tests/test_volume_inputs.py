@@ -1,6 +1,6 @@
 """Volumes as a new user runs them: options that cannot act on volumes are refused (evaluate's 2D protocols when
 every case is a volume, the inference bundle's --tracker given a name instead of a model); a 5D file and a mask value
-without a prompt are named as they are."""
+without a prompt are named as they are; a volume not stored axially is noted."""
 
 from __future__ import annotations
 
@@ -72,3 +72,15 @@ def test_a_mask_value_without_a_prompt_is_named_with_both_fixes():
     label = torch.tensor([[[0, 1], [2, 3]]], dtype=torch.uint8)
     with pytest.raises(ValueError, match=r"no prompt for \[3\]\).*give a prompt for each label value"):
         DecodeLabeld(keys="label")({"label": label, "prompts": {"1": "a", "2": "b"}})
+
+
+def test_a_volume_not_stored_axially_is_noted():
+    import numpy as np
+
+    from medsam3_monai.deploy.segment_cli import slice_axis_note
+
+    assert slice_axis_note(np.eye(4)) is None  # RAS: axial slices
+    assert slice_axis_note(np.diag([-1.0, -1.0, 1.0, 1.0])) is None  # LPS
+    sagittal = np.eye(4)[:, [2, 1, 0, 3]]  # third axis along x
+    assert "segmented in sagittal slices" in slice_axis_note(sagittal)
+    assert "coronal" in slice_axis_note(np.eye(4)[:, [0, 2, 1, 3]])

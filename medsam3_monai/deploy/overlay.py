@@ -58,6 +58,10 @@ def legend_below(figure: Any, handles: list, max_columns: int = LEGEND_COLUMNS) 
     return 1
 
 
+#: characters of the 9-pt title that fit in an inch of figure width (with a margin)
+TITLE_CHARS_PER_INCH = 13
+
+
 def save_overlay(prediction: Any, path: str | Path, image: torch.Tensor | None = None, title: str | None = None,
                  max_slices: int = 3, image_format: str = "png") -> Path:
     """Draw ``prediction`` over its input and save the figure to ``path`` (``image_format``, default PNG).
@@ -127,8 +131,10 @@ def save_overlay(prediction: Any, path: str | Path, image: torch.Tensor | None =
     handles = class_legend(names, counts, alpha=0.7)  # many prompts: the largest masks, then how many more
     columns = legend_below(figure, handles)
     heading = title or f"{Path(prediction.source).name}: {prediction.protocol}"
-    figure.suptitle("\n".join(textwrap.wrap(heading, 70 * len(panels))), fontsize=9)
-    figure.tight_layout(rect=(0, 0.04 + 0.04 * math.ceil(len(handles) / columns), 1, 0.95))  # room for the legend
+    lines = textwrap.wrap(heading, max(30, int(figure.get_figwidth() * TITLE_CHARS_PER_INCH)))  # the figure's width
+    figure.suptitle("\n".join(lines), fontsize=9)
+    top = 0.985 - 0.035 * len(lines)  # room for the title's lines (0.95 for one)
+    figure.tight_layout(rect=(0, 0.04 + 0.04 * math.ceil(len(handles) / columns), 1, top))  # room for the legend
     path = Path(path)
     figure.savefig(path, format=image_format)
     return path

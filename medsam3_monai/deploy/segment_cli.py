@@ -637,10 +637,25 @@ def run_many(args: argparse.Namespace) -> int:
     return 0
 
 
+def slice_axis_note(affine: Any) -> str | None:
+    """A note when a volume's third array axis (the one it is sliced along) does not run head to foot: its slices
+    are then sagittal or coronal, which the detector sees as they are (volumes are not resampled)."""
+    import nibabel as nib
+    import numpy as np
+
+    codes = nib.aff2axcodes(np.asarray(affine, dtype=np.float64))
+    if codes[2] in ("S", "I"):
+        return None
+    plane = "sagittal" if codes[2] in ("L", "R") else "coronal"
+    return (f"the volume's third axis runs {codes[2]} (axis codes {''.join(codes)}), so it was segmented in "
+            f"{plane} slices; reorient it to axial (third axis S or I) for the papers' setting")
+
+
 def empty_volume_notes(prediction, score_threshold: float) -> list[str]:
-    """Why a volume prompt's mask is empty: no slice scored >= the threshold, or the slices that did had empty
-    masks (the score alone does not make a mask)."""
-    notes = []
+    """Notes on a volume's prediction: slices that are not axial (:func:`slice_axis_note`), and why a prompt's mask
+    is empty: no slice scored >= the threshold, or the slices that did had empty masks (the score alone does not
+    make a mask)."""
+    notes = [] if slice_axis_note(prediction.affine) is None else [slice_axis_note(prediction.affine)]
     for prompt, score, seed in zip(prediction.prompts, prediction.scores, prediction.seed_slices or []):
         if seed >= 0:
             continue
