@@ -356,3 +356,30 @@ def test_cli_list_names_every_converter(capsys):
     listing = capsys.readouterr().out
     for name in ("BUSI", "MSD", "MSD_Task04_Hippocampus", "TotalSegmentator_example_CT_MR", "STARE"):
         assert name in listing
+
+
+def test_check_alone_checks_a_datalist_one_has(shared_data: Path, tmp_path: Path, capsys):
+    """``medsam3 datalist --check FILE``: a hand-written datalist (relative paths, read from its folder) against the
+    schema, then decoded item by item; a schema violation and an undecodable mask are named, exit 2."""
+    import shutil
+
+    folder = tmp_path / "mine"
+    (folder / "images").mkdir(parents=True)
+    (folder / "masks").mkdir()
+    source = shared_data / "Kvasir-SEG_sample"
+    name = sorted((source / "images").glob("*.jpg"))[0].name
+    shutil.copy(source / "images" / name, folder / "images" / name)
+    shutil.copy(source / "masks" / name, folder / "masks" / name)
+    item = {"image": f"images/{name}", "label": f"masks/{name}", "dataset": "MyPolyps", "modality": "endoscopy",
+            "prompts": {"1": "polyp"}, "instance_rule": "components", "mask_encoding": "binary", "case": "a"}
+    datalist = folder / "mine.json"
+    datalist.write_text(json.dumps({"training": [item], "validation": [], "test": []}))
+    assert datalist_command(["--check", str(datalist), "--no-progress"]) == 0
+    assert "every image and mask decodes" in capsys.readouterr().err
+    datalist.write_text(json.dumps({"training": [dict(item, dataset=None)], "validation": [], "test": []}))
+    assert datalist_command(["--check", str(datalist), "--no-progress"]) == 2
+    assert "does not match its schema" in capsys.readouterr().err
+    datalist.write_text(json.dumps({"training": [item], "validation": [], "test": []}))
+    (folder / "masks" / name).write_bytes((folder / "masks" / name).read_bytes()[:200])  # truncated
+    assert datalist_command(["--check", str(datalist), "--no-progress"]) == 2
+    assert name in capsys.readouterr().err

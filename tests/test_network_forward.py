@@ -250,7 +250,7 @@ def test_inputs_that_would_run_wrongly_are_refused_by_name(tiny_net, tiny_images
         tiny_net(tiny_images > 0.5, PROMPTS)
     with pytest.raises(ValueError, match=r"values in \[0, 255\], expected \[0, 1\]: divide 0..255 floats by 255"):
         tiny_net(levels, PROMPTS)
-    with pytest.raises(ValueError, match=r"expected \[0, 1\]"):
+    with pytest.raises(ValueError, match=r"expected \[0, 1\]: replace the NaN"):
         tiny_net(torch.full_like(tiny_images, float("nan")), PROMPTS)
     with pytest.raises(ValueError, match=r"expected \[-1, 1\]: SAM3-normalised"):
         tiny_net(levels, PROMPTS, pixels_normalized=True)
@@ -260,8 +260,13 @@ def test_inputs_that_would_run_wrongly_are_refused_by_name(tiny_net, tiny_images
         MedSAM3Net("tiny", image_size=0)
     with pytest.raises(ValueError, match="box_labels given without boxes"):
         tiny_net(tiny_images, PROMPTS, box_labels=torch.ones(2, 1))
-    with pytest.raises(ValueError, match=r"normalised cx, cy, w, h in \[0, 1\]"):
+    with pytest.raises(ValueError, match=r"normalised cx, cy, w, h in \[0, 1\] \(pixel boxes .*box_prompts"):
         tiny_net(tiny_images, PROMPTS, boxes=torch.tensor([[[10.0, 10.0, 50.0, 50.0]]] * 2))
+    one_box = torch.tensor([[[0.5, 0.5, 0.2, 0.2]]] * 2)
+    with pytest.raises(ValueError, match=r"box_labels hold \[2\]: each is 1 \(positive box\), 0"):
+        tiny_net(tiny_images, PROMPTS, boxes=one_box, box_labels=torch.tensor([[1], [2]]))
+    with pytest.raises(ValueError, match=r"box_labels must be \(B, K\) = \(2, 1\)"):
+        tiny_net(tiny_images, PROMPTS, boxes=one_box, box_labels=torch.ones(2, 2))
     boxes = [[[0.5, 0.5, 0.2, 0.2]], [[0.4, 0.6, 0.3, 0.2]]]
     with torch.no_grad():
         as_lists, as_tensor = tiny_net(tiny_images, PROMPTS, boxes=boxes), tiny_net(tiny_images, PROMPTS,

@@ -89,6 +89,19 @@ def test_predict_file_in_python_gives_the_commands_label_map(two_prompt_run, kva
         predict_file(kvasir, ["polyp"], network=predictor.network, image_size=224)
 
 
+def test_a_predictor_of_a_loaded_network_finds_the_tracker_of_that_networks_weights(tmp_path):
+    """Given a network loaded from a file without tracker weights, --tracker auto finds none (as the command does),
+    not the random-init tiny tracker of the default checkpoint name."""
+    from medsam3_monai.inferers import Predictor
+    from medsam3_monai.networks import MedSAM3Net, save_checkpoint_file
+
+    path = save_checkpoint_file(MedSAM3Net("tiny").sam3, tmp_path / "model.pt")
+    predictor = Predictor(MedSAM3Net(path))
+    assert predictor.checkpoint == str(path)
+    tracker, name = predictor.tracker()
+    assert tracker is None and name.startswith("none"), name
+
+
 def test_pixel_boxes_become_normalised_cxcywh_and_bad_boxes_are_refused():
     boxes, labels = box_prompts([10, 20, 110, 60], 2, (100, 200))  # H = 100, W = 200
     assert torch.allclose(boxes[:, 0], torch.tensor([[0.3, 0.4, 0.5, 0.4]] * 2)) and labels.tolist() == [[1], [1]]

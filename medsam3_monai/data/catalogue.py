@@ -124,7 +124,10 @@ class Catalogue:
             for name in (entry.name, *entry.aliases):
                 key = normalise_name(name)
                 if index.setdefault(key, entry.name) != entry.name:
-                    raise CatalogueError(f"name {name!r} is used by both {index[key]} and {entry.name}")
+                    raise CatalogueError(
+                        f"name {name!r} is used by both {index[key]} and {entry.name}: every name and alias belongs to "
+                        f"one dataset; edit the 'name' / 'aliases' of {self.root / 'datasets'}/{entry.name}.json (a "
+                        "copied entry keeps the aliases of the one it was copied from)")
         object.__setattr__(self, "_index", index)
         groups: dict[str, tuple[str, ...]] = {}
         for group in self.synonym_groups:

@@ -11,7 +11,8 @@ import sys
 from collections.abc import Sequence
 from pathlib import Path
 
-__all__ = ["add_datalist_parser", "add_parser", "datalist_command", "decode_check", "run_datalist"]
+__all__ = ["add_datalist_parser", "add_parser", "check_datalist_file", "datalist_command", "decode_check",
+           "run_datalist"]
 
 _EPILOG = """\
 NAME is a converter (BUSI, DRIVE, MSD, ...) or a catalogued dataset name or alias
@@ -22,6 +23,8 @@ mask size mismatch, label value not in the catalogue) is an error naming each fi
 unless --skip-bad: then those files are left out and listed on stderr. Only headers are read
 unless --check: then every image and mask is decoded as training will decode it (load, decode
 the mask encoding, intensity), which finds truncated or corrupt files before a long run does.
+`medsam3 datalist --check FILE` does that for a datalist you already have (hand-written or
+written earlier): its schema first, then every item, relative paths read from its folder.
 """
 
 
@@ -34,7 +37,8 @@ def add_datalist_parser(subparsers: argparse._SubParsersAction) -> argparse.Argu
         epilog=_EPILOG,
         formatter_class=argparse.RawDescriptionHelpFormatter,
     )
-    parser.add_argument("name", nargs="?", metavar="NAME", help="converter or dataset name")
+    parser.add_argument("name", nargs="?", metavar="NAME",
+                        help="converter or dataset name (with --check alone: a datalist FILE to check)")
     parser.add_argument("root", nargs="?", metavar="ROOT", help="the dataset folder")
     parser.add_argument("--out", metavar="FILE", help="datalist JSON to write")
     parser.add_argument("--relative-to", metavar="BASE", help="write paths relative to BASE instead of absolute")
@@ -77,8 +81,10 @@ def run_datalist(args: argparse.Namespace) -> int:
     if args.list:
         print(_listing())
         return 0
+    if args.check and args.name and not args.root and not args.out:
+        return check_datalist_file(args.name, skip_bad=args.skip_bad, progress=not args.no_progress)
     if not (args.name and args.root and args.out):
-        raise ValueError("NAME, ROOT and --out FILE are required (or --list)")
+        raise ValueError("NAME, ROOT and --out FILE are required (or --list, or --check FILE for a datalist you have)")
     result = build_datalist(
         args.name,
         args.root,
@@ -92,13 +98,32 @@ def run_datalist(args: argparse.Namespace) -> int:
     if args.check:
         decode_check(result, skip_bad=args.skip_bad, progress=not args.no_progress, base_dir=args.relative_to)
     out = write_datalist(result.datalist, args.out, overwrite=args.overwrite)
-    print(f"medsam3 datalist: wrote {out} ({result.converter}): {result.summary()}", file=sys.stderr)
+    datasets = sorted({item["dataset"] for items in result.datalist.values() for item in items})
+    source = result.converter if datasets == [result.converter] else f"{', '.join(datasets)}; {result.converter} layout"
+    print(f"medsam3 datalist: wrote {out} ({source}): {result.summary()}", file=sys.stderr)
     if args.relative_to and Path(args.relative_to).resolve() != out.resolve().parent:
         print(f"medsam3 datalist: note: its paths are relative to {args.relative_to}, but `medsam3 evaluate`, "
               f"`medsam3 segment --datalist` and the bundles read them from the datalist's own folder "
               f"({out.parent}): write it into {args.relative_to}, or load it with load_datalist(FILE, split, "
               f"base_dir={args.relative_to!r})", file=sys.stderr)
     return 0
+
+
+def check_datalist_file(path: str | Path, skip_bad: bool = False, progress: bool = True) -> int:
+    """``medsam3 datalist --check FILE``: a datalist you have (hand-written, or from an earlier run) against the
+    datalist schema, then every image and mask decoded (:func:`decode_check`; relative paths from its folder).
+    Problems raise ValueError (DatalistError) naming them; with ``skip_bad`` undecodable items are only listed."""
+    from .catalogue import load_schema
+    from .datalist import SPLITS, DatalistResult, read_datalist_json
+    from .schemas import validate
+
+    raw = read_datalist_json(path)
+    validate(raw, load_schema("datalist"), f"datalist {path}")
+    result = DatalistResult({split: list(raw[split]) for split in SPLITS}, converter="")
+    decode_check(result, skip_bad=skip_bad, progress=progress, base_dir=str(Path(path).resolve().parent))
+    verdict = "some items do not decode" if result.skipped else "every image and mask decodes"
+    print(f"medsam3 datalist: {path}: {result.summary()}; {verdict}", file=sys.stderr)
+    return 1 if result.skipped else 0
 
 
 def decode_check(result, skip_bad: bool = False, progress: bool = True, base_dir: str | None = None) -> None:

@@ -300,7 +300,8 @@ class Predictor:
         network: a ``MedSAM3Net`` (eval mode; any device).
         tracker: ``auto`` (see ``networks.tracker.resolve_tracker``; built on the first volume), ``none``,
             ``tiny``, an HF folder, or a tracker module.
-        checkpoint: the network's source (for ``tracker="auto"`` and the outputs' description).
+        checkpoint: the network's source (for ``tracker="auto"``, which finds a tracker in it, and the outputs'
+            description); default the network's own (``MedSAM3Net.source``).
         protocol, score_threshold, volume_batch_size, tracker_batch: as :class:`PromptInferer`.
         ct_window: CT window preset or (width, level) for ``modality="CT"``.
         progress: progress bars (stderr) for volumes and for the tiled passes over large 2D pictures.
@@ -309,13 +310,13 @@ class Predictor:
             the ``MEDSAM3_MAX_PIXELS`` environment variable replaces ``"auto"``).
     """
 
-    def __init__(self, network: torch.nn.Module, *, tracker: Any = "auto", checkpoint: str = "tiny",
+    def __init__(self, network: torch.nn.Module, *, tracker: Any = "auto", checkpoint: str | None = None,
                  protocol: str = "top_query", score_threshold: float = 0.5,
                  ct_window: str | Sequence[float] = "abdomen", progress: bool = False,
                  max_pixels: int | str | None = "auto", volume_batch_size: int = 8,
                  tracker_batch: int = TRACKER_BATCH) -> None:
         self.network = network.eval()
-        self.checkpoint = str(checkpoint)
+        self.checkpoint = str(checkpoint if checkpoint is not None else getattr(network, "source", "tiny"))
         self._tracker_spec = tracker
         self._tracker: tuple[Any, str] | None = None
         self._compile_mode: tuple[str | None] | None = None  # (mode,) once compile() was called
@@ -502,7 +503,7 @@ def predict_file(
     box: Any = None,
     network: torch.nn.Module | None = None,
     *,
-    checkpoint: str = "tiny",
+    checkpoint: str | None = None,
     image_size: int | None = None,
     protocol: str = "top_query",
     score_threshold: float = 0.5,
@@ -516,11 +517,12 @@ def predict_file(
 ) -> Prediction:
     """Segment one image or volume file with text prompts (and, for 2D images, boxes in pixels).
 
-    ``network`` (a loaded ``MedSAM3Net``) is used when given, else ``checkpoint`` is loaded (``image_size``
-    sizes the tiny preset). Keep a :class:`Predictor` to segment many files with one loaded network.
+    ``network`` (a loaded ``MedSAM3Net``) is used when given (its own source then names it and finds the tracker),
+    else ``checkpoint`` is loaded (default ``tiny``; ``image_size`` sizes the tiny preset). Keep a :class:`Predictor`
+    to segment many files with one loaded network.
     """
     if network is None:
-        network = load_network(checkpoint, image_size, device)
+        network = load_network("tiny" if checkpoint is None else checkpoint, image_size, device)
     else:
         built = int(getattr(network, "image_size", image_size or 0))
         if image_size is not None and image_size != built:

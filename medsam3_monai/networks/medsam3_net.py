@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import contextlib
+import math
 from pathlib import Path
 from typing import Iterator, Sequence
 
@@ -20,6 +21,9 @@ from .presets import check_image_size
 from .regularization import TrainingDropout, apply_training_dropout
 from .text_cache import TextFeatureCache
 from .tokenizer import tokenize_prompts
+
+#: the box prompt labels SAM3 knows: positive, negative, padding
+BOX_LABELS = (1, 0, BOX_PADDING_LABEL)
 
 #: find-queries (image, prompt pairs) per detector pass in :meth:`MedSAM3Net.forward_chunks`
 DETECTOR_CHUNK = 16
@@ -214,7 +218,8 @@ class MedSAM3Net(nn.Module):
             expected = (-1.0, 1.0) if pixels_normalized and images.dtype != torch.uint8 else (0.0, 1.0)
             slack = 0.1  # resampling overshoot
             if not (expected[0] - slack <= low and high <= expected[1] + slack):  # NaN fails too
-                hint = ("SAM3-normalised images (mean = std = 0.5) lie in [-1, 1]" if pixels_normalized else
+                hint = ("replace the NaN / Inf pixels" if not math.isfinite(low + high) else
+                        "SAM3-normalised images (mean = std = 0.5) lie in [-1, 1]" if pixels_normalized else
                         "divide 0..255 floats by 255, or pass pixels_normalized=True for SAM3-normalised images")
                 raise ValueError(f"float images hold values in [{low:.4g}, {high:.4g}], expected "
                                  f"[{expected[0]:g}, {expected[1]:g}]" + (": " + hint))
@@ -229,14 +234,23 @@ class MedSAM3Net(nn.Module):
             return None
         boxes = torch.as_tensor(boxes)
         if boxes.ndim != 3 or boxes.shape[-1] != 4 or (num_prompts is not None and boxes.shape[0] != num_prompts):
-            raise ValueError(f"boxes must be (B, K, 4), one row of K boxes per prompt (B = {num_prompts}); got "
-                             f"shape {tuple(boxes.shape)}")
-        if boxes.device.type == "cpu" and boxes.numel():
+            count = "" if num_prompts is None else f" ({num_prompts} prompts)"
+            raise ValueError(f"boxes must be (B, K, 4), one row of K boxes per prompt{count}; got shape "
+                             f"{tuple(boxes.shape)}")
+        if box_labels is not None and tuple(torch.as_tensor(box_labels).shape) != tuple(boxes.shape[:2]):
+            raise ValueError(f"box_labels must be (B, K) = {tuple(boxes.shape[:2])}, one label per box; got shape "
+                             f"{tuple(torch.as_tensor(box_labels).shape)}")
+        if boxes.device.type == "cpu" and boxes.numel():  # value checks where they cost no device synchronisation
             low, high = (float(v) for v in torch.aminmax(boxes.float()))
             if not (-1e-3 <= low and high <= 1 + 1e-3):
                 raise ValueError(f"box prompts hold values in [{low:.4g}, {high:.4g}]: they are normalised cx, cy, "
-                                 "w, h in [0, 1] (pixel boxes: divide by the image size, e.g. with "
-                                 "medsam3_monai.boxes)")
+                                 "w, h in [0, 1] (pixel boxes [x1, y1, x2, y2]: "
+                                 "medsam3_monai.inferers.inputs.box_prompts(boxes, num_prompts, (H, W)))")
+            labels = None if box_labels is None else torch.as_tensor(box_labels)
+            if labels is not None and labels.device.type == "cpu" and not bool(torch.isin(
+                    labels, torch.tensor(BOX_LABELS, dtype=labels.dtype)).all()):
+                raise ValueError(f"box_labels hold {sorted(set(labels.unique().tolist()) - set(BOX_LABELS))}: each "
+                                 "is 1 (positive box), 0 (negative) or -10 (padding)")
         return boxes
 
     def _query_image_ids(self, num_images: int, num_queries: int, image_ids: torch.Tensor | None) -> torch.Tensor | None:
