@@ -371,7 +371,7 @@ def run(args: argparse.Namespace) -> int:
 
     print(write_prediction(prediction, args.input, out, sidecar_path, overlay, getattr(args, "max_pixels", None)))
     if prediction.is_volume:
-        for line in empty_volume_notes(prediction, args.score_threshold):
+        for line in volume_notes(prediction, args.score_threshold):
             print(f"note: {line}", file=sys.stderr)
     return 0
 
@@ -610,7 +610,7 @@ def run_many(args: argparse.Namespace) -> int:
                     target = target_of[id(item)]
                     tqdm.write(write_prediction(result, item["image"], target, Path(f"{target}.json")))
                     if result.is_volume:
-                        for line in empty_volume_notes(result, args.score_threshold):
+                        for line in volume_notes(result, args.score_threshold):
                             tqdm.write(f"note: {item['image']}: {line}", file=sys.stderr)
                     written += 1
                 bar.update()
@@ -651,11 +651,17 @@ def slice_axis_note(affine: Any) -> str | None:
             f"{plane} slices; reorient it to axial (third axis S or I) for the papers' setting")
 
 
+def volume_notes(prediction, score_threshold: float) -> list[str]:
+    """What to say after a volume's prediction: slices that are not axial (:func:`slice_axis_note`), then the
+    prompts whose masks are empty and why (:func:`empty_volume_notes`)."""
+    axis = slice_axis_note(prediction.affine)
+    return ([] if axis is None else [axis]) + empty_volume_notes(prediction, score_threshold)
+
+
 def empty_volume_notes(prediction, score_threshold: float) -> list[str]:
-    """Notes on a volume's prediction: slices that are not axial (:func:`slice_axis_note`), and why a prompt's mask
-    is empty: no slice scored >= the threshold, or the slices that did had empty masks (the score alone does not
-    make a mask)."""
-    notes = [] if slice_axis_note(prediction.affine) is None else [slice_axis_note(prediction.affine)]
+    """Why a volume prompt's mask is empty: no slice scored >= the threshold, or the slices that did had empty
+    masks (the score alone does not make a mask)."""
+    notes = []
     for prompt, score, seed in zip(prediction.prompts, prediction.scores, prediction.seed_slices or []):
         if seed >= 0:
             continue
