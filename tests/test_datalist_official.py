@@ -126,6 +126,11 @@ def test_msd_dataset_json_layout(tmp_path: Path):
     assert result.datalist["training"][0]["dataset"] == "MSD_Task04_Hippocampus"
     assert len(result.unlabelled) == 1
     assert build("MSD", tmp_path).datalist == result.datalist  # the folder the task was unpacked into
+    (task / "dataset.json").rename(tmp_path / "kept.json")  # a named task without its dataset.json: paired by name
+    assert build("MSD_Task04_Hippocampus", task).counts() == {"training": 6, "validation": 1, "test": 0}
+    with pytest.raises(DatalistError, match="no dataset.json"):
+        build_datalist("MSD", task)
+    (tmp_path / "kept.json").rename(task / "dataset.json")
     meta["labels"] = {"0": "background", "1": "hippocampus"}
     (task / "dataset.json").write_text(json.dumps(meta))
     expected = r"dataset.json: label ids \['1'\] differ from the catalogue entry MSD_Task04_Hippocampus"

@@ -332,6 +332,12 @@ def test_auto_split_takes_test_when_present_else_validation(tmp_path):
     nameless.write_text(json.dumps({"training": [], "validation": [],
                                     "test": [{"image": "z.png", "label": "y.png", "prompts": {"1": "polyp"}}]}))
     assert [i["dataset"] for i in evaluation_items([nameless], check_files=False)] == ["my_cases"]
+    twice = tmp_path / "twice.json"  # one image under two datasets of one datalist: both means count it once
+    item = {"image": "z.png", "label": "y.png", "prompts": {"1": "polyp"}}
+    twice.write_text(json.dumps({"training": [], "validation": [],
+                                 "test": [dict(item, dataset="A"), dict(item, dataset="B")]}))
+    with pytest.warns(UserWarning, match=r"z.png is evaluated twice \(in .*twice.json, twice\), as A and as B"):
+        evaluation_items([twice], check_files=False)
 
 
 def test_validation_dice_is_the_mean_over_prompts_with_a_target():

@@ -99,8 +99,12 @@ def evaluation_items(
             item["case"] = Path(item["image"]).name
         first = seen.setdefault(os.path.abspath(item["image"]), number)
         if first != number:
-            warnings.warn(f"{item['image']} is evaluated twice (in {items[first]['datalist']} and "
-                          f"{item['datalist']}): its case counts twice in its dataset's mean", stacklevel=2)
+            earlier = items[first]
+            where = (f"{earlier['datalist']} and {item['datalist']}" if earlier["datalist"] != item["datalist"]
+                     else f"{item['datalist']}, twice")
+            effect = (f"its case counts twice in {item['dataset']}'s mean" if earlier["dataset"] == item["dataset"]
+                      else f"as {earlier['dataset']} and as {item['dataset']}: it counts in both datasets' means")
+            warnings.warn(f"{item['image']} is evaluated twice (in {where}), {effect}", stacklevel=2)
     if check_files:
         _check_files(items)
     return items

@@ -24,7 +24,8 @@ from ..catalogue import CatalogueError
 from ..pairs import Conversion, DatalistError, Pair, Problem
 from ._common import Converter, child, listing, pair_by_name, stem
 
-MSD_LAYOUT = "TaskNN_Name/dataset.json + imagesTr/ + labelsTr/ (or images/ + masks/ with a named MSD dataset)"
+MSD_LAYOUT = ("TaskNN_Name/dataset.json + imagesTr/ + labelsTr/ (or, with a named MSD dataset, images/ + masks/ or "
+              "imagesTr/ + labelsTr/ without dataset.json)")
 TOTALSEG_LAYOUT = "images/example_{ct,mr}_sm.nii.gz + masks/example_seg{,_mr}.nii.gz (or one flat folder)"
 _TOTALSEG_PAIRS = (
     ("example_ct_sm.nii.gz", "example_seg.nii.gz", "TotalSegmentator"),
@@ -60,8 +61,9 @@ def convert_msd(root: Path, entry, catalogue) -> Conversion:
         and folder.name.lower().startswith("task"))
     if len(tasks) == 1:  # the folder the task was unpacked into: read the task inside
         root, meta_path = tasks[0], tasks[0] / "dataset.json"
-    if not meta_path.is_file():
-        images, masks = child(root, "images"), child(root, "masks")
+    if not meta_path.is_file():  # a named dataset: images/ + masks/ (the cropped sample), or imagesTr/ + labelsTr/
+        images = child(root, "images") or child(root, "imagesTr")
+        masks = child(root, "masks") or child(root, "labelsTr")
         if images is None or masks is None or entry is None:
             inside = f" It holds several tasks ({', '.join(t.name for t in tasks)}): give one." if tasks else ""
             raise DatalistError(f"{root}: no dataset.json. Expected {MSD_LAYOUT}.{inside}")
