@@ -5,15 +5,13 @@ traceback, nothing left behind."""
 from __future__ import annotations
 
 import json
-import subprocess
-import sys
 from pathlib import Path
 from types import SimpleNamespace
 
 import pytest
 import torch
+from _bundle_helpers import assert_refused, run_bundle
 
-from medsam3_monai.bundle import BUNDLE_CONFIGS
 
 pytestmark = pytest.mark.usefixtures("one_thread")
 
@@ -80,13 +78,6 @@ def test_datalist_check_decodes_every_file(kvasir_with_a_truncated_mask, tmp_pat
     assert sum(len(v) for v in json.loads(out.read_text()).values()) == 4
 
 
-def run_bundle(configs: list[str], *overrides: str) -> subprocess.CompletedProcess:
-    files = [str(BUNDLE_CONFIGS / name) for name in configs]
-    argv = [sys.executable, "-m", "monai.bundle", "run", "--config_file", str(files),
-            "--meta_file", str(BUNDLE_CONFIGS / "metadata.json"), *overrides]
-    return subprocess.run(argv, capture_output=True, text=True)
-
-
 @pytest.mark.slow
 def test_bundles_end_an_input_error_with_one_line_and_exit_2(kvasir_with_a_truncated_mask, tmp_path):
     datalist, cut = kvasir_with_a_truncated_mask
@@ -98,11 +89,7 @@ def test_bundles_end_an_input_error_with_one_line_and_exit_2(kvasir_with_a_trunc
     training = run_bundle(["train.json"], "--bundle_root", str(tmp_path / "train"),
                           "--datalists", str([str(tmp_path / "missing.json")]))
     for result, expected in ((evaluation, str(cut)), (no_weights, "no weights"), (training, "missing.json")):
-        output = result.stdout + result.stderr
-        assert result.returncode == 2, output[-3000:]
-        assert "Traceback" not in output
-        last = result.stderr.strip().splitlines()[-1]
-        assert last.startswith("medsam3 bundle: error: ") and expected in last, last
+        assert_refused(result, expected)
     assert not (tmp_path / "eval").exists() and not (tmp_path / "train").exists()
 
 

@@ -7,13 +7,13 @@ from __future__ import annotations
 from pathlib import Path
 
 import pytest
+from _bundle_helpers import assert_refused, run_bundle
 
 from medsam3_monai.data import build_datalist, write_datalist
 from medsam3_monai.engines import build_optimizer, freeze_for_mode
 from medsam3_monai.networks import MedSAM3Net
 from medsam3_monai.networks.checkpoints import save_checkpoint_file
 
-from test_first_contact import run_bundle
 
 pytestmark = pytest.mark.usefixtures("one_thread")
 
@@ -35,7 +35,7 @@ def test_a_training_mode_is_full_or_medsam3(tiny_net):
     ({"layer_decay": 0.0}, r"lr#layer_decay must be in \(0, 1\]"),
     ({"layer_decay": 1.5}, r"lr#layer_decay must be in \(0, 1\]"),
 ])
-def test_learning_rates_that_cannot_train_are_refused(tiny_net, settings, message):
+def test_learning_rates_that_cannot_train_areassert_refused(tiny_net, settings, message):
     with pytest.raises(ValueError, match=message):
         build_optimizer(tiny_net, **settings)
 
@@ -54,14 +54,6 @@ def _kvasir_datalist(shared_data: Path, folder: Path) -> str:
     return str(write_datalist(build_datalist(name, shared_data / name).datalist, folder / "kvasir.json"))
 
 
-def _refused(result, expected: str) -> None:
-    output = result.stdout + result.stderr
-    assert result.returncode == 2, output[-3000:]
-    assert "Traceback" not in output, output[-3000:]
-    last = result.stderr.strip().splitlines()[-1]
-    assert last.startswith("medsam3 bundle: error: ") and expected in last, last
-
-
 @pytest.mark.slow
 def test_training_bundle_settings_are_refused_by_name(shared_data, tmp_path):
     kvasir = _kvasir_datalist(shared_data, tmp_path)
@@ -75,7 +67,7 @@ def test_training_bundle_settings_are_refused_by_name(shared_data, tmp_path):
         root = tmp_path / name
         result = run_bundle(["train.json"], "--bundle_root", str(root), "--datalists", datalist, "--max_epochs", "1",
                             *overrides)
-        _refused(result, expected)
+        assert_refused(result, expected)
         assert "Loading dataset" not in result.stdout + result.stderr, "refused only after caching the data"
         assert not (root / "models").exists() and not any((root / "runs" / "checkpoints").glob("*.pt"))
 
@@ -90,7 +82,7 @@ def test_evaluation_bundle_refuses_a_folder_holding_an_earlier_run(shared_data, 
     result = run_bundle(["inference.json", "evaluate.json"], "--bundle_root", str(tmp_path / "run"),
                         "--datalists", str([_kvasir_datalist(shared_data, tmp_path)]), "--checkpoint", "tiny",
                         "--mlflow", "false")
-    _refused(result, f"output {tmp_path / 'run' / 'eval'} exists and is not an empty folder")
+    assert_refused(result, f"output {tmp_path / 'run' / 'eval'} exists and is not an empty folder")
     assert [p for p in (tmp_path / "run").rglob("*") if p.is_file()] == [earlier]
 
 

@@ -220,12 +220,12 @@ def run(args: argparse.Namespace) -> int:
         from ..metrics.robustness import plan_phrasings
 
         plan = plan_phrasings(items, args.max_phrasings)
-    networks = [load_network(source, args.image_size, detector_chunk=args.detector_chunk) for source in sources]
     volumes = sum(is_volume_item(item) for item in items)
     if volumes == len(items) and (args.protocol != DEFAULT_PROTOCOL or args.box_prompts):
         unused = f"--protocol {args.protocol}" if args.protocol != DEFAULT_PROTOCOL else "--box-prompts"
         raise ValueError(f"{unused} acts on 2D cases, and every case of this run is a volume (segmented by the "
                          "detector's top query on each slice and the tracker, as medsam3 segment does): leave it out")
+    networks = [load_network(source, args.image_size, detector_chunk=args.detector_chunk) for source in sources]
     trackers = [resolve_tracker(args.tracker, s, n, described=True) if volumes else (None, "none")
                 for s, n in zip(sources, networks)]
     if args.compile:

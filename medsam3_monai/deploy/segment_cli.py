@@ -461,10 +461,9 @@ def _many_items(args: argparse.Namespace) -> list[dict[str, Any]]:
         items += [{"image": path, "prompts": _prompt_mapping(args.prompt)} for path in expand_inputs(args.input)]
     from ..transforms.io import input_modality
 
-    for item in items:
-        if args.modality is not None:  # --modality applies to every input, the datalist's included
-            item["modality"] = args.modality
-        item["modality"] = input_modality(item["image"], item.get("modality"))  # a DICOM series' own
+    for item in items:  # --modality applies to every input, the datalist's included; else a DICOM series' own
+        given = args.modality if args.modality is not None else item.get("modality")
+        item["modality"] = input_modality(item["image"], given)
         item.setdefault("box", None)
         item.setdefault("protocol", None)
     return items

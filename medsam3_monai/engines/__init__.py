@@ -11,9 +11,9 @@ from .schedulers import WarmupInverseSqrtLR, inverse_sqrt_factor
 from .trainer import MedSAM3Trainer, autocast_for
 
 __all__ = [
-    "distributed", "EpochSeedHandler", "TrainingCheckpoint", "latest_checkpoint", "FinalCheckpoint", "BestModelCheckpoint", "MLflowRunInfoHandler", "LossProgressBar", "TrainerIteration", "MedSAM3Evaluator", "MedSAM3Trainer",
-    "ImageBudgetBatches", "PrepareFindBatch", "PromptDice",
-    "TopQueryDice", "WarmupInverseSqrtLR", "autocast_for", "build_optimizer",
-    "check_training_mode", "collate_find_queries", "flatten_items", "freeze_encoders", "freeze_for_mode", "inverse_sqrt_factor",
-    "pred_and_label",
+    "distributed", "BestModelCheckpoint", "EpochSeedHandler", "FinalCheckpoint", "LossProgressBar",
+    "MLflowRunInfoHandler", "TrainerIteration", "TrainingCheckpoint", "latest_checkpoint", "MedSAM3Evaluator",
+    "MedSAM3Trainer", "ImageBudgetBatches", "PrepareFindBatch", "PromptDice", "TopQueryDice", "WarmupInverseSqrtLR",
+    "autocast_for", "build_optimizer", "check_training_mode", "collate_find_queries", "flatten_items",
+    "freeze_encoders", "freeze_for_mode", "inverse_sqrt_factor", "pred_and_label",
 ]

@@ -190,7 +190,7 @@ def predict_items(predictor: Any, items: Sequence[Mapping[str, Any]], *, batch_s
                 results.update(zip(pictures, done))
             elif i not in results:  # a volume: on its own, written before the next one starts
                 results[i] = predictor.infer_cases([case], [item])[0]
-            yield originals[start + i], predictor.prediction(results.pop(i), item, item["channel"])
+            yield originals[start + i], predictor.prediction(results.pop(i), item)
 
 
 # ------------------------------------------------------------------------------------------------ GPU knobs

@@ -419,7 +419,7 @@ class Predictor:
             slices = slices if isinstance(slices, list) else [slices]
             self._set_tracker([slices], [item])
             case = postprocessing(self.inferer(slices, self.network))
-        return self.prediction(case, item, channel)
+        return self.prediction(case, item)
 
     def _set_tracker(self, cases: Sequence[list[dict[str, Any]]], items: Sequence[Mapping[str, Any]]) -> None:
         """Volumes get the tracker (built on the first one); a box on a volume is an error."""
@@ -438,8 +438,9 @@ class Predictor:
             self._set_tracker(cases, items)
             return [postprocessing(case) for case in self.inferer.infer_cases(cases, self.network, images)]
 
-    def prediction(self, case: Mapping[str, Any], item: Mapping[str, Any], channel: int | None = None) -> Prediction:
-        """A post-processed case (and its datalist item) -> :class:`Prediction`."""
+    def prediction(self, case: Mapping[str, Any], item: Mapping[str, Any]) -> Prediction:
+        """A post-processed case (and its datalist item, whose ``channel`` the input was read with) ->
+        :class:`Prediction`."""
         labels = case["pred"]
         is_volume = labels.ndim == 4
         label_map = MetaTensor(labels.as_tensor()[0], meta=dict(labels.meta))
@@ -448,8 +449,8 @@ class Predictor:
         settings = {"checkpoint": self.checkpoint, "image_size": int(self.network.image_size),
                     "score_threshold": self.inferer.score_threshold, "modality": modality,
                     "box": None if box is None else _box_list(box, len(case["prompt_texts"]))}
-        if channel is not None:
-            settings["channel"] = int(channel)
+        if item.get("channel") is not None:
+            settings["channel"] = int(item["channel"])
         if is_volume:
             settings["tracker"] = self.inferer.tracker_name
             if (modality or "").lower() == "ct":

@@ -270,6 +270,17 @@ class MedSAM3Net(nn.Module):
             raise ValueError(f"image_ids must index the {num_images} images; got {image_ids.tolist()}")
         return image_ids
 
+    @staticmethod
+    def _prompt_texts(prompts: Sequence[str] | str | None, boxes: torch.Tensor | None) -> list[str]:
+        """The B prompt texts of :meth:`forward`'s ``prompts``: one text, a sequence, or None with B box prompts
+        (SAM3's ``"visual"`` text for each)."""
+        if prompts is None:
+            if boxes is None:
+                raise ValueError("give text prompts, boxes, or both (prompts=None needs boxes)")
+            boxes = torch.as_tensor(boxes)
+            return [BOX_ONLY_PROMPT] * (len(boxes) if boxes.ndim else 1)  # a 0-d tensor: the box check says so
+        return [prompts] if isinstance(prompts, str) else list(prompts)
+
     def _find_queries(self, images: torch.Tensor, prompts: Sequence[str] | str | None,
                       image_ids: torch.Tensor | Sequence[int] | None, boxes: torch.Tensor | None,
                       box_labels: torch.Tensor | None, pixels_normalized: bool,
@@ -278,15 +289,10 @@ class MedSAM3Net(nn.Module):
         (B, K, 4) box prompts (or None)."""
         self._check_images(images, pixels_normalized)
         images = plain_tensor(images)
-        boxes = self._check_boxes(boxes, box_labels, None)
-        if prompts is None:
-            if boxes is None:
-                raise ValueError("give text prompts, boxes, or both (prompts=None needs boxes)")
-            prompts = [BOX_ONLY_PROMPT] * boxes.shape[0]
-        prompts = [prompts] if isinstance(prompts, str) else list(prompts)
+        prompts = self._prompt_texts(prompts, boxes)
         if not prompts:
             raise ValueError("no prompts: give at least one text prompt (or prompts=None with box prompts)")
-        self._check_boxes(boxes, box_labels, len(prompts))
+        boxes = self._check_boxes(boxes, box_labels, len(prompts))
         index = self._query_image_ids(images.shape[0], len(prompts), image_ids)
         normalized = pixels_normalized and images.dtype != torch.uint8  # uint8 images are 8-bit levels, always
         return (images if normalized else normalize_pixels(images)), prompts, index, boxes
@@ -347,13 +353,13 @@ class MedSAM3Net(nn.Module):
         chunk = int(self.detector_chunk if chunk is None else chunk)
         if chunk < 1:
             raise ValueError(f"detector chunk must be >= 1, got {chunk}")
+        count = len(self._prompt_texts(prompts, boxes))
+        if count <= chunk:  # one forward, through __call__ as before (its hooks run; it checks the inputs)
+            yield 0, count, self(images, prompts, image_ids=image_ids, boxes=boxes, box_labels=box_labels,
+                                 pixels_normalized=pixels_normalized)
+            return
         pixel_values, prompts, index, boxes = self._find_queries(images, prompts, image_ids, boxes, box_labels,
                                                                  pixels_normalized)
-        count = len(prompts)
-        if count <= chunk:  # one forward, through __call__ as before (its hooks run)
-            yield 0, count, self(pixel_values, prompts, image_ids=index, boxes=boxes, box_labels=box_labels,
-                                 pixels_normalized=True)
-            return
         if index is None:  # pairwise: query b looks at image b
             index = torch.arange(count)
         text_features, text_mask = self.encode_text(prompts)

@@ -76,8 +76,6 @@ _PIL_LIMIT_LOCK = threading.Lock()
 CHANNEL_HINT = ("use a 3D volume, or pick one channel / time point: --channel N (medsam3 segment and agent, the "
                 "inference bundle), a datalist item's 'channel' (medsam3 datalist ... --channel N writes it), "
                 "channel=N in Python")
-#: the datalist item key naming the channel of a 4D image to segment (``LoadMedicalImaged``)
-ITEM_CHANNEL_KEY = "channel"
 
 
 def _suffix(path: str | Path) -> str:
@@ -633,7 +631,7 @@ class LoadMedicalImaged(MapTransform):
 
     def __call__(self, data: Mapping[Hashable, Any]) -> dict[Hashable, Any]:
         d = dict(data)
-        channel = self.channel if self.channel is not None else d.get(ITEM_CHANNEL_KEY)
+        channel = self.channel if self.channel is not None else d.get("channel")
         for key in self.key_iterator(d):
             mask = key in self.label_keys
             value = d[key]
