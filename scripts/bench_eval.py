@@ -242,7 +242,7 @@ def bench_multi_class_metrics(classes: int = 20, shape: tuple[int, int, int] = (
     one_by_one = [case_metrics(pred == v, truth == v) for v in values]
     one_by_one_s = time.perf_counter() - start
     start = time.perf_counter()
-    together = [metrics for metrics, _ in label_map_metrics(pred, truth, values)]
+    together = [metrics for metrics, _, _ in label_map_metrics(pred, truth, values)]
     together_s = time.perf_counter() - start
     if together != one_by_one:
         raise RuntimeError("label_map_metrics and case_metrics disagree")

@@ -199,7 +199,7 @@ def test_medsam3_evaluate_writes_every_report_and_an_mlflow_run(datalists, tmp_p
     assert float(table["MSD_Task04_Hippocampus"]["dice"]) == pytest.approx(sum(hippocampus) / 2)
     markdown = (out / "table.md").read_text()
     assert "| Dataset | Group | n | Dice (%) | IoU (%) | NSD (%) | HD95 (mm) |" in markdown
-    assert "protocol: top_query" in markdown and "Volumes (1)" in markdown
+    assert "protocol: top_query" in markdown and "Volumes (1, protocol `top_query`)" in markdown
     assert (out / "radar.png").read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"
     overlays = sorted(p.name for p in (out / "overlays").glob("*.png"))
     assert len(overlays) == 3 and any("Hippocampus" in name for name in overlays)
@@ -500,3 +500,19 @@ def test_a_new_experiment_in_a_given_sqlite_store_keeps_artifacts_beside_it(tmp_
     location = client.get_experiment(experiment_id).artifact_location
     assert Path(location.removeprefix("file://")) == tmp_path / "store" / "mlartifacts"
     assert not (tmp_path / "mlruns").exists()
+
+
+def test_checkpoints_of_one_name_are_labelled_by_the_folder_where_their_paths_part(tmp_path):
+    from medsam3_monai.deploy.evaluate_cli import checkpoint_labels
+
+    for run in ("runA", "runB"):
+        (tmp_path / run / "checkpoints").mkdir(parents=True)
+        (tmp_path / run / "checkpoints" / "model_best_val_dice.pt").touch()
+        (tmp_path / run / "bundle" / "models").mkdir(parents=True)
+    best = [str(tmp_path / run / "checkpoints" / "model_best_val_dice.pt") for run in ("runA", "runB")]
+    assert checkpoint_labels(best) == ["runA-model_best_val_dice", "runB-model_best_val_dice"]
+    bundles = [str(tmp_path / run / "bundle" / "models" / "model.pt") for run in ("runA", "runB")]
+    assert checkpoint_labels(bundles) == ["runA-bundle", "runB-bundle"]
+    assert checkpoint_labels([best[0], bundles[1]]) == ["model_best_val_dice", "bundle"]
+    assert checkpoint_labels(["tiny", "tiny"]) == ["tiny-1", "tiny-2"]
+    assert checkpoint_labels([best[0], best[0]]) == ["model_best_val_dice-1", "model_best_val_dice-2"]

@@ -133,6 +133,26 @@ def test_every_prediction_empty_is_said_under_the_table(tmp_path):
     assert "WARNING" not in (tmp_path / "r" / "table.md").read_text()
 
 
+def test_a_label_value_in_no_truth_mask_is_said_under_the_table(tmp_path):
+    from medsam3_monai.engines.reports import EvaluationReport, absent_label_warnings
+
+    def record(case: str, label: int, prompt: str, empty_truth: bool) -> dict:
+        return {"dataset": "D", "group": "internal", "case": case, "prompt": prompt, "protocol": "top_query",
+                "label": label, "score": 0.9, "metrics": {"dice": 1.0, "iou": 1.0}, "empty_prediction": False,
+                "empty_truth": empty_truth}
+
+    records = [record("a", 1, "kidney", False), record("b", 1, "kidney", True),
+               record("a", 2, "kidney tumor", True), record("b", 2, "kidney tumor", True)]
+    (line,) = absent_label_warnings(records)
+    assert "dataset D: label value 2 (prompt 'kidney tumor')" in line and "2 case(s)" in line
+    assert absent_label_warnings(records[:2]) == []  # label 1 is in case a's truth
+    assert absent_label_warnings([{k: v for k, v in r.items() if k != "empty_truth"} for r in records]) == []
+    report = EvaluationReport(tmp_path / "r", mlflow=False)
+    report.records = records
+    report.write()
+    assert f"- WARNING: {line}." in (tmp_path / "r" / "table.md").read_text()
+
+
 def test_volume_notes_tell_low_scores_from_empty_masks():
     from medsam3_monai.deploy.segment_cli import empty_volume_notes
 

@@ -289,12 +289,17 @@ def test_csv_reports_round_trip(tmp_path):
     assert "dice_delta" in cmp_path.read_text().splitlines()[0]
 
 
-def test_aggregate_refuses_mixed_protocols_and_split_datasets():
+def test_aggregate_refuses_a_dataset_of_two_protocols_and_split_datasets():
     records = _records()
     records[0]["protocol"] = "top-query"
-    records[1]["protocol"] = "union"
-    with pytest.raises(ValueError, match="protocols"):
+    records[2]["protocol"] = "union"  # dataset A's second case
+    with pytest.raises(ValueError, match="dataset 'A' has records of evaluation protocols 'top-query' and 'union'"):
         aggregate(records)
+    records = [dict(r, protocol="union" if r["dataset"] == "C" else "top-query") for r in _records()]
+    mixed = aggregate(records)  # datasets of two protocols (a run's pictures and volumes): each row says its own
+    assert mixed.protocol == "top-query, union" and mixed.row("C")["protocol"] == "union"
+    assert mixed.row("internal", "group")["protocol"] == "top-query"
+    assert "| Dataset | Group | Protocol | n |" in mixed.to_markdown()
     records = _records()
     records[0]["group"] = "external"
     with pytest.raises(ValueError, match="groups"):
@@ -317,12 +322,12 @@ def test_label_map_metrics_equal_per_value_case_metrics(spacing):
     truth[truth == 3] = 7  # value 3: absent from the truth; 7 is not asked for
     values = [1, 2, 3, 4, 9]  # 9: in neither map (both empty: Dice 1)
     got = label_map_metrics(pred, truth, values, spacing)
-    for value, (metrics, predicted) in zip(values, got):
+    for value, (metrics, predicted, in_truth) in zip(values, got):
         expected = case_metrics(pred == value, truth == value, spacing)
         assert metrics.keys() == expected.keys()
         for name, number in expected.items():
             assert metrics[name] == pytest.approx(number, nan_ok=True), (value, name)
-        assert predicted == int((pred == value).sum())
+        assert predicted == int((pred == value).sum()) and in_truth == int((truth == value).sum())
     assert got[4][0]["dice"] == 1.0 and got[3][0]["dice"] == 0.0
     one_by_one = [(int(((pred == v) & (truth == v)).sum()), int((pred == v).sum()), int((truth == v).sum()))
                   for v in values]

@@ -303,6 +303,31 @@ def test_inference_bundle_writes_the_cli_label_map_in_the_input_size(kvasir, two
     assert np.array_equal(labels, png(two_prompt_run))  # the CLI and the bundle share one pipeline
 
 
+def test_inference_bundle_writes_a_volume_with_the_input_header_codes_as_segment_does(hippocampus, tmp_path):
+    from monai.bundle import run
+
+    source = nib.load(hippocampus)
+    volume = nib.Nifti1Image(np.asanyarray(source.dataobj), source.affine)
+    volume.set_qform(source.affine, code=0)  # qform unknown, sform "aligned": MONAI's writer made both 1
+    volume.set_sform(source.affine, code=2)
+    volume.header.set_xyzt_units("mm", "sec")
+    path = tmp_path / "coded.nii.gz"
+    nib.save(volume, path)
+    out_dir = tmp_path / "predictions"
+    run(config_file=str(CONFIGS / "inference.json"), meta_file=str(CONFIGS / "metadata.json"),
+        bundle_root=str(tmp_path), datalist=[{"image": str(path), "modality": "MRI"}], prompts=["hippocampus"],
+        checkpoint="tiny", tracker_source="none", output_dir=str(out_dir))
+    cli_out = tmp_path / "cli.nii.gz"
+    assert segment(str(path), "--prompt", "hippocampus", "--modality", "MRI", "--tracker", "none",
+                   "--out", str(cli_out)) == 0
+    bundle, cli = nib.load(out_dir / "coded_seg.nii.gz"), nib.load(cli_out)
+    for written in (bundle, cli):
+        assert (int(written.header["qform_code"]), int(written.header["sform_code"])) == (0, 2)
+        assert written.header.get_xyzt_units() == ("mm", "sec")
+        assert np.allclose(written.affine, source.affine)
+    assert np.array_equal(np.asanyarray(bundle.dataobj), np.asanyarray(cli.dataobj))
+
+
 def _required_metadata_schema() -> dict:
     """MONAI's bundle metadata requirements (the fields `verify_metadata` checks with the official
     meta_schema_20240725.json, which cannot be downloaded here), written out as a JSON schema."""

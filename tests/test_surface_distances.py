@@ -103,7 +103,7 @@ def test_surface_metrics_of_a_real_ct_segmentation_equal_monai(shared_data):
         checked += 1
     assert checked > 30
     metrics = label_map_metrics(torch.from_numpy(pred), torch.from_numpy(truth), values[:4], spacing)
-    for value, (found, _) in zip(values[:4], metrics):
+    for value, (found, _, _) in zip(values[:4], metrics):
         whole = [torch.from_numpy(x == value)[None, None].float() for x in (pred, truth)]
         with warnings.catch_warnings():
             warnings.simplefilter("ignore")
@@ -131,7 +131,7 @@ def test_label_map_metrics_on_several_threads_are_the_serial_ones(shared_data):
     finally:
         torch.set_num_threads(previous)
     assert results[0] == results[1]
-    absent, _ = results[0][-1]
+    absent, _, _ = results[0][-1]
     assert (absent["dice"], absent["nsd"]) == (1.0, 1.0) and math.isnan(absent["hd95"])
-    assert len({found["nsd"] for found, _ in results[0][:-1]}) > 3  # the classes' own numbers, not one repeated
-    assert all(math.isfinite(found["hd95"]) for found, _ in results[0][:-1])
+    assert len({found["nsd"] for found, _, _ in results[0][:-1]}) > 3  # the classes' own numbers, not one repeated
+    assert all(math.isfinite(found["hd95"]) for found, _, _ in results[0][:-1])

@@ -41,6 +41,33 @@ def test_evaluate_refuses_2d_options_when_every_case_is_a_volume(hippocampus_dat
     assert not out.exists()
 
 
+def test_a_run_of_pictures_and_volumes_labels_each_dataset_with_the_protocol_it_ran(hippocampus_datalist, kvasir,
+                                                                                    tmp_path):
+    """--protocol semantic acts on the pictures; the volumes take the detector's top query and the tracker, and
+    their rows say so (cases.csv, table.csv and a Protocol column in table.md)."""
+    import csv
+
+    datalist = json.loads(hippocampus_datalist.read_text())
+    datalist["test"].append({"image": str(kvasir), "label": str(kvasir.parent.parent / "masks" / kvasir.name),
+                             "dataset": "Kvasir-SEG", "prompts": {"1": "polyp"}, "case": kvasir.stem})
+    path = tmp_path / "mixed.json"
+    path.write_text(json.dumps(datalist))
+    out = tmp_path / "eval"
+    assert main(["evaluate", "--datalist", str(path), "--checkpoint", "tiny", "--out", str(out), "--no-progress",
+                 "--no-mlflow", "--protocol", "semantic", "--tracker", "none"]) == 0
+    report = next(out.rglob("cases.csv")).parent
+    with (report / "cases.csv").open() as f:
+        cases = {(row["dataset"], row["protocol"]) for row in csv.DictReader(f)}
+    assert cases == {("MSD_Task04_Hippocampus", "top_query"), ("Kvasir-SEG", "semantic")}
+    with (report / "table.csv").open() as f:
+        table = {row["name"]: row["protocol"] for row in csv.DictReader(f)}
+    assert table["MSD_Task04_Hippocampus"] == "top_query" and table["Kvasir-SEG"] == "semantic"
+    assert table["overall"] in ("top_query, semantic", "semantic, top_query")
+    markdown = (report / "table.md").read_text()
+    assert "| Dataset | Group | Protocol | n |" in markdown and "|---|---|---|---:|" in markdown
+    assert "protocol of the 2D cases `semantic`" in markdown and "Volumes (1, protocol `top_query`)" in markdown
+
+
 @pytest.mark.slow
 def test_the_inference_bundle_names_tracker_source_when_given_a_tracker_name(hippocampus, tmp_path):
     result = run_bundle(["inference.json"], "--bundle_root", str(tmp_path / "run"), "--datalist",

@@ -17,6 +17,7 @@ In both, the runs are child MLflow runs of one parent that holds the combined ta
 from __future__ import annotations
 
 import argparse
+import os
 import re
 import sys
 from pathlib import Path
@@ -135,9 +136,15 @@ def add_parser(subparsers: argparse._SubParsersAction) -> argparse.ArgumentParse
 
 
 # ------------------------------------------------------------------------------------------------ pieces
+def _label_text(text: str) -> str:
+    """``text`` with only the characters folder names and MLflow run names take (others become ``_``)."""
+    return re.sub(r"[^0-9A-Za-z._-]+", "_", text) or "checkpoint"
+
+
 def checkpoint_labels(sources: list[str]) -> list[str]:
     """Short distinct names for report folders, table headers and MLflow run names ('tiny', a file's stem, a
-    folder's name; a bundle's ``models/model.pt`` is named after the bundle folder)."""
+    folder's name; a bundle's ``models/model.pt`` is named after the bundle folder; two of one name get the
+    folder where their paths part as a prefix, or ``-1`` / ``-2``)."""
     names = []
     for source in sources:
         path = Path(source)
@@ -147,7 +154,14 @@ def checkpoint_labels(sources: list[str]) -> list[str]:
             name = path.parent.parent.resolve().name
         else:
             name = path.stem if path.is_file() else path.name
-        names.append(re.sub(r"[^0-9A-Za-z._-]+", "_", name) or "checkpoint")
+        names.append(_label_text(name))
+    if len(set(names)) < len(names) and "tiny" not in sources:
+        # the same name in two places (runA/checkpoints/model_best_val_dice.pt, runB/...): the first folder in which
+        # their paths part, e.g. runA-model_best_val_dice
+        paths = [Path(source).resolve().parts for source in sources]
+        common = len(os.path.commonprefix(paths))
+        names = [f"{_label_text(parts[common])}-{n}" if len(parts) > common + 1 else n
+                 for parts, n in zip(paths, names)]
     if len(set(names)) < len(names):
         names = [f"{n}-{i + 1}" for i, n in enumerate(names)]
     return names

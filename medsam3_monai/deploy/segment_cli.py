@@ -236,20 +236,13 @@ def write_label_volume(array: Any, affine: Any, path: str | Path, reference: str
     import nibabel as nib
     import numpy as np
 
+    from ..inferers.postprocess import set_nifti_geometry
+
     array = np.asarray(array)
     dtype = np.uint8 if array.size == 0 or array.max() <= 255 else np.int32
     affine = np.asarray(affine, dtype=np.float64)
     image = nib.Nifti1Image(array.astype(dtype), affine)
-    qform_code = sform_code = 1
-    if reference is not None and _suffix(reference) in VOLUME_OUTPUTS and Path(reference).is_file():
-        header = nib.load(str(reference)).header
-        qform_code = int(header["qform_code"])  # kept as they are, 0 (unknown) included
-        sform_code = int(header["sform_code"])
-        image.header.set_xyzt_units(*header.get_xyzt_units())
-    else:
-        image.header.set_xyzt_units("mm")
-    image.set_qform(affine, code=qform_code)
-    image.set_sform(affine, code=sform_code)
+    set_nifti_geometry(image, affine, reference)
     nib.save(image, str(path))
 
 

@@ -91,6 +91,10 @@ def evaluation_transforms(image_size: int = 1008, ct_window: str | Sequence[floa
     return slice_space_transforms(image_size, ct_window=ct_window, with_label=False)
 
 
+#: the detector protocol of the volume path (top query on each slice, then the tracker), whatever the 2D one
+VOLUME_PROTOCOL = "top_query"
+
+
 def protocol_label(protocol: str, box_prompts: bool = False) -> str:
     """The name a number is reported under: the protocol, ``+box`` for the T+I (text + box) variant."""
     return get_protocol(protocol).name + ("+box" if box_prompts else "")
@@ -101,8 +105,10 @@ def report_notes(checkpoint: str, protocol: str, score_threshold: float, box_pro
     """How the numbers were produced: the lines under the report's Markdown table."""
     splits = sorted({f"{Path(str(i.get('datalist', '?'))).name}: {i.get('split', '?')}" for i in items})
     described = get_protocol(protocol).describe(score_threshold)
+    volumes = sum(is_volume_item(i) for i in items)
+    pictures = " of the 2D cases" if 0 < volumes < len(items) else ""
     notes = [
-        f"Checkpoint `{checkpoint}`; protocol `{protocol_label(protocol, box_prompts)}`: {described}"
+        f"Checkpoint `{checkpoint}`; protocol{pictures} `{protocol_label(protocol, box_prompts)}`: {described}"
         + ("; text + box prompt (largest ground-truth component)." if box_prompts else "; text prompts."),
         f"Cases: {len(items)} ({'; '.join(splits)}); split `{split}`"
         + (" = test if present, else validation." if split == "auto" else "."),
@@ -110,9 +116,9 @@ def report_notes(checkpoint: str, protocol: str, score_threshold: float, box_pro
         "score × sigmoid(mask logit) at the pixel. Metrics in each input's own geometry; Dice = IoU = 100 "
         "when prediction and truth are both empty. NSD (2 mm) and HD95 only where the spacing is known.",
     ]
-    volumes = sum(is_volume_item(i) for i in items)
     if volumes:
-        notes.append(f"Volumes ({volumes}): detector on every slice (top query, score >= {score_threshold}) merged "
+        notes.append(f"Volumes ({volumes}, protocol `{protocol_label(VOLUME_PROTOCOL)}`): detector on every slice "
+                     f"(top query, score >= {score_threshold}) merged "
                      f"with tracker propagation from the most confident slice (tracker: {tracker})"
                      + ("; box prompts are not used for volumes." if box_prompts else "."))
     return notes
@@ -252,7 +258,14 @@ class CaseInferer(Inferer):
 
     @property
     def label(self) -> str:
+        """The name the 2D cases' numbers are reported under (:func:`protocol_label`)."""
         return protocol_label(self.protocol, self.box_prompts)
+
+    @property
+    def volume_label(self) -> str:
+        """The name the volumes' numbers are reported under: the volume path's (the detector's top query on each
+        slice and the tracker), whatever the 2D protocol and box prompts."""
+        return protocol_label(VOLUME_PROTOCOL)
 
     def _case_items(self, inputs: Sequence[dict[str, Any]] | dict[str, Any]
                     ) -> tuple[list[dict[str, Any]], list[dict[str, Any]]]:
@@ -525,6 +538,10 @@ class AgentCaseInferer(CaseInferer):
     def label(self) -> str:
         return f"agent/{super().label}"
 
+    @property
+    def volume_label(self) -> str:
+        return f"agent/{super().volume_label}"
+
     def predictor(self, network: torch.nn.Module) -> Any:
         """``medsam3 segment``'s predictor around the evaluated network (built once)."""
         if self._predictor is None or self._predictor.network is not network:
@@ -606,22 +623,25 @@ class AgentCaseInferer(CaseInferer):
 
 
 # ------------------------------------------------------------------------------------------------ metrics
-def case_records(prediction: CasePrediction, protocol: str, nsd_tolerance_mm: float = DEFAULT_NSD_TOLERANCE_MM
-                 ) -> list[dict[str, Any]]:
+def case_records(prediction: CasePrediction, protocol: str, nsd_tolerance_mm: float = DEFAULT_NSD_TOLERANCE_MM,
+                 volume_protocol: str | None = None) -> list[dict[str, Any]]:
     """One metric record per prompt of the case (the format of ``metrics.aggregate``), scored on the merged
-    label map in the input's geometry; empty truth and empty prediction count as Dice 1."""
+    label map in the input's geometry; empty truth and empty prediction count as Dice 1. The records carry
+    ``protocol``, or for a volume ``volume_protocol`` when given."""
     if prediction.truth is None:
         return []
+    if prediction.is_volume and volume_protocol is not None:
+        protocol = volume_protocol
     item = prediction.items[0]
     per_value = label_map_metrics(prediction.pred, prediction.truth, prediction.values, prediction.spacing,
                                   nsd_tolerance_mm=nsd_tolerance_mm)
     records = []
-    for value, text, score, (metrics, predicted) in zip(prediction.values, prediction.prompts,
+    for value, text, score, (metrics, predicted, in_truth) in zip(prediction.values, prediction.prompts,
                                                         prediction.scores.tolist(), per_value):
         records.append({
             "dataset": prediction.dataset, "group": str(item.get("group", "other")), "case": prediction.case,
             "prompt": text, "protocol": protocol, "label": int(value), "score": float(score), "metrics": metrics,
-            "empty_prediction": predicted == 0,
+            "empty_prediction": predicted == 0, "empty_truth": in_truth == 0,
         })
     return records
 
@@ -631,16 +651,20 @@ class CaseMetrics:
     metric record per prompt, :func:`case_records`), what the report handlers read.
 
     Args:
-        protocol: the name the numbers are reported under (``CaseInferer.label``, e.g. ``top_query+box``).
+        protocol: the name the 2D cases' numbers are reported under (``CaseInferer.label``, e.g. ``top_query+box``).
         nsd_tolerance_mm: NSD tolerance (2 mm, MedSAM's).
+        volume_protocol: the name the volumes' are reported under (``CaseInferer.volume_label``); None = ``protocol``.
     """
 
-    def __init__(self, protocol: str, nsd_tolerance_mm: float = DEFAULT_NSD_TOLERANCE_MM) -> None:
+    def __init__(self, protocol: str, nsd_tolerance_mm: float = DEFAULT_NSD_TOLERANCE_MM,
+                 volume_protocol: str | None = None) -> None:
         self.protocol = str(protocol)
         self.nsd_tolerance_mm = float(nsd_tolerance_mm)
+        self.volume_protocol = None if volume_protocol is None else str(volume_protocol)
 
     def __call__(self, prediction: CasePrediction) -> dict[str, Any]:
-        return {"prediction": prediction, "records": case_records(prediction, self.protocol, self.nsd_tolerance_mm)}
+        return {"prediction": prediction,
+                "records": case_records(prediction, self.protocol, self.nsd_tolerance_mm, self.volume_protocol)}
 
 
 # ------------------------------------------------------------------------------------------------ assembly

@@ -29,7 +29,8 @@ from ..metrics.aggregate import MetricTable, aggregate, write_cases_csv, write_c
 from ..metrics.plots import overlay_figure, radar_chart, radiological_view
 from ..transforms.intensity import unit_pixels
 
-__all__ = ["DEFAULT_EXPERIMENT", "EvaluationReport", "OverlayWriter", "default_tracking_uri", "open_experiment"]
+__all__ = ["DEFAULT_EXPERIMENT", "EvaluationReport", "OverlayWriter", "absent_label_warnings", "default_tracking_uri",
+           "open_experiment"]
 
 logger = logging.getLogger(__name__)
 
@@ -162,6 +163,26 @@ def _score_line(records: Sequence[Mapping[str, Any]]) -> str:
     return f"{len(dice)} classes: mean Dice {sum(v for _, v in dice) / len(dice):.1f}; lowest: {lowest}"
 
 
+def absent_label_warnings(records: Sequence[Mapping[str, Any]]) -> list[str]:
+    """One line per (dataset, label value) that no truth mask of the run holds (records' ``empty_truth``): its
+    prompts score Dice 100 where the prediction is empty too and 0 elsewhere: a class absent from the split, or a
+    dataset whose prompts' label values are not those of its masks."""
+    groups: dict[tuple[str, int], list[Mapping[str, Any]]] = {}
+    for record in records:
+        if "empty_truth" in record:
+            groups.setdefault((str(record.get("dataset", "")), int(record["label"])), []).append(record)
+    lines = []
+    for (dataset, value), rows in groups.items():
+        if all(row["empty_truth"] for row in rows):
+            prompts = ", ".join(f"'{p}'" for p in dict.fromkeys(str(row.get("prompt", "")) for row in rows))
+            cases = len({row.get("case") for row in rows})
+            lines.append(f"dataset {dataset}: label value {value} (prompt {prompts}) is in no truth mask of its "
+                         f"{cases} case(s), so its rows score 100 where the prediction is empty and 0 elsewhere and "
+                         "say nothing about the model's masks; if the class should be there, the dataset's label "
+                         "values do not match the values in its masks")
+    return lines
+
+
 class EvaluationReport:
     """Collect the evaluator's metric records; on COMPLETED write the report files and log the MLflow run.
 
@@ -239,6 +260,9 @@ class EvaluationReport:
                        "pixel; a model trained with the semantic head alone (e.g. the tiny recipe) is evaluated "
                        "with --protocol semantic on 2D cases (volumes always take the detector's top query and the "
                        "tracker)")
+            logger.warning(warning)
+            notes.insert(0, f"WARNING: {warning}.")
+        for warning in absent_label_warnings(self.records):
             logger.warning(warning)
             notes.insert(0, f"WARNING: {warning}.")
         if self.unreadable:

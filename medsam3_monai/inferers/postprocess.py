@@ -23,7 +23,8 @@ item at a time (:class:`EachItem`), so only one slice's float maps exist at any 
 4. :class:`~medsam3_monai.transforms.RestackSlicesd`: a volume's label slices become (1, X, Y, Z) with the
    volume's affine (a 2D case passes through);
 5. (bundle) :class:`ImageOrVolumed` dispatching to a MONAI ``SaveImaged`` for PNG (2D, with
-   :class:`RowsFirstPILWriter`) or NIfTI (volumes).
+   :class:`RowsFirstPILWriter`) or NIfTI (volumes, with :class:`ReferenceNibabelWriter`: the input's qform/sform
+   codes, as ``medsam3 segment`` writes them).
 
 The outer ``Compose`` must be built with ``map_items=False`` so that steps 4-5 see the whole case.
 """
@@ -39,7 +40,7 @@ from typing import Any, Callable
 import torch
 from monai.config import KeysCollection
 from monai.data import MetaTensor
-from monai.data.image_writer import PILWriter
+from monai.data.image_writer import ImageWriter, NibabelWriter, PILWriter
 from monai.transforms import InvertibleTransform, Invertd, MapTransform, Resized, Transform
 from monai.transforms.utils import allow_missing_keys_mode
 from monai.utils import TraceKeys
@@ -61,6 +62,7 @@ __all__ = [
     "InvertToInputd",
     "MaskLogitsd",
     "MergePromptsd",
+    "ReferenceNibabelWriter",
     "RowsFirstPILWriter",
     "materialize_inverse",
     "pending_inverse",
@@ -444,3 +446,44 @@ class RowsFirstPILWriter(PILWriter):
     def write(self, filename: Any, verbose: bool = False, **kwargs: Any) -> None:
         kwargs.setdefault("reverse_indexing", False)
         super().write(filename, verbose=verbose, **kwargs)
+
+
+def set_nifti_geometry(image: Any, affine: Any, reference: str | Path | None = None) -> None:
+    """Give a ``nibabel.Nifti1Image`` its qform and sform (both ``affine``, (4, 4)) with the codes and units of the
+    NIfTI file ``reference`` (0 = unknown included, so viewers place input and output alike); codes 1 and mm when
+    ``reference`` is not a NIfTI file on disk (a DICOM series, an image made in memory)."""
+    import nibabel as nib
+    import numpy as np
+
+    affine = np.asarray(affine, dtype=np.float64)
+    qform_code = sform_code = 1
+    name = str(reference or "").lower()
+    if name.endswith((".nii", ".nii.gz")) and Path(str(reference)).is_file():
+        header = nib.load(str(reference)).header
+        qform_code, sform_code = int(header["qform_code"]), int(header["sform_code"])
+        image.header.set_xyzt_units(*header.get_xyzt_units())
+    else:
+        image.header.set_xyzt_units("mm")
+    image.set_qform(affine, code=qform_code)
+    image.set_sform(affine, code=sform_code)
+
+
+class ReferenceNibabelWriter(NibabelWriter):
+    """MONAI ``NibabelWriter`` that keeps the input file's qform/sform codes and units (:func:`set_nifti_geometry`;
+    the input is the metadata's ``filename_or_obj``); MONAI's sets both codes to 1 whatever the input had."""
+
+    def set_metadata(self, meta_dict: Mapping | None, resample: bool = True, **options: Any) -> None:
+        self.reference = (meta_dict or {}).get("filename_or_obj")
+        super().set_metadata(meta_dict, resample=resample, **options)
+
+    def write(self, filename: Any, verbose: bool = False, **obj_kwargs: Any) -> None:
+        import nibabel as nib
+        import numpy as np
+        from monai.data.utils import to_affine_nd
+
+        ImageWriter.write(self, filename, verbose=verbose)  # MONAI's logging; NibabelWriter's codes are replaced
+        self.data_obj = self.create_backend_obj(self.data_obj, affine=self.affine, dtype=self.output_dtype,
+                                                **obj_kwargs)
+        affine = np.eye(4) if self.affine is None else torch.as_tensor(self.affine).cpu().numpy()
+        set_nifti_geometry(self.data_obj, to_affine_nd(3, affine), getattr(self, "reference", None))
+        nib.save(self.data_obj, filename)

@@ -82,10 +82,11 @@ def _fmt(value: float, metric: str, signed: bool = False) -> str:
     return f"{shown:+.2f}" if signed else f"{shown:.2f}"
 
 
-def _markdown(header: list[str], rows: list[list[str]], title: str | None) -> str:
+def _markdown(header: list[str], rows: list[list[str]], title: str | None, text_columns: int = 2) -> str:
+    """A Markdown table: the first ``text_columns`` left-aligned, the numbers right-aligned."""
     lines = [f"**{title}**", ""] if title else []
     lines.append("| " + " | ".join(header) + " |")
-    lines.append("|" + "|".join(["---"] * 2 + ["---:"] * (len(header) - 2)) + "|")
+    lines.append("|" + "|".join(["---"] * text_columns + ["---:"] * (len(header) - text_columns)) + "|")
     lines += ["| " + " | ".join(r) + " |" for r in rows]
     return "\n".join(lines) + "\n"
 
@@ -129,14 +130,21 @@ class MetricTable:
         fields = ["kind", "name", "group", "n", "n_datasets"]
         for m in self.metrics:
             fields += [m, f"{m}_std", f"{m}_n"]
-        rows = [dict(r, protocol=self.protocol or "") for r in self.rows]
+        rows = [dict(r, protocol=r.get("protocol", self.protocol or "")) for r in self.rows]
         return write_csv(path, fields + ["protocol"], rows)
 
+    def mixes_protocols(self) -> bool:
+        """Whether its datasets were evaluated under different protocols (then the Markdown has a Protocol
+        column)."""
+        return len({r.get("protocol", "") for r in self.dataset_rows()}) > 1
+
     def to_markdown(self, std: bool = False, title: str | None = None) -> str:
-        """One table row per dataset, group and overall; Dice/IoU/NSD in % (2 decimals), HD95 in mm."""
+        """One table row per dataset, group and overall; Dice/IoU/NSD in % (2 decimals), HD95 in mm; a Protocol
+        column when the datasets' protocols differ."""
         if title is None and self.protocol:
             title = f"protocol: {self.protocol}"
-        header = ["Dataset", "Group", "n"] + [_LABELS.get(m, m) for m in self.metrics]
+        mixed = self.mixes_protocols()
+        header = ["Dataset", "Group", *(["Protocol"] if mixed else []), "n", *(_LABELS.get(m, m) for m in self.metrics)]
         body = []
         for r in self.rows:
             cells = []
@@ -147,28 +155,31 @@ class MetricTable:
                 cells.append(cell)
             k = r["n_datasets"]
             name = r["name"] if r["kind"] == "dataset" else f"**{r['name']} (mean of {k} dataset{'s' * (k != 1)})**"
-            body.append([name, r["group"], str(r["n"])] + cells)
-        return _markdown(header, body, title)
+            body.append([name, r["group"], *([r.get("protocol", "")] if mixed else []), str(r["n"])] + cells)
+        return _markdown(header, body, title, text_columns=3 if mixed else 2)
 
 
 def aggregate(records: Iterable[dict], metrics: Sequence[str] | None = None) -> MetricTable:
     """Per-dataset statistics, per-group means of dataset means and an overall row (see module doc).
 
     Datasets keep their first-appearance order inside each group; groups come internal, external, then others.
-    Records must all share one ``protocol`` (when they carry one): aggregate each protocol separately.
+    A dataset's records must share one ``protocol`` (when they carry one): aggregate each protocol separately.
+    Datasets of different protocols (a run's 2D datasets under ``semantic``, its volumes under the detector's
+    ``top_query``) keep theirs in their rows' ``protocol``; the table's is then the list of them.
     """
     records = list(records)
-    protocols = {r["protocol"] for r in records if r.get("protocol")}
-    if len(protocols) > 1:
-        raise ValueError(f"records mix evaluation protocols {sorted(protocols)}; aggregate one protocol at a time")
     per_dataset: dict[str, list[dict[str, float]]] = {}
     group_of: dict[str, str] = {}
+    protocol_of: dict[str, str] = {}
     for r in records:
         if "dataset" not in r or "group" not in r:
             raise ValueError(f"a record needs 'dataset' and 'group' keys, got {sorted(r)}")
         ds, grp = str(r["dataset"]), str(r["group"])
         if group_of.setdefault(ds, grp) != grp:
             raise ValueError(f"dataset {ds!r} has records in groups {group_of[ds]!r} and {grp!r}")
+        if r.get("protocol") and protocol_of.setdefault(ds, str(r["protocol"])) != str(r["protocol"]):
+            raise ValueError(f"dataset {ds!r} has records of evaluation protocols {protocol_of[ds]!r} and "
+                             f"{r['protocol']!r}; aggregate one protocol at a time")
         per_dataset.setdefault(ds, []).append(_metrics_of(r))
     if metrics is None:
         metrics = _metric_order(k for ms in per_dataset.values() for m in ms for k in m)
@@ -176,14 +187,15 @@ def aggregate(records: Iterable[dict], metrics: Sequence[str] | None = None) -> 
 
     dataset_rows: dict[str, dict] = {}
     for ds, ms in per_dataset.items():
-        row = {"kind": "dataset", "name": ds, "group": group_of[ds], "n": len(ms), "n_datasets": 1}
+        row = {"kind": "dataset", "name": ds, "group": group_of[ds], "n": len(ms), "n_datasets": 1,
+               "protocol": protocol_of.get(ds, "")}
         for m in metrics:
             row[m], row[f"{m}_std"], row[f"{m}_n"] = _stats([x[m] for x in ms if m in x])
         dataset_rows[ds] = row
 
     def summary(kind: str, name: str, group: str, members: list[dict]) -> dict:
         row = {"kind": kind, "name": name, "group": group, "n": sum(r["n"] for r in members),
-               "n_datasets": len(members)}
+               "n_datasets": len(members), "protocol": _protocols_of(members)}
         for m in metrics:
             mean, sd, _ = _stats([r[m] for r in members])
             row[m], row[f"{m}_std"], row[f"{m}_n"] = mean, sd, sum(r[f"{m}_n"] for r in members)
@@ -196,7 +208,12 @@ def aggregate(records: Iterable[dict], metrics: Sequence[str] | None = None) -> 
         rows.append(summary("group", grp, grp, members))
     if dataset_rows:
         rows.append(summary("overall", "overall", "all", list(dataset_rows.values())))
-    return MetricTable(rows, metrics, protocols.pop() if protocols else None)
+    return MetricTable(rows, metrics, _protocols_of(dataset_rows.values()) or None)
+
+
+def _protocols_of(rows: Iterable[dict]) -> str:
+    """The protocols of dataset rows, in first-appearance order: ``"semantic, top_query"`` ("" for none)."""
+    return ", ".join(dict.fromkeys(r["protocol"] for r in rows if r.get("protocol")))
 
 
 @dataclass

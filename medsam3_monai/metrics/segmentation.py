@@ -365,13 +365,13 @@ def label_map_metrics(
     spacing: Spacing = None,
     nsd_tolerance_mm: float = DEFAULT_NSD_TOLERANCE_MM,
     use_subvoxels: bool = False,
-) -> list[tuple[dict[str, float], int]]:
+) -> list[tuple[dict[str, float], int, int]]:
     """:func:`case_metrics` of ``pred == v`` against ``truth == v`` for every ``v`` of ``values``, from the two label
     maps: the overlaps of all values in three passes (:func:`label_overlaps`); a value's masks are made only for
     the surface metrics (when ``spacing`` is given), and only in the box around its voxels in either map (one
     ``scipy.ndimage.find_objects`` pass per map). Several values' surface metrics (edge voxels) run at once, on
     ``torch.get_num_threads()`` threads (at most ``MAX_METRIC_THREADS``; numpy and scipy's KD-tree release the
-    GIL), each value's on one; the values are the same either way. Returns ``(metrics, |P|)`` per value, in
+    GIL), each value's on one; the values are the same either way. Returns ``(metrics, |P|, |T|)`` per value, in
     order."""
     pred, truth = as_label_map(pred, "pred"), as_label_map(truth, "truth")
     if pred.shape != truth.shape:
@@ -382,10 +382,10 @@ def label_map_metrics(
     threads = torch.get_num_threads() if spacing is not None and not use_subvoxels and len(values) > 1 else 1
     workers = 1 if threads > 1 else None  # the KD-tree lookups' threads: the values' own when they run at once
 
-    def value_metrics(value: int, counts: tuple[int, int, int]) -> tuple[dict[str, float], int]:
+    def value_metrics(value: int, counts: tuple[int, int, int]) -> tuple[dict[str, float], int, int]:
         box = boxes.get(int(value), ())
         masks = (lambda v=int(value), b=box: pred[b] == v), (lambda v=int(value), b=box: truth[b] == v)
-        return _metrics_of(counts, *masks, spacing, nsd_tolerance_mm, use_subvoxels, workers), counts[1]
+        return _metrics_of(counts, *masks, spacing, nsd_tolerance_mm, use_subvoxels, workers), counts[1], counts[2]
 
     if threads == 1:
         return [value_metrics(value, counts) for value, counts in zip(values, overlaps)]
