@@ -303,7 +303,7 @@ def test_inference_bundle_writes_the_cli_label_map_in_the_input_size(kvasir, two
     assert np.array_equal(labels, png(two_prompt_run))  # the CLI and the bundle share one pipeline
 
 
-def test_inference_bundle_writes_a_volume_with_the_input_header_codes_as_segment_does(hippocampus, tmp_path):
+def test_inference_bundle_writes_a_volume_with_the_input_header_codes_as_segment_does(hippocampus, tmp_path, capsys):
     from monai.bundle import run
 
     source = nib.load(hippocampus)
@@ -317,6 +317,7 @@ def test_inference_bundle_writes_a_volume_with_the_input_header_codes_as_segment
     run(config_file=str(CONFIGS / "inference.json"), meta_file=str(CONFIGS / "metadata.json"),
         bundle_root=str(tmp_path), datalist=[{"image": str(path), "modality": "MRI"}], prompts=["hippocampus"],
         checkpoint="tiny", tracker_source="none", output_dir=str(out_dir))
+    assert "tracker for the volumes: none" in capsys.readouterr().out  # the bundle's log says what propagates
     cli_out = tmp_path / "cli.nii.gz"
     assert segment(str(path), "--prompt", "hippocampus", "--modality", "MRI", "--tracker", "none",
                    "--out", str(cli_out)) == 0

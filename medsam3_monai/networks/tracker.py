@@ -6,6 +6,7 @@ is ``medsam3_monai.inferers.volume``.
 from __future__ import annotations
 
 import json
+import logging
 from pathlib import Path
 from typing import Any
 
@@ -22,6 +23,8 @@ from .checkpoints import (
     read_sam3_tracker,
 )
 from .presets import FULL_IMAGE_SIZE, TINY_IMAGE_SIZE, check_image_size, full_sam3_config, tiny_sam3_config
+
+logger = logging.getLogger(__name__)
 
 __all__ = ["TRACKER_MODEL_TYPES", "backbone_signature", "build_tracker", "detector_backbone", "detector_config",
            "has_tracker_weights", "resolve_tracker", "sam3_tracker_config", "save_sam3_video_folder", "tie_backbone",
@@ -229,6 +232,8 @@ def resolve_tracker(spec: str | None, checkpoint: str, network: nn.Module, neede
         tracker, text = build_tracker(spec, image_size=int(network.image_size), config=config), str(spec)
     if tracker is not None:
         tracker = tracker.to(next(network.parameters()).device)
+    if needed:  # what the volumes will be propagated with, in a bundle's log (the CLI prints its own line)
+        logger.info("tracker for the volumes: %s", text)
     return (tracker, text) if described else tracker
 
 
