@@ -15,6 +15,7 @@ after the pass (GB), seconds.
 from __future__ import annotations
 
 import argparse
+import contextlib
 import json
 import resource
 import sys
@@ -43,7 +44,14 @@ def main() -> None:
     args = parser.parse_args()
     torch.set_num_threads(args.threads)
     sys.path.insert(0, str(REPO_ROOT))
+    # the logs (MONAI's handlers and the bundle's logging.conf write to stdout, bound when they are made) go to
+    # stderr: stdout is the JSON alone
+    with contextlib.redirect_stdout(sys.stderr):
+        result = _measure(args)
+    print(json.dumps(result, indent=1))
 
+
+def _measure(args: argparse.Namespace) -> dict:
     from ignite.engine import Events
     from monai.bundle import ConfigWorkflow
 
@@ -70,12 +78,12 @@ def main() -> None:
         start = time.perf_counter()
         evaluator.run()
         seconds = time.perf_counter() - start
-    print(json.dumps({
+    return {
         "images_per_batch": args.images_per_batch, "volumes": args.volumes, "image_size": args.image_size,
         "forwards": evaluator.state.iteration, "slices": sum(slices), "largest_forward": max(slices),
         "val_dice": round(float(evaluator.state.metrics["val_dice"]), 6),
         "peak_rss_gb_before": before, "peak_rss_gb": _peak_rss_gb(), "seconds": round(seconds, 1),
-    }, indent=1))
+    }
 
 
 if __name__ == "__main__":

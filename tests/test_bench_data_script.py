@@ -52,3 +52,20 @@ def test_runs_below_one_are_refused(bench_data, capsys):
         bench_data.main(["--runs", "0"])
     assert stop.value.code == 2
     assert "--runs must be >= 1" in capsys.readouterr().err
+
+
+def test_the_validation_benchmark_prints_its_json_alone_on_stdout(shared_data):
+    """The training bundle logs to stdout (logging.conf); the benchmark's stdout must still parse as one JSON
+    object, as every benchmark's does."""
+    import json
+    import subprocess
+    import sys
+
+    from _script_helpers import SCRIPTS
+
+    done = subprocess.run([sys.executable, str(SCRIPTS / "bench_validation.py"), "--image-size", "112",
+                           "--volumes", "1", "--threads", "1", "--data-root", str(shared_data)],
+                          capture_output=True, text=True)
+    assert done.returncode == 0, done.stderr[-2000:]
+    result = json.loads(done.stdout)
+    assert result["volumes"] == 1 and result["slices"] > 0 and "INFO" in done.stderr

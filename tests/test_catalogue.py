@@ -206,3 +206,39 @@ def test_papers_schema_rejects_numbers_without_sources():
     errors = "\n".join(schema_errors(bad, schema))
     for expected in ("165.7", "'54'", "'page' is a required property", "'tab. 2'", "'box'"):
         assert expected in errors, (expected, errors)
+
+
+def test_a_catalogue_copy_of_ones_own_is_checked_file_by_file(tmp_path, monkeypatch):
+    """MEDSAM3_DATASETS_META: a folder that is not there, or lacks parts of datasets_meta, is named with what it
+    lacks; an entry of one's own that breaks the schema, or whose labels' concepts are not in its 'concepts', is
+    named by its file."""
+    import shutil
+
+    monkeypatch.setenv("MEDSAM3_DATASETS_META", str(tmp_path / "nowhere"))
+    with pytest.raises(FileNotFoundError, match="nowhere: no such folder"):
+        cat.meta_dir()
+    partial = tmp_path / "partial"
+    (partial / "datasets").mkdir(parents=True)
+    monkeypatch.setenv("MEDSAM3_DATASETS_META", str(partial))
+    with pytest.raises(FileNotFoundError, match="lacks schema/dataset.schema.json, .*papers.json, synonyms.json"):
+        cat.meta_dir()
+
+    copy = tmp_path / "meta"
+    shutil.copytree(META, copy)
+    monkeypatch.setenv("MEDSAM3_DATASETS_META", str(copy))
+    mine = dict(_json(META / "datasets" / "Kvasir-SEG.json"), name="MyPolyps", aliases=["mypolyps"],
+                modality="Endoscopy")
+    path = copy / "datasets" / "MyPolyps.json"
+    path.write_text(json.dumps(mine), encoding="utf-8")
+    with pytest.raises(cat.CatalogueError, match=r"MyPolyps.json does not match .*dataset.schema.json") as info:
+        cat.load_catalogue()
+    assert "'Endoscopy' is not one of" in str(info.value)
+    mine["modality"] = _json(META / "datasets" / "Kvasir-SEG.json")["modality"]
+    mine["labels"] = {"1": "colon polyp"}
+    mine["concepts"] = ["polyp"]
+    path.write_text(json.dumps(mine), encoding="utf-8")
+    with pytest.raises(cat.CatalogueError, match=r"MyPolyps.json: the label concepts \['colon polyp'\] are not in"):
+        cat.load_catalogue()  # (a load that failed is not cached)
+    mine["concepts"] = ["colon polyp"]
+    path.write_text(json.dumps(mine), encoding="utf-8")
+    assert "MyPolyps" in cat.load_catalogue().datasets

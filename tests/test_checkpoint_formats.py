@@ -124,6 +124,12 @@ def test_weights_without_a_configuration_say_how_to_give_one(tmp_path, trained_l
         MedSAM3Net(tmp_path / "bare.pt")
     assert "without a configuration" in str(info.value) and "config=tiny_sam3_config" in str(info.value)
     assert same_weights(MedSAM3Net(tmp_path / "bare.pt", config=tiny_sam3_config()), trained_like)
+    # the command-line route the error names: a folder that carries the configuration, for any --checkpoint
+    from medsam3_monai.deploy.cli import main
+
+    assert f"medsam3 convert-checkpoint {tmp_path / 'bare.pt'} FOLDER --config tiny" in str(info.value)
+    assert main(["convert-checkpoint", str(tmp_path / "bare.pt"), str(tmp_path / "folder"), "--config", "tiny"]) == 0
+    assert same_weights(MedSAM3Net(tmp_path / "folder"), trained_like)
 
 
 def test_a_transformers_folder_with_a_tensor_too_many_or_too_few_is_refused(tmp_path, trained_like):

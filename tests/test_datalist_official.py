@@ -388,3 +388,20 @@ def test_check_alone_checks_a_datalist_one_has(shared_data: Path, tmp_path: Path
     (folder / "masks" / name).write_bytes((folder / "masks" / name).read_bytes()[:200])  # truncated
     assert datalist_command(["--check", str(datalist), "--no-progress"]) == 2
     assert name in capsys.readouterr().err
+
+
+def test_training_datalists_with_a_missing_file_are_named(tmp_path: Path):
+    """The training bundle's loader (load_datalists) names the datalist whose file is not there, before caching."""
+    from medsam3_monai.data import load_datalists
+
+    img(tmp_path / "images" / "a.png")
+    img(tmp_path / "masks" / "a.png")
+    item = {"image": "images/a.png", "label": "masks/a.png", "dataset": "Mine", "prompts": {"1": "polyp"}}
+    good, bad = tmp_path / "good.json", tmp_path / "bad.json"
+    good.write_text(json.dumps({"training": [item], "validation": [], "test": []}))
+    bad.write_text(json.dumps({"training": [dict(item, label="masks/b.png")], "validation": [], "test": []}))
+    assert len(load_datalists([good], "training")) == 1
+    with pytest.raises(FileNotFoundError, match=r"1 image/label file\(s\) of datalist .*bad.json \(training\) not "
+                                                r"found:\n  .*masks/b.png"):
+        load_datalists([good, bad], "training")
+    assert len(load_datalists([good, bad], "training", check_files=False)) == 2

@@ -133,6 +133,8 @@ def test_load_datalist_joins_only_image_and_label(built, shared_data: Path, tmp_
     ('{"training": [{"image": "a.png", "label": ["m.png", 3]}]}', "'label' must be a file path"),
     ('{"training": [{"image": "a.png", "label": "m.png"}, {"image": "b.png", "label": "n.png", "prompts": ["polyp"]}]}',
      "training item 2: 'prompts' is a list, not an object of label value -> text"),
+    ('{"training": [{"image": "a.png", "label": "m.png", "prompts": {"lung": "1"}}]}',
+     r"training item 1: 'prompts' keys \['lung'\] are not label values"),
     ('{"training": [', "not valid JSON"),
 ])
 def test_load_datalist_names_a_malformed_item(content: str, words: str, tmp_path: Path):

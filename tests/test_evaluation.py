@@ -241,6 +241,7 @@ def test_two_checkpoints_give_side_by_side_tables_with_deltas(datalists, tmp_pat
     assert any(abs(float(r["dice_delta"])) > 1e-6 for r in rows.values())  # two different networks
     markdown = (out / "comparison.md").read_text()
     assert "Dice (%) tiny" in markdown and "Dice (%) tiny_seed1" in markdown and "Δ Dice" in markdown
+    assert f"\nCheckpoints: tiny = `tiny`; tiny_seed1 = `{other}`\n" in markdown
 
 
 def test_bad_input_exits_non_zero_with_a_clear_message_and_no_output(datalists, tmp_path, capsys):
@@ -338,6 +339,11 @@ def test_auto_split_takes_test_when_present_else_validation(tmp_path):
                                  "test": [dict(item, dataset="A"), dict(item, dataset="B")]}))
     with pytest.warns(UserWarning, match=r"z.png is evaluated twice \(in .*twice.json, twice\), as A and as B"):
         evaluation_items([twice], check_files=False)
+    one_case = tmp_path / "one_case.json"  # two images under one case id: their report rows would look alike
+    one_case.write_text(json.dumps({"test": [dict(item, dataset="A", case="c4"),
+                                             dict(item, dataset="A", case="c4", image="w.png")]}))
+    with pytest.warns(UserWarning, match=r"case 'c4' of A names two images \(.*z.png and .*w.png\)"):
+        evaluation_items([one_case], check_files=False)
 
 
 def test_validation_dice_is_the_mean_over_prompts_with_a_target():
@@ -515,4 +521,8 @@ def test_checkpoints_of_one_name_are_labelled_by_the_folder_where_their_paths_pa
     assert checkpoint_labels(bundles) == ["runA-bundle", "runB-bundle"]
     assert checkpoint_labels([best[0], bundles[1]]) == ["model_best_val_dice", "bundle"]
     assert checkpoint_labels(["tiny", "tiny"]) == ["tiny-1", "tiny-2"]
+    (tmp_path / "tiny" / "models").mkdir(parents=True)  # the tiny recipe's bundle_root against the preset
+    (tmp_path / "tiny" / "models" / "model.pt").touch()
+    assert checkpoint_labels(["tiny", str(tmp_path / "tiny" / "models" / "model.pt")]) == ["tiny", "tiny-model"]
+    assert checkpoint_labels(["tiny", str(tmp_path / "tiny")]) == ["tiny", f"{tmp_path.name}-tiny"]
     assert checkpoint_labels([best[0], best[0]]) == ["model_best_val_dice-1", "model_best_val_dice-2"]

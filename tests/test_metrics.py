@@ -432,3 +432,15 @@ def test_counts_in_chunks_and_surface_boxes_of_large_label_values(monkeypatch):
     assert dice(pred == 3, truth == 3) == pytest.approx(2 * one_by_one[2][0] / (one_by_one[2][1] + one_by_one[2][2]))
     monkeypatch.setattr(segmentation, "MAX_BOX_LABEL", 2)  # boxes from each value's masks instead of find_objects
     assert label_map_metrics(pred, truth, values, (2.0, 1.0, 1.0)) == whole
+
+
+def test_the_radar_of_one_or_two_datasets_is_drawn_as_bars(tmp_path):
+    """A radar needs three axes: with fewer datasets the chart is a bar chart (wider than tall), else the polar one."""
+    from PIL import Image
+
+    from medsam3_monai.metrics.plots import radar_chart
+
+    records = [dict(r, protocol="top_query") for r in _records()]
+    three = Image.open(radar_chart(aggregate(records), tmp_path / "three.png")).size
+    one = Image.open(radar_chart(aggregate([r for r in records if r["dataset"] == "A"]), tmp_path / "one.png")).size
+    assert three[0] == three[1] and one[0] > 2 * one[1]

@@ -254,6 +254,9 @@ def test_monailabel_server_serves_the_pipeline(server, shared_data, tmp_path):
                    "--out", str(tmp_path / "none.png"), check=False)
     assert done.returncode != 0 and "400" in done.stderr and "liver" in done.stderr
     assert json.loads(_client(server, "info").stdout)["models"]["medsam3"]["labels"] == LABELS
+    # so is an image id the datastore does not hold, named in the answer
+    done = _client(server, "infer", "--image", "no_such_case", "--out", str(tmp_path / "none.png"), check=False)
+    assert done.returncode != 0 and "400" in done.stderr and "'no_such_case' is not in the datastore" in done.stderr
 
 
 def _configs():

@@ -485,3 +485,23 @@ def test_datastore_completed_counts_only_final_labels(upload):
         assert store.next_sample("first")["id"] == "a"
     finally:
         store.close()
+
+
+def test_a_post_without_a_body_is_an_empty_body_and_chunked_uploads_are_refused(server):
+    """``curl -X POST URL`` sends neither Content-Length nor Transfer-Encoding: a request without a body (HTTP/1.1),
+    answered like one with ``-d '{}'``'s empty fields; a chunked body is refused with 411."""
+    import socket
+
+    def status_of(head: str, body: bytes = b"") -> int:
+        with socket.create_connection(server, timeout=60) as sock:
+            sock.sendall(f"POST /activelearning/first HTTP/1.1\r\nHost: x\r\nAuthorization: Bearer {TOKEN}\r\n"
+                         f"Connection: close\r\n{head}\r\n".encode() + body)
+            answer = b""
+            while chunk := sock.recv(65536):
+                answer += chunk
+        return int(answer.split(b" ", 2)[1])
+
+    empty = status_of("")
+    assert empty != 411 and empty == _request(server, "POST", "/activelearning/first", b"{}",
+                                              {"Content-Type": "application/json"})[0]
+    assert status_of("Transfer-Encoding: chunked\r\n", b"2\r\n{}\r\n0\r\n\r\n") == 411

@@ -84,6 +84,12 @@ def test_run_killed_mid_epoch_resumes_to_the_uninterrupted_parameters(shared_dat
     trained = whole.parser.get_parsed_content("network").state_dict()
     assert sum(not torch.equal(initial[k], trained[k]) for k in initial) > 100  # training did move the weights
 
+    # a training checkpoint carries its network's configuration: it is also a model file (--checkpoint)
+    from medsam3_monai.networks import MedSAM3Net
+
+    last = MedSAM3Net(str(tmp_path / "resumed" / "runs" / "checkpoints" / kept[-1])).state_dict()
+    assert last.keys() == got.keys() and all(torch.equal(last[k], got[k]) for k in got)
+
 
 def test_a_checkpoint_of_another_kind_is_refused_by_name(tmp_path: Path):
     from ignite.engine import Engine

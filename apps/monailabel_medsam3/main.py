@@ -11,6 +11,7 @@ prompt (its name, or ``--conf prompts '{"polyp": "colon polyp"}'``). See ``lib/c
 """
 
 import logging
+import os
 from typing import Dict
 
 from monailabel.interfaces.app import MONAILabelApp
@@ -22,6 +23,7 @@ from monailabel.tasks.activelearning.random import Random
 import medsam3_monai
 from lib.configs import parse_conf
 from lib.infers import MedSAM3Infer
+from lib.infers.medsam3 import bad_request
 
 logger = logging.getLogger(__name__)
 
@@ -40,6 +42,15 @@ class MedSAM3App(MONAILabelApp):
             version=getattr(medsam3_monai, "__version__", "0.1.0"),
             labels=dict(self.medsam3.labels),
         )
+
+    def infer(self, request, datastore=None):
+        # an image id the datastore does not hold reaches the task as "" (MONAI Label's lookup): name it here
+        image = request.get("image")
+        if isinstance(image, str) and image and not os.path.exists(image):
+            if not (datastore or self.datastore()).get_image_uri(image):
+                raise bad_request(f"image {image!r} is not in the datastore (GET /datastore/?output=all lists its "
+                                  "ids); give one of its ids, or upload the file")
+        return super().infer(request, datastore)
 
     def init_infers(self) -> Dict[str, InferTask]:
         return {self.medsam3.model: MedSAM3Infer(self.medsam3)}

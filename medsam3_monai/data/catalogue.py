@@ -42,14 +42,27 @@ class CatalogueError(LookupError, ValueError):
     """Unknown dataset, label value or paper in the catalogue."""
 
 
+#: what a ``datasets_meta`` folder holds (a copy given with ``MEDSAM3_DATASETS_META`` too)
+META_PARTS = ("datasets", "schema/dataset.schema.json", "schema/datalist.schema.json", "papers.json", "synonyms.json")
+
+
 def meta_dir() -> Path:
     """The ``datasets_meta`` folder (``$MEDSAM3_DATASETS_META`` or the one beside the package)."""
     override = os.environ.get("MEDSAM3_DATASETS_META")
     path = Path(override) if override else Path(__file__).resolve().parents[2] / "datasets_meta"
-    if not (path / "datasets").is_dir():
+    if override and not path.is_dir():
+        raise FileNotFoundError(f"MEDSAM3_DATASETS_META={override}: no such folder; point it at a copy of the "
+                                "repository's datasets_meta folder, or unset it to use the repository's")
+    if not override and not (path / "datasets").is_dir():
         raise FileNotFoundError(
             f"dataset catalogue not found at {path}: run from a source checkout or set MEDSAM3_DATASETS_META"
         )
+    missing = [part for part in META_PARTS if not (path / part).exists()]
+    if missing:
+        where = f"MEDSAM3_DATASETS_META={override}" if override else str(path)
+        raise FileNotFoundError(f"{where} lacks {', '.join(missing)}: the catalogue folder is a copy of the whole "
+                                "datasets_meta folder (its schema/, papers.json and synonyms.json too) with your "
+                                "entries added to datasets/")
     return path
 
 
@@ -205,13 +218,34 @@ def _read_json(path: Path) -> Any:
         raise CatalogueError(f"{path}: invalid JSON ({err})") from None
 
 
+def _read_entry(path: Path, schema: Any) -> DatasetEntry:
+    """One ``datasets/<name>.json``, checked against the dataset schema and for label concepts missing from its
+    ``concepts``; every error names the file."""
+    from .schemas import schema_errors
+
+    data = _read_json(path)
+    errors = schema_errors(data, schema)
+    if errors:
+        raise CatalogueError(f"{path} does not match datasets_meta/schema/dataset.schema.json:\n  "
+                             + "\n  ".join(errors))
+    entry = DatasetEntry.from_json(data)
+    if path.stem != entry.name:
+        raise CatalogueError(f"{path}: file name must be '<name>.json' for dataset {entry.name!r}")
+    unlisted = [concept for concept in entry.labels.values() if concept not in entry.concepts]
+    if unlisted:
+        raise CatalogueError(f"{path}: the label concepts {unlisted} are not in its 'concepts' "
+                             f"{list(entry.concepts)}: add them there (concepts lists every label's concept)")
+    return entry
+
+
 @lru_cache(maxsize=4)
 def _load(root: Path) -> Catalogue:
     datasets: dict[str, DatasetEntry] = {}
+    from .schemas import schema_validator
+
+    schema = schema_validator(load_schema("dataset", root))
     for path in sorted((root / "datasets").glob("*.json")):
-        entry = DatasetEntry.from_json(_read_json(path))
-        if path.stem != entry.name:
-            raise CatalogueError(f"{path}: file name must be '<name>.json' for dataset {entry.name!r}")
+        entry = _read_entry(path, schema)
         datasets[entry.name] = entry
     groups = tuple(tuple(group) for group in _read_json(root / "synonyms.json")["groups"])
     return Catalogue(datasets=datasets, synonym_groups=groups, papers=_read_json(root / "papers.json"), root=root)

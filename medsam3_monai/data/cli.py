@@ -120,16 +120,23 @@ def check_datalist_file(path: str | Path, skip_bad: bool = False, progress: bool
     raw = read_datalist_json(path)
     validate(raw, load_schema("datalist"), f"datalist {path}")
     result = DatalistResult({split: list(raw[split]) for split in SPLITS}, converter="")
-    decode_check(result, skip_bad=skip_bad, progress=progress, base_dir=str(Path(path).resolve().parent))
-    verdict = "some items do not decode" if result.skipped else "every image and mask decodes"
-    print(f"medsam3 datalist: {path}: {result.summary()}; {verdict}", file=sys.stderr)
-    return 1 if result.skipped else 0
+    total = sum(len(items) for items in result.datalist.values())
+    decode_check(result, skip_bad=skip_bad, progress=progress, base_dir=str(Path(path).resolve().parent),
+                 skip_hint="--check --skip-bad lists every item that does not decode")
+    if result.skipped:
+        listed = "\n  ".join(str(problem) for problem in result.skipped)
+        print(f"medsam3 datalist: {path}: {len(result.skipped)} of {total} items do not decode:\n  {listed}",
+              file=sys.stderr)
+        return 1
+    print(f"medsam3 datalist: {path}: {result.summary()}; every image and mask decodes", file=sys.stderr)
+    return 0
 
 
-def decode_check(result, skip_bad: bool = False, progress: bool = True, base_dir: str | None = None) -> None:
+def decode_check(result, skip_bad: bool = False, progress: bool = True, base_dir: str | None = None,
+                 skip_hint: str = "use --skip-bad to leave unreadable items out") -> None:
     """Decode every item of ``result.datalist`` with the training bundle's ``loading`` chain (load -> decode the
-    mask encoding -> intensity). Unreadable items raise :class:`DatalistError` listing each, or with
-    ``skip_bad`` are removed from the datalist and added to ``result.skipped``."""
+    mask encoding -> intensity). Unreadable items raise :class:`DatalistError` listing each (with ``skip_hint``),
+    or with ``skip_bad`` are removed from the datalist and added to ``result.skipped``."""
     import os
 
     from monai.transforms import Compose
@@ -158,15 +165,16 @@ def decode_check(result, skip_bad: bool = False, progress: bool = True, base_dir
             if cause is None:
                 raise
             where, _, why = str(cause).partition(": ")  # our DataError names the file first
-            problem = Problem(Path(where), why) if why and os.path.exists(where) else Problem(
+            files = {resolved["image"], *(resolved["label"] if isinstance(label, list) else [resolved["label"]])}
+            problem = Problem(Path(where), why) if why and where in files else Problem(
                 Path(resolved["image"]), str(cause))
             bad.append((split, item, problem))
     if bad and not skip_bad:
         if len(bad) == 1:
-            raise DatalistError(f"{bad[0][2]} (use --skip-bad to leave unreadable items out)")
+            raise DatalistError(f"{bad[0][2]} ({skip_hint})")
         listed = "\n  ".join(str(problem) for _, _, problem in bad[:20])
         more = f"\n  ... and {len(bad) - 20} more" if len(bad) > 20 else ""
-        raise DatalistError(f"{len(bad)} items cannot be decoded (use --skip-bad to leave them out):\n  {listed}{more}")
+        raise DatalistError(f"{len(bad)} items cannot be decoded ({skip_hint}):\n  {listed}{more}")
     for split, item, problem in bad:
         result.datalist[split].remove(item)
         result.skipped.append(problem)

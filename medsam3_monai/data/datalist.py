@@ -304,6 +304,10 @@ def items_of_split(datalist: Mapping[str, Any], path: Path | str, split: str, ba
         if "prompts" in item and not isinstance(item["prompts"], Mapping):
             raise DatalistError(f"{where}: 'prompts' is a {type(item['prompts']).__name__}, not an object of label "
                                 'value -> text: write it as {"1": "polyp"} (one entry per label value)')
+        keys = [key for key in item.get("prompts", {}) if not str(key).strip().isdigit() or int(key) < 1]
+        if keys:
+            raise DatalistError(f"{where}: 'prompts' keys {keys} are not label values: the keys are the mask's "
+                                'label values (1, 2, ...) and the values their texts, e.g. {"1": "polyp"}')
         item["image"] = join(item["image"])
         label = item["label"]
         item["label"] = [join(p) for p in label] if isinstance(label, list) else join(label)
@@ -311,13 +315,34 @@ def items_of_split(datalist: Mapping[str, Any], path: Path | str, split: str, ba
     return items
 
 
-def load_datalists(paths: str | Path | Sequence[str | Path], split: str = "training") -> list[dict[str, Any]]:
-    """Items of ``split`` from one or several datalist files (a multi-dataset mix), in the given order."""
+def load_datalists(paths: str | Path | Sequence[str | Path], split: str = "training", check_files: bool = True
+                   ) -> list[dict[str, Any]]:
+    """Items of ``split`` from one or several datalist files (a multi-dataset mix), in the given order; with
+    ``check_files`` a file that is not there is refused naming its datalist (:func:`check_files_exist`)."""
     paths = [paths] if isinstance(paths, (str, Path)) else list(paths)
     items: list[dict[str, Any]] = []
     for path in paths:
-        items.extend(load_datalist(path, split))
+        found = load_datalist(path, split)
+        if check_files:
+            check_files_exist(found, f"datalist {path} ({split})")
+        items.extend(found)
     return items
+
+
+def check_files_exist(items: Sequence[Mapping[str, Any]], where: str = "the datalist(s)") -> None:
+    """Raise ``FileNotFoundError`` listing (up to 10) image and label paths of ``items`` that do not exist."""
+    missing = []
+    for item in items:
+        labels = item.get("label")
+        for path in [item.get("image")] + (list(labels) if isinstance(labels, list) else [labels]):
+            if path is None or not Path(path).exists():
+                missing.append(str(path) if path is not None else f"(no image/label in case {item.get('case')})")
+    if missing:
+        listed = "\n  ".join(missing[:10])
+        more = f"\n  ... and {len(missing) - 10} more" if len(missing) > 10 else ""
+        raise FileNotFoundError(f"{len(missing)} image/label file(s) of {where} not found:\n  {listed}{more}\n"
+                                "(relative paths are read from the datalist's own folder; `medsam3 datalist --check "
+                                "FILE` checks every item)")
 
 
 def concept_pool(items: Sequence[dict[str, Any]]) -> list[str]:

@@ -57,7 +57,7 @@ def evaluation_items(
         FileNotFoundError: a datalist (or, with ``check_files``, an image/label) does not exist.
         ValueError: not a datalist, unknown split, or a selected split that is empty.
     """
-    from .datalist import items_of_split, read_datalist_json
+    from .datalist import check_files_exist, items_of_split, read_datalist_json
 
     if split not in SPLIT_CHOICES:
         raise ValueError(f"unknown split {split!r}; choose from {', '.join(SPLIT_CHOICES)}")
@@ -91,6 +91,7 @@ def evaluation_items(
             found = [found[row] for row in chosen_rows]
         items += found
     seen: dict[str, int] = {}
+    case_images: dict[tuple[str, str], str] = {}
     for number, item in enumerate(items):
         if not item.get("dataset"):  # the report's dataset row: the datalist's file name
             item["dataset"] = Path(item["datalist"]).name.removesuffix(".json")
@@ -105,23 +106,14 @@ def evaluation_items(
             effect = (f"its case counts twice in {item['dataset']}'s mean" if earlier["dataset"] == item["dataset"]
                       else f"as {earlier['dataset']} and as {item['dataset']}: it counts in both datasets' means")
             warnings.warn(f"{item['image']} is evaluated twice (in {where}), {effect}", stacklevel=2)
+        named = case_images.setdefault((str(item["dataset"]), str(item["case"])), os.path.abspath(item["image"]))
+        if named != os.path.abspath(item["image"]):
+            warnings.warn(f"case {item['case']!r} of {item['dataset']} names two images ({named} and {item['image']}):"
+                          " their rows in the report cannot be told apart; give each item its own 'case'",
+                          stacklevel=2)
     if check_files:
-        _check_files(items)
+        check_files_exist(items)
     return items
-
-
-def _check_files(items: Sequence[dict[str, Any]]) -> None:
-    missing = []
-    for item in items:
-        labels = item.get("label")
-        for path in [item.get("image")] + (labels if isinstance(labels, list) else [labels]):
-            if path is None or not Path(path).exists():
-                missing.append(str(path) if path is not None else f"(no image/label in case {item.get('case')})")
-    if missing:
-        listed = "\n  ".join(missing[:10])
-        more = f"\n  ... and {len(missing) - 10} more" if len(missing) > 10 else ""
-        raise FileNotFoundError(f"{len(missing)} image/label file(s) of the datalist(s) not found:\n  {listed}{more}\n"
-                                "(relative paths are taken from the datalist's own folder)")
 
 
 def is_volume_item(item: dict[str, Any]) -> bool:

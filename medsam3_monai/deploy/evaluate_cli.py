@@ -145,17 +145,13 @@ def checkpoint_labels(sources: list[str]) -> list[str]:
     """Short distinct names for report folders, table headers and MLflow run names ('tiny', a file's stem, a
     folder's name; a bundle's ``models/model.pt`` is named after the bundle folder; two of one name get the
     folder where their paths part as a prefix, or ``-1`` / ``-2``)."""
-    names = []
-    for source in sources:
-        path = Path(source)
-        if source == "tiny":
-            name = source
-        elif path.name == "model.pt" and path.parent.name == "models":  # a bundle's weights: the bundle's name
-            name = path.parent.parent.resolve().name
-        else:
-            name = path.stem if path.is_file() else path.name
-        names.append(_label_text(name))
-    if len(set(names)) < len(names) and "tiny" not in sources:
+    names = [_label_text(_checkpoint_name(source)) for source in sources]
+    if len(set(names)) < len(names) and "tiny" in sources:
+        # the preset and a file of the same name (the tiny recipe's ~/medsam3-runs/tiny/models/model.pt): the
+        # preset keeps 'tiny', the file takes its folder's name too (tiny-model)
+        names = [n if source == "tiny" else _label_text(_checkpoint_name(source, qualified=True))
+                 for source, n in zip(sources, names)]
+    elif len(set(names)) < len(names):
         # the same name in two places (runA/checkpoints/model_best_val_dice.pt, runB/...): the first folder in which
         # their paths part, e.g. runA-model_best_val_dice
         paths = [Path(source).resolve().parts for source in sources]
@@ -165,6 +161,19 @@ def checkpoint_labels(sources: list[str]) -> list[str]:
     if len(set(names)) < len(names):
         names = [f"{n}-{i + 1}" for i, n in enumerate(names)]
     return names
+
+
+def _checkpoint_name(source: str, qualified: bool = False) -> str:
+    """'tiny', a bundle's name for its ``models/model.pt`` (``qualified``: ``<bundle>-model``), a file's stem or a
+    folder's name (``qualified``: after its parent folder's, ``<parent>-<name>``)."""
+    path = Path(source)
+    if source == "tiny":
+        return source
+    if path.name == "model.pt" and path.parent.name == "models":  # a bundle's weights: the bundle's name
+        bundle = path.parent.parent.resolve().name
+        return f"{bundle}-model" if qualified else bundle
+    name = path.stem if path.is_file() else path.name
+    return f"{path.resolve().parent.name}-{name}" if qualified else name
 
 
 # ------------------------------------------------------------------------------------------------ command
@@ -296,7 +305,7 @@ def run(args: argparse.Namespace) -> int:
                 print(f"== {spec['label']} ({sources[index]})\n{(report.out_dir / 'table.md').read_text()}")
         if len(sources) == 2:
             _write_comparison(list(reports.values()), labels, out, client, parent,
-                              note=_tracker_note(labels, [name for _, name in trackers]))
+                              note=_tracker_note(labels, [name for _, name in trackers]), sources=sources)
         elif args.agent:
             recorder = runs[1]["evaluation"]["inferer"]["recorder"]
             table = recorder.write_csv(out / "agent" / "agent_cases.csv", reports["agent"].records)
@@ -406,9 +415,7 @@ def _write_robustness(plan: Any, reports: dict[str, Any], out: Path, client: Any
         f"offline agent planner fuses them (kept: score >= {args.keep_ratio:g} x the best).",
         "Worst / best / spread (best − worst, percentage points) / mean are over the single phrasings; Δ and "
         "'Ensemble − canonical' against the datalist prompt. Each run's own report is in OUT/<run>/.",
-        f"Cases: {sum(1 for _ in reports.get('canonical', next(iter(reports.values()))).records)} class prompts "
-        f"per run; split `{args.split}`" + (f", --max-cases {args.max_cases} per datalist" if args.max_cases else "")
-        + ".",
+        _rows_line(reports.get("canonical", next(iter(reports.values()))).records, args),
     ]
     (out / "robustness.md").write_text(table.to_markdown(title, notes), encoding="utf-8")
     files.append(out / "robustness.md")
@@ -427,6 +434,14 @@ def _write_robustness(plan: Any, reports: dict[str, Any], out: Path, client: Any
     client.set_terminated(parent)
 
 
+def _rows_line(records: list[dict[str, Any]], args: argparse.Namespace) -> str:
+    """The robustness notes' line on what each run scores: its cases and (case, class) rows."""
+    cases = len({(record.get("dataset"), record.get("case")) for record in records})
+    return (f"Each run scores {cases} case{'s' * (cases != 1)} ({len(records)} (case, class) "
+            f"row{'s' * (len(records) != 1)}); split `{args.split}`"
+            + (f", --max-cases {args.max_cases} per datalist" if args.max_cases else "") + ".")
+
+
 def _tracker_note(labels: list[str], trackers: list[str]) -> str | None:
     """The comparison's note when the two checkpoints' volumes ran with different trackers (``--tracker auto``: the
     tiny one for ``tiny``, none for a checkpoint without tracker weights), or None."""
@@ -437,12 +452,15 @@ def _tracker_note(labels: list[str], trackers: list[str]) -> str | None:
 
 
 def _write_comparison(reports: list[Any], labels: list[str], out: Path, client: Any, parent: str | None,
-                      note: str | None = None) -> None:
+                      note: str | None = None, sources: list[str] | None = None) -> None:
     from ..metrics.aggregate import compare
 
     comparison = compare(reports[0].table, reports[1].table, labels=(labels[0], labels[1]))
     if note:
         comparison.notes.append(note)
+    if sources:
+        comparison.notes.append("Checkpoints: " + "; ".join(f"{label} = `{source}`"
+                                                            for label, source in zip(labels, sources)))
     comparison.to_csv(out / "comparison.csv")
     title = f"{labels[1]} vs {labels[0]} (Δ = {labels[1]} − {labels[0]}; protocol {reports[0].table.protocol})"
     (out / "comparison.md").write_text(comparison.to_markdown(title=title), encoding="utf-8")

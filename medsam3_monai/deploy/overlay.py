@@ -10,13 +10,13 @@ matplotlib's object API (no pyplot state, no display needed).
 from __future__ import annotations
 
 import math
-import textwrap
 from pathlib import Path
 from typing import Any
 
 import torch
 
-from ..metrics.plots import CLASS_COLOURS, class_areas, class_legend, display_image, label_fill, radiological_view
+from ..metrics.plots import (CLASS_COLOURS, class_areas, class_legend, display_image, label_fill, radiological_view,
+                             title_lines)
 
 __all__ = ["DISPLAY_PIXELS", "montage_slices", "save_overlay"]
 
@@ -57,9 +57,6 @@ def legend_below(figure: Any, handles: list, max_columns: int = LEGEND_COLUMNS) 
         legend.remove()
     return 1
 
-
-#: characters of the 9-pt title that fit in an inch of figure width (with a margin)
-TITLE_CHARS_PER_INCH = 13
 
 
 def save_overlay(prediction: Any, path: str | Path, image: torch.Tensor | None = None, title: str | None = None,
@@ -131,7 +128,7 @@ def save_overlay(prediction: Any, path: str | Path, image: torch.Tensor | None =
     handles = class_legend(names, counts, alpha=0.7)  # many prompts: the largest masks, then how many more
     columns = legend_below(figure, handles)
     heading = title or f"{Path(prediction.source).name}: {prediction.protocol}"
-    lines = textwrap.wrap(heading, max(30, int(figure.get_figwidth() * TITLE_CHARS_PER_INCH)))  # the figure's width
+    lines = title_lines(heading, figure)
     figure.suptitle("\n".join(lines), fontsize=9)
     top = 0.985 - 0.035 * len(lines)  # room for the title's lines (0.95 for one)
     figure.tight_layout(rect=(0, 0.04 + 0.04 * math.ceil(len(handles) / columns), 1, top))  # room for the legend

@@ -165,9 +165,10 @@ class _GuardMiddleware:
                 return
         if scope.get("method") in ("POST", "PUT", "PATCH"):
             length = connection.headers.get("content-length")
-            if length is None:
+            if length is None and "chunked" in connection.headers.get("transfer-encoding", "").lower():
                 await _send_json(send, 411, {"error": "send the body with a Content-Length (no chunked uploads)"})
                 return
+            length = "0" if length is None else length  # neither header: a request without a body (HTTP/1.1)
             try:
                 declared = int(length)
             except ValueError:

@@ -1,5 +1,6 @@
 """Training checkpoints with exact resume, on Ignite's ``Checkpoint`` + ``DiskSaver`` and MONAI's
-``CheckpointLoader``: network, optimiser, scheduler, the engine's counters and torch's RNG."""
+``CheckpointLoader``: network, optimiser, scheduler, the engine's counters and torch's RNG, and the network's
+configuration, so that a ``checkpoint_iterN.pt`` is also a model file (``--checkpoint``)."""
 
 from __future__ import annotations
 
@@ -45,6 +46,23 @@ class TorchRNGState:
         torch.set_rng_state(state["cpu"])
 
 
+class NetworkConfig:
+    """A ``MedSAM3Net``'s SAM3 configuration as a checkpointable object, saved in every training checkpoint as
+    ``network_config`` (our model file's ``format`` and ``config``) so that ``MedSAM3Net(path)`` and every
+    ``--checkpoint`` build the network a ``checkpoint_iterN.pt`` holds; a resume does not read it."""
+
+    def __init__(self, network: torch.nn.Module) -> None:
+        self.network = network
+
+    def state_dict(self) -> dict[str, Any]:
+        from ..networks.checkpoints import OUR_FORMAT
+
+        return {"format": OUR_FORMAT, "config": self.network.sam3.config.to_dict()}
+
+    def load_state_dict(self, state: Mapping[str, Any]) -> None:
+        """Nothing to restore: the configuration is the network's own."""
+
+
 class TrainingCheckpoint:
     """Save every ``save_interval`` iterations and at the end; resume from the latest checkpoint at start.
 
@@ -86,9 +104,15 @@ class TrainingCheckpoint:
     def _to_save(self, engine: Engine) -> dict[str, Any]:
         return {**self.objects, "trainer": engine, "torch_rng": self._rng}
 
+    def _saved(self, engine: Engine) -> dict[str, Any]:
+        """What a checkpoint holds: what a resume restores, and the network's configuration (a ``MedSAM3Net``'s)."""
+        network = self.objects.get("network")
+        described = {"network_config": NetworkConfig(network)} if hasattr(network, "sam3") else {}
+        return {**self._to_save(engine), **described}
+
     def attach(self, engine: Engine) -> None:
         self._checkpointer = Checkpoint(
-            self._to_save(engine), DiskSaver(self.save_dir, require_empty=False),
+            self._saved(engine), DiskSaver(self.save_dir, require_empty=False),
             filename_pattern=FILENAME_PATTERN, n_saved=self._n_saved, include_self=True,
             global_step_transform=lambda engine, _event: engine.state.iteration,
         )

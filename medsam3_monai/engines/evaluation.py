@@ -593,9 +593,10 @@ class AgentCaseInferer(CaseInferer):
                 saved = self.recorder.save_trace(trace, dataset, case, value, context)
                 if self.recorder.on_error != "empty" or not isinstance(err, (ValueError, RuntimeError, OSError)):
                     if isinstance(err, ValueError):
+                        # (no trace path: the failed run's output folder, traces included, is removed)
                         raise ValueError(f"the agent failed on {dataset} case {case} ({request!r}): {err} "
-                                         f"(trace: {saved}; --agent-on-error empty scores such a case with an "
-                                         "empty mask instead)") from err
+                                         "(--agent-on-error empty scores such a case with an empty mask instead, "
+                                         "and keeps its trace under agent/traces/)") from err
                     raise
                 mask, score = torch.zeros(shape, dtype=torch.bool), 0.0
                 row.update(planner=trace.data.get("planner", {}).get("kind"), status="failed", phrases="",

@@ -260,10 +260,10 @@ class EvaluationReport:
                        "pixel; a model trained with the semantic head alone (e.g. the tiny recipe) is evaluated "
                        "with --protocol semantic on 2D cases (volumes always take the detector's top query and the "
                        "tracker)")
-            logger.warning(warning)
+            logger.warning("%s: %s", out, warning)  # (which report: a comparison writes two)
             notes.insert(0, f"WARNING: {warning}.")
         for warning in absent_label_warnings(self.records):
-            logger.warning(warning)
+            logger.warning("%s: %s", out, warning)
             notes.insert(0, f"WARNING: {warning}.")
         if self.unreadable:
             files.append(write_csv(out / "skipped.csv", ["image", "label", "error"],

@@ -17,7 +17,7 @@ import torch
 from .aggregate import MetricTable
 
 __all__ = ["CLASS_COLOURS", "class_areas", "class_legend", "legend_classes", "overlay_figure", "radar_chart",
-           "radiological_view", "save_figure"]
+           "radiological_view", "save_figure", "title_lines"]
 
 #: fill colour of label value c (cycled): a colour-blind-friendly qualitative set (Okabe-Ito)
 CLASS_COLOURS = ("#E69F00", "#56B4E9", "#009E73", "#F0E442", "#0072B2", "#D55E00", "#CC79A7")
@@ -38,13 +38,26 @@ def _figure(width: float, height: float):
     return figure
 
 
-def save_figure(figure: Any, path: str | Path) -> Path:
-    """Lay ``figure`` out and write it to ``path`` (its folder made when missing); returns the path."""
-    figure.tight_layout()
+def save_figure(figure: Any, path: str | Path, rect: tuple[float, float, float, float] | None = None) -> Path:
+    """Lay ``figure`` out (inside ``rect``, figure fractions, when given) and write it to ``path`` (its folder made
+    when missing); returns the path."""
+    figure.tight_layout(rect=rect)
     path = Path(path)
     path.parent.mkdir(parents=True, exist_ok=True)
     figure.savefig(path)
     return path
+
+
+#: characters of a 9-10 pt title that fit in an inch of figure width (with a margin)
+TITLE_CHARS_PER_INCH = 13
+_SERIES_COLOURS = ("#0072B2", "#D55E00", "#009E73")
+
+
+def title_lines(text: str, figure: Any) -> list[str]:
+    """``text`` wrapped to the width of ``figure`` (a title that would be clipped at its edges)."""
+    import textwrap
+
+    return textwrap.wrap(text, max(30, int(figure.get_figwidth() * TITLE_CHARS_PER_INCH)))
 
 
 def radar_chart(
@@ -53,34 +66,52 @@ def radar_chart(
     metrics: Sequence[str] = ("dice", "iou"),
     title: str | None = None,
 ) -> Path:
-    """Per-dataset ``metrics`` (in %) on a polar chart, one axis per dataset, one closed line per metric.
+    """Per-dataset ``metrics`` (in %) on a polar chart, one axis per dataset, one closed line per metric; the legend
+    under the chart, the title wrapped to its width.
 
-    With fewer than three datasets the polygon degenerates (a line or a point) but the values still read.
+    A radar needs three axes: with one or two datasets the same values are drawn as horizontal bars (one group per
+    dataset), which read where a polygon would be a point or a line.
     """
     rows = table.dataset_rows()
     names = [r["name"] for r in rows]
     if not names:
         raise ValueError("radar_chart needs at least one dataset row")
     metrics = [m for m in metrics if m in table.metrics]
-    angles = [2 * math.pi * i / len(names) for i in range(len(names))]
-    figure = _figure(6.5, 6.5)
-    ax = figure.add_subplot(111, projection="polar")
-    for colour, metric in zip(("#0072B2", "#D55E00", "#009E73"), metrics):
-        values = [100.0 * r[metric] if not math.isnan(r[metric]) else 0.0 for r in rows]
-        ax.plot(angles + angles[:1], values + values[:1], color=colour, linewidth=2, marker="o",
-                label=_LABELS.get(metric, metric))
-        ax.fill(angles + angles[:1], values + values[:1], color=colour, alpha=0.12)
-    ax.set_xticks(angles)
-    ax.set_xticklabels(names, fontsize=8)
-    ax.set_ylim(0, 100)
-    ax.set_yticks([20, 40, 60, 80, 100])
-    ax.tick_params(axis="y", labelsize=7)
-    ax.legend(loc="upper right", bbox_to_anchor=(1.25, 1.12), fontsize=8)
+    series = [(_LABELS.get(m, m), colour, [100.0 * r[m] if not math.isnan(r[m]) else 0.0 for r in rows])
+              for colour, m in zip(_SERIES_COLOURS, metrics)]
     heading = title or "Per-dataset Dice and IoU"
     if table.protocol:
         heading += f" ({table.protocol})"
-    ax.set_title(heading, fontsize=10, pad=24)
-    return save_figure(figure, path)
+    if len(names) < 3:
+        figure = _figure(6.5, 1.6 + 0.9 * len(names) * max(1, len(series)) ** 0.5)
+        ax = figure.add_subplot(111)
+        height = 0.8 / max(1, len(series))
+        for k, (label, colour, values) in enumerate(series):
+            places = [i + (k - (len(series) - 1) / 2) * height for i in range(len(names))]
+            bars = ax.barh(places, values, height=height * 0.9, color=colour, label=label)
+            ax.bar_label(bars, labels=[f"{v:.1f}" for v in values], padding=3, fontsize=8)
+        ax.set_yticks(range(len(names)), names, fontsize=8)
+        ax.invert_yaxis()
+        ax.set_xlim(0, 100)
+        ax.set_xlabel("%", fontsize=8)
+        ax.tick_params(axis="x", labelsize=7)
+    else:
+        figure = _figure(6.5, 6.5)
+        ax = figure.add_subplot(111, projection="polar")
+        angles = [2 * math.pi * i / len(names) for i in range(len(names))]
+        for label, colour, values in series:
+            ax.plot(angles + angles[:1], values + values[:1], color=colour, linewidth=2, marker="o", label=label)
+            ax.fill(angles + angles[:1], values + values[:1], color=colour, alpha=0.12)
+        ax.set_xticks(angles)
+        ax.set_xticklabels(names, fontsize=8)
+        ax.set_ylim(0, 100)
+        ax.set_yticks([20, 40, 60, 80, 100])
+        ax.tick_params(axis="y", labelsize=7)
+    figure.legend(loc="lower center", ncol=max(1, len(series)), fontsize=8, frameon=False)
+    lines = title_lines(heading, figure)
+    figure.suptitle("\n".join(lines), fontsize=10)
+    legend_room = 0.35 / figure.get_figheight()  # inches -> figure fractions
+    return save_figure(figure, path, rect=(0, legend_room, 1, 1 - 0.3 * len(lines) / figure.get_figheight()))
 
 
 def radiological_view(plane: torch.Tensor, affine: Any, row_axis: int, col_axis: int) -> torch.Tensor:

@@ -125,8 +125,10 @@ def read_checkpoint_file(path: str | Path) -> tuple[dict[str, torch.Tensor], Sam
     else:
         obj = _read_torch_file(path)
     config = None
-    if isinstance(obj, Mapping) and obj.get("format") == OUR_FORMAT:
-        config = Sam3Config.from_dict(obj["config"])
+    # our model file, or a training checkpoint (checkpoint_iterN.pt) with its network's configuration beside
+    described = obj.get("network_config", obj) if isinstance(obj, Mapping) else None
+    if isinstance(described, Mapping) and described.get("format") == OUR_FORMAT:
+        config = Sam3Config.from_dict(described["config"])
     state_dict = _unwrap(obj, path)
     keys = list(state_dict)
     if any(k.startswith(("detector.", "tracker.")) for k in keys):
@@ -313,9 +315,10 @@ def _load_sam3(source: str | Path, config: Sam3Config | None, image_size: int | 
             raise
         raise CheckpointError(
             f"{err}\nThe file holds weights without a configuration, so the full SAM3 architecture was assumed. For a "
-            "network of another configuration (e.g. the tiny one) pass it: MedSAM3Net(path, "
-            "config=tiny_sam3_config(IMAGE_SIZE)); files written by save_checkpoint_file (the bundles' models/model.pt "
-            "and model_best_val_dice.pt) carry their configuration."
+            "network of another configuration (e.g. the tiny one) convert the file once into a folder that carries "
+            f"it: medsam3 convert-checkpoint {path} FOLDER --config tiny --image-size SIZE, then give FOLDER; in "
+            "Python, MedSAM3Net(path, config=tiny_sam3_config(SIZE)). The training bundle's models/model.pt, "
+            "model_best_val_dice.pt and checkpoint_iterN.pt carry their configuration."
         ) from None
     return LoadedSam3(model, load_tokenizer(None), source_format)
 

@@ -450,7 +450,8 @@ def load_medical_image(
     if readers is None:
         readers = ReaderSet(mask)
     if not Path(path).exists():
-        raise DataError(path, "file not found", "check the datalist paths (relative paths need base_dir)")
+        raise DataError(path, "file not found", "check the path (a datalist's relative paths are read from the "
+                                                "datalist's own folder)")
     reader = _pick_reader(path, readers)
     size = None
     if isinstance(reader, Image2DReader):

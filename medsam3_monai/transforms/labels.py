@@ -255,8 +255,9 @@ class DecodeLabeld(MapTransform):
             return np.where(np.isin(array, unknown), 0, array).astype(array.dtype)
         raise DataError(path, f"label value(s) {unknown[:20]} are not in the prompts/catalogue "
                               f"(known: {sorted(prompts)})",
-                        "add them to the dataset's labels in datasets_meta, or use "
-                        "DecodeLabeld(unknown_labels='background') to ignore them")
+                        "give each a prompt in the item's 'prompts' (or the dataset's labels in datasets_meta); a "
+                        "mask with one foreground value (e.g. 255) is \"mask_encoding\": \"binary\"; "
+                        "DecodeLabeld(unknown_labels='background') ignores them")
 
     @staticmethod
     def _binary_class(prompts: Mapping[int, str], encoding: str, path: str | None) -> int:
