@@ -19,8 +19,9 @@ from .aggregate import MetricTable
 __all__ = ["CLASS_COLOURS", "class_areas", "class_legend", "legend_classes", "overlay_figure", "radar_chart",
            "radiological_view", "save_figure", "title_lines"]
 
-#: fill colour of label value c (cycled): a colour-blind-friendly qualitative set (Okabe-Ito)
-CLASS_COLOURS = ("#E69F00", "#56B4E9", "#009E73", "#F0E442", "#0072B2", "#D55E00", "#CC79A7")
+#: fill colour of label value c (cycled): a colour-blind-friendly qualitative set (Okabe-Ito), sky blue first: the one
+#: class of most overlays must stand out on grey scans and on the warm reds of fundus, endoscopy and H&E pictures alike
+CLASS_COLOURS = ("#56B4E9", "#E69F00", "#009E73", "#F0E442", "#0072B2", "#D55E00", "#CC79A7")
 TRUTH_COLOUR = "#00FF00"
 #: an overlay's legend sits in its prediction panel up to this many classes, in a panel of its own beyond
 LEGEND_INSIDE = 4
