@@ -174,3 +174,16 @@ def test_convert_checkpoint_cli(tmp_path, trained_like, capsys):
     assert not (tmp_path / "out").exists(), "no partial output folder"
     assert "corrupt" in capsys.readouterr().err
     assert cli_main(["convert-checkpoint", str(tmp_path / "sam3.pt"), str(dst), "--config", "tiny"]) == 2
+
+
+def test_an_old_training_checkpoint_says_what_it_is_and_how_to_convert_it(tmp_path, trained_like):
+    """A checkpoint_iterN.pt written before training checkpoints carried the configuration (network, optimiser,
+    trainer; no network_config) of a tiny network: named as a training checkpoint, with the conversion to run."""
+    torch.save({"network": trained_like.state_dict(), "optimizer": {"state": {}, "param_groups": []},
+                "trainer": {"epoch": 1, "iteration": 4}}, tmp_path / "checkpoint_iter4.pt")
+    with pytest.raises(CheckpointError) as info:
+        MedSAM3Net(tmp_path / "checkpoint_iter4.pt")
+    message = str(info.value)
+    assert message.startswith(f"{tmp_path / 'checkpoint_iter4.pt'} is a training checkpoint written before")
+    assert "medsam3 convert-checkpoint" in message and "missing" in message  # the key report follows
+    assert same_weights(MedSAM3Net(tmp_path / "checkpoint_iter4.pt", config=tiny_sam3_config()), trained_like)

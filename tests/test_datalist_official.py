@@ -381,6 +381,9 @@ def test_check_alone_checks_a_datalist_one_has(shared_data: Path, tmp_path: Path
     datalist.write_text(json.dumps({"training": [item], "validation": [], "test": []}))
     assert datalist_command(["--check", str(datalist), "--no-progress"]) == 0
     assert "every image and mask decodes" in capsys.readouterr().err
+    datalist.write_text(json.dumps({"test": [item]}))  # splits left out are empty, as evaluate reads them
+    assert datalist_command(["--check", str(datalist), "--no-progress"]) == 0
+    assert "every image and mask decodes" in capsys.readouterr().err
     datalist.write_text(json.dumps({"training": [dict(item, dataset=None)], "validation": [], "test": []}))
     assert datalist_command(["--check", str(datalist), "--no-progress"]) == 2
     assert "does not match its schema" in capsys.readouterr().err

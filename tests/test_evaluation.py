@@ -508,7 +508,7 @@ def test_a_new_experiment_in_a_given_sqlite_store_keeps_artifacts_beside_it(tmp_
     assert not (tmp_path / "mlruns").exists()
 
 
-def test_checkpoints_of_one_name_are_labelled_by_the_folder_where_their_paths_part(tmp_path):
+def test_checkpoints_of_one_name_are_labelled_by_the_folder_where_their_paths_part(tmp_path, capsys):
     from medsam3_monai.deploy.evaluate_cli import checkpoint_labels
 
     for run in ("runA", "runB"):
@@ -526,3 +526,13 @@ def test_checkpoints_of_one_name_are_labelled_by_the_folder_where_their_paths_pa
     assert checkpoint_labels(["tiny", str(tmp_path / "tiny" / "models" / "model.pt")]) == ["tiny", "tiny-model"]
     assert checkpoint_labels(["tiny", str(tmp_path / "tiny")]) == ["tiny", f"{tmp_path.name}-tiny"]
     assert checkpoint_labels([best[0], best[0]]) == ["model_best_val_dice-1", "model_best_val_dice-2"]
+    from medsam3_monai.deploy.cli import build_parser
+    from medsam3_monai.deploy.evaluate_cli import _check_studies
+
+    plain = build_parser().parse_args(["evaluate", "--datalist", "d.json", "--out", "o", "--checkpoint", "tiny"])
+    _check_studies(plain, ["tiny", "tiny"])
+    assert "both --checkpoint give tiny: the comparison is of a network with itself" in capsys.readouterr().err
+    _check_studies(plain, [best[0], str(Path(best[0]).parent / ".." / "checkpoints" / Path(best[0]).name)])
+    assert "both --checkpoint give" in capsys.readouterr().err
+    _check_studies(plain, best)
+    assert capsys.readouterr().err == ""

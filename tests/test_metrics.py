@@ -300,6 +300,8 @@ def test_aggregate_refuses_a_dataset_of_two_protocols_and_split_datasets():
     assert mixed.protocol == "top-query, union" and mixed.row("C")["protocol"] == "union"
     assert mixed.row("internal", "group")["protocol"] == "top-query"
     assert "| Dataset | Group | Protocol | n |" in mixed.to_markdown()
+    side_by_side = compare(mixed, mixed).to_markdown()
+    assert "| Dataset | Group | Protocol | Dice (%) A |" in side_by_side and "| C | external | union |" in side_by_side
     records = _records()
     records[0]["group"] = "external"
     with pytest.raises(ValueError, match="groups"):

@@ -134,7 +134,15 @@ def test_robustness_table_worst_case_spread_and_ensemble(tmp_path):
     assert table.metrics()["D/liver/dice_worst"] == pytest.approx(0.3)
     assert robustness_plot(table, tmp_path / "r.png").read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"
     written = read_csv(table.to_csv(tmp_path / "r.csv"))
-    assert len(written) == 7 and written[0]["phrasing"] == "liver"
+    assert len(written) == 7 and written[0]["phrasing"] == "liver" and written[0]["protocol"] == "semantic"
+    # a run of pictures and volumes: each dataset under its own protocol, the table under both
+    for run in runs.values():
+        run += [dict(r, dataset="V", protocol="top_query") for r in run if r["dataset"] == "D"]
+    plan.phrasings.update({("V", key[1]): value for key, value in plan.phrasings.items()})
+    mixed = robustness_table(runs, plan)
+    assert mixed.protocol == "semantic, top_query"
+    assert {(s["dataset"], s["protocol"]) for s in mixed.summary} == {
+        ("D", "semantic"), ("V", "top_query"), ("overall", "semantic, top_query")}
 
 
 # ------------------------------------------------------------------------------------------------ shared data

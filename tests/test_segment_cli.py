@@ -327,6 +327,17 @@ def test_inference_bundle_writes_a_volume_with_the_input_header_codes_as_segment
         assert written.header.get_xyzt_units() == ("mm", "sec")
         assert np.allclose(written.affine, source.affine)
     assert np.array_equal(np.asanyarray(bundle.dataobj), np.asanyarray(cli.dataobj))
+    # a qform and an sform that differ (each reader picks one): both kept, each with its own matrix
+    shifted = source.affine.copy()
+    shifted[:3, 3] += (4.0, 4.0, 4.0)
+    volume.set_qform(shifted, code=1)
+    volume.set_sform(source.affine, code=4)
+    nib.save(volume, path)
+    assert segment(str(path), "--prompt", "hippocampus", "--modality", "MRI", "--tracker", "none",
+                   "--out", str(cli_out), "--overwrite") == 0
+    written = nib.load(cli_out).header
+    assert (int(written["qform_code"]), int(written["sform_code"])) == (1, 4)
+    assert np.allclose(written.get_qform(), shifted) and np.allclose(written.get_sform(), source.affine)
 
 
 def _required_metadata_schema() -> dict:

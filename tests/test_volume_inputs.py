@@ -42,7 +42,7 @@ def test_evaluate_refuses_2d_options_when_every_case_is_a_volume(hippocampus_dat
 
 
 def test_a_run_of_pictures_and_volumes_labels_each_dataset_with_the_protocol_it_ran(hippocampus_datalist, kvasir,
-                                                                                    tmp_path):
+                                                                                    tmp_path, capsys):
     """--protocol semantic acts on the pictures; the volumes take the detector's top query and the tracker, and
     their rows say so (cases.csv, table.csv and a Protocol column in table.md)."""
     import csv
@@ -54,8 +54,14 @@ def test_a_run_of_pictures_and_volumes_labels_each_dataset_with_the_protocol_it_
     path.write_text(json.dumps(datalist))
     out = tmp_path / "eval"
     assert main(["evaluate", "--datalist", str(path), "--checkpoint", "tiny", "--out", str(out), "--no-progress",
-                 "--no-mlflow", "--protocol", "semantic", "--tracker", "none"]) == 0
+                 "--protocol", "semantic", "--tracker", "none"]) == 0
     report = next(out.rglob("cases.csv")).parent
+    from mlflow import MlflowClient
+
+    client = MlflowClient(f"sqlite:///{out / 'mlruns.db'}")
+    (run,) = client.search_runs([e.experiment_id for e in client.search_experiments()])
+    assert run.data.params["dataset_protocols"] in ("MSD_Task04_Hippocampus: top_query; Kvasir-SEG: semantic",
+                                                    "Kvasir-SEG: semantic; MSD_Task04_Hippocampus: top_query")
     with (report / "cases.csv").open() as f:
         cases = {(row["dataset"], row["protocol"]) for row in csv.DictReader(f)}
     assert cases == {("MSD_Task04_Hippocampus", "top_query"), ("Kvasir-SEG", "semantic")}
@@ -63,6 +69,14 @@ def test_a_run_of_pictures_and_volumes_labels_each_dataset_with_the_protocol_it_
         table = {row["name"]: row["protocol"] for row in csv.DictReader(f)}
     assert table["MSD_Task04_Hippocampus"] == "top_query" and table["Kvasir-SEG"] == "semantic"
     assert table["overall"] in ("top_query, semantic", "semantic, top_query")
+    # one dataset of both kinds cannot take two protocols: refused before anything runs
+    for item in datalist["test"]:
+        item["dataset"] = "Mixed"
+    path.write_text(json.dumps(datalist))
+    refused = tmp_path / "refused"
+    assert main(["evaluate", "--datalist", str(path), "--checkpoint", "tiny", "--out", str(refused), "--no-progress",
+                 "--no-mlflow", "--protocol", "semantic"]) == 2
+    assert "dataset(s) Mixed hold 2D pictures and volumes" in capsys.readouterr().err and not refused.exists()
     markdown = (report / "table.md").read_text()
     assert "| Dataset | Group | Protocol | n |" in markdown and "|---|---|---|---:|" in markdown
     assert "protocol of the 2D cases `semantic`" in markdown and "Volumes (1, protocol `top_query`)" in markdown

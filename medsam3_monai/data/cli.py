@@ -118,6 +118,8 @@ def check_datalist_file(path: str | Path, skip_bad: bool = False, progress: bool
     from .schemas import validate
 
     raw = read_datalist_json(path)
+    if isinstance(raw, dict):  # a split left out is an empty one, as evaluate, segment and the bundles read it
+        raw = {**{split: [] for split in SPLITS}, **raw}
     validate(raw, load_schema("datalist"), f"datalist {path}")
     result = DatalistResult({split: list(raw[split]) for split in SPLITS}, converter="")
     total = sum(len(items) for items in result.datalist.values())

@@ -177,10 +177,28 @@ def _checkpoint_name(source: str, qualified: bool = False) -> str:
 
 
 # ------------------------------------------------------------------------------------------------ command
+def _check_one_protocol_per_dataset(items: list[dict[str, Any]], args: argparse.Namespace) -> None:
+    """With a 2D protocol or box prompts, a dataset holding pictures and volumes would be scored under two protocols
+    (the volumes take the detector's top query): refused before anything runs."""
+    from ..data.selection import is_volume_item
+
+    pictures = {str(item["dataset"]) for item in items if not is_volume_item(item)}
+    both = sorted(pictures & {str(item["dataset"]) for item in items if is_volume_item(item)})
+    if both:
+        option = f"--protocol {args.protocol}" if args.protocol != DEFAULT_PROTOCOL else "--box-prompts"
+        raise ValueError(f"dataset(s) {', '.join(both)} hold 2D pictures and volumes: with {option} the pictures run "
+                         "that protocol and the volumes the detector's top query, and a dataset's mean takes one "
+                         "protocol; give the volumes' items another 'dataset' name, or leave out " + option)
+
+
 def _check_studies(args: argparse.Namespace, sources: list[str]) -> None:
     """Option combinations that cannot run, before anything is read."""
     if len(sources) > 2:
         raise ValueError(f"--checkpoint given {len(sources)} times; evaluate one checkpoint or compare two")
+    if len(sources) == 2 and (sources[0] == sources[1] or (
+            sources[0] != "tiny" and Path(sources[0]).resolve() == Path(sources[1]).resolve())):
+        print(f"medsam3 evaluate: note: both --checkpoint give {sources[0]}: the comparison is of a network with "
+              "itself (every Δ is 0)", file=sys.stderr)
     if args.prompt_variants and args.agent:
         raise ValueError("--prompt-variants and --agent are two studies: run them one at a time")
     study = "--prompt-variants" if args.prompt_variants else "--agent" if args.agent else None
@@ -248,6 +266,8 @@ def run(args: argparse.Namespace) -> int:
         unused = f"--protocol {args.protocol}" if args.protocol != DEFAULT_PROTOCOL else "--box-prompts"
         raise ValueError(f"{unused} acts on 2D cases, and every case of this run is a volume (segmented by the "
                          "detector's top query on each slice and the tracker, as medsam3 segment does): leave it out")
+    if volumes and (args.protocol != DEFAULT_PROTOCOL or args.box_prompts):
+        _check_one_protocol_per_dataset(items, args)
     networks = [load_network(source, args.image_size, detector_chunk=args.detector_chunk) for source in sources]
     trackers = [resolve_tracker(args.tracker, s, n, described=True) if volumes else (None, "none")
                 for s, n in zip(sources, networks)]

@@ -177,9 +177,10 @@ def absent_label_warnings(records: Sequence[Mapping[str, Any]]) -> list[str]:
             prompts = ", ".join(f"'{p}'" for p in dict.fromkeys(str(row.get("prompt", "")) for row in rows))
             cases = len({row.get("case") for row in rows})
             lines.append(f"dataset {dataset}: label value {value} (prompt {prompts}) is in no truth mask of its "
-                         f"{cases} case(s), so its rows score 100 where the prediction is empty and 0 elsewhere and "
-                         "say nothing about the model's masks; if the class should be there, the dataset's label "
-                         "values do not match the values in its masks")
+                         f"{cases} case(s), so its rows only count false positives (100 where the prediction is "
+                         "empty, 0 elsewhere); expected when every case is a negative (e.g. BUSI's normal images), "
+                         "else the class is absent from the split or the dataset's label values do not match the "
+                         "values in its masks")
     return lines
 
 
@@ -304,6 +305,9 @@ class EvaluationReport:
 
             params = [Param(k, str(v)[:500]) for k, v in self.params.items()]
             params.append(Param("num_records", str(len(self.records))))
+            if self.table is not None and self.table.mixes_protocols():  # pictures and volumes: each dataset's
+                params.append(Param("dataset_protocols", "; ".join(
+                    f"{r['name']}: {r['protocol']}" for r in self.table.dataset_rows())[:500]))
             now = int(time.time() * 1000)
             metrics = [Metric(k, v, now, 0) for k, v in self.metrics().items()]
             client.log_batch(run_id, metrics=metrics, params=params)

@@ -242,22 +242,25 @@ class ComparisonTable:
         fields = ["kind", "name", "group"]
         for m in self.metrics:
             fields += [f"{m}_a", f"{m}_b", f"{m}_delta"]
-        return write_csv(path, fields, self.rows)
+        return write_csv(path, fields + ["protocol"], self.rows)
 
     def to_markdown(self, title: str | None = None) -> str:
+        """Dataset, group and overall rows with both tables' metrics and their Δ; a Protocol column when the
+        datasets ran under different protocols (a run of pictures and volumes)."""
         a, b = self.labels
-        header = ["Dataset", "Group"]
+        mixed = len({r.get("protocol", "") for r in self.rows if r["kind"] == "dataset"}) > 1
+        header = ["Dataset", "Group", *(["Protocol"] if mixed else [])]
         for m in self.metrics:
             label = _LABELS.get(m, m)
             header += [f"{label} {a}", f"{label} {b}", f"Δ {label.split(' ')[0]}"]
         body = []
         for r in self.rows:
             name = r["name"] if r["kind"] == "dataset" else f"**{r['name']}**"
-            cells = [name, r["group"]]
+            cells = [name, r["group"], *([r.get("protocol", "")] if mixed else [])]
             for m in self.metrics:
                 cells += [_fmt(r[f"{m}_a"], m), _fmt(r[f"{m}_b"], m), _fmt(r[f"{m}_delta"], m, signed=True)]
             body.append(cells)
-        text = _markdown(header, body, title)
+        text = _markdown(header, body, title, text_columns=3 if mixed else 2)
         return text + "".join(f"\n{n}\n" for n in self.notes)
 
 
@@ -283,7 +286,8 @@ def compare(
     for key in keys:
         ra, rb = index_a.get(key), index_b.get(key)
         ref = ra or rb
-        row = {"kind": ref["kind"], "name": ref["name"], "group": ref["group"]}
+        protocols = dict.fromkeys(r.get("protocol", "") for r in (ra, rb) if r is not None)
+        row = {"kind": ref["kind"], "name": ref["name"], "group": ref["group"], "protocol": " / ".join(protocols)}
         for m in metrics:
             va = ra.get(m, math.nan) if ra else math.nan
             vb = rb.get(m, math.nan) if rb else math.nan

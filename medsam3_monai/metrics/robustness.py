@@ -200,7 +200,8 @@ class RobustnessTable:
     canonical phrasing). ``summary``: dataset, group, label, concept, phrasings, canonical, best, best_phrasing,
     worst, worst_phrasing, spread (best - worst over the single phrasings), mean (over them), ensemble,
     ensemble_delta (ensemble - canonical), ensemble_phrasings; the last row (dataset ``overall``) holds the means
-    of the rows above. Values are fractions (Dice in [0, 1]).
+    of the rows above. Values are fractions (Dice in [0, 1]). Both carry each dataset's ``protocol`` (a run of
+    pictures and volumes runs them under two); ``protocol`` is the list of them.
     """
 
     rows: list[dict[str, Any]]
@@ -208,9 +209,9 @@ class RobustnessTable:
     protocol: str | None = None
 
     ROW_FIELDS = ("dataset", "group", "label", "concept", "variant", "phrasing", "source", "n", "dice", "dice_std",
-                  "iou", "dice_delta")
+                  "iou", "dice_delta", "protocol")
     SUMMARY_FIELDS = ("dataset", "group", "label", "concept", "phrasings", "canonical", "best", "best_phrasing",
-                      "worst", "worst_phrasing", "spread", "mean", "ensemble", "ensemble_delta")
+                      "worst", "worst_phrasing", "spread", "mean", "ensemble", "ensemble_delta", "protocol")
 
     def to_csv(self, path: str | Path) -> Path:
         from .aggregate import write_csv
@@ -271,7 +272,7 @@ def robustness_table(records: Mapping[str, Iterable[Mapping[str, Any]]], plan: P
     :meth:`PhrasingPlan.items_for` items). A single-phrasing run counts for a class only when it had a phrasing of
     that index, and the record's prompt is that phrasing."""
     per: dict[tuple[str, int, str], list[Mapping[str, Any]]] = {}
-    protocols = set()
+    protocol_of: dict[str, str] = {}  # a run of pictures and volumes: each dataset's own
     for variant, recs in records.items():
         index = plan.index(variant)
         for record in recs:
@@ -283,13 +284,14 @@ def robustness_table(records: Mapping[str, Iterable[Mapping[str, Any]]], plan: P
                                       _key(str(record.get("prompt", ""))) != _key(phrasings[index].text)):
                 continue
             if index is not None and record.get("protocol"):
-                protocols.add(str(record["protocol"]))
+                protocol_of.setdefault(key[0], str(record["protocol"]))
             per.setdefault((*key, variant), []).append(record)
     rows, summary = [], []
     for (dataset, value), phrasings in plan.phrasings.items():
         group = plan.groups.get(dataset, "other")
         concept = phrasings[0].text
-        base = {"dataset": dataset, "group": group, "label": value, "concept": concept}
+        base = {"dataset": dataset, "group": group, "label": value, "concept": concept,
+                "protocol": protocol_of.get(dataset, "")}
         singles: list[tuple[str, float]] = []
         canonical = math.nan
         for k, phrasing in enumerate(phrasings):
@@ -322,11 +324,12 @@ def robustness_table(records: Mapping[str, Iterable[Mapping[str, Any]]], plan: P
                         "ensemble": ensemble, "ensemble_delta": ensemble - canonical})
     if summary:
         overall = {"dataset": "overall", "group": "all", "label": "", "concept": f"{len(summary)} concepts",
-                   "phrasings": sum(s["phrasings"] for s in summary), "best_phrasing": "", "worst_phrasing": ""}
+                   "phrasings": sum(s["phrasings"] for s in summary), "best_phrasing": "", "worst_phrasing": "",
+                   "protocol": ", ".join(dict.fromkeys(protocol_of.values()))}
         for name in ("canonical", "best", "worst", "spread", "mean", "ensemble", "ensemble_delta"):
             overall[name] = _mean([s[name] for s in summary])
         summary.append(overall)
-    return RobustnessTable(rows, summary, protocols.pop() if len(protocols) == 1 else None)
+    return RobustnessTable(rows, summary, ", ".join(dict.fromkeys(protocol_of.values())) or None)
 
 
 # ------------------------------------------------------------------------------------------------ plot

@@ -139,7 +139,8 @@ def read_checkpoint_file(path: str | Path) -> tuple[dict[str, torch.Tensor], Sam
         return _convert_original(detector, path), config, "medical_sam3"
     stripped = _strip_prefixes(state_dict)
     if any(k.startswith(_HF_MARKERS) for k in stripped):
-        return stripped, config, "medsam3_monai"
+        training = isinstance(obj, Mapping) and "network" in obj and ("optimizer" in obj or "trainer" in obj)
+        return stripped, config, "training_checkpoint" if training else "medsam3_monai"
     raise CheckpointError(
         f"{path} is not a SAM3 checkpoint: none of its {len(keys)} keys look like SAM3 "
         f"(first keys: {keys[:5]}). Expected original keys (backbone.vision_backbone.*, detector.*) "
@@ -313,6 +314,13 @@ def _load_sam3(source: str | Path, config: Sam3Config | None, image_size: int | 
     except CheckpointError as err:
         if config is not None or embedded_config is not None:
             raise
+        if source_format == "training_checkpoint":
+            raise CheckpointError(
+                f"{path} is a training checkpoint written before they stored the network's configuration, so the "
+                "full SAM3 architecture was assumed and does not fit. Convert it once with the configuration it was "
+                f"trained with: medsam3 convert-checkpoint {path} FOLDER --config tiny --image-size SIZE, then give "
+                f"FOLDER (checkpoints written now carry their configuration).\n{err}"
+            ) from None
         raise CheckpointError(
             f"{err}\nThe file holds weights without a configuration, so the full SAM3 architecture was assumed. For a "
             "network of another configuration (e.g. the tiny one) convert the file once into a folder that carries "
