@@ -74,6 +74,42 @@ def report_input_errors(prog: str = "medsam3 bundle") -> None:
     sys.excepthook = hook
 
 
+_TRUE, _FALSE = ("true", "yes", "on", "1"), ("false", "no", "off", "0")
+
+
+def flag(value: Any, name: str) -> bool:
+    """A yes/no setting as given on ``python -m monai.bundle run``'s command line: ``--dac False`` arrives as a bool,
+    ``--dac false`` as the text 'false' (MONAI's parser reads Python literals only), which must not count as true.
+    Accepts bools, 0/1 and true/false/yes/no/on/off in any case; anything else is an error naming ``--name``."""
+    if isinstance(value, bool):
+        return value
+    if isinstance(value, int) and value in (0, 1):
+        return bool(value)
+    text = str(value).strip().lower()
+    if text in _TRUE or text in _FALSE:
+        return text in _TRUE
+    raise ValueError(f"--{name} {value!r}: give true or false")
+
+
+def resume_setting(value: Any) -> bool | str:
+    """The training bundle's ``resume``: true / false (as :func:`flag` reads them), or a checkpoint's path."""
+    text = str(value).strip().lower()
+    return flag(value, "resume") if isinstance(value, (bool, int)) or text in _TRUE or text in _FALSE else str(value)
+
+
+def check_setting_keys(**settings: Any) -> None:
+    """Refuse keys that a dictionary setting of ``train.json`` (``lr``, ``scheduler``) does not have: its consumers
+    read the keys they know, so ``--lr#detectr 1e-4`` changed nothing, silently."""
+    import json
+
+    defaults = json.loads((BUNDLE_CONFIGS / "train.json").read_text(encoding="utf-8"))
+    for name, given in settings.items():
+        unknown = sorted(set(given) - set(defaults[name]))
+        if unknown:
+            raise ValueError(f"--{name}#{unknown[0]}: {name} has no {', '.join(map(repr, unknown))}; its keys are "
+                             f"{', '.join(defaults[name])}")
+
+
 def require_positive(**settings: Any) -> None:
     """Refuse a bundle setting that counts iterations or epochs and must be a whole number >= 1 (``val_interval=0``
     would otherwise end in Ignite's "Argument every should be integer and greater than zero")."""

@@ -469,3 +469,16 @@ def test_montage_slices_span_the_predicted_extent():
     assert montage_slices(labels, axis=2, count=3) == [11, 12, 13]
     assert montage_slices(torch.zeros(4, 4, 20), axis=2, count=3) == [5, 10, 15]
     assert montage_slices(labels, axis=2, count=1) == [12]
+
+
+def test_the_inference_bundle_without_inputs_says_which_key_takes_them():
+    """inference.json's default datalist is empty: run without --datalist (or with the other bundles' --datalists)
+    it names the key, instead of an empty 'test' list."""
+    from medsam3_monai.bundle import config_parser
+
+    with pytest.raises(Exception) as raised:
+        config_parser("inference.json", checkpoint="tiny", prompts=["polyp"]).get_parsed_content("data")
+    cause = raised.value
+    while cause.__cause__ is not None:
+        cause = cause.__cause__
+    assert "no inputs: give the images to segment with --datalist" in str(cause) and "--datalists" in str(cause)

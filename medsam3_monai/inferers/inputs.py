@@ -80,6 +80,9 @@ def inference_items(
         prompt_option: how the caller's user gives ``prompts``, named when an item has none (default: the
             inference bundle's ``--prompts`` override).
     """
+    if isinstance(datalist, (list, tuple)) and not datalist:  # the inference bundle's default: nothing given
+        raise ValueError("no inputs: give the images to segment with --datalist (a datalist JSON file, an image path, "
+                         "or a list of paths or items; the training and evaluation bundles' key is --datalists)")
     if isinstance(datalist, (str, Path)) and _suffix(datalist) != ".json":
         entries: Any = [str(datalist)]
         base = Path(base_dir) if base_dir is not None else Path.cwd()

@@ -8,7 +8,7 @@ instances in the batch (averaged over ranks, at least 1). See ``SetCriterion`` f
 
 from __future__ import annotations
 
-from dataclasses import asdict, dataclass
+from dataclasses import asdict, dataclass, fields
 
 import torch
 import torch.distributed as dist
@@ -16,6 +16,7 @@ import torch.nn.functional as F
 from torch import nn
 
 from ..boxes import elementwise_giou, elementwise_iou
+from ..bundle import flag
 from ..networks.outputs import MedSAM3Output, upsample_logits
 from .functional import dice_loss_per_row, sigmoid_focal_loss
 from .matchers import HungarianMatcher, Matches, OneToManyMatcher, pairs_per_row
@@ -61,6 +62,12 @@ class CriterionSettings:
     o2m_masks: bool = True  # SAM3 predicts masks for o2m queries too (pred_masks_o2m, last layer)
     scale_by_find_batch_size: bool = True  # multiply the total by sqrt(B)
     normalization: str = "global"  # "global" (average N over ranks), "local", or "none" (N = 1)
+
+    def __post_init__(self) -> None:
+        # a bundle override (--loss_settings#semantic false) arrives as text: 'false' must not count as true
+        for field in fields(self):
+            if field.type == "bool":
+                setattr(self, field.name, flag(getattr(self, field.name), f"loss_settings#{field.name}"))
 
 
 class SetCriterion(nn.Module):

@@ -1,0 +1,56 @@
+"""Yes/no settings on ``python -m monai.bundle run``'s command line: MONAI's parser passes ``--dac false`` as the text
+'false' (only Python's ``False`` is a bool), which as a truthy string used to switch the setting on."""
+
+from __future__ import annotations
+
+import json
+import re
+
+import pytest
+
+from medsam3_monai.bundle import BUNDLE_CONFIGS, config_parser, flag, resume_setting
+
+
+def test_flags_read_every_spelling_and_refuse_the_rest():
+    for value in (True, "true", "True", "YES", "on", "1", 1):
+        assert flag(value, "dac") is True, value
+    for value in (False, "false", "False", "no", "OFF", "0", 0):
+        assert flag(value, "dac") is False, value
+    with pytest.raises(ValueError, match="--dac 'maybe': give true or false"):
+        flag("maybe", "dac")
+    assert resume_setting("false") is False and resume_setting("True") is True and resume_setting(True) is True
+    assert resume_setting("runs/checkpoints/checkpoint_iter4.pt") == "runs/checkpoints/checkpoint_iter4.pt"
+
+
+@pytest.mark.parametrize("given, expected", [("false", False), ("False", False), (False, False), ("true", True)])
+def test_the_training_bundle_reads_dac_false_as_off(given, expected):
+    assert config_parser("train.json", dac=given).get_parsed_content("network_def").dac is expected
+
+
+def test_every_yes_no_setting_of_the_bundles_is_read_through_flag():
+    """A config that used ``@dac`` directly would take the text 'false' as true again."""
+    texts = {path.name: path.read_text() for path in BUNDLE_CONFIGS.glob("*.json")}
+    settings = {key for text in texts.values() for key, value in json.loads(text).items() if isinstance(value, bool)}
+    assert {"dac", "box_prompts", "bf16", "resume", "compile", "mlflow"} <= settings
+    for name, text in texts.items():
+        for key in settings - {"resume"}:
+            raw = len(re.findall(rf"@{key}\b", text))
+            read = len(re.findall(rf"medsam3_monai\.bundle\.flag\(@{key}, '{key}'\)", text))
+            assert raw == read, f"{name}: @{key} used without medsam3_monai.bundle.flag"
+    assert texts["train.json"].count("@resume") == texts["train.json"].count("resume_setting(@resume)") == 1
+
+
+def test_a_misspelt_key_of_lr_or_scheduler_is_refused():
+    from medsam3_monai.bundle import check_setting_keys
+
+    parser = config_parser("train.json", **{"lr#detectr": 1e-4})
+    with pytest.raises(ValueError, match="--lr#detectr: lr has no 'detectr'; its keys are detector, vision"):
+        check_setting_keys(lr=parser.get_parsed_content("lr"), scheduler=parser.get_parsed_content("scheduler"))
+    check_setting_keys(lr={"detector": 1e-4}, scheduler={"timescale": 10})
+    for config in ("train.json", "multi_gpu_train.json"):  # both bundles check before the data is cached
+        assert "check_setting_keys(lr=@lr, scheduler=@scheduler)" in (BUNDLE_CONFIGS / config).read_text()
+
+
+def test_loss_settings_switches_read_false_as_off():
+    loss = config_parser("train.json", **{"loss_settings#semantic": "false"}).get_parsed_content("loss")
+    assert loss.config()["semantic"] is False and loss.config()["one_to_many"] is True
