@@ -4,9 +4,11 @@ on stderr, exit 2, nothing written."""
 
 from __future__ import annotations
 
+import json
 from pathlib import Path
 
 import pytest
+import torch
 from _bundle_helpers import assert_refused, run_bundle
 
 from medsam3_monai.data import build_datalist, write_datalist
@@ -84,6 +86,21 @@ def test_evaluation_bundle_refuses_a_folder_holding_an_earlier_run(shared_data, 
                         "--mlflow", "false")
     assert_refused(result, f"output {tmp_path / 'run' / 'eval'} exists and is not an empty folder")
     assert [p for p in (tmp_path / "run").rglob("*") if p.is_file()] == [earlier]
+
+
+def test_the_evaluation_bundles_report_names_the_tracker_auto_resolves_to(tmp_path):
+    """evaluate.json's notes name the tracker the volumes ran with, as the CLI's do, not the word 'auto'."""
+    from medsam3_monai.bundle import BUNDLE_CONFIGS
+    from medsam3_monai.networks.tracker import tracker_choice
+
+    assert tracker_choice("auto", "tiny") == ("tiny", "tiny (random init, ViT shared with the detector)")
+    weights = tmp_path / "model.pt"
+    torch.save({"model": {}}, weights)
+    assert tracker_choice("auto", str(weights)) == ("none", "none (the checkpoint has no tracker weights)")
+    assert tracker_choice("none", "tiny") == tracker_choice(None, "tiny") == ("none", "none")
+    assert tracker_choice("/weights/sam3-hf", "tiny") == ("/weights/sam3-hf", "/weights/sam3-hf")
+    notes = json.loads((BUNDLE_CONFIGS / "evaluate.json").read_text())["handlers"][2]["notes"]
+    assert notes["tracker"] == "$medsam3_monai.networks.tracker.tracker_choice(@tracker_source, @checkpoint)[1]"
 
 
 def test_a_comparison_says_when_the_checkpoints_volumes_ran_with_different_trackers():

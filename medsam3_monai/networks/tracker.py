@@ -28,7 +28,7 @@ logger = logging.getLogger(__name__)
 
 __all__ = ["TRACKER_MODEL_TYPES", "backbone_signature", "build_tracker", "detector_backbone", "detector_config",
            "has_tracker_weights", "resolve_tracker", "sam3_tracker_config", "save_sam3_video_folder", "tie_backbone",
-           "tiny_tracker_config", "tracker_config_for"]
+           "tiny_tracker_config", "tracker_choice", "tracker_config_for"]
 
 TRACKER_MODEL_TYPES = ("sam3_video", "sam3_tracker_video")
 # transformers' memory attention hard-codes 64 key/value channels (kv_in_dim=64), and its object-pointer
@@ -208,28 +208,38 @@ def has_tracker_weights(source: str) -> bool:
         return False
 
 
-def resolve_tracker(spec: str | None, checkpoint: str, network: nn.Module, needed: bool = True,
-                    described: bool = False):
-    """The volume path's tracker: ``none``/None (detector only), ``tiny`` (random init, sharing the detector's
-    ViT), an HF folder, Meta's ``sam3.pt``, or ``auto``: tiny for the tiny checkpoint, the checkpoint's own tracker
-    for a facebook/sam3 folder (``sam3_video``) or a ``sam3.pt``, else none. ``needed=False`` (no volume to
-    segment) builds none. ``described=True`` returns (tracker, description)."""
-    tracker, text = None, "none"
-    if not needed:
-        spec = "none"
+def tracker_choice(spec: str | None, checkpoint: str) -> tuple[str, str]:
+    """What :func:`resolve_tracker` builds for ``spec`` and ``checkpoint``, without building it: ``(source, text)``
+    -- ``auto`` resolved (tiny for the tiny checkpoint, the checkpoint's own tracker when it has one, else none)
+    and the description reports and logs print."""
+    if spec in (None, "none"):
+        return "none", "none"
     if spec == "auto":
         if str(checkpoint) == "tiny":
             spec = "tiny"
         elif has_tracker_weights(str(checkpoint)):
             spec = str(checkpoint)
         else:
-            spec, text = "none", "none (the checkpoint has no tracker weights)"
+            return "none", "none (the checkpoint has no tracker weights)"
     if spec == "tiny":
-        tracker, text = build_tracker("tiny", detector=network), "tiny (random init, ViT shared with the detector)"
+        return "tiny", "tiny (random init, ViT shared with the detector)"
+    return str(spec), str(spec)
+
+
+def resolve_tracker(spec: str | None, checkpoint: str, network: nn.Module, needed: bool = True,
+                    described: bool = False):
+    """The volume path's tracker: ``none``/None (detector only), ``tiny`` (random init, sharing the detector's
+    ViT), an HF folder, Meta's ``sam3.pt``, or ``auto``: tiny for the tiny checkpoint, the checkpoint's own tracker
+    for a facebook/sam3 folder (``sam3_video``) or a ``sam3.pt``, else none. ``needed=False`` (no volume to
+    segment) builds none. ``described=True`` returns (tracker, description)."""
+    tracker = None
+    spec, text = tracker_choice(spec if needed else "none", checkpoint)
+    if spec == "tiny":
+        tracker = build_tracker("tiny", detector=network)
     elif spec not in (None, "none"):
         # a sam3.pt carries no configuration: its tracker is the one around this detector (SAM3's for SAM3's)
         config = tracker_config_for(detector_config(network)) if Path(spec).is_file() else None
-        tracker, text = build_tracker(spec, image_size=int(network.image_size), config=config), str(spec)
+        tracker = build_tracker(spec, image_size=int(network.image_size), config=config)
     if tracker is not None:
         tracker = tracker.to(next(network.parameters()).device)
     if needed:  # what the volumes will be propagated with, in a bundle's log (the CLI prints its own line)
