@@ -98,7 +98,8 @@ def evaluation_items(
         item["group"] = _group_of(item)
         if item.get("case") is None:  # the report's row and overlay name: the image's file name
             item["case"] = Path(item["image"]).name
-        first = seen.setdefault(os.path.abspath(item["image"]), number)
+        image = os.path.abspath(item["image"])
+        first = seen.setdefault(image, number)
         if first != number:
             earlier = items[first]
             where = (f"{earlier['datalist']} and {item['datalist']}" if earlier["datalist"] != item["datalist"]
@@ -106,8 +107,8 @@ def evaluation_items(
             effect = (f"its case counts twice in {item['dataset']}'s mean" if earlier["dataset"] == item["dataset"]
                       else f"as {earlier['dataset']} and as {item['dataset']}: it counts in both datasets' means")
             warnings.warn(f"{item['image']} is evaluated twice (in {where}), {effect}", stacklevel=2)
-        named = case_images.setdefault((str(item["dataset"]), str(item["case"])), os.path.abspath(item["image"]))
-        if named != os.path.abspath(item["image"]):
+        named = case_images.setdefault((str(item["dataset"]), str(item["case"])), image)
+        if named != image:
             warnings.warn(f"case {item['case']!r} of {item['dataset']} names two images ({named} and {item['image']}):"
                           " their rows in the report cannot be told apart; give each item its own 'case'",
                           stacklevel=2)

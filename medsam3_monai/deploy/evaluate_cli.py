@@ -177,15 +177,23 @@ def _checkpoint_name(source: str, qualified: bool = False) -> str:
 
 
 # ------------------------------------------------------------------------------------------------ command
-def _check_one_protocol_per_dataset(items: list[dict[str, Any]], args: argparse.Namespace) -> None:
-    """With a 2D protocol or box prompts, a dataset holding pictures and volumes would be scored under two protocols
-    (the volumes take the detector's top query): refused before anything runs."""
+def _check_2d_options(items: list[dict[str, Any]], args: argparse.Namespace) -> None:
+    """``--protocol`` (other than the default) and ``--box-prompts`` act on 2D pictures; volumes take the detector's
+    top query. Refused before anything runs: when every case is a volume, and when a dataset holds pictures and
+    volumes (its mean would mix two protocols)."""
     from ..data.selection import is_volume_item
 
-    pictures = {str(item["dataset"]) for item in items if not is_volume_item(item)}
-    both = sorted(pictures & {str(item["dataset"]) for item in items if is_volume_item(item)})
+    option = (f"--protocol {args.protocol}" if args.protocol != DEFAULT_PROTOCOL
+              else "--box-prompts" if args.box_prompts else None)
+    if option is None:
+        return
+    volume = [is_volume_item(item) for item in items]
+    if all(volume):
+        raise ValueError(f"{option} acts on 2D cases, and every case of this run is a volume (segmented by the "
+                         "detector's top query on each slice and the tracker, as medsam3 segment does): leave it out")
+    pictures = {str(item["dataset"]) for item, is_volume in zip(items, volume) if not is_volume}
+    both = sorted(pictures & {str(item["dataset"]) for item, is_volume in zip(items, volume) if is_volume})
     if both:
-        option = f"--protocol {args.protocol}" if args.protocol != DEFAULT_PROTOCOL else "--box-prompts"
         raise ValueError(f"dataset(s) {', '.join(both)} hold 2D pictures and volumes: with {option} the pictures run "
                          "that protocol and the volumes the detector's top query, and a dataset's mean takes one "
                          "protocol; give the volumes' items another 'dataset' name, or leave out " + option)
@@ -261,13 +269,8 @@ def run(args: argparse.Namespace) -> int:
         from ..metrics.robustness import plan_phrasings
 
         plan = plan_phrasings(items, args.max_phrasings)
+    _check_2d_options(items, args)
     volumes = sum(is_volume_item(item) for item in items)
-    if volumes == len(items) and (args.protocol != DEFAULT_PROTOCOL or args.box_prompts):
-        unused = f"--protocol {args.protocol}" if args.protocol != DEFAULT_PROTOCOL else "--box-prompts"
-        raise ValueError(f"{unused} acts on 2D cases, and every case of this run is a volume (segmented by the "
-                         "detector's top query on each slice and the tracker, as medsam3 segment does): leave it out")
-    if volumes and (args.protocol != DEFAULT_PROTOCOL or args.box_prompts):
-        _check_one_protocol_per_dataset(items, args)
     networks = [load_network(source, args.image_size, detector_chunk=args.detector_chunk) for source in sources]
     trackers = [resolve_tracker(args.tracker, s, n, described=True) if volumes else (None, "none")
                 for s, n in zip(sources, networks)]

@@ -58,7 +58,6 @@ def legend_below(figure: Any, handles: list, max_columns: int = LEGEND_COLUMNS) 
     return 1
 
 
-
 def save_overlay(prediction: Any, path: str | Path, image: torch.Tensor | None = None, title: str | None = None,
                  max_slices: int = 3, image_format: str = "png") -> Path:
     """Draw ``prediction`` over its input and save the figure to ``path`` (``image_format``, default PNG).

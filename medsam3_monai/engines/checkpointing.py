@@ -48,16 +48,17 @@ class TorchRNGState:
 
 class NetworkConfig:
     """A ``MedSAM3Net``'s SAM3 configuration as a checkpointable object, saved in every training checkpoint as
-    ``network_config`` (our model file's ``format`` and ``config``) so that ``MedSAM3Net(path)`` and every
-    ``--checkpoint`` build the network a ``checkpoint_iterN.pt`` holds; a resume does not read it."""
+    ``network_config`` (our model file's description, ``networks.checkpoints.model_description``) so that
+    ``MedSAM3Net(path)`` and every ``--checkpoint`` build the network a ``checkpoint_iterN.pt`` holds; a resume does
+    not read it."""
 
     def __init__(self, network: torch.nn.Module) -> None:
         self.network = network
 
     def state_dict(self) -> dict[str, Any]:
-        from ..networks.checkpoints import OUR_FORMAT
+        from ..networks.checkpoints import model_description
 
-        return {"format": OUR_FORMAT, "config": self.network.sam3.config.to_dict()}
+        return model_description(self.network.sam3)
 
     def load_state_dict(self, state: Mapping[str, Any]) -> None:
         """Nothing to restore: the configuration is the network's own."""

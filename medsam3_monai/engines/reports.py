@@ -254,18 +254,17 @@ class EvaluationReport:
         files = [write_cases_csv(self.records, out / "cases.csv"), self.table.to_csv(out / "table.csv")]
         title = self.title or f"Per-dataset results (protocol: {self.table.protocol})"
         text = self.table.to_markdown(title=title)
-        notes = list(self.notes)
+        found = []  # logged (naming the report: a comparison writes two) and put first under the table
         if all(record.get("empty_prediction", False) for record in self.records):
-            warning = (f"every prediction of this run is empty ({len(self.records)} prompts), so every foreground "
-                       f"case scores 0: with protocol {self.table.protocol} no mask the model gave has a foreground "
-                       "pixel; a model trained with the semantic head alone (e.g. the tiny recipe) is evaluated "
-                       "with --protocol semantic on 2D cases (volumes always take the detector's top query and the "
-                       "tracker)")
-            logger.warning("%s: %s", out, warning)  # (which report: a comparison writes two)
-            notes.insert(0, f"WARNING: {warning}.")
-        for warning in absent_label_warnings(self.records):
+            found.append(f"every prediction of this run is empty ({len(self.records)} prompts), so every foreground "
+                         f"case scores 0: with protocol {self.table.protocol} no mask the model gave has a foreground "
+                         "pixel; a model trained with the semantic head alone (e.g. the tiny recipe) is evaluated "
+                         "with --protocol semantic on 2D cases (volumes always take the detector's top query and the "
+                         "tracker)")
+        found += absent_label_warnings(self.records)
+        for warning in found:
             logger.warning("%s: %s", out, warning)
-            notes.insert(0, f"WARNING: {warning}.")
+        notes = [f"WARNING: {warning}." for warning in reversed(found)] + list(self.notes)
         if self.unreadable:
             files.append(write_csv(out / "skipped.csv", ["image", "label", "error"],
                                      [{"image": case.item.get("image", ""), "label": case.item.get("label", ""),

@@ -136,7 +136,7 @@ class MetricTable:
     def mixes_protocols(self) -> bool:
         """Whether its datasets were evaluated under different protocols (then the Markdown has a Protocol
         column)."""
-        return len({r.get("protocol", "") for r in self.dataset_rows()}) > 1
+        return _mixes_protocols(self.rows)
 
     def to_markdown(self, std: bool = False, title: str | None = None) -> str:
         """One table row per dataset, group and overall; Dice/IoU/NSD in % (2 decimals), HD95 in mm; a Protocol
@@ -211,6 +211,11 @@ def aggregate(records: Iterable[dict], metrics: Sequence[str] | None = None) -> 
     return MetricTable(rows, metrics, _protocols_of(dataset_rows.values()) or None)
 
 
+def _mixes_protocols(rows: Iterable[dict]) -> bool:
+    """Whether the dataset rows among ``rows`` carry more than one ``protocol``."""
+    return len({r.get("protocol", "") for r in rows if r["kind"] == "dataset"}) > 1
+
+
 def _protocols_of(rows: Iterable[dict]) -> str:
     """The protocols of dataset rows, in first-appearance order: ``"semantic, top_query"`` ("" for none)."""
     return ", ".join(dict.fromkeys(r["protocol"] for r in rows if r.get("protocol")))
@@ -248,7 +253,7 @@ class ComparisonTable:
         """Dataset, group and overall rows with both tables' metrics and their Δ; a Protocol column when the
         datasets ran under different protocols (a run of pictures and volumes)."""
         a, b = self.labels
-        mixed = len({r.get("protocol", "") for r in self.rows if r["kind"] == "dataset"}) > 1
+        mixed = _mixes_protocols(self.rows)
         header = ["Dataset", "Group", *(["Protocol"] if mixed else [])]
         for m in self.metrics:
             label = _LABELS.get(m, m)

@@ -286,6 +286,7 @@ def robustness_table(records: Mapping[str, Iterable[Mapping[str, Any]]], plan: P
             if index is not None and record.get("protocol"):
                 protocol_of.setdefault(key[0], str(record["protocol"]))
             per.setdefault((*key, variant), []).append(record)
+    protocols = ", ".join(dict.fromkeys(protocol_of.values()))  # the table's (the overall row's): every dataset's
     rows, summary = [], []
     for (dataset, value), phrasings in plan.phrasings.items():
         group = plan.groups.get(dataset, "other")
@@ -325,11 +326,11 @@ def robustness_table(records: Mapping[str, Iterable[Mapping[str, Any]]], plan: P
     if summary:
         overall = {"dataset": "overall", "group": "all", "label": "", "concept": f"{len(summary)} concepts",
                    "phrasings": sum(s["phrasings"] for s in summary), "best_phrasing": "", "worst_phrasing": "",
-                   "protocol": ", ".join(dict.fromkeys(protocol_of.values()))}
+                   "protocol": protocols}
         for name in ("canonical", "best", "worst", "spread", "mean", "ensemble", "ensemble_delta"):
             overall[name] = _mean([s[name] for s in summary])
         summary.append(overall)
-    return RobustnessTable(rows, summary, ", ".join(dict.fromkeys(protocol_of.values())) or None)
+    return RobustnessTable(rows, summary, protocols or None)
 
 
 # ------------------------------------------------------------------------------------------------ plot

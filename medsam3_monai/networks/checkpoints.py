@@ -383,6 +383,13 @@ def save_hf_folder(model: Sam3Model, tokenizer: PreTrainedTokenizerBase | None, 
     return atomic_dir(Path(directory), write)
 
 
+def model_description(model: Sam3Model) -> dict[str, Any]:
+    """What our files say about a network besides its weights: ``{"format", "format_version", "config"}``, from
+    which :func:`read_checkpoint_file` rebuilds the architecture (model files, and training checkpoints'
+    ``network_config``)."""
+    return {"format": OUR_FORMAT, "format_version": OUR_FORMAT_VERSION, "config": model.config.to_dict()}
+
+
 def save_checkpoint_file(model: Sam3Model, path: str | Path, extra: Mapping[str, Any] | None = None) -> Path:
     """Save our single-file format, atomically: ``{"format", "format_version", "config", "model"}``.
 
@@ -394,9 +401,7 @@ def save_checkpoint_file(model: Sam3Model, path: str | Path, extra: Mapping[str,
     path = Path(path).expanduser()
     path.parent.mkdir(parents=True, exist_ok=True)
     payload = {
-        "format": OUR_FORMAT,
-        "format_version": OUR_FORMAT_VERSION,
-        "config": model.config.to_dict(),
+        **model_description(model),
         "model": {f"sam3.{k}": v.detach().cpu() for k, v in model.state_dict().items()},
         **dict(extra or {}),
     }

@@ -236,7 +236,7 @@ def resolve_tracker(spec: str | None, checkpoint: str, network: nn.Module, neede
     spec, text = tracker_choice(spec if needed else "none", checkpoint)
     if spec == "tiny":
         tracker = build_tracker("tiny", detector=network)
-    elif spec not in (None, "none"):
+    elif spec != "none":
         # a sam3.pt carries no configuration: its tracker is the one around this detector (SAM3's for SAM3's)
         config = tracker_config_for(detector_config(network)) if Path(spec).is_file() else None
         tracker = build_tracker(spec, image_size=int(network.image_size), config=config)
