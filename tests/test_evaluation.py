@@ -231,6 +231,7 @@ def test_two_checkpoints_give_side_by_side_tables_with_deltas(datalists, tmp_pat
 
     rows = {row["name"]: row for row in read_csv(out / "comparison.csv")}
     assert set(rows) == {"Kvasir-SEG", "ChestXray_lung_sample", "internal", "overall"}
+    assert all((row["a"], row["b"]) == ("tiny", "tiny_seed1") for row in rows.values())
     for label, column in (("tiny", "dice_a"), ("tiny_seed1", "dice_b")):
         own = {row["name"]: row for row in read_csv(out / label / "table.csv")}
         assert all(float(rows[name][column]) == pytest.approx(float(own[name]["dice"])) for name in rows)

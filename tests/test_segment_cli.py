@@ -391,6 +391,22 @@ def test_bundle_metadata_passes_monai_verify_metadata(tmp_path):
         verify_metadata(meta_file=str(broken), filepath=str(schema))
 
 
+def test_bundle_metadata_describes_the_input_the_preprocessing_hands_over(shared_data: Path):
+    """metadata.json's network input is what inference.json's preprocessing gives the network: uint8 levels of a
+    colour picture (three channels) and of a grey volume slice (one, repeated by the network)."""
+    from medsam3_monai.bundle import config_parser
+
+    described = json.loads((CONFIGS / "metadata.json").read_text())["network_data_format"]["inputs"]["image"]
+    preprocessing = config_parser("inference.json", checkpoint="tiny", image_size=112).get_parsed_content(
+        "preprocessing")
+    low, high = described["value_range"]
+    for path, channels in ((shared_data / "BUSI" / "images" / "benign (1).png", 3),
+                           (shared_data / "MSD_Task04_Hippocampus_cropped" / "images" / "hippocampus_001.nii.gz", 1)):
+        image = preprocessing({"image": str(path)})[0]["image"]
+        assert str(image.dtype) == f"torch.{described['dtype']}" and image.shape == (channels, 112, 112), path
+        assert low <= int(image.min()) < int(image.max()) <= high, path
+
+
 def test_bundle_metadata_pins_versions_the_package_accepts():
     """``required_packages_version`` is what a bundle user installs: each pin must satisfy the package's own
     requirements (pyproject.toml), e.g. transformers within ``compat.SUPPORTED_TRANSFORMERS``."""

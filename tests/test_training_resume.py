@@ -106,6 +106,27 @@ def test_a_checkpoint_of_another_kind_is_refused_by_name(tmp_path: Path):
         handler.load(engine)
 
 
+def test_resume_from_a_model_file_is_refused_before_anything_is_written(tmp_path: Path):
+    """``--resume models/model.pt`` (a model file) and a missing path fail when the bundle initialises, before
+    the data is cached and before Ignite's DiskSaver makes an empty runs/checkpoints folder."""
+    from medsam3_monai.bundle import BUNDLE_CONFIGS
+    from medsam3_monai.engines import check_resume_source
+
+    network = torch.nn.Linear(2, 1)
+    model_file = tmp_path / "model.pt"
+    torch.save(network.state_dict(), model_file)
+    save_dir = tmp_path / "runs" / "checkpoints"
+    with pytest.raises(ValueError, match=r"model.pt lacks \['trainer', 'checkpointer'\]: it is not a training chec"):
+        TrainingCheckpoint(str(save_dir), {"network": network}, resume=str(model_file))
+    with pytest.raises(FileNotFoundError, match="--resume nowhere.pt: no such checkpoint file. Give a checkpoint_"):
+        check_resume_source("nowhere.pt")
+    assert not save_dir.exists()
+    check_resume_source(True), check_resume_source(False)
+    for config in ("train.json", "multi_gpu_train.json"):
+        assert "check_resume_source(medsam3_monai.bundle.resume_setting(@resume))" in (
+            BUNDLE_CONFIGS / config).read_text().split('"initialize"')[1]
+
+
 def _linear_training(save_dir: Path, max_epochs: int, resume: bool | str = True):
     """A linear model trained by an Ignite engine with the bundle's checkpoint handler (3 iterations an epoch,
     a checkpoint every 2 and at the end, the newest two kept)."""

@@ -1,7 +1,7 @@
 """Ignite engines of Medical SAM3 training and validation, schedules, optimiser and handlers."""
 
 from . import distributed
-from .checkpointing import TrainingCheckpoint, latest_checkpoint
+from .checkpointing import TrainingCheckpoint, check_resume_source, latest_checkpoint
 from .batch import ImageBudgetBatches, PrepareFindBatch, collate_find_queries, flatten_items
 from .evaluator import MedSAM3Evaluator, PromptDice, TopQueryDice, pred_and_label
 from .handlers import (BestModelCheckpoint, EpochSeedHandler, FinalCheckpoint, LossProgressBar, MLflowRunInfoHandler,
@@ -12,8 +12,9 @@ from .trainer import MedSAM3Trainer, autocast_for
 
 __all__ = [
     "distributed", "BestModelCheckpoint", "EpochSeedHandler", "FinalCheckpoint", "LossProgressBar",
-    "MLflowRunInfoHandler", "TrainerIteration", "TrainingCheckpoint", "latest_checkpoint", "MedSAM3Evaluator",
-    "MedSAM3Trainer", "ImageBudgetBatches", "PrepareFindBatch", "PromptDice", "TopQueryDice", "WarmupInverseSqrtLR",
+    "MLflowRunInfoHandler", "TrainerIteration", "TrainingCheckpoint", "check_resume_source", "latest_checkpoint",
+    "MedSAM3Evaluator", "MedSAM3Trainer", "ImageBudgetBatches", "PrepareFindBatch", "PromptDice", "TopQueryDice",
+    "WarmupInverseSqrtLR",
     "autocast_for", "build_optimizer", "check_training_mode", "collate_find_queries", "flatten_items",
     "freeze_encoders", "freeze_for_mode", "inverse_sqrt_factor", "pred_and_label",
 ]

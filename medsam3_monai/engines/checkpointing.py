@@ -36,6 +36,28 @@ def latest_checkpoint(save_dir: str | Path) -> Path | None:
     return found[-1][1] if found else None
 
 
+TRAINING_STATE = ("trainer", "checkpointer")  # what every checkpoint_iterN.pt holds beside the trained objects
+
+
+def check_resume_source(resume: bool | str, needed: tuple[str, ...] = TRAINING_STATE) -> None:
+    """Refuse a ``--resume`` path that is not a file, or not a training checkpoint holding ``needed`` (a model file
+    such as ``models/model.pt`` is not one), before anything is cached or written; ``True`` / ``False`` pass."""
+    if isinstance(resume, bool):
+        return
+    path = Path(resume).expanduser()
+    if not path.is_file():
+        raise FileNotFoundError(f"--resume {resume}: no such checkpoint file. Give a checkpoint_iterN.pt of "
+                                "runs/checkpoints, true (the latest one there, if any) or false (start afresh)")
+    # the keys only: memory-mapped, the tensors are not read (a full-size checkpoint with its optimiser is gigabytes)
+    stored = torch.load(path, map_location="cpu", weights_only=True, mmap=True)
+    missing = [name for name in needed if name not in stored] if isinstance(stored, Mapping) else list(needed)
+    del stored
+    if missing:
+        raise ValueError(f"checkpoint {path} lacks {missing}: it is not a training checkpoint of this bundle "
+                         "(checkpoint_iterN.pt). To fine-tune from a model file, pass it as --checkpoint; to "
+                         "start afresh, --resume false or another bundle_root")
+
+
 class TorchRNGState:
     """torch's global CPU RNG as a checkpointable object (dropout draws after a resume match the first run)."""
 
@@ -91,6 +113,7 @@ class TrainingCheckpoint:
                  resume: bool | str = True) -> None:
         if save_interval < 1:
             raise ValueError(f"save_interval must be >= 1, got {save_interval}")
+        check_resume_source(resume)  # before DiskSaver makes save_dir: a refused start leaves no empty folder
         self.save_dir = Path(save_dir)
         self.objects = {name: unwrap(obj) if isinstance(obj, torch.nn.Module) else obj
                         for name, obj in objects.items()}
@@ -167,18 +190,8 @@ class TrainingCheckpoint:
         path = broadcast_object(path)  # DDP: every rank resumes from rank 0's choice (only rank 0 saves)
         if path is None:
             return
-        if not path.is_file():
-            raise FileNotFoundError(f"resume checkpoint {path} does not exist")
         to_load = {**self._to_save(engine), "checkpointer": self._checkpointer}
-        # the keys only: memory-mapped, the tensors are not read (MONAI's loader reads the file once, below; a
-        # full-size checkpoint with its optimiser is gigabytes)
-        stored = torch.load(path, map_location="cpu", weights_only=True, mmap=True)
-        missing = [name for name in to_load if name not in stored]
-        del stored
-        if missing:
-            raise ValueError(f"checkpoint {path} lacks {missing}: it is not a training checkpoint of this bundle "
-                             "(checkpoint_iterN.pt). To fine-tune from a model file, pass it as --checkpoint; to "
-                             "start afresh, --resume false or another bundle_root")
+        check_resume_source(str(path), tuple(to_load))  # MONAI's loader, below, reads the file once
         try:
             CheckpointLoader(str(path), to_load, map_location="cpu")(engine)
         except ValueError as error:

@@ -244,10 +244,13 @@ class ComparisonTable:
         return [dict(r) for r in self.rows]
 
     def to_csv(self, path: str | Path) -> Path:
+        """Columns ``m_a``, ``m_b``, ``m_delta`` per metric, then ``protocol`` and the labels of ``a`` and ``b``
+        (the file names its two sides without comparison.md)."""
         fields = ["kind", "name", "group"]
         for m in self.metrics:
             fields += [f"{m}_a", f"{m}_b", f"{m}_delta"]
-        return write_csv(path, fields + ["protocol"], self.rows)
+        named = [{**row, "a": self.labels[0], "b": self.labels[1]} for row in self.rows]
+        return write_csv(path, fields + ["protocol", "a", "b"], named)
 
     def to_markdown(self, title: str | None = None) -> str:
         """Dataset, group and overall rows with both tables' metrics and their Δ; a Protocol column when the
