@@ -78,9 +78,11 @@ def server(tmp_path_factory, shared_data):
 
     port = free_port()
     env = {k: v for k, v in os.environ.items() if k not in ("PYTHONPATH", "PYTHONHOME", "VIRTUAL_ENV")}
+    uploads = root / "tmp"  # the server's temporary folder: MONAI Label saves each upload there
+    uploads.mkdir()
     env.update(PATH=f"{MONAILABEL_VENV / 'bin'}{os.pathsep}{env.get('PATH', '')}", VIRTUAL_ENV=str(MONAILABEL_VENV),
                MONAILABEL_PYEXE=str(MONAILABEL_VENV / "bin" / "python"),
-               MONAI_LABEL_SESSION_PATH=str(root / "sessions"))
+               MONAI_LABEL_SESSION_PATH=str(root / "sessions"), TMPDIR=str(uploads))
     log_path = root / "server.log"
     # `monailabel` is a bash wrapper that word-splits its arguments: JSON with spaces would break, so the
     # labels go in the comma form (values 1..P)
@@ -99,7 +101,7 @@ def server(tmp_path_factory, shared_data):
                 pytest.fail(f"monailabel start_server did not answer /info/ in {DEADLINE_S} s:\n{_tail(log_path)}")
             time.sleep(1)
         yield {"url": f"http://127.0.0.1:{port}", "root": root, "log": log_path, "deadline": deadline,
-               "studies": studies}
+               "studies": studies, "uploads": uploads}
     finally:
         if proc.poll() is None:
             os.killpg(proc.pid, signal.SIGTERM)  # the wrapper execs python: the group is the server
@@ -226,12 +228,16 @@ def test_monailabel_server_serves_the_pipeline(server, shared_data, tmp_path):
     assert {1, 2} <= set(np.unique(labels).tolist())
     _same_summary(result, ref_volume)
 
-    # 2D image by upload, one label: the 0/255 mask `medsam3 segment --prompt polyp` writes
+    # 2D image by upload, one label: the mask `medsam3 segment --prompt polyp` writes, with the label's value
+    # (as /info/ lists it) where segment writes 255
     result = _infer(server, tmp_path / "up_polyp.png", file=image, labels=["polyp"])
-    mask = _same_png(tmp_path / "up_polyp.png", tmp_path / "ref_polyp.png")
-    assert set(np.unique(mask)) == {0, 255}
-    _same_summary(result, ref_polyp)
-    assert result["label_names"] == {"polyp": 255}
+    mask, want = _png(tmp_path / "up_polyp.png"), _png(tmp_path / "ref_polyp.png")
+    assert set(np.unique(mask)) == {0, LABELS["polyp"]}
+    np.testing.assert_array_equal(mask == LABELS["polyp"], want == 255)
+    assert result["label_names"] == {"polyp": LABELS["polyp"]}
+    assert result["labels"].keys() == {str(LABELS["polyp"])} and result["input"] == "the uploaded file (.jpg)"
+    got, want = result["labels"][str(LABELS["polyp"])], ref_polyp["labels"]["255"]
+    assert got["pixels"] == want["pixels"] and got["score"] == pytest.approx(want["score"], abs=1e-4)
 
     # volume by upload
     result = _infer(server, tmp_path / "up_volume.nii.gz", file=volume)
@@ -257,6 +263,30 @@ def test_monailabel_server_serves_the_pipeline(server, shared_data, tmp_path):
     # so is an image id the datastore does not hold, named in the answer
     done = _client(server, "infer", "--image", "no_such_case", "--out", str(tmp_path / "none.png"), check=False)
     assert done.returncode != 0 and "400" in done.stderr and "'no_such_case' is not in the datastore" in done.stderr
+    _refusals(server, image, volume, tmp_path)
+
+
+def _refusals(server, image: Path, volume: Path, tmp_path: Path) -> None:
+    """What a client gets wrong is answered with the reason (MONAI Label alone answers a bare 500 or ignores it),
+    nothing is written for it, and no rejected upload stays in the server's temporary folder."""
+    cases = [
+        (["--image", VOLUME.removesuffix(".nii.gz")], {"result_extension": ".png"},
+         "400", "a volume's labels are written as .nii.gz, .nii, .nrrd"),
+        (["--image", Path(IMAGE).stem], {"result_extension": ".jpg"}, "400", "result_extension '.jpg': choose one"),
+        (["--image", Path(IMAGE).stem], {"lables": ["polyp"]}, "400", "unknown params ['lables']: use labels"),
+        (["--image", Path(IMAGE).stem], {"box": "abc"}, "400", "'box' must be [x1, y1, x2, y2] in pixels"),
+        (["--file", str(volume)], {"protocol": "threshold"}, "400", "protocol 'threshold' is for 2D images"),
+        (["--file", str(image)], {"labels": ["liver"]}, "400", "['liver'] are not labels of this model"),
+        (["--image", str(server["studies"] / IMAGE)], {}, "400", "server paths are not read"),
+        (["--model", "segmentation", "--image", Path(IMAGE).stem], {}, "404", "no model 'segmentation'"),
+    ]
+    before = set(server["uploads"].iterdir())  # MONAI Label's own logging config is there from the start
+    for where, params, status, says in cases:
+        out = tmp_path / "refused.out"
+        done = _client(server, "infer", *where, "--params", json.dumps(params), "--out", str(out), check=False)
+        assert done.returncode == 2 and f"Status: {status}" in done.stderr and says in done.stderr, (where, done.stderr)
+        assert not out.exists()
+    assert set(server["uploads"].iterdir()) == before
 
 
 def _configs():
@@ -288,7 +318,14 @@ def test_app_conf_parsing():
 
     for bad, says in [({"labels": '{"polyp": 0}'}, "1..255"), ({"labels": '{"a": 1, "b": 1}'}, "share"),
                       ({"labels": '{"polyp": 1'}, "JSON"), ({"prompts": '{"liver": "x"}'}, "not labels"),
-                      ({"score_threshold": "2"}, "[0, 1]"), ({"ct_window": "4,x"}, "width,level")]:
+                      ({"score_threshold": "2"}, "[0, 1]"), ({"ct_window": "4,x"}, "width,level"),
+                      ({"checkpont": "/w/sam3.pt"}, "'checkpont' (did you mean 'checkpoint'?)"),
+                      ({"labels": "polyp,polyp"}, "['polyp'] named twice"), ({"labels": '{"a": 1.7}'}, "integer"),
+                      ({"image_size": "abc"}, "--conf image_size 'abc'"), ({"image_size": "7"}, "multiple of 14"),
+                      ({"tracker": "bogus"}, "--conf tracker: tracker checkpoint bogus does not exist"),
+                      ({"checkpoint": "/no/such.pt"}, "--conf checkpoint: checkpoint /no/such.pt does not exist"),
+                      ({"ct_window": "bogus"}, "unknown CT window 'bogus'"), ({"protocol": "best"}, "choose one of"),
+                      ({"modality": "PET"}, "--conf modality 'PET'"), ({"preload": "ture"}, "give true or false")]:
         with pytest.raises(configs.ConfError, match=re.escape(says)):
             configs.parse_conf(bad)
 

@@ -432,6 +432,17 @@ def test_serve_refuses_a_score_threshold_outside_0_1(value):
         build_server(args)
 
 
+def test_serve_refuses_a_tracker_that_is_not_there_at_start():
+    """Not at the first volume request (a bare 500 there), and before the network is loaded."""
+    from medsam3_monai.deploy.cli import build_parser
+    from medsam3_monai.deploy.serve import build_server
+    from medsam3_monai.networks.checkpoints import CheckpointError
+
+    args = build_parser().parse_args(["serve", "--checkpoint", "tiny", "--device", "cpu", "--tracker", "bogus"])
+    with pytest.raises(CheckpointError, match="tracker checkpoint bogus does not exist. Give 'tiny'"):
+        build_server(args)
+
+
 def test_datastore_replacing_a_label_counts_only_the_net_bytes(upload):
     """Saving a label again under the same tag replaces the old file: the byte limit is checked against the
     store without the replaced label (10 + 60 held, 60 replaced by 60 -> 70 of 100 bytes, admitted), while a

@@ -38,28 +38,48 @@ def main(argv: list[str] | None = None) -> int:
     infer.add_argument("--params", default="{}", help="request params as JSON (labels, prompts, protocol, ...)")
     infer.add_argument("--out", required=True, help="where to save the returned label file")
     args = parser.parse_args(argv)
+    try:
+        result = _run(args)
+    except (UsageError, MONAILabelClientException, OSError) as err:  # OSError: server down, unreadable file
+        message = err.msg if isinstance(err, MONAILabelClientException) else str(err)  # "Status: 400; Response: ..."
+        print(f"{args.command} failed: {message}", file=sys.stderr)
+        return 2
+    print(json.dumps(result, indent=2))
+    return 0
 
+
+class UsageError(ValueError):
+    """A bad argument, found before anything is sent."""
+
+
+def _run(args: argparse.Namespace) -> dict:
+    """The command's result JSON; raises UsageError, MONAILabelClientException or OSError."""
+    out = Path(args.out) if args.out else None
+    if out is not None and not out.parent.is_dir():
+        raise UsageError(f"--out {out}: the folder {out.parent} does not exist")
+    if args.command == "infer":
+        if args.file and not Path(args.file).is_file():
+            raise UsageError(f"--file {args.file}: no such file")
+        try:
+            params = json.loads(args.params)
+        except json.JSONDecodeError as err:
+            raise UsageError(f"--params is not valid JSON ({err}): give an object such as "
+                             "'{\"labels\": [\"polyp\"]}'") from None
+        if not isinstance(params, dict):
+            raise UsageError("--params must be a JSON object such as '{\"labels\": [\"polyp\"]}'")
     with tempfile.TemporaryDirectory() as tmp:
         client = MONAILabelClient(args.server, tmpdir=tmp)
         if args.command == "info":
             result = client.info()
-            if args.out:
-                Path(args.out).write_text(json.dumps(result, indent=2) + "\n")
-        else:
-            params = json.loads(args.params)
-            # image id "" with a file: MONAI Label takes the upload
-            try:
-                label, result = client.infer(args.model, args.image or "", params, file=args.file)
-            except MONAILabelClientException as err:  # e.g. "Status: 400; Response: {"detail": "..."}"
-                print(f"infer failed: {err.msg}", file=sys.stderr)
-                return 2
-            if label is None:
-                print(f"the server returned no label file: {json.dumps(result)}", file=sys.stderr)
-                return 1
-            shutil.copyfile(label, args.out)
-            result = {"file": args.out, **result}
-    print(json.dumps(result, indent=2))
-    return 0
+            if out is not None:
+                out.write_text(json.dumps(result, indent=2) + "\n")
+            return result
+        # image id "" with a file: MONAI Label takes the upload
+        label, result = client.infer(args.model, args.image or "", params, file=args.file)
+        if label is None:
+            raise UsageError(f"the server returned no label file: {json.dumps(result)}")
+        shutil.copyfile(label, out)
+        return {"file": str(out), **result}
 
 
 if __name__ == "__main__":

@@ -12,7 +12,10 @@ prompt (its name, or ``--conf prompts '{"polyp": "colon polyp"}'``). See ``lib/c
 
 import logging
 import os
+from pathlib import Path
 from typing import Dict
+
+from fastapi import HTTPException
 
 from monailabel.interfaces.app import MONAILabelApp
 from monailabel.interfaces.tasks.infer_v2 import InferTask
@@ -23,7 +26,7 @@ from monailabel.tasks.activelearning.random import Random
 import medsam3_monai
 from lib.configs import parse_conf
 from lib.infers import MedSAM3Infer
-from lib.infers.medsam3 import bad_request
+from lib.infers.medsam3 import bad_request, is_upload
 
 logger = logging.getLogger(__name__)
 
@@ -44,13 +47,34 @@ class MedSAM3App(MONAILabelApp):
         )
 
     def infer(self, request, datastore=None):
-        # an image id the datastore does not hold reaches the task as "" (MONAI Label's lookup): name it here
+        model = request.get("model")
+        if model not in self._infers:  # MONAI Label would answer a bare 500
+            raise HTTPException(status_code=404, detail=f"no model {model!r}: this app serves "
+                                                        f"{', '.join(map(repr, self._infers))} (GET /info/)")
         image = request.get("image")
-        if isinstance(image, str) and image and not os.path.exists(image):
-            if not (datastore or self.datastore()).get_image_uri(image):
-                raise bad_request(f"image {image!r} is not in the datastore (GET /datastore/?output=all lists its "
-                                  "ids); give one of its ids, or upload the file")
-        return super().infer(request, datastore)
+        upload = is_upload(image)
+        try:
+            if isinstance(image, str) and image and not upload and "session" not in request:
+                if os.path.exists(image):  # MONAI Label reads any server path given as an id: not this app
+                    raise bad_request(f"image {Path(image).name!r}: give an image id of the datastore (GET "
+                                      "/datastore/?output=all lists them) or upload the file; server paths are not "
+                                      "read")
+                # an id the datastore does not hold reaches the task as "" (MONAI Label's lookup): name it here
+                if not (datastore or self.datastore()).get_image_uri(image):
+                    raise bad_request(f"image {image!r} is not in the datastore (GET /datastore/?output=all lists "
+                                      "its ids); give one of its ids, or upload the file")
+            return super().infer(request, datastore)
+        except BaseException:
+            if upload:  # MONAI Label removes an upload only after a successful answer
+                Path(image).unlink(missing_ok=True)
+            raise
+
+    def next_sample(self, request):
+        strategy = request.get("strategy") or "random"
+        if strategy not in self._strategies:  # MONAI Label would answer a bare 500
+            raise HTTPException(status_code=404, detail=f"no strategy {strategy!r}: this app has "
+                                                        f"{', '.join(map(repr, self._strategies))}")
+        return super().next_sample(request)
 
     def init_infers(self) -> Dict[str, InferTask]:
         return {self.medsam3.model: MedSAM3Infer(self.medsam3)}

@@ -28,8 +28,9 @@ from typing import Annotated, Any
 from pydantic import (BaseModel, ConfigDict, Field, StrictBool, StrictFloat, StrictInt, StrictStr, ValidationError,
                       ValidationInfo, field_validator, model_validator)
 
-__all__ = ["AgentParams", "InferParams", "ParamsError", "ResultType", "label_names", "multipart_answer",
-           "parse_agent_params", "parse_infer_params", "result_format", "write_result"]
+__all__ = ["AgentParams", "InferParams", "LabelInferParams", "ParamsError", "ResultType", "label_names",
+           "multipart_answer", "parse_agent_params", "parse_infer_params", "parse_label_params", "result_format",
+           "write_result"]
 
 #: the params a MONAI Label client adds on its own (accepted; only the result_* ones change the answer)
 CLIENT_PARAMS = ("client_id", "result_extension", "result_dtype", "result_compress", "restore_label_idx")
@@ -65,6 +66,9 @@ _Box = Annotated[list[_Coord], Field(min_length=4, max_length=4)]
 #: what to say when a field has the wrong type (pydantic's own words name union members, not the fix)
 _FIELD_HINTS = {
     "prompts": "'prompts' must be a non-empty list of texts, e.g. [\"polyp\"]",
+    "labels": "'labels' must be a non-empty list of the model's label names (or one comma-separated text)",
+    "score_threshold": "'score_threshold' must be a number in [0, 1]",
+    "device": "'device' must be a text such as cpu or cuda",
     "box": "'box' must be [x1, y1, x2, y2] in pixels, or one such box per prompt",
     "modality": "'modality' must be a short text such as CT, MRI, endoscopy",
     "protocol": "'protocol' must be a text",
@@ -148,27 +152,77 @@ class InferParams(_ClientParams):
     @classmethod
     def _aliases(cls, data: Any) -> Any:
         """``prompt`` is accepted for ``prompts``; one text is one prompt."""
-        if not isinstance(data, dict):
-            return data
-        data = _renamed(data, "prompts", ("prompt",))
-        if isinstance(data.get("prompts"), str):
-            data["prompts"] = [data["prompts"]] if data["prompts"].strip() else []
-        return data
+        return _one_prompt_is_a_list(data)
 
     @field_validator("prompts")
     @classmethod
     def _check_prompts(cls, prompts: list[str], info: ValidationInfo) -> list[str]:
-        context = info.context or {}
-        max_prompts = int(context.get("max_prompts", 255))
-        max_chars = int(context.get("max_prompt_chars", 200))
-        if len(prompts) > max_prompts:
-            raise ValueError(f"{len(prompts)} prompts: at most {max_prompts} per request")
-        for text in prompts:
-            if not text.strip():
-                raise ValueError("every prompt must be a non-empty text")
-            if len(text) > max_chars:
-                raise ValueError(f"a prompt of {len(text)} characters: at most {max_chars} (--max-prompt-chars)")
-        return [text.strip() for text in prompts]
+        return _checked_prompts(prompts, info)
+
+
+def _one_prompt_is_a_list(data: Any) -> Any:
+    """``prompt`` is accepted for ``prompts``; one text is one prompt."""
+    if not isinstance(data, dict):
+        return data
+    data = _renamed(data, "prompts", ("prompt",))
+    if isinstance(data.get("prompts"), str):
+        data["prompts"] = [data["prompts"]] if data["prompts"].strip() else []
+    return data
+
+
+def _checked_prompts(prompts: list[str], info: ValidationInfo) -> list[str]:
+    """Prompts within the limits of ``info.context`` (``max_prompts``, ``max_prompt_chars``), stripped."""
+    context = info.context or {}
+    max_prompts = int(context.get("max_prompts", 255))
+    max_chars = int(context.get("max_prompt_chars", 200))
+    if len(prompts) > max_prompts:
+        raise ValueError(f"{len(prompts)} prompts: at most {max_prompts} per request")
+    for text in prompts:
+        if not text.strip():
+            raise ValueError("every prompt must be a non-empty text")
+        if len(text) > max_chars:
+            raise ValueError(f"a prompt of {len(text)} characters: at most {max_chars} (--max-prompt-chars)")
+    return [text.strip() for text in prompts]
+
+
+class LabelInferParams(_ClientParams):
+    """The ``params`` of the MONAI Label app's model (``apps/monailabel_medsam3``), whose labels are its text
+    prompts: every label by default, a subset (``labels``) or ad-hoc ``prompts`` instead. Unknown keys are refused;
+    what 3D Slicer sends back from the model's config is accepted (``concepts`` and ``checkpoint`` are informational
+    and not used). The app removes the keys MONAI Label's server adds itself (``MONAI_LABEL_REQUEST_KEYS``)."""
+
+    labels: Annotated[list[StrictStr], Field(min_length=1)] | None = Field(
+        None, description="a subset of the model's label names, keeping their label values")
+    prompts: Annotated[list[StrictStr], Field(min_length=1)] | None = Field(
+        None, description="ad-hoc text prompts instead of the labels; label value i (1..P) belongs to prompt i")
+    box: _Box | Annotated[list[_Box | None], Field(min_length=1)] | None = Field(
+        None, description="2D only: [x1, y1, x2, y2] in pixels for every prompt, or one per prompt (null: none)")
+    protocol: StrictStr | None = Field(None, description="2D: top_query (default), threshold or semantic")
+    score_threshold: Annotated[StrictInt | StrictFloat, Field(ge=0, le=1)] | None = Field(
+        None, description="query score of the threshold protocol and of volume detections")
+    device: StrictStr | None = Field(None, description="MONAI Label's device name (cuda falls back to the CPU)")
+    concepts: Any = Field(None, description="informational (the model's label -> prompt), not used")
+    checkpoint: Any = Field(None, description="informational (the server's checkpoint), not used")
+
+    @model_validator(mode="before")
+    @classmethod
+    def _aliases(cls, data: Any) -> Any:
+        data = _one_prompt_is_a_list(data)
+        if isinstance(data, dict) and isinstance(data.get("labels"), str):  # "polyp,instrument"
+            data["labels"] = [name.strip() for name in data["labels"].split(",") if name.strip()]
+        if isinstance(data, dict) and data.get("labels") is not None and data.get("prompts") is not None:
+            raise ValueError("give 'labels' (names of the model's labels) or 'prompts' (texts), not both")
+        return data
+
+    @field_validator("prompts")
+    @classmethod
+    def _check_prompts(cls, prompts: list[str] | None, info: ValidationInfo) -> list[str] | None:
+        return None if prompts is None else _checked_prompts(prompts, info)
+
+
+#: what MONAI Label's server puts into an infer request beside the client's params (endpoint and app)
+MONAI_LABEL_REQUEST_KEYS = ("model", "image", "description", "save_label", "label_tag", "session", "label",
+                            "timeout")
 
 
 def _valid_protocol(protocol: str | None) -> str | None:
@@ -241,6 +295,17 @@ def parse_infer_params(text: str | None, max_prompts: int, max_prompt_chars: int
                                                          "max_prompt_chars": max_prompt_chars})
     except ValidationError as err:
         raise ParamsError(_describe(err)) from None
+
+
+def parse_label_params(data: Mapping[str, Any], max_prompts: int = 255,
+                       max_prompt_chars: int = 200) -> LabelInferParams:
+    """The MONAI Label app's request (MONAI Label's own keys removed) -> :class:`LabelInferParams`;
+    :class:`ParamsError` when wrong."""
+    try:
+        return LabelInferParams.model_validate(dict(data), context={"max_prompts": max_prompts,
+                                                                    "max_prompt_chars": max_prompt_chars})
+    except ValidationError as err:
+        raise ParamsError(_describe(err, LabelInferParams)) from None
 
 
 def parse_agent_params(text: str | None, max_request_chars: int = 1000) -> AgentParams:

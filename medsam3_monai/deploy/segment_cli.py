@@ -201,18 +201,24 @@ class StagedFiles:
             self._folder = None
 
 
-def output_labels(prediction: Any) -> tuple[Any, dict[str, Any]]:
-    """The array written out for a ``Prediction`` and its JSON summary: one prompt on a 2D image gives a 0/255
-    mask, anything else the label map (0 background, one value per prompt)."""
+def output_labels(prediction: Any, source: str | Path | None = None,
+                  binary_mask: bool = True) -> tuple[Any, dict[str, Any]]:
+    """The array written out for a ``Prediction`` of the input ``source`` and its JSON summary: one prompt on a
+    2D image gives a 0/255 mask (``binary_mask=False``: its label value, as MONAI Label apps write it), anything
+    else the label map (0 background, one value per prompt); a 2D NIfTI in gives a 2D array out, not one slice."""
     labels = prediction.label_map.as_tensor().cpu().numpy()
     values = list(prediction.label_values)
-    binary = not prediction.is_volume and len(values) == 1
+    binary = binary_mask and not prediction.is_volume and len(values) == 1
     if binary:
         labels = (labels == values[0]).view("uint8")  # one byte per pixel, scaled in place
         labels *= BINARY_VALUE
         values = [BINARY_VALUE]
+    if (source is not None and prediction.is_volume and labels.ndim == 3 and labels.shape[-1] == 1
+            and _is_2d_nifti(source)):
+        labels = labels[..., 0]
     summary = prediction.summary(values)
     summary["values"] = "0/255 binary mask" if binary else "label map: 0 background, one value per prompt"
+    summary["shape"] = list(labels.shape)
     return labels, summary
 
 
@@ -279,10 +285,6 @@ def _is_2d_nifti(path: str | Path) -> bool:
     import nibabel as nib
 
     return len(nib.load(str(path)).header.get_data_shape()) == 2
-
-
-
-
 
 
 # ------------------------------------------------------------------------------------------------ command
@@ -396,10 +398,8 @@ def write_prediction(prediction: Any, source: str | Path, out: Path, sidecar_pat
                      max_pixels: int | None = None) -> str:
     """Write one prediction's mask / label map, its JSON sidecar and (optionally) the overlay, all or nothing
     (``StagedFiles``); returns the line ``medsam3 segment`` prints about it."""
-    labels, summary = output_labels(prediction)
-    if prediction.is_volume and labels.ndim == 3 and labels.shape[-1] == 1 and _is_2d_nifti(source):
-        labels = labels[..., 0]  # a 2D NIfTI in, a 2D NIfTI out
-    summary.update(shape=list(labels.shape), output=str(out), overlay=None if overlay is None else str(overlay))
+    labels, summary = output_labels(prediction, source)
+    summary.update(output=str(out), overlay=None if overlay is None else str(overlay))
     with StagedFiles() as staged:
         if prediction.is_volume:
             write_label_volume(labels, prediction.affine.numpy(), staged.path(out), reference=source)

@@ -501,7 +501,7 @@ def create_app(predictor: Any, *, token: str | None = None, limits: ServerLimits
             except ParamsError as err:
                 raise RequestError(422, str(err)) from None
             prediction, agent_summary = _agent(upload, request, kind) if is_agent else (_predict(upload, request), None)
-            labels, summary = output_labels(prediction)
+            labels, summary = output_labels(prediction, upload)
             if agent_summary is not None:
                 summary["agent"] = agent_summary
             mask_path = folder / f"mask{extension}"

@@ -293,6 +293,17 @@ class Prediction:
         return out
 
 
+def _check_settings(tracker: Any, ct_window: Any) -> None:
+    """A tracker source that is not there or an unknown CT window fails when a predictor is made, not at the first
+    volume (servers start with it)."""
+    from ..networks.tracker import check_tracker_source
+    from ..transforms.intensity import check_ct_window
+
+    if tracker is None or isinstance(tracker, (str, Path)):
+        check_tracker_source(tracker)
+    check_ct_window(ct_window)
+
+
 class Predictor:
     """A loaded network (+ tracker) ready to segment files: ``Predictor(...)(path, prompts, box=...)``.
 
@@ -315,6 +326,7 @@ class Predictor:
                  ct_window: str | Sequence[float] = "abdomen", progress: bool = False,
                  max_pixels: int | str | None = "auto", volume_batch_size: int = 8,
                  tracker_batch: int = TRACKER_BATCH) -> None:
+        _check_settings(tracker, ct_window)
         self.network = network.eval()
         self.checkpoint = str(checkpoint if checkpoint is not None else getattr(network, "source", "tiny"))
         self._tracker_spec = tracker
@@ -349,6 +361,7 @@ class Predictor:
     def from_checkpoint(cls, checkpoint: str = "tiny", image_size: int | None = None,
                         device: str | torch.device | None = None, detector_chunk: int | None = None,
                         **kwargs: Any) -> Predictor:
+        _check_settings(kwargs.get("tracker", "auto"), kwargs.get("ct_window", "abdomen"))  # before the weights load
         return cls(load_network(checkpoint, image_size, device, detector_chunk), checkpoint=checkpoint, **kwargs)
 
     def compile(self, mode: str | None = None) -> Predictor:

@@ -131,6 +131,23 @@ def _load_tracker_folder(folder: Path) -> Sam3TrackerVideoModel:
     )
 
 
+TRACKER_KEYWORDS = ("auto", "none", "tiny")
+
+
+def check_tracker_source(source: str | Path | None) -> None:
+    """Refuse a tracker source that is neither ``auto`` / ``none`` / ``tiny`` nor an existing file or folder
+    (:class:`CheckpointError`), before any volume needs it: servers check it at start."""
+    if source is None or str(source) in TRACKER_KEYWORDS:
+        return
+    path = Path(source).expanduser()
+    if not path.exists():
+        raise CheckpointError(
+            f"tracker checkpoint {path} does not exist. Give 'tiny', a local HF folder (facebook/sam3 layout, "
+            "or a saved Sam3TrackerVideoModel) or Meta's sam3.pt (medsam3 commands also take 'auto': the "
+            "checkpoint's own tracker, and 'none': detector only); nothing is downloaded."
+        )
+
+
 def build_tracker(
     source: str | Path = "tiny",
     image_size: int | None = None,
@@ -171,13 +188,8 @@ def build_tracker(
             torch.manual_seed(seed)
             tracker = Sam3TrackerVideoModel(config)
     else:
+        check_tracker_source(source)
         path = Path(source).expanduser()
-        if not path.exists():
-            raise CheckpointError(
-                f"tracker checkpoint {path} does not exist. Give 'tiny', a local HF folder (facebook/sam3 layout, "
-                "or a saved Sam3TrackerVideoModel) or Meta's sam3.pt (medsam3 commands also take 'auto': the "
-                "checkpoint's own tracker, and 'none': detector only); nothing is downloaded."
-            )
         if path.is_dir():
             tracker = _load_tracker_folder(path)
         else:

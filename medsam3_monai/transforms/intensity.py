@@ -436,6 +436,11 @@ class ScaleIntensityByModalityd(MapTransform):
         return out
 
 
+def check_ct_window(window: str | Sequence[float]) -> None:
+    """Refuse a CT window that is neither a preset of :data:`CT_WINDOWS` nor (width > 0, level) (ValueError)."""
+    _window(window)
+
+
 def _window(window: str | Sequence[float]) -> tuple[float, float]:
     if isinstance(window, str):
         name = window.lower().replace(" ", "_").replace("-", "_")

@@ -25,6 +25,8 @@ DEFAULT_LABELS = {"polyp": 1}
 MODEL_NAME = "medsam3"
 KNOWN_KEYS = ("labels", "prompts", "checkpoint", "image_size", "tracker", "protocol", "score_threshold",
               "modality", "ct_window", "model", "preload")
+#: ``--conf`` keys MONAI Label itself reads (its server mode, the model zoo's source and token)
+MONAI_LABEL_KEYS = ("server_mode", "auth_token", "zoo_source", "zoo_repo")
 
 
 class ConfError(ValueError):
@@ -65,18 +67,24 @@ def parse_labels(value: Any) -> dict[str, int]:
     if isinstance(spec, str):
         spec = [part.strip() for part in spec.split(",") if part.strip()]
     if isinstance(spec, list):
-        spec = {str(name): i + 1 for i, name in enumerate(spec)}
+        names = [str(name).strip() for name in spec]
+        twice = sorted({name for name in names if names.count(name) > 1})
+        if twice:
+            raise ConfError(f"--conf labels {value!r}: {twice} named twice")
+        spec = {name: i + 1 for i, name in enumerate(names)}
     if not isinstance(spec, dict) or not spec:
         raise ConfError(f"--conf labels {value!r}: give JSON {{\"polyp\": 1}}, a JSON list or comma-separated names")
     labels: dict[str, int] = {}
     for name, number in spec.items():
         name = str(name).strip()
-        try:
+        if isinstance(number, str) and number.strip().isdigit():
             number = int(number)
-        except (TypeError, ValueError):
-            raise ConfError(f"--conf labels: the value of {name!r} must be an integer 1..255, got {number!r}") from None
+        if isinstance(number, bool) or not isinstance(number, int):
+            raise ConfError(f"--conf labels: the value of {name!r} must be an integer 1..255, got {number!r}")
         if not name:
             raise ConfError("--conf labels: a label name is empty")
+        if name in labels:
+            raise ConfError(f"--conf labels: {name!r} is named twice")
         if not 1 <= number <= 255:
             raise ConfError(f"--conf labels: {name!r} = {number}: label values are 1..255 (0 is the background)")
         labels[name] = number
@@ -85,9 +93,24 @@ def parse_labels(value: Any) -> dict[str, int]:
     return labels
 
 
+def _choice(key: str, value: str | None, choices: tuple[str, ...]) -> str | None:
+    if value is not None and value not in choices:
+        raise ConfError(f"--conf {key} {value!r}: choose one of {', '.join(choices)}")
+    return value
+
+
 def parse_conf(conf: dict[str, str] | None) -> AppConfig:
-    """The app's settings from MONAI Label's ``conf`` dict (unknown keys are left to MONAI Label itself)."""
+    """The app's settings from MONAI Label's ``conf`` dict, checked as far as can be without loading the network:
+    an unknown key (a typo would silently keep the default, e.g. random weights for ``checkpont``), a checkpoint or
+    tracker that is not there, a bad image size, protocol, modality or CT window all stop the start."""
     conf = dict(conf or {})
+    unknown = sorted(set(conf) - set(KNOWN_KEYS) - set(MONAI_LABEL_KEYS))
+    if unknown:
+        import difflib
+
+        hints = [f"{key!r} (did you mean {close[0]!r}?)" if (close := difflib.get_close_matches(key, KNOWN_KEYS, 1))
+                 else repr(key) for key in unknown]
+        raise ConfError(f"unknown --conf key(s) {', '.join(hints)}: the app's keys are {', '.join(KNOWN_KEYS)}")
     labels = parse_labels(conf["labels"]) if conf.get("labels") else dict(DEFAULT_LABELS)
     prompts: dict[str, str] = {}
     if conf.get("prompts"):
@@ -115,19 +138,51 @@ def parse_conf(conf: dict[str, str] | None) -> AppConfig:
         except ValueError:
             raise ConfError(f"--conf ct_window {ct!r}: give a preset name or width,level (e.g. 400,40)") from None
         ct = (width, level)
+    from medsam3_monai.bundle import check_network_source, flag
+    from medsam3_monai.networks.checkpoints import CheckpointError
+    from medsam3_monai.networks.presets import check_image_size
+    from medsam3_monai.networks.tracker import check_tracker_source
+    from medsam3_monai.protocol_registry import PROTOCOLS
+    from medsam3_monai.transforms.intensity import check_ct_window, handler_for_modality
+
     modality = conf.get("modality") or None
+    modality = None if modality in (None, "auto", "none") else modality
+    if image_size in (None, "", "none", "None"):
+        image_size = None
+    elif not str(image_size).strip().isdigit():
+        raise ConfError(f"--conf image_size {image_size!r}: give a whole number, a multiple of 14 (e.g. 1008)")
+    checkpoint = conf.get("checkpoint") or "tiny"
+    tracker = conf.get("tracker") or "auto"
+    for key, check in (("image_size", lambda: image_size is None or check_image_size(int(image_size))),
+                       ("checkpoint", lambda: check_network_source(checkpoint, None)),
+                       ("tracker", lambda: check_tracker_source(tracker)),
+                       ("ct_window", lambda: check_ct_window(ct))):
+        try:
+            check()
+        except (ValueError, OSError, CheckpointError) as err:
+            raise ConfError(f"--conf {key}: {err}") from None
+    try:
+        preload = flag(conf.get("preload", "false"), "conf preload")
+    except ValueError as err:
+        raise ConfError(str(err)) from None
+    if modality is not None:
+        try:
+            handler_for_modality(modality)
+        except KeyError:
+            raise ConfError(f"--conf modality {modality!r}: give auto (by channels), CT, MRI, X-ray, ultrasound, "
+                            "endoscopy, fundus, OCT, dermoscopy, pathology, EM or microscopy") from None
     config = AppConfig(
         labels=labels,
         prompts=prompts,
-        checkpoint=conf.get("checkpoint") or "tiny",
-        image_size=int(image_size) if image_size not in (None, "", "none", "None") else None,
-        tracker=conf.get("tracker") or "auto",
-        protocol=conf.get("protocol") or "top_query",
+        checkpoint=checkpoint,
+        image_size=None if image_size is None else int(image_size),
+        tracker=tracker,
+        protocol=_choice("protocol", conf.get("protocol") or "top_query", tuple(PROTOCOLS)),
         score_threshold=score,
-        modality=None if modality in (None, "auto", "none") else modality,
+        modality=modality,
         ct_window=ct,
         model=conf.get("model") or MODEL_NAME,
-        preload=str(conf.get("preload", "false")).strip().lower() in ("1", "true", "yes", "on"),
+        preload=preload,
     )
     from medsam3_monai.inferers.inputs import check_distinct_prompts
 

@@ -5,26 +5,30 @@ A request (``POST /infer/<model>``, or Slicer's / OHIF's "Run") segments every l
 ``params`` may narrow or change that:
 
 * ``labels``: a subset of the model's label names (list or comma-separated), keeping their label values;
-* ``prompts``: ad-hoc text prompts instead of the labels (list or one string), label values 1..P in order;
-* ``protocol`` (2D: ``top_query``, ``threshold``, ``semantic``), ``score_threshold``, ``modality`` (CT, MRI, ...;
-  ``auto``: by channels), ``box`` ([x1, y1, x2, y2] in pixels, 2D only, one for all prompts or one per prompt),
-  ``device``;
+* ``prompts`` (or ``prompt``): ad-hoc text prompts instead of the labels (list or one string), label values 1..P
+  in order;
+* ``protocol`` (2D only: ``top_query``, ``threshold``, ``semantic``), ``score_threshold``, ``modality`` (CT, MRI,
+  ...; ``auto``: by channels), ``box`` ([x1, y1, x2, y2] in pixels, 2D only, one for all prompts or one per
+  prompt), ``device``;
 * ``result_extension``, ``result_dtype``, ``result_compress``: MONAI Label's own output options (3D Slicer sends
   ``.nrrd`` + ``uint8``, OHIF ``.nrrd`` + ``uint16``).
 
-Without ``result_extension`` the result file is exactly what ``medsam3 segment`` writes for the same input and
-prompts (the same writer functions): a 2D image -> PNG of its size (one prompt: a 0/255 mask; several: the label
-values); a volume -> NIfTI with the input's affine and the label values. Another extension (``.nrrd``, ``.mha``,
-...) is written by MONAI Label's ``write_itk``, as MONAI Label's sample apps write it: the same label values in
-the same world geometry. The result JSON is ``medsam3 segment``'s sidecar JSON (label value -> prompt, score,
-pixel count; protocol; settings) plus ``label_names`` {label name: value written}, which 3D Slicer uses to name
-the segments, and ``prompts`` {label name: text prompt}.
+Params are checked as ``medsam3 serve`` checks them (``monailabel_protocol.LabelInferParams``): an unknown key,
+a malformed box, a protocol on a volume or a result format that cannot hold the labels (a volume as ``.png``, a
+``.jpg``) is answered with HTTP 400 and the reason; what 3D Slicer sends back from the model's config is
+accepted. The label file is written by ``medsam3 serve``'s writer (``monailabel_protocol.write_result``): a 2D
+image -> PNG of its size, a volume -> NIfTI with the input's affine and qform/sform codes (``.nrrd``: the same
+world geometry in LPS), in ``result_dtype``. Every label is written with its label value, as ``/info/`` lists it
+(one label on a 2D image too: ``medsam3 segment`` writes 0/255 there). The result JSON is ``medsam3 segment``'s
+sidecar JSON (label value -> prompt, score, pixel count; protocol; settings) plus ``label_names`` {label name:
+value written}, which 3D Slicer uses to name the segments, and ``prompts`` {label name: text prompt}.
 """
 
 from __future__ import annotations
 
 import dataclasses
 import logging
+import re
 import tempfile
 import threading
 from collections.abc import Sequence
@@ -36,24 +40,12 @@ from monailabel.interfaces.tasks.infer_v2 import InferTask, InferType
 from monailabel.utils.others.generic import device_list, name_to_device
 
 from lib.configs import AppConfig
+from medsam3_monai.protocol_registry import PROTOCOLS
 
 logger = logging.getLogger(__name__)
 
-PROTOCOL_CHOICES = ("top_query", "threshold", "semantic")
+PROTOCOL_CHOICES = tuple(PROTOCOLS)
 MODALITY_CHOICES = ("auto", "CT", "MRI", "X-ray", "ultrasound", "endoscopy", "dermoscopy", "fundus", "OCT", "EM")
-
-
-def _scalar(value: Any) -> Any:
-    """A config entry sent back as is (a choice list: its first item, the default) -> one value."""
-    if isinstance(value, (list, tuple)):
-        return value[0] if value else None
-    return value
-
-
-def _names(value: Any) -> list[str]:
-    if isinstance(value, str):
-        return [part.strip() for part in value.split(",") if part.strip()]
-    return [str(v).strip() for v in value if str(v).strip()]
 
 
 def bad_request(message: str) -> HTTPException:
@@ -89,9 +81,6 @@ class MedSAM3Infer(InferTask):
         )
         self._predictors: dict[str, Any] = {}
         self._lock = threading.Lock()
-        if conf.checkpoint != "tiny" and not Path(conf.checkpoint).exists():
-            raise ValueError(f"--conf checkpoint {conf.checkpoint}: no such file or folder (give 'tiny', an HF "
-                             "folder, sam3.pt, a Medical-SAM3 or medsam3-monai checkpoint)")
         if conf.preload:
             self.predictor(name_to_device(None))
 
@@ -115,108 +104,91 @@ class MedSAM3Infer(InferTask):
         return self._predictors[device]
 
     # ------------------------------------------------------------------------------------------ a request
-    def concepts(self, request: dict[str, Any]) -> tuple[list[str], list[str], list[int]]:
-        """(label names, text prompts, label values) the request asks for."""
-        if request.get("prompts"):
-            texts = request["prompts"]
-            if not isinstance(texts, (str, list, tuple)):
-                raise bad_request("params.prompts: give a list of text prompts (or one string)")
-            texts = [texts] if isinstance(texts, str) else [str(t) for t in texts]
-            if len(texts) > 255:
-                raise bad_request(f"{len(texts)} prompts: at most 255 fit an 8-bit label map")
-            return texts, texts, list(range(1, len(texts) + 1))
+    def concepts(self, params: Any) -> tuple[list[str], list[str], list[int]]:
+        """(label names, text prompts, label values) the request's params (``LabelInferParams``) ask for."""
+        if params.prompts:
+            if len(params.prompts) > 255:
+                raise bad_request(f"{len(params.prompts)} prompts: at most 255 fit an 8-bit label map")
+            return params.prompts, params.prompts, list(range(1, len(params.prompts) + 1))
         names = list(self.conf.labels)
-        if request.get("labels"):
-            wanted = request["labels"]
-            if not isinstance(wanted, (str, list, tuple)):
-                raise bad_request("params.labels: give a list of label names (or a comma-separated string)")
-            wanted = _names(wanted)
-            unknown = [n for n in wanted if n not in self.conf.labels]
+        if params.labels:
+            unknown = [n for n in params.labels if n not in self.conf.labels]
             if unknown:
                 raise bad_request(f"params.labels: {unknown} are not labels of this model ({names})")
-            names = [n for n in names if n in wanted]
+            names = [n for n in names if n in params.labels]
         return names, [self.conf.prompts[n] for n in names], [self.conf.labels[n] for n in names]
 
     def __call__(self, request: dict[str, Any]) -> tuple[str | None, dict[str, Any]]:
+        from medsam3_monai.deploy.monailabel_protocol import (MONAI_LABEL_REQUEST_KEYS, ParamsError,
+                                                              parse_label_params, result_format, write_result)
         from medsam3_monai.deploy.segment_cli import output_labels
+        from medsam3_monai.inferers.inputs import input_kind
+        from medsam3_monai.networks.checkpoints import CheckpointError
 
-        req = {**self._config, **request}
-        image = req.get("image")
+        image = request.get("image")
         if not isinstance(image, str) or not image:
-            raise bad_request("no image: give an image id of the datastore or upload a file")
-        names, texts, values = self.concepts(req)
-        protocol = _scalar(req.get("protocol")) or None
-        modality = _scalar(req.get("modality"))
-        modality = None if modality in (None, "", "auto", "none") else str(modality)
+            raise bad_request("no image: give an image id of the datastore, upload a file, or a session id that "
+                              "exists (sessions expire: create one again with PUT /session/)")
+        shown = shown_name(image)
         try:
-            score_threshold = float(_scalar(req.get("score_threshold", self.conf.score_threshold)))
-        except (TypeError, ValueError):
-            raise bad_request(f"score_threshold {req.get('score_threshold')!r}: give a number in [0, 1]") from None
-        if not 0.0 <= score_threshold <= 1.0:
-            raise bad_request(f"score_threshold {score_threshold}: give a number in [0, 1]")
-        box = req.get("box")
-        device = name_to_device(_scalar(req.get("device")))
+            params = parse_label_params({k: v for k, v in request.items() if k not in MONAI_LABEL_REQUEST_KEYS})
+            names, texts, values = self.concepts(params)
+            is_volume = input_kind(image) == "volume"
+            if is_volume and params.protocol not in (None, "top_query"):
+                raise ParamsError(f"protocol {params.protocol!r} is for 2D images; volumes are segmented with "
+                                  "top_query (leave protocol out)")
+            extension, _ = result_format(params, is_volume)
+        except (ParamsError, ValueError, FileNotFoundError) as err:
+            raise bad_request(str(err).replace(image, shown)) from None
+        modality = None if params.modality in (None, "auto", "none") else params.modality
+        score_threshold = self.conf.score_threshold if params.score_threshold is None else params.score_threshold
+        device = name_to_device(params.device)
 
         with self._lock:  # one network per device; the score threshold is the predictor's
             try:
                 predictor = self.predictor(device)
+            except CheckpointError as err:  # the server's fault, said as such (MONAI Label would answer a bare 500)
+                raise HTTPException(status_code=500,
+                                    detail=f"the server's checkpoint cannot be loaded: {err}") from None
+            try:
                 predictor.inferer.score_threshold = score_threshold
-                prediction = predictor(image, texts, box=box, modality=modality, protocol=protocol)
+                prediction = predictor(image, texts, box=params.box, modality=modality, protocol=params.protocol)
             except (ValueError, FileNotFoundError) as err:  # input errors (DataError, PromptError, ...)
-                raise bad_request(str(err)) from None
+                raise bad_request(str(err).replace(image, shown)) from None
             finally:
-                if self._predictors.get(device) is not None:
-                    self._predictors[device].inferer.score_threshold = self.conf.score_threshold
+                predictor.inferer.score_threshold = self.conf.score_threshold
 
         if values != list(prediction.label_values):  # the model's own label values instead of 1..P
             prediction = relabel(prediction, values)
-        array, summary = output_labels(prediction)
+        array, summary = output_labels(prediction, image, binary_mask=False)
         written = [int(v) for v in summary["labels"]]
-        result = write_result(array, prediction, image, req.get("result_extension"), req.get("result_dtype"),
-                              req.get("result_compress", False))
+        result = tempfile.NamedTemporaryFile(prefix="medsam3-", suffix=extension, delete=False).name
+        try:
+            write_result(array, prediction, params, Path(result), Path(image))
+        except (ValueError, RuntimeError, OSError) as err:
+            Path(result).unlink(missing_ok=True)
+            raise bad_request(f"cannot write the result as {extension} (result_dtype {params.result_dtype!r}): "
+                              f"{err}") from None
+        summary["input"] = shown
+        summary["score_threshold"] = score_threshold  # this request's (the predictor's own is restored above)
         summary["label_names"] = dict(zip(names, written))
         summary["prompts"] = dict(zip(names, texts))
-        logger.info(f"{Path(image).name}: {summary['label_names']} -> {result}")
+        logger.info(f"{shown}: {summary['label_names']} -> {result}")
         return result, summary
 
 
-def _extension(value: Any) -> str | None:
-    if not value:
-        return None
-    value = str(value).strip().lower()
-    return value if value.startswith(".") else f".{value}"
+def is_upload(path: Any) -> bool:
+    """Whether ``path`` is a file MONAI Label's endpoint saved from a request's upload (``tempfile``'s
+    ``tmpXXXXXXXX`` names, directly in the temporary folder)."""
+    if not isinstance(path, str) or not path:
+        return False
+    name = Path(path).name.split(".")[0]
+    return Path(path).parent == Path(tempfile.gettempdir()) and re.fullmatch(r"tmp[a-z0-9_]{8}", name) is not None
 
 
-def write_result(array: Any, prediction: Any, reference: str, extension: Any = None, dtype: Any = None,
-                 compress: Any = False) -> str:
-    """The label file: ``medsam3 segment``'s format (PNG for 2D, NIfTI for volumes) unless the client asks for
-    another ``result_extension`` (3D Slicer and OHIF ask for ``.nrrd``): that one is written by MONAI Label's own
-    writer (``monailabel.transform.writer.write_itk``, with ``result_dtype`` and ``result_compress``), as its
-    sample apps do, so the clients read it as they read theirs."""
-    from medsam3_monai.deploy.segment_cli import write_label_volume, write_mask_image
-
-    ext = _extension(extension)
-    images = {".png": "PNG", ".bmp": "BMP", ".tif": "TIFF", ".tiff": "TIFF"}
-    own = (ext in (None, ".nii", ".nii.gz")) if prediction.is_volume else (ext is None or ext in images)
-    suffix = ext or (".nii.gz" if prediction.is_volume else ".png")
-    path = tempfile.NamedTemporaryFile(prefix="medsam3-", suffix=suffix, delete=False).name
-    if own and prediction.is_volume:
-        write_label_volume(array, prediction.affine.numpy(), path, reference=reference)
-    elif own:
-        write_mask_image(array, path, images[suffix])
-    else:
-        from monailabel.transform.writer import write_itk
-        from monailabel.utils.others.generic import strtobool
-
-        try:
-            if prediction.is_volume:  # (X, Y, Z) + RAS affine, as MONAI Label's Writer gets them
-                write_itk(array, path, prediction.affine.numpy(), dtype or None, bool(strtobool(compress)))
-            else:  # MONAI reads 2D pictures as (W, H): the transpose of our (H, W) mask
-                write_itk(array.T, path, None, dtype or None, bool(strtobool(compress)))
-        except (RuntimeError, TypeError, ValueError) as err:
-            Path(path).unlink(missing_ok=True)
-            raise bad_request(f"cannot write the result as {suffix} (result_dtype {dtype!r}): {err}") from None
-    return path
+def shown_name(path: str) -> str:
+    """What answers say for an input: "the uploaded file" for an upload, else the file's name (no server path)."""
+    return f"the uploaded file ({''.join(Path(path).suffixes)})" if is_upload(path) else Path(path).name
 
 
 def relabel(prediction: Any, values: Sequence[int]) -> Any:
