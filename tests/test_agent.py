@@ -384,6 +384,8 @@ def test_an_unreachable_endpoint_falls_back_to_the_offline_planner_loudly(kvasir
     assert "FALLING BACK TO THE OFFLINE PLANNER" in capsys.readouterr().err
     trace = trace_of(out)
     assert trace["planner"]["kind"] == "offline (fallback)" and "cannot reach" in trace["planner"]["fallback"]
+    sidecar = json.loads(Path(f"{out}.json").read_text())
+    assert sidecar["agent"]["planner"] == trace["decision"]["planner"] == "offline (fallback)"
     out2 = tmp_path / "strict.png"
     assert main(["agent", str(kvasir), "--request", "polyp", "--out", str(out2), "--llm-url",
                  f"http://127.0.0.1:{port}/v1", "--llm-model", MODEL, "--llm-retries", "0", "--no-fallback"]) == 2
@@ -404,6 +406,27 @@ def test_volume_with_the_mllm_planner(hippocampus, tmp_path, segment_reference):
     assert np.array_equal(np.asarray(written.dataobj), reference)
     assert np.allclose(written.affine, nib.load(str(hippocampus)).affine)
     assert trace_of(out)["rounds"][0]["mark"]["slices"]
+
+
+@pytest.mark.parametrize("reply, model, says", [
+    ({"body": {"error": {"message": "model overloaded"}}}, MODEL, "answered with an error: model overloaded"),
+    ({"body": {}}, MODEL, "sent no chat completion (an empty reply); check that --llm-url is the OpenAI-compatible"),
+    (error(401, "invalid api key"), MODEL, "no key was sent: name the variable holding it with --api-key-env"),
+    (error(400, "max_tokens is too large: 2048 > 1024"), MODEL, "; lower --max-reply-tokens to what the server"),
+    # a model whose name holds 'tool' is not a server refusing the tools
+    (error(404, "The model `llama3-groq-tool-use` does not exist."), "llama3-groq-tool-use",
+     "answered HTTP 404: The model `llama3-groq-tool-use` does not exist.; check --llm-url (the OpenAI-compatible"),
+])
+def test_planner_errors_say_what_to_change(reply, model, says):
+    from medsam3_monai.agent.errors import PlannerError
+    from medsam3_monai.agent.llm import ChatClient, ToolSupportMissing
+    from medsam3_monai.agent.tools import tool_schemas
+
+    with ScriptedServer([reply]) as server:
+        client = ChatClient(server.url, model, retries=0)
+        with pytest.raises(PlannerError) as raised:
+            client.complete([{"role": "user", "content": "segment the polyp"}], tools=tool_schemas())
+    assert says in str(raised.value) and not isinstance(raised.value, ToolSupportMissing)
 
 
 def test_missing_key_variable_and_missing_model_are_one_line_errors(kvasir, tmp_path, monkeypatch, capsys):
@@ -531,6 +554,13 @@ def test_requests_resolve_to_catalogue_concepts():
     assert not plan.in_catalogue and plan.phrasings == ["weird blob"] and plan.location == ["left"]
     with pytest.raises(ValueError, match="names nothing"):
         resolve_request("segment the upper left")
+    # the head of a noun phrase names the concept, not its modifier (an organ where a lesion is asked for)
+    plan = resolve_request("segment the brain tumor")
+    assert plan.concept == "tumor" and plan.phrasings[:2] == ["tumor", "brain tumor"] and plan.unused == ["brain"]
+    plan = resolve_request("the tumor in the left kidney")
+    assert plan.concept == "tumor" and plan.phrasings[1] == "tumor in the kidney" and plan.unused == ["kidney"]
+    plan = resolve_request("liver cyst")  # a known organ modifying an unknown head: the request as written
+    assert not plan.in_catalogue and plan.phrasings == ["liver cyst"]
 
 
 # ---------------------------------------------------------------- units: fusion, tool calls, marks, the answer

@@ -128,6 +128,24 @@ def test_agent_evaluation_with_a_scripted_openai_compatible_planner(kvasir_datal
     assert trace["planner"]["model"] == MODEL and [r["phrase"] for r in trace["rounds"]] == ["polyp"]
 
 
+def test_failed_agent_requests_scored_empty_are_counted_and_warned_about(kvasir_datalist, tmp_path, capsys):
+    """--agent-on-error empty: the planner's HTTP 500 does not stop the run, and the run says how many requests
+    failed (stderr and comparison.md), not only agent_cases.csv."""
+    from test_agent import MODEL, ScriptedServer, error
+
+    out = tmp_path / "failing"
+    with ScriptedServer([error(500, "model crashed")] * 2) as server:
+        rc = evaluate("--datalist", str(kvasir_datalist), "--checkpoint", "tiny", "--out", str(out), "--split", "all",
+                      "--max-cases", "1", "--agent", "--llm-url", server.url, "--llm-model", MODEL,
+                      "--llm-retries", "0", "--no-mlflow", "--agent-on-error", "empty")
+    err = capsys.readouterr().err
+    assert rc == 0, err
+    assert "WARNING: 1 of 1 agent request(s) failed and were scored as empty masks" in err and "HTTP 500" in err
+    assert "**1 failed request scored as empty masks**" in (out / "comparison.md").read_text()
+    (request,) = read_csv(out / "agent" / "agent_cases.csv")
+    assert request["status"] == "failed" and "model crashed" in request["reason"]
+
+
 def test_agent_evaluation_input_errors_write_nothing(kvasir_datalist, tmp_path, monkeypatch, capsys):
     monkeypatch.delenv("MEDSAM3_TEST_NO_SUCH_KEY", raising=False)
     out = tmp_path / "never"

@@ -35,6 +35,8 @@ FILLER_WORDS = frozenset(
     "those image images picture photo scan slice slices volume mask masks region regions area areas visible "
     "and or with for is are there here can you could would kindly".split()
 )
+#: words after which a request's noun phrase qualifies its head ('the tumor in the kidney')
+PREPOSITIONS = frozenset("in of on at within inside from near along around".split())
 _WORD = re.compile(r"[0-9a-z]+(?:[-'][0-9a-z]+)*")
 
 
@@ -55,6 +57,8 @@ class ConceptPlan:
         sources: phrasing -> where it came from.
         location: location words of the request (reported, not applied).
         in_catalogue: whether the concept came from the catalogue.
+        unused: the request's words (neither instructions nor location) outside the catalogue text that named the
+            concept, e.g. ``brain`` of ``brain tumor``; the request's own phrase is then run too.
     """
 
     request: str
@@ -64,11 +68,13 @@ class ConceptPlan:
     sources: dict[str, str] = field(default_factory=dict)
     location: list[str] = field(default_factory=list)
     in_catalogue: bool = True
+    unused: list[str] = field(default_factory=list)
 
     def as_json(self) -> dict:
         return {"request": self.request, "concept": self.concept, "matched": self.matched,
                 "in_catalogue": self.in_catalogue, "phrasings": list(self.phrasings),
-                "sources": dict(self.sources), "location_words_not_applied": list(self.location)}
+                "sources": dict(self.sources), "location_words_not_applied": list(self.location),
+                "words_beyond_the_concept": list(self.unused)}
 
 
 @lru_cache(maxsize=2)
@@ -104,11 +110,12 @@ def _vocabulary(root: str | None) -> tuple[dict[str, str], dict[str, list[tuple[
 
 
 def _find(words: list[str], index: dict[str, str]) -> tuple[int, int, str] | None:
-    """(start, stop, canonical) of the longest catalogue text in ``words`` (earliest on ties)."""
+    """(start, stop, canonical) of the longest catalogue text in ``words``; the latest on ties, as the head of an
+    English noun phrase comes last (``brain tumor``: ``tumor``, not ``brain``)."""
     best: tuple[int, int, str] | None = None
     for start in range(len(words)):
         for stop in range(len(words), start, -1):
-            if best is not None and stop - start <= best[1] - best[0]:
+            if best is not None and stop - start < best[1] - best[0]:
                 break
             span = words[start:stop]
             candidates = [" ".join(span)]
@@ -134,22 +141,32 @@ def resolve_request(request: str, max_phrasings: int = 6, catalogue_root: str | 
         raise AgentError(f"max_phrasings must be >= 1, got {max_phrasings}")
     words = phrase_key(request).split()
     location = [w for w in words if w in LOCATION_WORDS]
+    content = [i for i, w in enumerate(words) if w not in FILLER_WORDS and w not in LOCATION_WORDS]
+    # the request's own noun phrase: first to last content word, without location words ('tumor in the kidney')
+    own = " ".join(w for w in words[content[0]:content[-1] + 1] if w not in LOCATION_WORDS) if content else ""
+    # the head comes before a preposition ('tumor in the left kidney': tumor), last within its phrase (brain tumor)
+    cut = next((i for i in range(content[0] + 1, len(words)) if words[i] in PREPOSITIONS), len(words)) if content \
+        else len(words)
+    head = [i for i in content if i < cut]
     index, papers = _vocabulary(catalogue_root)
-    found = _find(words, index)
+    found = _find(words[:cut], index)
+    if found is not None and head[-1] >= found[1]:
+        found = None  # the catalogue text only modifies a head it does not know ('liver cyst'): not the concept
     if found is None:
-        kept = [w for w in words if w not in FILLER_WORDS and w not in LOCATION_WORDS]
-        if not kept:
+        if not content:
             raise AgentError(f"the request {request!r} names nothing to segment; name the structure, e.g. "
                              "--request 'polyp' or 'segment the liver tumor'")
-        phrase = " ".join(kept)
-        return ConceptPlan(request, phrase, phrase, [phrase], {phrase: "the request (not in the catalogue)"},
+        return ConceptPlan(request, own, own, [own], {own: "the request (not in the catalogue)"},
                            location, in_catalogue=False)
     start, stop, canonical = found
     matched = " ".join(words[start:stop])
+    unused = [words[i] for i in content if not start <= i < stop]
     from ..data.catalogue import load_catalogue
 
-    candidates: list[tuple[str, str]] = [(canonical, "canonical concept (datasets_meta)"),
-                                         (matched, "the request")]
+    candidates: list[tuple[str, str]] = [(canonical, "canonical concept (datasets_meta)")]
+    if unused:  # 'brain tumor': the concept tumor, and the request's words as they are
+        candidates.append((own, "the request (its words beyond the catalogue's)"))
+    candidates.append((matched, "the request"))
     candidates += papers.get(canonical, [])
     candidates += [(text, "synonyms.json") for text in load_catalogue(catalogue_root).synonyms(canonical)]
     phrasings: list[str] = []
@@ -163,4 +180,4 @@ def resolve_request(request: str, max_phrasings: int = 6, catalogue_root: str | 
             sources[text] = source
     phrasings = phrasings[:max_phrasings]
     return ConceptPlan(request, canonical, matched, phrasings, {p: sources[p] for p in phrasings},
-                       [w for w in location if w not in matched.split()])
+                       [w for w in location if w not in matched.split()], unused=unused)

@@ -18,7 +18,7 @@ class Decision:
         status: ``"selected"`` (the union of ``marks`` is the answer) or ``"no_mask"`` (nothing matches).
         marks: the selected marks (``selected``), in the order the planner named them.
         reason: why nothing matches (``no_mask``), as the planner said it.
-        planner: ``"llm"`` or ``"offline"``.
+        planner: ``"llm"``, ``"offline"`` or ``"offline (fallback)"`` (the endpoint could not be reached).
         details: planner-specific facts for the trace and the sidecar (the offline fusion's table, ...).
     """
 

@@ -73,6 +73,13 @@ def _status_message(err: Any) -> str:
     return _one_line(getattr(err, "message", None) or err)
 
 
+def _about_tools(message: str, model: str) -> bool:
+    """Whether an error message refuses the request's tools (function calling), not e.g. a model whose name holds
+    'tool' (``llama3-groq-tool-use does not exist``)."""
+    text = message.lower().replace(model.lower(), "")
+    return any(word in text for word in ("tool", "function"))
+
+
 def _retry_after(err: Any) -> float | None:
     response = getattr(err, "response", None)
     value = None if response is None else response.headers.get("retry-after")
@@ -103,7 +110,7 @@ class ChatClient:
         import openai
 
         if not url:
-            raise PlannerError("no planner endpoint: give --llm-url (an OpenAI-compatible base URL ending in /v1)")
+            raise PlannerError("no planner endpoint: give --llm-url (an OpenAI-compatible base URL, e.g. http://host:8000/v1)")
         if not model:
             raise PlannerError(f"no model name for the planner at {url}: give --llm-model (the server lists its "
                                f"models at {url.rstrip('/')}/models)")
@@ -116,6 +123,7 @@ class ChatClient:
         self.max_reply_tokens = int(max_reply_tokens)
         self.temperature = temperature
         self._sleep = sleep
+        self.api_key_given = bool(api_key)
         self.client = openai.OpenAI(base_url=url, api_key=api_key or "no-key-given", timeout=self.timeout,
                                     max_retries=0)
         self.answered = 0  # replies received so far
@@ -150,13 +158,12 @@ class ChatClient:
                 if status in (408, 409, 429) or status >= 500:
                     kind = "status"
                     delay = _retry_after(err) or delay
-                elif tools and status in (400, 404, 422) and any(w in message.lower() for w in ("tool", "function")):
+                elif tools and status in (400, 404, 422) and _about_tools(message, self.model):
                     raise ToolSupportMissing(f"the planner at {self.url} refused the tools (HTTP {status}: "
                                              f"{message})") from None
                 else:
-                    hint = {401: "; check the key (--api-key-env)", 403: "; check the key's permissions",
-                            404: "; check --llm-url (it ends in /v1) and --llm-model"}.get(status, "")
-                    raise PlannerError(f"the planner at {self.url} answered HTTP {status}: {message}{hint}") from None
+                    raise PlannerError(f"the planner at {self.url} answered HTTP {status}: {message}"
+                                       f"{self._status_hint(status, message)}") from None
             except openai.OpenAIError as err:
                 raise PlannerError(f"the planner at {self.url} failed: {_one_line(err)}") from None
             else:
@@ -176,10 +183,35 @@ class ChatClient:
             raise error(f"cannot reach the planner at {self.url} ({tries}; {errors[-1]})")
         raise PlannerError(f"the planner at {self.url} failed ({tries}; last: {errors[-1]})")
 
+    def _status_hint(self, status: int, message: str) -> str:
+        """What to change for an HTTP error the client cannot retry."""
+        if status == 401:
+            return ("; check the key (--api-key-env)" if self.api_key_given else
+                    "; no key was sent: name the variable holding it with --api-key-env")
+        if status == 403:
+            return "; check the key's permissions"
+        if status == 404:
+            return ("; check --llm-url (the OpenAI-compatible base URL, e.g. http://host:8000/v1, whose "
+                    "/chat/completions answers) and --llm-model (GET <url>/models lists what the server serves)")
+        if status == 400 and "max_tokens" in message.replace(" ", "_").lower():
+            return "; lower --max-reply-tokens to what the server allows"
+        return ""
+
     def _reply(self, response: Any) -> Reply:
         choices = getattr(response, "choices", None) or []
         if not choices or getattr(choices[0], "message", None) is None:
-            raise PlannerError(f"the planner at {self.url} sent a reply without choices: {_one_line(response)}")
+            error = getattr(response, "error", None) or (getattr(response, "model_extra", None) or {}).get("error")
+            if error:
+                message = error.get("message", error) if isinstance(error, dict) else error
+                raise PlannerError(f"the planner at {self.url} answered with an error: {_one_line(message)}")
+            if hasattr(response, "model_dump"):  # a parsed ChatCompletion without choices: what it did hold
+                fields = response.model_dump(exclude_none=True)
+                text = _one_line(fields) if fields else ""
+            else:  # the body as text (an HTML page, ...)
+                text = _one_line(response) if response else ""
+            raise PlannerError(f"the planner at {self.url} sent no chat completion "
+                               f"({'an empty reply' if not text.strip() else 'got: ' + text[:200]}); check that "
+                               "--llm-url is the OpenAI-compatible base URL (e.g. http://host:8000/v1)")
         choice = choices[0]
         message = choice.message
         calls = []

@@ -61,7 +61,7 @@ class LoopSettings:
         if self.max_rounds < 1:
             raise AgentError(f"--max-rounds must be >= 1, got {self.max_rounds}")
         if self.max_corrections < 0:
-            raise AgentError(f"max corrections must be >= 0, got {self.max_corrections}")
+            raise AgentError(f"--max-corrections must be >= 0, got {self.max_corrections}")
         if self.max_tokens < 1:
             raise AgentError(f"--max-tokens must be >= 1, got {self.max_tokens}")
         if self.tool_mode not in ("auto", "tools", "text"):
@@ -162,7 +162,7 @@ class PlannerLoop:
         remaining = self.settings.max_tokens - self.tokens
         if remaining <= 0:
             raise AgentError(f"the token budget is spent ({self.tokens} of --max-tokens {self.settings.max_tokens}) "
-                             "before the planner finished")
+                             "before the planner finished; raise --max-tokens, or lower --max-rounds")
         self.calls += 1
         tools = None if self.text_mode else tool_schemas()
         try:
@@ -189,7 +189,7 @@ class PlannerLoop:
                             content=reply.content)
         if self.tokens > self.settings.max_tokens:
             raise AgentError(f"the token budget is spent ({self.tokens} of --max-tokens {self.settings.max_tokens}) "
-                             "before the planner finished")
+                             "before the planner finished; raise --max-tokens, or lower --max-rounds")
         return reply
 
     def _handle(self, reply: Any) -> Decision | None:
@@ -224,8 +224,10 @@ class PlannerLoop:
         if outcome.error:
             self.corrections += 1
             if self.corrections > self.settings.max_corrections:
+                hint = ("; its replies were cut off: raise --max-reply-tokens (the server may cap it too)"
+                        if reply.finish_reason == "length" else "")
                 raise AgentError(f"the planner made {self.corrections} unusable calls (limit "
-                                 f"{self.settings.max_corrections}); last: {outcome.text}")
+                                 f"{self.settings.max_corrections}); last: {outcome.text}{hint}")
         return outcome.decision
 
     def _respond(self, call: ToolCall, outcome: _Outcome, skipped_ids: list[str]) -> None:
@@ -262,7 +264,8 @@ class PlannerLoop:
             raise ToolCallError(f"{tool}: there are no marks yet; call segment_phrase first")
         unknown = [n for n in numbers if not 1 <= n <= len(self.marks)]
         if unknown:
-            raise ToolCallError(f"{tool}: no mark {', '.join(map(str, unknown))}; the marks are 1-{len(self.marks)}: "
+            which = "the only mark is 1" if len(self.marks) == 1 else f"the marks are 1-{len(self.marks)}"
+            raise ToolCallError(f"{tool}: no mark {', '.join(map(str, unknown))}; {which}: "
                                 + "; ".join(f"{m.number} = {m.phrase!r}" for m in self.marks))
         chosen: list[Mark] = []
         for n in numbers:

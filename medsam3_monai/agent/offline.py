@@ -35,6 +35,12 @@ def plan_offline(request: str, segmenter: Any, *, max_phrasings: int = 6, keep_r
         raise ValueError(f"no phrasing of {plan.concept!r} fits the model: {dropped}")
     if not plan.in_catalogue:
         log(f"note: {plan.concept!r} is not in the catalogue (datasets_meta); segmenting it as written")
+    if plan.unused:
+        own = [text for text, source in plan.sources.items() if source.startswith("the request (its words")]
+        log(f"note: the catalogue concept of the request is {plan.concept!r}; its other words "
+            f"({' '.join(plan.unused)}) name no concept of their own here, so the request's own phrase "
+            f"{own[0] if own else plan.matched!r} runs beside the concept's phrasings; an MLLM planner (--llm-url) "
+            "reads the whole request")
     if plan.location:
         log(f"note: the offline planner does not apply location words ({' '.join(plan.location)}): it segments "
             f"{plan.concept!r} wherever it is; an MLLM planner (--llm-url) can choose by position")

@@ -164,7 +164,7 @@ def run_agent(input_path: str, request: str, out: str, settings: AgentSettings |
         decision = _decide(planner, request, settings, segmenter, view, api_key, trace, log)
         return write_outputs(plan, decision, view, segmenter, request, trace)
     except BaseException as err:
-        write_failed_trace(plan, trace, f"{type(err).__name__}: {err}")
+        write_failed_trace(plan, trace, _failure(err))
         raise
 
 
@@ -193,7 +193,7 @@ def decide(input_path: str, request: str, settings: AgentSettings, segmenter: An
         view = _view(input_path, settings, kind)
         decision = _decide(planner, request, settings, segmenter, view, api_key, trace, log, plain_notes)
     except BaseException as err:
-        trace.finish("failed", f"{type(err).__name__}: {err}")
+        trace.finish("failed", _failure(err))
         raise
     trace.data["decision"] = decision.as_json()
     trace.finish(decision.status)
@@ -234,8 +234,23 @@ def _check_settings(settings: AgentSettings, kind: str) -> None:
         raise AgentError(f"--max-phrasings must be >= 1, got {settings.max_phrasings}")
     if settings.view_size < 64:
         raise AgentError(f"--view-size must be >= 64 px, got {settings.view_size}")
-    if settings.timeout <= 0 or settings.retries < 0 or settings.max_reply_tokens < 1:
-        raise AgentError("--llm-timeout and --max-reply-tokens must be > 0 and --llm-retries >= 0")
+    check_llm_limits(settings.timeout, settings.retries, settings.max_reply_tokens)
+
+
+def _failure(err: BaseException) -> str:
+    """A failed run's error for its trace (an interruption has no message of its own)."""
+    if isinstance(err, KeyboardInterrupt):
+        return "KeyboardInterrupt: interrupted (Ctrl-C or SIGINT)"
+    return f"{type(err).__name__}: {err}"
+
+
+def check_llm_limits(timeout: float, retries: int, max_reply_tokens: int = 1) -> None:
+    """Refuse a planner request limit out of range, naming the option and the value given."""
+    for name, value, ok, rule in (("--llm-timeout", timeout, timeout > 0, "> 0 seconds"),
+                                  ("--llm-retries", retries, retries >= 0, ">= 0"),
+                                  ("--max-reply-tokens", max_reply_tokens, max_reply_tokens >= 1, ">= 1")):
+        if not ok:
+            raise AgentError(f"{name} must be {rule}, got {value:g}")
 
 
 def _view(input_path: str, settings: AgentSettings, kind: str) -> Any:
@@ -283,5 +298,8 @@ def _decide(planner: str, request: str, settings: AgentSettings, segmenter: Any,
                 f"WARNING: pass --no-fallback to fail instead.\n{banner}")
         trace.data["planner"]["fallback"] = str(err)
         trace.data["planner"]["kind"] = "offline (fallback)"
+        trace.data["planner"]["tool_mode"] = None  # no planner call was answered
         trace.note(f"fallback to the offline planner: {err}")
-        return offline()
+        decision = offline()
+        decision.planner = "offline (fallback)"  # the sidecar and the trace's decision say so too
+        return decision

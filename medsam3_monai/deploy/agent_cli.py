@@ -12,6 +12,7 @@ from __future__ import annotations
 import argparse
 import os
 
+from ..protocol_registry import PROTOCOLS
 from .arguments import add_detector_chunk_option, add_model_options, ct_window_for, pixels
 
 __all__ = ["add_parser", "add_planner_options", "run"]
@@ -77,17 +78,19 @@ def add_parser(subparsers: argparse._SubParsersAction) -> argparse.ArgumentParse
                          help="segment_phrase calls the planner may make (3, as in the paper)")
     planner.add_argument("--max-tokens", type=int, default=200_000, metavar="N",
                          help="token budget of the whole run, as the server counts them (200000)")
-    planner.add_argument("--max-reply-tokens", type=int, default=2048, metavar="N", help="max_tokens per request")
+    planner.add_argument("--max-reply-tokens", type=int, default=2048, metavar="N",
+                         help="max_tokens per request (2048; lower it to what the server allows)")
     planner.add_argument("--max-corrections", type=int, default=4, metavar="N",
                          help="unusable calls (bad JSON, unknown tool, repeated phrase, ...) before failing (4)")
-    planner.add_argument("--llm-timeout", type=float, default=120.0, metavar="S", help="seconds per HTTP attempt")
+    planner.add_argument("--llm-timeout", type=float, default=120.0, metavar="S", help="seconds per HTTP attempt (120)")
     planner.add_argument("--llm-retries", type=int, default=2, metavar="N",
                          help="retries after a time-out, connection error, 429 or 5xx, with back-off (2)")
     planner.add_argument("--tool-mode", choices=("auto", "tools", "text"), default="auto",
                          help="auto: native function calling, JSON in the text if the server refuses tools")
     planner.add_argument("--temperature", type=float, default=None, help="sampling temperature (server default)")
     planner.add_argument("--view-size", type=int, default=768, metavar="PX",
-                         help="longest side of the pictures sent to the planner (768)")
+                         help="longest side of the image in the pictures sent to the planner (768); a volume's "
+                              "montage and the examine views lay several such panels side by side")
     planner.add_argument("--no-fallback", action="store_true",
                          help="fail instead of falling back to the offline planner when the endpoint is unreachable")
 
@@ -101,7 +104,8 @@ def add_parser(subparsers: argparse._SubParsersAction) -> argparse.ArgumentParse
 
     model = parser.add_argument_group("MedSAM3 (as medsam3 segment)")
     add_model_options(model)
-    model.add_argument("--protocol", default=None, help="2D protocol: top_query (default), threshold, semantic")
+    model.add_argument("--protocol", default=None, choices=tuple(PROTOCOLS),
+                       help="2D protocol: top_query (default), threshold, semantic")
     model.add_argument("--score-threshold", type=float, default=0.5, metavar="F",
                        help="query score of the threshold protocol and of volume detections (0.5)")
     model.add_argument("--tracker", default="auto", metavar="SRC|none",
@@ -123,10 +127,6 @@ def run(args: argparse.Namespace) -> int:
     from ..agent.loop import LoopSettings
     from ..agent.runner import AgentSettings, run_agent
     from ..agent.segmenter import SegmenterSettings
-    from ..protocol_registry import PROTOCOLS
-
-    if args.protocol is not None and args.protocol not in PROTOCOLS:
-        raise ValueError(f"--protocol {args.protocol}: one of {', '.join(PROTOCOLS)}")
     from ..transforms.io import input_modality
 
     modality = input_modality(args.input, args.modality)  # a DICOM series' own when --modality is not given

@@ -224,7 +224,7 @@ def agent_settings(args: argparse.Namespace) -> Any:
     """The agent's planner settings from the command line (endpoint, model and key variable checked here, before
     anything is loaded: nothing is built in, keys come only from the environment)."""
     from ..agent.loop import LoopSettings
-    from ..agent.runner import AgentSettings, check_planner
+    from ..agent.runner import AgentSettings, check_llm_limits, check_planner
 
     settings = AgentSettings(
         llm=args.llm, llm_url=args.llm_url, llm_model=args.llm_model, api_key_env=args.api_key_env,
@@ -232,8 +232,7 @@ def agent_settings(args: argparse.Namespace) -> Any:
         max_phrasings=args.max_phrasings or 6, keep_ratio=args.keep_ratio,
         loop=LoopSettings(max_rounds=args.max_rounds, max_tokens=args.max_tokens, tool_mode=args.tool_mode),
     )
-    if settings.timeout <= 0 or settings.retries < 0:
-        raise ValueError("--llm-timeout must be > 0 and --llm-retries >= 0")
+    check_llm_limits(settings.timeout, settings.retries)
     check_planner(settings)
     return settings
 
@@ -334,6 +333,12 @@ def run(args: argparse.Namespace) -> int:
             table = recorder.write_csv(out / "agent" / "agent_cases.csv", reports["agent"].records)
             if client is not None and reports["agent"].run_id:
                 client.log_artifact(reports["agent"].run_id, str(table))
+            failed = [row for row in recorder.rows if row["status"] == "failed"]
+            if failed:  # --agent-on-error empty: said here, not only in agent_cases.csv
+                print(f"medsam3 evaluate: WARNING: {len(failed)} of {len(recorder.rows)} agent request(s) failed and "
+                      f"were scored as empty masks (--agent-on-error empty; a case without the structure then "
+                      f"scores Dice 1); first: {failed[0]['dataset']} case {failed[0]['case']}: {failed[0]['reason']}"
+                      "; every reason is in agent/agent_cases.csv", file=sys.stderr)
             _write_comparison([reports["plain"], reports["agent"]], ["plain", "agent"], out, client, parent,
                               note=_agent_note(settings, template, recorder))
         elif plan is not None:
@@ -402,8 +407,12 @@ def _agent_note(settings: Any, template: str, recorder: Any) -> str:
         statuses[row["status"]] = statuses.get(row["status"], 0) + 1
     counted = ", ".join(f"{n} {status}" for status, n in sorted(statuses.items()))
     planners = sorted({str(row.get("planner")) for row in recorder.rows})
+    failed = statuses.get("failed", 0)
+    warning = (f" **{failed} failed request{'s' * (failed != 1)} scored as empty masks** (--agent-on-error empty: "
+               "a case without the structure then scores Dice 1)." if failed else "")
     return (f"Agent: planner {planner_name(settings)} (ran as: {', '.join(planners)}); request {template!r}; "
-            f"{len(recorder.rows)} requests ({counted}); traces in agent/traces, per request agent/agent_cases.csv.")
+            f"{len(recorder.rows)} request{'s' * (len(recorder.rows) != 1)} ({counted}); traces in agent/traces, per "
+            f"request agent/agent_cases.csv.{warning}")
 
 
 def _log_params(client: Any, run_id: str, args: argparse.Namespace, checkpoint: str) -> None:
