@@ -124,12 +124,12 @@ def add_parser(subparsers: argparse._SubParsersAction) -> argparse.ArgumentParse
 
 
 def run(args: argparse.Namespace) -> int:
-    from ..agent.loop import LoopSettings
-    from ..agent.runner import AgentSettings, run_agent
-    from ..agent.segmenter import SegmenterSettings
-    from ..transforms.io import input_modality
+    import dataclasses
 
-    modality = input_modality(args.input, args.modality)  # a DICOM series' own when --modality is not given
+    from ..agent.loop import LoopSettings
+    from ..agent.runner import AgentSettings, check_llm_limits, check_planner, run_agent
+    from ..agent.segmenter import SegmenterSettings
+
     if not 0.0 <= args.score_threshold <= 1.0:
         raise ValueError(f"--score-threshold must be in [0, 1], got {args.score_threshold}")
     settings = AgentSettings(
@@ -138,7 +138,15 @@ def run(args: argparse.Namespace) -> int:
         temperature=args.temperature, view_size=args.view_size, fallback=not args.no_fallback,
         max_phrasings=args.max_phrasings, keep_ratio=args.keep_ratio, min_score=args.min_score,
         loop=LoopSettings(max_rounds=args.max_rounds, max_corrections=args.max_corrections,
-                          max_tokens=args.max_tokens, tool_mode=args.tool_mode),
+                          max_tokens=args.max_tokens, tool_mode=args.tool_mode))
+    # the planner's settings before MONAI and torch are imported (seconds): a bad URL or limit fails at once
+    check_llm_limits(settings.timeout, settings.retries, settings.max_reply_tokens)
+    check_planner(settings)
+    from ..transforms.io import input_modality
+
+    modality = input_modality(args.input, args.modality)  # a DICOM series' own when --modality is not given
+    settings = dataclasses.replace(
+        settings,
         segmenter=SegmenterSettings(
             checkpoint=args.checkpoint, image_size=args.image_size, device=args.device, tracker=args.tracker,
             protocol=args.protocol or "top_query", score_threshold=args.score_threshold,
