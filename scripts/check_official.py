@@ -46,7 +46,11 @@ BOX_ONLY_TEXT = "visual"
 POSITIVE_BOX = [0.42, 0.46, 0.30, 0.26]
 NEGATIVE_BOX = [0.75, 0.72, 0.16, 0.20]
 TRAIN_PROMPTS = ["polyp", "liver"]  # the second prompt has no target: a negative
-TOLERANCE = 1e-4
+#: max abs difference allowed per output kind (the measured ones are ~4x below: masks 8.9e-6, the rest 1.3e-6), so
+#: that a real deviation, e.g. transformers' ViT LayerNorm eps of 1e-6 (logits +2e-5, masks +1.9e-4), fails
+TOLERANCES = {"masks": 2e-5, "semantic": 2e-5}
+TOLERANCE = 5e-6  # logits, boxes, presence
+LOSS_TOLERANCE = 1e-5  # relative, every loss term and the total 'loss' (measured 4.9e-7)
 O2M_WEIGHT = 2.0
 SHARED_IMAGE_GLOB = "Kvasir-SEG_sample/images/*.jpg"
 
@@ -322,7 +326,7 @@ def _ours_train(net, pixels, official: dict, torch) -> tuple[dict, dict]:
     }
     forward = {f"train/{k}": _max_diff(v, reference[k]) for k, v in outputs.items()}
     theirs = official["train_losses"]
-    losses, missing = {}, []
+    losses, missing, matched = {}, [], set()
     for name, value in terms.items():
         if name == "num_instances":
             continue
@@ -334,7 +338,10 @@ def _ours_train(net, pixels, official: dict, torch) -> tuple[dict, dict]:
             continue
         ours = float(value) * (O2M_WEIGHT if name.endswith("_o2m") else 1.0)  # SAM3 reports o2m terms weighted
         losses[name] = abs(ours - theirs[official_name]) / max(abs(theirs[official_name]), 1.0)
+        matched.add(official_name)
     losses["(terms without an official counterpart)"] = float(len(missing))
+    # an official term we lack changes the total ('loss', gated like every term); its name is reported here
+    losses["(official terms without one of ours)"] = sorted(set(theirs) - matched)
     losses["(total: ours, official)"] = (float(terms["loss"]), theirs["loss"])
     return forward, losses
 
@@ -395,6 +402,12 @@ def ours_stage(seed: int, workdir: Path) -> dict:
 
 
 # ================================================================================== report
+def tolerance_of(row: str) -> float:
+    """The max abs difference allowed for an output row (``case/output``, ``train/o2m_masks``)."""
+    kind = row.rsplit("/", 1)[-1].removeprefix("o2m_")
+    return TOLERANCES.get(kind, TOLERANCE)
+
+
 def markdown(results: list[dict]) -> str:
     """Per seed: max abs diff of every output (case/output rows, one column per loading path) and the loss terms."""
     lines = []
@@ -408,7 +421,9 @@ def markdown(results: list[dict]) -> str:
             cells = [f"{columns[n][row]:.2e}" if row in columns[n] else "" for n in names]
             lines.append(f"| {row} | " + " | ".join(cells) + " |")
         lines += ["", "| loss term (training forward) | relative diff to Sam3LossWrapper |", "|---|---:|"]
-        lines += [f"| {k} | {v:.2e} |" if isinstance(v, float) else f"| {k} | {v[0]:.4f}, {v[1]:.4f} |"
+        lines += [f"| {k} | {v:.2e} |" if isinstance(v, float) else
+                  f"| {k} | {', '.join(v) or 'none'} |" if all(isinstance(x, str) for x in v) else
+                  f"| {k} | {v[0]:.4f}, {v[1]:.4f} |"
                   for k, v in result["losses"].items()]
         lines.append("")
     return "\n".join(lines)
@@ -431,7 +446,18 @@ def main(argv: list[str] | None = None) -> int:
         official_stage(args.seed, args.workdir, shared)
         return 0
     if not args.official_python or not Path(args.official_python).is_file():
-        parser.error("--official-python must point to the python of a virtualenv with sam3==0.1.4")
+        parser.error("--official-python must point to the python of a virtualenv with sam3==0.1.4: build one with "
+                     "`make official` (scripts/setup_official_env.sh) and pass "
+                     "~/.cache/medsam3-monai/sam3-official-venv/bin/python")
+    found = subprocess.run([args.official_python, "-c", "import importlib.metadata as m; print(m.version('sam3'))"],
+                           capture_output=True, text=True)
+    if found.returncode != 0 or found.stdout.strip() != "0.1.4":
+        parser.error(f"--official-python {args.official_python}: its environment has "
+                     f"{'sam3 ' + found.stdout.strip() if found.returncode == 0 else 'no sam3'}, not sam3==0.1.4; "
+                     "build it with `make official`")
+    if shared is None:
+        print(f"note: {args.shared} is not there: both sides see random pixels instead of a shared Kvasir-SEG "
+              "image (the numbers will differ from official_check.md's)", file=sys.stderr)
     root = args.workdir or Path(tempfile.mkdtemp(prefix="medsam3-official-"))
     results = []
     for seed in args.seeds:
@@ -449,21 +475,28 @@ def main(argv: list[str] | None = None) -> int:
         print(markdown([result]), flush=True)
         if not args.keep:
             shutil.rmtree(workdir, ignore_errors=True)
-    worst = max(v for r in results for name, column in r["columns"].items() if not name.startswith("Sam3Model")
-                for v in column.values())
+    ours = [(row, v) for r in results for name, column in r["columns"].items() if not name.startswith("Sam3Model")
+            for row, v in column.items()]
+    worst = max(v for _, v in ours)
+    over = sorted({row for row, v in ours if v > tolerance_of(row)})
     worst_loss = max(v for r in results for k, v in r["losses"].items() if not k.startswith("("))
     missing = sum(r["losses"]["(terms without an official counterpart)"] for r in results)
-    summary = {"tolerance": TOLERANCE, "max_abs_diff_ours": worst, "max_rel_diff_losses": worst_loss,
-               "within_tolerance": worst <= TOLERANCE and worst_loss <= TOLERANCE and missing == 0,
-               "results": results}
+    summary = {"tolerances": {**TOLERANCES, "other outputs": TOLERANCE, "loss terms (relative)": LOSS_TOLERANCE},
+               "max_abs_diff_ours": worst, "max_rel_diff_losses": worst_loss, "outputs_over_tolerance": over,
+               "within_tolerance": not over and worst_loss <= LOSS_TOLERANCE and missing == 0,
+               "shared_image": shared is not None, "results": results}
     args.out.with_suffix(".json").write_text(json.dumps(summary, indent=2))
     header = [
         "# Our network vs Meta's official SAM3 (random full-size weights, fp32, CPU)", "",
-        f"Written by `python scripts/check_official.py --seeds {' '.join(map(str, args.seeds))}`; versions: "
-        + ", ".join(f"{k} {v}" for k, v in results[0]["versions"].items()) + ".",
-        f"Max abs diff over our two loading paths: {worst:.2e}; max relative diff of the loss terms: "
-        f"{worst_loss:.2e} (tolerance {TOLERANCE:g}). The `Sam3Model.forward` column is transformers' own forward "
-        "(last decoder layer): its text-only rows show the missing geometry token that our forward adds.", "", "",
+        f"Written by `python scripts/check_official.py --official-python PYTHON --seeds "
+        f"{' '.join(map(str, args.seeds))}` ({'a shared Kvasir-SEG image' if shared else 'random pixels'}); "
+        "versions: " + ", ".join(f"{k} {v}" for k, v in results[0]["versions"].items()) + ".",
+        f"Max abs diff over our two loading paths: {worst:.2e}; max relative diff of the loss terms (total included): "
+        f"{worst_loss:.2e}. Tolerances: masks and semantic {TOLERANCES['masks']:g}, logits, boxes and presence "
+        f"{TOLERANCE:g}, loss terms {LOSS_TOLERANCE:g} (relative): "
+        f"{'all within' if summary['within_tolerance'] else 'EXCEEDED: ' + ', '.join(over)}. The "
+        "`Sam3Model.forward` column is transformers' own forward (last decoder layer), not gated: its text-only "
+        "rows show the missing geometry token that our forward adds.", "", "",
     ]
     args.out.with_suffix(".md").write_text("\n".join(header) + markdown(results))
     print(json.dumps({k: v for k, v in summary.items() if k != "results"}))

@@ -242,3 +242,15 @@ def test_a_catalogue_copy_of_ones_own_is_checked_file_by_file(tmp_path, monkeypa
     mine["concepts"] = ["colon polyp"]
     path.write_text(json.dumps(mine), encoding="utf-8")
     assert "MyPolyps" in cat.load_catalogue().datasets
+    # what would fail only later (a raw KeyError in medsam3 datalist, a datalist every reader refuses): at load
+    for change, says in [({"converter": "Nope"}, r"MyPolyps.json: converter 'Nope' does not exist; give one of"),
+                         ({"labels": {"0": "colon polyp"}}, r"MyPolyps.json does not match"),
+                         ({"instance_rule_by_label": {"2": "semantic"}},
+                          r"MyPolyps.json: instance_rule_by_label names label value\(s\) \['2'\]")]:
+        path.write_text(json.dumps({**mine, **change}), encoding="utf-8")
+        cat._load.cache_clear()  # a successful load is cached
+        with pytest.raises(cat.CatalogueError, match=says):
+            cat.load_catalogue()
+    path.write_text(json.dumps({**mine, "converter": "kvasir-seg"}), encoding="utf-8")  # the converter's spelling
+    cat._load.cache_clear()
+    assert cat.load_catalogue().get("MyPolyps").converter == "Kvasir-SEG"

@@ -179,7 +179,7 @@ def test_msd_multichannel_task_names_its_channel_and_evaluates(shared_data: Path
     assert written and all(nib.load(path).shape == nib.load(source / "masks" / path.name.replace("_seg", "")).shape
                            for path in written)
     assert {json.loads(Path(f"{path}.json").read_text())["channel"] for path in written} == {1}
-    with pytest.raises(DatalistError, match="--channel 0 given, but the images have one channel"):
+    with pytest.raises(DatalistError, match="--channel 0 given, but these images have no channels to choose from"):
         build_datalist("MSD_Task04_Hippocampus", source, channel=0)
 
 

@@ -12,7 +12,7 @@ import os
 import re
 import unicodedata
 from collections.abc import Mapping
-from dataclasses import dataclass, field
+from dataclasses import dataclass, field, replace
 from functools import lru_cache
 from pathlib import Path
 from typing import Any
@@ -235,6 +235,21 @@ def _read_entry(path: Path, schema: Any) -> DatasetEntry:
     if unlisted:
         raise CatalogueError(f"{path}: the label concepts {unlisted} are not in its 'concepts' "
                              f"{list(entry.concepts)}: add them there (concepts lists every label's concept)")
+    stray = sorted(set(entry.instance_rule_by_label) - set(entry.labels), key=int)
+    if stray:
+        raise CatalogueError(f"{path}: instance_rule_by_label names label value(s) {stray} that 'labels' "
+                             f"({sorted(entry.labels, key=int)}) does not have")
+    if entry.converter is not None:
+        from .converters import CONVERTERS, get_converter
+        from .pairs import DatalistError
+
+        try:
+            converter = get_converter(entry.converter)
+        except DatalistError:
+            raise CatalogueError(f"{path}: converter {entry.converter!r} does not exist; give one of "
+                                 f"{', '.join(sorted(CONVERTERS))}, or null when none reads its layout") from None
+        if converter.name != entry.converter:  # 'kvasir-seg': the converter's own spelling
+            entry = replace(entry, converter=converter.name)
     return entry
 
 

@@ -122,7 +122,9 @@ def _check_channel(channels: Mapping[int, str], channel: int | None, root: Path)
         raise DatalistError(f"{root}: the images have {len(channels)} channels ({named}): choose the one to segment "
                             "with --channel N (in Python: channel=N); every item then says so ('channel')")
     if channel is not None and not channels:
-        raise DatalistError(f"{root}: --channel {channel} given, but the images have one channel: leave it out")
+        raise DatalistError(f"{root}: --channel {channel} given, but these images have no channels to choose from "
+                            "(--channel picks one modality / time point of 4D volumes such as MSD's, not a colour "
+                            "channel): leave it out")
     if channel is not None and channel not in channels:
         raise DatalistError(f"{root}: channel {channel} is not one of the images' channels ({named})")
 

@@ -258,9 +258,10 @@ class EvaluationReport:
         if all(record.get("empty_prediction", False) for record in self.records):
             found.append(f"every prediction of this run is empty ({len(self.records)} prompts), so every foreground "
                          f"case scores 0: with protocol {self.table.protocol} no mask the model gave has a foreground "
-                         "pixel; a model trained with the semantic head alone (e.g. the tiny recipe) is evaluated "
-                         "with --protocol semantic on 2D cases (volumes always take the detector's top query and the "
-                         "tracker)")
+                         "pixel. On 2D cases a model trained with the semantic head alone (e.g. the tiny recipe) is "
+                         "evaluated with --protocol semantic; a volume keeps only the slices whose detection scores "
+                         ">= --score-threshold (then the tracker): a model whose scores stay below it, as a random or "
+                         "briefly trained one's, needs a lower --score-threshold")
         found += absent_label_warnings(self.records)
         for warning in found:
             logger.warning("%s: %s", out, warning)
