@@ -115,6 +115,16 @@ def test_console_script_argument_error():
     assert "the following arguments are required: INPUT, --prompt, --out PATH (or --out-dir DIR)" in done.stderr
 
 
+def test_a_misspelt_option_is_named_with_the_sub_commands_usage(capsys):
+    from medsam3_monai.deploy.cli import main
+
+    with pytest.raises(SystemExit) as exit_info:
+        main(["segment", "x.png", "--promt", "polyp", "--out", "m.png"])
+    err = capsys.readouterr().err
+    assert exit_info.value.code == 2 and "usage: medsam3 segment" in err
+    assert "medsam3 segment: error: unrecognized arguments: --promt polyp" in err
+
+
 def test_lazy_data_package_keeps_its_names():
     """``medsam3_monai.data`` imports its submodules on first use; every public name still resolves (the bundle
     configs call ``$medsam3_monai.data.load_datalists(...)`` after ``$import medsam3_monai.data``)."""

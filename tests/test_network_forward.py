@@ -265,6 +265,8 @@ def test_inputs_that_would_run_wrongly_are_refused_by_name(tiny_net, tiny_images
     one_box = torch.tensor([[[0.5, 0.5, 0.2, 0.2]]] * 2)
     with pytest.raises(ValueError, match=r"box_labels hold \[2\]: each is 1 \(positive box\), 0"):
         tiny_net(tiny_images, PROMPTS, boxes=one_box, box_labels=torch.tensor([[1], [2]]))
+    with pytest.raises(ValueError, match=r"box_labels are bool \(SAM3's convention\); give integers"):
+        tiny_net(tiny_images, PROMPTS, boxes=one_box, box_labels=torch.tensor([[True], [False]]))
     with pytest.raises(ValueError, match=r"box_labels must be \(B, K\) = \(2, 1\)"):
         tiny_net(tiny_images, PROMPTS, boxes=one_box, box_labels=torch.ones(2, 2))
     boxes = [[[0.5, 0.5, 0.2, 0.2]], [[0.4, 0.6, 0.3, 0.2]]]

@@ -247,6 +247,9 @@ class MedSAM3Net(nn.Module):
                                  "w, h in [0, 1] (pixel boxes [x1, y1, x2, y2]: "
                                  "medsam3_monai.inferers.inputs.box_prompts(boxes, num_prompts, (H, W)))")
             labels = None if box_labels is None else torch.as_tensor(box_labels)
+            if labels is not None and labels.dtype == torch.bool:  # SAM3's own API: True positive, False negative
+                raise ValueError("box_labels are bool (SAM3's convention); give integers: 1 positive, 0 negative, "
+                                 "-10 padding, e.g. box_labels.long()")
             if labels is not None and labels.device.type == "cpu" and not bool(torch.isin(
                     labels, torch.tensor(BOX_LABELS, dtype=labels.dtype)).all()):
                 raise ValueError(f"box_labels hold {sorted(set(labels.unique().tolist()) - set(BOX_LABELS))}: each "
