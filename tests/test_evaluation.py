@@ -328,6 +328,10 @@ def test_auto_split_takes_test_when_present_else_validation(tmp_path):
     assert {i["group"] for i in items} == {"internal"}  # from the catalogue
     with pytest.raises(ValueError, match="has no test cases"):
         evaluation_items([without], "test", check_files=False)
+    misnamed = tmp_path / "misnamed.json"  # a split key misspelt: named in the error
+    misnamed.write_text(json.dumps({"training": [], "valid": [{"image": "v.png", "label": "v.png"}]}))
+    with pytest.raises(ValueError, match=r"its lists \['valid'\] are not splits"):
+        evaluation_items([misnamed], check_files=False)
     with pytest.warns(UserWarning, match="a.json-x0.png is evaluated twice"):
         assert len(evaluation_items([with_test, with_test], check_files=False)) == 6
     nameless = tmp_path / "my_cases.json"  # items without 'dataset': reported under the datalist's name

@@ -85,7 +85,10 @@ def evaluation_items(
         if not found:
             wanted = "test or validation" if split == "auto" else split
             have = ", ".join(f"{s} {n}" for s, n in counts.items())
-            raise ValueError(f"datalist {path} has no {wanted} cases ({have}); choose another --split")
+            other = sorted(key for key, value in raw.items() if key not in _SPLITS and isinstance(value, list))
+            hint = (f"; its lists {other} are not splits (a datalist's splits are named training, validation, "
+                    "test)" if other else "")
+            raise ValueError(f"datalist {path} has no {wanted} cases ({have}){hint}; choose another --split")
         if max_cases and len(found) > int(max_cases):
             chosen_rows = sorted(random.Random(seed).sample(range(len(found)), int(max_cases)))
             found = [found[row] for row in chosen_rows]
