@@ -10,6 +10,7 @@ from __future__ import annotations
 import copy
 import json
 import warnings
+from pathlib import Path
 
 import pytest
 import torch
@@ -189,3 +190,35 @@ def test_vit_stochastic_depth_drops_whole_images_linearly_over_depth():
         expected = torch.zeros_like(last_plain[i]) if dropped[i] else 2 * last_plain[i]
         assert torch.allclose(last_out[i], expected, atol=1e-5), "an image's branch is dropped whole or scaled by 2"
     assert 0 < sum(dropped) < 8, dropped
+
+
+def _check_official_script():
+    import importlib.util
+
+    path = Path(__file__).resolve().parents[1] / "scripts" / "check_official.py"
+    spec = importlib.util.spec_from_file_location("check_official_script", path)
+    module = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(module)
+    return module
+
+
+def test_the_official_check_gates_each_output_kind_at_its_own_tolerance(tmp_path):
+    """A deviation such as transformers' LayerNorm eps (logits +2e-5) fails the check although it is far below
+    the masks' tolerance; a missing official loss term fails it too; the measured differences pass."""
+    script = _check_official_script()
+
+    def run(logits: float, masks: float, lacking: list[str]) -> dict:
+        result = {"seed": 0, "perturbed_parameters": 1, "versions": {"sam3": "0.1.4"},
+                  "columns": {"sam3.pt": {"text_only/logits": logits, "train/o2m_masks": masks},
+                              "Sam3Model.forward (last layer)": {"text_only/masks": 0.7}},
+                  "losses": {"loss_ce": 4.9e-7, "loss": 1.4e-7, "(terms without an official counterpart)": 0.0,
+                             "(official loss terms without one of ours)": lacking,
+                             "(total: ours, official)": (786.98, 786.98)}}
+        return script.write_report([result], [0], True, tmp_path / "official_check")
+
+    assert run(5.1e-7, 8.9e-6, [])["within_tolerance"]  # what official_check.md measured
+    failed = run(2e-5, 8.9e-6, [])
+    assert not failed["within_tolerance"] and failed["outputs_over_tolerance"] == ["text_only/logits"]
+    assert "EXCEEDED: text_only/logits" in (tmp_path / "official_check.md").read_text()
+    assert not run(5.1e-7, 3e-5, [])["within_tolerance"]
+    assert not run(5.1e-7, 8.9e-6, ["loss_bbox_extra"])["within_tolerance"]
