@@ -558,7 +558,11 @@ def test_requests_resolve_to_catalogue_concepts():
     plan = resolve_request("segment the brain tumor")
     assert plan.concept == "tumor" and plan.phrasings[:2] == ["tumor", "brain tumor"] and plan.unused == ["brain"]
     plan = resolve_request("the tumor in the left kidney")
-    assert plan.concept == "tumor" and plan.phrasings[1] == "tumor in the kidney" and plan.unused == ["kidney"]
+    assert plan.concept == "tumor" and plan.phrasings[1] == "tumor in the left kidney"
+    plan = resolve_request("lesion in the liver")  # the qualifier and the head together: what the catalogue knows
+    assert plan.concept == "liver tumor" and plan.phrasings[:2] == ["liver tumor", "liver lesion"]
+    plan = resolve_request("segment the left ventricle")  # left / right before a name are part of it
+    assert plan.phrasings == ["left ventricle"] and plan.location == []
     plan = resolve_request("liver cyst")  # a known organ modifying an unknown head: the request as written
     assert not plan.in_catalogue and plan.phrasings == ["liver cyst"]
 

@@ -215,7 +215,9 @@ def test_monailabel_server_serves_the_pipeline(server, shared_data, tmp_path):
     ref_polyp = _segment(image, tmp_path / "ref_polyp.png", ["polyp"])
     ref_volume = _segment(volume, tmp_path / "ref_volume.nii.gz", prompts, "--score-threshold", SCORE_THRESHOLD)
 
-    # 2D image by id from the studies folder: every label
+    # 2D image by id from the studies folder: every label (a folder of that name in the server's working folder
+    # does not hide the datastore's image, which MONAI Label alone would take the folder for)
+    (server["root"] / Path(IMAGE).stem).mkdir()
     result = _infer(server, tmp_path / "id_image.png", image=Path(IMAGE).stem)
     labels = _same_png(tmp_path / "id_image.png", tmp_path / "ref_image.png")
     assert set(np.unique(labels)) == {0, 1, 2}  # both concepts present: the comparison is not vacuous
@@ -278,7 +280,8 @@ def _refusals(server, image: Path, volume: Path, tmp_path: Path) -> None:
         (["--file", str(volume)], {"protocol": "threshold"}, "400", "protocol 'threshold' is for 2D images"),
         (["--file", str(image)], {"labels": ["liver"]}, "400", "['liver'] are not labels of this model"),
         (["--image", str(server["studies"] / IMAGE)], {}, "400", "server paths are not read"),
-        (["--model", "segmentation", "--image", Path(IMAGE).stem], {}, "404", "no model 'segmentation'"),
+        (["--model", "segmentation", "--file", str(image)], {}, "404", "no model 'segmentation'"),
+        (["--image", Path(IMAGE).stem], {"device": "gpu"}, "400", "device 'gpu': give cpu, cuda"),
     ]
     before = set(server["uploads"].iterdir())  # MONAI Label's own logging config is there from the start
     for where, params, status, says in cases:

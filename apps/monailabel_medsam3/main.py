@@ -47,22 +47,24 @@ class MedSAM3App(MONAILabelApp):
         )
 
     def infer(self, request, datastore=None):
-        model = request.get("model")
-        if model not in self._infers:  # MONAI Label would answer a bare 500
-            raise HTTPException(status_code=404, detail=f"no model {model!r}: this app serves "
-                                                        f"{', '.join(map(repr, self._infers))} (GET /info/)")
         image = request.get("image")
         upload = is_upload(image)
         try:
+            model = request.get("model")
+            if model not in self._infers:  # MONAI Label would answer a bare 500
+                raise HTTPException(status_code=404, detail=f"no model {model!r}: this app serves "
+                                                            f"{', '.join(map(repr, self._infers))} (GET /info/)")
             if isinstance(image, str) and image and not upload and "session" not in request:
-                if os.path.exists(image):  # MONAI Label reads any server path given as an id: not this app
-                    raise bad_request(f"image {Path(image).name!r}: give an image id of the datastore (GET "
-                                      "/datastore/?output=all lists them) or upload the file; server paths are not "
-                                      "read")
-                # an id the datastore does not hold reaches the task as "" (MONAI Label's lookup): name it here
-                if not (datastore or self.datastore()).get_image_uri(image):
+                uri = (datastore or self.datastore()).get_image_uri(image)
+                if not uri:  # MONAI Label would pass "" on to the task, or read a server path given as an id
+                    if os.path.exists(image):
+                        raise bad_request(f"image {Path(image).name!r}: give an image id of the datastore (GET "
+                                          "/datastore/?output=all lists them) or upload the file; server paths are "
+                                          "not read")
                     raise bad_request(f"image {image!r} is not in the datastore (GET /datastore/?output=all lists "
                                       "its ids); give one of its ids, or upload the file")
+                if os.path.exists(image):  # an id that is also a name in the server's folder: the datastore's
+                    request = {**request, "image": uri}
             return super().infer(request, datastore)
         except BaseException:
             if upload:  # MONAI Label removes an upload only after a successful answer

@@ -35,6 +35,8 @@ FILLER_WORDS = frozenset(
     "those image images picture photo scan slice slices volume mask masks region regions area areas visible "
     "and or with for is are there here can you could would kindly".split()
 )
+#: location words that are part of anatomical names when a content word follows ('left ventricle', 'right lung')
+LATERALITY = frozenset({"left", "right"})
 #: words after which a request's noun phrase qualifies its head ('the tumor in the kidney')
 PREPOSITIONS = frozenset("in of on at within inside from near along around".split())
 _WORD = re.compile(r"[0-9a-z]+(?:[-'][0-9a-z]+)*")
@@ -140,27 +142,37 @@ def resolve_request(request: str, max_phrasings: int = 6, catalogue_root: str | 
     if max_phrasings < 1:
         raise AgentError(f"max_phrasings must be >= 1, got {max_phrasings}")
     words = phrase_key(request).split()
-    location = [w for w in words if w in LOCATION_WORDS]
-    content = [i for i, w in enumerate(words) if w not in FILLER_WORDS and w not in LOCATION_WORDS]
-    # the request's own noun phrase: first to last content word, without location words ('tumor in the kidney')
-    own = " ".join(w for w in words[content[0]:content[-1] + 1] if w not in LOCATION_WORDS) if content else ""
-    # the head comes before a preposition ('tumor in the left kidney': tumor), last within its phrase (brain tumor)
-    cut = next((i for i in range(content[0] + 1, len(words)) if words[i] in PREPOSITIONS), len(words)) if content \
-        else len(words)
-    head = [i for i in content if i < cut]
+    content = {i for i, w in enumerate(words) if w not in FILLER_WORDS and w not in LOCATION_WORDS}
+    if not content:
+        raise AgentError(f"the request {request!r} names nothing to segment; name the structure, e.g. "
+                         "--request 'polyp' or 'segment the liver tumor'")
+
+    def named(i: int) -> bool:
+        """Part of a name: a content word, or left / right just before one ('left ventricle')."""
+        return i in content or (words[i] in LATERALITY and i + 1 in content)
+
+    location = [w for i, w in enumerate(words) if w in LOCATION_WORDS and not named(i)]
+    first, last = min(i for i in range(len(words)) if named(i)), max(content)
+    own = " ".join(w for i, w in enumerate(words) if first <= i <= last and (named(i) or w not in LOCATION_WORDS))
+    # the head comes before a preposition ('tumor in the left kidney': tumor), last within its phrase (brain tumor);
+    # the words after it qualify it, and 'kidney tumor' may be what the catalogue knows
+    cut = next((i for i in range(first + 1, len(words)) if words[i] in PREPOSITIONS), len(words))
+    # location words stay in the search ('anterior hippocampus' is a catalogue name), instructions do not
+    head = [w for w in words[:cut] if w not in FILLER_WORDS]
+    qualifier = [w for w in words[cut + 1:] if w not in FILLER_WORDS and w not in PREPOSITIONS]
     index, papers = _vocabulary(catalogue_root)
-    found = _find(words[:cut], index)
-    if found is not None and head[-1] >= found[1]:
-        found = None  # the catalogue text only modifies a head it does not know ('liver cyst'): not the concept
-    if found is None:
-        if not content:
-            raise AgentError(f"the request {request!r} names nothing to segment; name the structure, e.g. "
-                             "--request 'polyp' or 'segment the liver tumor'")
+    choices = []
+    for phrase in (head, qualifier + head) if qualifier else (head,):
+        found = _find(phrase, index)
+        if found is not None and found[1] == len(phrase):  # it names the head, not only a modifier ('liver cyst')
+            choices.append((found[1] - found[0], phrase, found))
+    if not choices:
         return ConceptPlan(request, own, own, [own], {own: "the request (not in the catalogue)"},
                            location, in_catalogue=False)
-    start, stop, canonical = found
-    matched = " ".join(words[start:stop])
-    unused = [words[i] for i in content if not start <= i < stop]
+    _, phrase, (start, stop, canonical) = max(choices, key=lambda choice: choice[0])  # the head's on ties
+    matched = " ".join(phrase[start:stop])
+    unused = [w for w in phrase[:start] + phrase[stop:] + (qualifier if phrase is head else [])
+              if w not in LOCATION_WORDS]
     from ..data.catalogue import load_catalogue
 
     candidates: list[tuple[str, str]] = [(canonical, "canonical concept (datasets_meta)")]

@@ -70,6 +70,8 @@ def _status_message(err: Any) -> str:
             return _one_line(inner["message"])
         if isinstance(inner, str):
             return _one_line(inner)
+        if isinstance(body.get("detail"), str):  # FastAPI servers: {"detail": "Not Found"}
+            return _one_line(body["detail"])
     return _one_line(getattr(err, "message", None) or err)
 
 

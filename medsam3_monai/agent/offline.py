@@ -37,8 +37,8 @@ def plan_offline(request: str, segmenter: Any, *, max_phrasings: int = 6, keep_r
         log(f"note: {plan.concept!r} is not in the catalogue (datasets_meta); segmenting it as written")
     if plan.unused:
         own = [text for text, source in plan.sources.items() if source.startswith("the request (its words")]
-        log(f"note: the catalogue concept of the request is {plan.concept!r}; its other words "
-            f"({' '.join(plan.unused)}) name no concept of their own here, so the request's own phrase "
+        log(f"note: the catalogue concept of the request is {plan.concept!r}; the rest of it "
+            f"({' '.join(plan.unused)}) is not part of that concept, so the request's own phrase "
             f"{own[0] if own else plan.matched!r} runs beside the concept's phrasings; an MLLM planner (--llm-url) "
             "reads the whole request")
     if plan.location:

@@ -227,6 +227,11 @@ def _check_settings(settings: AgentSettings, kind: str) -> None:
                          "tracker propagation")
     if not 0.0 <= s.score_threshold <= 1.0:
         raise AgentError(f"--score-threshold must be in [0, 1], got {s.score_threshold}")
+    check_agent_limits(settings)
+
+
+def check_agent_limits(settings: AgentSettings) -> None:
+    """The planner's numeric options in range (each named with its value); nothing is imported or loaded."""
     for name, value in (("--keep-ratio", settings.keep_ratio), ("--min-score", settings.min_score)):
         if not 0.0 <= value <= 1.0:
             raise AgentError(f"{name} must be in [0, 1], got {value}")

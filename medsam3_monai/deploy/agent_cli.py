@@ -127,7 +127,7 @@ def run(args: argparse.Namespace) -> int:
     import dataclasses
 
     from ..agent.loop import LoopSettings
-    from ..agent.runner import AgentSettings, check_llm_limits, check_planner, run_agent
+    from ..agent.runner import AgentSettings, check_agent_limits, check_planner, run_agent
     from ..agent.segmenter import SegmenterSettings
 
     if not 0.0 <= args.score_threshold <= 1.0:
@@ -140,7 +140,7 @@ def run(args: argparse.Namespace) -> int:
         loop=LoopSettings(max_rounds=args.max_rounds, max_corrections=args.max_corrections,
                           max_tokens=args.max_tokens, tool_mode=args.tool_mode))
     # the planner's settings before MONAI and torch are imported (seconds): a bad URL or limit fails at once
-    check_llm_limits(settings.timeout, settings.retries, settings.max_reply_tokens)
+    check_agent_limits(settings)
     check_planner(settings)
     from ..transforms.io import input_modality
 

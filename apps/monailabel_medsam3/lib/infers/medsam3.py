@@ -11,7 +11,7 @@ A request (``POST /infer/<model>``, or Slicer's / OHIF's "Run") segments every l
   ...; ``auto``: by channels), ``box`` ([x1, y1, x2, y2] in pixels, 2D only, one for all prompts or one per
   prompt), ``device``;
 * ``result_extension``, ``result_dtype``, ``result_compress``: MONAI Label's own output options (3D Slicer sends
-  ``.nrrd`` + ``uint8``, OHIF ``.nrrd`` + ``uint16``).
+  ``.nrrd`` + ``uint8``, OHIF ``.nrrd``).
 
 Params are checked as ``medsam3 serve`` checks them (``monailabel_protocol.LabelInferParams``): an unknown key,
 a malformed box, a protocol on a volume or a result format that cannot hold the labels (a volume as ``.png``, a
@@ -45,7 +45,8 @@ from medsam3_monai.protocol_registry import PROTOCOLS
 logger = logging.getLogger(__name__)
 
 PROTOCOL_CHOICES = tuple(PROTOCOLS)
-MODALITY_CHOICES = ("auto", "CT", "MRI", "X-ray", "ultrasound", "endoscopy", "dermoscopy", "fundus", "OCT", "EM")
+MODALITY_CHOICES = ("auto", "CT", "MRI", "X-ray", "ultrasound", "endoscopy", "dermoscopy", "fundus", "pathology",
+                    "microscopy", "OCT", "EM")
 
 
 def bad_request(message: str) -> HTTPException:
@@ -124,6 +125,7 @@ class MedSAM3Infer(InferTask):
         from medsam3_monai.deploy.segment_cli import output_labels
         from medsam3_monai.inferers.inputs import input_kind
         from medsam3_monai.networks.checkpoints import CheckpointError
+        from torch import device as torch_device
 
         image = request.get("image")
         if not isinstance(image, str) or not image:
@@ -143,6 +145,11 @@ class MedSAM3Infer(InferTask):
         modality = None if params.modality in (None, "auto", "none") else params.modality
         score_threshold = self.conf.score_threshold if params.score_threshold is None else params.score_threshold
         device = name_to_device(params.device)
+        try:
+            torch_device(device)
+        except RuntimeError:
+            raise bad_request(f"device {params.device!r}: give cpu, cuda, cuda:N or a device name /info/ lists "
+                              f"({', '.join(device_list())})") from None
 
         with self._lock:  # one network per device; the score threshold is the predictor's
             try:
