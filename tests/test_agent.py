@@ -488,8 +488,10 @@ def test_offline_planner_is_the_default_without_an_endpoint(kvasir, tmp_path, ca
                  str(out), "--no-progress"]) == 0
     err = capsys.readouterr().err
     assert "using the offline planner" in err and "does not apply location words (upper left quadrant)" in err
-    concept = trace_of(out)["decision"]["details"]["concept"]
+    trace = trace_of(out)
+    concept = trace["decision"]["details"]["concept"]
     assert concept["concept"] == "tumor" and "lesion" in concept["phrasings"]
+    assert any("does not apply location words (upper left quadrant)" in note for note in trace["notes"])
 
 
 def test_offline_planner_on_a_volume(hippocampus, tmp_path, predictor, segment_reference):
@@ -521,6 +523,7 @@ def test_offline_planner_on_a_volume(hippocampus, tmp_path, predictor, segment_r
     assert expected.any() and np.array_equal(np.asarray(written.dataobj), expected)
     sidecar = json.loads(Path(f"{out}.json").read_text())
     assert sidecar["kind"] == "volume" and sidecar["agent"]["planner"] == "offline"
+    assert sorted(sidecar["agent"]["fused_phrasings"]) == sorted(details["kept"])
     assert "tracker" in sidecar
 
 

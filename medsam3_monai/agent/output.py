@@ -163,6 +163,8 @@ def write_outputs(plan: OutputPlan, decision: Any, view: Any, segmenter: Any, re
         "marks": [m.facts() for m in decision.marks], "phrases": decision.phrases, "reason": decision.reason,
         "trace": str(plan.trace),
     }
+    if decision.details.get("kept"):  # the offline planner: the phrasings whose masks the answer fuses
+        summary["agent"]["fused_phrasings"] = list(decision.details["kept"])
     trace.data["decision"] = decision.as_json()
     trace.data["outputs"] = {"mask": str(plan.out), "sidecar": str(plan.sidecar), "trace": str(plan.trace),
                              "overlay": None if plan.overlay is None else str(plan.overlay)}

@@ -274,8 +274,12 @@ def _decide(planner: str, request: str, settings: AgentSettings, segmenter: Any,
     def offline() -> Decision:
         start = time.perf_counter()
         try:
+            def noted(line: str) -> None:  # the planner's notes: on stderr and in the trace
+                trace.note(line.removeprefix("note: "))
+                log(line)
+
             return plan_offline(request, segmenter, max_phrasings=settings.max_phrasings,
-                                keep_ratio=settings.keep_ratio, min_score=settings.min_score, log=log)
+                                keep_ratio=settings.keep_ratio, min_score=settings.min_score, log=noted)
         finally:
             trace.time("offline_planner", time.perf_counter() - start)
 
