@@ -3,7 +3,7 @@
 Start it (in the environment built by ``make monailabel``)::
 
     monailabel start_server --app apps/monailabel_medsam3 --studies /path/to/images \
-        --conf labels '{"polyp": 1}' --conf checkpoint tiny
+        --conf labels '{"polyp":1}' --conf checkpoint tiny   # no spaces: the wrapper splits them
 
 One infer model (``medsam3``; ``--conf model NAME``) whose labels are the concepts: each label is one text
 prompt (its name, or ``--conf prompts '{"polyp": "colon polyp"}'``). See ``lib/configs.py`` for every
