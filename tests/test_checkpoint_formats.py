@@ -107,6 +107,12 @@ def test_architecture_mismatch_reports_keys(tmp_path, trained_like):
     torch.save({"model": detector}, tmp_path / "missing.pt")
     with pytest.raises(CheckpointError, match="missing from the checkpoint"):
         MedSAM3Net(tmp_path / "missing.pt", config=tiny_sam3_config())
+    # a key of Meta's layout missing: named as the file names it too
+    del detector["transformer.decoder.bbox_embed.layers.0.bias"]
+    torch.save({"model": detector}, tmp_path / "missing.pt")
+    with pytest.raises(CheckpointError) as info:
+        MedSAM3Net(tmp_path / "missing.pt", config=tiny_sam3_config())
+    assert "(sam3.pt: transformer.decoder.bbox_embed.layers.0.bias)" in str(info.value)
 
     save_checkpoint_file(trained_like.sam3, tmp_path / "tiny.pt")
     wider = tiny_sam3_config(hidden_size=48)

@@ -20,7 +20,7 @@ import shutil
 import tempfile
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Any, Mapping
+from typing import Any, Callable, Mapping
 
 import torch
 from transformers import PreTrainedTokenizerBase, Sam3Config, Sam3Model
@@ -189,35 +189,49 @@ def read_sam3_tracker(path: str | Path) -> dict[str, torch.Tensor]:
 
 
 # ---------------------------------------------------------------------------------------- strict load
-def key_report(model_keys: Mapping[str, tuple], ckpt_keys: Mapping[str, tuple], limit: int = 12) -> str:
-    """Human-readable difference between two key -> shape maps ('' when they match)."""
+def original_key_name(key: str) -> str:
+    """A transformers-layout key with the name it has in Meta's ``sam3.pt`` when one key maps to one
+    (``detr_decoder.box_head.layer1.bias (sam3.pt: transformer.decoder.bbox_embed.layers.0.bias)``); a part of a
+    fused original tensor (q / k / v of a ``qkv``) keeps its own name."""
+    from .key_mapping import map_hf_shapes
+
+    try:
+        (original,) = map_hf_shapes({key: [1]})
+    except (KeyMappingError, ValueError):
+        return key
+    return f"{key} (sam3.pt: {original})"
+
+
+def key_report(model_keys: Mapping[str, tuple], ckpt_keys: Mapping[str, tuple], limit: int = 12,
+               name: Callable[[str], str] = str) -> str:
+    """Human-readable difference between two key -> shape maps ('' when they match); ``name`` renders a key (e.g.
+    :func:`original_key_name` for a file in Meta's layout, converted before the comparison)."""
     missing = sorted(set(model_keys) - set(ckpt_keys))
     unexpected = sorted(set(ckpt_keys) - set(model_keys))
     mismatched = sorted(k for k in set(model_keys) & set(ckpt_keys) if tuple(model_keys[k]) != tuple(ckpt_keys[k]))
     lines = []
 
-    def block(title: str, items: list[str]) -> None:
-        if items:
-            lines.append(f"  {title}: {len(items)}")
-            lines.extend(f"    {item}" for item in items[:limit])
-            if len(items) > limit:
-                lines.append(f"    ... and {len(items) - limit} more")
+    def block(title: str, keys: list[str], render: Callable[[str], str] = name) -> None:
+        if keys:
+            lines.append(f"  {title}: {len(keys)}")
+            lines.extend(f"    {render(key)}" for key in keys[:limit])  # only the keys shown are named
+            if len(keys) > limit:
+                lines.append(f"    ... and {len(keys) - limit} more")
 
     block("missing from the checkpoint (the model needs them)", missing)
     block("unexpected in the checkpoint (the model has no such parameter)", unexpected)
-    block(
-        "shape mismatch (checkpoint vs model)",
-        [f"{k}: {tuple(ckpt_keys[k])} vs {tuple(model_keys[k])}" for k in mismatched],
-    )
+    block("shape mismatch (checkpoint vs model)", mismatched,
+          lambda k: f"{name(k)}: {tuple(ckpt_keys[k])} vs {tuple(model_keys[k])}")
     return "\n".join(lines)
 
 
 def load_state_dict_strict(model: torch.nn.Module, state_dict: Mapping[str, torch.Tensor], source: str,
-                           what: str = "SAM3 image model") -> None:
-    """Load every tensor or nothing: any missing, unexpected or mis-shaped key raises CheckpointError."""
+                           what: str = "SAM3 image model", original_layout: bool = False) -> None:
+    """Load every tensor or nothing: any missing, unexpected or mis-shaped key raises CheckpointError (keys also
+    named as Meta's ``sam3.pt`` has them when ``original_layout``)."""
     model_shapes = {k: tuple(v.shape) for k, v in model.state_dict().items()}
     ckpt_shapes = {k: tuple(v.shape) for k, v in state_dict.items()}
-    report = key_report(model_shapes, ckpt_shapes)
+    report = key_report(model_shapes, ckpt_shapes, name=original_key_name if original_layout else str)
     if report:
         raise CheckpointError(
             f"checkpoint {source} does not match the SAM3 architecture; nothing was loaded.\n{report}\n"
@@ -310,7 +324,8 @@ def _load_sam3(source: str | Path, config: Sam3Config | None, image_size: int | 
     model_config = config or embedded_config or full_sam3_config()
     model = Sam3Model(model_config)
     try:
-        load_state_dict_strict(model, state_dict, str(path))
+        load_state_dict_strict(model, state_dict, str(path),
+                               original_layout=source_format in ("sam3_original", "medical_sam3"))
     except CheckpointError as err:
         if config is not None or embedded_config is not None:
             raise
