@@ -61,6 +61,7 @@ class ConceptPlan:
         in_catalogue: whether the concept came from the catalogue.
         unused: the request's words (neither instructions nor location) outside the catalogue text that named the
             concept, e.g. ``brain`` of ``brain tumor``; the request's own phrase is then run too.
+        request_phrase: that phrase of the request's own (``brain tumor``), or "" when every word is the concept's.
     """
 
     request: str
@@ -71,6 +72,7 @@ class ConceptPlan:
     location: list[str] = field(default_factory=list)
     in_catalogue: bool = True
     unused: list[str] = field(default_factory=list)
+    request_phrase: str = ""
 
     def as_json(self) -> dict:
         return {"request": self.request, "concept": self.concept, "matched": self.matched,
@@ -192,4 +194,5 @@ def resolve_request(request: str, max_phrasings: int = 6, catalogue_root: str | 
             sources[text] = source
     phrasings = phrasings[:max_phrasings]
     return ConceptPlan(request, canonical, matched, phrasings, {p: sources[p] for p in phrasings},
-                       [w for w in location if w not in matched.split()], unused=unused)
+                       [w for w in location if w not in matched.split()], unused=unused,
+                       request_phrase=own if unused else "")

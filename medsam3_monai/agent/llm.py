@@ -112,7 +112,8 @@ class ChatClient:
         import openai
 
         if not url:
-            raise PlannerError("no planner endpoint: give --llm-url (an OpenAI-compatible base URL, e.g. http://host:8000/v1)")
+            raise PlannerError("no planner endpoint: give --llm-url (an OpenAI-compatible base URL, e.g. "
+                               "http://host:8000/v1)")
         if not model:
             raise PlannerError(f"no model name for the planner at {url}: give --llm-model (the server lists its "
                                f"models at {url.rstrip('/')}/models)")

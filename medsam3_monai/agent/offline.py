@@ -36,11 +36,11 @@ def plan_offline(request: str, segmenter: Any, *, max_phrasings: int = 6, keep_r
     if not plan.in_catalogue:
         log(f"note: {plan.concept!r} is not in the catalogue (datasets_meta); segmenting it as written")
     if plan.unused:
-        own = [text for text, source in plan.sources.items() if source.startswith("the request (its words")]
+        runs = ("runs beside the concept's phrasings" if plan.request_phrase in plan.phrasings
+                else "is not run (--max-phrasings leaves it out)")
         log(f"note: the catalogue concept of the request is {plan.concept!r}; the rest of it "
             f"({' '.join(plan.unused)}) is not part of that concept, so the request's own phrase "
-            f"{own[0] if own else plan.matched!r} runs beside the concept's phrasings; an MLLM planner (--llm-url) "
-            "reads the whole request")
+            f"{plan.request_phrase!r} {runs}; an MLLM planner (--llm-url) reads the whole request")
     if plan.location:
         log(f"note: the offline planner does not apply location words ({' '.join(plan.location)}): it segments "
             f"{plan.concept!r} wherever it is; an MLLM planner (--llm-url) can choose by position")

@@ -67,24 +67,23 @@ def parse_labels(value: Any) -> dict[str, int]:
     if isinstance(spec, str):
         spec = [part.strip() for part in spec.split(",") if part.strip()]
     if isinstance(spec, list):
-        names = [str(name).strip() for name in spec]
-        twice = sorted({name for name in names if names.count(name) > 1})
-        if twice:
-            raise ConfError(f"--conf labels {value!r}: {twice} named twice")
-        spec = {name: i + 1 for i, name in enumerate(names)}
-    if not isinstance(spec, dict) or not spec:
+        spec = [(name, i + 1) for i, name in enumerate(spec)]  # pairs: a name given twice stays visible
+    elif isinstance(spec, dict):
+        spec = list(spec.items())
+    if not isinstance(spec, list) or not spec:
         raise ConfError(f"--conf labels {value!r}: give JSON {{\"polyp\": 1}}, a JSON list or comma-separated names")
+    names = [str(name).strip() for name, _ in spec]
+    twice = sorted({name for name in names if names.count(name) > 1})
+    if twice:
+        raise ConfError(f"--conf labels {value!r}: {twice} named twice")
     labels: dict[str, int] = {}
-    for name, number in spec.items():
-        name = str(name).strip()
+    for name, (_, number) in zip(names, spec):
         if isinstance(number, str) and number.strip().isdigit():
             number = int(number)
         if isinstance(number, bool) or not isinstance(number, int):
             raise ConfError(f"--conf labels: the value of {name!r} must be an integer 1..255, got {number!r}")
         if not name:
             raise ConfError("--conf labels: a label name is empty")
-        if name in labels:
-            raise ConfError(f"--conf labels: {name!r} is named twice")
         if not 1 <= number <= 255:
             raise ConfError(f"--conf labels: {name!r} = {number}: label values are 1..255 (0 is the background)")
         labels[name] = number
