@@ -364,8 +364,8 @@ def test_cli_list_names_every_converter(capsys):
 
 
 def test_check_alone_checks_a_datalist_one_has(shared_data: Path, tmp_path: Path, capsys):
-    """``medsam3 datalist --check FILE``: a hand-written datalist (relative paths, read from its folder) against the
-    schema, then decoded item by item; a schema violation and an undecodable mask are named, exit 2."""
+    """``medsam3 datalist --check FILE``: a hand-written datalist (relative paths, read from its folder) against what
+    the readers take, then decoded item by item; a schema violation and an undecodable mask are named, exit 2."""
     import shutil
 
     folder = tmp_path / "mine"
@@ -387,6 +387,19 @@ def test_check_alone_checks_a_datalist_one_has(shared_data: Path, tmp_path: Path
     datalist.write_text(json.dumps({"training": [dict(item, dataset=None)], "validation": [], "test": []}))
     assert datalist_command(["--check", str(datalist), "--no-progress"]) == 2
     assert "does not match its schema" in capsys.readouterr().err
+    # what evaluate and the bundles read is what the check takes: only image, label and prompts are required, the
+    # modality in any spelling, a 2D item's spacing; a modality nobody knows is named with the known ones
+    minimal = {"image": item["image"], "label": item["label"], "prompts": {"1": "polyp"}}
+    datalist.write_text(json.dumps({"test": [minimal, dict(minimal, modality="Endoscopy", spacing=[0.5, 0.5])]}))
+    assert datalist_command(["--check", str(datalist), "--no-progress"]) == 0
+    assert "every image and mask decodes" in capsys.readouterr().err
+    datalist.write_text(json.dumps({"test": [dict(minimal, modality="Endoscpy"), dict(minimal, spacing=[0, 1])]}))
+    assert datalist_command(["--check", str(datalist), "--no-progress"]) == 2
+    err = capsys.readouterr().err
+    assert "$.test[1].spacing[0]" in err and "Endoscpy" not in err  # the schema first, then the modality
+    datalist.write_text(json.dumps({"test": [dict(minimal, modality="Endoscpy")]}))
+    assert datalist_command(["--check", str(datalist), "--no-progress"]) == 2
+    assert "$.test[0].modality: 'Endoscpy' is not a modality the intensity step knows" in capsys.readouterr().err
     datalist.write_text(json.dumps({"training": [item], "validation": [], "test": []}))
     (folder / "masks" / name).write_bytes((folder / "masks" / name).read_bytes()[:200])  # truncated
     assert datalist_command(["--check", str(datalist), "--no-progress"]) == 2

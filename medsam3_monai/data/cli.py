@@ -110,17 +110,21 @@ def run_datalist(args: argparse.Namespace) -> int:
 
 
 def check_datalist_file(path: str | Path, skip_bad: bool = False, progress: bool = True) -> int:
-    """``medsam3 datalist --check FILE``: a datalist you have (hand-written, or from an earlier run) against the
-    datalist schema, then every image and mask decoded (:func:`decode_check`; relative paths from its folder).
-    Problems raise ValueError (DatalistError) naming them; with ``skip_bad`` undecodable items are only listed."""
-    from .catalogue import load_schema
-    from .datalist import SPLITS, DatalistResult, read_datalist_json
-    from .schemas import validate
+    """``medsam3 datalist --check FILE``: a datalist you have (hand-written, or from an earlier run) against what the
+    readers take (:func:`~medsam3_monai.data.datalist.readers_schema`: ``image``, ``label`` and ``prompts``
+    required, a modality in any spelling the intensity step knows), then every image and mask decoded
+    (:func:`decode_check`; relative paths from its folder). Problems raise ValueError (DatalistError) naming them;
+    with ``skip_bad`` undecodable items are only listed."""
+    from .datalist import SPLITS, DatalistResult, modality_problems, read_datalist_json, readers_schema
+    from .schemas import schema_errors
 
     raw = read_datalist_json(path)
     if isinstance(raw, dict):  # a split left out is an empty one, as evaluate, segment and the bundles read it
         raw = {**{split: [] for split in SPLITS}, **raw}
-    validate(raw, load_schema("datalist"), f"datalist {path}")
+    problems = schema_errors(raw, readers_schema())
+    problems += modality_problems(raw) if not problems else []
+    if problems:
+        raise ValueError(f"datalist {path} does not match its schema:\n  " + "\n  ".join(problems))
     result = DatalistResult({split: list(raw[split]) for split in SPLITS}, converter="")
     total = sum(len(items) for items in result.datalist.values())
     decode_check(result, skip_bad=skip_bad, progress=progress, base_dir=str(Path(path).resolve().parent),

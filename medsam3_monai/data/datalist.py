@@ -31,7 +31,7 @@ from .schemas import validate
 from .splits import split_items
 
 __all__ = ["DatalistResult", "build_datalist", "items_of_split", "load_datalist", "read_datalist_json",
-           "write_datalist"]
+           "readers_schema", "write_datalist"]
 
 SPLITS = ("training", "validation", "test")
 _MAX_LISTED = 20
@@ -260,6 +260,46 @@ def read_datalist_json(path: Path | str) -> Any:
         return json.loads(Path(path).read_text(encoding="utf-8"))
     except (json.JSONDecodeError, UnicodeDecodeError) as err:
         raise DatalistError(f"datalist {path} is not valid JSON: {err}") from None
+
+
+#: what every reader needs of an item; the rest of what `medsam3 datalist` writes has a default when left out
+READER_REQUIRED = ("image", "label", "prompts")
+
+
+def readers_schema() -> dict[str, Any]:
+    """The datalist schema as the readers (training, ``evaluate``, ``segment --datalist``) take a datalist: what
+    ``medsam3 datalist`` writes (``datasets_meta/schema/datalist.schema.json``) with only :data:`READER_REQUIRED`
+    required (``dataset``: the file's name, ``modality``: decided by the channels, ``instance_rule`` /
+    ``mask_encoding``: read from the mask, ``case``: the image's file name), ``modality`` in any spelling (checked
+    by :func:`modality_problems`), and the keys the readers take that no converter writes: a 2D item's
+    ``spacing`` (``[rows_mm, cols_mm]``, for NSD / HD95) and ``group`` (the table's group)."""
+    schema = load_schema("datalist")
+    item = schema["$defs"]["item"]
+    item["required"] = list(READER_REQUIRED)
+    item["properties"]["modality"] = {"type": "string", "minLength": 1}
+    item["properties"]["spacing"] = {"type": "array", "minItems": 2, "maxItems": 2,
+                                     "items": {"type": "number", "exclusiveMinimum": 0}}
+    item["properties"]["group"] = {"type": "string", "minLength": 1}
+    schema["required"] = []
+    return schema
+
+
+def modality_problems(datalist: Mapping[str, Any]) -> list[str]:
+    """``$.split[i].modality: ...`` for each item whose modality the intensity step does not know (spelling aside:
+    ``Endoscopy`` = ``endoscopy``, ``XRay`` = ``X-ray``)."""
+    from ..transforms.intensity import MODALITY_HANDLERS, handler_for_modality
+
+    problems = []
+    for split in SPLITS:
+        for number, item in enumerate(datalist.get(split) or []):
+            modality = item.get("modality") if isinstance(item, Mapping) else None
+            if isinstance(modality, str):
+                try:
+                    handler_for_modality(modality)
+                except KeyError:
+                    problems.append(f"$.{split}[{number}].modality: {modality!r} is not a modality the intensity "
+                                    f"step knows (any spelling of: {', '.join(sorted(MODALITY_HANDLERS))})")
+    return problems
 
 
 def load_datalist(
