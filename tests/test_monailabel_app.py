@@ -195,6 +195,8 @@ def _same_summary(result: dict, sidecar: dict) -> None:
 @pytest.mark.slow
 @pytest.mark.timeout(1200)
 def test_monailabel_server_serves_the_pipeline(server, shared_data, tmp_path):
+    from scipy import ndimage
+
     image = shared_data / "Kvasir-SEG_sample" / "images" / IMAGE
     volume = shared_data / "MSD_Task04_Hippocampus_cropped" / "images" / VOLUME
 
@@ -223,6 +225,16 @@ def test_monailabel_server_serves_the_pipeline(server, shared_data, tmp_path):
     assert set(np.unique(labels)) == {0, 1, 2}  # both concepts present: the comparison is not vacuous
     _same_summary(result, ref_image)
     assert result["label_names"] == LABELS
+
+    # largest_cc (MONAI Label's option of its SAM2 model, as a client sends it: a text) keeps each label's largest
+    # 8-connected component of the same prediction; the tiny network's hippocampus label has many components
+    _infer(server, tmp_path / "cc_image.png", image=Path(IMAGE).stem, largest_cc="true")
+    kept = _png(tmp_path / "cc_image.png")
+    for value in LABELS.values():
+        components, count = ndimage.label(labels == value, structure=np.ones((3, 3)))
+        sizes = np.bincount(components.ravel())[1:]
+        np.testing.assert_array_equal(kept == value, components == 1 + int(np.argmax(sizes)))
+        assert value != LABELS["hippocampus"] or count > 1  # not vacuous
 
     # volume by id from the studies folder
     result = _infer(server, tmp_path / "id_volume.nii.gz", image=VOLUME.removesuffix(".nii.gz"))
@@ -301,6 +313,42 @@ def _configs():
     sys.modules[spec.name] = module  # dataclasses look the module up
     spec.loader.exec_module(module)
     return module
+
+
+def test_largest_cc_param_and_components():
+    """``largest_cc`` as clients send it (bool or text, blank = not given), and what it keeps: each label's largest
+    component with diagonal neighbours connected (MONAI's KeepLargestConnectedComponent), other labels untouched."""
+    import torch
+    from monai.data import MetaTensor
+
+    from medsam3_monai.deploy.monailabel_protocol import ParamsError, parse_label_params
+    from medsam3_monai.inferers.predict import Prediction
+
+    for value, want in [(True, True), ("true", True), ("On", True), ("1", True), (False, False), ("false", False),
+                        ("", False)]:
+        assert parse_label_params({"largest_cc": value}).largest_cc is want
+    assert parse_label_params({}).largest_cc is False
+    for bad in ("maybe", 2, [True]):
+        with pytest.raises(ParamsError, match="'largest_cc' must be true or false"):
+            parse_label_params({"largest_cc": bad})
+
+    labels = torch.zeros(8, 8, dtype=torch.uint8)
+    labels[0:2, 0:2] = 3  # 4 pixels
+    labels[5:8, 5:8] = 3  # 9 pixels: kept
+    labels[4, 0] = labels[5, 1] = labels[6, 2] = 7  # 3 pixels touching at corners: one component, kept
+    labels[0, 5:7] = 7  # 2 pixels
+    meta = {"filename_or_obj": "x.png", "spatial_shape": (8, 8)}
+    prediction = Prediction(MetaTensor(labels, meta=meta), ["a", "b"], [3, 7], [0.9, 0.8], "top_query", False,
+                            torch.eye(4), "x.png")
+    kept = prediction.largest_components()
+    want = torch.zeros_like(labels)
+    want[5:8, 5:8] = 3
+    want[4, 0] = want[5, 1] = want[6, 2] = 7
+    assert isinstance(kept.label_map, MetaTensor) and kept.label_map.dtype == torch.uint8
+    assert torch.equal(kept.label_map.as_tensor(), want) and kept.label_map.meta["filename_or_obj"] == "x.png"
+    assert kept.summary()["labels"] == {"3": {"prompt": "a", "score": 0.9, "pixels": 9},
+                                        "7": {"prompt": "b", "score": 0.8, "pixels": 3}}
+    assert torch.equal(prediction.label_map.as_tensor(), labels)  # the prediction itself is unchanged
 
 
 def test_app_conf_parsing():

@@ -79,6 +79,7 @@ _FIELD_HINTS = {
     "restore_label_idx": "'restore_label_idx' must be true or false",
     "request": "'request' must be a text, e.g. \"segment the polyp\"",
     "trace": "'trace' must be true or false",
+    "largest_cc": "'largest_cc' must be true or false",
 }
 
 
@@ -201,6 +202,8 @@ class LabelInferParams(_ClientParams):
     score_threshold: Annotated[StrictInt | StrictFloat, Field(ge=0, le=1)] | None = Field(
         None, description="query score of the threshold protocol and of volume detections")
     device: StrictStr | None = Field(None, description="MONAI Label's device name (cuda falls back to the CPU)")
+    largest_cc: StrictBool = Field(False, description="keep each label's largest connected component (MONAI "
+                                                      "Label's option of its SAM2 model)")
     concepts: Any = Field(None, description="informational (the model's label -> prompt), not used")
     checkpoint: Any = Field(None, description="informational (the server's checkpoint), not used")
 
@@ -218,6 +221,19 @@ class LabelInferParams(_ClientParams):
     @classmethod
     def _check_prompts(cls, prompts: list[str] | None, info: ValidationInfo) -> list[str] | None:
         return None if prompts is None else _checked_prompts(prompts, info)
+
+    @field_validator("largest_cc", mode="before")
+    @classmethod
+    def _text_is_a_bool(cls, value: Any) -> Any:
+        """``"true"`` / ``"false"`` (and MONAI Label's other ``strtobool`` words) as clients send a config flag;
+        blank: not given."""
+        if isinstance(value, str):
+            word = value.strip().lower()
+            if not word:
+                return False
+            if word in ("y", "yes", "t", "true", "on", "1", "n", "no", "f", "false", "off", "0"):
+                return word in ("y", "yes", "t", "true", "on", "1")
+        return value
 
 
 #: what MONAI Label's server puts into an infer request beside the client's params (endpoint and app)

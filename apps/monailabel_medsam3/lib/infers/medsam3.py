@@ -9,7 +9,8 @@ A request (``POST /infer/<model>``, or Slicer's / OHIF's "Run") segments every l
   in order;
 * ``protocol`` (2D only: ``top_query``, ``threshold``, ``semantic``), ``score_threshold``, ``modality`` (CT, MRI,
   ...; ``auto``: by channels), ``box`` ([x1, y1, x2, y2] in pixels, 2D only, one for all prompts or one per
-  prompt), ``device``;
+  prompt), ``device``, ``largest_cc`` (true: each label's largest connected component only, as for MONAI Label's
+  SAM2 model);
 * ``result_extension``, ``result_dtype``, ``result_compress``: MONAI Label's own output options (3D Slicer sends
   ``.nrrd`` + ``uint8``, OHIF ``.nrrd``).
 
@@ -78,6 +79,7 @@ class MedSAM3Infer(InferTask):
                 "score_threshold": conf.score_threshold,
                 "modality": modalities,
                 "device": device_list(),
+                "largest_cc": False,
             },
         )
         self._predictors: dict[str, Any] = {}
@@ -167,6 +169,8 @@ class MedSAM3Infer(InferTask):
 
         if values != list(prediction.label_values):  # the model's own label values instead of 1..P
             prediction = relabel(prediction, values)
+        if params.largest_cc:
+            prediction = prediction.largest_components()
         array, summary = output_labels(prediction, image, binary_mask=False)
         written = [int(v) for v in summary["labels"]]
         result = tempfile.NamedTemporaryFile(prefix="medsam3-", suffix=extension, delete=False).name
