@@ -482,6 +482,41 @@ def test_offline_planner_runs_the_catalogue_phrasings_in_one_batch(kvasir, tmp_p
     assert str(out) in line
 
 
+def test_offline_planner_answers_the_union_of_the_concepts_a_request_joins(kvasir, tmp_path, predictor,
+                                                                          segment_reference):
+    """'polyp and tumor': each concept's phrasings in their own predictor call, fused on their own (what
+    `medsam3 segment` with that concept's phrasings gives), one mark per concept, the answer their union."""
+    from medsam3_monai.agent import AgentSettings, SegmenterSettings, run_agent
+    from medsam3_monai.agent.segmenter import PhraseSegmenter
+
+    out, notes = tmp_path / "mask.png", []
+    segmenter = PhraseSegmenter(predictor, str(kvasir), SegmenterSettings(score_threshold=0.25))
+    calls, handle = _vision_calls(predictor)
+    try:
+        run_agent(str(kvasir), "segment the polyp and the tumor", str(out),
+                  AgentSettings(llm="none", max_phrasings=2), segmenter=segmenter, log=notes.append)
+    finally:
+        handle.remove()
+    assert len(calls) == 2  # one network call per concept
+    assert any("names 2 concepts ('polyp', 'tumor')" in line for line in notes)
+    trace = trace_of(out)
+    details = trace["decision"]["details"]
+    assert [entry["concept"]["concept"] for entry in details["concepts"]] == ["polyp", "tumor"]
+    assert details["batch"] == {"phrasings": 4, "predictor_calls": 2}
+    expected = np.zeros(png(out).shape, dtype=bool)
+    for entry in details["concepts"]:
+        phrasings = entry["concept"]["phrasings"]
+        kept = kept_by_the_rule(segment_reference.sidecar(kvasir, *phrasings))
+        assert sorted(kept.values()) == sorted(entry["kept"])
+        expected |= np.isin(segment_reference(kvasir, *phrasings), list(kept))
+    marks = trace["decision"]["marks"]
+    assert [mark["phrase"] for mark in marks] == ["polyp", "tumor"]
+    assert expected.any() and np.array_equal(png(out), expected.astype(np.uint8) * 255)
+    sidecar = json.loads(Path(f"{out}.json").read_text())
+    assert sidecar["labels"]["255"]["prompt"] == "polyp + tumor"
+    assert sorted(sidecar["agent"]["fused_phrasings"]) == sorted(details["kept"])
+
+
 def test_offline_planner_is_the_default_without_an_endpoint(kvasir, tmp_path, capsys):
     out = tmp_path / "mask.png"
     assert main(["agent", str(kvasir), "--request", "segment the lesion in the upper left quadrant", "--out",
@@ -568,6 +603,27 @@ def test_requests_resolve_to_catalogue_concepts():
     assert plan.phrasings == ["left ventricle"] and plan.location == []
     plan = resolve_request("liver cyst")  # a known organ modifying an unknown head: the request as written
     assert not plan.in_catalogue and plan.phrasings == ["liver cyst"]
+    plan = resolve_request("segment the polyps and show them")  # pronouns are not part of a name
+    assert plan.concept == "polyp"
+
+
+def test_a_request_joining_concepts_resolves_to_each():
+    from medsam3_monai.agent.concepts import resolve_requests
+
+    def concepts(request: str) -> list[str]:
+        return [plan.concept for plan in resolve_requests(request)]
+
+    assert concepts("segment the liver and the spleen") == ["liver", "spleen"]
+    assert concepts("liver & liver tumor") == ["liver", "liver tumor"]  # MedSAM3's LiTS phrase
+    assert concepts("optic cup & optic disc") == ["optic cup", "optic disc"]
+    assert concepts("liver, spleen and kidney") == ["liver", "spleen", "kidney"]
+    assert concepts("the lesion in the liver and the spleen") == ["liver tumor", "spleen"]
+    assert concepts("portal vein and splenic vein") == ["portal vein and splenic vein"]  # one catalogue text
+    assert concepts("Segment all polyps, please") == ["polyp"]  # a part of instructions only
+    assert concepts("the polyp and the weird blob") == ["polyp and the weird blob"]  # a part it does not know: whole
+    assert concepts("tumor and lesion") == ["tumor"]  # two names of one concept
+    plans = resolve_requests("liver and spleen")
+    assert [plan.request for plan in plans] == ["liver", "spleen"] and plans[0].phrasings[0] == "liver"
 
 
 # ---------------------------------------------------------------- units: fusion, tool calls, marks, the answer

@@ -21,7 +21,7 @@ import unicodedata
 from dataclasses import dataclass, field
 from functools import lru_cache
 
-__all__ = ["ConceptPlan", "LOCATION_WORDS", "phrase_key", "resolve_request"]
+__all__ = ["ConceptPlan", "LOCATION_WORDS", "phrase_key", "resolve_request", "resolve_requests"]
 
 #: words of a request that ask for a place in the image; the offline planner reports them (it does not filter)
 LOCATION_WORDS = frozenset(
@@ -33,13 +33,17 @@ FILLER_WORDS = frozenset(
     "segment segmentation segments outline delineate find show mark highlight detect locate identify select "
     "extract draw give me please the a an all any every each of in on at into within from to this that these "
     "those image images picture photo scan slice slices volume mask masks region regions area areas visible "
-    "and or with for is are there here can you could would kindly".split()
+    "and or with for is are there here can you could would kindly it its them their".split()
 )
 #: location words that are part of anatomical names when a content word follows ('left ventricle', 'right lung')
 LATERALITY = frozenset({"left", "right"})
 #: words after which a request's noun phrase qualifies its head ('the tumor in the kidney')
 PREPOSITIONS = frozenset("in of on at within inside from near along around".split())
 _WORD = re.compile(r"[0-9a-z]+(?:[-'][0-9a-z]+)*")
+#: what joins two things to segment in one request ('the liver and the spleen', 'optic cup & optic disc', 'a, b')
+_JOIN = re.compile(r"\s*(?:[,;&+]|\band\b|\bplus\b|\bas well as\b)\s*", re.IGNORECASE)
+#: the words of a join that survive phrase_key (a catalogue text spanning one is one concept)
+_JOIN_WORDS = frozenset({"and", "plus", "as", "well"})
 
 
 def phrase_key(text: str) -> str:
@@ -196,3 +200,27 @@ def resolve_request(request: str, max_phrasings: int = 6, catalogue_root: str | 
     return ConceptPlan(request, canonical, matched, phrasings, {p: sources[p] for p in phrasings},
                        [w for w in location if w not in matched.split()], unused=unused,
                        request_phrase=own if unused else "")
+
+
+def resolve_requests(request: str, max_phrasings: int = 6, catalogue_root: str | None = None) -> list[ConceptPlan]:
+    """The concepts a request names: one :class:`ConceptPlan` per part when it joins catalogue concepts ('the liver
+    and the spleen', 'optic cup & optic disc', 'liver, spleen'), else the one plan of :func:`resolve_request`.
+    The request stays one concept when a catalogue text spans the join ('portal vein and splenic vein'), when a
+    part names nothing the catalogue knows ('the polyp and its margin'), or when the parts name one concept."""
+    from .errors import AgentError
+
+    whole = resolve_request(request, max_phrasings, catalogue_root)
+    parts = [part for part in _JOIN.split(request) if part and part.strip()]
+    if len(parts) < 2 or (whole.in_catalogue and _JOIN_WORDS & set(whole.matched.split())):
+        return [whole]
+    plans: list[ConceptPlan] = []
+    for part in parts:
+        try:
+            plan = resolve_request(part, max_phrasings, catalogue_root)
+        except AgentError:  # a part of instructions only ('... and show it')
+            return [whole]
+        if not plan.in_catalogue:
+            return [whole]
+        if plan.concept not in [other.concept for other in plans]:
+            plans.append(plan)
+    return plans if len(plans) > 1 else [whole]

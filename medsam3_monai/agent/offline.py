@@ -1,7 +1,8 @@
 """The offline planner (``--llm none``): no MLLM. The request's concept is resolved through the catalogue
 (:mod:`.concepts`: canonical phrase, the request's own words, MedSAM3's phrase table, Medical SAM3's prompts,
 synonyms), all phrasings run as one batch (one predictor call: on a 2D picture the vision encoder runs once) and
-their masks are fused by confidence (:mod:`.fusion`). It is the default when no planner endpoint is configured and
+their masks are fused by confidence (:mod:`.fusion`). A request joining several catalogue concepts ("liver and
+spleen") has each done so, and the answer is their union. It is the default when no planner endpoint is configured and
 the fallback when the endpoint cannot be reached.
 """
 
@@ -9,9 +10,9 @@ from __future__ import annotations
 
 from typing import Any, Callable
 
-from .concepts import resolve_request
+from .concepts import ConceptPlan, resolve_requests
 from .decision import Decision
-from .fusion import fuse_by_confidence
+from .fusion import Fusion, fuse_by_confidence
 from .marks import Mark
 
 __all__ = ["plan_offline"]
@@ -21,10 +22,47 @@ def plan_offline(request: str, segmenter: Any, *, max_phrasings: int = 6, keep_r
                  min_score: float = 0.0, log: Callable[[str], None] = lambda line: None) -> Decision:
     """Segment what ``request`` names with every catalogue phrasing of it at once and fuse the masks.
 
-    Returns a ``selected`` decision with one mark (the fused mask, named after the concept), or ``no_mask`` when
-    no phrasing scores at least ``min_score`` or the fused mask is empty.
+    A request joining catalogue concepts ('the liver and the spleen', :func:`~.concepts.resolve_requests`) has each
+    concept segmented and fused on its own (one predictor call per concept) and answers their union.
+
+    Returns a ``selected`` decision with one mark per concept found (the fused mask, named after the concept), or
+    ``no_mask`` when no phrasing scores at least ``min_score`` or every fused mask is empty.
     """
-    plan = resolve_request(request, max_phrasings)
+    plans = resolve_requests(request, max_phrasings)
+    if len(plans) > 1:
+        log(f"note: the request names {len(plans)} concepts ({', '.join(repr(p.concept) for p in plans)}): each is "
+            "segmented with its own phrasings, and the answer is their union")
+    outcomes = [_segment_concept(plan, segmenter, keep_ratio, min_score, log) for plan in plans]
+    marks: list[Mark] = []
+    for plan, (fusion, prediction, _) in zip(plans, outcomes):
+        mark = Mark(len(marks) + 1, plan.concept, 1, fusion.mask, fusion.score, prediction, bool(prediction.is_volume))
+        if fusion.kept and not mark.empty:
+            marks.append(mark)
+    if len(plans) == 1:
+        details = outcomes[0][2]
+    else:
+        details = {"concepts": [outcome[2] for outcome in outcomes],
+                   "kept": [text for fusion, _, _ in outcomes for text in fusion.kept],
+                   "batch": {"phrasings": sum(o[2]["batch"]["phrasings"] for o in outcomes),
+                             "predictor_calls": len(plans)}}
+    if marks:
+        missing = [plan.concept for plan in plans if plan.concept not in [mark.phrase for mark in marks]]
+        if missing:
+            log(f"note: nothing found for {', '.join(repr(c) for c in missing)}; the answer holds the rest")
+        return Decision("selected", marks, planner="offline", details=details)
+    if not any(fusion.kept for fusion, _, _ in outcomes):
+        best = max(fusion.score for fusion, _, _ in outcomes)
+        named = " or ".join(repr(plan.concept) for plan in plans)
+        return Decision("no_mask", reason=f"no phrasing of {named} scored >= {min_score:g} (best {best:.3f})",
+                        planner="offline", details=details)
+    named = " or ".join(repr(plan.concept) for plan in plans)
+    return Decision("no_mask", reason=f"the phrasings of {named} segmented nothing", planner="offline",
+                    details=details)
+
+
+def _segment_concept(plan: ConceptPlan, segmenter: Any, keep_ratio: float, min_score: float,
+                     log: Callable[[str], None]) -> tuple[Fusion, Any, dict[str, Any]]:
+    """One concept's phrasings segmented in one predictor call and fused: ``(fusion, prediction, details)``."""
     phrasings, dropped = [], []
     for text in plan.phrasings:
         try:
@@ -49,11 +87,4 @@ def plan_offline(request: str, segmenter: Any, *, max_phrasings: int = 6, keep_r
     details = {"concept": plan.as_json(), "dropped_phrasings": dropped, "keep_ratio": keep_ratio,
                "min_score": min_score, "fusion": fusion.table, "kept": fusion.kept,
                "batch": {"phrasings": len(phrasings), "predictor_calls": 1}}
-    if not fusion.kept:
-        return Decision("no_mask", reason=f"no phrasing of {plan.concept!r} scored >= {min_score:g} "
-                                          f"(best {fusion.score:.3f})", planner="offline", details=details)
-    mark = Mark(1, plan.concept, 1, fusion.mask, fusion.score, prediction, bool(prediction.is_volume))
-    if mark.empty:
-        return Decision("no_mask", reason=f"the phrasings of {plan.concept!r} segmented nothing", planner="offline",
-                        details=details)
-    return Decision("selected", [mark], planner="offline", details=details)
+    return fusion, prediction, details
