@@ -169,6 +169,49 @@ def test_discovery_reports_found_missing_unreadable_and_unconverted(data_root):
     assert medsam3["ISIC2018"].status == "missing" and medsam3["RIM-ONE"].status == "no_converter"
 
 
+def _drive_official(shared_data, root, test_labels: bool, drop_masks: int = 0):
+    """DRIVE in its official layout (training/, test/), linking the shared sample's files."""
+    source = shared_data / "DRIVE"
+    for half in ("training", "test"):
+        (root / half / "images").mkdir(parents=True)
+        (root / half / "1st_manual").mkdir()
+    for image in sorted((source / "images").glob("*.tif")):
+        number, half = image.stem.split("_")
+        os.symlink(image, root / half / "images" / image.name)
+        if half == "training" or test_labels:
+            os.symlink(source / "masks" / f"{number}_manual1.gif", root / half / "1st_manual" / f"{number}_manual1.gif")
+    if not test_labels:
+        (root / "test" / "1st_manual").rmdir()
+    for mask in sorted((root / "training" / "1st_manual").iterdir())[:drop_masks]:
+        mask.unlink()
+
+
+def test_a_drive_copy_without_test_labels_is_said_to_be_scored_on_validation(shared_data, tmp_path):
+    """Today's DRIVE download has no test labels: the table must not pass its validation split off as the paper's
+    test half (console and table notes say so); a partial copy names every bad file and what to do."""
+    from medsam3_monai.reproduce.report import table_notes
+    from medsam3_monai.reproduce.runner import ReproduceSettings
+
+    _drive_official(shared_data, tmp_path / "data" / "DRIVE", test_labels=False)
+    drive = next(s for s in discover(tmp_path / "data", medical_sam3_table()) if s.dataset == "DRIVE")
+    assert drive.found and drive.counts["test"] == 0 and drive.unlabelled == 20
+    assert "scored on its validation split (3 cases" in drive.split_warning()
+    settings = ReproduceSettings(paper="medical-sam3", data_root=str(tmp_path / "data"), checkpoint="tiny",
+                                 out=str(tmp_path / "out"))
+    notes = table_notes(medical_sam3_table(), [drive], settings, {}, {})
+    assert any(n.startswith("WARNING: DRIVE has no labelled test images") for n in notes)
+
+    _drive_official(shared_data, tmp_path / "labelled" / "DRIVE", test_labels=True)
+    labelled = next(s for s in discover(tmp_path / "labelled", medical_sam3_table()) if s.dataset == "DRIVE")
+    assert labelled.counts["test"] == 20 and labelled.split_warning() == ""
+
+    _drive_official(shared_data, tmp_path / "partial" / "DRIVE", test_labels=True, drop_masks=2)
+    partial = next(s for s in discover(tmp_path / "partial", medical_sam3_table()) if s.dataset == "DRIVE")
+    assert partial.status == "unreadable" and "--skip-bad" not in partial.message
+    assert "a dataset is evaluated whole: repair or remove these files" in partial.message
+    assert "21_training.tif" in partial.message and "22_training.tif" in partial.message  # every file named
+
+
 def test_table1_comparison_says_when_a_copy_differs(data_root):
     drive = next(s for s in discover(data_root, medical_sam3_table()) if s.dataset == "DRIVE")
     drive.published_images = 40
@@ -203,7 +246,7 @@ def test_reproduce_medical_sam3_end_to_end_with_the_tiny_network(data_root, tmp_
     assert "1 of 17 evaluation sets found" in captured.err
     assert "found     DRIVE (internal)" in captured.err
     assert f"not found TN3K (external): expected {data_root / 'TN3K'}/" in captured.err
-    assert "unreadable ETIS-Larib" in captured.err and "no reader PAPILA" in captured.err
+    assert "unreadable ETIS-Larib" in captured.err and "no converter PAPILA" in captured.err
     # the table: ours, published, Δ per checkpoint; every dataset listed; means labelled
     text = (out / "table.md").read_text()
     assert text == captured.out.strip() + "\n"
@@ -270,7 +313,12 @@ def test_the_cases_column_leaves_out_the_cases_skipped_as_unreadable(data_root, 
     assert _run(["reproduce", "medical-sam3", "--data-root", str(data_root), "--checkpoint", "tiny", "--baseline",
                  "tiny", "--image-size", "112", "--max-cases", "2", "--out", str(out), "--no-progress",
                  "--overlays", "0", "--skip-unreadable"]) == 0
-    assert _cells((out / "table.md").read_text(), "DRIVE")[2:4] == ["yes", "1"]
+    text = (out / "table.md").read_text()
+    assert _cells(text, "DRIVE")[2:4] == ["yes", "1"]
+    assert "WARNING: unreadable cases left out (--skip-unreadable), so n is below the split's count: DRIVE 1" in text
+    manifest = json.loads((out / "manifest.json").read_text())
+    assert manifest["skipped_unreadable_cases"] == {"DRIVE": 1}
+    assert manifest["command"][:3] == ["medsam3", "reproduce", "medical-sam3"]  # as given, however it was run
 
 
 @pytest.mark.slow
@@ -328,7 +376,24 @@ def test_bad_input_exits_2_and_writes_nothing(data_root, tmp_path, capsys):
     assert "none of the 17 evaluation sets" in capsys.readouterr().err and not out.exists()
     assert _run(["reproduce", "medical-sam3", "--data-root", str(tmp_path / "nowhere"), "--checkpoint", "tiny",
                  "--out", str(out)]) == 2
+    assert "does not exist" in capsys.readouterr().err and not out.exists()
+    a_file = tmp_path / "a_file"
+    a_file.write_text("x")
+    assert _run(["reproduce", "medical-sam3", "--data-root", str(a_file), "--checkpoint", "tiny",
+                 "--out", str(out)]) == 2
     assert "is not a folder" in capsys.readouterr().err and not out.exists()
+    # a tracking server that does not answer: refused at once (MLflow alone retries for minutes), nothing written
+    assert _run(["reproduce", "medical-sam3", "--data-root", str(data_root), "--checkpoint", "tiny",
+                 "--out", str(out), "--tracking-uri", "http://127.0.0.1:9"]) == 2
+    assert "MLflow tracking URI http://127.0.0.1:9 cannot be used" in capsys.readouterr().err and not out.exists()
+    with pytest.raises(SystemExit):  # the paper's own usage, not reproduce's
+        _run(["reproduce", "medical-sam3", "--data-root", str(data_root), "--checkpoint", "tiny", "--out", str(out),
+              "--protocol", "T"])
+    assert "usage: medsam3 reproduce medical-sam3" in capsys.readouterr().err
+    with pytest.raises(SystemExit):
+        _run(["reproduce", "medical-sam3", "--data-root", str(data_root), "--checkpoint", "tiny", "--out", str(out),
+              "--overlays", "-1"])
+    assert "--overlays: '-1': give a number >= 0" in capsys.readouterr().err
     taken = tmp_path / "taken"
     taken.mkdir()
     (taken / "x").write_text("x")

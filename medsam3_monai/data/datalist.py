@@ -160,6 +160,7 @@ def build_datalist(
     check_values: bool = True,
     relative_to: Path | str | None = None,
     channel: int | None = None,
+    bad_hint: str = "use --skip-bad to leave these files out",
 ) -> DatalistResult:
     """Read ``root`` with the converter named (or implied) by ``name`` and build the datalist.
 
@@ -168,7 +169,7 @@ def build_datalist(
     left out and listed in ``result.skipped``. ``check_values`` reads every label map to compare its values
     with the catalogue (turn off for very large 3D datasets). ``channel`` picks the channel of multi-channel (4D)
     images that every item segments (written as its ``channel``); such a dataset (MSD BrainTumour, Prostate)
-    needs one.
+    needs one. ``bad_hint`` is what the error of bad input advises.
     """
     catalogue = catalogue or load_catalogue()
     root = Path(root)
@@ -188,8 +189,7 @@ def build_datalist(
         listed = "\n  ".join(str(p) for p in problems[:_MAX_LISTED])
         more = f"\n  ... and {len(problems) - _MAX_LISTED} more" if len(problems) > _MAX_LISTED else ""
         raise DatalistError(
-            f"{root}: {len(problems)} problem(s) in the {converter.name} layout (use --skip-bad to leave "
-            f"these files out):\n  {listed}{more}"
+            f"{root}: {len(problems)} problem(s) in the {converter.name} layout ({bad_hint}):\n  {listed}{more}"
         )
     if not good:
         raise DatalistError(f"{root}: no usable image/mask pairs found. Expected {converter.summary}")

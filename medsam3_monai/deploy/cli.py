@@ -49,12 +49,22 @@ def _user_errors() -> tuple[type[BaseException], ...]:
     return errors
 
 
+def _innermost_parser(parser: argparse.ArgumentParser, args: argparse.Namespace) -> argparse.ArgumentParser:
+    """The parser of the (sub-)sub-command ``args`` were parsed by (``medsam3 reproduce medical-sam3``'s own)."""
+    while True:
+        commands = next((a for a in parser._actions if isinstance(a, argparse._SubParsersAction)), None)
+        chosen = getattr(args, commands.dest, None) if commands is not None else None
+        if chosen not in (commands.choices if commands is not None else {}):
+            return parser
+        parser = commands.choices[chosen]
+
+
 def main(argv: Sequence[str] | None = None) -> int:
     parser = build_parser()
     args, extras = parser.parse_known_args(argv)
     if extras:  # named by the sub-command's own usage (argparse would print the top-level one)
-        commands = next(a for a in parser._actions if isinstance(a, argparse._SubParsersAction))
-        (commands.choices.get(args.command) or parser).error(f"unrecognized arguments: {' '.join(extras)}")
+        _innermost_parser(parser, args).error(f"unrecognized arguments: {' '.join(extras)}")
+    args.argv = list(sys.argv[1:] if argv is None else argv)  # the command as given (a reproduction records it)
     if not getattr(args, "func", None):
         parser.print_help()
         return 0

@@ -83,7 +83,8 @@ def add_parser(subparsers: argparse._SubParsersAction) -> argparse.ArgumentParse
     parser.add_argument("--tracker", default="auto", metavar="SRC",
                         help="3D tracker: auto (tiny for tiny, the checkpoint's for a facebook/sam3 folder or "
                              "a sam3.pt, else none), none, tiny, an HF folder or a sam3.pt")
-    parser.add_argument("--overlays", type=int, default=8, metavar="N", help="overlay images to draw (8; 0: none)")
+    parser.add_argument("--overlays", type=at_least(0), default=8, metavar="N",
+                        help="overlay images to draw (8; 0: none)")
     parser.add_argument("--device", default="auto", help="auto (cuda when available), cpu, cuda, cuda:1, ...")
     parser.add_argument("--tracking-uri", default=None,
                         help="MLflow tracking URI (default sqlite:///OUT/mlruns.db, artifacts in OUT/mlartifacts)")
@@ -244,7 +245,7 @@ def run(args: argparse.Namespace) -> int:
         is_volume_item,
         run_evaluation,
     )
-    from ..engines.reports import default_tracking_uri, open_experiment
+    from ..engines.reports import check_tracking_uri, default_tracking_uri, open_experiment
     from ..networks import load_network
     from ..networks.tracker import resolve_tracker
     from ..tensors import resolve_device
@@ -269,6 +270,8 @@ def run(args: argparse.Namespace) -> int:
 
         plan = plan_phrasings(items, args.max_phrasings)
     _check_2d_options(items, args)
+    if not args.no_mlflow:
+        check_tracking_uri(args.tracking_uri)
     volumes = sum(is_volume_item(item) for item in items)
     networks = [load_network(source, args.image_size, detector_chunk=args.detector_chunk) for source in sources]
     trackers = [resolve_tracker(args.tracker, s, n, described=True) if volumes else (None, "none")

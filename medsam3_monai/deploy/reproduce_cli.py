@@ -10,7 +10,6 @@ from __future__ import annotations
 
 import argparse
 import sys
-from pathlib import Path
 
 from .agent_cli import add_planner_options  # stdlib only
 from .arguments import at_least
@@ -60,7 +59,8 @@ def _add_paper(subparsers: argparse._SubParsersAction, paper: str) -> None:
     parser.add_argument("--seed", type=int, default=42, help="seed of the splits and of the --max-cases sample (42)")
     parser.add_argument("--device", default="auto", help="auto (cuda when available), cpu, cuda, cuda:1, ...")
     parser.add_argument("--tracker", default="auto", metavar="SRC", help="3D tracker (as `medsam3 evaluate`)")
-    parser.add_argument("--overlays", type=int, default=2, metavar="N", help="overlay images per dataset (2; 0: none)")
+    parser.add_argument("--overlays", type=at_least(0), default=2, metavar="N",
+                        help="overlay images per dataset (2; 0: none)")
     parser.add_argument("--tracking-uri", default=None,
                         help="MLflow tracking URI (default sqlite:///OUT/mlruns.db, artifacts in OUT/mlartifacts)")
     parser.add_argument("--experiment", default=None, help="MLflow experiment name (medsam3-reproduce)")
@@ -99,7 +99,7 @@ def run(args: argparse.Namespace) -> int:
         dry_run=args.dry_run, agent=bool(getattr(args, "agent", False)), llm=getattr(args, "llm", "auto"),
         llm_url=getattr(args, "llm_url", None), llm_model=getattr(args, "llm_model", None),
         api_key_env=getattr(args, "api_key_env", None),
-        command=["medsam3", *sys.argv[1:]] if Path(sys.argv[0]).name == "medsam3" else [],
+        command=["medsam3", *getattr(args, "argv", sys.argv[1:])],
     )
     result = reproduce(settings)
     if args.dry_run:

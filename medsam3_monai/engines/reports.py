@@ -30,7 +30,7 @@ from ..metrics.plots import overlay_figure, radar_chart, radiological_view
 from ..transforms.intensity import unit_pixels
 
 __all__ = ["DEFAULT_EXPERIMENT", "EvaluationReport", "OverlayWriter", "absent_label_warnings", "default_tracking_uri",
-           "open_experiment"]
+           "check_tracking_uri", "open_experiment"]
 
 logger = logging.getLogger(__name__)
 
@@ -61,7 +61,7 @@ def open_experiment(tracking_uri: str, experiment: str = DEFAULT_EXPERIMENT, art
     from mlflow import MlflowClient
 
     client = MlflowClient(tracking_uri=tracking_uri)
-    found = client.get_experiment_by_name(experiment)
+    found = _first_contact(lambda: client.get_experiment_by_name(experiment), tracking_uri)
     if found is not None:
         return client, found.experiment_id
     if artifact_location is None and tracking_uri.startswith("sqlite:///"):
@@ -70,6 +70,40 @@ def open_experiment(tracking_uri: str, experiment: str = DEFAULT_EXPERIMENT, art
             artifact_location = Path(database).parent / "mlartifacts"
     location = Path(artifact_location).resolve().as_uri() if artifact_location is not None else None
     return client, client.create_experiment(experiment, artifact_location=location)
+
+
+def check_tracking_uri(tracking_uri: str | None) -> None:
+    """Refuse a tracking URI that cannot be used (a server that is not running, a bad URI) before a long run
+    (ValueError saying what to change); None (a SQLite store in the output folder) is always fine."""
+    if tracking_uri is None:
+        return
+    from mlflow import MlflowClient
+
+    _first_contact(lambda: MlflowClient(tracking_uri=tracking_uri).search_experiments(max_results=1), tracking_uri)
+
+
+def _first_contact(call: Any, tracking_uri: str) -> Any:
+    """``call()``, the first request to the tracking store, tried once (MLflow's own policy retries a server that
+    is not there for minutes); a store that cannot be used is a ValueError saying what to change."""
+    import os
+
+    from mlflow.exceptions import MlflowException
+
+    saved = os.environ.get("MLFLOW_HTTP_REQUEST_MAX_RETRIES")
+    os.environ["MLFLOW_HTTP_REQUEST_MAX_RETRIES"] = "0"
+    try:
+        return call()
+    except (MlflowException, OSError) as err:
+        reason = next((line.strip() for line in str(err).splitlines() if line.strip()), type(err).__name__)
+        raise ValueError(f"MLflow tracking URI {tracking_uri} cannot be used ({reason[:300]}): start that tracking "
+                         "server or correct the URI (a database such as sqlite:///runs/mlflow.db, or "
+                         "http://HOST:PORT), or leave --tracking-uri out for a SQLite store in the output folder"
+                         ) from None
+    finally:
+        if saved is None:
+            os.environ.pop("MLFLOW_HTTP_REQUEST_MAX_RETRIES", None)
+        else:
+            os.environ["MLFLOW_HTTP_REQUEST_MAX_RETRIES"] = saved
 
 
 class OverlayWriter:

@@ -66,9 +66,10 @@ def radar_chart(
     path: str | Path,
     metrics: Sequence[str] = ("dice", "iou"),
     title: str | None = None,
+    unit: str = "%",
 ) -> Path:
     """Per-dataset ``metrics`` (in %) on a polar chart, one axis per dataset, one closed line per metric; the legend
-    under the chart, the title wrapped to its width.
+    under the chart, the title wrapped to its width; ``unit`` labels the value axis of the bars.
 
     A radar needs three axes: with one or two datasets the same values are drawn as horizontal bars (one group per
     dataset), which read where a polygon would be a point or a line.
@@ -94,7 +95,7 @@ def radar_chart(
         ax.set_yticks(range(len(names)), names, fontsize=8)
         ax.invert_yaxis()
         ax.set_xlim(0, 100)
-        ax.set_xlabel("%", fontsize=8)
+        ax.set_xlabel(unit, fontsize=8)
         ax.tick_params(axis="x", labelsize=7)
     else:
         figure = _figure(6.5, 6.5)

@@ -1,7 +1,7 @@
 """Radar charts of a reproduction, drawn by :func:`medsam3_monai.metrics.plots.radar_chart` (one axis per dataset).
 
 * ``radar.png``: the paper's figure (Medical SAM3 Fig. 3 layout): our Dice of each evaluated checkpoint, one line
-  each, on the datasets that were found;
+  each, on the datasets that were found (horizontal bars when fewer than three were found);
 * ``radar_<column>_vs_paper.png``: one checkpoint, ours against the published Dice, on the found datasets
   whose published value is known (not drawn when there is none).
 """
@@ -35,7 +35,7 @@ def reproduction_charts(table: Any, ours: Mapping[str, Mapping[str, float | None
     written = []
     series = {f"{c.method} (ours)": {n: ours[c.key].get(n) or 0.0 for n in names} for c in columns}
     written.append(radar_chart(_table(names, series, protocol), out_dir / f"radar{suffix}.png",
-                               metrics=tuple(series), title=f"{table.title}: our Dice per dataset"))
+                               metrics=tuple(series), title=f"{table.title}: our Dice per dataset", unit="Dice (%)"))
     for column in columns:
         known = [n for n in names if ours[column.key].get(n) is not None and column.published.get(n) is not None]
         if not known:
@@ -43,5 +43,6 @@ def reproduction_charts(table: Any, ours: Mapping[str, Mapping[str, float | None
         pair = {f"{column.method} (ours)": {n: ours[column.key][n] for n in known},
                 f"{column.method} (published)": {n: column.published[n] for n in known}}
         written.append(radar_chart(_table(known, pair, protocol), out_dir / f"radar_{column.key}_vs_paper.png",
-                                   metrics=tuple(pair), title=f"{column.method}: ours vs published Dice"))
+                                   metrics=tuple(pair), title=f"{column.method}: ours vs published Dice",
+                                   unit="Dice (%)"))
     return written

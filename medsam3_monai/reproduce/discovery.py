@@ -49,6 +49,16 @@ class DatasetStatus:
     def found(self) -> bool:
         return self.status == "found"
 
+    def split_warning(self) -> str:
+        """A warning when a found dataset has no labelled test images but images without labels (a test half
+        published without its labels, such as today's DRIVE): it is then scored on its validation split."""
+        if not self.found or self.counts.get("test") or not self.unlabelled:
+            return ""
+        return (f"{self.dataset} has no labelled test images ({self.unlabelled} images without labels, e.g. a test "
+                "half published without them): it is scored on its validation split "
+                f"({self.counts.get('validation', 0)} cases: 15 % of the labelled images, seed 42), not on the test set "
+                "the published value comes from")
+
     def evaluation_cases(self) -> int:
         """Cases of the evaluation split ``auto`` (test when present, else validation)."""
         return self.counts.get("test") or self.counts.get("validation") or 0
@@ -59,7 +69,7 @@ class DatasetStatus:
             counts = ", ".join(f"{k} {v}" for k, v in self.counts.items())
             text = f"found     {self.dataset} ({self.group}) in {self.folder}: {counts}; prompt {self._prompt_text()}"
             return text + (f" ({self.prompt_note})" if self.prompt_note else "")
-        label = {"missing": "not found", "no_converter": "no reader", "unreadable": "unreadable"}[self.status]
+        label = {"missing": "not found", "no_converter": "no converter", "unreadable": "unreadable"}[self.status]
         return f"{label:<9} {self.dataset} ({self.group}): {self.message}"
 
     def _prompt_text(self) -> str:
@@ -114,8 +124,9 @@ def discover(root: Path | str, table: Any, catalogue: Any = None, *, seed: int =
     catalogue = catalogue or load_catalogue()
     root = Path(root)
     if not root.is_dir():
-        raise FileNotFoundError(f"data root {root} is not a folder (one sub-folder per dataset, named like the "
-                                "dataset)")
+        what = "is not a folder" if root.exists() else "does not exist"
+        raise FileNotFoundError(f"data root {root} {what} (give the folder that holds one sub-folder per dataset, "
+                                "named like the dataset)")
     statuses = []
     for name, group in table.datasets:
         entry = catalogue.get(name)
@@ -135,11 +146,12 @@ def discover(root: Path | str, table: Any, catalogue: Any = None, *, seed: int =
             status.message = f"expected {status.expected}"
             continue
         try:
-            result = build_datalist(entry.name, status.folder, catalogue=catalogue, seed=seed)
+            result = build_datalist(entry.name, status.folder, catalogue=catalogue, seed=seed,
+                                    bad_hint="a dataset is evaluated whole: repair or remove these files")
         except (DatalistError, ValueError, OSError) as err:
             status.status = "unreadable"
-            first = str(err).splitlines()[0]
-            status.message = first if "xpected" in first else f"{first}; expected {status.expected}"
+            text = str(err).strip()
+            status.message = text if "xpected" in text else f"{text}\n  expected {status.expected}"
             continue
         status.status = "found"
         status.prompts, status.prompt_note = paper_prompts(entry, table.prompts[name], catalogue)

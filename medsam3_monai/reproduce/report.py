@@ -54,7 +54,7 @@ def datasets_markdown(title: str, statuses: Sequence[DatasetStatus], root: Path)
         prompt = " & ".join(s.prompts.values()) if s.found else "–"
         if s.prompt_note:
             prompt += f" ({s.prompt_note})"
-        status = {"found": "found", "missing": "not found", "no_converter": "no reader yet",
+        status = {"found": "found", "missing": "not found", "no_converter": "no converter yet",
                   "unreadable": "not in the expected layout"}[s.status]
         lines.append("| " + " | ".join(_cell(x) for x in (s.dataset, s.group, status, where, items, prompt,
                                                              table1_comparison(s))) + " |")
@@ -89,6 +89,7 @@ def table_notes(table: Any, statuses: Sequence[DatasetStatus], settings: Any, ra
     if "tiny" in sources.values():
         notes.append("WARNING: the tiny random-init network (`tiny`) was evaluated: the machinery runs, the numbers "
                      "are far from the paper's by construction.")
+    notes += [f"WARNING: {s.split_warning()}." for s in statuses if s.split_warning()]
     notes.append(f"Found {len(found)} of {len(statuses)} datasets" + (f"; not evaluated: {', '.join(missing)} "
                  "(datasets.md says what was expected)" if missing else "") + ". A group mean over all its datasets "
                  "is shown for ours only when every one was found; 'found only' rows average the found datasets, "
@@ -110,4 +111,4 @@ def table_notes(table: Any, statuses: Sequence[DatasetStatus], settings: Any, ra
                  "empty.")
     notes += [f"Published: {line}" for line in table.sources]
     notes.append("Δ = ours − published, in Dice points; '–' where either side is unknown.")
-    return notes
+    return list(dict.fromkeys(notes))  # columns of two protocols share a method's line

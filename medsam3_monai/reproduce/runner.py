@@ -135,6 +135,9 @@ def reproduce(settings: ReproduceSettings, say: Callable[[str], None] = _say) ->
     say(f"{paper.title}: {len(found)} of {len(statuses)} evaluation sets found under {settings.data_root}")
     for status in statuses:
         say("  " + status.line())
+    for status in statuses:
+        if status.split_warning():
+            say(f"WARNING: {status.split_warning()}")
     result = Reproduction(out, paper, statuses)
     if not found:
         raise FileNotFoundError(f"none of the {len(statuses)} evaluation sets of {paper.title} was found under "
@@ -142,6 +145,10 @@ def reproduce(settings: ReproduceSettings, say: Callable[[str], None] = _say) ->
                                 "(listed above)")
     if settings.dry_run:
         return result
+    if settings.mlflow:
+        from ..engines.reports import check_tracking_uri
+
+        check_tracking_uri(settings.tracking_uri)
 
     from ..networks import load_network
 
@@ -189,6 +196,7 @@ def _evaluate(settings: ReproduceSettings, paper: PaperTable, statuses: Sequence
     volumes = any(is_volume_item(item) for batch in items.values() for item in batch)
     ours: dict[str, dict[str, float]] = {}
     cases: dict[str, int] = {}
+    skipped: dict[str, int] = {}  # dataset -> unreadable cases left out (--skip-unreadable)
     timings: list[Timing] = []
     agent_rows: list[dict[str, Any]] = []
     for column, source in runs:
@@ -222,6 +230,8 @@ def _evaluate(settings: ReproduceSettings, paper: PaperTable, statuses: Sequence
             evaluated = len(items[status.dataset]) - len(report.unreadable)
             ours[column.key][status.dataset] = dice
             cases[status.dataset] = evaluated
+            if report.unreadable:
+                skipped[status.dataset] = max(skipped.get(status.dataset, 0), len(report.unreadable))
             records += report.records
             timings.append(Timing(column.key, status.dataset, evaluated, seconds, status.evaluation_cases()))
             published = column.published.get(status.dataset)
@@ -236,7 +246,7 @@ def _evaluate(settings: ReproduceSettings, paper: PaperTable, statuses: Sequence
         table.to_csv(folder / "table.csv")
         (folder / "table.md").write_text(table.to_markdown(title=f"{column.method} ({column.protocol}), `{source}`"),
                                          encoding="utf-8")
-    return ours, cases, timings, str(device), agent_rows
+    return ours, cases, skipped, timings, str(device), agent_rows
 
 
 def _write_outputs(settings: ReproduceSettings, paper: PaperTable, statuses: list[DatasetStatus], runs: Sequence,
@@ -250,12 +260,16 @@ def _write_outputs(settings: ReproduceSettings, paper: PaperTable, statuses: lis
     out = result.out_dir
     datalists = {s.dataset: write_datalist(s.datalist, out / "datalists" / f"{s.dataset}.json")
                  for s in statuses if s.found}
-    ours, cases, timings, device, agent_rows = _evaluate(settings, paper, statuses, runs, networks, datalists, out,
-                                                         say, agent)
+    ours, cases, skipped, timings, device, agent_rows = _evaluate(settings, paper, statuses, runs, networks,
+                                                                  datalists, out, say, agent)
     result.timings = timings
     ran = {column.key: True for column, _ in runs}
     sources = {column.key: source for column, source in runs}
     notes = table_notes(paper, statuses, settings, ran, sources)
+    if skipped:
+        notes.insert(0, "WARNING: unreadable cases left out (--skip-unreadable), so n is below the split's count: "
+                        + ", ".join(f"{dataset} {n}" for dataset, n in skipped.items())
+                        + " (each dataset's skipped.csv names them).")
     if paper.paper == "medsam3":
         notes.append(_agent_note(paper, agent, agent_rows) if agent is not None else AGENT_NOTE)
     shown = {s.dataset: s.status.replace("_", " ").replace("missing", "not found") for s in statuses}
@@ -291,6 +305,7 @@ def _write_outputs(settings: ReproduceSettings, paper: PaperTable, statuses: lis
                       "message": s.message, "counts": s.counts, "images_found": s.images_found,
                       "table1_images": s.published_images, "prompts": s.prompts} for s in statuses],
         "timings": [t.as_dict() for t in timings],
+        "skipped_unreadable_cases": skipped,
         "published_sources": list(paper.sources),
         "files": sorted(str(p.relative_to(out)) for p in out.rglob("*") if p.is_file()
                         and not p.relative_to(out).parts[0].startswith(("mlruns", "mlartifacts"))) + ["manifest.json"],

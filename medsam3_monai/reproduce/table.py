@@ -118,7 +118,7 @@ def build_table(
         table: the :class:`~.published.PaperTable`.
         ours: column key -> dataset -> our Dice in % (absent or None: not evaluated).
         found: dataset -> whether it was found (and so evaluated): a bool, or a status text where ``"found"``
-            means found and any other text (``not found``, ``no reader``) is shown as it is.
+            means found and any other text (``not found``, ``no converter``) is shown as it is.
         cases: dataset -> evaluated cases (None: not evaluated).
         ran: column key -> whether its checkpoint was evaluated (a column without one to run, ``runs`` None, such
             as U-Net, is shown published-only; one not evaluated shows ``not run``).
