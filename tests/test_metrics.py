@@ -366,6 +366,23 @@ def test_an_overlay_of_many_classes_lists_those_largest_on_the_picture_beside_it
     assert _score_line(records) == "5 classes: mean Dice 44.0; lowest: organ 4 0.0, organ 2 10.0, organ 1 50.0"
 
 
+def test_an_overlay_shows_the_box_prompts_in_the_prediction_panel_only(tmp_path):
+    """T+I overlays draw each prompt's box (dashed, its class colour) on the prediction panel; the image and truth
+    panels stay as without boxes."""
+    from PIL import Image
+
+    from medsam3_monai.metrics.plots import overlay_figure
+
+    image, labels = np.zeros((60, 80)), np.zeros((60, 80), np.uint8)
+    plain = np.asarray(Image.open(overlay_figure(image, labels, labels, tmp_path / "plain.png", [1, 2])).convert("RGB"))
+    boxed = np.asarray(Image.open(overlay_figure(image, labels, labels, tmp_path / "boxed.png", [1, 2],
+                                                 boxes=[[10, 5, 50, 40], None])).convert("RGB"))
+    changed = np.argwhere((plain != boxed).any(axis=-1))
+    assert len(changed) > 50 and changed[:, 1].min() > 2 * plain.shape[1] // 3  # only in the third panel
+    colour = boxed[tuple(changed.T)].astype(int)
+    assert (np.abs(colour - [0x56, 0xB4, 0xE9]).sum(axis=1) < 60).any()  # the first class's sky blue
+
+
 def _boxes_at_random(rng, shape, count):
     mask = np.zeros(shape, dtype=bool)
     for _ in range(count):

@@ -162,6 +162,7 @@ class CasePrediction:
         scores: (P,) per prompt: the protocol's score (2D) or the best slice score (volume).
         spacing: per-axis spacing in mm (array axis order) or None when unknown.
         seed_slices: for volumes, the slice each prompt's tracking started from.
+        boxes: T+I (2D): per prompt, the box prompt given ``[x1, y1, x2, y2]`` in the input's pixels, or None.
     """
 
     items: list[dict[str, Any]]
@@ -173,6 +174,7 @@ class CasePrediction:
     spacing: tuple[float, ...] | None
     is_volume: bool = False
     seed_slices: torch.Tensor | None = None
+    boxes: list[list[float] | None] | None = None
 
     @property
     def masks(self) -> torch.Tensor:
@@ -282,7 +284,8 @@ class CaseInferer(Inferer):
     def __call__(self, inputs: Sequence[dict[str, Any]], network: torch.nn.Module, *args: Any, **kwargs: Any
                  ) -> CasePrediction:
         items, case_items = self._case_items(inputs)
-        return self._case_prediction(items, self.postprocessing(self.cases(case_items, network)))
+        return self._case_prediction(items, self.postprocessing(self.cases(case_items, network)),
+                                     case_items[0].get("box"))
 
     def infer_cases(self, cases: Sequence[Any], network: torch.nn.Module) -> list[CasePrediction]:
         """The engine's batched entry, a loader batch of cases: the 2D ones through the network together, several
@@ -292,14 +295,18 @@ class CaseInferer(Inferer):
             return [self(case, network) for case in cases]
         prepared = [self._case_items(case) for case in cases]
         outputs = self.cases.infer_cases([case_items for _, case_items in prepared], network)
-        return [self._case_prediction(items, self.postprocessing(output))
-                for (items, _), output in zip(prepared, outputs)]
+        return [self._case_prediction(items, self.postprocessing(output), case_items[0].get("box"))
+                for (items, case_items), output in zip(prepared, outputs)]
 
-    def _case_prediction(self, items: list[dict[str, Any]], case: Mapping[str, Any]) -> CasePrediction:
-        """A post-processed case (its label map in the input's geometry) -> :class:`CasePrediction`."""
+    def _case_prediction(self, items: list[dict[str, Any]], case: Mapping[str, Any],
+                         boxes: list[list[float] | None] | None = None) -> CasePrediction:
+        """A post-processed case (its label map in the input's geometry) -> :class:`CasePrediction` (``boxes``:
+        the box prompts it was given)."""
         label_map, scores, seeds = _merged_case(case)
-        return self._prediction(items, [int(v) for v in case["prompt_values"]], list(case["prompt_texts"]),
-                                label_map, scores, seeds)
+        prediction = self._prediction(items, [int(v) for v in case["prompt_values"]], list(case["prompt_texts"]),
+                                      label_map, scores, seeds)
+        prediction.boxes = boxes
+        return prediction
 
     def _prediction(self, items: list[dict[str, Any]], values: list[int], prompts: list[str],
                     label_map: torch.Tensor, scores: torch.Tensor, seeds: torch.Tensor | None = None

@@ -181,7 +181,10 @@ class OverlayWriter:
         if records:
             title += f"\n{_score_line(records)}"
         path = self.folder / f"{index:03d}_{_safe(prediction.dataset)}_{_safe(prediction.case)}.png"
-        return overlay_figure(image, truth, pred, path, prediction.values, prediction.prompts, title)
+        boxes = None if prediction.is_volume else getattr(prediction, "boxes", None)  # T+I, in the input's pixels
+        if boxes:
+            title += "; dashed: box prompts"
+        return overlay_figure(image, truth, pred, path, prediction.values, prediction.prompts, title, boxes=boxes)
 
 
 #: an overlay's title names each class's Dice up to this many classes; beyond, their mean and the lowest ones

@@ -166,8 +166,10 @@ def overlay_figure(
     values: Sequence[int] = (1,),
     names: Sequence[str] | None = None,
     title: str | None = None,
+    boxes: Sequence[Sequence[float] | None] | None = None,
 ) -> Path:
-    """Three panels: the image; the ground truth filled; the prediction filled with the truth's contour. The class
+    """Three panels: the image; the ground truth filled; the prediction filled with the truth's contour (and the
+    box prompts, dashed in their class's colour, where the prediction was prompted with boxes). The class
     legend sits in the prediction panel for up to ``LEGEND_INSIDE`` classes, else in a fourth panel beside it, which
     lists at most ``LEGEND_MAX`` (those covering most of truth and prediction here, and how many more there are).
 
@@ -175,7 +177,10 @@ def overlay_figure(
         image: the image in its own geometry, values in [0, 1] ((3, H, W), (1, H, W) or (H, W)).
         truth, pred: (H, W) label maps (prompt label values, 0 background).
         values: the label values to draw, in prompt order (colours follow this order); ``names`` their texts.
+        boxes: per prompt, its box prompt ``[x1, y1, x2, y2]`` in pixels (pixel edges) or None.
     """
+    from matplotlib.patches import Rectangle
+
     shown = display_image(image)
     truth = np.asarray(truth.cpu() if isinstance(truth, torch.Tensor) else truth)
     pred = np.asarray(pred.cpu() if isinstance(pred, torch.Tensor) else pred)
@@ -191,6 +196,11 @@ def overlay_figure(
     for value in values:
         if (truth == value).any() and min(truth.shape) > 1:
             panels[2].contour((truth == value).astype(float), levels=[0.5], colors=TRUTH_COLOUR, linewidths=0.8)
+    for i, box in enumerate(boxes or []):
+        if box is not None:  # pixel-edge coordinates -> imshow's pixel-centre axes
+            x1, y1, x2, y2 = (float(c) for c in box)
+            panels[2].add_patch(Rectangle((x1 - 0.5, y1 - 0.5), x2 - x1, y2 - y1, fill=False, linestyle="--",
+                                          linewidth=1.0, edgecolor=CLASS_COLOURS[i % len(CLASS_COLOURS)]))
     if many:  # a legend panel of its own (for many classes, those largest on this picture)
         panels[3].set_axis_off()
         areas = class_areas(values, truth, pred) if len(values) > LEGEND_MAX else None
