@@ -97,17 +97,75 @@ def resume_setting(value: Any) -> bool | str:
     return flag(value, "resume") if isinstance(value, (bool, int)) or text in _TRUE or text in _FALSE else str(value)
 
 
+def _setting_keys(name: str, defaults: dict[str, Any]) -> list[str]:
+    """The keys a dictionary setting of ``train.json`` takes: its consumer's fields where it is a dataclass (the
+    objective's weights and switches, the training dropout), else the keys ``train.json`` gives it."""
+    import dataclasses
+
+    if name in ("loss_weights", "loss_settings"):
+        from .losses.criterion import CriterionSettings, LossWeights
+
+        return [f.name for f in dataclasses.fields(LossWeights if name == "loss_weights" else CriterionSettings)]
+    if name == "training_dropout":
+        from .networks.regularization import TrainingDropout
+
+        return [f.name for f in dataclasses.fields(TrainingDropout)]
+    return list(defaults[name])
+
+
 def check_setting_keys(**settings: Any) -> None:
-    """Refuse keys that a dictionary setting of ``train.json`` (``lr``, ``scheduler``) does not have: its consumers
-    read the keys they know, so ``--lr#detectr 1e-4`` changed nothing, silently."""
+    """Refuse keys that a dictionary setting of ``train.json`` (``lr``, ``scheduler``, ``loss_weights``,
+    ``loss_settings``, ``training_dropout``) does not have, before anything is cached: ``--lr#detectr 1e-4``
+    changed nothing, silently, and ``--loss_weights#gio 3`` failed after caching with a traceback."""
+    import difflib
     import json
 
     defaults = json.loads((BUNDLE_CONFIGS / "train.json").read_text(encoding="utf-8"))
     for name, given in settings.items():
-        unknown = sorted(set(given) - set(defaults[name]))
+        if not isinstance(given, dict):
+            raise ValueError(f"--{name} must be a dictionary of its keys (e.g. --{name}#KEY VALUE), got {given!r}")
+        known = _setting_keys(name, defaults)
+        unknown = sorted(set(given) - set(known))
         if unknown:
-            raise ValueError(f"--{name}#{unknown[0]}: {name} has no {', '.join(map(repr, unknown))}; its keys are "
-                             f"{', '.join(defaults[name])}")
+            close = difflib.get_close_matches(unknown[0], known, n=1)
+            hint = f" (did you mean '{close[0]}'?)" if close else ""
+            raise ValueError(f"--{name}#{unknown[0]}: {name} has no {', '.join(map(repr, unknown))}{hint}; its keys "
+                             f"are {', '.join(known)}")
+
+
+#: what ``python -m monai.bundle run`` itself takes beside the config's own keys
+RUNNER_ARGUMENTS = ("config_file", "meta_file", "logging_file", "bundle_root", "tracking", "args_file", "run_id",
+                    "init_id", "final_id", "workflow_type", "workflow_name", "properties_path", "_meta_")
+
+
+def check_override_keys(argv: Sequence[str] | None = None) -> None:
+    """Refuse a ``--KEY`` of ``python -m monai.bundle run`` (or ``torchrun ... -m monai.bundle run``) that no config
+    of the bundle has: MONAI's runner takes it as a new key that nothing reads, so ``--max_epoch 1`` trained the
+    default 10 epochs, silently. Other ways of running (``ConfigWorkflow`` in Python) are not looked at."""
+    import difflib
+    import json
+    import sys
+
+    argv = list(sys.argv if argv is None else argv)
+    if not argv or Path(argv[0]).parent.name != "bundle" or Path(argv[0]).name != "__main__.py" or "run" not in argv:
+        return
+    from monai.bundle.utils import DEFAULT_MLFLOW_SETTINGS
+
+    known = set(RUNNER_ARGUMENTS) | set(DEFAULT_MLFLOW_SETTINGS["configs"])  # --tracking mlflow's settings
+    for path in BUNDLE_CONFIGS.glob("*.json"):
+        config = json.loads(path.read_text(encoding="utf-8"))
+        known |= set(config) if isinstance(config, dict) else set()
+        if isinstance(config, dict) and isinstance(config.get("configs"), dict):  # a --tracking settings file
+            known |= set(config["configs"])
+    given = [arg[2:].split("=", 1)[0] for arg in argv[argv.index("run") + 1:] if arg.startswith("--")]
+    for key in given:
+        top = key.split("#", 1)[0]
+        if top and top not in known:
+            close = difflib.get_close_matches(top, sorted(known), n=1)
+            hint = f"did you mean --{close[0]}? " if close else ""
+            raise ValueError(f"--{key}: the bundle has no setting '{top}', so it would change nothing; {hint}the "
+                             "settings are the keys of bundles/medsam3/configs/*.json (docs/README.md, \"Settings you "
+                             "will want to change\")")
 
 
 def require_positive(**settings: Any) -> None:

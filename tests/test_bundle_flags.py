@@ -44,11 +44,38 @@ def test_a_misspelt_key_of_lr_or_scheduler_is_refused():
     from medsam3_monai.bundle import check_setting_keys
 
     parser = config_parser("train.json", **{"lr#detectr": 1e-4})
-    with pytest.raises(ValueError, match="--lr#detectr: lr has no 'detectr'; its keys are detector, vision"):
+    with pytest.raises(ValueError, match="--lr#detectr: lr has no 'detectr' \\(did you mean 'detector'\\?\\); its keys "
+                                         "are detector, vision"):
         check_setting_keys(lr=parser.get_parsed_content("lr"), scheduler=parser.get_parsed_content("scheduler"))
     check_setting_keys(lr={"detector": 1e-4}, scheduler={"timescale": 10})
+    # the objective's and the dropout's keys are their consumers' fields (train.json names only some of them)
+    check_setting_keys(loss_weights={"giou": 3.0}, loss_settings={"pos_weight": 5.0}, training_dropout={"dropout": 0})
+    for setting, key, says in [("loss_weights", "gio", "did you mean 'giou'?"),
+                               ("loss_settings", "semantik", "did you mean 'semantic'?"),
+                               ("training_dropout", "dropuot", "did you mean 'dropout'?")]:
+        with pytest.raises(ValueError, match=f"--{setting}#{key}: {setting} has no '{key}' \\({says}"):
+            check_setting_keys(**{setting: {key: 1}})
     for config in ("train.json", "multi_gpu_train.json"):  # both bundles check before the data is cached
-        assert "check_setting_keys(lr=@lr, scheduler=@scheduler)" in (BUNDLE_CONFIGS / config).read_text()
+        text = (BUNDLE_CONFIGS / config).read_text()
+        assert ("check_setting_keys(lr=@lr, scheduler=@scheduler, loss_weights=@loss_weights, loss_settings="
+                "@loss_settings, training_dropout=@training_dropout)") in text
+        assert "check_override_keys()" in text
+
+
+def test_a_misspelt_setting_given_to_monai_bundle_run_is_refused():
+    """MONAI's runner takes ``--max_epoch 1`` as a new key nothing reads (the default 10 epochs ran): the bundles
+    refuse a --KEY that no config has, naming the close one; the runner's own arguments and nested keys pass."""
+    from medsam3_monai.bundle import check_override_keys
+
+    runner = ["/venv/lib/python3.11/site-packages/monai/bundle/__main__.py", "run", "--config_file", "train.json"]
+    check_override_keys([*runner, "--max_epochs", "1", "--lr#detector", "1e-4", "--bundle_root=/tmp/x",
+                         "--tracking", "mlflow", "--tracking_uri", "sqlite:///x.db", "--max_cases", "1"])
+    with pytest.raises(ValueError, match="--max_epoch: the bundle has no setting 'max_epoch', so it would change "
+                                         "nothing; did you mean --max_epochs\\?"):
+        check_override_keys([*runner, "--max_epoch", "1"])
+    with pytest.raises(ValueError, match="--batchsize"):
+        check_override_keys([*runner, "--batchsize=1"])
+    check_override_keys(["/usr/bin/pytest", "run", "--max_epoch", "1"])  # not the bundle runner: not looked at
 
 
 def test_loss_settings_switches_read_false_as_off():

@@ -127,9 +127,10 @@ def test_resume_from_a_model_file_is_refused_before_anything_is_written(tmp_path
             BUNDLE_CONFIGS / config).read_text().split('"initialize"')[1]
 
 
-def _linear_training(save_dir: Path, max_epochs: int, resume: bool | str = True):
+def _linear_training(save_dir: Path, max_epochs: int, resume: bool | str = True, extra: dict | None = None,
+                     batches: int = 3):
     """A linear model trained by an Ignite engine with the bundle's checkpoint handler (3 iterations an epoch,
-    a checkpoint every 2 and at the end, the newest two kept)."""
+    a checkpoint every 2 and at the end, the newest two kept); ``extra``: more checkpointed objects."""
     from ignite.engine import Engine
 
     network = torch.nn.Linear(2, 1)
@@ -141,11 +142,35 @@ def _linear_training(save_dir: Path, max_epochs: int, resume: bool | str = True)
         optimizer.step()
 
     engine = Engine(step)
-    handler = TrainingCheckpoint(str(save_dir), {"network": network, "optimizer": optimizer}, save_interval=2,
-                                 resume=resume)
+    handler = TrainingCheckpoint(str(save_dir), {"network": network, "optimizer": optimizer, **(extra or {})},
+                                 save_interval=2, resume=resume)
     handler.attach(engine)
-    engine.run([torch.ones(1, 2)] * 3, max_epochs=max_epochs)
+    engine.run([torch.ones(1, 2)] * batches, max_epochs=max_epochs)
     return engine, handler
+
+
+def test_a_resume_keeps_the_best_value_so_far_and_refuses_other_epochs(tmp_path: Path, caplog):
+    """The best-model handler's best value travels in the training checkpoint: after a resume, a validation worse
+    than the first run's best does not overwrite model_best_val_dice.pt. A checkpoint written without it resumes
+    with a warning; data whose epochs have another length is refused (Ignite would cycle it to the old length)."""
+    import logging
+
+    from medsam3_monai.engines import BestModelCheckpoint
+
+    first = BestModelCheckpoint(None, str(tmp_path / "best.pt"))
+    first.best = 0.7  # what the first run's validations reached
+    _linear_training(tmp_path / "run", max_epochs=1, extra={"best_model": first})
+    resumed = BestModelCheckpoint(None, str(tmp_path / "best.pt"))
+    _linear_training(tmp_path / "run", max_epochs=2, extra={"best_model": resumed})
+    assert resumed.best == 0.7
+    older = tmp_path / "older"
+    _linear_training(older, max_epochs=1)  # a checkpoint without the handler's state
+    with caplog.at_level(logging.WARNING, logger="medsam3_monai.engines.checkpointing"):
+        engine, _ = _linear_training(older, max_epochs=2, extra={"best_model": BestModelCheckpoint(None, "x.pt")})
+    assert engine.state.iteration == 6 and "written without the best_model handler's state" in caplog.text
+    with pytest.raises(ValueError, match=r"epochs had 3 iterations; the data given now makes 5: resume with the "
+                                         r"datalists and batch size it was trained with"):
+        _linear_training(tmp_path / "run", max_epochs=3, batches=5)
 
 
 def test_running_a_finished_training_again_says_there_is_nothing_left(tmp_path: Path, caplog):

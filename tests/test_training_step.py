@@ -145,6 +145,19 @@ def test_accumulation_averages_the_gradients_and_steps_at_the_end_of_an_epoch():
     assert network.weight.item() == pytest.approx(1.0)
 
 
+def test_the_bundles_learning_rate_schedule_counts_optimiser_steps():
+    """With accumulation 2 over 5 batches the optimiser steps 3 times (2, 4 and the epoch's last), and so does the
+    schedule (train.json's OptimizerStepLrSchedule): warm-up in optimiser steps, as without accumulation."""
+    from medsam3_monai.engines import OptimizerStepLrSchedule, WarmupInverseSqrtLR
+
+    batch = (torch.ones(1, 1), torch.ones(1, 1))
+    trainer, _ = _linear_trainer([batch] * 5, accumulation_steps=2)
+    schedule = WarmupInverseSqrtLR(trainer.optimizer, warmup_steps=10, timescale=10)
+    OptimizerStepLrSchedule(schedule).attach(trainer)
+    trainer.run()
+    assert schedule.last_epoch == 3 and trainer.optimizer.param_groups[0]["lr"] == pytest.approx(0.3)
+
+
 
 def test_the_parameters_without_gradients_are_the_documented_ones(tiny_net):
     """README ("Choices we made"): CLIP's own text_projection, FPN level 0.5x and the pixel decoder's third stage

@@ -37,6 +37,8 @@ def latest_checkpoint(save_dir: str | Path) -> Path | None:
 
 
 TRAINING_STATE = ("trainer", "checkpointer")  # what every checkpoint_iterN.pt holds beside the trained objects
+#: objects a resume restores when the checkpoint holds them (older checkpoints were written without)
+OPTIONAL_STATE = ("best_model",)
 
 
 def check_resume_source(resume: bool | str, needed: tuple[str, ...] = TRAINING_STATE) -> None:
@@ -56,6 +58,20 @@ def check_resume_source(resume: bool | str, needed: tuple[str, ...] = TRAINING_S
         raise ValueError(f"checkpoint {path} lacks {missing}: it is not a training checkpoint of this bundle "
                          "(checkpoint_iterN.pt). To fine-tune from a model file, pass it as --checkpoint; to "
                          "start afresh, --resume false or another bundle_root")
+
+
+def _check_epoch_length(path: Path, epoch_length: int | None, loader: Any) -> None:
+    """Refuse to resume on data whose epochs are not as long as the checkpoint's (another datalist or batch size):
+    Ignite would keep the checkpoint's epoch length and cycle the new loader to fill it."""
+    try:
+        batches = len(loader)
+    except TypeError:  # an iterable without a length: nothing to compare
+        return
+    if epoch_length and batches != epoch_length:
+        raise ValueError(f"checkpoint {path} was written by a training whose epochs had {epoch_length} iterations; "
+                         f"the data given now makes {batches}: resume with the datalists and batch size it was "
+                         "trained with, or start afresh with --resume false (to fine-tune on other data from its "
+                         "weights, pass the run's models/model.pt as --checkpoint)")
 
 
 class TorchRNGState:
@@ -191,6 +207,14 @@ class TrainingCheckpoint:
         if path is None:
             return
         to_load = {**self._to_save(engine), "checkpointer": self._checkpointer}
+        stored = torch.load(path, map_location="cpu", weights_only=True, mmap=True)  # keys only (memory-mapped)
+        absent = [name for name in OPTIONAL_STATE if name in to_load and name not in stored]
+        del stored
+        for name in absent:
+            del to_load[name]
+            if get_rank() == 0:
+                logger.warning("%s was written without the %s handler's state: its best value is not known, so the "
+                               "first validation rewrites that file", path, name)
         check_resume_source(str(path), tuple(to_load))  # MONAI's loader, below, reads the file once
         try:
             CheckpointLoader(str(path), to_load, map_location="cpu")(engine)
@@ -204,6 +228,7 @@ class TrainingCheckpoint:
         self._rng_state = torch.get_rng_state()  # the checkpoint's; EPOCH_STARTED re-seeds before the first batch
         self.resumed_from = path
         epoch_length = engine.state.epoch_length
+        _check_epoch_length(path, epoch_length, engine.state.dataloader)
         self._skip_batches = engine.state.iteration % epoch_length if epoch_length else 0
         barrier()  # DDP: no rank trains (nor rank 0 saves) before every rank has loaded
         logger.info("resumed from %s at iteration %d (epoch %d)", path, engine.state.iteration, engine.state.epoch)

@@ -23,7 +23,7 @@ logger = logging.getLogger(__name__)
 
 #: Handlers attached on rank 0 only (matched by class name along the MRO): console/tracking logs and files
 #: written by one process. Handlers that take part in collectives (ValidationHandler, MetricsSaver, metrics)
-#: or that every rank needs (TrainingCheckpoint: it also resumes, LrScheduleHandler, EpochSeedHandler) stay.
+#: or that every rank needs (TrainingCheckpoint: it also resumes, OptimizerStepLrSchedule, EpochSeedHandler) stay.
 RANK0_ONLY = (
     "StatsHandler",
     "TensorBoardStatsHandler",

@@ -192,6 +192,24 @@ def save_model_file(network: torch.nn.Module, path: str | Path, **extra: Any) ->
     save_checkpoint_file(unwrap(network).sam3, path, extra=extra)
 
 
+class OptimizerStepLrSchedule:
+    """Step the learning-rate scheduler once per optimiser step: at the trainer's ``MODEL_COMPLETED``, which
+    :class:`~.trainer.MedSAM3Trainer` fires after ``optimizer.step()``, so with ``accumulation_steps`` N every N
+    iterations. Warm-up and decay then count optimiser steps whatever N is (MONAI's ``LrScheduleHandler`` steps at
+    every iteration, reaching the peak learning rate N times too early)."""
+
+    def __init__(self, lr_scheduler: Any) -> None:
+        self.lr_scheduler = lr_scheduler
+
+    def attach(self, engine: Engine) -> None:
+        from monai.engines.utils import IterationEvents
+
+        engine.add_event_handler(IterationEvents.MODEL_COMPLETED, self)
+
+    def __call__(self, engine: Engine) -> None:
+        self.lr_scheduler.step()
+
+
 class FinalCheckpoint:
     """Save the network as the bundle's ``models/model.pt`` (config + state dict, our checkpoint format) on COMPLETED."""
 
@@ -217,14 +235,22 @@ class BestModelCheckpoint:
         metric: the validator's metric to maximise (stored in the file beside the weights).
         iteration: the trainer's iteration (a :class:`TrainerIteration`), stored in the file; None leaves it out.
 
-    As with MONAI's ``CheckpointSaver``, the best is that of this process: the first validation after a resume
-    writes the file afresh.
+    The best value so far is state (``state_dict``): give the handler to ``TrainingCheckpoint``'s objects (as
+    ``best_model``, as ``train.json`` does) and a resumed training keeps the best model of the run it resumes,
+    instead of writing the file afresh at its first validation.
     """
 
     def __init__(self, network: torch.nn.Module, path: str, metric: str = "val_dice",
                  iteration: TrainerIteration | None = None) -> None:
         self.network, self.path, self.metric, self.iteration = network, path, metric, iteration
         self.best = float("-inf")
+
+    def state_dict(self) -> dict[str, float]:
+        return {"best": self.best, "metric": self.metric}  # type: ignore[dict-item]
+
+    def load_state_dict(self, state: Mapping[str, Any]) -> None:
+        if state.get("metric", self.metric) == self.metric:
+            self.best = float(state["best"])
 
     def attach(self, engine: Engine) -> None:
         engine.add_event_handler(Events.EPOCH_COMPLETED, self)
