@@ -473,13 +473,21 @@ def test_offline_planner_runs_the_catalogue_phrasings_in_one_batch(kvasir, tmp_p
     assert phrasings[0] == "polyp" and {"polyps", "colon polyp"} <= set(phrasings)  # catalogue + synonyms.json
     assert [row["phrase"] for row in details["fusion"]] == phrasings
     assert trace["planner"]["kind"] == "offline" and trace["llm_calls"] == []
-    labels = segment_reference(kvasir, *phrasings)  # the same phrasings through `medsam3 segment`, merged
-    kept = kept_by_the_rule(segment_reference.sidecar(kvasir, *phrasings))  # from the reference's scores
+    kept = kept_by_the_rule(segment_reference.sidecar(kvasir, *phrasings))  # from `medsam3 segment`'s scores
     assert sorted(kept.values()) == sorted(details["kept"])
     assert sorted(kept.values()) == sorted(row["phrase"] for row in details["fusion"] if row["kept"])
-    expected = np.isin(labels, list(kept)).astype(np.uint8) * 255
+    # the answer: the union of the kept phrasings' masks, what `medsam3 segment` with those phrasings alone covers
+    # (the others were silenced before the merge: they take no pixel from a kept one)
+    expected = (segment_reference(kvasir, *[p for p in phrasings if p in kept.values()]) != 0).astype(np.uint8) * 255
     assert expected.any() and np.array_equal(png(out), expected)
     assert str(out) in line
+    # --keep-ratio 1: the best phrasing alone, its own mask
+    best = max(segment_reference.sidecar(kvasir, *phrasings)["labels"].values(), key=lambda e: e["score"])["prompt"]
+    run_agent(str(kvasir), "segment the polyps", str(tmp_path / "best.png"), AgentSettings(llm="none", keep_ratio=1.0),
+              segmenter=segmenter, log=lambda _: None)
+    assert trace_of(tmp_path / "best.png")["decision"]["details"]["kept"] == [best]
+    own = segment_reference(kvasir, best)
+    assert own.any() and np.array_equal(png(tmp_path / "best.png") != 0, own != 0)
 
 
 def test_offline_planner_answers_the_union_of_the_concepts_a_request_joins(kvasir, tmp_path, predictor,
@@ -508,7 +516,7 @@ def test_offline_planner_answers_the_union_of_the_concepts_a_request_joins(kvasi
         phrasings = entry["concept"]["phrasings"]
         kept = kept_by_the_rule(segment_reference.sidecar(kvasir, *phrasings))
         assert sorted(kept.values()) == sorted(entry["kept"])
-        expected |= np.isin(segment_reference(kvasir, *phrasings), list(kept))
+        expected |= segment_reference(kvasir, *[p for p in phrasings if p in kept.values()]) != 0
     marks = trace["decision"]["marks"]
     assert [mark["phrase"] for mark in marks] == ["polyp", "tumor"]
     assert expected.any() and np.array_equal(png(out), expected.astype(np.uint8) * 255)
@@ -554,8 +562,8 @@ def test_offline_planner_on_a_volume(hippocampus, tmp_path, predictor, segment_r
     phrasings, extra = details["concept"]["phrasings"], ("--score-threshold", "0.25")
     kept = kept_by_the_rule(segment_reference.sidecar(hippocampus, *phrasings, extra=extra))
     assert sorted(kept.values()) == sorted(details["kept"])
-    expected = np.isin(segment_reference(hippocampus, *phrasings, extra=extra), list(kept)).astype(np.uint8)
-    assert expected.any() and np.array_equal(np.asarray(written.dataobj), expected)
+    expected = segment_reference(hippocampus, *[p for p in phrasings if p in kept.values()], extra=extra) != 0
+    assert expected.any() and np.array_equal(np.asarray(written.dataobj), expected.astype(np.uint8))
     sidecar = json.loads(Path(f"{out}.json").read_text())
     assert sidecar["kind"] == "volume" and sidecar["agent"]["planner"] == "offline"
     assert sorted(sidecar["agent"]["fused_phrasings"]) == sorted(details["kept"])

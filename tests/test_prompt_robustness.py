@@ -145,6 +145,31 @@ def test_robustness_table_worst_case_spread_and_ensemble(tmp_path):
         ("D", "semantic"), ("V", "top_query"), ("overall", "semantic, top_query")}
 
 
+def test_a_concept_with_one_phrasing_has_no_spread_and_stays_out_of_the_overall_row():
+    """A concept the catalogue has no other wording for is not 'spread 0': its worst / spread / mean are unknown
+    and the overall means leave it out; a plan where nothing can vary, or one dataset label with two prompts, is
+    refused."""
+    from medsam3_monai.metrics.robustness import Phrasing, PhrasingPlan, plan_phrasings, robustness_table
+
+    plan = PhrasingPlan({("D", 1): [Phrasing("liver", "datalist prompt"), Phrasing("hepatic parenchyma", "s")],
+                         ("W", 1): [Phrasing("gastric widget", "datalist prompt")]}, {"D": "internal", "W": "other"})
+    record = lambda dataset, prompt, dice: {"dataset": dataset, "case": "c", "label": 1, "prompt": prompt,  # noqa
+                                             "protocol": "semantic", "metrics": {"dice": dice, "iou": dice}}
+    table = robustness_table({"canonical": [record("D", "liver", 0.6), record("W", "gastric widget", 0.4)],
+                              "phrasing-1": [record("D", "hepatic parenchyma", 0.5)]}, plan)
+    liver, widget, overall = table.summary
+    assert widget["varied"] is False and widget["canonical"] == pytest.approx(0.4)
+    assert all(math.isnan(widget[k]) for k in ("worst", "spread", "mean"))
+    assert overall["spread"] == pytest.approx(liver["spread"]) == pytest.approx(0.1)
+    assert overall["canonical"] == pytest.approx(0.6) and "1 with one phrasing left out" in overall["concept"]
+    assert "| W | gastric widget | – | – | 40.00 | – | – | – |" in table.to_markdown()
+    with pytest.raises(ValueError, match="no concept here has a second phrasing in the catalogue"):
+        plan_phrasings([{"dataset": "W", "prompts": {"1": "gastric widget"}}])
+    with pytest.raises(ValueError, match="dataset 'Mixed', label value 1: items prompt 'polyp' and 'lung'"):
+        plan_phrasings([{"dataset": "Mixed", "prompts": {"1": "polyp"}},
+                        {"dataset": "Mixed", "prompts": {"1": "lung"}}])
+
+
 # ------------------------------------------------------------------------------------------------ shared data
 @pytest.fixture(scope="module")
 def datalists(shared_data, tmp_path_factory) -> dict[str, Path]:
@@ -179,10 +204,15 @@ def test_the_ensemble_is_the_offline_planners_fusion_in_one_network_call(datalis
         handle.remove()
     assert len(calls) == 1  # every phrasing in one network call
     assert prediction.prompts == ["polyp"] and prediction.values == [1]
-    reference = Predictor(tiny_net, tracker="none", protocol="semantic")(item["image"], phrasings)
+    predictor = Predictor(tiny_net, tracker="none", protocol="semantic")
+    reference = predictor(item["image"], phrasings)
     fused = fuse_by_confidence(reference, 0.5)
-    assert np.array_equal(prediction.masks[0].numpy(), fused.mask)
     assert float(prediction.scores[0]) == pytest.approx(fused.score)
+    # the mask: the union of the kept phrasings' own masks (the others take no pixel from them), what
+    # `medsam3 segment` with the kept phrasings alone covers
+    alone = predictor(item["image"], fused.kept)
+    union = alone.label_map.as_tensor().numpy() != 0
+    assert union.any() and np.array_equal(prediction.masks[0].numpy(), union)
 
 
 @pytest.mark.slow
@@ -249,5 +279,15 @@ def test_prompt_variant_option_errors(datalists, tmp_path, capsys):
                            (["--checkpoint", "tiny", "--agent"], "two studies"),
                            (["--checkpoint", "tiny", "--max-phrasings", "0"], "--max-phrasings must be at least 1")):
         assert main([*base, *extra]) == 2
+        err = capsys.readouterr().err
+        assert message in err and "note:" not in err  # no comparison note before the refusal
+        assert not out.exists()
+    # a study's options without the study would change nothing: refused, not ignored
+    plain = ["evaluate", "--datalist", str(datalists["kvasir"]), "--out", str(out), "--checkpoint", "tiny"]
+    for extra, message in ((["--max-phrasings", "2"], "--max-phrasings would change nothing here"),
+                           (["--keep-ratio", "1"], "--keep-ratio would change nothing here"),
+                           (["--prompt-variants", "synonyms", "--agent-request", "x"],
+                            "--agent-request would change nothing here: --agent-request is the agent's")):
+        assert main([*plain, *extra]) == 2
         assert message in capsys.readouterr().err
         assert not out.exists()

@@ -1,20 +1,22 @@
 """The offline planner's fusion: several phrasings of one concept, segmented together, fused by confidence.
 
-The predictor segments all phrasings in one call and merges them as ``medsam3 segment`` merges several prompts:
-each pixel goes to the phrasing with the highest confidence, score x sigmoid(mask logit), among those whose mask
-covers it (``metrics.merge_classes``). The fused mask is the pixels won by the *kept* phrasings: those whose score
-is at least ``keep_ratio`` x the best phrasing's score (and at least ``min_score``). A phrasing far less confident
-than the best does not add its pixels; where the pixels it wins are also covered by a kept phrasing's mask, they
-are lost with it (its confidence there was the highest). With no phrasing kept (every score below ``min_score``)
-the mask is empty: nothing matches.
+The predictor segments all phrasings in one call. The *kept* phrasings are those whose score is at least
+``keep_ratio`` x the best phrasing's score (and at least ``min_score``): :func:`kept_phrasings`, decided on the
+scores before the masks are merged. The others are silenced before the merge (:func:`silence_phrasings`: they
+claim no pixel), and the kept ones are merged as ``medsam3 segment`` merges several prompts (each pixel to the
+highest confidence, score x sigmoid(mask logit)). The fused mask is the pixels of the kept phrasings: the union of
+their masks. A phrasing far less confident than the best neither adds its pixels nor takes any from a kept one
+(``keep_ratio`` 1 gives the best phrasing's own mask). With no phrasing kept (every score below ``min_score``) the
+mask is empty: nothing matches. :func:`fuse_by_confidence` reads the fused mask off the merged prediction.
 """
 
 from __future__ import annotations
 
+from collections.abc import Sequence
 from dataclasses import dataclass, field
 from typing import Any
 
-__all__ = ["Fusion", "fuse_by_confidence"]
+__all__ = ["Fusion", "fuse_by_confidence", "kept_phrasings", "silence_phrasings"]
 
 
 @dataclass
@@ -34,6 +36,37 @@ class Fusion:
     kept: list[str] = field(default_factory=list)
 
 
+def kept_phrasings(scores: Any, groups: Sequence[int], keep_ratio: float = 0.5, min_score: float = 0.0
+                   ) -> list[bool]:
+    """Per phrasing (``scores`` (P,); ``groups``: the concept each belongs to), whether it is kept: its score is at
+    least ``keep_ratio`` x the best score of its concept's phrasings and at least ``min_score``."""
+    values = [float(s) for s in scores]
+    best: dict[int, float] = {}
+    for group, score in zip(groups, values):
+        best[group] = max(best.get(group, score), score)
+    return [score >= max(keep_ratio * best[group], min_score) for group, score in zip(groups, values)]
+
+
+def silence_phrasings(items: Sequence[dict[str, Any]], keep: Sequence[bool]) -> None:
+    """Before the merge (the case's items as the ``PromptInferer`` leaves them): the phrasings not kept claim no
+    pixel, so that they neither add pixels nor take any from a kept one. A 2D image's mask logits of those prompts
+    become ``EMPTY_LOGIT``; a volume slice's bit masks are emptied. In place."""
+    import torch
+
+    from ..inferers.bitmasks import BitMasks
+    from ..inferers.protocols import EMPTY_LOGIT
+
+    if all(keep):
+        return
+    for item in items:
+        pred = item["pred"]
+        if isinstance(pred, BitMasks):
+            pred.keep_where(torch.tensor(list(keep), dtype=torch.bool, device=pred.bits.device))
+        else:
+            dropped = torch.tensor([not k for k in keep], dtype=torch.bool, device=pred.device)
+            pred[dropped] = EMPTY_LOGIT
+
+
 def fuse_by_confidence(prediction: Any, keep_ratio: float = 0.5, min_score: float = 0.0) -> Fusion:
     """Fuse a multi-phrasing ``Prediction`` (see the module docstring)."""
     import numpy as np
@@ -46,12 +79,11 @@ def fuse_by_confidence(prediction: Any, keep_ratio: float = 0.5, min_score: floa
     labels = np.asarray((labels.as_tensor() if hasattr(labels, "as_tensor") else labels).cpu().numpy())
     scores = [float(s) for s in prediction.scores]
     best = max(scores)
-    bar = max(keep_ratio * best, min_score)
+    flags = kept_phrasings(scores, [0] * len(scores), keep_ratio, min_score)
     mask = np.zeros(labels.shape, dtype=bool)
     table, kept = [], []
-    for text, value, score in zip(prediction.prompts, prediction.label_values, scores):
-        won = labels == int(value)
-        keep = score >= bar
+    for text, value, score, keep in zip(prediction.prompts, prediction.label_values, scores, flags):
+        won = labels == int(value)  # its pixels in the merged map (none when it was silenced before the merge)
         if keep:
             mask |= won
             kept.append((score, text))

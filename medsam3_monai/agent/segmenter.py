@@ -76,12 +76,14 @@ class PhraseSegmenter:
         self.predictor.check_prompts([phrase])
         return phrase
 
-    def segment_many(self, phrases: Sequence[str]) -> Any:
-        """One predictor call with all ``phrases``: a ``Prediction`` (label map merged by confidence)."""
+    def segment_many(self, phrases: Sequence[str], before_merge: Any = None) -> Any:
+        """One predictor call with all ``phrases``: a ``Prediction`` (label map merged by confidence;
+        ``before_merge``: see ``Predictor.__call__``)."""
         start = time.perf_counter()
         try:
             self.last_prediction = self.predictor(self.path, list(phrases), modality=self.settings.modality,
-                                                  channel=self.settings.channel, protocol=self.settings.protocol)
+                                                  channel=self.settings.channel, protocol=self.settings.protocol,
+                                                  before_merge=before_merge)
             return self.last_prediction
         finally:
             self.seconds.append(time.perf_counter() - start)

@@ -110,7 +110,7 @@ def add_parser(subparsers: argparse._SubParsersAction) -> argparse.ArgumentParse
     variants.add_argument("--max-phrasings", type=int, default=None, metavar="N",
                           help="phrasings per concept (default: all the catalogue has; the agent's offline "
                                "planner: 6)")
-    variants.add_argument("--keep-ratio", type=float, default=0.5, metavar="F",
+    variants.add_argument("--keep-ratio", type=float, default=None, metavar="F",
                           help="ensemble / offline planner: phrasings scoring >= F x the best one add their pixels "
                                "(0.5)")
 
@@ -204,10 +204,6 @@ def _check_studies(args: argparse.Namespace, sources: list[str]) -> None:
     """Option combinations that cannot run, before anything is read."""
     if len(sources) > 2:
         raise ValueError(f"--checkpoint given {len(sources)} times; evaluate one checkpoint or compare two")
-    if len(sources) == 2 and (sources[0] == sources[1] or (
-            sources[0] != "tiny" and Path(sources[0]).resolve() == Path(sources[1]).resolve())):
-        print(f"medsam3 evaluate: note: both --checkpoint give {sources[0]}: the comparison is of a network with "
-              "itself (every Δ is 0)", file=sys.stderr)
     if args.prompt_variants and args.agent:
         raise ValueError("--prompt-variants and --agent are two studies: run them one at a time")
     study = "--prompt-variants" if args.prompt_variants else "--agent" if args.agent else None
@@ -215,10 +211,24 @@ def _check_studies(args: argparse.Namespace, sources: list[str]) -> None:
         raise ValueError(f"{study} evaluates one checkpoint: give --checkpoint once")
     if args.agent and args.box_prompts:
         raise ValueError("--agent answers text requests: leave out --box-prompts")
+    # options of a study that would change nothing without it
+    unused = [option for option, given in (("--max-phrasings", args.max_phrasings is not None),
+                                           ("--keep-ratio", args.keep_ratio is not None)) if given and not study]
+    unused += ["--agent-request"] if args.agent_request is not None and not args.agent else []
+    if unused:
+        raise ValueError(f"{' and '.join(unused)} would change nothing here: "
+                         + ("--agent-request is the agent's (give --agent)" if unused == ["--agent-request"] else
+                            "they belong to --prompt-variants synonyms (the ensemble) and --agent (the offline "
+                            "planner)"))
     if args.max_phrasings is not None and args.max_phrasings < 1:
         raise ValueError(f"--max-phrasings must be at least 1, got {args.max_phrasings}")
+    args.keep_ratio = 0.5 if args.keep_ratio is None else args.keep_ratio
     if not 0.0 <= args.keep_ratio <= 1.0:
         raise ValueError(f"--keep-ratio must be in [0, 1], got {args.keep_ratio}")
+    if len(sources) == 2 and (sources[0] == sources[1] or (
+            sources[0] != "tiny" and Path(sources[0]).resolve() == Path(sources[1]).resolve())):
+        print(f"medsam3 evaluate: note: both --checkpoint give {sources[0]}: the comparison is of a network with "
+              "itself (every Δ is 0)", file=sys.stderr)
 
 
 def agent_settings(args: argparse.Namespace) -> Any:
@@ -452,6 +462,12 @@ def _write_robustness(plan: Any, reports: dict[str, Any], out: Path, client: Any
         "'Ensemble − canonical' against the datalist prompt. Each run's own report is in OUT/<run>/.",
         _rows_line(reports.get("canonical", next(iter(reports.values()))).records, args),
     ]
+    single = [f"{s['concept']} ({s['dataset']})" for s in table.summary
+              if s["dataset"] != "overall" and not s["varied"]]
+    if single:
+        notes.append(f"One phrasing in the catalogue, nothing varied: {', '.join(single)}; no worst, spread or mean "
+                     "for them, and the overall row leaves them out (add wordings to datasets_meta/synonyms.json).")
+        print(f"medsam3 evaluate: note: {notes[-1]}", file=sys.stderr)
     (out / "robustness.md").write_text(table.to_markdown(title, notes), encoding="utf-8")
     files.append(out / "robustness.md")
     files.append(robustness_plot(table, out / "robustness.png"))

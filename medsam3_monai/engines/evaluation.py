@@ -350,10 +350,12 @@ class EnsembleCaseInferer(CaseInferer):
     An item's ``prompt_variants`` (``{"<label value>": [phrasing, ...]}``; a class without an entry keeps its own
     prompt) lists each class's phrasings. All phrasings of all classes go through the case pipeline together (one
     ``PromptInferer`` call: on a 2D image one ViT pass, the vision encoder running once; on a volume the detector
-    sees each slice once for all of them) and are merged by confidence, score x sigmoid(mask logit), as several
-    prompts always are. A class's mask is then the pixels won by its *kept* phrasings, those scoring at least
-    ``keep_ratio`` x the best score of the class's phrasings (and at least ``min_score``); its score is its best kept
-    phrasing's. The records keep the class's own prompt (the canonical phrasing).
+    sees each slice once for all of them). A class keeps its phrasings scoring at least ``keep_ratio`` x the best
+    score of its phrasings (and at least ``min_score``); the others are silenced before the merge (they claim no
+    pixel), and the kept ones of every class are merged by confidence, score x sigmoid(mask logit), as several
+    prompts always are. A class's mask is then the union of its kept phrasings' pixels (where two classes claim a
+    pixel, the more confident phrasing's class has it); its score is its best kept phrasing's. The records keep
+    the class's own prompt (the canonical phrasing).
 
     Args:
         keep_ratio, min_score: the fusion's (``medsam3 agent --keep-ratio / --min-score``; 0.5 and 0).
@@ -377,7 +379,7 @@ class EnsembleCaseInferer(CaseInferer):
                  ) -> CasePrediction:
         from types import SimpleNamespace
 
-        from ..agent.fusion import fuse_by_confidence
+        from ..agent.fusion import fuse_by_confidence, kept_phrasings, silence_phrasings
 
         items, case_items = self._case_items(inputs)
         values, texts = item_prompts(items[0])
@@ -390,7 +392,11 @@ class EnsembleCaseInferer(CaseInferer):
         for item in case_items:
             item["prompts"] = {str(k + 1): text for k, text in enumerate(flat)}
             item.pop(self.variants_key, None)
-        label_map, scores, seeds = _merged_case(self.postprocessing(self.cases(case_items, network)))
+        outputs = self.cases(case_items, network)
+        # the phrasings a class does not keep claim no pixel in the merge: neither their own nor a kept one's
+        silence_phrasings(outputs, kept_phrasings(outputs[0]["prompt_scores"], owners, self.keep_ratio,
+                                                  self.min_score))
+        label_map, scores, seeds = _merged_case(self.postprocessing(outputs))
         scores = scores.tolist()
         masks, class_scores, class_seeds = [], [], []
         for c in range(len(values)):

@@ -31,7 +31,7 @@ most confident slice (see :mod:`.volume`); ``protocol`` applies to 2D images onl
 
 from __future__ import annotations
 
-from collections.abc import Iterator, Mapping, Sequence
+from collections.abc import Callable, Iterator, Mapping, Sequence
 from contextlib import contextmanager
 from dataclasses import dataclass, field, replace
 from pathlib import Path
@@ -432,9 +432,12 @@ class Predictor:
         return {"image": str(path), "prompts": mapping, "box": box, "modality": modality, "protocol": protocol}
 
     def __call__(self, path: str | Path, prompts: Sequence[str] | str, box: Any = None,
-                 modality: str | None = None, channel: int | None = None, protocol: str | None = None) -> Prediction:
+                 modality: str | None = None, channel: int | None = None, protocol: str | None = None,
+                 before_merge: Callable[[list[dict[str, Any]]], None] | None = None) -> Prediction:
         """Segment one file (``box``: see :func:`box_prompts`; ``channel``: the channel / time point of a 4D
-        volume; ``protocol``: this call's 2D protocol, default the predictor's). Input errors raise ValueError /
+        volume; ``protocol``: this call's 2D protocol, default the predictor's; ``before_merge``: called with the
+        case's items as :class:`PromptInferer` leaves them, per-prompt maps and scores, before the way back and the
+        merge, e.g. the offline planner's ``agent.fusion.silence_phrasings``). Input errors raise ValueError /
         FileNotFoundError (DataError, PromptError) with what to do."""
         item = self.item(path, prompts, box=box, modality=modality, protocol=protocol)
         if channel is not None:
@@ -444,7 +447,10 @@ class Predictor:
             slices = transform(item)
             slices = slices if isinstance(slices, list) else [slices]
             self._set_tracker([slices], [item])
-            case = postprocessing(self.inferer(slices, self.network))
+            outputs = self.inferer(slices, self.network)
+            if before_merge is not None:
+                before_merge(outputs)
+            case = postprocessing(outputs)
         return self.prediction(case, item)
 
     def _set_tracker(self, cases: Sequence[list[dict[str, Any]]], items: Sequence[Mapping[str, Any]]) -> None:

@@ -163,14 +163,25 @@ def plan_phrasings(items: Sequence[Mapping[str, Any]], max_phrasings: int | None
     catalogue = catalogue or load_catalogue()
     phrasings: dict[tuple[str, int], list[Phrasing]] = {}
     groups: dict[str, str] = {}
+    prompts: dict[tuple[str, int], str] = {}
     for item in items:
         dataset = str(item.get("dataset", ""))
         groups.setdefault(dataset, str(item.get("group", "other")))
         for value, text in zip(*_prompts(item)):
+            first = prompts.setdefault((dataset, value), text)
+            if text != first:  # the runs would prompt every item of the pair with the first item's phrasings
+                raise ValueError(f"dataset {dataset!r}, label value {value}: items prompt {first!r} and {text!r}; "
+                                 "the study varies one concept per dataset and label value: give the items of "
+                                 "another concept their own 'dataset' name (or their own datalist)")
             if (dataset, value) not in phrasings:
                 phrasings[(dataset, value)] = concept_phrasings(text, dataset or None, max_phrasings, catalogue)
     if not phrasings:
         raise ValueError("no class prompts to vary: the items carry no prompts")
+    single = [p[0].text for p in phrasings.values() if len(p) < 2]
+    if len(single) == len(phrasings):
+        raise ValueError(f"no concept here has a second phrasing in the catalogue ({', '.join(map(repr, single))}): "
+                         "nothing to vary; add wordings to datasets_meta/synonyms.json (a group: the canonical "
+                         "concept first)")
     return PhrasingPlan(phrasings, groups)
 
 
@@ -317,18 +328,23 @@ def robustness_table(records: Mapping[str, Iterable[Mapping[str, Any]]], plan: P
                          "iou": _mean([_metric(r, "iou") for r in recs]), "dice_delta": ensemble - canonical})
         if not singles and not recs:
             continue
-        best = max(singles, key=lambda t: t[1]) if singles else ("", math.nan)
-        worst = min(singles, key=lambda t: t[1]) if singles else ("", math.nan)
+        varied = len(singles) >= 2  # one phrasing: no worst, spread or mean to speak of
+        best = max(singles, key=lambda t: t[1]) if varied else ("", math.nan)
+        worst = min(singles, key=lambda t: t[1]) if varied else ("", math.nan)
         summary.append({**base, "phrasings": len(singles), "canonical": canonical, "best": best[1],
                         "best_phrasing": best[0], "worst": worst[1], "worst_phrasing": worst[0],
-                        "spread": best[1] - worst[1], "mean": _mean([d for _, d in singles]),
-                        "ensemble": ensemble, "ensemble_delta": ensemble - canonical})
-    if summary:
-        overall = {"dataset": "overall", "group": "all", "label": "", "concept": f"{len(summary)} concepts",
-                   "phrasings": sum(s["phrasings"] for s in summary), "best_phrasing": "", "worst_phrasing": "",
-                   "protocol": protocols}
+                        "spread": best[1] - worst[1], "mean": _mean([d for _, d in singles]) if varied else math.nan,
+                        "ensemble": ensemble, "ensemble_delta": ensemble - canonical, "varied": varied})
+    counted = [s for s in summary if s["varied"]]
+    if counted:
+        left_out = len(summary) - len(counted)
+        overall = {"dataset": "overall", "group": "all", "label": "",
+                   "concept": f"{len(counted)} concept{'s' * (len(counted) != 1)}"
+                              + (f" ({left_out} with one phrasing left out)" if left_out else ""),
+                   "phrasings": sum(s["phrasings"] for s in counted), "best_phrasing": "", "worst_phrasing": "",
+                   "protocol": protocols, "varied": True}
         for name in ("canonical", "best", "worst", "spread", "mean", "ensemble", "ensemble_delta"):
-            overall[name] = _mean([s[name] for s in summary])
+            overall[name] = _mean([s[name] for s in counted])
         summary.append(overall)
     return RobustnessTable(rows, summary, protocols or None)
 
