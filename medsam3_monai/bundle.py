@@ -168,6 +168,16 @@ def check_override_keys(argv: Sequence[str] | None = None) -> None:
                              "will want to change\")")
 
 
+def check_val_protocol(value: Any) -> None:
+    """Refuse a validation protocol ``PromptDice`` does not take, before the data is cached."""
+    from .engines import PromptDice
+
+    try:
+        PromptDice(str(value))
+    except (ValueError, KeyError) as err:
+        raise ValueError(f"--val_protocol {value!r}: {err}") from None
+
+
 def require_positive(**settings: Any) -> None:
     """Refuse a bundle setting that counts iterations or epochs and must be a whole number >= 1 (``val_interval=0``
     would otherwise end in Ignite's "Argument every should be integer and greater than zero")."""
@@ -192,6 +202,27 @@ def check_network_source(checkpoint: str | Path, image_size: int | None) -> None
         raise missing_checkpoint(path)
     if path.is_file() and path.suffix != ".safetensors" and checkpoint_keys(path) is None:
         read_checkpoint_file(path)  # not a state dict: read whole (what loading would do), to say what it is
+    declared = _declared_image_size(path)
+    if image_size is not None and declared is not None and declared != int(image_size):
+        raise ValueError(f"checkpoint {path} works at {declared} px, not {image_size}: give --image_size {declared}")
+
+
+def _declared_image_size(path: Path) -> int | None:
+    """The image size a checkpoint's stored configuration names (a transformers folder's ``config.json``, our model
+    file's ``config``, a training checkpoint's ``network_config``), or None when it names none (a ``sam3.pt``)."""
+    import json
+
+    import torch
+
+    try:
+        if path.is_dir():
+            config = json.loads((path / "config.json").read_text(encoding="utf-8"))
+        else:  # the keys and small entries only: memory-mapped, the tensors are not read
+            stored = torch.load(path, map_location="cpu", weights_only=True, mmap=True)
+            config = stored.get("config") or (stored.get("network_config") or {}).get("config")
+        return int(config["vision_config"]["backbone_config"]["image_size"])
+    except (OSError, ValueError, KeyError, TypeError, AttributeError, RuntimeError):
+        return None
 
 
 def require_empty_output(output_dir: str | Path) -> None:

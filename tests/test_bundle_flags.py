@@ -81,3 +81,24 @@ def test_a_misspelt_setting_given_to_monai_bundle_run_is_refused():
 def test_loss_settings_switches_read_false_as_off():
     loss = config_parser("train.json", **{"loss_settings#semantic": "false"}).get_parsed_content("loss")
     assert loss.config()["semantic"] is False and loss.config()["one_to_many"] is True
+
+
+def test_a_checkpoint_of_another_image_size_and_bad_counts_are_refused_before_caching(tmp_path):
+    """The training bundles' initialise step: a checkpoint's stored size against --image_size (was found after the
+    data was cached), counts that must be >= 1, and the validation protocol."""
+    from medsam3_monai.bundle import check_network_source, check_val_protocol, require_positive
+    from medsam3_monai.networks import MedSAM3Net
+    from medsam3_monai.networks.checkpoints import save_checkpoint_file
+
+    model = save_checkpoint_file(MedSAM3Net("tiny", image_size=224).sam3, tmp_path / "model.pt")
+    check_network_source(str(model), 224)
+    check_network_source(str(model), None)
+    with pytest.raises(ValueError, match="works at 224 px, not 112: give --image_size 224"):
+        check_network_source(str(model), 112)
+    with pytest.raises(ValueError, match="--max_epochs must be a whole number >= 1, got 0"):
+        require_positive(max_epochs=0)
+    with pytest.raises(ValueError, match="--val_protocol 'top-query': unknown protocol"):
+        check_val_protocol("top-query")
+    for config in ("train.json", "multi_gpu_train.json"):
+        text = (BUNDLE_CONFIGS / config).read_text()
+        assert "max_epochs=@max_epochs, batch_size=@batch_size" in text and "check_val_protocol(@val_protocol)" in text

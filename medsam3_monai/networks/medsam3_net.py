@@ -111,7 +111,8 @@ class MedSAM3Net(nn.Module):
         built = int(loaded.model.config.vision_config.backbone_config.image_size)
         if image_size is not None and built != image_size:  # a checkpoint keeps its own architecture
             raise ValueError(f"checkpoint {source} works at {built} px, not {image_size}: give its size ({built}) as "
-                             "the image size, or leave the image size out")
+                             f"the image size (the commands' --image-size {built}, the bundles' --image_size {built}), "
+                             "or leave the commands' --image-size out")
         self.sam3: Sam3Model = loaded.model
         self.tokenizer = loaded.tokenizer
         self.source = str(source)
