@@ -269,3 +269,35 @@ def test_resuming_a_checkpoint_of_other_trainable_parameters_says_so(tmp_path: P
     reader.attach(Engine(lambda e, b: None))
     with pytest.raises(ValueError, match="other trainable parameters .*the same --mode"):
         reader.load(Engine(lambda e, b: None))
+
+
+def test_the_validation_at_start_scores_the_restored_network(tmp_path: Path):
+    """``validate_at_start`` after a resume: the bundle's ValidateAtStart runs after TrainingCheckpoint has restored
+    the weights (listed after it in train.json), so it scores the trained network, not the fresh one (MONAI's
+    exec_at_start ran first and the best-model saver wrote the untrained network)."""
+    import json
+
+    from ignite.engine import Engine
+
+    from medsam3_monai.engines import ValidateAtStart
+
+    first, _ = _linear_training(tmp_path, max_epochs=1)
+    network = torch.nn.Linear(2, 1)
+    trained = torch.load(sorted(tmp_path.glob("checkpoint_iter*.pt"))[-1], weights_only=True)["network"]
+    assert not torch.equal(network.weight, trained["weight"])
+    seen = []
+
+    class Validator:
+        def run(self, epoch):
+            seen.append((epoch, network.weight.detach().clone()))
+
+    engine = Engine(lambda e, batch: None)
+    TrainingCheckpoint(str(tmp_path), {"network": network}, save_interval=2).attach(engine)
+    ValidateAtStart(Validator()).attach(engine)
+    ValidateAtStart(Validator(), enabled=False).attach(engine)
+    engine.run([torch.ones(1, 2)] * 3, max_epochs=2)
+    assert len(seen) == 1 and seen[0][0] == 1 and torch.equal(seen[0][1], trained["weight"])
+    config = json.loads((CONFIGS / "train.json").read_text())
+    targets = [h.get("_target_", h) if isinstance(h, dict) else h for h in config["train"]["handlers"]]
+    assert targets.index("medsam3_monai.engines.ValidateAtStart") > targets.index(
+        "medsam3_monai.engines.TrainingCheckpoint")

@@ -192,6 +192,28 @@ def save_model_file(network: torch.nn.Module, path: str | Path, **extra: Any) ->
     save_checkpoint_file(unwrap(network).sam3, path, extra=extra)
 
 
+class ValidateAtStart:
+    """Run the validator once when the training starts, after the training checkpoint is restored: list it after
+    ``TrainingCheckpoint`` (Ignite runs a ``STARTED`` event's handlers in the order they were attached). MONAI's
+    ``ValidationHandler(exec_at_start=True)``, attached before the checkpoint, scored the network before its
+    weights were restored, and the best-model saver, its best value not restored yet either, wrote that network.
+
+    Args:
+        validator: the validation engine (``validate#evaluator``).
+        enabled: the bundle's ``validate_at_start``.
+    """
+
+    def __init__(self, validator: Any, enabled: bool = True) -> None:
+        self.validator, self.enabled = validator, bool(enabled)
+
+    def attach(self, engine: Engine) -> None:
+        if self.enabled:
+            engine.add_event_handler(Events.STARTED, self)
+
+    def __call__(self, engine: Engine) -> None:
+        self.validator.run(engine.state.epoch)
+
+
 class OptimizerStepLrSchedule:
     """Step the learning-rate scheduler once per optimiser step: at the trainer's ``MODEL_COMPLETED``, which
     :class:`~.trainer.MedSAM3Trainer` fires after ``optimizer.step()``, so with ``accumulation_steps`` N every N
