@@ -200,6 +200,11 @@ def _check_2d_options(items: list[dict[str, Any]], args: argparse.Namespace) -> 
                          "protocol; give the volumes' items another 'dataset' name, or leave out " + option)
 
 
+def keep_ratio(args: argparse.Namespace) -> float:
+    """``--keep-ratio`` as given, else its default (0.5): the ensemble's and the offline planner's."""
+    return 0.5 if args.keep_ratio is None else float(args.keep_ratio)
+
+
 def _check_studies(args: argparse.Namespace, sources: list[str]) -> None:
     """Option combinations that cannot run, before anything is read."""
     if len(sources) > 2:
@@ -222,8 +227,7 @@ def _check_studies(args: argparse.Namespace, sources: list[str]) -> None:
                             "planner)"))
     if args.max_phrasings is not None and args.max_phrasings < 1:
         raise ValueError(f"--max-phrasings must be at least 1, got {args.max_phrasings}")
-    args.keep_ratio = 0.5 if args.keep_ratio is None else args.keep_ratio
-    if not 0.0 <= args.keep_ratio <= 1.0:
+    if not 0.0 <= keep_ratio(args) <= 1.0:
         raise ValueError(f"--keep-ratio must be in [0, 1], got {args.keep_ratio}")
     if len(sources) == 2 and (sources[0] == sources[1] or (
             sources[0] != "tiny" and Path(sources[0]).resolve() == Path(sources[1]).resolve())):
@@ -240,7 +244,7 @@ def agent_settings(args: argparse.Namespace) -> Any:
     settings = AgentSettings(
         llm=args.llm, llm_url=args.llm_url, llm_model=args.llm_model, api_key_env=args.api_key_env,
         timeout=args.llm_timeout, retries=args.llm_retries, fallback=not args.no_fallback,
-        max_phrasings=args.max_phrasings or 6, keep_ratio=args.keep_ratio,
+        max_phrasings=args.max_phrasings or 6, keep_ratio=keep_ratio(args),
         loop=LoopSettings(max_rounds=args.max_rounds, max_tokens=args.max_tokens, tool_mode=args.tool_mode),
     )
     check_llm_limits(settings.timeout, settings.retries)
@@ -384,9 +388,9 @@ def _runs(args: argparse.Namespace, items: list[dict[str, Any]], labels: list[st
             evaluation: dict[str, Any] = {"params": {"prompt_variant": variant}}
             if variant == ENSEMBLE:
                 evaluation["inferer"] = {"_target_": "medsam3_monai.engines.evaluation.EnsembleCaseInferer",
-                                         "keep_ratio": args.keep_ratio}
+                                         "keep_ratio": keep_ratio(args)}
                 evaluation["notes"] = [f"Prompt variant `ensemble`: every phrasing of each class in one batch, fused "
-                                       f"by confidence (kept: score >= {args.keep_ratio:g} x the class's best); the "
+                                       f"by confidence (kept: score >= {keep_ratio(args):g} x the class's best); the "
                                        "table names each class by its canonical prompt."]
             else:
                 evaluation["notes"] = [f"Prompt variant `{variant}`: each class prompted with its phrasing "
@@ -435,7 +439,7 @@ def _log_params(client: Any, run_id: str, args: argparse.Namespace, checkpoint: 
               "max_cases": args.max_cases, "datalists": ",".join(str(Path(p).resolve()) for p in args.datalist)}
     if args.prompt_variants:
         values.update(prompt_variants=args.prompt_variants, max_phrasings=args.max_phrasings,
-                      keep_ratio=args.keep_ratio)
+                      keep_ratio=keep_ratio(args))
     if args.agent:
         values.update(llm=args.llm, llm_url=args.llm_url, llm_model=args.llm_model, api_key_env=args.api_key_env,
                       max_rounds=args.max_rounds, agent_request=args.agent_request or "default")
@@ -457,7 +461,7 @@ def _write_robustness(plan: Any, reports: dict[str, Any], out: Path, client: Any
         "Runs: `canonical` = each class's datalist prompt (a plain `medsam3 evaluate`); `phrasing-K` = every class "
         "prompted with its K-th catalogue phrasing (phrasings.json: the canonical concept, the dataset's paper "
         "prompts, synonyms.json); `ensemble` = all phrasings of a class in one batch, fused by confidence as the "
-        f"offline agent planner fuses them (kept: score >= {args.keep_ratio:g} x the best).",
+        f"offline agent planner fuses them (kept: score >= {keep_ratio(args):g} x the best).",
         "Worst / best / spread (best − worst, percentage points) / mean are over the single phrasings; Δ and "
         "'Ensemble − canonical' against the datalist prompt. Each run's own report is in OUT/<run>/.",
         _rows_line(reports.get("canonical", next(iter(reports.values()))).records, args),
