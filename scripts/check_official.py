@@ -7,7 +7,10 @@ them as the original ``sam3.pt`` and records its outputs on a fixed 1008-px imag
 * inference: a text-only prompt ("polyp"), text + box (one positive, one negative box) and box-only (SAM3's
   ``"visual"`` text + one box), every decoder layer;
 * training (DAC) forward on two text prompts with targets, dropout off: both query sets, every layer, and the
-  ``Sam3LossWrapper`` terms (``use_o2m_matcher_on_o2m_aux=False``, SAM3's weights) against our ``SetCriterion``.
+  ``Sam3LossWrapper`` terms (``use_o2m_matcher_on_o2m_aux=False``, SAM3's weights) against our ``SetCriterion``;
+  then the gradient of that total loss for every parameter after the backbones (geometry encoder, DETR encoder
+  and decoder, scoring, segmentation head; the backbones' features are inputs on both sides, as they are for
+  MedSAM3's frozen encoders), mapped to our names by the checkpoint conversion.
 
 Our side (this project's Python) loads the same ``sam3.pt`` three ways: ``MedSAM3Net("sam3.pt")``,
 ``MedSAM3Net`` on the folder written by ``medsam3 convert-checkpoint``, and plain
@@ -51,6 +54,14 @@ TRAIN_PROMPTS = ["polyp", "liver"]  # the second prompt has no target: a negativ
 TOLERANCES = {"masks": 2e-5, "semantic": 2e-5}
 TOLERANCE = 5e-6  # logits, boxes, presence
 LOSS_TOLERANCE = 1e-5  # relative, every loss term and the total 'loss' (measured 4.9e-7)
+#: per parameter tensor, ||ours - official|| / ||official|| of its gradient (measured up to 1.7e-4: the decoder's
+#: self-attention q / k projections, whose gradients are a few 1e-6 of the whole; the median tensor 4e-6)
+GRADIENT_TOLERANCE = 1e-3
+#: a tensor whose official gradient norm is below this share of the whole gradient's norm is numerically zero (the
+#: attention key biases: softmax ignores a shift shared by every key, so their exact gradient is 0 and both sides
+#: hold rounding noise); it is compared to that scale instead: ||ours - official|| / ||whole official gradient||
+NEGLIGIBLE_GRADIENT = 1e-6
+ZERO_GRADIENT_TOLERANCE = 1e-7  # measured up to 1.0e-9
 O2M_WEIGHT = 2.0
 SHARED_IMAGE_GLOB = "Kvasir-SEG_sample/images/*.jpg"
 
@@ -223,6 +234,7 @@ def _official_stage(seed: int, workdir: Path, shared: Path | None) -> None:
     )
     backbone_out = {"img_batch_all_stages": pixels, **model.backbone.forward_image(pixels),
                     **model.backbone.forward_text(TRAIN_PROMPTS, device="cpu")}
+    torch.set_grad_enabled(True)  # for the gradients after the backbones (their features above have no graph)
     out = model.forward_grounding(backbone_out=backbone_out, find_input=find_stage(2, [0, 1]), find_target=target,
                                   geometric_prompt=model._get_dummy_prompt(num_prompts=2))
     layers = out["aux_outputs"] + [out]
@@ -241,6 +253,10 @@ def _official_stage(seed: int, workdir: Path, shared: Path | None) -> None:
     terms = {k: float(v) for k, v in {**losses, **semantic}.items() if torch.is_tensor(v) and v.numel() == 1}
     results["train_losses"] = {**terms, "loss": float(total)}
     results["train_targets"] = (boxes, num_boxes, masks)
+    results["train"] = {key: value.detach() for key, value in results["train"].items()}
+    total.backward()  # the backbones' features were made without a graph: gradients of everything after them
+    torch.save({name: p.grad for name, p in model.named_parameters() if p.grad is not None},
+               workdir / "official_gradients.pt")
     torch.save(results, workdir / "official.pt")
 
 
@@ -308,15 +324,25 @@ def _compare_eval(ours: dict, official: dict, last_layer_only: bool = False) -> 
     return table
 
 
-def _ours_train(net, pixels, official: dict, torch) -> tuple[dict, dict]:
+def _ours_train(net, pixels, official: dict, torch) -> tuple[dict, dict, dict]:
+    """The training forward, the loss terms and (after ``backward``) the gradients of every parameter after the
+    backbones: ``(forward diffs, loss diffs, our gradients by transformers name)``."""
     from medsam3_monai.losses import CriterionSettings, FindTargets, SetCriterion
 
     boxes, num_boxes, masks = official["train_targets"]
+    sam3 = net.sam3
+    backbones = [sam3.vision_encoder, sam3.text_encoder, sam3.text_projection]  # sam3's backbone: ViT + neck, text
+    for module in backbones:
+        module.requires_grad_(False)
     net.train()
-    with torch.no_grad():
+    with torch.enable_grad():
         out = net(pixels, TRAIN_PROMPTS, image_ids=[0, 0], pixels_normalized=True)
         terms = SetCriterion(settings=CriterionSettings(normalization="local"))(out, FindTargets(boxes, num_boxes, masks))
+        terms["loss"].backward()
     net.eval()
+    gradients = {name: p.grad for name, p in sam3.named_parameters() if p.grad is not None}
+    for module in backbones:
+        module.requires_grad_(True)
     reference = official["train"]
     o2m = out.one_to_many
     outputs = {
@@ -345,7 +371,43 @@ def _ours_train(net, pixels, official: dict, torch) -> tuple[dict, dict]:
     losses["(official loss terms without one of ours)"] = sorted(n for n in set(theirs) - matched
                                                                  if n.startswith("loss"))
     losses["(total: ours, official)"] = (float(terms["loss"]), theirs["loss"])
-    return forward, losses
+    return forward, losses, gradients
+
+
+def compare_gradients(ours: dict, official: dict) -> dict:
+    """Our gradients (transformers names) against sam3's (its own names, converted as ``sam3.pt`` is converted:
+    fused q/k/v split, transposes): per tensor ``[||official||, ||ours - official||]`` (float64), the worst relative
+    difference among the tensors that are not numerically zero (``NEGLIGIBLE_GRADIENT``), the worst difference of
+    those that are, relative to the whole gradient's norm, and the tensors with a non-zero gradient on one side
+    only."""
+    import torch
+
+    from medsam3_monai.networks.key_mapping import convert_original_to_hf
+
+    theirs = convert_original_to_hf(official)
+    tensors = {}
+    for name in sorted(set(ours) & set(theirs)):
+        mine = ours[name].detach().double()
+        reference = theirs[name].detach().double().reshape(mine.shape)
+        tensors[name] = [float(torch.linalg.vector_norm(reference)), float(torch.linalg.vector_norm(mine - reference))]
+    one_side = sorted(n for n in set(ours) ^ set(theirs) if bool((ours.get(n, theirs.get(n)) != 0).any()))
+    return {"compared": len(tensors), "only_one_side": one_side, "tensors": tensors, **gradient_summary(tensors)}
+
+
+def gradient_summary(tensors: dict) -> dict:
+    """The gated numbers of :func:`compare_gradients`'s per-tensor norms (recomputed by the report)."""
+    import math
+
+    whole = math.sqrt(sum(norm ** 2 for norm, _ in tensors.values()))
+    floor = NEGLIGIBLE_GRADIENT * whole
+    relative = {n: diff / norm for n, (norm, diff) in tensors.items() if norm > floor}
+    negligible = {n: diff / max(whole, 1e-30) for n, (norm, diff) in tensors.items() if norm <= floor}
+    worst = max(relative, key=relative.get, default=None)
+    worst_negligible = max(negligible, key=negligible.get, default=None)
+    return {"max_rel_diff": relative[worst] if worst else 0.0, "worst": worst, "whole_norm": whole,
+            "numerically_zero": len(negligible),
+            "max_diff_of_zero_ones": negligible[worst_negligible] if worst_negligible else 0.0,
+            "worst_zero_one": worst_negligible}
 
 
 def ours_stage(seed: int, workdir: Path) -> dict:
@@ -368,8 +430,12 @@ def ours_stage(seed: int, workdir: Path) -> dict:
     start = time.perf_counter()
     net = MedSAM3Net(workdir / "sam3.pt", training_dropout=no_dropout).eval()
     columns["sam3.pt"] = _compare_eval(_ours_eval(net, pixels, torch), official)
-    train_forward, train_losses = _ours_train(net, pixels, official, torch)
+    train_forward, train_losses, gradients = _ours_train(net, pixels, official, torch)
     columns["sam3.pt"].update(train_forward)
+    official_gradients = torch.load(workdir / "official_gradients.pt", weights_only=True)
+    gradient_diffs = compare_gradients(gradients,
+                                       {k.removeprefix("detector."): v for k, v in official_gradients.items()})
+    del gradients, official_gradients
     timings["sam3.pt"] = time.perf_counter() - start
     del net
     gc.collect()
@@ -400,7 +466,7 @@ def ours_stage(seed: int, workdir: Path) -> dict:
 
     versions = {**official["versions"], "torch": torch.__version__, "transformers": transformers.__version__}
     return {"seed": seed, "perturbed_parameters": official["perturbed_parameters"], "columns": columns,
-            "losses": train_losses, "seconds": timings, "versions": versions}
+            "losses": train_losses, "gradients": gradient_diffs, "seconds": timings, "versions": versions}
 
 
 # ================================================================================== report
@@ -427,6 +493,16 @@ def markdown(results: list[dict]) -> str:
                   f"| {k} | {', '.join(v) or 'none'} |" if all(isinstance(x, str) for x in v) else
                   f"| {k} | {v[0]:.4f}, {v[1]:.4f} |"
                   for k, v in result["losses"].items()]
+        if "gradients" in result:
+            g = result["gradients"]
+            lines += ["", "| gradients of the total loss (parameters after the backbones) | |", "|---|---:|",
+                      f"| tensors compared (norm of the whole official gradient {g['whole_norm']:.3e}) | "
+                      f"{g['compared']} |",
+                      f"| max ‖ours − official‖ / ‖official‖ per tensor | {g['max_rel_diff']:.2e} ({g['worst']}) |",
+                      f"| numerically zero tensors (official norm ≤ {NEGLIGIBLE_GRADIENT:g} × whole): count, max "
+                      f"‖ours − official‖ / whole | {g['numerically_zero']}, {g['max_diff_of_zero_ones']:.2e}"
+                      + (f" ({g['worst_zero_one']})" if g.get("worst_zero_one") else "") + " |",
+                      f"| non-zero gradients on one side only | {', '.join(g['only_one_side']) or 'none'} |"]
         lines.append("")
     return "\n".join(lines)
 
@@ -491,21 +567,37 @@ def write_report(results: list[dict], seeds: list[int], shared_image: bool, out:
     worst_loss = max(v for r in results for k, v in r["losses"].items() if not k.startswith("("))
     missing = sum(r["losses"]["(terms without an official counterpart)"] for r in results)
     missing += sum(len(r["losses"].get("(official loss terms without one of ours)", [])) for r in results)
-    summary = {"tolerances": {**TOLERANCES, "other outputs": TOLERANCE, "loss terms (relative)": LOSS_TOLERANCE},
-               "max_abs_diff_ours": worst, "max_rel_diff_losses": worst_loss, "outputs_over_tolerance": over,
-               "within_tolerance": not over and worst_loss <= LOSS_TOLERANCE and missing == 0,
+    for r in results:  # the gate's numbers from the stored norms, at this script's thresholds
+        r["gradients"].update(gradient_summary(r["gradients"]["tensors"]))
+    worst_gradient = max(r["gradients"]["max_rel_diff"] for r in results)
+    worst_zero = max(r["gradients"]["max_diff_of_zero_ones"] for r in results)
+    one_side = sorted({name for r in results for name in r["gradients"]["only_one_side"]})
+    gradients_ok = (worst_gradient <= GRADIENT_TOLERANCE and worst_zero <= ZERO_GRADIENT_TOLERANCE and not one_side
+                    and all(r["gradients"]["compared"] for r in results))
+    summary = {"tolerances": {**TOLERANCES, "other outputs": TOLERANCE, "loss terms (relative)": LOSS_TOLERANCE,
+                              "gradients (relative, per tensor)": GRADIENT_TOLERANCE,
+                              "numerically zero gradients (relative to the whole)": ZERO_GRADIENT_TOLERANCE},
+               "max_abs_diff_ours": worst, "max_rel_diff_losses": worst_loss, "max_rel_diff_gradients": worst_gradient,
+               "max_diff_zero_gradients": worst_zero,
+               "outputs_over_tolerance": over,
+               "within_tolerance": not over and worst_loss <= LOSS_TOLERANCE and missing == 0 and gradients_ok,
                "shared_image": shared_image, "results": results}
     out.with_suffix(".json").write_text(json.dumps(summary, indent=2))
     failures = over + (["loss terms"] if worst_loss > LOSS_TOLERANCE else []) + (
-        [f"{int(missing)} loss term(s) on one side only"] if missing else [])
+        [f"{int(missing)} loss term(s) on one side only"] if missing else []) + (
+        [] if gradients_ok else [f"gradients ({worst_gradient:.2e}, numerically zero ones {worst_zero:.2e}; one side "
+                                 f"only: {', '.join(one_side) or 'none'})"])
     header = [
         "# Our network vs Meta's official SAM3 (random full-size weights, fp32, CPU)", "",
         f"Written by `python scripts/check_official.py --official-python PYTHON --seeds "
         f"{' '.join(map(str, seeds))}` ({'a shared Kvasir-SEG image' if shared_image else 'random pixels'}); "
         "versions: " + ", ".join(f"{k} {v}" for k, v in results[0]["versions"].items()) + ".",
         f"Max abs diff over our two loading paths: {worst:.2e}; max relative diff of the loss terms (total included): "
-        f"{worst_loss:.2e}. Tolerances: masks and semantic {TOLERANCES['masks']:g}, logits, boxes and presence "
-        f"{TOLERANCE:g}, loss terms {LOSS_TOLERANCE:g} (relative): "
+        f"{worst_loss:.2e}; of the gradients of the total loss after the backbones, ‖ours − official‖ / ‖official‖ "
+        f"per tensor: {worst_gradient:.2e} (the numerically zero ones, official norm ≤ {NEGLIGIBLE_GRADIENT:g} of the "
+        f"whole gradient's: {worst_zero:.2e} of the whole). Tolerances: masks and semantic "
+        f"{TOLERANCES['masks']:g}, logits, boxes and presence {TOLERANCE:g}, loss terms {LOSS_TOLERANCE:g} (relative), "
+        f"gradients {GRADIENT_TOLERANCE:g} per tensor and {ZERO_GRADIENT_TOLERANCE:g} for the numerically zero ones: "
         f"{'all within' if summary['within_tolerance'] else 'EXCEEDED: ' + ', '.join(failures)}. The "
         "`Sam3Model.forward` column is transformers' own forward (last decoder layer), not gated: its text-only "
         "rows show the missing geometry token that our forward adds.", "", "",

@@ -207,13 +207,18 @@ def test_the_official_check_gates_each_output_kind_at_its_own_tolerance(tmp_path
     the masks' tolerance; a missing official loss term fails it too; the measured differences pass."""
     script = _check_official_script()
 
-    def run(logits: float, masks: float, lacking: list[str]) -> dict:
+    def run(logits: float, masks: float, lacking: list[str], gradient: float = 1e-6, one_side: tuple = (),
+            zero_diff: float = 1e-9) -> dict:
         result = {"seed": 0, "perturbed_parameters": 1, "versions": {"sam3": "0.1.4"},
                   "columns": {"sam3.pt": {"text_only/logits": logits, "train/o2m_masks": masks},
                               "Sam3Model.forward (last layer)": {"text_only/masks": 0.7}},
                   "losses": {"loss_ce": 4.9e-7, "loss": 1.4e-7, "(terms without an official counterpart)": 0.0,
                              "(official loss terms without one of ours)": lacking,
-                             "(total: ours, official)": (786.98, 786.98)}}
+                             "(total: ours, official)": (786.98, 786.98)},
+                  "gradients": {"compared": 3, "only_one_side": list(one_side),
+                                "tensors": {"detr_decoder.x.weight": [2.0, 2.0 * gradient],
+                                            "detr_decoder.y.weight": [1.0, 1e-7],
+                                            "detr_decoder.layers.0.self_attn.k_proj.bias": [1e-9, zero_diff]}}}
         return script.write_report([result], [0], True, tmp_path / "official_check")
 
     assert run(5.1e-7, 8.9e-6, [])["within_tolerance"]  # what official_check.md measured
@@ -222,3 +227,39 @@ def test_the_official_check_gates_each_output_kind_at_its_own_tolerance(tmp_path
     assert "EXCEEDED: text_only/logits" in (tmp_path / "official_check.md").read_text()
     assert not run(5.1e-7, 3e-5, [])["within_tolerance"]
     assert not run(5.1e-7, 8.9e-6, ["loss_bbox_extra"])["within_tolerance"]
+    assert run(5.1e-7, 8.9e-6, [], gradient=1.7e-4)["within_tolerance"]  # the measured worst tensor
+    assert not run(5.1e-7, 8.9e-6, [], gradient=1e-2)["within_tolerance"]  # a tensor 1 % off
+    assert not run(5.1e-7, 8.9e-6, [], zero_diff=1e-5)["within_tolerance"]  # a zero gradient that is not
+    assert not run(5.1e-7, 8.9e-6, [], one_side=("mask_decoder.x.bias",))["within_tolerance"]
+    assert "EXCEEDED: gradients" in (tmp_path / "official_check.md").read_text()
+
+
+def test_the_official_check_compares_gradients_through_the_checkpoint_conversion(tiny_net, tiny_images):
+    """Our gradients against ones in sam3's layout (here ours, converted back with the checkpoint conversion: fused
+    q/k/v, transposes): equal gives 0; one tensor off, or a gradient on one side only, is named."""
+    from medsam3_monai.networks.key_mapping import convert_hf_to_original
+
+    script = _check_official_script()
+    net = copy.deepcopy(tiny_net).train()
+    out = net(tiny_images[:1], ["polyp"])
+    (out.pred_logits.sum() + out.pred_masks.float().mean() + out.pred_boxes.sum()).backward()
+    ours = {name: p.grad for name, p in net.sam3.named_parameters() if p.grad is not None}
+    official = convert_hf_to_original(ours)
+    assert any(k.endswith("in_proj_weight") for k in official)  # fused q/k/v on sam3's side: the split is exercised
+    same = script.compare_gradients(ours, official)
+    assert same["compared"] == len(ours) and same["max_rel_diff"] == 0.0 and same["only_one_side"] == []
+    name = next(k for k in official if k.endswith("in_proj_weight") and bool(official[k].abs().max() > 0))
+    off = dict(official, **{name: official[name] * 1.01})
+    worse = script.compare_gradients(ours, off)
+    assert 0.0098 < worse["max_rel_diff"] < 0.0102 and worse["worst"].rsplit(".", 1)[0].endswith(
+        ("q_proj", "k_proj", "v_proj"))
+    # a tensor whose exact gradient is 0 (a key bias) holds rounding noise on both sides: compared to the whole
+    # gradient, not to itself
+    noise = dict(ours)
+    key_bias = next(k for k in ours if k.endswith("k_proj.bias"))
+    noise[key_bias] = torch.full_like(ours[key_bias], 1e-12)
+    quiet = script.compare_gradients(noise, convert_hf_to_original(dict(ours, **{key_bias: -noise[key_bias]})))
+    assert quiet["max_rel_diff"] == 0.0 and quiet["numerically_zero"] >= 1 and quiet["max_diff_of_zero_ones"] < 1e-9
+    extra = next(k for k in ours if bool(ours[k].abs().max() > 0))
+    lacking = script.compare_gradients({k: v for k, v in ours.items() if k != extra}, official)
+    assert lacking["only_one_side"] == [extra]
