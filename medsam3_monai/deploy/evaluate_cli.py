@@ -469,8 +469,9 @@ def _write_robustness(plan: Any, reports: dict[str, Any], out: Path, client: Any
     single = [f"{s['concept']} ({s['dataset']})" for s in table.summary
               if s["dataset"] != "overall" and not s["varied"]]
     if single:
-        notes.append(f"One phrasing in the catalogue, nothing varied: {', '.join(single)}; no worst, spread or mean "
-                     "for them, and the overall row leaves them out (add wordings to datasets_meta/synonyms.json).")
+        notes.append(f"One phrasing only (the catalogue has no other wording), nothing varied: {', '.join(single)}; "
+                     "no worst, spread or mean for them, and the overall row leaves them out (add wordings to "
+                     "datasets_meta/synonyms.json).")
         print(f"medsam3 evaluate: note: {notes[-1]}", file=sys.stderr)
     (out / "robustness.md").write_text(table.to_markdown(title, notes), encoding="utf-8")
     files.append(out / "robustness.md")

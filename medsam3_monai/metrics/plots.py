@@ -199,8 +199,10 @@ def overlay_figure(
     for i, box in enumerate(boxes or []):
         if box is not None:  # pixel-edge coordinates -> imshow's pixel-centre axes
             x1, y1, x2, y2 = (float(c) for c in box)
-            panels[2].add_patch(Rectangle((x1 - 0.5, y1 - 0.5), x2 - x1, y2 - y1, fill=False, linestyle="--",
-                                          linewidth=1.0, edgecolor=CLASS_COLOURS[i % len(CLASS_COLOURS)]))
+            for colour, width, style in (("black", 2.2, "-"), (CLASS_COLOURS[i % len(CLASS_COLOURS)], 1.2, "--")):
+                # the class colour dashed over a dark edge: visible over the prediction's own fill too
+                panels[2].add_patch(Rectangle((x1 - 0.5, y1 - 0.5), x2 - x1, y2 - y1, fill=False, linestyle=style,
+                                              linewidth=width, edgecolor=colour))
     if many:  # a legend panel of its own (for many classes, those largest on this picture)
         panels[3].set_axis_off()
         areas = class_areas(values, truth, pred) if len(values) > LEGEND_MAX else None
