@@ -280,6 +280,8 @@ def test_reproduce_medical_sam3_end_to_end_with_the_tiny_network(data_root, tmp_
     assert [t["dataset"] for t in manifest["timings"]] == ["DRIVE", "DRIVE"]
     assert manifest["timings"][0]["full_split_cases"] == 20 and manifest["timings"][0]["seconds_per_case"] > 0
     assert {d["dataset"]: d["status"] for d in manifest["datasets"]}["TN3K"] == "missing"
+    drive_entry = next(d for d in manifest["datasets"] if d["dataset"] == "DRIVE")
+    assert drive_entry["evaluated_split"] == "test" and drive_entry["warning"] is None
     # one MLflow run with the numbers and every file
     from mlflow import MlflowClient
 
