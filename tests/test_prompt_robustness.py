@@ -291,3 +291,16 @@ def test_prompt_variant_option_errors(datalists, tmp_path, capsys):
         assert main([*plain, *extra]) == 2
         assert message in capsys.readouterr().err
         assert not out.exists()
+
+
+def test_a_study_where_every_prediction_is_empty_says_so_in_its_table(datalists, tmp_path, capsys):
+    """Nothing above a score threshold of 1: every run's masks are empty, and robustness.md warns first thing
+    instead of showing a table of zeros as if it measured something."""
+    from medsam3_monai.deploy.cli import main
+
+    out = tmp_path / "empty"
+    assert main(["evaluate", "--datalist", str(datalists["kvasir"]), "--checkpoint", "tiny", "--out", str(out),
+                 "--max-cases", "1", "--protocol", "threshold", "--score-threshold", "1", "--prompt-variants",
+                 "synonyms", "--max-phrasings", "2", "--overlays", "0", "--no-mlflow", "--no-progress"]) == 0
+    text = (out / "robustness.md").read_text()
+    assert "- WARNING: every prediction of every run is empty" in text

@@ -466,6 +466,10 @@ def _write_robustness(plan: Any, reports: dict[str, Any], out: Path, client: Any
         "'Ensemble − canonical' against the datalist prompt. Each run's own report is in OUT/<run>/.",
         _rows_line(reports.get("canonical", next(iter(reports.values()))).records, args),
     ]
+    if all(record.get("empty_prediction", False) for report in reports.values() for record in report.records):
+        notes.insert(0, "WARNING: every prediction of every run is empty, so every number here compares nothing: "
+                        "the protocol gave no mask a foreground pixel (each run's table.md says what to change, e.g. "
+                        "--protocol semantic for a model trained with the semantic head alone).")
     single = [f"{s['concept']} ({s['dataset']})" for s in table.summary
               if s["dataset"] != "overall" and not s["varied"]]
     if single:

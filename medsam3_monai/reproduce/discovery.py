@@ -56,8 +56,8 @@ class DatasetStatus:
             return ""
         return (f"{self.dataset} has no labelled test images ({self.unlabelled} images without labels, e.g. a test "
                 "half published without them): it is scored on its validation split "
-                f"({self.counts.get('validation', 0)} cases: 15 % of the labelled images, seed 42), not on the test set "
-                "the published value comes from")
+                f"({self.counts.get('validation', 0)} cases: 15 % of the labelled images, seed 42), not on the "
+                "test set the published value comes from")
 
     def evaluation_cases(self) -> int:
         """Cases of the evaluation split ``auto`` (test when present, else validation)."""
