@@ -301,3 +301,19 @@ def test_the_validation_at_start_scores_the_restored_network(tmp_path: Path):
     targets = [h.get("_target_", h) if isinstance(h, dict) else h for h in config["train"]["handlers"]]
     assert targets.index("medsam3_monai.engines.ValidateAtStart") > targets.index(
         "medsam3_monai.engines.TrainingCheckpoint")
+
+
+def test_a_resume_on_other_training_items_is_refused_and_a_moved_data_root_is_not(tmp_path: Path):
+    """The training items' fingerprint (dataset / image file name) travels in the checkpoint: other items of the
+    same count, which the epoch length cannot tell, are refused; the same items under another folder resume."""
+    from medsam3_monai.engines import TrainingData
+
+    items = [{"image": f"/data/a/img{i}.png", "dataset": "A"} for i in range(3)]
+    _linear_training(tmp_path, max_epochs=1, extra={"training_data": TrainingData(items)})
+    moved = [dict(item, image=item["image"].replace("/data/a", "/mnt/copy")) for item in items]
+    engine, _ = _linear_training(tmp_path, max_epochs=2, extra={"training_data": TrainingData(moved)})
+    assert engine.state.iteration == 6
+    other = [{"image": f"/data/b/scan{i}.png", "dataset": "B"} for i in range(3)]
+    with pytest.raises(ValueError, match=r"written by a training on other data \(3 training items; the datalists "
+                                         r"given now hold 3, or other images\)"):
+        _linear_training(tmp_path, max_epochs=3, extra={"training_data": TrainingData(other)})

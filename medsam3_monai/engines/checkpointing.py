@@ -7,7 +7,7 @@ from __future__ import annotations
 import logging
 import re
 from pathlib import Path
-from typing import Any, Mapping
+from typing import Any, Mapping, Sequence
 
 import torch
 from ignite.engine import Engine, Events
@@ -38,7 +38,7 @@ def latest_checkpoint(save_dir: str | Path) -> Path | None:
 
 TRAINING_STATE = ("trainer", "checkpointer")  # what every checkpoint_iterN.pt holds beside the trained objects
 #: objects a resume restores when the checkpoint holds them (older checkpoints were written without)
-OPTIONAL_STATE = ("best_model",)
+OPTIONAL_STATE = ("best_model", "training_data")
 
 
 def check_resume_source(resume: bool | str, needed: tuple[str, ...] = TRAINING_STATE) -> None:
@@ -72,6 +72,29 @@ def _check_epoch_length(path: Path, epoch_length: int | None, loader: Any) -> No
                          f"the data given now makes {batches}: resume with the datalists and batch size it was "
                          "trained with, or start afresh with --resume false (to fine-tune on other data from its "
                          "weights, pass the run's models/model.pt as --checkpoint)")
+
+
+class TrainingData:
+    """The training items as a checkpointable object: a fingerprint of their cases (dataset and image file name,
+    not the folders, so a moved data root still resumes), saved in every training checkpoint; a resume on other
+    items is refused (a different epoch length alone would not show same-sized other data)."""
+
+    def __init__(self, items: Sequence[Mapping[str, Any]]) -> None:
+        self.items = items
+
+    def state_dict(self) -> dict[str, Any]:
+        import hashlib
+
+        names = sorted(f"{item.get('dataset', '')}/{Path(str(item.get('image', ''))).name}" for item in self.items)
+        return {"cases": len(names), "sha256": hashlib.sha256("\n".join(names).encode("utf-8")).hexdigest()}
+
+    def load_state_dict(self, state: Mapping[str, Any]) -> None:
+        mine = self.state_dict()
+        if state.get("sha256") != mine["sha256"]:
+            raise ValueError(f"the checkpoint was written by a training on other data ({state.get('cases')} training "
+                             f"items; the datalists given now hold {mine['cases']}, or other images): resume with the "
+                             "datalists it was trained on, or start afresh with --resume false (to fine-tune on "
+                             "other data from its weights, pass the run's models/model.pt as --checkpoint)")
 
 
 class TorchRNGState:
