@@ -167,7 +167,8 @@ def test_a_resume_keeps_the_best_value_so_far_and_refuses_other_epochs(tmp_path:
     _linear_training(older, max_epochs=1)  # a checkpoint without the handler's state
     with caplog.at_level(logging.WARNING, logger="medsam3_monai.engines.checkpointing"):
         engine, _ = _linear_training(older, max_epochs=2, extra={"best_model": BestModelCheckpoint(None, "x.pt")})
-    assert engine.state.iteration == 6 and "written without the best_model handler's state" in caplog.text
+    assert engine.state.iteration == 6 and ("written without the best_model state: its best value is not known, so "
+                                            "the first validation rewrites the best model's file") in caplog.text
     with pytest.raises(ValueError, match=r"epochs had 3 iterations; the data given now makes 5: resume with the "
                                          r"datalists and batch size it was trained with"):
         _linear_training(tmp_path / "run", max_epochs=3, batches=5)

@@ -47,15 +47,18 @@ def kept_phrasings(scores: Any, groups: Sequence[int], keep_ratio: float = 0.5, 
     return [score >= max(keep_ratio * best[group], min_score) for group, score in zip(groups, values)]
 
 
-def silence_phrasings(items: Sequence[dict[str, Any]], keep: Sequence[bool]) -> None:
-    """Before the merge (the case's items as the ``PromptInferer`` leaves them): the phrasings not kept claim no
-    pixel, so that they neither add pixels nor take any from a kept one. A 2D image's mask logits of those prompts
-    become ``EMPTY_LOGIT``; a volume slice's bit masks are emptied. In place."""
+def silence_phrasings(items: Sequence[dict[str, Any]], groups: Sequence[int], keep_ratio: float = 0.5,
+                      min_score: float = 0.0) -> None:
+    """Before the merge (the case's items as the ``PromptInferer`` leaves them, with their ``prompt_scores``): the
+    phrasings :func:`kept_phrasings` does not keep claim no pixel, so that they neither add pixels nor take any from
+    a kept one. A 2D image's mask logits of those prompts become ``EMPTY_LOGIT``; a volume slice's bit masks are
+    emptied. In place."""
     import torch
 
     from ..inferers.bitmasks import BitMasks
     from ..inferers.protocols import EMPTY_LOGIT
 
+    keep = kept_phrasings(items[0]["prompt_scores"], groups, keep_ratio, min_score)
     if all(keep):
         return
     for item in items:

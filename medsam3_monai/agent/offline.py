@@ -12,7 +12,7 @@ from typing import Any, Callable
 
 from .concepts import ConceptPlan, resolve_requests
 from .decision import Decision
-from .fusion import Fusion, fuse_by_confidence, kept_phrasings, silence_phrasings
+from .fusion import Fusion, fuse_by_confidence, silence_phrasings
 from .marks import Mark
 
 __all__ = ["plan_offline"]
@@ -82,11 +82,8 @@ def _segment_concept(plan: ConceptPlan, segmenter: Any, keep_ratio: float, min_s
     if plan.location:
         log(f"note: the offline planner does not apply location words ({' '.join(plan.location)}): it segments "
             f"{plan.concept!r} wherever it is; an MLLM planner (--llm-url) can choose by position")
-    def silence_the_unkept(items: list[dict[str, Any]]) -> None:  # before the merge: see .fusion
-        keep = kept_phrasings(items[0]["prompt_scores"], [0] * len(phrasings), keep_ratio, min_score)
-        silence_phrasings(items, keep)
-
-    prediction = segmenter.segment_many(phrasings, before_merge=silence_the_unkept)
+    prediction = segmenter.segment_many(  # the unkept phrasings silenced before the merge: see .fusion
+        phrasings, before_merge=lambda items: silence_phrasings(items, [0] * len(phrasings), keep_ratio, min_score))
     fusion = fuse_by_confidence(prediction, keep_ratio, min_score)
     details = {"concept": plan.as_json(), "dropped_phrasings": dropped, "keep_ratio": keep_ratio,
                "min_score": min_score, "fusion": fusion.table, "kept": fusion.kept,

@@ -37,23 +37,36 @@ def latest_checkpoint(save_dir: str | Path) -> Path | None:
 
 
 TRAINING_STATE = ("trainer", "checkpointer")  # what every checkpoint_iterN.pt holds beside the trained objects
-#: objects a resume restores when the checkpoint holds them (older checkpoints were written without)
-OPTIONAL_STATE = ("best_model", "training_data")
+#: objects a resume restores when the checkpoint holds them (older checkpoints were written without), and what a
+#: resume from such a checkpoint does without them
+OPTIONAL_STATE = {
+    "best_model": "its best value is not known, so the first validation rewrites the best model's file",
+    "training_data": "the training items it was trained on are not known, so other data is not detected",
+}
 
 
-def check_resume_source(resume: bool | str, needed: tuple[str, ...] = TRAINING_STATE) -> None:
+def stored_keys(path: Path) -> set[str]:
+    """The top-level keys of a checkpoint file (memory-mapped: the tensors are not read; a full-size checkpoint with
+    its optimiser is gigabytes); empty when it is not a mapping."""
+    stored = torch.load(path, map_location="cpu", weights_only=True, mmap=True)
+    keys = set(stored) if isinstance(stored, Mapping) else set()
+    del stored
+    return keys
+
+
+def check_resume_source(resume: bool | str, needed: tuple[str, ...] = TRAINING_STATE,
+                        keys: set[str] | None = None) -> None:
     """Refuse a ``--resume`` path that is not a file, or not a training checkpoint holding ``needed`` (a model file
-    such as ``models/model.pt`` is not one), before anything is cached or written; ``True`` / ``False`` pass."""
+    such as ``models/model.pt`` is not one), before anything is cached or written; ``True`` / ``False`` pass.
+    ``keys``: the file's :func:`stored_keys` when already read."""
     if isinstance(resume, bool):
         return
     path = Path(resume).expanduser()
     if not path.is_file():
         raise FileNotFoundError(f"--resume {resume}: no such checkpoint file. Give a checkpoint_iterN.pt of "
                                 "runs/checkpoints, true (the latest one there, if any) or false (start afresh)")
-    # the keys only: memory-mapped, the tensors are not read (a full-size checkpoint with its optimiser is gigabytes)
-    stored = torch.load(path, map_location="cpu", weights_only=True, mmap=True)
-    missing = [name for name in needed if name not in stored] if isinstance(stored, Mapping) else list(needed)
-    del stored
+    keys = stored_keys(path) if keys is None else keys
+    missing = [name for name in needed if name not in keys]
     if missing:
         raise ValueError(f"checkpoint {path} lacks {missing}: it is not a training checkpoint of this bundle "
                          "(checkpoint_iterN.pt). To fine-tune from a model file, pass it as --checkpoint; to "
@@ -230,15 +243,13 @@ class TrainingCheckpoint:
         if path is None:
             return
         to_load = {**self._to_save(engine), "checkpointer": self._checkpointer}
-        stored = torch.load(path, map_location="cpu", weights_only=True, mmap=True)  # keys only (memory-mapped)
-        absent = [name for name in OPTIONAL_STATE if name in to_load and name not in stored]
-        del stored
-        for name in absent:
-            del to_load[name]
-            if get_rank() == 0:
-                logger.warning("%s was written without the %s handler's state: its best value is not known, so the "
-                               "first validation rewrites that file", path, name)
-        check_resume_source(str(path), tuple(to_load))  # MONAI's loader, below, reads the file once
+        keys = stored_keys(path)
+        for name, without in OPTIONAL_STATE.items():
+            if name in to_load and name not in keys:
+                del to_load[name]
+                if get_rank() == 0:
+                    logger.warning("%s was written without the %s state: %s", path, name, without)
+        check_resume_source(str(path), tuple(to_load), keys)  # MONAI's loader, below, reads the file once
         try:
             CheckpointLoader(str(path), to_load, map_location="cpu")(engine)
         except ValueError as error:

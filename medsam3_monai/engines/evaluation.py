@@ -303,16 +303,14 @@ class CaseInferer(Inferer):
         """A post-processed case (its label map in the input's geometry) -> :class:`CasePrediction` (``boxes``:
         the box prompts it was given)."""
         label_map, scores, seeds = _merged_case(case)
-        prediction = self._prediction(items, [int(v) for v in case["prompt_values"]], list(case["prompt_texts"]),
-                                      label_map, scores, seeds)
-        prediction.boxes = boxes
-        return prediction
+        return self._prediction(items, [int(v) for v in case["prompt_values"]], list(case["prompt_texts"]),
+                                label_map, scores, seeds, boxes)
 
     def _prediction(self, items: list[dict[str, Any]], values: list[int], prompts: list[str],
-                    label_map: torch.Tensor, scores: torch.Tensor, seeds: torch.Tensor | None = None
-                    ) -> CasePrediction:
+                    label_map: torch.Tensor, scores: torch.Tensor, seeds: torch.Tensor | None = None,
+                    boxes: list[list[float] | None] | None = None) -> CasePrediction:
         """The :class:`CasePrediction` of a case's merged label map (in the input's geometry), the truth checked
-        against its shape."""
+        against its shape (``boxes``: the class box prompts it was given)."""
         first = items[0]
         image, truth = first[self.image_key], first.get(self.label_key)
         is_volume = is_volume_slice(image)
@@ -325,7 +323,7 @@ class CaseInferer(Inferer):
         if label_map.is_floating_point() or label_map.dtype == torch.bool:
             label_map = label_map.to(torch.int32)
         return CasePrediction(items, values, prompts, label_map, truth_map, scores,
-                              _spacing(first, truth, is_volume), is_volume, seeds)
+                              _spacing(first, truth, is_volume), is_volume, seeds, boxes)
 
     def _add_ground_truth_boxes(self, item: dict[str, Any], truth: Any, is_volume: bool) -> None:
         """T+I: the pixel box of the largest component of each prompt's class (2D; volumes stay text-only)."""
@@ -379,7 +377,7 @@ class EnsembleCaseInferer(CaseInferer):
                  ) -> CasePrediction:
         from types import SimpleNamespace
 
-        from ..agent.fusion import fuse_by_confidence, kept_phrasings, silence_phrasings
+        from ..agent.fusion import fuse_by_confidence, silence_phrasings
 
         items, case_items = self._case_items(inputs)
         values, texts = item_prompts(items[0])
@@ -387,15 +385,15 @@ class EnsembleCaseInferer(CaseInferer):
         phrasings = [[str(p) for p in (variants.get(str(v)) or [t])] for v, t in zip(values, texts)]
         owners = [c for c, group in enumerate(phrasings) for _ in group]
         flat = [text for group in phrasings for text in group]
-        if self.box_prompts and case_items[0].get("box") is not None:  # a class's box for each of its phrasings
-            case_items[0]["box"] = [case_items[0]["box"][c] for c in owners]
+        boxes = case_items[0].get("box")  # one per class (T+I)
+        if self.box_prompts and boxes is not None:  # a class's box for each of its phrasings
+            case_items[0]["box"] = [boxes[c] for c in owners]
         for item in case_items:
             item["prompts"] = {str(k + 1): text for k, text in enumerate(flat)}
             item.pop(self.variants_key, None)
         outputs = self.cases(case_items, network)
         # the phrasings a class does not keep claim no pixel in the merge: neither their own nor a kept one's
-        silence_phrasings(outputs, kept_phrasings(outputs[0]["prompt_scores"], owners, self.keep_ratio,
-                                                  self.min_score))
+        silence_phrasings(outputs, owners, self.keep_ratio, self.min_score)
         label_map, scores, seeds = _merged_case(self.postprocessing(outputs))
         scores = scores.tolist()
         masks, class_scores, class_seeds = [], [], []
@@ -412,7 +410,7 @@ class EnsembleCaseInferer(CaseInferer):
                 class_seeds.append(int(seeds[lead]))
         return self._prediction(items, [int(v) for v in values], list(texts), label_map_of(masks, values),
                                 torch.tensor(class_scores, dtype=torch.float32),
-                                torch.tensor(class_seeds) if seeds is not None else None)
+                                torch.tensor(class_seeds) if seeds is not None else None, boxes)
 
 
 #: the clinical sentence an agent evaluation asks for each class ({concept}, {image}, {modality}, {dataset})
