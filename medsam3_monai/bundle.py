@@ -157,7 +157,13 @@ def check_override_keys(argv: Sequence[str] | None = None) -> None:
         known |= set(config) if isinstance(config, dict) else set()
         if isinstance(config, dict) and isinstance(config.get("configs"), dict):  # a --tracking settings file
             known |= set(config["configs"])
-    given = [arg[2:].split("=", 1)[0] for arg in argv[argv.index("run") + 1:] if arg.startswith("--")]
+    arguments = argv[argv.index("run") + 1:]
+    given = [arg[2:].split("=", 1)[0] for arg in arguments if arg.startswith("--")]
+    for key, value in _override_values(arguments):
+        if value == "None":  # fire reads None, and MONAI's update_kwargs(ignore_none=True) drops it
+            hint = " (0 turns clipping off)" if key == "grad_clip_norm" else ""
+            raise ValueError(f"--{key} None: MONAI's bundle runner drops an override whose value is None, so the "
+                             f"config's value would stay; give the value you want instead{hint}")
     for key in given:
         top = key.split("#", 1)[0]
         if top and top not in known:
@@ -166,6 +172,20 @@ def check_override_keys(argv: Sequence[str] | None = None) -> None:
             raise ValueError(f"--{key}: the bundle has no setting '{top}', so it would change nothing; {hint}the "
                              "settings are the keys of bundles/medsam3/configs/*.json (docs/README.md, \"Settings you "
                              "will want to change\")")
+
+
+def _override_values(arguments: Sequence[str]) -> list[tuple[str, str | None]]:
+    """``(key, value)`` of the runner's ``--key value`` and ``--key=value`` arguments (value None: a bare flag)."""
+    pairs = []
+    for index, arg in enumerate(arguments):
+        if not arg.startswith("--"):
+            continue
+        key, equals, value = arg[2:].partition("=")
+        following = arguments[index + 1] if index + 1 < len(arguments) else None
+        if not equals and following is not None and not following.startswith("--"):
+            value, equals = following, "="
+        pairs.append((key, value if equals else None))
+    return pairs
 
 
 def check_val_protocol(value: Any) -> None:

@@ -76,6 +76,12 @@ def test_a_misspelt_setting_given_to_monai_bundle_run_is_refused():
     with pytest.raises(ValueError, match="--batchsize"):
         check_override_keys([*runner, "--batchsize=1"])
     check_override_keys(["/usr/bin/pytest", "run", "--max_epoch", "1"])  # not the bundle runner: not looked at
+    # fire reads None and MONAI's update_kwargs(ignore_none=True) drops it: the config's 0.1 would stay
+    with pytest.raises(ValueError, match=r"--grad_clip_norm None: .*drops an override whose value is None.*0 turns"):
+        check_override_keys([*runner, "--grad_clip_norm", "None"])
+    with pytest.raises(ValueError, match=r"--ct_window None"):
+        check_override_keys([*runner, "--max_epochs=2", "--ct_window=None"])
+    check_override_keys([*runner, "--grad_clip_norm", "0", "--ct_window", "none-such"])  # values are not judged
 
 
 def test_loss_settings_switches_read_false_as_off():

@@ -463,3 +463,11 @@ def test_the_radar_of_one_or_two_datasets_is_drawn_as_bars(tmp_path):
     three = Image.open(radar_chart(aggregate(records), tmp_path / "three.png")).size
     one = Image.open(radar_chart(aggregate([r for r in records if r["dataset"] == "A"]), tmp_path / "one.png")).size
     assert three[0] == three[1] and one[0] > 2 * one[1]
+
+
+def test_overlay_file_names_drop_a_hand_written_cases_image_extension():
+    from medsam3_monai.engines.reports import _without_image_suffix
+
+    assert _without_image_suffix("001_x.jpg") == "001_x" and _without_image_suffix("ct.NII.GZ") == "ct"
+    assert _without_image_suffix("case.v2") == "case.v2" and _without_image_suffix("12") == "12"
+    assert _without_image_suffix(".png") == ".png"  # nothing but an extension: kept

@@ -42,6 +42,18 @@ def _safe(text: str) -> str:
     return re.sub(r"[^0-9A-Za-z._-]+", "_", str(text)).strip("_") or "case"
 
 
+def _without_image_suffix(case: str) -> str:
+    """A case name without an image or volume file extension (a hand-written datalist's cases are file names):
+    ``x.jpg`` -> ``x``, ``ct.nii.gz`` -> ``ct``; other names unchanged."""
+    from ..transforms.io import IMAGE_2D_SUFFIXES, VOLUME_SUFFIXES
+
+    lower = case.lower()
+    for suffix in sorted(IMAGE_2D_SUFFIXES + VOLUME_SUFFIXES, key=len, reverse=True):
+        if lower.endswith(suffix) and len(case) > len(suffix):
+            return case[: -len(suffix)]
+    return case
+
+
 def _metric_key(*parts: str) -> str:
     """MLflow metric names allow letters, digits, ``_ - . / :`` and spaces."""
     return "/".join(re.sub(r"[^0-9A-Za-z_\-. :]+", "_", str(p)) for p in parts)
@@ -180,7 +192,8 @@ class OverlayWriter:
         title = f"{prediction.dataset} / {prediction.case}{where} ({records[0]['protocol'] if records else ''})"
         if records:
             title += f"\n{_score_line(records)}"
-        path = self.folder / f"{index:03d}_{_safe(prediction.dataset)}_{_safe(prediction.case)}.png"
+        case = _safe(_without_image_suffix(prediction.case))
+        path = self.folder / f"{index:03d}_{_safe(prediction.dataset)}_{case}.png"
         boxes = None if prediction.is_volume else getattr(prediction, "boxes", None)  # T+I, in the input's pixels
         if boxes:
             title += "; dashed: box prompts"
