@@ -110,7 +110,8 @@ def test_missing_datasets_stay_in_the_table_and_found_only_means_are_labelled(tm
     table = medical_sam3_table()
     ours = {"medical_sam3": {"DRIVE": 50.0, "GlaS": 90.0}}
     found = {name: name in ("DRIVE", "GlaS") for name, _ in table.datasets}
-    result = build_table(table, ours, found, {"DRIVE": 20, "GlaS": 5}, {"medical_sam3": True})
+    result = build_table(table, ours, found, {"DRIVE": 20, "GlaS": 5}, {"medical_sam3": True},
+                         splits={"DRIVE": "validation", "GlaS": "test", "PAPILA": "test"})
     text = result.to_markdown()
     assert _cells(text, "PAPILA")[2] == "no" and _cells(text, "PAPILA")[7:10] == ["–", "99.4", "–"]
     assert _cells(text, "SegThy")[4] == "not run"  # SAM3 column: no --baseline
@@ -123,6 +124,9 @@ def test_missing_datasets_stay_in_the_table_and_found_only_means_are_labelled(tm
     path = result.to_csv(tmp_path / "table.csv")
     rows = list(csv.DictReader(path.open()))
     assert len([r for r in rows if r["kind"] == "dataset"]) == 17
+    splits = {r["name"]: r["split"] for r in rows}  # the split scored; none for a dataset not found, nor a mean
+    assert (splits["DRIVE"], splits["GlaS"], splits["PAPILA"]) == ("validation", "test", "")
+    assert all(r["split"] == "" for r in rows if r["kind"] != "dataset")
     assert math.isclose(float(next(r for r in rows if r["kind"] == "found_mean")["medical_sam3_ours"]), 70.0)
 
 
@@ -195,7 +199,9 @@ def test_a_drive_copy_without_test_labels_is_said_to_be_scored_on_validation(sha
     _drive_official(shared_data, tmp_path / "data" / "DRIVE", test_labels=False)
     drive = next(s for s in discover(tmp_path / "data", medical_sam3_table()) if s.dataset == "DRIVE")
     assert drive.found and drive.counts["test"] == 0 and drive.unlabelled == 20
-    assert "scored on its validation split (3 cases" in drive.split_warning()
+    assert "scored on its validation split (3 cases: 15 % of the labelled images, seed 42)" in drive.split_warning()
+    assert "(3 cases: 15 % of the labelled images, seed 42; 2 of them scored (--max-cases))" in drive.split_warning(2)
+    assert drive.split_warning(5) == drive.split_warning()  # a sample as large as the split: all of it
     settings = ReproduceSettings(paper="medical-sam3", data_root=str(tmp_path / "data"), checkpoint="tiny",
                                  out=str(tmp_path / "out"))
     notes = table_notes(medical_sam3_table(), [drive], settings, {}, {})

@@ -49,15 +49,25 @@ class DatasetStatus:
     def found(self) -> bool:
         return self.status == "found"
 
-    def split_warning(self) -> str:
+    def split_warning(self, max_cases: int | None = None) -> str:
         """A warning when a found dataset has no labelled test images but images without labels (a test half
-        published without its labels, such as today's DRIVE): it is then scored on its validation split."""
+        published without its labels, such as today's DRIVE): it is then scored on its validation split
+        (``max_cases``: the ``--max-cases`` sample of it that is scored)."""
         if not self.found or self.counts.get("test") or not self.unlabelled:
             return ""
+        cases = self.counts.get("validation", 0)
+        sample = f"; {max_cases} of them scored (--max-cases)" if max_cases and max_cases < cases else ""
         return (f"{self.dataset} has no labelled test images ({self.unlabelled} images without labels, e.g. a test "
                 "half published without them): it is scored on its validation split "
-                f"({self.counts.get('validation', 0)} cases: 15 % of the labelled images, seed 42), not on the "
+                f"({cases} cases: 15 % of the labelled images, seed 42{sample}), not on the "
                 "test set the published value comes from")
+
+    @property
+    def evaluated_split(self) -> str | None:
+        """The split ``auto`` scores: ``test`` when it has cases, else ``validation``; None when not found."""
+        if not self.found:
+            return None
+        return "test" if self.counts.get("test") else "validation"
 
     def evaluation_cases(self) -> int:
         """Cases of the evaluation split ``auto`` (test when present, else validation)."""

@@ -89,7 +89,7 @@ def table_notes(table: Any, statuses: Sequence[DatasetStatus], settings: Any, ra
     if "tiny" in sources.values():
         notes.append("WARNING: the tiny random-init network (`tiny`) was evaluated: the machinery runs, the numbers "
                      "are far from the paper's by construction.")
-    notes += [f"WARNING: {s.split_warning()}." for s in statuses if s.split_warning()]
+    notes += [f"WARNING: {s.split_warning(settings.max_cases)}." for s in statuses if s.split_warning()]
     notes.append(f"Found {len(found)} of {len(statuses)} datasets" + (f"; not evaluated: {', '.join(missing)} "
                  "(datasets.md says what was expected)" if missing else "") + ". A group mean over all its datasets "
                  "is shown for ours only when every one was found; 'found only' rows average the found datasets, "

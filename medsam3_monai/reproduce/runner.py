@@ -137,7 +137,7 @@ def reproduce(settings: ReproduceSettings, say: Callable[[str], None] = _say) ->
         say("  " + status.line())
     for status in statuses:
         if status.split_warning():
-            say(f"WARNING: {status.split_warning()}")
+            say(f"WARNING: {status.split_warning(settings.max_cases)}")
     result = Reproduction(out, paper, statuses)
     if not found:
         raise FileNotFoundError(f"none of the {len(statuses)} evaluation sets of {paper.title} was found under "
@@ -273,7 +273,7 @@ def _write_outputs(settings: ReproduceSettings, paper: PaperTable, statuses: lis
     if paper.paper == "medsam3":
         notes.append(_agent_note(paper, agent, agent_rows) if agent is not None else AGENT_NOTE)
     shown = {s.dataset: s.status.replace("_", " ").replace("missing", "not found") for s in statuses}
-    table = build_table(paper, ours, shown, cases, ran, notes)
+    table = build_table(paper, ours, shown, cases, ran, notes, splits={s.dataset: s.evaluated_split for s in statuses})
     result.table = table
     table.to_csv(out / "table.csv")
     protocols = [p for p in paper.protocols if p in (settings.protocols or paper.protocols)]
@@ -304,8 +304,8 @@ def _write_outputs(settings: ReproduceSettings, paper: PaperTable, statuses: lis
         "datasets": [{"dataset": s.dataset, "group": s.group, "status": s.status, "folder": str(s.folder or ""),
                       "message": s.message, "counts": s.counts, "images_found": s.images_found,
                       "table1_images": s.published_images, "prompts": s.prompts,
-                      "evaluated_split": (("test" if s.counts.get("test") else "validation") if s.found else None),
-                      "warning": s.split_warning() or None} for s in statuses],
+                      "evaluated_split": s.evaluated_split,
+                      "warning": s.split_warning(settings.max_cases) or None} for s in statuses],
         "timings": [t.as_dict() for t in timings],
         "skipped_unreadable_cases": skipped,
         "published_sources": list(paper.sources),

@@ -66,7 +66,7 @@ class ReproductionTable:
 
     def to_csv(self, path: str | Path) -> Path:
         path = Path(path)
-        fields = ["kind", "name", "group", "found", "cases"]
+        fields = ["kind", "name", "group", "found", "cases", "split"]
         for column in self.columns:
             fields += [f"{column.key}_ours", f"{column.key}_published", f"{column.key}_delta"]
         with path.open("w", newline="", encoding="utf-8") as stream:
@@ -111,6 +111,7 @@ def build_table(
     cases: Mapping[str, int | None],
     ran: Mapping[str, bool],
     notes: Sequence[str] = (),
+    splits: Mapping[str, str] | None = None,
 ) -> ReproductionTable:
     """Assemble the rows.
 
@@ -123,6 +124,8 @@ def build_table(
         ran: column key -> whether its checkpoint was evaluated (a column without one to run, ``runs`` None, such
             as U-Net, is shown published-only; one not evaluated shows ``not run``).
         notes: lines under the Markdown table.
+        splits: dataset -> the split it was scored on (``test``, or ``validation`` where no labelled test images
+            exist): table.csv's ``split`` field.
     """
     rows: list[dict[str, Any]] = []
     columns = table.columns
@@ -134,7 +137,7 @@ def build_table(
         members = table.members(group)
         for name in members:
             row = {"kind": "dataset", "name": name, "group": group, "found": shown.get(name, "no"),
-                   "cases": cases.get(name)}
+                   "cases": cases.get(name), "split": (splits or {}).get(name) if found.get(name) else None}
             for column in columns:
                 value = (ours.get(column.key) or {}).get(name)
                 row.update(_side_by_side(column.key, value, column.published.get(name)))
