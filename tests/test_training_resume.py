@@ -191,6 +191,27 @@ def test_running_a_finished_training_again_says_there_is_nothing_left(tmp_path: 
         assert run(max_epochs=2).state.iteration == 6
     assert "nothing left to train" not in caplog.text
 
+    # the bundles' initialize ends such a rerun (status 0) before anything is cached or written
+    from medsam3_monai.bundle import BUNDLE_CONFIGS
+    from medsam3_monai.engines import exit_if_trained
+
+    caplog.clear()
+    with caplog.at_level(logging.WARNING, logger="medsam3_monai.engines.checkpointing"), \
+            pytest.raises(SystemExit) as ended:
+        exit_if_trained(True, tmp_path, max_epochs=2)
+    assert ended.value.code == 0
+    assert (f"{tmp_path / 'checkpoint_iter6.pt'} finished epoch 2 of max_epochs 2: nothing left to train, so nothing "
+            "was loaded or written; raise --max_epochs") in caplog.text
+    exit_if_trained(True, tmp_path, max_epochs=3)  # epochs left: the training runs
+    exit_if_trained(False, tmp_path, max_epochs=2)  # afresh
+    exit_if_trained(True, tmp_path / "empty", max_epochs=1)  # nothing to resume from
+    with pytest.raises(SystemExit):  # a chosen, older checkpoint: iteration 4 is epoch 1
+        exit_if_trained(str(tmp_path / "checkpoint_iter4.pt"), tmp_path / "elsewhere", max_epochs=1)
+    exit_if_trained(str(tmp_path / "checkpoint_iter4.pt"), tmp_path / "elsewhere", max_epochs=2)
+    for config in ("train.json", "multi_gpu_train.json"):
+        assert "exit_if_trained(medsam3_monai.bundle.resume_setting(@resume), @ckpt_dir, @max_epochs)" in (
+            BUNDLE_CONFIGS / config).read_text().split('"initialize"')[1]
+
 
 def _epoch_orders(sampler, max_epochs: int, resume_at_iteration: int = 0) -> dict[int, list[int]]:
     """The item indices each epoch of an Ignite run draws from ``sampler`` (4 items, batches of 2: the dataset

@@ -73,6 +73,29 @@ def check_resume_source(resume: bool | str, needed: tuple[str, ...] = TRAINING_S
                          "start afresh, --resume false or another bundle_root")
 
 
+def exit_if_trained(resume: bool | str, save_dir: str | Path, max_epochs: int) -> None:
+    """End the process (status 0) before the data is cached when the checkpoint a resume would start from has
+    already trained ``max_epochs`` epochs: rerunning a finished training would cache everything and rewrite the
+    final model to train nothing. The trainer's epoch is read from the file, memory-mapped."""
+    if resume is False:
+        return
+    path = latest_checkpoint(save_dir) if resume is True else Path(resume).expanduser()
+    if path is None or not path.is_file():
+        return
+    stored = torch.load(path, map_location="cpu", weights_only=True, mmap=True)
+    trainer = stored.get("trainer") if isinstance(stored, Mapping) else None
+    del stored
+    if not isinstance(trainer, Mapping) or not trainer.get("epoch_length"):
+        return
+    epoch = int(trainer.get("epoch") or int(trainer.get("iteration", 0)) // int(trainer["epoch_length"]))
+    if epoch >= max_epochs:
+        if get_rank() == 0:
+            logger.warning("%s finished epoch %d of max_epochs %d: nothing left to train, so nothing was loaded or "
+                           "written; raise --max_epochs to train on, or pass --resume false to start afresh",
+                           path, epoch, max_epochs)
+        raise SystemExit(0)
+
+
 def _check_epoch_length(path: Path, epoch_length: int | None, loader: Any) -> None:
     """Refuse to resume on data whose epochs are not as long as the checkpoint's (another datalist or batch size):
     Ignite would keep the checkpoint's epoch length and cycle the new loader to fill it."""
