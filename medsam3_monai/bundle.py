@@ -110,12 +110,19 @@ def _setting_keys(name: str, defaults: dict[str, Any]) -> list[str]:
         from .networks.regularization import TrainingDropout
 
         return [f.name for f in dataclasses.fields(TrainingDropout)]
+    if name in ("matcher", "o2m_matcher"):
+        import inspect
+
+        from .losses import HungarianMatcher, OneToManyMatcher
+
+        matcher = HungarianMatcher if name == "matcher" else OneToManyMatcher
+        return [p for p in inspect.signature(matcher).parameters if p != "self"]
     return list(defaults[name])
 
 
 def check_setting_keys(**settings: Any) -> None:
     """Refuse keys that a dictionary setting of ``train.json`` (``lr``, ``scheduler``, ``loss_weights``,
-    ``loss_settings``, ``training_dropout``) does not have, before anything is cached: ``--lr#detectr 1e-4``
+    ``loss_settings``, ``training_dropout``, ``matcher``, ``o2m_matcher``) does not have, before anything is cached: ``--lr#detectr 1e-4``
     changed nothing, silently, and ``--loss_weights#gio 3`` failed after caching with a traceback."""
     import difflib
     import json

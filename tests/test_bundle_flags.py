@@ -37,7 +37,7 @@ def test_every_yes_no_setting_of_the_bundles_is_read_through_flag():
             raw = len(re.findall(rf"@{key}\b", text))
             read = len(re.findall(rf"medsam3_monai\.bundle\.flag\(@{key}, '{key}'\)", text))
             assert raw == read, f"{name}: @{key} used without medsam3_monai.bundle.flag"
-    assert texts["train.json"].count("@resume") == texts["train.json"].count("resume_setting(@resume)") == 2
+    assert texts["train.json"].count("@resume") == texts["train.json"].count("resume_setting(@resume)") == 3
 
 
 def test_a_misspelt_key_of_lr_or_scheduler_is_refused():
@@ -52,13 +52,15 @@ def test_a_misspelt_key_of_lr_or_scheduler_is_refused():
     check_setting_keys(loss_weights={"giou": 3.0}, loss_settings={"pos_weight": 5.0}, training_dropout={"dropout": 0})
     for setting, key, says in [("loss_weights", "gio", "did you mean 'giou'?"),
                                ("loss_settings", "semantik", "did you mean 'semantic'?"),
-                               ("training_dropout", "dropuot", "did you mean 'dropout'?")]:
+                               ("training_dropout", "dropuot", "did you mean 'dropout'?"),
+                               ("matcher", "cost_clas", "did you mean 'cost_class'?"),
+                               ("o2m_matcher", "top_k", "did you mean 'topk'?")]:
         with pytest.raises(ValueError, match=f"--{setting}#{key}: {setting} has no '{key}' \\({says}"):
             check_setting_keys(**{setting: {key: 1}})
     for config in ("train.json", "multi_gpu_train.json"):  # both bundles check before the data is cached
         text = (BUNDLE_CONFIGS / config).read_text()
         assert ("check_setting_keys(lr=@lr, scheduler=@scheduler, loss_weights=@loss_weights, loss_settings="
-                "@loss_settings, training_dropout=@training_dropout)") in text
+                "@loss_settings, training_dropout=@training_dropout, matcher=@matcher, o2m_matcher=@o2m_matcher)") in text
         assert "check_override_keys()" in text
 
 
@@ -87,6 +89,23 @@ def test_a_misspelt_setting_given_to_monai_bundle_run_is_refused():
 def test_loss_settings_switches_read_false_as_off():
     loss = config_parser("train.json", **{"loss_settings#semantic": "false"}).get_parsed_content("loss")
     assert loss.config()["semantic"] is False and loss.config()["one_to_many"] is True
+
+
+def test_the_matchers_costs_are_bundle_settings_with_sam3s_values():
+    """``matcher`` / ``o2m_matcher`` build the criterion's matchers (SAM3's costs by default) and reach MLflow
+    through ``loss.config()``."""
+    from medsam3_monai.losses import HungarianMatcher, OneToManyMatcher
+
+    loss = config_parser("train.json").get_parsed_content("loss")
+    assert loss.matcher.settings() == HungarianMatcher().settings() == {
+        "cost_class": 2.0, "cost_bbox": 5.0, "cost_giou": 2.0, "alpha": 0.25, "gamma": 2.0}
+    assert loss.o2m_matcher.settings() == OneToManyMatcher().settings() == {"alpha": 0.3, "threshold": 0.4, "topk": 4}
+    changed = config_parser("train.json", **{"matcher#cost_class": 3.0, "o2m_matcher#topk": 2}).get_parsed_content(
+        "loss")
+    assert changed.matcher.cost_class == 3.0 and changed.o2m_matcher.topk == 2
+    assert changed.config()["matcher_cost_class"] == 3.0 and changed.config()["o2m_matcher_topk"] == 2
+    with pytest.raises(ValueError, match="topk must be a whole number >= 1, got 0"):
+        OneToManyMatcher(topk=0)
 
 
 def test_a_checkpoint_of_another_image_size_and_bad_counts_are_refused_before_caching(tmp_path):

@@ -312,8 +312,10 @@ class SetCriterion(nn.Module):
         return out | {f"{name}{branch}": value.detach() for name, value in last_layer.items()}
 
     def config(self) -> dict:
-        """Every weight and switch, for logging as run parameters."""
-        return {**{f"weight_{k}": v for k, v in asdict(self.weights).items()}, **asdict(self.settings)}
+        """Every weight, switch and matcher cost, for logging as run parameters."""
+        return {**{f"weight_{k}": v for k, v in asdict(self.weights).items()}, **asdict(self.settings),
+                **{f"matcher_{k}": v for k, v in self.matcher.settings().items()},
+                **{f"o2m_matcher_{k}": v for k, v in self.o2m_matcher.settings().items()}}
 
 
 def _last_occurrence(values: torch.Tensor) -> torch.Tensor:

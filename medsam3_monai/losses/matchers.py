@@ -62,6 +62,11 @@ class HungarianMatcher:
         self.cost_class, self.cost_bbox, self.cost_giou = cost_class, cost_bbox, cost_giou
         self.alpha, self.gamma = alpha, gamma
 
+    def settings(self) -> dict[str, float]:
+        """The costs and the focal term's alpha and gamma (the constructor's arguments)."""
+        return {"cost_class": self.cost_class, "cost_bbox": self.cost_bbox, "cost_giou": self.cost_giou,
+                "alpha": self.alpha, "gamma": self.gamma}
+
     @torch.no_grad()
     def cost_matrix(self, logits: torch.Tensor, boxes: torch.Tensor, target_boxes: torch.Tensor) -> torch.Tensor:
         """(B, Q, M) matching cost of logits (B, Q), boxes (B, Q, 4) and padded targets (B, M, 4), all cxcywh."""
@@ -123,7 +128,13 @@ class OneToManyMatcher:
     exceeds both the (1 - topk / Q) quantile over queries and ``threshold``. A query may match several targets."""
 
     def __init__(self, alpha: float = 0.3, threshold: float = 0.4, topk: int = 4) -> None:
+        if isinstance(topk, bool) or not isinstance(topk, int) or topk < 1:
+            raise ValueError(f"the one-to-many matcher's topk must be a whole number >= 1, got {topk!r}")
         self.alpha, self.threshold, self.topk = alpha, threshold, topk
+
+    def settings(self) -> dict[str, float]:
+        """alpha, threshold and topk (the constructor's arguments)."""
+        return {"alpha": self.alpha, "threshold": self.threshold, "topk": self.topk}
 
     @torch.no_grad()
     def __call__(self, logits: torch.Tensor, boxes: torch.Tensor, targets: FindTargets) -> Matches:
