@@ -122,8 +122,9 @@ def _setting_keys(name: str, defaults: dict[str, Any]) -> list[str]:
 
 def check_setting_keys(**settings: Any) -> None:
     """Refuse keys that a dictionary setting of ``train.json`` (``lr``, ``scheduler``, ``loss_weights``,
-    ``loss_settings``, ``training_dropout``, ``matcher``, ``o2m_matcher``) does not have, before anything is cached: ``--lr#detectr 1e-4``
-    changed nothing, silently, and ``--loss_weights#gio 3`` failed after caching with a traceback."""
+    ``loss_settings``, ``training_dropout``, ``matcher``, ``o2m_matcher``) does not have, before anything is
+    cached: ``--lr#detectr 1e-4`` changed nothing, silently, and ``--loss_weights#gio 3`` failed after caching
+    with a traceback."""
     import difflib
     import json
 

@@ -60,7 +60,8 @@ def test_a_misspelt_key_of_lr_or_scheduler_is_refused():
     for config in ("train.json", "multi_gpu_train.json"):  # both bundles check before the data is cached
         text = (BUNDLE_CONFIGS / config).read_text()
         assert ("check_setting_keys(lr=@lr, scheduler=@scheduler, loss_weights=@loss_weights, loss_settings="
-                "@loss_settings, training_dropout=@training_dropout, matcher=@matcher, o2m_matcher=@o2m_matcher)") in text
+                "@loss_settings, training_dropout=@training_dropout, matcher=@matcher, o2m_matcher=@o2m_matcher)"
+                ) in text
         assert "check_override_keys()" in text
 
 
