@@ -113,6 +113,14 @@ def test_architecture_mismatch_reports_keys(tmp_path, trained_like):
     with pytest.raises(CheckpointError) as info:
         MedSAM3Net(tmp_path / "missing.pt", config=tiny_sam3_config())
     assert "(sam3.pt: transformer.decoder.bbox_embed.layers.0.bias)" in str(info.value)
+    # a fused tensor missing: its parts name it
+    fused = next(k for k in detector if k.endswith("blocks.0.attn.qkv.weight"))
+    del detector[fused]
+    torch.save({"model": detector}, tmp_path / "missing.pt")
+    with pytest.raises(CheckpointError) as info:
+        MedSAM3Net(tmp_path / "missing.pt", config=tiny_sam3_config())
+    assert f"layers.0.attention.q_proj.weight (sam3.pt: part of {fused})" in str(info.value)
+    assert f"layers.0.attention.v_proj.weight (sam3.pt: part of {fused})" in str(info.value)
 
     save_checkpoint_file(trained_like.sam3, tmp_path / "tiny.pt")
     wider = tiny_sam3_config(hidden_size=48)

@@ -190,15 +190,16 @@ def read_sam3_tracker(path: str | Path) -> dict[str, torch.Tensor]:
 
 # ---------------------------------------------------------------------------------------- strict load
 def original_key_name(key: str) -> str:
-    """A transformers-layout key with the name it has in Meta's ``sam3.pt`` when one key maps to one
+    """A transformers-layout key with the name it has in Meta's ``sam3.pt``
     (``detr_decoder.box_head.layer1.bias (sam3.pt: transformer.decoder.bbox_embed.layers.0.bias)``); a part of a
-    fused original tensor (q / k / v of a ``qkv``) keeps its own name."""
-    from .key_mapping import map_hf_shapes
+    fused original tensor (q / k / v of a ``qkv``) names the tensor it is part of."""
+    from .key_mapping import fused_original_key, map_hf_shapes
 
     try:
         (original,) = map_hf_shapes({key: [1]})
     except (KeyMappingError, ValueError):
-        return key
+        fused = fused_original_key(key)
+        return f"{key} (sam3.pt: part of {fused})" if fused else key
     return f"{key} (sam3.pt: {original})"
 
 

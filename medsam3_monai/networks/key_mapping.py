@@ -477,6 +477,19 @@ def map_hf_shapes(shapes: Mapping[str, Sequence[int]], config: Any = None) -> di
     return _to_original(shapes, tensors=False, config=config)
 
 
+def fused_original_key(key: str) -> str | None:
+    """The original (``sam3.pt``) key whose fused tensor holds the transformers key ``key`` as one part (the q, k
+    or v of a ``qkv`` / ``in_proj_*``); None when ``key`` is not such a part."""
+    for rule in _MAPPED:
+        if len(rule.hf) < 2:
+            continue
+        for template in rule.hf:
+            values = template.match(key)
+            if values is not None:
+                return rule.original.format(values)
+    return None
+
+
 def dropped_original_keys(keys: Iterable[str]) -> dict[str, str]:
     """The given original keys that have no HF counterpart, each with the reason."""
     out = {}
