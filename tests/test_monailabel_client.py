@@ -122,7 +122,8 @@ def test_info(url, tmp_path):
     assert isinstance(info["labels"], dict)
     model = info["models"][MODEL]
     assert model["type"] == "segmentation" and isinstance(model["labels"], dict)
-    assert model["config"] == {"prompts": "", "protocol": ["top_query", "threshold", "semantic"], "modality": ""}
+    assert model["config"] == {"prompts": "", "protocol": ["top_query", "threshold", "semantic"], "modality": "",
+                               "largest_cc": False}
     assert "config" not in info  # 3D Slicer refuses servers with a top-level config (pre-0.2 MONAI Label)
     assert set(info["strategies"]) == {"first", "random"} and info["trainers"] == {}
     assert client.train_status(check_if_running=True) is False  # what Slicer polls: no training here
@@ -168,16 +169,19 @@ def test_slicer_upload_then_infer_by_id(url, tmp_path, samples, segment):
     info = client.info()
     assert info["datastore"]["total"] >= 1
     config = dict(info["models"][MODEL]["config"])
-    params = {"prompts": "hippocampus", "protocol": config["protocol"][0], "modality": config["modality"]}
+    # the options table sends texts: two concepts typed as one, comma-separated
+    params = {"prompts": "hippocampus, brain", "protocol": config["protocol"][0], "modality": config["modality"],
+              "largest_cc": config["largest_cc"]}
     result_file, answer = client.infer(MODEL, image_id, params)
-    assert np.array_equal(_read(result_file), segment(samples["nifti"], ["hippocampus"]))
+    assert np.array_equal(_read(result_file), segment(samples["nifti"], ["hippocampus", "brain"]))
     assert answer["input"] == "datastore image"
     labels = [k for k, _ in sorted(answer["label_names"].items(), key=lambda item: item[1])]  # Slicer's reading
-    assert labels == ["hippocampus"]
+    assert labels == ["hippocampus", "brain"]
 
     stored = client.datastore()["objects"][image_id]
     assert stored["image"]["ext"] == ".nii.gz" and stored["image"]["info"]["client_id"] == "user-xyz"
-    saved = client.save_label(image_id, result_file, params={"label_info": [{"name": "hippocampus", "idx": 1}]})
+    saved = client.save_label(image_id, result_file, params={"label_info": [{"name": "hippocampus", "idx": 1},
+                                                                            {"name": "brain", "idx": 2}]})
     assert saved["image"] == image_id and saved["label"] == image_id
     assert "final" in client.datastore()["objects"][image_id]["labels"]
     assert client.next_sample("first", {}).get("id") != image_id  # labelled now

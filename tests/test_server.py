@@ -104,7 +104,7 @@ def test_info(server):
     model = info["models"]["medsam3"]
     assert model["type"] == "segmentation" and model["dimension"] == 3 and model["dimensions"] == [2, 3]
     assert isinstance(model["labels"], dict) and isinstance(info["labels"], dict)  # MONAI Label: name -> value
-    assert set(model["config"]) == {"prompts", "protocol", "modality"} and "config" not in info
+    assert set(model["config"]) == {"prompts", "protocol", "modality", "largest_cc"} and "config" not in info
     assert "prompts" in model and "description" in model and info["version"]
     assert info["limits"]["max_image_pixels"] == MAX_PIXELS
     assert info["datastore"].keys() >= {"total", "completed"} and info["trainers"] == {}
@@ -174,6 +174,29 @@ def test_infer_volume(tmp_path):
         params = {"prompts": ["liver"], "result_extension": ".nrrd", "result_dtype": "uint16",
                   "result_compress": True, "restore_label_idx": False}
         status, headers, nrrd_body = _infer(server, path.read_bytes(), "v.nii.gz", params, query="?output=image")
+        # the same volume uploaded as NRRD (what 3D Slicer may send), prompts as one text (Slicer's options table),
+        # and with largest_cc: the NIfTI upload's labels, then one component per label
+        import itk
+
+        nrrd_in = tmp_path / "v.nrrd"
+        itk.imwrite(itk.imread(str(path)), str(nrrd_in))
+        two = {}
+        for name, data_in, prompts, largest in (("nifti", path.read_bytes(), ["liver", "spleen"], False),
+                                                ("nrrd", nrrd_in.read_bytes(), "liver, spleen", False),
+                                                ("largest", nrrd_in.read_bytes(), "liver, spleen", True)):
+            answer = _infer(server, data_in, f"in{len(two)}.{'nii.gz' if name == 'nifti' else 'nrrd'}",
+                            {"prompts": prompts, "largest_cc": largest}, query="?output=image")
+            assert answer[0] == 200, answer[2]
+            assert json.loads(answer[1]["x-medsam3-result"])["label_names"] == {"liver": 1, "spleen": 2}
+            (tmp_path / f"{name}.nii.gz").write_bytes(answer[2])
+            two[name] = np.asarray(nib.load(str(tmp_path / f"{name}.nii.gz")).dataobj)
+    from scipy import ndimage
+
+    assert np.array_equal(two["nifti"], two["nrrd"]) and set(np.unique(two["nifti"])) >= {1, 2}
+    for value in (1, 2):
+        kept = two["largest"] == value
+        assert ndimage.label(kept, np.ones((3, 3, 3)))[1] == 1 and not (kept & (two["nifti"] != value)).any()
+        assert ndimage.label(two["nifti"] == value, np.ones((3, 3, 3)))[1] >= 1
     assert filename.endswith(".nii.gz")
     out = tmp_path / "mask.nii.gz"
     out.write_bytes(data)
@@ -203,7 +226,7 @@ def test_infer_volume(tmp_path):
     "box_outside", "unsupported_format", "traversal_filename", "truncated", "garbage", "traversal_model",
     "traversal_model_encoded", "bad_json", "unknown_route", "unknown_param", "bad_box", "no_image",
     "unknown_image_id", "unknown_session", "bad_output", "dicom_seg", "bad_result_extension", "png_of_volume",
-    "bad_result_dtype", "wrong_password",
+    "bad_result_dtype", "wrong_password", "deep_json", "two_files", "truncated_volume", "truncated_volume_stored",
 ])
 def test_bad_requests(server, case, kvasir_jpeg, tmp_path):
     small = _png(32, 24)
@@ -295,6 +318,32 @@ def test_bad_requests(server, case, kvasir_jpeg, tmp_path):
     elif case == "bad_result_dtype":
         status, _, body = _infer(server, small, "a.png", {"prompts": ["polyp"], "result_dtype": "uint16"})
         expected = 422  # a PNG mask is uint8 (other types: .nrrd or .nii.gz)
+    elif case == "deep_json":  # json.loads' recursion limit, under the params size limit
+        status, _, body = _infer(server, small, "a.png", '{"prompts": ["p"], "box": ' + "[" * 30000 + "]" * 30000 + "}")
+        expected = 422
+    elif case == "two_files":  # one would be ignored
+        boundary = uuid.uuid4().hex
+        parts = [f'--{boundary}\r\nContent-Disposition: form-data; name="file"; filename="{name}"\r\n\r\n'.encode()
+                 + small + b"\r\n" for name in ("a.png", "b.png")]
+        body = b"".join(parts) + f'--{boundary}\r\nContent-Disposition: form-data; name="params"\r\n\r\n'.encode() \
+            + json.dumps(params).encode() + f"\r\n--{boundary}--\r\n".encode()
+        status, _, body = _request(server, "POST", "/infer/medsam3", body,
+                                   {"Content-Type": f"multipart/form-data; boundary={boundary}"})
+        expected = 422
+    elif case in ("truncated_volume", "truncated_volume_stored"):  # its header reads; the data stops halfway
+        import nibabel as nib
+
+        path = tmp_path / "v.nii.gz"
+        nib.save(nib.Nifti1Image(np.random.default_rng(0).normal(size=(30, 30, 9)).astype(np.float32), np.eye(4)),
+                 str(path))
+        data = path.read_bytes()[: path.stat().st_size // 2]
+        if case == "truncated_volume":
+            status, _, body = _infer(server, data, "v.nii.gz", params)
+        else:  # the datastore keeps no unreadable volume ("Next sample" would hand it to a client)
+            body, content_type = _multipart({"file": ("v.nii.gz", data)})
+            status, _, body = _request(server, "PUT", "/datastore/?image=half", body, {"Content-Type": content_type})
+        assert "upload.nii.gz is truncated" in json.loads(body)["error"]
+        expected = 422
     elif case == "wrong_password":
         form = b"grant_type=password&username=u&password=wrong"
         status, _, body = _request(server, "POST", "/auth/token", form,

@@ -43,6 +43,8 @@ class StoreError(Exception):
 
 def check_id(value: Any, what: str = "image id") -> str:
     """A client's id: 1..256 printable characters (it is only ever a dictionary key)."""
+    if isinstance(value, str) and value and not value.strip():
+        raise StoreError(422, f"{what} is blank: give 1 to {MAX_ID_CHARS} printable characters, not only spaces")
     if (not isinstance(value, str) or not value.strip() or len(value) > MAX_ID_CHARS
             or any(ord(c) < 32 or ord(c) == 127 for c in value)):
         raise StoreError(422, f"{what} must be 1 to {MAX_ID_CHARS} printable characters")
@@ -131,9 +133,10 @@ class Datastore:
         count -= len(replacing)
         total -= sum(f.size for f in replacing)
         if count + 1 > self.max_files or total + size > self.max_bytes:
-            raise StoreError(507, f"the server's datastore is full ({count} files, {total / 2**20:.0f} MiB of "
-                                  f"{self.max_files} files, {self.max_bytes / 2**20:.0f} MiB "
-                                  "(--datastore-max-files, --datastore-max-mb)): remove images or sessions first")
+            raise StoreError(507, f"the server's datastore is full: {count} of {self.max_files} files and "
+                                  f"{total / 2**20:.0f} of {self.max_bytes / 2**20:.0f} MiB used, "
+                                  f"{size / 2**20:.1f} MiB more asked; remove images or sessions first (the limits "
+                                  "are the server's --datastore-max-files and --datastore-max-mb)")
 
     def _take(self, source: Path, suffix: str, info: dict[str, Any]) -> StoredFile:
         """Move an upload into the store under a new server-chosen name."""
@@ -273,7 +276,10 @@ class Datastore:
 
     def add_session(self, source: Path, suffix: str, expiry: int = 0) -> tuple[str, dict[str, Any]]:
         size = source.stat().st_size
-        expiry = min(int(expiry), self.session_expiry) if expiry and expiry > 0 else self.session_expiry
+        if int(expiry) < 0:
+            raise StoreError(422, f"expiry {expiry}: give the seconds a session lives after its last use (0 or none: "
+                                  f"the server's {self.session_expiry}, which is also the most)")
+        expiry = min(int(expiry), self.session_expiry) if expiry else self.session_expiry
         with self._lock:
             self._admit(size)
             session_id = str(uuid.uuid4())

@@ -108,6 +108,8 @@ class _ClientParams(BaseModel):
     restore_label_idx: StrictBool = Field(False, description="accepted; label values always follow prompt order")
     modality: Annotated[StrictStr, Field(max_length=64)] | None = Field(
         None, description="intensity rule: CT, MRI, X-ray, ultrasound, endoscopy, ...")
+    largest_cc: StrictBool = Field(False, description="keep each label's largest connected component (MONAI "
+                                                      "Label's option of its SAM2 model)")
 
     @model_validator(mode="before")
     @classmethod
@@ -116,6 +118,19 @@ class _ClientParams(BaseModel):
             return data
         return {key: None if key in _BLANK_MEANS_NONE and isinstance(value, str) and not value.strip() else value
                 for key, value in data.items()}
+
+    @field_validator("largest_cc", mode="before")
+    @classmethod
+    def _text_is_a_bool(cls, value: Any) -> Any:
+        """``"true"`` / ``"false"`` (and MONAI Label's other ``strtobool`` words) as clients send a config flag;
+        blank: not given."""
+        if isinstance(value, str):
+            word = value.strip().lower()
+            if not word:
+                return False
+            if word in ("y", "yes", "t", "true", "on", "1", "n", "no", "f", "false", "off", "0"):
+                return word in ("y", "yes", "t", "true", "on", "1")
+        return value
 
     @field_validator("protocol", check_fields=False)
     @classmethod
@@ -152,7 +167,7 @@ class InferParams(_ClientParams):
     @model_validator(mode="before")
     @classmethod
     def _aliases(cls, data: Any) -> Any:
-        """``prompt`` is accepted for ``prompts``; one text is one prompt."""
+        """``prompt`` is accepted for ``prompts``; a text is split at its commas."""
         return _one_prompt_is_a_list(data)
 
     @field_validator("prompts")
@@ -162,12 +177,13 @@ class InferParams(_ClientParams):
 
 
 def _one_prompt_is_a_list(data: Any) -> Any:
-    """``prompt`` is accepted for ``prompts``; one text is one prompt."""
+    """``prompt`` is accepted for ``prompts``; a text is split at its commas (``"liver, spleen"``: two prompts, as
+    3D Slicer's options table sends a text); a list is taken as it is (a prompt holding a comma)."""
     if not isinstance(data, dict):
         return data
     data = _renamed(data, "prompts", ("prompt",))
     if isinstance(data.get("prompts"), str):
-        data["prompts"] = [data["prompts"]] if data["prompts"].strip() else []
+        data["prompts"] = [text.strip() for text in data["prompts"].split(",") if text.strip()]
     return data
 
 
@@ -202,8 +218,6 @@ class LabelInferParams(_ClientParams):
     score_threshold: Annotated[StrictInt | StrictFloat, Field(ge=0, le=1)] | None = Field(
         None, description="query score of the threshold protocol and of volume detections")
     device: StrictStr | None = Field(None, description="MONAI Label's device name (cuda falls back to the CPU)")
-    largest_cc: StrictBool = Field(False, description="keep each label's largest connected component (MONAI "
-                                                      "Label's option of its SAM2 model)")
     concepts: Any = Field(None, description="informational (the model's label -> prompt), not used")
     checkpoint: Any = Field(None, description="informational (the server's checkpoint), not used")
 
@@ -222,18 +236,6 @@ class LabelInferParams(_ClientParams):
     def _check_prompts(cls, prompts: list[str] | None, info: ValidationInfo) -> list[str] | None:
         return None if prompts is None else _checked_prompts(prompts, info)
 
-    @field_validator("largest_cc", mode="before")
-    @classmethod
-    def _text_is_a_bool(cls, value: Any) -> Any:
-        """``"true"`` / ``"false"`` (and MONAI Label's other ``strtobool`` words) as clients send a config flag;
-        blank: not given."""
-        if isinstance(value, str):
-            word = value.strip().lower()
-            if not word:
-                return False
-            if word in ("y", "yes", "t", "true", "on", "1", "n", "no", "f", "false", "off", "0"):
-                return word in ("y", "yes", "t", "true", "on", "1")
-        return value
 
 
 #: what MONAI Label's server puts into an infer request beside the client's params (endpoint and app)
@@ -342,6 +344,8 @@ def _params_object(text: str | None, example: str) -> dict[str, Any]:
         data = json.loads(text)
     except json.JSONDecodeError as err:
         raise ParamsError(f"'params' is not valid JSON: {err}") from None
+    except RecursionError:
+        raise ParamsError(f"'params' is nested too deeply to read: give a JSON object such as {example}") from None
     if not isinstance(data, dict):
         raise ParamsError(f"'params' must be a JSON object like {example}")
     return data

@@ -7,6 +7,7 @@ from __future__ import annotations
 import argparse
 import os
 import re
+import sys
 from typing import Any
 
 from .arguments import add_detector_chunk_option, add_model_options, add_tracker_batch_option
@@ -15,8 +16,9 @@ __all__ = ["add_parser", "build_server", "run"]
 
 _EPILOG = """\
 Routes (MONAI Label's protocol): GET /info/; POST /infer/medsam3 with multipart 'params' = JSON
-{"prompts": ["polyp"], "box": [x1, y1, x2, y2], "protocol": ..., "modality": ...} and the image as 'file' (PNG,
-JPEG, BMP, TIFF, NIfTI .nii/.nii.gz), or ?image=ID of an image uploaded with PUT /datastore/?image=ID, or
+{"prompts": ["polyp"], "box": [x1, y1, x2, y2], "protocol": ..., "modality": ..., "largest_cc": false} (a text
+of prompts is split at commas) and the image as 'file' (PNG, JPEG, BMP, TIFF, NIfTI .nii/.nii.gz, NRRD, MetaImage
+.mha), or ?image=ID of an image uploaded with PUT /datastore/?image=ID, or
 ?session_id= from PUT /session/. Answer (?output=all, the default): multipart 'params' (result JSON) + 'image'
 (the mask: PNG for 2D, NIfTI for volumes, in the input's geometry, as medsam3 segment writes it);
 ?output=image: the mask file alone (result JSON in the X-MedSAM3-Result header); ?output=json: the result JSON.
@@ -110,6 +112,9 @@ def build_server(args: argparse.Namespace) -> Any:
         raise ValueError(f"--score-threshold must be in [0, 1], got {args.score_threshold}")
     if args.datastore_max_mb <= 0:
         raise ValueError(f"--datastore-max-mb must be positive, got {args.datastore_max_mb}")
+    for flag in ("max_image_pixels", "max_prompt_chars", "max_prompts", "datastore_max_files", "session_expiry"):
+        if getattr(args, flag) <= 0:
+            raise ValueError(f"--{flag.replace('_', '-')} must be positive, got {getattr(args, flag)}")
     limits = ServerLimits(int(args.max_request_mb * 2**20), args.max_image_pixels, args.max_prompt_chars,
                           args.max_prompts, max_stored_files=args.datastore_max_files,
                           max_stored_bytes=int(args.datastore_max_mb * 2**20), session_expiry=args.session_expiry)
@@ -122,6 +127,7 @@ def build_server(args: argparse.Namespace) -> Any:
     if token is not None and not token.strip():
         raise ValueError("--token is empty: give a secret, or leave it out for an open server")
     agent = agent_settings(args)
+    _check_port_free(args.host, args.port)
     from ..tensors import resolve_device
 
     predictor = Predictor.from_checkpoint(args.checkpoint, args.image_size, resolve_device(args.device),
@@ -132,6 +138,32 @@ def build_server(args: argparse.Namespace) -> Any:
     config = uvicorn.Config(app, host=args.host, port=args.port, log_level=args.log_level, access_log=True,
                             limit_concurrency=256, timeout_keep_alive=5)
     return uvicorn.Server(config)
+
+
+def _check_port_free(host: str, port: int) -> None:
+    """Refuse an address that cannot be listened on (port in use, host not this machine's) before the model loads
+    and the banner claims the address; uvicorn binds it again when it starts (exit status 3)."""
+    import socket
+
+    if port == 0:
+        return
+    try:
+        infos = socket.getaddrinfo(host, port, type=socket.SOCK_STREAM, flags=socket.AI_PASSIVE)
+    except socket.gaierror as err:
+        raise ServeAddressError(f"--host {host}: {err.strerror or err}") from None
+    family, kind, proto, _, address = infos[0]
+    with socket.socket(family, kind, proto) as probe:
+        probe.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)  # as uvicorn binds: a closing socket is no obstacle
+        try:
+            probe.bind(address)
+        except OSError as err:
+            raise ServeAddressError(f"cannot listen on {host}:{port}: {err.strerror or err}; choose another --port "
+                                    "(or stop what listens there)" if err.errno == 98 else
+                                    f"cannot listen on {host}:{port}: {err.strerror or err}") from None
+
+
+class ServeAddressError(OSError):
+    """The server's address cannot be listened on (exit status 3, as uvicorn's own failure to bind)."""
 
 
 def agent_settings(args: argparse.Namespace) -> Any:
@@ -149,11 +181,18 @@ def agent_settings(args: argparse.Namespace) -> Any:
 
 
 def run(args: argparse.Namespace) -> int:
-    server = build_server(args)
+    try:
+        server = build_server(args)
+    except ServeAddressError as err:  # status 3, as when uvicorn itself cannot bind
+        print(f"medsam3 serve: error: {err}", file=sys.stderr)
+        return 3
     app = server.config.app
     extras = [" with token" if app.state.auth.enabled else "",
               f", CORS for {', '.join(app.state.cors_origins)}" if app.state.cors_origins else ""]
     planner = f"{args.llm_model} at {args.llm_url}" if args.llm_url else "the offline planner"
+    if not app.state.auth.enabled and args.host not in ("127.0.0.1", "localhost", "::1"):
+        print(f"medsam3 serve: WARNING: listening on {args.host} without --token: anyone who can reach this machine "
+              "can upload images and run the model; give --token (or MEDSAM3_SERVE_TOKEN)", file=sys.stderr)
     print(f"medsam3 serve: checkpoint {args.checkpoint}, http://{args.host}:{args.port} "
           f"(MONAI Label protocol: GET /info/, POST /infer/medsam3, POST /infer/medsam3_agent with {planner})"
           f"{''.join(extras)}")

@@ -63,7 +63,7 @@ AGENT_MODEL_NAME = "medsam3_agent"
 RESULT_HEADER = "X-MedSAM3-Result"
 #: accepted upload extensions -> kind (the only part of a client's file name that is used)
 UPLOAD_SUFFIXES = {".png": "image", ".jpg": "image", ".jpeg": "image", ".bmp": "image", ".tif": "image",
-                   ".tiff": "image", ".nii": "volume", ".nii.gz": "volume"}
+                   ".tiff": "image", ".nii": "volume", ".nii.gz": "volume", ".nrrd": "volume", ".mha": "volume"}
 #: labels submitted to the datastore are kept as sent (never read): these extensions
 LABEL_SUFFIXES = (*UPLOAD_SUFFIXES, ".nrrd", ".seg.nrrd")
 #: routes answered without a token (MONAI Label clients ask them before they have one)
@@ -215,7 +215,7 @@ def upload_suffix(filename: str | None, allowed: Sequence[str] = tuple(UPLOAD_SU
 
 
 def image_size(path: Path, kind: str) -> tuple[int, ...]:
-    """The upload's spatial shape from its header only (no pixel data read; a picture's size whatever PIL's
+    """The upload's spatial shape from its header (no pixel data read; a picture's size whatever PIL's
     decompression-bomb limit: the server's --max-image-pixels is the limit); 422 when unreadable or, as on every
     path (``transforms.io.picture_size``), a multi-frame picture."""
     from ..transforms.errors import DataError
@@ -227,14 +227,65 @@ def image_size(path: Path, kind: str) -> tuple[int, ...]:
 
             width, height = picture_size(path)
             return (height, width)
-        import nibabel as nib
+        if upload_suffix(path.name) in (".nii", ".nii.gz"):
+            import nibabel as nib
 
-        return tuple(int(s) for s in nib.load(str(path)).shape)
+            return tuple(int(s) for s in nib.load(str(path)).shape)
+        return _itk_shape(path)
     except DataError as err:  # a multi-frame picture
         raise RequestError(422, str(err).replace(str(path), hidden)) from None
     except Exception as err:  # noqa: BLE001 - any decoder failure is an unreadable upload
         message = str(err).replace(str(path), hidden)
         raise RequestError(422, f"cannot read the uploaded file: {type(err).__name__}: {message}") from None
+
+
+def _itk_shape(path: Path) -> tuple[int, ...]:
+    """A NRRD / MetaImage volume's shape (x, y, z[, components]) from ITK's header reader."""
+    import itk
+
+    image_io = itk.ImageIOFactory.CreateImageIO(str(path), itk.CommonEnums.IOFileMode_ReadMode)
+    if image_io is None:
+        raise ValueError("ITK cannot read it")
+    image_io.SetFileName(str(path))
+    image_io.ReadImageInformation()
+    shape = tuple(int(image_io.GetDimensions(axis)) for axis in range(image_io.GetNumberOfDimensions()))
+    components = int(image_io.GetNumberOfComponents())
+    return shape + ((components,) if components > 1 else ())
+
+
+def check_volume_data(path: Path) -> None:
+    """422 when a volume upload's data is incomplete (a truncated transfer): its header alone reads, so without
+    this check the datastore would keep it and only an inference would fail. A NIfTI's data bytes are counted
+    (streamed through gzip, nothing kept); NRRD / MetaImage are read by ITK."""
+    hidden = f"upload{upload_suffix(path.name)}"
+    suffix = upload_suffix(path.name)
+    try:
+        if suffix not in (".nii", ".nii.gz"):
+            import itk
+
+            itk.imread(str(path))
+            return
+        import gzip
+
+        import nibabel as nib
+
+        header = nib.load(str(path)).header
+        needed = int(header.get_data_offset()) + math.prod(header.get_data_shape()) * header.get_data_dtype().itemsize
+        if suffix == ".nii":
+            held = path.stat().st_size
+        else:
+            held = 0
+            with gzip.open(path, "rb") as stream:
+                while chunk := stream.read(1 << 22):
+                    held += len(chunk)
+    except EOFError as err:  # gzip: the stream stops before its end
+        raise RequestError(422, f"{hidden} is truncated ({err}); upload the whole file") from None
+    except Exception as err:  # noqa: BLE001 - any decoder failure is an unreadable upload
+        message = str(err).replace(str(path), hidden)
+        raise RequestError(422, f"cannot read the uploaded volume: {type(err).__name__}: {message}") from None
+    if held < needed:
+        raise RequestError(422, f"{hidden} is truncated: its header describes {needed} bytes, the file holds {held}; "
+                                "upload the whole file")
 
 
 def check_image(path: Path, limits: ServerLimits) -> tuple[str, tuple[int, ...]]:
@@ -253,7 +304,19 @@ def check_image(path: Path, limits: ServerLimits) -> tuple[str, tuple[int, ...]]
     if kind == "volume" and math.prod(shape[3:]) > 1:
         raise RequestError(422, f"upload{upload_suffix(path.name)} is a 4D volume ({'x'.join(map(str, shape))}): "
                                 "this server segments 3D volumes; upload one channel / time point as its own volume")
+    if kind == "volume":
+        check_volume_data(path)
     return kind, shape
+
+
+def _one_file(files: Sequence[Any] | None) -> Any:
+    """The one ``file`` part of a request (None when there is none); 422 for several (one would be ignored)."""
+    if not files:
+        return None
+    if len(files) > 1:
+        raise RequestError(422, f"{len(files)} 'file' parts: send one image file per request (PNG, JPEG, BMP, TIFF, "
+                                "NIfTI, NRRD, MetaImage)")
+    return files[0]
 
 
 def _save_upload(upload: Any, target: Path) -> Path:
@@ -272,6 +335,8 @@ def _json_object(text: str | None, what: str) -> dict[str, Any]:
         value = json.loads(text)
     except json.JSONDecodeError as err:
         raise RequestError(422, f"'{what}' is not valid JSON: {err}") from None
+    except RecursionError:
+        raise RequestError(422, f"'{what}' is nested too deeply to read") from None
     if not isinstance(value, dict):
         raise RequestError(422, f"'{what}' must be a JSON object")
     return value
@@ -411,9 +476,10 @@ def create_app(predictor: Any, *, token: str | None = None, limits: ServerLimits
         "description": "Medical SAM3 text-prompted segmentation: give the concepts as params.prompts; 2D images "
                        "-> PNG mask, NIfTI volumes -> NIfTI label map, both in the input's geometry",
         # 3D Slicer shows these as editable options and sends them back as params
-        "config": {"prompts": "", "protocol": list(PROTOCOLS), "modality": ""},
-        "prompts": "params = {\"prompts\": [text, ...], \"box\": [x1, y1, x2, y2] (2D, optional), "
-                   "\"protocol\": " + "|".join(PROTOCOLS) + " (2D, optional), \"modality\": optional}",
+        "config": {"prompts": "", "protocol": list(PROTOCOLS), "modality": "", "largest_cc": False},
+        "prompts": "params = {\"prompts\": [text, ...] or \"text, text\", \"box\": [x1, y1, x2, y2] (2D, "
+                   "optional), \"protocol\": " + "|".join(PROTOCOLS) + " (2D, optional), \"modality\": optional, "
+                   "\"largest_cc\": true|false}",
         "dimensions": [2, 3],
         "checkpoint": str(getattr(predictor, "checkpoint", "")),
         "image_size": int(getattr(getattr(predictor, "network", None), "image_size", 0) or 0),
@@ -430,7 +496,7 @@ def create_app(predictor: Any, *, token: str | None = None, limits: ServerLimits
         "description": "The MedSAM3 agent: give a free-text request as params.request; a planner calls MedSAM3 with "
                        "short noun phrases and answers with the union of the masks it selects (one label; no match: "
                        "an empty mask)",
-        "config": {"request": "", "modality": ""},
+        "config": {"request": "", "modality": "", "largest_cc": False},
         "prompts": "params = {\"request\": text, \"modality\": optional, \"protocol\": " + "|".join(PROTOCOLS)
                    + " (2D, optional), \"trace\": true|false}",
         "planner": {"kind": planner, "model": agent.llm_model if planner == "llm" else None,
@@ -458,7 +524,7 @@ def create_app(predictor: Any, *, token: str | None = None, limits: ServerLimits
     @app.post("/infer/{model}", dependencies=protected)
     def infer(model: str, image: str = Query(""), session_id: str = Query(""),
               output: ResultType | None = Query(None), params: str | None = Form(None),
-              file: UploadFile | None = File(None), label: UploadFile | None = File(None)) -> Response:
+              file: list[UploadFile] | None = File(None), label: UploadFile | None = File(None)) -> Response:
         started = time.perf_counter()
         if model not in (model_name, agent_model_name):  # compared only, never used as a path
             raise RequestError(404, f"unknown model {model[:64]!r}: this server has {model_name!r} and "
@@ -470,6 +536,7 @@ def create_app(predictor: Any, *, token: str | None = None, limits: ServerLimits
         if label is not None:
             raise RequestError(422, "a 'label' input (scribbles, clicks) is not used by this text-prompted model: "
                                     "send params and the image")
+        file = _one_file(file)
         folder = Path(tempfile.mkdtemp(prefix="medsam3-serve-"))
         try:
             if file is not None:
@@ -501,6 +568,8 @@ def create_app(predictor: Any, *, token: str | None = None, limits: ServerLimits
             except ParamsError as err:
                 raise RequestError(422, str(err)) from None
             prediction, agent_summary = _agent(upload, request, kind) if is_agent else (_predict(upload, request), None)
+            if request.largest_cc:
+                prediction = prediction.largest_components()
             labels, summary = output_labels(prediction, upload)
             if agent_summary is not None:
                 summary["agent"] = agent_summary
@@ -612,7 +681,8 @@ def create_app(predictor: Any, *, token: str | None = None, limits: ServerLimits
     @app.put("/datastore/", dependencies=protected)
     @app.put("/datastore/image", dependencies=protected)
     def add_image(image: str | None = Query(None), params: str = Form("{}"),
-                  file: UploadFile = File(...)) -> dict[str, str]:
+                  file: list[UploadFile] = File(...)) -> dict[str, str]:
+        file = _one_file(file)
         suffix = upload_suffix(file.filename)
         image_id = check_id(image) if image else check_id(
             Path(file.filename or "image").name[: -len(suffix)] or "image")
@@ -678,10 +748,10 @@ def create_app(predictor: Any, *, token: str | None = None, limits: ServerLimits
                        files: list[UploadFile] = File(...)) -> dict[str, Any]:
         if uncompress:
             raise RequestError(422, "uncompress=true is not supported: send one image file (PNG, JPEG, BMP, TIFF, "
-                                    "NIfTI)")
+                                    "NIfTI, NRRD, MetaImage)")
         if len(files) != 1:
             raise RequestError(422, f"{len(files)} files: a session holds one image file (PNG, JPEG, BMP, TIFF, "
-                                    "NIfTI; not a DICOM series)")
+                                    "NIfTI, NRRD, MetaImage; not a DICOM series)")
         suffix = upload_suffix(files[0].filename)
         folder = Path(tempfile.mkdtemp(prefix="medsam3-serve-"))
         try:
