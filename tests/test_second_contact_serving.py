@@ -254,3 +254,22 @@ def test_serve_no_fallback_answers_502_without_the_url():
     assert status == 502, body
     error = json.loads(body)["error"]
     assert error.startswith("the agent's planner failed: cannot reach the planner (") and DEAD_URL not in error
+
+
+def test_serve_names_its_options_and_refuses_a_busy_port_before_loading(capsys):
+    """Option errors use the flags' names; a port something listens on is refused (status 3, as uvicorn's failure
+    to bind) before the model loads and before the banner claims the address."""
+    import socket
+
+    assert main(["serve", "--checkpoint", "tiny", "--max-prompts", "0"]) == 2
+    assert "--max-prompts must be positive, got 0" in _error(capsys)
+    assert main(["serve", "--checkpoint", "tiny", "--session-expiry", "-5"]) == 2
+    assert "--session-expiry must be positive, got -5" in _error(capsys)
+    with socket.socket() as busy:
+        busy.bind(("127.0.0.1", 0))
+        busy.listen()
+        port = busy.getsockname()[1]
+        assert main(["serve", "--checkpoint", "tiny", "--port", str(port)]) == 3
+        captured = capsys.readouterr()
+    assert f"cannot listen on 127.0.0.1:{port}" in captured.err and "choose another --port" in captured.err
+    assert "http://" not in captured.out  # no banner
