@@ -391,6 +391,24 @@ def test_bundle_metadata_passes_monai_verify_metadata(tmp_path):
         verify_metadata(meta_file=str(broken), filepath=str(schema))
 
 
+def test_monai_verify_net_in_out_checks_the_declared_output():
+    """MONAI's ``verify_net_in_out`` builds ``network_def`` from inference.json and checks the output metadata.json
+    declares (``pred``: one mask-logit channel per object query, float32; the network's ``pred_masks``). The tiny
+    network has 8 queries, not SAM3's 200: told so, it passes; as the full architecture's 200 it is refused, so the
+    check runs (at 1008 px with ``--network_def#config '$medsam3_monai.networks.presets.full_sam3_config()'`` the
+    full architecture passes as declared; the bundle README has the command)."""
+    from monai.bundle import verify_net_in_out
+
+    settings = {"net_id": "network_def", "meta_file": str(CONFIGS / "metadata.json"),
+                "config_file": str(CONFIGS / "inference.json"), "checkpoint": "tiny", "tiny_image_size": 112,
+                "extra_forward_args": {"prompts": ["liver"]}, "device": "cpu",
+                "_meta_#network_data_format#inputs#image#dtype": "float32",  # the tool's random input is float
+                "_meta_#network_data_format#inputs#image#spatial_shape": [112, 112]}
+    verify_net_in_out(**settings, **{"_meta_#network_data_format#outputs#pred#num_channels": 8})
+    with pytest.raises(ValueError, match="output channel number `8` doesn't match: `200`"):
+        verify_net_in_out(**settings)
+
+
 def test_bundle_metadata_describes_the_input_the_preprocessing_hands_over(shared_data: Path):
     """metadata.json's network input is what inference.json's preprocessing gives the network: uint8 levels of a
     colour picture (three channels) and of a grey volume slice (one, repeated by the network)."""

@@ -71,6 +71,17 @@ class MedSAM3Output:
         return self.all_pred_logits[-1]
 
     @property
+    def shape(self) -> torch.Size:
+        """``pred_masks``' shape (B, Q, H, W): the output the bundle's metadata declares (``network_data_format``
+        ``outputs.pred``: one channel per object query), which MONAI's ``verify_net_in_out`` checks."""
+        return self.pred_masks.shape
+
+    @property
+    def dtype(self) -> torch.dtype:
+        """``pred_masks``' dtype (see :attr:`shape`)."""
+        return self.pred_masks.dtype
+
+    @property
     def pred_boxes(self) -> torch.Tensor:
         """(B, Q, 4) last-layer boxes, xyxy in [0, 1]."""
         return self.all_pred_boxes[-1]
