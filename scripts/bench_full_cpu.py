@@ -59,15 +59,16 @@ def worker(network: str, picture: str, out: str, threads: int) -> dict:
     original = predict.Predictor.from_checkpoint.__func__
     network_info: dict[str, object] = {}
 
-    def from_checkpoint(cls, checkpoint="tiny", image_size=None, device=None, **kwargs):
+    def from_checkpoint(cls, checkpoint="tiny", image_size=None, device=None, detector_chunk=None, **kwargs):
         start = time.perf_counter()
         if network == "full":
             from medsam3_monai.networks import MedSAM3Net, full_sam3_config
 
-            net = MedSAM3Net("tiny", config=full_sam3_config()).eval()  # random init, full architecture
+            chunk = {} if detector_chunk is None else {"detector_chunk": detector_chunk}
+            net = MedSAM3Net("tiny", config=full_sam3_config(), **chunk).eval()  # random init, full architecture
             predictor = cls(net.to(device) if device is not None else net, checkpoint=FULL_SOURCE, **kwargs)
         else:
-            predictor = original(cls, checkpoint, image_size, device, **kwargs)
+            predictor = original(cls, checkpoint, image_size, device, detector_chunk, **kwargs)
         timings["build_s"] = time.perf_counter() - start
         network_info.update(parameters=sum(p.numel() for p in predictor.network.parameters()),
                             image_size=int(predictor.network.image_size))
@@ -120,6 +121,8 @@ def main() -> None:
                 continue
             entry = json.loads(done.stdout.strip().splitlines()[-1])
             entry["process_s"] = round(time.perf_counter() - start, 2)  # imports included
+            if entry["exit_code"] != 0:
+                entry["error"] = [f"medsam3 segment exited {entry['exit_code']}"]
             result[network] = entry
     full, tiny = result.get("full"), result.get("tiny")
     if isinstance(full, dict) and isinstance(tiny, dict) and "error" not in full and "error" not in tiny:
@@ -129,6 +132,9 @@ def main() -> None:
 
     result.update(torch=torch.__version__, host=platform.processor() or platform.machine())
     print(json.dumps(result, indent=2))
+    failed = [network for network in args.networks if "error" in result.get(network, {})]
+    if failed:
+        sys.exit(f"bench_full_cpu.py: {', '.join(failed)} failed (see 'error' above)")
 
 
 if __name__ == "__main__":

@@ -153,7 +153,8 @@ def main() -> None:
             command += ["--threads", str(args.threads)]
         env = {**os.environ, "PYTHONUNBUFFERED": "1", **({OVERLAY_ENV: "1"} if args.overlay else {})}
         done = subprocess.run(command, capture_output=True, text=True, env=env)
-        name = f"{round(side * side / 1e6)}Mpx"
+        megapixels = side * side / 1e6
+        name = f"{round(megapixels)}Mpx" if megapixels >= 1 else f"{megapixels:.2g}Mpx"
         if done.returncode != 0:
             tail = (done.stderr or done.stdout).strip().splitlines()[-3:]
             results[name] = {"error": " | ".join(tail), "exit": done.returncode}

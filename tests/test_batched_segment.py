@@ -36,13 +36,14 @@ def png(path: Path) -> np.ndarray:
 
 
 def sidecar_core(path: Path) -> dict:
-    """What must agree between a batched and a one-by-one sidecar: not the paths it names, nor the pixel counts
-    (a pixel within rounding of the threshold may flip, ``assert_same_masks``), which must be the mask's own."""
+    """What must agree between a batched and a one-by-one sidecar: not the paths it names, nor whether the network
+    was compiled, nor the pixel counts (a pixel within rounding of the threshold may flip, ``assert_same_masks``),
+    which must be the mask's own."""
     data = json.loads(Path(f"{path}.json").read_text())
     mask = png(path)
     for value, label in data.get("labels", {}).items():
         assert label.pop("pixels") == int((mask == int(value)).sum()), f"{path.name}: label {value}'s pixel count"
-    return {k: v for k, v in data.items() if k not in ("input", "output", "overlay")}
+    return {k: v for k, v in data.items() if k not in ("input", "output", "overlay", "compiled")}
 
 
 @pytest.fixture(scope="module")
@@ -220,6 +221,8 @@ def test_bf16_autocast_runs_on_the_cpu(samples, tmp_path, encoded):
     assert encoded and all(on and dtype == torch.bfloat16 for _, on, dtype in encoded)  # every vision pass in bf16
     masks = [png(p) for p in sorted(out.glob("*.png"))]
     assert [m.shape for m in masks] == [(512, 512)] * 2 and all(set(np.unique(m)) <= {0, 255} for m in masks)
+    sidecars = [json.loads(p.read_text()) for p in sorted(out.glob("*.json"))]
+    assert [(s["autocast"], s["compiled"]) for s in sidecars] == [("bf16", False)] * 2  # the numerics are recorded
 
 
 # ------------------------------------------------------------------------------------------------ bad inputs
@@ -267,7 +270,28 @@ def _bad_prompts_not_text(samples: Path, folder: Path) -> list[str]:
     return ["--datalist", str(datalist)]
 
 
+def _four_d(folder: Path) -> Path:
+    path = folder / "four_d.nii.gz"
+    nib.save(nib.Nifti1Image(np.zeros((6, 5, 4, 2), np.float32), np.eye(4)), str(path))
+    return path
+
+
+def _bad_4d_volume_without_channel(samples: Path, folder: Path) -> list[str]:
+    return [str(samples / "chest1.jpg"), str(_four_d(folder)), "--prompt", "lung"]
+
+
+def _bad_channel_on_a_picture(samples: Path, folder: Path) -> list[str]:
+    return [str(_four_d(folder)), str(samples / "chest1.jpg"), "--prompt", "lung", "--channel", "1"]
+
+
+def _bad_channel_out_of_range(samples: Path, folder: Path) -> list[str]:
+    return [str(_four_d(folder)), "--prompt", "lung", "--channel", "5"]
+
+
 BAD = {
+    "a 4D volume without --channel, read from its header": (_bad_4d_volume_without_channel, "is a 4D volume with 2"),
+    "--channel and a 2D picture": (_bad_channel_on_a_picture, "chest1.jpg: is a 2D picture: channel 1 picks"),
+    "--channel beyond a 4D volume's": (_bad_channel_out_of_range, "channel 5 requested but the volume has 2"),
     "label value over 255 for a 2D mask": (_bad_label_value_over_255, "label value 256 does not fit"),
     "two inputs, one output name": (_bad_colliding_names, "would both be written as"),
     "a prompt that is not text": (_bad_prompts_not_text, "is 5, not a text"),
@@ -304,6 +328,7 @@ def test_bad_inputs_exit_2_with_one_line_and_write_nothing(case, samples, tmp_pa
     (["--datalist", "l.json", "--out", "m.png"], "give --out-dir"),
     (["--out-dir", "d"], "required: INPUT, --prompt"),
     (["a.png", "--prompt", "x", "--out-dir", "d", "--batch-size", "0"], "--batch-size"),
+    (["a.png", "--prompt", "x", "--out-dir", "d", "--split", "validation"], "--split validation picks a list of a"),
 ])
 def test_usage_errors(argv, words, tmp_path, capsys, monkeypatch):
     monkeypatch.chdir(tmp_path)
@@ -425,6 +450,12 @@ def test_inputs_expand_folders_globs_and_dicom_series(tmp_path):
     (mixed / "masks").mkdir()
     (mixed / "masks" / "m.png").write_bytes(b"")
     assert expand_inputs([series]) == [str(series)]  # a DICOM series is one volume
+    for name in ("README.txt", "DICOMDIR", "export.xml"):  # what exports hold beside the series: still one volume
+        (series / name).write_bytes(b"")
+    assert expand_inputs([series]) == [str(series)]
+    (series / "preview.png").write_bytes(b"")  # another image: a folder of inputs, not a series
+    assert expand_inputs([series]) == [str(series / n) for n in ("IM0.dcm", "IM1.dcm", "IM2.dcm", "preview.png")]
+    (series / "preview.png").unlink()
     assert expand_inputs([mixed]) == [str(mixed / n) for n in ("a.nii.gz", "b.png", "c.JPG", "ct")]
     assert expand_inputs([str(mixed / "*.png"), str(mixed / "b.png")]) == [str(mixed / "b.png")]
     assert expand_inputs([str(tmp_path / "**" / "*.png")]) == [str(mixed / "b.png"), str(mixed / "masks" / "m.png")]

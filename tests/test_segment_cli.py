@@ -55,6 +55,7 @@ def test_one_prompt_writes_a_0_255_mask_of_the_input_size_with_sidecar_and_overl
     assert 0.0 <= sidecar["labels"]["255"]["score"] <= 1.0
     assert sidecar["protocol"] == "top_query+box" and sidecar["checkpoint"] == "tiny" and sidecar["image_size"] == 112
     assert sidecar["box"] == [[float(v) for v in box]] and sidecar["shape"] == [height, width]
+    assert sidecar["autocast"] == "none" and sidecar["compiled"] is False
     assert png(overlay).ndim == 3 and png(overlay).shape[-1] in (3, 4)
     assert str(out) in capsys.readouterr().out
     assert sorted(p.name for p in tmp_path.rglob("*")) == ["mask.png", "mask.png.json", "overlay.png", "sub"]

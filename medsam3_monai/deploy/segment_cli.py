@@ -79,8 +79,9 @@ def add_parser(subparsers: argparse._SubParsersAction) -> argparse.ArgumentParse
         formatter_class=argparse.RawDescriptionHelpFormatter,
     )
     parser.add_argument("input", metavar="INPUT", nargs="*",
-                        help="2D image (png, jpg, bmp, tif, gif), volume (.nii, .nii.gz, .mha, .nrrd) or DICOM folder; "
-                             "with --out-dir also several, folders of them and quoted patterns ('cases/*.png')")
+                        help="2D image (png, jpg, jpeg, bmp, tif, tiff, gif), volume (.nii, .nii.gz, .mha, .mhd, "
+                             ".nrrd, .nhdr, .dcm) or DICOM folder; with --out-dir also several, folders of them and "
+                             "quoted patterns ('cases/*.png')")
     parser.add_argument("--prompt", action="append", metavar="TEXT",
                         help="concept to segment, e.g. 'polyp' (repeat for several: label values 1..P); required "
                              "unless every --datalist item has its own prompts")
@@ -107,7 +108,7 @@ def add_parser(subparsers: argparse._SubParsersAction) -> argparse.ArgumentParse
                       help="write one mask per input into DIR (<name>_seg.png / <name>_seg.nii.gz + .json)")
     many.add_argument("--datalist", metavar="FILE",
                       help="datalist JSON (a list of items or paths, or decathlon-style lists) of the inputs")
-    many.add_argument("--split", default="test", metavar="NAME",
+    many.add_argument("--split", default=None, metavar="NAME",
                       help="the list of a decathlon-style --datalist to segment (default test)")
     many.add_argument("--batch-size", type=at_least(1), default=DEFAULT_BATCH_SIZE, metavar="N",
                       help=f"2D images per network forward (default {DEFAULT_BATCH_SIZE}); a volume's slices per "
@@ -307,6 +308,8 @@ def _check_arguments(args: argparse.Namespace) -> bool:
         _usage(args, f"the following arguments are required: {', '.join(missing)}")
     if args.out and out_dir:
         _usage(args, "give --out PATH (one input) or --out-dir DIR (one mask per input), not both")
+    if getattr(args, "split", None) is not None and not datalist:
+        _usage(args, f"--split {args.split} picks a list of a --datalist: give --datalist FILE, or leave --split out")
     if out_dir is None:
         if datalist:
             _usage(args, "--datalist segments many inputs: give --out-dir DIR (one mask per input)")
@@ -364,7 +367,8 @@ def run(args: argparse.Namespace) -> int:
     with _network_context(args, predictor):  # a 4D volume's error names --channel N (transforms.io.CHANNEL_HINT)
         prediction = predictor(args.input, args.prompt, box=args.box, modality=modality, channel=args.channel)
 
-    print(write_prediction(prediction, args.input, out, sidecar_path, overlay, getattr(args, "max_pixels", None)))
+    print(write_prediction(prediction, args.input, out, sidecar_path, overlay, getattr(args, "max_pixels", None),
+                           run=numerics(args)))
     if prediction.is_volume:
         for line in volume_notes(prediction, args.score_threshold):
             print(f"note: {line}", file=sys.stderr)
@@ -395,11 +399,12 @@ def _network_context(args: argparse.Namespace, predictor: Any) -> Any:
 
 
 def write_prediction(prediction: Any, source: str | Path, out: Path, sidecar_path: Path, overlay: Path | None = None,
-                     max_pixels: int | None = None) -> str:
+                     max_pixels: int | None = None, run: dict[str, Any] | None = None) -> str:
     """Write one prediction's mask / label map, its JSON sidecar and (optionally) the overlay, all or nothing
-    (``StagedFiles``); returns the line ``medsam3 segment`` prints about it."""
+    (``StagedFiles``); returns the line ``medsam3 segment`` prints about it. ``run``: more sidecar entries (the
+    numerics the masks were made with: ``autocast``, ``compiled``)."""
     labels, summary = output_labels(prediction, source)
-    summary.update(output=str(out), overlay=None if overlay is None else str(overlay))
+    summary.update(**(run or {}), output=str(out), overlay=None if overlay is None else str(overlay))
     with StagedFiles() as staged:
         if prediction.is_volume:
             write_label_volume(labels, prediction.affine.numpy(), staged.path(out), reference=source)
@@ -432,6 +437,12 @@ def write_prediction(prediction: Any, source: str | Path, out: Path, sidecar_pat
     return f"wrote {out} {size_text(labels.shape, prediction.is_volume)} [{described}] + {sidecar_path}{extra}"
 
 
+def numerics(args: argparse.Namespace) -> dict[str, Any]:
+    """How the network ran (sidecar entries): ``autocast`` (``none`` or ``bf16``: bf16 rounds scores to about three
+    digits, so near-equal prompts may tie where they overlap) and ``compiled`` (``--compile``)."""
+    return {"autocast": getattr(args, "autocast", None) or "none", "compiled": bool(getattr(args, "compile", False))}
+
+
 def size_text(shape: Sequence[int], is_volume: bool) -> str:
     """A written mask's size in the summary line (``segment``, ``agent``): a picture's as pictures are named (width x
     height, ``622x529``), a volume's in array order (its NIfTI dimensions)."""
@@ -446,7 +457,7 @@ def _many_items(args: argparse.Namespace) -> list[dict[str, Any]]:
 
     items: list[dict[str, Any]] = []
     if args.datalist:
-        items += inference_items(args.datalist, args.prompt, split=args.split,
+        items += inference_items(args.datalist, args.prompt, split=args.split or "test",
                                  prompt_option="--prompt TEXT (repeat it for several)")
     if args.input:
         if not args.prompt:
@@ -503,6 +514,22 @@ def _check_many(args: argparse.Namespace, items: list[dict[str, Any]], max_pixel
             raise ValueError(f"{first}: unknown modality {modality!r}; e.g. CT, MRI, X-ray, ultrasound, "
                              "endoscopy") from None
 
+    from ..transforms.errors import DataError
+    from ..transforms.io import check_channel, nifti_channels
+
+    for item in runnable:  # --channel (or an item's own) against each input, from the headers: not mid-run
+        channel = args.channel if args.channel is not None else item.get("channel")
+        header = nifti_channels(item["image"]) if item["kind"] == "volume" else (1, None)
+        if header is not None:
+            try:
+                check_channel(item["image"], item["kind"] == "volume", header[0], channel, header[1])
+            except DataError as err:
+                if not args.skip_unreadable:
+                    raise
+                skipped.append((item["image"], str(err)))
+    runnable = [item for item in runnable if item["image"] not in {image for image, _ in skipped}]
+    if not runnable:
+        raise ValueError(f"none of the {len(items)} input(s) can be read: {skipped[0][1]}")
     for item in runnable:
         if len(item["prompts"]) > 255:
             raise ValueError(f"{item['image']}: {len(item['prompts'])} prompts: at most 255 fit an 8-bit label map")
@@ -593,14 +620,16 @@ def run_many(args: argparse.Namespace) -> int:
                 if isinstance(result, UnreadableCase):
                     error = result.error
                     if not args.skip_unreadable:
-                        raise ValueError(f"{error}; stopped after {written} of {len(items)} masks (in {out_dir}); "
+                        where = f" (in {out_dir})" if written else ""
+                        raise ValueError(f"{error}; stopped after {written} of {len(items)} masks{where}; "
                                          "--skip-unreadable goes on past unreadable inputs")
                     skipped.append((item["image"], error))
                     named = error if str(item["image"]) in error else f"{item['image']}: {error}"
                     tqdm.write(f"skipped {named}", file=sys.stderr)
                 else:
                     target = target_of[id(item)]
-                    tqdm.write(write_prediction(result, item["image"], target, Path(f"{target}.json")))
+                    tqdm.write(write_prediction(result, item["image"], target, Path(f"{target}.json"),
+                                                run=numerics(args)))
                     if result.is_volume:
                         for line in volume_notes(result, args.score_threshold):
                             tqdm.write(f"note: {item['image']}: {line}", file=sys.stderr)

@@ -238,12 +238,15 @@ def is_volume_path(path: str | Path) -> bool:
 
 
 def is_dicom_series(folder: str | Path) -> bool:
-    """A folder of DICOM files (one series: ``.dcm``/``.ima`` or no extension) and nothing else readable."""
+    """A folder of DICOM files (one series: ``.dcm``/``.ima`` or no extension) and no other image or volume; other
+    files (a README, DICOMDIR, an export's ``.txt`` / ``.xml`` / ``.json``) do not count, as exports often hold them."""
     folder = Path(folder)
     if not folder.is_dir():
         return False
-    files = [p for p in folder.iterdir() if p.is_file() and not p.name.startswith(".")]
-    return bool(files) and all(p.suffix.lower() in DICOM_SUFFIXES or p.name.upper() == "DICOMDIR" for p in files)
+    files = [p for p in folder.iterdir() if p.is_file() and not p.name.startswith(".") and p.name.upper() != "DICOMDIR"]
+    dicom = [p for p in files if p.suffix.lower() in DICOM_SUFFIXES]
+    other_inputs = [p for p in files if p not in dicom and _suffix(p) in IMAGE_SUFFIXES + VOLUME_SUFFIXES]
+    return bool(dicom) and not other_inputs
 
 
 def _folder_inputs(folder: Path) -> list[Path]:
@@ -282,8 +285,9 @@ def expand_inputs(inputs: Sequence[str | Path]) -> list[str]:
             chosen = [m for m in matches if (m.is_file() and _suffix(m) in IMAGE_SUFFIXES + VOLUME_SUFFIXES)
                       or is_dicom_series(m)]
             if not chosen:
-                raise ValueError(f"no image or volume matches {text!r} ({len(matches)} other path(s) do): give a "
-                                 f"pattern matching {', '.join(IMAGE_SUFFIXES + VOLUME_SUFFIXES)} files")
+                others = f" (it matches {len(matches)} other path(s))" if matches else ""
+                raise ValueError(f"no image or volume matches {text!r}{others}: give a pattern matching "
+                                 f"{', '.join(IMAGE_SUFFIXES + VOLUME_SUFFIXES)} files or DICOM series folders")
             found += chosen
         elif path.is_dir() and not is_dicom_series(path):
             inside = _folder_inputs(path)

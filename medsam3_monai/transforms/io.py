@@ -48,6 +48,8 @@ __all__ = [
     "MAX_PIXELS_ENV",
     "SEGMENT_BYTES_PER_PIXEL",
     "CHANNEL_HINT",
+    "check_channel",
+    "nifti_channels",
     "VOLUME_SUFFIXES",
     "Image2DReader",
     "LoadMedicalImaged",
@@ -76,6 +78,43 @@ _PIL_LIMIT_LOCK = threading.Lock()
 CHANNEL_HINT = ("use a 3D volume, or pick one channel / time point: --channel N (medsam3 segment and agent, the "
                 "inference bundle), a datalist item's 'channel' (medsam3 datalist ... --channel N writes it), "
                 "channel=N in Python")
+
+
+def check_channel(path: str | Path, is_volume: bool, channels: int, channel: int | None,
+                  shape: tuple[int, ...] | None = None) -> None:
+    """DataError when ``channel`` (``--channel``; None: not given) does not fit the input: a 4D volume (``channels``
+    > 1) needs one in range; a 2D picture or a 3D volume takes none (or 0 for a 3D volume). ``shape``: the file's,
+    for the message."""
+    if is_volume and channels > 1:
+        if channel is None:
+            described = f" (shape {shape})" if shape else ""
+            raise DataError(path, f"is a 4D volume with {channels} channels/time points{described}", CHANNEL_HINT)
+        if not 0 <= channel < channels:
+            raise DataError(path, f"channel {channel} requested but the volume has {channels}",
+                            "choose a channel index in range")
+    elif channel is not None:  # a channel asked of a file that has one: said, not ignored
+        if not is_volume:
+            raise DataError(path, f"is a 2D picture: channel {channel} picks a channel / time point of a 4D volume",
+                            "leave the channel (--channel) out for 2D pictures")
+        if channel != 0:
+            raise DataError(path, f"channel {channel} requested but the volume has 1 (a 3D volume)",
+                            "leave the channel (--channel) out for 3D volumes")
+
+
+def nifti_channels(path: str | Path) -> tuple[int, tuple[int, ...]] | None:
+    """(channels, shape) of a NIfTI volume from its header (channels: the product of the axes after the third), or
+    None for another format or an unreadable header (the loader reports those in its turn)."""
+    if not str(path).lower().endswith((".nii", ".nii.gz")):
+        return None
+    import math
+
+    import nibabel as nib
+
+    try:
+        shape = tuple(int(n) for n in nib.load(str(path)).header.get_data_shape())
+    except Exception:  # noqa: BLE001 - unreadable: the loader says why
+        return None
+    return math.prod(shape[3:]), shape
 
 
 def _suffix(path: str | Path) -> str:
@@ -149,7 +188,8 @@ def picture_size(path: str | Path) -> tuple[int, int]:
 
 
 def _gb(n_bytes: float) -> str:
-    return f"{n_bytes / 1e9:.1f} GB"
+    """A memory size for a message: GB, or MB below 1 GB (``0.0 GB`` says nothing)."""
+    return f"{n_bytes / 1e9:.1f} GB" if n_bytes >= 1e9 else f"{n_bytes / 1e6:.0f} MB"
 
 
 def _env_max_pixels() -> int | None:
@@ -479,22 +519,11 @@ def load_medical_image(
         stored = tuple(img.shape[1:]) + (img.shape[0],) if is_volume else tuple(img.shape)  # the file's axis order
         raise DataError(path, f"has {img.ndim} dimensions (shape {stored}); expected a 2D image or a 3D "
                               "volume", "split the file into 2D images or 3D volumes")
-    if is_volume and img.shape[0] > 1:
-        if channel is None or mask:
-            raise DataError(path, f"is a 4D volume with {img.shape[0]} channels/time points (shape "
-                                  f"{tuple(img.shape[1:]) + (img.shape[0],)})",
-                            CHANNEL_HINT)
-        if not 0 <= channel < img.shape[0]:
-            raise DataError(path, f"channel {channel} requested but the volume has {img.shape[0]}",
-                            "choose a channel index in range")
+    if is_volume or not mask:  # a label volume takes no channel: a 4D one is refused (a 2D mask's colours merge)
+        check_channel(path, is_volume, int(img.shape[0]), None if mask else channel,
+                      tuple(img.shape[1:]) + (img.shape[0],))
+    if is_volume and img.shape[0] > 1 and not mask:
         img = img[channel : channel + 1]
-    elif channel is not None and not mask:  # a channel asked of a file that has one: said, not ignored
-        if not is_volume:
-            raise DataError(path, f"is a 2D picture: channel {channel} picks a channel / time point of a 4D volume",
-                            "leave the channel (--channel) out for 2D pictures")
-        if channel != 0:
-            raise DataError(path, f"channel {channel} requested but the volume has 1 (a 3D volume)",
-                            "leave the channel (--channel) out for 3D volumes")
     if mask and img.shape[0] > 1:
         img = img.amax(dim=0, keepdim=True)
     if mask:
