@@ -50,28 +50,50 @@ def report_input_errors(prog: str = "medsam3 bundle") -> None:
     ``RuntimeError`` wrappers, prints ``<prog>: error: <message>`` and exits with status 2; anything else (a bug)
     keeps Python's full traceback. Runs inside Python (tests, notebooks) are unaffected: they see the exception.
     """
+    import logging
     import os
     import sys
 
     previous = sys.excepthook
 
     def hook(kind: type[BaseException], error: BaseException, traceback: Any) -> None:
-        from .inferers.inputs import user_error
-        from .networks.checkpoints import CheckpointError
-
-        seen: BaseException | None = error
-        while seen is not None and not isinstance(seen, CheckpointError):
-            seen = seen.__cause__
-        cause = seen or user_error(error) or (error if isinstance(error, (ValueError, FileNotFoundError)) else None)
+        cause = _input_error(error)
         if cause is None:
             previous(kind, error, traceback)
             return
+        bars = getattr(sys.modules.get("tqdm"), "tqdm", None)
+        for bar in list(getattr(bars, "_instances", None) or []):  # a progress bar mid-line: end its line first
+            bar.close()
         print(f"{prog}: error: {cause}", file=sys.stderr)
         sys.stderr.flush()
         sys.stdout.flush()
         os._exit(2)  # excepthook cannot choose the exit status; nothing is left to clean up after an input error
 
+    def not_said_twice(record: logging.LogRecord) -> bool:
+        """Ignite's engines log "... terminating due to exception: <message>" before the exception reaches the
+        hook, which says it once; the line is kept for anything else (a bug)."""
+        if "terminating due to exception" not in record.getMessage():
+            return True
+        return _input_error(sys.exc_info()[1]) is None
+
     sys.excepthook = hook
+    for handler in logging.getLogger().handlers:  # the logging file's handlers (engine loggers propagate to them)
+        if not_said_twice not in handler.filters:
+            handler.addFilter(not_said_twice)
+
+
+def _input_error(error: BaseException | None) -> BaseException | None:
+    """The input error (ours, or a ValueError / FileNotFoundError) inside ``error`` and its MONAI / Ignite
+    wrappers, or None (a bug, or no error)."""
+    if error is None:
+        return None
+    from .inferers.inputs import user_error
+    from .networks.checkpoints import CheckpointError
+
+    seen: BaseException | None = error
+    while seen is not None and not isinstance(seen, CheckpointError):
+        seen = seen.__cause__
+    return seen or user_error(error) or (error if isinstance(error, (ValueError, FileNotFoundError)) else None)
 
 
 _TRUE, _FALSE = ("true", "yes", "on", "1"), ("false", "no", "off", "0")
@@ -194,6 +216,50 @@ def _override_values(arguments: Sequence[str]) -> list[tuple[str, str | None]]:
             value, equals = following, "="
         pairs.append((key, value if equals else None))
     return pairs
+
+
+def runner_overrides(argv: Sequence[str] | None = None) -> dict[str, str | None] | None:
+    """The ``--key value`` overrides given to ``python -m monai.bundle run`` (None when this process is not that
+    runner): which settings a user chose, where a config's default cannot tell."""
+    import sys
+
+    argv = list(sys.argv if argv is None else argv)
+    if not argv or Path(argv[0]).parent.name != "bundle" or Path(argv[0]).name != "__main__.py" or "run" not in argv:
+        return None
+    return dict(_override_values(argv[argv.index("run") + 1:]))
+
+
+def check_inference_inputs(items: Sequence[dict[str, Any]], protocol: str, skip_unreadable: bool = False,
+                           argv: Sequence[str] | None = None) -> None:
+    """The inference bundle's checks before the network loads, as ``medsam3 segment`` makes them: every input
+    exists (unless ``skip_unreadable``), a 2D ``protocol`` is not asked of volumes, and a ``--ct_window`` given on
+    the runner's command line reaches a CT input (else it would go unused)."""
+    from .data.selection import is_volume_item
+    from .transforms.io import input_modality
+
+    missing = [str(item["image"]) for item in items if not Path(str(item["image"])).exists()]
+    if missing and not skip_unreadable:
+        more = f" (and {len(missing) - 1} more)" if len(missing) > 1 else ""
+        raise FileNotFoundError(f"{missing[0]}: not found{more}; give existing images, volumes or DICOM folders in "
+                                "--datalist, or --skip_unreadable true to go on without them")
+    present = [item for item in items if str(item["image"]) not in missing]
+    volumes = [str(item["image"]) for item in present if is_volume_item(item)]
+    if volumes and protocol not in (None, "top_query"):
+        raise ValueError(f"--protocol {protocol} applies to 2D images but {volumes[0]} is a volume: volumes use the "
+                         "top query per slice (score >= --score_threshold); segment them in a run of their own")
+    given = runner_overrides(argv) or {}
+    if "ct_window" in given:
+        from .transforms.intensity import handler_for_modality
+
+        def windowed(modality: str | None) -> bool:
+            try:
+                return modality is not None and handler_for_modality(modality) == "ct_window"
+            except KeyError:
+                return False
+
+        if not any(windowed(input_modality(item["image"], item.get("modality"))) for item in present):
+            raise ValueError(f"--ct_window {given['ct_window']} applies to CT inputs, but no input is marked CT: give "
+                             "the datalist items 'modality': 'CT' (or leave --ct_window out)")
 
 
 def check_val_protocol(value: Any) -> None:

@@ -129,3 +129,31 @@ def test_a_volume_not_stored_axially_is_noted():
     empty = SimpleNamespace(prompts=["liver"], scores=[0.1], seed_slices=[-1])
     assert volume_notes(SimpleNamespace(affine=sagittal, **vars(empty)), 0.5)[0] == slice_axis_note(sagittal)
     assert len(volume_notes(SimpleNamespace(affine=np.eye(4), **vars(empty)), 0.5)) == 1  # the empty mask's alone
+
+
+def test_the_inference_bundle_checks_its_inputs_and_options_before_the_network(hippocampus, shared_data, tmp_path):
+    """As ``medsam3 segment`` does: a missing input, a 2D protocol for a volume and a ``--ct_window`` no CT input
+    reads are refused before anything loads or is written; an input found unreadable later is said once (Ignite's
+    "terminating due to exception" lines are not repeated)."""
+    from medsam3_monai.bundle import check_inference_inputs
+
+    picture = shared_data / "Kvasir-SEG_sample" / "images" / "cju0qkwl35piu0993l0dewei2.jpg"
+    items = [{"image": str(picture)}, {"image": str(hippocampus)}]
+    runner = ["/venv/lib/python3.11/site-packages/monai/bundle/__main__.py", "run", "--config_file", "inference.json"]
+    check_inference_inputs(items, "top_query", argv=runner)
+    with pytest.raises(FileNotFoundError, match=r"/nowhere.png: not found; give existing .* --skip_unreadable true"):
+        check_inference_inputs([*items, {"image": "/nowhere.png"}], "top_query", argv=runner)
+    check_inference_inputs([*items, {"image": "/nowhere.png"}], "top_query", skip_unreadable=True, argv=runner)
+    with pytest.raises(ValueError, match="--protocol threshold applies to 2D images but .*hippocampus.* is a volume"):
+        check_inference_inputs(items, "threshold", argv=runner)
+    check_inference_inputs(items[:1], "threshold", argv=runner)
+    with pytest.raises(ValueError, match="--ct_window lung applies to CT inputs, but no input is marked CT"):
+        check_inference_inputs(items, "top_query", argv=[*runner, "--ct_window", "lung"])
+    check_inference_inputs([dict(items[1], modality="CT")], "top_query", argv=[*runner, "--ct_window", "lung"])
+
+    truncated = tmp_path / "truncated.jpg"
+    truncated.write_bytes(picture.read_bytes()[:5000])
+    result = run_bundle(["inference.json"], "--bundle_root", str(tmp_path / "run"), "--datalist",
+                        str([str(picture), str(truncated)]), "--prompts", "['polyp']", "--checkpoint", "tiny")
+    assert_refused(result, "truncated.jpg: cannot be read as an image")
+    assert (result.stdout + result.stderr).count("truncated.jpg: cannot be read") == 1
