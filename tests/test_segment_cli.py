@@ -288,6 +288,21 @@ def test_an_existing_output_is_kept_unless_overwrite_is_given(kvasir, tmp_path, 
     assert "--overwrite" in capsys.readouterr().err and out.read_bytes() == b"keep me"
     assert segment(str(kvasir), "--prompt", "polyp", "--out", str(out), "--overwrite") == 0
     assert png(out).shape[:2] == Image.open(kvasir).size[::-1]
+    # each refusal names the option whose file is in the way
+    overlay = tmp_path / "overlay.png"
+    overlay.write_bytes(b"keep me too")
+    assert segment(str(kvasir), "--prompt", "polyp", "--out", str(tmp_path / "new.png"), "--overlay",
+                   str(overlay)) == 2
+    assert "overlay.png already exist(s); choose another --overlay or pass --overwrite" in capsys.readouterr().err
+    assert segment(str(kvasir), "--prompt", "polyp", "--out", str(out), "--overlay", str(out)) == 2
+    assert "--out / --overlay (and the .json sidecar) must name different files" in capsys.readouterr().err
+    assert segment(str(kvasir), "--prompt", "polyp", "--out", str(tmp_path / "n.png"), "--overlay",
+                   str(tmp_path / ".." / tmp_path.name / "n.png")) == 2
+    assert "--out / --overlay (and the .json sidecar) must name different files" in capsys.readouterr().err
+    copy = tmp_path / "input.png"  # a PNG input given as the overlay too
+    Image.open(kvasir).save(copy)
+    assert segment(str(copy), "--prompt", "polyp", "--out", str(tmp_path / "n.png"), "--overlay", str(copy)) == 2
+    assert f"an output would overwrite the input {copy}; choose another --overlay" in capsys.readouterr().err
 
 
 # ------------------------------------------------------------------------------------------------ bundle

@@ -53,18 +53,10 @@ def plan_outputs(input_path: str, kind: str, out: str, overlay: str | None = Non
         raise ValueError(f"--overlay {overlay}: the overlay is a PNG picture; give a path ending in .png")
     if _suffix(plan.trace) != ".json":
         raise ValueError(f"--trace {trace}: the trace is JSON; give a path ending in .json")
-    targets = [plan.out, plan.sidecar, plan.trace] + ([plan.overlay] if plan.overlay is not None else [])
-    resolved = [t.resolve() for t in targets]
-    if len(set(resolved)) < len(resolved):
-        raise ValueError("--out, its .json sidecar, --trace and --overlay must be different files")
-    if Path(input_path).resolve() in resolved:
-        raise ValueError(f"an output would overwrite the input {input_path}; choose another --out")
-    folders = [str(t) for t in targets if t.is_dir()]
-    if folders:
-        raise ValueError(f"{', '.join(folders)} is a folder; give a file path")
-    existing = [str(t) for t in targets if t.exists()]
-    if existing and not overwrite:
-        raise FileExistsError(f"{', '.join(existing)} already exist(s); choose another --out or pass --overwrite")
+    from ..deploy.arguments import check_output_files
+
+    check_output_files([("--out", plan.out), ("--out", plan.sidecar), ("--trace", plan.trace)]
+                       + ([("--overlay", plan.overlay)] if plan.overlay is not None else []), input_path, overwrite)
     return plan
 
 

@@ -6,10 +6,10 @@ from __future__ import annotations
 import argparse
 import shutil
 from pathlib import Path
-from typing import Any, Callable, Iterable
+from typing import Any, Callable, Iterable, Sequence
 
 __all__ = ["add_detector_chunk_option", "add_gpu_options", "add_model_options", "add_tracker_batch_option", "at_least",
-           "compile_notice", "ct_window", "ct_window_for", "gpu_context", "pixels", "remove_output"]
+           "check_output_files", "compile_notice", "ct_window", "ct_window_for", "gpu_context", "pixels", "remove_output"]
 
 
 def add_model_options(parser: Any) -> None:
@@ -132,6 +132,27 @@ def ct_window_for(value: str | None, modalities: Iterable[str | None]) -> Any:
         raise ValueError(f"--ct-window {value} applies to CT inputs, but no input is marked CT: add --modality CT "
                          "(or 'modality': 'CT' in the datalist items)")
     return window
+
+
+def check_output_files(outputs: Sequence[tuple[str, Path]], input_path: str | Path, overwrite: bool) -> None:
+    """Refuse output files (``(option, path)``: the option that names each, e.g. ``("--out", sidecar)``) that are
+    the same file twice, the input, a folder, or (without ``overwrite``) existing files, naming the options."""
+    def options(chosen: Sequence[tuple[str, Path]]) -> str:
+        return " / ".join(dict.fromkeys(option for option, _ in chosen))
+
+    resolved = [path.resolve() for _, path in outputs]
+    if len(set(resolved)) < len(resolved):
+        raise ValueError(f"{options(outputs)} (and the .json sidecar) must name different files")
+    clashing = [(option, path) for option, path in outputs if path.resolve() == Path(input_path).resolve()]
+    if clashing:
+        raise ValueError(f"an output would overwrite the input {input_path}; choose another {options(clashing)}")
+    folders = [str(path) for _, path in outputs if path.is_dir()]
+    if folders:
+        raise ValueError(f"{', '.join(folders)} is a folder; give a file path")
+    existing = [(option, path) for option, path in outputs if path.exists()]
+    if existing and not overwrite:
+        raise FileExistsError(f"{', '.join(str(path) for _, path in existing)} already exist(s); choose another "
+                              f"{options(existing)} or pass --overwrite")
 
 
 def remove_output(out: Path, created: bool) -> None:

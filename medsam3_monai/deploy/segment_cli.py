@@ -264,18 +264,10 @@ def _plan_outputs(args: argparse.Namespace, kind: str) -> tuple[Path, Path, Path
     overlay = Path(args.overlay) if args.overlay else None
     if overlay is not None and _suffix(overlay) != ".png":
         raise ValueError(f"--overlay {overlay}: the overlay is a PNG picture; give a path ending in .png")
-    targets = [out, sidecar] + ([overlay] if overlay is not None else [])
-    resolved = [t.resolve() for t in targets]
-    if len(set(resolved)) < len(resolved):
-        raise ValueError("--out, its .json sidecar and --overlay must be different files")
-    if Path(args.input).resolve() in resolved:
-        raise ValueError(f"an output would overwrite the input {args.input}; choose another --out/--overlay")
-    folders = [str(t) for t in targets if t.is_dir()]
-    if folders:
-        raise ValueError(f"{', '.join(folders)} is a folder; give a file path")
-    existing = [str(t) for t in targets if t.exists()]
-    if existing and not args.overwrite:
-        raise FileExistsError(f"{', '.join(existing)} already exist(s); choose another --out or pass --overwrite")
+    from .arguments import check_output_files
+
+    check_output_files([("--out", out), ("--out", sidecar)] + ([("--overlay", overlay)] if overlay else []),
+                       args.input, args.overwrite)
     return out, sidecar, overlay
 
 
