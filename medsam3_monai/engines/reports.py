@@ -195,7 +195,7 @@ class OverlayWriter:
         case = _safe(_without_image_suffix(prediction.case))
         path = self.folder / f"{index:03d}_{_safe(prediction.dataset)}_{case}.png"
         boxes = None if prediction.is_volume else getattr(prediction, "boxes", None)  # T+I, in the input's pixels
-        if boxes:
+        if boxes and any(box is not None for box in boxes):  # a class absent from the truth had none (text only)
             title += "; dashed: box prompts"
         return overlay_figure(image, truth, pred, path, prediction.values, prediction.prompts, title, boxes=boxes)
 
