@@ -226,9 +226,17 @@ def test_two_checkpoints_give_side_by_side_tables_with_deltas(datalists, tmp_pat
     out = tmp_path / "compare"
     rc = evaluate("--datalist", str(datalists["kvasir"]), "--datalist", str(datalists["chest"]),
                   "--checkpoint", "tiny", "--checkpoint", str(other), "--out", str(out), "--split", "all",
-                  "--max-cases", "2", "--overlays", "0", "--no-mlflow")
+                  "--max-cases", "2", "--overlays", "0")
     assert rc == 0, capsys.readouterr().err
 
+    from mlflow import MlflowClient
+
+    client = MlflowClient(tracking_uri=f"sqlite:///{out / 'mlruns.db'}")
+    runs = client.search_runs([client.get_experiment_by_name("medsam3-evaluate").experiment_id])
+    (parent,) = [r for r in runs if "mlflow.parentRunId" not in r.data.tags]  # the run holding the deltas
+    assert parent.data.params["checkpoint"] == "tiny" and parent.data.params["checkpoint_b"] == str(other)
+    assert (parent.data.params["label_a"], parent.data.params["label_b"]) == ("tiny", "tiny_seed1")
+    assert "Kvasir-SEG/dice_delta" in parent.data.metrics and len(runs) == 3
     rows = {row["name"]: row for row in read_csv(out / "comparison.csv")}
     assert set(rows) == {"Kvasir-SEG", "ChestXray_lung_sample", "internal", "overall"}
     assert all((row["a"], row["b"]) == ("tiny", "tiny_seed1") for row in rows.values())

@@ -62,7 +62,7 @@ def evaluation_items(
     if split not in SPLIT_CHOICES:
         raise ValueError(f"unknown split {split!r}; choose from {', '.join(SPLIT_CHOICES)}")
     if max_cases is not None and int(max_cases) < 1:
-        raise ValueError(f"max_cases must be at least 1, got {max_cases}")
+        raise ValueError(f"--max-cases (the bundle's max_cases) must be at least 1, got {max_cases}")
     paths = [datalists] if isinstance(datalists, (str, Path)) else list(datalists)
     if not paths:
         raise ValueError("no datalist given")

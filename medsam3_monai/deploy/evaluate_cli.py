@@ -315,6 +315,9 @@ def run(args: argparse.Namespace) -> int:
             parent = client.create_run(experiment_id, run_name=name).info.run_id
             if plan is not None or args.agent:
                 _log_params(client, parent, args, sources[0])
+            elif len(sources) == 2:  # which two were compared, on the run holding the deltas
+                _log_params(client, parent, args, sources[0], {"checkpoint_b": sources[1], "label_a": labels[0],
+                                                               "label_b": labels[1]})
         reports = {}
         for spec in runs:
             index = spec.get("network", 0)
@@ -432,11 +435,15 @@ def _agent_note(settings: Any, template: str, recorder: Any) -> str:
             f"request agent/agent_cases.csv.{warning}")
 
 
-def _log_params(client: Any, run_id: str, args: argparse.Namespace, checkpoint: str) -> None:
+def _log_params(client: Any, run_id: str, args: argparse.Namespace, checkpoint: str,
+                extra: dict[str, Any] | None = None) -> None:
+    """The parent run's parameters: what was evaluated and how (``extra``: more, e.g. a comparison's second
+    checkpoint)."""
     from mlflow.entities import Param
 
     values = {"checkpoint": checkpoint, "protocol": args.protocol, "split": args.split,
-              "max_cases": args.max_cases, "datalists": ",".join(str(Path(p).resolve()) for p in args.datalist)}
+              "max_cases": args.max_cases, "datalists": ",".join(str(Path(p).resolve()) for p in args.datalist),
+              **(extra or {})}
     if args.prompt_variants:
         values.update(prompt_variants=args.prompt_variants, max_phrasings=args.max_phrasings,
                       keep_ratio=keep_ratio(args))

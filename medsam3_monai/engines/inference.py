@@ -117,7 +117,8 @@ class MedSAM3CaseEvaluator(SupervisedEvaluator):
         cases = []
         for case in batchdata:
             if isinstance(case, UnreadableCase) and case.stop:
-                raise ValueError(case.error)
+                raise ValueError(f"{case.error} (to go on past unreadable cases: --skip-unreadable, the bundles' "
+                                 "--skip_unreadable true)")
             if isinstance(case, UnreadableCase):
                 logger.warning("skipped an unreadable case: %s", case.error)
                 engine.state.unreadable.append(case)

@@ -193,7 +193,10 @@ def build_tracker(
         if path.is_dir():
             tracker = _load_tracker_folder(path)
         else:
-            state = read_sam3_tracker(path)
+            try:
+                state = read_sam3_tracker(path)
+            except CheckpointError as err:  # "cannot read checkpoint X": say it is the tracker's
+                raise CheckpointError(f"the tracker (--tracker): {err}") from None
             if config is None:  # a sam3.pt carries none: SAM3's tracker (at image_size), or the one around detector
                 config = (sam3_tracker_config(image_size or FULL_IMAGE_SIZE) if detector is None
                           else tracker_config_for(detector_config(detector)))

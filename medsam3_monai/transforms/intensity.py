@@ -445,7 +445,8 @@ def _window(window: str | Sequence[float]) -> tuple[float, float]:
     if isinstance(window, str):
         name = window.lower().replace(" ", "_").replace("-", "_")
         if name not in CT_WINDOWS:
-            raise ValueError(f"unknown CT window {window!r}; presets: {sorted(CT_WINDOWS)} or (width, level)")
+            raise ValueError(f"unknown CT window {window!r}; presets: {sorted(CT_WINDOWS)}, or a width and level "
+                             "in HU (400,40: W,L)")
         return CT_WINDOWS[name]
     width, level = (float(v) for v in window)
     if width <= 0:

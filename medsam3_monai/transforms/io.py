@@ -91,7 +91,7 @@ def check_channel(path: str | Path, is_volume: bool, channels: int, channel: int
             raise DataError(path, f"is a 4D volume with {channels} channels/time points{described}", CHANNEL_HINT)
         if not 0 <= channel < channels:
             raise DataError(path, f"channel {channel} requested but the volume has {channels}",
-                            "choose a channel index in range")
+                            f"choose a channel from 0 to {channels - 1}")
     elif channel is not None:  # a channel asked of a file that has one: said, not ignored
         if not is_volume:
             raise DataError(path, f"is a 2D picture: channel {channel} picks a channel / time point of a 4D volume",
