@@ -128,3 +128,33 @@ def test_a_checkpoint_of_another_image_size_and_bad_counts_are_refused_before_ca
     for config in ("train.json", "multi_gpu_train.json"):
         text = (BUNDLE_CONFIGS / config).read_text()
         assert "max_epochs=@max_epochs, batch_size=@batch_size" in text and "check_val_protocol(@val_protocol)" in text
+
+
+def test_monai_finds_every_workflow_property_of_the_bundles(shared_data, tmp_path):
+    """MONAI's own property check (``ConfigWorkflow.check_properties``, what MONAI Label and Deploy rely on to drive
+    a bundle): nothing required is missing from train.json or inference.json, and MONAI's scan of the training
+    handlers (for its ValidationHandler) can read every entry (a bare ``@reference`` there broke it); the evaluation
+    overlay refers to its post-processing by MONAI's ``@postprocessing`` id."""
+    from monai.bundle import ConfigWorkflow
+
+    from medsam3_monai.data import build_datalist, write_datalist
+
+    datalist = write_datalist(build_datalist("ChestXray_lung_sample", shared_data / "ChestXray_lung_sample").datalist,
+                              tmp_path / "chest.json")
+    meta = str(BUNDLE_CONFIGS / "metadata.json")
+    picture = next((shared_data / "ChestXray_lung_sample").rglob("*.jpg"))
+    workflows = {}
+    for kind, configs, settings in (("train", ["train.json"], {"datalists": [str(datalist)]}),
+                                    ("infer", ["inference.json"], {"datalist": str(picture), "prompts": ["lung"],
+                                                                   "checkpoint": "tiny"}),
+                                    ("eval", ["inference.json", "evaluate.json"], {"datalists": [str(datalist)],
+                                                                                   "checkpoint": "tiny"})):
+        files = [str(BUNDLE_CONFIGS / config) for config in configs]
+        workflows[kind] = ConfigWorkflow(config_file=files, meta_file=meta, workflow_type=kind,
+                                         bundle_root=str(tmp_path / kind), **settings)
+        workflows[kind].initialize()
+        assert workflows[kind].check_properties() == [], kind
+    parser = workflows["train"].parser
+    iteration = parser.get_parsed_content("trainer_iteration")  # one object: the handler and its readers'
+    assert type(iteration).__name__ == "TrainerIteration" and iteration is parser.get_parsed_content("train#handlers")[4]
+    assert parser.get_parsed_content("best_model_saver").iteration is iteration
