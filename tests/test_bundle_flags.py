@@ -156,5 +156,6 @@ def test_monai_finds_every_workflow_property_of_the_bundles(shared_data, tmp_pat
         assert workflows[kind].check_properties() == [], kind
     parser = workflows["train"].parser
     iteration = parser.get_parsed_content("trainer_iteration")  # one object: the handler and its readers'
-    assert type(iteration).__name__ == "TrainerIteration" and iteration is parser.get_parsed_content("train#handlers")[4]
+    assert type(iteration).__name__ == "TrainerIteration"
+    assert iteration is parser.get_parsed_content("train#handlers")[4]
     assert parser.get_parsed_content("best_model_saver").iteration is iteration

@@ -9,7 +9,8 @@ from pathlib import Path
 from typing import Any, Callable, Iterable, Sequence
 
 __all__ = ["add_detector_chunk_option", "add_gpu_options", "add_model_options", "add_tracker_batch_option", "at_least",
-           "check_output_files", "compile_notice", "ct_window", "ct_window_for", "gpu_context", "pixels", "remove_output"]
+           "check_output_files", "compile_notice", "ct_window", "ct_window_for", "gpu_context", "pixels",
+           "remove_output"]
 
 
 def add_model_options(parser: Any) -> None:
