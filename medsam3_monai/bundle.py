@@ -161,6 +161,17 @@ def check_setting_keys(**settings: Any) -> None:
             hint = f" (did you mean '{close[0]}'?)" if close else ""
             raise ValueError(f"--{name}#{unknown[0]}: {name} has no {', '.join(map(repr, unknown))}{hint}; its keys "
                              f"are {', '.join(known)}")
+        if name in ("loss_weights", "matcher", "o2m_matcher"):  # numbers, checked here rather than mid-training
+            for key, value in given.items():
+                if isinstance(value, bool) or not isinstance(value, (int, float)) or not value >= 0:
+                    raise ValueError(f"--{name}#{key} must be a number >= 0, got {value!r}")
+        if name in ("matcher", "o2m_matcher"):
+            from .losses import HungarianMatcher, OneToManyMatcher
+
+            try:
+                (HungarianMatcher if name == "matcher" else OneToManyMatcher)(**given)
+            except ValueError as err:
+                raise ValueError(f"--{name}: {err}") from None
 
 
 #: what ``python -m monai.bundle run`` itself takes beside the config's own keys
@@ -270,6 +281,14 @@ def check_val_protocol(value: Any) -> None:
         PromptDice(str(value))
     except (ValueError, KeyError) as err:
         raise ValueError(f"--val_protocol {value!r}: {err}") from None
+
+
+def check_grad_clip_norm(value: Any) -> None:
+    """``grad_clip_norm``: a number >= 0 (0: no clipping). A negative one would flip every gradient's sign in
+    ``clip_grad_norm_`` (the optimiser then climbs the loss)."""
+    if isinstance(value, bool) or not isinstance(value, (int, float)) or not value >= 0:
+        raise ValueError(f"--grad_clip_norm must be a number >= 0 (the largest gradient norm; 0 turns clipping off), "
+                         f"got {value!r}")
 
 
 def require_positive(**settings: Any) -> None:

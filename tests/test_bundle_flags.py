@@ -109,6 +109,29 @@ def test_the_matchers_costs_are_bundle_settings_with_sam3s_values():
         OneToManyMatcher(topk=0)
 
 
+def test_numeric_settings_are_checked_before_caching():
+    """A value that is not a number (``--matcher#cost_class abc`` failed at the first iteration with a traceback)
+    or out of range (a negative ``grad_clip_norm`` flipped every gradient's sign) is refused naming its key."""
+    from medsam3_monai.bundle import check_grad_clip_norm, check_setting_keys
+
+    for good in (0, 0.1, 1):
+        check_grad_clip_norm(good)
+    for bad in (-1, "abc", None, True, float("nan")):
+        with pytest.raises(ValueError, match="--grad_clip_norm must be a number >= 0"):
+            check_grad_clip_norm(bad)
+    check_setting_keys(matcher={"cost_class": 3}, o2m_matcher={"topk": 2, "threshold": 0.5}, loss_weights={"giou": 0})
+    for setting, values, says in [("matcher", {"cost_class": "abc"}, "--matcher#cost_class must be a number >= 0"),
+                                  ("matcher", {"cost_bbox": -1.0}, "--matcher#cost_bbox must be a number >= 0"),
+                                  ("matcher", {"alpha": 2}, "--matcher: the Hungarian matcher's alpha must be a "
+                                                            "number in \\[0, 1\\]"),
+                                  ("o2m_matcher", {"threshold": 5}, "threshold must be a number in"),
+                                  ("loss_weights", {"giou": "x"}, "--loss_weights#giou must be a number >= 0")]:
+        with pytest.raises(ValueError, match=says):
+            check_setting_keys(**{setting: values})
+    for config in ("train.json", "multi_gpu_train.json"):
+        assert "check_grad_clip_norm(@grad_clip_norm)" in (BUNDLE_CONFIGS / config).read_text()
+
+
 def test_a_checkpoint_of_another_image_size_and_bad_counts_are_refused_before_caching(tmp_path):
     """The training bundles' initialise step: a checkpoint's stored size against --image_size (was found after the
     data was cached), counts that must be >= 1, and the validation protocol."""

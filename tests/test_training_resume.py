@@ -193,24 +193,41 @@ def test_running_a_finished_training_again_says_there_is_nothing_left(tmp_path: 
 
     # the bundles' initialize ends such a rerun (status 0) before anything is cached or written
     from medsam3_monai.bundle import BUNDLE_CONFIGS
-    from medsam3_monai.engines import exit_if_trained
+    from medsam3_monai.engines import check_resume_checkpoint
 
     caplog.clear()
     with caplog.at_level(logging.WARNING, logger="medsam3_monai.engines.checkpointing"), \
             pytest.raises(SystemExit) as ended:
-        exit_if_trained(True, tmp_path, max_epochs=2)
+        check_resume_checkpoint(True, tmp_path, max_epochs=2)
     assert ended.value.code == 0
-    assert (f"{tmp_path / 'checkpoint_iter6.pt'} finished epoch 2 of max_epochs 2: nothing left to train, so nothing "
-            "was loaded or written; raise --max_epochs") in caplog.text
-    exit_if_trained(True, tmp_path, max_epochs=3)  # epochs left: the training runs
-    exit_if_trained(False, tmp_path, max_epochs=2)  # afresh
-    exit_if_trained(True, tmp_path / "empty", max_epochs=1)  # nothing to resume from
+    assert (f"{tmp_path / 'checkpoint_iter6.pt'} finished epoch 2 of max_epochs 2: nothing left to train, so no data "
+            "was cached and no model or checkpoint written; raise --max_epochs") in caplog.text
+    check_resume_checkpoint(True, tmp_path, max_epochs=3)  # epochs left: the training runs
+    check_resume_checkpoint(False, tmp_path, max_epochs=2)  # afresh
+    check_resume_checkpoint(True, tmp_path / "empty", max_epochs=1)  # nothing to resume from
     with pytest.raises(SystemExit):  # a chosen, older checkpoint: iteration 4 is epoch 1
-        exit_if_trained(str(tmp_path / "checkpoint_iter4.pt"), tmp_path / "elsewhere", max_epochs=1)
-    exit_if_trained(str(tmp_path / "checkpoint_iter4.pt"), tmp_path / "elsewhere", max_epochs=2)
+        check_resume_checkpoint(str(tmp_path / "checkpoint_iter4.pt"), tmp_path / "elsewhere", max_epochs=1)
+    check_resume_checkpoint(str(tmp_path / "checkpoint_iter4.pt"), tmp_path / "elsewhere", max_epochs=2)
     for config in ("train.json", "multi_gpu_train.json"):
-        assert "exit_if_trained(medsam3_monai.bundle.resume_setting(@resume), @ckpt_dir, @max_epochs)" in (
-            BUNDLE_CONFIGS / config).read_text().split('"initialize"')[1]
+        assert ("check_resume_checkpoint(medsam3_monai.bundle.resume_setting(@resume), @ckpt_dir, @max_epochs, "
+                "@train#data)") in (BUNDLE_CONFIGS / config).read_text().split('"initialize"')[1]
+
+
+def test_a_resume_on_other_training_items_is_refused_before_caching(tmp_path: Path):
+    """The checkpoint's training-data fingerprint is compared when the bundle initialises, before the data is
+    cached (the resume itself compares it only after), also for a finished training whose --max_epochs is raised."""
+    from medsam3_monai.engines import TrainingData, check_resume_checkpoint
+
+    items = [{"dataset": "A", "image": f"/data/a/{n}.png"} for n in range(3)]
+    _linear_training(tmp_path, max_epochs=1, extra={"training_data": TrainingData(items)})
+    moved = [dict(item, image=item["image"].replace("/data/", "/elsewhere/")) for item in items]
+    check_resume_checkpoint(True, tmp_path, max_epochs=2, items=moved)  # the same cases in a moved data root
+    other = [*items[:2], {"dataset": "A", "image": "/data/a/other.png"}]
+    with pytest.raises(ValueError, match=r"written by a training on other data \(3 training items; the datalists "
+                                         r"given now hold 3, or other images\)"):
+        check_resume_checkpoint(True, tmp_path, max_epochs=2, items=other)
+    with pytest.raises(ValueError, match="on other data"):  # before the finished run's exit
+        check_resume_checkpoint(True, tmp_path, max_epochs=1, items=other)
 
 
 def _epoch_orders(sampler, max_epochs: int, resume_at_iteration: int = 0) -> dict[int, list[int]]:

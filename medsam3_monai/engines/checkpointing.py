@@ -73,10 +73,12 @@ def check_resume_source(resume: bool | str, needed: tuple[str, ...] = TRAINING_S
                          "start afresh, --resume false or another bundle_root")
 
 
-def exit_if_trained(resume: bool | str, save_dir: str | Path, max_epochs: int) -> None:
-    """End the process (status 0) before the data is cached when the checkpoint a resume would start from has
-    already trained ``max_epochs`` epochs: rerunning a finished training would cache everything and rewrite the
-    final model to train nothing. The trainer's epoch is read from the file, memory-mapped."""
+def check_resume_checkpoint(resume: bool | str, save_dir: str | Path, max_epochs: int,
+                            items: Sequence[Mapping[str, Any]] | None = None) -> None:
+    """Before the data is cached, what the checkpoint a resume would start from already tells (read memory-mapped):
+    training ``items`` other than its own are refused (:class:`TrainingData`'s check, which the resume itself makes
+    only after caching); and when it has trained ``max_epochs`` epochs the process ends (status 0) with a warning, as
+    rerunning a finished training would cache everything and rewrite the final model to train nothing."""
     if resume is False:
         return
     path = latest_checkpoint(save_dir) if resume is True else Path(resume).expanduser()
@@ -84,15 +86,18 @@ def exit_if_trained(resume: bool | str, save_dir: str | Path, max_epochs: int) -
         return
     stored = torch.load(path, map_location="cpu", weights_only=True, mmap=True)
     trainer = stored.get("trainer") if isinstance(stored, Mapping) else None
+    fingerprint = stored.get("training_data") if isinstance(stored, Mapping) else None
     del stored
+    if items is not None and isinstance(fingerprint, Mapping):
+        TrainingData(items).load_state_dict(fingerprint)
     if not isinstance(trainer, Mapping) or not trainer.get("epoch_length"):
         return
     epoch = int(trainer.get("epoch") or int(trainer.get("iteration", 0)) // int(trainer["epoch_length"]))
     if epoch >= max_epochs:
         if get_rank() == 0:
-            logger.warning("%s finished epoch %d of max_epochs %d: nothing left to train, so nothing was loaded or "
-                           "written; raise --max_epochs to train on, or pass --resume false to start afresh",
-                           path, epoch, max_epochs)
+            logger.warning("%s finished epoch %d of max_epochs %d: nothing left to train, so no data was cached and "
+                           "no model or checkpoint written; raise --max_epochs to train on, or pass --resume false to "
+                           "start afresh", path, epoch, max_epochs)
         raise SystemExit(0)
 
 

@@ -59,8 +59,14 @@ class HungarianMatcher:
     def __init__(
         self, cost_class: float = 2.0, cost_bbox: float = 5.0, cost_giou: float = 2.0, alpha: float = 0.25, gamma: float = 2.0
     ) -> None:
-        self.cost_class, self.cost_bbox, self.cost_giou = cost_class, cost_bbox, cost_giou
-        self.alpha, self.gamma = alpha, gamma
+        for name, value in (("cost_class", cost_class), ("cost_bbox", cost_bbox), ("cost_giou", cost_giou),
+                            ("gamma", gamma)):
+            if isinstance(value, bool) or not isinstance(value, (int, float)) or not value >= 0:
+                raise ValueError(f"the Hungarian matcher's {name} must be a number >= 0, got {value!r}")
+        if isinstance(alpha, bool) or not isinstance(alpha, (int, float)) or not 0 <= alpha <= 1:
+            raise ValueError(f"the Hungarian matcher's alpha must be a number in [0, 1], got {alpha!r}")
+        self.cost_class, self.cost_bbox, self.cost_giou = float(cost_class), float(cost_bbox), float(cost_giou)
+        self.alpha, self.gamma = float(alpha), float(gamma)
 
     def settings(self) -> dict[str, float]:
         """The costs and the focal term's alpha and gamma (the constructor's arguments)."""
@@ -130,7 +136,10 @@ class OneToManyMatcher:
     def __init__(self, alpha: float = 0.3, threshold: float = 0.4, topk: int = 4) -> None:
         if isinstance(topk, bool) or not isinstance(topk, int) or topk < 1:
             raise ValueError(f"the one-to-many matcher's topk must be a whole number >= 1, got {topk!r}")
-        self.alpha, self.threshold, self.topk = alpha, threshold, topk
+        for name, value in (("alpha", alpha), ("threshold", threshold)):
+            if isinstance(value, bool) or not isinstance(value, (int, float)) or not 0 <= value <= 1:
+                raise ValueError(f"the one-to-many matcher's {name} must be a number in [0, 1], got {value!r}")
+        self.alpha, self.threshold, self.topk = float(alpha), float(threshold), topk
 
     def settings(self) -> dict[str, float]:
         """alpha, threshold and topk (the constructor's arguments)."""
