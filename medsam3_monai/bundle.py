@@ -241,19 +241,28 @@ def runner_overrides(argv: Sequence[str] | None = None) -> dict[str, str | None]
 
 
 def check_inference_inputs(items: Sequence[dict[str, Any]], protocol: str, skip_unreadable: bool = False,
-                           argv: Sequence[str] | None = None) -> None:
+                           argv: Sequence[str] | None = None, channel: int | None = None) -> None:
     """The inference bundle's checks before the network loads, as ``medsam3 segment`` makes them: every input
-    exists (unless ``skip_unreadable``), a 2D ``protocol`` is not asked of volumes, and a ``--ct_window`` given on
-    the runner's command line reaches a CT input (else it would go unused)."""
+    exists (unless ``skip_unreadable``; not one of them: refused), the protocol is known and a 2D one is not asked
+    of volumes, each input's ``channel`` fits it (from the headers), and a ``--ct_window`` given on the runner's
+    command line reaches a CT input (else it would go unused)."""
     from .data.selection import is_volume_item
+    from .inferers.inputs import check_item_channels
+    from .protocol_registry import get_protocol
     from .transforms.io import input_modality
 
     missing = [str(item["image"]) for item in items if not Path(str(item["image"])).exists()]
-    if missing and not skip_unreadable:
+    if missing and (not skip_unreadable or len(missing) == len(items)):
         more = f" (and {len(missing) - 1} more)" if len(missing) > 1 else ""
+        go_on = "" if len(missing) == len(items) else ", or --skip_unreadable true to go on without them"
         raise FileNotFoundError(f"{missing[0]}: not found{more}; give existing images, volumes or DICOM folders in "
-                                "--datalist, or --skip_unreadable true to go on without them")
+                                f"--datalist{go_on}")
     present = [item for item in items if str(item["image"]) not in missing]
+    try:
+        get_protocol(protocol)
+    except ValueError as err:
+        raise ValueError(f"--protocol {protocol}: {err}") from None
+    check_item_channels(present, channel)
     volumes = [str(item["image"]) for item in present if is_volume_item(item)]
     if volumes and protocol not in (None, "top_query"):
         raise ValueError(f"--protocol {protocol} applies to 2D images but {volumes[0]} is a volume: volumes use the "

@@ -150,6 +150,14 @@ def test_the_inference_bundle_checks_its_inputs_and_options_before_the_network(h
     with pytest.raises(ValueError, match="--ct_window lung applies to CT inputs, but no input is marked CT"):
         check_inference_inputs(items, "top_query", argv=[*runner, "--ct_window", "lung"])
     check_inference_inputs([dict(items[1], modality="CT")], "top_query", argv=[*runner, "--ct_window", "lung"])
+    with pytest.raises(ValueError, match="--protocol top-query: unknown protocol 'top-query'; choose from"):
+        check_inference_inputs(items[1:], "top-query", argv=runner)  # a typo, not "a 2D protocol"
+    with pytest.raises(ValueError, match="hippocampus_001.nii.gz: channel 1 requested but the volume has 1"):
+        check_inference_inputs(items[1:], "top_query", argv=runner, channel=1)  # from the header: nothing runs
+    with pytest.raises(ValueError, match="cju0qkwl35piu0993l0dewei2.jpg: is a 2D picture: channel 0 picks"):
+        check_inference_inputs(items, "top_query", argv=runner, channel=0)
+    with pytest.raises(FileNotFoundError, match="/nowhere.png: not found; give existing .* in --datalist$"):
+        check_inference_inputs([{"image": "/nowhere.png"}], "top_query", skip_unreadable=True, argv=runner)
 
     truncated = tmp_path / "truncated.jpg"
     truncated.write_bytes(picture.read_bytes()[:5000])
@@ -157,3 +165,8 @@ def test_the_inference_bundle_checks_its_inputs_and_options_before_the_network(h
                         str([str(picture), str(truncated)]), "--prompts", "['polyp']", "--checkpoint", "tiny")
     assert_refused(result, "truncated.jpg: cannot be read as an image")
     assert (result.stdout + result.stderr).count("truncated.jpg: cannot be read") == 1
+    # skipping every case is a run that wrote nothing: an error, not status 0
+    result = run_bundle(["inference.json"], "--bundle_root", str(tmp_path / "none"), "--datalist",
+                        str([str(truncated)]), "--prompts", "['polyp']", "--checkpoint", "tiny",
+                        "--skip_unreadable", "true")
+    assert_refused(result, "none of the 1 case(s) could be read (first: ")

@@ -506,22 +506,9 @@ def _check_many(args: argparse.Namespace, items: list[dict[str, Any]], max_pixel
             raise ValueError(f"{first}: unknown modality {modality!r}; e.g. CT, MRI, X-ray, ultrasound, "
                              "endoscopy") from None
 
-    from ..transforms.errors import DataError
-    from ..transforms.io import check_channel, nifti_channels
+    from ..inferers.inputs import check_item_channels
 
-    for item in runnable:  # --channel (or an item's own) against each input, from the headers: not mid-run
-        channel = args.channel if args.channel is not None else item.get("channel")
-        header = nifti_channels(item["image"]) if item["kind"] == "volume" else (1, None)
-        if header is not None:
-            try:
-                check_channel(item["image"], item["kind"] == "volume", header[0], channel, header[1])
-            except DataError as err:
-                if not args.skip_unreadable:
-                    raise
-                skipped.append((item["image"], str(err)))
-    runnable = [item for item in runnable if item["image"] not in {image for image, _ in skipped}]
-    if not runnable:
-        raise ValueError(f"none of the {len(items)} input(s) can be read: {skipped[0][1]}")
+    check_item_channels(runnable, args.channel)  # from the headers, not mid-run: an option error, never skipped
     for item in runnable:
         if len(item["prompts"]) > 255:
             raise ValueError(f"{item['image']}: {len(item['prompts'])} prompts: at most 255 fit an 8-bit label map")

@@ -18,12 +18,14 @@ from dataclasses import dataclass
 from typing import Any, Callable
 
 import torch
+from ignite.engine import Events
 from monai.data import Dataset
 from monai.engines import SupervisedEvaluator
 from monai.engines.utils import IterationEvents
 from monai.transforms import apply_transform
 
 from ..inferers.inputs import user_error
+from ..transforms.errors import ChannelError
 
 __all__ = ["CaseDataset", "MedSAM3CaseEvaluator", "UnreadableCase", "collate_cases"]
 
@@ -39,6 +41,7 @@ class UnreadableCase:
     item: dict[str, Any]
     error: str
     stop: bool = False
+    option: bool = False  # a setting that does not fit the input (a ChannelError): stops, never skipped
 
 
 class CaseDataset(Dataset):
@@ -59,6 +62,8 @@ class CaseDataset(Dataset):
             cause = user_error(err) if isinstance(err, RuntimeError) else err
             if cause is None:  # a bug, not an input error: its traceback
                 raise
+            if isinstance(cause, ChannelError):  # an option to change, not an unreadable file
+                return UnreadableCase(dict(self.data[index]), str(cause), stop=True, option=True)
             return UnreadableCase(dict(self.data[index]), str(cause), stop=not self.skip_unreadable)
 
 
@@ -101,6 +106,14 @@ class MedSAM3CaseEvaluator(SupervisedEvaluator):
         super().__init__(device=torch.device(device), val_data_loader=val_data_loader, network=network,
                          inferer=inferer, postprocessing=postprocessing, val_handlers=val_handlers,
                          epoch_length=epoch_length, **kwargs)
+        self.add_event_handler(Events.COMPLETED, self._something_was_read)
+
+    @staticmethod
+    def _something_was_read(engine: MedSAM3CaseEvaluator) -> None:
+        """A run whose every case was skipped as unreadable ends as an error, not as a run with nothing written."""
+        unreadable = getattr(engine.state, "unreadable", [])
+        if unreadable and not getattr(engine.state, "cases_read", 0):
+            raise ValueError(f"none of the {len(unreadable)} case(s) could be read (first: {unreadable[0].error})")
 
     def _register_postprocessing(self, posttrans: Callable) -> None:
         """Post-process each case as a whole (MONAI's default would map the transform over its slices)."""
@@ -113,17 +126,18 @@ class MedSAM3CaseEvaluator(SupervisedEvaluator):
         if batchdata is None:
             raise ValueError("Must provide batch data for current iteration.")
         if not hasattr(engine.state, "unreadable") or engine.state.iteration == 1:
-            engine.state.unreadable = []
+            engine.state.unreadable, engine.state.cases_read = [], 0
         cases = []
         for case in batchdata:
             if isinstance(case, UnreadableCase) and case.stop:
-                raise ValueError(f"{case.error} (to go on past unreadable cases: --skip-unreadable, the bundles' "
-                                 "--skip_unreadable true)")
+                raise ValueError(case.error if case.option else f"{case.error} (to go on past unreadable cases: "
+                                 "--skip-unreadable, the bundles' --skip_unreadable true)")
             if isinstance(case, UnreadableCase):
                 logger.warning("skipped an unreadable case: %s", case.error)
                 engine.state.unreadable.append(case)
             else:
                 cases.append(case)
+        engine.state.cases_read += len(cases)
         engine.network.eval()
         with torch.no_grad():
             if hasattr(engine.inferer, "infer_cases") and cases:  # 2D cases batched: several images per forward

@@ -237,6 +237,22 @@ def is_volume_path(path: str | Path) -> bool:
     return Path(path).is_dir() or _suffix(path) not in IMAGE_SUFFIXES
 
 
+def check_item_channels(items: Sequence[Mapping[str, Any]], channel: int | None = None) -> None:
+    """Each item's channel (``channel``, ``--channel``, else the item's own) against its input, read from the
+    headers before anything runs: a 2D picture takes none; a NIfTI volume one in range when it is 4D, none (or 0)
+    when 3D (:func:`~medsam3_monai.transforms.io.check_channel`, the loader's own rule: ``ChannelError``). Other
+    volume formats are checked by the loader."""
+    from ..transforms.io import check_channel, nifti_channels
+
+    for item in items:
+        chosen = channel if channel is not None else item.get("channel")
+        path = str(item["image"])
+        volume = is_volume_path(path)
+        header = nifti_channels(path) if volume else (1, None)
+        if header is not None:
+            check_channel(path, volume, header[0], chosen, header[1])
+
+
 def is_dicom_series(folder: str | Path) -> bool:
     """A folder of DICOM files (one series: ``.dcm``/``.ima`` or no extension) and no other image or volume; other
     files (a README, DICOMDIR, an export's ``.txt`` / ``.xml`` / ``.json``) do not count, as exports often hold them."""

@@ -6,7 +6,7 @@ from collections.abc import Mapping
 from os import PathLike
 from typing import Any
 
-__all__ = ["DataError", "source_name"]
+__all__ = ["ChannelError", "DataError", "source_name"]
 
 
 class DataError(ValueError):
@@ -24,6 +24,11 @@ class DataError(ValueError):
         if hint:
             message += f"; {hint}"
         super().__init__(message)
+
+
+class ChannelError(DataError):
+    """A ``channel`` that does not fit the input (a 4D volume without one, one out of range, one for a 2D picture
+    or a 3D volume): a setting to change, never skipped as an unreadable file."""
 
 
 def source_name(value: Any, fallback: Mapping[str, Any] | None = None, key: str | None = None) -> str | None:

@@ -41,7 +41,7 @@ from monai.transforms import EnsureChannelFirst, MapTransform
 from PIL import Image, ImageChops
 
 from ..tensors import all_finite, all_near_integers, plain_tensor, voxel_spacing
-from .errors import DataError
+from .errors import ChannelError, DataError
 
 __all__ = [
     "IMAGE_2D_SUFFIXES",
@@ -88,16 +88,16 @@ def check_channel(path: str | Path, is_volume: bool, channels: int, channel: int
     if is_volume and channels > 1:
         if channel is None:
             described = f" (shape {shape})" if shape else ""
-            raise DataError(path, f"is a 4D volume with {channels} channels/time points{described}", CHANNEL_HINT)
+            raise ChannelError(path, f"is a 4D volume with {channels} channels/time points{described}", CHANNEL_HINT)
         if not 0 <= channel < channels:
-            raise DataError(path, f"channel {channel} requested but the volume has {channels}",
+            raise ChannelError(path, f"channel {channel} requested but the volume has {channels}",
                             f"choose a channel from 0 to {channels - 1}")
     elif channel is not None:  # a channel asked of a file that has one: said, not ignored
         if not is_volume:
-            raise DataError(path, f"is a 2D picture: channel {channel} picks a channel / time point of a 4D volume",
+            raise ChannelError(path, f"is a 2D picture: channel {channel} picks a channel / time point of a 4D volume",
                             "leave the channel (--channel) out for 2D pictures")
         if channel != 0:
-            raise DataError(path, f"channel {channel} requested but the volume has 1 (a 3D volume)",
+            raise ChannelError(path, f"channel {channel} requested but the volume has 1 (a 3D volume)",
                             "leave the channel (--channel) out for 3D volumes")
 
 
