@@ -193,7 +193,8 @@ def run(args: argparse.Namespace) -> int:
     if not app.state.auth.enabled and args.host not in ("127.0.0.1", "localhost", "::1"):
         print(f"medsam3 serve: WARNING: listening on {args.host} without --token: anyone who can reach this machine "
               "can upload images and run the model; give --token (or MEDSAM3_SERVE_TOKEN)", file=sys.stderr)
-    print(f"medsam3 serve: checkpoint {args.checkpoint}, http://{args.host}:{args.port} "
+    host = f"[{args.host}]" if ":" in args.host else args.host  # an IPv6 address in a URL
+    print(f"medsam3 serve: checkpoint {args.checkpoint}, http://{host}:{args.port} "
           f"(MONAI Label protocol: GET /info/, POST /infer/medsam3, POST /infer/medsam3_agent with {planner})"
           f"{''.join(extras)}")
     server.run()

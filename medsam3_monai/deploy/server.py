@@ -253,6 +253,24 @@ def _itk_shape(path: Path) -> tuple[int, ...]:
     return shape + ((components,) if components > 1 else ())
 
 
+def check_picture_data(path: Path) -> None:
+    """422 when a picture upload's pixel data does not decode (a truncated transfer): its header alone reads, so
+    without this check the datastore would keep it and only an inference would fail. The size is already within
+    the server's limit (the header's, checked first)."""
+    from PIL import Image
+
+    from ..transforms.io import pil_size_check_off
+
+    hidden = f"upload{upload_suffix(path.name)}"
+    try:
+        with pil_size_check_off(), Image.open(path) as picture:
+            picture.load()
+    except Exception as err:  # noqa: BLE001 - any decoder failure is an unreadable upload
+        message = str(err).replace(str(path), hidden)
+        raise RequestError(422, f"{hidden} cannot be read ({type(err).__name__}: {message}): it is truncated or "
+                                "corrupt; upload the whole file") from None
+
+
 def check_volume_data(path: Path) -> None:
     """422 when a volume upload's data is incomplete (a truncated transfer): its header alone reads, so without
     this check the datastore would keep it and only an inference would fail. A NIfTI's data bytes are counted
@@ -263,7 +281,11 @@ def check_volume_data(path: Path) -> None:
         if suffix not in (".nii", ".nii.gz"):
             import itk
 
-            itk.imread(str(path))
+            try:
+                itk.imread(str(path))
+            except RuntimeError:  # ITK's message: its source paths and object addresses, several lines
+                raise RequestError(422, f"{hidden} cannot be read: ITK could not read its data (truncated or "
+                                        "corrupt); upload the whole file") from None
             return
         import gzip
 
@@ -278,6 +300,8 @@ def check_volume_data(path: Path) -> None:
             with gzip.open(path, "rb") as stream:
                 while chunk := stream.read(1 << 22):
                     held += len(chunk)
+    except RequestError:
+        raise
     except EOFError as err:  # gzip: the stream stops before its end
         raise RequestError(422, f"{hidden} is truncated ({err}); upload the whole file") from None
     except Exception as err:  # noqa: BLE001 - any decoder failure is an unreadable upload
@@ -306,6 +330,8 @@ def check_image(path: Path, limits: ServerLimits) -> tuple[str, tuple[int, ...]]
                                 "this server segments 3D volumes; upload one channel / time point as its own volume")
     if kind == "volume":
         check_volume_data(path)
+    else:
+        check_picture_data(path)
     return kind, shape
 
 

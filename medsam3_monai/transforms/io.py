@@ -149,7 +149,7 @@ def available_memory() -> int | None:
 
 
 @contextmanager
-def _pil_size_check_off():
+def pil_size_check_off():
     """PIL's own decompression-bomb check off while opening (the header is checked by :func:`check_picture_size`
     instead, with a message that says how to allow a large picture)."""
     with _PIL_LIMIT_LOCK:
@@ -178,7 +178,7 @@ def picture_size(path: str | Path) -> tuple[int, int]:
             JPEG's extra MPO pictures (a camera's previews or second view) are not frames of a stack: frame 0 is
             the picture.
     """
-    with _pil_size_check_off(), Image.open(path) as img:
+    with pil_size_check_off(), Image.open(path) as img:
         frames = 1 if img.format == "MPO" else int(getattr(img, "n_frames", 1) or 1)
         size = img.size
     if frames > 1:
@@ -421,7 +421,7 @@ def _read_picture(path: str, reader: Image2DReader, size: tuple[int, int] | None
     width, height = picture_size(path) if size is None else size
     limit = Image.MAX_IMAGE_PIXELS  # PIL warns above it and refuses above twice it
     allowed_over_pil = limit is not None and width * height > limit  # allowed by max_pixels: PIL's check off
-    with _pil_size_check_off() if allowed_over_pil else nullcontext():
+    with pil_size_check_off() if allowed_over_pil else nullcontext():
         img = Image.open(path, **reader.kwargs)
         if callable(reader.converter):
             img = reader.converter(img)  # decodes (some plugins check the size again while decoding)
