@@ -121,6 +121,10 @@ def test_architecture_mismatch_reports_keys(tmp_path, trained_like):
         MedSAM3Net(tmp_path / "missing.pt", config=tiny_sam3_config())
     assert f"layers.0.attention.q_proj.weight (sam3.pt: part of {fused})" in str(info.value)
     assert f"layers.0.attention.v_proj.weight (sam3.pt: part of {fused})" in str(info.value)
+    torch.save({"model": {f"detector.{k}": v for k, v in detector.items()}}, tmp_path / "sam3.pt")  # Meta's layout
+    with pytest.raises(CheckpointError) as info:
+        MedSAM3Net(tmp_path / "sam3.pt", config=tiny_sam3_config())
+    assert f"(sam3.pt: part of detector.{fused})" in str(info.value)  # the key as that file names it
 
     save_checkpoint_file(trained_like.sam3, tmp_path / "tiny.pt")
     wider = tiny_sam3_config(hidden_size=48)

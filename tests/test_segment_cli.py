@@ -293,7 +293,7 @@ def test_an_existing_output_is_kept_unless_overwrite_is_given(kvasir, tmp_path, 
     overlay.write_bytes(b"keep me too")
     assert segment(str(kvasir), "--prompt", "polyp", "--out", str(tmp_path / "new.png"), "--overlay",
                    str(overlay)) == 2
-    assert "overlay.png already exist(s); choose another --overlay or pass --overwrite" in capsys.readouterr().err
+    assert "overlay.png already exists; choose another --overlay or pass --overwrite" in capsys.readouterr().err
     assert segment(str(kvasir), "--prompt", "polyp", "--out", str(out), "--overlay", str(out)) == 2
     assert "--out / --overlay (and the .json sidecar) must name different files" in capsys.readouterr().err
     assert segment(str(kvasir), "--prompt", "polyp", "--out", str(tmp_path / "n.png"), "--overlay",

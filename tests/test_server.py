@@ -187,7 +187,8 @@ def test_infer_volume(tmp_path):
             answer = _infer(server, data_in, f"in{len(two)}.{'nii.gz' if name == 'nifti' else 'nrrd'}",
                             {"prompts": prompts, "largest_cc": largest}, query="?output=image")
             assert answer[0] == 200, answer[2]
-            assert json.loads(answer[1]["x-medsam3-result"])["label_names"] == {"liver": 1, "spleen": 2}
+            result = json.loads(answer[1]["x-medsam3-result"])
+            assert result["label_names"] == {"liver": 1, "spleen": 2} and result["largest_cc"] is largest
             (tmp_path / f"{name}.nii.gz").write_bytes(answer[2])
             two[name] = np.asarray(nib.load(str(tmp_path / f"{name}.nii.gz")).dataobj)
     from scipy import ndimage

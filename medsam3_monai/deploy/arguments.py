@@ -152,7 +152,8 @@ def check_output_files(outputs: Sequence[tuple[str, Path]], input_path: str | Pa
         raise ValueError(f"{', '.join(folders)} is a folder; give a file path")
     existing = [(option, path) for option, path in outputs if path.exists()]
     if existing and not overwrite:
-        raise FileExistsError(f"{', '.join(str(path) for _, path in existing)} already exist(s); choose another "
+        verb = "exists" if len(existing) == 1 else "exist"
+        raise FileExistsError(f"{', '.join(str(path) for _, path in existing)} already {verb}; choose another "
                               f"{options(existing)} or pass --overwrite")
 
 

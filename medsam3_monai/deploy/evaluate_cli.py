@@ -316,7 +316,8 @@ def run(args: argparse.Namespace) -> int:
             if plan is not None or args.agent:
                 _log_params(client, parent, args, sources[0])
             elif len(sources) == 2:  # which two were compared, on the run holding the deltas
-                _log_params(client, parent, args, sources[0], {"checkpoint_b": sources[1], "label_a": labels[0],
+                second = sources[1] if sources[1] == "tiny" else str(Path(sources[1]).expanduser().resolve())
+                _log_params(client, parent, args, sources[0], {"checkpoint_b": second, "label_a": labels[0],
                                                                "label_b": labels[1]})
         reports = {}
         for spec in runs:

@@ -604,7 +604,7 @@ def create_app(predictor: Any, *, token: str | None = None, limits: ServerLimits
             data = mask_path.read_bytes()
         finally:
             shutil.rmtree(folder, ignore_errors=True)
-        summary.update(input=source, model=model, mask_format=extension.lstrip("."),
+        summary.update(input=source, model=model, mask_format=extension.lstrip("."), largest_cc=request.largest_cc,
                        label_names=label_names(summary),
                        latencies={"total": round(time.perf_counter() - started, 3)})
         if output is ResultType.json:

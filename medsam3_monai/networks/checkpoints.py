@@ -189,18 +189,19 @@ def read_sam3_tracker(path: str | Path) -> dict[str, torch.Tensor]:
 
 
 # ---------------------------------------------------------------------------------------- strict load
-def original_key_name(key: str) -> str:
+def original_key_name(key: str, prefix: str = "") -> str:
     """A transformers-layout key with the name it has in Meta's ``sam3.pt``
     (``detr_decoder.box_head.layer1.bias (sam3.pt: transformer.decoder.bbox_embed.layers.0.bias)``); a part of a
-    fused original tensor (q / k / v of a ``qkv``) names the tensor it is part of."""
+    fused original tensor (q / k / v of a ``qkv``) names the tensor it is part of. ``prefix``: the file's own
+    prefix of the detector's keys (``detector.`` in Meta's ``sam3.pt``)."""
     from .key_mapping import fused_original_key, map_hf_shapes
 
     try:
         (original,) = map_hf_shapes({key: [1]})
     except (KeyMappingError, ValueError):
         fused = fused_original_key(key)
-        return f"{key} (sam3.pt: part of {fused})" if fused else key
-    return f"{key} (sam3.pt: {original})"
+        return f"{key} (sam3.pt: part of {prefix}{fused})" if fused else key
+    return f"{key} (sam3.pt: {prefix}{original})"
 
 
 def key_report(model_keys: Mapping[str, tuple], ckpt_keys: Mapping[str, tuple], limit: int = 12,
@@ -227,12 +228,14 @@ def key_report(model_keys: Mapping[str, tuple], ckpt_keys: Mapping[str, tuple], 
 
 
 def load_state_dict_strict(model: torch.nn.Module, state_dict: Mapping[str, torch.Tensor], source: str,
-                           what: str = "SAM3 image model", original_layout: bool = False) -> None:
+                           what: str = "SAM3 image model", original_layout: bool = False,
+                           original_prefix: str = "") -> None:
     """Load every tensor or nothing: any missing, unexpected or mis-shaped key raises CheckpointError (keys also
-    named as Meta's ``sam3.pt`` has them when ``original_layout``)."""
+    named as Meta's ``sam3.pt`` has them when ``original_layout``, with the file's ``original_prefix``)."""
     model_shapes = {k: tuple(v.shape) for k, v in model.state_dict().items()}
     ckpt_shapes = {k: tuple(v.shape) for k, v in state_dict.items()}
-    report = key_report(model_shapes, ckpt_shapes, name=original_key_name if original_layout else str)
+    report = key_report(model_shapes, ckpt_shapes,
+                        name=(lambda key: original_key_name(key, original_prefix)) if original_layout else str)
     if report:
         raise CheckpointError(
             f"checkpoint {source} does not match the SAM3 architecture; nothing was loaded.\n{report}\n"
@@ -326,7 +329,8 @@ def _load_sam3(source: str | Path, config: Sam3Config | None, image_size: int | 
     model = Sam3Model(model_config)
     try:
         load_state_dict_strict(model, state_dict, str(path),
-                               original_layout=source_format in ("sam3_original", "medical_sam3"))
+                               original_layout=source_format in ("sam3_original", "medical_sam3"),
+                               original_prefix="detector." if source_format == "sam3_original" else "")
     except CheckpointError as err:
         if config is not None or embedded_config is not None:
             raise
