@@ -1,7 +1,8 @@
 """Ignite engines of Medical SAM3 training and validation, schedules, optimiser and handlers."""
 
 from . import distributed
-from .checkpointing import TrainingCheckpoint, TrainingData, check_resume_checkpoint, check_resume_source, latest_checkpoint
+from .checkpointing import (TrainingCheckpoint, TrainingData, check_resume_checkpoint, check_resume_source,
+                            latest_checkpoint)
 from .batch import ImageBudgetBatches, PrepareFindBatch, collate_find_queries, flatten_items
 from .evaluator import MedSAM3Evaluator, PromptDice, TopQueryDice, pred_and_label
 from .handlers import (BestModelCheckpoint, EpochSeedHandler, FinalCheckpoint, LossProgressBar, MLflowRunInfoHandler,
