@@ -193,12 +193,18 @@ def check_override_keys(argv: Sequence[str] | None = None) -> None:
     from monai.bundle.utils import DEFAULT_MLFLOW_SETTINGS
 
     known = set(RUNNER_ARGUMENTS) | set(DEFAULT_MLFLOW_SETTINGS["configs"])  # --tracking mlflow's settings
+    arguments = argv[argv.index("run") + 1:]
+    running = _config_files(dict(_override_values(arguments)).get("config_file"))
+    if running is not None and not any(path.resolve() in running for path in BUNDLE_CONFIGS.glob("*.json")):
+        running = None  # files of a copied bundle: every config's keys count
     for path in BUNDLE_CONFIGS.glob("*.json"):
         config = json.loads(path.read_text(encoding="utf-8"))
-        known |= set(config) if isinstance(config, dict) else set()
-        if isinstance(config, dict) and isinstance(config.get("configs"), dict):  # a --tracking settings file
+        if not isinstance(config, dict):
+            continue
+        if isinstance(config.get("configs"), dict):  # a --tracking settings file
             known |= set(config["configs"])
-    arguments = argv[argv.index("run") + 1:]
+        elif running is None or path.resolve() in running:  # the configs this run merges (another's keys do nothing)
+            known |= set(config)
     given = [arg[2:].split("=", 1)[0] for arg in arguments if arg.startswith("--")]
     for key, value in _override_values(arguments):
         if value == "None":  # fire reads None, and MONAI's update_kwargs(ignore_none=True) drops it
@@ -213,6 +219,21 @@ def check_override_keys(argv: Sequence[str] | None = None) -> None:
             raise ValueError(f"--{key}: the bundle has no setting '{top}', so it would change nothing; {hint}the "
                              "settings are the keys of bundles/medsam3/configs/*.json (docs/README.md, \"Settings you "
                              "will want to change\")")
+
+
+def _config_files(value: str | None) -> set[Path] | None:
+    """The config files a ``--config_file`` value names (one path, or a Python list of them), resolved; None when
+    it cannot be read that way."""
+    import ast
+
+    if not value:
+        return None
+    try:
+        named = ast.literal_eval(value) if value.strip().startswith(("[", "(")) else value
+    except (ValueError, SyntaxError):
+        return None
+    paths = [named] if isinstance(named, str) else list(named) if isinstance(named, (list, tuple)) else []
+    return {Path(str(p)).expanduser().resolve() for p in paths} or None
 
 
 def _override_values(arguments: Sequence[str]) -> list[tuple[str, str | None]]:
@@ -262,6 +283,8 @@ def check_inference_inputs(items: Sequence[dict[str, Any]], protocol: str, skip_
         get_protocol(protocol)
     except ValueError as err:
         raise ValueError(f"--protocol {protocol}: {err}") from None
+    if channel is not None and (isinstance(channel, bool) or not isinstance(channel, int) or channel < 0):
+        raise ValueError(f"--channel must be a whole number >= 0 (a 4D volume's channel / time point), got {channel!r}")
     check_item_channels(present, channel)
     volumes = [str(item["image"]) for item in present if is_volume_item(item)]
     if volumes and protocol not in (None, "top_query"):

@@ -79,6 +79,13 @@ def test_a_misspelt_setting_given_to_monai_bundle_run_is_refused():
     with pytest.raises(ValueError, match="--batchsize"):
         check_override_keys([*runner, "--batchsize=1"])
     check_override_keys(["/usr/bin/pytest", "run", "--max_epoch", "1"])  # not the bundle runner: not looked at
+    # a key of another config (the inference bundle's --datalist) changes nothing in a training run
+    training = [runner[0], "run", "--config_file", str([str(BUNDLE_CONFIGS / "train.json"),
+                                                         str(BUNDLE_CONFIGS / "multi_gpu_train.json")])]
+    with pytest.raises(ValueError, match=r"--datalist: the bundle has no setting 'datalist'.*did you mean "
+                                         r"--datalists\?"):
+        check_override_keys([*training, "--datalists", "['a.json']", "--datalist", "b.json"])
+    check_override_keys([*training, "--datalists", "['a.json']", "--tracking_uri", "sqlite:///x.db"])
     # fire reads None and MONAI's update_kwargs(ignore_none=True) drops it: the config's 0.1 would stay
     with pytest.raises(ValueError, match=r"--grad_clip_norm None: .*drops an override whose value is None.*0 turns"):
         check_override_keys([*runner, "--grad_clip_norm", "None"])

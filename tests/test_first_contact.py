@@ -223,7 +223,7 @@ def test_options_that_would_go_unused_are_refused_not_ignored(shared_data, tmp_p
     volume = ["segment", str(ct), "--prompt", "liver", "--tracker", "none", "--no-progress"]
     refused = [
         (["segment", *volume[1:], "--ct-window", "lung", "--out", f"{out}.nii.gz"], "add --modality CT"),
-        (["segment", *volume[1:], "--channel", "1", "--out", f"{out}.nii.gz"], "has 1 (a 3D volume)"),
+        (["segment", *volume[1:], "--channel", "1", "--out", f"{out}.nii.gz"], "has 1 channel (a 3D volume)"),
         (["segment", str(picture), "--prompt", "polyp", "--channel", "2", "--out", f"{out}.png"], "is a 2D picture"),
         (["convert-checkpoint", "tiny", str(out), "--image-size", "100"], "multiple of 14"),
         (["demo", "--checkpoint", str(picture), "--out", str(out)], "not a PyTorch checkpoint"),

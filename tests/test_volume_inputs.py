@@ -156,6 +156,8 @@ def test_the_inference_bundle_checks_its_inputs_and_options_before_the_network(h
         check_inference_inputs(items[1:], "top_query", argv=runner, channel=1)  # from the header: nothing runs
     with pytest.raises(ValueError, match="cju0qkwl35piu0993l0dewei2.jpg: is a 2D picture: channel 0 picks"):
         check_inference_inputs(items, "top_query", argv=runner, channel=0)
+    with pytest.raises(ValueError, match="--channel must be a whole number >= 0 .*, got 'abc'"):
+        check_inference_inputs(items, "top_query", argv=runner, channel="abc")  # the runner passes text as is
     with pytest.raises(FileNotFoundError, match="/nowhere.png: not found; give existing .* in --datalist$"):
         check_inference_inputs([{"image": "/nowhere.png"}], "top_query", skip_unreadable=True, argv=runner)
 

@@ -132,8 +132,9 @@ class TrainingData:
     def load_state_dict(self, state: Mapping[str, Any]) -> None:
         mine = self.state_dict()
         if state.get("sha256") != mine["sha256"]:
-            raise ValueError(f"the checkpoint was written by a training on other data ({state.get('cases')} training "
-                             f"items; the datalists given now hold {mine['cases']}, or other images): resume with the "
+            counts = (f"{mine['cases']} training items, as now, but other images" if state.get("cases") == mine["cases"]
+                      else f"{state.get('cases')} training items; the datalists given now hold {mine['cases']}")
+            raise ValueError(f"the checkpoint was written by a training on other data ({counts}): resume with the "
                              "datalists it was trained on, or start afresh with --resume false (to fine-tune on "
                              "other data from its weights, pass the run's models/model.pt as --checkpoint)")
 

@@ -91,14 +91,14 @@ def check_channel(path: str | Path, is_volume: bool, channels: int, channel: int
             raise ChannelError(path, f"is a 4D volume with {channels} channels/time points{described}", CHANNEL_HINT)
         if not 0 <= channel < channels:
             raise ChannelError(path, f"channel {channel} requested but the volume has {channels}",
-                            f"choose a channel from 0 to {channels - 1}")
+                               f"choose a channel from 0 to {channels - 1}")
     elif channel is not None:  # a channel asked of a file that has one: said, not ignored
         if not is_volume:
             raise ChannelError(path, f"is a 2D picture: channel {channel} picks a channel / time point of a 4D volume",
-                            "leave the channel (--channel) out for 2D pictures")
+                               "leave the channel (--channel) out for 2D pictures")
         if channel != 0:
-            raise ChannelError(path, f"channel {channel} requested but the volume has 1 (a 3D volume)",
-                            "leave the channel (--channel) out for 3D volumes")
+            raise ChannelError(path, f"channel {channel} requested but the volume has 1 channel (a 3D volume)",
+                               "leave the channel (--channel) out for 3D volumes, or give 0")
 
 
 def nifti_channels(path: str | Path) -> tuple[int, tuple[int, ...]] | None:
