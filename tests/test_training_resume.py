@@ -228,6 +228,12 @@ def test_a_resume_on_other_training_items_is_refused_before_caching(tmp_path: Pa
         check_resume_checkpoint(True, tmp_path, max_epochs=2, items=other)
     with pytest.raises(ValueError, match="on other data"):  # before the finished run's exit
         check_resume_checkpoint(True, tmp_path, max_epochs=1, items=other)
+    relabelled = [dict(item, prompts={"1": "heart"}) for item in items]  # the same images, other targets
+    with pytest.raises(ValueError, match=r"items had other prompts \(the label -> concept texts of the same images"):
+        check_resume_checkpoint(True, tmp_path, max_epochs=2, items=relabelled)
+    older = TrainingData(items).state_dict()  # a checkpoint of before the prompts' fingerprint: images compared only
+    del older["prompts_sha256"]
+    TrainingData(relabelled).load_state_dict(older)
 
 
 def _epoch_orders(sampler, max_epochs: int, resume_at_iteration: int = 0) -> dict[int, list[int]]:

@@ -117,20 +117,33 @@ def _check_epoch_length(path: Path, epoch_length: int | None, loader: Any) -> No
 
 class TrainingData:
     """The training items as a checkpointable object: a fingerprint of their cases (dataset and image file name,
-    not the folders, so a moved data root still resumes), saved in every training checkpoint; a resume on other
-    items is refused (a different epoch length alone would not show same-sized other data)."""
+    not the folders, so a moved data root still resumes) and of their prompts, saved in every training checkpoint;
+    a resume on other items, or on the same images with other prompts, is refused (a different epoch length alone
+    would not show same-sized other data)."""
 
     def __init__(self, items: Sequence[Mapping[str, Any]]) -> None:
         self.items = items
 
     def state_dict(self) -> dict[str, Any]:
         import hashlib
+        import json
 
-        names = sorted(f"{item.get('dataset', '')}/{Path(str(item.get('image', ''))).name}" for item in self.items)
-        return {"cases": len(names), "sha256": hashlib.sha256("\n".join(names).encode("utf-8")).hexdigest()}
+        def digest(lines: list[str]) -> str:
+            return hashlib.sha256("\n".join(sorted(lines)).encode("utf-8")).hexdigest()
+
+        names = [f"{item.get('dataset', '')}/{Path(str(item.get('image', ''))).name}" for item in self.items]
+        prompts = [f"{name} {json.dumps(item.get('prompts'), sort_keys=True, default=str)}"
+                   for name, item in zip(names, self.items)]
+        return {"cases": len(names), "sha256": digest(names), "prompts_sha256": digest(prompts)}
 
     def load_state_dict(self, state: Mapping[str, Any]) -> None:
         mine = self.state_dict()
+        if state.get("sha256") == mine["sha256"] and state.get("prompts_sha256", mine["prompts_sha256"]) != \
+                mine["prompts_sha256"]:  # (checkpoints of before the prompts' fingerprint: not compared)
+            raise ValueError("the checkpoint was written by a training whose items had other prompts (the label -> "
+                             "concept texts of the same images): resume with the datalists it was trained on, or "
+                             "start afresh with --resume false (to fine-tune on the new prompts from its weights, "
+                             "pass the run's models/model.pt as --checkpoint)")
         if state.get("sha256") != mine["sha256"]:
             counts = (f"{mine['cases']} training items, as now, but other images" if state.get("cases") == mine["cases"]
                       else f"{state.get('cases')} training items; the datalists given now hold {mine['cases']}")
