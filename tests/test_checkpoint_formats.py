@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import json
+import re
 import stat
 
 import pytest
@@ -125,6 +126,11 @@ def test_architecture_mismatch_reports_keys(tmp_path, trained_like):
     with pytest.raises(CheckpointError) as info:
         MedSAM3Net(tmp_path / "sam3.pt", config=tiny_sam3_config())
     assert f"(sam3.pt: part of detector.{fused})" in str(info.value)  # the key as that file names it
+    bogus = fused.replace("qkv", "bogus")
+    torch.save({"model": {f"detector.{k}": v for k, v in {**detector, bogus: torch.zeros(1)}.items()}},
+               tmp_path / "sam3.pt")
+    with pytest.raises(CheckpointError, match=f"match no conversion rule:\n  detector.{re.escape(bogus)}"):
+        MedSAM3Net(tmp_path / "sam3.pt", config=tiny_sam3_config())
 
     save_checkpoint_file(trained_like.sam3, tmp_path / "tiny.pt")
     wider = tiny_sam3_config(hidden_size=48)

@@ -103,12 +103,16 @@ def _strip_prefixes(state_dict: Mapping[str, torch.Tensor]) -> dict[str, torch.T
     return out
 
 
-def _convert_original(state_dict: Mapping[str, torch.Tensor], path: Path) -> dict[str, torch.Tensor]:
+def _convert_original(state_dict: Mapping[str, torch.Tensor], path: Path,
+                      prefix: str = "") -> dict[str, torch.Tensor]:
+    """Meta's layout -> transformers'; ``prefix``: the file's own prefix of these keys (``detector.`` in a
+    ``sam3.pt``), put back on the keys a failure names, so they read as the file has them."""
     try:
         return convert_original_to_hf(state_dict)
     except KeyMappingError as err:
+        named = err if not prefix else str(err).split("\n", 1)[0] + "".join(f"\n  {prefix}{k}" for k in err.keys)
         raise CheckpointError(
-            f"{path} looks like an original SAM3 image model but does not convert; nothing was loaded.\n{err}"
+            f"{path} looks like an original SAM3 image model but does not convert; nothing was loaded.\n{named}"
         ) from err
 
 
@@ -133,7 +137,7 @@ def read_checkpoint_file(path: str | Path) -> tuple[dict[str, torch.Tensor], Sam
     keys = list(state_dict)
     if any(k.startswith(("detector.", "tracker.")) for k in keys):
         detector, _tracker = split_sam3_checkpoint(state_dict)
-        return _convert_original(detector, path), config, "sam3_original"
+        return _convert_original(detector, path, prefix="detector."), config, "sam3_original"
     if any(k.startswith(_ORIGINAL_MARKERS) for k in keys):  # a tracker neck saved along stays out of the detector
         detector, _tracker = split_sam3_checkpoint(state_dict)
         return _convert_original(detector, path), config, "medical_sam3"
@@ -185,7 +189,7 @@ def read_sam3_tracker(path: str | Path) -> dict[str, torch.Tensor]:
         raise CheckpointError(f"the tracker in {path} does not convert; nothing was loaded.\n{err}") from err
     # SAM3's one trunk is the tracker's ViT too; the rest of the detector is not converted
     trunk = {k: v for k, v in detector.items() if k.startswith(VIT_TRUNK_PREFIX)}
-    return {**converted, **_convert_original(trunk, path)}
+    return {**converted, **_convert_original(trunk, path, prefix="detector.")}
 
 
 # ---------------------------------------------------------------------------------------- strict load
