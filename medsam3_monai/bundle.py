@@ -163,7 +163,7 @@ def check_setting_keys(**settings: Any) -> None:
                              f"are {', '.join(known)}")
         if name in ("loss_weights", "matcher", "o2m_matcher"):  # numbers, checked here rather than mid-training
             for key, value in given.items():
-                if isinstance(value, bool) or not isinstance(value, (int, float)) or not value >= 0:
+                if not _non_negative_number(value):
                     raise ValueError(f"--{name}#{key} must be a number >= 0, got {value!r}")
         if name in ("matcher", "o2m_matcher"):
             from .losses import HungarianMatcher, OneToManyMatcher
@@ -185,15 +185,13 @@ def check_override_keys(argv: Sequence[str] | None = None) -> None:
     default 10 epochs, silently. Other ways of running (``ConfigWorkflow`` in Python) are not looked at."""
     import difflib
     import json
-    import sys
 
-    argv = list(sys.argv if argv is None else argv)
-    if not argv or Path(argv[0]).parent.name != "bundle" or Path(argv[0]).name != "__main__.py" or "run" not in argv:
+    arguments = _runner_arguments(argv)
+    if arguments is None:
         return
     from monai.bundle.utils import DEFAULT_MLFLOW_SETTINGS
 
     known = set(RUNNER_ARGUMENTS) | set(DEFAULT_MLFLOW_SETTINGS["configs"])  # --tracking mlflow's settings
-    arguments = argv[argv.index("run") + 1:]
     running = _config_files(dict(_override_values(arguments)).get("config_file"))
     if running is not None and not any(path.resolve() in running for path in BUNDLE_CONFIGS.glob("*.json")):
         running = None  # files of a copied bundle: every config's keys count
@@ -250,15 +248,22 @@ def _override_values(arguments: Sequence[str]) -> list[tuple[str, str | None]]:
     return pairs
 
 
-def runner_overrides(argv: Sequence[str] | None = None) -> dict[str, str | None] | None:
-    """The ``--key value`` overrides given to ``python -m monai.bundle run`` (None when this process is not that
-    runner): which settings a user chose, where a config's default cannot tell."""
+def _runner_arguments(argv: Sequence[str] | None = None) -> list[str] | None:
+    """The arguments after ``run`` of ``python -m monai.bundle run`` (``argv``: default this process's), or None
+    when this process is not that runner (``ConfigWorkflow`` in Python, tests)."""
     import sys
 
     argv = list(sys.argv if argv is None else argv)
     if not argv or Path(argv[0]).parent.name != "bundle" or Path(argv[0]).name != "__main__.py" or "run" not in argv:
         return None
-    return dict(_override_values(argv[argv.index("run") + 1:]))
+    return argv[argv.index("run") + 1:]
+
+
+def runner_overrides(argv: Sequence[str] | None = None) -> dict[str, str | None] | None:
+    """The ``--key value`` overrides given to ``python -m monai.bundle run`` (None when this process is not that
+    runner): which settings a user chose, where a config's default cannot tell."""
+    arguments = _runner_arguments(argv)
+    return None if arguments is None else dict(_override_values(arguments))
 
 
 def check_inference_inputs(items: Sequence[dict[str, Any]], protocol: str, skip_unreadable: bool = False,
@@ -292,15 +297,9 @@ def check_inference_inputs(items: Sequence[dict[str, Any]], protocol: str, skip_
                          "top query per slice (score >= --score_threshold); segment them in a run of their own")
     given = runner_overrides(argv) or {}
     if "ct_window" in given:
-        from .transforms.intensity import handler_for_modality
+        from .transforms.intensity import is_ct_windowed
 
-        def windowed(modality: str | None) -> bool:
-            try:
-                return modality is not None and handler_for_modality(modality) == "ct_window"
-            except KeyError:
-                return False
-
-        if not any(windowed(input_modality(item["image"], item.get("modality"))) for item in present):
+        if not any(is_ct_windowed(input_modality(item["image"], item.get("modality"))) for item in present):
             raise ValueError(f"--ct_window {given['ct_window']} applies to CT inputs, but no input is marked CT: give "
                              "the datalist items 'modality': 'CT' (or leave --ct_window out)")
 
@@ -315,10 +314,15 @@ def check_val_protocol(value: Any) -> None:
         raise ValueError(f"--val_protocol {value!r}: {err}") from None
 
 
+def _non_negative_number(value: Any) -> bool:
+    """An int or float (not a bool, not NaN) >= 0, as a setting read from the runner's command line must be."""
+    return not isinstance(value, bool) and isinstance(value, (int, float)) and value >= 0
+
+
 def check_grad_clip_norm(value: Any) -> None:
     """``grad_clip_norm``: a number >= 0 (0: no clipping). A negative one would flip every gradient's sign in
     ``clip_grad_norm_`` (the optimiser then climbs the loss)."""
-    if isinstance(value, bool) or not isinstance(value, (int, float)) or not value >= 0:
+    if not _non_negative_number(value):
         raise ValueError(f"--grad_clip_norm must be a number >= 0 (the largest gradient norm; 0 turns clipping off), "
                          f"got {value!r}")
 

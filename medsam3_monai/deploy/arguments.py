@@ -120,16 +120,10 @@ def ct_window_for(value: str | None, modalities: Iterable[str | None]) -> Any:
     check names them)."""
     if value is None:
         return ct_window(DEFAULT_CT_WINDOW)
-    from ..transforms.intensity import handler_for_modality  # torch and MONAI: at run time, not when parsing
-
-    def windowed(modality: str | None) -> bool:
-        try:
-            return modality is not None and handler_for_modality(modality) == "ct_window"
-        except KeyError:
-            return False
+    from ..transforms.intensity import is_ct_windowed  # torch and MONAI: at run time, not when parsing
 
     window = ct_window(value)
-    if not any(windowed(modality) for modality in modalities):
+    if not any(is_ct_windowed(modality) for modality in modalities):
         raise ValueError(f"--ct-window {value} applies to CT inputs, but no input is marked CT: add --modality CT "
                          "(or 'modality': 'CT' in the datalist items)")
     return window

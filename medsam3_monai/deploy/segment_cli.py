@@ -586,7 +586,7 @@ def run_many(args: argparse.Namespace) -> int:
     target_of = {id(item): target for item, target in zip(runnable, targets)}
     for item in runnable:
         item.pop("kind")
-    written = 0
+    written, network_run = 0, numerics(args)
     started = time.perf_counter()
     bar = tqdm(total=len(items), unit="img", desc="segment", disable=args.no_progress, file=sys.stderr,
                dynamic_ncols=True)
@@ -607,8 +607,7 @@ def run_many(args: argparse.Namespace) -> int:
                     tqdm.write(f"skipped {named}", file=sys.stderr)
                 else:
                     target = target_of[id(item)]
-                    tqdm.write(write_prediction(result, item["image"], target, Path(f"{target}.json"),
-                                                run=numerics(args)))
+                    tqdm.write(write_prediction(result, item["image"], target, Path(f"{target}.json"), run=network_run))
                     if result.is_volume:
                         for line in volume_notes(result, args.score_threshold):
                             tqdm.write(f"note: {item['image']}: {line}", file=sys.stderr)

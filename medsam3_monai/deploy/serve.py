@@ -143,6 +143,7 @@ def build_server(args: argparse.Namespace) -> Any:
 def _check_port_free(host: str, port: int) -> None:
     """Refuse an address that cannot be listened on (port in use, host not this machine's) before the model loads
     and the banner claims the address; uvicorn binds it again when it starts (exit status 3)."""
+    import errno
     import socket
 
     if port == 0:
@@ -157,9 +158,8 @@ def _check_port_free(host: str, port: int) -> None:
         try:
             probe.bind(address)
         except OSError as err:
-            raise ServeAddressError(f"cannot listen on {host}:{port}: {err.strerror or err}; choose another --port "
-                                    "(or stop what listens there)" if err.errno == 98 else
-                                    f"cannot listen on {host}:{port}: {err.strerror or err}") from None
+            hint = "; choose another --port (or stop what listens there)" if err.errno == errno.EADDRINUSE else ""
+            raise ServeAddressError(f"cannot listen on {host}:{port}: {err.strerror or err}{hint}") from None
 
 
 class ServeAddressError(OSError):

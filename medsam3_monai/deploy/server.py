@@ -275,8 +275,8 @@ def check_volume_data(path: Path) -> None:
     """422 when a volume upload's data is incomplete (a truncated transfer): its header alone reads, so without
     this check the datastore would keep it and only an inference would fail. A NIfTI's data bytes are counted
     (streamed through gzip, nothing kept); NRRD / MetaImage are read by ITK."""
-    hidden = f"upload{upload_suffix(path.name)}"
     suffix = upload_suffix(path.name)
+    hidden = f"upload{suffix}"
     try:
         if suffix not in (".nii", ".nii.gz"):
             import itk

@@ -110,10 +110,8 @@ def _convert_original(state_dict: Mapping[str, torch.Tensor], path: Path,
     try:
         return convert_original_to_hf(state_dict)
     except KeyMappingError as err:
-        named = err if not prefix else str(err).split("\n", 1)[0] + "".join(f"\n  {prefix}{k}" for k in err.keys)
-        raise CheckpointError(
-            f"{path} looks like an original SAM3 image model but does not convert; nothing was loaded.\n{named}"
-        ) from err
+        raise CheckpointError(f"{path} looks like an original SAM3 image model but does not convert; nothing was "
+                              f"loaded.\n{err.naming(prefix)}") from err
 
 
 def read_checkpoint_file(path: str | Path) -> tuple[dict[str, torch.Tensor], Sam3Config | None, str]:

@@ -48,9 +48,12 @@ class KeyMappingError(ValueError):
     """Keys that no rule covers (or that cannot be converted); ``keys`` lists all of them."""
 
     def __init__(self, message: str, keys: Iterable[str] = ()) -> None:
-        self.keys = sorted(keys)
-        listing = "".join(f"\n  {k}" for k in self.keys)
-        super().__init__(f"{message}{listing}")
+        self.message, self.keys = message, sorted(keys)
+        super().__init__(self.naming())
+
+    def naming(self, prefix: str = "") -> str:
+        """The message with its keys, each as ``prefix`` + key (a file's own prefix of them, ``detector.``)."""
+        return self.message + "".join(f"\n  {prefix}{k}" for k in self.keys)
 
 
 # ------------------------------------------------------------------------------------------- templates

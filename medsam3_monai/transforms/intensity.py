@@ -47,6 +47,7 @@ __all__ = [
     "pending_intensity",
     "row_tiles",
     "handler_for_modality",
+    "is_ct_windowed",
     "is_volume_slice",
     "min_max",
     "percentile_min_max",
@@ -113,6 +114,14 @@ def handler_for_modality(modality: str | None, handlers: Mapping[str, str] | Non
     if key not in table:
         raise KeyError(modality)
     return table[key]
+
+
+def is_ct_windowed(modality: str | None) -> bool:
+    """Whether inputs of ``modality`` are scaled by the CT window (an unknown or absent modality: no)."""
+    try:
+        return modality is not None and handler_for_modality(modality) == "ct_window"
+    except KeyError:
+        return False
 
 
 def _norm(name: str) -> str:

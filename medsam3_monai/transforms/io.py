@@ -82,9 +82,9 @@ CHANNEL_HINT = ("use a 3D volume, or pick one channel / time point: --channel N 
 
 def check_channel(path: str | Path, is_volume: bool, channels: int, channel: int | None,
                   shape: tuple[int, ...] | None = None) -> None:
-    """DataError when ``channel`` (``--channel``; None: not given) does not fit the input: a 4D volume (``channels``
-    > 1) needs one in range; a 2D picture or a 3D volume takes none (or 0 for a 3D volume). ``shape``: the file's,
-    for the message."""
+    """:class:`ChannelError` (a DataError) when ``channel`` (``--channel``; None: not given) does not fit the
+    input: a 4D volume (``channels`` > 1) needs one in range; a 2D picture or a 3D volume takes none (or 0 for a
+    3D volume). ``shape``: the file's, for the message."""
     if is_volume and channels > 1:
         if channel is None:
             described = f" (shape {shape})" if shape else ""
