@@ -56,12 +56,26 @@ def test_one_prompt_writes_a_0_255_mask_of_the_input_size_with_sidecar_and_overl
     assert sidecar["protocol"] == "top_query+box" and sidecar["checkpoint"] == "tiny" and sidecar["image_size"] == 112
     assert sidecar["box"] == [[float(v) for v in box]] and sidecar["shape"] == [height, width]
     assert sidecar["autocast"] == "none" and sidecar["compiled"] is False
+    assert "score_threshold" not in sidecar  # top_query does not read it (the threshold protocol and volumes do)
     assert png(overlay).ndim == 3 and png(overlay).shape[-1] in (3, 4)
     assert str(out) in capsys.readouterr().out
     assert sorted(p.name for p in tmp_path.rglob("*")) == ["mask.png", "mask.png.json", "overlay.png", "sub"]
     # the box reaches the network: without it, the top query's mask is another one
     assert segment(str(kvasir), "--prompt", "polyp", "--out", str(tmp_path / "unboxed.png")) == 0
     assert not np.array_equal(png(tmp_path / "unboxed.png"), mask)
+    assert "note:" not in capsys.readouterr().err
+
+
+def test_a_ct_window_on_a_picture_is_noted(kvasir, tmp_path, capsys):
+    """A CT window reads Hounsfield units; a JPEG holds display values: said, and the threshold protocol's
+    threshold is in the sidecar."""
+    out = tmp_path / "ct.png"
+    assert segment(str(kvasir), "--prompt", "polyp", "--modality", "CT", "--protocol", "threshold",
+                   "--out", str(out)) == 0
+    err = capsys.readouterr().err
+    assert "note: modality 'CT' scales" in err and "Hounsfield units" in err and kvasir.name in err
+    sidecar = json.loads(Path(f"{out}.json").read_text())
+    assert sidecar["modality"] == "CT" and sidecar["score_threshold"] == 0.5
 
 
 def test_two_prompts_write_a_label_map_and_a_sidecar_naming_each_value(two_prompt_run, kvasir):

@@ -355,6 +355,9 @@ def run(args: argparse.Namespace) -> int:
     from ..transforms.io import input_modality
 
     modality = input_modality(args.input, args.modality)  # a DICOM series' own when --modality is not given
+    if kind == "image":
+        for line in ct_picture_notes([args.input], modality):
+            print(f"note: {line}", file=sys.stderr)
     predictor = _predictor(args, max_pixels, progress=not args.no_progress, modalities=[modality])
     with _network_context(args, predictor):  # a 4D volume's error names --channel N (transforms.io.CHANNEL_HINT)
         prediction = predictor(args.input, args.prompt, box=args.box, modality=modality, channel=args.channel)
@@ -506,6 +509,10 @@ def _check_many(args: argparse.Namespace, items: list[dict[str, Any]], max_pixel
             raise ValueError(f"{first}: unknown modality {modality!r}; e.g. CT, MRI, X-ray, ultrasound, "
                              "endoscopy") from None
 
+    for modality in sorted({item["modality"] for item in runnable} - {None}):
+        pictures = [item["image"] for item in runnable if item["kind"] == "image" and item["modality"] == modality]
+        for line in ct_picture_notes(pictures, modality):
+            print(f"note: {line}", file=sys.stderr)
     from ..inferers.inputs import check_item_channels
 
     check_item_channels(runnable, args.channel)  # from the headers, not mid-run: an option error, never skipped
@@ -648,6 +655,18 @@ def slice_axis_note(affine: Any) -> str | None:
     plane = "sagittal" if codes[2] in ("L", "R") else "coronal"
     return (f"the volume's third axis runs {codes[2]} (axis codes {''.join(codes)}), so it was segmented in "
             f"{plane} slices; reorient it to axial (third axis S or I) for the papers' setting")
+
+
+def ct_picture_notes(pictures: list[str], modality: str | None) -> list[str]:
+    """A note when a CT window (Hounsfield units) is to scale 2D pictures, whose pixels are display values."""
+    from ..transforms.intensity import is_ct_windowed
+
+    if not pictures or not is_ct_windowed(modality):
+        return []
+    what = pictures[0] if len(pictures) == 1 else f"{len(pictures)} pictures (e.g. {pictures[0]})"
+    return [f"modality {modality!r} scales {what} with a CT window, which reads Hounsfield units; a picture's "
+            "pixels are display values unless it stores HU: without a modality a picture is scaled by its "
+            "channels (RGB / 255, grey min-max)"]
 
 
 def volume_notes(prediction, score_threshold: float) -> list[str]:
