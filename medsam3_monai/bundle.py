@@ -82,6 +82,43 @@ def report_input_errors(prog: str = "medsam3 bundle") -> None:
             handler.addFilter(not_said_twice)
 
 
+class _BarAwareStream:
+    """A console stream whose writes clear tqdm's progress bars first and draw them again after, so that a log line
+    printed while a bar is running gets its own line instead of continuing the bar's."""
+
+    def __init__(self, stream: Any) -> None:
+        self.stream = stream
+
+    def write(self, text: str) -> int:
+        from tqdm import tqdm
+
+        with tqdm.external_write_mode(file=self.stream):
+            return self.stream.write(text)
+
+    def flush(self) -> None:
+        self.stream.flush()
+
+    def __getattr__(self, name: str) -> Any:  # isatty, encoding, fileno, ...
+        return getattr(self.stream, name)
+
+
+def log_above_progress_bars() -> None:
+    """Route every console log handler (the logging file's, MONAI's own module loggers') through
+    :class:`_BarAwareStream`: a log line during an epoch (a skipped case, MONAI's "writing: ...") is printed above
+    the progress bar rather than after it on the same line. The bundles call this in ``initialize``; it changes
+    nothing where no bar is running, and it is idempotent."""
+    import logging
+    import sys
+
+    loggers = [logging.getLogger()] + [logger for logger in logging.root.manager.loggerDict.values()
+                                       if isinstance(logger, logging.Logger)]
+    for logger in loggers:
+        for handler in logger.handlers:
+            if (type(handler) is logging.StreamHandler and not isinstance(handler.stream, _BarAwareStream)
+                    and handler.stream in (sys.stdout, sys.stderr)):
+                handler.setStream(_BarAwareStream(handler.stream))
+
+
 def _input_error(error: BaseException | None) -> BaseException | None:
     """The input error (ours, or a ValueError / FileNotFoundError) inside ``error`` and its MONAI / Ignite
     wrappers, or None (a bug, or no error)."""

@@ -189,3 +189,31 @@ def test_monai_finds_every_workflow_property_of_the_bundles(shared_data, tmp_pat
     assert type(iteration).__name__ == "TrainerIteration"
     assert iteration is parser.get_parsed_content("train#handlers")[4]
     assert parser.get_parsed_content("best_model_saver").iteration is iteration
+
+
+def test_a_log_line_during_an_epoch_gets_its_own_line_above_the_progress_bar(capsys):
+    """The bundles' initialize routes console log handlers through tqdm: the bar is cleared before a log line
+    (a skipped case, MONAI's "writing: ...") and drawn again after it, instead of the line continuing the bar's."""
+    import logging
+    import sys
+
+    from tqdm import tqdm
+
+    from medsam3_monai import bundle
+
+    logger = logging.getLogger("medsam3_monai.tests.progress_bars")
+    handler, logger.propagate = logging.StreamHandler(sys.stderr), False
+    logger.addHandler(handler)
+    try:
+        bundle.log_above_progress_bars()
+        bundle.log_above_progress_bars()  # idempotent
+        assert isinstance(handler.stream, bundle._BarAwareStream) and handler.stream.stream is sys.stderr
+        with tqdm(total=3, desc="evaluate", file=sys.stderr, ascii=True) as bar:
+            bar.update(1)
+            logger.warning("skipped an unreadable case")
+        err = capsys.readouterr().err
+        line = next(line for line in err.split("\n") if "skipped an unreadable case" in line)
+        assert line.split("\r")[-1] == "skipped an unreadable case"  # the bar's text was cleared from its line
+        assert "evaluate" in err.split("skipped an unreadable case")[1]  # and drawn again after it
+    finally:
+        logger.removeHandler(handler)
