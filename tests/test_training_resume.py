@@ -210,7 +210,7 @@ def test_running_a_finished_training_again_says_there_is_nothing_left(tmp_path: 
     check_resume_checkpoint(str(tmp_path / "checkpoint_iter4.pt"), tmp_path / "elsewhere", max_epochs=2)
     for config in ("train.json", "multi_gpu_train.json"):
         assert ("check_resume_checkpoint(medsam3_monai.bundle.resume_setting(@resume), @ckpt_dir, @max_epochs, "
-                "@train#data)") in (BUNDLE_CONFIGS / config).read_text().split('"initialize"')[1]
+                "@train#data, batch_size=@batch_size") in (BUNDLE_CONFIGS / config).read_text().split('"initialize"')[1]
 
 
 def test_a_resume_on_other_training_items_is_refused_before_caching(tmp_path: Path):
@@ -231,6 +231,14 @@ def test_a_resume_on_other_training_items_is_refused_before_caching(tmp_path: Pa
     relabelled = [dict(item, prompts={"1": "heart"}) for item in items]  # the same images, other targets
     with pytest.raises(ValueError, match=r"items had other prompts \(the label -> concept texts of the same images"):
         check_resume_checkpoint(True, tmp_path, max_epochs=2, items=relabelled)
+    # epochs of another length (another batch size, or process count under torchrun) are refused before caching
+    # too; _linear_training's epochs are 3 batches, as 3 items in batches of 1 make on one process
+    check_resume_checkpoint(True, tmp_path, max_epochs=2, items=items, batch_size=1)
+    for batch_size, replicas in ((2, 1), (1, 2)):
+        with pytest.raises(ValueError, match=r"epochs had 3 iterations; the data given now makes 2: resume with the "
+                                             r"datalists and batch size it was trained with"):
+            check_resume_checkpoint(True, tmp_path, max_epochs=1, items=items, batch_size=batch_size,
+                                    replicas=replicas)
     older = TrainingData(items).state_dict()  # a checkpoint of before the prompts' fingerprint: images compared only
     del older["prompts_sha256"]
     TrainingData(relabelled).load_state_dict(older)

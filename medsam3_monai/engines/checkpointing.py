@@ -5,6 +5,7 @@ configuration, so that a ``checkpoint_iterN.pt`` is also a model file (``--check
 from __future__ import annotations
 
 import logging
+import math
 import re
 from pathlib import Path
 from typing import Any, Mapping, Sequence
@@ -74,11 +75,14 @@ def check_resume_source(resume: bool | str, needed: tuple[str, ...] = TRAINING_S
 
 
 def check_resume_checkpoint(resume: bool | str, save_dir: str | Path, max_epochs: int,
-                            items: Sequence[Mapping[str, Any]] | None = None) -> None:
+                            items: Sequence[Mapping[str, Any]] | None = None, batch_size: int | None = None,
+                            replicas: int = 1) -> None:
     """Before the data is cached, what the checkpoint a resume would start from already tells (read memory-mapped):
     training ``items`` other than its own are refused (:class:`TrainingData`'s check, which the resume itself makes
-    only after caching); and when it has trained ``max_epochs`` epochs the process ends (status 0) with a warning, as
-    rerunning a finished training would cache everything and rewrite the final model to train nothing."""
+    only after caching), and so are epochs of another length (``items`` in batches of ``batch_size`` on each of
+    ``replicas`` processes, as the bundles' ``DistributedSampler`` and ``DataLoader`` make them); and when it has
+    trained ``max_epochs`` epochs the process ends (status 0) with a warning, as rerunning a finished training would
+    cache everything and rewrite the final model to train nothing."""
     if resume is False:
         return
     path = latest_checkpoint(save_dir) if resume is True else Path(resume).expanduser()
@@ -92,6 +96,9 @@ def check_resume_checkpoint(resume: bool | str, save_dir: str | Path, max_epochs
         TrainingData(items).load_state_dict(fingerprint)
     if not isinstance(trainer, Mapping) or not trainer.get("epoch_length"):
         return
+    if items is not None and batch_size:
+        per_process = math.ceil(len(items) / max(1, int(replicas)))  # DistributedSampler(even_divisible=True)
+        _check_epoch_length(path, int(trainer["epoch_length"]), range(math.ceil(per_process / int(batch_size))))
     epoch = int(trainer.get("epoch") or int(trainer.get("iteration", 0)) // int(trainer["epoch_length"]))
     if epoch >= max_epochs:
         if get_rank() == 0:
@@ -109,8 +116,8 @@ def _check_epoch_length(path: Path, epoch_length: int | None, loader: Any) -> No
     except TypeError:  # an iterable without a length: nothing to compare
         return
     if epoch_length and batches != epoch_length:
-        raise ValueError(f"checkpoint {path} was written by a training whose epochs had {epoch_length} iterations; "
-                         f"the data given now makes {batches}: resume with the datalists and batch size it was "
+        raise ValueError(f"checkpoint {path} was written by a training whose epochs had {epoch_length} "
+                         f"iteration{'s' if epoch_length != 1 else ''}; the data given now makes {batches}: resume with the datalists and batch size it was "
                          "trained with, or start afresh with --resume false (to fine-tune on other data from its "
                          "weights, pass the run's models/model.pt as --checkpoint)")
 

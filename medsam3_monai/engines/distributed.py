@@ -52,6 +52,11 @@ def get_world_size() -> int:
     return dist.get_world_size() if is_distributed() else 1
 
 
+def launched_world_size() -> int:
+    """The process count ``torchrun`` launched (``WORLD_SIZE``; 1 without it), known before the process group is."""
+    return get_world_size() if is_distributed() else int(os.environ.get("WORLD_SIZE", 1))
+
+
 def is_main_process() -> bool:
     """Rank 0, or a single process."""
     return get_rank() == 0
