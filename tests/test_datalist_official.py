@@ -181,6 +181,12 @@ def test_msd_multichannel_task_names_its_channel_and_evaluates(shared_data: Path
     assert {json.loads(Path(f"{path}.json").read_text())["channel"] for path in written} == {1}
     with pytest.raises(DatalistError, match="--channel 0 given, but these images have no channels to choose from"):
         build_datalist("MSD_Task04_Hippocampus", source, channel=0)
+    # every image's header is read against --channel: one 3D volume among the 4D ones is named, not written
+    odd = task / "imagesTr" / (sorted((source / "images").glob("*.nii.gz"))[0].name)
+    odd.write_bytes((source / "images" / odd.name).read_bytes())
+    with pytest.raises(DatalistError, match=rf"{odd.name}: channel 1 requested but the volume has 1 channel \(a 3D "
+                                            r"volume\) \(--channel 1 was given for every item\)"):
+        build_datalist("MSD", task, channel=1)
 
 
 def test_msd_task_missing_from_the_catalogue_is_an_error(tmp_path: Path):
@@ -383,7 +389,20 @@ def test_check_alone_checks_a_datalist_one_has(shared_data: Path, tmp_path: Path
     assert "every image and mask decodes" in capsys.readouterr().err
     datalist.write_text(json.dumps({"test": [item]}))  # splits left out are empty, as evaluate reads them
     assert datalist_command(["--check", str(datalist), "--no-progress"]) == 0
-    assert "every image and mask decodes" in capsys.readouterr().err
+    err = capsys.readouterr().err
+    assert "every image and mask decodes" in err  # the training bundle needs its lists, though: said
+    assert "note: " in err and "no 'training' list: the training bundle refuses the datalist without one" in err
+    assert "no 'validation' list" in err
+    datalist.write_text(json.dumps({"training": [item], "validation": [item]}))  # one image in two splits
+    assert datalist_command(["--check", str(datalist), "--no-progress"]) == 0
+    assert f"1 image(s) in both 'training' and 'validation' (e.g. images/{name})" in capsys.readouterr().err
+    datalist.write_text(json.dumps({"training": [], "validation": []}))
+    assert datalist_command(["--check", str(datalist), "--no-progress"]) == 2
+    assert "holds no items" in capsys.readouterr().err
+    assert datalist_command(["--check", str(folder), "--no-progress"]) == 2
+    assert f"datalist {folder} is a folder: give the datalist's JSON file" in capsys.readouterr().err
+    assert datalist_command(["--check", str(datalist), "--channel", "1"]) == 2  # not silently ignored
+    assert "--channel goes with NAME ROOT" in capsys.readouterr().err
     datalist.write_text(json.dumps({"training": [dict(item, dataset=None)], "validation": [], "test": []}))
     assert datalist_command(["--check", str(datalist), "--no-progress"]) == 2
     assert "does not match its schema" in capsys.readouterr().err

@@ -157,6 +157,22 @@ def test_binary_mask_needs_a_class_one_prompt():
     assert out.tolist() == [[[0, 1]]] and out.meta["mask_encoding"] == "binary"
 
 
+def test_a_label_map_with_one_named_value_is_refused_not_merged():
+    """One prompt for a mask that holds its value beside others (hippocampus 1 and 2 with only "1" named, or
+    instance ids without their rule): an error naming the values, never every value taken as that concept."""
+    label = MetaTensor(torch.tensor([[[0, 1, 2, 2]]], dtype=torch.uint8), meta={"filename_or_obj": "/d/hippo.nii.gz"})
+    with pytest.raises(DataError, match=r"/d/hippo.nii.gz: mask values \[1, 2\] but the prompts name only 1 "
+                                        r"\('anterior hippocampus'\): no prompt for \[2\].*instance_ids.*binary"):
+        DecodeLabeld()({"label": label, "prompts": {"1": "anterior hippocampus"}})
+    taken = DecodeLabeld(mask_encoding="binary")({"label": label, "prompts": {"1": "hippocampus"}})["label"]
+    assert taken.tolist() == [[[0, 1, 1, 1]]]  # asked for: every nonzero value
+    ids = DecodeLabeld()({"label": label, "prompts": {"1": "nucleus"}, "instance_rule": "instance_ids"})
+    assert ids["label"].meta["mask_encoding"] == "instance_map"
+    noisy = MetaTensor(torch.tensor([[[0, 1, 200, 255]]], dtype=torch.uint8),
+                       meta={"filename_or_obj": "/d/m.jpg", "is_jpeg": True})  # a JPEG's levels: binary above 127
+    assert DecodeLabeld()({"label": noisy, "prompts": {"1": "polyp"}})["label"].tolist() == [[[0, 0, 1, 1]]]
+
+
 def test_outline_encoding_is_filled():
     ring = np.zeros((9, 9), np.uint8)
     ring[2, 2:7] = ring[6, 2:7] = ring[2:7, 2] = ring[2:7, 6] = 255

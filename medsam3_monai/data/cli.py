@@ -10,6 +10,7 @@ import argparse
 import sys
 from collections.abc import Sequence
 from pathlib import Path
+from typing import Any
 
 __all__ = ["add_datalist_parser", "add_parser", "check_datalist_file", "datalist_command", "decode_check",
            "run_datalist"]
@@ -81,7 +82,13 @@ def run_datalist(args: argparse.Namespace) -> int:
     if args.list:
         print(_listing())
         return 0
-    if args.check and args.name and not args.root and not args.out:
+    if args.check and args.name and not args.root:
+        if args.out or args.channel is not None or args.relative_to:
+            given = [flag for flag, value in (("--out", args.out), ("--channel", args.channel),
+                                              ("--relative-to", args.relative_to)) if value is not None]
+            hint = " (a 4D image's channel is \"channel\": N in its items)" if args.channel is not None else ""
+            raise ValueError(f"{' and '.join(given)} {'go' if len(given) > 1 else 'goes'} with NAME ROOT (a dataset "
+                             f"folder to convert); --check FILE checks a datalist you have and writes nothing{hint}")
         return check_datalist_file(args.name, skip_bad=args.skip_bad, progress=not args.no_progress)
     if not (args.name and args.root and args.out):
         raise ValueError("NAME, ROOT and --out FILE are required (or --list, or --check FILE for a datalist you have)")
@@ -119,6 +126,7 @@ def check_datalist_file(path: str | Path, skip_bad: bool = False, progress: bool
     from .schemas import schema_errors
 
     raw = read_datalist_json(path)
+    given = set(raw) if isinstance(raw, dict) else set()
     if isinstance(raw, dict):  # a split left out is an empty one, as evaluate, segment and the bundles read it
         raw = {**{split: [] for split in SPLITS}, **raw}
     problems = schema_errors(raw, readers_schema())
@@ -127,8 +135,13 @@ def check_datalist_file(path: str | Path, skip_bad: bool = False, progress: bool
         raise ValueError(f"datalist {path} does not match its schema:\n  " + "\n  ".join(problems))
     result = DatalistResult({split: list(raw[split]) for split in SPLITS}, converter="")
     total = sum(len(items) for items in result.datalist.values())
+    if not total:
+        raise ValueError(f"datalist {path} holds no items (its training, validation and test lists are empty)")
+    notes = _split_notes(given, result.datalist, str(Path(path).resolve().parent))
     decode_check(result, skip_bad=skip_bad, progress=progress, base_dir=str(Path(path).resolve().parent),
-                 skip_hint="--check --skip-bad lists every item that does not decode")
+                 skip_hint=None)
+    for note in notes:
+        print(f"medsam3 datalist: note: {path}: {note}", file=sys.stderr)
     if result.skipped:
         listed = "\n  ".join(str(problem) for problem in result.skipped)
         print(f"medsam3 datalist: {path}: {len(result.skipped)} of {total} items do not decode:\n  {listed}",
@@ -138,8 +151,31 @@ def check_datalist_file(path: str | Path, skip_bad: bool = False, progress: bool
     return 0
 
 
+def _split_notes(given: set[str], datalist: dict[str, list[dict[str, Any]]], base_dir: str) -> list[str]:
+    """What a datalist's splits mean for its readers: a list the training bundle needs that is left out, and an
+    image in more than one split (validation or test scores on a training image)."""
+    import os
+
+    from .datalist import SPLITS
+
+    notes = [f"no {split!r} list: the training bundle refuses the datalist without one (write \"{split}\": [] "
+             "for none)"
+             for split in ("training", "validation") if split not in given]
+    seen: dict[str, str] = {}
+    shared: dict[tuple[str, str], list[str]] = {}
+    for split in SPLITS:
+        for item in datalist[split]:
+            image = os.path.normpath(os.path.join(base_dir, item["image"]))
+            first = seen.setdefault(image, split)
+            if first != split:
+                shared.setdefault((first, split), []).append(item["image"])
+    notes += [f"{len(images)} image(s) in both {a!r} and {b!r} (e.g. {images[0]}): scores on them are not held-out "
+              "scores" for (a, b), images in shared.items()]
+    return notes
+
+
 def decode_check(result, skip_bad: bool = False, progress: bool = True, base_dir: str | None = None,
-                 skip_hint: str = "use --skip-bad to leave unreadable items out") -> None:
+                 skip_hint: str | None = "use --skip-bad to leave unreadable items out") -> None:
     """Decode every item of ``result.datalist`` with the training bundle's ``loading`` chain (load -> decode the
     mask encoding -> intensity). Unreadable items raise :class:`DatalistError` listing each (with ``skip_hint``),
     or with ``skip_bad`` are removed from the datalist and added to ``result.skipped``."""
@@ -176,11 +212,12 @@ def decode_check(result, skip_bad: bool = False, progress: bool = True, base_dir
                 Path(resolved["image"]), str(cause))
             bad.append((split, item, problem))
     if bad and not skip_bad:
+        hint = f" ({skip_hint})" if skip_hint else ""
         if len(bad) == 1:
-            raise DatalistError(f"{bad[0][2]} ({skip_hint})")
+            raise DatalistError(f"{bad[0][2]}{hint}")
         listed = "\n  ".join(str(problem) for _, _, problem in bad[:20])
-        more = f"\n  ... and {len(bad) - 20} more" if len(bad) > 20 else ""
-        raise DatalistError(f"{len(bad)} items cannot be decoded ({skip_hint}):\n  {listed}{more}")
+        more = f"\n  ... and {len(bad) - 20} more (--skip-bad lists every one)" if len(bad) > 20 else ""
+        raise DatalistError(f"{len(bad)} items cannot be decoded{hint}:\n  {listed}{more}")
     for split, item, problem in bad:
         result.datalist[split].remove(item)
         result.skipped.append(problem)

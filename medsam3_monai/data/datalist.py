@@ -29,6 +29,8 @@ from .converters import resolve
 from .pairs import Conversion, DatalistError, Pair, Problem
 from .schemas import validate
 from .splits import split_items
+from ..transforms.errors import ChannelError
+from ..transforms.io import check_channel, nifti_channels
 
 __all__ = ["DatalistResult", "build_datalist", "items_of_split", "load_datalist", "read_datalist_json",
            "readers_schema", "write_datalist"]
@@ -64,13 +66,22 @@ class DatalistResult:
         return "\n".join(lines)
 
 
-def _pair_problems(pair: Pair, entry: DatasetEntry, check_values: bool) -> list[Problem]:
-    """Header size check of image vs every mask; label values of label maps against the catalogue."""
+def _pair_problems(pair: Pair, entry: DatasetEntry, check_values: bool, channel: int | None = None
+                   ) -> list[Problem]:
+    """Header size check of image vs every mask; the image's channels against ``channel`` (``--channel``, when
+    given: the loader's rule, :func:`~medsam3_monai.transforms.io.check_channel`); label values of label maps
+    against the catalogue."""
     try:
         shape = spatial_shape(pair.image)
     except Exception as err:  # noqa: BLE001 - any reader failure is reported with the file name
         return [Problem(pair.image, f"cannot read image header ({err})")]
     problems = []
+    header = nifti_channels(pair.image) if channel is not None else None
+    if header is not None:
+        try:
+            check_channel(pair.image, True, header[0], channel, header[1])
+        except ChannelError as err:
+            problems.append(Problem(pair.image, f"{err.problem} (--channel {channel} was given for every item)"))
     for label in pair.labels:
         try:
             label_shape = spatial_shape(label)
@@ -181,7 +192,7 @@ def build_datalist(
     problems = list(conversion.problems)
     good: list[Pair] = []
     for pair in conversion.pairs:
-        found = _pair_problems(pair, entries[pair.dataset], check_values)
+        found = _pair_problems(pair, entries[pair.dataset], check_values, channel)
         problems.extend(found)
         if not found:
             good.append(pair)
@@ -254,6 +265,9 @@ def write_datalist(datalist: dict[str, Any], out: Path | str, overwrite: bool = 
 def read_datalist_json(path: Path | str) -> Any:
     """The parsed content of a datalist file (what every reader of datalists starts from); FileNotFoundError when
     it is missing, DatalistError when it is not JSON."""
+    if Path(path).is_dir():
+        raise DatalistError(f"datalist {path} is a folder: give the datalist's JSON file (make one from a dataset "
+                            "folder with `medsam3 datalist NAME ROOT --out FILE`)")
     if not Path(path).is_file():
         raise FileNotFoundError(f"datalist {path} not found (make one with `medsam3 datalist NAME ROOT --out FILE`)")
     try:

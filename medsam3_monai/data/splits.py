@@ -3,8 +3,9 @@
 The split must be identical on every machine and Python version, so it uses neither ``hash()`` (randomised
 per process) nor ``random``/``numpy`` generators (whose algorithms may change). Each item gets the score
 ``sha256(f"{seed}:{key}")``; within each stratum the ``n_val`` items with the lowest scores go to validation,
-``n_val = floor(n * val_fraction + 0.5)`` and at least 1 when the stratum has 2 or more items. Adding an item
-to a dataset never moves another item across the split.
+``n_val = floor(n * val_fraction + 0.5)`` and at least 1 when the stratum has 2 or more items. An item's score
+does not depend on the others, but ``n_val`` does: adding or removing items can move an item across the split
+(only the one whose rank crosses the ``n_val`` boundary).
 """
 
 from __future__ import annotations

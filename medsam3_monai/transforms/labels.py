@@ -10,7 +10,8 @@ Mask encodings (``mask_encoding`` of the catalogue / datalist item):
   the convex hull of the open contour). A slice whose filled area stays implausibly small for its contour
   (open or degenerate contour) raises :class:`OutlineFillWarning`.
 * ``None``/``"auto"``: ``instance_map`` when the rule is ``instance_ids``; ``label_map`` when every value is
-  a prompt key; ``binary`` when there is one prompt; otherwise an error.
+  a prompt key; ``binary`` when there is one prompt and the mask does not hold its value beside others (a 0/255
+  mask for label 1, a JPEG's noisy levels); otherwise an error (values without a prompt are never merged silently).
 """
 
 from __future__ import annotations
@@ -205,10 +206,10 @@ class DecodeLabeld(MapTransform):
             encoding = self.mask_encoding if self.mask_encoding is not None else d.get(self.encoding_key)
             array = plain_tensor(raw).numpy()
             nonzero: set[int] | None = None  # the mask's values, read only where the encoding needs them
+            is_jpeg = bool(raw.meta.get("is_jpeg", False)) if isinstance(raw, MetaTensor) else False
             if encoding in (None, "auto"):
                 nonzero = _nonzero_values(array)
-                encoding = self._auto_encoding(prompts, rule, nonzero, path)
-            is_jpeg = bool(raw.meta.get("is_jpeg", False)) if isinstance(raw, MetaTensor) else False
+                encoding = self._auto_encoding(prompts, rule, nonzero, path, is_jpeg)
             threshold = self.threshold if self.threshold is not None else (127 if is_jpeg else 0)
             if encoding == "label_map":
                 nonzero = _nonzero_values(array) if nonzero is None else nonzero
@@ -232,12 +233,21 @@ class DecodeLabeld(MapTransform):
         return d
 
     @staticmethod
-    def _auto_encoding(prompts: Mapping[int, str], rule: Any, nonzero: set[int], path: str | None) -> str:
+    def _auto_encoding(prompts: Mapping[int, str], rule: Any, nonzero: set[int], path: str | None,
+                       is_jpeg: bool = False) -> str:
         if rule == "instance_ids" or (isinstance(rule, Mapping) and set(rule.values()) == {"instance_ids"}):
             return "instance_map"
         if nonzero <= set(prompts):
             return "label_map"
         if len(prompts) == 1:
+            (value, text), = prompts.items()
+            if value in nonzero and not is_jpeg:  # a label map (or instance ids) of which one value is named
+                others = sorted(nonzero - {value})
+                raise DataError(path, f"mask values {sorted(nonzero)[:20]}{' ...' if len(nonzero) > 20 else ''} but "
+                                      f"the prompts name only {value} ({text!r}): no prompt for {others[:20]}",
+                                "give each value its prompt; if they are instance ids of one concept, set "
+                                "\"instance_rule\": \"instance_ids\"; to take every nonzero value as "
+                                f"{text!r}, set \"mask_encoding\": \"binary\"")
             return "binary"
         unknown = sorted(nonzero - set(prompts))
         raise DataError(path, f"mask values {sorted(nonzero)[:20]} do not match the prompt labels {sorted(prompts)} "
