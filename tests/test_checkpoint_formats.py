@@ -177,6 +177,37 @@ def test_a_transformers_folder_with_a_tensor_too_many_or_too_few_is_refused(tmp_
             assert "unexpected in the checkpoint" in report and "detr_decoder.extra_head.weight" in report
         else:
             assert "missing from the checkpoint" in report and "detr_decoder.layers.0.self_attn.q_proj" in report
+    # a config.json of another size than its weights: the keys are named (transformers' own error names none)
+    other = tmp_path / "other_config"
+    shutil.copytree(tmp_path / "saved", other)
+    config = json.loads((other / "config.json").read_text())
+    width = config["detr_decoder_config"]["intermediate_size"]
+    config["detr_decoder_config"]["intermediate_size"] = width + 16
+    (other / "config.json").write_text(json.dumps(config))
+    with pytest.raises(CheckpointError, match=rf"does not match the SAM3 detector; nothing was loaded:\n  shape "
+                                              rf"mismatch \(checkpoint vs model\): \d+: \['detr_decoder\.layers\.0\."
+                                              rf"[\w.]+ \({width},?.*\) vs \({width + 16},?"):
+        MedSAM3Net(other)
+
+
+def test_weights_load_as_float32_and_integer_weights_are_refused(tmp_path, trained_like):
+    """Every source loads float32 (a folder whose config.json says bfloat16 too); weights stored as integers would be
+    copied in truncated, so they are refused with the keys named."""
+    trained_like.save_pretrained(tmp_path / "bf16")
+    config = json.loads((tmp_path / "bf16" / "config.json").read_text())
+    (tmp_path / "bf16" / "config.json").write_text(json.dumps({**config, "dtype": "bfloat16"}))
+    assert {p.dtype for p in MedSAM3Net(tmp_path / "bf16").parameters()} == {torch.float32}
+    save_checkpoint_file(trained_like, tmp_path / "model.pt")
+    stored = torch.load(tmp_path / "model.pt", weights_only=True)
+    half = {**stored, "model": {k: v.half() if v.is_floating_point() else v for k, v in stored["model"].items()}}
+    torch.save(half, tmp_path / "half.pt")
+    assert {p.dtype for p in MedSAM3Net(tmp_path / "half.pt").parameters()} == {torch.float32}
+    key = next(k for k in stored["model"] if k.endswith("box_head.layer1.weight"))
+    stored["model"][key] = stored["model"][key].to(torch.int64)
+    torch.save(stored, tmp_path / "int.pt")
+    with pytest.raises(CheckpointError, match=r"holds 1 weight\(s\) as integers where the model's are floating "
+                                              r"point \(e.g. detr_decoder.box_head.layer1.weight \(torch.int64\)\); nothing was loaded"):
+        MedSAM3Net(tmp_path / "int.pt")
 
 
 def test_convert_checkpoint_cli(tmp_path, trained_like, capsys):

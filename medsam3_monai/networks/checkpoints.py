@@ -234,14 +234,25 @@ def load_state_dict_strict(model: torch.nn.Module, state_dict: Mapping[str, torc
                            original_prefix: str = "") -> None:
     """Load every tensor or nothing: any missing, unexpected or mis-shaped key raises CheckpointError (keys also
     named as Meta's ``sam3.pt`` has them when ``original_layout``, with the file's ``original_prefix``)."""
-    model_shapes = {k: tuple(v.shape) for k, v in model.state_dict().items()}
+    model_state = model.state_dict()
+    model_shapes = {k: tuple(v.shape) for k, v in model_state.items()}
     ckpt_shapes = {k: tuple(v.shape) for k, v in state_dict.items()}
-    report = key_report(model_shapes, ckpt_shapes,
-                        name=(lambda key: original_key_name(key, original_prefix)) if original_layout else str)
+    name = (lambda key: original_key_name(key, original_prefix)) if original_layout else str
+    report = key_report(model_shapes, ckpt_shapes, name=name)
     if report:
         raise CheckpointError(
             f"checkpoint {source} does not match the SAM3 architecture; nothing was loaded.\n{report}\n"
             f"Check that it is a {what} and that the configuration (full vs tiny, image size) matches."
+        )
+    # floating-point weights stored as integers (or booleans) would be copied in truncated: refused, not loaded
+    not_float = sorted(key for key, value in state_dict.items()
+                       if model_state[key].is_floating_point() and not value.is_floating_point())
+    if not_float:
+        listed = ", ".join(f"{name(key)} ({state_dict[key].dtype})" for key in not_float[:8])
+        raise CheckpointError(
+            f"checkpoint {source} holds {len(not_float)} weight(s) as integers where the model's are floating point "
+            f"(e.g. {listed}{', ...' if len(not_float) > 8 else ''}); nothing was loaded. The file was altered "
+            "after saving: save the network's own state dict (float32, float16 or bfloat16 load alike)."
         )
     model.load_state_dict(state_dict, strict=True)
 
@@ -253,6 +264,14 @@ def _tiny_model(config: Sam3Config | None, image_size: int | None, seed: int) ->
         torch.manual_seed(seed)
         model = Sam3Model(config)
     return model
+
+
+def _mismatch(entry: Any) -> str:
+    """A ``mismatched_keys`` entry of transformers' loading info, ``(key, checkpoint shape, model shape)``, as text."""
+    if isinstance(entry, (tuple, list)) and len(entry) == 3:
+        key, stored, built = entry
+        return f"{key} {tuple(stored)} vs {tuple(built)}"
+    return str(entry)
 
 
 def load_pretrained_folder(folder: Path, model_class: type, model_types: tuple[str, ...], what: str,
@@ -274,18 +293,32 @@ def load_pretrained_folder(folder: Path, model_class: type, model_types: tuple[s
         raise CheckpointError(wrong_type.format(folder=folder, model_type=model_type))
     if not any(folder.glob("*.safetensors")) and not any(folder.glob("*.bin")):
         raise CheckpointError(f"{folder} has config.json but no weights (*.safetensors)")
+    from transformers.utils import logging as transformers_logging
+
+    verbosity = transformers_logging.get_verbosity()
+    transformers_logging.set_verbosity_error()  # its load report table: ours below names the keys
     try:
-        model, info = model_class.from_pretrained(str(folder), local_files_only=True, output_loading_info=True)
+        # float32 whatever config.json's dtype says (as every other source loads); mis-shaped tensors are listed in
+        # ``info`` rather than raised without names, and refused below (nothing reinitialised is ever returned)
+        model, info = model_class.from_pretrained(str(folder), local_files_only=True, output_loading_info=True,
+                                                  ignore_mismatched_sizes=True, dtype=torch.float32)
     except Exception as err:
-        raise CheckpointError(f"cannot load the {what} from {folder}: {type(err).__name__}: {str(err)[:300]}") from err
+        hint = (": a weights file is truncated or corrupt, copy it again" if type(err).__name__ == "SafetensorError"
+                else "")
+        raise CheckpointError(f"cannot load the {what} from {folder}: {type(err).__name__}: {str(err)[:300]}{hint}"
+                              ) from err
+    finally:
+        transformers_logging.set_verbosity(verbosity)
     problems = {
         "missing from the checkpoint": info.get("missing_keys") or [],
         "unexpected in the checkpoint": info.get("unexpected_keys") or [],
-        "shape mismatch": [str(m) for m in info.get("mismatched_keys") or []],
+        "shape mismatch (checkpoint vs model)": [_mismatch(m) for m in info.get("mismatched_keys") or []],
     }
     if any(problems.values()):
         lines = [f"  {title}: {len(keys)}: {sorted(keys)[:12]}" for title, keys in problems.items() if keys]
-        raise CheckpointError(f"checkpoint folder {folder} does not match the {what}:\n" + "\n".join(lines))
+        raise CheckpointError(f"checkpoint folder {folder} does not match the {what}; nothing was loaded:\n"
+                              + "\n".join(lines) + "\nCheck that its config.json (full vs tiny, image size) is the "
+                              "one its weights were saved with.")
     return model
 
 
