@@ -139,6 +139,10 @@ def read_checkpoint_file(path: str | Path) -> tuple[dict[str, torch.Tensor], Sam
     if any(k.startswith(_ORIGINAL_MARKERS) for k in keys):  # a tracker neck saved along stays out of the detector
         detector, _tracker = split_sam3_checkpoint(state_dict)
         return _convert_original(detector, path), config, "medical_sam3"
+    video = [k for k in keys if k.startswith("detector_model.")]
+    if video and all(k.startswith(("detector_model.", "tracker_model.", "tracker_neck.")) for k in keys):
+        # the weights file of a facebook/sam3 (sam3_video) folder given alone: its detector part
+        return {k[len("detector_model."):]: state_dict[k] for k in video}, config, "sam3_video_weights"
     stripped = _strip_prefixes(state_dict)
     if any(k.startswith(_HF_MARKERS) for k in stripped):
         training = isinstance(obj, Mapping) and "network" in obj and ("optimizer" in obj or "trainer" in obj)
@@ -193,7 +197,7 @@ def read_sam3_tracker(path: str | Path) -> dict[str, torch.Tensor]:
 # ---------------------------------------------------------------------------------------- strict load
 def original_key_name(key: str, prefix: str = "") -> str:
     """A transformers-layout key with the name it has in Meta's ``sam3.pt``
-    (``detr_decoder.box_head.layer1.bias (sam3.pt: transformer.decoder.bbox_embed.layers.0.bias)``); a part of a
+    (``detr_decoder.box_head.layer1.bias (in the file: transformer.decoder.bbox_embed.layers.0.bias)``); a part of a
     fused original tensor (q / k / v of a ``qkv``) names the tensor it is part of. ``prefix``: the file's own
     prefix of the detector's keys (``detector.`` in Meta's ``sam3.pt``)."""
     from .key_mapping import fused_original_key, map_hf_shapes
@@ -202,8 +206,8 @@ def original_key_name(key: str, prefix: str = "") -> str:
         (original,) = map_hf_shapes({key: [1]})
     except (KeyMappingError, ValueError):
         fused = fused_original_key(key)
-        return f"{key} (sam3.pt: part of {prefix}{fused})" if fused else key
-    return f"{key} (sam3.pt: {prefix}{original})"
+        return f"{key} (in the file: part of {prefix}{fused})" if fused else key
+    return f"{key} (in the file: {prefix}{original})"
 
 
 def key_report(model_keys: Mapping[str, tuple], ckpt_keys: Mapping[str, tuple], limit: int = 12,
