@@ -198,10 +198,25 @@ def check_setting_keys(**settings: Any) -> None:
             hint = f" (did you mean '{close[0]}'?)" if close else ""
             raise ValueError(f"--{name}#{unknown[0]}: {name} has no {', '.join(map(repr, unknown))}{hint}; its keys "
                              f"are {', '.join(known)}")
-        if name in ("loss_weights", "matcher", "o2m_matcher"):  # numbers, checked here rather than mid-training
-            for key, value in given.items():
+        if name in ("loss_weights", "matcher", "o2m_matcher", "lr", "scheduler", "training_dropout"):
+            for key, value in given.items():  # numbers, checked here rather than after caching or mid-training
                 if not _non_negative_number(value):
                     raise ValueError(f"--{name}#{key} must be a number >= 0, got {value!r}")
+        if name == "scheduler":
+            steps, timescale = given.get("warmup_steps", 0), given.get("timescale", 1)
+            if isinstance(steps, float) and not steps.is_integer():
+                raise ValueError(f"--scheduler#warmup_steps must be a whole number of optimiser steps, got {steps!r}")
+            if not timescale > 0:
+                raise ValueError(f"--scheduler#timescale must be > 0, got {timescale!r}")
+        if name == "training_dropout":
+            from .networks.regularization import TrainingDropout
+
+            try:
+                TrainingDropout(**given)
+            except ValueError as err:
+                raise ValueError(f"--training_dropout: {err}") from None
+        if name == "loss_settings":
+            _check_loss_settings(given)
         if name in ("matcher", "o2m_matcher"):
             from .losses import HungarianMatcher, OneToManyMatcher
 
@@ -209,6 +224,39 @@ def check_setting_keys(**settings: Any) -> None:
                 (HungarianMatcher if name == "matcher" else OneToManyMatcher)(**given)
             except ValueError as err:
                 raise ValueError(f"--{name}: {err}") from None
+
+
+def _check_loss_settings(given: dict[str, Any]) -> None:
+    """``loss_settings``: its numbers >= 0 (a negative ``pos_weight`` flips the sign of a term), its switches yes/no,
+    its choices among theirs, as the objective (``SetCriterion``) takes them."""
+    import dataclasses
+
+    from .losses.criterion import CriterionSettings, SetCriterion
+
+    for field in dataclasses.fields(CriterionSettings):
+        if field.name in given and field.type in ("float", "int") and not _non_negative_number(given[field.name]):
+            raise ValueError(f"--loss_settings#{field.name} must be a number >= 0, got {given[field.name]!r}")
+    try:
+        SetCriterion(settings=CriterionSettings(**given))
+    except ValueError as err:
+        message = str(err)
+        raise ValueError(message if message.startswith("--") else f"--loss_settings#{message}") from None
+
+
+def check_flags(**settings: Any) -> None:
+    """Yes/no settings read as :func:`flag` reads them, before anything is cached (``--dac maybe`` was refused only
+    when the network was built)."""
+    for name, value in settings.items():
+        flag(value, name)
+
+
+def require_whole(**settings: Any) -> None:
+    """Settings that count things and must be whole numbers >= 0 (``max_instances`` 0: no cap; ``num_negatives``
+    0: no sampled negatives; ``num_workers`` 0: load in the main process). ``--max_instances -1`` silently dropped
+    targets, ``--num_negatives -1`` failed mid-training."""
+    for name, value in settings.items():
+        if isinstance(value, bool) or not isinstance(value, int) or value < 0:
+            raise ValueError(f"--{name} must be a whole number >= 0, got {value!r}")
 
 
 #: what ``python -m monai.bundle run`` itself takes beside the config's own keys
@@ -376,7 +424,7 @@ def check_network_source(checkpoint: str | Path, image_size: int | None) -> None
     """Refuse an image size that is not a multiple of 14 and a checkpoint that is neither ``tiny``, a folder nor a
     readable checkpoint file, before the training bundle caches its data (minutes at 1008 px); the network, built
     later, reads the weights and checks the rest (architecture, the checkpoint's own size)."""
-    from .networks.checkpoints import checkpoint_keys, missing_checkpoint, read_checkpoint_file
+    from .networks.checkpoints import checkpoint_keys, folder_without_config, missing_checkpoint, read_checkpoint_file
     from .networks.presets import check_image_size
 
     if image_size is not None:
@@ -386,6 +434,8 @@ def check_network_source(checkpoint: str | Path, image_size: int | None) -> None
     path = Path(checkpoint).expanduser()
     if not path.exists():
         raise missing_checkpoint(path)
+    if path.is_dir() and not (path / "config.json").is_file():
+        raise folder_without_config(path)
     if path.is_file() and path.suffix != ".safetensors" and checkpoint_keys(path) is None:
         read_checkpoint_file(path)  # not a state dict: read whole (what loading would do), to say what it is
     declared = _declared_image_size(path)

@@ -33,6 +33,7 @@ def test_every_yes_no_setting_of_the_bundles_is_read_through_flag():
     settings = {key for text in texts.values() for key, value in json.loads(text).items() if isinstance(value, bool)}
     assert {"dac", "box_prompts", "bf16", "resume", "compile", "mlflow"} <= settings
     for name, text in texts.items():
+        text = re.sub(r"check_flags\([^)]*\)", "", text)  # initialize's check: it reads them through flag itself
         for key in settings - {"resume"}:
             raw = len(re.findall(rf"@{key}\b", text))
             read = len(re.findall(rf"medsam3_monai\.bundle\.flag\(@{key}, '{key}'\)", text))
@@ -132,11 +133,49 @@ def test_numeric_settings_are_checked_before_caching():
                                   ("matcher", {"alpha": 2}, "--matcher: the Hungarian matcher's alpha must be a "
                                                             "number in \\[0, 1\\]"),
                                   ("o2m_matcher", {"threshold": 5}, "threshold must be a number in"),
-                                  ("loss_weights", {"giou": "x"}, "--loss_weights#giou must be a number >= 0")]:
+                                  ("loss_weights", {"giou": "x"}, "--loss_weights#giou must be a number >= 0"),
+                                  ("lr", {"detector": "abc"}, "--lr#detector must be a number >= 0"),
+                                  ("lr", {"layer_decay": -1}, "--lr#layer_decay must be a number >= 0"),
+                                  ("scheduler", {"warmup_steps": 2.5}, "warmup_steps must be a whole number"),
+                                  ("scheduler", {"timescale": 0}, "--scheduler#timescale must be > 0"),
+                                  ("training_dropout", {"dropout": "abc"}, "--training_dropout#dropout must be a num"),
+                                  ("training_dropout", {"drop_path": 1}, "drop_path must lie in \\[0, 1\\)"),
+                                  ("loss_settings", {"pos_weight": -5}, "--loss_settings#pos_weight must be a number"),
+                                  ("loss_settings", {"normalization": "bogus"}, "--loss_settings#normalization must "
+                                                                                "be global, local or none"),
+                                  ("loss_settings", {"semantic": "maybe"}, "--loss_settings#semantic 'maybe': give "
+                                                                           "true or false")]:
         with pytest.raises(ValueError, match=says):
             check_setting_keys(**{setting: values})
+    check_setting_keys(lr={"detector": 0}, scheduler={"warmup_steps": 0, "timescale": 5.0},
+                       loss_settings={"semantic": "false", "o2m_aux_matcher": "none", "soft_target_alpha": 0.5})
     for config in ("train.json", "multi_gpu_train.json"):
         assert "check_grad_clip_norm(@grad_clip_norm)" in (BUNDLE_CONFIGS / config).read_text()
+
+
+def test_counts_and_switches_are_checked_before_caching(tmp_path):
+    """``--max_instances -1`` dropped targets silently, ``--num_negatives -1`` and ``--slices_per_volume 0`` failed
+    after caching, ``--dac maybe`` and a folder without config.json were refused only when the network was built."""
+    from medsam3_monai.bundle import check_flags, check_network_source, require_positive, require_whole
+
+    require_whole(max_instances=0, num_negatives=0, num_workers=2)  # 0: no cap, none, the main process
+    for name, bad in (("max_instances", -1), ("num_negatives", 1.5), ("num_workers", "abc")):
+        with pytest.raises(ValueError, match=f"--{name} must be a whole number >= 0, got {bad!r}"):
+            require_whole(**{name: bad})
+    with pytest.raises(ValueError, match="--slices_per_volume must be a whole number >= 1, got 0"):
+        require_positive(slices_per_volume=0)
+    check_flags(dac="false", bf16=True, compile="No")
+    with pytest.raises(ValueError, match="--dac 'maybe': give true or false"):
+        check_flags(dac="maybe")
+    (tmp_path / "model.pt").write_bytes(b"")
+    with pytest.raises(Exception, match=rf"{tmp_path} has no config.json: not a transformers checkpoint folder .*give "
+                                        r"the file \(e.g. .*model.pt\)"):
+        check_network_source(str(tmp_path), None)
+    for config in ("train.json", "multi_gpu_train.json"):
+        text = (BUNDLE_CONFIGS / config).read_text().split('"initialize"')[1]
+        assert "slices_per_volume=@slices_per_volume)" in text
+        assert "require_whole(max_instances=@max_instances, num_negatives=@num_negatives, num_workers=@num_workers)" in text
+        assert "check_flags(bf16=@bf16, box_prompts=@box_prompts, compile=@compile, dac=@dac" in text
 
 
 def test_a_checkpoint_of_another_image_size_and_bad_counts_are_refused_before_caching(tmp_path):

@@ -47,6 +47,10 @@ def test_training_run_is_reviewable_in_mlflow(shared_data: Path, tmp_path: Path)
     metrics = set(run.data.metrics)
     assert {"lr/detector", "lr/language", "lr/geometry"} <= metrics and not any("lr_group" in m for m in metrics)
     assert any(m.startswith("lr/vision") for m in metrics)
+    # the rate each logged iteration trained with: warm-up 20 counts optimiser steps from 0, so iteration 2 (step 1)
+    # used 3e-4 / 20 (the scheduler steps after it; logged after the step, the next iteration's 3e-4 * 2 / 20 showed)
+    first_lr = client.get_metric_history(run.info.run_id, "lr/detector")[0]
+    assert first_lr.step == 2 and first_lr.value == pytest.approx(3e-4 / 20)
     artifacts = {a.path for a in client.list_artifacts(run.info.run_id)}
     assert {"model.pt", "model_best_val_dice.pt", "metadata.json"} <= artifacts, artifacts
     assert {"checkpoint", "batch_size", "lr.detector", "loss.weight_mask"} <= set(run.data.params)

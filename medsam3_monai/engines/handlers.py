@@ -75,7 +75,7 @@ class MLflowRunInfoHandler:
     which logs losses and metrics; this handler adds the run parameters (after this process's first iteration, when
     the run exists: a resumed training's too, whose run is a new one when the previous one finished), each optimiser
     group's learning rate by its name (``lr/detector``, ``lr/vision.layer3``, ...) every ``lr_interval`` iterations
-    on the iteration axis, and on COMPLETED the ``artifacts`` (files that exist: final
+    on the iteration axis (the rate that iteration's optimiser step used), and on COMPLETED the ``artifacts`` (files that exist: final
     and best checkpoints) and ``documents`` (name -> JSON-able content, e.g. the bundle's metadata) -- before that
     handler closes the run: attach this one first, as the bundle does. Without an MLflow handler it does nothing.
     """
@@ -93,26 +93,33 @@ class MLflowRunInfoHandler:
         # the first iteration this process runs, whatever its number (a resumed run starts past iteration 1)
         first = Events.ITERATION_COMPLETED(event_filter=lambda _engine, _iteration: not self._params_logged)
         engine.add_event_handler(first, self.log_params)
-        if self.optimizer is not None:
+        if self.optimizer is not None:  # read before the iteration's step (the scheduler steps after it), logged after
+            engine.add_event_handler(Events.ITERATION_STARTED(every=self.lr_interval), self.read_learning_rates)
             engine.add_event_handler(Events.ITERATION_COMPLETED(every=self.lr_interval), self.log_learning_rates)
         engine.add_event_handler(Events.COMPLETED, self.log_artifacts)
 
+    def read_learning_rates(self, engine: Engine) -> None:
+        """Each group's learning rate as the iteration starts: the one its optimiser step uses."""
+        rates: dict[str, float] = {}
+        for i, group in enumerate(self.optimizer.param_groups):
+            name = str(group.get("name", f"group_{i}")).removesuffix(".no_decay")
+            rates.setdefault(f"lr/{name}", float(group["lr"]))
+        self._rates = (int(engine.state.iteration), rates)
+
     def log_learning_rates(self, engine: Engine) -> None:
-        """``lr/<group name>`` at step = iteration (groups without a name: ``lr/group_<i>``)."""
+        """``lr/<group name>`` at step = iteration, the rate that iteration trained with (groups without a name:
+        ``lr/group_<i>``)."""
         found = mlflow_run_of(engine)
-        if found is None:
+        step = int(engine.state.iteration)
+        if found is None or getattr(self, "_rates", (None,))[0] != step:
             return
         import time
 
         from mlflow.entities import Metric
 
         client, run_id = found
-        now, step = int(time.time() * 1000), int(engine.state.iteration)
-        rates: dict[str, float] = {}
-        for i, group in enumerate(self.optimizer.param_groups):
-            name = str(group.get("name", f"group_{i}")).removesuffix(".no_decay")
-            rates.setdefault(f"lr/{name}", float(group["lr"]))
-        client.log_batch(run_id, metrics=[Metric(k, v, now, step) for k, v in rates.items()])
+        now = int(time.time() * 1000)
+        client.log_batch(run_id, metrics=[Metric(k, v, now, step) for k, v in self._rates[1].items()])
 
     @staticmethod
     def flatten(value: Any, prefix: str = "") -> dict[str, str]:

@@ -270,6 +270,14 @@ def _tiny_model(config: Sam3Config | None, image_size: int | None, seed: int) ->
     return model
 
 
+def folder_without_config(folder: Path) -> CheckpointError:
+    """The error for a checkpoint folder that has no ``config.json``, naming a checkpoint file inside it if any."""
+    inside = sorted(p.name for p in folder.glob("*") if p.suffix in (".pt", ".pth", ".safetensors"))
+    hint = f"; to load a file inside it, give the file (e.g. {folder / inside[0]})" if inside else ""
+    return CheckpointError(f"{folder} has no config.json: not a transformers checkpoint folder (one holds config.json "
+                           f"and *.safetensors, as save_pretrained and `medsam3 convert-checkpoint` write them){hint}")
+
+
 def _mismatch(entry: Any) -> str:
     """A ``mismatched_keys`` entry of transformers' loading info, ``(key, checkpoint shape, model shape)``, as text."""
     if isinstance(entry, (tuple, list)) and len(entry) == 3:
@@ -288,7 +296,7 @@ def load_pretrained_folder(folder: Path, model_class: type, model_types: tuple[s
     """
     config_file = folder / "config.json"
     if not config_file.is_file():
-        raise CheckpointError(f"{folder} has no config.json: not a transformers checkpoint folder")
+        raise folder_without_config(folder)
     try:
         model_type = json.loads(config_file.read_text()).get("model_type")
     except json.JSONDecodeError as err:
