@@ -172,6 +172,11 @@ def test_a_resume_keeps_the_best_value_so_far_and_refuses_other_epochs(tmp_path:
     with pytest.raises(ValueError, match=r"epochs had 3 iterations; the data given now makes 5: resume with the "
                                          r"datalists and batch size it was trained with"):
         _linear_training(tmp_path / "run", max_epochs=3, batches=5)
+    # a run killed while DiskSaver wrote a checkpoint leaves its temporary file: the next start removes it
+    (tmp_path / "run" / "tmpk3x_9q2a").write_bytes(b"")
+    (tmp_path / "run" / "tmp_notes.txt").write_text("kept")  # not a temporary file's name
+    _linear_training(tmp_path / "run", max_epochs=3)
+    assert not (tmp_path / "run" / "tmpk3x_9q2a").exists() and (tmp_path / "run" / "tmp_notes.txt").exists()
 
 
 def test_running_a_finished_training_again_says_there_is_nothing_left(tmp_path: Path, caplog):

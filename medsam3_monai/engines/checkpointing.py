@@ -37,6 +37,9 @@ def latest_checkpoint(save_dir: str | Path) -> Path | None:
     return found[-1][1] if found else None
 
 
+#: the name of a temporary file Python's ``tempfile`` makes (Ignite's ``DiskSaver`` writes each checkpoint to one)
+_INTERRUPTED_WRITE = re.compile(r"tmp[a-z0-9_]{8}")
+
 TRAINING_STATE = ("trainer", "checkpointer")  # what every checkpoint_iterN.pt holds beside the trained objects
 #: objects a resume restores when the checkpoint holds them (older checkpoints were written without), and what a
 #: resume from such a checkpoint does without them
@@ -282,9 +285,20 @@ class TrainingCheckpoint:
                            "or a later automatic resume may pick one of them instead of this run's newest",
                            self.save_dir, resumed_from.name, ", ".join(newer))
 
+    def _remove_interrupted_writes(self) -> None:
+        """Delete the temporary files of checkpoint writes a killed run left (``DiskSaver`` writes a ``tmpXXXXXXXX``
+        file in ``save_dir`` and renames it when done; a SIGTERM or a crash mid-write keeps it forever)."""
+        if get_rank() != 0 or not self.save_dir.is_dir():
+            return
+        for path in self.save_dir.iterdir():
+            if path.is_file() and _INTERRUPTED_WRITE.fullmatch(path.name):
+                path.unlink()
+                logger.info("removed %s, an unfinished checkpoint write of an interrupted run", path)
+
     def load(self, engine: Engine) -> None:
         from monai.handlers import CheckpointLoader
 
+        self._remove_interrupted_writes()
         if self.resume is False:
             return
         path = latest_checkpoint(self.save_dir) if self.resume is True else Path(self.resume)
