@@ -191,6 +191,11 @@ def test_a_transformers_folder_with_a_tensor_too_many_or_too_few_is_refused(tmp_
                                               rf"mismatch \(checkpoint vs model\): \d+: \['detr_decoder\.layers\.0\."
                                               rf"[\w.]+ \({width},?.*\) vs \({width + 16},?"):
         MedSAM3Net(other)
+    broken = tmp_path / "broken_tokenizer"  # a tokenizer file that does not parse: named, as a CheckpointError
+    shutil.copytree(tmp_path / "saved", broken)
+    (broken / "tokenizer.json").write_text('{"version": "1.0", "model": {"vocab": {"\x01')
+    with pytest.raises(CheckpointError, match=rf"{re.escape(str(broken))}: its tokenizer files do not read"):
+        MedSAM3Net(broken)
 
 
 def test_weights_load_as_float32_and_integer_weights_are_refused(tmp_path, trained_like):

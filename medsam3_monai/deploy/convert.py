@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import argparse
+import sys
 from pathlib import Path
 from typing import TYPE_CHECKING
 
@@ -35,7 +36,8 @@ def add_parser(subparsers: argparse._SubParsersAction) -> None:
         "convert-checkpoint",
         help="convert sam3.pt / Medical-SAM3 / medsam3-monai checkpoints into a transformers Sam3Model folder",
         description=(
-            "Read SRC (Meta's sam3.pt, the Medical-SAM3 release, a medsam3-monai .pt or an HF folder), map the "
+            "Read SRC (Meta's sam3.pt, the Medical-SAM3 release, a medsam3-monai .pt or training checkpoint, a "
+            "bare state dict with --config, or an HF folder), map the "
             "original keys onto transformers' Sam3Model, load strictly, and write DST: config.json, "
             "model.safetensors and the tokenizer. `transformers.Sam3Model.from_pretrained(DST)` loads it. A "
             "sam3.pt's tracker comes along: DST is then laid out as facebook/sam3 (model_type sam3_video; "
@@ -81,4 +83,7 @@ def run(args: argparse.Namespace) -> int:
         save_hf_folder(loaded.model, loaded.tokenizer, dst)
         what = "detector"
     print(f"converted {args.src} ({loaded.source_format}, {what}, {params:,} parameters) -> {dst}")
+    if what == "detector" and Path(args.src).is_dir() and has_tracker_weights(args.src):
+        print(f"note: the tracker of {args.src} is not in {dst}; that folder is one transformers reads already: give "
+              f"it itself as --checkpoint, or as --tracker {args.src}", file=sys.stderr)
     return 0

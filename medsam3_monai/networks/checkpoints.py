@@ -363,6 +363,16 @@ def load_sam3(
     return loaded
 
 
+def _folder_tokenizer(folder: Path) -> Any:
+    """A checkpoint folder's tokenizer (:func:`load_tokenizer`); files that do not read are a CheckpointError."""
+    try:
+        return load_tokenizer(folder)
+    except Exception as err:  # noqa: BLE001 - a broken tokenizer.json / vocab: name the folder, not the parser
+        raise CheckpointError(f"{folder}: its tokenizer files do not read ({type(err).__name__}: {str(err)[:200]}); "
+                              "copy them again, or remove them (tokenizer*.json, vocab.json, merges.txt, "
+                              "special_tokens_map.json) to use the offline CLIP tokenizer, which is SAM3's") from err
+
+
 def _load_sam3(source: str | Path, config: Sam3Config | None, image_size: int | None, seed: int) -> LoadedSam3:
     if str(source) == "tiny":
         return LoadedSam3(_tiny_model(config, image_size, seed), load_tokenizer(None), "tiny")
@@ -370,7 +380,7 @@ def _load_sam3(source: str | Path, config: Sam3Config | None, image_size: int | 
     if not path.exists():
         raise missing_checkpoint(path)
     if path.is_dir():
-        return LoadedSam3(_load_hf_folder(path), load_tokenizer(path), "hf_folder")
+        return LoadedSam3(_load_hf_folder(path), _folder_tokenizer(path), "hf_folder")
     state_dict, embedded_config, source_format = read_checkpoint_file(path)
     model_config = config or embedded_config or full_sam3_config()
     model = Sam3Model(model_config)
