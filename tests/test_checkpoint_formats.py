@@ -210,6 +210,12 @@ def test_weights_load_as_float32_and_integer_weights_are_refused(tmp_path, train
     half = {**stored, "model": {k: v.half() if v.is_floating_point() else v for k, v in stored["model"].items()}}
     torch.save(half, tmp_path / "half.pt")
     assert {p.dtype for p in MedSAM3Net(tmp_path / "half.pt").parameters()} == {torch.float32}
+    newer = {**stored, "format_version": 99}  # a file of a later version: read, with a warning
+    torch.save(newer, tmp_path / "newer.pt")
+    with pytest.warns(UserWarning, match="format version 99 of medsam3-monai's model file, written by a newer"):
+        MedSAM3Net(tmp_path / "newer.pt")
+    save_file({k: v.contiguous() for k, v in trained_like.sam3.state_dict().items()}, str(tmp_path / "weights_noext"))
+    assert same_weights(MedSAM3Net(tmp_path / "weights_noext", config=tiny_sam3_config()).sam3, trained_like.sam3)
     key = next(k for k in stored["model"] if k.endswith("box_head.layer1.weight"))
     stored["model"][key] = stored["model"][key].to(torch.int64)
     torch.save(stored, tmp_path / "int.pt")

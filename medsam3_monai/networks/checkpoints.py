@@ -18,6 +18,7 @@ import json
 import os
 import shutil
 import tempfile
+import warnings
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any, Callable, Mapping
@@ -114,10 +115,20 @@ def _convert_original(state_dict: Mapping[str, torch.Tensor], path: Path,
                               f"loaded.\n{err.naming(prefix)}") from err
 
 
+def _is_safetensors(path: Path) -> bool:
+    """Whether a file is laid out as safetensors (an 8-byte header length, then the JSON header), whatever its name."""
+    try:
+        with open(path, "rb") as handle:
+            head = handle.read(9)
+        return len(head) == 9 and head[8:9] == b"{" and 0 < int.from_bytes(head[:8], "little") < path.stat().st_size
+    except OSError:
+        return False
+
+
 def read_checkpoint_file(path: str | Path) -> tuple[dict[str, torch.Tensor], Sam3Config | None, str]:
     """Read a ``.pt``/``.pth``/``.safetensors`` file: (transformers-layout state dict, embedded config, format)."""
     path = Path(path)
-    if path.suffix == ".safetensors":
+    if path.suffix == ".safetensors" or _is_safetensors(path):
         from safetensors.torch import load_file
 
         try:
@@ -131,6 +142,11 @@ def read_checkpoint_file(path: str | Path) -> tuple[dict[str, torch.Tensor], Sam
     described = obj.get("network_config", obj) if isinstance(obj, Mapping) else None
     if isinstance(described, Mapping) and described.get("format") == OUR_FORMAT:
         config = Sam3Config.from_dict(described["config"])
+        version = described.get("format_version")
+        if isinstance(version, int) and version > OUR_FORMAT_VERSION:
+            warnings.warn(f"{path} is format version {version} of medsam3-monai's model file, written by a newer "
+                          f"version than this one (which writes {OUR_FORMAT_VERSION}); it is read as version "
+                          f"{OUR_FORMAT_VERSION}: update medsam3-monai if it does not load", stacklevel=2)
     state_dict = _unwrap(obj, path)
     keys = list(state_dict)
     if any(k.startswith(("detector.", "tracker.")) for k in keys):
@@ -245,7 +261,7 @@ def load_state_dict_strict(model: torch.nn.Module, state_dict: Mapping[str, torc
     report = key_report(model_shapes, ckpt_shapes, name=name)
     if report:
         raise CheckpointError(
-            f"checkpoint {source} does not match the SAM3 architecture; nothing was loaded.\n{report}\n"
+            f"checkpoint {source} does not match the {what}'s architecture; nothing was loaded.\n{report}\n"
             f"Check that it is a {what} and that the configuration (full vs tiny, image size) matches."
         )
     # floating-point weights stored as integers (or booleans) would be copied in truncated: refused, not loaded
