@@ -492,6 +492,9 @@ def load_medical_image(
     if not Path(path).exists():
         raise DataError(path, "file not found", "check the path (a datalist's relative paths are read from the "
                                                 "datalist's own folder)")
+    if Path(path).is_dir() and not any(p.is_file() and not p.name.startswith(".") and p.suffix.lower() in
+                                       (".dcm", ".ima", "") for p in Path(path).iterdir()):
+        raise _unreadable(path, mask, ValueError("no DICOM files (.dcm, .ima or without extension)"))  # before ITK's
     reader = _pick_reader(path, readers)
     size = None
     if isinstance(reader, Image2DReader):
