@@ -399,6 +399,12 @@ def test_check_alone_checks_a_datalist_one_has(shared_data: Path, tmp_path: Path
     datalist.write_text(json.dumps({"training": [], "validation": []}))
     assert datalist_command(["--check", str(datalist), "--no-progress"]) == 2
     assert "holds no items" in capsys.readouterr().err
+    hippocampus = shared_data / "MSD_Task04_Hippocampus_cropped"
+    volume = {"image": str(hippocampus / "images" / "hippocampus_001.nii.gz"), "spacing": [2.0, 2.0],
+              "label": str(hippocampus / "masks" / "hippocampus_001.nii.gz"), "prompts": {"1": "a", "2": "b"}}
+    datalist.write_text(json.dumps({"training": [volume], "validation": []}))
+    assert datalist_command(["--check", str(datalist), "--no-progress"]) == 0
+    assert "1 volume item(s) carry 'spacing'" in capsys.readouterr().err
     assert datalist_command(["--check", str(folder), "--no-progress"]) == 2
     assert f"datalist {folder} is a folder: give the datalist's JSON file" in capsys.readouterr().err
     assert datalist_command(["--check", str(datalist), "--channel", "1"]) == 2  # not silently ignored

@@ -152,8 +152,9 @@ def check_datalist_file(path: str | Path, skip_bad: bool = False, progress: bool
 
 
 def _split_notes(given: set[str], datalist: dict[str, list[dict[str, Any]]], base_dir: str) -> list[str]:
-    """What a datalist's splits mean for its readers: a list the training bundle needs that is left out, and an
-    image in more than one split (validation or test scores on a training image)."""
+    """What a datalist's splits and items mean for its readers: a list the training bundle needs that is left out,
+    an image in more than one split (validation or test scores on a training image), a volume's ``spacing``
+    (unused)."""
     import os
 
     from .datalist import SPLITS
@@ -171,6 +172,13 @@ def _split_notes(given: set[str], datalist: dict[str, list[dict[str, Any]]], bas
                 shared.setdefault((first, split), []).append(item["image"])
     notes += [f"{len(images)} image(s) in both {a!r} and {b!r} (e.g. {images[0]}): scores on them are not held-out "
               "scores" for (a, b), images in shared.items()]
+    from ..inferers.inputs import is_volume_path
+
+    spaced = [item["image"] for split in SPLITS for item in datalist[split]
+              if "spacing" in item and is_volume_path(item["image"])]
+    if spaced:
+        notes.append(f"{len(spaced)} volume item(s) carry 'spacing' (e.g. {spaced[0]}), which only 2D items use: a "
+                     "volume's spacing is its file's (the affine)")
     return notes
 
 
