@@ -29,8 +29,6 @@ from .converters import resolve
 from .pairs import Conversion, DatalistError, Pair, Problem
 from .schemas import validate
 from .splits import split_items
-from ..transforms.errors import ChannelError
-from ..transforms.io import check_channel, nifti_channels
 
 __all__ = ["DatalistResult", "build_datalist", "items_of_split", "load_datalist", "read_datalist_json",
            "readers_schema", "write_datalist"]
@@ -76,12 +74,8 @@ def _pair_problems(pair: Pair, entry: DatasetEntry, check_values: bool, channel:
     except Exception as err:  # noqa: BLE001 - any reader failure is reported with the file name
         return [Problem(pair.image, f"cannot read image header ({err})")]
     problems = []
-    header = nifti_channels(pair.image) if channel is not None else None
-    if header is not None:
-        try:
-            check_channel(pair.image, True, header[0], channel, header[1])
-        except ChannelError as err:
-            problems.append(Problem(pair.image, f"{err.problem} (--channel {channel} was given for every item)"))
+    if channel is not None:
+        problems += _channel_problems(pair.image, channel)
     for label in pair.labels:
         try:
             label_shape = spatial_shape(label)
@@ -102,6 +96,20 @@ def _pair_problems(pair: Pair, entry: DatasetEntry, check_values: bool, channel:
                     f"(known: {', '.join(sorted(entry.labels, key=int))})"
                 ))
     return problems
+
+
+def _channel_problems(image: Path, channel: int) -> list[Problem]:
+    """``--channel`` against one image's header (the loader's rule; NIfTI volumes, other formats at loading)."""
+    from ..transforms.errors import ChannelError  # (here: converting without --channel imports no torch)
+    from ..transforms.io import check_channel, nifti_channels
+
+    header = nifti_channels(image)
+    try:
+        if header is not None:
+            check_channel(image, True, header[0], channel, header[1])
+    except ChannelError as err:
+        return [Problem(image, f"{err.problem} (--channel {channel} was given for every item)")]
+    return []
 
 
 def _format(path: Path, relative_to: Path | None) -> str:
