@@ -174,7 +174,8 @@ def test_counts_and_switches_are_checked_before_caching(tmp_path):
     for config in ("train.json", "multi_gpu_train.json"):
         text = (BUNDLE_CONFIGS / config).read_text().split('"initialize"')[1]
         assert "slices_per_volume=@slices_per_volume)" in text
-        assert "require_whole(max_instances=@max_instances, num_negatives=@num_negatives, num_workers=@num_workers)" in text
+        assert ("require_whole(max_instances=@max_instances, num_negatives=@num_negatives, "
+                "num_workers=@num_workers)") in text
         assert "check_flags(bf16=@bf16, box_prompts=@box_prompts, compile=@compile, dac=@dac" in text
 
 

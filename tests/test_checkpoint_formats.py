@@ -220,7 +220,8 @@ def test_weights_load_as_float32_and_integer_weights_are_refused(tmp_path, train
     stored["model"][key] = stored["model"][key].to(torch.int64)
     torch.save(stored, tmp_path / "int.pt")
     with pytest.raises(CheckpointError, match=r"holds 1 weight\(s\) as integers where the model's are floating "
-                                              r"point \(e.g. detr_decoder.box_head.layer1.weight \(torch.int64\)\); nothing was loaded"):
+                                              r"point \(e.g. detr_decoder.box_head.layer1.weight \(torch.int64\)\); "
+                                              r"nothing was loaded"):
         MedSAM3Net(tmp_path / "int.pt")
 
 

@@ -75,9 +75,10 @@ class MLflowRunInfoHandler:
     which logs losses and metrics; this handler adds the run parameters (after this process's first iteration, when
     the run exists: a resumed training's too, whose run is a new one when the previous one finished), each optimiser
     group's learning rate by its name (``lr/detector``, ``lr/vision.layer3``, ...) every ``lr_interval`` iterations
-    on the iteration axis (the rate that iteration's optimiser step used), and on COMPLETED the ``artifacts`` (files that exist: final
-    and best checkpoints) and ``documents`` (name -> JSON-able content, e.g. the bundle's metadata) -- before that
-    handler closes the run: attach this one first, as the bundle does. Without an MLflow handler it does nothing.
+    on the iteration axis (the rate that iteration's optimiser step used), and on COMPLETED the ``artifacts``
+    (files that exist: final and best checkpoints) and ``documents`` (name -> JSON-able content, e.g. the bundle's
+    metadata) -- before that handler closes the run: attach this one first, as the bundle does. Without an MLflow
+    handler it does nothing.
     """
 
     def __init__(self, params: Mapping[str, Any] | None = None, artifacts: Sequence[str] = (),
