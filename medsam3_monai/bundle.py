@@ -252,8 +252,8 @@ def check_flags(**settings: Any) -> None:
 
 def require_whole(**settings: Any) -> None:
     """Settings that count things and must be whole numbers >= 0 (``max_instances`` 0: no cap; ``num_negatives``
-    0: no sampled negatives; ``num_workers`` 0: load in the main process). ``--max_instances -1`` silently dropped
-    targets, ``--num_negatives -1`` failed mid-training."""
+    0: no sampled negatives; ``num_workers`` 0: load in the main process; ``seed``). ``--max_instances -1`` silently
+    dropped targets, ``--num_negatives -1`` failed mid-training."""
     for name, value in settings.items():
         if isinstance(value, bool) or not isinstance(value, int) or value < 0:
             raise ValueError(f"--{name} must be a whole number >= 0, got {value!r}")

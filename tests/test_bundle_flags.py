@@ -141,6 +141,8 @@ def test_numeric_settings_are_checked_before_caching():
                                   ("training_dropout", {"dropout": "abc"}, "--training_dropout#dropout must be a num"),
                                   ("training_dropout", {"drop_path": 1}, "drop_path must lie in \\[0, 1\\)"),
                                   ("loss_settings", {"pos_weight": -5}, "--loss_settings#pos_weight must be a number"),
+                                  ("loss_settings", {"mask_focal_alpha": 1.5}, "--loss_settings#mask_focal_alpha "
+                                                                               "must be a number in \\[0, 1\\]"),
                                   ("loss_settings", {"normalization": "bogus"}, "--loss_settings#normalization must "
                                                                                 "be global, local or none"),
                                   ("loss_settings", {"semantic": "maybe"}, "--loss_settings#semantic 'maybe': give "
@@ -175,7 +177,7 @@ def test_counts_and_switches_are_checked_before_caching(tmp_path):
         text = (BUNDLE_CONFIGS / config).read_text().split('"initialize"')[1]
         assert "slices_per_volume=@slices_per_volume)" in text
         assert ("require_whole(max_instances=@max_instances, num_negatives=@num_negatives, "
-                "num_workers=@num_workers)") in text
+                "num_workers=@num_workers, seed=@seed)") in text
         assert "check_flags(bf16=@bf16, box_prompts=@box_prompts, compile=@compile, dac=@dac" in text
 
 

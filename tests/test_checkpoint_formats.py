@@ -116,19 +116,19 @@ def test_architecture_mismatch_reports_keys(tmp_path, trained_like):
     torch.save({"model": detector}, tmp_path / "missing.pt")
     with pytest.raises(CheckpointError) as info:
         MedSAM3Net(tmp_path / "missing.pt", config=tiny_sam3_config())
-    assert "(in the file: transformer.decoder.bbox_embed.layers.0.bias)" in str(info.value)
+    assert "(original name: transformer.decoder.bbox_embed.layers.0.bias)" in str(info.value)
     # a fused tensor missing: its parts name it
     fused = next(k for k in detector if k.endswith("blocks.0.attn.qkv.weight"))
     del detector[fused]
     torch.save({"model": detector}, tmp_path / "missing.pt")
     with pytest.raises(CheckpointError) as info:
         MedSAM3Net(tmp_path / "missing.pt", config=tiny_sam3_config())
-    assert f"layers.0.attention.q_proj.weight (in the file: part of {fused})" in str(info.value)
-    assert f"layers.0.attention.v_proj.weight (in the file: part of {fused})" in str(info.value)
+    assert f"layers.0.attention.q_proj.weight (original name: part of {fused})" in str(info.value)
+    assert f"layers.0.attention.v_proj.weight (original name: part of {fused})" in str(info.value)
     torch.save({"model": {f"detector.{k}": v for k, v in detector.items()}}, tmp_path / "sam3.pt")  # Meta's layout
     with pytest.raises(CheckpointError) as info:
         MedSAM3Net(tmp_path / "sam3.pt", config=tiny_sam3_config())
-    assert f"(in the file: part of detector.{fused})" in str(info.value)  # the key as that file names it
+    assert f"(original name: part of detector.{fused})" in str(info.value)  # the key as that file names it
     bogus = fused.replace("qkv", "bogus")
     torch.save({"model": {f"detector.{k}": v for k, v in {**detector, bogus: torch.zeros(1)}.items()}},
                tmp_path / "sam3.pt")

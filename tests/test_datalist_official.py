@@ -409,6 +409,8 @@ def test_check_alone_checks_a_datalist_one_has(shared_data: Path, tmp_path: Path
     assert f"datalist {folder} is a folder: give the datalist's JSON file" in capsys.readouterr().err
     assert datalist_command(["--check", str(datalist), "--channel", "1"]) == 2  # not silently ignored
     assert "--channel goes with NAME ROOT" in capsys.readouterr().err
+    assert datalist_command(["--check", str(datalist), "--seed", "7", "--overwrite"]) == 2
+    assert "--seed and --overwrite go with NAME ROOT" in capsys.readouterr().err
     datalist.write_text(json.dumps({"training": [dict(item, dataset=None)], "validation": [], "test": []}))
     assert datalist_command(["--check", str(datalist), "--no-progress"]) == 2
     assert "does not match its schema" in capsys.readouterr().err

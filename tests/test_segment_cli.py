@@ -76,6 +76,7 @@ def test_a_ct_window_on_a_picture_is_noted(kvasir, tmp_path, capsys):
     assert "note: modality 'CT' scales" in err and "Hounsfield units" in err and kvasir.name in err
     sidecar = json.loads(Path(f"{out}.json").read_text())
     assert sidecar["modality"] == "CT" and sidecar["score_threshold"] == 0.5
+    assert sidecar["ct_window"] is not None  # the window it was scaled with, as a CT volume's sidecar says
 
 
 def test_two_prompts_write_a_label_map_and_a_sidecar_naming_each_value(two_prompt_run, kvasir):

@@ -170,7 +170,7 @@ def test_a_resume_keeps_the_best_value_so_far_and_refuses_other_epochs(tmp_path:
     assert engine.state.iteration == 6 and ("written without the best_model state: its best value is not known, so "
                                             "the first validation rewrites the best model's file") in caplog.text
     with pytest.raises(ValueError, match=r"epochs had 3 iterations; the data given now makes 5: resume with the "
-                                         r"datalists and batch size it was trained with"):
+                                         r"datalists, batch size and torchrun process count it was trained with"):
         _linear_training(tmp_path / "run", max_epochs=3, batches=5)
     # a run killed while DiskSaver wrote a checkpoint leaves its temporary file: the next start removes it
     (tmp_path / "run" / "tmpk3x_9q2a").write_bytes(b"")
@@ -241,7 +241,7 @@ def test_a_resume_on_other_training_items_is_refused_before_caching(tmp_path: Pa
     check_resume_checkpoint(True, tmp_path, max_epochs=2, items=items, batch_size=1)
     for batch_size, replicas in ((2, 1), (1, 2)):
         with pytest.raises(ValueError, match=r"epochs had 3 iterations; the data given now makes 2: resume with the "
-                                             r"datalists and batch size it was trained with"):
+                                             r"datalists, batch size and torchrun process count it was trained with"):
             check_resume_checkpoint(True, tmp_path, max_epochs=1, items=items, batch_size=batch_size,
                                     replicas=replicas)
     older = TrainingData(items).state_dict()  # a checkpoint of before the prompts' fingerprint: images compared only

@@ -83,9 +83,12 @@ def run_datalist(args: argparse.Namespace) -> int:
         print(_listing())
         return 0
     if args.check and args.name and not args.root:
-        if args.out or args.channel is not None or args.relative_to:
-            given = [flag for flag, value in (("--out", args.out), ("--channel", args.channel),
-                                              ("--relative-to", args.relative_to)) if value is not None]
+        given = [flag for flag, value in (("--out", args.out), ("--channel", args.channel),
+                                          ("--relative-to", args.relative_to), ("--seed", args.seed != 42 or None),
+                                          ("--val-fraction", args.val_fraction != 0.15 or None),
+                                          ("--overwrite", args.overwrite or None),
+                                          ("--no-value-check", args.no_value_check or None)) if value is not None]
+        if given:
             hint = " (a 4D image's channel is \"channel\": N in its items)" if args.channel is not None else ""
             raise ValueError(f"{' and '.join(given)} {'go' if len(given) > 1 else 'goes'} with NAME ROOT (a dataset "
                              f"folder to convert); --check FILE checks a datalist you have and writes nothing{hint}")

@@ -86,4 +86,7 @@ def run(args: argparse.Namespace) -> int:
     if what == "detector" and Path(args.src).is_dir() and has_tracker_weights(args.src):
         print(f"note: the tracker of {args.src} is not in {dst}; that folder is one transformers reads already: give "
               f"it itself as --checkpoint, or as --tracker {args.src}", file=sys.stderr)
+    elif loaded.source_format == "sam3_video_weights":
+        print(f"note: the tracker weights in {args.src} (tracker_model.*) are not in {dst}: give the facebook/sam3 "
+              "folder it came from (with its config.json) as --checkpoint or --tracker", file=sys.stderr)
     return 0

@@ -121,9 +121,9 @@ def _check_epoch_length(path: Path, epoch_length: int | None, loader: Any) -> No
     if epoch_length and batches != epoch_length:
         raise ValueError(f"checkpoint {path} was written by a training whose epochs had {epoch_length} "
                          f"iteration{'s' if epoch_length != 1 else ''}; the data given now makes {batches}: resume "
-                         "with the datalists and batch size it was trained with, or start afresh with --resume "
-                         "false (to fine-tune on other data from its weights, pass the run's models/model.pt as "
-                         "--checkpoint)")
+                         "with the datalists, batch size and torchrun process count it was trained with, or start "
+                         "afresh with --resume false (to fine-tune on other data from its weights, pass the run's "
+                         "models/model.pt as --checkpoint)")
 
 
 class TrainingData:

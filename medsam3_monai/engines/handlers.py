@@ -186,8 +186,12 @@ class LossProgressBar:
     def attach(self, engine: Engine) -> None:
         from ignite.handlers import ProgressBar
 
+        from ..bundle import log_above_progress_bars
+
         ProgressBar(persist=self.persist, desc=self.desc).attach(
             engine, output_transform=lambda output: {"loss": float(output[0]["loss"]["loss"])})
+        # MONAI's StatsHandlers make their console handlers when the bundle builds them, after its initialize
+        engine.add_event_handler(Events.STARTED, lambda _engine: log_above_progress_bars())
 
 
 def save_model_file(network: torch.nn.Module, path: str | Path, **extra: Any) -> None:

@@ -486,8 +486,8 @@ class Predictor:
             settings["channel"] = int(item["channel"])
         if is_volume:
             settings["tracker"] = self.inferer.tracker_name
-            if (modality or "").lower() == "ct":
-                settings["ct_window"] = self.ct_window
+        if (modality or "").lower() == "ct":
+            settings["ct_window"] = self.ct_window
         return Prediction(
             label_map=label_map, prompts=list(case["prompt_texts"]), label_values=list(case["prompt_values"]),
             scores=[float(s) for s in case["prompt_scores"]], protocol=str(case["protocol"]), is_volume=is_volume,

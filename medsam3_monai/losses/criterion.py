@@ -68,6 +68,10 @@ class CriterionSettings:
         for field in fields(self):
             if field.type == "bool":
                 setattr(self, field.name, flag(getattr(self, field.name), f"loss_settings#{field.name}"))
+            elif field.name.endswith("_alpha"):  # a weight between two terms (or an exponent pair summing to 1)
+                value = getattr(self, field.name)
+                if isinstance(value, bool) or not isinstance(value, (int, float)) or not 0 <= value <= 1:
+                    raise ValueError(f"{field.name} must be a number in [0, 1], got {value!r}")
 
 
 class SetCriterion(nn.Module):

@@ -195,7 +195,11 @@ def read_sam3_tracker(path: str | Path) -> dict[str, torch.Tensor]:
     from .tracker_keys import convert_original_tracker
 
     path = Path(path)
-    detector, tracker = split_sam3_checkpoint(_unwrap(_read_torch_file(path), path))
+    state = _unwrap(_read_torch_file(path), path)
+    if any(str(key).startswith("tracker_model.") for key in state):
+        raise CheckpointError(f"{path} is the weights file of a facebook/sam3 (transformers) folder: give the folder "
+                              "itself as the tracker (its config.json describes the tracker these weights fit)")
+    detector, tracker = split_sam3_checkpoint(state)
     if all(key.startswith(TRACKER_NECK_PREFIX) for key in tracker):  # none, or a neck alone (an image model's file)
         raise CheckpointError(
             f"{path} holds no SAM3 tracker weights (no tracker.* keys): it is a detector (image model) checkpoint. "
@@ -213,7 +217,7 @@ def read_sam3_tracker(path: str | Path) -> dict[str, torch.Tensor]:
 # ---------------------------------------------------------------------------------------- strict load
 def original_key_name(key: str, prefix: str = "") -> str:
     """A transformers-layout key with the name it has in Meta's ``sam3.pt``
-    (``detr_decoder.box_head.layer1.bias (in the file: transformer.decoder.bbox_embed.layers.0.bias)``); a part of a
+    (``detr_decoder.box_head.layer1.bias (original name: transformer.decoder.bbox_embed.layers.0.bias)``); a part of a
     fused original tensor (q / k / v of a ``qkv``) names the tensor it is part of. ``prefix``: the file's own
     prefix of the detector's keys (``detector.`` in Meta's ``sam3.pt``)."""
     from .key_mapping import fused_original_key, map_hf_shapes
@@ -222,8 +226,8 @@ def original_key_name(key: str, prefix: str = "") -> str:
         (original,) = map_hf_shapes({key: [1]})
     except (KeyMappingError, ValueError):
         fused = fused_original_key(key)
-        return f"{key} (in the file: part of {prefix}{fused})" if fused else key
-    return f"{key} (in the file: {prefix}{original})"
+        return f"{key} (original name: part of {prefix}{fused})" if fused else key
+    return f"{key} (original name: {prefix}{original})"
 
 
 def key_report(model_keys: Mapping[str, tuple], ckpt_keys: Mapping[str, tuple], limit: int = 12,

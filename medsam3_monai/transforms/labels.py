@@ -244,7 +244,8 @@ class DecodeLabeld(MapTransform):
             if value in nonzero and not is_jpeg:  # a label map (or instance ids) of which one value is named
                 others = sorted(nonzero - {value})
                 raise DataError(path, f"mask values {sorted(nonzero)[:20]}{' ...' if len(nonzero) > 20 else ''} but "
-                                      f"the prompts name only {value} ({text!r}): no prompt for {others[:20]}",
+                                      f"the prompts name only {value} ({text!r}): no prompt for {others[:20]}"
+                                      f"{f' ... ({len(others)} values)' if len(others) > 20 else ''}",
                                 "give each value its prompt; if they are instance ids of one concept, set "
                                 "\"instance_rule\": \"instance_ids\"; to take every nonzero value as "
                                 f"{text!r}, set \"mask_encoding\": \"binary\"")
