@@ -261,8 +261,12 @@ def test_pictures_and_nifti_files_load_without_building_an_itk_reader(tmp_path, 
     volume = loader({"image": str(tmp_path / "volume.nii.gz")})
     assert picture["image"].shape == (1, 6, 8) and picture["label"].shape == (1, 6, 8)
     assert volume["image"].shape == (1, 4, 5, 3)
-    with pytest.raises(AssertionError, match="ITKReader was built"):  # a DICOM folder does ask for one
+    with pytest.raises(DataError, match="no DICOM files"):  # a folder of pictures: refused before ITK is asked
         loader({"image": str(tmp_path)})
+    (tmp_path / "series").mkdir()
+    (tmp_path / "series" / "IM0001").write_bytes(b"\0" * 132)  # DICOM files often have no extension
+    with pytest.raises(AssertionError, match="ITKReader was built"):  # a DICOM folder does ask for one
+        loader({"image": str(tmp_path / "series")})
 
 
 def test_truncated_png_is_a_data_error_naming_the_file(tmp_path):
