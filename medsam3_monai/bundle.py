@@ -6,6 +6,7 @@
 
 from __future__ import annotations
 
+import math
 from pathlib import Path
 from typing import Any, Sequence
 
@@ -136,6 +137,16 @@ def _input_error(error: BaseException | None) -> BaseException | None:
 _TRUE, _FALSE = ("true", "yes", "on", "1"), ("false", "no", "off", "0")
 
 
+def number_in(value: Any, low: float, high: float = math.inf) -> bool:
+    """An int or float (not a bool, not NaN) in ``[low, high]``, as a setting read from a command line must be."""
+    return not isinstance(value, bool) and isinstance(value, (int, float)) and low <= value <= high
+
+
+def whole_number(value: Any, minimum: int) -> bool:
+    """An int (not a bool) >= ``minimum``: a count, an index."""
+    return not isinstance(value, bool) and isinstance(value, int) and value >= minimum
+
+
 def flag(value: Any, name: str) -> bool:
     """A yes/no setting as given on ``python -m monai.bundle run``'s command line: ``--dac False`` arrives as a bool,
     ``--dac false`` as the text 'false' (MONAI's parser reads Python literals only), which must not count as true.
@@ -200,7 +211,7 @@ def check_setting_keys(**settings: Any) -> None:
                              f"are {', '.join(known)}")
         if name in ("loss_weights", "matcher", "o2m_matcher", "lr", "scheduler", "training_dropout"):
             for key, value in given.items():  # numbers, checked here rather than after caching or mid-training
-                if not _non_negative_number(value):
+                if not number_in(value, 0):
                     raise ValueError(f"--{name}#{key} must be a number >= 0, got {value!r}")
         if name == "scheduler":
             steps, timescale = given.get("warmup_steps", 0), given.get("timescale", 1)
@@ -227,15 +238,10 @@ def check_setting_keys(**settings: Any) -> None:
 
 
 def _check_loss_settings(given: dict[str, Any]) -> None:
-    """``loss_settings``: its numbers >= 0 (a negative ``pos_weight`` flips the sign of a term), its switches yes/no,
-    its choices among theirs, as the objective (``SetCriterion``) takes them."""
-    import dataclasses
-
+    """``loss_settings`` as the objective (``SetCriterion``) takes them: its numbers >= 0 (a negative ``pos_weight``
+    flips the sign of a term) and its alphas in [0, 1], its switches yes/no, its choices among theirs."""
     from .losses.criterion import CriterionSettings, SetCriterion
 
-    for field in dataclasses.fields(CriterionSettings):
-        if field.name in given and field.type in ("float", "int") and not _non_negative_number(given[field.name]):
-            raise ValueError(f"--loss_settings#{field.name} must be a number >= 0, got {given[field.name]!r}")
     try:
         SetCriterion(settings=CriterionSettings(**given))
     except ValueError as err:
@@ -254,9 +260,13 @@ def require_whole(**settings: Any) -> None:
     """Settings that count things and must be whole numbers >= 0 (``max_instances`` 0: no cap; ``num_negatives``
     0: no sampled negatives; ``num_workers`` 0: load in the main process; ``seed``). ``--max_instances -1`` silently
     dropped targets, ``--num_negatives -1`` failed mid-training."""
+    _require_whole_numbers(settings, 0)
+
+
+def _require_whole_numbers(settings: dict[str, Any], minimum: int) -> None:
     for name, value in settings.items():
-        if isinstance(value, bool) or not isinstance(value, int) or value < 0:
-            raise ValueError(f"--{name} must be a whole number >= 0, got {value!r}")
+        if not whole_number(value, minimum):
+            raise ValueError(f"--{name} must be a whole number >= {minimum}, got {value!r}")
 
 
 #: what ``python -m monai.bundle run`` itself takes beside the config's own keys
@@ -373,7 +383,7 @@ def check_inference_inputs(items: Sequence[dict[str, Any]], protocol: str, skip_
         get_protocol(protocol)
     except ValueError as err:
         raise ValueError(f"--protocol {protocol}: {err}") from None
-    if channel is not None and (isinstance(channel, bool) or not isinstance(channel, int) or channel < 0):
+    if channel is not None and not whole_number(channel, 0):
         raise ValueError(f"--channel must be a whole number >= 0 (a 4D volume's channel / time point), got {channel!r}")
     check_item_channels(present, channel)
     volumes = [str(item["image"]) for item in present if is_volume_item(item)]
@@ -399,15 +409,10 @@ def check_val_protocol(value: Any) -> None:
         raise ValueError(f"--val_protocol {value!r}: {err}") from None
 
 
-def _non_negative_number(value: Any) -> bool:
-    """An int or float (not a bool, not NaN) >= 0, as a setting read from the runner's command line must be."""
-    return not isinstance(value, bool) and isinstance(value, (int, float)) and value >= 0
-
-
 def check_grad_clip_norm(value: Any) -> None:
     """``grad_clip_norm``: a number >= 0 (0: no clipping). A negative one would flip every gradient's sign in
     ``clip_grad_norm_`` (the optimiser then climbs the loss)."""
-    if not _non_negative_number(value):
+    if not number_in(value, 0):
         raise ValueError(f"--grad_clip_norm must be a number >= 0 (the largest gradient norm; 0 turns clipping off), "
                          f"got {value!r}")
 
@@ -415,9 +420,7 @@ def check_grad_clip_norm(value: Any) -> None:
 def require_positive(**settings: Any) -> None:
     """Refuse a bundle setting that counts iterations or epochs and must be a whole number >= 1 (``val_interval=0``
     would otherwise end in Ignite's "Argument every should be integer and greater than zero")."""
-    for name, value in settings.items():
-        if isinstance(value, bool) or not isinstance(value, int) or value < 1:
-            raise ValueError(f"--{name} must be a whole number >= 1, got {value!r}")
+    _require_whole_numbers(settings, 1)
 
 
 def check_network_source(checkpoint: str | Path, image_size: int | None) -> None:

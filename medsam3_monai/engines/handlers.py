@@ -89,6 +89,7 @@ class MLflowRunInfoHandler:
         self.optimizer = optimizer
         self.lr_interval = max(int(lr_interval), 1)
         self._params_logged = False
+        self._rates: tuple[int, dict[str, float]] | None = None  # (iteration, its rates), read as it starts
 
     def attach(self, engine: Engine) -> None:
         # the first iteration this process runs, whatever its number (a resumed run starts past iteration 1)
@@ -112,7 +113,7 @@ class MLflowRunInfoHandler:
         ``lr/group_<i>``)."""
         found = mlflow_run_of(engine)
         step = int(engine.state.iteration)
-        if found is None or getattr(self, "_rates", (None,))[0] != step:
+        if found is None or self._rates is None or self._rates[0] != step:
             return
         import time
 

@@ -12,13 +12,12 @@ from typing import Any
 import torch
 
 from ..transforms.io import IMAGE_2D_SUFFIXES as IMAGE_SUFFIXES
-from ..transforms.io import VOLUME_SUFFIXES
+from ..transforms.io import DICOM_SUFFIXES, VOLUME_SUFFIXES, has_dicom_files
 
 __all__ = ["box_prompts", "check_distinct_prompts", "expand_inputs", "inference_items", "input_kind",
            "is_dicom_series", "is_volume_path", "item_prompts", "output_names", "user_error"]
 
 GLOB_CHARACTERS = "*?["
-DICOM_SUFFIXES = ("", ".dcm", ".ima")
 
 
 def _suffix(path: str | Path) -> str:
@@ -35,7 +34,7 @@ def input_kind(path: str | Path) -> str:
     if path.is_dir():
         if not any(p.is_file() for p in path.iterdir()):
             raise ValueError(f"input folder {path} is empty: a folder input must hold one DICOM series")
-        if not any(p.is_file() and p.suffix.lower() in DICOM_SUFFIXES for p in path.iterdir()):  # no DICOM file
+        if not has_dicom_files(path):
             found = len(_folder_inputs(path))
             if found:
                 raise ValueError(f"input folder {path} holds {found} image(s) or volume(s), not a DICOM series: "

@@ -16,7 +16,7 @@ import torch.nn.functional as F
 from torch import nn
 
 from ..boxes import elementwise_giou, elementwise_iou
-from ..bundle import flag
+from ..bundle import flag, number_in
 from ..networks.outputs import MedSAM3Output, upsample_logits
 from .functional import dice_loss_per_row, sigmoid_focal_loss
 from .matchers import HungarianMatcher, Matches, OneToManyMatcher, pairs_per_row
@@ -69,9 +69,11 @@ class CriterionSettings:
             if field.type == "bool":
                 setattr(self, field.name, flag(getattr(self, field.name), f"loss_settings#{field.name}"))
             elif field.name.endswith("_alpha"):  # a weight between two terms (or an exponent pair summing to 1)
-                value = getattr(self, field.name)
-                if isinstance(value, bool) or not isinstance(value, (int, float)) or not 0 <= value <= 1:
-                    raise ValueError(f"{field.name} must be a number in [0, 1], got {value!r}")
+                if not number_in(getattr(self, field.name), 0, 1):
+                    raise ValueError(f"{field.name} must be a number in [0, 1], got {getattr(self, field.name)!r}")
+            elif field.type in ("float", "int") and not number_in(getattr(self, field.name), 0):
+                # a negative pos_weight or gamma would flip or invert a term
+                raise ValueError(f"{field.name} must be a number >= 0, got {getattr(self, field.name)!r}")
 
 
 class SetCriterion(nn.Module):

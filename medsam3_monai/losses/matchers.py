@@ -6,9 +6,7 @@ matchers also take several decoder layers at once, find-query b of layer l then 
 
 from __future__ import annotations
 
-import math
 from dataclasses import dataclass
-from typing import Any
 
 import numpy as np
 import torch
@@ -16,6 +14,7 @@ import torch.nn.functional as F
 from scipy.optimize import linear_sum_assignment
 
 from ..boxes import cxcywh_to_xyxy, pairwise_giou, pairwise_iou
+from ..bundle import number_in, whole_number
 from .targets import FindTargets
 
 
@@ -50,11 +49,6 @@ class Matches:
         return Matches(self.batch_idx[start:] - first_row, self.query_idx[start:], self.target_idx[start:])
 
 
-def _number_in(value: Any, low: float, high: float = math.inf) -> bool:
-    """An int or float (not a bool, not NaN) in ``[low, high]``: a matcher setting as a bundle override gives it."""
-    return not isinstance(value, bool) and isinstance(value, (int, float)) and low <= value <= high
-
-
 class HungarianMatcher:
     """One-to-one matching per find-query by scipy's ``linear_sum_assignment``.
 
@@ -68,9 +62,9 @@ class HungarianMatcher:
     ) -> None:
         for name, value in (("cost_class", cost_class), ("cost_bbox", cost_bbox), ("cost_giou", cost_giou),
                             ("gamma", gamma)):
-            if not _number_in(value, 0.0):
+            if not number_in(value, 0.0):
                 raise ValueError(f"the Hungarian matcher's {name} must be a number >= 0, got {value!r}")
-        if not _number_in(alpha, 0.0, 1.0):
+        if not number_in(alpha, 0.0, 1.0):
             raise ValueError(f"the Hungarian matcher's alpha must be a number in [0, 1], got {alpha!r}")
         self.cost_class, self.cost_bbox, self.cost_giou = float(cost_class), float(cost_bbox), float(cost_giou)
         self.alpha, self.gamma = float(alpha), float(gamma)
@@ -141,10 +135,10 @@ class OneToManyMatcher:
     exceeds both the (1 - topk / Q) quantile over queries and ``threshold``. A query may match several targets."""
 
     def __init__(self, alpha: float = 0.3, threshold: float = 0.4, topk: int = 4) -> None:
-        if isinstance(topk, bool) or not isinstance(topk, int) or topk < 1:
+        if not whole_number(topk, 1):
             raise ValueError(f"the one-to-many matcher's topk must be a whole number >= 1, got {topk!r}")
         for name, value in (("alpha", alpha), ("threshold", threshold)):
-            if not _number_in(value, 0.0, 1.0):
+            if not number_in(value, 0.0, 1.0):
                 raise ValueError(f"the one-to-many matcher's {name} must be a number in [0, 1], got {value!r}")
         self.alpha, self.threshold, self.topk = float(alpha), float(threshold), topk
 

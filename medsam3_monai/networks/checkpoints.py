@@ -43,6 +43,9 @@ _WRAPPER_KEYS = ("state_dict", "model", "network", "module")
 _HF_PREFIXES = ("module.", "sam3.", "detector_model.")
 _ORIGINAL_MARKERS = ("backbone.vision_backbone.", "backbone.language_backbone.", "transformer.decoder.")
 _HF_MARKERS = ("vision_encoder.", "text_encoder.", "detr_decoder.")
+#: the key prefixes of a facebook/sam3 (``sam3_video``) folder's weights file
+_VIDEO_DETECTOR, _VIDEO_TRACKER = "detector_model.", "tracker_model."
+_VIDEO_PREFIXES = (_VIDEO_DETECTOR, _VIDEO_TRACKER, "tracker_neck.")
 
 
 class CheckpointError(RuntimeError):
@@ -155,10 +158,10 @@ def read_checkpoint_file(path: str | Path) -> tuple[dict[str, torch.Tensor], Sam
     if any(k.startswith(_ORIGINAL_MARKERS) for k in keys):  # a tracker neck saved along stays out of the detector
         detector, _tracker = split_sam3_checkpoint(state_dict)
         return _convert_original(detector, path), config, "medical_sam3"
-    video = [k for k in keys if k.startswith("detector_model.")]
-    if video and all(k.startswith(("detector_model.", "tracker_model.", "tracker_neck.")) for k in keys):
+    video = [k for k in keys if k.startswith(_VIDEO_DETECTOR)]
+    if video and all(k.startswith(_VIDEO_PREFIXES) for k in keys):
         # the weights file of a facebook/sam3 (sam3_video) folder given alone: its detector part
-        return {k[len("detector_model."):]: state_dict[k] for k in video}, config, "sam3_video_weights"
+        return {k[len(_VIDEO_DETECTOR):]: state_dict[k] for k in video}, config, "sam3_video_weights"
     stripped = _strip_prefixes(state_dict)
     if any(k.startswith(_HF_MARKERS) for k in stripped):
         training = isinstance(obj, Mapping) and "network" in obj and ("optimizer" in obj or "trainer" in obj)
@@ -196,7 +199,7 @@ def read_sam3_tracker(path: str | Path) -> dict[str, torch.Tensor]:
 
     path = Path(path)
     state = _unwrap(_read_torch_file(path), path)
-    if any(str(key).startswith("tracker_model.") for key in state):
+    if any(str(key).startswith(_VIDEO_TRACKER) for key in state):
         raise CheckpointError(f"{path} is the weights file of a facebook/sam3 (transformers) folder: give the folder "
                               "itself as the tracker (its config.json describes the tracker these weights fit)")
     detector, tracker = split_sam3_checkpoint(state)

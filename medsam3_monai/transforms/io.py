@@ -62,6 +62,13 @@ __all__ = [
 
 IMAGE_2D_SUFFIXES = (".png", ".jpg", ".jpeg", ".bmp", ".tif", ".tiff", ".gif")
 VOLUME_SUFFIXES = (".nii", ".nii.gz", ".dcm", ".mha", ".mhd", ".nrrd", ".nhdr")
+DICOM_SUFFIXES = ("", ".dcm", ".ima")  # DICOM files often have no extension
+
+
+def has_dicom_files(folder: str | Path) -> bool:
+    """Whether ``folder`` holds a file that may be DICOM (by :data:`DICOM_SUFFIXES`; hidden files aside)."""
+    return any(p.is_file() and not p.name.startswith(".") and p.suffix.lower() in DICOM_SUFFIXES
+               for p in Path(folder).iterdir())
 JPEG_SUFFIXES = (".jpg", ".jpeg")
 
 #: environment variable with the largest 2D picture (in pixels) to accept; it also lifts PIL's limit
@@ -492,9 +499,8 @@ def load_medical_image(
     if not Path(path).exists():
         raise DataError(path, "file not found", "check the path (a datalist's relative paths are read from the "
                                                 "datalist's own folder)")
-    if Path(path).is_dir() and not any(p.is_file() and not p.name.startswith(".") and p.suffix.lower() in
-                                       (".dcm", ".ima", "") for p in Path(path).iterdir()):
-        raise _unreadable(path, mask, ValueError("no DICOM files (.dcm, .ima or without extension)"))  # before ITK's
+    if Path(path).is_dir() and not has_dicom_files(path):  # said before ITK prints its warning
+        raise _unreadable(path, mask, ValueError("no DICOM files (.dcm, .ima or without extension)"))
     reader = _pick_reader(path, readers)
     size = None
     if isinstance(reader, Image2DReader):
