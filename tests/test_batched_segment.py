@@ -488,3 +488,16 @@ def test_the_inference_bundle_batches_cases_with_the_same_masks(samples, tmp_pat
     assert len(written[1]) == len(pictures) and written[1].keys() == written[3].keys()
     for name in written[1]:
         assert_same_masks(written[3][name], written[1][name], source_of(name, samples))
+    twins = []  # two inputs of one name (case_a/image.jpg, case_b/image.jpg): one file each, as segment names them
+    for folder, picture in zip(("case_a", "case_b"), pictures):
+        (tmp_path / folder).mkdir()
+        twins.append(tmp_path / folder / f"image{picture.suffix}")
+        twins[-1].symlink_to(picture)
+    run(config_file=str(BUNDLE_CONFIGS / "inference.json"), meta_file=str(BUNDLE_CONFIGS / "metadata.json"),
+        bundle_root=str(tmp_path), datalist=[str(p) for p in twins], prompts=["polyp"], checkpoint="tiny",
+        output_dir=str(tmp_path / "twins"))
+    assert sorted(str(p.relative_to(tmp_path / "twins")) for p in (tmp_path / "twins").rglob("*.png")) == \
+        ["case_a/image_seg.png", "case_b/image_seg.png"]
+    for twin, picture in zip(twins, pictures):
+        assert np.array_equal(png(tmp_path / "twins" / twin.parent.name / "image_seg.png"),
+                              written[1][f"{picture.stem}_seg.png"])

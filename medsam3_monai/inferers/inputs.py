@@ -15,7 +15,7 @@ from ..transforms.io import IMAGE_2D_SUFFIXES as IMAGE_SUFFIXES
 from ..transforms.io import DICOM_SUFFIXES, VOLUME_SUFFIXES, has_dicom_files
 
 __all__ = ["box_prompts", "check_distinct_prompts", "expand_inputs", "inference_items", "input_kind",
-           "is_dicom_series", "is_volume_path", "item_prompts", "output_names", "user_error"]
+           "is_dicom_series", "is_volume_path", "item_prompts", "output_names", "output_stems", "user_error"]
 
 GLOB_CHARACTERS = "*?["
 
@@ -325,27 +325,35 @@ def _stem(path: Path) -> str:
     return name[: len(name) - len(suffix)] if suffix and len(name) > len(suffix) else name
 
 
-def output_names(paths: Sequence[str | Path], kinds: Sequence[str], postfix: str = "seg",
-                 image_ext: str = ".png", volume_ext: str = ".nii.gz") -> list[str]:
-    """Output file names (relative to the output folder) of the inputs: ``<name>_<postfix>.png`` for 2D images,
-    ``<name>_<postfix>.nii.gz`` for volumes, ``<name>`` the file name without its extension (a DICOM folder's
-    name). When two inputs share a name, every output keeps its input's folder below the inputs' common folder
-    (``a/1_seg.png``, ``b/1_seg.png``); inputs that still collide (``1.png`` and ``1.jpg``) keep their extension
-    in the name (``1_png_seg.png``). Paths are normalised first (``a/../b/1.png`` is ``b/1.png``), so every name
-    stays inside the output folder."""
+def output_stems(paths: Sequence[str | Path], kinds: Sequence[str]) -> list[str]:
+    """Each input's output name without postfix and extension (relative to the output folder): ``<name>``, the
+    file name without its extension (a DICOM folder's name). When two inputs of one kind (``"image"`` or
+    ``"volume"``: their outputs share an extension) share a name, every output keeps its input's folder below the
+    inputs' common folder (``a/1``, ``b/1``, ``c/2``: one layout for the run); inputs that still collide (``1.png``
+    and ``1.jpg``) keep their extension in the name (``1_png``). Paths are normalised first (``a/../b/1.png`` is
+    ``b/1.png``), so every name stays inside the output folder."""
     paths = [Path(os.path.abspath(p)) for p in paths]
 
-    def name(path: Path, kind: str, keep_suffix: bool) -> str:
-        stem = _stem(path)
+    def stem(path: Path, keep_suffix: bool) -> str:
+        name = _stem(path)
         if keep_suffix and _suffix(path):
-            stem += "_" + _suffix(path).lstrip(".").replace(".", "_")
-        return f"{stem}_{postfix}{image_ext if kind == 'image' else volume_ext}"
+            name += "_" + _suffix(path).lstrip(".").replace(".", "_")
+        return name
 
-    flat = [name(p, k, False) for p, k in zip(paths, kinds)]
-    if len(set(flat)) == len(flat):
+    flat = [stem(p, False) for p in paths]
+    if len(set(zip(flat, kinds))) == len(flat):
         return flat
     common = Path(os.path.commonpath([str(p.parent) for p in paths]))
-    nested = [str(p.parent.relative_to(common) / name(p, k, False)) for p, k in zip(paths, kinds)]
-    clashes = {n for n in nested if nested.count(n) > 1}
-    return [str(p.parent.relative_to(common) / name(p, k, True)) if n in clashes else n
-            for p, k, n in zip(paths, kinds, nested)]
+    nested = [str(p.parent.relative_to(common) / name) for p, name in zip(paths, flat)]
+    keyed = list(zip(nested, kinds))
+    return [str(p.parent.relative_to(common) / stem(p, True)) if keyed.count(key) > 1 else name
+            for p, key, name in zip(paths, keyed, nested)]
+
+
+def output_names(paths: Sequence[str | Path], kinds: Sequence[str], postfix: str = "seg",
+                 image_ext: str = ".png", volume_ext: str = ".nii.gz") -> list[str]:
+    """Output file names (relative to the output folder) of the inputs: ``<stem>_<postfix>.png`` for 2D images,
+    ``<stem>_<postfix>.nii.gz`` for volumes, ``<stem>`` from :func:`output_stems` (``a/1_seg.png`` and
+    ``b/1_seg.png`` for two inputs named ``1.png``)."""
+    return [f"{stem}_{postfix}{image_ext if kind == 'image' else volume_ext}"
+            for stem, kind in zip(output_stems(paths, kinds), kinds)]

@@ -24,14 +24,16 @@ item at a time (:class:`EachItem`), so only one slice's float maps exist at any 
    volume's affine (a 2D case passes through);
 5. (bundle) :class:`ImageOrVolumed` dispatching to a MONAI ``SaveImaged`` for PNG (2D, with
    :class:`RowsFirstPILWriter`) or NIfTI (volumes, with :class:`ReferenceNibabelWriter`: the input's qform/sform
-   codes, as ``medsam3 segment`` writes them).
+   codes, as ``medsam3 segment`` writes them), each named by :class:`InputNamedLayout` as ``medsam3 segment
+   --out-dir`` names them (two inputs of the same name keep their folders).
 
 The outer ``Compose`` must be built with ``map_items=False`` so that steps 4-5 see the whole case.
 """
 
 from __future__ import annotations
 
-from collections.abc import Hashable, Mapping
+import os
+from collections.abc import Hashable, Mapping, Sequence
 from contextlib import nullcontext
 from copy import deepcopy
 from pathlib import Path
@@ -39,7 +41,7 @@ from typing import Any, Callable
 
 import torch
 from monai.config import KeysCollection
-from monai.data import MetaTensor
+from monai.data import FolderLayoutBase, MetaTensor
 from monai.data.image_writer import ImageWriter, NibabelWriter, PILWriter
 from monai.transforms import InvertibleTransform, Invertd, MapTransform, Resized, Transform
 from monai.transforms.utils import allow_missing_keys_mode
@@ -55,6 +57,7 @@ from .image import confidence_of
 from .mask_merge import mask_label_index, mask_logits, mask_maps
 
 __all__ = [
+    "InputNamedLayout",
     "KEPT_PROMPTS",
     "PENDING_INVERSE",
     "EachItem",
@@ -434,6 +437,36 @@ class ImageOrVolumed(Transform):
         value = data[self.key]
         branch = self.volume if getattr(value, "ndim", 0) >= 4 else self.image
         return branch(data) if branch is not None else dict(data)
+
+
+class InputNamedLayout(FolderLayoutBase):
+    """MONAI ``SaveImage``'s ``folder_layout`` naming each prediction as ``medsam3 segment --out-dir`` does:
+    ``output_dir/<stem>_<postfix><extension>``, ``<stem>`` from
+    :func:`~medsam3_monai.inferers.inputs.output_stems` over all of the run's ``inputs`` (two inputs named
+    ``case_a/imaging.nii.gz`` and ``case_b/imaging.nii.gz`` give ``case_a/imaging_seg.nii.gz`` and
+    ``case_b/...``, where MONAI's default layout writes both to one file). ``filename`` takes the input's path
+    (MONAI's ``default_name_formatter`` gives the metadata's ``filename_or_obj``); an input not among ``inputs``
+    is named by its own file name."""
+
+    def __init__(self, output_dir: str | Path, inputs: Sequence[Mapping[str, Any] | str | Path],
+                 postfix: str = "seg", extension: str = ".png") -> None:
+        from .inputs import is_volume_path, output_stems
+
+        self.output_dir = Path(output_dir)
+        self.postfix = postfix
+        self.extension = extension
+        paths = [os.path.abspath(item["image"] if isinstance(item, Mapping) else item) for item in inputs]
+        kinds = ["volume" if is_volume_path(path) else "image" for path in paths]
+        self.stems = dict(zip(paths, output_stems(paths, kinds)))
+
+    def filename(self, subject: Any = "subject", idx: Any = None, **kwargs: Any) -> str:
+        from .inputs import output_stems
+
+        path = os.path.abspath(str(subject))
+        stem = self.stems.get(path) or output_stems([path], ["image"])[0]
+        target = self.output_dir / f"{stem}_{self.postfix}{self.extension}"
+        target.parent.mkdir(parents=True, exist_ok=True)
+        return str(target)
 
 
 class RowsFirstPILWriter(PILWriter):
