@@ -279,6 +279,24 @@ def test_stare_labels_ah_and_counts_unlabelled_images(tmp_path: Path):
     assert [p.path.name for p in result.unlabelled] == ["im0003.ppm"]
 
 
+def test_every_picture_a_converter_lists_is_read_as_a_picture(tmp_path: Path):
+    """STARE's .ppm pairs load as 2D pictures (they went to ITK, which cannot read them: STARE was unevaluable)."""
+    from medsam3_monai.data.converters._common import IMAGE_SUFFIXES
+    from medsam3_monai.transforms import DecodeLabeld, LoadMedicalImaged
+    from medsam3_monai.transforms.io import IMAGE_2D_SUFFIXES
+
+    assert set(IMAGE_SUFFIXES) <= set(IMAGE_2D_SUFFIXES)
+    img(tmp_path / "im0001.ppm", mode="RGB", fmt="PPM")
+    label = np.zeros((6, 8, 3), dtype=np.uint8)
+    label[2:4, 1:7] = 255  # Hoover's labels: white vessels
+    Image.fromarray(label).save(tmp_path / "im0001.ah.ppm")
+    item = build("STARE", tmp_path).datalist["test"][0]
+    loaded = LoadMedicalImaged(keys=["image", "label"], label_keys=["label"])(item)
+    loaded = DecodeLabeld(keys="label")(loaded)
+    assert tuple(loaded["image"].shape) == (3, 6, 8)
+    assert loaded["label"].shape[-2:] == (6, 8) and int(loaded["label"].sum()) == 12
+
+
 def test_stare_gzip_files_must_be_decompressed(tmp_path: Path):
     (tmp_path / "im0001.ppm.gz").write_bytes(b"\x1f\x8b")
     with pytest.raises(DatalistError, match="gzip-compressed; run 'gunzip -r"):

@@ -22,7 +22,7 @@ pytest.importorskip("fastapi")
 pytest.importorskip("uvicorn")
 pytest.importorskip("multipart")
 
-from _server_helpers import running_server  # noqa: E402
+from _server_helpers import free_port, running_server  # noqa: E402
 from PIL import Image  # noqa: E402
 
 TOKEN = "s3cret-token"
@@ -505,7 +505,8 @@ def test_serve_refuses_a_tracker_that_is_not_there_at_start():
     from medsam3_monai.deploy.serve import build_server
     from medsam3_monai.networks.checkpoints import CheckpointError
 
-    args = build_parser().parse_args(["serve", "--checkpoint", "tiny", "--device", "cpu", "--tracker", "bogus"])
+    args = build_parser().parse_args(["serve", "--checkpoint", "tiny", "--device", "cpu", "--tracker", "bogus",
+                                      "--port", str(free_port())])  # the address is checked first: a free one
     with pytest.raises(CheckpointError, match="tracker checkpoint bogus does not exist. Give 'tiny'"):
         build_server(args)
 

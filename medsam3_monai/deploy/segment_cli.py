@@ -2,7 +2,7 @@
 
 Outputs (all in the input's own geometry; nothing is written unless everything succeeded):
 
-* 2D image (PNG, JPEG, BMP, TIFF, GIF) -> ``--out`` PNG (or BMP/TIFF) of the input's size, uint8. One prompt:
+* 2D image (PNG, JPEG, BMP, TIFF, GIF, PPM) -> ``--out`` PNG (or BMP/TIFF) of the input's size, uint8. One prompt:
   a binary mask **0/255**; several prompts: a label map with values **1..P** in prompt order (0 background),
   overlaps going to the prompt with the higher confidence (score x sigmoid(mask logit)) at the pixel.
 * Volume (NIfTI, DICOM series folder, MetaImage, NRRD) -> ``--out`` NIfTI (``.nii.gz``/``.nii``) of the

@@ -60,7 +60,7 @@ __all__ = [
     "pil_pixel_limit",
 ]
 
-IMAGE_2D_SUFFIXES = (".png", ".jpg", ".jpeg", ".bmp", ".tif", ".tiff", ".gif")
+IMAGE_2D_SUFFIXES = (".png", ".jpg", ".jpeg", ".bmp", ".tif", ".tiff", ".gif", ".ppm")  # PPM: STARE's images
 VOLUME_SUFFIXES = (".nii", ".nii.gz", ".dcm", ".mha", ".mhd", ".nrrd", ".nhdr")
 DICOM_SUFFIXES = ("", ".dcm", ".ima")  # DICOM files often have no extension
 
