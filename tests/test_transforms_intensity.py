@@ -96,6 +96,17 @@ def test_unknown_modality_and_nan_are_data_errors():
         scale(torch.tensor([[[0.0, float("nan")]]]), "X-ray")
 
 
+def test_dicom_modality_codes_and_xr_name_their_modality():
+    """--modality XR (X-ray's short name) or a DICOM Modality code (CR, DX, MG, OP, ...) as a DICOM header says it."""
+    from medsam3_monai.transforms.io import DICOM_MODALITIES
+
+    assert handler_for_modality("XR") == handler_for_modality("X-ray") == "minmax"
+    for code, name in DICOM_MODALITIES.items():
+        assert handler_for_modality(code) == handler_for_modality(code.lower()) == handler_for_modality(name)
+    with pytest.raises(KeyError):
+        handler_for_modality("")
+
+
 def test_catalogue_modalities_all_have_a_handler():
     schema = Path(__file__).resolve().parents[1] / "datasets_meta" / "schema" / "dataset.schema.json"
     if not schema.is_file():

@@ -75,6 +75,7 @@ MODALITY_HANDLERS: dict[str, str] = {
     "mri": "percentile",
     "mr": "percentile",
     "xray": "minmax",
+    "xr": "minmax",  # X-ray's short name (DICOM's own codes, CR, DX, ..., are read through DICOM_MODALITIES)
     "ultrasound": "minmax",
     "us": "minmax",
     "oct": "minmax",
@@ -106,11 +107,16 @@ def _like(out: torch.Tensor, ref: torch.Tensor) -> torch.Tensor:
 
 
 def handler_for_modality(modality: str | None, handlers: Mapping[str, str] | None = None) -> str:
-    """The intensity handler for a modality name; spelling-insensitive ('X-ray', 'xray', 'XRay')."""
+    """The intensity handler for a modality name; spelling-insensitive ('X-ray', 'xray', 'XRay'); a DICOM
+    Modality code (CR, DX, MG, OP, ...: :data:`~medsam3_monai.transforms.io.DICOM_MODALITIES`) names its modality."""
+    from .io import DICOM_MODALITIES
+
     table = {**MODALITY_HANDLERS, **{_norm(k): v for k, v in (handlers or {}).items()}}
     if modality is None:
         return "auto"
     key = _norm(modality)
+    if key not in table:
+        key = _norm(DICOM_MODALITIES.get(str(modality).strip().upper(), ""))
     if key not in table:
         raise KeyError(modality)
     return table[key]
