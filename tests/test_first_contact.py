@@ -161,6 +161,9 @@ def test_volume_notes_tell_low_scores_from_empty_masks():
     low_score_but_empty, low, = empty_volume_notes(prediction, 0.05)
     assert "'liver'" in low_score_but_empty and "0.088" in low_score_but_empty and "masks were empty" in low_score_but_empty
     assert "'spleen'" in low and "no slice scored >= 0.05 (best 0.030)" in low
+    assert low.endswith("lower --score-threshold to see weaker detections")  # segment's option; a server's its own
+    assert empty_volume_notes(prediction, 0.05, remedy="send a lower score_threshold")[1].endswith(
+        "the mask is empty: send a lower score_threshold")
 
 
 @pytest.mark.parametrize("diagonal, flips", [

@@ -33,6 +33,7 @@ IMAGE = "cju0qkwl35piu0993l0dewei2.jpg"  # Kvasir-SEG_sample/images
 VOLUME = "hippocampus_001.nii.gz"  # MSD_Task04_Hippocampus_cropped/images
 LABELS = {"polyp": 1, "hippocampus": 2}
 SCORE_THRESHOLD = "0.2"  # the tiny random network's volume detections score ~0.25: keeps the volume masks non-empty
+MODALITY = "MRI"  # the server's default modality (--conf): the references use it too
 DEADLINE_S = 600  # generous: the server's start and every request together
 
 
@@ -88,7 +89,8 @@ def server(tmp_path_factory, shared_data):
     # labels go in the comma form (values 1..P)
     command = [str(MONAILABEL_VENV / "bin" / "monailabel"), "start_server", "--app", str(app), "--studies",
                str(studies), "--host", "127.0.0.1", "--port", str(port),
-               "--conf", "labels", ",".join(LABELS), "--conf", "score_threshold", SCORE_THRESHOLD]
+               "--conf", "labels", ",".join(LABELS), "--conf", "score_threshold", SCORE_THRESHOLD,
+               "--conf", "modality", MODALITY]
     with open(log_path, "wb") as log:
         proc = subprocess.Popen(command, stdout=log, stderr=subprocess.STDOUT, env=env, cwd=root,
                                 start_new_session=True)
@@ -131,7 +133,8 @@ def _infer(server, out: Path, image: str | None = None, file: Path | None = None
 
 
 def _segment(source: Path, out: Path, prompts: list[str], *extra: str) -> dict:
-    command = [*_medsam3(), "segment", str(source), "--out", str(out), "--device", "cpu", "--no-progress", *extra]
+    command = [*_medsam3(), "segment", str(source), "--out", str(out), "--device", "cpu", "--no-progress",
+               "--modality", MODALITY, *extra]
     for prompt in prompts:
         command += ["--prompt", prompt]
     done = subprocess.run(command, capture_output=True, text=True, timeout=600)
@@ -236,11 +239,17 @@ def test_monailabel_server_serves_the_pipeline(server, shared_data, tmp_path):
         np.testing.assert_array_equal(kept == value, components == 1 + int(np.argmax(sizes)))
         assert value != LABELS["hippocampus"] or count > 1  # not vacuous
 
-    # volume by id from the studies folder
+    # volume by id from the studies folder (no modality sent: the server's --conf modality)
     result = _infer(server, tmp_path / "id_volume.nii.gz", image=VOLUME.removesuffix(".nii.gz"))
     labels = _same_nifti(tmp_path / "id_volume.nii.gz", tmp_path / "ref_volume.nii.gz")
     assert {1, 2} <= set(np.unique(labels).tolist())
     _same_summary(result, ref_volume)
+    assert result["modality"] == ref_volume["modality"] == MODALITY and result["notes"] == []  # axial, masks: no note
+    # "auto" asks for the channel rule instead; a threshold no slice reaches: empty masks, and the notes say why
+    result = _infer(server, tmp_path / "auto_volume.nii.gz", image=VOLUME.removesuffix(".nii.gz"), modality="auto",
+                    score_threshold=0.99)
+    assert result["modality"] is None and all(entry["voxels"] == 0 for entry in result["labels"].values())
+    assert any(note.endswith("send a lower score_threshold to see weaker detections") for note in result["notes"])
 
     # 2D image by upload, one label: the mask `medsam3 segment --prompt polyp` writes, with the label's value
     # (as /info/ lists it) where segment writes 255
@@ -261,7 +270,7 @@ def test_monailabel_server_serves_the_pipeline(server, shared_data, tmp_path):
 
     # what 3D Slicer's MONAI Label module sends (the config's values, result_extension .nrrd, uint8): MONAI
     # Label's own writer, the same labels in the same world geometry as the NIfTI / PNG above
-    slicer = {"protocol": "top_query", "score_threshold": float(SCORE_THRESHOLD), "modality": "auto",
+    slicer = {"protocol": "top_query", "score_threshold": float(SCORE_THRESHOLD), "modality": MODALITY,
               "result_extension": ".nrrd", "result_dtype": "uint8"}
     result = _infer(server, tmp_path / "slicer_volume.nrrd", image=VOLUME.removesuffix(".nii.gz"), **slicer)
     _same_image(tmp_path / "slicer_volume.nrrd", tmp_path / "ref_volume.nii.gz")
@@ -283,24 +292,39 @@ def test_monailabel_server_serves_the_pipeline(server, shared_data, tmp_path):
 def _refusals(server, image: Path, volume: Path, tmp_path: Path) -> None:
     """What a client gets wrong is answered with the reason (MONAI Label alone answers a bare 500 or ignores it),
     nothing is written for it, and no rejected upload stays in the server's temporary folder."""
-    cases = [
-        (["--image", VOLUME.removesuffix(".nii.gz")], {"result_extension": ".png"},
-         "400", "a volume's labels are written as .nii.gz, .nii, .nrrd"),
-        (["--image", Path(IMAGE).stem], {"result_extension": ".jpg"}, "400", "result_extension '.jpg': choose one"),
-        (["--image", Path(IMAGE).stem], {"lables": ["polyp"]}, "400", "unknown params ['lables']: use labels"),
-        (["--image", Path(IMAGE).stem], {"box": "abc"}, "400", "'box' must be [x1, y1, x2, y2] in pixels"),
-        (["--file", str(volume)], {"protocol": "threshold"}, "400", "protocol 'threshold' is for 2D images"),
-        (["--file", str(image)], {"labels": ["liver"]}, "400", "['liver'] are not labels of this model"),
-        (["--image", str(server["studies"] / IMAGE)], {}, "400", "server paths are not read"),
-        (["--model", "segmentation", "--file", str(image)], {}, "404", "no model 'segmentation'"),
-        (["--image", Path(IMAGE).stem], {"device": "gpu"}, "400", "device 'gpu': give cpu, cuda"),
+    import nibabel as nib
+
+    stem, volume_id = Path(IMAGE).stem, VOLUME.removesuffix(".nii.gz")
+    four_d = tmp_path / "two_echoes.nii.gz"
+    nib.Nifti1Image(np.zeros((6, 7, 5, 2), dtype=np.float32), np.eye(4)).to_filename(str(four_d))
+    cases = [  # (where, params, --out, status, what the answer says)
+        (["--image", volume_id], {"result_extension": ".png"}, "r.png", "400",
+         "a volume's labels are written as .nii.gz, .nii, .nrrd"),
+        (["--image", volume_id], {}, "r.png", "400", "a volume's labels are written as"),  # --out's format asked
+        (["--image", stem], {"result_extension": ".jpg"}, "r.jpg", "400", "result_extension '.jpg': choose one"),
+        (["--image", stem], {"lables": ["polyp"]}, "r.png", "400", "unknown params ['lables']: use labels"),
+        (["--image", stem], {"label": "polyp"}, "r.png", "400", "this model has no 'label' param; to segment some"),
+        (["--image", stem], {"box": "abc"}, "r.png", "400", "'box' must be [x1, y1, x2, y2] in pixels"),
+        (["--file", str(volume)], {"protocol": "threshold"}, "r.nii.gz", "400", "protocol 'threshold' is for 2D"),
+        (["--file", str(image)], {"labels": ["liver"]}, "r.png", "400", "['liver'] are not labels of this model"),
+        (["--image", str(server["studies"] / IMAGE)], {}, "r.png", "400", "server paths are not read"),
+        (["--model", "segmentation", "--file", str(image)], {}, "r.png", "404", "no model 'segmentation'"),
+        (["--image", stem], {"device": "gpu"}, "r.png", "400", "device 'gpu': give cpu, cuda"),
+        (["--file", str(four_d)], {}, "r.nii.gz", "400", "is a 4D volume (6x7x5x2): this app segments 3D volumes"),
     ]
     before = set(server["uploads"].iterdir())  # MONAI Label's own logging config is there from the start
-    for where, params, status, says in cases:
-        out = tmp_path / "refused.out"
+    for where, params, name, status, says in cases:
+        out = tmp_path / name
         done = _client(server, "infer", *where, "--params", json.dumps(params), "--out", str(out), check=False)
         assert done.returncode == 2 and f"Status: {status}" in done.stderr and says in done.stderr, (where, done.stderr)
         assert not out.exists()
+    # the client's own refusals, before anything is sent: an --out the server cannot write, or one that
+    # contradicts the result_extension asked for
+    for params, name, says in (({}, "r.out", "--out r.out: name a label file the server writes"),
+                               ({"result_extension": ".nrrd"}, "r.png", "ends in .png but --params asks for")):
+        done = _client(server, "infer", "--image", stem, "--params", json.dumps(params), "--out", str(tmp_path / name),
+                       check=False)
+        assert done.returncode == 2 and says in done.stderr and "Status:" not in done.stderr, done.stderr
     assert set(server["uploads"].iterdir()) == before
 
 

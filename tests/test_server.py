@@ -171,6 +171,7 @@ def test_infer_volume(tmp_path):
         status, headers, body = _infer(server, path.read_bytes(), "v.nii.gz", {"prompts": ["liver"]})
         assert status == 200, body
         filename, _, data = _parts(headers, body)["image"]
+        assert json.loads(_parts(headers, body)["params"][2])["notes"] == []  # axial slices, a mask: nothing to say
         params = {"prompts": ["liver"], "result_extension": ".nrrd", "result_dtype": "uint16",
                   "result_compress": True, "restore_label_idx": False}
         status, headers, nrrd_body = _infer(server, path.read_bytes(), "v.nii.gz", params, query="?output=image")

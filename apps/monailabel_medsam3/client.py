@@ -9,7 +9,8 @@ Run it with the MONAI Label environment's python::
 
 ``info`` prints ``GET /info/``; ``infer`` runs ``POST /infer/<model>`` on a datastore image (``--image``, its id:
 the file name without the extension) or an uploaded file (``--file``), saves the returned label file to
-``--out`` and prints the result JSON.
+``--out`` and prints the result JSON. ``--out``'s extension (``.png``, ``.nii.gz``, ``.nrrd``, ...) asks for that
+format (MONAI Label's ``result_extension``) unless ``--params`` names one.
 """
 
 from __future__ import annotations
@@ -57,6 +58,7 @@ def _run(args: argparse.Namespace) -> dict:
     out = Path(args.out) if args.out else None
     if out is not None and not out.parent.is_dir():
         raise UsageError(f"--out {out}: the folder {out.parent} does not exist")
+    params: dict = {}
     if args.command == "infer":
         if args.file and not Path(args.file).is_file():
             raise UsageError(f"--file {args.file}: no such file")
@@ -67,19 +69,49 @@ def _run(args: argparse.Namespace) -> dict:
                              "'{\"labels\": [\"polyp\"]}'") from None
         if not isinstance(params, dict):
             raise UsageError("--params must be a JSON object such as '{\"labels\": [\"polyp\"]}'")
+        params = {**params, "result_extension": _result_extension(out, params.get("result_extension"))}
     with tempfile.TemporaryDirectory() as tmp:
         client = MONAILabelClient(args.server, tmpdir=tmp)
-        if args.command == "info":
-            result = client.info()
-            if out is not None:
-                out.write_text(json.dumps(result, indent=2) + "\n")
-            return result
-        # image id "" with a file: MONAI Label takes the upload
-        label, result = client.infer(args.model, args.image or "", params, file=args.file)
-        if label is None:
-            raise UsageError(f"the server returned no label file: {json.dumps(result)}")
-        shutil.copyfile(label, out)
-        return {"file": str(out), **result}
+        try:
+            if args.command == "info":
+                return _info(client, out)
+            return _infer(client, args, params, out)
+        except ConnectionError as err:
+            raise OSError(f"cannot reach the server at {args.server} ({err.strerror or err}): is it running? "
+                          "(monailabel start_server ..., see README.md)") from None
+
+
+def _info(client: MONAILabelClient, out: Path | None) -> dict:
+    result = client.info()
+    if out is not None:
+        out.write_text(json.dumps(result, indent=2) + "\n")
+    return result
+
+
+def _infer(client: MONAILabelClient, args: argparse.Namespace, params: dict, out: Path) -> dict:
+    # image id "" with a file: MONAI Label takes the upload
+    label, result = client.infer(args.model, args.image or "", params, file=args.file)
+    if label is None:
+        raise UsageError(f"the server returned no label file: {json.dumps(result)}")
+    shutil.copyfile(label, out)
+    return {"file": str(out), **result}
+
+
+def _result_extension(out: Path, asked: str | None) -> str:
+    """The label file's format: ``--out``'s extension (one the server writes), or the ``result_extension`` of
+    ``--params``, which must then be ``--out``'s."""
+    from medsam3_monai.deploy.monailabel_protocol import IMAGE_RESULTS, VOLUME_RESULTS
+
+    known = sorted({*IMAGE_RESULTS, *VOLUME_RESULTS}, key=len, reverse=True)
+    suffix = next((s for s in known if out.name.lower().endswith(s)), None)
+    if asked is not None and suffix is not None and asked.lower() != suffix:
+        raise UsageError(f"--out {out.name} ends in {suffix} but --params asks for result_extension {asked!r}: "
+                         "make them agree")
+    if asked is not None:
+        return asked
+    if suffix is None:
+        raise UsageError(f"--out {out.name}: name a label file the server writes ({', '.join(sorted(known))})")
+    return suffix
 
 
 if __name__ == "__main__":

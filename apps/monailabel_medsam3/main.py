@@ -24,7 +24,7 @@ from monailabel.tasks.activelearning.first import First
 from monailabel.tasks.activelearning.random import Random
 
 import medsam3_monai
-from lib.configs import parse_conf
+from lib.configs import ConfError, parse_conf
 from lib.infers import MedSAM3Infer
 from lib.infers.medsam3 import bad_request, is_upload
 
@@ -33,7 +33,11 @@ logger = logging.getLogger(__name__)
 
 class MedSAM3App(MONAILabelApp):
     def __init__(self, app_dir, studies, conf):
-        self.medsam3 = parse_conf(conf)
+        try:
+            self.medsam3 = parse_conf(conf)
+        except ConfError as err:  # said first, on one line: the server's traceback of the failed start follows
+            logger.error(f"medsam3 app: {err}; the server does not start")
+            raise
         logger.info(f"medsam3 app: labels {self.medsam3.labels}, prompts {self.medsam3.prompts}, "
                     f"checkpoint {self.medsam3.checkpoint}")
         super().__init__(

@@ -669,14 +669,19 @@ def ct_picture_notes(pictures: list[str], modality: str | None) -> list[str]:
             "channels (RGB / 255, grey min-max)"]
 
 
-def volume_notes(prediction, score_threshold: float) -> list[str]:
+#: what an empty volume mask's note says to do, by where the score threshold is set
+LOWER_THRESHOLD = "lower --score-threshold to see weaker detections"
+
+
+def volume_notes(prediction, score_threshold: float, remedy: str = LOWER_THRESHOLD) -> list[str]:
     """What to say after a volume's prediction: slices that are not axial (:func:`slice_axis_note`), then the
-    prompts whose masks are empty and why (:func:`empty_volume_notes`)."""
+    prompts whose masks are empty and why (:func:`empty_volume_notes`; ``remedy``: how this caller's user lowers
+    the threshold)."""
     axis = slice_axis_note(prediction.affine)
-    return ([] if axis is None else [axis]) + empty_volume_notes(prediction, score_threshold)
+    return ([] if axis is None else [axis]) + empty_volume_notes(prediction, score_threshold, remedy)
 
 
-def empty_volume_notes(prediction, score_threshold: float) -> list[str]:
+def empty_volume_notes(prediction, score_threshold: float, remedy: str = LOWER_THRESHOLD) -> list[str]:
     """Why a volume prompt's mask is empty: no slice scored >= the threshold, or the slices that did had empty
     masks (the score alone does not make a mask)."""
     notes = []
@@ -688,5 +693,5 @@ def empty_volume_notes(prediction, score_threshold: float) -> list[str]:
                          "empty at the mask threshold, so no mask seeded the tracker; the mask is empty")
         else:
             notes.append(f"{prompt!r}: no slice scored >= {score_threshold} (best {score:.3f}); the mask is empty: "
-                         "lower --score-threshold to see weaker detections")
+                         f"{remedy}")
     return notes

@@ -442,7 +442,7 @@ def create_app(predictor: Any, *, token: str | None = None, limits: ServerLimits
     from ..agent.runner import AgentSettings, choose_planner
     from .monailabel_protocol import (ParamsError, ResultType, label_names, multipart_answer, parse_agent_params,
                                       parse_infer_params, result_format, write_result)
-    from .segment_cli import output_labels
+    from .segment_cli import output_labels, volume_notes
 
     limits = limits or ServerLimits()
     agent = agent if agent is not None else AgentSettings(llm="none")
@@ -597,6 +597,9 @@ def create_app(predictor: Any, *, token: str | None = None, limits: ServerLimits
             if request.largest_cc:
                 prediction = prediction.largest_components()
             labels, summary = output_labels(prediction, upload)
+            if prediction.is_volume:  # why a mask is empty, as medsam3 segment says it
+                summary["notes"] = volume_notes(prediction, predictor.inferer.score_threshold, remedy=(
+                    "start the server with a lower --score-threshold to see weaker detections"))
             if agent_summary is not None:
                 summary["agent"] = agent_summary
             mask_path = folder / f"mask{extension}"

@@ -8,9 +8,9 @@ A request (``POST /infer/<model>``, or Slicer's / OHIF's "Run") segments every l
 * ``prompts`` (or ``prompt``): ad-hoc text prompts instead of the labels (list or one string), label values 1..P
   in order;
 * ``protocol`` (2D only: ``top_query``, ``threshold``, ``semantic``), ``score_threshold``, ``modality`` (CT, MRI,
-  ...; ``auto``: by channels), ``box`` ([x1, y1, x2, y2] in pixels, 2D only, one for all prompts or one per
-  prompt), ``device``, ``largest_cc`` (true: each label's largest connected component only, as for MONAI Label's
-  SAM2 model);
+  ...; default: ``--conf modality``; ``auto``: by channels), ``box`` ([x1, y1, x2, y2] in pixels, 2D only, one
+  for all prompts or one per prompt), ``device``, ``largest_cc`` (true: each label's largest connected component
+  only, as for MONAI Label's SAM2 model);
 * ``result_extension``, ``result_dtype``, ``result_compress``: MONAI Label's own output options (3D Slicer sends
   ``.nrrd`` + ``uint8``, OHIF ``.nrrd``).
 
@@ -124,8 +124,9 @@ class MedSAM3Infer(InferTask):
     def __call__(self, request: dict[str, Any]) -> tuple[str | None, dict[str, Any]]:
         from medsam3_monai.deploy.monailabel_protocol import (MONAI_LABEL_REQUEST_KEYS, ParamsError,
                                                               parse_label_params, result_format, write_result)
-        from medsam3_monai.deploy.segment_cli import output_labels
+        from medsam3_monai.deploy.segment_cli import output_labels, volume_notes
         from medsam3_monai.inferers.inputs import input_kind
+        from medsam3_monai.transforms.io import nifti_channels
         from medsam3_monai.networks.checkpoints import CheckpointError
         from torch import device as torch_device
 
@@ -134,17 +135,27 @@ class MedSAM3Infer(InferTask):
             raise bad_request("no image: give an image id of the datastore, upload a file, or a session id that "
                               "exists (sessions expire: create one again with PUT /session/)")
         shown = shown_name(image)
+        label = request.get("label")
+        if label is not None and not (isinstance(label, str) and Path(label).is_file()):
+            # MONAI Label puts an uploaded label file's path here; anything else came in params: 'labels' misspelt
+            raise bad_request(f"params.label {label!r}: this model has no 'label' param; to segment some of its labels "
+                              f"give 'labels' (a list or comma-separated names: {', '.join(self.conf.labels)})")
         try:
             params = parse_label_params({k: v for k, v in request.items() if k not in MONAI_LABEL_REQUEST_KEYS})
             names, texts, values = self.concepts(params)
             is_volume = input_kind(image) == "volume"
+            channels = nifti_channels(image) if is_volume else None
+            if channels is not None and channels[0] > 1:  # the loader's message would name --channel, not an app's
+                raise ParamsError(f"{shown} is a 4D volume ({'x'.join(map(str, channels[1]))}): this app segments 3D "
+                                  "volumes; send one channel / time point as its own volume")
             if is_volume and params.protocol not in (None, "top_query"):
                 raise ParamsError(f"protocol {params.protocol!r} is for 2D images; volumes are segmented with "
                                   "top_query (leave protocol out)")
             extension, _ = result_format(params, is_volume)
         except (ParamsError, ValueError, FileNotFoundError) as err:
             raise bad_request(str(err).replace(image, shown)) from None
-        modality = None if params.modality in (None, "auto", "none") else params.modality
+        requested = self.conf.modality if params.modality is None else params.modality  # --conf modality: the default
+        modality = None if requested in (None, "auto", "none") else requested
         score_threshold = self.conf.score_threshold if params.score_threshold is None else params.score_threshold
         device = name_to_device(params.device)
         try:
@@ -180,6 +191,9 @@ class MedSAM3Infer(InferTask):
             Path(result).unlink(missing_ok=True)
             raise bad_request(f"cannot write the result as {extension} (result_dtype {params.result_dtype!r}): "
                               f"{err}") from None
+        if prediction.is_volume:  # why a mask is empty, as medsam3 segment says it
+            summary["notes"] = volume_notes(prediction, score_threshold, remedy=(
+                "send a lower score_threshold to see weaker detections"))
         summary["input"] = shown
         summary["score_threshold"] = score_threshold  # this request's (the predictor's own is restored above)
         summary["label_names"] = dict(zip(names, written))
