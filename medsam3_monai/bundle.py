@@ -507,3 +507,20 @@ def find_datalists(dataset_dir: str | Path) -> list[str]:
         raise ValueError(f"no datalists: {folder} holds no *.json datalist; pass --datalists \"['a.json', ...]\" or "
                          f"write datalists there with `medsam3 datalist NAME ROOT --out {folder}/NAME.json`")
     return found
+
+
+def validates(items: Sequence[Any], validate_at_start: bool = False) -> bool:
+    """Whether the training bundle validates: its datalists' ``validation`` lists hold items (a datalist may give
+    ``"validation": []``). Without any, the run trains without validation, and says so: no ``val_dice``, no
+    ``model_best_val_dice.pt`` (an empty validation scored 0.0 and saved a "best" network chosen on nothing);
+    ``models/model.pt`` is the final network."""
+    import logging
+
+    if items:
+        return True
+    at_start = " (--validate_at_start is left out)" if validate_at_start else ""
+    logging.getLogger("medsam3_monai.bundle").warning(
+        "no validation items (the datalists' 'validation' lists are empty): training without validation%s: no "
+        "val_dice, no model_best_val_dice.pt; models/model.pt is the final network. Give validation items "
+        "(medsam3 datalist keeps 15%% of each dataset) to select the best network", at_start)
+    return False

@@ -131,9 +131,15 @@ def test_msd_dataset_json_layout(tmp_path: Path):
     with pytest.raises(DatalistError, match="no dataset.json"):
         build_datalist("MSD", task)
     (tmp_path / "kept.json").rename(task / "dataset.json")
+    # another task's name (the same label ids): its prompts and modality would be taken: refused, the task named
+    with pytest.raises(DatalistError, match=r"labels \{'1': 'anterior', '2': 'posterior'\} \(dataset.json name "
+                                            r"'Hippocampus'\) are not MSD_Task07_Pancreas's .* it is "
+                                            "MSD_Task04_Hippocampus: name that one"):
+        build_datalist("MSD_Task07_Pancreas", task)
     meta["labels"] = {"0": "background", "1": "hippocampus"}
     (task / "dataset.json").write_text(json.dumps(meta))
-    expected = r"dataset.json: label ids \['1'\] differ from the catalogue entry MSD_Task04_Hippocampus"
+    expected = (r"dataset.json: this task's labels \{'1': 'hippocampus'\} .* are not MSD_Task04_Hippocampus's .* "
+                "name the dataset it is, or, if it is MSD_Task04_Hippocampus, update")
     with pytest.raises(DatalistError, match=expected):
         build_datalist("MSD", task)
 
@@ -157,6 +163,10 @@ def test_msd_multichannel_task_names_its_channel_and_evaluates(shared_data: Path
         training.append({"image": f"./imagesTr/{image.name}", "label": f"./labelsTr/{image.name}"})
     meta = {"name": "Prostate", "modality": {"0": "T2", "1": "ADC"},
             "labels": {"0": "background", "1": "PZ", "2": "TZ"}, "training": training, "test": []}
+    # without dataset.json (a named task): the channels are counted from the images' headers
+    with pytest.raises(DatalistError, match=r"2 channels \(0, 1\): choose the one to segment with --channel N"):
+        build_datalist("MSD_Task05_Prostate", task)
+    assert {item["channel"] for item in build("MSD_Task05_Prostate", task, channel=0).datalist["training"]} == {0}
     (task / "dataset.json").write_text(json.dumps(meta))
     with pytest.raises(DatalistError, match=r"2 channels \(0 T2, 1 ADC\): choose the one to segment with --channel N"):
         build_datalist("MSD", task)
@@ -404,7 +414,9 @@ def test_check_alone_checks_a_datalist_one_has(shared_data: Path, tmp_path: Path
     datalist = folder / "mine.json"
     datalist.write_text(json.dumps({"training": [item], "validation": [], "test": []}))
     assert datalist_command(["--check", str(datalist), "--no-progress"]) == 0
-    assert "every image and mask decodes" in capsys.readouterr().err
+    err = capsys.readouterr().err
+    assert "every image and mask decodes" in err
+    assert "the 'validation' list is empty: the training bundle trains without validation" in err
     datalist.write_text(json.dumps({"test": [item]}))  # splits left out are empty, as evaluate reads them
     assert datalist_command(["--check", str(datalist), "--no-progress"]) == 0
     err = capsys.readouterr().err

@@ -79,7 +79,7 @@ def test_drive_keeps_the_official_test_half(built):
     assert [item["case"] for item in datalist["validation"]] == ["25_training", "37_training", "38_training"]
 
 
-def test_item_fields_for_instances_and_label_maps(built):
+def test_item_fields_for_instances_and_label_maps(built, shared_data: Path):
     gbm = _items(built("GBM40_HE_nuclei").datalist)[0]
     assert gbm["label"].endswith("_instances.png")
     assert (gbm["instance_rule"], gbm["mask_encoding"]) == ("instance_ids", "instance_map")
@@ -92,6 +92,9 @@ def test_item_fields_for_instances_and_label_maps(built):
     assert total["TotalSegmentator"]["modality"] == "CT" and total["TotalSegmentator"]["prompts"]["5"] == "liver"
     mri = total["TotalSegmentator_MRI"]
     assert mri["modality"] == "MRI" and mri["prompts"]["11"] == "right lung"
+    for name in ("TotalSegmentator_MRI", "TotalSegmentator"):  # naming one dataset: its items alone
+        named = _items(build_datalist(name, shared_data / "TotalSegmentator_example_CT_MR").datalist)
+        assert [item["dataset"] for item in named] == [name] and named[0]["image"] == total[name]["image"]
 
 
 def test_same_output_twice_and_relative_paths(built, shared_data: Path):

@@ -132,6 +132,11 @@ def test_the_bundle_hints_name_its_settings(tmp_path, capsys):
     datalist.write_text(json.dumps([{"image": str(_picture(tmp_path / "a.png"))}]))
     assert main(["segment", "--datalist", str(datalist), "--out-dir", str(tmp_path / "out")]) == 2
     assert "no prompts; give --prompt TEXT (repeat it for several)" in _error(capsys)
+    lists = {"training": [{"image": "t.png"}], "validation": [], "test": [{"image": "s.png"}]}
+    assert [Path(i["image"]).name for i in inference_items(lists, ["x"], split="all")] == ["t.png", "s.png"]
+    with pytest.raises(ValueError, match=r"no 'val' list \(it has \['test', 'training', 'validation'\]\); choose "
+                                         r"--split \(or all\)"):
+        inference_items(lists, ["x"], split="val")
 
 
 # ------------------------------------------------------------------------------------------------ agent CLI

@@ -375,3 +375,31 @@ def test_a_resume_on_other_training_items_is_refused_and_a_moved_data_root_is_no
     with pytest.raises(ValueError, match=r"written by a training on other data \(3 training items, as now, but "
                                          r"other images\)"):
         _linear_training(tmp_path, max_epochs=3, extra={"training_data": TrainingData(other)})
+
+
+def test_a_datalist_without_validation_items_trains_without_validation(shared_data: Path, tmp_path: Path, capfd):
+    """``"validation": []`` (a one-case dataset, TotalSegmentator's example): no validation runs, so no made-up
+    val_dice 0.0 and no "best" network chosen on nothing; the run says so. With validation items the handler is
+    there."""
+    import json
+
+    from monai.handlers import ValidationHandler
+
+    from medsam3_monai.engines import ValidateAtStart
+
+    datalists = _datalists(shared_data, tmp_path / "datalists")[:1]
+    with_validation = _workflow(tmp_path / "with", datalists, image_size=112, validate_at_start=True)
+    handlers = with_validation.parser.get_parsed_content("train#handlers")
+    assert any(isinstance(h, ValidationHandler) for h in handlers)
+    assert next(h for h in handlers if isinstance(h, ValidateAtStart)).enabled
+    datalist = json.loads(Path(datalists[0]).read_text())
+    datalist["training"] += datalist.pop("validation")
+    datalist["validation"] = []
+    Path(datalists[0]).write_text(json.dumps(datalist))
+    capfd.readouterr()
+    without = _workflow(tmp_path / "without", datalists, image_size=112, validate_at_start=True)
+    said = "".join(capfd.readouterr())  # the bundle's logging.conf handlers write to the console
+    assert "no validation items (the datalists' 'validation' lists are empty): training without validation" in said
+    handlers = without.parser.get_parsed_content("train#handlers")
+    assert not any(isinstance(h, ValidationHandler) for h in handlers)
+    assert not next(h for h in handlers if isinstance(h, ValidateAtStart)).enabled

@@ -156,8 +156,8 @@ def check_datalist_file(path: str | Path, skip_bad: bool = False, progress: bool
 
 def _split_notes(given: set[str], datalist: dict[str, list[dict[str, Any]]], base_dir: str) -> list[str]:
     """What a datalist's splits and items mean for its readers: a list the training bundle needs that is left out,
-    an image in more than one split (validation or test scores on a training image), a volume's ``spacing``
-    (unused)."""
+    an empty validation list, an image in more than one split (validation or test scores on a training image), a
+    volume's ``spacing`` (unused)."""
     import os
 
     from .datalist import SPLITS
@@ -165,6 +165,9 @@ def _split_notes(given: set[str], datalist: dict[str, list[dict[str, Any]]], bas
     notes = [f"no {split!r} list: the training bundle refuses the datalist without one (write \"{split}\": [] "
              "for none)"
              for split in ("training", "validation") if split not in given]
+    if "validation" in given and not datalist["validation"] and datalist["training"]:
+        notes.append("the 'validation' list is empty: the training bundle trains without validation (no val_dice, "
+                     "no model_best_val_dice.pt)")
     seen: dict[str, str] = {}
     shared: dict[tuple[str, str], list[str]] = {}
     for split in SPLITS:

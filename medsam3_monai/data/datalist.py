@@ -23,7 +23,7 @@ from dataclasses import dataclass, field, replace
 from pathlib import Path
 from typing import Any
 
-from .catalogue import Catalogue, DatasetEntry, load_catalogue, load_schema
+from .catalogue import Catalogue, DatasetEntry, load_catalogue, load_schema, normalise_name
 from .checks import spatial_shape, unknown_label_values
 from .converters import resolve
 from .pairs import Conversion, DatalistError, Pair, Problem
@@ -136,7 +136,7 @@ def _item(pair: Pair, entry: DatasetEntry, relative_to: Path | None, channel: in
 
 def _check_channel(channels: Mapping[int, str], channel: int | None, root: Path) -> None:
     """A channel is chosen exactly when the images have several (and it is one of them)."""
-    named = ", ".join(f"{index} {name}" for index, name in sorted(channels.items()))
+    named = ", ".join(f"{index} {name}".strip() for index, name in sorted(channels.items()))
     if channels and channel is None:
         raise DatalistError(f"{root}: the images have {len(channels)} channels ({named}): choose the one to segment "
                             "with --channel N (in Python: channel=N); every item then says so ('channel')")
@@ -194,7 +194,8 @@ def build_datalist(
     root = Path(root)
     converter, entry = resolve(name, catalogue)
     _check_root(root, converter.summary)
-    conversion: Conversion = _as_entry(converter.convert(root, entry, catalogue), entry, converter.name)
+    conversion: Conversion = _as_entry(converter.convert(root, entry, catalogue), entry, converter.name,
+                                       every_dataset=normalise_name(name) == normalise_name(converter.name))
     _check_channel(conversion.channels, channel, root)
     entries = _entries(conversion.pairs, catalogue)
     problems = list(conversion.problems)
@@ -222,12 +223,19 @@ def build_datalist(
     return DatalistResult(datalist, converter.name, problems if skip_bad else [], list(conversion.unlabelled))
 
 
-def _as_entry(conversion: Conversion, entry: DatasetEntry | None, converter: str) -> Conversion:
+def _as_entry(conversion: Conversion, entry: DatasetEntry | None, converter: str,
+              every_dataset: bool = False) -> Conversion:
     """The pairs of the catalogue entry the user named: an entry of one's own that reuses another dataset's converter
     (its labels, prompts and instance rule over the same folder layout) gets the pairs that converter names after
-    its own dataset. A converter that read several datasets, none of them the entry, is an error."""
+    its own dataset; one that read several datasets, the entry among them, gives the entry's pairs alone
+    (``TotalSegmentator_MRI``: the MR example, not the CT one beside it), unless ``every_dataset`` (the converter
+    itself was named: ``TotalSegmentator_example_CT_MR``). A converter that read several datasets, none of them the
+    entry, is an error."""
     produced = {pair.dataset for pair in conversion.pairs}
-    if entry is None or not produced or entry.name in produced:
+    if entry is None or not produced or (every_dataset and entry.name in produced):
+        return conversion
+    if entry.name in produced:
+        conversion.pairs = [pair for pair in conversion.pairs if pair.dataset == entry.name]
         return conversion
     if len(produced) > 1:
         raise DatalistError(f"{entry.name} reads its folder with the {converter} converter, which found the datasets "

@@ -62,7 +62,7 @@ def add_parser(subparsers: argparse._SubParsersAction) -> argparse.ArgumentParse
         formatter_class=argparse.RawDescriptionHelpFormatter,
     )
     parser.add_argument("input", metavar="INPUT",
-                        help="2D image (png, jpg, jpeg, bmp, tif, tiff, gif), volume (.nii, .nii.gz, .mha, .mhd, "
+                        help="2D image (png, jpg, jpeg, bmp, tif, tiff, gif, ppm), volume (.nii, .nii.gz, .mha, .mhd, "
                              ".nrrd, .nhdr, .dcm) or DICOM folder")
     parser.add_argument("--request", required=True, metavar="TEXT",
                         help="what to segment, in words, e.g. 'segment the lesion in the upper left quadrant'")

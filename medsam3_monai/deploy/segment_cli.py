@@ -79,7 +79,7 @@ def add_parser(subparsers: argparse._SubParsersAction) -> argparse.ArgumentParse
         formatter_class=argparse.RawDescriptionHelpFormatter,
     )
     parser.add_argument("input", metavar="INPUT", nargs="*",
-                        help="2D image (png, jpg, jpeg, bmp, tif, tiff, gif), volume (.nii, .nii.gz, .mha, .mhd, "
+                        help="2D image (png, jpg, jpeg, bmp, tif, tiff, gif, ppm), volume (.nii, .nii.gz, .mha, .mhd, "
                              ".nrrd, .nhdr, .dcm) or DICOM folder; with --out-dir also several, folders of them and "
                              "quoted patterns ('cases/*.png')")
     parser.add_argument("--prompt", action="append", metavar="TEXT",
@@ -109,7 +109,7 @@ def add_parser(subparsers: argparse._SubParsersAction) -> argparse.ArgumentParse
     many.add_argument("--datalist", metavar="FILE",
                       help="datalist JSON (a list of items or paths, or decathlon-style lists) of the inputs")
     many.add_argument("--split", default=None, metavar="NAME",
-                      help="the list of a decathlon-style --datalist to segment (default test)")
+                      help="the list of a decathlon-style --datalist to segment (default test; all: every list)")
     many.add_argument("--batch-size", type=at_least(1), default=DEFAULT_BATCH_SIZE, metavar="N",
                       help=f"2D images per network forward (default {DEFAULT_BATCH_SIZE}); a volume's slices per "
                            "detector forward (volumes go one at a time); raise it on a large GPU")

@@ -26,7 +26,7 @@ def _suffix(path: str | Path) -> str:
 
 
 def input_kind(path: str | Path) -> str:
-    """``"image"`` (PNG/JPEG/BMP/TIFF/GIF) or ``"volume"`` (NIfTI, DICOM series folder, single DICOM, MetaImage,
+    """``"image"`` (PNG/JPEG/BMP/TIFF/GIF/PPM) or ``"volume"`` (NIfTI, DICOM series folder, single DICOM, MetaImage,
     NRRD) by the path; raises FileNotFoundError / ValueError (unsupported format) with what to do."""
     path = Path(path)
     if not path.exists():
@@ -74,7 +74,7 @@ def inference_items(
             single image/volume path, or a list of items (dicts with ``image``) or of image paths.
         prompts: texts (list: label values 1..P) or ``{value: text}`` for every item, overriding the items' own
             ``prompts``; None keeps each item's ``prompts`` (an item without any is an error).
-        split: the list of a decathlon-style datalist to predict.
+        split: the list of a decathlon-style datalist to predict (``all``: every list, unless it has one so named).
         base_dir: folder of relative image paths (default: the datalist file's folder, else the working dir).
         prompt_option: how the caller's user gives ``prompts``, named when an item has none (default: the
             inference bundle's ``--prompts`` override).
@@ -96,10 +96,14 @@ def inference_items(
         base = Path(base_dir) if base_dir is not None else Path.cwd()
     lists = None
     if isinstance(entries, Mapping):
-        if split not in entries:
-            raise ValueError(f"the datalist has no '{split}' list (it has {sorted(entries)}); choose --split")
         lists = {name: len(value) for name, value in entries.items() if isinstance(value, list)}
-        entries = entries[split]
+        if split == "all" and "all" not in entries:  # every list, as medsam3 evaluate --split all reads them
+            entries = [entry for name in lists for entry in entries[name]]
+        elif split not in entries:
+            raise ValueError(f"the datalist has no '{split}' list (it has {sorted(entries)}); choose --split "
+                             "(or all)")
+        else:
+            entries = entries[split]
     if not isinstance(entries, list):
         raise ValueError(f"the datalist's items must be a list of objects with 'image' (or of paths), got "
                          f"{type(entries).__name__}")

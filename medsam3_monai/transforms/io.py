@@ -28,7 +28,7 @@ from __future__ import annotations
 import os
 import threading
 from collections.abc import Callable, Hashable, Iterator, Mapping, Sequence
-from contextlib import contextmanager, nullcontext
+from contextlib import ExitStack, contextmanager, nullcontext
 from pathlib import Path
 from typing import Any
 
@@ -428,29 +428,30 @@ def _read_picture(path: str, reader: Image2DReader, size: tuple[int, int] | None
     width, height = picture_size(path) if size is None else size
     limit = Image.MAX_IMAGE_PIXELS  # PIL warns above it and refuses above twice it
     allowed_over_pil = limit is not None and width * height > limit  # allowed by max_pixels: PIL's check off
-    with pil_size_check_off() if allowed_over_pil else nullcontext():
-        img = Image.open(path, **reader.kwargs)
-        if callable(reader.converter):
-            img = reader.converter(img)  # decodes (some plugins check the size again while decoding)
-    header = reader._get_meta_dict(img)
-    header["spatial_shape"] = reader._get_spatial_shape(img)
-    meta = {key: "none" if value is None else value for key, value in header.items()}  # as PILReader.get_data
-    width, height = img.size
-    array = None
-    rows = max(1, STRIP_PIXELS // max(width, 1))
-    for top in range(0, height, rows):  # strip by strip: np.asarray(img) would hold two more whole copies
-        # one strip (rows >= height): the picture itself, without a cropped copy
-        strip = np.asarray(img if rows >= height else img.crop((0, top, width, min(top + rows, height))))
-        if array is None:
-            channels = strip.shape[2] if strip.ndim == 3 else 1
-            meta["original_channel_dim"] = -1 if strip.ndim == 3 else float("nan")
-            array = np.empty((channels, height, width), dtype=strip.dtype)
-        array[:, top:top + strip.shape[0]] = np.moveaxis(strip, -1, 0) if strip.ndim == 3 else strip[None]
-    if array is None:  # an empty picture
-        pixels = np.asarray(img)
-        meta["original_channel_dim"] = -1 if pixels.ndim == 3 else float("nan")
-        array = np.moveaxis(pixels, -1, 0).copy() if pixels.ndim == 3 else np.array(pixels)[None]
-    del img
+    with ExitStack() as stack:  # the file is closed once read (PIL keeps a GIF's, a multi-frame format's, open)
+        with pil_size_check_off() if allowed_over_pil else nullcontext():
+            img = stack.enter_context(Image.open(path, **reader.kwargs))
+            if callable(reader.converter):
+                img = reader.converter(img)  # decodes (some plugins check the size again while decoding)
+        header = reader._get_meta_dict(img)
+        header["spatial_shape"] = reader._get_spatial_shape(img)
+        meta = {key: "none" if value is None else value for key, value in header.items()}  # as PILReader's
+        width, height = img.size
+        array = None
+        rows = max(1, STRIP_PIXELS // max(width, 1))
+        for top in range(0, height, rows):  # strip by strip: np.asarray(img) would hold two more whole copies
+            # one strip (rows >= height): the picture itself, without a cropped copy
+            strip = np.asarray(img if rows >= height else img.crop((0, top, width, min(top + rows, height))))
+            if array is None:
+                channels = strip.shape[2] if strip.ndim == 3 else 1
+                meta["original_channel_dim"] = -1 if strip.ndim == 3 else float("nan")
+                array = np.empty((channels, height, width), dtype=strip.dtype)
+            array[:, top:top + strip.shape[0]] = np.moveaxis(strip, -1, 0) if strip.ndim == 3 else strip[None]
+        if array is None:  # an empty picture
+            pixels = np.asarray(img)
+            meta["original_channel_dim"] = -1 if pixels.ndim == 3 else float("nan")
+            array = np.moveaxis(pixels, -1, 0).copy() if pixels.ndim == 3 else np.array(pixels)[None]
+        del img
     meta = switch_endianness(meta, "<")
     meta["filename_or_obj"] = path
     return MetaTensor.ensure_torch_and_prune_meta(array, meta)
@@ -620,7 +621,7 @@ def _warn_if_geometry_differs(image: MetaTensor, label: MetaTensor) -> None:
 class LoadMedicalImaged(MapTransform):
     """Load images and masks of a datalist item as MetaTensors, with the checks a training run needs.
 
-    Reader by suffix: PNG/JPEG/BMP/TIFF/GIF -> :class:`Image2DReader` (rows first); ``.nii``/``.nii.gz`` ->
+    Reader by suffix: PNG/JPEG/BMP/TIFF/GIF/PPM -> :class:`Image2DReader` (rows first); ``.nii``/``.nii.gz`` ->
     ``NibabelReader``; a folder -> ``ITKReader`` (DICOM series); anything else -> ``ITKReader``.
 
     Args:

@@ -6,9 +6,11 @@ MSD (any task; ROOT is the task folder, e.g. ``Task04_Hippocampus``)::
     imagesTr/<case>.nii.gz   labelsTr/<case>.nii.gz   imagesTs/<case>.nii.gz
 
 Pairs come from ``dataset.json["training"]`` (85/15); ``"test"`` images have no labels and are counted as
-unlabelled. The task is matched to its catalogue entry (``MSD_TaskNN_Name``) and dataset.json's label ids must
-equal the catalogue's. Without dataset.json (the cropped hippocampus sample: ``images/<case>.nii.gz`` +
-``masks/<case>.nii.gz``) the dataset must be named, e.g. ``medsam3 datalist MSD_Task04_Hippocampus_cropped ROOT``.
+unlabelled. The task is matched to its catalogue entry (``MSD_TaskNN_Name``) and dataset.json's labels must
+equal the catalogue's (ids, and names for the catalogued tasks: a task named as another is refused). Without
+dataset.json (the cropped hippocampus sample: ``images/<case>.nii.gz`` + ``masks/<case>.nii.gz``) the dataset must
+be named, e.g. ``medsam3 datalist MSD_Task04_Hippocampus_cropped ROOT``, and 4D images' channels are counted from
+their headers.
 
 TotalSegmentator example (``tests/reference_files`` of the TotalSegmentator repository, or the shared sample's
 ``images/`` + ``masks/``): ``example_ct_sm.nii.gz`` with ``example_seg.nii.gz`` (CT, task ``total``) and
@@ -45,13 +47,49 @@ def _msd_entry(root: Path, meta: dict, entry, catalogue):
     )
 
 
-def _check_msd_labels(path: Path, meta: dict, entry) -> None:
-    declared = {k for k in meta.get("labels", {}) if str(k) != "0"}
-    if declared != set(entry.labels):
+def _label_names(labels: dict) -> dict[str, str]:
+    """``{"1": "Anterior", ...}`` -> ``{"1": "anterior", ...}`` (background left out): what two tasks' labels are
+    compared by."""
+    return {str(k): " ".join(str(v).split()).lower() for k, v in labels.items() if str(k) != "0"}
+
+
+def _check_msd_labels(path: Path, meta: dict, entry, catalogue) -> None:
+    """dataset.json's labels against the entry's: the ids, and for a catalogued MSD task the names too (most tasks
+    share the ids {1} or {1, 2}: a folder converted under another task's name would take its prompts and
+    modality)."""
+    declared = _label_names(meta.get("labels", {}))
+    expected = entry.raw.get("source_label_names")
+    if set(declared) == set(entry.labels) and (not expected or declared == _label_names(expected)):
+        return
+    if not expected:
         raise DatalistError(
             f"{path}: label ids {sorted(declared)} differ from the catalogue entry {entry.name} "
             f"({sorted(entry.labels)}); update datasets_meta/datasets/{entry.name}.json"
         )
+    matching = [name for name in catalogue.names() if name.startswith("MSD_")
+                and _label_names(catalogue.get(name).raw.get("source_label_names") or {}) == declared]
+    hint = (f"it is {' or '.join(matching)}: name that one" if matching else
+            f"name the dataset it is, or, if it is {entry.name}, update datasets_meta/datasets/{entry.name}.json")
+    raise DatalistError(
+        f"{path}: this task's labels {declared} (dataset.json name {meta.get('name')!r}) are not {entry.name}'s "
+        f"{_label_names(expected)}: the folder holds another MSD task; {hint} (its prompts and modality come from "
+        "that entry), or leave the name out to match the task by its folder"
+    )
+
+
+def _header_channels(image: Path) -> dict[int, str]:
+    """``{index: ""}`` (unnamed) for each channel of a 4D NIfTI image (read from its header), {} for a 3D one: the
+    channels of MSD's 4D tasks (BrainTumour, Prostate) when no dataset.json names them."""
+    import math
+
+    import nibabel as nib
+
+    try:
+        shape = nib.load(str(image)).header.get_data_shape()
+    except Exception:  # noqa: BLE001 - unreadable: the datalist's own checks say why
+        return {}
+    count = math.prod(shape[3:])
+    return {index: "" for index in range(count)} if count > 1 else {}
 
 
 def convert_msd(root: Path, entry, catalogue) -> Conversion:
@@ -68,7 +106,10 @@ def convert_msd(root: Path, entry, catalogue) -> Conversion:
             inside = f" It holds several tasks ({', '.join(t.name for t in tasks)}): give one." if tasks else ""
             raise DatalistError(f"{root}: no dataset.json. Expected {MSD_LAYOUT}.{inside}")
         suffixes = (".nii.gz", ".nii")
-        return pair_by_name(images, masks, entry.name, image_suffixes=suffixes, mask_suffixes=suffixes)
+        result = pair_by_name(images, masks, entry.name, image_suffixes=suffixes, mask_suffixes=suffixes)
+        if result.pairs:  # 4D images without a dataset.json to name their channels: the header's count
+            result.channels = _header_channels(result.pairs[0].image)
+        return result
     try:
         meta = json.loads(meta_path.read_text(encoding="utf-8"))
     except json.JSONDecodeError as err:
@@ -77,7 +118,7 @@ def convert_msd(root: Path, entry, catalogue) -> Conversion:
         entry = _msd_entry(root, meta, entry, catalogue)
     except CatalogueError as err:
         raise DatalistError(str(err)) from None
-    _check_msd_labels(meta_path, meta, entry)
+    _check_msd_labels(meta_path, meta, entry, catalogue)
     result = Conversion()
     modalities = meta.get("modality") or {}
     if isinstance(modalities, dict) and len(modalities) > 1:  # 4D images (BrainTumour, Prostate)
