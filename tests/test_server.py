@@ -154,6 +154,11 @@ def test_infer_real_image(server, kvasir_jpeg):
     # the protocol belongs to that request only: the next one gets the server's default again
     status, headers, body = _infer(server, data, "x.jpeg", {"prompts": ["polyp"]}, query="?output=json")
     assert status == 200 and json.loads(body)["protocol"] == "top_query"
+    # STARE's PPM pictures upload as what they are
+    ppm = io.BytesIO()
+    Image.open(io.BytesIO(data)).save(ppm, format="PPM")
+    status, headers, body = _infer(server, ppm.getvalue(), "im0001.ppm", {"prompts": ["polyp"]}, query="?output=image")
+    assert status == 200 and np.asarray(Image.open(io.BytesIO(body))).shape == (height, width)
 
 
 def test_infer_volume(tmp_path):
@@ -266,7 +271,7 @@ def test_bad_requests(server, case, kvasir_jpeg, tmp_path):
         status, _, body = _infer(server, small, "a.png", {"prompts": ["polyp"], "box": [0, 0, 40, 20]})
         expected = 422
     elif case == "unsupported_format":
-        status, _, body = _infer(server, b"GIF89a....", "a.gif", params)
+        status, _, body = _infer(server, b"II*\x00....", "a.svs", params)  # a slide scanner file
         expected = 415
     elif case == "traversal_filename":  # only a whitelisted extension of the name is used; none here
         status, _, body = _infer(server, small, "../../etc/passwd", params)

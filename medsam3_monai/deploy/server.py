@@ -18,8 +18,8 @@ default the offline planner):
   ``strategies``, ``trainers`` (none), ``datastore`` stats and this server's ``limits``.
 * ``POST /infer/{model}``: multipart ``params`` = JSON ``{"prompts": [...], "box", "protocol", "modality"}`` (plus
   what MONAI Label clients add: ``client_id``, ``result_extension``, ``result_dtype``, ``result_compress``,
-  ``restore_label_idx``) and the image as ``file`` (PNG, JPEG, BMP, TIFF, NIfTI), or ``?image=ID`` of an uploaded
-  image, or ``?session_id=``. ``?output=all`` (default): multipart ``params`` (result JSON) + ``image`` (the label
+  ``restore_label_idx``) and the image as ``file`` (PNG, JPEG, BMP, TIFF, GIF, PPM, NIfTI), or ``?image=ID`` of an
+  uploaded image, or ``?session_id=``. ``?output=all`` (default): multipart ``params`` (result JSON) + ``image`` (the label
   file); ``image`` (or ``file``): the label file, result JSON in the ``X-MedSAM3-Result`` header; ``json``: the
   result JSON. The label file is what ``medsam3 segment`` writes (2D: PNG of the input's size, one prompt 0/255,
   several 1..P; volumes: NIfTI labels 1..P with the input's affine), or ``result_extension``/``result_dtype``.
@@ -63,7 +63,8 @@ AGENT_MODEL_NAME = "medsam3_agent"
 RESULT_HEADER = "X-MedSAM3-Result"
 #: accepted upload extensions -> kind (the only part of a client's file name that is used)
 UPLOAD_SUFFIXES = {".png": "image", ".jpg": "image", ".jpeg": "image", ".bmp": "image", ".tif": "image",
-                   ".tiff": "image", ".nii": "volume", ".nii.gz": "volume", ".nrrd": "volume", ".mha": "volume"}
+                   ".tiff": "image", ".gif": "image", ".ppm": "image",  # DRIVE's masks, STARE's pictures
+                   ".nii": "volume", ".nii.gz": "volume", ".nrrd": "volume", ".mha": "volume"}
 #: labels submitted to the datastore are kept as sent (never read): these extensions
 LABEL_SUFFIXES = (*UPLOAD_SUFFIXES, ".nrrd", ".seg.nrrd")
 #: routes answered without a token (MONAI Label clients ask them before they have one)
