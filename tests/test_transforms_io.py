@@ -226,7 +226,8 @@ def test_a_dicom_series_is_scaled_by_the_modality_its_header_states(tmp_path, ca
 
     volume = np.arange(4 * 12 * 10, dtype=np.int16).reshape(4, 12, 10) + 1000
     _write_dicom_series(tmp_path / "series", volume)
-    assert dicom_modality(tmp_path / "series") == "CT" and dicom_modality(tmp_path / "series" / "slice_000.dcm") is None
+    assert dicom_modality(tmp_path / "series") == dicom_modality(tmp_path / "series" / "slice_000.dcm") == "CT"
+    assert dicom_modality(tmp_path / "seg.png") is None
     as_stated = ScaleIntensityByModalityd()(load(tmp_path / "series"))["image"]
     as_ct = ScaleIntensityByModalityd(modality="CT")(load(tmp_path / "series"))["image"]
     assert torch.equal(as_stated, as_ct)
@@ -235,6 +236,34 @@ def test_a_dicom_series_is_scaled_by_the_modality_its_header_states(tmp_path, ca
                  "--out", str(out), "--no-progress"]) == 0, capsys.readouterr().err
     sidecar = json.loads(Path(f"{out}.json").read_text())
     assert sidecar["modality"] == "CT" and sidecar["ct_window"] is not None
+
+
+def test_a_dicom_folder_that_is_not_one_complete_series_is_refused(tmp_path):
+    """ITK's series reader would take one of two series by UID order, and read a series with a missing slice as
+    evenly spaced (its slices misplaced): both refused, naming what is wrong; the complete series loads."""
+    volume = np.full((5, 6, 4), 1000, dtype=np.int16)
+    _write_dicom_series(tmp_path / "series", volume)
+    assert tuple(load(tmp_path / "series")["image"].shape) == (1, 4, 6, 5)
+    (tmp_path / "series" / "slice_002.dcm").unlink()
+    with pytest.raises(DataError, match=r"series of 4 slices not evenly spaced: 5 mm between slices 1 and 2 .*, 2.5 "
+                                        r"mm elsewhere: a slice is missing"):
+        load(tmp_path / "series")
+    _write_dicom_series(tmp_path / "other", volume[:3])
+    for path in (tmp_path / "other").iterdir():
+        path.rename(tmp_path / "series" / f"other_{path.name}")
+    with pytest.raises(DataError, match=r"holds 2 DICOM series \(.*\), and one folder is read as one series; move "
+                                        "each series into its own folder"):
+        load(tmp_path / "series")
+
+
+@pytest.mark.parametrize("affine", [np.zeros((4, 4)), np.diag([np.nan, 1.0, 1.0, 1.0])])
+def test_a_volume_without_a_usable_affine_is_refused(tmp_path, affine):
+    path = tmp_path / "v.nii.gz"
+    image = nib.Nifti1Image(np.ones((4, 5, 3), dtype=np.float32), None)
+    image.header.set_sform(affine, code=1)  # the header's matrix as stored (nibabel would not build such an image)
+    image.to_filename(path)
+    with pytest.raises(DataError, match="has no usable voxel-to-world matrix"):
+        load(path)
 
 
 # ---------------------------------------------------------------- bad input: errors name the file

@@ -113,8 +113,9 @@ def report_notes(checkpoint: str, protocol: str, score_threshold: float, box_pro
         f"Cases: {len(items)} ({'; '.join(splits)}); split `{split}`"
         + (" = test if present, else validation." if split == "auto" else "."),
         "Each class is prompted separately; overlaps go to the class with the higher confidence "
-        "score × sigmoid(mask logit) at the pixel. Metrics in each input's own geometry; Dice = IoU = 100 "
-        "when prediction and truth are both empty. NSD (2 mm) and HD95 only where the spacing is known; HD95 is "
+        "score × sigmoid(mask logit) at the pixel. Metrics in each input's own geometry; Dice = IoU = NSD = 100 "
+        "when prediction and truth are both empty. NSD (2 mm) and HD95 (MONAI's: bundles/medsam3/docs/conventions.md) "
+        "only where the spacing is known; HD95 is "
         "undefined (–, left out of means) where the prediction or the truth is empty, and a group's NSD and HD95 "
         "average only its datasets that have them.",
     ]

@@ -49,6 +49,7 @@ __all__ = [
     "SEGMENT_BYTES_PER_PIXEL",
     "CHANNEL_HINT",
     "check_channel",
+    "check_dicom_series",
     "nifti_channels",
     "VOLUME_SUFFIXES",
     "Image2DReader",
@@ -502,6 +503,8 @@ def load_medical_image(
                                                 "datalist's own folder)")
     if Path(path).is_dir() and not has_dicom_files(path):  # said before ITK prints its warning
         raise _unreadable(path, mask, ValueError("no DICOM files (.dcm, .ima or without extension)"))
+    if Path(path).is_dir():
+        check_dicom_series(path)
     reader = _pick_reader(path, readers)
     size = None
     if isinstance(reader, Image2DReader):
@@ -525,6 +528,12 @@ def load_medical_image(
         img = img.unsqueeze(-1)
         spatial = tuple(img.shape[1:])
     expected = 3 if is_volume else 2
+    if is_volume:
+        _check_affine(path, img.affine)
+        if _suffix(path) in (".nii", ".nii.gz"):  # the file's own (MONAI may have put another in its place)
+            import nibabel as nib
+
+            _check_affine(path, nib.load(path).affine)
     if len(spatial) != expected:
         stored = tuple(img.shape[1:]) + (img.shape[0],) if is_volume else tuple(img.shape)  # the file's axis order
         raise DataError(path, f"has {img.ndim} dimensions (shape {stored}); expected a 2D image or a 3D "
@@ -554,6 +563,86 @@ def load_medical_image(
     return img
 
 
+def _check_affine(path: str, affine: Any) -> None:
+    """DataError for a volume whose voxel-to-world matrix is not finite or not invertible (a zero or NaN affine):
+    its segmentation could not be placed, nor its spacing measured."""
+    matrix = np.asarray(affine, dtype=np.float64)[:3, :3] if affine is not None else None
+    if matrix is None or not np.isfinite(np.asarray(affine, dtype=np.float64)).all() or \
+            abs(float(np.linalg.det(matrix))) < 1e-12:
+        raise DataError(path, "has no usable voxel-to-world matrix (its affine is zero, singular or not finite), so "
+                              "its segmentation cannot be placed", "repair the header (for NIfTI: set the qform / "
+                                                                   "sform and pixdim) and try again")
+
+
+#: how far a DICOM series' slice spacing may stray from its median (a share of it) before a slice counts as missing
+SLICE_SPACING_TOLERANCE = 0.05
+
+
+def _dicom_tags(file: str, tags: Sequence[str]) -> dict[str, str]:
+    """The text of ``tags`` (``"0020|0032"``, ...) in one DICOM file's header (absent ones left out), by ITK's GDCM."""
+    import itk
+
+    reader = itk.GDCMImageIO.New()
+    reader.SetFileName(file)
+    reader.ReadImageInformation()
+    values = {}
+    for tag in tags:
+        found, value = reader.GetValueFromTag(tag, "")
+        if found:
+            values[tag] = str(value).strip()
+    return values
+
+
+def check_dicom_series(folder: str | Path) -> None:
+    """DataError when a DICOM folder is not one complete series, as ITK's reader (MONAI's ``ITKReader``) would read
+    it otherwise without a word: several series (it takes one of them, by UID order), or slices not evenly spaced
+    along the slice normal (a missing slice: it spreads the slices evenly and misplaces them; two at one position).
+    Reads the headers only; a series without positions (ImagePositionPatient) is not checked for spacing."""
+    import itk
+
+    names = itk.GDCMSeriesFileNames.New()  # as MONAI's ITKReader lists a folder's series
+    names.SetUseSeriesDetails(True)
+    names.AddSeriesRestriction("0008|0021")
+    names.SetGlobalWarningDisplay(False)
+    names.SetDirectory(str(folder))
+    series = list(names.GetSeriesUIDs())
+    if len(series) > 1:
+        described = []
+        for uid in series:
+            files = list(names.GetFileNames(uid))
+            tags = _dicom_tags(files[0], ("0008|0060", "0008|103e"))
+            described.append(f"{len(files)} file(s) {tags.get('0008|0060', '?')} "
+                             f"{tags.get('0008|103e', '') or '(no description)'}".strip())
+        raise DataError(folder, f"holds {len(series)} DICOM series ({'; '.join(described)}), and one folder is read "
+                                "as one series", "move each series into its own folder and give that folder")
+    if not series:
+        return  # no series ITK can list: the reader says why
+    files = list(names.GetFileNames(series[0]))
+    if len(files) < 3:
+        return
+    headers = [_dicom_tags(f, ("0020|0032", "0020|0037")) for f in files]
+    try:
+        positions = np.array([[float(v) for v in h["0020|0032"].split("\\")] for h in headers])
+        orientation = np.array([float(v) for v in headers[0]["0020|0037"].split("\\")])
+    except (KeyError, ValueError):
+        return
+    if positions.shape[1] != 3 or orientation.size != 6:
+        return
+    normal = np.cross(orientation[:3], orientation[3:])
+    along = np.sort(positions @ normal)
+    steps = np.diff(along)
+    spacing = float(np.median(steps))
+    off = np.flatnonzero(np.abs(steps - spacing) > max(SLICE_SPACING_TOLERANCE * spacing, 1e-3))
+    if spacing <= 1e-3 or off.size:
+        where = int(off[0]) if off.size else int(np.argmin(steps))
+        raise DataError(folder, f"is a DICOM series of {len(files)} slices not evenly spaced: "
+                                f"{steps[where]:.3g} mm between slices {where} and {where + 1} (at "
+                                f"{along[where]:.4g} and {along[where + 1]:.4g} mm along the slice normal), "
+                                f"{spacing:.3g} mm elsewhere: a slice is missing or repeated, and the series would be "
+                                "read as evenly spaced and its segmentation misplaced",
+                        "export the complete series (or resample it to a NIfTI volume with even spacing)")
+
+
 #: DICOM Modality (0008,0060) -> our modality name (its intensity rule); other codes give no modality
 DICOM_MODALITIES = {"CT": "CT", "MR": "MRI", "US": "ultrasound", "CR": "X-ray", "DX": "X-ray", "XA": "X-ray",
                     "RF": "X-ray", "MG": "X-ray", "ES": "endoscopy", "OP": "fundus", "OPT": "OCT"}
@@ -561,9 +650,15 @@ DICOM_MODALITIES = {"CT": "CT", "MR": "MRI", "US": "ultrasound", "CR": "X-ray", 
 
 def dicom_modality(path: str | Path) -> str | None:
     """The modality a DICOM series folder's own header states (tag (0008,0060) of its first readable file, mapped by
-    :data:`DICOM_MODALITIES`: ``CT`` -> ``"CT"``, ``MR`` -> ``"MRI"``, ...), or None for anything else (a file, a
-    folder without DICOM files, another code). Reads one header, no pixels."""
+    :data:`DICOM_MODALITIES`: ``CT`` -> ``"CT"``, ``MR`` -> ``"MRI"``, ...), or a single ``.dcm`` file's; None for
+    anything else (another file, a folder without DICOM files, another code). Reads one header, no pixels."""
     folder = Path(path)
+    if folder.is_file() and _suffix(folder) in (".dcm", ".ima"):  # a single DICOM image states it too
+        try:
+            code = _dicom_tags(str(folder), ("0008|0060",)).get("0008|0060", "")
+        except RuntimeError:
+            return None
+        return DICOM_MODALITIES.get(code.upper())
     if not folder.is_dir():
         return None
     import itk

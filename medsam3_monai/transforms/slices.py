@@ -3,9 +3,11 @@ training) and the restack of per-slice predictions into a volume with the input'
 
 Geometry: a volume is ``(C, X, Y, Z)`` (MONAI loading); the axial axis is the last spatial one by default
 (``axis=2``; ``"auto"`` picks the voxel axis closest to world superior-inferior). A slice is
-``(C, rows, cols)`` with ``rows = Y``, ``cols = X`` (``transpose=True``: the usual radiological picture, as a
-SimpleITK array slice), or ``(C, X, Y)`` with ``transpose=False``. Its meta carries ``slice_index``,
-``slice_axis``, ``slice_transposed``, ``volume_shape`` and ``volume_affine``, and a 4x4 ``affine`` that maps
+``(C, rows, cols)`` with ``rows = Y``, ``cols = X`` (``transpose=True``: as a SimpleITK array slice; the usual
+radiological picture for DICOM-ordered (LPS) storage, rotated 180 degrees for RAS-stored NIfTI such as MSD's: slices
+are not reoriented, so the detector sees each volume as it is stored), or ``(C, X, Y)`` with
+``transpose=False``. Its meta carries ``slice_index``, ``slice_axis``, ``slice_transposed``, ``volume_shape`` and
+``volume_affine``, and a 4x4 ``affine`` that maps
 its ``(row, col, 0)`` to world coordinates. A slice starts with no applied operations of its own: invert
 slice-space transforms per slice, restack, then invert volume-level transforms (if any) on the volume.
 
