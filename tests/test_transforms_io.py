@@ -422,6 +422,12 @@ def test_label_value_missing_from_the_prompts_names_the_mask(tmp_path):
         DecodeLabeld()(d)
     ignored = DecodeLabeld(unknown_labels="background")(d)["label"]
     assert sorted(ignored.unique().tolist()) == [0, 1, 2]
+    with pytest.raises(DataError, match="give the item \"unknown_labels\": \"background\""):
+        DecodeLabeld()(d)
+    item_says = DecodeLabeld()(d | {"unknown_labels": "background"})["label"]  # the datalist item's own choice
+    assert torch.equal(item_says, ignored)
+    with pytest.raises(DataError, match="the item's \"unknown_labels\" is 'ignore'"):
+        DecodeLabeld()(d | {"unknown_labels": "ignore"})
 
 
 def test_volume_in_slice_space_resize_is_an_error(tmp_path):

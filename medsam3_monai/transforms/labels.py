@@ -162,7 +162,8 @@ class DecodeLabeld(MapTransform):
         instance_key: where ``instance_map`` ids go (same shape as the mask, int32).
         threshold: binary/outline foreground threshold; None: 127 for JPEG files, else 0.
         unknown_labels: ``"error"`` (default) raises on a label value that no prompt names;
-            ``"background"`` sets such values to 0.
+            ``"background"`` sets such values to 0. An item's own ``"unknown_labels"`` (a datalist field: score a
+            few classes of a multi-class label map, e.g. 4 of TotalSegmentator's 117) overrides it.
 
     Raises:
         DataError: a label value missing from the prompts (the catalogue), a binary mask without a class-1
@@ -213,7 +214,7 @@ class DecodeLabeld(MapTransform):
             threshold = self.threshold if self.threshold is not None else (127 if is_jpeg else 0)
             if encoding == "label_map":
                 nonzero = _nonzero_values(array) if nonzero is None else nonzero
-                classes = self._check_label_map(array, prompts, nonzero, path)
+                classes = self._check_label_map(array, prompts, nonzero, path, d.get("unknown_labels"))
             else:
                 class_id = self._binary_class(prompts, encoding, path)
                 foreground = array > threshold if encoding != "instance_map" else array > 0
@@ -258,17 +259,21 @@ class DecodeLabeld(MapTransform):
                         "(binary, label_map, instance_map, outline) for this dataset")
 
     def _check_label_map(self, array: np.ndarray, prompts: Mapping[int, str], nonzero: set[int],
-                         path: str | None) -> np.ndarray:
+                         path: str | None, item_policy: str | None = None) -> np.ndarray:
+        policy = self.unknown_labels if item_policy is None else item_policy
+        if policy not in ("error", "background"):
+            raise DataError(path, f"the item's \"unknown_labels\" is {policy!r}", "give \"error\" or \"background\"")
         unknown = sorted(nonzero - set(prompts))
         if not unknown:
             return array
-        if self.unknown_labels == "background":
+        if policy == "background":
             return np.where(np.isin(array, unknown), 0, array).astype(array.dtype)
         raise DataError(path, f"label value(s) {unknown[:20]} are not in the prompts/catalogue "
                               f"(known: {sorted(prompts)})",
                         "give each a prompt in the item's 'prompts' (or the dataset's labels in datasets_meta); a "
-                        "mask with one foreground value (e.g. 255) is \"mask_encoding\": \"binary\"; "
-                        "DecodeLabeld(unknown_labels='background') ignores them")
+                        "mask with one foreground value (e.g. 255) is \"mask_encoding\": \"binary\"; to score "
+                        "or train the prompted classes alone, the others as background, give the item "
+                        "\"unknown_labels\": \"background\"")
 
     @staticmethod
     def _binary_class(prompts: Mapping[int, str], encoding: str, path: str | None) -> int:
