@@ -404,3 +404,18 @@ def test_app_conf_parsing():
         with pytest.raises(configs.ConfError, match=re.escape(says)):
             configs.parse_conf(bad)
 
+
+
+def test_a_studies_folder_with_its_images_in_sub_folders_is_said(tmp_path):
+    """MONAI Label lists only the files directly in --studies: a dataset's images/ below it would serve nothing."""
+    configs = _configs()
+    patterns = ["*.nii.gz", "*.png", "*.jpg"]
+    (tmp_path / "images").mkdir()
+    for name in ("a.png", "b.png"):
+        (tmp_path / "images" / name).write_bytes(b"")
+    (tmp_path / "notes.txt").write_text("")
+    note = configs.studies_note(str(tmp_path), patterns)
+    assert note.startswith(f"--studies {tmp_path} lists no images") and f"2 in {tmp_path / 'images'}: give" in note
+    (tmp_path / "c.jpg").write_bytes(b"")
+    assert configs.studies_note(str(tmp_path), patterns) is None  # it lists one
+    assert configs.studies_note("http://127.0.0.1:8042/dicom-web", patterns) is None

@@ -17,6 +17,7 @@ from typing import Dict
 
 from fastapi import HTTPException
 
+from monailabel.config import settings
 from monailabel.interfaces.app import MONAILabelApp
 from monailabel.interfaces.tasks.infer_v2 import InferTask
 from monailabel.interfaces.tasks.strategy import Strategy
@@ -24,7 +25,7 @@ from monailabel.tasks.activelearning.first import First
 from monailabel.tasks.activelearning.random import Random
 
 import medsam3_monai
-from lib.configs import ConfError, parse_conf
+from lib.configs import ConfError, parse_conf, studies_note
 from lib.infers import MedSAM3Infer
 from lib.infers.medsam3 import bad_request, is_upload
 
@@ -36,7 +37,7 @@ class MedSAM3App(MONAILabelApp):
         try:
             self.medsam3 = parse_conf(conf)
         except ConfError as err:  # said first, on one line: the server's traceback of the failed start follows
-            logger.error(f"medsam3 app: {err}; the server does not start")
+            logger.error(f"medsam3 app: {str(err).rstrip('.')}; the server does not start")
             raise
         logger.info(f"medsam3 app: labels {self.medsam3.labels}, prompts {self.medsam3.prompts}, "
                     f"checkpoint {self.medsam3.checkpoint}")
@@ -49,6 +50,9 @@ class MedSAM3App(MONAILabelApp):
             version=getattr(medsam3_monai, "__version__", "0.1.0"),
             labels=dict(self.medsam3.labels),
         )
+        note = studies_note(studies, list(settings.MONAI_LABEL_DATASTORE_FILE_EXT))
+        if note:
+            logger.warning(f"medsam3 app: {note}")
 
     def infer(self, request, datastore=None):
         image = request.get("image")

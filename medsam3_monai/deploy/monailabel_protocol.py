@@ -65,7 +65,7 @@ _Box = Annotated[list[_Coord], Field(min_length=4, max_length=4)]
 
 #: what to say when a field has the wrong type (pydantic's own words name union members, not the fix)
 _FIELD_HINTS = {
-    "prompts": "'prompts' must be a non-empty list of texts, e.g. [\"polyp\"]",
+    "prompts": "'prompts' must be a non-empty list of texts, e.g. [\"polyp\"] (or one comma-separated text)",
     "labels": "'labels' must be a non-empty list of the model's label names (or one comma-separated text)",
     "score_threshold": "'score_threshold' must be a number in [0, 1]",
     "device": "'device' must be a text such as cpu or cuda",

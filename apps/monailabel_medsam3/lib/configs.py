@@ -190,3 +190,32 @@ def parse_conf(conf: dict[str, str] | None) -> AppConfig:
     except ValueError as err:
         raise ConfError(str(err)) from None
     return config
+
+
+def studies_note(studies: str, patterns: list[str]) -> str | None:
+    """What to say when a studies folder lists nothing while its sub-folders hold images (a dataset's ``images/``):
+    MONAI Label's datastore reads only the files directly in the folder that match ``patterns``
+    (``MONAI_LABEL_DATASTORE_FILE_EXT``: ``*.nii.gz``, ``*.png``, ...). None when there is nothing to say (a DICOMweb
+    URL, a folder that lists images, or one without images anywhere)."""
+    from fnmatch import fnmatch
+    from pathlib import Path
+
+    folder = Path(studies)
+    if not folder.is_dir():
+        return None
+
+    def listed(path: Path) -> bool:
+        return path.is_file() and any(fnmatch(path.name, pattern) for pattern in patterns)
+
+    if any(listed(path) for path in folder.iterdir()):
+        return None
+    below: dict[Path, int] = {}
+    for path in folder.rglob("*"):
+        if listed(path) and "labels" not in path.relative_to(folder).parts[:1]:
+            below[path.parent] = below.get(path.parent, 0) + 1
+    if not below:
+        return None
+    fullest = max(below, key=below.get)
+    return (f"--studies {folder} lists no images: MONAI Label reads only the files directly in it "
+            f"({', '.join(patterns)}), and {sum(below.values())} are in its sub-folders, e.g. {below[fullest]} in "
+            f"{fullest}: give that folder as --studies")
