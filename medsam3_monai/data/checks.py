@@ -9,11 +9,27 @@ import numpy as np
 
 from ..distinct import distinct_values
 
-__all__ = ["is_nifti", "label_values", "spatial_shape", "unknown_label_values"]
+__all__ = ["is_nifti", "label_values", "nifti_channels", "spatial_shape", "unknown_label_values"]
 
 
 def is_nifti(path: Path) -> bool:
     return path.name.lower().endswith((".nii", ".nii.gz"))
+
+
+def nifti_channels(path: str | Path) -> tuple[int, tuple[int, ...]] | None:
+    """(channels, shape) of a NIfTI volume from its header (channels: the product of the axes after the third), or
+    None for another format or an unreadable header (the loader reports those in its turn)."""
+    if not is_nifti(Path(path)):
+        return None
+    import math
+
+    import nibabel as nib
+
+    try:
+        shape = tuple(int(n) for n in nib.load(str(path)).header.get_data_shape())
+    except Exception:  # noqa: BLE001 - unreadable: the loader says why
+        return None
+    return math.prod(shape[3:]), shape
 
 
 def spatial_shape(path: Path) -> tuple[int, ...]:

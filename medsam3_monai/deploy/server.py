@@ -19,8 +19,8 @@ default the offline planner):
 * ``POST /infer/{model}``: multipart ``params`` = JSON ``{"prompts": [...], "box", "protocol", "modality"}`` (plus
   what MONAI Label clients add: ``client_id``, ``result_extension``, ``result_dtype``, ``result_compress``,
   ``restore_label_idx``) and the image as ``file`` (PNG, JPEG, BMP, TIFF, GIF, PPM, NIfTI), or ``?image=ID`` of an
-  uploaded image, or ``?session_id=``. ``?output=all`` (default): multipart ``params`` (result JSON) + ``image`` (the label
-  file); ``image`` (or ``file``): the label file, result JSON in the ``X-MedSAM3-Result`` header; ``json``: the
+  uploaded image, or ``?session_id=``. ``?output=all`` (default): multipart ``params`` (result JSON) + ``image`` (the
+  label file); ``image`` (or ``file``): the label file, result JSON in the ``X-MedSAM3-Result`` header; ``json``: the
   result JSON. The label file is what ``medsam3 segment`` writes (2D: PNG of the input's size, one prompt 0/255,
   several 1..P; volumes: NIfTI labels 1..P with the input's affine), or ``result_extension``/``result_dtype``.
 * ``/datastore/``: ``GET`` (stats, ``?output=all|train``), ``PUT /datastore/?image=ID`` (or ``/datastore/image``)

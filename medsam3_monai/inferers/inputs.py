@@ -5,6 +5,7 @@ prompts in pixels, and the input error inside MONAI's transform wrappers.
 from __future__ import annotations
 
 import os
+from collections import Counter
 from collections.abc import Mapping, Sequence
 from pathlib import Path
 from typing import Any
@@ -350,7 +351,8 @@ def output_stems(paths: Sequence[str | Path], kinds: Sequence[str]) -> list[str]
     common = Path(os.path.commonpath([str(p.parent) for p in paths]))
     nested = [str(p.parent.relative_to(common) / name) for p, name in zip(paths, flat)]
     keyed = list(zip(nested, kinds))
-    return [str(p.parent.relative_to(common) / stem(p, True)) if keyed.count(key) > 1 else name
+    counts = Counter(keyed)
+    return [str(p.parent.relative_to(common) / stem(p, True)) if counts[key] > 1 else name
             for p, key, name in zip(paths, keyed, nested)]
 
 

@@ -40,6 +40,7 @@ from monai.transforms.io.array import switch_endianness
 from monai.transforms import EnsureChannelFirst, MapTransform
 from PIL import Image, ImageChops
 
+from ..data.checks import nifti_channels
 from ..tensors import all_finite, all_near_integers, plain_tensor, voxel_spacing
 from .errors import ChannelError, DataError
 
@@ -107,22 +108,6 @@ def check_channel(path: str | Path, is_volume: bool, channels: int, channel: int
         if channel != 0:
             raise ChannelError(path, f"channel {channel} requested but the volume has 1 channel (a 3D volume)",
                                "leave the channel (--channel) out for 3D volumes, or give 0")
-
-
-def nifti_channels(path: str | Path) -> tuple[int, tuple[int, ...]] | None:
-    """(channels, shape) of a NIfTI volume from its header (channels: the product of the axes after the third), or
-    None for another format or an unreadable header (the loader reports those in its turn)."""
-    if not str(path).lower().endswith((".nii", ".nii.gz")):
-        return None
-    import math
-
-    import nibabel as nib
-
-    try:
-        shape = tuple(int(n) for n in nib.load(str(path)).header.get_data_shape())
-    except Exception:  # noqa: BLE001 - unreadable: the loader says why
-        return None
-    return math.prod(shape[3:]), shape
 
 
 def _suffix(path: str | Path) -> str:
@@ -501,9 +486,9 @@ def load_medical_image(
     if not Path(path).exists():
         raise DataError(path, "file not found", "check the path (a datalist's relative paths are read from the "
                                                 "datalist's own folder)")
-    if Path(path).is_dir() and not has_dicom_files(path):  # said before ITK prints its warning
-        raise _unreadable(path, mask, ValueError("no DICOM files (.dcm, .ima or without extension)"))
     if Path(path).is_dir():
+        if not has_dicom_files(path):  # said before ITK prints its warning
+            raise _unreadable(path, mask, ValueError("no DICOM files (.dcm, .ima or without extension)"))
         check_dicom_series(path)
     reader = _pick_reader(path, readers)
     size = None
@@ -566,9 +551,8 @@ def load_medical_image(
 def _check_affine(path: str, affine: Any) -> None:
     """DataError for a volume whose voxel-to-world matrix is not finite or not invertible (a zero or NaN affine):
     its segmentation could not be placed, nor its spacing measured."""
-    matrix = np.asarray(affine, dtype=np.float64)[:3, :3] if affine is not None else None
-    if matrix is None or not np.isfinite(np.asarray(affine, dtype=np.float64)).all() or \
-            abs(float(np.linalg.det(matrix))) < 1e-12:
+    matrix = None if affine is None else np.asarray(affine, dtype=np.float64)
+    if matrix is None or not np.isfinite(matrix).all() or abs(float(np.linalg.det(matrix[:3, :3]))) < 1e-12:
         raise DataError(path, "has no usable voxel-to-world matrix (its affine is zero, singular or not finite), so "
                               "its segmentation cannot be placed", "repair the header (for NIfTI: set the qform / "
                                                                    "sform and pixdim) and try again")
@@ -579,10 +563,13 @@ SLICE_SPACING_TOLERANCE = 0.05
 
 
 def _dicom_tags(file: str, tags: Sequence[str]) -> dict[str, str]:
-    """The text of ``tags`` (``"0020|0032"``, ...) in one DICOM file's header (absent ones left out), by ITK's GDCM."""
+    """The text of ``tags`` (``"0020|0032"``, ...) in one DICOM file's header (absent ones left out), by ITK's GDCM;
+    RuntimeError when GDCM cannot read the file."""
     import itk
 
     reader = itk.GDCMImageIO.New()
+    if not reader.CanReadFile(file):
+        raise RuntimeError(f"{file} is not a DICOM file GDCM reads")
     reader.SetFileName(file)
     reader.ReadImageInformation()
     values = {}
@@ -652,30 +639,19 @@ def dicom_modality(path: str | Path) -> str | None:
     """The modality a DICOM series folder's own header states (tag (0008,0060) of its first readable file, mapped by
     :data:`DICOM_MODALITIES`: ``CT`` -> ``"CT"``, ``MR`` -> ``"MRI"``, ...), or a single ``.dcm`` file's; None for
     anything else (another file, a folder without DICOM files, another code). Reads one header, no pixels."""
-    folder = Path(path)
-    if folder.is_file() and _suffix(folder) in (".dcm", ".ima"):  # a single DICOM image states it too
-        try:
-            code = _dicom_tags(str(folder), ("0008|0060",)).get("0008|0060", "")
-        except RuntimeError:
-            return None
-        return DICOM_MODALITIES.get(code.upper())
-    if not folder.is_dir():
+    path = Path(path)
+    if path.is_file() and _suffix(path) in (".dcm", ".ima"):  # a single DICOM image states it too
+        candidates = [path]
+    elif path.is_dir():
+        candidates = [c for c in sorted(path.iterdir())[:32] if c.is_file() and not c.name.startswith(".")]
+    else:
         return None
-    import itk
-
-    for candidate in sorted(folder.iterdir())[:32]:
-        if not candidate.is_file() or candidate.name.startswith("."):
-            continue
-        reader = itk.GDCMImageIO.New()
-        if not reader.CanReadFile(str(candidate)):
-            continue
-        reader.SetFileName(str(candidate))
+    for candidate in candidates:
         try:
-            reader.ReadImageInformation()
-            found, code = reader.GetValueFromTag("0008|0060", "")
-        except RuntimeError:
+            tags = _dicom_tags(str(candidate), ("0008|0060",))
+        except RuntimeError:  # not DICOM, or its header does not read: the next file
             continue
-        return DICOM_MODALITIES.get(str(code).strip().upper()) if found else None
+        return DICOM_MODALITIES.get(tags.get("0008|0060", "").upper())
     return None
 
 

@@ -23,6 +23,7 @@ import json
 from pathlib import Path
 
 from ..catalogue import CatalogueError
+from ..checks import nifti_channels
 from ..pairs import Conversion, DatalistError, Pair, Problem
 from ._common import Converter, child, listing, pair_by_name, stem
 
@@ -78,17 +79,11 @@ def _check_msd_labels(path: Path, meta: dict, entry, catalogue) -> None:
 
 
 def _header_channels(image: Path) -> dict[int, str]:
-    """``{index: ""}`` (unnamed) for each channel of a 4D NIfTI image (read from its header), {} for a 3D one: the
-    channels of MSD's 4D tasks (BrainTumour, Prostate) when no dataset.json names them."""
-    import math
-
-    import nibabel as nib
-
-    try:
-        shape = nib.load(str(image)).header.get_data_shape()
-    except Exception:  # noqa: BLE001 - unreadable: the datalist's own checks say why
-        return {}
-    count = math.prod(shape[3:])
+    """``{index: ""}`` (unnamed) for each channel of a 4D NIfTI image (read from its header), {} for a 3D one or an
+    unreadable header (the datalist's own checks say why): the channels of MSD's 4D tasks (BrainTumour, Prostate)
+    when no dataset.json names them."""
+    header = nifti_channels(image)
+    count = header[0] if header is not None else 1
     return {index: "" for index in range(count)} if count > 1 else {}
 
 
