@@ -12,7 +12,7 @@ from .. import __version__
 
 # sub-command modules, each exposing add_parser(subparsers); imported lazily per call
 _COMMANDS = ("medsam3_monai.deploy.convert", "medsam3_monai.data.cli", "medsam3_monai.deploy.evaluate_cli",
-             "medsam3_monai.deploy.demo", "medsam3_monai.deploy.segment_cli",
+             "medsam3_monai.deploy.demo", "medsam3_monai.deploy.train_cli", "medsam3_monai.deploy.segment_cli",
              "medsam3_monai.deploy.serve", "medsam3_monai.deploy.agent_cli", "medsam3_monai.deploy.reproduce_cli")
 
 

@@ -22,10 +22,9 @@ import sys
 import time
 from pathlib import Path
 
+from ..bundle import BUNDLE_CONFIGS
 from ..protocol_registry import DEFAULT_PROTOCOL, PROTOCOLS
-
-BUNDLE_CONFIGS = Path(__file__).resolve().parents[2] / "bundles" / "medsam3" / "configs"
-
+from .train_cli import check_model_arguments, one_rate_overrides
 
 def add_parser(subparsers: argparse._SubParsersAction) -> argparse.ArgumentParser:
     parser = subparsers.add_parser(
@@ -52,27 +51,6 @@ def add_parser(subparsers: argparse._SubParsersAction) -> argparse.ArgumentParse
     return parser
 
 
-def _check_model_arguments(args: argparse.Namespace) -> None:
-    """The slice size and the starting checkpoint, checked before any data is made (cheaply: a checkpoint file's
-    tensor names, a folder's config.json); the training bundle loads and checks the weights themselves."""
-    from ..networks.checkpoints import CheckpointError, checkpoint_keys, missing_checkpoint
-    from ..networks.presets import check_image_size
-
-    if args.image_size is not None:
-        check_image_size(args.image_size)
-    if args.checkpoint == "tiny":
-        return
-    path = Path(args.checkpoint).expanduser()
-    if not path.exists():
-        raise missing_checkpoint(path)
-    if path.is_dir() and not (path / "config.json").is_file():
-        raise CheckpointError(f"checkpoint folder {path} has no config.json: give an HF folder (facebook/sam3 layout, "
-                              "or one written by `medsam3 convert-checkpoint`)")
-    if path.is_file() and checkpoint_keys(path) is None:
-        raise CheckpointError(f"cannot read checkpoint {path}: not a PyTorch checkpoint of SAM3 weights; point "
-                              "--checkpoint to the right file")
-
-
 def _train(datalists: list[str], out: Path, args: argparse.Namespace, epochs: int) -> Path:
     """Run the training bundle; returns the final model path."""
     from ignite.engine import Events
@@ -88,8 +66,7 @@ def _train(datalists: list[str], out: Path, args: argparse.Namespace, epochs: in
     if args.device != "auto":
         overrides["device"] = f"$torch.device('{args.device}')"
     if args.lr > 0:
-        overrides |= {"lr#detector": args.lr, "lr#vision": args.lr, "lr#language": args.lr, "lr#geometry": args.lr,
-                      "lr#layer_decay": 1.0, "lr#weight_decay": 0.0, "scheduler#timescale": 1000}
+        overrides |= one_rate_overrides(args.lr)
     workflow = ConfigWorkflow(
         config_file=str(BUNDLE_CONFIGS / "train.json"), meta_file=str(BUNDLE_CONFIGS / "metadata.json"),
         logging_file=str(BUNDLE_CONFIGS / "logging.conf"), workflow_type="train", tracking=str(BUNDLE_CONFIGS / "mlflow.json"), **overrides,
@@ -118,7 +95,7 @@ def run(args: argparse.Namespace) -> int:
         missing = [p for p in args.data if not Path(p).is_file()]
         if missing:
             raise FileNotFoundError(f"datalist not found: {', '.join(missing)} (make one with `medsam3 datalist`)")
-    _check_model_arguments(args)
+    check_model_arguments(args.checkpoint, args.image_size)
     start = time.perf_counter()
     created = not out.exists()
     out.mkdir(parents=True, exist_ok=True)

@@ -1,0 +1,229 @@
+"""``medsam3 train --datalist FILE --out DIR``: the training bundle in one command.
+
+A thin front to ``bundles/medsam3/configs/train.json``: it checks the datalists and the starting checkpoint, then
+runs ``python -m monai.bundle run`` with the bundle's metadata, logging and MLflow settings (or, with ``--nproc N``,
+``torchrun`` with ``multi_gpu_train.json`` overlaid) and returns its exit status. The command it runs is printed
+first (``--dry-run``: printed only), so every run can be repeated or adapted with MONAI's own runner.
+
+Options map to bundle keys: ``--out`` -> ``bundle_root``, ``--datalist`` -> ``datalists``, ``--epochs`` ->
+``max_epochs``, ...; ``--set KEY=VALUE`` passes any other key of ``train.json`` (``--set lr#detector=1e-4``), its
+value read as ``python -m monai.bundle run --KEY VALUE`` reads it. Run the same command again to resume from the
+newest checkpoint in ``--out`` (``--set resume=false`` starts afresh).
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import shlex
+import shutil
+import signal
+import subprocess
+import sys
+from pathlib import Path
+from typing import Sequence
+
+from ..bundle import BUNDLE_CONFIGS
+from .arguments import at_least
+
+__all__ = ["add_parser", "bundle_command", "check_model_arguments", "one_rate_overrides", "run",
+           "run_folder"]
+
+#: the bundle key of each dedicated option (``--set`` may not set them a second time)
+OPTION_KEYS = {"--out": "bundle_root", "--datalist": "datalists", "--checkpoint": "checkpoint",
+               "--image-size": "image_size", "--mode": "mode", "--box-prompts": "box_prompts", "--epochs": "max_epochs",
+               "--batch-size": "batch_size", "--val-interval": "val_interval", "--save-interval": "save_interval"}
+
+_EPILOG = """\
+Examples:
+  # the tiny network on the shared Kvasir sample (CPU, about a minute), one learning rate for every group
+  medsam3 datalist Kvasir-SEG_sample ../shared/data/Kvasir-SEG_sample --out kvasir.json
+  medsam3 train --datalist kvasir.json --out runs/tiny --lr 5e-4 --epochs 10 --batch-size 2 \\
+      --set val_protocol=semantic
+  # Medical SAM3 (full fine-tuning) from real weights, 8 GPUs
+  medsam3 train --datalist kvasir.json --datalist busi.json --out runs/medical-sam3 \\
+      --checkpoint /weights/sam3-hf --image-size 1008 --nproc 8 --set gradient_checkpointing=true
+  # MedSAM3 (frozen encoders, text + box prompts)
+  medsam3 train --datalist kvasir.json --out runs/medsam3 --checkpoint /weights/sam3-hf --image-size 1008 \\
+      --mode medsam3 --box-prompts
+Outputs under --out: models/model.pt (the final network), runs/checkpoints/ (checkpoint_iterN.pt, resumable;
+model_best_val_dice.pt), runs/mlruns.db (MLflow). Every key: bundles/medsam3/docs/README.md.
+"""
+
+
+def add_parser(subparsers: argparse._SubParsersAction) -> argparse.ArgumentParser:
+    parser = subparsers.add_parser(
+        "train", help="fine-tune on datalists with the training bundle (Medical SAM3 or MedSAM3; torchrun for N GPUs)",
+        description=__doc__, epilog=_EPILOG, formatter_class=argparse.RawDescriptionHelpFormatter,
+    )
+    parser.add_argument("--datalist", action="append", required=True, metavar="FILE",
+                        help="a datalist JSON (`medsam3 datalist`); repeatable: the datasets are trained together")
+    parser.add_argument("--out", required=True, metavar="DIR",
+                        help="the run's folder (bundle_root): model, checkpoints, MLflow store; the same --out again "
+                             "resumes")
+    parser.add_argument("--checkpoint", default=None, metavar="SRC",
+                        help="starting weights: tiny (random init, the bundle's default), an HF folder, sam3.pt, a "
+                             "Medical-SAM3 release, a model.pt")
+    parser.add_argument("--image-size", type=at_least(1), default=None, metavar="N",
+                        help="slice-space size (default 112, the tiny network's; 1008 for real weights)")
+    parser.add_argument("--mode", choices=["full", "medsam3"], default=None,
+                        help="full: Medical SAM3, every part trained (default); medsam3: frozen encoders")
+    parser.add_argument("--box-prompts", action="store_true",
+                        help="add each positive prompt's box (its target's largest connected component): MedSAM3's "
+                             "text + box prompts")
+    parser.add_argument("--epochs", type=at_least(1), default=None, metavar="N", help="max_epochs (default 10)")
+    parser.add_argument("--batch-size", type=at_least(1), default=None, metavar="N",
+                        help="find-queries per step and process (default 4)")
+    parser.add_argument("--val-interval", type=at_least(1), default=None, metavar="N",
+                        help="iterations between validations (default 50)")
+    parser.add_argument("--save-interval", type=at_least(1), default=None, metavar="N",
+                        help="iterations between checkpoints (default 50)")
+    parser.add_argument("--lr", type=float, default=None, metavar="RATE",
+                        help="one learning rate for every parameter group, no layer or weight decay (a tiny network "
+                             "learning from scratch); default: the papers' fine-tuning rates")
+    parser.add_argument("--nproc", type=at_least(1), default=1, metavar="N",
+                        help="processes on this machine, one per GPU: N > 1 runs torchrun with multi_gpu_train.json "
+                             "(gloo on CPU)")
+    parser.add_argument("--no-mlflow", action="store_true",
+                        help="no MLflow tracking (default: runs/mlruns.db in --out)")
+    parser.add_argument("--set", action="append", default=[], metavar="KEY=VALUE", dest="settings",
+                        help="any other train.json key, e.g. --set lr#detector=1e-4 --set val_protocol=semantic "
+                             "(repeatable)")
+    parser.add_argument("--dry-run", action="store_true", help="print the bundle command and exit without running it")
+    parser.set_defaults(func=run)
+    return parser
+
+
+def check_model_arguments(checkpoint: str, image_size: int | None) -> None:
+    """The slice size and the starting checkpoint, checked before any data is made (cheaply: a checkpoint file's
+    tensor names, a folder's config.json); the training bundle loads and checks the weights themselves."""
+    from ..networks.checkpoints import CheckpointError, checkpoint_keys, missing_checkpoint
+    from ..networks.presets import check_image_size
+
+    if image_size is not None:
+        check_image_size(image_size)
+    if checkpoint == "tiny":
+        return
+    path = Path(checkpoint).expanduser()
+    if not path.exists():
+        raise missing_checkpoint(path)
+    if path.is_dir() and not (path / "config.json").is_file():
+        raise CheckpointError(f"checkpoint folder {path} has no config.json: give an HF folder (facebook/sam3 layout, "
+                              "or one written by `medsam3 convert-checkpoint`)")
+    if path.is_file() and checkpoint_keys(path) is None:
+        raise CheckpointError(f"cannot read checkpoint {path}: not a PyTorch checkpoint of SAM3 weights; point "
+                              "--checkpoint to the right file")
+
+
+def one_rate_overrides(lr: float) -> dict[str, float | int]:
+    """Bundle overrides that train every parameter group at ``lr``, without layer decay or weight decay, on a slow
+    inverse-square-root decay: a random-init (tiny) network learning from scratch, not the papers' fine-tuning."""
+    return {"lr#detector": lr, "lr#vision": lr, "lr#language": lr, "lr#geometry": lr, "lr#layer_decay": 1.0,
+            "lr#weight_decay": 0.0, "scheduler#timescale": 1000}
+
+
+def _settings(pairs: Sequence[str], given: dict[str, str]) -> dict[str, str]:
+    """``--set KEY=VALUE`` pairs -> ``{key: value}``; ``given`` maps the keys dedicated options set to the option."""
+    settings: dict[str, str] = {}
+    for pair in pairs:
+        key, sep, value = pair.partition("=")
+        key = key.strip().lstrip("-")
+        if not sep or not key or not value:
+            raise ValueError(f"--set {pair!r}: give KEY=VALUE, e.g. --set lr#detector=1e-4")
+        if key in given:
+            raise ValueError(f"--set {key}: use {given[key]} for it")
+        if key in settings:
+            raise ValueError(f"--set {key} is given twice")
+        settings[key] = value
+    return settings
+
+
+def bundle_command(args: argparse.Namespace) -> list[str]:
+    """The ``python -m monai.bundle run`` (or ``torchrun``) argument list of ``args``, values as MONAI's runner
+    reads them from a command line."""
+    configs = [str(BUNDLE_CONFIGS / "train.json")]
+    if args.nproc > 1:
+        configs.append(str(BUNDLE_CONFIGS / "multi_gpu_train.json"))
+        command = [sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc_per_node", str(args.nproc)]
+    else:
+        command = [sys.executable]
+    command += ["-m", "monai.bundle", "run", "--config_file", configs[0] if len(configs) == 1 else json.dumps(configs),
+                "--meta_file", str(BUNDLE_CONFIGS / "metadata.json"),
+                "--logging_file", str(BUNDLE_CONFIGS / "logging.conf")]
+    if not args.no_mlflow:
+        command += ["--tracking", str(BUNDLE_CONFIGS / "mlflow.json")]
+    datalists = [str(Path(p).expanduser().resolve()) for p in args.datalist]
+    values = {"--out": str(run_folder(args)), "--datalist": json.dumps(datalists), "--checkpoint": args.checkpoint,
+              "--image-size": args.image_size, "--mode": args.mode,
+              "--box-prompts": "true" if args.box_prompts else None, "--epochs": args.epochs,
+              "--batch-size": args.batch_size, "--val-interval": args.val_interval,
+              "--save-interval": args.save_interval}
+    overrides: dict[str, object] = {OPTION_KEYS[option]: value for option, value in values.items() if value is not None}
+    dedicated = {key: option for option, key in OPTION_KEYS.items()}
+    if args.lr is not None:
+        dedicated |= dict.fromkeys(one_rate_overrides(args.lr), "--lr")
+        overrides |= one_rate_overrides(args.lr)
+    overrides |= _settings(args.settings, dedicated)
+    for key, value in overrides.items():
+        command += [f"--{key}", str(value)]
+    return command
+
+
+def _check(args: argparse.Namespace) -> None:
+    missing = [p for p in args.datalist if not Path(p).expanduser().is_file()]
+    if missing:
+        raise FileNotFoundError(f"datalist not found: {', '.join(missing)} (make one with `medsam3 datalist`)")
+    out = Path(args.out).expanduser()
+    if out.exists() and not out.is_dir():
+        raise FileExistsError(f"--out {out} is a file: give a folder for the run (new, or a run's folder to resume)")
+    if args.lr is not None and not args.lr > 0:
+        raise ValueError(f"--lr {args.lr}: give a learning rate > 0")
+    check_model_arguments(args.checkpoint or "tiny", args.image_size)
+
+
+def run_folder(args: argparse.Namespace) -> Path:
+    """The run's folder (``--out``, absolute): the bundle's ``bundle_root``."""
+    return Path(args.out).expanduser().resolve()
+
+
+def _wait(process: subprocess.Popen) -> int:
+    """The bundle's exit status. Ctrl-C reaches the bundle too (one process group), which ends on its own; a
+    SIGTERM to this process is passed on to it."""
+    previous = signal.signal(signal.SIGTERM, lambda *_: process.terminate())
+    try:
+        while True:
+            try:
+                return process.wait()
+            except KeyboardInterrupt:
+                continue
+    finally:
+        signal.signal(signal.SIGTERM, previous)
+
+
+def _remove_if_config_only(root: Path) -> None:
+    """Remove the run folder ``root`` this command created when a failed bundle left nothing in it but the executed
+    config MONAI's ``--tracking`` saves before the bundle starts (``runs/config_<time>.json``): an input error
+    leaves no output behind. A folder holding anything else (a checkpoint to resume from) is kept."""
+    files = [p for p in root.rglob("*") if not p.is_dir()]
+    if all(p.parent == root / "runs" and p.name.startswith("config_") and p.suffix == ".json" for p in files):
+        shutil.rmtree(root, ignore_errors=True)
+
+
+def run(args: argparse.Namespace) -> int:
+    command = bundle_command(args)  # (--set mistakes first: they need no file)
+    _check(args)
+    print(shlex.join(command), file=sys.stdout if args.dry_run else sys.stderr, flush=True)
+    if args.dry_run:
+        return 0
+    root = run_folder(args)
+    created = not root.exists()
+    status = _wait(subprocess.Popen(command))
+    if status != 0:
+        if created:
+            _remove_if_config_only(root)
+        return status if status > 0 else 128 - status  # ended by a signal: the shell's 128 + signal
+    print(f"medsam3 train: final model {root / 'models' / 'model.pt'}; checkpoints {root / 'runs' / 'checkpoints'}"
+          + ("" if args.no_mlflow else
+             f"; browse the run with: mlflow ui --backend-store-uri sqlite:///{root / 'runs' / 'mlruns.db'}"),
+          file=sys.stderr)
+    return 0

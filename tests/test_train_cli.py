@@ -1,0 +1,127 @@
+"""``medsam3 train``: the training bundle in one command (a thin front to ``python -m monai.bundle run``).
+
+The command it runs is checked by how MONAI's own runner reads it (``fire``'s value parser, which ``monai.bundle``'s
+``__main__`` uses), bad input by its exit status and by what it leaves behind, and one slow test trains the tiny
+network on the shared Kvasir sample through it.
+"""
+
+from __future__ import annotations
+
+import json
+from pathlib import Path
+
+import pytest
+
+from medsam3_monai.bundle import BUNDLE_CONFIGS
+from medsam3_monai.deploy.cli import build_parser, main
+from medsam3_monai.deploy.train_cli import bundle_command
+
+
+def _command(*argv: str) -> list[str]:
+    return bundle_command(build_parser().parse_args(["train", *argv]))
+
+
+def _bundle_arguments(command: list[str]) -> dict[str, object]:
+    """``--key value`` pairs after ``monai.bundle run``, each value as MONAI's runner (fire) parses it."""
+    from fire.parser import DefaultParseValue
+
+    rest = command[command.index("run", command.index("monai.bundle")) + 1:]
+    assert len(rest) % 2 == 0 and all(key.startswith("--") for key in rest[::2]), rest
+    return {key[2:]: DefaultParseValue(value) for key, value in zip(rest[::2], rest[1::2])}
+
+
+def test_options_reach_the_bundle_as_its_keys(tmp_path: Path):
+    datalists = [tmp_path / "a b.json", tmp_path / "c.json"]
+    command = _command("--datalist", str(datalists[0]), "--datalist", str(datalists[1]), "--out", str(tmp_path / "run"),
+                       "--checkpoint", "tiny", "--image-size", "112", "--mode", "medsam3", "--box-prompts",
+                       "--epochs", "3", "--batch-size", "2", "--val-interval", "5", "--save-interval", "7",
+                       "--set", "val_protocol=semantic", "--set", "loss_weights#mask=150")
+    assert command[1:4] == ["-m", "monai.bundle", "run"]
+    assert _bundle_arguments(command) == {
+        "config_file": str(BUNDLE_CONFIGS / "train.json"), "meta_file": str(BUNDLE_CONFIGS / "metadata.json"),
+        "logging_file": str(BUNDLE_CONFIGS / "logging.conf"), "tracking": str(BUNDLE_CONFIGS / "mlflow.json"),
+        "bundle_root": str(tmp_path / "run"), "datalists": [str(p) for p in datalists], "checkpoint": "tiny",
+        "image_size": 112, "mode": "medsam3", "box_prompts": "true", "max_epochs": 3, "batch_size": 2,
+        "val_interval": 5, "save_interval": 7, "val_protocol": "semantic", "loss_weights#mask": 150,
+    }
+
+
+def test_one_rate_and_torchrun_without_mlflow(tmp_path: Path):
+    command = _command("--datalist", "d.json", "--out", "run", "--lr", "5e-4", "--nproc", "2", "--no-mlflow")
+    assert command[1:6] == ["-m", "torch.distributed.run", "--standalone", "--nproc_per_node", "2"]
+    arguments = _bundle_arguments(command)
+    assert arguments["config_file"] == [str(BUNDLE_CONFIGS / "train.json"),
+                                        str(BUNDLE_CONFIGS / "multi_gpu_train.json")]
+    assert "tracking" not in arguments
+    assert arguments["bundle_root"] == str(Path("run").resolve())
+    assert {key: arguments[key] for key in ("lr#detector", "lr#vision", "lr#language", "lr#geometry")} == \
+        dict.fromkeys(("lr#detector", "lr#vision", "lr#language", "lr#geometry"), 5e-4)
+    assert (arguments["lr#layer_decay"], arguments["lr#weight_decay"], arguments["scheduler#timescale"]) == (1, 0, 1000)
+    assert "max_epochs" not in arguments and "checkpoint" not in arguments  # unset options keep the bundle's values
+
+
+def test_dry_run_prints_the_command_and_runs_nothing(tmp_path: Path, capsys):
+    datalist = tmp_path / "d.json"
+    datalist.write_text("{}")
+    assert main(["train", "--datalist", str(datalist), "--out", str(tmp_path / "run"), "--dry-run"]) == 0
+    printed = capsys.readouterr().out.strip()
+    assert "-m monai.bundle run --config_file" in printed and f"--bundle_root {tmp_path / 'run'}" in printed
+    assert not (tmp_path / "run").exists()
+
+
+@pytest.mark.parametrize(("argv", "message"), [
+    (["--set", "max_epochs=2"], "--set max_epochs: use --epochs for it"),
+    (["--lr", "1e-4", "--set", "lr#vision=1e-5"], "--set lr#vision: use --lr for it"),
+    (["--set", "val_protocol"], "give KEY=VALUE"),
+    (["--set", "seed=1", "--set", "seed=2"], "--set seed is given twice"),
+    (["--lr", "0"], "--lr 0.0: give a learning rate > 0"),
+    (["--checkpoint", "missing/sam3.pt"], "missing/sam3.pt"),
+    (["--image-size", "100"], "100"),
+])
+def test_bad_options_exit_2_before_anything_runs(tmp_path: Path, capsys, argv: list[str], message: str):
+    datalist = tmp_path / "d.json"
+    datalist.write_text("{}")
+    assert main(["train", "--datalist", str(datalist), "--out", str(tmp_path / "run"), *argv]) == 2
+    error = capsys.readouterr().err
+    assert error.startswith("medsam3 train: error:") and message in error, error
+    assert not (tmp_path / "run").exists()
+
+
+def test_missing_datalist_and_a_file_as_out(tmp_path: Path, capsys):
+    assert main(["train", "--datalist", str(tmp_path / "none.json"), "--out", str(tmp_path / "run")]) == 2
+    assert "datalist not found" in capsys.readouterr().err
+    datalist, out = tmp_path / "d.json", tmp_path / "out.txt"
+    datalist.write_text("{}")
+    out.write_text("keep")
+    assert main(["train", "--datalist", str(datalist), "--out", str(out)]) == 2
+    assert "is a file" in capsys.readouterr().err and out.read_text() == "keep"
+
+
+@pytest.mark.slow
+def test_train_fine_tunes_the_tiny_network_and_a_bundle_error_leaves_no_folder(shared_data: Path, tmp_path: Path,
+                                                                              capfd):
+    from medsam3_monai.data import build_datalist, write_datalist
+    from medsam3_monai.networks import MedSAM3Net
+
+    datalist = write_datalist(build_datalist("Kvasir-SEG_sample", shared_data / "Kvasir-SEG_sample").datalist,
+                              tmp_path / "kvasir.json")
+    run = tmp_path / "run"
+    assert main(["train", "--datalist", str(datalist), "--out", str(run), "--lr", "5e-4", "--epochs", "1",
+                 "--batch-size", "2", "--val-interval", "2", "--set", "val_protocol=semantic"]) == 0
+    said = capfd.readouterr()
+    assert "saved final model" in said.out + said.err  # (the bundle's log)
+    assert f"medsam3 train: final model {run / 'models' / 'model.pt'}" in said.err
+    trained = MedSAM3Net(str(run / "models" / "model.pt"))
+    assert trained.image_size == 112
+    assert sorted(p.name for p in (run / "runs" / "checkpoints").iterdir()) == ["checkpoint_iter2.pt",
+                                                                                  "model_best_val_dice.pt"]
+    assert (run / "runs" / "mlruns.db").is_file()  # MLflow on by default
+    config = json.loads(next((run / "runs").glob("config_*.json")).read_text())
+    assert config["lr"]["vision"] == 5e-4 and config["val_protocol"] == "semantic"
+
+    # the bundle refuses a key it does not have: its one-line error and status, and the folder MONAI's tracking
+    # had started (its executed config) is gone
+    other = tmp_path / "other"
+    assert main(["train", "--datalist", str(datalist), "--out", str(other), "--set", "max_epoch=1"]) == 2
+    assert "the bundle has no setting 'max_epoch'" in capfd.readouterr().err
+    assert not other.exists()
