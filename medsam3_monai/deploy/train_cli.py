@@ -36,7 +36,7 @@ OPTION_KEYS = {"--out": "bundle_root", "--datalist": "datalists", "--checkpoint"
 
 _EPILOG = """\
 Examples:
-  # the tiny network on the shared Kvasir sample (CPU, about a minute), one learning rate for every group
+  # the tiny network on the shared Kvasir sample (1-2 minutes on 2 CPU cores), one learning rate for every group
   medsam3 datalist Kvasir-SEG_sample ../shared/data/Kvasir-SEG_sample --out kvasir.json
   medsam3 train --datalist kvasir.json --out runs/tiny --lr 5e-4 --epochs 10 --batch-size 2 \\
       --set val_protocol=semantic
