@@ -2,7 +2,8 @@
 
 For each seed, the official side (run with the official package's Python) builds ``Sam3Image`` with random
 weights (parameters that are constant at init perturbed, the two uninitialised text tensors initialised), saves
-them as the original ``sam3.pt`` and records its outputs on a fixed 1008-px image:
+them as the original ``sam3.pt`` and records its outputs on a fixed 1008-px image (``--image-size 504``: the ViT built
+at 504 px, the Medical-SAM3 release's 3D size, on both sides; the weights are the same tensors at any size):
 
 * inference: a text-only prompt ("polyp"), text + box (one positive, one negative box) and box-only (SAM3's
   ``"visual"`` text + one box), every decoder layer;
@@ -42,7 +43,7 @@ import tempfile
 import time
 from pathlib import Path
 
-IMAGE_SIZE = 1008
+IMAGE_SIZE = 1008  # --image-size sets it (both stages)
 TEXT_PROMPT = "polyp"
 BOX_ONLY_TEXT = "visual"
 # cx, cy, w, h in [0, 1]
@@ -173,6 +174,11 @@ def _official_stage(seed: int, workdir: Path, shared: Path | None) -> None:
 
     torch.set_grad_enabled(False)
     bpe = Path(str(importlib.resources.files("open_clip"))) / "bpe_simple_vocab_16e6.txt.gz"
+    if IMAGE_SIZE != 1008:  # sam3 0.1.4 builds its ViT at 1008 px; the rest reads the size from its features
+        import sam3.model_builder as builder
+
+        vit = builder.ViT
+        builder.ViT = lambda *args, **kwargs: vit(*args, **{**kwargs, "img_size": IMAGE_SIZE})
     torch.manual_seed(seed)
     model = build_sam3_image_model(bpe_path=str(bpe), device="cpu", eval_mode=False, checkpoint_path=None,
                                    load_from_HF=False)
@@ -428,7 +434,7 @@ def ours_stage(seed: int, workdir: Path) -> dict:
     timings = {}
 
     start = time.perf_counter()
-    net = MedSAM3Net(workdir / "sam3.pt", training_dropout=no_dropout).eval()
+    net = MedSAM3Net(workdir / "sam3.pt", image_size=IMAGE_SIZE, training_dropout=no_dropout).eval()
     columns["sam3.pt"] = _compare_eval(_ours_eval(net, pixels, torch), official)
     train_forward, train_losses, gradients = _ours_train(net, pixels, official, torch)
     columns["sam3.pt"].update(train_forward)
@@ -442,7 +448,7 @@ def ours_stage(seed: int, workdir: Path) -> dict:
 
     folder = workdir / "converted"
     shutil.rmtree(folder, ignore_errors=True)
-    if cli_main(["convert-checkpoint", str(workdir / "sam3.pt"), str(folder)]) != 0:
+    if cli_main(["convert-checkpoint", str(workdir / "sam3.pt"), str(folder), "--image-size", str(IMAGE_SIZE)]) != 0:
         raise SystemExit("medsam3 convert-checkpoint failed")
     start = time.perf_counter()
     net = MedSAM3Net(folder, training_dropout=no_dropout).eval()
@@ -508,9 +514,12 @@ def markdown(results: list[dict]) -> str:
 
 
 def main(argv: list[str] | None = None) -> int:
+    global IMAGE_SIZE
     parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     parser.add_argument("--official-python", help="python of a virtualenv with sam3==0.1.4 (see the docstring)")
     parser.add_argument("--seeds", type=int, nargs="+", default=[0, 1])
+    parser.add_argument("--image-size", type=int, default=IMAGE_SIZE,
+                        help="the ViT's input size on both sides (default 1008; 504: the Medical-SAM3 3D checkpoint's)")
     parser.add_argument("--workdir", type=Path, default=None, help="scratch folder (default: a temporary one)")
     parser.add_argument("--shared", type=Path, default=Path(__file__).resolve().parents[1].parent / "shared" / "data")
     parser.add_argument("--out", type=Path, default=Path("official_check"), help="writes OUT.md and OUT.json")
@@ -519,6 +528,7 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--seed", type=int, help=argparse.SUPPRESS)
     args = parser.parse_args(argv)
     shared = args.shared if args.shared.is_dir() else None
+    IMAGE_SIZE = args.image_size
 
     if args.stage == "official":
         official_stage(args.seed, args.workdir, shared)
@@ -544,7 +554,8 @@ def main(argv: list[str] | None = None) -> int:
         print(f"[seed {seed}] official sam3: build, save sam3.pt, forward", flush=True)
         start = time.perf_counter()
         subprocess.run([args.official_python, __file__, "--stage", "official", "--seed", str(seed),
-                        "--workdir", str(workdir), "--shared", str(args.shared)], check=True)
+                        "--workdir", str(workdir), "--shared", str(args.shared), "--image-size", str(IMAGE_SIZE)],
+                       check=True)
         official_seconds = time.perf_counter() - start
         print(f"[seed {seed}] ours: sam3.pt, convert-checkpoint folder, plain Sam3Model", flush=True)
         result = ours_stage(seed, workdir)
@@ -581,16 +592,17 @@ def write_report(results: list[dict], seeds: list[int], shared_image: bool, out:
                "max_diff_zero_gradients": worst_zero,
                "outputs_over_tolerance": over,
                "within_tolerance": not over and worst_loss <= LOSS_TOLERANCE and missing == 0 and gradients_ok,
-               "shared_image": shared_image, "results": results}
+               "shared_image": shared_image, "image_size": IMAGE_SIZE, "results": results}
     out.with_suffix(".json").write_text(json.dumps(summary, indent=2))
     failures = over + (["loss terms"] if worst_loss > LOSS_TOLERANCE else []) + (
         [f"{int(missing)} loss term(s) on one side only"] if missing else []) + (
         [] if gradients_ok else [f"gradients ({worst_gradient:.2e}, numerically zero ones {worst_zero:.2e}; one side "
                                  f"only: {', '.join(one_side) or 'none'})"])
     header = [
-        "# Our network vs Meta's official SAM3 (random full-size weights, fp32, CPU)", "",
+        f"# Our network vs Meta's official SAM3 (random full-size weights, {IMAGE_SIZE} px, fp32, CPU)", "",
         f"Written by `python scripts/check_official.py --official-python PYTHON --seeds "
-        f"{' '.join(map(str, seeds))}` ({'a shared Kvasir-SEG image' if shared_image else 'random pixels'}); "
+        f"{' '.join(map(str, seeds))}{'' if IMAGE_SIZE == 1008 else f' --image-size {IMAGE_SIZE}'}` "
+        f"({'a shared Kvasir-SEG image' if shared_image else 'random pixels'}); "
         "versions: " + ", ".join(f"{k} {v}" for k, v in results[0]["versions"].items()) + ".",
         f"Max abs diff over our two loading paths: {worst:.2e}; max relative diff of the loss terms (total included): "
         f"{worst_loss:.2e}; of the gradients of the total loss after the backbones, ‖ours − official‖ / ‖official‖ "

@@ -54,6 +54,45 @@ def test_original_sam3_pt(tmp_path, trained_like):
     assert same_weights(net.sam3, trained_like.sam3)
 
 
+def test_full_sam3_weights_fit_every_image_size():
+    """SAM3's weights hold nothing of the image size (RoPE and the tiled position embedding are computed from the
+    configuration; the RoPE tables of a sam3.pt are dropped on loading): the full architecture at 504 px, the
+    Medical-SAM3 release's 3D size, has the very tensors of the 1008-px one, so one sam3.pt loads at either."""
+    from medsam3_monai.networks.presets import full_sam3_config
+
+    def shapes(size: int) -> dict[str, tuple[int, ...]]:
+        with torch.device("meta"):
+            return {name: tuple(t.shape) for name, t in Sam3Model(full_sam3_config(size)).state_dict().items()}
+
+    at_1008 = shapes(1008)
+    assert len(at_1008) > 1000 and shapes(504) == at_1008
+
+
+def test_weights_without_a_configuration_build_at_the_requested_size(tmp_path, trained_like, monkeypatch):
+    """A sam3.pt (or Medical-SAM3 file) carries no configuration: ``image_size`` chooses the size SAM3's
+    architecture is built at (1008 when not given); a file with a configuration keeps its own size."""
+    from medsam3_monai.networks import checkpoints
+
+    built_at: list[int] = []
+
+    def architecture(size: int = 1008):  # the tiny one stands in for the full one, its pretraining size fixed as
+        built_at.append(size)            # SAM3's is (336 px), so that its weights too hold nothing of the size
+        config = tiny_sam3_config(size)
+        config.vision_config.backbone_config.pretrain_image_size = 112
+        return config
+
+    monkeypatch.setattr(checkpoints, "full_sam3_config", architecture)
+    detector = _original_detector(trained_like)
+    torch.save({"model": {f"detector.{k}": v for k, v in {**detector, **tracker_neck(detector)}.items()}},
+               tmp_path / "sam3.pt")
+    net = MedSAM3Net(tmp_path / "sam3.pt", image_size=224)
+    assert built_at == [224] and net.image_size == 224 and same_weights(net.sam3, trained_like.sam3)
+    assert MedSAM3Net(tmp_path / "sam3.pt").image_size == 1008 and built_at == [224, 1008]
+    save_checkpoint_file(trained_like, tmp_path / "model.pt")  # carries its configuration (112 px)
+    with pytest.raises(ValueError, match="works at 112 px, not 224"):
+        MedSAM3Net(tmp_path / "model.pt", image_size=224)
+
+
 @pytest.mark.parametrize("wrapped", [True, False])
 def test_medical_sam3_release(tmp_path, trained_like, wrapped):
     detector = _original_detector(trained_like)

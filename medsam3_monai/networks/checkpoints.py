@@ -34,7 +34,7 @@ from .key_mapping import (
     split_sam3_checkpoint,
 )
 from .official_numerics import match_official_numerics
-from .presets import TINY_IMAGE_SIZE, full_sam3_config, tiny_sam3_config
+from .presets import FULL_IMAGE_SIZE, TINY_IMAGE_SIZE, full_sam3_config, tiny_sam3_config
 from .tokenizer import load_tokenizer
 
 OUR_FORMAT = "medsam3-monai"
@@ -405,7 +405,9 @@ def _load_sam3(source: str | Path, config: Sam3Config | None, image_size: int | 
     if path.is_dir():
         return LoadedSam3(_load_hf_folder(path), _folder_tokenizer(path), "hf_folder")
     state_dict, embedded_config, source_format = read_checkpoint_file(path)
-    model_config = config or embedded_config or full_sam3_config()
+    # a file without a configuration (sam3.pt, a Medical-SAM3 release) fits SAM3's architecture at any multiple of
+    # 14: the requested size (the release's 3D checkpoint works at 504), else 1008
+    model_config = config or embedded_config or full_sam3_config(image_size or FULL_IMAGE_SIZE)
     model = Sam3Model(model_config)
     try:
         load_state_dict_strict(model, state_dict, str(path),

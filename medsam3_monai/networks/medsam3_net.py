@@ -69,9 +69,12 @@ class MedSAM3Net(nn.Module):
         source: ``"tiny"`` (random-init preset), an HF folder (facebook/sam3 layout or one we saved),
             an original ``sam3.pt``, a Medical-SAM3 release file, or a checkpoint we trained. The format
             is detected; loading is strict and a mismatch raises ``CheckpointError`` with a key report.
-        config: architecture to build when the checkpoint carries none (original layouts); default full SAM3.
-        image_size: slice-space side S for the ``tiny`` preset (default 112); with a checkpoint, the size it must
-            work at (a ValueError says so when it does not; None takes the checkpoint's own).
+        config: architecture to build when the checkpoint carries none (original layouts); default full SAM3 at
+            ``image_size`` (1008 when None).
+        image_size: slice-space side S for the ``tiny`` preset (default 112); for a checkpoint without a
+            configuration (``sam3.pt``, a Medical-SAM3 release file: their weights fit SAM3 at any multiple of 14),
+            the size to build it at (1008 when None; the release's 3D checkpoint works at 504); for one with a
+            configuration, the size it must work at (a ValueError says so when it does not; None takes its own).
         seed: initialisation seed of the ``tiny`` preset.
         gradient_checkpointing: recompute ViT and CLIP layers in backward to save memory.
         text_cache_size: prompts kept in the text-feature cache (0 disables it).
