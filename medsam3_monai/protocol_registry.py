@@ -21,12 +21,14 @@ class Protocol:
         function: name of its function in :mod:`medsam3_monai.inferers.protocols`,
             ``(outputs, size, score_threshold) -> (logits (B, H, W), scores (B,))``.
         validation: usable as the training bundle's validation metric (``val_protocol``).
+        reads_threshold: whether its masks depend on ``score_threshold`` (a prediction records it then).
     """
 
     name: str
     description: str
     function: str
     validation: bool = False
+    reads_threshold: bool = False
 
     def logits(self, outputs: Any, size: int | tuple[int, int], score_threshold: float = 0.5):
         """Mask logits (B, H, W) float32 at ``size`` and scores (B,) of ``outputs`` (a ``MedSAM3Output``)."""
@@ -43,7 +45,11 @@ PROTOCOLS: dict[str, Protocol] = {
     for p in (
         Protocol("top_query", "the highest-scoring query's mask per prompt (the papers' protocol)",
                  "top_query_logits", validation=True),
-        Protocol("threshold", "the union of the queries with score >= {score_threshold}", "threshold_logits"),
+        Protocol("top_query_floor", "the highest-scoring query's mask per prompt, empty when its score is below "
+                 "{score_threshold} (the Medical-SAM3 release's 2D evaluation script, at 0.1)",
+                 "top_query_floor_logits", reads_threshold=True),
+        Protocol("threshold", "the union of the queries with score >= {score_threshold}", "threshold_logits",
+                 reads_threshold=True),
         Protocol("semantic", "the semantic head's mask (logit > 0)", "semantic_logits", validation=True),
     )
 }

@@ -129,6 +129,19 @@ def test_threshold_protocol_keeps_a_score_equal_to_the_threshold():
     assert (union > 0).tolist() == [[[False, True, False, False]]] and score.item() == 0.5  # score >= threshold
 
 
+def test_top_query_floor_empties_a_prompt_whose_best_query_scores_below_the_floor():
+    """The Medical-SAM3 release's 2D evaluation: the best query above 0.1, else no mask (Dice 0 there)."""
+    masks = torch.full((2, 2, 1, 4), -1.0)
+    masks[:, 0, 0, 0] = masks[:, 1, 0, 3] = 5.0
+    class_logits = torch.tensor([[logit(0.3), logit(0.2)], [logit(0.08), logit(0.05)]])
+    outputs = constructed_outputs(masks, class_logits, torch.tensor([100.0, 100.0]))
+    floor, scores = protocol_logits(outputs, (1, 4), "top_query_floor", score_threshold=0.1)
+    top, top_scores = protocol_logits(outputs, (1, 4), "top_query")
+    assert (top > 0).tolist() == [[[True, False, False, False]]] * 2
+    assert (floor[0] > 0).tolist() == [[True, False, False, False]] and (floor[1] == EMPTY_LOGIT).all()
+    assert torch.equal(scores, top_scores) and scores.tolist() == pytest.approx([0.3, 0.08], abs=1e-6)
+
+
 def test_slice_space_maps_go_back_to_the_image_size_with_invertd():
     from monai.data import MetaTensor
 

@@ -122,7 +122,7 @@ def test_info(url, tmp_path):
     assert isinstance(info["labels"], dict)
     model = info["models"][MODEL]
     assert model["type"] == "segmentation" and isinstance(model["labels"], dict)
-    assert model["config"] == {"prompts": "", "protocol": ["top_query", "threshold", "semantic"], "modality": "",
+    assert model["config"] == {"prompts": "", "protocol": ["top_query", "top_query_floor", "threshold", "semantic"], "modality": "",
                                "largest_cc": False}
     assert "config" not in info  # 3D Slicer refuses servers with a top-level config (pre-0.2 MONAI Label)
     assert set(info["strategies"]) == {"first", "random"} and info["trainers"] == {}

@@ -53,7 +53,8 @@ Output values: 2D, one prompt -> 0/255 mask; 2D, several prompts -> labels 1..P 
 volumes -> NIfTI labels 1..P with the input's affine. <out>.json maps values to prompts and scores.
 --box x1 y1 x2 y2: pixel coordinates of the input (x = column, y = row, image spanning [0, W] x [0, H]);
 give it once (used with every prompt) or once per prompt; 2D images only.
-Protocols (2D): top_query = each prompt's highest-scoring query (the papers'), threshold = union of the
+Protocols (2D): top_query = each prompt's highest-scoring query (the papers'), top_query_floor = the same,
+empty below --score-threshold (the Medical-SAM3 release's evaluation: 0.1), threshold = union of the
 queries with score >= --score-threshold, semantic = the semantic head. Volumes: the detector on every slice
 (top query, kept where score >= --score-threshold), merged with SAM3 tracker propagation from the most
 confident slice. --tracker auto = tiny for the tiny checkpoint, the checkpoint's own tracker for a

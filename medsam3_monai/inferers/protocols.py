@@ -32,6 +32,15 @@ def top_query_logits(outputs: MedSAM3Output, size: int | tuple[int, int],
     return upsample_logits(logits, size)[:, 0], scores[rows, best]
 
 
+def top_query_floor_logits(outputs: MedSAM3Output, size: int | tuple[int, int],
+                           score_threshold: float = 0.5) -> tuple[torch.Tensor, torch.Tensor]:
+    """:func:`top_query_logits` with a score floor: a prompt whose best query scores below ``score_threshold`` gets
+    an empty mask (``EMPTY_LOGIT``), as the Medical-SAM3 release's 2D evaluation does with 0.1; (B, H, W), (B,)."""
+    logits, scores = top_query_logits(outputs, size)
+    logits[scores < score_threshold] = EMPTY_LOGIT
+    return logits, scores
+
+
 def threshold_logits(outputs: MedSAM3Output, size: int | tuple[int, int], score_threshold: float = 0.5,
                      chunk: int = 16) -> tuple[torch.Tensor, torch.Tensor]:
     """Union of the queries with score >= ``score_threshold``: the pixel-wise max of their logits (so ``> 0`` is
