@@ -31,6 +31,9 @@ from pathlib import Path
 from typing import Any
 
 REPO = Path(__file__).resolve().parents[1]
+sys.path.insert(0, str(REPO))  # this checkout's package, whichever one the environment installed
+# ... and the children it starts
+os.environ["PYTHONPATH"] = os.pathsep.join(filter(None, (str(REPO), os.environ.get("PYTHONPATH"))))
 MEDSAM3 = Path(sys.executable).parent / "medsam3"
 
 
@@ -73,8 +76,10 @@ def subcommands() -> list[str]:
 
 
 def main(argv: list[str] | None = None) -> dict[str, Any]:
+    from medsam3_monai.deploy.arguments import at_least
+
     parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
-    parser.add_argument("--repeats", type=int, default=3, help="timed runs per command (default 3; median)")
+    parser.add_argument("--repeats", type=at_least(1), default=3, help="timed runs per command (default 3; median)")
     args = parser.parse_args(argv)
     if args.repeats < 1:
         parser.error("--repeats must be >= 1")

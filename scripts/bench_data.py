@@ -48,6 +48,9 @@ from typing import Any
 import torch
 
 REPO_ROOT = Path(__file__).resolve().parents[1]
+sys.path.insert(0, str(REPO_ROOT))  # this checkout's package, whichever one the environment installed
+# ... and the children it starts
+os.environ["PYTHONPATH"] = os.pathsep.join(filter(None, (str(REPO_ROOT), os.environ.get("PYTHONPATH"))))
 
 # set -> choice -> folder in the data root
 SETS = {

@@ -1,7 +1,7 @@
 #!/usr/bin/env python
 """Benchmark evaluation: the 2D per-image pipeline against the bare network forward, and 3D slices/s.
 
-Prints one JSON object. 2D, on real samples from ../shared/data (Kvasir-SEG JPEG 529-622 px RGB, chest X-ray
+Prints one JSON object. 2D, on real samples from ../shared/data (Kvasir-SEG JPEG RGB, 529-1348 px a side, chest X-ray
 512 px grey; synthetic images of the same sizes when the folder is absent), tiny network, CPU:
 
 * ``forward_ms``: ``MedSAM3Net(image, prompts)`` alone on the preprocessed slice-space tensor (text cached).
@@ -55,6 +55,8 @@ repeated along the slice axis (2x, 4x slices): near-constant slices/s means line
 from __future__ import annotations
 
 import argparse
+import os
+import sys
 import importlib.util
 import json
 import platform
@@ -67,6 +69,9 @@ import numpy as np
 import torch
 
 REPO = Path(__file__).resolve().parents[1]
+sys.path.insert(0, str(REPO))  # this checkout's package, whichever one the environment installed
+# ... and the children it starts
+os.environ["PYTHONPATH"] = os.pathsep.join(filter(None, (str(REPO), os.environ.get("PYTHONPATH"))))
 SHARED = REPO.parent / "shared" / "data"
 BATCH = 8  # cases per loader batch in the batched entries
 
@@ -435,9 +440,11 @@ def _bench_3d(network, tracker, folder: Path, work: Path, repeats: int) -> dict:
 
 
 def main() -> None:
+    from medsam3_monai.deploy.arguments import at_least
+
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    parser.add_argument("--repeats", type=int, default=15, help="timed runs per part (medians reported)")
-    parser.add_argument("--threads", type=int, default=1, help="torch threads (default 1)")
+    parser.add_argument("--repeats", type=at_least(1), default=15, help="timed runs per part (medians reported)")
+    parser.add_argument("--threads", type=at_least(1), default=1, help="torch threads (default 1)")
     parser.add_argument("--image-size", type=int, default=112, help="the tiny network's slice space (default 112)")
     parser.add_argument("--no-3d", action="store_true",
                         help="skip the '3d' part (the hippocampus volume through detector and tracker); the "

@@ -95,8 +95,10 @@ def worker(network: str, picture: str, out: str, threads: int) -> dict:
 
 
 def main() -> None:
+    from medsam3_monai.deploy.arguments import at_least
+
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    parser.add_argument("--threads", type=int, default=2)
+    parser.add_argument("--threads", type=at_least(1), default=2)
     parser.add_argument("--networks", nargs="+", default=["tiny", "full"], choices=["tiny", "full"])
     parser.add_argument("--worker", choices=["tiny", "full"], help=argparse.SUPPRESS)
     parser.add_argument("--picture", help=argparse.SUPPRESS)

@@ -43,6 +43,10 @@
 # With gradient checkpointing, `mfu` counts the recomputed forward (hardware FLOPs) and `mfu_model_flops` does not
 # (the step's model FLOPs, comparable with the runs without checkpointing).
 set -uo pipefail
+if [[ "${1:-}" == "-h" || "${1:-}" == "--help" ]]; then  # the header above is the usage
+    sed -n '2,/^[^#]/p' "$0" | sed '$d' | sed 's/^# \{0,1\}//'
+    exit 0
+fi
 
 cd "$(dirname "$0")/.."
 VENV="${MEDSAM3_VENV:-$HOME/.cache/medsam3-monai/venv}"

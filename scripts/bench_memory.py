@@ -43,6 +43,11 @@ import tempfile
 import time
 from pathlib import Path
 
+REPO = Path(__file__).resolve().parents[1]
+sys.path.insert(0, str(REPO))  # this checkout's package, whichever one the environment installed
+# ... and the children it starts
+os.environ["PYTHONPATH"] = os.pathsep.join(filter(None, (str(REPO), os.environ.get("PYTHONPATH"))))
+
 PROMPT = "bright disc"
 TARGET_BYTES_PER_PIXEL = 20.0
 
@@ -124,10 +129,12 @@ def child(image: str, small: str, out: str) -> None:
 
 
 def main() -> None:
+    from medsam3_monai.deploy.arguments import at_least
+
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    parser.add_argument("--sizes", type=int, nargs="+", default=[1000, 4000, 8000], help="square side lengths")
+    parser.add_argument("--sizes", type=at_least(1), nargs="+", default=[1000, 4000, 8000], help="square side lengths")
     parser.add_argument("--workdir", default=str(Path(tempfile.gettempdir()) / "medsam3-bench-memory"))
-    parser.add_argument("--threads", type=int, default=None, help="torch threads in the child (default: torch's)")
+    parser.add_argument("--threads", type=at_least(1), default=None, help="torch threads in the child (default: torch's)")
     parser.add_argument("--overlay", action="store_true", help="also write --overlay (measured with it)")
     parser.add_argument("--child", nargs=3, metavar=("IMAGE", "SMALL", "OUT"), help=argparse.SUPPRESS)
     args = parser.parse_args()

@@ -14,11 +14,19 @@ from __future__ import annotations
 
 import argparse
 import json
+import os
 import platform
 import statistics
+import sys
 import time
+from pathlib import Path
 
 import torch
+
+REPO = Path(__file__).resolve().parents[1]
+sys.path.insert(0, str(REPO))  # this checkout's package, whichever one the environment installed
+# ... and the children it starts
+os.environ["PYTHONPATH"] = os.pathsep.join(filter(None, (str(REPO), os.environ.get("PYTHONPATH"))))
 
 from medsam3_monai.networks import MedSAM3Net, full_sam3_config, normalize_pixels
 from medsam3_monai.networks.official_numerics import sam3model_text_only_forward
@@ -38,19 +46,23 @@ def _timed(fn, device: torch.device) -> float:
 
 
 def main() -> None:
+    from medsam3_monai.deploy.arguments import at_least
+
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--full", action="store_true", help="full SAM3 config at 1008 px (random init)")
     parser.add_argument("--image-size", type=int, default=None)
-    parser.add_argument("--batch", type=int, default=2)
-    parser.add_argument("--repeats", type=int, default=20)
+    parser.add_argument("--batch", type=at_least(1), default=2)
+    parser.add_argument("--repeats", type=at_least(1), default=20)
     parser.add_argument("--device", default="cpu")
     parser.add_argument("--dtype", default="float32", choices=["float32", "bfloat16"])
     parser.add_argument("--checkpointing", action="store_true", help="gradient checkpointing in the train step")
-    parser.add_argument("--threads", type=int, default=None)
+    parser.add_argument("--threads", type=at_least(1), default=None)
     args = parser.parse_args()
     if args.threads:
         torch.set_num_threads(args.threads)
     device = torch.device(args.device)
+    if device.type == "cuda" and not torch.cuda.is_available():
+        parser.error(f"--device {args.device}: this machine has no CUDA device (leave --device out: cpu)")
     config = full_sam3_config(args.image_size or 1008) if args.full else None
     net = MedSAM3Net("tiny", config=config, image_size=args.image_size, gradient_checkpointing=args.checkpointing)
     net.to(device)

@@ -37,6 +37,9 @@ from pathlib import Path
 from bench_memory import _reset_peak, _status_kb
 
 REPO = Path(__file__).resolve().parents[1]
+sys.path.insert(0, str(REPO))  # this checkout's package, whichever one the environment installed
+# ... and the children it starts
+os.environ["PYTHONPATH"] = os.pathsep.join(filter(None, (str(REPO), os.environ.get("PYTHONPATH"))))
 SHARED = REPO.parent / "shared" / "data" / "TotalSegmentator_example_CT_MR"
 SLICE_BATCH = 8  # the volume path's default slices per detector call
 
@@ -115,10 +118,12 @@ def run(prompts: int, chunk: int, args: argparse.Namespace, work: Path) -> dict:
             "baseline_mb": round(raw["baseline_kb"] / 1024, 1), "peak_source": raw["peak_source"]}
 
 
-def main() -> None:
+def main() -> int:
+    from medsam3_monai.deploy.arguments import at_least
+
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--image-size", type=int, default=224)
-    parser.add_argument("--threads", type=int, default=1)
+    parser.add_argument("--threads", type=at_least(1), default=1)
     parser.add_argument("--child", nargs=4, metavar=("PROMPTS", "CHUNK", "SIZE", "WORK"), help=argparse.SUPPRESS)
     args = parser.parse_args()
     if args.child:
@@ -126,7 +131,7 @@ def main() -> None:
 
         torch.set_num_threads(args.threads)
         child(int(args.child[0]), int(args.child[1]), int(args.child[2]), args.child[3])
-        return
+        return 0
     from medsam3_monai.networks.medsam3_net import DETECTOR_CHUNK
 
     with tempfile.TemporaryDirectory(prefix="bench_prompts_") as tmp:
@@ -142,7 +147,11 @@ def main() -> None:
                                            "seconds": round(one_pass["seconds"] / last["seconds"], 2)}
     result["machine"] = {"cpus": os.cpu_count(), "python": platform.python_version()}
     print(json.dumps(result, indent=1))
+    failed = [run for run in (*chunked, one_pass) if "error" in run]
+    if failed:  # the JSON above says which and why
+        print(f"bench_prompts.py: {len(failed)} of {len(chunked) + 1} runs failed", file=sys.stderr)
+    return 1 if failed else 0
 
 
 if __name__ == "__main__":
-    main()
+    sys.exit(main())

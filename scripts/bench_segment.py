@@ -93,21 +93,25 @@ def forward_only(network, images: torch.Tensor, batch_size: int, repeats: int) -
 
 
 def main() -> None:
+    from medsam3_monai.deploy.arguments import at_least
+
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--checkpoint", default="tiny")
     parser.add_argument("--device", default="cpu")
-    parser.add_argument("--copies", type=int, default=4, help="copies of the sample set (9 pictures each)")
-    parser.add_argument("--repeats", type=int, default=3)
-    parser.add_argument("--batch-sizes", type=int, nargs="+", default=[1, 8])
-    parser.add_argument("--workers", type=int, nargs="+", default=[0, 2],
+    parser.add_argument("--copies", type=at_least(1), default=4, help="copies of the sample set (9 pictures each)")
+    parser.add_argument("--repeats", type=at_least(1), default=3)
+    parser.add_argument("--batch-sizes", type=at_least(1), nargs="+", default=[1, 8])
+    parser.add_argument("--workers", type=at_least(0), nargs="+", default=[0, 2],
                         help="DataLoader workers to try at the largest batch size (the others run with the first)")
-    parser.add_argument("--threads", type=int, default=1, help="torch intra-op threads (1: stable on shared cores)")
+    parser.add_argument("--threads", type=at_least(1), default=1, help="torch intra-op threads (1: stable on shared cores)")
     args = parser.parse_args()
     torch.set_num_threads(args.threads)
 
     from medsam3_monai.inferers.predict import Predictor
     from medsam3_monai.tensors import plain_tensor
 
+    if torch.device(args.device).type == "cuda" and not torch.cuda.is_available():
+        raise SystemExit(f"bench_segment.py: --device {args.device}: this machine has no CUDA device")
     predictor = Predictor.from_checkpoint(args.checkpoint, device=torch.device(args.device), tracker="none")
     with tempfile.TemporaryDirectory(prefix="bench-segment-") as tmp:
         tmp = Path(tmp)

@@ -106,12 +106,14 @@ def compare(tracker, features, seeds: list[int], seed_masks: torch.Tensor, size:
 
 
 def main() -> None:
+    from medsam3_monai.deploy.arguments import at_least
+
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    parser.add_argument("--prompts", type=int, default=12)
-    parser.add_argument("--batch", type=int, default=8)
-    parser.add_argument("--repeat", type=int, default=4, help="each CT slice this many times along z")
-    parser.add_argument("--repeats", type=int, default=3)
-    parser.add_argument("--threads", type=int, default=1)
+    parser.add_argument("--prompts", type=at_least(1), default=12)
+    parser.add_argument("--batch", type=at_least(1), default=8)
+    parser.add_argument("--repeat", type=at_least(1), default=4, help="each CT slice this many times along z")
+    parser.add_argument("--repeats", type=at_least(1), default=3)
+    parser.add_argument("--threads", type=at_least(1), default=1)
     args = parser.parse_args()
     torch.set_num_threads(args.threads)
 

@@ -23,6 +23,7 @@ from __future__ import annotations
 
 import argparse
 import json
+import os
 import platform
 import resource
 import sys
@@ -32,6 +33,11 @@ from pathlib import Path
 import torch
 from ignite.engine import Events
 from torch.utils._python_dispatch import TorchDispatchMode
+
+REPO = Path(__file__).resolve().parents[1]
+sys.path.insert(0, str(REPO))  # this checkout's package, whichever one the environment installed
+# ... and the children it starts
+os.environ["PYTHONPATH"] = os.pathsep.join(filter(None, (str(REPO), os.environ.get("PYTHONPATH"))))
 
 from medsam3_monai.engines import MedSAM3Trainer, PrepareFindBatch, build_optimizer
 from medsam3_monai.engines import autocast_for as trainer_autocast
@@ -72,25 +78,29 @@ def _sync(device: torch.device) -> None:
 
 
 def main(argv: list[str] | None = None) -> dict:
+    from medsam3_monai.deploy.arguments import at_least
+
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--full", action="store_true", help="full SAM3 config (random init) at 1008 px")
     parser.add_argument("--image-size", type=int, default=None)
-    parser.add_argument("--batch", type=int, default=4)
-    parser.add_argument("--instances", type=int, default=4, help="target instances per prompt")
-    parser.add_argument("--iterations", type=int, default=20)
-    parser.add_argument("--warmup", type=int, default=3)
+    parser.add_argument("--batch", type=at_least(1), default=4)
+    parser.add_argument("--instances", type=at_least(1), default=4, help="target instances per prompt")
+    parser.add_argument("--iterations", type=at_least(1), default=20)
+    parser.add_argument("--warmup", type=at_least(0), default=3)
     parser.add_argument("--device", default="cpu")
     parser.add_argument("--checkpointing", action="store_true", help="gradient checkpointing")
     parser.add_argument("--compile", action="store_true",
                         help="torch.compile the vision encoder's forward (inferers.batch.compile_network)")
     parser.add_argument("--no-bf16", action="store_true", help="disable bf16 autocast on CUDA")
     parser.add_argument("--peak-tflops", type=float, default=989.0, help="GPU dense bf16 peak for MFU")
-    parser.add_argument("--threads", type=int, default=None)
+    parser.add_argument("--threads", type=at_least(1), default=None)
     parser.add_argument("--profile", default=None, help="write the operators of one more step, by device time, here")
     args = parser.parse_args(argv)
     if args.threads:
         torch.set_num_threads(args.threads)
     device = torch.device(args.device)
+    if device.type == "cuda" and not torch.cuda.is_available():
+        parser.error(f"--device {args.device}: this machine has no CUDA device (leave --device out: cpu)")
     torch.manual_seed(0)
     config = full_sam3_config(args.image_size or 1008) if args.full else None
     network = MedSAM3Net("tiny", config=config, image_size=args.image_size,

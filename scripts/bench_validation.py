@@ -17,6 +17,7 @@ from __future__ import annotations
 import argparse
 import contextlib
 import json
+import os
 import resource
 import sys
 import tempfile
@@ -26,24 +27,28 @@ from pathlib import Path
 import torch
 
 REPO_ROOT = Path(__file__).resolve().parents[1]
+sys.path.insert(0, str(REPO_ROOT))  # this checkout's package, whichever one the environment installed
+# ... and the children it starts
+os.environ["PYTHONPATH"] = os.pathsep.join(filter(None, (str(REPO_ROOT), os.environ.get("PYTHONPATH"))))
 CONFIGS = REPO_ROOT / "bundles" / "medsam3" / "configs"
 HIPPOCAMPUS = "MSD_Task04_Hippocampus_cropped"
 
 
-def _peak_rss_gb() -> float:
+def _peak_rss_gib() -> float:
     return round(resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 2**20, 2)  # kB on Linux
 
 
 def main() -> None:
+    from medsam3_monai.deploy.arguments import at_least
+
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--images-per-batch", type=int, default=8, help="val_images_per_batch (default 8)")
-    parser.add_argument("--volumes", type=int, default=4, help="validation volumes (default 4: one batch_size)")
+    parser.add_argument("--volumes", type=at_least(1), default=4, help="validation volumes (default 4: one batch_size)")
     parser.add_argument("--image-size", type=int, default=1008, help="slice size S (default 1008)")
-    parser.add_argument("--threads", type=int, default=2)
+    parser.add_argument("--threads", type=at_least(1), default=2)
     parser.add_argument("--data-root", default=str(REPO_ROOT.parent / "shared" / "data"))
     args = parser.parse_args()
     torch.set_num_threads(args.threads)
-    sys.path.insert(0, str(REPO_ROOT))
     # the logs (MONAI's handlers and the bundle's logging.conf write to stdout, bound when they are made) go to
     # stderr: stdout is the JSON alone
     with contextlib.redirect_stdout(sys.stderr):
@@ -74,7 +79,7 @@ def _measure(args: argparse.Namespace) -> dict:
         evaluator = workflow.parser.get_parsed_content("validate#evaluator")
         slices: list[int] = []
         evaluator.add_event_handler(Events.ITERATION_STARTED, lambda e: slices.append(len(e.state.batch["images"])))
-        before = _peak_rss_gb()
+        before = _peak_rss_gib()
         start = time.perf_counter()
         evaluator.run()
         seconds = time.perf_counter() - start
@@ -82,7 +87,7 @@ def _measure(args: argparse.Namespace) -> dict:
         "images_per_batch": args.images_per_batch, "volumes": args.volumes, "image_size": args.image_size,
         "forwards": evaluator.state.iteration, "slices": sum(slices), "largest_forward": max(slices),
         "val_dice": round(float(evaluator.state.metrics["val_dice"]), 6),
-        "peak_rss_gb_before": before, "peak_rss_gb": _peak_rss_gb(), "seconds": round(seconds, 1),
+        "peak_rss_gib_before": before, "peak_rss_gib": _peak_rss_gib(), "seconds": round(seconds, 1),
     }
 
 

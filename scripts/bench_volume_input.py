@@ -42,6 +42,9 @@ from pathlib import Path
 from bench_memory import _reset_peak, _status_kb  # same folder: VmRSS / VmHWM, peak reset
 
 REPO = Path(__file__).resolve().parents[1]
+sys.path.insert(0, str(REPO))  # this checkout's package, whichever one the environment installed
+# ... and the children it starts
+os.environ["PYTHONPATH"] = os.pathsep.join(filter(None, (str(REPO), os.environ.get("PYTHONPATH"))))
 SHARED = REPO.parent / "shared" / "data"
 VARIANTS = ("levels", "float_rgb")
 
@@ -122,10 +125,12 @@ def child(variant: str, path: str, image_size: int, reference: str | None) -> No
 
 
 def main() -> None:
+    from medsam3_monai.deploy.arguments import at_least
+
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--image-size", type=int, default=1008)
-    parser.add_argument("--factors", type=int, nargs=3, default=[3, 3, 10], help="repeats of the example CT")
-    parser.add_argument("--threads", type=int, default=1, help="torch threads in the children")
+    parser.add_argument("--factors", type=at_least(1), nargs=3, default=[3, 3, 10], help="repeats of the example CT")
+    parser.add_argument("--threads", type=at_least(1), default=1, help="torch threads in the children")
     parser.add_argument("--workdir", default=str(Path(tempfile.gettempdir()) / "medsam3-bench-volume-input"))
     parser.add_argument("--child", nargs=2, metavar=("VARIANT", "PATH"), help=argparse.SUPPRESS)
     parser.add_argument("--reference", default=None, help=argparse.SUPPRESS)

@@ -16,6 +16,10 @@
 # 3 no CUDA device, 4 the project cannot be imported, 6 a part of the benchmark failed (its error in gpu.json),
 # else pytest's.
 set -uo pipefail
+if [[ "${1:-}" == "-h" || "${1:-}" == "--help" ]]; then  # the header above is the usage
+    sed -n '2,/^[^#]/p' "$0" | sed '$d' | sed 's/^# \{0,1\}//'
+    exit 0
+fi
 
 cd "$(dirname "$0")/.."
 RESULTS="${OUT:-${RESULTS_DIR:-$PWD/device_results}}"

@@ -10,6 +10,10 @@
 # (datalists are validated). ITK and MLflow stay behind (large; the benchmarks read pictures and NIfTI files and
 # track nothing). Set DEVICE_PYTHON to another X.Y for a machine with another Python.
 set -euo pipefail
+if [[ "${1:-}" == "-h" || "${1:-}" == "--help" ]]; then  # the header above is the usage
+    sed -n '2,/^[^#]/p' "$0" | sed '$d' | sed 's/^# \{0,1\}//'
+    exit 0
+fi
 
 cd "$(dirname "$0")/.."
 VENV="${MEDSAM3_VENV:-$HOME/.cache/medsam3-monai/venv}"
