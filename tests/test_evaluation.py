@@ -562,3 +562,38 @@ def test_checkpoints_of_one_name_are_labelled_by_the_folder_where_their_paths_pa
     assert "both --checkpoint give" in capsys.readouterr().err
     _check_studies(plain, best)
     assert capsys.readouterr().err == ""
+
+
+def test_skip_empty_truth_leaves_rows_without_foreground_out_of_the_tables(shared_data, tmp_path, capsys):
+    """``--skip-empty-truth``: the Medical-SAM3 release's 2D evaluation skips images without foreground. The
+    rows of such cases leave cases.csv and the tables (listed in skipped_empty_truth.csv, said under the table);
+    by default they are scored. With ``top_query_floor`` at 0.1 this is the release's rule set."""
+    import numpy as np
+    from PIL import Image
+
+    from medsam3_monai.data import build_datalist, write_datalist
+
+    datalist = build_datalist("Kvasir-SEG_sample", shared_data / "Kvasir-SEG_sample").datalist
+    item, other = (dict(i) for i in datalist["training"][:2])
+    empty = tmp_path / "empty_mask.png"  # the other picture, with a mask of no foreground
+    Image.fromarray(np.zeros(np.asarray(Image.open(other["label"])).shape[:2], dtype=np.uint8)).save(empty)
+    items = [item, dict(other, label=str(empty), case="no foreground")]
+    path = write_datalist({"training": [], "validation": [], "test": items}, tmp_path / "d.json")
+    common = ["--datalist", str(path), "--checkpoint", "tiny", "--image-size", str(S), "--no-mlflow",
+              "--overlays", "0", "--protocol", "top_query_floor", "--score-threshold", "0.1"]
+
+    assert evaluate(*common, "--out", str(tmp_path / "all")) == 0
+    assert len(read_csv(tmp_path / "all" / "cases.csv")) == 2
+    assert not (tmp_path / "all" / "skipped_empty_truth.csv").exists()
+    assert evaluate(*common, "--skip-empty-truth", "--out", str(tmp_path / "skip")) == 0, capsys.readouterr().err
+    out = tmp_path / "skip"
+    (scored,) = read_csv(out / "cases.csv")
+    assert scored["case"] == item["case"] and scored["protocol"] == "top_query_floor"
+    assert read_csv(out / "skipped_empty_truth.csv") == [
+        {"dataset": "Kvasir-SEG", "case": "no foreground", "prompt": "polyp", "label": "1"}]
+    table = {row["name"]: row for row in read_csv(out / "table.csv")}
+    assert table["Kvasir-SEG"]["n"] == "1"
+    assert float(table["Kvasir-SEG"]["dice"]) == pytest.approx(float(scored["dice"]))
+    markdown = (out / "table.md").read_text()
+    assert "1 of 2 (case, prompt) rows have an empty truth and are left out" in markdown
+    assert "empty when its score is below 0.1" in markdown  # the protocol's description, with its floor

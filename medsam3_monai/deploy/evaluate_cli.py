@@ -93,6 +93,10 @@ def add_parser(subparsers: argparse._SubParsersAction) -> argparse.ArgumentParse
     parser.add_argument("--skip-unreadable", action="store_true",
                         help="skip cases whose image or mask is missing or cannot be read (listed in OUT/skipped.csv "
                              "and counted at the end) instead of stopping at the first one")
+    parser.add_argument("--skip-empty-truth", action="store_true",
+                        help="leave (case, prompt) rows whose truth is empty out of the tables (listed in "
+                             "OUT/skipped_empty_truth.csv), as the Medical-SAM3 release's 2D evaluation does; by "
+                             "default they score 100 when the prediction is empty too, else 0")
     parser.add_argument("--no-progress", action="store_true", help="no progress bar")
     parser.add_argument("--num-workers", type=at_least(0), default=0, metavar="N", help="data loader workers (0)")
     parser.add_argument("--batch-size", type=at_least(1), default=1, metavar="N",
@@ -334,7 +338,7 @@ def run(args: argparse.Namespace) -> int:
                     tracking_uri=tracking_uri,
                     experiment=args.experiment, run_name=spec["label"], parent_run_id=parent,
                     skip_unreadable=args.skip_unreadable, tracker_batch=args.tracker_batch,
-                    **spec.get("evaluation", {}),
+                    skip_empty_truth=args.skip_empty_truth, **spec.get("evaluation", {}),
                 )
             if len(sources) == 2:
                 network.to("cpu")

@@ -714,6 +714,7 @@ def run_evaluation(
     notes: Sequence[str] = (),
     params: dict[str, Any] | None = None,
     artifact_dirs: Sequence[str] = ("overlays",),
+    skip_empty_truth: bool = False,
 ):
     """Run the evaluation bundle (``configs/inference.json`` + ``configs/evaluate.json``) on ``items`` (from
     :func:`evaluation_items`) with an already built ``network`` (and ``tracker``) and write the report into
@@ -744,6 +745,7 @@ def run_evaluation(
         "num_workers": num_workers, "batch_size": int(batch_size), "mlflow": mlflow,
         "report_tracking_uri": tracking_uri, "ct_window": ct_window, "parent_run_id": parent_run_id,
         "skip_unreadable": skip_unreadable, "tracker_batch": int(tracker_batch),
+        "skip_empty_truth": bool(skip_empty_truth),
     }
     if experiment is not None:
         overrides["experiment"] = experiment

@@ -246,8 +246,11 @@ class EvaluationReport:
         experiment, run_name: MLflow experiment and run names.
         parent_run_id: make the run a child of this run (comparisons: one child per checkpoint).
         title: heading of the Markdown table.
+        skip_empty_truth: leave the (case, prompt) rows whose truth is empty out of ``cases.csv`` and the tables
+            (listed in ``skipped_empty_truth.csv``), as the Medical-SAM3 release's 2D evaluation skips images without
+            foreground; by default they are scored (100 when the prediction is empty too, else 0).
 
-    After the run: ``records``, ``table`` (:class:`MetricTable`), ``files`` and ``run_id``.
+    After the run: ``records`` (every row), ``table`` (:class:`MetricTable`), ``files`` and ``run_id``.
     """
 
     def __init__(
@@ -262,8 +265,10 @@ class EvaluationReport:
         parent_run_id: str | None = None,
         title: str | None = None,
         artifact_dirs: Sequence[str] = ("overlays",),
+        skip_empty_truth: bool = False,
     ) -> None:
         self.out_dir = Path(out_dir)
+        self.skip_empty_truth = bool(skip_empty_truth)
         self.params = dict(params or {})
         self.notes = list(notes)
         self.mlflow = bool(mlflow)
@@ -298,10 +303,18 @@ class EvaluationReport:
     def write(self) -> list[Path]:
         if not self.records:
             raise ValueError("no metric records to report: were any labelled cases evaluated?")
+        scored, skipped = self.scored_records()
+        if not scored:
+            raise ValueError(f"every one of the {len(self.records)} (case, prompt) rows has an empty truth, and "
+                             "--skip-empty-truth leaves them all out: nothing to report")
         self.out_dir.mkdir(parents=True, exist_ok=True)
-        self.table = aggregate(self.records)
+        self.table = aggregate(scored)
         out = self.out_dir
-        files = [write_cases_csv(self.records, out / "cases.csv"), self.table.to_csv(out / "table.csv")]
+        files = [write_cases_csv(scored, out / "cases.csv"), self.table.to_csv(out / "table.csv")]
+        if skipped:
+            files.append(write_csv(out / "skipped_empty_truth.csv", ["dataset", "case", "prompt", "label"],
+                                   [{k: row.get(k, "") for k in ("dataset", "case", "prompt", "label")}
+                                    for row in skipped]))
         title = self.title or f"Per-dataset results (protocol: {self.table.protocol})"
         text = self.table.to_markdown(title=title)
         found = []  # logged (naming the report: a comparison writes two) and put first under the table
@@ -316,6 +329,10 @@ class EvaluationReport:
         for warning in found:
             logger.warning("%s: %s", out, warning)
         notes = [f"WARNING: {warning}." for warning in reversed(found)] + list(self.notes)
+        if skipped:
+            notes.append(f"{len(skipped)} of {len(self.records)} (case, prompt) rows have an empty truth and are left "
+                         "out of the table and cases.csv (--skip-empty-truth, as the Medical-SAM3 release's 2D "
+                         "evaluation skips images without foreground); see skipped_empty_truth.csv.")
         if self.unreadable:
             files.append(write_csv(out / "skipped.csv", ["image", "label", "error"],
                                      [{"image": case.item.get("image", ""), "label": case.item.get("label", ""),
@@ -330,6 +347,13 @@ class EvaluationReport:
         self.files = files
         logger.info("evaluation report written to %s (%d records)", out, len(self.records))
         return files
+
+    def scored_records(self) -> tuple[list[dict[str, Any]], list[dict[str, Any]]]:
+        """``records`` split into the rows the table scores and those ``skip_empty_truth`` leaves out."""
+        if not self.skip_empty_truth:
+            return list(self.records), []
+        skipped = [r for r in self.records if r.get("empty_truth")]
+        return [r for r in self.records if not r.get("empty_truth")], skipped
 
     # -------------------------------------------------------------------------------------------- MLflow
     def metrics(self) -> dict[str, float]:
