@@ -480,7 +480,8 @@ class Predictor:
         box, modality = item.get("box"), item.get("modality")
         settings = {"checkpoint": self.checkpoint, "image_size": int(self.network.image_size), "modality": modality,
                     "box": None if box is None else _box_list(box, len(case["prompt_texts"]))}
-        if is_volume or get_protocol(str(case["protocol"])).reads_threshold:  # the only ones that read it
+        # the ones that read it (a picture's protocol label, "+box" for the T+I variant; a volume's is a description)
+        if is_volume or get_protocol(str(case["protocol"]).removesuffix("+box")).reads_threshold:
             settings["score_threshold"] = self.inferer.score_threshold
         if item.get("channel") is not None:
             settings["channel"] = int(item["channel"])
