@@ -329,6 +329,32 @@ def test_the_cases_column_leaves_out_the_cases_skipped_as_unreadable(data_root, 
     assert manifest["command"][:3] == ["medsam3", "reproduce", "medical-sam3"]  # as given, however it was run
 
 
+def test_release_rules_apply_to_pictures_and_leave_volumes_as_the_papers():
+    from medsam3_monai.reproduce.runner import ReproduceSettings, evaluation_rules
+
+    settings = ReproduceSettings("medical-sam3", "root", "tiny", "out", release_rules=True)
+    pictures, volumes = [{"image": "a.png"}], [{"image": "a.png"}, {"image": "b.nii.gz"}]
+    assert evaluation_rules(settings, pictures) == {"protocol": "top_query_floor", "score_threshold": 0.1,
+                                                    "skip_empty_truth": True}
+    assert evaluation_rules(settings, volumes) == {"protocol": "top_query"}
+    settings.release_rules = False
+    assert evaluation_rules(settings, pictures) == {"protocol": "top_query"}
+
+
+@pytest.mark.slow
+def test_reproduce_medical_sam3_by_the_release_rules(data_root, tmp_path, capsys):
+    out = tmp_path / "repro"
+    assert _run(["reproduce", "medical-sam3", "--data-root", str(data_root), "--checkpoint", "tiny",
+                 "--image-size", "112", "--max-cases", "1", "--out", str(out), "--no-progress", "--overlays", "0",
+                 "--release-rules"]) == 0, capsys.readouterr().err
+    with (out / "medical_sam3" / "cases.csv").open() as stream:
+        (row,) = list(csv.DictReader(stream))
+    assert row["dataset"] == "DRIVE" and row["protocol"] == "top_query_floor"
+    text = (out / "table.md").read_text()
+    assert "Rules (--release-rules)" in text and "best query scoring at least 0.1" in text
+    assert "empty when its score is below 0.1" in (out / "medical_sam3" / "DRIVE" / "table.md").read_text()
+
+
 @pytest.mark.slow
 def test_reproduce_medsam3_text_and_box_protocol(data_root, tmp_path, capsys):
     out = tmp_path / "medsam3"

@@ -51,6 +51,11 @@ def _add_paper(subparsers: argparse._SubParsersAction, paper: str) -> None:
                            help="also evaluate the MedSAM3 agent (the --checkpoint, text requests) on each found "
                                 "dataset: the 'MedSAM-3 agent' column, traces in OUT/medsam3_agent/<dataset>/traces")
         add_planner_options(agent)
+    else:
+        parser.add_argument("--release-rules", action="store_true",
+                            help="score the 2D datasets by the Medical-SAM3 release's evaluation script: the best "
+                                 "query above 0.1 (else an empty mask), images without foreground skipped; volumes "
+                                 "as without it (default: the papers' top query, empty truths scored)")
     parser.add_argument("--image-size", type=int, default=None, metavar="N",
                         help="slice-space size of the tiny network (default 112); must match a real checkpoint")
     parser.add_argument("--max-cases", type=int, default=None, metavar="N",
@@ -95,7 +100,8 @@ def run(args: argparse.Namespace) -> int:
         image_size=args.image_size, max_cases=args.max_cases, seed=args.seed,
         protocols=tuple(getattr(args, "protocols", None) or ()) or None, device=args.device, tracker=args.tracker,
         overlays=args.overlays, tracking_uri=args.tracking_uri, experiment=args.experiment,
-        skip_unreadable=args.skip_unreadable, progress=not args.no_progress, num_workers=args.num_workers,
+        skip_unreadable=args.skip_unreadable, release_rules=bool(getattr(args, "release_rules", False)),
+        progress=not args.no_progress, num_workers=args.num_workers,
         dry_run=args.dry_run, agent=bool(getattr(args, "agent", False)), llm=getattr(args, "llm", "auto"),
         llm_url=getattr(args, "llm_url", None), llm_model=getattr(args, "llm_model", None),
         api_key_env=getattr(args, "api_key_env", None),

@@ -62,6 +62,7 @@ class ReproduceSettings:
     experiment: str | None = None
     mlflow: bool = True
     skip_unreadable: bool = False
+    release_rules: bool = False
     progress: bool = True
     num_workers: int = 0
     dry_run: bool = False
@@ -175,6 +176,22 @@ def reproduce(settings: ReproduceSettings, say: Callable[[str], None] = _say) ->
     return result
 
 
+#: the Medical-SAM3 release's 2D evaluation (``inference/run_medsam3_evaluation.py``): the best query above 0.1, images
+#: without foreground skipped (``--release-rules``; conventions.md, "The Medical-SAM3 release's own scripts")
+RELEASE_RULES_2D = {"protocol": "top_query_floor", "score_threshold": 0.1, "skip_empty_truth": True}
+
+
+def evaluation_rules(settings: ReproduceSettings, items: Sequence[dict[str, Any]]) -> dict[str, Any]:
+    """``run_evaluation``'s protocol settings for one dataset's ``items``: the papers' ``top_query`` (empty truths
+    scored), or with ``release_rules`` the release's 2D rules for a 2D dataset (volumes keep ``top_query`` and
+    their 0.5 detection threshold, which the release's 3D inference uses too)."""
+    from ..data.selection import is_volume_item
+
+    if settings.release_rules and not any(is_volume_item(item) for item in items):
+        return dict(RELEASE_RULES_2D)
+    return {"protocol": "top_query"}
+
+
 def _evaluate(settings: ReproduceSettings, paper: PaperTable, statuses: Sequence[DatasetStatus], runs: Sequence,
               networks: dict, datalists: dict[str, Path], out: Path, say: Callable[[str], None], agent: Any = None):
     """Every (column, dataset): ``run_evaluation`` (the agent column through the agent's case inferer, its traces
@@ -218,9 +235,10 @@ def _evaluate(settings: ReproduceSettings, paper: PaperTable, statuses: Sequence
             report = run_evaluation(
                 network, batch, out / column.key / status.dataset, checkpoint=source,
                 datalists=[datalists[status.dataset]], split="auto", max_cases=settings.max_cases,
-                protocol="top_query", box_prompts=column.box_prompts, tracker=tracker, tracker_name=tracker_name,
+                box_prompts=column.box_prompts, tracker=tracker, tracker_name=tracker_name,
                 device=device, max_overlays=settings.overlays, progress=settings.progress,
-                num_workers=settings.num_workers, mlflow=False, skip_unreadable=settings.skip_unreadable, **extra,
+                num_workers=settings.num_workers, mlflow=False, skip_unreadable=settings.skip_unreadable,
+                **evaluation_rules(settings, batch), **extra,
             )
             if column.key == AGENT_KEY:
                 recorder.write_csv(out / column.key / status.dataset / "agent_cases.csv", report.records)
@@ -232,7 +250,7 @@ def _evaluate(settings: ReproduceSettings, paper: PaperTable, statuses: Sequence
             cases[status.dataset] = evaluated
             if report.unreadable:
                 skipped[status.dataset] = max(skipped.get(status.dataset, 0), len(report.unreadable))
-            records += report.records
+            records += report.scored_records()[0]  # (--release-rules: without the empty truths it skipped)
             timings.append(Timing(column.key, status.dataset, evaluated, seconds, status.evaluation_cases()))
             published = column.published.get(status.dataset)
             say(f"  {column.key:<14} {status.dataset}: Dice {dice:.1f} (published "
