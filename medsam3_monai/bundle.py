@@ -11,6 +11,8 @@ from pathlib import Path
 from typing import Any, Sequence
 
 BUNDLE_CONFIGS = Path(__file__).resolve().parents[1] / "bundles" / "medsam3" / "configs"
+#: set by ``medsam3 train`` for the bundle it runs: the program name its errors go under (``medsam3 train``)
+FRONT_VARIABLE = "MEDSAM3_FRONT"
 
 
 def config_parser(config: str | Sequence[str], **overrides: Any):
@@ -43,44 +45,74 @@ def inference_postprocessing(preprocessing: Any):
     return parser.get_parsed_content("to_input_space")
 
 
+def in_front_words(text: str) -> str:
+    """``text`` (a message naming bundle options) in the words of the command that runs the bundle: ``medsam3
+    train``'s options when it does (``MEDSAM3_FRONT``), else unchanged."""
+    import os
+
+    if not os.environ.get(FRONT_VARIABLE):
+        return text
+    from .deploy.train_cli import front_words
+
+    return front_words(text)
+
+
 def report_input_errors(prog: str = "medsam3 bundle") -> None:
     """Make an input error end a ``python -m monai.bundle run`` as ``medsam3`` ends: one line on stderr, exit 2.
 
     The bundles call this first in ``initialize``. It installs a ``sys.excepthook`` that finds our input error
     (a ValueError such as ``DataError``, a FileNotFoundError, a ``CheckpointError``) inside MONAI's and Ignite's
-    ``RuntimeError`` wrappers, prints ``<prog>: error: <message>`` and exits with status 2; anything else (a bug)
-    keeps Python's full traceback. Runs inside Python (tests, notebooks) are unaffected: they see the exception.
+    ``RuntimeError`` wrappers, prints ``<prog>: error: <message>`` and exits with status 2; Ctrl-C ends with
+    ``<prog>: interrupted`` and status 130; anything else (a bug) keeps Python's full traceback. Run by
+    ``medsam3 train`` (``MEDSAM3_FRONT``), the messages name that command's options. Runs inside Python (tests,
+    notebooks) are unaffected: they see the exception.
     """
     import logging
     import os
     import sys
 
     previous = sys.excepthook
+    front = os.environ.get(FRONT_VARIABLE)
+    if front:
+        prog = front
 
     def hook(kind: type[BaseException], error: BaseException, traceback: Any) -> None:
-        cause = _input_error(error)
-        if cause is None:
+        interrupted = isinstance(error, KeyboardInterrupt)
+        cause = None if interrupted else _input_error(error)
+        if cause is None and not interrupted:
             previous(kind, error, traceback)
             return
         bars = getattr(sys.modules.get("tqdm"), "tqdm", None)
         for bar in list(getattr(bars, "_instances", None) or []):  # a progress bar mid-line: end its line first
             bar.close()
-        print(f"{prog}: error: {cause}", file=sys.stderr)
+        if interrupted:
+            if not front:  # (medsam3 train says it, with how to resume)
+                print(f"{prog}: interrupted", file=sys.stderr)
+        else:
+            print(f"{prog}: error: {in_front_words(str(cause))}", file=sys.stderr)
         sys.stderr.flush()
         sys.stdout.flush()
-        os._exit(2)  # excepthook cannot choose the exit status; nothing is left to clean up after an input error
+        os._exit(130 if interrupted else 2)  # excepthook cannot choose the exit status; nothing is left to clean up
 
     def not_said_twice(record: logging.LogRecord) -> bool:
-        """Ignite's engines log "... terminating due to exception: <message>" before the exception reaches the
-        hook, which says it once; the line is kept for anything else (a bug)."""
-        if "terminating due to exception" not in record.getMessage():
+        """Ignite's engines log "... terminating due to exception: <message>", and MONAI's ``StatsHandler``
+        "Exception: " with the traceback, before the exception reaches the hook, which says it once; the lines are
+        kept for anything else (a bug)."""
+        if record.exc_info:
+            error = record.exc_info[1]
+        elif "terminating due to exception" in record.getMessage():
+            error = sys.exc_info()[1]
+        else:
             return True
-        return _input_error(sys.exc_info()[1]) is None
+        return not isinstance(error, KeyboardInterrupt) and _input_error(error) is None
 
     sys.excepthook = hook
     for handler in logging.getLogger().handlers:  # the logging file's handlers (engine loggers propagate to them)
         if not_said_twice not in handler.filters:
             handler.addFilter(not_said_twice)
+    stats = logging.getLogger("monai.handlers.StatsHandler")  # MONAI's StatsHandler logs through its own handler
+    if not_said_twice not in stats.filters:
+        stats.addFilter(not_said_twice)
 
 
 class _BarAwareStream:
@@ -421,6 +453,20 @@ def require_positive(**settings: Any) -> None:
     """Refuse a bundle setting that counts iterations or epochs and must be a whole number >= 1 (``val_interval=0``
     would otherwise end in Ignite's "Argument every should be integer and greater than zero")."""
     _require_whole_numbers(settings, 1)
+
+
+def slice_size(checkpoint: str | Path, image_size: int | None) -> int:
+    """The training bundle's slice-space side: ``image_size`` when given, else the checkpoint's own: 112 for
+    ``tiny``, the size a folder's or our model file's configuration stores, 1008 for a file without a configuration
+    (``sam3.pt``, a Medical-SAM3 release file; give 504 for the release's 3D checkpoint), as the commands choose."""
+    from .networks.presets import FULL_IMAGE_SIZE, TINY_IMAGE_SIZE
+
+    if image_size is not None:
+        return int(image_size)
+    if str(checkpoint) == "tiny":
+        return TINY_IMAGE_SIZE
+    declared = _declared_image_size(Path(checkpoint).expanduser())
+    return FULL_IMAGE_SIZE if declared is None else declared
 
 
 def check_network_source(checkpoint: str | Path, image_size: int | None) -> None:

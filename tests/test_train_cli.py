@@ -119,9 +119,53 @@ def test_train_fine_tunes_the_tiny_network_and_a_bundle_error_leaves_no_folder(s
     config = json.loads(next((run / "runs").glob("config_*.json")).read_text())
     assert config["lr"]["vision"] == 5e-4 and config["val_protocol"] == "semantic"
 
-    # the bundle refuses a key it does not have: its one-line error and status, and the folder MONAI's tracking
-    # had started (its executed config) is gone
+    # the bundle refuses its input (an item whose files are not there): its one-line error under this command's
+    # name and status 2, and the folder MONAI's tracking had started (its executed config) is gone
+    missing = tmp_path / "missing.json"
+    missing.write_text(json.dumps({"training": [{"image": str(tmp_path / "no.png"), "label": str(tmp_path / "no.png"),
+                                                 "prompts": {"1": "polyp"}}], "validation": []}))
     other = tmp_path / "other"
-    assert main(["train", "--datalist", str(datalist), "--out", str(other), "--set", "max_epoch=1"]) == 2
-    assert "the bundle has no setting 'max_epoch'" in capfd.readouterr().err
+    assert main(["train", "--datalist", str(missing), "--out", str(other)]) == 2
+    err = capfd.readouterr().err
+    assert "medsam3 train: error:" in err and "no.png" in err and "Traceback" not in err
     assert not other.exists()
+
+
+def test_bundle_messages_are_said_in_this_commands_options():
+    from medsam3_monai.deploy.train_cli import front_words
+
+    assert front_words("works at 504 px, not 112: give --image_size 504") == \
+        "works at 504 px, not 112: give --image-size 504"
+    assert front_words("raise --max_epochs to train on, or pass --resume false to start afresh") == \
+        "raise --epochs to train on, or pass --set resume=false to start afresh"
+    assert front_words("did you mean --val_protocol? (MONAI's --tracking)") == \
+        "did you mean --set val_protocol=...? (MONAI's --tracking)"  # not a key of the training configs: as it is
+
+
+def test_a_key_the_bundle_does_not_have_is_refused_before_anything_runs(tmp_path: Path, capsys):
+    datalist = tmp_path / "d.json"
+    datalist.write_text("{}")
+    assert main(["train", "--datalist", str(datalist), "--out", str(tmp_path / "run"), "--set", "val_protocl=semantic",
+                 "--dry-run"]) == 2
+    error = capsys.readouterr().err
+    assert "the bundle has no setting 'val_protocl'" in error and "did you mean --set val_protocol=...?" in error
+    assert not (tmp_path / "run").exists()
+
+
+def test_the_training_bundle_trains_a_checkpoint_at_its_own_size_unless_told(tmp_path: Path):
+    """train.json's ``image_size`` is null: ``slice_size`` is then the checkpoint's own (tiny 112, a folder's or
+    model file's stored size, 1008 for a sam3.pt / Medical-SAM3 file, which carries none), so a real checkpoint is
+    never trained at the tiny network's 112 px unless asked; a given ``image_size`` wins (504 for the release's 3D
+    checkpoint)."""
+    import torch
+
+    from medsam3_monai.bundle import config_parser, slice_size
+    from medsam3_monai.networks import MedSAM3Net, save_checkpoint_file
+
+    assert config_parser("train.json").get_parsed_content("image_size") is None
+    model = save_checkpoint_file(MedSAM3Net("tiny", image_size=224).sam3, tmp_path / "model.pt")
+    bare = tmp_path / "sam3.pt"
+    torch.save({"model": {"detector.backbone.vision_backbone.trunk.pos_embed": torch.zeros(1)}}, bare)
+    assert [slice_size("tiny", None), slice_size(model, None), slice_size(bare, None)] == [112, 224, 1008]
+    assert [slice_size("tiny", 224), slice_size(bare, 504)] == [224, 504]
+    assert config_parser("train.json", checkpoint=str(model)).get_parsed_content("slice_size") == 224

@@ -108,7 +108,8 @@ def add_parser(subparsers: argparse._SubParsersAction) -> argparse.ArgumentParse
     model.add_argument("--protocol", default=None, choices=tuple(PROTOCOLS),
                        help="2D protocol: top_query (default), threshold, semantic")
     model.add_argument("--score-threshold", type=float, default=0.5, metavar="F",
-                       help="query score of the threshold protocol and of volume detections (0.5)")
+                       help="query score of the threshold protocol, the floor of top_query_floor (the release: 0.1) "
+                             "and of volume detections (0.5)")
     model.add_argument("--tracker", default="auto", metavar="SRC|none",
                        help="volumes: auto (default), none (detector only), tiny, an HF folder or a sam3.pt")
     model.add_argument("--modality", default=None, help="intensity rule: CT, MRI, X-ray, ultrasound, endoscopy, ...")

@@ -20,7 +20,9 @@ def add_model_options(parser: Any) -> None:
                         help="'tiny' (random init, default), an HF folder, sam3.pt, a Medical-SAM3 or medsam3-monai "
                              "checkpoint")
     parser.add_argument("--image-size", type=int, default=None, metavar="N",
-                        help="slice-space size of the tiny network (default 112); must match a real checkpoint")
+                        help="slice-space size: tiny 112 by default; a checkpoint file without a configuration "
+                             "(sam3.pt, a Medical-SAM3 file) is built at it (default 1008; 504 for the release's 3D "
+                             "checkpoint); others must match theirs")
 
 
 def add_detector_chunk_option(parser: Any) -> None:

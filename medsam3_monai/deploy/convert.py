@@ -50,8 +50,9 @@ def add_parser(subparsers: argparse._SubParsersAction) -> None:
         "--config", default=None, help="architecture for checkpoints without one: 'full' (default), 'tiny' or config.json"
     )
     parser.add_argument("--image-size", type=int, default=None,
-                        help="slice-space side S (multiple of 14) of --config full / tiny, and of 'tiny'; a checkpoint "
-                             "must already work at S")
+                        help="slice-space side S (multiple of 14): the size a file without a configuration (sam3.pt, "
+                             "a Medical-SAM3 file; default 1008, 504 for the release's 3D checkpoint) or --config "
+                             "full / tiny is built at; a checkpoint with a configuration must already work at S")
     parser.set_defaults(func=run)
 
 

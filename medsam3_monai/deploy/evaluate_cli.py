@@ -72,11 +72,14 @@ def add_parser(subparsers: argparse._SubParsersAction) -> argparse.ArgumentParse
     parser.add_argument("--protocol", choices=list(PROTOCOLS), default=DEFAULT_PROTOCOL,
                         help=f"2D protocol ({DEFAULT_PROTOCOL})")
     parser.add_argument("--score-threshold", type=float, default=0.5,
-                        help="query score threshold of the threshold protocol and of volume detections (0.5)")
+                        help="query score of the threshold protocol, the floor of top_query_floor (the release: 0.1) "
+                             "and of volume detections (0.5)")
     parser.add_argument("--box-prompts", action="store_true",
                         help="text + box prompts: the ground truth's largest component box (2D images)")
     parser.add_argument("--image-size", type=int, default=None, metavar="N",
-                        help="slice-space size of the tiny network (default 112); must match a real checkpoint")
+                        help="slice-space size: tiny 112 by default; a checkpoint file without a configuration "
+                             "(sam3.pt, a Medical-SAM3 file) is built at it (default 1008; 504 for the release's 3D "
+                             "checkpoint); others must match theirs")
     parser.add_argument("--max-cases", type=int, default=None, metavar="N",
                         help="at most N cases per datalist: a seeded sample (--seed), kept in file order")
     parser.add_argument("--seed", type=int, default=42, help="seed of the --max-cases sample (42)")

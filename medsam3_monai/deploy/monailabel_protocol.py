@@ -162,7 +162,8 @@ class InferParams(_ClientParams):
         description="text prompts; label value i (1..P) belongs to prompt i (one prompt on a 2D image: 0/255)")
     box: _Box | Annotated[list[_Box | None], Field(min_length=1)] | None = Field(
         None, description="2D only: [x1, y1, x2, y2] in pixels for every prompt, or one per prompt (null: none)")
-    protocol: StrictStr | None = Field(None, description="2D: top_query (default), top_query_floor, threshold or semantic")
+    protocol: StrictStr | None = Field(None, description="2D: top_query (default), top_query_floor, threshold or "
+                                                       "semantic")
 
     @model_validator(mode="before")
     @classmethod
@@ -214,7 +215,8 @@ class LabelInferParams(_ClientParams):
         None, description="ad-hoc text prompts instead of the labels; label value i (1..P) belongs to prompt i")
     box: _Box | Annotated[list[_Box | None], Field(min_length=1)] | None = Field(
         None, description="2D only: [x1, y1, x2, y2] in pixels for every prompt, or one per prompt (null: none)")
-    protocol: StrictStr | None = Field(None, description="2D: top_query (default), top_query_floor, threshold or semantic")
+    protocol: StrictStr | None = Field(None, description="2D: top_query (default), top_query_floor, threshold or "
+                                                       "semantic")
     score_threshold: Annotated[StrictInt | StrictFloat, Field(ge=0, le=1)] | None = Field(
         None, description="query score of the threshold protocol and of volume detections")
     device: StrictStr | None = Field(None, description="MONAI Label's device name (cuda falls back to the CPU)")

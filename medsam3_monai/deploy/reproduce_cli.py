@@ -57,7 +57,9 @@ def _add_paper(subparsers: argparse._SubParsersAction, paper: str) -> None:
                                  "query above 0.1 (else an empty mask), images without foreground skipped; volumes "
                                  "as without it (default: the papers' top query, empty truths scored)")
     parser.add_argument("--image-size", type=int, default=None, metavar="N",
-                        help="slice-space size of the tiny network (default 112); must match a real checkpoint")
+                        help="slice-space size: tiny 112 by default; a checkpoint file without a configuration "
+                             "(sam3.pt, a Medical-SAM3 file) is built at it (default 1008; 504 for the release's 3D "
+                             "checkpoint); others must match theirs")
     parser.add_argument("--max-cases", type=int, default=None, metavar="N",
                         help="at most N cases per dataset (a seeded sample; the table then says it is not the "
                              "paper's protocol)")

@@ -91,7 +91,8 @@ def add_parser(subparsers: argparse._SubParsersAction) -> argparse.ArgumentParse
     add_model_options(parser)
     parser.add_argument("--protocol", choices=list(PROTOCOLS), default=None, help="2D protocol (default top_query)")
     parser.add_argument("--score-threshold", type=float, default=0.5, metavar="F",
-                        help="query score of the threshold protocol and of volume detections (0.5)")
+                        help="query score of the threshold protocol, the floor of top_query_floor (the release: 0.1) "
+                             "and of volume detections (0.5)")
     parser.add_argument("--tracker", default="auto", metavar="SRC|none",
                         help="volumes: auto (default), none (detector only), tiny, an HF folder or a sam3.pt")
     parser.add_argument("--modality", default=None,

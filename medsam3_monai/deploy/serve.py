@@ -74,7 +74,8 @@ def add_parser(subparsers: argparse._SubParsersAction) -> argparse.ArgumentParse
                         help="seconds a session lives after its last use (default 3600; also the longest a client "
                              "may ask for)")
     parser.add_argument("--score-threshold", type=float, default=0.5, metavar="F",
-                        help="query score of the threshold protocol and of volume detections (0.5)")
+                        help="query score of the threshold protocol, the floor of top_query_floor (the release: 0.1) "
+                             "and of volume detections (0.5)")
     parser.add_argument("--tracker", default="auto", metavar="SRC|none",
                         help="volumes: auto (default), none (detector only), tiny, an HF folder or a sam3.pt")
     parser.add_argument("--device", default="auto", help="auto (cuda when available), cpu, cuda, cuda:1, ...")

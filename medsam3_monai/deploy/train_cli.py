@@ -15,6 +15,8 @@ from __future__ import annotations
 
 import argparse
 import json
+import os
+import re
 import shlex
 import shutil
 import signal
@@ -23,7 +25,7 @@ import sys
 from pathlib import Path
 from typing import Sequence
 
-from ..bundle import BUNDLE_CONFIGS
+from ..bundle import BUNDLE_CONFIGS, FRONT_VARIABLE
 from .arguments import at_least
 
 __all__ = ["add_parser", "bundle_command", "check_model_arguments", "one_rate_overrides", "run",
@@ -36,7 +38,7 @@ OPTION_KEYS = {"--out": "bundle_root", "--datalist": "datalists", "--checkpoint"
 
 _EPILOG = """\
 Examples:
-  # the tiny network on the shared Kvasir sample (1-2 minutes on 2 CPU cores), one learning rate for every group
+  # the tiny network on the shared Kvasir sample (a minute or two on 2 CPU cores), one learning rate for every group
   medsam3 datalist Kvasir-SEG_sample ../shared/data/Kvasir-SEG_sample --out kvasir.json
   medsam3 train --datalist kvasir.json --out runs/tiny --lr 5e-4 --epochs 10 --batch-size 2 \\
       --set val_protocol=semantic
@@ -54,7 +56,7 @@ model_best_val_dice.pt), runs/mlruns.db (MLflow). Every key: bundles/medsam3/doc
 def add_parser(subparsers: argparse._SubParsersAction) -> argparse.ArgumentParser:
     parser = subparsers.add_parser(
         "train", help="fine-tune on datalists with the training bundle (Medical SAM3 or MedSAM3; torchrun for N GPUs)",
-        description=__doc__, epilog=_EPILOG, formatter_class=argparse.RawDescriptionHelpFormatter,
+        description=__doc__.replace("``", "`"), epilog=_EPILOG, formatter_class=argparse.RawDescriptionHelpFormatter,
     )
     parser.add_argument("--datalist", action="append", required=True, metavar="FILE",
                         help="a datalist JSON (`medsam3 datalist`); repeatable: the datasets are trained together")
@@ -65,7 +67,8 @@ def add_parser(subparsers: argparse._SubParsersAction) -> argparse.ArgumentParse
                         help="starting weights: tiny (random init, the bundle's default), an HF folder, sam3.pt, a "
                              "Medical-SAM3 release, a model.pt")
     parser.add_argument("--image-size", type=at_least(1), default=None, metavar="N",
-                        help="slice-space size (default 112, the tiny network's; 1008 for real weights)")
+                        help="slice-space size (default: the checkpoint's own: tiny 112, 1008 for a sam3.pt or "
+                             "Medical-SAM3 file; 504 for the release's 3D checkpoint)")
     parser.add_argument("--mode", choices=["full", "medsam3"], default=None,
                         help="full: Medical SAM3, every part trained (default); medsam3: frozen encoders")
     parser.add_argument("--box-prompts", action="store_true",
@@ -79,8 +82,9 @@ def add_parser(subparsers: argparse._SubParsersAction) -> argparse.ArgumentParse
     parser.add_argument("--save-interval", type=at_least(1), default=None, metavar="N",
                         help="iterations between checkpoints (default 50)")
     parser.add_argument("--lr", type=float, default=None, metavar="RATE",
-                        help="one learning rate for every parameter group, no layer or weight decay (a tiny network "
-                             "learning from scratch); default: the papers' fine-tuning rates")
+                        help="one learning rate for every parameter group, no layer or weight decay, a slow decay "
+                             "(scheduler#timescale 1000): a tiny network learning from scratch; default: the papers' "
+                             "fine-tuning rates")
     parser.add_argument("--nproc", type=at_least(1), default=1, metavar="N",
                         help="processes on this machine, one per GPU: N > 1 runs torchrun with multi_gpu_train.json "
                              "(gloo on CPU)")
@@ -120,6 +124,30 @@ def one_rate_overrides(lr: float) -> dict[str, float | int]:
     inverse-square-root decay: a random-init (tiny) network learning from scratch, not the papers' fine-tuning."""
     return {"lr#detector": lr, "lr#vision": lr, "lr#language": lr, "lr#geometry": lr, "lr#layer_decay": 1.0,
             "lr#weight_decay": 0.0, "scheduler#timescale": 1000}
+
+
+#: a bundle option in a message: ``--key`` and the value that may follow it (``--image_size 112``, ``--resume false``)
+_BUNDLE_OPTION = re.compile(r"--([a-z][a-z0-9_]*(?:#[a-z0-9_]+)*)(?: (true|false|-?[0-9][0-9.e+-]*))?(?![\w#-])")
+
+
+def front_words(message: str) -> str:
+    """A training bundle message in this command's words: ``--max_epochs`` -> ``--epochs``, ``--image_size 112`` ->
+    ``--image-size 112``, ``--resume false`` -> ``--set resume=false``, ``did you mean --val_protocol?`` -> ``did you
+    mean --set val_protocol=...?``; anything that is not a key of the training configs stays as it is."""
+    keys = set()
+    for name in ("train.json", "multi_gpu_train.json"):
+        keys |= set(json.loads((BUNDLE_CONFIGS / name).read_text(encoding="utf-8")))
+    options = {key: option for option, key in OPTION_KEYS.items()}
+
+    def swap(match: re.Match) -> str:
+        key, value = match.group(1), match.group(2)
+        if key in options:
+            return options[key] + (f" {value}" if value else "")
+        if key.split("#", 1)[0] in keys:
+            return f"--set {key}={value or '...'}"
+        return match.group(0)
+
+    return _BUNDLE_OPTION.sub(swap, message)
 
 
 def _settings(pairs: Sequence[str], given: dict[str, str]) -> dict[str, str]:
@@ -209,18 +237,34 @@ def _remove_if_config_only(root: Path) -> None:
         shutil.rmtree(root, ignore_errors=True)
 
 
+def _check_keys(command: Sequence[str]) -> None:
+    """The bundle's own check that every ``--key`` is a setting of its configs, before anything runs, in this
+    command's words."""
+    from ..bundle import check_override_keys
+
+    runner = str(Path("monai") / "bundle" / "__main__.py")  # what that check reads as the bundle runner's argv
+    try:
+        check_override_keys([runner, *command[command.index("run", command.index("monai.bundle")):]])
+    except ValueError as err:
+        raise ValueError(front_words(str(err))) from None
+
+
 def run(args: argparse.Namespace) -> int:
     command = bundle_command(args)  # (--set mistakes first: they need no file)
+    _check_keys(command)
     _check(args)
     print(shlex.join(command), file=sys.stdout if args.dry_run else sys.stderr, flush=True)
     if args.dry_run:
         return 0
     root = run_folder(args)
     created = not root.exists()
-    status = _wait(subprocess.Popen(command))
+    status = _wait(subprocess.Popen(command, env={**os.environ, FRONT_VARIABLE: "medsam3 train"}))
     if status != 0:
         if created:
             _remove_if_config_only(root)
+        if status in (130, -signal.SIGINT):
+            print(f"medsam3 train: interrupted; the same command resumes from the newest checkpoint in {root}"
+                  if (root / "runs" / "checkpoints").is_dir() else "medsam3 train: interrupted", file=sys.stderr)
         return status if status > 0 else 128 - status  # ended by a signal: the shell's 128 + signal
     print(f"medsam3 train: final model {root / 'models' / 'model.pt'}; checkpoints {root / 'runs' / 'checkpoints'}"
           + ("" if args.no_mlflow else

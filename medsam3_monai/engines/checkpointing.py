@@ -14,6 +14,7 @@ import torch
 from ignite.engine import Engine, Events
 from ignite.handlers import Checkpoint, DiskSaver
 
+from ..bundle import in_front_words
 from ..compat import skip_batches
 from ..networks.outputs import unwrap
 from .distributed import barrier, broadcast_object, get_rank
@@ -105,9 +106,9 @@ def check_resume_checkpoint(resume: bool | str, save_dir: str | Path, max_epochs
     epoch = int(trainer.get("epoch") or int(trainer.get("iteration", 0)) // int(trainer["epoch_length"]))
     if epoch >= max_epochs:
         if get_rank() == 0:
-            logger.warning("%s finished epoch %d of max_epochs %d: nothing left to train, so no data was cached and "
-                           "no model or checkpoint written; raise --max_epochs to train on, or pass --resume false to "
-                           "start afresh", path, epoch, max_epochs)
+            logger.warning(in_front_words("%s finished epoch %d of max_epochs %d: nothing left to train, so no data "
+                                          "was cached and no model or checkpoint written; raise --max_epochs to "
+                                          "train on, or pass --resume false to start afresh"), path, epoch, max_epochs)
         raise SystemExit(0)
 
 
@@ -331,6 +332,6 @@ class TrainingCheckpoint:
         barrier()  # DDP: no rank trains (nor rank 0 saves) before every rank has loaded
         logger.info("resumed from %s at iteration %d (epoch %d)", path, engine.state.iteration, engine.state.epoch)
         if engine.state.max_epochs is not None and engine.state.epoch >= engine.state.max_epochs:
-            logger.warning("the training in %s finished at epoch %d of max_epochs %d: nothing left to train; raise "
-                           "--max_epochs to train on, or pass --resume false to start afresh", self.save_dir,
-                           engine.state.epoch, engine.state.max_epochs)
+            logger.warning(in_front_words("the training in %s finished at epoch %d of max_epochs %d: nothing left to "
+                                          "train; raise --max_epochs to train on, or pass --resume false to start "
+                                          "afresh"), self.save_dir, engine.state.epoch, engine.state.max_epochs)

@@ -325,14 +325,17 @@ class EvaluationReport:
                          "evaluated with --protocol semantic; a volume keeps only the slices whose detection scores "
                          ">= --score-threshold (then the tracker): a model whose scores stay below it, as a random or "
                          "briefly trained one's, needs a lower --score-threshold")
-        found += absent_label_warnings(self.records)
+        found += absent_label_warnings(scored)  # (rows left out by --skip-empty-truth are said below)
         for warning in found:
             logger.warning("%s: %s", out, warning)
         notes = [f"WARNING: {warning}." for warning in reversed(found)] + list(self.notes)
         if skipped:
+            gone = sorted({str(r.get("dataset")) for r in skipped} - {str(r.get("dataset")) for r in scored})
             notes.append(f"{len(skipped)} of {len(self.records)} (case, prompt) rows have an empty truth and are left "
                          "out of the table and cases.csv (--skip-empty-truth, as the Medical-SAM3 release's 2D "
-                         "evaluation skips images without foreground); see skipped_empty_truth.csv.")
+                         "evaluation skips images without foreground); see skipped_empty_truth.csv"
+                         + (f". Every row of {', '.join(gone)} was left out, so the table has no row for it."
+                            if gone else "."))
         if self.unreadable:
             files.append(write_csv(out / "skipped.csv", ["image", "label", "error"],
                                      [{"image": case.item.get("image", ""), "label": case.item.get("label", ""),
@@ -379,6 +382,8 @@ class EvaluationReport:
 
             params = [Param(k, str(v)[:500]) for k, v in self.params.items()]
             params.append(Param("num_records", str(len(self.records))))
+            if self.skip_empty_truth:
+                params.append(Param("skipped_empty_truth_rows", str(len(self.scored_records()[1]))))
             if self.table is not None and self.table.mixes_protocols():  # pictures and volumes: each dataset's
                 params.append(Param("dataset_protocols", "; ".join(
                     f"{r['name']}: {r['protocol']}" for r in self.table.dataset_rows())[:500]))
