@@ -110,7 +110,11 @@ def report_input_errors(prog: str = "medsam3 bundle") -> None:
     for handler in logging.getLogger().handlers:  # the logging file's handlers (engine loggers propagate to them)
         if not_said_twice not in handler.filters:
             handler.addFilter(not_said_twice)
-    stats = logging.getLogger("monai.handlers.StatsHandler")  # MONAI's StatsHandler logs through its own handler
+    # MONAI's StatsHandler logs through a logger of its own (not propagated), which MONAI's get_logger sets up with
+    # a stdout handler the first time: set up exactly so here (its later get_logger finds it), plus the filter
+    from monai.apps import get_logger
+
+    stats = get_logger("monai.handlers.StatsHandler")
     if not_said_twice not in stats.filters:
         stats.addFilter(not_said_twice)
 
