@@ -56,3 +56,16 @@ def test_without_weights_the_bundle_asks_for_a_checkpoint(tmp_path):
 
     with pytest.raises(ValueError, match="no weights: .*models/model.pt does not exist.*--checkpoint tiny"):
         bundle_weights(tmp_path)
+
+
+def test_the_inference_bundle_builds_a_file_without_a_configuration_at_checkpoint_image_size():
+    """inference.json: ``checkpoint_image_size`` is the size a sam3.pt / Medical-SAM3 file is built at (null: the
+    network's default, 1008), ``tiny_image_size`` the tiny network's; the slice size is read from the network."""
+    from medsam3_monai.bundle import config_parser
+
+    def network_size(**overrides) -> int | None:
+        return config_parser("inference.json", **overrides).get_parsed_content("network_def#image_size")
+
+    assert network_size(checkpoint="tiny") == 112 and network_size(checkpoint="tiny", tiny_image_size=224) == 224
+    assert network_size(checkpoint="sam3.pt") is None  # MedSAM3Net builds it at 1008
+    assert network_size(checkpoint="sam3.pt", checkpoint_image_size=504) == 504
