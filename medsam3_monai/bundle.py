@@ -314,12 +314,17 @@ def check_override_keys(argv: Sequence[str] | None = None) -> None:
     """Refuse a ``--KEY`` of ``python -m monai.bundle run`` (or ``torchrun ... -m monai.bundle run``) that no config
     of the bundle has: MONAI's runner takes it as a new key that nothing reads, so ``--max_epoch 1`` trained the
     default 10 epochs, silently. Other ways of running (``ConfigWorkflow`` in Python) are not looked at."""
+    arguments = _runner_arguments(argv)
+    if arguments is not None:
+        check_runner_arguments(arguments)
+
+
+def check_runner_arguments(arguments: Sequence[str]) -> None:
+    """:func:`check_override_keys` on the arguments after ``run`` of a ``monai.bundle run`` command line
+    (``medsam3 train`` checks the command it is about to run)."""
     import difflib
     import json
 
-    arguments = _runner_arguments(argv)
-    if arguments is None:
-        return
     from monai.bundle.utils import DEFAULT_MLFLOW_SETTINGS
 
     known = set(RUNNER_ARGUMENTS) | set(DEFAULT_MLFLOW_SETTINGS["configs"])  # --tracking mlflow's settings

@@ -24,7 +24,8 @@ from pathlib import Path
 
 from ..bundle import BUNDLE_CONFIGS
 from ..protocol_registry import DEFAULT_PROTOCOL, PROTOCOLS
-from .train_cli import check_model_arguments, one_rate_overrides
+from .train_cli import one_rate_overrides
+
 
 def add_parser(subparsers: argparse._SubParsersAction) -> argparse.ArgumentParser:
     parser = subparsers.add_parser(
@@ -49,6 +50,27 @@ def add_parser(subparsers: argparse._SubParsersAction) -> argparse.ArgumentParse
     parser.add_argument("--device", default="auto", help="auto (cuda when available), cpu, cuda, ...")
     parser.set_defaults(func=run)
     return parser
+
+
+def _check_model_arguments(args: argparse.Namespace) -> None:
+    """The slice size and the starting checkpoint, checked before any data is made (cheaply: a checkpoint file's
+    tensor names, a folder's config.json); the training bundle loads and checks the weights themselves."""
+    from ..networks.checkpoints import CheckpointError, checkpoint_keys, missing_checkpoint
+    from ..networks.presets import check_image_size
+
+    if args.image_size is not None:
+        check_image_size(args.image_size)
+    if args.checkpoint == "tiny":
+        return
+    path = Path(args.checkpoint).expanduser()
+    if not path.exists():
+        raise missing_checkpoint(path)
+    if path.is_dir() and not (path / "config.json").is_file():
+        raise CheckpointError(f"checkpoint folder {path} has no config.json: give an HF folder (facebook/sam3 layout, "
+                              "or one written by `medsam3 convert-checkpoint`)")
+    if path.is_file() and checkpoint_keys(path) is None:
+        raise CheckpointError(f"cannot read checkpoint {path}: not a PyTorch checkpoint of SAM3 weights; point "
+                              "--checkpoint to the right file")
 
 
 def _train(datalists: list[str], out: Path, args: argparse.Namespace, epochs: int) -> Path:
@@ -95,7 +117,7 @@ def run(args: argparse.Namespace) -> int:
         missing = [p for p in args.data if not Path(p).is_file()]
         if missing:
             raise FileNotFoundError(f"datalist not found: {', '.join(missing)} (make one with `medsam3 datalist`)")
-    check_model_arguments(args.checkpoint, args.image_size)
+    _check_model_arguments(args)
     start = time.perf_counter()
     created = not out.exists()
     out.mkdir(parents=True, exist_ok=True)

@@ -28,8 +28,7 @@ from typing import Sequence
 from ..bundle import BUNDLE_CONFIGS, FRONT_VARIABLE
 from .arguments import at_least
 
-__all__ = ["add_parser", "bundle_command", "check_model_arguments", "one_rate_overrides", "run",
-           "run_folder"]
+__all__ = ["add_parser", "bundle_command", "one_rate_overrides", "run", "run_folder"]
 
 #: the bundle key of each dedicated option (``--set`` may not set them a second time)
 OPTION_KEYS = {"--out": "bundle_root", "--datalist": "datalists", "--checkpoint": "checkpoint",
@@ -96,27 +95,6 @@ def add_parser(subparsers: argparse._SubParsersAction) -> argparse.ArgumentParse
     parser.add_argument("--dry-run", action="store_true", help="print the bundle command and exit without running it")
     parser.set_defaults(func=run)
     return parser
-
-
-def check_model_arguments(checkpoint: str, image_size: int | None) -> None:
-    """The slice size and the starting checkpoint, checked before any data is made (cheaply: a checkpoint file's
-    tensor names, a folder's config.json); the training bundle loads and checks the weights themselves."""
-    from ..networks.checkpoints import CheckpointError, checkpoint_keys, missing_checkpoint
-    from ..networks.presets import check_image_size
-
-    if image_size is not None:
-        check_image_size(image_size)
-    if checkpoint == "tiny":
-        return
-    path = Path(checkpoint).expanduser()
-    if not path.exists():
-        raise missing_checkpoint(path)
-    if path.is_dir() and not (path / "config.json").is_file():
-        raise CheckpointError(f"checkpoint folder {path} has no config.json: give an HF folder (facebook/sam3 layout, "
-                              "or one written by `medsam3 convert-checkpoint`)")
-    if path.is_file() and checkpoint_keys(path) is None:
-        raise CheckpointError(f"cannot read checkpoint {path}: not a PyTorch checkpoint of SAM3 weights; point "
-                              "--checkpoint to the right file")
 
 
 def one_rate_overrides(lr: float) -> dict[str, float | int]:
@@ -206,7 +184,12 @@ def _check(args: argparse.Namespace) -> None:
         raise FileExistsError(f"--out {out} is a file: give a folder for the run (new, or a run's folder to resume)")
     if args.lr is not None and not args.lr > 0:
         raise ValueError(f"--lr {args.lr}: give a learning rate > 0")
-    check_model_arguments(args.checkpoint or "tiny", args.image_size)
+    from ..bundle import check_network_source
+
+    try:  # the training bundle's own check, before it starts
+        check_network_source(args.checkpoint or "tiny", args.image_size)
+    except ValueError as err:  # (a size the checkpoint does not work at: named as this command's option)
+        raise ValueError(front_words(str(err))) from None
 
 
 def run_folder(args: argparse.Namespace) -> Path:
@@ -240,11 +223,10 @@ def _remove_if_config_only(root: Path) -> None:
 def _check_keys(command: Sequence[str]) -> None:
     """The bundle's own check that every ``--key`` is a setting of its configs, before anything runs, in this
     command's words."""
-    from ..bundle import check_override_keys
+    from ..bundle import check_runner_arguments
 
-    runner = str(Path("monai") / "bundle" / "__main__.py")  # what that check reads as the bundle runner's argv
     try:
-        check_override_keys([runner, *command[command.index("run", command.index("monai.bundle")):]])
+        check_runner_arguments(command[command.index("run", command.index("monai.bundle")) + 1:])
     except ValueError as err:
         raise ValueError(front_words(str(err))) from None
 
