@@ -62,3 +62,15 @@ def get_protocol(name: str, validation: bool = False) -> Protocol:
     if name not in choices:
         raise ValueError(f"unknown protocol {name!r}; choose from {', '.join(choices)}")
     return PROTOCOLS[name]
+
+
+def checked_score_threshold(value: Any) -> float:
+    """``value`` as a score threshold (the ``threshold`` and ``top_query_floor`` protocols' query score, and a
+    volume's detection score): a number in [0, 1], else ValueError saying so."""
+    try:
+        threshold = float(value)
+    except (TypeError, ValueError):
+        raise ValueError(f"score threshold {value!r}: give a number in [0, 1]") from None
+    if isinstance(value, bool) or not 0.0 <= threshold <= 1.0:
+        raise ValueError(f"score threshold {value!r}: give a number in [0, 1]")
+    return threshold

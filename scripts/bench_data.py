@@ -173,7 +173,9 @@ def _fresh_runs(argv: list[str], runs_wanted: int) -> dict[str, Any]:
 def main(argv: list[str] | None = None) -> dict[str, Any]:
     parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     parser.add_argument("--image-size", type=int, default=1008, help="slice size S (default 1008, real weights)")
-    parser.add_argument("--items", type=int, default=16, help="items (images or volumes) per set (default 16)")
+    parser.add_argument("--items", type=int, default=16,
+                        help="at most this many items (images or volumes) per set (default 16; each set reports how "
+                             "many it had)")
     parser.add_argument("--epochs", type=int, default=2, help="passes over the warmed cache (default 2)")
     parser.add_argument("--slices-per-volume", type=int, default=1, help="RandAxialSliced num_samples (default 1)")
     parser.add_argument("--rgb", choices=sorted(SETS["rgb"]), default="gbm40", help="the 2D RGB set (default gbm40)")
@@ -203,7 +205,7 @@ def main(argv: list[str] | None = None) -> dict[str, Any]:
     sets = {name: bench_set(name, root / folder, args, concepts) for name, folder in folders.items()}
     report: dict[str, Any] = {
         "image_size": args.image_size,
-        "items_per_set": args.items,
+        "max_items_per_set": args.items,  # each set's own count is its "items" (a sample may hold fewer)
         "cached_epochs": args.epochs,
         "slices_per_volume": args.slices_per_volume,
         "torch_threads": torch.get_num_threads(),

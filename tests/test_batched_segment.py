@@ -419,9 +419,12 @@ def test_prompt_inferer_infer_cases_equals_one_call_per_case(samples, tiny_net):
          "protocol": "threshold"},
         {"image": str(samples / KVASIR[2]), "prompts": {"1": "polyp"}, "box": [40, 30, 300, 200]},
         {"image": str(samples / "chest2.jpg"), "prompts": {"1": "lung"}, "protocol": "semantic"},
+        # a threshold of its own (a server request's): its own forward, the others' batch without its row
+        {"image": str(samples / KVASIR[1]), "prompts": {"1": "polyp"}, "protocol": "top_query_floor",
+         "score_threshold": 0.0},
     ]
     batch = collate_case_batch([preprocessing(dict(item)) for item in items])
-    assert batch.images.shape == (4, 3, tiny_net.image_size, tiny_net.image_size) and batch.indices == [0, 1, 2, 3]
+    assert batch.images.shape == (5, 3, tiny_net.image_size, tiny_net.image_size) and batch.indices == [0, 1, 2, 3, 4]
     inferer = PromptInferer(score_threshold=0.2)
     together = inferer.infer_cases(batch.cases, tiny_net, batch.images)
     for case, batched in zip(batch.cases, together):
@@ -431,7 +434,16 @@ def test_prompt_inferer_infer_cases_equals_one_call_per_case(samples, tiny_net):
         assert torch.allclose(ours["pred"], alone["pred"], atol=1e-5)
         assert torch.equal(ours["pred"] > 0, alone["pred"] > 0)
         assert torch.allclose(ours["prompt_scores"], alone["prompt_scores"], atol=1e-6)
-    assert [c[0]["protocol"] for c in together] == ["top_query", "threshold", "top_query+box", "semantic"]
+    assert [c[0]["protocol"] for c in together] == ["top_query", "threshold", "top_query+box", "semantic",
+                                                   "top_query_floor"]
+    assert [c[0]["score_threshold"] for c in together] == [0.2] * 4 + [0.0] and inferer.score_threshold == 0.2
+    floor = together[-1][0]  # at 0.0 the floor keeps the top query's mask: top_query's logits
+    top = inferer(dict(batch.cases[-1][0], protocol="top_query"), tiny_net)[0]
+    assert torch.equal(floor["pred"], top["pred"]) and (floor["pred"] > 0).any()
+    strict = inferer(dict(batch.cases[-1][0], score_threshold=1), tiny_net)[0]
+    assert not (strict["pred"] > 0).any() and strict["score_threshold"] == 1.0
+    with pytest.raises(ValueError, match=r"score threshold 'high': give a number in \[0, 1\]"):
+        inferer(dict(batch.cases[-1][0], score_threshold="high"), tiny_net)
 
 
 def test_inputs_expand_folders_globs_and_dicom_series(tmp_path):

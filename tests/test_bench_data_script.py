@@ -22,7 +22,7 @@ def _run(bench_data, rgb: tuple[float, float, float], grey: tuple[float, float, 
             for name, rates in (("rgb", rgb), ("grey", grey))}
     sets["rgb"]["cached"]["cache_fill_s"] = 1.0
     sets["grey"]["cached"]["cache_fill_s"] = 1.0
-    report = {"image_size": 1008, "items_per_set": 16, "sets": sets}
+    report = {"image_size": 1008, "max_items_per_set": 16, "sets": sets}
     bench_data.summarize(report)
     report["machine"] = {"cpu_count": 2, "loadavg_1min": load, "bench_wall_s": 20.0}
     return report

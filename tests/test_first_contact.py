@@ -166,6 +166,23 @@ def test_volume_notes_tell_low_scores_from_empty_masks():
         "the mask is empty: send a lower score_threshold")
 
 
+def test_a_picture_whose_floor_emptied_a_mask_gets_a_note(tmp_path, capsys, shared_data):
+    """``medsam3 segment --protocol top_query_floor``: a prompt whose best query scores below the floor gets an empty
+    mask and a note saying why and what to lower; the papers' top_query reads no threshold and notes nothing."""
+    from medsam3_monai.deploy.cli import main
+
+    image = sorted((shared_data / "Kvasir-SEG_sample" / "images").glob("*.jpg"))[0]
+    common = [str(image), "--prompt", "polyp", "--checkpoint", "tiny", "--device", "cpu", "--no-progress"]
+    assert main(["segment", *common, "--out", str(tmp_path / "top.png")]) == 0
+    assert "note:" not in capsys.readouterr().err
+    assert main(["segment", *common, "--out", str(tmp_path / "floor.png"), "--protocol", "top_query_floor",
+                 "--score-threshold", "1"]) == 0
+    score = json.loads((tmp_path / "floor.png.json").read_text())["labels"]["255"]["score"]
+    assert capsys.readouterr().err.strip() == (
+        f"note: 'polyp': no query scored >= 1 (best {score:.3f}), so the top_query_floor mask is empty: lower "
+        "--score-threshold to see weaker detections")
+
+
 @pytest.mark.parametrize("diagonal, flips", [
     ((3.0, 3.0, 3.0), (True, True)),      # RAS-stored (nibabel's default): both axes run the wrong way on screen
     ((-1.0, -1.0, 1.0), (False, False)),  # LPS-stored (DICOM order): already radiological

@@ -249,7 +249,7 @@ def test_monailabel_server_serves_the_pipeline(server, shared_data, tmp_path):
     result = _infer(server, tmp_path / "auto_volume.nii.gz", image=VOLUME.removesuffix(".nii.gz"), modality="auto",
                     score_threshold=0.99)
     assert result["modality"] is None and all(entry["voxels"] == 0 for entry in result["labels"].values())
-    assert any(note.endswith("send a lower score_threshold to see weaker detections") for note in result["notes"])
+    assert any(note.endswith("the mask is empty: send a lower score_threshold") for note in result["notes"])
 
     # 2D image by upload, one label: the mask `medsam3 segment --prompt polyp` writes, with the label's value
     # (as /info/ lists it) where segment writes 255

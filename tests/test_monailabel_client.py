@@ -122,8 +122,8 @@ def test_info(url, tmp_path):
     assert isinstance(info["labels"], dict)
     model = info["models"][MODEL]
     assert model["type"] == "segmentation" and isinstance(model["labels"], dict)
-    assert model["config"] == {"prompts": "", "protocol": ["top_query", "top_query_floor", "threshold", "semantic"], "modality": "",
-                               "largest_cc": False}
+    assert model["config"] == {"prompts": "", "protocol": ["top_query", "top_query_floor", "threshold", "semantic"],
+                               "score_threshold": float(SCORE_THRESHOLD), "modality": "", "largest_cc": False}
     assert "config" not in info  # 3D Slicer refuses servers with a top-level config (pre-0.2 MONAI Label)
     assert set(info["strategies"]) == {"first", "random"} and info["trainers"] == {}
     assert client.train_status(check_if_running=True) is False  # what Slicer polls: no training here
@@ -157,7 +157,11 @@ def test_infer_nifti_upload(url, tmp_path, samples, segment):
     assert np.array_equal(_read(result_file), expected)
     assert np.allclose(nib.load(result_file).affine, nib.load(str(samples["nifti"])).affine)
     assert params["label_names"] == {"hippocampus": 1} and params["labels"]["1"]["voxels"] == int(expected.sum())
-
+    # this request's own detection threshold, above every slice's score: an empty label and why
+    result_file, params = client.infer(MODEL, "", {"prompts": ["hippocampus"], "score_threshold": 0.99},
+                                       file=str(samples["nifti"]))
+    assert not _read(result_file).any() and params["score_threshold"] == 0.99
+    assert params["notes"][-1].startswith("'hippocampus': no slice scored >= 0.99")
 
 # ------------------------------------------------------------------------------------------------ 3D Slicer
 def test_slicer_upload_then_infer_by_id(url, tmp_path, samples, segment):
@@ -171,7 +175,7 @@ def test_slicer_upload_then_infer_by_id(url, tmp_path, samples, segment):
     config = dict(info["models"][MODEL]["config"])
     # the options table sends texts: two concepts typed as one, comma-separated
     params = {"prompts": "hippocampus, brain", "protocol": config["protocol"][0], "modality": config["modality"],
-              "largest_cc": config["largest_cc"]}
+              "largest_cc": config["largest_cc"], "score_threshold": config["score_threshold"]}
     result_file, answer = client.infer(MODEL, image_id, params)
     assert np.array_equal(_read(result_file), segment(samples["nifti"], ["hippocampus", "brain"]))
     assert answer["input"] == "datastore image"

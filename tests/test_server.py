@@ -104,7 +104,11 @@ def test_info(server):
     model = info["models"]["medsam3"]
     assert model["type"] == "segmentation" and model["dimension"] == 3 and model["dimensions"] == [2, 3]
     assert isinstance(model["labels"], dict) and isinstance(info["labels"], dict)  # MONAI Label: name -> value
-    assert set(model["config"]) == {"prompts", "protocol", "modality", "largest_cc"} and "config" not in info
+    assert set(model["config"]) == {"prompts", "protocol", "score_threshold", "modality", "largest_cc"}
+    assert "config" not in info
+    # the server's threshold, which a request's params.score_threshold replaces (3D Slicer edits it as a number)
+    assert model["config"]["score_threshold"] == model["score_threshold"] == 0.5
+    assert info["models"]["medsam3_agent"]["config"]["score_threshold"] == 0.5
     assert "prompts" in model and "description" in model and info["version"]
     assert info["limits"]["max_image_pixels"] == MAX_PIXELS
     assert info["datastore"].keys() >= {"total", "completed"} and info["trainers"] == {}
@@ -154,6 +158,23 @@ def test_infer_real_image(server, kvasir_jpeg):
     # the protocol belongs to that request only: the next one gets the server's default again
     status, headers, body = _infer(server, data, "x.jpeg", {"prompts": ["polyp"]}, query="?output=json")
     assert status == 200 and json.loads(body)["protocol"] == "top_query"
+    assert "score_threshold" not in json.loads(body)  # top_query reads none
+    # so does the score threshold: top_query_floor empties a mask whose top query scores below it
+    floor = {}
+    for threshold in (1, 0.0, None):
+        request = {"prompts": ["polyp"], "protocol": "top_query_floor", "score_threshold": threshold}
+        status, headers, body = _infer(server, data, "x.jpeg", request, query="?output=image")
+        assert status == 200, body
+        floor[threshold] = np.asarray(Image.open(io.BytesIO(body)))
+        answer = json.loads(headers["x-medsam3-result"])
+        assert answer["score_threshold"] == (0.5 if threshold is None else threshold)
+        assert answer["labels"]["255"]["pixels"] == np.count_nonzero(floor[threshold])
+        score = answer["labels"]["255"]["score"]
+        assert answer["notes"] == ([] if score >= answer["score_threshold"] else [
+            f"'polyp': no query scored >= {answer['score_threshold']:g} (best {score:.3f}), so the top_query_floor "
+            "mask is empty: send a lower params.score_threshold"])
+    assert not floor[1].any() and np.array_equal(floor[0.0], unboxed_mask) and unboxed_mask.any()
+    assert np.array_equal(floor[None], unboxed_mask if score >= 0.5 else np.zeros_like(unboxed_mask))
     # STARE's PPM pictures upload as what they are
     ppm = io.BytesIO()
     Image.open(io.BytesIO(data)).save(ppm, format="PPM")
@@ -186,6 +207,13 @@ def test_infer_volume(tmp_path):
 
         nrrd_in = tmp_path / "v.nrrd"
         itk.imwrite(itk.imread(str(path)), str(nrrd_in))
+        # a request's own detection threshold: above every slice's score, no mask, and the note says what to send
+        strict = _infer(server, path.read_bytes(), "v.nii.gz", {"prompts": ["liver"], "score_threshold": 0.99},
+                        query="?output=json")
+        answer = json.loads(strict[2])
+        assert strict[0] == 200 and answer["labels"]["1"]["voxels"] == 0 and answer["score_threshold"] == 0.99
+        assert any(note.endswith("the mask is empty: send a lower params.score_threshold")
+                   for note in answer["notes"])
         two = {}
         for name, data_in, prompts, largest in (("nifti", path.read_bytes(), ["liver", "spleen"], False),
                                                 ("nrrd", nrrd_in.read_bytes(), "liver, spleen", False),
@@ -234,7 +262,7 @@ def test_infer_volume(tmp_path):
     "traversal_model_encoded", "bad_json", "unknown_route", "unknown_param", "bad_box", "no_image",
     "unknown_image_id", "unknown_session", "bad_output", "dicom_seg", "bad_result_extension", "png_of_volume",
     "bad_result_dtype", "wrong_password", "deep_json", "two_files", "truncated_volume", "truncated_volume_stored",
-    "truncated_picture_stored", "truncated_nrrd",
+    "truncated_picture_stored", "truncated_nrrd", "bad_score_threshold",
 ])
 def test_bad_requests(server, case, kvasir_jpeg, tmp_path):
     small = _png(32, 24)
@@ -294,6 +322,10 @@ def test_bad_requests(server, case, kvasir_jpeg, tmp_path):
         expected = 422
     elif case == "unknown_param":  # a typo is refused, not ignored
         status, _, body = _infer(server, small, "a.png", {"prompts": ["polyp"], "promtp": "x"})
+        expected = 422
+    elif case == "bad_score_threshold":
+        status, _, body = _infer(server, small, "a.png", {"prompts": ["polyp"], "score_threshold": 1.5})
+        assert json.loads(body)["error"] == "'score_threshold' must be a number in [0, 1]"
         expected = 422
     elif case == "bad_box":
         status, _, body = _infer(server, small, "a.png", {"prompts": ["polyp"], "box": ["1", 2, 3, 4]})

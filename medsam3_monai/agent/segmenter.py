@@ -83,6 +83,7 @@ class PhraseSegmenter:
         try:
             self.last_prediction = self.predictor(self.path, list(phrases), modality=self.settings.modality,
                                                   channel=self.settings.channel, protocol=self.settings.protocol,
+                                                  score_threshold=self.settings.score_threshold,
                                                   before_merge=before_merge)
             return self.last_prediction
         finally:

@@ -97,7 +97,8 @@ def _renamed(data: dict[str, Any], name: str, aliases: Sequence[str]) -> dict[st
 class _ClientParams(BaseModel):
     """What every model's ``params`` share: unknown keys refused, the options MONAI Label clients add on their own
     (``CLIENT_PARAMS``), blank options (3D Slicer sends empty texts for options left blank) meaning "not given",
-    the input's ``modality``, and the checks of ``protocol`` (declared by each model) and of the result format."""
+    the input's ``modality``, the request's ``score_threshold``, and the checks of ``protocol`` (declared by each
+    model) and of the result format."""
 
     model_config = ConfigDict(extra="forbid", populate_by_name=True)
 
@@ -110,6 +111,9 @@ class _ClientParams(BaseModel):
         None, description="intensity rule: CT, MRI, X-ray, ultrasound, endoscopy, ...")
     largest_cc: StrictBool = Field(False, description="keep each label's largest connected component (MONAI "
                                                       "Label's option of its SAM2 model)")
+    score_threshold: Annotated[StrictInt | StrictFloat, Field(ge=0, le=1)] | None = Field(
+        None, description="this request's score threshold: the query score of the threshold and top_query_floor "
+                          "protocols, and the detection score of volumes (default: the server's)")
 
     @model_validator(mode="before")
     @classmethod
@@ -148,7 +152,7 @@ class _ClientParams(BaseModel):
         return _valid_dtype(dtype)
 
 
-_BLANK_MEANS_NONE = ("protocol", "modality", "result_extension", "result_dtype")
+_BLANK_MEANS_NONE = ("protocol", "modality", "result_extension", "result_dtype", "score_threshold")
 
 
 class InferParams(_ClientParams):
@@ -217,8 +221,6 @@ class LabelInferParams(_ClientParams):
         None, description="2D only: [x1, y1, x2, y2] in pixels for every prompt, or one per prompt (null: none)")
     protocol: StrictStr | None = Field(None, description="2D: top_query (default), top_query_floor, threshold or "
                                                        "semantic")
-    score_threshold: Annotated[StrictInt | StrictFloat, Field(ge=0, le=1)] | None = Field(
-        None, description="query score of the threshold protocol and of volume detections")
     device: StrictStr | None = Field(None, description="MONAI Label's device name (cuda falls back to the CPU)")
     concepts: Any = Field(None, description="informational (the model's label -> prompt), not used")
     checkpoint: Any = Field(None, description="informational (the server's checkpoint), not used")

@@ -366,9 +366,8 @@ def run(args: argparse.Namespace) -> int:
 
     print(write_prediction(prediction, args.input, out, sidecar_path, overlay, getattr(args, "max_pixels", None),
                            run=numerics(args)))
-    if prediction.is_volume:
-        for line in volume_notes(prediction, args.score_threshold):
-            print(f"note: {line}", file=sys.stderr)
+    for line in prediction_notes(prediction):
+        print(f"note: {line}", file=sys.stderr)
     return 0
 
 
@@ -617,9 +616,8 @@ def run_many(args: argparse.Namespace) -> int:
                 else:
                     target = target_of[id(item)]
                     tqdm.write(write_prediction(result, item["image"], target, Path(f"{target}.json"), run=network_run))
-                    if result.is_volume:
-                        for line in volume_notes(result, args.score_threshold):
-                            tqdm.write(f"note: {item['image']}: {line}", file=sys.stderr)
+                    for line in prediction_notes(result):
+                        tqdm.write(f"note: {item['image']}: {line}", file=sys.stderr)
                     written += 1
                 bar.update()
     finally:
@@ -673,6 +671,20 @@ def ct_picture_notes(pictures: list[str], modality: str | None) -> list[str]:
 
 #: what an empty volume mask's note says to do, by where the score threshold is set
 LOWER_THRESHOLD = "lower --score-threshold to see weaker detections"
+
+
+def prediction_notes(prediction, remedy: str = LOWER_THRESHOLD) -> list[str]:
+    """What to say after a prediction, at the score threshold it ran with (``settings["score_threshold"]``): a
+    volume's :func:`volume_notes`; a 2D picture's prompts whose masks a threshold-reading protocol
+    (``top_query_floor``, ``threshold``) emptied because no query scored >= it (``remedy``: how this caller's user
+    lowers the threshold)."""
+    threshold = prediction.settings.get("score_threshold")
+    if prediction.is_volume:
+        return volume_notes(prediction, threshold, remedy)
+    if threshold is None:  # a protocol that reads no threshold
+        return []
+    return [f"{prompt!r}: no query scored >= {threshold:g} (best {score:.3f}), so the {prediction.protocol} mask is "
+            f"empty: {remedy}" for prompt, score in zip(prediction.prompts, prediction.scores) if score < threshold]
 
 
 def volume_notes(prediction, score_threshold: float, remedy: str = LOWER_THRESHOLD) -> list[str]:

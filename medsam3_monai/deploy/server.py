@@ -8,15 +8,16 @@ Protocol details: :mod:`medsam3_monai.deploy.monailabel_protocol`; stored upload
 :mod:`medsam3_monai.deploy.datastore`; the guide: ``bundles/medsam3/docs/monailabel.md``.
 
 Routes (``{model}`` is ``medsam3``, or ``medsam3_agent`` for the MedSAM3 agent: params ``{"request": "segment the
-lesion in the upper left quadrant", "modality", "protocol", "trace"}``, answered with one label, the union of
-the marks the planner selects; the planner is the server's, ``medsam3 serve --llm-url/--llm-model/--api-key-env``,
+lesion in the upper left quadrant", "modality", "protocol", "score_threshold", "trace"}``, answered with one label,
+the union of the marks the planner selects; the planner is the server's, ``medsam3 serve --llm-url/--llm-model/--api-key-env``,
 default the offline planner):
 
 * ``GET /info/``: name, version, ``labels`` (a mapping), ``models: {medsam3: {type, labels (a mapping, empty:
   the labels are each request's prompts, named in the answer's ``label_names``), dimension, description,
   config}}``,
   ``strategies``, ``trainers`` (none), ``datastore`` stats and this server's ``limits``.
-* ``POST /infer/{model}``: multipart ``params`` = JSON ``{"prompts": [...], "box", "protocol", "modality"}`` (plus
+* ``POST /infer/{model}``: multipart ``params`` = JSON ``{"prompts": [...], "box", "protocol", "score_threshold",
+  "modality"}`` (``score_threshold``: this request's, default the server's ``--score-threshold``; plus
   what MONAI Label clients add: ``client_id``, ``result_extension``, ``result_dtype``, ``result_compress``,
   ``restore_label_idx``) and the image as ``file`` (PNG, JPEG, BMP, TIFF, GIF, PPM, NIfTI), or ``?image=ID`` of an
   uploaded image, or ``?session_id=``. ``?output=all`` (default): multipart ``params`` (result JSON) + ``image`` (the
@@ -443,7 +444,7 @@ def create_app(predictor: Any, *, token: str | None = None, limits: ServerLimits
     from ..agent.runner import AgentSettings, choose_planner
     from .monailabel_protocol import (ParamsError, ResultType, label_names, multipart_answer, parse_agent_params,
                                       parse_infer_params, result_format, write_result)
-    from .segment_cli import output_labels, volume_notes
+    from .segment_cli import output_labels, prediction_notes
 
     limits = limits or ServerLimits()
     agent = agent if agent is not None else AgentSettings(llm="none")
@@ -452,6 +453,7 @@ def create_app(predictor: Any, *, token: str | None = None, limits: ServerLimits
     lock = threading.Lock()
     auth = TokenAuth(token)
     store = Datastore(limits.max_stored_files, limits.max_stored_bytes, limits.session_expiry)
+    default_threshold = float(predictor.inferer.score_threshold)  # a request's params.score_threshold replaces it
 
     @asynccontextmanager
     async def lifespan(app: Any):
@@ -503,10 +505,13 @@ def create_app(predictor: Any, *, token: str | None = None, limits: ServerLimits
         "description": "Medical SAM3 text-prompted segmentation: give the concepts as params.prompts; 2D images "
                        "-> PNG mask, NIfTI volumes -> NIfTI label map, both in the input's geometry",
         # 3D Slicer shows these as editable options and sends them back as params
-        "config": {"prompts": "", "protocol": list(PROTOCOLS), "modality": "", "largest_cc": False},
+        "config": {"prompts": "", "protocol": list(PROTOCOLS), "score_threshold": default_threshold,
+                   "modality": "", "largest_cc": False},
         "prompts": "params = {\"prompts\": [text, ...] or \"text, text\", \"box\": [x1, y1, x2, y2] (2D, "
-                   "optional), \"protocol\": " + "|".join(PROTOCOLS) + " (2D, optional), \"modality\": optional, "
+                   "optional), \"protocol\": " + "|".join(PROTOCOLS) + " (2D, optional), \"score_threshold\": 0..1 "
+                   "(optional; default " + f"{default_threshold:g}" + "), \"modality\": optional, "
                    "\"largest_cc\": true|false}",
+        "score_threshold": default_threshold,
         "dimensions": [2, 3],
         "checkpoint": str(getattr(predictor, "checkpoint", "")),
         "image_size": int(getattr(getattr(predictor, "network", None), "image_size", 0) or 0),
@@ -523,9 +528,10 @@ def create_app(predictor: Any, *, token: str | None = None, limits: ServerLimits
         "description": "The MedSAM3 agent: give a free-text request as params.request; a planner calls MedSAM3 with "
                        "short noun phrases and answers with the union of the masks it selects (one label; no match: "
                        "an empty mask)",
-        "config": {"request": "", "modality": "", "largest_cc": False},
+        "config": {"request": "", "score_threshold": default_threshold, "modality": "", "largest_cc": False},
         "prompts": "params = {\"request\": text, \"modality\": optional, \"protocol\": " + "|".join(PROTOCOLS)
-                   + " (2D, optional), \"trace\": true|false}",
+                   + " (2D, optional), \"score_threshold\": 0..1 (optional), \"trace\": true|false}",
+        "score_threshold": default_threshold,
         "planner": {"kind": planner, "model": agent.llm_model if planner == "llm" else None,
                     "max_rounds": agent.loop.max_rounds},
         "dimensions": [2, 3],
@@ -598,9 +604,9 @@ def create_app(predictor: Any, *, token: str | None = None, limits: ServerLimits
             if request.largest_cc:
                 prediction = prediction.largest_components()
             labels, summary = output_labels(prediction, upload)
-            if prediction.is_volume:  # why a mask is empty, as medsam3 segment says it
-                summary["notes"] = volume_notes(prediction, predictor.inferer.score_threshold, remedy=(
-                    "start the server with a lower --score-threshold to see weaker detections"))
+            if prediction.is_volume or prediction.settings.get("score_threshold") is not None:
+                # why a mask is empty, as medsam3 segment says it
+                summary["notes"] = prediction_notes(prediction, remedy="send a lower params.score_threshold")
             if agent_summary is not None:
                 summary["agent"] = agent_summary
             mask_path = folder / f"mask{extension}"
@@ -624,7 +630,7 @@ def create_app(predictor: Any, *, token: str | None = None, limits: ServerLimits
         with lock:  # one model, one request at a time; the protocol travels with the request
             try:
                 return predictor(upload, request.prompts, box=request.box, modality=request.modality,
-                                 protocol=request.protocol)
+                                 protocol=request.protocol, score_threshold=request.score_threshold)
             except (ValueError, FileNotFoundError) as err:
                 raise RequestError(422, str(err).replace(str(upload), f"upload{upload_suffix(upload.name)}")) from None
             except RuntimeError as err:
@@ -650,7 +656,8 @@ def create_app(predictor: Any, *, token: str | None = None, limits: ServerLimits
         segmenter_settings = SegmenterSettings(
             checkpoint=str(getattr(predictor, "checkpoint", "")),
             protocol="top_query" if kind == "volume" else (request.protocol or predictor.inferer.protocol),
-            score_threshold=predictor.inferer.score_threshold, ct_window=predictor.ct_window,
+            score_threshold=default_threshold if request.score_threshold is None else float(request.score_threshold),
+            ct_window=predictor.ct_window,
             modality=request.modality, max_pixels=getattr(predictor, "max_pixels", "auto"))
         settings = dataclasses.replace(agent, segmenter=segmenter_settings)
         segmenter = PhraseSegmenter(_LockedPredictor(predictor, lock), str(upload), segmenter_settings)

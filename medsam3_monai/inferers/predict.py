@@ -43,7 +43,7 @@ from monai.inferers import Inferer
 
 from ..networks import load_network
 from ..networks.tracker import resolve_tracker
-from ..protocol_registry import get_protocol
+from ..protocol_registry import checked_score_threshold, get_protocol
 from ..tensors import plain_tensor, voxel_spacing
 from ..transforms.errors import DataError, source_name
 from ..transforms.intensity import is_volume_slice
@@ -94,7 +94,9 @@ class PromptInferer(Inferer):
         progress: progress bars for volumes.
 
     An item's ``box`` (pixels, see :func:`box_prompts`) adds box prompts on 2D images; on a volume it is an
-    error (the volume path takes text prompts only).
+    error (the volume path takes text prompts only). An item's ``protocol`` and ``score_threshold`` replace the
+    inferer's for that case (a server's request chooses its own); every output item records the threshold it ran
+    with as ``score_threshold``.
     """
 
     def __init__(self, protocol: str = "top_query", score_threshold: float = 0.5, tracker: Any = None,
@@ -102,9 +104,7 @@ class PromptInferer(Inferer):
                  image_key: str = "image", tracker_batch: int = TRACKER_BATCH) -> None:
         super().__init__()
         self.protocol = get_protocol(protocol).name
-        if not 0.0 <= float(score_threshold) <= 1.0:
-            raise ValueError(f"score threshold must be in [0, 1], got {score_threshold}")
-        self.score_threshold = float(score_threshold)
+        self.score_threshold = checked_score_threshold(score_threshold)
         if tracker is not None and not isinstance(tracker, torch.nn.Module):
             raise ValueError(f"tracker must be a loaded tracker model or None, not {tracker!r}: choose it by name with "
                              "networks.tracker.resolve_tracker (the bundles' --tracker_source auto|none|tiny|FOLDER|"
@@ -122,11 +122,12 @@ class PromptInferer(Inferer):
     def __call__(self, inputs: Any, network: torch.nn.Module, *args: Any, **kwargs: Any) -> list[dict[str, Any]]:
         items, path, values, prompts = self._case(inputs)
         device = next(network.parameters()).device
+        threshold = self.threshold_of(items[0])
         if is_volume_case(items, self.image_key):
-            case = self._volume(items, prompts, network, path)
+            case = self._volume(items, prompts, network, path, threshold)
         else:
-            case = self._image(items[0], prompts, network, device)
-        case.update(prompt_values=values, prompt_texts=prompts)
+            case = self._image(items[0], prompts, network, device, threshold)
+        case.update(prompt_values=values, prompt_texts=prompts, score_threshold=threshold)
         for item in items:
             item.update(case)
         return items
@@ -140,12 +141,19 @@ class PromptInferer(Inferer):
         values, prompts = item_prompts(first, path)
         return items, path, values, prompts
 
+    def threshold_of(self, item: Mapping[str, Any]) -> float:
+        """The score threshold of the case whose first slice item is ``item``: its own ``score_threshold``, else the
+        inferer's."""
+        own = item.get("score_threshold")
+        return self.score_threshold if own is None else checked_score_threshold(own)
+
     def infer_cases(self, cases: Sequence[Any], network: torch.nn.Module,
                     images: torch.Tensor | None = None) -> list[list[dict[str, Any]]]:
         """Several cases at once (what an engine iteration over a batch of cases calls): the 2D cases go through
         the network together, several images per forward (:func:`~.batch.segment_image_batch`: each image with
         its own prompts, text features from the network's per-prompt cache), volumes one at a time as
-        :meth:`__call__` does. Returns the cases in order, each as :meth:`__call__` returns it; the 2D masks
+        :meth:`__call__` does (as do 2D cases with a score threshold of their own other than the inferer's).
+        Returns the cases in order, each as :meth:`__call__` returns it; the 2D masks
         are those of one-by-one calls (the same forward per image, batched).
 
         ``images``: the 2D cases' slice-space images already stacked (N2D, 3, S, S) in case order, e.g. by
@@ -156,18 +164,27 @@ class PromptInferer(Inferer):
 
         outputs: list[list[dict[str, Any]] | None] = [None] * len(cases)
         flat: list[tuple[int, list[dict[str, Any]], list[int], list[str]]] = []
+        rows: list[int] = []  # each batched case's row among the 2D cases (``images``)
+        two_d = 0
         for index, case in enumerate(cases):
             if is_volume_case(case, self.image_key):
                 outputs[index] = self(case, network)
+                continue
+            two_d += 1
+            if self.threshold_of(case if isinstance(case, Mapping) else case[0]) != self.score_threshold:
+                outputs[index] = self(case, network)  # a threshold of its own: its own forward
             else:
                 items, _path, values, prompts = self._case(case)
                 flat.append((index, items, values, prompts))
+                rows.append(two_d - 1)
+        if images is not None and images.shape[0] != two_d:
+            raise ValueError(f"{images.shape[0]} stacked images for {two_d} 2D cases")
         if flat:
             device = next(network.parameters()).device
             if images is None:
                 images = torch.stack([plain_tensor(items[0][self.image_key]) for _, items, _, _ in flat])
-            if images.shape[0] != len(flat):
-                raise ValueError(f"{images.shape[0]} stacked images for {len(flat)} 2D cases")
+            elif len(rows) != two_d:
+                images = images[rows]
             protocols, boxes = [], []
             for _, items, _, prompts in flat:
                 first = items[0]
@@ -181,26 +198,26 @@ class PromptInferer(Inferer):
             for (index, items, values, prompts), seg, protocol, box in zip(flat, segs, protocols, boxes):
                 items[0]["pred"] = MetaTensor(seg.logits.float())
                 case = {"prompt_scores": seg.scores.float(), "protocol": protocol + ("+box" if box is not None else ""),
-                        "prompt_values": values, "prompt_texts": prompts}
+                        "prompt_values": values, "prompt_texts": prompts, "score_threshold": self.score_threshold}
                 for item in items:
                     item.update(case)
                 outputs[index] = items
         return outputs  # type: ignore[return-value]
 
     def _image(self, item: dict[str, Any], prompts: list[str], network: torch.nn.Module,
-               device: torch.device) -> dict[str, Any]:
+               device: torch.device, threshold: float) -> dict[str, Any]:
         image = item[self.image_key]
         protocol = get_protocol(item.get("protocol") or self.protocol).name  # a request may choose its own
         box = item.get("box")
         boxes = None if box is None else box_prompts(box, len(prompts), image.meta["spatial_shape"])
         seg = segment_image(network, plain_tensor(image).to(device), prompts, protocol=protocol,
-                            score_threshold=self.score_threshold, boxes=None if boxes is None else boxes[0],
+                            score_threshold=threshold, boxes=None if boxes is None else boxes[0],
                             box_labels=None if boxes is None else boxes[1], logits_on_device=True)
         item["pred"] = MetaTensor(seg.logits.float())  # confidence: score x sigmoid(logit), after the inversion
         return {"prompt_scores": seg.scores.float(), "protocol": protocol + ("+box" if boxes is not None else "")}
 
     def _volume(self, items: list[dict[str, Any]], prompts: list[str], network: torch.nn.Module,
-                path: str | None) -> dict[str, Any]:
+                path: str | None, threshold: float) -> dict[str, Any]:
         from .volume import segment_volume
 
         if items[0].get("box") is not None:
@@ -208,11 +225,11 @@ class PromptInferer(Inferer):
         # on the host: each detector batch crosses to the device as it goes (uint8 levels, normalised there)
         slices = torch.stack([plain_tensor(item[self.image_key]) for item in items])
         result = segment_volume(network, slices, prompts, self.tracker,
-                                score_threshold=self.score_threshold, batch_size=self.volume_batch_size,
+                                score_threshold=threshold, batch_size=self.volume_batch_size,
                                 progress=self.progress, tracker_batch=self.tracker_batch)
         for z, item in enumerate(items):  # bit-packed masks (views), one slice at a time in the way back
             item["pred"], item["mask_scores"] = result.bits[:, z], result.scores[:, z].float()
-        protocol = f"volume: top_query per slice (score >= {self.score_threshold:g}), tracker {self.tracker_name}"
+        protocol = f"volume: top_query per slice (score >= {threshold:g}), tracker {self.tracker_name}"
         return {"prompt_scores": result.scores.amax(dim=1).float(), "slice_scores": result.scores.float(),
                 "seed_slices": result.seed_slices.long(), "protocol": protocol}
 
@@ -411,10 +428,12 @@ class Predictor:
         return prompts
 
     def item(self, path: str | Path, prompts: Sequence[str] | Mapping[Any, str] | str, box: Any = None,
-             modality: str | None = None, protocol: str | None = None) -> dict[str, Any]:
+             modality: str | None = None, protocol: str | None = None,
+             score_threshold: float | None = None) -> dict[str, Any]:
         """The datalist item of one input, checked before anything is read: the input exists and has a supported
         format, the prompts fit the model (a list: label values 1..P; or ``{value: text}``), no box on a volume,
-        a known modality and protocol. Raises ValueError / FileNotFoundError (PromptError) with what to do."""
+        a known modality and protocol, a score threshold in [0, 1]. Raises ValueError / FileNotFoundError
+        (PromptError) with what to do."""
         from ..transforms.intensity import handler_for_modality
 
         kind = input_kind(path)
@@ -429,17 +448,23 @@ class Predictor:
                 raise ValueError(f"unknown modality {modality!r}; e.g. CT, MRI, X-ray, ultrasound, endoscopy") from None
         if protocol is not None:
             get_protocol(protocol)
-        return {"image": str(path), "prompts": mapping, "box": box, "modality": modality, "protocol": protocol}
+        if score_threshold is not None:
+            score_threshold = checked_score_threshold(score_threshold)
+        return {"image": str(path), "prompts": mapping, "box": box, "modality": modality, "protocol": protocol,
+                "score_threshold": score_threshold}
 
     def __call__(self, path: str | Path, prompts: Sequence[str] | str, box: Any = None,
                  modality: str | None = None, channel: int | None = None, protocol: str | None = None,
-                 before_merge: Callable[[list[dict[str, Any]]], None] | None = None) -> Prediction:
+                 before_merge: Callable[[list[dict[str, Any]]], None] | None = None,
+                 score_threshold: float | None = None) -> Prediction:
         """Segment one file (``box``: see :func:`box_prompts`; ``channel``: the channel / time point of a 4D
-        volume; ``protocol``: this call's 2D protocol, default the predictor's; ``before_merge``: called with the
-        case's items as :class:`PromptInferer` leaves them, per-prompt maps and scores, before the way back and the
-        merge, e.g. the offline planner's ``agent.fusion.silence_phrasings``). Input errors raise ValueError /
-        FileNotFoundError (DataError, PromptError) with what to do."""
-        item = self.item(path, prompts, box=box, modality=modality, protocol=protocol)
+        volume; ``protocol``: this call's 2D protocol, default the predictor's; ``score_threshold``: this call's
+        score threshold (of a protocol that reads one, and of a volume's detections), default the predictor's,
+        which stays as it is; ``before_merge``: called with the case's items as :class:`PromptInferer` leaves them,
+        per-prompt maps and scores, before the way back and the merge, e.g. the offline planner's
+        ``agent.fusion.silence_phrasings``). Input errors raise ValueError / FileNotFoundError (DataError,
+        PromptError) with what to do."""
+        item = self.item(path, prompts, box=box, modality=modality, protocol=protocol, score_threshold=score_threshold)
         if channel is not None:
             item["channel"] = channel
         transform, postprocessing = self.pipeline()
@@ -482,7 +507,7 @@ class Predictor:
                     "box": None if box is None else _box_list(box, len(case["prompt_texts"]))}
         # the ones that read it (a picture's protocol label, "+box" for the T+I variant; a volume's is a description)
         if is_volume or get_protocol(str(case["protocol"]).removesuffix("+box")).reads_threshold:
-            settings["score_threshold"] = self.inferer.score_threshold
+            settings["score_threshold"] = float(case.get("score_threshold", self.inferer.score_threshold))
         if item.get("channel") is not None:
             settings["channel"] = int(item["channel"])
         if is_volume:

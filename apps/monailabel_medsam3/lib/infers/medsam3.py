@@ -124,7 +124,7 @@ class MedSAM3Infer(InferTask):
     def __call__(self, request: dict[str, Any]) -> tuple[str | None, dict[str, Any]]:
         from medsam3_monai.deploy.monailabel_protocol import (MONAI_LABEL_REQUEST_KEYS, ParamsError,
                                                               parse_label_params, result_format, write_result)
-        from medsam3_monai.deploy.segment_cli import output_labels, volume_notes
+        from medsam3_monai.deploy.segment_cli import output_labels, prediction_notes
         from medsam3_monai.inferers.inputs import input_kind
         from medsam3_monai.transforms.io import nifti_channels
         from medsam3_monai.networks.checkpoints import CheckpointError
@@ -164,19 +164,17 @@ class MedSAM3Infer(InferTask):
             raise bad_request(f"device {params.device!r}: give cpu, cuda, cuda:N or a device name /info/ lists "
                               f"({', '.join(device_list())})") from None
 
-        with self._lock:  # one network per device; the score threshold is the predictor's
+        with self._lock:  # one network per device; the request's protocol and threshold travel with the call
             try:
                 predictor = self.predictor(device)
             except CheckpointError as err:  # the server's fault, said as such (MONAI Label would answer a bare 500)
                 raise HTTPException(status_code=500,
                                     detail=f"the server's checkpoint cannot be loaded: {err}") from None
             try:
-                predictor.inferer.score_threshold = score_threshold
-                prediction = predictor(image, texts, box=params.box, modality=modality, protocol=params.protocol)
+                prediction = predictor(image, texts, box=params.box, modality=modality, protocol=params.protocol,
+                                       score_threshold=score_threshold)
             except (ValueError, FileNotFoundError) as err:  # input errors (DataError, PromptError, ...)
                 raise bad_request(str(err).replace(image, shown)) from None
-            finally:
-                predictor.inferer.score_threshold = self.conf.score_threshold
 
         if values != list(prediction.label_values):  # the model's own label values instead of 1..P
             prediction = relabel(prediction, values)
@@ -191,11 +189,11 @@ class MedSAM3Infer(InferTask):
             Path(result).unlink(missing_ok=True)
             raise bad_request(f"cannot write the result as {extension} (result_dtype {params.result_dtype!r}): "
                               f"{err}") from None
-        if prediction.is_volume:  # why a mask is empty, as medsam3 segment says it
-            summary["notes"] = volume_notes(prediction, score_threshold, remedy=(
-                "send a lower score_threshold to see weaker detections"))
+        if prediction.is_volume or prediction.settings.get("score_threshold") is not None:
+            # why a mask is empty, as medsam3 segment says it
+            summary["notes"] = prediction_notes(prediction, remedy="send a lower score_threshold")
         summary["input"] = shown
-        summary["score_threshold"] = score_threshold  # this request's (the predictor's own is restored above)
+        summary["score_threshold"] = score_threshold  # this request's (the predictor keeps its own)
         summary["label_names"] = dict(zip(names, written))
         summary["prompts"] = dict(zip(names, texts))
         logger.info(f"{shown}: {summary['label_names']} -> {result}")
