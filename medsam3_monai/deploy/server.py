@@ -314,9 +314,10 @@ def check_volume_data(path: Path) -> None:
                                 "upload the whole file")
 
 
-def check_image(path: Path, limits: ServerLimits) -> tuple[str, tuple[int, ...]]:
+def check_image(path: Path, limits: ServerLimits, decode_pictures: bool = True) -> tuple[str, tuple[int, ...]]:
     """(kind, shape) of a saved upload within the limits: not empty, a readable header of one picture or volume,
-    the pixel count."""
+    the pixel count, data that is all there (``decode_pictures=False``: a picture's pixels are not decoded here,
+    for an inference, whose own reading reports a truncated picture, so that it is decoded once)."""
     kind = UPLOAD_SUFFIXES[upload_suffix(path.name)]
     if path.stat().st_size == 0:
         raise RequestError(422, "the uploaded file is empty")
@@ -332,7 +333,7 @@ def check_image(path: Path, limits: ServerLimits) -> tuple[str, tuple[int, ...]]
                                 "this server segments 3D volumes; upload one channel / time point as its own volume")
     if kind == "volume":
         check_volume_data(path)
-    else:
+    elif decode_pictures:
         check_picture_data(path)
     return kind, shape
 
@@ -587,7 +588,7 @@ def create_app(predictor: Any, *, token: str | None = None, limits: ServerLimits
                            parse_infer_params(params, limits.max_prompts, limits.max_prompt_chars))
             except ParamsError as err:
                 raise RequestError(422, str(err)) from None
-            kind, shape = check_image(upload, limits)
+            kind, shape = check_image(upload, limits, decode_pictures=False)  # the inference decodes it
             if kind == "volume" and (getattr(request, "box", None) is not None
                                      or request.protocol not in (None, "top_query")):
                 raise RequestError(422, "box prompts and protocols are for 2D images; send volumes with prompts only")
