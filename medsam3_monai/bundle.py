@@ -6,13 +6,19 @@
 
 from __future__ import annotations
 
+import json
 import math
+import re
 from pathlib import Path
 from typing import Any, Sequence
 
 BUNDLE_CONFIGS = Path(__file__).resolve().parents[1] / "bundles" / "medsam3" / "configs"
 #: set by ``medsam3 train`` for the bundle it runs: the program name its errors go under (``medsam3 train``)
 FRONT_VARIABLE = "MEDSAM3_FRONT"
+#: set with it: that command's own options, a JSON object of bundle key -> option (``{"max_epochs": "--epochs"}``)
+FRONT_OPTIONS_VARIABLE = "MEDSAM3_FRONT_OPTIONS"
+#: a bundle option in a message: ``--key`` and the value that may follow it (``--image_size 112``, ``--resume false``)
+_BUNDLE_OPTION = re.compile(r"--([a-z][a-z0-9_]*(?:#[a-z0-9_]+)*)(?: (true|false|-?[0-9][0-9.e+-]*))?(?![\w#-])")
 
 
 def config_parser(config: str | Sequence[str], **overrides: Any):
@@ -45,16 +51,34 @@ def inference_postprocessing(preprocessing: Any):
     return parser.get_parsed_content("to_input_space")
 
 
+def front_words(message: str, options: dict[str, str]) -> str:
+    """A training bundle message in the words of a command that runs the bundle with its own ``options`` (bundle key
+    -> option): ``--max_epochs`` -> ``--epochs``, ``--image_size 112`` -> ``--image-size 112``, and a key without an
+    option of its own as ``--set``: ``--resume false`` -> ``--set resume=false``, ``did you mean --val_protocol?``
+    -> ``did you mean --set val_protocol=...?``; anything that is not a key of the training configs stays as it is."""
+    keys = set()
+    for name in ("train.json", "multi_gpu_train.json"):
+        keys |= set(json.loads((BUNDLE_CONFIGS / name).read_text(encoding="utf-8")))
+
+    def swap(match: re.Match) -> str:
+        key, value = match.group(1), match.group(2)
+        if key in options:
+            return options[key] + (f" {value}" if value else "")
+        if key.split("#", 1)[0] in keys:
+            return f"--set {key}={value or '...'}"
+        return match.group(0)
+
+    return _BUNDLE_OPTION.sub(swap, message)
+
+
 def in_front_words(text: str) -> str:
-    """``text`` (a message naming bundle options) in the words of the command that runs the bundle: ``medsam3
-    train``'s options when it does (``MEDSAM3_FRONT``), else unchanged."""
+    """``text`` (a message naming bundle options) in the words of the command that runs the bundle (``medsam3
+    train``: ``MEDSAM3_FRONT``, with its options in ``MEDSAM3_FRONT_OPTIONS``), else unchanged."""
     import os
 
     if not os.environ.get(FRONT_VARIABLE):
         return text
-    from .deploy.train_cli import front_words
-
-    return front_words(text)
+    return front_words(text, json.loads(os.environ.get(FRONT_OPTIONS_VARIABLE) or "{}"))
 
 
 def report_input_errors(prog: str = "medsam3 bundle") -> None:

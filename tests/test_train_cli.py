@@ -142,6 +142,20 @@ def test_bundle_messages_are_said_in_this_commands_options():
         "did you mean --set val_protocol=...? (MONAI's --tracking)"  # not a key of the training configs: as it is
 
 
+def test_the_bundle_says_its_messages_in_the_words_of_the_command_that_runs_it(monkeypatch):
+    """Inside the bundle (``bundle.in_front_words``, e.g. the checkpoint handler's warnings), the words come from
+    what ``medsam3 train`` puts into the bundle's environment; a plain ``monai.bundle run`` keeps its own."""
+    from medsam3_monai import bundle
+    from medsam3_monai.deploy.train_cli import front_options
+
+    message = "raise --max_epochs to train on, or pass --resume false to start afresh"
+    monkeypatch.delenv(bundle.FRONT_VARIABLE, raising=False)
+    assert bundle.in_front_words(message) == message
+    monkeypatch.setenv(bundle.FRONT_VARIABLE, "medsam3 train")
+    monkeypatch.setenv(bundle.FRONT_OPTIONS_VARIABLE, json.dumps(front_options()))
+    assert bundle.in_front_words(message) == "raise --epochs to train on, or pass --set resume=false to start afresh"
+
+
 def test_a_key_the_bundle_does_not_have_is_refused_before_anything_runs(tmp_path: Path, capsys):
     datalist = tmp_path / "d.json"
     datalist.write_text("{}")

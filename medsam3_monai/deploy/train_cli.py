@@ -16,7 +16,6 @@ from __future__ import annotations
 import argparse
 import json
 import os
-import re
 import shlex
 import shutil
 import signal
@@ -25,7 +24,8 @@ import sys
 from pathlib import Path
 from typing import Sequence
 
-from ..bundle import BUNDLE_CONFIGS, FRONT_VARIABLE
+from ..bundle import BUNDLE_CONFIGS, FRONT_OPTIONS_VARIABLE, FRONT_VARIABLE
+from ..bundle import front_words as bundle_front_words
 from .arguments import at_least
 
 __all__ = ["add_parser", "bundle_command", "one_rate_overrides", "run", "run_folder"]
@@ -104,28 +104,15 @@ def one_rate_overrides(lr: float) -> dict[str, float | int]:
             "lr#weight_decay": 0.0, "scheduler#timescale": 1000}
 
 
-#: a bundle option in a message: ``--key`` and the value that may follow it (``--image_size 112``, ``--resume false``)
-_BUNDLE_OPTION = re.compile(r"--([a-z][a-z0-9_]*(?:#[a-z0-9_]+)*)(?: (true|false|-?[0-9][0-9.e+-]*))?(?![\w#-])")
-
-
 def front_words(message: str) -> str:
-    """A training bundle message in this command's words: ``--max_epochs`` -> ``--epochs``, ``--image_size 112`` ->
-    ``--image-size 112``, ``--resume false`` -> ``--set resume=false``, ``did you mean --val_protocol?`` -> ``did you
-    mean --set val_protocol=...?``; anything that is not a key of the training configs stays as it is."""
-    keys = set()
-    for name in ("train.json", "multi_gpu_train.json"):
-        keys |= set(json.loads((BUNDLE_CONFIGS / name).read_text(encoding="utf-8")))
-    options = {key: option for option, key in OPTION_KEYS.items()}
+    """A training bundle message in this command's words (:func:`~medsam3_monai.bundle.front_words` with its options):
+    ``--max_epochs`` -> ``--epochs``, ``--resume false`` -> ``--set resume=false``."""
+    return bundle_front_words(message, front_options())
 
-    def swap(match: re.Match) -> str:
-        key, value = match.group(1), match.group(2)
-        if key in options:
-            return options[key] + (f" {value}" if value else "")
-        if key.split("#", 1)[0] in keys:
-            return f"--set {key}={value or '...'}"
-        return match.group(0)
 
-    return _BUNDLE_OPTION.sub(swap, message)
+def front_options() -> dict[str, str]:
+    """Bundle key -> this command's option (``OPTION_KEYS`` turned round)."""
+    return {key: option for option, key in OPTION_KEYS.items()}
 
 
 def _settings(pairs: Sequence[str], given: dict[str, str]) -> dict[str, str]:
@@ -240,7 +227,8 @@ def run(args: argparse.Namespace) -> int:
         return 0
     root = run_folder(args)
     created = not root.exists()
-    status = _wait(subprocess.Popen(command, env={**os.environ, FRONT_VARIABLE: "medsam3 train"}))
+    status = _wait(subprocess.Popen(command, env={**os.environ, FRONT_VARIABLE: "medsam3 train",
+                                                  FRONT_OPTIONS_VARIABLE: json.dumps(front_options())}))
     if status != 0:
         if created:
             _remove_if_config_only(root)
