@@ -246,7 +246,7 @@ def test_options_that_would_go_unused_are_refused_not_ignored(shared_data, tmp_p
         (["segment", *volume[1:], "--channel", "1", "--out", f"{out}.nii.gz"], "has 1 channel (a 3D volume)"),
         (["segment", str(picture), "--prompt", "polyp", "--channel", "2", "--out", f"{out}.png"], "is a 2D picture"),
         (["convert-checkpoint", "tiny", str(out), "--image-size", "100"], "multiple of 14"),
-        (["demo", "--checkpoint", str(picture), "--out", str(out)], "not a PyTorch checkpoint"),
+        (["demo", "--checkpoint", str(picture), "--out", str(out)], "not a readable PyTorch checkpoint"),
     ]
     for argv, expected in refused:
         assert cli(*argv) == 2, argv
@@ -258,6 +258,10 @@ def test_options_that_would_go_unused_are_refused_not_ignored(shared_data, tmp_p
     assert cli("convert-checkpoint", str(converted), str(out), "--image-size", "112") == 2
     last = capsys.readouterr().err.strip().splitlines()[-1]  # after transformers' loading bar
     assert last.startswith("medsam3 convert-checkpoint: error: ") and "works at 224 px" in last, last
+    assert not out.exists()
+    # the demo checks the size a checkpoint stores before it makes any data, in its own option's words
+    assert cli("demo", "--checkpoint", str(converted), "--image-size", "112", "--out", str(out)) == 2
+    assert error_line(capsys.readouterr().err, "demo").endswith("works at 224 px, not 112: give --image-size 224")
     assert not out.exists()
     # the control: with a CT input the window and channel 0 of a 3D volume apply, and the sidecar says so
     assert cli(*volume, "--modality", "CT", "--ct-window", "lung", "--channel", "0", "--out", f"{out}.nii.gz") == 0

@@ -53,24 +53,15 @@ def add_parser(subparsers: argparse._SubParsersAction) -> argparse.ArgumentParse
 
 
 def _check_model_arguments(args: argparse.Namespace) -> None:
-    """The slice size and the starting checkpoint, checked before any data is made (cheaply: a checkpoint file's
-    tensor names, a folder's config.json); the training bundle loads and checks the weights themselves."""
-    from ..networks.checkpoints import CheckpointError, checkpoint_keys, missing_checkpoint
-    from ..networks.presets import check_image_size
+    """The slice size and the starting checkpoint, checked before any data is made, by the training bundle's own check
+    (``bundle.check_network_source``: a checkpoint file's tensor names, a folder's config.json, the size a checkpoint
+    stores); the training bundle loads and checks the weights themselves."""
+    from ..bundle import check_network_source, front_words
 
-    if args.image_size is not None:
-        check_image_size(args.image_size)
-    if args.checkpoint == "tiny":
-        return
-    path = Path(args.checkpoint).expanduser()
-    if not path.exists():
-        raise missing_checkpoint(path)
-    if path.is_dir() and not (path / "config.json").is_file():
-        raise CheckpointError(f"checkpoint folder {path} has no config.json: give an HF folder (facebook/sam3 layout, "
-                              "or one written by `medsam3 convert-checkpoint`)")
-    if path.is_file() and checkpoint_keys(path) is None:
-        raise CheckpointError(f"cannot read checkpoint {path}: not a PyTorch checkpoint of SAM3 weights; point "
-                              "--checkpoint to the right file")
+    try:
+        check_network_source(args.checkpoint, args.image_size)
+    except ValueError as err:  # (a size the checkpoint does not work at: named as this command's option)
+        raise ValueError(front_words(str(err), {"image_size": "--image-size"})) from None
 
 
 def _train(datalists: list[str], out: Path, args: argparse.Namespace, epochs: int) -> Path:
