@@ -568,9 +568,19 @@ def bundle_weights(bundle_root: str | Path) -> str:
     return str(path)
 
 
-def log_weights(checkpoint: str, network: Any) -> None:
-    """Say which weights a bundle runs with (the ``initialize`` step of ``inference.json``)."""
+def log_weights(checkpoint: str, network: Any, image_size: Any = None) -> None:
+    """Say which weights a bundle runs with (the first ``run`` step of ``inference.json``), after refusing an
+    ``image_size`` other than the network's: the inference bundle's slices follow the network, whose size its
+    ``tiny_image_size`` or ``checkpoint_image_size`` sets (a bare ``--image_size`` would only change the resize, and
+    the forward would refuse the slices)."""
     import logging
+
+    built = int(getattr(network, "image_size", 0))
+    if image_size is not None and int(image_size) != built:
+        raise ValueError(
+            f"--image_size {image_size}: the inference bundle's slice size is the network's, here {built} px. Give "
+            f"--tiny_image_size {image_size} for tiny, or --checkpoint_image_size {image_size} for a file without a "
+            "configuration (sam3.pt, a Medical-SAM3 file); a folder or model.pt works at the size it stores")
 
     what = "the random-init tiny network" if str(checkpoint) == "tiny" else str(checkpoint)
     logging.getLogger("medsam3_monai.bundle").info("weights: %s (%d px slice space)", what,

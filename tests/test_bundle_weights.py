@@ -69,3 +69,22 @@ def test_the_inference_bundle_builds_a_file_without_a_configuration_at_checkpoin
     assert network_size(checkpoint="tiny") == 112 and network_size(checkpoint="tiny", tiny_image_size=224) == 224
     assert network_size(checkpoint="sam3.pt") is None  # MedSAM3Net builds it at 1008
     assert network_size(checkpoint="sam3.pt", checkpoint_image_size=504) == 504
+
+
+def test_an_image_size_other_than_the_networks_is_refused_before_the_inference_runs(tmp_path):
+    """``--image_size`` does not set the inference bundle's slice size (it is read from the network): given another
+    size than the network's, the bundle stops before its first case and names the settings that do set it."""
+    from monai.bundle import ConfigWorkflow
+
+    workflow = ConfigWorkflow(config_file=str(BUNDLE_CONFIGS / "inference.json"),
+                              meta_file=str(BUNDLE_CONFIGS / "metadata.json"), workflow_type="infer",
+                              bundle_root=str(tmp_path), checkpoint="tiny", image_size=224)
+    workflow.initialize()
+    with pytest.raises(RuntimeError) as raised:  # MONAI's expression wrapper; `monai.bundle run` says our one line
+        workflow.run()
+    cause = raised.value
+    while cause is not None and not isinstance(cause, ValueError):
+        cause = cause.__cause__ or cause.__context__
+    assert str(cause).startswith("--image_size 224: the inference bundle's slice size is the network's, here 112 px. "
+                                 "Give --tiny_image_size 224 for tiny"), raised.value
+    assert not (tmp_path / "predictions").exists()
