@@ -597,3 +597,31 @@ def test_skip_empty_truth_leaves_rows_without_foreground_out_of_the_tables(share
     markdown = (out / "table.md").read_text()
     assert "1 of 2 (case, prompt) rows have an empty truth and are left out" in markdown
     assert "empty when its score is below 0.1" in markdown  # the protocol's description, with its floor
+
+
+def test_volume_score_threshold_sets_the_volumes_detection_threshold_apart(datalists, tmp_path, capsys):
+    """``--volume-score-threshold``: the release's rules for a run of pictures and volumes (2D floor 0.1, 3D
+    detection 0.5) in one go. Here the pictures' floor is 0 (their top query's mask is kept) and the volumes'
+    threshold 0.99, above every slice of the tiny network (~0.25): the volume's masks are empty, the picture's not,
+    and the notes and MLflow parameters say which threshold did what."""
+    out = tmp_path / "mixed"
+    rc = evaluate("--datalist", str(datalists["kvasir"]), "--datalist", str(datalists["hippocampus"]),
+                  "--checkpoint", "tiny", "--image-size", str(S), "--max-cases", "1", "--overlays", "0", "--no-mlflow",
+                  "--protocol", "top_query_floor", "--score-threshold", "0", "--volume-score-threshold", "0.99",
+                  "--out", str(out))
+    assert rc == 0, capsys.readouterr().err
+    cases = read_csv(out / "cases.csv")
+    assert [(c["dataset"], c["protocol"]) for c in cases] == [
+        ("Kvasir-SEG", "top_query_floor"), ("MSD_Task04_Hippocampus", "top_query"),
+        ("MSD_Task04_Hippocampus", "top_query")]
+    assert float(cases[0]["dice"]) > 0  # (HD95 is undefined, blank, where the prediction is empty)
+    assert all(float(c["dice"]) == 0 and c["hd95"] == "" for c in cases[1:])
+    markdown = (out / "table.md").read_text()
+    assert "empty when its score is below 0.0 " in markdown and "(top query, score >= 0.99)" in markdown
+    assert evaluate("--datalist", str(datalists["kvasir"]), "--checkpoint", "tiny", "--max-cases", "1",
+                    "--volume-score-threshold", "0.5", "--out", str(tmp_path / "no_volume")) == 2
+    assert "this run has no volume: leave it out" in capsys.readouterr().err
+    assert evaluate("--datalist", str(datalists["kvasir"]), "--checkpoint", "tiny", "--volume-score-threshold", "2",
+                    "--out", str(tmp_path / "bad")) == 2
+    assert "--volume-score-threshold must be in [0, 1], got 2.0" in capsys.readouterr().err
+    assert not (tmp_path / "no_volume").exists() and not (tmp_path / "bad").exists()

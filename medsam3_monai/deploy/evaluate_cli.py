@@ -73,7 +73,11 @@ def add_parser(subparsers: argparse._SubParsersAction) -> argparse.ArgumentParse
                         help=f"2D protocol ({DEFAULT_PROTOCOL})")
     parser.add_argument("--score-threshold", type=float, default=0.5,
                         help="query score of the threshold protocol, the floor of top_query_floor (the release: 0.1) "
-                             "and of volume detections (0.5)")
+                             "and of volume detections (0.5) unless --volume-score-threshold gives that")
+    parser.add_argument("--volume-score-threshold", type=float, default=None, metavar="T",
+                        help="the volumes' detection threshold (default: --score-threshold), e.g. 0.5 beside "
+                             "--protocol top_query_floor --score-threshold 0.1: the release's rules for a mix of "
+                             "pictures and volumes in one run")
     parser.add_argument("--box-prompts", action="store_true",
                         help="text + box prompts: the ground truth's largest component box (2D images)")
     parser.add_argument("--image-size", type=int, default=None, metavar="N",
@@ -236,6 +240,10 @@ def _check_studies(args: argparse.Namespace, sources: list[str]) -> None:
         raise ValueError(f"--max-phrasings must be at least 1, got {args.max_phrasings}")
     if not 0.0 <= keep_ratio(args) <= 1.0:
         raise ValueError(f"--keep-ratio must be in [0, 1], got {args.keep_ratio}")
+    for option, value in (("--score-threshold", args.score_threshold),
+                          ("--volume-score-threshold", args.volume_score_threshold)):
+        if value is not None and not 0.0 <= value <= 1.0:
+            raise ValueError(f"{option} must be in [0, 1], got {value}")
     if len(sources) == 2 and (sources[0] == sources[1] or (
             sources[0] != "tiny" and Path(sources[0]).resolve() == Path(sources[1]).resolve())):
         print(f"medsam3 evaluate: note: both --checkpoint give {sources[0]}: the comparison is of a network with "
@@ -294,6 +302,9 @@ def run(args: argparse.Namespace) -> int:
     if not args.no_mlflow:
         check_tracking_uri(args.tracking_uri)
     volumes = sum(is_volume_item(item) for item in items)
+    if args.volume_score_threshold is not None and not volumes:
+        raise ValueError("--volume-score-threshold is the volumes' detection threshold, and this run has no volume: "
+                         "leave it out")
     networks = [load_network(source, args.image_size, detector_chunk=args.detector_chunk) for source in sources]
     trackers = [resolve_tracker(args.tracker, s, n, described=True) if volumes else (None, "none")
                 for s, n in zip(sources, networks)]
@@ -341,7 +352,8 @@ def run(args: argparse.Namespace) -> int:
                     tracking_uri=tracking_uri,
                     experiment=args.experiment, run_name=spec["label"], parent_run_id=parent,
                     skip_unreadable=args.skip_unreadable, tracker_batch=args.tracker_batch,
-                    skip_empty_truth=args.skip_empty_truth, **spec.get("evaluation", {}),
+                    skip_empty_truth=args.skip_empty_truth, volume_score_threshold=args.volume_score_threshold,
+                    **spec.get("evaluation", {}),
                 )
             if len(sources) == 2:
                 network.to("cpu")

@@ -95,14 +95,21 @@ def evaluation_transforms(image_size: int = 1008, ct_window: str | Sequence[floa
 VOLUME_PROTOCOL = "top_query"
 
 
+def volume_threshold(score_threshold: float, volume_score_threshold: float | None = None) -> float:
+    """The volumes' detection threshold of an evaluation: ``volume_score_threshold``, else ``score_threshold``."""
+    return float(score_threshold if volume_score_threshold is None else volume_score_threshold)
+
+
 def protocol_label(protocol: str, box_prompts: bool = False) -> str:
     """The name a number is reported under: the protocol, ``+box`` for the T+I (text + box) variant."""
     return get_protocol(protocol).name + ("+box" if box_prompts else "")
 
 
 def report_notes(checkpoint: str, protocol: str, score_threshold: float, box_prompts: bool,
-                 items: Sequence[dict[str, Any]], tracker: str = "none", split: str = "auto") -> list[str]:
-    """How the numbers were produced: the lines under the report's Markdown table."""
+                 items: Sequence[dict[str, Any]], tracker: str = "none", split: str = "auto",
+                 volume_score_threshold: float | None = None) -> list[str]:
+    """How the numbers were produced: the lines under the report's Markdown table (``volume_score_threshold``: the
+    volumes' detection threshold, None: ``score_threshold``)."""
     splits = sorted({f"{Path(str(i.get('datalist', '?'))).name}: {i.get('split', '?')}" for i in items})
     described = get_protocol(protocol).describe(score_threshold)
     volumes = sum(is_volume_item(i) for i in items)
@@ -121,7 +128,7 @@ def report_notes(checkpoint: str, protocol: str, score_threshold: float, box_pro
     ]
     if volumes:
         notes.append(f"Volumes ({volumes}, protocol `{protocol_label(VOLUME_PROTOCOL)}`): detector on every slice "
-                     f"(top query, score >= {score_threshold}) merged "
+                     f"(top query, score >= {volume_threshold(score_threshold, volume_score_threshold)}) merged "
                      f"with tracker propagation from the most confident slice (tracker: {tracker})"
                      + ("; box prompts are not used for volumes." if box_prompts else "."))
     return notes
@@ -224,8 +231,9 @@ class CaseInferer(Inferer):
     Args:
         transform: the preprocessing that made the items (its ``ResizeToSliced`` record is inverted).
         protocol: 2D protocol (``protocol_registry``).
-        score_threshold: the ``threshold`` protocol's query score threshold, and the detection threshold of
-            the volume path.
+        score_threshold: the query score threshold of the ``threshold`` and ``top_query_floor`` protocols, and
+            the detection threshold of the volume path unless ``volume_score_threshold`` gives that.
+        volume_score_threshold: the volume path's detection threshold (None: ``score_threshold``).
         box_prompts: add the ground truth's largest-component box to each prompt (T+I protocol, 2D only).
         tracker: the SAM3 tracker for volumes (``networks.tracker.build_tracker``); None = detector only.
         volume_batch_size: slices per detector call in the volume path.
@@ -246,8 +254,10 @@ class CaseInferer(Inferer):
         image_key: str = "image",
         label_key: str = "label",
         tracker_batch: int = TRACKER_BATCH,
+        volume_score_threshold: float | None = None,
     ) -> None:
         from ..bundle import inference_postprocessing
+        from ..protocol_registry import checked_score_threshold
 
         super().__init__()
         self.cases = PromptInferer(protocol, score_threshold, tracker=tracker, volume_batch_size=volume_batch_size,
@@ -255,6 +265,8 @@ class CaseInferer(Inferer):
         self.postprocessing = inference_postprocessing(transform)
         self.box_prompts = bool(box_prompts)
         self.image_key, self.label_key = image_key, label_key
+        self.volume_score_threshold = (None if volume_score_threshold is None
+                                       else checked_score_threshold(volume_score_threshold))
         self._warned_boxes = False
 
     @property
@@ -278,6 +290,8 @@ class CaseInferer(Inferer):
         boxes when ``box_prompts``)."""
         items = [inputs] if isinstance(inputs, dict) else list(inputs)
         case_items = [dict(item) for item in items]
+        if self.volume_score_threshold is not None and is_volume_slice(items[0][self.image_key]):
+            case_items[0]["score_threshold"] = self.volume_score_threshold  # PromptInferer reads the first item's
         if self.box_prompts:
             first = items[0]
             image, truth = first[self.image_key], first.get(self.label_key)
@@ -590,7 +604,8 @@ class AgentCaseInferer(CaseInferer):
         dataset, case = str(first.get("dataset", "")), str(first.get("case") or Path(path).name)
         segmenter_settings = dataclasses.replace(
             self.agent.segmenter, checkpoint=self.checkpoint, protocol="top_query" if is_volume else self.protocol,
-            score_threshold=self.cases.score_threshold, ct_window=self.ct_window, modality=first.get("modality"),
+            score_threshold=volume_threshold(self.cases.score_threshold, self.volume_score_threshold) if is_volume
+            else self.cases.score_threshold, ct_window=self.ct_window, modality=first.get("modality"),
             channel=first.get("channel"), progress=False)
         settings = dataclasses.replace(self.agent, segmenter=segmenter_settings)
         segmenter = PhraseSegmenter(self.predictor(network), path, segmenter_settings)
@@ -715,6 +730,7 @@ def run_evaluation(
     params: dict[str, Any] | None = None,
     artifact_dirs: Sequence[str] = ("overlays",),
     skip_empty_truth: bool = False,
+    volume_score_threshold: float | None = None,
 ):
     """Run the evaluation bundle (``configs/inference.json`` + ``configs/evaluate.json``) on ``items`` (from
     :func:`evaluation_items`) with an already built ``network`` (and ``tracker``) and write the report into
@@ -745,7 +761,7 @@ def run_evaluation(
         "num_workers": num_workers, "batch_size": int(batch_size), "mlflow": mlflow,
         "report_tracking_uri": tracking_uri, "ct_window": ct_window, "parent_run_id": parent_run_id,
         "skip_unreadable": skip_unreadable, "tracker_batch": int(tracker_batch),
-        "skip_empty_truth": bool(skip_empty_truth),
+        "skip_empty_truth": bool(skip_empty_truth), "volume_score_threshold": volume_score_threshold,
     }
     if experiment is not None:
         overrides["experiment"] = experiment
@@ -757,7 +773,7 @@ def run_evaluation(
         overrides[f"handlers#2#params#{key}"] = value
     if notes:
         overrides["handlers#2#notes"] = [*report_notes(checkpoint, protocol, score_threshold, box_prompts, items,
-                                                       tracker_name, split), *notes]
+                                                       tracker_name, split, volume_score_threshold), *notes]
     if tuple(artifact_dirs) != ("overlays",):
         overrides["handlers#2#artifact_dirs"] = list(artifact_dirs)
     parser = config_parser(["inference.json", "evaluate.json"], **overrides)
