@@ -260,7 +260,8 @@ def load_state_dict_strict(model: torch.nn.Module, state_dict: Mapping[str, torc
                            what: str = "SAM3 image model", original_layout: bool = False,
                            original_prefix: str = "") -> None:
     """Load every tensor or nothing: any missing, unexpected or mis-shaped key raises CheckpointError (keys also
-    named as Meta's ``sam3.pt`` has them when ``original_layout``, with the file's ``original_prefix``)."""
+    named as Meta's ``sam3.pt`` has them when ``original_layout``, with the file's ``original_prefix``). ``model``
+    may be on the meta device (its shapes only): the checks run and nothing is loaded."""
     model_state = model.state_dict()
     model_shapes = {k: tuple(v.shape) for k, v in model_state.items()}
     ckpt_shapes = {k: tuple(v.shape) for k, v in state_dict.items()}
@@ -281,7 +282,8 @@ def load_state_dict_strict(model: torch.nn.Module, state_dict: Mapping[str, torc
             f"(e.g. {listed}{', ...' if len(not_float) > 8 else ''}); nothing was loaded. The file was altered "
             "after saving: save the network's own state dict (float32, float16 or bfloat16 load alike)."
         )
-    model.load_state_dict(state_dict, strict=True)
+    if not any(value.is_meta for value in model_state.values()):
+        model.load_state_dict(state_dict, strict=True)
 
 
 # ---------------------------------------------------------------------------------------- build
@@ -408,11 +410,14 @@ def _load_sam3(source: str | Path, config: Sam3Config | None, image_size: int | 
     # a file without a configuration (sam3.pt, a Medical-SAM3 release) fits SAM3's architecture at any multiple of
     # 14: the requested size (the release's 3D checkpoint works at 504), else 1008
     model_config = config or embedded_config or full_sam3_config(image_size or FULL_IMAGE_SIZE)
-    model = Sam3Model(model_config)
+    layout = {"original_layout": source_format in ("sam3_original", "medical_sam3"),
+              "original_prefix": "detector." if source_format == "sam3_original" else ""}
     try:
-        load_state_dict_strict(model, state_dict, str(path),
-                               original_layout=source_format in ("sam3_original", "medical_sam3"),
-                               original_prefix="detector." if source_format == "sam3_original" else "")
+        with torch.device("meta"):  # the key report first, on shapes alone: a full SAM3 takes GBs and seconds to build
+            skeleton = Sam3Model(model_config)
+        load_state_dict_strict(skeleton, state_dict, str(path), **layout)
+        model = Sam3Model(model_config)
+        load_state_dict_strict(model, state_dict, str(path), **layout)
     except CheckpointError as err:
         if config is not None or embedded_config is not None:
             raise
