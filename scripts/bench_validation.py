@@ -49,6 +49,12 @@ def main() -> None:
     parser.add_argument("--data-root", default=str(REPO_ROOT.parent / "shared" / "data"))
     args = parser.parse_args()
     torch.set_num_threads(args.threads)
+    from medsam3_monai.bundle import FRONT_OPTIONS_VARIABLE, FRONT_VARIABLE
+
+    # the bundle's input errors in this script's name and options (--images-per-batch, not --val_images_per_batch)
+    os.environ[FRONT_VARIABLE] = "bench_validation.py"
+    os.environ[FRONT_OPTIONS_VARIABLE] = json.dumps({"val_images_per_batch": "--images-per-batch",
+                                                     "image_size": "--image-size"})
     # the logs (MONAI's handlers and the bundle's logging.conf write to stdout, bound when they are made) go to
     # stderr: stdout is the JSON alone
     with contextlib.redirect_stdout(sys.stderr):
