@@ -576,11 +576,21 @@ def log_weights(checkpoint: str, network: Any, image_size: Any = None) -> None:
     import logging
 
     built = int(getattr(network, "image_size", 0))
-    if image_size is not None and int(image_size) != built:
-        raise ValueError(
-            f"--image_size {image_size}: the inference bundle's slice size is the network's, here {built} px. Give "
-            f"--tiny_image_size {image_size} for tiny, or --checkpoint_image_size {image_size} for a file without a "
-            "configuration (sam3.pt, a Medical-SAM3 file); a folder or model.pt works at the size it stores")
+    try:
+        wanted = None if image_size is None else int(image_size)
+    except (TypeError, ValueError):
+        raise ValueError(f"--image_size {image_size!r}: give a whole number, or leave it out (the inference bundle's "
+                         "slice size is the network's)") from None
+    if wanted is not None and wanted != built:
+        where = f"the inference bundle's slice size is the network's, here {built} px"
+        if str(checkpoint) == "tiny":
+            remedy = f"give --tiny_image_size {wanted} to build the tiny network at {wanted}"
+        elif _declared_image_size(Path(str(checkpoint)).expanduser()) is not None:
+            remedy = f"checkpoint {checkpoint} works at the {built} px it stores: leave --image_size out"
+        else:
+            remedy = (f"give --checkpoint_image_size {wanted} to build this file without a configuration (sam3.pt, "
+                      f"a Medical-SAM3 file) at {wanted}")
+        raise ValueError(f"--image_size {image_size}: {where}; {remedy}")
 
     what = "the random-init tiny network" if str(checkpoint) == "tiny" else str(checkpoint)
     logging.getLogger("medsam3_monai.bundle").info("weights: %s (%d px slice space)", what,

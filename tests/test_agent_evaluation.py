@@ -223,6 +223,12 @@ def test_the_server_offers_the_agent_as_a_second_model(server, shared_data, tmp_
     assert main(["agent", str(image), "--request", "segment the polyp", "--out", str(out), "--llm", "none",
                  "--no-progress"]) == 0
     assert np.array_equal(served, np.asarray(Image.open(out)))
+    # the request's own threshold reaches MedSAM3's calls: above every query's score nothing is selected; the
+    # agent entry says so (no empty-label notes about the answer's placeholder label)
+    strict = {"request": "segment the polyp", "protocol": "threshold", "score_threshold": 0.99}
+    status, _, body = _infer(server, image.read_bytes(), "case.jpg", strict, query="?output=json")
+    result = json.loads(body)
+    assert status == 200 and result["agent"]["status"] == "no_mask" and not result.get("notes"), body
 
     for params, message in (({"prompts": ["polyp"]}, "free-text 'request'"), ({"request": "  "}, "is empty"),
                             ({"request": "polyp", "llm_url": "http://x"}, "unknown params"),

@@ -85,6 +85,6 @@ def test_an_image_size_other_than_the_networks_is_refused_before_the_inference_r
     cause = raised.value
     while cause is not None and not isinstance(cause, ValueError):
         cause = cause.__cause__ or cause.__context__
-    assert str(cause).startswith("--image_size 224: the inference bundle's slice size is the network's, here 112 px. "
-                                 "Give --tiny_image_size 224 for tiny"), raised.value
+    assert str(cause) == ("--image_size 224: the inference bundle's slice size is the network's, here 112 px; give "
+                          "--tiny_image_size 224 to build the tiny network at 224"), raised.value
     assert not (tmp_path / "predictions").exists()

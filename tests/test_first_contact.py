@@ -181,6 +181,18 @@ def test_a_picture_whose_floor_emptied_a_mask_gets_a_note(tmp_path, capsys, shar
     assert capsys.readouterr().err.strip() == (
         f"note: 'polyp': no query scored >= 1 (best {score:.3f}), so the top_query_floor mask is empty: lower "
         "--score-threshold to see weaker detections")
+    # a threshold that nothing would read (a picture, top_query) is refused, not ignored
+    assert main(["segment", *common, "--out", str(tmp_path / "unused.png"), "--score-threshold", "0.3"]) == 2
+    assert error_line(capsys.readouterr().err, "segment").endswith(
+        "--score-threshold 0.3 would change nothing here: protocol top_query reads no threshold; it is read by "
+        "--protocol top_query_floor and threshold, and by volumes")
+    assert not (tmp_path / "unused.png").exists()
+
+
+def test_a_note_does_not_round_a_score_up_to_the_threshold_it_missed():
+    from medsam3_monai.deploy.segment_cli import score_text
+
+    assert score_text(0.251688, 0.25182) == "0.251688" and score_text(0.251688, 0.3) == "0.252"
 
 
 @pytest.mark.parametrize("diagonal, flips", [

@@ -82,8 +82,8 @@ def segment(tmp_path_factory):
         if key not in cache:
             volume = path.name.endswith(".nii.gz")
             out = folder / f"{len(cache)}{'.nii.gz' if volume else '.png'}"
-            argv = ["segment", str(path), "--out", str(out), "--device", "cpu", "--no-progress",
-                    "--score-threshold", SCORE_THRESHOLD]
+            argv = ["segment", str(path), "--out", str(out), "--device", "cpu", "--no-progress"]
+            argv += ["--score-threshold", SCORE_THRESHOLD] if volume else []  # (a picture's top_query reads none)
             for prompt in prompts:
                 argv += ["--prompt", prompt]
             assert main(argv) == 0

@@ -174,6 +174,13 @@ def test_infer_real_image(server, kvasir_jpeg):
             f"'polyp': no query scored >= {answer['score_threshold']:g} (best {score:.3f}), so the top_query_floor "
             "mask is empty: send a lower params.score_threshold"])
     assert not floor[1].any() and np.array_equal(floor[0.0], unboxed_mask) and unboxed_mask.any()
+    # a threshold the request's 2D protocol does not read changes nothing, and the answer says so
+    status, headers, body = _infer(server, data, "x.jpeg", {"prompts": ["polyp"], "score_threshold": 0.9},
+                                   query="?output=image")
+    assert status == 200 and np.array_equal(np.asarray(Image.open(io.BytesIO(body))), unboxed_mask)
+    assert json.loads(headers["x-medsam3-result"])["notes"] == [
+        "params.score_threshold 0.9 is not read by protocol top_query, so it changed nothing: send it with protocol "
+        "top_query_floor or threshold"]
     assert np.array_equal(floor[None], unboxed_mask if score >= 0.5 else np.zeros_like(unboxed_mask))
     # STARE's PPM pictures upload as what they are
     ppm = io.BytesIO()

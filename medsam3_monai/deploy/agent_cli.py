@@ -13,7 +13,7 @@ import argparse
 import os
 
 from ..protocol_registry import PROTOCOLS
-from .arguments import add_detector_chunk_option, add_model_options, ct_window_for, pixels
+from .arguments import add_detector_chunk_option, add_model_options, add_score_threshold_option, ct_window_for, pixels
 
 __all__ = ["add_parser", "add_planner_options", "run"]
 
@@ -106,10 +106,8 @@ def add_parser(subparsers: argparse._SubParsersAction) -> argparse.ArgumentParse
     model = parser.add_argument_group("MedSAM3 (as medsam3 segment)")
     add_model_options(model)
     model.add_argument("--protocol", default=None, choices=tuple(PROTOCOLS),
-                       help="2D protocol: top_query (default), threshold, semantic")
-    model.add_argument("--score-threshold", type=float, default=0.5, metavar="F",
-                       help="query score of the threshold protocol, the floor of top_query_floor (the release: 0.1) "
-                             "and of volume detections (0.5)")
+                       help=f"2D protocol: {', '.join(PROTOCOLS)} (default top_query)")
+    add_score_threshold_option(model)
     model.add_argument("--tracker", default="auto", metavar="SRC|none",
                        help="volumes: auto (default), none (detector only), tiny, an HF folder or a sam3.pt")
     model.add_argument("--modality", default=None, help="intensity rule: CT, MRI, X-ray, ultrasound, endoscopy, ...")

@@ -8,7 +8,8 @@ import shutil
 from pathlib import Path
 from typing import Any, Callable, Iterable, Sequence
 
-__all__ = ["add_detector_chunk_option", "add_gpu_options", "add_model_options", "add_tracker_batch_option", "at_least",
+__all__ = ["add_detector_chunk_option", "add_gpu_options", "add_model_options", "add_score_threshold_option",
+           "add_tracker_batch_option", "at_least",
            "check_output_files", "compile_notice", "ct_window", "ct_window_for", "gpu_context", "pixels",
            "remove_output"]
 
@@ -23,6 +24,15 @@ def add_model_options(parser: Any) -> None:
                         help="slice-space size: tiny 112 by default; a checkpoint file without a configuration "
                              "(sam3.pt, a Medical-SAM3 file) is built at it (default 1008; 504 for the release's 3D "
                              "checkpoint); others must match theirs")
+
+
+def add_score_threshold_option(parser: Any, default: float | None = 0.5, also: str = "") -> None:
+    """``--score-threshold T`` (``default``: None where a command refuses it when nothing would read it, 0.5 then
+    applying); ``also``: what the help adds."""
+    parser.add_argument("--score-threshold", type=float, default=default, metavar="T",
+                        help="score threshold in [0, 1] (default 0.5): the query score of --protocol threshold, the "
+                             "floor of --protocol top_query_floor (the Medical-SAM3 release's 2D evaluation floors at "
+                             "0.1), and the detection score of a volume's slices" + also)
 
 
 def add_detector_chunk_option(parser: Any) -> None:

@@ -28,7 +28,8 @@ from ..data.selection import (
 )
 from ..protocol_registry import DEFAULT_PROTOCOL, PROTOCOLS
 from .agent_cli import add_planner_options
-from .arguments import (add_detector_chunk_option, add_gpu_options, add_tracker_batch_option, at_least, compile_notice,
+from .arguments import (add_detector_chunk_option, add_gpu_options, add_score_threshold_option,
+                        add_tracker_batch_option, at_least, compile_notice,
                         gpu_context, remove_output)
 
 __all__ = ["add_parser", "checkpoint_labels", "run"]
@@ -71,9 +72,7 @@ def add_parser(subparsers: argparse._SubParsersAction) -> argparse.ArgumentParse
                         help="cases to evaluate (default auto: test if present, else validation)")
     parser.add_argument("--protocol", choices=list(PROTOCOLS), default=DEFAULT_PROTOCOL,
                         help=f"2D protocol ({DEFAULT_PROTOCOL})")
-    parser.add_argument("--score-threshold", type=float, default=0.5,
-                        help="query score of the threshold protocol, the floor of top_query_floor (the release: 0.1) "
-                             "and of volume detections (0.5) unless --volume-score-threshold gives that")
+    add_score_threshold_option(parser, also=" unless --volume-score-threshold gives that")
     parser.add_argument("--volume-score-threshold", type=float, default=None, metavar="T",
                         help="the volumes' detection threshold (default: --score-threshold), e.g. 0.5 beside "
                              "--protocol top_query_floor --score-threshold 0.1: the release's rules for a mix of "

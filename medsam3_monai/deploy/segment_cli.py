@@ -33,7 +33,8 @@ from pathlib import Path
 from typing import Any
 
 from ..protocol_registry import PROTOCOLS
-from .arguments import (add_detector_chunk_option, add_gpu_options, add_model_options, add_tracker_batch_option,
+from .arguments import (add_detector_chunk_option, add_gpu_options, add_model_options, add_score_threshold_option,
+                        add_tracker_batch_option,
                         at_least, compile_notice, ct_window_for, gpu_context, pixels)
 
 __all__ = ["StagedFiles", "add_parser", "run", "run_many", "size_text", "write_label_volume", "write_mask_image",
@@ -90,9 +91,7 @@ def add_parser(subparsers: argparse._SubParsersAction) -> argparse.ArgumentParse
                         help="box prompt in input pixels (2D only); once for all prompts or once per prompt")
     add_model_options(parser)
     parser.add_argument("--protocol", choices=list(PROTOCOLS), default=None, help="2D protocol (default top_query)")
-    parser.add_argument("--score-threshold", type=float, default=0.5, metavar="F",
-                        help="query score of the threshold protocol, the floor of top_query_floor (the release: 0.1) "
-                             "and of volume detections (0.5)")
+    add_score_threshold_option(parser, default=None, also=" (refused where nothing would read it)")
     parser.add_argument("--tracker", default="auto", metavar="SRC|none",
                         help="volumes: auto (default), none (detector only), tiny, an HF folder or a sam3.pt")
     parser.add_argument("--modality", default=None,
@@ -335,8 +334,7 @@ def run(args: argparse.Namespace) -> int:
     if len(args.prompt) > 255:
         raise ValueError(f"{len(args.prompt)} prompts: at most 255 fit an 8-bit label map")
     check_distinct_prompts(args.prompt)  # before the model loads (the predictor checks it again)
-    if not 0.0 <= args.score_threshold <= 1.0:
-        raise ValueError(f"--score-threshold must be in [0, 1], got {args.score_threshold}")
+    args.score_threshold = checked_threshold_option(args.score_threshold, [args.protocol], kind == "volume")
     max_pixels = getattr(args, "max_pixels", None) or "auto"
     if kind == "image":  # a picture too large for the limit or the memory (or multi-frame): refused up front
         from ..transforms.errors import DataError
@@ -497,8 +495,8 @@ def _check_many(args: argparse.Namespace, items: list[dict[str, Any]], max_pixel
         raise ValueError(f"--protocol {args.protocol} applies to 2D images but {len(volumes)} input(s) are volumes "
                          f"(e.g. {volumes[0]}): volumes use the top query per slice; segment them in a run of "
                          "their own")
-    if not 0.0 <= args.score_threshold <= 1.0:
-        raise ValueError(f"--score-threshold must be in [0, 1], got {args.score_threshold}")
+    args.score_threshold = checked_threshold_option(
+        args.score_threshold, [item.get("protocol") or args.protocol for item in runnable], bool(volumes))
     from ..transforms.intensity import handler_for_modality
     from ..transforms.io import SEGMENT_BYTES_PER_PIXEL, check_picture_size, picture_size
 
@@ -669,6 +667,29 @@ def ct_picture_notes(pictures: list[str], modality: str | None) -> list[str]:
             "channels (RGB / 255, grey min-max)"]
 
 
+def checked_threshold_option(given: float | None, protocols: Sequence[str | None], volumes: bool) -> float:
+    """``--score-threshold`` as it applies (0.5 when not given): refused outside [0, 1], and when given to a run
+    that would not read it (2D pictures only, none of whose ``protocols``, None: top_query, reads a threshold)."""
+    from ..protocol_registry import DEFAULT_PROTOCOL, get_protocol
+
+    if given is None:
+        return 0.5
+    if not 0.0 <= given <= 1.0:
+        raise ValueError(f"--score-threshold must be in [0, 1], got {given}")
+    names = sorted({protocol or DEFAULT_PROTOCOL for protocol in protocols})
+    if not volumes and not any(get_protocol(name).reads_threshold for name in names):
+        raise ValueError(f"--score-threshold {given:g} would change nothing here: protocol {', '.join(names)} reads no "
+                         "threshold; it is read by --protocol top_query_floor and threshold, and by volumes")
+    return float(given)
+
+
+def score_text(score: float, threshold: float) -> str:
+    """``score`` for a note that sets it against ``threshold``: 3 decimals, more where those would round it up to
+    the threshold (0.251688 against 0.25182 is not "0.252")."""
+    text = f"{score:.3f}"
+    return text if (float(text) >= threshold) == (score >= threshold) else f"{score:.6g}"
+
+
 #: what an empty volume mask's note says to do, by where the score threshold is set
 LOWER_THRESHOLD = "lower --score-threshold to see weaker detections"
 
@@ -683,8 +704,9 @@ def prediction_notes(prediction, remedy: str = LOWER_THRESHOLD) -> list[str]:
         return volume_notes(prediction, threshold, remedy)
     if threshold is None:  # a protocol that reads no threshold
         return []
-    return [f"{prompt!r}: no query scored >= {threshold:g} (best {score:.3f}), so the {prediction.protocol} mask is "
-            f"empty: {remedy}" for prompt, score in zip(prediction.prompts, prediction.scores) if score < threshold]
+    return [f"{prompt!r}: no query scored >= {threshold:g} (best {score_text(score, threshold)}), so the "
+            f"{prediction.protocol} mask is empty: {remedy}"
+            for prompt, score in zip(prediction.prompts, prediction.scores) if score < threshold]
 
 
 def volume_notes(prediction, score_threshold: float, remedy: str = LOWER_THRESHOLD) -> list[str]:
@@ -706,6 +728,6 @@ def empty_volume_notes(prediction, score_threshold: float, remedy: str = LOWER_T
             notes.append(f"{prompt!r}: slices scored up to {score:.3f} (>= {score_threshold}) but their masks were "
                          "empty at the mask threshold, so no mask seeded the tracker; the mask is empty")
         else:
-            notes.append(f"{prompt!r}: no slice scored >= {score_threshold} (best {score:.3f}); the mask is empty: "
-                         f"{remedy}")
+            best = score_text(score, score_threshold)
+            notes.append(f"{prompt!r}: no slice scored >= {score_threshold} (best {best}); the mask is empty: {remedy}")
     return notes

@@ -10,13 +10,15 @@ import re
 import sys
 from typing import Any
 
-from .arguments import add_detector_chunk_option, add_model_options, add_tracker_batch_option
+from .arguments import (add_detector_chunk_option, add_model_options, add_score_threshold_option,
+                        add_tracker_batch_option)
 
 __all__ = ["add_parser", "build_server", "run"]
 
 _EPILOG = """\
 Routes (MONAI Label's protocol): GET /info/; POST /infer/medsam3 with multipart 'params' = JSON
-{"prompts": ["polyp"], "box": [x1, y1, x2, y2], "protocol": ..., "modality": ..., "largest_cc": false} (a text
+{"prompts": ["polyp"], "box": [x1, y1, x2, y2], "protocol": ..., "score_threshold": ..., "modality": ...,
+"largest_cc": false} (a text
 of prompts is split at commas) and the image as 'file' (PNG, JPEG, BMP, TIFF, NIfTI .nii/.nii.gz, NRRD, MetaImage
 .mha), or ?image=ID of an image uploaded with PUT /datastore/?image=ID, or
 ?session_id= from PUT /session/. Answer (?output=all, the default): multipart 'params' (result JSON) + 'image'
@@ -73,9 +75,7 @@ def add_parser(subparsers: argparse._SubParsersAction) -> argparse.ArgumentParse
     parser.add_argument("--session-expiry", type=int, default=3600, metavar="S",
                         help="seconds a session lives after its last use (default 3600; also the longest a client "
                              "may ask for)")
-    parser.add_argument("--score-threshold", type=float, default=0.5, metavar="F",
-                        help="query score of the threshold protocol, the floor of top_query_floor (the release: 0.1) "
-                             "and of volume detections (0.5)")
+    add_score_threshold_option(parser, also="; a request's params.score_threshold replaces it")
     parser.add_argument("--tracker", default="auto", metavar="SRC|none",
                         help="volumes: auto (default), none (detector only), tiny, an HF folder or a sam3.pt")
     parser.add_argument("--device", default="auto", help="auto (cuda when available), cpu, cuda, cuda:1, ...")

@@ -9,8 +9,8 @@ Protocol details: :mod:`medsam3_monai.deploy.monailabel_protocol`; stored upload
 
 Routes (``{model}`` is ``medsam3``, or ``medsam3_agent`` for the MedSAM3 agent: params ``{"request": "segment the
 lesion in the upper left quadrant", "modality", "protocol", "score_threshold", "trace"}``, answered with one label,
-the union of the marks the planner selects; the planner is the server's, ``medsam3 serve --llm-url/--llm-model/--api-key-env``,
-default the offline planner):
+the union of the marks the planner selects; the planner is the server's, ``medsam3 serve
+--llm-url/--llm-model/--api-key-env``, default the offline planner):
 
 * ``GET /info/``: name, version, ``labels`` (a mapping), ``models: {medsam3: {type, labels (a mapping, empty:
   the labels are each request's prompts, named in the answer's ``label_names``), dimension, description,
@@ -441,11 +441,11 @@ def create_app(predictor: Any, *, token: str | None = None, limits: ServerLimits
 
     from .. import __version__
     from ..inferers.inputs import box_prompts, user_error
-    from ..protocol_registry import PROTOCOLS
+    from ..protocol_registry import PROTOCOLS, get_protocol
     from ..agent.runner import AgentSettings, choose_planner
     from .monailabel_protocol import (ParamsError, ResultType, label_names, multipart_answer, parse_agent_params,
                                       parse_infer_params, result_format, write_result)
-    from .segment_cli import output_labels, prediction_notes
+    from .segment_cli import output_labels, prediction_notes, slice_axis_note
 
     limits = limits or ServerLimits()
     agent = agent if agent is not None else AgentSettings(llm="none")
@@ -605,9 +605,9 @@ def create_app(predictor: Any, *, token: str | None = None, limits: ServerLimits
             if request.largest_cc:
                 prediction = prediction.largest_components()
             labels, summary = output_labels(prediction, upload)
-            if prediction.is_volume or prediction.settings.get("score_threshold") is not None:
-                # why a mask is empty, as medsam3 segment says it
-                summary["notes"] = prediction_notes(prediction, remedy="send a lower params.score_threshold")
+            notes = _notes(prediction, request, is_agent, kind)
+            if notes or prediction.is_volume or prediction.settings.get("score_threshold") is not None:
+                summary["notes"] = notes
             if agent_summary is not None:
                 summary["agent"] = agent_summary
             mask_path = folder / f"mask{extension}"
@@ -626,6 +626,22 @@ def create_app(predictor: Any, *, token: str | None = None, limits: ServerLimits
                 "Content-Disposition": f'attachment; filename="mask{extension}"'})
         body, content_type = multipart_answer(summary, data, extension, media_type)
         return Response(content=body, media_type=content_type)
+
+    def _notes(prediction: Any, request: Any, is_agent: bool, kind: str) -> list[str]:
+        """What the answer says beside the labels, as ``medsam3 segment`` says it: why a mask is empty, a volume's
+        slices that are not axial, a request's ``score_threshold`` that its 2D protocol does not read. The agent's
+        answer label is the union of its selections: its ``agent`` entry says why it is empty."""
+        if is_agent:
+            axis = slice_axis_note(prediction.affine) if prediction.is_volume else None
+            return [axis] if axis else []
+        notes = prediction_notes(prediction, remedy="send a lower params.score_threshold")
+        protocol = request.protocol or predictor.inferer.protocol
+        given = request.score_threshold
+        if kind == "image" and given is not None and float(given) != default_threshold \
+                and not get_protocol(protocol).reads_threshold:
+            notes.append(f"params.score_threshold {given:g} is not read by protocol {protocol}, so it changed "
+                         "nothing: send it with protocol top_query_floor or threshold")
+        return notes
 
     def _predict(upload: Path, request: Any) -> Any:
         with lock:  # one model, one request at a time; the protocol travels with the request
