@@ -201,7 +201,8 @@ def test_the_server_offers_the_agent_as_a_second_model(server, shared_data, tmp_
     conn.close()
     assert {"medsam3", "medsam3_agent"} <= set(info["models"])
     model = info["models"]["medsam3_agent"]
-    assert model["config"] == {"request": "", "score_threshold": 0.5, "modality": "", "largest_cc": False}
+    assert model["config"] == {"request": "", "protocol": ["top_query", "top_query_floor", "threshold", "semantic"],
+                               "score_threshold": 0.5, "modality": "", "largest_cc": False}
     assert model["planner"]["kind"] == "offline"
     assert model["type"] == "segmentation" and isinstance(model["labels"], dict)
 

@@ -629,3 +629,20 @@ def test_a_post_without_a_body_is_an_empty_body_and_chunked_uploads_are_refused(
     assert empty != 411 and empty == _request(server, "POST", "/activelearning/first", b"{}",
                                               {"Content-Type": "application/json"})[0]
     assert status_of("Transfer-Encoding: chunked\r\n", b"2\r\n{}\r\n0\r\n\r\n") == 411
+
+
+@pytest.mark.parametrize("sent, taken", [(0.1, 0.1), ("0.1", 0.1), (" 0.3 ", 0.3), (1, 1.0), (-0.0, 0.0), ("", None),
+                                         (None, None), ("abc", "error"), (True, "error"), (1.5, "error"),
+                                         ("nan", "error")])
+def test_a_requests_score_threshold_is_a_number_in_0_1(sent, taken):
+    """``params.score_threshold``: a number, or one written as text (as a viewer may send an option back); blank or
+    null: the server's; anything else refused with the field's hint."""
+    from medsam3_monai.deploy.monailabel_protocol import ParamsError, parse_infer_params
+
+    text = json.dumps({"prompts": ["polyp"], "score_threshold": sent})
+    if taken == "error":
+        with pytest.raises(ParamsError, match=r"^'score_threshold' must be a number in \[0, 1\]$"):
+            parse_infer_params(text, 4, 50)
+    else:
+        value = parse_infer_params(text, 4, 50).score_threshold
+        assert value == taken and (value is None or str(value) == str(float(taken)))  # 0.0, not -0.0

@@ -136,6 +136,22 @@ class _ClientParams(BaseModel):
                 return word in ("y", "yes", "t", "true", "on", "1")
         return value
 
+    @field_validator("score_threshold", mode="before")
+    @classmethod
+    def _text_is_a_number(cls, value: Any) -> Any:
+        """A number written as text (``"0.1"``, as a viewer may send an option back) as that number."""
+        if isinstance(value, str):
+            try:
+                return float(value.strip())
+            except ValueError:
+                return value  # refused below, with the field's hint
+        return value
+
+    @field_validator("score_threshold")
+    @classmethod
+    def _no_negative_zero(cls, value: float | None) -> float | None:
+        return None if value is None else value + 0.0  # -0.0 -> 0.0
+
     @field_validator("protocol", check_fields=False)
     @classmethod
     def _check_protocol(cls, protocol: str | None) -> str | None:

@@ -529,7 +529,8 @@ def create_app(predictor: Any, *, token: str | None = None, limits: ServerLimits
         "description": "The MedSAM3 agent: give a free-text request as params.request; a planner calls MedSAM3 with "
                        "short noun phrases and answers with the union of the masks it selects (one label; no match: "
                        "an empty mask)",
-        "config": {"request": "", "score_threshold": default_threshold, "modality": "", "largest_cc": False},
+        "config": {"request": "", "protocol": list(PROTOCOLS), "score_threshold": default_threshold, "modality": "",
+                   "largest_cc": False},
         "prompts": "params = {\"request\": text, \"modality\": optional, \"protocol\": " + "|".join(PROTOCOLS)
                    + " (2D, optional), \"score_threshold\": 0..1 (optional), \"trace\": true|false}",
         "score_threshold": default_threshold,
@@ -591,7 +592,8 @@ def create_app(predictor: Any, *, token: str | None = None, limits: ServerLimits
             kind, shape = check_image(upload, limits, decode_pictures=False)  # the inference decodes it
             if kind == "volume" and (getattr(request, "box", None) is not None
                                      or request.protocol not in (None, "top_query")):
-                raise RequestError(422, "box prompts and protocols are for 2D images; send volumes with prompts only")
+                raise RequestError(422, "protocols are for 2D images; send a volume with the request alone" if is_agent
+                                   else "box prompts and protocols are for 2D images; send volumes with prompts only")
             if not is_agent and request.box is not None:
                 try:
                     box_prompts(request.box, len(request.prompts), shape)
