@@ -237,8 +237,15 @@ def image_size(path: Path, kind: str) -> tuple[int, ...]:
     except DataError as err:  # a multi-frame picture
         raise RequestError(422, str(err).replace(str(path), hidden)) from None
     except Exception as err:  # noqa: BLE001 - any decoder failure is an unreadable upload
-        message = str(err).replace(str(path), hidden)
-        raise RequestError(422, f"cannot read the uploaded file: {type(err).__name__}: {message}") from None
+        raise unreadable_upload(path, err) from None
+
+
+def unreadable_upload(path: Path, err: BaseException) -> RequestError:
+    """The 422 of an upload whose header or data does not decode (named ``upload.<ext>``, never by its path)."""
+    hidden = f"upload{upload_suffix(path.name)}"
+    message = str(err).replace(str(path), hidden)
+    return RequestError(422, f"{hidden} cannot be read ({type(err).__name__}: {message}): it is truncated or corrupt, "
+                             "or not what its extension says; upload the whole file")
 
 
 def _itk_shape(path: Path) -> tuple[int, ...]:
@@ -263,14 +270,11 @@ def check_picture_data(path: Path) -> None:
 
     from ..transforms.io import pil_size_check_off
 
-    hidden = f"upload{upload_suffix(path.name)}"
     try:
         with pil_size_check_off(), Image.open(path) as picture:
             picture.load()
     except Exception as err:  # noqa: BLE001 - any decoder failure is an unreadable upload
-        message = str(err).replace(str(path), hidden)
-        raise RequestError(422, f"{hidden} cannot be read ({type(err).__name__}: {message}): it is truncated or "
-                                "corrupt; upload the whole file") from None
+        raise unreadable_upload(path, err) from None
 
 
 def check_volume_data(path: Path) -> None:
@@ -658,8 +662,7 @@ def create_app(predictor: Any, *, token: str | None = None, limits: ServerLimits
                     raise
                 raise RequestError(422, str(cause).replace(str(upload), "upload")) from None
             except OSError as err:  # decoders: truncated or corrupt data
-                message = f"cannot read the uploaded file: {err}".replace(str(upload), "upload")
-                raise RequestError(422, message) from None
+                raise unreadable_upload(upload, err) from None
 
     def _agent(upload: Path, request: Any, kind: str) -> tuple[Any, dict[str, Any]]:
         """The agent's answer to ``request.request`` on the upload: (one-label Prediction, the result's ``agent``
