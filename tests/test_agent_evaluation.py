@@ -230,6 +230,8 @@ def test_the_server_offers_the_agent_as_a_second_model(server, shared_data, tmp_
     status, _, body = _infer(server, image.read_bytes(), "case.jpg", strict, query="?output=json")
     result = json.loads(body)
     assert status == 200 and result["agent"]["status"] == "no_mask" and not result.get("notes"), body
+    assert result["agent"]["reason"].startswith("the phrasings of 'polyp' segmented nothing: no query (protocol "
+                                                "threshold) scored >= the score threshold 0.99 (best 0.")
 
     for params, message in (({"prompts": ["polyp"]}, "free-text 'request'"), ({"request": "  "}, "is empty"),
                             ({"request": "polyp", "llm_url": "http://x"}, "unknown params"),

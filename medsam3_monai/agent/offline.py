@@ -56,8 +56,27 @@ def plan_offline(request: str, segmenter: Any, *, max_phrasings: int = 6, keep_r
         return Decision("no_mask", reason=f"no phrasing of {named} scored >= {min_score:g} (best {best:.3f})",
                         planner="offline", details=details)
     named = " or ".join(repr(plan.concept) for plan in plans)
-    return Decision("no_mask", reason=f"the phrasings of {named} segmented nothing", planner="offline",
-                    details=details)
+    return Decision("no_mask", reason=f"the phrasings of {named} segmented nothing"
+                    + _below_threshold(segmenter, outcomes), planner="offline", details=details)
+
+
+def _below_threshold(segmenter: Any, outcomes: list[tuple[Fusion, Any, dict[str, Any]]]) -> str:
+    """Why the masks are empty when the segmenter's score threshold emptied them (a volume's detections, or a 2D
+    protocol that reads it) and no phrasing reached it; else nothing."""
+    from ..protocol_registry import get_protocol
+
+    settings = getattr(segmenter, "settings", None)
+    threshold = getattr(settings, "score_threshold", None)
+    if threshold is None:
+        return ""
+    volume = any(bool(prediction.is_volume) for _, prediction, _ in outcomes)
+    if not volume and not get_protocol(getattr(settings, "protocol", "top_query")).reads_threshold:
+        return ""
+    best = max(fusion.score for fusion, _, _ in outcomes)
+    if best >= threshold:
+        return ""
+    where = "no slice" if volume else f"no query (protocol {settings.protocol})"
+    return f": {where} scored >= the score threshold {threshold:g} (best {best:.6g}); lower it to see weaker ones"
 
 
 def _segment_concept(plan: ConceptPlan, segmenter: Any, keep_ratio: float, min_score: float,
