@@ -261,6 +261,11 @@ def test_monailabel_server_serves_the_pipeline(server, shared_data, tmp_path):
     assert result["labels"].keys() == {str(LABELS["polyp"])} and result["input"] == "the uploaded file (.jpg)"
     got, want = result["labels"][str(LABELS["polyp"])], ref_polyp["labels"]["255"]
     assert got["pixels"] == want["pixels"] and got["score"] == pytest.approx(want["score"], abs=1e-4)
+    # a request's threshold that the picture's protocol (top_query) does not read: the same mask, and a note
+    result = _infer(server, tmp_path / "up_polyp_unused.png", file=image, labels=["polyp"], score_threshold=0.9)
+    np.testing.assert_array_equal(_png(tmp_path / "up_polyp_unused.png"), mask)
+    assert result["notes"] == ["score_threshold 0.9 is not read by protocol top_query, so it changed nothing: send "
+                               "it with protocol top_query_floor or threshold"]
 
     # volume by upload
     result = _infer(server, tmp_path / "up_volume.nii.gz", file=volume)

@@ -709,6 +709,20 @@ def prediction_notes(prediction, remedy: str = LOWER_THRESHOLD) -> list[str]:
             for prompt, score in zip(prediction.prompts, prediction.scores) if score < threshold]
 
 
+def unused_threshold_notes(prediction, given: float | None, default: float, name: str) -> list[str]:
+    """A request's score threshold ``given`` (the option ``name``, e.g. ``params.score_threshold``) other than the
+    server's ``default`` that the picture's 2D protocol did not read: one note saying so (3D Slicer sends the
+    default back with every request, which needs no note)."""
+    from ..protocol_registry import get_protocol
+
+    protocol = str(prediction.protocol).removesuffix("+box")
+    if prediction.is_volume or given is None or float(given) == float(default) \
+            or get_protocol(protocol).reads_threshold:
+        return []
+    return [f"{name} {given:g} is not read by protocol {protocol}, so it changed nothing: send it with protocol "
+            "top_query_floor or threshold"]
+
+
 def volume_notes(prediction, score_threshold: float, remedy: str = LOWER_THRESHOLD) -> list[str]:
     """What to say after a volume's prediction: slices that are not axial (:func:`slice_axis_note`), then the
     prompts whose masks are empty and why (:func:`empty_volume_notes`; ``remedy``: how this caller's user lowers

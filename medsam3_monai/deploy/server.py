@@ -445,11 +445,11 @@ def create_app(predictor: Any, *, token: str | None = None, limits: ServerLimits
 
     from .. import __version__
     from ..inferers.inputs import box_prompts, user_error
-    from ..protocol_registry import PROTOCOLS, get_protocol
+    from ..protocol_registry import PROTOCOLS
     from ..agent.runner import AgentSettings, choose_planner
     from .monailabel_protocol import (ParamsError, ResultType, label_names, multipart_answer, parse_agent_params,
                                       parse_infer_params, result_format, write_result)
-    from .segment_cli import output_labels, prediction_notes, slice_axis_note
+    from .segment_cli import output_labels, prediction_notes, slice_axis_note, unused_threshold_notes
 
     limits = limits or ServerLimits()
     agent = agent if agent is not None else AgentSettings(llm="none")
@@ -611,7 +611,7 @@ def create_app(predictor: Any, *, token: str | None = None, limits: ServerLimits
             if request.largest_cc:
                 prediction = prediction.largest_components()
             labels, summary = output_labels(prediction, upload)
-            notes = _notes(prediction, request, is_agent, kind)
+            notes = _notes(prediction, request, is_agent)
             if notes or prediction.is_volume or prediction.settings.get("score_threshold") is not None:
                 summary["notes"] = notes
             if agent_summary is not None:
@@ -633,21 +633,16 @@ def create_app(predictor: Any, *, token: str | None = None, limits: ServerLimits
         body, content_type = multipart_answer(summary, data, extension, media_type)
         return Response(content=body, media_type=content_type)
 
-    def _notes(prediction: Any, request: Any, is_agent: bool, kind: str) -> list[str]:
+    def _notes(prediction: Any, request: Any, is_agent: bool) -> list[str]:
         """What the answer says beside the labels, as ``medsam3 segment`` says it: why a mask is empty, a volume's
         slices that are not axial, a request's ``score_threshold`` that its 2D protocol does not read. The agent's
         answer label is the union of its selections: its ``agent`` entry says why it is empty."""
         if is_agent:
             axis = slice_axis_note(prediction.affine) if prediction.is_volume else None
             return [axis] if axis else []
-        notes = prediction_notes(prediction, remedy="send a lower params.score_threshold")
-        protocol = request.protocol or predictor.inferer.protocol
-        given = request.score_threshold
-        if kind == "image" and given is not None and float(given) != default_threshold \
-                and not get_protocol(protocol).reads_threshold:
-            notes.append(f"params.score_threshold {given:g} is not read by protocol {protocol}, so it changed "
-                         "nothing: send it with protocol top_query_floor or threshold")
-        return notes
+        return (prediction_notes(prediction, remedy="send a lower params.score_threshold")
+                + unused_threshold_notes(prediction, request.score_threshold, default_threshold,
+                                         "params.score_threshold"))
 
     def _predict(upload: Path, request: Any) -> Any:
         with lock:  # one model, one request at a time; the protocol travels with the request
