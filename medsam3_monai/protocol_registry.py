@@ -46,7 +46,7 @@ PROTOCOLS: dict[str, Protocol] = {
         Protocol("top_query", "the highest-scoring query's mask per prompt (the papers' protocol)",
                  "top_query_logits", validation=True),
         Protocol("top_query_floor", "the highest-scoring query's mask per prompt, empty when its score is below "
-                 "{score_threshold} (the Medical-SAM3 release's 2D evaluation script, at 0.1)",
+                 "{score_threshold} (the rule of the Medical-SAM3 release's 2D evaluation script, which uses 0.1)",
                  "top_query_floor_logits", reads_threshold=True),
         Protocol("threshold", "the union of the queries with score >= {score_threshold}", "threshold_logits",
                  reads_threshold=True),
@@ -64,13 +64,20 @@ def get_protocol(name: str, validation: bool = False) -> Protocol:
     return PROTOCOLS[name]
 
 
-def checked_score_threshold(value: Any) -> float:
+def checked_score_threshold(value: Any, name: str = "score threshold") -> float:
     """``value`` as a score threshold (the ``threshold`` and ``top_query_floor`` protocols' query score, and a
-    volume's detection score): a number in [0, 1], else ValueError saying so."""
+    volume's detection score): a number in [0, 1], else ValueError saying so (``name``: the setting it came from)."""
     try:
         threshold = float(value)
     except (TypeError, ValueError):
-        raise ValueError(f"score threshold {value!r}: give a number in [0, 1]") from None
+        raise ValueError(f"{name} {value!r}: give a number in [0, 1]") from None
     if isinstance(value, bool) or not 0.0 <= threshold <= 1.0:
-        raise ValueError(f"score threshold {value!r}: give a number in [0, 1]")
+        raise ValueError(f"{name} {value!r}: give a number in [0, 1]")
     return threshold
+
+
+def score_text(score: float, threshold: float) -> str:
+    """``score`` for a note that sets it against ``threshold``: 3 decimals, more where those would round it up to
+    the threshold (0.251688 against 0.25182 is not "0.252")."""
+    text = f"{score:.3f}"
+    return text if (float(text) >= threshold) == (score >= threshold) else f"{score:.6g}"

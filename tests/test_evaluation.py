@@ -625,3 +625,27 @@ def test_volume_score_threshold_sets_the_volumes_detection_threshold_apart(datal
                     "--out", str(tmp_path / "bad")) == 2
     assert "--volume-score-threshold must be in [0, 1], got 2.0" in capsys.readouterr().err
     assert not (tmp_path / "no_volume").exists() and not (tmp_path / "bad").exists()
+    # a --score-threshold nothing reads is refused: the pictures' top_query reads none and the volumes have their own
+    # (the release's numbers typed without --protocol top_query_floor)
+    assert evaluate("--datalist", str(datalists["kvasir"]), "--datalist", str(datalists["hippocampus"]),
+                    "--checkpoint", "tiny", "--score-threshold", "0.1", "--volume-score-threshold", "0.5",
+                    "--out", str(tmp_path / "unread")) == 2
+    assert "--score-threshold 0.1 would change nothing here: protocol top_query reads no threshold" in \
+        capsys.readouterr().err
+    assert not (tmp_path / "unread").exists()
+
+
+def test_the_volume_threshold_parameter_of_a_run_without_volumes(tmp_path):
+    """What the evaluation bundle logs as ``volume_score_threshold`` (``volume_threshold_param``): the volumes'
+    threshold, None (not logged) without volumes, where a value given is refused; the case inferer names the setting
+    of a bad value."""
+    from medsam3_monai.engines.evaluation import CaseInferer, evaluation_transforms, volume_threshold_param
+
+    volume, picture = {"image": "ct.nii.gz"}, {"image": "a.png"}
+    assert volume_threshold_param(0.1, 0.5, [picture, volume]) == 0.5
+    assert volume_threshold_param(0.1, None, [volume]) == 0.1 and volume_threshold_param(0.1, None, [picture]) is None
+    with pytest.raises(ValueError, match="^--volume_score_threshold is the volumes' detection threshold, and this "
+                                         "run has no volume: leave it out$"):
+        volume_threshold_param(0.1, 0.5, [picture])
+    with pytest.raises(ValueError, match=r"^volume_score_threshold 2: give a number in \[0, 1\]$"):
+        CaseInferer(evaluation_transforms(S), volume_score_threshold=2)

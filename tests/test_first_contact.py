@@ -187,10 +187,14 @@ def test_a_picture_whose_floor_emptied_a_mask_gets_a_note(tmp_path, capsys, shar
         "--score-threshold 0.3 would change nothing here: protocol top_query reads no threshold; it is read by "
         "--protocol top_query_floor and threshold, and by volumes")
     assert not (tmp_path / "unused.png").exists()
+    assert main(["agent", str(image), "--request", "segment the polyp", "--llm", "none", "--checkpoint", "tiny",
+                 "--out", str(tmp_path / "agent.png"), "--score-threshold", "0.3", "--no-progress"]) == 2
+    assert "--score-threshold 0.3 would change nothing here" in error_line(capsys.readouterr().err, "agent")
+    assert not (tmp_path / "agent.png").exists()
 
 
 def test_a_note_does_not_round_a_score_up_to_the_threshold_it_missed():
-    from medsam3_monai.deploy.segment_cli import score_text
+    from medsam3_monai.protocol_registry import score_text
 
     assert score_text(0.251688, 0.25182) == "0.251688" and score_text(0.251688, 0.3) == "0.252"
 

@@ -352,6 +352,8 @@ def test_reproduce_medical_sam3_by_the_release_rules(data_root, tmp_path, capsys
     assert row["dataset"] == "DRIVE" and row["protocol"] == "top_query_floor"
     text = (out / "table.md").read_text()
     assert "Rules (--release-rules)" in text and "best query scoring at least 0.1" in text
+    assert "Protocol of the published numbers: " in text and "ours follows the rules above" in text
+    assert "\n- Protocol: " not in text  # (the published protocol is not ours here)
     assert "empty when its score is below 0.1" in (out / "medical_sam3" / "DRIVE" / "table.md").read_text()
 
 

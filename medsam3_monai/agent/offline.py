@@ -63,7 +63,7 @@ def plan_offline(request: str, segmenter: Any, *, max_phrasings: int = 6, keep_r
 def _below_threshold(segmenter: Any, outcomes: list[tuple[Fusion, Any, dict[str, Any]]]) -> str:
     """Why the masks are empty when the segmenter's score threshold emptied them (a volume's detections, or a 2D
     protocol that reads it) and no phrasing reached it; else nothing."""
-    from ..protocol_registry import get_protocol
+    from ..protocol_registry import get_protocol, score_text
 
     settings = getattr(segmenter, "settings", None)
     threshold = getattr(settings, "score_threshold", None)
@@ -76,7 +76,8 @@ def _below_threshold(segmenter: Any, outcomes: list[tuple[Fusion, Any, dict[str,
     if best >= threshold:
         return ""
     where = "no slice" if volume else f"no query (protocol {settings.protocol})"
-    return f": {where} scored >= the score threshold {threshold:g} (best {best:.6g}); lower it to see weaker ones"
+    return (f": {where} scored >= the score threshold {threshold:g} (best {score_text(best, threshold)}); lower it "
+            "to see weaker ones")
 
 
 def _segment_concept(plan: ConceptPlan, segmenter: Any, keep_ratio: float, min_score: float,

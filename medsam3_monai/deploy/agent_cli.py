@@ -107,7 +107,7 @@ def add_parser(subparsers: argparse._SubParsersAction) -> argparse.ArgumentParse
     add_model_options(model)
     model.add_argument("--protocol", default=None, choices=tuple(PROTOCOLS),
                        help=f"2D protocol: {', '.join(PROTOCOLS)} (default top_query)")
-    add_score_threshold_option(model)
+    add_score_threshold_option(model, default=None, also=" (refused where nothing would read it)")
     model.add_argument("--tracker", default="auto", metavar="SRC|none",
                        help="volumes: auto (default), none (detector only), tiny, an HF folder or a sam3.pt")
     model.add_argument("--modality", default=None, help="intensity rule: CT, MRI, X-ray, ultrasound, endoscopy, ...")
@@ -130,8 +130,12 @@ def run(args: argparse.Namespace) -> int:
     from ..agent.runner import AgentSettings, check_agent_limits, check_planner, run_agent
     from ..agent.segmenter import SegmenterSettings
 
-    if not 0.0 <= args.score_threshold <= 1.0:
-        raise ValueError(f"--score-threshold must be in [0, 1], got {args.score_threshold}")
+    from ..inferers.inputs import input_kind
+    from .segment_cli import checked_threshold_option
+
+    # refused outside [0, 1], and where nothing would read it (a picture whose protocol reads no threshold)
+    args.score_threshold = checked_threshold_option(args.score_threshold, [args.protocol],
+                                                    input_kind(args.input) == "volume")
     settings = AgentSettings(
         llm=args.llm, llm_url=args.llm_url, llm_model=args.llm_model, api_key_env=args.api_key_env,
         timeout=args.llm_timeout, retries=args.llm_retries, max_reply_tokens=args.max_reply_tokens,

@@ -39,8 +39,9 @@ split: 'auto' (default) takes each datalist's test list when it has one, else it
 (several datasets have no official test split); --max-cases N keeps a seeded sample of N cases of each
 datalist (--seed).
 Protocols (2D): """ + "; ".join(f"{p.name} = {p.describe('--score-threshold')}" for p in PROTOCOLS.values()) + """.
---box-prompts adds the box of the ground truth's largest connected component (T+I). Volumes: detector on every slice (top query, score >=
---score-threshold) merged with SAM3 tracker propagation from the most confident slice (--tracker).
+--box-prompts adds the box of the ground truth's largest connected component (T+I). Volumes: detector on every
+slice (top query, score >= --volume-score-threshold, default --score-threshold) merged with SAM3 tracker
+propagation from the most confident slice (--tracker).
 Metrics are computed in each input's own geometry; NSD (2 mm) and HD95 where the spacing is known.
 --prompt-variants synonyms: every dataset with its datalist prompt, each catalogue phrasing of its concepts
 (synonyms.json, the papers' prompts) and their ensemble (the offline agent planner's confidence fusion, one
@@ -72,7 +73,8 @@ def add_parser(subparsers: argparse._SubParsersAction) -> argparse.ArgumentParse
                         help="cases to evaluate (default auto: test if present, else validation)")
     parser.add_argument("--protocol", choices=list(PROTOCOLS), default=DEFAULT_PROTOCOL,
                         help=f"2D protocol ({DEFAULT_PROTOCOL})")
-    add_score_threshold_option(parser, also=" unless --volume-score-threshold gives that")
+    add_score_threshold_option(parser, default=None, also=" unless --volume-score-threshold gives that; refused "
+                                                          "where nothing would read it")
     parser.add_argument("--volume-score-threshold", type=float, default=None, metavar="T",
                         help="the volumes' detection threshold (default: --score-threshold), e.g. 0.5 beside "
                              "--protocol top_query_floor --score-threshold 0.1: the release's rules for a mix of "
@@ -272,7 +274,9 @@ def run(args: argparse.Namespace) -> int:
         evaluation_items,
         is_volume_item,
         run_evaluation,
+        volume_threshold_param,
     )
+    from .segment_cli import checked_threshold_option
     from ..engines.reports import check_tracking_uri, default_tracking_uri, open_experiment
     from ..networks import load_network
     from ..networks.tracker import resolve_tracker
@@ -301,9 +305,10 @@ def run(args: argparse.Namespace) -> int:
     if not args.no_mlflow:
         check_tracking_uri(args.tracking_uri)
     volumes = sum(is_volume_item(item) for item in items)
-    if args.volume_score_threshold is not None and not volumes:
-        raise ValueError("--volume-score-threshold is the volumes' detection threshold, and this run has no volume: "
-                         "leave it out")
+    volume_threshold_param(0.5, args.volume_score_threshold, items, "--volume-score-threshold")  # refused: no volume
+    # an unread --score-threshold (the pictures' protocol reads none, and the volumes have their own) is refused
+    args.score_threshold = checked_threshold_option(args.score_threshold, [args.protocol],
+                                                    bool(volumes) and args.volume_score_threshold is None)
     networks = [load_network(source, args.image_size, detector_chunk=args.detector_chunk) for source in sources]
     trackers = [resolve_tracker(args.tracker, s, n, described=True) if volumes else (None, "none")
                 for s, n in zip(sources, networks)]

@@ -32,7 +32,7 @@ from collections.abc import Sequence
 from pathlib import Path
 from typing import Any
 
-from ..protocol_registry import PROTOCOLS
+from ..protocol_registry import PROTOCOLS, score_text
 from .arguments import (add_detector_chunk_option, add_gpu_options, add_model_options, add_score_threshold_option,
                         add_tracker_batch_option,
                         at_least, compile_notice, ct_window_for, gpu_context, pixels)
@@ -681,13 +681,6 @@ def checked_threshold_option(given: float | None, protocols: Sequence[str | None
         raise ValueError(f"--score-threshold {given:g} would change nothing here: protocol {', '.join(names)} reads no "
                          "threshold; it is read by --protocol top_query_floor and threshold, and by volumes")
     return float(given)
-
-
-def score_text(score: float, threshold: float) -> str:
-    """``score`` for a note that sets it against ``threshold``: 3 decimals, more where those would round it up to
-    the threshold (0.251688 against 0.25182 is not "0.252")."""
-    text = f"{score:.3f}"
-    return text if (float(text) >= threshold) == (score >= threshold) else f"{score:.6g}"
 
 
 #: what an empty volume mask's note says to do, by where the score threshold is set

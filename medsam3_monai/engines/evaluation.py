@@ -100,6 +100,18 @@ def volume_threshold(score_threshold: float, volume_score_threshold: float | Non
     return float(score_threshold if volume_score_threshold is None else volume_score_threshold)
 
 
+def volume_threshold_param(score_threshold: float, volume_score_threshold: float | None,
+                           items: Sequence[Mapping[str, Any]], option: str = "--volume_score_threshold"
+                           ) -> float | None:
+    """The volumes' detection threshold as an evaluation's parameter: None (not logged) when ``items`` hold no
+    volume, where a ``volume_score_threshold`` given (the setting ``option``) is refused: it would change nothing."""
+    if any(is_volume_item(item) for item in items):
+        return volume_threshold(score_threshold, volume_score_threshold)
+    if volume_score_threshold is not None:
+        raise ValueError(f"{option} is the volumes' detection threshold, and this run has no volume: leave it out")
+    return None
+
+
 def protocol_label(protocol: str, box_prompts: bool = False) -> str:
     """The name a number is reported under: the protocol, ``+box`` for the T+I (text + box) variant."""
     return get_protocol(protocol).name + ("+box" if box_prompts else "")
@@ -265,8 +277,8 @@ class CaseInferer(Inferer):
         self.postprocessing = inference_postprocessing(transform)
         self.box_prompts = bool(box_prompts)
         self.image_key, self.label_key = image_key, label_key
-        self.volume_score_threshold = (None if volume_score_threshold is None
-                                       else checked_score_threshold(volume_score_threshold))
+        self.volume_score_threshold = (None if volume_score_threshold is None else
+                                       checked_score_threshold(volume_score_threshold, "volume_score_threshold"))
         self._warned_boxes = False
 
     @property

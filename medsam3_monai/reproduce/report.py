@@ -106,11 +106,13 @@ def table_notes(table: Any, statuses: Sequence[DatasetStatus], settings: Any, ra
         elif not ran.get(column.key):
             option = "--baseline" if column.runs == "baseline" else "--checkpoint"
             notes.append(f"{column.method}: not run (give {option} WEIGHTS).")
+    protocol = f"Protocol: {table.protocol}."
     if getattr(settings, "release_rules", False):
         notes.append("Rules (--release-rules): the 2D datasets are scored as the Medical-SAM3 release's evaluation "
                      "script scores them: per prompt the best query scoring at least 0.1, else an empty mask "
                      "(top_query_floor), and images without foreground left out; volumes by top_query.")
-    notes.append(f"Protocol: {table.protocol}. Split: each datalist's test list when it has one, else its validation "
+        protocol = f"Protocol of the published numbers: {table.protocol}; ours follows the rules above."
+    notes.append(f"{protocol} Split: each datalist's test list when it has one, else its validation "
                  "list (85/15, seed 42; external sets are all test). Dice = 100 when prediction and truth are both "
                  "empty.")
     notes += [f"Published: {line}" for line in table.sources]
