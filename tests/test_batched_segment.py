@@ -442,7 +442,7 @@ def test_prompt_inferer_infer_cases_equals_one_call_per_case(samples, tiny_net):
     assert torch.equal(floor["pred"], top["pred"]) and (floor["pred"] > 0).any()
     strict = inferer(dict(batch.cases[-1][0], score_threshold=1), tiny_net)[0]
     assert not (strict["pred"] > 0).any() and strict["score_threshold"] == 1.0
-    with pytest.raises(ValueError, match=r"score threshold 'high': give a number in \[0, 1\]"):
+    with pytest.raises(ValueError, match=r"cju.*\.jpg: score_threshold 'high': give a number in \[0, 1\]"):
         inferer(dict(batch.cases[-1][0], score_threshold="high"), tiny_net)
 
 

@@ -249,6 +249,9 @@ def test_two_checkpoints_give_side_by_side_tables_with_deltas(datalists, tmp_pat
     (parent,) = [r for r in runs if "mlflow.parentRunId" not in r.data.tags]  # the run holding the deltas
     assert parent.data.params["checkpoint"] == "tiny" and parent.data.params["checkpoint_b"] == str(other)
     assert (parent.data.params["label_a"], parent.data.params["label_b"]) == ("tiny", "tiny_seed1")
+    # how both were scored, as each child run has it (no volumes: no volume threshold)
+    assert (parent.data.params["protocol"], parent.data.params["score_threshold"]) == ("top_query", "0.5")
+    assert "volume_score_threshold" not in parent.data.params
     assert "Kvasir-SEG/dice_delta" in parent.data.metrics and len(runs) == 3
     rows = {row["name"]: row for row in read_csv(out / "comparison.csv")}
     assert set(rows) == {"Kvasir-SEG", "ChestXray_lung_sample", "internal", "overall"}

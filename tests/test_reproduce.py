@@ -296,6 +296,7 @@ def test_reproduce_medical_sam3_end_to_end_with_the_tiny_network(data_root, tmp_
     assert len(runs) == 1 and runs[0].info.run_id == manifest["mlflow"]["run_id"]
     run = runs[0]
     assert run.info.status == "FINISHED" and run.data.params["found"] == "DRIVE"
+    assert run.data.params["release_rules"] == "False"
     assert run.data.params[f"sha256/baseline/{baseline.name}"] == digest
     assert run.data.metrics["medical_sam3/DRIVE/published_dice"] == 55.8
     assert run.data.metrics["medical_sam3/paper_mean/internal/published_dice"] == 77.0

@@ -465,16 +465,18 @@ def _log_params(client: Any, run_id: str, args: argparse.Namespace, checkpoint: 
     checkpoint)."""
     from mlflow.entities import Param
 
-    values = {"checkpoint": checkpoint, "protocol": args.protocol, "split": args.split,
-              "max_cases": args.max_cases, "datalists": ",".join(str(Path(p).resolve()) for p in args.datalist),
-              **(extra or {})}
+    values = {"checkpoint": checkpoint, "protocol": args.protocol, "score_threshold": args.score_threshold,
+              "volume_score_threshold": args.volume_score_threshold,  # (None: not logged)
+              "skip_empty_truth": args.skip_empty_truth,
+              "split": args.split, "max_cases": args.max_cases,
+              "datalists": ",".join(str(Path(p).resolve()) for p in args.datalist), **(extra or {})}
     if args.prompt_variants:
         values.update(prompt_variants=args.prompt_variants, max_phrasings=args.max_phrasings,
                       keep_ratio=keep_ratio(args))
     if args.agent:
         values.update(llm=args.llm, llm_url=args.llm_url, llm_model=args.llm_model, api_key_env=args.api_key_env,
                       max_rounds=args.max_rounds, agent_request=args.agent_request or "default")
-    client.log_batch(run_id, params=[Param(k, str(v)[:500]) for k, v in values.items()])
+    client.log_batch(run_id, params=[Param(k, str(v)[:500]) for k, v in values.items() if v is not None])
 
 
 def _write_robustness(plan: Any, reports: dict[str, Any], out: Path, client: Any, parent: str | None,

@@ -145,7 +145,10 @@ class PromptInferer(Inferer):
         """The score threshold of the case whose first slice item is ``item``: its own ``score_threshold``, else the
         inferer's."""
         own = item.get("score_threshold")
-        return self.score_threshold if own is None else checked_score_threshold(own)
+        if own is None:
+            return self.score_threshold
+        where = source_name(item.get(self.image_key), item, self.image_key)
+        return checked_score_threshold(own, f"{where}: score_threshold" if where else "score_threshold")
 
     def infer_cases(self, cases: Sequence[Any], network: torch.nn.Module,
                     images: torch.Tensor | None = None) -> list[list[dict[str, Any]]]:

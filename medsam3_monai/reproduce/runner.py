@@ -336,6 +336,7 @@ def _write_outputs(settings: ReproduceSettings, paper: PaperTable, statuses: lis
         params = {"paper": paper.paper, "data_root": settings.data_root, "checkpoint": settings.checkpoint,
                   "baseline": settings.baseline or "", "image_size": settings.image_size or "checkpoint's",
                   "max_cases": settings.max_cases or "all", "seed": settings.seed, "device": device,
+                  "release_rules": bool(settings.release_rules),
                   "found": ", ".join(s.dataset for s in statuses if s.found),
                   "not_found": ", ".join(s.dataset for s in statuses if not s.found)}
         if agent is not None:
