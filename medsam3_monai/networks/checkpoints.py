@@ -260,8 +260,16 @@ def load_state_dict_strict(model: torch.nn.Module, state_dict: Mapping[str, torc
                            what: str = "SAM3 image model", original_layout: bool = False,
                            original_prefix: str = "") -> None:
     """Load every tensor or nothing: any missing, unexpected or mis-shaped key raises CheckpointError (keys also
-    named as Meta's ``sam3.pt`` has them when ``original_layout``, with the file's ``original_prefix``). ``model``
-    may be on the meta device (its shapes only): the checks run and nothing is loaded."""
+    named as Meta's ``sam3.pt`` has them when ``original_layout``, with the file's ``original_prefix``)."""
+    check_state_dict(model, state_dict, source, what, original_layout, original_prefix)
+    model.load_state_dict(state_dict, strict=True)
+
+
+def check_state_dict(model: torch.nn.Module, state_dict: Mapping[str, torch.Tensor], source: str,
+                     what: str = "SAM3 image model", original_layout: bool = False,
+                     original_prefix: str = "") -> None:
+    """:func:`load_state_dict_strict`'s checks, nothing loaded: ``model`` may be built on the meta device (its
+    shapes and dtypes only, no memory)."""
     model_state = model.state_dict()
     model_shapes = {k: tuple(v.shape) for k, v in model_state.items()}
     ckpt_shapes = {k: tuple(v.shape) for k, v in state_dict.items()}
@@ -282,8 +290,6 @@ def load_state_dict_strict(model: torch.nn.Module, state_dict: Mapping[str, torc
             f"(e.g. {listed}{', ...' if len(not_float) > 8 else ''}); nothing was loaded. The file was altered "
             "after saving: save the network's own state dict (float32, float16 or bfloat16 load alike)."
         )
-    if not any(value.is_meta for value in model_state.values()):
-        model.load_state_dict(state_dict, strict=True)
 
 
 # ---------------------------------------------------------------------------------------- build
@@ -415,9 +421,9 @@ def _load_sam3(source: str | Path, config: Sam3Config | None, image_size: int | 
     try:
         with torch.device("meta"):  # the key report first, on shapes alone: a full SAM3 takes GBs and seconds to build
             skeleton = Sam3Model(model_config)
-        load_state_dict_strict(skeleton, state_dict, str(path), **layout)
+        check_state_dict(skeleton, state_dict, str(path), **layout)
         model = Sam3Model(model_config)
-        load_state_dict_strict(model, state_dict, str(path), **layout)
+        model.load_state_dict(state_dict, strict=True)
     except CheckpointError as err:
         if config is not None or embedded_config is not None:
             raise
