@@ -593,8 +593,7 @@ def log_weights(checkpoint: str, network: Any, image_size: Any = None) -> None:
         raise ValueError(f"--image_size {image_size}: {where}; {remedy}")
 
     what = "the random-init tiny network" if str(checkpoint) == "tiny" else str(checkpoint)
-    logging.getLogger("medsam3_monai.bundle").info("weights: %s (%d px slice space)", what,
-                                                   int(getattr(network, "image_size", 0)))
+    logging.getLogger("medsam3_monai.bundle").info("weights: %s (%d px slice space)", what, built)
 
 
 def find_datalists(dataset_dir: str | Path) -> list[str]:

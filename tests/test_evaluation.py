@@ -640,8 +640,8 @@ def test_volume_score_threshold_sets_the_volumes_detection_threshold_apart(datal
 
 def test_the_volume_threshold_parameter_of_a_run_without_volumes(tmp_path):
     """What the evaluation bundle logs as ``volume_score_threshold`` (``volume_threshold_param``): the volumes'
-    threshold, None (not logged) without volumes, where a value given is refused; the case inferer names the setting
-    of a bad value."""
+    threshold, None (not logged) without volumes, where a value given is refused (``check_volume_score_threshold``,
+    which the CLI calls too); the case inferer names the setting of a bad value."""
     from medsam3_monai.engines.evaluation import CaseInferer, evaluation_transforms, volume_threshold_param
 
     volume, picture = {"image": "ct.nii.gz"}, {"image": "a.png"}

@@ -13,7 +13,8 @@ import argparse
 import os
 
 from ..protocol_registry import PROTOCOLS
-from .arguments import add_detector_chunk_option, add_model_options, add_score_threshold_option, ct_window_for, pixels
+from .arguments import (add_detector_chunk_option, add_model_options, add_score_threshold_option,
+                        checked_threshold_option, ct_window_for, pixels)
 
 __all__ = ["add_parser", "add_planner_options", "run"]
 
@@ -131,7 +132,6 @@ def run(args: argparse.Namespace) -> int:
     from ..agent.segmenter import SegmenterSettings
 
     from ..inferers.inputs import input_kind
-    from .segment_cli import checked_threshold_option
 
     # refused outside [0, 1], and where nothing would read it (a picture whose protocol reads no threshold)
     args.score_threshold = checked_threshold_option(args.score_threshold, [args.protocol],

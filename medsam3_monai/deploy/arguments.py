@@ -8,9 +8,9 @@ import shutil
 from pathlib import Path
 from typing import Any, Callable, Iterable, Sequence
 
-__all__ = ["add_detector_chunk_option", "add_gpu_options", "add_model_options", "add_score_threshold_option",
-           "add_tracker_batch_option", "at_least",
-           "check_output_files", "compile_notice", "ct_window", "ct_window_for", "gpu_context", "pixels",
+__all__ = ["DEFAULT_SCORE_THRESHOLD", "add_detector_chunk_option", "add_gpu_options", "add_model_options",
+           "add_score_threshold_option", "add_tracker_batch_option", "at_least", "check_output_files",
+           "checked_threshold_option", "compile_notice", "ct_window", "ct_window_for", "gpu_context", "pixels",
            "remove_output"]
 
 
@@ -26,13 +26,34 @@ def add_model_options(parser: Any) -> None:
                              "checkpoint); others must match theirs")
 
 
-def add_score_threshold_option(parser: Any, default: float | None = 0.5, also: str = "") -> None:
+#: the score threshold where none is given
+DEFAULT_SCORE_THRESHOLD = 0.5
+
+
+def add_score_threshold_option(parser: Any, default: float | None = DEFAULT_SCORE_THRESHOLD, also: str = "") -> None:
     """``--score-threshold T`` (``default``: None where a command refuses it when nothing would read it, 0.5 then
     applying); ``also``: what the help adds."""
     parser.add_argument("--score-threshold", type=float, default=default, metavar="T",
-                        help="score threshold in [0, 1] (default 0.5): the query score of --protocol threshold, the "
-                             "floor of --protocol top_query_floor (the Medical-SAM3 release's 2D evaluation floors at "
-                             "0.1), and the detection score of a volume's slices" + also)
+                        help=f"score threshold in [0, 1] (default {DEFAULT_SCORE_THRESHOLD:g}): the query score of "
+                             "--protocol threshold, the floor of --protocol top_query_floor (the Medical-SAM3 "
+                             "release's 2D evaluation floors at 0.1), and the detection score of a volume's slices"
+                             + also)
+
+
+def checked_threshold_option(given: float | None, protocols: Sequence[str | None], volumes: bool) -> float:
+    """``--score-threshold`` as it applies (0.5 when not given): refused outside [0, 1], and when given to a run
+    that would not read it (2D pictures only, none of whose ``protocols``, None: top_query, reads a threshold)."""
+    from ..protocol_registry import DEFAULT_PROTOCOL, get_protocol
+
+    if given is None:
+        return DEFAULT_SCORE_THRESHOLD
+    if not 0.0 <= given <= 1.0:
+        raise ValueError(f"--score-threshold must be in [0, 1], got {given}")
+    names = sorted({protocol or DEFAULT_PROTOCOL for protocol in protocols})
+    if not volumes and not any(get_protocol(name).reads_threshold for name in names):
+        raise ValueError(f"--score-threshold {given:g} would change nothing here: protocol {', '.join(names)} reads no "
+                         "threshold; it is read by --protocol top_query_floor and threshold, and by volumes")
+    return float(given)
 
 
 def add_detector_chunk_option(parser: Any) -> None:

@@ -273,10 +273,10 @@ def run(args: argparse.Namespace) -> int:
         DEFAULT_AGENT_REQUEST,
         evaluation_items,
         is_volume_item,
+        check_volume_score_threshold,
         run_evaluation,
-        volume_threshold_param,
     )
-    from .segment_cli import checked_threshold_option
+    from .arguments import checked_threshold_option
     from ..engines.reports import check_tracking_uri, default_tracking_uri, open_experiment
     from ..networks import load_network
     from ..networks.tracker import resolve_tracker
@@ -305,7 +305,7 @@ def run(args: argparse.Namespace) -> int:
     if not args.no_mlflow:
         check_tracking_uri(args.tracking_uri)
     volumes = sum(is_volume_item(item) for item in items)
-    volume_threshold_param(0.5, args.volume_score_threshold, items, "--volume-score-threshold")  # refused: no volume
+    check_volume_score_threshold(args.volume_score_threshold, items, "--volume-score-threshold")
     # an unread --score-threshold (the pictures' protocol reads none, and the volumes have their own) is refused
     args.score_threshold = checked_threshold_option(args.score_threshold, [args.protocol],
                                                     bool(volumes) and args.volume_score_threshold is None)

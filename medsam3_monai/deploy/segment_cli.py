@@ -34,8 +34,8 @@ from typing import Any
 
 from ..protocol_registry import PROTOCOLS, score_text
 from .arguments import (add_detector_chunk_option, add_gpu_options, add_model_options, add_score_threshold_option,
-                        add_tracker_batch_option,
-                        at_least, compile_notice, ct_window_for, gpu_context, pixels)
+                        add_tracker_batch_option, at_least, checked_threshold_option, compile_notice,
+                        ct_window_for, gpu_context, pixels)
 
 __all__ = ["StagedFiles", "add_parser", "run", "run_many", "size_text", "write_label_volume", "write_mask_image",
            "write_prediction"]
@@ -667,22 +667,6 @@ def ct_picture_notes(pictures: list[str], modality: str | None) -> list[str]:
             "channels (RGB / 255, grey min-max)"]
 
 
-def checked_threshold_option(given: float | None, protocols: Sequence[str | None], volumes: bool) -> float:
-    """``--score-threshold`` as it applies (0.5 when not given): refused outside [0, 1], and when given to a run
-    that would not read it (2D pictures only, none of whose ``protocols``, None: top_query, reads a threshold)."""
-    from ..protocol_registry import DEFAULT_PROTOCOL, get_protocol
-
-    if given is None:
-        return 0.5
-    if not 0.0 <= given <= 1.0:
-        raise ValueError(f"--score-threshold must be in [0, 1], got {given}")
-    names = sorted({protocol or DEFAULT_PROTOCOL for protocol in protocols})
-    if not volumes and not any(get_protocol(name).reads_threshold for name in names):
-        raise ValueError(f"--score-threshold {given:g} would change nothing here: protocol {', '.join(names)} reads no "
-                         "threshold; it is read by --protocol top_query_floor and threshold, and by volumes")
-    return float(given)
-
-
 #: what an empty volume mask's note says to do, by where the score threshold is set
 LOWER_THRESHOLD = "lower --score-threshold to see weaker detections"
 
@@ -714,6 +698,21 @@ def unused_threshold_notes(prediction, given: float | None, default: float, name
         return []
     return [f"{name} {given:g} is not read by protocol {protocol}, so it changed nothing: send it with protocol "
             "top_query_floor or threshold"]
+
+
+def request_notes(prediction, given: float | None, default: float, name: str) -> list[str]:
+    """A server's notes on its answer to a request whose score threshold is ``given`` (the request's setting
+    ``name``; ``default``: the server's): :func:`prediction_notes`, lowered by sending a lower ``name``, and
+    :func:`unused_threshold_notes`."""
+    return (prediction_notes(prediction, remedy=f"send a lower {name}")
+            + unused_threshold_notes(prediction, given, default, name))
+
+
+def add_notes(summary: dict[str, Any], prediction, notes: list[str]) -> None:
+    """Put ``notes`` into an answer's ``summary`` as ``notes``: when there are any, and always (empty) for a volume
+    or a protocol that reads the threshold, whose notes a client looks for."""
+    if notes or prediction.is_volume or prediction.settings.get("score_threshold") is not None:
+        summary["notes"] = notes
 
 
 def volume_notes(prediction, score_threshold: float, remedy: str = LOWER_THRESHOLD) -> list[str]:

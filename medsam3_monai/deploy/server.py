@@ -449,7 +449,7 @@ def create_app(predictor: Any, *, token: str | None = None, limits: ServerLimits
     from ..agent.runner import AgentSettings, choose_planner
     from .monailabel_protocol import (ParamsError, ResultType, label_names, multipart_answer, parse_agent_params,
                                       parse_infer_params, result_format, write_result)
-    from .segment_cli import output_labels, prediction_notes, slice_axis_note, unused_threshold_notes
+    from .segment_cli import add_notes, output_labels, request_notes, slice_axis_note
 
     limits = limits or ServerLimits()
     agent = agent if agent is not None else AgentSettings(llm="none")
@@ -611,9 +611,7 @@ def create_app(predictor: Any, *, token: str | None = None, limits: ServerLimits
             if request.largest_cc:
                 prediction = prediction.largest_components()
             labels, summary = output_labels(prediction, upload)
-            notes = _notes(prediction, request, is_agent)
-            if notes or prediction.is_volume or prediction.settings.get("score_threshold") is not None:
-                summary["notes"] = notes
+            add_notes(summary, prediction, _notes(prediction, request, is_agent))
             if agent_summary is not None:
                 summary["agent"] = agent_summary
             mask_path = folder / f"mask{extension}"
@@ -640,9 +638,7 @@ def create_app(predictor: Any, *, token: str | None = None, limits: ServerLimits
         if is_agent:
             axis = slice_axis_note(prediction.affine) if prediction.is_volume else None
             return [axis] if axis else []
-        return (prediction_notes(prediction, remedy="send a lower params.score_threshold")
-                + unused_threshold_notes(prediction, request.score_threshold, default_threshold,
-                                         "params.score_threshold"))
+        return request_notes(prediction, request.score_threshold, default_threshold, "params.score_threshold")
 
     def _predict(upload: Path, request: Any) -> Any:
         with lock:  # one model, one request at a time; the protocol travels with the request

@@ -105,11 +105,16 @@ def volume_threshold_param(score_threshold: float, volume_score_threshold: float
                            ) -> float | None:
     """The volumes' detection threshold as an evaluation's parameter: None (not logged) when ``items`` hold no
     volume, where a ``volume_score_threshold`` given (the setting ``option``) is refused: it would change nothing."""
-    if any(is_volume_item(item) for item in items):
-        return volume_threshold(score_threshold, volume_score_threshold)
-    if volume_score_threshold is not None:
+    check_volume_score_threshold(volume_score_threshold, items, option)
+    return volume_threshold(score_threshold, volume_score_threshold) if any(map(is_volume_item, items)) else None
+
+
+def check_volume_score_threshold(volume_score_threshold: float | None, items: Sequence[Mapping[str, Any]],
+                                 option: str = "--volume_score_threshold") -> None:
+    """Refuse a ``volume_score_threshold`` (the setting ``option``) given to a run whose ``items`` hold no volume:
+    it would change nothing."""
+    if volume_score_threshold is not None and not any(map(is_volume_item, items)):
         raise ValueError(f"{option} is the volumes' detection threshold, and this run has no volume: leave it out")
-    return None
 
 
 def protocol_label(protocol: str, box_prompts: bool = False) -> str:

@@ -124,7 +124,7 @@ class MedSAM3Infer(InferTask):
     def __call__(self, request: dict[str, Any]) -> tuple[str | None, dict[str, Any]]:
         from medsam3_monai.deploy.monailabel_protocol import (MONAI_LABEL_REQUEST_KEYS, ParamsError,
                                                               parse_label_params, result_format, write_result)
-        from medsam3_monai.deploy.segment_cli import output_labels, prediction_notes, unused_threshold_notes
+        from medsam3_monai.deploy.segment_cli import add_notes, output_labels, request_notes
         from medsam3_monai.inferers.inputs import input_kind
         from medsam3_monai.transforms.io import nifti_channels
         from medsam3_monai.networks.checkpoints import CheckpointError
@@ -189,11 +189,8 @@ class MedSAM3Infer(InferTask):
             Path(result).unlink(missing_ok=True)
             raise bad_request(f"cannot write the result as {extension} (result_dtype {params.result_dtype!r}): "
                               f"{err}") from None
-        notes = (prediction_notes(prediction, remedy="send a lower score_threshold")  # as medsam3 segment says them
-                 + unused_threshold_notes(prediction, params.score_threshold, self.conf.score_threshold,
-                                          "score_threshold"))
-        if notes or prediction.is_volume or prediction.settings.get("score_threshold") is not None:
-            summary["notes"] = notes
+        add_notes(summary, prediction,  # as medsam3 segment says them
+                  request_notes(prediction, params.score_threshold, self.conf.score_threshold, "score_threshold"))
         summary["input"] = shown
         summary["score_threshold"] = score_threshold  # this request's (the predictor keeps its own)
         summary["label_names"] = dict(zip(names, written))
