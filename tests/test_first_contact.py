@@ -181,6 +181,15 @@ def test_a_picture_whose_floor_emptied_a_mask_gets_a_note(tmp_path, capsys, shar
     assert capsys.readouterr().err.strip() == (
         f"note: 'polyp': no query scored >= 1 (best {score:.3f}), so the top_query_floor mask is empty: lower "
         "--score-threshold to see weaker detections")
+    # a datalist item's own threshold: the note names the item's entry, which is what to lower
+    datalist = tmp_path / "own.json"
+    datalist.write_text(json.dumps({"test": [{"image": str(image), "prompts": {"1": "polyp"},
+                                              "protocol": "top_query_floor", "score_threshold": 1}]}))
+    assert main(["segment", "--datalist", str(datalist), "--out-dir", str(tmp_path / "own"), "--checkpoint", "tiny",
+                 "--device", "cpu", "--no-progress"]) == 0
+    assert capsys.readouterr().err.strip().endswith(
+        "so the top_query_floor mask is empty: lower the item's \"score_threshold\" in the datalist to see weaker "
+        "detections")
     # a threshold that nothing would read (a picture, top_query) is refused, not ignored
     assert main(["segment", *common, "--out", str(tmp_path / "unused.png"), "--score-threshold", "0.3"]) == 2
     assert error_line(capsys.readouterr().err, "segment").endswith(

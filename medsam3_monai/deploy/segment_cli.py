@@ -614,7 +614,9 @@ def run_many(args: argparse.Namespace) -> int:
                 else:
                     target = target_of[id(item)]
                     tqdm.write(write_prediction(result, item["image"], target, Path(f"{target}.json"), run=network_run))
-                    for line in prediction_notes(result):
+                    remedy = (LOWER_THRESHOLD if item.get("score_threshold") is None else
+                              "lower the item's \"score_threshold\" in the datalist to see weaker detections")
+                    for line in prediction_notes(result, remedy):
                         tqdm.write(f"note: {item['image']}: {line}", file=sys.stderr)
                     written += 1
                 bar.update()
