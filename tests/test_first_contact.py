@@ -146,6 +146,13 @@ def test_a_label_value_in_no_truth_mask_is_said_under_the_table(tmp_path):
     (line,) = absent_label_warnings(records)
     assert "dataset D: label value 2 (prompt 'kidney tumor')" in line and "2 case(s)" in line
     assert absent_label_warnings(records[:2]) == []  # label 1 is in case a's truth
+    # a many-class case lacking most classes: one line for its dataset, the first values with their prompts
+    ct = [dict(record("ct", v, f"organ {v}", v != 5), dataset="CT") for v in range(1, 21)]
+    (ct_line,) = absent_label_warnings(ct)
+    assert ct_line.startswith("dataset CT: 19 of its 20 label values, 1 (prompt 'organ 1'), 2 (prompt 'organ 2'), ")
+    assert "9 (prompt 'organ 9') and 11 more (10, 11, 12, 13, 14, 15, 16, 17, 18, 19, 20), are in no truth mask of " \
+        "its 1 case(s), so their rows only count false positives" in ct_line and "'organ 5'" not in ct_line
+    assert len(absent_label_warnings(ct + records)) == 2  # one line per dataset
     assert absent_label_warnings([{k: v for k, v in r.items() if k != "empty_truth"} for r in records]) == []
     report = EvaluationReport(tmp_path / "r", mlflow=False)
     report.records = records

@@ -191,6 +191,9 @@ def test_infer_real_image(server, kvasir_jpeg):
 
 def test_infer_volume(tmp_path):
     import nibabel as nib
+    import torch
+
+    from medsam3_monai.transforms.intensity import unscaled_volume_note
 
     from medsam3_monai.deploy.cli import main
 
@@ -204,7 +207,8 @@ def test_infer_volume(tmp_path):
         status, headers, body = _infer(server, path.read_bytes(), "v.nii.gz", {"prompts": ["liver"]})
         assert status == 200, body
         filename, _, data = _parts(headers, body)["image"]
-        assert json.loads(_parts(headers, body)["params"][2])["notes"] == []  # axial slices, a mask: nothing to say
+        # axial slices, a mask: only that nothing named the volume's modality, so it was min-max scaled
+        assert json.loads(_parts(headers, body)["params"][2])["notes"] == [unscaled_volume_note(torch.tensor(volume))]
         params = {"prompts": ["liver"], "result_extension": ".nrrd", "result_dtype": "uint16",
                   "result_compress": True, "restore_label_idx": False}
         status, headers, nrrd_body = _infer(server, path.read_bytes(), "v.nii.gz", params, query="?output=image")

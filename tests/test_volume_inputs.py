@@ -172,3 +172,43 @@ def test_the_inference_bundle_checks_its_inputs_and_options_before_the_network(h
                         str([str(truncated)]), "--prompts", "['polyp']", "--checkpoint", "tiny",
                         "--skip_unreadable", "true")
     assert_refused(result, "none of the 1 case(s) could be read (first: ")
+
+
+def test_a_volume_without_a_modality_is_noted_and_a_ct_one_named(tmp_path, capsys):
+    """A volume is min-max scaled when nothing names its modality: ``segment`` says so (naming CT when its values
+    look like Hounsfield units), and ``evaluate``'s items and ``datalist --check`` name the items without one."""
+    import warnings
+
+    import nibabel as nib
+    import numpy as np
+
+    from medsam3_monai.data.selection import evaluation_items, volumes_without_modality
+    from medsam3_monai.transforms.intensity import unscaled_volume_note
+
+    rng = np.random.default_rng(0)
+    ct = rng.integers(-1024, 400, (24, 24, 3)).astype(np.int16)
+    nib.Nifti1Image(ct, np.diag([1.5, 1.5, 3.0, 1.0])).to_filename(tmp_path / "ct.nii.gz")
+    common = ["segment", str(tmp_path / "ct.nii.gz"), "--prompt", "liver", "--checkpoint", "tiny", "--device", "cpu",
+              "--no-progress", "--tracker", "none"]
+    assert main([*common, "--out", str(tmp_path / "plain.nii.gz")]) == 0
+    low, high = int(ct.min()), int(ct.max())
+    assert (f"note: no modality was given, so the volume was min-max scaled, but its values ({low} to {high}) look "
+            "like CT Hounsfield units: give its modality (CT)") in capsys.readouterr().err
+    assert main([*common, "--out", str(tmp_path / "ct_window.nii.gz"), "--modality", "CT"]) == 0
+    assert "no modality was given" not in capsys.readouterr().err
+    import torch
+
+    assert "look like CT" not in unscaled_volume_note(torch.tensor([[0.0, 833.0]]))  # an MRI's: no CT named
+    nib.Nifti1Image((ct > 0).astype(np.uint8), np.diag([1.5, 1.5, 3.0, 1.0])).to_filename(tmp_path / "mask.nii.gz")
+    items = [{"image": str(tmp_path / "ct.nii.gz"), "label": str(tmp_path / "mask.nii.gz"), "prompts": {"1": "liver"}}]
+    datalist = tmp_path / "own.json"
+    datalist.write_text(json.dumps({"training": [], "validation": [], "test": items}))
+    with warnings.catch_warnings(record=True) as caught:
+        warnings.simplefilter("always")
+        evaluation_items(datalist)
+    said = volumes_without_modality(items)
+    assert said.startswith(f"1 volume item(s) have no 'modality' (e.g. {tmp_path / 'ct.nii.gz'}), so they are "
+                           "min-max scaled") and said in [str(w.message) for w in caught]
+    assert volumes_without_modality([dict(items[0], modality="CT")]) is None
+    assert main(["datalist", "--check", str(datalist)]) == 0
+    assert f"note: {datalist}: {said}" in capsys.readouterr().err

@@ -157,7 +157,7 @@ def check_datalist_file(path: str | Path, skip_bad: bool = False, progress: bool
 def _split_notes(given: set[str], datalist: dict[str, list[dict[str, Any]]], base_dir: str) -> list[str]:
     """What a datalist's splits and items mean for its readers: a list the training bundle needs that is left out,
     an empty validation list, an image in more than one split (validation or test scores on a training image), a
-    volume's ``spacing`` (unused)."""
+    volume's ``spacing`` (unused), volumes without a modality (min-max scaled)."""
     import os
 
     from .datalist import SPLITS
@@ -185,7 +185,10 @@ def _split_notes(given: set[str], datalist: dict[str, list[dict[str, Any]]], bas
     if spaced:
         notes.append(f"{len(spaced)} volume item(s) carry 'spacing' (e.g. {spaced[0]}), which only 2D items use: a "
                      "volume's spacing is its file's (the affine)")
-    return notes
+    from .selection import volumes_without_modality
+
+    unscaled = volumes_without_modality([item for split in SPLITS for item in datalist[split]], base_dir)
+    return notes + ([unscaled] if unscaled else [])
 
 
 def decode_check(result, skip_bad: bool = False, progress: bool = True, base_dir: str | None = None,

@@ -14,7 +14,7 @@ from collections.abc import Sequence
 from pathlib import Path
 from typing import Any
 
-__all__ = ["SPLIT_CHOICES", "evaluation_items", "is_volume_item"]
+__all__ = ["SPLIT_CHOICES", "evaluation_items", "is_volume_item", "volumes_without_modality"]
 
 SPLIT_CHOICES = ("auto", "test", "validation", "training", "all")
 _SPLITS = ("training", "validation", "test")
@@ -115,6 +115,9 @@ def evaluation_items(
             warnings.warn(f"case {item['case']!r} of {item['dataset']} names two images ({named} and {item['image']}):"
                           " their rows in the report cannot be told apart; give each item its own 'case'",
                           stacklevel=2)
+    unscaled = volumes_without_modality(items)
+    if unscaled:
+        warnings.warn(unscaled, stacklevel=2)
     if check_files:
         check_files_exist(items)
     return items
@@ -127,3 +130,16 @@ def is_volume_item(item: dict[str, Any]) -> bool:
     path = str(item["image"])
     name = path.lower()
     return Path(path).is_dir() or not name.endswith(IMAGE_2D_SUFFIXES)
+
+
+def volumes_without_modality(items: Sequence[dict[str, Any]], base_dir: str | Path | None = None) -> str | None:
+    """What to say when volume files among ``items`` (not DICOM folders, whose header names their modality) have no
+    ``modality``: they are then min-max scaled, not windowed (CT) or percentile-clipped (MRI) as the papers' inputs
+    are; None when there are none. Relative paths are read from ``base_dir``."""
+    missing = [str(item["image"]) for item in items if item.get("modality") in (None, "")
+               and not Path(base_dir or ".", str(item["image"])).is_dir() and is_volume_item(item)]
+    if not missing:
+        return None
+    return (f"{len(missing)} volume item(s) have no 'modality' (e.g. {missing[0]}), so they are min-max scaled: "
+            "give each its modality (\"CT\": the CT window of Hounsfield units; \"MRI\": a 0.5-99.5 percentile "
+            "clip), as medsam3 datalist writes it")

@@ -718,11 +718,15 @@ def add_notes(summary: dict[str, Any], prediction, notes: list[str]) -> None:
 
 
 def volume_notes(prediction, score_threshold: float, remedy: str = LOWER_THRESHOLD) -> list[str]:
-    """What to say after a volume's prediction: slices that are not axial (:func:`slice_axis_note`), then the
-    prompts whose masks are empty and why (:func:`empty_volume_notes`; ``remedy``: how this caller's user lowers
-    the threshold)."""
-    axis = slice_axis_note(prediction.affine)
-    return ([] if axis is None else [axis]) + empty_volume_notes(prediction, score_threshold, remedy)
+    """What to say after a volume's prediction: its min-max scaling for want of a modality
+    (:func:`~medsam3_monai.transforms.intensity.unscaled_volume_note`), slices that are not axial
+    (:func:`slice_axis_note`), then the prompts whose masks are empty and why (:func:`empty_volume_notes`;
+    ``remedy``: how this caller's user lowers the threshold)."""
+    from ..transforms.intensity import INTENSITY_NOTE
+
+    meta = getattr(getattr(prediction, "label_map", None), "meta", None) or {}
+    given = [note for note in (meta.get(INTENSITY_NOTE), slice_axis_note(prediction.affine)) if note]
+    return given + empty_volume_notes(prediction, score_threshold, remedy)
 
 
 def empty_volume_notes(prediction, score_threshold: float, remedy: str = LOWER_THRESHOLD) -> list[str]:

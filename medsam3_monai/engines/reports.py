@@ -213,24 +213,40 @@ def _score_line(records: Sequence[Mapping[str, Any]]) -> str:
     return f"{len(dice)} classes: mean Dice {sum(v for _, v in dice) / len(dice):.1f}; lowest: {lowest}"
 
 
+#: absent label values a dataset's warning names before "and N more" (a many-class CT lacks dozens in one case)
+ABSENT_VALUES_LISTED = 8
+
+
 def absent_label_warnings(records: Sequence[Mapping[str, Any]]) -> list[str]:
-    """One line per (dataset, label value) that no truth mask of the run holds (records' ``empty_truth``): its
-    prompts score Dice 100 where the prediction is empty too and 0 elsewhere: a class absent from the split, or a
-    dataset whose prompts' label values are not those of its masks."""
-    groups: dict[tuple[str, int], list[Mapping[str, Any]]] = {}
+    """One line per dataset naming its label values that no truth mask of the run holds (records' ``empty_truth``):
+    their prompts score Dice 100 where the prediction is empty too and 0 elsewhere: a class absent from the split,
+    or a dataset whose prompts' label values are not those of its masks. A line gives the first
+    ``ABSENT_VALUES_LISTED`` values with their prompts, then the others' values alone."""
+    groups: dict[str, dict[int, list[Mapping[str, Any]]]] = {}
     for record in records:
         if "empty_truth" in record:
-            groups.setdefault((str(record.get("dataset", "")), int(record["label"])), []).append(record)
+            groups.setdefault(str(record.get("dataset", "")), {}).setdefault(int(record["label"]), []).append(record)
     lines = []
-    for (dataset, value), rows in groups.items():
-        if all(row["empty_truth"] for row in rows):
+    for dataset, by_value in groups.items():
+        absent = {value: rows for value, rows in by_value.items() if all(row["empty_truth"] for row in rows)}
+        if not absent:
+            continue
+        named = []
+        for value, rows in sorted(absent.items())[:ABSENT_VALUES_LISTED]:
             prompts = ", ".join(f"'{p}'" for p in dict.fromkeys(str(row.get("prompt", "")) for row in rows))
-            cases = len({row.get("case") for row in rows})
-            lines.append(f"dataset {dataset}: label value {value} (prompt {prompts}) is in no truth mask of its "
-                         f"{cases} case(s), so its rows only count false positives (100 where the prediction is "
-                         "empty, 0 elsewhere); expected when every case is a negative (e.g. BUSI's normal images), "
-                         "else the class is absent from the split or the dataset's label values do not match the "
-                         "values in its masks")
+            named.append(f"{value} (prompt {prompts})")
+        rest = sorted(absent)[len(named):]
+        listed = ", ".join(named) + (f" and {len(rest)} more ({', '.join(map(str, rest))})" if rest else "")
+        cases = len({row.get("case") for rows in absent.values() for row in rows})
+        one = len(absent) == 1
+        what = (f"label value {listed} is" if one else
+                f"{len(absent)} of its {len(by_value)} label values, {listed}, are")
+        lines.append(f"dataset {dataset}: {what} in no truth mask of its {cases} case(s), so "
+                     f"{'its' if one else 'their'} rows only count false positives (100 where the prediction is "
+                     "empty, 0 elsewhere); expected when every case is a negative (e.g. BUSI's normal images) or "
+                     "holds only some of the classes (one CT of a many-class set), "
+                     f"else {'the class is' if one else 'the classes are'} absent from the split "
+                     "or the dataset's label values do not match the values in its masks")
     return lines
 
 

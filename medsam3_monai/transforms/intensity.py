@@ -122,6 +122,23 @@ def handler_for_modality(modality: str | None, handlers: Mapping[str, str] | Non
     return table[key]
 
 
+#: meta entry of a volume scaled without a modality: what to say about it (:func:`unscaled_volume_note`)
+INTENSITY_NOTE = "intensity_note"
+#: a volume whose values reach this low (air is -1000 HU) looks like CT in Hounsfield units
+HU_LIKE_MINIMUM = -500.0
+
+
+def unscaled_volume_note(values: torch.Tensor) -> str:
+    """The note on a volume that had no modality and was min-max scaled, from its values (C, X, Y, Z): when they
+    reach :data:`HU_LIKE_MINIMUM` (Hounsfield units: air is -1000), that it looks like a CT to window."""
+    low, high = float(values.min()), float(values.max())
+    if low <= HU_LIKE_MINIMUM:
+        return (f"no modality was given, so the volume was min-max scaled, but its values ({low:g} to {high:g}) look "
+                "like CT Hounsfield units: give its modality (CT) for the CT window the papers' CT inputs get")
+    return ("no modality was given, so the volume was min-max scaled: give its modality (CT: the CT window; MRI: a "
+            "0.5-99.5 percentile clip) for the scaling the papers' inputs get")
+
+
 def is_ct_windowed(modality: str | None) -> bool:
     """Whether inputs of ``modality`` are scaled by the CT window (an unknown or absent modality: no)."""
     try:
@@ -417,6 +434,8 @@ class ScaleIntensityByModalityd(MapTransform):
             out = _like(out.to(torch.float32), img)
             if isinstance(out, MetaTensor):
                 out.meta["intensity"] = self._note(handler, window)
+                if modality is None and out.meta.get("is_volume"):
+                    out.meta[INTENSITY_NOTE] = unscaled_volume_note(x)
             d[key] = out
         return d
 
