@@ -109,12 +109,15 @@ def report_input_errors(prog: str = "medsam3 bundle") -> None:
         bars = getattr(sys.modules.get("tqdm"), "tqdm", None)
         for bar in list(getattr(bars, "_instances", None) or []):  # a progress bar mid-line: end its line first
             bar.close()
+        # the process's own stderr: under torch.distributed, its excepthook calls this one with sys.stderr swapped for
+        # a buffer that it prints only after this hook returns, which os._exit does not
+        stream = sys.__stderr__ or sys.stderr
         if interrupted:
             if not front:  # (medsam3 train says it, with how to resume)
-                print(f"{prog}: interrupted", file=sys.stderr)
+                print(f"{prog}: interrupted", file=stream)
         else:
-            print(f"{prog}: error: {in_front_words(str(cause))}", file=sys.stderr)
-        sys.stderr.flush()
+            print(f"{prog}: error: {in_front_words(str(cause))}", file=stream)
+        stream.flush()
         sys.stdout.flush()
         os._exit(130 if interrupted else 2)  # excepthook cannot choose the exit status; nothing is left to clean up
 

@@ -8,12 +8,16 @@ import sys
 from medsam3_monai.bundle import BUNDLE_CONFIGS
 
 
-def run_bundle(configs: list[str], *overrides: str) -> subprocess.CompletedProcess:
-    """``python -m monai.bundle run`` of ``configs`` (merged in order) with ``overrides``; output captured."""
+def run_bundle(configs: list[str], *overrides: str, env: dict[str, str] | None = None
+               ) -> subprocess.CompletedProcess:
+    """``python -m monai.bundle run`` of ``configs`` (merged in order) with ``overrides`` (``env``: variables added to
+    this process's); output captured."""
+    import os
+
     files = [str(BUNDLE_CONFIGS / name) for name in configs]
     argv = [sys.executable, "-m", "monai.bundle", "run", "--config_file", str(files),
             "--meta_file", str(BUNDLE_CONFIGS / "metadata.json"), *overrides]
-    return subprocess.run(argv, capture_output=True, text=True)
+    return subprocess.run(argv, capture_output=True, text=True, env=None if env is None else {**os.environ, **env})
 
 
 def assert_refused(result: subprocess.CompletedProcess, expected: str) -> str:

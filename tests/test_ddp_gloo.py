@@ -140,3 +140,25 @@ def test_two_gloo_ranks_train_identical_parameters(shared_data: Path, tmp_path: 
                  "MedSAM3Trainer - INFO"):
         assert line in logs[0], f"rank 0 did not log {line!r}"
         assert line not in logs[1], f"rank 1 logged {line!r}: only rank 0 should"
+
+
+def test_an_input_error_under_the_distributed_overlay_is_said_in_one_line(shared_data: Path, tmp_path: Path):
+    """Once the process group is up, torch's excepthook runs ours with ``sys.stderr`` swapped for a buffer it would
+    print after ours returns; ours ends the process, so it must write to the process's own stderr: a corrupt
+    picture is named, as without the overlay."""
+    from _bundle_helpers import assert_refused, run_bundle
+    from _server_helpers import free_port
+
+    from medsam3_monai.data import build_datalist, write_datalist
+
+    datalist = build_datalist("Kvasir-SEG_sample", shared_data / "Kvasir-SEG_sample").datalist
+    first = datalist["training"][0]
+    truncated = tmp_path / "truncated.jpg"
+    truncated.write_bytes(Path(first["image"]).read_bytes()[:2000])
+    datalist["training"][0] = dict(first, image=str(truncated))
+    path = write_datalist(datalist, tmp_path / "kvasir.json")
+    env = {"RANK": "0", "LOCAL_RANK": "0", "WORLD_SIZE": "1", "MASTER_ADDR": "127.0.0.1",
+           "MASTER_PORT": str(free_port())}
+    result = run_bundle(["train.json", "multi_gpu_train.json"], "--bundle_root", str(tmp_path / "run"),
+                        "--datalists", repr([str(path)]), "--max_epochs", "1", "--batch_size", "1", env=env)
+    assert_refused(result, str(truncated))
