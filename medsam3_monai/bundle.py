@@ -340,7 +340,8 @@ RUNNER_ARGUMENTS = ("config_file", "meta_file", "logging_file", "bundle_root", "
 def check_override_keys(argv: Sequence[str] | None = None) -> None:
     """Refuse a ``--KEY`` of ``python -m monai.bundle run`` (or ``torchrun ... -m monai.bundle run``) that no config
     of the bundle has: MONAI's runner takes it as a new key that nothing reads, so ``--max_epoch 1`` trained the
-    default 10 epochs, silently. Other ways of running (``ConfigWorkflow`` in Python) are not looked at."""
+    default 10 epochs, silently. A new key that another override refers to (``--augment ...`` beside ``... [@augment]
+    ...``) is taken. Other ways of running (``ConfigWorkflow`` in Python) are not looked at."""
     arguments = _runner_arguments(argv)
     if arguments is not None:
         check_runner_arguments(arguments)
@@ -367,6 +368,9 @@ def check_runner_arguments(arguments: Sequence[str]) -> None:
         elif running is None or path.resolve() in running:  # the configs this run merges (another's keys do nothing)
             known |= set(config)
     given = [arg[2:].split("=", 1)[0] for arg in arguments if arg.startswith("--")]
+    # a new key that another override reads (--augment "$..." with "... [@augment] ...") is a definition, not a typo
+    known |= {name for key, value in _override_values(arguments) if value
+              for name in re.findall(r"@([A-Za-z_]\w*)", value) if name != key.split("#", 1)[0]}
     for key, value in _override_values(arguments):
         if value == "None":  # fire reads None, and MONAI's update_kwargs(ignore_none=True) drops it
             hint = " (0 turns clipping off)" if key == "grad_clip_norm" else ""

@@ -93,6 +93,15 @@ def test_a_misspelt_setting_given_to_monai_bundle_run_is_refused():
     with pytest.raises(ValueError, match=r"--ct_window None"):
         check_override_keys([*runner, "--max_epochs=2", "--ct_window=None"])
     check_override_keys([*runner, "--grad_clip_norm", "0", "--ct_window", "none-such"])  # values are not judged
+    # the docs' augmentation recipe: a new key that another override reads is a definition
+    chain = "$@loading + [@train#slicing] + @to_slice_space[:2] + [@augment] + @to_slice_space[2:]"
+    check_override_keys([*runner, "--augment", "$monai.transforms.RandGaussianNoised(keys='image')",
+                         "--train#preprocessing#transforms", chain])
+    with pytest.raises(ValueError, match="--augmnt: the bundle has no setting 'augmnt'"):
+        check_override_keys([*runner, "--augmnt", "$monai.transforms.RandGaussianNoised(keys='image')",
+                             "--train#preprocessing#transforms", chain])
+    with pytest.raises(ValueError, match="--augment: the bundle has no setting 'augment'"):  # read by itself alone
+        check_override_keys([*runner, "--augment", "$@augment"])
 
 
 def test_loss_settings_switches_read_false_as_off():
