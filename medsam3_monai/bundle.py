@@ -539,14 +539,15 @@ def _declared_image_size(path: Path) -> int | None:
 
     import torch
 
+    from .networks.checkpoints import described_image_size
+
     try:
         if path.is_dir():
-            config = json.loads((path / "config.json").read_text(encoding="utf-8"))
-        else:  # the keys and small entries only: memory-mapped, the tensors are not read
-            stored = torch.load(path, map_location="cpu", weights_only=True, mmap=True)
-            config = stored.get("config") or (stored.get("network_config") or {}).get("config")
-        return int(config["vision_config"]["backbone_config"]["image_size"])
-    except (OSError, ValueError, KeyError, TypeError, AttributeError, RuntimeError):
+            return described_image_size(json.loads((path / "config.json").read_text(encoding="utf-8")))
+        # the keys and small entries only: memory-mapped, the tensors are not read
+        stored = torch.load(path, map_location="cpu", weights_only=True, mmap=True)
+        return described_image_size(stored if stored.get("config") is not None else stored.get("network_config"))
+    except (OSError, ValueError, TypeError, AttributeError, RuntimeError):
         return None
 
 

@@ -118,6 +118,20 @@ def test_train_fine_tunes_the_tiny_network_and_a_bundle_error_leaves_no_folder(s
     assert (run / "runs" / "mlruns.db").is_file()  # MLflow on by default
     config = json.loads(next((run / "runs").glob("config_*.json")).read_text())
     assert config["lr"]["vision"] == 5e-4 and config["val_protocol"] == "semantic"
+    common = ["train", "--datalist", str(datalist), "--out", str(run), "--lr", "5e-4", "--batch-size", "2",
+              "--val-interval", "2", "--set", "val_protocol=semantic"]
+    files = sorted(p for p in run.rglob("*") if p.is_file() and p.name != "mlruns.db")
+    # the same run again at another size: refused before caching, and the run folder gains no executed config
+    assert main([*common, "--epochs", "2", "--image-size", "224"]) == 2
+    assert capfd.readouterr().err.strip().splitlines()[-1] == (
+        f"medsam3 train: error: checkpoint {run / 'runs' / 'checkpoints' / 'checkpoint_iter2.pt'} was trained at 112 "
+        "px and this run's slice space is 224 px: resume with --image-size 112 (and the --checkpoint it started "
+        "from), or start afresh with --set resume=false")
+    assert sorted(p for p in run.rglob("*") if p.is_file() and p.name != "mlruns.db") == files
+    # ... and as it was: a finished run, nothing to train, which the last line says
+    assert main([*common, "--epochs", "1", "--no-mlflow"]) == 0
+    assert f"medsam3 train: nothing trained; the run had finished: its final model {run / 'models'}" in \
+        capfd.readouterr().err
 
     # the bundle refuses its input (an item whose files are not there): its one-line error under this command's
     # name and status 2, and the folder MONAI's tracking had started (its executed config) is gone

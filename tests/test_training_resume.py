@@ -329,6 +329,30 @@ def test_resuming_a_checkpoint_of_other_trainable_parameters_says_so(tmp_path: P
         reader.load(Engine(lambda e, b: None))
 
 
+def test_a_resume_at_another_size_or_architecture_is_refused_in_one_line(tmp_path: Path):
+    """The checkpoint's ``network_config`` names its slice space: another ``image_size`` is refused before caching;
+    a network whose tensors do not fit (a checkpoint without that record, or another architecture of the same size)
+    is refused when the resume loads, naming the tensors instead of torch's multi-line report."""
+    from ignite.engine import Engine
+
+    from medsam3_monai.engines import check_resume_checkpoint
+    from medsam3_monai.engines.checkpointing import NetworkConfig
+    from medsam3_monai.networks import MedSAM3Net
+
+    network = MedSAM3Net("tiny", image_size=112)
+    _linear_training(tmp_path, max_epochs=1, extra={"network_config": NetworkConfig(network)})
+    check_resume_checkpoint(True, tmp_path, max_epochs=2, image_size=112)
+    with pytest.raises(ValueError, match=r"checkpoint_iter3.pt was trained at 112 px and this run's slice space is "
+                                         r"224 px: resume with --image_size 112 .*or start afresh with --resume false"):
+        check_resume_checkpoint(True, tmp_path, max_epochs=2, image_size=224)
+    wider = torch.nn.Linear(3, 1)  # the checkpoint's network is Linear(2, 1)
+    reader = TrainingCheckpoint(str(tmp_path), {"network": wider, "optimizer": torch.optim.SGD(wider.parameters())})
+    reader.attach(Engine(lambda e, b: None))
+    with pytest.raises(ValueError, match=r"holds a network of another architecture than this run's \(size mismatch "
+                                         r"for weight: .*\): resume with the --checkpoint and --image_size"):
+        reader.load(Engine(lambda e, b: None))
+
+
 def test_the_validation_at_start_scores_the_restored_network(tmp_path: Path):
     """``validate_at_start`` after a resume: the bundle's ValidateAtStart runs after TrainingCheckpoint has restored
     the weights (listed after it in train.json), so it scores the trained network, not the fresh one (MONAI's

@@ -207,6 +207,13 @@ def _remove_if_config_only(root: Path) -> None:
         shutil.rmtree(root, ignore_errors=True)
 
 
+def _run_files(root: Path) -> dict[Path, int]:
+    """The files of a run folder and their modification times (ns), to tell what a bundle run wrote."""
+    if not root.is_dir():
+        return {}
+    return {p: p.stat().st_mtime_ns for p in root.rglob("*") if p.is_file()}
+
+
 def _check_keys(command: Sequence[str]) -> None:
     """The bundle's own check that every ``--key`` is a setting of its configs, before anything runs, in this
     command's words."""
@@ -227,8 +234,14 @@ def run(args: argparse.Namespace) -> int:
         return 0
     root = run_folder(args)
     created = not root.exists()
+    before = _run_files(root)
     status = _wait(subprocess.Popen(command, env={**os.environ, FRONT_VARIABLE: "medsam3 train",
                                                   FRONT_OPTIONS_VARIABLE: json.dumps(front_options())}))
+    written = [path for path, stamp in _run_files(root).items() if before.get(path) != stamp]
+    if status == 2 and not any(p.suffix == ".pt" for p in written):
+        for path in written:  # an input error before training: the executed config MONAI saved describes no run
+            if path.parent == root / "runs" and path.name.startswith("config_") and path.suffix == ".json":
+                path.unlink(missing_ok=True)
     if status != 0:
         if created:
             _remove_if_config_only(root)
@@ -236,7 +249,9 @@ def run(args: argparse.Namespace) -> int:
             print(f"medsam3 train: interrupted; the same command resumes from the newest checkpoint in {root}"
                   if (root / "runs" / "checkpoints").is_dir() else "medsam3 train: interrupted", file=sys.stderr)
         return status if status > 0 else 128 - status  # ended by a signal: the shell's 128 + signal
-    print(f"medsam3 train: final model {root / 'models' / 'model.pt'}; checkpoints {root / 'runs' / 'checkpoints'}"
+    trained = any(p.suffix == ".pt" for p in written)
+    print(f"medsam3 train: {'final model' if trained else 'nothing trained; the run had finished: its final model'} "
+          f"{root / 'models' / 'model.pt'}; checkpoints {root / 'runs' / 'checkpoints'}"
           + ("" if args.no_mlflow else
              f"; browse the run with: mlflow ui --backend-store-uri sqlite:///{root / 'runs' / 'mlruns.db'}"),
           file=sys.stderr)

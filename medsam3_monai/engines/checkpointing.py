@@ -80,13 +80,16 @@ def check_resume_source(resume: bool | str, needed: tuple[str, ...] = TRAINING_S
 
 def check_resume_checkpoint(resume: bool | str, save_dir: str | Path, max_epochs: int,
                             items: Sequence[Mapping[str, Any]] | None = None, batch_size: int | None = None,
-                            replicas: int = 1) -> None:
+                            replicas: int = 1, image_size: int | None = None) -> None:
     """Before the data is cached, what the checkpoint a resume would start from already tells (read memory-mapped):
-    training ``items`` other than its own are refused (:class:`TrainingData`'s check, which the resume itself makes
-    only after caching), and so are epochs of another length (``items`` in batches of ``batch_size`` on each of
-    ``replicas`` processes, as the bundles' ``DistributedSampler`` and ``DataLoader`` make them); and when it has
-    trained ``max_epochs`` epochs the process ends (status 0) with a warning, as rerunning a finished training would
-    cache everything and rewrite the final model to train nothing."""
+    a network of another slice space than ``image_size`` is refused, and so are training ``items`` other than its
+    own (:class:`TrainingData`'s check, which the resume itself makes only after caching) and epochs of another
+    length (``items`` in batches of ``batch_size`` on each of ``replicas`` processes, as the bundles'
+    ``DistributedSampler`` and ``DataLoader`` make them); and when it has trained ``max_epochs`` epochs the process
+    ends (status 0) with a warning, as rerunning a finished training would cache everything and rewrite the final
+    model to train nothing."""
+    from ..networks.checkpoints import described_image_size
+
     if resume is False:
         return
     path = latest_checkpoint(save_dir) if resume is True else Path(resume).expanduser()
@@ -95,7 +98,12 @@ def check_resume_checkpoint(resume: bool | str, save_dir: str | Path, max_epochs
     stored = torch.load(path, map_location="cpu", weights_only=True, mmap=True)
     trainer = stored.get("trainer") if isinstance(stored, Mapping) else None
     fingerprint = stored.get("training_data") if isinstance(stored, Mapping) else None
+    trained_size = described_image_size(stored.get("network_config")) if isinstance(stored, Mapping) else None
     del stored
+    if image_size is not None and trained_size is not None and trained_size != int(image_size):
+        raise ValueError(f"checkpoint {path} was trained at {trained_size} px and this run's slice space is "
+                         f"{int(image_size)} px: resume with --image_size {trained_size} (and the --checkpoint it "
+                         "started from), or start afresh with --resume false")
     if items is not None and isinstance(fingerprint, Mapping):
         TrainingData(items).load_state_dict(fingerprint)
     if not isinstance(trainer, Mapping) or not trainer.get("epoch_length"):
@@ -317,6 +325,14 @@ class TrainingCheckpoint:
         check_resume_source(str(path), tuple(to_load), keys)  # MONAI's loader, below, reads the file once
         try:
             CheckpointLoader(str(path), to_load, map_location="cpu")(engine)
+        except RuntimeError as error:  # torch's load_state_dict report: another architecture
+            if "Error(s) in loading state_dict" not in str(error):
+                raise
+            lines = [line.strip() for line in str(error).splitlines()[1:] if line.strip()]
+            shown = "; ".join(lines[:3]) + (f"; and {len(lines) - 3} more" if len(lines) > 3 else "")
+            raise ValueError(f"checkpoint {path} holds a network of another architecture than this run's ({shown}): "
+                             "resume with the --checkpoint and --image_size it was trained with, or start afresh "
+                             "with --resume false") from None
         except ValueError as error:
             if "parameter group" not in str(error):
                 raise

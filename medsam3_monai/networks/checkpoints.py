@@ -503,6 +503,16 @@ def model_description(model: Sam3Model) -> dict[str, Any]:
     return {"format": OUR_FORMAT, "format_version": OUR_FORMAT_VERSION, "config": model.config.to_dict()}
 
 
+def described_image_size(description: Any) -> int | None:
+    """The image size a stored configuration names: a :func:`model_description` (our model file, a training
+    checkpoint's ``network_config``) or a transformers ``config.json`` dict; None when it names none."""
+    config = description.get("config", description) if isinstance(description, Mapping) else None
+    try:
+        return int(config["vision_config"]["backbone_config"]["image_size"])
+    except (KeyError, TypeError, ValueError):
+        return None
+
+
 def save_checkpoint_file(model: Sam3Model, path: str | Path, extra: Mapping[str, Any] | None = None) -> Path:
     """Save our single-file format, atomically: ``{"format", "format_version", "config", "model"}``.
 
