@@ -513,3 +513,38 @@ def test_the_inference_bundle_batches_cases_with_the_same_masks(samples, tmp_pat
     for twin, picture in zip(twins, pictures):
         assert np.array_equal(png(tmp_path / "twins" / twin.parent.name / "image_seg.png"),
                               written[1][f"{picture.stem}_seg.png"])
+
+
+def test_an_input_error_raised_in_a_loader_worker_is_found_in_its_traceback_text():
+    """torch re-raises a DataLoader worker's error as its outermost class (MONAI's RuntimeError wrapper) with the
+    worker's traceback as text: the input error inside is found there, so the commands still say it in one line."""
+    from torch._utils import ExceptionWrapper
+
+    from medsam3_monai.inferers.inputs import user_error, worker_input_error
+    from medsam3_monai.transforms.io import DataError
+
+    def reraised(error: BaseException) -> BaseException:
+        try:
+            try:
+                raise error
+            except Exception as cause:
+                raise RuntimeError("applying transform <monai.transforms.Compose>") from cause
+        except RuntimeError:
+            wrapper = ExceptionWrapper(where="in DataLoader worker process 1")
+        try:
+            wrapper.reraise()
+        except Exception as err:  # noqa: BLE001 - what the main process catches
+            return err
+        raise AssertionError("reraise raised nothing")
+
+    worker = reraised(DataError("/d/m.png", "mask size (2, 3) does not match the image size (4, 6)",
+                                "pair each image with its own mask"))
+    assert type(worker) is RuntimeError and "Traceback" in str(worker)
+    found = user_error(worker)
+    assert type(found) is ValueError and str(found) == (
+        "/d/m.png: mask size (2, 3) does not match the image size (4, 6); pair each image with its own mask")
+    missing = user_error(reraised(FileNotFoundError("/d/gone.png: no such file")))
+    assert type(missing) is FileNotFoundError and str(missing) == "/d/gone.png: no such file"
+    assert user_error(reraised(ZeroDivisionError("a bug"))) is None  # a bug keeps its traceback
+    assert worker_input_error(ValueError("not from a worker")) is None
+    assert user_error(ValueError("plain")).args == ("plain",)

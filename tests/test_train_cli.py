@@ -100,11 +100,14 @@ def test_missing_datalist_and_a_file_as_out(tmp_path: Path, capsys):
 @pytest.mark.slow
 def test_train_fine_tunes_the_tiny_network_and_a_bundle_error_leaves_no_folder(shared_data: Path, tmp_path: Path,
                                                                               capfd):
+    from PIL import Image
+
     from medsam3_monai.data import build_datalist, write_datalist
     from medsam3_monai.networks import MedSAM3Net
 
     datalist = write_datalist(build_datalist("Kvasir-SEG_sample", shared_data / "Kvasir-SEG_sample").datalist,
                               tmp_path / "kvasir.json")
+    first = json.loads(Path(datalist).read_text())["training"][0]
     run = tmp_path / "run"
     assert main(["train", "--datalist", str(datalist), "--out", str(run), "--lr", "5e-4", "--epochs", "1",
                  "--batch-size", "2", "--val-interval", "2", "--set", "val_protocol=semantic"]) == 0
@@ -143,6 +146,16 @@ def test_train_fine_tunes_the_tiny_network_and_a_bundle_error_leaves_no_folder(s
     err = capfd.readouterr().err
     assert "medsam3 train: error:" in err and "no.png" in err and "Traceback" not in err
     assert not other.exists()
+    # ... also when a loader worker meets it (no cache: the mask is read in the worker) after MLflow started
+    half = tmp_path / "half.png"
+    Image.open(first["label"]).resize((64, 48)).save(half)
+    mismatched = tmp_path / "mismatched.json"
+    mismatched.write_text(json.dumps({"training": [dict(first, label=str(half))], "validation": []}))
+    assert main(["train", "--datalist", str(mismatched), "--out", str(other), "--set", "cache=none",
+                 "--set", "num_workers=1"]) == 2
+    err = capfd.readouterr().err
+    assert err.strip().splitlines()[-1].startswith(f"medsam3 train: error: {half}: mask size (48, 64) does not match")
+    assert "Traceback" not in err and not other.exists()
 
 
 def test_bundle_messages_are_said_in_this_commands_options():

@@ -238,18 +238,20 @@ def run(args: argparse.Namespace) -> int:
     status = _wait(subprocess.Popen(command, env={**os.environ, FRONT_VARIABLE: "medsam3 train",
                                                   FRONT_OPTIONS_VARIABLE: json.dumps(front_options())}))
     written = [path for path, stamp in _run_files(root).items() if before.get(path) != stamp]
-    if status == 2 and not any(p.suffix == ".pt" for p in written):
-        for path in written:  # an input error before training: the executed config MONAI saved describes no run
+    trained = any(p.suffix == ".pt" and p.parent.name in ("checkpoints", "models") for p in written)  # (not a cache)
+    if status == 2 and not trained:  # an input error before any checkpoint: no output is left
+        if created:  # (the executed config, the MLflow store of a run that never trained, an empty checkpoints dir)
+            shutil.rmtree(root, ignore_errors=True)
+        for path in written:  # an existing run's folder: the executed config MONAI saved describes no run
             if path.parent == root / "runs" and path.name.startswith("config_") and path.suffix == ".json":
                 path.unlink(missing_ok=True)
     if status != 0:
-        if created:
+        if created and root.exists():
             _remove_if_config_only(root)
         if status in (130, -signal.SIGINT):
             print(f"medsam3 train: interrupted; the same command resumes from the newest checkpoint in {root}"
                   if (root / "runs" / "checkpoints").is_dir() else "medsam3 train: interrupted", file=sys.stderr)
         return status if status > 0 else 128 - status  # ended by a signal: the shell's 128 + signal
-    trained = any(p.suffix == ".pt" for p in written)
     print(f"medsam3 train: {'final model' if trained else 'nothing trained; the run had finished: its final model'} "
           f"{root / 'models' / 'model.pt'}; checkpoints {root / 'runs' / 'checkpoints'}"
           + ("" if args.no_mlflow else

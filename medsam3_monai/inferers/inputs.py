@@ -5,6 +5,7 @@ prompts in pixels, and the input error inside MONAI's transform wrappers.
 from __future__ import annotations
 
 import os
+import re
 from collections import Counter
 from collections.abc import Mapping, Sequence
 from pathlib import Path
@@ -54,11 +55,47 @@ def input_kind(path: str | Path) -> str:
 
 def user_error(err: BaseException) -> BaseException | None:
     """The input error (ValueError, FileNotFoundError) inside MONAI's ``RuntimeError("applying transform ...")``
-    wrappers, or None when ``err`` is something else (a bug)."""
+    wrappers, also when a DataLoader worker raised it (:func:`worker_input_error`), or None when ``err`` is something
+    else (a bug)."""
     seen = err
     while isinstance(seen, RuntimeError) and seen.__cause__ is not None:
         seen = seen.__cause__
-    return seen if isinstance(seen, (ValueError, FileNotFoundError)) else None
+    if isinstance(seen, (ValueError, FileNotFoundError)) and not _from_worker(seen):
+        return seen
+    return worker_input_error(seen)
+
+
+#: the first line torch's ``ExceptionWrapper.reraise`` gives an error a DataLoader worker raised
+_WORKER_ERROR = re.compile(r"Caught \w+ in DataLoader worker process \d+\.")
+#: a line of a traceback's text naming an exception and its message: ``package.module.Name: message``
+_RAISED_LINE = re.compile(r"^([A-Za-z_][\w.]*): (.+)$", re.MULTILINE)
+
+
+def _from_worker(err: BaseException) -> bool:
+    return bool(_WORKER_ERROR.match(str(err)))
+
+
+def worker_input_error(err: BaseException) -> BaseException | None:
+    """An input error a DataLoader worker raised, as the main process gets it: torch re-raises it as the worker's
+    outermost exception class (MONAI's ``RuntimeError`` wrapper) with the worker's traceback as text, so the error
+    itself is the first exception line of that text whose class is a ValueError or FileNotFoundError (the innermost
+    cause: a chained traceback prints it first); it is returned as that class's base with its message (ValueError,
+    FileNotFoundError). None when ``err`` is not a worker's error or holds no input error (a bug)."""
+    import builtins
+    import importlib
+
+    if not _from_worker(err):
+        return None
+    for name, message in _RAISED_LINE.findall(str(err)):
+        module, _, attribute = name.rpartition(".")
+        try:
+            kind = getattr(importlib.import_module(module) if module else builtins, attribute)
+        except (ImportError, AttributeError, ValueError):
+            continue
+        for base in (FileNotFoundError, ValueError):
+            if isinstance(kind, type) and issubclass(kind, base):
+                return base(message)
+    return None
 
 
 def inference_items(
