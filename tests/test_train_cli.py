@@ -74,7 +74,7 @@ def test_dry_run_prints_the_command_and_runs_nothing(tmp_path: Path, capsys):
     (["--lr", "1e-4", "--set", "lr#vision=1e-5"], "--set lr#vision: use --lr for it"),
     (["--set", "val_protocol"], "give KEY=VALUE"),
     (["--set", "seed=1", "--set", "seed=2"], "--set seed is given twice"),
-    (["--lr", "0"], "--lr 0.0: give a learning rate > 0"),
+    (["--lr", "0"], "--lr 0.0: give a learning rate > 0 (leave --lr out for the papers' rates)"),
     (["--checkpoint", "missing/sam3.pt"], "missing/sam3.pt"),
     (["--image-size", "100"], "100"),
 ])
@@ -95,6 +95,26 @@ def test_missing_datalist_and_a_file_as_out(tmp_path: Path, capsys):
     out.write_text("keep")
     assert main(["train", "--datalist", str(datalist), "--out", str(out)]) == 2
     assert "is a file" in capsys.readouterr().err and out.read_text() == "keep"
+    assert main(["train", "--datalist", str(datalist), "--out", str(out / "run")]) == 2  # under a file
+    assert f"--out {out / 'run'}: {out} is a file, so the run's folder cannot be made there" in capsys.readouterr().err
+
+
+def test_an_out_folder_this_user_cannot_write_is_refused_first(tmp_path: Path, capsys, monkeypatch):
+    """(Run as root, every folder is writable: ``os.access`` answers as for a user whom ``tmp_path`` denies.)"""
+    from medsam3_monai.deploy import train_cli
+
+    datalist = tmp_path / "d.json"
+    datalist.write_text("{}")
+    denied = tmp_path / "denied"
+    denied.mkdir()
+    monkeypatch.setattr(train_cli.os, "access", lambda path, mode: Path(path) != denied)
+    assert main(["train", "--datalist", str(datalist), "--out", str(denied / "runs" / "a")]) == 2
+    assert capsys.readouterr().err.strip() == (
+        f"medsam3 train: error: --out {denied / 'runs' / 'a'}: its parent {denied} cannot be written by this user: "
+        "give a folder you can write")
+    assert main(["train", "--datalist", str(datalist), "--out", str(denied)]) == 2
+    assert "--out " + str(denied) + ": the folder cannot be written" in capsys.readouterr().err
+    assert list(denied.iterdir()) == []
 
 
 @pytest.mark.slow
