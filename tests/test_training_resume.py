@@ -353,6 +353,23 @@ def test_a_resume_at_another_size_or_architecture_is_refused_in_one_line(tmp_pat
         reader.load(Engine(lambda e, b: None))
 
 
+def test_a_fresh_start_in_a_run_folder_sets_the_earlier_runs_checkpoints_aside(tmp_path: Path, caplog):
+    """``resume=False`` where an earlier run left checkpoints (a longer one: iterations 4 and 5) and a best model:
+    they move to ``earlier_<time>/``, so that the next plain resume continues this run, not the earlier one."""
+    from medsam3_monai.engines import latest_checkpoint
+
+    _linear_training(tmp_path, max_epochs=1, batches=5)
+    (tmp_path / "model_best_val_dice.pt").write_bytes(b"the earlier run's best")
+    with caplog.at_level("WARNING"):
+        _linear_training(tmp_path, max_epochs=1, resume=False)
+    (aside,) = tmp_path.glob("earlier_*")
+    assert sorted(p.name for p in aside.iterdir()) == ["checkpoint_iter4.pt", "checkpoint_iter5.pt",
+                                                       "model_best_val_dice.pt"]
+    assert sorted(p.name for p in tmp_path.glob("*.pt")) == ["checkpoint_iter2.pt", "checkpoint_iter3.pt"]
+    assert latest_checkpoint(tmp_path) == tmp_path / "checkpoint_iter3.pt"
+    assert "--resume false: the 3 checkpoint file(s) of the earlier run" in caplog.text and str(aside) in caplog.text
+
+
 def test_the_validation_at_start_scores_the_restored_network(tmp_path: Path):
     """``validate_at_start`` after a resume: the bundle's ValidateAtStart runs after TrainingCheckpoint has restored
     the weights (listed after it in train.json), so it scores the trained network, not the fresh one (MONAI's

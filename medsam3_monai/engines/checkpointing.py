@@ -305,11 +305,30 @@ class TrainingCheckpoint:
                 path.unlink()
                 logger.info("removed %s, an unfinished checkpoint write of an interrupted run", path)
 
+    def _set_aside_earlier_run(self) -> None:
+        """A fresh start (``resume=False``) in a folder that holds an earlier run's checkpoints: move its ``.pt``
+        files (``checkpoint_iterN.pt``, ``model_best_val_dice.pt``) to ``earlier_<time>/`` beside them, so that a
+        later resume starts from this run's newest checkpoint and the best model is this run's."""
+        if get_rank() == 0 and self.save_dir.is_dir():
+            earlier = sorted(p for p in self.save_dir.iterdir() if p.is_file() and p.suffix == ".pt")
+            if earlier:
+                import time
+
+                aside = self.save_dir / f"earlier_{time.strftime('%Y%m%d_%H%M%S')}"
+                aside.mkdir(exist_ok=True)
+                for path in earlier:
+                    path.rename(aside / path.name)
+                logger.warning(in_front_words("--resume false: the %d checkpoint file(s) of the earlier run in %s "
+                                              "(%s) are moved to %s, so that a later resume continues this run"),
+                               len(earlier), self.save_dir, ", ".join(p.name for p in earlier), aside)
+        barrier()  # DDP: no rank starts (nor rank 0 saves) before the folder is this run's
+
     def load(self, engine: Engine) -> None:
         from monai.handlers import CheckpointLoader
 
         self._remove_interrupted_writes()
         if self.resume is False:
+            self._set_aside_earlier_run()
             return
         path = latest_checkpoint(self.save_dir) if self.resume is True else Path(self.resume)
         path = broadcast_object(path)  # DDP: every rank resumes from rank 0's choice (only rank 0 saves)
