@@ -5,6 +5,7 @@ traceback, nothing left behind."""
 from __future__ import annotations
 
 import json
+import warnings
 from pathlib import Path
 from types import SimpleNamespace
 
@@ -309,3 +310,30 @@ def test_a_short_box_and_a_missing_datalist_say_what_is_wrong(tmp_path):
         box_prompts([1, 2, 3], 1, (10, 10))
     with pytest.raises(FileNotFoundError, match="make one with `medsam3 datalist"):
         load_datalist(tmp_path / "missing.json")
+
+
+def test_a_datalist_without_a_validation_list_says_how_to_train_without_one(tmp_path):
+    from medsam3_monai.data.datalist import DatalistError, load_datalist
+
+    path = tmp_path / "noval.json"
+    path.write_text(json.dumps({"training": []}))
+    with pytest.raises(DatalistError, match=r"no 'validation' list \(has training\) \(add \"validation\": \[\] to "
+                                            r"train without validation\)"):
+        load_datalist(path, "validation")
+    with pytest.raises(DatalistError, match=r"no 'test' list \(has training\) \(add \"test\": \[\] for none\)"):
+        load_datalist(path, "test")
+
+
+def test_a_datalist_given_twice_to_training_is_warned_of(tmp_path):
+    from medsam3_monai.data.datalist import load_datalists
+
+    image = tmp_path / "a.png"
+    image.write_bytes(b"")
+    path = tmp_path / "d.json"
+    path.write_text(json.dumps({"training": [{"image": "a.png", "label": "a.png", "prompts": {"1": "x"}}]}))
+    with pytest.warns(UserWarning, match=rf"1 training image\(s\) are listed more than once \(e.g. {image}\): "
+                                         rf"datalist {path} is given 2 times, so each copy counts"):
+        assert len(load_datalists([path, str(path)])) == 2
+    with warnings.catch_warnings():
+        warnings.simplefilter("error")
+        assert len(load_datalists([path])) == 1

@@ -351,7 +351,9 @@ def items_of_split(datalist: Mapping[str, Any], path: Path | str, split: str, ba
     folder)."""
     path = Path(path)
     if split not in datalist:
-        raise DatalistError(f"{path}: no {split!r} list (has {', '.join(datalist)})")
+        empty = (" (add \"validation\": [] to train without validation)" if split == "validation"
+                 else f" (add \"{split}\": [] for none)")
+        raise DatalistError(f"{path}: no {split!r} list (has {', '.join(datalist)}){empty}")
     if not isinstance(datalist[split], list):
         raise DatalistError(f"{path}: {split!r} must be a list of items, not a {type(datalist[split]).__name__}")
     base = Path(base_dir) if base_dir is not None else path.parent
@@ -398,7 +400,26 @@ def load_datalists(paths: str | Path | Sequence[str | Path], split: str = "train
         if check_files:
             check_files_exist(found, f"datalist {path} ({split})")
         items.extend(found)
+    _warn_repeated_images(items, paths, split)
     return items
+
+
+def _warn_repeated_images(items: Sequence[Mapping[str, Any]], paths: Sequence[str | Path], split: str) -> None:
+    """Warn when an image is in more than one of ``items`` (a datalist given twice, or an image in two datalists):
+    each copy counts, as oversampling in training."""
+    from collections import Counter
+
+    repeated = [image for image, n in Counter(os.path.abspath(str(item["image"])) for item in items).items() if n > 1]
+    if not repeated:
+        return
+    import warnings
+
+    given = Counter(os.path.abspath(str(path)) for path in paths)
+    twice = [(path, n) for path, n in given.items() if n > 1]
+    why = (f"datalist {twice[0][0]} is given {twice[0][1]} times" if twice else
+           "they are in more than one item of the datalists")
+    warnings.warn(f"{len(repeated)} {split} image(s) are listed more than once (e.g. {repeated[0]}): {why}, so each "
+                  "copy counts (in training, as oversampling)", stacklevel=3)
 
 
 def check_files_exist(items: Sequence[Mapping[str, Any]], where: str = "the datalist(s)") -> None:
