@@ -548,3 +548,20 @@ def test_an_input_error_raised_in_a_loader_worker_is_found_in_its_traceback_text
     assert user_error(reraised(ZeroDivisionError("a bug"))) is None  # a bug keeps its traceback
     assert worker_input_error(ValueError("not from a worker")) is None
     assert user_error(ValueError("plain")).args == ("plain",)
+
+
+def test_a_folder_holding_series_folders_names_them(tmp_path):
+    """An export's PATIENT/STUDY/SERIES layout: the folder given holds no DICOM files itself, its sub-folders do."""
+    from medsam3_monai.inferers.inputs import input_kind
+
+    series = tmp_path / "export" / "series1"
+    series.mkdir(parents=True)
+    for i in range(3):
+        (series / f"IM{i}.dcm").write_bytes(b"")
+    with pytest.raises(ValueError, match=rf"input folder {tmp_path / 'export'} holds no DICOM files itself but 1 "
+                                         rf"DICOM series folder\(s\), e.g. {series}: give a series folder, or segment "
+                                         r"each series in it with --out-dir DIR"):
+        input_kind(tmp_path / "export")
+    (tmp_path / "empty").mkdir()
+    with pytest.raises(ValueError, match="input folder .*empty holds nothing: a folder input must hold one DICOM"):
+        input_kind(tmp_path / "empty")

@@ -212,3 +212,20 @@ def test_a_volume_without_a_modality_is_noted_and_a_ct_one_named(tmp_path, capsy
     assert volumes_without_modality([dict(items[0], modality="CT")]) is None
     assert main(["datalist", "--check", str(datalist)]) == 0
     assert f"note: {datalist}: {said}" in capsys.readouterr().err
+
+
+def test_a_plain_nifti_named_gz_is_told_to_be_renamed(tmp_path):
+    import nibabel as nib
+    import numpy as np
+
+    from medsam3_monai.transforms.io import DataError, load_medical_image
+
+    plain = tmp_path / "v.nii"
+    nib.Nifti1Image(np.zeros((4, 5, 3), np.float32), np.eye(4)).to_filename(plain)
+    misnamed = tmp_path / "v.nii.gz"
+    misnamed.write_bytes(plain.read_bytes())
+    with pytest.raises(DataError, match=r"v.nii.gz: is a plain \(uncompressed\) NIfTI named .gz; rename it to .nii"):
+        load_medical_image(misnamed)
+    misnamed.write_bytes(b"\0" * 600)  # not a NIfTI either: the corrupt-file message
+    with pytest.raises(DataError, match="corrupt, truncated or not an image"):
+        load_medical_image(misnamed)

@@ -35,7 +35,13 @@ def input_kind(path: str | Path) -> str:
         raise FileNotFoundError(f"input {path} not found: give an existing image file, volume or DICOM folder")
     if path.is_dir():
         if not any(p.is_file() for p in path.iterdir()):
-            raise ValueError(f"input folder {path} is empty: a folder input must hold one DICOM series")
+            series = [p for p in sorted(path.iterdir()) if p.is_dir() and is_dicom_series(p)]
+            if series:  # an export's PATIENT/STUDY/SERIES folders
+                raise ValueError(f"input folder {path} holds no DICOM files itself but {len(series)} DICOM series "
+                                 f"folder(s), e.g. {series[0]}: give a series folder, or segment each series in it "
+                                 "with --out-dir DIR")
+            what = "only folders, none a DICOM series" if any(path.iterdir()) else "nothing"
+            raise ValueError(f"input folder {path} holds {what}: a folder input must hold one DICOM series")
         if not has_dicom_files(path):
             found = len(_folder_inputs(path))
             if found:

@@ -451,8 +451,26 @@ def _unreadable(path: str, mask: bool, err: BaseException) -> DataError:
         return DataError(path, f"is a folder but not a readable DICOM series ({type(err).__name__}: {detail}; it "
                                f"holds {shown or 'no files'})",
                          "give a folder of one DICOM series' .dcm files, or the image files themselves")
+    if str(path).lower().endswith(".gz") and _is_plain_nifti(path):
+        return DataError(path, "is a plain (uncompressed) NIfTI named .gz",
+                         "rename it to .nii (or compress it with gzip)")
     return DataError(path, f"cannot be read as {'a mask' if mask else 'an image'} ({type(err).__name__}: {detail})",
                      "the file is corrupt, truncated or not an image: re-download or re-export it")
+
+
+def _is_plain_nifti(path: str) -> bool:
+    """Whether the file starts with an uncompressed NIfTI-1 or -2 header (its size, 348 or 540, in either byte
+    order, and the magic at its end)."""
+    try:
+        with open(path, "rb") as handle:
+            head = handle.read(548)
+    except OSError:
+        return False
+    for size, magic_at, magics in ((348, 344, (b"n+1\0", b"ni1\0")), (540, 4, (b"n+2\0", b"ni2\0"))):
+        sized = size in (int.from_bytes(head[:4], "little"), int.from_bytes(head[:4], "big"))
+        if sized and head[magic_at:magic_at + 4] in magics:
+            return True
+    return False
 
 
 def load_medical_image(
