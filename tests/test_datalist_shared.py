@@ -134,8 +134,11 @@ def test_load_datalist_joins_only_image_and_label(built, shared_data: Path, tmp_
     ('{"training": [{"label": "m.png"}]}', "training item 1 has no 'image' path"),
     ('{"training": [{"image": "a.png", "label": null}]}', "training item 1 has no 'label' path"),
     ('{"training": [{"image": "a.png", "label": ["m.png", 3]}]}', "'label' must be a file path"),
-    ('{"training": [{"image": "a.png", "label": "m.png"}, {"image": "b.png", "label": "n.png", "prompts": ["polyp"]}]}',
+    ('{"training": [{"image": "a.png", "label": "m.png", "prompts": {"1": "polyp"}}, '
+     '{"image": "b.png", "label": "n.png", "prompts": ["polyp"]}]}',
      "training item 2: 'prompts' is a list, not an object of label value -> text"),
+    ('{"training": [{"image": "a.png", "label": "m.png"}]}',
+     r"training item 1 \(.*a.png\) has no 'prompts': give its label value -> text object, e.g. \{\"1\": \"polyp\"\}"),
     ('{"training": [{"image": "a.png", "label": "m.png", "prompts": {"lung": "1"}}]}',
      r"training item 1: 'prompts' keys \['lung'\] are not label values"),
     ('{"training": [', "not valid JSON"),

@@ -375,6 +375,10 @@ def items_of_split(datalist: Mapping[str, Any], path: Path | str, split: str, ba
             if not paths or not all(isinstance(p, str) and p for p in paths):
                 raise DatalistError(f"{where}: '{key}' must be a file path (or, for 'label', a list of them), got "
                                     f"{value!r}")
+        if not item.get("prompts") and not isinstance(item.get("prompts"), (str, list)):
+            raise DatalistError(f"{where} ({item['image']}) has no 'prompts': give its label value -> text object, "
+                                'e.g. {"1": "polyp"} (a catalogued dataset\'s from datasets_meta, as medsam3 datalist '
+                                "writes it)")
         if "prompts" in item and not isinstance(item["prompts"], Mapping):
             raise DatalistError(f"{where}: 'prompts' is a {type(item['prompts']).__name__}, not an object of label "
                                 'value -> text: write it as {"1": "polyp"} (one entry per label value)')
