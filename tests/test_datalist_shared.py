@@ -149,3 +149,15 @@ def test_load_datalist_names_a_malformed_item(content: str, words: str, tmp_path
     with pytest.raises(ValueError, match=words) as error:
         load_datalist(path, "training")
     assert str(path) in str(error.value)
+
+
+def test_the_full_totalsegmentator_release_is_named_as_not_read(tmp_path: Path):
+    """The release's sNNNN/ct.nii.gz + segmentations/ layout is not the example pair this converter reads: the
+    error says so and what to do, instead of only the expected layout."""
+    for subject in ("s0001", "s0002"):
+        (tmp_path / subject / "segmentations").mkdir(parents=True)
+        (tmp_path / subject / "ct.nii.gz").write_bytes(b"")
+    with pytest.raises(ValueError, match=r"no TotalSegmentator example pair found. Expected .*; .* looks like the "
+                                         r"full release \(2 subject folder\(s\) such as s0001/ .*merge each subject's "
+                                         r"masks into one label map and write the datalist yourself"):
+        build_datalist("TotalSegmentator", tmp_path)

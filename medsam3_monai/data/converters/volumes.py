@@ -144,7 +144,11 @@ def convert_totalseg(root: Path, entry, catalogue) -> Conversion:
         else:
             result.pairs.append(Pair(image, mask, stem(image), dataset))
     if not result.pairs:
-        raise DatalistError(f"{root}: no TotalSegmentator example pair found. Expected {TOTALSEG_LAYOUT}")
+        release = sorted(p.parent.name for p in root.glob("*/segmentations") if p.is_dir())
+        hint = (f"; {root} looks like the full release ({len(release)} subject folder(s) such as {release[0]}/ with "
+                "ct.nii.gz and segmentations/), which this converter does not read: merge each subject's masks into "
+                "one label map and write the datalist yourself (README, \"Your own dataset\")" if release else "")
+        raise DatalistError(f"{root}: no TotalSegmentator example pair found. Expected {TOTALSEG_LAYOUT}{hint}")
     known = {name for pair in _TOTALSEG_PAIRS for name in pair[:2]}
     for folder in {images, masks}:
         result.problems.extend(
