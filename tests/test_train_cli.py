@@ -99,6 +99,17 @@ def test_missing_datalist_and_a_file_as_out(tmp_path: Path, capsys):
     assert f"--out {out / 'run'}: {out} is a file, so the run's folder cannot be made there" in capsys.readouterr().err
 
 
+def test_a_tracking_uri_mlflow_refuses_is_refused_before_the_bundle_starts(tmp_path: Path, capsys):
+    datalist = tmp_path / "d.json"
+    datalist.write_text("{}")
+    assert main(["train", "--datalist", str(datalist), "--out", str(tmp_path / "run"),
+                 "--set", f"tracking_uri=file://{tmp_path / 'mlfs'}"]) == 2
+    error = capsys.readouterr().err
+    assert error.startswith(f"medsam3 train: error: MLflow tracking URI file://{tmp_path / 'mlfs'} cannot be used")
+    assert error.strip().endswith("or leave --set tracking_uri out for a SQLite store in the output folder")
+    assert not (tmp_path / "run").exists()
+
+
 def test_an_out_folder_this_user_cannot_write_is_refused_first(tmp_path: Path, capsys, monkeypatch):
     """(Run as root, every folder is writable: ``os.access`` answers as for a user whom ``tmp_path`` denies.)"""
     from medsam3_monai.deploy import train_cli

@@ -170,6 +170,11 @@ def _check(args: argparse.Namespace) -> None:
     if out.exists() and not out.is_dir():
         raise FileExistsError(f"--out {out} is a file: give a folder for the run (new, or a run's folder to resume)")
     _check_writable(out)
+    tracking_uri = _settings(args.settings, {}).get("tracking_uri")
+    if tracking_uri is not None and not args.no_mlflow:  # MLflow would refuse it only after the data is cached
+        from ..engines.reports import check_tracking_uri
+
+        check_tracking_uri(tracking_uri, "--set tracking_uri")
     if args.lr is not None and not args.lr > 0:
         raise ValueError(f"--lr {args.lr}: give a learning rate > 0 (leave --lr out for the papers' rates)")
     from ..bundle import check_network_source

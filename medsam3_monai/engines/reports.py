@@ -84,17 +84,19 @@ def open_experiment(tracking_uri: str, experiment: str = DEFAULT_EXPERIMENT, art
     return client, client.create_experiment(experiment, artifact_location=location)
 
 
-def check_tracking_uri(tracking_uri: str | None) -> None:
+def check_tracking_uri(tracking_uri: str | None, option: str = "--tracking-uri") -> None:
     """Refuse a tracking URI that cannot be used (a server that is not running, a bad URI) before a long run
-    (ValueError saying what to change); None (a SQLite store in the output folder) is always fine."""
+    (ValueError saying what to change; ``option``: how the caller's user gives it); None (a SQLite store in the
+    output folder) is always fine."""
     if tracking_uri is None:
         return
     from mlflow import MlflowClient
 
-    _first_contact(lambda: MlflowClient(tracking_uri=tracking_uri).search_experiments(max_results=1), tracking_uri)
+    _first_contact(lambda: MlflowClient(tracking_uri=tracking_uri).search_experiments(max_results=1), tracking_uri,
+                   option)
 
 
-def _first_contact(call: Any, tracking_uri: str) -> Any:
+def _first_contact(call: Any, tracking_uri: str, option: str = "--tracking-uri") -> Any:
     """``call()``, the first request to the tracking store, tried once (MLflow's own policy retries a server that
     is not there for minutes); a store that cannot be used is a ValueError saying what to change."""
     import os
@@ -109,7 +111,7 @@ def _first_contact(call: Any, tracking_uri: str) -> Any:
         reason = next((line.strip() for line in str(err).splitlines() if line.strip()), type(err).__name__)
         raise ValueError(f"MLflow tracking URI {tracking_uri} cannot be used ({reason[:300]}): start that tracking "
                          "server or correct the URI (a database such as sqlite:///runs/mlflow.db, or "
-                         "http://HOST:PORT), or leave --tracking-uri out for a SQLite store in the output folder"
+                         f"http://HOST:PORT), or leave {option} out for a SQLite store in the output folder"
                          ) from None
     finally:
         if saved is None:
