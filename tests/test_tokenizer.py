@@ -80,3 +80,16 @@ def test_prompt_over_the_context_is_refused_not_truncated():
         tokenize_prompts(build_clip_tokenizer(), ["tumor " * 31])
     ids, mask = tokenize_prompts(build_clip_tokenizer(), ["tumor " * 30])  # exactly 32 with start/end
     assert int(mask.sum()) == 32 and ids[0, -1] == 49407
+
+
+def test_a_prompt_without_a_letter_or_digit_is_refused():
+    import re
+
+    import pytest
+
+    from medsam3_monai.networks import PromptError
+
+    for prompt in (".", "?!", " - "):
+        with pytest.raises(PromptError, match=re.escape(f"prompt {prompt!r} has no letter or digit, so it names no")):
+            tokenize_prompts(build_clip_tokenizer(), ["polyp", prompt])
+    tokenize_prompts(build_clip_tokenizer(), ["T1 lesion", "肝脏", "3"])  # any letter or digit names something

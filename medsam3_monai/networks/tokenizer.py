@@ -137,6 +137,9 @@ def tokenize_prompts(
     for prompt in prompts:
         if not isinstance(prompt, str) or not prompt.strip():
             raise PromptError(f"empty or non-text prompt {prompt!r}: give a concept such as 'polyp'")
+        if not any(character.isalnum() for character in prompt):
+            raise PromptError(f"prompt {prompt!r} has no letter or digit, so it names no concept: give one such as "
+                              "'polyp'")
     rows = [_encode(tokenizer, prompt) for prompt in prompts]
     for prompt, ids in zip(prompts, rows):
         if len(ids) > context_length:
