@@ -337,3 +337,14 @@ def test_a_datalist_given_twice_to_training_is_warned_of(tmp_path):
     with warnings.catch_warnings():
         warnings.simplefilter("error")
         assert len(load_datalists([path])) == 1
+
+
+def test_a_report_whose_every_case_was_skipped_says_so(tmp_path):
+    from medsam3_monai.engines.inference import UnreadableCase
+    from medsam3_monai.engines.reports import EvaluationReport
+
+    report = EvaluationReport(tmp_path / "r", mlflow=False)
+    report.unreadable = [UnreadableCase({"image": "a.nii.gz"}, "a.nii.gz: cannot be read as an image")]
+    with pytest.raises(ValueError, match=r"every case read was unreadable and skipped \(--skip-unreadable: 1, e.g. "
+                                         r"a.nii.gz: cannot be read as an image\)"):
+        report.write()

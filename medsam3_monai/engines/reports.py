@@ -320,6 +320,10 @@ class EvaluationReport:
     # -------------------------------------------------------------------------------------------- files
     def write(self) -> list[Path]:
         if not self.records:
+            if self.unreadable:
+                first = self.unreadable[0]
+                raise ValueError(f"no metric records to report: every case read was unreadable and skipped "
+                                 f"(--skip-unreadable: {len(self.unreadable)}, e.g. {first.error})")
             raise ValueError("no metric records to report: were any labelled cases evaluated?")
         scored, skipped = self.scored_records()
         if not scored:
