@@ -471,3 +471,17 @@ def test_overlay_file_names_drop_a_hand_written_cases_image_extension():
     assert _without_image_suffix("001_x.jpg") == "001_x" and _without_image_suffix("ct.NII.GZ") == "ct"
     assert _without_image_suffix("case.v2") == "case.v2" and _without_image_suffix("12") == "12"
     assert _without_image_suffix(".png") == ".png"  # nothing but an extension: kept
+
+
+def test_many_classes_get_distinct_colours():
+    """The first seven are the colour-blind-friendly set; beyond, golden-angle hues: the 117 TotalSegmentator classes
+    get 117 different colours (they used to repeat the seven)."""
+    from matplotlib.colors import to_rgb
+
+    from medsam3_monai.metrics.plots import CLASS_COLOURS, class_colour
+
+    colours = [class_colour(i) for i in range(117)]
+    assert colours[:7] == list(CLASS_COLOURS) and len(set(colours)) == 117
+    closest = min(sum((a - b) ** 2 for a, b in zip(to_rgb(x), to_rgb(y))) ** 0.5
+                  for n, x in enumerate(colours[:40]) for y in colours[n + 1:40])
+    assert closest > 0.05  # the first 40 are all visibly apart

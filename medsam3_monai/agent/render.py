@@ -6,7 +6,7 @@
   montage_slices`: the slice where the marks are largest and the slices at 1/4 and 3/4 of their extent; with no
   marks, 1/4, 1/2 and 3/4 of the depth), each panel captioned with its slice index.
 
-Each mark is filled in its colour (``metrics.plots.CLASS_COLOURS``, by mark number), outlined, and labelled with
+Each mark is filled in its colour (``metrics.plots.class_colour``, by mark number), outlined, and labelled with
 its number in a box of its colour at its most interior point; a legend strip under the picture lists
 ``number: phrase (score)``. ``examine`` shows one mark zoomed: the region without and with the mark, side by side.
 Pictures travel as PNG or, when smaller (photographs), JPEG data URLs.
@@ -52,9 +52,9 @@ def _rgb(colour: str) -> tuple[int, int, int]:
 
 
 def _colour(number: int) -> tuple[int, int, int]:
-    from ..metrics.plots import CLASS_COLOURS
+    from ..metrics.plots import class_colour
 
-    return _rgb(CLASS_COLOURS[(number - 1) % len(CLASS_COLOURS)])
+    return _rgb(class_colour(number - 1))
 
 
 def _ink(colour: tuple[int, int, int]) -> tuple[int, int, int]:

@@ -15,7 +15,7 @@ from typing import Any
 
 import torch
 
-from ..metrics.plots import (CLASS_COLOURS, class_areas, class_legend, display_image, label_fill, radiological_view,
+from ..metrics.plots import (class_areas, class_colour, class_legend, display_image, label_fill, radiological_view,
                              title_lines)
 
 __all__ = ["DISPLAY_PIXELS", "montage_slices", "save_overlay"]
@@ -109,12 +109,12 @@ def save_overlay(prediction: Any, path: str | Path, image: torch.Tensor | None =
         for i, value in enumerate(values):
             if (array == value).any() and min(array.shape) > 1:
                 ax.contour((array == value).astype(float), levels=[0.5], linewidths=0.8,
-                           colors=[CLASS_COLOURS[i % len(CLASS_COLOURS)]])
+                           colors=[class_colour(i)])
         if not prediction.is_volume:
             for i, box in enumerate(prediction.settings.get("box") or []):
                 if box is not None:
                     x1, y1, x2, y2 = (c / stride for c in box)
-                    colour = CLASS_COLOURS[i % len(CLASS_COLOURS)] if len(prediction.settings["box"]) > 1 else "white"
+                    colour = class_colour(i) if len(prediction.settings["box"]) > 1 else "white"
                     # pixel-edge coordinates -> imshow's pixel-centre axes
                     ax.add_patch(Rectangle((x1 - 0.5, y1 - 0.5), x2 - x1, y2 - y1, fill=False, linestyle="--",
                                            linewidth=1.0, edgecolor=colour))

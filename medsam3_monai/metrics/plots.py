@@ -16,13 +16,30 @@ import torch
 
 from .aggregate import MetricTable
 
-__all__ = ["CLASS_COLOURS", "class_areas", "class_legend", "legend_classes", "overlay_figure", "radar_chart",
-           "radiological_view", "save_figure", "title_lines"]
+__all__ = ["CLASS_COLOURS", "class_areas", "class_colour", "class_legend", "legend_classes", "overlay_figure",
+           "radar_chart", "radiological_view", "save_figure", "title_lines"]
 
-#: fill colour of label value c (cycled): a colour-blind-friendly qualitative set (Okabe-Ito), sky blue first: the one
-#: class of most overlays must stand out on grey scans and on the warm reds of fundus, endoscopy and H&E pictures alike
+#: fill colours of the first classes (:func:`class_colour` goes on): a colour-blind-friendly qualitative set
+#: (Okabe-Ito), sky blue first: the one class of most overlays must stand out on grey scans and on the warm reds of
+#: fundus, endoscopy and H&E pictures alike
 CLASS_COLOURS = ("#56B4E9", "#E69F00", "#009E73", "#F0E442", "#0072B2", "#D55E00", "#CC79A7")
 TRUTH_COLOUR = "#00FF00"
+#: hue step between the colours after ``CLASS_COLOURS`` (the golden angle: each new hue falls in the widest gap)
+_GOLDEN_ANGLE = 137.50776405003785 / 360.0
+
+
+def class_colour(index: int) -> str:
+    """Fill colour of the ``index``-th class (0-based): ``CLASS_COLOURS`` first, then hues a golden angle apart at
+    four lightness and saturation levels in turn (hues 21 or 55 steps apart nearly meet; their levels differ), so
+    that a many-class CT's classes do not repeat the first seven's (117 TotalSegmentator classes get 117 colours)."""
+    import colorsys
+
+    if index < len(CLASS_COLOURS):
+        return CLASS_COLOURS[index]
+    step = index - len(CLASS_COLOURS)
+    lightness, saturation = ((0.55, 0.75), (0.38, 0.90), (0.72, 0.60), (0.47, 0.55))[step % 4]
+    red, green, blue = colorsys.hls_to_rgb((0.08 + step * _GOLDEN_ANGLE) % 1.0, lightness, saturation)
+    return "#{:02X}{:02X}{:02X}".format(*(round(255 * c) for c in (red, green, blue)))
 #: an overlay's legend sits in its prediction panel up to this many classes, in a panel of its own beyond
 LEGEND_INSIDE = 4
 #: ... where it lists at most this many: the classes covering most of the picture, then "+ K more"
@@ -154,7 +171,7 @@ def label_fill(labels: np.ndarray, values: Sequence[int], alpha: float = 0.45) -
 
     rgba = np.zeros((*labels.shape, 4), dtype=float)
     for i, value in enumerate(values):
-        rgba[labels == value] = to_rgba(CLASS_COLOURS[i % len(CLASS_COLOURS)], alpha=alpha)
+        rgba[labels == value] = to_rgba(class_colour(i), alpha=alpha)
     return rgba
 
 
@@ -199,7 +216,7 @@ def overlay_figure(
     for i, box in enumerate(boxes or []):
         if box is not None:  # pixel-edge coordinates -> imshow's pixel-centre axes
             x1, y1, x2, y2 = (float(c) for c in box)
-            for colour, width, style in (("black", 2.2, "-"), (CLASS_COLOURS[i % len(CLASS_COLOURS)], 1.2, "--")):
+            for colour, width, style in (("black", 2.2, "-"), (class_colour(i), 1.2, "--")):
                 # the class colour dashed over a dark edge: visible over the prediction's own fill too
                 panels[2].add_patch(Rectangle((x1 - 0.5, y1 - 0.5), x2 - x1, y2 - y1, fill=False, linestyle=style,
                                               linewidth=width, edgecolor=colour))
@@ -231,12 +248,12 @@ def class_areas(values: Sequence[int], *label_maps: Any) -> list[int]:
 
 
 def class_legend(labels: Sequence[str], areas: Sequence[int] | None = None, alpha: float = 0.6) -> list:
-    """A legend entry per class, class ``i`` in ``CLASS_COLOURS[i]``; with ``areas`` (each class's pixels on the
+    """A legend entry per class, class ``i`` in ``class_colour(i)``; with ``areas`` (each class's pixels on the
     picture), only the classes :func:`legend_classes` picks from them, then an entry counting the rest."""
     from matplotlib.patches import Patch
 
     chosen = list(range(len(labels))) if areas is None else legend_classes(areas)
-    handles = [Patch(color=CLASS_COLOURS[i % len(CLASS_COLOURS)], alpha=alpha, label=str(labels[i]))
+    handles = [Patch(color=class_colour(i), alpha=alpha, label=str(labels[i]))
                for i in chosen]
     rest = len(labels) - len(chosen)
     if rest:
