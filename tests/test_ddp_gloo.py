@@ -162,3 +162,23 @@ def test_an_input_error_under_the_distributed_overlay_is_said_in_one_line(shared
     result = run_bundle(["train.json", "multi_gpu_train.json"], "--bundle_root", str(tmp_path / "run"),
                         "--datalists", repr([str(path)]), "--max_epochs", "1", "--batch_size", "1", env=env)
     assert_refused(result, str(truncated))
+
+
+def test_the_torchrun_front_ends_as_its_ranks_did_after_an_input_error(tmp_path: Path):
+    """``medsam3 train --nproc N`` runs torchrun through ``deploy.torchrun``: ranks that stopped on an input error
+    (status 2, their one line said) end it with status 2 and no failure report; a bug keeps torchrun's."""
+    from torch.distributed.elastic.multiprocessing.errors import ChildFailedError
+
+    from medsam3_monai.deploy.torchrun import main
+
+    said = tmp_path / "said.py"
+    said.write_text("import sys\nprint('medsam3 train: error: a.png: truncated', file=sys.stderr)\nsys.exit(2)\n")
+    common = ["--standalone", "--nproc_per_node", "2", "--log-dir", str(tmp_path / "logs")]
+    assert main([*common, str(said)]) == 2
+    bug = tmp_path / "bug.py"
+    bug.write_text("raise ZeroDivisionError('a bug')\n")
+    with pytest.raises(ChildFailedError):
+        main([*common, str(bug)])
+    fine = tmp_path / "fine.py"
+    fine.write_text("pass\n")
+    assert main([*common, str(fine)]) == 0

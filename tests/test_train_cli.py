@@ -48,7 +48,7 @@ def test_options_reach_the_bundle_as_its_keys(tmp_path: Path):
 
 def test_one_rate_and_torchrun_without_mlflow(tmp_path: Path):
     command = _command("--datalist", "d.json", "--out", "run", "--lr", "5e-4", "--nproc", "2", "--no-mlflow")
-    assert command[1:6] == ["-m", "torch.distributed.run", "--standalone", "--nproc_per_node", "2"]
+    assert command[1:6] == ["-m", "medsam3_monai.deploy.torchrun", "--standalone", "--nproc_per_node", "2"]
     arguments = _bundle_arguments(command)
     assert arguments["config_file"] == [str(BUNDLE_CONFIGS / "train.json"),
                                         str(BUNDLE_CONFIGS / "multi_gpu_train.json")]

@@ -137,7 +137,9 @@ def bundle_command(args: argparse.Namespace) -> list[str]:
     configs = [str(BUNDLE_CONFIGS / "train.json")]
     if args.nproc > 1:
         configs.append(str(BUNDLE_CONFIGS / "multi_gpu_train.json"))
-        command = [sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc_per_node", str(args.nproc)]
+        # torchrun, ending as its ranks did when they said an input error (deploy/torchrun.py)
+        command = [sys.executable, "-m", "medsam3_monai.deploy.torchrun", "--standalone", "--nproc_per_node",
+                   str(args.nproc)]
     else:
         command = [sys.executable]
     command += ["-m", "monai.bundle", "run", "--config_file", configs[0] if len(configs) == 1 else json.dumps(configs),
