@@ -3,8 +3,8 @@
 
 When every failed rank ended with an input error (status 2: the rank printed its one line,
 ``bundle.report_input_errors``) or was interrupted (130), the launcher ends with that status and nothing more,
-instead of torchrun's ``ChildFailedError`` report (40 lines of its own traceback and a failure table that names no file). Any other
-failure keeps torchrun's report.
+instead of torchrun's ``ChildFailedError`` report (40 lines of its own traceback and a failure table that names no
+file). Any other failure keeps torchrun's report.
 """
 
 from __future__ import annotations
