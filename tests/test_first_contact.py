@@ -181,14 +181,17 @@ def test_a_picture_whose_floor_emptied_a_mask_gets_a_note(tmp_path, capsys, shar
 
     image = sorted((shared_data / "Kvasir-SEG_sample" / "images").glob("*.jpg"))[0]
     common = [str(image), "--prompt", "polyp", "--checkpoint", "tiny", "--device", "cpu", "--no-progress"]
+    from medsam3_monai.deploy.arguments import random_weights_note
+
+    random = f"note: {random_weights_note('tiny')}"  # said after every tiny network's outputs
     assert main(["segment", *common, "--out", str(tmp_path / "top.png")]) == 0
-    assert "note:" not in capsys.readouterr().err
+    assert capsys.readouterr().err.strip() == random
     assert main(["segment", *common, "--out", str(tmp_path / "floor.png"), "--protocol", "top_query_floor",
                  "--score-threshold", "1"]) == 0
     score = json.loads((tmp_path / "floor.png.json").read_text())["labels"]["255"]["score"]
     assert capsys.readouterr().err.strip() == (
         f"note: 'polyp': no query scored >= 1 (best {score:.3f}), so the top_query_floor mask is empty: lower "
-        "--score-threshold to see weaker detections")
+        f"--score-threshold to see weaker detections\n{random}")
     # a datalist item's own threshold: the note names the item's entry, which is what to lower
     datalist = tmp_path / "own.json"
     datalist.write_text(json.dumps({"test": [{"image": str(image), "prompts": {"1": "polyp"},
@@ -197,7 +200,7 @@ def test_a_picture_whose_floor_emptied_a_mask_gets_a_note(tmp_path, capsys, shar
                  "--device", "cpu", "--no-progress"]) == 0
     assert capsys.readouterr().err.strip().endswith(
         "so the top_query_floor mask is empty: lower the item's \"score_threshold\" in the datalist to see weaker "
-        "detections")
+        f"detections\n{random}")
     # a threshold that nothing would read (a picture, top_query) is refused, not ignored
     assert main(["segment", *common, "--out", str(tmp_path / "unused.png"), "--score-threshold", "0.3"]) == 2
     assert error_line(capsys.readouterr().err, "segment").endswith(
