@@ -351,3 +351,16 @@ def test_a_report_whose_every_case_was_skipped_says_so(tmp_path):
     with pytest.raises(ValueError, match=r"every case read was unreadable and skipped \(--skip-unreadable: 1, e.g. "
                                          r"a.nii.gz: cannot be read as an image\)"):
         report.write()
+
+
+@pytest.mark.parametrize("argv, message", [
+    (["--epochs", "0"], "argument --epochs: '0'"), (["--lr", "-1"], "'-1': give a learning rate > 0, or 0 for the "
+                                                                    "papers' rates"),
+    (["--batch-size", "0"], "argument --batch-size: '0'"),
+])
+def test_demo_refuses_counts_and_rates_as_train_does(tmp_path, capsys, argv, message):
+    from medsam3_monai.deploy.cli import main
+
+    with pytest.raises(SystemExit) as stop:
+        main(["demo", "--out", str(tmp_path / "demo"), *argv])
+    assert stop.value.code == 2 and message in capsys.readouterr().err and not (tmp_path / "demo").exists()

@@ -24,7 +24,19 @@ from pathlib import Path
 
 from ..bundle import BUNDLE_CONFIGS
 from ..protocol_registry import DEFAULT_PROTOCOL, PROTOCOLS
+from .arguments import at_least
 from .train_cli import one_rate_overrides
+
+
+def _rate(value: str) -> float:
+    """``--lr``: a learning rate >= 0 (0: the papers' rates)."""
+    try:
+        rate = float(value)
+    except ValueError:
+        raise argparse.ArgumentTypeError(f"{value!r} is not a number") from None
+    if not rate >= 0:
+        raise argparse.ArgumentTypeError(f"{value!r}: give a learning rate > 0, or 0 for the papers' rates")
+    return rate
 
 
 def add_parser(subparsers: argparse._SubParsersAction) -> argparse.ArgumentParser:
@@ -40,9 +52,10 @@ def add_parser(subparsers: argparse._SubParsersAction) -> argparse.ArgumentParse
                         help="starting weights: tiny (random init, default), an HF folder, sam3.pt, ...")
     parser.add_argument("--image-size", type=int, default=None, metavar="N",
                         help="slice-space size (tiny: 112; real weights: 1008)")
-    parser.add_argument("--epochs", type=int, default=None, help="training epochs (phantoms: 20; --quick: 2; --data: 5)")
-    parser.add_argument("--batch-size", type=int, default=4)
-    parser.add_argument("--lr", type=float, default=5e-4,
+    parser.add_argument("--epochs", type=at_least(1), default=None,
+                        help="training epochs (phantoms: 20; --quick: 2; --data: 5)")
+    parser.add_argument("--batch-size", type=at_least(1), default=4)
+    parser.add_argument("--lr", type=_rate, default=5e-4,
                         help="one learning rate for every parameter group (tiny from scratch); 0: the papers' rates")
     parser.add_argument("--protocol", choices=list(PROTOCOLS), default=DEFAULT_PROTOCOL,
                         help="evaluation protocol (default: the papers' top_query)")
