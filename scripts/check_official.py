@@ -533,6 +533,9 @@ def main(argv: list[str] | None = None) -> int:
     if args.stage == "official":
         official_stage(args.seed, args.workdir, shared)
         return 0
+    if args.image_size < 14 or args.image_size % 14:  # (ours refuses it after the official stage's minutes)
+        parser.error(f"--image-size {args.image_size}: give a positive multiple of 14 (the ViT's patch), e.g. 1008 "
+                     "or 504")
     if not args.official_python or not Path(args.official_python).is_file():
         parser.error("--official-python must point to the python of a virtualenv with sam3==0.1.4: build one with "
                      "`make official` (scripts/setup_official_env.sh) and pass "
@@ -547,6 +550,19 @@ def main(argv: list[str] | None = None) -> int:
         print(f"note: {args.shared} is not there: both sides see random pixels instead of a shared Kvasir-SEG "
               "image (the numbers will differ from official_check.md's)", file=sys.stderr)
     root = args.workdir or Path(tempfile.mkdtemp(prefix="medsam3-official-"))
+    try:
+        results = _check_seeds(args, root)
+    finally:  # a temporary scratch folder goes, also when a stage fails (each seed's sam3.pt is gigabytes)
+        if args.workdir is None and not args.keep:
+            shutil.rmtree(root, ignore_errors=True)
+    summary = write_report(results, args.seeds, shared is not None, args.out)
+    print(json.dumps({k: v for k, v in summary.items() if k != "results"}))
+    return 0 if summary["within_tolerance"] else 1
+
+
+def _check_seeds(args: argparse.Namespace, root: Path) -> list[dict]:
+    """Both stages for each of ``args.seeds`` in ``root/seedN``: the results (each seed's folder removed unless
+    ``--keep``)."""
     results = []
     for seed in args.seeds:
         workdir = root / f"seed{seed}"
@@ -564,9 +580,7 @@ def main(argv: list[str] | None = None) -> int:
         print(markdown([result]), flush=True)
         if not args.keep:
             shutil.rmtree(workdir, ignore_errors=True)
-    summary = write_report(results, args.seeds, shared is not None, args.out)
-    print(json.dumps({k: v for k, v in summary.items() if k != "results"}))
-    return 0 if summary["within_tolerance"] else 1
+    return results
 
 
 def write_report(results: list[dict], seeds: list[int], shared_image: bool, out: Path) -> dict:

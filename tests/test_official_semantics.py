@@ -263,3 +263,12 @@ def test_the_official_check_compares_gradients_through_the_checkpoint_conversion
     extra = next(k for k in ours if bool(ours[k].abs().max() > 0))
     lacking = script.compare_gradients({k: v for k, v in ours.items() if k != extra}, official)
     assert lacking["only_one_side"] == [extra]
+
+
+def test_the_official_check_refuses_a_size_ours_cannot_build_before_the_official_stage(tmp_path, capsys):
+    import pytest
+
+    script = _check_official_script()
+    with pytest.raises(SystemExit) as stop:
+        script.main(["--official-python", str(tmp_path / "python"), "--image-size", "500"])
+    assert stop.value.code == 2 and "--image-size 500: give a positive multiple of 14" in capsys.readouterr().err
