@@ -9,6 +9,7 @@ import hashlib
 import json
 import math
 import os
+import shutil
 
 import pytest
 
@@ -440,3 +441,18 @@ def test_bad_input_exits_2_and_writes_nothing(data_root, tmp_path, capsys):
     assert _run(["reproduce", "medical-sam3", "--data-root", str(data_root), "--checkpoint", "tiny", "--out", str(out),
                  "--dry-run"]) == 0
     assert "found     DRIVE" in capsys.readouterr().err and not out.exists()
+    # the dry run checks what the run would refuse: a used --out, a mistyped weights path
+    assert _run(["reproduce", "medical-sam3", "--data-root", str(data_root), "--checkpoint", "tiny",
+                 "--out", str(taken), "--dry-run"]) == 2
+    assert "not an empty folder" in capsys.readouterr().err
+    assert _run(["reproduce", "medical-sam3", "--data-root", str(data_root), "--checkpoint", str(tmp_path / "no.pt"),
+                 "--out", str(out), "--dry-run"]) == 2
+    assert f"{tmp_path / 'no.pt'}" in capsys.readouterr().err and not out.exists()
+    # a dataset whose layout has a file that cannot be read: said as such, not as "not found"
+    broken = tmp_path / "broken"
+    shutil.copytree(data_root / "DRIVE", broken / "DRIVE")
+    first = sorted((broken / "DRIVE").rglob("*.tif"))[0]
+    first.write_bytes(first.read_bytes()[:100])
+    assert _run(["reproduce", "medical-sam3", "--data-root", str(broken), "--checkpoint", "tiny", "--out", str(out),
+                 "--dry-run"]) == 2
+    assert "DRIVE is there but not readable in the expected layout" in capsys.readouterr().err

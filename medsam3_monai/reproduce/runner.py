@@ -120,7 +120,7 @@ def reproduce(settings: ReproduceSettings, say: Callable[[str], None] = _say) ->
     """Run the reproduction described by ``settings`` (see the module doc for the output)."""
     paper = paper_table(settings.paper)
     out = Path(settings.out) if settings.out else None
-    if out is not None and not settings.dry_run:
+    if out is not None:  # (--dry-run too: it checks what the run would refuse)
         _check_out(out)
     agent = None
     if settings.agent:
@@ -141,9 +141,20 @@ def reproduce(settings: ReproduceSettings, say: Callable[[str], None] = _say) ->
             say(f"WARNING: {status.split_warning(settings.max_cases)}")
     result = Reproduction(out, paper, statuses)
     if not found:
+        broken = [s.dataset for s in statuses if s.status == "unreadable"]
+        if broken:
+            raise ValueError(f"none of the {len(statuses)} evaluation sets of {paper.title} under "
+                             f"{settings.data_root} can be evaluated: {', '.join(broken)} "
+                             f"{'is' if len(broken) == 1 else 'are'} there but not readable in the expected layout "
+                             "(listed above): repair or remove those files (--skip-unreadable skips cases that fail "
+                             "to load, not a layout's files whose headers cannot be read)")
         raise FileNotFoundError(f"none of the {len(statuses)} evaluation sets of {paper.title} was found under "
                                 f"{settings.data_root}: one folder per dataset, named like it, in its layout "
                                 "(listed above)")
+    from ..bundle import check_network_source
+
+    for source in sorted({source for _, source in runs}):  # a mistyped weights path: before the data, dry run too
+        check_network_source(source, settings.image_size)
     if settings.dry_run:
         return result
     if settings.mlflow:
