@@ -181,9 +181,9 @@ def test_a_picture_whose_floor_emptied_a_mask_gets_a_note(tmp_path, capsys, shar
 
     image = sorted((shared_data / "Kvasir-SEG_sample" / "images").glob("*.jpg"))[0]
     common = [str(image), "--prompt", "polyp", "--checkpoint", "tiny", "--device", "cpu", "--no-progress"]
-    from medsam3_monai.deploy.arguments import random_weights_note
+    from medsam3_monai.deploy.arguments import random_weights_notes
 
-    random = f"note: {random_weights_note('tiny')}"  # said after every tiny network's outputs
+    (random,) = (f"note: {line}" for line in random_weights_notes("tiny"))  # said after every tiny network's outputs
     assert main(["segment", *common, "--out", str(tmp_path / "top.png")]) == 0
     assert capsys.readouterr().err.strip() == random
     assert main(["segment", *common, "--out", str(tmp_path / "floor.png"), "--protocol", "top_query_floor",

@@ -15,7 +15,7 @@ import sys
 
 from ..protocol_registry import PROTOCOLS
 from .arguments import (add_detector_chunk_option, add_model_options, add_score_threshold_option,
-                        checked_threshold_option, ct_window_for, pixels, random_weights_note)
+                        checked_threshold_option, ct_window_for, pixels, random_weights_notes)
 
 __all__ = ["add_parser", "add_planner_options", "run"]
 
@@ -163,7 +163,6 @@ def run(args: argparse.Namespace) -> int:
     line = run_agent(args.input, args.request, args.out, settings, overlay=args.overlay, trace_path=args.trace,
                      overwrite=args.overwrite)
     print(line)
-    note = random_weights_note(args.checkpoint)
-    if note:  # after the outputs: its masks are no results
-        print(f"note: {note}", file=sys.stderr)
+    for line in random_weights_notes(args.checkpoint):  # after the outputs: its masks are no results
+        print(f"note: {line}", file=sys.stderr)
     return 0

@@ -26,13 +26,13 @@ def add_model_options(parser: Any) -> None:
                              "checkpoint); others must match theirs")
 
 
-def random_weights_note(checkpoint: Any) -> str | None:
+def random_weights_notes(checkpoint: Any) -> list[str]:
     """What to say when a command runs the random-init tiny network (``--checkpoint tiny``, the default of
-    ``segment``, ``agent`` and ``serve``), whose masks look like results; None for real weights."""
+    ``segment``, ``agent`` and ``serve``), whose masks look like results: one note; none for real weights."""
     if str(checkpoint) != "tiny":
-        return None
-    return ("--checkpoint tiny (the default) is a random-init network: its masks and scores mean nothing; give "
-            "--checkpoint real weights (a SAM3 / Medical-SAM3 file or folder, a training run's models/model.pt)")
+        return []
+    return ["--checkpoint tiny (the default) is a random-init network: its masks and scores mean nothing; give "
+            "--checkpoint real weights (a SAM3 / Medical-SAM3 file or folder, a training run's models/model.pt)"]
 
 
 #: the score threshold where none is given

@@ -35,7 +35,7 @@ from typing import Any
 from ..protocol_registry import PROTOCOLS, score_text
 from .arguments import (add_detector_chunk_option, add_gpu_options, add_model_options, add_score_threshold_option,
                         add_tracker_batch_option, at_least, checked_threshold_option, compile_notice,
-                        ct_window_for, gpu_context, pixels, random_weights_note)
+                        ct_window_for, gpu_context, pixels, random_weights_notes)
 
 __all__ = ["StagedFiles", "add_parser", "run", "run_many", "size_text", "write_label_volume", "write_mask_image",
            "write_prediction"]
@@ -364,16 +364,9 @@ def run(args: argparse.Namespace) -> int:
 
     print(write_prediction(prediction, args.input, out, sidecar_path, overlay, getattr(args, "max_pixels", None),
                            run=numerics(args)))
-    for line in prediction_notes(prediction) + _weights_notes(args):
+    for line in prediction_notes(prediction) + random_weights_notes(args.checkpoint):  # after the outputs
         print(f"note: {line}", file=sys.stderr)
     return 0
-
-
-def _weights_notes(args: argparse.Namespace) -> list[str]:
-    """Said after the outputs: the random-init tiny network's masks are no results
-    (:func:`~.arguments.random_weights_note`)."""
-    note = random_weights_note(args.checkpoint)
-    return [note] if note else []
 
 
 def _predictor(args: argparse.Namespace, max_pixels: Any, progress: bool, modalities: list[str | None]) -> Any:
@@ -647,7 +640,7 @@ def run_many(args: argparse.Namespace) -> int:
                          f"{skipped_csv})")
     print(f"segmented {written} of {len(items)} input(s) into {out_dir} in {seconds:.1f} s "
           f"({written / max(seconds, 1e-9):.2f} img/s, batch size {args.batch_size})")
-    for line in _weights_notes(args):
+    for line in random_weights_notes(args.checkpoint):  # after the outputs
         print(f"note: {line}", file=sys.stderr)
     return 0
 

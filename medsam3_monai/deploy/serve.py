@@ -11,7 +11,7 @@ import sys
 from typing import Any
 
 from .arguments import (add_detector_chunk_option, add_model_options, add_score_threshold_option,
-                        add_tracker_batch_option, random_weights_note)
+                        add_tracker_batch_option, random_weights_notes)
 
 __all__ = ["add_parser", "build_server", "run"]
 
@@ -194,9 +194,8 @@ def run(args: argparse.Namespace) -> int:
     if not app.state.auth.enabled and args.host not in ("127.0.0.1", "localhost", "::1"):
         print(f"medsam3 serve: WARNING: listening on {args.host} without --token: anyone who can reach this machine "
               "can upload images and run the model; give --token (or MEDSAM3_SERVE_TOKEN)", file=sys.stderr)
-    note = random_weights_note(args.checkpoint)
-    if note:
-        print(f"medsam3 serve: note: {note}", file=sys.stderr)
+    for line in random_weights_notes(args.checkpoint):
+        print(f"medsam3 serve: note: {line}", file=sys.stderr)
     host = f"[{args.host}]" if ":" in args.host else args.host  # an IPv6 address in a URL
     print(f"medsam3 serve: checkpoint {args.checkpoint}, http://{host}:{args.port} "
           f"(MONAI Label protocol: GET /info/, POST /infer/medsam3, POST /infer/medsam3_agent with {planner})"

@@ -225,9 +225,14 @@ def _remove_if_config_only(root: Path) -> None:
     """Remove the run folder ``root`` this command created when a failed bundle left nothing in it but the executed
     config MONAI's ``--tracking`` saves before the bundle starts (``runs/config_<time>.json``): an input error
     leaves no output behind. A folder holding anything else (a checkpoint to resume from) is kept."""
-    files = [p for p in root.rglob("*") if not p.is_dir()]
-    if all(p.parent == root / "runs" and p.name.startswith("config_") and p.suffix == ".json" for p in files):
+    if all(_is_executed_config(p, root) for p in root.rglob("*") if not p.is_dir()):
         shutil.rmtree(root, ignore_errors=True)
+
+
+def _is_executed_config(path: Path, root: Path) -> bool:
+    """Whether ``path`` is an executed config MONAI's ``--tracking`` saved in the run folder ``root``
+    (``runs/config_<time>.json``)."""
+    return path.parent == root / "runs" and path.name.startswith("config_") and path.suffix == ".json"
 
 
 def _run_files(root: Path) -> dict[Path, int]:
@@ -266,7 +271,7 @@ def run(args: argparse.Namespace) -> int:
         if created:  # (the executed config, the MLflow store of a run that never trained, an empty checkpoints dir)
             shutil.rmtree(root, ignore_errors=True)
         for path in written:  # an existing run's folder: the executed config MONAI saved describes no run
-            if path.parent == root / "runs" and path.name.startswith("config_") and path.suffix == ".json":
+            if _is_executed_config(path, root):
                 path.unlink(missing_ok=True)
     if status != 0:
         if created and root.exists():
