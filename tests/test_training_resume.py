@@ -73,8 +73,13 @@ def test_run_killed_mid_epoch_resumes_to_the_uninterrupted_parameters(shared_dat
     checkpoint = next(h for h in resumed.parser.get_parsed_content("train#handlers") if isinstance(h, TrainingCheckpoint))
     assert checkpoint.resumed_from is not None and checkpoint.resumed_from.name == f"checkpoint_iter{epoch_length + 2}.pt"
     assert resumed.parser.get_parsed_content("train#trainer").state.iteration == 2 * epoch_length
-    kept = sorted(p.name for p in (tmp_path / "resumed" / "runs" / "checkpoints").glob("*.pt"))
+    kept = sorted(p.name for p in (tmp_path / "resumed" / "runs" / "checkpoints").glob("checkpoint_iter*.pt"))
     assert kept == [f"checkpoint_iter{2 * epoch_length - 1}.pt", f"checkpoint_iter{2 * epoch_length}.pt"], kept
+    # both runs end between two validations (val_interval 1000): each validated its final network once
+    best = [torch.load(tmp_path / run / "runs" / "checkpoints" / "model_best_val_dice.pt", weights_only=False)
+            for run in ("whole", "resumed")]
+    assert best[0]["iteration"] == best[1]["iteration"] == 2 * epoch_length
+    assert best[0]["val_dice"] == best[1]["val_dice"]
 
     expected, got = _final_state(tmp_path / "whole"), _final_state(tmp_path / "resumed")
     assert expected.keys() == got.keys()
@@ -402,6 +407,74 @@ def test_the_validation_at_start_scores_the_restored_network(tmp_path: Path):
         "medsam3_monai.engines.TrainingCheckpoint")
 
 
+def test_a_resumed_validator_knows_the_best_value_so_far(tmp_path: Path, caplog):
+    """MONAI's evaluator keeps its own best (``state.best_metric``, logged as "Got new best metric"): the best-model
+    handler restores it with its own value, so after a resume a validation worse than the earlier run's best is not
+    announced as a new best (it was, with whatever value it had), and the best's epoch is the earlier run's."""
+    import logging
+
+    from ignite.metrics import Average
+    from monai.engines import Evaluator
+
+    from medsam3_monai.engines import BestModelCheckpoint
+
+    first = BestModelCheckpoint(None, str(tmp_path / "best.pt"))
+    first.best, first.best_epoch = 0.7, 1
+    _linear_training(tmp_path / "run", max_epochs=1, extra={"best_model": first})
+    evaluator = Evaluator(device="cpu", val_data_loader=[0], iteration_update=lambda engine, batch: 0.5,
+                          key_val_metric={"val_dice": Average(output_transform=lambda output: output)})
+    resumed = BestModelCheckpoint(None, str(tmp_path / "best.pt"))
+    resumed.attach(evaluator)
+    _linear_training(tmp_path / "run", max_epochs=2, extra={"best_model": resumed})
+    assert (resumed.best, resumed.best_epoch) == (0.7, 1)
+    with caplog.at_level(logging.INFO):
+        evaluator.run(2)
+    assert evaluator.state.metrics["val_dice"] == 0.5
+    assert (evaluator.state.best_metric, evaluator.state.best_metric_epoch) == (0.7, 1)
+    assert "Got new best metric" not in caplog.text and not (tmp_path / "best.pt").exists()
+
+
+def test_a_run_ending_between_validations_validates_its_final_network(tmp_path: Path):
+    """ValidateAtEnd: a training whose last iteration is not a multiple of ``val_interval`` validates its final
+    network once (a run shorter than the interval validates at all); one ending on a validation, a rerun of a
+    finished run and a disabled handler add nothing. In train.json it comes before TrainingCheckpoint (the end-of-run
+    checkpoint then carries the best value it set) and is disabled with the other validations."""
+    import json
+
+    from ignite.engine import Engine, Events
+
+    from medsam3_monai.engines import ValidateAtEnd
+
+    def validations(save_dir: Path, interval: int, max_epochs: int = 2, enabled: bool = True) -> list[int]:
+        engine = Engine(lambda e, batch: None)
+        seen = []
+
+        class Validator:
+            def run(self, epoch):
+                seen.append(engine.state.iteration)
+
+        validator = Validator()
+        engine.add_event_handler(Events.ITERATION_COMPLETED(every=interval), lambda e: validator.run(e.state.epoch))
+        ValidateAtEnd(validator, interval, enabled=enabled).attach(engine)
+        TrainingCheckpoint(str(save_dir), {}, save_interval=2).attach(engine)
+        engine.run([torch.ones(1, 2)] * 3, max_epochs=max_epochs)
+        return seen
+
+    assert validations(tmp_path / "a", interval=4) == [4, 6]
+    assert validations(tmp_path / "a", interval=4) == []  # the run had finished: nothing trained, nothing scored
+    assert validations(tmp_path / "a", interval=4, max_epochs=3) == [8, 9]  # resumed for one more epoch
+    assert validations(tmp_path / "short", interval=50) == [6]
+    assert validations(tmp_path / "b", interval=3) == [3, 6]
+    assert validations(tmp_path / "c", interval=4, enabled=False) == [4]
+    config = json.loads((CONFIGS / "train.json").read_text())
+    handlers = config["train"]["handlers"]
+    targets = [h.get("_target_") for h in handlers]
+    at_end = handlers[targets.index("medsam3_monai.engines.ValidateAtEnd")]
+    assert targets.index("medsam3_monai.engines.ValidateAtEnd") < targets.index(
+        "medsam3_monai.engines.TrainingCheckpoint")
+    assert at_end["enabled"] == "@validates" and at_end["interval"] == "@val_interval"
+
+
 def test_a_resume_on_other_training_items_is_refused_and_a_moved_data_root_is_not(tmp_path: Path):
     """The training items' fingerprint (dataset / image file name) travels in the checkpoint: other items of the
     same count, which the epoch length cannot tell, are refused; the same items under another folder resume."""
@@ -426,13 +499,14 @@ def test_a_datalist_without_validation_items_trains_without_validation(shared_da
 
     from monai.handlers import ValidationHandler
 
-    from medsam3_monai.engines import ValidateAtStart
+    from medsam3_monai.engines import ValidateAtEnd, ValidateAtStart
 
     datalists = _datalists(shared_data, tmp_path / "datalists")[:1]
     with_validation = _workflow(tmp_path / "with", datalists, image_size=112, validate_at_start=True)
     handlers = with_validation.parser.get_parsed_content("train#handlers")
     assert any(isinstance(h, ValidationHandler) for h in handlers)
     assert next(h for h in handlers if isinstance(h, ValidateAtStart)).enabled
+    assert next(h for h in handlers if isinstance(h, ValidateAtEnd)).enabled
     datalist = json.loads(Path(datalists[0]).read_text())
     datalist["training"] += datalist.pop("validation")
     datalist["validation"] = []
@@ -444,3 +518,4 @@ def test_a_datalist_without_validation_items_trains_without_validation(shared_da
     handlers = without.parser.get_parsed_content("train#handlers")
     assert not any(isinstance(h, ValidationHandler) for h in handlers)
     assert not next(h for h in handlers if isinstance(h, ValidateAtStart)).enabled
+    assert not next(h for h in handlers if isinstance(h, ValidateAtEnd)).enabled

@@ -6,7 +6,7 @@ from .checkpointing import (TrainingCheckpoint, TrainingData, check_resume_check
 from .batch import ImageBudgetBatches, PrepareFindBatch, collate_find_queries, flatten_items
 from .evaluator import MedSAM3Evaluator, PromptDice, TopQueryDice, pred_and_label
 from .handlers import (BestModelCheckpoint, EpochSeedHandler, FinalCheckpoint, LossProgressBar, MLflowRunInfoHandler,
-                       OptimizerStepLrSchedule, TrainerIteration, ValidateAtStart)
+                       OptimizerStepLrSchedule, TrainerIteration, ValidateAtEnd, ValidateAtStart)
 from .optim import build_optimizer, check_training_mode, freeze_encoders, freeze_for_mode
 from .schedulers import WarmupInverseSqrtLR, inverse_sqrt_factor
 from .trainer import MedSAM3Trainer, autocast_for
@@ -14,7 +14,7 @@ from .trainer import MedSAM3Trainer, autocast_for
 __all__ = [
     "distributed", "BestModelCheckpoint", "EpochSeedHandler", "FinalCheckpoint", "LossProgressBar",
     "MLflowRunInfoHandler", "OptimizerStepLrSchedule", "TrainerIteration", "TrainingCheckpoint", "TrainingData",
-    "ValidateAtStart", "check_resume_checkpoint", "check_resume_source", "latest_checkpoint",
+    "ValidateAtEnd", "ValidateAtStart", "check_resume_checkpoint", "check_resume_source", "latest_checkpoint",
     "MedSAM3Evaluator", "MedSAM3Trainer", "ImageBudgetBatches", "PrepareFindBatch", "PromptDice", "TopQueryDice",
     "WarmupInverseSqrtLR",
     "autocast_for", "build_optimizer", "check_training_mode", "collate_find_queries", "flatten_items",

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import logging
+import math
 from pathlib import Path
 from typing import Any, Mapping, Sequence
 
@@ -227,6 +228,44 @@ class ValidateAtStart:
         self.validator.run(engine.state.epoch)
 
 
+class ValidateAtEnd:
+    """Validate the final network once when a training ends between two of ``ValidationHandler``'s validations
+    (its last iteration not a multiple of ``interval``), so that every run that trains is scored on its last weights
+    and the best model can be the final one: a run shorter than ``val_interval`` iterations validates once, at its
+    end. List it before ``TrainingCheckpoint`` (Ignite runs a ``COMPLETED`` event's handlers in the order they were
+    attached): the end-of-run checkpoint then carries the best value this validation may have set.
+
+    Nothing runs when this process trained no iteration (a rerun of a finished training) or when the run stopped
+    before ``max_epochs``.
+
+    Args:
+        validator: the validation engine (``validate#evaluator``).
+        interval: the ``ValidationHandler``'s interval in iterations (``val_interval``).
+        enabled: False when the training does not validate (no validation items).
+    """
+
+    def __init__(self, validator: Any, interval: int, enabled: bool = True) -> None:
+        self.validator, self.interval, self.enabled = validator, int(interval), bool(enabled)
+        self._trained = False
+
+    def attach(self, engine: Engine) -> None:
+        if self.enabled:
+            engine.add_event_handler(Events.STARTED, self._start)
+            engine.add_event_handler(Events.ITERATION_COMPLETED, self._count)
+            engine.add_event_handler(Events.COMPLETED, self)
+
+    def _start(self, engine: Engine) -> None:
+        self._trained = False
+
+    def _count(self, engine: Engine) -> None:
+        self._trained = True
+
+    def __call__(self, engine: Engine) -> None:
+        state = engine.state
+        if self._trained and state.epoch >= state.max_epochs and state.iteration % self.interval:
+            self.validator.run(state.epoch)
+
+
 class OptimizerStepLrSchedule:
     """Step the learning-rate scheduler once per optimiser step: at the trainer's ``MODEL_COMPLETED``, which
     :class:`~.trainer.MedSAM3Trainer` fires after ``optimizer.step()``, so with ``accumulation_steps`` N every N
@@ -272,22 +311,32 @@ class BestModelCheckpoint:
 
     The best value so far is state (``state_dict``): give the handler to ``TrainingCheckpoint``'s objects (as
     ``best_model``, as ``train.json`` does) and a resumed training keeps the best model of the run it resumes,
-    instead of writing the file afresh at its first validation.
+    instead of writing the file afresh at its first validation. The validator's own record of its best (MONAI's
+    ``state.best_metric`` and ``best_metric_epoch``, which it logs as "Got new best metric" and "best value ... at
+    epoch") is restored with it, so a resumed run's first validation is not announced as a new best when it is not.
     """
 
     def __init__(self, network: torch.nn.Module, path: str, metric: str = "val_dice",
                  iteration: TrainerIteration | None = None) -> None:
         self.network, self.path, self.metric, self.iteration = network, path, metric, iteration
         self.best = float("-inf")
+        self.best_epoch = -1
+        self._validator: Engine | None = None
 
     def state_dict(self) -> dict[str, float]:
-        return {"best": self.best, "metric": self.metric}  # type: ignore[dict-item]
+        return {"best": self.best, "metric": self.metric, "epoch": self.best_epoch}  # type: ignore[dict-item]
 
     def load_state_dict(self, state: Mapping[str, Any]) -> None:
-        if state.get("metric", self.metric) == self.metric:
-            self.best = float(state["best"])
+        if state.get("metric", self.metric) != self.metric:
+            return
+        self.best, self.best_epoch = float(state["best"]), int(state.get("epoch", 0))
+        validator_state = getattr(self._validator, "state", None)
+        if math.isfinite(self.best) and getattr(validator_state, "key_metric_name", None) == self.metric:
+            validator_state.best_metric = self.best
+            validator_state.best_metric_epoch = max(self.best_epoch, 0)  # -1 would make MONAI take any value
 
     def attach(self, engine: Engine) -> None:
+        self._validator = engine
         engine.add_event_handler(Events.EPOCH_COMPLETED, self)
 
     def __call__(self, engine: Engine) -> None:
@@ -297,7 +346,7 @@ class BestModelCheckpoint:
         value = float(engine.state.metrics[self.metric])
         if not value > self.best:  # NaN never counts as better
             return
-        self.best = value
+        self.best, self.best_epoch = value, int(engine.state.epoch)
         extra: dict[str, Any] = {self.metric: value}
         if self.iteration is not None:
             extra["iteration"] = self.iteration(0)
