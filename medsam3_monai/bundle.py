@@ -15,6 +15,9 @@ from typing import Any, Sequence
 BUNDLE_CONFIGS = Path(__file__).resolve().parents[1] / "bundles" / "medsam3" / "configs"
 #: set by ``medsam3 train`` for the bundle it runs: the program name its errors go under (``medsam3 train``)
 FRONT_VARIABLE = "MEDSAM3_FRONT"
+#: a folder where the ranks of one ``torchrun`` (``deploy.torchrun`` makes it) mark the lines they said, so that an
+#: input error every rank meets is said once, not once per rank
+SAID_ONCE_VARIABLE = "MEDSAM3_SAID_ONCE_DIR"
 #: set with it: that command's own options, a JSON object of bundle key -> option (``{"max_epochs": "--epochs"}``)
 FRONT_OPTIONS_VARIABLE = "MEDSAM3_FRONT_OPTIONS"
 #: a bundle option in a message: ``--key`` and the value that may follow it (``--image_size 112``, ``--resume false``)
@@ -81,6 +84,24 @@ def in_front_words(text: str) -> str:
     return front_words(text, json.loads(os.environ.get(FRONT_OPTIONS_VARIABLE) or "{}"))
 
 
+def _first_to_say(line: str) -> bool:
+    """Whether this process is the first rank of its ``torchrun`` to say ``line`` (True outside one): a mark file
+    named by the line's hash, created exclusively in ``SAID_ONCE_VARIABLE``'s folder."""
+    import hashlib
+    import os
+
+    folder = os.environ.get(SAID_ONCE_VARIABLE)
+    if not folder:
+        return True
+    try:
+        os.close(os.open(os.path.join(folder, hashlib.sha1(line.encode()).hexdigest()), os.O_CREAT | os.O_EXCL))
+    except FileExistsError:
+        return False
+    except OSError:  # the folder is gone or not writable: better twice than never
+        return True
+    return True
+
+
 def report_input_errors(prog: str = "medsam3 bundle") -> None:
     """Make an input error end a ``python -m monai.bundle run`` as ``medsam3`` ends: one line on stderr, exit 2.
 
@@ -112,11 +133,9 @@ def report_input_errors(prog: str = "medsam3 bundle") -> None:
         # the process's own stderr: under torch.distributed, its excepthook calls this one with sys.stderr swapped for
         # a buffer that it prints only after this hook returns, which os._exit does not
         stream = sys.__stderr__ or sys.stderr
-        if interrupted:
-            if not front:  # (medsam3 train says it, with how to resume)
-                print(f"{prog}: interrupted", file=stream)
-        else:
-            print(f"{prog}: error: {in_front_words(str(cause))}", file=stream)
+        line = f"{prog}: interrupted" if interrupted else f"{prog}: error: {in_front_words(str(cause))}"
+        if (not interrupted or not front) and _first_to_say(line):  # (medsam3 train says it, with how to resume)
+            print(line, file=stream)
         stream.flush()
         sys.stdout.flush()
         os._exit(130 if interrupted else 2)  # excepthook cannot choose the exit status; nothing is left to clean up

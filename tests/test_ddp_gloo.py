@@ -182,3 +182,25 @@ def test_the_torchrun_front_ends_as_its_ranks_did_after_an_input_error(tmp_path:
     fine = tmp_path / "fine.py"
     fine.write_text("pass\n")
     assert main([*common, str(fine)]) == 0
+
+
+def test_an_input_error_every_rank_meets_is_said_once(tmp_path: Path, capfd, monkeypatch):
+    """Both ranks of ``medsam3 train --nproc 2`` stop on the same bad file: the line is said once (the first rank to
+    say it marks it in the launcher's folder; a line only one rank meets is still said), and the launcher ends with
+    status 2 whether the other rank said it too or torchrun stopped it first (SIGTERM)."""
+    from medsam3_monai.bundle import SAID_ONCE_VARIABLE, _first_to_say
+    from medsam3_monai.deploy.torchrun import main
+
+    assert _first_to_say("x") and _first_to_say("x")  # outside a launcher: always
+    monkeypatch.setenv(SAID_ONCE_VARIABLE, str(tmp_path))
+    assert _first_to_say("medsam3 train: error: a") and not _first_to_say("medsam3 train: error: a")
+    assert _first_to_say("medsam3 train: error: b")
+    monkeypatch.delenv(SAID_ONCE_VARIABLE)
+    rank = tmp_path / "rank.py"
+    rank.write_text("from medsam3_monai.bundle import report_input_errors\nreport_input_errors('medsam3 train')\n"
+                    "raise ValueError('a.png: truncated')\n")
+    capfd.readouterr()
+    assert main(["--standalone", "--nproc_per_node", "2", "--log-dir", str(tmp_path / "logs"), str(rank)]) == 2
+    said = [line for line in capfd.readouterr().err.splitlines() if "error:" in line]
+    assert said == ["medsam3 train: error: a.png: truncated"], said
+    assert SAID_ONCE_VARIABLE not in os.environ
