@@ -408,6 +408,29 @@ def test_volume_with_the_mllm_planner(hippocampus, tmp_path, segment_reference):
     assert trace_of(out)["rounds"][0]["mark"]["slices"]
 
 
+def test_a_volume_stored_in_sagittal_slices_is_described_as_such():
+    """The planner is told the plane it sees: a volume whose third axis runs left-right is shown in sagittal slices
+    (head up, anterior on the left), and its system prompt, captions and mark lines say "sagittal", not "axial"."""
+    import torch
+
+    from medsam3_monai.agent.marks import Mark
+    from medsam3_monai.agent.prompts import system_prompt
+    from medsam3_monai.agent.render import View
+
+    volume = torch.rand(1, 20, 24, 16)
+    sagittal, axial = (View(volume, affine=torch.eye(4)[:, order], is_volume=True)
+                       for order in ([2, 1, 0, 3], [0, 1, 2, 3]))
+    assert (sagittal.plane, axial.plane, View(volume[..., 0]).plane) == ("sagittal", "axial", "axial")
+    prompt = system_prompt(4, True, False, sagittal.plane)
+    assert "representative sagittal slices" in prompt and "(the head up, anterior on the left of each slice)" in prompt
+    assert "representative axial slices" in system_prompt(4, True, False)
+    mask = np.zeros((20, 24, 16), bool)
+    mask[5:9, 6:12, 3:7] = True
+    mark = Mark(number=1, phrase="liver", round=1, mask=mask, score=0.9, prediction=None, is_volume=True)
+    assert "sagittal slices 3-6 of 0-15" in mark.describe(sagittal.plane)
+    assert "axial slices 3-6 of 0-15" in mark.describe()
+
+
 @pytest.mark.parametrize("reply, model, says", [
     ({"body": {"error": {"message": "model overloaded"}}}, MODEL, "answered with an error: model overloaded"),
     ({"body": {}}, MODEL, "sent no chat completion (an empty reply); check that --llm-url is the OpenAI-compatible"),

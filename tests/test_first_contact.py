@@ -239,6 +239,25 @@ def test_volume_slices_are_shown_in_the_radiological_convention(diagonal, flips)
     assert torch.equal(radiological_view(plane, swapped, row_axis=1, col_axis=0), expected)
 
 
+@pytest.mark.parametrize("order, plane_name", [((2, 1, 0), "sagittal"), ((0, 2, 1), "coronal")])
+def test_sagittal_and_coronal_slices_are_shown_head_up(order, plane_name):
+    """A volume stored in sagittal (or coronal) slices: the panels show the head at the top and anterior (the
+    patient's right) on the left, the radiological display of that plane, not the axial rule turned sideways."""
+    from medsam3_monai.metrics.plots import radiological_view, slice_plane
+
+    affine = torch.eye(4)[:, [*order, 3]]  # RAS world axes in the array's order: the third is x (or y)
+    assert slice_plane(affine) == plane_name
+    plane = torch.arange(12.0).reshape(3, 4)  # rows along array axis 1, columns along array axis 0
+    shown = radiological_view(plane, affine, row_axis=1, col_axis=0)
+    # sagittal: axis 1 is y (A), axis 0 is z (S); coronal: axis 1 is z (S), axis 0 is x (R)
+    # plane[i, j] = 4i + j; the head up means the world z falls down the screen, the left/right rule as named
+    if plane_name == "sagittal":  # rows: S from top (j = 3) down; columns: A from the left (i = 2) to the right
+        expected = torch.tensor([[11.0, 7, 3], [10, 6, 2], [9, 5, 1], [8, 4, 0]])
+    else:  # rows: S (i) from the top, 2 down to 0; columns: the patient's right (x = j large) on the left
+        expected = torch.tensor([[11.0, 10, 9, 8], [7, 6, 5, 4], [3, 2, 1, 0]])
+    assert torch.equal(shown, expected)
+
+
 def test_training_logs_every_log_interval_iterations_not_every_one():
     from medsam3_monai.bundle import config_parser
 
@@ -290,7 +309,8 @@ def test_options_that_would_go_unused_are_refused_not_ignored(shared_data, tmp_p
         assert not list(tmp_path.iterdir()), argv
     converted = tmp_path / "tiny224"  # a checkpoint keeps its own size
     assert cli("convert-checkpoint", "tiny", str(converted), "--image-size", "224") == 0
-    capsys.readouterr()
+    assert f"note: tiny is a random-init network (for tests and demos): {converted} holds random weights" in \
+        capsys.readouterr().err
     assert cli("convert-checkpoint", str(converted), str(out), "--image-size", "112") == 2
     last = capsys.readouterr().err.strip().splitlines()[-1]  # after transformers' loading bar
     assert last.startswith("medsam3 convert-checkpoint: error: ") and "works at 224 px" in last, last

@@ -120,12 +120,16 @@ def test_a_volume_not_stored_axially_is_noted():
     from types import SimpleNamespace
 
     from medsam3_monai.deploy.segment_cli import slice_axis_note, volume_notes
+    from medsam3_monai.metrics.plots import slice_plane
 
     assert slice_axis_note(np.eye(4)) is None  # RAS: axial slices
     assert slice_axis_note(np.diag([-1.0, -1.0, 1.0, 1.0])) is None  # LPS
     sagittal = np.eye(4)[:, [2, 1, 0, 3]]  # third axis along x
     assert "segmented in sagittal slices" in slice_axis_note(sagittal)
     assert "coronal" in slice_axis_note(np.eye(4)[:, [0, 2, 1, 3]])
+    # the plane the overlays' volume panels are titled with ("slice 12 (sagittal)")
+    planes = [slice_plane(a) for a in (np.diag([-1.0, -1.0, 1.0, 1.0]), sagittal, np.eye(4)[:, [0, 2, 1, 3]])]
+    assert planes == ["axial", "sagittal", "coronal"]
     empty = SimpleNamespace(prompts=["liver"], scores=[0.1], seed_slices=[-1])
     assert volume_notes(SimpleNamespace(affine=sagittal, **vars(empty)), 0.5)[0] == slice_axis_note(sagittal)
     assert len(volume_notes(SimpleNamespace(affine=np.eye(4), **vars(empty)), 0.5)) == 1  # the empty mask's alone

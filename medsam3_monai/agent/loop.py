@@ -107,7 +107,8 @@ class PlannerLoop:
     # ------------------------------------------------------------------------------------------ messages
     def _system(self) -> dict[str, Any]:
         return {"role": "system",
-                "content": system_prompt(self.settings.max_rounds, self.view.is_volume, self.text_mode)}
+                "content": system_prompt(self.settings.max_rounds, self.view.is_volume, self.text_mode,
+                                         self.view.plane)}
 
     @staticmethod
     def _user(text: str, pictures: list[tuple[str, Any]] | None = None) -> dict[str, Any]:
@@ -297,18 +298,19 @@ class PlannerLoop:
         self.tried[key] = mark.number
         self.trace.round(round=self.rounds, phrase=phrase, mark=mark.facts(), seconds=round(seconds, 4),
                          marks=[m.number for m in self.marks])
-        note = round_note(self.rounds, self.settings.max_rounds, [m.describe() for m in self.marks],
+        note = round_note(self.rounds, self.settings.max_rounds, [m.describe(self.view.plane) for m in self.marks],
                           [m.phrase for m in self.marks])
         picture = self.view.picture(self.marks, header=f"round {self.rounds}: marks 1-{len(self.marks)}"
                                     if not self.view.is_volume else None)
-        return _Outcome(f"{mark.describe()}. " + ("The picture follows." if not self.text_mode else "\n" + note),
+        described = mark.describe(self.view.plane)
+        return _Outcome(f"{described}. " + ("The picture follows." if not self.text_mode else "\n" + note),
                         [(note if not self.text_mode else "", picture)])
 
     def _tool_examine_each_mask(self, masks: list[int] | None) -> _Outcome:
         chosen = self._numbers(masks, "examine_each_mask") if masks else [m for m in self.marks if not m.empty]
         if not chosen:
             raise ToolCallError("examine_each_mask: every mark is empty; try another phrase or report no mask")
-        pictures = [(m.describe(), self.view.examine(m)) for m in chosen]
+        pictures = [(m.describe(self.view.plane), self.view.examine(m)) for m in chosen]
         return _Outcome(f"examining mark{'s' if len(chosen) > 1 else ''} "
                         f"{', '.join(str(m.number) for m in chosen)}: each shown without and with the mark.", pictures)
 

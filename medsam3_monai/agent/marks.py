@@ -87,8 +87,8 @@ class Mark:
                             round(float(cols.max() + 1) / width, 3), round(float(rows.max() + 1) / height, 3)])
         return out
 
-    def describe(self) -> str:
-        """One line for the planner."""
+    def describe(self, plane: str = "axial") -> str:
+        """One line for the planner (``plane``: the anatomical plane of a volume's slices, ``View.plane``)."""
         facts = self.facts()
         head = f"mark {self.number}: {self.phrase!r} (round {self.round}), score {self.score:.3f}"
         if self.empty:
@@ -98,7 +98,7 @@ class Mark:
         parts_text = "1 part" if parts == 1 else f"{parts} separate parts"
         if self.is_volume:
             low, high = facts["slices"]
-            return (f"{head}, {share:.2f}% of the volume, axial slices {low}-{high} of 0-{facts['depth'] - 1} "
+            return (f"{head}, {share:.2f}% of the volume, {plane} slices {low}-{high} of 0-{facts['depth'] - 1} "
                     f"(largest at {facts['largest_slice']}), {parts_text}")
         x1, y1, x2, y2 = facts["box"]
         return (f"{head}, {share:.1f}% of the image, in the {facts['position']} (centre x {facts['centre'][0]:.2f}, "

@@ -30,10 +30,9 @@ phrase already tried is refused. You have at most {max_rounds} segment_phrase ca
 Call exactly one tool per reply."""
 
 _SUBJECT_IMAGE = "You see one 2D image (its pixels as given; x runs left to right, y top to bottom)."
-_SUBJECT_VOLUME = ("The input is a 3D volume. You see a few representative axial slices side by side, in the "
-                   "radiological convention (anterior up, the patient's right on the left of each slice). The phrase "
-                   "you choose is segmented through the whole volume (every slice, with tracking between slices); "
-                   "the slices shown follow the marks.")
+_SUBJECT_VOLUME = ("The input is a 3D volume. You see a few representative {plane} slices side by side, in the "
+                   "radiological convention ({convention} of each slice). The phrase you choose is segmented through "
+                   "the whole volume (every slice, with tracking between slices); the slices shown follow the marks.")
 
 _TEXT_MODE = """
 
@@ -46,8 +45,13 @@ TEXT_MODE_REMINDER = ('reply with one JSON object and nothing else, e.g. {"tool"
                       '{"text_prompt": "polyp"}}')
 
 
-def system_prompt(max_rounds: int, is_volume: bool, text_mode: bool) -> str:
-    text = _SYSTEM.format(subject=_SUBJECT_VOLUME if is_volume else _SUBJECT_IMAGE, max_rounds=max_rounds)
+def system_prompt(max_rounds: int, is_volume: bool, text_mode: bool, plane: str = "axial") -> str:
+    """The planner's system prompt; ``plane``: the anatomical plane of a volume's slices (``View.plane``)."""
+    from ..metrics.plots import VIEW_CONVENTIONS
+
+    subject = (_SUBJECT_VOLUME.format(plane=plane, convention=VIEW_CONVENTIONS[plane]) if is_volume
+               else _SUBJECT_IMAGE)
+    text = _SYSTEM.format(subject=subject, max_rounds=max_rounds)
     if text_mode:
         text += _TEXT_MODE.format(tools=tools_as_text())
     return text

@@ -1,8 +1,9 @@
 """Pictures for the planner: the input with the marks drawn as coloured, numbered masks, and PNG data URLs.
 
 * 2D: the picture at its own aspect ratio, its longest side scaled to between 384 px and ``view_size``.
-* Volumes: a montage of representative axial slices in the radiological convention (anterior up, the patient's
-  right on the left), as the overlays of ``medsam3 segment`` show them (:func:`~medsam3_monai.deploy.overlay.
+* Volumes: a montage of representative slices along the third axis (axial, or sagittal / coronal for a volume stored
+  so: :attr:`View.plane`) in the radiological convention of their plane (axial: anterior up, the patient's right on
+  the left), as the overlays of ``medsam3 segment`` show them (:func:`~medsam3_monai.deploy.overlay.
   montage_slices`: the slice where the marks are largest and the slices at 1/4 and 3/4 of their extent; with no
   marks, 1/4, 1/2 and 3/4 of the depth), each panel captioned with its slice index.
 
@@ -106,11 +107,18 @@ class View:
         return tuple(int(s) for s in self.image.shape[1:])
 
     @property
+    def plane(self) -> str:
+        """The anatomical plane of a volume's slices (``metrics.plots.slice_plane``; ``axial`` without an affine)."""
+        from ..metrics.plots import slice_plane
+
+        return slice_plane(self.affine) if self.is_volume and self.affine is not None else "axial"
+
+    @property
     def depth(self) -> int:
         return self.shape[-1] if self.is_volume else 1
 
     def slices_for(self, masks: Sequence[Any]) -> list[int]:
-        """Representative axial slices of a volume for these masks (see the module docstring)."""
+        """Representative slices of a volume for these masks (see the module docstring)."""
         import numpy as np
         import torch
 
@@ -251,6 +259,8 @@ class View:
 
     def picture(self, marks: Sequence[Any], header: str | None = None):
         """The input with every mark drawn (numbered), with a legend ``number: phrase (score)``."""
+        from ..metrics.plots import VIEW_CONVENTIONS
+
         legend = [(m.number, f"{m.number}: {m.phrase} ({m.score:.2f})" + (", empty" if m.empty else ""))
                   for m in marks]
         masks = [m.mask for m in marks]
@@ -264,9 +274,9 @@ class View:
             rgb, planes = self._planes(masks, z)
             size = self._scaled_size(*rgb.shape[:2], max(self.view_size // 2, MIN_SIDE // 2))
             panels.append(self._panel(rgb, [(m.number, p) for m, p in zip(marks, planes)], size))
-            captions.append(f"axial slice z={z} of 0-{self.depth - 1}")
-        return self._with_strips(panels, captions, legend, header or "axial slices: anterior up, patient's right "
-                                                                      "on the left")
+            captions.append(f"{self.plane} slice z={z} of 0-{self.depth - 1}")
+        return self._with_strips(panels, captions, legend, header or f"{self.plane} slices: "
+                                                                      f"{VIEW_CONVENTIONS[self.plane]}")
 
     def examine(self, mark: Any):
         """One mark zoomed: the region around it without and with the mark (volumes: on its largest slice)."""
@@ -276,7 +286,7 @@ class View:
             per_slice = np.asarray(mark.mask).reshape(-1, self.depth).sum(axis=0)
             z = int(per_slice.argmax())
             rgb, (plane,) = self._planes([mark.mask], z)
-            caption = f"mark {mark.number} on axial slice z={z}"
+            caption = f"mark {mark.number} on {self.plane} slice z={z}"
         else:
             rgb, (plane,) = self._planes([mark.mask], None)
             caption = f"mark {mark.number}"

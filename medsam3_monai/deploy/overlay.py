@@ -16,7 +16,7 @@ from typing import Any
 import torch
 
 from ..metrics.plots import (class_areas, class_colour, class_legend, display_image, label_fill, radiological_view,
-                             title_lines)
+                             slice_plane, title_lines)
 
 __all__ = ["DISPLAY_PIXELS", "montage_slices", "save_overlay"]
 
@@ -92,13 +92,15 @@ def save_overlay(prediction: Any, path: str | Path, image: torch.Tensor | None =
         def view(plane: torch.Tensor) -> torch.Tensor:
             return radiological_view(plane, prediction.affine, row_axis=1, col_axis=0)
 
+        plane = slice_plane(prediction.affine)
         panels = [(view(extract_slice(image, z, 2, True)), view(extract_slice(labels[None], z, 2, True)[0]),
-                   f"slice {z} (z)") for z in montage_slices(labels, 2, max_slices)]
+                   f"slice {z} ({plane})") for z in montage_slices(labels, 2, max_slices)]
     else:
         panels = [(image, labels, None)]
     height, width = panels[0][1].shape
     side = 4.0
-    figure = Figure(figsize=(side * len(panels) * max(width / height, 0.5), side + 0.9), dpi=100)
+    # a panel is drawn at its aspect within 0.5 .. 2 (a thin slab's sagittal slice is far wider than high)
+    figure = Figure(figsize=(side * len(panels) * min(max(width / height, 0.5), 2.0), side + 0.9), dpi=100)
     FigureCanvasAgg(figure)
     axes = figure.subplots(1, len(panels), squeeze=False)[0]
     values = list(prediction.label_values)

@@ -651,10 +651,12 @@ def slice_axis_note(affine: Any) -> str | None:
     import nibabel as nib
     import numpy as np
 
-    codes = nib.aff2axcodes(np.asarray(affine, dtype=np.float64))
-    if codes[2] in ("S", "I"):
+    from ..metrics.plots import slice_plane
+
+    plane = slice_plane(affine)
+    if plane == "axial":
         return None
-    plane = "sagittal" if codes[2] in ("L", "R") else "coronal"
+    codes = nib.aff2axcodes(np.asarray(affine, dtype=np.float64))
     return (f"the volume's third axis runs {codes[2]} (axis codes {''.join(codes)}), so it was segmented in "
             f"{plane} slices; reorient it to axial (third axis S or I) for the papers' setting")
 

@@ -133,21 +133,45 @@ def radar_chart(
     return save_figure(figure, path, rect=(0, legend_room, 1, 1 - 0.3 * len(lines) / figure.get_figheight()))
 
 
+def slice_plane(affine: Any, axis: int = 2) -> str:
+    """The anatomical plane of a volume's slices along array ``axis`` (default the third, the one volumes are sliced
+    along), by where that axis runs (nibabel's axis codes of the voxel-to-world ``affine``): ``axial`` (S or I),
+    ``sagittal`` (L or R) or ``coronal`` (A or P)."""
+    import nibabel as nib
+
+    code = nib.aff2axcodes(np.asarray(affine, dtype=np.float64))[axis]
+    return "axial" if code in ("S", "I") else "sagittal" if code in ("L", "R") else "coronal"
+
+
+#: per plane, how :func:`radiological_view` shows its slices (the radiological convention), in words
+VIEW_CONVENTIONS = {"axial": "anterior up, the patient's right on the left",
+                    "sagittal": "the head up, anterior on the left",
+                    "coronal": "the head up, the patient's right on the left"}
+#: per plane, the world (RAS) directions that go up and to the right on screen (:data:`VIEW_CONVENTIONS`)
+_SCREEN_DIRECTIONS = {"axial": ((0.0, 1.0, 0.0), (-1.0, 0.0, 0.0)),
+                      "sagittal": ((0.0, 0.0, 1.0), (0.0, -1.0, 0.0)),
+                      "coronal": ((0.0, 0.0, 1.0), (-1.0, 0.0, 0.0))}
+
+
 def radiological_view(plane: torch.Tensor, affine: Any, row_axis: int, col_axis: int) -> torch.Tensor:
-    """An axial slice ``(..., rows, cols)`` of a volume turned to the radiological convention: anterior at the top,
-    the patient's right on the left of the picture.
+    """A slice ``(..., rows, cols)`` of a volume turned to the radiological convention of its plane
+    (:func:`slice_plane` of the axis it is a slice along; :data:`VIEW_CONVENTIONS`): axial anterior at the top and
+    the patient's right on the left of the picture; sagittal the head at the top and anterior on the left; coronal
+    the head at the top and the patient's right on the left.
 
     Args:
         plane: the slice, rows along volume axis ``row_axis`` and columns along ``col_axis``.
         affine: the volume's (4, 4) voxel-to-world affine in RAS (MONAI's convention: +x right, +y anterior).
     """
     a = torch.as_tensor(np.asarray(affine, dtype=np.float64))[:3]
+    up, right = (torch.tensor(d, dtype=torch.float64)
+                 for d in _SCREEN_DIRECTIONS[slice_plane(affine, 3 - row_axis - col_axis)])
     rows, cols = a[:, row_axis], a[:, col_axis]
-    if abs(rows[0]) > abs(rows[1]) and abs(cols[1]) > abs(cols[0]):  # rows run left-right: swap
+    if abs(float(rows @ up)) < abs(float(cols @ up)):  # the columns run up or down the screen: swap
         plane, rows, cols = plane.transpose(-1, -2), cols, rows
-    if rows[1] > 0:  # going down the picture must go posterior (-y)
+    if float(rows @ up) > 0:  # going down the picture must go against "up"
         plane = plane.flip(-2)
-    if cols[0] > 0:  # going right in the picture must go to the patient's left (-x)
+    if float(cols @ right) < 0:  # going right in the picture must go "right"
         plane = plane.flip(-1)
     return plane
 
