@@ -53,6 +53,11 @@ VENV="${MEDSAM3_VENV:-$HOME/.cache/medsam3-monai/venv}"
 PY="${PYTHON:-$([ -x "$VENV/bin/python" ] && echo "$VENV/bin/python" || echo python)}"
 PEAK_TFLOPS="${PEAK_TFLOPS:-989}"
 TRAIN_BATCH="${TRAIN_BATCH:-4}"
+if ! "$PY" -c 'import sys, torch; sys.exit(0 if torch.cuda.is_available() else 1)' 2>/dev/null; then
+    echo "bench_gpu.sh: no CUDA device: torch.cuda.is_available() is False with $PY. Run it on a machine with an" \
+         "NVIDIA GPU (the CPU checks are scripts/bench_full_cpu.py and scripts/bench_segment.py)." >&2
+    exit 3
+fi
 LOG_DIR="${LOG_DIR:-$(mktemp -d -t bench-gpu-XXXXXX)}"
 PART_TIMEOUT="${PART_TIMEOUT:-0}"  # seconds per part (0: none); a part stopped there is recorded as an error
 QUICK="${QUICK:-0}"
@@ -64,11 +69,6 @@ fi
 mkdir -p "$LOG_DIR"
 export PYTHONPATH="$PWD${PYTHONPATH:+:$PYTHONPATH}"  # this checkout's package
 
-if ! "$PY" -c 'import sys, torch; sys.exit(0 if torch.cuda.is_available() else 1)' 2>/dev/null; then
-    echo "bench_gpu.sh: no CUDA device: torch.cuda.is_available() is False with $PY. Run it on a machine with an" \
-         "NVIDIA GPU (the CPU checks are scripts/bench_full_cpu.py and scripts/bench_segment.py)." >&2
-    exit 3
-fi
 
 PARTS=(forward forward_compiled forward_channels_last forward_chunk32 evaluate train train_checkpointing train_compiled
        train_batch8_compiled train_batch16_checkpointing volume volume_compiled volume_cudagraphs volume_profile

@@ -54,6 +54,7 @@ for profile in "$LOGS"/*_profile.txt; do
     echo "==> $(basename "$profile")"
     cat "$profile"
 done >"$RESULTS/profiles.txt"
+rm -rf "$LOGS"  # what came back is in $RESULTS
 
 "$PY" -m pytest -q -p no:cacheprovider -rs tests/test_boundary_merge.py tests/test_training_step.py \
     tests/test_network_forward.py::test_the_decoder_reads_the_grid_size_from_a_host_tensor \

@@ -143,6 +143,10 @@ def main(argv: list[str] | None = None) -> None:
     parser.add_argument("--object-score-bias", type=float, default=OBJECT_SCORE_BIAS,
                         help=f"added to the object-score head's bias ({OBJECT_SCORE_BIAS:g})")
     args = parser.parse_args(argv)
+    seeds = sorted({seed for seed, *_ in OBJECTS})
+    if args.slices <= seeds[-1]:
+        parser.error(f"--slices must be at least {seeds[-1] + 1}: the objects are seeded on slices "
+                     f"{', '.join(map(str, seeds))}")
     torch.set_num_threads(1)
     generator = torch.Generator().manual_seed(args.seed)
     with official_code_on_cpu(), torch.inference_mode():

@@ -99,3 +99,19 @@ def test_the_training_part_counts_the_step(checkpointing: bool, tmp_path):
         assert 0 < result["model_step_tflop"] < result["train_step_tflop"]
     else:
         assert "model_step_tflop" not in result
+
+
+def test_the_shell_runner_stops_on_a_machine_without_cuda_leaving_nothing(tmp_path):
+    """``scripts/bench_gpu.sh`` where torch sees no GPU (this CI): exit 3 with one line naming the CPU benchmarks, and
+    no log folder left behind in the temporary directory."""
+    import os
+    import subprocess
+
+    import torch
+
+    if torch.cuda.is_available():
+        pytest.skip("this machine has CUDA: the runner would benchmark")
+    done = subprocess.run(["bash", str(SCRIPTS / "bench_gpu.sh")], capture_output=True, text=True,
+                          env={**os.environ, "TMPDIR": str(tmp_path), "PYTHON": sys.executable})
+    assert done.returncode == 3 and "bench_gpu.sh: no CUDA device" in done.stderr and done.stdout == ""
+    assert not list(tmp_path.iterdir())

@@ -125,6 +125,19 @@ def test_the_official_run_is_the_interactive_tracker_with_objects_present(offici
             assert all((step["logits"] == -1024).all() for step in tracked if step["score"] <= 0)
 
 
+def test_the_official_run_refuses_fewer_slices_than_its_seeds_need(tmp_path):
+    """--slices below the seed slices + 1: one usage line and nothing written (sam3 used to fail mid-run on an
+    uncached frame)."""
+    python = OFFICIAL_VENV / "bin" / "python"
+    if not python.exists():
+        pytest.skip(f"the official SAM3 environment is not built at {OFFICIAL_VENV}: run `make official`")
+    done = subprocess.run([str(python), str(REPO / "scripts" / "official_tracker.py"), str(tmp_path / "t.pt"),
+                           "--slices", "5"], capture_output=True, text=True)
+    assert done.returncode == 2 and done.stderr.strip().splitlines()[-1].endswith(
+        "error: --slices must be at least 6: the objects are seeded on slices 3, 5"), done.stderr
+    assert not list(tmp_path.iterdir())
+
+
 def test_a_sam3_pt_holds_a_tracker_and_a_detector(sam3_pt, detector, tracker):
     # the tracker neck among the detector keys is set aside: the detector loads strictly
     assert same_weights(MedSAM3Net(sam3_pt, config=detector.sam3.config).sam3, detector.sam3)

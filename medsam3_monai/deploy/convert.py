@@ -84,6 +84,9 @@ def run(args: argparse.Namespace) -> int:
         save_hf_folder(loaded.model, loaded.tokenizer, dst)
         what = "detector"
     print(f"converted {args.src} ({loaded.source_format}, {what}, {params:,} parameters) -> {dst}")
+    if loaded.source_format == "tiny":
+        print(f"note: tiny is a random-init network (for tests and demos): {dst} holds random weights, not a trained "
+              "model", file=sys.stderr)
     if what == "detector" and Path(args.src).is_dir() and has_tracker_weights(args.src):
         print(f"note: the tracker of {args.src} is not in {dst}; that folder is one transformers reads already: give "
               f"it itself as --checkpoint, or as --tracker {args.src}", file=sys.stderr)

@@ -368,7 +368,9 @@ class EvaluationReport:
             text += "\n" + "\n".join(f"- {n}" for n in notes) + "\n"
         (out / "table.md").write_text(text, encoding="utf-8")
         files.append(out / "table.md")
-        files.append(radar_chart(self.table, out / "radar.png"))
+        # named after the run: a comparison's (and the demo's) two charts are told apart when opened side by side
+        files.append(radar_chart(self.table, out / "radar.png", title=(
+            f"Per-dataset Dice and IoU of {self.run_name}" if self.run_name else None)))
         self.files = files
         logger.info("evaluation report written to %s (%d records)", out, len(self.records))
         return files
