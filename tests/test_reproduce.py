@@ -217,6 +217,16 @@ def test_a_drive_copy_without_test_labels_is_said_to_be_scored_on_validation(sha
     assert partial.status == "unreadable" and "--skip-bad" not in partial.message
     assert "a dataset is evaluated whole: repair or remove these files" in partial.message
     assert "21_training.tif" in partial.message and "22_training.tif" in partial.message  # every file named
+    assert "or give --skip-unreadable to leave them out" in partial.message
+    # --skip-unreadable: the same copy with a broken header too is evaluated without those files, which are named
+    broken = sorted((tmp_path / "partial" / "DRIVE" / "training" / "images").iterdir())[3]
+    broken.unlink()
+    broken.write_bytes(b"II*\x00 not a TIFF")
+    skipped = next(s for s in discover(tmp_path / "partial", medical_sam3_table(), skip_unreadable=True)
+                   if s.dataset == "DRIVE")
+    assert skipped.found and skipped.counts == {"training": 14, "validation": 3, "test": 20}
+    assert len(skipped.left_out) == 3 and "cannot read image header" in skipped.left_out[2]
+    assert f"; 3 file(s) left out (--skip-unreadable): {skipped.left_out[0]}" in skipped.line()
 
 
 def test_table1_comparison_says_when_a_copy_differs(data_root):

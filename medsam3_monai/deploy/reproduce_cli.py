@@ -72,7 +72,9 @@ def _add_paper(subparsers: argparse._SubParsersAction, paper: str) -> None:
                         help="MLflow tracking URI (default sqlite:///OUT/mlruns.db, artifacts in OUT/mlartifacts)")
     parser.add_argument("--experiment", default=None, help="MLflow experiment name (medsam3-reproduce)")
     parser.add_argument("--skip-unreadable", action="store_true",
-                        help="skip cases whose files cannot be read (listed per dataset) instead of stopping")
+                        help="skip cases whose files cannot be read (listed per dataset) instead of stopping: in "
+                             "the datasets' layouts (an image without its mask, a broken header; named in "
+                             "datasets.md) and when a case loads")
     parser.add_argument("--dry-run", action="store_true",
                         help="only find the datasets and build their datalists in memory: print what was found and "
                              "what was expected; load and write nothing")

@@ -25,6 +25,9 @@ from typing import Any
 
 __all__ = ["DatasetStatus", "discover", "find_folder", "paper_prompts", "table1_comparison"]
 
+#: files left out of a layout that a dataset's line names before "... and N more"
+LEFT_OUT_LISTED = 5
+
 
 @dataclass
 class DatasetStatus:
@@ -44,6 +47,8 @@ class DatasetStatus:
     unlabelled: int = 0
     published_images: int | None = None
     other_folders: list[Path] = field(default_factory=list)
+    #: the layout's files left out (``--skip-unreadable``: a missing mask, an unreadable header): ``path: reason``
+    left_out: list[str] = field(default_factory=list)
 
     @property
     def found(self) -> bool:
@@ -78,7 +83,13 @@ class DatasetStatus:
         if self.found:
             counts = ", ".join(f"{k} {v}" for k, v in self.counts.items())
             text = f"found     {self.dataset} ({self.group}) in {self.folder}: {counts}; prompt {self._prompt_text()}"
-            return text + (f" ({self.prompt_note})" if self.prompt_note else "")
+            text += f" ({self.prompt_note})" if self.prompt_note else ""
+            if self.left_out:
+                text += (f"; {len(self.left_out)} file(s) left out (--skip-unreadable): "
+                         + "; ".join(self.left_out[:LEFT_OUT_LISTED])
+                         + (f"; ... and {len(self.left_out) - LEFT_OUT_LISTED} more"
+                            if len(self.left_out) > LEFT_OUT_LISTED else ""))
+            return text
         label = {"missing": "not found", "no_converter": "no converter", "unreadable": "unreadable"}[self.status]
         return f"{label:<9} {self.dataset} ({self.group}): {self.message}"
 
@@ -119,8 +130,12 @@ def _expected(root: Path, entry: Any) -> str:
     return f"{root / entry.name}/{aliases} in the layout: {entry.raw.get('layout')}"
 
 
-def discover(root: Path | str, table: Any, catalogue: Any = None, *, seed: int = 42) -> list[DatasetStatus]:
+def discover(root: Path | str, table: Any, catalogue: Any = None, *, seed: int = 42,
+             skip_unreadable: bool = False) -> list[DatasetStatus]:
     """A :class:`DatasetStatus` for every dataset of ``table`` (a :class:`~.published.PaperTable`), in its order.
+
+    A layout with bad files (an image without its mask, a file whose header cannot be read) is ``unreadable``,
+    naming them, unless ``skip_unreadable``: their pairs are then left out and listed in the status's ``left_out``.
 
     Nothing is written; found datasets carry their datalist (paths absolute) with the paper's prompts.
 
@@ -157,13 +172,16 @@ def discover(root: Path | str, table: Any, catalogue: Any = None, *, seed: int =
             continue
         try:
             result = build_datalist(entry.name, status.folder, catalogue=catalogue, seed=seed,
-                                    bad_hint="a dataset is evaluated whole: repair or remove these files")
+                                    skip_bad=skip_unreadable,
+                                    bad_hint="a dataset is evaluated whole: repair or remove these files, or give "
+                                             "--skip-unreadable to leave them out")
         except (DatalistError, ValueError, OSError) as err:
             status.status = "unreadable"
             text = str(err).strip()
             status.message = text if "xpected" in text else f"{text}\n  expected {status.expected}"
             continue
         status.status = "found"
+        status.left_out = [str(problem) for problem in result.skipped]
         status.prompts, status.prompt_note = paper_prompts(entry, table.prompts[name], catalogue)
         status.datalist = _with_prompts(result.datalist, status.prompts)
         status.counts = result.counts()

@@ -50,6 +50,8 @@ def datasets_markdown(title: str, statuses: Sequence[DatasetStatus], root: Path)
              "Images vs Medical SAM3 Table 1 |", "|---|---|---|---|---|---|---|"]
     for s in statuses:
         where = s.folder if s.found else s.message
+        if s.left_out:  # (--skip-unreadable) every file named: the console line lists the first few
+            where = f"{where}; {len(s.left_out)} file(s) left out (--skip-unreadable): " + "; ".join(s.left_out)
         items = "/".join(str(s.counts.get(k, 0)) for k in ("training", "validation", "test")) if s.found else "–"
         prompt = " & ".join(s.prompts.values()) if s.found else "–"
         if s.prompt_note:

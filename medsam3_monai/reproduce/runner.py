@@ -131,7 +131,7 @@ def reproduce(settings: ReproduceSettings, say: Callable[[str], None] = _say) ->
         agent = _agent_settings(settings)
         paper = replace(paper, columns=paper.columns + (medsam3_agent_column(),))
     runs = _columns(paper, settings)
-    statuses = discover(settings.data_root, paper, seed=settings.seed)
+    statuses = discover(settings.data_root, paper, seed=settings.seed, skip_unreadable=settings.skip_unreadable)
     found = [s for s in statuses if s.found]
     say(f"{paper.title}: {len(found)} of {len(statuses)} evaluation sets found under {settings.data_root}")
     for status in statuses:
@@ -146,8 +146,7 @@ def reproduce(settings: ReproduceSettings, say: Callable[[str], None] = _say) ->
             raise ValueError(f"none of the {len(statuses)} evaluation sets of {paper.title} under "
                              f"{settings.data_root} can be evaluated: {', '.join(broken)} "
                              f"{'is' if len(broken) == 1 else 'are'} there but not readable in the expected layout "
-                             "(listed above): repair or remove those files (--skip-unreadable skips cases that fail "
-                             "to load, not a layout's files whose headers cannot be read)")
+                             "(listed above): repair or remove those files")
         raise FileNotFoundError(f"none of the {len(statuses)} evaluation sets of {paper.title} was found under "
                                 f"{settings.data_root}: one folder per dataset, named like it, in its layout "
                                 "(listed above)")
@@ -299,6 +298,12 @@ def _write_outputs(settings: ReproduceSettings, paper: PaperTable, statuses: lis
         notes.insert(0, "WARNING: unreadable cases left out (--skip-unreadable), so n is below the split's count: "
                         + ", ".join(f"{dataset} {n}" for dataset, n in skipped.items())
                         + " (each dataset's skipped.csv names them).")
+    left_out = {s.dataset: len(s.left_out) for s in statuses if s.found and s.left_out}
+    if left_out:
+        notes.insert(0, "WARNING: files of the datasets' layouts left out (a missing mask, an unreadable header; "
+                        "--skip-unreadable), so the splits hold fewer images than the datasets publish: "
+                        + ", ".join(f"{dataset} {n}" for dataset, n in left_out.items())
+                        + " (datasets.md names them).")
     if paper.paper == "medsam3":
         notes.append(_agent_note(paper, agent, agent_rows) if agent is not None else AGENT_NOTE)
     shown = {s.dataset: s.status.replace("_", " ").replace("missing", "not found") for s in statuses}
@@ -337,6 +342,7 @@ def _write_outputs(settings: ReproduceSettings, paper: PaperTable, statuses: lis
                       "warning": s.split_warning(settings.max_cases) or None} for s in statuses],
         "timings": [t.as_dict() for t in timings],
         "skipped_unreadable_cases": skipped,
+        "left_out_unreadable_files": {s.dataset: s.left_out for s in statuses if s.found and s.left_out},
         "published_sources": list(paper.sources),
         "files": sorted(str(p.relative_to(out)) for p in out.rglob("*") if p.is_file()
                         and not p.relative_to(out).parts[0].startswith(("mlruns", "mlartifacts"))) + ["manifest.json"],
