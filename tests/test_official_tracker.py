@@ -147,6 +147,29 @@ def test_a_sam3_pt_holds_a_tracker_and_a_detector(sam3_pt, detector, tracker):
     assert same_weights(built, tracker)
 
 
+def test_a_tracker_that_does_not_fit_is_reported_in_the_files_own_key_names(sam3_pt, detector, tmp_path):
+    """A ``sam3.pt`` whose tracker does not fit the architecture: the key report names each tensor the file holds
+    as the file has it (``tracker.*``, the neck's ``detector.*``), beside transformers' name; nothing loads."""
+    from medsam3_monai.networks.checkpoints import CheckpointError
+    from medsam3_monai.networks.tracker import tracker_config_for
+
+    model = torch.load(sam3_pt, weights_only=True)["model"]
+    model["tracker.maskmem_tpos_enc"] = model["tracker.maskmem_tpos_enc"][:3]
+    model["tracker.extra_head.weight"] = torch.zeros(2)
+    neck = next(k for k in model if k.startswith("detector.backbone.vision_backbone.sam2_convs.") and
+                k.endswith(".weight"))
+    model[neck] = model[neck][:1]
+    broken = tmp_path / "sam3.pt"
+    torch.save({"model": model}, broken)
+    with pytest.raises(CheckpointError) as raised:
+        build_tracker(broken, config=tracker_config_for(detector.sam3.config))
+    report = str(raised.value)
+    assert "does not match the SAM3 tracker's architecture; nothing was loaded" in report
+    assert "extra_head.weight (original name: tracker.extra_head.weight)" in report
+    assert "memory_temporal_positional_encoding (original name: tracker.maskmem_tpos_enc): (3," in report
+    assert f"(original name: {neck}): (1," in report
+
+
 def test_convert_checkpoint_writes_the_facebook_layout_with_the_tracker(tmp_path, sam3_pt, detector, tracker, capsys):
     config = tmp_path / "config.json"
     detector.sam3.config.to_json_file(str(config))

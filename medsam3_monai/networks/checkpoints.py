@@ -190,11 +190,12 @@ def checkpoint_keys(path: str | Path) -> list[str] | None:
         return None
 
 
-def read_sam3_tracker(path: str | Path) -> dict[str, torch.Tensor]:
+def read_sam3_tracker(path: str | Path, origins: dict[str, str] | None = None) -> dict[str, torch.Tensor]:
     """Meta's ``sam3.pt`` -> the ``Sam3TrackerVideoModel`` state dict of SAM3's tracker: its ``tracker.*`` tensors,
     its neck (``detector.backbone.vision_backbone.sam2_convs.*``) and the detector's ViT, SAM3's one trunk
     (:func:`~.tracker_keys.convert_original_tracker`). A checkpoint without tracker tensors (a Medical-SAM3 detector
-    release, an image model) raises :class:`CheckpointError`."""
+    release, an image model) raises :class:`CheckpointError`. ``origins``: receives the tracker keys' names in the
+    file (:func:`tracker_key_name` reads them)."""
     from .tracker_keys import convert_original_tracker
 
     path = Path(path)
@@ -209,7 +210,7 @@ def read_sam3_tracker(path: str | Path) -> dict[str, torch.Tensor]:
             "Give the tracker Meta's sam3.pt or a facebook/sam3 folder, or segment volumes without it (--tracker none)."
         )
     try:
-        converted = convert_original_tracker(tracker)
+        converted = convert_original_tracker(tracker, origins)
     except KeyMappingError as err:
         raise CheckpointError(f"the tracker in {path} does not convert; nothing was loaded.\n{err}") from err
     # SAM3's one trunk is the tracker's ViT too; the rest of the detector is not converted
@@ -231,6 +232,15 @@ def original_key_name(key: str, prefix: str = "") -> str:
         fused = fused_original_key(key)
         return f"{key} (original name: part of {prefix}{fused})" if fused else key
     return f"{key} (original name: {prefix}{original})"
+
+
+def tracker_key_name(key: str, origins: Mapping[str, str]) -> str:
+    """A ``Sam3TrackerVideoModel`` key with its name in the ``sam3.pt`` it was read from (``origins``:
+    :func:`read_sam3_tracker`'s); the ViT's keys are the detector's (``detector.backbone.vision_backbone.trunk.*``);
+    a key the file does not hold is named as transformers has it."""
+    if origins.get(key):
+        return f"{key} (original name: {origins[key]})"
+    return original_key_name(key, "detector.") if key.startswith("vision_encoder.backbone.") else key
 
 
 def key_report(model_keys: Mapping[str, tuple], ckpt_keys: Mapping[str, tuple], limit: int = 12,
@@ -258,22 +268,23 @@ def key_report(model_keys: Mapping[str, tuple], ckpt_keys: Mapping[str, tuple], 
 
 def load_state_dict_strict(model: torch.nn.Module, state_dict: Mapping[str, torch.Tensor], source: str,
                            what: str = "SAM3 image model", original_layout: bool = False,
-                           original_prefix: str = "") -> None:
+                           original_prefix: str = "", key_name: Callable[[str], str] | None = None) -> None:
     """Load every tensor or nothing: any missing, unexpected or mis-shaped key raises CheckpointError (keys also
-    named as Meta's ``sam3.pt`` has them when ``original_layout``, with the file's ``original_prefix``)."""
-    check_state_dict(model, state_dict, source, what, original_layout, original_prefix)
+    named as Meta's ``sam3.pt`` has them when ``original_layout``, with the file's ``original_prefix``, or as
+    ``key_name`` renders them)."""
+    check_state_dict(model, state_dict, source, what, original_layout, original_prefix, key_name)
     model.load_state_dict(state_dict, strict=True)
 
 
 def check_state_dict(model: torch.nn.Module, state_dict: Mapping[str, torch.Tensor], source: str,
                      what: str = "SAM3 image model", original_layout: bool = False,
-                     original_prefix: str = "") -> None:
+                     original_prefix: str = "", key_name: Callable[[str], str] | None = None) -> None:
     """:func:`load_state_dict_strict`'s checks, nothing loaded: ``model`` may be built on the meta device (its
     shapes and dtypes only, no memory)."""
     model_state = model.state_dict()
     model_shapes = {k: tuple(v.shape) for k, v in model_state.items()}
     ckpt_shapes = {k: tuple(v.shape) for k, v in state_dict.items()}
-    name = (lambda key: original_key_name(key, original_prefix)) if original_layout else str
+    name = key_name or ((lambda key: original_key_name(key, original_prefix)) if original_layout else str)
     report = key_report(model_shapes, ckpt_shapes, name=name)
     if report:
         raise CheckpointError(

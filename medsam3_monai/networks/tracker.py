@@ -21,6 +21,7 @@ from .checkpoints import (
     load_pretrained_folder,
     load_state_dict_strict,
     read_sam3_tracker,
+    tracker_key_name,
 )
 from .presets import FULL_IMAGE_SIZE, TINY_IMAGE_SIZE, check_image_size, full_sam3_config, tiny_sam3_config
 
@@ -193,15 +194,17 @@ def build_tracker(
         if path.is_dir():
             tracker = _load_tracker_folder(path)
         else:
+            origins: dict[str, str] = {}
             try:
-                state = read_sam3_tracker(path)
+                state = read_sam3_tracker(path, origins)
             except CheckpointError as err:  # "cannot read checkpoint X": say it is the tracker's
                 raise CheckpointError(f"the tracker (--tracker): {err}") from None
             if config is None:  # a sam3.pt carries none: SAM3's tracker (at image_size), or the one around detector
                 config = (sam3_tracker_config(image_size or FULL_IMAGE_SIZE) if detector is None
                           else tracker_config_for(detector_config(detector)))
             tracker = Sam3TrackerVideoModel(config)
-            load_state_dict_strict(tracker, state, str(path), "SAM3 tracker")
+            load_state_dict_strict(tracker, state, str(path), "SAM3 tracker",
+                                   key_name=lambda key: tracker_key_name(key, origins))
         if image_size is not None and image_size != tracker.config.image_size:
             raise ValueError(f"the tracker in {path} works at {tracker.config.image_size} px, not {image_size}")
     if detector is not None:

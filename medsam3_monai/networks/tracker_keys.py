@@ -78,14 +78,21 @@ def _renamed(key: str, downsampler_entries: int) -> str:
     return key
 
 
-def convert_original_tracker(state_dict: Mapping[str, torch.Tensor]) -> dict[str, torch.Tensor]:
+def convert_original_tracker(state_dict: Mapping[str, torch.Tensor],
+                             origins: dict[str, str] | None = None) -> dict[str, torch.Tensor]:
     """The tracker part of a ``sam3.pt`` (:func:`~.key_mapping.split_sam3_checkpoint`: the ``tracker.*`` tensors,
     prefix stripped, and the neck's ``backbone.vision_backbone.sam2_convs.*``) -> a ``Sam3TrackerVideoModel``
     state dict without the ViT (``vision_encoder.backbone.*``, the detector's). Raises
-    :class:`~.key_mapping.KeyMappingError` for a neck key no rule covers."""
+    :class:`~.key_mapping.KeyMappingError` for a neck key no rule covers. ``origins``, when given, receives each
+    output key's name in the ``sam3.pt`` (``tracker.*``, ``detector.backbone.vision_backbone.sam2_convs.*``), for
+    key reports in the file's words."""
     neck_convs = {"backbone.vision_backbone.convs." + k[len(TRACKER_NECK_PREFIX):]: v
                   for k, v in state_dict.items() if k.startswith(TRACKER_NECK_PREFIX)}
     out: dict[str, torch.Tensor] = dict(convert_original_to_hf(neck_convs))  # vision_encoder.neck.fpn_layers.*
+    if origins is not None:
+        for key, value in neck_convs.items():  # one by one: which file key each neck tensor came from
+            (converted,) = convert_original_to_hf({key: value})
+            origins[converted] = "detector." + TRACKER_NECK_PREFIX + key[len("backbone.vision_backbone.convs."):]
     entries = {int(m.group(1)) for k in state_dict
                if (m := re.match(r"^maskmem_backbone\.mask_downsampler\.encoder\.(\d+)\.", k))}
     downsampler_entries = max(entries) + 1 if entries else 0
@@ -97,10 +104,19 @@ def convert_original_tracker(state_dict: Mapping[str, torch.Tensor]) -> dict[str
         if point:
             points[int(point.group(1))] = value
             continue
-        out[_renamed(key, downsampler_entries)] = value
+        renamed = _renamed(key, downsampler_entries)
+        out[renamed] = value
+        if origins is not None:
+            origins[renamed] = "tracker." + key
     if points:
         out["prompt_encoder.point_embed.weight"] = torch.cat([points[i] for i in sorted(points)], dim=0)
+        if origins is not None:
+            origins["prompt_encoder.point_embed.weight"] = (
+                f"tracker.sam_prompt_encoder.point_embeddings.{{{','.join(map(str, sorted(points)))}}}.weight, stacked")
     fourier = out.get("prompt_encoder.shared_embedding.positional_embedding")
     if fourier is not None:
         out["shared_image_embedding.positional_embedding"] = fourier
+        if origins is not None:
+            origins["shared_image_embedding.positional_embedding"] = origins.get(
+                "prompt_encoder.shared_embedding.positional_embedding", "")
     return out
