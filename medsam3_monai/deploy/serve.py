@@ -19,8 +19,8 @@ _EPILOG = """\
 Routes (MONAI Label's protocol): GET /info/; POST /infer/medsam3 with multipart 'params' = JSON
 {"prompts": ["polyp"], "box": [x1, y1, x2, y2], "protocol": ..., "score_threshold": ..., "modality": ...,
 "largest_cc": false} (a text
-of prompts is split at commas) and the image as 'file' (PNG, JPEG, BMP, TIFF, NIfTI .nii/.nii.gz, NRRD, MetaImage
-.mha), or ?image=ID of an image uploaded with PUT /datastore/?image=ID, or
+of prompts is split at commas) and the image as 'file' (PNG, JPEG, BMP, TIFF, GIF, PPM, NIfTI .nii/.nii.gz, NRRD,
+MetaImage .mha), or ?image=ID of an image uploaded with PUT /datastore/?image=ID, or
 ?session_id= from PUT /session/. Answer (?output=all, the default): multipart 'params' (result JSON) + 'image'
 (the mask: PNG for 2D, NIfTI for volumes, in the input's geometry, as medsam3 segment writes it);
 ?output=image: the mask file alone (result JSON in the X-MedSAM3-Result header); ?output=json: the result JSON.
@@ -31,7 +31,7 @@ The MedSAM3 agent is the second model: POST /infer/medsam3_agent with params {"r
 the upper left quadrant"}; its planner is --llm-url URL --llm-model NAME (any OpenAI-compatible server: vLLM,
 Ollama, ...; key from the environment variable --api-key-env names), else the offline planner. An endpoint that
 cannot be reached falls back to the offline planner (said in the answer's agent.notes); --no-fallback: 502 instead.
-Errors are JSON {"error": ...} with a 4xx status (502: the agent's planner failed). --token (or
+Errors are JSON {"error": ...} with a 4xx status (502: the agent's planner failed; 507: the datastore is full). --token (or
 MEDSAM3_SERVE_TOKEN) requires 'Authorization: Bearer TOKEN' on every request but GET /auth/ and POST
 /auth/token (the OAuth2 password form with the token as password, for MONAI Label clients). Uploads kept by
 /datastore/ and /session/ live in a temporary folder until the server stops. Listens on 127.0.0.1 unless --host
