@@ -10,7 +10,7 @@ import nibabel as nib
 import numpy as np
 import pytest
 import torch
-from PIL import Image
+from PIL import Image, ImageOps
 
 from _transforms_helpers import SHARED_DATA, requires_data
 from medsam3_monai.transforms import (
@@ -169,6 +169,33 @@ def test_jpeg_mask_threshold_is_127(tmp_path):
     assert set(decoded.unique().tolist()) == {0, 1}
     assert int(decoded[0, 0, 0:5].sum()) == 0  # noise gone
     assert int(decoded.sum()) == pytest.approx(10 * 25, abs=12)
+
+
+def test_a_photo_stored_sideways_is_read_as_viewers_show_it(tmp_path):
+    """A JPEG whose EXIF Orientation turns it a quarter (6: stored 120 wide, shown 60 wide and 120 high): read,
+    sized and size-checked as displayed, so a mask drawn on the displayed picture (as annotation tools draw it)
+    fits it, and the stored-orientation pixels are the displayed ones turned back."""
+    from medsam3_monai.data.checks import spatial_shape
+    from medsam3_monai.transforms.io import picture_size
+
+    stored = np.zeros((60, 120, 3), np.uint8)
+    stored[:, :30] = 255  # a band along the stored left edge
+    picture = Image.fromarray(stored)
+    exif = picture.getexif()
+    exif[0x0112] = 6
+    path = tmp_path / "photo.jpg"
+    picture.save(path, exif=exif.tobytes(), quality=100)
+    shown = np.asarray(ImageOps.exif_transpose(Image.open(path)))
+    assert shown.shape[:2] == (120, 60)
+    label = _save(tmp_path, "photo_mask.png", Image.fromarray(((shown[..., 0] > 127) * 255).astype(np.uint8)))
+    assert picture_size(path) == (60, 120) and spatial_shape(path) == spatial_shape(label) == (120, 60)
+    d = load(path, label)
+    assert tuple(d["image"].shape) == (3, 120, 60) and tuple(d["label"].shape) == (1, 120, 60)
+    assert np.array_equal(d["image"].numpy().transpose(1, 2, 0).astype(np.uint8), shown)
+    band = DecodeLabeld()(d | {"prompts": {"1": "band"}})["label"][0].numpy()
+    assert np.array_equal(band, (shown[..., 0] > 127).astype(np.uint8))  # the band, where the viewer shows it
+    plain = _save(tmp_path, "plain.png", Image.fromarray(stored))  # no tag: as stored
+    assert picture_size(plain) == (120, 60) and tuple(load(plain)["image"].shape) == (3, 60, 120)
 
 
 # ---------------------------------------------------------------- DICOM series (ITK)
@@ -428,6 +455,21 @@ def test_label_value_missing_from_the_prompts_names_the_mask(tmp_path):
     assert torch.equal(item_says, ignored)
     with pytest.raises(DataError, match="the item's \"unknown_labels\" is 'ignore'"):
         DecodeLabeld()(d | {"unknown_labels": "ignore"})
+    # without "mask_encoding" (read from the mask, as the README's TotalSegmentator example writes it): the item's
+    # "unknown_labels": "background" makes it a label map too, with one prompt as with several
+    auto = {k: v for k, v in d.items() if k != "mask_encoding"} | {"unknown_labels": "background"}
+    assert torch.equal(DecodeLabeld()(auto)["label"], ignored)
+    liver = DecodeLabeld()(auto | {"prompts": {"1": "liver"}})["label"]
+    assert sorted(liver.unique().tolist()) == [0, 1] and int(liver.sum()) == 1
+    with pytest.raises(DataError, match=r"do not match the prompt labels \[1, 2\]"):
+        DecodeLabeld()({k: v for k, v in auto.items() if k != "unknown_labels"})
+    # one foreground value no prompt names (255 for label 1) stays a binary mask
+    from monai.data import MetaTensor
+
+    binary = d | {"label": MetaTensor(torch.from_numpy((labels > 0).astype(np.uint8) * 255)[None]),
+                  "prompts": {"1": "liver"}, "unknown_labels": "background"}
+    binary.pop("mask_encoding")
+    assert int(DecodeLabeld()(binary)["label"].sum()) == 3
 
 
 def test_volume_in_slice_space_resize_is_an_error(tmp_path):

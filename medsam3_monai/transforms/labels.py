@@ -210,7 +210,8 @@ class DecodeLabeld(MapTransform):
             is_jpeg = bool(raw.meta.get("is_jpeg", False)) if isinstance(raw, MetaTensor) else False
             if encoding in (None, "auto"):
                 nonzero = _nonzero_values(array)
-                encoding = self._auto_encoding(prompts, rule, nonzero, path, is_jpeg)
+                unknown_as_background = (d.get("unknown_labels") or self.unknown_labels) == "background"
+                encoding = self._auto_encoding(prompts, rule, nonzero, path, is_jpeg, unknown_as_background)
             threshold = self.threshold if self.threshold is not None else (127 if is_jpeg else 0)
             if encoding == "label_map":
                 nonzero = _nonzero_values(array) if nonzero is None else nonzero
@@ -235,10 +236,15 @@ class DecodeLabeld(MapTransform):
 
     @staticmethod
     def _auto_encoding(prompts: Mapping[int, str], rule: Any, nonzero: set[int], path: str | None,
-                       is_jpeg: bool = False) -> str:
+                       is_jpeg: bool = False, unknown_as_background: bool = False) -> str:
+        """The mask's encoding read from its values. ``unknown_as_background`` (``"unknown_labels": "background"``):
+        a mask of several values, or holding a prompted one, is a label map whose other values are background (one
+        foreground value that no prompt names, 255 for label 1, stays a binary mask)."""
         if rule == "instance_ids" or (isinstance(rule, Mapping) and set(rule.values()) == {"instance_ids"}):
             return "instance_map"
         if nonzero <= set(prompts):
+            return "label_map"
+        if unknown_as_background and not is_jpeg and (len(prompts) > 1 or len(nonzero) > 1 or nonzero & set(prompts)):
             return "label_map"
         if len(prompts) == 1:
             (value, text), = prompts.items()
