@@ -38,10 +38,10 @@ def spatial_shape(path: Path) -> tuple[int, ...]:
         import nibabel as nib
 
         return tuple(int(n) for n in nib.load(str(path)).header.get_data_shape()[:3])
-    from PIL import Image
+    from ..transforms.io import picture_size
 
-    with Image.open(path) as image:
-        return (image.height, image.width)
+    width, height = picture_size(path)  # as displayed (an EXIF-turned photo), as the loader reads it
+    return (height, width)
 
 
 def label_values(path: Path) -> set[int]:

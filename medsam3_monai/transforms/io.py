@@ -16,6 +16,9 @@ Conventions (the whole ``transforms`` package relies on them):
   that says how to allow it (``max_pixels``: the ``--max-pixels`` option of ``medsam3 segment``, the
   ``MEDSAM3_MAX_PIXELS`` environment variable); ``max_pixels="auto"`` also refuses what would not fit in the
   available memory at :data:`SEGMENT_BYTES_PER_PIXEL` (the 2D segment path's peak, ``scripts/bench_memory.py``).
+* Pictures are read as viewers show them: an EXIF Orientation tag (a phone or camera photo stored sideways) is
+  applied (PIL's ``ImageOps.exif_transpose``), so the mask, the size checks and ``--box`` pixels follow the picture
+  as displayed and as annotation tools draw on it (:func:`exif_orientation`).
 * One picture per file: a multi-frame picture (multi-page TIFF, animated GIF / PNG) is refused from its header
   (:func:`picture_size`), on every path, instead of reading its first frame only.
 * Masks are decoded to one integer per pixel: 1-bit -> 0/255, palette -> the palette *index*, RGB/RGBA ->
@@ -38,7 +41,7 @@ from monai.config import KeysCollection
 from monai.data import ImageReader, ITKReader, MetaTensor, NibabelReader, PILReader
 from monai.transforms.io.array import switch_endianness
 from monai.transforms import EnsureChannelFirst, MapTransform
-from PIL import Image, ImageChops
+from PIL import Image, ImageChops, ImageOps
 
 from ..data.checks import nifti_channels
 from ..tensors import all_finite, all_near_integers, plain_tensor, voxel_spacing
@@ -161,9 +164,27 @@ def pil_pixel_limit() -> int | None:
     return None if limit is None else 2 * int(limit)
 
 
+#: EXIF Orientation values whose picture is shown turned a quarter (width and height swapped)
+QUARTER_TURNS = (5, 6, 7, 8)
+
+
+def exif_orientation(img: Image.Image) -> int:
+    """The picture's EXIF Orientation (1: as stored, the default; 2-8: mirrored and / or turned as viewers show it)."""
+    try:
+        value = int(img.getexif().get(0x0112, 1) or 1)
+    except Exception:  # noqa: BLE001 - a damaged EXIF block: the picture as stored
+        return 1
+    return value if 1 <= value <= 8 else 1
+
+
+def as_displayed(img: Image.Image) -> Image.Image:
+    """``img`` turned as its EXIF Orientation says viewers show it (the same picture when it says nothing)."""
+    return img if exif_orientation(img) == 1 else ImageOps.exif_transpose(img)
+
+
 def picture_size(path: str | Path) -> tuple[int, int]:
     """(width, height) of a 2D picture from its header, without decoding it (PIL's decompression-bomb limit off:
-    :func:`check_picture_size` applies the limit).
+    :func:`check_picture_size` applies the limit), as displayed (:func:`exif_orientation`: a quarter turn swaps them).
 
     Raises:
         DataError: a multi-frame picture (multi-page TIFF, animated GIF / PNG): only its first frame would be
@@ -173,7 +194,7 @@ def picture_size(path: str | Path) -> tuple[int, int]:
     """
     with pil_size_check_off(), Image.open(path) as img:
         frames = 1 if img.format == "MPO" else int(getattr(img, "n_frames", 1) or 1)
-        size = img.size
+        size = img.size[::-1] if exif_orientation(img) in QUARTER_TURNS else img.size
     if frames > 1:
         raise DataError(path, f"is a multi-frame picture ({frames} frames / pages) but one 2D picture is segmented "
                               "at a time", "save the frame / page you want as its own file (e.g. one PNG)")
@@ -416,7 +437,7 @@ def _read_picture(path: str, reader: Image2DReader, size: tuple[int, int] | None
     allowed_over_pil = limit is not None and width * height > limit  # allowed by max_pixels: PIL's check off
     with ExitStack() as stack:  # the file is closed once read (PIL keeps a GIF's, a multi-frame format's, open)
         with pil_size_check_off() if allowed_over_pil else nullcontext():
-            img = stack.enter_context(Image.open(path, **reader.kwargs))
+            img = as_displayed(stack.enter_context(Image.open(path, **reader.kwargs)))
             if callable(reader.converter):
                 img = reader.converter(img)  # decodes (some plugins check the size again while decoding)
         header = reader._get_meta_dict(img)
