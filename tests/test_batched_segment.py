@@ -471,6 +471,17 @@ def test_inputs_expand_folders_globs_and_dicom_series(tmp_path):
     assert expand_inputs([mixed]) == [str(mixed / n) for n in ("a.nii.gz", "b.png", "c.JPG", "ct")]
     assert expand_inputs([str(mixed / "*.png"), str(mixed / "b.png")]) == [str(mixed / "b.png")]
     assert expand_inputs([str(tmp_path / "**" / "*.png")]) == [str(mixed / "b.png"), str(mixed / "masks" / "m.png")]
+    # symbolic links back up the tree (a shared drive's "data -> .."): each picture once, and the walk ends
+    (mixed / "masks" / "up").symlink_to("..")
+    (mixed / "self").symlink_to(mixed)
+    assert expand_inputs([str(tmp_path / "**" / "*.png")]) == [str(mixed / "b.png"), str(mixed / "masks" / "m.png")]
+    outside = tmp_path.parent / f"{tmp_path.name}_linked"  # a link to another folder is followed
+    outside.mkdir()
+    Image.new("L", (4, 4)).save(outside / "o.png")
+    (mixed / "linked").symlink_to(outside)
+    assert str(mixed / "linked" / "o.png") in expand_inputs([str(tmp_path / "**" / "*.png")])
+    for link in ("masks/up", "self", "linked"):
+        (mixed / link).unlink()
     (tmp_path / "empty").mkdir()
     with pytest.raises(ValueError, match="holds no image"):
         expand_inputs([tmp_path / "empty"])

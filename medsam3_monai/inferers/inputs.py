@@ -344,7 +344,8 @@ def expand_inputs(inputs: Sequence[str | Path]) -> list[str]:
         text = str(raw)
         path = Path(text).expanduser()
         if not path.exists() and any(c in text for c in GLOB_CHARACTERS):
-            matches = [Path(m) for m in sorted(glob.glob(str(path), recursive=True))]
+            matches = [Path(m) for m in sorted(_recursive_glob(str(path)) if "**" in str(path)
+                                               else glob.glob(str(path)))]
             chosen = [m for m in matches if (m.is_file() and _suffix(m) in IMAGE_SUFFIXES + VOLUME_SUFFIXES)
                       or is_dicom_series(m)]
             if not chosen:
@@ -365,6 +366,61 @@ def expand_inputs(inputs: Sequence[str | Path]) -> list[str]:
             found.append(path)
     unique = dict.fromkeys(os.path.abspath(p) for p in found)  # "a/../b" and "b" are one input
     return list(unique)
+
+
+def _pattern_regex(pattern: str) -> re.Pattern:
+    """A ``glob`` pattern with ``**`` as a regular expression over ``/``-separated paths: ``**/`` any folders (none
+    included), ``*`` and ``?`` within one name, ``[...]`` a character class; names starting with ``.`` are matched
+    only by a part that starts with ``.``, as glob does."""
+    parts, i = [], 0
+    while i < len(pattern):
+        if pattern[i] in "?[" and (i == 0 or pattern[i - 1] == "/"):
+            parts.append(r"(?!\.)")  # a name's first character: not a hidden name's dot
+        if pattern.startswith("**/", i):
+            parts.append(r"(?:[^/.][^/]*/)*")
+            i += 3
+        elif pattern.startswith("**", i):
+            parts.append(r"(?:[^/.][^/]*(?:/[^/.][^/]*)*)?")
+            i += 2
+        elif pattern[i] == "*":
+            parts.append(r"[^/]*" if i > 0 and pattern[i - 1] != "/" else r"(?:[^/.][^/]*)?")
+            i += 1
+        elif pattern[i] == "?":
+            parts.append(r"[^/]")
+            i += 1
+        elif pattern[i] == "[" and "]" in pattern[i + 2:]:
+            end = pattern.index("]", i + 2)
+            body = pattern[i + 1:end]
+            parts.append("[" + ("^" + body[1:] if body.startswith("!") else body).replace("\\", "\\\\") + "]")
+            i = end + 1
+        else:
+            parts.append(re.escape(pattern[i]))
+            i += 1
+    return re.compile("".join(parts) + r"\Z")
+
+
+def _recursive_glob(pattern: str) -> list[str]:
+    """``glob.glob(pattern, recursive=True)`` without following a symbolic link back into a folder already walked
+    (glob itself does: one ``data -> ..`` link makes every file many inputs, two make the walk endless). Symbolic
+    links to other folders are followed."""
+    magic = next(i for i, part in enumerate(pattern.split("/")) if any(c in part for c in GLOB_CHARACTERS))
+    root = "/".join(pattern.split("/")[:magic]) or ("/" if pattern.startswith("/") else ".")
+    prefix = "" if root == "." and not pattern.startswith("./") else root.rstrip("/") + "/"
+    wanted = _pattern_regex(pattern[len(prefix):] if pattern.startswith(prefix) else pattern)
+    matches, walked = [], set()
+    for folder, names, files in os.walk(root, followlinks=True):
+        real = os.path.realpath(folder)
+        if real in walked:
+            names[:] = []
+            continue
+        walked.add(real)
+        names.sort()
+        relative = os.path.relpath(folder, root)
+        for name in names + sorted(files):
+            candidate = name if relative == "." else f"{relative}/{name}"
+            if wanted.match(candidate.replace(os.sep, "/")):
+                matches.append(prefix + candidate if prefix else candidate)
+    return matches
 
 
 def _stem(path: Path) -> str:
