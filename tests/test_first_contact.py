@@ -384,3 +384,45 @@ def test_demo_refuses_counts_and_rates_as_train_does(tmp_path, capsys, argv, mes
     with pytest.raises(SystemExit) as stop:
         main(["demo", "--out", str(tmp_path / "demo"), *argv])
     assert stop.value.code == 2 and message in capsys.readouterr().err and not (tmp_path / "demo").exists()
+
+
+def test_outputs_that_cannot_be_written_are_refused_before_any_work(tmp_path, capsys, monkeypatch):
+    """An --overlay, --out-dir or evaluate --out in a folder that cannot be written (a read-only mount, another
+    user's folder; ``os.access`` answers as for such a folder), and a name longer than the file system allows: one
+    line naming the option, exit 2, before the network runs, nothing written (they were tracebacks after the work)."""
+    import json
+    import os
+
+    from PIL import Image
+
+    picture, mask = tmp_path / "in.png", tmp_path / "in_mask.png"
+    Image.new("L", (32, 24), 90).save(picture)
+    Image.new("L", (32, 24), 0).save(mask)
+    denied = tmp_path / "denied"
+    denied.mkdir()
+    access = os.access
+    monkeypatch.setattr(os, "access", lambda path, mode: Path(path) != denied and access(path, mode))
+    segment = ["segment", str(picture), "--prompt", "x"]
+    assert cli(*segment, "--out", str(tmp_path / "ok.png"), "--overlay", str(denied / "ov.png")) == 2
+    assert error_line(capsys.readouterr().err, "segment").endswith(
+        f"--overlay {denied / 'ov.png'}: the folder {denied} cannot be written (read-only, or not this user's): "
+        "choose a place you can write")
+    assert cli(*segment, "--out-dir", str(denied / "masks")) == 2
+    assert f"--out-dir {denied / 'masks'}: the folder {denied} cannot" in error_line(capsys.readouterr().err,
+                                                                                        "segment")
+    datalist = tmp_path / "d.json"
+    datalist.write_text(json.dumps({"test": [{"image": str(picture), "label": str(mask), "prompts": {"1": "x"},
+                                              "dataset": "D"}]}))
+    assert cli("evaluate", "--datalist", str(datalist), "--checkpoint", "tiny", "--out", str(denied / "ev"),
+               "--no-mlflow") == 2
+    assert f"--out {denied / 'ev'}: the folder {denied} cannot" in error_line(capsys.readouterr().err, "evaluate")
+    long = tmp_path / ("b" * 250 + ".png")  # its mask's sidecar, b..b_seg.png.json, is 263 bytes
+    Image.new("L", (32, 24), 90).save(long)
+    assert cli("segment", str(long), "--prompt", "x", "--out-dir", str(tmp_path / "masks")) == 2
+    assert "longer than the file system allows (255); choose a shorter name" in error_line(
+        capsys.readouterr().err, "segment")
+    assert cli("segment", str(picture), "--prompt", "x", "--out", str(tmp_path / ("c" * 260 + ".png"))) == 2
+    assert "--out " in error_line(capsys.readouterr().err, "segment")
+    assert sorted(p.name for p in tmp_path.iterdir()) == sorted(["in.png", "in_mask.png", "denied", "d.json",
+                                                                 long.name])
+    assert not list(denied.iterdir())

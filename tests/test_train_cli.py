@@ -96,7 +96,7 @@ def test_missing_datalist_and_a_file_as_out(tmp_path: Path, capsys):
     assert main(["train", "--datalist", str(datalist), "--out", str(out)]) == 2
     assert "is a file" in capsys.readouterr().err and out.read_text() == "keep"
     assert main(["train", "--datalist", str(datalist), "--out", str(out / "run")]) == 2  # under a file
-    assert f"--out {out / 'run'}: {out} is a file, so the run's folder cannot be made there" in capsys.readouterr().err
+    assert f"--out {out / 'run'}: {out} is a file, so the folder cannot be made there" in capsys.readouterr().err
 
 
 def test_a_tracking_uri_mlflow_refuses_is_refused_before_the_bundle_starts(tmp_path: Path, capsys):
@@ -121,8 +121,8 @@ def test_an_out_folder_this_user_cannot_write_is_refused_first(tmp_path: Path, c
     monkeypatch.setattr(train_cli.os, "access", lambda path, mode: Path(path) != denied)
     assert main(["train", "--datalist", str(datalist), "--out", str(denied / "runs" / "a")]) == 2
     assert capsys.readouterr().err.strip() == (
-        f"medsam3 train: error: --out {denied / 'runs' / 'a'}: its parent {denied} cannot be written by this user: "
-        "give a folder you can write")
+        f"medsam3 train: error: --out {denied / 'runs' / 'a'}: the folder {denied} cannot be written (read-only, or "
+        "not this user's): choose a place you can write")
     assert main(["train", "--datalist", str(datalist), "--out", str(denied)]) == 2
     assert "--out " + str(denied) + ": the folder cannot be written" in capsys.readouterr().err
     assert list(denied.iterdir()) == []

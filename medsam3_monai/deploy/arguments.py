@@ -4,6 +4,7 @@ the parser stays fast)."""
 from __future__ import annotations
 
 import argparse
+import os
 import shutil
 from pathlib import Path
 from typing import Any, Callable, Iterable, Sequence
@@ -171,11 +172,48 @@ def ct_window_for(value: str | None, modalities: Iterable[str | None]) -> Any:
     return window
 
 
+def check_name_lengths(path: str | Path, option: str) -> None:
+    """Refuse an output path with a name longer than the file system allows (255 bytes on most): found before any
+    work instead of as a traceback when the file is written."""
+    absolute = Path(path).absolute()
+    anchor = next((p for p in absolute.parents if p.is_dir()), Path(absolute.anchor or "/"))
+    try:
+        limit = int(os.pathconf(anchor, "PC_NAME_MAX"))
+    except (OSError, ValueError):
+        limit = 255
+    long = [part for part in absolute.parts if len(os.fsencode(part)) > limit]
+    if long:
+        raise ValueError(f"{option} {path}: the name {long[0][:40]}... is {len(os.fsencode(long[0]))} bytes, longer "
+                         f"than the file system allows ({limit}); choose a shorter name (or rename the input)")
+
+
+def check_writable(path: str | Path, option: str, folder: bool = False) -> None:
+    """Refuse an output (a file, or a folder when ``folder``) that cannot be made, before any work: a name too long,
+    a file where a folder must be, or a place this user cannot write (a read-only file system, another user's
+    folder). The folder itself is checked when it exists, else its nearest existing parent."""
+    check_name_lengths(path, option)
+    wanted = Path(path).absolute()
+    existing = wanted if folder else wanted.parent
+    while not existing.exists():
+        existing = existing.parent
+    if not existing.is_dir():
+        raise ValueError(f"{option} {path}: {existing} is a file, so {'the folder' if folder else 'the file'} cannot "
+                         "be made there: give a path in a folder")
+    if not os.access(existing, os.W_OK | os.X_OK):
+        what = "the folder" if folder and existing == wanted else f"the folder {existing}"
+        raise ValueError(f"{option} {path}: {what} cannot be written (read-only, or not this user's): choose a place "
+                         "you can write")
+
+
 def check_output_files(outputs: Sequence[tuple[str, Path]], input_path: str | Path, overwrite: bool) -> None:
     """Refuse output files (``(option, path)``: the option that names each, e.g. ``("--out", sidecar)``) that are
-    the same file twice, the input, a folder, or (without ``overwrite``) existing files, naming the options."""
+    the same file twice, the input, a folder, (without ``overwrite``) existing files, or files that cannot be written
+    there (:func:`check_writable`), naming the options."""
     def options(chosen: Sequence[tuple[str, Path]]) -> str:
         return " / ".join(dict.fromkeys(option for option, _ in chosen))
+
+    for option, path in outputs:
+        check_name_lengths(path, option)
 
     resolved = [path.resolve() for _, path in outputs]
     if len(set(resolved)) < len(resolved):
@@ -191,6 +229,8 @@ def check_output_files(outputs: Sequence[tuple[str, Path]], input_path: str | Pa
         verb = "exists" if len(existing) == 1 else "exist"
         raise FileExistsError(f"{', '.join(str(path) for _, path in existing)} already {verb}; choose another "
                               f"{options(existing)} or pass --overwrite")
+    for option, path in outputs:
+        check_writable(path, option)
 
 
 def remove_output(out: Path, created: bool) -> None:

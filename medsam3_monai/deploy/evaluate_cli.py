@@ -276,7 +276,7 @@ def run(args: argparse.Namespace) -> int:
         check_volume_score_threshold,
         run_evaluation,
     )
-    from .arguments import checked_threshold_option
+    from .arguments import check_writable, checked_threshold_option
     from ..engines.reports import check_tracking_uri, default_tracking_uri, open_experiment
     from ..networks import load_network
     from ..networks.tracker import resolve_tracker
@@ -296,6 +296,7 @@ def run(args: argparse.Namespace) -> int:
     out = Path(args.out)
     if out.exists() and (not out.is_dir() or any(out.iterdir())):
         raise FileExistsError(f"output {out} exists and is not an empty folder; choose a new --out")
+    check_writable(out, "--out", folder=True)  # before the networks load
     plan = None
     if args.prompt_variants:
         from ..metrics.robustness import plan_phrasings

@@ -542,6 +542,7 @@ def _check_many(args: argparse.Namespace, items: list[dict[str, Any]], max_pixel
 def _plan_many(args: argparse.Namespace, items: list[dict[str, Any]]) -> tuple[Path, list[Path]]:
     """The output folder (empty or new unless --overwrite) and each item's mask path in it."""
     from ..inferers.inputs import output_names
+    from .arguments import check_name_lengths, check_writable
 
     out_dir = Path(args.out_dir)
     if out_dir.exists() and not out_dir.is_dir():
@@ -549,8 +550,11 @@ def _plan_many(args: argparse.Namespace, items: list[dict[str, Any]]) -> tuple[P
     if out_dir.is_dir() and any(out_dir.iterdir()) and not args.overwrite:
         raise FileExistsError(f"--out-dir {out_dir} is not empty; choose a new or empty folder or pass --overwrite "
                               "(files of the same names are replaced)")
+    check_writable(out_dir, "--out-dir", folder=True)
     names = output_names([item["image"] for item in items], [item["kind"] for item in items], OUTPUT_POSTFIX)
     targets = [out_dir / name for name in names]
+    for target in targets:  # the sidecar's name is the longest: <name>_seg.png.json
+        check_name_lengths(Path(f"{target}.json"), "--out-dir")
     first_input: dict[Path, str] = {}
     for item, target in zip(items, targets):
         source = os.path.abspath(item["image"])

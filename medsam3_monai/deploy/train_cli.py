@@ -26,7 +26,7 @@ from typing import Sequence
 
 from ..bundle import BUNDLE_CONFIGS, FRONT_OPTIONS_VARIABLE, FRONT_VARIABLE
 from ..bundle import front_words as bundle_front_words
-from .arguments import at_least
+from .arguments import at_least, check_writable
 
 __all__ = ["add_parser", "bundle_command", "one_rate_overrides", "run", "run_folder"]
 
@@ -171,7 +171,7 @@ def _check(args: argparse.Namespace) -> None:
     out = Path(args.out).expanduser()
     if out.exists() and not out.is_dir():
         raise FileExistsError(f"--out {out} is a file: give a folder for the run (new, or a run's folder to resume)")
-    _check_writable(out)
+    check_writable(out, "--out", folder=True)
     tracking_uri = _settings(args.settings, {}).get("tracking_uri")
     if tracking_uri is not None and not args.no_mlflow:  # MLflow would refuse it only after the data is cached
         from ..engines.reports import check_tracking_uri
@@ -185,21 +185,6 @@ def _check(args: argparse.Namespace) -> None:
         check_network_source(args.checkpoint or "tiny", args.image_size)
     except ValueError as err:  # (a size the checkpoint does not work at: named as this command's option)
         raise ValueError(front_words(str(err))) from None
-
-
-def _check_writable(out: Path) -> None:
-    """Refuse an ``--out`` this process cannot create or write, before the bundle starts (it would fail after
-    building the network and caching the data, with a traceback): the folder itself when it exists, else its
-    nearest existing parent, which must be a folder."""
-    existing = out.absolute()
-    while not existing.exists():
-        existing = existing.parent
-    if not existing.is_dir():
-        raise ValueError(f"--out {out}: {existing} is a file, so the run's folder cannot be made there: give a "
-                         "folder path")
-    if not os.access(existing, os.W_OK | os.X_OK):
-        what = "the folder" if existing == out.absolute() else f"its parent {existing}"
-        raise ValueError(f"--out {out}: {what} cannot be written by this user: give a folder you can write")
 
 
 def run_folder(args: argparse.Namespace) -> Path:
