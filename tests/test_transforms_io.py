@@ -198,6 +198,25 @@ def test_a_photo_stored_sideways_is_read_as_viewers_show_it(tmp_path):
     assert picture_size(plain) == (120, 60) and tuple(load(plain)["image"].shape) == (3, 60, 120)
 
 
+def test_a_colour_coded_rgb_mask_is_refused_and_a_one_colour_mask_read(tmp_path):
+    """Regions told apart by colour (red for one class, green for another) would merge under the brightest-channel
+    rule: refused, naming the colours; a mask drawn in one colour, or grey saved as RGB, is read as before."""
+    from medsam3_monai.transforms import DataError
+
+    image = _save(tmp_path, "img.png", Image.new("L", (40, 30), 90))
+    colours = np.zeros((30, 40, 3), np.uint8)
+    colours[5:15, 5:15] = (255, 0, 0)
+    colours[18:25, 20:35] = (0, 255, 0)
+    with pytest.raises(DataError, match=r"two.png: colour-coded RGB mask \(red and green regions\): its classes "
+                                        r"would merge.*save it as a label map"):
+        load(image, _save(tmp_path, "two.png", Image.fromarray(colours)))
+    colours[18:25, 20:35] = (255, 0, 0)
+    one = load(image, _save(tmp_path, "one.png", Image.fromarray(colours)))["label"]
+    assert int((one > 0).sum()) == 100 + 7 * 15
+    grey = np.repeat((colours[..., :1] > 0).astype(np.uint8) * 255, 3, axis=-1)
+    assert torch.equal(load(image, _save(tmp_path, "grey.png", Image.fromarray(grey)))["label"], one)
+
+
 # ---------------------------------------------------------------- DICOM series (ITK)
 
 
@@ -487,7 +506,9 @@ def test_data_error_is_a_value_error_with_parts():
 
 
 def test_an_rgb_mask_reads_its_brightest_channel_per_pixel(tmp_path):
-    rgb = np.random.default_rng(0).integers(0, 256, (24, 40, 3), dtype=np.uint8)
+    rng = np.random.default_rng(0)  # grey levels with up to 80 levels of colour noise (not colour-coded)
+    grey = rng.integers(0, 176, (24, 40, 1))
+    rgb = (grey + rng.integers(0, 81, (24, 40, 3))).astype(np.uint8)
     path = _save(tmp_path, "mask_rgb.png", Image.fromarray(rgb))
     label = load_medical_image(path, mask=True)
     assert label.shape == (1, 24, 40) and label.dtype == torch.uint8

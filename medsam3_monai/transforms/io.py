@@ -22,7 +22,8 @@ Conventions (the whole ``transforms`` package relies on them):
 * One picture per file: a multi-frame picture (multi-page TIFF, animated GIF / PNG) is refused from its header
   (:func:`picture_size`), on every path, instead of reading its first frame only.
 * Masks are decoded to one integer per pixel: 1-bit -> 0/255, palette -> the palette *index*, RGB/RGBA ->
-  the largest colour channel (the alpha channel when the colours are all zero), 16-bit kept as is. The
+  the largest colour channel (the alpha channel when the colours are all zero; a colour-coded mask, regions of
+  different colours, is refused: its classes would merge), 16-bit kept as is. The
   meaning of the values (binary, label map, instance ids, JPEG threshold) is :class:`DecodeLabeld`'s job.
 """
 
@@ -278,6 +279,38 @@ def _grey_palette(img: Image.Image) -> bool:
     return all(palette[i] == palette[i + 1] == palette[i + 2] for i in range(0, len(palette) - 2, 3))
 
 
+#: a mask pixel whose brightest and darkest colour channels differ by more than this is coloured (a grey mask's
+#: channels are equal, up to a JPEG's few levels of chroma noise)
+COLOUR_SPREAD = 96
+_CHANNEL_NAMES = ("red", "green", "blue")
+
+
+class ColourCodedMask(ValueError):
+    """An RGB mask whose classes are told apart by colour (``colours``: the channels that dominate its regions)."""
+
+    def __init__(self, colours: list[str]) -> None:
+        self.colours = colours
+        super().__init__(f"colour-coded RGB mask ({' and '.join(colours)} regions)")
+
+
+def _brightest_of_one_colour(red: Image.Image, green: Image.Image, blue: Image.Image) -> Image.Image:
+    """The brightest channel of an RGB mask, refusing (:class:`ColourCodedMask`) a mask whose coloured pixels are
+    dominated by different channels (red for one class, green for another), whose classes the brightest channel
+    would merge into one. A grey mask, or one drawn in a single colour, passes; the check is a few PIL passes unless
+    coloured pixels exist."""
+    brightest = ImageChops.lighter(ImageChops.lighter(red, green), blue)
+    darkest = ImageChops.darker(ImageChops.darker(red, green), blue)
+    if ImageChops.difference(brightest, darkest).point(lambda v: 255 if v > COLOUR_SPREAD else 0).getbbox() is None:
+        return brightest
+    channels = np.stack([np.asarray(c) for c in (red, green, blue)], axis=-1).astype(np.int16)
+    coloured = (channels.max(-1) - channels.min(-1)) > COLOUR_SPREAD
+    dominant = np.bincount(channels[coloured].argmax(-1), minlength=3)
+    found = [name for name, count in zip(_CHANNEL_NAMES, dominant) if count]
+    if len(found) > 1:
+        raise ColourCodedMask(found)
+    return brightest
+
+
 def _as_mask(img: Image.Image) -> Image.Image:
     """One integer per pixel; see the module docstring for the rule per mode."""
     img.load()
@@ -289,8 +322,8 @@ def _as_mask(img: Image.Image) -> Image.Image:
     if mode in ("LA", "La", "PA"):
         return img.getchannel(0) if mode == "PA" else img.getchannel("L")
     if mode == "RGB":  # the brightest channel, in PIL (no alpha to look at): half the time of the RGBA path
-        red, green, blue = img.split()
-        return ImageChops.lighter(ImageChops.lighter(red, green), blue)
+        return _brightest_of_one_colour(*img.split())
+    _brightest_of_one_colour(*img.convert("RGB").split())
     rgba = np.asarray(img.convert("RGBA"))
     colour = np.maximum(np.maximum(rgba[..., 0], rgba[..., 1]), rgba[..., 2])  # 10x a max over the last axis
     if not colour.any() and rgba[..., 3].min() != rgba[..., 3].max():
@@ -439,7 +472,13 @@ def _read_picture(path: str, reader: Image2DReader, size: tuple[int, int] | None
         with pil_size_check_off() if allowed_over_pil else nullcontext():
             img = as_displayed(stack.enter_context(Image.open(path, **reader.kwargs)))
             if callable(reader.converter):
-                img = reader.converter(img)  # decodes (some plugins check the size again while decoding)
+                try:
+                    img = reader.converter(img)  # decodes (some plugins check the size again while decoding)
+                except ColourCodedMask as err:
+                    raise DataError(path, f"{err}: its classes would merge into one (a mask is read as one value "
+                                          "per pixel, the brightest channel)",
+                                    "save it as a label map (one grey value per class) or a palette PNG, and name "
+                                    "each value in the item's prompts") from None
         header = reader._get_meta_dict(img)
         header["spatial_shape"] = reader._get_spatial_shape(img)
         meta = {key: "none" if value is None else value for key, value in header.items()}  # as PILReader's
