@@ -217,6 +217,29 @@ def test_a_colour_coded_rgb_mask_is_refused_and_a_one_colour_mask_read(tmp_path)
     assert torch.equal(load(image, _save(tmp_path, "grey.png", Image.fromarray(grey)))["label"], one)
 
 
+def test_a_soft_edged_png_mask_is_told_to_be_binarised_at_its_middle(tmp_path):
+    """An anti-aliased binary PNG mask (a disc blurred at its edge): refused as such, with the remedy of binarising
+    it at its middle (``mask_encoding: binary`` would take the whole soft edge); an instance-id map of as many
+    values keeps its own message."""
+    from PIL import ImageFilter
+
+    from medsam3_monai.transforms import DataError
+
+    y, x = np.mgrid[0:60, 0:90]
+    disc = ((x - 45) ** 2 + (y - 30) ** 2 < 15 ** 2).astype(np.uint8) * 255
+    image = _save(tmp_path, "img.png", Image.new("L", (90, 60), 90))
+    soft = _save(tmp_path, "soft.png", Image.fromarray(disc).filter(ImageFilter.GaussianBlur(2)))
+    d = load(image, soft) | {"prompts": {"1": "disc"}}
+    with pytest.raises(DataError, match=r"soft.png: mask of \d+ grey levels \(1-255\): a soft-edged .*binarise it "
+                                        r"at its middle"):
+        DecodeLabeld()(d)
+    ids = np.zeros((60, 90), np.uint8)
+    ids.flat[::50] = np.arange(1, 109)  # 108 instance ids, one pixel each
+    d = load(image, _save(tmp_path, "ids.png", Image.fromarray(ids))) | {"prompts": {"1": "cell"}}
+    with pytest.raises(DataError, match="instance_rule"):
+        DecodeLabeld()(d)
+
+
 # ---------------------------------------------------------------- DICOM series (ITK)
 
 

@@ -211,7 +211,7 @@ class DecodeLabeld(MapTransform):
             if encoding in (None, "auto"):
                 nonzero = _nonzero_values(array)
                 unknown_as_background = (d.get("unknown_labels") or self.unknown_labels) == "background"
-                encoding = self._auto_encoding(prompts, rule, nonzero, path, is_jpeg, unknown_as_background)
+                encoding = self._auto_encoding(prompts, rule, nonzero, path, is_jpeg, unknown_as_background, array)
             threshold = self.threshold if self.threshold is not None else (127 if is_jpeg else 0)
             if encoding == "label_map":
                 nonzero = _nonzero_values(array) if nonzero is None else nonzero
@@ -236,7 +236,8 @@ class DecodeLabeld(MapTransform):
 
     @staticmethod
     def _auto_encoding(prompts: Mapping[int, str], rule: Any, nonzero: set[int], path: str | None,
-                       is_jpeg: bool = False, unknown_as_background: bool = False) -> str:
+                       is_jpeg: bool = False, unknown_as_background: bool = False,
+                       array: np.ndarray | None = None) -> str:
         """The mask's encoding read from its values. ``unknown_as_background`` (``"unknown_labels": "background"``):
         a mask of several values, or holding a prompted one, is a label map whose other values are background (one
         foreground value that no prompt names, 255 for label 1, stays a binary mask)."""
@@ -248,6 +249,11 @@ class DecodeLabeld(MapTransform):
             return "label_map"
         if len(prompts) == 1:
             (value, text), = prompts.items()
+            if value in nonzero and not is_jpeg and _soft_edged(nonzero, array):
+                raise DataError(path, f"mask of {len(nonzero)} grey levels ({min(nonzero)}-{max(nonzero)}): a "
+                                      "soft-edged (anti-aliased or resized) binary mask, not a label map",
+                                "binarise it at its middle (e.g. > 127) and save it again; \"mask_encoding\": "
+                                "\"binary\" would take every nonzero pixel, the soft edge too, as the mask")
             if value in nonzero and not is_jpeg:  # a label map (or instance ids) of which one value is named
                 others = sorted(nonzero - {value})
                 raise DataError(path, f"mask values {sorted(nonzero)[:20]}{' ...' if len(nonzero) > 20 else ''} but "
@@ -291,6 +297,21 @@ class DecodeLabeld(MapTransform):
             return next(iter(prompts))
         raise DataError(path, f"a {encoding} mask has one class (1) but the prompts name labels {sorted(prompts)}",
                         "map label '1' to the concept text")
+
+
+#: more nonzero values than this in a one-prompt mask, 255 by far its commonest: a soft-edged binary mask
+SOFT_EDGE_LEVELS = 32
+
+
+def _soft_edged(nonzero: set[int], array: np.ndarray | None) -> bool:
+    """Whether a mask is a binary mask with a soft (anti-aliased, resized) edge: many grey levels, 255 the commonest
+    nonzero value by a factor of 3 (its inside; each edge level holds a thin ring), where an instance-id map's values
+    hold similar shares."""
+    if array is None or array.dtype != np.uint8 or len(nonzero) <= SOFT_EDGE_LEVELS or max(nonzero) != 255:
+        return False
+    counts = np.bincount(array.reshape(-1), minlength=256)[1:]
+    inside, edge = int(counts[-1]), int(np.sort(counts[:-1])[-1])
+    return inside >= 3 * edge
 
 
 def _nonzero_values(array: np.ndarray) -> set[int]:
