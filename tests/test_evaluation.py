@@ -368,6 +368,12 @@ def test_auto_split_takes_test_when_present_else_validation(tmp_path):
                                  "test": [dict(item, dataset="A"), dict(item, dataset="B")]}))
     with pytest.warns(UserWarning, match=r"z.png is evaluated twice \(in .*twice.json, twice\), as A and as B"):
         evaluation_items([twice], check_files=False)
+    five = tmp_path / "five.json"  # one image with five annotators' masks: said once, with its count
+    five.write_text(json.dumps({"test": [dict(item, dataset="A", case=f"r{n}", label=f"y{n}.png") for n in range(5)]}))
+    with pytest.warns(UserWarning) as said:
+        evaluation_items([five], check_files=False)
+    repeated = [str(w.message) for w in said if "is evaluated" in str(w.message)]
+    assert len(repeated) == 1 and "z.png is evaluated 5 times (in " in repeated[0], repeated
     one_case = tmp_path / "one_case.json"  # two images under one case id: their report rows would look alike
     one_case.write_text(json.dumps({"test": [dict(item, dataset="A", case="c4"),
                                              dict(item, dataset="A", case="c4", image="w.png")]}))

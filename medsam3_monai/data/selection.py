@@ -10,6 +10,7 @@ from __future__ import annotations
 import os
 import random
 import warnings
+from collections import Counter
 from collections.abc import Sequence
 from pathlib import Path
 from typing import Any
@@ -94,6 +95,7 @@ def evaluation_items(
             found = [found[row] for row in chosen_rows]
         items += found
     seen: dict[str, int] = {}
+    listed = Counter(os.path.abspath(item["image"]) for item in items)
     case_images: dict[tuple[str, str], str] = {}
     for number, item in enumerate(items):
         if not item.get("dataset"):  # the report's dataset row: the datalist's file name
@@ -103,13 +105,20 @@ def evaluation_items(
             item["case"] = Path(item["image"]).name
         image = os.path.abspath(item["image"])
         first = seen.setdefault(image, number)
-        if first != number:
+        if first != number and listed[image] == 2:
             earlier = items[first]
             where = (f"{earlier['datalist']} and {item['datalist']}" if earlier["datalist"] != item["datalist"]
                      else f"{item['datalist']}, twice")
             effect = (f"its case counts twice in {item['dataset']}'s mean" if earlier["dataset"] == item["dataset"]
                       else f"as {earlier['dataset']} and as {item['dataset']}: it counts in both datasets' means")
             warnings.warn(f"{item['image']} is evaluated twice (in {where}), {effect}", stacklevel=2)
+        elif first != number and listed.pop(image, 0) > 2:  # said once, with the count
+            times = sum(os.path.abspath(other["image"]) == image for other in items)
+            where = ", ".join(sorted({str(other["datalist"]) for other in items
+                                      if os.path.abspath(other["image"]) == image}))
+            warnings.warn(f"{item['image']} is evaluated {times} times (in {where}): its case counts {times} times in "
+                          "its dataset's mean (several annotators' masks of one image are several cases)",
+                          stacklevel=2)
         named = case_images.setdefault((str(item["dataset"]), str(item["case"])), image)
         if named != image:
             warnings.warn(f"case {item['case']!r} of {item['dataset']} names two images ({named} and {item['image']}):"
