@@ -426,3 +426,16 @@ def test_outputs_that_cannot_be_written_are_refused_before_any_work(tmp_path, ca
     assert sorted(p.name for p in tmp_path.iterdir()) == sorted(["in.png", "in_mask.png", "denied", "d.json",
                                                                  long.name])
     assert not list(denied.iterdir())
+
+
+def test_a_quoted_tilde_is_the_home_folder_in_segments_paths(tmp_path, monkeypatch, capsys):
+    """``'~/x.png'`` (quoted, or from a config file: no shell expanded it) is the home folder's, for the one input and
+    --out as for --out-dir's inputs; it was a folder named '~' (or 'not found')."""
+    from PIL import Image
+
+    monkeypatch.setenv("HOME", str(tmp_path))
+    monkeypatch.chdir(tmp_path / "..")
+    Image.new("L", (32, 24), 90).save(tmp_path / "x.png")
+    assert cli("segment", "~/x.png", "--prompt", "x", "--out", "~/m.png") == 0
+    assert (tmp_path / "m.png").is_file() and not (tmp_path.parent / "~").exists()
+    capsys.readouterr()

@@ -293,6 +293,9 @@ def _check_arguments(args: argparse.Namespace) -> bool:
     """Usage errors (argparse style, exit 2) before anything is imported; True for the many-inputs mode."""
     inputs = [args.input] if isinstance(args.input, (str, Path)) else list(args.input or [])
     args.input = inputs
+    for option in ("out", "out_dir", "overlay"):  # a quoted ~ (a config file's path), as the inputs take it
+        if isinstance(getattr(args, option, None), str):
+            setattr(args, option, os.path.expanduser(getattr(args, option)))
     datalist = getattr(args, "datalist", None)
     out_dir = getattr(args, "out_dir", None)
     missing = [name for name, given in (("INPUT", inputs or datalist), ("--prompt", args.prompt or datalist),
@@ -316,7 +319,7 @@ def run(args: argparse.Namespace) -> int:
         return run_many(args)
     from ..inferers.inputs import GLOB_CHARACTERS, check_distinct_prompts, input_kind
 
-    args.input = str(args.input[0])
+    args.input = os.path.expanduser(str(args.input[0]))  # a quoted ~/x.png, as --out-dir's inputs take it
     if not Path(args.input).exists() and any(c in args.input for c in GLOB_CHARACTERS):
         raise ValueError(f"{args.input!r} is a pattern: segment the files it matches with --out-dir DIR (one mask "
                          "per input) instead of --out")
