@@ -439,3 +439,18 @@ def test_a_quoted_tilde_is_the_home_folder_in_segments_paths(tmp_path, monkeypat
     assert cli("segment", "~/x.png", "--prompt", "x", "--out", "~/m.png") == 0
     assert (tmp_path / "m.png").is_file() and not (tmp_path.parent / "~").exists()
     capsys.readouterr()
+
+
+def test_the_overlay_of_an_elongated_picture_has_a_bounded_size(tmp_path, capsys):
+    """A 1000 x 20 picture: its overlay is drawn at most twice as wide as high per panel (it was 50 times: 20000 px
+    wide here, and a 20000 x 10 picture's overlay filled the machine's memory)."""
+    from PIL import Image
+
+    picture = tmp_path / "strip.png"
+    Image.new("L", (1000, 20), 90).save(picture)
+    overlay = tmp_path / "o.png"
+    assert cli("segment", str(picture), "--prompt", "x", "--out", str(tmp_path / "m.png"),
+               "--overlay", str(overlay)) == 0
+    width, height = Image.open(overlay).size
+    assert width <= 1000 and height <= 600, (width, height)
+    capsys.readouterr()
