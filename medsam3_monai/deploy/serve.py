@@ -31,8 +31,8 @@ The MedSAM3 agent is the second model: POST /infer/medsam3_agent with params {"r
 the upper left quadrant"}; its planner is --llm-url URL --llm-model NAME (any OpenAI-compatible server: vLLM,
 Ollama, ...; key from the environment variable --api-key-env names), else the offline planner. An endpoint that
 cannot be reached falls back to the offline planner (said in the answer's agent.notes); --no-fallback: 502 instead.
-Errors are JSON {"error": ...} with a 4xx status (502: the agent's planner failed; 507: the datastore is full). --token (or
-MEDSAM3_SERVE_TOKEN) requires 'Authorization: Bearer TOKEN' on every request but GET /auth/ and POST
+Errors are JSON {"error": ...} with a 4xx status (502: the agent's planner failed; 507: the datastore is full).
+--token (or MEDSAM3_SERVE_TOKEN) requires 'Authorization: Bearer TOKEN' on every request but GET /auth/ and POST
 /auth/token (the OAuth2 password form with the token as password, for MONAI Label clients). Uploads kept by
 /datastore/ and /session/ live in a temporary folder until the server stops. Listens on 127.0.0.1 unless --host
 says otherwise.
