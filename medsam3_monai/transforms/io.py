@@ -283,6 +283,7 @@ def _grey_palette(img: Image.Image) -> bool:
 #: channels are equal, up to a JPEG's few levels of chroma noise)
 COLOUR_SPREAD = 96
 _CHANNEL_NAMES = ("red", "green", "blue")
+_COLOURED = [255 if level > COLOUR_SPREAD else 0 for level in range(256)]  # the channel spread's lookup table
 
 
 class ColourCodedMask(ValueError):
@@ -300,7 +301,7 @@ def _brightest_of_one_colour(red: Image.Image, green: Image.Image, blue: Image.I
     coloured pixels exist."""
     brightest = ImageChops.lighter(ImageChops.lighter(red, green), blue)
     darkest = ImageChops.darker(ImageChops.darker(red, green), blue)
-    if ImageChops.difference(brightest, darkest).point(lambda v: 255 if v > COLOUR_SPREAD else 0).getbbox() is None:
+    if ImageChops.difference(brightest, darkest).point(_COLOURED).getbbox() is None:
         return brightest
     channels = np.stack([np.asarray(c) for c in (red, green, blue)], axis=-1).astype(np.int16)
     coloured = (channels.max(-1) - channels.min(-1)) > COLOUR_SPREAD
