@@ -468,7 +468,10 @@ def test_inputs_expand_folders_globs_and_dicom_series(tmp_path):
     (series / "preview.png").write_bytes(b"")  # another image: a folder of inputs, not a series
     assert expand_inputs([series]) == [str(series / n) for n in ("IM0.dcm", "IM1.dcm", "IM2.dcm", "preview.png")]
     (series / "preview.png").unlink()
-    assert expand_inputs([mixed]) == [str(mixed / n) for n in ("a.nii.gz", "b.png", "c.JPG", "ct")]
+    notes = []
+    assert expand_inputs([mixed], notes) == [str(mixed / n) for n in ("a.nii.gz", "b.png", "c.JPG", "ct")]
+    assert notes == [f"{mixed}: 1 sub-folder(s) not searched (e.g. masks): a folder input takes the files directly "
+                     f"in it; quote a pattern such as '{mixed / '**' / '*.png'}' to take the files in its sub-folders"]
     assert expand_inputs([str(mixed / "*.png"), str(mixed / "b.png")]) == [str(mixed / "b.png")]
     assert expand_inputs([str(tmp_path / "**" / "*.png")]) == [str(mixed / "b.png"), str(mixed / "masks" / "m.png")]
     # symbolic links back up the tree (a shared drive's "data -> .."): each picture once, and the walk ends
@@ -485,6 +488,10 @@ def test_inputs_expand_folders_globs_and_dicom_series(tmp_path):
     (tmp_path / "empty").mkdir()
     with pytest.raises(ValueError, match="holds no image"):
         expand_inputs([tmp_path / "empty"])
+    (tmp_path / "empty" / "sub").mkdir()
+    with pytest.raises(ValueError, match=r"holds no image .*; its 1 sub-folder\(s\) are not searched: quote"):
+        expand_inputs([tmp_path / "empty"])
+    (tmp_path / "empty" / "sub").rmdir()
     with pytest.raises(FileNotFoundError, match="not found"):
         expand_inputs([tmp_path / "nope.png"])
     paths = [tmp_path / "a" / "1.png", tmp_path / "b" / "1.png", tmp_path / "b" / "1.jpg", tmp_path / "v.nii.gz"]

@@ -459,7 +459,11 @@ def _many_items(args: argparse.Namespace) -> list[dict[str, Any]]:
     if args.input:
         if not args.prompt:
             raise ValueError("INPUT files need --prompt TEXT (only --datalist items can bring their own prompts)")
-        items += [{"image": path, "prompts": _prompt_mapping(args.prompt)} for path in expand_inputs(args.input)]
+        notes: list[str] = []
+        items += [{"image": path, "prompts": _prompt_mapping(args.prompt)}
+                  for path in expand_inputs(args.input, notes)]
+        for line in notes:  # before the work: a folder whose sub-folders were left out
+            print(f"note: {line}", file=sys.stderr)
     from ..transforms.io import input_modality
 
     for item in items:  # --modality applies to every input, the datalist's included; else a DICOM series' own

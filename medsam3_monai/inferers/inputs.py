@@ -325,8 +325,14 @@ def _folder_inputs(folder: Path) -> list[Path]:
     return found
 
 
-def expand_inputs(inputs: Sequence[str | Path]) -> list[str]:
-    """Command-line inputs -> input paths, in order, each once.
+def _unsearched_folders(folder: Path) -> list[Path]:
+    """The sub-folders of a folder input that it does not take (not DICOM series, not hidden), sorted."""
+    return sorted(p for p in folder.iterdir() if p.is_dir() and not p.name.startswith(".") and not is_dicom_series(p))
+
+
+def expand_inputs(inputs: Sequence[str | Path], notes: list[str] | None = None) -> list[str]:
+    """Command-line inputs -> input paths, in order, each once (``notes``: receives a line per folder input whose
+    sub-folders were not searched).
 
     * a file: itself (its format is checked by :func:`input_kind`);
     * a folder: one DICOM series (:func:`is_dicom_series`) is itself, one volume; any other folder gives the images
@@ -354,10 +360,16 @@ def expand_inputs(inputs: Sequence[str | Path]) -> list[str]:
                                  f"{', '.join(IMAGE_SUFFIXES + VOLUME_SUFFIXES)} files or DICOM series folders")
             found += chosen
         elif path.is_dir() and not is_dicom_series(path):
-            inside = _folder_inputs(path)
+            inside, unsearched = _folder_inputs(path), _unsearched_folders(path)
+            recurse = f"quote a pattern such as '{path / '**' / '*.png'}' to take the files in its sub-folders"
             if not inside:
                 kinds = ", ".join(IMAGE_SUFFIXES + VOLUME_SUFFIXES)
-                raise ValueError(f"folder {path} holds no image or volume ({kinds} files or DICOM series folders)")
+                raise ValueError(f"folder {path} holds no image or volume ({kinds} files or DICOM series folders)"
+                                 + (f"; its {len(unsearched)} sub-folder(s) are not searched: {recurse}"
+                                    if unsearched else ""))
+            if unsearched and notes is not None:
+                notes.append(f"{path}: {len(unsearched)} sub-folder(s) not searched (e.g. {unsearched[0].name}): a "
+                             f"folder input takes the files directly in it; {recurse}")
             found += inside
         elif not path.exists():
             raise FileNotFoundError(f"input {path} not found: give existing images, volumes, folders or a quoted "
