@@ -454,3 +454,18 @@ def test_the_overlay_of_an_elongated_picture_has_a_bounded_size(tmp_path, capsys
     width, height = Image.open(overlay).size
     assert width <= 1000 and height <= 600, (width, height)
     capsys.readouterr()
+
+
+def test_a_file_whose_name_starts_with_a_dash_gets_the_way_to_name_it(tmp_path, monkeypatch, capsys):
+    """argparse takes ``-dash.png`` for an option; the usage error says it is a file and how to name it."""
+    from PIL import Image
+
+    monkeypatch.chdir(tmp_path)
+    Image.new("L", (32, 24), 90).save("-dash.png")
+    with pytest.raises(SystemExit) as raised:
+        cli("segment", "-dash.png", "--prompt", "x", "--out", "m.png")
+    assert raised.value.code == 2
+    assert capsys.readouterr().err.strip().splitlines()[-1].endswith(
+        "unrecognized arguments: -dash.png (-dash.png is a file: write ./-dash.png for a name that starts with '-')")
+    assert cli("segment", "./-dash.png", "--prompt", "x", "--out", "m.png") == 0
+    capsys.readouterr()

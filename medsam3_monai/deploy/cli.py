@@ -5,6 +5,7 @@ from __future__ import annotations
 import argparse
 import importlib
 import logging
+import os
 import sys
 from typing import Sequence
 
@@ -63,7 +64,9 @@ def main(argv: Sequence[str] | None = None) -> int:
     parser = build_parser()
     args, extras = parser.parse_known_args(argv)
     if extras:  # named by the sub-command's own usage (argparse would print the top-level one)
-        _innermost_parser(parser, args).error(f"unrecognized arguments: {' '.join(extras)}")
+        files = [extra for extra in extras if extra.startswith("-") and os.path.exists(extra)]
+        hint = (f" ({files[0]} is a file: write ./{files[0]} for a name that starts with '-')" if files else "")
+        _innermost_parser(parser, args).error(f"unrecognized arguments: {' '.join(extras)}{hint}")
     args.argv = list(sys.argv[1:] if argv is None else argv)  # the command as given (a reproduction records it)
     if not getattr(args, "func", None):
         parser.print_help()
