@@ -69,7 +69,6 @@ fi
 mkdir -p "$LOG_DIR"
 export PYTHONPATH="$PWD${PYTHONPATH:+:$PYTHONPATH}"  # this checkout's package
 
-
 PARTS=(forward forward_compiled forward_channels_last forward_chunk32 evaluate train train_checkpointing train_compiled
        train_batch8_compiled train_batch16_checkpointing volume volume_compiled volume_cudagraphs volume_profile
        volume_8_prompts volume_8_prompts_one_at_a_time)

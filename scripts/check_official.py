@@ -533,7 +533,11 @@ def main(argv: list[str] | None = None) -> int:
     if args.stage == "official":
         official_stage(args.seed, args.workdir, shared)
         return 0
-    if args.image_size < 14 or args.image_size % 14:  # (ours refuses it after the official stage's minutes)
+    from medsam3_monai.networks.presets import check_image_size
+
+    try:  # ours would refuse it only after the official stage's minutes
+        check_image_size(args.image_size)
+    except ValueError:
         parser.error(f"--image-size {args.image_size}: give a positive multiple of 14 (the ViT's patch), e.g. 1008 "
                      "or 504")
     if not args.official_python or not Path(args.official_python).is_file():

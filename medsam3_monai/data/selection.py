@@ -95,7 +95,7 @@ def evaluation_items(
             found = [found[row] for row in chosen_rows]
         items += found
     seen: dict[str, int] = {}
-    listed = Counter(os.path.abspath(item["image"]) for item in items)
+    listed = Counter(os.path.abspath(item["image"]) for item in items)  # each repeated image is warned about once
     case_images: dict[tuple[str, str], str] = {}
     for number, item in enumerate(items):
         if not item.get("dataset"):  # the report's dataset row: the datalist's file name
@@ -105,15 +105,15 @@ def evaluation_items(
             item["case"] = Path(item["image"]).name
         image = os.path.abspath(item["image"])
         first = seen.setdefault(image, number)
-        if first != number and listed[image] == 2:
+        times = listed.pop(image, 0) if first != number else 0  # at its second listing; 0 once warned
+        if times == 2:
             earlier = items[first]
             where = (f"{earlier['datalist']} and {item['datalist']}" if earlier["datalist"] != item["datalist"]
                      else f"{item['datalist']}, twice")
             effect = (f"its case counts twice in {item['dataset']}'s mean" if earlier["dataset"] == item["dataset"]
                       else f"as {earlier['dataset']} and as {item['dataset']}: it counts in both datasets' means")
             warnings.warn(f"{item['image']} is evaluated twice (in {where}), {effect}", stacklevel=2)
-        elif first != number and listed.pop(image, 0) > 2:  # said once, with the count
-            times = sum(os.path.abspath(other["image"]) == image for other in items)
+        elif times > 2:
             where = ", ".join(sorted({str(other["datalist"]) for other in items
                                       if os.path.abspath(other["image"]) == image}))
             warnings.warn(f"{item['image']} is evaluated {times} times (in {where}): its case counts {times} times in "

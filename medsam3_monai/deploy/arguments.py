@@ -172,13 +172,25 @@ def ct_window_for(value: str | None, modalities: Iterable[str | None]) -> Any:
     return window
 
 
+def nearest_existing(path: str | Path) -> Path:
+    """``path`` (absolute) when it exists, else its nearest existing parent; a name too long for the file system
+    counts as not existing."""
+    existing = Path(path).absolute()
+    while True:
+        try:
+            if existing.exists() or existing == existing.parent:
+                return existing
+        except OSError:  # ENAMETOOLONG
+            pass
+        existing = existing.parent
+
+
 def check_name_lengths(path: str | Path, option: str) -> None:
     """Refuse an output path with a name longer than the file system allows (255 bytes on most): found before any
     work instead of as a traceback when the file is written."""
     absolute = Path(path).absolute()
-    anchor = next((p for p in absolute.parents if p.is_dir()), Path(absolute.anchor or "/"))
     try:
-        limit = int(os.pathconf(anchor, "PC_NAME_MAX"))
+        limit = int(os.pathconf(nearest_existing(absolute), "PC_NAME_MAX"))
     except (OSError, ValueError):
         limit = 255
     long = [part for part in absolute.parts if len(os.fsencode(part)) > limit]
@@ -192,10 +204,13 @@ def check_writable(path: str | Path, option: str, folder: bool = False) -> None:
     a file where a folder must be, or a place this user cannot write (a read-only file system, another user's
     folder). The folder itself is checked when it exists, else its nearest existing parent."""
     check_name_lengths(path, option)
+    _check_place(path, option, folder)
+
+
+def _check_place(path: str | Path, option: str, folder: bool) -> None:
+    """:func:`check_writable` but the name lengths."""
     wanted = Path(path).absolute()
-    existing = wanted if folder else wanted.parent
-    while not existing.exists():
-        existing = existing.parent
+    existing = nearest_existing(wanted if folder else wanted.parent)
     if not existing.is_dir():
         raise ValueError(f"{option} {path}: {existing} is a file, so {'the folder' if folder else 'the file'} cannot "
                          "be made there: give a path in a folder")
@@ -229,8 +244,8 @@ def check_output_files(outputs: Sequence[tuple[str, Path]], input_path: str | Pa
         verb = "exists" if len(existing) == 1 else "exist"
         raise FileExistsError(f"{', '.join(str(path) for _, path in existing)} already {verb}; choose another "
                               f"{options(existing)} or pass --overwrite")
-    for option, path in outputs:
-        check_writable(path, option)
+    for option, path in outputs:  # (their name lengths were checked first: a long name breaks the checks above)
+        _check_place(path, option, folder=False)
 
 
 def remove_output(out: Path, created: bool) -> None:

@@ -35,7 +35,7 @@ from typing import Any
 from ..protocol_registry import PROTOCOLS, score_text
 from .arguments import (add_detector_chunk_option, add_gpu_options, add_model_options, add_score_threshold_option,
                         add_tracker_batch_option, at_least, checked_threshold_option, compile_notice,
-                        ct_window_for, gpu_context, pixels, random_weights_notes)
+                        ct_window_for, gpu_context, nearest_existing, pixels, random_weights_notes)
 
 __all__ = ["StagedFiles", "add_parser", "run", "run_many", "size_text", "write_label_volume", "write_mask_image",
            "write_prediction"]
@@ -159,9 +159,7 @@ class StagedFiles:
         """A temporary path (with ``target``'s suffixes) to write ``target``'s content to."""
         target = Path(target).absolute()
         if self._folder is None:
-            anchor = target.parent
-            while not anchor.exists():
-                anchor = anchor.parent
+            anchor = nearest_existing(target.parent)
             try:
                 self._folder = Path(tempfile.mkdtemp(prefix=".medsam3-segment-", dir=anchor))
             except OSError as err:
@@ -659,15 +657,12 @@ def run_many(args: argparse.Namespace) -> int:
 def slice_axis_note(affine: Any) -> str | None:
     """A note when a volume's third array axis (the one it is sliced along) does not run head to foot: its slices
     are then sagittal or coronal, which the detector sees as they are (volumes are not resampled)."""
-    import nibabel as nib
-    import numpy as np
+    from ..metrics.plots import AXIS_PLANES, axis_codes
 
-    from ..metrics.plots import slice_plane
-
-    plane = slice_plane(affine)
+    codes = axis_codes(affine)
+    plane = AXIS_PLANES.get(codes[2], "coronal")
     if plane == "axial":
         return None
-    codes = nib.aff2axcodes(np.asarray(affine, dtype=np.float64))
     return (f"the volume's third axis runs {codes[2]} (axis codes {''.join(codes)}), so it was segmented in "
             f"{plane} slices; reorient it to axial (third axis S or I) for the papers' setting")
 

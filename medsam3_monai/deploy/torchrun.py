@@ -47,10 +47,10 @@ def main(argv: Sequence[str] | None = None) -> int:
         try:
             run(parse_args(list(sys.argv[1:] if argv is None else argv)))
         except ChildFailedError as failed:
-            said = said_status(failed)
-            if said is None:
+            status = said_status(failed)
+            if status is None:
                 raise
-            return said
+            return status
         finally:
             if before is None:
                 os.environ.pop(SAID_ONCE_VARIABLE, None)

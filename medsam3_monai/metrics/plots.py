@@ -16,8 +16,9 @@ import torch
 
 from .aggregate import MetricTable
 
-__all__ = ["CLASS_COLOURS", "class_areas", "class_colour", "class_legend", "legend_classes", "overlay_figure",
-           "radar_chart", "radiological_view", "save_figure", "title_lines"]
+__all__ = ["AXIS_PLANES", "CLASS_COLOURS", "VIEW_CONVENTIONS", "axis_codes", "class_areas", "class_colour",
+           "class_legend", "legend_classes", "overlay_figure", "radar_chart", "radiological_view", "save_figure",
+           "slice_plane", "title_lines"]
 
 #: fill colours of the first classes (:func:`class_colour` goes on): a colour-blind-friendly qualitative set
 #: (Okabe-Ito), sky blue first: the one class of most overlays must stand out on grey scans and on the warm reds of
@@ -133,14 +134,22 @@ def radar_chart(
     return save_figure(figure, path, rect=(0, legend_room, 1, 1 - 0.3 * len(lines) / figure.get_figheight()))
 
 
-def slice_plane(affine: Any, axis: int = 2) -> str:
-    """The anatomical plane of a volume's slices along array ``axis`` (default the third, the one volumes are sliced
-    along), by where that axis runs (nibabel's axis codes of the voxel-to-world ``affine``): ``axial`` (S or I),
-    ``sagittal`` (L or R) or ``coronal`` (A or P)."""
+#: the anatomical plane of the slices across an array axis, by the axis code of where that axis runs
+AXIS_PLANES = {"S": "axial", "I": "axial", "L": "sagittal", "R": "sagittal", "A": "coronal", "P": "coronal"}
+
+
+def axis_codes(affine: Any) -> tuple[str, ...]:
+    """Where each array axis runs (nibabel's axis codes of the voxel-to-world ``affine``: ``("R", "A", "S")``)."""
     import nibabel as nib
 
-    code = nib.aff2axcodes(np.asarray(affine, dtype=np.float64))[axis]
-    return "axial" if code in ("S", "I") else "sagittal" if code in ("L", "R") else "coronal"
+    return tuple(nib.aff2axcodes(np.asarray(affine, dtype=np.float64)))
+
+
+def slice_plane(affine: Any, axis: int = 2) -> str:
+    """The anatomical plane of a volume's slices along array ``axis`` (default the third, the one volumes are sliced
+    along), by where that axis runs (:data:`AXIS_PLANES`): ``axial`` (S or I), ``sagittal`` (L or R) or ``coronal``
+    (A or P; an axis with no direction, None, counts as coronal)."""
+    return AXIS_PLANES.get(axis_codes(affine)[axis], "coronal")
 
 
 #: per plane, how :func:`radiological_view` shows its slices (the radiological convention), in words
