@@ -500,6 +500,15 @@ def check_val_protocol(value: Any) -> None:
         raise ValueError(f"--val_protocol {value!r}: {err}") from None
 
 
+def check_resize_kernel(value: Any) -> None:
+    """Refuse a slice-space resize kernel ``TiledResizeToSliced`` does not have, before the data is cached."""
+    from .transforms.slices import RESIZE_KERNELS
+
+    if value not in RESIZE_KERNELS:
+        raise ValueError(f"--resize_kernel {value!r}: give 'sam3' (SAM3's image processor's resize of the 8-bit "
+                         "picture, the default) or 'monai' (MONAI's Resize of the float intensities)")
+
+
 def check_grad_clip_norm(value: Any) -> None:
     """``grad_clip_norm``: a number >= 0 (0: no clipping). A negative one would flip every gradient's sign in
     ``clip_grad_norm_`` (the optimiser then climbs the loss)."""

@@ -27,6 +27,7 @@ varies by +-20 %; the median of five is what to compare with a target.
 
     python scripts/bench_data.py [--image-size 1008] [--items 16] [--epochs 2] [--data-root ../shared/data]
     python scripts/bench_data.py --rgb kvasir --runs 5
+    python scripts/bench_data.py --resize-kernel monai   # MONAI's resize (the bundles' resize_kernel)
 
 Prints one JSON object on stdout (progress on stderr).
 """
@@ -92,7 +93,8 @@ def bench_set(name: str, folder: Path, args: argparse.Namespace, concepts: list[
 
     def chain(pictures_only: bool = False):
         transform = slice_space_transforms(args.image_size, train=True, negative_concepts=concepts,
-                                           slices_per_volume=args.slices_per_volume, pictures_only=pictures_only)
+                                           slices_per_volume=args.slices_per_volume, pictures_only=pictures_only,
+                                           resize_kernel=args.resize_kernel)
         return transform.set_random_state(seed=0)
 
     def dataset_of(cache: str):  # the training bundle's dataset: pictures and volumes through their own chains
@@ -179,6 +181,8 @@ def main(argv: list[str] | None = None) -> dict[str, Any]:
     parser.add_argument("--epochs", type=int, default=2, help="passes over the warmed cache (default 2)")
     parser.add_argument("--slices-per-volume", type=int, default=1, help="RandAxialSliced num_samples (default 1)")
     parser.add_argument("--rgb", choices=sorted(SETS["rgb"]), default="gbm40", help="the 2D RGB set (default gbm40)")
+    parser.add_argument("--resize-kernel", choices=["sam3", "monai"], default="sam3",
+                        help="the bundles' resize_kernel (default sam3, SAM3's image processor's resize)")
     parser.add_argument("--data-root", default="../shared/data",
                         help="folder of the shared samples; relative paths are relative to the repo root")
     parser.add_argument("--runs", type=int, default=1,
@@ -208,6 +212,7 @@ def main(argv: list[str] | None = None) -> dict[str, Any]:
         "max_items_per_set": args.items,  # each set's own count is its "items" (a sample may hold fewer)
         "cached_epochs": args.epochs,
         "slices_per_volume": args.slices_per_volume,
+        "resize_kernel": args.resize_kernel,
         "torch_threads": torch.get_num_threads(),
         "keep_freed_buffers": freed_buffers_kept,
         "rate_unit": "img_per_s = images per CPU-second of one single-threaded process (per core); "

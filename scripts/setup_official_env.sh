@@ -5,7 +5,8 @@
 # CPU too), and nothing of this project is installed into it.
 # Usage: scripts/setup_official_env.sh [VENV_DIR]
 #        (default: $MEDSAM3_OFFICIAL_VENV or ~/.cache/medsam3-monai/sam3-official-venv); `make official` runs it.
-# Used by tests/test_official_tracker.py (the tracker against sam3's, in CI) and scripts/check_official.py
+# Used by tests/test_official_tracker.py (the tracker against sam3's, in CI), tests/test_official_preprocessing.py
+# (the network input against Sam3Processor's, in CI) and scripts/check_official.py
 # (the full-size detector and losses: --official-python VENV_DIR/bin/python).
 set -euo pipefail
 venv="${1:-${MEDSAM3_OFFICIAL_VENV:-$HOME/.cache/medsam3-monai/sam3-official-venv}}"

@@ -211,6 +211,23 @@ def test_a_checkpoint_of_another_image_size_and_bad_counts_are_refused_before_ca
         assert "max_epochs=@max_epochs, batch_size=@batch_size" in text and "check_val_protocol(@val_protocol)" in text
 
 
+def test_a_resize_kernel_the_transform_lacks_is_refused_by_every_bundle(tmp_path):
+    """``resize_kernel`` (the slice-space resize: ``sam3``, the default, or ``monai``) is checked before anything
+    is read, in one line: the real runner on the inference bundle."""
+    from _bundle_helpers import assert_refused, run_bundle
+
+    from medsam3_monai.bundle import check_resize_kernel
+
+    for good in ("sam3", "monai"):
+        check_resize_kernel(good)
+    for config in ("train.json", "multi_gpu_train.json", "inference.json", "evaluate.json"):
+        text = (BUNDLE_CONFIGS / config).read_text().split('"initialize"')[1]
+        assert "check_resize_kernel(@resize_kernel)" in text, config
+    result = run_bundle(["inference.json"], "--bundle_root", str(tmp_path / "run"), "--resize_kernel", "bicubic")
+    assert_refused(result, "--resize_kernel 'bicubic': give 'sam3' (SAM3's image processor's resize")
+    assert not (tmp_path / "run").exists()
+
+
 def test_monai_finds_every_workflow_property_of_the_bundles(shared_data, tmp_path):
     """MONAI's own property check (``ConfigWorkflow.check_properties``, what MONAI Label and Deploy rely on to drive
     a bundle): nothing required is missing from train.json or inference.json, and MONAI's scan of the training

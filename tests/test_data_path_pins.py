@@ -6,6 +6,9 @@ uint8 loading, one-thread BLAS). One exception: the images' sum. The old chain r
 ``Resize`` on one thread, where ATen rounds differently in the last float bit than on two; the chain now resizes
 channel by channel (``TiledResizeToSliced``, grey pictures before their repeat), which gives MONAI's two-thread
 values on any number of threads (checked below against MONAI's own chain), and the sum was pinned again.
+The images' sum and the losses were pinned again when the slice-space resize became SAM3's own (``kernel="sam3"``:
+torchvision's anti-aliased resize of the 8-bit picture, as ``Sam3Processor``; checked below against torchvision on
+the whole picture, and ``tests/test_official_preprocessing.py`` against Meta's code); the targets are unchanged.
 A batch of real samples: two GBM40 H&E images (instance ids, up to 100 nuclei), one BUSI ultrasound (grey,
 semantic), one hippocampus MRI volume (a random slice, two labels), seed 0.
 """
@@ -24,15 +27,15 @@ PROMPTS = ["cell nucleus", "liver", "cell nucleus", "polyp", "breast tumor", "po
 
 #: SetCriterion() terms of the tiny network (seed 0, training mode) on the 112-px batch
 LOSSES = {
-    "loss": 156.74569702148438,
+    "loss": 156.7454833984375,
     "loss_bbox": 0.09143737703561783,
-    "loss_ce": 0.07082729786634445,
-    "loss_ce_o2m": 0.0030911166686564684,
+    "loss_ce": 0.07082730531692505,
+    "loss_ce_o2m": 0.0030911173671483994,
     "loss_dice": 0.08848542720079422,
-    "loss_giou": 0.08790193498134613,
-    "loss_mask": 0.011555524542927742,
-    "loss_semantic_dice": 0.8495009541511536,
-    "loss_semantic_seg": 0.06915832310914993,
+    "loss_giou": 0.08790192753076553,
+    "loss_mask": 0.011555511504411697,
+    "loss_semantic_dice": 0.8495091795921326,
+    "loss_semantic_seg": 0.06914278864860535,
     "presence_loss": 0.34657010436058044,
     "num_instances": 202.0,
 }
@@ -63,13 +66,33 @@ def test_the_1008_px_batch_is_pinned(shared_data: Path):
     assert float(targets.boxes.double().sum()) == pytest.approx(217.533233942464, rel=1e-9)
     images = batch["images"]
     assert images.dtype == torch.uint8  # the 8-bit levels travel; the network input is made on the device
-    assert float(network_pixels(images, "cpu").double().sum()) == pytest.approx(1396124.7724764943, rel=1e-7)
+    assert float(network_pixels(images, "cpu").double().sum()) == pytest.approx(1396757.1095388532, rel=1e-7)
 
 
-def test_the_1008_px_images_are_monais_resize_on_two_threads(shared_data: Path):
-    """The fixed batch's images on one thread (DataLoader workers) equal, level for level, those of the chain
-    before: the intensities mapped on the whole picture, the grey picture repeated to RGB, then MONAI's ``Resize``
-    (``ResizeToSliced``) and the 8-bit levels, on two threads."""
+class _Sam3ProcessorResized:
+    """The resize of SAM3's image processor (``Sam3Processor``: ``v2.Resize`` on the uint8 picture) of the float
+    picture's 8-bit levels, on the whole picture (``image``; its metadata kept)."""
+
+    def __init__(self, size: int) -> None:
+        self.size = size
+
+    def __call__(self, data: dict) -> dict:
+        from monai.data import MetaTensor
+        from torchvision.transforms import v2
+
+        from medsam3_monai.transforms.intensity import sam3_levels
+
+        image = data["image"]
+        resized = v2.Resize((self.size, self.size))(sam3_levels(image))
+        return {**data, "image": MetaTensor(resized, meta=dict(image.meta))}
+
+
+@pytest.mark.parametrize("kernel", ["sam3", "monai"])
+def test_the_1008_px_images_are_the_kernels_resize_of_the_whole_picture(shared_data: Path, kernel: str):
+    """The fixed batch's images on one thread (DataLoader workers) equal, level for level, those of a chain that
+    maps the intensities on the whole picture and repeats a grey picture to RGB first, then resizes the whole picture
+    with the kernel's reference: ``"sam3"`` (the default) torchvision's ``v2.Resize`` of the 8-bit levels, as SAM3's
+    image processor; ``"monai"`` MONAI's ``Resize`` (``ResizeToSliced``) and the 8-bit levels, on two threads."""
     from monai.transforms import Compose
 
     from medsam3_monai.transforms import (
@@ -80,7 +103,13 @@ def test_the_1008_px_images_are_monais_resize_on_two_threads(shared_data: Path):
         TiledResizeToSliced,
     )
 
-    def monai_order(chain: Compose) -> Compose:
+    def with_kernel(chain: Compose) -> Compose:
+        [resize] = [t for t in chain.transforms if isinstance(t, TiledResizeToSliced)]
+        assert resize.kernel == "sam3"  # the bundle's default
+        resize.kernel = kernel
+        return chain
+
+    def whole_picture_first(chain: Compose) -> Compose:
         transforms = list(chain.transforms)
         intensity = next(t for t in transforms if isinstance(t, ScaleIntensityByModalityd))
         assert intensity.defer_2d  # the chain maps a picture's intensities tile by tile, within the resize
@@ -90,15 +119,17 @@ def test_the_1008_px_images_are_monais_resize_on_two_threads(shared_data: Path):
         grey = next(i for i, t in enumerate(transforms) if isinstance(t, GreyToRGBd))
         assert resize < levels < grey  # the chain resizes and quantises a grey picture once, then repeats it
         repeat = transforms.pop(grey)
-        transforms[resize:resize + 1] = [repeat, ResizeToSliced(keys="image", spatial_size=1008)]
+        reference = _Sam3ProcessorResized(1008) if kernel == "sam3" else ResizeToSliced(keys="image",
+                                                                                         spatial_size=1008)
+        transforms[resize:resize + 1] = [repeat, reference]
         chain.transforms = tuple(transforms)
         return chain
 
-    ours = fixed_batch(shared_data, 1008)["images"]
+    ours = fixed_batch(shared_data, 1008, edit_chain=with_kernel)["images"]
     previous = torch.get_num_threads()
     try:
         torch.set_num_threads(2)
-        theirs = fixed_batch(shared_data, 1008, edit_chain=monai_order)["images"]
+        theirs = fixed_batch(shared_data, 1008, edit_chain=whole_picture_first)["images"]
     finally:
         torch.set_num_threads(previous)
     assert torch.equal(ours, theirs)

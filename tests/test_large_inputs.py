@@ -155,20 +155,20 @@ def test_a_corrupt_picture_is_still_called_corrupt(tmp_path):
 
 
 # ------------------------------------------------------------------------------------------------ the 2D path
-def inference_chain(size: int = S) -> Compose:
-    """The preprocessing of configs/inference.json (2D part)."""
+def inference_chain(size: int = S, kernel: str = "sam3") -> Compose:
+    """The preprocessing of configs/inference.json (2D part), with the resize ``kernel``."""
     return Compose([
         LoadMedicalImaged(keys="image", label_keys=(), keep_uint8=True, max_pixels="auto"),
         ScaleIntensityByModalityd(keys="image", defer_2d=True),
         AxialSlicesd(keys="image"),
         GreyToRGBd(keys="image"),
-        TiledResizeToSliced(keys="image", spatial_size=size),
+        TiledResizeToSliced(keys="image", spatial_size=size, kernel=kernel),
         Sam3Normalized(keys="image"),
     ])
 
 
 def eager_chain(size: int = S) -> Compose:
-    """The same steps, each on the whole float image (the training chain; the inference bundle before)."""
+    """The same steps with the ``"monai"`` kernel, each on the whole float image (MONAI's own ``Resize``)."""
     return Compose([
         LoadMedicalImaged(keys="image", label_keys=()),
         ScaleIntensityByModalityd(keys="image"),
@@ -185,7 +185,7 @@ def _ops(image: MetaTensor) -> list[dict]:
 
 @pytest.mark.parametrize("mode", ["RGB", "L"])
 @pytest.mark.parametrize("modality", [None, "CT", "MRI", "X-ray"])
-def test_the_native_picture_stays_uint8_and_the_slice_space_image_is_monais(tmp_path, mode, modality, monkeypatch):
+def test_the_native_picture_stays_uint8_and_the_monai_kernel_gives_monais_resize(tmp_path, mode, modality, monkeypatch):
     source = picture(tmp_path / "p.png", mode=mode)
     item = {"image": str(source), "modality": modality}
     loaded = LoadMedicalImaged(keys="image", label_keys=(), keep_uint8=True)(item)["image"]
@@ -196,10 +196,10 @@ def test_the_native_picture_stays_uint8_and_the_slice_space_image_is_monais(tmp_
     assert torch.equal(materialize_intensity(deferred).as_tensor(), eager_scaled.as_tensor())  # bit for bit
 
     eager = eager_chain()(item)[0]["image"]
-    small = inference_chain()(item)[0]["image"]  # 60 000 pixels: MONAI's own resize
+    small = inference_chain(kernel="monai")(item)[0]["image"]  # 60 000 pixels: MONAI's own resize
     assert torch.equal(small.as_tensor(), eager.as_tensor()) and _ops(small) == _ops(eager)
     monkeypatch.setattr(slices, "EAGER_MAX_PIXELS", 0)
-    chain = inference_chain()
+    chain = inference_chain(kernel="monai")
     tiled = chain(item)[0]["image"]
     assert tuple(tiled.shape) == (3, S, S) and tiled.dtype == torch.float32
     assert torch.allclose(tiled.as_tensor(), eager.as_tensor(), atol=2 * (1 / 255) / 0.5)  # at most one grey level
@@ -209,6 +209,50 @@ def test_the_native_picture_stays_uint8_and_the_slice_space_image_is_monais(tmp_
     back = Invertd(keys="pred", transform=chain, orig_keys="image", nearest_interp=False)(
         {"pred": MetaTensor(torch.zeros(1, S, S)), "image": tiled})["pred"]
     assert tuple(back.shape) == (1, 200, 300) and torch.allclose(back.affine, torch.eye(4, dtype=back.affine.dtype))
+
+
+@pytest.mark.parametrize("mode", ["RGB", "L"])
+@pytest.mark.parametrize("modality", [None, "CT", "X-ray"])
+def test_the_sam3_kernel_is_torchvisions_resize_of_the_8_bit_picture_whole_or_in_tiles(tmp_path, mode, modality,
+                                                                                       monkeypatch):
+    """The default kernel: the picture's intensities mapped on the whole float picture, rounded to 8-bit levels and
+    resized by torchvision's ``v2.Resize`` (SAM3's image processor), level for level; also through the tiled passes
+    of a large picture (forced, in tiles of a few rows), with MONAI ``Resize``'s record."""
+    from torchvision.transforms import v2
+
+    from medsam3_monai.transforms.intensity import sam3_levels
+
+    item = {"image": str(picture(tmp_path / "p.png", mode=mode)), "modality": modality}
+    scaled = Compose([LoadMedicalImaged(keys="image", label_keys=()), ScaleIntensityByModalityd(keys="image"),
+                      AxialSlicesd(keys="image"), GreyToRGBd(keys="image")])(item)[0]["image"]
+    reference = v2.Resize((S, S))(sam3_levels(scaled))
+
+    def levels() -> MetaTensor:
+        chain = inference_chain()
+        chain.transforms[-1].levels = True  # Sam3Normalized: keep the uint8 levels
+        return chain(item)[0]["image"]
+
+    whole = levels()
+    assert whole.dtype == torch.uint8 and torch.equal(whole.as_tensor(), reference)
+    resized = Compose(inference_chain().transforms[:-1])(item)[0]["image"]  # what an augmentation after it sees
+    assert resized.dtype == torch.float32 and torch.equal(resized.as_tensor(), reference.float() / 255)
+    assert _ops(whole) == _ops(eager_chain()(item)[0]["image"])  # MONAI Resize's record: Invertd inverts it
+    passes = slices._uint8_resize_in_passes()
+    monkeypatch.setattr(slices, "INTERPOLATE_MAX_PIXELS", 0)
+    monkeypatch.setattr(slices, "_uint8_resize_in_passes", lambda: True)
+    monkeypatch.setattr(slices, "row_tiles", lambda height, width, channels=1: row_tiles(height, width, channels,
+                                                                                        elements=3000))
+    tiled = levels()
+    if passes:  # torchvision's integer passes on this CPU: the same levels
+        assert torch.equal(tiled.as_tensor(), reference)
+    else:  # torchvision resizes floats here and rounds once; the passes round twice
+        assert int((tiled.as_tensor().int() - reference.int()).abs().max()) <= 1
+    assert _ops(tiled) == _ops(whole)
+
+
+def test_the_kernel_is_one_of_the_two():
+    with pytest.raises(ValueError, match="kernel must be one of 'sam3', 'monai', got 'bicubic'"):
+        TiledResizeToSliced(keys="image", spatial_size=S, kernel="bicubic")
 
 
 @pytest.mark.parametrize("tile_elements", [slices.RESIZE_TILE_ELEMENTS, 3000])
@@ -221,8 +265,8 @@ def test_the_tiled_resize_equals_monais_before_quantisation(monkeypatch, tile_el
         image = MetaTensor(torch.as_tensor(rng.integers(0, 256, (3, height, width), dtype=np.uint8)),
                            meta={"source_dtype": "uint8", "is_volume": False})
         eager = Compose([ScaleIntensityByModalityd(), ResizeToSliced(spatial_size=S)])({"image": image})["image"]
-        tiled = Compose([ScaleIntensityByModalityd(defer_2d=True), TiledResizeToSliced(spatial_size=S)])(
-            {"image": image})["image"]
+        tiled = Compose([ScaleIntensityByModalityd(defer_2d=True),
+                         TiledResizeToSliced(spatial_size=S, kernel="monai")])({"image": image})["image"]
         assert torch.allclose(tiled.as_tensor(), eager.as_tensor(), atol=1e-6), (height, width)
 
 
@@ -419,7 +463,8 @@ def test_segment_cli_is_unchanged_for_small_pictures_and_shows_progress_only_for
     small = tmp_path / "small.png"
     assert segment(str(source), "--prompt", "disc", "--prompt", "background", "--out", str(small)) == 0
     assert "masks at" not in capsys.readouterr().err
-    monkeypatch.setattr(slices, "EAGER_MAX_PIXELS", 0)
+    monkeypatch.setattr(slices, "INTERPOLATE_MAX_PIXELS", 0)  # the tiled passes (the sam3 kernel's large pictures)
+    monkeypatch.setattr(slices, "_uint8_resize_in_passes", lambda: True)  # (also where torchvision resizes floats)
     monkeypatch.setattr(slices, "PROGRESS_MIN_PIXELS", 1000)
     monkeypatch.setattr(postprocess, "PROGRESS_MIN_PIXELS", 1000)
     large = tmp_path / "large.png"

@@ -216,41 +216,71 @@ def test_training_chain_caches_the_volume_and_samples_foreground_slices():
         assert texts[2] in ("liver", "polyp") and s["targets"][2]["is_negative"]  # sampled, absent concept
 
 
+def with_kernel(chain: Compose, kernel: str) -> Compose:
+    """``chain`` with its slice-space resize (``TiledResizeToSliced``) set to ``kernel``."""
+    from medsam3_monai.transforms import TiledResizeToSliced, transforms_of
+
+    resizes = [t for t in transforms_of(chain) if isinstance(t, TiledResizeToSliced)]
+    assert resizes
+    for resize in resizes:
+        resize.kernel = kernel
+    return chain
+
+
+def sam3_resized(image: torch.Tensor, size: int) -> torch.Tensor:
+    """SAM3's image processor's way with a float [0, 1] picture ``(C, H, W)``: its 8-bit levels, then torchvision's
+    ``v2.Resize((size, size))`` (``Sam3Processor``), uint8."""
+    from torchvision.transforms import v2
+
+    from medsam3_monai.transforms.intensity import sam3_levels
+
+    return v2.Resize((size, size))(sam3_levels(image))
+
+
 @requires_data
 @pytest.mark.parametrize("threads", [1, 2])
-def test_inference_keeps_volume_slices_as_the_float_chains_8bit_levels(threads):
+@pytest.mark.parametrize("kernel", ["sam3", "monai"])
+def test_inference_keeps_volume_slices_as_the_float_chains_8bit_levels(kernel, threads):
     """The inference bundle's volume slices: grey, resized one slice at a time (``EachItem``) and kept as uint8
-    levels (1, S, S). The network's normalisation of them (``network_pixels``) is the float RGB chain's input
-    (``GreyToRGBd`` -> ``ResizeToSliced`` -> ``Sam3Normalized``), exactly on more than one thread. On one thread ATen's
-    CPU resize rounds a 3-channel picture differently in the last float bit (a grey one rounds the same on any
-    number of threads), which moves a few pixels per million by one 8-bit level."""
-    from monai.transforms import Compose
+    levels (1, S, S), the same on one thread and on two.
 
+    * ``kernel="sam3"`` (the default): the 8-bit levels of each float slice, resized by torchvision as SAM3's image
+      processor resizes a picture, level for level.
+    * ``kernel="monai"``: the network's normalisation of them (``network_pixels``) is the float RGB chain's input
+      (``GreyToRGBd`` -> ``ResizeToSliced`` -> ``Sam3Normalized``), exactly on more than one thread. On one thread
+      ATen's CPU resize rounds a 3-channel picture differently in the last float bit (a grey one rounds the same on
+      any number of threads), which moves a few pixels per million by one 8-bit level."""
     from medsam3_monai.networks import network_pixels
     from medsam3_monai.transforms import GreyToRGBd, ResizeToSliced, Sam3Normalized
 
     size = 1008
     entry = item("TotalSegmentator_example_CT_MR", *SAMPLES["TotalSegmentator_example_CT_MR"][0])
     del entry["label"]  # inference: the image only
-    chain = slice_space_transforms(size, with_label=False)
+    chain = with_kernel(slice_space_transforms(size, with_label=False), kernel)
+    float_slices = Compose(chain.transforms[:4])  # load, decode, intensity, AxialSlicesd: float slices
     float_chain = Compose([*chain.transforms[:4], GreyToRGBd(keys="image"),
                            ResizeToSliced(keys="image", spatial_size=size), Sam3Normalized(keys="image")])
     previous = torch.get_num_threads()
     torch.set_num_threads(threads)
     try:
-        items, reference = chain(entry)[::8], float_chain(entry)[::8]
+        items = chain(entry)[::8]
+        reference = float_chain(entry)[::8] if kernel == "monai" else [
+            {"image": sam3_resized(s["image"], size)} for s in float_slices(entry)[::8]]
     finally:
         torch.set_num_threads(previous)
     assert len(items) == len(reference) > 1
     changed = 0
     for ours, theirs in zip(items, reference):
         assert ours["image"].dtype == torch.uint8 and ours["image"].shape == (1, size, size)
-        pixels = network_pixels(ours["image"].as_tensor()[None], "cpu")[0]
-        step = (pixels - theirs["image"].as_tensor()).abs()
-        if threads > 1:
-            assert torch.equal(pixels, theirs["image"].as_tensor())
-        assert float(step.max()) <= 2 / 255 + 1e-6  # at most one level
-        changed += int(step.count_nonzero())
+        if kernel == "sam3":
+            assert torch.equal(ours["image"].as_tensor(), theirs["image"])
+        else:
+            pixels = network_pixels(ours["image"].as_tensor()[None], "cpu")[0]
+            step = (pixels - theirs["image"].as_tensor()).abs()
+            if threads > 1:
+                assert torch.equal(pixels, theirs["image"].as_tensor())
+            assert float(step.max()) <= 2 / 255 + 1e-6  # at most one level
+            changed += int(step.count_nonzero())
         # the resize record is MONAI's, so Invertd takes a slice's maps back to its own size through the chain
         back = invert(ours, chain, torch.zeros(2, size, size))
         assert back.shape == (2, *ours["image"].meta["spatial_shape"])
@@ -259,15 +289,39 @@ def test_inference_keeps_volume_slices_as_the_float_chains_8bit_levels(threads):
 
 @requires_data
 @pytest.mark.parametrize("dataset", ["GBM40_HE_nuclei", "ChestXray_lung_sample", "Kvasir-SEG_sample"])
-def test_small_pictures_get_monais_interpolation_whatever_the_threads(dataset):
+def test_small_pictures_are_sam3s_resize_whatever_the_threads(dataset):
     """A 2D picture of at most ``INTERPOLATE_MAX_PIXELS`` (GBM40 RGB and a chest X-ray, grey, 512 x 512; a Kvasir
-    JPEG, 529 x 622 RGB, more than ``EAGER_MAX_PIXELS``) upsampled to 1008 px: the inference chain resizes it
-    channel by channel, so its 8-bit levels are the same on one thread
+    JPEG, 529 x 622 RGB) upsampled to 1008 px: the inference chain's 8-bit levels are torchvision's resize of the
+    picture's 8-bit levels (SAM3's image processor's), on one thread (DataLoader workers) and on two."""
+    from medsam3_monai.transforms import GreyToRGBd, LoadMedicalImaged, ScaleIntensityByModalityd
+
+    size = 1008
+    entry = item(dataset, *SAMPLES[dataset][0])
+    del entry["label"]
+    chain = slice_space_transforms(size, with_label=False)
+    float_chain = Compose([LoadMedicalImaged(keys="image", label_keys=()), ScaleIntensityByModalityd(keys="image"),
+                           GreyToRGBd(keys="image")])
+    previous, out = torch.get_num_threads(), {}
+    try:
+        for threads in (1, 2):
+            torch.set_num_threads(threads)
+            out[threads] = chain(entry)[0]["image"]
+    finally:
+        torch.set_num_threads(previous)
+    assert out[1].dtype == torch.uint8 and out[1].shape == (3, size, size)
+    assert torch.equal(out[1].as_tensor(), out[2].as_tensor())
+    assert torch.equal(out[1].as_tensor(), sam3_resized(float_chain(entry)["image"], size))
+
+
+@requires_data
+@pytest.mark.parametrize("dataset", ["GBM40_HE_nuclei", "ChestXray_lung_sample", "Kvasir-SEG_sample"])
+def test_small_pictures_get_monais_interpolation_whatever_the_threads(dataset):
+    """``kernel="monai"``: a 2D picture of at most ``INTERPOLATE_MAX_PIXELS`` (GBM40 RGB and a chest X-ray, grey,
+    512 x 512; a Kvasir JPEG, 529 x 622 RGB, more than ``EAGER_MAX_PIXELS``) upsampled to 1008 px: the inference
+    chain resizes it channel by channel, so its 8-bit levels are the same on one thread
     (DataLoader workers) and on two, and equal MONAI's ``Resize`` chain on two threads, with MONAI's record. MONAI's
     own 3-channel resize on one thread rounds differently in the last float bit (it moves some levels: asserted, so
     this test notices when ATen stops doing so)."""
-    from monai.transforms import Compose
-
     from medsam3_monai.transforms import (
         GreyToRGBd,
         LoadMedicalImaged,
@@ -280,7 +334,7 @@ def test_small_pictures_get_monais_interpolation_whatever_the_threads(dataset):
     size = 1008
     entry = item(dataset, *SAMPLES[dataset][0])
     del entry["label"]
-    chain = slice_space_transforms(size, with_label=False)
+    chain = with_kernel(slice_space_transforms(size, with_label=False), "monai")
     monai_chain = Compose([LoadMedicalImaged(keys="image", label_keys=()), ScaleIntensityByModalityd(keys="image"),
                            GreyToRGBd(keys="image"), ResizeToSliced(keys="image", spatial_size=size),
                            Sam3Normalized(keys="image", levels=True)])

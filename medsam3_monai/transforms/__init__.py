@@ -9,7 +9,8 @@ Chain: :class:`LoadMedicalImaged` -> :class:`DecodeLabeld` -> :class:`ScaleInten
 :class:`BuildTargetsd` -> :class:`RandNegativePromptsd`; predictions go back with MONAI ``Invertd`` and
 :class:`RestackSlicesd`. Both bundles keep 2D pictures ``uint8`` at their own size and resize them tile by tile
 (``LoadMedicalImaged(keep_uint8=True)``, ``ScaleIntensityByModalityd(defer_2d=True)``,
-:class:`TiledResizeToSliced`; memory independent of the picture's size).
+:class:`TiledResizeToSliced`; memory independent of the picture's size), with SAM3's own resize (its image
+processor's: torchvision's anti-aliased bilinear resize of the 8-bit picture; ``kernel="monai"``: MONAI's ``Resize``).
 """
 
 from .each_item import EachItem, transforms_of

@@ -26,12 +26,14 @@ def slice_space_transforms(
     with_label: bool = True,
     seed: int | None = None,
     pictures_only: bool = False,
+    resize_kernel: str = "sam3",
 ) -> Compose:
     """A Compose from a datalist item to slice-space items (a list: one per 2D image or volume slice).
 
     ``train#preprocessing`` (``train=True``) or ``validate#preprocessing`` of ``configs/train.json`` with these
     settings; ``with_label=False`` gives the ``preprocessing`` of ``configs/inference.json`` (items without a
-    mask: no label, instances or targets).
+    mask: no label, instances or targets). ``resize_kernel``: the bundles' ``resize_kernel`` (``"sam3"``: SAM3's
+    image processor's resize of the 8-bit picture; ``"monai"``: MONAI's ``Resize`` of the float intensities).
 
     Each output item: ``image`` ``(3, S, S)`` uint8, the 8-bit levels SAM3 sees (``Sam3Normalized(levels=True)``;
     the network makes its normalised input from them on its device, ``networks.network_pixels``; invertible with
@@ -43,11 +45,13 @@ def slice_space_transforms(
     from ..bundle import config_parser
 
     if not with_label:
-        parser = config_parser("inference.json", image_size=spatial_size, ct_window=ct_window)
+        parser = config_parser("inference.json", image_size=spatial_size, ct_window=ct_window,
+                               resize_kernel=resize_kernel)
         return parser.get_parsed_content("preprocessing")
     parser = config_parser(
         "train.json", image_size=spatial_size, max_instances=max_instances, num_negatives=num_negatives,
         slices_per_volume=slices_per_volume, pos_fraction=pos_fraction, ct_window=ct_window, seed=seed,
+        resize_kernel=resize_kernel,
     )
     parser["train#concepts"] = list(negative_concepts)
     if train and pictures_only:  # 2D pictures: deterministic up to the sampled negatives (what the cache holds)

@@ -11,11 +11,13 @@ are not reoriented, so the detector sees each volume as it is stored), or ``(C, 
 its ``(row, col, 0)`` to world coordinates. A slice starts with no applied operations of its own: invert
 slice-space transforms per slice, restack, then invert volume-level transforms (if any) on the volume.
 
-2D pictures reach slice space through :class:`TiledResizeToSliced` (both bundles): a picture whose
-intensity mapping is still pending (``ScaleIntensityByModalityd(defer_2d=True)``) is read one row tile at a
-time -- its ``uint8`` pixels, the intensity mapping and the resize (MONAI ``Resize``'s Gaussian anti-aliasing
-and bilinear interpolation, written as two banded matrices) applied per tile -- so no native-size float image
-is made, and the resize is recorded for ``Invertd`` exactly as ``ResizeToSliced`` records it.
+2D pictures and volume slices reach slice space through :class:`TiledResizeToSliced` (both bundles). By default
+(``kernel="sam3"``) it resizes as SAM3's image processor does: the 8-bit picture, with torchvision's anti-aliased
+bilinear ``Resize``. A picture whose intensity mapping is still pending (``ScaleIntensityByModalityd(defer_2d=True)``)
+is read one row tile at a time -- its ``uint8`` pixels, the intensity mapping, the 8-bit levels and the resize along
+the rows applied per tile -- so no native-size float image is made. The resize is recorded for ``Invertd`` exactly as
+``ResizeToSliced`` records it. ``kernel="monai"`` is MONAI ``Resize``'s arithmetic (Gaussian anti-aliasing and
+bilinear interpolation of the float intensities, written as two banded matrices for large pictures).
 """
 
 from __future__ import annotations
@@ -36,13 +38,22 @@ from monai.utils import TraceKeys, get_equivalent_dtype
 
 from ..tensors import plain_tensor
 from .errors import DataError, source_name
-from .intensity import PENDING_INTENSITY, apply_intensity, materialize_intensity, pending_intensity
+from .intensity import (
+    PENDING_INTENSITY,
+    apply_intensity,
+    materialize_intensity,
+    output_channels,
+    pending_intensity,
+    row_tiles,
+    sam3_levels,
+)
 from .spatial import ResizeToSliced
 
 __all__ = [
     "EAGER_MAX_PIXELS",
     "INTERPOLATE_MAX_PIXELS",
     "PROGRESS_MIN_PIXELS",
+    "RESIZE_KERNELS",
     "AxialSlicesd",
     "RandAxialSliced",
     "RestackSlicesd",
@@ -73,6 +84,11 @@ INTERPOLATE_MAX_PIXELS = 1 << 20
 #: picture elements per row tile of the tiled resize (4 MB of float32 values): fewer, larger band products than
 #: the intensity tiles' size (a 1070 x 1348 picture: ~30% less time than in the default tiles, 94 -> 67 ms)
 RESIZE_TILE_ELEMENTS = 1 << 20
+#: :class:`TiledResizeToSliced`'s kernels: ``"sam3"`` (the default) resizes the 8-bit levels as SAM3's image
+#: processor does (``Sam3Processor``: torchvision's bilinear ``Resize``, anti-aliased, on the uint8 picture; Meta's
+#: training resizes PIL pictures with PIL's bilinear filter, the same triangle filter); ``"monai"`` resizes the float
+#: intensities as MONAI's ``Resize`` does (Gaussian smoothing when a side shrinks, then bilinear) and rounds after
+RESIZE_KERNELS = ("sam3", "monai")
 #: the tiled resize's arithmetic: float32, as MONAI's ``GaussianSmooth`` and ``interpolate`` compute (the band
 #: weights are made in float64, then rounded once); float64 gives the same values up to float rounding, in more time
 #: and twice the tile memory
@@ -486,6 +502,61 @@ def _intensities(tile: torch.Tensor, spec: Mapping[str, Any] | None) -> torch.Te
     return tile if spec is None else apply_intensity(tile, spec, repeat=False)
 
 
+@functools.cache
+def _sam3_resize():
+    """torchvision's ``resize`` with SAM3's settings but ``antialias`` (``Sam3Processor``'s ``v2.Resize``: bilinear,
+    anti-aliased); imported on first use (torchvision takes about a second to import)."""
+    from torchvision.transforms import InterpolationMode
+    from torchvision.transforms.v2 import functional
+
+    return functools.partial(functional.resize, interpolation=InterpolationMode.BILINEAR)
+
+
+@functools.cache
+def _uint8_resize_in_passes() -> bool:
+    """Whether torchvision resizes a uint8 picture in its own integer arithmetic on this CPU, one axis after the
+    other, each pass rounded to uint8 (AVX2, AVX-512 and ARM machines): then resizing the rows tile by tile and the
+    columns after gives its levels. Elsewhere it resizes floats in one go and rounds once; a picture is then resized
+    in one call (``False`` also when torchvision does not say)."""
+    from torchvision.transforms import InterpolationMode
+    from torchvision.transforms.v2.functional import _geometry
+
+    rule = getattr(_geometry, "_do_native_uint8_resize_on_cpu", None)
+    return bool(rule(InterpolationMode.BILINEAR)) if rule is not None else False
+
+
+def _level_channels(source: torch.Tensor, spec: Mapping[str, Any] | None) -> int:
+    """Channels of :func:`_levels`' output for a picture ``source`` with pending intensity ``spec``."""
+    return source.shape[0] if spec is None else output_channels({**spec, "repeat": 1})
+
+
+def _own_levels(source: torch.Tensor, spec: Mapping[str, Any] | None) -> bool:
+    """Whether a picture's pixels are its 8-bit levels already: levels (uint8 with no pending intensity), or an
+    8-bit picture whose pending intensity divides by 255 (``x / 255`` rounds back to ``x``)."""
+    if source.dtype != torch.uint8:
+        return False
+    return spec is None or (spec["op"] == "div" and float(spec["value"]) == 255.0 and spec["grey"] == "none")
+
+
+def _levels(tile: torch.Tensor, spec: Mapping[str, Any] | None) -> torch.Tensor:
+    """Rows of a picture ``(C, rows, W)`` -> the 8-bit levels of their intensities (:func:`_intensities`,
+    :func:`~medsam3_monai.transforms.intensity.sam3_levels`), uint8; the rows themselves (a view) when they are those
+    levels already (:func:`_own_levels`)."""
+    if _own_levels(tile, spec):
+        return tile if spec is None else tile[: int(spec["channels"])]
+    return sam3_levels(_intensities(tile, spec))
+
+
+def _picture_levels(source: torch.Tensor, spec: Mapping[str, Any] | None) -> torch.Tensor:
+    """:func:`_levels` of a whole picture, made one row tile at a time (no native-size float image)."""
+    if _own_levels(source, spec):
+        return _levels(source, spec)
+    out = torch.empty(_level_channels(source, spec), *source.shape[1:], dtype=torch.uint8)
+    for start, stop in row_tiles(source.shape[1], source.shape[2], source.shape[0]):
+        out[:, start:stop] = _levels(source[:, start:stop], spec)
+    return out
+
+
 def tile_progress(total: int, desc: str, show: bool):
     """A tqdm bar (stderr, cleared when done) over ``total`` rows of tiled passes; inert unless ``show``."""
     from tqdm import tqdm
@@ -495,12 +566,23 @@ def tile_progress(total: int, desc: str, show: bool):
 
 
 class TiledResizeToSliced(ResizeToSliced):
-    """:class:`~medsam3_monai.transforms.ResizeToSliced`, faster, and the same on any number of threads.
+    """:class:`~medsam3_monai.transforms.ResizeToSliced` with SAM3's own resize (default), faster, and the same on
+    any number of threads.
 
     It takes ``(C, H, W)`` MetaTensor images, float, or 2D pictures whose intensity is pending
     (``ScaleIntensityByModalityd(defer_2d=True)``, then ``GreyToRGBd``: still the file's ``uint8`` pixels, the
-    intensity mapped tile by tile, :func:`~medsam3_monai.transforms.intensity.apply_intensity`). By what MONAI's
-    ``Resize`` would do:
+    intensity mapped tile by tile, :func:`~medsam3_monai.transforms.intensity.apply_intensity`).
+
+    ``kernel="sam3"``: the image as SAM3's image processor resizes a picture (``Sam3Processor``: ``v2.Resize`` on the
+    uint8 image). Its intensities are rounded to 8-bit levels first (:func:`~medsam3_monai.transforms.intensity.
+    sam3_levels`: an RGB picture's own bytes), then resized with torchvision's bilinear ``resize``, anti-aliased
+    (a triangle filter as wide as the shrink), in its integer arithmetic: first along the rows, one row tile at a time
+    into a ``(C, H, S)`` uint8 buffer, then along the columns (the same levels as one call on the whole picture).
+    The output is those levels in ``[0, 1]`` (levels / 255, ``(C, S, S)`` float32 or ``dtype``), as MONAI transforms
+    after a resize expect them (an augmentation); ``Sam3Normalized`` rounds them back to the same levels. Memory:
+    the picture, one tile and the buffer, whatever the picture's size.
+
+    ``kernel="monai"``: MONAI ``Resize``'s arithmetic on the float intensities, in float32:
 
     * only interpolate (no anti-aliasing shrink), an image of up to ``INTERPOLATE_MAX_PIXELS``: whole, channel by
       channel with ``F.interpolate`` (:meth:`_by_channel`), MONAI's values as ATen computes them on more than one
@@ -510,17 +592,23 @@ class TiledResizeToSliced(ResizeToSliced):
       (``RESIZE_DTYPE``), each group of output rows made from the tile that holds its whole band
       (:func:`_row_groups`), values equal up to float rounding; memory the picture, one tile and the float32 output,
       whatever its size;
-    * otherwise (small shrinks, S x S already, other modes, lazy): ``ResizeToSliced`` itself.
+    * otherwise (small shrinks, S x S already): ``ResizeToSliced`` itself.
 
-    Output and recorded operation are ``ResizeToSliced``'s (so ``Invertd`` inverts it).
+    Other modes, ``align_corners=True``, an ``anti_aliasing_sigma``, lazy resampling and tensors that are not
+    MetaTensors go to ``ResizeToSliced`` itself, whatever the kernel. The recorded operation is ``ResizeToSliced``'s
+    (so ``Invertd`` inverts it).
 
     Args:
+        kernel: ``"sam3"`` or ``"monai"`` (:data:`RESIZE_KERNELS`).
         progress: a progress bar (stderr) over the tiles of pictures of at least ``PROGRESS_MIN_PIXELS``.
         (others: as ``ResizeToSliced``.)
     """
 
-    def __init__(self, *args: Any, progress: bool = True, **kwargs: Any) -> None:
+    def __init__(self, *args: Any, kernel: str = "sam3", progress: bool = True, **kwargs: Any) -> None:
         super().__init__(*args, **kwargs)
+        if kernel not in RESIZE_KERNELS:
+            raise ValueError(f"kernel must be one of {', '.join(map(repr, RESIZE_KERNELS))}, got {kernel!r}")
+        self.kernel = kernel
         self.progress = progress
 
     def __call__(self, data: Mapping[Hashable, Any], lazy: bool | None = None) -> dict[Hashable, Any]:
@@ -539,7 +627,9 @@ class TiledResizeToSliced(ResizeToSliced):
             plain_bilinear = (mode == "bilinear" and not align_corners and sigma is None and not lazy_
                               and isinstance(img, MetaTensor))
             interpolates = plain_bilinear and not self._smooths(img, bool(anti_aliasing))
-            if interpolates and pixels <= INTERPOLATE_MAX_PIXELS:
+            if plain_bilinear and self.kernel == "sam3":
+                d[key] = self._sam3(img, bool(anti_aliasing), align_corners, dtype, source_name(img, d, key))
+            elif interpolates and pixels <= INTERPOLATE_MAX_PIXELS:
                 d[key] = self._by_channel(img, align_corners, dtype)
             elif plain_bilinear and pixels > EAGER_MAX_PIXELS:
                 d[key] = self._tiled(img, bool(anti_aliasing), align_corners, dtype, source_name(img, d, key))
@@ -590,6 +680,29 @@ class TiledResizeToSliced(ResizeToSliced):
         out = MetaTensor(out).copy_meta_from(meta_info)
         out.meta.pop(PENDING_INTENSITY, None)
         return out
+
+    def _sam3(self, img: MetaTensor, antialias: bool, align_corners: bool | None, dtype: Any,
+              path: str | None) -> MetaTensor:
+        """The ``"sam3"`` kernel (class docstring): ``(C, S, S)`` levels / 255 in ``dtype`` (float32 by default),
+        recorded as MONAI's ``Resize`` to ``dtype`` records it (the dtype ``Invertd`` resizes a prediction back in)."""
+        spec = pending_intensity(img)
+        source = plain_tensor(img)
+        height, width = (int(v) for v in source.shape[1:])
+        size = self.spatial_size
+        resize = functools.partial(_sam3_resize(), antialias=antialias)
+        if height * width <= INTERPOLATE_MAX_PIXELS or not _uint8_resize_in_passes():
+            out = resize(_picture_levels(source, spec), [size, size])  # SAM3's one call
+        else:  # along the rows tile by tile, then along the columns: the one call's levels (its own two passes)
+            along_rows = torch.empty(_level_channels(source, spec), height, size, dtype=torch.uint8)
+            show = self.progress and height * width >= PROGRESS_MIN_PIXELS
+            desc = f"{Path(path).name if path else 'image'}: {height}x{width} -> {size}x{size}"
+            with tile_progress(height, desc, show) as bar:
+                for start, stop in row_tiles(height, width, source.shape[0]):
+                    along_rows[:, start:stop] = resize(_levels(source[:, start:stop], spec), [stop - start, size])
+                    bar.update(stop - start)
+            out = resize(along_rows, [size, size])
+        unit = get_equivalent_dtype(dtype or self.resizer.dtype or torch.float32, torch.Tensor)
+        return self._recorded(img, out.to(unit).div_(255.0), (height, width), align_corners, dtype)
 
     def _tiled(self, img: MetaTensor, anti_aliasing: bool, align_corners: bool | None, dtype: Any,
                path: str | None) -> MetaTensor:

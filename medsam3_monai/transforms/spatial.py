@@ -23,7 +23,9 @@ __all__ = ["ResizeToSliced"]
 
 
 class ResizeToSliced(Resized):
-    """Resize ``(C, H, W)`` images (and optionally masks) to ``(C, S, S)``; records the op for ``Invertd``.
+    """Resize ``(C, H, W)`` images (and optionally masks) to ``(C, S, S)`` with MONAI's ``Resize``; records the op
+    for ``Invertd``. The bundles use :class:`~medsam3_monai.transforms.slices.TiledResizeToSliced`, whose default
+    kernel is SAM3's own resize instead (``kernel="monai"``: this one's arithmetic).
 
     Args:
         keys: keys to resize (default the image only; targets are resized by :class:`BuildTargetsd`).
