@@ -29,6 +29,10 @@ The tracker is compared with sam3's in the test suite (``tests/test_official_tra
 ``scripts/official_tracker.py``).
 
 Full-size models on the CPU: about 3.4 GB of weights per model on disk and in memory, minutes per seed.
+``--tiny``: both sides at a tiny size (``scripts/official_tiny.py``: sam3's own classes assembled as its builder
+assembles them, at our tiny preset's sizes; 112 px unless ``--image-size``), seconds per seed; the converted folder is
+the one our network saves (``convert-checkpoint`` builds SAM3's architecture). ``tests/test_official_detector.py``
+runs it in CI.
 """
 
 from __future__ import annotations
@@ -44,6 +48,8 @@ import time
 from pathlib import Path
 
 IMAGE_SIZE = 1008  # --image-size sets it (both stages)
+TINY = False  # --tiny (both stages): the tiny architecture of scripts/official_tiny.py instead of SAM3's
+TINY_IMAGE_SIZE = 112  # --tiny's default size
 TEXT_PROMPT = "polyp"
 BOX_ONLY_TEXT = "visual"
 # cx, cy, w, h in [0, 1]
@@ -174,14 +180,19 @@ def _official_stage(seed: int, workdir: Path, shared: Path | None) -> None:
 
     torch.set_grad_enabled(False)
     bpe = Path(str(importlib.resources.files("open_clip"))) / "bpe_simple_vocab_16e6.txt.gz"
-    if IMAGE_SIZE != 1008:  # sam3 0.1.4 builds its ViT at 1008 px; the rest reads the size from its features
-        import sam3.model_builder as builder
+    if IMAGE_SIZE != 1008 and not TINY:  # sam3 0.1.4 builds its ViT at 1008 px; the rest reads the size from its
+        import sam3.model_builder as builder  # features
 
         vit = builder.ViT
         builder.ViT = lambda *args, **kwargs: vit(*args, **{**kwargs, "img_size": IMAGE_SIZE})
     torch.manual_seed(seed)
-    model = build_sam3_image_model(bpe_path=str(bpe), device="cpu", eval_mode=False, checkpoint_path=None,
-                                   load_from_HF=False)
+    if TINY:
+        from official_tiny import build_tiny_official  # this folder (run as a script)
+
+        model = build_tiny_official(IMAGE_SIZE).train()  # as build_sam3_image_model(eval_mode=False) leaves it
+    else:
+        model = build_sam3_image_model(bpe_path=str(bpe), device="cpu", eval_mode=False, checkpoint_path=None,
+                                       load_from_HF=False)
     perturbed = _randomise(model, torch, seed)
     torch.save({"model": {f"detector.{k}": v for k, v in model.state_dict().items()}}, workdir / "sam3.pt")
     pixels = _image(torch, shared, seed)
@@ -434,7 +445,12 @@ def ours_stage(seed: int, workdir: Path) -> dict:
     timings = {}
 
     start = time.perf_counter()
-    net = MedSAM3Net(workdir / "sam3.pt", image_size=IMAGE_SIZE, training_dropout=no_dropout).eval()
+    config = None
+    if TINY:
+        from official_tiny import tiny_official_config  # this folder
+
+        config = tiny_official_config(IMAGE_SIZE)
+    net = MedSAM3Net(workdir / "sam3.pt", config=config, image_size=IMAGE_SIZE, training_dropout=no_dropout).eval()
     columns["sam3.pt"] = _compare_eval(_ours_eval(net, pixels, torch), official)
     train_forward, train_losses, gradients = _ours_train(net, pixels, official, torch)
     columns["sam3.pt"].update(train_forward)
@@ -443,18 +459,22 @@ def ours_stage(seed: int, workdir: Path) -> dict:
                                        {k.removeprefix("detector."): v for k, v in official_gradients.items()})
     del gradients, official_gradients
     timings["sam3.pt"] = time.perf_counter() - start
+    folder = workdir / "converted"
+    shutil.rmtree(folder, ignore_errors=True)
+    if TINY:  # convert-checkpoint builds SAM3's architecture: the folder is written from the loaded network
+        MedSAM3Net(workdir / "sam3.pt", config=config, image_size=IMAGE_SIZE).save_pretrained(folder)
     del net
     gc.collect()
 
-    folder = workdir / "converted"
-    shutil.rmtree(folder, ignore_errors=True)
-    if cli_main(["convert-checkpoint", str(workdir / "sam3.pt"), str(folder), "--image-size", str(IMAGE_SIZE)]) != 0:
+    second = "saved folder" if TINY else "convert-checkpoint folder"
+    if not TINY and cli_main(["convert-checkpoint", str(workdir / "sam3.pt"), str(folder), "--image-size",
+                              str(IMAGE_SIZE)]) != 0:
         raise SystemExit("medsam3 convert-checkpoint failed")
     start = time.perf_counter()
     net = MedSAM3Net(folder, training_dropout=no_dropout).eval()
-    columns["convert-checkpoint folder"] = _compare_eval(_ours_eval(net, pixels, torch), official)
+    columns[second] = _compare_eval(_ours_eval(net, pixels, torch), official)
     tokenizer = net.tokenizer
-    timings["convert-checkpoint folder"] = time.perf_counter() - start
+    timings[second] = time.perf_counter() - start
     del net
     gc.collect()
 
@@ -514,12 +534,16 @@ def markdown(results: list[dict]) -> str:
 
 
 def main(argv: list[str] | None = None) -> int:
-    global IMAGE_SIZE
+    global IMAGE_SIZE, TINY
     parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     parser.add_argument("--official-python", help="python of a virtualenv with sam3==0.1.4 (see the docstring)")
     parser.add_argument("--seeds", type=int, nargs="+", default=[0, 1])
-    parser.add_argument("--image-size", type=int, default=IMAGE_SIZE,
-                        help="the ViT's input size on both sides (default 1008; 504: the Medical-SAM3 3D checkpoint's)")
+    parser.add_argument("--image-size", type=int, default=None,
+                        help="the ViT's input size on both sides (default 1008, 112 with --tiny; 504: the Medical-SAM3 "
+                             "3D checkpoint's)")
+    parser.add_argument("--tiny", action="store_true",
+                        help="a tiny architecture on both sides (scripts/official_tiny.py; seconds, what CI runs) "
+                             "instead of SAM3's")
     parser.add_argument("--workdir", type=Path, default=None, help="scratch folder (default: a temporary one)")
     parser.add_argument("--shared", type=Path, default=Path(__file__).resolve().parents[1].parent / "shared" / "data")
     parser.add_argument("--out", type=Path, default=Path("official_check"), help="writes OUT.md and OUT.json")
@@ -528,7 +552,8 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--seed", type=int, help=argparse.SUPPRESS)
     args = parser.parse_args(argv)
     shared = args.shared if args.shared.is_dir() else None
-    IMAGE_SIZE = args.image_size
+    TINY = args.tiny
+    IMAGE_SIZE = args.image_size or (TINY_IMAGE_SIZE if TINY else IMAGE_SIZE)
 
     if args.stage == "official":
         official_stage(args.seed, args.workdir, shared)
@@ -536,9 +561,9 @@ def main(argv: list[str] | None = None) -> int:
     from medsam3_monai.networks.presets import check_image_size
 
     try:  # ours would refuse it only after the official stage's minutes
-        check_image_size(args.image_size)
+        check_image_size(IMAGE_SIZE)
     except ValueError:
-        parser.error(f"--image-size {args.image_size}: give a positive multiple of 14 (the ViT's patch), e.g. 1008 "
+        parser.error(f"--image-size {IMAGE_SIZE}: give a positive multiple of 14 (the ViT's patch), e.g. 1008 "
                      "or 504")
     if not args.official_python or not Path(args.official_python).is_file():
         parser.error("--official-python must point to the python of a virtualenv with sam3==0.1.4: build one with "
@@ -574,10 +599,11 @@ def _check_seeds(args: argparse.Namespace, root: Path) -> list[dict]:
         print(f"[seed {seed}] official sam3: build, save sam3.pt, forward", flush=True)
         start = time.perf_counter()
         subprocess.run([args.official_python, __file__, "--stage", "official", "--seed", str(seed),
-                        "--workdir", str(workdir), "--shared", str(args.shared), "--image-size", str(IMAGE_SIZE)],
-                       check=True)
+                        "--workdir", str(workdir), "--shared", str(args.shared), "--image-size", str(IMAGE_SIZE),
+                        *(["--tiny"] if TINY else [])], check=True)
         official_seconds = time.perf_counter() - start
-        print(f"[seed {seed}] ours: sam3.pt, convert-checkpoint folder, plain Sam3Model", flush=True)
+        print(f"[seed {seed}] ours: sam3.pt, {'saved' if TINY else 'convert-checkpoint'} folder, plain Sam3Model",
+              flush=True)
         result = ours_stage(seed, workdir)
         result["seconds"]["official"] = official_seconds
         results.append(result)
@@ -610,16 +636,18 @@ def write_report(results: list[dict], seeds: list[int], shared_image: bool, out:
                "max_diff_zero_gradients": worst_zero,
                "outputs_over_tolerance": over,
                "within_tolerance": not over and worst_loss <= LOSS_TOLERANCE and missing == 0 and gradients_ok,
-               "shared_image": shared_image, "image_size": IMAGE_SIZE, "results": results}
+               "shared_image": shared_image, "image_size": IMAGE_SIZE, "tiny": TINY, "results": results}
     out.with_suffix(".json").write_text(json.dumps(summary, indent=2))
     failures = over + (["loss terms"] if worst_loss > LOSS_TOLERANCE else []) + (
         [f"{int(missing)} loss term(s) on one side only"] if missing else []) + (
         [] if gradients_ok else [f"gradients ({worst_gradient:.2e}, numerically zero ones {worst_zero:.2e}; one side "
                                  f"only: {', '.join(one_side) or 'none'})"])
     header = [
-        f"# Our network vs Meta's official SAM3 (random full-size weights, {IMAGE_SIZE} px, fp32, CPU)", "",
+        f"# Our network vs Meta's official SAM3 (random {'tiny' if TINY else 'full-size'} weights, {IMAGE_SIZE} px, "
+        "fp32, CPU)", "",
         f"Written by `python scripts/check_official.py --official-python PYTHON --seeds "
-        f"{' '.join(map(str, seeds))}{'' if IMAGE_SIZE == 1008 else f' --image-size {IMAGE_SIZE}'}` "
+        f"{' '.join(map(str, seeds))}{' --tiny' if TINY else ''}"
+        f"{'' if IMAGE_SIZE == (TINY_IMAGE_SIZE if TINY else 1008) else f' --image-size {IMAGE_SIZE}'}` "
         f"({'a shared Kvasir-SEG image' if shared_image else 'random pixels'}); "
         "versions: " + ", ".join(f"{k} {v}" for k, v in results[0]["versions"].items()) + ".",
         f"Max abs diff over our two loading paths: {worst:.2e}; max relative diff of the loss terms (total included): "

@@ -5,9 +5,9 @@
 # CPU too), and nothing of this project is installed into it.
 # Usage: scripts/setup_official_env.sh [VENV_DIR]
 #        (default: $MEDSAM3_OFFICIAL_VENV or ~/.cache/medsam3-monai/sam3-official-venv); `make official` runs it.
-# Used by tests/test_official_tracker.py (the tracker against sam3's, in CI), tests/test_official_preprocessing.py
-# (the network input against Sam3Processor's, in CI) and scripts/check_official.py
-# (the full-size detector and losses: --official-python VENV_DIR/bin/python).
+# Used in CI by tests/test_official_detector.py (a tiny detector against sam3's), test_official_tracker.py (the
+# tracker) and test_official_preprocessing.py (the network input against Sam3Processor's), and by
+# scripts/check_official.py (the full-size detector and losses: --official-python VENV_DIR/bin/python).
 set -euo pipefail
 venv="${1:-${MEDSAM3_OFFICIAL_VENV:-$HOME/.cache/medsam3-monai/sam3-official-venv}}"
 python="${PYTHON:-python3.11}"
