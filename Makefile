@@ -25,8 +25,8 @@ MONAILABEL_VENV ?= $(or $(MEDSAM3_MONAILABEL_VENV),$(HOME)/.cache/medsam3-monai/
 monailabel:
 	@bash scripts/setup_monailabel_env.sh $(MONAILABEL_VENV)
 
-# `make official`: Meta's official SAM3 code (sam3 0.1.4), the reference of tests/test_official_detector.py,
-# test_official_tracker.py, test_official_preprocessing.py and scripts/check_official.py, in an environment of its
+# `make official`: Meta's official SAM3 code (sam3 0.1.4), the reference of tests/test_official_*.py
+# (detector, tracker, preprocessing, segment) and scripts/check_official.py, in an environment of its
 # own (never a dependency of this package).
 OFFICIAL_VENV ?= $(or $(MEDSAM3_OFFICIAL_VENV),$(HOME)/.cache/medsam3-monai/sam3-official-venv)
 

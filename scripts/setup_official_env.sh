@@ -6,7 +6,8 @@
 # Usage: scripts/setup_official_env.sh [VENV_DIR]
 #        (default: $MEDSAM3_OFFICIAL_VENV or ~/.cache/medsam3-monai/sam3-official-venv); `make official` runs it.
 # Used in CI by tests/test_official_detector.py (a tiny detector against sam3's), test_official_tracker.py (the
-# tracker) and test_official_preprocessing.py (the network input against Sam3Processor's), and by
+# tracker), test_official_preprocessing.py (the network input against Sam3Processor's) and
+# test_official_segment.py (medsam3 segment against Sam3Processor), and by
 # scripts/check_official.py (the full-size detector and losses: --official-python VENV_DIR/bin/python).
 set -euo pipefail
 venv="${1:-${MEDSAM3_OFFICIAL_VENV:-$HOME/.cache/medsam3-monai/sam3-official-venv}}"
