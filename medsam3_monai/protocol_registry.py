@@ -19,9 +19,13 @@ class Protocol:
         name: as written on the command line and beside every number it produced.
         description: for report notes; ``{score_threshold}`` is filled in.
         function: name of its function in :mod:`medsam3_monai.inferers.protocols`,
-            ``(outputs, size, score_threshold) -> (logits (B, H, W), scores (B,))``.
+            ``(outputs, size, score_threshold) -> (logits (B, H, W), scores (B,))``; ``size`` None: the masks' own
+            resolution (the 2D way back resizes them once, straight to the picture's size).
         validation: usable as the training bundle's validation metric (``val_protocol``).
         reads_threshold: whether its masks depend on ``score_threshold`` (a prediction records it then).
+        unites_queries: whether its map is the union of several queries' masks (their pixel-wise max): such a map is
+            made at the slice space S, where the 2D way back takes the others at the masks' own resolution (the
+            union of masks resized to a picture is not the resize of their union at 288 px).
     """
 
     name: str
@@ -29,9 +33,11 @@ class Protocol:
     function: str
     validation: bool = False
     reads_threshold: bool = False
+    unites_queries: bool = False
 
-    def logits(self, outputs: Any, size: int | tuple[int, int], score_threshold: float = 0.5):
-        """Mask logits (B, H, W) float32 at ``size`` and scores (B,) of ``outputs`` (a ``MedSAM3Output``)."""
+    def logits(self, outputs: Any, size: int | tuple[int, int] | None, score_threshold: float = 0.5):
+        """Mask logits (B, H, W) float32 at ``size`` (None: the masks' own) and scores (B,) of ``outputs`` (a
+        ``MedSAM3Output``)."""
         from .inferers import protocols
 
         return getattr(protocols, self.function)(outputs, size, score_threshold)
@@ -49,7 +55,7 @@ PROTOCOLS: dict[str, Protocol] = {
                  "{score_threshold} (the rule of the Medical-SAM3 release's 2D evaluation script, which uses 0.1)",
                  "top_query_floor_logits", reads_threshold=True),
         Protocol("threshold", "the union of the queries with score >= {score_threshold}", "threshold_logits",
-                 reads_threshold=True),
+                 reads_threshold=True, unites_queries=True),
         Protocol("semantic", "the semantic head's mask (logit > 0)", "semantic_logits", validation=True),
     )
 }

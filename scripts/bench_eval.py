@@ -11,7 +11,8 @@ Prints one JSON object. 2D, on real samples from ../shared/data (Kvasir-SEG JPEG
   at the native resolution, so it grows with the image's pixel count, not with the network). **Headline ratio**
   ``case_over_forward`` = case_ms / forward_ms (target <= 1.10): what evaluation adds to the network, loading and
   report writing excluded.
-* ``bare_case_ms``: the same work with no pipeline around it -- ``segment_image``, the native-size label map
+* ``bare_case_ms``: the same work with no pipeline around it -- ``segment_image`` (``at_mask_size``: the logits
+  at the masks' resolution, from which the 2D way back resizes them straight to the picture), the native-size label map
   (``inferers.boundary_merge.boundary_label_index``) and the overlap counts (``metrics.label_overlaps``) -- and
   ``bare_case_over_forward``: what the pipeline's algorithms cost without MONAI's transforms and the records.
 * ``floor_case_over_forward``: a lower bound, not a pipeline -- the forward, the cheapest native-size label map
@@ -164,7 +165,7 @@ def bench_2d(network, repeats: int, folder: Path, report: bool = True) -> dict:
         sizes.append(list(truth.shape))
 
         def bare_case():  # the label map and the overlap counts alone, no pipeline around them
-            seg = segment_image(network, image[0], prompts, logits_on_device=True)
+            seg = segment_image(network, image[0], prompts, logits_on_device=True, at_mask_size=True)
             labels = boundary_label_index(seg.logits, tuple(truth.shape), scores=seg.scores)
             label_overlaps(torch.from_numpy(labels), truth, [int(v) for v in values])
 

@@ -13,8 +13,8 @@ with PIL as RGB and given to ``Sam3Processor.set_image``, then ``set_text_prompt
 queries whose score (sigmoid of the query logit x sigmoid of the presence logit) exceeds ``--threshold`` and
 resizes their mask logits straight to the picture's size. ``OUT.npz`` holds, per picture i, ``scores_<i>`` (kept
 queries' scores), ``boxes_<i>`` (their xyxy pixel boxes), ``union_<i>`` (H, W) bool (the union of their masks),
-``all_scores_<i>`` (every query's score) and ``paths``. ``tests/test_official_segment.py`` compares them with
-``medsam3 segment --protocol threshold``.
+``probability_<i>`` (H, W) (the highest of their mask probabilities), ``all_scores_<i>`` (every query's score) and
+``paths``. ``tests/test_official_segment.py`` compares them with ``medsam3 segment``.
 """
 
 from __future__ import annotations
@@ -84,8 +84,9 @@ def main() -> None:
             masks = state["masks"][:, 0]
             height, width = state["original_height"], state["original_width"]
             union = masks.any(0) if masks.shape[0] else torch.zeros(height, width, dtype=torch.bool)
+            probability = state["masks_logits"][:, 0].amax(0) if masks.shape[0] else torch.zeros(height, width)
             arrays.update({f"scores_{i}": state["scores"].float().numpy(), f"boxes_{i}": state["boxes"].numpy(),
-                           f"union_{i}": union.numpy()})
+                           f"union_{i}": union.numpy(), f"probability_{i}": probability.float().numpy()})
             every = processor.set_confidence_threshold(-1.0, state)  # the same forward, every query kept
             arrays[f"all_scores_{i}"] = every["scores"].float().numpy()
             processor.set_confidence_threshold(args.threshold)

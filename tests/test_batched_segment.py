@@ -583,3 +583,27 @@ def test_a_folder_holding_series_folders_names_them(tmp_path):
     (tmp_path / "empty").mkdir()
     with pytest.raises(ValueError, match="input folder .*empty holds nothing: a folder input must hold one DICOM"):
         input_kind(tmp_path / "empty")
+
+
+def test_logits_at_the_masks_resolution_for_the_way_back(tiny_net, tiny_images):
+    """``at_mask_size`` (what ``PromptInferer`` asks for): a protocol's logits stay at the mask head's resolution
+    (S / 3.5), which the way back resizes once, straight to the picture, as SAM3's ``Sam3Processor``; ``threshold``,
+    which unites several queries' masks, still makes its map at S. Batched and one by one alike; resizing the mask-size
+    logits to S gives the S-size logits."""
+    from medsam3_monai.inferers import segment_image
+    from medsam3_monai.inferers.batch import segment_image_batch
+    from medsam3_monai.networks.outputs import upsample_logits
+
+    size = tiny_net.image_size
+    mask_size = tuple(tiny_net(tiny_images[:1], ["polyp"]).pred_masks.shape[-2:])
+    assert mask_size == (size * 2 // 7, size * 2 // 7)  # S / 3.5
+    prompts = ["polyp", "liver"]
+    for protocol, expected in (("top_query", mask_size), ("semantic", mask_size), ("threshold", (size, size))):
+        one = segment_image(tiny_net, tiny_images[0], prompts, protocol=protocol, score_threshold=0.0,
+                            at_mask_size=True)
+        [batched] = segment_image_batch(tiny_net, tiny_images[:1], [prompts], protocols=protocol,
+                                        score_threshold=0.0, at_mask_size=True)
+        assert tuple(one.logits.shape) == (2, *expected) and torch.equal(one.logits, batched.logits), protocol
+        at_s = segment_image(tiny_net, tiny_images[0], prompts, protocol=protocol, score_threshold=0.0)
+        assert torch.equal(one.scores, at_s.scores)
+        assert torch.allclose(upsample_logits(one.logits[None], size)[0], at_s.logits, atol=1e-5), protocol

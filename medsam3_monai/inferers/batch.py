@@ -65,6 +65,7 @@ def segment_image_batch(
     boxes: Sequence[tuple[torch.Tensor, torch.Tensor] | None] | None = None,
     pixels_normalized: bool = False,
     logits_on_device: bool = False,
+    at_mask_size: bool = False,
 ) -> list[ImageSegmentation]:
     """N slice-space images, each with its own prompts, through the network together: one
     :class:`~.image.ImageSegmentation` per image, as :func:`~.image.segment_image` gives for each alone.
@@ -80,7 +81,7 @@ def segment_image_batch(
 
     Images with box prompts go through a forward of their own (grouped by K); all text-only images share one.
     Logits and scores come back on the CPU, one device-to-host copy per forward (``logits_on_device``: the logits
-    stay on the network's device, see :func:`~.image.segment_image`).
+    stay on the network's device; ``at_mask_size``: at the masks' own resolution; see :func:`~.image.segment_image`).
     """
     if images.ndim != 4:
         raise ValueError(f"images must be (N, 3, S, S); got {tuple(images.shape)}")
@@ -109,7 +110,8 @@ def segment_image_batch(
             kwargs["boxes"] = torch.cat([boxes[index][0] for index in members])
             kwargs["box_labels"] = torch.cat([boxes[index][1] for index in members])
         names = [protocols[index] for index in members]
-        per_protocol = prompt_logits(network, group_images, queries, names, size, score_threshold, **kwargs)
+        per_protocol = prompt_logits(network, group_images, queries, names, size, score_threshold,
+                                     at_mask_size=at_mask_size, **kwargs)
         starts = torch.cumsum(torch.tensor([0] + [len(prompts[index]) for index in members]), 0).tolist()
         for name, (logits, scores) in per_protocol.items():
             logits, scores = logits if logits_on_device else logits.cpu(), scores.float().cpu()  # one copy per forward

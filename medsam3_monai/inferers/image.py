@@ -119,6 +119,7 @@ def segment_image(
     box_labels: torch.Tensor | None = None,
     pixels_normalized: bool = False,
     logits_on_device: bool = False,
+    at_mask_size: bool = False,
 ) -> ImageSegmentation:
     """Segment one slice-space image with P text prompts (the vision encoder runs once; the detector takes the
     prompts ``network.detector_chunk`` at a time, :func:`~.protocols.prompt_logits`).
@@ -135,9 +136,14 @@ def segment_image(
             :func:`ground_truth_boxes`; ``box_labels`` (P, K): 1 positive, 0 negative, -10 padding.
         logits_on_device: leave the logits on the network's device (what ``PromptInferer`` does, so that the
             way back to the picture's size runs there); default: copied to the host. Scores are on the host.
+        at_mask_size: keep the logits at the masks' own resolution (S / 3.5, 288 px at 1008) instead of resizing
+            them to S: what ``PromptInferer`` does, whose way back resizes them once, straight to the picture's
+            size, as SAM3's ``Sam3Processor`` does (a protocol uniting several queries' masks, ``threshold``, still
+            makes its map at S).
 
     Returns:
-        :class:`ImageSegmentation` with (P, S, S) logits and (P,) scores in slice space.
+        :class:`ImageSegmentation` with (P, S, S) logits (``at_mask_size``: (P, S / 3.5, S / 3.5) but for
+        ``threshold``) and (P,) scores in slice space.
     """
     get_protocol(protocol)
     prompts = [prompts] if isinstance(prompts, str) else list(prompts)
@@ -152,7 +158,8 @@ def segment_image(
         kwargs["boxes"] = boxes
         kwargs["box_labels"] = box_labels if box_labels is not None else torch.ones(boxes.shape[:2], dtype=torch.long)
     size = tuple(images.shape[-2:])
-    logits, scores = prompt_logits(network, images, prompts, [protocol], size, score_threshold, **kwargs)[protocol]
+    logits, scores = prompt_logits(network, images, prompts, [protocol], size, score_threshold,
+                                   at_mask_size=at_mask_size, **kwargs)[protocol]
     return ImageSegmentation(prompts, logits if logits_on_device else logits.cpu(), scores.float().cpu(), protocol)
 
 

@@ -197,7 +197,7 @@ class PromptInferer(Inferer):
                              box_prompts(box, len(prompts), first[self.image_key].meta["spatial_shape"]))
             segs = segment_image_batch(network, images.to(device, non_blocking=True), [f[3] for f in flat],
                                        protocols=protocols, score_threshold=self.score_threshold, boxes=boxes,
-                                       logits_on_device=True)
+                                       logits_on_device=True, at_mask_size=True)
             for (index, items, values, prompts), seg, protocol, box in zip(flat, segs, protocols, boxes):
                 items[0]["pred"] = MetaTensor(seg.logits.float())
                 case = {"prompt_scores": seg.scores.float(), "protocol": protocol + ("+box" if box is not None else ""),
@@ -215,7 +215,7 @@ class PromptInferer(Inferer):
         boxes = None if box is None else box_prompts(box, len(prompts), image.meta["spatial_shape"])
         seg = segment_image(network, plain_tensor(image).to(device), prompts, protocol=protocol,
                             score_threshold=threshold, boxes=None if boxes is None else boxes[0],
-                            box_labels=None if boxes is None else boxes[1], logits_on_device=True)
+                            box_labels=None if boxes is None else boxes[1], logits_on_device=True, at_mask_size=True)
         item["pred"] = MetaTensor(seg.logits.float())  # confidence: score x sigmoid(logit), after the inversion
         return {"prompt_scores": seg.scores.float(), "protocol": protocol + ("+box" if boxes is not None else "")}
 

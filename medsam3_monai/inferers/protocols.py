@@ -1,7 +1,9 @@
 """Turning detector outputs into one mask per prompt: the functions of the protocols registered in
 :mod:`medsam3_monai.protocol_registry` (definitions in ``bundles/medsam3/docs/conventions.md``), and logit upsampling.
 
-Each protocol function is ``(outputs, size, score_threshold) -> (logits (B, H, W) float32, scores (B,))``.
+Each protocol function is ``(outputs, size, score_threshold) -> (logits (B, H, W) float32, scores (B,))``; ``size``
+None keeps the logits at the masks' own resolution (S / 3.5: 288 px at SAM3's 1008), for a way back that resizes
+them once, straight to the picture's size, as SAM3's ``Sam3Processor`` does.
 :func:`prompt_logits` runs the detector and keeps only that, chunk by chunk of find-queries.
 """
 
@@ -21,7 +23,7 @@ EMPTY_LOGIT = -1.0e4
 MASK_LOGIT = 1.0e4
 
 
-def top_query_logits(outputs: MedSAM3Output, size: int | tuple[int, int],
+def top_query_logits(outputs: MedSAM3Output, size: int | tuple[int, int] | None,
                      score_threshold: float = 0.5) -> tuple[torch.Tensor, torch.Tensor]:
     """The papers' protocol: mask logits (B, H, W) of each prompt's highest-scoring query (whatever its score;
     ``score_threshold`` is not used), and that score (B,)."""
@@ -32,7 +34,7 @@ def top_query_logits(outputs: MedSAM3Output, size: int | tuple[int, int],
     return upsample_logits(logits, size)[:, 0], scores[rows, best]
 
 
-def top_query_floor_logits(outputs: MedSAM3Output, size: int | tuple[int, int],
+def top_query_floor_logits(outputs: MedSAM3Output, size: int | tuple[int, int] | None,
                            score_threshold: float = 0.5) -> tuple[torch.Tensor, torch.Tensor]:
     """:func:`top_query_logits` with a score floor: a prompt whose best query scores below ``score_threshold`` gets
     an empty mask (``EMPTY_LOGIT``), as the Medical-SAM3 release's 2D evaluation does with 0.1; (B, H, W), (B,)."""
@@ -41,13 +43,14 @@ def top_query_floor_logits(outputs: MedSAM3Output, size: int | tuple[int, int],
     return logits, scores
 
 
-def threshold_logits(outputs: MedSAM3Output, size: int | tuple[int, int], score_threshold: float = 0.5,
+def threshold_logits(outputs: MedSAM3Output, size: int | tuple[int, int] | None, score_threshold: float = 0.5,
                      chunk: int = 16) -> tuple[torch.Tensor, torch.Tensor]:
     """Union of the queries with score >= ``score_threshold``: the pixel-wise max of their logits (so ``> 0`` is
     exactly the union) and the highest kept score; with none kept, ``EMPTY_LOGIT`` and the best query's score.
     Only kept queries are upsampled, ``chunk`` at a time (at 1008 px a query's map is 4 MB)."""
     scores = outputs.scores.float()
-    size = (size, size) if isinstance(size, int) else tuple(size)
+    size = tuple(outputs.pred_masks.shape[-2:]) if size is None else (size, size) if isinstance(size, int) \
+        else tuple(size)
     logits = torch.full((scores.shape[0], *size), EMPTY_LOGIT, dtype=torch.float32, device=scores.device)
     chosen = scores.max(dim=1).values
     for b in range(scores.shape[0]):
@@ -61,7 +64,7 @@ def threshold_logits(outputs: MedSAM3Output, size: int | tuple[int, int], score_
     return logits, chosen
 
 
-def semantic_logits(outputs: MedSAM3Output, size: int | tuple[int, int],
+def semantic_logits(outputs: MedSAM3Output, size: int | tuple[int, int] | None,
                     score_threshold: float = 0.5) -> tuple[torch.Tensor, torch.Tensor]:
     """The semantic head's logits (B, H, W) and sigmoid(presence logit) (B,) as the score."""
     return upsample_logits(outputs.semantic_seg, size)[:, 0], outputs.presence_logits[:, 0].float().sigmoid()
@@ -81,17 +84,20 @@ def detector_chunks(network: torch.nn.Module, images: torch.Tensor, prompts: Seq
 
 
 def prompt_logits(network: torch.nn.Module, images: torch.Tensor, prompts: Sequence[str] | None,
-                  protocols: Sequence[str], size: int | tuple[int, int], score_threshold: float = 0.5,
-                  **kwargs: Any) -> dict[str, tuple[torch.Tensor, torch.Tensor]]:
-    """The detector on B find-queries -> per protocol name, the (B, H, W) mask logits at ``size`` and (B,) scores.
+                  protocols: Sequence[str], size: int | tuple[int, int] | None, score_threshold: float = 0.5,
+                  at_mask_size: bool = False, **kwargs: Any) -> dict[str, tuple[torch.Tensor, torch.Tensor]]:
+    """The detector on B find-queries -> per protocol name, the (B, H, W) mask logits at ``size`` (None: the masks'
+    own) and (B,) scores; ``at_mask_size``: at the masks' own resolution, but for a protocol that unites several
+    queries' masks (``Protocol.unites_queries``), made at ``size``.
 
     The queries go through :func:`detector_chunks`; of each chunk's outputs only the protocols' logits and scores
     are kept, so the detector's memory is that of one chunk whatever B is. ``kwargs``: the forward's."""
     names = list(dict.fromkeys(protocols))
+    sizes = {name: None if at_mask_size and not get_protocol(name).unites_queries else size for name in names}
     parts: dict[str, list[tuple[torch.Tensor, torch.Tensor]]] = {name: [] for name in names}
     for _, _, outputs in detector_chunks(network, images, prompts, **kwargs):
         for name in names:
-            parts[name].append(get_protocol(name).logits(outputs, size, score_threshold))
+            parts[name].append(get_protocol(name).logits(outputs, sizes[name], score_threshold))
         del outputs
     return {name: (torch.cat([p[0] for p in found]), torch.cat([p[1] for p in found])) if len(found) > 1
             else found[0] for name, found in parts.items()}

@@ -576,11 +576,13 @@ class TiledResizeToSliced(ResizeToSliced):
     ``kernel="sam3"``: the image as SAM3's image processor resizes a picture (``Sam3Processor``: ``v2.Resize`` on the
     uint8 image). Its intensities are rounded to 8-bit levels first (:func:`~medsam3_monai.transforms.intensity.
     sam3_levels`: an RGB picture's own bytes), then resized with torchvision's bilinear ``resize``, anti-aliased
-    (a triangle filter as wide as the shrink), in its integer arithmetic: first along the rows, one row tile at a time
-    into a ``(C, H, S)`` uint8 buffer, then along the columns (the same levels as one call on the whole picture).
+    (a triangle filter as wide as the shrink), in its integer arithmetic: a picture of more than
+    ``INTERPOLATE_MAX_PIXELS`` first along the rows, one row tile at a time into a ``(C, H, S)`` uint8 buffer, then
+    along the columns (the same levels as one call on the whole picture), where torchvision resizes uint8 in its own
+    integer passes (AVX2, AVX-512, ARM CPUs); elsewhere, and for smaller pictures, in one call.
     The output is those levels in ``[0, 1]`` (levels / 255, ``(C, S, S)`` float32 or ``dtype``), as MONAI transforms
-    after a resize expect them (an augmentation); ``Sam3Normalized`` rounds them back to the same levels. Memory:
-    the picture, one tile and the buffer, whatever the picture's size.
+    after a resize expect them (an augmentation); ``Sam3Normalized`` rounds them back to the same levels. Memory of the
+    passes: the picture, one tile and the buffer, whatever the picture's size.
 
     ``kernel="monai"``: MONAI ``Resize``'s arithmetic on the float intensities, in float32:
 
