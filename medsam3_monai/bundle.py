@@ -21,7 +21,8 @@ SAID_ONCE_VARIABLE = "MEDSAM3_SAID_ONCE_DIR"
 #: set with it: that command's own options, a JSON object of bundle key -> option (``{"max_epochs": "--epochs"}``)
 FRONT_OPTIONS_VARIABLE = "MEDSAM3_FRONT_OPTIONS"
 #: a bundle option in a message: ``--key`` and the value that may follow it (``--image_size 112``, ``--resume false``)
-_BUNDLE_OPTION = re.compile(r"--([a-z][a-z0-9_]*(?:#[a-z0-9_]+)*)(?: (true|false|-?[0-9][0-9.e+-]*))?(?![\w#-])")
+_BUNDLE_OPTION = re.compile(r"--([a-z][a-z0-9_]*(?:#[a-z0-9_]+)*)(?: (true|false|-?[0-9][0-9.e+-]*|'[\w.-]+'))?"
+                            r"(?![\w#-])")
 
 
 def config_parser(config: str | Sequence[str], **overrides: Any):
@@ -58,7 +59,8 @@ def front_words(message: str, options: dict[str, str]) -> str:
     """A training bundle message in the words of a command that runs the bundle with its own ``options`` (bundle key
     -> option): ``--max_epochs`` -> ``--epochs``, ``--image_size 112`` -> ``--image-size 112``, and a key without an
     option of its own as ``--set``: ``--resume false`` -> ``--set resume=false``, ``did you mean --val_protocol?``
-    -> ``did you mean --set val_protocol=...?``; anything that is not a key of the training configs stays as it is."""
+    -> ``did you mean --set val_protocol=...?``, ``--resize_kernel 'monai'`` -> ``--set resize_kernel=monai`` (a word
+    value is quoted in the bundle's message); anything that is not a key of the training configs stays as it is."""
     keys = set()
     for name in ("train.json", "multi_gpu_train.json"):
         keys |= set(json.loads((BUNDLE_CONFIGS / name).read_text(encoding="utf-8")))
@@ -68,7 +70,7 @@ def front_words(message: str, options: dict[str, str]) -> str:
         if key in options:
             return options[key] + (f" {value}" if value else "")
         if key.split("#", 1)[0] in keys:
-            return f"--set {key}={value or '...'}"
+            return f"--set {key}={value.strip(chr(39)) if value else '...'}"
         return match.group(0)
 
     return _BUNDLE_OPTION.sub(swap, message)

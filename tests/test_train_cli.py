@@ -198,6 +198,8 @@ def test_bundle_messages_are_said_in_this_commands_options():
         "raise --epochs to train on, or pass --set resume=false to start afresh"
     assert front_words("did you mean --val_protocol? (MONAI's --tracking)") == \
         "did you mean --set val_protocol=...? (MONAI's --tracking)"  # not a key of the training configs: as it is
+    assert front_words("resume with --resize_kernel 'monai', or start afresh") == \
+        "resume with --set resize_kernel=monai, or start afresh"  # a word value, quoted in the bundle's message
 
 
 def test_the_bundle_says_its_messages_in_the_words_of_the_command_that_runs_it(monkeypatch):

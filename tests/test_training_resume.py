@@ -254,6 +254,25 @@ def test_a_resume_on_other_training_items_is_refused_before_caching(tmp_path: Pa
     TrainingData(relabelled).load_state_dict(older)
 
 
+def test_a_resume_with_the_other_resize_kernel_is_refused_before_caching(tmp_path: Path):
+    """The pictures a training saw depend on its slice-space resize (``resize_kernel``): a resume with the other
+    kernel is refused naming the kernel to give; a checkpoint of before the kernel was recorded resumes with either."""
+    from medsam3_monai.bundle import BUNDLE_CONFIGS
+    from medsam3_monai.engines import TrainingData, check_resume_checkpoint
+
+    items = [{"dataset": "A", "image": f"/data/a/{n}.png"} for n in range(3)]
+    _linear_training(tmp_path, max_epochs=1, extra={"training_data": TrainingData(items, "monai")})
+    check_resume_checkpoint(True, tmp_path, max_epochs=2, items=items, resize_kernel="monai")
+    with pytest.raises(ValueError, match=r"resized with the 'monai' kernel, and this run's resize kernel is 'sam3': "
+                                         r"resume with --resize_kernel 'monai', or start afresh with --resume false"):
+        check_resume_checkpoint(True, tmp_path, max_epochs=2, items=items, resize_kernel="sam3")
+    TrainingData(items, "sam3").load_state_dict(TrainingData(items).state_dict())  # nothing recorded: not compared
+    for config in ("train.json", "multi_gpu_train.json"):
+        assert "image_size=@slice_size, resize_kernel=@resize_kernel)" in (BUNDLE_CONFIGS / config).read_text()
+    assert '"training_data": {"_target_": "medsam3_monai.engines.TrainingData", "items": "@train#data", ' \
+           '"resize_kernel": "@resize_kernel"}' in (BUNDLE_CONFIGS / "train.json").read_text()
+
+
 def _epoch_orders(sampler, max_epochs: int, resume_at_iteration: int = 0) -> dict[int, list[int]]:
     """The item indices each epoch of an Ignite run draws from ``sampler`` (4 items, batches of 2: the dataset
     divides into whole batches, so no batch of an epoch runs the sampler's iterator to its end), with the bundle's

@@ -80,10 +80,12 @@ def check_resume_source(resume: bool | str, needed: tuple[str, ...] = TRAINING_S
 
 def check_resume_checkpoint(resume: bool | str, save_dir: str | Path, max_epochs: int,
                             items: Sequence[Mapping[str, Any]] | None = None, batch_size: int | None = None,
-                            replicas: int = 1, image_size: int | None = None) -> None:
+                            replicas: int = 1, image_size: int | None = None,
+                            resize_kernel: str | None = None) -> None:
     """Before the data is cached, what the checkpoint a resume would start from already tells (read memory-mapped):
     a network of another slice space than ``image_size`` is refused, and so are training ``items`` other than its
-    own (:class:`TrainingData`'s check, which the resume itself makes only after caching) and epochs of another
+    own or another ``resize_kernel`` (:class:`TrainingData`'s check, which the resume itself makes only after
+    caching) and epochs of another
     length (``items`` in batches of ``batch_size`` on each of ``replicas`` processes, as the bundles'
     ``DistributedSampler`` and ``DataLoader`` make them); and when it has trained ``max_epochs`` epochs the process
     ends (status 0) with a warning, as rerunning a finished training would cache everything and rewrite the final
@@ -105,7 +107,7 @@ def check_resume_checkpoint(resume: bool | str, save_dir: str | Path, max_epochs
                          f"{int(image_size)} px: resume with --image_size {trained_size} (and the --checkpoint it "
                          "started from), or start afresh with --resume false")
     if items is not None and isinstance(fingerprint, Mapping):
-        TrainingData(items).load_state_dict(fingerprint)
+        TrainingData(items, resize_kernel).load_state_dict(fingerprint)
     if not isinstance(trainer, Mapping) or not trainer.get("epoch_length"):
         return
     if items is not None and batch_size:
@@ -137,12 +139,14 @@ def _check_epoch_length(path: Path, epoch_length: int | None, loader: Any) -> No
 
 class TrainingData:
     """The training items as a checkpointable object: a fingerprint of their cases (dataset and image file name,
-    not the folders, so a moved data root still resumes) and of their prompts, saved in every training checkpoint;
-    a resume on other items, or on the same images with other prompts, is refused (a different epoch length alone
-    would not show same-sized other data)."""
+    not the folders, so a moved data root still resumes) and of their prompts, and the slice-space resize kernel
+    (``resize_kernel``: how the network saw the pictures), saved in every training checkpoint; a resume on other
+    items, on the same images with other prompts, or with the other kernel, is refused (a different epoch length alone
+    would not show same-sized other data). Checkpoints of before a fingerprint's part are not compared on it."""
 
-    def __init__(self, items: Sequence[Mapping[str, Any]]) -> None:
+    def __init__(self, items: Sequence[Mapping[str, Any]], resize_kernel: str | None = None) -> None:
         self.items = items
+        self.resize_kernel = resize_kernel
 
     def state_dict(self) -> dict[str, Any]:
         import hashlib
@@ -154,10 +158,16 @@ class TrainingData:
         names = [f"{item.get('dataset', '')}/{Path(str(item.get('image', ''))).name}" for item in self.items]
         prompts = [f"{name} {json.dumps(item.get('prompts'), sort_keys=True, default=str)}"
                    for name, item in zip(names, self.items)]
-        return {"cases": len(names), "sha256": digest(names), "prompts_sha256": digest(prompts)}
+        kernel = {} if self.resize_kernel is None else {"resize_kernel": self.resize_kernel}
+        return {"cases": len(names), "sha256": digest(names), "prompts_sha256": digest(prompts), **kernel}
 
     def load_state_dict(self, state: Mapping[str, Any]) -> None:
         mine = self.state_dict()
+        trained, now = state.get("resize_kernel"), mine.get("resize_kernel")
+        if trained is not None and now is not None and trained != now:
+            raise ValueError(f"the checkpoint was written by a training whose pictures were resized with the "
+                             f"'{trained}' kernel, and this run's resize kernel is '{now}': resume with "
+                             f"--resize_kernel '{trained}', or start afresh with --resume false")
         if state.get("sha256") == mine["sha256"] and state.get("prompts_sha256", mine["prompts_sha256"]) != \
                 mine["prompts_sha256"]:  # (checkpoints of before the prompts' fingerprint: not compared)
             raise ValueError("the checkpoint was written by a training whose items had other prompts (the label -> "
