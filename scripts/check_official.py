@@ -40,6 +40,7 @@ from __future__ import annotations
 import argparse
 import json
 import math
+import os
 import shutil
 import subprocess
 import sys
@@ -267,7 +268,8 @@ def _official_stage(seed: int, workdir: Path, shared: Path | None) -> None:
     losses = wrapper.compute_loss(out, targets)
     semantic = wrapper.loss_fn_semantic_seg(out, targets)
     total = (losses.pop(CORE_LOSS_KEY) + semantic.pop(CORE_LOSS_KEY)) * math.sqrt(len(TRAIN_PROMPTS))
-    terms = {k: float(v) for k, v in {**losses, **semantic}.items() if torch.is_tensor(v) and v.numel() == 1}
+    terms = {k: float(v.detach()) for k, v in {**losses, **semantic}.items()
+             if torch.is_tensor(v) and v.numel() == 1}
     results["train_losses"] = {**terms, "loss": float(total)}
     results["train_targets"] = (boxes, num_boxes, masks)
     results["train"] = {key: value.detach() for key, value in results["train"].items()}
@@ -537,7 +539,8 @@ def main(argv: list[str] | None = None) -> int:
     global IMAGE_SIZE, TINY
     parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     parser.add_argument("--official-python", help="python of a virtualenv with sam3==0.1.4 (see the docstring)")
-    parser.add_argument("--seeds", type=int, nargs="+", default=[0, 1])
+    parser.add_argument("--seeds", type=int, nargs="+", default=[0, 1],
+                        help="random weights of each seed are compared (default 0 1)")
     parser.add_argument("--image-size", type=int, default=None,
                         help="the ViT's input size on both sides (default 1008, 112 with --tiny; 504: the Medical-SAM3 "
                              "3D checkpoint's)")
@@ -545,7 +548,8 @@ def main(argv: list[str] | None = None) -> int:
                         help="a tiny architecture on both sides (scripts/official_tiny.py; seconds, what CI runs) "
                              "instead of SAM3's")
     parser.add_argument("--workdir", type=Path, default=None, help="scratch folder (default: a temporary one)")
-    parser.add_argument("--shared", type=Path, default=Path(__file__).resolve().parents[1].parent / "shared" / "data")
+    parser.add_argument("--shared", type=Path, default=Path(__file__).resolve().parents[1].parent / "shared" / "data",
+                        help="the shared samples (a Kvasir-SEG picture is the input; random pixels without them)")
     parser.add_argument("--out", type=Path, default=Path("official_check"), help="writes OUT.md and OUT.json")
     parser.add_argument("--keep", action="store_true", help="keep sam3.pt and the converted folder")
     parser.add_argument("--stage", choices=["official"], help=argparse.SUPPRESS)
@@ -565,6 +569,10 @@ def main(argv: list[str] | None = None) -> int:
     except ValueError:
         parser.error(f"--image-size {IMAGE_SIZE}: give a positive multiple of 14 (the ViT's patch), e.g. 1008 "
                      "or 504")
+    out_folder = args.out.expanduser().resolve().parent
+    if not out_folder.is_dir() or not os.access(out_folder, os.W_OK):
+        parser.error(f"--out {args.out}: {out_folder} is not a folder this user can write to; the report is written "
+                     "there after the comparison")
     if not args.official_python or not Path(args.official_python).is_file():
         parser.error("--official-python must point to the python of a virtualenv with sam3==0.1.4: build one with "
                      "`make official` (scripts/setup_official_env.sh) and pass "

@@ -48,7 +48,15 @@ def build_model(checkpoint: Path, tiny: bool, image_size: int):
         vocabulary = Path(str(importlib.resources.files("open_clip"))) / "bpe_simple_vocab_16e6.txt.gz"
         model = builder.build_sam3_image_model(bpe_path=str(vocabulary), device="cpu", eval_mode=True,
                                                checkpoint_path=None, load_from_HF=False)
-    model.load_state_dict(detector, strict=True)
+    if not detector:
+        raise ValueError(f"{checkpoint} holds no detector.* tensors: give a sam3.pt (Meta's layout)")
+    try:
+        model.load_state_dict(detector, strict=True)
+    except RuntimeError as err:
+        first = str(err).strip().splitlines()[1:2] or [str(err)[:200]]
+        architecture = f"sam3's {'tiny ' if tiny else ''}Sam3Image at {image_size} px"
+        raise ValueError(f"{checkpoint} does not fit {architecture} (--tiny and --image-size must be those it was "
+                         f"made with): {first[0].strip()[:300]}") from None
     return model.eval()
 
 
@@ -66,6 +74,8 @@ def main() -> None:
     if missing:
         parser.error(f"no such file: {', '.join(missing)}")
     size = args.image_size or (112 if args.tiny else 1008)
+    if size <= 0 or size % 14:
+        parser.error(f"--image-size {size}: give a positive multiple of 14 (the ViT's patch), e.g. 1008 or 112")
 
     sys.path.insert(0, str(Path(__file__).resolve().parent))
     import torch
@@ -75,10 +85,17 @@ def main() -> None:
 
     arrays: dict[str, np.ndarray] = {"paths": np.array([str(path) for path in args.pictures])}
     with official_code_on_cpu(), torch.inference_mode():
-        model = build_model(args.checkpoint, args.tiny, size)
+        try:
+            model = build_model(args.checkpoint, args.tiny, size)
+        except ValueError as err:
+            parser.error(str(err))
         processor = Sam3Processor(model, resolution=size, device="cpu", confidence_threshold=args.threshold)
         for i, path in enumerate(args.pictures):
-            with Image.open(path) as picture:
+            try:
+                picture = Image.open(path)
+            except OSError as err:
+                parser.error(f"{path}: PIL cannot read it as a picture ({err})")
+            with picture:
                 state = processor.set_image(picture.convert("RGB"))
             state = processor.set_text_prompt(args.prompt, state)
             masks = state["masks"][:, 0]

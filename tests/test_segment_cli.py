@@ -550,3 +550,25 @@ def test_the_inference_bundle_without_inputs_says_which_key_takes_them():
     while cause.__cause__ is not None:
         cause = cause.__cause__
     assert "no inputs: give the images to segment with --datalist" in str(cause) and "--datalists" in str(cause)
+
+
+def test_no_progress_quiets_the_libraries_bars_too(kvasir, tmp_path, capsys, monkeypatch):
+    """transformers' "Loading weights" bar (a checkpoint folder) shows without ``--no-progress`` and not with it."""
+    from transformers.utils import logging as transformers_logging
+
+    from medsam3_monai.networks import MedSAM3Net
+
+    folder = MedSAM3Net("tiny").save_pretrained(tmp_path / "saved")
+    capsys.readouterr()
+    monkeypatch.delenv("HF_HUB_DISABLE_PROGRESS_BARS", raising=False)
+    transformers_logging.enable_progress_bar()  # (this module's other calls give --no-progress)
+    image = str(kvasir)
+    try:
+        assert main(["segment", image, "--prompt", "polyp", "--checkpoint", str(folder),
+                     "--out", str(tmp_path / "a.png")]) == 0
+        assert "Loading weights" in capsys.readouterr().err
+        assert main(["segment", image, "--prompt", "polyp", "--checkpoint", str(folder),
+                     "--out", str(tmp_path / "b.png"), "--no-progress"]) == 0
+        assert "Loading weights" not in capsys.readouterr().err
+    finally:
+        transformers_logging.enable_progress_bar()

@@ -60,6 +60,16 @@ def _innermost_parser(parser: argparse.ArgumentParser, args: argparse.Namespace)
         parser = commands.choices[chosen]
 
 
+def _no_library_progress_bars() -> None:
+    """``--no-progress`` for the libraries' bars too (transformers' "Loading weights", Hugging Face's): through
+    their switch when transformers is loaded already, else through the variable it reads when it is imported."""
+    os.environ["HF_HUB_DISABLE_PROGRESS_BARS"] = "1"
+    if "transformers" in sys.modules:
+        from transformers.utils import logging as transformers_logging
+
+        transformers_logging.disable_progress_bar()
+
+
 def main(argv: Sequence[str] | None = None) -> int:
     parser = build_parser()
     args, extras = parser.parse_known_args(argv)
@@ -74,6 +84,8 @@ def main(argv: Sequence[str] | None = None) -> int:
     # an input error is reported below in one line (a bug by its traceback): Ignite's engines would log an extra
     # "run is terminating due to exception" line for either
     logging.getLogger("ignite.engine.engine").setLevel(logging.CRITICAL)
+    if getattr(args, "no_progress", False):
+        _no_library_progress_bars()
     try:
         return int(args.func(args) or 0)
     except _user_errors() as err:

@@ -22,8 +22,8 @@ Blocks and segments are written at (h, W) and expanded to (H, W) by copying rows
 of ``MARGIN x`` the largest |logit| (the float rounding of a two-tap interpolation is below ``1e-6 x``), so a
 decided pixel is what the dense resize gives, and an open one is computed with
 :func:`~medsam3_monai.transforms.slices.upsample_rows`'s arithmetic. A row tile where open segments are many (noisy
-logits, prompts that overlap widely), or an output with fewer than ``BLOCK_MIN_UPSCALE`` times the slice space's
-pixels (a block per output pixel: SAM3's 1008 px slice space and a smaller picture), is resized densely instead,
+logits, prompts that overlap widely), or an output with fewer than ``BLOCK_MIN_UPSCALE`` times the logits' pixels
+(a block per output pixel: a 1008 px map and a smaller picture), is resized densely instead,
 which is then cheaper: with ``torch.nn.functional.interpolate`` (MONAI ``Invertd``'s resize) when it is the whole
 picture, else ``upsample_rows``. The label map is the one of MONAI's dense inverse up to float rounding: only a pixel
 whose bilinear logit lies within rounding (about ``1e-6 x`` the largest |logit|) of the threshold, or whose two
@@ -54,7 +54,7 @@ MARGIN = 1e-5
 #: an open segment's pixel costs about this many pixels of a dense resize: a row tile with more open-segment
 #: pixels than its pixels / DENSE_BREAK_EVEN is resized densely
 DENSE_BREAK_EVEN = 6
-#: the block method needs the output to have at least this many times the slice space's pixels (each block
+#: the block method needs the output to have at least this many times the logits' pixels (each block
 #: standing for a few outputs); a smaller output is resized densely
 BLOCK_MIN_UPSCALE = 2
 #: maps on an accelerator are resized densely there, in row tiles of about this many floats (all prompts together)

@@ -200,8 +200,9 @@ def invert_to_input(
     """Slice-space maps -> the input's own geometry, with MONAI ``Invertd`` on the ``ResizeToSliced`` record.
 
     Args:
-        maps: float maps (logits, probabilities or {0, 1} masks): (P, S, S) for a 2D item, (P, D, S, S) for
-            the D slice items of a volume (in slice order).
+        maps: float maps (logits, probabilities or {0, 1} masks): (P, h, w) for a 2D item (S x S, or the mask
+            head's resolution: MONAI's inverse resize takes any size), (P, D, h, w) for the D slice items of a
+            volume (in slice order).
         items: the preprocessed item (2D) or its list of slice items (volume, from ``AxialSlicesd``); their
             ``key`` MetaTensor carries the resize record.
         transform: the preprocessing (``Compose``) or the ``ResizeToSliced`` instance that made the items.

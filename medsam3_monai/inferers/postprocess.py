@@ -1,8 +1,9 @@
 """Post-processing of per-prompt predictions: back to the input's geometry, one label map, saved to disk.
 
 The chain (``postprocessing`` and ``writer`` of ``configs/inference.json``) works on a *case*: the list of slice
-items of one input (one item for a 2D image, D for a volume), each carrying ``pred`` (P, S, S) from
-:class:`~medsam3_monai.inferers.predict.PromptInferer`: a 2D image's mask logits, a volume slice's masks (bit-packed
+items of one input (one item for a 2D image, D for a volume), each carrying ``pred`` from
+:class:`~medsam3_monai.inferers.predict.PromptInferer`: a 2D image's (P, h, h) mask logits (the mask head's
+resolution, or S), a volume slice's (P, S, S) masks (bit-packed
 :class:`~medsam3_monai.inferers.bitmasks.BitMasks` or bool, with ``mask_scores``). Steps 1-3 run on one slice
 item at a time (:class:`EachItem`), so only one slice's float maps exist at any time:
 
@@ -11,7 +12,7 @@ item at a time (:class:`EachItem`), so only one slice's float maps exist at any 
    when the slice-space resize is the only step to invert, else made into those float maps;
 2. :class:`InvertToInputd` (MONAI ``Invertd``): the slice-space maps go back to the slice's own size,
    bilinearly -- logits stay logits. A 2D picture (or a volume slice larger than the slice space) whose only
-   invertible step is the slice-space resize keeps its (P, S, S) maps with the inverse recorded
+   invertible step is the slice-space resize keeps its slice-space maps with the inverse recorded
    (``meta["pending_inverse"]``), as do pending masks: step 3 applies it;
 3. :class:`MergePromptsd`: mask = logit > 0 per prompt; overlaps go to the prompt with the highest
    confidence at the pixel (:func:`~medsam3_monai.metrics.merge.merge_classes`) -> a (1, H, W) label map

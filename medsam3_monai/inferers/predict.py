@@ -10,8 +10,9 @@ Pipeline (the bundle spells out the same pieces in JSON):
 3. :class:`PromptInferer` (a MONAI ``Inferer``): 2D -> :func:`~.image.segment_image` (protocol
    ``top_query``, ``threshold`` or ``semantic``; optional box prompts); volume -> :func:`~.volume.segment_volume`
    (detector on every slice, tracker propagation from the most confident slice). Every slice item gets
-   ``pred`` (P, S, S): a 2D image's mask logits, a volume slice's bit-packed masks (``bitmasks.BitMasks``, with
-   ``mask_scores``, the slice's score per prompt).
+   ``pred``: a 2D image's (P, h, h) mask logits at the mask head's resolution (S / 3.5; S for ``threshold``), a
+   volume slice's (P, S, S) bit-packed masks (``bitmasks.BitMasks``, with ``mask_scores``, the slice's score per
+   prompt).
 4. the bundle's ``postprocessing``, one slice item at a time (``postprocess.MaskLogitsd`` keeps a volume slice's
    present masks, ``Invertd`` or the inverse left to the merge, merge by maximum confidence), then the slices
    restacked -> a (1, *spatial) label map (0 background, the prompts' label values).
@@ -74,8 +75,10 @@ def is_volume_case(case: Any, image_key: str = "image") -> bool:
 class PromptInferer(Inferer):
     """A case (its slice-space items) + the network -> the same items with per-prompt slice-space maps.
 
-    Every output item gets ``pred`` (P, S, S) mask logits (mask = logit > 0; a 2D image's stay on the network's
-    device: its way back to the picture's size, ``MergePromptsd``, runs there) and the case's ``prompt_values``,
+    Every output item gets ``pred`` (P, h, h) mask logits at the mask head's resolution (S / 3.5; S for the
+    ``threshold`` protocol, which unites queries at S), resized once, straight to the picture's size, as SAM3's
+    ``Sam3Processor`` does (mask = logit > 0; a 2D image's stay on the network's device: its way back to the
+    picture's size, ``MergePromptsd``, runs there) and the case's ``prompt_values``,
     ``prompt_texts``, ``prompt_scores`` (P,) and ``protocol``. A volume slice's ``pred`` is its (P, S, S) masks
     instead, a view of the volume's :class:`~.bitmasks.BitMasks` (1 bit a pixel; a volume's float maps would take
     8 bytes a pixel for every prompt and slice), with ``mask_scores`` (P,) the slice's score per prompt:
