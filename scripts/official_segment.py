@@ -5,13 +5,14 @@
 Run it with the official environment's Python (``make official``)::
 
     ~/.cache/medsam3-monai/sam3-official-venv/bin/python scripts/official_segment.py OUT.npz PICTURE... \\
-        --checkpoint sam3.pt --prompt polyp [--threshold 0.5] [--tiny] [--image-size 1008]
+        --checkpoint sam3.pt --prompt polyp [--threshold 0.5] [--box X1 Y1 X2 Y2] [--tiny] [--image-size 1008]
 
 The model is sam3's ``Sam3Image`` holding the ``detector.*`` weights of a ``sam3.pt``: SAM3's architecture
 (``build_sam3_image_model``), or with ``--tiny`` the tiny one of ``scripts/official_tiny.py``. Each picture is read
-with PIL as RGB and given to ``Sam3Processor.set_image``, then ``set_text_prompt(prompt)``: the processor keeps the
-queries whose score (sigmoid of the query logit x sigmoid of the presence logit) exceeds ``--threshold`` and
-resizes their mask logits straight to the picture's size. ``OUT.npz`` holds, per picture i, ``scores_<i>`` (kept
+with PIL as RGB and given to ``Sam3Processor.set_image``, then ``set_text_prompt(prompt)`` (with ``--box``, then
+``add_geometric_prompt``: text + a positive box, SAM3's T+I prompt). The processor keeps the queries whose score
+(sigmoid of the query logit x sigmoid of the presence logit) exceeds ``--threshold`` and resizes their mask logits
+straight to the picture's size. ``OUT.npz`` holds, per picture i, ``scores_<i>`` (kept
 queries' scores), ``boxes_<i>`` (their xyxy pixel boxes), ``union_<i>`` (H, W) bool (the union of their masks),
 ``probability_<i>`` (H, W) (the highest of their mask probabilities), ``all_scores_<i>`` (every query's score) and
 ``paths``. ``tests/test_official_segment.py`` compares them with ``medsam3 segment``.
@@ -67,6 +68,9 @@ def main() -> None:
     parser.add_argument("--checkpoint", type=Path, required=True, help="a sam3.pt (its detector.* tensors)")
     parser.add_argument("--prompt", required=True, help="the text prompt")
     parser.add_argument("--threshold", type=float, default=0.5, help="Sam3Processor's confidence threshold")
+    parser.add_argument("--box", type=float, nargs=4, metavar=("X1", "Y1", "X2", "Y2"),
+                        help="a positive box in the picture's pixels (x along columns, the picture spanning [0, W] x "
+                             "[0, H], as medsam3 segment --box), added after the text with add_geometric_prompt")
     parser.add_argument("--tiny", action="store_true", help="the tiny architecture of scripts/official_tiny.py")
     parser.add_argument("--image-size", type=int, default=None, help="the resolution (default 1008, 112 with --tiny)")
     args = parser.parse_args()
@@ -98,6 +102,11 @@ def main() -> None:
             with picture:
                 state = processor.set_image(picture.convert("RGB"))
             state = processor.set_text_prompt(args.prompt, state)
+            if args.box:
+                x1, y1, x2, y2 = args.box
+                width, height = state["original_width"], state["original_height"]
+                box = [(x1 + x2) / 2 / width, (y1 + y2) / 2 / height, (x2 - x1) / width, (y2 - y1) / height]
+                state = processor.add_geometric_prompt(box, True, state)  # normalised cx, cy, w, h
             masks = state["masks"][:, 0]
             height, width = state["original_height"], state["original_width"]
             union = masks.any(0) if masks.shape[0] else torch.zeros(height, width, dtype=torch.bool)

@@ -10,7 +10,9 @@ picture's size. The tiny architecture of ``scripts/official_tiny.py`` with rando
 * a threshold between the third and the fourth keeps three: ``--protocol threshold --score-threshold`` keeps the
   same, and their union agrees but along its edges (ours is united at the slice space S, sam3 unites the masks at
   the picture's size);
-* a threshold above every score keeps none: an empty mask on both sides.
+* a threshold above every score keeps none: an empty mask on both sides;
+* text + a box (SAM3's T+I prompt: ``add_geometric_prompt`` there, ``--box`` in pixels here): the top query's mask
+  and score again.
 """
 
 from __future__ import annotations
@@ -62,20 +64,24 @@ def weights(tmp_path_factory) -> tuple[Path, Path]:
     return folder / "sam3.pt", net.save_pretrained(folder / "saved")
 
 
-def official(sam3_pt: Path, pictures: list[Path], threshold: float, out: Path) -> list[dict]:
+def official(sam3_pt: Path, pictures: list[Path], threshold: float, out: Path, box: list[float] | None = None
+             ) -> list[dict]:
     done = subprocess.run([str(OFFICIAL_VENV / "bin" / "python"), str(REPO / "scripts" / "official_segment.py"),
                            str(out), *map(str, pictures), "--checkpoint", str(sam3_pt), "--prompt", PROMPT,
-                           "--threshold", str(threshold), "--tiny"], capture_output=True, text=True)
+                           "--threshold", str(threshold), "--tiny", *(["--box", *map(str, box)] if box else [])],
+                          capture_output=True, text=True)
     assert done.returncode == 0, done.stderr[-3000:]
     with np.load(out) as arrays:
         return [{key: arrays[f"{key}_{i}"] for key in ("scores", "union", "probability", "all_scores")}
                 for i in range(len(pictures))]
 
 
-def ours(folder: Path, picture: Path, protocol: str, threshold: float, out: Path) -> tuple[np.ndarray, float]:
+def ours(folder: Path, picture: Path, protocol: str, threshold: float, out: Path, box: list[float] | None = None
+         ) -> tuple[np.ndarray, float]:
     threshold_option = ["--score-threshold", str(threshold)] if protocol == "threshold" else []
+    box_option = ["--box", *map(str, box)] if box else []
     assert cli_main(["segment", str(picture), "--prompt", PROMPT, "--checkpoint", str(folder), "--protocol",
-                     protocol, *threshold_option, "--out", str(out), "--no-progress"]) == 0
+                     protocol, *threshold_option, *box_option, "--out", str(out), "--no-progress"]) == 0
     return np.asarray(Image.open(out)) > 0, json.loads(Path(f"{out}.json").read_text())["labels"]["255"]["score"]
 
 
@@ -105,3 +111,21 @@ def test_segment_gives_the_masks_and_scores_of_sam3s_processor(weights, shared_d
                 assert 0.05 < theirs["union"].mean() < 0.95 and differ.mean() < 0.01
             else:
                 assert not mask.any() and not theirs["union"].any()
+
+
+def test_segment_with_a_box_gives_the_mask_of_sam3s_text_and_box_prompt(weights, shared_data, tmp_path):
+    sam3_pt, folder = weights
+    picture = shared_data / PICTURES[0]
+    if not picture.is_file():
+        pytest.skip(f"{picture} is not there")
+    box = [150.0, 100.0, 420.0, 380.0]  # pixels of the 622 x 529 picture
+    [everything] = official(sam3_pt, [picture], -1.0, tmp_path / "all.npz", box)
+    scores = np.sort(everything["all_scores"])[::-1]
+    [theirs] = official(sam3_pt, [picture], float(scores[0] + scores[1]) / 2, tmp_path / "one.npz", box)
+    mask, score = ours(folder, picture, "top_query", 0.0, tmp_path / "box.png", box)
+    assert len(theirs["scores"]) == 1 and score == pytest.approx(float(scores[0]), abs=2e-5)
+    text_only = official(sam3_pt, [picture], -1.0, tmp_path / "text.npz")[0]["all_scores"]
+    assert not np.allclose(np.sort(text_only), np.sort(everything["all_scores"]))  # the box changed the scores
+    differ = mask != theirs["union"]
+    assert 0.05 < theirs["union"].mean() < 0.95
+    assert np.all(np.abs(theirs["probability"][differ] - 0.5) < ROUNDING), int(differ.sum())
