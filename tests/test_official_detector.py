@@ -10,16 +10,14 @@ lack the geometry token, and the comparison sees it.
 from __future__ import annotations
 
 import json
-import os
 import subprocess
 import sys
 from pathlib import Path
 
 import pytest
+from _official_helpers import official_python
 
 REPO = Path(__file__).resolve().parents[1]
-OFFICIAL_VENV = Path(os.environ.get("MEDSAM3_OFFICIAL_VENV")
-                     or Path.home() / ".cache" / "medsam3-monai" / "sam3-official-venv")
 sys.path.insert(0, str(REPO / "scripts"))
 
 from check_official import TOLERANCES  # noqa: E402
@@ -27,10 +25,7 @@ from check_official import TOLERANCES  # noqa: E402
 
 @pytest.fixture(scope="module")
 def check(tmp_path_factory) -> dict:
-    python = OFFICIAL_VENV / "bin" / "python"
-    if not python.exists():
-        pytest.skip(f"the official SAM3 environment is not built at {OFFICIAL_VENV}: run `make official` "
-                    "(scripts/setup_official_env.sh) to run this test")
+    python = official_python()
     out = tmp_path_factory.mktemp("official_check") / "check"
     done = subprocess.run([sys.executable, str(REPO / "scripts" / "check_official.py"), "--tiny", "--official-python",
                            str(python), "--seeds", "0", "--out", str(out)], capture_output=True, text=True)

@@ -7,7 +7,6 @@ enlarged, and one shrunk through the tiled passes of a picture over a megapixel)
 
 from __future__ import annotations
 
-import os
 import subprocess
 from pathlib import Path
 
@@ -15,6 +14,7 @@ import numpy as np
 import pytest
 import torch
 from PIL import Image
+from _official_helpers import official_python
 
 from medsam3_monai.networks import network_pixels
 from medsam3_monai.transforms.pipelines import slice_space_transforms
@@ -22,8 +22,6 @@ from medsam3_monai.transforms.pipelines import slice_space_transforms
 pytestmark = pytest.mark.usefixtures("one_thread")
 
 REPO = Path(__file__).resolve().parents[1]
-OFFICIAL_VENV = Path(os.environ.get("MEDSAM3_OFFICIAL_VENV")
-                     or Path.home() / ".cache" / "medsam3-monai" / "sam3-official-venv")
 #: shared RGB pictures (relative to ../shared/data) with the labels of their training items
 PICTURES = {
     "Kvasir-SEG_sample/images/cju0qkwl35piu0993l0dewei2.jpg": "Kvasir-SEG_sample/masks/cju0qkwl35piu0993l0dewei2.jpg",
@@ -56,10 +54,7 @@ def inference_levels(paths: list[Path], size: int) -> list[torch.Tensor]:
 
 @pytest.fixture(scope="module", params=SIZES)
 def official(request, shared_data, tmp_path_factory) -> tuple[int, list[Path], list[torch.Tensor]]:
-    python = OFFICIAL_VENV / "bin" / "python"
-    if not python.exists():
-        pytest.skip(f"the official SAM3 environment is not built at {OFFICIAL_VENV}: run `make official` "
-                    "(scripts/setup_official_env.sh) to run this test")
+    python = official_python()
     paths = pictures(shared_data)
     out = tmp_path_factory.mktemp("official") / "pictures.npz"
     done = subprocess.run([str(python), str(REPO / "scripts" / "official_pictures.py"), str(out), *map(str, paths),

@@ -18,7 +18,6 @@ picture's size. The tiny architecture of ``scripts/official_tiny.py`` with rando
 from __future__ import annotations
 
 import json
-import os
 import subprocess
 import sys
 from pathlib import Path
@@ -27,12 +26,11 @@ import numpy as np
 import pytest
 import torch
 from PIL import Image
+from _official_helpers import official_python
 
 from medsam3_monai.deploy.cli import main as cli_main
 
 REPO = Path(__file__).resolve().parents[1]
-OFFICIAL_VENV = Path(os.environ.get("MEDSAM3_OFFICIAL_VENV")
-                     or Path.home() / ".cache" / "medsam3-monai" / "sam3-official-venv")
 sys.path.insert(0, str(REPO / "scripts"))
 
 from official_tiny import tiny_official_config  # noqa: E402
@@ -54,9 +52,7 @@ def weights(tmp_path_factory) -> tuple[Path, Path]:
     from medsam3_monai.networks import MedSAM3Net
     from medsam3_monai.networks.key_mapping import convert_hf_to_original
 
-    if not (OFFICIAL_VENV / "bin" / "python").exists():
-        pytest.skip(f"the official SAM3 environment is not built at {OFFICIAL_VENV}: run `make official` "
-                    "(scripts/setup_official_env.sh) to run this test")
+    official_python()
     folder = tmp_path_factory.mktemp("weights")
     net = MedSAM3Net("tiny", config=tiny_official_config(SIZE), seed=3)
     original = convert_hf_to_original(net.sam3.state_dict(), net.sam3.config)
@@ -66,7 +62,7 @@ def weights(tmp_path_factory) -> tuple[Path, Path]:
 
 def official(sam3_pt: Path, pictures: list[Path], threshold: float, out: Path, box: list[float] | None = None
              ) -> list[dict]:
-    done = subprocess.run([str(OFFICIAL_VENV / "bin" / "python"), str(REPO / "scripts" / "official_segment.py"),
+    done = subprocess.run([str(official_python()), str(REPO / "scripts" / "official_segment.py"),
                            str(out), *map(str, pictures), "--checkpoint", str(sam3_pt), "--prompt", PROMPT,
                            "--threshold", str(threshold), "--tiny", *(["--box", *map(str, box)] if box else [])],
                           capture_output=True, text=True)

@@ -24,6 +24,7 @@ import pytest
 import torch
 from _model_helpers import same_weights
 from transformers import Sam3TrackerVideoModel, Sam3VideoModel
+from _official_helpers import official_python
 
 from medsam3_monai.inferers import tracking
 from medsam3_monai.inferers.volume import _TrackerFeatures
@@ -34,8 +35,6 @@ from medsam3_monai.networks.tracker import build_tracker, has_tracker_weights, r
 from medsam3_monai.networks.tracker_keys import convert_original_tracker
 
 REPO = Path(__file__).resolve().parents[1]
-OFFICIAL_VENV = Path(os.environ.get("MEDSAM3_OFFICIAL_VENV")
-                     or Path.home() / ".cache" / "medsam3-monai" / "sam3-official-venv")
 #: the slice size of the comparison; ``MEDSAM3_OFFICIAL_TRACKER_SIZE=1008`` runs it at SAM3's (about 10 min)
 IMAGE_SIZE = int(os.environ.get("MEDSAM3_OFFICIAL_TRACKER_SIZE", "112"))
 #: the tiny detector's width (ViT and FPN): SAM3's FPN and the tracker's neck have 256 channels
@@ -55,10 +54,7 @@ OBJECT_SCORE_BIASES = {"present": 15.0, "mixed_presence": 0.0}
 
 @pytest.fixture(scope="module", params=list(OBJECT_SCORE_BIASES))
 def official(request, tmp_path_factory) -> dict:
-    python = OFFICIAL_VENV / "bin" / "python"
-    if not python.exists():
-        pytest.skip(f"the official SAM3 environment is not built at {OFFICIAL_VENV}: run `make official` "
-                    "(scripts/setup_official_env.sh) to run this test")
+    python = official_python()
     out = tmp_path_factory.mktemp("official") / "tracker.pt"
     done = subprocess.run([str(python), str(REPO / "scripts" / "official_tracker.py"), str(out),
                            "--image-size", str(IMAGE_SIZE), "--trunk-width", str(WIDTH),
@@ -128,9 +124,7 @@ def test_the_official_run_is_the_interactive_tracker_with_objects_present(offici
 def test_the_official_run_refuses_fewer_slices_than_its_seeds_need(tmp_path):
     """--slices below the seed slices + 1: one usage line and nothing written (sam3 used to fail mid-run on an
     uncached frame)."""
-    python = OFFICIAL_VENV / "bin" / "python"
-    if not python.exists():
-        pytest.skip(f"the official SAM3 environment is not built at {OFFICIAL_VENV}: run `make official`")
+    python = official_python()
     done = subprocess.run([str(python), str(REPO / "scripts" / "official_tracker.py"), str(tmp_path / "t.pt"),
                            "--slices", "5"], capture_output=True, text=True)
     assert done.returncode == 2 and done.stderr.strip().splitlines()[-1].endswith(
