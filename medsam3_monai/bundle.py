@@ -66,11 +66,11 @@ def front_words(message: str, options: dict[str, str]) -> str:
         keys |= set(json.loads((BUNDLE_CONFIGS / name).read_text(encoding="utf-8")))
 
     def swap(match: re.Match) -> str:
-        key, value = match.group(1), match.group(2)
+        key, value = match.group(1), (match.group(2) or "").strip("'")  # a word value comes quoted
         if key in options:
             return options[key] + (f" {value}" if value else "")
         if key.split("#", 1)[0] in keys:
-            return f"--set {key}={value.strip(chr(39)) if value else '...'}"
+            return f"--set {key}={value or '...'}"
         return match.group(0)
 
     return _BUNDLE_OPTION.sub(swap, message)

@@ -170,30 +170,16 @@ def official_stage(seed: int, workdir: Path, shared: Path | None) -> None:
 
 
 def _official_stage(seed: int, workdir: Path, shared: Path | None) -> None:
-    import importlib.resources
-
     import torch
+    from official_tiny import build_official  # this folder (run as a script)
     from sam3.model.box_ops import box_cxcywh_to_xyxy
     from sam3.model.data_misc import BatchedFindTarget, FindStage
     from sam3.model.model_misc import inverse_sigmoid
-    from sam3.model_builder import build_sam3_image_model
     from sam3.train.loss.loss_fns import CORE_LOSS_KEY
 
     torch.set_grad_enabled(False)
-    bpe = Path(str(importlib.resources.files("open_clip"))) / "bpe_simple_vocab_16e6.txt.gz"
-    if IMAGE_SIZE != 1008 and not TINY:  # sam3 0.1.4 builds its ViT at 1008 px; the rest reads the size from its
-        import sam3.model_builder as builder  # features
-
-        vit = builder.ViT
-        builder.ViT = lambda *args, **kwargs: vit(*args, **{**kwargs, "img_size": IMAGE_SIZE})
     torch.manual_seed(seed)
-    if TINY:
-        from official_tiny import build_tiny_official  # this folder (run as a script)
-
-        model = build_tiny_official(IMAGE_SIZE).train()  # as build_sam3_image_model(eval_mode=False) leaves it
-    else:
-        model = build_sam3_image_model(bpe_path=str(bpe), device="cpu", eval_mode=False, checkpoint_path=None,
-                                       load_from_HF=False)
+    model = build_official(IMAGE_SIZE, TINY, eval_mode=False)
     perturbed = _randomise(model, torch, seed)
     torch.save({"model": {f"detector.{k}": v for k, v in model.state_dict().items()}}, workdir / "sam3.pt")
     pixels = _image(torch, shared, seed)

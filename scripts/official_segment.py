@@ -34,21 +34,9 @@ def build_model(checkpoint: Path, tiny: bool, image_size: int):
     state = torch.load(checkpoint, map_location="cpu", weights_only=True)
     state = state.get("model", state)
     detector = {k.removeprefix("detector."): v for k, v in state.items() if k.startswith("detector.")}
-    if tiny:
-        from official_tiny import build_tiny_official  # this folder
+    from official_tiny import build_official  # this folder
 
-        model = build_tiny_official(image_size)
-    else:
-        import importlib.resources
-
-        import sam3.model_builder as builder
-
-        if image_size != 1008:  # sam3 0.1.4 builds its ViT at 1008 px
-            vit = builder.ViT
-            builder.ViT = lambda *args, **kwargs: vit(*args, **{**kwargs, "img_size": image_size})
-        vocabulary = Path(str(importlib.resources.files("open_clip"))) / "bpe_simple_vocab_16e6.txt.gz"
-        model = builder.build_sam3_image_model(bpe_path=str(vocabulary), device="cpu", eval_mode=True,
-                                               checkpoint_path=None, load_from_HF=False)
+    model = build_official(image_size, tiny)
     if not detector:
         raise ValueError(f"{checkpoint} holds no detector.* tensors: give a sam3.pt (Meta's layout)")
     try:

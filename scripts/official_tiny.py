@@ -10,6 +10,8 @@ that CI holds the comparison on every change (``tests/test_official_detector.py`
   matcher) -- at the tiny preset's sizes (width 32, 2 heads, 2 ViT layers with the last one global, windows of 4,
   2 text layers, 1 DETR encoder layer, 2 decoder layers, 8 queries, 1 geometry layer) instead of SAM3's (1024 / 256
   wide, 32 ViT layers, 24 text layers, 6 + 6 DETR layers, 200 queries, 3 geometry layers).
+* :func:`build_official` (the official environment's Python): that, or SAM3's own architecture through sam3's
+  ``build_sam3_image_model`` at any slice size; what ``check_official.py`` and ``official_segment.py`` build.
 * :func:`tiny_official_config` (this project's Python): ``networks.tiny_sam3_config`` with the two sizes our preset
   chooses otherwise: the text MLP of CLIP's 4 x width (sam3's ``TextTransformer``) and CLIP's 512-wide text projection
   (unused by SAM3, kept for the key map).
@@ -118,3 +120,26 @@ def build_tiny_official(image_size: int):
                      input_geometry_encoder=geometry, segmentation_head=segmentation, num_feature_levels=1,
                      o2m_mask_predict=True, dot_prod_scoring=scoring, use_instance_query=False, multimask_output=True,
                      inst_interactive_predictor=None, matcher=matcher)
+
+
+def build_official(image_size: int, tiny: bool = False, eval_mode: bool = True):
+    """sam3 0.1.4's ``Sam3Image``, random init, on the CPU: the tiny architecture (:func:`build_tiny_official`) or
+    SAM3's (``build_sam3_image_model``, its ViT built at ``image_size``: sam3 builds it at 1008 px, the rest reads the
+    size from its features); in training mode unless ``eval_mode``, as ``build_sam3_image_model`` leaves it. Run
+    inside ``official_tracker.official_code_on_cpu``."""
+    if tiny:
+        model = build_tiny_official(image_size)
+        return model.eval() if eval_mode else model.train()
+    import importlib.resources
+    from pathlib import Path
+
+    import sam3.model_builder as builder
+
+    vit = builder.ViT
+    builder.ViT = lambda *args, **kwargs: vit(*args, **{**kwargs, "img_size": image_size})
+    try:
+        vocabulary = Path(str(importlib.resources.files("open_clip"))) / "bpe_simple_vocab_16e6.txt.gz"
+        return builder.build_sam3_image_model(bpe_path=str(vocabulary), device="cpu", eval_mode=eval_mode,
+                                              checkpoint_path=None, load_from_HF=False)
+    finally:
+        builder.ViT = vit

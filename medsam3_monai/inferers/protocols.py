@@ -14,7 +14,7 @@ from typing import Any
 
 import torch
 
-from ..networks.outputs import MedSAM3Output, upsample_logits
+from ..networks.outputs import MedSAM3Output, logit_size, upsample_logits
 from ..protocol_registry import get_protocol
 
 #: logit of "no mask here": finite, so that bilinear inversion never mixes infinities into NaN
@@ -49,8 +49,7 @@ def threshold_logits(outputs: MedSAM3Output, size: int | tuple[int, int] | None,
     exactly the union) and the highest kept score; with none kept, ``EMPTY_LOGIT`` and the best query's score.
     Only kept queries are upsampled, ``chunk`` at a time (at 1008 px a query's map is 4 MB)."""
     scores = outputs.scores.float()
-    size = tuple(outputs.pred_masks.shape[-2:]) if size is None else (size, size) if isinstance(size, int) \
-        else tuple(size)
+    size = logit_size(size, outputs.pred_masks)
     logits = torch.full((scores.shape[0], *size), EMPTY_LOGIT, dtype=torch.float32, device=scores.device)
     chosen = scores.max(dim=1).values
     for b in range(scores.shape[0]):

@@ -9,10 +9,15 @@ import torch.nn.functional as F
 from torch import nn
 
 
+def logit_size(size: int | tuple[int, int] | None, logits: torch.Tensor) -> tuple[int, int]:
+    """A resize's (H, W): ``size`` (an int for S x S), or None for the (h, w) of ``logits`` (..., h, w) themselves."""
+    return tuple(logits.shape[-2:]) if size is None else (size, size) if isinstance(size, int) else tuple(size)
+
+
 def upsample_logits(logits: torch.Tensor, size: int | tuple[int, int] | None) -> torch.Tensor:
     """Bilinear (align_corners=False) resize of (B, K, h, w) mask logits to ``size``, in float32 (SAM3's
     convention for comparing mask logits with targets, and ours for every prediction); ``None``: kept at (h, w)."""
-    size = tuple(logits.shape[-2:]) if size is None else (size, size) if isinstance(size, int) else tuple(size)
+    size = logit_size(size, logits)
     if tuple(logits.shape[-2:]) == size:
         return logits.float()
     return F.interpolate(logits.float(), size=size, mode="bilinear", align_corners=False)

@@ -525,8 +525,9 @@ def _uint8_resize_in_passes() -> bool:
     return bool(rule(InterpolationMode.BILINEAR)) if rule is not None else False
 
 
-def _level_channels(source: torch.Tensor, spec: Mapping[str, Any] | None) -> int:
-    """Channels of :func:`_levels`' output for a picture ``source`` with pending intensity ``spec``."""
+def _intensity_channels(source: torch.Tensor, spec: Mapping[str, Any] | None) -> int:
+    """Channels of :func:`_intensities`' (and :func:`_levels`') output for a picture ``source`` with pending intensity
+    ``spec``: before the recorded repeat."""
     return source.shape[0] if spec is None else output_channels({**spec, "repeat": 1})
 
 
@@ -551,7 +552,7 @@ def _picture_levels(source: torch.Tensor, spec: Mapping[str, Any] | None) -> tor
     """:func:`_levels` of a whole picture, made one row tile at a time (no native-size float image)."""
     if _own_levels(source, spec):
         return _levels(source, spec)
-    out = torch.empty(_level_channels(source, spec), *source.shape[1:], dtype=torch.uint8)
+    out = torch.empty(_intensity_channels(source, spec), *source.shape[1:], dtype=torch.uint8)
     for start, stop in row_tiles(source.shape[1], source.shape[2], source.shape[0]):
         out[:, start:stop] = _levels(source[:, start:stop], spec)
     return out
@@ -662,6 +663,17 @@ class TiledResizeToSliced(ResizeToSliced):
                                               mode="bilinear", align_corners=False)[:, 0]
         return self._recorded(img, out, (height, width), align_corners, dtype)
 
+    def _torch_dtype(self, dtype: Any) -> torch.dtype:
+        """The torch dtype of a resize to ``dtype`` (None: the resizer's own, float32 by default)."""
+        return get_equivalent_dtype(dtype or self.resizer.dtype or torch.float32, torch.Tensor)
+
+    def _tile_bar(self, path: str | None, height: int, width: int):
+        """:func:`tile_progress` over the rows of a ``height`` x ``width`` picture's tiled passes (shown from
+        ``PROGRESS_MIN_PIXELS``, unless ``progress`` is off)."""
+        size = self.spatial_size
+        desc = f"{Path(path).name if path else 'image'}: {height}x{width} -> {size}x{size}"
+        return tile_progress(height, desc, self.progress and height * width >= PROGRESS_MIN_PIXELS)
+
     def _recorded(self, img: Any, out: torch.Tensor, hw: tuple[int, int], align_corners: bool | None,
                   dtype: Any) -> MetaTensor:
         """The resized intensities ``out`` of ``img`` (its pending intensity's channels) repeated as that intensity
@@ -672,9 +684,8 @@ class TiledResizeToSliced(ResizeToSliced):
             out = out.repeat(repeat, 1, 1)
         size = (self.spatial_size, self.spatial_size)
         orig_size = img.peek_pending_shape() if isinstance(img, MetaTensor) else hw
-        torch_dtype = get_equivalent_dtype(dtype or self.resizer.dtype or torch.float32, torch.Tensor)
         extra_info = {"mode": "bilinear", "align_corners": TraceKeys.NONE if align_corners is None else align_corners,
-                      "dtype": str(torch_dtype)[6:], "new_dim": 0}
+                      "dtype": str(self._torch_dtype(dtype))[6:], "new_dim": 0}
         meta_info = TraceableTransform.track_transform_meta(
             img, sp_size=size, affine=scale_affine(orig_size, size, align_corners=False), extra_info=extra_info,
             orig_size=orig_size, transform_info=self.resizer.get_transform_info(), lazy=False,
@@ -695,16 +706,13 @@ class TiledResizeToSliced(ResizeToSliced):
         if height * width <= INTERPOLATE_MAX_PIXELS or not _uint8_resize_in_passes():
             out = resize(_picture_levels(source, spec), [size, size])  # SAM3's one call
         else:  # along the rows tile by tile, then along the columns: the one call's levels (its own two passes)
-            along_rows = torch.empty(_level_channels(source, spec), height, size, dtype=torch.uint8)
-            show = self.progress and height * width >= PROGRESS_MIN_PIXELS
-            desc = f"{Path(path).name if path else 'image'}: {height}x{width} -> {size}x{size}"
-            with tile_progress(height, desc, show) as bar:
+            along_rows = torch.empty(_intensity_channels(source, spec), height, size, dtype=torch.uint8)
+            with self._tile_bar(path, height, width) as bar:
                 for start, stop in row_tiles(height, width, source.shape[0]):
                     along_rows[:, start:stop] = resize(_levels(source[:, start:stop], spec), [stop - start, size])
                     bar.update(stop - start)
             out = resize(along_rows, [size, size])
-        unit = get_equivalent_dtype(dtype or self.resizer.dtype or torch.float32, torch.Tensor)
-        return self._recorded(img, out.to(unit).div_(255.0), (height, width), align_corners, dtype)
+        return self._recorded(img, out.to(self._torch_dtype(dtype)).div_(255.0), (height, width), align_corners, dtype)
 
     def _tiled(self, img: MetaTensor, anti_aliasing: bool, align_corners: bool | None, dtype: Any,
                path: str | None) -> MetaTensor:
@@ -718,12 +726,10 @@ class TiledResizeToSliced(ResizeToSliced):
             sigmas = torch.maximum(torch.zeros(factors.shape), (factors - 1) / 2).tolist()
         row_blocks = _resize_blocks(height, size[0], sigmas[0])
         columns = _resize_blocks(width, size[1], sigmas[1])
-        channels = source.shape[0] if spec is None else int(spec["channels"]) if spec["grey"] == "none" else 1
+        channels = _intensity_channels(source, spec)
         out = torch.empty(channels, *size, dtype=torch.float32)
-        show = self.progress and height * width >= PROGRESS_MIN_PIXELS
-        desc = f"{Path(path).name if path else 'image'}: {height}x{width} -> {size[0]}x{size[1]}"
         tile_rows = max(1, RESIZE_TILE_ELEMENTS // (width * source.shape[0]))
-        with tile_progress(height, desc, show) as bar:
+        with self._tile_bar(path, height, width) as bar:
             done = 0
             for start, stop, group in _row_groups(row_blocks, tile_rows):  # output row blocks whose bands fit a tile
                 if stop - start <= tile_rows:
