@@ -23,9 +23,11 @@ class Protocol:
             resolution (the 2D way back resizes them once, straight to the picture's size).
         validation: usable as the training bundle's validation metric (``val_protocol``).
         reads_threshold: whether its masks depend on ``score_threshold`` (a prediction records it then).
-        unites_queries: whether its map is the union of several queries' masks (their pixel-wise max): such a map is
-            made at the slice space S, where the 2D way back takes the others at the masks' own resolution (the
-            union of masks resized to a picture is not the resize of their union at 288 px).
+        query_function: for a protocol whose mask is the union of several queries' masks, the name of its function
+            ``(outputs, score_threshold) -> (maps (K, h, w), owners (K,), scores (B,))`` giving the kept queries'
+            own maps at the masks' resolution and the prompt of each: the 2D way back resizes each to the picture's
+            size and unites them there, as SAM3's ``Sam3Processor`` does (the union of masks resized to a picture is
+            not the resize of their union at 288 px).
     """
 
     name: str
@@ -33,7 +35,12 @@ class Protocol:
     function: str
     validation: bool = False
     reads_threshold: bool = False
-    unites_queries: bool = False
+    query_function: str | None = None
+
+    @property
+    def unites_queries(self) -> bool:
+        """Whether a prompt's mask is the union of several queries' masks (:attr:`query_function`)."""
+        return self.query_function is not None
 
     def logits(self, outputs: Any, size: int | tuple[int, int] | None, score_threshold: float = 0.5):
         """Mask logits (B, H, W) float32 at ``size`` (None: the masks' own) and scores (B,) of ``outputs`` (a
@@ -41,6 +48,15 @@ class Protocol:
         from .inferers import protocols
 
         return getattr(protocols, self.function)(outputs, size, score_threshold)
+
+    def query_logits(self, outputs: Any, score_threshold: float = 0.5):
+        """A uniting protocol's kept queries (:attr:`query_function`): their (K, h, w) float32 mask logits at the
+        masks' resolution, the prompt of each (K,) in prompt order, and the scores (B,) of :meth:`logits`."""
+        from .inferers import protocols
+
+        if self.query_function is None:
+            raise ValueError(f"protocol {self.name!r} gives one map per prompt, not the kept queries' own maps")
+        return getattr(protocols, self.query_function)(outputs, score_threshold)
 
     def describe(self, score_threshold: float = 0.5) -> str:
         return self.description.format(score_threshold=score_threshold)
@@ -55,7 +71,7 @@ PROTOCOLS: dict[str, Protocol] = {
                  "{score_threshold} (the rule of the Medical-SAM3 release's 2D evaluation script, which uses 0.1)",
                  "top_query_floor_logits", reads_threshold=True),
         Protocol("threshold", "the union of the queries with score >= {score_threshold}", "threshold_logits",
-                 reads_threshold=True, unites_queries=True),
+                 reads_threshold=True, query_function="threshold_query_logits"),
         Protocol("semantic", "the semantic head's mask (logit > 0)", "semantic_logits", validation=True),
     )
 }

@@ -11,12 +11,16 @@ from medsam3_monai.metrics.merge import merge_classes
 
 
 def dense_label_index(maps: torch.Tensor, size: tuple[int, int], threshold: float = 0.0,
-                      scores: torch.Tensor | None = None, confidence: torch.Tensor | None = None
-                      ) -> tuple[np.ndarray, np.ndarray]:
+                      scores: torch.Tensor | None = None, confidence: torch.Tensor | None = None,
+                      groups: list[int] | None = None) -> tuple[np.ndarray, np.ndarray]:
     """The reference, MONAI ``Invertd``'s dense inverse: every pixel resized by ``F.interpolate``, thresholded,
     merged by ``scores * sigmoid`` (or the given maps). Also returns the pixels float rounding may decide: logit
-    within 1e-5 x the largest |logit| of the threshold, or two claimants' confidences that close."""
+    within 1e-5 x the largest |logit| of the threshold, or two claimants' confidences that close. ``groups``: the
+    maps come in consecutive groups, one per prompt, and a prompt's logit is the largest of its resized maps'."""
     logits = F.interpolate(maps[None], size, mode="bilinear", align_corners=False)[0]
+    if groups is not None:
+        logits = torch.stack([part.amax(dim=0) for part in logits.split(groups)])
+        maps = logits  # (for the tolerance below: the same largest |logit| scale)
     masks = logits > threshold
     tolerance = 1e-5 * max(float(maps.abs().max()), abs(threshold))
     near = ((logits - threshold).abs() <= tolerance).any(0)

@@ -431,6 +431,7 @@ def test_prompt_inferer_infer_cases_equals_one_call_per_case(samples, tiny_net):
         alone = inferer(case, tiny_net)[0]
         ours = batched[0]
         assert ours["protocol"] == alone["protocol"] and ours["prompt_values"] == alone["prompt_values"]
+        assert ours.get("kept_prompts") == alone.get("kept_prompts")  # threshold: the prompt of each query's map
         assert torch.allclose(ours["pred"], alone["pred"], atol=1e-5)
         assert torch.equal(ours["pred"] > 0, alone["pred"] > 0)
         assert torch.allclose(ours["prompt_scores"], alone["prompt_scores"], atol=1e-6)
@@ -588,22 +589,80 @@ def test_a_folder_holding_series_folders_names_them(tmp_path):
 def test_logits_at_the_masks_resolution_for_the_way_back(tiny_net, tiny_images):
     """``at_mask_size`` (what ``PromptInferer`` asks for): a protocol's logits stay at the mask head's resolution
     (S / 3.5), which the way back resizes once, straight to the picture, as SAM3's ``Sam3Processor``; ``threshold``,
-    which unites several queries' masks, still makes its map at S. Batched and one by one alike; resizing the mask-size
-    logits to S gives the S-size logits."""
+    which unites several queries' masks, gives each kept query's own map and its prompt (``owners``), so that the
+    union is made at the picture's size. Batched and one by one alike; resizing the mask-size logits to S gives the
+    S-size logits (for ``threshold``, resized one by one and united)."""
     from medsam3_monai.inferers import segment_image
     from medsam3_monai.inferers.batch import segment_image_batch
+    from medsam3_monai.inferers.protocols import EMPTY_LOGIT
     from medsam3_monai.networks.outputs import upsample_logits
 
     size = tiny_net.image_size
-    mask_size = tuple(tiny_net(tiny_images[:1], ["polyp"]).pred_masks.shape[-2:])
+    prompts = ["nucleus", "liver"]
+    with torch.no_grad():
+        outputs = tiny_net(tiny_images[:1], prompts)
+    mask_size = tuple(outputs.pred_masks.shape[-2:])
     assert mask_size == (size * 2 // 7, size * 2 // 7)  # S / 3.5
-    prompts = ["polyp", "liver"]
-    for protocol, expected in (("top_query", mask_size), ("semantic", mask_size), ("threshold", (size, size))):
-        one = segment_image(tiny_net, tiny_images[0], prompts, protocol=protocol, score_threshold=0.0,
+    # a threshold keeping two of the first prompt's queries and none of the second's
+    first, second = outputs.scores[0].sort(descending=True).values, outputs.scores[1].max()
+    threshold = float(first[1] + second) / 2
+    assert first[2] < threshold < first[1] and second < threshold
+    for protocol in ("top_query", "semantic", "threshold"):
+        one = segment_image(tiny_net, tiny_images[0], prompts, protocol=protocol, score_threshold=threshold,
                             at_mask_size=True)
         [batched] = segment_image_batch(tiny_net, tiny_images[:1], [prompts], protocols=protocol,
-                                        score_threshold=0.0, at_mask_size=True)
-        assert tuple(one.logits.shape) == (2, *expected) and torch.equal(one.logits, batched.logits), protocol
-        at_s = segment_image(tiny_net, tiny_images[0], prompts, protocol=protocol, score_threshold=0.0)
-        assert torch.equal(one.scores, at_s.scores)
-        assert torch.allclose(upsample_logits(one.logits[None], size)[0], at_s.logits, atol=1e-5), protocol
+                                        score_threshold=threshold, at_mask_size=True)
+        at_s = segment_image(tiny_net, tiny_images[0], prompts, protocol=protocol, score_threshold=threshold)
+        assert torch.equal(one.logits, batched.logits) and torch.equal(one.scores, at_s.scores), protocol
+        resized = upsample_logits(one.logits[None], size)[0]
+        if protocol != "threshold":
+            assert one.owners is None and tuple(one.logits.shape) == (2, *mask_size)
+            assert torch.allclose(resized, at_s.logits, atol=1e-5), protocol
+            continue
+        # the two kept queries' maps for the first prompt, one empty map for the second
+        assert one.owners.tolist() == [0, 0, 1] and torch.equal(one.owners, batched.owners)
+        assert tuple(one.logits.shape) == (3, *mask_size) and bool((one.logits[2] == EMPTY_LOGIT).all())
+        assert torch.allclose(resized[:2].amax(0), at_s.logits[0], atol=1e-5)
+        assert torch.equal(one.prompt_logits[0], one.logits[:2].amax(0)) and not one.masks[1].any()
+
+
+def test_threshold_masks_are_united_at_the_pictures_size(tiny_net, kvasir):
+    """The ``threshold`` protocol's way back (``PromptInferer`` + the bundle's ``to_input_space``): each kept query's
+    mask logits resized on their own from the mask head's resolution to the picture (``F.interpolate``, what SAM3's
+    ``Sam3Processor`` does), united per prompt there, overlaps to the most confident prompt (its score x sigmoid of
+    its best map). The union at the slice space, resized, is another map along its edges."""
+    import torch.nn.functional as F
+
+    from medsam3_monai.bundle import config_parser, inference_postprocessing
+    from medsam3_monai.inferers import segment_image
+    from medsam3_monai.inferers.predict import PromptInferer
+
+    prompts = {"1": "nucleus", "2": "liver"}
+    preprocessing = config_parser("inference.json", image_size=tiny_net.image_size).get_parsed_content("preprocessing")
+    case = preprocessing({"image": str(kvasir), "prompts": prompts})
+    image = case[0]["image"].as_tensor()
+    size = tuple(case[0]["image"].applied_operations[-1]["orig_size"])
+    with torch.no_grad():
+        scores = tiny_net(image[None], list(prompts.values())).scores
+        threshold = float(scores.max(dim=1).values.min())  # every prompt keeps a query, one of them several
+        items = PromptInferer("threshold", threshold)(case, tiny_net)
+        seg = segment_image(tiny_net, image, list(prompts.values()), protocol="threshold", score_threshold=threshold,
+                            at_mask_size=True)
+        at_s = segment_image(tiny_net, image, list(prompts.values()), protocol="threshold", score_threshold=threshold)
+    assert items[0]["kept_prompts"] == seg.owners.tolist() and len(seg.owners) > len(prompts)
+    ours = inference_postprocessing(preprocessing)(items)["pred"].as_tensor()[0].numpy()
+
+    def label_map(maps: torch.Tensor, owners: torch.Tensor) -> np.ndarray:  # dense: every pixel of every map
+        logits = F.interpolate(maps[None].float(), size=size, mode="bilinear", align_corners=False)[0]
+        confidence = torch.where(logits > 0, seg.scores[owners][:, None, None] * logits.sigmoid(), -1.0)
+        best = confidence.max(dim=0)
+        return torch.where(best.values >= 0, owners[best.indices] + 1, 0).to(torch.uint8).numpy()
+
+    theirs = label_map(seg.logits, seg.owners)
+    assert ours.shape == theirs.shape == size and 0.01 < (theirs > 0).mean() < 0.99
+    assert set(np.unique(theirs)) == {0, 1, 2}
+    differ = ours != theirs
+    logits = F.interpolate(seg.logits[None], size=size, mode="bilinear", align_corners=False)[0].abs()
+    assert not differ.any() or float(logits.amin(0)[torch.from_numpy(differ)].max()) <= ROUNDING * float(logits.max())
+    united_at_s = label_map(at_s.logits, torch.arange(len(prompts)))
+    assert (united_at_s != theirs).sum() > 100  # what the way back gave before: the union made at S, then resized

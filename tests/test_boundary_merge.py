@@ -79,6 +79,39 @@ def test_both_ways_of_resolving_open_pixels_are_used_and_agree(monkeypatch):
     assert calls["dense"] > 0 and calls["pixels"] > 0
 
 
+def test_grouped_maps_unite_each_prompts_masks_at_the_output_size():
+    """Several maps per prompt (``groups``: the kept queries of ``threshold``): each map resized on its own, a prompt's
+    mask the union of its maps' masks and its logit the largest of theirs -- the dense reference, by the block
+    method, the column segments, the dense fallback and the accelerator path alike."""
+    generator = torch.Generator().manual_seed(11)
+    paths = set()
+    for trial in range(60):
+        groups = [int(v) for v in torch.randint(1, 4, (1 + trial % 3,), generator=generator)]
+        h, w = (int(v) for v in torch.randint(4, 36, (2,), generator=generator))
+        size = tuple(int(v) for v in torch.randint(2, 160, (2,), generator=generator))
+        maps = smooth_maps(generator, sum(groups), h, w, offset=2.0 if trial % 4 == 0 else 0.0)
+        if trial % 5 == 0:
+            maps = torch.randn(sum(groups), h, w, generator=generator)
+        scores = torch.rand(len(groups), generator=generator)
+        reference = dense_label_index(maps, size, scores=scores, groups=groups)
+        ours = boundary_label_index(maps, size, scores=scores, groups=groups)
+        assert_same_labels(ours, reference, f"trial {trial}, groups {groups}")
+        paths.add(size[0] * size[1] >= boundary_merge.BLOCK_MIN_UPSCALE * h * w)
+        confidence = boundary_merge._Confidence(scores, None, size, tuple(maps.shape), maps.device)
+        device_path = boundary_merge._dense_index(maps, size, 0.0, confidence, None, 1000, boundary_merge._Groups(groups))
+        assert_same_labels(device_path.numpy(), reference, f"trial {trial}, accelerator path")
+    assert paths == {True, False}
+    # one prompt of three overlapping maps: the union, not the label of whichever map is most confident
+    maps = smooth_maps(generator, 3, 30, 30, offset=1.0)
+    united = F.interpolate(maps[None], (200, 170), mode="bilinear", align_corners=False)[0].amax(0) > 0
+    assert_same_labels(boundary_label_index(maps, (200, 170), groups=[3]),
+                       (united.numpy().view(np.uint8), np.zeros(united.shape, bool)))
+    with pytest.raises(ValueError, match=r"groups \[2, 2\] must add up to the 3 maps"):
+        boundary_label_index(maps, (50, 50), groups=[2, 2])
+    with pytest.raises(ValueError, match="each prompt at least one map"):
+        boundary_label_index(maps, (50, 50), groups=[3, 0])
+
+
 def test_confidence_maps_a_threshold_and_non_finite_logits():
     generator = torch.Generator().manual_seed(3)
     maps = smooth_maps(generator, 3, 30, 30, offset=2.0)

@@ -77,17 +77,25 @@ def test_masks_do_not_depend_on_the_detector_chunk(network):
                 boxed = segment_image(network, image, PROMPTS, boxes=boxes, box_labels=labels)
                 batch = segment_image_batch(network, images, per_image, protocols=protocols, score_threshold=0.2)
                 volume = detect_slices(network, slices, PROMPTS[:3], batch_size=4)
-            return one, boxed, batch, volume, passes
+                # the way back's: threshold's kept queries, each with its own map and prompt
+                kept = segment_image(network, image, PROMPTS, protocol="threshold", score_threshold=0.2,
+                                     at_mask_size=True)
+                kept_batch = segment_image_batch(network, images, per_image, protocols=protocols, score_threshold=0.2,
+                                                 at_mask_size=True)
+            return one, boxed, batch + [kept, *kept_batch], volume, passes
         finally:
             network.detector_chunk = 16
 
     one, boxed, batch, (masks, scores), _ = run(64)
     chunked_one, chunked_boxed, chunked_batch, (chunked_masks, chunked_scores), passes = run(2)
-    assert max(passes.queries) == 2 and passes.vit == 1 + 1 + 1 + 2  # image, boxed image, batch, 2 slice batches
+    # image, boxed image, batch, 2 slice batches, image and batch at the masks' size
+    assert max(passes.queries) == 2 and passes.vit == 1 + 1 + 1 + 2 + 1 + 1
+    assert batch[3].owners is not None and len(batch[3].owners) > len(PROMPTS)  # kept queries, several prompts
     for a, b in zip([chunked_one, chunked_boxed, *chunked_batch], [one, boxed, *batch]):
         assert a.protocol == b.protocol and a.prompts == b.prompts
+        assert (a.owners is None and b.owners is None) or torch.equal(a.owners, b.owners)
         assert torch.allclose(a.logits, b.logits, atol=1e-5) and torch.allclose(a.scores, b.scores, atol=1e-6)
-        clear = b.logits.abs() > 1e-6  # a logit within rounding of 0 may fall either side
+        clear = b.prompt_logits.abs() > 1e-6  # a logit within rounding of 0 may fall either side
         assert torch.equal(a.masks[clear], b.masks[clear])
     assert (chunked_masks.unpack() != masks.unpack()).float().mean() < 1e-4
     assert torch.allclose(chunked_scores, scores, atol=1e-6)

@@ -342,6 +342,30 @@ def test_the_deferred_inverse_and_merge_give_the_label_map_of_invertd(tmp_path, 
                                                                                                 inverted.affine)
 
 
+def test_several_maps_of_a_prompt_are_united_after_the_inverse(tmp_path, tiled):
+    """A 2D ``threshold`` case carries each kept query's map and, in ``kept_prompts``, the prompt of each: the deferred
+    way back gives the label map of MONAI ``Invertd`` on every map followed by the union of each prompt's masks (its
+    largest logit) and the merge by confidence; a prompt's maps must come together."""
+    source = picture(tmp_path / "p.png")
+    chain = inference_chain()
+    items = _case(source, chain, 3)  # three maps ...
+    for item in items:  # ... of two prompts
+        item.update(kept_prompts=[0, 0, 1], prompt_scores=item["prompt_scores"][:2], prompt_values=[3, 7])
+    old = _old_post(chain)([dict(i) for i in items])["pred"]
+    new = _new_post(chain)([dict(i) for i in items])["pred"]
+    assert torch.equal(new.as_tensor(), old.as_tensor()) and set(torch.unique(new).tolist()) == {0, 3, 7}
+    inverted = Invertd(keys="pred", transform=chain, orig_keys="image", nearest_interp=False)(dict(items[0]))["pred"]
+    union, other = inverted[:2].amax(0) > 0, inverted[2] > 0
+    assert not ((new[0] == 3) & ~union).any() and bool((new[0][union & ~other] == 3).all())
+    assert bool((new[0][~union & other] == 7).all()) and bool((new[0][~union & ~other] == 0).all())
+    assert "kept_prompts" not in _new_post(chain)([dict(i) for i in items])
+    merge = MergePromptsd(keys="pred")
+    with pytest.raises(ValueError, match=r"'kept_prompts' \[0, 1, 0\]: the maps of one prompt must come together"):
+        merge(dict(items[0], kept_prompts=[0, 1, 0]))
+    with pytest.raises(ValueError, match=r"'kept_prompts' names 2 prompts for 3 maps in 'pred'"):
+        merge(dict(items[0], kept_prompts=[0, 1]))
+
+
 def _blobs(generator: torch.Generator, count: int) -> torch.Tensor:
     """(count, S, S) bool: a disc per mask at random places (prompts' masks that overlap here and there)."""
     rows, cols = torch.meshgrid(torch.arange(S, dtype=torch.float32), torch.arange(S, dtype=torch.float32),

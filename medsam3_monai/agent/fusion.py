@@ -56,6 +56,7 @@ def silence_phrasings(items: Sequence[dict[str, Any]], groups: Sequence[int], ke
     import torch
 
     from ..inferers.bitmasks import BitMasks
+    from ..inferers.postprocess import KEPT_PROMPTS
     from ..inferers.protocols import EMPTY_LOGIT
 
     keep = kept_phrasings(items[0]["prompt_scores"], groups, keep_ratio, min_score)
@@ -65,9 +66,10 @@ def silence_phrasings(items: Sequence[dict[str, Any]], groups: Sequence[int], ke
         pred = item["pred"]
         if isinstance(pred, BitMasks):
             pred.keep_where(torch.tensor(list(keep), dtype=torch.bool, device=pred.bits.device))
-        else:
+        else:  # one map per prompt, or per kept query with the prompt of each in ``kept_prompts``
             dropped = torch.tensor([not k for k in keep], dtype=torch.bool, device=pred.device)
-            pred[dropped] = EMPTY_LOGIT
+            owners = item.get(KEPT_PROMPTS)
+            pred[dropped if owners is None else dropped[torch.as_tensor(owners, device=pred.device)]] = EMPTY_LOGIT
 
 
 def fuse_by_confidence(prediction: Any, keep_ratio: float = 0.5, min_score: float = 0.0) -> Fusion:

@@ -113,12 +113,17 @@ def segment_image_batch(
         per_protocol = prompt_logits(network, group_images, queries, names, size, score_threshold,
                                      at_mask_size=at_mask_size, **kwargs)
         starts = torch.cumsum(torch.tensor([0] + [len(prompts[index]) for index in members]), 0).tolist()
-        for name, (logits, scores) in per_protocol.items():
+        for name, (logits, scores, owners) in per_protocol.items():
             logits, scores = logits if logits_on_device else logits.cpu(), scores.float().cpu()  # one copy per forward
+            owners = None if owners is None else owners.cpu()
+            # the maps of find-queries start:stop (with owners, in find-query order: a range of maps)
+            bounds = starts if owners is None else torch.searchsorted(owners, torch.tensor(starts)).tolist()
             for position, index in enumerate(members):
                 if protocols[index] == name:
-                    rows = slice(starts[position], starts[position + 1])
-                    results[index] = ImageSegmentation(prompts[index], logits[rows], scores[rows], name)
+                    rows = slice(bounds[position], bounds[position + 1])
+                    results[index] = ImageSegmentation(prompts[index], logits[rows],
+                                                       scores[starts[position]:starts[position + 1]], name,
+                                                       None if owners is None else owners[rows] - starts[position])
     return results  # type: ignore[return-value]
 
 

@@ -29,6 +29,11 @@ picture, else ``upsample_rows``. The label map is the one of MONAI's dense inver
 whose bilinear logit lies within rounding (about ``1e-6 x`` the largest |logit|) of the threshold, or whose two
 best confidences are that close, can differ (``tests/test_boundary_merge.py``).
 
+A prompt may also have several maps (``groups``: the kept queries of ``threshold``, each resized on its own): its
+mask is the union of theirs and its logit at a pixel the largest of theirs, so the steps above decide per prompt
+("clearly above" when one of its maps is, "not clearly below" when one is not) and open pixels take each prompt's
+largest interpolated value.
+
 All of this is for the host. Maps on an accelerator are resized densely where they are (a few kernels per row
 tile), and only the (H, W) uint8 label index is copied to the host instead of P float maps.
 """
@@ -47,7 +52,7 @@ from ..transforms.intensity import MAX_TILE_ELEMENTS, row_tiles
 from ..transforms.slices import bilinear_weights, upsample_rows
 from .image import confidence_of
 
-__all__ = ["MARGIN", "boundary_label_index", "merged_index"]
+__all__ = ["MARGIN", "boundary_label_index", "group_max", "merged_index"]
 
 #: decided taps lie beyond this fraction of the largest |logit| (or |threshold|) from the threshold
 MARGIN = 1e-5
@@ -76,6 +81,43 @@ class _Axis:
 @lru_cache(maxsize=64)
 def _axis(in_size: int, out_size: int) -> _Axis:
     return _Axis(in_size, out_size)
+
+
+class _Groups:
+    """Maps in consecutive groups, one group per prompt (``sizes``: maps per prompt): a prompt's mask is the union of
+    its maps' masks and its logit the largest of theirs. ``None`` stands for one map per prompt (nothing to do)."""
+
+    def __init__(self, sizes: Sequence[int]) -> None:
+        sizes = [int(n) for n in sizes]
+        if not sizes or min(sizes) < 1:
+            raise ValueError(f"groups must give each prompt at least one map, got {sizes}")
+        self.count = len(sizes)
+        self.starts = np.cumsum([0, *sizes[:-1]])
+        self.ranges = [(int(a), int(a) + n) for a, n in zip(self.starts, sizes)]
+
+    def any(self, x: np.ndarray) -> np.ndarray:
+        """(maps, ...) bool -> (prompts, ...): whether any of a prompt's maps is True."""
+        return np.logical_or.reduceat(x, self.starts, axis=0)
+
+    def max(self, x: torch.Tensor) -> torch.Tensor:
+        """(maps, ...) -> (prompts, ...): the largest of a prompt's maps' values."""
+        if x.device.type == "cpu":
+            return torch.from_numpy(np.maximum.reduceat(x.numpy(), self.starts, axis=0))
+        return torch.stack([x[a:b].amax(dim=0) for a, b in self.ranges])
+
+
+def group_max(maps: torch.Tensor, groups: Sequence[int]) -> torch.Tensor:
+    """(M, ...) maps in consecutive groups of ``groups`` maps -> (len(groups), ...), the largest value of each group's
+    maps (a prompt's logit when its mask is the union of its maps' masks)."""
+    return _Groups(groups).max(maps)
+
+
+def _any_of(x: np.ndarray, groups: _Groups | None) -> np.ndarray:
+    return x if groups is None else groups.any(x)
+
+
+def _max_of(x: torch.Tensor, groups: _Groups | None) -> torch.Tensor:
+    return x if groups is None else groups.max(x)
 
 
 def _labels(above: np.ndarray, not_below: np.ndarray, open_mark: int) -> np.ndarray:
@@ -193,23 +235,25 @@ def _resized_rows(maps: torch.Tensor, size: tuple[int, int], start: int, stop: i
 
 
 def _dense_labels(maps: torch.Tensor, size: tuple[int, int], start: int, stop: int, columns: _Axis,
-                  weights: _Confidence, threshold: float) -> torch.Tensor:
+                  weights: _Confidence, threshold: float, groups: _Groups | None = None) -> torch.Tensor:
     """The label index of output rows ``start:stop`` from the dense resize of every pixel (``_resized_rows``), on
     the maps' device."""
-    logits = _resized_rows(maps, size, start, stop, columns)
+    logits = _max_of(_resized_rows(maps, size, start, stop, columns), groups)
     return merged_index(logits, lambda: weights.tile(logits, start, stop, columns), threshold)
 
 
 def _dense_index(maps: torch.Tensor, size: tuple[int, int], threshold: float, weights: _Confidence,
-                 progress: Callable[[int], object] | None, tile_elements: int) -> torch.Tensor:
+                 progress: Callable[[int], object] | None, tile_elements: int,
+                 groups: _Groups | None = None) -> torch.Tensor:
     """(H, W) label index of the dense resize on the maps' device, in row tiles of about ``tile_elements`` floats
-    (all prompts together): uint8, int32 beyond 254 prompts."""
-    num_prompts = maps.shape[0]
+    (all maps together): uint8, int32 beyond 254 prompts."""
+    num_maps = maps.shape[0]
+    num_prompts = num_maps if groups is None else groups.count
     columns = _axis(maps.shape[-1], size[1])
     dtype = torch.uint8 if num_prompts + 1 <= 255 else torch.int32
     index = torch.empty(size, dtype=dtype, device=maps.device)
-    for start, stop in row_tiles(size[0], size[1], num_prompts, tile_elements):
-        index[start:stop] = _dense_labels(maps, size, start, stop, columns, weights, threshold)
+    for start, stop in row_tiles(size[0], size[1], num_maps, tile_elements):
+        index[start:stop] = _dense_labels(maps, size, start, stop, columns, weights, threshold, groups)
         if progress is not None:
             progress(stop - start)
     return index
@@ -229,15 +273,19 @@ def boundary_label_index(
     scores: torch.Tensor | None = None,
     confidence: torch.Tensor | None = None,
     progress: Callable[[int], object] | None = None,
+    groups: Sequence[int] | None = None,
 ) -> np.ndarray:
     """Slice-space logits -> the label index at ``size`` that thresholding and merging their bilinear resize gives.
 
     Args:
-        maps: (P, h, w) mask logits (mask = logit > ``threshold``).
+        maps: (P, h, w) mask logits (mask = logit > ``threshold``); with ``groups``, (M, h, w), several per prompt.
         size: the output (H, W); any size (bilinear, ``align_corners=False``).
         scores: (P,) prompt scores: the merge's confidence is ``scores * sigmoid(logit)`` (None: ``sigmoid(logit)``).
         confidence: instead, per-prompt confidence maps: (P, H, W), or (P, h, w) resized bilinearly like ``maps``.
         progress: called with the number of output rows after each row tile (a progress bar's ``update``).
+        groups: the number of maps of each prompt, whose maps come consecutively in ``maps`` (None: one each). A
+            prompt's mask is then the union of its maps' masks, each resized on its own, and its logit at a pixel
+            the largest of theirs (what the merge's confidence reads); ``confidence`` maps cannot be given.
 
     Returns:
         (H, W) numpy uint8 (int32 beyond 254 prompts): 0 background, c + 1 = prompt c.
@@ -245,34 +293,40 @@ def boundary_label_index(
     Maps on an accelerator (``PromptInferer`` leaves them on the network's device) are resized densely there, in
     row tiles of ``DEVICE_TILE_ELEMENTS``; only the label index is copied to the host.
     """
-    num_prompts, h, w = maps.shape
+    num_maps, h, w = maps.shape
     height, width = int(size[0]), int(size[1])
     maps = maps.detach().float().contiguous()
+    group = None if groups is None else _Groups(groups)
+    if group is not None and (sum(groups) != num_maps or confidence is not None):
+        raise ValueError(f"groups {list(groups)} must add up to the {num_maps} maps, and come without confidence maps")
+    num_prompts = num_maps if group is None else group.count
     weights = _Confidence(scores, confidence, (height, width), tuple(maps.shape), maps.device)
     if maps.device.type != "cpu":
-        return _dense_index(maps, (height, width), threshold, weights, progress, DEVICE_TILE_ELEMENTS).cpu().numpy()
+        return _dense_index(maps, (height, width), threshold, weights, progress, DEVICE_TILE_ELEMENTS,
+                            group).cpu().numpy()
     values = maps.numpy()
     open_mark = num_prompts + 1
     dtype = np.uint8 if open_mark <= 255 else np.int32
     rows, columns = _axis(h, height), _axis(w, width)
     if height * width < BLOCK_MIN_UPSCALE * h * w:  # blocks of about one pixel: nothing to save, resize densely
-        return _dense_index(maps, (height, width), threshold, weights, progress, MAX_TILE_ELEMENTS).numpy()
+        return _dense_index(maps, (height, width), threshold, weights, progress, MAX_TILE_ELEMENTS, group).numpy()
     largest = float(np.abs(values).max()) if values.size else 0.0  # NaN / inf: every pixel open (the dense result)
     margin = MARGIN * max(largest, abs(threshold)) + 1e-30
     high, low = threshold + margin, threshold - margin
-    blocks = _labels(_block_all(values > high), ~_block_all(values <= low), open_mark).astype(dtype, copy=False)
+    blocks = _labels(_any_of(_block_all(values > high), group), _any_of(~_block_all(values <= low), group),
+                     open_mark).astype(dtype, copy=False)
     # the open segments: per open block (i, j), source row i and the output columns whose first tap is j
     open_rows, open_columns = np.divmod(np.flatnonzero(blocks == open_mark), w)
     per_block = columns.count[open_columns]
     source_rows, output_columns = np.repeat(open_rows, per_block), _ranges(columns.start[open_columns], per_block)
     strip = np.repeat(blocks, columns.count, axis=1)  # (h, W): source row i, output column
-    tiles = _tiles(rows, height, width, num_prompts)
+    tiles = _tiles(rows, height, width, num_maps)
     edges = np.searchsorted(source_rows, [first for first, _ in tiles] + [tiles[-1][1]])
     index = None if len(tiles) == 1 else np.empty((height, width), dtype)
     for (first, last), lo, hi in zip(tiles, edges[:-1], edges[1:]):
         start, stop = int(rows.start[first]), int(rows.start[last - 1] + rows.count[last - 1])
         if int(rows.count[source_rows[lo:hi]].sum()) * DENSE_BREAK_EVEN >= (stop - start) * width:
-            labels = _dense_labels(maps, (height, width), start, stop, columns, weights, threshold).numpy()
+            labels = _dense_labels(maps, (height, width), start, stop, columns, weights, threshold, group).numpy()
         else:
             part = strip[first:last]
             pixels = None
@@ -280,11 +334,13 @@ def boundary_label_index(
                 segments = _Segments(rows, columns, source_rows[lo:hi], output_columns[lo:hi])
                 pairs = segments.along_columns(values)
                 both = pairs.numpy()
-                decided = _labels((both > high).all(1), ~(both <= low).all(1), open_mark)
+                decided = _labels(_any_of((both > high).all(1), group), _any_of(~(both <= low).all(1), group),
+                                  open_mark)
                 part.reshape(-1)[(segments.source_rows - first) * width + segments.output_columns] = decided
                 chosen = np.flatnonzero(decided == open_mark)
                 if chosen.size:
                     logits, o, q = segments.pixels(pairs, chosen)
+                    logits = _max_of(logits, group)
                     pixels = ((o - start) * width + q, merged_index(
                         logits, lambda: weights.pixels(logits, segments, chosen, o, q), threshold).numpy())
             labels = np.repeat(part, rows.count[first:last], axis=0)

@@ -28,10 +28,12 @@ times the (inverted) mask.
 Multi-class images: every class is queried with its own prompt (one ViT pass; the detector takes the prompts
 ``detector_chunk`` at a time) and overlaps go to the class with the highest confidence at that pixel (``metrics.merge_classes``).
 
-Logit maps are upsampled bilinearly from the mask head's resolution (S / 14 * 4) to the slice space S x S,
-and mapped back to the input geometry with MONAI ``Invertd`` on the ``ResizeToSliced`` record of the image
-(bilinear, then thresholded: logits stay logits, so the mask is ``> 0`` at every resolution). For 2D pictures the
-bundle applies the same bilinear inverse only where it decides something, near the masks' boundaries
+:func:`segment_image` gives logit maps upsampled bilinearly from the mask head's resolution (S / 14 * 4) to the
+slice space S x S; MONAI ``Invertd`` maps such maps back to the input geometry on the ``ResizeToSliced`` record of
+the image (bilinear, then thresholded: logits stay logits, so the mask is ``> 0`` at every resolution). The 2D way
+back of ``PromptInferer`` resizes them once instead, from the mask head's resolution straight to the picture's size
+as SAM3's ``Sam3Processor`` does (``at_mask_size``; for ``threshold`` each kept query's map on its own, united at
+the picture's size), and only where it decides something, near the masks' boundaries
 (``inferers.postprocess.InvertToInputd``, ``MergePromptsd`` and ``inferers.boundary_merge``).
 """
 
@@ -76,25 +78,39 @@ class ImageSegmentation:
 
     Attributes:
         prompts: the P prompt texts, in order (class ``c`` of :meth:`label_map` is ``prompts[c - 1]``).
-        logits: (P, S, S) float32 mask logits of the protocol (mask = logits > 0).
+        logits: (P, S, S) float32 mask logits of the protocol (mask = logits > 0); with ``owners``, (K, h, w): the
+            kept queries' own maps, each belonging to the prompt ``owners`` names.
         scores: (P,) the protocol's score per prompt (detector confidence that the concept is there).
         protocol: which protocol produced them.
+        owners: None (one map per prompt), or (K,) the prompt index of each map of ``logits``, in prompt order (a
+            protocol uniting queries at the masks' resolution, ``segment_image(at_mask_size=True)``): a prompt's mask
+            is the union of its maps' masks, made where they are resized to.
     """
 
     prompts: list[str]
     logits: torch.Tensor
     scores: torch.Tensor
     protocol: str
+    owners: torch.Tensor | None = None
+
+    @property
+    def prompt_logits(self) -> torch.Tensor:
+        """(P, ...) one map per prompt: ``logits``, or with ``owners`` the pixel-wise max of each prompt's maps (its
+        masks' union at their resolution, ``> 0``)."""
+        if self.owners is None:
+            return self.logits
+        owners = self.owners.to(self.logits.device)
+        return torch.stack([self.logits[owners == prompt].amax(dim=0) for prompt in range(len(self.prompts))])
 
     @property
     def masks(self) -> torch.Tensor:
         """(P, S, S) bool masks, one per prompt, overlaps not resolved."""
-        return self.logits > 0
+        return self.prompt_logits > 0
 
     @property
     def confidence(self) -> torch.Tensor:
         """(P, S, S) pixel confidence score * sigmoid(logit), the quantity overlaps are resolved by."""
-        return confidence_of(self.logits, self.scores)
+        return confidence_of(self.prompt_logits, self.scores)
 
     def label_map(self) -> torch.Tensor:
         """(S, S) uint8 label map: 0 background, c + 1 = prompt c; overlaps go to the most confident prompt."""
@@ -138,12 +154,12 @@ def segment_image(
             way back to the picture's size runs there); default: copied to the host. Scores are on the host.
         at_mask_size: keep the logits at the masks' own resolution (S / 3.5, 288 px at 1008) instead of resizing
             them to S: what ``PromptInferer`` does, whose way back resizes them once, straight to the picture's
-            size, as SAM3's ``Sam3Processor`` does (a protocol uniting several queries' masks, ``threshold``, still
-            makes its map at S).
+            size, as SAM3's ``Sam3Processor`` does. A protocol uniting several queries' masks (``threshold``) then
+            gives each kept query's own map and its prompt (``owners``), united where they are resized to.
 
     Returns:
-        :class:`ImageSegmentation` with (P, S, S) logits (``at_mask_size``: (P, S / 3.5, S / 3.5) but for
-        ``threshold``) and (P,) scores in slice space.
+        :class:`ImageSegmentation` with (P, S, S) logits (``at_mask_size``: (P, S / 3.5, S / 3.5), for ``threshold``
+        (K, S / 3.5, S / 3.5) with ``owners``) and (P,) scores in slice space.
     """
     get_protocol(protocol)
     prompts = [prompts] if isinstance(prompts, str) else list(prompts)
@@ -158,9 +174,10 @@ def segment_image(
         kwargs["boxes"] = boxes
         kwargs["box_labels"] = box_labels if box_labels is not None else torch.ones(boxes.shape[:2], dtype=torch.long)
     size = tuple(images.shape[-2:])
-    logits, scores = prompt_logits(network, images, prompts, [protocol], size, score_threshold,
-                                   at_mask_size=at_mask_size, **kwargs)[protocol]
-    return ImageSegmentation(prompts, logits if logits_on_device else logits.cpu(), scores.float().cpu(), protocol)
+    logits, scores, owners = prompt_logits(network, images, prompts, [protocol], size, score_threshold,
+                                           at_mask_size=at_mask_size, **kwargs)[protocol]
+    return ImageSegmentation(prompts, logits if logits_on_device else logits.cpu(), scores.float().cpu(), protocol,
+                             None if owners is None else owners.cpu())
 
 
 def ground_truth_boxes(label: torch.Tensor, values: Sequence[int]) -> tuple[torch.Tensor, torch.Tensor]:

@@ -36,6 +36,7 @@ from __future__ import annotations
 import os
 from collections.abc import Hashable, Mapping, Sequence
 from contextlib import nullcontext
+from itertools import groupby
 from copy import deepcopy
 from pathlib import Path
 from typing import Any, Callable
@@ -53,7 +54,7 @@ from ..transforms.each_item import EachItem, transforms_of
 from ..transforms.intensity import row_tiles
 from ..transforms.slices import PROGRESS_MIN_PIXELS, bilinear_weights, tile_progress, upsample_rows
 from .bitmasks import BitMasks
-from .boundary_merge import BLOCK_MIN_UPSCALE, boundary_label_index, merged_index
+from .boundary_merge import BLOCK_MIN_UPSCALE, boundary_label_index, group_max, merged_index
 from .image import confidence_of
 from .mask_merge import mask_label_index, mask_logits, mask_maps
 
@@ -316,9 +317,10 @@ class MergePromptsd(MapTransform):
         scores_key: item entry with each prompt's score (``prompt_scores``).
         threshold: logit threshold (0: probability 0.5).
         drop_confidence: remove ``confidence_key`` from the item once merged (it is as large as the logits).
-        kept_key: item entry listing the prompts whose maps ``keys`` hold when not all of them
-            (:class:`MaskLogitsd` drops a slice's empty masks): the maps get those prompts' label values; removed
-            once merged.
+        kept_key: item entry listing the prompt of each map ``keys`` hold when they are not one per prompt
+            (:class:`MaskLogitsd` drops a slice's empty masks; a 2D ``threshold`` case has each kept query's own map,
+            several per prompt): each map gets its prompt's label value and score, so that a prompt's mask is the
+            union of its maps' masks; removed once merged.
         mask_scores_key: item entry with the scores of a volume slice's pending masks (:class:`MaskLogitsd`, one
             per mask: the confidence is the mask times it); removed once merged.
         progress: a progress bar (stderr) over the row tiles of a pending inverse of at least
@@ -363,8 +365,9 @@ class MergePromptsd(MapTransform):
                 d[key] = self._merge_pending(d, pred)
             else:
                 logits = plain_tensor(pred).float()
-                values = self._values(d, logits.shape[0], key)
-                index = merged_index(logits, lambda: self._confidence(d, logits), self.threshold)
+                values, prompts, groups = self._prompts(d, logits.shape[0], key)
+                logits = logits if groups is None else group_max(logits, groups)
+                index = merged_index(logits, lambda: self._confidence(d, logits, prompts), self.threshold)
                 labels = _label_values(index, values)[None].cpu()  # on the host, as a pending inverse's
                 d[key] = MetaTensor(labels, meta=dict(pred.meta) if isinstance(pred, MetaTensor) else None)
             if self.drop_confidence and self.confidence_key:
@@ -374,16 +377,31 @@ class MergePromptsd(MapTransform):
                 d.pop(entry, None)
         return d
 
-    def _values(self, d: Mapping[Hashable, Any], num_prompts: int, key: str = "pred") -> list[int]:
+    def _prompts(self, d: Mapping[Hashable, Any], num_maps: int, key: str = "pred"
+                 ) -> tuple[list[int], list[int] | None, list[int] | None]:
+        """``(values, prompts, groups)`` of an item's ``num_maps`` maps: the label value of each prompt the merge
+        decides between; the indices of those prompts when ``kept_key`` names them (else None: one map per prompt,
+        all of them); and, when some prompt has several maps (consecutive in ``kept_key``), the number of each's
+        (else None)."""
         values = d.get(self.values_key) if self.values_key else None
         kept = d.get(self.kept_key) if self.kept_key else None
-        if kept is not None:  # the maps of these prompts only
+        prompts = groups = None
+        if kept is not None:  # the maps of these prompts only, a prompt's maps together
+            kept = [int(k) for k in kept]
+            if len(kept) != num_maps:
+                raise ValueError(f"'{self.kept_key}' names {len(kept)} prompts for {num_maps} maps in '{key}'")
+            prompts = list(dict.fromkeys(kept))
+            if len(prompts) < len(kept):
+                groups = [len(list(run)) for _, run in groupby(kept)]
+                if len(groups) != len(prompts):
+                    raise ValueError(f"'{self.kept_key}' {kept}: the maps of one prompt must come together")
             values = [int(v) for v in values] if values is not None else list(range(1, max(kept) + 2))
-            values = [values[int(k)] for k in kept]
-        values = [int(v) for v in values] if values is not None else list(range(1, num_prompts + 1))
-        if len(values) != num_prompts:
-            raise ValueError(f"{len(values)} label values for {num_prompts} prompt maps in '{key}'")
-        return values
+            values = [values[k] for k in prompts]
+        count = len(prompts) if prompts is not None else num_maps
+        values = [int(v) for v in values] if values is not None else list(range(1, count + 1))
+        if len(values) != count:
+            raise ValueError(f"{len(values)} label values for {count} prompt maps in '{key}'")
+        return values, prompts, groups
 
     def _merge_pending(self, d: Mapping[Hashable, Any], pred: MetaTensor) -> MetaTensor:
         """The label map of maps with a pending inverse (same rule as ``__call__``), resized only where the masks'
@@ -392,7 +410,7 @@ class MergePromptsd(MapTransform):
         size = pending_inverse(pred)
         masks = pending_masks(pred)
         maps = plain_tensor(pred)
-        values = self._values(d, maps.shape[0])
+        values, prompts, groups = self._prompts(d, maps.shape[0])
         show = self.progress and size[0] * size[1] >= PROGRESS_MIN_PIXELS
         name = Path(str(pred.meta.get("filename_or_obj", "image"))).name if show else ""
         desc = f"{name}: masks at {size[0]}x{size[1]}"
@@ -406,20 +424,30 @@ class MergePromptsd(MapTransform):
                 index = mask_label_index(masks, scores, size, self.threshold, progress=update)
             else:
                 given = d.get(self.confidence_key) if self.confidence_key else None
-                scores = d.get(self.scores_key) if self.scores_key and given is None else None
+                scores = self._prompt_scores(d, prompts) if given is None else None
                 index = boundary_label_index(maps, size, self.threshold, scores=scores,
-                                             confidence=None if given is None else plain_tensor(given), progress=update)
+                                             confidence=None if given is None else plain_tensor(given), progress=update,
+                                             groups=groups)
         index = torch.from_numpy(index)
         out = MetaTensor(_label_values(index, values)[None], meta=dict(pred.meta))
         out.meta.pop(PENDING_INVERSE, None)
         return out
 
-    def _confidence(self, d: Mapping[Hashable, Any], logits: torch.Tensor) -> torch.Tensor:
+    def _confidence(self, d: Mapping[Hashable, Any], logits: torch.Tensor, prompts: list[int] | None = None
+                    ) -> torch.Tensor:
         confidence = d.get(self.confidence_key) if self.confidence_key else None
         if confidence is not None:
             return plain_tensor(confidence).float()
+        scores = self._prompt_scores(d, prompts)
+        return logits.sigmoid() if scores is None else confidence_of(logits, scores)
+
+    def _prompt_scores(self, d: Mapping[Hashable, Any], prompts: list[int] | None) -> torch.Tensor | None:
+        """The scores (``scores_key``) of ``prompts`` (:meth:`_prompts`; None: all), None without scores."""
         scores = d.get(self.scores_key) if self.scores_key else None
-        return logits.sigmoid() if scores is None else confidence_of(logits, torch.as_tensor(scores))
+        if scores is None:
+            return None
+        scores = torch.as_tensor(scores, dtype=torch.float32).reshape(-1)
+        return scores if prompts is None else scores[torch.as_tensor(prompts, dtype=torch.long)]
 
 
 class ImageOrVolumed(Transform):

@@ -50,7 +50,7 @@ from ..transforms.errors import DataError, source_name
 from ..transforms.intensity import is_volume_slice
 from .image import segment_image
 from .inputs import _prompt_mapping, box_prompts, input_kind, item_prompts, user_error
-from .postprocess import transforms_of
+from .postprocess import KEPT_PROMPTS, transforms_of
 from .tracking import TRACKER_BATCH
 from .protocols import MASK_LOGIT
 
@@ -202,7 +202,7 @@ class PromptInferer(Inferer):
                                        protocols=protocols, score_threshold=self.score_threshold, boxes=boxes,
                                        logits_on_device=True, at_mask_size=True)
             for (index, items, values, prompts), seg, protocol, box in zip(flat, segs, protocols, boxes):
-                items[0]["pred"] = MetaTensor(seg.logits.float())
+                _set_prediction(items[0], seg)
                 case = {"prompt_scores": seg.scores.float(), "protocol": protocol + ("+box" if box is not None else ""),
                         "prompt_values": values, "prompt_texts": prompts, "score_threshold": self.score_threshold}
                 for item in items:
@@ -219,7 +219,7 @@ class PromptInferer(Inferer):
         seg = segment_image(network, plain_tensor(image).to(device), prompts, protocol=protocol,
                             score_threshold=threshold, boxes=None if boxes is None else boxes[0],
                             box_labels=None if boxes is None else boxes[1], logits_on_device=True, at_mask_size=True)
-        item["pred"] = MetaTensor(seg.logits.float())  # confidence: score x sigmoid(logit), after the inversion
+        _set_prediction(item, seg)
         return {"prompt_scores": seg.scores.float(), "protocol": protocol + ("+box" if boxes is not None else "")}
 
     def _volume(self, items: list[dict[str, Any]], prompts: list[str], network: torch.nn.Module,
@@ -238,6 +238,15 @@ class PromptInferer(Inferer):
         protocol = f"volume: top_query per slice (score >= {threshold:g}), tracker {self.tracker_name}"
         return {"prompt_scores": result.scores.amax(dim=1).float(), "slice_scores": result.scores.float(),
                 "seed_slices": result.seed_slices.long(), "protocol": protocol}
+
+
+def _set_prediction(item: dict[str, Any], seg: Any) -> None:
+    """A 2D case's :class:`~.image.ImageSegmentation` into its item for the way back: ``pred`` its maps (the merge's
+    confidence, score x sigmoid(logit), is made after the inversion) and, when they are the kept queries' own maps,
+    ``kept_prompts`` the prompt of each (:class:`~.postprocess.MergePromptsd` unites them at the picture's size)."""
+    item["pred"] = MetaTensor(seg.logits.float())
+    if seg.owners is not None:
+        item[KEPT_PROMPTS] = seg.owners.tolist()
 
 
 # ------------------------------------------------------------------------------------------------ result

@@ -3,7 +3,9 @@
 
 Each protocol function is ``(outputs, size, score_threshold) -> (logits (B, H, W) float32, scores (B,))``; ``size``
 None keeps the logits at the masks' own resolution (S / 3.5: 288 px at SAM3's 1008), for a way back that resizes
-them once, straight to the picture's size, as SAM3's ``Sam3Processor`` does.
+them once, straight to the picture's size, as SAM3's ``Sam3Processor`` does. A protocol uniting several queries'
+masks (``threshold``) also has a function giving the kept queries' own maps at that resolution
+(:func:`threshold_query_logits`), which that way back resizes one by one and unites at the picture's size.
 :func:`prompt_logits` runs the detector and keeps only that, chunk by chunk of find-queries.
 """
 
@@ -63,6 +65,22 @@ def threshold_logits(outputs: MedSAM3Output, size: int | tuple[int, int] | None,
     return logits, chosen
 
 
+def threshold_query_logits(outputs: MedSAM3Output, score_threshold: float = 0.5
+                           ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+    """The queries :func:`threshold_logits` unites, each with its own map: (K, h, w) float32 mask logits at the masks'
+    resolution, the prompt of each (K,) long in prompt order, and the scores (B,) (the best query's: the highest kept
+    one when any is kept). A prompt with no kept query has one map of ``EMPTY_LOGIT``. The union of a prompt's masks
+    is made where they have been resized to: ``prompt's mask = any(map > 0)`` at the picture's size."""
+    scores = outputs.scores.float()
+    kept = scores >= score_threshold
+    none = ~kept.any(dim=1)
+    first = torch.arange(scores.shape[1], device=scores.device) == 0
+    owners, queries = torch.nonzero(kept | (none[:, None] & first), as_tuple=True)  # row-major: prompt order
+    maps = outputs.pred_masks[owners, queries].float()
+    maps[none[owners]] = EMPTY_LOGIT
+    return maps, owners, scores.max(dim=1).values
+
+
 def semantic_logits(outputs: MedSAM3Output, size: int | tuple[int, int] | None,
                     score_threshold: float = 0.5) -> tuple[torch.Tensor, torch.Tensor]:
     """The semantic head's logits (B, H, W) and sigmoid(presence logit) (B,) as the score."""
@@ -84,22 +102,30 @@ def detector_chunks(network: torch.nn.Module, images: torch.Tensor, prompts: Seq
 
 def prompt_logits(network: torch.nn.Module, images: torch.Tensor, prompts: Sequence[str] | None,
                   protocols: Sequence[str], size: int | tuple[int, int] | None, score_threshold: float = 0.5,
-                  at_mask_size: bool = False, **kwargs: Any) -> dict[str, tuple[torch.Tensor, torch.Tensor]]:
-    """The detector on B find-queries -> per protocol name, the (B, H, W) mask logits at ``size`` (None: the masks'
-    own) and (B,) scores; ``at_mask_size``: at the masks' own resolution, but for a protocol that unites several
-    queries' masks (``Protocol.unites_queries``), made at ``size``.
+                  at_mask_size: bool = False, **kwargs: Any
+                  ) -> dict[str, tuple[torch.Tensor, torch.Tensor, torch.Tensor | None]]:
+    """The detector on B find-queries -> per protocol name, ``(logits, scores, owners)``: the (B, H, W) mask logits at
+    ``size`` (None: the masks' own), (B,) scores and None. ``at_mask_size``: at the masks' own resolution; a protocol
+    uniting several queries' masks (``Protocol.unites_queries``) then gives its kept queries' own maps (K, h, w) and
+    ``owners`` (K,), the find-query of each (:meth:`~medsam3_monai.protocol_registry.Protocol.query_logits`).
 
     The queries go through :func:`detector_chunks`; of each chunk's outputs only the protocols' logits and scores
     are kept, so the detector's memory is that of one chunk whatever B is. ``kwargs``: the forward's."""
     names = list(dict.fromkeys(protocols))
-    sizes = {name: None if at_mask_size and not get_protocol(name).unites_queries else size for name in names}
-    parts: dict[str, list[tuple[torch.Tensor, torch.Tensor]]] = {name: [] for name in names}
-    for _, _, outputs in detector_chunks(network, images, prompts, **kwargs):
+    parts: dict[str, list[tuple[torch.Tensor, torch.Tensor, torch.Tensor | None]]] = {name: [] for name in names}
+    for start, _, outputs in detector_chunks(network, images, prompts, **kwargs):
         for name in names:
-            parts[name].append(get_protocol(name).logits(outputs, sizes[name], score_threshold))
+            protocol = get_protocol(name)
+            if at_mask_size and protocol.unites_queries:
+                maps, owners, scores = protocol.query_logits(outputs, score_threshold)
+                parts[name].append((maps, scores, owners + start))
+            else:
+                parts[name].append((*protocol.logits(outputs, None if at_mask_size else size, score_threshold), None))
         del outputs
-    return {name: (torch.cat([p[0] for p in found]), torch.cat([p[1] for p in found])) if len(found) > 1
-            else found[0] for name, found in parts.items()}
+    return {name: found[0] if len(found) == 1 else
+            (torch.cat([p[0] for p in found]), torch.cat([p[1] for p in found]),
+             None if found[0][2] is None else torch.cat([p[2] for p in found]))
+            for name, found in parts.items()}
 
 
 def dice_per_prompt(pred: torch.Tensor, truth: torch.Tensor) -> torch.Tensor:
