@@ -434,7 +434,14 @@ def test_check_alone_checks_a_datalist_one_has(shared_data: Path, tmp_path: Path
               "label": str(hippocampus / "masks" / "hippocampus_001.nii.gz"), "prompts": {"1": "a", "2": "b"}}
     datalist.write_text(json.dumps({"training": [volume], "validation": []}))
     assert datalist_command(["--check", str(datalist), "--no-progress"]) == 0
-    assert "1 volume item(s) carry 'spacing'" in capsys.readouterr().err
+    err = capsys.readouterr().err
+    assert "1 volume item(s) carry 'spacing'" in err and "in no mask" not in err
+    # a prompt whose label value no mask holds: said before any training (evaluate says it after)
+    absent = dict(volume, prompts={"1": "a", "2": "b", "3": "amygdala"}, dataset="Hippo")
+    datalist.write_text(json.dumps({"training": [absent, absent], "validation": []}))
+    assert datalist_command(["--check", str(datalist), "--no-progress"]) == 0
+    assert "note: " + str(datalist) + ": dataset Hippo: label value 3 (prompt 'amygdala') is in no mask of its 1 " \
+           "item(s), so its prompts are trained only as absent concepts (negative prompts)" in capsys.readouterr().err
     assert datalist_command(["--check", str(folder), "--no-progress"]) == 2
     assert f"datalist {folder} is a folder: give the datalist's JSON file" in capsys.readouterr().err
     assert datalist_command(["--check", str(datalist), "--channel", "1"]) == 2  # not silently ignored

@@ -141,6 +141,8 @@ def test_load_datalist_joins_only_image_and_label(built, shared_data: Path, tmp_
      r"training item 1 \(.*a.png\) has no 'prompts': give its label value -> text object, e.g. \{\"1\": \"polyp\"\}"),
     ('{"training": [{"image": "a.png", "label": "m.png", "prompts": {"lung": "1"}}]}',
      r"training item 1: 'prompts' keys \['lung'\] are not label values"),
+    ('{"training": [{"image": "a.png", "label": "m.png", "prompts": {"1": "  ", "2": "b", "3": 4}}]}',
+     r"training item 1: 'prompts' \{'1': '  ', '3': 4\} give no concept text"),
     ('{"training": [', "not valid JSON"),
 ])
 def test_load_datalist_names_a_malformed_item(content: str, words: str, tmp_path: Path):
@@ -161,3 +163,13 @@ def test_the_full_totalsegmentator_release_is_named_as_not_read(tmp_path: Path):
                                          r"full release \(2 subject folder\(s\) such as s0001/ .*merge each subject's "
                                          r"masks into one label map and write the datalist yourself"):
         build_datalist("TotalSegmentator", tmp_path)
+
+
+def test_a_folder_of_another_dataset_is_said_to_look_like_one(shared_data: Path, tmp_path: Path):
+    """images/ + masks/ named as another dataset names them: the error says the folders are there, and how to find
+    the dataset whose layout they follow."""
+    root = shared_data / "Kvasir-SEG_sample"
+    with pytest.raises(ValueError, match=r"no usable image/mask pairs found.*has images/ and masks/, but no image "
+                                         r"there has its mask named as BUSI's are: is it another dataset\? "
+                                         r"\(`medsam3 datalist --list`"):
+        build_datalist("BUSI", root)

@@ -132,6 +132,14 @@ def test_every_prediction_empty_is_said_under_the_table(tmp_path):
     report.records[1] = dict(record, case="d", empty_prediction=False)
     report.write()
     assert "WARNING" not in (tmp_path / "r" / "table.md").read_text()
+    # a run of pictures and volumes whose volumes all came back empty: said for that dataset, with the volume hint
+    report.records = [dict(record, volume=False, empty_prediction=False, protocol="semantic"),
+                      dict(record, dataset="Hippo", volume=True), dict(record, dataset="Hippo", case="e", volume=True)]
+    report.write()
+    text = (tmp_path / "r" / "table.md").read_text()
+    assert "- WARNING: every prediction of dataset Hippo is empty (2 prompts, protocol top_query), so its foreground " \
+           "cases score 0. A volume keeps only the slices whose detection scores >= --score-threshold" in text
+    assert "--volume-score-threshold" in text and "of dataset D" not in text and "of this run" not in text
 
 
 def test_a_label_value_in_no_truth_mask_is_said_under_the_table(tmp_path):

@@ -223,7 +223,12 @@ def test_a_key_the_bundle_does_not_have_is_refused_before_anything_runs(tmp_path
                  "--dry-run"]) == 2
     error = capsys.readouterr().err
     assert "the bundle has no setting 'val_protocl'" in error and "did you mean --set val_protocol=...?" in error
+    assert "error: --set val_protocl=semantic: the bundle" in error  # named as it was given
     assert not (tmp_path / "run").exists()
+    assert main(["train", "--datalist", str(datalist), "--out", str(tmp_path / "run"), "--set", "epochs=3",
+                 "--dry-run"]) == 2
+    assert "error: --set epochs=3: the bundle has no setting 'epochs', so it would change nothing; did you mean " \
+           "--epochs?" in capsys.readouterr().err
 
 
 def test_the_training_bundle_trains_a_checkpoint_at_its_own_size_unless_told(tmp_path: Path):
@@ -243,3 +248,34 @@ def test_the_training_bundle_trains_a_checkpoint_at_its_own_size_unless_told(tmp
     assert [slice_size("tiny", None), slice_size(model, None), slice_size(bare, None)] == [112, 224, 1008]
     assert [slice_size("tiny", 224), slice_size(bare, 504)] == [224, 504]
     assert config_parser("train.json", checkpoint=str(model)).get_parsed_content("slice_size") == 224
+
+
+@pytest.mark.parametrize("saved", [False, True])
+def test_ctrl_c_says_whether_the_same_command_resumes_or_starts_again(tmp_path: Path, capsys, monkeypatch, saved):
+    """The bundle ended by Ctrl-C (exit 130): the newest checkpoint the same command resumes from is named, and
+    before the first one there is none to name."""
+    from medsam3_monai.deploy import train_cli
+
+    datalist, run = tmp_path / "d.json", tmp_path / "run"
+    datalist.write_text('{"training": [], "validation": []}')
+
+    class Interrupted:  # the bundle's process: writes what it had saved, then ends as Ctrl-C ends it
+        def wait(self):
+            return 130
+
+    popen = train_cli.subprocess.Popen
+
+    def start(command, *args, **kwargs):
+        if "monai.bundle" not in command:
+            return popen(command, *args, **kwargs)
+        (run / "runs" / "checkpoints").mkdir(parents=True)
+        for n in (10, 20) if saved else ():
+            (run / "runs" / "checkpoints" / f"checkpoint_iter{n}.pt").write_bytes(b"x")
+        return Interrupted()
+
+    monkeypatch.setattr(train_cli.subprocess, "Popen", start)
+    assert main(["train", "--datalist", str(datalist), "--out", str(run), "--no-mlflow"]) == 130
+    last = capsys.readouterr().err.strip().splitlines()[-1]
+    assert last == (f"medsam3 train: interrupted; the same command resumes from the newest checkpoint, "
+                    f"{run / 'runs' / 'checkpoints' / 'checkpoint_iter20.pt'}" if saved else
+                    "medsam3 train: interrupted before the first checkpoint; the same command starts the run again")

@@ -233,3 +233,50 @@ def test_a_plain_nifti_named_gz_is_told_to_be_renamed(tmp_path):
     misnamed.write_bytes(b"\0" * 600)  # not a NIfTI either: the corrupt-file message
     with pytest.raises(DataError, match="corrupt, truncated or not an image"):
         load_medical_image(misnamed)
+
+
+def test_a_nifti_in_microns_or_metres_is_measured_in_millimetres_and_written_in_its_own_units(
+        hippocampus_datalist, tmp_path, capsys):
+    """NIfTI's ``xyzt_units``: the same volume and mask stored in microns and in metres (matrices x 1000, / 1000) load
+    with the mm original's affine, so HD95 and NSD (mm and a 2 mm tolerance) are the original's; the prediction
+    written back carries the input's own units and matrices."""
+    import csv
+
+    import nibabel as nib
+    import numpy as np
+
+    from medsam3_monai.transforms.io import load_medical_image
+
+    datalist = json.loads(hippocampus_datalist.read_text())
+    original = datalist["test"][0]
+    for unit, factor in (("micron", 1000.0), ("meter", 1e-3)):
+        item = dict(original, case=unit)
+        for key in ("image", "label"):
+            source = nib.load(original[key])
+            copy = nib.Nifti1Image(np.asarray(source.dataobj), np.diag([factor] * 3 + [1.0]) @ source.affine)
+            copy.header.set_xyzt_units(unit)
+            item[key] = str(tmp_path / f"{unit}_{key}.nii.gz")
+            nib.save(copy, item[key])
+        loaded = load_medical_image(item["image"])
+        assert np.allclose(loaded.affine.numpy(), nib.load(original["image"]).affine)
+        datalist["test"].append(item)
+    path = tmp_path / "units.json"
+    path.write_text(json.dumps(datalist))
+    out = tmp_path / "eval"
+    assert main(["evaluate", "--datalist", str(path), "--checkpoint", "tiny", "--out", str(out), "--no-progress",
+                 "--no-mlflow", "--tracker", "none", "--score-threshold", "0.2"]) == 0
+    with next(out.rglob("cases.csv")).open() as f:
+        rows = [row for row in csv.DictReader(f)]
+    names = ("dice", "iou", "nsd", "hd95")
+    first = {row["prompt"]: [float(row[k]) for k in names] for row in rows if row["case"] == original["case"]}
+    assert len(rows) == 6 and all([float(row[k]) for k in names] == pytest.approx(first[row["prompt"]], rel=1e-6)
+                                  for row in rows), rows  # the metres' matrices round in float32
+    assert all(0 < float(row["hd95"]) < 100 for row in rows), rows  # mm, finite: the masks are not empty
+    written = tmp_path / "micron_seg.nii.gz"
+    assert main(["segment", str(tmp_path / "micron_image.nii.gz"), "--prompt", "hippocampus", "--out", str(written),
+                 "--score-threshold", "0.2", "--tracker", "none", "--no-progress"]) == 0
+    header, given = nib.load(written).header, nib.load(tmp_path / "micron_image.nii.gz").header
+    assert header.get_xyzt_units()[0] == "micron"
+    assert np.allclose(header.get_best_affine(), given.get_best_affine())
+    sidecar = json.loads(Path(f"{written}.json").read_text())
+    assert np.allclose(sidecar["spacing"], nib.load(original["image"]).header.get_zooms()[:3])

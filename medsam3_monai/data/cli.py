@@ -105,9 +105,12 @@ def run_datalist(args: argparse.Namespace) -> int:
         relative_to=args.relative_to,
         channel=args.channel,
     )
+    notes = []
     if args.check:
-        decode_check(result, skip_bad=args.skip_bad, progress=not args.no_progress, base_dir=args.relative_to)
+        notes = decode_check(result, skip_bad=args.skip_bad, progress=not args.no_progress, base_dir=args.relative_to)
     out = write_datalist(result.datalist, args.out, overwrite=args.overwrite)
+    for note in notes:
+        print(f"medsam3 datalist: note: {note}", file=sys.stderr)
     datasets = sorted({item["dataset"] for items in result.datalist.values() for item in items})
     source = result.converter if datasets == [result.converter] else f"{', '.join(datasets)}; {result.converter} layout"
     print(f"medsam3 datalist: wrote {out} ({source}): {result.summary()}", file=sys.stderr)
@@ -141,8 +144,8 @@ def check_datalist_file(path: str | Path, skip_bad: bool = False, progress: bool
     if not total:
         raise ValueError(f"datalist {path} holds no items (its training, validation and test lists are empty)")
     notes = _split_notes(given, result.datalist, str(Path(path).resolve().parent))
-    decode_check(result, skip_bad=skip_bad, progress=progress, base_dir=str(Path(path).resolve().parent),
-                 skip_hint=None)
+    notes += decode_check(result, skip_bad=skip_bad, progress=progress, base_dir=str(Path(path).resolve().parent),
+                          skip_hint=None)
     for note in notes:
         print(f"medsam3 datalist: note: {path}: {note}", file=sys.stderr)
     if result.skipped:
@@ -191,18 +194,28 @@ def _split_notes(given: set[str], datalist: dict[str, list[dict[str, Any]]], bas
     return notes + ([unscaled] if unscaled else [])
 
 
+#: what a prompt whose label value is in no mask means for training and evaluation
+ABSENT_IN_DATALIST = ("prompts are trained only as absent concepts (negative prompts) and their evaluation rows "
+                      "only count false positives")
+
+
 def decode_check(result, skip_bad: bool = False, progress: bool = True, base_dir: str | None = None,
-                 skip_hint: str | None = "use --skip-bad to leave unreadable items out") -> None:
+                 skip_hint: str | None = "use --skip-bad to leave unreadable items out") -> list[str]:
     """Decode every item of ``result.datalist`` with the training bundle's ``loading`` chain (load -> decode the
     mask encoding -> intensity). Unreadable items raise :class:`DatalistError` listing each (with ``skip_hint``),
-    or with ``skip_bad`` are removed from the datalist and added to ``result.skipped``."""
+    or with ``skip_bad`` are removed from the datalist and added to ``result.skipped``. Returns notes: per dataset,
+    the prompts' label values that no decoded mask holds (what ``medsam3 evaluate`` warns about afterwards)."""
     import os
 
     from monai.transforms import Compose
     from tqdm import tqdm
 
     from ..bundle import config_parser
+    from ..distinct import distinct_values
+    from ..engines.reports import absent_label_warnings
     from ..inferers.inputs import user_error
+    from ..tensors import plain_tensor
+    from ..transforms.labels import parse_prompts
     from .datalist import SPLITS
     from .pairs import DatalistError, Problem
 
@@ -213,12 +226,17 @@ def decode_check(result, skip_bad: bool = False, progress: bool = True, base_dir
 
     entries = [(split, item) for split in SPLITS for item in result.datalist[split]]
     bad: list[tuple[str, dict, Problem]] = []
+    presence: list[dict[str, Any]] = []  # per item and prompt, whether its mask holds the label value
     for split, item in tqdm(entries, desc="decoding", unit="item", disable=not progress, file=sys.stderr):
         label = item["label"]
         resolved = {**item, "image": absolute(item["image"]),
                     "label": [absolute(p) for p in label] if isinstance(label, list) else absolute(label)}
         try:
-            loading(resolved)
+            loaded = loading(resolved)
+            present = {int(v) for v in distinct_values(plain_tensor(loaded["label"]).numpy())}
+            presence += [{"dataset": item.get("dataset", ""), "case": resolved["image"], "label": value,
+                          "prompt": text, "empty_truth": value not in present}
+                         for value, text in parse_prompts(item.get("prompts"), resolved["image"]).items()]
         except (RuntimeError, ValueError, FileNotFoundError) as err:
             cause = user_error(err) if isinstance(err, RuntimeError) else err
             if cause is None:
@@ -238,6 +256,7 @@ def decode_check(result, skip_bad: bool = False, progress: bool = True, base_dir
     for split, item, problem in bad:
         result.datalist[split].remove(item)
         result.skipped.append(problem)
+    return absent_label_warnings(presence, ABSENT_IN_DATALIST, where="mask", cases="item(s)")
 
 
 def datalist_command(argv: Sequence[str] | None = None) -> int:

@@ -212,7 +212,12 @@ def build_datalist(
             f"{root}: {len(problems)} problem(s) in the {converter.name} layout ({bad_hint}):\n  {listed}{more}"
         )
     if not good:
-        raise DatalistError(f"{root}: no usable image/mask pairs found. Expected {converter.summary}")
+        found = ""
+        if (Path(root) / "images").is_dir() and (Path(root) / "masks").is_dir():
+            found = (f"; {root} has images/ and masks/, but no image there has its mask named as {converter.name}'s "
+                     "are: is it another dataset? (`medsam3 datalist --list` names the catalogue's datasets and their "
+                     "layouts)")
+        raise DatalistError(f"{root}: no usable image/mask pairs found. Expected {converter.summary}{found}")
     relative = Path(os.path.abspath(relative_to)) if relative_to else None
     datalist: dict[str, list[dict[str, Any]]] = {split: [] for split in SPLITS}
     for dataset, entry in sorted(entries.items()):
@@ -386,6 +391,11 @@ def items_of_split(datalist: Mapping[str, Any], path: Path | str, split: str, ba
         if keys:
             raise DatalistError(f"{where}: 'prompts' keys {keys} are not label values: the keys are the mask's "
                                 'label values (1, 2, ...) and the values their texts, e.g. {"1": "polyp"}')
+        texts = {key: text for key, text in item.get("prompts", {}).items() if not isinstance(text, str)
+                 or not text.strip()}
+        if texts:
+            raise DatalistError(f"{where}: 'prompts' {texts} give no concept text: each label value needs a text, "
+                                'e.g. {"1": "polyp"}')
         item["image"] = join(item["image"])
         label = item["label"]
         item["label"] = [join(p) for p in label] if isinstance(label, list) else join(label)

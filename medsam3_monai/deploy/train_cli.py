@@ -232,10 +232,17 @@ def _check_keys(command: Sequence[str]) -> None:
     command's words."""
     from ..bundle import check_runner_arguments
 
+    arguments = command[command.index("run", command.index("monai.bundle")) + 1:]
     try:
-        check_runner_arguments(command[command.index("run", command.index("monai.bundle")) + 1:])
+        check_runner_arguments(arguments)
     except ValueError as err:
-        raise ValueError(front_words(str(err))) from None
+        message = str(err)
+        key = message[2:].split(":", 1)[0].split(" ", 1)[0] if message.startswith("--") else ""
+        if key and key.split("#", 1)[0] not in front_options():  # a key only --set gives: named as it was given
+            value = dict(zip(arguments[::2], arguments[1::2])).get(f"--{key}", "...")
+            message = f"--set {key}={value}{message[2 + len(key):]}"
+            message = message.replace(f"--set {key}={value} {value}:", f"--set {key}={value}:")
+        raise ValueError(front_words(message)) from None
 
 
 def run(args: argparse.Namespace) -> int:
@@ -262,8 +269,12 @@ def run(args: argparse.Namespace) -> int:
         if created and root.exists():
             _remove_if_config_only(root)
         if status in (130, -signal.SIGINT):
-            print(f"medsam3 train: interrupted; the same command resumes from the newest checkpoint in {root}"
-                  if (root / "runs" / "checkpoints").is_dir() else "medsam3 train: interrupted", file=sys.stderr)
+            from ..engines.checkpointing import latest_checkpoint
+
+            newest = latest_checkpoint(root / "runs" / "checkpoints")
+            print(f"medsam3 train: interrupted; the same command resumes from the newest checkpoint, {newest}"
+                  if newest is not None else "medsam3 train: interrupted before the first checkpoint; the same "
+                  "command starts the run again", file=sys.stderr)
         return status if status > 0 else 128 - status  # ended by a signal: the shell's 128 + signal
     print(f"medsam3 train: {'final model' if trained else 'nothing trained; the run had finished: its final model'} "
           f"{root / 'models' / 'model.pt'}; checkpoints {root / 'runs' / 'checkpoints'}"

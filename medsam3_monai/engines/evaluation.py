@@ -688,7 +688,7 @@ def case_records(prediction: CasePrediction, protocol: str, nsd_tolerance_mm: fl
         records.append({
             "dataset": prediction.dataset, "group": str(item.get("group", "other")), "case": prediction.case,
             "prompt": text, "protocol": protocol, "label": int(value), "score": float(score), "metrics": metrics,
-            "empty_prediction": predicted == 0, "empty_truth": in_truth == 0,
+            "empty_prediction": predicted == 0, "empty_truth": in_truth == 0, "volume": prediction.is_volume,
         })
     return records
 

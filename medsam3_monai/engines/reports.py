@@ -219,11 +219,52 @@ def _score_line(records: Sequence[Mapping[str, Any]]) -> str:
 ABSENT_VALUES_LISTED = 8
 
 
-def absent_label_warnings(records: Sequence[Mapping[str, Any]]) -> list[str]:
+#: what to do about empty predictions, for 2D pictures and for volumes
+_EMPTY_2D_HINT = ("on 2D cases a model trained with the semantic head alone (e.g. the tiny recipe) is evaluated with "
+                  "--protocol semantic")
+_EMPTY_VOLUME_HINT = ("a volume keeps only the slices whose detection scores >= --score-threshold (then the tracker; "
+                      "--volume-score-threshold sets it for volumes alone), whatever the 2D --protocol: a model whose "
+                      "scores stay below it, as a random or briefly trained one's, needs a lower threshold")
+
+
+def empty_prediction_warnings(records: Sequence[dict[str, Any]], protocol: str) -> list[str]:
+    """The report's warnings about predictions without a foreground pixel: one when every prediction of the run is
+    empty, else one per dataset whose predictions all are (its foreground cases all score 0), with what to do."""
+    empty = [r for r in records if r.get("empty_prediction", False)]
+    if records and len(empty) == len(records):
+        return [f"every prediction of this run is empty ({len(records)} prompts), so every foreground case scores 0: "
+                f"with protocol {protocol} no mask the model gave has a foreground pixel. {_hint(records)}"]
+    warnings = []
+    datasets: dict[str, list[dict[str, Any]]] = {}
+    for record in records:
+        datasets.setdefault(str(record.get("dataset")), []).append(record)
+    for dataset, rows in sorted(datasets.items()):
+        if all(r.get("empty_prediction", False) for r in rows):
+            protocols = ", ".join(sorted({str(r.get("protocol")) for r in rows}))
+            warnings.append(f"every prediction of dataset {dataset} is empty ({len(rows)} prompts, protocol "
+                            f"{protocols}), so its foreground cases score 0. {_hint(rows)}")
+    return warnings
+
+
+def _hint(records: Sequence[dict[str, Any]]) -> str:
+    """What to do about ``records``' empty predictions: the 2D hint, the volume one, or both (records read back from
+    a cases.csv do not say which they are)."""
+    kinds = set().union(*({r["volume"]} if "volume" in r else {False, True} for r in records))
+    hint = "; ".join(text for volume, text in ((False, _EMPTY_2D_HINT), (True, _EMPTY_VOLUME_HINT)) if volume in kinds)
+    return hint[0].upper() + hint[1:]
+
+
+#: what a label value in no truth mask means for an evaluation's rows
+ABSENT_IN_EVALUATION = "rows only count false positives (100 where the prediction is empty, 0 elsewhere)"
+
+
+def absent_label_warnings(records: Sequence[Mapping[str, Any]], meaning: str = ABSENT_IN_EVALUATION,
+                          where: str = "truth mask", cases: str = "case(s)") -> list[str]:
     """One line per dataset naming its label values that no truth mask of the run holds (records' ``empty_truth``):
     their prompts score Dice 100 where the prediction is empty too and 0 elsewhere: a class absent from the split,
     or a dataset whose prompts' label values are not those of its masks. A line gives the first
-    ``ABSENT_VALUES_LISTED`` values with their prompts, then the others' values alone."""
+    ``ABSENT_VALUES_LISTED`` values with their prompts, then the others' values alone. ``meaning``, ``where`` and
+    ``cases``: the words of another reader (``medsam3 datalist --check``: "mask", "item(s)")."""
     groups: dict[str, dict[int, list[Mapping[str, Any]]]] = {}
     for record in records:
         if "empty_truth" in record:
@@ -239,14 +280,13 @@ def absent_label_warnings(records: Sequence[Mapping[str, Any]]) -> list[str]:
             named.append(f"{value} (prompt {prompts})")
         rest = sorted(absent)[len(named):]
         listed = ", ".join(named) + (f" and {len(rest)} more ({', '.join(map(str, rest))})" if rest else "")
-        cases = len({row.get("case") for rows in absent.values() for row in rows})
+        count = len({row.get("case") for rows in absent.values() for row in rows})
         one = len(absent) == 1
         what = (f"label value {listed} is" if one else
                 f"{len(absent)} of its {len(by_value)} label values, {listed}, are")
-        lines.append(f"dataset {dataset}: {what} in no truth mask of its {cases} case(s), so "
-                     f"{'its' if one else 'their'} rows only count false positives (100 where the prediction is "
-                     "empty, 0 elsewhere); expected when every case is a negative (e.g. BUSI's normal images) or "
-                     "holds only some of the classes (one CT of a many-class set), "
+        lines.append(f"dataset {dataset}: {what} in no {where} of its {count} {cases}, so "
+                     f"{'its' if one else 'their'} {meaning}; expected when every case is a negative (e.g. BUSI's "
+                     "normal images) or holds only some of the classes (one CT of a many-class set), "
                      f"else {'the class is' if one else 'the classes are'} absent from the split "
                      "or the dataset's label values do not match the values in its masks")
     return lines
@@ -340,13 +380,7 @@ class EvaluationReport:
         title = self.title or f"Per-dataset results (protocol: {self.table.protocol})"
         text = self.table.to_markdown(title=title)
         found = []  # logged (naming the report: a comparison writes two) and put first under the table
-        if all(record.get("empty_prediction", False) for record in self.records):
-            found.append(f"every prediction of this run is empty ({len(self.records)} prompts), so every foreground "
-                         f"case scores 0: with protocol {self.table.protocol} no mask the model gave has a foreground "
-                         "pixel. On 2D cases a model trained with the semantic head alone (e.g. the tiny recipe) is "
-                         "evaluated with --protocol semantic; a volume keeps only the slices whose detection scores "
-                         ">= --score-threshold (then the tracker): a model whose scores stay below it, as a random or "
-                         "briefly trained one's, needs a lower --score-threshold")
+        found += empty_prediction_warnings(self.records, self.table.protocol)
         found += absent_label_warnings(scored)  # (rows left out by --skip-empty-truth are said below)
         for warning in found:
             logger.warning("%s: %s", out, warning)

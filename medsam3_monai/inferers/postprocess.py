@@ -511,12 +511,15 @@ class RowsFirstPILWriter(PILWriter):
 
 
 def set_nifti_geometry(image: Any, affine: Any, reference: str | Path | None = None) -> None:
-    """Give a ``nibabel.Nifti1Image`` its qform and sform (``affine``, (4, 4)) with the codes and units of the NIfTI
-    file ``reference`` (0 = unknown included, so viewers place input and output alike); a reference of the image's
-    grid gives its own qform and sform matrices too (they may differ: each reader picks one); codes 1 and mm when
-    ``reference`` is not a NIfTI file on disk (a DICOM series, an image made in memory)."""
+    """Give a ``nibabel.Nifti1Image`` its qform and sform (``affine``, (4, 4), in mm) with the codes and units of the
+    NIfTI file ``reference`` (0 = unknown included, so viewers place input and output alike; the matrices in the
+    reference's spatial unit); a reference of the image's grid gives its own qform and sform matrices too (they may
+    differ: each reader picks one); codes 1 and mm when ``reference`` is not a NIfTI file on disk (a DICOM series, an
+    image made in memory)."""
     import nibabel as nib
     import numpy as np
+
+    from ..transforms.io import NIFTI_UNIT_MM
 
     qform = sform = np.asarray(affine, dtype=np.float64)
     qform_code = sform_code = 1
@@ -524,7 +527,9 @@ def set_nifti_geometry(image: Any, affine: Any, reference: str | Path | None = N
     if name.endswith((".nii", ".nii.gz")) and Path(str(reference)).is_file():
         header = nib.load(str(reference)).header
         qform_code, sform_code = int(header["qform_code"]), int(header["sform_code"])
-        image.header.set_xyzt_units(*header.get_xyzt_units())
+        units = header.get_xyzt_units()
+        image.header.set_xyzt_units(*units)
+        qform = sform = np.concatenate([qform[:-1] / NIFTI_UNIT_MM.get(str(units[0]), 1.0), qform[-1:]])
         if tuple(header.get_data_shape()[:3]) == tuple(image.shape[:3]):  # the input's grid: its own matrices
             qform = header.get_qform() if qform_code else qform
             sform = header.get_sform() if sform_code else sform

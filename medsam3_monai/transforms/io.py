@@ -597,7 +597,9 @@ def load_medical_image(
         if _suffix(path) in (".nii", ".nii.gz"):  # the file's own (MONAI may have put another in its place)
             import nibabel as nib
 
-            _check_affine(path, nib.load(path).affine)
+            header = nib.load(path).header
+            _check_affine(path, header.get_best_affine())
+            img.affine = in_millimetres(img.affine, header.get_xyzt_units()[0])
     if len(spatial) != expected:
         stored = tuple(img.shape[1:]) + (img.shape[0],) if is_volume else tuple(img.shape)  # the file's axis order
         raise DataError(path, f"has {img.ndim} dimensions (shape {stored}); expected a 2D image or a 3D "
@@ -625,6 +627,20 @@ def load_medical_image(
     img.meta["is_volume"] = is_volume
     img.meta["is_jpeg"] = _suffix(path) in JPEG_SUFFIXES
     return img
+
+
+#: millimetres per unit of a NIfTI header's spatial units (``xyzt_units``; "unknown" is read as mm, as MONAI does)
+NIFTI_UNIT_MM = {"meter": 1000.0, "mm": 1.0, "micron": 1e-3}
+
+
+def in_millimetres(affine: Any, unit: str | None) -> torch.Tensor:
+    """A voxel-to-world ``affine`` whose world is in NIfTI spatial ``unit`` (``header.get_xyzt_units()[0]``: meter,
+    mm, micron or unknown) -> the same geometry in millimetres, the package's unit (spacings, HD95, NSD tolerance)."""
+    affine = torch.as_tensor(affine, dtype=torch.float64).clone()
+    factor = NIFTI_UNIT_MM.get(str(unit), 1.0)
+    if factor != 1.0:
+        affine[:-1] *= factor
+    return affine
 
 
 def _check_affine(path: str, affine: Any) -> None:
