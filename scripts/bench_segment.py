@@ -8,7 +8,9 @@ under distinct names. With one loaded network (tiny, CPU by default) each settin
 inference.json preprocessing, several 2D images per forward, inversion and merge) and the same writers (PNG mask +
 JSON sidecar per input). Reported per setting: the median over ``--repeats`` passes of images/s end to end, and,
 apart, the network alone (``segment_image_batch`` on already-preprocessed images: forward + protocol) at batch
-1 vs 8. ``masks_identical``: every batch-8 mask equals its batch-1 mask.
+1 vs 8. ``masks_identical``: every batch-8 mask equals its batch-1 mask; ``differing_pixels``: how many pixels do not
+(a pixel whose mask logit lies within float rounding of 0 may fall on either side in a batched forward:
+``tests/test_batched_segment.py`` checks that only such pixels differ).
 
     python scripts/bench_segment.py                      # tiny, CPU, 1 thread
     python scripts/bench_segment.py --threads 2 --copies 8 --device cuda --checkpoint /weights/sam3-hf
@@ -133,8 +135,8 @@ def main() -> None:
                             "seconds_median": round(statistics.median(times), 3)}
 
         first, last = (f"batch_{b}" for b in (min(args.batch_sizes), max(args.batch_sizes)))
-        identical = all(
-            np.array_equal(np.asarray(_png(tmp / f"out_{first}" / p.name)), np.asarray(_png(p)))
+        differing = sum(  # a pixel whose logit lies within float rounding of 0 may flip between batch sizes
+            int(np.count_nonzero(np.asarray(_png(tmp / f"out_{first}" / p.name)) != np.asarray(_png(p))))
             for p in sorted((tmp / f"out_{last}").glob("*.png"))
         )
 
@@ -155,7 +157,8 @@ def main() -> None:
         "end_to_end_speedup": round(results[last]["images_per_s"] / results[first]["images_per_s"], 3),
         "network_only_images_per_s": network_only,
         "network_only_speedup": round(network_only[last] / network_only[first], 3),
-        "masks_identical": identical,
+        "masks_identical": differing == 0,
+        "differing_pixels": differing,
         "torch": torch.__version__,
         "host": platform.processor() or platform.machine(),
     }

@@ -44,8 +44,11 @@ def test_evaluate_refuses_2d_options_when_every_case_is_a_volume(hippocampus_dat
 def test_a_run_of_pictures_and_volumes_labels_each_dataset_with_the_protocol_it_ran(hippocampus_datalist, kvasir,
                                                                                     tmp_path, capsys):
     """--protocol semantic acts on the pictures; the volumes take the detector's top query and the tracker, and
-    their rows say so (cases.csv, table.csv and a Protocol column in table.md)."""
+    their rows say so (cases.csv, table.csv and a Protocol column in table.md). --save-predictions writes each
+    case's label map at its input's size."""
     import csv
+
+    import numpy as np
 
     datalist = json.loads(hippocampus_datalist.read_text())
     datalist["test"].append({"image": str(kvasir), "label": str(kvasir.parent.parent / "masks" / kvasir.name),
@@ -54,8 +57,13 @@ def test_a_run_of_pictures_and_volumes_labels_each_dataset_with_the_protocol_it_
     path.write_text(json.dumps(datalist))
     out = tmp_path / "eval"
     assert main(["evaluate", "--datalist", str(path), "--checkpoint", "tiny", "--out", str(out), "--no-progress",
-                 "--protocol", "semantic", "--tracker", "none"]) == 0
+                 "--protocol", "semantic", "--tracker", "none", "--save-predictions"]) == 0
     report = next(out.rglob("cases.csv")).parent
+    from PIL import Image
+
+    picture = np.asarray(Image.open(report / "predictions" / "Kvasir-SEG" / f"{kvasir.stem}_seg.png"))
+    assert picture.shape == Image.open(kvasir).size[::-1] and set(np.unique(picture)) <= {0, 1}
+    assert (report / "predictions" / "MSD_Task04_Hippocampus" / "hippocampus_001_seg.nii.gz").is_file()
     from mlflow import MlflowClient
 
     client = MlflowClient(f"sqlite:///{out / 'mlruns.db'}")
@@ -264,9 +272,18 @@ def test_a_nifti_in_microns_or_metres_is_measured_in_millimetres_and_written_in_
     path.write_text(json.dumps(datalist))
     out = tmp_path / "eval"
     assert main(["evaluate", "--datalist", str(path), "--checkpoint", "tiny", "--out", str(out), "--no-progress",
-                 "--no-mlflow", "--tracker", "none", "--score-threshold", "0.2"]) == 0
+                 "--no-mlflow", "--tracker", "none", "--score-threshold", "0.2", "--save-predictions"]) == 0
     with next(out.rglob("cases.csv")).open() as f:
         rows = [row for row in csv.DictReader(f)]
+    # --save-predictions: each case's label map in its input's geometry, the one the metrics were counted on
+    saved = nib.load(out / "predictions" / original["dataset"] / "micron_seg.nii.gz")
+    given = nib.load(tmp_path / "micron_image.nii.gz")
+    assert saved.shape == given.shape and saved.header.get_xyzt_units()[0] == "micron"
+    assert np.allclose(saved.affine, given.affine)
+    pred, truth = np.asarray(saved.dataobj), np.asarray(nib.load(tmp_path / "micron_label.nii.gz").dataobj)
+    dice = 2 * np.sum((pred == 1) & (truth == 1)) / (np.sum(pred == 1) + np.sum(truth == 1))
+    row = next(r for r in rows if r["case"] == "micron" and r["prompt"] == original["prompts"]["1"])
+    assert float(row["dice"]) == pytest.approx(dice, abs=1e-9)
     names = ("dice", "iou", "nsd", "hd95")
     first = {row["prompt"]: [float(row[k]) for k in names] for row in rows if row["case"] == original["case"]}
     assert len(rows) == 6 and all([float(row[k]) for k in names] == pytest.approx(first[row["prompt"]], rel=1e-6)

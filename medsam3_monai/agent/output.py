@@ -46,7 +46,7 @@ def plan_outputs(input_path: str, kind: str, out: str, overlay: str | None = Non
     if kind == "image" and suffix not in IMAGE_OUTPUTS:
         raise ValueError(f"--out {out}: a 2D image's mask is written as PNG (or BMP/TIFF); give --out ending in .png")
     if kind == "volume" and suffix not in VOLUME_OUTPUTS:
-        raise ValueError(f"--out {out}: a volume's mask is written as NIfTI; give --out ending in .nii.gz")
+        raise ValueError(f"--out {out}: a volume's mask is written as NIfTI; give --out ending in .nii.gz (or .nii)")
     plan = OutputPlan(out_path, Path(f"{out}.json"), Path(trace) if trace else Path(f"{out}.trace.json"),
                       Path(overlay) if overlay else None, trace_explicit=bool(trace))
     if plan.overlay is not None and _suffix(plan.overlay) != ".png":

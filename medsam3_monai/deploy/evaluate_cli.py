@@ -1,6 +1,6 @@
 """``medsam3 evaluate``: evaluate one checkpoint (or compare two) on datalists and write the report.
 
-One checkpoint -> ``OUT/{cases.csv, table.md, table.csv, radar.png, overlays/}`` and an MLflow run in
+One checkpoint -> ``OUT/{cases.csv, table.md, table.csv, radar.png, overlays/}`` (with ``--save-predictions`` also ``predictions/``) and an MLflow run in
 ``OUT/mlruns.db``. Two checkpoints -> the same report per checkpoint under ``OUT/<label>/`` plus
 ``OUT/comparison.{md,csv}`` (Δ = second − first), with an MLflow parent run holding the comparison and one
 child run per checkpoint. Input errors (missing datalist, empty split, unreadable checkpoint, OUT not empty)
@@ -93,6 +93,10 @@ def add_parser(subparsers: argparse._SubParsersAction) -> argparse.ArgumentParse
                              "a sam3.pt, else none), none, tiny, an HF folder or a sam3.pt")
     parser.add_argument("--overlays", type=at_least(0), default=8, metavar="N",
                         help="overlay images to draw (8; 0: none)")
+    parser.add_argument("--save-predictions", action="store_true",
+                        help="also write every case's label map in its input's geometry: "
+                             "OUT/predictions/<dataset>/<case>_seg.png (2D, the prompts' label values) or .nii.gz "
+                             "(volumes, the input's affine)")
     parser.add_argument("--device", default="auto", help="auto (cuda when available), cpu, cuda, cuda:1, ...")
     parser.add_argument("--tracking-uri", default=None,
                         help="MLflow tracking URI (default sqlite:///OUT/mlruns.db, artifacts in OUT/mlartifacts)")
@@ -358,6 +362,7 @@ def run(args: argparse.Namespace) -> int:
                     experiment=args.experiment, run_name=spec["label"], parent_run_id=parent,
                     skip_unreadable=args.skip_unreadable, tracker_batch=args.tracker_batch,
                     skip_empty_truth=args.skip_empty_truth, volume_score_threshold=args.volume_score_threshold,
+                    save_predictions=args.save_predictions,
                     **spec.get("evaluation", {}),
                 )
             if len(sources) == 2:

@@ -95,19 +95,25 @@ def save_overlay(prediction: Any, path: str | Path, image: torch.Tensor | None =
         plane = slice_plane(prediction.affine)
         panels = [(view(extract_slice(image, z, 2, True)), view(extract_slice(labels[None], z, 2, True)[0]),
                    f"slice {z} ({plane})") for z in montage_slices(labels, 2, max_slices)]
+        # a pixel drawn as the voxel's in-plane size: rows along Y, columns along X, unless the view turned them
+        row_mm, col_mm = (float(s) for s in prediction.spacing[1::-1])
+        turned = tuple(view(torch.zeros(2, 3)).shape) == (3, 2)
+        aspect = col_mm / row_mm if turned else row_mm / col_mm
     else:
         panels = [(image, labels, None)]
+        aspect = 1.0
     height, width = panels[0][1].shape
     side = 4.0
     # a panel is drawn at its aspect within 0.5 .. 2 (a thin slab's sagittal slice is far wider than high)
-    figure = Figure(figsize=(side * len(panels) * min(max(width / height, 0.5), 2.0), side + 0.9), dpi=100)
+    figure = Figure(figsize=(side * len(panels) * min(max(width / (height * aspect), 0.5), 2.0), side + 0.9),
+                    dpi=100)
     FigureCanvasAgg(figure)
     axes = figure.subplots(1, len(panels), squeeze=False)[0]
     values = list(prediction.label_values)
     for ax, (plane, plane_labels, heading) in zip(axes, panels):
         array = plane_labels.numpy()
-        ax.imshow(display_image(plane), interpolation="nearest")
-        ax.imshow(label_fill(array, values), interpolation="nearest")
+        ax.imshow(display_image(plane), interpolation="nearest", aspect=aspect)
+        ax.imshow(label_fill(array, values), interpolation="nearest", aspect=aspect)
         for i, value in enumerate(values):
             if (array == value).any() and min(array.shape) > 1:
                 ax.contour((array == value).astype(float), levels=[0.5], linewidths=0.8,

@@ -258,7 +258,7 @@ def _plan_outputs(args: argparse.Namespace, kind: str) -> tuple[Path, Path, Path
     if kind == "image" and suffix not in IMAGE_OUTPUTS:
         raise ValueError(f"--out {out}: a 2D image's mask is written as PNG (or BMP/TIFF); give --out ending in .png")
     if kind == "volume" and suffix not in VOLUME_OUTPUTS:
-        raise ValueError(f"--out {out}: a volume's label map is written as NIfTI; give --out ending in .nii.gz")
+        raise ValueError(f"--out {out}: a volume's label map is written as NIfTI; give --out ending in .nii.gz (or .nii)")
     sidecar = Path(f"{out}.json")
     overlay = Path(args.overlay) if args.overlay else None
     if overlay is not None and _suffix(overlay) != ".png":

@@ -748,6 +748,7 @@ def run_evaluation(
     artifact_dirs: Sequence[str] = ("overlays",),
     skip_empty_truth: bool = False,
     volume_score_threshold: float | None = None,
+    save_predictions: bool = False,
 ):
     """Run the evaluation bundle (``configs/inference.json`` + ``configs/evaluate.json``) on ``items`` (from
     :func:`evaluation_items`) with an already built ``network`` (and ``tracker``) and write the report into
@@ -779,6 +780,7 @@ def run_evaluation(
         "report_tracking_uri": tracking_uri, "ct_window": ct_window, "parent_run_id": parent_run_id,
         "skip_unreadable": skip_unreadable, "tracker_batch": int(tracker_batch),
         "skip_empty_truth": bool(skip_empty_truth), "volume_score_threshold": volume_score_threshold,
+        "save_predictions": bool(save_predictions),
     }
     if experiment is not None:
         overrides["experiment"] = experiment

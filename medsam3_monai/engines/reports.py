@@ -202,6 +202,53 @@ class OverlayWriter:
         return overlay_figure(image, truth, pred, path, prediction.values, prediction.prompts, title, boxes=boxes)
 
 
+class PredictionWriter:
+    """Write every evaluated case's merged label map in its input's own geometry while the evaluator runs:
+    ``out_dir/predictions/<dataset>/<case>_seg.png`` for a 2D picture (its size, the prompts' label values as in the
+    truth; 16-bit above 255) or ``..._seg.nii.gz`` for a volume (its affine, and a NIfTI input's qform / sform codes
+    and units, as ``medsam3 segment`` writes them), to open beside the truth in a viewer.
+
+    Args:
+        out_dir: the report folder.
+        enabled: False writes nothing (the evaluation bundle's ``save_predictions``).
+    """
+
+    def __init__(self, out_dir: str | Path, enabled: bool = True, folder: str = "predictions") -> None:
+        self.folder = Path(out_dir) / folder
+        self.enabled = bool(enabled)
+        self.written: list[Path] = []
+
+    def attach(self, engine: Engine) -> None:
+        if self.enabled:
+            engine.add_event_handler(Events.ITERATION_COMPLETED, self)
+
+    def __call__(self, engine: Engine) -> None:
+        for output in engine.state.output or []:
+            self.written.append(self.write(output["prediction"]))
+
+    def write(self, prediction: Any) -> Path:
+        import numpy as np
+        from PIL import Image
+
+        from ..deploy.segment_cli import write_label_volume, write_mask_image
+
+        folder = self.folder / _safe(prediction.dataset)
+        folder.mkdir(parents=True, exist_ok=True)
+        stem = f"{_safe(_without_image_suffix(prediction.case))}_seg"
+        labels = torch.as_tensor(prediction.pred).cpu().numpy()
+        if prediction.is_volume:
+            meta = prediction.items[0]["image"].meta
+            path = folder / f"{stem}.nii.gz"
+            write_label_volume(labels, meta["volume_affine"], path, meta.get("filename_or_obj"))
+        else:
+            path = folder / f"{stem}.png"
+            if labels.size and labels.max() > 255:
+                Image.fromarray(np.ascontiguousarray(labels, dtype=np.uint16)).save(path)
+            else:
+                write_mask_image(labels, path)
+        return path
+
+
 #: an overlay's title names each class's Dice up to this many classes; beyond, their mean and the lowest ones
 TITLE_CLASSES = 4
 
