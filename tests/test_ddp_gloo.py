@@ -42,9 +42,23 @@ def test_handlers_for_rank_drops_logging_and_writers_on_other_ranks(monkeypatch)
     monkeypatch.setattr(distributed, "get_rank", lambda: 1)
     seed = EpochSeedHandler()
     kept = [seed, _handler("LrScheduleHandler"), _handler("ValidationHandler"), _handler("TrainingCheckpoint")]
+    from ignite.handlers import ProgressBar
+
     dropped = [_handler("StatsHandler"), FinalCheckpoint(torch.nn.Linear(1, 1), "unused.pt"),
-               _handler("MLflowRunInfoHandler"), _handler("MLFlowHandler"), _handler("CheckpointSaver")]
+               _handler("MLflowRunInfoHandler"), _handler("MLFlowHandler"), _handler("CheckpointSaver"),
+               ProgressBar(desc="validate")]  # the validator's bar: rank 0's alone
     assert distributed.handlers_for_rank(kept[:2] + dropped + kept[2:]) == kept
+
+
+def test_the_training_bundle_shows_the_validations_progress():
+    """A validation of many volumes takes minutes: the validator has a progress bar of its own (the trainer's
+    stands still meanwhile)."""
+    from ignite.handlers import ProgressBar
+
+    from medsam3_monai.bundle import config_parser
+
+    handlers = config_parser("train.json").get_parsed_content("validate#handlers")
+    assert any(isinstance(h, ProgressBar) for h in handlers)
 
 
 @pytest.mark.parametrize(("size", "expected"), [(3, [[0, 2], [1]]), (1, [[0], [0]]), (0, [[], []])])

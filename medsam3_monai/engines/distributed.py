@@ -36,6 +36,7 @@ RANK0_ONLY = (
     "BestModelCheckpoint",
     "MLflowRunInfoHandler",
     "LossProgressBar",
+    "ProgressBar",  # Ignite's, over the validator
 )
 
 
