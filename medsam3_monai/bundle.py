@@ -20,8 +20,11 @@ FRONT_VARIABLE = "MEDSAM3_FRONT"
 SAID_ONCE_VARIABLE = "MEDSAM3_SAID_ONCE_DIR"
 #: set with it: that command's own options, a JSON object of bundle key -> option (``{"max_epochs": "--epochs"}``)
 FRONT_OPTIONS_VARIABLE = "MEDSAM3_FRONT_OPTIONS"
-#: a bundle option in a message: ``--key`` and the value that may follow it (``--image_size 112``, ``--resume false``)
-_BUNDLE_OPTION = re.compile(r"--([a-z][a-z0-9_]*(?:#[a-z0-9_]+)*)(?: (true|false|-?[0-9][0-9.e+-]*|'[\w.-]+'))?"
+#: and the values its ``--set KEY=VALUE`` gave, a JSON object of bundle key -> value (named in its messages)
+FRONT_VALUES_VARIABLE = "MEDSAM3_FRONT_VALUES"
+#: a bundle option in a message: ``--key`` and the value that may follow it (``--image_size 112``, ``--resume false``,
+#: a quoted word or path ``--resume '/runs/a.pt'``)
+_BUNDLE_OPTION = re.compile(r"--([a-z][a-z0-9_]*(?:#[a-z0-9_]+)*)(?: (true|false|-?[0-9][0-9.e+-]*|'[^'\s]+'))?"
                             r"(?![\w#-])")
 
 
@@ -55,12 +58,13 @@ def inference_postprocessing(preprocessing: Any):
     return parser.get_parsed_content("to_input_space")
 
 
-def front_words(message: str, options: dict[str, str]) -> str:
+def front_words(message: str, options: dict[str, str], values: dict[str, str] | None = None) -> str:
     """A training bundle message in the words of a command that runs the bundle with its own ``options`` (bundle key
     -> option): ``--max_epochs`` -> ``--epochs``, ``--image_size 112`` -> ``--image-size 112``, and a key without an
     option of its own as ``--set``: ``--resume false`` -> ``--set resume=false``, ``did you mean --val_protocol?``
     -> ``did you mean --set val_protocol=...?``, ``--resize_kernel 'monai'`` -> ``--set resize_kernel=monai`` (a word
-    value is quoted in the bundle's message); anything that is not a key of the training configs stays as it is."""
+    value is quoted in the bundle's message; a message naming none takes the one ``values`` gives, the command's
+    ``--set`` values); anything that is not a key of the training configs stays as it is."""
     keys = set()
     for name in ("train.json", "multi_gpu_train.json"):
         keys |= set(json.loads((BUNDLE_CONFIGS / name).read_text(encoding="utf-8")))
@@ -70,7 +74,7 @@ def front_words(message: str, options: dict[str, str]) -> str:
         if key in options:
             return options[key] + (f" {value}" if value else "")
         if key.split("#", 1)[0] in keys:
-            return f"--set {key}={value or '...'}"
+            return f"--set {key}={value or (values or {}).get(key) or '...'}"
         return match.group(0)
 
     return _BUNDLE_OPTION.sub(swap, message)
@@ -83,7 +87,8 @@ def in_front_words(text: str) -> str:
 
     if not os.environ.get(FRONT_VARIABLE):
         return text
-    return front_words(text, json.loads(os.environ.get(FRONT_OPTIONS_VARIABLE) or "{}"))
+    return front_words(text, json.loads(os.environ.get(FRONT_OPTIONS_VARIABLE) or "{}"),
+                       json.loads(os.environ.get(FRONT_VALUES_VARIABLE) or "{}"))
 
 
 def _first_to_say(line: str) -> bool:

@@ -106,6 +106,13 @@ def test_grouped_maps_unite_each_prompts_masks_at_the_output_size():
     united = F.interpolate(maps[None], (200, 170), mode="bilinear", align_corners=False)[0].amax(0) > 0
     assert_same_labels(boundary_label_index(maps, (200, 170), groups=[3]),
                        (united.numpy().view(np.uint8), np.zeros(united.shape, bool)))
+    # maps that claim nothing (a low-scoring query's empty mask) are left out, a group keeping at least one
+    empty = torch.full((1, 30, 30), -5.0)
+    for groups, stack in (([3, 2], [maps, empty, empty]), ([1, 2, 1], [empty, empty, maps[:1], maps[1:2]])):
+        stacked, scores = torch.cat(stack), torch.tensor([0.9, 0.5, 0.7][:len(groups)])
+        assert_same_labels(boundary_label_index(stacked, (200, 170), scores=scores, groups=groups),
+                           dense_label_index(stacked, (200, 170), scores=scores, groups=groups), str(groups))
+    assert boundary_merge._claiming_maps(torch.cat([empty, maps[:1], empty]), [2, 1], 0.0)[1] == [1, 1]
     with pytest.raises(ValueError, match=r"groups \[2, 2\] must add up to the 3 maps"):
         boundary_label_index(maps, (50, 50), groups=[2, 2])
     with pytest.raises(ValueError, match="each prompt at least one map"):

@@ -436,6 +436,9 @@ def test_check_alone_checks_a_datalist_one_has(shared_data: Path, tmp_path: Path
     assert datalist_command(["--check", str(datalist), "--no-progress"]) == 0
     err = capsys.readouterr().err
     assert "1 volume item(s) carry 'spacing'" in err and "in no mask" not in err
+    datalist.write_text(json.dumps({"training": [dict(volume, prompts={"1": "   "})], "validation": []}))
+    assert datalist_command(["--check", str(datalist), "--no-progress"]) == 2  # named with its item, not the mask
+    assert f"{datalist}: training item 1: 'prompts' {{'1': '   '}} give no concept text" in capsys.readouterr().err
     # a prompt whose label value no mask holds: said before any training (evaluate says it after)
     absent = dict(volume, prompts={"1": "a", "2": "b", "3": "amygdala"}, dataset="Hippo")
     datalist.write_text(json.dumps({"training": [absent, absent], "validation": []}))

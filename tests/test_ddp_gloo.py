@@ -46,19 +46,23 @@ def test_handlers_for_rank_drops_logging_and_writers_on_other_ranks(monkeypatch)
 
     dropped = [_handler("StatsHandler"), FinalCheckpoint(torch.nn.Linear(1, 1), "unused.pt"),
                _handler("MLflowRunInfoHandler"), _handler("MLFlowHandler"), _handler("CheckpointSaver"),
-               ProgressBar(desc="validate")]  # the validator's bar: rank 0's alone
+               ProgressBar(desc="evaluate")]  # an Ignite progress bar: rank 0's alone
     assert distributed.handlers_for_rank(kept[:2] + dropped + kept[2:]) == kept
 
 
-def test_the_training_bundle_shows_the_validations_progress():
-    """A validation of many volumes takes minutes: the validator has a progress bar of its own (the trainer's
-    stands still meanwhile)."""
-    from ignite.handlers import ProgressBar
-
+def test_the_training_bundle_shows_the_validations_progress(monkeypatch, capsys):
+    """A validation of many volumes takes minutes: the validation loader shows its items (pictures and volumes)
+    done out of its own, on rank 0 only (the trainer's bar stands still meanwhile)."""
     from medsam3_monai.bundle import config_parser
+    from medsam3_monai.engines import ImageBudgetBatches
 
-    handlers = config_parser("train.json").get_parsed_content("validate#handlers")
-    assert any(isinstance(h, ProgressBar) for h in handlers)
+    assert config_parser("train.json").config["validate"]["dataloader"]["progress"] == "validate"
+    loader = [[{"image": torch.zeros(3, 4, 4)}] * 3, [{"image": torch.zeros(3, 4, 4)}] * 2]  # two items' slices
+    batches = list(ImageBudgetBatches(loader, 4, collate_fn=len, progress="validate"))
+    assert batches == [4, 1] and "validate:   0%|          | 0/2" in capsys.readouterr().err  # items, out of 2
+    monkeypatch.setattr(distributed, "get_rank", lambda: 1)
+    assert list(ImageBudgetBatches(loader, 4, collate_fn=len, progress="validate")) == [4, 1]
+    assert capsys.readouterr().err == ""
 
 
 @pytest.mark.parametrize(("size", "expected"), [(3, [[0, 2], [1]]), (1, [[0], [0]]), (0, [[], []])])
@@ -196,6 +200,24 @@ def test_the_torchrun_front_ends_as_its_ranks_did_after_an_input_error(tmp_path:
     fine = tmp_path / "fine.py"
     fine.write_text("pass\n")
     assert main([*common, str(fine)]) == 0
+
+
+def test_ctrl_c_to_the_torchrun_front_ends_it_with_the_shells_status_and_no_traceback(monkeypatch):
+    """Ctrl-C reaches torchrun's launcher too (one process group): its agent raises ``SignalException`` after
+    stopping the ranks, which ends the front with 130 (SIGTERM: 143), as a one-process ``medsam3 train`` ends."""
+    import signal
+
+    import torch.distributed.run
+    from torch.distributed.elastic.multiprocessing.api import SignalException
+
+    from medsam3_monai.deploy.torchrun import main
+
+    for signum, status in ((signal.SIGINT, 130), (signal.SIGTERM, 143)):
+        def stopped(args, signum=signum):
+            raise SignalException(f"Process 1 got signal: {signum}", sigval=signum)
+
+        monkeypatch.setattr(torch.distributed.run, "run", stopped)
+        assert main(["--standalone", "--nproc_per_node", "2", "unused.py"]) == status
 
 
 def test_an_input_error_every_rank_meets_is_said_once(tmp_path: Path, capfd, monkeypatch):

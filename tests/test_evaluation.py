@@ -658,3 +658,24 @@ def test_the_volume_threshold_parameter_of_a_run_without_volumes(tmp_path):
         volume_threshold_param(0.1, 0.5, [picture])
     with pytest.raises(ValueError, match=r"^volume_score_threshold 2: give a number in \[0, 1\]$"):
         CaseInferer(evaluation_transforms(S), volume_score_threshold=2)
+
+
+def test_saved_predictions_whose_names_collide_are_kept_apart(tmp_path):
+    """``--save-predictions``: two datasets or cases whose names the file-name rules make alike get ``_2``, ... (one
+    file never holds another case's prediction); 2D label values above 255 are written as 16-bit."""
+    from types import SimpleNamespace
+
+    import numpy as np
+    from PIL import Image
+
+    from medsam3_monai.engines.reports import PredictionWriter
+
+    writer = PredictionWriter(tmp_path)
+    cases = [("My Data/v1", "sub/dir case", 1), ("My Data v1", "sub dir/case", 2), ("My Data v1", "x", 300)]
+    paths = [writer.write(SimpleNamespace(dataset=dataset, case=case, is_volume=False, items=[],
+                                          pred=torch.full((4, 5), value, dtype=torch.int32)))
+             for dataset, case, value in cases]
+    assert [p.relative_to(tmp_path).as_posix() for p in paths] == [
+        "predictions/My_Data_v1/sub_dir_case_seg.png", "predictions/My_Data_v1/sub_dir_case_seg_2.png",
+        "predictions/My_Data_v1/x_seg.png"]
+    assert [int(np.asarray(Image.open(p)).max()) for p in paths] == [1, 2, 300]

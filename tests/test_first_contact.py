@@ -137,9 +137,15 @@ def test_every_prediction_empty_is_said_under_the_table(tmp_path):
                       dict(record, dataset="Hippo", volume=True), dict(record, dataset="Hippo", case="e", volume=True)]
     report.write()
     text = (tmp_path / "r" / "table.md").read_text()
-    assert "- WARNING: every prediction of dataset Hippo is empty (2 prompts, protocol top_query), so its foreground " \
-           "cases score 0. A volume keeps only the slices whose detection scores >= --score-threshold" in text
+    assert "- WARNING: every prediction of dataset Hippo is empty (2 case-prompt rows, protocol top_query), so its " \
+           "foreground cases score 0. A volume keeps only the slices whose detection scores >= --score-threshold" in text
     assert "--volume-score-threshold" in text and "of dataset D" not in text and "of this run" not in text
+    # a protocol that reads the score threshold: lowering it is the first thing to try
+    report.records = [dict(record, protocol="threshold", volume=False), dict(record, case="d", protocol="threshold")]
+    report.write()
+    text = (tmp_path / "r" / "table.md").read_text()
+    assert "(2 case-prompt rows), so every foreground case scores 0: with protocol top_query" not in text
+    assert "With protocol threshold a query scoring below --score-threshold gives no mask" in text
 
 
 def test_a_label_value_in_no_truth_mask_is_said_under_the_table(tmp_path):

@@ -200,6 +200,19 @@ def test_bundle_messages_are_said_in_this_commands_options():
         "did you mean --set val_protocol=...? (MONAI's --tracking)"  # not a key of the training configs: as it is
     assert front_words("resume with --resize_kernel 'monai', or start afresh") == \
         "resume with --set resize_kernel=monai, or start afresh"  # a word value, quoted in the bundle's message
+    assert front_words("--resume '/runs/x.pt': no such checkpoint file") == \
+        "--set resume=/runs/x.pt: no such checkpoint file"  # a path, quoted too
+
+
+def test_bundle_messages_name_the_set_values_they_do_not_give():
+    """Inside the bundle a message may name a key alone; ``medsam3 train`` hands its ``--set`` values over, so the
+    message says what was given."""
+    from medsam3_monai.bundle import front_words
+
+    message = "--lr#detectr: lr has no 'detectr' (did you mean 'detector'?)"
+    assert front_words(message, {}, {"lr#detectr": "1e-4"}) == \
+        "--set lr#detectr=1e-4: lr has no 'detectr' (did you mean 'detector'?)"
+    assert front_words(message, {}) == "--set lr#detectr=...: lr has no 'detectr' (did you mean 'detector'?)"
 
 
 def test_the_bundle_says_its_messages_in_the_words_of_the_command_that_runs_it(monkeypatch):

@@ -123,7 +123,7 @@ def test_resume_from_a_model_file_is_refused_before_anything_is_written(tmp_path
     save_dir = tmp_path / "runs" / "checkpoints"
     with pytest.raises(ValueError, match=r"model.pt lacks \['trainer', 'checkpointer'\]: it is not a training chec"):
         TrainingCheckpoint(str(save_dir), {"network": network}, resume=str(model_file))
-    with pytest.raises(FileNotFoundError, match="--resume nowhere.pt: no such checkpoint file. Give a checkpoint_"):
+    with pytest.raises(FileNotFoundError, match="--resume 'nowhere.pt': no such checkpoint file. Give a checkpoint_"):
         check_resume_source("nowhere.pt")
     assert not save_dir.exists()
     check_resume_source(True), check_resume_source(False)

@@ -128,7 +128,8 @@ def check_datalist_file(path: str | Path, skip_bad: bool = False, progress: bool
     required, a modality in any spelling the intensity step knows), then every image and mask decoded
     (:func:`decode_check`; relative paths from its folder). Problems raise ValueError (DatalistError) naming them;
     with ``skip_bad`` undecodable items are only listed."""
-    from .datalist import SPLITS, DatalistResult, modality_problems, read_datalist_json, readers_schema
+    from .datalist import (SPLITS, DatalistResult, check_prompt_texts, modality_problems, read_datalist_json,
+                           readers_schema)
     from .schemas import schema_errors
 
     raw = read_datalist_json(path)
@@ -139,6 +140,9 @@ def check_datalist_file(path: str | Path, skip_bad: bool = False, progress: bool
     problems += modality_problems(raw) if not problems else []
     if problems:
         raise ValueError(f"datalist {path} does not match its schema:\n  " + "\n  ".join(problems))
+    for split in SPLITS:
+        for number, item in enumerate(raw[split], start=1):
+            check_prompt_texts(item["prompts"], f"{path}: {split} item {number}")
     result = DatalistResult({split: list(raw[split]) for split in SPLITS}, converter="")
     total = sum(len(items) for items in result.datalist.values())
     if not total:

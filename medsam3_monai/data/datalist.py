@@ -391,16 +391,21 @@ def items_of_split(datalist: Mapping[str, Any], path: Path | str, split: str, ba
         if keys:
             raise DatalistError(f"{where}: 'prompts' keys {keys} are not label values: the keys are the mask's "
                                 'label values (1, 2, ...) and the values their texts, e.g. {"1": "polyp"}')
-        texts = {key: text for key, text in item.get("prompts", {}).items() if not isinstance(text, str)
-                 or not text.strip()}
-        if texts:
-            raise DatalistError(f"{where}: 'prompts' {texts} give no concept text: each label value needs a text, "
-                                'e.g. {"1": "polyp"}')
+        check_prompt_texts(item.get("prompts", {}), where)
         item["image"] = join(item["image"])
         label = item["label"]
         item["label"] = [join(p) for p in label] if isinstance(label, list) else join(label)
         items.append(item)
     return items
+
+
+def check_prompt_texts(prompts: Mapping[Any, Any], where: str) -> None:
+    """DatalistError naming ``where`` (the datalist and item) when a prompt of ``prompts`` has no concept text (empty,
+    blank or not a string)."""
+    texts = {key: text for key, text in prompts.items() if not isinstance(text, str) or not text.strip()}
+    if texts:
+        raise DatalistError(f"{where}: 'prompts' {texts} give no concept text: each label value needs a text, "
+                            'e.g. {"1": "polyp"}')
 
 
 def load_datalists(paths: str | Path | Sequence[str | Path], split: str = "training", check_files: bool = True

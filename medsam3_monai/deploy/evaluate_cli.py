@@ -95,7 +95,8 @@ def add_parser(subparsers: argparse._SubParsersAction) -> argparse.ArgumentParse
                         help="overlay images to draw (8; 0: none)")
     parser.add_argument("--save-predictions", action="store_true",
                         help="also write every case's label map in its input's geometry: "
-                             "OUT/predictions/<dataset>/<case>_seg.png (2D, the prompts' label values) or .nii.gz "
+                             "OUT/predictions/<dataset>/<case>_seg.png (2D, the prompts' label values: 1 for a "
+                             "binary mask's foreground) or .nii.gz "
                              "(volumes, the input's affine)")
     parser.add_argument("--device", default="auto", help="auto (cuda when available), cpu, cuda, cuda:1, ...")
     parser.add_argument("--tracking-uri", default=None,

@@ -16,7 +16,7 @@ from typing import Any
 import torch
 
 from ..metrics.plots import (class_areas, class_colour, class_legend, display_image, label_fill, radiological_view,
-                             slice_plane, title_lines)
+                             slice_plane, title_lines, view_aspect)
 
 __all__ = ["DISPLAY_PIXELS", "montage_slices", "save_overlay"]
 
@@ -95,10 +95,7 @@ def save_overlay(prediction: Any, path: str | Path, image: torch.Tensor | None =
         plane = slice_plane(prediction.affine)
         panels = [(view(extract_slice(image, z, 2, True)), view(extract_slice(labels[None], z, 2, True)[0]),
                    f"slice {z} ({plane})") for z in montage_slices(labels, 2, max_slices)]
-        # a pixel drawn as the voxel's in-plane size: rows along Y, columns along X, unless the view turned them
-        row_mm, col_mm = (float(s) for s in prediction.spacing[1::-1])
-        turned = tuple(view(torch.zeros(2, 3)).shape) == (3, 2)
-        aspect = col_mm / row_mm if turned else row_mm / col_mm
+        aspect = view_aspect(prediction.affine, row_axis=1, col_axis=0)  # a pixel drawn at the voxel's size
     else:
         panels = [(image, labels, None)]
         aspect = 1.0

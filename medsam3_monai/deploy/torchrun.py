@@ -1,6 +1,9 @@
 """``python -m medsam3_monai.deploy.torchrun ARGS``: torchrun (``torch.distributed.run``, the same arguments) as
 ``medsam3 train --nproc N`` starts it.
 
+Ctrl-C (or a SIGTERM) reaching the launcher ends it with the shell's status for that signal (130, 143) and no
+traceback: the ranks stop with it, and ``medsam3 train`` says which checkpoint the same command resumes from.
+
 When every failed rank ended with an input error (status 2: the rank printed its one line,
 ``bundle.report_input_errors``) or was interrupted (130), the launcher ends with that status and nothing more,
 instead of torchrun's ``ChildFailedError`` report (40 lines of its own traceback and a failure table that names no
@@ -36,6 +39,7 @@ def main(argv: Sequence[str] | None = None) -> int:
     import os
     import tempfile
 
+    from torch.distributed.elastic.multiprocessing.api import SignalException
     from torch.distributed.elastic.multiprocessing.errors import ChildFailedError
     from torch.distributed.run import parse_args, run
 
@@ -51,6 +55,8 @@ def main(argv: Sequence[str] | None = None) -> int:
             if status is None:
                 raise
             return status
+        except SignalException as stopped:  # the launcher's own Ctrl-C / SIGTERM: torchrun has stopped the ranks
+            return 128 + int(stopped.sigval)
         finally:
             if before is None:
                 os.environ.pop(SAID_ONCE_VARIABLE, None)

@@ -24,7 +24,7 @@ import sys
 from pathlib import Path
 from typing import Sequence
 
-from ..bundle import BUNDLE_CONFIGS, FRONT_OPTIONS_VARIABLE, FRONT_VARIABLE
+from ..bundle import BUNDLE_CONFIGS, FRONT_OPTIONS_VARIABLE, FRONT_VALUES_VARIABLE, FRONT_VARIABLE
 from ..bundle import front_words as bundle_front_words
 from .arguments import at_least, check_writable
 
@@ -256,7 +256,8 @@ def run(args: argparse.Namespace) -> int:
     created = not root.exists()
     before = _run_files(root)
     status = _wait(subprocess.Popen(command, env={**os.environ, FRONT_VARIABLE: "medsam3 train",
-                                                  FRONT_OPTIONS_VARIABLE: json.dumps(front_options())}))
+                                                  FRONT_OPTIONS_VARIABLE: json.dumps(front_options()),
+                                                  FRONT_VALUES_VARIABLE: json.dumps(_settings(args.settings, {}))}))
     written = [path for path, stamp in _run_files(root).items() if before.get(path) != stamp]
     trained = any(p.suffix == ".pt" and p.parent.name in ("checkpoints", "models") for p in written)  # (not a cache)
     if status == 2 and not trained:  # an input error before any checkpoint: no output is left
@@ -268,7 +269,7 @@ def run(args: argparse.Namespace) -> int:
     if status != 0:
         if created and root.exists():
             _remove_if_config_only(root)
-        if status in (130, -signal.SIGINT):
+        if status in (130, 143, -signal.SIGINT, -signal.SIGTERM):
             from ..engines.checkpointing import latest_checkpoint
 
             newest = latest_checkpoint(root / "runs" / "checkpoints")

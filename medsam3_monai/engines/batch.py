@@ -8,6 +8,8 @@ images are stacked once and each query points at its image through ``image_ids``
 
 from __future__ import annotations
 
+import sys
+
 from typing import Any, Callable, Iterable, Iterator, Sequence
 
 import torch
@@ -93,19 +95,34 @@ class ImageBudgetBatches:
         loader: iterable of lists of slice items, e.g. a ``DataLoader`` with ``collate_fn=flatten_items``.
         images_per_batch: most images per yielded batch (per forward).
         collate_fn: turns a list of slice items into a batch (default :func:`collate_find_queries`).
+        progress: a description to show a progress bar over the loader's items (datalist items: pictures and
+            volumes) under, on the first rank only (its share of them under ``torchrun``); None: no bar.
     """
 
     def __init__(self, loader: Iterable[Sequence[dict | Sequence[dict]]], images_per_batch: int = 8,
-                 collate_fn: Callable[[list[dict]], Any] = collate_find_queries) -> None:
+                 collate_fn: Callable[[list[dict]], Any] = collate_find_queries, progress: str | None = None) -> None:
         if int(images_per_batch) < 1:
             raise ValueError(f"images_per_batch must be a positive number of images, got {images_per_batch}")
         self.loader = loader
         self.images_per_batch = int(images_per_batch)
         self.collate_fn = collate_fn
+        self.progress = progress
+
+    def _items(self) -> Iterable[Sequence[dict | Sequence[dict]]]:
+        from .distributed import get_rank, get_world_size
+
+        if self.progress is None or get_rank() > 0:
+            return self.loader
+        from tqdm import tqdm
+
+        total = len(self.loader) if hasattr(self.loader, "__len__") else None
+        share = " (rank 0's share)" if get_world_size() > 1 else ""
+        return tqdm(self.loader, total=total, desc=f"{self.progress}{share}", unit="item", leave=False,
+                    file=sys.stderr, dynamic_ncols=True)
 
     def __iter__(self) -> Iterator[Any]:
         pending: list[dict] = []
-        for items in self.loader:
+        for items in self._items():
             pending.extend(flatten_items(items))
             while len(pending) >= self.images_per_batch:
                 yield self.collate_fn(pending[: self.images_per_batch])

@@ -68,7 +68,7 @@ def check_resume_source(resume: bool | str, needed: tuple[str, ...] = TRAINING_S
         return
     path = Path(resume).expanduser()
     if not path.is_file():
-        raise FileNotFoundError(f"--resume {resume}: no such checkpoint file. Give a checkpoint_iterN.pt of "
+        raise FileNotFoundError(f"--resume '{resume}': no such checkpoint file. Give a checkpoint_iterN.pt of "
                                 "runs/checkpoints, true (the latest one there, if any) or false (start afresh)")
     keys = stored_keys(path) if keys is None else keys
     missing = [name for name in needed if name not in keys]

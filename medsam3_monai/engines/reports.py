@@ -26,7 +26,7 @@ from ignite.engine import Engine, Events
 
 from ..inferers.image import invert_slice
 from ..metrics.aggregate import MetricTable, aggregate, write_cases_csv, write_csv
-from ..metrics.plots import overlay_figure, radar_chart, radiological_view
+from ..metrics.plots import overlay_figure, radar_chart, radiological_view, view_aspect
 from ..transforms.intensity import unit_pixels
 
 __all__ = ["DEFAULT_EXPERIMENT", "EvaluationReport", "OverlayWriter", "absent_label_warnings", "default_tracking_uri",
@@ -187,10 +187,12 @@ class OverlayWriter:
         else:
             item = items[0]
         image = invert_slice(unit_pixels(item["image"]), item, self.transform).as_tensor()  # [0, 1]
+        aspect = 1.0
         if prediction.is_volume:  # radiological convention: anterior up, the patient's right on the left
             row_axis, col_axis = plane_axes(axis, transposed)
             affine = meta["volume_affine"]
             image, truth, pred = (radiological_view(x, affine, row_axis, col_axis) for x in (image, truth, pred))
+            aspect = view_aspect(affine, row_axis, col_axis)
         title = f"{prediction.dataset} / {prediction.case}{where} ({records[0]['protocol'] if records else ''})"
         if records:
             title += f"\n{_score_line(records)}"
@@ -199,14 +201,18 @@ class OverlayWriter:
         boxes = None if prediction.is_volume else getattr(prediction, "boxes", None)  # T+I, in the input's pixels
         if boxes and any(box is not None for box in boxes):  # a class absent from the truth had none (text only)
             title += "; dashed: box prompts"
-        return overlay_figure(image, truth, pred, path, prediction.values, prediction.prompts, title, boxes=boxes)
+        return overlay_figure(image, truth, pred, path, prediction.values, prediction.prompts, title, boxes=boxes,
+                              aspect=aspect)
 
 
 class PredictionWriter:
     """Write every evaluated case's merged label map in its input's own geometry while the evaluator runs:
-    ``out_dir/predictions/<dataset>/<case>_seg.png`` for a 2D picture (its size, the prompts' label values as in the
-    truth; 16-bit above 255) or ``..._seg.nii.gz`` for a volume (its affine, and a NIfTI input's qform / sform codes
-    and units, as ``medsam3 segment`` writes them), to open beside the truth in a viewer.
+    ``out_dir/predictions/<dataset>/<case>_seg.png`` for a 2D picture (its size, the prompts' label values, those
+    the metrics compare with the decoded truth: 1 for a binary mask's foreground; 16-bit above 255) or
+    ``..._seg.nii.gz`` for a volume (its affine, and a NIfTI input's qform / sform codes and units, as ``medsam3
+    segment`` writes them; a 2D NIfTI's comes back 2D), to open beside the truth in a viewer. Names made alike by
+    the file-name rules (``My Data/v1`` and ``My Data v1``, a case twice) get ``_2``, ``_3``, ... rather than one
+    file holding another's prediction.
 
     Args:
         out_dir: the report folder.
@@ -224,28 +230,35 @@ class PredictionWriter:
 
     def __call__(self, engine: Engine) -> None:
         for output in engine.state.output or []:
-            self.written.append(self.write(output["prediction"]))
+            self.write(output["prediction"])
 
     def write(self, prediction: Any) -> Path:
         import numpy as np
         from PIL import Image
 
-        from ..deploy.segment_cli import write_label_volume, write_mask_image
+        from ..deploy.segment_cli import _is_2d_nifti, write_label_volume, write_mask_image
 
         folder = self.folder / _safe(prediction.dataset)
         folder.mkdir(parents=True, exist_ok=True)
         stem = f"{_safe(_without_image_suffix(prediction.case))}_seg"
+        suffix = ".nii.gz" if prediction.is_volume else ".png"
+        path, copy = folder / f"{stem}{suffix}", 1
+        while path in self.written:
+            copy += 1
+            path = folder / f"{stem}_{copy}{suffix}"
         labels = torch.as_tensor(prediction.pred).cpu().numpy()
         if prediction.is_volume:
             meta = prediction.items[0]["image"].meta
-            path = folder / f"{stem}.nii.gz"
-            write_label_volume(labels, meta["volume_affine"], path, meta.get("filename_or_obj"))
+            source = meta.get("filename_or_obj")
+            if labels.ndim == 3 and labels.shape[-1] == 1 and source is not None and _is_2d_nifti(source):
+                labels = labels[..., 0]
+            write_label_volume(labels, meta["volume_affine"], path, source)
         else:
-            path = folder / f"{stem}.png"
             if labels.size and labels.max() > 255:
                 Image.fromarray(np.ascontiguousarray(labels, dtype=np.uint16)).save(path)
             else:
                 write_mask_image(labels, path)
+        self.written.append(path)
         return path
 
 
@@ -269,6 +282,8 @@ ABSENT_VALUES_LISTED = 8
 #: what to do about empty predictions, for 2D pictures and for volumes
 _EMPTY_2D_HINT = ("on 2D cases a model trained with the semantic head alone (e.g. the tiny recipe) is evaluated with "
                   "--protocol semantic")
+_EMPTY_THRESHOLD_HINT = ("with protocol {protocols} a query scoring below --score-threshold gives no mask: a model "
+                         "whose scores stay below it needs a lower threshold")
 _EMPTY_VOLUME_HINT = ("a volume keeps only the slices whose detection scores >= --score-threshold (then the tracker; "
                       "--volume-score-threshold sets it for volumes alone), whatever the 2D --protocol: a model whose "
                       "scores stay below it, as a random or briefly trained one's, needs a lower threshold")
@@ -279,7 +294,7 @@ def empty_prediction_warnings(records: Sequence[dict[str, Any]], protocol: str) 
     empty, else one per dataset whose predictions all are (its foreground cases all score 0), with what to do."""
     empty = [r for r in records if r.get("empty_prediction", False)]
     if records and len(empty) == len(records):
-        return [f"every prediction of this run is empty ({len(records)} prompts), so every foreground case scores 0: "
+        return [f"every prediction of this run is empty ({_rows(len(records))}), so every foreground case scores 0: "
                 f"with protocol {protocol} no mask the model gave has a foreground pixel. {_hint(records)}"]
     warnings = []
     datasets: dict[str, list[dict[str, Any]]] = {}
@@ -288,16 +303,26 @@ def empty_prediction_warnings(records: Sequence[dict[str, Any]], protocol: str) 
     for dataset, rows in sorted(datasets.items()):
         if all(r.get("empty_prediction", False) for r in rows):
             protocols = ", ".join(sorted({str(r.get("protocol")) for r in rows}))
-            warnings.append(f"every prediction of dataset {dataset} is empty ({len(rows)} prompts, protocol "
+            warnings.append(f"every prediction of dataset {dataset} is empty ({_rows(len(rows))}, protocol "
                             f"{protocols}), so its foreground cases score 0. {_hint(rows)}")
     return warnings
+
+
+def _rows(count: int) -> str:
+    return f"{count} case-prompt row{'s' if count != 1 else ''}"
 
 
 def _hint(records: Sequence[dict[str, Any]]) -> str:
     """What to do about ``records``' empty predictions: the 2D hint, the volume one, or both (records read back from
     a cases.csv do not say which they are)."""
+    from ..protocol_registry import PROTOCOLS
+
     kinds = set().union(*({r["volume"]} if "volume" in r else {False, True} for r in records))
-    hint = "; ".join(text for volume, text in ((False, _EMPTY_2D_HINT), (True, _EMPTY_VOLUME_HINT)) if volume in kinds)
+    reading = sorted({str(r.get("protocol")) for r in records if not r.get("volume", False)
+                      and getattr(PROTOCOLS.get(str(r.get("protocol", "")).split("+")[0]), "reads_threshold", False)})
+    texts = [_EMPTY_THRESHOLD_HINT.format(protocols=", ".join(reading))] if reading else []
+    texts += [text for volume, text in ((False, _EMPTY_2D_HINT), (True, _EMPTY_VOLUME_HINT)) if volume in kinds]
+    hint = "; ".join(texts)
     return hint[0].upper() + hint[1:]
 
 

@@ -266,6 +266,21 @@ def _tiles(rows: _Axis, height: int, width: int, channels: int) -> list[tuple[in
     return list(zip(starts, starts[1:] + [int(rows.first[-1]) + 1]))
 
 
+def _claiming_maps(maps: torch.Tensor, groups: list[int], threshold: float) -> tuple[torch.Tensor, list[int]]:
+    """Grouped maps without those that claim no pixel at any size (every value at or below ``threshold``: a
+    bilinear value lies between its taps), each group keeping at least its largest map: the same union, with fewer
+    maps to resize (``threshold``'s low-scoring queries often have empty masks)."""
+    largest = maps.flatten(1).amax(dim=1)
+    keep = ~(largest <= threshold)  # (NaN kept: the dense result decides)
+    for start, stop in _Groups(groups).ranges:
+        if not bool(keep[start:stop].any()):
+            keep[start + int(largest[start:stop].argmax())] = True
+    if bool(keep.all()):
+        return maps, groups
+    kept = [int(keep[start:stop].sum()) for start, stop in _Groups(groups).ranges]
+    return maps[keep], kept
+
+
 def boundary_label_index(
     maps: torch.Tensor,
     size: Sequence[int],
@@ -299,6 +314,9 @@ def boundary_label_index(
     group = None if groups is None else _Groups(groups)
     if group is not None and (sum(groups) != num_maps or confidence is not None):
         raise ValueError(f"groups {list(groups)} must add up to the {num_maps} maps, and come without confidence maps")
+    if group is not None:
+        maps, groups = _claiming_maps(maps, list(groups), threshold)
+        group, num_maps = _Groups(groups), maps.shape[0]
     num_prompts = num_maps if group is None else group.count
     weights = _Confidence(scores, confidence, (height, width), tuple(maps.shape), maps.device)
     if maps.device.type != "cpu":

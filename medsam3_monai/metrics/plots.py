@@ -185,6 +185,16 @@ def radiological_view(plane: torch.Tensor, affine: Any, row_axis: int, col_axis:
     return plane
 
 
+def view_aspect(affine: Any, row_axis: int, col_axis: int) -> float:
+    """The height / width of a pixel of a :func:`radiological_view` of a volume's slice (rows along ``row_axis``,
+    columns along ``col_axis``): the voxel's in-plane sizes, swapped where the view turns the slice (matplotlib's
+    ``imshow(aspect=...)``, so that a voxel is drawn at its size)."""
+    a = torch.as_tensor(np.asarray(affine, dtype=np.float64))[:3]
+    row_mm, col_mm = float(a[:, row_axis].norm()), float(a[:, col_axis].norm())
+    turned = tuple(radiological_view(torch.zeros(2, 3), affine, row_axis, col_axis).shape) == (3, 2)
+    return col_mm / row_mm if turned else row_mm / col_mm
+
+
 def display_image(image: torch.Tensor | np.ndarray) -> np.ndarray:
     """(C, H, W) with C <= 4 (the first three channels shown) or (H, W), values in [0, 1] -> (H, W, 3) float."""
     array = image.detach().cpu().float().numpy() if isinstance(image, torch.Tensor) else np.asarray(image, float)
@@ -217,6 +227,7 @@ def overlay_figure(
     names: Sequence[str] | None = None,
     title: str | None = None,
     boxes: Sequence[Sequence[float] | None] | None = None,
+    aspect: float = 1.0,
 ) -> Path:
     """Three panels: the image; the ground truth filled; the prediction filled with the truth's contour (and the
     box prompts, dashed in their class's colour, where the prediction was prompted with boxes). The class
@@ -228,6 +239,7 @@ def overlay_figure(
         truth, pred: (H, W) label maps (prompt label values, 0 background).
         values: the label values to draw, in prompt order (colours follow this order); ``names`` their texts.
         boxes: per prompt, its box prompt ``[x1, y1, x2, y2]`` in pixels (pixel edges) or None.
+        aspect: a pixel's height / width (a volume slice's voxel, :func:`view_aspect`).
     """
     from matplotlib.patches import Rectangle
 
@@ -238,11 +250,11 @@ def overlay_figure(
     figure = _figure(12.5 if many else 10.5, 3.8)
     panels = figure.subplots(1, 4, width_ratios=[1, 1, 1, 0.6]) if many else figure.subplots(1, 3)
     for ax, heading in zip(panels, ("image", "ground truth", "prediction (truth contour)")):
-        ax.imshow(shown, interpolation="nearest")
+        ax.imshow(shown, interpolation="nearest", aspect=aspect)
         ax.set_title(heading, fontsize=9)
         ax.set_axis_off()
-    panels[1].imshow(label_fill(truth, values), interpolation="nearest")
-    panels[2].imshow(label_fill(pred, values), interpolation="nearest")
+    panels[1].imshow(label_fill(truth, values), interpolation="nearest", aspect=aspect)
+    panels[2].imshow(label_fill(pred, values), interpolation="nearest", aspect=aspect)
     for value in values:
         if (truth == value).any() and min(truth.shape) > 1:
             panels[2].contour((truth == value).astype(float), levels=[0.5], colors=TRUTH_COLOUR, linewidths=0.8)
