@@ -23,8 +23,8 @@ FRONT_OPTIONS_VARIABLE = "MEDSAM3_FRONT_OPTIONS"
 #: and the values its ``--set KEY=VALUE`` gave, a JSON object of bundle key -> value (named in its messages)
 FRONT_VALUES_VARIABLE = "MEDSAM3_FRONT_VALUES"
 #: a bundle option in a message: ``--key`` and the value that may follow it (``--image_size 112``, ``--resume false``,
-#: a quoted word or path ``--resume '/runs/a.pt'``)
-_BUNDLE_OPTION = re.compile(r"--([a-z][a-z0-9_]*(?:#[a-z0-9_]+)*)(?: (true|false|-?[0-9][0-9.e+-]*|'[^'\s]+'))?"
+#: ``--grad_clip_norm None``, a quoted word or path ``--resume '/runs/a.pt'``)
+_BUNDLE_OPTION = re.compile(r"--([a-z][a-z0-9_]*(?:#[a-z0-9_]+)*)(?: (true|false|None|-?[0-9][0-9.e+-]*|'[^'\s]+'))?"
                             r"(?![\w#-])")
 
 
@@ -64,7 +64,8 @@ def front_words(message: str, options: dict[str, str], values: dict[str, str] | 
     option of its own as ``--set``: ``--resume false`` -> ``--set resume=false``, ``did you mean --val_protocol?``
     -> ``did you mean --set val_protocol=...?``, ``--resize_kernel 'monai'`` -> ``--set resize_kernel=monai`` (a word
     value is quoted in the bundle's message; a message naming none takes the one ``values`` gives, the command's
-    ``--set`` values); anything that is not a key of the training configs stays as it is."""
+    ``--set`` values); a key ``values`` gives is named as given even when the configs lack it (``--set epochs=3``);
+    anything else that is not a key of the training configs stays as it is."""
     keys = set()
     for name in ("train.json", "multi_gpu_train.json"):
         keys |= set(json.loads((BUNDLE_CONFIGS / name).read_text(encoding="utf-8")))
@@ -73,7 +74,7 @@ def front_words(message: str, options: dict[str, str], values: dict[str, str] | 
         key, value = match.group(1), (match.group(2) or "").strip("'")  # a word value comes quoted
         if key in options:
             return options[key] + (f" {value}" if value else "")
-        if key.split("#", 1)[0] in keys:
+        if key in (values or {}) or key.split("#", 1)[0] in keys:
             return f"--set {key}={value or (values or {}).get(key) or '...'}"
         return match.group(0)
 

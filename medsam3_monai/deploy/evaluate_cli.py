@@ -1,9 +1,9 @@
 """``medsam3 evaluate``: evaluate one checkpoint (or compare two) on datalists and write the report.
 
-One checkpoint -> ``OUT/{cases.csv, table.md, table.csv, radar.png, overlays/}`` (with ``--save-predictions`` also ``predictions/``) and an MLflow run in
-``OUT/mlruns.db``. Two checkpoints -> the same report per checkpoint under ``OUT/<label>/`` plus
-``OUT/comparison.{md,csv}`` (Δ = second − first), with an MLflow parent run holding the comparison and one
-child run per checkpoint. Input errors (missing datalist, empty split, unreadable checkpoint, OUT not empty)
+One checkpoint -> ``OUT/{cases.csv, table.md, table.csv, radar.png, overlays/}`` (with ``--save-predictions`` also
+``predictions/``) and an MLflow run in ``OUT/mlruns.db``. Two checkpoints -> the same report per checkpoint under
+``OUT/<label>/`` plus ``OUT/comparison.{md,csv}`` (Δ = second − first), with an MLflow parent run holding the
+comparison and one child run per checkpoint. Input errors (missing datalist, empty split, unreadable checkpoint, OUT not empty)
 are reported before anything is written; a failure later removes what was written (no partial OUT).
 
 ``--prompt-variants synonyms``: one report per phrasing run (``OUT/canonical``, ``OUT/phrasing-K``,

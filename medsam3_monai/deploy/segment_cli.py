@@ -213,9 +213,8 @@ def output_labels(prediction: Any, source: str | Path | None = None,
         labels = (labels == values[0]).view("uint8")  # one byte per pixel, scaled in place
         labels *= BINARY_VALUE
         values = [BINARY_VALUE]
-    if (source is not None and prediction.is_volume and labels.ndim == 3 and labels.shape[-1] == 1
-            and _is_2d_nifti(source)):
-        labels = labels[..., 0]
+    if prediction.is_volume:
+        labels = as_source_dimensions(labels, source)
     summary = prediction.summary(values)
     summary["values"] = "0/255 binary mask" if binary else "label map: 0 background, one value per prompt"
     summary["shape"] = list(labels.shape)
@@ -258,7 +257,8 @@ def _plan_outputs(args: argparse.Namespace, kind: str) -> tuple[Path, Path, Path
     if kind == "image" and suffix not in IMAGE_OUTPUTS:
         raise ValueError(f"--out {out}: a 2D image's mask is written as PNG (or BMP/TIFF); give --out ending in .png")
     if kind == "volume" and suffix not in VOLUME_OUTPUTS:
-        raise ValueError(f"--out {out}: a volume's label map is written as NIfTI; give --out ending in .nii.gz (or .nii)")
+        raise ValueError(f"--out {out}: a volume's label map is written as NIfTI; give --out ending in .nii.gz "
+                         "(or .nii)")
     sidecar = Path(f"{out}.json")
     overlay = Path(args.overlay) if args.overlay else None
     if overlay is not None and _suffix(overlay) != ".png":
@@ -268,6 +268,14 @@ def _plan_outputs(args: argparse.Namespace, kind: str) -> tuple[Path, Path, Path
     check_output_files([("--out", out), ("--out", sidecar)] + ([("--overlay", overlay)] if overlay else []),
                        args.input, args.overwrite)
     return out, sidecar, overlay
+
+
+def as_source_dimensions(labels: Any, source: str | Path | None) -> Any:
+    """A volume's (X, Y, Z) label array as the input ``source`` stores it: a 2D NIfTI's (read as a one-slice volume)
+    comes back (X, Y)."""
+    if source is not None and labels.ndim == 3 and labels.shape[-1] == 1 and _is_2d_nifti(source):
+        return labels[..., 0]
+    return labels
 
 
 def _is_2d_nifti(path: str | Path) -> bool:

@@ -104,10 +104,11 @@ def one_rate_overrides(lr: float) -> dict[str, float | int]:
             "lr#weight_decay": 0.0, "scheduler#timescale": 1000}
 
 
-def front_words(message: str) -> str:
-    """A training bundle message in this command's words (:func:`~medsam3_monai.bundle.front_words` with its options):
-    ``--max_epochs`` -> ``--epochs``, ``--resume false`` -> ``--set resume=false``."""
-    return bundle_front_words(message, front_options())
+def front_words(message: str, values: dict[str, str] | None = None) -> str:
+    """A training bundle message in this command's words (:func:`~medsam3_monai.bundle.front_words` with its options
+    and the bundle values it gave, ``values``): ``--max_epochs`` -> ``--epochs``, ``--resume false`` -> ``--set
+    resume=false``."""
+    return bundle_front_words(message, front_options(), values)
 
 
 def front_options() -> dict[str, str]:
@@ -235,14 +236,9 @@ def _check_keys(command: Sequence[str]) -> None:
     arguments = command[command.index("run", command.index("monai.bundle")) + 1:]
     try:
         check_runner_arguments(arguments)
-    except ValueError as err:
-        message = str(err)
-        key = message[2:].split(":", 1)[0].split(" ", 1)[0] if message.startswith("--") else ""
-        if key and key.split("#", 1)[0] not in front_options():  # a key only --set gives: named as it was given
-            value = dict(zip(arguments[::2], arguments[1::2])).get(f"--{key}", "...")
-            message = f"--set {key}={value}{message[2 + len(key):]}"
-            message = message.replace(f"--set {key}={value} {value}:", f"--set {key}={value}:")
-        raise ValueError(front_words(message)) from None
+    except ValueError as err:  # a key only --set gives is named as it was given
+        values = {key[2:]: value for key, value in zip(arguments[::2], arguments[1::2])}
+        raise ValueError(front_words(str(err), values)) from None
 
 
 def run(args: argparse.Namespace) -> int:

@@ -36,7 +36,7 @@ RANK0_ONLY = (
     "BestModelCheckpoint",
     "MLflowRunInfoHandler",
     "LossProgressBar",
-    "ProgressBar",  # Ignite's, over the validator
+    "ProgressBar",  # Ignite's, over any engine
 )
 
 

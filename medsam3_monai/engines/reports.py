@@ -223,6 +223,7 @@ class PredictionWriter:
         self.folder = Path(out_dir) / folder
         self.enabled = bool(enabled)
         self.written: list[Path] = []
+        self._taken: set[Path] = set()  # (the names written, looked up for each case)
 
     def attach(self, engine: Engine) -> None:
         if self.enabled:
@@ -236,29 +237,28 @@ class PredictionWriter:
         import numpy as np
         from PIL import Image
 
-        from ..deploy.segment_cli import _is_2d_nifti, write_label_volume, write_mask_image
+        from ..deploy.segment_cli import as_source_dimensions, write_label_volume, write_mask_image
 
         folder = self.folder / _safe(prediction.dataset)
         folder.mkdir(parents=True, exist_ok=True)
         stem = f"{_safe(_without_image_suffix(prediction.case))}_seg"
         suffix = ".nii.gz" if prediction.is_volume else ".png"
         path, copy = folder / f"{stem}{suffix}", 1
-        while path in self.written:
+        while path in self._taken:
             copy += 1
             path = folder / f"{stem}_{copy}{suffix}"
         labels = torch.as_tensor(prediction.pred).cpu().numpy()
         if prediction.is_volume:
             meta = prediction.items[0]["image"].meta
             source = meta.get("filename_or_obj")
-            if labels.ndim == 3 and labels.shape[-1] == 1 and source is not None and _is_2d_nifti(source):
-                labels = labels[..., 0]
-            write_label_volume(labels, meta["volume_affine"], path, source)
+            write_label_volume(as_source_dimensions(labels, source), meta["volume_affine"], path, source)
         else:
             if labels.size and labels.max() > 255:
                 Image.fromarray(np.ascontiguousarray(labels, dtype=np.uint16)).save(path)
             else:
                 write_mask_image(labels, path)
         self.written.append(path)
+        self._taken.add(path)
         return path
 
 

@@ -272,13 +272,13 @@ def _claiming_maps(maps: torch.Tensor, groups: list[int], threshold: float) -> t
     maps to resize (``threshold``'s low-scoring queries often have empty masks)."""
     largest = maps.flatten(1).amax(dim=1)
     keep = ~(largest <= threshold)  # (NaN kept: the dense result decides)
-    for start, stop in _Groups(groups).ranges:
+    ranges = _Groups(groups).ranges
+    for start, stop in ranges:
         if not bool(keep[start:stop].any()):
             keep[start + int(largest[start:stop].argmax())] = True
     if bool(keep.all()):
         return maps, groups
-    kept = [int(keep[start:stop].sum()) for start, stop in _Groups(groups).ranges]
-    return maps[keep], kept
+    return maps[keep], [int(keep[start:stop].sum()) for start, stop in ranges]
 
 
 def boundary_label_index(
@@ -311,12 +311,13 @@ def boundary_label_index(
     num_maps, h, w = maps.shape
     height, width = int(size[0]), int(size[1])
     maps = maps.detach().float().contiguous()
-    group = None if groups is None else _Groups(groups)
-    if group is not None and (sum(groups) != num_maps or confidence is not None):
-        raise ValueError(f"groups {list(groups)} must add up to the {num_maps} maps, and come without confidence maps")
-    if group is not None:
+    if groups is not None:
+        if sum(groups) != num_maps or confidence is not None:
+            raise ValueError(f"groups {list(groups)} must add up to the {num_maps} maps, and come without confidence "
+                             "maps")
         maps, groups = _claiming_maps(maps, list(groups), threshold)
-        group, num_maps = _Groups(groups), maps.shape[0]
+        num_maps = maps.shape[0]
+    group = None if groups is None else _Groups(groups)
     num_prompts = num_maps if group is None else group.count
     weights = _Confidence(scores, confidence, (height, width), tuple(maps.shape), maps.device)
     if maps.device.type != "cpu":

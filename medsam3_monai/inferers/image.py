@@ -99,8 +99,9 @@ class ImageSegmentation:
         masks' union at their resolution, ``> 0``)."""
         if self.owners is None:
             return self.logits
-        owners = self.owners.to(self.logits.device)
-        return torch.stack([self.logits[owners == prompt].amax(dim=0) for prompt in range(len(self.prompts))])
+        from .boundary_merge import group_max  # (it imports this module)
+
+        return group_max(self.logits, torch.bincount(self.owners.cpu(), minlength=len(self.prompts)).tolist())
 
     @property
     def masks(self) -> torch.Tensor:
