@@ -194,7 +194,8 @@ def test_medsam3_evaluate_writes_every_report_and_an_mlflow_run(datalists, tmp_p
     out = tmp_path / "report"
     rc = evaluate("--datalist", str(datalists["kvasir"]), "--datalist", str(datalists["chest"]),
                   "--datalist", str(datalists["hippocampus"]), "--checkpoint", "tiny", "--out", str(out),
-                  "--max-cases", "1", "--image-size", str(S), "--score-threshold", "0.2", "--overlays", "3")
+                  "--max-cases", "1", "--image-size", str(S), "--score-threshold", "0.2", "--overlays", "3",
+                  "--resize-kernel", "monai")
     assert rc == 0, capsys.readouterr().err
 
     cases = read_csv(out / "cases.csv")
@@ -222,6 +223,7 @@ def test_medsam3_evaluate_writes_every_report_and_an_mlflow_run(datalists, tmp_p
     assert run.info.status == "FINISHED"
     params = run.data.params
     assert params["checkpoint"] == "tiny" and params["protocol"] == "top_query" and params["image_size"] == str(S)
+    assert params["resize_kernel"] == "monai"
     assert json.loads(params["datalists"]) == [str(Path(p).resolve()) for p in datalists.values()]
     metrics = run.data.metrics
     assert metrics["Kvasir-SEG/dice"] == pytest.approx(float(table["Kvasir-SEG"]["dice"]))

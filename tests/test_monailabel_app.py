@@ -388,11 +388,12 @@ def test_app_conf_parsing():
 
     conf = configs.parse_conf({"labels": '{"polyp":3,"instrument":7}', "prompts": '{"polyp": "colon polyp"}',
                                "score_threshold": "0.2", "modality": "auto", "ct_window": "400,40",
-                               "image_size": "224", "preload": "true"})
+                               "image_size": "224", "preload": "true", "resize_kernel": "monai"})
     assert conf.labels == {"polyp": 3, "instrument": 7}
     assert conf.prompts == {"polyp": "colon polyp", "instrument": "instrument"}
     assert (conf.score_threshold, conf.modality, conf.ct_window, conf.image_size, conf.preload) == (
         0.2, None, (400.0, 40.0), 224, True)
+    assert (conf.resize_kernel, default.resize_kernel) == ("monai", "sam3")
     assert configs.parse_conf({"labels": "liver, spleen"}).labels == {"liver": 1, "spleen": 2}
     assert configs.parse_conf({"labels": '["liver","spleen"]'}).labels == {"liver": 1, "spleen": 2}
 
@@ -405,7 +406,8 @@ def test_app_conf_parsing():
                       ({"tracker": "bogus"}, "--conf tracker: tracker checkpoint bogus does not exist"),
                       ({"checkpoint": "/no/such.pt"}, "--conf checkpoint: checkpoint /no/such.pt does not exist"),
                       ({"ct_window": "bogus"}, "unknown CT window 'bogus'"), ({"protocol": "best"}, "choose one of"),
-                      ({"modality": "PET"}, "--conf modality 'PET'"), ({"preload": "ture"}, "give true or false")]:
+                      ({"modality": "PET"}, "--conf modality 'PET'"), ({"preload": "ture"}, "give true or false"),
+                      ({"resize_kernel": "bicubic"}, "--conf resize_kernel 'bicubic': choose one of sam3, monai")]:
         with pytest.raises(configs.ConfError, match=re.escape(says)):
             configs.parse_conf(bad)
 

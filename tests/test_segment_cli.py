@@ -337,6 +337,38 @@ def test_inference_bundle_writes_the_cli_label_map_in_the_input_size(kvasir, two
     assert np.array_equal(labels, png(two_prompt_run))  # the CLI and the bundle share one pipeline
 
 
+def test_resize_kernel_monai_segments_as_the_inference_bundle_with_that_kernel(kvasir, two_prompt_run, tmp_path):
+    """A network trained with ``resize_kernel: monai`` (every fine-tune of before December 2026) is served its own
+    kernel: ``segment --resize-kernel monai`` writes the inference bundle's label map of ``resize_kernel=monai``, says
+    so in its sidecar, and its network input is not the default's."""
+    from monai.bundle import run
+
+    out = tmp_path / "labels.png"
+    assert segment(str(kvasir), "--prompt", "polyp", "--prompt", "mucosa", "--resize-kernel", "monai",
+                   "--out", str(out)) == 0
+    run(config_file=str(CONFIGS / "inference.json"), meta_file=str(CONFIGS / "metadata.json"),
+        bundle_root=str(tmp_path), datalist=[{"image": str(kvasir)}], prompts=["polyp", "mucosa"],
+        checkpoint="tiny", output_dir=str(tmp_path / "bundle"), resize_kernel="monai")
+    assert np.array_equal(png(out), png(tmp_path / "bundle" / f"{kvasir.stem}_seg.png"))
+    sidecar = json.loads(out.with_suffix(".png.json").read_text())
+    default = json.loads(two_prompt_run.with_suffix(".png.json").read_text())
+    assert (sidecar["resize_kernel"], default["resize_kernel"]) == ("monai", "sam3")
+    from medsam3_monai.inferers.predict import Predictor
+
+    images = [Predictor.from_checkpoint("tiny", resize_kernel=kernel).pipeline()[0]({"image": str(kvasir)})[0]
+              ["image"].as_tensor().int() for kernel in ("monai", "sam3")]
+    assert int((images[0] - images[1]).abs().max()) > 10  # MONAI's anti-aliasing of the picture shrunk to 112 px
+    with pytest.raises(SystemExit):
+        segment(str(kvasir), "--prompt", "polyp", "--resize-kernel", "bicubic", "--out", str(tmp_path / "b.png"))
+
+
+def test_the_commands_resize_kernels_are_the_transforms_kernels():
+    from medsam3_monai.deploy.arguments import RESIZE_KERNEL_CHOICES
+    from medsam3_monai.transforms.slices import RESIZE_KERNELS
+
+    assert RESIZE_KERNEL_CHOICES == RESIZE_KERNELS
+
+
 def test_inference_bundle_writes_a_volume_with_the_input_header_codes_as_segment_does(hippocampus, tmp_path, capsys):
     from monai.bundle import run
 

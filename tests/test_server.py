@@ -109,6 +109,7 @@ def test_info(server):
     # the server's threshold, which a request's params.score_threshold replaces (3D Slicer edits it as a number)
     assert model["config"]["score_threshold"] == model["score_threshold"] == 0.5
     assert info["models"]["medsam3_agent"]["config"]["score_threshold"] == 0.5
+    assert model["resize_kernel"] == info["models"]["medsam3_agent"]["resize_kernel"] == "sam3"  # how it resizes
     assert "prompts" in model and "description" in model and info["version"]
     assert info["limits"]["max_image_pixels"] == MAX_PIXELS
     assert info["datastore"].keys() >= {"total", "completed"} and info["trainers"] == {}

@@ -28,6 +28,7 @@ class SegmenterSettings:
     protocol: str = "top_query"
     score_threshold: float = 0.5
     ct_window: Any = "abdomen"
+    resize_kernel: str = "sam3"
     modality: str | None = None
     channel: int | None = None
     progress: bool = False
@@ -60,6 +61,7 @@ class PhraseSegmenter:
         predictor = Predictor.from_checkpoint(
             settings.checkpoint, settings.image_size, resolve_device(settings.device), tracker=settings.tracker,
             protocol=settings.protocol, score_threshold=settings.score_threshold, ct_window=settings.ct_window,
+            resize_kernel=settings.resize_kernel,
             progress=settings.progress, max_pixels=settings.max_pixels, detector_chunk=settings.detector_chunk,
         )
         return cls(predictor, str(path), settings)

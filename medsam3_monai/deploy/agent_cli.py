@@ -155,7 +155,8 @@ def run(args: argparse.Namespace) -> int:
         segmenter=SegmenterSettings(
             checkpoint=args.checkpoint, image_size=args.image_size, device=args.device, tracker=args.tracker,
             protocol=args.protocol or "top_query", score_threshold=args.score_threshold,
-            ct_window=ct_window_for(args.ct_window, [modality]), modality=modality, channel=args.channel,
+            ct_window=ct_window_for(args.ct_window, [modality]), resize_kernel=args.resize_kernel,
+            modality=modality, channel=args.channel,
             progress=not args.no_progress, max_pixels=args.max_pixels or "auto",
             detector_chunk=args.detector_chunk,
         ),

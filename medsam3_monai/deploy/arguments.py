@@ -9,15 +9,15 @@ import shutil
 from pathlib import Path
 from typing import Any, Callable, Iterable, Sequence
 
-__all__ = ["DEFAULT_SCORE_THRESHOLD", "add_detector_chunk_option", "add_gpu_options", "add_model_options",
-           "add_score_threshold_option", "add_tracker_batch_option", "at_least", "check_output_files",
-           "checked_threshold_option", "compile_notice", "ct_window", "ct_window_for", "gpu_context", "pixels",
-           "remove_output"]
+__all__ = ["DEFAULT_SCORE_THRESHOLD", "RESIZE_KERNEL_CHOICES", "add_detector_chunk_option", "add_gpu_options",
+           "add_model_options", "add_resize_kernel_option", "add_score_threshold_option", "add_tracker_batch_option",
+           "at_least", "check_output_files", "checked_threshold_option", "compile_notice", "ct_window", "ct_window_for",
+           "gpu_context", "pixels", "remove_output"]
 
 
 def add_model_options(parser: Any) -> None:
-    """``--checkpoint`` (default tiny) and ``--image-size`` of the sub-commands that run one model (``segment``,
-    ``serve``, ``agent``) on ``parser`` (a parser or an argument group)."""
+    """``--checkpoint`` (default tiny), ``--image-size`` and ``--resize-kernel`` of the sub-commands that run one model
+    (``segment``, ``serve``, ``agent``) on ``parser`` (a parser or an argument group)."""
     parser.add_argument("--checkpoint", default="tiny", metavar="SRC",
                         help="'tiny' (random init, default), an HF folder, sam3.pt, a Medical-SAM3 or medsam3-monai "
                              "checkpoint")
@@ -25,6 +25,21 @@ def add_model_options(parser: Any) -> None:
                         help="slice-space size: tiny 112 by default; a checkpoint file without a configuration "
                              "(sam3.pt, a Medical-SAM3 file) is built at it (default 1008; 504 for the release's 3D "
                              "checkpoint); others must match theirs")
+    add_resize_kernel_option(parser)
+
+
+#: ``--resize-kernel``'s choices: ``transforms.slices.RESIZE_KERNELS`` (written out: the parsers import no torch)
+RESIZE_KERNEL_CHOICES = ("sam3", "monai")
+
+
+def add_resize_kernel_option(parser: Any) -> None:
+    """``--resize-kernel`` (the bundles' ``resize_kernel``) on ``parser``: how the pictures are resized to the slice
+    space, which should be how the network saw them in training."""
+    parser.add_argument("--resize-kernel", choices=RESIZE_KERNEL_CHOICES, default="sam3",
+                        help="the resize to the slice space: sam3 (default; SAM3's image processor's, on the 8-bit "
+                             "picture) or monai (MONAI's Resize of the float intensities), as the network was "
+                             "trained (the training bundle's resize_kernel; monai for models fine-tuned with this "
+                             "project before December 2026)")
 
 
 def random_weights_notes(checkpoint: Any) -> list[str]:

@@ -28,8 +28,8 @@ from ..data.selection import (
 )
 from ..protocol_registry import DEFAULT_PROTOCOL, PROTOCOLS
 from .agent_cli import add_planner_options
-from .arguments import (add_detector_chunk_option, add_gpu_options, add_score_threshold_option,
-                        add_tracker_batch_option, at_least, compile_notice,
+from .arguments import (add_detector_chunk_option, add_gpu_options, add_resize_kernel_option,
+                        add_score_threshold_option, add_tracker_batch_option, at_least, compile_notice,
                         gpu_context, remove_output)
 
 __all__ = ["add_parser", "checkpoint_labels", "run"]
@@ -85,6 +85,7 @@ def add_parser(subparsers: argparse._SubParsersAction) -> argparse.ArgumentParse
                         help="slice-space size: tiny 112 by default; a checkpoint file without a configuration "
                              "(sam3.pt, a Medical-SAM3 file) is built at it (default 1008; 504 for the release's 3D "
                              "checkpoint); others must match theirs")
+    add_resize_kernel_option(parser)
     parser.add_argument("--max-cases", type=int, default=None, metavar="N",
                         help="at most N cases per datalist: a seeded sample (--seed), kept in file order")
     parser.add_argument("--seed", type=int, default=42, help="seed of the --max-cases sample (42)")
@@ -363,7 +364,7 @@ def run(args: argparse.Namespace) -> int:
                     experiment=args.experiment, run_name=spec["label"], parent_run_id=parent,
                     skip_unreadable=args.skip_unreadable, tracker_batch=args.tracker_batch,
                     skip_empty_truth=args.skip_empty_truth, volume_score_threshold=args.volume_score_threshold,
-                    save_predictions=args.save_predictions,
+                    save_predictions=args.save_predictions, resize_kernel=args.resize_kernel,
                     **spec.get("evaluation", {}),
                 )
             if len(sources) == 2:

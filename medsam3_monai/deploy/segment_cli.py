@@ -387,7 +387,7 @@ def _predictor(args: argparse.Namespace, max_pixels: Any, progress: bool, modali
     predictor = Predictor.from_checkpoint(
         args.checkpoint, args.image_size, resolve_device(args.device), tracker=args.tracker,
         protocol=args.protocol or "top_query", score_threshold=args.score_threshold,
-        ct_window=window, progress=progress, max_pixels=max_pixels,
+        ct_window=window, progress=progress, max_pixels=max_pixels, resize_kernel=args.resize_kernel,
         detector_chunk=args.detector_chunk, volume_batch_size=args.batch_size, tracker_batch=args.tracker_batch,
     )
     if args.compile:

@@ -134,6 +134,7 @@ def build_server(args: argparse.Namespace) -> Any:
     predictor = Predictor.from_checkpoint(args.checkpoint, args.image_size, resolve_device(args.device),
                                           detector_chunk=args.detector_chunk, tracker=args.tracker,
                                           score_threshold=args.score_threshold, tracker_batch=args.tracker_batch,
+                                          resize_kernel=args.resize_kernel,
                                           max_pixels=args.max_image_pixels)  # the header check's limit, not PIL's
     app = create_app(predictor, token=token, limits=limits, cors_origins=origins, agent=agent)
     config = uvicorn.Config(app, host=args.host, port=args.port, log_level=args.log_level, access_log=True,

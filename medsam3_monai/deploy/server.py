@@ -520,6 +520,7 @@ def create_app(predictor: Any, *, token: str | None = None, limits: ServerLimits
         "dimensions": [2, 3],
         "checkpoint": str(getattr(predictor, "checkpoint", "")),
         "image_size": int(getattr(getattr(predictor, "network", None), "image_size", 0) or 0),
+        "resize_kernel": str(getattr(predictor, "resize_kernel", "sam3")),
         "inputs": sorted(UPLOAD_SUFFIXES),
         "outputs": {"all": "multipart params (result JSON) + image (label file); the default",
                     "image": "the label file, result JSON in the " + RESULT_HEADER + " header",
@@ -543,6 +544,7 @@ def create_app(predictor: Any, *, token: str | None = None, limits: ServerLimits
         "dimensions": [2, 3],
         "checkpoint": model_info["checkpoint"],
         "image_size": model_info["image_size"],
+        "resize_kernel": model_info["resize_kernel"],
         "inputs": model_info["inputs"],
         "outputs": model_info["outputs"],
     }
@@ -670,7 +672,7 @@ def create_app(predictor: Any, *, token: str | None = None, limits: ServerLimits
             checkpoint=str(getattr(predictor, "checkpoint", "")),
             protocol="top_query" if kind == "volume" else (request.protocol or predictor.inferer.protocol),
             score_threshold=default_threshold if request.score_threshold is None else float(request.score_threshold),
-            ct_window=predictor.ct_window,
+            ct_window=predictor.ct_window, resize_kernel=model_info["resize_kernel"],
             modality=request.modality, max_pixels=getattr(predictor, "max_pixels", "auto"))
         settings = dataclasses.replace(agent, segmenter=segmenter_settings)
         segmenter = PhraseSegmenter(_LockedPredictor(predictor, lock), str(upload), segmenter_settings)

@@ -476,9 +476,10 @@ def agent_evaluation(items: Sequence[dict[str, Any]], agent: Any, recorder: Agen
                      request_template: str = DEFAULT_AGENT_REQUEST) -> tuple[list[dict[str, Any]], dict[str, Any]]:
     """What ``run_evaluation`` needs to evaluate the agent: the ``items`` with their file kept as ``source_image``
     (the agent reads the file; ``image`` becomes the loaded picture) and the ``inferer`` override that puts
-    :class:`AgentCaseInferer` in the bundle (the evaluation's checkpoint and CT window)."""
+    :class:`AgentCaseInferer` in the bundle (the evaluation's checkpoint, CT window and resize kernel)."""
     inferer = {"_target_": "medsam3_monai.engines.evaluation.AgentCaseInferer", "agent": agent, "recorder": recorder,
-               "checkpoint": "@checkpoint", "ct_window": "@ct_window", "request_template": request_template}
+               "checkpoint": "@checkpoint", "ct_window": "@ct_window", "resize_kernel": "@resize_kernel",
+               "request_template": request_template}
     return [dict(item, source_image=item["image"]) for item in items], inferer
 
 
@@ -551,7 +552,7 @@ class AgentCaseInferer(CaseInferer):
             Its segmenter settings are replaced by the evaluation's (checkpoint, protocol, threshold, CT window and
             each item's modality).
         recorder: keeps traces and rows (default: traces under ``./agent-traces``).
-        checkpoint, ct_window: as the evaluation's.
+        checkpoint, ct_window, resize_kernel: as the evaluation's.
         request_template: see :func:`agent_request`.
         The other arguments are :class:`CaseInferer`'s (box prompts are refused: the agent answers text requests).
     """
@@ -562,7 +563,7 @@ class AgentCaseInferer(CaseInferer):
                  box_prompts: bool = False, tracker: Any = None, *, agent: Any = None,
                  recorder: AgentRecorder | None = None, checkpoint: str = "tiny",
                  ct_window: str | Sequence[float] = "abdomen", request_template: str = DEFAULT_AGENT_REQUEST,
-                 **kwargs: Any) -> None:
+                 resize_kernel: str = "sam3", **kwargs: Any) -> None:
         if box_prompts:
             raise ValueError("the agent answers text requests: evaluate it without --box-prompts")
         super().__init__(transform, protocol, score_threshold, False, tracker, **kwargs)
@@ -575,6 +576,7 @@ class AgentCaseInferer(CaseInferer):
         self.recorder = recorder or AgentRecorder("agent-traces")
         self.checkpoint = str(checkpoint)
         self.ct_window = ct_window
+        self.resize_kernel = resize_kernel
         self.request_template = request_template
         self.tracker = tracker
         self._predictor: Any = None
@@ -595,7 +597,7 @@ class AgentCaseInferer(CaseInferer):
             self._predictor = Predictor(network, tracker=self.tracker if self.tracker is not None else "none",
                                         checkpoint=self.checkpoint, protocol=self.protocol,
                                         score_threshold=self.cases.score_threshold, ct_window=self.ct_window,
-                                        tracker_batch=self.cases.tracker_batch)
+                                        resize_kernel=self.resize_kernel, tracker_batch=self.cases.tracker_batch)
         return self._predictor
 
     def __call__(self, inputs: Sequence[dict[str, Any]], network: torch.nn.Module, *args: Any, **kwargs: Any
@@ -622,7 +624,8 @@ class AgentCaseInferer(CaseInferer):
         segmenter_settings = dataclasses.replace(
             self.agent.segmenter, checkpoint=self.checkpoint, protocol="top_query" if is_volume else self.protocol,
             score_threshold=volume_threshold(self.cases.score_threshold, self.volume_score_threshold) if is_volume
-            else self.cases.score_threshold, ct_window=self.ct_window, modality=first.get("modality"),
+            else self.cases.score_threshold, ct_window=self.ct_window, resize_kernel=self.resize_kernel,
+            modality=first.get("modality"),
             channel=first.get("channel"), progress=False)
         settings = dataclasses.replace(self.agent, segmenter=segmenter_settings)
         segmenter = PhraseSegmenter(self.predictor(network), path, segmenter_settings)
@@ -740,6 +743,7 @@ def run_evaluation(
     run_name: str | None = None,
     parent_run_id: str | None = None,
     ct_window: str | Sequence[float] = "abdomen",
+    resize_kernel: str = "sam3",
     skip_unreadable: bool = False,
     tracker_batch: int = TRACKER_BATCH,
     inferer: dict[str, Any] | None = None,
@@ -777,7 +781,8 @@ def run_evaluation(
         "output_dir": str(out_dir), "protocol": protocol, "score_threshold": score_threshold,
         "box_prompts": box_prompts, "max_overlays": max_overlays, "progress": progress,
         "num_workers": num_workers, "batch_size": int(batch_size), "mlflow": mlflow,
-        "report_tracking_uri": tracking_uri, "ct_window": ct_window, "parent_run_id": parent_run_id,
+        "report_tracking_uri": tracking_uri, "ct_window": ct_window, "resize_kernel": resize_kernel,
+        "parent_run_id": parent_run_id,
         "skip_unreadable": skip_unreadable, "tracker_batch": int(tracker_batch),
         "skip_empty_truth": bool(skip_empty_truth), "volume_score_threshold": volume_score_threshold,
         "save_predictions": bool(save_predictions),

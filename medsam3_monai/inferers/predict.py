@@ -338,15 +338,17 @@ class Prediction:
         return out
 
 
-def _check_settings(tracker: Any, ct_window: Any) -> None:
-    """A tracker source that is not there or an unknown CT window fails when a predictor is made, not at the first
-    volume (servers start with it)."""
+def _check_settings(tracker: Any, ct_window: Any, resize_kernel: Any = "sam3") -> None:
+    """A tracker source that is not there, an unknown CT window or resize kernel fails when a predictor is made, not
+    at the first volume (servers start with it)."""
+    from ..bundle import check_resize_kernel
     from ..networks.tracker import check_tracker_source
     from ..transforms.intensity import check_ct_window
 
     if tracker is None or isinstance(tracker, (str, Path)):
         check_tracker_source(tracker)
     check_ct_window(ct_window)
+    check_resize_kernel(resize_kernel)
 
 
 class Predictor:
@@ -360,6 +362,8 @@ class Predictor:
             description); default the network's own (``MedSAM3Net.source``).
         protocol, score_threshold, volume_batch_size, tracker_batch: as :class:`PromptInferer`.
         ct_window: CT window preset or (width, level) for ``modality="CT"``.
+        resize_kernel: the resize to the slice space, the bundles' ``resize_kernel``: ``"sam3"`` (SAM3's image
+            processor's) or ``"monai"`` (MONAI's ``Resize``), as the network was trained.
         progress: progress bars (stderr) for volumes and for the tiled passes over large 2D pictures.
         max_pixels: the largest 2D picture to accept, in pixels (it also lifts PIL's decompression-bomb limit);
             ``"auto"``: PIL's limit and what fits in the available memory (``transforms.io.check_picture_size``;
@@ -370,14 +374,15 @@ class Predictor:
                  protocol: str = "top_query", score_threshold: float = 0.5,
                  ct_window: str | Sequence[float] = "abdomen", progress: bool = False,
                  max_pixels: int | str | None = "auto", volume_batch_size: int = 8,
-                 tracker_batch: int = TRACKER_BATCH) -> None:
-        _check_settings(tracker, ct_window)
+                 tracker_batch: int = TRACKER_BATCH, resize_kernel: str = "sam3") -> None:
+        _check_settings(tracker, ct_window, resize_kernel)
         self.network = network.eval()
         self.checkpoint = str(checkpoint if checkpoint is not None else getattr(network, "source", "tiny"))
         self._tracker_spec = tracker
         self._tracker: tuple[Any, str] | None = None
         self._compile_mode: tuple[str | None] | None = None  # (mode,) once compile() was called
         self.ct_window = ct_window
+        self.resize_kernel = resize_kernel
         self.progress = bool(progress)
         self.max_pixels = max_pixels
         self.inferer = PromptInferer(protocol, score_threshold, volume_batch_size=volume_batch_size, progress=progress,
@@ -392,7 +397,8 @@ class Predictor:
 
         if self._pipelines is None:
             parser = config_parser("inference.json", image_size=int(self.network.image_size),
-                                   ct_window=self.ct_window, max_pixels=self.max_pixels)
+                                   ct_window=self.ct_window, max_pixels=self.max_pixels,
+                                   resize_kernel=self.resize_kernel)
             # one parser: the post-processing's Invertd holds the very preprocessing parsed here
             pipelines = (parser.get_parsed_content("preprocessing"), parser.get_parsed_content("to_input_space"))
             for chain in pipelines:  # the tiled 2D steps' progress bars follow the predictor's
@@ -406,7 +412,8 @@ class Predictor:
     def from_checkpoint(cls, checkpoint: str = "tiny", image_size: int | None = None,
                         device: str | torch.device | None = None, detector_chunk: int | None = None,
                         **kwargs: Any) -> Predictor:
-        _check_settings(kwargs.get("tracker", "auto"), kwargs.get("ct_window", "abdomen"))  # before the weights load
+        _check_settings(kwargs.get("tracker", "auto"), kwargs.get("ct_window", "abdomen"),
+                        kwargs.get("resize_kernel", "sam3"))  # before the weights load
         return cls(load_network(checkpoint, image_size, device, detector_chunk), checkpoint=checkpoint, **kwargs)
 
     def compile(self, mode: str | None = None) -> Predictor:
@@ -518,7 +525,8 @@ class Predictor:
         label_map = MetaTensor(labels.as_tensor()[0], meta=dict(labels.meta))
         seeds = case.get("seed_slices")
         box, modality = item.get("box"), item.get("modality")
-        settings = {"checkpoint": self.checkpoint, "image_size": int(self.network.image_size), "modality": modality,
+        settings = {"checkpoint": self.checkpoint, "image_size": int(self.network.image_size),
+                    "resize_kernel": self.resize_kernel, "modality": modality,
                     "box": None if box is None else _box_list(box, len(case["prompt_texts"]))}
         # the ones that read it (a picture's protocol label, "+box" for the T+I variant; a volume's is a description)
         if is_volume or get_protocol(str(case["protocol"]).removesuffix("+box")).reads_threshold:
@@ -589,6 +597,7 @@ def predict_file(
     progress: bool = False,
     channel: int | None = None,
     max_pixels: int | str | None = "auto",
+    resize_kernel: str = "sam3",
 ) -> Prediction:
     """Segment one image or volume file with text prompts (and, for 2D images, boxes in pixels).
 
@@ -607,7 +616,7 @@ def predict_file(
             network = network.to(device)
     predictor = Predictor(network, tracker=tracker, checkpoint=checkpoint, protocol=protocol,
                           score_threshold=score_threshold, ct_window=ct_window, progress=progress,
-                          max_pixels=max_pixels)
+                          max_pixels=max_pixels, resize_kernel=resize_kernel)
     return predictor(path, prompts, box=box, modality=modality, channel=channel)
 
 

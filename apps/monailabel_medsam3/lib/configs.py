@@ -10,7 +10,8 @@ Every value arrives as a string. Keys (all optional):
   ``{"polyp": "colon polyp"}``.
 * ``checkpoint`` (``tiny``: random init, runs without weights), ``image_size``, ``tracker`` (``auto``),
   ``protocol`` (``top_query``), ``score_threshold`` (0.5), ``modality`` (none: by channels), ``ct_window``
-  (``abdomen``): as ``medsam3 segment``'s options of the same names.
+  (``abdomen``), ``resize_kernel`` (``sam3``; ``monai`` for a network trained with MONAI's resize): as
+  ``medsam3 segment``'s options of the same names.
 * ``model``: the model's name in MONAI Label (``medsam3``); ``preload``: load the network at start (``false``:
   on the first request).
 """
@@ -24,7 +25,7 @@ from typing import Any
 DEFAULT_LABELS = {"polyp": 1}
 MODEL_NAME = "medsam3"
 KNOWN_KEYS = ("labels", "prompts", "checkpoint", "image_size", "tracker", "protocol", "score_threshold",
-              "modality", "ct_window", "model", "preload")
+              "modality", "ct_window", "resize_kernel", "model", "preload")
 #: ``--conf`` keys MONAI Label itself reads (its server mode, the model zoo's source and token)
 MONAI_LABEL_KEYS = ("server_mode", "auth_token", "zoo_source", "zoo_repo")
 
@@ -44,6 +45,7 @@ class AppConfig:
     score_threshold: float = 0.5
     modality: str | None = None
     ct_window: Any = "abdomen"
+    resize_kernel: str = "sam3"
     model: str = MODEL_NAME
     preload: bool = False
 
@@ -143,6 +145,7 @@ def parse_conf(conf: dict[str, str] | None) -> AppConfig:
     from medsam3_monai.networks.tracker import check_tracker_source
     from medsam3_monai.protocol_registry import PROTOCOLS
     from medsam3_monai.transforms.intensity import check_ct_window, handler_for_modality
+    from medsam3_monai.transforms.slices import RESIZE_KERNELS
 
     modality = conf.get("modality") or None
     modality = None if modality in (None, "auto", "none") else modality
@@ -180,6 +183,7 @@ def parse_conf(conf: dict[str, str] | None) -> AppConfig:
         score_threshold=score,
         modality=modality,
         ct_window=ct,
+        resize_kernel=_choice("resize_kernel", conf.get("resize_kernel") or "sam3", RESIZE_KERNELS),
         model=conf.get("model") or MODEL_NAME,
         preload=preload,
     )

@@ -102,7 +102,7 @@ class MedSAM3Infer(InferTask):
             self._predictors[device] = Predictor.from_checkpoint(
                 self.conf.checkpoint, self.conf.image_size, torch.device(device), tracker=self.conf.tracker,
                 protocol=self.conf.protocol, score_threshold=self.conf.score_threshold,
-                ct_window=self.conf.ct_window, progress=False,
+                ct_window=self.conf.ct_window, resize_kernel=self.conf.resize_kernel, progress=False,
             )
         return self._predictors[device]
 
