@@ -297,3 +297,4 @@ def test_a_nifti_in_microns_or_metres_is_measured_in_millimetres_and_written_in_
     assert np.allclose(header.get_best_affine(), given.get_best_affine())
     sidecar = json.loads(Path(f"{written}.json").read_text())
     assert np.allclose(sidecar["spacing"], nib.load(original["image"]).header.get_zooms()[:3])
+    assert sidecar["spatial_units"] == "mm"  # the sidecar's geometry is the mm original's

@@ -334,6 +334,7 @@ class Prediction:
         if self.is_volume:
             out["affine"] = [[round(float(v), 6) for v in row] for row in torch.as_tensor(self.affine).tolist()]
             out["spacing"] = [round(v, 6) for v in self.spacing]
+            out["spatial_units"] = "mm"  # the affine's and spacing's (a micron input's NIfTI is written in microns)
             out["seed_slices"] = {str(int(w)): int(s) for w, s in zip(written, self.seed_slices or [])}
         return out
 
