@@ -173,3 +173,32 @@ def test_a_folder_of_another_dataset_is_said_to_look_like_one(shared_data: Path,
                                          r"there has its mask named as BUSI's are: is it another dataset\? "
                                          r"\(`medsam3 datalist --list`"):
         build_datalist("BUSI", root)
+
+
+
+@pytest.mark.parametrize("folder, name, says", [
+    ("BUSI", "CVC-ClinicDB", "no mask found"),  # images and masks, named otherwise
+    ("MSD_Task04_Hippocampus_cropped", "MSD_Task09_Spleen", "label value(s) [2] are not in the catalogue entry"),
+])
+def test_a_folder_none_of_whose_pairs_is_usable_asks_whether_it_is_another_dataset(shared_data: Path, folder, name,
+                                                                                    says):
+    """Problems with every pair (none usable) end with the question the no-pairs error asks."""
+    root = shared_data / folder
+    with pytest.raises(ValueError) as error:
+        build_datalist(name, root)
+    message = str(error.value)
+    assert says in message and message.endswith(
+        f"No image/mask pair of {root} is usable as {name.split('_Task')[0]}'s: is it another dataset? "
+        "(`medsam3 datalist --list` names the catalogue's datasets and their layouts)")
+
+
+def test_a_folder_with_usable_pairs_lists_its_problems_without_the_question(shared_data: Path, tmp_path: Path):
+    source = shared_data / "Kvasir-SEG_sample"
+    for sub in ("images", "masks"):
+        (tmp_path / sub).mkdir()
+        for path in sorted((source / sub).glob("*.jpg"))[:2]:
+            (tmp_path / sub / path.name).symlink_to(path)
+    (tmp_path / "images" / "lonely.jpg").symlink_to(sorted((source / "images").glob("*.jpg"))[2])
+    with pytest.raises(ValueError, match="1 problem") as error:
+        build_datalist("Kvasir-SEG", tmp_path)
+    assert "lonely.jpg" in str(error.value) and "another dataset" not in str(error.value)

@@ -208,15 +208,16 @@ def build_datalist(
     if problems and not skip_bad:
         listed = "\n  ".join(str(p) for p in problems[:_MAX_LISTED])
         more = f"\n  ... and {len(problems) - _MAX_LISTED} more" if len(problems) > _MAX_LISTED else ""
+        every = (f"\nNo image/mask pair of {root} is usable as {converter.name}'s: is it another dataset? "
+                 f"{_CATALOGUE_HINT}" if not good else "")
         raise DatalistError(
-            f"{root}: {len(problems)} problem(s) in the {converter.name} layout ({bad_hint}):\n  {listed}{more}"
+            f"{root}: {len(problems)} problem(s) in the {converter.name} layout ({bad_hint}):\n  {listed}{more}{every}"
         )
     if not good:
         found = ""
         if (Path(root) / "images").is_dir() and (Path(root) / "masks").is_dir():
             found = (f"; {root} has images/ and masks/, but no image there has its mask named as {converter.name}'s "
-                     "are: is it another dataset? (`medsam3 datalist --list` names the catalogue's datasets and their "
-                     "layouts)")
+                     f"are: is it another dataset? {_CATALOGUE_HINT}")
         raise DatalistError(f"{root}: no usable image/mask pairs found. Expected {converter.summary}{found}")
     relative = Path(os.path.abspath(relative_to)) if relative_to else None
     datalist: dict[str, list[dict[str, Any]]] = {split: [] for split in SPLITS}
@@ -226,6 +227,10 @@ def build_datalist(
             datalist[split].extend(_item(p, entry, relative, channel) for p in chosen)
     validate(datalist, load_schema("datalist", catalogue.root), "datalist")
     return DatalistResult(datalist, converter.name, problems if skip_bad else [], list(conversion.unlabelled))
+
+
+#: where the catalogue's datasets and their layouts are named
+_CATALOGUE_HINT = "(`medsam3 datalist --list` names the catalogue's datasets and their layouts)"
 
 
 def _as_entry(conversion: Conversion, entry: DatasetEntry | None, converter: str,
