@@ -146,6 +146,24 @@ def test_every_prediction_empty_is_said_under_the_table(tmp_path):
     text = (tmp_path / "r" / "table.md").read_text()
     assert "(2 case-prompt rows), so every foreground case scores 0: with protocol top_query" not in text
     assert "With protocol threshold a query scoring below --score-threshold gives no mask" in text
+    # thresholds every empty row scored above: the masks themselves are empty, and a lower threshold is no cure
+    report.params = {"score_threshold": 0.05, "volume_score_threshold": 0.0}
+    report.records = [dict(record, protocol="threshold", volume=False),
+                      dict(record, case="d", protocol="threshold", volume=False)]
+    report.write()
+    text = (tmp_path / "r" / "table.md").read_text()
+    assert "no mask the model gave (protocol threshold) has a foreground pixel. With protocol threshold every prompt " \
+           "scored >= --score-threshold (0.05), so queries were kept and their masks themselves" in text
+    assert "needs a lower threshold" not in text
+    report.records = [dict(record, volume=False, empty_prediction=False, protocol="semantic"),
+                      dict(record, dataset="Hippo", volume=True), dict(record, dataset="Hippo", case="e", volume=True)]
+    report.write()
+    text = (tmp_path / "r" / "table.md").read_text()
+    assert "Every volume's best slice scored >= the volumes' detection threshold (0), so slices were kept" in text
+    assert "needs a lower threshold" not in text
+    report.params = {"score_threshold": 0.5, "volume_score_threshold": 0.5}  # scores 0.1: below it
+    report.write()
+    assert "needs a lower threshold" in (tmp_path / "r" / "table.md").read_text()
 
 
 def test_a_label_value_in_no_truth_mask_is_said_under_the_table(tmp_path):

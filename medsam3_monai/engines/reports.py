@@ -287,15 +287,28 @@ _EMPTY_THRESHOLD_HINT = ("with protocol {protocols} a query scoring below --scor
 _EMPTY_VOLUME_HINT = ("a volume keeps only the slices whose detection scores >= --score-threshold (then the tracker; "
                       "--volume-score-threshold sets it for volumes alone), whatever the 2D --protocol: a model whose "
                       "scores stay below it, as a random or briefly trained one's, needs a lower threshold")
+#: the same when every empty row scored at least its threshold: the threshold dropped nothing
+_EMPTY_KEPT_HINT = ("with protocol {protocols} every prompt scored >= --score-threshold ({threshold:g}), so queries "
+                    "were kept and their masks themselves have no foreground pixel (as a random or briefly trained "
+                    "model's can): a lower threshold cannot help")
+_EMPTY_VOLUME_KEPT_HINT = ("every volume's best slice scored >= the volumes' detection threshold ({threshold:g}), so "
+                           "slices were kept and their top query's masks themselves have no foreground pixel (as a "
+                           "random or briefly trained model's can): a lower threshold cannot help")
 
 
-def empty_prediction_warnings(records: Sequence[dict[str, Any]], protocol: str) -> list[str]:
+def empty_prediction_warnings(records: Sequence[dict[str, Any]], protocol: str, score_threshold: float | None = None,
+                              volume_threshold: float | None = None) -> list[str]:
     """The report's warnings about predictions without a foreground pixel: one when every prediction of the run is
-    empty, else one per dataset whose predictions all are (its foreground cases all score 0), with what to do."""
+    empty, else one per dataset whose predictions all are (its foreground cases all score 0), with what to do.
+    ``score_threshold`` / ``volume_threshold`` (None: not known): the run's 2D and volume thresholds; where every
+    empty row scored at least its own, the hint says the masks themselves are empty instead of lowering it."""
+    def hint(rows: Sequence[dict[str, Any]]) -> str:
+        return _hint(rows, score_threshold, volume_threshold)
+
     empty = [r for r in records if r.get("empty_prediction", False)]
     if records and len(empty) == len(records):
         return [f"every prediction of this run is empty ({_rows(len(records))}), so every foreground case scores 0: "
-                f"with protocol {protocol} no mask the model gave has a foreground pixel. {_hint(records)}"]
+                f"no mask the model gave (protocol {protocol}) has a foreground pixel. {hint(records)}"]
     warnings = []
     datasets: dict[str, list[dict[str, Any]]] = {}
     for record in records:
@@ -304,7 +317,7 @@ def empty_prediction_warnings(records: Sequence[dict[str, Any]], protocol: str) 
         if all(r.get("empty_prediction", False) for r in rows):
             protocols = ", ".join(sorted({str(r.get("protocol")) for r in rows}))
             warnings.append(f"every prediction of dataset {dataset} is empty ({_rows(len(rows))}, protocol "
-                            f"{protocols}), so its foreground cases score 0. {_hint(rows)}")
+                            f"{protocols}), so its foreground cases score 0. {hint(rows)}")
     return warnings
 
 
@@ -312,16 +325,32 @@ def _rows(count: int) -> str:
     return f"{count} case-prompt row{'s' if count != 1 else ''}"
 
 
-def _hint(records: Sequence[dict[str, Any]]) -> str:
+def _scored_at_least(rows: Sequence[dict[str, Any]], threshold: float | None) -> bool:
+    """Whether ``threshold`` is known and every row of ``rows`` (at least one) scored at least it."""
+    return threshold is not None and bool(rows) and all(float(r.get("score", -1.0)) >= threshold for r in rows)
+
+
+def _hint(records: Sequence[dict[str, Any]], score_threshold: float | None = None,
+          volume_threshold: float | None = None) -> str:
     """What to do about ``records``' empty predictions: the 2D hint, the volume one, or both (records read back from
-    a cases.csv do not say which they are)."""
+    a cases.csv do not say which they are); a threshold every row scored above is not offered as the cure."""
     from ..protocol_registry import PROTOCOLS
 
     kinds = set().union(*({r["volume"]} if "volume" in r else {False, True} for r in records))
-    reading = sorted({str(r.get("protocol")) for r in records if not r.get("volume", False)
-                      and getattr(PROTOCOLS.get(str(r.get("protocol", "")).split("+")[0]), "reads_threshold", False)})
-    texts = [_EMPTY_THRESHOLD_HINT.format(protocols=", ".join(reading))] if reading else []
-    texts += [text for volume, text in ((False, _EMPTY_2D_HINT), (True, _EMPTY_VOLUME_HINT)) if volume in kinds]
+    reading_rows = [r for r in records if not r.get("volume", False)
+                    and getattr(PROTOCOLS.get(str(r.get("protocol", "")).split("+")[0]), "reads_threshold", False)]
+    reading = ", ".join(sorted({str(r.get("protocol")) for r in reading_rows}))
+    texts = []
+    if reading:
+        kept = _scored_at_least(reading_rows, score_threshold)
+        texts.append((_EMPTY_KEPT_HINT if kept else _EMPTY_THRESHOLD_HINT).format(protocols=reading,
+                                                                               threshold=score_threshold or 0.0))
+    if False in kinds:
+        texts.append(_EMPTY_2D_HINT)
+    if True in kinds:
+        volumes = [r for r in records if r.get("volume", False)]
+        texts.append(_EMPTY_VOLUME_KEPT_HINT.format(threshold=volume_threshold)
+                     if _scored_at_least(volumes, volume_threshold) else _EMPTY_VOLUME_HINT)
     hint = "; ".join(texts)
     return hint[0].upper() + hint[1:]
 
@@ -452,7 +481,7 @@ class EvaluationReport:
         title = self.title or f"Per-dataset results (protocol: {self.table.protocol})"
         text = self.table.to_markdown(title=title)
         found = []  # logged (naming the report: a comparison writes two) and put first under the table
-        found += empty_prediction_warnings(self.records, self.table.protocol)
+        found += empty_prediction_warnings(self.records, self.table.protocol, *self._thresholds())
         found += absent_label_warnings(scored)  # (rows left out by --skip-empty-truth are said below)
         for warning in found:
             logger.warning("%s: %s", out, warning)
@@ -480,6 +509,14 @@ class EvaluationReport:
         self.files = files
         logger.info("evaluation report written to %s (%d records)", out, len(self.records))
         return files
+
+    def _thresholds(self) -> tuple[float | None, float | None]:
+        """(2D score threshold, volumes' detection threshold) of the run, from its parameters (None: not given)."""
+        def number(key: str) -> float | None:
+            value = self.params.get(key)
+            return None if value is None else float(value)
+
+        return number("score_threshold"), number("volume_score_threshold")
 
     def scored_records(self) -> tuple[list[dict[str, Any]], list[dict[str, Any]]]:
         """``records`` split into the rows the table scores and those ``skip_empty_truth`` leaves out."""
