@@ -325,6 +325,96 @@ def test_a_dicom_folder_that_is_not_one_complete_series_is_refused(tmp_path):
         load(tmp_path / "series")
 
 
+def _write_dicom_picture(path: Path, pixels: np.ndarray, modality: str = "DX", photometric: str | None = None,
+                         frames: int | None = None, intercept: float | None = None) -> Path:
+    """One DICOM file of ``pixels`` ((rows, cols) grey, (rows, cols, 3) RGB, or (frames, rows, cols) with ``frames``),
+    as a capture device writes it (no patient geometry)."""
+    pytest.importorskip("pydicom")
+    from pydicom.dataset import Dataset, FileMetaDataset
+    from pydicom.uid import ExplicitVRLittleEndian, SecondaryCaptureImageStorage, generate_uid
+
+    meta = FileMetaDataset()
+    meta.MediaStorageSOPClassUID, meta.MediaStorageSOPInstanceUID = SecondaryCaptureImageStorage, generate_uid()
+    meta.TransferSyntaxUID = ExplicitVRLittleEndian
+    ds = Dataset()
+    ds.file_meta = meta
+    ds.SOPClassUID, ds.SOPInstanceUID = SecondaryCaptureImageStorage, meta.MediaStorageSOPInstanceUID
+    ds.StudyInstanceUID, ds.SeriesInstanceUID, ds.Modality, ds.PatientID = generate_uid(), generate_uid(), modality, "x"
+    rgb = pixels.ndim == 3 and frames is None
+    ds.SamplesPerPixel, ds.PhotometricInterpretation = (3, "RGB") if rgb else (1, photometric or "MONOCHROME2")
+    if rgb:
+        ds.PlanarConfiguration = 0
+    if frames is not None:
+        ds.NumberOfFrames = frames
+    ds.Rows, ds.Columns = pixels.shape[-3:-1] if rgb else pixels.shape[-2:]
+    bits = pixels.dtype.itemsize * 8
+    ds.BitsAllocated, ds.BitsStored, ds.HighBit, ds.PixelRepresentation = bits, bits, bits - 1, int(pixels.dtype.kind == "i")
+    ds.PixelSpacing = [0.5, 0.5]
+    if intercept is not None:
+        ds.RescaleIntercept, ds.RescaleSlope = intercept, 1
+    ds.PixelData = np.ascontiguousarray(pixels).tobytes()
+    ds.save_as(path, enforce_file_format=True)
+    return path
+
+
+@requires_data
+def test_a_single_frame_dicom_file_is_a_2d_picture_with_its_pngs_pixels(tmp_path):
+    """An X-ray / capture in one DICOM file is a picture (C, H, W), rows first, whatever it is written as: 8-bit grey
+    (not square), MONOCHROME1 (GDCM inverts it), RGB -- the PNG of the same pixels loads the same; every kind rule
+    says picture; a multi-frame file stays a volume."""
+    from medsam3_monai.data.caching import is_picture_item
+    from medsam3_monai.data.selection import is_volume_item
+    from medsam3_monai.inferers.inputs import input_kind
+    from medsam3_monai.transforms.io import is_picture_path, load_medical_image
+
+    grey = np.asarray(Image.open(SHARED_DATA / "ChestXray_lung_sample" / "images" / "1.jpg").convert("L"))[:, :400]
+    rgb = np.asarray(Image.open(sorted((SHARED_DATA / "Kvasir-SEG_sample" / "images").glob("*.jpg"))[0]))
+    Image.fromarray(grey).save(tmp_path / "grey.png")
+    Image.fromarray(rgb).save(tmp_path / "rgb.png")
+    files = {"grey": _write_dicom_picture(tmp_path / "grey.dcm", grey),
+             "inverted": _write_dicom_picture(tmp_path / "inverted.dcm", 255 - grey, photometric="MONOCHROME1"),
+             "rgb": _write_dicom_picture(tmp_path / "rgb.dcm", rgb, modality="ES")}
+    for name, path in files.items():
+        img = load_medical_image(path, keep_uint8=True)
+        png = load_medical_image(tmp_path / ("rgb.png" if name == "rgb" else "grey.png"), keep_uint8=True)
+        assert img.meta["is_volume"] is False and img.dtype == torch.uint8, name
+        assert torch.equal(img.as_tensor(), png.as_tensor()), name
+        assert is_picture_path(path) and input_kind(path) == "image", name
+        assert is_picture_item({"image": str(path)}) and not is_volume_item({"image": str(path)}), name
+    frames = _write_dicom_picture(tmp_path / "cine.dcm", np.stack([grey] * 3), frames=3)
+    assert not is_picture_path(frames) and input_kind(frames) == "volume"
+    assert tuple(load_medical_image(frames).shape) == (1, 400, 512, 3)
+
+
+@requires_data
+def test_segment_takes_a_dicom_picture_as_its_png_and_a_ct_slice_in_hounsfield_units(tmp_path, capsys):
+    """`medsam3 segment x.dcm` writes the PNG mask `segment x.png` writes (box and protocol too); a CT slice's
+    pixels are HU (rescale applied), windowed without the note that pictures hold display values."""
+    import json
+
+    from medsam3_monai.deploy.cli import main
+
+    grey = np.asarray(Image.open(SHARED_DATA / "ChestXray_lung_sample" / "images" / "1.jpg").convert("L"))[:, :400]
+    Image.fromarray(grey).save(tmp_path / "grey.png")
+    _write_dicom_picture(tmp_path / "grey.dcm", grey)
+    options = ["--prompt", "lung", "--box", "10", "10", "300", "300", "--protocol", "threshold", "--score-threshold",
+               "0.1", "--no-progress"]
+    for name in ("grey.png", "grey.dcm"):
+        assert main(["segment", str(tmp_path / name), *options, "--out", str(tmp_path / f"{name}.png")]) == 0
+    masks = [np.asarray(Image.open(tmp_path / f"{name}.png")) for name in ("grey.png", "grey.dcm")]
+    assert masks[0].shape == (512, 400) and np.array_equal(masks[0], masks[1])
+    hu = grey.astype(np.int16) * 4 - 1024  # stored values; intercept 0: HU as stored
+    _write_dicom_picture(tmp_path / "ct.dcm", hu + 1024, modality="CT", intercept=-1024)
+    from medsam3_monai.transforms.io import load_medical_image
+
+    assert torch.equal(load_medical_image(tmp_path / "ct.dcm")[0], torch.from_numpy(hu).float())
+    capsys.readouterr()
+    assert main(["segment", str(tmp_path / "ct.dcm"), "--prompt", "lung", "--out", str(tmp_path / "ct.png"),
+                 "--no-progress"]) == 0
+    assert "display values" not in capsys.readouterr().err
+    assert json.loads((tmp_path / "ct.png.json").read_text())["modality"] == "CT"  # the header's, windowed
+
+
 @pytest.mark.parametrize("affine", [np.zeros((4, 4)), np.diag([np.nan, 1.0, 1.0, 1.0])])
 def test_a_volume_without_a_usable_affine_is_refused(tmp_path, affine):
     path = tmp_path / "v.nii.gz"

@@ -105,12 +105,11 @@ def _generators(transform: Any) -> list[tuple[Randomizable, Any]]:
 
 
 def is_picture_item(item: dict[str, Any]) -> bool:
-    """A 2D picture (PNG, JPEG, TIFF, ...) rather than a volume (NIfTI, DICOM, a series folder), by its path."""
-    from ..transforms.io import IMAGE_2D_SUFFIXES
+    """A 2D picture (PNG, JPEG, TIFF, a single-frame DICOM file, ...) rather than a volume (NIfTI, a series folder,
+    ...): :func:`~medsam3_monai.transforms.io.is_picture_path`."""
+    from ..transforms.io import is_picture_path
 
-    path = Path(str(item["image"]))
-    name = path.name.lower()
-    return not path.is_dir() and any(name.endswith(suffix) for suffix in IMAGE_2D_SUFFIXES)
+    return is_picture_path(str(item["image"]))
 
 
 def build_training_dataset(

@@ -133,12 +133,11 @@ def evaluation_items(
 
 
 def is_volume_item(item: dict[str, Any]) -> bool:
-    """Whether a datalist item's image is a volume (NIfTI, DICOM folder, MetaImage, ...) by its path."""
-    from ..transforms.io import IMAGE_2D_SUFFIXES
+    """Whether a datalist item's image is a volume (NIfTI, DICOM folder, MetaImage, ...), not a 2D picture
+    (:func:`~medsam3_monai.transforms.io.is_picture_path`)."""
+    from ..transforms.io import is_picture_path
 
-    path = str(item["image"])
-    name = path.lower()
-    return Path(path).is_dir() or not name.endswith(IMAGE_2D_SUFFIXES)
+    return not is_picture_path(str(item["image"]))
 
 
 def volumes_without_modality(items: Sequence[dict[str, Any]], base_dir: str | Path | None = None) -> str | None:
@@ -146,7 +145,8 @@ def volumes_without_modality(items: Sequence[dict[str, Any]], base_dir: str | Pa
     ``modality``: they are then min-max scaled, not windowed (CT) or percentile-clipped (MRI) as the papers' inputs
     are; None when there are none. Relative paths are read from ``base_dir``."""
     missing = [str(item["image"]) for item in items if item.get("modality") in (None, "")
-               and not Path(base_dir or ".", str(item["image"])).is_dir() and is_volume_item(item)]
+               and not Path(base_dir or ".", str(item["image"])).is_dir()
+               and is_volume_item({"image": Path(base_dir or ".", str(item["image"]))})]
     if not missing:
         return None
     return (f"{len(missing)} volume item(s) have no 'modality' (e.g. {missing[0]}), so they are min-max scaled: "

@@ -2,10 +2,10 @@
 
 Outputs (all in the input's own geometry; nothing is written unless everything succeeded):
 
-* 2D image (PNG, JPEG, BMP, TIFF, GIF, PPM) -> ``--out`` PNG (or BMP/TIFF) of the input's size, uint8. One prompt:
+* 2D image (PNG, JPEG, BMP, TIFF, GIF, PPM, a single-frame DICOM file) -> ``--out`` PNG (or BMP/TIFF) of the input's size, uint8. One prompt:
   a binary mask **0/255**; several prompts: a label map with values **1..P** in prompt order (0 background),
   overlaps going to the prompt with the higher confidence (score x sigmoid(mask logit)) at the pixel.
-* Volume (NIfTI, DICOM series folder, MetaImage, NRRD) -> ``--out`` NIfTI (``.nii.gz``/``.nii``) of the
+* Volume (NIfTI, DICOM series folder, multi-frame DICOM file, MetaImage, NRRD) -> ``--out`` NIfTI (``.nii.gz``/``.nii``) of the
   input's shape with its affine (hence spacing), uint8 label values **1..P** (one prompt: 0/1).
 * ``<out>.json`` beside it: label value -> prompt, score and pixel count; protocol, checkpoint, tracker,
   thresholds, box; for volumes the affine, spacing and the tracker's seed slice per prompt.
@@ -81,9 +81,9 @@ def add_parser(subparsers: argparse._SubParsersAction) -> argparse.ArgumentParse
         formatter_class=argparse.RawDescriptionHelpFormatter,
     )
     parser.add_argument("input", metavar="INPUT", nargs="*",
-                        help="2D image (png, jpg, jpeg, bmp, tif, tiff, gif, ppm), volume (.nii, .nii.gz, .mha, .mhd, "
-                             ".nrrd, .nhdr, .dcm) or DICOM folder; with --out-dir also several, folders of them and "
-                             "quoted patterns ('cases/*.png')")
+                        help="2D image (png, jpg, jpeg, bmp, tif, tiff, gif, ppm, a single-frame .dcm), volume (.nii, "
+                             ".nii.gz, .mha, .mhd, .nrrd, .nhdr, a multi-frame .dcm) or DICOM series folder; with "
+                             "--out-dir also several, folders of them and quoted patterns ('cases/*.png')")
     parser.add_argument("--prompt", action="append", metavar="TEXT",
                         help="concept to segment, e.g. 'polyp' (repeat for several: label values 1..P); required "
                              "unless every --datalist item has its own prompts")
@@ -676,9 +676,12 @@ def slice_axis_note(affine: Any) -> str | None:
 
 
 def ct_picture_notes(pictures: list[str], modality: str | None) -> list[str]:
-    """A note when a CT window (Hounsfield units) is to scale 2D pictures, whose pixels are display values."""
+    """A note when a CT window (Hounsfield units) is to scale 2D pictures, whose pixels are display values (a DICOM
+    file's are its stored values through its rescale slope and intercept: HU for CT, no note)."""
     from ..transforms.intensity import is_ct_windowed
+    from ..transforms.io import dicom_picture_size
 
+    pictures = [picture for picture in pictures if dicom_picture_size(picture) is None]
     if not pictures or not is_ct_windowed(modality):
         return []
     what = pictures[0] if len(pictures) == 1 else f"{len(pictures)} pictures (e.g. {pictures[0]})"

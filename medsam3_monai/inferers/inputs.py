@@ -14,7 +14,7 @@ from typing import Any
 import torch
 
 from ..transforms.io import IMAGE_2D_SUFFIXES as IMAGE_SUFFIXES
-from ..transforms.io import DICOM_SUFFIXES, VOLUME_SUFFIXES, has_dicom_files
+from ..transforms.io import DICOM_SUFFIXES, VOLUME_SUFFIXES, has_dicom_files, is_picture_path
 
 __all__ = ["box_prompts", "check_distinct_prompts", "expand_inputs", "inference_items", "input_kind",
            "is_dicom_series", "is_volume_path", "item_prompts", "output_names", "output_stems", "user_error"]
@@ -28,8 +28,9 @@ def _suffix(path: str | Path) -> str:
 
 
 def input_kind(path: str | Path) -> str:
-    """``"image"`` (PNG/JPEG/BMP/TIFF/GIF/PPM) or ``"volume"`` (NIfTI, DICOM series folder, single DICOM, MetaImage,
-    NRRD) by the path; raises FileNotFoundError / ValueError (unsupported format) with what to do."""
+    """``"image"`` (PNG/JPEG/BMP/TIFF/GIF/PPM, a single-frame DICOM file) or ``"volume"`` (NIfTI, DICOM series folder,
+    multi-frame DICOM file, MetaImage, NRRD) by the path (:func:`~medsam3_monai.transforms.io.is_picture_path`);
+    raises FileNotFoundError / ValueError (unsupported format) with what to do."""
     path = Path(path)
     if not path.exists():
         raise FileNotFoundError(f"input {path} not found: give an existing image file, volume or DICOM folder")
@@ -49,10 +50,8 @@ def input_kind(path: str | Path) -> str:
                                  "segment them with --out-dir DIR (one mask per input)")
         return "volume"
     suffix = _suffix(path)
-    if suffix in IMAGE_SUFFIXES:
-        return "image"
-    if suffix in VOLUME_SUFFIXES:
-        return "volume"
+    if suffix in IMAGE_SUFFIXES + VOLUME_SUFFIXES:
+        return "image" if is_picture_path(path) else "volume"
     raise ValueError(
         f"{path}: unsupported format '{suffix or '(no extension)'}'. Give a 2D image "
         f"({', '.join(IMAGE_SUFFIXES)}), a volume ({', '.join(VOLUME_SUFFIXES)}) or a DICOM series folder"
@@ -280,8 +279,8 @@ def box_prompts(box: Any, num_prompts: int, size: Sequence[int]) -> tuple[torch.
 
 
 def is_volume_path(path: str | Path) -> bool:
-    """A DICOM folder or any file that is not a 2D picture (NIfTI, DICOM, MHA, NRRD, ...)."""
-    return Path(path).is_dir() or _suffix(path) not in IMAGE_SUFFIXES
+    """A DICOM folder or any file that is not a 2D picture (NIfTI, a multi-frame DICOM file, MHA, NRRD, ...)."""
+    return not is_picture_path(path)
 
 
 def check_item_channels(items: Sequence[Mapping[str, Any]], channel: int | None = None) -> None:

@@ -29,6 +29,8 @@ Conventions (the whole ``transforms`` package relies on them):
 
 from __future__ import annotations
 
+import functools
+
 import os
 import threading
 from collections.abc import Callable, Hashable, Iterator, Mapping, Sequence
@@ -69,6 +71,45 @@ __all__ = [
 IMAGE_2D_SUFFIXES = (".png", ".jpg", ".jpeg", ".bmp", ".tif", ".tiff", ".gif", ".ppm")  # PPM: STARE's images
 VOLUME_SUFFIXES = (".nii", ".nii.gz", ".dcm", ".mha", ".mhd", ".nrrd", ".nhdr")
 DICOM_SUFFIXES = ("", ".dcm", ".ima")  # DICOM files often have no extension
+#: a single DICOM file given as an input (a file without an extension is taken only inside a series folder)
+DICOM_FILE_SUFFIXES = (".dcm", ".ima")
+
+
+def dicom_picture_size(path: str | Path) -> tuple[int, int] | None:
+    """(width, height) of a single-frame DICOM file (``.dcm`` / ``.ima``: an X-ray, a mammogram, an ultrasound or
+    endoscopy capture, one CT slice), read from its header (pydicom; no pixel data), or None: another file, a folder,
+    a multi-frame DICOM (a volume or cine in one file) or a header pydicom cannot read."""
+    path = Path(path)
+    if _suffix(path) not in DICOM_FILE_SUFFIXES or not path.is_file():
+        return None
+    stat = path.stat()
+    return _dicom_picture_header(str(path.resolve()), stat.st_mtime_ns, stat.st_size)
+
+
+@functools.lru_cache(maxsize=4096)
+def _dicom_picture_header(path: str, _mtime_ns: int, _size: int) -> tuple[int, int] | None:
+    import pydicom
+
+    try:
+        header = pydicom.dcmread(path, stop_before_pixels=True, force=True,
+                                 specific_tags=["NumberOfFrames", "Rows", "Columns"])
+        frames = int(header.get("NumberOfFrames", 1) or 1)
+        rows, columns = header.get("Rows"), header.get("Columns")
+    except Exception:  # noqa: BLE001 - not a DICOM header pydicom reads: the volume path's reader says why
+        return None
+    if frames > 1 or not rows or not columns:
+        return None
+    return int(columns), int(rows)
+
+
+def is_picture_path(path: str | Path) -> bool:
+    """Whether an input is a 2D picture -- a PNG/JPEG/BMP/TIFF/GIF/PPM file, or a single-frame DICOM file
+    (:func:`dicom_picture_size`) -- rather than a volume (NIfTI, MetaImage, NRRD, a multi-frame DICOM file, a DICOM
+    series folder). The one rule every path (commands, bundles, datalists, caching) decides an input's kind by."""
+    path = Path(path)
+    if path.is_dir():
+        return False
+    return _suffix(path) in IMAGE_2D_SUFFIXES or dicom_picture_size(path) is not None
 
 
 def has_dicom_files(folder: str | Path) -> bool:
@@ -185,7 +226,8 @@ def as_displayed(img: Image.Image) -> Image.Image:
 
 def picture_size(path: str | Path) -> tuple[int, int]:
     """(width, height) of a 2D picture from its header, without decoding it (PIL's decompression-bomb limit off:
-    :func:`check_picture_size` applies the limit), as displayed (:func:`exif_orientation`: a quarter turn swaps them).
+    :func:`check_picture_size` applies the limit), as displayed (:func:`exif_orientation`: a quarter turn swaps them);
+    a single-frame DICOM file's Columns and Rows.
 
     Raises:
         DataError: a multi-frame picture (multi-page TIFF, animated GIF / PNG): only its first frame would be
@@ -193,6 +235,9 @@ def picture_size(path: str | Path) -> tuple[int, int]:
             JPEG's extra MPO pictures (a camera's previews or second view) are not frames of a stack: frame 0 is
             the picture.
     """
+    dicom = dicom_picture_size(path)
+    if dicom is not None:
+        return dicom
     with pil_size_check_off(), Image.open(path) as img:
         frames = 1 if img.format == "MPO" else int(getattr(img, "n_frames", 1) or 1)
         size = img.size[::-1] if exif_orientation(img) in QUARTER_TURNS else img.size
@@ -504,6 +549,21 @@ def _read_picture(path: str, reader: Image2DReader, size: tuple[int, int] | None
     return MetaTensor.ensure_torch_and_prune_meta(array, meta)
 
 
+def _dicom_picture(img: MetaTensor, path: str) -> MetaTensor:
+    """A single-frame DICOM file as ITK reads it -- ``(C, X, Y)`` or ``(C, X, Y, 1)``, columns first, C = 1 (grey,
+    MONOCHROME1 already inverted, rescale slope / intercept applied) or 3 (RGB) -- as a 2D picture is held:
+    ``(C, H, W)`` rows first, no geometry (a picture's PNG mask has none)."""
+    array = img.as_tensor()
+    if array.ndim == 4:
+        if array.shape[-1] != 1:
+            raise DataError(path, f"holds {array.shape[-1]} frames", "give one frame as its own file")
+        array = array[..., 0]
+    array = array.transpose(1, 2).contiguous()
+    meta = {"filename_or_obj": path, "spatial_shape": np.asarray(array.shape[1:]),
+            "original_channel_dim": -1 if array.shape[0] > 1 else float("nan")}
+    return MetaTensor(array, meta=meta)
+
+
 def _unreadable(path: str, mask: bool, err: BaseException) -> DataError:
     detail = str(err).strip().splitlines()[0] if str(err).strip() else ""
     if Path(path).is_dir():  # a folder input is a DICOM series
@@ -570,7 +630,7 @@ def load_medical_image(
             raise _unreadable(path, mask, ValueError("no DICOM files (.dcm, .ima or without extension)"))
         check_dicom_series(path)
     reader = _pick_reader(path, readers)
-    size = None
+    size = dicom_picture_size(path)  # a single-frame DICOM file is a picture, its pixels read by ITK
     if isinstance(reader, Image2DReader):
         try:
             size = picture_size(path)
@@ -578,15 +638,20 @@ def load_medical_image(
             raise
         except Exception as err:  # not a picture PIL knows
             raise _unreadable(path, mask, err) from err
+    if size is not None:
         check_picture_size(path, size, max_pixels)
     try:
         img = _read(path, reader, size)
+        if size is not None and not isinstance(reader, Image2DReader):
+            img = _dicom_picture(img, path)
+    except DataError:
+        raise
     except Exception as err:  # any reader failure: corrupt, truncated, not an image
         raise _unreadable(path, mask, err) from err
     if not isinstance(img, MetaTensor):
         img = MetaTensor(img)
     source_dtype = str(img.dtype).replace("torch.", "")
-    is_volume = not isinstance(reader, Image2DReader)
+    is_volume = size is None
     spatial = tuple(img.shape[1:])
     if is_volume and len(spatial) == 2:  # 2D NIfTI / single DICOM image: a one-slice volume
         img = img.unsqueeze(-1)
@@ -695,8 +760,11 @@ def check_dicom_series(folder: str | Path) -> None:
             tags = _dicom_tags(files[0], ("0008|0060", "0008|103e"))
             described.append(f"{len(files)} file(s) {tags.get('0008|0060', '?')} "
                              f"{tags.get('0008|103e', '') or '(no description)'}".strip())
+        pattern = str(Path(folder) / "*.dcm")
         raise DataError(folder, f"holds {len(series)} DICOM series ({'; '.join(described)}), and one folder is read "
-                                "as one series", "move each series into its own folder and give that folder")
+                                "as one series", "move each series into its own folder and give that folder, or, "
+                                f"for single-frame pictures (X-rays, captures), a quoted pattern '{pattern}' to "
+                                "segment each file as a 2D picture")
     if not series:
         return  # no series ITK can list: the reader says why
     files = list(names.GetFileNames(series[0]))
