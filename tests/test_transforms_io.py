@@ -348,7 +348,8 @@ def _write_dicom_picture(path: Path, pixels: np.ndarray, modality: str = "DX", p
         ds.NumberOfFrames = frames
     ds.Rows, ds.Columns = pixels.shape[-3:-1] if rgb else pixels.shape[-2:]
     bits = pixels.dtype.itemsize * 8
-    ds.BitsAllocated, ds.BitsStored, ds.HighBit, ds.PixelRepresentation = bits, bits, bits - 1, int(pixels.dtype.kind == "i")
+    ds.BitsAllocated, ds.BitsStored, ds.HighBit = bits, bits, bits - 1
+    ds.PixelRepresentation = int(pixels.dtype.kind == "i")
     ds.PixelSpacing = [0.5, 0.5]
     if intercept is not None:
         ds.RescaleIntercept, ds.RescaleSlope = intercept, 1

@@ -2,11 +2,13 @@
 
 Outputs (all in the input's own geometry; nothing is written unless everything succeeded):
 
-* 2D image (PNG, JPEG, BMP, TIFF, GIF, PPM, a single-frame DICOM file) -> ``--out`` PNG (or BMP/TIFF) of the input's size, uint8. One prompt:
-  a binary mask **0/255**; several prompts: a label map with values **1..P** in prompt order (0 background),
-  overlaps going to the prompt with the higher confidence (score x sigmoid(mask logit)) at the pixel.
-* Volume (NIfTI, DICOM series folder, multi-frame DICOM file, MetaImage, NRRD) -> ``--out`` NIfTI (``.nii.gz``/``.nii``) of the
-  input's shape with its affine (hence spacing), uint8 label values **1..P** (one prompt: 0/1).
+* 2D image (PNG, JPEG, BMP, TIFF, GIF, PPM, a single-frame DICOM file) -> ``--out`` PNG (or BMP/TIFF) of the
+  input's size, uint8. One prompt: a binary mask **0/255**; several prompts: a label map with values **1..P** in
+  prompt order (0 background), overlaps going to the prompt with the higher confidence (score x sigmoid(mask logit))
+  at the pixel.
+* Volume (NIfTI, DICOM series folder, multi-frame DICOM file, MetaImage, NRRD) -> ``--out`` NIfTI
+  (``.nii.gz``/``.nii``) of the input's shape with its affine (hence spacing), uint8 label values **1..P** (one
+  prompt: 0/1).
 * ``<out>.json`` beside it: label value -> prompt, score and pixel count; protocol, checkpoint, tracker,
   thresholds, box; for volumes the affine, spacing and the tracker's seed slice per prompt.
 * ``--overlay PNG``: the input with the masks filled and outlined and a legend (volumes: a 3-slice montage).
