@@ -55,7 +55,8 @@ def error(status: int, message: str) -> dict[str, Any]:
 class ScriptedServer:
     """POST /v1/chat/completions answered from a script; every request body (and its headers) recorded.
 
-    ``script``: replies in order, each ``{"body": ..., "status": 200, "delay": seconds}``; ``refuse_tools``: answer
+    ``script``: replies in order, each ``{"body": ..., "status": 200, "delay": seconds}`` (``"raw": bytes`` in place of
+    ``"body"``: sent as they are, e.g. a body that is not JSON); ``refuse_tools``: answer
     a request that offers tools with HTTP 400 (a server without function calling), without using the script.
     """
 
@@ -86,7 +87,7 @@ class ScriptedServer:
                         reply = error(500, "the test script is exhausted")
                 if reply.get("delay"):
                     threading.Event().wait(reply["delay"])
-                payload = json.dumps(reply["body"]).encode()
+                payload = reply["raw"] if "raw" in reply else json.dumps(reply["body"]).encode()
                 try:
                     self.send_response(reply.get("status", 200))
                     self.send_header("Content-Type", "application/json")
@@ -306,6 +307,32 @@ def test_http_500_is_retried(kvasir, tmp_path, segment_reference):
     assert np.array_equal(png(out), segment_reference(kvasir, "polyp"))
     first_call = trace_of(out)["llm_calls"][0]
     assert first_call["attempts"] == 2 and "HTTP 500: model is loading" in first_call["retried_errors"][0]
+
+
+def test_a_reply_that_is_not_json_is_retried_then_named_with_the_url_to_check(kvasir, tmp_path, capsys,
+                                                                            segment_reference):
+    """A body that is not JSON (a proxy's page, a half-written reply) is a failed attempt like an HTTP 500: retried,
+    and after the retries named with the planner's URL and what to check (was: a bare JSONDecodeError text)."""
+    out = tmp_path / "mask.png"
+    broken = {"raw": b"{this is not json"}
+    script = [broken, call("segment_phrase", {"text_prompt": "polyp"}),
+              call("select_masks_and_return", {"final_answer_masks": [1]}, "call_2")]
+    with ScriptedServer(script) as server:
+        assert agent(kvasir, out, server) == 0
+    assert np.array_equal(png(out), segment_reference(kvasir, "polyp"))
+    first_call = trace_of(out)["llm_calls"][0]
+    assert first_call["attempts"] == 2 and "a reply that is not JSON" in first_call["retried_errors"][0]
+    out.unlink()
+    for sidecar in tmp_path.iterdir():
+        sidecar.unlink()
+    with ScriptedServer([broken] * 3) as server:
+        assert agent(kvasir, out, server, "--llm-retries", "2") == 2
+    assert len(server.requests) == 3
+    err = capsys.readouterr().err.strip().splitlines()[-1]
+    assert err.startswith(f"medsam3 agent: error: the planner at {server.url} failed (3 attempts; last: a reply that "
+                          "is not JSON (") and err.endswith("check that --llm-url is the OpenAI-compatible base URL "
+                                                            "(e.g. http://host:8000/v1)")
+    assert list(tmp_path.iterdir()) == []
 
 
 def test_a_timeout_fails_with_one_line_and_nothing_written(kvasir, tmp_path, capsys):
@@ -759,3 +786,12 @@ def test_the_answer_score_is_the_best_selected_marks_not_the_first_named():
     prediction = _answer_prediction(decision, None, view, "x.png", union_of(decision.marks), settings)
     assert prediction.scores == [0.9] and prediction.prompts == ["lesion + polyp"]
     assert int(prediction.label_map.sum()) == 2
+
+
+def test_a_request_naming_nothing_says_so_in_words_a_server_client_can_use():
+    from medsam3_monai.agent.concepts import resolve_request
+    from medsam3_monai.agent.errors import AgentError
+
+    with pytest.raises(AgentError, match=r"names nothing to segment; name the structure in it, e.g. 'polyp'") as err:
+        resolve_request("please segment")
+    assert "--request" not in str(err.value)  # the server's clients send params.request, not a flag

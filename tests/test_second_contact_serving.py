@@ -261,6 +261,24 @@ def test_serve_no_fallback_answers_502_without_the_url():
     assert error.startswith("the agent's planner failed: cannot reach the planner (") and DEAD_URL not in error
 
 
+def test_serve_answers_502_when_the_planner_misbehaves():
+    """A planner whose replies are not JSON, or whose calls stay unusable, failed: 502 (the request was fine), not
+    422 (which tells a client to change its request)."""
+    from test_agent import ScriptedServer, call
+
+    _server_packages()
+    broken = {"raw": b"{this is not json"}
+    unusable = [call("select_masks_and_return", {"final_answer_masks": [1]}, f"c{i}") for i in range(6)]
+    with ScriptedServer([broken] * 3 + unusable) as planner, running_server(
+            "--llm-url", planner.url, "--llm-model", "scripted-vlm", "--no-fallback", start_timeout_s=60) as port:
+        answers = [_infer(port, _png_bytes(32, 24), "a.png", {"request": "segment the polyp"}, model="medsam3_agent")
+                   for _ in range(2)]
+    (status, body), (status_2, body_2) = answers
+    assert status == 502 and "a reply that is not JSON" in json.loads(body)["error"], body
+    assert status_2 == 502 and "unusable calls" in json.loads(body_2)["error"], body_2
+    assert planner.url not in (body + body_2).decode()
+
+
 def test_serve_names_its_options_and_refuses_a_busy_port_before_loading(capsys):
     """Option errors use the flags' names; a port something listens on is refused (status 3, as uvicorn's failure
     to bind) before the model loads and before the banner claims the address."""

@@ -150,8 +150,8 @@ def resolve_request(request: str, max_phrasings: int = 6, catalogue_root: str | 
     words = phrase_key(request).split()
     content = {i for i, w in enumerate(words) if w not in FILLER_WORDS and w not in LOCATION_WORDS}
     if not content:
-        raise AgentError(f"the request {request!r} names nothing to segment; name the structure, e.g. "
-                         "--request 'polyp' or 'segment the liver tumor'")
+        raise AgentError(f"the request {request!r} names nothing to segment; name the structure in it, e.g. "
+                         "'polyp' or 'segment the liver tumor'")
 
     def named(i: int) -> bool:
         """Part of a name: a content word, or left / right just before one ('left ventricle')."""

@@ -169,6 +169,9 @@ class ChatClient:
                                        f"{self._status_hint(status, message)}") from None
             except openai.OpenAIError as err:
                 raise PlannerError(f"the planner at {self.url} failed: {_one_line(err)}") from None
+            except ValueError as err:  # a body that is not JSON (a proxy's page, a half-written reply): retried
+                errors.append(f"a reply that is not JSON ({_one_line(err)})")
+                kind = "malformed"
             else:
                 reply = self._reply(response)
                 reply.attempts, reply.errors = attempt + 1, errors
@@ -184,7 +187,9 @@ class ChatClient:
         if kind == "connection":
             error = EndpointUnreachable if self.answered == 0 else PlannerError
             raise error(f"cannot reach the planner at {self.url} ({tries}; {errors[-1]})")
-        raise PlannerError(f"the planner at {self.url} failed ({tries}; last: {errors[-1]})")
+        hint = ("; check that --llm-url is the OpenAI-compatible base URL (e.g. http://host:8000/v1)"
+                if kind == "malformed" else "")
+        raise PlannerError(f"the planner at {self.url} failed ({tries}; last: {errors[-1]}){hint}")
 
     def _status_hint(self, status: int, message: str) -> str:
         """What to change for an HTTP error the client cannot retry."""

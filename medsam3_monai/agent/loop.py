@@ -28,7 +28,7 @@ from typing import Any, Callable
 
 from .concepts import phrase_key
 from .decision import Decision
-from .errors import AgentError, ToolSupportMissing
+from .errors import AgentError, PlannerError, ToolSupportMissing
 from .marks import Mark
 from .prompts import TEXT_MODE_REMINDER, first_message, round_note, system_prompt
 from .render import data_url
@@ -227,7 +227,7 @@ class PlannerLoop:
             if self.corrections > self.settings.max_corrections:
                 hint = ("; its replies were cut off: raise --max-reply-tokens (the server may cap it too)"
                         if reply.finish_reason == "length" else "")
-                raise AgentError(f"the planner made {self.corrections} unusable calls (limit "
+                raise PlannerError(f"the planner made {self.corrections} unusable calls (limit "
                                  f"{self.settings.max_corrections}); last: {outcome.text}{hint}")
         return outcome.decision
 
