@@ -587,11 +587,14 @@ def _declared_image_size(path: Path) -> int | None:
         return None
 
 
-def require_empty_output(output_dir: str | Path) -> None:
+def require_empty_output(output_dir: str | Path, executed_config: Any = None) -> None:
     """Refuse an ``output_dir`` that holds files (an earlier run's report and overlays would mix with this run's,
-    and go into its MLflow run), as ``medsam3 evaluate`` refuses a non-empty ``--out``."""
+    and go into its MLflow run), as ``medsam3 evaluate`` refuses a non-empty ``--out``. ``executed_config``: the
+    bundle's ``save_execute_config``, the file MONAI's ``--tracking`` has just written there (its path; a flag when
+    not tracking), which is this run's own."""
     folder = Path(output_dir).expanduser()
-    if folder.exists() and (not folder.is_dir() or any(folder.iterdir())):
+    own = Path(executed_config).expanduser().resolve() if isinstance(executed_config, (str, Path)) else None
+    if folder.exists() and (not folder.is_dir() or any(p.resolve() != own for p in folder.iterdir())):
         raise ValueError(f"output {folder} exists and is not an empty folder (an earlier run's?): remove it, or pass "
                          "another --output_dir (or --bundle_root)")
 

@@ -69,3 +69,31 @@ def test_training_run_is_reviewable_in_mlflow(shared_data: Path, tmp_path: Path)
     assert len(second) == 1 and second[0].info.run_name == "kvasir-tiny"
     assert [m.step for m in client.get_metric_history(second[0].info.run_id, "val_dice")] == [10, 12]
     assert set(run.data.params) - {"max_epochs"} <= set(second[0].data.params)
+
+
+def test_the_inference_and_evaluation_bundles_run_with_monais_tracking(shared_data: Path, tmp_path: Path):
+    """``--tracking configs/mlflow.json`` on the other two bundles: the evaluation runs in the folder MONAI has just
+    written its executed config to (it was refused as "not empty"), its report and MLflow runs in ``eval/``; the
+    inference bundle's MLflow store is ``bundle_root/runs``, and its predictions folder holds the predictions alone."""
+    from mlflow import MlflowClient
+    from monai.bundle import run
+
+    from medsam3_monai.data import build_datalist, write_datalist
+
+    datalist = write_datalist(build_datalist("Kvasir-SEG_sample", shared_data / "Kvasir-SEG_sample").datalist,
+                              tmp_path / "kvasir.json")
+    image = sorted((shared_data / "Kvasir-SEG_sample" / "images").glob("*.jpg"))[0]
+    common = {"meta_file": str(BUNDLE_CONFIGS / "metadata.json"), "tracking": str(BUNDLE_CONFIGS / "mlflow.json"),
+              "checkpoint": "tiny"}
+    evaluation = tmp_path / "evaluation"
+    run(config_file=[str(BUNDLE_CONFIGS / "inference.json"), str(BUNDLE_CONFIGS / "evaluate.json")],
+        bundle_root=str(evaluation), datalists=[str(datalist)], max_cases=1, progress=False, **common)
+    written = {p.name for p in (evaluation / "eval").iterdir()}
+    assert {"cases.csv", "table.md", "mlruns.db"} <= written and any(n.startswith("config_") for n in written)
+    client = MlflowClient(tracking_uri=f"sqlite:///{evaluation / 'eval' / 'mlruns.db'}")
+    assert client.search_runs([client.get_experiment_by_name("medsam3-evaluate").experiment_id])
+    inference = tmp_path / "inference"
+    run(config_file=str(BUNDLE_CONFIGS / "inference.json"), bundle_root=str(inference),
+        datalist=[{"image": str(image)}], prompts=["polyp"], **common)
+    assert sorted(p.name for p in (inference / "predictions").iterdir()) == [f"{image.stem}_seg.png"]
+    assert (inference / "runs" / "mlruns.db").is_file()
