@@ -426,6 +426,11 @@ def test_check_alone_checks_a_datalist_one_has(shared_data: Path, tmp_path: Path
     datalist.write_text(json.dumps({"training": [item], "validation": [item]}))  # one image in two splits
     assert datalist_command(["--check", str(datalist), "--no-progress"]) == 0
     assert f"1 image(s) in both 'training' and 'validation' (e.g. images/{name})" in capsys.readouterr().err
+    datalist.write_text(json.dumps({"training": [item], "validation": [item], "test": [item]}))  # in all three
+    assert datalist_command(["--check", str(datalist), "--no-progress"]) == 0
+    err = capsys.readouterr().err
+    assert all(f"1 image(s) in both {a!r} and {b!r}" in err for a, b in
+               [("training", "validation"), ("training", "test"), ("validation", "test")]), err
     datalist.write_text(json.dumps({"training": [], "validation": []}))
     assert datalist_command(["--check", str(datalist), "--no-progress"]) == 2
     assert "holds no items" in capsys.readouterr().err

@@ -434,6 +434,14 @@ def _noise_png(path: Path, size=(40, 24)) -> Path:
     return path
 
 
+@pytest.mark.parametrize("shape", [(35, 51, 0), (35, 0, 10)])
+def test_a_volume_with_an_empty_dimension_is_named_with_its_own_shape(tmp_path, shape):
+    path = tmp_path / "empty.nii.gz"
+    nib.save(nib.Nifti1Image(np.zeros(shape, np.uint8), np.eye(4)), path)
+    with pytest.raises(DataError, match=re.escape(f"holds no pixels: a dimension of its shape {shape} is 0")):
+        load(path)
+
+
 def test_pictures_and_nifti_files_load_without_building_an_itk_reader(tmp_path, monkeypatch):
     """ITK is built only for the inputs that need it: a machine without ITK (a bare GPU image) reads these."""
     import medsam3_monai.transforms.io as io

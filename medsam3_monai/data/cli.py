@@ -175,16 +175,19 @@ def _split_notes(given: set[str], datalist: dict[str, list[dict[str, Any]]], bas
     if "validation" in given and not datalist["validation"] and datalist["training"]:
         notes.append("the 'validation' list is empty: the training bundle trains without validation (no val_dice, "
                      "no model_best_val_dice.pt)")
-    seen: dict[str, str] = {}
-    shared: dict[tuple[str, str], list[str]] = {}
+    splits_of: dict[str, dict[str, str]] = {}  # image -> its splits, each with the item's own path
     for split in SPLITS:
         for item in datalist[split]:
             image = os.path.normpath(os.path.join(base_dir, item["image"]))
-            first = seen.setdefault(image, split)
-            if first != split:
-                shared.setdefault((first, split), []).append(item["image"])
+            splits_of.setdefault(image, {}).setdefault(split, item["image"])
+    shared: dict[tuple[str, str], list[str]] = {}  # every pair of splits an image is in
+    for found in splits_of.values():
+        for i, a in enumerate(found):
+            for b in list(found)[i + 1:]:
+                shared.setdefault((a, b), []).append(found[b])
     notes += [f"{len(images)} image(s) in both {a!r} and {b!r} (e.g. {images[0]}): scores on them are not held-out "
-              "scores" for (a, b), images in shared.items()]
+              "scores" for (a, b), images in sorted(shared.items(), key=lambda pair: [SPLITS.index(s) for s in
+                                                                                      pair[0]])]
     from ..inferers.inputs import is_volume_path
 
     spaced = [item["image"] for split in SPLITS for item in datalist[split]

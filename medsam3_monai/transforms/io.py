@@ -549,6 +549,13 @@ def _read_picture(path: str, reader: Image2DReader, size: tuple[int, int] | None
     return MetaTensor.ensure_torch_and_prune_meta(array, meta)
 
 
+def nib_shape(path: str) -> tuple[int, ...]:
+    """A NIfTI file's data shape as its header states it."""
+    import nibabel as nib
+
+    return tuple(int(n) for n in nib.load(path).header.get_data_shape())
+
+
 def _dicom_picture(img: MetaTensor, path: str) -> MetaTensor:
     """A single-frame DICOM file as ITK reads it -- ``(C, X, Y)`` or ``(C, X, Y, 1)``, columns first, C = 1 (grey,
     MONOCHROME1 already inverted, rescale slope / intercept applied) or 3 (RGB) -- as a 2D picture is held:
@@ -650,6 +657,10 @@ def load_medical_image(
         raise _unreadable(path, mask, err) from err
     if not isinstance(img, MetaTensor):
         img = MetaTensor(img)
+    if img.numel() == 0:
+        stored = nib_shape(path) if _suffix(path) in (".nii", ".nii.gz") else tuple(img.shape)
+        raise DataError(path, f"holds no pixels: a dimension of its shape {stored} is 0",
+                        "re-export the image or volume with its data")
     source_dtype = str(img.dtype).replace("torch.", "")
     is_volume = size is None
     spatial = tuple(img.shape[1:])
