@@ -434,6 +434,19 @@ def _noise_png(path: Path, size=(40, 24)) -> Path:
     return path
 
 
+def test_a_tiff_pil_cannot_decode_is_named_with_its_layout_not_called_corrupt(tmp_path):
+    tifffile = pytest.importorskip("tifffile")
+    path = tmp_path / "float_rgb.tif"
+    tifffile.imwrite(path, np.random.default_rng(0).random((12, 10, 3), dtype=np.float32), photometric="rgb")
+    with pytest.raises(DataError, match=r"is a TIFF of float32 12 x 10 x 3 \(rgb\) that PIL cannot decode; save it "
+                                        "as 8-bit RGB") as err:
+        load(path)
+    assert "corrupt" not in str(err.value)
+    path.write_bytes(path.read_bytes()[:200])  # truncated: corrupt it is
+    with pytest.raises(DataError, match="corrupt, truncated or not an image"):
+        load(path)
+
+
 @pytest.mark.parametrize("shape", [(35, 51, 0), (35, 0, 10)])
 def test_a_volume_with_an_empty_dimension_is_named_with_its_own_shape(tmp_path, shape):
     path = tmp_path / "empty.nii.gz"

@@ -582,8 +582,26 @@ def _unreadable(path: str, mask: bool, err: BaseException) -> DataError:
     if str(path).lower().endswith(".gz") and _is_plain_nifti(path):
         return DataError(path, "is a plain (uncompressed) NIfTI named .gz",
                          "rename it to .nii (or compress it with gzip)")
+    tiff = _tiff_layout(path) if _suffix(path) in (".tif", ".tiff") else None
+    if tiff is not None:  # a valid TIFF in a layout PIL does not decode (float RGB, ...)
+        return DataError(path, f"is a TIFF of {tiff} that PIL cannot decode",
+                         "save it as 8-bit RGB, or 8- / 16-bit / float grey (PNG or TIFF)")
     return DataError(path, f"cannot be read as {'a mask' if mask else 'an image'} ({type(err).__name__}: {detail})",
                      "the file is corrupt, truncated or not an image: re-download or re-export it")
+
+
+def _tiff_layout(path: str) -> str | None:
+    """A readable TIFF's first page as ``dtype shape (photometric)``, by tifffile when it is installed (it comes
+    with scikit-image); None when it is not a TIFF tifffile reads."""
+    try:
+        import tifffile
+
+        with tifffile.TiffFile(path) as tiff:
+            page = tiff.pages[0]
+            page.asarray()  # the data is there (a truncated file is corrupt, as said otherwise)
+            return f"{page.dtype} {' x '.join(map(str, page.shape))} ({page.photometric.name.lower()})"
+    except Exception:  # noqa: BLE001 - not a TIFF tifffile reads, or no tifffile
+        return None
 
 
 def _is_plain_nifti(path: str) -> bool:
