@@ -434,6 +434,17 @@ def test_check_alone_checks_a_datalist_one_has(shared_data: Path, tmp_path: Path
     datalist.write_text(json.dumps({"training": [], "validation": []}))
     assert datalist_command(["--check", str(datalist), "--no-progress"]) == 2
     assert "holds no items" in capsys.readouterr().err
+    # a NIfTI whose gzip stream still inflates but fails its CRC: read as voxels by the loaders, refused here
+    volume = shared_data / "MSD_Task04_Hippocampus_cropped" / "images" / "hippocampus_001.nii.gz"
+    garbled = bytearray(volume.read_bytes())
+    garbled[len(garbled) // 2:len(garbled) // 2 + 64] = bytes(64)
+    (folder / "garbled.nii.gz").write_bytes(garbled)
+    mask = str(volume).replace("images", "masks")
+    datalist.write_text(json.dumps({"test": [{"image": "garbled.nii.gz", "label": mask, "dataset": "H",
+                                              "modality": "MRI", "prompts": {"1": "anterior hippocampus"}}]}))
+    assert datalist_command(["--check", str(datalist), "--no-progress"]) == 2
+    assert "garbled.nii.gz: is corrupt: its gzip data fails gzip's own check (BadGzipFile: CRC check failed" in \
+        capsys.readouterr().err
     hippocampus = shared_data / "MSD_Task04_Hippocampus_cropped"
     volume = {"image": str(hippocampus / "images" / "hippocampus_001.nii.gz"), "spacing": [2.0, 2.0],
               "label": str(hippocampus / "masks" / "hippocampus_001.nii.gz"), "prompts": {"1": "a", "2": "b"}}

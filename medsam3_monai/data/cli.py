@@ -222,6 +222,7 @@ def decode_check(result, skip_bad: bool = False, progress: bool = True, base_dir
     from ..engines.reports import absent_label_warnings
     from ..inferers.inputs import user_error
     from ..tensors import plain_tensor
+    from ..transforms.io import check_gzip_stream
     from ..transforms.labels import parse_prompts
     from .datalist import SPLITS
     from .pairs import DatalistError, Problem
@@ -239,6 +240,8 @@ def decode_check(result, skip_bad: bool = False, progress: bool = True, base_dir
         resolved = {**item, "image": absolute(item["image"]),
                     "label": [absolute(p) for p in label] if isinstance(label, list) else absolute(label)}
         try:
+            for path in {resolved["image"], *(resolved["label"] if isinstance(label, list) else [resolved["label"]])}:
+                check_gzip_stream(path)  # the readers stop before a gzip file's own check at its end
             loaded = loading(resolved)
             present = {int(v) for v in distinct_values(plain_tensor(loaded["label"]).numpy())}
             presence += [{"dataset": item.get("dataset", ""), "case": resolved["image"], "label": value,

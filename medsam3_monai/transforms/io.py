@@ -604,6 +604,26 @@ def _tiff_layout(path: str) -> str | None:
         return None
 
 
+def check_gzip_stream(path: str | Path) -> None:
+    """DataError when a ``.gz`` file's data fails gzip's own checks (its CRC-32 and length at the end of the
+    stream), which a reader stopping after the bytes it needs never reaches: corrupted bytes inside a stream that
+    still inflates would be read as voxels. The whole file is inflated once, nothing kept (``medsam3 datalist
+    --check``); other files pass."""
+    import gzip
+    import zlib
+
+    if not str(path).lower().endswith(".gz") or not Path(path).is_file():
+        return
+    try:
+        with gzip.open(path, "rb") as stream:
+            while stream.read(1 << 22):
+                pass
+    except (OSError, EOFError, zlib.error) as err:  # BadGzipFile is an OSError
+        detail = str(err).strip().splitlines()[0] if str(err).strip() else type(err).__name__
+        raise DataError(path, f"is corrupt: its gzip data fails gzip's own check ({type(err).__name__}: {detail})",
+                        "re-download or re-export it") from None
+
+
 def _is_plain_nifti(path: str) -> bool:
     """Whether the file starts with an uncompressed NIfTI-1 or -2 header (its size, 348 or 540, in either byte
     order, and the magic at its end)."""
