@@ -110,20 +110,24 @@ def _first_to_say(line: str) -> bool:
     return True
 
 
-def report_input_errors(prog: str = "medsam3 bundle") -> None:
+def report_input_errors(prog: str = "medsam3 bundle", always: bool = False) -> None:
     """Make an input error end a ``python -m monai.bundle run`` as ``medsam3`` ends: one line on stderr, exit 2.
 
-    The bundles call this first in ``initialize``. It installs a ``sys.excepthook`` that finds our input error
-    (a ValueError such as ``DataError``, a FileNotFoundError, a ``CheckpointError``) inside MONAI's and Ignite's
-    ``RuntimeError`` wrappers, prints ``<prog>: error: <message>`` and exits with status 2; Ctrl-C ends with
-    ``<prog>: interrupted`` and status 130; anything else (a bug) keeps Python's full traceback. Run by
-    ``medsam3 train`` (``MEDSAM3_FRONT``), the messages name that command's options. Runs inside Python (tests,
-    notebooks) are unaffected: they see the exception.
+    The bundles call this first in ``initialize``. When the bundle is the program (``python -m monai.bundle``,
+    also under torchrun; ``always``: whatever the program), it installs a ``sys.excepthook`` that finds our input
+    error (a ValueError such as ``DataError``, a FileNotFoundError, a ``CheckpointError``) inside MONAI's and
+    Ignite's ``RuntimeError`` wrappers, prints ``<prog>: error: <message>`` and exits with status 2; Ctrl-C ends
+    with ``<prog>: interrupted`` and status 130; anything else (a bug) keeps Python's full traceback. Run by
+    ``medsam3 train`` (``MEDSAM3_FRONT``), the messages name that command's options. A bundle run from Python
+    (``ConfigWorkflow`` in a script, a notebook, tests) changes nothing of the process: its exceptions, and the
+    script's own, keep their tracebacks.
     """
     import logging
     import os
     import sys
 
+    if not (always or bundle_is_the_program()):
+        return
     previous = sys.excepthook
     front = os.environ.get(FRONT_VARIABLE)
     if front:
@@ -171,6 +175,15 @@ def report_input_errors(prog: str = "medsam3 bundle") -> None:
     stats = get_logger("monai.handlers.StatsHandler")
     if not_said_twice not in stats.filters:
         stats.addFilter(not_said_twice)
+
+
+def bundle_is_the_program() -> bool:
+    """Whether this process runs ``python -m monai.bundle`` (directly or as a torchrun rank), not a script or a
+    notebook that drives a bundle from Python."""
+    import sys
+
+    spec = getattr(sys.modules.get("__main__"), "__spec__", None)
+    return getattr(spec, "name", None) in ("monai.bundle.__main__", "monai.bundle")
 
 
 class _BarAwareStream:

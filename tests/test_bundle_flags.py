@@ -34,7 +34,9 @@ def test_every_yes_no_setting_of_the_bundles_is_read_through_flag():
     assert {"dac", "box_prompts", "bf16", "resume", "compile", "mlflow"} <= settings
     for name, text in texts.items():
         text = re.sub(r"check_flags\([^)]*\)", "", text)  # initialize's check: it reads them through flag itself
-        for key in settings - {"resume"}:
+        # resume: a flag or a checkpoint; save_execute_config: MONAI's, a flag or (with --tracking) the executed
+        # config's path, which require_empty_output takes as it is (only a path counts)
+        for key in settings - {"resume", "save_execute_config"}:
             raw = len(re.findall(rf"@{key}\b", text))
             read = len(re.findall(rf"medsam3_monai\.bundle\.flag\(@{key}, '{key}'\)", text))
             assert raw == read, f"{name}: @{key} used without medsam3_monai.bundle.flag"
@@ -285,3 +287,18 @@ def test_a_log_line_during_an_epoch_gets_its_own_line_above_the_progress_bar(cap
         assert "evaluate" in err.split("skipped an unreadable case")[1]  # and drawn again after it
     finally:
         logger.removeHandler(handler)
+
+
+def test_a_bundle_driven_from_python_leaves_the_process_excepthook_alone(tmp_path):
+    """``ConfigWorkflow.initialize()`` in a script runs the bundles' ``report_input_errors()``: the script's own
+    ValueError later keeps its traceback and Python's status 1 (it was said as ``medsam3 bundle: error`` with
+    status 2); ``python -m monai.bundle`` (tests/_bundle_helpers.py's runs) still ends input errors in one line."""
+    import subprocess
+    import sys
+
+    script = tmp_path / "script.py"
+    script.write_text(
+        "import sys\nfrom medsam3_monai.bundle import report_input_errors\nbefore = sys.excepthook\n"
+        "report_input_errors()\nassert sys.excepthook is before\nraise ValueError('my own bug')\n")
+    done = subprocess.run([sys.executable, str(script)], capture_output=True, text=True)
+    assert done.returncode == 1 and "Traceback" in done.stderr and "medsam3 bundle" not in done.stderr, done.stderr

@@ -233,7 +233,8 @@ def test_an_input_error_every_rank_meets_is_said_once(tmp_path: Path, capfd, mon
     assert _first_to_say("medsam3 train: error: b")
     monkeypatch.delenv(SAID_ONCE_VARIABLE)
     rank = tmp_path / "rank.py"
-    rank.write_text("from medsam3_monai.bundle import report_input_errors\nreport_input_errors('medsam3 train')\n"
+    rank.write_text("from medsam3_monai.bundle import report_input_errors\n"
+                    "report_input_errors('medsam3 train', always=True)\n"
                     "raise ValueError('a.png: truncated')\n")
     capfd.readouterr()
     assert main(["--standalone", "--nproc_per_node", "2", "--log-dir", str(tmp_path / "logs"), str(rank)]) == 2
