@@ -434,6 +434,16 @@ def _noise_png(path: Path, size=(40, 24)) -> Path:
     return path
 
 
+def test_a_big_endian_16_bit_tiff_loads_as_its_little_endian_twin(tmp_path):
+    tifffile = pytest.importorskip("tifffile")
+    levels = (np.arange(30 * 40, dtype=np.uint16).reshape(30, 40) * 50)
+    tifffile.imwrite(tmp_path / "big.tif", levels.astype(">u2"), byteorder=">")
+    tifffile.imwrite(tmp_path / "little.tif", levels, byteorder="<")
+    big, little = load(tmp_path / "big.tif")["image"], load(tmp_path / "little.tif")["image"]
+    assert torch.equal(big.as_tensor(), little.as_tensor()) and big.meta["source_dtype"] == little.meta["source_dtype"]
+    assert torch.equal(big[0], torch.from_numpy(levels.astype(np.float32)))
+
+
 def test_a_tiff_pil_cannot_decode_is_named_with_its_layout_not_called_corrupt(tmp_path):
     tifffile = pytest.importorskip("tifffile")
     path = tmp_path / "float_rgb.tif"

@@ -537,12 +537,14 @@ def _read_picture(path: str, reader: Image2DReader, size: tuple[int, int] | None
             if array is None:
                 channels = strip.shape[2] if strip.ndim == 3 else 1
                 meta["original_channel_dim"] = -1 if strip.ndim == 3 else float("nan")
-                array = np.empty((channels, height, width), dtype=strip.dtype)
+                # native byte order (a big-endian 16-bit TIFF's ">u2" strips: torch takes native arrays only)
+                array = np.empty((channels, height, width), dtype=strip.dtype.newbyteorder("="))
             array[:, top:top + strip.shape[0]] = np.moveaxis(strip, -1, 0) if strip.ndim == 3 else strip[None]
         if array is None:  # an empty picture
             pixels = np.asarray(img)
             meta["original_channel_dim"] = -1 if pixels.ndim == 3 else float("nan")
             array = np.moveaxis(pixels, -1, 0).copy() if pixels.ndim == 3 else np.array(pixels)[None]
+            array = array.astype(array.dtype.newbyteorder("="), copy=False)
         del img
     meta = switch_endianness(meta, "<")
     meta["filename_or_obj"] = path
