@@ -819,18 +819,35 @@ def check_dicom_series(folder: str | Path) -> None:
     if not series:
         return  # no series ITK can list: the reader says why
     files = list(names.GetFileNames(series[0]))
-    if len(files) < 3:
+    if len(files) < 2:
         return
     headers = [_dicom_tags(f, ("0020|0032", "0020|0037")) for f in files]
     try:
         positions = np.array([[float(v) for v in h["0020|0032"].split("\\")] for h in headers])
         orientation = np.array([float(v) for v in headers[0]["0020|0037"].split("\\")])
-    except (KeyError, ValueError):
-        return
-    if positions.shape[1] != 3 or orientation.size != 6:
-        return
+        if positions.shape[1] != 3 or orientation.size != 6:
+            raise ValueError("not 3 / 6 numbers")
+    except (KeyError, ValueError, IndexError):
+        lacking = next((Path(f).name for f, h in zip(files, headers)
+                        if "0020|0032" not in h or "0020|0037" not in h), Path(files[0]).name)
+        raise DataError(folder, f"is a DICOM series of {len(files)} slices whose files do not all state a usable "
+                                f"ImagePositionPatient (0020,0032) and ImageOrientationPatient (0020,0037) (e.g. "
+                                f"{lacking}): its slices cannot be placed in space, and the reader would make up "
+                                "their geometry", "export the series with its geometry tags, or convert it to a "
+                                "NIfTI volume with a tool that knows its slice order and spacing") from None
     normal = np.cross(orientation[:3], orientation[3:])
-    along = np.sort(positions @ normal)
+    order = np.argsort(positions @ normal)
+    along = (positions @ normal)[order]
+    shifts = np.diff(positions[order], axis=0)
+    in_plane = np.linalg.norm(shifts - np.outer(shifts @ normal, normal), axis=1)
+    if in_plane.size and float(in_plane.max()) > max(0.01 * float(np.median(np.abs(np.diff(along)))), 1e-3):
+        raise DataError(folder, f"is a gantry-tilted (sheared) DICOM series: each slice is shifted up to "
+                                f"{float(in_plane.max()):.3g} mm within its plane from the one before, and the reader "
+                                "would stack the slices straight, misplacing its segmentation",
+                        "resample it to a NIfTI volume first (dcm2niix, for one, corrects gantry tilt) and give "
+                        "that")
+    if len(files) < 3:
+        return
     steps = np.diff(along)
     spacing = float(np.median(steps))
     off = np.flatnonzero(np.abs(steps - spacing) > max(SLICE_SPACING_TOLERANCE * spacing, 1e-3))
