@@ -292,3 +292,37 @@ def test_ctrl_c_says_whether_the_same_command_resumes_or_starts_again(tmp_path: 
     assert last == (f"medsam3 train: interrupted; the same command resumes from the newest checkpoint, "
                     f"{run / 'runs' / 'checkpoints' / 'checkpoint_iter20.pt'}" if saved else
                     "medsam3 train: interrupted before the first checkpoint; the same command starts the run again")
+
+
+def test_ctrl_c_marks_the_trainings_mlflow_run_killed(tmp_path: Path, capsys, monkeypatch):
+    """MONAI's handler logs into a RUNNING run of its name: left RUNNING, the interrupted run would take another
+    training of that name in the store (helper-75 saw two mixed) and a resume's redone iterations again. Marked
+    KILLED, a resume opens a new run; another run of the store is left as it is."""
+    from mlflow import MlflowClient
+
+    from medsam3_monai.deploy import train_cli
+
+    datalist, run = tmp_path / "d.json", tmp_path / "run"
+    datalist.write_text('{"training": [], "validation": []}')
+    ids = {}
+
+    class Interrupted:
+        def wait(self):
+            return 130
+
+    popen = train_cli.subprocess.Popen
+
+    def start(command, *args, **kwargs):
+        if "monai.bundle" not in command:
+            return popen(command, *args, **kwargs)
+        (run / "runs").mkdir(parents=True)
+        client = MlflowClient(tracking_uri=f"sqlite:///{run / 'runs' / 'mlruns.db'}")
+        experiment = client.create_experiment("medsam3")
+        ids.update({name: client.create_run(experiment, run_name=name).info.run_id for name in ("run", "other")})
+        return Interrupted()
+
+    monkeypatch.setattr(train_cli.subprocess, "Popen", start)
+    assert main(["train", "--datalist", str(datalist), "--out", str(run)]) == 130
+    client = MlflowClient(tracking_uri=f"sqlite:///{run / 'runs' / 'mlruns.db'}")
+    assert client.get_run(ids["run"]).info.status == "KILLED"
+    assert client.get_run(ids["other"]).info.status == "RUNNING"

@@ -241,6 +241,28 @@ def _check_keys(command: Sequence[str]) -> None:
         raise ValueError(front_words(str(err), values)) from None
 
 
+def _end_interrupted_runs(root: Path, tracking_uri: str | None = None) -> None:
+    """Mark the MLflow runs the interrupted training left RUNNING (experiment ``medsam3``, named after ``root``) as
+    KILLED: MONAI's handler logs into a RUNNING run of the same name, so another training of that name in the store
+    would be mixed into it, and a resume would log its redone iterations twice; a resume now opens a new run."""
+    store = root / "runs" / "mlruns.db"
+    if tracking_uri is None and not store.is_file():
+        return
+    try:
+        from mlflow import MlflowClient
+
+        client = MlflowClient(tracking_uri=tracking_uri or f"sqlite:///{store}")
+        experiment = client.get_experiment_by_name("medsam3")
+        if experiment is None:
+            return
+        for found in client.search_runs([experiment.experiment_id], f"tags.mlflow.runName = '{root.name}' and "
+                                                                     "attributes.status = 'RUNNING'"):
+            client.set_terminated(found.info.run_id, "KILLED")
+    except Exception as err:  # noqa: BLE001 - the store is the user's; the interrupt line is said whatever happens
+        print(f"medsam3 train: note: the MLflow run could not be marked KILLED ({type(err).__name__}: {err})",
+              file=sys.stderr)
+
+
 def run(args: argparse.Namespace) -> int:
     command = bundle_command(args)  # (--set mistakes first: they need no file)
     _check_keys(command)
@@ -269,6 +291,8 @@ def run(args: argparse.Namespace) -> int:
             from ..engines.checkpointing import latest_checkpoint
 
             newest = latest_checkpoint(root / "runs" / "checkpoints")
+            if not args.no_mlflow:
+                _end_interrupted_runs(root, _settings(args.settings, {}).get("tracking_uri"))
             print(f"medsam3 train: interrupted; the same command resumes from the newest checkpoint, {newest}"
                   if newest is not None else "medsam3 train: interrupted before the first checkpoint; the same "
                   "command starts the run again", file=sys.stderr)
