@@ -110,6 +110,18 @@ def _first_to_say(line: str) -> bool:
     return True
 
 
+def _a_rank_said_why() -> bool:
+    """Whether, under a ``torchrun`` of ``medsam3 train``, a rank has said its one error line already
+    (:func:`_first_to_say` marked it)."""
+    import os
+
+    folder = os.environ.get(SAID_ONCE_VARIABLE)
+    try:
+        return bool(folder) and any(os.scandir(folder))
+    except OSError:
+        return False
+
+
 def report_input_errors(prog: str = "medsam3 bundle", always: bool = False) -> None:
     """Make an input error end a ``python -m monai.bundle run`` as ``medsam3`` ends: one line on stderr, exit 2.
 
@@ -137,6 +149,9 @@ def report_input_errors(prog: str = "medsam3 bundle", always: bool = False) -> N
         interrupted = isinstance(error, KeyboardInterrupt)
         cause = None if interrupted else _input_error(error)
         if cause is None and not interrupted:
+            if _a_rank_said_why():  # a torchrun peer stopped on an input error and said it: this rank lost it
+                sys.stdout.flush()
+                os._exit(2)  # (DDP's "Connection reset by peer"), a consequence, not a second story
             previous(kind, error, traceback)
             return
         bars = getattr(sys.modules.get("tqdm"), "tqdm", None)

@@ -241,3 +241,22 @@ def test_an_input_error_every_rank_meets_is_said_once(tmp_path: Path, capfd, mon
     said = [line for line in capfd.readouterr().err.splitlines() if "error:" in line]
     assert said == ["medsam3 train: error: a.png: truncated"], said
     assert SAID_ONCE_VARIABLE not in os.environ
+    # one rank meets the bad file; its peer then loses the connection (DDP's "Connection reset by peer"): the peer
+    # ends quietly with status 2, the run with the one line, no traceback, no torchrun report (helper-75)
+    ready = tmp_path / "rank0_ready"
+    rank.write_text(f"import os, time\nfrom pathlib import Path\n"
+                    f"from medsam3_monai.bundle import SAID_ONCE_VARIABLE, report_input_errors\n"
+                    f"report_input_errors('medsam3 train', always=True)\n"
+                    f"def wait(found):  # the other rank's step (bounded: a broken launch fails, not hangs)\n"
+                    f"    for _ in range(1200):\n        if found():\n            return\n        time.sleep(0.05)\n"
+                    f"if os.environ['RANK'] == '1':\n    wait(Path({str(ready)!r}).exists)\n"
+                    f"    raise ValueError('b.png: truncated')\n"
+                    f"Path({str(ready)!r}).touch()\n"
+                    f"wait(lambda: os.listdir(os.environ[SAID_ONCE_VARIABLE]))  # the peer marks its line, then exits\n"
+                    f"raise RuntimeError('[gloo/transport/tcp/pair.cc:545] Read error: Connection reset by peer')\n")
+    capfd.readouterr()
+    assert main(["--standalone", "--nproc_per_node", "2", "--monitor-interval", "5", "--log-dir",  # (torchrun's
+                 str(tmp_path / "logs2"), str(rank)]) == 2  # SIGTERM to rank 0 comes after the lost connection)
+    err = capfd.readouterr().err
+    assert [line for line in err.splitlines() if "error:" in line] == ["medsam3 train: error: b.png: truncated"], err
+    assert "Traceback" not in err and "Connection reset" not in err, err

@@ -7,8 +7,9 @@ traceback: the ranks stop with it, and ``medsam3 train`` says which checkpoint t
 When every failed rank ended with an input error (status 2: the rank printed its one line,
 ``bundle.report_input_errors``) or was interrupted (130), the launcher ends with that status and nothing more,
 instead of torchrun's ``ChildFailedError`` report (40 lines of its own traceback and a failure table that names no
-file); ranks that torchrun stopped because another failed first (SIGTERM) are part of that. Any other failure keeps
-torchrun's report. An error line that several ranks meet (a bad file every rank
+file); ranks that torchrun stopped because another failed first (SIGTERM) are part of that, and so are ranks whose
+error came after a peer had said its line (DDP's "Connection reset by peer" once that peer is gone: they end with
+status 2 and say nothing, ``bundle._a_rank_said_why``). Any other failure keeps torchrun's report. An error line that several ranks meet (a bad file every rank
 reads) is said once: the ranks mark what they said in a temporary folder (``bundle.SAID_ONCE_VARIABLE``).
 """
 
