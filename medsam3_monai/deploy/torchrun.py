@@ -9,8 +9,9 @@ When every failed rank ended with an input error (status 2: the rank printed its
 instead of torchrun's ``ChildFailedError`` report (40 lines of its own traceback and a failure table that names no
 file); ranks that torchrun stopped because another failed first (SIGTERM) are part of that, and so are ranks whose
 error came after a peer had said its line (DDP's "Connection reset by peer" once that peer is gone: they end with
-status 2 and say nothing, ``bundle._a_rank_said_why``). Any other failure keeps torchrun's report. An error line that several ranks meet (a bad file every rank
-reads) is said once: the ranks mark what they said in a temporary folder (``bundle.SAID_ONCE_VARIABLE``).
+status 2 and say nothing, ``bundle._a_rank_said_why``). Any other failure keeps torchrun's report. An error line
+that several ranks meet (a bad file every rank reads) is said once: the ranks mark what they said in a temporary
+folder (``bundle.SAID_ONCE_VARIABLE``).
 """
 
 from __future__ import annotations
