@@ -154,8 +154,9 @@ class MLflowRunInfoHandler:
             if Path(path).exists():
                 client.log_artifact(run_id, str(path))
             else:
-                logger.info("MLflow artifact %s was not written by this run (the best checkpoint needs a validation);"
-                            " not logged", path)
+                logger.info("MLflow artifact %s does not exist, not logged: no validation of this run has beaten the "
+                            "best so far, or none ran (a training resumed from another folder's checkpoint carries "
+                            "that run's best value; its best model file stays in that folder)", path)
         for name, content in self.documents.items():
             client.log_dict(run_id, content, name)
 
