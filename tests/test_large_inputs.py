@@ -494,7 +494,7 @@ def test_segment_cli_is_unchanged_for_small_pictures_and_shows_progress_only_for
     large = tmp_path / "large.png"
     assert segment(str(source), "--prompt", "disc", "--prompt", "background", "--out", str(large)) == 0
     err = capsys.readouterr().err
-    assert "p.png: 200x300 -> 112x112" in err and "p.png: masks at 200x300" in err
+    assert "p.png: 300x200 -> 112x112" in err and "p.png: masks at 300x200" in err  # width x height
     assert segment(str(source), "--prompt", "disc", "--prompt", "background", "--out", str(large), "--overwrite",
                    "--no-progress") == 0
     assert "masks at" not in capsys.readouterr().err

@@ -413,7 +413,7 @@ class MergePromptsd(MapTransform):
         values, prompts, groups = self._prompts(d, maps.shape[0])
         show = self.progress and size[0] * size[1] >= PROGRESS_MIN_PIXELS
         name = Path(str(pred.meta.get("filename_or_obj", "image"))).name if show else ""
-        desc = f"{name}: masks at {size[0]}x{size[1]}"
+        desc = f"{name}: masks at {size[1]}x{size[0]}"
         with tile_progress(size[0], desc, show) if show else nullcontext() as bar:
             update = bar.update if show else None
             if masks is not None:

@@ -671,7 +671,7 @@ class TiledResizeToSliced(ResizeToSliced):
         """:func:`tile_progress` over the rows of a ``height`` x ``width`` picture's tiled passes (shown from
         ``PROGRESS_MIN_PIXELS``, unless ``progress`` is off)."""
         size = self.spatial_size
-        desc = f"{Path(path).name if path else 'image'}: {height}x{width} -> {size}x{size}"
+        desc = f"{Path(path).name if path else 'image'}: {width}x{height} -> {size}x{size}"
         return tile_progress(height, desc, self.progress and height * width >= PROGRESS_MIN_PIXELS)
 
     def _recorded(self, img: Any, out: torch.Tensor, hw: tuple[int, int], align_corners: bool | None,
