@@ -486,6 +486,20 @@ def test_a_big_endian_16_bit_tiff_loads_as_its_little_endian_twin(tmp_path):
     assert torch.equal(big[0], torch.from_numpy(levels.astype(np.float32)))
 
 
+def test_a_two_channel_tiff_is_refused_not_read_as_its_first_channel(tmp_path):
+    """PIL reads a grey TIFF with an extra channel of data (ExtraSamples "unspecified") as its first channel alone:
+    refused; the same picture with an alpha channel reads as grey (alpha dropped, as an RGBA picture's is)."""
+    tifffile = pytest.importorskip("tifffile")
+    pixels = np.random.default_rng(0).integers(0, 255, (20, 30, 2), dtype=np.uint8)
+    tifffile.imwrite(tmp_path / "two.tif", pixels, photometric="minisblack", planarconfig="contig")
+    tifffile.imwrite(tmp_path / "alpha.tif", pixels, photometric="minisblack", planarconfig="contig",
+                     extrasamples=["unassalpha"])
+    with pytest.raises(DataError, match="is a TIFF of 2 channels that are not an alpha channel, and only its first "
+                                        "would be read"):
+        load(tmp_path / "two.tif")
+    assert torch.equal(load(tmp_path / "alpha.tif")["image"][0], torch.from_numpy(pixels[..., 0]).float())
+
+
 def test_a_tiff_pil_cannot_decode_is_named_with_its_layout_not_called_corrupt(tmp_path):
     tifffile = pytest.importorskip("tifffile")
     path = tmp_path / "float_rgb.tif"

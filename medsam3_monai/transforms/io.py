@@ -241,10 +241,27 @@ def picture_size(path: str | Path) -> tuple[int, int]:
     with pil_size_check_off(), Image.open(path) as img:
         frames = 1 if img.format == "MPO" else int(getattr(img, "n_frames", 1) or 1)
         size = img.size[::-1] if exif_orientation(img) in QUARTER_TURNS else img.size
+        samples = _unread_tiff_samples(img)
+    if samples:
+        raise DataError(path, f"is a TIFF of {samples} channels that are not an alpha channel, and only its first "
+                              "would be read (as grey)", "save the channel to segment as a grey picture, or three "
+                                                          "channels as an RGB one")
     if frames > 1:
         raise DataError(path, f"is a multi-frame picture ({frames} frames / pages) but one 2D picture is segmented "
                               "at a time", "save the frame / page you want as its own file (e.g. one PNG)")
     return size
+
+
+def _unread_tiff_samples(img: Image.Image) -> int:
+    """The number of channels of a grey TIFF (PIL mode L, I;16, F, ...) whose extra samples are data, not alpha
+    (ExtraSamples 0, "unspecified": a two-channel fluorescence picture), which PIL reads as its first channel
+    alone; 0 for any other picture."""
+    tags = getattr(img, "tag_v2", None) if img.format == "TIFF" else None
+    extra = tags.get(338) if tags is not None else None
+    if extra is None or img.mode not in ("L", "I", "F") and not img.mode.startswith("I;16"):
+        return 0
+    extra = tuple(extra) if isinstance(extra, (tuple, list)) else (extra,)
+    return int(tags.get(277, 1 + len(extra))) if 0 in extra else 0
 
 
 def _gb(n_bytes: float) -> str:
