@@ -11,6 +11,7 @@ import importlib.util
 import io
 import json
 import sys
+import tempfile
 from pathlib import Path
 
 import nibabel as nib
@@ -216,6 +217,14 @@ def test_serve_refuses_multi_frame_pictures_and_4d_volumes_with_the_loaders_word
     assert status == 422, body
     error = json.loads(body)["error"]
     assert "4D volume" in error and "--channel" not in error
+
+
+def test_serve_notes_a_ct_window_on_a_picture_as_segment_does(server):
+    status, body = _infer(server, _png_bytes(32, 24), "a.png", {"prompts": ["liver"], "modality": "CT"})
+    assert status == 200, body
+    notes = json.loads(body)["notes"]
+    assert any(note.startswith("modality 'CT' scales the picture with a CT window") for note in notes), notes
+    assert not any(tempfile.gettempdir() in note for note in notes), notes  # no server path
 
 
 def test_serve_refuses_duplicate_prompts(server):

@@ -677,16 +677,17 @@ def slice_axis_note(affine: Any) -> str | None:
             f"{plane} slices; reorient it to axial (third axis S or I) for the papers' setting")
 
 
-def ct_picture_notes(pictures: list[str], modality: str | None) -> list[str]:
+def ct_picture_notes(pictures: list[str], modality: str | None, shown: str | None = None) -> list[str]:
     """A note when a CT window (Hounsfield units) is to scale 2D pictures, whose pixels are display values (a DICOM
-    file's are its stored values through its rescale slope and intercept: HU for CT, no note)."""
+    file's are its stored values through its rescale slope and intercept: HU for CT, no note). ``shown``: what the
+    note calls one picture (a server's upload), else its path."""
     from ..transforms.intensity import is_ct_windowed
     from ..transforms.io import dicom_picture_size
 
     pictures = [picture for picture in pictures if dicom_picture_size(picture) is None]
     if not pictures or not is_ct_windowed(modality):
         return []
-    what = pictures[0] if len(pictures) == 1 else f"{len(pictures)} pictures (e.g. {pictures[0]})"
+    what = (shown or pictures[0]) if len(pictures) == 1 else f"{len(pictures)} pictures (e.g. {pictures[0]})"
     return [f"modality {modality!r} scales {what} with a CT window, which reads Hounsfield units; a picture's "
             "pixels are display values unless it stores HU: without a modality a picture is scaled by its "
             "channels (RGB / 255, grey min-max)"]
@@ -727,9 +728,11 @@ def unused_threshold_notes(prediction, given: float | None, default: float, name
 
 def request_notes(prediction, given: float | None, default: float, name: str) -> list[str]:
     """A server's notes on its answer to a request whose score threshold is ``given`` (the request's setting
-    ``name``; ``default``: the server's): :func:`prediction_notes`, lowered by sending a lower ``name``, and
-    :func:`unused_threshold_notes`."""
-    return (prediction_notes(prediction, remedy=f"send a lower {name}")
+    ``name``; ``default``: the server's): a CT window on a picture (:func:`ct_picture_notes`), :func:`prediction_notes`,
+    lowered by sending a lower ``name``, and :func:`unused_threshold_notes`."""
+    pictures = [] if prediction.is_volume else [str(prediction.source)]
+    return (ct_picture_notes(pictures, prediction.settings.get("modality"), shown="the picture")
+            + prediction_notes(prediction, remedy=f"send a lower {name}")
             + unused_threshold_notes(prediction, given, default, name))
 
 
