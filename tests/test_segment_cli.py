@@ -604,3 +604,10 @@ def test_no_progress_quiets_the_libraries_bars_too(kvasir, tmp_path, capsys, mon
         assert "Loading weights" not in capsys.readouterr().err
     finally:
         transformers_logging.enable_progress_bar()
+
+
+def test_a_label_of_a_few_pixels_is_not_said_to_cover_none():
+    from medsam3_monai.deploy.segment_cli import share_text
+
+    assert [share_text(0, 100), share_text(1, 100_000), share_text(5, 10_000), share_text(50, 100)] == [
+        "0.0%", "<0.1%", "0.1%", "50.0%"]

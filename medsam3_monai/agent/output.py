@@ -127,7 +127,8 @@ def write_outputs(plan: OutputPlan, decision: Any, view: Any, segmenter: Any, re
     """Write mask, sidecar, overlay and trace together; returns the line to print."""
     import numpy as np
 
-    from ..deploy.segment_cli import IMAGE_OUTPUTS, StagedFiles, size_text, write_label_volume, write_mask_image
+    from ..deploy.segment_cli import (IMAGE_OUTPUTS, StagedFiles, share_text, size_text, write_label_volume,
+                                      write_mask_image)
     from .marks import union_of
 
     input_path = segmenter.path
@@ -178,7 +179,7 @@ def write_outputs(plan: OutputPlan, decision: Any, view: Any, segmenter: Any, re
     total = max(int(labels.size), 1)
     if decision.status == "selected":
         what = ", ".join(f"mark {m.number} {m.phrase!r} (score {m.score:.3f})" for m in decision.marks)
-        what += f"; {100.0 * int(mask.sum()) / total:.1f}% of the {'volume' if view.is_volume else 'image'}"
+        what += f"; {share_text(int(mask.sum()), total)} of the {'volume' if view.is_volume else 'image'}"
     else:
         what = f"no match: {decision.reason}; the mask is empty"
     extra = f" + {plan.overlay}" if plan.overlay is not None else ""

@@ -435,7 +435,7 @@ def write_prediction(prediction: Any, source: str | Path, out: Path, sidecar_pat
     total = max(int(labels.size), 1)
     described = ", ".join(
         f"{value} = {entry['prompt']!r} (score {entry['score']:.3f}, "
-        f"{100.0 * entry.get('pixels', entry.get('voxels', 0)) / total:.1f}%)"
+        f"{share_text(entry.get('pixels', entry.get('voxels', 0)), total)})"
         for value, entry in summary["labels"].items()
     )
     extra = f" + {overlay}" if overlay is not None else ""
@@ -446,6 +446,13 @@ def numerics(args: argparse.Namespace) -> dict[str, Any]:
     """How the network ran (sidecar entries): ``autocast`` (``none`` or ``bf16``: bf16 rounds scores to about three
     digits, so near-equal prompts may tie where they overlap) and ``compiled`` (``--compile``)."""
     return {"autocast": getattr(args, "autocast", None) or "none", "compiled": bool(getattr(args, "compile", False))}
+
+
+def share_text(count: int, total: int) -> str:
+    """``count`` of ``total`` pixels as the summary line says it: ``12.3%``, ``<0.1%`` for a few (not ``0.0%``,
+    which reads as empty), ``0.0%`` for none."""
+    share = 100.0 * int(count) / max(int(total), 1)
+    return "<0.1%" if 0 < share < 0.05 else f"{share:.1f}%"
 
 
 def size_text(shape: Sequence[int], is_volume: bool) -> str:
