@@ -89,7 +89,8 @@ def test_evaluation_bundle_refuses_a_folder_holding_an_earlier_run(shared_data, 
 
 
 def test_the_evaluation_bundles_report_names_the_tracker_auto_resolves_to(tmp_path):
-    """evaluate.json's notes name the tracker the volumes ran with, as the CLI's do, not the word 'auto'."""
+    """evaluate.json's notes and MLflow parameters name the tracker the volumes ran with, as the CLI's do, not the
+    word 'auto'."""
     from medsam3_monai.bundle import BUNDLE_CONFIGS
     from medsam3_monai.networks.tracker import tracker_choice
 
@@ -99,8 +100,11 @@ def test_the_evaluation_bundles_report_names_the_tracker_auto_resolves_to(tmp_pa
     assert tracker_choice("auto", str(weights)) == ("none", "none (the checkpoint has no tracker weights)")
     assert tracker_choice("none", "tiny") == tracker_choice(None, "tiny") == ("none", "none")
     assert tracker_choice("/weights/sam3-hf", "tiny") == ("/weights/sam3-hf", "/weights/sam3-hf")
-    notes = json.loads((BUNDLE_CONFIGS / "evaluate.json").read_text())["handlers"][2]["notes"]
-    assert notes["tracker"] == "$medsam3_monai.networks.tracker.tracker_choice(@tracker_source, @checkpoint)[1]"
+    report = json.loads((BUNDLE_CONFIGS / "evaluate.json").read_text())["handlers"][2]
+    described = "$medsam3_monai.networks.tracker.tracker_choice(@tracker_source, @checkpoint)[1]"
+    assert report["notes"]["tracker"] == report["params"]["tracker"] == described  # MLflow's param too (helper-75)
+    text = tracker_choice("auto", "tiny")[1]  # the CLI's tracker_source is the description: described again, it stays
+    assert tracker_choice(text, "tiny")[1] == text
 
 
 def test_a_comparison_says_when_the_checkpoints_volumes_ran_with_different_trackers():
