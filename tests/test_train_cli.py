@@ -263,6 +263,24 @@ def test_the_training_bundle_trains_a_checkpoint_at_its_own_size_unless_told(tmp
     assert config_parser("train.json", checkpoint=str(model)).get_parsed_content("slice_size") == 224
 
 
+def interrupted_bundle(monkeypatch, train_cli, before_exit) -> None:
+    """``medsam3 train``'s bundle process replaced by one that runs ``before_exit()`` and ends as Ctrl-C ends it
+    (status 130)."""
+    class Interrupted:
+        def wait(self):
+            return 130
+
+    popen = train_cli.subprocess.Popen
+
+    def start(command, *args, **kwargs):
+        if "monai.bundle" not in command:
+            return popen(command, *args, **kwargs)
+        before_exit()
+        return Interrupted()
+
+    monkeypatch.setattr(train_cli.subprocess, "Popen", start)
+
+
 @pytest.mark.parametrize("saved", [False, True])
 def test_ctrl_c_says_whether_the_same_command_resumes_or_starts_again(tmp_path: Path, capsys, monkeypatch, saved):
     """The bundle ended by Ctrl-C (exit 130): the newest checkpoint the same command resumes from is named, and
@@ -272,21 +290,12 @@ def test_ctrl_c_says_whether_the_same_command_resumes_or_starts_again(tmp_path: 
     datalist, run = tmp_path / "d.json", tmp_path / "run"
     datalist.write_text('{"training": [], "validation": []}')
 
-    class Interrupted:  # the bundle's process: writes what it had saved, then ends as Ctrl-C ends it
-        def wait(self):
-            return 130
-
-    popen = train_cli.subprocess.Popen
-
-    def start(command, *args, **kwargs):
-        if "monai.bundle" not in command:
-            return popen(command, *args, **kwargs)
+    def saves():  # what the bundle's process had saved when Ctrl-C ended it
         (run / "runs" / "checkpoints").mkdir(parents=True)
         for n in (10, 20) if saved else ():
             (run / "runs" / "checkpoints" / f"checkpoint_iter{n}.pt").write_bytes(b"x")
-        return Interrupted()
 
-    monkeypatch.setattr(train_cli.subprocess, "Popen", start)
+    interrupted_bundle(monkeypatch, train_cli, saves)
     assert main(["train", "--datalist", str(datalist), "--out", str(run), "--no-mlflow"]) == 130
     last = capsys.readouterr().err.strip().splitlines()[-1]
     assert last == (f"medsam3 train: interrupted; the same command resumes from the newest checkpoint, "
@@ -306,22 +315,13 @@ def test_ctrl_c_marks_the_trainings_mlflow_run_killed(tmp_path: Path, capsys, mo
     datalist.write_text('{"training": [], "validation": []}')
     ids = {}
 
-    class Interrupted:
-        def wait(self):
-            return 130
-
-    popen = train_cli.subprocess.Popen
-
-    def start(command, *args, **kwargs):
-        if "monai.bundle" not in command:
-            return popen(command, *args, **kwargs)
+    def tracks():  # the bundle's process had opened its run (and another training its own) when Ctrl-C ended it
         (run / "runs").mkdir(parents=True)
         client = MlflowClient(tracking_uri=f"sqlite:///{run / 'runs' / 'mlruns.db'}")
         experiment = client.create_experiment("medsam3")
         ids.update({name: client.create_run(experiment, run_name=name).info.run_id for name in ("run", "other")})
-        return Interrupted()
 
-    monkeypatch.setattr(train_cli.subprocess, "Popen", start)
+    interrupted_bundle(monkeypatch, train_cli, tracks)
     assert main(["train", "--datalist", str(datalist), "--out", str(run)]) == 130
     client = MlflowClient(tracking_uri=f"sqlite:///{run / 'runs' / 'mlruns.db'}")
     assert client.get_run(ids["run"]).info.status == "KILLED"
