@@ -227,6 +227,25 @@ def test_serve_notes_a_ct_window_on_a_picture_as_segment_does(server):
     assert not any(tempfile.gettempdir() in note for note in notes), notes  # no server path
 
 
+def test_serve_segments_a_dicom_picture_as_the_png_of_its_pixels(server, tmp_path):
+    """A single-frame DICOM upload is a picture (a PNG mask, the PNG twin's); a multi-frame one is refused, naming
+    what to upload instead."""
+    from test_transforms_io import _write_dicom_picture
+
+    pixels = np.asarray(Image.open(io.BytesIO(_png_bytes(32, 24))).convert("L")).copy()
+    pixels[4:12, 6:20] = 230
+    Image.fromarray(pixels).save(tmp_path / "p.png")
+    dicom = _write_dicom_picture(tmp_path / "p.dcm", pixels)
+    answers = [_infer(server, path.read_bytes(), path.name, {"prompts": ["lesion"]}, output="image")
+               for path in (tmp_path / "p.png", dicom)]
+    assert [status for status, _ in answers] == [200, 200], answers
+    masks = [np.asarray(Image.open(io.BytesIO(body))) for _, body in answers]
+    assert masks[0].shape == (24, 32) and np.array_equal(masks[0], masks[1])
+    frames = _write_dicom_picture(tmp_path / "cine.dcm", np.stack([pixels] * 3), frames=3)
+    status, body = _infer(server, frames.read_bytes(), "cine.dcm", {"prompts": ["lesion"]})
+    assert status == 422 and "upload.dcm is not a single-frame DICOM picture" in json.loads(body)["error"], body
+
+
 def test_serve_refuses_duplicate_prompts(server):
     status, body = _infer(server, _png_bytes(32, 24), "a.png", {"prompts": ["polyp", "Polyp"]})
     assert status == 422, body

@@ -65,6 +65,7 @@ RESULT_HEADER = "X-MedSAM3-Result"
 #: accepted upload extensions -> kind (the only part of a client's file name that is used)
 UPLOAD_SUFFIXES = {".png": "image", ".jpg": "image", ".jpeg": "image", ".bmp": "image", ".tif": "image",
                    ".tiff": "image", ".gif": "image", ".ppm": "image",  # DRIVE's masks, STARE's pictures
+                   ".dcm": "image",  # a single-frame DICOM picture (a volume comes as NIfTI, NRRD or MetaImage)
                    ".nii": "volume", ".nii.gz": "volume", ".nrrd": "volume", ".mha": "volume"}
 #: labels submitted to the datastore are kept as sent (never read): these extensions
 LABEL_SUFFIXES = (*UPLOAD_SUFFIXES, ".nrrd", ".seg.nrrd")
@@ -268,9 +269,12 @@ def check_picture_data(path: Path) -> None:
     the server's limit (the header's, checked first)."""
     from PIL import Image
 
-    from ..transforms.io import pil_size_check_off
+    from ..transforms.io import dicom_picture_size, load_medical_image, pil_size_check_off
 
     try:
+        if dicom_picture_size(path) is not None:  # a DICOM picture: its pixels are ITK's to decode
+            load_medical_image(path)
+            return
         with pil_size_check_off(), Image.open(path) as picture:
             picture.load()
     except Exception as err:  # noqa: BLE001 - any decoder failure is an unreadable upload
@@ -325,6 +329,13 @@ def check_image(path: Path, limits: ServerLimits, decode_pictures: bool = True) 
     kind = UPLOAD_SUFFIXES[upload_suffix(path.name)]
     if path.stat().st_size == 0:
         raise RequestError(422, "the uploaded file is empty")
+    if upload_suffix(path.name) == ".dcm":
+        from ..transforms.io import dicom_picture_size
+
+        if dicom_picture_size(path) is None:
+            raise RequestError(422, "upload.dcm is not a single-frame DICOM picture (a multi-frame file, or a header "
+                                    "that does not read): upload one picture, or a volume as NIfTI, NRRD or "
+                                    "MetaImage")
     shape = image_size(path, kind)
     pixels = 1
     for s in shape[:3]:
