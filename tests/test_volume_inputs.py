@@ -211,6 +211,8 @@ def test_a_volume_without_a_modality_is_noted_and_a_ct_one_named(tmp_path, capsy
     import torch
 
     assert "look like CT" not in unscaled_volume_note(torch.tensor([[0.0, 833.0]]))  # an MRI's: no CT named
+    garbage = unscaled_volume_note(torch.tensor([[-2.2e38, 8.6e36]]))  # a corrupt file's voxels (helper-76)
+    assert "look like CT" not in garbage and "beyond any modality's range: check the file" in garbage
     nib.Nifti1Image((ct > 0).astype(np.uint8), np.diag([1.5, 1.5, 3.0, 1.0])).to_filename(tmp_path / "mask.nii.gz")
     items = [{"image": str(tmp_path / "ct.nii.gz"), "label": str(tmp_path / "mask.nii.gz"), "prompts": {"1": "liver"}}]
     datalist = tmp_path / "own.json"

@@ -126,12 +126,19 @@ def handler_for_modality(modality: str | None, handlers: Mapping[str, str] | Non
 INTENSITY_NOTE = "intensity_note"
 #: a volume whose values reach this low (air is -1000 HU) looks like CT in Hounsfield units
 HU_LIKE_MINIMUM = -500.0
+#: ... and one reaching below this (beyond any CT's -1024, with room for odd pads) is not one
+HU_PLAUSIBLE_MINIMUM = -1e5
 
 
 def unscaled_volume_note(values: torch.Tensor) -> str:
     """The note on a volume that had no modality and was min-max scaled, from its values (C, X, Y, Z): when they
-    reach :data:`HU_LIKE_MINIMUM` (Hounsfield units: air is -1000), that it looks like a CT to window."""
+    reach :data:`HU_LIKE_MINIMUM` (Hounsfield units: air is -1000), that it looks like a CT to window; below
+    :data:`HU_PLAUSIBLE_MINIMUM`, that no modality has such values (a corrupt file's garbage)."""
     low, high = float(values.min()), float(values.max())
+    if low < HU_PLAUSIBLE_MINIMUM:
+        return (f"no modality was given, so the volume was min-max scaled; its values ({low:g} to {high:g}) are "
+                "beyond any modality's range: check the file (`medsam3 datalist --check` tests a .gz file's whole "
+                "stream) and give its modality")
     if low <= HU_LIKE_MINIMUM:
         return (f"no modality was given, so the volume was min-max scaled, but its values ({low:g} to {high:g}) look "
                 "like CT Hounsfield units: give its modality (CT) for the CT window the papers' CT inputs get")
