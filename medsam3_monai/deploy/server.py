@@ -297,19 +297,16 @@ def check_volume_data(path: Path) -> None:
                 raise RequestError(422, f"{hidden} cannot be read: ITK could not read its data (truncated or "
                                         "corrupt); upload the whole file") from None
             return
-        import gzip
-
         import nibabel as nib
+
+        from ..transforms.io import gzip_data_size
 
         header = nib.load(str(path)).header
         needed = int(header.get_data_offset()) + math.prod(header.get_data_shape()) * header.get_data_dtype().itemsize
         if suffix == ".nii":
             held = path.stat().st_size
         else:
-            held = 0
-            with gzip.open(path, "rb") as stream:
-                while chunk := stream.read(1 << 22):
-                    held += len(chunk)
+            held = gzip_data_size(path)
     except RequestError:
         raise
     except EOFError as err:  # gzip: the stream stops before its end
@@ -326,10 +323,11 @@ def check_image(path: Path, limits: ServerLimits, decode_pictures: bool = True) 
     """(kind, shape) of a saved upload within the limits: not empty, a readable header of one picture or volume,
     the pixel count, data that is all there (``decode_pictures=False``: a picture's pixels are not decoded here,
     for an inference, whose own reading reports a truncated picture, so that it is decoded once)."""
-    kind = UPLOAD_SUFFIXES[upload_suffix(path.name)]
+    suffix = upload_suffix(path.name)
+    kind = UPLOAD_SUFFIXES[suffix]
     if path.stat().st_size == 0:
         raise RequestError(422, "the uploaded file is empty")
-    if upload_suffix(path.name) == ".dcm":
+    if suffix == ".dcm":
         from ..transforms.io import dicom_picture_size
 
         if dicom_picture_size(path) is None:
@@ -344,7 +342,7 @@ def check_image(path: Path, limits: ServerLimits, decode_pictures: bool = True) 
         raise RequestError(413, f"image of {'x'.join(map(str, shape))} = {pixels} pixels exceeds the server's "
                                 f"limit of {limits.max_image_pixels} (--max-image-pixels)")
     if kind == "volume" and math.prod(shape[3:]) > 1:
-        raise RequestError(422, f"upload{upload_suffix(path.name)} is a 4D volume ({'x'.join(map(str, shape))}): "
+        raise RequestError(422, f"upload{suffix} is a 4D volume ({'x'.join(map(str, shape))}): "
                                 "this server segments 3D volumes; upload one channel / time point as its own volume")
     if kind == "volume":
         check_volume_data(path)

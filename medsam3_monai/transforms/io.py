@@ -30,7 +30,6 @@ Conventions (the whole ``transforms`` package relies on them):
 from __future__ import annotations
 
 import functools
-
 import os
 import threading
 from collections.abc import Callable, Hashable, Iterator, Mapping, Sequence
@@ -568,13 +567,6 @@ def _read_picture(path: str, reader: Image2DReader, size: tuple[int, int] | None
     return MetaTensor.ensure_torch_and_prune_meta(array, meta)
 
 
-def nib_shape(path: str) -> tuple[int, ...]:
-    """A NIfTI file's data shape as its header states it."""
-    import nibabel as nib
-
-    return tuple(int(n) for n in nib.load(path).header.get_data_shape())
-
-
 def _dicom_picture(img: MetaTensor, path: str) -> MetaTensor:
     """A single-frame DICOM file as ITK reads it -- ``(C, X, Y)`` or ``(C, X, Y, 1)``, columns first, C = 1 (grey,
     MONOCHROME1 already inverted, rescale slope / intercept applied) or 3 (RGB) -- as a 2D picture is held:
@@ -623,20 +615,30 @@ def _tiff_layout(path: str) -> str | None:
         return None
 
 
+def gzip_data_size(path: str | Path) -> int:
+    """The number of bytes a gzip file inflates to, its whole stream read in 4 MB pieces (nothing kept) and so
+    checked by gzip itself (its CRC-32 and length at the end); raises gzip's own errors: EOFError for a stream cut
+    short, ``BadGzipFile`` (an OSError), ``zlib.error``."""
+    import gzip
+
+    size = 0
+    with gzip.open(path, "rb") as stream:
+        while chunk := stream.read(1 << 22):
+            size += len(chunk)
+    return size
+
+
 def check_gzip_stream(path: str | Path) -> None:
     """DataError when a ``.gz`` file's data fails gzip's own checks (its CRC-32 and length at the end of the
     stream), which a reader stopping after the bytes it needs never reaches: corrupted bytes inside a stream that
     still inflates would be read as voxels. The whole file is inflated once, nothing kept (``medsam3 datalist
     --check``); other files pass."""
-    import gzip
     import zlib
 
     if not str(path).lower().endswith(".gz") or not Path(path).is_file():
         return
     try:
-        with gzip.open(path, "rb") as stream:
-            while stream.read(1 << 22):
-                pass
+        gzip_data_size(path)
     except (OSError, EOFError, zlib.error) as err:  # BadGzipFile is an OSError
         detail = str(err).strip().splitlines()[0] if str(err).strip() else type(err).__name__
         raise DataError(path, f"is corrupt: its gzip data fails gzip's own check ({type(err).__name__}: {detail})",
@@ -706,16 +708,15 @@ def load_medical_image(
         check_picture_size(path, size, max_pixels)
     try:
         img = _read(path, reader, size)
-        if size is not None and not isinstance(reader, Image2DReader):
-            img = _dicom_picture(img, path)
-    except DataError:
-        raise
     except Exception as err:  # any reader failure: corrupt, truncated, not an image
         raise _unreadable(path, mask, err) from err
+    if size is not None and not isinstance(reader, Image2DReader):
+        img = _dicom_picture(img, path)
     if not isinstance(img, MetaTensor):
         img = MetaTensor(img)
     if img.numel() == 0:
-        stored = nib_shape(path) if _suffix(path) in (".nii", ".nii.gz") else tuple(img.shape)
+        header = nifti_channels(path)  # (channels, the header's shape); None for other formats
+        stored = header[1] if header is not None else tuple(img.shape)
         raise DataError(path, f"holds no pixels: a dimension of its shape {stored} is 0",
                         "re-export the image or volume with its data")
     source_dtype = str(img.dtype).replace("torch.", "")
