@@ -341,6 +341,32 @@ def test_the_cases_column_leaves_out_the_cases_skipped_as_unreadable(data_root, 
     assert manifest["command"][:3] == ["medsam3", "reproduce", "medical-sam3"]  # as given, however it was run
 
 
+@pytest.mark.slow
+def test_a_dataset_none_of_whose_cases_can_be_read_drops_out_and_the_others_are_scored(shared_data, tmp_path):
+    """--skip-unreadable with every Kvasir-SEG picture truncated (its header still reads, so discovery finds it): the
+    run goes on, scores BUSI, and names Kvasir-SEG's unreadable cases; it ended with no report at all before."""
+    root = tmp_path / "data"
+    shutil.copytree(shared_data / "Kvasir-SEG_sample", root / "Kvasir-SEG")
+    for picture in (root / "Kvasir-SEG" / "images").glob("*.jpg"):
+        picture.write_bytes(picture.read_bytes()[: picture.stat().st_size // 3])
+    os.symlink(shared_data / "BUSI", root / "BUSI")
+    argv = ["reproduce", "medsam3", "--data-root", str(root), "--checkpoint", "tiny", "--image-size", "112",
+            "--max-cases", "1", "--protocol", "T", "--no-progress", "--overlays", "0"]
+    failed = tmp_path / "failed"
+    assert _run([*argv, "--out", str(failed)]) == 2 and not failed.exists()  # without the option: nothing written
+    out = tmp_path / "repro"  # (another store: MLflow keeps its engine on the one the failed run removed)
+    assert _run([*argv, "--out", str(out), "--skip-unreadable"]) == 0
+    text = (out / "table.md").read_text()
+    assert _cells(text, "Kvasir-SEG")[2] == "unreadable cases" and _cells(text, "BUSI")[2] == "yes"
+    assert "WARNING: unreadable cases left out (--skip-unreadable)" in text and "Kvasir-SEG 1" in text
+    skipped = (out / "medsam3_t" / "Kvasir-SEG" / "skipped.csv").read_text()
+    assert ".jpg" in skipped and "Kvasir-SEG" in skipped
+    assert "none of its 1 case(s) could be read" in (out / "datasets.md").read_text()
+    manifest = json.loads((out / "manifest.json").read_text())
+    kvasir = next(d for d in manifest["datasets"] if d["dataset"] == "Kvasir-SEG")
+    assert kvasir["status"] == "unreadable_cases" and manifest["skipped_unreadable_cases"] == {"Kvasir-SEG": 1}
+
+
 def test_release_rules_apply_to_pictures_and_leave_volumes_as_the_papers():
     from medsam3_monai.reproduce.runner import ReproduceSettings, evaluation_rules
 

@@ -240,6 +240,32 @@ def test_a_soft_edged_png_mask_is_told_to_be_binarised_at_its_middle(tmp_path):
         DecodeLabeld()(d)
 
 
+def test_datalist_check_notes_a_soft_edge_that_an_explicit_binary_encoding_takes_as_mask(tmp_path, capsys):
+    """``"mask_encoding": "binary"`` (what every converter writes) takes a soft edge as mask without a word from the
+    loader; ``datalist --check`` says so with the pixels above 0 and above 127. A hard-edged mask gets no note."""
+    import json
+
+    from PIL import ImageFilter
+
+    from medsam3_monai.data.cli import check_datalist_file
+
+    y, x = np.mgrid[0:60, 0:90]
+    disc = ((x - 45) ** 2 + (y - 30) ** 2 < 15 ** 2).astype(np.uint8) * 255
+    _save(tmp_path, "img.png", Image.new("L", (90, 60), 90))
+    soft = np.asarray(Image.fromarray(disc).filter(ImageFilter.GaussianBlur(2)))
+    _save(tmp_path, "soft.png", Image.fromarray(soft))
+    _save(tmp_path, "hard.png", Image.fromarray(disc))
+    said = {}
+    for mask in ("soft.png", "hard.png"):
+        item = {"image": "img.png", "label": mask, "prompts": {"1": "disc"}, "mask_encoding": "binary"}
+        (tmp_path / "list.json").write_text(json.dumps({"test": [item]}))
+        assert check_datalist_file(tmp_path / "list.json", progress=False) == 0
+        said[mask] = capsys.readouterr().err
+    assert "1 binary mask(s) have a soft (anti-aliased or resized) edge" in said["soft.png"]
+    assert f"({int((soft > 0).sum())} pixels, {int((soft > 127).sum())} above 127" in said["soft.png"]
+    assert "soft" not in said["hard.png"] and "every image and mask decodes" in said["hard.png"]
+
+
 # ---------------------------------------------------------------- DICOM series (ITK)
 
 

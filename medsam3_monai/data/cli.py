@@ -223,7 +223,7 @@ def decode_check(result, skip_bad: bool = False, progress: bool = True, base_dir
     from ..inferers.inputs import user_error
     from ..tensors import plain_tensor
     from ..transforms.io import check_gzip_stream
-    from ..transforms.labels import parse_prompts
+    from ..transforms.labels import parse_prompts, soft_edge_pixels
     from .datalist import SPLITS
     from .pairs import DatalistError, Problem
 
@@ -232,17 +232,24 @@ def decode_check(result, skip_bad: bool = False, progress: bool = True, base_dir
     def absolute(value: str) -> str:
         return value if base_dir is None or os.path.isabs(value) else os.path.join(base_dir, value)
 
+    def labels_of(item: dict[str, Any]) -> list[str]:
+        return item["label"] if isinstance(item["label"], list) else [item["label"]]
+
     entries = [(split, item) for split in SPLITS for item in result.datalist[split]]
     bad: list[tuple[str, dict, Problem]] = []
     presence: list[dict[str, Any]] = []  # per item and prompt, whether its mask holds the label value
+    soft: list[tuple[str, tuple[int, int]]] = []  # binary masks with a soft edge: (path, (pixels > 0, > 127))
     for split, item in tqdm(entries, desc="decoding", unit="item", disable=not progress, file=sys.stderr):
         label = item["label"]
         resolved = {**item, "image": absolute(item["image"]),
                     "label": [absolute(p) for p in label] if isinstance(label, list) else absolute(label)}
         try:
-            for path in {resolved["image"], *(resolved["label"] if isinstance(label, list) else [resolved["label"]])}:
+            for path in {resolved["image"], *labels_of(resolved)}:
                 check_gzip_stream(path)  # the readers stop before a gzip file's own check at its end
             loaded = loading(resolved)
+            if item.get("mask_encoding") == "binary":  # (auto refuses a soft edge; binary takes it as the mask)
+                soft += [(path, pixels) for path in labels_of(resolved)
+                         if (pixels := soft_edge_pixels(path)) is not None]
             present = {int(v) for v in distinct_values(plain_tensor(loaded["label"]).numpy())}
             presence += [{"dataset": item.get("dataset", ""), "case": resolved["image"], "label": value,
                           "prompt": text, "empty_truth": value not in present}
@@ -252,7 +259,7 @@ def decode_check(result, skip_bad: bool = False, progress: bool = True, base_dir
             if cause is None:
                 raise
             where, _, why = str(cause).partition(": ")  # our DataError names the file first
-            files = {resolved["image"], *(resolved["label"] if isinstance(label, list) else [resolved["label"]])}
+            files = {resolved["image"], *labels_of(resolved)}
             problem = Problem(Path(where), why) if why and where in files else Problem(
                 Path(resolved["image"]), str(cause))
             bad.append((split, item, problem))
@@ -266,7 +273,19 @@ def decode_check(result, skip_bad: bool = False, progress: bool = True, base_dir
     for split, item, problem in bad:
         result.datalist[split].remove(item)
         result.skipped.append(problem)
-    return absent_label_warnings(presence, ABSENT_IN_DATALIST, where="mask", cases="item(s)")
+    return soft_edge_notes(soft) + absent_label_warnings(presence, ABSENT_IN_DATALIST, where="mask", cases="item(s)")
+
+
+def soft_edge_notes(soft: Sequence[tuple[str, tuple[int, int]]]) -> list[str]:
+    """A note on the binary masks whose edge is soft (anti-aliased or resized): ``"mask_encoding": "binary"``
+    takes every pixel above 0 as the mask, their soft edge too."""
+    if not soft:
+        return []
+    path, (above_zero, above_middle) = soft[0]
+    return [f"{len(soft)} binary mask(s) have a soft (anti-aliased or resized) edge, e.g. {path}: \"mask_encoding\": "
+            f"\"binary\" takes every pixel above 0 as the mask, the soft edge too ({above_zero} pixels, "
+            f"{above_middle} above 127, {100 * (above_zero - above_middle) / max(above_middle, 1):.1f} % more); if the edge is "
+            "not part of the structure, binarise those masks at 127 and save them again"]
 
 
 def datalist_command(argv: Sequence[str] | None = None) -> int:

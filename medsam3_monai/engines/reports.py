@@ -393,6 +393,26 @@ def absent_label_warnings(records: Sequence[Mapping[str, Any]], meaning: str = A
     return lines
 
 
+def write_skipped_csv(path: Path, unreadable: Sequence[Any]) -> Path:
+    """``skipped.csv``: the image, label and error of each case ``--skip-unreadable`` left out (``UnreadableCase``)."""
+    return write_csv(path, ["image", "label", "error"],
+                     [{"image": case.item.get("image", ""), "label": case.item.get("label", ""), "error": case.error}
+                      for case in unreadable])
+
+
+class NothingReadable(ValueError):
+    """Every case of an evaluation was unreadable and skipped (``--skip-unreadable``): nothing to report.
+    ``unreadable``: the skipped cases (``UnreadableCase``), each with its item and error."""
+
+    def __init__(self, unreadable: list[Any]) -> None:
+        self.unreadable = list(unreadable)
+        super().__init__(f"no metric records to report: every case read was unreadable and skipped "
+                         f"(--skip-unreadable: {len(self.unreadable)}, e.g. {self.unreadable[0].error})")
+
+    def __reduce__(self) -> tuple[Any, tuple[list[Any]]]:
+        return type(self), (self.unreadable,)
+
+
 class EvaluationReport:
     """Collect the evaluator's metric records; on COMPLETED write the report files and log the MLflow run.
 
@@ -462,9 +482,7 @@ class EvaluationReport:
     def write(self) -> list[Path]:
         if not self.records:
             if self.unreadable:
-                first = self.unreadable[0]
-                raise ValueError(f"no metric records to report: every case read was unreadable and skipped "
-                                 f"(--skip-unreadable: {len(self.unreadable)}, e.g. {first.error})")
+                raise NothingReadable(self.unreadable)
             raise ValueError("no metric records to report: were any labelled cases evaluated?")
         scored, skipped = self.scored_records()
         if not scored:
@@ -494,9 +512,7 @@ class EvaluationReport:
                          + (f". Every row of {', '.join(gone)} was left out, so the table has no row for it."
                             if gone else "."))
         if self.unreadable:
-            files.append(write_csv(out / "skipped.csv", ["image", "label", "error"],
-                                     [{"image": case.item.get("image", ""), "label": case.item.get("label", ""),
-                                       "error": case.error} for case in self.unreadable]))
+            files.append(write_skipped_csv(out / "skipped.csv", self.unreadable))
             notes.append(f"{len(self.unreadable)} unreadable case(s) skipped (--skip-unreadable): counted under "
                          "Cases above but not in the table; see skipped.csv.")
         if notes:

@@ -10,6 +10,8 @@ Every dataset of the table gets a :class:`DatasetStatus`:
 * ``missing``: no folder of that name (the expected folder and layout are reported);
 * ``no converter``: no converter reads the dataset yet, so it cannot be reproduced here;
 * ``unreadable``: a folder is there but not in the expected layout (the converter's error is reported).
+* ``unreadable_cases``: found, but none of its cases could be read when evaluated (``--skip-unreadable``; set by
+  the runner, which goes on with the other datasets).
 
 The image count each converter finds is compared with Medical SAM3 Table 1 (``published.images`` of the entry)
 where the catalogue knows it.
@@ -90,7 +92,8 @@ class DatasetStatus:
                          + (f"; ... and {len(self.left_out) - LEFT_OUT_LISTED} more"
                             if len(self.left_out) > LEFT_OUT_LISTED else ""))
             return text
-        label = {"missing": "not found", "no_converter": "no converter", "unreadable": "unreadable"}[self.status]
+        label = {"missing": "not found", "no_converter": "no converter", "unreadable": "unreadable",
+                 "unreadable_cases": "unreadable"}[self.status]
         return f"{label:<9} {self.dataset} ({self.group}): {self.message}"
 
     def _prompt_text(self) -> str:

@@ -57,7 +57,8 @@ def datasets_markdown(title: str, statuses: Sequence[DatasetStatus], root: Path)
         if s.prompt_note:
             prompt += f" ({s.prompt_note})"
         status = {"found": "found", "missing": "not found", "no_converter": "no converter yet",
-                  "unreadable": "not in the expected layout"}[s.status]
+                  "unreadable": "not in the expected layout",
+                  "unreadable_cases": "no readable case"}[s.status]
         lines.append("| " + " | ".join(_cell(x) for x in (s.dataset, s.group, status, where, items, prompt,
                                                              table1_comparison(s))) + " |")
     return "\n".join(lines) + "\n"

@@ -209,6 +209,7 @@ def _evaluate(settings: ReproduceSettings, paper: PaperTable, statuses: Sequence
     the agent's request rows."""
     from ..data.selection import evaluation_items, is_volume_item
     from ..engines.evaluation import DEFAULT_AGENT_REQUEST, AgentRecorder, agent_evaluation, run_evaluation
+    from ..engines.reports import NothingReadable
     from ..metrics.aggregate import aggregate, write_cases_csv
     from ..networks.tracker import resolve_tracker
     from ..tensors import resolve_device
@@ -231,7 +232,7 @@ def _evaluate(settings: ReproduceSettings, paper: PaperTable, statuses: Sequence
         tracker, tracker_name = resolve_tracker(settings.tracker, source, network, needed=volumes, described=True)
         records = []
         ours[column.key] = {}
-        for status in found:
+        for status in [s for s in found if s.found]:  # (a dataset none of whose cases was readable drops out)
             start = time.perf_counter()
             extra: dict[str, Any] = {}
             batch = items[status.dataset]
@@ -242,14 +243,22 @@ def _evaluate(settings: ReproduceSettings, paper: PaperTable, statuses: Sequence
                          "notes": [f"Agent: planner {planner_name(agent)}; request per class "
                                    f"{DEFAULT_AGENT_REQUEST!r}. Traces in traces/, one row per request in "
                                    "agent_cases.csv."]}
-            report = run_evaluation(
-                network, batch, out / column.key / status.dataset, checkpoint=source,
-                datalists=[datalists[status.dataset]], split="auto", max_cases=settings.max_cases,
-                box_prompts=column.box_prompts, tracker=tracker, tracker_name=tracker_name,
-                device=device, max_overlays=settings.overlays, progress=settings.progress,
-                num_workers=settings.num_workers, mlflow=False, skip_unreadable=settings.skip_unreadable,
-                **evaluation_rules(settings, batch), **extra,
-            )
+            try:
+                report = run_evaluation(
+                    network, batch, out / column.key / status.dataset, checkpoint=source,
+                    datalists=[datalists[status.dataset]], split="auto", max_cases=settings.max_cases,
+                    box_prompts=column.box_prompts, tracker=tracker, tracker_name=tracker_name,
+                    device=device, max_overlays=settings.overlays, progress=settings.progress,
+                    num_workers=settings.num_workers, mlflow=False, skip_unreadable=settings.skip_unreadable,
+                    **evaluation_rules(settings, batch), **extra,
+                )
+            except NothingReadable as error:  # (--skip-unreadable) the other datasets are still scored
+                _no_readable_case(status, error.unreadable, out / column.key / status.dataset)
+                skipped[status.dataset] = len(error.unreadable)
+                for column_scores in ours.values():
+                    column_scores.pop(status.dataset, None)
+                say(f"  {column.key:<14} {status.dataset}: {status.message}")
+                continue
             if column.key == AGENT_KEY:
                 recorder.write_csv(out / column.key / status.dataset / "agent_cases.csv", report.records)
                 agent_rows += recorder.rows
@@ -268,6 +277,9 @@ def _evaluate(settings: ReproduceSettings, paper: PaperTable, statuses: Sequence
         network.to("cpu")
         if tracker is not None:
             tracker.to("cpu")
+        if not any(s.found for s in found):
+            raise ValueError(f"no dataset could be scored: every case of {', '.join(s.dataset for s in found)} was "
+                             "unreadable (--skip-unreadable; each one's skipped.csv names its files and errors)")
         table = aggregate(records)
         folder = out / column.key
         write_cases_csv(records, folder / "cases.csv")
@@ -275,6 +287,18 @@ def _evaluate(settings: ReproduceSettings, paper: PaperTable, statuses: Sequence
         (folder / "table.md").write_text(table.to_markdown(title=f"{column.method} ({column.protocol}), `{source}`"),
                                          encoding="utf-8")
     return ours, cases, skipped, timings, str(device), agent_rows
+
+
+def _no_readable_case(status: DatasetStatus, unreadable: Sequence[Any], folder: Path) -> None:
+    """Mark a found dataset none of whose cases could be read (``--skip-unreadable``) as ``unreadable_cases`` and
+    write its ``skipped.csv`` in ``folder``, naming each case's files and error."""
+    from ..engines.reports import write_skipped_csv
+
+    folder.mkdir(parents=True, exist_ok=True)
+    write_skipped_csv(folder / "skipped.csv", unreadable)
+    status.status = "unreadable_cases"
+    status.message = (f"none of its {len(unreadable)} case(s) could be read (--skip-unreadable), e.g. "
+                      f"{unreadable[0].error}; {folder / 'skipped.csv'} names them")
 
 
 def _write_outputs(settings: ReproduceSettings, paper: PaperTable, statuses: list[DatasetStatus], runs: Sequence,

@@ -314,6 +314,22 @@ def _soft_edged(nonzero: set[int], array: np.ndarray | None) -> bool:
     return inside >= 3 * edge
 
 
+def soft_edge_pixels(path: str) -> tuple[int, int] | None:
+    """For a 2D picture mask (not JPEG, whose edge is thresholded at 127 anyway) with a soft (anti-aliased or
+    resized) edge (:func:`_soft_edged`): its pixels above 0, which ``"mask_encoding": "binary"`` takes as the
+    mask, and above 127 (its middle). None for any other mask (a volume, a JPEG, a mask of few levels)."""
+    from .io import JPEG_SUFFIXES, is_picture_path, load_medical_image
+
+    if not is_picture_path(path) or path.lower().endswith(JPEG_SUFFIXES):
+        return None
+    array = plain_tensor(load_medical_image(path, mask=True)).numpy()
+    if array.dtype != np.uint8:
+        array = array.astype(np.uint8) if array.size and array.min() >= 0 and array.max() <= 255 else array
+    if not _soft_edged(_nonzero_values(array), array):
+        return None
+    return int((array > 0).sum()), int((array > 127).sum())
+
+
 def _nonzero_values(array: np.ndarray) -> set[int]:
     """The nonzero values of a mask (one counting pass, :func:`~medsam3_monai.distinct.distinct_values`)."""
     return {int(v) for v in distinct_values(array) if v != 0}
