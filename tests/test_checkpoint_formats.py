@@ -104,6 +104,46 @@ def test_medical_sam3_release(tmp_path, trained_like, wrapped):
     assert same_weights(net.sam3, trained_like.sam3)
 
 
+@pytest.mark.parametrize("prefix", ["module.", "model.", "_orig_mod.module."])
+def test_a_wrapper_prefix_on_every_key_is_taken_off_whatever_the_layout(tmp_path, trained_like, prefix):
+    """DDP's ``module.``, Lightning's ``model.`` and torch.compile's ``_orig_mod.`` on Meta's layout (a sam3.pt saved
+    from a wrapped model): loaded; "not a SAM3 checkpoint" before, the prefix hid the original keys."""
+    detector = {f"detector.{k}": v for k, v in _original_detector(trained_like).items()}
+    torch.save({"model": {prefix + k: v for k, v in detector.items()}}, tmp_path / "wrapped.pt")
+    net = MedSAM3Net(tmp_path / "wrapped.pt", config=tiny_sam3_config())
+    assert net.source_format == "sam3_original" and same_weights(net.sam3, trained_like.sam3)
+
+
+def test_ema_weights_beside_the_models_are_named_and_alone_are_told_how_to_load(tmp_path, trained_like):
+    detector = _original_detector(trained_like)
+    torch.save({"model": detector, "ema": {k: v + 1 for k, v in detector.items()}}, tmp_path / "both.pt")
+    with pytest.warns(UserWarning, match=r"also holds EMA weights \('ema'\), which are not loaded"):
+        net = MedSAM3Net(tmp_path / "both.pt", config=tiny_sam3_config())
+    assert same_weights(net.sam3, trained_like.sam3)
+    torch.save({"model_ema": detector, "epoch": 3}, tmp_path / "ema_only.pt")
+    with pytest.raises(CheckpointError, match=r"holds no state dict.*Its 'model_ema' looks like EMA weights: save "
+                                              r"them alone to load them"):
+        MedSAM3Net(tmp_path / "ema_only.pt", config=tiny_sam3_config())
+
+
+def test_nan_weights_are_refused_naming_them_and_a_nan_score_is_json_null(tmp_path, trained_like):
+    """A folder saved from a model with a NaN text position embedding (sam3 0.1.4's builder leaves it
+    ``torch.empty``): refused at load; it loaded, and segment wrote "score": NaN, which is not JSON."""
+    import json
+
+    from medsam3_monai.deploy.segment_cli import sidecar_json
+
+    broken = MedSAM3Net("tiny", seed=7).eval()
+    with torch.no_grad():
+        broken.sam3.text_encoder.text_model.embeddings.position_embedding.weight.fill_(float("nan"))
+    broken.sam3.save_pretrained(tmp_path / "nan")
+    with pytest.raises(CheckpointError, match=r"holds NaN or infinite values in 1 SAM3 weight\(s\) \(e\.g\. "
+                                              r"text_encoder\.text_model\.embeddings\.position_embedding\.weight\)"):
+        MedSAM3Net(tmp_path / "nan")
+    text = sidecar_json({"prompts": [{"score": float("nan"), "pixels": 3}], "best": float("inf")})
+    assert json.loads(text) == {"prompts": [{"score": None, "pixels": 3}], "best": None}
+
+
 def test_our_checkpoint_and_saved_folder_round_trip(tmp_path, trained_like, tiny_images):
     save_checkpoint_file(trained_like.sam3, tmp_path / "model.pt")
     from_file = MedSAM3Net(tmp_path / "model.pt")  # the config travels inside
@@ -283,6 +323,28 @@ def test_convert_checkpoint_cli(tmp_path, trained_like, capsys):
     assert not (tmp_path / "out").exists(), "no partial output folder"
     assert "corrupt" in capsys.readouterr().err
     assert cli_main(["convert-checkpoint", str(tmp_path / "sam3.pt"), str(dst), "--config", "tiny"]) == 2
+    assert "exists and is a folder that is not empty" in capsys.readouterr().err
+    assert cli_main(["convert-checkpoint", str(tmp_path / "sam3.pt"), str(tmp_path / "bad.pt"), "--config", "tiny"]) == 2
+    assert "bad.pt exists and is a file; the output is a new folder" in capsys.readouterr().err
+
+
+def test_a_facebook_weights_file_without_tracker_tensors_gets_no_tracker_note(tmp_path, trained_like, capsys):
+    """A sam3_video weights file holding the detector only: no "the tracker weights in it are not converted" note,
+    which it had whatever the file held; with tracker tensors the note stays."""
+    detector = {f"detector_model.{k}": v.contiguous() for k, v in trained_like.sam3.state_dict().items()}
+    save_file(detector, tmp_path / "detector_only.safetensors")
+    save_file({**detector, "tracker_model.memory_encoder.projection.weight": torch.zeros(4, 4)},
+              tmp_path / "with_tracker.safetensors")
+    for name, noted in (("detector_only", False), ("with_tracker", True)):
+        assert cli_main(["convert-checkpoint", str(tmp_path / f"{name}.safetensors"), str(tmp_path / name),
+                         "--config", "tiny"]) == 0
+        assert ("the tracker weights in" in capsys.readouterr().err) == noted
+
+
+def test_a_training_runs_folder_given_as_checkpoint_points_at_its_model(tmp_path, trained_like):
+    save_checkpoint_file(trained_like, tmp_path / "run" / "models" / "model.pt")
+    with pytest.raises(CheckpointError, match=r"it looks like a training run: give its model, .*run/models/model\.pt"):
+        MedSAM3Net(tmp_path / "run")
 
 
 def test_an_old_training_checkpoint_says_what_it_is_and_how_to_convert_it(tmp_path, trained_like):

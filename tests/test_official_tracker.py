@@ -92,6 +92,15 @@ def tracker(detector, sam3_pt) -> Sam3TrackerVideoModel:
     return tracker
 
 
+def test_a_tracker_whose_vit_is_not_the_detectors_is_said_to_run_its_own(official, detector, sam3_pt):
+    """A detector fine-tuned away from the sam3.pt (here: another seed) with that file's tracker: the tracker keeps
+    its own ViT, which the described tracker (printed and logged) now says; it said only the path."""
+    other = MedSAM3Net("tiny", config=tiny_sam3_config(official["image_size"], hidden_size=WIDTH), seed=9).eval()
+    tracker, described = resolve_tracker(str(sam3_pt), "tiny", other, described=True)
+    assert described.startswith(f"{sam3_pt} (its own ViT: its weights are not the detector's")
+    assert tracker.vision_encoder.backbone is not other.sam3.vision_encoder.backbone
+
+
 @pytest.fixture(scope="module")
 def features(official, tracker) -> _TrackerFeatures:
     """The volume path's tracker features of the official run's trunk outputs."""

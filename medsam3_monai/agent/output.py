@@ -127,8 +127,8 @@ def write_outputs(plan: OutputPlan, decision: Any, view: Any, segmenter: Any, re
     """Write mask, sidecar, overlay and trace together; returns the line to print."""
     import numpy as np
 
-    from ..deploy.segment_cli import (IMAGE_OUTPUTS, StagedFiles, share_text, size_text, write_label_volume,
-                                      write_mask_image)
+    from ..deploy.segment_cli import (IMAGE_OUTPUTS, StagedFiles, share_text, sidecar_json, size_text,
+                                      write_label_volume, write_mask_image)
     from .marks import union_of
 
     input_path = segmenter.path
@@ -167,7 +167,7 @@ def write_outputs(plan: OutputPlan, decision: Any, view: Any, segmenter: Any, re
                                reference=input_path)
         else:
             write_mask_image(labels, staged.path(plan.out), IMAGE_OUTPUTS[_suffix(plan.out)])
-        staged.path(plan.sidecar).write_text(json.dumps(summary, indent=2) + "\n", encoding="utf-8")
+        staged.path(plan.sidecar).write_text(sidecar_json(summary), encoding="utf-8")
         if plan.overlay is not None:
             from ..deploy.overlay import save_overlay
 

@@ -282,9 +282,10 @@ def soft_edge_notes(soft: Sequence[tuple[str, tuple[int, int]]]) -> list[str]:
     if not soft:
         return []
     path, (above_zero, above_middle) = soft[0]
+    more = 100 * (above_zero - above_middle) / max(above_middle, 1)
     return [f"{len(soft)} binary mask(s) have a soft (anti-aliased or resized) edge, e.g. {path}: \"mask_encoding\": "
             f"\"binary\" takes every pixel above 0 as the mask, the soft edge too ({above_zero} pixels, "
-            f"{above_middle} above 127, {100 * (above_zero - above_middle) / max(above_middle, 1):.1f} % more); if the edge is "
+            f"{above_middle} above 127, {more:.1f} % more); if the edge is "
             "not part of the structure, binarise those masks at 127 and save them again"]
 
 

@@ -57,13 +57,14 @@ def add_parser(subparsers: argparse._SubParsersAction) -> None:
 
 
 def run(args: argparse.Namespace) -> int:
-    from ..networks.checkpoints import load_sam3, save_hf_folder
+    from ..networks.checkpoints import checkpoint_keys, load_sam3, save_hf_folder
     from ..networks.presets import check_image_size
-    from ..networks.tracker import has_tracker_weights, build_tracker, save_sam3_video_folder, tracker_config_for
+    from ..networks.tracker import build_tracker, has_tracker_weights, save_sam3_video_folder, tracker_config_for
 
     dst = Path(args.dst)
     if dst.exists() and (not dst.is_dir() or any(dst.iterdir())):
-        raise FileExistsError(f"output {dst} exists and is not an empty folder; choose a new path")
+        what = "a file" if not dst.is_dir() else "a folder that is not empty"
+        raise FileExistsError(f"output {dst} exists and is {what}; the output is a new folder: choose a new path")
     size = args.image_size
     if size is not None:
         check_image_size(size)
@@ -90,7 +91,8 @@ def run(args: argparse.Namespace) -> int:
     if what == "detector" and Path(args.src).is_dir() and has_tracker_weights(args.src):
         print(f"note: the tracker of {args.src} is not in {dst}; that folder is one transformers reads already: give "
               f"it itself as --checkpoint, or as --tracker {args.src}", file=sys.stderr)
-    elif loaded.source_format == "sam3_video_weights":
+    elif loaded.source_format == "sam3_video_weights" and any(
+            key.startswith("tracker_model.") for key in checkpoint_keys(args.src) or []):
         print(f"note: the tracker weights in {args.src} (tracker_model.*) are not in {dst}: give the facebook/sam3 "
               "folder it came from (with its config.json) as --checkpoint or --tracker", file=sys.stderr)
     return 0

@@ -26,6 +26,7 @@ from __future__ import annotations
 
 import argparse
 import json
+import math
 import os
 import shutil
 import sys
@@ -403,6 +404,22 @@ def _network_context(args: argparse.Namespace, predictor: Any) -> Any:
     return gpu_context(args, next(predictor.network.parameters()).device)
 
 
+def sidecar_json(summary: Any) -> str:
+    """A prediction's JSON text; a score that is not a number (NaN, infinite) is written null, which JSON readers
+    take (``NaN`` is not JSON)."""
+
+    def finite(value: Any) -> Any:
+        if isinstance(value, float) and not math.isfinite(value):
+            return None
+        if isinstance(value, dict):
+            return {key: finite(item) for key, item in value.items()}
+        if isinstance(value, (list, tuple)):
+            return [finite(item) for item in value]
+        return value
+
+    return json.dumps(finite(summary), indent=2, allow_nan=False) + "\n"
+
+
 def write_prediction(prediction: Any, source: str | Path, out: Path, sidecar_path: Path, overlay: Path | None = None,
                      max_pixels: int | None = None, run: dict[str, Any] | None = None) -> str:
     """Write one prediction's mask / label map, its JSON sidecar and (optionally) the overlay, all or nothing
@@ -415,7 +432,7 @@ def write_prediction(prediction: Any, source: str | Path, out: Path, sidecar_pat
             write_label_volume(labels, prediction.affine.numpy(), staged.path(out), reference=source)
         else:
             write_mask_image(labels, staged.path(out), IMAGE_OUTPUTS[_suffix(out)])
-        staged.path(sidecar_path).write_text(json.dumps(summary, indent=2) + "\n", encoding="utf-8")
+        staged.path(sidecar_path).write_text(sidecar_json(summary), encoding="utf-8")
         if overlay is not None:
             from ..transforms.io import MAX_PIXELS_ENV
             from .overlay import save_overlay

@@ -46,7 +46,7 @@ from tqdm import tqdm
 from transformers import Sam3TrackerVideoModel
 
 from ..networks.medsam3_net import network_pixels
-from ..networks.tracker import backbone_signature, detector_backbone, detector_config
+from ..networks.tracker import backbone_signature, detector_config, same_backbone
 from ..tensors import plain_tensor
 from .bitmasks import BitMasks
 from .protocols import detector_chunks, top_query_logits
@@ -250,16 +250,6 @@ class _TrackerFeatures:
                                                  vision.fpn_position_encoding), start)
 
 
-def _same_backbone(detector: nn.Module, tracker: Sam3TrackerVideoModel) -> bool:
-    ours, theirs = tracker.vision_encoder.backbone, detector_backbone(detector)
-    if ours is theirs:
-        return True
-    a, b = ours.state_dict(), theirs.state_dict()
-    if a.keys() != b.keys() or any(a[k].shape != b[k].shape or a[k].dtype != b[k].dtype for k in a):
-        return False
-    return all(a[k].data_ptr() == b[k].data_ptr() or torch.equal(a[k], b[k].to(a[k].device)) for k in a)
-
-
 def _check_tracker(detector: nn.Module, tracker: Sam3TrackerVideoModel, share_vision: bool | None) -> bool:
     """Validate the pair and decide whether the ViT pass is shared (module docstring)."""
     size = int(detector.image_size)
@@ -274,7 +264,7 @@ def _check_tracker(detector: nn.Module, tracker: Sam3TrackerVideoModel, share_vi
                   == backbone_signature(detector_config(detector).vision_config))
     if share_vision and not compatible:
         raise ValueError("share_vision=True but the tracker's ViT configuration differs from the detector's")
-    return bool(share_vision) or (compatible and _same_backbone(detector, tracker))
+    return bool(share_vision) or (compatible and same_backbone(detector, tracker))
 
 
 # ---------------------------------------------------------------------------------------- entry point

@@ -41,6 +41,9 @@ OUR_FORMAT = "medsam3-monai"
 OUR_FORMAT_VERSION = 2
 _WRAPPER_KEYS = ("state_dict", "model", "network", "module")
 _HF_PREFIXES = ("module.", "sam3.", "detector_model.")
+#: prefixes a training wrapper puts on every key (DDP, Lightning, torch.compile), whatever the layout underneath
+_WRAPPER_PREFIXES = ("module.", "model.", "_orig_mod.")
+_EMA_KEYS = ("ema", "model_ema", "ema_model", "ema_state_dict")
 _ORIGINAL_MARKERS = ("backbone.vision_backbone.", "backbone.language_backbone.", "transformer.decoder.")
 _HF_MARKERS = ("vision_encoder.", "text_encoder.", "detr_decoder.")
 #: the key prefixes of a facebook/sam3 (``sam3_video``) folder's weights file
@@ -79,20 +82,42 @@ def _read_torch_file(path: Path) -> Any:
 
 
 def _unwrap(obj: Any, path: Path) -> Mapping[str, torch.Tensor]:
-    """The innermost name -> tensor mapping of a checkpoint dict."""
+    """The innermost name -> tensor mapping of a checkpoint dict, without a prefix that every key carries from a
+    wrapper (``module.`` of DDP, ``model.`` of Lightning, ``_orig_mod.`` of ``torch.compile``). EMA weights beside
+    the model's are not loaded (a warning says so)."""
+    top = obj
     for _ in range(3):
         if not isinstance(obj, Mapping):
             break
         if obj and all(isinstance(v, torch.Tensor) for v in obj.values()):
-            return obj
+            ema = [k for k in _EMA_KEYS if isinstance(top, Mapping) and top is not obj and k in top]
+            if ema:
+                warnings.warn(f"{path} also holds EMA weights ({ema[0]!r}), which are not loaded: the model's are. To "
+                              f"use the EMA weights, save them alone: torch.save(ckpt[{ema[0]!r}], 'ema.pt')",
+                              stacklevel=3)
+            return _strip_wrapper_prefixes(obj)
         inner = next((obj[k] for k in _WRAPPER_KEYS if isinstance(obj.get(k), Mapping)), None)
         if inner is None:
             break
         obj = inner
+    ema = [k for k in _EMA_KEYS if isinstance(top, Mapping) and k in top]
+    held = list(obj)[:8] if isinstance(obj, Mapping) else type(obj).__name__
     raise CheckpointError(
-        f"{path} holds no state dict of tensors (top-level keys: {list(obj)[:8] if isinstance(obj, Mapping) else type(obj).__name__}); "
-        "expected sam3.pt, a Medical-SAM3 release, an HF folder or a medsam3-monai checkpoint."
+        f"{path} holds no state dict of tensors (top-level keys: {held}); "
+        "expected sam3.pt, a Medical-SAM3 release, an HF folder or a medsam3-monai checkpoint"
+        + (f". Its {ema[0]!r} looks like EMA weights: save them alone to load them, "
+           f"torch.save(ckpt[{ema[0]!r}], 'ema.pt')" if ema else ".")
     )
+
+
+def _strip_wrapper_prefixes(state_dict: Mapping[str, torch.Tensor]) -> Mapping[str, torch.Tensor]:
+    """``state_dict`` without the wrapper prefixes (:data:`_WRAPPER_PREFIXES`) that all its keys share."""
+    for _ in range(len(_WRAPPER_PREFIXES)):
+        prefix = next((p for p in _WRAPPER_PREFIXES if state_dict and all(k.startswith(p) for k in state_dict)), None)
+        if prefix is None:
+            break
+        state_dict = {k[len(prefix):]: v for k, v in state_dict.items()}
+    return state_dict
 
 
 def _strip_prefixes(state_dict: Mapping[str, torch.Tensor]) -> dict[str, torch.Tensor]:
@@ -175,8 +200,17 @@ def read_checkpoint_file(path: str | Path) -> tuple[dict[str, torch.Tensor], Sam
 
 def checkpoint_keys(path: str | Path) -> list[str] | None:
     """The tensor names of a ``.pt`` checkpoint file, unwrapped as loading unwraps them, without reading its tensors
-    (memory-mapped; a legacy, non-zip file is read whole); None for anything that is not such a file."""
+    (memory-mapped; a legacy, non-zip file is read whole), or of a safetensors file (its header); None for anything
+    that is not such a file."""
     path = Path(path)
+    if path.suffix == ".safetensors" or _is_safetensors(path):
+        from safetensors import safe_open
+
+        try:
+            with safe_open(str(path), framework="pt") as handle:
+                return list(handle.keys())
+        except Exception:
+            return None
     try:
         obj = torch.load(path, map_location="cpu", weights_only=True, mmap=True)
     except Exception:  # a legacy torch.save file cannot be memory-mapped
@@ -316,6 +350,8 @@ def folder_without_config(folder: Path) -> CheckpointError:
     """The error for a checkpoint folder that has no ``config.json``, naming a checkpoint file inside it if any."""
     inside = sorted(p.name for p in folder.glob("*") if p.suffix in (".pt", ".pth", ".safetensors"))
     hint = f"; to load a file inside it, give the file (e.g. {folder / inside[0]})" if inside else ""
+    if not inside and (folder / "models" / "model.pt").is_file():  # a training run's --out folder
+        hint = f"; it looks like a training run: give its model, {folder / 'models' / 'model.pt'}"
     return CheckpointError(f"{folder} has no config.json: not a transformers checkpoint folder (one holds config.json "
                            f"and *.safetensors, as save_pretrained and `medsam3 convert-checkpoint` write them){hint}")
 
@@ -401,8 +437,22 @@ def load_sam3(
     source's configuration says otherwise).
     """
     loaded = _load_sam3(source, config, image_size, seed)
+    if str(source) != "tiny":
+        check_finite_weights(loaded.model, str(source))
     match_official_numerics(loaded.model, str(source))
     return loaded
+
+
+def check_finite_weights(model: torch.nn.Module, source: str, what: str = "SAM3") -> None:
+    """Refuse a loaded model with NaN or infinite weights (:class:`CheckpointError` naming them): every output of
+    such a network is NaN (a file saved from an uninitialised or diverged model)."""
+    bad = [name for name, value in model.named_parameters()
+           if value.is_floating_point() and not bool(torch.isfinite(value).all())]
+    if bad:
+        raise CheckpointError(
+            f"checkpoint {source} holds NaN or infinite values in {len(bad)} {what} weight(s) (e.g. "
+            f"{', '.join(bad[:8])}{', ...' if len(bad) > 8 else ''}), so every output would be NaN: it was saved from "
+            "a model whose weights were never set or whose training diverged; use another checkpoint")
 
 
 def _folder_tokenizer(folder: Path) -> Any:

@@ -17,6 +17,7 @@ from transformers import Sam3TrackerVideoConfig, Sam3TrackerVideoModel
 from .checkpoints import (
     CheckpointError,
     atomic_dir,
+    check_finite_weights,
     checkpoint_keys,
     load_pretrained_folder,
     load_state_dict_strict,
@@ -123,6 +124,18 @@ def tie_backbone(tracker: Sam3TrackerVideoModel, detector: nn.Module) -> Sam3Tra
     return tracker
 
 
+def same_backbone(detector: nn.Module, tracker: Sam3TrackerVideoModel) -> bool:
+    """Whether the tracker's ViT is the detector's: the same module (:func:`tie_backbone`) or equal tensors (one
+    facebook/sam3 folder loaded twice)."""
+    ours, theirs = tracker.vision_encoder.backbone, detector_backbone(detector)
+    if ours is theirs:
+        return True
+    a, b = ours.state_dict(), theirs.state_dict()
+    if a.keys() != b.keys() or any(a[k].shape != b[k].shape or a[k].dtype != b[k].dtype for k in a):
+        return False
+    return all(a[k].data_ptr() == b[k].data_ptr() or torch.equal(a[k], b[k].to(a[k].device)) for k in a)
+
+
 def _load_tracker_folder(folder: Path) -> Sam3TrackerVideoModel:
     # detector_model.* (other than the ViT, which the tracker copies) is skipped by transformers by design
     return load_pretrained_folder(
@@ -207,6 +220,7 @@ def build_tracker(
                                    key_name=lambda key: tracker_key_name(key, origins))
         if image_size is not None and image_size != tracker.config.image_size:
             raise ValueError(f"the tracker in {path} works at {tracker.config.image_size} px, not {image_size}")
+        check_finite_weights(tracker, str(path), "SAM3 tracker")
     if detector is not None:
         tie_backbone(tracker, detector)
     return tracker.eval()
@@ -260,6 +274,9 @@ def resolve_tracker(spec: str | None, checkpoint: str, network: nn.Module, neede
         tracker = build_tracker(spec, image_size=int(network.image_size), config=config)
     if tracker is not None:
         tracker = tracker.to(next(network.parameters()).device)
+        if tracker.vision_encoder is not None and not same_backbone(network, tracker):
+            text += (" (its own ViT: its weights are not the detector's, e.g. a fine-tuned detector with the original "
+                     "tracker, so every slice also goes through the tracker's ViT, as it was trained)")
     if needed:  # what the volumes will be propagated with, in a bundle's log (the CLI prints its own line)
         logger.info("tracker for the volumes: %s", text)
     return (tracker, text) if described else tracker
