@@ -332,9 +332,11 @@ def check_setting_keys(**settings: Any) -> None:
                 if not number_in(value, 0):
                     raise ValueError(f"--{name}#{key} must be a number >= 0, got {value!r}")
         if name == "scheduler":
-            steps, timescale = given.get("warmup_steps", 0), given.get("timescale", 1)
-            if isinstance(steps, float) and not steps.is_integer():
-                raise ValueError(f"--scheduler#warmup_steps must be a whole number of optimiser steps, got {steps!r}")
+            timescale = given.get("timescale", 1)
+            for key in ("warmup_steps", "cooldown_steps"):
+                steps = given.get(key, 0)
+                if isinstance(steps, float) and not steps.is_integer():
+                    raise ValueError(f"--scheduler#{key} must be a whole number of optimiser steps, got {steps!r}")
             if not timescale > 0:
                 raise ValueError(f"--scheduler#timescale must be > 0, got {timescale!r}")
         if name == "training_dropout":

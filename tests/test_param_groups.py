@@ -135,6 +135,35 @@ def test_cool_down_and_the_scheduler_scale_every_group_by_the_factor():
     assert [second for _, second in rates] == pytest.approx([0.1 * x for x in expected])  # each group's own rate
 
 
+def test_the_bundles_cool_down_reaches_the_scheduler_with_the_trainings_optimiser_steps(shared_data, tmp_path):
+    """``--scheduler#cooldown_steps 20`` (SAM3's fine-tuning configs set 20) goes linearly to 0 over the last 20
+    optimiser steps of the training; it was not a key, and ``lr_scheduler#cooldown_steps`` changed nothing without
+    the total. A cool-down without a total is refused; a resume keeps this run's total (more epochs: a later end)."""
+    import json
+
+    from medsam3_monai.bundle import config_parser
+    from medsam3_monai.engines.schedulers import WarmupInverseSqrtLR, inverse_sqrt_factor, optimizer_steps
+
+    assert optimizer_steps(10, 3, accumulation_steps=4) == 9  # 3 steps an epoch: after 4, 8 and the epoch's end
+    kvasir = shared_data / "Kvasir-SEG_sample"
+    items = [{"image": str(image), "label": str(kvasir / "masks" / image.name), "prompts": {"1": "polyp"},
+              "mask_encoding": "binary"} for image in sorted((kvasir / "images").glob("*.jpg"))]
+    (tmp_path / "list.json").write_text(json.dumps({"training": items, "validation": items[:1]}))
+    parser = config_parser("train.json", datalists=[str(tmp_path / "list.json")], checkpoint="tiny", image_size=112,
+                           batch_size=2, max_epochs=5, accumulation_steps=1, cache="none",
+                           **{"scheduler#cooldown_steps": 4, "bundle_root": str(tmp_path / "run")})
+    scheduler = parser.get_parsed_content("lr_scheduler")
+    total = math.ceil(len(items) / 2) * 5  # 2 items a step, 5 epochs
+    assert (scheduler.cooldown_steps, scheduler.total_steps) == (4, total)
+    assert scheduler._factor(total - 2) == pytest.approx(inverse_sqrt_factor(total - 2, 20, 20) * 2 / 4)  # half-way
+    optimizer = torch.optim.SGD([torch.nn.Parameter(torch.zeros(1))], lr=1.0)
+    with pytest.raises(ValueError, match="cooldown_steps 4 needs total_steps"):
+        WarmupInverseSqrtLR(optimizer, cooldown_steps=4)
+    longer = WarmupInverseSqrtLR(scheduler.optimizer, cooldown_steps=4, total_steps=total + 20)
+    longer.load_state_dict(scheduler.state_dict())
+    assert longer.total_steps == total + 20 and longer.cooldown_steps == 4
+
+
 def test_the_full_preset_sizes_and_a_smaller_slice_space():
     full = full_sam3_config()
     backbone = full.vision_config.backbone_config

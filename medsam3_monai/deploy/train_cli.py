@@ -75,7 +75,8 @@ def add_parser(subparsers: argparse._SubParsersAction) -> argparse.ArgumentParse
                              "text + box prompts")
     parser.add_argument("--epochs", type=at_least(1), default=None, metavar="N", help="max_epochs (default 10)")
     parser.add_argument("--batch-size", type=at_least(1), default=None, metavar="N",
-                        help="find-queries per step and process (default 4)")
+                        help="datalist items (pictures, or volumes giving slices_per_volume slices) per step and "
+                             "process, each with its prompts and negatives as find-queries (default 4)")
     parser.add_argument("--val-interval", type=at_least(1), default=None, metavar="N",
                         help="iterations between validations (default 50)")
     parser.add_argument("--save-interval", type=at_least(1), default=None, metavar="N",

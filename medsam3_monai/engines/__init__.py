@@ -8,7 +8,7 @@ from .evaluator import MedSAM3Evaluator, PromptDice, TopQueryDice, pred_and_labe
 from .handlers import (BestModelCheckpoint, EpochSeedHandler, FinalCheckpoint, LossProgressBar, MLflowRunInfoHandler,
                        OptimizerStepLrSchedule, TrainerIteration, ValidateAtEnd, ValidateAtStart)
 from .optim import build_optimizer, check_training_mode, freeze_encoders, freeze_for_mode
-from .schedulers import WarmupInverseSqrtLR, inverse_sqrt_factor
+from .schedulers import WarmupInverseSqrtLR, inverse_sqrt_factor, optimizer_steps
 from .trainer import MedSAM3Trainer, autocast_for
 
 __all__ = [
@@ -18,5 +18,5 @@ __all__ = [
     "MedSAM3Evaluator", "MedSAM3Trainer", "ImageBudgetBatches", "PrepareFindBatch", "PromptDice", "TopQueryDice",
     "WarmupInverseSqrtLR",
     "autocast_for", "build_optimizer", "check_training_mode", "collate_find_queries", "flatten_items",
-    "freeze_encoders", "freeze_for_mode", "inverse_sqrt_factor", "pred_and_label",
+    "freeze_encoders", "freeze_for_mode", "inverse_sqrt_factor", "optimizer_steps", "pred_and_label",
 ]

@@ -32,9 +32,25 @@ class WarmupInverseSqrtLR(LambdaLR):
                  total_steps: int | None = None, last_epoch: int = -1) -> None:
         if warmup_steps < 0 or timescale <= 0:
             raise ValueError(f"warmup_steps must be >= 0 and timescale > 0; got {warmup_steps}, {timescale}")
+        if cooldown_steps and not total_steps:
+            raise ValueError(f"cooldown_steps {cooldown_steps} needs total_steps, the optimiser steps of the whole "
+                             "training (the bundle derives them from the epochs: optimizer_steps)")
         self.warmup_steps, self.timescale = warmup_steps, timescale
         self.cooldown_steps, self.total_steps = cooldown_steps, total_steps
         super().__init__(optimizer, self._factor, last_epoch=last_epoch)
 
     def _factor(self, step: int) -> float:
         return inverse_sqrt_factor(step, self.warmup_steps, self.timescale, self.cooldown_steps, self.total_steps)
+
+    def load_state_dict(self, state_dict: dict) -> None:
+        """A resumed schedule keeps this run's ``total_steps``: a resume with more epochs moves the cool-down to the
+        new end (the other settings come back from the checkpoint, as LambdaLR restores them)."""
+        total_steps = self.total_steps
+        super().load_state_dict(state_dict)
+        self.total_steps = total_steps
+
+
+def optimizer_steps(iterations_per_epoch: int, max_epochs: int, accumulation_steps: int = 1) -> int:
+    """The optimiser steps of a whole training: one every ``accumulation_steps`` iterations and one at each epoch's
+    end (:class:`~.trainer.MedSAM3Trainer`), so ``ceil(iterations_per_epoch / accumulation_steps)`` an epoch."""
+    return math.ceil(iterations_per_epoch / max(1, accumulation_steps)) * max_epochs
