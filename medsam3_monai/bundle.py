@@ -329,6 +329,8 @@ def check_setting_keys(**settings: Any) -> None:
                              f"are {', '.join(known)}")
         if name in ("loss_weights", "matcher", "o2m_matcher", "lr", "scheduler", "training_dropout"):
             for key, value in given.items():  # numbers, checked here rather than after caching or mid-training
+                if (name, key, value) == ("lr", "position_embedding_scale", None):  # None: the layer decay's own
+                    continue
                 if not number_in(value, 0):
                     raise ValueError(f"--{name}#{key} must be a number >= 0, got {value!r}")
         if name == "scheduler":

@@ -135,6 +135,22 @@ def test_cool_down_and_the_scheduler_scale_every_group_by_the_factor():
     assert [second for _, second in rates] == pytest.approx([0.1 * x for x in expected])  # each group's own rate
 
 
+def test_the_bundles_lr_block_pins_the_position_embeddings_scale():
+    """``--lr#position_embedding_scale 1.0`` (sam3's fine-tuning configs): the ViT position embedding gets the vision
+    rate itself; it was refused as a key of ``lr`` (only ``optimizer#...`` reached it). Default: the layer decay."""
+    from medsam3_monai.bundle import check_setting_keys, config_parser
+
+    def position_rate(**overrides) -> float:
+        optimizer = config_parser("train.json", checkpoint="tiny", image_size=112, **overrides).get_parsed_content(
+            "optimizer")
+        return next(g["lr"] for g in optimizer.param_groups if g["name"] == "vision.pos_embed" or
+                    any("pos_embed" in n for n in g.get("param_names", [])))
+
+    check_setting_keys(lr={"position_embedding_scale": 1.0})
+    check_setting_keys(lr={"position_embedding_scale": None})
+    assert position_rate(**{"lr#position_embedding_scale": 1.0}) == pytest.approx(5e-5)
+
+
 def test_the_bundles_cool_down_reaches_the_scheduler_with_the_trainings_optimiser_steps(shared_data, tmp_path):
     """``--scheduler#cooldown_steps 20`` (SAM3's fine-tuning configs set 20) goes linearly to 0 over the last 20
     optimiser steps of the training; it was not a key, and ``lr_scheduler#cooldown_steps`` changed nothing without
