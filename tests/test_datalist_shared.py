@@ -143,6 +143,10 @@ def test_load_datalist_joins_only_image_and_label(built, shared_data: Path, tmp_
      r"training item 1: 'prompts' keys \['lung'\] are not label values"),
     ('{"training": [{"image": "a.png", "label": "m.png", "prompts": {"1": "  ", "2": "b", "3": 4}}]}',
      r"training item 1: 'prompts' \{'1': '  ', '3': 4\} give no concept text"),
+    ('{"training": [{"image": "a.png", "label": "m.png", "prompts": {"1": "' + "very " * 40 + 'long"}}]}',
+     r"training item 1: prompt 1 'very very .*' is 43 tokens; SAM3 reads at most 32 \(start and end included\)"),
+    ('{"training": [{"image": "a.nii.gz", "label": "m.nii.gz", "prompts": {"1": "liver"}, "modalty": "MRI"}]}',
+     r"training item 1: key 'modalty' is not one the readers take; did you mean 'modality'\?"),
     ('{"training": [', "not valid JSON"),
 ])
 def test_load_datalist_names_a_malformed_item(content: str, words: str, tmp_path: Path):
@@ -151,6 +155,14 @@ def test_load_datalist_names_a_malformed_item(content: str, words: str, tmp_path
     with pytest.raises(ValueError, match=words) as error:
         load_datalist(path, "training")
     assert str(path) in str(error.value)
+
+
+def test_a_key_of_the_users_own_is_kept_and_only_a_misspelling_is_refused(tmp_path: Path):
+    path = tmp_path / "own.json"
+    path.write_text('{"training": [{"image": "a.png", "label": "m.png", "prompts": {"1": "polyp"}, '
+                    '"patient_id": "P7", "caseid": "c1"}]}')
+    (item,) = load_datalist(path, "training")
+    assert (item["patient_id"], item["caseid"]) == ("P7", "c1")
 
 
 def test_the_full_totalsegmentator_release_is_named_as_not_read(tmp_path: Path):

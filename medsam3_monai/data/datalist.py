@@ -16,6 +16,7 @@ dataset, go to ``test``; the rest is split 85/15 per dataset by :func:`~medsam3_
 
 from __future__ import annotations
 
+import functools
 import json
 import os
 from collections.abc import Iterable, Mapping, Sequence
@@ -377,6 +378,7 @@ def items_of_split(datalist: Mapping[str, Any], path: Path | str, split: str, ba
         if not isinstance(item, dict):
             raise DatalistError(f"{where} is {item!r}, not an object with 'image' and 'label' paths")
         item = dict(item)
+        check_misspelt_keys(item, where)
         for key in ("image", "label"):
             value = item.get(key)
             paths = value if isinstance(value, list) else [value]
@@ -404,13 +406,41 @@ def items_of_split(datalist: Mapping[str, Any], path: Path | str, split: str, ba
     return items
 
 
+@functools.lru_cache(maxsize=1)
+def _item_keys() -> tuple[str, ...]:
+    return tuple(sorted(readers_schema()["$defs"]["item"]["properties"]))
+
+
+def check_misspelt_keys(item: Mapping[str, Any], where: str) -> None:
+    """DatalistError for an item key that is a misspelling of one the readers take (``modalty``: the item would be
+    read without its modality, e.g. an MRI min-max scaled instead of clipped at its percentiles). Other keys of a
+    user's own are left alone here (``medsam3 datalist --check`` refuses every key the schema does not name)."""
+    import difflib
+
+    known = _item_keys()
+    for key in item:
+        if key in known or not isinstance(key, str):
+            continue
+        close = difflib.get_close_matches(key.lower(), known, n=1, cutoff=0.85)
+        if close:
+            raise DatalistError(f"{where}: key {key!r} is not one the readers take; did you mean {close[0]!r}? (as "
+                                f"written, the item is read without its {close[0]!r})")
+
+
 def check_prompt_texts(prompts: Mapping[Any, Any], where: str) -> None:
     """DatalistError naming ``where`` (the datalist and item) when a prompt of ``prompts`` has no concept text (empty,
-    blank or not a string)."""
+    blank or not a string) or is longer than SAM3's 32 tokens."""
     texts = {key: text for key, text in prompts.items() if not isinstance(text, str) or not text.strip()}
     if texts:
         raise DatalistError(f"{where}: 'prompts' {texts} give no concept text: each label value needs a text, "
                             'e.g. {"1": "polyp"}')
+    from ..networks.tokenizer import CONTEXT_LENGTH, prompt_token_count
+
+    for key, text in prompts.items():  # refused here, not when the network first reads it (hours into a training)
+        tokens = prompt_token_count(text)
+        if tokens > CONTEXT_LENGTH:
+            raise DatalistError(f"{where}: prompt {key} {text[:60]!r} is {tokens} tokens; SAM3 reads at most "
+                                f"{CONTEXT_LENGTH} (start and end included): shorten it to a concept phrase")
 
 
 def load_datalists(paths: str | Path | Sequence[str | Path], split: str = "training", check_files: bool = True

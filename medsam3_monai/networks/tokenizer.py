@@ -122,6 +122,17 @@ def _encode(tokenizer: PreTrainedTokenizerBase, prompt: str) -> tuple[int, ...]:
     return (*ids, END_OF_TEXT_ID)
 
 
+@functools.lru_cache(maxsize=1)
+def _offline_tokenizer() -> PreTrainedTokenizerBase:
+    return build_clip_tokenizer()
+
+
+def prompt_token_count(prompt: str) -> int:
+    """The tokens SAM3 reads for ``prompt``, start and end included, with the offline CLIP BPE tokenizer (every
+    SAM3 checkpoint's); more than :data:`CONTEXT_LENGTH` is refused by :func:`tokenize_prompts`."""
+    return len(_encode(_offline_tokenizer(), prompt))
+
+
 def tokenize_prompts(
     tokenizer: PreTrainedTokenizerBase, prompts: Sequence[str], context_length: int = CONTEXT_LENGTH
 ) -> tuple[torch.Tensor, torch.Tensor]:
