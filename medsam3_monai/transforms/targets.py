@@ -293,8 +293,9 @@ class BuildTargetsd(Transform):
 class RandNegativePromptsd(Randomizable, Transform):
     """Append negative prompts: concepts of a pool that are absent from the image (empty targets).
 
-    A concept counts as present when a positive target has that text (case-insensitive); texts already
-    among the targets (present or not) are not sampled again.
+    A concept counts as present when a positive target has that text or a synonym of it (case-insensitive;
+    ``datasets_meta/synonyms.json``: "nuclei" present rules out "cell nucleus"); texts already among the targets
+    (present or not) are not sampled again.
 
     Args:
         concepts: the pool (the dataset's other classes, or other datasets' concepts); an item may give its
@@ -324,6 +325,16 @@ class RandNegativePromptsd(Randomizable, Transform):
         self.concepts_key = concepts_key
         self.prob = float(prob)
         self._chosen: list[str] = []
+        self._canonical: dict[str, str] = {}  # text -> its synonym group's canonical concept (catalogue), memoised
+
+    def _concept(self, text: str) -> str:
+        """``text``'s canonical concept: the first of its synonym group, else the text normalised."""
+        concept = self._canonical.get(text)
+        if concept is None:
+            from ..data.catalogue import canonical_concept
+
+            concept = self._canonical[text] = canonical_concept(text)
+        return concept
 
     def randomize(self, pool: Sequence[str]) -> None:
         self._chosen = []
@@ -336,9 +347,9 @@ class RandNegativePromptsd(Randomizable, Transform):
     def __call__(self, data: Mapping[Hashable, Any]) -> dict[Hashable, Any]:
         d = dict(data)
         targets = list(d.get(self.targets_key, []))
-        taken = {t["text"].strip().lower() for t in targets}
+        taken = {self._concept(t["text"]) for t in targets}
         source = d.get(self.concepts_key) or self.concepts
-        pool = [c for c in dict.fromkeys(source) if c.strip().lower() not in taken]
+        pool = [c for c in dict.fromkeys(source) if self._concept(c) not in taken]
         self.randomize(pool)
         size = tuple(int(s) for s in d[self.image_key].shape[-2:])
         targets.extend(empty_target(text, size) for text in self._chosen)
