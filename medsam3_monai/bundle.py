@@ -426,7 +426,16 @@ def check_runner_arguments(arguments: Sequence[str]) -> None:
             known |= set(config["configs"])
         elif running is None or path.resolve() in running:  # the configs this run merges (another's keys do nothing)
             known |= set(config)
+    components: dict[str, dict] = {}  # top-level components of the configs this run merges (_target_ dicts)
+    blocks: dict[str, dict] = {}  # top-level settings that are plain dictionaries (lr, scheduler, loss_weights, ...)
+    for path in BUNDLE_CONFIGS.glob("*.json"):
+        config = json.loads(path.read_text(encoding="utf-8"))
+        if isinstance(config, dict) and (running is None or path.resolve() in running):
+            components.update({k: v for k, v in config.items() if isinstance(v, dict) and "_target_" in v})
+            blocks.update({k: v for k, v in config.items() if isinstance(v, dict) and "_target_" not in v})
     given = [arg[2:].split("=", 1)[0] for arg in arguments if arg.startswith("--")]
+    _check_component_arguments(components, dict(_override_values(arguments)))
+    _check_whole_blocks(blocks, dict(_override_values(arguments)))
     # a new key that another override reads (--augment "$..." with "... [@augment] ...") is a definition, not a typo
     known |= {name for key, value in _override_values(arguments) if value
               for name in re.findall(r"@([A-Za-z_]\w*)", value) if name != key.split("#", 1)[0]}
@@ -443,6 +452,58 @@ def check_runner_arguments(arguments: Sequence[str]) -> None:
             raise ValueError(f"--{key}: the bundle has no setting '{top}', so it would change nothing; {hint}the "
                              "settings are the keys of bundles/medsam3/configs/*.json (docs/README.md, \"Settings you "
                              "will want to change\")")
+
+
+def _check_whole_blocks(blocks: dict[str, dict], overrides: dict[str, str | None]) -> None:
+    """Refuse ``--lr "{'detector': 1e-4}"``: a whole dictionary setting replaced by one lacking some of its keys,
+    which the configs read (MONAI failed with "the referring item `@lr::vision` is not defined")."""
+    import ast
+
+    for key, value in overrides.items():
+        if key not in blocks or not value:
+            continue
+        try:
+            given = ast.literal_eval(value)
+        except (ValueError, SyntaxError):
+            continue
+        missing = [k for k in blocks[key] if isinstance(given, dict) and k not in given]
+        if missing:
+            example = next(iter(given), next(iter(blocks[key])))
+            raise ValueError(f"--{key} replaces the whole '{key}' block, and this one lacks {', '.join(missing)}, "
+                             f"which the bundle reads: give only the keys you change, one each, e.g. "
+                             f"--{key}#{example} VALUE")
+
+
+def _check_component_arguments(components: dict[str, dict], overrides: dict[str, str]) -> None:
+    """Refuse ``--COMPONENT#ARG`` where COMPONENT is a ``_target_`` of the configs and ARG neither one of its keys nor
+    a parameter of the callable it builds (the overridden ``#_target_`` when given): MONAI failed with a long
+    traceback after caching. A callable taking ``**kwargs`` takes any name; a target that does not import is left to
+    MONAI's own message."""
+    import difflib
+    import inspect
+    import pydoc
+
+    for key in overrides:
+        top, _, argument = key.partition("#")
+        if top not in components or not argument or "#" in argument or argument.startswith("_"):
+            continue
+        if argument in components[top]:
+            continue
+        target = overrides.get(f"{top}#_target_", components[top]["_target_"])
+        found = pydoc.locate(target) if isinstance(target, str) and not target.startswith(("$", "@")) else None
+        if found is None:
+            continue
+        try:
+            parameters = inspect.signature(found).parameters
+        except (TypeError, ValueError):
+            continue
+        if any(p.kind is inspect.Parameter.VAR_KEYWORD for p in parameters.values()) or argument in parameters:
+            continue
+        names = sorted(set(parameters) | {k for k in components[top] if not k.startswith("_")})
+        close = difflib.get_close_matches(argument, names, n=1)
+        hint = f"did you mean --{top}#{close[0]}? " if close else ""
+        raise ValueError(f"--{key}: {target} takes no argument '{argument}'; {hint}its arguments are "
+                         f"{', '.join(names)}")
 
 
 def _config_files(value: str | None) -> set[Path] | None:

@@ -106,6 +106,32 @@ def test_a_misspelt_setting_given_to_monai_bundle_run_is_refused():
         check_override_keys([*runner, "--augment", "$@augment"])
 
 
+def test_an_argument_its_components_callable_does_not_take_is_refused_naming_the_close_one(tmp_path, monkeypatch):
+    """``--optimizer#position_embeding_scale`` failed after caching with a 71-line traceback; now one line naming
+    the close argument. A replaced ``#_target_`` is the one asked (a custom loss's own argument passes)."""
+    from medsam3_monai.bundle import check_override_keys
+
+    runner = ["/venv/lib/python3.11/site-packages/monai/bundle/__main__.py", "run", "--config_file", "train.json"]
+    check_override_keys([*runner, "--optimizer#position_embedding_scale", "1.0", "--lr_scheduler#cooldown_steps",
+                         "3", "--loss#weights#bbox", "4"])
+    with pytest.raises(ValueError, match=r"--optimizer#position_embeding_scale: medsam3_monai\.engines\.build_optimizer "
+                                         r"takes no argument 'position_embeding_scale'; did you mean "
+                                         r"--optimizer#position_embedding_scale\?"):
+        check_override_keys([*runner, "--optimizer#position_embeding_scale", "1.0"])
+    with pytest.raises(ValueError, match="SetCriterion takes no argument 'l2_weight'"):
+        check_override_keys([*runner, "--loss#l2_weight", "0.5"])
+    (tmp_path / "myloss.py").write_text("from medsam3_monai.losses import SetCriterion\n\n\n"
+                                        "class WithL2(SetCriterion):\n"
+                                        "    def __init__(self, *args, l2_weight=0.0, **kwargs):\n"
+                                        "        super().__init__(*args, **kwargs)\n")
+    monkeypatch.syspath_prepend(str(tmp_path))
+    check_override_keys([*runner, "--loss#_target_", "myloss.WithL2", "--loss#l2_weight", "0.5"])
+    # a whole block replaced by one lacking keys the configs read ("@lr::vision is not defined" before)
+    with pytest.raises(ValueError, match=r"--lr replaces the whole 'lr' block, and this one lacks vision, .*"
+                                         r"give only the keys you change, one each, e\.g\. --lr#detector VALUE"):
+        check_override_keys([*runner, "--lr", "{'detector': 1e-4}"])
+
+
 def test_loss_settings_switches_read_false_as_off():
     loss = config_parser("train.json", **{"loss_settings#semantic": "false"}).get_parsed_content("loss")
     assert loss.config()["semantic"] is False and loss.config()["one_to_many"] is True
