@@ -132,6 +132,14 @@ def test_missing_datasets_stay_in_the_table_and_found_only_means_are_labelled(tm
 
 
 # ------------------------------------------------------------------------------------------------ discovery
+def test_the_folder_a_published_archive_unpacks_to_is_found(tmp_path):
+    """PH2's archive unpacks to PH2Dataset/ (``medsam3 datalist PH2`` read it; reproduce said "not found")."""
+    from medsam3_monai.reproduce.discovery import find_folder
+
+    (tmp_path / "PH2Dataset").mkdir()
+    assert find_folder(tmp_path, cat.load_catalogue().get("PH2")) == (tmp_path / "PH2Dataset", [])
+
+
 def test_paper_phrases_map_onto_label_values():
     catalogue = cat.load_catalogue()
     hippocampus = catalogue.get("MSD_Task04_Hippocampus")
