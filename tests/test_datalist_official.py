@@ -311,6 +311,41 @@ def test_stare_gzip_files_must_be_decompressed(tmp_path: Path):
     (tmp_path / "im0001.ppm.gz").write_bytes(b"\x1f\x8b")
     with pytest.raises(DatalistError, match="gzip-compressed; run 'gunzip -r"):
         build_datalist("STARE", tmp_path)
+    # half done: the pictures decompressed, labels-ah/ not (its images were "without a label" before)
+    img(tmp_path / "stare-images" / "im0001.ppm", mode="RGB", fmt="PPM")
+    (tmp_path / "im0001.ppm.gz").unlink()
+    (tmp_path / "labels-ah").mkdir()
+    (tmp_path / "labels-ah" / "im0001.ah.ppm.gz").write_bytes(b"\x1f\x8b")
+    with pytest.raises(DatalistError, match=r"im0001\.ah\.ppm\.gz: 1 of the STARE files are gzip-compressed"):
+        build_datalist("STARE", tmp_path)
+
+
+def test_an_archive_unpacked_into_a_folder_of_its_own_is_pointed_at_or_read(tmp_path: Path):
+    """BUSI one folder further down (archive/Dataset_BUSI_with_GT) is named in the error; ISIC's split folders
+    unzipped into folders of their own names are read; BUSI without a class folder names it."""
+    base = tmp_path / "busi" / "archive" / "Dataset_BUSI_with_GT"
+    for cls in ("benign", "malignant", "normal"):
+        for n in (1, 2):
+            img(base / cls / f"{cls} ({n}).png", mode="RGB")
+            img(base / cls / f"{cls} ({n})_mask.png", mode="1")
+    (tmp_path / "busi" / "__MACOSX").mkdir()
+    with pytest.raises(DatalistError, match=r"not the expected layout.*\n.*busi/archive holds that layout \(an archive "
+                                            r"unpacked into a folder of its own\): give that folder"):
+        build_datalist("BUSI", tmp_path / "busi")
+    assert sum(map(len, build("BUSI", tmp_path / "busi" / "archive").datalist.values())) == 6
+    for path in (base / "normal").iterdir():
+        path.unlink()
+    (base / "normal").rmdir()
+    with pytest.raises(DatalistError, match=r"has benign/, malignant/ but no normal/: BUSI as published has all three"):
+        build_datalist("BUSI", base)
+    for part in ("Training", "Validation"):
+        for i in ("0000001", "0000002"):
+            name = f"ISIC2018_Task1-2_{part}_Input"
+            img(tmp_path / "isic" / name / name / f"ISIC_{part[0]}{i}.jpg", mode="RGB")
+            name = f"ISIC2018_Task1_{part}_GroundTruth"
+            img(tmp_path / "isic" / name / name / f"ISIC_{part[0]}{i}_segmentation.png")
+    datalist = build("ISIC2018", tmp_path / "isic").datalist
+    assert len(datalist["training"]) + len(datalist["validation"]) == 4
 
 
 # ------------------------------------------------------------------ bad input

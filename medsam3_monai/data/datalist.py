@@ -195,7 +195,11 @@ def build_datalist(
     root = Path(root)
     converter, entry = resolve(name, catalogue)
     _check_root(root, converter.summary)
-    conversion: Conversion = _as_entry(converter.convert(root, entry, catalogue), entry, converter.name,
+    try:
+        converted = converter.convert(root, entry, catalogue)
+    except DatalistError as err:
+        raise DatalistError(f"{err}{_layout_one_level_down(root, converter, entry, catalogue)}") from None
+    conversion: Conversion = _as_entry(converted, entry, converter.name,
                                        every_dataset=normalise_name(name) == normalise_name(converter.name))
     _check_channel(conversion.channels, channel, root)
     entries = _entries(conversion.pairs, catalogue)
@@ -219,6 +223,7 @@ def build_datalist(
         if (Path(root) / "images").is_dir() and (Path(root) / "masks").is_dir():
             found = (f"; {root} has images/ and masks/, but no image there has its mask named as {converter.name}'s "
                      f"are: is it another dataset? {_CATALOGUE_HINT}")
+        found = found or _layout_one_level_down(root, converter, entry, catalogue)
         raise DatalistError(f"{root}: no usable image/mask pairs found. Expected {converter.summary}{found}")
     relative = Path(os.path.abspath(relative_to)) if relative_to else None
     datalist: dict[str, list[dict[str, Any]]] = {split: [] for split in SPLITS}
@@ -228,6 +233,19 @@ def build_datalist(
             datalist[split].extend(_item(p, entry, relative, channel) for p in chosen)
     validate(datalist, load_schema("datalist", catalogue.root), "datalist")
     return DatalistResult(datalist, converter.name, problems if skip_bad else [], list(conversion.unlabelled))
+
+
+def _layout_one_level_down(root: Path, converter: Any, entry: Any, catalogue: Catalogue) -> str:
+    """The hint for an error about ``root`` when a folder inside it holds the converter's layout (an archive
+    unpacked into a folder of its own name: ``archive/Dataset_BUSI_with_GT``); "" when none does."""
+    for folder in sorted(p for p in root.iterdir() if p.is_dir() and not p.name.startswith((".", "__MACOSX"))):
+        try:
+            if converter.convert(folder, entry, catalogue).pairs:
+                return (f"\n{folder} holds that layout (an archive unpacked into a folder of its own): give that "
+                        f"folder instead of {root}")
+        except (DatalistError, OSError, ValueError):
+            continue
+    return ""
 
 
 #: where the catalogue's datasets and their layouts are named

@@ -135,7 +135,8 @@ def report_notes(checkpoint: str, protocol: str, score_threshold: float, box_pro
         f"Checkpoint `{checkpoint}`; protocol{pictures} `{protocol_label(protocol, box_prompts)}`: {described}"
         + ("; text + box prompt (largest ground-truth component)." if box_prompts else "; text prompts."),
         f"Cases: {len(items)} ({'; '.join(splits)}); split `{split}`"
-        + (" = test if present, else validation." if split == "auto" else "."),
+        + (" = test if present, else validation" if split == "auto" else "")
+        + "; the table's n counts (case, prompt) rows: each class of a case is one.",
         "Each class is prompted separately; overlaps go to the class with the higher confidence "
         "score × sigmoid(mask logit) at the pixel. Metrics in each input's own geometry; Dice = IoU = NSD = 100 "
         "when prediction and truth are both empty. NSD (2 mm) and HD95 (MONAI's: bundles/medsam3/docs/conventions.md) "

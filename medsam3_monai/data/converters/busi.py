@@ -17,7 +17,7 @@ from __future__ import annotations
 import re
 from pathlib import Path
 
-from ..pairs import Conversion, Pair, Problem
+from ..pairs import Conversion, DatalistError, Pair, Problem
 from ._common import Converter, child, descend, listing, require_dirs
 
 CLASSES = ("benign", "malignant", "normal")
@@ -34,6 +34,11 @@ def _folders(root: Path) -> list[tuple[Path, Path]]:
     class_dirs = [d for d in (child(base, name) for name in CLASSES) if d is not None and d.is_dir()]
     if len(class_dirs) == len(CLASSES):
         return [(d, d) for d in class_dirs]
+    if class_dirs:
+        missing = [name for name in CLASSES if child(base, name) is None or not child(base, name).is_dir()]
+        raise DatalistError(f"{base}: has {', '.join(d.name + '/' for d in class_dirs)} but no "
+                            f"{', '.join(name + '/' for name in missing)}: BUSI as published has all three class "
+                            "folders (normal/: the negatives, which the papers score too); put the missing one back")
     images, masks = require_dirs(root, LAYOUT, child(base, "images"), child(base, "masks"))
     return [(images, masks)]
 

@@ -37,7 +37,9 @@ def convert_isic(root: Path, entry, catalogue) -> Conversion:
         if images is None:
             continue
         found = True
+        images = descend(images, images.name)  # a zip unpacked into a folder of its own name: one level more
         masks = child(root, f"ISIC2018_Task1_{part}_GroundTruth")
+        masks = None if masks is None else descend(masks, masks.name)
         split = "test" if part == "Test" else None
         if masks is None:
             if part != "Test":
