@@ -114,7 +114,8 @@ def test_an_argument_its_components_callable_does_not_take_is_refused_naming_the
     runner = ["/venv/lib/python3.11/site-packages/monai/bundle/__main__.py", "run", "--config_file", "train.json"]
     check_override_keys([*runner, "--optimizer#position_embedding_scale", "1.0", "--lr_scheduler#cooldown_steps",
                          "3", "--loss#weights#bbox", "4"])
-    with pytest.raises(ValueError, match=r"--optimizer#position_embeding_scale: medsam3_monai\.engines\.build_optimizer "
+    with pytest.raises(ValueError, match=r"--optimizer#position_embeding_scale: medsam3_monai\.engines\."
+                                         r"build_optimizer "
                                          r"takes no argument 'position_embeding_scale'; did you mean "
                                          r"--optimizer#position_embedding_scale\?"):
         check_override_keys([*runner, "--optimizer#position_embeding_scale", "1.0"])

@@ -324,7 +324,8 @@ def test_convert_checkpoint_cli(tmp_path, trained_like, capsys):
     assert "corrupt" in capsys.readouterr().err
     assert cli_main(["convert-checkpoint", str(tmp_path / "sam3.pt"), str(dst), "--config", "tiny"]) == 2
     assert "exists and is a folder that is not empty" in capsys.readouterr().err
-    assert cli_main(["convert-checkpoint", str(tmp_path / "sam3.pt"), str(tmp_path / "bad.pt"), "--config", "tiny"]) == 2
+    onto_a_file = ["convert-checkpoint", str(tmp_path / "sam3.pt"), str(tmp_path / "bad.pt"), "--config", "tiny"]
+    assert cli_main(onto_a_file) == 2
     assert "bad.pt exists and is a file; the output is a new folder" in capsys.readouterr().err
 
 
