@@ -173,8 +173,10 @@ def _fresh_runs(argv: list[str], runs_wanted: int) -> dict[str, Any]:
 
 
 def main(argv: list[str] | None = None) -> dict[str, Any]:
+    from medsam3_monai.deploy.arguments import slice_size
+
     parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
-    parser.add_argument("--image-size", type=int, default=1008, help="slice size S (default 1008, real weights)")
+    parser.add_argument("--image-size", type=slice_size, default=1008, help="slice size S (default 1008, real weights)")
     parser.add_argument("--items", type=int, default=16,
                         help="at most this many items (images or volumes) per set (default 16; each set reports how "
                              "many it had)")
@@ -189,8 +191,8 @@ def main(argv: list[str] | None = None) -> dict[str, Any]:
                         help="fresh processes to measure in, one after the other; rates are their medians (default 1)")
     argv = sys.argv[1:] if argv is None else list(argv)
     args = parser.parse_args(argv)
-    if min(args.items, args.epochs, args.image_size, args.runs) < 1:
-        parser.error("--items, --epochs, --image-size and --runs must be >= 1")
+    if min(args.items, args.epochs, args.runs) < 1:
+        parser.error("--items, --epochs and --runs must be >= 1")
     if args.runs > 1:
         return _fresh_runs(argv, args.runs)
     root = Path(args.data_root)

@@ -441,12 +441,12 @@ def _bench_3d(network, tracker, folder: Path, work: Path, repeats: int) -> dict:
 
 
 def main() -> None:
-    from medsam3_monai.deploy.arguments import at_least
+    from medsam3_monai.deploy.arguments import at_least, slice_size
 
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--repeats", type=at_least(1), default=15, help="timed runs per part (medians reported)")
     parser.add_argument("--threads", type=at_least(1), default=1, help="torch threads (default 1)")
-    parser.add_argument("--image-size", type=int, default=112, help="the tiny network's slice space (default 112)")
+    parser.add_argument("--image-size", type=slice_size, default=112, help="the tiny network's slice space (default 112)")
     parser.add_argument("--no-3d", action="store_true",
                         help="skip the '3d' part (the hippocampus volume through detector and tracker); the "
                              "CT-sized volume_* parts of the way back still run")

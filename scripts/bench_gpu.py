@@ -331,6 +331,8 @@ def evaluate(args: argparse.Namespace) -> dict:
 
 
 def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
+    from medsam3_monai.deploy.arguments import at_least
+
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("part", choices=["forward", "evaluate", "volume"])  # PARTS
     parser.add_argument("--device", default="cuda")
@@ -343,7 +345,8 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     parser.add_argument("--channels-last", action="store_true")
     parser.add_argument("--detector-chunk", type=int, default=None,
                         help="find-queries per detector pass (MedSAM3Net.detector_chunk; default the network's, 16)")
-    parser.add_argument("--batch", type=int, nargs="+", default=[1, 8, 32], help="forward: images per forward")
+    parser.add_argument("--batch", type=at_least(1), nargs="+", default=[1, 8, 32],
+                        help="forward: images per forward")
     parser.add_argument("--profile", default=None,
                         help="forward: write the operators of one forward at the last batch, by device time, here; "
                              "volume: those of one whole segmentation (before the timed one: use a short --depth)")

@@ -119,10 +119,10 @@ def run(prompts: int, chunk: int, args: argparse.Namespace, work: Path) -> dict:
 
 
 def main() -> int:
-    from medsam3_monai.deploy.arguments import at_least
+    from medsam3_monai.deploy.arguments import at_least, slice_size
 
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    parser.add_argument("--image-size", type=int, default=224)
+    parser.add_argument("--image-size", type=slice_size, default=224)
     parser.add_argument("--threads", type=at_least(1), default=1)
     parser.add_argument("--child", nargs=4, metavar=("PROMPTS", "CHUNK", "SIZE", "WORK"), help=argparse.SUPPRESS)
     args = parser.parse_args()

@@ -114,7 +114,12 @@ def main() -> None:
 
     if torch.device(args.device).type == "cuda" and not torch.cuda.is_available():
         raise SystemExit(f"bench_segment.py: --device {args.device}: this machine has no CUDA device")
-    predictor = Predictor.from_checkpoint(args.checkpoint, device=torch.device(args.device), tracker="none")
+    from medsam3_monai.networks import CheckpointError
+
+    try:
+        predictor = Predictor.from_checkpoint(args.checkpoint, device=torch.device(args.device), tracker="none")
+    except (CheckpointError, ValueError) as err:  # the CLI's one line, not a traceback
+        raise SystemExit(f"bench_segment.py: --checkpoint {args.checkpoint}: {err}") from None
     with tempfile.TemporaryDirectory(prefix="bench-segment-") as tmp:
         tmp = Path(tmp)
         (tmp / "in").mkdir()

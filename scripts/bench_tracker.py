@@ -26,6 +26,7 @@ from __future__ import annotations
 
 import argparse
 import json
+import os
 import platform
 import statistics
 import sys
@@ -137,7 +138,7 @@ def main() -> None:
     for name, seeds in (("detector_seeds", detector_seeds), ("spread_seeds", spread_seeds)):
         seed_masks = torch.stack([detected[p, s].unpack() for p, s in enumerate(seeds)])
         result[name] = compare(tracker, features, seeds, seed_masks, size, args)
-    result.update(torch=torch.__version__, machine=platform.machine())
+    result.update(torch=torch.__version__, machine=platform.machine(), loadavg_1min=round(os.getloadavg()[0], 2))
     print(json.dumps(result, indent=1))
 
 

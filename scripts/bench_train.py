@@ -78,11 +78,11 @@ def _sync(device: torch.device) -> None:
 
 
 def main(argv: list[str] | None = None) -> dict:
-    from medsam3_monai.deploy.arguments import at_least
+    from medsam3_monai.deploy.arguments import at_least, slice_size
 
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--full", action="store_true", help="full SAM3 config (random init) at 1008 px")
-    parser.add_argument("--image-size", type=int, default=None)
+    parser.add_argument("--image-size", type=slice_size, default=None)
     parser.add_argument("--batch", type=at_least(1), default=4)
     parser.add_argument("--instances", type=at_least(1), default=4, help="target instances per prompt")
     parser.add_argument("--iterations", type=at_least(1), default=20)

@@ -25,6 +25,11 @@ cd "$(dirname "$0")/.."
 RESULTS="${OUT:-${RESULTS_DIR:-$PWD/device_results}}"
 PY="${PYTHON:-python3}"
 mkdir -p "$RESULTS"
+# no CUDA device: say so first (exit 3, as bench_gpu.sh), before installing or testing anything on the CPU
+if "$PY" -c 'import torch' 2>/dev/null && ! "$PY" -c 'import sys, torch; sys.exit(not torch.cuda.is_available())'; then
+    echo "device_check.sh: no CUDA device here (torch.cuda.is_available() is False): run it on a GPU machine" >&2
+    exit 3
+fi
 
 if compgen -G ".whl/*.whl" >/dev/null; then
     "$PY" -m pip install -q --no-index --no-deps --no-compile --no-cache-dir --upgrade --target /tmp/medsam3_site \

@@ -125,6 +125,38 @@ def test_a_misspelt_option_is_named_with_the_sub_commands_usage(capsys):
     assert "medsam3 segment: error: unrecognized arguments: --promt polyp" in err
 
 
+def test_no_command_prints_the_help_and_fails(capsys):
+    """``medsam3`` alone exited 0, so a script that lost its command "succeeded"."""
+    from medsam3_monai.deploy.cli import main
+
+    assert main([]) == 2
+    said = capsys.readouterr().err
+    assert "usage: medsam3" in said and "medsam3: error: give a command" in said
+
+
+def test_the_parsers_image_size_rule_is_the_networks():
+    """``slice_size`` (the benchmarks' ``--image-size``; a size no network takes ran, or failed with a traceback)
+    spells out the ViT patch so that parsers import no transformers: it must keep agreeing with the network's."""
+    import argparse
+
+    from medsam3_monai.deploy.arguments import VIT_PATCH_SIZE, slice_size
+    from medsam3_monai.networks.presets import PATCH_SIZE, check_image_size
+
+    assert VIT_PATCH_SIZE == PATCH_SIZE
+    for size in range(1, 300):
+        try:
+            check_image_size(size)
+            network_takes = True
+        except ValueError:
+            network_takes = False
+        try:
+            slice_size(str(size))
+            parser_takes = True
+        except argparse.ArgumentTypeError:
+            parser_takes = False
+        assert parser_takes == network_takes, size
+
+
 def test_lazy_data_package_keeps_its_names():
     """``medsam3_monai.data`` imports its submodules on first use; every public name still resolves (the bundle
     configs call ``$medsam3_monai.data.load_datalists(...)`` after ``$import medsam3_monai.data``)."""

@@ -64,8 +64,8 @@ def add_parser(subparsers: argparse._SubParsersAction) -> argparse.ArgumentParse
         formatter_class=argparse.RawDescriptionHelpFormatter,
     )
     parser.add_argument("input", metavar="INPUT",
-                        help="2D image (png, jpg, jpeg, bmp, tif, tiff, gif, ppm), volume (.nii, .nii.gz, .mha, .mhd, "
-                             ".nrrd, .nhdr, .dcm) or DICOM folder")
+                        help="2D image (png, jpg, jpeg, bmp, tif, tiff, gif, ppm, a single-frame .dcm / .ima), volume "
+                             "(.nii, .nii.gz, .mha, .mhd, .nrrd, .nhdr, a multi-frame .dcm) or DICOM series folder")
     parser.add_argument("--request", required=True, metavar="TEXT",
                         help="what to segment, in words, e.g. 'segment the lesion in the upper left quadrant'")
     parser.add_argument("--out", required=True, metavar="PATH",

@@ -55,12 +55,13 @@ def random_weights_notes(checkpoint: Any) -> list[str]:
 DEFAULT_SCORE_THRESHOLD = 0.5
 
 
-def add_score_threshold_option(parser: Any, default: float | None = DEFAULT_SCORE_THRESHOLD, also: str = "") -> None:
+def add_score_threshold_option(parser: Any, default: float | None = DEFAULT_SCORE_THRESHOLD, also: str = "",
+                               protocol: str = "--protocol") -> None:
     """``--score-threshold T`` (``default``: None where a command refuses it when nothing would read it, 0.5 then
-    applying); ``also``: what the help adds."""
+    applying); ``also``: what the help adds; ``protocol``: what picks the protocol in this command."""
     parser.add_argument("--score-threshold", type=float, default=default, metavar="T",
                         help=f"score threshold in [0, 1] (default {DEFAULT_SCORE_THRESHOLD:g}): the query score of "
-                             "--protocol threshold, the floor of --protocol top_query_floor (the Medical-SAM3 "
+                             f"{protocol} threshold, the floor of {protocol} top_query_floor (the Medical-SAM3 "
                              "release's 2D evaluation floors at 0.1), and the detection score of a volume's slices"
                              + also)
 
@@ -153,6 +154,20 @@ def at_least(minimum: int) -> Callable[[str], int]:
         return number
 
     return parse
+
+
+#: SAM3's ViT patch side (``networks.presets.PATCH_SIZE``; spelt out so that the parsers import no transformers)
+VIT_PATCH_SIZE = 14
+
+
+def slice_size(value: str) -> int:
+    """An argument type for ``--image-size``: a positive multiple of the ViT's 14-pixel patch (the rule of
+    :func:`~medsam3_monai.networks.presets.check_image_size`)."""
+    size = at_least(1)(value)
+    if size % VIT_PATCH_SIZE:
+        raise argparse.ArgumentTypeError(f"{value!r}: give a multiple of {VIT_PATCH_SIZE}, the ViT's patch size "
+                                         "(e.g. 112, 224, 1008)")
+    return size
 
 
 def ct_window(value: str) -> Any:

@@ -78,9 +78,10 @@ def main(argv: Sequence[str] | None = None) -> int:
         hint = (f" ({files[0]} is a file: write ./{files[0]} for a name that starts with '-')" if files else "")
         _innermost_parser(parser, args).error(f"unrecognized arguments: {' '.join(extras)}{hint}")
     args.argv = list(sys.argv[1:] if argv is None else argv)  # the command as given (a reproduction records it)
-    if not getattr(args, "func", None):
-        parser.print_help()
-        return 0
+    if not getattr(args, "func", None):  # no command given: a script that called it wrongly must not "succeed"
+        parser.print_help(sys.stderr)
+        print("\nmedsam3: error: give a command (medsam3 COMMAND --help for its options)", file=sys.stderr)
+        return 2
     # an input error is reported below in one line (a bug by its traceback): Ignite's engines would log an extra
     # "run is terminating due to exception" line for either
     logging.getLogger("ignite.engine.engine").setLevel(logging.CRITICAL)

@@ -54,7 +54,8 @@ def add_parser(subparsers: argparse._SubParsersAction) -> argparse.ArgumentParse
                         help="slice-space size (tiny: 112; real weights: 1008)")
     parser.add_argument("--epochs", type=at_least(1), default=None,
                         help="training epochs (phantoms: 20; --quick: 2; --data: 5)")
-    parser.add_argument("--batch-size", type=at_least(1), default=4)
+    parser.add_argument("--batch-size", type=at_least(1), default=4, metavar="N",
+                        help="datalist items per training step (default 4)")
     parser.add_argument("--lr", type=_rate, default=5e-4,
                         help="one learning rate for every parameter group (tiny from scratch); 0: the papers' rates")
     parser.add_argument("--protocol", choices=list(PROTOCOLS), default=DEFAULT_PROTOCOL,

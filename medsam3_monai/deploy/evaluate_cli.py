@@ -140,9 +140,9 @@ def add_parser(subparsers: argparse._SubParsersAction) -> argparse.ArgumentParse
                             "'Segment the {concept} in this {image}.')")
     add_planner_options(agent)
     agent.add_argument("--max-rounds", type=int, default=3, metavar="N", help="segment_phrase calls per request (3)")
-    agent.add_argument("--max-tokens", type=int, default=200_000, metavar="N", help="token budget per request")
-    agent.add_argument("--llm-timeout", type=float, default=120.0, metavar="S", help="seconds per HTTP attempt")
-    agent.add_argument("--llm-retries", type=int, default=2, metavar="N", help="retries after time-outs, 429, 5xx")
+    agent.add_argument("--max-tokens", type=int, default=200_000, metavar="N", help="token budget of each agent request (one class of one case; 200000)")
+    agent.add_argument("--llm-timeout", type=float, default=120.0, metavar="S", help="seconds per HTTP attempt (120)")
+    agent.add_argument("--llm-retries", type=int, default=2, metavar="N", help="retries after time-outs, 429, 5xx (2)")
     agent.add_argument("--tool-mode", choices=("auto", "tools", "text"), default="auto",
                        help="native function calling, or JSON in the reply text (auto: when tools are refused)")
     agent.add_argument("--no-fallback", action="store_true",

@@ -84,8 +84,8 @@ def add_parser(subparsers: argparse._SubParsersAction) -> argparse.ArgumentParse
         formatter_class=argparse.RawDescriptionHelpFormatter,
     )
     parser.add_argument("input", metavar="INPUT", nargs="*",
-                        help="2D image (png, jpg, jpeg, bmp, tif, tiff, gif, ppm, a single-frame .dcm), volume (.nii, "
-                             ".nii.gz, .mha, .mhd, .nrrd, .nhdr, a multi-frame .dcm) or DICOM series folder; with "
+                        help="2D image (png, jpg, jpeg, bmp, tif, tiff, gif, ppm, a single-frame .dcm / .ima), volume "
+                             "(.nii, .nii.gz, .mha, .mhd, .nrrd, .nhdr, a multi-frame .dcm) or DICOM series folder; with "
                              "--out-dir also several, folders of them and quoted patterns ('cases/*.png')")
     parser.add_argument("--prompt", action="append", metavar="TEXT",
                         help="concept to segment, e.g. 'polyp' (repeat for several: label values 1..P); required "

@@ -19,8 +19,8 @@ _EPILOG = """\
 Routes (MONAI Label's protocol): GET /info/; POST /infer/medsam3 with multipart 'params' = JSON
 {"prompts": ["polyp"], "box": [x1, y1, x2, y2], "protocol": ..., "score_threshold": ..., "modality": ...,
 "largest_cc": false} (a text
-of prompts is split at commas) and the image as 'file' (PNG, JPEG, BMP, TIFF, GIF, PPM, NIfTI .nii/.nii.gz, NRRD,
-MetaImage .mha), or ?image=ID of an image uploaded with PUT /datastore/?image=ID, or
+of prompts is split at commas) and the image as 'file' (PNG, JPEG, BMP, TIFF, GIF, PPM, a single-frame DICOM
+.dcm, NIfTI .nii/.nii.gz, NRRD, MetaImage .mha), or ?image=ID of an image uploaded with PUT /datastore/?image=ID, or
 ?session_id= from PUT /session/. Answer (?output=all, the default): multipart 'params' (result JSON) + 'image'
 (the mask: PNG for 2D, NIfTI for volumes, in the input's geometry, as medsam3 segment writes it);
 ?output=image: the mask file alone (result JSON in the X-MedSAM3-Result header); ?output=json: the result JSON.
@@ -75,7 +75,8 @@ def add_parser(subparsers: argparse._SubParsersAction) -> argparse.ArgumentParse
     parser.add_argument("--session-expiry", type=int, default=3600, metavar="S",
                         help="seconds a session lives after its last use (default 3600; also the longest a client "
                              "may ask for)")
-    add_score_threshold_option(parser, also="; a request's params.score_threshold replaces it")
+    add_score_threshold_option(parser, also="; a request's params.score_threshold replaces it",
+                               protocol="a request's params.protocol")
     parser.add_argument("--tracker", default="auto", metavar="SRC|none",
                         help="volumes: auto (default), none (detector only), tiny, an HF folder or a sam3.pt")
     parser.add_argument("--device", default="auto", help="auto (cuda when available), cpu, cuda, cuda:1, ...")
@@ -90,7 +91,7 @@ def add_parser(subparsers: argparse._SubParsersAction) -> argparse.ArgumentParse
     agent.add_argument("--api-key-env", default=None, metavar="VAR",
                        help="name of the environment variable holding the planner's API key (default: none sent)")
     agent.add_argument("--max-rounds", type=int, default=3, metavar="N", help="segment_phrase calls per request (3)")
-    agent.add_argument("--llm-timeout", type=float, default=120.0, metavar="S", help="seconds per planner request")
+    agent.add_argument("--llm-timeout", type=float, default=120.0, metavar="S", help="seconds per planner request (120)")
     agent.add_argument("--no-fallback", action="store_true",
                        help="answer 502 instead of falling back to the offline planner when the planner endpoint "
                             "cannot be reached (default: fall back, and say so in the answer's agent.notes)")

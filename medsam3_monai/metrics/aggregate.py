@@ -79,6 +79,7 @@ def _fmt(value: float, metric: str, signed: bool = False) -> str:
     if value is None or math.isnan(value):
         return "–"
     shown = value * 100.0 if metric in PERCENT_METRICS else value
+    shown = 0.0 if abs(shown) < 0.005 else shown  # no "-0.00" for a difference that rounds to nothing
     return f"{shown:+.2f}" if signed else f"{shown:.2f}"
 
 
