@@ -426,16 +426,11 @@ def check_runner_arguments(arguments: Sequence[str]) -> None:
             known |= set(config["configs"])
         elif running is None or path.resolve() in running:  # the configs this run merges (another's keys do nothing)
             known |= set(config)
-    components: dict[str, dict] = {}  # top-level components of the configs this run merges (_target_ dicts)
-    blocks: dict[str, dict] = {}  # top-level settings that are plain dictionaries (lr, scheduler, loss_weights, ...)
-    for path in BUNDLE_CONFIGS.glob("*.json"):
-        config = json.loads(path.read_text(encoding="utf-8"))
-        if isinstance(config, dict) and (running is None or path.resolve() in running):
-            components.update({k: v for k, v in config.items() if isinstance(v, dict) and "_target_" in v})
-            blocks.update({k: v for k, v in config.items() if isinstance(v, dict) and "_target_" not in v})
     given = [arg[2:].split("=", 1)[0] for arg in arguments if arg.startswith("--")]
-    _check_component_arguments(components, dict(_override_values(arguments)))
-    _check_whole_blocks(blocks, dict(_override_values(arguments)))
+    merged = _merged_run_configs(dict(_override_values(arguments)).get("config_file"))
+    if merged is not None:  # the configs this run reads, in its order (a copied or extended bundle's own)
+        _check_component_arguments(merged, dict(_override_values(arguments)))
+        _check_whole_blocks(merged, dict(_override_values(arguments)))
     # a new key that another override reads (--augment "$..." with "... [@augment] ...") is a definition, not a typo
     known |= {name for key, value in _override_values(arguments) if value
               for name in re.findall(r"@([A-Za-z_]\w*)", value) if name != key.split("#", 1)[0]}
@@ -454,38 +449,66 @@ def check_runner_arguments(arguments: Sequence[str]) -> None:
                              "will want to change\")")
 
 
-def _check_whole_blocks(blocks: dict[str, dict], overrides: dict[str, str | None]) -> None:
-    """Refuse ``--lr "{'detector': 1e-4}"``: a whole dictionary setting replaced by one lacking some of its keys,
-    which the configs read (MONAI failed with "the referring item `@lr::vision` is not defined")."""
-    import ast
+def _merged_run_configs(value: str | None) -> dict[str, Any] | None:
+    """The top-level entries of the config files a ``--config_file`` value names, merged in its order (a later
+    file's entry replaces an earlier one's, as MONAI merges them); None when a file cannot be read as JSON (a YAML
+    config, a missing file: MONAI reports those itself)."""
+    import json
 
+    paths = _config_file_list(value)
+    if not paths:
+        return None
+    merged: dict[str, Any] = {}
+    for path in paths:
+        try:
+            config = json.loads(path.read_text(encoding="utf-8"))
+        except (OSError, ValueError):
+            return None
+        if isinstance(config, dict):
+            merged.update(config)
+    return merged
+
+
+def _check_whole_blocks(configs: dict[str, Any], overrides: dict[str, str | None]) -> None:
+    """Refuse ``--lr "{'detector': 1e-4}"``: a whole dictionary setting replaced by one lacking keys that the
+    configs read one by one (``@lr#vision``: MONAI failed with "the referring item `@lr::vision` is not defined").
+    A block the configs pass whole (``loss_weights``, ``matcher``: the callable's defaults fill what is left out)
+    is taken as given."""
+    import ast
+    import json
+
+    read = set(re.findall(r"@(\w+)#(\w+)", json.dumps(configs)))
     for key, value in overrides.items():
-        if key not in blocks or not value:
+        block = configs.get(key)
+        if not isinstance(block, dict) or "_target_" in block or not value:
             continue
         try:
             given = ast.literal_eval(value)
         except (ValueError, SyntaxError):
             continue
-        missing = [k for k in blocks[key] if isinstance(given, dict) and k not in given]
+        missing = [k for k in block if isinstance(given, dict) and k not in given and (key, k) in read]
         if missing:
-            example = next(iter(given), next(iter(blocks[key])))
+            example = next(iter(given), next(iter(block)))
             raise ValueError(f"--{key} replaces the whole '{key}' block, and this one lacks {', '.join(missing)}, "
                              f"which the bundle reads: give only the keys you change, one each, e.g. "
                              f"--{key}#{example} VALUE")
 
 
-def _check_component_arguments(components: dict[str, dict], overrides: dict[str, str]) -> None:
+def _check_component_arguments(configs: dict[str, Any], overrides: dict[str, str]) -> None:
     """Refuse ``--COMPONENT#ARG`` where COMPONENT is a ``_target_`` of the configs and ARG neither one of its keys nor
     a parameter of the callable it builds (the overridden ``#_target_`` when given): MONAI failed with a long
-    traceback after caching. A callable taking ``**kwargs`` takes any name; a target that does not import is left to
-    MONAI's own message."""
+    traceback after caching. A callable taking ``**kwargs`` takes any name; a target that does not import, and a
+    component replaced whole on the command line, are left to MONAI."""
     import difflib
     import inspect
     import pydoc
 
+    components = {k: v for k, v in configs.items() if isinstance(v, dict) and "_target_" in v}
     for key in overrides:
         top, _, argument = key.partition("#")
         if top not in components or not argument or "#" in argument or argument.startswith("_"):
+            continue
+        if overrides.get(top):  # --optimizer "{'_target_': ...}" then --optimizer#momentum: the new one's
             continue
         if argument in components[top]:
             continue
@@ -506,9 +529,9 @@ def _check_component_arguments(components: dict[str, dict], overrides: dict[str,
                          f"{', '.join(names)}")
 
 
-def _config_files(value: str | None) -> set[Path] | None:
-    """The config files a ``--config_file`` value names (one path, or a Python list of them), resolved; None when
-    it cannot be read that way."""
+def _config_file_list(value: str | None) -> list[Path] | None:
+    """The config files a ``--config_file`` value names (one path, or a Python list of them), in order, resolved;
+    None when it cannot be read that way."""
     import ast
 
     if not value:
@@ -518,7 +541,13 @@ def _config_files(value: str | None) -> set[Path] | None:
     except (ValueError, SyntaxError):
         return None
     paths = [named] if isinstance(named, str) else list(named) if isinstance(named, (list, tuple)) else []
-    return {Path(str(p)).expanduser().resolve() for p in paths} or None
+    return [Path(str(p)).expanduser().resolve() for p in paths] or None
+
+
+def _config_files(value: str | None) -> set[Path] | None:
+    """:func:`_config_file_list` as a set."""
+    paths = _config_file_list(value)
+    return set(paths) if paths else None
 
 
 def _override_values(arguments: Sequence[str]) -> list[tuple[str, str | None]]:

@@ -39,12 +39,12 @@ def _peak_rss_gib() -> float:
 
 
 def main() -> None:
-    from medsam3_monai.deploy.arguments import at_least
+    from medsam3_monai.deploy.arguments import at_least, slice_size
 
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--images-per-batch", type=at_least(1), default=8, help="val_images_per_batch (default 8)")
     parser.add_argument("--volumes", type=at_least(1), default=4, help="validation volumes (default 4: one batch_size)")
-    parser.add_argument("--image-size", type=int, default=1008, help="slice size S (default 1008)")
+    parser.add_argument("--image-size", type=slice_size, default=1008, help="slice size S (default 1008)")
     parser.add_argument("--threads", type=at_least(1), default=2)
     parser.add_argument("--data-root", default=str(REPO_ROOT.parent / "shared" / "data"))
     args = parser.parse_args()

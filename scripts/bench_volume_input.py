@@ -125,10 +125,10 @@ def child(variant: str, path: str, image_size: int, reference: str | None) -> No
 
 
 def main() -> None:
-    from medsam3_monai.deploy.arguments import at_least
+    from medsam3_monai.deploy.arguments import at_least, slice_size
 
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    parser.add_argument("--image-size", type=int, default=1008)
+    parser.add_argument("--image-size", type=slice_size, default=1008)
     parser.add_argument("--factors", type=at_least(1), nargs=3, default=[3, 3, 10], help="repeats of the example CT")
     parser.add_argument("--threads", type=at_least(1), default=1, help="torch threads in the children")
     parser.add_argument("--workdir", default=str(Path(tempfile.gettempdir()) / "medsam3-bench-volume-input"))

@@ -111,7 +111,8 @@ def test_an_argument_its_components_callable_does_not_take_is_refused_naming_the
     the close argument. A replaced ``#_target_`` is the one asked (a custom loss's own argument passes)."""
     from medsam3_monai.bundle import check_override_keys
 
-    runner = ["/venv/lib/python3.11/site-packages/monai/bundle/__main__.py", "run", "--config_file", "train.json"]
+    runner = ["/venv/lib/python3.11/site-packages/monai/bundle/__main__.py", "run", "--config_file",
+              str(BUNDLE_CONFIGS / "train.json")]
     check_override_keys([*runner, "--optimizer#position_embedding_scale", "1.0", "--lr_scheduler#cooldown_steps",
                          "3", "--loss#weights#bbox", "4"])
     with pytest.raises(ValueError, match=r"--optimizer#position_embeding_scale: medsam3_monai\.engines\."
@@ -127,10 +128,22 @@ def test_an_argument_its_components_callable_does_not_take_is_refused_naming_the
                                         "        super().__init__(*args, **kwargs)\n")
     monkeypatch.syspath_prepend(str(tmp_path))
     check_override_keys([*runner, "--loss#_target_", "myloss.WithL2", "--loss#l2_weight", "0.5"])
-    # a whole block replaced by one lacking keys the configs read ("@lr::vision is not defined" before)
-    with pytest.raises(ValueError, match=r"--lr replaces the whole 'lr' block, and this one lacks vision, .*"
-                                         r"give only the keys you change, one each, e\.g\. --lr#detector VALUE"):
+    # a whole block replaced by one lacking keys the configs read ("@lr::vision is not defined" before); blocks
+    # passed whole (their callables' defaults fill the rest) and the keys read with a default are taken
+    with pytest.raises(ValueError, match=r"--lr replaces the whole 'lr' block, and this one lacks vision, language, "
+                                         r"geometry, layer_decay, weight_decay, which the bundle reads: give only the "
+                                         r"keys you change, one each, e\.g\. --lr#detector VALUE"):
         check_override_keys([*runner, "--lr", "{'detector': 1e-4}"])
+    check_override_keys([*runner, "--matcher", "{'cost_class': 1.0}", "--loss_weights", '{"bbox": 5.0}',
+                         "--scheduler", '{"warmup_steps": 0, "timescale": 20}'])
+    # a component replaced whole, then one of its arguments: the new one's, left to MONAI
+    check_override_keys([*runner, "--optimizer", "{'_target_': 'torch.optim.SGD', 'params': '$@network.parameters()', "
+                         "'lr': 0.1}", "--optimizer#momentum", "0.9"])
+    # an extended bundle's own loss (a config after train.json replaces loss#_target_): its arguments count
+    (tmp_path / "my_loss.json").write_text('{"loss": {"_target_": "myloss.WithL2", "weights": "@loss_weights"}}')
+    extended = [runner[0], "run", "--config_file", str([str(BUNDLE_CONFIGS / "train.json"),
+                                                         str(tmp_path / "my_loss.json")])]
+    check_override_keys([*extended, "--loss#l2_weight", "0.5"])
 
 
 def test_loss_settings_switches_read_false_as_off():

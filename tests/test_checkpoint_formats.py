@@ -5,6 +5,7 @@ from __future__ import annotations
 import json
 import re
 import stat
+import warnings
 
 import pytest
 import torch
@@ -120,6 +121,16 @@ def test_ema_weights_beside_the_models_are_named_and_alone_are_told_how_to_load(
     with pytest.warns(UserWarning, match=r"also holds EMA weights \('ema'\), which are not loaded"):
         net = MedSAM3Net(tmp_path / "both.pt", config=tiny_sam3_config())
     assert same_weights(net.sam3, trained_like.sam3)
+    # Lightning: model.* and ema_model.* side by side (it was "not a SAM3 checkpoint"); a number named ema: no warning
+    both = {**{f"model.{k}": v for k, v in detector.items()}, **{f"ema_model.{k}": v + 1 for k, v in detector.items()}}
+    torch.save({"state_dict": both}, tmp_path / "lightning.pt")
+    with pytest.warns(UserWarning, match=r"also holds EMA weights \(the ema_model\.\* keys\)"):
+        net = MedSAM3Net(tmp_path / "lightning.pt", config=tiny_sam3_config())
+    assert same_weights(net.sam3, trained_like.sam3)
+    torch.save({"model": detector, "ema": 0.999}, tmp_path / "decay.pt")
+    with warnings.catch_warnings():
+        warnings.simplefilter("error", UserWarning)
+        MedSAM3Net(tmp_path / "decay.pt", config=tiny_sam3_config())
     torch.save({"model_ema": detector, "epoch": 3}, tmp_path / "ema_only.pt")
     with pytest.raises(CheckpointError, match=r"holds no state dict.*Its 'model_ema' looks like EMA weights: save "
                                               r"them alone to load them"):

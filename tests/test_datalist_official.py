@@ -318,6 +318,10 @@ def test_stare_gzip_files_must_be_decompressed(tmp_path: Path):
     (tmp_path / "labels-ah" / "im0001.ah.ppm.gz").write_bytes(b"\x1f\x8b")
     with pytest.raises(DatalistError, match=r"im0001\.ah\.ppm\.gz: 1 of the STARE files are gzip-compressed"):
         build_datalist("STARE", tmp_path)
+    # gunzip -k: every .gz beside its plain file, which is read
+    img(tmp_path / "labels-ah" / "im0001.ah.ppm", fmt="PPM")
+    (tmp_path / "stare-images" / "im0001.ppm.gz").write_bytes(b"\x1f\x8b")
+    assert cases(build("STARE", tmp_path).datalist, "test") == ["im0001"]
 
 
 def test_an_archive_unpacked_into_a_folder_of_its_own_is_pointed_at_or_read(tmp_path: Path):
@@ -333,6 +337,12 @@ def test_an_archive_unpacked_into_a_folder_of_its_own_is_pointed_at_or_read(tmp_
                                             r"unpacked into a folder of its own\): give that folder"):
         build_datalist("BUSI", tmp_path / "busi")
     assert sum(map(len, build("BUSI", tmp_path / "busi" / "archive").datalist.values())) == 6
+    # a folder of several datasets: no other dataset's folder is offered (the first one that converted was)
+    for name in ("aaa_other", "zzz_another"):
+        _kvasir(tmp_path / "several" / name / "Kvasir-SEG")
+    with pytest.raises(DatalistError) as error:
+        build_datalist("Kvasir-SEG", tmp_path / "several")
+    assert "holds that layout" not in str(error.value)
     for path in (base / "normal").iterdir():
         path.unlink()
     (base / "normal").rmdir()

@@ -160,9 +160,9 @@ def test_load_datalist_names_a_malformed_item(content: str, words: str, tmp_path
 def test_a_key_of_the_users_own_is_kept_and_only_a_misspelling_is_refused(tmp_path: Path):
     path = tmp_path / "own.json"
     path.write_text('{"training": [{"image": "a.png", "label": "m.png", "prompts": {"1": "polyp"}, '
-                    '"patient_id": "P7", "caseid": "c1"}]}')
+                    '"patient_id": "P7", "caseid": "c1", "label2": "m2.png", "Dataset": "mine", "dataset": "D"}]}')
     (item,) = load_datalist(path, "training")
-    assert (item["patient_id"], item["caseid"]) == ("P7", "c1")
+    assert (item["patient_id"], item["caseid"], item["label2"], item["Dataset"]) == ("P7", "c1", "m2.png", "mine")
 
 
 def test_the_full_totalsegmentator_release_is_named_as_not_read(tmp_path: Path):

@@ -575,6 +575,19 @@ def test_checkpoints_of_one_name_are_labelled_by_the_folder_where_their_paths_pa
     assert capsys.readouterr().err == ""
 
 
+def test_skip_empty_truth_is_the_2d_rule_and_leaves_volume_rows_scored(tmp_path):
+    """The release skips 2D images without foreground; a volume's empty-truth rows (an organ absent from a CT)
+    stay scored (they were dropped too, changing a mixed run's 3D numbers)."""
+    from medsam3_monai.engines.reports import EvaluationReport
+
+    report = EvaluationReport(tmp_path, mlflow=False, skip_empty_truth=True)
+    report.records = [{"case": "a.png", "empty_truth": True, "volume": False},
+                      {"case": "a.png", "empty_truth": False, "volume": False},
+                      {"case": "ct.nii.gz", "empty_truth": True, "volume": True}]
+    scored, skipped = report.scored_records()
+    assert [r["case"] for r in scored] == ["a.png", "ct.nii.gz"] and skipped == [report.records[0]]
+
+
 def test_skip_empty_truth_leaves_rows_without_foreground_out_of_the_tables(shared_data, tmp_path, capsys):
     """``--skip-empty-truth``: the Medical-SAM3 release's 2D evaluation skips images without foreground. The
     rows of such cases leave cases.csv and the tables (listed in skipped_empty_truth.csv, said under the table);

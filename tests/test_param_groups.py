@@ -178,6 +178,13 @@ def test_the_bundles_cool_down_reaches_the_scheduler_with_the_trainings_optimise
     longer = WarmupInverseSqrtLR(scheduler.optimizer, cooldown_steps=4, total_steps=total + 20)
     longer.load_state_dict(scheduler.state_dict())
     assert longer.total_steps == total + 20 and longer.cooldown_steps == 4
+    # a run started without a cool-down and resumed with one: this run's settings, the checkpoint's step
+    plain = WarmupInverseSqrtLR(scheduler.optimizer)
+    plain.last_epoch = 7
+    cooled = WarmupInverseSqrtLR(scheduler.optimizer, cooldown_steps=6, total_steps=12)
+    cooled.load_state_dict(plain.state_dict())
+    assert (cooled.last_epoch, cooled.cooldown_steps, cooled.total_steps) == (7, 6, 12)
+    assert cooled._factor(12) == 0.0
 
 
 def test_the_full_preset_sizes_and_a_smaller_slice_space():

@@ -350,7 +350,8 @@ def test_the_cases_column_leaves_out_the_cases_skipped_as_unreadable(data_root, 
 
 
 @pytest.mark.slow
-def test_a_dataset_none_of_whose_cases_can_be_read_drops_out_and_the_others_are_scored(shared_data, tmp_path):
+def test_a_dataset_none_of_whose_cases_can_be_read_drops_out_and_the_others_are_scored(shared_data, tmp_path,
+                                                                                          capsys):
     """--skip-unreadable with every Kvasir-SEG picture truncated (its header still reads, so discovery finds it): the
     run goes on, scores BUSI, and names Kvasir-SEG's unreadable cases; it ended with no report at all before."""
     root = tmp_path / "data"
@@ -373,6 +374,14 @@ def test_a_dataset_none_of_whose_cases_can_be_read_drops_out_and_the_others_are_
     manifest = json.loads((out / "manifest.json").read_text())
     kvasir = next(d for d in manifest["datasets"] if d["dataset"] == "Kvasir-SEG")
     assert kvasir["status"] == "unreadable_cases" and manifest["skipped_unreadable_cases"] == {"Kvasir-SEG": 1}
+    # nothing readable anywhere: the error names the files itself (the output folder, skipped.csv too, is removed)
+    (root / "BUSI").unlink()
+    alone = tmp_path / "alone"
+    capsys.readouterr()
+    assert _run([*argv, "--out", str(alone), "--skip-unreadable"]) == 2 and not alone.exists()
+    said = capsys.readouterr().err
+    assert "no dataset could be scored: no case of Kvasir-SEG (1 case(s); e.g. " in said and ".jpg" in said
+    assert "skipped.csv" not in said.splitlines()[-1]
 
 
 def test_release_rules_apply_to_pictures_and_leave_volumes_as_the_papers():

@@ -214,11 +214,19 @@ def test_a_synonym_of_a_present_concept_is_never_a_negative():
     absent concepts); 108 of 300 draws gave it before."""
     targets = targets_for(two_class_map(), {"1": "nuclei", "2": "Breast Ultrasound Lesion"}, "components")
     d = {"targets": targets, "image": torch.zeros(3, 40, 60)}
-    pool = ["cell nucleus", "Nucleus", "breast tumor", "polyp", "liver"]
+    pool = ["cell nucleus", "Nucleus", "breast tumor", "polyp", "liver", "tumor", "liver tumor"]
     drawn = set()
     for seed in range(40):
         drawn |= {t["text"] for t in RandNegativePromptsd(concepts=pool, num_negatives=2, seed=seed)(d)["targets"][2:]}
-    assert drawn == {"polyp", "liver"}
+    assert drawn == {"polyp", "liver", "liver tumor"}  # "tumor": the breast lesion is one
+    # a part present: the whole is not absent ("left lung" present, "lung" never a negative), and the other way
+    d = {"targets": targets_for(two_class_map(), {"1": "left lung", "2": "kidney"}, "components"),
+         "image": torch.zeros(3, 40, 60)}
+    drawn = set()
+    for seed in range(40):
+        pool = ["lung", "left kidney", "spleen"]
+        drawn |= {t["text"] for t in RandNegativePromptsd(concepts=pool, num_negatives=2, seed=seed)(d)["targets"][2:]}
+    assert drawn == {"spleen"}
 
 
 # ---------------------------------------------------------------- real data

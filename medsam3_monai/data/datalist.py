@@ -236,9 +236,14 @@ def build_datalist(
 
 
 def _layout_one_level_down(root: Path, converter: Any, entry: Any, catalogue: Catalogue) -> str:
-    """The hint for an error about ``root`` when a folder inside it holds the converter's layout (an archive
-    unpacked into a folder of its own name: ``archive/Dataset_BUSI_with_GT``); "" when none does."""
-    for folder in sorted(p for p in root.iterdir() if p.is_dir() and not p.name.startswith((".", "__MACOSX"))):
+    """The hint for an error about ``root`` when the folder inside it holds the converter's layout (an archive
+    unpacked into a folder of its own: ``archive/Dataset_BUSI_with_GT``): ``root``'s only folder, or one named as
+    the dataset; "" when none does (a folder of several datasets is not searched: another's layout may convert)."""
+    folders = sorted(p for p in root.iterdir() if p.is_dir() and not p.name.startswith((".", "__MACOSX")))
+    names = {normalise_name(n) for n in (converter.name, *((entry.name, *entry.aliases) if entry else ()))}
+    if len(folders) > 1:
+        folders = [folder for folder in folders if normalise_name(folder.name) in names]
+    for folder in folders:
         try:
             if converter.convert(folder, entry, catalogue).pairs:
                 return (f"\n{folder} holds that layout (an archive unpacked into a folder of its own): give that "
@@ -430,9 +435,10 @@ def _item_keys() -> tuple[str, ...]:
 
 
 def check_misspelt_keys(item: Mapping[str, Any], where: str) -> None:
-    """DatalistError for an item key that is a misspelling of one the readers take (``modalty``: the item would be
-    read without its modality, e.g. an MRI min-max scaled instead of clipped at its percentiles). Other keys of a
-    user's own are left alone here (``medsam3 datalist --check`` refuses every key the schema does not name)."""
+    """DatalistError for an item key that is a misspelling of one the readers take and the item lacks (``modalty``
+    without ``modality``: the item would be read without its modality, e.g. an MRI min-max scaled instead of
+    clipped at its percentiles). Other keys of a user's own are left alone here (``label2`` beside ``label``;
+    ``medsam3 datalist --check`` refuses every key the schema does not name)."""
     import difflib
 
     known = _item_keys()
@@ -440,7 +446,7 @@ def check_misspelt_keys(item: Mapping[str, Any], where: str) -> None:
         if key in known or not isinstance(key, str):
             continue
         close = difflib.get_close_matches(key.lower(), known, n=1, cutoff=0.85)
-        if close:
+        if close and close[0] not in item:  # beside the real key ('label2' next to 'label'): a key of the user's
             raise DatalistError(f"{where}: key {key!r} is not one the readers take; did you mean {close[0]!r}? (as "
                                 f"written, the item is read without its {close[0]!r})")
 

@@ -108,9 +108,9 @@ def add_parser(subparsers: argparse._SubParsersAction) -> argparse.ArgumentParse
                         help="skip cases whose image or mask is missing or cannot be read (listed in OUT/skipped.csv "
                              "and counted at the end) instead of stopping at the first one")
     parser.add_argument("--skip-empty-truth", action="store_true",
-                        help="leave (case, prompt) rows whose truth is empty out of the tables (listed in "
-                             "OUT/skipped_empty_truth.csv), as the Medical-SAM3 release's 2D evaluation does; by "
-                             "default they score 100 when the prediction is empty too, else 0")
+                        help="leave 2D (case, prompt) rows whose truth is empty out of the tables (listed in "
+                             "OUT/skipped_empty_truth.csv), as the Medical-SAM3 release's 2D evaluation does; volume "
+                             "rows are all scored; by default they score 100 when the prediction is empty too, else 0")
     parser.add_argument("--no-progress", action="store_true", help="no progress bar")
     parser.add_argument("--num-workers", type=at_least(0), default=0, metavar="N", help="data loader workers (0)")
     parser.add_argument("--batch-size", type=at_least(1), default=1, metavar="N",
@@ -140,7 +140,8 @@ def add_parser(subparsers: argparse._SubParsersAction) -> argparse.ArgumentParse
                             "'Segment the {concept} in this {image}.')")
     add_planner_options(agent)
     agent.add_argument("--max-rounds", type=int, default=3, metavar="N", help="segment_phrase calls per request (3)")
-    agent.add_argument("--max-tokens", type=int, default=200_000, metavar="N", help="token budget of each agent request (one class of one case; 200000)")
+    agent.add_argument("--max-tokens", type=int, default=200_000, metavar="N",
+                       help="token budget of each agent request (one class of one case; 200000)")
     agent.add_argument("--llm-timeout", type=float, default=120.0, metavar="S", help="seconds per HTTP attempt (120)")
     agent.add_argument("--llm-retries", type=int, default=2, metavar="N", help="retries after time-outs, 429, 5xx (2)")
     agent.add_argument("--tool-mode", choices=("auto", "tools", "text"), default="auto",

@@ -425,9 +425,10 @@ class EvaluationReport:
         experiment, run_name: MLflow experiment and run names.
         parent_run_id: make the run a child of this run (comparisons: one child per checkpoint).
         title: heading of the Markdown table.
-        skip_empty_truth: leave the (case, prompt) rows whose truth is empty out of ``cases.csv`` and the tables
+        skip_empty_truth: leave the 2D (case, prompt) rows whose truth is empty out of ``cases.csv`` and the tables
             (listed in ``skipped_empty_truth.csv``), as the Medical-SAM3 release's 2D evaluation skips images without
-            foreground; by default they are scored (100 when the prediction is empty too, else 0).
+            foreground (volume rows are all scored); by default they are scored (100 when the prediction is empty
+            too, else 0).
 
     After the run: ``records`` (every row), ``table`` (:class:`MetricTable`), ``files`` and ``run_id``.
     """
@@ -535,11 +536,13 @@ class EvaluationReport:
         return number("score_threshold"), number("volume_score_threshold")
 
     def scored_records(self) -> tuple[list[dict[str, Any]], list[dict[str, Any]]]:
-        """``records`` split into the rows the table scores and those ``skip_empty_truth`` leaves out."""
+        """``records`` split into the rows the table scores and those ``skip_empty_truth`` leaves out: the 2D rows
+        with an empty truth (the Medical-SAM3 release's 2D rule; volume rows are all scored)."""
         if not self.skip_empty_truth:
             return list(self.records), []
-        skipped = [r for r in self.records if r.get("empty_truth")]
-        return [r for r in self.records if not r.get("empty_truth")], skipped
+        left_out = [r.get("empty_truth") and not r.get("volume") for r in self.records]
+        return ([r for r, out in zip(self.records, left_out) if not out],
+                [r for r, out in zip(self.records, left_out) if out])
 
     # -------------------------------------------------------------------------------------------- MLflow
     def metrics(self) -> dict[str, float]:

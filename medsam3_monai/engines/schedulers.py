@@ -43,11 +43,12 @@ class WarmupInverseSqrtLR(LambdaLR):
         return inverse_sqrt_factor(step, self.warmup_steps, self.timescale, self.cooldown_steps, self.total_steps)
 
     def load_state_dict(self, state_dict: dict) -> None:
-        """A resumed schedule keeps this run's ``total_steps``: a resume with more epochs moves the cool-down to the
-        new end (the other settings come back from the checkpoint, as LambdaLR restores them)."""
-        total_steps = self.total_steps
+        """A resumed schedule takes its step from the checkpoint and its settings from this run (LambdaLR would
+        restore the checkpoint's): a resume with more epochs moves the cool-down to the new end, and one given
+        ``cooldown_steps`` (or another warm-up or timescale) applies it from here on."""
+        settings = (self.warmup_steps, self.timescale, self.cooldown_steps, self.total_steps)
         super().load_state_dict(state_dict)
-        self.total_steps = total_steps
+        self.warmup_steps, self.timescale, self.cooldown_steps, self.total_steps = settings
 
 
 def optimizer_steps(iterations_per_epoch: int, max_epochs: int, accumulation_steps: int = 1) -> int:

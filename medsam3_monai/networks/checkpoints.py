@@ -43,7 +43,7 @@ _WRAPPER_KEYS = ("state_dict", "model", "network", "module")
 _HF_PREFIXES = ("module.", "sam3.", "detector_model.")
 #: prefixes a training wrapper puts on every key (DDP, Lightning, torch.compile), whatever the layout underneath
 _WRAPPER_PREFIXES = ("module.", "model.", "_orig_mod.")
-_EMA_KEYS = ("ema", "model_ema", "ema_model", "ema_state_dict")
+_EMA_KEYS = ("ema", "model_ema", "ema_model", "ema_state_dict", "state_dict_ema")
 _ORIGINAL_MARKERS = ("backbone.vision_backbone.", "backbone.language_backbone.", "transformer.decoder.")
 _HF_MARKERS = ("vision_encoder.", "text_encoder.", "detr_decoder.")
 #: the key prefixes of a facebook/sam3 (``sam3_video``) folder's weights file
@@ -90,11 +90,13 @@ def _unwrap(obj: Any, path: Path) -> Mapping[str, torch.Tensor]:
         if not isinstance(obj, Mapping):
             break
         if obj and all(isinstance(v, torch.Tensor) for v in obj.values()):
-            ema = [k for k in _EMA_KEYS if isinstance(top, Mapping) and top is not obj and k in top]
-            if ema:
-                warnings.warn(f"{path} also holds EMA weights ({ema[0]!r}), which are not loaded: the model's are. To "
-                              f"use the EMA weights, save them alone: torch.save(ckpt[{ema[0]!r}], 'ema.pt')",
-                              stacklevel=3)
+            ema = [k for k in _EMA_KEYS
+                   if isinstance(top, Mapping) and top is not obj and isinstance(top.get(k), Mapping)]
+            obj, ema_prefix = _without_ema_keys(obj)
+            if ema or ema_prefix:
+                where = repr(ema[0]) if ema else f"the {ema_prefix}* keys"
+                warnings.warn(f"{path} also holds EMA weights ({where}), which are not loaded: the model's are. To "
+                              "use the EMA weights, save them alone as a checkpoint of their own", stacklevel=3)
             return _strip_wrapper_prefixes(obj)
         inner = next((obj[k] for k in _WRAPPER_KEYS if isinstance(obj.get(k), Mapping)), None)
         if inner is None:
@@ -108,6 +110,16 @@ def _unwrap(obj: Any, path: Path) -> Mapping[str, torch.Tensor]:
         + (f". Its {ema[0]!r} looks like EMA weights: save them alone to load them, "
            f"torch.save(ckpt[{ema[0]!r}], 'ema.pt')" if ema else ".")
     )
+
+
+def _without_ema_keys(state_dict: Mapping[str, torch.Tensor]) -> tuple[Mapping[str, torch.Tensor], str]:
+    """A Lightning-style state dict holding the model (``model.*``) and its EMA copy (``ema_model.*`` /
+    ``model_ema.*``) side by side: the model's keys, and the EMA prefix found ("" when none)."""
+    for prefix in ("ema_model.", "model_ema."):
+        if any(k.startswith(prefix) for k in state_dict) and any(k.startswith("model.") for k in state_dict) and all(
+                k.startswith((prefix, "model.")) for k in state_dict):
+            return {k: v for k, v in state_dict.items() if k.startswith("model.")}, prefix
+    return state_dict, ""
 
 
 def _strip_wrapper_prefixes(state_dict: Mapping[str, torch.Tensor]) -> Mapping[str, torch.Tensor]:

@@ -225,6 +225,7 @@ def _evaluate(settings: ReproduceSettings, paper: PaperTable, statuses: Sequence
     ours: dict[str, dict[str, float]] = {}
     cases: dict[str, int] = {}
     skipped: dict[str, int] = {}  # dataset -> unreadable cases left out (--skip-unreadable)
+    unreadable_example: dict[str, str] = {}  # dataset none of whose cases read -> its first case's error
     timings: list[Timing] = []
     agent_rows: list[dict[str, Any]] = []
     for column, source in runs:
@@ -255,6 +256,7 @@ def _evaluate(settings: ReproduceSettings, paper: PaperTable, statuses: Sequence
             except NothingReadable as error:  # (--skip-unreadable) the other datasets are still scored
                 _no_readable_case(status, error.unreadable, out / column.key / status.dataset)
                 skipped[status.dataset] = len(error.unreadable)
+                unreadable_example[status.dataset] = error.unreadable[0].error
                 for column_scores in ours.values():
                     column_scores.pop(status.dataset, None)
                 say(f"  {column.key:<14} {status.dataset}: {status.message}")
@@ -277,9 +279,10 @@ def _evaluate(settings: ReproduceSettings, paper: PaperTable, statuses: Sequence
         network.to("cpu")
         if tracker is not None:
             tracker.to("cpu")
-        if not any(s.found for s in found):
-            raise ValueError(f"no dataset could be scored: every case of {', '.join(s.dataset for s in found)} was "
-                             "unreadable (--skip-unreadable; each one's skipped.csv names its files and errors)")
+        if not any(s.found for s in found):  # (the output folder goes: say the files here)
+            raise ValueError("no dataset could be scored: no case of " + "; of ".join(
+                f"{dataset} ({skipped[dataset]} case(s); e.g. {example})" for dataset, example
+                in unreadable_example.items()) + " could be read (--skip-unreadable): repair or replace those files")
         table = aggregate(records)
         folder = out / column.key
         write_cases_csv(records, folder / "cases.csv")

@@ -290,12 +290,20 @@ class BuildTargetsd(Transform):
         return d
 
 
+def _same_thing(a: str, b: str) -> bool:
+    """Whether two canonical concepts name the same thing, one more specifically: equal, or the words of one end
+    the other's ("lung" / "left lung", "tumor" / "breast tumor"; not "liver" / "liver tumor")."""
+    short, long = sorted((a.split(), b.split()), key=len)
+    return bool(short) and long[len(long) - len(short):] == short
+
+
 class RandNegativePromptsd(Randomizable, Transform):
     """Append negative prompts: concepts of a pool that are absent from the image (empty targets).
 
     A concept counts as present when a positive target has that text or a synonym of it (case-insensitive;
-    ``datasets_meta/synonyms.json``: "nuclei" present rules out "cell nucleus"); texts already among the targets
-    (present or not) are not sampled again.
+    ``datasets_meta/synonyms.json``: "nuclei" present rules out "cell nucleus"), or names the same thing more or
+    less specifically (one's words end the other's: "left lung" present rules out "lung", "tumor" rules out
+    "breast tumor"); texts already among the targets (present or not) are not sampled again.
 
     Args:
         concepts: the pool (the dataset's other classes, or other datasets' concepts); an item may give its
@@ -349,7 +357,7 @@ class RandNegativePromptsd(Randomizable, Transform):
         targets = list(d.get(self.targets_key, []))
         taken = {self._concept(t["text"]) for t in targets}
         source = d.get(self.concepts_key) or self.concepts
-        pool = [c for c in dict.fromkeys(source) if self._concept(c) not in taken]
+        pool = [c for c in dict.fromkeys(source) if not any(_same_thing(self._concept(c), t) for t in taken)]
         self.randomize(pool)
         size = tuple(int(s) for s in d[self.image_key].shape[-2:])
         targets.extend(empty_target(text, size) for text in self._chosen)

@@ -87,9 +87,11 @@ def _stare_files(root: Path) -> list[Path]:
 
 def convert_stare(root: Path, entry, catalogue) -> Conversion:
     files = _stare_files(root)
-    zipped = [f for f in files if f.name.lower().endswith(".gz")]
-    if zipped:  # all of them, or what is left of a gunzip that was not run on every folder
-        some = "" if not any(f.name.lower().endswith(".ppm") for f in files) else f"{len(zipped)} of the "
+    plain = {f for f in files if f.name.lower().endswith(".ppm")}
+    # gzip-compressed without their plain file beside (gunzip -k keeps both): all, or a folder gunzip missed
+    zipped = [f for f in files if f.name.lower().endswith(".gz") and f.with_suffix("") not in plain]
+    if zipped:
+        some = "" if not plain else f"{len(zipped)} of the "
         raise DatalistError(f"{zipped[0]}: {some}STARE files are gzip-compressed; run 'gunzip -r {root}' first")
     files = [f for f in files if f.name.lower().endswith(".ppm")]
     images = {f.name[:-4].lower(): f for f in files if re.fullmatch(r"im\d{4}\.ppm", f.name, re.IGNORECASE)}
