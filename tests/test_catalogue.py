@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import json
+from pathlib import Path
 
 import pytest
 
@@ -246,7 +247,9 @@ def test_a_catalogue_copy_of_ones_own_is_checked_file_by_file(tmp_path, monkeypa
     for change, says in [({"converter": "Nope"}, r"MyPolyps.json: converter 'Nope' does not exist; give one of"),
                          ({"labels": {"0": "colon polyp"}}, r"MyPolyps.json does not match"),
                          ({"instance_rule_by_label": {"2": "semantic"}},
-                          r"MyPolyps.json: instance_rule_by_label names label value\(s\) \['2'\]")]:
+                          r"MyPolyps.json: instance_rule_by_label names label value\(s\) \['2'\]"),
+                         ({"instance_rule": "instance_ids", "mask_encoding": "binary"},
+                          r"MyPolyps.json: instance_rule 'instance_ids' .* give mask_encoding 'instance_map'")]:
         path.write_text(json.dumps({**mine, **change}), encoding="utf-8")
         cat._load.cache_clear()  # a successful load is cached
         with pytest.raises(cat.CatalogueError, match=says):
@@ -254,3 +257,15 @@ def test_a_catalogue_copy_of_ones_own_is_checked_file_by_file(tmp_path, monkeypa
     path.write_text(json.dumps({**mine, "converter": "kvasir-seg"}), encoding="utf-8")  # the converter's spelling
     cat._load.cache_clear()
     assert cat.load_catalogue().get("MyPolyps").converter == "Kvasir-SEG"
+
+
+def test_the_readmes_count_of_datasets_with_a_converter_is_the_catalogues():
+    """Known limits says how many catalogued datasets a converter reads; a converter added must update it."""
+    import re
+
+    catalogue = cat.load_catalogue()
+    with_one = sum(entry.converter is not None for entry in catalogue.datasets.values())
+    readme = " ".join((Path(__file__).parents[1] / "README.md").read_text(encoding="utf-8").split())
+    said = re.search(r"converters are for (\d+) of the (\d+) catalogued datasets: (\d+) have none", readme)
+    assert said is not None
+    assert tuple(map(int, said.groups())) == (with_one, len(catalogue.datasets), len(catalogue.datasets) - with_one)

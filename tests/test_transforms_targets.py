@@ -171,6 +171,16 @@ def test_a_label_map_with_one_named_value_is_refused_not_merged():
     noisy = MetaTensor(torch.tensor([[[0, 1, 200, 255]]], dtype=torch.uint8),
                        meta={"filename_or_obj": "/d/m.jpg", "is_jpeg": True})  # a JPEG's levels: binary above 127
     assert DecodeLabeld()({"label": noisy, "prompts": {"1": "polyp"}})["label"].tolist() == [[[0, 0, 1, 1]]]
+    # instance ids that do not start at 1 (2, 3, 5; a crop of a PanNuke map): refused too, never one binary mask
+    # that merges touching instances (it was read as binary)
+    crop = MetaTensor(torch.tensor([[[0, 2, 3, 5]]], dtype=torch.uint8), meta={"filename_or_obj": "/d/ids.png"})
+    with pytest.raises(DataError, match=r"/d/ids.png: mask values \[2, 3, 5\] but the prompts name only 1 "
+                                        r"\('gland'\): no prompt for \[2, 3, 5\].*instance_ids"):
+        DecodeLabeld()({"label": crop, "prompts": {"1": "gland"}})
+    # instance ids asked for with an encoding that does not keep them: said here, not when training starts
+    with pytest.raises(DataError, match=r"\"instance_rule\": \"instance_ids\" with \"mask_encoding\": 'binary'"):
+        DecodeLabeld()({"label": crop, "prompts": {"1": "gland"}, "instance_rule": "instance_ids",
+                        "mask_encoding": "binary"})
 
 
 def test_outline_encoding_is_filled():

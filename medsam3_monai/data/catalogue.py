@@ -235,6 +235,11 @@ def _read_entry(path: Path, schema: Any) -> DatasetEntry:
     if unlisted:
         raise CatalogueError(f"{path}: the label concepts {unlisted} are not in its 'concepts' "
                              f"{list(entry.concepts)}: add them there (concepts lists every label's concept)")
+    rules = {entry.instance_rule, *entry.instance_rule_by_label.values()}
+    if "instance_ids" in rules and entry.mask_encoding not in (None, "instance_map"):
+        raise CatalogueError(f"{path}: instance_rule 'instance_ids' reads each instance's id from the mask, which "
+                             f"mask_encoding {entry.mask_encoding!r} does not keep: give mask_encoding "
+                             "'instance_map' (or another instance_rule, e.g. 'components')")
     stray = sorted(set(entry.instance_rule_by_label) - set(entry.labels), key=int)
     if stray:
         raise CatalogueError(f"{path}: instance_rule_by_label names label value(s) {stray} that 'labels' "

@@ -212,6 +212,12 @@ class DecodeLabeld(MapTransform):
                 nonzero = _nonzero_values(array)
                 unknown_as_background = (d.get("unknown_labels") or self.unknown_labels) == "background"
                 encoding = self._auto_encoding(prompts, rule, nonzero, path, is_jpeg, unknown_as_background, array)
+            rules = set(rule.values()) if isinstance(rule, Mapping) else {rule}
+            if "instance_ids" in rules and encoding != "instance_map":  # (training would fail on it, late)
+                raise DataError(path, f"\"instance_rule\": \"instance_ids\" with \"mask_encoding\": {encoding!r}: "
+                                      "the ids of the instances are not kept that way",
+                                "give \"mask_encoding\": \"instance_map\" (or leave it out), or another "
+                                "instance_rule such as \"components\"")
             threshold = self.threshold if self.threshold is not None else (127 if is_jpeg else 0)
             if encoding == "label_map":
                 nonzero = _nonzero_values(array) if nonzero is None else nonzero
@@ -249,12 +255,13 @@ class DecodeLabeld(MapTransform):
             return "label_map"
         if len(prompts) == 1:
             (value, text), = prompts.items()
-            if value in nonzero and not is_jpeg and _soft_edged(nonzero, array):
+            if not is_jpeg and _soft_edged(nonzero, array):
                 raise DataError(path, f"mask of {len(nonzero)} grey levels ({min(nonzero)}-{max(nonzero)}): a "
                                       "soft-edged (anti-aliased or resized) binary mask, not a label map",
                                 "binarise it at its middle (e.g. > 127) and save it again; \"mask_encoding\": "
                                 "\"binary\" would take every nonzero pixel, the soft edge too, as the mask")
-            if value in nonzero and not is_jpeg:  # a label map (or instance ids) of which one value is named
+            # a label map (or instance ids) of which one value is named, or none (ids 2, 3, 5: not one binary value)
+            if (value in nonzero or len(nonzero) > 1) and not is_jpeg:
                 others = sorted(nonzero - {value})
                 raise DataError(path, f"mask values {sorted(nonzero)[:20]}{' ...' if len(nonzero) > 20 else ''} but "
                                       f"the prompts name only {value} ({text!r}): no prompt for {others[:20]}"

@@ -48,6 +48,9 @@ def resolve(name: str, catalogue: Catalogue) -> tuple[Converter, DatasetEntry | 
         raise DatalistError(f"unknown dataset or converter {name!r}; {_known(catalogue)}")
     if entry.converter is None:
         raise DatalistError(
-            f"dataset {entry.name} is catalogued but no converter reads its layout yet; {_known()}"
+            f"dataset {entry.name} is catalogued but no converter reads its layout yet: write its datalist yourself "
+            f"(README, \"Data\": one item per image with image, label and prompts; its labels here: "
+            f"{dict(entry.labels) or 'not verified'}) and check it with `medsam3 datalist --check FILE`, or give "
+            f"a converter whose layout it has ({_known()})"
         )
     return CONVERTERS[entry.converter], entry
