@@ -356,6 +356,10 @@ def test_a_failed_run_writes_its_trace_only_where_asked(kvasir, tmp_path):
     assert sorted(p.name for p in tmp_path.rglob("*")) == ["debug", "trace.json"]
     failed = json.loads(trace.read_text())
     assert failed["status"] == "failed" and "HTTP 401: invalid api key" in failed["error"]
+    # no call was answered: no tool mode (agent.md), and the failed request is in llm_calls with its error
+    assert failed["planner"]["tool_mode"] is None
+    (call,) = failed["llm_calls"]
+    assert "HTTP 401: invalid api key" in call["error"] and call["error"] in failed["error"]
 
 
 def test_report_no_mask_writes_an_empty_mask(kvasir, tmp_path, capsys):
@@ -461,7 +465,15 @@ def test_a_volume_stored_in_sagittal_slices_is_described_as_such():
 @pytest.mark.parametrize("reply, model, says", [
     ({"body": {"error": {"message": "model overloaded"}}}, MODEL, "answered with an error: model overloaded"),
     ({"body": {}}, MODEL, "sent no chat completion (an empty reply); check that --llm-url is the OpenAI-compatible"),
-    (error(401, "invalid api key"), MODEL, "no key was sent: name the variable holding it with --api-key-env"),
+    (error(401, "invalid api key"), MODEL, "no key was sent: if the server needs one, name the variable holding it "
+                                           "with --api-key-env"),
+    # LiteLLM's proxy: a 400 for a missing key, and for a model it does not serve
+    (error(400, "No connected db."), MODEL, "HTTP 400: No connected db.; no key was sent: if the server needs one"),
+    (error(400, "Invalid model name passed in model=gpt-5"), MODEL, "; check --llm-model (GET <url>/models lists"),
+    # OpenAI's context-length wording names "functions": a request too long, not a server refusing the tools
+    (error(400, "This model's maximum context length is 128000 tokens. However, you requested 130500 tokens "
+                "(129000 in the messages, 1500 in the functions). Please reduce the length of the messages or "
+                "functions."), MODEL, "answered HTTP 400: This model's maximum context length is 128000 tokens"),
     (error(400, "max_tokens is too large: 2048 > 1024"), MODEL, "; lower --max-reply-tokens to what the server"),
     # a model whose name holds 'tool' is not a server refusing the tools
     (error(404, "The model `llama3-groq-tool-use` does not exist."), "llama3-groq-tool-use",

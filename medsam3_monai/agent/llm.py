@@ -79,6 +79,8 @@ def _about_tools(message: str, model: str) -> bool:
     """Whether an error message refuses the request's tools (function calling), not e.g. a model whose name holds
     'tool' (``llama3-groq-tool-use does not exist``)."""
     text = message.lower().replace(model.lower(), "")
+    if any(word in text for word in ("context", "too long", "reduce the length", "maximum length")):
+        return False  # a request too long for the model ("... in the functions. Please reduce the length ...")
     return any(word in text for word in ("tool", "function"))
 
 
@@ -193,17 +195,22 @@ class ChatClient:
 
     def _status_hint(self, status: int, message: str) -> str:
         """What to change for an HTTP error the client cannot retry."""
+        text = message.lower()
+        no_key = "" if self.api_key_given else "; no key was sent: if the server needs one, name the variable " \
+                                                 "holding it with --api-key-env"
         if status == 401:
-            return ("; check the key (--api-key-env)" if self.api_key_given else
-                    "; no key was sent: name the variable holding it with --api-key-env")
+            return "; check the key (--api-key-env)" if self.api_key_given else no_key
         if status == 403:
-            return "; check the key's permissions"
+            return "; check the key's permissions" + no_key
         if status == 404:
             return ("; check --llm-url (the OpenAI-compatible base URL, e.g. http://host:8000/v1, whose "
                     "/chat/completions answers) and --llm-model (GET <url>/models lists what the server serves)")
-        if status == 400 and "max_tokens" in message.replace(" ", "_").lower():
+        if status == 400 and "max_tokens" in text.replace(" ", "_"):
             return "; lower --max-reply-tokens to what the server allows"
-        return ""
+        if status == 400 and "model" in text and any(w in text for w in ("invalid", "not found", "does not exist",
+                                                                           "unknown")):
+            return "; check --llm-model (GET <url>/models lists what the server serves)" + no_key
+        return no_key if status == 400 else ""
 
     def _reply(self, response: Any) -> Reply:
         choices = getattr(response, "choices", None) or []

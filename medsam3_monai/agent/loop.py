@@ -135,13 +135,25 @@ class PlannerLoop:
         return out
 
     # ------------------------------------------------------------------------------------------ the loop
+    def _complete(self, tools: Any, max_tokens: int) -> Any:
+        """One planner request; one that fails is recorded in the trace's ``llm_calls`` with its error."""
+        try:
+            return self.client.complete(self._outgoing(), tools=tools, max_tokens=max_tokens)
+        except ToolSupportMissing as err:
+            self.trace.llm_call(tools=True, error=str(err), mode="tools")
+            raise
+        except PlannerError as err:
+            self.trace.llm_call(mode="text" if tools is None else "tools", messages=len(self.messages),
+                                error=str(err))
+            raise
+
     def run(self) -> Decision:
         """Converse until the planner decides; raises AgentError / PlannerError on failure."""
         start = time.perf_counter()
         self.messages = [self._system(),
                          self._user(first_message(self.request, self.view.is_volume, self.view.shape),
                                     [("", self.view.picture([]))])]
-        self.trace.data["planner"]["tool_mode"] = "text" if self.text_mode else "tools"
+        self.trace.data["planner"]["tool_mode"] = None  # (set by the first answered call: agent.md, the trace)
         try:
             while True:
                 reply = self._ask()
@@ -167,18 +179,18 @@ class PlannerLoop:
         self.calls += 1
         tools = None if self.text_mode else tool_schemas()
         try:
-            reply = self.client.complete(self._outgoing(), tools=tools, max_tokens=remaining)
+            reply = self._complete(tools, remaining)
         except ToolSupportMissing as err:
             if self.settings.tool_mode == "tools":
                 raise AgentError(f"{err}; enable function calling on the server (vLLM: --enable-auto-tool-choice "
                                  "--tool-call-parser ...) or use --tool-mode text") from None
             self.log(f"note: {err}; continuing without native tool calls (text mode)")
             self.trace.note(f"text mode: {err}")
-            self.trace.llm_call(tools=True, error=str(err), mode="tools")
             self.text_mode = True
             self.trace.data["planner"]["tool_mode"] = "text"
             self.messages[0] = self._system()
-            reply = self.client.complete(self._outgoing(), tools=None, max_tokens=remaining)
+            reply = self._complete(None, remaining)
+        self.trace.data["planner"]["tool_mode"] = "text" if self.text_mode else "tools"
         used = reply.usage.get("total_tokens", 0)
         self.tokens += used
         self.trace.llm_call(mode="text" if self.text_mode else "tools", messages=len(self.messages),
