@@ -415,7 +415,8 @@ def check_runner_arguments(arguments: Sequence[str]) -> None:
     from monai.bundle.utils import DEFAULT_MLFLOW_SETTINGS
 
     known = set(RUNNER_ARGUMENTS) | set(DEFAULT_MLFLOW_SETTINGS["configs"])  # --tracking mlflow's settings
-    running = _config_files(dict(_override_values(arguments)).get("config_file"))
+    overrides = dict(_override_values(arguments))
+    running = _config_files(overrides.get("config_file"))
     if running is not None and not any(path.resolve() in running for path in BUNDLE_CONFIGS.glob("*.json")):
         running = None  # files of a copied bundle: every config's keys count
     for path in BUNDLE_CONFIGS.glob("*.json"):
@@ -427,10 +428,10 @@ def check_runner_arguments(arguments: Sequence[str]) -> None:
         elif running is None or path.resolve() in running:  # the configs this run merges (another's keys do nothing)
             known |= set(config)
     given = [arg[2:].split("=", 1)[0] for arg in arguments if arg.startswith("--")]
-    merged = _merged_run_configs(dict(_override_values(arguments)).get("config_file"))
+    merged = _merged_run_configs(overrides.get("config_file"))
     if merged is not None:  # the configs this run reads, in its order (a copied or extended bundle's own)
-        _check_component_arguments(merged, dict(_override_values(arguments)))
-        _check_whole_blocks(merged, dict(_override_values(arguments)))
+        _check_component_arguments(merged, overrides)
+        _check_whole_blocks(merged, overrides)
     # a new key that another override reads (--augment "$..." with "... [@augment] ...") is a definition, not a typo
     known |= {name for key, value in _override_values(arguments) if value
               for name in re.findall(r"@([A-Za-z_]\w*)", value) if name != key.split("#", 1)[0]}

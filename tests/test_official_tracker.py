@@ -89,6 +89,8 @@ def tracker(detector, sam3_pt) -> Sam3TrackerVideoModel:
     assert has_tracker_weights(str(sam3_pt))
     tracker, described = resolve_tracker("auto", str(sam3_pt), detector, described=True)
     assert described == str(sam3_pt)
+    # its ViT weights are the detector's: one ViT module, so no volume compares the weights again
+    assert tracker.vision_encoder.backbone is detector.sam3.vision_encoder.backbone
     return tracker
 
 

@@ -187,7 +187,6 @@ class PlannerLoop:
             self.log(f"note: {err}; continuing without native tool calls (text mode)")
             self.trace.note(f"text mode: {err}")
             self.text_mode = True
-            self.trace.data["planner"]["tool_mode"] = "text"
             self.messages[0] = self._system()
             reply = self._complete(None, remaining)
         self.trace.data["planner"]["tool_mode"] = "text" if self.text_mode else "tools"

@@ -14,7 +14,7 @@ import os
 import sys
 
 from ..protocol_registry import PROTOCOLS
-from .arguments import (add_detector_chunk_option, add_model_options, add_score_threshold_option,
+from .arguments import (INPUT_HELP, add_detector_chunk_option, add_model_options, add_score_threshold_option,
                         checked_threshold_option, ct_window_for, pixels, random_weights_notes)
 
 __all__ = ["add_parser", "add_planner_options", "run"]
@@ -64,8 +64,7 @@ def add_parser(subparsers: argparse._SubParsersAction) -> argparse.ArgumentParse
         formatter_class=argparse.RawDescriptionHelpFormatter,
     )
     parser.add_argument("input", metavar="INPUT",
-                        help="2D image (png, jpg, jpeg, bmp, tif, tiff, gif, ppm, a single-frame .dcm / .ima), volume "
-                             "(.nii, .nii.gz, .mha, .mhd, .nrrd, .nhdr, a multi-frame .dcm) or DICOM series folder")
+                        help=INPUT_HELP)
     parser.add_argument("--request", required=True, metavar="TEXT",
                         help="what to segment, in words, e.g. 'segment the lesion in the upper left quadrant'")
     parser.add_argument("--out", required=True, metavar="PATH",

@@ -9,10 +9,10 @@ import shutil
 from pathlib import Path
 from typing import Any, Callable, Iterable, Sequence
 
-__all__ = ["DEFAULT_SCORE_THRESHOLD", "RESIZE_KERNEL_CHOICES", "add_detector_chunk_option", "add_gpu_options",
-           "add_model_options", "add_resize_kernel_option", "add_score_threshold_option", "add_tracker_batch_option",
-           "at_least", "check_output_files", "checked_threshold_option", "compile_notice", "ct_window", "ct_window_for",
-           "gpu_context", "pixels", "remove_output"]
+__all__ = ["DEFAULT_SCORE_THRESHOLD", "INPUT_HELP", "RESIZE_KERNEL_CHOICES", "add_detector_chunk_option",
+           "add_gpu_options", "add_model_options", "add_resize_kernel_option", "add_score_threshold_option",
+           "add_tracker_batch_option", "at_least", "check_output_files", "checked_threshold_option", "compile_notice",
+           "ct_window", "ct_window_for", "gpu_context", "pixels", "remove_output"]
 
 
 def add_model_options(parser: Any) -> None:
@@ -26,6 +26,11 @@ def add_model_options(parser: Any) -> None:
                              "(sam3.pt, a Medical-SAM3 file) is built at it (default 1008; 504 for the release's 3D "
                              "checkpoint); others must match theirs")
     add_resize_kernel_option(parser)
+
+
+#: an INPUT the one-model commands (``segment``, ``agent``) take, in their help
+INPUT_HELP = ("2D image (png, jpg, jpeg, bmp, tif, tiff, gif, ppm, a single-frame .dcm / .ima), volume (.nii, .nii.gz, "
+              ".mha, .mhd, .nrrd, .nhdr, a multi-frame .dcm) or DICOM series folder")
 
 
 #: ``--resize-kernel``'s choices: ``transforms.slices.RESIZE_KERNELS`` (written out: the parsers import no torch)

@@ -36,9 +36,9 @@ from pathlib import Path
 from typing import Any
 
 from ..protocol_registry import PROTOCOLS, score_text
-from .arguments import (add_detector_chunk_option, add_gpu_options, add_model_options, add_score_threshold_option,
-                        add_tracker_batch_option, at_least, checked_threshold_option, compile_notice,
-                        ct_window_for, gpu_context, nearest_existing, pixels, random_weights_notes)
+from .arguments import (INPUT_HELP, add_detector_chunk_option, add_gpu_options, add_model_options,
+                        add_score_threshold_option, add_tracker_batch_option, at_least, checked_threshold_option,
+                        compile_notice, ct_window_for, gpu_context, nearest_existing, pixels, random_weights_notes)
 
 __all__ = ["StagedFiles", "add_parser", "run", "run_many", "size_text", "write_label_volume", "write_mask_image",
            "write_prediction"]
@@ -84,9 +84,8 @@ def add_parser(subparsers: argparse._SubParsersAction) -> argparse.ArgumentParse
         formatter_class=argparse.RawDescriptionHelpFormatter,
     )
     parser.add_argument("input", metavar="INPUT", nargs="*",
-                        help="2D image (png, jpg, jpeg, bmp, tif, tiff, gif, ppm, a single-frame .dcm / .ima), volume "
-                             "(.nii, .nii.gz, .mha, .mhd, .nrrd, .nhdr, a multi-frame .dcm) or DICOM series folder; with "
-                             "--out-dir also several, folders of them and quoted patterns ('cases/*.png')")
+                        help=f"{INPUT_HELP}; with --out-dir also several, folders of them and quoted patterns "
+                             "('cases/*.png')")
     parser.add_argument("--prompt", action="append", metavar="TEXT",
                         help="concept to segment, e.g. 'polyp' (repeat for several: label values 1..P); required "
                              "unless every --datalist item has its own prompts")

@@ -263,7 +263,9 @@ def resolve_tracker(spec: str | None, checkpoint: str, network: nn.Module, neede
     """The volume path's tracker: ``none``/None (detector only), ``tiny`` (random init, sharing the detector's
     ViT), an HF folder, Meta's ``sam3.pt``, or ``auto``: tiny for the tiny checkpoint, the checkpoint's own tracker
     for a facebook/sam3 folder (``sam3_video``) or a ``sam3.pt``, else none. ``needed=False`` (no volume to
-    segment) builds none. ``described=True`` returns (tracker, description)."""
+    segment) builds none. ``described=True`` returns (tracker, description). A tracker whose ViT weights equal the
+    detector's (one facebook/sam3 folder or sam3.pt) is given the detector's ViT module (:func:`tie_backbone`): one
+    copy in memory, and the volume path knows the ViT is shared without comparing the weights again."""
     tracker = None
     spec, text = tracker_choice(spec if needed else "none", checkpoint)
     if spec == "tiny":
@@ -277,6 +279,9 @@ def resolve_tracker(spec: str | None, checkpoint: str, network: nn.Module, neede
         if tracker.vision_encoder is not None and not same_backbone(network, tracker):
             text += (" (its own ViT: its weights are not the detector's, e.g. a fine-tuned detector with the original "
                      "tracker, so every slice also goes through the tracker's ViT, as it was trained)")
+        elif tracker.vision_encoder is not None and (backbone_signature(tracker.config.vision_config)
+                                                     == backbone_signature(detector_config(network).vision_config)):
+            tie_backbone(tracker, network)
     if needed:  # what the volumes will be propagated with, in a bundle's log (the CLI prints its own line)
         logger.info("tracker for the volumes: %s", text)
     return (tracker, text) if described else tracker

@@ -31,11 +31,12 @@ LAYOUT = (
 
 def _folders(root: Path) -> list[tuple[Path, Path]]:
     base = descend(root, "Dataset_BUSI_with_GT")
-    class_dirs = [d for d in (child(base, name) for name in CLASSES) if d is not None and d.is_dir()]
+    found = {name: child(base, name) for name in CLASSES}
+    class_dirs = [d for d in found.values() if d is not None and d.is_dir()]
     if len(class_dirs) == len(CLASSES):
         return [(d, d) for d in class_dirs]
     if class_dirs:
-        missing = [name for name in CLASSES if child(base, name) is None or not child(base, name).is_dir()]
+        missing = [name for name, d in found.items() if d is None or not d.is_dir()]
         raise DatalistError(f"{base}: has {', '.join(d.name + '/' for d in class_dirs)} but no "
                             f"{', '.join(name + '/' for name in missing)}: BUSI as published has all three class "
                             "folders (normal/: the negatives, which the papers score too); put the missing one back")
