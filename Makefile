@@ -34,3 +34,12 @@ OFFICIAL_VENV ?= $(or $(MEDSAM3_OFFICIAL_VENV),$(HOME)/.cache/medsam3-monai/sam3
 
 official:
 	@bash scripts/setup_official_env.sh $(OFFICIAL_VENV)
+
+# `make litellm`: LiteLLM's proxy (litellm[proxy] 1.108.7), the real OpenAI-compatible server of
+# tests/test_agent_litellm.py, in an environment of its own (never a dependency of this package).
+LITELLM_VENV ?= $(or $(MEDSAM3_LITELLM_VENV),$(HOME)/.cache/medsam3-monai/litellm-venv)
+
+.PHONY: litellm
+
+litellm:
+	@bash scripts/setup_litellm_env.sh $(LITELLM_VENV)
