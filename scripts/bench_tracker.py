@@ -130,7 +130,8 @@ def main() -> None:
     size, depth = network.image_size, slices.shape[0]
     features = _TrackerFeatures(tracker)
     with torch.no_grad():
-        detected, scores = detect_slices(network, slices, prompts, vision_hook=features.from_vit_output)
+        detected, scores = detect_slices(network, slices, prompts, vision_hook=features.from_vit_output,
+                                         pixels_normalized=True)
     detector_seeds = select_seeds(detected, scores, 0.0).tolist()
     spread_seeds = np.linspace(0, depth - 1, len(prompts)).round().astype(int).tolist()
     result: dict = {"volume": source, "slices": depth, "slice_size": size, "prompts": len(prompts),

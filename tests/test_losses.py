@@ -398,3 +398,11 @@ def test_the_criterion_launches_as_many_operators_for_six_decoder_layers_as_for_
             _criterion()(out, targets)
         counts.append(count.calls)
     assert counts[1] - counts[0] <= 10, counts
+
+
+@pytest.mark.parametrize("weights", [{"mask": -1}, {"ce": float("nan")}, {"dice": "abc"}])
+def test_a_loss_weight_that_is_not_a_number_at_least_0_is_refused(weights):
+    """From Python as from the bundle (``--loss_weights#...``): a negative weight would make its term a reward."""
+    name = next(iter(weights))
+    with pytest.raises(ValueError, match=f"loss weight {name} must be a number >= 0"):
+        SetCriterion(weights=weights)

@@ -238,6 +238,10 @@ def test_bad_inputs_raise_clear_errors(tiny_net, tiny_images):
         tiny_net(tiny_images, ["a", "b", "c"])
     with pytest.raises(ValueError, match="boxes must be"):
         tiny_net(tiny_images, PROMPTS, boxes=torch.rand(2, 4))
+    from medsam3_monai.inferers import segment_image
+
+    with pytest.raises(ValueError, match=r"got shape \(112, 112\): repeat a grey picture to 3 channels"):
+        segment_image(tiny_net, tiny_images[0, 0], ["liver"])
 
 
 def test_inputs_that_would_run_wrongly_are_refused_by_name(tiny_net, tiny_images):

@@ -54,8 +54,9 @@ def tracker():
 
 
 def random_slices(depth: int, seed: int = 0) -> torch.Tensor:
+    """(depth, 3, S, S) random float slices in [0, 1], as ``segment_volume`` takes them by default."""
     generator = torch.Generator().manual_seed(seed)
-    return torch.rand(depth, 3, S, S, generator=generator) * 2 - 1
+    return torch.rand(depth, 3, S, S, generator=generator)
 
 
 class PropagationSpy:
@@ -210,7 +211,7 @@ def test_segment_volume_shapes_dtypes_and_per_slice_detections(detector, tracker
     # batching (2 slices x 2 prompts per forward) keeps every (prompt, slice) pair in its place
     for z in (0, 3, 4):
         with torch.no_grad():
-            logits, scores = top_query_logits(detector(slices[z : z + 1], PROMPTS, pixels_normalized=True), S)
+            logits, scores = top_query_logits(detector(slices[z : z + 1], PROMPTS), S)
         torch.testing.assert_close(result.scores[:, z], scores)
         detected, _ = detect_slices(detector, slices[z : z + 1], PROMPTS)
         assert torch.equal(detected[:, 0].unpack(), logits > 0) and torch.equal(result.bits[:, z].unpack(),
@@ -301,7 +302,7 @@ def test_shared_vit_pass_gives_the_tracker_the_same_features(detector):
     # the features themselves: detector ViT output through the tracker's neck == the tracker's own encoder
     from_detector, from_tracker = volume_module._TrackerFeatures(tied), volume_module._TrackerFeatures(tied)
     detect_slices(detector, slices, PROMPTS, batch_size=batch, vision_hook=from_detector.from_vit_output)
-    from_tracker.from_pixels(slices, batch_size=len(slices), progress=False)
+    from_tracker.from_pixels(slices, batch_size=len(slices), progress=False, pixels_normalized=False)
     assert sorted(from_detector.frames) == sorted(from_tracker.frames) == list(range(len(slices)))
     for index, levels in from_detector.frames.items():
         for ours, theirs in zip(levels, from_tracker.frames[index]):
@@ -433,9 +434,29 @@ def test_uint8_levels_segment_as_their_normalised_slices(detector):
     for share in (None, False):
         ours = segment_volume(detector, grey, PROMPTS, tied, score_threshold=0.0, batch_size=2, share_vision=share)
         theirs = segment_volume(detector, normalised, PROMPTS, tied, score_threshold=0.0, batch_size=2,
-                                share_vision=share)
+                                share_vision=share, pixels_normalized=True)
         assert torch.equal(ours.masks, theirs.masks) and torch.equal(ours.scores, theirs.scores)
         assert torch.equal(ours.seed_slices, theirs.seed_slices) and (ours.seed_slices >= 0).all()
+
+
+def test_float_slices_are_read_as_the_network_reads_images(detector):
+    """``segment_volume`` takes float slices in [0, 1] as ``MedSAM3Net`` and ``segment_image`` take images (its
+    detections equal the network's), SAM3-normalised ones with ``pixels_normalized=True``; either kind given as the
+    other is refused when it lies outside the range, naming the switch."""
+    unit = random_slices(3, seed=8)
+    as_unit = segment_volume(detector, unit, PROMPTS, score_threshold=0.0)
+    as_normalised = segment_volume(detector, sam3_normalize(unit), PROMPTS, score_threshold=0.0,
+                                   pixels_normalized=True)
+    torch.testing.assert_close(as_unit.scores, as_normalised.scores)  # the same values, rounded apart
+    assert (as_unit.masks != as_normalised.masks).float().mean() < 1e-3
+    with torch.no_grad():
+        logits, scores = top_query_logits(detector(unit[1:2], PROMPTS), S)
+    torch.testing.assert_close(as_unit.scores[:, 1], scores)
+    assert torch.equal(as_unit.masks[:, 1], logits > 0)
+    with pytest.raises(ValueError, match=r"expected \[0, 1\]: .*pixels_normalized=True"):
+        segment_volume(detector, unit * 2 - 1, PROMPTS)
+    with pytest.raises(ValueError, match=r"expected \[-1, 1\]"):
+        segment_volume(detector, unit * 255, PROMPTS, pixels_normalized=True)
 
 
 def test_inputs_are_checked(detector, tracker):

@@ -199,12 +199,15 @@ class LossProgressBar:
 
 def save_model_file(network: torch.nn.Module, path: str | Path, **extra: Any) -> None:
     """Write ``network`` (a ``MedSAM3Net``, DDP-wrapped or compiled alike) as our model file (config + state dict,
-    :func:`~medsam3_monai.networks.checkpoints.save_checkpoint_file`), on rank 0 only; ``extra`` is stored beside."""
+    :func:`~medsam3_monai.networks.checkpoints.save_checkpoint_file`), on rank 0 only; ``extra`` is stored beside.
+    The state a subclass adds outside the SAM3 model (a head of one's own) is saved with it, under its own names."""
     if get_rank() > 0:
         return
     from ..networks.checkpoints import save_checkpoint_file
 
-    save_checkpoint_file(unwrap(network).sam3, path, extra=extra)
+    net = unwrap(network)
+    own = {name: value for name, value in net.state_dict().items() if not name.startswith("sam3.")}
+    save_checkpoint_file(net.sam3, path, extra=extra, extra_state=own)
 
 
 class ValidateAtStart:

@@ -166,6 +166,10 @@ def segment_image(
     prompts = [prompts] if isinstance(prompts, str) else list(prompts)
     if not prompts:
         raise ValueError("segment_image needs at least one prompt")
+    if image.ndim not in (3, 4):
+        hint = ": repeat a grey picture to 3 channels (image.expand(3, -1, -1))" if image.ndim == 2 else ""
+        raise ValueError(f"segment_image takes one image (3, S, S) or (1, 3, S, S), got shape {tuple(image.shape)}"
+                         + hint)
     images = image[None] if image.ndim == 3 else image
     if images.shape[0] != 1:
         raise ValueError(f"segment_image takes one image, got a batch of {images.shape[0]}")

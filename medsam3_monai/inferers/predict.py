@@ -232,7 +232,8 @@ class PromptInferer(Inferer):
         slices = torch.stack([plain_tensor(item[self.image_key]) for item in items])
         result = segment_volume(network, slices, prompts, self.tracker,
                                 score_threshold=threshold, batch_size=self.volume_batch_size,
-                                progress=self.progress, tracker_batch=self.tracker_batch)
+                                progress=self.progress, tracker_batch=self.tracker_batch,
+                                pixels_normalized=True)
         for z, item in enumerate(items):  # bit-packed masks (views), one slice at a time in the way back
             item["pred"], item["mask_scores"] = result.bits[:, z], result.scores[:, z].float()
         protocol = f"volume: top_query per slice (score >= {threshold:g}), tracker {self.tracker_name}"

@@ -45,7 +45,7 @@ from torch import nn
 from tqdm import tqdm
 from transformers import Sam3TrackerVideoModel
 
-from ..networks.medsam3_net import network_pixels
+from ..networks.medsam3_net import check_pixel_range, network_pixels
 from ..networks.tracker import backbone_signature, detector_config, same_backbone
 from ..tensors import plain_tensor
 from .bitmasks import BitMasks
@@ -98,7 +98,7 @@ def _eval_mode(*modules: nn.Module | None) -> Iterator[None]:
 
 
 def _check_inputs(detector: nn.Module, slices: torch.Tensor, prompts: Sequence[str], score_threshold: float,
-                  batch_size: int) -> tuple[torch.Tensor, list[str]]:
+                  batch_size: int, pixels_normalized: bool) -> tuple[torch.Tensor, list[str]]:
     if not isinstance(slices, torch.Tensor):
         raise TypeError(f"slices must be a (D, 3, S, S) tensor, got {type(slices).__name__}")
     slices = plain_tensor(slices)  # MetaTensor from the transforms: plain tensor math from here on
@@ -112,10 +112,12 @@ def _check_inputs(detector: nn.Module, slices: torch.Tensor, prompts: Sequence[s
     if slices.ndim != 4 or slices.shape[1] not in channels or tuple(slices.shape[-2:]) != (size, size) \
             or slices.shape[0] == 0:
         raise ValueError(
-            f"slices must be (D, 3, {size}, {size}) SAM3-normalised slices of one volume, or their uint8 levels "
-            f"(D, 1 or 3, {size}, {size}) (D >= 1); got {tuple(slices.shape)} {slices.dtype}: slice with "
-            f"AxialSlicesd, resize with ResizeToSliced({size}), Sam3Normalized"
+            f"slices must be (D, 3, {size}, {size}) float slices of one volume (in [0, 1], or SAM3-normalised with "
+            f"pixels_normalized=True), or their uint8 levels (D, 1 or 3, {size}, {size}) (D >= 1); got "
+            f"{tuple(slices.shape)} {slices.dtype}: slice with AxialSlicesd, resize with ResizeToSliced({size}), "
+            "Sam3Normalized"
         )
+    check_pixel_range(slices, pixels_normalized)
     if not 0.0 <= float(score_threshold) <= 1.0:
         raise ValueError(f"score_threshold must be in [0, 1], got {score_threshold}")
     if int(batch_size) < 1:
@@ -138,6 +140,7 @@ def detect_slices(
     batch_size: int = 8,
     progress: bool = False,
     vision_hook: Any = None,
+    pixels_normalized: bool = False,
 ) -> tuple[BitMasks, torch.Tensor]:
     """Every slice x every prompt through the detector: top-query masks (P, D, S, S) (:class:`~.bitmasks.BitMasks`,
     packed as each detector chunk's come) and scores (P, D).
@@ -146,7 +149,8 @@ def detect_slices(
     features come from the network's cache; the detector takes the batch's ``batch_size`` x P find-queries
     ``detector_chunk`` at a time, :func:`~.protocols.detector_chunks`, keeping only each one's top-query mask).
     ``vision_hook(last_hidden_state, start, stop)`` is called with the ViT output of slices ``start:stop`` (for
-    sharing it with the tracker).
+    sharing it with the tracker). ``slices`` as :func:`segment_volume` takes them (``pixels_normalized``: float slices
+    are SAM3-normalised, not in [0, 1]).
     """
     num_slices, size, num_prompts = slices.shape[0], slices.shape[-1], len(prompts)
     device = next(detector.parameters()).device
@@ -171,7 +175,7 @@ def detect_slices(
                 queries = [prompt for _ in range(count) for prompt in prompts]  # slice-major
                 found = BitMasks.zeros(count * num_prompts, size, size)
                 best = torch.empty(count * num_prompts, dtype=torch.float32)
-                pixels = network_pixels(slices[start:stop], device)
+                pixels = network_pixels(slices[start:stop], device, pixels_normalized=pixels_normalized)
                 for first, last, outputs in detector_chunks(detector, pixels, queries, image_ids=image_ids,
                                                             pixels_normalized=True):
                     logits, top = top_query_logits(outputs, size)  # (last - first, S, S), (last - first,)
@@ -241,11 +245,12 @@ class _TrackerFeatures:
         self._store(*_tracker_level_features(self.tracker, fpn, positions), start)
 
     @torch.no_grad()
-    def from_pixels(self, slices: torch.Tensor, batch_size: int, progress: bool) -> None:
+    def from_pixels(self, slices: torch.Tensor, batch_size: int, progress: bool, pixels_normalized: bool) -> None:
         """The tracker's own ViT and neck, in batches."""
         param = next(self.tracker.parameters())
         for start, stop in _batches(slices.shape[0], batch_size, progress, "tracker features"):
-            vision = self.tracker.vision_encoder(network_pixels(slices[start:stop], param.device).to(param.dtype))
+            pixels = network_pixels(slices[start:stop], param.device, pixels_normalized=pixels_normalized)
+            vision = self.tracker.vision_encoder(pixels.to(param.dtype))
             self._store(*_tracker_level_features(self.tracker, vision.fpn_hidden_states,
                                                  vision.fpn_position_encoding), start)
 
@@ -279,14 +284,16 @@ def segment_volume(
     progress: bool = False,
     share_vision: bool | None = None,
     tracker_batch: int = TRACKER_BATCH,
+    pixels_normalized: bool = False,
 ) -> VolumeSegmentation:
     """Segment one volume per text prompt: detector on every slice, tracker both ways from the best slice.
 
     Args:
         detector: a :class:`~medsam3_monai.networks.MedSAM3Net` (run in eval mode here, mode restored after).
-        slices: (D, 3, S, S) SAM3-normalised slices in order (AxialSlicesd -> ResizeToSliced -> Sam3Normalized),
-            or their uint8 levels (D, 1 or 3, S, S), normalised a batch at a time on the device
-            (``networks.network_pixels``).
+        slices: (D, 3, S, S) float slices in order, in [0, 1] (as ``MedSAM3Net`` and ``segment_image`` take
+            images) or SAM3-normalised (AxialSlicesd -> ResizeToSliced -> Sam3Normalized) with
+            ``pixels_normalized=True``; or their uint8 levels (D, 1 or 3, S, S) (``Sam3Normalized(levels=True)``).
+            Each is normalised a batch at a time on the device (``networks.network_pixels``).
         prompts: P text prompts, each segmented independently.
         tracker: a ``Sam3TrackerVideoModel`` at the same S (:func:`~medsam3_monai.networks.tracker.build_tracker`);
             None = detector only.
@@ -297,25 +304,26 @@ def segment_volume(
             False force it on / off (module docstring).
         tracker_batch: prompts propagated together (:func:`~.tracking.track_prompts`: each gets the masks it gets
             alone; 1 = one at a time).
+        pixels_normalized: float ``slices`` are SAM3-normalised ([-1, 1]), not in [0, 1] (uint8 levels: ignored).
 
     Returns:
         :class:`VolumeSegmentation` on the CPU; the merge rule is in the module docstring.
     """
-    slices, prompts = _check_inputs(detector, slices, prompts, score_threshold, batch_size)
+    slices, prompts = _check_inputs(detector, slices, prompts, score_threshold, batch_size, pixels_normalized)
     size = int(detector.image_size)
     shared = _check_tracker(detector, tracker, share_vision) if tracker is not None else False
     with _eval_mode(detector, tracker):
         features = _TrackerFeatures(tracker) if tracker is not None else None
         hook = features.from_vit_output if shared else None
         detected, scores = detect_slices(detector, slices, prompts, batch_size=batch_size, progress=progress,
-                                         vision_hook=hook)
+                                         vision_hook=hook, pixels_normalized=pixels_normalized)
         seeds = select_seeds(detected, scores, score_threshold)
         masks = merge_masks(detected, scores, None, score_threshold)  # in the detections' memory
         del detected
         tracked = [(p, seed) for p, seed in enumerate(seeds.tolist()) if seed >= 0]
         if tracker is not None and tracked:
             if len(features.frames) < slices.shape[0]:  # not shared (or a detector pass that did not hand it on)
-                features.from_pixels(slices, batch_size, progress)
+                features.from_pixels(slices, batch_size, progress, pixels_normalized)
             # a seed slice is confident, so its detection is still in masks[p, seed]
             seed_masks = torch.stack([masks[p, seed].unpack() for p, seed in tracked])
             for index, bits in track_prompts(tracker, features.frames, features.positions,

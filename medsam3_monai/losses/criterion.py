@@ -38,6 +38,11 @@ class LossWeights:
     semantic_presence: float = 1.0
     o2m: float = 2.0
 
+    def __post_init__(self) -> None:
+        for field in fields(self):  # a negative weight would turn its term into a reward; NaN poisons the total
+            if not number_in(getattr(self, field.name), 0):
+                raise ValueError(f"loss weight {field.name} must be a number >= 0, got {getattr(self, field.name)!r}")
+
 
 @dataclass
 class CriterionSettings:

@@ -1,7 +1,14 @@
 """SAM3 network wrapper and its loading, checkpoint formats, tokenizer, optimiser parameter groups; the tracker is
 ``networks.tracker``."""
 
-from .checkpoints import CheckpointError, load_sam3, read_checkpoint_file, save_checkpoint_file, save_hf_folder
+from .checkpoints import (
+    CheckpointError,
+    load_extra_state,
+    load_sam3,
+    read_checkpoint_file,
+    save_checkpoint_file,
+    save_hf_folder,
+)
 from .medsam3_net import MedSAM3Net, load_network, network_pixels, normalize_pixels
 from .outputs import MedSAM3Output
 from .param_groups import LearningRates, sam3_param_groups, vit_layer_id
@@ -16,6 +23,7 @@ __all__ = [
     "PromptError",
     "build_clip_tokenizer",
     "full_sam3_config",
+    "load_extra_state",
     "load_network",
     "load_sam3",
     "load_tokenizer",

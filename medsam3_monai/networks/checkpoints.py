@@ -24,6 +24,7 @@ from pathlib import Path
 from typing import Any, Callable, Mapping
 
 import torch
+from torch import nn
 from transformers import PreTrainedTokenizerBase, Sam3Config, Sam3Model
 
 from .key_mapping import (
@@ -34,6 +35,7 @@ from .key_mapping import (
     split_sam3_checkpoint,
 )
 from .official_numerics import match_official_numerics
+from .outputs import unwrap
 from .presets import FULL_IMAGE_SIZE, TINY_IMAGE_SIZE, full_sam3_config, tiny_sam3_config
 from .tokenizer import load_tokenizer
 
@@ -187,6 +189,13 @@ def read_checkpoint_file(path: str | Path) -> tuple[dict[str, torch.Tensor], Sam
             warnings.warn(f"{path} is format version {version} of medsam3-monai's model file, written by a newer "
                           f"version than this one (which writes {OUR_FORMAT_VERSION}); it is read as version "
                           f"{OUR_FORMAT_VERSION}: update medsam3-monai if it does not load", stacklevel=2)
+        extra_state = described.get("extra_state") or {}
+        if extra_state:
+            names = sorted(extra_state)
+            warnings.warn(f"{path} also holds {len(names)} tensors of a network built on MedSAM3Net, outside its "
+                          f"SAM3 model ({', '.join(names[:4])}{', ...' if len(names) > 4 else ''}): the SAM3 weights "
+                          "are loaded; networks.load_extra_state(net, path) loads the rest into that network",
+                          stacklevel=2)
     state_dict = _unwrap(obj, path)
     keys = list(state_dict)
     if any(k.startswith(("detector.", "tracker.")) for k in keys):
@@ -208,6 +217,25 @@ def read_checkpoint_file(path: str | Path) -> tuple[dict[str, torch.Tensor], Sam
         f"(first keys: {keys[:5]}). Expected original keys (backbone.vision_backbone.*, detector.*) "
         "or transformers keys (vision_encoder.*, detector_model.*)."
     )
+
+
+def load_extra_state(network: nn.Module, path: str | Path) -> list[str]:
+    """Load the state a model file holds outside the SAM3 model (``extra_state``, written by
+    ``engines.handlers.save_model_file`` for a subclass of ``MedSAM3Net`` with modules of its own) into ``network``,
+    strictly: a key the file holds that ``network`` lacks, or one of ``network``'s own that the file lacks, raises a
+    ``CheckpointError`` naming them. Returns the keys loaded. The SAM3 weights load as ever (``MedSAM3Net(path)``)."""
+    payload = _read_torch_file(Path(path))
+    saved = payload.get("extra_state") if isinstance(payload, Mapping) else None
+    if not saved:
+        raise CheckpointError(f"{path} holds no state outside the SAM3 model (no 'extra_state'): it was saved from "
+                              "a plain MedSAM3Net, or by another tool")
+    own = {name for name in unwrap(network).state_dict() if not name.startswith("sam3.")}
+    unexpected, missing = sorted(set(saved) - own), sorted(own - set(saved))
+    if unexpected or missing:
+        raise CheckpointError(f"{path}'s state outside the SAM3 model does not fit {type(network).__name__}: "
+                              f"in the file only: {unexpected or 'none'}; in the network only: {missing or 'none'}")
+    unwrap(network).load_state_dict(dict(saved), strict=False)
+    return sorted(saved)
 
 
 def checkpoint_keys(path: str | Path) -> list[str] | None:
@@ -586,13 +614,16 @@ def described_image_size(description: Any) -> int | None:
         return None
 
 
-def save_checkpoint_file(model: Sam3Model, path: str | Path, extra: Mapping[str, Any] | None = None) -> Path:
+def save_checkpoint_file(model: Sam3Model, path: str | Path, extra: Mapping[str, Any] | None = None,
+                         extra_state: Mapping[str, torch.Tensor] | None = None) -> Path:
     """Save our single-file format, atomically: ``{"format", "format_version", "config", "model"}``.
 
     ``model`` holds ``MedSAM3Net``'s state dict (transformers keys under ``sam3.``), the layout MONAI's
     ``CheckpointLoader(load_dict={"model": net})`` and ``ckpt_export --key_in_ckpt model`` read; ``config`` (the
     ``Sam3Config`` as a dict) lets ``MedSAM3Net(path)`` rebuild the architecture. Version 1 files (a
-    ``state_dict`` of ``Sam3Model`` keys) still load.
+    ``state_dict`` of ``Sam3Model`` keys) still load. ``extra_state``: the state a subclass of ``MedSAM3Net`` holds
+    outside its SAM3 model (a head of one's own), stored as ``extra_state`` beside ``model``; ``MedSAM3Net(path)``
+    loads the SAM3 weights and notes it, :func:`load_extra_state` loads it into the subclass.
     """
     path = Path(path).expanduser()
     path.parent.mkdir(parents=True, exist_ok=True)
@@ -601,6 +632,8 @@ def save_checkpoint_file(model: Sam3Model, path: str | Path, extra: Mapping[str,
         "model": {f"sam3.{k}": v.detach().cpu() for k, v in model.state_dict().items()},
         **dict(extra or {}),
     }
+    if extra_state:
+        payload["extra_state"] = {k: v.detach().cpu() for k, v in extra_state.items()}
     tmp = path.with_name(f".{path.name}.tmp")
     try:
         torch.save(payload, tmp)

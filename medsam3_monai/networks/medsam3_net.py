@@ -18,7 +18,7 @@ from .checkpoints import load_sam3, save_hf_folder
 from .dac import dac_decoder
 from .outputs import MedSAM3Output, OneToManyOutput
 from .presets import check_image_size
-from .regularization import TrainingDropout, apply_training_dropout
+from .regularization import TrainingDropout, apply_training_dropout, register_weight_dropout
 from .text_cache import TextFeatureCache
 from .tokenizer import tokenize_prompts
 
@@ -48,18 +48,37 @@ def normalize_pixels(images: torch.Tensor) -> torch.Tensor:
     return (images - 0.5) / 0.5
 
 
-def network_pixels(images: torch.Tensor, device: torch.device | str, non_blocking: bool = True) -> torch.Tensor:
+def network_pixels(images: torch.Tensor, device: torch.device | str, non_blocking: bool = True, *,
+                   pixels_normalized: bool = True) -> torch.Tensor:
     """Slice-space images as the networks read them: (B, 3, S, S) SAM3-normalised float on ``device``.
 
-    ``images``: (B, 3, S, S) SAM3-normalised float (``Sam3Normalized``), returned as they are once on ``device``; or
-    (B, 1 or 3, S, S) uint8 8-bit levels (``Sam3Normalized(levels=True)``, a grey volume slice one channel): they
-    cross to the device as bytes (a quarter of float32, a twelfth for grey), are repeated to RGB there (a view) and
-    normalised by :func:`normalize_pixels`, the arithmetic of ``transforms.sam3_normalize``: the same values.
+    ``images``: (B, 3, S, S) float, SAM3-normalised (``Sam3Normalized``; ``pixels_normalized=True``), returned as
+    they are once on ``device``, or in [0, 1] (``pixels_normalized=False``), normalised there; or (B, 1 or 3, S, S)
+    uint8 8-bit levels (``Sam3Normalized(levels=True)``, a grey volume slice one channel): they cross to the device as
+    bytes (a quarter of float32, a twelfth for grey), are repeated to RGB there (a view) and normalised by
+    :func:`normalize_pixels`, the arithmetic of ``transforms.sam3_normalize``: the same values.
     """
     pixels = plain_tensor(images).to(device, non_blocking=non_blocking)
     if pixels.dtype != torch.uint8:
-        return pixels
+        return pixels if pixels_normalized else normalize_pixels(pixels)
     return normalize_pixels(pixels.expand(-1, 3, -1, -1))
+
+
+def check_pixel_range(images: torch.Tensor, pixels_normalized: bool) -> None:
+    """Float ``images`` on the CPU (elsewhere the check would cost a device synchronisation) must lie in [0, 1], or
+    in [-1, 1] when ``pixels_normalized`` (SAM3-normalised), give or take 0.1 of resampling overshoot; uint8 levels
+    always pass. A ValueError says what to change."""
+    if not images.is_floating_point() or images.device.type != "cpu" or not images.numel():
+        return
+    low, high = (float(v) for v in torch.aminmax(images.float()))
+    expected = (-1.0, 1.0) if pixels_normalized else (0.0, 1.0)
+    slack = 0.1  # resampling overshoot
+    if not (expected[0] - slack <= low and high <= expected[1] + slack):  # NaN fails too
+        hint = ("replace the NaN / Inf pixels" if not math.isfinite(low + high) else
+                "SAM3-normalised images (mean = std = 0.5) lie in [-1, 1]" if pixels_normalized else
+                "divide 0..255 floats by 255, or pass pixels_normalized=True for SAM3-normalised images")
+        raise ValueError(f"float images hold values in [{low:.4g}, {high:.4g}], expected "
+                         f"[{expected[0]:g}, {expected[1]:g}]: {hint}")
 
 
 class MedSAM3Net(nn.Module):
@@ -127,6 +146,12 @@ class MedSAM3Net(nn.Module):
         self.vision_batch: int | str | None = None
         self.text_cache = TextFeatureCache([self.sam3.text_encoder, self.sam3.text_projection], text_cache_size)
         self.set_gradient_checkpointing(gradient_checkpointing)
+
+    def __setstate__(self, state: dict) -> None:
+        """Unpickling (``torch.load`` of a whole network) in a new process: its attention implementation with
+        SAM3's weight dropout is registered again (the registry does not travel with the network)."""
+        super().__setstate__(state)
+        register_weight_dropout(self.sam3)
 
     # ------------------------------------------------------------------ properties
     @property
@@ -217,16 +242,7 @@ class MedSAM3Net(nn.Module):
         if images.dtype != torch.uint8 and not images.is_floating_point():
             raise ValueError(f"images are {str(images.dtype).replace('torch.', '')}: give uint8 8-bit levels or "
                              "floats in [0, 1] (e.g. images.to(torch.uint8) for 0..255 integers)")
-        if images.is_floating_point() and images.device.type == "cpu" and images.numel():
-            low, high = (float(v) for v in torch.aminmax(images.float()))
-            expected = (-1.0, 1.0) if pixels_normalized and images.dtype != torch.uint8 else (0.0, 1.0)
-            slack = 0.1  # resampling overshoot
-            if not (expected[0] - slack <= low and high <= expected[1] + slack):  # NaN fails too
-                hint = ("replace the NaN / Inf pixels" if not math.isfinite(low + high) else
-                        "SAM3-normalised images (mean = std = 0.5) lie in [-1, 1]" if pixels_normalized else
-                        "divide 0..255 floats by 255, or pass pixels_normalized=True for SAM3-normalised images")
-                raise ValueError(f"float images hold values in [{low:.4g}, {high:.4g}], expected "
-                                 f"[{expected[0]:g}, {expected[1]:g}]" + (": " + hint))
+        check_pixel_range(images, pixels_normalized)
 
     @staticmethod
     def _check_boxes(boxes: torch.Tensor | None, box_labels: torch.Tensor | None,

@@ -86,7 +86,8 @@ def sam3_param_groups(
     Weight decay follows SAM3's training configs: ``weight_decay`` everywhere except biases and LayerNorm
     parameters (0). Each group carries ``lr`` (already scaled), ``name``, ``component``, ``lr_scale`` and ``weight_decay``,
     so a scheduler that multiplies ``initial_lr`` keeps the ratios. Frozen parameters are skipped when
-    ``trainable_only`` (MedSAM3 mode).
+    ``trainable_only`` (MedSAM3 mode). Parameters a subclass or wrapper of ``MedSAM3Net`` adds outside its SAM3
+    model (a head of one's own) form the component ``extra``, at the detector's rate, with the same decay rule.
     """
     rates = rates or LearningRates()
     sam3 = _sam3_of(model)
@@ -118,4 +119,22 @@ def sam3_param_groups(
                 "weight_decay": decay,
             }
         groups[key]["params"].append(param)
+    extra = _extra_parameters(model, sam3, trainable_only)
+    exempt = _no_weight_decay_names(unwrap(model)) if extra else set()
+    for decay in (weight_decay, 0.0):
+        params = [param for name, param in extra if (0.0 if name in exempt else weight_decay) == decay]
+        if params:
+            groups[("extra", None, decay)] = {"params": params, "name": f"extra{'' if decay else '.no_decay'}",
+                                              "component": "extra", "lr": rates.detector, "lr_scale": 1.0,
+                                              "weight_decay": decay}
     return list(groups.values())
+
+
+def _extra_parameters(model: nn.Module, sam3: Sam3Model, trainable_only: bool) -> list[tuple[str, nn.Parameter]]:
+    """(name, parameter) of ``model``'s parameters that are not its SAM3 model's (names as ``model`` gives them)."""
+    model = unwrap(model)
+    if model is sam3:
+        return []
+    inside = {id(param) for param in sam3.parameters()}
+    return [(name, param) for name, param in model.named_parameters()
+            if id(param) not in inside and (param.requires_grad or not trainable_only)]

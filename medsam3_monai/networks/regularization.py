@@ -77,6 +77,15 @@ def _with_weight_dropout(base: str) -> str:
     return name
 
 
+def register_weight_dropout(model: Sam3Model) -> None:
+    """Register the attention implementations ``model``'s detector parts name (after unpickling in a new process:
+    the registry is per process, the name travels in the configs)."""
+    for part in _DETECTOR_PARTS:
+        name = getattr(model, part).config._attn_implementation or ""
+        if name.startswith(ATTENTION_PREFIX):
+            _with_weight_dropout(name[len(ATTENTION_PREFIX):])
+
+
 class _RememberImages:
     """Forward pre-hook on a ViT layer: records how many images it is called with (``(B, H, W, C)`` input)."""
 
@@ -108,13 +117,15 @@ class _DropPath:
         return (hidden, *output[1:]) if isinstance(output, tuple) else hidden
 
 
-def _output_dropout(rate: float):
-    """Forward hook: dropout on a module's output (training mode only)."""
+class _OutputDropout:
+    """Forward hook: dropout on a module's output (training mode only). A class, not a closure, so that a network
+    carrying it pickles (``torch.save(net)``, ``multiprocessing`` spawn)."""
 
-    def hook(module: nn.Module, inputs: tuple, output: torch.Tensor) -> torch.Tensor:
-        return nn.functional.dropout(output, rate, training=module.training)
+    def __init__(self, rate: float) -> None:
+        self.rate = rate
 
-    return hook
+    def __call__(self, module: nn.Module, inputs: tuple, output: torch.Tensor) -> torch.Tensor:
+        return nn.functional.dropout(output, self.rate, training=module.training)
 
 
 def apply_training_dropout(model: Sam3Model, settings: TrainingDropout | dict | None = None) -> list:
@@ -140,7 +151,7 @@ def apply_training_dropout(model: Sam3Model, settings: TrainingDropout | dict | 
     scoring = model.dot_product_scoring
     scoring.text_mlp_dropout.p = 0.0  # the official prompt MLP drops its hidden layer, not its output
     # dropout on layer1's output equals dropout after the ReLU that follows it
-    handles.append(scoring.text_mlp.layer1.register_forward_hook(_output_dropout(settings.dropout)))
+    handles.append(scoring.text_mlp.layer1.register_forward_hook(_OutputDropout(settings.dropout)))
 
     layers = model.vision_encoder.backbone.layers
     for layer, rate in zip(layers, torch.linspace(0, settings.drop_path, len(layers)).tolist()):
