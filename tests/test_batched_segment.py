@@ -145,6 +145,23 @@ def test_a_folder_gives_the_masks_of_one_by_one_calls(samples, one_by_one, tmp_p
     assert printed.count("wrote ") == 5
 
 
+def test_no_more_loader_workers_start_than_there_are_batches(samples, tmp_path, monkeypatch):
+    """``--num-workers 1000`` over five pictures in batches of 4: torch would start all 1000 workers (minutes)."""
+    import torch.utils.data
+
+    started = []
+    real = torch.utils.data.DataLoader
+
+    def recording(*args, **kwargs):
+        started.append(kwargs["num_workers"])
+        return real(*args, **kwargs)
+
+    monkeypatch.setattr(torch.utils.data, "DataLoader", recording)
+    assert segment(str(samples), "--prompt", "polyp", "--out-dir", str(tmp_path / "masks"), "--batch-size", "4",
+                   "--num-workers", "1000") == 0
+    assert started == [2]
+
+
 def test_a_quoted_glob_selects_its_matches(samples, one_by_one, tmp_path):
     out = tmp_path / "glob"
     assert segment(str(samples / "cju0*.jpg"), "--prompt", "polyp", "--out-dir", str(out), "--batch-size", "8") == 0

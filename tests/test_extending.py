@@ -18,7 +18,7 @@ from torch import nn
 from medsam3_monai.bundle import config_parser
 
 AUGMENTED_PICTURE_CHAIN = ("$@loading + [@train#picture_slicing] + @to_slice_space[:2] + [@augment] + "
-                           "@to_slice_space[2:] + [@train#negatives]")
+                           "@to_slice_space[2:] + [@train#negatives, @train#box_choice]")
 
 
 def test_an_augmentation_added_to_the_picture_chain_is_reseeded_each_epoch():

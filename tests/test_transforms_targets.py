@@ -15,6 +15,7 @@ from medsam3_monai.transforms import (
     DecodeLabeld,
     LabelToInstancesd,
     LoadMedicalImaged,
+    RandBoxPromptsd,
     RandNegativePromptsd,
     instance_masks,
     masks_to_boxes_cxcywh,
@@ -328,3 +329,56 @@ def test_chest_xray_lungs_are_one_semantic_target():
     targets = real_targets(entry)["targets"]
     assert targets[0]["masks"].shape[0] == 1
     assert len(instance_masks(targets[0]["masks"][0].numpy().astype(np.uint8), 1, "components")) >= 2  # 2 lungs
+
+
+def _present_and_absent(index: int) -> dict:
+    """An item with one present concept (a square at a place of its own) and one absent (a negative prompt)."""
+    from medsam3_monai.transforms.targets import empty_target
+
+    mask = torch.zeros(1, 16, 16, dtype=torch.bool)
+    mask[0, index % 8: index % 8 + 4, 2:9] = True
+    present = {"label": 1, "text": "polyp", "boxes": masks_to_boxes_cxcywh(mask), "masks": mask,
+               "is_negative": False}
+    return {"image": torch.zeros(3, 16, 16, dtype=torch.uint8), "targets": [present, empty_target("liver", (16, 16))]}
+
+
+def test_box_prompts_go_to_a_share_of_the_present_concepts_and_never_to_absent_ones():
+    """``box_prompts`` training: having a box must not mean "present" (the presence head would read the box, not the
+    text), so only a ``box_prompt_probability`` share of the present concepts carries one, drawn per prompt from the
+    transform's seed; the collated batch boxes exactly those, each with its largest component's box."""
+    from medsam3_monai.boxes import BOX_PADDING_LABEL, largest_component_box
+    from medsam3_monai.engines import collate_find_queries
+
+    items = [_present_and_absent(i) for i in range(200)]
+    choose = RandBoxPromptsd(prob=0.5, seed=3)
+    chosen = [choose(item) for item in items]
+    present = [item["targets"][0]["box_prompt"] for item in chosen]
+    assert 70 < sum(present) < 130 and not any(item["targets"][1]["box_prompt"] for item in chosen)
+    choose.set_random_state(3)
+    assert [choose(item)["targets"][0]["box_prompt"] for item in items] == present  # a function of the seed
+    assert all(RandBoxPromptsd(prob=1.0)(item)["targets"][0]["box_prompt"] for item in items[:20])
+    assert not any(RandBoxPromptsd(prob=0.0)(item)["targets"][0]["box_prompt"] for item in items[:20])
+    assert "box_prompt" not in items[0]["targets"][0]  # the input item is left as it was
+
+    batch = collate_find_queries(chosen[:8], box_prompts=True)
+    assert batch["prompts"] == ["polyp", "liver"] * 8
+    wanted = [flag for item in chosen[:8] for flag in (item["targets"][0]["box_prompt"], False)]
+    assert batch["box_labels"][:, 0].tolist() == [1 if flag else BOX_PADDING_LABEL for flag in wanted]
+    for row, (flag, item) in enumerate(zip(wanted, [i for i in chosen[:8] for _ in range(2)])):
+        expected = largest_component_box(item["targets"][0]["masks"][0]) if flag else torch.zeros(4)
+        assert torch.equal(batch["boxes"][row, 0], expected)
+    unchosen = collate_find_queries(items[:2], box_prompts=True)  # no choice made: every present concept
+    assert unchosen["box_labels"][:, 0].tolist() == [1, BOX_PADDING_LABEL, 1, BOX_PADDING_LABEL]
+    with pytest.raises(ValueError, match=r"box_prompt_probability must be a number in \[0, 1\], got 1.5"):
+        RandBoxPromptsd(prob=1.5)
+
+
+def test_the_training_bundle_chooses_box_prompts_in_both_chains_after_the_negatives():
+    from medsam3_monai.bundle import config_parser
+
+    parser = config_parser("train.json", **{"train#concepts": ["polyp"], "box_prompts": True})
+    choice = parser.get_parsed_content("train#box_choice")
+    assert isinstance(choice, RandBoxPromptsd) and choice.prob == 0.5
+    for chain in ("train#picture_preprocessing", "train#preprocessing"):
+        transforms = parser.get_parsed_content(chain).transforms
+        assert transforms[-2:] == (parser.get_parsed_content("train#negatives"), choice)

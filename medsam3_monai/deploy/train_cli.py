@@ -71,8 +71,9 @@ def add_parser(subparsers: argparse._SubParsersAction) -> argparse.ArgumentParse
     parser.add_argument("--mode", choices=["full", "medsam3"], default=None,
                         help="full: Medical SAM3, every part trained (default); medsam3: frozen encoders")
     parser.add_argument("--box-prompts", action="store_true",
-                        help="add each positive prompt's box (its target's largest connected component): MedSAM3's "
-                             "text + box prompts")
+                        help="MedSAM3's text + box prompts: a present concept's prompt carries the box of its "
+                             "target's largest connected component, with probability box_prompt_probability "
+                             "(default 0.5; --set box_prompt_probability=1.0 boxes every one)")
     parser.add_argument("--epochs", type=at_least(1), default=None, metavar="N", help="max_epochs (default 10)")
     parser.add_argument("--batch-size", type=at_least(1), default=None, metavar="N",
                         help="datalist items (pictures, or volumes giving slices_per_volume slices) per step and "
@@ -175,10 +176,13 @@ def _check(args: argparse.Namespace) -> None:
         raise FileExistsError(f"--out {out} is a file: give a folder for the run (new, or a run's folder to resume)")
     check_writable(out, "--out", folder=True)
     tracking_uri = _settings(args.settings, {}).get("tracking_uri")
-    if tracking_uri is not None and not args.no_mlflow:  # MLflow would refuse it only after the data is cached
+    if not args.no_mlflow:  # MLflow would refuse a store only after the data is cached
         from ..engines.reports import check_tracking_uri
 
-        check_tracking_uri(tracking_uri, "--set tracking_uri")
+        if os.environ.get("MLFLOW_TRACKING_URI"):
+            check_tracking_uri(os.environ["MLFLOW_TRACKING_URI"], "MLFLOW_TRACKING_URI")
+        elif tracking_uri is not None:
+            check_tracking_uri(tracking_uri, "--set tracking_uri")
     if args.lr is not None and not args.lr > 0:
         raise ValueError(f"--lr {args.lr}: give a learning rate > 0 (leave --lr out for the papers' rates)")
     from ..bundle import check_network_source
@@ -242,17 +246,27 @@ def _check_keys(command: Sequence[str]) -> None:
         raise ValueError(front_words(str(err), values)) from None
 
 
-def _end_interrupted_runs(root: Path, tracking_uri: str | None = None) -> None:
+def tracking_store(args: argparse.Namespace, root: Path) -> tuple[str, str | None]:
+    """The MLflow store the run logs to, and what chose it: ``MLFLOW_TRACKING_URI`` (MONAI's MLFlowHandler lets it
+    override the bundle's ``tracking_uri``), ``--set tracking_uri``, or None for the default ``runs/mlruns.db``."""
+    if os.environ.get("MLFLOW_TRACKING_URI"):
+        return os.environ["MLFLOW_TRACKING_URI"], "MLFLOW_TRACKING_URI"
+    given = _settings(args.settings, {}).get("tracking_uri")
+    if given is not None:
+        return str(given), "--set tracking_uri"
+    return f"sqlite:///{root / 'runs' / 'mlruns.db'}", None
+
+
+def _end_interrupted_runs(root: Path, tracking_uri: str, chosen_by: str | None) -> None:
     """Mark the MLflow runs the interrupted training left RUNNING (experiment ``medsam3``, named after ``root``) as
-    KILLED: MONAI's handler logs into a RUNNING run of the same name, so another training of that name in the store
-    would be mixed into it, and a resume would log its redone iterations twice; a resume now opens a new run."""
-    store = root / "runs" / "mlruns.db"
-    if tracking_uri is None and not store.is_file():
+    KILLED: the bundle's handler (``engines.mlflow_runs.MLFlowRunHandler``) continues only a RUNNING run of its name,
+    so a resume then opens a new run, and another training of that name in the store is never mixed into it."""
+    if chosen_by is None and not (root / "runs" / "mlruns.db").is_file():
         return
     try:
         from mlflow import MlflowClient
 
-        client = MlflowClient(tracking_uri=tracking_uri or f"sqlite:///{store}")
+        client = MlflowClient(tracking_uri=tracking_uri)
         experiment = client.get_experiment_by_name("medsam3")
         if experiment is None:
             return
@@ -272,6 +286,10 @@ def run(args: argparse.Namespace) -> int:
     if args.dry_run:
         return 0
     root = run_folder(args)
+    store, chosen_by = tracking_store(args, root)
+    if chosen_by == "MLFLOW_TRACKING_URI" and not args.no_mlflow:
+        print(f"medsam3 train: note: MLFLOW_TRACKING_URI is set: the run is logged to {store} (it takes priority over "
+              "the bundle's tracking_uri, as in MONAI's MLFlowHandler)", file=sys.stderr)
     created = not root.exists()
     before = _run_files(root)
     status = _wait(subprocess.Popen(command, env={**os.environ, FRONT_VARIABLE: "medsam3 train",
@@ -293,7 +311,7 @@ def run(args: argparse.Namespace) -> int:
 
             newest = latest_checkpoint(root / "runs" / "checkpoints")
             if not args.no_mlflow:
-                _end_interrupted_runs(root, _settings(args.settings, {}).get("tracking_uri"))
+                _end_interrupted_runs(root, *tracking_store(args, root))
             print(f"medsam3 train: interrupted; the same command resumes from the newest checkpoint, {newest}"
                   if newest is not None else "medsam3 train: interrupted before the first checkpoint; the same "
                   "command starts the run again", file=sys.stderr)
@@ -301,6 +319,6 @@ def run(args: argparse.Namespace) -> int:
     print(f"medsam3 train: {'final model' if trained else 'nothing trained; the run had finished: its final model'} "
           f"{root / 'models' / 'model.pt'}; checkpoints {root / 'runs' / 'checkpoints'}"
           + ("" if args.no_mlflow else
-             f"; browse the run with: mlflow ui --backend-store-uri sqlite:///{root / 'runs' / 'mlruns.db'}"),
+             f"; browse the run with: mlflow ui --backend-store-uri {store}"),
           file=sys.stderr)
     return 0

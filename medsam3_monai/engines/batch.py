@@ -14,7 +14,7 @@ from typing import Any, Callable, Iterable, Iterator, Sequence
 
 import torch
 
-from ..boxes import largest_component_box_prompts
+from ..boxes import BOX_PADDING_LABEL, largest_component_box_prompts
 from ..instance_masks import InstanceMasks
 from ..losses.targets import FindTargets
 from ..networks.medsam3_net import network_pixels
@@ -48,15 +48,18 @@ def collate_find_queries(items: Sequence[dict], box_prompts: bool = False) -> di
         :class:`PrepareFindBatch`), else SAM3-normalised float; ``prompts`` list of B texts; ``image_ids`` (B,)
         long; ``targets`` FindTargets;
         with ``box_prompts``: ``boxes`` (B, 1, 4) cxcywh of the largest component and ``box_labels`` (B, 1)
-        (1, or -10 padding for prompts without a target); ``meta``: per-query dataset / case / label.
+        (1, or -10 padding for prompts without a target and for targets whose ``box_prompt`` is False:
+        :class:`~medsam3_monai.transforms.RandBoxPromptsd` leaves some text-only); ``meta``: per-query dataset /
+        case / label.
     """
     flat = flatten_items(items)
     if not flat:
         raise ValueError("empty batch: no items to collate")
     images = _stacked_images([plain_tensor(torch.as_tensor(item["image"])) for item in flat])  # no metadata
-    prompts, image_ids, boxes, masks, meta = [], [], [], [], []
+    prompts, image_ids, boxes, masks, meta, with_box = [], [], [], [], [], []
     for index, item in enumerate(flat):
         for target in item["targets"]:
+            with_box.append(bool(target.get("box_prompt", True)))
             prompts.append(target["text"])
             image_ids.append(index)
             boxes.append(torch.as_tensor(target["boxes"]).float().reshape(-1, 4))
@@ -73,8 +76,12 @@ def collate_find_queries(items: Sequence[dict], box_prompts: bool = False) -> di
         "meta": meta,
     }
     if box_prompts:
-        batch["boxes"], batch["box_labels"] = largest_component_box_prompts(
-            [m.union() if isinstance(m, InstanceMasks) else m.any(0) for m in masks])
+        boxed = [i for i, wanted in enumerate(with_box) if wanted]
+        found, labels = largest_component_box_prompts(
+            [masks[i].union() if isinstance(masks[i], InstanceMasks) else masks[i].any(0) for i in boxed])
+        batch["boxes"] = torch.zeros(len(prompts), 1, 4)
+        batch["box_labels"] = torch.full((len(prompts), 1), BOX_PADDING_LABEL, dtype=torch.long)
+        batch["boxes"][boxed], batch["box_labels"][boxed] = found, labels
     return batch
 
 

@@ -176,7 +176,9 @@ def predict_items(predictor: Any, items: Sequence[Mapping[str, Any]], *, batch_s
     device = next(predictor.network.parameters()).device
     loader = DataLoader(
         CaseDataset(items, transform=preprocessing, skip_unreadable=True), batch_size=int(batch_size),
-        shuffle=False, num_workers=int(num_workers), collate_fn=collate_case_batch,
+        # a worker per batch at most: torch starts every worker asked for, whether or not there is work for it
+        shuffle=False, num_workers=min(int(num_workers), -(-len(items) // int(batch_size))),
+        collate_fn=collate_case_batch,
         pin_memory=device.type == "cuda" if pin_memory is None else bool(pin_memory),
         persistent_workers=False,
     )

@@ -50,6 +50,7 @@ from .spatial import ResizeToSliced
 from .targets import (
     BuildTargetsd,
     PromptTarget,
+    RandBoxPromptsd,
     RandNegativePromptsd,
     empty_target,
     masks_to_boxes_cxcywh,
@@ -74,6 +75,7 @@ __all__ = [
     "LoadMedicalImaged",
     "PromptTarget",
     "RandAxialSliced",
+    "RandBoxPromptsd",
     "RandNegativePromptsd",
     "ResizeToSliced",
     "RestackSlicesd",

@@ -363,3 +363,40 @@ class RandNegativePromptsd(Randomizable, Transform):
         targets.extend(empty_target(text, size) for text in self._chosen)
         d[self.targets_key] = targets
         return d
+
+
+class RandBoxPromptsd(Randomizable, Transform):
+    """Choose which positive prompts of a training item also carry a box prompt (``box_prompts`` training).
+
+    Each target gets ``box_prompt``: True with probability ``prob`` when it has a target, False for a negative
+    prompt (nothing to draw a box around), so that having a box does not tell the network that the concept is
+    present: with ``prob`` < 1 some present concepts stay text-only, as Meta's ``TextQueryToVisual(probability,
+    keep_text_queries=True)`` leaves them. :func:`~medsam3_monai.engines.collate_find_queries` gives the chosen ones the
+    box of their largest component. One draw per target, present or not, so the draws of an item do not depend on
+    which of its concepts are present.
+
+    Args:
+        prob: probability that a present concept carries its box (1: every one, 0: none).
+        targets_key: the list from :class:`BuildTargetsd` (and :class:`RandNegativePromptsd`).
+        seed: seed of the draws (``set_random_state``; the bundle reseeds it every epoch).
+    """
+
+    def __init__(self, prob: float = 0.5, targets_key: str = "targets", seed: int | None = None) -> None:
+        if isinstance(prob, bool) or not isinstance(prob, (int, float)) or not 0.0 <= prob <= 1.0:
+            raise ValueError(f"box_prompt_probability must be a number in [0, 1], got {prob!r}")
+        self.set_random_state(seed)
+        self.prob = float(prob)
+        self.targets_key = targets_key
+        self._draws = np.zeros(0)
+
+    def randomize(self, count: int) -> None:
+        self._draws = self.R.rand(count)
+
+    def __call__(self, data: Mapping[Hashable, Any]) -> dict[Hashable, Any]:
+        d = dict(data)
+        targets = [dict(target) for target in d.get(self.targets_key, [])]
+        self.randomize(len(targets))
+        for target, draw in zip(targets, self._draws):
+            target["box_prompt"] = bool(not target.get("is_negative") and draw < self.prob)
+        d[self.targets_key] = targets
+        return d
