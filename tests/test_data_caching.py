@@ -8,6 +8,7 @@ from typing import Any
 import numpy as np
 import pytest
 import torch
+from PIL import Image
 from monai.data import CacheDataset, DataLoader, Dataset, MetaTensor, PersistentDataset, ThreadDataLoader
 from monai.utils import TraceKeys
 
@@ -125,6 +126,43 @@ def test_disk_cache_files_change_with_the_deterministic_transforms(items, tmp_pa
     other = slice_space_transforms(SIZE, train=True, ct_window="lung", seed=0)  # same names, other settings
     build_dataset(items[:1], other, cache="disk", cache_dir=tmp_path)[0]
     assert len(list(tmp_path.glob("*.pt"))) == 2
+
+
+def test_a_file_changed_under_its_name_is_read_again_not_taken_from_the_disk_cache(items, tmp_path):
+    """helper-91: a corrected mask saved under the same name went on training on the old targets, run after run."""
+    import shutil
+    import sys
+
+    from medsam3_monai.data import caching
+
+    folder = tmp_path / "data"
+    folder.mkdir()
+    image, label = (Path(shutil.copy(items[0][key], folder)) for key in ("image", "label"))
+    changed = dict(items[0], image=str(image), label=str(label))
+    cache = tmp_path / "cache"
+    first = build_dataset([changed], _transform(), cache="disk", cache_dir=cache)[0]
+    flipped = np.ascontiguousarray(np.asarray(Image.open(label))[::-1])  # the same file name, another mask
+    Image.fromarray(flipped).save(label)
+    second = build_dataset([changed], _transform(), cache="disk", cache_dir=cache)[0]
+    assert len(list(cache.glob("*.pt"))) == 2  # a new file for the changed item
+    boxes = [[t["boxes"] for t in sample[0]["targets"] if not t["is_negative"]] for sample in (first, second)]
+    assert not all(torch.equal(a, b) for a, b in zip(*boxes))  # its targets are the new mask's
+    # a change in the code of a cached transform's module makes new files too (a fix inside __call__)
+    module = type(_transform().transforms[0]).__module__
+    assert module.startswith("medsam3_monai")
+    real = caching._source_digest(module)
+    caching._source_digest.cache_clear()
+    try:
+        original = sys.modules[module].__file__
+        edited = tmp_path / "edited.py"
+        edited.write_text(Path(original).read_text() + "\n# a fix\n")
+        sys.modules[module].__file__ = str(edited)
+        assert caching._source_digest(module) != real
+        build_dataset([changed], _transform(), cache="disk", cache_dir=cache)[0]
+        assert len(list(cache.glob("*.pt"))) == 3
+    finally:
+        sys.modules[module].__file__ = original
+        caching._source_digest.cache_clear()
 
 
 @pytest.mark.parametrize(

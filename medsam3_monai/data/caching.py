@@ -8,9 +8,11 @@ access, so each epoch still draws new slices and negatives.
 * ``"memory"``: :class:`monai.data.CacheDataset`, filled when built (``cache_rate`` of the items; the rest
   is transformed on the fly). Fastest; costs RAM (a 2D RGB image ~ 3 x H x W float32, a volume its voxels).
 * ``"disk"``: :class:`monai.data.PersistentDataset` in ``cache_dir`` (one ``.pt`` per item, written on first
-  access, reused by later runs). The file name hashes the item and the deterministic transforms, so changing
-  those makes new files (old ones are not removed). MetaTensors keep their metadata (affine, applied
-  operations) so ``Invertd`` and the slice axis still work on cache hits.
+  access, reused by later runs). The file name hashes the item with the size and modification time of the files
+  it names (``image``, ``label``, ``instance_ids``; every file of a DICOM series folder), the deterministic
+  transforms with their settings, and the source code of the modules defining them (with MONAI's version): changing
+  any of those makes new files (old ones are not removed; the folder is safe to delete). MetaTensors keep their
+  metadata (affine, applied operations) so ``Invertd`` and the slice axis still work on cache hits.
 * ``"none"``: :class:`monai.data.Dataset`, everything every time.
 
 Example (bundle JSON)::
@@ -21,6 +23,10 @@ Example (bundle JSON)::
 
 from __future__ import annotations
 
+import functools
+import hashlib
+import os
+import sys
 from collections.abc import Callable, Sequence
 from pathlib import Path
 from typing import Any
@@ -76,7 +82,7 @@ def build_dataset(
         # MONAI hashes the deterministic head via ``transform.flatten()``, whose new Compose reseeds the random
         # transforms (from ``get_seed()``): keep their generators so a seeded chain stays seeded.
         generators = _generators(transform)
-        dataset = PersistentDataset(data=data, transform=transform, cache_dir=cache_dir,
+        dataset = PersistentDataset(data=data, transform=transform, cache_dir=cache_dir, hash_func=_hash_item,
                                     hash_transform=_hash_transforms, track_meta=True, weights_only=False)
         for randomizable, generator in generators:
             randomizable.R = generator
@@ -84,12 +90,58 @@ def build_dataset(
     return Dataset(data=data, transform=transform)
 
 
-def _hash_transforms(transforms: Sequence[Any]) -> bytes:
-    """Hash of the deterministic head (objects and settings); by class names when an object cannot be pickled."""
+#: the keys of a datalist item that name files the cached transforms read
+FILE_KEYS = ("image", "label", "instance_ids")
+
+
+def _file_stamp(path: str | Path) -> Any:
+    """(size, mtime in ns) of a file, the same of every file of a folder (a DICOM series), None when neither."""
     try:
-        return pickle_hashing(transforms)
+        if os.path.isdir(path):
+            return sorted((entry.name, entry.stat().st_size, entry.stat().st_mtime_ns)
+                          for entry in os.scandir(path) if entry.is_file())
+        stat = os.stat(path)
+        return stat.st_size, stat.st_mtime_ns
+    except (OSError, TypeError, ValueError):
+        return None
+
+
+def _hash_item(item: Any) -> bytes:
+    """Disk-cache key of a datalist item: the item, and the stamps of the files it names (a file changed on disk
+    under the same name is read again, not taken from the cache)."""
+    if isinstance(item, dict):
+        stamps = {key: _file_stamp(item[key]) for key in FILE_KEYS if isinstance(item.get(key), (str, Path))}
+        item = {**item, "__file_stamps__": stamps}
+    return pickle_hashing(item)
+
+
+@functools.lru_cache(maxsize=None)
+def _source_digest(module_name: str) -> str:
+    """Hash of a module's source file ('' when it has none): a fix inside a transform makes new cache files."""
+    module = sys.modules.get(module_name)
+    path = getattr(module, "__file__", None)
+    try:
+        return hashlib.sha256(Path(path).read_bytes()).hexdigest() if path else ""
+    except OSError:
+        return ""
+
+
+def _code_stamp(transforms: Sequence[Any]) -> dict[str, str]:
+    """The source hashes of this package's modules that define ``transforms``, and MONAI's version."""
+    import monai
+
+    modules = sorted({type(t).__module__ for t in transforms if type(t).__module__.startswith("medsam3_monai")})
+    return {"monai": monai.__version__, **{name: _source_digest(name) for name in modules}}
+
+
+def _hash_transforms(transforms: Sequence[Any]) -> bytes:
+    """Hash of the deterministic head (objects, settings and the code of their modules); by class names when an
+    object cannot be pickled."""
+    code = _code_stamp(transforms)
+    try:
+        return pickle_hashing([code, transforms])
     except Exception:  # noqa: BLE001 - e.g. a lambda inside a Lambdad
-        return pickle_hashing([f"{type(t).__module__}.{type(t).__qualname__}" for t in transforms])
+        return pickle_hashing([code, [f"{type(t).__module__}.{type(t).__qualname__}" for t in transforms]])
 
 
 def _generators(transform: Any) -> list[tuple[Randomizable, Any]]:
