@@ -636,6 +636,37 @@ def test_a_post_without_a_body_is_an_empty_body_and_chunked_uploads_are_refused(
     assert status_of("Transfer-Encoding: chunked\r\n", b"2\r\n{}\r\n0\r\n\r\n") == 411
 
 
+def test_an_over_limit_upload_sent_whole_is_answered_413_not_a_broken_pipe(server):
+    """MONAI Label's client (and 3D Slicer) sends the whole body without ``Expect: 100-continue``: the server reads
+    and drops it before answering, so the client reads the 413 instead of a reset connection (helper-92)."""
+    body = b"0" * (32 * MAX_MB * 2**20)  # more than the sockets buffer: the client is still writing
+    conn = http.client.HTTPConnection(*server, timeout=120)  # as monailabel.client.MONAILabelClient sends
+    conn.request("POST", "/infer/medsam3", body, {"Authorization": f"Bearer {TOKEN}",
+                                                   "Content-Type": "multipart/form-data; boundary=x"})
+    answer = conn.getresponse()
+    assert answer.status == 413 and "--max-request-mb" in json.loads(answer.read())["error"]
+    conn.close()
+    _alive(server)
+
+
+def test_a_stalled_upload_is_let_go(server, monkeypatch):
+    """A body that stops arriving (a client gone quiet, or slowloris) is a disconnect after ``BODY_IDLE_SECONDS``:
+    the connection is answered or closed, not held, so it neither occupies the server nor blocks its shutdown."""
+    import socket
+
+    from medsam3_monai.deploy import server as server_module
+
+    monkeypatch.setattr(server_module, "BODY_IDLE_SECONDS", 0.5)
+    with socket.create_connection(server, timeout=120) as sock:
+        sock.sendall(f"POST /infer/medsam3 HTTP/1.1\r\nHost: x\r\nAuthorization: Bearer {TOKEN}\r\n"
+                     "Content-Type: multipart/form-data; boundary=x\r\nContent-Length: 5000\r\n\r\n--x\r\n".encode())
+        answer = b""
+        while chunk := sock.recv(65536):  # the server answers, or closes (b""), instead of waiting for ever
+            answer += chunk
+    assert answer == b"" or int(answer.split(b" ", 2)[1]) >= 400
+    _alive(server)
+
+
 @pytest.mark.parametrize("sent, taken", [(0.1, 0.1), ("0.1", 0.1), (" 0.3 ", 0.3), (1, 1.0), (-0.0, 0.0), ("", None),
                                          (None, None), ("abc", "error"), (True, "error"), (1.5, "error"),
                                          ("nan", "error")])

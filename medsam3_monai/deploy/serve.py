@@ -139,7 +139,8 @@ def build_server(args: argparse.Namespace) -> Any:
                                           max_pixels=args.max_image_pixels)  # the header check's limit, not PIL's
     app = create_app(predictor, token=token, limits=limits, cors_origins=origins, agent=agent)
     config = uvicorn.Config(app, host=args.host, port=args.port, log_level=args.log_level, access_log=True,
-                            limit_concurrency=256, timeout_keep_alive=5)
+                            limit_concurrency=256, timeout_keep_alive=5,
+                            timeout_graceful_shutdown=30)  # a stalled client does not hold the stop for ever
     return uvicorn.Server(config)
 
 

@@ -42,6 +42,7 @@ concurrent requests queue.
 
 # no `from __future__ import annotations`: FastAPI resolves the endpoints' annotations at runtime
 
+import asyncio
 import hmac
 import json
 import math
@@ -178,14 +179,28 @@ class _GuardMiddleware:
                 await _send_json(send, 400, {"error": f"bad Content-Length {length[:32]!r}"})
                 return
             if declared > self.max_bytes:
+                # a client that sent no 'Expect: 100-continue' (MONAI Label's client, 3D Slicer) is writing the body:
+                # closing on unread data resets the connection and it sees 'Broken pipe', not this answer. Drain a
+                # while first (what nginx's lingering close does), then answer.
+                if "100-continue" not in connection.headers.get("expect", "").lower():  # curl waits: no body yet
+                    await _drain(receive, DRAIN_SECONDS)
                 await _send_json(send, 413, {"error": f"request of {declared} bytes exceeds the server's limit of "
                                                       f"{self.max_bytes} bytes (--max-request-mb)"})
                 return
             seen = 0
+            loop = asyncio.get_running_loop()
+            deadline = loop.time() + BODY_IDLE_SECONDS + declared / BODY_MIN_RATE
 
             async def limited_receive() -> dict:
                 nonlocal seen
-                message = await receive()
+                # a body that stalls or trickles (slowloris) is a disconnect, not a connection held for ever
+                wait = min(BODY_IDLE_SECONDS, deadline - loop.time())
+                try:
+                    if wait <= 0:
+                        raise asyncio.TimeoutError
+                    message = await asyncio.wait_for(receive(), wait)
+                except asyncio.TimeoutError:
+                    return {"type": "http.disconnect"}
                 if message["type"] == "http.request":
                     seen += len(message.get("body", b""))
                     if seen > declared:
@@ -195,6 +210,33 @@ class _GuardMiddleware:
             await self.app(scope, limited_receive, send)
             return
         await self.app(scope, receive, send)
+
+
+#: seconds a request body may stall between two reads before the request counts as a disconnect
+BODY_IDLE_SECONDS = 30.0
+#: bytes per second a request body must average (64 MiB: 22 minutes)
+BODY_MIN_RATE = 50_000
+#: seconds at most an over-limit body is read and discarded so that the client can read the 413
+DRAIN_SECONDS = 30.0
+#: a pause of the over-limit body this long ends the discarding (a client waiting for the answer)
+DRAIN_IDLE_SECONDS = 2.0
+
+
+async def _drain(receive: Any, seconds: float) -> None:
+    """Read and discard a request body until it ends, the client leaves or pauses (``DRAIN_IDLE_SECONDS``), or
+    ``seconds`` pass."""
+    loop = asyncio.get_running_loop()
+    deadline = loop.time() + seconds
+    while True:
+        left = min(deadline - loop.time(), DRAIN_IDLE_SECONDS)
+        if left <= 0:
+            return
+        try:
+            message = await asyncio.wait_for(receive(), left)
+        except asyncio.TimeoutError:
+            return
+        if message["type"] != "http.request" or not message.get("more_body", False):
+            return
 
 
 async def _send_json(send: Any, status: int, body: dict, extra: Sequence[tuple[bytes, bytes]] = ()) -> None:
@@ -561,7 +603,7 @@ def create_app(predictor: Any, *, token: str | None = None, limits: ServerLimits
     # ------------------------------------------------------------------------------------------ info
     @app.get("/info", dependencies=protected)
     @app.get("/info/", dependencies=protected)
-    def info() -> dict[str, Any]:
+    async def info() -> dict[str, Any]:
         return {"name": "MedSAM3 (medsam3-monai)", "version": version,
                 "description": "MONAI Label REST protocol for Medical SAM3 text-prompted segmentation",
                 # MONAI Label merges its models' labels here (a list, or the app's mapping); a mapping, empty like
@@ -842,7 +884,7 @@ def create_app(predictor: Any, *, token: str | None = None, limits: ServerLimits
 
     @app.get("/auth/")
     @app.get("/auth")
-    def auth_enabled() -> dict[str, Any]:
+    async def auth_enabled() -> dict[str, Any]:
         return {"enabled": auth.enabled, "client_id": None, "realm": None}
 
     @app.post("/auth/token")
@@ -855,7 +897,7 @@ def create_app(predictor: Any, *, token: str | None = None, limits: ServerLimits
         return {"access_token": auth.token, "token_type": "bearer"}
 
     @app.get("/auth/token/valid", dependencies=protected)
-    def valid_token() -> dict[str, Any]:
+    async def valid_token() -> dict[str, Any]:
         return {"username": "medsam3", "email": None, "name": None, "roles": ["user"]}
 
     # last added = outermost: CORS (answers preflights itself, adds headers to every answer, errors included),
