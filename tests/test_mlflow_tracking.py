@@ -23,7 +23,7 @@ def test_training_run_is_reviewable_in_mlflow(shared_data: Path, tmp_path: Path)
 
     datalist = write_datalist(build_datalist("Kvasir-SEG_sample", shared_data / "Kvasir-SEG_sample").datalist,
                               tmp_path / "kvasir.json")
-    bundle_root = tmp_path / "kvasir-tiny"
+    bundle_root = tmp_path / "my runs é" / "kvasir-tiny"  # a space and an accent in the path (helper-90)
 
     def train(max_epochs: int) -> None:
         workflow = ConfigWorkflow(
@@ -53,6 +53,9 @@ def test_training_run_is_reviewable_in_mlflow(shared_data: Path, tmp_path: Path)
     assert first_lr.step == 2 and first_lr.value == pytest.approx(3e-4 / 20)
     artifacts = {a.path for a in client.list_artifacts(run.info.run_id)}
     assert {"model.pt", "model_best_val_dice.pt", "metadata.json"} <= artifacts, artifacts
+    # beside the store, inside the run folder (MONAI's own rule gave a folder named 'my%20runs%20%C3%A9')
+    assert (bundle_root / "runs" / "mlruns" / run.info.run_id / "artifacts" / "model.pt").is_file()
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["kvasir.json", "my runs é"]
     assert {"checkpoint", "batch_size", "lr.detector", "loss.weight_mask"} <= set(run.data.params)
     # the best model is written like models/model.pt (its configuration inside): MedSAM3Net loads it as it is,
     # with the validation Dice and the iteration it was reached at

@@ -1,21 +1,46 @@
-"""MONAI's MLFlowHandler, continuing only a RUNNING run of its name (the bundles' ``mlflow.json`` handlers).
+"""MONAI's MLFlowHandler with two changes (the bundles' ``mlflow.json`` handlers).
 
-MONAI's handler (1.6) logs into the latest run of its name that is not FINISHED: a KILLED or FAILED run, such as the
-one an interrupted ``medsam3 train`` leaves, would be continued by the resume (its redone iterations logged twice)
-and then set FINISHED, hiding the interruption. This one continues a RUNNING run of its name, the one another
-handler of the same bundle opened (the trainer's, then the validator's), and otherwise opens a new run.
+* Runs: MONAI's handler (1.6) logs into the latest run of its name that is not FINISHED: a KILLED or FAILED run, such
+  as the one an interrupted ``medsam3 train`` leaves, would be continued by the resume (its redone iterations logged
+  twice) and then set FINISHED, hiding the interruption. This one continues a RUNNING run of its name, the one
+  another handler of the same bundle opened (the trainer's, then the validator's), and otherwise opens a new run.
+* Artifacts of a SQLite store: MONAI puts them in ``mlruns/`` beside the database, but takes the database's path
+  from the URI without decoding it, so a path with a space or an accent (``my%20work`` in the URI
+  ``path_to_sqlite_uri`` makes) gave a new folder literally named ``my%20work``, outside the run folder. This one
+  decodes it.
 """
 
 from __future__ import annotations
 
+import os
+from pathlib import Path
+from typing import Any
+from urllib.parse import unquote
+
 from ignite.engine import Engine
 from monai.handlers import MLFlowHandler
+from monai.utils import path_to_uri
 
-__all__ = ["MLFlowRunHandler"]
+__all__ = ["MLFlowRunHandler", "sqlite_artifact_location"]
+
+
+def sqlite_artifact_location(tracking_uri: str | None) -> str | None:
+    """``file:`` URI of ``mlruns/`` beside a ``sqlite:///`` store's database (its path decoded); None for another
+    kind of store (MLflow decides)."""
+    if not tracking_uri or not tracking_uri.startswith("sqlite:///"):
+        return None
+    return path_to_uri(Path(unquote(tracking_uri[len("sqlite:///"):])).parent / "mlruns")
 
 
 class MLFlowRunHandler(MLFlowHandler):
-    """:class:`monai.handlers.MLFlowHandler` (same arguments) that never re-opens a run which has ended."""
+    """:class:`monai.handlers.MLFlowHandler` (same arguments) that never re-opens a run which has ended, and puts a
+    SQLite store's artifacts beside its database whatever characters its path holds."""
+
+    def __init__(self, *args: Any, **kwargs: Any) -> None:
+        super().__init__(*args, **kwargs)
+        if kwargs.get("artifact_location") is None:  # MONAI's rule, the path decoded (MLFLOW_TRACKING_URI first)
+            tracking_uri = os.environ.get("MLFLOW_TRACKING_URI") or kwargs.get("tracking_uri")
+            self.artifact_location = sqlite_artifact_location(tracking_uri) or self.artifact_location
 
     def start(self, engine: Engine) -> None:
         if not self.cur_run and self.run_name is not None:
