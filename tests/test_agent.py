@@ -675,6 +675,10 @@ def test_requests_resolve_to_catalogue_concepts():
     assert not plan.in_catalogue and plan.phrasings == ["liver cyst"]
     plan = resolve_request("segment the polyps and show them")  # pronouns are not part of a name
     assert plan.concept == "polyp"
+    # letters of any script are letters: not dropped ('tum r', helper-87), not a request naming nothing
+    assert resolve_request("segment the tumör").phrasings == ["tumör"]
+    assert resolve_request("segmente la tumeur rénale").phrasings[-1].endswith("tumeur rénale")
+    assert resolve_request("分割乳腺肿瘤").phrasings == ["分割乳腺肿瘤"]
 
 
 def test_a_request_joining_concepts_resolves_to_each():

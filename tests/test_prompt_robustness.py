@@ -69,6 +69,9 @@ def test_phrasings_come_from_the_datalist_prompt_the_papers_and_the_synonyms():
     assert [p.text for p in lits][:2] == ["liver tumor", "liver tumour"] and "liver" not in [p.text for p in lits]
     assert [p.text for p in concept_phrasings("Polyp", "Kvasir-SEG", max_phrasings=2)] == ["Polyp", "polyps"]
     assert [p.text for p in concept_phrasings("weird blob")] == ["weird blob"]  # not in the catalogue
+    # the datalist prompt is always first, in any script and even without a letter (the run refuses that one)
+    assert [p.text for p in concept_phrasings("乳腺肿瘤")] == ["乳腺肿瘤"]
+    assert [p.text for p in concept_phrasings("???")] == ["???"]
     with pytest.raises(ValueError, match="max_phrasings"):
         concept_phrasings("polyp", max_phrasings=0)
 

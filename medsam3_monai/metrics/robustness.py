@@ -85,7 +85,7 @@ def concept_phrasings(text: str, dataset: str | None = None, max_phrasings: int 
     candidates += [Phrasing(synonym, "synonyms.json") for synonym in catalogue.synonyms(canonical)]
     out, seen = [], set()
     for candidate in candidates:
-        key = _key(candidate.text)
+        key = _key(candidate.text) or candidate.text.strip()  # a text without a letter keeps itself (refused later)
         if key and key not in seen:
             seen.add(key)
             out.append(candidate)
