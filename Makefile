@@ -1,14 +1,14 @@
 # The two quick-start commands: `make run` and `make test`. Both build the environment when missing.
 VENV ?= $(or $(MEDSAM3_VENV),$(HOME)/.cache/medsam3-monai/venv)
-PY := $(VENV)/bin/python
+PY := "$(VENV)/bin/python"
 
 .PHONY: env run test bench
 
 env:
-	@bash scripts/setup_env.sh $(VENV)
+	@bash scripts/setup_env.sh "$(VENV)"
 
 run: env
-	$(VENV)/bin/medsam3 demo
+	"$(VENV)/bin/medsam3" demo
 
 test: env
 	$(PY) -m pytest -q tests
@@ -23,7 +23,7 @@ MONAILABEL_VENV ?= $(or $(MEDSAM3_MONAILABEL_VENV),$(HOME)/.cache/medsam3-monai/
 .PHONY: monailabel
 
 monailabel:
-	@bash scripts/setup_monailabel_env.sh $(MONAILABEL_VENV)
+	@bash scripts/setup_monailabel_env.sh "$(MONAILABEL_VENV)"
 
 # `make official`: Meta's official SAM3 code (sam3 0.1.4), the reference of tests/test_official_*.py
 # (detector, tracker, preprocessing, segment) and scripts/check_official.py, in an environment of its
@@ -33,7 +33,7 @@ OFFICIAL_VENV ?= $(or $(MEDSAM3_OFFICIAL_VENV),$(HOME)/.cache/medsam3-monai/sam3
 .PHONY: official
 
 official:
-	@bash scripts/setup_official_env.sh $(OFFICIAL_VENV)
+	@bash scripts/setup_official_env.sh "$(OFFICIAL_VENV)"
 
 # `make litellm`: LiteLLM's proxy (litellm[proxy] 1.108.7), the real OpenAI-compatible server of
 # tests/test_agent_litellm.py, in an environment of its own (never a dependency of this package).
@@ -42,4 +42,4 @@ LITELLM_VENV ?= $(or $(MEDSAM3_LITELLM_VENV),$(HOME)/.cache/medsam3-monai/litell
 .PHONY: litellm
 
 litellm:
-	@bash scripts/setup_litellm_env.sh $(LITELLM_VENV)
+	@bash scripts/setup_litellm_env.sh "$(LITELLM_VENV)"

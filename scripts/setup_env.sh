@@ -10,11 +10,43 @@ python="${PYTHON:-python3.11}"
 stamp="$venv/.medsam3-deps"
 want="$(sha256sum "$here/pyproject.toml" | cut -d' ' -f1)"
 
+# shellcheck source=scripts/venv_common.sh
+source "$here/scripts/venv_common.sh"
+
 if ! "$venv/bin/python" -c "import torch, torchvision" >/dev/null 2>&1; then
+  require_python "$python" setup_env
+  new_venv "$venv" "$python" setup_env
   echo "[setup_env] creating virtual environment at $venv"
-  rm -rf "$venv"
-  "$python" -m venv "$venv"
   "$venv/bin/pip" install --quiet --upgrade pip setuptools wheel
+fi
+# A venv whose stamp matches can still have lost or changed a dependency since (a `pip install` or `pip uninstall`
+# by hand, an interrupted upgrade): check every requirement of the installed package (`pip check` itself stops on
+# itk 5.4.7's malformed WHEEL tag) and re-resolve when one is missing or of another version.
+if [ -f "$stamp" ] && ! (cd / && "$venv/bin/python") <<'PY' >&2
+import sys
+from importlib import metadata
+from packaging.requirements import Requirement
+try:
+    wanted = metadata.requires("medsam3-monai") or []
+except metadata.PackageNotFoundError:
+    sys.exit("[setup_env] medsam3-monai is not installed in this environment: reinstalling")
+bad = []
+for line in wanted:
+    req = Requirement(line)
+    if req.marker is not None and not req.marker.evaluate({"extra": "test"}):
+        continue
+    try:
+        version = metadata.version(req.name)
+    except metadata.PackageNotFoundError:
+        bad.append(f"{req.name} missing")
+        continue
+    if version not in req.specifier:
+        bad.append(f"{req.name} {version} (wants {req.specifier})")
+if bad:
+    sys.exit("[setup_env] the environment does not meet pyproject.toml: " + ", ".join(bad) + ": re-resolving")
+PY
+then
+  rm -f "$stamp"
 fi
 if [ "$(cat "$stamp" 2>/dev/null)" != "$want" ]; then
   echo "[setup_env] installing dependencies (torch 2.14.1 + torchvision 0.29.1, CPU use)"
@@ -35,4 +67,4 @@ fi
 if ! "$venv/bin/python" -c "import monailabel" >/dev/null 2>&1; then
   "$venv/bin/pip" install --quiet --no-deps monailabel==0.8.5
 fi
-echo "[setup_env] ready: $venv (to call medsam3 yourself: source $venv/bin/activate)"
+echo "[setup_env] ready: $venv (to call medsam3 yourself: source $(printf %q "$venv/bin/activate"))"

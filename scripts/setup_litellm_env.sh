@@ -12,11 +12,12 @@ python="${PYTHON:-python3.11}"
 litellm_version="1.108.7"
 prisma_version="0.15.0"
 log() { echo "[setup_litellm_env] $*"; }
+# shellcheck source=scripts/venv_common.sh
+source "$(cd "$(dirname "$0")" && pwd)/venv_common.sh"
 start=$SECONDS
 if ! "$venv/bin/python" -c "import litellm.proxy.proxy_server, prisma" >/dev/null 2>&1; then
+  new_venv "$venv" "$python" setup_litellm_env
   log "creating $venv: litellm[proxy]==$litellm_version prisma==$prisma_version (about a minute from the package index)"
-  rm -rf "$venv"
-  "$python" -m venv "$venv"
   "$venv/bin/pip" install --quiet "litellm[proxy]==$litellm_version" "prisma==$prisma_version"
 fi
 "$venv/bin/python" - "$litellm_version" <<'PY'

@@ -37,11 +37,12 @@ if ! "$python" -c 'import sys; sys.exit(0 if (3, 11) <= sys.version_info[:2] < (
   exit 1
 fi
 
+# shellcheck source=scripts/venv_common.sh
+source "$here/scripts/venv_common.sh"
 start=$SECONDS
 if ! "$venv/bin/python" -c "import torch, torchvision, monailabel" >/dev/null 2>&1; then
+  new_venv "$venv" "$python" setup_monailabel_env
   log "creating virtual environment at $venv"
-  rm -rf "$venv"
-  "$python" -m venv "$venv"
   "$venv/bin/pip" install --quiet --upgrade pip setuptools wheel
   rm -f "$stamp"
 fi
@@ -68,7 +69,7 @@ PY
   echo "$want" > "$stamp"
 fi
 # The editable install points at this clone; refresh it cheaply when the clone moved.
-if ! "$venv/bin/python" - "$here" <<'PY' >/dev/null 2>&1
+if ! (cd / && "$venv/bin/python" - "$here") <<'PY' >/dev/null 2>&1  # from / : the cwd must not shadow the install
 import pathlib, sys
 import medsam3_monai
 sys.exit(0 if pathlib.Path(medsam3_monai.__file__).resolve().parent.parent == pathlib.Path(sys.argv[1]).resolve() else 1)
@@ -79,7 +80,7 @@ fi
 
 # `pip check` itself crashes here (pip 25+ rejects itk 5.4.7's wheel tag "cp311-abi3-manylinux_2_28_x86_64"),
 # so the requirements are checked with importlib.metadata + packaging instead.
-"$venv/bin/python" - <<'PY'
+(cd / && "$venv/bin/python" -) <<'PY'
 import sys
 from importlib import metadata
 

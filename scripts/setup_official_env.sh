@@ -13,11 +13,12 @@ set -euo pipefail
 venv="${1:-${MEDSAM3_OFFICIAL_VENV:-$HOME/.cache/medsam3-monai/sam3-official-venv}}"
 python="${PYTHON:-python3.11}"
 log() { echo "[setup_official_env] $*"; }
+# shellcheck source=scripts/venv_common.sh
+source "$(cd "$(dirname "$0")" && pwd)/venv_common.sh"
 start=$SECONDS
 if ! "$venv/bin/python" -c "import sam3, torch, open_clip, scipy, torchmetrics, psutil" >/dev/null 2>&1; then
+  new_venv "$venv" "$python" setup_official_env
   log "creating $venv: sam3==0.1.4 psutil scipy torchmetrics, open_clip_torch (--no-deps)"
-  rm -rf "$venv"
-  "$python" -m venv "$venv"
   "$venv/bin/pip" install --quiet "sam3==0.1.4" psutil scipy torchmetrics
   "$venv/bin/pip" install --quiet --no-deps open_clip_torch
 fi

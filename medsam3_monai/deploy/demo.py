@@ -17,6 +17,7 @@ from __future__ import annotations
 
 import argparse
 import json
+import shlex
 import shutil
 import sys
 import time
@@ -164,7 +165,9 @@ def run(args: argparse.Namespace) -> int:
         "overlays": sorted(str(p) for p in evaluation_dir.glob("*/overlays")),
         "evaluation_mlflow": f"sqlite:///{(evaluation_dir / 'mlruns.db').resolve()}",
     }
-    (out / "demo_summary.json").write_text(json.dumps(summary, indent=1), encoding="utf-8")
-    print(json.dumps(summary, indent=1))
-    print(f"\nmlflow ui --backend-store-uri {summary['training_mlflow']}   # browse the training run", file=sys.stderr)
+    (out / "demo_summary.json").write_text(json.dumps(summary, indent=1, ensure_ascii=False), encoding="utf-8")
+    print(json.dumps(summary, indent=1, ensure_ascii=False))
+    mlflow = shlex.quote(str(Path(sys.executable).with_name("mlflow")))  # this environment's, active or not
+    print(f"\n{mlflow} ui --backend-store-uri {shlex.quote(summary['training_mlflow'])}   # browse the training run",
+          file=sys.stderr)
     return 0

@@ -319,6 +319,6 @@ def run(args: argparse.Namespace) -> int:
     print(f"medsam3 train: {'final model' if trained else 'nothing trained; the run had finished: its final model'} "
           f"{root / 'models' / 'model.pt'}; checkpoints {root / 'runs' / 'checkpoints'}"
           + ("" if args.no_mlflow else
-             f"; browse the run with: mlflow ui --backend-store-uri {store}"),
+             f"; browse the run with: mlflow ui --backend-store-uri {shlex.quote(store)}"),
           file=sys.stderr)
     return 0
