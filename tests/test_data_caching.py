@@ -165,6 +165,24 @@ def test_a_file_changed_under_its_name_is_read_again_not_taken_from_the_disk_cac
         caching._source_digest.cache_clear()
 
 
+def test_a_cut_short_cache_file_and_a_removed_cache_folder_are_computed_again(items, uncached, tmp_path):
+    """The cache is derived data (helper-91): a file cut short (a full disk, an interrupted copy) is named, deleted
+    and computed again, not a bare ``OSError``; a folder removed during a run is made again."""
+    import shutil
+
+    cache = tmp_path / "cache"
+    dataset = build_dataset(items[:1], _transform(), cache="disk", cache_dir=cache)
+    first = dataset[0]
+    (file,) = cache.glob("*.pt")
+    file.write_bytes(file.read_bytes()[:20000])
+    with pytest.warns(UserWarning, match=f"unreadable cache file {file}.*computing it again"):
+        again = build_dataset(items[:1], _transform(), cache="disk", cache_dir=cache)[0]
+    assert_same(again[0]["image"], first[0]["image"])  # the cached head computed again
+    running = build_dataset(items[:1], _transform(), cache="disk", cache_dir=cache)
+    shutil.rmtree(cache)  # during the run
+    assert running[0] and len(list(cache.glob("*.pt"))) == 1
+
+
 @pytest.mark.parametrize(
     ("kwargs", "message"),
     [

@@ -27,6 +27,7 @@ import functools
 import hashlib
 import os
 import sys
+import warnings
 from collections.abc import Callable, Sequence
 from pathlib import Path
 from typing import Any
@@ -82,12 +83,31 @@ def build_dataset(
         # MONAI hashes the deterministic head via ``transform.flatten()``, whose new Compose reseeds the random
         # transforms (from ``get_seed()``): keep their generators so a seeded chain stays seeded.
         generators = _generators(transform)
-        dataset = PersistentDataset(data=data, transform=transform, cache_dir=cache_dir, hash_func=_hash_item,
+        dataset = RebuildingPersistentDataset(data=data, transform=transform, cache_dir=cache_dir, hash_func=_hash_item,
                                     hash_transform=_hash_transforms, track_meta=True, weights_only=False)
         for randomizable, generator in generators:
             randomizable.R = generator
         return dataset
     return Dataset(data=data, transform=transform)
+
+
+class RebuildingPersistentDataset(PersistentDataset):
+    """MONAI's PersistentDataset that treats its folder as derived data: a folder removed during a run is made again,
+    and a cache file that cannot be read (cut short by a full disk or an interrupted copy) is named in a warning,
+    deleted and computed again. MONAI's own recomputes only a file it recognises as not a pickle."""
+
+    def _cachecheck(self, item_transformed: Any) -> Any:
+        self.cache_dir.mkdir(parents=True, exist_ok=True)
+        try:
+            return super()._cachecheck(item_transformed)
+        except (OSError, RuntimeError, EOFError) as error:
+            hashfile = self.cache_dir / f"{self.hash_func(item_transformed).decode('utf-8')}{self.transform_hash}.pt"
+            if not hashfile.is_file():  # not the cache file's fault: the item's own error
+                raise
+            warnings.warn(f"unreadable cache file {hashfile} ({error}): deleting and computing it again",
+                          stacklevel=2)
+            hashfile.unlink(missing_ok=True)
+            return super()._cachecheck(item_transformed)
 
 
 #: the keys of a datalist item that name files the cached transforms read

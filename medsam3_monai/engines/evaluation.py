@@ -273,13 +273,15 @@ class CaseInferer(Inferer):
         label_key: str = "label",
         tracker_batch: int = TRACKER_BATCH,
         volume_score_threshold: float | None = None,
+        progress: bool = False,
     ) -> None:
         from ..bundle import inference_postprocessing
         from ..protocol_registry import checked_score_threshold
 
         super().__init__()
+        # progress: a volume's detector and tracker bars (a CT case takes minutes; the engine's bar moves per case)
         self.cases = PromptInferer(protocol, score_threshold, tracker=tracker, volume_batch_size=volume_batch_size,
-                                   image_key=image_key, tracker_batch=tracker_batch)
+                                   image_key=image_key, tracker_batch=tracker_batch, progress=bool(progress))
         self.postprocessing = inference_postprocessing(transform)
         self.box_prompts = bool(box_prompts)
         self.image_key, self.label_key = image_key, label_key
