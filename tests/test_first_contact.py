@@ -460,7 +460,7 @@ def test_outputs_that_cannot_be_written_are_refused_before_any_work(tmp_path, ca
     assert not list(denied.iterdir())
 
 
-def test_a_quoted_tilde_is_the_home_folder_in_segments_paths(tmp_path, monkeypatch, capsys):
+def test_a_quoted_tilde_is_the_home_folder_in_segments_paths(tmp_path, monkeypatch, capsys, shared_data):
     """``'~/x.png'`` (quoted, or from a config file: no shell expanded it) is the home folder's, for the one input and
     --out as for --out-dir's inputs; it was a folder named '~' (or 'not found')."""
     from PIL import Image
@@ -470,6 +470,9 @@ def test_a_quoted_tilde_is_the_home_folder_in_segments_paths(tmp_path, monkeypat
     Image.new("L", (32, 24), 90).save(tmp_path / "x.png")
     assert cli("segment", "~/x.png", "--prompt", "x", "--out", "~/m.png") == 0
     assert (tmp_path / "m.png").is_file() and not (tmp_path.parent / "~").exists()
+    # every command's paths (helper-87: datalist --out wrote into a folder named '~' in the cwd)
+    assert cli("datalist", "Kvasir-SEG_sample", str(shared_data / "Kvasir-SEG_sample"), "--out=~/k.json") == 0
+    assert (tmp_path / "k.json").is_file() and not (tmp_path.parent / "~").exists()
     capsys.readouterr()
 
 

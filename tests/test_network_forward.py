@@ -262,6 +262,8 @@ def test_inputs_that_would_run_wrongly_are_refused_by_name(tiny_net, tiny_images
         tiny_net(tiny_images, [])
     with pytest.raises(ValueError, match="positive multiple of 14.*got 0"):
         MedSAM3Net("tiny", image_size=0)
+    with pytest.raises(ValueError, match="at least 28 .*got 14"):  # one patch: the FPN's 0.5x level is empty
+        MedSAM3Net("tiny", image_size=14)
     with pytest.raises(ValueError, match="box_labels given without boxes"):
         tiny_net(tiny_images, PROMPTS, box_labels=torch.ones(2, 1))
     with pytest.raises(ValueError, match=r"normalised cx, cy, w, h in \[0, 1\] \(pixel boxes .*box_prompts"):

@@ -46,6 +46,9 @@ def test_ct_window_by_tuple_and_item_override():
     torch.testing.assert_close(out, (hu.clamp(-1350, 150) + 1350) / 1500)
     with pytest.raises(ValueError, match="unknown CT window"):
         ScaleIntensityByModalityd(ct_window="liverish")
+    for window in ((float("nan"), 40), (400, float("inf"))):  # NaN pixels would reach the network
+        with pytest.raises(ValueError, match="must be finite"):
+            ScaleIntensityByModalityd(ct_window=window)
 
 
 def test_mri_percentile_clip_then_min_max():

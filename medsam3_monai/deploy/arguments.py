@@ -172,6 +172,9 @@ def slice_size(value: str) -> int:
     if size % VIT_PATCH_SIZE:
         raise argparse.ArgumentTypeError(f"{value!r}: give a multiple of {VIT_PATCH_SIZE}, the ViT's patch size "
                                          "(e.g. 112, 224, 1008)")
+    if size < 2 * VIT_PATCH_SIZE:  # one patch: the FPN's 0.5x level has no pixel
+        raise argparse.ArgumentTypeError(f"{value!r}: give at least {2 * VIT_PATCH_SIZE}, two ViT patches "
+                                         "(e.g. 112, 224, 1008)")
     return size
 
 

@@ -7,7 +7,7 @@ import importlib
 import logging
 import os
 import sys
-from typing import Sequence
+from typing import Any, Sequence
 
 from .. import __version__
 
@@ -70,6 +70,25 @@ def _no_library_progress_bars() -> None:
         transformers_logging.disable_progress_bar()
 
 
+#: options and positionals that name files or folders: a leading '~' is the user's home in every command, as
+#: the shell would expand it (it does not in `--out=~/x` or a quoted '~/x')
+PATH_ARGUMENTS = ("input", "out", "out_dir", "overlay", "trace", "datalist", "data", "data_root", "root", "name",
+                  "relative_to", "checkpoint", "baseline", "tracker", "src", "dst", "config")
+
+
+def _expand_home(args: argparse.Namespace) -> None:
+    def expand(value: Any) -> Any:
+        if isinstance(value, str) and value.startswith("~"):
+            return os.path.expanduser(value)
+        if isinstance(value, list):
+            return [expand(v) for v in value]
+        return value
+
+    for name in PATH_ARGUMENTS:
+        if hasattr(args, name):
+            setattr(args, name, expand(getattr(args, name)))
+
+
 def main(argv: Sequence[str] | None = None) -> int:
     parser = build_parser()
     args, extras = parser.parse_known_args(argv)
@@ -78,6 +97,7 @@ def main(argv: Sequence[str] | None = None) -> int:
         hint = (f" ({files[0]} is a file: write ./{files[0]} for a name that starts with '-')" if files else "")
         _innermost_parser(parser, args).error(f"unrecognized arguments: {' '.join(extras)}{hint}")
     args.argv = list(sys.argv[1:] if argv is None else argv)  # the command as given (a reproduction records it)
+    _expand_home(args)
     if not getattr(args, "func", None):  # no command given: a script that called it wrongly must not "succeed"
         parser.print_help(sys.stderr)
         print("\nmedsam3: error: give a command (medsam3 COMMAND --help for its options)", file=sys.stderr)

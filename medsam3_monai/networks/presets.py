@@ -22,6 +22,9 @@ def check_image_size(image_size: int, patch_size: int = PATCH_SIZE) -> int:
     if not isinstance(image_size, int) or image_size <= 0 or image_size % patch_size:
         raise ValueError(f"image size must be a positive multiple of {patch_size} (the ViT's patch size; e.g. 112, "
                          f"224, 1008), got {image_size!r}")
+    if image_size < 2 * patch_size:  # the FPN's 0.5x level of a one-patch grid has no pixel
+        raise ValueError(f"image size must be at least {2 * patch_size} (two ViT patches; e.g. 112, 224, 1008), "
+                         f"got {image_size}")
     return image_size
 
 

@@ -21,6 +21,7 @@ channel through the resize (``GreyToRGBd(repeat_volume_slices=False)``), ``(1, S
 
 from __future__ import annotations
 
+import math
 import re
 from collections.abc import Hashable, Mapping, Sequence
 from typing import Any
@@ -490,6 +491,8 @@ def _window(window: str | Sequence[float]) -> tuple[float, float]:
                              "in HU (400,40: W,L)")
         return CT_WINDOWS[name]
     width, level = (float(v) for v in window)
+    if not (math.isfinite(width) and math.isfinite(level)):
+        raise ValueError(f"CT window width and level must be finite numbers (HU), got {width:g},{level:g}")
     if width <= 0:
         raise ValueError(f"CT window width must be positive, got {width}")
     return width, level
