@@ -16,6 +16,8 @@ Everything else in the project uses public APIs. What is here, and why:
 
 from __future__ import annotations
 
+import functools
+import warnings
 from collections.abc import Mapping
 from contextlib import contextmanager
 from functools import partial
@@ -52,6 +54,15 @@ def transformers_version_problem() -> str | None:
         return None
     return (f"transformers {transformers.__version__} is installed; the SAM3 tracker session is tested with "
             f"transformers{','.join(SUPPORTED_TRANSFORMERS)}: `pip install 'transformers{','.join(SUPPORTED_TRANSFORMERS)}'`")
+
+
+@functools.lru_cache(maxsize=None)
+def warn_unsupported_transformers() -> None:
+    """Warn once per process when the installed transformers is outside the tested range (what would fail then
+    fails deep inside transformers, e.g. an ``AttributeError`` of ``Sam3Model``)."""
+    problem = transformers_version_problem()
+    if problem is not None:
+        warnings.warn(problem, stacklevel=3)
 
 
 class _FramesOnDemand(Mapping):

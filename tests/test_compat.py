@@ -15,6 +15,23 @@ def test_installed_transformers_is_a_supported_version():
     assert compat.transformers_version_problem() is None, compat.transformers_version_problem()
 
 
+def test_a_network_built_under_an_untested_transformers_says_which_to_install(monkeypatch):
+    """helper-90: transformers 5.18 in a user's environment failed deep inside ``Sam3Model`` with an AttributeError;
+    the network now names the range it is tested with, once per process."""
+    import transformers
+
+    from medsam3_monai.networks import MedSAM3Net
+
+    monkeypatch.setattr(compat, "SUPPORTED_TRANSFORMERS", (">=99.0", "<99.1"))  # the installed one is then untested
+    compat.warn_unsupported_transformers.cache_clear()
+    try:
+        with pytest.warns(UserWarning, match=rf"transformers {transformers.__version__} is installed; .*"
+                                             r"pip install 'transformers>=99.0,<99.1'"):
+            MedSAM3Net("tiny")
+    finally:
+        compat.warn_unsupported_transformers.cache_clear()
+
+
 def test_pyproject_pins_the_supported_transformers_range():
     import tomllib
     from pathlib import Path

@@ -14,6 +14,7 @@ from transformers.models.sam3.modeling_sam3 import box_cxcywh_to_xyxy, inverse_s
 
 from ..boxes import BOX_PADDING_LABEL
 from ..tensors import plain_tensor
+from ..compat import warn_unsupported_transformers
 from .checkpoints import load_sam3, save_hf_folder
 from .dac import dac_decoder
 from .outputs import MedSAM3Output, OneToManyOutput
@@ -129,6 +130,7 @@ class MedSAM3Net(nn.Module):
         detector_chunk: int = DETECTOR_CHUNK,
     ) -> None:
         super().__init__()
+        warn_unsupported_transformers()
         loaded = load_sam3(source, config=config, image_size=image_size, seed=seed)
         built = int(loaded.model.config.vision_config.backbone_config.image_size)
         if image_size is not None and built != image_size:  # a checkpoint keeps its own architecture
