@@ -115,6 +115,25 @@ def test_cli_writes_the_datalist(shared_data: Path, tmp_path: Path, capsys):
     assert "4 items (training 3, validation 1, test 0)" in capsys.readouterr().err
     assert datalist_command(argv) == 2
     assert "exists; pass --overwrite" in capsys.readouterr().err
+    # an --out that cannot be written is refused before the build (helper-87: after minutes of --check decoding)
+    import medsam3_monai.data.datalist as data_datalist
+
+    built_before = []
+    real_build = data_datalist.build_datalist
+    data_datalist.build_datalist = lambda *a, **k: built_before.append(1) or real_build(*a, **k)
+    try:
+        assert datalist_command([*argv[:2], "--check", "--out", str(out)]) == 2  # exists, no --overwrite
+        assert datalist_command([*argv[:2], "--out", str(tmp_path / "lists"), "--overwrite"]) == 2  # a folder
+        assert "is a folder: give the datalist's file name" in capsys.readouterr().err
+        assert datalist_command([*argv[:2], "--out", str(out / "sub.json")]) == 2  # under a file
+        assert "is a file" in capsys.readouterr().err
+    finally:
+        data_datalist.build_datalist = real_build
+    assert built_before == []
+    # a datalist saved with a byte-order mark (Notepad) reads as any other
+    bom = tmp_path / "bom.json"
+    bom.write_bytes(b"\xef\xbb\xbf" + out.read_bytes())
+    assert load_datalist(bom, "training") == load_datalist(out, "training")
 
 
 def test_load_datalist_joins_only_image_and_label(built, shared_data: Path, tmp_path: Path):

@@ -95,6 +95,7 @@ def run_datalist(args: argparse.Namespace) -> int:
         return check_datalist_file(args.name, skip_bad=args.skip_bad, progress=not args.no_progress)
     if not (args.name and args.root and args.out):
         raise ValueError("NAME, ROOT and --out FILE are required (or --list, or --check FILE for a datalist you have)")
+    _check_out(Path(args.out), args.overwrite)  # before the build and the decode check (minutes on a whole dataset)
     result = build_datalist(
         args.name,
         args.root,
@@ -120,6 +121,18 @@ def run_datalist(args: argparse.Namespace) -> int:
               f"({out.parent}): write it into {args.relative_to}, or load it with load_datalist(FILE, split, "
               f"base_dir={args.relative_to!r})", file=sys.stderr)
     return 0
+
+
+def _check_out(out: Path, overwrite: bool) -> None:
+    """Refuse an ``--out`` the datalist could not be written to: a folder, an existing file without --overwrite, a
+    place that cannot be written."""
+    from ..deploy.arguments import check_writable
+
+    if out.is_dir():
+        raise ValueError(f"--out {out} is a folder: give the datalist's file name, e.g. {out / 'datalist.json'}")
+    if out.exists() and not overwrite:
+        raise FileExistsError(f"{out} exists; pass --overwrite to replace it")
+    check_writable(out, "--out")
 
 
 def check_datalist_file(path: str | Path, skip_bad: bool = False, progress: bool = True) -> int:

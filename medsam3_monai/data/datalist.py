@@ -321,7 +321,7 @@ def read_datalist_json(path: Path | str) -> Any:
     if not Path(path).is_file():
         raise FileNotFoundError(f"datalist {path} not found (make one with `medsam3 datalist NAME ROOT --out FILE`)")
     try:
-        return json.loads(Path(path).read_text(encoding="utf-8"))
+        return json.loads(Path(path).read_text(encoding="utf-8-sig"))  # a byte-order mark (Notepad's) is no error
     except (json.JSONDecodeError, UnicodeDecodeError) as err:
         raise DatalistError(f"datalist {path} is not valid JSON: {err}") from None
 
