@@ -255,6 +255,15 @@ def _input_error(error: BaseException | None) -> BaseException | None:
 _TRUE, _FALSE = ("true", "yes", "on", "1"), ("false", "no", "off", "0")
 
 
+def sqlite_uri(path: str | Path) -> str:
+    """``sqlite:///`` URI of a database file (absolute) for MLflow: the path as it is, spaces and accents included,
+    but ``%``, ``?`` and ``#`` percent-encoded (SQLAlchemy would read them as an escape, a query, a fragment).
+    ``monai.utils.path_to_sqlite_uri`` encodes every space too, which MONAI's handler and MLflow then take
+    literally for the folders they make (a folder named ``my%20work``)."""
+    text = str(Path(path).expanduser().absolute())
+    return "sqlite:///" + "".join(f"%{ord(c):02X}" if c in "%?#" else c for c in text)
+
+
 def number_in(value: Any, low: float, high: float = math.inf) -> bool:
     """An int or float (not a bool, not NaN) in ``[low, high]``, as a setting read from a command line must be."""
     return not isinstance(value, bool) and isinstance(value, (int, float)) and low <= value <= high

@@ -165,6 +165,22 @@ def test_a_file_changed_under_its_name_is_read_again_not_taken_from_the_disk_cac
         caching._source_digest.cache_clear()
 
 
+def test_the_cache_key_follows_every_file_of_an_item(tmp_path):
+    """Several masks of one picture (a list of labels, BUSI's 'benign (25)'): a change to any of them is a new key."""
+    import os
+
+    from medsam3_monai.data.caching import _hash_item
+
+    files = [tmp_path / name for name in ("a.png", "m1.png", "m2.png")]
+    for file in files:
+        file.write_bytes(b"x")
+    item = {"image": str(files[0]), "label": [str(files[1]), str(files[2])], "prompts": {"1": "tumor"}}
+    before = _hash_item(item)
+    assert _hash_item(dict(item)) == before
+    os.utime(files[2], ns=(1, 1))  # the second mask edited (another modification time)
+    assert _hash_item(item) != before
+
+
 def test_a_cut_short_cache_file_and_a_removed_cache_folder_are_computed_again(items, uncached, tmp_path):
     """The cache is derived data (helper-91): a file cut short (a full disk, an interrupted copy) is named, deleted
     and computed again, not a bare ``OSError``; a folder removed during a run is made again."""

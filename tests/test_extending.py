@@ -148,3 +148,23 @@ print(bool(torch.equal(first, second)))
     scores, train_equal = done.stdout.strip().splitlines()[-2:]
     torch.testing.assert_close(torch.tensor(json.loads(scores)), expected)
     assert train_equal == "False"  # dropout draws differ between two training-mode forwards
+
+
+def test_a_subclass_training_checkpoint_and_a_compiled_subclass_save_as_the_plain_network(tmp_path):
+    """helper-93: a subclass's training checkpoint (its whole state: sam3.* and the head's keys) was 'not a SAM3
+    checkpoint'; a compiled network's model file put the whole SAM3 model into extra_state under _orig_mod.*."""
+    from medsam3_monai.engines.handlers import save_model_file
+    from medsam3_monai.networks import MedSAM3Net
+
+    net = WithHead.build(seed=1)
+    from medsam3_monai.networks.checkpoints import model_description
+
+    torch.save({"network": net.state_dict(), "optimizer": {}, "network_config": model_description(net.sam3)},
+               tmp_path / "checkpoint_iter4.pt")  # as engines.checkpointing writes one
+    with pytest.warns(UserWarning, match=r"2 tensors .*outside its SAM3 model \(quality\.bias, quality\.weight\)"):
+        loaded = MedSAM3Net(tmp_path / "checkpoint_iter4.pt")
+    assert all(torch.equal(a, b) for a, b in zip(loaded.sam3.state_dict().values(), net.sam3.state_dict().values()))
+    plain = MedSAM3Net("tiny")
+    save_model_file(torch.compile(plain), tmp_path / "compiled.pt")  # compiling wraps, runs nothing
+    saved = torch.load(tmp_path / "compiled.pt", weights_only=False)
+    assert "extra_state" not in saved and all(k.startswith("sam3.") for k in saved["model"])

@@ -100,3 +100,19 @@ def test_the_inference_and_evaluation_bundles_run_with_monais_tracking(shared_da
         datalist=[{"image": str(image)}], prompts=["polyp"], **common)
     assert sorted(p.name for p in (inference / "predictions").iterdir()) == [f"{image.stem}_seg.png"]
     assert (inference / "runs" / "mlruns.db").is_file()
+
+
+def test_a_store_in_a_folder_with_a_question_mark_is_where_it_was_asked(tmp_path: Path):
+    """``bundle.sqlite_uri`` keeps spaces and accents as they are (MONAI's encoded them, and its handler and MLflow
+    then made folders named with the codes) and encodes ``%``, ``?`` and ``#`` (a '?' began a query: the database
+    became a file named after the folder's first part)."""
+    from mlflow import MlflowClient
+
+    from medsam3_monai.bundle import sqlite_uri
+
+    folder = tmp_path / "q?x #1 é 100%"
+    folder.mkdir()
+    uri = sqlite_uri(folder / "mlruns.db")
+    assert uri == f"sqlite:///{tmp_path}/q%3Fx %231 é 100%25/mlruns.db"
+    MlflowClient(tracking_uri=uri).create_experiment("medsam3")
+    assert (folder / "mlruns.db").is_file() and not (tmp_path / "q").exists()

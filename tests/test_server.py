@@ -646,6 +646,10 @@ def test_an_over_limit_upload_sent_whole_is_answered_413_not_a_broken_pipe(serve
     answer = conn.getresponse()
     assert answer.status == 413 and "--max-request-mb" in json.loads(answer.read())["error"]
     conn.close()
+    conn = http.client.HTTPConnection(*server, timeout=120)  # the same without the token: the 401 is read too
+    conn.request("POST", "/infer/medsam3", body, {"Content-Type": "multipart/form-data; boundary=x"})
+    assert conn.getresponse().status == 401
+    conn.close()
     _alive(server)
 
 

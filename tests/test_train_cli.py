@@ -317,7 +317,7 @@ def test_ctrl_c_marks_the_trainings_mlflow_run_killed_and_the_resume_opens_a_new
     from medsam3_monai.deploy import train_cli
     from medsam3_monai.engines.mlflow_runs import MLFlowRunHandler
 
-    datalist, run = tmp_path / "d.json", tmp_path / "run"
+    datalist, run = tmp_path / "d.json", tmp_path / "bob's run"  # a quote: not in an MLflow filter string
     datalist.write_text('{"training": [], "validation": []}')
     store = f"sqlite:///{run / 'runs' / 'mlruns.db'}"
     if store_from == "MLFLOW_TRACKING_URI":
@@ -330,18 +330,18 @@ def test_ctrl_c_marks_the_trainings_mlflow_run_killed_and_the_resume_opens_a_new
         (run / "runs").mkdir(parents=True)
         client = MlflowClient(tracking_uri=store)
         experiment = client.create_experiment("medsam3")
-        ids.update({name: client.create_run(experiment, run_name=name).info.run_id for name in ("run", "other")})
+        ids.update({name: client.create_run(experiment, run_name=name).info.run_id for name in ("bob's run", "other")})
 
     interrupted_bundle(monkeypatch, train_cli, tracks)
     assert main(["train", "--datalist", str(datalist), "--out", str(run)]) == 130
     if store_from == "MLFLOW_TRACKING_URI":
         assert f"note: MLFLOW_TRACKING_URI is set: the run is logged to {store}" in capsys.readouterr().err
     client = MlflowClient(tracking_uri=store)
-    assert client.get_run(ids["run"]).info.status == "KILLED"
+    assert client.get_run(ids["bob's run"]).info.status == "KILLED"
     assert client.get_run(ids["other"]).info.status == "RUNNING"
 
     def handler():  # as bundles/medsam3/configs/mlflow.json builds the trainer's and the validator's
-        return MLFlowRunHandler(tracking_uri=store, experiment_name="medsam3", run_name="run")
+        return MLFlowRunHandler(tracking_uri=store, experiment_name="medsam3", run_name="bob's run")
 
     trainer, validator = handler(), handler()
     trainer.start(Engine(lambda engine, batch: None))

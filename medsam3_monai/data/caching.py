@@ -130,7 +130,9 @@ def _hash_item(item: Any) -> bytes:
     """Disk-cache key of a datalist item: the item, and the stamps of the files it names (a file changed on disk
     under the same name is read again, not taken from the cache)."""
     if isinstance(item, dict):
-        stamps = {key: _file_stamp(item[key]) for key in FILE_KEYS if isinstance(item.get(key), (str, Path))}
+        stamps = {key: ([_file_stamp(p) for p in item[key]] if isinstance(item[key], (list, tuple))
+                        else _file_stamp(item[key]))
+                  for key in FILE_KEYS if isinstance(item.get(key), (str, Path, list, tuple))}  # a list: several masks
         item = {**item, "__file_stamps__": stamps}
     return pickle_hashing(item)
 

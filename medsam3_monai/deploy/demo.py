@@ -23,7 +23,7 @@ import sys
 import time
 from pathlib import Path
 
-from ..bundle import BUNDLE_CONFIGS
+from ..bundle import BUNDLE_CONFIGS, sqlite_uri
 from ..protocol_registry import DEFAULT_PROTOCOL, PROTOCOLS
 from .arguments import at_least
 from .train_cli import one_rate_overrides
@@ -158,12 +158,12 @@ def run(args: argparse.Namespace) -> int:
         "seconds": round(time.perf_counter() - start, 1),
         "datalists": datalists,
         "final_model": str(model),
-        "training_mlflow": f"sqlite:///{(out / 'train' / 'runs' / 'mlruns.db').resolve()}",
+        "training_mlflow": sqlite_uri((out / "train" / "runs" / "mlruns.db").resolve()),
         "comparison_table": str(evaluation_dir / "comparison.md"),
         "tables": sorted(str(p) for p in evaluation_dir.glob("*/table.md")),
         "radar_charts": sorted(str(p) for p in evaluation_dir.glob("*/radar.png")),
         "overlays": sorted(str(p) for p in evaluation_dir.glob("*/overlays")),
-        "evaluation_mlflow": f"sqlite:///{(evaluation_dir / 'mlruns.db').resolve()}",
+        "evaluation_mlflow": sqlite_uri((evaluation_dir / "mlruns.db").resolve()),
     }
     (out / "demo_summary.json").write_text(json.dumps(summary, indent=1, ensure_ascii=False), encoding="utf-8")
     print(json.dumps(summary, indent=1, ensure_ascii=False))

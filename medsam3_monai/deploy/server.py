@@ -164,6 +164,9 @@ class _GuardMiddleware:
             try:
                 self.auth.check(await self.auth.scheme(connection))
             except RequestError as err:
+                if scope.get("method") in ("POST", "PUT", "PATCH") and \
+                        "100-continue" not in connection.headers.get("expect", "").lower():
+                    await _drain(receive, DRAIN_SECONDS)  # as before a 413: the client reads the 401, not a reset
                 await _send_json(send, err.status, {"error": err.message},
                                  extra=[(k.lower().encode(), v.encode()) for k, v in err.headers.items()])
                 return

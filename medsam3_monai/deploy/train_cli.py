@@ -254,7 +254,9 @@ def tracking_store(args: argparse.Namespace, root: Path) -> tuple[str, str | Non
     given = _settings(args.settings, {}).get("tracking_uri")
     if given is not None:
         return str(given), "--set tracking_uri"
-    return f"sqlite:///{root / 'runs' / 'mlruns.db'}", None
+    from ..bundle import sqlite_uri
+
+    return sqlite_uri(root / "runs" / "mlruns.db"), None
 
 
 def _end_interrupted_runs(root: Path, tracking_uri: str, chosen_by: str | None) -> None:
@@ -270,9 +272,10 @@ def _end_interrupted_runs(root: Path, tracking_uri: str, chosen_by: str | None) 
         experiment = client.get_experiment_by_name("medsam3")
         if experiment is None:
             return
-        for found in client.search_runs([experiment.experiment_id], f"tags.mlflow.runName = '{root.name}' and "
-                                                                     "attributes.status = 'RUNNING'"):
-            client.set_terminated(found.info.run_id, "KILLED")
+        # the name compared here, not in the filter string: a folder named "bob's run" breaks MLflow's quoting
+        for found in client.search_runs([experiment.experiment_id], "attributes.status = 'RUNNING'"):
+            if found.info.run_name == root.name:
+                client.set_terminated(found.info.run_id, "KILLED")
     except Exception as err:  # noqa: BLE001 - the store is the user's; the interrupt line is said whatever happens
         print(f"medsam3 train: note: the MLflow run could not be marked KILLED ({type(err).__name__}: {err})",
               file=sys.stderr)

@@ -19,6 +19,7 @@ import re
 import time
 from collections.abc import Mapping, Sequence
 from pathlib import Path
+from urllib.parse import unquote
 from typing import Any
 
 import torch
@@ -60,8 +61,10 @@ def _metric_key(*parts: str) -> str:
 
 
 def default_tracking_uri(folder: str | Path) -> str:
-    """``sqlite:///<folder>/mlruns.db`` (absolute)."""
-    return f"sqlite:///{Path(folder).resolve() / 'mlruns.db'}"
+    """``sqlite:///<folder>/mlruns.db`` (absolute; :func:`~medsam3_monai.bundle.sqlite_uri`)."""
+    from ..bundle import sqlite_uri
+
+    return sqlite_uri(Path(folder).resolve() / "mlruns.db")
 
 
 def open_experiment(tracking_uri: str, experiment: str = DEFAULT_EXPERIMENT, artifact_location: str | Path | None = None):
@@ -77,7 +80,7 @@ def open_experiment(tracking_uri: str, experiment: str = DEFAULT_EXPERIMENT, art
     if found is not None:
         return client, found.experiment_id
     if artifact_location is None and tracking_uri.startswith("sqlite:///"):
-        database = tracking_uri[len("sqlite:///"):]
+        database = unquote(tracking_uri[len("sqlite:///"):])  # bundle.sqlite_uri encodes % ? #
         if database and database != ":memory:":
             artifact_location = Path(database).parent / "mlartifacts"
     location = Path(artifact_location).resolve().as_uri() if artifact_location is not None else None

@@ -208,6 +208,13 @@ def read_checkpoint_file(path: str | Path) -> tuple[dict[str, torch.Tensor], Sam
     if video and all(k.startswith(_VIDEO_PREFIXES) for k in keys):
         # the weights file of a facebook/sam3 (sam3_video) folder given alone: its detector part
         return {k[len(_VIDEO_DETECTOR):]: state_dict[k] for k in video}, config, "sam3_video_weights"
+    own, outside = [k for k in keys if k.startswith("sam3.")], sorted(k for k in keys if not k.startswith("sam3."))
+    if own and outside and not any(k.startswith(_HF_PREFIXES + _HF_MARKERS) for k in outside):
+        # a network built on MedSAM3Net (a training checkpoint of a subclass with a head of its own): its SAM3 model
+        warnings.warn(f"{path} also holds {len(outside)} tensors of a network built on MedSAM3Net, outside its SAM3 "
+                      f"model ({', '.join(outside[:4])}{', ...' if len(outside) > 4 else ''}): the SAM3 weights are "
+                      "loaded, the rest is that network's own", stacklevel=2)
+        state_dict = {k: state_dict[k] for k in own}
     stripped = _strip_prefixes(state_dict)
     if any(k.startswith(_HF_MARKERS) for k in stripped):
         training = isinstance(obj, Mapping) and "network" in obj and ("optimizer" in obj or "trainer" in obj)

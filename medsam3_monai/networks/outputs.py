@@ -24,8 +24,14 @@ def upsample_logits(logits: torch.Tensor, size: int | tuple[int, int] | None) ->
 
 
 def unwrap(network: nn.Module) -> nn.Module:
-    """The network inside ``DistributedDataParallel`` (or the network itself)."""
-    return getattr(network, "module", network)
+    """The network inside ``DistributedDataParallel`` and ``torch.compile`` wrappers (or the network itself)."""
+    while True:
+        inner = getattr(network, "module", None)  # DistributedDataParallel
+        if not isinstance(inner, nn.Module):
+            inner = getattr(network, "_orig_mod", None)  # torch.compile's OptimizedModule
+        if not isinstance(inner, nn.Module):
+            return network
+        network = inner
 
 
 @dataclass
