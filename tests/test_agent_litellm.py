@@ -91,28 +91,40 @@ def proxy(tmp_path_factory):
               "litellm_settings": {"callbacks": f"{HOOK.stem}.planner", "num_retries": 0}}
     (root / "config.yaml").write_text(json.dumps(config, indent=1))  # JSON is YAML
     log, server_log = root / "requests.jsonl", root / "proxy.log"
-    port = free_port()
     env = {**os.environ, "PYTHONPATH": str(root), "MEDSAM3_PLANNER_LOG": str(log), "LITELLM_MASTER_KEY": MASTER_KEY,
            "LITELLM_LOCAL_MODEL_COST_MAP": "True"}  # no download of the cost map (there is no internet)
-    with open(server_log, "wb") as output:
-        process = subprocess.Popen([str(litellm), "--config", str(root / "config.yaml"), "--host", "127.0.0.1",
-                                    "--port", str(port)], cwd=root, env=env, stdout=output,
-                                   stderr=subprocess.STDOUT, start_new_session=True)
-    try:
+    for attempt in range(3):  # the free port is found seconds before the proxy binds it: another process may take it
+        port = free_port()
+        with open(server_log, "wb") as output:
+            process = subprocess.Popen([str(litellm), "--config", str(root / "config.yaml"), "--host", "127.0.0.1",
+                                        "--port", str(port)], cwd=root, env=env, stdout=output,
+                                       stderr=subprocess.STDOUT, start_new_session=True)
         deadline = time.monotonic() + START_DEADLINE_S
-        while not _ready(port):
-            if process.poll() is not None or time.monotonic() > deadline:
-                tail = "\n".join(server_log.read_text(errors="replace").splitlines()[-40:])
-                pytest.fail(f"LiteLLM's proxy did not start (exit {process.poll()}):\n{tail}")
+        while not _ready(port) and process.poll() is None and time.monotonic() < deadline:
             time.sleep(0.2)
+        text = server_log.read_text(errors="replace")
+        if process.poll() is None and _ready(port):
+            break
+        _stop(process)
+        if "address already in use" not in text.lower() or attempt == 2:
+            tail = "\n".join(text.splitlines()[-40:])
+            pytest.fail(f"LiteLLM's proxy did not start (exit {process.poll()}):\n{tail}")
+    try:
         yield Proxy(f"http://127.0.0.1:{port}/v1", log)
     finally:
+        _stop(process)
+
+
+def _stop(process: subprocess.Popen) -> None:
+    """End the proxy and what it started (its own process group)."""
+    try:
         os.killpg(process.pid, signal.SIGTERM)
-        try:
-            process.wait(timeout=30)
-        except subprocess.TimeoutExpired:
-            os.killpg(process.pid, signal.SIGKILL)
-            process.wait()
+        process.wait(timeout=30)
+    except ProcessLookupError:
+        pass
+    except subprocess.TimeoutExpired:
+        os.killpg(process.pid, signal.SIGKILL)
+        process.wait()
 
 
 def _png(path: Path) -> np.ndarray:
