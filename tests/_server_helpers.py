@@ -11,6 +11,20 @@ from collections.abc import Iterator
 import pytest
 
 
+def answers_200(port: int, path: str) -> bool:
+    """Whether a server on the loopback ``port`` answers ``GET path`` with 200 (False while nothing listens)."""
+    import http.client
+
+    conn = http.client.HTTPConnection("127.0.0.1", port, timeout=5)
+    try:
+        conn.request("GET", path)
+        return conn.getresponse().status == 200
+    except OSError:
+        return False
+    finally:
+        conn.close()
+
+
 def free_port() -> int:
     """A port nothing listens on (the OS picks it)."""
     with socket.socket() as sock:

@@ -11,7 +11,6 @@ tests/test_agent.py's scripted loopback server: its validation of the OpenAI req
 
 from __future__ import annotations
 
-import http.client
 import json
 import os
 import shutil
@@ -22,7 +21,7 @@ from pathlib import Path
 
 import numpy as np
 import pytest
-from _server_helpers import free_port
+from _server_helpers import answers_200, free_port
 from PIL import Image
 
 from medsam3_monai.deploy.cli import main
@@ -68,17 +67,6 @@ class Proxy:
         return self.requests()[count:]
 
 
-def _ready(port: int) -> bool:
-    conn = http.client.HTTPConnection("127.0.0.1", port, timeout=5)
-    try:
-        conn.request("GET", "/health/liveliness")
-        return conn.getresponse().status == 200
-    except OSError:
-        return False
-    finally:
-        conn.close()
-
-
 @pytest.fixture(scope="module")
 def proxy(tmp_path_factory):
     litellm = LITELLM_VENV / "bin" / "litellm"
@@ -100,10 +88,10 @@ def proxy(tmp_path_factory):
                                         "--port", str(port)], cwd=root, env=env, stdout=output,
                                        stderr=subprocess.STDOUT, start_new_session=True)
         deadline = time.monotonic() + START_DEADLINE_S
-        while not _ready(port) and process.poll() is None and time.monotonic() < deadline:
+        while not answers_200(port, "/health/liveliness") and process.poll() is None and time.monotonic() < deadline:
             time.sleep(0.2)
         text = server_log.read_text(errors="replace")
-        if process.poll() is None and _ready(port):
+        if process.poll() is None and answers_200(port, "/health/liveliness"):
             break
         _stop(process)
         if "address already in use" not in text.lower() or attempt == 2:

@@ -10,7 +10,6 @@ image id from the studies folder and both by upload, and every returned mask mus
 
 from __future__ import annotations
 
-import http.client
 import json
 import os
 import re
@@ -23,7 +22,7 @@ from pathlib import Path
 
 import numpy as np
 import pytest
-from _server_helpers import free_port
+from _server_helpers import answers_200, free_port
 
 REPO_ROOT = Path(__file__).resolve().parents[1]
 APP = REPO_ROOT / "apps" / "monailabel_medsam3"
@@ -43,17 +42,6 @@ def _tail(path: Path, lines: int = 60) -> str:
         return "\n".join(path.read_text(errors="replace").splitlines()[-lines:])
     except OSError:
         return "(no log)"
-
-
-def _info_ready(port: int) -> bool:
-    conn = http.client.HTTPConnection("127.0.0.1", port, timeout=5)
-    try:
-        conn.request("GET", "/info/")
-        return conn.getresponse().status == 200
-    except OSError:
-        return False
-    finally:
-        conn.close()
 
 
 def _medsam3() -> list[str]:
@@ -96,7 +84,7 @@ def server(tmp_path_factory, shared_data):
                                 start_new_session=True)
     deadline = time.monotonic() + DEADLINE_S
     try:
-        while not _info_ready(port):
+        while not answers_200(port, "/info/"):
             if proc.poll() is not None:
                 pytest.fail(f"monailabel start_server exited with {proc.returncode}:\n{_tail(log_path)}")
             if time.monotonic() > deadline:
