@@ -10,7 +10,8 @@ import json
 import math
 import re
 from pathlib import Path
-from typing import Any, Sequence
+from typing import Any, Callable, Sequence
+from urllib.parse import unquote
 
 BUNDLE_CONFIGS = Path(__file__).resolve().parents[1] / "bundles" / "medsam3" / "configs"
 #: set by ``medsam3 train`` for the bundle it runs: the program name its errors go under (``medsam3 train``)
@@ -262,6 +263,31 @@ def sqlite_uri(path: str | Path) -> str:
     literally for the folders they make (a folder named ``my%20work``)."""
     text = str(Path(path).expanduser().absolute())
     return "sqlite:///" + "".join(f"%{ord(c):02X}" if c in "%?#" else c for c in text)
+
+
+def prepare_sqlite_store(tracking_uri: str | None) -> Callable[[], None]:
+    """Make the folder of a ``sqlite:///`` store's database (its path decoded: SQLite cannot make it, and MLflow then
+    retries for 100 s), and return a function that removes the empty folders MLflow makes from the URI's path as
+    written (``%3F`` for a '?': MLflow 3 does not decode it) once its client exists. Other stores: nothing to do."""
+    if not tracking_uri or not tracking_uri.startswith("sqlite:///"):
+        return lambda: None
+    written = Path(tracking_uri[len("sqlite:///"):]).parent
+    decoded = Path(unquote(str(written)))
+    decoded.mkdir(parents=True, exist_ok=True)
+    if written == decoded:
+        return lambda: None
+    new = next((folder for folder in [*reversed(written.parents), written] if not folder.exists()), None)
+
+    def tidy() -> None:
+        if new is None or not new.is_dir():
+            return
+        for folder in sorted((p for p in new.rglob("*") if p.is_dir()), key=lambda p: -len(p.parts)) + [new]:
+            try:
+                folder.rmdir()  # empty ones only
+            except OSError:
+                return
+
+    return tidy
 
 
 def number_in(value: Any, low: float, high: float = math.inf) -> bool:

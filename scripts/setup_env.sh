@@ -13,7 +13,8 @@ want="$(sha256sum "$here/pyproject.toml" | cut -d' ' -f1)"
 # shellcheck source=scripts/venv_common.sh
 source "$here/scripts/venv_common.sh"
 
-if ! "$venv/bin/python" -c "import torch, torchvision" >/dev/null 2>&1; then
+# isolated (-I, from /): a torch/ in the caller's folder or PYTHONPATH must not decide
+if ! (cd / && "$venv/bin/python" -I -c "import torch, torchvision") >/dev/null 2>&1; then
   require_python "$python" setup_env
   new_venv "$venv" "$python" setup_env
   echo "[setup_env] creating virtual environment at $venv"
@@ -47,6 +48,9 @@ if bad:
 PY
 then
   rm -f "$stamp"
+fi
+if [ ! -f "$venv/.medsam3-venv" ] && [ ! -f "$stamp" ]; then  # a working environment of the user's own: never deleted
+  touch "$venv/.medsam3-adopted"
 fi
 if [ "$(cat "$stamp" 2>/dev/null)" != "$want" ]; then
   echo "[setup_env] installing dependencies (torch 2.14.1 + torchvision 0.29.1, CPU use)"

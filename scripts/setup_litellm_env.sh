@@ -15,7 +15,9 @@ log() { echo "[setup_litellm_env] $*"; }
 # shellcheck source=scripts/venv_common.sh
 source "$(cd "$(dirname "$0")" && pwd)/venv_common.sh"
 start=$SECONDS
-if ! "$venv/bin/python" -c "import litellm.proxy.proxy_server, prisma" >/dev/null 2>&1; then
+# isolated (-I, from /): a torch/ in the caller's folder or PYTHONPATH must not decide
+if ! (cd / && "$venv/bin/python" -I -c "import litellm.proxy.proxy_server, prisma") >/dev/null 2>&1; then
+  require_python "$python" setup_litellm_env
   new_venv "$venv" "$python" setup_litellm_env
   log "creating $venv: litellm[proxy]==$litellm_version prisma==$prisma_version (about a minute from the package index)"
   "$venv/bin/pip" install --quiet "litellm[proxy]==$litellm_version" "prisma==$prisma_version"

@@ -40,7 +40,8 @@ fi
 # shellcheck source=scripts/venv_common.sh
 source "$here/scripts/venv_common.sh"
 start=$SECONDS
-if ! "$venv/bin/python" -c "import torch, torchvision, monailabel" >/dev/null 2>&1; then
+# isolated (-I, from /): a torch/ in the caller's folder or PYTHONPATH must not decide
+if ! (cd / && "$venv/bin/python" -I -c "import torch, torchvision, monailabel") >/dev/null 2>&1; then
   new_venv "$venv" "$python" setup_monailabel_env
   log "creating virtual environment at $venv"
   "$venv/bin/pip" install --quiet --upgrade pip setuptools wheel

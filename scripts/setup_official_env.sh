@@ -16,7 +16,9 @@ log() { echo "[setup_official_env] $*"; }
 # shellcheck source=scripts/venv_common.sh
 source "$(cd "$(dirname "$0")" && pwd)/venv_common.sh"
 start=$SECONDS
-if ! "$venv/bin/python" -c "import sam3, torch, open_clip, scipy, torchmetrics, psutil" >/dev/null 2>&1; then
+# isolated (-I, from /): a torch/ in the caller's folder or PYTHONPATH must not decide
+if ! (cd / && "$venv/bin/python" -I -c "import sam3, torch, open_clip, scipy, torchmetrics, psutil") >/dev/null 2>&1; then
+  require_python "$python" setup_official_env
   new_venv "$venv" "$python" setup_official_env
   log "creating $venv: sam3==0.1.4 psutil scipy torchmetrics, open_clip_torch (--no-deps)"
   "$venv/bin/pip" install --quiet "sam3==0.1.4" psutil scipy torchmetrics

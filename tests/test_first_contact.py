@@ -504,3 +504,16 @@ def test_a_file_whose_name_starts_with_a_dash_gets_the_way_to_name_it(tmp_path, 
         "unrecognized arguments: -dash.png (-dash.png is a file: write ./-dash.png for a name that starts with '-')")
     assert cli("segment", "./-dash.png", "--prompt", "x", "--out", "m.png") == 0
     capsys.readouterr()
+
+
+def test_a_hash_in_a_path_of_a_bundle_command_is_refused_before_anything_is_made(tmp_path, capsys, shared_data):
+    """MONAI's bundle configs read '#' in any string as their old key separator (helper-94: `train --out tr#2` wrote
+    tr::2/ and said tr#2; evaluate's reports went to ev::1/). Commands that run no bundle keep such paths."""
+    datalist = tmp_path / "k.json"
+    assert cli("datalist", "Kvasir-SEG_sample", str(shared_data / "Kvasir-SEG_sample"), "--out", str(datalist)) == 0
+    capsys.readouterr()
+    for argv in (["train", "--datalist", str(datalist), "--out", str(tmp_path / "tr#2")],
+                 ["evaluate", "--datalist", str(datalist), "--checkpoint", "tiny", "--out", str(tmp_path / "ev#1")]):
+        assert cli(*argv) == 2
+        assert "read '#' as a key separator" in error_line(capsys.readouterr().err, argv[0])
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["k.json"]

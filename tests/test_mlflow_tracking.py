@@ -110,9 +110,14 @@ def test_a_store_in_a_folder_with_a_question_mark_is_where_it_was_asked(tmp_path
 
     from medsam3_monai.bundle import sqlite_uri
 
-    folder = tmp_path / "q?x #1 é 100%"
-    folder.mkdir()
+    from medsam3_monai.engines.mlflow_runs import MLFlowRunHandler
+    from medsam3_monai.engines.reports import open_experiment
+
+    folder = tmp_path / "q?x #1 é 100%" / "runs"  # not made yet: SQLite cannot make it, MLflow retried for 100 s
     uri = sqlite_uri(folder / "mlruns.db")
-    assert uri == f"sqlite:///{tmp_path}/q%3Fx %231 é 100%25/mlruns.db"
-    MlflowClient(tracking_uri=uri).create_experiment("medsam3")
-    assert (folder / "mlruns.db").is_file() and not (tmp_path / "q").exists()
+    assert uri == f"sqlite:///{tmp_path}/q%3Fx %231 é 100%25/runs/mlruns.db"
+    MLFlowRunHandler(tracking_uri=uri, experiment_name="medsam3", run_name="r")
+    open_experiment(uri, "medsam3-evaluate")
+    MlflowClient(tracking_uri=uri).get_experiment_by_name("medsam3-evaluate")
+    assert (folder / "mlruns.db").is_file()
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["q?x #1 é 100%"]  # no folder named with the codes

@@ -89,6 +89,24 @@ def _expand_home(args: argparse.Namespace) -> None:
             setattr(args, name, expand(getattr(args, name)))
 
 
+#: the commands whose paths go through MONAI's bundle configs, whose parser reads every '#' in a string as its old
+#: key separator: 'run#2' became 'run::2' (a run written elsewhere than it said, a datalist 'not found')
+BUNDLE_COMMANDS = ("train", "evaluate", "reproduce", "demo")
+
+
+def _refuse_config_hash(args: argparse.Namespace) -> None:
+    """A ValueError naming the first path argument with a '#' of a command in :data:`BUNDLE_COMMANDS`."""
+    if getattr(args, "command", None) not in BUNDLE_COMMANDS:
+        return
+    for name in PATH_ARGUMENTS:
+        values = getattr(args, name, None)
+        for value in values if isinstance(values, list) else [values]:
+            if isinstance(value, str) and "#" in value:
+                option = "--" + name.replace("_", "-")
+                raise ValueError(f"{option} {value}: MONAI's bundle configs read '#' as a key separator (the path "
+                                 "would become '" + value.replace("#", "::") + "'): give a path without '#'")
+
+
 def main(argv: Sequence[str] | None = None) -> int:
     parser = build_parser()
     args, extras = parser.parse_known_args(argv)
@@ -108,6 +126,7 @@ def main(argv: Sequence[str] | None = None) -> int:
     if getattr(args, "no_progress", False):
         _no_library_progress_bars()
     try:
+        _refuse_config_hash(args)
         return int(args.func(args) or 0)
     except _user_errors() as err:
         print(f"medsam3 {args.command}: error: {err}", file=sys.stderr)

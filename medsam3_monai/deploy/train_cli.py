@@ -322,6 +322,7 @@ def run(args: argparse.Namespace) -> int:
     print(f"medsam3 train: {'final model' if trained else 'nothing trained; the run had finished: its final model'} "
           f"{root / 'models' / 'model.pt'}; checkpoints {root / 'runs' / 'checkpoints'}"
           + ("" if args.no_mlflow else
-             f"; browse the run with: mlflow ui --backend-store-uri {shlex.quote(store)}"),
+             f"; browse the run with: {shlex.quote(str(Path(sys.executable).with_name('mlflow')))} ui "
+             f"--backend-store-uri {shlex.quote(store)}"),
           file=sys.stderr)
     return 0

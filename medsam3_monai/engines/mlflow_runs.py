@@ -37,9 +37,13 @@ class MLFlowRunHandler(MLFlowHandler):
     SQLite store's artifacts beside its database whatever characters its path holds."""
 
     def __init__(self, *args: Any, **kwargs: Any) -> None:
+        from ..bundle import prepare_sqlite_store
+
+        tracking_uri = os.environ.get("MLFLOW_TRACKING_URI") or kwargs.get("tracking_uri")  # MONAI's order
+        tidy = prepare_sqlite_store(tracking_uri)
         super().__init__(*args, **kwargs)
-        if kwargs.get("artifact_location") is None:  # MONAI's rule, the path decoded (MLFLOW_TRACKING_URI first)
-            tracking_uri = os.environ.get("MLFLOW_TRACKING_URI") or kwargs.get("tracking_uri")
+        tidy()
+        if kwargs.get("artifact_location") is None:  # MONAI's rule, the path decoded
             self.artifact_location = sqlite_artifact_location(tracking_uri) or self.artifact_location
 
     def start(self, engine: Engine) -> None:

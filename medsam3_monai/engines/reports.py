@@ -75,8 +75,12 @@ def open_experiment(tracking_uri: str, experiment: str = DEFAULT_EXPERIMENT, art
     stores (a tracking server, PostgreSQL, ...) keep their own artifact root."""
     from mlflow import MlflowClient
 
+    from ..bundle import prepare_sqlite_store
+
+    tidy = prepare_sqlite_store(tracking_uri)
     client = MlflowClient(tracking_uri=tracking_uri)
     found = _first_contact(lambda: client.get_experiment_by_name(experiment), tracking_uri)
+    tidy()
     if found is not None:
         return client, found.experiment_id
     if artifact_location is None and tracking_uri.startswith("sqlite:///"):

@@ -689,6 +689,9 @@ def load_medical_image(
     if readers is None:
         readers = ReaderSet(mask)
     if not Path(path).exists():
+        if "::" in path and Path(path.replace("::", "#")).exists():  # MONAI's bundle configs changed its '#'
+            raise DataError(path, "file not found", f"it is {path.replace('::', '#')}, whose '#' MONAI's bundle "
+                                                    "configs read as a key separator: rename it without '#'")
         raise DataError(path, "file not found", "check the path (a datalist's relative paths are read from the "
                                                 "datalist's own folder)")
     if Path(path).is_dir():
