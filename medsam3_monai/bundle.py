@@ -265,14 +265,23 @@ def sqlite_uri(path: str | Path) -> str:
     return "sqlite:///" + "".join(f"%{ord(c):02X}" if c in "%?#" else c for c in text)
 
 
+def sqlite_database(tracking_uri: str | None) -> Path | None:
+    """The database file of a ``sqlite:///`` tracking URI, its path decoded (:func:`sqlite_uri` encodes ``% ? #``);
+    None for another kind of store or an in-memory database."""
+    if not tracking_uri or not tracking_uri.startswith("sqlite:///"):
+        return None
+    database = unquote(tracking_uri[len("sqlite:///"):])
+    return Path(database) if database and database != ":memory:" else None
+
+
 def prepare_sqlite_store(tracking_uri: str | None) -> Callable[[], None]:
     """Make the folder of a ``sqlite:///`` store's database (its path decoded: SQLite cannot make it, and MLflow then
     retries for 100 s), and return a function that removes the empty folders MLflow makes from the URI's path as
     written (``%3F`` for a '?': MLflow 3 does not decode it) once its client exists. Other stores: nothing to do."""
-    if not tracking_uri or not tracking_uri.startswith("sqlite:///"):
+    database = sqlite_database(tracking_uri)
+    if database is None:
         return lambda: None
-    written = Path(tracking_uri[len("sqlite:///"):]).parent
-    decoded = Path(unquote(str(written)))
+    written, decoded = Path(tracking_uri[len("sqlite:///"):]).parent, database.parent
     decoded.mkdir(parents=True, exist_ok=True)
     if written == decoded:
         return lambda: None

@@ -16,11 +16,10 @@ Everything else in the project uses public APIs. What is here, and why:
 
 from __future__ import annotations
 
-import functools
 import warnings
 from collections.abc import Mapping
 from contextlib import contextmanager
-from functools import partial
+from functools import lru_cache, partial
 from typing import Any, Callable, Iterator
 
 import torch
@@ -56,7 +55,7 @@ def transformers_version_problem() -> str | None:
             f"transformers{','.join(SUPPORTED_TRANSFORMERS)}: `pip install 'transformers{','.join(SUPPORTED_TRANSFORMERS)}'`")
 
 
-@functools.lru_cache(maxsize=None)
+@lru_cache(maxsize=None)
 def warn_unsupported_transformers() -> None:
     """Warn once per process when the installed transformers is outside the tested range (what would fail then
     fails deep inside transformers, e.g. an ``AttributeError`` of ``Sam3Model``)."""

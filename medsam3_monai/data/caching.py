@@ -83,8 +83,9 @@ def build_dataset(
         # MONAI hashes the deterministic head via ``transform.flatten()``, whose new Compose reseeds the random
         # transforms (from ``get_seed()``): keep their generators so a seeded chain stays seeded.
         generators = _generators(transform)
-        dataset = RebuildingPersistentDataset(data=data, transform=transform, cache_dir=cache_dir, hash_func=_hash_item,
-                                    hash_transform=_hash_transforms, track_meta=True, weights_only=False)
+        dataset = RebuildingPersistentDataset(data=data, transform=transform, cache_dir=cache_dir,
+                                              hash_func=_hash_item, hash_transform=_hash_transforms, track_meta=True,
+                                              weights_only=False)
         for randomizable, generator in generators:
             randomizable.R = generator
         return dataset
@@ -114,8 +115,11 @@ class RebuildingPersistentDataset(PersistentDataset):
 FILE_KEYS = ("image", "label", "instance_ids")
 
 
-def _file_stamp(path: str | Path) -> Any:
-    """(size, mtime in ns) of a file, the same of every file of a folder (a DICOM series), None when neither."""
+def _file_stamp(path: Any) -> Any:
+    """(size, mtime in ns) of a file, the same of every file of a folder (a DICOM series), a list of those for a
+    list of paths (several masks), None for anything else."""
+    if isinstance(path, (list, tuple)):
+        return [_file_stamp(one) for one in path]
     try:
         if os.path.isdir(path):
             return sorted((entry.name, entry.stat().st_size, entry.stat().st_mtime_ns)
@@ -130,9 +134,8 @@ def _hash_item(item: Any) -> bytes:
     """Disk-cache key of a datalist item: the item, and the stamps of the files it names (a file changed on disk
     under the same name is read again, not taken from the cache)."""
     if isinstance(item, dict):
-        stamps = {key: ([_file_stamp(p) for p in item[key]] if isinstance(item[key], (list, tuple))
-                        else _file_stamp(item[key]))
-                  for key in FILE_KEYS if isinstance(item.get(key), (str, Path, list, tuple))}  # a list: several masks
+        named = [key for key in FILE_KEYS if isinstance(item.get(key), (str, Path, list, tuple))]  # a list: masks
+        stamps = {key: _file_stamp(item[key]) for key in named}
         item = {**item, "__file_stamps__": stamps}
     return pickle_hashing(item)
 

@@ -127,11 +127,9 @@ def _check_out(out: Path, overwrite: bool) -> None:
     """Refuse an ``--out`` the datalist could not be written to: a folder, an existing file without --overwrite, a
     place that cannot be written."""
     from ..deploy.arguments import check_writable
+    from .datalist import check_datalist_out
 
-    if out.is_dir():
-        raise ValueError(f"--out {out} is a folder: give the datalist's file name, e.g. {out / 'datalist.json'}")
-    if out.exists() and not overwrite:
-        raise FileExistsError(f"{out} exists; pass --overwrite to replace it")
+    check_datalist_out(out, overwrite)
     check_writable(out, "--out")
 
 

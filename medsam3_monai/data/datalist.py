@@ -31,8 +31,8 @@ from .pairs import Conversion, DatalistError, Pair, Problem
 from .schemas import validate
 from .splits import split_items
 
-__all__ = ["DatalistResult", "build_datalist", "items_of_split", "load_datalist", "read_datalist_json",
-           "readers_schema", "write_datalist"]
+__all__ = ["DatalistResult", "build_datalist", "check_datalist_out", "items_of_split", "load_datalist",
+           "read_datalist_json", "readers_schema", "write_datalist"]
 
 SPLITS = ("training", "validation", "test")
 _MAX_LISTED = 20
@@ -294,11 +294,18 @@ def _split(
     return training, validation, test
 
 
+def check_datalist_out(out: Path, overwrite: bool) -> None:
+    """Refuse a datalist file to write that is a folder, or exists without ``overwrite``."""
+    if out.is_dir():
+        raise ValueError(f"--out {out} is a folder: give the datalist's file name, e.g. {out / 'datalist.json'}")
+    if out.exists() and not overwrite:
+        raise FileExistsError(f"{out} exists; pass --overwrite to replace it")
+
+
 def write_datalist(datalist: dict[str, Any], out: Path | str, overwrite: bool = False) -> Path:
     """Write ``datalist`` as JSON atomically (a temporary file renamed into place: never a partial file)."""
     out = Path(out)
-    if out.exists() and not overwrite:
-        raise FileExistsError(f"{out} exists; pass --overwrite to replace it")
+    check_datalist_out(out, overwrite)
     out.parent.mkdir(parents=True, exist_ok=True)
     tmp = out.with_name(f".{out.name}.{os.getpid()}.tmp")
     try:

@@ -164,8 +164,7 @@ class _GuardMiddleware:
             try:
                 self.auth.check(await self.auth.scheme(connection))
             except RequestError as err:
-                if scope.get("method") in ("POST", "PUT", "PATCH") and \
-                        "100-continue" not in connection.headers.get("expect", "").lower():
+                if scope.get("method") in ("POST", "PUT", "PATCH") and _sends_body_unasked(connection):
                     await _drain(receive, DRAIN_SECONDS)  # as before a 413: the client reads the 401, not a reset
                 await _send_json(send, err.status, {"error": err.message},
                                  extra=[(k.lower().encode(), v.encode()) for k, v in err.headers.items()])
@@ -182,10 +181,7 @@ class _GuardMiddleware:
                 await _send_json(send, 400, {"error": f"bad Content-Length {length[:32]!r}"})
                 return
             if declared > self.max_bytes:
-                # a client that sent no 'Expect: 100-continue' (MONAI Label's client, 3D Slicer) is writing the body:
-                # closing on unread data resets the connection and it sees 'Broken pipe', not this answer. Drain a
-                # while first (what nginx's lingering close does), then answer.
-                if "100-continue" not in connection.headers.get("expect", "").lower():  # curl waits: no body yet
+                if _sends_body_unasked(connection):
                     await _drain(receive, DRAIN_SECONDS)
                 await _send_json(send, 413, {"error": f"request of {declared} bytes exceeds the server's limit of "
                                                       f"{self.max_bytes} bytes (--max-request-mb)"})
@@ -223,6 +219,13 @@ BODY_MIN_RATE = 50_000
 DRAIN_SECONDS = 30.0
 #: a pause of the over-limit body this long ends the discarding (a client waiting for the answer)
 DRAIN_IDLE_SECONDS = 2.0
+
+
+def _sends_body_unasked(connection: Any) -> bool:
+    """Whether the client writes its body without waiting for the server: no ``Expect: 100-continue`` (MONAI
+    Label's client, 3D Slicer; curl waits). Refused with its body unread, it sees a reset connection ('Broken pipe'),
+    not the answer: the server drains the body first (what nginx's lingering close does)."""
+    return "100-continue" not in connection.headers.get("expect", "").lower()
 
 
 async def _drain(receive: Any, seconds: float) -> None:

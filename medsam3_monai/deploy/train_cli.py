@@ -175,14 +175,11 @@ def _check(args: argparse.Namespace) -> None:
     if out.exists() and not out.is_dir():
         raise FileExistsError(f"--out {out} is a file: give a folder for the run (new, or a run's folder to resume)")
     check_writable(out, "--out", folder=True)
-    tracking_uri = _settings(args.settings, {}).get("tracking_uri")
-    if not args.no_mlflow:  # MLflow would refuse a store only after the data is cached
+    store, chosen_by = tracking_store(args, out)
+    if chosen_by is not None and not args.no_mlflow:  # MLflow would refuse a store only after the data is cached
         from ..engines.reports import check_tracking_uri
 
-        if os.environ.get("MLFLOW_TRACKING_URI"):
-            check_tracking_uri(os.environ["MLFLOW_TRACKING_URI"], "MLFLOW_TRACKING_URI")
-        elif tracking_uri is not None:
-            check_tracking_uri(tracking_uri, "--set tracking_uri")
+        check_tracking_uri(store, chosen_by)
     if args.lr is not None and not args.lr > 0:
         raise ValueError(f"--lr {args.lr}: give a learning rate > 0 (leave --lr out for the papers' rates)")
     from ..bundle import check_network_source
@@ -268,14 +265,14 @@ def _end_interrupted_runs(root: Path, tracking_uri: str, chosen_by: str | None) 
     try:
         from mlflow import MlflowClient
 
+        from ..engines.mlflow_runs import running_runs
+
         client = MlflowClient(tracking_uri=tracking_uri)
         experiment = client.get_experiment_by_name("medsam3")
         if experiment is None:
             return
-        # the name compared here, not in the filter string: a folder named "bob's run" breaks MLflow's quoting
-        for found in client.search_runs([experiment.experiment_id], "attributes.status = 'RUNNING'"):
-            if found.info.run_name == root.name:
-                client.set_terminated(found.info.run_id, "KILLED")
+        for found in running_runs(client, experiment.experiment_id, root.name):
+            client.set_terminated(found.info.run_id, "KILLED")
     except Exception as err:  # noqa: BLE001 - the store is the user's; the interrupt line is said whatever happens
         print(f"medsam3 train: note: the MLflow run could not be marked KILLED ({type(err).__name__}: {err})",
               file=sys.stderr)
@@ -314,7 +311,7 @@ def run(args: argparse.Namespace) -> int:
 
             newest = latest_checkpoint(root / "runs" / "checkpoints")
             if not args.no_mlflow:
-                _end_interrupted_runs(root, *tracking_store(args, root))
+                _end_interrupted_runs(root, store, chosen_by)
             print(f"medsam3 train: interrupted; the same command resumes from the newest checkpoint, {newest}"
                   if newest is not None else "medsam3 train: interrupted before the first checkpoint; the same "
                   "command starts the run again", file=sys.stderr)

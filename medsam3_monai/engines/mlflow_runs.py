@@ -13,23 +13,30 @@
 from __future__ import annotations
 
 import os
-from pathlib import Path
 from typing import Any
-from urllib.parse import unquote
 
 from ignite.engine import Engine
 from monai.handlers import MLFlowHandler
 from monai.utils import path_to_uri
 
-__all__ = ["MLFlowRunHandler", "sqlite_artifact_location"]
+__all__ = ["MLFlowRunHandler", "running_runs", "sqlite_artifact_location"]
+
+
+def running_runs(client: Any, experiment_id: str, run_name: str) -> list[Any]:
+    """The RUNNING runs named ``run_name`` of an experiment, newest first (the name compared here, not in MLflow's
+    filter string, where a quote in it would break the quoting)."""
+    found = client.search_runs([experiment_id], "attributes.status = 'RUNNING'",
+                               order_by=["attributes.start_time DESC"])
+    return [run for run in found if run.info.run_name == run_name]
 
 
 def sqlite_artifact_location(tracking_uri: str | None) -> str | None:
     """``file:`` URI of ``mlruns/`` beside a ``sqlite:///`` store's database (its path decoded); None for another
     kind of store (MLflow decides)."""
-    if not tracking_uri or not tracking_uri.startswith("sqlite:///"):
-        return None
-    return path_to_uri(Path(unquote(tracking_uri[len("sqlite:///"):])).parent / "mlruns")
+    from ..bundle import sqlite_database
+
+    database = sqlite_database(tracking_uri)
+    return path_to_uri(database.parent / "mlruns") if database is not None else None
 
 
 class MLFlowRunHandler(MLFlowHandler):
@@ -50,9 +57,7 @@ class MLFlowRunHandler(MLFlowHandler):
         if not self.cur_run and self.run_name is not None:
             self._set_experiment()
             if self.experiment is not None:
-                running = [run for run in self.client.search_runs([self.experiment.experiment_id],
-                                                                  order_by=["attributes.start_time DESC"])
-                           if run.info.run_name == self.run_name and run.info.status == "RUNNING"]
+                running = running_runs(self.client, self.experiment.experiment_id, self.run_name)
                 self.cur_run = (self.client.get_run(running[0].info.run_id) if running else
                                 self.client.create_run(experiment_id=self.experiment.experiment_id,
                                                        run_name=self.run_name))

@@ -19,7 +19,6 @@ import re
 import time
 from collections.abc import Mapping, Sequence
 from pathlib import Path
-from urllib.parse import unquote
 from typing import Any
 
 import torch
@@ -75,7 +74,7 @@ def open_experiment(tracking_uri: str, experiment: str = DEFAULT_EXPERIMENT, art
     stores (a tracking server, PostgreSQL, ...) keep their own artifact root."""
     from mlflow import MlflowClient
 
-    from ..bundle import prepare_sqlite_store
+    from ..bundle import prepare_sqlite_store, sqlite_database
 
     tidy = prepare_sqlite_store(tracking_uri)
     client = MlflowClient(tracking_uri=tracking_uri)
@@ -83,10 +82,9 @@ def open_experiment(tracking_uri: str, experiment: str = DEFAULT_EXPERIMENT, art
     tidy()
     if found is not None:
         return client, found.experiment_id
-    if artifact_location is None and tracking_uri.startswith("sqlite:///"):
-        database = unquote(tracking_uri[len("sqlite:///"):])  # bundle.sqlite_uri encodes % ? #
-        if database and database != ":memory:":
-            artifact_location = Path(database).parent / "mlartifacts"
+    database = sqlite_database(tracking_uri)
+    if artifact_location is None and database is not None:
+        artifact_location = database.parent / "mlartifacts"
     location = Path(artifact_location).resolve().as_uri() if artifact_location is not None else None
     return client, client.create_experiment(experiment, artifact_location=location)
 

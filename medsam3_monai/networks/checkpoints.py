@@ -189,13 +189,9 @@ def read_checkpoint_file(path: str | Path) -> tuple[dict[str, torch.Tensor], Sam
             warnings.warn(f"{path} is format version {version} of medsam3-monai's model file, written by a newer "
                           f"version than this one (which writes {OUR_FORMAT_VERSION}); it is read as version "
                           f"{OUR_FORMAT_VERSION}: update medsam3-monai if it does not load", stacklevel=2)
-        extra_state = described.get("extra_state") or {}
-        if extra_state:
-            names = sorted(extra_state)
-            warnings.warn(f"{path} also holds {len(names)} tensors of a network built on MedSAM3Net, outside its "
-                          f"SAM3 model ({', '.join(names[:4])}{', ...' if len(names) > 4 else ''}): the SAM3 weights "
-                          "are loaded; networks.load_extra_state(net, path) loads the rest into that network",
-                          stacklevel=2)
+        if described.get("extra_state"):
+            _warn_outside_sam3(path, described["extra_state"],
+                               "networks.load_extra_state(net, path) loads the rest into that network")
     state_dict = _unwrap(obj, path)
     keys = list(state_dict)
     if any(k.startswith(("detector.", "tracker.")) for k in keys):
@@ -211,9 +207,7 @@ def read_checkpoint_file(path: str | Path) -> tuple[dict[str, torch.Tensor], Sam
     own, outside = [k for k in keys if k.startswith("sam3.")], sorted(k for k in keys if not k.startswith("sam3."))
     if own and outside and not any(k.startswith(_HF_PREFIXES + _HF_MARKERS) for k in outside):
         # a network built on MedSAM3Net (a training checkpoint of a subclass with a head of its own): its SAM3 model
-        warnings.warn(f"{path} also holds {len(outside)} tensors of a network built on MedSAM3Net, outside its SAM3 "
-                      f"model ({', '.join(outside[:4])}{', ...' if len(outside) > 4 else ''}): the SAM3 weights are "
-                      "loaded, the rest is that network's own", stacklevel=2)
+        _warn_outside_sam3(path, outside, "the rest is that network's own")
         state_dict = {k: state_dict[k] for k in own}
     stripped = _strip_prefixes(state_dict)
     if any(k.startswith(_HF_MARKERS) for k in stripped):
@@ -224,6 +218,14 @@ def read_checkpoint_file(path: str | Path) -> tuple[dict[str, torch.Tensor], Sam
         f"(first keys: {keys[:5]}). Expected original keys (backbone.vision_backbone.*, detector.*) "
         "or transformers keys (vision_encoder.*, detector_model.*)."
     )
+
+
+def _warn_outside_sam3(path: Path, names: Any, rest: str) -> None:
+    """Warn that ``path`` holds tensors (``names``) of a network built on MedSAM3Net outside its SAM3 model."""
+    names = sorted(names)
+    warnings.warn(f"{path} also holds {len(names)} tensors of a network built on MedSAM3Net, outside its SAM3 model "
+                  f"({', '.join(names[:4])}{', ...' if len(names) > 4 else ''}): the SAM3 weights are loaded; {rest}",
+                  stacklevel=3)
 
 
 def load_extra_state(network: nn.Module, path: str | Path) -> list[str]:

@@ -382,7 +382,9 @@ class RandBoxPromptsd(Randomizable, Transform):
     """
 
     def __init__(self, prob: float = 0.5, targets_key: str = "targets", seed: int | None = None) -> None:
-        if isinstance(prob, bool) or not isinstance(prob, (int, float)) or not 0.0 <= prob <= 1.0:
+        from ..bundle import number_in
+
+        if not number_in(prob, 0.0, 1.0):
             raise ValueError(f"box_prompt_probability must be a number in [0, 1], got {prob!r}")
         self.set_random_state(seed)
         self.prob = float(prob)
