@@ -381,7 +381,8 @@ def test_app_conf_parsing():
     assert conf.prompts == {"polyp": "colon polyp", "instrument": "instrument"}
     assert (conf.score_threshold, conf.modality, conf.ct_window, conf.image_size, conf.preload) == (
         0.2, None, (400.0, 40.0), 224, True)
-    assert (conf.resize_kernel, default.resize_kernel) == ("monai", "sam3")
+    assert (conf.resize_kernel, default.resize_kernel) == ("monai", None)  # None: the model file's own
+    assert default.ct_window is None
     assert configs.parse_conf({"labels": "liver, spleen"}).labels == {"liver": 1, "spleen": 2}
     assert configs.parse_conf({"labels": '["liver","spleen"]'}).labels == {"liver": 1, "spleen": 2}
 

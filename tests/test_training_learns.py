@@ -47,6 +47,7 @@ def test_bundle_run_learns_on_a_real_mix_and_logs_to_mlflow(shared_data: Path, t
         "val_interval": iterations, "validate_at_start": True, "val_protocol": "semantic", "save_interval": 10**6,
         "lr#detector": LR, "lr#vision": LR, "lr#language": LR, "lr#geometry": LR, "lr#layer_decay": 1.0,
         "lr#weight_decay": 0.0, "scheduler#timescale": 1000, "tracking": "mlflow",
+        "ct_window": "lung",  # no CT here: recorded in the model files all the same
     }
     command = [sys.executable, "-m", "monai.bundle", "run", "--config_file", str(CONFIGS / "train.json"),
                "--meta_file", str(CONFIGS / "metadata.json"), "--logging_file", str(CONFIGS / "logging.conf")]
@@ -56,6 +57,13 @@ def test_bundle_run_learns_on_a_real_mix_and_logs_to_mlflow(shared_data: Path, t
     done = subprocess.run(command, cwd=tmp_path, env=env, capture_output=True, text=True)
     assert done.returncode == 0, done.stderr[-4000:]
     assert (root / "models" / "model.pt").is_file()
+    # every file the run wrote records how the network saw the pictures, for inference to repeat
+    from medsam3_monai.networks import MedSAM3Net
+
+    checkpoints = root / "runs" / "checkpoints"
+    for written in (root / "models" / "model.pt", checkpoints / "model_best_val_dice.pt",
+                    max(checkpoints.glob("checkpoint_iter*.pt"))):
+        assert MedSAM3Net(str(written)).trained_preprocessing == {"resize_kernel": "sam3", "ct_window": "lung"}
 
     import mlflow
 

@@ -85,13 +85,17 @@ class View:
             raise ValueError(f"view size must be >= 64 px, got {view_size}")
 
     @classmethod
-    def load(cls, path: str, modality: str | None = None, ct_window: Any = "abdomen", channel: int | None = None,
+    def load(cls, path: str, modality: str | None = None, ct_window: Any = None, channel: int | None = None,
              is_volume: bool = False, view_size: int = 768, max_pixels: Any = None) -> View:
-        """Read the input with the model's intensity rule (as ``medsam3 segment``'s overlays do); ``max_pixels``:
-        the 2D size limit, as the predictor's (``transforms.io.check_picture_size``)."""
+        """Read the input with the model's intensity rule (as ``medsam3 segment``'s overlays do; ``ct_window`` None:
+        the default, abdomen); ``max_pixels``: the 2D size limit, as the predictor's
+        (``transforms.io.check_picture_size``)."""
         import torch
 
+        from ..inferers.trained_settings import DEFAULT_CT_WINDOW
         from ..transforms import LoadMedicalImaged, ScaleIntensityByModalityd
+
+        ct_window = DEFAULT_CT_WINDOW if ct_window is None else ct_window
 
         load = LoadMedicalImaged(keys="image", label_keys=(), channel=channel, max_pixels=max_pixels)
         item = load({"image": str(path), "modality": modality})

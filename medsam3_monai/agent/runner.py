@@ -159,8 +159,10 @@ def run_agent(input_path: str, request: str, out: str, settings: AgentSettings |
             from .segmenter import PhraseSegmenter
 
             segmenter = PhraseSegmenter.load(input_path, settings.segmenter)
+            for line in segmenter.predictor.preprocessing_notes:
+                log(f"note: {line}")
         trace.time("load_model", time.perf_counter() - start)
-        view = _view(input_path, settings, kind)
+        view = _view(input_path, settings, kind, segmenter)
         decision = _decide(planner, request, settings, segmenter, view, api_key, trace, log)
         return write_outputs(plan, decision, view, segmenter, request, trace)
     except BaseException as err:
@@ -190,7 +192,7 @@ def decide(input_path: str, request: str, settings: AgentSettings, segmenter: An
     api_key = _api_key(settings) if planner == "llm" else None
     _start_trace(trace, request, input_path, kind, settings, planner, log)
     try:
-        view = _view(input_path, settings, kind)
+        view = _view(input_path, settings, kind, segmenter)
         decision = _decide(planner, request, settings, segmenter, view, api_key, trace, log, plain_notes)
     except BaseException as err:
         trace.finish("failed", _failure(err))
@@ -258,11 +260,12 @@ def check_llm_limits(timeout: float, retries: int, max_reply_tokens: int = 1) ->
             raise AgentError(f"{name} must be {rule}, got {value:g}")
 
 
-def _view(input_path: str, settings: AgentSettings, kind: str) -> Any:
-    """The input as the planner sees it (:class:`~.render.View`), read with the predictor's intensity rule."""
+def _view(input_path: str, settings: AgentSettings, kind: str, segmenter: Any) -> Any:
+    """The input as the planner sees it (:class:`~.render.View`), read with the predictor's intensity rule (the
+    segmenter's settings as they apply: its model's own CT window where none was given)."""
     from .render import View
 
-    s = settings.segmenter
+    s = getattr(segmenter, "settings", None) or settings.segmenter
     return View.load(input_path, s.modality, s.ct_window, s.channel, kind == "volume", settings.view_size,
                      s.max_pixels)
 

@@ -11,6 +11,7 @@ the highest score x sigmoid(mask logit)), which is what the offline planner fuse
 from __future__ import annotations
 
 import time
+import dataclasses
 from dataclasses import dataclass, field
 from typing import Any, Sequence
 
@@ -27,8 +28,8 @@ class SegmenterSettings:
     tracker: str = "auto"
     protocol: str = "top_query"
     score_threshold: float = 0.5
-    ct_window: Any = "abdomen"
-    resize_kernel: str = "sam3"
+    ct_window: Any = None  # None: the model's own (its training's), else abdomen
+    resize_kernel: str | None = None  # None: the model's own, else sam3
     modality: str | None = None
     channel: int | None = None
     progress: bool = False
@@ -64,6 +65,8 @@ class PhraseSegmenter:
             resize_kernel=settings.resize_kernel,
             progress=settings.progress, max_pixels=settings.max_pixels, detector_chunk=settings.detector_chunk,
         )
+        # the settings as they apply: the model's own CT window and resize where none was given
+        settings = dataclasses.replace(settings, ct_window=predictor.ct_window, resize_kernel=predictor.resize_kernel)
         return cls(predictor, str(path), settings)
 
     @property

@@ -14,8 +14,9 @@ import os
 import sys
 
 from ..protocol_registry import PROTOCOLS
-from .arguments import (INPUT_HELP, add_detector_chunk_option, add_model_options, add_score_threshold_option,
-                        checked_threshold_option, ct_window_for, pixels, random_weights_notes)
+from .arguments import (INPUT_HELP, add_ct_window_option, add_detector_chunk_option, add_model_options,
+                        add_score_threshold_option, checked_threshold_option, ct_window_for, pixels,
+                        random_weights_notes)
 
 __all__ = ["add_parser", "add_planner_options", "run"]
 
@@ -112,8 +113,7 @@ def add_parser(subparsers: argparse._SubParsersAction) -> argparse.ArgumentParse
     model.add_argument("--tracker", default="auto", metavar="SRC|none",
                        help="volumes: auto (default), none (detector only), tiny, an HF folder or a sam3.pt")
     model.add_argument("--modality", default=None, help="intensity rule: CT, MRI, X-ray, ultrasound, endoscopy, ...")
-    model.add_argument("--ct-window", default=None, metavar="NAME|W,L",
-                       help="CT window preset or width,level (with --modality CT; default abdomen)")
+    add_ct_window_option(model)
     model.add_argument("--channel", type=int, default=None, metavar="N", help="4D volumes: the channel to segment")
     model.add_argument("--device", default="auto", help="auto (cuda when available), cpu, cuda, cuda:1, ...")
     model.add_argument("--no-progress", action="store_true", help="no progress bars")

@@ -9,9 +9,9 @@ import shutil
 from pathlib import Path
 from typing import Any, Callable, Iterable, Sequence
 
-__all__ = ["DEFAULT_SCORE_THRESHOLD", "INPUT_HELP", "RESIZE_KERNEL_CHOICES", "add_detector_chunk_option",
-           "add_gpu_options", "add_model_options", "add_resize_kernel_option", "add_score_threshold_option",
-           "add_tracker_batch_option", "at_least", "check_output_files", "checked_threshold_option", "compile_notice",
+__all__ = ["DEFAULT_SCORE_THRESHOLD", "INPUT_HELP", "RESIZE_KERNEL_CHOICES", "add_ct_window_option",
+           "add_detector_chunk_option", "add_gpu_options", "add_model_options", "add_resize_kernel_option",
+           "add_score_threshold_option", "add_tracker_batch_option", "at_least", "check_output_files", "checked_threshold_option", "compile_notice",
            "ct_window", "ct_window_for", "gpu_context", "pixels", "remove_output"]
 
 
@@ -40,11 +40,12 @@ RESIZE_KERNEL_CHOICES = ("sam3", "monai")
 def add_resize_kernel_option(parser: Any) -> None:
     """``--resize-kernel`` (the bundles' ``resize_kernel``) on ``parser``: how the pictures are resized to the slice
     space, which should be how the network saw them in training."""
-    parser.add_argument("--resize-kernel", choices=RESIZE_KERNEL_CHOICES, default="sam3",
-                        help="the resize to the slice space: sam3 (default; SAM3's image processor's, on the 8-bit "
-                             "picture) or monai (MONAI's Resize of the float intensities), as the network was "
-                             "trained (the training bundle's resize_kernel; monai for models fine-tuned with this "
-                             "project before December 2026)")
+    parser.add_argument("--resize-kernel", choices=RESIZE_KERNEL_CHOICES, default=None,
+                        help="the resize to the slice space: sam3 (SAM3's image processor's, on the 8-bit picture) "
+                             "or monai (MONAI's Resize of the float intensities), as the network was trained. "
+                             "Default: the one a model file of this project records (the training bundle's "
+                             "resize_kernel), else sam3 (monai for models fine-tuned with this project before "
+                             "December 2026, whose files record none)")
 
 
 def random_weights_notes(checkpoint: Any) -> list[str]:
@@ -189,18 +190,22 @@ def ct_window(value: str) -> Any:
     return (width, level)
 
 
-#: the CT window of CT inputs when --ct-window is not given
-DEFAULT_CT_WINDOW = "abdomen"
+def add_ct_window_option(parser: Any) -> None:
+    """``--ct-window`` (default None: the model's own, else abdomen) of the sub-commands that read CT inputs."""
+    parser.add_argument("--ct-window", default=None, metavar="NAME|W,L",
+                        help="CT window preset (abdomen, lung, bone, brain, ...) or width,level in HU, for CT inputs "
+                             "(--modality CT, or the datalist's 'modality'). Default: the one a model file of this "
+                             "project records (the training bundle's ct_window), else abdomen")
 
 
 def ct_window_for(value: str | None, modalities: Iterable[str | None]) -> Any:
-    """``--ct-window`` (None: :data:`DEFAULT_CT_WINDOW`) for inputs of ``modalities`` -> what the pipeline takes.
+    """``--ct-window`` (None: not given, the model's own) for inputs of ``modalities`` -> what the pipeline takes.
 
     A window given where no input is CT (no input's intensity rule is the CT window) would go unused (the others
     are scaled by their own rule): refused, with the fix. Unknown modality names count as not CT (their own
     check names them)."""
     if value is None:
-        return ct_window(DEFAULT_CT_WINDOW)
+        return None
     from ..transforms.intensity import is_ct_windowed  # torch and MONAI: at run time, not when parsing
 
     window = ct_window(value)

@@ -28,7 +28,7 @@ from ..data.selection import (
 )
 from ..protocol_registry import DEFAULT_PROTOCOL, PROTOCOLS
 from .agent_cli import add_planner_options
-from .arguments import (add_detector_chunk_option, add_gpu_options, add_resize_kernel_option,
+from .arguments import (add_ct_window_option, add_detector_chunk_option, add_gpu_options, add_resize_kernel_option,
                         add_score_threshold_option, add_tracker_batch_option, at_least, compile_notice,
                         gpu_context, remove_output)
 
@@ -86,6 +86,7 @@ def add_parser(subparsers: argparse._SubParsersAction) -> argparse.ArgumentParse
                              "(sam3.pt, a Medical-SAM3 file) is built at it (default 1008; 504 for the release's 3D "
                              "checkpoint); others must match theirs")
     add_resize_kernel_option(parser)
+    add_ct_window_option(parser)
     parser.add_argument("--max-cases", type=int, default=None, metavar="N",
                         help="at most N cases per datalist: a seeded sample (--seed), kept in file order")
     parser.add_argument("--seed", type=int, default=42, help="seed of the --max-cases sample (42)")
@@ -283,7 +284,7 @@ def run(args: argparse.Namespace) -> int:
         check_volume_score_threshold,
         run_evaluation,
     )
-    from .arguments import check_writable, checked_threshold_option
+    from .arguments import check_writable, checked_threshold_option, ct_window_for
     from ..engines.reports import check_tracking_uri, default_tracking_uri, open_experiment
     from ..networks import load_network
     from ..networks.tracker import resolve_tracker
@@ -310,6 +311,7 @@ def run(args: argparse.Namespace) -> int:
 
         plan = plan_phrasings(items, args.max_phrasings)
     _check_2d_options(items, args)
+    window = ct_window_for(args.ct_window, [item.get("modality") for item in items])
     if not args.no_mlflow:
         check_tracking_uri(args.tracking_uri)
     volumes = sum(is_volume_item(item) for item in items)
@@ -365,7 +367,7 @@ def run(args: argparse.Namespace) -> int:
                     experiment=args.experiment, run_name=spec["label"], parent_run_id=parent,
                     skip_unreadable=args.skip_unreadable, tracker_batch=args.tracker_batch,
                     skip_empty_truth=args.skip_empty_truth, volume_score_threshold=args.volume_score_threshold,
-                    save_predictions=args.save_predictions, resize_kernel=args.resize_kernel,
+                    save_predictions=args.save_predictions, resize_kernel=args.resize_kernel, ct_window=window,
                     **spec.get("evaluation", {}),
                 )
             if len(sources) == 2:

@@ -36,7 +36,7 @@ from pathlib import Path
 from typing import Any
 
 from ..protocol_registry import PROTOCOLS, score_text
-from .arguments import (INPUT_HELP, add_detector_chunk_option, add_gpu_options, add_model_options,
+from .arguments import (INPUT_HELP, add_ct_window_option, add_detector_chunk_option, add_gpu_options, add_model_options,
                         add_score_threshold_option, add_tracker_batch_option, at_least, checked_threshold_option,
                         compile_notice, ct_window_for, gpu_context, nearest_existing, pixels, random_weights_notes)
 
@@ -98,9 +98,7 @@ def add_parser(subparsers: argparse._SubParsersAction) -> argparse.ArgumentParse
                         help="volumes: auto (default), none (detector only), tiny, an HF folder or a sam3.pt")
     parser.add_argument("--modality", default=None,
                         help="intensity rule: CT, MRI, X-ray, ultrasound, endoscopy, ... (default: by channels)")
-    parser.add_argument("--ct-window", default=None, metavar="NAME|W,L",
-                        help="CT window preset (abdomen, lung, bone, brain, ...) or width,level, for CT inputs "
-                             "(--modality CT, or the datalist's 'modality'); default abdomen")
+    add_ct_window_option(parser)
     parser.add_argument("--channel", type=int, default=None, metavar="N",
                         help="for a 4D volume (several channels / time points): segment channel N (0-based)")
     parser.add_argument("--out", metavar="PATH",
@@ -392,6 +390,8 @@ def _predictor(args: argparse.Namespace, max_pixels: Any, progress: bool, modali
         ct_window=window, progress=progress, max_pixels=max_pixels, resize_kernel=args.resize_kernel,
         detector_chunk=args.detector_chunk, volume_batch_size=args.batch_size, tracker_batch=args.tracker_batch,
     )
+    for line in predictor.preprocessing_notes:
+        print(f"medsam3 segment: note: {line}", file=sys.stderr)
     if args.compile:
         predictor.compile()
         print(compile_notice("medsam3 segment"), file=sys.stderr)

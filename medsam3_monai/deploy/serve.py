@@ -137,6 +137,8 @@ def build_server(args: argparse.Namespace) -> Any:
                                           score_threshold=args.score_threshold, tracker_batch=args.tracker_batch,
                                           resize_kernel=args.resize_kernel,
                                           max_pixels=args.max_image_pixels)  # the header check's limit, not PIL's
+    for line in predictor.preprocessing_notes:
+        print(f"medsam3 serve: note: {line}", file=sys.stderr)
     app = create_app(predictor, token=token, limits=limits, cors_origins=origins, agent=agent)
     config = uvicorn.Config(app, host=args.host, port=args.port, log_level=args.log_level, access_log=True,
                             limit_concurrency=256, timeout_keep_alive=5,

@@ -196,15 +196,15 @@ class NetworkConfig:
     """A ``MedSAM3Net``'s SAM3 configuration as a checkpointable object, saved in every training checkpoint as
     ``network_config`` (our model file's description, ``networks.checkpoints.model_description``) so that
     ``MedSAM3Net(path)`` and every ``--checkpoint`` build the network a ``checkpoint_iterN.pt`` holds; a resume does
-    not read it."""
+    not read it. ``preprocessing``: the training's ``resize_kernel`` and ``ct_window``, recorded with it."""
 
-    def __init__(self, network: torch.nn.Module) -> None:
-        self.network = network
+    def __init__(self, network: torch.nn.Module, preprocessing: Mapping[str, Any] | None = None) -> None:
+        self.network, self.preprocessing = network, preprocessing
 
     def state_dict(self) -> dict[str, Any]:
         from ..networks.checkpoints import model_description
 
-        return model_description(self.network.sam3)
+        return model_description(self.network.sam3, self.preprocessing)
 
     def load_state_dict(self, state: Mapping[str, Any]) -> None:
         """Nothing to restore: the configuration is the network's own."""
@@ -224,6 +224,8 @@ class TrainingCheckpoint:
         n_saved: checkpoints kept (oldest deleted).
         resume: ``True`` resumes from the latest checkpoint in ``save_dir`` when one exists, a path resumes from
             that file, ``False`` starts fresh.
+        preprocessing: the training's ``{"resize_kernel", "ct_window"}``, recorded beside the network's
+            configuration (``network_config``) for an inference from the checkpoint to repeat.
 
     Resume is exact at any iteration: with per-epoch seeding (``EpochSeedHandler``) the resumed epoch draws the
     same data order and random transforms; the batches the killed run had already trained on are drawn again and
@@ -234,7 +236,7 @@ class TrainingCheckpoint:
     """
 
     def __init__(self, save_dir: str, objects: Mapping[str, Any], save_interval: int = 100, n_saved: int = 2,
-                 resume: bool | str = True) -> None:
+                 resume: bool | str = True, preprocessing: Mapping[str, Any] | None = None) -> None:
         if save_interval < 1:
             raise ValueError(f"save_interval must be >= 1, got {save_interval}")
         check_resume_source(resume)  # before DiskSaver makes save_dir: a refused start leaves no empty folder
@@ -248,6 +250,7 @@ class TrainingCheckpoint:
         self._rng_state = torch.get_rng_state()
         self._checkpointer: Checkpoint | None = None
         self._n_saved = n_saved
+        self.preprocessing = preprocessing
 
     def _to_save(self, engine: Engine) -> dict[str, Any]:
         return {**self.objects, "trainer": engine, "torch_rng": self._rng}
@@ -255,7 +258,8 @@ class TrainingCheckpoint:
     def _saved(self, engine: Engine) -> dict[str, Any]:
         """What a checkpoint holds: what a resume restores, and the network's configuration (a ``MedSAM3Net``'s)."""
         network = self.objects.get("network")
-        described = {"network_config": NetworkConfig(network)} if hasattr(network, "sam3") else {}
+        described = ({"network_config": NetworkConfig(network, self.preprocessing)} if hasattr(network, "sam3")
+                     else {})
         return {**self._to_save(engine), **described}
 
     def attach(self, engine: Engine) -> None:

@@ -745,8 +745,8 @@ def run_evaluation(
     experiment: str | None = None,
     run_name: str | None = None,
     parent_run_id: str | None = None,
-    ct_window: str | Sequence[float] = "abdomen",
-    resize_kernel: str = "sam3",
+    ct_window: str | Sequence[float] | None = None,
+    resize_kernel: str | None = None,
     skip_unreadable: bool = False,
     tracker_batch: int = TRACKER_BATCH,
     inferer: dict[str, Any] | None = None,
@@ -764,7 +764,9 @@ def run_evaluation(
     Every argument is an override of a config id (``checkpoint``, ``datalists``, ``split`` and ``max_cases``
     only describe the run in the report and MLflow parameters; ``tracker_name`` is the tracker's description),
     so ``medsam3 evaluate`` runs exactly what ``python -m monai.bundle run --config_file
-    "['configs/inference.json','configs/evaluate.json']"`` runs.
+    "['configs/inference.json','configs/evaluate.json']"`` runs. ``ct_window`` and ``resize_kernel`` None: the ones
+    the network's model file records (its training's), else abdomen and sam3; a given one that differs from the
+    recorded one is noted under the table.
     ``inferer`` overrides entries of the ``inferer`` config (``{"_target_": "...EnsembleCaseInferer",
     "keep_ratio": 0.5}`` swaps the case inferer); ``notes`` are added under the report's table, ``params`` to its
     MLflow parameters, and ``artifact_dirs`` (report sub-folders) are logged with the report files.
@@ -772,7 +774,10 @@ def run_evaluation(
     ``run_id``).
     """
     from ..bundle import config_parser
+    from ..inferers.trained_settings import inference_preprocessing
 
+    resize_kernel, ct_window, differing = inference_preprocessing(network, resize_kernel, ct_window)
+    notes = [*notes, *(f"Note: {line}." for line in differing)]
     device = torch.device(device) if device is not None else next(network.parameters()).device
     network = network.to(device).eval()
     if tracker is not None:

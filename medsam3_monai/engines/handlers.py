@@ -197,9 +197,11 @@ class LossProgressBar:
         engine.add_event_handler(Events.STARTED, lambda _engine: log_above_progress_bars())
 
 
-def save_model_file(network: torch.nn.Module, path: str | Path, **extra: Any) -> None:
+def save_model_file(network: torch.nn.Module, path: str | Path, preprocessing: Mapping[str, Any] | None = None,
+                    **extra: Any) -> None:
     """Write ``network`` (a ``MedSAM3Net``, DDP-wrapped or compiled alike) as our model file (config + state dict,
-    :func:`~medsam3_monai.networks.checkpoints.save_checkpoint_file`), on rank 0 only; ``extra`` is stored beside.
+    :func:`~medsam3_monai.networks.checkpoints.save_checkpoint_file`), on rank 0 only; ``extra`` is stored beside,
+    ``preprocessing`` (the training's ``resize_kernel`` and ``ct_window``) as the settings inference repeats.
     The state a subclass adds outside the SAM3 model (a head of one's own) is saved with it, under its own names."""
     if get_rank() > 0:
         return
@@ -207,7 +209,7 @@ def save_model_file(network: torch.nn.Module, path: str | Path, **extra: Any) ->
 
     net = unwrap(network)
     own = {name: value for name, value in net.state_dict().items() if not name.startswith("sam3.")}
-    save_checkpoint_file(net.sam3, path, extra=extra, extra_state=own)
+    save_checkpoint_file(net.sam3, path, extra=extra, extra_state=own, preprocessing=preprocessing)
 
 
 class ValidateAtStart:
@@ -289,16 +291,17 @@ class OptimizerStepLrSchedule:
 
 
 class FinalCheckpoint:
-    """Save the network as the bundle's ``models/model.pt`` (config + state dict, our checkpoint format) on COMPLETED."""
+    """Save the network as the bundle's ``models/model.pt`` (config + state dict, our checkpoint format) on COMPLETED;
+    ``preprocessing``: the training's ``{"resize_kernel", "ct_window"}``, recorded for inference to repeat."""
 
-    def __init__(self, network: torch.nn.Module, path: str) -> None:
-        self.network, self.path = network, path
+    def __init__(self, network: torch.nn.Module, path: str, preprocessing: Mapping[str, Any] | None = None) -> None:
+        self.network, self.path, self.preprocessing = network, path, preprocessing
 
     def attach(self, engine: Engine) -> None:
         engine.add_event_handler(Events.COMPLETED, self)
 
     def __call__(self, engine: Engine) -> None:
-        save_model_file(self.network, self.path, iteration=engine.state.iteration)
+        save_model_file(self.network, self.path, self.preprocessing, iteration=engine.state.iteration)
         logger.info("saved final model to %s", self.path)
 
 
@@ -312,6 +315,7 @@ class BestModelCheckpoint:
         path: the file, rewritten atomically at each improvement.
         metric: the validator's metric to maximise (stored in the file beside the weights).
         iteration: the trainer's iteration (a :class:`TrainerIteration`), stored in the file; None leaves it out.
+        preprocessing: the training's ``{"resize_kernel", "ct_window"}``, recorded for inference to repeat.
 
     The best value so far is state (``state_dict``): give the handler to ``TrainingCheckpoint``'s objects (as
     ``best_model``, as ``train.json`` does) and a resumed training keeps the best model of the run it resumes,
@@ -321,8 +325,9 @@ class BestModelCheckpoint:
     """
 
     def __init__(self, network: torch.nn.Module, path: str, metric: str = "val_dice",
-                 iteration: TrainerIteration | None = None) -> None:
+                 iteration: TrainerIteration | None = None, preprocessing: Mapping[str, Any] | None = None) -> None:
         self.network, self.path, self.metric, self.iteration = network, path, metric, iteration
+        self.preprocessing = preprocessing
         self.best = float("-inf")
         self.best_epoch = -1
         self._validator: Engine | None = None
@@ -354,5 +359,5 @@ class BestModelCheckpoint:
         extra: dict[str, Any] = {self.metric: value}
         if self.iteration is not None:
             extra["iteration"] = self.iteration(0)
-        save_model_file(self.network, self.path, **extra)
+        save_model_file(self.network, self.path, self.preprocessing, **extra)
         logger.info("saved best model (%s %.4f) to %s", self.metric, value, self.path)

@@ -340,17 +340,19 @@ class Prediction:
         return out
 
 
-def _check_settings(tracker: Any, ct_window: Any, resize_kernel: Any = "sam3") -> None:
+def _check_settings(tracker: Any, ct_window: Any = None, resize_kernel: Any = None) -> None:
     """A tracker source that is not there, an unknown CT window or resize kernel fails when a predictor is made, not
-    at the first volume (servers start with it)."""
+    at the first volume (servers start with it); None (the model's own) passes."""
     from ..bundle import check_resize_kernel
     from ..networks.tracker import check_tracker_source
     from ..transforms.intensity import check_ct_window
 
     if tracker is None or isinstance(tracker, (str, Path)):
         check_tracker_source(tracker)
-    check_ct_window(ct_window)
-    check_resize_kernel(resize_kernel)
+    if ct_window is not None:
+        check_ct_window(ct_window)
+    if resize_kernel is not None:
+        check_resize_kernel(resize_kernel)
 
 
 class Predictor:
@@ -363,9 +365,14 @@ class Predictor:
         checkpoint: the network's source (for ``tracker="auto"``, which finds a tracker in it, and the outputs'
             description); default the network's own (``MedSAM3Net.source``).
         protocol, score_threshold, volume_batch_size, tracker_batch: as :class:`PromptInferer`.
-        ct_window: CT window preset or (width, level) for ``modality="CT"``.
+        ct_window: CT window preset or (width, level) for ``modality="CT"``; None: the one the network's model file
+            records (its training's, ``MedSAM3Net.trained_preprocessing``), else ``"abdomen"``.
         resize_kernel: the resize to the slice space, the bundles' ``resize_kernel``: ``"sam3"`` (SAM3's image
-            processor's) or ``"monai"`` (MONAI's ``Resize``), as the network was trained.
+            processor's) or ``"monai"`` (MONAI's ``Resize``), as the network was trained; None: the one its model file
+            records, else ``"sam3"``.
+
+    ``preprocessing_notes``: a given setting that differs from the one the model file records
+    (:func:`~.trained_settings.inference_preprocessing`).
         progress: progress bars (stderr) for volumes and for the tiled passes over large 2D pictures.
         max_pixels: the largest 2D picture to accept, in pixels (it also lifts PIL's decompression-bomb limit);
             ``"auto"``: PIL's limit and what fits in the available memory (``transforms.io.check_picture_size``;
@@ -374,10 +381,13 @@ class Predictor:
 
     def __init__(self, network: torch.nn.Module, *, tracker: Any = "auto", checkpoint: str | None = None,
                  protocol: str = "top_query", score_threshold: float = 0.5,
-                 ct_window: str | Sequence[float] = "abdomen", progress: bool = False,
+                 ct_window: str | Sequence[float] | None = None, progress: bool = False,
                  max_pixels: int | str | None = "auto", volume_batch_size: int = 8,
-                 tracker_batch: int = TRACKER_BATCH, resize_kernel: str = "sam3") -> None:
+                 tracker_batch: int = TRACKER_BATCH, resize_kernel: str | None = None) -> None:
+        from .trained_settings import inference_preprocessing
+
         _check_settings(tracker, ct_window, resize_kernel)
+        resize_kernel, ct_window, self.preprocessing_notes = inference_preprocessing(network, resize_kernel, ct_window)
         self.network = network.eval()
         self.checkpoint = str(checkpoint if checkpoint is not None else getattr(network, "source", "tiny"))
         self._tracker_spec = tracker
@@ -414,8 +424,8 @@ class Predictor:
     def from_checkpoint(cls, checkpoint: str = "tiny", image_size: int | None = None,
                         device: str | torch.device | None = None, detector_chunk: int | None = None,
                         **kwargs: Any) -> Predictor:
-        _check_settings(kwargs.get("tracker", "auto"), kwargs.get("ct_window", "abdomen"),
-                        kwargs.get("resize_kernel", "sam3"))  # before the weights load
+        _check_settings(kwargs.get("tracker", "auto"), kwargs.get("ct_window"),
+                        kwargs.get("resize_kernel"))  # before the weights load
         return cls(load_network(checkpoint, image_size, device, detector_chunk), checkpoint=checkpoint, **kwargs)
 
     def compile(self, mode: str | None = None) -> Predictor:
@@ -594,18 +604,19 @@ def predict_file(
     score_threshold: float = 0.5,
     tracker: Any = "auto",
     modality: str | None = None,
-    ct_window: str | Sequence[float] = "abdomen",
+    ct_window: str | Sequence[float] | None = None,
     device: str | torch.device | None = None,
     progress: bool = False,
     channel: int | None = None,
     max_pixels: int | str | None = "auto",
-    resize_kernel: str = "sam3",
+    resize_kernel: str | None = None,
 ) -> Prediction:
     """Segment one image or volume file with text prompts (and, for 2D images, boxes in pixels).
 
     ``network`` (a loaded ``MedSAM3Net``) is used when given (its own source then names it and finds the tracker),
-    else ``checkpoint`` is loaded (default ``tiny``; ``image_size`` sizes the tiny preset). Keep a :class:`Predictor`
-    to segment many files with one loaded network.
+    else ``checkpoint`` is loaded (default ``tiny``; ``image_size`` sizes the tiny preset). ``ct_window`` and
+    ``resize_kernel``: as :class:`Predictor` (None: the network's training's). Keep a :class:`Predictor` to segment
+    many files with one loaded network.
     """
     if network is None:
         network = load_network("tiny" if checkpoint is None else checkpoint, image_size, device)

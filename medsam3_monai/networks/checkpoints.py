@@ -19,7 +19,7 @@ import os
 import shutil
 import tempfile
 import warnings
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any, Callable, Mapping
 
@@ -62,6 +62,8 @@ class LoadedSam3:
     model: Sam3Model
     tokenizer: PreTrainedTokenizerBase
     source_format: str
+    #: how the network saw the pictures in training, as its file records it (:func:`described_preprocessing`)
+    preprocessing: dict[str, Any] = field(default_factory=dict)
 
 
 # ---------------------------------------------------------------------------------------- reading
@@ -169,7 +171,12 @@ def _is_safetensors(path: Path) -> bool:
 
 def read_checkpoint_file(path: str | Path) -> tuple[dict[str, torch.Tensor], Sam3Config | None, str]:
     """Read a ``.pt``/``.pth``/``.safetensors`` file: (transformers-layout state dict, embedded config, format)."""
-    path = Path(path)
+    state_dict, config, source_format, _preprocessing = _read_checkpoint(Path(path))
+    return state_dict, config, source_format
+
+
+def _read_checkpoint(path: Path) -> tuple[dict[str, torch.Tensor], Sam3Config | None, str, dict[str, Any]]:
+    """:func:`read_checkpoint_file`, and the preprocessing the file records (:func:`described_preprocessing`)."""
     if path.suffix == ".safetensors" or _is_safetensors(path):
         from safetensors.torch import load_file
 
@@ -182,6 +189,7 @@ def read_checkpoint_file(path: str | Path) -> tuple[dict[str, torch.Tensor], Sam
     config = None
     # our model file, or a training checkpoint (checkpoint_iterN.pt) with its network's configuration beside
     described = obj.get("network_config", obj) if isinstance(obj, Mapping) else None
+    preprocessing = described_preprocessing(described)
     if isinstance(described, Mapping) and described.get("format") == OUR_FORMAT:
         config = Sam3Config.from_dict(described["config"])
         version = described.get("format_version")
@@ -196,14 +204,14 @@ def read_checkpoint_file(path: str | Path) -> tuple[dict[str, torch.Tensor], Sam
     keys = list(state_dict)
     if any(k.startswith(("detector.", "tracker.")) for k in keys):
         detector, _tracker = split_sam3_checkpoint(state_dict)
-        return _convert_original(detector, path, prefix="detector."), config, "sam3_original"
+        return _convert_original(detector, path, prefix="detector."), config, "sam3_original", preprocessing
     if any(k.startswith(_ORIGINAL_MARKERS) for k in keys):  # a tracker neck saved along stays out of the detector
         detector, _tracker = split_sam3_checkpoint(state_dict)
-        return _convert_original(detector, path), config, "medical_sam3"
+        return _convert_original(detector, path), config, "medical_sam3", preprocessing
     video = [k for k in keys if k.startswith(_VIDEO_DETECTOR)]
     if video and all(k.startswith(_VIDEO_PREFIXES) for k in keys):
         # the weights file of a facebook/sam3 (sam3_video) folder given alone: its detector part
-        return {k[len(_VIDEO_DETECTOR):]: state_dict[k] for k in video}, config, "sam3_video_weights"
+        return {k[len(_VIDEO_DETECTOR):]: state_dict[k] for k in video}, config, "sam3_video_weights", preprocessing
     own, outside = [k for k in keys if k.startswith("sam3.")], sorted(k for k in keys if not k.startswith("sam3."))
     if own and outside and not any(k.startswith(_HF_PREFIXES + _HF_MARKERS) for k in outside):
         # a network built on MedSAM3Net (a training checkpoint of a subclass with a head of its own): its SAM3 model
@@ -212,7 +220,7 @@ def read_checkpoint_file(path: str | Path) -> tuple[dict[str, torch.Tensor], Sam
     stripped = _strip_prefixes(state_dict)
     if any(k.startswith(_HF_MARKERS) for k in stripped):
         training = isinstance(obj, Mapping) and "network" in obj and ("optimizer" in obj or "trainer" in obj)
-        return stripped, config, "training_checkpoint" if training else "medsam3_monai"
+        return stripped, config, "training_checkpoint" if training else "medsam3_monai", preprocessing
     raise CheckpointError(
         f"{path} is not a SAM3 checkpoint: none of its {len(keys)} keys look like SAM3 "
         f"(first keys: {keys[:5]}). Expected original keys (backbone.vision_backbone.*, detector.*) "
@@ -522,7 +530,7 @@ def _load_sam3(source: str | Path, config: Sam3Config | None, image_size: int | 
         raise missing_checkpoint(path)
     if path.is_dir():
         return LoadedSam3(_load_hf_folder(path), _folder_tokenizer(path), "hf_folder")
-    state_dict, embedded_config, source_format = read_checkpoint_file(path)
+    state_dict, embedded_config, source_format, preprocessing = _read_checkpoint(path)
     # a file without a configuration (sam3.pt, a Medical-SAM3 release) fits SAM3's architecture at any multiple of
     # 14: the requested size (the release's 3D checkpoint works at 504), else 1008
     model_config = config or embedded_config or full_sam3_config(image_size or FULL_IMAGE_SIZE)
@@ -551,7 +559,7 @@ def _load_sam3(source: str | Path, config: Sam3Config | None, image_size: int | 
             "Python, MedSAM3Net(path, config=tiny_sam3_config(SIZE)). The training bundle's models/model.pt, "
             "model_best_val_dice.pt and checkpoint_iterN.pt carry their configuration."
         ) from None
-    return LoadedSam3(model, load_tokenizer(None), source_format)
+    return LoadedSam3(model, load_tokenizer(None), source_format, preprocessing)
 
 
 # ---------------------------------------------------------------------------------------- save
@@ -606,11 +614,33 @@ def save_hf_folder(model: Sam3Model, tokenizer: PreTrainedTokenizerBase | None, 
     return atomic_dir(Path(directory), write)
 
 
-def model_description(model: Sam3Model) -> dict[str, Any]:
+def model_description(model: Sam3Model, preprocessing: Mapping[str, Any] | None = None) -> dict[str, Any]:
     """What our files say about a network besides its weights: ``{"format", "format_version", "config"}``, from
     which :func:`read_checkpoint_file` rebuilds the architecture (model files, and training checkpoints'
-    ``network_config``)."""
-    return {"format": OUR_FORMAT, "format_version": OUR_FORMAT_VERSION, "config": model.config.to_dict()}
+    ``network_config``), and ``"preprocessing"``: the training's ``resize_kernel`` and ``ct_window`` when given
+    (:func:`described_preprocessing`)."""
+    described = {"format": OUR_FORMAT, "format_version": OUR_FORMAT_VERSION, "config": model.config.to_dict()}
+    entry = _preprocessing_entry(preprocessing)
+    return {**described, "preprocessing": entry} if entry else described
+
+
+#: the preprocessing settings our files record: the training bundle's keys, how the network saw the pictures
+PREPROCESSING_KEYS = ("resize_kernel", "ct_window")
+
+
+def _preprocessing_entry(settings: Any) -> dict[str, Any]:
+    """The :data:`PREPROCESSING_KEYS` of ``settings`` that are set, a (width, level) window as a list."""
+    if not isinstance(settings, Mapping):
+        return {}
+    return {key: list(value) if isinstance(value, (list, tuple)) else value
+            for key, value in settings.items() if key in PREPROCESSING_KEYS and value is not None}
+
+
+def described_preprocessing(description: Any) -> dict[str, Any]:
+    """The preprocessing a :func:`model_description` records (our model file, a training checkpoint's
+    ``network_config``), e.g. ``{"resize_kernel": "sam3", "ct_window": "lung"}``: the training bundle's settings,
+    which inference repeats; ``{}`` for files that record none (other formats, files written before)."""
+    return _preprocessing_entry(description.get("preprocessing") if isinstance(description, Mapping) else None)
 
 
 def described_image_size(description: Any) -> int | None:
@@ -624,7 +654,8 @@ def described_image_size(description: Any) -> int | None:
 
 
 def save_checkpoint_file(model: Sam3Model, path: str | Path, extra: Mapping[str, Any] | None = None,
-                         extra_state: Mapping[str, torch.Tensor] | None = None) -> Path:
+                         extra_state: Mapping[str, torch.Tensor] | None = None,
+                         preprocessing: Mapping[str, Any] | None = None) -> Path:
     """Save our single-file format, atomically: ``{"format", "format_version", "config", "model"}``.
 
     ``model`` holds ``MedSAM3Net``'s state dict (transformers keys under ``sam3.``), the layout MONAI's
@@ -632,12 +663,13 @@ def save_checkpoint_file(model: Sam3Model, path: str | Path, extra: Mapping[str,
     ``Sam3Config`` as a dict) lets ``MedSAM3Net(path)`` rebuild the architecture. Version 1 files (a
     ``state_dict`` of ``Sam3Model`` keys) still load. ``extra_state``: the state a subclass of ``MedSAM3Net`` holds
     outside its SAM3 model (a head of one's own), stored as ``extra_state`` beside ``model``; ``MedSAM3Net(path)``
-    loads the SAM3 weights and notes it, :func:`load_extra_state` loads it into the subclass.
+    loads the SAM3 weights and notes it, :func:`load_extra_state` loads it into the subclass. ``preprocessing``:
+    how the network saw the pictures in training (:func:`model_description`), which inference repeats.
     """
     path = Path(path).expanduser()
     path.parent.mkdir(parents=True, exist_ok=True)
     payload = {
-        **model_description(model),
+        **model_description(model, preprocessing),
         "model": {f"sam3.{k}": v.detach().cpu() for k, v in model.state_dict().items()},
         **dict(extra or {}),
     }

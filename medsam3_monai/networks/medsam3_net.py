@@ -5,7 +5,7 @@ from __future__ import annotations
 import contextlib
 import math
 from pathlib import Path
-from typing import Iterator, Sequence
+from typing import Any, Iterator, Sequence
 
 import torch
 from torch import nn
@@ -141,6 +141,10 @@ class MedSAM3Net(nn.Module):
         self.tokenizer = loaded.tokenizer
         self.source = str(source)
         self.source_format = loaded.source_format
+        #: how the network saw the pictures in training, as its model file records it (``{"resize_kernel": ...,
+        #: "ct_window": ...}``; ``{}`` when it records none): what inference repeats unless told otherwise
+        #: (:func:`~medsam3_monai.networks.checkpoints.inference_preprocessing`)
+        self.trained_preprocessing: dict[str, Any] = dict(loaded.preprocessing)
         self.training_dropout = TrainingDropout.of(training_dropout)
         self._regularization_hooks = apply_training_dropout(self.sam3, self.training_dropout)
         self.dac = bool(dac)

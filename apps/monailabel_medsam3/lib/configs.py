@@ -9,9 +9,9 @@ Every value arrives as a string. Keys (all optional):
 * ``prompts``: JSON ``{"label name": "text prompt"}`` for labels whose prompt differs from their name, e.g.
   ``{"polyp": "colon polyp"}``.
 * ``checkpoint`` (``tiny``: random init, runs without weights), ``image_size``, ``tracker`` (``auto``),
-  ``protocol`` (``top_query``), ``score_threshold`` (0.5), ``modality`` (none: by channels), ``ct_window``
-  (``abdomen``), ``resize_kernel`` (``sam3``; ``monai`` for a network trained with MONAI's resize): as
-  ``medsam3 segment``'s options of the same names.
+  ``protocol`` (``top_query``), ``score_threshold`` (0.5), ``modality`` (none: by channels), ``ct_window`` and
+  ``resize_kernel`` (the ones the checkpoint's model file records, its training's, else ``abdomen`` and ``sam3``):
+  as ``medsam3 segment``'s options of the same names.
 * ``model``: the model's name in MONAI Label (``medsam3``); ``preload``: load the network at start (``false``:
   on the first request).
 """
@@ -44,8 +44,8 @@ class AppConfig:
     protocol: str = "top_query"
     score_threshold: float = 0.5
     modality: str | None = None
-    ct_window: Any = "abdomen"
-    resize_kernel: str = "sam3"
+    ct_window: Any = None  # None: the model file's own (its training's), else abdomen
+    resize_kernel: str | None = None  # None: the model file's own, else sam3
     model: str = MODEL_NAME
     preload: bool = False
 
@@ -132,8 +132,8 @@ def parse_conf(conf: dict[str, str] | None) -> AppConfig:
         raise ConfError(f"--conf score_threshold {conf['score_threshold']!r}: give a number in [0, 1]") from None
     if not 0.0 <= score <= 1.0:
         raise ConfError(f"--conf score_threshold {score}: give a number in [0, 1]")
-    ct = conf.get("ct_window", "abdomen")
-    if "," in ct:
+    ct = conf.get("ct_window") or None
+    if ct is not None and "," in ct:
         try:
             width, level = (float(v) for v in ct.split(","))
         except ValueError:
@@ -158,7 +158,7 @@ def parse_conf(conf: dict[str, str] | None) -> AppConfig:
     for key, check in (("image_size", lambda: image_size is None or check_image_size(int(image_size))),
                        ("checkpoint", lambda: check_network_source(checkpoint, None)),
                        ("tracker", lambda: check_tracker_source(tracker)),
-                       ("ct_window", lambda: check_ct_window(ct))):
+                       ("ct_window", lambda: ct is None or check_ct_window(ct))):
         try:
             check()
         except (ValueError, OSError, CheckpointError) as err:
@@ -183,7 +183,8 @@ def parse_conf(conf: dict[str, str] | None) -> AppConfig:
         score_threshold=score,
         modality=modality,
         ct_window=ct,
-        resize_kernel=_choice("resize_kernel", conf.get("resize_kernel") or "sam3", RESIZE_KERNELS),
+        resize_kernel=(_choice("resize_kernel", conf["resize_kernel"], RESIZE_KERNELS) if conf.get("resize_kernel")
+                       else None),
         model=conf.get("model") or MODEL_NAME,
         preload=preload,
     )

@@ -104,6 +104,8 @@ class MedSAM3Infer(InferTask):
                 protocol=self.conf.protocol, score_threshold=self.conf.score_threshold,
                 ct_window=self.conf.ct_window, resize_kernel=self.conf.resize_kernel, progress=False,
             )
+            for line in self._predictors[device].preprocessing_notes:
+                logger.warning(line)
         return self._predictors[device]
 
     # ------------------------------------------------------------------------------------------ a request
