@@ -196,6 +196,39 @@ def test_a_photo_stored_sideways_is_read_as_viewers_show_it(tmp_path):
     assert np.array_equal(band, (shown[..., 0] > 127).astype(np.uint8))  # the band, where the viewer shows it
     plain = _save(tmp_path, "plain.png", Image.fromarray(stored))  # no tag: as stored
     assert picture_size(plain) == (120, 60) and tuple(load(plain)["image"].shape) == (3, 60, 120)
+    # a mask saved in the stored orientation (by a tool that ignores EXIF): refused, saying why
+    stored_mask = _save(tmp_path, "stored_mask.png", Image.fromarray(((stored[..., 0] > 127) * 255).astype(np.uint8)))
+    with pytest.raises(DataError, match=r"EXIF Orientation \(6\) turns it a quarter.*the mask has the stored "
+                                        r"orientation"):
+        load(path, stored_mask)
+
+
+@pytest.mark.parametrize("compression", [None, "tiff_lzw"])
+@pytest.mark.parametrize("mode", ["L", "I;16", "RGB", "RGBA"])
+@pytest.mark.parametrize("orientation", [6, 8, 5, 7])
+def test_a_tiff_stored_turned_is_read_and_sized_as_viewers_show_it(tmp_path, orientation, mode, compression):
+    """A TIFF whose Orientation tag turns it a quarter: sized as displayed (Pillow >= 11 reports a TIFF's size
+    already turned: it must not be swapped twice, or the datalist's pair check refuses its mask) and read as
+    displayed, uncompressed too (Pillow's memory-mapped read scrambles an uncompressed grey or RGBA one)."""
+    from medsam3_monai.data.checks import spatial_shape
+    from medsam3_monai.transforms.io import picture_size
+
+    values = (np.arange(60 * 100).reshape(60, 100) * 7 % 251).astype(np.uint8)  # stored 100 wide, 60 high
+    stored = {"L": values, "I;16": values.astype(np.uint16) * 200, "RGB": np.stack([values, 255 - values, values // 2],
+              -1), "RGBA": np.stack([values, 255 - values, values // 2, np.full_like(values, 255)], -1)}[mode]
+    picture = Image.fromarray(stored)
+    exif = Image.Exif()
+    exif[0x0112] = orientation
+    path = tmp_path / "turned.tif"
+    picture.save(path, exif=exif, compression=compression)
+    turn = {6: Image.Transpose.ROTATE_270, 8: Image.Transpose.ROTATE_90, 5: Image.Transpose.TRANSPOSE,
+            7: Image.Transpose.TRANSVERSE}[orientation]
+    shown = np.asarray(picture.transpose(turn))
+    assert shown.shape[:2] == (100, 60)
+    assert picture_size(path) == (60, 100) and spatial_shape(path) == (100, 60)
+    image = load(path)["image"].numpy()
+    channels = shown[..., :3].transpose(2, 0, 1) if shown.ndim == 3 else shown[None]  # alpha dropped
+    assert image.shape == channels.shape and np.array_equal(image, channels)
 
 
 def test_a_colour_coded_rgb_mask_is_refused_and_a_one_colour_mask_read(tmp_path):

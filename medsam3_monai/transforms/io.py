@@ -218,6 +218,44 @@ def exif_orientation(img: Image.Image) -> int:
     return value if 1 <= value <= 8 else 1
 
 
+def _stored_size(img: Image.Image) -> tuple[int, int]:
+    """(width, height) as the file stores the pixels: a TIFF's own tags (Pillow >= 11 reports a TIFF's size already
+    turned by its Orientation, other formats' as stored)."""
+    if img.format == "TIFF":
+        try:
+            return int(img.tag_v2[256]), int(img.tag_v2[257])  # ImageWidth, ImageLength
+        except (KeyError, TypeError, ValueError):
+            pass
+    return img.size
+
+
+def _turned_tiff(path: str | Path) -> bool:
+    """A TIFF its Orientation tag turns a quarter (5-8). Pillow (11 to 13 at least) memory-maps an uncompressed one at
+    the turned size and scrambles a one-channel or RGBA picture; read from an open file, it decodes them right."""
+    if Path(path).suffix.lower() not in (".tif", ".tiff"):
+        return False
+    with pil_size_check_off(), Image.open(path) as img:
+        return img.format == "TIFF" and exif_orientation(img) in QUARTER_TURNS
+
+
+def _turned_mask_hint(image_path: Any, mask_shape: Sequence[int], image_shape: Sequence[int]) -> str | None:
+    """What to do with a mask of a picture's stored orientation (its shape the picture's transposed) when the
+    picture's EXIF Orientation turns it a quarter for display, as it is read; None otherwise."""
+    if len(image_shape) != 2 or tuple(mask_shape) != tuple(image_shape)[::-1] or not image_path:
+        return None
+    try:
+        with pil_size_check_off(), Image.open(str(image_path)) as img:
+            orientation = exif_orientation(img)
+    except (OSError, ValueError):
+        return None
+    if orientation not in QUARTER_TURNS:
+        return None
+    return (f"the picture's EXIF Orientation ({orientation}) turns it a quarter, and it is read as viewers show it; "
+            "the mask has the stored orientation (saved by a tool that ignores EXIF): turn the mask as the picture is "
+            "shown (PIL: ImageOps.exif_transpose on the picture, the same turn on the mask), or save the picture "
+            "without the Orientation tag")
+
+
 def as_displayed(img: Image.Image) -> Image.Image:
     """``img`` turned as its EXIF Orientation says viewers show it (the same picture when it says nothing)."""
     return img if exif_orientation(img) == 1 else ImageOps.exif_transpose(img)
@@ -239,7 +277,8 @@ def picture_size(path: str | Path) -> tuple[int, int]:
         return dicom
     with pil_size_check_off(), Image.open(path) as img:
         frames = 1 if img.format == "MPO" else int(getattr(img, "n_frames", 1) or 1)
-        size = img.size[::-1] if exif_orientation(img) in QUARTER_TURNS else img.size
+        size = _stored_size(img)
+        size = size[::-1] if exif_orientation(img) in QUARTER_TURNS else size
         samples = _unread_tiff_samples(img)
     if samples:
         raise DataError(path, f"is a TIFF of {samples} channels that are not an alpha channel, and only its first "
@@ -532,7 +571,9 @@ def _read_picture(path: str, reader: Image2DReader, size: tuple[int, int] | None
     allowed_over_pil = limit is not None and width * height > limit  # allowed by max_pixels: PIL's check off
     with ExitStack() as stack:  # the file is closed once read (PIL keeps a GIF's, a multi-frame format's, open)
         with pil_size_check_off() if allowed_over_pil else nullcontext():
-            img = as_displayed(stack.enter_context(Image.open(path, **reader.kwargs)))
+            # a turned TIFF from an open file: Pillow's memory-mapped read of it is wrong (_turned_tiff)
+            source = stack.enter_context(open(path, "rb")) if _turned_tiff(path) else path
+            img = as_displayed(stack.enter_context(Image.open(source, **reader.kwargs)))
             if callable(reader.converter):
                 try:
                     img = reader.converter(img)  # decodes (some plugins check the size again while decoding)
@@ -1023,11 +1064,12 @@ class LoadMedicalImaged(MapTransform):
         for key in self.label_keys:
             label = d.get(key)
             if isinstance(label, torch.Tensor) and tuple(label.shape[1:]) != tuple(image.shape[1:]):
+                name = image.meta.get("filename_or_obj") if isinstance(image, MetaTensor) else None
                 raise DataError(
                     label.meta.get("filename_or_obj") if isinstance(label, MetaTensor) else None,
                     f"mask size {tuple(label.shape[1:])} does not match the image size {tuple(image.shape[1:])} "
-                    f"of {image.meta.get('filename_or_obj') if isinstance(image, MetaTensor) else 'the image'}",
-                    "pair each image with its own mask, or drop the pair",
+                    f"of {name or 'the image'}", _turned_mask_hint(name, label.shape[1:], image.shape[1:])
+                    or "pair each image with its own mask, or drop the pair",
                 )
             if isinstance(label, MetaTensor) and isinstance(image, MetaTensor) and image.ndim == 4:
                 _warn_if_geometry_differs(image, label)
