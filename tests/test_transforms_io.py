@@ -778,12 +778,13 @@ def test_an_rgb_mask_reads_its_brightest_channel_per_pixel(tmp_path):
 @requires_data
 @pytest.mark.parametrize("change, words", [("spacing", "voxel spacing differs"), ("origin", "position differs"),
                                            ("mirrored", "array axis 0 points the opposite way"),
-                                           ("flipped", "array axis 0 points the opposite way"),
+                                           ("flipped", None), ("flipped twice", None),
                                            ("swapped", "its axes point in other directions"), (None, None)])
 def test_a_volume_mask_of_another_geometry_is_warned_about(change, words, tmp_path):
     """A mask with its image's size but another spacing, origin or orientation (its header says it belongs elsewhere,
-    or that it is stored mirrored: the same world grid with axis 0 reversed, as other tools save it): loaded as
-    stored, with a warning naming what differs; the image's own mask loads silently."""
+    or the same origin with axis 0 reversed: the image's mirror image): loaded as stored, with a warning naming what
+    differs. The image's own mask loads silently, and so does one stored mirrored on the image's own world grid
+    (axes reversed, origin at the other end, as other tools save it): it is flipped onto the image's grid, exactly."""
     folder = SHARED_DATA / "MSD_Task04_Hippocampus_cropped"
     image, mask = folder / "images" / "hippocampus_023.nii.gz", nib.load(folder / "masks" / "hippocampus_023.nii.gz")
     affine = mask.affine.copy()
@@ -794,10 +795,12 @@ def test_a_volume_mask_of_another_geometry_is_warned_about(change, words, tmp_pa
     data = np.asarray(mask.dataobj)
     if change == "mirrored":  # same origin, axis 0 reversed: the voxels pair with the image's mirror image
         affine[:3, 0] *= -1
-    elif change == "flipped":  # the same world grid stored with axis 0 reversed (origin at the other end)
-        affine[:3, 3] += affine[:3, 0] * (data.shape[0] - 1)
-        affine[:3, 0] *= -1
-        data = data[::-1].copy()
+    elif change in ("flipped", "flipped twice"):  # the same world grid stored with axes reversed (origin moved)
+        for axis in (0,) if change == "flipped" else (0, 2):
+            affine[:3, 3] += affine[:3, axis] * (data.shape[axis] - 1)
+            affine[:3, axis] *= -1
+            data = np.flip(data, axis)
+        data = data.copy()
     elif change == "swapped":
         affine[:3, [0, 1]] = affine[:3, [1, 0]]
     path = tmp_path / "mask.nii.gz"
@@ -809,4 +812,7 @@ def test_a_volume_mask_of_another_geometry_is_warned_about(change, words, tmp_pa
         out = LoadMedicalImaged()({"image": str(image), "label": str(path)})
     found = [str(w.message) for w in caught if "differs from its image" in str(w.message)]
     assert out["label"].shape == out["image"].shape
-    assert (len(found) == 1 and words in found[0]) if change else not found
+    assert (len(found) == 1 and words in found[0]) if words else not found
+    if change in ("flipped", "flipped twice", None):  # on the image's grid: the image's own mask, voxel for voxel
+        assert np.array_equal(out["label"][0].numpy(), np.asarray(mask.dataobj))
+        assert np.allclose(out["label"].affine.numpy(), out["image"].affine.numpy())

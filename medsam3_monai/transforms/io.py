@@ -953,10 +953,34 @@ def input_modality(path: str | Path, given: str | None) -> str | None:
     return given if given is not None else dicom_modality(path)
 
 
+def _on_image_grid(image: MetaTensor, label: MetaTensor) -> MetaTensor:
+    """A volume's mask stored with some array axes reversed on its image's own world grid (a DICOM series read
+    top-down and its mask saved bottom-up, as other tools save them): flipped onto the image's grid, exactly (the same
+    voxels, paired as they lie in the world). Any other mask is returned as it is."""
+    ours, theirs = image.affine.double(), label.affine.double()
+    spacing = voxel_spacing(ours[:3])
+    cosines = ((ours[:3, :3] / spacing.clamp_min(1e-12)) * (theirs[:3, :3] / voxel_spacing(theirs[:3]).clamp_min(
+        1e-12))).sum(0)
+    reversed_axes = [axis for axis, cosine in enumerate(cosines.tolist()) if cosine < -0.99]
+    if not reversed_axes or bool((cosines.abs() < 0.99).any()):
+        return label
+    flipped = theirs.clone()
+    for axis in reversed_axes:  # index i of the axis becomes n - 1 - i: the origin moves to the other end
+        flipped[:3, 3] += flipped[:3, axis] * (label.shape[axis + 1] - 1)
+        flipped[:3, axis] *= -1
+    close = torch.allclose(flipped[:3, :3], ours[:3, :3], rtol=1e-3, atol=1e-6)
+    if not (close and bool(((flipped[:3, 3] - ours[:3, 3]).abs() <= 0.5 * spacing.min()).all())):
+        return label  # another grid: the caller warns
+    on_grid = MetaTensor(torch.flip(label.as_tensor(), [axis + 1 for axis in reversed_axes]), meta=dict(label.meta))
+    on_grid.affine = image.affine.clone().to(label.affine.dtype)
+    return on_grid
+
+
 def _warn_if_geometry_differs(image: MetaTensor, label: MetaTensor) -> None:
     """Warn when a volume's mask has the image's size but not its orientation, voxel spacing or position (a mask
     saved from another volume, in another orientation, or with a broken header): the voxels are paired as they are,
-    and the surface metrics (NSD, HD95) use the spacing of the mask's header."""
+    and the surface metrics (NSD, HD95) use the spacing of the mask's header. (A mask stored mirrored on the image's
+    own grid was put on that grid first: :func:`_on_image_grid`.)"""
     import warnings
 
     ours, theirs = image.affine.double()[:3], label.affine.double()[:3]
@@ -1057,7 +1081,7 @@ class LoadMedicalImaged(MapTransform):
         self._check_sizes(d)
         return d
 
-    def _check_sizes(self, d: Mapping[Hashable, Any]) -> None:
+    def _check_sizes(self, d: dict[Hashable, Any]) -> None:
         image = d.get(self.image_key)
         if not isinstance(image, torch.Tensor):
             return
@@ -1072,4 +1096,5 @@ class LoadMedicalImaged(MapTransform):
                     or "pair each image with its own mask, or drop the pair",
                 )
             if isinstance(label, MetaTensor) and isinstance(image, MetaTensor) and image.ndim == 4:
+                d[key] = label = _on_image_grid(image, label)  # type: ignore[index]
                 _warn_if_geometry_differs(image, label)
