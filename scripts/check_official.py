@@ -56,7 +56,8 @@ BOX_ONLY_TEXT = "visual"
 # cx, cy, w, h in [0, 1]
 POSITIVE_BOX = [0.42, 0.46, 0.30, 0.26]
 NEGATIVE_BOX = [0.75, 0.72, 0.16, 0.20]
-TRAIN_PROMPTS = ["polyp", "liver"]  # the second prompt has no target: a negative
+TRAIN_PROMPTS = ["polyp", "liver", "tumour"]  # the second prompt has no target: a negative; the third's target is
+# packed after the first's (a non-zero offset)
 #: max abs difference allowed per output kind (the measured ones are ~4x below: masks 8.9e-6, the rest 1.3e-6), so
 #: that a real deviation, e.g. transformers' ViT LayerNorm eps of 1e-6 (logits +2e-5, masks +1.9e-4), fails
 TOLERANCES = {"masks": 2e-5, "semantic": 2e-5}
@@ -121,7 +122,7 @@ def _training_targets(torch):
         x0, x1 = xs.min().item() / IMAGE_SIZE, (xs.max().item() + 1) / IMAGE_SIZE
         y0, y1 = ys.min().item() / IMAGE_SIZE, (ys.max().item() + 1) / IMAGE_SIZE
         boxes.append([(x0 + x1) / 2, (y0 + y1) / 2, x1 - x0, y1 - y0])
-    return torch.tensor(boxes), torch.tensor([2, 0]), masks
+    return torch.tensor(boxes), torch.tensor([1, 0, 1]), masks
 
 
 def _official_losses(model, torch):
@@ -228,19 +229,19 @@ def _official_stage(seed: int, workdir: Path, shared: Path | None) -> None:
     model.train()
     _dropout_off(model, torch)
     boxes, num_boxes, masks = _training_targets(torch)
-    padded = torch.zeros(2, 2, 4)
-    padded[0] = boxes
+    padded = torch.zeros(3, 1, 4)
+    padded[0, 0], padded[2, 0] = boxes[0], boxes[1]
     target = BatchedFindTarget(
         num_boxes=num_boxes, boxes=boxes, boxes_padded=padded, repeated_boxes=None, segments=masks,
         semantic_segments=None, is_valid_segment=torch.ones(2, dtype=torch.bool),
-        is_exhaustive=torch.ones(2, dtype=torch.bool), object_ids=torch.tensor([0, 1]),
-        object_ids_padded=torch.tensor([[0, 1], [-1, -1]]),
+        is_exhaustive=torch.ones(3, dtype=torch.bool), object_ids=torch.tensor([0, 1]),
+        object_ids_padded=torch.tensor([[0], [-1], [1]]),
     )
     backbone_out = {"img_batch_all_stages": pixels, **model.backbone.forward_image(pixels),
                     **model.backbone.forward_text(TRAIN_PROMPTS, device="cpu")}
     torch.set_grad_enabled(True)  # for the gradients after the backbones (their features above have no graph)
-    out = model.forward_grounding(backbone_out=backbone_out, find_input=find_stage(2, [0, 1]), find_target=target,
-                                  geometric_prompt=model._get_dummy_prompt(num_prompts=2))
+    out = model.forward_grounding(backbone_out=backbone_out, find_input=find_stage(3, [0, 1, 2]), find_target=target,
+                                  geometric_prompt=model._get_dummy_prompt(num_prompts=3))
     layers = out["aux_outputs"] + [out]
     stack = lambda key: torch.stack([layer[key] for layer in layers])  # noqa: E731
     results["train"] = {
@@ -341,7 +342,7 @@ def _ours_train(net, pixels, official: dict, torch) -> tuple[dict, dict, dict]:
         module.requires_grad_(False)
     net.train()
     with torch.enable_grad():
-        out = net(pixels, TRAIN_PROMPTS, image_ids=[0, 0], pixels_normalized=True)
+        out = net(pixels, TRAIN_PROMPTS, image_ids=[0, 0, 0], pixels_normalized=True)
         terms = SetCriterion(settings=CriterionSettings(normalization="local"))(out, FindTargets(boxes, num_boxes, masks))
         terms["loss"].backward()
     net.eval()

@@ -485,3 +485,14 @@ def test_many_classes_get_distinct_colours():
     closest = min(sum((a - b) ** 2 for a, b in zip(to_rgb(x), to_rgb(y))) ** 0.5
                   for n, x in enumerate(colours[:40]) for y in colours[n + 1:40])
     assert closest > 0.05  # the first 40 are all visibly apart
+
+
+def test_more_than_255_classes_keep_their_labels():
+    """Channel c -> label c + 1 also past 255 (int32): class 300 must not wrap to 44."""
+    from medsam3_monai.metrics.merge import merge_classes
+
+    conf = torch.zeros(300, 1, 2)
+    conf[299, 0, 0] = 1.0
+    conf[0, 0, 1] = 1.0
+    labels = merge_classes(conf)
+    assert labels.dtype == torch.int32 and labels.tolist() == [[300, 1]]
