@@ -241,16 +241,18 @@ def log_above_progress_bars() -> None:
 
 def _input_error(error: BaseException | None) -> BaseException | None:
     """The input error (ours, or a ValueError / FileNotFoundError) inside ``error`` and its MONAI / Ignite
-    wrappers, or None (a bug, or no error)."""
+    wrappers, or a full disk's (``storage_errors.storage_error``), or None (a bug, or no error)."""
     if error is None:
         return None
     from .inferers.inputs import user_error
     from .networks.checkpoints import CheckpointError
+    from .storage_errors import storage_error
 
     seen: BaseException | None = error
     while seen is not None and not isinstance(seen, CheckpointError):
         seen = seen.__cause__
-    return seen or user_error(error) or (error if isinstance(error, (ValueError, FileNotFoundError)) else None)
+    return (seen or user_error(error) or storage_error(error)
+            or (error if isinstance(error, (ValueError, FileNotFoundError)) else None))
 
 
 _TRUE, _FALSE = ("true", "yes", "on", "1"), ("false", "no", "off", "0")

@@ -81,7 +81,8 @@ def polyp_logits(path: str) -> np.ndarray:
     from medsam3_monai.networks import MedSAM3Net
 
     network = MedSAM3Net("tiny").eval()
-    preprocessing = config_parser("inference.json", image_size=network.image_size).get_parsed_content("preprocessing")
+    preprocessing = config_parser("inference.json", image_size=network.image_size, resize_kernel="sam3",
+                                  ct_window="abdomen").get_parsed_content("preprocessing")
     case = preprocessing({"image": path, "prompts": {"1": "polyp"}})
     height, width = case[0]["image"].applied_operations[-1]["orig_size"]
     with torch.no_grad():
@@ -429,7 +430,8 @@ def test_prompt_inferer_infer_cases_equals_one_call_per_case(samples, tiny_net):
     from medsam3_monai.inferers.batch import collate_case_batch
     from medsam3_monai.inferers.predict import PromptInferer
 
-    preprocessing = config_parser("inference.json", image_size=tiny_net.image_size).get_parsed_content("preprocessing")
+    preprocessing = config_parser("inference.json", image_size=tiny_net.image_size, resize_kernel="sam3",
+                                  ct_window="abdomen").get_parsed_content("preprocessing")
     items = [
         {"image": str(samples / KVASIR[0]), "prompts": {"1": "polyp"}},
         {"image": str(samples / "chest1.jpg"), "prompts": {"1": "left lung", "2": "right lung"},
@@ -655,7 +657,8 @@ def test_threshold_masks_are_united_at_the_pictures_size(tiny_net, kvasir):
     from medsam3_monai.inferers.predict import PromptInferer
 
     prompts = {"1": "nucleus", "2": "liver"}
-    preprocessing = config_parser("inference.json", image_size=tiny_net.image_size).get_parsed_content("preprocessing")
+    preprocessing = config_parser("inference.json", image_size=tiny_net.image_size, resize_kernel="sam3",
+                                  ct_window="abdomen").get_parsed_content("preprocessing")
     case = preprocessing({"image": str(kvasir), "prompts": prompts})
     image = case[0]["image"].as_tensor()
     size = tuple(case[0]["image"].applied_operations[-1]["orig_size"])

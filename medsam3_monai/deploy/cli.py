@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import argparse
+import contextlib
 import importlib
 import logging
 import os
@@ -107,6 +108,17 @@ def _refuse_config_hash(args: argparse.Namespace) -> None:
                                  "would become '" + value.replace("#", "::") + "'): give a path without '#'")
 
 
+def _one_writer(args: argparse.Namespace) -> Any:
+    """The lock on the command's output folder (:mod:`.output_lock`), or a no-op for a command that writes none."""
+    from .output_lock import OUTPUT_FOLDER_OPTIONS, output_lock
+
+    name = OUTPUT_FOLDER_OPTIONS.get(args.command)
+    folder = getattr(args, name, None) if name else None
+    if not isinstance(folder, str) or not folder:
+        return contextlib.nullcontext()
+    return output_lock(folder, name.upper() if name == "dst" else "--" + name.replace("_", "-"))
+
+
 def main(argv: Sequence[str] | None = None) -> int:
     parser = build_parser()
     args, extras = parser.parse_known_args(argv)
@@ -127,21 +139,26 @@ def main(argv: Sequence[str] | None = None) -> int:
         _no_library_progress_bars()
     try:
         _refuse_config_hash(args)
-        return int(args.func(args) or 0)
+        with _one_writer(args):
+            return int(args.func(args) or 0)
     except _user_errors() as err:
         print(f"medsam3 {args.command}: error: {err}", file=sys.stderr)
-        return 2
-    except RuntimeError as err:  # MONAI/Ignite wrap an input error raised inside a transform or an engine
-        from ..inferers.inputs import user_error
-
-        cause = user_error(err)
-        if cause is None:
-            raise
-        print(f"medsam3 {args.command}: error: {cause}", file=sys.stderr)
         return 2
     except KeyboardInterrupt:
         print("medsam3: interrupted", file=sys.stderr)
         return 130
+    except Exception as err:  # noqa: BLE001 - a full disk, or an input error MONAI/Ignite wrapped; a bug is re-raised
+        from ..storage_errors import storage_error
+
+        cause = storage_error(err)
+        if cause is None and isinstance(err, RuntimeError):  # an input error raised in a transform or an engine
+            from ..inferers.inputs import user_error
+
+            cause = user_error(err)
+        if cause is None:
+            raise
+        print(f"medsam3 {args.command}: error: {cause}", file=sys.stderr)
+        return 2
 
 
 if __name__ == "__main__":

@@ -59,12 +59,14 @@ def add_parser(subparsers: argparse._SubParsersAction) -> None:
 def run(args: argparse.Namespace) -> int:
     from ..networks.checkpoints import checkpoint_keys, load_sam3, save_hf_folder
     from ..networks.presets import check_image_size
+    from .arguments import check_writable
     from ..networks.tracker import build_tracker, has_tracker_weights, save_sam3_video_folder, tracker_config_for
 
     dst = Path(args.dst)
     if dst.exists() and (not dst.is_dir() or any(dst.iterdir())):
         what = "a file" if not dst.is_dir() else "a folder that is not empty"
         raise FileExistsError(f"output {dst} exists and is {what}; the output is a new folder: choose a new path")
+    check_writable(dst, "DST", folder=True)  # before a checkpoint of gigabytes is read
     size = args.image_size
     if size is not None:
         check_image_size(size)

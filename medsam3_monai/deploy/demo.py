@@ -25,7 +25,7 @@ from pathlib import Path
 
 from ..bundle import BUNDLE_CONFIGS, sqlite_uri
 from ..protocol_registry import DEFAULT_PROTOCOL, PROTOCOLS
-from .arguments import at_least
+from .arguments import at_least, check_writable
 from .train_cli import one_rate_overrides
 
 
@@ -119,6 +119,7 @@ def run(args: argparse.Namespace) -> int:
     out = Path(args.out) if args.out else Path("runs") / time.strftime("demo-%Y%m%d-%H%M%S")
     if out.exists() and (not out.is_dir() or any(out.iterdir())):
         raise FileExistsError(f"output {out} exists and is not an empty folder; choose a new --out")
+    check_writable(out, "--out", folder=True)  # (the default, runs/ here, in a read-only checkout too)
     if args.data:
         missing = [p for p in args.data if not Path(p).is_file()]
         if missing:

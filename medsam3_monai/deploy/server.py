@@ -34,10 +34,10 @@ the union of the marks the planner selects; the planner is the server's, ``medsa
 
 With a token every route but ``/auth/`` and ``/auth/token`` needs ``Authorization: Bearer TOKEN`` (401). With
 CORS origins, browsers on those origins may call the server (preflight answered). Every error is a JSON body
-``{"error": "..."}`` with a 4xx status (507 when the datastore is full; 502 when the agent's planner endpoint
-fails; 500 only for a bug); the server keeps serving. Uploads are saved under fresh temporary names (only a
-whitelisted extension of the client's file name is kept). Inference runs under one lock (one model), so
-concurrent requests queue.
+``{"error": "..."}`` with a 4xx status (507 when the datastore or the server's disk is full; 502 when the agent's
+planner endpoint fails; 500 only for a bug); the server keeps serving. Uploads are saved under fresh temporary
+names (only a whitelisted extension of the client's file name is kept). Inference runs under one lock (one model),
+so concurrent requests queue.
 """
 
 # no `from __future__ import annotations`: FastAPI resolves the endpoints' annotations at runtime
@@ -45,6 +45,7 @@ concurrent requests queue.
 import asyncio
 import hmac
 import json
+import logging
 import math
 import os
 import shutil
@@ -556,6 +557,14 @@ def create_app(predictor: Any, *, token: str | None = None, limits: ServerLimits
 
     @app.exception_handler(Exception)
     async def _bug(request: Request, err: Exception) -> JSONResponse:
+        from ..storage_errors import storage_error
+
+        full = storage_error(err)
+        if full is not None:  # the server's disk (its datastore, TMPDIR): the client's answer is 507, as a full store's
+            logging.getLogger("uvicorn.error").error("the server's storage refused a write: %s", full)
+            return JSONResponse({"error": "the server's disk is full or read-only (its temporary folder and datastore "
+                                          "cannot take the upload): try again later, or ask its administrator"},
+                                status_code=507)
         return JSONResponse({"error": f"internal error: {type(err).__name__}"}, status_code=500)
 
     model_info = {

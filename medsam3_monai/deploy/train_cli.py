@@ -256,10 +256,40 @@ def tracking_store(args: argparse.Namespace, root: Path) -> tuple[str, str | Non
     return sqlite_uri(root / "runs" / "mlruns.db"), None
 
 
-def _end_interrupted_runs(root: Path, tracking_uri: str, chosen_by: str | None) -> None:
-    """Mark the MLflow runs the interrupted training left RUNNING (experiment ``medsam3``, named after ``root``) as
-    KILLED: the bundle's handler (``engines.mlflow_runs.MLFlowRunHandler``) continues only a RUNNING run of its name,
-    so a resume then opens a new run, and another training of that name in the store is never mixed into it."""
+def _say_how_it_ended(args: argparse.Namespace, root: Path, status: int, trained: bool, store: str,
+                      chosen_by: str | None) -> None:
+    """After a training process that did not finish: an interrupt, a signal that killed it (the out-of-memory
+    killer's SIGKILL), or an error after it trained (a full disk; its one line is above): how the same command goes
+    on, and its MLflow run marked KILLED (a signal) or FAILED, so that the resume opens a new run."""
+    from ..engines.checkpointing import latest_checkpoint
+
+    interrupted = status in (130, 143, -signal.SIGINT, -signal.SIGTERM)
+    if not (interrupted or status < 0 or trained):
+        return  # an input error before any checkpoint (said above), or a crash before training: nothing to go on from
+    newest = latest_checkpoint(root / "runs" / "checkpoints") if root.is_dir() else None
+    if not args.no_mlflow:
+        _end_interrupted_runs(root, store, chosen_by, "KILLED" if interrupted or status < 0 else "FAILED")
+    goes_on = (f"the same command resumes from the newest checkpoint, {newest}" if newest is not None else
+               "the same command starts the run again")
+    if interrupted:
+        ended = "interrupted" if newest is not None else "interrupted before the first checkpoint"
+    elif status < 0:
+        try:
+            name = signal.Signals(-status).name
+        except ValueError:
+            name = f"signal {-status}"
+        oom = " (often the out-of-memory killer, or the job's memory or time limit)"
+        ended = f"the training process was killed by {name}" + (oom if -status == signal.SIGKILL else "")
+    else:
+        ended = f"the training stopped with status {status} (the error is above)"
+    print(f"medsam3 train: {ended}; {goes_on}", file=sys.stderr)
+
+
+def _end_interrupted_runs(root: Path, tracking_uri: str, chosen_by: str | None, status: str = "KILLED") -> None:
+    """Mark the MLflow runs the stopped training left RUNNING (experiment ``medsam3``, named after ``root``) as
+    ``status`` (KILLED, FAILED): the bundle's handler (``engines.mlflow_runs.MLFlowRunHandler``) continues only a
+    RUNNING run of its name, so a resume then opens a new run, and another training of that name in the store is never
+    mixed into it."""
     if chosen_by is None and not (root / "runs" / "mlruns.db").is_file():
         return
     try:
@@ -272,9 +302,9 @@ def _end_interrupted_runs(root: Path, tracking_uri: str, chosen_by: str | None) 
         if experiment is None:
             return
         for found in running_runs(client, experiment.experiment_id, root.name):
-            client.set_terminated(found.info.run_id, "KILLED")
+            client.set_terminated(found.info.run_id, status)
     except Exception as err:  # noqa: BLE001 - the store is the user's; the interrupt line is said whatever happens
-        print(f"medsam3 train: note: the MLflow run could not be marked KILLED ({type(err).__name__}: {err})",
+        print(f"medsam3 train: note: the MLflow run could not be marked {status} ({type(err).__name__}: {err})",
               file=sys.stderr)
 
 
@@ -306,15 +336,7 @@ def run(args: argparse.Namespace) -> int:
     if status != 0:
         if created and root.exists():
             _remove_if_config_only(root)
-        if status in (130, 143, -signal.SIGINT, -signal.SIGTERM):
-            from ..engines.checkpointing import latest_checkpoint
-
-            newest = latest_checkpoint(root / "runs" / "checkpoints")
-            if not args.no_mlflow:
-                _end_interrupted_runs(root, store, chosen_by)
-            print(f"medsam3 train: interrupted; the same command resumes from the newest checkpoint, {newest}"
-                  if newest is not None else "medsam3 train: interrupted before the first checkpoint; the same "
-                  "command starts the run again", file=sys.stderr)
+        _say_how_it_ended(args, root, status, trained, store, chosen_by)
         return status if status > 0 else 128 - status  # ended by a signal: the shell's 128 + signal
     print(f"medsam3 train: {'final model' if trained else 'nothing trained; the run had finished: its final model'} "
           f"{root / 'models' / 'model.pt'}; checkpoints {root / 'runs' / 'checkpoints'}"

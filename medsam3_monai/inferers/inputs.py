@@ -4,6 +4,7 @@ prompts in pixels, and the input error inside MONAI's transform wrappers.
 
 from __future__ import annotations
 
+import json
 import os
 import re
 from collections import Counter
@@ -33,6 +34,10 @@ def input_kind(path: str | Path) -> str:
     raises FileNotFoundError / ValueError (unsupported format) with what to do."""
     path = Path(path)
     if not path.exists():
+        if path.is_symlink():
+            raise FileNotFoundError(f"input {path} is a symbolic link to {os.readlink(path)}, which does not exist "
+                                    "(a dataset folder not mounted here, or moved): mount or restore it, or leave the "
+                                    "input out")
         raise FileNotFoundError(f"input {path} not found: give an existing image file, volume or DICOM folder")
     if path.is_dir():
         if not any(p.is_file() for p in path.iterdir()):
@@ -311,13 +316,37 @@ def is_dicom_series(folder: str | Path) -> bool:
     return bool(dicom) and not other_inputs
 
 
-def _folder_inputs(folder: Path) -> list[Path]:
-    """The images and volumes directly inside ``folder`` (sorted), its DICOM-series sub-folders included."""
+def _input_file(path: Path) -> bool:
+    """An image or volume file by its name: an existing file, or a link to one that is gone (a dataset mount missing
+    on this node), kept so that it is named as missing, not left out in silence."""
+    return (path.is_file() or (path.is_symlink() and not path.exists())) and _suffix(path) in (IMAGE_SUFFIXES
+                                                                                              + VOLUME_SUFFIXES)
+
+
+def written_by_segment(path: Path) -> bool:
+    """A mask ``medsam3 segment`` wrote: its JSON sidecar (``<file>.json``) names the input, labels, protocol and
+    checkpoint it came from."""
+    sidecar = Path(f"{path}.json")
+    if not sidecar.is_file():
+        return False
+    try:
+        said = json.loads(sidecar.read_text(encoding="utf-8"))
+    except (OSError, ValueError):
+        return False
+    return isinstance(said, dict) and {"input", "labels", "protocol", "checkpoint"} <= said.keys()
+
+
+def _folder_inputs(folder: Path, left_out: list[Path] | None = None) -> list[Path]:
+    """The images and volumes directly inside ``folder`` (sorted), its DICOM-series sub-folders included; the masks
+    an earlier ``medsam3 segment`` wrote there are left out (and added to ``left_out``)."""
     found = []
     for path in sorted(folder.iterdir()):
         if path.name.startswith("."):
             continue
-        if path.is_file() and _suffix(path) in IMAGE_SUFFIXES + VOLUME_SUFFIXES:
+        if _input_file(path) and written_by_segment(path):
+            if left_out is not None:
+                left_out.append(path)
+        elif _input_file(path):
             found.append(path)
         elif path.is_dir() and is_dicom_series(path):
             found.append(path)
@@ -351,15 +380,18 @@ def expand_inputs(inputs: Sequence[str | Path], notes: list[str] | None = None) 
         if not path.exists() and any(c in text for c in GLOB_CHARACTERS):
             matches = [Path(m) for m in sorted(_recursive_glob(str(path)) if "**" in str(path)
                                                else glob.glob(str(path)))]
-            chosen = [m for m in matches if (m.is_file() and _suffix(m) in IMAGE_SUFFIXES + VOLUME_SUFFIXES)
-                      or is_dicom_series(m)]
+            chosen = [m for m in matches if _input_file(m) or is_dicom_series(m)]
             if not chosen:
                 others = f" (it matches {len(matches)} other path(s))" if matches else ""
                 raise ValueError(f"no image or volume matches {text!r}{others}: give a pattern matching "
                                  f"{', '.join(IMAGE_SUFFIXES + VOLUME_SUFFIXES)} files or DICOM series folders")
             found += chosen
         elif path.is_dir() and not is_dicom_series(path):
-            inside, unsearched = _folder_inputs(path), _unsearched_folders(path)
+            masks: list[Path] = []
+            inside, unsearched = _folder_inputs(path, masks), _unsearched_folders(path)
+            if masks and notes is not None:
+                notes.append(f"{path}: left out {len(masks)} mask(s) an earlier medsam3 segment wrote there (e.g. "
+                             f"{masks[0].name}, named by its .json sidecar); give one by name to segment it")
             recurse = f"quote a pattern such as '{path / '**' / '*.png'}' to take the files in its sub-folders"
             if not inside:
                 kinds = ", ".join(IMAGE_SUFFIXES + VOLUME_SUFFIXES)

@@ -498,16 +498,31 @@ class InputNamedLayout(FolderLayoutBase):
         return str(target)
 
 
+def write_staged(filename: Any, write: Any) -> None:
+    """``write(name)`` under a hidden name beside ``filename`` (its whole name kept last, so the writer picks the
+    format by it), then renamed onto ``filename``: a full disk or an interrupt leaves no truncated file."""
+    import os
+
+    target = Path(str(filename))
+    staged = target.with_name(f".partial-{os.getpid()}-{target.name}")
+    try:
+        write(str(staged))
+        os.replace(staged, target)
+    finally:
+        staged.unlink(missing_ok=True)
+
+
 class RowsFirstPILWriter(PILWriter):
     """MONAI ``PILWriter`` for the package's rows-first 2D arrays (``(C, H, W)``, as ``Image2DReader`` reads).
 
     MONAI's default swaps the first two axes (it assumes ``PILReader``'s ``(W, H)`` order); this writer does
-    not, so a prediction of an ``H x W`` picture is written ``H x W``.
+    not, so a prediction of an ``H x W`` picture is written ``H x W``. The file is written whole or not at all
+    (:func:`write_staged`).
     """
 
     def write(self, filename: Any, verbose: bool = False, **kwargs: Any) -> None:
         kwargs.setdefault("reverse_indexing", False)
-        super().write(filename, verbose=verbose, **kwargs)
+        write_staged(filename, lambda name: super(RowsFirstPILWriter, self).write(name, verbose=verbose, **kwargs))
 
 
 def set_nifti_geometry(image: Any, affine: Any, reference: str | Path | None = None) -> None:
@@ -541,7 +556,8 @@ def set_nifti_geometry(image: Any, affine: Any, reference: str | Path | None = N
 
 class ReferenceNibabelWriter(NibabelWriter):
     """MONAI ``NibabelWriter`` that keeps the input file's qform/sform codes and units (:func:`set_nifti_geometry`;
-    the input is the metadata's ``filename_or_obj``); MONAI's sets both codes to 1 whatever the input had."""
+    the input is the metadata's ``filename_or_obj``); MONAI's sets both codes to 1 whatever the input had. The file
+    is written whole or not at all (:func:`write_staged`)."""
 
     def set_metadata(self, meta_dict: Mapping | None, resample: bool = True, **options: Any) -> None:
         self.reference = (meta_dict or {}).get("filename_or_obj")
@@ -557,4 +573,4 @@ class ReferenceNibabelWriter(NibabelWriter):
                                                 **obj_kwargs)
         affine = np.eye(4) if self.affine is None else torch.as_tensor(self.affine).cpu().numpy()
         set_nifti_geometry(self.data_obj, to_affine_nd(3, affine), getattr(self, "reference", None))
-        nib.save(self.data_obj, filename)
+        write_staged(filename, lambda name: nib.save(self.data_obj, name))

@@ -585,20 +585,41 @@ def _public_modes(folder: Path) -> None:
 
 
 def atomic_dir(directory: Path, write) -> Path:
-    """Write into a temporary sibling, then rename: no partial output folder on failure."""
+    """Write into a temporary sibling, then rename: no partial output folder on failure. An existing empty folder
+    (made for the output, a link to one, a mount point; its parent may be read-only) is written into instead: the
+    files are staged in a hidden folder inside it and moved up, and removed again on failure."""
     directory = directory.expanduser()
     if directory.exists() and any(directory.iterdir()):
         raise FileExistsError(f"output folder {directory} exists and is not empty; choose a new path")
+    if directory.is_dir():
+        return _write_into_empty(directory, write)
     directory.parent.mkdir(parents=True, exist_ok=True)
     tmp = Path(tempfile.mkdtemp(prefix=f".{directory.name}.", dir=directory.parent))
     try:
         write(tmp)
         _public_modes(tmp)
-        if directory.exists():
-            directory.rmdir()
         os.replace(tmp, directory)
     except BaseException:
         shutil.rmtree(tmp, ignore_errors=True)
+        raise
+    return directory
+
+
+def _write_into_empty(directory: Path, write) -> Path:
+    """:func:`atomic_dir` into an existing empty folder: staged in a hidden folder inside it, then moved up."""
+    stage = Path(tempfile.mkdtemp(prefix=".staging.", dir=directory))
+    moved: list[Path] = []
+    try:
+        write(stage)
+        _public_modes(stage)
+        for entry in sorted(stage.iterdir()):
+            os.replace(entry, directory / entry.name)
+            moved.append(directory / entry.name)
+        stage.rmdir()
+    except BaseException:
+        for path in moved:
+            shutil.rmtree(path, ignore_errors=True) if path.is_dir() else path.unlink(missing_ok=True)
+        shutil.rmtree(stage, ignore_errors=True)
         raise
     return directory
 

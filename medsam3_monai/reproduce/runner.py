@@ -29,7 +29,7 @@ from pathlib import Path
 from typing import Any
 
 from ..agent.runner import AgentSettings, check_planner, planner_name
-from ..deploy.arguments import remove_output
+from ..deploy.arguments import check_writable, remove_output
 from .discovery import DatasetStatus, discover
 from .manifest import checkpoint_files
 from .published import AGENT_KEY, PaperTable, medsam3_agent_column, paper_table
@@ -114,6 +114,7 @@ def _agent_settings(settings: ReproduceSettings) -> Any:
 def _check_out(out: Path) -> None:
     if out.exists() and (not out.is_dir() or any(out.iterdir())):
         raise FileExistsError(f"output {out} exists and is not an empty folder; choose a new --out")
+    check_writable(out, "--out", folder=True)
 
 
 def reproduce(settings: ReproduceSettings, say: Callable[[str], None] = _say) -> Reproduction:

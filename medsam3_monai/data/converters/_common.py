@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import os
 from collections.abc import Callable, Iterable
 from dataclasses import dataclass
 from pathlib import Path
@@ -55,6 +56,19 @@ def listing(folder: Path, suffixes: Iterable[str] = IMAGE_SUFFIXES) -> list[Path
     )
 
 
+def broken_links(folder: Path, suffixes: Iterable[str] = IMAGE_SUFFIXES) -> list[Path]:
+    """Visible symbolic links of ``folder`` named with one of ``suffixes`` whose target is gone (a dataset mount
+    missing on this node), sorted: :func:`listing` cannot see them, so they are named as problems."""
+    wanted = tuple(s.lower() for s in suffixes)
+    return sorted(p for p in folder.iterdir() if p.is_symlink() and not p.exists() and not p.name.startswith(".")
+                  and p.name.lower().endswith(wanted))
+
+
+def broken_link_problem(path: Path) -> Problem:
+    return Problem(path, f"is a symbolic link to {os.readlink(path)}, which does not exist (a folder not mounted "
+                         "here, or moved)")
+
+
 def stem(path: Path) -> str:
     name = path.name
     return name[: -len(".nii.gz")] if name.lower().endswith(".nii.gz") else path.stem
@@ -84,6 +98,8 @@ def pair_by_name(
     Images without a mask and masks without an image become problems (never silently dropped).
     """
     result = Conversion()
+    result.problems += [broken_link_problem(path) for path in broken_links(images, image_suffixes)
+                        + broken_links(masks, mask_suffixes)]
     mask_files: dict[str, Path] = {}
     for path in listing(masks, mask_suffixes):
         if ignore_mask(path):
