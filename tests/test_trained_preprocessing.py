@@ -65,10 +65,10 @@ def test_the_predictor_repeats_the_recorded_settings_and_notes_a_given_other(tra
     other = Predictor(network, resize_kernel="sam3", ct_window="abdomen")
     assert (other.resize_kernel, other.ct_window) == ("sam3", "abdomen")
     assert other.preprocessing_notes == [
-        "the model was trained with resize_kernel monai and this run uses sam3: leave --resize-kernel (the bundles' "
-        "resize_kernel) out to use the model's own",
-        "the model was trained with ct_window 1500,-600 and this run uses abdomen: leave --ct-window (the bundles' "
-        "ct_window) out to use the model's own"]
+        "the model was trained with resize_kernel monai and this run uses sam3: to use the model's own, leave the "
+        "setting out (--resize-kernel, the bundles' resize_kernel, the MONAI Label app's --conf resize_kernel)",
+        "the model was trained with ct_window 1500,-600 and this run uses abdomen: to use the model's own, leave the "
+        "setting out (--ct-window, the bundles' ct_window, the MONAI Label app's --conf ct_window)"]
     default = Predictor(MedSAM3Net("tiny"))
     assert (default.resize_kernel, default.ct_window, default.preprocessing_notes) == ("sam3", "abdomen", [])
 
@@ -130,3 +130,73 @@ def test_evaluate_repeats_the_models_kernel_and_notes_a_given_other(trained_mode
     assert main([*common, "--ct-window", "lung", "--no-mlflow", "--out", str(tmp_path / "window")]) != 0
     assert "--ct-window lung applies to CT inputs" in capsys.readouterr().err
     assert not (tmp_path / "window").exists()
+
+
+def test_the_training_records_a_window_only_for_ct_and_notes_a_start_of_other_settings(trained_model, caplog):
+    from medsam3_monai.inferers.trained_settings import log_training_differences, recorded_preprocessing
+
+    ct, picture = {"image": "a.nii.gz", "modality": "CT"}, {"image": "b.png", "modality": "endoscopy"}
+    assert recorded_preprocessing("sam3", "lung", [picture, ct]) == {"resize_kernel": "sam3", "ct_window": "lung"}
+    assert recorded_preprocessing("sam3", "lung", [picture]) == {"resize_kernel": "sam3"}
+    with caplog.at_level("WARNING"):
+        log_training_differences(MedSAM3Net(str(trained_model)), {"resize_kernel": "sam3", "ct_window": "lung"})
+    assert [r.getMessage() for r in caplog.records] == [
+        "the starting checkpoint was trained with resize_kernel monai and this training uses sam3: pass "
+        "--resize_kernel monai (medsam3 train: --set resize_kernel=monai) to keep the checkpoint's"]  # lung = 1500,-600
+
+
+def test_an_hf_folder_carries_the_record_through_convert_checkpoint(trained_model, tmp_path, capsys):
+    folder = tmp_path / "hf"
+    assert main(["convert-checkpoint", str(trained_model), str(folder)]) == 0
+    assert "the model's training preprocessing goes with it (resize_kernel monai, ct_window 1500,-600" in \
+        capsys.readouterr().out
+    assert json.loads((folder / "medsam3_preprocessing.json").read_text()) == RECORDED
+    assert MedSAM3Net(str(folder)).trained_preprocessing == RECORDED
+    again = tmp_path / "again"
+    MedSAM3Net(str(folder)).save_pretrained(again)  # and from the folder on
+    assert MedSAM3Net(str(again)).trained_preprocessing == RECORDED
+
+
+def test_serve_takes_a_ct_window_and_says_it_in_info(trained_model):
+    pytest.importorskip("fastapi")
+    import http.client
+
+    from _server_helpers import running_server
+
+    with running_server("--ct-window", "bone", start_timeout_s=30) as port:
+        conn = http.client.HTTPConnection("127.0.0.1", port, timeout=60)
+        conn.request("GET", "/info/")
+        info = json.loads(conn.getresponse().read())
+        conn.close()
+    assert info["models"]["medsam3"]["ct_window"] == "bone"
+
+
+def test_the_inference_bundle_takes_a_modality_for_plain_paths_and_says_what_scaling_did(small_ct, tmp_path):
+    """A CT given as a path has no modality: the bundle's ``modality`` gives it one (the CT window); without it the
+    volume is min-max scaled and the bundle's log says so, as ``medsam3 segment`` does."""
+    from medsam3_monai.inferers.inputs import inference_items
+
+    (item,) = inference_items([str(small_ct)], ["liver"], modality="CT")
+    assert item["modality"] == "CT"
+    assert inference_items([{"image": str(small_ct), "modality": "MRI"}], ["liver"], modality="CT")[0][
+        "modality"] == "MRI"  # an item's own wins
+    from monai.bundle import run
+
+    from medsam3_monai.bundle import BUNDLE_CONFIGS
+
+    import logging
+
+    said: list[str] = []
+    handler = logging.Handler(logging.WARNING)
+    handler.emit = lambda record: said.append(record.getMessage())  # type: ignore[method-assign]
+    logger = logging.getLogger("medsam3_monai.engines.inference")  # (MONAI's run sets up the logging itself)
+    logger.addHandler(handler)
+    try:
+        run(config_file=str(BUNDLE_CONFIGS / "inference.json"), bundle_root=str(tmp_path), checkpoint="tiny",
+            datalist=[str(small_ct)], prompts=["liver"], tracker_source="none",
+            output_dir=str(tmp_path / "predictions"))
+    finally:
+        logger.removeHandler(handler)
+    assert any(line.startswith(f"{small_ct}: no modality was given, so the volume was min-max scaled")
+               for line in said), said
+    assert (tmp_path / "predictions" / "ct_seg.nii.gz").is_file()

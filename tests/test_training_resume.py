@@ -268,7 +268,8 @@ def test_a_resume_with_the_other_resize_kernel_is_refused_before_caching(tmp_pat
         check_resume_checkpoint(True, tmp_path, max_epochs=2, items=items, resize_kernel="sam3")
     TrainingData(items, "sam3").load_state_dict(TrainingData(items).state_dict())  # nothing recorded: not compared
     for config in ("train.json", "multi_gpu_train.json"):
-        assert "image_size=@slice_size, resize_kernel=@resize_kernel)" in (BUNDLE_CONFIGS / config).read_text()
+        assert "image_size=@slice_size, resize_kernel=@resize_kernel, ct_window=@ct_window)" in (
+            BUNDLE_CONFIGS / config).read_text()
     assert '"training_data": {"_target_": "medsam3_monai.engines.TrainingData", "items": "@train#data", ' \
            '"resize_kernel": "@resize_kernel"}' in (BUNDLE_CONFIGS / "train.json").read_text()
 
@@ -538,3 +539,18 @@ def test_a_datalist_without_validation_items_trains_without_validation(shared_da
     assert not any(isinstance(h, ValidationHandler) for h in handlers)
     assert not next(h for h in handlers if isinstance(h, ValidateAtStart)).enabled
     assert not next(h for h in handlers if isinstance(h, ValidateAtEnd)).enabled
+
+
+def test_a_resume_with_another_ct_window_is_refused_before_caching(tmp_path: Path):
+    """A CT training's pictures depend on its window too: a resume with another one is refused (the model files
+    would record the second window for a network trained on both); the same window written another way resumes."""
+    from medsam3_monai.engines import check_resume_checkpoint
+    from medsam3_monai.engines.checkpointing import NetworkConfig
+    from medsam3_monai.networks import MedSAM3Net
+
+    _linear_training(tmp_path, max_epochs=1, extra={"network_config": NetworkConfig(
+        MedSAM3Net("tiny"), {"resize_kernel": "sam3", "ct_window": "lung"})})
+    check_resume_checkpoint(True, tmp_path, max_epochs=2, ct_window=[1500, -600])  # lung, as width and level
+    with pytest.raises(ValueError, match=r"was trained with ct_window 'lung' and this run's is 'abdomen': resume with "
+                                         r"--ct_window 'lung', or start afresh with --resume false"):
+        check_resume_checkpoint(True, tmp_path, max_epochs=2, ct_window="abdomen")

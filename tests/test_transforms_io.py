@@ -816,3 +816,28 @@ def test_a_volume_mask_of_another_geometry_is_warned_about(change, words, tmp_pa
     if change in ("flipped", "flipped twice", None):  # on the image's grid: the image's own mask, voxel for voxel
         assert np.array_equal(out["label"][0].numpy(), np.asarray(mask.dataobj))
         assert np.allclose(out["label"].affine.numpy(), out["image"].affine.numpy())
+
+
+@requires_data
+@pytest.mark.parametrize("flipped_part", [0, 1])
+def test_the_parts_of_a_merged_volume_mask_are_each_put_on_the_image_grid(flipped_part, tmp_path):
+    """A mask given as a list of files (merged voxel by voxel): a part stored mirrored on the image's own grid is
+    flipped onto it before the merge, whichever its place in the list, so the merged mask is the image's own."""
+    folder = SHARED_DATA / "MSD_Task04_Hippocampus_cropped"
+    image, mask = folder / "images" / "hippocampus_023.nii.gz", nib.load(folder / "masks" / "hippocampus_023.nii.gz")
+    data = np.asarray(mask.dataobj)
+    paths = []
+    for index, value in enumerate((1, 2)):
+        part, affine = (data == value).astype(np.uint8) * value, mask.affine.copy()
+        if index == flipped_part:  # the same world grid, stored with axis 0 reversed
+            affine[:3, 3] += affine[:3, 0] * (part.shape[0] - 1)
+            affine[:3, 0] *= -1
+            part = part[::-1].copy()
+        paths.append(str(tmp_path / f"part{index}.nii.gz"))
+        nib.save(nib.Nifti1Image(part, affine), paths[-1])
+    import warnings
+
+    with warnings.catch_warnings():
+        warnings.simplefilter("error")  # nothing to warn about: both parts are on the image's grid once flipped
+        out = LoadMedicalImaged()({"image": str(image), "label": paths})
+    assert np.array_equal(out["label"][0].numpy(), data)

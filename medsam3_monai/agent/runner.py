@@ -160,7 +160,8 @@ def run_agent(input_path: str, request: str, out: str, settings: AgentSettings |
 
             segmenter = PhraseSegmenter.load(input_path, settings.segmenter)
             for line in segmenter.predictor.preprocessing_notes:
-                log(f"note: {line}")
+                log(f"medsam3 agent: note: {line}")
+        _trace_applied_settings(trace, segmenter)
         trace.time("load_model", time.perf_counter() - start)
         view = _view(input_path, settings, kind, segmenter)
         decision = _decide(planner, request, settings, segmenter, view, api_key, trace, log)
@@ -191,6 +192,7 @@ def decide(input_path: str, request: str, settings: AgentSettings, segmenter: An
     planner = choose_planner(settings)
     api_key = _api_key(settings) if planner == "llm" else None
     _start_trace(trace, request, input_path, kind, settings, planner, log)
+    _trace_applied_settings(trace, segmenter)
     try:
         view = _view(input_path, settings, kind, segmenter)
         decision = _decide(planner, request, settings, segmenter, view, api_key, trace, log, plain_notes)
@@ -219,6 +221,18 @@ def _start_trace(trace: Any, request: str, input_path: str, kind: str, settings:
     trace.data["planner"] = {"kind": planner, "url": settings.llm_url if planner == "llm" else None,
                              "model": settings.llm_model if planner == "llm" else None, "fallback": None}
     return trace
+
+
+def _trace_applied_settings(trace: Any, segmenter: Any) -> None:
+    """The trace's segmenter settings as they apply once the model is loaded: its own CT window and resize kernel
+    where none was given (the settings say None, "the model's own")."""
+    applied = getattr(segmenter, "settings", None)
+    recorded = trace.data.get("settings", {}).get("segmenter")
+    if applied is not None and isinstance(recorded, dict):
+        for key in ("ct_window", "resize_kernel"):
+            value = getattr(applied, key, None)
+            if value is not None:
+                recorded[key] = list(value) if isinstance(value, tuple) else value
 
 
 def _check_settings(settings: AgentSettings, kind: str) -> None:

@@ -84,7 +84,11 @@ def _pair_problems(pair: Pair, entry: DatasetEntry, check_values: bool, channel:
             problems.append(Problem(label, f"cannot read mask header ({err})"))
             continue
         if label_shape != shape:
-            problems.append(Problem(label, f"mask size {label_shape} differs from image {pair.image.name} {shape}"))
+            from ..transforms.io import _turned_mask_hint  # (PIL only; the EXIF turn a stored-orientation mask misses)
+
+            hint = _turned_mask_hint(pair.image, label_shape, shape)
+            problems.append(Problem(label, f"mask size {label_shape} differs from image {pair.image.name} {shape}"
+                                           + (f": {hint}" if hint else "")))
         elif check_values and entry.mask_encoding == "label_map":
             try:
                 unknown = unknown_label_values(label, entry.labels)

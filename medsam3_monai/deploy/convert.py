@@ -84,9 +84,14 @@ def run(args: argparse.Namespace) -> int:
                       if not name.startswith("vision_encoder.backbone."))
         what = "detector and tracker, facebook/sam3 layout"
     else:
-        save_hf_folder(loaded.model, loaded.tokenizer, dst)
+        save_hf_folder(loaded.model, loaded.tokenizer, dst, loaded.preprocessing)
         what = "detector"
     print(f"converted {args.src} ({loaded.source_format}, {what}, {params:,} parameters) -> {dst}")
+    if loaded.preprocessing and what == "detector":
+        print("the model's training preprocessing goes with it (" + ", ".join(
+            f"{key} {value if isinstance(value, str) else ','.join(map(str, value))}"
+            for key, value in loaded.preprocessing.items()) + f"; {dst / 'medsam3_preprocessing.json'}): this "
+            "project's commands and bundles repeat it; other readers of the folder (transformers) do not")
     if loaded.source_format == "tiny":
         print(f"note: tiny is a random-init network (for tests and demos): {dst} holds random weights, not a trained "
               "model", file=sys.stderr)

@@ -10,8 +10,8 @@ import re
 import sys
 from typing import Any
 
-from .arguments import (add_detector_chunk_option, add_model_options, add_score_threshold_option,
-                        add_tracker_batch_option, random_weights_notes)
+from .arguments import (add_ct_window_option, add_detector_chunk_option, add_model_options,
+                        add_score_threshold_option, add_tracker_batch_option, ct_window, random_weights_notes)
 
 __all__ = ["add_parser", "build_server", "run"]
 
@@ -51,6 +51,7 @@ def add_parser(subparsers: argparse._SubParsersAction) -> argparse.ArgumentParse
         formatter_class=argparse.RawDescriptionHelpFormatter,
     )
     add_model_options(parser)
+    add_ct_window_option(parser)
     add_detector_chunk_option(parser)
     add_tracker_batch_option(parser)
     parser.add_argument("--host", default="127.0.0.1", help="address to listen on (default 127.0.0.1)")
@@ -136,6 +137,7 @@ def build_server(args: argparse.Namespace) -> Any:
                                           detector_chunk=args.detector_chunk, tracker=args.tracker,
                                           score_threshold=args.score_threshold, tracker_batch=args.tracker_batch,
                                           resize_kernel=args.resize_kernel,
+                                          ct_window=None if args.ct_window is None else ct_window(args.ct_window),
                                           max_pixels=args.max_image_pixels)  # the header check's limit, not PIL's
     for line in predictor.preprocessing_notes:
         print(f"medsam3 serve: note: {line}", file=sys.stderr)

@@ -587,6 +587,7 @@ def create_app(predictor: Any, *, token: str | None = None, limits: ServerLimits
         "checkpoint": str(getattr(predictor, "checkpoint", "")),
         "image_size": int(getattr(getattr(predictor, "network", None), "image_size", 0) or 0),
         "resize_kernel": str(getattr(predictor, "resize_kernel", "sam3")),
+        "ct_window": getattr(predictor, "ct_window", "abdomen"),  # the CT inputs' (modality CT)
         "inputs": sorted(UPLOAD_SUFFIXES),
         "outputs": {"all": "multipart params (result JSON) + image (label file); the default",
                     "image": "the label file, result JSON in the " + RESULT_HEADER + " header",
@@ -611,6 +612,7 @@ def create_app(predictor: Any, *, token: str | None = None, limits: ServerLimits
         "checkpoint": model_info["checkpoint"],
         "image_size": model_info["image_size"],
         "resize_kernel": model_info["resize_kernel"],
+        "ct_window": model_info["ct_window"],
         "inputs": model_info["inputs"],
         "outputs": model_info["outputs"],
     }

@@ -81,7 +81,7 @@ def check_resume_source(resume: bool | str, needed: tuple[str, ...] = TRAINING_S
 def check_resume_checkpoint(resume: bool | str, save_dir: str | Path, max_epochs: int,
                             items: Sequence[Mapping[str, Any]] | None = None, batch_size: int | None = None,
                             replicas: int = 1, image_size: int | None = None,
-                            resize_kernel: str | None = None) -> None:
+                            resize_kernel: str | None = None, ct_window: Any = None) -> None:
     """Before the data is cached, what the checkpoint a resume would start from already tells (read memory-mapped):
     a network of another slice space than ``image_size`` is refused, and so are training ``items`` other than its
     own or another ``resize_kernel`` (:class:`TrainingData`'s check, which the resume itself makes only after
@@ -101,7 +101,17 @@ def check_resume_checkpoint(resume: bool | str, save_dir: str | Path, max_epochs
     trainer = stored.get("trainer") if isinstance(stored, Mapping) else None
     fingerprint = stored.get("training_data") if isinstance(stored, Mapping) else None
     trained_size = described_image_size(stored.get("network_config")) if isinstance(stored, Mapping) else None
+    from ..networks.checkpoints import described_preprocessing
+
+    recorded = described_preprocessing(stored.get("network_config")) if isinstance(stored, Mapping) else {}
     del stored
+    if ct_window is not None and "ct_window" in recorded:
+        from ..transforms.intensity import _window
+
+        if _window(recorded["ct_window"]) != _window(ct_window):
+            raise ValueError(f"checkpoint {path} was trained with ct_window {recorded['ct_window']!r} and this run's "
+                             f"is {ct_window!r}: resume with --ct_window {recorded['ct_window']!r}, or start afresh "
+                             "with --resume false")
     if image_size is not None and trained_size is not None and trained_size != int(image_size):
         raise ValueError(f"checkpoint {path} was trained at {trained_size} px and this run's slice space is "
                          f"{int(image_size)} px: resume with --image_size {trained_size} (and the --checkpoint it "

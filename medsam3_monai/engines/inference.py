@@ -67,6 +67,18 @@ class CaseDataset(Dataset):
             return UnreadableCase(dict(self.data[index]), str(cause), stop=not self.skip_unreadable)
 
 
+def _log_intensity_note(case: Sequence[dict[str, Any]]) -> None:
+    """Say, once per case, what the intensity step noted about its input (a volume without a modality whose values
+    look like CT Hounsfield units was min-max scaled: ``transforms.intensity.INTENSITY_NOTE``), as ``medsam3 segment``
+    says it."""
+    from ..transforms.intensity import INTENSITY_NOTE
+
+    image = case[0].get("image") if case and isinstance(case[0], dict) else None
+    note = getattr(image, "meta", {}).get(INTENSITY_NOTE)
+    if note:
+        logger.warning("%s: %s", image.meta.get("filename_or_obj", "an input"), note)
+
+
 def collate_cases(batch: Sequence[Any]) -> list[list[dict[str, Any]] | UnreadableCase]:
     """DataLoader ``collate_fn``: a list of cases, each the list of its slice items (one for a 2D image);
     :class:`UnreadableCase` markers pass through."""
@@ -137,6 +149,7 @@ class MedSAM3CaseEvaluator(SupervisedEvaluator):
                 engine.state.unreadable.append(case)
             else:
                 cases.append(case)
+                _log_intensity_note(case)
         engine.state.cases_read += len(cases)
         engine.network.eval()
         with torch.no_grad():

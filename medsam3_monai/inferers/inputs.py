@@ -114,6 +114,7 @@ def inference_items(
     split: str = "test",
     base_dir: str | Path | None = None,
     prompt_option: str = "--prompts \"['TEXT', ...]\"",
+    modality: str | None = None,
 ) -> list[dict[str, Any]]:
     """Datalist -> inference items ``{"image": absolute path, "prompts": {value: text}, ...}``.
 
@@ -126,6 +127,8 @@ def inference_items(
         base_dir: folder of relative image paths (default: the datalist file's folder, else the working dir).
         prompt_option: how the caller's user gives ``prompts``, named when an item has none (default: the
             inference bundle's ``--prompts`` override).
+        modality: the ``modality`` of items that name none (the inference bundle's ``modality``: ``CT`` for the CT
+            window); None leaves them without (their intensity rule by channels).
     """
     if isinstance(datalist, (list, tuple)) and not datalist:  # the inference bundle's default: nothing given
         raise ValueError("no inputs: give the images to segment with --datalist (a datalist JSON file, an image path, "
@@ -164,6 +167,8 @@ def inference_items(
         if not isinstance(item.get("image"), (str, Path)) or not str(item["image"]):
             raise ValueError(f"datalist entry {entry!r} has no 'image' path")
         item.pop("label", None)  # prediction needs no ground truth (evaluation items come from data.selection)
+        if modality is not None and not item.get("modality"):
+            item["modality"] = modality
         image = Path(str(item["image"])).expanduser()
         item["image"] = os.path.normpath(image if image.is_absolute() else base / image)
         if override is not None:

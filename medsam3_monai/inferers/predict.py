@@ -370,13 +370,13 @@ class Predictor:
         resize_kernel: the resize to the slice space, the bundles' ``resize_kernel``: ``"sam3"`` (SAM3's image
             processor's) or ``"monai"`` (MONAI's ``Resize``), as the network was trained; None: the one its model file
             records, else ``"sam3"``.
-
-    ``preprocessing_notes``: a given setting that differs from the one the model file records
-    (:func:`~.trained_settings.inference_preprocessing`).
         progress: progress bars (stderr) for volumes and for the tiled passes over large 2D pictures.
         max_pixels: the largest 2D picture to accept, in pixels (it also lifts PIL's decompression-bomb limit);
             ``"auto"``: PIL's limit and what fits in the available memory (``transforms.io.check_picture_size``;
             the ``MEDSAM3_MAX_PIXELS`` environment variable replaces ``"auto"``).
+
+    Attribute ``preprocessing_notes``: a line for each setting given that differs from the one the network's model file
+    records (:func:`~.trained_settings.inference_preprocessing`).
     """
 
     def __init__(self, network: torch.nn.Module, *, tracker: Any = "auto", checkpoint: str | None = None,

@@ -11,7 +11,8 @@ from __future__ import annotations
 
 from typing import Any, Sequence
 
-__all__ = ["DEFAULT_CT_WINDOW", "DEFAULT_RESIZE_KERNEL", "inference_preprocessing", "trained_setting"]
+__all__ = ["DEFAULT_CT_WINDOW", "DEFAULT_RESIZE_KERNEL", "inference_preprocessing", "log_preprocessing_notes",
+           "log_training_differences", "recorded_preprocessing", "trained_setting"]
 
 #: the settings of a network whose file records none (``tiny``, ``sam3.pt``, a Medical-SAM3 release, an HF folder)
 DEFAULT_RESIZE_KERNEL = "sam3"
@@ -54,5 +55,41 @@ def inference_preprocessing(network: Any, resize_kernel: str | None = None,
         chosen[key] = given
         if key in recorded and not _same(key, given, recorded[key]):
             notes.append(f"the model was trained with {key} {_shown(recorded[key])} and this run uses "
-                         f"{_shown(given)}: leave {_OPTIONS[key]} (the bundles' {key}) out to use the model's own")
+                         f"{_shown(given)}: to use the model's own, leave the setting out ({_OPTIONS[key]}, the "
+                         f"bundles' {key}, the MONAI Label app's --conf {key})")
     return chosen["resize_kernel"], chosen["ct_window"], notes
+
+
+def log_preprocessing_notes(network: Any, resize_kernel: Any, ct_window: Any) -> None:
+    """The inference and evaluation bundles' note (a warning in their log) for a ``resize_kernel`` or ``ct_window``
+    given that differs from the one the network's model file records (:func:`inference_preprocessing`); the value
+    that equals the recorded one, its own default, says nothing."""
+    import logging
+
+    for line in inference_preprocessing(network, resize_kernel, ct_window)[2]:
+        logging.getLogger("medsam3_monai.bundle").warning(line)
+
+
+def recorded_preprocessing(resize_kernel: str, ct_window: Any, items: Sequence[Any] = ()) -> dict[str, Any]:
+    """What the training bundle records in its model files (``recorded_preprocessing``): its ``resize_kernel``, and
+    its ``ct_window`` when a training item is CT (a model trained without CT has no window to repeat)."""
+    from ..transforms.intensity import is_ct_windowed
+
+    ct = any(isinstance(item, dict) and is_ct_windowed(item.get("modality")) for item in items)
+    return {"resize_kernel": resize_kernel, **({"ct_window": ct_window} if ct else {})}
+
+
+def log_training_differences(network: Any, recorded: dict[str, Any]) -> None:
+    """The training bundle's note (a warning in its log) when the starting checkpoint's model file records another
+    preprocessing than this training's (``recorded``, what its own model files will record): a fine-tune of a lung-
+    window model on the abdomen window changes what the network sees, and the training bundle does not follow the
+    starting checkpoint (its settings are its own: ``--ct_window``, ``--resize_kernel``)."""
+    import logging
+
+    started = dict(getattr(network, "trained_preprocessing", None) or {})
+    for key, value in recorded.items():
+        if key in started and not _same(key, value, started[key]):
+            logging.getLogger("medsam3_monai.bundle").warning(
+                f"the starting checkpoint was trained with {key} {_shown(started[key])} and this training uses "
+                f"{_shown(value)}: pass --{key} {_shown(started[key])} (medsam3 train: --set {key}="
+                f"{_shown(started[key])}) to keep the checkpoint's")

@@ -529,7 +529,7 @@ def _load_sam3(source: str | Path, config: Sam3Config | None, image_size: int | 
     if not path.exists():
         raise missing_checkpoint(path)
     if path.is_dir():
-        return LoadedSam3(_load_hf_folder(path), _folder_tokenizer(path), "hf_folder")
+        return LoadedSam3(_load_hf_folder(path), _folder_tokenizer(path), "hf_folder", _folder_preprocessing(path))
     state_dict, embedded_config, source_format, preprocessing = _read_checkpoint(path)
     # a file without a configuration (sam3.pt, a Medical-SAM3 release) fits SAM3's architecture at any multiple of
     # 14: the requested size (the release's 3D checkpoint works at 504), else 1008
@@ -624,13 +624,34 @@ def _write_into_empty(directory: Path, write) -> Path:
     return directory
 
 
-def save_hf_folder(model: Sam3Model, tokenizer: PreTrainedTokenizerBase | None, directory: str | Path) -> Path:
-    """Save ``model`` (and tokenizer) as an HF folder that ``Sam3Model.from_pretrained`` loads."""
+#: the file of an HF folder of ours that records the training's preprocessing (:func:`described_preprocessing`)
+PREPROCESSING_FILE = "medsam3_preprocessing.json"
+
+
+def _folder_preprocessing(folder: Path) -> dict[str, Any]:
+    """The preprocessing an HF folder records in :data:`PREPROCESSING_FILE` (``{}`` when it has none)."""
+    path = folder / PREPROCESSING_FILE
+    if not path.is_file():
+        return {}
+    try:
+        return _preprocessing_entry(json.loads(path.read_text(encoding="utf-8")))
+    except (OSError, ValueError) as err:
+        raise CheckpointError(f"{path} does not read ({err}): it records how the model was trained (resize_kernel, "
+                              "ct_window); restore it, or remove it and give --resize-kernel / --ct-window") from None
+
+
+def save_hf_folder(model: Sam3Model, tokenizer: PreTrainedTokenizerBase | None, directory: str | Path,
+                   preprocessing: Mapping[str, Any] | None = None) -> Path:
+    """Save ``model`` (and tokenizer) as an HF folder that ``Sam3Model.from_pretrained`` loads; ``preprocessing`` (how
+    the network saw the pictures in training) goes to :data:`PREPROCESSING_FILE`, which our loaders read back."""
+    entry = _preprocessing_entry(preprocessing)
 
     def write(tmp: Path) -> None:
         model.save_pretrained(str(tmp), safe_serialization=True)
         if tokenizer is not None:
             tokenizer.save_pretrained(str(tmp))
+        if entry:
+            (tmp / PREPROCESSING_FILE).write_text(json.dumps(entry, indent=2) + "\n", encoding="utf-8")
 
     return atomic_dir(Path(directory), write)
 

@@ -574,8 +574,9 @@ class MedSAM3Net(nn.Module):
 
     # ------------------------------------------------------------------ persistence
     def save_pretrained(self, directory: str | Path) -> Path:
-        """Write an HF folder (config.json, model.safetensors, tokenizer) that ``Sam3Model.from_pretrained`` reads."""
-        return save_hf_folder(self.sam3, self.tokenizer, directory)
+        """Write an HF folder (config.json, model.safetensors, tokenizer) that ``Sam3Model.from_pretrained`` reads, with
+        :attr:`trained_preprocessing` (``medsam3_preprocessing.json``), which ``MedSAM3Net(folder)`` reads back."""
+        return save_hf_folder(self.sam3, self.tokenizer, directory, getattr(self, "trained_preprocessing", None))
 
 
 def load_network(source: str = "tiny", image_size: int | None = None,

@@ -1068,6 +1068,14 @@ class LoadMedicalImaged(MapTransform):
                     raise DataError(", ".join(map(str, value)), f"'{key}' holds {len(value)} paths",
                                     "give one image path (a DICOM series is one folder)")
                 parts = [self._load(p, mask=True) for p in value]
+                image = d.get(self.image_key)
+                if isinstance(image, MetaTensor) and image.ndim == 4:
+                    # each part on the image's own grid, and warned about, before the voxels are merged: a part
+                    # stored flipped (or of another geometry) must not be merged as stored
+                    parts = [_on_image_grid(image, part) if isinstance(part, MetaTensor) else part for part in parts]
+                    for part in parts:
+                        if isinstance(part, MetaTensor) and tuple(part.shape[1:]) == tuple(image.shape[1:]):
+                            _warn_if_geometry_differs(image, part)
                 merged = parts[0]
                 for other, path in zip(parts[1:], value[1:]):
                     if other.shape != merged.shape:
@@ -1078,10 +1086,10 @@ class LoadMedicalImaged(MapTransform):
                 d[key] = _integer_label(merged, str(value[0]))
             else:
                 d[key] = self._load(value, mask=mask, channel=None if mask else channel)
-        self._check_sizes(d)
+        self._check_sizes(d, data)
         return d
 
-    def _check_sizes(self, d: dict[Hashable, Any]) -> None:
+    def _check_sizes(self, d: dict[Hashable, Any], data_paths: Mapping[Hashable, Any] = {}) -> None:
         image = d.get(self.image_key)
         if not isinstance(image, torch.Tensor):
             return
@@ -1095,6 +1103,7 @@ class LoadMedicalImaged(MapTransform):
                     f"of {name or 'the image'}", _turned_mask_hint(name, label.shape[1:], image.shape[1:])
                     or "pair each image with its own mask, or drop the pair",
                 )
-            if isinstance(label, MetaTensor) and isinstance(image, MetaTensor) and image.ndim == 4:
+            if isinstance(label, MetaTensor) and isinstance(image, MetaTensor) and image.ndim == 4 and \
+                    not isinstance(data_paths.get(key), (list, tuple)):  # (a list's parts were aligned one by one)
                 d[key] = label = _on_image_grid(image, label)  # type: ignore[index]
                 _warn_if_geometry_differs(image, label)
