@@ -46,7 +46,7 @@ def storage_error(err: BaseException | None) -> StorageError | None:
             return seen
         if isinstance(seen, OSError) and seen.errno in STORAGE_ERRNOS:
             return StorageError(seen.strerror or errno.errorcode.get(seen.errno, "storage error"), seen.errno,
-                                seen.filename)
+                                seen.filename2 or seen.filename)  # (a copy's: its destination)
         text = str(seen)
         for words, code in _SAID_IN_TEXT.items():
             if words in text:

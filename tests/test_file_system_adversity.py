@@ -209,3 +209,47 @@ def test_train_says_how_a_stopped_run_goes_on(tmp_path, monkeypatch, capsys, sta
     assert line == (f"medsam3 train: {says}; the same command resumes from the newest checkpoint, "
                     f"{checkpoints / 'checkpoint_iter4.pt'}") or (says in line and "resumes" in line)
     assert marked == [mark]
+
+
+def test_a_model_file_written_past_a_real_file_size_limit_is_a_storage_error(tmp_path):
+    """Not a monkeypatched error: a child process under a 64 kB file-size limit (RLIMIT_FSIZE; Python ignores
+    SIGXFSZ, so the write fails with EFBIG) saves the tiny network's model file. torch's own writer would say only
+    "unexpected pos"; the file is written through a Python file, whose OSError is recognised, and nothing is left."""
+    import subprocess
+    import sys
+
+    script = (
+        "import resource, sys\n"
+        "from medsam3_monai.networks import MedSAM3Net\n"
+        "from medsam3_monai.networks.checkpoints import save_checkpoint_file\n"
+        "from medsam3_monai.storage_errors import storage_error\n"
+        "net = MedSAM3Net('tiny')\n"
+        "resource.setrlimit(resource.RLIMIT_FSIZE, (65536, 65536))\n"
+        "try:\n"
+        f"    save_checkpoint_file(net.sam3, {str(tmp_path / 'model.pt')!r})\n"
+        "except BaseException as err:\n"
+        "    print(storage_error(err))\n"
+    )
+    repo = str(Path(__file__).resolve().parents[1])  # this checkout's package, whichever one is installed
+    env = {**os.environ, "PYTHONPATH": os.pathsep.join(filter(None, (repo, os.environ.get("PYTHONPATH"))))}
+    done = subprocess.run([sys.executable, "-c", script], capture_output=True, text=True, cwd=tmp_path, env=env)
+    assert done.returncode == 0, done.stderr[-2000:]
+    assert "File too large: raise the file-size limit (ulimit -f" in done.stdout, done.stdout + done.stderr[-2000:]
+    assert list(tmp_path.iterdir()) == []  # neither the model file nor its temporary
+
+
+def test_one_lock_whatever_the_path_and_the_training_child_inherits_it(tmp_path):
+    """A link to the folder, or a path through '..', is the same folder: the same lock. The descriptors of held
+    locks are what ``medsam3 train`` passes to its bundle process, so the lock outlives a killed front."""
+    from medsam3_monai.deploy.output_lock import held_descriptors, output_lock
+
+    real = tmp_path / "real"
+    real.mkdir()
+    (tmp_path / "link").symlink_to(real)
+    with output_lock(tmp_path / "link", "--out"):
+        assert len(held_descriptors()) == 1 and (tmp_path / ".real.medsam3.lock").is_file()
+        for same in (real, tmp_path / "new" / ".." / "real"):
+            with pytest.raises(FileExistsError, match="another medsam3 command is writing into it now"):
+                with output_lock(same, "--out"):
+                    pass
+    assert held_descriptors() == () and not (tmp_path / "new").exists()

@@ -155,6 +155,12 @@ def test_an_hf_folder_carries_the_record_through_convert_checkpoint(trained_mode
     again = tmp_path / "again"
     MedSAM3Net(str(folder)).save_pretrained(again)  # and from the folder on
     assert MedSAM3Net(str(again)).trained_preprocessing == RECORDED
+    from medsam3_monai.networks.checkpoints import CheckpointError
+
+    (again / "medsam3_preprocessing.json").write_text('{"ct_window": "banana"}')  # a bad hand edit: named
+    with pytest.raises(CheckpointError, match=r"medsam3_preprocessing.json does not read \(unknown CT window "
+                                              r"'banana'"):
+        MedSAM3Net(str(again))
 
 
 def test_serve_takes_a_ct_window_and_says_it_in_info(trained_model):

@@ -15,7 +15,16 @@ import os
 from collections.abc import Iterator
 from pathlib import Path
 
-__all__ = ["OUTPUT_FOLDER_OPTIONS", "output_lock"]
+__all__ = ["OUTPUT_FOLDER_OPTIONS", "held_descriptors", "output_lock"]
+
+#: the descriptors of the locks this process holds (a child that writes the folder for it inherits them:
+#: ``medsam3 train``'s bundle process, so the lock lasts while either runs)
+_HELD: list[int] = []
+
+
+def held_descriptors() -> tuple[int, ...]:
+    """The file descriptors of the output locks this process holds (for ``subprocess.Popen(pass_fds=...)``)."""
+    return tuple(_HELD)
 
 #: the ``medsam3`` commands that write a folder -> the argument naming it
 OUTPUT_FOLDER_OPTIONS = {"evaluate": "out", "train": "out", "demo": "out", "reproduce": "out", "segment": "out_dir",
@@ -35,7 +44,7 @@ def output_lock(folder: str | Path, option: str) -> Iterator[None]:
     Parent folders made for the lock are removed again when the command left them empty (a refused command leaves
     nothing behind).
     """
-    folder = Path(folder).expanduser().absolute()
+    folder = Path(os.path.realpath(Path(folder).expanduser()))  # one lock whatever the path's links and '..'
     lock = _lock_path(folder)
     made = []  # the missing parents, deepest first
     parent = folder.parent
@@ -64,9 +73,11 @@ def output_lock(folder: str | Path, option: str) -> Iterator[None]:
             with output_lock(folder, option):
                 yield
             return
+        _HELD.append(handle.fileno())
         try:
             yield
         finally:
+            _HELD.remove(handle.fileno())
             with contextlib.suppress(OSError):
                 lock.unlink()
     finally:

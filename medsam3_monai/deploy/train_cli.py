@@ -322,9 +322,12 @@ def run(args: argparse.Namespace) -> int:
               "the bundle's tracking_uri, as in MONAI's MLFlowHandler)", file=sys.stderr)
     created = not root.exists()
     before = _run_files(root)
+    from .output_lock import held_descriptors
+
     status = _wait(subprocess.Popen(command, env={**os.environ, FRONT_VARIABLE: "medsam3 train",
                                                   FRONT_OPTIONS_VARIABLE: json.dumps(front_options()),
-                                                  FRONT_VALUES_VARIABLE: json.dumps(_settings(args.settings, {}))}))
+                                                  FRONT_VALUES_VARIABLE: json.dumps(_settings(args.settings, {}))},
+                                    pass_fds=held_descriptors()))  # --out's lock lasts while the training runs
     written = [path for path, stamp in _run_files(root).items() if before.get(path) != stamp]
     trained = any(p.suffix == ".pt" and p.parent.name in ("checkpoints", "models") for p in written)  # (not a cache)
     if status == 2 and not trained:  # an input error before any checkpoint: no output is left

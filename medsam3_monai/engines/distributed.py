@@ -155,5 +155,6 @@ def save_rank_state(network: torch.nn.Module, folder: str | Path, **extra: Any) 
     module = unwrap(network)
     path = folder / f"rank{get_rank()}.pt"
     payload = {"state_dict": {k: v.detach().cpu() for k, v in module.state_dict().items()}, **extra}
-    torch.save(payload, path)
+    with open(path, "wb") as handle:  # (a full disk then raises its OSError: storage_errors)
+        torch.save(payload, handle)
     return path

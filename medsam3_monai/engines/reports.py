@@ -588,7 +588,17 @@ class EvaluationReport:
                     client.log_artifacts(run_id, str(self.out_dir / folder), folder)
             client.set_terminated(run_id)
         except BaseException:
-            client.set_terminated(run_id, status="FAILED")
+            # on a full disk marking the run fails too: MLflow would log its own traceback above the one-line error,
+            # and its error would replace the one that stopped the logging
+            store_logger = logging.getLogger("mlflow.store.db.utils")
+            level = store_logger.level
+            store_logger.setLevel(logging.CRITICAL + 1)
+            try:
+                client.set_terminated(run_id, status="FAILED")
+            except Exception:  # noqa: BLE001 - the first error is the one to report
+                pass
+            finally:
+                store_logger.setLevel(level)
             raise
         self.run_id = run_id
         logger.info("MLflow run %s in %s", run_id, tracking_uri)

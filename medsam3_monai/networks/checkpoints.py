@@ -634,8 +634,15 @@ def _folder_preprocessing(folder: Path) -> dict[str, Any]:
     if not path.is_file():
         return {}
     try:
-        return _preprocessing_entry(json.loads(path.read_text(encoding="utf-8")))
-    except (OSError, ValueError) as err:
+        entry = _preprocessing_entry(json.loads(path.read_text(encoding="utf-8")))
+        if "ct_window" in entry:
+            from ..transforms.intensity import check_ct_window
+
+            check_ct_window(entry["ct_window"])
+        if entry.get("resize_kernel", "sam3") not in ("sam3", "monai"):
+            raise ValueError(f"resize_kernel {entry['resize_kernel']!r} is neither 'sam3' nor 'monai'")
+        return entry
+    except (OSError, ValueError, TypeError) as err:
         raise CheckpointError(f"{path} does not read ({err}): it records how the model was trained (resize_kernel, "
                               "ct_window); restore it, or remove it and give --resize-kernel / --ct-window") from None
 
@@ -719,7 +726,10 @@ def save_checkpoint_file(model: Sam3Model, path: str | Path, extra: Mapping[str,
         payload["extra_state"] = {k: v.detach().cpu() for k, v in extra_state.items()}
     tmp = path.with_name(f".{path.name}.tmp")
     try:
-        torch.save(payload, tmp)
+        # a file object, not a path: torch's own C++ writer says a full disk only as "unexpected pos" (no errno); a
+        # Python file's write raises the OSError that storage_errors.storage_error recognises
+        with open(tmp, "wb") as handle:
+            torch.save(payload, handle)
         os.replace(tmp, path)
     finally:
         tmp.unlink(missing_ok=True)
