@@ -253,3 +253,23 @@ def test_one_lock_whatever_the_path_and_the_training_child_inherits_it(tmp_path)
                 with output_lock(same, "--out"):
                     pass
     assert held_descriptors() == () and not (tmp_path / "new").exists()
+
+
+def test_evaluate_into_a_deleted_mlflow_experiment_is_refused_before_the_work(shared_data, tmp_path, capsys):
+    from mlflow import MlflowClient
+
+    from medsam3_monai.bundle import sqlite_uri
+    from medsam3_monai.data import build_datalist, write_datalist
+
+    items = build_datalist("Kvasir-SEG_sample", shared_data / "Kvasir-SEG_sample").datalist["training"][:1]
+    datalist = write_datalist({"training": [], "validation": [], "test": items}, tmp_path / "d.json")
+
+    store = sqlite_uri(tmp_path / "store" / "mlruns.db")
+    (tmp_path / "store").mkdir()
+    client = MlflowClient(tracking_uri=store)
+    client.delete_experiment(client.create_experiment("old"))
+    assert main(["evaluate", "--datalist", str(datalist), "--checkpoint", "tiny", "--out", str(tmp_path / "report"),
+                 "--tracking-uri", store, "--experiment", "old", "--no-progress"]) == 2
+    err = capsys.readouterr().err
+    assert f"MLflow experiment 'old' in {store} is deleted: restore it (mlflow experiments restore" in err, err
+    assert not (tmp_path / "report").exists()

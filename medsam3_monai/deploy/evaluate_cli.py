@@ -313,7 +313,7 @@ def run(args: argparse.Namespace) -> int:
     _check_2d_options(items, args)
     window = ct_window_for(args.ct_window, [item.get("modality") for item in items])
     if not args.no_mlflow:
-        check_tracking_uri(args.tracking_uri)
+        check_tracking_uri(args.tracking_uri, experiment=args.experiment)
     volumes = sum(is_volume_item(item) for item in items)
     check_volume_score_threshold(args.volume_score_threshold, items, "--volume-score-threshold")
     # an unread --score-threshold (the pictures' protocol reads none, and the volumes have their own) is refused

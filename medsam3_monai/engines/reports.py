@@ -80,6 +80,7 @@ def open_experiment(tracking_uri: str, experiment: str = DEFAULT_EXPERIMENT, art
     client = MlflowClient(tracking_uri=tracking_uri)
     found = _first_contact(lambda: client.get_experiment_by_name(experiment), tracking_uri)
     tidy()
+    _refuse_deleted(found, tracking_uri)
     if found is not None:
         return client, found.experiment_id
     database = sqlite_database(tracking_uri)
@@ -89,16 +90,26 @@ def open_experiment(tracking_uri: str, experiment: str = DEFAULT_EXPERIMENT, art
     return client, client.create_experiment(experiment, artifact_location=location)
 
 
-def check_tracking_uri(tracking_uri: str | None, option: str = "--tracking-uri") -> None:
+def check_tracking_uri(tracking_uri: str | None, option: str = "--tracking-uri",
+                       experiment: str | None = None) -> None:
     """Refuse a tracking URI that cannot be used (a server that is not running, a bad URI) before a long run
-    (ValueError saying what to change; ``option``: how the caller's user gives it); None (a SQLite store in the
-    output folder) is always fine."""
+    (ValueError saying what to change; ``option``: how the caller's user gives it), and an ``experiment`` of that
+    store that was deleted; None (a SQLite store in the output folder) is always fine."""
     if tracking_uri is None:
         return
     from mlflow import MlflowClient
 
-    _first_contact(lambda: MlflowClient(tracking_uri=tracking_uri).search_experiments(max_results=1), tracking_uri,
-                   option)
+    client = MlflowClient(tracking_uri=tracking_uri)
+    _first_contact(lambda: client.search_experiments(max_results=1), tracking_uri, option)
+    if experiment is not None:
+        _refuse_deleted(client.get_experiment_by_name(experiment), tracking_uri)
+
+
+def _refuse_deleted(found: Any, tracking_uri: str) -> None:
+    """A deleted experiment cannot take runs (MLflow's "Current state is deleted"): say how to go on."""
+    if found is not None and getattr(found, "lifecycle_stage", "active") == "deleted":
+        raise ValueError(f"MLflow experiment {found.name!r} in {tracking_uri} is deleted: restore it (mlflow "
+                         f"experiments restore --experiment-id {found.experiment_id}), or choose another --experiment")
 
 
 def _first_contact(call: Any, tracking_uri: str, option: str = "--tracking-uri") -> Any:
