@@ -99,8 +99,12 @@ def check_tracking_uri(tracking_uri: str | None, option: str = "--tracking-uri",
         return
     from mlflow import MlflowClient
 
-    client = MlflowClient(tracking_uri=tracking_uri)
-    _first_contact(lambda: client.search_experiments(max_results=1), tracking_uri, option)
+    def contact() -> Any:  # (making the client is part of the contact: MLflow refuses some stores there)
+        client = MlflowClient(tracking_uri=tracking_uri)
+        client.search_experiments(max_results=1)
+        return client
+
+    client = _first_contact(contact, tracking_uri, option)
     if experiment is not None:
         _refuse_deleted(client.get_experiment_by_name(experiment), tracking_uri)
 
