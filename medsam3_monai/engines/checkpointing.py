@@ -106,9 +106,9 @@ def check_resume_checkpoint(resume: bool | str, save_dir: str | Path, max_epochs
     recorded = described_preprocessing(stored.get("network_config")) if isinstance(stored, Mapping) else {}
     del stored
     if ct_window is not None and "ct_window" in recorded:
-        from ..transforms.intensity import _window
+        from ..inferers.trained_settings import same_setting
 
-        if _window(recorded["ct_window"]) != _window(ct_window):
+        if not same_setting("ct_window", ct_window, recorded["ct_window"]):
             raise ValueError(f"checkpoint {path} was trained with ct_window {recorded['ct_window']!r} and this run's "
                              f"is {ct_window!r}: resume with --ct_window {recorded['ct_window']!r}, or start afresh "
                              "with --resume false")

@@ -12,7 +12,7 @@ from __future__ import annotations
 from typing import Any, Sequence
 
 __all__ = ["DEFAULT_CT_WINDOW", "DEFAULT_RESIZE_KERNEL", "inference_preprocessing", "log_preprocessing_notes",
-           "log_training_differences", "recorded_preprocessing", "trained_setting"]
+           "log_training_differences", "recorded_preprocessing", "same_setting", "trained_setting"]
 
 #: the settings of a network whose file records none (``tiny``, ``sam3.pt``, a Medical-SAM3 release, an HF folder)
 DEFAULT_RESIZE_KERNEL = "sam3"
@@ -28,7 +28,9 @@ def trained_setting(network: Any, key: str) -> Any:
     return (getattr(network, "trained_preprocessing", None) or {}).get(key, _DEFAULTS[key])
 
 
-def _same(key: str, given: Any, recorded: Any) -> bool:
+def same_setting(key: str, given: Any, recorded: Any) -> bool:
+    """Whether two values of ``key`` are the same setting (a CT window by its width and level: ``lung`` is
+    ``1500,-600``)."""
     if key == "ct_window":
         from ..transforms.intensity import _window
 
@@ -53,7 +55,7 @@ def inference_preprocessing(network: Any, resize_kernel: str | None = None,
             chosen[key] = recorded.get(key, _DEFAULTS[key])
             continue
         chosen[key] = given
-        if key in recorded and not _same(key, given, recorded[key]):
+        if key in recorded and not same_setting(key, given, recorded[key]):
             notes.append(f"the model was trained with {key} {_shown(recorded[key])} and this run uses "
                          f"{_shown(given)}: to use the model's own, leave the setting out ({_OPTIONS[key]}, the "
                          f"bundles' {key}, the MONAI Label app's --conf {key})")
@@ -88,7 +90,7 @@ def log_training_differences(network: Any, recorded: dict[str, Any]) -> None:
 
     started = dict(getattr(network, "trained_preprocessing", None) or {})
     for key, value in recorded.items():
-        if key in started and not _same(key, value, started[key]):
+        if key in started and not same_setting(key, value, started[key]):
             logging.getLogger("medsam3_monai.bundle").warning(
                 f"the starting checkpoint was trained with {key} {_shown(started[key])} and this training uses "
                 f"{_shown(value)}: pass --{key} {_shown(started[key])} (medsam3 train: --set {key}="

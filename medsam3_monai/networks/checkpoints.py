@@ -639,8 +639,10 @@ def _folder_preprocessing(folder: Path) -> dict[str, Any]:
             from ..transforms.intensity import check_ct_window
 
             check_ct_window(entry["ct_window"])
-        if entry.get("resize_kernel", "sam3") not in ("sam3", "monai"):
-            raise ValueError(f"resize_kernel {entry['resize_kernel']!r} is neither 'sam3' nor 'monai'")
+        if "resize_kernel" in entry:
+            from ..bundle import check_resize_kernel
+
+            check_resize_kernel(entry["resize_kernel"])
         return entry
     except (OSError, ValueError, TypeError) as err:
         raise CheckpointError(f"{path} does not read ({err}): it records how the model was trained (resize_kernel, "

@@ -229,15 +229,6 @@ def _stored_size(img: Image.Image) -> tuple[int, int]:
     return img.size
 
 
-def _turned_tiff(path: str | Path) -> bool:
-    """A TIFF its Orientation tag turns a quarter (5-8). Pillow (11 to 13 at least) memory-maps an uncompressed one at
-    the turned size and scrambles a one-channel or RGBA picture; read from an open file, it decodes them right."""
-    if Path(path).suffix.lower() not in (".tif", ".tiff"):
-        return False
-    with pil_size_check_off(), Image.open(path) as img:
-        return img.format == "TIFF" and exif_orientation(img) in QUARTER_TURNS
-
-
 def _turned_mask_hint(image_path: Any, mask_shape: Sequence[int], image_shape: Sequence[int]) -> str | None:
     """What to do with a mask of a picture's stored orientation (its shape the picture's transposed) when the
     picture's EXIF Orientation turns it a quarter for display, as it is read; None otherwise."""
@@ -571,9 +562,12 @@ def _read_picture(path: str, reader: Image2DReader, size: tuple[int, int] | None
     allowed_over_pil = limit is not None and width * height > limit  # allowed by max_pixels: PIL's check off
     with ExitStack() as stack:  # the file is closed once read (PIL keeps a GIF's, a multi-frame format's, open)
         with pil_size_check_off() if allowed_over_pil else nullcontext():
-            # a turned TIFF from an open file: Pillow's memory-mapped read of it is wrong (_turned_tiff)
-            source = stack.enter_context(open(path, "rb")) if _turned_tiff(path) else path
-            img = as_displayed(stack.enter_context(Image.open(source, **reader.kwargs)))
+            img = stack.enter_context(Image.open(path, **reader.kwargs))  # (the header only, so far)
+            if img.format == "TIFF" and exif_orientation(img) in QUARTER_TURNS:
+                # Pillow (11 to 13 at least) memory-maps an uncompressed TIFF turned a quarter at the turned size and
+                # scrambles a one-channel or RGBA picture; read from an open file, it decodes it right
+                img = stack.enter_context(Image.open(stack.enter_context(open(path, "rb")), **reader.kwargs))
+            img = as_displayed(img)
             if callable(reader.converter):
                 try:
                     img = reader.converter(img)  # decodes (some plugins check the size again while decoding)
