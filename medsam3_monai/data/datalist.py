@@ -464,18 +464,27 @@ def check_misspelt_keys(item: Mapping[str, Any], where: str) -> None:
 
 def check_prompt_texts(prompts: Mapping[Any, Any], where: str) -> None:
     """DatalistError naming ``where`` (the datalist and item) when a prompt of ``prompts`` has no concept text (empty,
-    blank or not a string) or is longer than SAM3's 32 tokens."""
+    blank or not a string), is longer than SAM3's 32 tokens, or reads as another label's concept (the same token ids:
+    "Liver" and "liver", "polyp." and "polyp ."; evaluation would leave the second label empty, training would teach
+    one text two masks)."""
     texts = {key: text for key, text in prompts.items() if not isinstance(text, str) or not text.strip()}
     if texts:
         raise DatalistError(f"{where}: 'prompts' {texts} give no concept text: each label value needs a text, "
                             'e.g. {"1": "polyp"}')
-    from ..networks.tokenizer import CONTEXT_LENGTH, prompt_token_count
+    from ..networks.tokenizer import CONTEXT_LENGTH, prompt_reading
 
+    readings: dict[tuple[int, ...], Any] = {}
     for key, text in prompts.items():  # refused here, not when the network first reads it (hours into a training)
-        tokens = prompt_token_count(text)
-        if tokens > CONTEXT_LENGTH:
-            raise DatalistError(f"{where}: prompt {key} {text[:60]!r} is {tokens} tokens; SAM3 reads at most "
+        reading = prompt_reading(text)
+        if len(reading) > CONTEXT_LENGTH:
+            raise DatalistError(f"{where}: prompt {key} {text[:60]!r} is {len(reading)} tokens; SAM3 reads at most "
                                 f"{CONTEXT_LENGTH} (start and end included): shorten it to a concept phrase")
+        first = readings.setdefault(reading, key)
+        if first != key:
+            raise DatalistError(f"{where}: labels {first} ({prompts[first]!r}) and {key} ({text!r}) have one concept "
+                                "as SAM3 reads it (the same tokens): evaluation would leave label "
+                                f"{key} empty and training would teach one text two masks; give each label its own "
+                                "concept, or merge the two labels")
 
 
 def load_datalists(paths: str | Path | Sequence[str | Path], split: str = "training", check_files: bool = True

@@ -312,6 +312,11 @@ def _check_arguments(args: argparse.Namespace) -> bool:
         _usage(args, "give --out PATH (one input) or --out-dir DIR (one mask per input), not both")
     if getattr(args, "split", None) is not None and not datalist:
         _usage(args, f"--split {args.split} picks a list of a --datalist: give --datalist FILE, or leave --split out")
+    for text in args.prompt or []:  # serve, the MONAI Label app and the inference bundle split a comma list
+        if "," in str(text):
+            print(f"medsam3 segment: note: prompt {text!r} holds a comma; SAM3 reads it as one concept with one label "
+                  "(serve, the MONAI Label app and the inference bundle split a comma list into prompts): give "
+                  "--prompt once per concept to segment them apart", file=sys.stderr)
     if out_dir is None:
         if datalist:
             _usage(args, "--datalist segments many inputs: give --out-dir DIR (one mask per input)")

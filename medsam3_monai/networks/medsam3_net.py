@@ -216,7 +216,10 @@ class MedSAM3Net(nn.Module):
         features = self.sam3.get_text_features(
             input_ids=input_ids, attention_mask=attention_mask, return_dict=True
         ).pooler_output
-        return features, attention_mask.bool()
+        # SAM3's text mask is ``ids != 0`` (its text encoder pads with 0): besides the padding (ours: <|endoftext|>,
+        # outside the attention mask) it hides a prompt token of id 0, the byte '!' as a word piece ("polyp !/ lesion"),
+        # from the fusion encoder and the decoder; the CLIP encoder itself reads it (SAM3 runs it with the causal mask)
+        return features, attention_mask.bool() & (input_ids != 0)
 
     def encode_text(self, prompts: Sequence[str]) -> tuple[torch.Tensor, torch.Tensor]:
         """Projected text features (P, 32, C) and validity mask (P, 32) bool; cached when no grad is needed.

@@ -9,8 +9,9 @@ Prompts are tokenised with the semantics of SAM3's own tokenizer (``sam3.model.t
 ``SimpleTokenizer``): the text is cleaned first (``ftfy.fix_text``, HTML entities unescaped twice, whitespace
 collapsed, lower case), ``<start_of_text>`` / ``<end_of_text>`` written in a prompt are SAM3's special tokens
 (ids 49406 / 49407), and transformers' own markers (``<|endoftext|>``) are plain text. The ids differ from the
-official ones only in the padding (49407 here, 0 there), which the attention mask makes irrelevant.
-"""
+official ones only in the padding (49407 here, 0 there), which the attention mask makes irrelevant. SAM3's text mask
+is ``ids != 0``, which also hides a prompt's own token of id 0 (the byte '!' as a word piece, "polyp !/ lesion"); the
+network's text mask does the same (``MedSAM3Net.encode_text``)."""
 
 from __future__ import annotations
 
@@ -127,10 +128,12 @@ def _offline_tokenizer() -> PreTrainedTokenizerBase:
     return build_clip_tokenizer()
 
 
-def prompt_token_count(prompt: str) -> int:
-    """The tokens SAM3 reads for ``prompt``, start and end included, with the offline CLIP BPE tokenizer (every
-    SAM3 checkpoint's); more than :data:`CONTEXT_LENGTH` is refused by :func:`tokenize_prompts`."""
-    return len(_encode(_offline_tokenizer(), prompt))
+def prompt_reading(prompt: str) -> tuple[int, ...]:
+    """The token ids SAM3 reads for ``prompt`` (start and end included, offline CLIP BPE tokenizer): two prompts with
+    the same reading are one concept to the network ("polyp." and "polyp .", "kidney(left)" and "Kidney (left)").
+    Every SAM3 checkpoint has this tokenizer; more than :data:`CONTEXT_LENGTH` ids are refused by
+    :func:`tokenize_prompts`."""
+    return _encode(_offline_tokenizer(), prompt)
 
 
 def tokenize_prompts(

@@ -300,7 +300,8 @@ def _same_thing(a: str, b: str) -> bool:
 class RandNegativePromptsd(Randomizable, Transform):
     """Append negative prompts: concepts of a pool that are absent from the image (empty targets).
 
-    A concept counts as present when a positive target has that text or a synonym of it (case-insensitive;
+    A concept counts as present when a positive target has that text, one SAM3 reads the same (the same token ids:
+    "kidney(left)" / "Kidney (left)") or a synonym of it (case-insensitive;
     ``datasets_meta/synonyms.json``: "nuclei" present rules out "cell nucleus"), or names the same thing more or
     less specifically (one's words end the other's: "left lung" present rules out "lung", "tumor" rules out
     "breast tumor"); texts already among the targets (present or not) are not sampled again.
@@ -355,9 +356,13 @@ class RandNegativePromptsd(Randomizable, Transform):
     def __call__(self, data: Mapping[Hashable, Any]) -> dict[Hashable, Any]:
         d = dict(data)
         targets = list(d.get(self.targets_key, []))
+        from ..networks.tokenizer import prompt_reading
+
         taken = {self._concept(t["text"]) for t in targets}
+        read = {prompt_reading(t["text"]) for t in targets}  # "kidney(left)" reads as "Kidney (left)"
         source = d.get(self.concepts_key) or self.concepts
-        pool = [c for c in dict.fromkeys(source) if not any(_same_thing(self._concept(c), t) for t in taken)]
+        pool = [c for c in dict.fromkeys(source)
+                if prompt_reading(c) not in read and not any(_same_thing(self._concept(c), t) for t in taken)]
         self.randomize(pool)
         size = tuple(int(s) for s in d[self.image_key].shape[-2:])
         targets.extend(empty_target(text, size) for text in self._chosen)
