@@ -182,6 +182,7 @@ def test_msd_multichannel_task_names_its_channel_and_evaluates(shared_data: Path
     assert main(["evaluate", "--datalist", str(datalist), "--checkpoint", "tiny", "--split", "all", "--out", str(out),
                  "--no-progress", "--no-mlflow", "--overlays", "0"]) == 0
     assert len((out / "cases.csv").read_text().strip().splitlines()) == 1 + 3 * 2  # 3 cases x 2 prompts
+    assert "4D images: channel MSD_Task05_Prostate: 1 " in (out / "table.md").read_text()  # the report names it
     masks = tmp_path / "masks"
     assert main(["segment", "--datalist", str(datalist), "--split", "training", "--out-dir", str(masks),
                  "--tracker", "none", "--no-progress"]) == 0
@@ -407,6 +408,23 @@ def test_mask_size_mismatch_is_caught_from_headers(tmp_path: Path):
     img(tmp_path / "masks" / "b.jpg", size=(9, 6))
     with pytest.raises(DatalistError, match=r"masks/b.jpg: mask size \(6, 9\) differs from image b.jpg \(6, 8\)"):
         build_datalist("Kvasir-SEG", tmp_path)
+
+
+def test_a_volume_mask_transposed_on_its_images_grid_passes_the_header_check(tmp_path: Path):
+    """A mask saved with its array axes in another order and its header's in the same (the same world grid): the
+    loader transposes it onto the image, so the datalist takes it; one whose header does not say so is refused."""
+    for number in (1, 2):
+        vol(tmp_path / "images" / f"hippocampus_00{number}.nii.gz", shape=(4, 5, 3))
+    data = np.zeros((3, 4, 5), dtype=np.uint8)
+    data[1, 2, 3] = 1
+    affine = np.eye(4)[:, [2, 0, 1, 3]]  # array axis 0 runs along the image's axis 2, and so on
+    (tmp_path / "masks").mkdir()
+    nib.Nifti1Image(data, affine).to_filename(str(tmp_path / "masks" / "hippocampus_001.nii.gz"))
+    nib.Nifti1Image(data, np.eye(4)).to_filename(str(tmp_path / "masks" / "hippocampus_002.nii.gz"))
+    with pytest.raises(DatalistError, match=r"hippocampus_002.nii.gz: mask size \(3, 4, 5\) differs from image"
+                       ) as raised:
+        build_datalist("MSD_Task04_Hippocampus_cropped", tmp_path)
+    assert "hippocampus_001" not in str(raised.value)
 
 
 def test_label_value_missing_from_the_catalogue(tmp_path: Path):

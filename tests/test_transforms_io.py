@@ -779,12 +779,14 @@ def test_an_rgb_mask_reads_its_brightest_channel_per_pixel(tmp_path):
 @pytest.mark.parametrize("change, words", [("spacing", "voxel spacing differs"), ("origin", "position differs"),
                                            ("mirrored", "array axis 0 points the opposite way"),
                                            ("flipped", None), ("flipped twice", None),
+                                           ("transposed", None), ("transposed and flipped", None),
                                            ("swapped", "its axes point in other directions"), (None, None)])
 def test_a_volume_mask_of_another_geometry_is_warned_about(change, words, tmp_path):
     """A mask with its image's size but another spacing, origin or orientation (its header says it belongs elsewhere,
     or the same origin with axis 0 reversed: the image's mirror image): loaded as stored, with a warning naming what
     differs. The image's own mask loads silently, and so does one stored mirrored on the image's own world grid
-    (axes reversed, origin at the other end, as other tools save it): it is flipped onto the image's grid, exactly."""
+    (axes reversed, origin at the other end, as other tools save it) or transposed (its array and its header's axes
+    in another order): it is put onto the image's grid, exactly."""
     folder = SHARED_DATA / "MSD_Task04_Hippocampus_cropped"
     image, mask = folder / "images" / "hippocampus_023.nii.gz", nib.load(folder / "masks" / "hippocampus_023.nii.gz")
     affine = mask.affine.copy()
@@ -801,6 +803,14 @@ def test_a_volume_mask_of_another_geometry_is_warned_about(change, words, tmp_pa
             affine[:3, axis] *= -1
             data = np.flip(data, axis)
         data = data.copy()
+    elif change in ("transposed", "transposed and flipped"):  # the same world grid, array axes in another order
+        order = (2, 0, 1)
+        data, affine[:, :3] = np.transpose(data, order), affine[:, list(order)]
+        if change == "transposed and flipped":  # and its new axis 1 reversed
+            affine[:3, 3] += affine[:3, 1] * (data.shape[1] - 1)
+            affine[:3, 1] *= -1
+            data = np.flip(data, 1)
+        data = data.copy()
     elif change == "swapped":
         affine[:3, [0, 1]] = affine[:3, [1, 0]]
     path = tmp_path / "mask.nii.gz"
@@ -813,7 +823,7 @@ def test_a_volume_mask_of_another_geometry_is_warned_about(change, words, tmp_pa
     found = [str(w.message) for w in caught if "differs from its image" in str(w.message)]
     assert out["label"].shape == out["image"].shape
     assert (len(found) == 1 and words in found[0]) if words else not found
-    if change in ("flipped", "flipped twice", None):  # on the image's grid: the image's own mask, voxel for voxel
+    if change in ("flipped", "flipped twice", "transposed", "transposed and flipped", None):  # the image's own mask
         assert np.array_equal(out["label"][0].numpy(), np.asarray(mask.dataobj))
         assert np.allclose(out["label"].affine.numpy(), out["image"].affine.numpy())
 

@@ -25,7 +25,7 @@ from pathlib import Path
 from typing import Any
 
 from .catalogue import Catalogue, DatasetEntry, load_catalogue, load_schema, normalise_name
-from .checks import spatial_shape, unknown_label_values
+from .checks import is_nifti, spatial_shape, unknown_label_values
 from .converters import resolve
 from .pairs import Conversion, DatalistError, Pair, Problem
 from .schemas import validate
@@ -83,7 +83,7 @@ def _pair_problems(pair: Pair, entry: DatasetEntry, check_values: bool, channel:
         except Exception as err:  # noqa: BLE001
             problems.append(Problem(label, f"cannot read mask header ({err})"))
             continue
-        if label_shape != shape:
+        if label_shape != shape and not _transposed_on_grid(pair.image, label):
             from ..transforms.io import _turned_mask_hint  # (PIL only; the EXIF turn a stored-orientation mask misses)
 
             hint = _turned_mask_hint(pair.image, label_shape, shape)
@@ -101,6 +101,19 @@ def _pair_problems(pair: Pair, entry: DatasetEntry, check_values: bool, channel:
                     f"(known: {', '.join(sorted(entry.labels, key=int))})"
                 ))
     return problems
+
+
+def _transposed_on_grid(image: Path, label: Path) -> bool:
+    """Whether a NIfTI mask of another array shape lies on its image's own world grid with its axes in another order
+    (the loader transposes it onto the image: :func:`~medsam3_monai.transforms.io.grid_order`), from the headers."""
+    if not (is_nifti(image) and is_nifti(label)):
+        return False
+    import nibabel as nib
+
+    from ..transforms.io import grid_order
+
+    ours, theirs = nib.load(str(image)), nib.load(str(label))
+    return grid_order(ours.affine, ours.shape[:3], theirs.affine, theirs.shape[:3]) is not None
 
 
 def _channel_problems(image: Path, channel: int) -> list[Problem]:

@@ -149,6 +149,14 @@ def report_notes(checkpoint: str, protocol: str, score_threshold: float, box_pro
                      f"(top query, score >= {volume_threshold(score_threshold, volume_score_threshold)}) merged "
                      f"with tracker propagation from the most confident slice (tracker: {tracker})"
                      + ("; box prompts are not used for volumes." if box_prompts else "."))
+    channels: dict[str, set[int]] = {}
+    for i in items:  # 4D images (MSD BrainTumour, Prostate): the channel each item segmented
+        if i.get("channel") is not None:
+            channels.setdefault(str(i.get("dataset") or "?"), set()).add(int(i["channel"]))
+    if channels:
+        notes.append("4D images: channel " + "; ".join(
+            f"{name}: {', '.join(map(str, sorted(values)))}" for name, values in sorted(channels.items()))
+            + " (the datalist items' 'channel', 0-based).")
     return notes
 
 

@@ -947,25 +947,45 @@ def input_modality(path: str | Path, given: str | None) -> str | None:
     return given if given is not None else dicom_modality(path)
 
 
-def _on_image_grid(image: MetaTensor, label: MetaTensor) -> MetaTensor:
-    """A volume's mask stored with some array axes reversed on its image's own world grid (a DICOM series read
-    top-down and its mask saved bottom-up, as other tools save them): flipped onto the image's grid, exactly (the same
-    voxels, paired as they lie in the world). Any other mask is returned as it is."""
-    ours, theirs = image.affine.double(), label.affine.double()
+def grid_order(image_affine: Any, image_shape: Sequence[int], label_affine: Any, label_shape: Sequence[int]
+               ) -> tuple[list[int], list[int]] | None:
+    """How a volume's mask lies on its image's own world grid, from the two (4, 4) affines and (X, Y, Z) shapes:
+    ``(order, reversed_axes)``, the mask's array axis along each of the image's (a transposed copy) and the image's
+    axes along which it runs the other way (a series saved bottom-up), so that
+    ``flip(permute(mask, order), reversed_axes)`` is the mask on the image's grid; None when it lies elsewhere (another
+    origin, spacing or angle)."""
+    ours, theirs = torch.as_tensor(image_affine).double(), torch.as_tensor(label_affine).double()
     spacing = voxel_spacing(ours[:3])
-    cosines = ((ours[:3, :3] / spacing.clamp_min(1e-12)) * (theirs[:3, :3] / voxel_spacing(theirs[:3]).clamp_min(
-        1e-12))).sum(0)
-    reversed_axes = [axis for axis, cosine in enumerate(cosines.tolist()) if cosine < -0.99]
-    if not reversed_axes or bool((cosines.abs() < 0.99).any()):
-        return label
-    flipped = theirs.clone()
+    # cosines[i, j]: between the world directions of the image's array axis i and the mask's array axis j
+    cosines = (ours[:3, :3] / spacing.clamp_min(1e-12)).T @ (theirs[:3, :3] / voxel_spacing(theirs[:3]).clamp_min(
+        1e-12))
+    order = cosines.abs().argmax(1).tolist()  # the mask's axis along each of the image's
+    if sorted(order) != [0, 1, 2] or bool((cosines.abs().amax(1) < 0.99).any()):
+        return None  # axes at an angle
+    reversed_axes = [axis for axis in range(3) if float(cosines[axis, order[axis]]) < 0]
+    shape = [int(label_shape[axis]) for axis in order]
+    moved = theirs[:, [*order, 3]].clone()  # the mask's header with its axes in the image's order
     for axis in reversed_axes:  # index i of the axis becomes n - 1 - i: the origin moves to the other end
-        flipped[:3, 3] += flipped[:3, axis] * (label.shape[axis + 1] - 1)
-        flipped[:3, axis] *= -1
-    close = torch.allclose(flipped[:3, :3], ours[:3, :3], rtol=1e-3, atol=1e-6)
-    if not (close and bool(((flipped[:3, 3] - ours[:3, 3]).abs() <= 0.5 * spacing.min()).all())):
-        return label  # another grid: the caller warns
-    on_grid = MetaTensor(torch.flip(label.as_tensor(), [axis + 1 for axis in reversed_axes]), meta=dict(label.meta))
+        moved[:3, 3] += moved[:3, axis] * (shape[axis] - 1)
+        moved[:3, axis] *= -1
+    same = shape == [int(n) for n in image_shape[:3]] and torch.allclose(moved[:3, :3], ours[:3, :3], rtol=1e-3,
+                                                                          atol=1e-6)
+    if not (same and bool(((moved[:3, 3] - ours[:3, 3]).abs() <= 0.5 * spacing.min()).all())):
+        return None
+    return order, reversed_axes
+
+
+def _on_image_grid(image: MetaTensor, label: MetaTensor) -> MetaTensor:
+    """A volume's mask stored on its image's own world grid with array axes reversed or in another order (a DICOM
+    series read top-down and its mask saved bottom-up, as other tools save them; an array saved transposed with its
+    header's axes in the same order): put onto the image's grid exactly (:func:`grid_order`: the same voxels, paired
+    as they lie in the world). Any other mask is returned as it is (the caller warns)."""
+    found = grid_order(image.affine, image.shape[1:], label.affine, label.shape[1:])
+    if found is None or found == ([0, 1, 2], []):
+        return label
+    order, reversed_axes = found
+    voxels = label.as_tensor().permute(0, *(axis + 1 for axis in order))
+    on_grid = MetaTensor(torch.flip(voxels, [axis + 1 for axis in reversed_axes]).contiguous(), meta=dict(label.meta))
     on_grid.affine = image.affine.clone().to(label.affine.dtype)
     return on_grid
 
@@ -1089,6 +1109,10 @@ class LoadMedicalImaged(MapTransform):
             return
         for key in self.label_keys:
             label = d.get(key)
+            aligned = (isinstance(label, MetaTensor) and isinstance(image, MetaTensor) and image.ndim == 4
+                       and label.ndim == 4 and not isinstance(data_paths.get(key), (list, tuple)))
+            if aligned:  # (a list's parts were aligned one by one); before the sizes: a transposed mask's differ
+                d[key] = label = _on_image_grid(image, label)  # type: ignore[index]
             if isinstance(label, torch.Tensor) and tuple(label.shape[1:]) != tuple(image.shape[1:]):
                 name = image.meta.get("filename_or_obj") if isinstance(image, MetaTensor) else None
                 raise DataError(
@@ -1097,7 +1121,5 @@ class LoadMedicalImaged(MapTransform):
                     f"of {name or 'the image'}", _turned_mask_hint(name, label.shape[1:], image.shape[1:])
                     or "pair each image with its own mask, or drop the pair",
                 )
-            if isinstance(label, MetaTensor) and isinstance(image, MetaTensor) and image.ndim == 4 and \
-                    not isinstance(data_paths.get(key), (list, tuple)):  # (a list's parts were aligned one by one)
-                d[key] = label = _on_image_grid(image, label)  # type: ignore[index]
+            if aligned:
                 _warn_if_geometry_differs(image, label)
