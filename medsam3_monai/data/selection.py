@@ -46,7 +46,8 @@ def evaluation_items(
         split: ``auto`` (``test`` when that list is non-empty, else ``validation``, decided per datalist),
             ``test``, ``validation``, ``training`` or ``all`` (every split, in training/validation/test order).
         max_cases: keep at most this many cases **per datalist**: a sample drawn with ``seed`` (the same cases
-            on every run; kept in file order), not the first ones, which are often one patient or one class.
+            on every run of the same file: rows are drawn, so reordering the items changes it; kept in file order),
+            not the first ones, which are often one patient or one class.
         check_files: fail early, naming them, when images or labels are missing.
         seed: seed of the ``max_cases`` sample.
 

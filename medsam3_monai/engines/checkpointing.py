@@ -152,11 +152,18 @@ class TrainingData:
     not the folders, so a moved data root still resumes) and of their prompts, and the slice-space resize kernel
     (``resize_kernel``: how the network saw the pictures), saved in every training checkpoint; a resume on other
     items, on the same images with other prompts, or with the other kernel, is refused (a different epoch length alone
-    would not show same-sized other data). Checkpoints of before a fingerprint's part are not compared on it."""
+    would not show same-sized other data). Checkpoints of before a fingerprint's part are not compared on it.
 
-    def __init__(self, items: Sequence[Mapping[str, Any]], resize_kernel: str | None = None) -> None:
+    ``num_workers`` (the loader's) is recorded too: each loader worker draws its own random stream (MONAI's
+    ``worker_init_fn`` re-seeds the random transforms), so the draws (volume slices, box prompts, negatives) depend on
+    the worker count. A resume with another count is warned about: it trains on, but not as the uninterrupted run
+    would have."""
+
+    def __init__(self, items: Sequence[Mapping[str, Any]], resize_kernel: str | None = None,
+                 num_workers: int | None = None) -> None:
         self.items = items
         self.resize_kernel = resize_kernel
+        self.num_workers = num_workers
 
     def state_dict(self) -> dict[str, Any]:
         import hashlib
@@ -169,7 +176,8 @@ class TrainingData:
         prompts = [f"{name} {json.dumps(item.get('prompts'), sort_keys=True, default=str)}"
                    for name, item in zip(names, self.items)]
         kernel = {} if self.resize_kernel is None else {"resize_kernel": self.resize_kernel}
-        return {"cases": len(names), "sha256": digest(names), "prompts_sha256": digest(prompts), **kernel}
+        workers = {} if self.num_workers is None else {"num_workers": int(self.num_workers)}
+        return {"cases": len(names), "sha256": digest(names), "prompts_sha256": digest(prompts), **kernel, **workers}
 
     def load_state_dict(self, state: Mapping[str, Any]) -> None:
         mine = self.state_dict()
@@ -190,6 +198,13 @@ class TrainingData:
             raise ValueError(f"the checkpoint was written by a training on other data ({counts}): resume with the "
                              "datalists it was trained on, or start afresh with --resume false (to fine-tune on "
                              "other data from its weights, pass the run's models/model.pt as --checkpoint)")
+        trained, now = state.get("num_workers"), mine.get("num_workers")
+        if trained is not None and now is not None and trained != now:
+            logger.warning(in_front_words(
+                "the checkpoint was written by a training with num_workers %d and this run has %d: each loader "
+                "worker draws its own random stream (volume slices, box prompts, negatives), so the rest of this run "
+                "differs from the uninterrupted one; resume with --num_workers %d to repeat it exactly"),
+                trained, now, trained)
 
 
 class TorchRNGState:
@@ -230,7 +245,8 @@ class TrainingCheckpoint:
     Args:
         save_dir: folder of ``checkpoint_iterN.pt`` files.
         objects: name -> object with ``state_dict``/``load_state_dict`` (network, optimizer, lr_scheduler).
-        save_interval: iterations between checkpoints.
+        save_interval: iterations between checkpoints (with gradient accumulation, a due checkpoint waits for the
+            next optimiser step: the accumulated gradients are not saved).
         n_saved: checkpoints kept (oldest deleted).
         resume: ``True`` resumes from the latest checkpoint in ``save_dir`` when one exists, a path resumes from
             that file, ``False`` starts fresh.
@@ -260,6 +276,7 @@ class TrainingCheckpoint:
         self._rng_state = torch.get_rng_state()
         self._checkpointer: Checkpoint | None = None
         self._n_saved = n_saved
+        self._save_due = False
         self.preprocessing = preprocessing
 
     def _to_save(self, engine: Engine) -> dict[str, Any]:
@@ -279,9 +296,18 @@ class TrainingCheckpoint:
             global_step_transform=lambda engine, _event: engine.state.iteration,
         )
         engine.add_event_handler(Events.STARTED, self.load)
-        engine.add_event_handler(Events.ITERATION_COMPLETED(every=self.save_interval), self.save)
+        engine.add_event_handler(Events.ITERATION_COMPLETED, self._save_when_due)
         engine.add_event_handler(Events.COMPLETED, self.save)
         engine.add_event_handler(Events.GET_BATCH_STARTED, self._resume_mid_epoch)
+
+    def _save_when_due(self, engine: Engine) -> None:
+        """Every ``save_interval`` iterations, at the next optimiser step: inside a gradient accumulation window
+        the gradients accumulated so far (not saved) would be lost, and a resume from it would not be exact."""
+        if engine.state.iteration % self.save_interval == 0:
+            self._save_due = True
+        if self._save_due and _ends_a_step(engine):
+            self._save_due = False
+            self.save(engine)
 
     def save(self, engine: Engine) -> Path | None:
         """Write ``checkpoint_iter<iteration>.pt`` (once per iteration) and drop the oldest beyond ``n_saved``."""
@@ -394,3 +420,12 @@ class TrainingCheckpoint:
             logger.warning(in_front_words("the training in %s finished at epoch %d of max_epochs %d: nothing left to "
                                           "train; raise --max_epochs to train on, or pass --resume false to start "
                                           "afresh"), self.save_dir, engine.state.epoch, engine.state.max_epochs)
+
+
+def _ends_a_step(engine: Engine) -> bool:
+    """Whether the iteration just completed ended with an optimiser step (every one without gradient accumulation;
+    ``MedSAM3Trainer._should_zero_and_step`` says so with it)."""
+    should = getattr(engine, "_should_zero_and_step", None)
+    if getattr(engine, "accumulation_steps", 1) <= 1 or should is None:
+        return True
+    return bool(should(engine)[1])
