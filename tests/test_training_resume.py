@@ -334,7 +334,8 @@ def test_a_resume_with_the_other_resize_kernel_is_refused_before_caching(tmp_pat
         assert "image_size=@slice_size, resize_kernel=@resize_kernel, ct_window=@ct_window)" in (
             BUNDLE_CONFIGS / config).read_text()
     assert '"training_data": {"_target_": "medsam3_monai.engines.TrainingData", "items": "@train#data", ' \
-           '"resize_kernel": "@resize_kernel", "num_workers": "@num_workers"}' in (BUNDLE_CONFIGS / "train.json").read_text()
+           '"resize_kernel": "@resize_kernel", "num_workers": "@num_workers"}' in (
+               BUNDLE_CONFIGS / "train.json").read_text()
 
 
 def _epoch_orders(sampler, max_epochs: int, resume_at_iteration: int = 0) -> dict[int, list[int]]:

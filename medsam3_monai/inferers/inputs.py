@@ -206,10 +206,10 @@ def _numbered(prompts: Sequence[str] | Mapping[Any, str] | str) -> dict[str, str
 def check_distinct_prompts(texts: Sequence[Any], where: str | None = None) -> None:
     """Refuse a prompt text given twice, compared as SAM3 reads them (the same token ids,
     ``networks.tokenizer.prompt_reading``: case, spaces, HTML entities, "polyp." / "polyp ."): both would find the
-    same pixels, which go to the first one's label, and the second label would stay empty. Every inference path's prompts come through here (``medsam3 segment`` and its
-    ``--datalist``, ``medsam3 serve``, the MONAI Label app, the inference bundle: ``Predictor.item`` and
-    :func:`inference_items`); :func:`item_prompts` alone does not check (evaluation's prompt ensembles fuse
-    phrasings that may repeat). Non-texts are left to the tokenizer's check. Raises ``PromptError`` (a
+    same pixels, which go to the first one's label, and the second label would stay empty. Every inference path's
+    prompts come through here (``medsam3 segment`` and its ``--datalist``, ``medsam3 serve``, the MONAI Label app,
+    the inference bundle: ``Predictor.item`` and :func:`inference_items`); :func:`item_prompts` alone does not check
+    (evaluation's prompt ensembles fuse phrasings that may repeat; datalist items are checked when read). Non-texts are left to the tokenizer's check. Raises ``PromptError`` (a
     ValueError) naming ``where`` (an input or datalist item)."""
     from ..networks.tokenizer import PromptError, prompt_reading
 
