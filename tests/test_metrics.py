@@ -496,3 +496,24 @@ def test_more_than_255_classes_keep_their_labels():
     conf[0, 0, 1] = 1.0
     labels = merge_classes(conf)
     assert labels.dtype == torch.int32 and labels.tolist() == [[300, 1]]
+
+
+@pytest.mark.parametrize("width, aspect, beside", [(60, 4.0, True), (100, 1.0, False), (200, 1.0, False)])
+def test_an_overlays_legend_goes_beside_a_narrow_prediction_panel(monkeypatch, tmp_path, width, aspect, beside):
+    """A volume slice of anisotropic voxels can be drawn much higher than wide: its legend then sits beside the
+    prediction panel, not over it and past its edge; a wide panel keeps it inside."""
+    from medsam3_monai.metrics import plots
+
+    drawn = []
+    monkeypatch.setattr(plots, "save_figure", lambda figure, path, rect=None: drawn.append(figure) or path)
+    truth = np.zeros((140, width), np.int32)
+    truth[20:60, 10:20], truth[80:120, 5:15] = 1, 2
+    plots.overlay_figure(np.zeros((140, width), np.float32), truth, truth, tmp_path / "o.png", [1, 2],
+                         names=["bright disc", "dark bar"], aspect=aspect)
+    figure = drawn[0]
+    figure.tight_layout()
+    renderer = figure.canvas.get_renderer()
+    panel = figure.axes[2]
+    legend = panel.get_legend().get_window_extent(renderer)
+    inside = panel.get_window_extent(renderer)
+    assert (legend.x0 >= inside.x1) == beside

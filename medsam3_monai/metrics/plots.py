@@ -231,7 +231,8 @@ def overlay_figure(
 ) -> Path:
     """Three panels: the image; the ground truth filled; the prediction filled with the truth's contour (and the
     box prompts, dashed in their class's colour, where the prediction was prompted with boxes). The class
-    legend sits in the prediction panel for up to ``LEGEND_INSIDE`` classes, else in a fourth panel beside it, which
+    legend sits in the prediction panel for up to ``LEGEND_INSIDE`` classes (beside it when the panel is less than
+    half as wide as it is high), else in a fourth panel beside it, which
     lists at most ``LEGEND_MAX`` (those covering most of truth and prediction here, and how many more there are).
 
     Args:
@@ -269,6 +270,9 @@ def overlay_figure(
         panels[3].set_axis_off()
         areas = class_areas(values, truth, pred) if len(values) > LEGEND_MAX else None
         panels[3].legend(handles=class_legend(names, areas), loc="center left", fontsize=7, frameon=False)
+    elif names and truth.shape[-1] < 0.5 * truth.shape[-2] * aspect:  # a narrow panel: the legend beside it
+        panels[2].legend(handles=class_legend(names), loc="center left", bbox_to_anchor=(1.02, 0.5), fontsize=7,
+                         frameon=False)
     elif names:
         panels[2].legend(handles=class_legend(names), loc="lower right", fontsize=7, framealpha=0.7)
     if title:
