@@ -76,3 +76,16 @@ def test_segment_notes_that_a_prompt_with_a_comma_is_one_concept(capsys, tmp_pat
                      "--out", str(tmp_path / "m.png")]) != 0
     assert "prompt 'polyp, liver' holds a comma; SAM3 reads it as one concept" in capsys.readouterr().err
     assert not (tmp_path / "m.png").exists()
+
+
+def test_the_inference_bundles_prompts_text_is_split_at_its_commas(kvasir):
+    """As the server splits it: Fire hands the bundle "left kidney, spleen" as one text (it makes a tuple of
+    one-word lists only), which is two prompts; a list keeps a prompt holding a comma."""
+    from medsam3_monai.inferers.inputs import inference_items
+
+    [item] = inference_items(str(kvasir), "left kidney, spleen")
+    assert item["prompts"] == {"1": "left kidney", "2": "spleen"}
+    [item] = inference_items(str(kvasir), ["kidney, left"])
+    assert item["prompts"] == {"1": "kidney, left"}
+    with pytest.raises(ValueError, match="--prompts names no concept"):
+        inference_items(str(kvasir), " , ")

@@ -214,7 +214,20 @@ def test_a_resume_with_another_worker_count_is_warned_about(caplog):
                                                                     if k != "num_workers"})
         assert not caplog.records
         TrainingData(items, "sam3", num_workers=4).load_state_dict(saved)
-    assert "num_workers 0 and this run has 4" in caplog.text and "--num_workers 0" in caplog.text
+    assert "num_workers 0 and this run has 4" in caplog.text and "--num_workers 0 to repeat" in caplog.text
+    import json
+    import os
+
+    from medsam3_monai import bundle
+    from medsam3_monai.deploy.train_cli import front_options
+
+    caplog.clear()
+    front = {bundle.FRONT_VARIABLE: "medsam3 train", bundle.FRONT_OPTIONS_VARIABLE: json.dumps(front_options())}
+    with caplog.at_level(logging.WARNING), pytest.MonkeyPatch.context() as patch:
+        for name, value in front.items():
+            patch.setitem(os.environ, name, value)
+        TrainingData(items, "sam3", num_workers=4).load_state_dict(saved)
+    assert "resume with --set num_workers=0 to repeat" in caplog.text  # under medsam3 train, its own option
 
 
 def test_a_resume_keeps_the_best_value_so_far_and_refuses_other_epochs(tmp_path: Path, caplog):

@@ -122,7 +122,8 @@ def inference_items(
         datalist: a datalist JSON file (a list, or a decathlon-style dict: the ``split`` list is taken), a
             single image/volume path, or a list of items (dicts with ``image``) or of image paths.
         prompts: texts (list: label values 1..P) or ``{value: text}`` for every item, overriding the items' own
-            ``prompts``; None keeps each item's ``prompts`` (an item without any is an error).
+            ``prompts``; one text is split at its commas (``"left kidney, spleen"``: two prompts, as the server
+            splits it); None keeps each item's ``prompts`` (an item without any is an error).
         split: the list of a decathlon-style datalist to predict (``all``: every list, unless it has one so named).
         base_dir: folder of relative image paths (default: the datalist file's folder, else the working dir).
         prompt_option: how the caller's user gives ``prompts``, named when an item has none (default: the
@@ -158,6 +159,11 @@ def inference_items(
     if not isinstance(entries, list):
         raise ValueError(f"the datalist's items must be a list of objects with 'image' (or of paths), got "
                          f"{type(entries).__name__}")
+    if isinstance(prompts, str):  # the bundle's --prompts "left kidney, spleen" (Fire splits one-word lists itself)
+        prompts = [text.strip() for text in prompts.split(",") if text.strip()]
+        if not prompts:
+            raise ValueError(f"{prompt_option.split()[0]} names no concept: give one or more texts, e.g. "
+                             "\"liver, spleen\"")
     override = None if prompts is None else _prompt_mapping(prompts)
     items = []
     for entry in entries:
