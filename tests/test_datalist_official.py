@@ -425,6 +425,9 @@ def test_a_volume_mask_transposed_on_its_images_grid_passes_the_header_check(tmp
                        ) as raised:
         build_datalist("MSD_Task04_Hippocampus_cropped", tmp_path)
     assert "hippocampus_001" not in str(raised.value)
+    nib.Nifti1Image(data[0], np.eye(4)).to_filename(str(tmp_path / "masks" / "hippocampus_002.nii.gz"))  # a 2D mask
+    with pytest.raises(DatalistError, match=r"hippocampus_002.nii.gz: mask size \(4, 5\) differs from image"):
+        build_datalist("MSD_Task04_Hippocampus_cropped", tmp_path)
 
 
 def test_label_value_missing_from_the_catalogue(tmp_path: Path):

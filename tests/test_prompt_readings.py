@@ -89,3 +89,11 @@ def test_the_inference_bundles_prompts_text_is_split_at_its_commas(kvasir):
     assert item["prompts"] == {"1": "kidney, left"}
     with pytest.raises(ValueError, match="--prompts names no concept"):
         inference_items(str(kvasir), " , ")
+
+
+def test_two_spellings_of_one_concept_in_the_pool_are_one_negative():
+    """Two datalists may spell one concept differently ("polyp." and "polyp"): it is sampled once at most, as the
+    first spelling, not as two negatives of one reading."""
+    d = {"targets": [], "image": torch.zeros(3, 8, 8)}
+    out = RandNegativePromptsd(concepts=["polyp.", "liver", "polyp ."], num_negatives=3, seed=0)(d)["targets"]
+    assert [t["text"] for t in out] == ["polyp.", "liver"]

@@ -954,6 +954,8 @@ def grid_order(image_affine: Any, image_shape: Sequence[int], label_affine: Any,
     axes along which it runs the other way (a series saved bottom-up), so that
     ``flip(permute(mask, order), reversed_axes)`` is the mask on the image's grid; None when it lies elsewhere (another
     origin, spacing or angle)."""
+    if len(image_shape) < 3 or len(label_shape) < 3:
+        return None  # a 2D array (a 2D NIfTI mask of a volume): no volume grid to match
     ours, theirs = torch.as_tensor(image_affine).double(), torch.as_tensor(label_affine).double()
     spacing = voxel_spacing(ours[:3])
     # cosines[i, j]: between the world directions of the image's array axis i and the mask's array axis j
