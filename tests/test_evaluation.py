@@ -224,6 +224,7 @@ def test_medsam3_evaluate_writes_every_report_and_an_mlflow_run(datalists, tmp_p
     params = run.data.params
     assert params["checkpoint"] == "tiny" and params["protocol"] == "top_query" and params["image_size"] == str(S)
     assert params["resize_kernel"] == "monai"
+    assert (params["autocast"], params["compiled"]) == ("none", "False")  # how the network ran (segment's sidecars)
     assert json.loads(params["datalists"]) == [str(Path(p).resolve()) for p in datalists.values()]
     metrics = run.data.metrics
     assert metrics["Kvasir-SEG/dice"] == pytest.approx(float(table["Kvasir-SEG"]["dice"]))
@@ -498,6 +499,7 @@ def test_evaluate_runs_the_network_under_bf16_autocast_and_a_compiled_encoder(da
     assert sum(count for count, _ in seen) == len({c["case"] for c in cases})  # each picture through the network
     assert max(count for count, _ in seen) == 2 and all(autocast for _, autocast in seen)  # batches of 2, bf16
     assert all(0.0 <= float(c["dice"]) <= 1.0 for c in cases)
+    assert "The network ran under bf16 autocast" in (out / "table.md").read_text()  # the report says how it ran
 
 
 def test_a_batch_of_cases_scores_as_one_case_at_a_time(datalists, tiny_net):

@@ -175,3 +175,18 @@ def test_the_parameters_without_gradients_are_the_documented_ones(tiny_net):
     without = sorted(name for name, p in net.named_parameters() if p.requires_grad and p.grad is None)
     assert all(name.startswith(documented) for name in without), without
     assert all(any(name.startswith(prefix) for name in without) for prefix in documented), without
+
+
+def test_bf16_on_a_cpu_says_the_run_trains_in_float32(caplog):
+    """``bf16`` (the default) is CUDA autocast: a CPU run says it trains in float32 (MLflow records bf16 true)."""
+    import logging
+
+    network = torch.nn.Linear(2, 2)
+    optimizer = torch.optim.SGD(network.parameters(), lr=0.1)
+    with caplog.at_level(logging.INFO, logger="medsam3_monai.engines.trainer"):
+        MedSAM3Trainer(device=torch.device("cpu"), max_epochs=1, train_data_loader=[None], network=network,
+                       optimizer=optimizer, loss_function=lambda *a: {}, bf16=False)
+        assert "float32" not in caplog.text
+        MedSAM3Trainer(device=torch.device("cpu"), max_epochs=1, train_data_loader=[None], network=network,
+                       optimizer=optimizer, loss_function=lambda *a: {})
+    assert "bf16 autocast applies on CUDA only: this cpu run trains in float32" in caplog.text

@@ -355,6 +355,7 @@ def run(args: argparse.Namespace) -> int:
         for spec in runs:
             index = spec.get("network", 0)
             network, (tracker, tracker_name) = networks[index], trackers[index]
+            evaluation = _with_numerics(spec.get("evaluation", {}), args)
             with gpu_context(args, device):
                 report = run_evaluation(
                     network, spec["items"], out if len(runs) == 1 else out / spec["label"], checkpoint=sources[index],
@@ -368,7 +369,7 @@ def run(args: argparse.Namespace) -> int:
                     skip_unreadable=args.skip_unreadable, tracker_batch=args.tracker_batch,
                     skip_empty_truth=args.skip_empty_truth, volume_score_threshold=args.volume_score_threshold,
                     save_predictions=args.save_predictions, resize_kernel=args.resize_kernel, ct_window=window,
-                    **spec.get("evaluation", {}),
+                    **evaluation,
                 )
             if len(sources) == 2:
                 network.to("cpu")
@@ -468,6 +469,20 @@ def _agent_note(settings: Any, template: str, recorder: Any) -> str:
     return (f"Agent: planner {planner_name(settings)} (ran as: {', '.join(planners)}); request {template!r}; "
             f"{len(recorder.rows)} request{'s' * (len(recorder.rows) != 1)} ({counted}); traces in agent/traces, per "
             f"request agent/agent_cases.csv.{warning}")
+
+
+def _with_numerics(evaluation: dict[str, Any], args: argparse.Namespace) -> dict[str, Any]:
+    """``run_evaluation``'s extras plus how the network ran: MLflow parameters ``autocast`` and ``compiled`` (as
+    ``medsam3 segment``'s sidecars record them) and, under bf16 autocast, a note under the table."""
+    evaluation = dict(evaluation)
+    autocast = getattr(args, "autocast", None) or "none"
+    evaluation["params"] = {**evaluation.get("params", {}), "autocast": autocast,
+                            "compiled": bool(getattr(args, "compile", False))}
+    if autocast != "none":
+        evaluation["notes"] = [*evaluation.get("notes", []),
+                               f"The network ran under {autocast} autocast (`--autocast {autocast}`): scores carry about "
+                               "three significant digits and masks can differ from a float32 run at their edges."]
+    return evaluation
 
 
 def _log_params(client: Any, run_id: str, args: argparse.Namespace, checkpoint: str,

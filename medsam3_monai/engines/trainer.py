@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import logging
 from contextlib import nullcontext
 from typing import Any
 
@@ -11,6 +12,8 @@ from monai.engines.utils import IterationEvents
 from monai.utils.enums import CommonKeys as Keys
 
 from .batch import PrepareFindBatch
+
+logger = logging.getLogger(__name__)
 
 
 def autocast_for(device: torch.device | str, bf16: bool):
@@ -40,6 +43,9 @@ class MedSAM3Trainer(SupervisedTrainer):
         super().__init__(*args, **kwargs)
         self.bf16 = bf16
         self.grad_clip_norm = grad_clip_norm
+        if bf16 and torch.device(self.state.device).type != "cuda":
+            logger.info("bf16 autocast applies on CUDA only: this %s run trains in float32",
+                        torch.device(self.state.device).type)
 
     def _should_zero_and_step(self, engine: "MedSAM3Trainer") -> tuple[bool, bool]:
         acc = engine.accumulation_steps

@@ -42,6 +42,7 @@ __all__ = [
     "collate_case_batch",
     "CUDA_GRAPH_MODES",
     "TRACKER_FRAME_MODULES",
+    "check_compile_toolchain",
     "compile_network",
     "compile_tracker",
     "inference_context",
@@ -257,6 +258,38 @@ def compile_tracker(tracker: torch.nn.Module, mode: str | None = None) -> torch.
     return tracker
 
 
+def check_compile_toolchain(device: torch.device | str) -> None:
+    """Raise a ValueError (one line, what to do) when ``torch.compile`` (inductor) cannot build kernels for
+    ``device``: on the CPU it needs a working C++ compiler, on CUDA Triton and a C compiler (for Triton's launcher).
+    Without this check the first forward fails deep inside inductor, with a long traceback."""
+    import os
+    import shutil
+
+    device = torch.device(device)
+    if device.type == "cuda":
+        from torch.utils._triton import has_triton
+
+        if not has_triton():
+            raise ValueError("--compile (torch.compile) needs Triton on a CUDA device and this Python has none: "
+                             "install triton (pip install triton) or leave --compile out")
+        cc = os.environ.get("CC")
+        if not (shutil.which(cc) if cc else (shutil.which("gcc") or shutil.which("clang"))):
+            raise ValueError("--compile (torch.compile) builds Triton kernels with a C compiler and none was found"
+                             f"{f' (CC={cc})' if cc else ' (gcc, clang)'}: install gcc, or set CC to one, or leave "
+                             "--compile out")
+    elif device.type == "cpu":
+        from torch._inductor import exc
+        from torch._inductor.cpp_builder import get_cpp_compiler
+
+        try:
+            get_cpp_compiler()
+        except exc.InvalidCxxCompiler:
+            cxx = os.environ.get("CXX")
+            raise ValueError("--compile (torch.compile) on the CPU builds C++ kernels and no working C++ compiler was "
+                             f"found{f' (CXX={cxx})' if cxx else ' (g++, clang++)'}: install g++, or set CXX to one, or "
+                             "leave --compile out") from None
+
+
 def compile_network(network: torch.nn.Module, *, compile: bool = False, channels_last: bool = False,
                     mode: str | None = None, pad_batches: bool = False,
                     tracker: torch.nn.Module | None = None) -> torch.nn.Module:
@@ -269,6 +302,9 @@ def compile_network(network: torch.nn.Module, *, compile: bool = False, channels
     bf16 kernels prefer NHWC). With ``compile``, a ``tracker`` given is compiled too (:func:`compile_tracker`).
     Returns the network."""
     sam3 = getattr(network, "sam3", network)
+    if compile:
+        parameter = next(network.parameters(), None)
+        check_compile_toolchain(parameter.device if parameter is not None else "cpu")
     if channels_last:
         network.to(memory_format=torch.channels_last)
     if compile:

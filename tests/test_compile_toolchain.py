@@ -1,0 +1,28 @@
+"""``--compile`` on a machine whose torch.compile cannot build kernels ends in one line, before any work."""
+
+from __future__ import annotations
+
+import pytest
+import torch
+from torch._inductor import cpp_builder, exc
+
+from medsam3_monai.inferers.batch import check_compile_toolchain, compile_network
+
+
+def _no_compiler(*_args, **_kwargs):
+    raise exc.InvalidCxxCompiler
+
+
+def test_compiling_on_a_cpu_without_a_cpp_compiler_says_what_to_do(monkeypatch):
+    monkeypatch.setattr(cpp_builder, "get_cpp_compiler", _no_compiler)
+    with pytest.raises(ValueError, match="no working C\\+\\+ compiler.*leave --compile out"):
+        compile_network(torch.nn.Linear(2, 2), compile=True)
+
+
+def test_a_cpu_with_a_compiler_passes_the_check():
+    check_compile_toolchain("cpu")  # this machine builds the project's compiled tests
+
+
+def test_the_eager_path_checks_nothing(monkeypatch):
+    monkeypatch.setattr(cpp_builder, "get_cpp_compiler", _no_compiler)
+    compile_network(torch.nn.Linear(2, 2), compile=False, channels_last=True)
