@@ -273,3 +273,25 @@ def test_evaluate_into_a_deleted_mlflow_experiment_is_refused_before_the_work(sh
     err = capsys.readouterr().err
     assert f"MLflow experiment 'old' in {store} is deleted: restore it (mlflow experiments restore" in err, err
     assert not (tmp_path / "report").exists()
+
+
+def test_the_inference_bundles_png_writer_logs_the_final_name(tmp_path, caplog):
+    """A PNG is written under a staged hidden name and renamed whole: the log names the file that stays, not the
+    staged one (which no longer exists when the run ends)."""
+    import logging
+
+    import numpy as np
+
+    from medsam3_monai.inferers.postprocess import RowsFirstPILWriter
+
+    writer = RowsFirstPILWriter(output_dtype=np.uint8)
+    writer.set_data_array(np.zeros((1, 4, 6), np.uint8), channel_dim=0)
+    target = tmp_path / "case_seg.png"
+    monai_writer = logging.getLogger("monai.data.image_writer")  # MONAI's own logger (it does not propagate)
+    monai_writer.addHandler(caplog.handler)
+    try:
+        writer.write(str(target), verbose=True)
+    finally:
+        monai_writer.removeHandler(caplog.handler)
+    assert target.is_file() and f"writing: {target}" in caplog.text and ".partial" not in caplog.text
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["case_seg.png"]

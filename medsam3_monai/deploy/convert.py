@@ -39,7 +39,9 @@ def add_parser(subparsers: argparse._SubParsersAction) -> None:
             "Read SRC (Meta's sam3.pt, the Medical-SAM3 release, a medsam3-monai .pt or training checkpoint, a "
             "bare state dict with --config, or an HF folder), map the "
             "original keys onto transformers' Sam3Model, load strictly, and write DST: config.json, "
-            "model.safetensors and the tokenizer. `transformers.Sam3Model.from_pretrained(DST)` loads it. A "
+            "model.safetensors and the tokenizer (and, for a medsam3-monai model file that records its training "
+            "preprocessing, medsam3_preprocessing.json, which this project's commands read). "
+            "`transformers.Sam3Model.from_pretrained(DST)` loads it. A "
             "sam3.pt's tracker comes along: DST is then laid out as facebook/sam3 (model_type sam3_video; "
             "detector_model.*, tracker_model.*, tracker_neck.*), the 3D tracker of --tracker DST."
         ),

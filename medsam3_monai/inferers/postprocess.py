@@ -522,7 +522,11 @@ class RowsFirstPILWriter(PILWriter):
 
     def write(self, filename: Any, verbose: bool = False, **kwargs: Any) -> None:
         kwargs.setdefault("reverse_indexing", False)
-        write_staged(filename, lambda name: super(RowsFirstPILWriter, self).write(name, verbose=verbose, **kwargs))
+        if verbose:  # the final name, not the staged one MONAI's writer would log
+            import logging
+
+            logging.getLogger("monai.data.image_writer").info(f"writing: {filename}")
+        write_staged(filename, lambda name: super(RowsFirstPILWriter, self).write(name, verbose=False, **kwargs))
 
 
 def set_nifti_geometry(image: Any, affine: Any, reference: str | Path | None = None) -> None:
