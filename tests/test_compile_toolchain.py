@@ -26,3 +26,14 @@ def test_a_cpu_with_a_compiler_passes_the_check():
 def test_the_eager_path_checks_nothing(monkeypatch):
     monkeypatch.setattr(cpp_builder, "get_cpp_compiler", _no_compiler)
     compile_network(torch.nn.Linear(2, 2), compile=False, channels_last=True)
+
+
+def test_the_check_is_for_the_device_the_network_will_run_on(monkeypatch):
+    """``medsam3 evaluate`` compiles before it moves the networks: ``device`` names where they will run, so a CUDA
+    run is checked for Triton, not for the CPU's C++ compiler."""
+    import torch.utils._triton as triton_utils
+
+    monkeypatch.setattr(cpp_builder, "get_cpp_compiler", _no_compiler)
+    monkeypatch.setattr(triton_utils, "has_triton", lambda: False)
+    with pytest.raises(ValueError, match="needs Triton on a CUDA device"):
+        compile_network(torch.nn.Linear(2, 2), compile=True, device="cuda")

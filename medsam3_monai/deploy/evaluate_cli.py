@@ -322,15 +322,15 @@ def run(args: argparse.Namespace) -> int:
     networks = [load_network(source, args.image_size, detector_chunk=args.detector_chunk) for source in sources]
     trackers = [resolve_tracker(args.tracker, s, n, described=True) if volumes else (None, "none")
                 for s, n in zip(sources, networks)]
+    device = resolve_device(args.device)
     if args.compile:
         from ..inferers.batch import compile_network
 
         for network, (tracker, _) in zip(networks, trackers):
             # batches padded to the first one's size (a volume's slice batches may differ); the tracker's per-slice
-            # modules too
-            compile_network(network, compile=True, pad_batches=True, tracker=tracker)
+            # modules too; the toolchain checked for the device it will run on (it is moved there later)
+            compile_network(network, compile=True, pad_batches=True, tracker=tracker, device=device)
         print(compile_notice("medsam3 evaluate"), file=sys.stderr)
-    device = resolve_device(args.device)
     labels = checkpoint_labels(sources)
     runs = _runs(args, items, labels, plan, settings, template, out)
 

@@ -292,7 +292,8 @@ def check_compile_toolchain(device: torch.device | str) -> None:
 
 def compile_network(network: torch.nn.Module, *, compile: bool = False, channels_last: bool = False,
                     mode: str | None = None, pad_batches: bool = False,
-                    tracker: torch.nn.Module | None = None) -> torch.nn.Module:
+                    tracker: torch.nn.Module | None = None, device: torch.device | str | None = None
+                    ) -> torch.nn.Module:
     """GPU-ready options, in place: ``compile`` compiles the vision encoder's forward (``nn.Module.compile``: the
     ViT + FPN neck, the bulk of the FLOPs, whose only input is (N, 3, S, S); the module, its weights and hooks stay
     as they are; a second batch size recompiles, as dynamic, which can take longer than the first compilation).
@@ -300,11 +301,13 @@ def compile_network(network: torch.nn.Module, *, compile: bool = False, channels
     (its ``vision_batch``: a folder's or a volume's last, partial batch), so the encoder compiles once.
     ``channels_last`` stores the 4D conv weights channels-last (patch embedding, FPN neck, pixel decoder; cuDNN's
     bf16 kernels prefer NHWC). With ``compile``, a ``tracker`` given is compiled too (:func:`compile_tracker`).
+    ``device``: where the network will run, for :func:`check_compile_toolchain` (default: its parameters' device).
     Returns the network."""
     sam3 = getattr(network, "sam3", network)
     if compile:
         parameter = next(network.parameters(), None)
-        check_compile_toolchain(parameter.device if parameter is not None else "cpu")
+        check_compile_toolchain(device if device is not None else parameter.device if parameter is not None
+                                else "cpu")
     if channels_last:
         network.to(memory_format=torch.channels_last)
     if compile:
