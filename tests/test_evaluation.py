@@ -254,6 +254,7 @@ def test_two_checkpoints_give_side_by_side_tables_with_deltas(datalists, tmp_pat
     assert (parent.data.params["label_a"], parent.data.params["label_b"]) == ("tiny", "tiny_seed1")
     # how both were scored, as each child run has it (no volumes: no volume threshold)
     assert (parent.data.params["protocol"], parent.data.params["score_threshold"]) == ("top_query", "0.5")
+    assert (parent.data.params["autocast"], parent.data.params["compiled"]) == ("none", "False")
     assert "volume_score_threshold" not in parent.data.params
     assert "Kvasir-SEG/dice_delta" in parent.data.metrics and len(runs) == 3
     rows = {row["name"]: row for row in read_csv(out / "comparison.csv")}

@@ -89,10 +89,12 @@ def test_the_inference_bundles_prompts_text_is_split_at_its_commas(kvasir):
     assert item["prompts"] == {"1": "kidney, left"}
     with pytest.raises(ValueError, match="--prompts names no concept"):
         inference_items(str(kvasir), " , ")
+    with pytest.raises(ValueError, match=re.escape("--prompts 1 is not a text: give concept texts, e.g. \"['TEXT'")):
+        inference_items(str(kvasir), 1)  # Fire reads --prompts 1 as a number
 
 
 def test_two_spellings_of_one_concept_in_the_pool_are_one_negative():
-    """Two datalists may spell one concept differently ("polyp." and "polyp"): it is sampled once at most, as the
+    """Two datalists may spell one concept differently ("polyp." and "polyp ."): it is sampled once at most, as the
     first spelling, not as two negatives of one reading."""
     d = {"targets": [], "image": torch.zeros(3, 8, 8)}
     out = RandNegativePromptsd(concepts=["polyp.", "liver", "polyp ."], num_negatives=3, seed=0)(d)["targets"]

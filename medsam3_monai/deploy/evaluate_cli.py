@@ -480,8 +480,8 @@ def _with_numerics(evaluation: dict[str, Any], args: argparse.Namespace) -> dict
                             "compiled": bool(getattr(args, "compile", False))}
     if autocast != "none":
         evaluation["notes"] = [*evaluation.get("notes", []),
-                               f"The network ran under {autocast} autocast (`--autocast {autocast}`): scores carry about "
-                               "three significant digits and masks can differ from a float32 run at their edges."]
+                               f"The network ran under {autocast} autocast (`--autocast {autocast}`): scores carry "
+                               "about three significant digits and masks can differ from a float32 run at their edges."]
     return evaluation
 
 
@@ -495,7 +495,8 @@ def _log_params(client: Any, run_id: str, args: argparse.Namespace, checkpoint: 
               "volume_score_threshold": args.volume_score_threshold,  # (None: not logged)
               "skip_empty_truth": args.skip_empty_truth,
               "split": args.split, "max_cases": args.max_cases,
-              "datalists": ",".join(str(Path(p).resolve()) for p in args.datalist), **(extra or {})}
+              "datalists": ",".join(str(Path(p).resolve()) for p in args.datalist),
+              **_with_numerics({}, args)["params"], **(extra or {})}
     if args.prompt_variants:
         values.update(prompt_variants=args.prompt_variants, max_phrasings=args.max_phrasings,
                       keep_ratio=keep_ratio(args))

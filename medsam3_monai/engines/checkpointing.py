@@ -200,7 +200,8 @@ class TrainingData:
                              "other data from its weights, pass the run's models/model.pt as --checkpoint)")
         trained, now = state.get("num_workers"), mine.get("num_workers")
         if trained is not None and now is not None and trained != now and get_rank() == 0:
-            logger.warning("%s", in_front_words(  # (the value inside the text: `medsam3 train` says --set num_workers=N)
+            # the value inside the text, so that `medsam3 train` says --set num_workers=N
+            logger.warning("%s", in_front_words(
                 f"the checkpoint was written by a training with num_workers {int(trained)} and this run has "
                 f"{int(now)}: each loader worker draws its own random stream (volume slices, box prompts, negatives), "
                 f"so the rest of this run differs from the uninterrupted one; resume with --num_workers {int(trained)} "

@@ -285,9 +285,9 @@ def check_compile_toolchain(device: torch.device | str) -> None:
             get_cpp_compiler()
         except exc.InvalidCxxCompiler:
             cxx = os.environ.get("CXX")
+            found = f" (CXX={cxx})" if cxx else " (g++, clang++)"
             raise ValueError("--compile (torch.compile) on the CPU builds C++ kernels and no working C++ compiler was "
-                             f"found{f' (CXX={cxx})' if cxx else ' (g++, clang++)'}: install g++, or set CXX to one, or "
-                             "leave --compile out") from None
+                             f"found{found}: install g++, or set CXX to one, or leave --compile out") from None
 
 
 def compile_network(network: torch.nn.Module, *, compile: bool = False, channels_last: bool = False,

@@ -164,6 +164,9 @@ def inference_items(
         if not prompts:
             raise ValueError(f"{prompt_option.split()[0]} names no concept: give one or more texts, e.g. "
                              "\"liver, spleen\"")
+    if prompts is not None and not isinstance(prompts, (list, tuple, Mapping)):  # Fire reads --prompts 1 as a number
+        raise ValueError(f"{prompt_option.split()[0]} {prompts!r} is not a text: give concept texts, e.g. "
+                         f"{prompt_option.split(maxsplit=1)[1]}")
     override = None if prompts is None else _prompt_mapping(prompts)
     items = []
     for entry in entries:
@@ -215,8 +218,9 @@ def check_distinct_prompts(texts: Sequence[Any], where: str | None = None) -> No
     same pixels, which go to the first one's label, and the second label would stay empty. Every inference path's
     prompts come through here (``medsam3 segment`` and its ``--datalist``, ``medsam3 serve``, the MONAI Label app,
     the inference bundle: ``Predictor.item`` and :func:`inference_items`); :func:`item_prompts` alone does not check
-    (evaluation's prompt ensembles fuse phrasings that may repeat; datalist items are checked when read). Non-texts are left to the tokenizer's check. Raises ``PromptError`` (a
-    ValueError) naming ``where`` (an input or datalist item)."""
+    (evaluation's prompt ensembles fuse phrasings that may repeat; datalist items are checked when read). Non-texts
+    are left to the tokenizer's check. Raises ``PromptError`` (a ValueError) naming ``where`` (an input or datalist
+    item)."""
     from ..networks.tokenizer import PromptError, prompt_reading
 
     seen: dict[tuple[int, ...], Any] = {}
