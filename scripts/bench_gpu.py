@@ -374,6 +374,13 @@ def main(argv: list[str] | None = None) -> None:
     if device.type == "cuda" and not torch.cuda.is_available():
         sys.exit("bench_gpu.py: no CUDA device (torch.cuda.is_available() is False); run it on a GPU machine, or "
                  "check the script on the CPU with --tiny --device cpu")
+    if args.compile:  # before the network is built: a machine that cannot compile says so in one line
+        from medsam3_monai.inferers.batch import check_compile_toolchain
+
+        try:
+            check_compile_toolchain(device)
+        except ValueError as err:
+            sys.exit(f"bench_gpu.py: {err}")
     result = PARTS[args.part](args)
     result.update(device=torch.cuda.get_device_name(device) if device.type == "cuda" else platform.processor()
                   or platform.machine(), torch=torch.__version__)

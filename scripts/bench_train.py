@@ -101,6 +101,13 @@ def main(argv: list[str] | None = None) -> dict:
     device = torch.device(args.device)
     if device.type == "cuda" and not torch.cuda.is_available():
         parser.error(f"--device {args.device}: this machine has no CUDA device (leave --device out: cpu)")
+    if args.compile:  # before the network is built and its FLOPs counted
+        from medsam3_monai.inferers.batch import check_compile_toolchain
+
+        try:
+            check_compile_toolchain(device)
+        except ValueError as err:
+            parser.error(str(err))
     torch.manual_seed(0)
     config = full_sam3_config(args.image_size or 1008) if args.full else None
     network = MedSAM3Net("tiny", config=config, image_size=args.image_size,

@@ -37,3 +37,23 @@ def test_the_check_is_for_the_device_the_network_will_run_on(monkeypatch):
     monkeypatch.setattr(triton_utils, "has_triton", lambda: False)
     with pytest.raises(ValueError, match="needs Triton on a CUDA device"):
         compile_network(torch.nn.Linear(2, 2), compile=True, device="cuda")
+
+
+def test_the_benchmarks_refuse_compile_in_one_line_before_building_the_network(monkeypatch, capsys):
+    """``bench_train.py --compile`` / ``bench_gpu.py --compile`` on a machine that cannot compile stop before the
+    network is built (bench_train counted the FLOPs of a training step first, then ended in a traceback)."""
+    import sys
+    from pathlib import Path
+
+    sys.path.insert(0, str(Path(__file__).resolve().parents[1] / "scripts"))
+    import bench_gpu
+    import bench_train
+
+    monkeypatch.setattr(cpp_builder, "get_cpp_compiler", _no_compiler)
+    monkeypatch.setattr(bench_train, "MedSAM3Net", None)  # building the network would fail the test
+    with pytest.raises(SystemExit) as stopped:
+        bench_train.main(["--compile"])
+    assert stopped.value.code == 2 and "no working C++ compiler" in capsys.readouterr().err
+    monkeypatch.setattr(bench_gpu, "PARTS", {})
+    with pytest.raises(SystemExit, match="bench_gpu.py: --compile .* no working C\\+\\+ compiler"):
+        bench_gpu.main(["forward", "--tiny", "--device", "cpu", "--compile"])
