@@ -484,20 +484,20 @@ def check_prompt_texts(prompts: Mapping[Any, Any], where: str) -> None:
     if texts:
         raise DatalistError(f"{where}: 'prompts' {texts} give no concept text: each label value needs a text, "
                             'e.g. {"1": "polyp"}')
-    from ..networks.tokenizer import CONTEXT_LENGTH, prompt_reading
+    from ..networks.tokenizer import CONTEXT_LENGTH, prompt_reading, repeated_reading
 
-    readings: dict[tuple[int, ...], Any] = {}
     for key, text in prompts.items():  # refused here, not when the network first reads it (hours into a training)
-        reading = prompt_reading(text)
-        if len(reading) > CONTEXT_LENGTH:
-            raise DatalistError(f"{where}: prompt {key} {text[:60]!r} is {len(reading)} tokens; SAM3 reads at most "
+        tokens = len(prompt_reading(text))
+        if tokens > CONTEXT_LENGTH:
+            raise DatalistError(f"{where}: prompt {key} {text[:60]!r} is {tokens} tokens; SAM3 reads at most "
                                 f"{CONTEXT_LENGTH} (start and end included): shorten it to a concept phrase")
-        first = readings.setdefault(reading, key)
-        if first != key:
-            raise DatalistError(f"{where}: labels {first} ({prompts[first]!r}) and {key} ({text!r}) have one concept "
-                                "as SAM3 reads it (the same tokens): evaluation would leave label "
-                                f"{key} empty and training would teach one text two masks; give each label its own "
-                                "concept, or merge the two labels")
+    repeated = repeated_reading(list(prompts.values()))
+    if repeated is not None:
+        first, key = (list(prompts)[index] for index in repeated)
+        raise DatalistError(f"{where}: labels {first} ({prompts[first]!r}) and {key} ({prompts[key]!r}) have one "
+                            f"concept as SAM3 reads it (the same tokens): evaluation would leave label {key} empty and "
+                            "training would teach one text two masks; give each label its own concept, or merge the "
+                            "two labels")
 
 
 def load_datalists(paths: str | Path | Sequence[str | Path], split: str = "training", check_files: bool = True

@@ -472,12 +472,15 @@ def _agent_note(settings: Any, template: str, recorder: Any) -> str:
 
 
 def _with_numerics(evaluation: dict[str, Any], args: argparse.Namespace) -> dict[str, Any]:
-    """``run_evaluation``'s extras plus how the network ran: MLflow parameters ``autocast`` and ``compiled`` (as
-    ``medsam3 segment``'s sidecars record them) and, under bf16 autocast, a note under the table."""
+    """``run_evaluation``'s extras plus how the network ran: MLflow parameters ``autocast`` and ``compiled`` (what
+    ``medsam3 segment``'s sidecars record, :func:`~.segment_cli.numerics`) and, under bf16 autocast, a note under the
+    table."""
+    from .segment_cli import numerics
+
     evaluation = dict(evaluation)
-    autocast = getattr(args, "autocast", None) or "none"
-    evaluation["params"] = {**evaluation.get("params", {}), "autocast": autocast,
-                            "compiled": bool(getattr(args, "compile", False))}
+    ran = numerics(args)
+    evaluation["params"] = {**evaluation.get("params", {}), **ran}
+    autocast = ran["autocast"]
     if autocast != "none":
         evaluation["notes"] = [*evaluation.get("notes", []),
                                f"The network ran under {autocast} autocast (`--autocast {autocast}`): scores carry "
@@ -491,12 +494,14 @@ def _log_params(client: Any, run_id: str, args: argparse.Namespace, checkpoint: 
     checkpoint)."""
     from mlflow.entities import Param
 
+    from .segment_cli import numerics
+
     values = {"checkpoint": checkpoint, "protocol": args.protocol, "score_threshold": args.score_threshold,
               "volume_score_threshold": args.volume_score_threshold,  # (None: not logged)
               "skip_empty_truth": args.skip_empty_truth,
               "split": args.split, "max_cases": args.max_cases,
               "datalists": ",".join(str(Path(p).resolve()) for p in args.datalist),
-              **_with_numerics({}, args)["params"], **(extra or {})}
+              **numerics(args), **(extra or {})}
     if args.prompt_variants:
         values.update(prompt_variants=args.prompt_variants, max_phrasings=args.max_phrasings,
                       keep_ratio=keep_ratio(args))

@@ -221,18 +221,15 @@ def check_distinct_prompts(texts: Sequence[Any], where: str | None = None) -> No
     (evaluation's prompt ensembles fuse phrasings that may repeat; datalist items are checked when read). Non-texts
     are left to the tokenizer's check. Raises ``PromptError`` (a ValueError) naming ``where`` (an input or datalist
     item)."""
-    from ..networks.tokenizer import PromptError, prompt_reading
+    from ..networks.tokenizer import PromptError, repeated_reading
 
-    seen: dict[tuple[int, ...], Any] = {}
-    for text in texts:
-        if not isinstance(text, str):
-            continue
-        key = prompt_reading(text)
-        if key in seen:
-            same = "" if text == seen[key] else f" (as {seen[key]!r})"
-            raise PromptError(f"{where + ': ' if where else ''}prompt {text!r} is given twice{same}: each prompt "
-                              "makes its own label and the second one would stay empty; give each concept once")
-        seen[key] = text
+    strings = [text for text in texts if isinstance(text, str)]
+    repeated = repeated_reading(strings)
+    if repeated is not None:
+        earlier, text = (strings[index] for index in repeated)
+        same = "" if text == earlier else f" (as {earlier!r})"
+        raise PromptError(f"{where + ': ' if where else ''}prompt {text!r} is given twice{same}: each prompt makes "
+                          "its own label and the second one would stay empty; give each concept once")
 
 
 def item_prompts(item: Mapping[str, Any], path: str | None = None) -> tuple[list[int], list[str]]:

@@ -136,6 +136,17 @@ def prompt_reading(prompt: str) -> tuple[int, ...]:
     return _encode(_offline_tokenizer(), prompt)
 
 
+def repeated_reading(texts: Sequence[str]) -> tuple[int, int] | None:
+    """``(first, second)``: the indices of the first text of ``texts`` that SAM3 reads as an earlier one
+    (:func:`prompt_reading`) and of that earlier one; None when every text reads differently."""
+    seen: dict[tuple[int, ...], int] = {}
+    for index, text in enumerate(texts):
+        first = seen.setdefault(prompt_reading(text), index)
+        if first != index:
+            return first, index
+    return None
+
+
 def tokenize_prompts(
     tokenizer: PreTrainedTokenizerBase, prompts: Sequence[str], context_length: int = CONTEXT_LENGTH
 ) -> tuple[torch.Tensor, torch.Tensor]:

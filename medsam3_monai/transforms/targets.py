@@ -360,10 +360,14 @@ class RandNegativePromptsd(Randomizable, Transform):
 
         taken = {self._concept(t["text"]) for t in targets}
         read = {prompt_reading(t["text"]) for t in targets}  # "kidney(left)" reads as "Kidney (left)"
-        source = d.get(self.concepts_key) or self.concepts
-        readings = {prompt_reading(c): c for c in reversed(list(dict.fromkeys(source)))}  # the first of each reading
-        pool = [c for c in dict.fromkeys(source) if readings[prompt_reading(c)] == c
-                and prompt_reading(c) not in read and not any(_same_thing(self._concept(c), t) for t in taken)]
+        pool = []
+        for concept in dict.fromkeys(d.get(self.concepts_key) or self.concepts):
+            reading = prompt_reading(concept)
+            if reading in read:  # a target's, or an earlier spelling's in the pool
+                continue
+            read.add(reading)
+            if not any(_same_thing(self._concept(concept), t) for t in taken):
+                pool.append(concept)
         self.randomize(pool)
         size = tuple(int(s) for s in d[self.image_key].shape[-2:])
         targets.extend(empty_target(text, size) for text in self._chosen)
