@@ -697,3 +697,18 @@ def test_saved_predictions_whose_names_collide_are_kept_apart(tmp_path):
         "predictions/My_Data_v1/sub_dir_case_seg.png", "predictions/My_Data_v1/sub_dir_case_seg_2.png",
         "predictions/My_Data_v1/x_seg.png"]
     assert [int(np.asarray(Image.open(p)).max()) for p in paths] == [1, 2, 300]
+
+
+def test_a_dataset_or_case_named_dots_stays_in_the_predictions_folder(tmp_path):
+    """A hand-written datalist's ``"dataset": ".."`` named the report folder itself (``predictions/..``)."""
+    from types import SimpleNamespace
+
+    from medsam3_monai.engines.reports import PredictionWriter
+
+    writer = PredictionWriter(tmp_path)
+    paths = [writer.write(SimpleNamespace(dataset=dataset, case=case, is_volume=False, items=[],
+                                          pred=torch.ones((4, 5), dtype=torch.int32)))
+             for dataset, case in ((r"..", "a"), (".", ".."), ("../..", "b"))]
+    assert [p.relative_to(tmp_path).as_posix() for p in paths] == [
+        "predictions/case/a_seg.png", "predictions/case/case_seg.png", "predictions/.._../b_seg.png"]
+    assert all(p.resolve().is_relative_to((tmp_path / "predictions").resolve()) for p in paths)

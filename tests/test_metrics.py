@@ -366,6 +366,23 @@ def test_an_overlay_of_many_classes_lists_those_largest_on_the_picture_beside_it
     assert _score_line(records) == "5 classes: mean Dice 44.0; lowest: organ 4 0.0, organ 2 10.0, organ 1 50.0"
 
 
+def test_report_figures_draw_names_with_dollar_signs_as_written(tmp_path):
+    """Dataset, case and prompt names reach titles, legends and axis labels; ``$...$`` in one is not mathtext
+    (an invalid formula failed the report, a valid one was drawn as a formula)."""
+    from medsam3_monai.metrics.plots import class_legend, overlay_figure, plain_text, radar_chart
+
+    names = [r"$\frac{x$", "cost $5 or $10"]
+    assert [h.get_label() for h in class_legend(names)] == [r"\$\frac{x\$", r"cost \$5 or \$10"]
+    assert plain_text("no dollars") == "no dollars"
+    labels = np.zeros((40, 50), np.uint8)
+    labels[5:20, 5:20], labels[25:35, 30:45] = 1, 2
+    image = np.random.default_rng(0).random((40, 50))
+    assert overlay_figure(image, labels, labels, tmp_path / "o.png", [1, 2], names, r"$\frac{y$ / case $1$").is_file()
+    records = [dict(r, dataset=r"$\frac{d$" if r["dataset"] == "A" else r["dataset"]) for r in _records()]
+    assert radar_chart(aggregate(records), tmp_path / "radar.png", title="per $dataset$").is_file()
+    assert radar_chart(aggregate(records[:1]), tmp_path / "bars.png").is_file()
+
+
 def test_an_overlay_shows_the_box_prompts_in_the_prediction_panel_only(tmp_path):
     """T+I overlays draw each prompt's box (dashed, its class colour) on the prediction panel; the image and truth
     panels stay as without boxes."""

@@ -41,6 +41,18 @@ def two_prompt_run(kvasir: Path, tmp_path_factory) -> Path:
 
 
 # ------------------------------------------------------------------------------------------------ 2D
+def test_dollar_signs_in_a_prompt_or_a_file_name_are_drawn_as_text_not_mathtext(kvasir, tmp_path):
+    """Two dollar signs make matplotlib read a text as mathtext: ``$\\frac{x$`` failed the whole run (nothing
+    written) and ``$5 or $10`` was drawn as a formula. Prompts, file names and the agent planner's phrases are drawn
+    as written."""
+    source = tmp_path / "scan $\\frac{a$.jpg"
+    source.write_bytes(kvasir.read_bytes())
+    out, overlay = tmp_path / "mask.png", tmp_path / "overlay.png"
+    assert segment(str(source), "--prompt", r"polyp $\frac{x$", "--prompt", "cost $5 or $10", "--out", str(out),
+                   "--overlay", str(overlay)) == 0
+    assert out.is_file() and png(overlay).ndim == 3
+
+
 def test_one_prompt_writes_a_0_255_mask_of_the_input_size_with_sidecar_and_overlay(kvasir, tmp_path, capsys):
     out, overlay = tmp_path / "sub" / "mask.png", tmp_path / "overlay.png"
     width, height = Image.open(kvasir).size

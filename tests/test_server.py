@@ -274,7 +274,8 @@ def test_infer_volume(tmp_path):
     "traversal_model_encoded", "bad_json", "unknown_route", "unknown_param", "bad_box", "no_image",
     "unknown_image_id", "unknown_session", "bad_output", "dicom_seg", "bad_result_extension", "png_of_volume",
     "bad_result_dtype", "wrong_password", "deep_json", "two_files", "truncated_volume", "truncated_volume_stored",
-    "truncated_picture_stored", "truncated_nrrd", "bad_score_threshold",
+    "truncated_picture_stored", "truncated_nrrd", "bad_score_threshold", "external_data_mha",
+    "external_data_nrrd", "external_data_stored", "nifti_far_offset",
 ])
 def test_bad_requests(server, case, kvasir_jpeg, tmp_path):
     small = _png(32, 24)
@@ -412,6 +413,31 @@ def test_bad_requests(server, case, kvasir_jpeg, tmp_path):
         error = json.loads(body)["error"]
         assert error.startswith("upload.nrrd cannot be read: ITK could not read its data") and "\n" not in error
         expected = 422
+    elif case.startswith("external_data"):  # a header naming a file on the server's disk: never read
+        secret = tmp_path / "other_patient.raw"
+        secret.write_bytes(bytes(32 * 32 * 8))
+        header = {"mha": f"ObjectType = Image\nNDims = 3\nDimSize = 32 32 8\nElementType = MET_UCHAR\n"
+                         f"ElementDataFile = {secret}\n",
+                  "nrrd": f"NRRD0004\ntype: uint8\ndimension: 3\nsizes: 32 32 8\nencoding: raw\n"
+                          f"data file: {secret}\n\n"}
+        suffix = "nrrd" if case == "external_data_nrrd" else "mha"
+        if case == "external_data_stored":
+            body, content_type = _multipart({"file": (f"v.{suffix}", header[suffix].encode())})
+            status, _, body = _request(server, "PUT", "/datastore/?image=ext", body, {"Content-Type": content_type})
+        else:
+            status, _, body = _infer(server, header[suffix].encode(), f"v.{suffix}", {"prompts": ["liver"]})
+        assert f"upload.{suffix} keeps its data in another file" in json.loads(body)["error"]
+        expected = 422
+    elif case == "nifti_far_offset":  # vox_offset 4 GiB: every reader would inflate a .nii.gz that far
+        import gzip
+
+        import nibabel as nib
+
+        header = nib.Nifti1Image(np.zeros((8, 8, 3), np.uint8), np.eye(4)).header
+        header["vox_offset"] = 2**32
+        status, _, body = _infer(server, gzip.compress(header.binaryblock + bytes(4 + 192)), "v.nii.gz", params)
+        assert "upload.nii.gz puts its voxels 4294967296 bytes into the file" in json.loads(body)["error"]
+        expected = 422
     elif case == "wrong_password":
         form = b"grant_type=password&username=u&password=wrong"
         status, _, body = _request(server, "POST", "/auth/token", form,
@@ -424,6 +450,39 @@ def test_bad_requests(server, case, kvasir_jpeg, tmp_path):
     error = json.loads(body)["error"]
     assert "medsam3-serve-" not in error and "medsam3-store-" not in error  # no server paths in messages
     _alive(server)
+
+
+def test_a_nii_gz_is_inflated_only_as_far_as_its_header_needs(server, tmp_path):
+    """A gzip bomb (a small .nii.gz whose stream goes on for gigabytes past the voxels its header describes) costs
+    the server no more than the voxels: the check stops there. Here the tail is a cut-off gzip member, which
+    inflating the whole file would refuse as truncated."""
+    import gzip
+    import zlib
+
+    import nibabel as nib
+
+    path = tmp_path / "v.nii.gz"
+    nib.save(nib.Nifti1Image(np.random.default_rng(0).integers(0, 255, (24, 20, 3), dtype=np.uint8), np.eye(4)),
+             str(path))
+    packer = zlib.compressobj(9, zlib.DEFLATED, 31)  # a gzip member of 32 MiB of zeros, its end cut off
+    tail = packer.compress(bytes(32 * 2**20)) + packer.flush()
+    data = path.read_bytes() + tail[: len(tail) // 2]
+    assert len(gzip.decompress(path.read_bytes())) < 2000
+    status, _, body = _infer(server, data, "v.nii.gz", {"prompts": ["liver"]}, query="?output=json")
+    assert status == 200, body
+    assert json.loads(body)["shape"] == [24, 20, 3]
+
+
+def test_gzip_data_size_stops_at_its_limit(tmp_path):
+    import gzip
+
+    from medsam3_monai.transforms.io import gzip_data_size
+
+    path = tmp_path / "z.gz"
+    path.write_bytes(gzip.compress(bytes(10 * 2**20)))
+    assert gzip_data_size(path) == 10 * 2**20
+    assert gzip_data_size(path, limit=5 * 2**20 + 7) == 5 * 2**20 + 7
+    assert gzip_data_size(path, limit=11 * 2**20) == 10 * 2**20
 
 
 def _rss_mb() -> float:
@@ -614,6 +673,43 @@ def test_datastore_completed_counts_only_final_labels(upload):
         assert store.next_sample("first")["id"] == "a"
     finally:
         store.close()
+
+
+def test_a_loopback_server_without_a_token_answers_only_requests_that_name_it_so(server):
+    """DNS rebinding: a web page of attacker.example whose name comes to resolve to 127.0.0.1 calls the user's
+    loopback server as its own origin (and reads the answers: the datastore's images). Without a token such a server
+    answers only ``Host: 127.0.0.1 / localhost / [::1]``; a server with a token (which no page can send) any."""
+    def get(port: int, host: str, path: str = "/datastore/?output=all", token: str | None = None) -> int:
+        conn = http.client.HTTPConnection("127.0.0.1", port, timeout=30)
+        try:
+            headers = {"Host": host} | ({"Authorization": f"Bearer {token}"} if token else {})
+            conn.request("GET", path, headers=headers)
+            response = conn.getresponse()
+            response.read()
+            return response.status
+        finally:
+            conn.close()
+
+    with running_server(start_timeout_s=30) as port:
+        for host in (f"127.0.0.1:{port}", f"localhost:{port}", "LOCALHOST", f"[::1]:{port}"):
+            assert get(port, host) == 200, host
+        for host in (f"attacker.example:{port}", "attacker.example", f"127.0.0.1.attacker.example:{port}", ""):
+            assert get(port, host) == 403, host
+            assert get(port, host, "/auth/") == 403, host
+    assert get(server[1], f"attacker.example:{server[1]}", token=TOKEN) == 200
+
+
+def test_an_open_server_says_so_at_start():
+    """No token: a warning when others can use the server -- beyond the loopback, or with ``--cors-origin '*'``,
+    which lets any web page in the user's browser read the answers and the datastore's images."""
+    from medsam3_monai.deploy.serve import open_server_warnings
+
+    assert open_server_warnings("127.0.0.1", False, ["http://localhost:3000"]) == []
+    assert open_server_warnings("0.0.0.0", True, ["*"]) == []
+    assert [line.split(":")[0] for line in open_server_warnings("0.0.0.0", False, [])] == [
+        "listening on 0.0.0.0 without --token"]
+    assert open_server_warnings("127.0.0.1", False, ["*"])[0].startswith("--cors-origin '*' without --token: any "
+                                                                          "web page")
 
 
 def test_a_post_without_a_body_is_an_empty_body_and_chunked_uploads_are_refused(server):

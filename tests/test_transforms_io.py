@@ -621,6 +621,26 @@ def test_truncated_nifti_is_a_data_error(tmp_path):
         load(path)
 
 
+def test_a_nifti_header_declaring_more_than_the_file_or_the_memory_is_refused_before_reading(tmp_path, monkeypatch):
+    """A damaged (or hostile) header declaring a huge volume is refused from the header, not read by allocating
+    what it declares (a MemoryError called 'corrupt', or the machine swapping)."""
+    import medsam3_monai.transforms.io as io_module
+
+    monkeypatch.setattr(io_module, "available_memory", lambda: 8 * 10**9)
+    header = nib.Nifti1Image(np.zeros((2, 2, 2), np.uint8), np.eye(4)).header
+    header.set_data_shape((30000, 30000, 30000))
+    header.set_data_offset(352)
+    plain, packed = tmp_path / "big.nii", tmp_path / "big.nii.gz"
+    plain.write_bytes(header.binaryblock + bytes(4 + 64))
+    packed.write_bytes(gzip.compress(header.binaryblock + bytes(4 + 64)))
+    with pytest.raises(DataError, match=r"big.nii: is truncated: its header describes 30000x30000x30000 voxels of "
+                                        r"uint8 \(27000000000352 bytes\), the file holds 416"):
+        load(plain)
+    with pytest.raises(DataError, match=r"big.nii.gz: declares 30000x30000x30000 voxels of uint8 \(about "
+                                        r"135000.0 GB to read\), more than 6.4 GB \(80% of the 8.0 GB"):
+        load(packed)
+
+
 def test_missing_file_is_a_data_error(tmp_path):
     with pytest.raises(DataError, match="nope.png: file not found"):
         load(tmp_path / "nope.png")

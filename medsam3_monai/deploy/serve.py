@@ -13,7 +13,7 @@ from typing import Any
 from .arguments import (add_ct_window_option, add_detector_chunk_option, add_model_options,
                         add_score_threshold_option, add_tracker_batch_option, ct_window, random_weights_notes)
 
-__all__ = ["add_parser", "build_server", "run"]
+__all__ = ["add_parser", "build_server", "open_server_warnings", "run"]
 
 _EPILOG = """\
 Routes (MONAI Label's protocol): GET /info/; POST /infer/medsam3 with multipart 'params' = JSON
@@ -35,7 +35,7 @@ Errors are JSON {"error": ...} with a 4xx status (502: the agent's planner faile
 --token (or MEDSAM3_SERVE_TOKEN) requires 'Authorization: Bearer TOKEN' on every request but GET /auth/ and POST
 /auth/token (the OAuth2 password form with the token as password, for MONAI Label clients). Uploads kept by
 /datastore/ and /session/ live in a temporary folder until the server stops. Listens on 127.0.0.1 unless --host
-says otherwise.
+says otherwise; there, without --token, it answers only requests addressed to 127.0.0.1 / localhost (403).
 Guide: bundles/medsam3/docs/monailabel.md
 """
 
@@ -141,7 +141,7 @@ def build_server(args: argparse.Namespace) -> Any:
                                           max_pixels=args.max_image_pixels)  # the header check's limit, not PIL's
     for line in predictor.preprocessing_notes:
         print(f"medsam3 serve: note: {line}", file=sys.stderr)
-    app = create_app(predictor, token=token, limits=limits, cors_origins=origins, agent=agent)
+    app = create_app(predictor, token=token, limits=limits, cors_origins=origins, agent=agent, host=args.host)
     config = uvicorn.Config(app, host=args.host, port=args.port, log_level=args.log_level, access_log=True,
                             limit_concurrency=256, timeout_keep_alive=5,
                             timeout_graceful_shutdown=30)  # a stalled client does not hold the stop for ever
@@ -188,6 +188,20 @@ def agent_settings(args: argparse.Namespace) -> Any:
     return settings
 
 
+def open_server_warnings(host: str, token: bool, cors_origins: list[str]) -> list[str]:
+    """What the start says of a server without a token that others can use: one listening beyond the loopback, or
+    one whose CORS lets any web page read its answers (its datastore's images included)."""
+    lines = []
+    if not token and host not in ("127.0.0.1", "localhost", "::1"):
+        lines.append(f"listening on {host} without --token: anyone who can reach this machine can upload images and "
+                     "run the model; give --token (or MEDSAM3_SERVE_TOKEN)")
+    if not token and "*" in cors_origins:
+        lines.append("--cors-origin '*' without --token: any web page open in a browser on this machine can call "
+                     "the server and read its answers and its datastore's images; name the viewer's origin (e.g. "
+                     "--cors-origin http://localhost:3000) or give --token")
+    return lines
+
+
 def run(args: argparse.Namespace) -> int:
     try:
         server = build_server(args)
@@ -198,9 +212,8 @@ def run(args: argparse.Namespace) -> int:
     extras = [" with token" if app.state.auth.enabled else "",
               f", CORS for {', '.join(app.state.cors_origins)}" if app.state.cors_origins else ""]
     planner = f"{args.llm_model} at {args.llm_url}" if args.llm_url else "the offline planner"
-    if not app.state.auth.enabled and args.host not in ("127.0.0.1", "localhost", "::1"):
-        print(f"medsam3 serve: WARNING: listening on {args.host} without --token: anyone who can reach this machine "
-              "can upload images and run the model; give --token (or MEDSAM3_SERVE_TOKEN)", file=sys.stderr)
+    for line in open_server_warnings(args.host, app.state.auth.enabled, app.state.cors_origins):
+        print(f"medsam3 serve: WARNING: {line}", file=sys.stderr)
     for line in random_weights_notes(args.checkpoint):
         print(f"medsam3 serve: note: {line}", file=sys.stderr)
     host = f"[{args.host}]" if ":" in args.host else args.host  # an IPv6 address in a URL

@@ -32,12 +32,14 @@ the union of the marks the planner selects; the planner is the server's, ``medsa
   token as password) -> ``{"access_token", "token_type": "bearer"}``; ``GET /auth/token/valid``.
 * ``GET /train/`` -> 404 (no training tasks: this server does not train).
 
-With a token every route but ``/auth/`` and ``/auth/token`` needs ``Authorization: Bearer TOKEN`` (401). With
-CORS origins, browsers on those origins may call the server (preflight answered). Every error is a JSON body
-``{"error": "..."}`` with a 4xx status (507 when the datastore or the server's disk is full; 502 when the agent's
-planner endpoint fails; 500 only for a bug); the server keeps serving. Uploads are saved under fresh temporary
-names (only a whitelisted extension of the client's file name is kept). Inference runs under one lock (one model),
-so concurrent requests queue.
+With a token every route but ``/auth/`` and ``/auth/token`` needs ``Authorization: Bearer TOKEN`` (401); without
+one, a loopback server answers only requests addressed to it as ``127.0.0.1`` / ``localhost`` / ``[::1]`` (403:
+no DNS rebinding from a web page). With CORS origins, browsers on those origins may call the server (preflight
+answered). Every error is a JSON body ``{"error": "..."}`` with a 4xx status (507 when the datastore or the
+server's disk is full; 502 when the agent's planner endpoint fails; 500 only for a bug); the server keeps serving. Uploads are saved under fresh temporary
+names (only a whitelisted extension of the client's file name is kept); a NRRD / MetaImage volume is one file (a
+header naming another data file, which ITK would read from the server's disk, is refused). Inference runs under one
+lock (one model), so concurrent requests queue.
 """
 
 # no `from __future__ import annotations`: FastAPI resolves the endpoints' annotations at runtime
@@ -73,6 +75,8 @@ UPLOAD_SUFFIXES = {".png": "image", ".jpg": "image", ".jpeg": "image", ".bmp": "
 LABEL_SUFFIXES = (*UPLOAD_SUFFIXES, ".nrrd", ".seg.nrrd")
 #: routes answered without a token (MONAI Label clients ask them before they have one)
 PUBLIC_PATHS = frozenset({"/auth", "/auth/", "/auth/token"})
+#: the names of this machine's loopback interface: the ``Host`` of every request to a loopback server without a token
+LOOPBACK_HOSTS = frozenset({"127.0.0.1", "localhost", "::1"})
 MAX_INFO_CHARS = 64 * 1024
 
 
@@ -140,20 +144,22 @@ class TokenAuth:
 
 
 class _GuardMiddleware:
-    """Pure ASGI, before any body is read: the token (the same :class:`TokenAuth` check the routes declare, run
-    here too so that an unauthenticated upload is refused unread) and the request size.
+    """Pure ASGI, before any body is read: the ``Host`` (``hosts``: the names a loopback server without a token
+    answers to, 403 for others), the token (the same :class:`TokenAuth` check the routes declare, run here too so
+    that an unauthenticated upload is refused unread) and the request size.
 
     It has to stay an ASGI middleware: FastAPI reads (and spools) a multipart body before it runs a route's
     dependencies, and only here can ``Content-Length`` be checked first. POST/PUT/PATCH bodies must declare
     ``Content-Length`` (411 otherwise) no larger than the limit (413); a body longer than declared is cut off
     (the request then fails as a disconnect). CORS preflights never get here (the CORS middleware answers)."""
 
-    def __init__(self, app: Any, auth: TokenAuth, max_bytes: int) -> None:
+    def __init__(self, app: Any, auth: TokenAuth, max_bytes: int, hosts: frozenset[str] | None = None) -> None:
         from starlette.requests import HTTPConnection
 
         self.app = app
         self.auth = auth
         self.max_bytes = max_bytes
+        self.hosts = hosts
         self.connection = HTTPConnection
 
     async def __call__(self, scope: dict, receive: Any, send: Any) -> None:
@@ -161,6 +167,14 @@ class _GuardMiddleware:
             await self.app(scope, receive, send)
             return
         connection = self.connection(scope)
+        if self.hosts is not None and host_name(connection.headers.get("host", "")) not in self.hosts:
+            if scope.get("method") in ("POST", "PUT", "PATCH") and _sends_body_unasked(connection):
+                await _drain(receive, DRAIN_SECONDS)
+            await _send_json(send, 403, {"error": f"Host {connection.headers.get('host', '')[:64]!r} is not this "
+                                                  "loopback server's name: call it as 127.0.0.1 or localhost (a "
+                                                  "web page's DNS-rebinding name is refused); behind a proxy or "
+                                                  "from other machines, start it with --token"})
+            return
         if self.auth.enabled and scope.get("path") not in PUBLIC_PATHS:
             try:
                 self.auth.check(await self.auth.scheme(connection))
@@ -220,6 +234,25 @@ BODY_MIN_RATE = 50_000
 DRAIN_SECONDS = 30.0
 #: a pause of the over-limit body this long ends the discarding (a client waiting for the answer)
 DRAIN_IDLE_SECONDS = 2.0
+
+
+def host_name(header: str) -> str:
+    """The name in a ``Host`` header, lower case, without its port, brackets or final dot: ``[::1]:8000`` ->
+    ``::1``."""
+    name = header.strip().lower()
+    if name.startswith("["):
+        return name[1:].partition("]")[0]
+    return (name.rpartition(":")[0] if name.count(":") == 1 else name).rstrip(".")
+
+
+def is_loopback(host: str) -> bool:
+    """Whether ``--host`` listens on the loopback interface only."""
+    import ipaddress
+
+    try:
+        return ipaddress.ip_address(host.strip("[]")).is_loopback
+    except ValueError:
+        return host.lower().rstrip(".") == "localhost"
 
 
 def _sends_body_unasked(connection: Any) -> bool:
@@ -312,6 +345,37 @@ def _itk_shape(path: Path) -> tuple[int, ...]:
     return shape + ((components,) if components > 1 else ())
 
 
+#: bytes of a NRRD / MetaImage upload's header read for :func:`external_data_file` (real headers are a few KiB)
+MAX_HEADER_BYTES = 1 << 20
+
+
+def external_data_file(path: Path) -> str | None:
+    """The separate data file a NRRD / MetaImage upload's header names (NRRD ``data file:`` / ``datafile:``,
+    MetaImage ``ElementDataFile`` other than ``LOCAL``: a file name, ``LIST``, a pattern), else None. ITK would
+    read that file from the server's own disk -- any file the server may read, another upload included -- so such
+    an upload is refused; the header is read up to its end (NRRD: the blank line; MetaImage: ``ElementDataFile``,
+    its last field), at most ``MAX_HEADER_BYTES`` (a header that does not end there is refused too)."""
+    nrrd = upload_suffix(path.name) == ".nrrd"
+    read = 0
+    with open(path, "rb") as stream:
+        while raw := stream.readline(MAX_HEADER_BYTES + 1 - read):
+            read += len(raw)
+            if read > MAX_HEADER_BYTES:
+                break
+            line = raw.decode("latin-1").strip()
+            if nrrd:
+                if not line:  # the header's end: the data follows in this file
+                    return None
+                key, colon, value = line.partition(":")
+                if colon and not value.startswith("=") and key.strip().lower() in ("data file", "datafile"):
+                    return value.strip() or "(blank)"
+            else:
+                key, equals, value = line.partition("=")
+                if equals and key.strip().lower() == "elementdatafile":
+                    return None if value.strip().upper() == "LOCAL" else value.strip() or "(blank)"
+    return f"(no end of its header in the first {MAX_HEADER_BYTES} bytes)"
+
+
 def check_picture_data(path: Path) -> None:
     """422 when a picture upload's pixel data does not decode (a truncated transfer): its header alone reads, so
     without this check the datastore would keep it and only an inference would fail. The size is already within
@@ -328,6 +392,10 @@ def check_picture_data(path: Path) -> None:
             picture.load()
     except Exception as err:  # noqa: BLE001 - any decoder failure is an unreadable upload
         raise unreadable_upload(path, err) from None
+
+
+#: the largest NIfTI ``vox_offset`` (header and extensions, bytes) an upload may have
+MAX_NIFTI_OFFSET = 16 * 2**20
 
 
 def check_volume_data(path: Path) -> None:
@@ -350,12 +418,17 @@ def check_volume_data(path: Path) -> None:
 
         from ..transforms.io import gzip_data_size
 
-        header = nib.load(str(path)).header
-        needed = int(header.get_data_offset()) + math.prod(header.get_data_shape()) * header.get_data_dtype().itemsize
+        volume = nib.load(str(path))
+        header, offset = volume.header, int(volume.dataobj.offset)  # (a loaded image's header says 0)
+        if offset > MAX_NIFTI_OFFSET:  # every reader inflates a .nii.gz up to it
+            raise RequestError(422, f"{hidden} puts its voxels {offset} bytes into the file (vox_offset; a NIfTI's "
+                                    f"header and extensions take a few KiB, at most {MAX_NIFTI_OFFSET} are read "
+                                    "here): re-save the volume")
+        needed = offset + math.prod(header.get_data_shape()) * header.get_data_dtype().itemsize
         if suffix == ".nii":
             held = path.stat().st_size
-        else:
-            held = gzip_data_size(path)
+        else:  # counted up to what the header needs: a gzip bomb's tail is not inflated
+            held = gzip_data_size(path, limit=needed)
     except RequestError:
         raise
     except EOFError as err:  # gzip: the stream stops before its end
@@ -383,6 +456,12 @@ def check_image(path: Path, limits: ServerLimits, decode_pictures: bool = True) 
             raise RequestError(422, "upload.dcm is not a single-frame DICOM picture (a multi-frame file, or a header "
                                     "that does not read): upload one picture, or a volume as NIfTI, NRRD or "
                                     "MetaImage")
+    if suffix in (".nrrd", ".mha"):
+        named = external_data_file(path)
+        if named is not None:
+            raise RequestError(422, f"upload{suffix} keeps its data in another file ({named[:80]!r}), which would "
+                                    "be read from the server's disk: upload one file with the data inside (NRRD "
+                                    "without 'data file:', MetaImage with 'ElementDataFile = LOCAL'), or NIfTI")
     shape = image_size(path, kind)
     pixels = 1
     for s in shape[:3]:
@@ -479,7 +558,7 @@ class _LockedPredictor:
 def create_app(predictor: Any, *, token: str | None = None, limits: ServerLimits | None = None,
                model_name: str = MODEL_NAME, version: str | None = None,
                cors_origins: Sequence[str] | None = None, agent: Any = None,
-               agent_model_name: str = AGENT_MODEL_NAME):
+               agent_model_name: str = AGENT_MODEL_NAME, host: str | None = None):
     """The FastAPI app serving ``predictor`` (a :class:`~medsam3_monai.inferers.predict.Predictor`).
 
     Args:
@@ -493,6 +572,9 @@ def create_app(predictor: Any, *, token: str | None = None, limits: ServerLimits
         agent: the planner of the second model, the MedSAM3 agent (``agent_model_name``): an
             :class:`~medsam3_monai.agent.runner.AgentSettings` (endpoint, model, key variable, limits); None = the
             offline planner. Its MedSAM3 calls use ``predictor``.
+        host: the address the server listens on. A loopback one without ``token`` answers only requests that
+            name it so (``Host: 127.0.0.1``, ``localhost``, ``[::1]``; 403 otherwise): a web page in the user's
+            browser cannot reach the server and its datastore by DNS rebinding.
     """
     from fastapi import Body, Depends, FastAPI, File, Form, Query, Request, Security, UploadFile
     from fastapi.exceptions import RequestValidationError
@@ -919,7 +1001,8 @@ def create_app(predictor: Any, *, token: str | None = None, limits: ServerLimits
 
     # last added = outermost: CORS (answers preflights itself, adds headers to every answer, errors included),
     # then the guard (token and size before any body is read), then FastAPI's routing
-    app.add_middleware(_GuardMiddleware, auth=auth, max_bytes=limits.max_request_bytes)
+    hosts = LOOPBACK_HOSTS if host is not None and is_loopback(host) and not auth.enabled else None
+    app.add_middleware(_GuardMiddleware, auth=auth, max_bytes=limits.max_request_bytes, hosts=hosts)
     if cors_origins:
         from fastapi.middleware.cors import CORSMiddleware
 

@@ -39,7 +39,10 @@ REPORT_FILES = ("cases.csv", "table.csv", "table.md", "radar.png")
 
 
 def _safe(text: str) -> str:
-    return re.sub(r"[^0-9A-Za-z._-]+", "_", str(text)).strip("_") or "case"
+    """``text`` as one file or folder name: characters other than letters, digits and ``._-`` as ``_``; a name of
+    dots alone (``..``: the folder above) as ``case``."""
+    name = re.sub(r"[^0-9A-Za-z._-]+", "_", str(text)).strip("_")
+    return name if name.strip(".") else "case"
 
 
 def _without_image_suffix(case: str) -> str:

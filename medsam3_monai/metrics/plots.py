@@ -17,8 +17,8 @@ import torch
 from .aggregate import MetricTable
 
 __all__ = ["AXIS_PLANES", "CLASS_COLOURS", "VIEW_CONVENTIONS", "axis_codes", "class_areas", "class_colour",
-           "class_legend", "legend_classes", "overlay_figure", "radar_chart", "radiological_view", "save_figure",
-           "slice_plane", "title_lines"]
+           "class_legend", "legend_classes", "overlay_figure", "plain_text", "radar_chart", "radiological_view",
+           "save_figure", "slice_plane", "title_lines"]
 
 #: fill colours of the first classes (:func:`class_colour` goes on): a colour-blind-friendly qualitative set
 #: (Okabe-Ito), sky blue first: the one class of most overlays must stand out on grey scans and on the warm reds of
@@ -72,11 +72,20 @@ TITLE_CHARS_PER_INCH = 13
 _SERIES_COLOURS = ("#0072B2", "#D55E00", "#009E73")
 
 
+def plain_text(text: Any) -> str:
+    """``text`` as matplotlib draws it letter for letter: its dollar signs escaped, so that a prompt, a file,
+    dataset or case name or a planner's phrase holding two of them is not read as mathtext (drawn as a formula, or
+    failing the whole figure: ``$\\frac{x$``)."""
+    return str(text).replace("$", r"\$")
+
+
 def title_lines(text: str, figure: Any) -> list[str]:
-    """``text`` wrapped to the width of ``figure`` (a title that would be clipped at its edges)."""
+    """``text`` wrapped to the width of ``figure`` (a title that would be clipped at its edges), each line
+    :func:`plain_text`."""
     import textwrap
 
-    return textwrap.wrap(text, max(30, int(figure.get_figwidth() * TITLE_CHARS_PER_INCH)))
+    width = max(30, int(figure.get_figwidth() * TITLE_CHARS_PER_INCH))
+    return [plain_text(line) for line in textwrap.wrap(text, width)]
 
 
 def radar_chart(
@@ -110,7 +119,7 @@ def radar_chart(
             places = [i + (k - (len(series) - 1) / 2) * height for i in range(len(names))]
             bars = ax.barh(places, values, height=height * 0.9, color=colour, label=label)
             ax.bar_label(bars, labels=[f"{v:.1f}" for v in values], padding=3, fontsize=8)
-        ax.set_yticks(range(len(names)), names, fontsize=8)
+        ax.set_yticks(range(len(names)), [plain_text(name) for name in names], fontsize=8)
         ax.invert_yaxis()
         ax.set_xlim(0, 100)
         ax.set_xlabel(unit, fontsize=8)
@@ -123,7 +132,7 @@ def radar_chart(
             ax.plot(angles + angles[:1], values + values[:1], color=colour, linewidth=2, marker="o", label=label)
             ax.fill(angles + angles[:1], values + values[:1], color=colour, alpha=0.12)
         ax.set_xticks(angles)
-        ax.set_xticklabels(names, fontsize=8)
+        ax.set_xticklabels([plain_text(name) for name in names], fontsize=8)
         ax.set_ylim(0, 100)
         ax.set_yticks([20, 40, 60, 80, 100])
         ax.tick_params(axis="y", labelsize=7)
@@ -276,7 +285,7 @@ def overlay_figure(
     elif names:
         panels[2].legend(handles=class_legend(names), loc="lower right", fontsize=7, framealpha=0.7)
     if title:
-        figure.suptitle(title, fontsize=10)
+        figure.suptitle(plain_text(title), fontsize=10)
     return save_figure(figure, path)
 
 
@@ -302,7 +311,7 @@ def class_legend(labels: Sequence[str], areas: Sequence[int] | None = None, alph
     from matplotlib.patches import Patch
 
     chosen = list(range(len(labels))) if areas is None else legend_classes(areas)
-    handles = [Patch(color=class_colour(i), alpha=alpha, label=str(labels[i]))
+    handles = [Patch(color=class_colour(i), alpha=alpha, label=plain_text(labels[i]))
                for i in chosen]
     rest = len(labels) - len(chosen)
     if rest:

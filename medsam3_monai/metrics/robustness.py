@@ -353,7 +353,7 @@ def robustness_table(records: Mapping[str, Iterable[Mapping[str, Any]]], plan: P
 def robustness_plot(table: RobustnessTable, path: str | Path, title: str | None = None) -> Path:
     """Dice (%) per dataset and concept: every single phrasing (grey dots) with the worst-to-best range, the
     canonical phrasing, the worst one and the ensemble. Matplotlib's object API on an Agg canvas."""
-    from .plots import _figure, save_figure
+    from .plots import _figure, plain_text, save_figure
 
     entries = [s for s in table.summary if s["dataset"] != "overall"]
     if not entries:
@@ -385,7 +385,7 @@ def robustness_plot(table: RobustnessTable, path: str | Path, title: str | None 
             ax.annotate(f"spread {100 * s['spread']:.1f}", (x, 100 * s["best"]), textcoords="offset points",
                         xytext=(0, 6), ha="center", fontsize=7, color="#555555")
     ax.set_xticks(xs)
-    ax.set_xticklabels([f"{s['dataset']}\n{s['concept']}" for s in entries], fontsize=8)
+    ax.set_xticklabels([plain_text(f"{s['dataset']}\n{s['concept']}") for s in entries], fontsize=8)
     ax.set_xlim(-0.6, len(entries) - 0.4)
     ax.set_ylim(0, 105)
     ax.set_ylabel("Dice (%)")
@@ -394,5 +394,5 @@ def robustness_plot(table: RobustnessTable, path: str | Path, title: str | None 
     heading = title or "Dice per prompt phrasing"
     if table.protocol:
         heading += f" ({table.protocol})"
-    ax.set_title(heading, fontsize=10)
+    ax.set_title(plain_text(heading), fontsize=10)
     return save_figure(figure, path)

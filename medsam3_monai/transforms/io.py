@@ -61,6 +61,7 @@ __all__ = [
     "Image2DReader",
     "LoadMedicalImaged",
     "available_memory",
+    "check_nifti_data",
     "check_picture_size",
     "load_medical_image",
     "picture_size",
@@ -650,15 +651,19 @@ def _tiff_layout(path: str) -> str | None:
         return None
 
 
-def gzip_data_size(path: str | Path) -> int:
+def gzip_data_size(path: str | Path, limit: int | None = None) -> int:
     """The number of bytes a gzip file inflates to, its whole stream read in 4 MB pieces (nothing kept) and so
     checked by gzip itself (its CRC-32 and length at the end); raises gzip's own errors: EOFError for a stream cut
-    short, ``BadGzipFile`` (an OSError), ``zlib.error``."""
+    short, ``BadGzipFile`` (an OSError), ``zlib.error``. ``limit``: stop once that many bytes are counted (the
+    answer is then ``limit``): what a file must hold, without inflating a gzip bomb's gigabytes beyond it."""
     import gzip
 
     size = 0
     with gzip.open(path, "rb") as stream:
-        while chunk := stream.read(1 << 22):
+        while limit is None or size < limit:
+            chunk = stream.read(1 << 22 if limit is None else min(1 << 22, limit - size))
+            if not chunk:
+                break
             size += len(chunk)
     return size
 
@@ -744,6 +749,8 @@ def load_medical_image(
             raise _unreadable(path, mask, err) from err
     if size is not None:
         check_picture_size(path, size, max_pixels)
+    elif _suffix(path) in (".nii", ".nii.gz"):
+        check_nifti_data(path)
     try:
         img = _read(path, reader, size)
     except Exception as err:  # any reader failure: corrupt, truncated, not an image
@@ -799,6 +806,38 @@ def load_medical_image(
     img.meta["is_volume"] = is_volume
     img.meta["is_jpeg"] = _suffix(path) in JPEG_SUFFIXES
     return img
+
+
+def check_nifti_data(path: str | Path) -> None:
+    """DataError for a NIfTI whose header describes more voxel data than the file holds (an uncompressed ``.nii``
+    shorter than its header's offset + voxels: a truncated copy) or than fits in ``MEMORY_SHARE`` of the available
+    memory (the voxels in the file's data type and as float32), said from the header before a reader allocates what
+    it asks for: a 77-byte ``.nii.gz`` declaring 1100 x 1100 x 1000 voxels took 1.2 GB before failing as truncated,
+    and one declaring more than the machine has made it swap. A header that does not read is left to the reader."""
+    import math
+
+    import nibabel as nib
+
+    try:
+        volume = nib.load(str(path))
+        shape, dtype = volume.header.get_data_shape(), volume.header.get_data_dtype()
+        offset = int(volume.dataobj.offset)  # (a loaded image's header says 0)
+    except Exception:  # noqa: BLE001 - the reader says why it cannot read it
+        return
+    voxels = math.prod(int(s) for s in shape)
+    if _suffix(path) == ".nii":
+        held = Path(path).stat().st_size
+        if held < offset + voxels * dtype.itemsize:
+            raise DataError(path, f"is truncated: its header describes {'x'.join(map(str, shape))} voxels of "
+                                  f"{dtype} ({offset + voxels * dtype.itemsize} bytes), the file holds {held}",
+                            "re-download or re-export it")
+    needed = voxels * (dtype.itemsize + 4)
+    available = available_memory()
+    if available is not None and needed > MEMORY_SHARE * available:
+        raise DataError(path, f"declares {'x'.join(map(str, shape))} voxels of {dtype} (about {_gb(needed)} to "
+                              f"read), more than {_gb(MEMORY_SHARE * available)} ({MEMORY_SHARE:.0%} of the "
+                              f"{_gb(available)} of memory available)",
+                        "check its header (a damaged one declares sizes the file does not hold), or free memory")
 
 
 #: millimetres per unit of a NIfTI header's spatial units (``xyzt_units``; "unknown" is read as mm, as MONAI does)
