@@ -473,6 +473,73 @@ def test_a_nii_gz_is_inflated_only_as_far_as_its_header_needs(server, tmp_path):
     assert json.loads(body)["shape"] == [24, 20, 3]
 
 
+@pytest.mark.parametrize("header", [
+    pytest.param("{base}elementdatafile = LOCAL\nElementDataFile = {secret}\n", id="lower_case_local_first"),
+    pytest.param("{base}ElementDataFile: {secret}\nElementDataFile = LOCAL\n", id="colon_separator_first"),
+    pytest.param("{base}Junk\nElementDataFile = LOCAL\nElementDataFile = {secret}\n", id="line_without_separator"),
+    pytest.param("{base}ElementDataFile\0x = {secret}\nElementDataFile = LOCAL\n", id="nul_in_the_name"),
+    pytest.param("{nrrd}data file: {secret}\r\r\n\n", id="nrrd_cr_line_ends"),
+    pytest.param("{base}Comment = x\rElementDataFile = LOCAL\nElementDataFile = {secret}\n", id="cr_in_a_value"),
+])
+def test_a_header_itk_reads_as_naming_another_file_is_refused(tmp_path, header):
+    """Each header makes ITK read ``secret`` (MetaIO: names end at '=' or ':' or a NUL, are case-sensitive, a line
+    without a separator takes the next line as its value, a value runs on past a CR; teem ends a line at a lone CR):
+    the check must read it as ITK does, not find a 'LOCAL' or a blank line ITK never sees."""
+    import itk
+
+    from medsam3_monai.deploy.server import external_data_file
+
+    secret = tmp_path / "other_patient.raw"
+    secret.write_bytes(bytes(range(256)) * 2)
+    base = "ObjectType = Image\nNDims = 3\nDimSize = 8 8 8\nElementType = MET_UCHAR\n"
+    nrrd = "NRRD0004\rtype: uint8\rdimension: 3\rsizes: 8 8 8\rencoding: raw\r"
+    path = tmp_path / ("v.nrrd" if header.startswith("{nrrd}") else "v.mha")
+    path.write_bytes(header.format(base=base, nrrd=nrrd, secret=secret).encode() + bytes(512))
+    assert itk.array_from_image(itk.imread(str(path))).ravel()[:6].tolist() == [0, 1, 2, 3, 4, 5]  # the secret
+    assert external_data_file(path) is not None
+
+
+def test_volumes_as_itk_writes_them_are_one_file(tmp_path):
+    """ITK's own NRRD / MetaImage files (raw and compressed, with metadata fields holding ':' and '=', a Windows
+    editor's CRLF) pass the external-data check."""
+    import itk
+
+    from medsam3_monai.deploy.server import external_data_file
+
+    image = itk.image_from_array(np.zeros((3, 8, 8), np.uint8))
+    image["Segment0_Name"] = "liver: left lobe"
+    image["Comment"] = "a=b: c"
+    for name, compression in (("r.mha", False), ("c.mha", True), ("r.nrrd", False), ("c.seg.nrrd", True)):
+        itk.imwrite(image, str(tmp_path / name), compression=compression)
+        assert external_data_file(tmp_path / name) is None, name
+    crlf = tmp_path / "crlf.mha"
+    crlf.write_bytes((tmp_path / "r.mha").read_bytes().replace(b"\n", b"\r\n", 11))
+    assert external_data_file(crlf) is None
+
+
+@pytest.mark.parametrize("vox_offset", [0, 2**30])
+def test_a_nifti_offset_is_checked_before_nibabel_reads_its_extensions(tmp_path, monkeypatch, vox_offset):
+    """nibabel's loader reads a NIfTI's extensions into memory up to its vox_offset (to the end of the file when
+    the offset leaves no room): a small .nii.gz whose extension inflates to gigabytes. The offset is checked from
+    the fixed header first, the extensions never read."""
+    import gzip
+
+    import nibabel as nib
+
+    from medsam3_monai.deploy.server import RequestError, ServerLimits, check_image
+
+    def never(*args, **kwargs):
+        raise AssertionError("the extensions were read")
+
+    monkeypatch.setattr(nib.nifti1.Nifti1Extensions, "from_fileobj", classmethod(never))
+    header = nib.Nifti1Image(np.zeros((8, 8, 3), np.uint8), np.eye(4)).header
+    header["vox_offset"] = vox_offset
+    path = tmp_path / "v.nii.gz"
+    path.write_bytes(gzip.compress(header.binaryblock + b"\x01\0\0\0" + np.array([2**30, 0], "<i4").tobytes()))
+    with pytest.raises(RequestError, match="vox_offset"):
+        check_image(path, ServerLimits())
+
+
 def test_gzip_data_size_stops_at_its_limit(tmp_path):
     import gzip
 
@@ -697,6 +764,26 @@ def test_a_loopback_server_without_a_token_answers_only_requests_that_name_it_so
             assert get(port, host) == 403, host
             assert get(port, host, "/auth/") == 403, host
     assert get(server[1], f"attacker.example:{server[1]}", token=TOKEN) == 200
+
+
+def test_a_server_on_another_loopback_address_answers_its_own_address():
+    """``--host 127.0.0.2`` (any of 127.0.0.0/8): the start line's URL names that address, so that ``Host`` is
+    answered like 127.0.0.1's (an address is no name a web page's DNS can rebind); and no warning that anyone who
+    reaches the machine can use it."""
+    from medsam3_monai.deploy.serve import open_server_warnings
+
+    assert open_server_warnings("127.0.0.2", False, []) == []
+    with running_server("--host", "127.0.0.2", start_timeout_s=30) as port:
+        for host, expected in ((f"127.0.0.2:{port}", 200), (f"127.0.0.1:{port}", 200), (f"localhost:{port}", 200),
+                               (f"attacker.example:{port}", 403), (f"127.0.0.2.attacker.example:{port}", 403)):
+            conn = http.client.HTTPConnection("127.0.0.2", port, timeout=30)
+            try:
+                conn.request("GET", "/info/", headers={"Host": host})
+                response = conn.getresponse()
+                response.read()
+                assert response.status == expected, host
+            finally:
+                conn.close()
 
 
 def test_an_open_server_says_so_at_start():

@@ -35,7 +35,7 @@ Errors are JSON {"error": ...} with a 4xx status (502: the agent's planner faile
 --token (or MEDSAM3_SERVE_TOKEN) requires 'Authorization: Bearer TOKEN' on every request but GET /auth/ and POST
 /auth/token (the OAuth2 password form with the token as password, for MONAI Label clients). Uploads kept by
 /datastore/ and /session/ live in a temporary folder until the server stops. Listens on 127.0.0.1 unless --host
-says otherwise; there, without --token, it answers only requests addressed to 127.0.0.1 / localhost (403).
+says otherwise; there, without --token, it answers only requests addressed to localhost or a loopback address (403).
 Guide: bundles/medsam3/docs/monailabel.md
 """
 
@@ -191,8 +191,10 @@ def agent_settings(args: argparse.Namespace) -> Any:
 def open_server_warnings(host: str, token: bool, cors_origins: list[str]) -> list[str]:
     """What the start says of a server without a token that others can use: one listening beyond the loopback, or
     one whose CORS lets any web page read its answers (its datastore's images included)."""
+    from .server import is_loopback
+
     lines = []
-    if not token and host not in ("127.0.0.1", "localhost", "::1"):
+    if not token and not is_loopback(host):
         lines.append(f"listening on {host} without --token: anyone who can reach this machine can upload images and "
                      "run the model; give --token (or MEDSAM3_SERVE_TOKEN)")
     if not token and "*" in cors_origins:

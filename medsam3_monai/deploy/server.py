@@ -32,14 +32,14 @@ the union of the marks the planner selects; the planner is the server's, ``medsa
   token as password) -> ``{"access_token", "token_type": "bearer"}``; ``GET /auth/token/valid``.
 * ``GET /train/`` -> 404 (no training tasks: this server does not train).
 
-With a token every route but ``/auth/`` and ``/auth/token`` needs ``Authorization: Bearer TOKEN`` (401); without
-one, a loopback server answers only requests addressed to it as ``127.0.0.1`` / ``localhost`` / ``[::1]`` (403:
-no DNS rebinding from a web page). With CORS origins, browsers on those origins may call the server (preflight
-answered). Every error is a JSON body ``{"error": "..."}`` with a 4xx status (507 when the datastore or the
-server's disk is full; 502 when the agent's planner endpoint fails; 500 only for a bug); the server keeps serving. Uploads are saved under fresh temporary
-names (only a whitelisted extension of the client's file name is kept); a NRRD / MetaImage volume is one file (a
-header naming another data file, which ITK would read from the server's disk, is refused). Inference runs under one
-lock (one model), so concurrent requests queue.
+With a token every route but ``/auth/`` and ``/auth/token`` needs ``Authorization: Bearer TOKEN`` (401); without one,
+a loopback server answers only requests addressed to it as ``localhost`` or a loopback address (``127.0.0.1``,
+``[::1]``; 403: no DNS rebinding from a web page). With CORS origins, browsers on those origins may call the server
+(preflight answered). Every error is a JSON body ``{"error": "..."}`` with a 4xx status (507 when the datastore or
+the server's disk is full; 502 when the agent's planner endpoint fails; 500 only for a bug); the server keeps
+serving. Uploads are saved under fresh temporary names (only a whitelisted extension of the client's file name is
+kept); a NRRD / MetaImage volume is one file (a header naming another data file, which ITK would read from the
+server's disk, is refused). Inference runs under one lock (one model), so concurrent requests queue.
 """
 
 # no `from __future__ import annotations`: FastAPI resolves the endpoints' annotations at runtime
@@ -50,6 +50,7 @@ import json
 import logging
 import math
 import os
+import re
 import shutil
 import tempfile
 import threading
@@ -75,8 +76,6 @@ UPLOAD_SUFFIXES = {".png": "image", ".jpg": "image", ".jpeg": "image", ".bmp": "
 LABEL_SUFFIXES = (*UPLOAD_SUFFIXES, ".nrrd", ".seg.nrrd")
 #: routes answered without a token (MONAI Label clients ask them before they have one)
 PUBLIC_PATHS = frozenset({"/auth", "/auth/", "/auth/token"})
-#: the names of this machine's loopback interface: the ``Host`` of every request to a loopback server without a token
-LOOPBACK_HOSTS = frozenset({"127.0.0.1", "localhost", "::1"})
 MAX_INFO_CHARS = 64 * 1024
 
 
@@ -144,22 +143,23 @@ class TokenAuth:
 
 
 class _GuardMiddleware:
-    """Pure ASGI, before any body is read: the ``Host`` (``hosts``: the names a loopback server without a token
-    answers to, 403 for others), the token (the same :class:`TokenAuth` check the routes declare, run here too so
-    that an unauthenticated upload is refused unread) and the request size.
+    """Pure ASGI, before any body is read: the ``Host`` (``loopback_only``: a loopback server without a token answers
+    only ``localhost`` and loopback addresses, :func:`is_loopback`; 403 for others), the token (the same
+    :class:`TokenAuth` check the routes declare, run here too so that an unauthenticated upload is refused unread) and
+    the request size.
 
     It has to stay an ASGI middleware: FastAPI reads (and spools) a multipart body before it runs a route's
     dependencies, and only here can ``Content-Length`` be checked first. POST/PUT/PATCH bodies must declare
     ``Content-Length`` (411 otherwise) no larger than the limit (413); a body longer than declared is cut off
     (the request then fails as a disconnect). CORS preflights never get here (the CORS middleware answers)."""
 
-    def __init__(self, app: Any, auth: TokenAuth, max_bytes: int, hosts: frozenset[str] | None = None) -> None:
+    def __init__(self, app: Any, auth: TokenAuth, max_bytes: int, loopback_only: bool = False) -> None:
         from starlette.requests import HTTPConnection
 
         self.app = app
         self.auth = auth
         self.max_bytes = max_bytes
-        self.hosts = hosts
+        self.loopback_only = loopback_only
         self.connection = HTTPConnection
 
     async def __call__(self, scope: dict, receive: Any, send: Any) -> None:
@@ -167,7 +167,7 @@ class _GuardMiddleware:
             await self.app(scope, receive, send)
             return
         connection = self.connection(scope)
-        if self.hosts is not None and host_name(connection.headers.get("host", "")) not in self.hosts:
+        if self.loopback_only and not is_loopback(host_name(connection.headers.get("host", ""))):
             if scope.get("method") in ("POST", "PUT", "PATCH") and _sends_body_unasked(connection):
                 await _drain(receive, DRAIN_SECONDS)
             await _send_json(send, 403, {"error": f"Host {connection.headers.get('host', '')[:64]!r} is not this "
@@ -246,7 +246,8 @@ def host_name(header: str) -> str:
 
 
 def is_loopback(host: str) -> bool:
-    """Whether ``--host`` listens on the loopback interface only."""
+    """Whether ``host`` (``--host``, or a ``Host`` header's :func:`host_name`) is this machine's loopback interface:
+    ``localhost`` or a loopback address (``127.0.0.0/8``, ``::1``), none of which a web page's DNS can rebind."""
     import ipaddress
 
     try:
@@ -354,26 +355,74 @@ def external_data_file(path: Path) -> str | None:
     MetaImage ``ElementDataFile`` other than ``LOCAL``: a file name, ``LIST``, a pattern), else None. ITK would
     read that file from the server's own disk -- any file the server may read, another upload included -- so such
     an upload is refused; the header is read up to its end (NRRD: the blank line; MetaImage: ``ElementDataFile``,
-    its last field), at most ``MAX_HEADER_BYTES`` (a header that does not end there is refused too)."""
+    its last field), at most ``MAX_HEADER_BYTES`` (a header that does not end there is refused too).
+
+    Lines are split as ITK's readers split them: NRRD (teem) at ``\\r``, ``\\n`` or ``\\r\\n``; MetaImage (MetaIO) at
+    ``\\n``, a field's name ending at its first ``=`` or ``:`` (or a NUL) or a ``\\r``, its value at ``\\n`` only, names
+    case-sensitive, a line without a separator running into the next line's value. A header that MetaIO could read
+    otherwise than here (such a line, a lone ``\\r``, a field spelt ``elementdatafile``) is refused too."""
     nrrd = upload_suffix(path.name) == ".nrrd"
-    read = 0
     with open(path, "rb") as stream:
-        while raw := stream.readline(MAX_HEADER_BYTES + 1 - read):
-            read += len(raw)
-            if read > MAX_HEADER_BYTES:
-                break
-            line = raw.decode("latin-1").strip()
-            if nrrd:
-                if not line:  # the header's end: the data follows in this file
-                    return None
-                key, colon, value = line.partition(":")
-                if colon and not value.startswith("=") and key.strip().lower() in ("data file", "datafile"):
-                    return value.strip() or "(blank)"
-            else:
-                key, equals, value = line.partition("=")
-                if equals and key.strip().lower() == "elementdatafile":
-                    return None if value.strip().upper() == "LOCAL" else value.strip() or "(blank)"
+        head = stream.read(MAX_HEADER_BYTES).decode("latin-1")
+    for line in (re.split(r"\r\n|\r|\n", head) if nrrd else head.split("\n"))[:-1]:  # last: cut off, or the data
+        if "\r" in line.removesuffix("\r"):  # (a NRRD's lines have none left)
+            return "(a carriage return inside a header line)"
+        line = line.strip()
+        if nrrd:
+            if not line:  # the header's end: the data follows in this file
+                return None
+            key, colon, value = line.partition(":")
+            if colon and not value.startswith("=") and key.strip().lower() in ("data file", "datafile"):
+                return value.strip() or "(blank)"
+        elif line:
+            at = min((i for i in (line.find("="), line.find(":")) if i >= 0), default=-1)
+            if at < 0:  # MetaIO reads on to the next separator: the next line is this one's value
+                return f"(a header line without '=': {line[:40]})"
+            key, value = line[:at].split("\0")[0].strip(), line[at + 1:].lstrip("=: \t").strip()
+            if key.lower() == "elementdatafile":
+                if key == "ElementDataFile":
+                    return None if value in ("LOCAL", "Local", "local") else value or "(blank)"
+                return f"{key} = {value}"
     return f"(no end of its header in the first {MAX_HEADER_BYTES} bytes)"
+
+
+#: the largest NIfTI ``vox_offset`` (header and extensions, bytes) an upload may have
+MAX_NIFTI_OFFSET = 16 * 2**20
+
+
+def check_nifti_offset(path: Path) -> None:
+    """422 when a NIfTI upload's ``vox_offset`` (where its voxels start: header and extensions) is beyond
+    ``MAX_NIFTI_OFFSET``, or before the end of its header while its extension flag is set, read from its fixed
+    header alone (348 / 540 bytes and the flag's 4, through gzip for a ``.nii.gz``) before nibabel loads it:
+    nibabel reads every extension up to that offset (or, with no room for them, up to the end of the file) into
+    memory first, so a small ``.nii.gz`` whose extensions inflate to gigabytes would take them. A file that is no
+    NIfTI is left to the readers."""
+    import nibabel as nib
+    from nibabel.openers import Opener
+
+    hidden = f"upload{upload_suffix(path.name)}"
+    try:
+        with Opener(str(path), "rb") as stream:
+            raw = stream.read(nib.Nifti2Header.template_dtype.itemsize + 4)
+    except Exception as err:  # noqa: BLE001 - any decoder failure is an unreadable upload
+        raise unreadable_upload(path, err) from None
+    for klass in (nib.Nifti1Header, nib.Nifti2Header):
+        size = klass.template_dtype.itemsize
+        try:
+            header = klass(raw[:size], check=False)
+        except Exception:  # noqa: BLE001 - too short, or not this version
+            continue
+        if int(header["sizeof_hdr"]) != size:
+            continue
+        offset = float(header["vox_offset"])
+        if not offset <= MAX_NIFTI_OFFSET:  # NaN too
+            raise RequestError(422, f"{hidden} puts its voxels {offset:.0f} bytes into the file (vox_offset; a "
+                                    f"NIfTI's header and extensions take a few KiB, at most {MAX_NIFTI_OFFSET} "
+                                    "are read here): re-save the volume")
+        if raw[size:size + 1] not in (b"", b"\0") and offset < size + 4:
+            raise RequestError(422, f"{hidden} flags header extensions but its vox_offset ({offset:.0f}) leaves "
+                                    "them no room (they would be read up to the end of the file): re-save the "
+                                    "volume")
 
 
 def check_picture_data(path: Path) -> None:
@@ -392,10 +441,6 @@ def check_picture_data(path: Path) -> None:
             picture.load()
     except Exception as err:  # noqa: BLE001 - any decoder failure is an unreadable upload
         raise unreadable_upload(path, err) from None
-
-
-#: the largest NIfTI ``vox_offset`` (header and extensions, bytes) an upload may have
-MAX_NIFTI_OFFSET = 16 * 2**20
 
 
 def check_volume_data(path: Path) -> None:
@@ -420,10 +465,6 @@ def check_volume_data(path: Path) -> None:
 
         volume = nib.load(str(path))
         header, offset = volume.header, int(volume.dataobj.offset)  # (a loaded image's header says 0)
-        if offset > MAX_NIFTI_OFFSET:  # every reader inflates a .nii.gz up to it
-            raise RequestError(422, f"{hidden} puts its voxels {offset} bytes into the file (vox_offset; a NIfTI's "
-                                    f"header and extensions take a few KiB, at most {MAX_NIFTI_OFFSET} are read "
-                                    "here): re-save the volume")
         needed = offset + math.prod(header.get_data_shape()) * header.get_data_dtype().itemsize
         if suffix == ".nii":
             held = path.stat().st_size
@@ -462,6 +503,8 @@ def check_image(path: Path, limits: ServerLimits, decode_pictures: bool = True) 
             raise RequestError(422, f"upload{suffix} keeps its data in another file ({named[:80]!r}), which would "
                                     "be read from the server's disk: upload one file with the data inside (NRRD "
                                     "without 'data file:', MetaImage with 'ElementDataFile = LOCAL'), or NIfTI")
+    if suffix in (".nii", ".nii.gz"):  # before nibabel reads its extensions
+        check_nifti_offset(path)
     shape = image_size(path, kind)
     pixels = 1
     for s in shape[:3]:
@@ -573,7 +616,8 @@ def create_app(predictor: Any, *, token: str | None = None, limits: ServerLimits
             :class:`~medsam3_monai.agent.runner.AgentSettings` (endpoint, model, key variable, limits); None = the
             offline planner. Its MedSAM3 calls use ``predictor``.
         host: the address the server listens on. A loopback one without ``token`` answers only requests that
-            name it so (``Host: 127.0.0.1``, ``localhost``, ``[::1]``; 403 otherwise): a web page in the user's
+            name it so (``Host: localhost`` or a loopback address: ``127.0.0.1``, ``[::1]``, the one it listens on; 403
+            otherwise): a web page in the user's
             browser cannot reach the server and its datastore by DNS rebinding.
     """
     from fastapi import Body, Depends, FastAPI, File, Form, Query, Request, Security, UploadFile
@@ -1001,8 +1045,8 @@ def create_app(predictor: Any, *, token: str | None = None, limits: ServerLimits
 
     # last added = outermost: CORS (answers preflights itself, adds headers to every answer, errors included),
     # then the guard (token and size before any body is read), then FastAPI's routing
-    hosts = LOOPBACK_HOSTS if host is not None and is_loopback(host) and not auth.enabled else None
-    app.add_middleware(_GuardMiddleware, auth=auth, max_bytes=limits.max_request_bytes, hosts=hosts)
+    loopback_only = host is not None and is_loopback(host) and not auth.enabled
+    app.add_middleware(_GuardMiddleware, auth=auth, max_bytes=limits.max_request_bytes, loopback_only=loopback_only)
     if cors_origins:
         from fastapi.middleware.cors import CORSMiddleware
 

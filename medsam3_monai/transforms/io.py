@@ -747,10 +747,11 @@ def load_medical_image(
             raise
         except Exception as err:  # not a picture PIL knows
             raise _unreadable(path, mask, err) from err
+    nifti_header = None  # read once: checked before the reader, its affine and units after
     if size is not None:
         check_picture_size(path, size, max_pixels)
     elif _suffix(path) in (".nii", ".nii.gz"):
-        check_nifti_data(path)
+        nifti_header = check_nifti_data(path)
     try:
         img = _read(path, reader, size)
     except Exception as err:  # any reader failure: corrupt, truncated, not an image
@@ -776,7 +777,7 @@ def load_medical_image(
         if _suffix(path) in (".nii", ".nii.gz"):  # the file's own (MONAI may have put another in its place)
             import nibabel as nib
 
-            header = nib.load(path).header
+            header = nifti_header if nifti_header is not None else nib.load(path).header
             _check_affine(path, header.get_best_affine())
             img.affine = in_millimetres(img.affine, header.get_xyzt_units()[0])
     if len(spatial) != expected:
@@ -808,12 +809,16 @@ def load_medical_image(
     return img
 
 
-def check_nifti_data(path: str | Path) -> None:
+def check_nifti_data(path: str | Path) -> Any:
     """DataError for a NIfTI whose header describes more voxel data than the file holds (an uncompressed ``.nii``
     shorter than its header's offset + voxels: a truncated copy) or than fits in ``MEMORY_SHARE`` of the available
     memory (the voxels in the file's data type and as float32), said from the header before a reader allocates what
     it asks for: a 77-byte ``.nii.gz`` declaring 1100 x 1100 x 1000 voxels took 1.2 GB before failing as truncated,
-    and one declaring more than the machine has made it swap. A header that does not read is left to the reader."""
+    and one declaring more than the machine has made it swap. A header that does not read is left to the reader.
+
+    Returns:
+        the file's nibabel header (for the caller to reuse: reading it costs about as much as a small volume's
+        voxels), None when it does not read."""
     import math
 
     import nibabel as nib
@@ -823,7 +828,7 @@ def check_nifti_data(path: str | Path) -> None:
         shape, dtype = volume.header.get_data_shape(), volume.header.get_data_dtype()
         offset = int(volume.dataobj.offset)  # (a loaded image's header says 0)
     except Exception:  # noqa: BLE001 - the reader says why it cannot read it
-        return
+        return None
     voxels = math.prod(int(s) for s in shape)
     if _suffix(path) == ".nii":
         held = Path(path).stat().st_size
@@ -838,6 +843,7 @@ def check_nifti_data(path: str | Path) -> None:
                               f"read), more than {_gb(MEMORY_SHARE * available)} ({MEMORY_SHARE:.0%} of the "
                               f"{_gb(available)} of memory available)",
                         "check its header (a damaged one declares sizes the file does not hold), or free memory")
+    return volume.header
 
 
 #: millimetres per unit of a NIfTI header's spatial units (``xyzt_units``; "unknown" is read as mm, as MONAI does)
