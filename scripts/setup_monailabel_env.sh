@@ -4,7 +4,7 @@
 #        (default: $MEDSAM3_MONAILABEL_VENV or ~/.cache/medsam3-monai/monailabel-venv); `make monailabel` runs it.
 #
 # Why a second environment: monailabel 0.8.5 depends on pydicom-seg 0.4.1, which pins jsonschema<4 and
-# numpy<2, while medsam3-monai asks for jsonschema>=4, so `pip install monailabel==0.8.5 -e .` stops with
+# numpy<2, while medsam3-monai asks for jsonschema>=4.18, so `pip install monailabel==0.8.5 -e .` stops with
 # ResolutionImpossible (see apps/monailabel_medsam3/README.md). Here the conflict is resolved on purpose:
 #   1. monailabel 0.8.5 with its whole dependency set (numpy 1.26.4, jsonschema 3.2.0, pandas, sam2 built
 #      from its sdist) and torch 2.14.1 + torchvision 0.29.1, the only torch pair that imports on this machine;
@@ -14,7 +14,7 @@
 #   2. medsam3-monai's other runtime dependencies (transformers 5.24, open_clip_torch, ...) under a
 #      constraints file pinning everything step 1 installed, so nothing monailabel needs moves;
 #   3. medsam3-monai itself, editable, --no-deps.
-# The one requirement left unmet is medsam3-monai's jsonschema>=4: only the catalogue/datalist schema checks
+# The one requirement left unmet is medsam3-monai's jsonschema>=4.18: only the catalogue/datalist schema checks
 # (medsam3_monai.data.schemas, Draft202012Validator) need it, never the inference path the app uses.
 # The check at the end lists every unmet requirement and fails on any other.
 set -euo pipefail
@@ -60,7 +60,7 @@ if [ "$(cat "$stamp" 2>/dev/null)" != "$want" ]; then
   "$venv/bin/python" - "$here/pyproject.toml" > "$work/requirements.txt" <<'PY'
 import re, sys, tomllib
 deps = tomllib.load(open(sys.argv[1], "rb"))["project"]["dependencies"]
-# jsonschema>=4 cannot coexist with pydicom-seg's jsonschema<4 (monailabel): left at 3.2.0 on purpose
+# jsonschema>=4.18 cannot coexist with pydicom-seg's jsonschema<4 (monailabel): left at 3.2.0 on purpose
 print("\n".join(d for d in deps if re.split(r"[<>=!~;\[ ]", d, maxsplit=1)[0].lower() != "jsonschema"))
 PY
   "${pip[@]}" -r "$work/requirements.txt" -c "$work/constraints.txt"
